@@ -1,0 +1,3 @@
+fn main() {
+    println!("tandem-csi: under construction");
+}

@@ -1,0 +1,161 @@
+//! Typed gRPC client for the engine's control API, used by the CLI, the CSI node plugin and the operator.
+//! Callers never touch prost types; they get plain Rust values and one error type.
+
+use std::time::Duration;
+
+use tonic::{metadata::MetadataValue, service::Interceptor, transport::Channel, Request};
+
+use crate::pb;
+pub use crate::pb::{StatusReply, TakeoverPolicy, TakeoverReply};
+
+/// Errors a caller of the engine API can see.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to engine at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("invalid engine address {0:?}")]
+    BadAddress(String),
+    #[error("token is not valid ASCII metadata")]
+    BadToken,
+    #[error("engine refused {op}: {status}")]
+    Rpc { op: &'static str, status: tonic::Status },
+}
+
+impl ClientError {
+    /// The gRPC code behind this error, when the engine answered.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Rpc { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+pub struct TokenInterceptor {
+    header: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl TokenInterceptor {
+    pub fn new(token: Option<&str>) -> Result<Self, ClientError> {
+        let header = match token {
+            Some(t) => Some(
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| ClientError::BadToken)?,
+            ),
+            None => None,
+        };
+        Ok(Self { header })
+    }
+}
+
+impl Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Intercepted = tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>;
+
+/// Connects a channel to `addr` (`host:port` or `http://host:port`).
+pub async fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, ClientError> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Channel::from_shared(uri)
+        .map_err(|_| ClientError::BadAddress(addr.to_string()))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true);
+    endpoint.connect().await.map_err(|source| ClientError::Connect {
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// The engine's control API for one engine.
+#[derive(Clone)]
+pub struct EngineClient {
+    inner: pb::engine_client::EngineClient<Intercepted>,
+}
+
+impl EngineClient {
+    /// Connects to the engine's gRPC port; `token` is the volume token (None when the engine runs without one).
+    pub async fn connect(addr: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let ch = channel(addr, Duration::from_secs(5)).await?;
+        Ok(Self::from_channel(ch, token)?)
+    }
+
+    pub fn from_channel(ch: Channel, token: Option<&str>) -> Result<Self, ClientError> {
+        let interceptor = TokenInterceptor::new(token)?;
+        Ok(Self {
+            inner: pb::engine_client::EngineClient::with_interceptor(ch, interceptor),
+        })
+    }
+
+    pub async fn status(&mut self, volume: &str) -> Result<StatusReply, ClientError> {
+        let req = pb::StatusRequest {
+            volume: volume.to_string(),
+        };
+        self.inner
+            .status(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc { op: "Status", status })
+    }
+
+    /// Makes this engine (the secondary) the primary; see DESIGN.md §4.
+    pub async fn takeover(
+        &mut self,
+        volume: &str,
+        policy: TakeoverPolicy,
+        timeout: Duration,
+    ) -> Result<TakeoverReply, ClientError> {
+        let req = pb::TakeoverRequest {
+            volume: volume.to_string(),
+            new_epoch: 0,
+            policy: policy as i32,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        };
+        self.inner
+            .takeover(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "Takeover",
+                status,
+            })
+    }
+
+    /// Makes this engine (the old primary, now secondary) the primary again.
+    pub async fn failback(
+        &mut self,
+        volume: &str,
+        policy: TakeoverPolicy,
+        timeout: Duration,
+    ) -> Result<TakeoverReply, ClientError> {
+        let req = pb::TakeoverRequest {
+            volume: volume.to_string(),
+            new_epoch: 0,
+            policy: policy as i32,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        };
+        self.inner
+            .failback(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "Failback",
+                status,
+            })
+    }
+}

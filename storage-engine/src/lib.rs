@@ -1,0 +1,10 @@
+//! Tandem storage engine: serves one mirrored volume over NBD and talks to its peer over gRPC.
+//! See ARCHITECTURE.md at the repository root and storage-engine/ARCHITECTURE.md for the on-disk format.
+
+/// Generated protobuf types and gRPC stubs for `tandem.engine.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("tandem.engine.v1");
+}
+
+pub mod client;
