@@ -21,7 +21,10 @@ pub enum ClientError {
     #[error("token is not valid ASCII metadata")]
     BadToken,
     #[error("engine refused {op}: {status}")]
-    Rpc { op: &'static str, status: tonic::Status },
+    Rpc {
+        op: &'static str,
+        status: tonic::Status,
+    },
 }
 
 impl ClientError {
@@ -76,10 +79,13 @@ pub async fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, C
         .map_err(|_| ClientError::BadAddress(addr.to_string()))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true);
-    endpoint.connect().await.map_err(|source| ClientError::Connect {
-        addr: addr.to_string(),
-        source,
-    })
+    endpoint
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// The engine's control API for one engine.
@@ -110,7 +116,10 @@ impl EngineClient {
             .status(req)
             .await
             .map(|r| r.into_inner())
-            .map_err(|status| ClientError::Rpc { op: "Status", status })
+            .map_err(|status| ClientError::Rpc {
+                op: "Status",
+                status,
+            })
     }
 
     /// Makes this engine (the secondary) the primary; see DESIGN.md §4.

@@ -1,0 +1,191 @@
+//! Wiring of one engine process: open the volume, bind NBD and gRPC, run until SIGTERM, shut down cleanly.
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::{bail, Context};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::{
+    cli::{RoleArg, ServeArgs, StatusArgs},
+    client::EngineClient,
+    grpc::{AuthInterceptor, EngineService},
+    meta::Role,
+    nbd,
+    pb::{self, engine_server::EngineServer},
+    volume::{Volume, VolumeConfig},
+};
+
+/// Reads a token file; surrounding whitespace is ignored. An empty token is refused.
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        bail!("token file {} is empty", path.display());
+    }
+    Ok(t)
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let cfg = VolumeConfig {
+        name: args.volume.clone(),
+        data: args.data.clone(),
+        size: args.size,
+        state_dir: args.state_dir.clone(),
+        initial_role: match args.role {
+            RoleArg::Primary => Role::Primary,
+            RoleArg::Secondary => Role::Secondary,
+        },
+    };
+    let volume = Volume::open(&cfg).context("opening the volume")?;
+
+    let nbd_listener = TcpListener::bind(&args.nbd_listen)
+        .await
+        .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
+    let grpc_listener = TcpListener::bind(&args.grpc_listen)
+        .await
+        .with_context(|| format!("binding gRPC on {}", args.grpc_listen))?;
+    let nbd_addr = nbd_listener.local_addr()?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let unix_listener = match &args.nbd_socket {
+        Some(p) => {
+            // A stale socket from a killed engine would make bind fail.
+            let _ = std::fs::remove_file(p);
+            Some(
+                UnixListener::bind(p)
+                    .with_context(|| format!("binding NBD socket {}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(nbd::serve_tcp(
+        nbd_listener,
+        Arc::clone(&volume),
+        stop_rx.clone(),
+    )));
+    if let Some(l) = unix_listener {
+        tasks.push(tokio::spawn(nbd::serve_unix(
+            l,
+            Arc::clone(&volume),
+            stop_rx.clone(),
+        )));
+    }
+    let svc = EngineServer::with_interceptor(
+        EngineService::new(Arc::clone(&volume)),
+        AuthInterceptor::new(token.clone()),
+    );
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                let _ = grpc_stop.changed().await;
+            }),
+    );
+
+    info!(
+        volume = %volume.name(),
+        role = %volume.role(),
+        epoch = volume.epoch(),
+        size = volume.size(),
+        nbd = %nbd_addr,
+        grpc = %grpc_addr,
+        "engine serving"
+    );
+    if let Some(p) = &args.ready_file {
+        let ready =
+            serde_json::json!({ "nbd": nbd_addr.to_string(), "grpc": grpc_addr.to_string() });
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, ready.to_string())?;
+        std::fs::rename(&tmp, p)?;
+    }
+
+    wait_for_signal().await?;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = grpc.await;
+    volume.shutdown().context("flushing the volume")?;
+    if let Some(p) = &args.nbd_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// `tandem-engine status`.
+pub async fn print_status(args: StatusArgs) -> anyhow::Result<()> {
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let mut c = EngineClient::connect(&args.grpc, token.as_deref()).await?;
+    let s = c.status(&args.volume).await?;
+    let json = status_json(&s);
+    if args.json {
+        println!("{json}");
+    } else if let Some(obj) = json.as_object() {
+        for (k, v) in obj {
+            println!("{k:>20}: {v}");
+        }
+    }
+    Ok(())
+}
+
+/// The JSON shape of `status --json` (stable field names; tests and the CSI plugin read them).
+pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
+    let role = match pb::Role::try_from(s.role).unwrap_or(pb::Role::Unspecified) {
+        pb::Role::Primary => "primary",
+        pb::Role::Secondary => "secondary",
+        pb::Role::Fenced => "fenced",
+        pb::Role::Unspecified => "unknown",
+    };
+    serde_json::json!({
+        "volume": s.volume,
+        "role": role,
+        "epoch": s.epoch,
+        "size": s.size,
+        "block_size": s.block_size,
+        "nbd_connections": s.nbd_connections,
+        "bytes_read": s.bytes_read,
+        "bytes_written": s.bytes_written,
+        "flushes": s.flushes,
+        "pair_state": s.pair_state,
+        "peer": s.peer,
+        "peer_connected": s.peer_connected,
+        "pending_blocks": s.pending_blocks,
+        "pending_bytes": s.pending_bytes,
+        "lag_seconds": s.lag_seconds,
+        "applied_seq": s.applied_seq,
+        "last_seq": s.last_seq,
+        "journal_bytes": s.journal_bytes,
+        "bytes_replicated": s.bytes_replicated,
+        "bytes_resynced": s.bytes_resynced,
+        "resync_progress": s.resync_progress,
+        "takeover_phase": s.takeover_phase,
+        "peer_pending_blocks": s.peer_pending_blocks,
+        "overlay_blocks": s.overlay_blocks,
+        "proxied_reads": s.proxied_reads,
+        "proxied_read_errors": s.proxied_read_errors,
+        "lost_blocks": s.lost_blocks,
+    })
+}

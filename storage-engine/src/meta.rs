@@ -1,0 +1,210 @@
+//! The `meta` file: who this engine is for its volume (epoch, role, peer, sequence numbers).
+//! Replaced atomically (write temp, fsync, rename, fsync dir), so a crash leaves the old or the new copy.
+//!
+//! Format: { magic "TNDMETA\0" (8) | version u32 LE | body length u32 LE | crc32c(body) u32 LE | body (JSON) }
+
+use std::{
+    fs::{self, File},
+    io::{self, Write},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+pub const META_MAGIC: &[u8; 8] = b"TNDMETA\0";
+pub const META_VERSION: u32 = 1;
+const HEADER: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+    Fenced,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+            Role::Fenced => "fenced",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Durable identity and progress of one engine for its volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub volume: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub epoch: u64,
+    pub role: Role,
+    /// The peer engine's gRPC address, when paired.
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// Highest replication sequence applied durably (secondary side).
+    #[serde(default)]
+    pub applied_seq: u64,
+    /// Highest sequence the peer acknowledged (primary side).
+    #[serde(default)]
+    pub acked_seq: u64,
+    /// True only after a graceful shutdown; cleared at start. False at start means a crash.
+    #[serde(default)]
+    pub clean_shutdown: bool,
+    /// The secondary's data file is not a prefix of the primary's history (a resync is running).
+    #[serde(default)]
+    pub inconsistent: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("meta file {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("meta file {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("meta file {path} has version {version}, this engine reads version {META_VERSION}")]
+    Version { path: PathBuf, version: u32 },
+}
+
+impl Meta {
+    /// Reads the meta file; `Ok(None)` if it does not exist.
+    pub fn load(path: &Path) -> Result<Option<Meta>, MetaError> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(MetaError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        decode(&bytes).map(Some).map_err(|e| match e {
+            DecodeError::Version(version) => MetaError::Version {
+                path: path.to_path_buf(),
+                version,
+            },
+            DecodeError::Corrupt(reason) => MetaError::Corrupt {
+                path: path.to_path_buf(),
+                reason,
+            },
+        })
+    }
+
+    /// Replaces the meta file atomically and durably.
+    pub fn store(&self, path: &Path) -> Result<(), MetaError> {
+        let io_err = |source| MetaError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let tmp = path.with_extension("tmp");
+        let mut f = File::create(&tmp).map_err(io_err)?;
+        f.write_all(&encode(self)).map_err(io_err)?;
+        f.sync_all().map_err(io_err)?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(io_err)?;
+        sync_dir(path).map_err(io_err)
+    }
+}
+
+/// fsyncs the directory holding `path`, so a rename or create in it is durable.
+pub fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+pub fn encode(m: &Meta) -> Vec<u8> {
+    // Serializing a plain struct of strings and integers cannot fail.
+    let body = serde_json::to_vec(m).unwrap_or_default();
+    let mut v = Vec::with_capacity(HEADER + body.len());
+    v.extend_from_slice(META_MAGIC);
+    v.extend_from_slice(&META_VERSION.to_le_bytes());
+    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    v.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    v.extend_from_slice(&body);
+    v
+}
+
+#[derive(Debug)]
+pub enum DecodeError {
+    Version(u32),
+    Corrupt(String),
+}
+
+pub fn decode(b: &[u8]) -> Result<Meta, DecodeError> {
+    if b.len() < HEADER || &b[0..8] != META_MAGIC {
+        return Err(DecodeError::Corrupt("bad magic".into()));
+    }
+    let le = |r: std::ops::Range<usize>| {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&b[r]);
+        u32::from_le_bytes(a)
+    };
+    let version = le(8..12);
+    if version != META_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let len = le(12..16) as usize;
+    let crc = le(16..20);
+    let body = b
+        .get(HEADER..HEADER + len)
+        .ok_or_else(|| DecodeError::Corrupt("truncated body".into()))?;
+    if crc32c::crc32c(body) != crc {
+        return Err(DecodeError::Corrupt("checksum mismatch".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| DecodeError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Meta {
+        Meta {
+            volume: "v1".into(),
+            size: 1 << 30,
+            block_size: 4096,
+            epoch: 7,
+            role: Role::Secondary,
+            peer: Some("127.0.0.1:9500".into()),
+            applied_seq: 42,
+            acked_seq: 0,
+            clean_shutdown: false,
+            inconsistent: true,
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_atomic_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta");
+        assert!(Meta::load(&p).unwrap().is_none());
+        let mut m = sample();
+        m.store(&p).unwrap();
+        assert_eq!(Meta::load(&p).unwrap(), Some(m.clone()));
+        m.epoch = 8;
+        m.store(&p).unwrap();
+        assert_eq!(Meta::load(&p).unwrap().unwrap().epoch, 8);
+        assert!(!p.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn detects_corruption_and_version() {
+        let mut b = encode(&sample());
+        let last = b.len() - 2;
+        b[last] ^= 0x40;
+        assert!(matches!(decode(&b), Err(DecodeError::Corrupt(_))));
+        let mut b = encode(&sample());
+        b[8] = 9;
+        assert!(matches!(decode(&b), Err(DecodeError::Version(9))));
+        assert!(matches!(decode(&b[..10]), Err(DecodeError::Corrupt(_))));
+    }
+}

@@ -1,0 +1,373 @@
+//! The NBD server: handshake, then a pipelined transmission phase where one reader task parses
+//! requests, each request runs as its own task, and one writer task sends replies as they finish
+//! (out of order, matched by handle).
+
+use std::{io, sync::Arc};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter},
+    net::{TcpListener, UnixListener},
+    sync::{mpsc, watch, Semaphore},
+};
+use tracing::{debug, info, warn};
+
+use super::proto::{self as p, Request};
+use crate::volume::{Volume, BLOCK_SIZE};
+
+/// Bytes of request payload one connection may hold in memory at once.
+const CONN_BUDGET: usize = 64 * 1024 * 1024;
+/// Budget unit: one permit per 4 KiB.
+const PERMIT_BYTES: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Proto(#[from] p::ProtoError),
+    #[error("client sent unknown handshake flags {0:#x}")]
+    ClientFlags(u32),
+    #[error("client asked for unknown export {0:?}")]
+    UnknownExport(String),
+    #[error("client ended the handshake")]
+    Aborted,
+}
+
+/// Accepts NBD clients on a TCP listener until `shutdown` fires.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    volume: Arc<Volume>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((sock, peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    let v = Arc::clone(&volume);
+                    tokio::spawn(async move {
+                        debug!(%peer, "nbd client connected");
+                        run_connection(sock, v).await;
+                    });
+                }
+                Err(e) => warn!(error = %e, "nbd accept failed"),
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Accepts NBD clients on a unix socket until `shutdown` fires.
+pub async fn serve_unix(
+    listener: UnixListener,
+    volume: Arc<Volume>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((sock, _)) => {
+                    let v = Arc::clone(&volume);
+                    tokio::spawn(async move { run_connection(sock, v).await });
+                }
+                Err(e) => warn!(error = %e, "nbd accept failed"),
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+struct ConnGuard(Arc<Volume>);
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .nbd_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn run_connection<S: AsyncRead + AsyncWrite + Send + 'static>(sock: S, volume: Arc<Volume>) {
+    volume
+        .counters
+        .nbd_connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let _guard = ConnGuard(Arc::clone(&volume));
+    let (r, w) = tokio::io::split(sock);
+    let mut r = BufReader::with_capacity(256 * 1024, r);
+    let mut w = BufWriter::with_capacity(256 * 1024, w);
+    match handshake(&mut r, &mut w, &volume).await {
+        Ok(read_only) => {
+            if let Err(e) = transmission(r, w, volume, read_only).await {
+                debug!(error = %e, "nbd connection closed");
+            }
+        }
+        Err(ConnError::Aborted) => {}
+        Err(e) => info!(error = %e, "nbd handshake failed; connection closed"),
+    }
+}
+
+fn tflags(read_only: bool) -> u16 {
+    let mut f = p::TFLAG_HAS_FLAGS
+        | p::TFLAG_SEND_FLUSH
+        | p::TFLAG_SEND_FUA
+        | p::TFLAG_SEND_TRIM
+        | p::TFLAG_SEND_WRITE_ZEROES
+        | p::TFLAG_CAN_MULTI_CONN;
+    if read_only {
+        f |= p::TFLAG_READ_ONLY;
+    }
+    f
+}
+
+/// Runs the option haggling; returns whether the export is read-only once transmission starts.
+async fn handshake<R, W>(r: &mut R, w: &mut W, volume: &Volume) -> Result<bool, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    w.write_all(&p::NBDMAGIC.to_be_bytes()).await?;
+    w.write_all(&p::IHAVEOPT.to_be_bytes()).await?;
+    w.write_all(&(p::FLAG_FIXED_NEWSTYLE | p::FLAG_NO_ZEROES).to_be_bytes())
+        .await?;
+    w.flush().await?;
+    let cflags = r.read_u32().await?;
+    if cflags & !(p::CLIENT_FIXED_NEWSTYLE | p::CLIENT_NO_ZEROES) != 0 {
+        return Err(ConnError::ClientFlags(cflags));
+    }
+    let no_zeroes = cflags & p::CLIENT_NO_ZEROES != 0;
+    loop {
+        let mut hdr = [0u8; 16];
+        r.read_exact(&mut hdr).await?;
+        let (opt, len) = p::parse_option_header(&hdr)?;
+        let mut payload = vec![0u8; len as usize];
+        r.read_exact(&mut payload).await?;
+        match opt {
+            p::OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&payload).into_owned();
+                // No way to send an error here: the protocol says close the connection.
+                if !name.is_empty() && name != volume.name() {
+                    return Err(ConnError::UnknownExport(name));
+                }
+                if volume.check_serving().is_err() {
+                    return Err(ConnError::UnknownExport(name));
+                }
+                w.write_all(&volume.size().to_be_bytes()).await?;
+                w.write_all(&tflags(false).to_be_bytes()).await?;
+                if !no_zeroes {
+                    w.write_all(&[0u8; 124]).await?;
+                }
+                w.flush().await?;
+                return Ok(false);
+            }
+            p::OPT_GO | p::OPT_INFO => {
+                let go = match p::parse_go(&payload) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        w.write_all(&p::option_reply(opt, p::REP_ERR_INVALID, msg.as_bytes()))
+                            .await?;
+                        w.flush().await?;
+                        continue;
+                    }
+                };
+                if !go.name.is_empty() && go.name != volume.name() {
+                    let msg = format!(
+                        "no export named {:?}; this engine serves {:?}",
+                        go.name,
+                        volume.name()
+                    );
+                    w.write_all(&p::option_reply(opt, p::REP_ERR_UNKNOWN, msg.as_bytes()))
+                        .await?;
+                    w.flush().await?;
+                    continue;
+                }
+                if let Err(e) = volume.check_serving() {
+                    let msg = format!(
+                        "volume {:?}: {e} (epoch {}); connect to the primary or take over first",
+                        volume.name(),
+                        volume.epoch()
+                    );
+                    w.write_all(&p::option_reply(opt, p::REP_ERR_POLICY, msg.as_bytes()))
+                        .await?;
+                    w.flush().await?;
+                    continue;
+                }
+                let info = p::info_export(volume.size(), tflags(false));
+                w.write_all(&p::option_reply(opt, p::REP_INFO, &info))
+                    .await?;
+                for i in &go.infos {
+                    let extra = match *i {
+                        p::INFO_BLOCK_SIZE => p::info_block_size(512, BLOCK_SIZE, p::MAX_PAYLOAD),
+                        p::INFO_NAME => p::info_name(volume.name()),
+                        p::INFO_DESCRIPTION => p::info_description("Tandem mirrored volume"),
+                        _ => continue,
+                    };
+                    w.write_all(&p::option_reply(opt, p::REP_INFO, &extra))
+                        .await?;
+                }
+                w.write_all(&p::option_reply(opt, p::REP_ACK, &[])).await?;
+                w.flush().await?;
+                if opt == p::OPT_GO {
+                    return Ok(false);
+                }
+            }
+            p::OPT_LIST => {
+                if len != 0 {
+                    w.write_all(&p::option_reply(
+                        opt,
+                        p::REP_ERR_INVALID,
+                        b"OPT_LIST takes no data",
+                    ))
+                    .await?;
+                } else {
+                    w.write_all(&p::option_reply(
+                        opt,
+                        p::REP_SERVER,
+                        &p::rep_server(volume.name()),
+                    ))
+                    .await?;
+                    w.write_all(&p::option_reply(opt, p::REP_ACK, &[])).await?;
+                }
+                w.flush().await?;
+            }
+            p::OPT_ABORT => {
+                w.write_all(&p::option_reply(opt, p::REP_ACK, &[])).await?;
+                w.flush().await?;
+                return Err(ConnError::Aborted);
+            }
+            _ => {
+                w.write_all(&p::option_reply(opt, p::REP_ERR_UNSUP, &[]))
+                    .await?;
+                w.flush().await?;
+            }
+        }
+    }
+}
+
+struct Reply {
+    header: [u8; 16],
+    data: Option<Vec<u8>>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+async fn transmission<R, W>(
+    mut r: R,
+    w: W,
+    volume: Arc<Volume>,
+    read_only: bool,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(write_replies(w, rx));
+    let budget = Arc::new(Semaphore::new(CONN_BUDGET / PERMIT_BYTES));
+    let result = read_requests(&mut r, &tx, &volume, &budget, read_only).await;
+    // Let in-flight requests finish; the writer ends when the last sender is dropped.
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+async fn read_requests<R: AsyncRead + Unpin>(
+    r: &mut R,
+    tx: &mpsc::UnboundedSender<Reply>,
+    volume: &Arc<Volume>,
+    budget: &Arc<Semaphore>,
+    read_only: bool,
+) -> Result<(), ConnError> {
+    let mut hdr = [0u8; Request::LEN];
+    loop {
+        r.read_exact(&mut hdr).await?;
+        let req = Request::parse(&hdr)?;
+        if req.kind == p::CMD_DISC {
+            return Ok(());
+        }
+        if let Err(errno) = req.validate(volume.size(), read_only) {
+            if req.has_payload() {
+                // Stay in step with the stream without buffering a payload we refuse.
+                let mut take = (&mut *r).take(u64::from(req.length));
+                tokio::io::copy(&mut take, &mut tokio::io::sink()).await?;
+            }
+            let _ = tx.send(Reply {
+                header: p::simple_reply(errno, req.handle),
+                data: None,
+                _permit: None,
+            });
+            continue;
+        }
+        let permits = (req.length as usize).div_ceil(PERMIT_BYTES).max(1) as u32;
+        let permit = Arc::clone(budget)
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| io::Error::other("request budget closed"))?;
+        let payload = if req.has_payload() {
+            let mut d = vec![0u8; req.length as usize];
+            r.read_exact(&mut d).await?;
+            Some(d)
+        } else {
+            None
+        };
+        let v = Arc::clone(volume);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (err, data) = execute(&v, &req, payload).await;
+            let _ = tx.send(Reply {
+                header: p::simple_reply(err, req.handle),
+                data,
+                _permit: Some(permit),
+            });
+        });
+    }
+}
+
+/// Runs one validated request; returns (errno, read data).
+async fn execute(v: &Volume, req: &Request, payload: Option<Vec<u8>>) -> (u32, Option<Vec<u8>>) {
+    let fua = req.flags & p::CMD_FLAG_FUA != 0;
+    let res = match req.kind {
+        p::CMD_READ => match v.read(req.offset, req.length).await {
+            Ok(d) => return (0, Some(d)),
+            Err(e) => Err(e),
+        },
+        p::CMD_WRITE => {
+            v.write(req.offset, payload.as_deref().unwrap_or_default(), fua)
+                .await
+        }
+        p::CMD_FLUSH => v.flush().await,
+        p::CMD_TRIM => v.trim(req.offset, u64::from(req.length), fua).await,
+        p::CMD_WRITE_ZEROES => {
+            let no_hole = req.flags & p::CMD_FLAG_NO_HOLE != 0;
+            v.write_zeroes(req.offset, u64::from(req.length), no_hole, fua)
+                .await
+        }
+        _ => return (p::EINVAL, None),
+    };
+    match res {
+        Ok(()) => (0, None),
+        Err(e) => {
+            debug!(error = %e, kind = req.kind, "nbd request failed");
+            (e.errno(), None)
+        }
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
+    while let Some(reply) = rx.recv().await {
+        if w.write_all(&reply.header).await.is_err() {
+            return;
+        }
+        if let Some(d) = &reply.data {
+            if w.write_all(d).await.is_err() {
+                return;
+            }
+        }
+        drop(reply);
+        if rx.is_empty() && w.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}

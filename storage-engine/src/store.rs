@@ -1,0 +1,224 @@
+//! The block store: a raw image file holding the volume's bytes at their offsets.
+//! Positioned I/O (pread/pwrite) lets many requests use one file handle at once.
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rustix::fs::{fallocate, FallocateFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data file {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "data file {path} is {actual} bytes but the volume size is {expected} bytes; \
+         refusing to truncate or grow it (move it away or pass --size {actual})"
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("volume size {0} is not a multiple of 4096 bytes")]
+    UnalignedSize(u64),
+}
+
+/// A raw image file of fixed size.
+#[derive(Debug)]
+pub struct BlockStore {
+    file: Arc<File>,
+    path: PathBuf,
+    size: u64,
+}
+
+impl BlockStore {
+    /// Opens `path`, creating a sparse file of `size` bytes if it does not exist.
+    /// An existing file of another size is refused, never truncated.
+    pub fn open_or_create(path: &Path, size: u64) -> Result<Self, StoreError> {
+        if size == 0 || size % 4096 != 0 {
+            return Err(StoreError::UnalignedSize(size));
+        }
+        let io_err = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err)?;
+        let actual = file.metadata().map_err(io_err)?.len();
+        if actual == 0 {
+            file.set_len(size).map_err(io_err)?;
+            file.sync_all().map_err(io_err)?;
+        } else if actual != size {
+            return Err(StoreError::SizeMismatch {
+                path: path.to_path_buf(),
+                actual,
+                expected: size,
+            });
+        }
+        Ok(Self {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    /// Makes every completed write durable (fdatasync).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// fdatasync on a blocking thread, so the async runtime keeps serving other requests.
+    pub async fn sync_async(&self) -> io::Result<()> {
+        let f = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || f.sync_data())
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// Deallocates a range; it reads back as zeros afterwards.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(
+            &*self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.write_zeros(offset, len),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Zeroes a range keeping it allocated (NBD_CMD_FLAG_NO_HOLE).
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(&*self.file, FallocateFlags::ZERO_RANGE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.write_zeros(offset, len),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(CHUNK) as usize;
+            self.file.write_all_at(&zeros[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn refuses_other_size_and_keeps_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data");
+        let s = BlockStore::open_or_create(&p, 1 << 20).unwrap();
+        s.write_at(b"hello", 0).unwrap();
+        drop(s);
+        let err = BlockStore::open_or_create(&p, 2 << 20).unwrap_err();
+        assert!(matches!(err, StoreError::SizeMismatch { actual, .. } if actual == 1 << 20));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+        let s = BlockStore::open_or_create(&p, 1 << 20).unwrap();
+        let mut b = [0u8; 5];
+        s.read_at(&mut b, 0).unwrap();
+        assert_eq!(&b, b"hello");
+    }
+
+    #[test]
+    fn refuses_unaligned_size() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            BlockStore::open_or_create(&dir.path().join("d"), 1000),
+            Err(StoreError::UnalignedSize(1000))
+        ));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(u64, Vec<u8>),
+        Punch(u64, u64),
+        Zero(u64, u64),
+    }
+
+    fn op(size: u64) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..size, proptest::collection::vec(any::<u8>(), 1..9000)).prop_map(move |(o, d)| {
+                let o = o.min(size - d.len() as u64);
+                Op::Write(o, d)
+            }),
+            (0..size, 0u64..20000).prop_map(move |(o, l)| Op::Punch(o, l.min(size - o))),
+            (0..size, 0u64..20000).prop_map(move |(o, l)| Op::Zero(o, l.min(size - o))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The store behaves like a byte array under writes, hole punches and zeroing.
+        #[test]
+        fn matches_reference_image(ops in proptest::collection::vec(op(64 * 1024), 1..40)) {
+            let size = 64 * 1024u64;
+            let dir = tempfile::tempdir().unwrap();
+            let s = BlockStore::open_or_create(&dir.path().join("d"), size).unwrap();
+            let mut model = vec![0u8; size as usize];
+            for o in ops {
+                match o {
+                    Op::Write(off, d) => {
+                        s.write_at(&d, off).unwrap();
+                        model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+                    }
+                    Op::Punch(off, l) => {
+                        s.punch_hole(off, l).unwrap();
+                        model[off as usize..(off + l) as usize].fill(0);
+                    }
+                    Op::Zero(off, l) => {
+                        s.zero_range(off, l).unwrap();
+                        model[off as usize..(off + l) as usize].fill(0);
+                    }
+                }
+            }
+            let mut got = vec![0u8; size as usize];
+            s.read_at(&mut got, 0).unwrap();
+            prop_assert!(got == model);
+        }
+    }
+}
