@@ -1,0 +1,218 @@
+//! Shared harness for integration tests: real `tandem-engine` processes and real NBD clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const ENGINE: &str = env!("CARGO_BIN_EXE_tandem-engine");
+
+/// One engine process with its own state dir and data file.
+pub struct Engine {
+    pub dir: PathBuf,
+    pub name: String,
+    pub size: String,
+    pub args: Vec<String>,
+    pub child: Option<Child>,
+    pub nbd: String,
+    pub grpc: String,
+}
+
+impl Engine {
+    /// Starts an engine in `dir` (created) with extra `serve` args.
+    pub fn start(dir: &Path, name: &str, size: &str, extra: &[&str]) -> Engine {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut e = Engine {
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            size: size.to_string(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            nbd: String::new(),
+            grpc: String::new(),
+        };
+        e.spawn("127.0.0.1:0", "127.0.0.1:0");
+        e
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data.img")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+    pub fn uri(&self) -> String {
+        format!("nbd://{}/{}", self.nbd, self.name)
+    }
+    pub fn unix_uri(&self) -> String {
+        format!("nbd+unix:///{}?socket={}", self.name, self.socket().display())
+    }
+
+    fn spawn(&mut self, nbd: &str, grpc: &str) {
+        let ready = self.dir.join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("engine.log"))
+            .unwrap();
+        let child = Command::new(ENGINE)
+            .arg("serve")
+            .args(["--volume", &self.name, "--size", &self.size])
+            .arg("--data")
+            .arg(self.data())
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(["--nbd-listen", nbd, "--grpc-listen", grpc])
+            .arg("--nbd-socket")
+            .arg(self.socket())
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+                self.nbd = v["nbd"].as_str().unwrap().to_string();
+                self.grpc = v["grpc"].as_str().unwrap().to_string();
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("engine exited early with {status}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "engine did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("engine.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns whether the engine exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return true };
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts again on the same addresses and state.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (nbd, grpc) = (self.nbd.clone(), self.grpc.clone());
+        self.spawn(&nbd, &grpc);
+    }
+
+    /// `tandem-engine status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        self.status_with(&[])
+    }
+
+    pub fn status_with(&self, extra: &[&str]) -> serde_json::Value {
+        let out = Command::new(ENGINE)
+            .args(["status", "--grpc", &self.grpc, "--volume", &self.name, "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a command; panics with its output if it cannot be started (missing tool).
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} (run scripts/install-deps.sh): {e}"))
+}
+
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// qemu-io against an NBD URI with the given commands; returns stdout.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    run("qemu-io", &args)
+}
+
+/// qemu-io that must succeed without any failed command (qemu-io exits 0 even when a command fails).
+pub fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
+    let out = qemu_io(uri, cmds);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("Pattern verification"),
+        "qemu-io {cmds:?} on {uri}: {text}"
+    );
+    text
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Polls `f` until it returns true or `secs` pass.
+pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
