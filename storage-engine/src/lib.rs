@@ -7,10 +7,12 @@ pub mod pb {
     tonic::include_proto!("tandem.engine.v1");
 }
 
+pub mod bitmap;
 pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod grpc;
+pub mod journal;
 pub mod meta;
 pub mod nbd;
 pub mod size;

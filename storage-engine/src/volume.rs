@@ -179,6 +179,16 @@ impl Volume {
         }
     }
 
+    /// Whether a read can run inline on the connection's reader (no network wait).
+    pub fn read_is_quick(&self, _offset: u64, _len: u32) -> bool {
+        true
+    }
+
+    /// Whether a plain write completes without waiting for the peer.
+    pub fn write_is_quick(&self) -> bool {
+        true
+    }
+
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, HostError> {
         self.check_serving()?;
         let mut buf = vec![0u8; len as usize];

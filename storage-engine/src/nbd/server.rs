@@ -7,7 +7,7 @@ use std::{io, sync::Arc};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter},
     net::{TcpListener, UnixListener},
-    sync::{mpsc, watch, Semaphore},
+    sync::{watch, Semaphore},
 };
 use tracing::{debug, info, warn};
 
@@ -245,15 +245,28 @@ where
     }
 }
 
-struct Reply {
+type SharedWriter<W> = Arc<tokio::sync::Mutex<BufWriter<W>>>;
+
+async fn send_reply<W: AsyncWrite + Unpin>(
+    w: &SharedWriter<W>,
     header: [u8; 16],
-    data: Option<Vec<u8>>,
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    data: Option<&[u8]>,
+    flush: bool,
+) -> io::Result<()> {
+    let mut w = w.lock().await;
+    w.write_all(&header).await?;
+    if let Some(d) = data {
+        w.write_all(d).await?;
+    }
+    if flush {
+        w.flush().await?;
+    }
+    Ok(())
 }
 
 async fn transmission<R, W>(
-    mut r: R,
-    w: W,
+    mut r: BufReader<R>,
+    w: BufWriter<W>,
     volume: Arc<Volume>,
     read_only: bool,
 ) -> Result<(), ConnError>
@@ -261,25 +274,36 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(w, rx));
+    let w = Arc::new(tokio::sync::Mutex::new(w));
     let budget = Arc::new(Semaphore::new(CONN_BUDGET / PERMIT_BYTES));
-    let result = read_requests(&mut r, &tx, &volume, &budget, read_only).await;
-    // Let in-flight requests finish; the writer ends when the last sender is dropped.
-    drop(tx);
-    let _ = writer.await;
+    let result = read_requests(&mut r, &w, &volume, &budget, read_only).await;
+    // Let spawned requests finish (they hold budget permits) before closing.
+    let _ = budget.acquire_many((CONN_BUDGET / PERMIT_BYTES) as u32).await;
+    let mut w = w.lock().await;
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
     result
 }
 
-async fn read_requests<R: AsyncRead + Unpin>(
-    r: &mut R,
-    tx: &mpsc::UnboundedSender<Reply>,
+/// Reads requests; quick ones (reads, plain writes) run inline so a queue depth of one costs one
+/// wakeup, slow ones (flush, FUA, trim, zeroing, waits for the peer) run as their own tasks.
+/// Replies are flushed once the reader has no more buffered requests, batching them under load.
+async fn read_requests<R, W>(
+    r: &mut BufReader<R>,
+    w: &SharedWriter<W>,
     volume: &Arc<Volume>,
     budget: &Arc<Semaphore>,
     read_only: bool,
-) -> Result<(), ConnError> {
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut hdr = [0u8; Request::LEN];
     loop {
+        if r.buffer().is_empty() {
+            w.lock().await.flush().await?;
+        }
         r.read_exact(&mut hdr).await?;
         let req = Request::parse(&hdr)?;
         if req.kind == p::CMD_DISC {
@@ -291,11 +315,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 let mut take = (&mut *r).take(u64::from(req.length));
                 tokio::io::copy(&mut take, &mut tokio::io::sink()).await?;
             }
-            let _ = tx.send(Reply {
-                header: p::simple_reply(errno, req.handle),
-                data: None,
-                _permit: None,
-            });
+            send_reply(w, p::simple_reply(errno, req.handle), None, false).await?;
             continue;
         }
         let permits = (req.length as usize).div_ceil(PERMIT_BYTES).max(1) as u32;
@@ -310,15 +330,24 @@ async fn read_requests<R: AsyncRead + Unpin>(
         } else {
             None
         };
+        let fua = req.flags & p::CMD_FLAG_FUA != 0;
+        let inline = match req.kind {
+            p::CMD_READ => volume.read_is_quick(req.offset, req.length),
+            p::CMD_WRITE => !fua && volume.write_is_quick(),
+            _ => false,
+        };
+        if inline {
+            let (err, data) = execute(volume, &req, payload).await;
+            send_reply(w, p::simple_reply(err, req.handle), data.as_deref(), false).await?;
+            drop(permit);
+            continue;
+        }
         let v = Arc::clone(volume);
-        let tx = tx.clone();
+        let w = Arc::clone(w);
         tokio::spawn(async move {
             let (err, data) = execute(&v, &req, payload).await;
-            let _ = tx.send(Reply {
-                header: p::simple_reply(err, req.handle),
-                data,
-                _permit: Some(permit),
-            });
+            let _ = send_reply(&w, p::simple_reply(err, req.handle), data.as_deref(), true).await;
+            drop(permit);
         });
     }
 }
@@ -351,23 +380,4 @@ async fn execute(v: &Volume, req: &Request, payload: Option<Vec<u8>>) -> (u32, O
             (e.errno(), None)
         }
     }
-}
-
-async fn write_replies<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
-    while let Some(reply) = rx.recv().await {
-        if w.write_all(&reply.header).await.is_err() {
-            return;
-        }
-        if let Some(d) = &reply.data {
-            if w.write_all(d).await.is_err() {
-                return;
-            }
-        }
-        drop(reply);
-        if rx.is_empty() && w.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = w.flush().await;
-    let _ = w.shutdown().await;
 }

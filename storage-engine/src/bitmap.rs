@@ -1,0 +1,294 @@
+//! Bitmaps: the differential table (`pending_to_peer`), the write-intent extents, and later the
+//! handoff table and overlay presence. One bit per block; persisted whole with a checksum.
+//!
+//! File format: { magic "TNDBMAP\0" (8) | version u32 LE | bits u64 LE | crc32c(words) u32 LE | words (u64 LE)* }
+
+use std::{
+    fs::{self, File},
+    io::{self, Write},
+    path::Path,
+};
+
+use crate::meta::sync_dir;
+
+const MAGIC: &[u8; 8] = b"TNDBMAP\0";
+const VERSION: u32 = 1;
+const HEADER: usize = 24;
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct Bitmap {
+    bits: u64,
+    words: Vec<u64>,
+    ones: u64,
+}
+
+impl std::fmt::Debug for Bitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bitmap({} of {} set)", self.ones, self.bits)
+    }
+}
+
+impl Bitmap {
+    pub fn new(bits: u64) -> Self {
+        Self {
+            bits,
+            words: vec![0; bits.div_ceil(64) as usize],
+            ones: 0,
+        }
+    }
+
+    pub fn full(bits: u64) -> Self {
+        let mut b = Self::new(bits);
+        b.set_range(0, bits);
+        b
+    }
+
+    pub fn len(&self) -> u64 {
+        self.bits
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ones == 0
+    }
+
+    /// Number of set bits.
+    pub fn count(&self) -> u64 {
+        self.ones
+    }
+
+    pub fn get(&self, i: u64) -> bool {
+        i < self.bits && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Sets bit `i`; returns whether it was clear before.
+    pub fn set(&mut self, i: u64) -> bool {
+        if i >= self.bits {
+            return false;
+        }
+        let w = &mut self.words[(i / 64) as usize];
+        let m = 1u64 << (i % 64);
+        let was_clear = *w & m == 0;
+        *w |= m;
+        self.ones += u64::from(was_clear);
+        was_clear
+    }
+
+    /// Clears bit `i`; returns whether it was set before.
+    pub fn clear(&mut self, i: u64) -> bool {
+        if i >= self.bits {
+            return false;
+        }
+        let w = &mut self.words[(i / 64) as usize];
+        let m = 1u64 << (i % 64);
+        let was_set = *w & m != 0;
+        *w &= !m;
+        self.ones -= u64::from(was_set);
+        was_set
+    }
+
+    pub fn set_range(&mut self, from: u64, to: u64) {
+        for i in from..to.min(self.bits) {
+            self.set(i);
+        }
+    }
+
+    pub fn clear_all(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+        self.ones = 0;
+    }
+
+    /// Set bits in ascending order.
+    pub fn iter_ones(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(wi, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let t = u64::from(w.trailing_zeros());
+                w &= w - 1;
+                Some(wi as u64 * 64 + t)
+            })
+        })
+    }
+
+    /// The first set bit at or after `from`.
+    pub fn next_one(&self, from: u64) -> Option<u64> {
+        if from >= self.bits {
+            return None;
+        }
+        let mut wi = (from / 64) as usize;
+        let mut w = self.words[wi] & (!0u64 << (from % 64));
+        loop {
+            if w != 0 {
+                return Some(wi as u64 * 64 + u64::from(w.trailing_zeros()));
+            }
+            wi += 1;
+            if wi >= self.words.len() {
+                return None;
+            }
+            w = self.words[wi];
+        }
+    }
+
+    pub fn union_with(&mut self, other: &Bitmap) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+        self.recount();
+    }
+
+    fn recount(&mut self) {
+        self.ones = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
+    }
+
+    /// Little-endian bytes, bit i of the table = bit (i % 8) of byte i / 8 (the wire form).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        v.truncate(self.bits.div_ceil(8) as usize);
+        v
+    }
+
+    pub fn from_bytes(bits: u64, bytes: &[u8]) -> Option<Self> {
+        if bytes.len() as u64 != bits.div_ceil(8) {
+            return None;
+        }
+        let mut b = Self::new(bits);
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut a = [0u8; 8];
+            a[..chunk.len()].copy_from_slice(chunk);
+            b.words[i] = u64::from_le_bytes(a);
+        }
+        // Bits past the end are ignored, never counted.
+        if bits % 64 != 0 {
+            if let Some(last) = b.words.last_mut() {
+                *last &= (1u64 << (bits % 64)) - 1;
+            }
+        }
+        b.recount();
+        Some(b)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let body: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut v = Vec::with_capacity(HEADER + body.len());
+        v.extend_from_slice(MAGIC);
+        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&self.bits.to_le_bytes());
+        v.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        v.extend_from_slice(&body);
+        v
+    }
+
+    /// Writes the bitmap durably and atomically (temp file, fsync, rename, fsync dir).
+    pub fn store(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(&self.encode())?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        sync_dir(path)
+    }
+
+    /// Loads a bitmap of `bits` bits; `Ok(None)` if absent; an error if corrupt or of another size.
+    pub fn load(path: &Path, bits: u64) -> io::Result<Option<Self>> {
+        let b = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", path.display()));
+        if b.len() < HEADER || &b[0..8] != MAGIC {
+            return Err(bad("bad magic"));
+        }
+        let mut u4 = [0u8; 4];
+        u4.copy_from_slice(&b[8..12]);
+        if u32::from_le_bytes(u4) != VERSION {
+            return Err(bad("unknown version"));
+        }
+        let mut u8b = [0u8; 8];
+        u8b.copy_from_slice(&b[12..20]);
+        if u64::from_le_bytes(u8b) != bits {
+            return Err(bad("bitmap size differs from the volume"));
+        }
+        u4.copy_from_slice(&b[20..24]);
+        let body = &b[HEADER..];
+        if body.len() as u64 != bits.div_ceil(64) * 8 || crc32c::crc32c(body) != u32::from_le_bytes(u4) {
+            return Err(bad("checksum mismatch or truncated"));
+        }
+        let mut m = Self::new(bits);
+        for (i, c) in body.chunks_exact(8).enumerate() {
+            u8b.copy_from_slice(c);
+            m.words[i] = u64::from_le_bytes(u8b);
+        }
+        m.recount();
+        Ok(Some(m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(u64),
+        Clear(u64),
+        Range(u64, u64),
+        ClearAll,
+    }
+
+    proptest! {
+        /// The bitmap behaves like a set of block numbers, and survives the wire and file forms.
+        #[test]
+        fn matches_a_set(bits in 1u64..700, ops in proptest::collection::vec(
+            prop_oneof![
+                (0u64..800).prop_map(Op::Set),
+                (0u64..800).prop_map(Op::Clear),
+                (0u64..800, 0u64..100).prop_map(|(a, l)| Op::Range(a, a + l)),
+                Just(Op::ClearAll),
+            ], 0..60)) {
+            let mut b = Bitmap::new(bits);
+            let mut m = BTreeSet::new();
+            for op in ops {
+                match op {
+                    Op::Set(i) => { prop_assert_eq!(b.set(i), i < bits && m.insert(i)); }
+                    Op::Clear(i) => { prop_assert_eq!(b.clear(i), m.remove(&i)); }
+                    Op::Range(f, t) => { b.set_range(f, t); m.extend(f..t.min(bits)); }
+                    Op::ClearAll => { b.clear_all(); m.clear(); }
+                }
+                prop_assert_eq!(b.count(), m.len() as u64);
+            }
+            prop_assert_eq!(b.iter_ones().collect::<Vec<_>>(), m.iter().copied().collect::<Vec<_>>());
+            for from in [0, bits / 3, bits / 2, bits - 1] {
+                prop_assert_eq!(b.next_one(from), m.range(from..).next().copied());
+            }
+            let back = Bitmap::from_bytes(bits, &b.to_bytes()).unwrap();
+            prop_assert_eq!(&back, &b);
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("bm");
+            b.store(&p).unwrap();
+            prop_assert_eq!(Bitmap::load(&p, bits).unwrap(), Some(b));
+        }
+    }
+
+    #[test]
+    fn load_rejects_corruption_and_wrong_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bm");
+        let mut b = Bitmap::new(1000);
+        b.set(5);
+        b.store(&p).unwrap();
+        assert!(Bitmap::load(&p, 999).is_err());
+        let mut raw = fs::read(&p).unwrap();
+        let n = raw.len();
+        raw[n - 1] ^= 1;
+        fs::write(&p, raw).unwrap();
+        assert!(Bitmap::load(&p, 1000).is_err());
+        assert!(Bitmap::load(&dir.path().join("none"), 1000).unwrap().is_none());
+        assert!(Bitmap::from_bytes(1000, &[0u8; 3]).is_none());
+    }
+}
