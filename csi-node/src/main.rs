@@ -1,3 +1,4 @@
-fn main() {
-    println!("tandem-csi: under construction");
+//! `tandem-csi`: see the library crate.
+fn main() -> std::process::ExitCode {
+    csi_node::cli::main()
 }

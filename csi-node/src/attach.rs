@@ -1,0 +1,501 @@
+//! Turning an engine's NBD export into a block device on this node, behind [`Attacher`].
+//!
+//! - Production path (where `nbd.ko` exists): the kernel NBD client configured over netlink, one
+//!   `/dev/nbdN` per volume; the kernel holds the connection, so nothing in user space must stay up.
+//!   Not implemented yet: it needs a machine with nbd.ko to be tested honestly. It would be another
+//!   [`AttachKind`] variant and another `Attacher`, chosen at start-up by probing for the module.
+//! - Fallback, implemented here ([`FuseLoopAttacher`]): a detached `tandem-csi attach-fuse` daemon per
+//!   volume serves the export as the file `<state>/attach/<key>/fuse/disk`, and a loop device with
+//!   direct I/O turns the file into `/dev/loopN`. The daemon is its own process group and outlives the
+//!   plugin, so a restarted plugin finds the attachment (pid and paths are in the state record).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fusefs::{self, DaemonStatus, READY_PREFIX};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("attach daemon for {export:?} failed to start: {message}")]
+    DaemonStart { export: String, message: String },
+    #[error("{cmd} failed: {message}")]
+    CommandFailed { cmd: String, message: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("detach incomplete: {0}")]
+    DetachIncomplete(String),
+}
+
+/// A block device attached to an engine export; persisted in the volume's state record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub device: PathBuf,
+    pub nbd: String,
+    pub export: String,
+    pub kind: AttachKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum AttachKind {
+    /// `dir` holds `fuse/disk` (the FUSE file) and `status.json`; `pid` is the daemon.
+    FuseLoop { dir: PathBuf, pid: u32 },
+    /// For the fakes in unit tests.
+    #[cfg(test)]
+    Fake,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachSpec {
+    /// File-system-safe, unique per volume (the escaped volume id).
+    pub key: String,
+    pub nbd: String,
+    pub export: String,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// Attached, but I/O will fail or hang until the engine is back (message says why).
+    Degraded(String),
+    /// The device is gone (daemon dead, loop device detached): the volume must be staged again.
+    Broken(String),
+}
+
+pub trait Attacher: Send + Sync + 'static {
+    fn attach(&self, spec: &AttachSpec) -> Result<Attachment, AttachError>;
+    /// Idempotent: detaching something already gone succeeds.
+    fn detach(&self, att: &Attachment) -> Result<(), AttachError>;
+    fn health(&self, att: &Attachment) -> Health;
+    /// Removes whatever a crashed earlier attempt left under this key (no state record points to it).
+    fn cleanup_key(&self, key: &str) -> Result<(), AttachError>;
+    /// The keys that have something attached or left behind.
+    fn list_keys(&self) -> Vec<String>;
+}
+
+fn run(cmd: &mut Command) -> Result<String, AttachError> {
+    let shown = format!("{cmd:?}").replace('"', "");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| AttachError::CommandFailed {
+            cmd: shown.clone(),
+            message: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(AttachError::CommandFailed {
+            cmd: shown,
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Is `pid` a live `attach-fuse` daemon for `dir`? (Guards against pid reuse.)
+pub fn daemon_alive(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let dir = dir.as_os_str().as_encoded_bytes();
+    args.contains(&&b"attach-fuse"[..]) && args.contains(&dir)
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(p, sig);
+    }
+}
+
+/// Loop devices whose backing file is `file` (`losetup -j`).
+pub fn loops_backing(file: &Path) -> Result<Vec<PathBuf>, AttachError> {
+    let out = run(Command::new("losetup")
+        .arg("-n")
+        .arg("-O")
+        .arg("NAME")
+        .arg("-j")
+        .arg(file))?;
+    Ok(out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect())
+}
+
+fn is_mounted(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| {
+            crate::mount::parse_mountinfo(&t)
+                .iter()
+                .any(|m| m.mount_point == path)
+        })
+        .unwrap_or(false)
+}
+
+/// FUSE + loop attacher (see the module docs).
+#[derive(Clone, Debug)]
+pub struct FuseLoopAttacher {
+    /// `<state-dir>/attach`
+    pub root: PathBuf,
+    /// The `tandem-csi` binary (this executable).
+    pub exe: PathBuf,
+    pub io_timeout: Duration,
+    pub start_timeout: Duration,
+}
+
+impl FuseLoopAttacher {
+    fn dir(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Starts the daemon and waits for its READY line; returns its pid.
+    fn start_daemon(&self, spec: &AttachSpec, dir: &Path) -> Result<u32, AttachError> {
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AttachError::Io { what, path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        let log_path = dir.join("daemon.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io("open", &log_path))?;
+        let log_err = log.try_clone().map_err(io("open", &log_path))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("attach-fuse")
+            .arg("--nbd")
+            .arg(&spec.nbd)
+            .arg("--export")
+            .arg(&spec.export)
+            .arg("--dir")
+            .arg(dir)
+            .arg("--io-timeout-secs")
+            .arg(self.io_timeout.as_secs().max(1).to_string());
+        if spec.read_only {
+            cmd.arg("--read-only");
+        }
+        use std::os::unix::process::CommandExt;
+        // Own process group: a signal to the plugin's group (Ctrl-C, a supervisor) spares it.
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_err);
+        drop(log);
+        let mut child = cmd.spawn().map_err(|e| AttachError::DaemonStart {
+            export: spec.export.clone(),
+            message: format!("spawn {}: {e}", self.exe.display()),
+        })?;
+        let pid = child.id();
+        let Some(stdout) = child.stdout.take() else {
+            return Err(AttachError::DaemonStart {
+                export: spec.export.clone(),
+                message: "no stdout pipe".into(),
+            });
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let mut r = BufReader::new(stdout);
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+            // Drain anything else so the daemon never blocks on a full pipe; ends at EOF.
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+        });
+        let line = rx.recv_timeout(self.start_timeout).unwrap_or_default();
+        if line.starts_with(READY_PREFIX) {
+            // Reap the daemon if it exits while we are still running; after a plugin restart
+            // init reaps it.
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+            return Ok(pid);
+        }
+        signal(pid, rustix::process::Signal::KILL);
+        let _ = child.wait();
+        let mut tail = String::new();
+        if let Ok(mut f) = std::fs::File::open(&log_path) {
+            let _ = f.read_to_string(&mut tail);
+        }
+        let tail: String = tail
+            .lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join(" | ");
+        Err(AttachError::DaemonStart {
+            export: spec.export.clone(),
+            message: if line.is_empty() && tail.is_empty() {
+                format!("no READY within {:?}", self.start_timeout)
+            } else {
+                tail
+            },
+        })
+    }
+
+    /// Stops the daemon of `dir` (SIGTERM; it unmounts itself), escalating if it does not go.
+    fn stop_daemon(&self, pid: Option<u32>, dir: &Path) -> Result<(), AttachError> {
+        let mnt = fusefs::mountpoint(dir);
+        let pid = pid.filter(|p| daemon_alive(*p, dir));
+        if let Some(p) = pid {
+            signal(p, rustix::process::Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while daemon_alive(p, dir) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if daemon_alive(p, dir) {
+                tracing::warn!(pid = p, "attach daemon ignored SIGTERM; killing it");
+                signal(p, rustix::process::Signal::KILL);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        if is_mounted(&mnt) {
+            // The daemon died without unmounting (SIGKILL, crash): remove the dead FUSE mount.
+            run(Command::new("umount").arg("-l").arg(&mnt))?;
+        }
+        Ok(())
+    }
+
+    fn detach_loops(&self, file: &Path) -> Result<(), AttachError> {
+        if !file.exists() {
+            return Ok(());
+        }
+        for dev in loops_backing(file)? {
+            run(Command::new("losetup").arg("-d").arg(&dev))?;
+        }
+        // Detaching a busy loop device only marks it for auto-clear; wait until it let go of the file.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = loops_backing(file)?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(AttachError::DetachIncomplete(format!(
+                    "{} still backed by {}",
+                    left.iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    file.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn read_status(dir: &Path) -> Option<DaemonStatus> {
+        let text = std::fs::read(fusefs::status_path(dir)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    fn pid_file(dir: &Path) -> PathBuf {
+        dir.join("daemon.pid")
+    }
+}
+
+impl Attacher for FuseLoopAttacher {
+    fn attach(&self, spec: &AttachSpec) -> Result<Attachment, AttachError> {
+        let dir = self.dir(&spec.key);
+        self.cleanup_key(&spec.key)?;
+        let pid = self.start_daemon(spec, &dir)?;
+        let _ = std::fs::write(Self::pid_file(&dir), pid.to_string());
+        let file = fusefs::disk_path(&dir);
+        let mut cmd = Command::new("losetup");
+        cmd.arg("--direct-io=on").arg("--show").arg("-f");
+        if spec.read_only {
+            cmd.arg("--read-only");
+        }
+        let device = match run(cmd.arg(&file)) {
+            Ok(out) => PathBuf::from(out.trim()),
+            Err(e) => {
+                let _ = self.stop_daemon(Some(pid), &dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        tracing::info!(export = %spec.export, nbd = %spec.nbd, device = %device.display(), pid, "attached through FUSE + loop");
+        Ok(Attachment {
+            device,
+            nbd: spec.nbd.clone(),
+            export: spec.export.clone(),
+            kind: AttachKind::FuseLoop { dir, pid },
+        })
+    }
+
+    fn detach(&self, att: &Attachment) -> Result<(), AttachError> {
+        let (dir, pid) = match &att.kind {
+            AttachKind::FuseLoop { dir, pid } => (dir, *pid),
+            #[cfg(test)]
+            AttachKind::Fake => return Ok(()),
+        };
+        self.detach_loops(&fusefs::disk_path(dir))?;
+        self.stop_daemon(Some(pid), dir)?;
+        let _ = std::fs::remove_dir_all(dir);
+        tracing::info!(export = %att.export, device = %att.device.display(), "detached");
+        Ok(())
+    }
+
+    fn health(&self, att: &Attachment) -> Health {
+        let (dir, pid) = match &att.kind {
+            AttachKind::FuseLoop { dir, pid } => (dir, *pid),
+            #[cfg(test)]
+            AttachKind::Fake => return Health::Healthy,
+        };
+        if !daemon_alive(pid, dir) {
+            return Health::Broken(format!("attach daemon (pid {pid}) is not running"));
+        }
+        let file = fusefs::disk_path(dir);
+        match loops_backing(&file) {
+            Ok(l) if l.contains(&att.device) => {}
+            Ok(_) => {
+                return Health::Broken(format!(
+                    "{} no longer backs {}",
+                    file.display(),
+                    att.device.display()
+                ))
+            }
+            Err(e) => return Health::Degraded(format!("cannot list loop devices: {e}")),
+        }
+        match Self::read_status(dir) {
+            Some(s) if !s.link.connected => Health::Degraded(format!(
+                "engine connection down ({}); I/O waits up to {:?} per request",
+                s.link.last_error.unwrap_or_default(),
+                self.io_timeout
+            )),
+            _ => Health::Healthy,
+        }
+    }
+
+    fn cleanup_key(&self, key: &str) -> Result<(), AttachError> {
+        let dir = self.dir(key);
+        if !dir.exists() {
+            return Ok(());
+        }
+        tracing::warn!(dir = %dir.display(), "removing a previous attachment's leftovers");
+        self.detach_loops(&fusefs::disk_path(&dir))?;
+        let pid = std::fs::read_to_string(Self::pid_file(&dir))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        self.stop_daemon(pid, &dir)?;
+        std::fs::remove_dir_all(&dir).map_err(|source| AttachError::Io {
+            what: "remove",
+            path: dir,
+            source,
+        })
+    }
+
+    fn list_keys(&self) -> Vec<String> {
+        std::fs::read_dir(&self.root)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use std::collections::{HashMap, HashSet};
+    use std::sync::Mutex;
+
+    #[derive(Debug, Default)]
+    pub struct FakeState {
+        pub attached: HashMap<PathBuf, AttachSpec>,
+        pub next: u32,
+        pub fail: HashSet<&'static str>,
+        pub broken: HashSet<PathBuf>,
+        pub attach_calls: usize,
+        pub cleaned: Vec<String>,
+        pub leftovers: Vec<String>,
+    }
+
+    /// Hands out `/dev/fakeN` devices and remembers what is attached.
+    #[derive(Debug, Default)]
+    pub struct FakeAttacher {
+        pub st: Mutex<FakeState>,
+    }
+
+    impl FakeAttacher {
+        pub fn attached_count(&self) -> usize {
+            self.st.lock().unwrap().attached.len()
+        }
+        pub fn fail(&self, op: &'static str) {
+            self.st.lock().unwrap().fail.insert(op);
+        }
+        pub fn break_device(&self, dev: &Path) {
+            self.st.lock().unwrap().broken.insert(dev.to_path_buf());
+        }
+    }
+
+    impl Attacher for FakeAttacher {
+        fn attach(&self, spec: &AttachSpec) -> Result<Attachment, AttachError> {
+            let mut st = self.st.lock().unwrap();
+            st.attach_calls += 1;
+            if st.fail.contains("attach") {
+                return Err(AttachError::DaemonStart {
+                    export: spec.export.clone(),
+                    message: "injected failure".into(),
+                });
+            }
+            st.next += 1;
+            let device = PathBuf::from(format!("/dev/fake{}", st.next));
+            st.attached.insert(device.clone(), spec.clone());
+            Ok(Attachment {
+                device,
+                nbd: spec.nbd.clone(),
+                export: spec.export.clone(),
+                kind: AttachKind::Fake,
+            })
+        }
+        fn detach(&self, att: &Attachment) -> Result<(), AttachError> {
+            let mut st = self.st.lock().unwrap();
+            if st.fail.contains("detach") {
+                return Err(AttachError::DetachIncomplete("injected failure".into()));
+            }
+            st.attached.remove(&att.device);
+            st.broken.remove(&att.device);
+            Ok(())
+        }
+        fn health(&self, att: &Attachment) -> Health {
+            let st = self.st.lock().unwrap();
+            if st.broken.contains(&att.device) || !st.attached.contains_key(&att.device) {
+                Health::Broken("fake: gone".into())
+            } else {
+                Health::Healthy
+            }
+        }
+        fn cleanup_key(&self, key: &str) -> Result<(), AttachError> {
+            self.st.lock().unwrap().cleaned.push(key.to_string());
+            Ok(())
+        }
+        fn list_keys(&self) -> Vec<String> {
+            let st = self.st.lock().unwrap();
+            let mut keys: Vec<String> = st.attached.values().map(|s| s.key.clone()).collect();
+            keys.extend(st.leftovers.iter().cloned());
+            keys
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The contract with the operator: what a Tandem PersistentVolume's `volumeAttributes`
+//! (CSI `volume_context`) and node-stage secrets carry.
+//!
+//! | key | value | required |
+//! | --- | --- | --- |
+//! | `tandem.dev/volume` | the engine's volume name (= NBD export name) | yes |
+//! | `tandem.dev/engines` | `node=host:port,node=host:port`: each engine's gRPC address, by node name | yes |
+//! | `tandem.dev/nbd` | `node=host:port,...` (or `node=unix:/path`): each engine's NBD address | yes |
+//! | `tandem.dev/failover-policy` | `WaitForPrimary` (default) or `ForcePromote` | no |
+//! | `tandem.dev/peer-timeout-seconds` | how long a takeover may wait for the old primary (default 30) | no |
+//!
+//! Stage secrets: `token`, the volume's engine token.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+pub const KEY_VOLUME: &str = "tandem.dev/volume";
+pub const KEY_ENGINES: &str = "tandem.dev/engines";
+pub const KEY_NBD: &str = "tandem.dev/nbd";
+pub const KEY_POLICY: &str = "tandem.dev/failover-policy";
+pub const KEY_PEER_TIMEOUT: &str = "tandem.dev/peer-timeout-seconds";
+pub const SECRET_TOKEN: &str = "token";
+
+const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a takeover does when the old primary cannot be reached (DESIGN.md §4 step 7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FailoverPolicy {
+    #[default]
+    WaitForPrimary,
+    ForcePromote,
+}
+
+impl FailoverPolicy {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "waitforprimary" | "wait" => Some(FailoverPolicy::WaitForPrimary),
+            "forcepromote" | "force" => Some(FailoverPolicy::ForcePromote),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineRef {
+    pub node: String,
+    pub grpc: String,
+    pub nbd: String,
+}
+
+/// The volume context, parsed and checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeParams {
+    pub volume: String,
+    pub engines: Vec<EngineRef>,
+    pub policy: FailoverPolicy,
+    pub peer_timeout: Duration,
+}
+
+/// Parses `node=addr,node=addr` (whitespace around items allowed).
+pub fn parse_node_map(key: &str, value: &str) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (node, addr) = item
+            .split_once('=')
+            .map(|(n, a)| (n.trim(), a.trim()))
+            .filter(|(n, a)| !n.is_empty() && !a.is_empty())
+            .ok_or_else(|| Error::invalid(key, format!("{item:?} is not node=address")))?;
+        if out.insert(node.to_string(), addr.to_string()).is_some() {
+            return Err(Error::invalid(key, format!("node {node:?} listed twice")));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::invalid(key, "no engines listed"));
+    }
+    Ok(out)
+}
+
+impl VolumeParams {
+    pub fn parse(ctx: &HashMap<String, String>) -> Result<Self> {
+        let required = |key: &'static str| -> Result<&String> {
+            ctx.get(key)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or(Error::FieldMissing(key))
+        };
+        let volume = required(KEY_VOLUME)?.trim().to_string();
+        let grpc = parse_node_map(KEY_ENGINES, required(KEY_ENGINES)?)?;
+        let mut nbd = parse_node_map(KEY_NBD, required(KEY_NBD)?)?;
+        let mut engines = Vec::new();
+        for (node, grpc) in grpc {
+            let nbd = nbd.remove(&node).ok_or_else(|| {
+                Error::invalid(KEY_NBD, format!("no NBD address for node {node:?}"))
+            })?;
+            crate::nbd::NbdAddr::parse(&nbd).map_err(|e| Error::invalid(KEY_NBD, e.to_string()))?;
+            engines.push(EngineRef { node, grpc, nbd });
+        }
+        if let Some(extra) = nbd.keys().next() {
+            return Err(Error::invalid(
+                KEY_NBD,
+                format!("node {extra:?} has an NBD address but no engine"),
+            ));
+        }
+        let policy = match ctx.get(KEY_POLICY) {
+            None => FailoverPolicy::default(),
+            Some(v) => FailoverPolicy::parse(v).ok_or_else(|| {
+                Error::invalid(
+                    KEY_POLICY,
+                    format!("{v:?}: expected WaitForPrimary or ForcePromote"),
+                )
+            })?,
+        };
+        let peer_timeout = match ctx.get(KEY_PEER_TIMEOUT) {
+            None => DEFAULT_PEER_TIMEOUT,
+            Some(v) => v
+                .trim()
+                .trim_end_matches('s')
+                .parse::<u64>()
+                .ok()
+                .filter(|s| (1..=3600).contains(s))
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    Error::invalid(KEY_PEER_TIMEOUT, format!("{v:?}: expected 1..3600 seconds"))
+                })?,
+        };
+        Ok(VolumeParams {
+            volume,
+            engines,
+            policy,
+            peer_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_context(volume: &str, nodes: &[&str]) -> HashMap<String, String> {
+    let engines = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n}=10.0.0.{}:7000", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let nbd = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{n}=10.0.0.{}:10809", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    HashMap::from([
+        (KEY_VOLUME.to_string(), volume.to_string()),
+        (KEY_ENGINES.to_string(), engines),
+        (KEY_NBD.to_string(), nbd),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_operator_contract() {
+        let mut ctx = test_context("vol-a", &["node-a", "node-b"]);
+        ctx.insert(KEY_POLICY.into(), "ForcePromote".into());
+        ctx.insert(KEY_PEER_TIMEOUT.into(), "12".into());
+        let p = VolumeParams::parse(&ctx).unwrap();
+        assert_eq!(p.volume, "vol-a");
+        assert_eq!(p.engines.len(), 2);
+        assert_eq!(p.engines[0].node, "node-a");
+        assert_eq!(p.engines[0].grpc, "10.0.0.1:7000");
+        assert_eq!(p.engines[1].nbd, "10.0.0.2:10809");
+        assert_eq!(p.policy, FailoverPolicy::ForcePromote);
+        assert_eq!(p.peer_timeout, Duration::from_secs(12));
+    }
+
+    #[test]
+    fn defaults_to_waiting_for_the_primary() {
+        let p = VolumeParams::parse(&test_context("v", &["a"])).unwrap();
+        assert_eq!(p.policy, FailoverPolicy::WaitForPrimary);
+        assert_eq!(p.peer_timeout, DEFAULT_PEER_TIMEOUT);
+    }
+
+    #[test]
+    fn rejects_bad_contexts() {
+        for (key, value) in [
+            (KEY_VOLUME, ""),
+            (KEY_ENGINES, "a"),
+            (KEY_ENGINES, "a=1.2.3.4:5,a=1.2.3.4:6"),
+            (KEY_NBD, "b=10.0.0.1:10809"),
+            (KEY_NBD, "a=nonsense"),
+            (KEY_POLICY, "sometimes"),
+            (KEY_PEER_TIMEOUT, "0"),
+        ] {
+            let mut ctx = test_context("v", &["a"]);
+            ctx.insert(key.into(), value.into());
+            let err = VolumeParams::parse(&ctx).unwrap_err();
+            assert_eq!(
+                err.code(),
+                tonic::Code::InvalidArgument,
+                "{key}={value}: {err}"
+            );
+        }
+        let mut ctx = test_context("v", &["a"]);
+        ctx.remove(KEY_NBD);
+        assert!(matches!(
+            VolumeParams::parse(&ctx),
+            Err(Error::FieldMissing(KEY_NBD))
+        ));
+    }
+}

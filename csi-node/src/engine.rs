@@ -1,0 +1,439 @@
+//! Talking to the volume's engines: who is primary, and takeover. Behind [`EngineApi`] so the node
+//! logic is tested with a fake; [`GrpcEngines`] is the real one (the engine's typed gRPC client).
+//!
+//! [`plan`] is the decision itself, a pure function of this node's name and the engines' answers.
+
+use std::future::Future;
+use std::time::Duration;
+
+use storage_engine::client::{ClientError, EngineClient};
+use storage_engine::pb::Role as PbRole;
+use tonic::Code;
+
+use crate::context::{EngineRef, FailoverPolicy};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Secondary,
+    Fenced,
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineStatus {
+    pub role: Role,
+    pub epoch: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TakeoverOutcome {
+    pub epoch: u64,
+    pub ready_ms: u64,
+    pub peer_pending_blocks: u64,
+    pub lost_blocks: u64,
+    pub already_primary: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine {addr} rejected the volume token: {message}")]
+    Unauthenticated { addr: String, message: String },
+    #[error("engine {addr} does not serve volume {volume}")]
+    VolumeUnknown { addr: String, volume: String },
+    #[error("engine {addr} unreachable: {message}")]
+    Unreachable { addr: String, message: String },
+    #[error("engine {addr} refused {op}: {code:?}: {message}")]
+    Refused {
+        addr: String,
+        op: &'static str,
+        code: Code,
+        message: String,
+    },
+}
+
+impl EngineError {
+    pub fn code(&self) -> Code {
+        match self {
+            EngineError::Unauthenticated { .. } => Code::Unauthenticated,
+            EngineError::VolumeUnknown { .. } => Code::NotFound,
+            EngineError::Unreachable { .. } => Code::Unavailable,
+            // A takeover that could not finish (peer unreachable under WaitForPrimary, epoch race):
+            // kubelet retries NodeStageVolume.
+            EngineError::Refused { code, .. } => match code {
+                Code::InvalidArgument | Code::NotFound | Code::Unauthenticated => *code,
+                Code::PermissionDenied => Code::Unauthenticated,
+                _ => Code::Unavailable,
+            },
+        }
+    }
+
+    fn from_client(addr: &str, volume: &str, op: &'static str, e: ClientError) -> Self {
+        let addr = addr.to_string();
+        match e {
+            ClientError::Rpc { status, .. } => match status.code() {
+                Code::Unauthenticated | Code::PermissionDenied => EngineError::Unauthenticated {
+                    addr,
+                    message: status.message().to_string(),
+                },
+                Code::NotFound => EngineError::VolumeUnknown {
+                    addr,
+                    volume: volume.to_string(),
+                },
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled if op == "Status" => {
+                    EngineError::Unreachable {
+                        addr,
+                        message: status.message().to_string(),
+                    }
+                }
+                code => EngineError::Refused {
+                    addr,
+                    op,
+                    code,
+                    message: status.message().to_string(),
+                },
+            },
+            other => EngineError::Unreachable {
+                addr,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+/// What the node plugin needs from an engine.
+pub trait EngineApi: Send + Sync + 'static {
+    fn status(
+        &self,
+        addr: &str,
+        volume: &str,
+        token: &str,
+    ) -> impl Future<Output = Result<EngineStatus, EngineError>> + Send;
+
+    fn takeover(
+        &self,
+        addr: &str,
+        volume: &str,
+        token: &str,
+        policy: FailoverPolicy,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<TakeoverOutcome, EngineError>> + Send;
+}
+
+/// The real engines, over gRPC (`tandem.engine.v1`).
+#[derive(Clone, Debug)]
+pub struct GrpcEngines {
+    pub status_timeout: Duration,
+}
+
+impl Default for GrpcEngines {
+    fn default() -> Self {
+        GrpcEngines {
+            status_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl EngineApi for GrpcEngines {
+    async fn status(
+        &self,
+        addr: &str,
+        volume: &str,
+        token: &str,
+    ) -> Result<EngineStatus, EngineError> {
+        let call = async {
+            let mut c = EngineClient::connect(addr, Some(token))
+                .await
+                .map_err(|e| EngineError::from_client(addr, volume, "Status", e))?;
+            c.status(volume)
+                .await
+                .map_err(|e| EngineError::from_client(addr, volume, "Status", e))
+        };
+        let reply = tokio::time::timeout(self.status_timeout, call)
+            .await
+            .map_err(|_| EngineError::Unreachable {
+                addr: addr.to_string(),
+                message: format!("no answer within {:?}", self.status_timeout),
+            })??;
+        let role = match PbRole::try_from(reply.role) {
+            Ok(PbRole::Primary) => Role::Primary,
+            Ok(PbRole::Secondary) => Role::Secondary,
+            Ok(PbRole::Fenced) => Role::Fenced,
+            _ => Role::Unknown,
+        };
+        Ok(EngineStatus {
+            role,
+            epoch: reply.epoch,
+        })
+    }
+
+    async fn takeover(
+        &self,
+        addr: &str,
+        volume: &str,
+        token: &str,
+        policy: FailoverPolicy,
+        timeout: Duration,
+    ) -> Result<TakeoverOutcome, EngineError> {
+        let pol = match policy {
+            FailoverPolicy::WaitForPrimary => storage_engine::client::TakeoverPolicy::Wait,
+            FailoverPolicy::ForcePromote => storage_engine::client::TakeoverPolicy::Force,
+        };
+        let call = async {
+            let mut c = EngineClient::connect(addr, Some(token))
+                .await
+                .map_err(|e| EngineError::from_client(addr, volume, "Takeover", e))?;
+            c.takeover(volume, pol, timeout)
+                .await
+                .map_err(|e| EngineError::from_client(addr, volume, "Takeover", e))
+        };
+        // The engine bounds its own wait by `timeout`; allow it a margin to answer.
+        let r = tokio::time::timeout(timeout + Duration::from_secs(10), call)
+            .await
+            .map_err(|_| EngineError::Unreachable {
+                addr: addr.to_string(),
+                message: format!("takeover did not answer within {timeout:?} + 10s"),
+            })??;
+        Ok(TakeoverOutcome {
+            epoch: r.epoch,
+            ready_ms: r.ready_ms,
+            peer_pending_blocks: r.peer_pending_blocks,
+            lost_blocks: r.lost_blocks,
+            already_primary: r.already_primary,
+        })
+    }
+}
+
+/// What NodeStageVolume should do, given every engine's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Attach to this engine's NBD export (it is the primary).
+    Attach { engine: EngineRef, epoch: u64 },
+    /// This node's engine is the secondary: take over, then attach to it.
+    TakeoverThenAttach { engine: EngineRef },
+}
+
+/// Decides where to attach (DESIGN.md §6): the primary with the highest epoch, unless this node holds
+/// the secondary, in which case staging here is the failover trigger. Errors: every engine rejected
+/// the token → that error; every engine that answered does not know the volume → not found;
+/// otherwise no usable engine → unavailable (kubelet retries).
+pub fn plan(
+    node_id: &str,
+    answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+) -> Result<Plan, crate::error::Error> {
+    use crate::error::Error;
+    if let Some((_, Err(e))) = answers
+        .iter()
+        .find(|(_, r)| matches!(r, Err(EngineError::Unauthenticated { .. })))
+    {
+        return Err(Error::Engine(e.clone()));
+    }
+    let answered: Vec<_> = answers.iter().filter(|(_, r)| r.is_ok()).collect();
+    let unknown = answers
+        .iter()
+        .filter(|(_, r)| matches!(r, Err(EngineError::VolumeUnknown { .. })))
+        .count();
+    if answered.is_empty() && unknown > 0 && unknown == answers.len() {
+        if let Some((_, Err(e))) = answers.first() {
+            return Err(Error::Engine(e.clone()));
+        }
+    }
+    let primary = answers
+        .iter()
+        .filter_map(|(e, r)| match r {
+            Ok(s) if s.role == Role::Primary => Some((e, s.epoch)),
+            _ => None,
+        })
+        .max_by_key(|(_, epoch)| *epoch);
+    let local = answers.iter().find(|(e, _)| e.node == node_id);
+    match (local, primary) {
+        (Some((e, Ok(s))), _) if s.role == Role::Secondary => {
+            Ok(Plan::TakeoverThenAttach { engine: e.clone() })
+        }
+        (Some((e, Ok(s))), Some((_, top))) if s.role == Role::Primary && s.epoch >= top => {
+            Ok(Plan::Attach {
+                engine: e.clone(),
+                epoch: s.epoch,
+            })
+        }
+        (Some((_, Ok(s))), None) if s.role == Role::Fenced => Err(Error::PrimaryUnavailable(
+            format!("the engine on {node_id} is fenced and no other engine is primary"),
+        )),
+        (_, Some((e, epoch))) => Ok(Plan::Attach {
+            engine: e.clone(),
+            epoch,
+        }),
+        (_, None) => {
+            let why = answers
+                .iter()
+                .map(|(e, r)| match r {
+                    Ok(s) => format!("{}: {:?} at epoch {}", e.node, s.role, s.epoch),
+                    Err(err) => format!("{}: {err}", e.node),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            Err(Error::PrimaryUnavailable(format!("no primary ({why})")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eng(node: &str) -> EngineRef {
+        EngineRef {
+            node: node.into(),
+            grpc: format!("{node}:7000"),
+            nbd: format!("{node}:10809"),
+        }
+    }
+    fn ok(role: Role, epoch: u64) -> Result<EngineStatus, EngineError> {
+        Ok(EngineStatus { role, epoch })
+    }
+    fn unreachable(node: &str) -> Result<EngineStatus, EngineError> {
+        Err(EngineError::Unreachable {
+            addr: node.into(),
+            message: "down".into(),
+        })
+    }
+
+    #[test]
+    fn local_primary_is_attached() {
+        let p = plan(
+            "a",
+            &[
+                (eng("a"), ok(Role::Primary, 3)),
+                (eng("b"), ok(Role::Secondary, 3)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            Plan::Attach {
+                engine: eng("a"),
+                epoch: 3
+            }
+        );
+    }
+
+    #[test]
+    fn local_secondary_takes_over_even_if_the_primary_is_down() {
+        for other in [ok(Role::Primary, 3), unreachable("a")] {
+            let p = plan(
+                "b",
+                &[(eng("a"), other), (eng("b"), ok(Role::Secondary, 3))],
+            )
+            .unwrap();
+            assert_eq!(p, Plan::TakeoverThenAttach { engine: eng("b") });
+        }
+    }
+
+    #[test]
+    fn a_stale_local_primary_loses_to_a_newer_epoch() {
+        let p = plan(
+            "a",
+            &[
+                (eng("a"), ok(Role::Primary, 3)),
+                (eng("b"), ok(Role::Primary, 4)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            Plan::Attach {
+                engine: eng("b"),
+                epoch: 4
+            }
+        );
+    }
+
+    #[test]
+    fn a_node_without_an_engine_attaches_to_the_remote_primary() {
+        let p = plan(
+            "c",
+            &[
+                (eng("a"), ok(Role::Primary, 1)),
+                (eng("b"), ok(Role::Secondary, 1)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            Plan::Attach {
+                engine: eng("a"),
+                epoch: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_down_local_engine_falls_back_to_the_remote_primary() {
+        let p = plan(
+            "a",
+            &[
+                (eng("a"), unreachable("a")),
+                (eng("b"), ok(Role::Primary, 2)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            p,
+            Plan::Attach {
+                engine: eng("b"),
+                epoch: 2
+            }
+        );
+    }
+
+    #[test]
+    fn errors_map_to_csi_codes() {
+        let unauth = Err(EngineError::Unauthenticated {
+            addr: "a".into(),
+            message: "bad token".into(),
+        });
+        let e = plan("a", &[(eng("a"), unauth), (eng("b"), ok(Role::Primary, 1))]).unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+
+        let unknown = |n: &str| {
+            Err(EngineError::VolumeUnknown {
+                addr: n.into(),
+                volume: "v".into(),
+            })
+        };
+        let e = plan("a", &[(eng("a"), unknown("a")), (eng("b"), unknown("b"))]).unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+
+        let e = plan(
+            "a",
+            &[(eng("a"), unreachable("a")), (eng("b"), unreachable("b"))],
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+
+        let e = plan(
+            "a",
+            &[
+                (eng("a"), ok(Role::Fenced, 2)),
+                (eng("b"), unreachable("b")),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.to_string().contains("fenced"), "{e}");
+    }
+
+    #[test]
+    fn engine_refusals_are_retryable_unless_the_request_is_wrong() {
+        let r = |code| EngineError::Refused {
+            addr: "a".into(),
+            op: "Takeover",
+            code,
+            message: String::new(),
+        };
+        assert_eq!(r(Code::FailedPrecondition).code(), Code::Unavailable);
+        assert_eq!(r(Code::DeadlineExceeded).code(), Code::Unavailable);
+        assert_eq!(r(Code::PermissionDenied).code(), Code::Unauthenticated);
+        assert_eq!(r(Code::NotFound).code(), Code::NotFound);
+    }
+}

@@ -1,0 +1,118 @@
+//! One error type for the node plugin and its single mapping to CSI (gRPC) status codes.
+//!
+//! Root causes are named `Object + Problem` (`VolumeBusy`, `EngineUnauthenticated`); the operation and
+//! the volume id are added once, by the gRPC adapter, as an [`OpError`] context layer.
+
+use std::path::PathBuf;
+
+use tonic::Code;
+
+use crate::attach::AttachError;
+use crate::engine::EngineError;
+use crate::mount::MountError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("missing required field {0}")]
+    FieldMissing(&'static str),
+    #[error("invalid {field}: {reason}")]
+    FieldInvalid { field: String, reason: String },
+    #[error("an operation on this volume is already in progress")]
+    VolumeBusy,
+    #[error("volume not found: {0}")]
+    VolumeNotFound(String),
+    #[error("volume is not staged on this node{}", .0.as_ref().map(|p| format!(" at {}", p.display())).unwrap_or_default())]
+    VolumeNotStaged(Option<PathBuf>),
+    #[error("incompatible with the existing staging or publication: {0}")]
+    VolumeIncompatible(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("path not found: {0}")]
+    PathNotFound(PathBuf),
+    #[error("no engine can serve the volume: {0}")]
+    PrimaryUnavailable(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("state directory: {0}")]
+    State(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::FieldInvalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The CSI/gRPC code for this error (CSI spec, "Error Scheme" and each RPC's error table).
+    pub fn code(&self) -> Code {
+        match self {
+            Error::FieldMissing(_) | Error::FieldInvalid { .. } => Code::InvalidArgument,
+            Error::VolumeBusy => Code::Aborted,
+            Error::VolumeNotFound(_) | Error::PathNotFound(_) => Code::NotFound,
+            Error::VolumeNotStaged(_) | Error::PreconditionFailed(_) => Code::FailedPrecondition,
+            Error::VolumeIncompatible(_) => Code::AlreadyExists,
+            Error::PrimaryUnavailable(_) => Code::Unavailable,
+            Error::Engine(e) => e.code(),
+            Error::Attach(_) | Error::Mount(_) | Error::State(_) | Error::Internal(_) => {
+                Code::Internal
+            }
+        }
+    }
+}
+
+/// An error with the operation and the volume it happened to (the only layer carrying the id).
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {volume_id}: {source}")]
+pub struct OpError {
+    pub op: &'static str,
+    pub volume_id: String,
+    #[source]
+    pub source: Error,
+}
+
+impl From<OpError> for tonic::Status {
+    fn from(e: OpError) -> Self {
+        tonic::Status::new(e.source.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_follow_the_csi_spec() {
+        assert_eq!(
+            Error::FieldMissing("volume_id").code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(Error::VolumeBusy.code(), Code::Aborted);
+        assert_eq!(Error::VolumeNotFound("x".into()).code(), Code::NotFound);
+        assert_eq!(
+            Error::VolumeNotStaged(None).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            Error::VolumeIncompatible("x".into()).code(),
+            Code::AlreadyExists
+        );
+        let st: tonic::Status = OpError {
+            op: "NodeStageVolume",
+            volume_id: "ns/v".into(),
+            source: Error::VolumeBusy,
+        }
+        .into();
+        assert_eq!(st.code(), Code::Aborted);
+        assert!(st.message().starts_with("NodeStageVolume ns/v: "));
+    }
+}

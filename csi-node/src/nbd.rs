@@ -1,0 +1,1272 @@
+//! A small NBD client: the fixed-newstyle handshake with `NBD_OPT_GO`, then pipelined transmission with
+//! simple replies (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, DISC), and reconnection.
+//!
+//! The FUSE daemon (`attach-fuse`) forwards every kernel request to one [`NbdClient`]. Requests are
+//! pipelined on one connection: each gets a fresh 64-bit handle, a reader thread matches replies to
+//! handles and completes them, so the kernel can keep many requests in flight. When the connection
+//! breaks (engine restart, network blip) the supervisor thread reconnects and resends every request that
+//! has not been answered, in handle order; a request that is not answered within the I/O timeout fails
+//! with `ETIMEDOUT` (the block layer turns that into an I/O error, as nbd.ko's dead-connection timeout
+//! does). Resending is safe because nothing was acknowledged to the kernel for those requests.
+//!
+//! Wire format (NBD protocol, "fixed newstyle"): all integers big-endian.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+
+const OPT_ABORT: u32 = 2;
+const OPT_GO: u32 = 7;
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const REP_FLAG_ERROR: u32 = 1 << 31;
+const INFO_EXPORT: u16 = 0;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+/// Transmission flags (from the server).
+pub const TF_HAS_FLAGS: u16 = 1 << 0;
+pub const TF_READ_ONLY: u16 = 1 << 1;
+pub const TF_SEND_FLUSH: u16 = 1 << 2;
+pub const TF_SEND_FUA: u16 = 1 << 3;
+pub const TF_SEND_TRIM: u16 = 1 << 5;
+pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+
+/// Command types.
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Command flag: force unit access.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+
+/// The NBD spec's default maximum payload when the server does not say.
+const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+
+/// Where an NBD server listens: `host:port` or `unix:/path` (also `unix:///path`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl NbdAddr {
+    pub fn parse(s: &str) -> Result<Self, NbdError> {
+        let s = s.trim();
+        if let Some(rest) = s.strip_prefix("unix:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if !path.starts_with('/') {
+                return Err(NbdError::Address(format!(
+                    "{s:?}: a unix address needs an absolute path"
+                )));
+            }
+            return Ok(NbdAddr::Unix(PathBuf::from(path)));
+        }
+        let s = s.strip_prefix("nbd://").unwrap_or(s);
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(NbdAddr::Tcp(s.to_string()))
+            }
+            _ => Err(NbdError::Address(format!(
+                "{s:?}: expected host:port or unix:/path"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for NbdAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NbdAddr::Tcp(a) => write!(f, "{a}"),
+            NbdAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// What `NBD_OPT_GO` told us about the export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub size: u64,
+    pub flags: u16,
+    pub min_block: u32,
+    pub preferred_block: u32,
+    pub max_payload: u32,
+}
+
+impl ExportInfo {
+    pub fn read_only(&self) -> bool {
+        self.flags & TF_READ_ONLY != 0
+    }
+    pub fn can(&self, flag: u16) -> bool {
+        self.flags & TF_HAS_FLAGS != 0 && self.flags & flag != 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error("invalid NBD address {0}")]
+    Address(String),
+    #[error("cannot reach NBD server {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("NBD connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("NBD protocol violation: {0}")]
+    Protocol(String),
+    #[error("NBD server refused export {export:?}: {reason}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
+    Refused {
+        export: String,
+        reason: &'static str,
+        message: String,
+    },
+}
+
+impl NbdError {
+    /// True when retrying the same request cannot help until the server changes its mind (it named a
+    /// reason, e.g. "this engine is the secondary").
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, NbdError::Refused { .. })
+    }
+}
+
+fn rep_error_name(code: u32) -> &'static str {
+    match code & !REP_FLAG_ERROR {
+        1 => "unsupported option",
+        2 => "forbidden by policy",
+        3 => "invalid request",
+        4 => "unsupported on this platform",
+        5 => "TLS required",
+        6 => "unknown export",
+        7 => "server shutting down",
+        8 => "block size negotiation required",
+        9 => "request too big",
+        _ => "error",
+    }
+}
+
+/// A connected byte stream to the server (TCP or unix socket).
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub fn connect(addr: &NbdAddr, timeout: Duration) -> Result<Self, NbdError> {
+        let err = |source| NbdError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        match addr {
+            NbdAddr::Unix(p) => UnixStream::connect(p).map(Stream::Unix).map_err(err),
+            NbdAddr::Tcp(a) => {
+                let mut last = io::Error::new(io::ErrorKind::NotFound, "no address resolved");
+                for sa in a.to_socket_addrs().map_err(err)? {
+                    match TcpStream::connect_timeout(&sa, timeout) {
+                        Ok(s) => {
+                            s.set_nodelay(true).map_err(err)?;
+                            return Ok(Stream::Tcp(s));
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                Err(err(last))
+            }
+        }
+    }
+
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    pub fn shutdown(&self) {
+        // Errors only mean it is already closed.
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+    let mut b = [0u8; 2];
+    r.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// Runs the fixed-newstyle handshake and `NBD_OPT_GO` for `export` on a fresh stream.
+pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo, NbdError> {
+    if read_u64(s)? != NBDMAGIC {
+        return Err(NbdError::Protocol("missing NBDMAGIC".into()));
+    }
+    let second = read_u64(s)?;
+    if second != IHAVEOPT {
+        return Err(NbdError::Protocol(
+            "server speaks the old-style protocol; fixed newstyle is required".into(),
+        ));
+    }
+    let server_flags = read_u16(s)?;
+    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(NbdError::Protocol(
+            "server does not support fixed newstyle".into(),
+        ));
+    }
+    let client_flags = u32::from(server_flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+    s.write_all(&client_flags.to_be_bytes())?;
+
+    let name = export.as_bytes();
+    let name_len =
+        u32::try_from(name.len()).map_err(|_| NbdError::Protocol("export name too long".into()))?;
+    let mut data = Vec::with_capacity(name.len() + 8);
+    data.extend_from_slice(&name_len.to_be_bytes());
+    data.extend_from_slice(name);
+    data.extend_from_slice(&1u16.to_be_bytes());
+    data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    let mut opt = Vec::with_capacity(data.len() + 16);
+    opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    opt.extend_from_slice(&OPT_GO.to_be_bytes());
+    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    opt.extend_from_slice(&data);
+    s.write_all(&opt)?;
+    s.flush()?;
+
+    let mut size_flags: Option<(u64, u16)> = None;
+    let (mut min_block, mut preferred_block, mut max_payload) = (1u32, 4096u32, 0u32);
+    loop {
+        if read_u64(s)? != OPT_REPLY_MAGIC {
+            return Err(NbdError::Protocol("bad option reply magic".into()));
+        }
+        let option = read_u32(s)?;
+        let rep = read_u32(s)?;
+        let len = read_u32(s)?;
+        if option != OPT_GO {
+            return Err(NbdError::Protocol(format!(
+                "reply for option {option}, expected {OPT_GO}"
+            )));
+        }
+        if len > 64 << 10 {
+            return Err(NbdError::Protocol(format!("option reply of {len} bytes")));
+        }
+        let mut body = vec![0u8; len as usize];
+        s.read_exact(&mut body)?;
+        if rep & REP_FLAG_ERROR != 0 {
+            let message = String::from_utf8_lossy(&body).trim().to_string();
+            // Tell the server we are leaving; it may already have closed.
+            let mut abort = Vec::with_capacity(16);
+            abort.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            abort.extend_from_slice(&OPT_ABORT.to_be_bytes());
+            abort.extend_from_slice(&0u32.to_be_bytes());
+            let _ = s.write_all(&abort);
+            return Err(NbdError::Refused {
+                export: export.to_string(),
+                reason: rep_error_name(rep),
+                message,
+            });
+        }
+        match rep {
+            REP_INFO => {
+                if body.len() < 2 {
+                    return Err(NbdError::Protocol("short NBD_REP_INFO".into()));
+                }
+                let kind = u16::from_be_bytes([body[0], body[1]]);
+                let rest = &body[2..];
+                match kind {
+                    INFO_EXPORT if rest.len() >= 10 => {
+                        let mut sz = [0u8; 8];
+                        sz.copy_from_slice(&rest[..8]);
+                        size_flags = Some((
+                            u64::from_be_bytes(sz),
+                            u16::from_be_bytes([rest[8], rest[9]]),
+                        ));
+                    }
+                    INFO_BLOCK_SIZE if rest.len() >= 12 => {
+                        let word = |i: usize| {
+                            u32::from_be_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]])
+                        };
+                        min_block = word(0);
+                        preferred_block = word(4);
+                        max_payload = word(8);
+                    }
+                    INFO_EXPORT | INFO_BLOCK_SIZE => {
+                        return Err(NbdError::Protocol(format!("short info block {kind}")))
+                    }
+                    _ => {} // information we did not ask for: ignore, as the spec allows
+                }
+            }
+            REP_ACK => break,
+            other => {
+                return Err(NbdError::Protocol(format!(
+                    "unexpected option reply type {other}"
+                )))
+            }
+        }
+    }
+    let (size, flags) = size_flags
+        .ok_or_else(|| NbdError::Protocol("NBD_OPT_GO without NBD_INFO_EXPORT".into()))?;
+    if max_payload == 0 {
+        max_payload = DEFAULT_MAX_PAYLOAD;
+    }
+    Ok(ExportInfo {
+        size,
+        flags,
+        min_block: min_block.max(1),
+        preferred_block: preferred_block.max(1),
+        max_payload,
+    })
+}
+
+/// Connects and negotiates; the returned stream is ready for transmission.
+pub fn connect(
+    addr: &NbdAddr,
+    export: &str,
+    timeout: Duration,
+) -> Result<(Stream, ExportInfo), NbdError> {
+    let mut s = Stream::connect(addr, timeout)?;
+    s.set_timeouts(Some(timeout))?;
+    let info = handshake(&mut s, export)?;
+    s.set_timeouts(None)?;
+    Ok((s, info))
+}
+
+/// One request, before it gets a handle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    pub kind: u16,
+    pub flags: u16,
+    pub offset: u64,
+    pub len: u32,
+    pub data: Option<Vec<u8>>,
+}
+
+impl Command {
+    pub fn read(offset: u64, len: u32) -> Self {
+        Command {
+            kind: CMD_READ,
+            flags: 0,
+            offset,
+            len,
+            data: None,
+        }
+    }
+    pub fn write(offset: u64, data: Vec<u8>) -> Self {
+        Command {
+            kind: CMD_WRITE,
+            flags: 0,
+            offset,
+            len: data.len() as u32,
+            data: Some(data),
+        }
+    }
+    pub fn flush() -> Self {
+        Command {
+            kind: CMD_FLUSH,
+            flags: 0,
+            offset: 0,
+            len: 0,
+            data: None,
+        }
+    }
+    pub fn trim(offset: u64, len: u32) -> Self {
+        Command {
+            kind: CMD_TRIM,
+            flags: 0,
+            offset,
+            len,
+            data: None,
+        }
+    }
+    pub fn write_zeroes(offset: u64, len: u32) -> Self {
+        Command {
+            kind: CMD_WRITE_ZEROES,
+            flags: 0,
+            offset,
+            len,
+            data: None,
+        }
+    }
+
+    fn encode(&self, handle: u64) -> Vec<u8> {
+        let payload = self.data.as_deref().unwrap_or(&[]);
+        let mut v = Vec::with_capacity(28 + payload.len());
+        v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        v.extend_from_slice(&self.flags.to_be_bytes());
+        v.extend_from_slice(&self.kind.to_be_bytes());
+        v.extend_from_slice(&handle.to_be_bytes());
+        v.extend_from_slice(&self.offset.to_be_bytes());
+        v.extend_from_slice(&self.len.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+}
+
+/// The result of one request: the data read (empty for other commands) or an errno.
+pub type Reply = Result<Vec<u8>, i32>;
+/// Called exactly once with the request's result, from the reader or supervisor thread.
+pub type Completion = Box<dyn FnOnce(Reply) + Send>;
+
+/// Connection state, reported to the daemon's status file on every change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkState {
+    pub connected: bool,
+    pub reconnects: u64,
+    pub timeouts: u64,
+    pub last_error: Option<String>,
+}
+
+pub type LinkObserver = Box<dyn Fn(&LinkState) + Send + Sync>;
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// A request unanswered for this long fails with ETIMEDOUT.
+    pub io_timeout: Duration,
+    /// Connect + handshake timeout for each attempt.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            io_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Pending {
+    wire: Arc<Vec<u8>>,
+    kind: u16,
+    len: u32,
+    deadline: Instant,
+    sent_gen: Option<u64>,
+    done: Completion,
+}
+
+struct State {
+    next_handle: u64,
+    pending: BTreeMap<u64, Pending>,
+    connected_gen: Option<u64>,
+    shutdown: bool,
+    link: LinkState,
+}
+
+struct Writer {
+    stream: Option<Stream>,
+    gen: u64,
+}
+
+struct Shared {
+    addr: NbdAddr,
+    export: String,
+    info: ExportInfo,
+    opts: ClientOptions,
+    state: Mutex<State>,
+    wake: Condvar,
+    writer: Mutex<Writer>,
+    observer: Option<LinkObserver>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks is a bug; keep serving rather than cascade.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A pipelined, reconnecting NBD client for one export.
+pub struct NbdClient {
+    shared: Arc<Shared>,
+    supervisor: Option<thread::JoinHandle<()>>,
+}
+
+impl NbdClient {
+    /// Connects (once, failing fast: the caller reports the server's refusal) and starts the
+    /// supervisor and reader threads.
+    pub fn connect(
+        addr: NbdAddr,
+        export: &str,
+        opts: ClientOptions,
+        observer: Option<LinkObserver>,
+    ) -> Result<Self, NbdError> {
+        let (stream, info) = connect(&addr, export, opts.connect_timeout)?;
+        let reader = stream.try_clone()?;
+        let shared = Arc::new(Shared {
+            addr,
+            export: export.to_string(),
+            info,
+            opts,
+            state: Mutex::new(State {
+                next_handle: 1,
+                pending: BTreeMap::new(),
+                connected_gen: Some(1),
+                shutdown: false,
+                link: LinkState {
+                    connected: true,
+                    ..LinkState::default()
+                },
+            }),
+            wake: Condvar::new(),
+            writer: Mutex::new(Writer {
+                stream: Some(stream),
+                gen: 1,
+            }),
+            observer,
+        });
+        shared.notify_link();
+        spawn_reader(shared.clone(), 1, reader);
+        let sup = shared.clone();
+        let supervisor = thread::Builder::new()
+            .name("nbd-supervisor".into())
+            .spawn(move || supervise(sup))?;
+        Ok(NbdClient {
+            shared,
+            supervisor: Some(supervisor),
+        })
+    }
+
+    pub fn info(&self) -> ExportInfo {
+        self.shared.info
+    }
+
+    pub fn link_state(&self) -> LinkState {
+        lock(&self.shared.state).link.clone()
+    }
+
+    /// Queues a request; `done` runs once with its result.
+    pub fn submit(&self, cmd: Command, done: Completion) {
+        let sh = &self.shared;
+        let mut wire = cmd.encode(0);
+        let handle = {
+            let mut st = lock(&sh.state);
+            if st.shutdown {
+                drop(st);
+                done(Err(libc_errno::ESHUTDOWN));
+                return;
+            }
+            let h = st.next_handle;
+            st.next_handle += 1;
+            // The handle sits at bytes 8..16 of the request header.
+            wire[8..16].copy_from_slice(&h.to_be_bytes());
+            st.pending.insert(
+                h,
+                Pending {
+                    wire: Arc::new(wire),
+                    kind: cmd.kind,
+                    len: cmd.len,
+                    deadline: Instant::now() + sh.opts.io_timeout,
+                    sent_gen: None,
+                    done,
+                },
+            );
+            h
+        };
+        sh.send_one(handle);
+    }
+
+    /// Submits and waits.
+    pub fn call(&self, cmd: Command) -> Reply {
+        let (tx, rx) = mpsc::channel();
+        self.submit(
+            cmd,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or(Err(libc_errno::EIO))
+    }
+
+    /// Flushes, says goodbye (NBD_CMD_DISC) and stops the threads. Requests still queued fail.
+    pub fn close(mut self) {
+        self.close_inner();
+    }
+
+    fn close_inner(&mut self) {
+        let sh = self.shared.clone();
+        if lock(&sh.state).shutdown {
+            return;
+        }
+        if !sh.info.read_only() && sh.info.can(TF_SEND_FLUSH) {
+            let _ = self.call(Command::flush());
+        }
+        let orphans: Vec<Pending> = {
+            let mut st = lock(&sh.state);
+            st.shutdown = true;
+            std::mem::take(&mut st.pending).into_values().collect()
+        };
+        for p in orphans {
+            (p.done)(Err(libc_errno::ESHUTDOWN));
+        }
+        {
+            let mut w = lock(&sh.writer);
+            if let Some(s) = w.stream.as_mut() {
+                let disc = Command {
+                    kind: CMD_DISC,
+                    flags: 0,
+                    offset: 0,
+                    len: 0,
+                    data: None,
+                };
+                let _ = s.write_all(&disc.encode(0));
+                s.shutdown();
+            }
+            w.stream = None;
+        }
+        sh.wake.notify_all();
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        self.close_inner();
+    }
+}
+
+impl Shared {
+    fn notify_link(&self) {
+        if let Some(obs) = &self.observer {
+            let link = lock(&self.state).link.clone();
+            obs(&link);
+        }
+    }
+
+    /// Sends one queued request if a connection is up and nobody sent it on this connection yet.
+    fn send_one(&self, handle: u64) {
+        let mut w = lock(&self.writer);
+        let gen = w.gen;
+        let Some(stream) = w.stream.as_mut() else {
+            return; // disconnected: the supervisor sends it after reconnecting
+        };
+        let wire = {
+            let mut st = lock(&self.state);
+            match st.pending.get_mut(&handle) {
+                Some(p) if p.sent_gen.is_none() => {
+                    p.sent_gen = Some(gen);
+                    p.wire.clone()
+                }
+                _ => return,
+            }
+        };
+        if let Err(e) = stream.write_all(&wire) {
+            stream.shutdown();
+            w.stream = None;
+            drop(w);
+            self.mark_broken(gen, &format!("send: {e}"));
+        }
+    }
+
+    fn mark_broken(&self, gen: u64, why: &str) {
+        let changed = {
+            let mut st = lock(&self.state);
+            if st.connected_gen == Some(gen) {
+                st.connected_gen = None;
+                st.link.connected = false;
+                st.link.last_error = Some(why.to_string());
+                true
+            } else {
+                false
+            }
+        };
+        self.wake.notify_all();
+        if changed {
+            tracing::warn!(addr = %self.addr, export = %self.export, "NBD connection lost: {why}");
+            self.notify_link();
+        }
+    }
+}
+
+fn spawn_reader(shared: Arc<Shared>, gen: u64, stream: Stream) {
+    let spawned = thread::Builder::new()
+        .name(format!("nbd-reader-{gen}"))
+        .spawn(move || {
+            let why = read_replies(&shared, gen, stream);
+            shared.mark_broken(gen, &why);
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start NBD reader thread: {e}");
+    }
+}
+
+/// Reads replies until the connection fails; returns why it stopped.
+fn read_replies(sh: &Shared, gen: u64, mut s: Stream) -> String {
+    loop {
+        let mut hdr = [0u8; 16];
+        if let Err(e) = s.read_exact(&mut hdr) {
+            return format!("receive: {e}");
+        }
+        let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        if magic != SIMPLE_REPLY_MAGIC {
+            s.shutdown();
+            return format!("unexpected reply magic {magic:#x}");
+        }
+        let error = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        let mut hb = [0u8; 8];
+        hb.copy_from_slice(&hdr[8..16]);
+        let handle = u64::from_be_bytes(hb);
+        let (kind, len) = {
+            let st = lock(&sh.state);
+            match st.pending.get(&handle) {
+                Some(p) if p.sent_gen == Some(gen) => (p.kind, p.len),
+                _ => {
+                    drop(st);
+                    s.shutdown();
+                    return format!("reply for unknown handle {handle}");
+                }
+            }
+        };
+        let mut data = Vec::new();
+        if kind == CMD_READ && error == 0 {
+            data = vec![0u8; len as usize];
+            if let Err(e) = s.read_exact(&mut data) {
+                return format!("receive read payload: {e}");
+            }
+        }
+        let p = lock(&sh.state).pending.remove(&handle);
+        if let Some(p) = p {
+            let result = if error == 0 {
+                Ok(data)
+            } else {
+                Err(i32::try_from(error).unwrap_or(libc_errno::EIO))
+            };
+            (p.done)(result);
+        }
+    }
+}
+
+enum Action {
+    Reconnect,
+    Break(u64),
+}
+
+/// Supervises the connection: fails expired requests, replaces broken connections, resends.
+fn supervise(sh: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut failures: u64 = 0;
+    loop {
+        let (action, expired) = {
+            let mut st = lock(&sh.state);
+            loop {
+                if st.shutdown {
+                    return;
+                }
+                let now = Instant::now();
+                let late: Vec<u64> = st
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| p.deadline <= now)
+                    .map(|(h, _)| *h)
+                    .collect();
+                let mut expired = Vec::new();
+                let mut stuck_gen = None;
+                for h in late {
+                    if let Some(p) = st.pending.remove(&h) {
+                        if p.sent_gen.is_some() && p.sent_gen == st.connected_gen {
+                            stuck_gen = st.connected_gen;
+                        }
+                        expired.push(p);
+                    }
+                }
+                st.link.timeouts += expired.len() as u64;
+                if st.connected_gen.is_none() {
+                    break (Some(Action::Reconnect), expired);
+                }
+                if let Some(g) = stuck_gen {
+                    break (Some(Action::Break(g)), expired);
+                }
+                if !expired.is_empty() {
+                    break (None, expired);
+                }
+                st = sh
+                    .wake
+                    .wait_timeout(st, Duration::from_millis(250))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        };
+        if !expired.is_empty() {
+            tracing::warn!(
+                export = %sh.export,
+                "{} NBD request(s) timed out after {:?}",
+                expired.len(),
+                sh.opts.io_timeout
+            );
+        }
+        for p in expired {
+            (p.done)(Err(libc_errno::ETIMEDOUT));
+        }
+        match action {
+            None => {}
+            Some(Action::Break(gen)) => {
+                {
+                    let mut w = lock(&sh.writer);
+                    if w.gen == gen {
+                        if let Some(s) = w.stream.take() {
+                            s.shutdown();
+                        }
+                    }
+                }
+                sh.mark_broken(gen, "server did not answer within the I/O timeout");
+            }
+            Some(Action::Reconnect) => {
+                match reconnect(&sh) {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(100);
+                        failures = 0;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 || failures.is_power_of_two() {
+                            tracing::warn!(addr = %sh.addr, export = %sh.export, attempt = failures, "NBD reconnect failed: {e}");
+                        }
+                        {
+                            let mut st = lock(&sh.state);
+                            st.link.last_error = Some(e.to_string());
+                        }
+                        if failures == 1 {
+                            sh.notify_link();
+                        }
+                        // Sleep, but wake at once for shutdown.
+                        let st = lock(&sh.state);
+                        if !st.shutdown {
+                            let _ = sh.wake.wait_timeout(st, backoff);
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
+    let (stream, info) = connect(&sh.addr, &sh.export, sh.opts.connect_timeout)?;
+    if info.size != sh.info.size {
+        stream.shutdown();
+        return Err(NbdError::Protocol(format!(
+            "export size changed from {} to {} bytes",
+            sh.info.size, info.size
+        )));
+    }
+    let reader = stream.try_clone()?;
+    let gen;
+    {
+        let mut w = lock(&sh.writer);
+        w.gen += 1;
+        gen = w.gen;
+        w.stream = Some(stream);
+        let wires: Vec<Arc<Vec<u8>>> = {
+            let mut st = lock(&sh.state);
+            if st.shutdown {
+                if let Some(s) = w.stream.take() {
+                    s.shutdown();
+                }
+                return Ok(());
+            }
+            st.connected_gen = Some(gen);
+            st.link.connected = true;
+            st.link.reconnects += 1;
+            st.pending
+                .values_mut()
+                .map(|p| {
+                    p.sent_gen = Some(gen);
+                    p.wire.clone()
+                })
+                .collect()
+        };
+        let resent = wires.len();
+        if let Some(s) = w.stream.as_mut() {
+            for wire in wires {
+                if let Err(e) = s.write_all(&wire) {
+                    s.shutdown();
+                    w.stream = None;
+                    drop(w);
+                    drop(reader);
+                    sh.mark_broken(gen, &format!("resend: {e}"));
+                    return Ok(());
+                }
+            }
+        }
+        tracing::info!(addr = %sh.addr, export = %sh.export, resent, "NBD connection re-established");
+    }
+    spawn_reader(sh.clone(), gen, reader);
+    sh.notify_link();
+    Ok(())
+}
+
+/// The errno values we hand back (Linux numbering, which NBD's error field also uses).
+pub mod libc_errno {
+    pub const EIO: i32 = 5;
+    pub const EINVAL: i32 = 22;
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+    pub const EOPNOTSUPP: i32 = 95;
+    pub const ESHUTDOWN: i32 = 108;
+    pub const ETIMEDOUT: i32 = 110;
+}
+
+#[cfg(test)]
+pub(crate) mod testserver {
+    //! A tiny in-memory NBD server for unit tests: fixed newstyle, OPT_GO, simple replies.
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    pub struct TestServer {
+        pub path: PathBuf,
+        pub data: Arc<Mutex<Vec<u8>>>,
+        pub refuse: Arc<Mutex<Option<String>>>,
+        pub flushes: Arc<AtomicU64>,
+        /// When set, the next request's connection is dropped without a reply.
+        pub drop_next: Arc<AtomicBool>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestServer {
+        pub fn start(size: usize) -> TestServer {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("nbd.sock");
+            let listener = UnixListener::bind(&path).unwrap();
+            let data = Arc::new(Mutex::new(vec![0u8; size]));
+            let refuse = Arc::new(Mutex::new(None::<String>));
+            let flushes = Arc::new(AtomicU64::new(0));
+            let drop_next = Arc::new(AtomicBool::new(false));
+            let (d, r, f, dn) = (
+                data.clone(),
+                refuse.clone(),
+                flushes.clone(),
+                drop_next.clone(),
+            );
+            thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { return };
+                    let (d, r, f, dn) = (d.clone(), r.clone(), f.clone(), dn.clone());
+                    thread::spawn(move || {
+                        let _ = serve(conn, d, r, f, dn);
+                    });
+                }
+            });
+            TestServer {
+                path,
+                data,
+                refuse,
+                flushes,
+                drop_next,
+                _dir: dir,
+            }
+        }
+
+        pub fn addr(&self) -> NbdAddr {
+            NbdAddr::Unix(self.path.clone())
+        }
+    }
+
+    fn serve(
+        mut c: UnixStream,
+        data: Arc<Mutex<Vec<u8>>>,
+        refuse: Arc<Mutex<Option<String>>>,
+        flushes: Arc<AtomicU64>,
+        drop_next: Arc<AtomicBool>,
+    ) -> io::Result<()> {
+        c.write_all(&NBDMAGIC.to_be_bytes())?;
+        c.write_all(&IHAVEOPT.to_be_bytes())?;
+        c.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+        let _client_flags = read_u32(&mut c)?;
+        loop {
+            assert_eq!(read_u64(&mut c)?, IHAVEOPT);
+            let opt = read_u32(&mut c)?;
+            let len = read_u32(&mut c)?;
+            let mut body = vec![0u8; len as usize];
+            c.read_exact(&mut body)?;
+            if opt == OPT_ABORT {
+                return Ok(());
+            }
+            assert_eq!(opt, OPT_GO);
+            let reply = |c: &mut UnixStream, rep: u32, payload: &[u8]| -> io::Result<()> {
+                c.write_all(&OPT_REPLY_MAGIC.to_be_bytes())?;
+                c.write_all(&OPT_GO.to_be_bytes())?;
+                c.write_all(&rep.to_be_bytes())?;
+                c.write_all(&(payload.len() as u32).to_be_bytes())?;
+                c.write_all(payload)
+            };
+            if let Some(msg) = lock(&refuse).clone() {
+                reply(&mut c, REP_FLAG_ERROR | 2, msg.as_bytes())?;
+                continue;
+            }
+            let size = lock(&data).len() as u64;
+            let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+            info.extend_from_slice(&size.to_be_bytes());
+            info.extend_from_slice(
+                &(TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES).to_be_bytes(),
+            );
+            reply(&mut c, REP_INFO, &info)?;
+            reply(&mut c, REP_ACK, &[])?;
+            break;
+        }
+        loop {
+            let magic = read_u32(&mut c)?;
+            assert_eq!(magic, REQUEST_MAGIC);
+            let _flags = read_u16(&mut c)?;
+            let kind = read_u16(&mut c)?;
+            let handle = read_u64(&mut c)?;
+            let offset = read_u64(&mut c)? as usize;
+            let len = read_u32(&mut c)? as usize;
+            let mut payload = Vec::new();
+            if kind == CMD_WRITE {
+                payload = vec![0u8; len];
+                c.read_exact(&mut payload)?;
+            }
+            if drop_next.swap(false, Ordering::SeqCst) {
+                return Ok(()); // connection dies with the request unanswered
+            }
+            let mut out = Vec::new();
+            let mut err = 0u32;
+            {
+                let mut d = lock(&data);
+                if kind != CMD_FLUSH && kind != CMD_DISC && offset + len > d.len() {
+                    err = 22;
+                } else {
+                    match kind {
+                        CMD_READ => out = d[offset..offset + len].to_vec(),
+                        CMD_WRITE => d[offset..offset + len].copy_from_slice(&payload),
+                        CMD_TRIM | CMD_WRITE_ZEROES => d[offset..offset + len].fill(0),
+                        CMD_FLUSH => {
+                            flushes.fetch_add(1, Ordering::SeqCst);
+                        }
+                        CMD_DISC => return Ok(()),
+                        _ => err = 22,
+                    }
+                }
+            }
+            c.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
+            c.write_all(&err.to_be_bytes())?;
+            c.write_all(&handle.to_be_bytes())?;
+            if err == 0 {
+                c.write_all(&out)?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testserver::TestServer;
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn opts() -> ClientOptions {
+        ClientOptions {
+            io_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!(
+            NbdAddr::parse("10.0.0.1:10809").unwrap(),
+            NbdAddr::Tcp("10.0.0.1:10809".into())
+        );
+        assert_eq!(
+            NbdAddr::parse("[::1]:10809").unwrap(),
+            NbdAddr::Tcp("[::1]:10809".into())
+        );
+        assert_eq!(
+            NbdAddr::parse("unix:///run/e.sock").unwrap(),
+            NbdAddr::Unix("/run/e.sock".into())
+        );
+        assert_eq!(
+            NbdAddr::parse("unix:/run/e.sock").unwrap(),
+            NbdAddr::Unix("/run/e.sock".into())
+        );
+        assert!(NbdAddr::parse("unix:relative").is_err());
+        assert!(NbdAddr::parse("no-port").is_err());
+        assert!(NbdAddr::parse("host:notaport").is_err());
+    }
+
+    #[test]
+    fn request_encoding_matches_the_protocol() {
+        let w = Command::write(4096, vec![7u8; 3]).encode(0x0102_0304_0506_0708);
+        assert_eq!(&w[0..4], &[0x25, 0x60, 0x95, 0x13]);
+        assert_eq!(&w[4..6], &[0, 0]);
+        assert_eq!(&w[6..8], &[0, 1]);
+        assert_eq!(&w[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&w[16..24], &4096u64.to_be_bytes());
+        assert_eq!(&w[24..28], &3u32.to_be_bytes());
+        assert_eq!(&w[28..], &[7, 7, 7]);
+    }
+
+    #[test]
+    fn reads_back_what_it_wrote() {
+        let srv = TestServer::start(1 << 20);
+        let c = NbdClient::connect(srv.addr(), "vol", opts(), None).unwrap();
+        assert_eq!(c.info().size, 1 << 20);
+        assert!(c.info().can(TF_SEND_FLUSH));
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        c.call(Command::write(512, pattern.clone())).unwrap();
+        assert_eq!(c.call(Command::read(512, 8192)).unwrap(), pattern);
+        assert_eq!(&lock(&srv.data)[512..512 + 8192], &pattern[..]);
+        c.call(Command::write_zeroes(512, 4096)).unwrap();
+        let back = c.call(Command::read(512, 8192)).unwrap();
+        assert!(back[..4096].iter().all(|b| *b == 0));
+        assert_eq!(&back[4096..], &pattern[4096..]);
+        c.call(Command::flush()).unwrap();
+        assert_eq!(srv.flushes.load(Ordering::SeqCst), 1);
+        // Out of range: the server's EINVAL comes back as the errno.
+        assert_eq!(c.call(Command::read(1 << 20, 512)), Err(22));
+        c.close();
+        assert_eq!(srv.flushes.load(Ordering::SeqCst), 2, "close flushes");
+    }
+
+    #[test]
+    fn many_requests_in_flight_complete() {
+        let srv = TestServer::start(1 << 20);
+        let c = NbdClient::connect(srv.addr(), "vol", opts(), None).unwrap();
+        let (tx, rx) = mpsc::channel();
+        for i in 0..64u64 {
+            let tx = tx.clone();
+            c.submit(
+                Command::write(i * 4096, vec![i as u8; 4096]),
+                Box::new(move |r| tx.send((i, r)).unwrap()),
+            );
+        }
+        for _ in 0..64 {
+            let (_, r) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            r.unwrap();
+        }
+        for i in 0..64u64 {
+            assert_eq!(
+                c.call(Command::read(i * 4096, 4096)).unwrap(),
+                vec![i as u8; 4096]
+            );
+        }
+    }
+
+    #[test]
+    fn refusal_names_the_servers_reason() {
+        let srv = TestServer::start(4096);
+        *lock(&srv.refuse) = Some("volume v is secondary".into());
+        let err = NbdClient::connect(srv.addr(), "v", opts(), None)
+            .err()
+            .unwrap();
+        assert!(err.is_refusal());
+        let msg = err.to_string();
+        assert!(msg.contains("secondary"), "{msg}");
+        assert!(msg.contains("forbidden by policy"), "{msg}");
+    }
+
+    #[test]
+    fn reconnects_and_resends_an_unanswered_request() {
+        let srv = TestServer::start(1 << 16);
+        let states = Arc::new(Mutex::new(Vec::<LinkState>::new()));
+        let s2 = states.clone();
+        let c = NbdClient::connect(
+            srv.addr(),
+            "vol",
+            opts(),
+            Some(Box::new(move |l: &LinkState| lock(&s2).push(l.clone()))),
+        )
+        .unwrap();
+        srv.drop_next.store(true, Ordering::SeqCst);
+        // The server drops the connection instead of answering; the client reconnects and resends.
+        c.call(Command::write(0, vec![9u8; 4096])).unwrap();
+        assert_eq!(c.call(Command::read(0, 4096)).unwrap(), vec![9u8; 4096]);
+        assert_eq!(c.link_state().reconnects, 1);
+        let seen = lock(&states).clone();
+        assert!(seen.iter().any(|l| !l.connected), "{seen:?}");
+        assert!(seen.last().unwrap().connected);
+    }
+
+    #[test]
+    fn requests_time_out_while_the_server_refuses() {
+        let srv = TestServer::start(1 << 16);
+        let c = NbdClient::connect(
+            srv.addr(),
+            "vol",
+            ClientOptions {
+                io_timeout: Duration::from_millis(600),
+                connect_timeout: Duration::from_secs(1),
+            },
+            None,
+        )
+        .unwrap();
+        *lock(&srv.refuse) = Some("fenced".into());
+        srv.drop_next.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        assert_eq!(c.call(Command::read(0, 512)), Err(libc_errno::ETIMEDOUT));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(c.link_state().last_error.unwrap().contains("fenced"));
+        // Once the server accepts again, I/O resumes.
+        *lock(&srv.refuse) = None;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if c.call(Command::read(0, 512)).is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never reconnected");
+        }
+    }
+}

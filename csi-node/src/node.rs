@@ -1,0 +1,690 @@
+//! The Node service's logic, free of gRPC and prost types: requests come in as checked domain values
+//! (see `service.rs` for the conversion), every side effect goes through [`EngineApi`], [`Attacher`] and
+//! [`Mounter`], and the state store remembers what this plugin did.
+//!
+//! Idempotency comes from observing: a repeated call looks at the state record and at the kernel's mount
+//! table, and does only what is missing. Every operation holds the volume's [`OpGuard`] token.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::attach::{AttachSpec, Attacher, Health};
+use crate::context::{EngineRef, VolumeParams};
+use crate::engine::{plan, EngineApi, Plan};
+use crate::error::{Error, Result};
+use crate::mount::{MountState, Mounter};
+use crate::state::{escape_id, Access, OpGuard, Publication, StateStore, VolumeRecord};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageRequest {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub access: Access,
+    pub read_only: bool,
+    pub token: Option<String>,
+    pub context: HashMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishRequest {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub target_path: PathBuf,
+    pub access: Access,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeUsage {
+    pub unit_bytes: bool,
+    pub total: u64,
+    pub available: u64,
+    pub used: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub usage: Vec<VolumeUsage>,
+    /// `Some(message)` when the volume is abnormal.
+    pub abnormal: Option<String>,
+}
+
+struct Inner<A, M> {
+    node_id: String,
+    state: StateStore,
+    attacher: A,
+    mounter: M,
+}
+
+/// The node plugin's logic.
+pub struct NodeService<E, A, M> {
+    inner: Arc<Inner<A, M>>,
+    engines: E,
+    guard: OpGuard,
+}
+
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("worker thread: {e}")))?
+}
+
+enum Resume {
+    /// Already staged, nothing to do.
+    Done,
+    /// Attached; the mount step is missing.
+    Mount(VolumeRecord),
+    /// Needs an attachment (a record may exist whose attachment was torn down).
+    Attach(Option<VolumeRecord>),
+}
+
+impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
+    pub fn new(node_id: String, state: StateStore, engines: E, attacher: A, mounter: M) -> Self {
+        NodeService {
+            inner: Arc::new(Inner {
+                node_id,
+                state,
+                attacher,
+                mounter,
+            }),
+            engines,
+            guard: OpGuard::default(),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// NodeStageVolume. CSI: the plugin MUST make the volume available at the staging path (here: a
+    /// block device attached to the current primary; for mount volumes, a filesystem mounted there);
+    /// MUST be idempotent (OK if already staged there with a compatible capability, ALREADY_EXISTS if
+    /// staged incompatibly); NOT_FOUND if the volume does not exist; ABORTED while another call for the
+    /// volume runs. Tandem: if this node's engine is the secondary, staging here is the failover
+    /// trigger: takeover first, answer only when this engine serves I/O.
+    pub async fn stage(&self, req: StageRequest) -> Result<()> {
+        let _token = self.guard.try_acquire(&req.volume_id)?;
+        let params = VolumeParams::parse(&req.context)?;
+        let secret = req
+            .token
+            .clone()
+            .filter(|t| !t.trim().is_empty())
+            .ok_or(Error::FieldMissing("secrets.token"))?;
+
+        let inner = self.inner.clone();
+        let (r, volume) = (req.clone(), params.volume.clone());
+        let resume = blocking(move || inner.stage_resume(&r, &volume)).await?;
+        let inner = self.inner.clone();
+        match resume {
+            Resume::Done => {
+                tracing::info!("already staged");
+                Ok(())
+            }
+            Resume::Mount(rec) => blocking(move || inner.finish_stage(rec)).await,
+            Resume::Attach(existing) => {
+                let (engine, epoch) = self.choose_engine(&params, &secret).await?;
+                blocking(move || inner.attach_and_stage(&req, &params, existing, &engine, epoch))
+                    .await
+            }
+        }
+    }
+
+    /// Finds the primary; takes over first when this node holds the secondary.
+    async fn choose_engine(&self, params: &VolumeParams, token: &str) -> Result<(EngineRef, u64)> {
+        let answers = futures::future::join_all(params.engines.iter().map(|e| async {
+            (
+                e.clone(),
+                self.engines.status(&e.grpc, &params.volume, token).await,
+            )
+        }))
+        .await;
+        match plan(self.node_id(), &answers)? {
+            Plan::Attach { engine, epoch } => {
+                tracing::info!(engine = %engine.node, epoch, "attaching to the primary");
+                Ok((engine, epoch))
+            }
+            Plan::TakeoverThenAttach { engine } => {
+                tracing::info!(engine = %engine.node, policy = ?params.policy, "this node holds the secondary: taking over");
+                let t = self
+                    .engines
+                    .takeover(
+                        &engine.grpc,
+                        &params.volume,
+                        token,
+                        params.policy,
+                        params.peer_timeout,
+                    )
+                    .await?;
+                tracing::info!(
+                    epoch = t.epoch,
+                    ready_ms = t.ready_ms,
+                    peer_pending_blocks = t.peer_pending_blocks,
+                    already_primary = t.already_primary,
+                    "takeover complete"
+                );
+                if t.lost_blocks > 0 {
+                    tracing::warn!(
+                        lost_blocks = t.lost_blocks,
+                        "forced promotion: the old primary's newest writes to these blocks are lost"
+                    );
+                }
+                Ok((engine, t.epoch))
+            }
+        }
+    }
+
+    /// NodeUnstageVolume. CSI: MUST undo NodeStageVolume (here: unmount the staging path, detach the
+    /// device: no mount, loop device or FUSE mount left); MUST reply OK if the volume is not staged at
+    /// that path; the CO calls it only after every NodeUnpublishVolume, so a publication still mounted
+    /// is FAILED_PRECONDITION.
+    pub async fn unstage(&self, volume_id: String, staging_path: PathBuf) -> Result<()> {
+        let _token = self.guard.try_acquire(&volume_id)?;
+        let inner = self.inner.clone();
+        blocking(move || inner.unstage(&volume_id, &staging_path)).await
+    }
+
+    /// NodePublishVolume. CSI: MUST make the staged volume available at the target path (bind mount of
+    /// the staging mount for filesystems; bind of the device node onto a file for raw block), read-only
+    /// if asked; idempotent (OK if already published there compatibly, ALREADY_EXISTS if published
+    /// there with another readonly flag or something else is mounted there); FAILED_PRECONDITION if the
+    /// volume is not staged at the given staging path.
+    pub async fn publish(&self, req: PublishRequest) -> Result<()> {
+        let _token = self.guard.try_acquire(&req.volume_id)?;
+        let inner = self.inner.clone();
+        blocking(move || inner.publish(&req)).await
+    }
+
+    /// NodeUnpublishVolume. CSI: MUST undo NodePublishVolume and delete the file or directory it
+    /// created at the target path; MUST reply OK if the volume is not published there.
+    pub async fn unpublish(&self, volume_id: String, target_path: PathBuf) -> Result<()> {
+        let _token = self.guard.try_acquire(&volume_id)?;
+        let inner = self.inner.clone();
+        blocking(move || inner.unpublish(&volume_id, &target_path)).await
+    }
+
+    /// NodeGetVolumeStats. CSI: NOT_FOUND if the volume or the path is unknown; the condition reports
+    /// an attachment whose engine connection or device is gone.
+    pub async fn stats(&self, volume_id: String, path: PathBuf) -> Result<VolumeStats> {
+        let inner = self.inner.clone();
+        blocking(move || inner.stats(&volume_id, &path)).await
+    }
+
+    /// Start-up: report what the state dir says is attached, and remove leftovers of attachments
+    /// that no record points to (a crash between attach and the first save).
+    pub async fn recover(&self) -> Result<()> {
+        let inner = self.inner.clone();
+        blocking(move || inner.recover()).await
+    }
+}
+
+impl<A: Attacher, M: Mounter> Inner<A, M> {
+    fn stage_resume(&self, req: &StageRequest, engine_volume: &str) -> Result<Resume> {
+        let Some(mut rec) = self.state.load(&req.volume_id)? else {
+            if matches!(req.access, Access::Mount { .. })
+                && self.mounter.is_mount_point(&req.staging_path)?
+            {
+                return Err(Error::VolumeIncompatible(format!(
+                    "something else is mounted at {}",
+                    req.staging_path.display()
+                )));
+            }
+            return Ok(Resume::Attach(None));
+        };
+        if rec.staging_path != req.staging_path {
+            return Err(Error::VolumeIncompatible(format!(
+                "already staged at {}",
+                rec.staging_path.display()
+            )));
+        }
+        if rec.access != req.access || rec.read_only != req.read_only {
+            return Err(Error::VolumeIncompatible(format!(
+                "staged as {}{}, requested {}{}",
+                rec.access.describe(),
+                if rec.read_only { " read-only" } else { "" },
+                req.access.describe(),
+                if req.read_only { " read-only" } else { "" },
+            )));
+        }
+        if rec.engine_volume != engine_volume {
+            return Err(Error::VolumeIncompatible(format!(
+                "staged for engine volume {:?}, context names {engine_volume:?}",
+                rec.engine_volume
+            )));
+        }
+        let Some(att) = rec.attachment.clone() else {
+            return Ok(Resume::Attach(Some(rec)));
+        };
+        match self.attacher.health(&att) {
+            Health::Healthy | Health::Degraded(_) => {
+                let mounted = match &rec.access {
+                    Access::Block => true,
+                    Access::Mount { .. } => {
+                        self.mounter.state(&rec.staging_path, &att.device)? == MountState::Device
+                    }
+                };
+                if rec.staged && mounted {
+                    Ok(Resume::Done)
+                } else {
+                    Ok(Resume::Mount(rec))
+                }
+            }
+            Health::Broken(why) => {
+                tracing::warn!(device = %att.device.display(), "attachment is broken ({why}); attaching again");
+                self.unmount_all(&rec.staging_path, &att.device)?;
+                self.attacher.detach(&att)?;
+                rec.attachment = None;
+                rec.staged = false;
+                self.state.save(&rec)?;
+                Ok(Resume::Attach(Some(rec)))
+            }
+        }
+    }
+
+    fn attach_and_stage(
+        &self,
+        req: &StageRequest,
+        params: &VolumeParams,
+        existing: Option<VolumeRecord>,
+        engine: &EngineRef,
+        epoch: u64,
+    ) -> Result<()> {
+        let spec = AttachSpec {
+            key: escape_id(&req.volume_id),
+            nbd: engine.nbd.clone(),
+            export: params.volume.clone(),
+            read_only: req.read_only,
+        };
+        let mut rec = existing.unwrap_or_else(|| VolumeRecord {
+            volume_id: req.volume_id.clone(),
+            engine_volume: params.volume.clone(),
+            staging_path: req.staging_path.clone(),
+            access: req.access.clone(),
+            read_only: req.read_only,
+            engine_node: engine.node.clone(),
+            epoch,
+            attachment: None,
+            staged: false,
+            publications: Default::default(),
+        });
+        let att = self.attacher.attach(&spec)?;
+        rec.attachment = Some(att.clone());
+        rec.engine_node = engine.node.clone();
+        rec.epoch = epoch;
+        if let Err(e) = self.state.save(&rec) {
+            if let Err(d) = self.attacher.detach(&att) {
+                tracing::error!("could not undo the attachment after a state write failure: {d}");
+            }
+            return Err(e);
+        }
+        self.finish_stage(rec)
+    }
+
+    /// The mount step (mount volumes), then the record says "staged". A failure detaches.
+    fn finish_stage(&self, mut rec: VolumeRecord) -> Result<()> {
+        let Some(att) = rec.attachment.clone() else {
+            return Err(Error::Internal("finish_stage without an attachment".into()));
+        };
+        if let Access::Mount {
+            fs_type,
+            mount_flags,
+        } = &rec.access
+        {
+            if let Err(e) = self.mount_staging(&rec, &att.device, fs_type, mount_flags) {
+                tracing::warn!("staging mount failed ({e}); detaching");
+                match self.attacher.detach(&att) {
+                    Ok(()) => rec.attachment = None,
+                    Err(d) => tracing::error!("detach after a failed mount also failed: {d}"),
+                }
+                let cleanup = if rec.attachment.is_none() && rec.publications.is_empty() {
+                    self.state.remove(&rec.volume_id)
+                } else {
+                    rec.staged = false;
+                    self.state.save(&rec)
+                };
+                if let Err(s) = cleanup {
+                    tracing::error!("state update after a failed mount: {s}");
+                }
+                return Err(e);
+            }
+        }
+        rec.staged = true;
+        self.state.save(&rec)?;
+        tracing::info!(device = %att.device.display(), staging = %rec.staging_path.display(), "staged");
+        Ok(())
+    }
+
+    fn mount_staging(
+        &self,
+        rec: &VolumeRecord,
+        device: &Path,
+        fs_type: &str,
+        flags: &[String],
+    ) -> Result<()> {
+        let staging = &rec.staging_path;
+        std::fs::create_dir_all(staging).map_err(|e| {
+            Error::Internal(format!("create staging dir {}: {e}", staging.display()))
+        })?;
+        match self.mounter.state(staging, device)? {
+            MountState::Device => return Ok(()),
+            MountState::Other(what) => {
+                return Err(Error::VolumeIncompatible(format!(
+                    "{what} is mounted at {}",
+                    staging.display()
+                )))
+            }
+            MountState::NotMounted => {}
+        }
+        match self.mounter.probe(device)? {
+            None if rec.read_only => {
+                return Err(Error::PreconditionFailed(
+                    "the volume is blank and cannot be formatted when staged read-only".into(),
+                ))
+            }
+            None => {
+                tracing::info!(fs_type, device = %device.display(), "blank volume: making a filesystem");
+                self.mounter.mkfs(device, fs_type)?;
+            }
+            Some(found) if found == fs_type => {}
+            Some(found) => {
+                return Err(Error::PreconditionFailed(format!(
+                    "the volume holds {found}, not {fs_type}; refusing to format it"
+                )))
+            }
+        }
+        let mut options = flags.to_vec();
+        if rec.read_only {
+            options.push("ro".into());
+        }
+        self.mounter.mount(device, staging, fs_type, &options)?;
+        Ok(())
+    }
+
+    /// Unmounts every layer of `device` at `target` (repeated mounts stack).
+    fn unmount_all(&self, target: &Path, device: &Path) -> Result<()> {
+        for _ in 0..16 {
+            match self.mounter.state(target, device)? {
+                MountState::Device => self.mounter.unmount(target)?,
+                _ => return Ok(()),
+            }
+        }
+        Err(Error::Internal(format!(
+            "{} stays mounted after 16 unmounts",
+            target.display()
+        )))
+    }
+
+    fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let Some(rec) = self.state.load(volume_id)? else {
+            tracing::info!("not staged on this node: nothing to do");
+            return Ok(());
+        };
+        if rec.staging_path != staging_path {
+            tracing::info!(staged_at = %rec.staging_path.display(), "not staged at this path: nothing to do");
+            return Ok(());
+        }
+        if let Some(att) = &rec.attachment {
+            let live: Vec<String> = rec
+                .publications
+                .keys()
+                .filter(|t| matches!(self.mounter.state(t, &att.device), Ok(MountState::Device)))
+                .map(|t| t.display().to_string())
+                .collect();
+            if !live.is_empty() {
+                return Err(Error::PreconditionFailed(format!(
+                    "still published at {}",
+                    live.join(", ")
+                )));
+            }
+            self.unmount_all(&rec.staging_path, &att.device)?;
+            self.attacher.detach(att)?;
+        }
+        self.state.remove(volume_id)?;
+        tracing::info!("unstaged");
+        Ok(())
+    }
+
+    fn publish(&self, req: &PublishRequest) -> Result<()> {
+        let mut rec = self
+            .state
+            .load(&req.volume_id)?
+            .filter(|r| r.staged)
+            .ok_or(Error::VolumeNotStaged(None))?;
+        if rec.staging_path != req.staging_path {
+            return Err(Error::VolumeNotStaged(Some(req.staging_path.clone())));
+        }
+        let same_kind = matches!(
+            (&rec.access, &req.access),
+            (Access::Block, Access::Block) | (Access::Mount { .. }, Access::Mount { .. })
+        );
+        if !same_kind {
+            return Err(Error::PreconditionFailed(format!(
+                "staged as {}, publish asks for {}",
+                rec.access.describe(),
+                req.access.describe()
+            )));
+        }
+        let Some(att) = rec.attachment.clone() else {
+            return Err(Error::VolumeNotStaged(None));
+        };
+        let target = &req.target_path;
+        if let Some(p) = rec.publications.get(target) {
+            if p.read_only != req.read_only {
+                return Err(Error::VolumeIncompatible(format!(
+                    "already published at {} {}",
+                    target.display(),
+                    if p.read_only {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )));
+            }
+        }
+        match self.mounter.state(target, &att.device)? {
+            MountState::Device => {
+                if !rec.publications.contains_key(target) {
+                    rec.publications.insert(
+                        target.clone(),
+                        Publication {
+                            read_only: req.read_only,
+                        },
+                    );
+                    self.state.save(&rec)?;
+                }
+                tracing::info!(target = %target.display(), "already published");
+                return Ok(());
+            }
+            MountState::Other(what) => {
+                return Err(Error::VolumeIncompatible(format!(
+                    "{what} is mounted at {}",
+                    target.display()
+                )))
+            }
+            MountState::NotMounted => {}
+        }
+        let (source, created) = match &rec.access {
+            Access::Mount { .. } => {
+                let created = !target.exists();
+                std::fs::create_dir_all(target)
+                    .map_err(|e| Error::Internal(format!("create {}: {e}", target.display())))?;
+                (rec.staging_path.clone(), created)
+            }
+            Access::Block => {
+                let created = !target.exists();
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(target)
+                    .map_err(|e| Error::Internal(format!("create {}: {e}", target.display())))?;
+                (att.device.clone(), created)
+            }
+        };
+        let read_only = req.read_only || rec.read_only;
+        if let Err(e) = self.mounter.bind(&source, target, read_only) {
+            if created {
+                remove_target(target);
+            }
+            return Err(e.into());
+        }
+        rec.publications.insert(
+            target.clone(),
+            Publication {
+                read_only: req.read_only,
+            },
+        );
+        if let Err(e) = self.state.save(&rec) {
+            let _ = self.mounter.unmount(target);
+            if created {
+                remove_target(target);
+            }
+            return Err(e);
+        }
+        tracing::info!(target = %target.display(), read_only, "published");
+        Ok(())
+    }
+
+    fn unpublish(&self, volume_id: &str, target: &Path) -> Result<()> {
+        let Some(mut rec) = self.state.load(volume_id)? else {
+            if self.mounter.is_mount_point(target)? {
+                return Err(Error::VolumeNotFound(format!(
+                    "{volume_id} is not known here; not touching the mount at {}",
+                    target.display()
+                )));
+            }
+            tracing::info!("volume not staged here and target not mounted: nothing to do");
+            return Ok(());
+        };
+        match &rec.attachment {
+            Some(att) => {
+                self.unmount_all(target, &att.device)?;
+                if let MountState::Other(what) = self.mounter.state(target, &att.device)? {
+                    if rec.publications.contains_key(target) {
+                        return Err(Error::PreconditionFailed(format!(
+                            "{what} is mounted over the publication at {}",
+                            target.display()
+                        )));
+                    }
+                }
+            }
+            None if rec.publications.contains_key(target) => {
+                // The device is gone; what remains at the target is our dead bind.
+                while self.mounter.is_mount_point(target)? {
+                    self.mounter.unmount(target)?;
+                }
+            }
+            None => {}
+        }
+        if rec.publications.contains_key(target) || !self.mounter.is_mount_point(target)? {
+            remove_target(target);
+        }
+        if rec.publications.remove(target).is_some() {
+            self.state.save(&rec)?;
+        }
+        tracing::info!(target = %target.display(), "unpublished");
+        Ok(())
+    }
+
+    fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
+        let rec = self
+            .state
+            .load(volume_id)?
+            .ok_or_else(|| Error::VolumeNotFound(volume_id.to_string()))?;
+        if rec.staging_path != path && !rec.publications.contains_key(path) {
+            return Err(Error::PathNotFound(path.to_path_buf()));
+        }
+        if !path.exists() {
+            return Err(Error::PathNotFound(path.to_path_buf()));
+        }
+        let Some(att) = &rec.attachment else {
+            return Ok(VolumeStats {
+                usage: vec![],
+                abnormal: Some("no device attached".into()),
+            });
+        };
+        let abnormal = match self.attacher.health(att) {
+            Health::Healthy => None,
+            Health::Degraded(m) | Health::Broken(m) => Some(m),
+        };
+        let usage = match &rec.access {
+            Access::Block => {
+                let size = self.mounter.device_size(&att.device)?;
+                vec![VolumeUsage {
+                    unit_bytes: true,
+                    total: size,
+                    available: 0,
+                    used: 0,
+                }]
+            }
+            Access::Mount { .. } => {
+                let s = self.mounter.fs_stats(path)?;
+                vec![
+                    VolumeUsage {
+                        unit_bytes: true,
+                        total: s.bytes_total,
+                        available: s.bytes_available,
+                        used: s.bytes_used,
+                    },
+                    VolumeUsage {
+                        unit_bytes: false,
+                        total: s.inodes_total,
+                        available: s.inodes_free,
+                        used: s.inodes_used,
+                    },
+                ]
+            }
+        };
+        Ok(VolumeStats { usage, abnormal })
+    }
+
+    fn recover(&self) -> Result<()> {
+        let records = self.state.list()?;
+        let keys: Vec<String> = records.iter().map(|r| escape_id(&r.volume_id)).collect();
+        for rec in &records {
+            let span = tracing::info_span!("recover", volume_id = %rec.volume_id);
+            let _e = span.enter();
+            match &rec.attachment {
+                None => tracing::info!("recorded without a device (staging was interrupted)"),
+                Some(att) => match self.attacher.health(att) {
+                    Health::Healthy => {
+                        tracing::info!(device = %att.device.display(), publications = rec.publications.len(), "attachment found and healthy")
+                    }
+                    Health::Degraded(m) => {
+                        tracing::warn!(device = %att.device.display(), "attachment found, degraded: {m}")
+                    }
+                    Health::Broken(m) => {
+                        tracing::error!(device = %att.device.display(), "attachment broken: {m}; the next NodeStageVolume attaches again")
+                    }
+                },
+            }
+        }
+        for key in self.attacher.list_keys() {
+            if !keys.contains(&key) {
+                if let Err(e) = self.attacher.cleanup_key(&key) {
+                    tracing::error!(key, "cannot clean up an orphaned attachment: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a publication target the plugin created (empty directory or file); failures are logged.
+fn remove_target(target: &Path) {
+    let r = match std::fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(target),
+        Ok(_) => std::fs::remove_file(target),
+        Err(_) => Ok(()),
+    };
+    if let Err(e) = r {
+        tracing::warn!(target = %target.display(), "cannot remove the target: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests;

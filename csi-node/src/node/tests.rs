@@ -1,0 +1,852 @@
+//! Every NodeStage/Publish/Unpublish/Unstage/Stats branch, against fake engines, a fake attacher and a
+//! fake mounter (paths are real, in a temp dir).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tonic::Code;
+
+use super::*;
+use crate::attach::fake::FakeAttacher;
+use crate::context::{test_context, FailoverPolicy, KEY_PEER_TIMEOUT, KEY_POLICY};
+use crate::engine::{EngineError, EngineStatus, Role, TakeoverOutcome};
+use crate::mount::fake::FakeMounter;
+
+type Answer = Result<EngineStatus, EngineError>;
+
+#[derive(Default)]
+struct FakeEngines {
+    status: Mutex<HashMap<String, Answer>>,
+    takeovers: Mutex<Vec<(String, FailoverPolicy, Duration)>>,
+    takeover_error: Mutex<Option<EngineError>>,
+}
+
+impl FakeEngines {
+    fn set(&self, addr: &str, a: Answer) {
+        self.status.lock().unwrap().insert(addr.into(), a);
+    }
+}
+
+impl EngineApi for FakeEngines {
+    async fn status(&self, addr: &str, volume: &str, token: &str) -> Answer {
+        if token != "secret" {
+            return Err(EngineError::Unauthenticated {
+                addr: addr.into(),
+                message: "bad token".into(),
+            });
+        }
+        if volume != "vol" {
+            return Err(EngineError::VolumeUnknown {
+                addr: addr.into(),
+                volume: volume.into(),
+            });
+        }
+        self.status
+            .lock()
+            .unwrap()
+            .get(addr)
+            .cloned()
+            .unwrap_or(Err(EngineError::Unreachable {
+                addr: addr.into(),
+                message: "down".into(),
+            }))
+    }
+
+    async fn takeover(
+        &self,
+        addr: &str,
+        _volume: &str,
+        _token: &str,
+        policy: FailoverPolicy,
+        timeout: Duration,
+    ) -> Result<TakeoverOutcome, EngineError> {
+        self.takeovers
+            .lock()
+            .unwrap()
+            .push((addr.into(), policy, timeout));
+        if let Some(e) = self.takeover_error.lock().unwrap().clone() {
+            return Err(e);
+        }
+        self.set(
+            addr,
+            Ok(EngineStatus {
+                role: Role::Primary,
+                epoch: 8,
+            }),
+        );
+        Ok(TakeoverOutcome {
+            epoch: 8,
+            ready_ms: 3,
+            ..Default::default()
+        })
+    }
+}
+
+const A_GRPC: &str = "10.0.0.1:7000";
+const B_GRPC: &str = "10.0.0.2:7000";
+
+struct Harness {
+    svc: NodeService<FakeEngines, FakeAttacher, FakeMounter>,
+    dir: tempfile::TempDir,
+}
+
+fn primary(epoch: u64) -> Answer {
+    Ok(EngineStatus {
+        role: Role::Primary,
+        epoch,
+    })
+}
+fn secondary(epoch: u64) -> Answer {
+    Ok(EngineStatus {
+        role: Role::Secondary,
+        epoch,
+    })
+}
+
+impl Harness {
+    /// This plugin runs on node-a; node-a's engine is primary, node-b's secondary.
+    fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::open(&dir.path().join("state")).unwrap();
+        let engines = FakeEngines::default();
+        engines.set(A_GRPC, primary(7));
+        engines.set(B_GRPC, secondary(7));
+        let svc = NodeService::new(
+            "node-a".into(),
+            state,
+            engines,
+            FakeAttacher::default(),
+            FakeMounter::default(),
+        );
+        Harness { svc, dir }
+    }
+    fn attacher(&self) -> &FakeAttacher {
+        &self.svc.inner.attacher
+    }
+    fn mounter(&self) -> &FakeMounter {
+        &self.svc.inner.mounter
+    }
+    fn engines(&self) -> &FakeEngines {
+        &self.svc.engines
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    fn record(&self) -> Option<VolumeRecord> {
+        self.svc.inner.state.load("ns/pv").unwrap()
+    }
+    fn stage_req(&self, access: Access) -> StageRequest {
+        StageRequest {
+            volume_id: "ns/pv".into(),
+            staging_path: self.path("staging"),
+            access,
+            read_only: false,
+            token: Some("secret".into()),
+            context: test_context("vol", &["node-a", "node-b"]),
+        }
+    }
+    fn publish_req(&self, access: Access, target: &str) -> PublishRequest {
+        PublishRequest {
+            volume_id: "ns/pv".into(),
+            staging_path: self.path("staging"),
+            target_path: self.path(target),
+            access,
+            read_only: false,
+        }
+    }
+    async fn stage_ext4(&self) {
+        self.svc.stage(self.stage_req(ext4())).await.unwrap();
+    }
+}
+
+fn ext4() -> Access {
+    Access::Mount {
+        fs_type: "ext4".into(),
+        mount_flags: vec![],
+    }
+}
+
+fn device_of(rec: &VolumeRecord) -> PathBuf {
+    rec.attachment.as_ref().unwrap().device.clone()
+}
+
+// ---------- NodeStageVolume ----------
+
+#[tokio::test]
+async fn stage_on_the_primary_attaches_formats_and_mounts() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    let rec = h.record().unwrap();
+    assert!(rec.staged);
+    assert_eq!(rec.engine_node, "node-a");
+    assert_eq!(rec.epoch, 7);
+    let dev = device_of(&rec);
+    let spec = h.attacher().st.lock().unwrap().attached[&dev].clone();
+    assert_eq!(spec.nbd, "10.0.0.1:10809");
+    assert_eq!(spec.export, "vol");
+    assert_eq!(spec.key, "ns%2Fpv");
+    assert_eq!(
+        h.mounter().st.lock().unwrap().mkfs_calls,
+        vec![(dev.clone(), "ext4".to_string())]
+    );
+    assert_eq!(h.mounter().mounted(&h.path("staging")), Some((dev, false)));
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn stage_twice_is_a_no_op() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.stage_ext4().await;
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 1);
+    assert_eq!(h.mounter().mount_count(), 1);
+}
+
+#[tokio::test]
+async fn stage_keeps_an_existing_filesystem() {
+    let h = Harness::new();
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .filesystems
+        .insert("/dev/fake1".into(), "ext4".into());
+    h.stage_ext4().await;
+    assert!(h.mounter().st.lock().unwrap().mkfs_calls.is_empty());
+    assert!(h.record().unwrap().staged);
+}
+
+#[tokio::test]
+async fn stage_refuses_to_format_over_another_filesystem_and_detaches() {
+    let h = Harness::new();
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .filesystems
+        .insert("/dev/fake1".into(), "xfs".into());
+    let e = h.svc.stage(h.stage_req(ext4())).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.to_string().contains("xfs"), "{e}");
+    assert_eq!(h.attacher().attached_count(), 0);
+    assert_eq!(h.record(), None);
+}
+
+#[tokio::test]
+async fn a_failed_mount_detaches_and_forgets() {
+    for op in ["mount", "mkfs", "probe"] {
+        let h = Harness::new();
+        h.mounter().fail(op);
+        let e = h.svc.stage(h.stage_req(ext4())).await.unwrap_err();
+        assert_eq!(e.code(), Code::Internal, "{op}: {e}");
+        assert_eq!(h.attacher().attached_count(), 0, "{op}");
+        assert_eq!(h.record(), None, "{op}");
+        assert_eq!(h.mounter().mount_count(), 0);
+        // The next attempt, with the fault gone, succeeds from scratch.
+        h.mounter().heal(op);
+        h.stage_ext4().await;
+        assert!(h.record().unwrap().staged);
+    }
+}
+
+#[tokio::test]
+async fn a_failed_attach_leaves_nothing() {
+    let h = Harness::new();
+    h.attacher().fail("attach");
+    let e = h.svc.stage(h.stage_req(ext4())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert_eq!(h.record(), None);
+    assert_eq!(h.mounter().mount_count(), 0);
+}
+
+#[tokio::test]
+async fn stage_on_the_secondarys_node_takes_over_first() {
+    let h = Harness::new();
+    h.engines().set(A_GRPC, secondary(7));
+    h.engines().set(B_GRPC, primary(7));
+    let mut req = h.stage_req(ext4());
+    req.context.insert(KEY_POLICY.into(), "ForcePromote".into());
+    req.context.insert(KEY_PEER_TIMEOUT.into(), "5".into());
+    h.svc.stage(req).await.unwrap();
+    assert_eq!(
+        *h.engines().takeovers.lock().unwrap(),
+        vec![(
+            A_GRPC.to_string(),
+            FailoverPolicy::ForcePromote,
+            Duration::from_secs(5)
+        )]
+    );
+    let rec = h.record().unwrap();
+    assert_eq!(rec.epoch, 8);
+    assert_eq!(rec.engine_node, "node-a");
+    let dev = device_of(&rec);
+    assert_eq!(
+        h.attacher().st.lock().unwrap().attached[&dev].nbd,
+        "10.0.0.1:10809"
+    );
+}
+
+#[tokio::test]
+async fn a_takeover_that_cannot_finish_is_retryable_and_attaches_nothing() {
+    let h = Harness::new();
+    h.engines().set(A_GRPC, secondary(7));
+    *h.engines().takeover_error.lock().unwrap() = Some(EngineError::Refused {
+        addr: A_GRPC.into(),
+        op: "Takeover",
+        code: Code::DeadlineExceeded,
+        message: "primary unreachable".into(),
+    });
+    let e = h.svc.stage(h.stage_req(ext4())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(h.attacher().attached_count(), 0);
+    assert_eq!(h.record(), None);
+}
+
+#[tokio::test]
+async fn stage_on_a_node_without_an_engine_attaches_to_the_remote_primary() {
+    let h = Harness::new();
+    h.engines().set(A_GRPC, secondary(7));
+    h.engines().set(B_GRPC, primary(7));
+    let mut req = h.stage_req(ext4());
+    req.context = test_context("vol", &["node-x", "node-y"]);
+    h.engines().set("10.0.0.2:7000", primary(9));
+    h.svc.stage(req).await.unwrap();
+    let rec = h.record().unwrap();
+    assert_eq!(rec.engine_node, "node-y");
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bad_requests_get_csi_codes_and_change_nothing() {
+    let h = Harness::new();
+    let cases: Vec<(StageRequest, Code)> = vec![
+        (
+            StageRequest {
+                token: Some("wrong".into()),
+                ..h.stage_req(ext4())
+            },
+            Code::Unauthenticated,
+        ),
+        (
+            StageRequest {
+                token: None,
+                ..h.stage_req(ext4())
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            StageRequest {
+                context: test_context("other-vol", &["node-a", "node-b"]),
+                ..h.stage_req(ext4())
+            },
+            Code::NotFound,
+        ),
+        (
+            StageRequest {
+                context: HashMap::new(),
+                ..h.stage_req(ext4())
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (req, code) in cases {
+        let e = h.svc.stage(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e}");
+    }
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 0);
+    assert_eq!(h.record(), None);
+    assert_eq!(h.mounter().mount_count(), 0);
+}
+
+#[tokio::test]
+async fn no_primary_anywhere_is_unavailable() {
+    let h = Harness::new();
+    h.engines().set(
+        A_GRPC,
+        Ok(EngineStatus {
+            role: Role::Fenced,
+            epoch: 3,
+        }),
+    );
+    h.engines().status.lock().unwrap().remove(B_GRPC);
+    let e = h.svc.stage(h.stage_req(ext4())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(h.attacher().attached_count(), 0);
+}
+
+#[tokio::test]
+async fn a_concurrent_call_for_the_same_volume_is_aborted() {
+    let h = Harness::new();
+    let _busy = h.svc.guard.try_acquire("ns/pv").unwrap();
+    for e in [
+        h.svc.stage(h.stage_req(ext4())).await.unwrap_err(),
+        h.svc
+            .unstage("ns/pv".into(), h.path("staging"))
+            .await
+            .unwrap_err(),
+        h.svc.publish(h.publish_req(ext4(), "t")).await.unwrap_err(),
+        h.svc
+            .unpublish("ns/pv".into(), h.path("t"))
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::Aborted);
+    }
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 0);
+}
+
+#[tokio::test]
+async fn staging_again_incompatibly_is_already_exists() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    let other_path = StageRequest {
+        staging_path: h.path("elsewhere"),
+        ..h.stage_req(ext4())
+    };
+    let other_fs = h.stage_req(Access::Mount {
+        fs_type: "xfs".into(),
+        mount_flags: vec![],
+    });
+    let block = h.stage_req(Access::Block);
+    let ro = StageRequest {
+        read_only: true,
+        ..h.stage_req(ext4())
+    };
+    for req in [other_path, other_fs, block, ro] {
+        let e = h.svc.stage(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+    }
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 1);
+}
+
+#[tokio::test]
+async fn a_foreign_mount_at_the_staging_path_is_already_exists() {
+    let h = Harness::new();
+    std::fs::create_dir_all(h.path("staging")).unwrap();
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .mounts
+        .insert(h.path("staging"), vec![("/dev/sdz".into(), false)]);
+    let e = h.svc.stage(h.stage_req(ext4())).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 0);
+}
+
+#[tokio::test]
+async fn a_broken_attachment_is_replaced_on_the_next_stage() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    let old = device_of(&h.record().unwrap());
+    h.attacher().break_device(&old);
+    h.stage_ext4().await;
+    let rec = h.record().unwrap();
+    let new = device_of(&rec);
+    assert_ne!(old, new);
+    assert!(rec.staged);
+    assert_eq!(h.attacher().attached_count(), 1);
+    assert_eq!(h.mounter().mounted(&h.path("staging")), Some((new, false)));
+    assert_eq!(h.mounter().mount_count(), 1);
+}
+
+#[tokio::test]
+async fn an_interrupted_stage_resumes_at_the_mount() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    // As if the plugin died after attaching and saving, before mounting.
+    h.mounter().unmount(&h.path("staging")).unwrap();
+    let mut rec = h.record().unwrap();
+    rec.staged = false;
+    h.svc.inner.state.save(&rec).unwrap();
+    h.stage_ext4().await;
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 1);
+    assert!(h.record().unwrap().staged);
+    assert_eq!(h.mounter().mount_count(), 1);
+}
+
+#[tokio::test]
+async fn block_stage_attaches_without_mounting() {
+    let h = Harness::new();
+    h.svc.stage(h.stage_req(Access::Block)).await.unwrap();
+    let rec = h.record().unwrap();
+    assert!(rec.staged);
+    assert_eq!(h.mounter().mount_count(), 0);
+    assert!(h.mounter().st.lock().unwrap().mkfs_calls.is_empty());
+    h.svc.stage(h.stage_req(Access::Block)).await.unwrap();
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 1);
+}
+
+#[tokio::test]
+async fn a_blank_volume_staged_read_only_is_not_formatted() {
+    let h = Harness::new();
+    let req = StageRequest {
+        read_only: true,
+        ..h.stage_req(ext4())
+    };
+    let e = h.svc.stage(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(h.mounter().st.lock().unwrap().mkfs_calls.is_empty());
+    assert_eq!(h.attacher().attached_count(), 0);
+}
+
+#[tokio::test]
+async fn read_only_stage_of_a_formatted_volume_mounts_ro() {
+    let h = Harness::new();
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .filesystems
+        .insert("/dev/fake1".into(), "ext4".into());
+    let req = StageRequest {
+        read_only: true,
+        ..h.stage_req(ext4())
+    };
+    h.svc.stage(req).await.unwrap();
+    assert!(h.attacher().st.lock().unwrap().attached[&PathBuf::from("/dev/fake1")].read_only);
+}
+
+// ---------- NodePublishVolume ----------
+
+#[tokio::test]
+async fn publish_binds_the_staging_mount_and_is_idempotent() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap();
+    assert!(h.path("target").is_dir());
+    assert_eq!(
+        h.mounter().mounted(&h.path("target")),
+        Some((h.path("staging"), false))
+    );
+    h.svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap();
+    assert_eq!(h.mounter().mount_count(), 2);
+    let rec = h.record().unwrap();
+    assert_eq!(rec.publications.len(), 1);
+}
+
+#[tokio::test]
+async fn publish_read_only_binds_read_only_and_a_flip_is_already_exists() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    let ro = PublishRequest {
+        read_only: true,
+        ..h.publish_req(ext4(), "target")
+    };
+    h.svc.publish(ro).await.unwrap();
+    assert_eq!(
+        h.mounter().mounted(&h.path("target")),
+        Some((h.path("staging"), true))
+    );
+    let e = h
+        .svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn publish_block_binds_the_device_onto_a_file() {
+    let h = Harness::new();
+    h.svc.stage(h.stage_req(Access::Block)).await.unwrap();
+    h.svc
+        .publish(h.publish_req(Access::Block, "dev-file"))
+        .await
+        .unwrap();
+    assert!(h.path("dev-file").is_file());
+    let dev = device_of(&h.record().unwrap());
+    assert_eq!(h.mounter().mounted(&h.path("dev-file")), Some((dev, false)));
+}
+
+#[tokio::test]
+async fn publish_without_staging_is_failed_precondition() {
+    let h = Harness::new();
+    let e = h
+        .svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    h.stage_ext4().await;
+    let wrong_staging = PublishRequest {
+        staging_path: h.path("other-staging"),
+        ..h.publish_req(ext4(), "target")
+    };
+    let e = h.svc.publish(wrong_staging).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let wrong_kind = h.publish_req(Access::Block, "target");
+    let e = h.svc.publish(wrong_kind).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(!h.path("target").exists());
+}
+
+#[tokio::test]
+async fn publish_over_a_foreign_mount_is_already_exists() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    std::fs::create_dir_all(h.path("target")).unwrap();
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .mounts
+        .insert(h.path("target"), vec![("/somewhere".into(), false)]);
+    let e = h
+        .svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn a_failed_bind_removes_the_target_it_created() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.mounter().fail("bind");
+    let e = h
+        .svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert!(!h.path("target").exists());
+    assert!(h.record().unwrap().publications.is_empty());
+}
+
+// ---------- NodeUnpublishVolume ----------
+
+#[tokio::test]
+async fn unpublish_unmounts_and_removes_the_target() {
+    for (access, target) in [(ext4(), "t-dir"), (Access::Block, "t-file")] {
+        let h = Harness::new();
+        h.svc.stage(h.stage_req(access.clone())).await.unwrap();
+        h.svc.publish(h.publish_req(access, target)).await.unwrap();
+        h.svc
+            .unpublish("ns/pv".into(), h.path(target))
+            .await
+            .unwrap();
+        assert!(!h.path(target).exists());
+        assert_eq!(h.mounter().mounted(&h.path(target)), None);
+        assert!(h.record().unwrap().publications.is_empty());
+        // Again: nothing published there, OK.
+        h.svc
+            .unpublish("ns/pv".into(), h.path(target))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn unpublish_of_an_unknown_volume() {
+    let h = Harness::new();
+    h.svc
+        .unpublish("ns/none".into(), h.path("t"))
+        .await
+        .unwrap();
+    std::fs::create_dir_all(h.path("t")).unwrap();
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .mounts
+        .insert(h.path("t"), vec![("/x".into(), false)]);
+    let e = h
+        .svc
+        .unpublish("ns/none".into(), h.path("t"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(h.mounter().mounted(&h.path("t")).is_some(), "left alone");
+}
+
+// ---------- NodeUnstageVolume ----------
+
+#[tokio::test]
+async fn unstage_unmounts_detaches_and_forgets() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.svc
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap();
+    assert_eq!(h.mounter().mount_count(), 0);
+    assert_eq!(h.attacher().attached_count(), 0);
+    assert_eq!(h.record(), None);
+    h.svc
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unstage_at_another_path_changes_nothing() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.svc
+        .unstage("ns/pv".into(), h.path("other"))
+        .await
+        .unwrap();
+    assert!(h.record().is_some());
+    assert_eq!(h.attacher().attached_count(), 1);
+}
+
+#[tokio::test]
+async fn unstage_while_published_is_failed_precondition() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap();
+    let e = h
+        .svc
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(h.attacher().attached_count(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_detach_keeps_the_record_for_the_retry() {
+    let h = Harness::new();
+    h.svc.stage(h.stage_req(Access::Block)).await.unwrap();
+    h.attacher().fail("detach");
+    let e = h
+        .svc
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert!(h.record().is_some());
+    h.attacher().st.lock().unwrap().fail.clear();
+    h.svc
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap();
+    assert_eq!(h.record(), None);
+}
+
+// ---------- NodeGetVolumeStats ----------
+
+#[tokio::test]
+async fn stats_for_filesystem_and_block_volumes() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap();
+    let s = h.svc.stats("ns/pv".into(), h.path("target")).await.unwrap();
+    assert_eq!(s.abnormal, None);
+    assert_eq!(s.usage.len(), 2);
+    assert!(s.usage[0].unit_bytes && s.usage[0].total == 1000 && s.usage[0].used == 400);
+    assert!(!s.usage[1].unit_bytes && s.usage[1].total == 100);
+
+    let h = Harness::new();
+    h.svc.stage(h.stage_req(Access::Block)).await.unwrap();
+    h.svc
+        .publish(h.publish_req(Access::Block, "dev"))
+        .await
+        .unwrap();
+    let s = h.svc.stats("ns/pv".into(), h.path("dev")).await.unwrap();
+    assert_eq!(s.usage.len(), 1);
+    assert_eq!(s.usage[0].total, 1 << 30);
+}
+
+#[tokio::test]
+async fn stats_errors_and_conditions() {
+    let h = Harness::new();
+    let e = h
+        .svc
+        .stats("ns/pv".into(), h.path("target"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    h.stage_ext4().await;
+    let e = h
+        .svc
+        .stats("ns/pv".into(), h.path("unrelated"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let dev = device_of(&h.record().unwrap());
+    h.attacher().break_device(&dev);
+    let s = h
+        .svc
+        .stats("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap();
+    assert!(s.abnormal.is_some());
+}
+
+// ---------- restart ----------
+
+#[tokio::test]
+async fn recovery_cleans_leftovers_that_no_record_claims() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.attacher()
+        .st
+        .lock()
+        .unwrap()
+        .leftovers
+        .push("ns%2Fcrashed".into());
+    h.svc.recover().await.unwrap();
+    assert_eq!(
+        h.attacher().st.lock().unwrap().cleaned,
+        vec!["ns%2Fcrashed".to_string()]
+    );
+    assert!(h.record().unwrap().staged);
+}
+
+#[tokio::test]
+async fn a_new_service_on_the_same_state_dir_keeps_serving() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap();
+    // A second service instance over the same state and the same (still attached) world.
+    let state = StateStore::open(&h.dir.path().join("state")).unwrap();
+    let restarted = NodeService {
+        inner: Arc::new(Inner {
+            node_id: "node-a".into(),
+            state,
+            attacher: FakeAttacher {
+                st: Mutex::new(std::mem::take(&mut *h.attacher().st.lock().unwrap())),
+            },
+            mounter: FakeMounter {
+                st: Mutex::new(std::mem::take(&mut *h.mounter().st.lock().unwrap())),
+            },
+        }),
+        engines: FakeEngines::default(), // engines unreachable: must not be needed
+        guard: OpGuard::default(),
+    };
+    restarted.recover().await.unwrap();
+    restarted.stage(h.stage_req(ext4())).await.unwrap();
+    restarted
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap();
+    restarted
+        .unpublish("ns/pv".into(), h.path("target"))
+        .await
+        .unwrap();
+    restarted
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap();
+    assert_eq!(restarted.inner.attacher.attached_count(), 0);
+    assert_eq!(restarted.inner.mounter.mount_count(), 0);
+}
