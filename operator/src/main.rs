@@ -1,3 +1,156 @@
-fn main() {
-    println!("tandem-operator: under construction");
+//! `tandem-operator`: `run` starts the controller (with leader election, probes and metrics);
+//! `crd` prints the MirroredVolume CRD as YAML (what crds/ and the chart's crds/ hold).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kube::{Api, Client, CustomResourceExt};
+use operator::{
+    controller::{self, Context},
+    crd::MirroredVolume,
+    engine::GrpcEngines,
+    http::{self, Health},
+    leader::{self, LeaderConfig},
+    metrics::Metrics,
+    plan::EngineConfig,
+    telemetry::{self, LogFormat},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem-operator",
+    version,
+    about = "Tandem's MirroredVolume operator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run(RunArgs),
+    /// Print the MirroredVolume CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Image of the engine pods (`tandem-engine`).
+    #[arg(long, env = "TANDEM_ENGINE_IMAGE")]
+    engine_image: String,
+    /// Pull policy for engine pods (Always, IfNotPresent, Never).
+    #[arg(long, env = "TANDEM_ENGINE_IMAGE_PULL_POLICY")]
+    engine_image_pull_policy: Option<String>,
+    /// Priority class for engine pods.
+    #[arg(long, env = "TANDEM_ENGINE_PRIORITY_CLASS")]
+    engine_priority_class: Option<String>,
+    /// Cluster DNS domain used in engine addresses.
+    #[arg(long, env = "TANDEM_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "TANDEM_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    http_listen: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+    /// Take part in leader election (disable only for a single local replica).
+    #[arg(long, env = "TANDEM_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the leader Lease (defaults to the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// This replica's identity in the Lease and in events.
+    #[arg(long, env = "POD_NAME", default_value = "tandem-operator")]
+    identity: String,
+    /// Lease duration in seconds.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            print!(
+                "{}",
+                serde_yaml::to_string(&MirroredVolume::crd()).context("serializing the CRD")?
+            );
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format, "info,kube=warn,tower=warn,hyper=warn");
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+    let metrics = Metrics::default();
+    let health = Health::default();
+    let server = tokio::spawn(http::serve(
+        args.http_listen,
+        health.clone(),
+        metrics.clone(),
+    ));
+
+    let config = EngineConfig {
+        image: args.engine_image,
+        image_pull_policy: args.engine_image_pull_policy,
+        cluster_domain: args.cluster_domain,
+        priority_class: args.engine_priority_class,
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics,
+        Arc::new(GrpcEngines::default()),
+        config,
+        Some(args.identity.clone()),
+    ));
+    health
+        .started
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let (tx, mut rx) = tokio::sync::watch::channel(!args.leader_election);
+    if args.leader_election {
+        let cfg = LeaderConfig {
+            lease_name: "tandem-operator-leader".into(),
+            identity: args.identity.clone(),
+            lease_duration: Duration::from_secs(args.lease_seconds),
+            renew_interval: Duration::from_secs((args.lease_seconds / 3).max(1)),
+        };
+        tokio::spawn(leader::run(
+            Api::namespaced(client.clone(), &args.namespace),
+            cfg,
+            tx,
+        ));
+        tracing::info!(identity = %args.identity, "waiting for the leader lease");
+        rx.wait_for(|leading| *leading)
+            .await
+            .context("leader election stopped")?;
+    }
+    tracing::info!(identity = %args.identity, "leading; starting the controller");
+    health
+        .leading
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+
+    tokio::select! {
+        result = controller::run(ctx) => result?,
+        _ = rx.wait_for(|leading| !*leading) => {
+            anyhow::bail!("lost the leader lease; exiting so a fresh replica takes over");
+        }
+        result = server => {
+            match result {
+                Ok(Ok(())) => anyhow::bail!("HTTP server stopped"),
+                Ok(Err(e)) => return Err(e).context("HTTP server failed"),
+                Err(e) => anyhow::bail!("HTTP server task failed: {e}"),
+            }
+        }
+    }
+    tracing::info!("shut down");
+    Ok(())
 }

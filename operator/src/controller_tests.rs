@@ -1,0 +1,595 @@
+//! Reconcile scenarios against a mocked API server and fake engines (see `fixtures`).
+
+use std::{sync::Arc, time::Duration};
+
+use http::Method;
+use kube::runtime::controller::Action;
+use serde_json::{json, Value};
+
+use super::{error_policy, reconcile};
+use crate::{
+    crd::{EngineRole, FailoverPolicy, MirroredVolume, Phase, Slot},
+    engine::{fake::FakeEngines, TakeoverOutcome},
+    fixtures::*,
+};
+
+fn args(pod: &Value) -> Vec<String> {
+    pod["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn flag(pod: &Value, name: &str) -> String {
+    let a = args(pod);
+    let i = a
+        .iter()
+        .position(|x| x == name)
+        .unwrap_or_else(|| panic!("{name} missing in {a:?}"));
+    a[i + 1].clone()
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+/// Runs one reconcile (and the error policy on failure), then collects the conversation.
+async fn run(
+    mv: MirroredVolume,
+    engines: FakeEngines,
+    script: Vec<Call>,
+) -> (Result<Action, crate::Error>, Seen, crate::metrics::Metrics) {
+    let (ctx, verifier, metrics) = crate::controller::Context::test(engines);
+    let handle = verifier.run(script);
+    let mv = Arc::new(mv);
+    let result = reconcile(mv.clone(), ctx.clone()).await;
+    if let Err(e) = &result {
+        error_policy(mv, e, ctx.clone());
+    }
+    drop(ctx);
+    (result, finish(handle).await, metrics)
+}
+
+#[tokio::test]
+async fn finalizer_is_added_before_anything_else() {
+    let mv = MirroredVolume::test();
+    let answer = serde_json::to_value(MirroredVolume::test().finalized()).unwrap();
+    let script = vec![Call::patch(&paths::volume()).check_reply(move |body| {
+        assert!(
+            body.to_string().contains("mirroredvolumes.tandem.dev"),
+            "{body}"
+        );
+        answer
+    })];
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(seen.calls.len(), 1);
+}
+
+#[tokio::test]
+async fn create_path_applies_secret_services_pods_and_pv() {
+    let mv = MirroredVolume::test().finalized();
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, true, vec![], false, None);
+    script.push(Call::patch(&format!("{}?", paths::secret())).check(|s| {
+        assert_eq!(
+            s["data"]["token"].as_str().unwrap().len(),
+            88,
+            "base64 of 64 hex chars"
+        );
+        assert_eq!(
+            s["metadata"]["ownerReferences"][0]["kind"],
+            "MirroredVolume"
+        );
+    }));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::pod(Slot::A)));
+    script.push(Call::patch(&paths::pod(Slot::B)));
+    script.push(Call::patch(&format!("{}?", paths::pv())));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(10)));
+
+    // Every apply is server-side apply under our field manager, forced.
+    for (method, uri, _) in &seen.calls {
+        if *method == Method::PATCH {
+            assert!(
+                uri.contains("fieldManager=tandem-operator") && uri.contains("force=true"),
+                "{uri}"
+            );
+        }
+    }
+    let pod_a = seen.body(Method::PATCH, &paths::pod(Slot::A));
+    assert_eq!(flag(pod_a, "--role"), "primary");
+    assert_eq!(flag(pod_a, "--peer"), address(Slot::B));
+    assert_eq!(flag(pod_a, "--size"), (1u64 << 30).to_string());
+    assert_eq!(flag(pod_a, "--nbd-listen"), "0.0.0.0:10809");
+    assert_eq!(flag(pod_a, "--grpc-listen"), "0.0.0.0:9500");
+    assert_eq!(flag(pod_a, "--replication"), "async");
+    assert_eq!(
+        pod_a["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"][0]["matchFields"][0]["values"][0],
+        "n1"
+    );
+    assert_eq!(
+        pod_a["spec"]["volumes"][0]["hostPath"]["path"],
+        "/var/lib/tandem/default/data"
+    );
+    let pod_b = seen.body(Method::PATCH, &paths::pod(Slot::B));
+    assert_eq!(flag(pod_b, "--role"), "secondary");
+    assert_eq!(flag(pod_b, "--peer"), address(Slot::A));
+
+    let pv = seen.body(Method::PATCH, &paths::pv());
+    assert_eq!(pv["spec"]["csi"]["driver"], "csi.tandem.dev");
+    assert_eq!(pv["spec"]["csi"]["volumeHandle"], "default/data");
+    assert_eq!(
+        pv["spec"]["csi"]["volumeAttributes"]["tandem.dev/volume"],
+        "data"
+    );
+    assert_eq!(
+        pv["spec"]["csi"]["volumeAttributes"]["tandem.dev/engines"],
+        format!("n1={},n2={}", address(Slot::A), address(Slot::B))
+    );
+    assert_eq!(
+        pv["spec"]["csi"]["volumeAttributes"]["tandem.dev/takeover-policy"],
+        "wait"
+    );
+    assert_eq!(
+        pv["spec"]["csi"]["nodeStageSecretRef"],
+        json!({"name": "data-token", "namespace": "default"})
+    );
+    assert_eq!(
+        pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+            ["values"],
+        json!(["n1", "n2"])
+    );
+    assert!(pv["metadata"].get("ownerReferences").is_none());
+
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "Creating");
+    assert_eq!(status["nodes"], json!(["n1", "n2"]));
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(
+        seen.reasons(),
+        vec![
+            "Placed",
+            "TokenCreated",
+            "EngineCreated",
+            "EngineCreated",
+            "PersistentVolumeCreated",
+            "PhaseChanged"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn established_pair_reports_synced_and_lag() {
+    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    let mut primary = engine_state(EngineRole::Primary, 1, "Synced");
+    primary.pending_bytes = 0;
+    let engines = FakeEngines::default()
+        .with_state(&address(Slot::A), primary)
+        .with_state(
+            &address(Slot::B),
+            engine_state(EngineRole::Secondary, 1, ""),
+        );
+    let pods = vec![
+        engine_pod_json(Slot::A, "primary", "Running", true, ago(300)),
+        engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+    ];
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, metrics) = run(mv, engines, script).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(30)));
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "Synced");
+    assert_eq!(status["replication"]["lag"], "0B");
+    assert_eq!(condition(status, "Ready")["status"], "True");
+    assert_eq!(condition(status, "Synced")["status"], "True");
+    assert_eq!(condition(status, "Degraded")["status"], "False");
+    assert_eq!(condition(status, "TakeoverInProgress")["status"], "False");
+    assert_eq!(status["primary"]["pod"], "data-engine-a");
+    assert!(metrics
+        .encode()
+        .unwrap()
+        .contains(r#"tandem_operator_volume_epoch{namespace="default",volume="data"} 1"#));
+}
+
+#[tokio::test]
+async fn primary_pod_loss_triggers_takeover_and_epoch_bump() {
+    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    let engines = FakeEngines::default()
+        .with_state(
+            &address(Slot::B),
+            engine_state(EngineRole::Secondary, 1, ""),
+        )
+        .with_takeover(
+            &address(Slot::B),
+            TakeoverOutcome {
+                epoch: 2,
+                ready_ms: 12,
+                peer_pending_blocks: 40,
+                ..Default::default()
+            },
+        );
+    // Slot a's pod is gone; slot b is ready.
+    let pods = vec![engine_pod_json(
+        Slot::B,
+        "secondary",
+        "Running",
+        true,
+        ago(300),
+    )];
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::pod(Slot::A)));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, metrics) = run(mv, engines.clone(), script).await;
+    result.unwrap();
+
+    assert_eq!(
+        engines.calls(),
+        vec![(address(Slot::B), FailoverPolicy::WaitForPrimary)]
+    );
+    // The lost slot comes back as a secondary pointing at the new primary.
+    let pod_a = seen.body(Method::PATCH, &paths::pod(Slot::A));
+    assert_eq!(flag(pod_a, "--role"), "secondary");
+    assert_eq!(
+        pod_a["metadata"]["annotations"]["tandem.dev/role"],
+        "secondary"
+    );
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["epoch"], 2);
+    assert_eq!(status["primary"]["node"], "n2");
+    assert_eq!(status["primary"]["slot"], "b");
+    assert_eq!(status["secondary"]["node"], "n1");
+    assert_eq!(status["takeover"]["reason"], "PrimaryPodLost");
+    assert_eq!(status["takeover"]["readyMs"], 12);
+    assert_eq!(status["takeover"]["pendingBlocks"], 40);
+    assert_eq!(condition(status, "Ready")["status"], "True");
+    assert_eq!(status["phase"], "Degraded");
+    let reasons = seen.reasons();
+    assert!(
+        reasons.contains(&"TakeoverStarted") && reasons.contains(&"TakeoverCompleted"),
+        "{reasons:?}"
+    );
+    assert!(metrics
+        .encode()
+        .unwrap()
+        .contains(r#"tandem_operator_failovers_total{namespace="default",volume="data",reason="PrimaryPodLost",result="ok"} 1"#));
+}
+
+#[tokio::test]
+async fn primary_node_loss_fences_and_releases_stuck_workloads() {
+    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    let mut policy_mv = mv.clone();
+    policy_mv.spec.failover.policy = FailoverPolicy::ForcePromote;
+    let engines = FakeEngines::default()
+        .with_state(
+            &address(Slot::B),
+            engine_state(EngineRole::Secondary, 1, ""),
+        )
+        .with_takeover(
+            &address(Slot::B),
+            TakeoverOutcome {
+                epoch: 2,
+                lost_blocks: 3,
+                lost_seq_from: 90,
+                lost_seq_to: 92,
+                ..Default::default()
+            },
+        );
+    let pods = vec![
+        // The kubelet on n1 stopped reporting: the pod still looks ready.
+        engine_pod_json(Slot::A, "primary", "Running", true, ago(300)),
+        engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+    ];
+    let workload = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app-0", "namespace": "default"},
+        "spec": {"nodeName": "n1", "containers": [{"name": "app"}],
+                 "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "app-data"}}]}
+    });
+    let bystander = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "other", "namespace": "default"},
+        "spec": {"nodeName": "n1", "containers": [{"name": "x"}]}
+    });
+    let answer = status_answer(&policy_mv);
+    let mut script = observe_calls(false, true, pods, true, Some(pv_json(Some("app-data"))));
+    script.push(
+        Call::get("/api/v1/namespaces/default/pods?&fieldSelector=spec.nodeName%3Dn1")
+            .reply(200, pod_list(vec![workload, bystander])),
+    );
+    script.push(Call::get("/apis/storage.k8s.io/v1/volumeattachments").reply(
+        200,
+        json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachmentList", "metadata": {}, "items": [{
+            "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": {"name": "csi-123"},
+            "spec": {"attacher": "csi.tandem.dev", "nodeName": "n1", "source": {"persistentVolumeName": "tandem-default-data"}}
+        }]}),
+    ));
+    // Fence the old primary's pod (grace 0), release the stuck workload (grace 0), drop its attachment.
+    script.push(Call::delete(&paths::pod(Slot::A)).check_reply(|body| {
+        assert_eq!(body["gracePeriodSeconds"], 0);
+        deleted()
+    }));
+    script.push(
+        Call::delete(&paths::pod_named("app-0")).check_reply(|body| {
+            assert_eq!(body["gracePeriodSeconds"], 0);
+            deleted()
+        }),
+    );
+    script.push(Call::delete(
+        "/apis/storage.k8s.io/v1/volumeattachments/csi-123",
+    ));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, metrics) = run(policy_mv, engines.clone(), script).await;
+    result.unwrap();
+
+    assert_eq!(
+        engines.calls(),
+        vec![(address(Slot::B), FailoverPolicy::ForcePromote)]
+    );
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["epoch"], 2);
+    assert_eq!(status["takeover"]["reason"], "PrimaryNodeLost");
+    assert_eq!(status["takeover"]["lostBlocks"], 3);
+    assert_eq!(
+        status["lostNodes"][0],
+        json!({"node": "n1", "epoch": 1, "since": status["lostNodes"][0]["since"], "released": true})
+    );
+    assert_eq!(status["primary"]["node"], "n2");
+    let reasons = seen.reasons();
+    for r in [
+        "NodeLost",
+        "TakeoverStarted",
+        "TakeoverCompleted",
+        "EngineNodeLost",
+        "WorkloadReleased",
+    ] {
+        assert!(reasons.contains(&r), "{r} missing in {reasons:?}");
+    }
+    assert!(metrics.encode().unwrap().contains(
+        r#"tandem_operator_released_workload_pods_total{namespace="default",volume="data"} 1"#
+    ));
+}
+
+#[tokio::test]
+async fn lost_secondary_node_keeps_workloads_until_fenced() {
+    let mut mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    mv.spec.claim = None;
+    let engines = FakeEngines::default().with_state(
+        &address(Slot::A),
+        engine_state(EngineRole::Primary, 1, "Degraded"),
+    );
+    let pods = vec![
+        engine_pod_json(Slot::A, "primary", "Running", true, ago(300)),
+        engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+    ];
+    let workload = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app-0", "namespace": "default"},
+        "spec": {"nodeName": "n2", "containers": [{"name": "app"}],
+                 "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "app-data"}}]}
+    });
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, false, pods, true, Some(pv_json(Some("app-data"))));
+    script.push(
+        Call::get("/api/v1/namespaces/default/pods?&fieldSelector=spec.nodeName%3Dn2")
+            .reply(200, pod_list(vec![workload])),
+    );
+    script.push(Call::get("/apis/storage.k8s.io/v1/volumeattachments").reply(
+        200,
+        json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachmentList", "metadata": {}, "items": []}),
+    ));
+    // Only the engine pod on the lost node is fenced; the workload stays (its writes reach the primary).
+    script.push(Call::delete(&paths::pod(Slot::B)));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv, engines.clone(), script).await;
+    result.unwrap();
+    assert!(
+        engines.calls().is_empty(),
+        "no takeover when the secondary is lost"
+    );
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "Degraded");
+    assert_eq!(status["lostNodes"][0]["released"], false);
+    assert_eq!(condition(status, "Degraded")["status"], "True");
+    assert!(
+        seen.reasons().contains(&"ReleaseBlocked"),
+        "{:?}",
+        seen.reasons()
+    );
+}
+
+#[tokio::test]
+async fn returning_engine_rejoins_as_secondary_and_resyncs() {
+    // After a takeover to slot b, slot a's node is back and its pod was removed: it is recreated as secondary.
+    let mut mv = MirroredVolume::test().finalized().established(Slot::B, 2);
+    if let Some(s) = mv.status.as_mut() {
+        if let Some(sec) = s.secondary.as_mut() {
+            sec.role = EngineRole::Fenced;
+        }
+    }
+    let engines = FakeEngines::default().with_state(
+        &address(Slot::B),
+        engine_state(EngineRole::Primary, 2, "Degraded"),
+    );
+    let pods = vec![engine_pod_json(
+        Slot::B,
+        "secondary",
+        "Running",
+        true,
+        ago(300),
+    )];
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::pod(Slot::A)));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv.clone(), engines.clone(), script).await;
+    result.unwrap();
+    assert!(
+        engines.calls().is_empty(),
+        "a healthy primary is never taken over"
+    );
+    let pod_a = seen.body(Method::PATCH, &paths::pod(Slot::A));
+    assert_eq!(flag(pod_a, "--role"), "secondary");
+    assert_eq!(flag(pod_a, "--peer"), address(Slot::B));
+
+    // Next round: the engine is back, resyncing; then in sync.
+    for (pair_state, phase) in [("Resyncing", Phase::Syncing), ("Synced", Phase::Synced)] {
+        let engines = FakeEngines::default()
+            .with_state(
+                &address(Slot::B),
+                engine_state(EngineRole::Primary, 2, pair_state),
+            )
+            .with_state(
+                &address(Slot::A),
+                engine_state(EngineRole::Secondary, 2, ""),
+            );
+        let pods = vec![
+            engine_pod_json(Slot::A, "secondary", "Running", true, ago(30)),
+            engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+        ];
+        let answer = status_answer(&mv);
+        let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
+        script.extend(service_calls());
+        script.push(Call::patch(&paths::status()).check_reply(answer));
+        let (result, seen, _) = run(mv.clone(), engines, script).await;
+        result.unwrap();
+        let status = &seen.body(Method::PATCH, &paths::status())["status"];
+        assert_eq!(status["phase"], phase.as_str());
+        assert_eq!(status["secondary"]["role"], "Secondary");
+        assert_eq!(status["secondary"]["reachable"], true);
+    }
+}
+
+#[tokio::test]
+async fn wait_policy_takeover_failure_is_retried_and_counted() {
+    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    // The secondary answers Status but refuses Takeover (old primary unreachable under WaitForPrimary).
+    let engines = FakeEngines::default().with_state(
+        &address(Slot::B),
+        engine_state(EngineRole::Secondary, 1, ""),
+    );
+    let pods = vec![
+        engine_pod_json(Slot::A, "primary", "Running", false, ago(120)),
+        engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+    ];
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, metrics) = run(mv, engines.clone(), script).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(5)));
+    assert_eq!(engines.calls().len(), 1);
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "TakingOver");
+    assert_eq!(status["epoch"], 1);
+    assert_eq!(status["primary"]["node"], "n1");
+    assert_eq!(status["takeover"]["attempts"], 1);
+    assert_eq!(status["takeover"]["reason"], "PrimaryUnready");
+    assert!(status["takeover"]["lastError"]
+        .as_str()
+        .unwrap()
+        .contains("refused"));
+    assert_eq!(condition(status, "TakeoverInProgress")["status"], "True");
+    assert!(seen.reasons().contains(&"TakeoverFailed"));
+    assert!(metrics
+        .encode()
+        .unwrap()
+        .contains(r#"tandem_operator_failovers_total{namespace="default",volume="data",reason="PrimaryUnready",result="failed"} 1"#));
+}
+
+#[tokio::test]
+async fn deletion_tears_everything_down_then_drops_the_finalizer() {
+    let mv = MirroredVolume::test()
+        .finalized()
+        .with_claim("app-data")
+        .deleting();
+    let removed = serde_json::to_value(MirroredVolume::test().with_claim("app-data")).unwrap();
+    let script = vec![
+        Call::delete(&paths::pvc("app-data")),
+        Call::get(&paths::pv()).reply(200, pv_json(Some("app-data"))),
+        Call::get(&paths::pvc("app-data")).reply(404, not_found("claim")),
+        Call::delete(&paths::pv()),
+        Call::delete(&paths::pod(Slot::A)),
+        Call::delete(&paths::service(Slot::A)),
+        Call::delete(&paths::pod(Slot::B)).reply(404, not_found("pod")),
+        Call::delete(&paths::service(Slot::B)),
+        Call::delete(&paths::secret()),
+        Call::patch(&paths::volume()).check_reply(move |body| {
+            assert!(
+                body.to_string().contains("remove"),
+                "finalizer removal is a JSON patch: {body}"
+            );
+            removed
+        }),
+    ];
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(seen.reasons(), vec!["Deleted"]);
+}
+
+#[tokio::test]
+async fn deletion_waits_while_a_claim_uses_the_volume() {
+    let mv = MirroredVolume::test().finalized().deleting();
+    let claim = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "app-data", "namespace": "default"}});
+    let script = vec![
+        Call::get(&paths::pv()).reply(200, pv_json(Some("app-data"))),
+        Call::get(&paths::pvc("app-data")).reply(200, claim),
+    ];
+    let (result, seen, metrics) = run(mv, FakeEngines::default(), script).await;
+    let err = result.unwrap_err();
+    assert_eq!(err.metric_label(), "finalizer(cleanupfailed(volumeinuse))");
+    assert_eq!(seen.reasons(), vec!["WaitingForClaim"]);
+    assert_eq!(
+        metrics.failure_count("default", "data", "finalizer(cleanupfailed(volumeinuse))"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn api_error_fails_the_reconcile_and_counts_the_failure() {
+    let mv = MirroredVolume::test().finalized();
+    let boom = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                      "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500});
+    let script = vec![Call::get(&paths::node("n1")).reply(500, boom)];
+    let (result, seen, metrics) = run(mv, FakeEngines::default(), script).await;
+    let err = result.unwrap_err();
+    assert_eq!(err.metric_label(), "finalizer(applyfailed(kube))");
+    assert_eq!(
+        metrics.failure_count("default", "data", "finalizer(applyfailed(kube))"),
+        1
+    );
+    assert!(seen.events.is_empty());
+    let text = metrics.encode().unwrap();
+    assert!(text.contains(r#"tandem_operator_reconcile_failures_total{namespace="default",volume="data",error="finalizer(applyfailed(kube))"} 1"#), "{text}");
+    assert!(text.contains("tandem_operator_reconciles_total 1"));
+}
+
+#[tokio::test]
+async fn invalid_size_is_reported_without_touching_children() {
+    let mut mv = MirroredVolume::test().finalized();
+    mv.spec.size = "8Ki".into();
+    let answer = status_answer(&mv);
+    let script = vec![Call::patch(&paths::status()).check_reply(answer)];
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "Failed");
+    assert_eq!(condition(status, "Ready")["reason"], "InvalidSpec");
+    assert_eq!(seen.reasons(), vec!["InvalidSpec"]);
+}

@@ -1,0 +1,635 @@
+//! The `MirroredVolume` custom resource (`tandem.dev/v1alpha1`), DESIGN.md §5.
+//!
+//! The spec is what a user asks for; the status is what the operator observed and decided. Server-side
+//! validation lives in the schema (patterns, enums) and in CEL rules (`x-kubernetes-validations`): size can
+//! only grow, placement and engine storage are immutable, the two nodes are distinct.
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Finalizer the operator puts on every MirroredVolume; removed once `cleanup` tore everything down.
+pub const VOLUME_FINALIZER: &str = "mirroredvolumes.tandem.dev";
+/// The CSI driver name (DESIGN.md §1).
+pub const CSI_DRIVER: &str = "csi.tandem.dev";
+
+/// A block volume kept on two nodes by a pair of Tandem engines, one primary and one secondary.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[cfg_attr(test, derive(Default))]
+#[kube(
+    group = "tandem.dev",
+    version = "v1alpha1",
+    kind = "MirroredVolume",
+    plural = "mirroredvolumes",
+    shortname = "mv",
+    category = "tandem",
+    namespaced,
+    status = "MirroredVolumeStatus",
+    derive = "PartialEq",
+    doc = "A block volume mirrored by two Tandem engines on two nodes, with constant-time failover.",
+    validation = Rule::new("size(self.metadata.name) <= 40").message("name must be at most 40 characters (it prefixes pod and service names)"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Primary", type_ = "string", json_path = ".status.primary.node"),
+    printcolumn(name = "Secondary", type_ = "string", json_path = ".status.secondary.node"),
+    printcolumn(name = "Lag", type_ = "string", json_path = ".status.replication.lag"),
+    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.epoch", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MirroredVolumeSpec {
+    /// Capacity as a binary quantity (`512Mi`, `10Gi`). It can grow but never shrink.
+    #[x_kube(validation = Rule::new("quantity(self).compareTo(quantity(oldSelf)) >= 0").message("size can grow but never shrink"))]
+    #[schemars(regex(pattern = r"^[1-9][0-9]{0,15}(Ki|Mi|Gi|Ti)?$"), length(max = 20))]
+    pub size: String,
+
+    /// How writes reach the secondary.
+    #[serde(default)]
+    pub replication: Replication,
+
+    /// Where the two engines run. Immutable.
+    pub placement: Placement,
+
+    /// Where each engine keeps its data file, journal and tables. Immutable.
+    pub engine_storage: EngineStorage,
+
+    /// What the operator does when the primary engine or its node is lost.
+    #[serde(default)]
+    pub failover: Failover,
+
+    /// Whether hosts may read the secondary's copy.
+    #[serde(default)]
+    pub secondary_access: SecondaryAccess,
+
+    /// Filesystem (default) or Block; copied to the PersistentVolume and the claim.
+    #[serde(default)]
+    pub volume_mode: VolumeMode,
+
+    /// Filesystem the CSI plugin creates on first use (Filesystem mode only).
+    #[serde(default)]
+    pub fs_type: FsType,
+
+    /// When set, the operator also creates a PersistentVolumeClaim bound to the volume's PersistentVolume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimSpec>,
+}
+
+/// Replication settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Replication {
+    /// `Async` acknowledges host writes once they are durable locally; `Sync` waits for the secondary too.
+    #[serde(default)]
+    pub mode: ReplicationMode,
+    /// Journal bound (binary quantity). Unset: the engine's default. Also sizes the engines' own PVCs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]{0,15}(Ki|Mi|Gi|Ti)?$"), length(max = 20))]
+    pub journal_size: Option<String>,
+}
+
+/// Replication mode.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ReplicationMode {
+    #[default]
+    Async,
+    Sync,
+}
+
+/// Node placement: either two named nodes or a selector the operator picks two distinct nodes from.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.nodes) != has(self.nodeSelector)").message("set exactly one of nodes or nodeSelector"),
+    validation = Rule::new("self == oldSelf").message("placement is immutable")
+)]
+pub struct Placement {
+    /// Exactly two distinct node names; the first one starts as the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() == 2 && self[0] != self[1]").message("nodes must name two distinct nodes"))]
+    #[schemars(length(min = 2, max = 2), inner(length(min = 1, max = 253)))]
+    pub nodes: Option<Vec<String>>,
+    /// Node labels; the operator picks two distinct matching nodes (anti-affinity) and records them in status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "node_selector_schema")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+}
+
+/// Storage for the engines' own files.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.hostPath) != has(self.storageClassName)").message("set exactly one of hostPath or storageClassName"),
+    validation = Rule::new("self == oldSelf").message("engineStorage is immutable")
+)]
+pub struct EngineStorage {
+    /// A directory on each node; the engine uses `<hostPath>/<namespace>/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^/"), length(max = 1024))]
+    pub host_path: Option<String>,
+    /// A StorageClass for one PersistentVolumeClaim per engine (it must provide node-local storage
+    /// reachable from the engine's node, e.g. a local-path provisioner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+}
+
+/// Failover settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Failover {
+    /// `WaitForPrimary` never promotes without the old primary's differential table (no lost writes);
+    /// `ForcePromote` promotes anyway after `peerTimeout` and reports what was lost.
+    #[serde(default)]
+    pub policy: FailoverPolicy,
+    /// How long the engine keeps trying the old primary during a takeover, and how long a primary engine
+    /// may stay unready before the operator acts (`500ms`, `30s`, `2m`).
+    #[serde(default = "default_peer_timeout")]
+    #[schemars(regex(pattern = r"^[0-9]{1,6}(ms|s|m)$"))]
+    pub peer_timeout: String,
+    /// Release (force-delete) workload pods and VolumeAttachments stuck on a lost node once its writes are
+    /// fenced, so they reschedule at once.
+    #[serde(default = "default_true")]
+    pub release_workloads: bool,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Self {
+            policy: FailoverPolicy::default(),
+            peer_timeout: default_peer_timeout(),
+            release_workloads: true,
+        }
+    }
+}
+
+fn default_peer_timeout() -> String {
+    "30s".to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Takeover policy when the old primary cannot be reached (DESIGN.md §4 step 7).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum FailoverPolicy {
+    #[default]
+    WaitForPrimary,
+    ForcePromote,
+}
+
+impl FailoverPolicy {
+    /// The value of the PV attribute `tandem.dev/takeover-policy` the CSI plugin reads.
+    pub fn csi_value(self) -> &'static str {
+        match self {
+            FailoverPolicy::WaitForPrimary => "wait",
+            FailoverPolicy::ForcePromote => "force",
+        }
+    }
+}
+
+/// Host access to the secondary's copy.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SecondaryAccess {
+    #[default]
+    None,
+    ReadOnly,
+}
+
+/// Kubernetes volume mode.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum VolumeMode {
+    #[default]
+    Filesystem,
+    Block,
+}
+
+impl VolumeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeMode::Filesystem => "Filesystem",
+            VolumeMode::Block => "Block",
+        }
+    }
+}
+
+/// Filesystem type for Filesystem volumes.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    #[default]
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+}
+
+/// The claim the operator creates and binds to the volume.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimSpec {
+    /// Name of the PersistentVolumeClaim, in the MirroredVolume's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Lifecycle phase (DESIGN.md §5).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Phase {
+    #[default]
+    Creating,
+    Syncing,
+    Synced,
+    Degraded,
+    TakingOver,
+    Reversing,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Creating => "Creating",
+            Phase::Syncing => "Syncing",
+            Phase::Synced => "Synced",
+            Phase::Degraded => "Degraded",
+            Phase::TakingOver => "TakingOver",
+            Phase::Reversing => "Reversing",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// One of the two engine slots. Slot `a` runs on the first placement node, `b` on the second; roles move
+/// between slots on takeover, the slots never move.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub const BOTH: [Slot; 2] = [Slot::A, Slot::B];
+
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+    pub fn index(self) -> usize {
+        match self {
+            Slot::A => 0,
+            Slot::B => 1,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::A => "a",
+            Slot::B => "b",
+        }
+    }
+}
+
+/// Engine role as the operator wants it (and as engines report it).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum EngineRole {
+    Primary,
+    Secondary,
+    Fenced,
+    Unknown,
+}
+
+impl EngineRole {
+    /// The value of the engine's `--role` flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            EngineRole::Primary => "primary",
+            _ => "secondary",
+        }
+    }
+}
+
+/// Observed state of a MirroredVolume.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MirroredVolumeStatus {
+    #[serde(default)]
+    pub phase: Phase,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The pair's epoch: bumped by every takeover; engines refuse requests from older epochs.
+    #[serde(default)]
+    pub epoch: u64,
+    /// The two nodes the engines are pinned to, slot a then slot b (resolved from the placement once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<EngineStatusRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<EngineStatusRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover: Option<TakeoverStatus>,
+    /// Nodes found lost, with the epoch at the time: writers there are fenced once the epoch moved past it
+    /// (or the node carries the `node.kubernetes.io/out-of-service` taint).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_nodes: Vec<LostNode>,
+    /// Ready, Synced, Degraded, TakeoverInProgress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One engine of the pair as seen by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineStatusRef {
+    pub slot: Slot,
+    pub node: String,
+    pub pod: String,
+    pub role: EngineRole,
+    /// gRPC address (`host:port`).
+    pub address: String,
+    /// Whether the engine answered its last Status call.
+    #[serde(default)]
+    pub reachable: bool,
+}
+
+/// Replication lag as the primary reports it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationStatus {
+    pub pending_blocks: u64,
+    pub pending_bytes: u64,
+    pub lag_seconds: f64,
+    /// Human summary for `kubectl get` (`0B`, `48KiB/1.2s`).
+    pub lag: String,
+    /// Resync progress of the secondary, 0..1.
+    #[serde(default)]
+    pub resync_progress: f64,
+    #[serde(default)]
+    pub peer_connected: bool,
+}
+
+/// The last (or current) takeover.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TakeoverStatus {
+    /// Why the operator started it (`PrimaryPodLost`, `PrimaryNodeLost`, ...).
+    pub reason: String,
+    pub from_node: String,
+    pub to_node: String,
+    /// When the operator first saw the primary lost (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    /// Engine-side time from request to readiness.
+    #[serde(default)]
+    pub ready_ms: u64,
+    /// Blocks still owed by the old primary (drained in the background or read through).
+    #[serde(default)]
+    pub pending_blocks: u64,
+    #[serde(default)]
+    pub proxied_reads: u64,
+    /// Forced promotion only: blocks whose newest content was lost, and the lost sequence range.
+    #[serde(default)]
+    pub lost_blocks: u64,
+    #[serde(default)]
+    pub lost_seq_from: u64,
+    #[serde(default)]
+    pub lost_seq_to: u64,
+    /// Attempts so far (a `WaitForPrimary` takeover is retried while the old primary is unreachable).
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// A node the operator considers lost.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LostNode {
+    pub node: String,
+    /// The epoch when the loss was first seen.
+    pub epoch: u64,
+    pub since: String,
+    /// Workload pods already released from this node.
+    #[serde(default)]
+    pub released: bool,
+}
+
+/// A status condition in the shape of Kubernetes' `metav1.Condition`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// RFC 3339 time of the last change of `status`.
+    pub last_transition_time: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// A bounded label map (bounded so the CEL cost of `self == oldSelf` stays small).
+fn node_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "maxProperties": 16,
+        "additionalProperties": {"type": "string", "maxLength": 63},
+        "description": "Node labels; the operator picks two distinct ready matching nodes (anti-affinity) and records them in status."
+    })
+}
+
+/// `conditions` is a list-map keyed on `type`, like every Kubernetes condition list.
+fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
+    schema
+}
+
+/// Parses a binary quantity (`10Gi`, `512Mi`, `4096`) into bytes. Only the suffixes the schema allows.
+pub fn parse_quantity(s: &str) -> Option<u64> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let shift = match suffix {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        "Ti" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
+}
+
+/// Parses `500ms`, `30s` or `2m`.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "ms" => Some(std::time::Duration::from_millis(n)),
+        "s" => Some(std::time::Duration::from_secs(n)),
+        "m" => Some(std::time::Duration::from_secs(n.checked_mul(60)?)),
+        _ => None,
+    }
+}
+
+/// Formats bytes with a binary suffix, e.g. `48KiB` or `1.5MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut div = 1u64;
+    while unit < UNITS.len() - 1 && bytes / div >= 1024 {
+        div *= 1024;
+        unit += 1;
+    }
+    if bytes % div == 0 {
+        format!("{}{}", bytes / div, UNITS[unit])
+    } else {
+        format!("{:.1}{}", bytes as f64 / div as f64, UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    /// crds/ holds exactly what `tandem-operator crd` prints (regenerate with
+    /// `cargo run -q -p operator -- crd > crds/mirroredvolumes.tandem.dev.yaml`).
+    #[test]
+    fn committed_crd_matches_the_code() {
+        let generated = serde_yaml::to_string(&MirroredVolume::crd()).unwrap();
+        let committed = include_str!("../../crds/mirroredvolumes.tandem.dev.yaml");
+        assert!(
+            generated == committed,
+            "crds/mirroredvolumes.tandem.dev.yaml is stale: run `cargo run -q -p operator -- crd > crds/mirroredvolumes.tandem.dev.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_has_the_contract_names_and_validation() {
+        let crd = serde_json::to_value(MirroredVolume::crd()).unwrap();
+        assert_eq!(crd["metadata"]["name"], "mirroredvolumes.tandem.dev");
+        assert_eq!(
+            crd["spec"]["names"]["shortNames"],
+            serde_json::json!(["mv"])
+        );
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["name"], "v1alpha1");
+        assert!(version["subresources"]["status"].is_object());
+        let columns: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            columns,
+            ["Phase", "Primary", "Secondary", "Lag", "Epoch", "Age"]
+        );
+        let text = crd.to_string();
+        for rule in [
+            "quantity(self).compareTo(quantity(oldSelf)) >= 0",
+            "self.size() == 2 && self[0] != self[1]",
+            "has(self.nodes) != has(self.nodeSelector)",
+            "has(self.hostPath) != has(self.storageClassName)",
+        ] {
+            assert!(text.contains(rule), "missing CEL rule {rule}");
+        }
+        let conditions = &version["schema"]["openAPIV3Schema"]["properties"]["status"]
+            ["properties"]["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            conditions["x-kubernetes-list-map-keys"],
+            serde_json::json!(["type"])
+        );
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("4096"), Some(4096));
+        assert_eq!(parse_quantity("1Ki"), Some(1024));
+        assert_eq!(parse_quantity("10Gi"), Some(10 << 30));
+        assert_eq!(parse_quantity("2Ti"), Some(2 << 40));
+        assert_eq!(parse_quantity("1G"), None);
+        assert_eq!(parse_quantity("Gi"), None);
+        assert_eq!(parse_quantity("99999999999999999Ti"), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("500ms"),
+            Some(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("30s"),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_duration("2m"),
+            Some(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(parse_duration("2h"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_bytes(0), "0B");
+        assert_eq!(human_bytes(49152), "48KiB");
+        assert_eq!(human_bytes(3 << 30), "3GiB");
+        assert_eq!(human_bytes(12345), "12.1KiB");
+        assert_eq!(human_bytes(1000), "1000B");
+        assert_eq!(human_bytes(20000), "19.5KiB");
+    }
+
+    #[test]
+    fn slots() {
+        assert_eq!(Slot::A.other(), Slot::B);
+        assert_eq!(Slot::B.index(), 1);
+        assert_eq!(FailoverPolicy::ForcePromote.csi_value(), "force");
+    }
+
+    #[test]
+    fn spec_defaults_from_minimal_yaml() {
+        let spec: MirroredVolumeSpec = serde_yaml::from_str(
+            "size: 1Gi\nplacement: {nodes: [n1, n2]}\nengineStorage: {hostPath: /var/lib/tandem}\n",
+        )
+        .unwrap();
+        assert_eq!(spec.failover.peer_timeout, "30s");
+        assert!(spec.failover.release_workloads);
+        assert_eq!(spec.replication.mode, ReplicationMode::Async);
+        assert_eq!(spec.volume_mode, VolumeMode::Filesystem);
+        assert_eq!(spec.fs_type, FsType::Ext4);
+    }
+}

@@ -1,0 +1,283 @@
+//! The operator's view of the engine API (`tandem.engine.v1`): a small trait with the two calls the
+//! operator needs, a real implementation over `storage_engine::client::EngineClient`, and (in tests) a fake.
+//!
+//! Keeping the trait this narrow lets the reconciler be tested without engines, and keeps prost types out of
+//! the operator.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use storage_engine::client::{ClientError, EngineClient, TakeoverPolicy};
+
+use crate::crd::{EngineRole, FailoverPolicy};
+
+/// Where and how to reach one engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineTarget {
+    /// gRPC address, `host:port`.
+    pub address: String,
+    /// Engine volume name (the export name).
+    pub volume: String,
+    /// The volume token, when known.
+    pub token: Option<String>,
+}
+
+/// What the operator uses from an engine's `Status` reply.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct EngineState {
+    pub role: Option<EngineRole>,
+    pub epoch: u64,
+    /// Free-form pair state from the engine (`Synced`, `Resyncing`, ...).
+    pub pair_state: String,
+    pub peer_connected: bool,
+    pub pending_blocks: u64,
+    pub pending_bytes: u64,
+    pub lag_seconds: f64,
+    pub resync_progress: f64,
+    /// Takeover progress, on a new primary.
+    pub takeover_phase: String,
+    pub peer_pending_blocks: u64,
+    pub proxied_reads: u64,
+}
+
+/// Result of a successful takeover call.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct TakeoverOutcome {
+    pub epoch: u64,
+    pub ready_ms: u64,
+    pub peer_pending_blocks: u64,
+    pub lost_blocks: u64,
+    pub lost_seq_from: u64,
+    pub lost_seq_to: u64,
+    pub already_primary: bool,
+}
+
+/// Why an engine call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Could not connect or the call timed out: the engine may be down.
+    #[error("engine at {address} unreachable: {message}")]
+    Unreachable { address: String, message: String },
+    /// The engine answered with an error (wrong state, stale epoch, peer unreachable under WaitForPrimary...).
+    #[error("engine at {address} refused {op}: {message}")]
+    Refused {
+        address: String,
+        op: &'static str,
+        message: String,
+    },
+}
+
+/// The engine calls the operator makes.
+pub trait EngineApi: Send + Sync {
+    /// `Status` of the volume on one engine.
+    fn status<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<EngineState, EngineError>>;
+    /// `Takeover` on the secondary: fence the primary, take its table, become primary at a higher epoch.
+    fn takeover<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        policy: FailoverPolicy,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<TakeoverOutcome, EngineError>>;
+}
+
+/// The real engine API over gRPC. Connects per call (the operator calls rarely and engines move).
+#[derive(Clone, Debug)]
+pub struct GrpcEngines {
+    /// Upper bound for a Status call including connecting.
+    pub status_timeout: Duration,
+}
+
+impl Default for GrpcEngines {
+    fn default() -> Self {
+        Self {
+            status_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+fn map_client_error(address: &str, op: &'static str, err: ClientError) -> EngineError {
+    match err {
+        ClientError::Rpc { status, .. }
+            if !matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ) =>
+        {
+            EngineError::Refused {
+                address: address.to_string(),
+                op,
+                message: format!("{:?}: {}", status.code(), status.message()),
+            }
+        }
+        other => EngineError::Unreachable {
+            address: address.to_string(),
+            message: other.to_string(),
+        },
+    }
+}
+
+fn role_from_pb(role: i32) -> Option<EngineRole> {
+    use storage_engine::pb::Role;
+    match Role::try_from(role).ok()? {
+        Role::Primary => Some(EngineRole::Primary),
+        Role::Secondary => Some(EngineRole::Secondary),
+        Role::Fenced => Some(EngineRole::Fenced),
+        Role::Unspecified => None,
+    }
+}
+
+impl EngineApi for GrpcEngines {
+    fn status<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<EngineState, EngineError>> {
+        Box::pin(async move {
+            let call = async {
+                let mut client = EngineClient::connect(&target.address, target.token.as_deref())
+                    .await
+                    .map_err(|e| map_client_error(&target.address, "Status", e))?;
+                client
+                    .status(&target.volume)
+                    .await
+                    .map_err(|e| map_client_error(&target.address, "Status", e))
+            };
+            let reply = tokio::time::timeout(self.status_timeout, call)
+                .await
+                .map_err(|_| EngineError::Unreachable {
+                    address: target.address.clone(),
+                    message: format!("no answer within {:?}", self.status_timeout),
+                })??;
+            Ok(EngineState {
+                role: role_from_pb(reply.role),
+                epoch: reply.epoch,
+                pair_state: reply.pair_state,
+                peer_connected: reply.peer_connected,
+                pending_blocks: reply.pending_blocks,
+                pending_bytes: reply.pending_bytes,
+                lag_seconds: reply.lag_seconds,
+                resync_progress: reply.resync_progress,
+                takeover_phase: reply.takeover_phase,
+                peer_pending_blocks: reply.peer_pending_blocks,
+                proxied_reads: reply.proxied_reads,
+            })
+        })
+    }
+
+    fn takeover<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        policy: FailoverPolicy,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<TakeoverOutcome, EngineError>> {
+        Box::pin(async move {
+            let pb_policy = match policy {
+                FailoverPolicy::WaitForPrimary => TakeoverPolicy::Wait,
+                FailoverPolicy::ForcePromote => TakeoverPolicy::Force,
+            };
+            let call = async {
+                let mut client = EngineClient::connect(&target.address, target.token.as_deref())
+                    .await
+                    .map_err(|e| map_client_error(&target.address, "Takeover", e))?;
+                client
+                    .takeover(&target.volume, pb_policy, timeout)
+                    .await
+                    .map_err(|e| map_client_error(&target.address, "Takeover", e))
+            };
+            // The engine bounds the call by `timeout`; allow for connecting and the answer on top.
+            let reply = tokio::time::timeout(timeout + Duration::from_secs(10), call)
+                .await
+                .map_err(|_| EngineError::Unreachable {
+                    address: target.address.clone(),
+                    message: "takeover did not answer in time".to_string(),
+                })??;
+            Ok(TakeoverOutcome {
+                epoch: reply.epoch,
+                ready_ms: reply.ready_ms,
+                peer_pending_blocks: reply.peer_pending_blocks,
+                lost_blocks: reply.lost_blocks,
+                lost_seq_from: reply.lost_seq_from,
+                lost_seq_to: reply.lost_seq_to,
+                already_primary: reply.already_primary,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! An in-memory engine pair for reconcile tests.
+    use std::{
+        collections::BTreeMap,
+        sync::{Arc, Mutex},
+    };
+
+    use super::*;
+
+    /// Scripted engines keyed by address. Missing address = unreachable.
+    #[derive(Clone, Default)]
+    pub struct FakeEngines {
+        pub states: Arc<Mutex<BTreeMap<String, EngineState>>>,
+        /// Takeover answers keyed by address; missing = refused.
+        pub takeovers: Arc<Mutex<BTreeMap<String, TakeoverOutcome>>>,
+        /// Every takeover call made: (address, policy).
+        pub takeover_calls: Arc<Mutex<Vec<(String, FailoverPolicy)>>>,
+    }
+
+    impl FakeEngines {
+        pub fn with_state(self, address: &str, state: EngineState) -> Self {
+            self.states
+                .lock()
+                .unwrap()
+                .insert(address.to_string(), state);
+            self
+        }
+        pub fn with_takeover(self, address: &str, outcome: TakeoverOutcome) -> Self {
+            self.takeovers
+                .lock()
+                .unwrap()
+                .insert(address.to_string(), outcome);
+            self
+        }
+        pub fn calls(&self) -> Vec<(String, FailoverPolicy)> {
+            self.takeover_calls.lock().unwrap().clone()
+        }
+    }
+
+    impl EngineApi for FakeEngines {
+        fn status<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+        ) -> BoxFuture<'a, Result<EngineState, EngineError>> {
+            let found = self.states.lock().unwrap().get(&target.address).cloned();
+            Box::pin(async move {
+                found.ok_or_else(|| EngineError::Unreachable {
+                    address: target.address.clone(),
+                    message: "fake: no engine".into(),
+                })
+            })
+        }
+
+        fn takeover<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+            policy: FailoverPolicy,
+            _timeout: Duration,
+        ) -> BoxFuture<'a, Result<TakeoverOutcome, EngineError>> {
+            self.takeover_calls
+                .lock()
+                .unwrap()
+                .push((target.address.clone(), policy));
+            let found = self.takeovers.lock().unwrap().get(&target.address).cloned();
+            Box::pin(async move {
+                found.ok_or_else(|| EngineError::Refused {
+                    address: target.address.clone(),
+                    op: "Takeover",
+                    message: "fake: peer unreachable".into(),
+                })
+            })
+        }
+    }
+}

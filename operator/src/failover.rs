@@ -1,0 +1,711 @@
+//! Failover orchestration as pure decisions: from (spec, status, observed) to what must happen.
+//!
+//! Rules (see operator/README.md for the scenarios):
+//! - **Primary lost** (its node is gone/NotReady, its pod is gone or failed, or it stayed unready longer than
+//!   `peerTimeout`) while the secondary is healthy: call `Takeover` on the secondary with the spec's policy.
+//!   The engine bumps the epoch; the status follows the engine's answer.
+//! - **Engines know best**: if an engine reports `Primary` at a higher epoch than the status (the CSI plugin
+//!   triggered a takeover), the status adopts it.
+//! - **Returning engine**: the slot that is not primary is (re)created with `--role secondary` once its pod is
+//!   gone; an old primary that is still alive is left alone (it drains its backlog and serves proxied reads,
+//!   then turns secondary by reverse replication).
+//! - **Node lost**: engine pods there are force-deleted (the kubelet kills them if the node returns), and
+//!   workload pods of the volume stuck there are released only once their writes are fenced: either the node
+//!   carries `node.kubernetes.io/out-of-service` (confirmed down), or a takeover happened after the node was
+//!   lost and the node does not hold the primary (every session opened before that takeover is refused by
+//!   the epoch). Otherwise they stay, with an event saying why: never two writers.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::{
+    crd::{
+        human_bytes, Condition, EngineRole, EngineStatusRef, LostNode, MirroredVolumeSpec,
+        MirroredVolumeStatus, Phase, ReplicationStatus, Slot, TakeoverStatus,
+    },
+    engine::TakeoverOutcome,
+    observed::{Observed, WorkloadPod},
+};
+
+/// Why a slot's engine is considered lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    NodeLost,
+    PodLost,
+    PodUnready,
+}
+
+impl Loss {
+    /// Event/condition reason for a takeover caused by this loss.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Loss::NodeLost => "PrimaryNodeLost",
+            Loss::PodLost => "PrimaryPodLost",
+            Loss::PodUnready => "PrimaryUnready",
+        }
+    }
+}
+
+/// The health of one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Pod ready on a ready node.
+    Healthy,
+    /// No pod yet (or being created); not a loss by itself.
+    Absent,
+    /// Pod exists but is not ready yet; `Some(d)` = it becomes a loss after `d` more.
+    Starting(Option<Duration>),
+    Lost(Loss),
+}
+
+/// Classifies one slot.
+pub fn slot_health(observed: &Observed, slot: Slot, peer_timeout: Duration) -> Health {
+    if observed.node(slot).is_lost() {
+        return Health::Lost(Loss::NodeLost);
+    }
+    let Some(pod) = observed.pod(slot) else {
+        return Health::Absent;
+    };
+    if pod.is_gone() {
+        return Health::Lost(Loss::PodLost);
+    }
+    if pod.ready {
+        return Health::Healthy;
+    }
+    match pod.not_ready_since {
+        Some(since) => {
+            let elapsed = observed.now.duration_since(since).unsigned_abs();
+            if elapsed >= peer_timeout {
+                Health::Lost(Loss::PodUnready)
+            } else {
+                Health::Starting(Some(peer_timeout - elapsed))
+            }
+        }
+        None => Health::Starting(None),
+    }
+}
+
+/// The slot the status names as primary (slot a before the pair was ever established).
+pub fn primary_slot(status: &MirroredVolumeStatus) -> Slot {
+    status.primary.as_ref().map(|p| p.slot).unwrap_or(Slot::A)
+}
+
+/// The pair was established: the operator has seen a primary engine serve.
+pub fn established(status: &MirroredVolumeStatus) -> bool {
+    status.primary.is_some()
+}
+
+/// Adopts the engines' own view: the engine that reports `Primary` at the highest epoch is the primary.
+/// Returns the slot whose engine moved the primary (for an event), if it changed.
+pub fn adopt_engine_view(status: &mut MirroredVolumeStatus, observed: &Observed) -> Option<Slot> {
+    let mut best: Option<(Slot, u64)> = None;
+    for slot in Slot::BOTH {
+        if let Some(engine) = observed.engine(slot) {
+            status.epoch = status.epoch.max(engine.epoch);
+            if engine.role == Some(EngineRole::Primary)
+                && best.is_none_or(|(_, e)| engine.epoch > e)
+            {
+                best = Some((slot, engine.epoch));
+            }
+        }
+    }
+    let (slot, epoch) = best?;
+    if epoch < status.epoch {
+        // A stale primary (lower epoch than the other engine knows): not the truth.
+        return None;
+    }
+    let before = status.primary.as_ref().map(|p| p.slot);
+    if before == Some(slot) {
+        return None;
+    }
+    // First sight of a primary is not a move; a change of slot is.
+    set_primary(status, observed, slot);
+    before.map(|_| slot)
+}
+
+/// Records `slot` as the primary and the other slot as the secondary.
+pub fn set_primary(status: &mut MirroredVolumeStatus, observed: &Observed, slot: Slot) {
+    status.primary = Some(engine_ref(status, observed, slot, EngineRole::Primary));
+    status.secondary = Some(engine_ref(
+        status,
+        observed,
+        slot.other(),
+        EngineRole::Secondary,
+    ));
+}
+
+fn engine_ref(
+    status: &MirroredVolumeStatus,
+    observed: &Observed,
+    slot: Slot,
+    role: EngineRole,
+) -> EngineStatusRef {
+    let node = status
+        .nodes
+        .get(slot.index())
+        .cloned()
+        .unwrap_or_else(|| observed.node(slot).name.clone());
+    EngineStatusRef {
+        slot,
+        node,
+        pod: String::new(),
+        role,
+        address: String::new(),
+        reachable: observed.engine(slot).is_some(),
+    }
+}
+
+/// A takeover the operator should start now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TakeoverIntent {
+    /// The slot that becomes primary.
+    pub to: Slot,
+    pub reason: &'static str,
+}
+
+/// What the failover logic wants before the engine call.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct FailoverDecision {
+    pub takeover: Option<TakeoverIntent>,
+    /// The primary is lost but no takeover is possible (secondary not healthy): why.
+    pub stuck: Option<String>,
+    /// Recheck after this long (a primary pod that may still become a loss).
+    pub recheck: Option<Duration>,
+}
+
+/// Decides whether to take over. Needs an established pair and a healthy, reachable secondary.
+pub fn decide(
+    status: &MirroredVolumeStatus,
+    observed: &Observed,
+    peer_timeout: Duration,
+) -> FailoverDecision {
+    let mut decision = FailoverDecision::default();
+    if !established(status) {
+        return decision;
+    }
+    let primary = primary_slot(status);
+    let secondary = primary.other();
+    match slot_health(observed, primary, peer_timeout) {
+        Health::Lost(loss) => {
+            let secondary_ok = slot_health(observed, secondary, peer_timeout) == Health::Healthy;
+            let secondary_engine = observed.engine(secondary);
+            if secondary_ok && secondary_engine.is_some() {
+                decision.takeover = Some(TakeoverIntent {
+                    to: secondary,
+                    reason: loss.reason(),
+                });
+            } else {
+                decision.stuck = Some(format!(
+                    "primary engine on {} lost ({}) and the secondary on {} is not ready to take over",
+                    observed.node(primary).name,
+                    loss.reason(),
+                    observed.node(secondary).name
+                ));
+            }
+        }
+        Health::Starting(Some(left)) => decision.recheck = Some(left),
+        Health::Absent if observed.engine(primary).is_none() => {
+            // The primary's pod vanished (deleted by someone): that is a pod loss too.
+            let secondary_ok = slot_health(observed, secondary, peer_timeout) == Health::Healthy;
+            if secondary_ok && observed.engine(secondary).is_some() {
+                decision.takeover = Some(TakeoverIntent {
+                    to: secondary,
+                    reason: Loss::PodLost.reason(),
+                });
+            }
+        }
+        _ => {}
+    }
+    // A workload stuck on the lost secondary node cannot be fenced by a handover (the handover target is
+    // the lost node): nothing to decide here, `release` reports it.
+    decision
+}
+
+/// Updates the status after a successful takeover.
+pub fn record_takeover(
+    status: &mut MirroredVolumeStatus,
+    observed: &Observed,
+    intent: &TakeoverIntent,
+    outcome: &TakeoverOutcome,
+) {
+    let from = intent.to.other();
+    status.epoch = status.epoch.max(outcome.epoch);
+    let started_at = status
+        .takeover
+        .as_ref()
+        .filter(|t| t.completed_at.is_none())
+        .and_then(|t| t.started_at.clone())
+        .unwrap_or_else(|| observed.now.to_string());
+    let attempts = status
+        .takeover
+        .as_ref()
+        .filter(|t| t.completed_at.is_none())
+        .map(|t| t.attempts)
+        .unwrap_or(0)
+        + 1;
+    status.takeover = Some(TakeoverStatus {
+        reason: intent.reason.to_string(),
+        from_node: observed.node(from).name.clone(),
+        to_node: observed.node(intent.to).name.clone(),
+        started_at: Some(started_at),
+        completed_at: Some(observed.now.to_string()),
+        ready_ms: outcome.ready_ms,
+        pending_blocks: outcome.peer_pending_blocks,
+        proxied_reads: 0,
+        lost_blocks: outcome.lost_blocks,
+        lost_seq_from: outcome.lost_seq_from,
+        lost_seq_to: outcome.lost_seq_to,
+        attempts,
+        last_error: None,
+    });
+    set_primary(status, observed, intent.to);
+    if let Some(old) = status.secondary.as_mut() {
+        old.role = EngineRole::Fenced;
+    }
+}
+
+/// Updates the status after a failed takeover attempt (it is retried on the next reconcile).
+pub fn record_takeover_failure(
+    status: &mut MirroredVolumeStatus,
+    observed: &Observed,
+    intent: &TakeoverIntent,
+    error: &str,
+) {
+    let previous = status
+        .takeover
+        .as_ref()
+        .filter(|t| t.completed_at.is_none());
+    let started_at = previous
+        .and_then(|t| t.started_at.clone())
+        .unwrap_or_else(|| observed.now.to_string());
+    let attempts = previous.map(|t| t.attempts).unwrap_or(0) + 1;
+    status.takeover = Some(TakeoverStatus {
+        reason: intent.reason.to_string(),
+        from_node: observed.node(intent.to.other()).name.clone(),
+        to_node: observed.node(intent.to).name.clone(),
+        started_at: Some(started_at),
+        completed_at: None,
+        attempts,
+        last_error: Some(error.to_string()),
+        ..Default::default()
+    });
+}
+
+/// Keeps `status.lost_nodes` in step with the engine nodes: adds newly lost ones at the current epoch,
+/// drops recovered ones. Returns the nodes newly found lost.
+pub fn track_lost_nodes(status: &mut MirroredVolumeStatus, observed: &Observed) -> Vec<String> {
+    let mut newly = Vec::new();
+    let now = observed.now.to_string();
+    for node in &observed.nodes {
+        let known = status.lost_nodes.iter().any(|l| l.node == node.name);
+        if node.is_lost() && !known {
+            status.lost_nodes.push(LostNode {
+                node: node.name.clone(),
+                epoch: status.epoch,
+                since: now.clone(),
+                released: false,
+            });
+            newly.push(node.name.clone());
+        }
+    }
+    status.lost_nodes.retain(|l| {
+        observed
+            .nodes
+            .iter()
+            .any(|n| n.name == l.node && n.is_lost())
+    });
+    newly
+}
+
+/// Release plan for workload pods stuck on lost nodes.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ReleasePlan {
+    /// Workload pods to force-delete.
+    pub pods: Vec<WorkloadPod>,
+    /// VolumeAttachments to delete.
+    pub attachments: Vec<String>,
+    /// Nodes whose workloads stay because their writes are not fenced, with the reason.
+    pub blocked: Vec<(String, String)>,
+    /// Nodes released now (to mark in status).
+    pub released_nodes: Vec<String>,
+}
+
+/// Decides which stuck workloads may be released (never two writers, see the module docs).
+pub fn release(
+    spec: &MirroredVolumeSpec,
+    status: &MirroredVolumeStatus,
+    observed: &Observed,
+) -> ReleasePlan {
+    let mut plan = ReleasePlan::default();
+    if !spec.failover.release_workloads {
+        return plan;
+    }
+    let primary_node = status.primary.as_ref().map(|p| p.node.clone());
+    for lost in &status.lost_nodes {
+        let node = observed.nodes.iter().find(|n| n.name == lost.node);
+        let out_of_service = node.is_some_and(|n| n.out_of_service);
+        let fenced_by_epoch =
+            status.epoch > lost.epoch && primary_node.as_deref() != Some(lost.node.as_str());
+        let pods: Vec<WorkloadPod> = observed
+            .workloads
+            .iter()
+            .filter(|w| w.node == lost.node)
+            .cloned()
+            .collect();
+        let attachments: Vec<String> = observed
+            .attachments
+            .iter()
+            .filter(|(_, n)| *n == lost.node)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if pods.is_empty() && attachments.is_empty() {
+            continue;
+        }
+        if out_of_service || fenced_by_epoch {
+            plan.pods.extend(pods);
+            plan.attachments.extend(attachments);
+            plan.released_nodes.push(lost.node.clone());
+        } else {
+            let why = if primary_node.as_deref() == Some(lost.node.as_str()) {
+                "the node holds the primary and no takeover has fenced it yet".to_string()
+            } else {
+                format!(
+                    "writers there may still reach the primary; confirm the node is down with the {} taint",
+                    crate::observed::OUT_OF_SERVICE_TAINT
+                )
+            };
+            plan.blocked.push((lost.node.clone(), why));
+        }
+    }
+    plan
+}
+
+/// A change to an engine pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodDeletion {
+    pub slot: Slot,
+    pub name: String,
+    /// Grace period 0: the node is lost, the pod object must go now (the kubelet kills it on return).
+    pub force: bool,
+    pub reason: &'static str,
+}
+
+/// Engine pods to delete so they are recreated with the right role: the non-primary slot's pod once it is
+/// lost, and the primary slot's pod when it failed and no takeover could replace it.
+pub fn pod_deletions(
+    status: &MirroredVolumeStatus,
+    observed: &Observed,
+    peer_timeout: Duration,
+) -> Vec<PodDeletion> {
+    let mut out = Vec::new();
+    let primary = primary_slot(status);
+    for slot in Slot::BOTH {
+        let Some(pod) = observed.pod(slot) else {
+            continue;
+        };
+        let node_lost = observed.node(slot).is_lost();
+        match slot_health(observed, slot, peer_timeout) {
+            Health::Lost(Loss::NodeLost) => {
+                // Fence: remove the pod object so the kubelet kills the engine if the node comes back.
+                // A pod already deleted gracefully is forced too: its node will never confirm.
+                out.push(PodDeletion {
+                    slot,
+                    name: pod.name.clone(),
+                    force: true,
+                    reason: "EngineNodeLost",
+                });
+            }
+            Health::Lost(Loss::PodLost) if !pod.deleting => out.push(PodDeletion {
+                slot,
+                name: pod.name.clone(),
+                force: false,
+                reason: "EnginePodFailed",
+            }),
+            // An unready old primary: restart it as secondary (an unready secondary is the kubelet's job).
+            Health::Lost(Loss::PodUnready)
+                if slot != primary
+                    && !node_lost
+                    && !pod.deleting
+                    && pod.role != Some(EngineRole::Secondary) =>
+            {
+                out.push(PodDeletion {
+                    slot,
+                    name: pod.name.clone(),
+                    force: false,
+                    reason: "RestartAsSecondary",
+                });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Fills phase, replication, conditions and engine refs from what was observed.
+pub fn summarize(
+    status: &mut MirroredVolumeStatus,
+    observed: &Observed,
+    generation: Option<i64>,
+    peer_timeout: Duration,
+    names: &dyn Fn(Slot) -> (String, String),
+    invalid: Option<&str>,
+) {
+    status.observed_generation = generation;
+    let now = observed.now.to_string();
+    let primary = primary_slot(status);
+    let secondary = primary.other();
+    let p_health = slot_health(observed, primary, peer_timeout);
+    let s_health = slot_health(observed, secondary, peer_timeout);
+    let p_engine = observed.engine(primary);
+    let s_engine = observed.engine(secondary);
+
+    for slot in Slot::BOTH {
+        let (pod, address) = names(slot);
+        let engine_ref = if slot == primary {
+            &mut status.primary
+        } else {
+            &mut status.secondary
+        };
+        if let Some(r) = engine_ref.as_mut() {
+            r.pod = pod;
+            r.address = address;
+            r.reachable = observed.engine(slot).is_some();
+            if let Some(e) = observed.engine(slot) {
+                if let Some(role) = e.role {
+                    r.role = role;
+                }
+            }
+        }
+    }
+
+    if let Some(e) = p_engine {
+        status.replication = Some(ReplicationStatus {
+            pending_blocks: e.pending_blocks,
+            pending_bytes: e.pending_bytes,
+            lag_seconds: e.lag_seconds,
+            lag: if e.pending_bytes == 0 {
+                "0B".to_string()
+            } else {
+                format!("{}/{:.1}s", human_bytes(e.pending_bytes), e.lag_seconds)
+            },
+            resync_progress: e.resync_progress,
+            peer_connected: e.peer_connected,
+        });
+        if let Some(t) = status.takeover.as_mut() {
+            if t.completed_at.is_some() {
+                t.pending_blocks = e.peer_pending_blocks;
+                t.proxied_reads = t.proxied_reads.max(e.proxied_reads);
+            }
+        }
+    }
+
+    let primary_serving = p_engine.is_some_and(|e| e.role == Some(EngineRole::Primary));
+    let takeover_running = status
+        .takeover
+        .as_ref()
+        .is_some_and(|t| t.completed_at.is_none())
+        || p_engine.is_some_and(|e| in_progress(&e.takeover_phase));
+    let reversing = p_engine.is_some_and(|e| e.pair_state.to_ascii_lowercase().contains("revers"));
+    let both_up = p_health == Health::Healthy && s_health == Health::Healthy;
+    let synced = both_up
+        && primary_serving
+        && s_engine.is_some()
+        && p_engine.is_some_and(|e| e.peer_connected && is_synced(&e.pair_state, e.pending_blocks));
+    let one_lost = matches!(p_health, Health::Lost(_)) || matches!(s_health, Health::Lost(_));
+
+    let phase = if invalid.is_some() {
+        Phase::Failed
+    } else if takeover_running {
+        Phase::TakingOver
+    } else if !established(status) {
+        Phase::Creating
+    } else if matches!(p_health, Health::Lost(_)) && matches!(s_health, Health::Lost(_)) {
+        Phase::Failed
+    } else if one_lost
+        || (established(status) && (s_health == Health::Absent || s_engine.is_none()))
+    {
+        Phase::Degraded
+    } else if reversing {
+        Phase::Reversing
+    } else if synced {
+        Phase::Synced
+    } else {
+        Phase::Syncing
+    };
+    status.phase = phase;
+
+    let gen = generation;
+    let (ready, ready_reason, ready_msg) = if let Some(msg) = invalid {
+        (false, "InvalidSpec", msg.to_string())
+    } else if primary_serving {
+        (
+            true,
+            "PrimaryServing",
+            format!(
+                "primary engine on {} serves at epoch {}",
+                observed.node(primary).name,
+                status.epoch
+            ),
+        )
+    } else if established(status) {
+        (
+            false,
+            "PrimaryUnavailable",
+            "the primary engine does not answer".to_string(),
+        )
+    } else {
+        (
+            false,
+            "Creating",
+            "waiting for the engines to start".to_string(),
+        )
+    };
+    set_condition(
+        &mut status.conditions,
+        "Ready",
+        ready,
+        ready_reason,
+        &ready_msg,
+        gen,
+        &now,
+    );
+    let (s_reason, s_msg) = if synced {
+        (
+            "InSync",
+            "the secondary holds every acknowledged write".to_string(),
+        )
+    } else if reversing {
+        (
+            "Reversing",
+            "reverse replication to the old primary".to_string(),
+        )
+    } else {
+        (
+            "NotInSync",
+            status
+                .replication
+                .as_ref()
+                .map(|r| format!("{} pending", human_bytes(r.pending_bytes)))
+                .unwrap_or_else(|| "no replication state yet".to_string()),
+        )
+    };
+    set_condition(
+        &mut status.conditions,
+        "Synced",
+        synced,
+        s_reason,
+        &s_msg,
+        gen,
+        &now,
+    );
+    let degraded = matches!(phase, Phase::Degraded | Phase::Failed);
+    let d_msg = if degraded {
+        format!(
+            "primary on {}: {:?}; secondary on {}: {:?}",
+            observed.node(primary).name,
+            p_health,
+            observed.node(secondary).name,
+            s_health
+        )
+    } else {
+        "both engines are up".to_string()
+    };
+    set_condition(
+        &mut status.conditions,
+        "Degraded",
+        degraded,
+        if degraded {
+            "EngineLost"
+        } else {
+            "PairHealthy"
+        },
+        &d_msg,
+        gen,
+        &now,
+    );
+    let t_msg = status
+        .takeover
+        .as_ref()
+        .map(|t| match (&t.completed_at, &t.last_error) {
+            (None, Some(err)) => format!(
+                "attempt {} from {} to {}: {err}",
+                t.attempts, t.from_node, t.to_node
+            ),
+            _ => format!(
+                "{} -> {}: {} blocks pending from the old primary",
+                t.from_node, t.to_node, t.pending_blocks
+            ),
+        })
+        .unwrap_or_else(|| "no takeover".to_string());
+    set_condition(
+        &mut status.conditions,
+        "TakeoverInProgress",
+        takeover_running,
+        if takeover_running {
+            "TakingOver"
+        } else {
+            "Idle"
+        },
+        &t_msg,
+        gen,
+        &now,
+    );
+}
+
+/// The engine's takeover phase string means "still draining / proxying".
+fn in_progress(phase: &str) -> bool {
+    let p = phase.to_ascii_lowercase();
+    !(p.is_empty()
+        || p == "none"
+        || p == "idle"
+        || p == "done"
+        || p == "complete"
+        || p == "completed")
+}
+
+/// The engine's pair state means "secondary is up to date".
+fn is_synced(pair_state: &str, pending_blocks: u64) -> bool {
+    let p = pair_state.to_ascii_lowercase();
+    if p.is_empty() {
+        return pending_blocks == 0;
+    }
+    p == "synced" || p == "insync" || p == "in_sync" || (p == "replicating" && pending_blocks == 0)
+}
+
+/// Sets a condition, keeping `lastTransitionTime` when the status did not change.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    value: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &str,
+) {
+    let status = if value { "True" } else { "False" };
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = now.to_string();
+            }
+            c.status = status.to_string();
+            c.reason = reason.to_string();
+            c.message = message.to_string();
+            c.observed_generation = generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            observed_generation: generation,
+            last_transition_time: now.to_string(),
+            reason: reason.to_string(),
+            message: message.to_string(),
+        }),
+    }
+}
+
+/// Converts a timestamp for status fields.
+pub fn rfc3339(t: Timestamp) -> String {
+    t.to_string()
+}

@@ -1,0 +1,86 @@
+//! Tandem operator: reconciles `MirroredVolume`s (`tandem.dev/v1alpha1`) into a pair of engine pods, their
+//! Services, the token Secret, a PersistentVolume for `csi.tandem.dev` and optionally a claim, and
+//! orchestrates failover when an engine or its node is lost.
+//!
+//! Layout: [`crd`] (types), [`observed`] (facts from the API), [`plan`] and [`failover`] (pure decisions),
+//! [`controller`] (the reconciler: observe, decide, apply), [`engine`] (the engine API behind a trait),
+//! [`leader`] (Lease election), [`metrics`], [`http`] (probes and `/metrics`), [`telemetry`] (logs).
+
+pub mod controller;
+pub mod crd;
+pub mod engine;
+pub mod failover;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod observed;
+pub mod plan;
+pub mod telemetry;
+
+#[cfg(test)]
+pub mod fixtures;
+
+/// Errors of the operator's library code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API error: {0}")]
+    Kube(#[source] kube::Error),
+
+    /// An object could not be serialized for an apply patch.
+    #[error("serialization error: {0}")]
+    Serialization(#[source] serde_json::Error),
+
+    /// The finalizer machinery failed (adding/removing it, or the wrapped apply/cleanup).
+    #[error("finalizer error: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+
+    /// The object lacks a namespace or name.
+    #[error("MirroredVolume has no {0}")]
+    MissingObjectKey(&'static str),
+
+    /// Cleanup must wait: a claim still uses the volume.
+    #[error("volume still in use by claim {0}")]
+    VolumeInUse(String),
+
+    /// Could not make a token for the volume.
+    #[error("cannot generate a token: {0}")]
+    Token(String),
+}
+
+impl Error {
+    /// A short label for the failures metric, e.g. `kube` or `finalizer(applyfailed(kube))`.
+    pub fn metric_label(&self) -> String {
+        match self {
+            Error::Kube(_) => "kube".into(),
+            Error::Serialization(_) => "serialization".into(),
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e) => {
+                    format!("finalizer(applyfailed({}))", e.metric_label())
+                }
+                kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    format!("finalizer(cleanupfailed({}))", e.metric_label())
+                }
+                kube::runtime::finalizer::Error::AddFinalizer(_) => {
+                    "finalizer(addfinalizer)".into()
+                }
+                kube::runtime::finalizer::Error::RemoveFinalizer(_) => {
+                    "finalizer(removefinalizer)".into()
+                }
+                _ => "finalizer(other)".into(),
+            },
+            Error::MissingObjectKey(_) => "missingobjectkey".into(),
+            Error::VolumeInUse(_) => "volumeinuse".into(),
+            Error::Token(_) => "token".into(),
+        }
+    }
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        Error::Kube(e)
+    }
+}
+
+/// Result with the operator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

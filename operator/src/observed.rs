@@ -1,0 +1,249 @@
+//! What the reconciler saw of the world, reduced to the facts the pure planning code needs.
+//!
+//! Building these from API objects is the only place that knows Kubernetes' shapes (`from_pod`, `from_node`);
+//! the planning and failover code works on these plain values and is tested without any API server.
+
+use k8s_openapi::{
+    api::core::v1::{Node, Pod},
+    jiff::Timestamp,
+};
+
+use crate::{
+    crd::{EngineRole, Slot},
+    engine::EngineState,
+};
+
+/// Taint with which an administrator (or a fencing agent) declares a node shut down.
+pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+/// Annotation on engine pods: the `--role` the pod was started with.
+pub const ROLE_ANNOTATION: &str = "tandem.dev/role";
+/// Label on everything the operator creates for a volume: the MirroredVolume's name.
+pub const VOLUME_LABEL: &str = "tandem.dev/volume";
+/// Label on engine pods and services: the slot (`a` or `b`).
+pub const SLOT_LABEL: &str = "tandem.dev/slot";
+
+/// An engine pod.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct PodObs {
+    pub name: String,
+    pub node: Option<String>,
+    /// `Pending`, `Running`, `Failed`, ...
+    pub phase: String,
+    pub ready: bool,
+    /// When the pod's Ready condition last became False (None when ready or unknown).
+    pub not_ready_since: Option<Timestamp>,
+    /// The pod has a deletion timestamp.
+    pub deleting: bool,
+    /// The `--role` it was started with.
+    pub role: Option<EngineRole>,
+}
+
+impl PodObs {
+    /// Reads the facts from a Pod object.
+    pub fn from_pod(pod: &Pod) -> Self {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let status = pod.status.as_ref();
+        let ready_cond = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+        let ready = ready_cond.is_some_and(|c| c.status == "True");
+        let not_ready_since = if ready {
+            None
+        } else {
+            ready_cond
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| t.0)
+                .or_else(|| pod.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        };
+        let role = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ROLE_ANNOTATION))
+            .map(|r| match r.as_str() {
+                "primary" => EngineRole::Primary,
+                "secondary" => EngineRole::Secondary,
+                _ => EngineRole::Unknown,
+            });
+        PodObs {
+            name,
+            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
+            ready,
+            not_ready_since,
+            deleting: pod.metadata.deletion_timestamp.is_some(),
+            role,
+        }
+    }
+
+    /// The pod will never serve again: it failed, finished or is being deleted.
+    pub fn is_gone(&self) -> bool {
+        self.deleting || self.phase == "Failed" || self.phase == "Succeeded"
+    }
+}
+
+/// A node the volume cares about.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeObs {
+    pub name: String,
+    /// False when the Node object does not exist (deleted from the cluster).
+    pub exists: bool,
+    /// The Ready condition is True.
+    pub ready: bool,
+    /// The node carries the out-of-service taint: it is confirmed down.
+    pub out_of_service: bool,
+    /// `kubernetes.io/hostname` label (used in the PV's node affinity).
+    pub hostname: Option<String>,
+}
+
+impl NodeObs {
+    pub fn missing(name: &str) -> Self {
+        NodeObs {
+            name: name.to_string(),
+            exists: false,
+            ready: false,
+            out_of_service: false,
+            hostname: None,
+        }
+    }
+
+    pub fn from_node(node: &Node) -> Self {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let ready = node
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True");
+        let out_of_service = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|ts| ts.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT));
+        let hostname = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/hostname"))
+            .cloned();
+        NodeObs {
+            name,
+            exists: true,
+            ready,
+            out_of_service,
+            hostname,
+        }
+    }
+
+    /// The node is gone or not Ready (the node lifecycle controller already waited its grace period).
+    pub fn is_lost(&self) -> bool {
+        !self.exists || !self.ready || self.out_of_service
+    }
+}
+
+/// The PersistentVolume, when it exists.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct PvObs {
+    pub capacity: Option<String>,
+    /// The claim bound (or pre-bound) to it: (namespace, name).
+    pub claim: Option<(String, String)>,
+}
+
+/// A workload pod that uses the volume and sits on a lost node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadPod {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+}
+
+/// Everything one reconcile observed, per slot where it applies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub now: Timestamp,
+    /// Nodes of slot a and b.
+    pub nodes: [NodeObs; 2],
+    pub pods: [Option<PodObs>; 2],
+    /// Engine Status answers; None = unreachable or not asked.
+    pub engines: [Option<EngineState>; 2],
+    pub secret_exists: bool,
+    pub pv: Option<PvObs>,
+    /// The claim of `spec.claim` exists.
+    pub claim_exists: bool,
+    /// The engines' own PVCs exist (StorageClass storage only).
+    pub engine_pvcs: [bool; 2],
+    /// Workload pods of the volume's claim on lost engine nodes.
+    pub workloads: Vec<WorkloadPod>,
+    /// VolumeAttachments of the volume's PV: (name, node).
+    pub attachments: Vec<(String, String)>,
+}
+
+impl Observed {
+    pub fn node(&self, slot: Slot) -> &NodeObs {
+        &self.nodes[slot.index()]
+    }
+    pub fn pod(&self, slot: Slot) -> Option<&PodObs> {
+        self.pods[slot.index()].as_ref()
+    }
+    pub fn engine(&self, slot: Slot) -> Option<&EngineState> {
+        self.engines[slot.index()].as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        NodeCondition, NodeSpec, NodeStatus, PodCondition, PodStatus, Taint,
+    };
+
+    #[test]
+    fn pod_facts() {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some("v-engine-a".into());
+        pod.metadata.annotations =
+            Some([(ROLE_ANNOTATION.to_string(), "primary".to_string())].into());
+        pod.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let obs = PodObs::from_pod(&pod);
+        assert!(obs.ready);
+        assert_eq!(obs.role, Some(EngineRole::Primary));
+        assert!(!obs.is_gone());
+        assert_eq!(obs.not_ready_since, None);
+    }
+
+    #[test]
+    fn node_facts() {
+        let mut node = Node::default();
+        node.metadata.name = Some("n1".into());
+        node.status = Some(NodeStatus {
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: "Unknown".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let obs = NodeObs::from_node(&node);
+        assert!(obs.is_lost());
+        assert!(!obs.out_of_service);
+        node.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: OUT_OF_SERVICE_TAINT.into(),
+                effect: "NoExecute".into(),
+                value: Some("nodeshutdown".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        assert!(NodeObs::from_node(&node).out_of_service);
+        assert!(NodeObs::missing("x").is_lost());
+    }
+}
