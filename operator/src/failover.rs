@@ -17,8 +17,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
-
 use crate::{
     crd::{
         human_bytes, Condition, EngineRole, EngineStatusRef, LostNode, MirroredVolumeSpec,
@@ -705,7 +703,443 @@ pub fn set_condition(
     }
 }
 
-/// Converts a timestamp for status fields.
-pub fn rfc3339(t: Timestamp) -> String {
-    t.to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        crd::{FailoverPolicy, MirroredVolume},
+        engine::EngineState,
+        fixtures::engine_state,
+        observed::{NodeObs, PodObs, PvObs},
+    };
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    const T: Duration = Duration::from_secs(30);
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    fn node(name: &str, ready: bool) -> NodeObs {
+        NodeObs {
+            name: name.into(),
+            exists: true,
+            ready,
+            out_of_service: false,
+            hostname: Some(name.into()),
+        }
+    }
+
+    fn pod(slot: Slot, role: EngineRole, ready: bool, unready_for: i64) -> PodObs {
+        PodObs {
+            name: format!("data-engine-{}", slot.as_str()),
+            node: Some(if slot == Slot::A { "n1" } else { "n2" }.into()),
+            phase: "Running".into(),
+            ready,
+            not_ready_since: (!ready).then(|| {
+                now()
+                    .checked_sub(SignedDuration::from_secs(unready_for))
+                    .unwrap()
+            }),
+            deleting: false,
+            role: Some(role),
+        }
+    }
+
+    /// Both engines up: a primary on n1, a secondary on n2.
+    fn healthy() -> Observed {
+        Observed {
+            now: now(),
+            nodes: [node("n1", true), node("n2", true)],
+            pods: [
+                Some(pod(Slot::A, EngineRole::Primary, true, 0)),
+                Some(pod(Slot::B, EngineRole::Secondary, true, 0)),
+            ],
+            engines: [
+                Some(engine_state(EngineRole::Primary, 1, "Synced")),
+                Some(engine_state(EngineRole::Secondary, 1, "")),
+            ],
+            secret_exists: true,
+            pv: Some(PvObs::default()),
+            claim_exists: false,
+            engine_pvcs: [false, false],
+            workloads: vec![],
+            attachments: vec![],
+        }
+    }
+
+    fn established(primary: Slot, epoch: u64) -> MirroredVolumeStatus {
+        let mut status = MirroredVolumeStatus {
+            epoch,
+            nodes: vec!["n1".into(), "n2".into()],
+            ..Default::default()
+        };
+        set_primary(&mut status, &healthy(), primary);
+        status
+    }
+
+    #[test]
+    fn health_of_slots() {
+        let mut o = healthy();
+        assert_eq!(slot_health(&o, Slot::A, T), Health::Healthy);
+        o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 10));
+        assert_eq!(
+            slot_health(&o, Slot::A, T),
+            Health::Starting(Some(Duration::from_secs(20)))
+        );
+        o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 31));
+        assert_eq!(slot_health(&o, Slot::A, T), Health::Lost(Loss::PodUnready));
+        o.pods[0].as_mut().unwrap().phase = "Failed".into();
+        assert_eq!(slot_health(&o, Slot::A, T), Health::Lost(Loss::PodLost));
+        o.pods[0] = None;
+        assert_eq!(slot_health(&o, Slot::A, T), Health::Absent);
+        o.nodes[0].ready = false;
+        assert_eq!(slot_health(&o, Slot::A, T), Health::Lost(Loss::NodeLost));
+        o.nodes[1] = NodeObs::missing("n2");
+        assert_eq!(slot_health(&o, Slot::B, T), Health::Lost(Loss::NodeLost));
+    }
+
+    #[test]
+    fn no_takeover_before_the_pair_is_established() {
+        let mut o = healthy();
+        o.pods[0] = None;
+        o.engines[0] = None;
+        assert_eq!(
+            decide(&MirroredVolumeStatus::default(), &o, T),
+            FailoverDecision::default()
+        );
+    }
+
+    #[test]
+    fn healthy_pair_needs_nothing() {
+        assert_eq!(
+            decide(&established(Slot::A, 1), &healthy(), T),
+            FailoverDecision::default()
+        );
+    }
+
+    #[test]
+    fn primary_losses_take_over_to_the_secondary() {
+        let status = established(Slot::A, 1);
+        let cases: Vec<(&str, Box<dyn Fn(&mut Observed)>)> = vec![
+            ("PrimaryNodeLost", Box::new(|o| o.nodes[0].ready = false)),
+            (
+                "PrimaryPodLost",
+                Box::new(|o| o.pods[0].as_mut().unwrap().deleting = true),
+            ),
+            (
+                "PrimaryPodLost",
+                Box::new(|o| {
+                    o.pods[0] = None;
+                    o.engines[0] = None;
+                }),
+            ),
+            (
+                "PrimaryUnready",
+                Box::new(|o| o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 45))),
+            ),
+        ];
+        for (reason, breakage) in cases {
+            let mut o = healthy();
+            breakage(&mut o);
+            let d = decide(&status, &o, T);
+            assert_eq!(
+                d.takeover,
+                Some(TakeoverIntent {
+                    to: Slot::B,
+                    reason
+                }),
+                "{reason}"
+            );
+        }
+        // The other way round after a first takeover.
+        let mut o = healthy();
+        o.nodes[1].ready = false;
+        let d = decide(&established(Slot::B, 2), &o, T);
+        assert_eq!(d.takeover.map(|t| t.to), Some(Slot::A));
+    }
+
+    #[test]
+    fn unready_primary_within_timeout_is_rechecked_not_replaced() {
+        let mut o = healthy();
+        o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 5));
+        let d = decide(&established(Slot::A, 1), &o, T);
+        assert_eq!(d.takeover, None);
+        assert_eq!(d.recheck, Some(Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn no_takeover_to_an_unhealthy_or_silent_secondary() {
+        let status = established(Slot::A, 1);
+        let mut o = healthy();
+        o.nodes[0].ready = false;
+        o.pods[1] = Some(pod(Slot::B, EngineRole::Secondary, false, 100));
+        let d = decide(&status, &o, T);
+        assert_eq!(d.takeover, None);
+        assert!(d.stuck.unwrap().contains("n2"));
+        let mut o = healthy();
+        o.nodes[0].ready = false;
+        o.engines[1] = None;
+        assert_eq!(decide(&status, &o, T).takeover, None);
+    }
+
+    #[test]
+    fn engines_that_moved_the_primary_are_adopted() {
+        // The CSI plugin promoted slot b at epoch 2.
+        let mut status = established(Slot::A, 1);
+        let mut o = healthy();
+        o.engines = [
+            Some(engine_state(EngineRole::Fenced, 2, "")),
+            Some(engine_state(EngineRole::Primary, 2, "Draining")),
+        ];
+        assert_eq!(adopt_engine_view(&mut status, &o), Some(Slot::B));
+        assert_eq!(primary_slot(&status), Slot::B);
+        assert_eq!(status.epoch, 2);
+        // Seen again: no move.
+        assert_eq!(adopt_engine_view(&mut status, &o), None);
+    }
+
+    #[test]
+    fn a_stale_primary_is_not_adopted() {
+        let mut status = established(Slot::B, 3);
+        let mut o = healthy();
+        // Slot a restarted from old meta and still claims primary at epoch 2; slot b is primary at 3.
+        o.engines = [
+            Some(engine_state(EngineRole::Primary, 2, "")),
+            Some(engine_state(EngineRole::Primary, 3, "Synced")),
+        ];
+        assert_eq!(adopt_engine_view(&mut status, &o), None);
+        assert_eq!(primary_slot(&status), Slot::B);
+        // Only slot a answers, with its stale claim: still not adopted.
+        o.engines[1] = None;
+        assert_eq!(adopt_engine_view(&mut status, &o), None);
+        assert_eq!(primary_slot(&status), Slot::B);
+    }
+
+    #[test]
+    fn first_primary_sighting_establishes_without_a_move_event() {
+        let mut status = MirroredVolumeStatus::default();
+        assert_eq!(adopt_engine_view(&mut status, &healthy()), None);
+        assert!(established(Slot::A, 1).primary.is_some());
+        assert_eq!(primary_slot(&status), Slot::A);
+        assert_eq!(
+            status.secondary.as_ref().map(|s| s.node.as_str()),
+            Some("n2")
+        );
+    }
+
+    #[test]
+    fn takeover_outcome_bumps_epoch_and_swaps_roles() {
+        let mut status = established(Slot::A, 4);
+        let o = healthy();
+        let intent = TakeoverIntent {
+            to: Slot::B,
+            reason: "PrimaryNodeLost",
+        };
+        record_takeover_failure(&mut status, &o, &intent, "peer unreachable");
+        record_takeover_failure(&mut status, &o, &intent, "peer unreachable");
+        assert_eq!(status.takeover.as_ref().unwrap().attempts, 2);
+        assert_eq!(primary_slot(&status), Slot::A);
+        let outcome = TakeoverOutcome {
+            epoch: 5,
+            ready_ms: 3,
+            lost_blocks: 0,
+            ..Default::default()
+        };
+        record_takeover(&mut status, &o, &intent, &outcome);
+        let t = status.takeover.as_ref().unwrap();
+        assert_eq!(
+            (t.attempts, t.from_node.as_str(), t.to_node.as_str()),
+            (3, "n1", "n2")
+        );
+        assert!(t.completed_at.is_some() && t.last_error.is_none());
+        assert_eq!(status.epoch, 5);
+        assert_eq!(primary_slot(&status), Slot::B);
+        assert_eq!(status.secondary.as_ref().unwrap().role, EngineRole::Fenced);
+    }
+
+    #[test]
+    fn lost_nodes_are_tracked_at_their_epoch_and_forgotten_on_return() {
+        let mut status = established(Slot::A, 7);
+        let mut o = healthy();
+        o.nodes[1].ready = false;
+        assert_eq!(track_lost_nodes(&mut status, &o), vec!["n2".to_string()]);
+        assert_eq!(status.lost_nodes[0].epoch, 7);
+        status.epoch = 8;
+        assert!(track_lost_nodes(&mut status, &o).is_empty());
+        assert_eq!(status.lost_nodes[0].epoch, 7, "first sighting wins");
+        o.nodes[1].ready = true;
+        track_lost_nodes(&mut status, &o);
+        assert!(status.lost_nodes.is_empty());
+    }
+
+    fn with_workload(node: &str) -> Observed {
+        let mut o = healthy();
+        let i = if node == "n1" { 0 } else { 1 };
+        o.nodes[i].ready = false;
+        o.workloads = vec![WorkloadPod {
+            namespace: "default".into(),
+            name: "app-0".into(),
+            node: node.into(),
+        }];
+        o.attachments = vec![("va-1".into(), node.into())];
+        o
+    }
+
+    #[test]
+    fn release_needs_a_fence() {
+        let spec = MirroredVolume::test().spec;
+        // Primary's node lost, takeover done since: released, with its attachment.
+        let o = with_workload("n1");
+        let mut status = established(Slot::A, 1);
+        track_lost_nodes(&mut status, &o);
+        let blocked = release(&spec, &status, &o);
+        assert!(
+            blocked.pods.is_empty() && blocked.blocked.len() == 1,
+            "no takeover yet: {blocked:?}"
+        );
+        assert!(blocked.blocked[0].1.contains("holds the primary"));
+        status.epoch = 2;
+        set_primary(&mut status, &o, Slot::B);
+        let plan = release(&spec, &status, &o);
+        assert_eq!(plan.pods.len(), 1);
+        assert_eq!(plan.attachments, vec!["va-1".to_string()]);
+        assert_eq!(plan.released_nodes, vec!["n1".to_string()]);
+
+        // Secondary's node lost: its writers may still reach the primary, so nothing moves...
+        let mut o = with_workload("n2");
+        let mut status = established(Slot::A, 1);
+        track_lost_nodes(&mut status, &o);
+        let plan = release(&spec, &status, &o);
+        assert!(plan.pods.is_empty());
+        assert!(plan.blocked[0].1.contains("out-of-service"));
+        // ...until the node is confirmed down.
+        o.nodes[1].out_of_service = true;
+        assert_eq!(release(&spec, &status, &o).pods.len(), 1);
+
+        // Opted out.
+        let mut spec = spec;
+        spec.failover.release_workloads = false;
+        assert_eq!(release(&spec, &status, &o), ReleasePlan::default());
+    }
+
+    #[test]
+    fn engine_pods_on_lost_nodes_are_fenced_and_stale_ones_restarted() {
+        let status = established(Slot::B, 2);
+        let mut o = healthy();
+        o.nodes[0].ready = false;
+        let d = pod_deletions(&status, &o, T);
+        assert_eq!(d.len(), 1);
+        assert!(d[0].force && d[0].slot == Slot::A && d[0].reason == "EngineNodeLost");
+
+        // Old primary alive and ready after a takeover: left alone (it drains and serves proxied reads).
+        assert!(pod_deletions(&status, &healthy(), T).is_empty());
+
+        // Old primary unready for too long: restarted as secondary, gracefully.
+        let mut o = healthy();
+        o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 60));
+        let d = pod_deletions(&status, &o, T);
+        assert_eq!(
+            (d.len(), d[0].force, d[0].reason),
+            (1, false, "RestartAsSecondary")
+        );
+
+        // An unready secondary that already runs as secondary is the kubelet's business.
+        let mut o = healthy();
+        o.pods[0] = Some(pod(Slot::A, EngineRole::Secondary, false, 60));
+        assert!(pod_deletions(&status, &o, T).is_empty());
+
+        // A failed pod is deleted so it is recreated; one already being deleted is left to finish.
+        let mut o = healthy();
+        o.pods[1].as_mut().unwrap().phase = "Failed".into();
+        assert_eq!(pod_deletions(&status, &o, T)[0].reason, "EnginePodFailed");
+        o.pods[1].as_mut().unwrap().deleting = true;
+        assert!(pod_deletions(&status, &o, T).is_empty());
+    }
+
+    fn summarized(status: &mut MirroredVolumeStatus, o: &Observed) -> Phase {
+        let names = |s: Slot| {
+            (
+                format!("data-engine-{}", s.as_str()),
+                format!("addr-{}", s.as_str()),
+            )
+        };
+        summarize(status, o, Some(3), T, &names, None);
+        status.phase
+    }
+
+    fn cond<'a>(status: &'a MirroredVolumeStatus, t: &str) -> &'a Condition {
+        status.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn phases_and_conditions() {
+        let mut status = MirroredVolumeStatus::default();
+        let mut starting = healthy();
+        starting.engines = [None, None];
+        assert_eq!(summarized(&mut status, &starting), Phase::Creating);
+        assert_eq!(cond(&status, "Ready").reason, "Creating");
+
+        let mut status = established(Slot::A, 1);
+        assert_eq!(summarized(&mut status, &healthy()), Phase::Synced);
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(cond(&status, "Ready").status, "True");
+        assert_eq!(cond(&status, "Synced").status, "True");
+        assert_eq!(status.primary.as_ref().unwrap().address, "addr-a");
+
+        let mut o = healthy();
+        o.engines[0] = Some(EngineState {
+            pending_bytes: 49152,
+            lag_seconds: 1.25,
+            ..engine_state(EngineRole::Primary, 1, "Resyncing")
+        });
+        assert_eq!(summarized(&mut status, &o), Phase::Syncing);
+        assert_eq!(status.replication.as_ref().unwrap().lag, "48KiB/1.2s");
+        assert_eq!(cond(&status, "Synced").status, "False");
+
+        o.engines[0] = Some(engine_state(EngineRole::Primary, 1, "Reversing"));
+        assert_eq!(summarized(&mut status, &o), Phase::Reversing);
+
+        o.engines[0] = Some(EngineState {
+            takeover_phase: "Draining".into(),
+            ..engine_state(EngineRole::Primary, 1, "Synced")
+        });
+        assert_eq!(summarized(&mut status, &o), Phase::TakingOver);
+        assert_eq!(cond(&status, "TakeoverInProgress").status, "True");
+
+        let mut o = healthy();
+        o.nodes[1].ready = false;
+        o.engines[1] = None;
+        assert_eq!(summarized(&mut status, &o), Phase::Degraded);
+        assert_eq!(cond(&status, "Degraded").status, "True");
+        assert_eq!(
+            cond(&status, "Ready").status,
+            "True",
+            "the primary still serves"
+        );
+
+        o.nodes[0].ready = false;
+        o.engines[0] = None;
+        assert_eq!(summarized(&mut status, &o), Phase::Failed);
+        assert_eq!(cond(&status, "Ready").reason, "PrimaryUnavailable");
+    }
+
+    #[test]
+    fn condition_transition_time_moves_only_on_change() {
+        let mut c = Vec::new();
+        set_condition(&mut c, "Ready", true, "A", "m", Some(1), "t1");
+        set_condition(&mut c, "Ready", true, "B", "m2", Some(2), "t2");
+        assert_eq!(
+            (c[0].last_transition_time.as_str(), c[0].reason.as_str()),
+            ("t1", "B")
+        );
+        set_condition(&mut c, "Ready", false, "C", "m3", Some(2), "t3");
+        assert_eq!(c[0].last_transition_time, "t3");
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn policy_maps_to_the_csi_attribute() {
+        assert_eq!(FailoverPolicy::WaitForPrimary.csi_value(), "wait");
+    }
 }

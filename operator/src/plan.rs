@@ -663,3 +663,400 @@ pub fn desired(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        crd::{FailoverPolicy, FsType, Placement, VolumeMode},
+        observed::PvObs,
+    };
+    use k8s_openapi::jiff::Timestamp;
+
+    fn node(name: &str, ready: bool) -> NodeObs {
+        NodeObs {
+            name: name.into(),
+            exists: true,
+            ready,
+            out_of_service: false,
+            hostname: Some(format!("host-{name}")),
+        }
+    }
+
+    fn observed() -> Observed {
+        Observed {
+            now: Timestamp::from_second(1_800_000_000).unwrap(),
+            nodes: [node("n1", true), node("n2", true)],
+            pods: [None, None],
+            engines: [None, None],
+            secret_exists: false,
+            pv: None,
+            claim_exists: false,
+            engine_pvcs: [false, false],
+            workloads: vec![],
+            attachments: vec![],
+        }
+    }
+
+    fn args(pod: &Pod) -> Vec<String> {
+        pod.spec.as_ref().unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+    }
+
+    fn flag(pod: &Pod, name: &str) -> Option<String> {
+        let a = args(pod);
+        a.iter().position(|x| x == name).map(|i| a[i + 1].clone())
+    }
+
+    #[test]
+    fn names_are_deterministic() {
+        assert_eq!(names::engine("data", Slot::B), "data-engine-b");
+        assert_eq!(names::secret("data"), "data-token");
+        assert_eq!(names::pv("ns", "data"), "tandem-ns-data");
+        assert_eq!(names::engine_pvc("data", Slot::A), "data-engine-a-data");
+        assert_eq!(
+            engine_address(&MirroredVolume::test(), Slot::A, &EngineConfig::default()),
+            "data-engine-a.default.svc.cluster.local:9500"
+        );
+    }
+
+    #[test]
+    fn sizes_are_validated() {
+        let mut mv = MirroredVolume::test();
+        assert_eq!(volume_bytes(&mv), Ok(1 << 30));
+        for bad in ["512Ki", "1000000", "abc"] {
+            mv.spec.size = bad.into();
+            assert!(volume_bytes(&mv).is_err(), "{bad}");
+        }
+        mv.spec.size = "2Gi".into();
+        mv.spec.replication.journal_size = Some("64Mi".into());
+        assert_eq!(
+            engine_pvc_bytes(&mv),
+            Ok((2 << 30) + (64 << 20) + (256 << 20))
+        );
+    }
+
+    #[test]
+    fn placement_resolution() {
+        let mv = MirroredVolume::test();
+        let status = MirroredVolumeStatus::default();
+        assert_eq!(
+            choose_nodes(&mv, &status, &[]).unwrap(),
+            ["n1".to_string(), "n2".to_string()]
+        );
+
+        // Recorded nodes win over the spec (placement is immutable, selector choices are sticky).
+        let recorded = MirroredVolumeStatus {
+            nodes: vec!["x".into(), "y".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            choose_nodes(&mv, &recorded, &[]).unwrap(),
+            ["x".to_string(), "y".to_string()]
+        );
+
+        let mut sel = MirroredVolume::test();
+        sel.spec.placement = Placement {
+            nodes: None,
+            node_selector: Some(BTreeMap::from([(
+                "tandem.dev/storage".to_string(),
+                "true".to_string(),
+            )])),
+        };
+        let candidates = [
+            node("c", true),
+            node("a", false),
+            node("b", true),
+            node("d", true),
+        ];
+        assert_eq!(
+            choose_nodes(&sel, &status, &candidates).unwrap(),
+            ["b".to_string(), "c".to_string()]
+        );
+        assert!(choose_nodes(&sel, &status, &candidates[..2]).is_err());
+        assert_eq!(
+            selector_string(sel.spec.placement.node_selector.as_ref().unwrap()),
+            "tandem.dev/storage=true"
+        );
+
+        let mut same = MirroredVolume::test();
+        same.spec.placement.nodes = Some(vec!["n1".into(), "n1".into()]);
+        assert!(choose_nodes(&same, &status, &[]).is_err());
+    }
+
+    #[test]
+    fn engine_pod_carries_the_cli_contract() {
+        let mut mv = MirroredVolume::test();
+        mv.spec.replication.mode = ReplicationMode::Sync;
+        let pod = engine_pod(
+            &mv,
+            Slot::B,
+            EngineRole::Secondary,
+            "n2",
+            &EngineConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(args(&pod)[0], "serve");
+        assert_eq!(flag(&pod, "--volume").unwrap(), "data");
+        assert_eq!(flag(&pod, "--data").unwrap(), "/var/lib/tandem/data.img");
+        assert_eq!(flag(&pod, "--state-dir").unwrap(), "/var/lib/tandem/state");
+        assert_eq!(flag(&pod, "--metrics-listen").unwrap(), "0.0.0.0:9501");
+        assert_eq!(
+            flag(&pod, "--token-file").unwrap(),
+            "/etc/tandem/token/token"
+        );
+        assert_eq!(flag(&pod, "--replication").unwrap(), "sync");
+        assert_eq!(flag(&pod, "--role").unwrap(), "secondary");
+        assert_eq!(
+            flag(&pod, "--peer").unwrap(),
+            "data-engine-a.default.svc.cluster.local:9500"
+        );
+        // Optional flags only when asked for.
+        assert_eq!(flag(&pod, "--journal-size"), None);
+        assert_eq!(flag(&pod, "--secondary-access"), None);
+        mv.spec.replication.journal_size = Some("128Mi".into());
+        mv.spec.secondary_access = SecondaryAccess::ReadOnly;
+        let pod = engine_pod(
+            &mv,
+            Slot::B,
+            EngineRole::Secondary,
+            "n2",
+            &EngineConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            flag(&pod, "--journal-size").unwrap(),
+            (128u64 << 20).to_string()
+        );
+        assert_eq!(flag(&pod, "--secondary-access").unwrap(), "read-only");
+
+        let spec = pod.spec.as_ref().unwrap();
+        let labels = pod.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[SLOT_LABEL], "b");
+        assert_eq!(labels[VOLUME_LABEL], "data");
+        assert_eq!(
+            pod.metadata.owner_references.as_ref().unwrap()[0].controller,
+            Some(true)
+        );
+        let token = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "token")
+            .unwrap();
+        assert_eq!(
+            token.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("data-token")
+        );
+        let sc = spec.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+    }
+
+    #[test]
+    fn engine_storage_variants() {
+        let mut mv = MirroredVolume::test();
+        mv.spec.engine_storage.host_path = Some("/srv/tandem/".into());
+        let pod = engine_pod(
+            &mv,
+            Slot::A,
+            EngineRole::Primary,
+            "n1",
+            &EngineConfig::default(),
+        )
+        .unwrap();
+        let data = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
+        let hp = data.host_path.as_ref().unwrap();
+        assert_eq!(hp.path, "/srv/tandem/default/data");
+        assert_eq!(hp.type_.as_deref(), Some("DirectoryOrCreate"));
+
+        mv.spec.engine_storage.host_path = None;
+        mv.spec.engine_storage.storage_class_name = Some("local-path".into());
+        let pod = engine_pod(
+            &mv,
+            Slot::A,
+            EngineRole::Primary,
+            "n1",
+            &EngineConfig::default(),
+        )
+        .unwrap();
+        let data = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
+        assert_eq!(
+            data.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "data-engine-a-data"
+        );
+        let pvc = engine_pvc(&mv, Slot::A, "local-path").unwrap();
+        let req = &pvc
+            .spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"];
+        assert_eq!(req.0, "1536Mi");
+
+        mv.spec.engine_storage.storage_class_name = None;
+        assert!(engine_pod(
+            &mv,
+            Slot::A,
+            EngineRole::Primary,
+            "n1",
+            &EngineConfig::default()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn service_selects_one_slot_and_publishes_not_ready() {
+        let svc = engine_service(&MirroredVolume::test(), Slot::A);
+        let spec = svc.spec.unwrap();
+        assert_eq!(spec.selector.unwrap()[SLOT_LABEL], "a");
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
+        let ports: Vec<i32> = spec.ports.unwrap().iter().map(|p| p.port).collect();
+        assert_eq!(ports, [10809, 9500, 9501]);
+    }
+
+    #[test]
+    fn persistent_volume_matches_the_csi_contract() {
+        let mut mv = MirroredVolume::test().with_claim("app-data");
+        mv.spec.failover.policy = FailoverPolicy::ForcePromote;
+        mv.spec.fs_type = FsType::Xfs;
+        let pv = persistent_volume(&mv, &observed().nodes, &EngineConfig::default()).unwrap();
+        let spec = pv.spec.unwrap();
+        let csi = spec.csi.unwrap();
+        assert_eq!(csi.driver, "csi.tandem.dev");
+        assert_eq!(csi.volume_handle, "default/data");
+        assert_eq!(csi.fs_type.as_deref(), Some("xfs"));
+        let attrs = csi.volume_attributes.unwrap();
+        assert_eq!(attrs[ATTR_VOLUME], "data");
+        assert_eq!(attrs[ATTR_POLICY], "force");
+        assert_eq!(
+            attrs[ATTR_ENGINES],
+            "n1=data-engine-a.default.svc.cluster.local:9500,n2=data-engine-b.default.svc.cluster.local:9500"
+        );
+        assert_eq!(
+            csi.node_stage_secret_ref.unwrap().name.as_deref(),
+            Some("data-token")
+        );
+        assert_eq!(spec.storage_class_name.as_deref(), Some(""));
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Retain")
+        );
+        assert_eq!(spec.claim_ref.unwrap().name.as_deref(), Some("app-data"));
+        let term = &spec
+            .node_affinity
+            .unwrap()
+            .required
+            .unwrap()
+            .node_selector_terms[0];
+        assert_eq!(
+            term.match_expressions.as_ref().unwrap()[0]
+                .values
+                .as_deref(),
+            Some(&["host-n1".to_string(), "host-n2".to_string()][..])
+        );
+        assert!(pv.metadata.owner_references.is_none());
+
+        mv.spec.volume_mode = VolumeMode::Block;
+        let pv = persistent_volume(&mv, &observed().nodes, &EngineConfig::default()).unwrap();
+        let spec = pv.spec.unwrap();
+        assert_eq!(spec.volume_mode.as_deref(), Some("Block"));
+        assert_eq!(spec.csi.unwrap().fs_type, None);
+    }
+
+    #[test]
+    fn claim_is_prebound_and_classless() {
+        assert!(claim(&MirroredVolume::test()).is_none());
+        let pvc = claim(&MirroredVolume::test().with_claim("app-data")).unwrap();
+        let spec = pvc.spec.unwrap();
+        assert_eq!(spec.volume_name.as_deref(), Some("tandem-default-data"));
+        assert_eq!(spec.storage_class_name.as_deref(), Some(""));
+        assert_eq!(pvc.metadata.namespace.as_deref(), Some("default"));
+    }
+
+    #[test]
+    fn desired_creates_only_what_is_missing() {
+        let mv = MirroredVolume::test().with_claim("app-data");
+        let status = MirroredVolumeStatus::default();
+        let d = desired(
+            &mv,
+            &status,
+            &observed(),
+            &EngineConfig::default(),
+            Some("tok"),
+            &[],
+        )
+        .unwrap();
+        assert!(d.secret.is_some());
+        assert_eq!(d.services.len(), 2);
+        let roles: Vec<String> = d.pods.iter().map(|p| flag(p, "--role").unwrap()).collect();
+        assert_eq!(roles, ["primary", "secondary"]);
+        assert!(d.pv.is_some() && d.claim.is_some());
+        assert!(d.engine_pvcs.is_empty());
+
+        let mut o = observed();
+        o.secret_exists = true;
+        o.claim_exists = true;
+        o.pv = Some(PvObs {
+            capacity: Some("1Gi".into()),
+            claim: None,
+        });
+        o.pods[1] = Some(crate::observed::PodObs::default());
+        let d = desired(
+            &mv,
+            &status,
+            &o,
+            &EngineConfig::default(),
+            Some("tok"),
+            &[Slot::A],
+        )
+        .unwrap();
+        assert!(
+            d.secret.is_none() && d.pv.is_none() && d.claim.is_none() && d.pv_capacity.is_none()
+        );
+        assert!(d.pods.is_empty(), "slot a is being replaced, slot b exists");
+
+        // Growth patches the PV capacity.
+        let mut grown = mv.clone();
+        grown.spec.size = "2Gi".into();
+        let d = desired(&grown, &status, &o, &EngineConfig::default(), None, &[]).unwrap();
+        assert_eq!(d.pv_capacity.as_deref(), Some("2Gi"));
+        // After a takeover to slot b, a recreated slot a is a secondary.
+        let mut after = status.clone();
+        crate::failover::set_primary(&mut after, &o, Slot::B);
+        o.pods = [None, Some(crate::observed::PodObs::default())];
+        let d = desired(&mv, &after, &o, &EngineConfig::default(), None, &[]).unwrap();
+        assert_eq!(flag(&d.pods[0], "--role").as_deref(), Some("secondary"));
+    }
+
+    #[test]
+    fn engine_pvcs_with_a_storage_class() {
+        let mut mv = MirroredVolume::test();
+        mv.spec.engine_storage.host_path = None;
+        mv.spec.engine_storage.storage_class_name = Some("local-path".into());
+        let mut o = observed();
+        o.engine_pvcs = [true, false];
+        let d = desired(
+            &mv,
+            &MirroredVolumeStatus::default(),
+            &o,
+            &EngineConfig::default(),
+            None,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(d.engine_pvcs.len(), 1);
+        assert_eq!(
+            d.engine_pvcs[0].metadata.name.as_deref(),
+            Some("data-engine-b-data")
+        );
+        assert!(d.secret.is_none(), "no token given, no secret");
+    }
+}
