@@ -821,7 +821,8 @@ mod tests {
     #[test]
     fn primary_losses_take_over_to_the_secondary() {
         let status = established(Slot::A, 1);
-        let cases: Vec<(&str, Box<dyn Fn(&mut Observed)>)> = vec![
+        type Breakage = Box<dyn Fn(&mut Observed)>;
+        let cases: Vec<(&str, Breakage)> = vec![
             ("PrimaryNodeLost", Box::new(|o| o.nodes[0].ready = false)),
             (
                 "PrimaryPodLost",
