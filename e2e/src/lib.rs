@@ -1,0 +1,586 @@
+//! Harness of Tandem's local end-to-end suite (`e2e/tests/local.rs`): real `tandem-engine` processes,
+//! real `tandem-csi` plugins, and a test that plays kubelet over the CSI unix socket. Needs root,
+//! /dev/fuse and loop devices; [`skip_reason`] says why a machine cannot run it.
+//!
+//! Binaries are built (or found up to date) with the same cargo and profile that built the test,
+//! so the suite always exercises the code of this checkout.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use csi_node::pb;
+use csi_node::pb::identity_client::IdentityClient;
+use csi_node::pb::node_client::NodeClient;
+use tonic::transport::Channel;
+
+pub use csi_node::context::{KEY_ENGINES, KEY_NBD, KEY_POLICY, KEY_VOLUME};
+
+/// Why this machine cannot run the local suite, if it cannot.
+pub fn skip_reason() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("not root (attaching needs FUSE mounts, loop devices and mount(2))".into());
+    }
+    for dev in ["/dev/fuse", "/dev/loop-control"] {
+        if !Path::new(dev).exists() {
+            return Some(format!("{dev} is missing"));
+        }
+    }
+    for tool in ["losetup", "mount", "umount", "blkid", "mkfs.ext4", "dd"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("{tool} is not installed (scripts/install-deps.sh)"));
+        }
+    }
+    None
+}
+
+/// Prints the skip reason and returns true if the test should not run.
+pub fn skip(test: &str) -> bool {
+    match skip_reason() {
+        Some(why) => {
+            println!("SKIP {test}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// The suite's scenarios share loop devices and CPU; one at a time keeps them deterministic.
+/// (An async mutex: each test runs in its own runtime, and the guard lives across awaits.)
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub engine: PathBuf,
+    pub csi: PathBuf,
+}
+
+/// Builds `tandem-engine` and `tandem-csi` (a no-op when up to date) and returns their paths.
+pub fn bins() -> anyhow::Result<Bins> {
+    static BINS: OnceLock<Result<Bins, String>> = OnceLock::new();
+    BINS.get_or_init(|| build_bins().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn build_bins() -> anyhow::Result<Bins> {
+    // target/<profile>/deps/<test-exe>
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable outside a cargo target dir")?
+        .to_path_buf();
+    let release = profile_dir.file_name().and_then(|n| n.to_str()) == Some("release");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&workspace)
+        .args(["build", "--bin", "tandem-engine", "--bin", "tandem-csi"])
+        .args(["-p", "storage-engine", "-p", "csi-node"])
+        .env(
+            "CARGO_TARGET_DIR",
+            profile_dir.parent().context("target dir")?,
+        );
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().context("run cargo build")?;
+    if !out.status.success() {
+        bail!(
+            "cargo build of the binaries failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let bins = Bins {
+        engine: profile_dir.join("tandem-engine"),
+        csi: profile_dir.join("tandem-csi"),
+    };
+    for b in [&bins.engine, &bins.csi] {
+        if !b.is_file() {
+            bail!("{} was not built", b.display());
+        }
+    }
+    Ok(bins)
+}
+
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn kill_child(child: &mut Child, sig: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(child.id())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+    let _ = child.wait();
+}
+
+fn log_tail(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// One `tandem-engine serve` process (a standalone primary unless told otherwise).
+pub struct Engine {
+    pub volume: String,
+    pub nbd: String,
+    pub grpc: String,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Engine {
+    pub fn start(
+        bins: &Bins,
+        dir: &Path,
+        volume: &str,
+        size: &str,
+        token: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Engine> {
+        std::fs::create_dir_all(dir)?;
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token)?;
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::File::create(dir.join("engine.log"))?;
+        let child = Command::new(&bins.engine)
+            .arg("serve")
+            .args(["--volume", volume, "--size", size])
+            .arg("--data")
+            .arg(dir.join("data"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args([
+                "--nbd-listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start tandem-engine")?;
+        let mut e = Engine {
+            volume: volume.into(),
+            nbd: String::new(),
+            grpc: String::new(),
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        };
+        let info: serde_json::Value =
+            wait_for("the engine's ready file", Duration::from_secs(20), || {
+                std::fs::read(&ready)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+            })
+            .with_context(|| log_tail(&dir.join("engine.log")))?;
+        e.nbd = info["nbd"].as_str().context("ready.nbd")?.to_string();
+        e.grpc = info["grpc"].as_str().context("ready.grpc")?.to_string();
+        Ok(e)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_child(&mut c, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One `tandem-csi` plugin process: a node.
+pub struct Plugin {
+    pub node_id: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub health: String,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+impl Plugin {
+    pub fn start(bins: &Bins, dir: &Path, node_id: &str) -> anyhow::Result<Plugin> {
+        std::fs::create_dir_all(dir)?;
+        let health = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.to_string()
+        };
+        let mut p = Plugin {
+            node_id: node_id.into(),
+            dir: dir.to_path_buf(),
+            socket: dir.join("csi.sock"),
+            health,
+            bin: bins.csi.clone(),
+            child: None,
+        };
+        p.restart()?;
+        Ok(p)
+    }
+
+    /// Starts (again) on the same state dir.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("plugin.log"))?;
+        let child = Command::new(&self.bin)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["--node-id", &self.node_id])
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(["--health-listen", &self.health])
+            .args(["--io-timeout-secs", "10", "--attach-timeout-secs", "20"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start tandem-csi")?;
+        self.child = Some(child);
+        let sock = self.socket.clone();
+        wait_for("the CSI socket", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&sock).ok()
+        })
+        .with_context(|| log_tail(&self.dir.join("plugin.log")))?;
+        Ok(())
+    }
+
+    /// SIGKILL: the plugin dies without any cleanup, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_child(&mut c, rustix::process::Signal::KILL);
+        }
+    }
+
+    pub fn log(&self) -> String {
+        log_tail(&self.dir.join("plugin.log"))
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Csi> {
+        let ch = tonic::transport::Endpoint::try_from(format!("unix://{}", self.socket.display()))?
+            .connect()
+            .await
+            .with_context(|| format!("connect to {}", self.socket.display()))?;
+        Ok(Csi {
+            node: NodeClient::new(ch.clone()),
+            identity: IdentityClient::new(ch),
+        })
+    }
+
+    /// `GET /healthz` status line.
+    pub fn healthz(&self) -> anyhow::Result<String> {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(&self.health)?;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut s = String::new();
+        c.read_to_string(&mut s)?;
+        Ok(s.lines().next().unwrap_or_default().to_string())
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A CSI client: what kubelet holds.
+pub struct Csi {
+    pub node: NodeClient<Channel>,
+    pub identity: IdentityClient<Channel>,
+}
+
+/// Filesystem (`Some("ext4")`) or raw block (`None`) capability, single-node writer.
+pub fn capability(fs: Option<&str>) -> pb::VolumeCapability {
+    use pb::volume_capability::{
+        access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
+    };
+    pb::VolumeCapability {
+        access_type: Some(match fs {
+            Some(fs) => AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            }),
+            None => AccessType::Block(BlockVolume {}),
+        }),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+/// The volume context the operator emits for `engines` (node name → engine).
+pub fn volume_context(volume: &str, engines: &[(&str, &Engine)]) -> HashMap<String, String> {
+    let list = |f: fn(&Engine) -> &str| {
+        engines
+            .iter()
+            .map(|(n, e)| format!("{n}={}", f(e)))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    HashMap::from([
+        (KEY_VOLUME.to_string(), volume.to_string()),
+        (KEY_ENGINES.to_string(), list(|e| &e.grpc)),
+        (KEY_NBD.to_string(), list(|e| &e.nbd)),
+    ])
+}
+
+pub fn stage_request(
+    volume_id: &str,
+    staging: &Path,
+    fs: Option<&str>,
+    context: &HashMap<String, String>,
+    token: &str,
+) -> pb::NodeStageVolumeRequest {
+    pb::NodeStageVolumeRequest {
+        volume_id: volume_id.into(),
+        publish_context: HashMap::new(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(capability(fs)),
+        secrets: HashMap::from([("token".to_string(), token.to_string())]),
+        volume_context: context.clone(),
+    }
+}
+
+pub fn publish_request(
+    volume_id: &str,
+    staging: &Path,
+    target: &Path,
+    fs: Option<&str>,
+) -> pb::NodePublishVolumeRequest {
+    pb::NodePublishVolumeRequest {
+        volume_id: volume_id.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(capability(fs)),
+        readonly: false,
+        ..Default::default()
+    }
+}
+
+// ---------- what the host looks like ----------
+
+/// Mount points at or under `root`.
+pub fn mounts_under(root: &Path) -> Vec<(PathBuf, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    csi_node::mount::parse_mountinfo(&text)
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(root))
+        .map(|m| (m.mount_point, m.fs_type))
+        .collect()
+}
+
+/// Loop devices whose backing file lies under `root`.
+pub fn loops_under(root: &Path) -> Vec<(String, String)> {
+    let out = Command::new("losetup")
+        .args(["-n", "-l", "-O", "NAME,BACK-FILE"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let root = root.display().to_string();
+    out.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.collect::<Vec<_>>().join(" ")))
+        })
+        .filter(|(_, f)| f.starts_with(&root))
+        .collect()
+}
+
+/// Live attach daemons whose directory lies under `root`.
+pub fn daemons_under(root: &Path) -> Vec<u32> {
+    let root = root.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|c| {
+                            let s = String::from_utf8_lossy(&c);
+                            s.contains("attach-fuse") && s.contains(&root)
+                        })
+                        .unwrap_or(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Is the loop device in direct-I/O mode?
+pub fn loop_dio(dev: &str) -> bool {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false)
+}
+
+/// The test's scratch directory; on drop it tears down whatever a failed test left behind
+/// (mounts, loop devices, attach daemons under it), so one failure does not poison the next test.
+pub struct Scratch {
+    pub root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> anyhow::Result<Scratch> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("tandem-e2e-{name}-"))
+            .tempdir()?;
+        Ok(Scratch {
+            root: dir.path().canonicalize()?,
+            _dir: dir,
+        })
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.root.join(p)
+    }
+
+    /// Nothing of ours left on the host: no mount, loop device or attach daemon under the root.
+    pub fn assert_clean(&self) {
+        assert_eq!(mounts_under(&self.root), Vec::new(), "mounts left behind");
+        assert_eq!(
+            loops_under(&self.root),
+            Vec::new(),
+            "loop devices left behind"
+        );
+        assert_eq!(
+            daemons_under(&self.root),
+            Vec::<u32>::new(),
+            "attach daemons left behind"
+        );
+    }
+
+    fn teardown(&self) {
+        let mut mounts = mounts_under(&self.root);
+        mounts.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
+        for (m, _) in &mounts {
+            let _ = Command::new("umount").arg("-l").arg(m).output();
+        }
+        for (dev, _) in loops_under(&self.root) {
+            let _ = Command::new("losetup").args(["-d", &dev]).output();
+        }
+        for pid in daemons_under(&self.root) {
+            if let Some(p) = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        for (m, _) in mounts_under(&self.root) {
+            let _ = Command::new("umount").arg("-l").arg(m).output();
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+// ---------- data with checksums ----------
+
+/// Deterministic pseudo-random bytes (xorshift), so content can be regenerated to compare.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `n` files of varied sizes under `dir`, fsyncs them, returns name → crc32c.
+pub fn write_files(dir: &Path, prefix: &str, n: u64) -> anyhow::Result<Vec<(PathBuf, u32)>> {
+    use std::io::Write;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let len = 4096 * (1 + (i as usize * 37) % 300) + (i as usize * 131) % 4096;
+        let data = pattern(i + prefix.len() as u64 * 1000, len);
+        let p = dir.join(format!("{prefix}-{i:03}.bin"));
+        let mut f = std::fs::File::create(&p)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        out.push((p, crc32c::crc32c(&data)));
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(out)
+}
+
+/// Every file still has its checksum.
+pub fn verify_files(files: &[(PathBuf, u32)]) -> anyhow::Result<()> {
+    for (p, crc) in files {
+        let data = std::fs::read(p).with_context(|| format!("read {}", p.display()))?;
+        let got = crc32c::crc32c(&data);
+        if got != *crc {
+            bail!("{}: crc32c {got:#x}, expected {crc:#x}", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| shown.clone())?;
+    if !out.status.success() {
+        bail!("{shown}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
