@@ -558,10 +558,8 @@ mod tests {
         // makedev(7, 3), and makedev(259, 65541) whose minor needs the high bits.
         assert_eq!(dev_major_minor((7 << 8) | 3), (7, 3));
         let (major, minor) = (259u64, 65541u64);
-        let rdev = ((major & 0xfff) << 8)
-            | ((major >> 12) << 44)
-            | (minor & 0xff)
-            | ((minor >> 8) << 20);
+        let rdev =
+            ((major & 0xfff) << 8) | ((major >> 12) << 44) | (minor & 0xff) | ((minor >> 8) << 20);
         assert_eq!(dev_major_minor(rdev), (259, 65541));
     }
 }

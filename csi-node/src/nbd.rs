@@ -722,7 +722,9 @@ impl Shared {
     fn mark_broken(&self, gen: u64, why: &str) {
         let changed = {
             let mut st = lock(&self.state);
-            if st.connected_gen == Some(gen) {
+            if st.shutdown {
+                false // closing: the server hanging up after NBD_CMD_DISC is expected
+            } else if st.connected_gen == Some(gen) {
                 st.connected_gen = None;
                 st.link.connected = false;
                 st.link.last_error = Some(why.to_string());
