@@ -159,6 +159,9 @@ pub struct Engine {
     pub nbd: String,
     pub grpc: String,
     pub dir: PathBuf,
+    bin: PathBuf,
+    size: String,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -172,41 +175,50 @@ impl Engine {
         extra: &[&str],
     ) -> anyhow::Result<Engine> {
         std::fs::create_dir_all(dir)?;
-        let token_file = dir.join("token");
-        std::fs::write(&token_file, token)?;
+        std::fs::write(dir.join("token"), token)?;
+        let mut e = Engine {
+            volume: volume.into(),
+            nbd: "127.0.0.1:0".into(),
+            grpc: "127.0.0.1:0".into(),
+            dir: dir.to_path_buf(),
+            bin: bins.engine.clone(),
+            size: size.into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        e.launch()?;
+        Ok(e)
+    }
+
+    /// Starts the process on `self.nbd` / `self.grpc` (port 0 the first time), then learns the
+    /// bound addresses from its ready file.
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir.clone();
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let log = std::fs::File::create(dir.join("engine.log"))?;
-        let child = Command::new(&bins.engine)
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("engine.log"))?;
+        let child = Command::new(&self.bin)
             .arg("serve")
-            .args(["--volume", volume, "--size", size])
+            .args(["--volume", &self.volume, "--size", &self.size])
             .arg("--data")
             .arg(dir.join("data"))
             .arg("--state-dir")
             .arg(dir.join("state"))
-            .args([
-                "--nbd-listen",
-                "127.0.0.1:0",
-                "--grpc-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--nbd-listen", &self.nbd, "--grpc-listen", &self.grpc])
             .arg("--token-file")
-            .arg(&token_file)
+            .arg(dir.join("token"))
             .arg("--ready-file")
             .arg(&ready)
-            .args(extra)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("start tandem-engine")?;
-        let mut e = Engine {
-            volume: volume.into(),
-            nbd: String::new(),
-            grpc: String::new(),
-            dir: dir.to_path_buf(),
-            child: Some(child),
-        };
+        self.child = Some(child);
         let info: serde_json::Value =
             wait_for("the engine's ready file", Duration::from_secs(20), || {
                 std::fs::read(&ready)
@@ -214,11 +226,18 @@ impl Engine {
                     .and_then(|b| serde_json::from_slice(&b).ok())
             })
             .with_context(|| log_tail(&dir.join("engine.log")))?;
-        e.nbd = info["nbd"].as_str().context("ready.nbd")?.to_string();
-        e.grpc = info["grpc"].as_str().context("ready.grpc")?.to_string();
-        Ok(e)
+        self.nbd = info["nbd"].as_str().context("ready.nbd")?.to_string();
+        self.grpc = info["grpc"].as_str().context("ready.grpc")?.to_string();
+        Ok(())
     }
 
+    /// Starts again after [`Engine::kill`], on the same addresses, data and state.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.launch()
+    }
+
+    /// SIGKILL, as in a crash.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             kill_child(&mut c, rustix::process::Signal::KILL);

@@ -6,7 +6,8 @@
 //! checksums, the plugin SIGKILLed and restarted mid-way, everything still there, unpublished and
 //! unstaged leaving no mount, loop device or FUSE daemon, then staged again to prove the bytes reached
 //! the engine; the same for raw block with O_DIRECT patterns, cross-checked through the engine's NBD
-//! export with nbdcopy; bad requests get the CSI codes and change nothing.
+//! export with nbdcopy; I/O that waits out an engine crash and restart (the attach daemon reconnects
+//! and resends); bad requests get the CSI codes and change nothing.
 //!
 //! The two-node takeover scenarios come with the engine's takeover (issue 4).
 
@@ -546,4 +547,177 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
         .await
         .unwrap();
     scratch.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_waits_out_an_engine_restart() {
+    if skip("io_waits_out_an_engine_restart") {
+        return;
+    }
+    let _serial = serial().await;
+    let bins = bins().unwrap();
+    let scratch = Scratch::new("restart").unwrap();
+    let mut engine = Engine::start(
+        &bins,
+        &scratch.path("engine-a"),
+        "vol-rs",
+        "64M",
+        TOKEN,
+        &[],
+    )
+    .unwrap();
+    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let ctx = volume_context("vol-rs", &[("node-a", &engine)]);
+    let staging = scratch.path("staging");
+    let target = scratch.path("pods/p/dev");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let id = "default/pv-rs";
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    with_logs!(plugin, async {
+        let mut c = plugin.client().await?;
+        c.node
+            .node_stage_volume(stage_request(id, &staging, None, &ctx, TOKEN))
+            .await?;
+        c.node
+            .node_publish_volume(publish_request(id, &staging, &target, None))
+            .await?;
+        dd_write(&target, 0, 11, 1 << 20, &tmp)?;
+
+        // The engine crashes. The attachment reports it, and I/O issued now waits for it.
+        engine.kill();
+        let stats = |c: &mut Csi| {
+            let req = pb::NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: target.display().to_string(),
+                staging_target_path: String::new(),
+            };
+            let mut node = c.node.clone();
+            async move {
+                node.node_get_volume_stats(req)
+                    .await
+                    .map(|r| r.into_inner().volume_condition.unwrap_or_default())
+            }
+        };
+        let mut abnormal = false;
+        for _ in 0..40 {
+            if stats(&mut c).await?.abnormal {
+                abnormal = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::ensure!(
+            abnormal,
+            "the volume condition never reported the lost engine"
+        );
+        let (t2, tmp2) = (target.clone(), tmp.clone());
+        let writer =
+            std::thread::spawn(move || dd_write(&t2, 4 << 20, 12, 2 << 20, &tmp2).map(|_| ()));
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        anyhow::ensure!(
+            !writer.is_finished(),
+            "a write completed with the engine down"
+        );
+        engine.restart()?;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        anyhow::ensure!(dd_read(&target, 0, 1 << 20)? == pattern(11, 1 << 20));
+        anyhow::ensure!(dd_read(&target, 4 << 20, 2 << 20)? == pattern(12, 2 << 20));
+        let cond = stats(&mut c).await?;
+        anyhow::ensure!(
+            !cond.abnormal,
+            "still abnormal after reconnecting: {cond:?}"
+        );
+
+        c.node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await?;
+        c.node
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfs_volume_round_trip() {
+    if skip("xfs_volume_round_trip") {
+        return;
+    }
+    if !Path::new("/usr/sbin/mkfs.xfs").exists() && !Path::new("/sbin/mkfs.xfs").exists() {
+        println!("SKIP xfs_volume_round_trip: mkfs.xfs is not installed");
+        return;
+    }
+    let _serial = serial().await;
+    let bins = bins().unwrap();
+    let scratch = Scratch::new("xfs").unwrap();
+    // mkfs.xfs wants at least 300 MiB.
+    let engine = Engine::start(
+        &bins,
+        &scratch.path("engine-a"),
+        "vol-xfs",
+        "512M",
+        TOKEN,
+        &[],
+    )
+    .unwrap();
+    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let ctx = volume_context("vol-xfs", &[("node-a", &engine)]);
+    let staging = scratch.path("staging");
+    let target = scratch.path("pods/p/mount");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let id = "default/pv-xfs";
+    let stage = stage_request(id, &staging, Some("xfs"), &ctx, TOKEN);
+    let publish = publish_request(id, &staging, &target, Some("xfs"));
+    let unpublish = pb::NodeUnpublishVolumeRequest {
+        volume_id: id.into(),
+        target_path: target.display().to_string(),
+    };
+    let unstage = pb::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+    };
+
+    with_logs!(plugin, async {
+        let mut c = plugin.client().await?;
+        c.node.node_stage_volume(stage.clone()).await?;
+        anyhow::ensure!(
+            mounts_under(&scratch.root)
+                .iter()
+                .any(|(p, t)| p == &staging && t == "xfs"),
+            "no xfs at the staging path"
+        );
+        c.node.node_publish_volume(publish.clone()).await?;
+        let files = write_files(&target, "xfs", 20)?;
+        c.node.node_unpublish_volume(unpublish.clone()).await?;
+        c.node.node_unstage_volume(unstage.clone()).await?;
+        scratch.assert_clean();
+        // Asking for ext4 now must not format over the xfs.
+        let wrong = stage_request(id, &staging, Some("ext4"), &ctx, TOKEN);
+        let e = c.node.node_stage_volume(wrong).await;
+        anyhow::ensure!(
+            matches!(&e, Err(s) if s.code() == Code::FailedPrecondition),
+            "ext4 over xfs: {e:?}"
+        );
+        scratch.assert_clean();
+        c.node.node_stage_volume(stage.clone()).await?;
+        c.node.node_publish_volume(publish.clone()).await?;
+        verify_files(&files)?;
+        c.node.node_unpublish_volume(unpublish.clone()).await?;
+        c.node.node_unstage_volume(unstage.clone()).await?;
+        scratch.assert_clean();
+        Ok(())
+    });
 }
