@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .bytes(".tandem.engine.v1")
         .compile_protos(&["proto/tandem/engine/v1/engine.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

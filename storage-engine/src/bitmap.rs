@@ -198,7 +198,12 @@ impl Bitmap {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", path.display()));
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {why}", path.display()),
+            )
+        };
         if b.len() < HEADER || &b[0..8] != MAGIC {
             return Err(bad("bad magic"));
         }
@@ -214,7 +219,9 @@ impl Bitmap {
         }
         u4.copy_from_slice(&b[20..24]);
         let body = &b[HEADER..];
-        if body.len() as u64 != bits.div_ceil(64) * 8 || crc32c::crc32c(body) != u32::from_le_bytes(u4) {
+        if body.len() as u64 != bits.div_ceil(64) * 8
+            || crc32c::crc32c(body) != u32::from_le_bytes(u4)
+        {
             return Err(bad("checksum mismatch or truncated"));
         }
         let mut m = Self::new(bits);
@@ -288,7 +295,9 @@ mod tests {
         raw[n - 1] ^= 1;
         fs::write(&p, raw).unwrap();
         assert!(Bitmap::load(&p, 1000).is_err());
-        assert!(Bitmap::load(&dir.path().join("none"), 1000).unwrap().is_none());
+        assert!(Bitmap::load(&dir.path().join("none"), 1000)
+            .unwrap()
+            .is_none());
         assert!(Bitmap::from_bytes(1000, &[0u8; 3]).is_none());
     }
 }

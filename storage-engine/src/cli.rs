@@ -32,6 +32,14 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print an engine's status.
     Status(StatusArgs),
+    /// Test seam: pause, throttle, drop or hold acks on the replication link (needs --fault-injection).
+    Fault(FaultArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReplicationArg {
+    Async,
+    Sync,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,6 +80,49 @@ pub struct ServeArgs {
     /// Once listening, write {"nbd": .., "grpc": ..} with the bound addresses to this file.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// The other engine's gRPC address, HOST:PORT (makes this engine one of a pair).
+    #[arg(long)]
+    pub peer: Option<String>,
+    /// async: acknowledge after the local write; sync: after the secondary has it durably.
+    #[arg(long, value_enum, default_value_t = ReplicationArg::Async)]
+    pub replication: ReplicationArg,
+    /// Replication bandwidth cap in bytes per second (suffixes as for --size; 0 = unlimited).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    pub replication_rate: u64,
+    /// Journal capacity; when it overflows, replication falls back to the differential table.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    pub journal_size: u64,
+    /// Sync mode: how long a write waits for the peer before it stands on the local copy alone.
+    #[arg(long, default_value_t = 5000)]
+    pub sync_timeout_ms: u64,
+    /// Serve Prometheus metrics on this address, HOST:PORT.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Allow the InjectFault RPC (tests and benchmarks only).
+    #[arg(long)]
+    pub fault_injection: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FaultArgs {
+    #[arg(long)]
+    pub grpc: String,
+    #[arg(long)]
+    pub volume: String,
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Stop (true) or resume (false) sending replication messages.
+    #[arg(long)]
+    pub pause: Option<bool>,
+    /// Hold (true) or release (false) received acknowledgements.
+    #[arg(long)]
+    pub hold_acks: Option<bool>,
+    /// Close the replication stream now (the sender reconnects).
+    #[arg(long)]
+    pub drop_link: bool,
+    /// Bandwidth cap in bytes per second (0 = unlimited).
+    #[arg(long, value_parser = parse_size)]
+    pub rate: Option<u64>,
 }
 
 #[derive(Debug, Args)]

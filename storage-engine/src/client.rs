@@ -122,6 +122,21 @@ impl EngineClient {
             })
     }
 
+    /// Test seam on the replication link (the engine must run with --fault-injection).
+    pub async fn inject_fault(
+        &mut self,
+        req: pb::FaultRequest,
+    ) -> Result<pb::FaultReply, ClientError> {
+        self.inner
+            .inject_fault(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "InjectFault",
+                status,
+            })
+    }
+
     /// Makes this engine (the secondary) the primary; see DESIGN.md §4.
     pub async fn takeover(
         &mut self,

@@ -11,13 +11,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::{
-    cli::{RoleArg, ServeArgs, StatusArgs},
+    cli::{FaultArgs, ReplicationArg, RoleArg, ServeArgs, StatusArgs},
     client::EngineClient,
     grpc::{AuthInterceptor, EngineService},
     meta::Role,
-    nbd,
-    pb::{self, engine_server::EngineServer},
-    volume::{Volume, VolumeConfig},
+    metrics, nbd,
+    pb::{self, engine_server::EngineServer, peer_server::PeerServer},
+    repl::{self, receiver::PeerService, Mode},
+    volume::{PairConfig, Volume, VolumeConfig},
 };
 
 /// Reads a token file; surrounding whitespace is ignored. An empty token is refused.
@@ -42,6 +43,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             RoleArg::Primary => Role::Primary,
             RoleArg::Secondary => Role::Secondary,
         },
+        pair: args.peer.clone().map(|peer| PairConfig {
+            peer,
+            token: token.clone(),
+            mode: match args.replication {
+                ReplicationArg::Async => Mode::Async,
+                ReplicationArg::Sync => Mode::Sync,
+            },
+            journal_bytes: args.journal_size,
+            rate: args.replication_rate,
+            sync_timeout: std::time::Duration::from_millis(args.sync_timeout_ms),
+        }),
     };
     let volume = Volume::open(&cfg).context("opening the volume")?;
 
@@ -79,14 +91,43 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             stop_rx.clone(),
         )));
     }
+    let auth = AuthInterceptor::new(token.clone());
     let svc = EngineServer::with_interceptor(
-        EngineService::new(Arc::clone(&volume)),
-        AuthInterceptor::new(token.clone()),
+        EngineService::new(Arc::clone(&volume), args.fault_injection),
+        auth.clone(),
     );
+    let peer_svc = tonic::service::interceptor::InterceptedService::new(
+        PeerServer::new(PeerService::new(Arc::clone(&volume)))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
+        auth,
+    );
+    if let Some(r) = &volume.repl {
+        tasks.push(tokio::spawn(repl::sender::run(
+            Arc::clone(&volume),
+            Arc::clone(r),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(checkpoint_loop(
+            Arc::clone(&volume),
+            stop_rx.clone(),
+        )));
+    }
+    if let Some(addr) = &args.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        tasks.push(tokio::spawn(metrics::serve(
+            l,
+            Arc::clone(&volume),
+            stop_rx.clone(),
+        )));
+    }
     let mut grpc_stop = stop_rx.clone();
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(svc)
+            .add_service(peer_svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
                 let _ = grpc_stop.changed().await;
             }),
@@ -121,6 +162,42 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(p);
     }
     info!("stopped cleanly");
+    Ok(())
+}
+
+/// Persists the differential table twice a second, so a crash resyncs little.
+async fn checkpoint_loop(volume: Arc<Volume>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+        let v = Arc::clone(&volume);
+        match tokio::task::spawn_blocking(move || v.checkpoint()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "table checkpoint failed"),
+            Err(e) => tracing::warn!(error = %e, "table checkpoint task failed"),
+        }
+    }
+}
+
+/// `tandem-engine fault`.
+pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let mut c = EngineClient::connect(&args.grpc, token.as_deref()).await?;
+    let r = c
+        .inject_fault(pb::FaultRequest {
+            volume: args.volume,
+            pause: args.pause,
+            hold_acks: args.hold_acks,
+            drop_link: args.drop_link,
+            rate_bytes_per_sec: args.rate,
+        })
+        .await?;
+    println!(
+        "{}",
+        serde_json::json!({"paused": r.paused, "holding_acks": r.holding_acks, "rate_bytes_per_sec": r.rate_bytes_per_sec})
+    );
     Ok(())
 }
 

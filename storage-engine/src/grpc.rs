@@ -58,6 +58,8 @@ pub enum ApiError {
     UnknownVolume(String),
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error("{0}")]
+    Precondition(String),
 }
 
 impl From<ApiError> for Status {
@@ -65,6 +67,7 @@ impl From<ApiError> for Status {
         match e {
             ApiError::UnknownVolume(_) => Status::not_found(e.to_string()),
             ApiError::Unsupported(_) => Status::unimplemented(e.to_string()),
+            ApiError::Precondition(_) => Status::failed_precondition(e.to_string()),
         }
     }
 }
@@ -80,11 +83,15 @@ pub fn role_pb(r: Role) -> pb::Role {
 /// The control service for the one volume this engine serves.
 pub struct EngineService {
     volume: Arc<Volume>,
+    fault_injection: bool,
 }
 
 impl EngineService {
-    pub fn new(volume: Arc<Volume>) -> Self {
-        Self { volume }
+    pub fn new(volume: Arc<Volume>, fault_injection: bool) -> Self {
+        Self {
+            volume,
+            fault_injection,
+        }
     }
 
     fn check_volume(&self, name: &str) -> Result<(), ApiError> {
@@ -99,7 +106,7 @@ impl EngineService {
 /// The status of a volume as this engine sees it.
 pub fn status_of(v: &Volume) -> pb::StatusReply {
     let c = &v.counters;
-    pb::StatusReply {
+    let mut reply = pb::StatusReply {
         volume: v.name().to_string(),
         role: role_pb(v.role()) as i32,
         epoch: v.epoch(),
@@ -109,8 +116,62 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         bytes_read: c.bytes_read.load(Ordering::Relaxed),
         bytes_written: c.bytes_written.load(Ordering::Relaxed),
         flushes: c.flushes.load(Ordering::Relaxed),
-        pair_state: "Standalone".into(),
+        pair_state: pair_state(v).into(),
         ..Default::default()
+    };
+    let Some(r) = &v.repl else { return reply };
+    reply.peer = r.peer.clone();
+    reply.peer_connected = r.connected();
+    reply.bytes_replicated = r.stats.bytes_replicated.load(Ordering::Relaxed);
+    reply.bytes_resynced = r.stats.bytes_resynced.load(Ordering::Relaxed);
+    if v.role() == Role::Primary {
+        let t = r.tracker.counts();
+        reply.pending_blocks = t.pending_blocks;
+        reply.pending_bytes = t.pending_blocks * u64::from(BLOCK_SIZE);
+        reply.journal_bytes = t.journal_bytes;
+        reply.last_seq = t.last_seq;
+        reply.applied_seq = t.acked_seq;
+        reply.lag_seconds = r.tracker.lag_seconds();
+        let total = r.stats.resync_total.load(Ordering::Relaxed);
+        let done = r.stats.resync_done.load(Ordering::Relaxed);
+        reply.resync_progress = if total == 0 {
+            1.0
+        } else {
+            (done.min(total) as f64) / total as f64
+        };
+    } else {
+        let rs = v.replica();
+        reply.applied_seq = rs.applied_seq;
+        reply.last_seq = rs.peer_last_seq;
+        reply.resync_progress = if rs.inconsistent { 0.0 } else { 1.0 };
+        reply.peer_pending_blocks = rs.peer_pending.as_ref().map_or(0, |b| b.count());
+    }
+    reply
+}
+
+/// One word for the pair: Standalone, Connecting, Resyncing, Replicating, Synced (primary);
+/// Inconsistent or Consistent (secondary).
+pub fn pair_state(v: &Volume) -> &'static str {
+    let Some(r) = &v.repl else {
+        return "Standalone";
+    };
+    if v.role() != Role::Primary {
+        return if v.replica().inconsistent {
+            "Inconsistent"
+        } else {
+            "Consistent"
+        };
+    }
+    if !r.connected() {
+        return "Connecting";
+    }
+    if r.stats.resyncing.load(Ordering::Relaxed) || r.tracker.state().resync_needed {
+        return "Resyncing";
+    }
+    if r.tracker.counts().pending_blocks > 0 {
+        "Replicating"
+    } else {
+        "Synced"
     }
 }
 
@@ -138,5 +199,42 @@ impl Engine for EngineService {
     ) -> Result<Response<pb::TakeoverReply>, Status> {
         self.check_volume(&req.get_ref().volume)?;
         Err(ApiError::Unsupported("failback needs a paired engine").into())
+    }
+
+    async fn inject_fault(
+        &self,
+        req: Request<pb::FaultRequest>,
+    ) -> Result<Response<pb::FaultReply>, Status> {
+        let f = req.into_inner();
+        self.check_volume(&f.volume)?;
+        if !self.fault_injection {
+            return Err(ApiError::Precondition(
+                "fault injection is off (start the engine with --fault-injection)".into(),
+            )
+            .into());
+        }
+        let Some(r) = &self.volume.repl else {
+            return Err(ApiError::Precondition("volume is not paired".into()).into());
+        };
+        let faults = &r.faults;
+        if let Some(p) = f.pause {
+            faults.paused.store(p, Ordering::Relaxed);
+        }
+        if let Some(h) = f.hold_acks {
+            faults.hold_acks.store(h, Ordering::Relaxed);
+        }
+        if let Some(rate) = f.rate_bytes_per_sec {
+            faults.rate.store(rate, Ordering::Relaxed);
+        }
+        if f.drop_link {
+            faults.drop_epoch.fetch_add(1, Ordering::Relaxed);
+        }
+        faults.changed.notify_waiters();
+        r.wake.notify_one();
+        Ok(Response::new(pb::FaultReply {
+            paused: faults.paused.load(Ordering::Relaxed),
+            holding_acks: faults.hold_acks.load(Ordering::Relaxed),
+            rate_bytes_per_sec: faults.rate.load(Ordering::Relaxed),
+        }))
     }
 }

@@ -229,7 +229,11 @@ mod tests {
         assert_eq!(j.read_from(1, 1).len(), 0);
         j.append(rec(4, 10));
         j.append(rec(5, 10));
-        assert_eq!(j.read_from(4, 1).len(), 1, "at least one record even over budget");
+        assert_eq!(
+            j.read_from(4, 1).len(),
+            1,
+            "at least one record even over budget"
+        );
         j.trim(4);
         assert!(!j.covers(4) && j.covers(5));
         j.bump_to(100);

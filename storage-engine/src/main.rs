@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => storage_engine::engine::serve(args).await,
             Command::Status(args) => storage_engine::engine::print_status(args).await,
+            Command::Fault(args) => storage_engine::engine::fault(args).await,
         }
     })
 }

@@ -62,6 +62,9 @@ pub struct Meta {
     /// The secondary's data file is not a prefix of the primary's history (a resync is running).
     #[serde(default)]
     pub inconsistent: bool,
+    /// A new secondary: it needs a full copy before it is a replica at all.
+    #[serde(default)]
+    pub needs_full: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +182,7 @@ mod tests {
             acked_seq: 0,
             clean_shutdown: false,
             inconsistent: true,
+            needs_full: false,
         }
     }
 

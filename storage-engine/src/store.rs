@@ -130,6 +130,30 @@ impl BlockStore {
         }
     }
 
+    /// Byte ranges that hold data (SEEK_DATA / SEEK_HOLE); holes read as zeros.
+    pub fn allocated_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        use rustix::fs::{seek, SeekFrom};
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        while pos < self.size {
+            let start = match seek(&*self.file, SeekFrom::Data(pos)) {
+                Ok(s) => s,
+                Err(e) if e == rustix::io::Errno::NXIO => break,
+                Err(e) if e == rustix::io::Errno::INVAL => return Ok(vec![(0, self.size)]),
+                Err(e) => return Err(e.into()),
+            };
+            let end = seek(&*self.file, SeekFrom::Hole(start))
+                .map_err(io::Error::from)?
+                .min(self.size);
+            if end <= start {
+                break;
+            }
+            out.push((start, end));
+            pos = end;
+        }
+        Ok(out)
+    }
+
     fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];

@@ -10,9 +10,15 @@ use std::{
     },
 };
 
+use bytes::Bytes;
+use tonic::Status;
+
 use crate::{
+    bitmap::Bitmap,
     meta::{Meta, MetaError, Role},
     nbd::proto as nbd,
+    pb::{self, replication_message::Body},
+    repl::{tracker::Payload, Mode, Repl, Tracker},
     store::{BlockStore, StoreError},
 };
 
@@ -78,6 +84,32 @@ pub struct VolumeConfig {
     pub state_dir: PathBuf,
     /// Role to take when the state dir is new; an existing meta file wins.
     pub initial_role: Role,
+    /// The peer, when this engine is one of a pair.
+    pub pair: Option<PairConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PairConfig {
+    pub peer: String,
+    pub token: Option<String>,
+    pub mode: Mode,
+    pub journal_bytes: u64,
+    pub rate: u64,
+    pub sync_timeout: std::time::Duration,
+}
+
+/// The secondary's view of the stream it applies.
+#[derive(Debug)]
+pub struct ReplicaState {
+    pub applied_seq: u64,
+    pub inconsistent: bool,
+    pub needs_full: bool,
+    /// Consistent again once the journal is applied up to here (after a resync).
+    pub consistent_target: Option<u64>,
+    /// The primary's pending set from its last heartbeat (what a forced promotion would lose).
+    pub peer_pending: Option<Bitmap>,
+    pub peer_last_seq: u64,
+    pub peer_seen_us: u64,
 }
 
 /// One volume served by this engine.
@@ -87,8 +119,45 @@ pub struct Volume {
     meta_path: PathBuf,
     meta: Mutex<Meta>,
     pub counters: Counters,
+    pub repl: Option<Arc<Repl>>,
+    replica: Mutex<ReplicaState>,
+    progress: std::fs::File,
     // Held for the engine's lifetime: a second engine on the same state dir is refused.
     _lock: std::fs::File,
+}
+
+const PROGRESS_MAGIC: &[u8; 8] = b"TNDPROG\0";
+
+fn encode_progress(applied: u64, inconsistent: bool, needs_full: bool) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[0..8].copy_from_slice(PROGRESS_MAGIC);
+    b[8..16].copy_from_slice(&applied.to_le_bytes());
+    let flags = u32::from(inconsistent) | (u32::from(needs_full) << 1);
+    b[16..20].copy_from_slice(&flags.to_le_bytes());
+    let crc = crc32c::crc32c(&b[0..20]);
+    b[20..24].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// The applied seq from the progress file, if it is present and intact.
+fn read_progress(path: &Path) -> Option<u64> {
+    let b = std::fs::read(path).ok()?;
+    if b.len() < 24 || &b[0..8] != PROGRESS_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(b[20..24].try_into().ok()?);
+    if crc32c::crc32c(&b[0..20]) != crc {
+        return None;
+    }
+    Some(u64::from_le_bytes(b[8..16].try_into().ok()?))
+}
+
+/// Flags of the progress file: (inconsistent, needs_full).
+fn read_progress_flags(path: &Path) -> Option<(bool, bool)> {
+    let b = std::fs::read(path).ok()?;
+    read_progress(path)?;
+    let flags = u32::from_le_bytes(b[16..20].try_into().ok()?);
+    Some((flags & 1 != 0, flags & 2 != 0))
 }
 
 impl Volume {
@@ -120,6 +189,9 @@ impl Volume {
             }
             Some(m) => m,
             None => Meta {
+                // A new secondary knows nothing: it asks for a full copy and is inconsistent until then.
+                inconsistent: cfg.initial_role == Role::Secondary,
+                needs_full: cfg.initial_role == Role::Secondary,
                 volume: cfg.name.clone(),
                 size: cfg.size,
                 block_size: BLOCK_SIZE,
@@ -129,10 +201,67 @@ impl Volume {
                 applied_seq: 0,
                 acked_seq: 0,
                 clean_shutdown: true,
-                inconsistent: false,
             },
         };
+        let fresh = !meta_path.exists();
         let store = BlockStore::open_or_create(&cfg.data, cfg.size)?;
+        if fresh && meta.role == Role::Secondary {
+            // Whatever the file held, the full copy assumes zeros where the primary has holes.
+            store
+                .punch_hole(0, cfg.size)
+                .map_err(|source| OpenError::StateDir {
+                    path: cfg.data.clone(),
+                    source,
+                })?;
+        }
+        let progress_path = cfg.state_dir.join("progress");
+        let applied_seq = read_progress(&progress_path)
+            .unwrap_or(meta.applied_seq)
+            .max(meta.applied_seq);
+        let progress = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&progress_path)
+            .map_err(dir_err)?;
+        let repl = match &cfg.pair {
+            Some(p) => {
+                let tracker = Tracker::open(
+                    &cfg.state_dir,
+                    cfg.size / u64::from(BLOCK_SIZE),
+                    meta.acked_seq,
+                    meta.epoch,
+                    p.journal_bytes,
+                )
+                .map_err(dir_err)?;
+                let faults = crate::repl::Faults::default();
+                faults.rate.store(p.rate, Ordering::Relaxed);
+                Some(Arc::new(Repl {
+                    tracker,
+                    faults,
+                    stats: Default::default(),
+                    wake: Default::default(),
+                    acked: tokio::sync::watch::channel(meta.acked_seq).0,
+                    peer: p.peer.clone(),
+                    token: p.token.clone(),
+                    mode: p.mode,
+                    sync_timeout: p.sync_timeout,
+                }))
+            }
+            None => None,
+        };
+        let (inconsistent, needs_full) =
+            read_progress_flags(&progress_path).unwrap_or((meta.inconsistent, meta.needs_full));
+        let replica = ReplicaState {
+            applied_seq,
+            inconsistent,
+            needs_full,
+            consistent_target: None,
+            peer_pending: None,
+            peer_last_seq: 0,
+            peer_seen_us: 0,
+        };
         let mut running = meta.clone();
         running.clean_shutdown = false;
         running.store(&meta_path)?;
@@ -142,6 +271,9 @@ impl Volume {
             meta_path,
             meta: Mutex::new(running),
             counters: Counters::default(),
+            repl,
+            replica: Mutex::new(replica),
+            progress,
             _lock: lock,
         }))
     }
@@ -186,7 +318,7 @@ impl Volume {
 
     /// Whether a plain write completes without waiting for the peer.
     pub fn write_is_quick(&self) -> bool {
-        true
+        !matches!(&self.repl, Some(r) if r.mode == Mode::Sync)
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, HostError> {
@@ -199,39 +331,21 @@ impl Volume {
         Ok(buf)
     }
 
-    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), HostError> {
+    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), HostError> {
         self.check_serving()?;
-        self.store.write_at(data, offset)?;
-        self.counters
-            .bytes_written
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        if fua {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), HostError> {
-        self.check_serving()?;
-        self.store.punch_hole(offset, len)?;
-        if fua {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    pub async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        no_hole: bool,
-        fua: bool,
-    ) -> Result<(), HostError> {
-        self.check_serving()?;
-        if no_hole {
-            self.store.zero_range(offset, len)?;
-        } else {
-            self.store.punch_hole(offset, len)?;
+        let len = data.len() as u64;
+        match &self.repl {
+            Some(r) => {
+                let data = Bytes::from(data);
+                let seq = r.tracker.write(offset, Payload::Data(data.clone()), || {
+                    self.store.write_at(&data, offset)
+                })?;
+                r.wake.notify_one();
+                if r.mode == Mode::Sync {
+                    r.wait_acked(seq).await;
+                }
+            }
+            None => self.store.write_at(&data, offset)?,
         }
         self.counters
             .bytes_written
@@ -242,6 +356,56 @@ impl Volume {
         Ok(())
     }
 
+    /// Zeroing writes and trims: replicated as zero records, so both sides read zeros.
+    async fn zero(
+        &self,
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+        fua: bool,
+    ) -> Result<(), HostError> {
+        self.check_serving()?;
+        let apply = || {
+            if keep_allocated {
+                self.store.zero_range(offset, len)
+            } else {
+                self.store.punch_hole(offset, len)
+            }
+        };
+        match &self.repl {
+            Some(r) => {
+                let seq = r.tracker.write(offset, Payload::Zero(len), apply)?;
+                r.wake.notify_one();
+                if r.mode == Mode::Sync {
+                    r.wait_acked(seq).await;
+                }
+            }
+            None => apply()?,
+        }
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), HostError> {
+        self.zero(offset, len, false, fua).await
+    }
+
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), HostError> {
+        self.zero(offset, len, no_hole, fua).await?;
+        self.counters
+            .bytes_written
+            .fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Makes every write completed so far durable.
     pub async fn flush(&self) -> Result<(), HostError> {
         self.store.sync_async().await?;
@@ -249,15 +413,208 @@ impl Volume {
         Ok(())
     }
 
-    /// Graceful stop: data durable, meta marked clean.
+    /// Graceful stop: data durable, table checkpointed, meta marked clean.
     pub fn shutdown(&self) -> Result<(), OpenError> {
-        self.store.sync().map_err(|source| OpenError::StateDir {
+        let io_err = |source| OpenError::StateDir {
             path: self.data_path().to_path_buf(),
             source,
-        })?;
+        };
+        self.store.sync().map_err(io_err)?;
+        self.checkpoint().map_err(io_err)?;
         let mut m = self.meta();
         m.clean_shutdown = true;
         m.store(&self.meta_path)?;
         Ok(())
+    }
+
+    /// Persists the differential table and the peer's acknowledged seq (primary side).
+    pub fn checkpoint(&self) -> io::Result<()> {
+        let Some(r) = &self.repl else { return Ok(()) };
+        // The data must be durable before the table stops covering it.
+        self.store.sync()?;
+        r.tracker.checkpoint()?;
+        let acked = r.tracker.counts().acked_seq;
+        let mut m = self.meta();
+        if m.acked_seq != acked {
+            m.acked_seq = acked;
+            m.store(&self.meta_path)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the local data file, whatever the role (replication and proxied reads).
+    pub fn read_local(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.store.read_at(buf, offset)
+    }
+
+    pub fn allocated_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        self.store.allocated_ranges()
+    }
+
+    pub fn replica(&self) -> MutexGuard<'_, ReplicaState> {
+        self.replica.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// First message of a replication stream: where this replica stands.
+    pub fn replica_hello(&self) -> pb::ReplicationAck {
+        let r = self.replica();
+        pb::ReplicationAck {
+            epoch: self.epoch(),
+            applied_seq: r.applied_seq,
+            need_full_resync: r.needs_full,
+            ..Default::default()
+        }
+    }
+
+    /// Applies a batch of replication messages durably and returns the acknowledgement.
+    /// A stale epoch, a gap or a checksum error refuses the batch before anything is written.
+    pub fn apply_batch(
+        &self,
+        batch: Vec<pb::ReplicationMessage>,
+    ) -> Result<pb::ReplicationAck, Status> {
+        if self.role() != Role::Secondary {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is {} here, not secondary",
+                self.name,
+                self.role()
+            )));
+        }
+        let my_epoch = self.epoch();
+        let mut newest_epoch = my_epoch;
+        for m in &batch {
+            if m.volume != self.name {
+                return Err(Status::not_found(format!("unknown volume {:?}", m.volume)));
+            }
+            if m.epoch < my_epoch {
+                if let Some(r) = &self.repl {
+                    r.stats.stale_rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(Status::failed_precondition(format!(
+                    "stale epoch {} < {my_epoch}; nothing written",
+                    m.epoch
+                )));
+            }
+            newest_epoch = newest_epoch.max(m.epoch);
+            match &m.body {
+                Some(Body::Write(w))
+                    if w.zero_length == 0 && crc32c::crc32c(&w.data) != w.crc32c =>
+                {
+                    return Err(Status::data_loss(format!(
+                        "checksum mismatch in record {}",
+                        w.seq
+                    )));
+                }
+                Some(Body::Block(b))
+                    if crc32c::crc32c(&b.data) != b.crc32c
+                        || b.data.len() != BLOCK_SIZE as usize =>
+                {
+                    return Err(Status::data_loss(format!("bad image of block {}", b.block)));
+                }
+                _ => {}
+            }
+        }
+        if newest_epoch > my_epoch {
+            let mut m = self.meta();
+            m.epoch = newest_epoch;
+            m.store(&self.meta_path)
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let io = |e: io::Error| Status::internal(format!("applying replication: {e}"));
+        let mut rs = self.replica();
+        let mut ack = pb::ReplicationAck::default();
+        let mut wrote = false;
+        for m in batch {
+            match m.body {
+                Some(Body::Write(w)) => {
+                    if w.seq <= rs.applied_seq {
+                        continue;
+                    }
+                    if w.seq != rs.applied_seq + 1 {
+                        return Err(Status::failed_precondition(format!(
+                            "gap in the stream: got seq {} after {}",
+                            w.seq, rs.applied_seq
+                        )));
+                    }
+                    let len = if w.zero_length > 0 {
+                        w.zero_length
+                    } else {
+                        w.data.len() as u64
+                    };
+                    if w.offset.checked_add(len).is_none_or(|e| e > self.size()) {
+                        return Err(Status::invalid_argument(format!(
+                            "record {} is out of range",
+                            w.seq
+                        )));
+                    }
+                    if w.zero_length > 0 {
+                        self.store.punch_hole(w.offset, w.zero_length).map_err(io)?;
+                    } else {
+                        self.store.write_at(&w.data, w.offset).map_err(io)?;
+                    }
+                    rs.applied_seq = w.seq;
+                    wrote = true;
+                }
+                Some(Body::Block(b)) => {
+                    if b.block >= self.size() / u64::from(BLOCK_SIZE) {
+                        return Err(Status::invalid_argument(format!(
+                            "block {} is out of range",
+                            b.block
+                        )));
+                    }
+                    if !rs.inconsistent {
+                        // Mark inconsistent durably before the first out-of-order write lands.
+                        rs.inconsistent = true;
+                        self.write_progress(&rs).map_err(io)?;
+                    }
+                    self.store
+                        .write_at(&b.data, b.block * u64::from(BLOCK_SIZE))
+                        .map_err(io)?;
+                    ack.blocks.push(b.block);
+                    ack.generations.push(b.generation);
+                    wrote = true;
+                }
+                Some(Body::ResyncDone(d)) => {
+                    rs.consistent_target = Some(d.consistent_seq);
+                    if d.next_seq > 0 {
+                        rs.applied_seq = rs.applied_seq.max(d.next_seq - 1);
+                    }
+                    if d.full {
+                        rs.needs_full = false;
+                    }
+                    wrote = true;
+                }
+                Some(Body::Heartbeat(h)) => {
+                    if !h.pending_bitmap.is_empty() {
+                        rs.peer_pending = Bitmap::from_bytes(
+                            self.size() / u64::from(BLOCK_SIZE),
+                            &h.pending_bitmap,
+                        );
+                    }
+                    rs.peer_last_seq = h.last_seq;
+                    rs.peer_seen_us = crate::repl::tracker::now_us();
+                }
+                Some(Body::DrainComplete(_)) | None => {}
+            }
+        }
+        if rs.consistent_target.is_some_and(|t| rs.applied_seq >= t) {
+            rs.consistent_target = None;
+            rs.inconsistent = false;
+        }
+        if wrote {
+            self.store.sync().map_err(io)?;
+            self.write_progress(&rs).map_err(io)?;
+        }
+        ack.epoch = newest_epoch;
+        ack.applied_seq = rs.applied_seq;
+        Ok(ack)
+    }
+
+    /// Progress file: { magic "TNDPROG\0" | applied_seq u64 | flags u32 | crc32c u32 }, rewritten in place.
+    fn write_progress(&self, rs: &ReplicaState) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let b = encode_progress(rs.applied_seq, rs.inconsistent, rs.needs_full);
+        self.progress.write_all_at(&b, 0)?;
+        self.progress.sync_data()
     }
 }

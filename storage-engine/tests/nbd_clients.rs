@@ -72,10 +72,21 @@ fn qemu_io_patterns_unaligned_last_sector_and_past_end() {
     // The unix socket sees the same bytes.
     qemu_io_ok(&e.unix_uri(), &["read -P 0x77 4097 3"]);
     // Past the end: both fail, and the connection still serves afterwards.
-    let out = qemu_io(&e.uri(), &["read 8M 512", "write -P 1 8M 512", "read -P 0xee 8388096 512"]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let out = qemu_io(
+        &e.uri(),
+        &[
+            "read 8M 512",
+            "write -P 1 8M 512",
+            "read -P 0xee 8388096 512",
+        ],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(text.matches("failed").count(), 2, "{text}");
-    assert!(text.contains("read 512/512 bytes at offset 8388096"), "{text}");
+    assert!(
+        text.contains("read 512/512 bytes at offset 8388096"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -84,7 +95,15 @@ fn nbdcopy_roundtrip_of_random_data_tcp_and_unix() {
     let e = Engine::start(d.path(), "vol-copy", "32M", &[]);
     let src = d.path().join("src.bin");
     std::fs::write(&src, pattern(7, 32 << 20)).unwrap();
-    run_ok("nbdcopy", &["--connections=4", "--requests=16", src.to_str().unwrap(), &e.uri()]);
+    run_ok(
+        "nbdcopy",
+        &[
+            "--connections=4",
+            "--requests=16",
+            src.to_str().unwrap(),
+            &e.uri(),
+        ],
+    );
     let back = d.path().join("back.bin");
     run_ok("nbdcopy", &[&e.unix_uri(), back.to_str().unwrap()]);
     assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap());
@@ -120,7 +139,10 @@ fn many_concurrent_clients_keep_their_bytes() {
         h.join().unwrap();
     }
     for i in 0..12u64 {
-        qemu_io_ok(&uri, &[&format!("read -P {} {} 4M", 0x10 + i, i * (4 << 20))]);
+        qemu_io_ok(
+            &uri,
+            &[&format!("read -P {} {} 4M", 0x10 + i, i * (4 << 20))],
+        );
     }
 }
 
@@ -136,7 +158,11 @@ fn flush_then_sigkill_then_restart_keeps_data() {
     let back = d.path().join("back.bin");
     run_ok("nbdcopy", &[&e.uri(), back.to_str().unwrap()]);
     assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap());
-    assert_eq!(e.status()["bytes_written"], 0, "counters restart with the process");
+    assert_eq!(
+        e.status()["bytes_written"],
+        0,
+        "counters restart with the process"
+    );
 }
 
 #[test]
@@ -158,17 +184,42 @@ fn existing_data_file_of_another_size_is_refused_untouched() {
     let out = run(
         ENGINE,
         &[
-            "serve", "--volume", "v", "--size", "2M", "--data",
-            d.path().join("data.img").to_str().unwrap(), "--state-dir",
-            d.path().join("state").to_str().unwrap(), "--nbd-listen", "127.0.0.1:0",
-            "--grpc-listen", "127.0.0.1:0",
+            "serve",
+            "--volume",
+            "v",
+            "--size",
+            "2M",
+            "--data",
+            d.path().join("data.img").to_str().unwrap(),
+            "--state-dir",
+            d.path().join("state").to_str().unwrap(),
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
         ],
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refusing to truncate"), "{err}");
-    assert_eq!(std::fs::read(d.path().join("data.img")).unwrap(), vec![7u8; 1 << 20]);
-    let bad = run(ENGINE, &["serve", "--volume", "v", "--size", "12Q", "--data", "x", "--state-dir", "y"]);
+    assert_eq!(
+        std::fs::read(d.path().join("data.img")).unwrap(),
+        vec![7u8; 1 << 20]
+    );
+    let bad = run(
+        ENGINE,
+        &[
+            "serve",
+            "--volume",
+            "v",
+            "--size",
+            "12Q",
+            "--data",
+            "x",
+            "--state-dir",
+            "y",
+        ],
+    );
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown suffix"));
 }
 
@@ -282,7 +333,10 @@ fn malformed_handshakes_close_only_that_connection() {
     s.write_all(&o).unwrap();
     let mut h = [0u8; 20];
     s.read_exact(&mut h).unwrap();
-    assert_eq!(u32::from_be_bytes(h[12..16].try_into().unwrap()), (1 << 31) + 3);
+    assert_eq!(
+        u32::from_be_bytes(h[12..16].try_into().unwrap()),
+        (1 << 31) + 3
+    );
     // Unsupported option: ERR_UNSUP.
     let mut len = [0u8; 4];
     len.copy_from_slice(&h[16..20]);
@@ -293,7 +347,10 @@ fn malformed_handshakes_close_only_that_connection() {
     o.extend_from_slice(&0u32.to_be_bytes());
     s.write_all(&o).unwrap();
     s.read_exact(&mut h).unwrap();
-    assert_eq!(u32::from_be_bytes(h[12..16].try_into().unwrap()), (1 << 31) + 1);
+    assert_eq!(
+        u32::from_be_bytes(h[12..16].try_into().unwrap()),
+        (1 << 31) + 1
+    );
     // Garbage then disconnect mid-handshake.
     let mut s = connect(&e);
     s.write_all(&[1, 2, 3]).unwrap();
@@ -373,7 +430,10 @@ fn grpc_status_counts_io() {
     assert_eq!(s["nbd_connections"], 0);
     assert!(s["epoch"].as_u64().unwrap() >= 1);
     // Unknown volume: NOT_FOUND.
-    let out = run(ENGINE, &["status", "--grpc", &e.grpc, "--volume", "other", "--json"]);
+    let out = run(
+        ENGINE,
+        &["status", "--grpc", &e.grpc, "--volume", "other", "--json"],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown volume"));
 }

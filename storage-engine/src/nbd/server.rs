@@ -18,6 +18,8 @@ use crate::volume::{Volume, BLOCK_SIZE};
 const CONN_BUDGET: usize = 64 * 1024 * 1024;
 /// Budget unit: one permit per 4 KiB.
 const PERMIT_BYTES: usize = 4096;
+/// Requests up to this size run inline on the reader task.
+const INLINE_MAX: u32 = 128 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -278,7 +280,9 @@ where
     let budget = Arc::new(Semaphore::new(CONN_BUDGET / PERMIT_BYTES));
     let result = read_requests(&mut r, &w, &volume, &budget, read_only).await;
     // Let spawned requests finish (they hold budget permits) before closing.
-    let _ = budget.acquire_many((CONN_BUDGET / PERMIT_BYTES) as u32).await;
+    let _ = budget
+        .acquire_many((CONN_BUDGET / PERMIT_BYTES) as u32)
+        .await;
     let mut w = w.lock().await;
     let _ = w.flush().await;
     let _ = w.shutdown().await;
@@ -331,11 +335,13 @@ where
             None
         };
         let fua = req.flags & p::CMD_FLAG_FUA != 0;
-        let inline = match req.kind {
-            p::CMD_READ => volume.read_is_quick(req.offset, req.length),
-            p::CMD_WRITE => !fua && volume.write_is_quick(),
-            _ => false,
-        };
+        // Large transfers run in parallel instead: copying them costs more than a task wakeup.
+        let inline = req.length <= INLINE_MAX
+            && match req.kind {
+                p::CMD_READ => volume.read_is_quick(req.offset, req.length),
+                p::CMD_WRITE => !fua && volume.write_is_quick(),
+                _ => false,
+            };
         if inline {
             let (err, data) = execute(volume, &req, payload).await;
             send_reply(w, p::simple_reply(err, req.handle), data.as_deref(), false).await?;
@@ -360,10 +366,7 @@ async fn execute(v: &Volume, req: &Request, payload: Option<Vec<u8>>) -> (u32, O
             Ok(d) => return (0, Some(d)),
             Err(e) => Err(e),
         },
-        p::CMD_WRITE => {
-            v.write(req.offset, payload.as_deref().unwrap_or_default(), fua)
-                .await
-        }
+        p::CMD_WRITE => v.write(req.offset, payload.unwrap_or_default(), fua).await,
         p::CMD_FLUSH => v.flush().await,
         p::CMD_TRIM => v.trim(req.offset, u64::from(req.length), fua).await,
         p::CMD_WRITE_ZEROES => {

@@ -47,7 +47,11 @@ impl Engine {
         format!("nbd://{}/{}", self.nbd, self.name)
     }
     pub fn unix_uri(&self) -> String {
-        format!("nbd+unix:///{}?socket={}", self.name, self.socket().display())
+        format!(
+            "nbd+unix:///{}?socket={}",
+            self.name,
+            self.socket().display()
+        )
     }
 
     fn spawn(&mut self, nbd: &str, grpc: &str) {
@@ -87,7 +91,11 @@ impl Engine {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("engine exited early with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "engine did not start: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "engine did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -106,8 +114,12 @@ impl Engine {
 
     /// SIGTERM and wait; returns whether the engine exited successfully.
     pub fn terminate(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(s) = c.try_wait().unwrap() {
@@ -135,11 +147,17 @@ impl Engine {
 
     pub fn status_with(&self, extra: &[&str]) -> serde_json::Value {
         let out = Command::new(ENGINE)
-            .args(["status", "--grpc", &self.grpc, "--volume", &self.name, "--json"])
+            .args([
+                "status", "--grpc", &self.grpc, "--volume", &self.name, "--json",
+            ])
             .args(extra)
             .output()
             .unwrap();
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -197,7 +215,10 @@ pub fn qemu_io_ok(uri: &str, cmds: &[&str]) -> String {
 
 /// Deterministic pseudo-random bytes.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;

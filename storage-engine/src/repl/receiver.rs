@@ -1,0 +1,133 @@
+//! The secondary's side of the link: the `Peer` gRPC service. One replication stream at a time
+//! (a newer stream supersedes an older one); messages are applied in batches, made durable, then
+//! acknowledged.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+use futures::FutureExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::{
+    pb::{self, peer_server::Peer},
+    volume::Volume,
+};
+
+/// Messages applied per durable batch at most.
+const BATCH: usize = 512;
+
+pub struct PeerService {
+    vol: Arc<Volume>,
+    generation: Arc<AtomicU64>,
+    one_at_a_time: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl PeerService {
+    pub fn new(vol: Arc<Volume>) -> Self {
+        Self {
+            vol,
+            generation: Arc::new(AtomicU64::new(0)),
+            one_at_a_time: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+}
+
+/// Marks the link up while a stream is being applied.
+struct LinkUp(Arc<crate::repl::Repl>);
+impl LinkUp {
+    fn new(r: Arc<crate::repl::Repl>) -> Self {
+        r.stats.connected.store(true, Ordering::Relaxed);
+        Self(r)
+    }
+}
+impl Drop for LinkUp {
+    fn drop(&mut self) {
+        self.0.stats.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+type AckStream = ReceiverStream<Result<pb::ReplicationAck, Status>>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type ReplicateStream = AckStream;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<pb::ReplicationMessage>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let my_gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let generation = Arc::clone(&self.generation);
+        let lock = Arc::clone(&self.one_at_a_time);
+        let vol = Arc::clone(&self.vol);
+        tokio::spawn(async move {
+            let _one = lock.lock().await;
+            if tx.send(Ok(vol.replica_hello())).await.is_err() {
+                return;
+            }
+            let _link = vol.repl.as_ref().map(|r| LinkUp::new(Arc::clone(r)));
+            loop {
+                let first = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(e) => {
+                        debug!(error = %e, "replication stream ended");
+                        return;
+                    }
+                };
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match inbound.message().now_or_never() {
+                        Some(Ok(Some(m))) => batch.push(m),
+                        _ => break,
+                    }
+                }
+                if generation.load(Ordering::SeqCst) != my_gen {
+                    return;
+                }
+                let v = Arc::clone(&vol);
+                let result = tokio::task::spawn_blocking(move || v.apply_batch(batch))
+                    .await
+                    .unwrap_or_else(|e| Err(Status::internal(e.to_string())));
+                match result {
+                    Ok(ack) => {
+                        if tx.send(Ok(ack)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        warn!(error = %status.message(), "refused replication batch");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fence_and_handoff(
+        &self,
+        _req: Request<pb::FenceRequest>,
+    ) -> Result<Response<pb::HandoffReply>, Status> {
+        Err(Status::unimplemented(
+            "takeover is not available in this engine version",
+        ))
+    }
+
+    async fn read_blocks(
+        &self,
+        _req: Request<pb::ReadBlocksRequest>,
+    ) -> Result<Response<pb::ReadBlocksReply>, Status> {
+        Err(Status::unimplemented(
+            "proxied reads are not available in this engine version",
+        ))
+    }
+}

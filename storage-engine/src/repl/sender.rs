@@ -1,0 +1,368 @@
+//! The primary's replication sender: connects to the peer, agrees where to resume, then streams
+//! journal records in seq order, falling back to block images from the table when the journal
+//! cannot cover the gap (overflow, restart, new secondary).
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use futures::FutureExt;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+use super::{tracker::now_us, Repl};
+use crate::{
+    bitmap::Bitmap,
+    client::{channel, TokenInterceptor},
+    journal::Record,
+    meta::Role,
+    pb::{self, replication_message::Body},
+    volume::{Volume, BLOCK_SIZE},
+};
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+    #[error("peer: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("peer closed the stream")]
+    Closed,
+    #[error("link dropped by fault injection")]
+    Dropped,
+    #[error("peer is at epoch {0}, newer than ours")]
+    PeerNewer(u64),
+    #[error("reading the data file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stopping")]
+    Stopping,
+}
+
+/// Runs until `stop` fires, reconnecting with backoff.
+pub async fn run(vol: Arc<Volume>, repl: Arc<Repl>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if vol.role() != Role::Primary {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let started = Instant::now();
+        let r = session(&vol, &repl, &mut stop).await;
+        repl.stats.connected.store(false, Ordering::Relaxed);
+        repl.stats.resyncing.store(false, Ordering::Relaxed);
+        match r {
+            Err(SessionError::Stopping) | Ok(()) => return,
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(2) {
+                    backoff = Duration::from_millis(50);
+                }
+                warn!(peer = %repl.peer, error = %e, "replication link down; writes are tracked in the table");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn message(vol: &Volume, epoch: u64, body: Body) -> pb::ReplicationMessage {
+    pb::ReplicationMessage {
+        volume: vol.name().to_string(),
+        epoch,
+        body: Some(body),
+    }
+}
+
+fn write_record(r: &Record) -> Body {
+    Body::Write(pb::WriteRecord {
+        seq: r.seq,
+        timestamp_us: r.timestamp_us,
+        offset: r.offset,
+        crc32c: crc32c::crc32c(&r.data),
+        data: r.data.clone(),
+        zero_length: r.zero_len,
+    })
+}
+
+struct Link<'a> {
+    vol: &'a Arc<Volume>,
+    repl: &'a Arc<Repl>,
+    tx: mpsc::Sender<pb::ReplicationMessage>,
+    stop: &'a mut watch::Receiver<bool>,
+    drop_epoch: u64,
+    next_send: Instant,
+}
+
+impl Link<'_> {
+    /// Sends one message, honouring pause, rate limit, drop and stop.
+    async fn send(&mut self, body: Body, bytes: u64) -> Result<(), SessionError> {
+        loop {
+            if *self.stop.borrow() {
+                return Err(SessionError::Stopping);
+            }
+            if self.repl.faults.drop_epoch.load(Ordering::Relaxed) != self.drop_epoch {
+                return Err(SessionError::Dropped);
+            }
+            if !self.repl.faults.paused.load(Ordering::Relaxed) {
+                break;
+            }
+            tokio::select! {
+                _ = self.repl.faults.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = self.stop.changed() => {}
+            }
+        }
+        let rate = self.repl.faults.rate.load(Ordering::Relaxed);
+        if rate > 0 {
+            let now = Instant::now();
+            if self.next_send > now {
+                tokio::time::sleep_until(self.next_send.into()).await;
+            }
+            self.next_send =
+                self.next_send.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        }
+        let epoch = self.vol.epoch();
+        self.tx
+            .send(message(self.vol, epoch, body))
+            .await
+            .map_err(|_| SessionError::Closed)
+    }
+
+    /// Sends every pending block's current content, then the marker that ends the resync.
+    async fn resync(&mut self, full: bool) -> Result<u64, SessionError> {
+        let t = &self.repl.tracker;
+        let extra = if full {
+            Some(allocated_blocks(self.vol, t.blocks())?)
+        } else {
+            None
+        };
+        let (start, todo) = t.begin_resync(extra.as_ref());
+        let stats = &self.repl.stats;
+        stats.resync_total.store(todo.count(), Ordering::Relaxed);
+        stats.resync_done.store(0, Ordering::Relaxed);
+        stats.resyncing.store(true, Ordering::Relaxed);
+        info!(
+            blocks = todo.count(),
+            full, "resync from the differential table"
+        );
+        for b in todo.iter_ones() {
+            let vol = self.vol;
+            let Some((gen, data)) =
+                t.read_image(b, |buf| vol.read_local(buf, b * u64::from(BLOCK_SIZE)))?
+            else {
+                continue;
+            };
+            let crc = crc32c::crc32c(&data);
+            self.send(
+                Body::Block(pb::BlockImage {
+                    block: b,
+                    generation: gen,
+                    data: data.into(),
+                    crc32c: crc,
+                }),
+                u64::from(BLOCK_SIZE),
+            )
+            .await?;
+            stats
+                .bytes_resynced
+                .fetch_add(u64::from(BLOCK_SIZE), Ordering::Relaxed);
+        }
+        let consistent_seq = t.state().journal.last_seq();
+        self.send(
+            Body::ResyncDone(pb::ResyncDone {
+                consistent_seq,
+                full,
+                next_seq: start,
+            }),
+            64,
+        )
+        .await?;
+        stats.resyncing.store(false, Ordering::Relaxed);
+        Ok(start)
+    }
+}
+
+/// Blocks holding data in the primary's file (holes read as zeros on a blank secondary too).
+fn allocated_blocks(vol: &Volume, blocks: u64) -> std::io::Result<Bitmap> {
+    let mut m = Bitmap::new(blocks);
+    let bs = u64::from(BLOCK_SIZE);
+    for (start, end) in vol.allocated_ranges()? {
+        m.set_range(start / bs, end.div_ceil(bs));
+    }
+    Ok(m)
+}
+
+async fn session(
+    vol: &Arc<Volume>,
+    repl: &Arc<Repl>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let drop_epoch = repl.faults.drop_epoch.load(Ordering::Relaxed);
+    let ch = channel(&repl.peer, Duration::from_secs(2)).await?;
+    let mut client = pb::peer_client::PeerClient::with_interceptor(
+        ch,
+        TokenInterceptor::new(repl.token.as_deref())?,
+    )
+    .max_decoding_message_size(64 << 20)
+    .max_encoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(64);
+    let mut acks = client
+        .replicate(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let hello = acks.message().await?.ok_or(SessionError::Closed)?;
+    if hello.epoch > vol.epoch() {
+        return Err(SessionError::PeerNewer(hello.epoch));
+    }
+    let t = &repl.tracker;
+    let need_resync = {
+        let mut s = t.state();
+        if hello.applied_seq >= s.journal.next_seq() {
+            // We restarted and lost records the peer already has: renumber past them.
+            s.journal.bump_to(hello.applied_seq + 1);
+            s.resync_needed = true;
+        }
+        hello.need_full_resync || s.resync_needed || !s.journal.covers(hello.applied_seq + 1)
+    };
+    t.ack_journal(hello.applied_seq);
+    repl.stats.connected.store(true, Ordering::Relaxed);
+    info!(peer = %repl.peer, applied = hello.applied_seq, full = hello.need_full_resync, "replication link up");
+
+    let ack_repl = Arc::clone(repl);
+    let mut ack_task = tokio::spawn(async move {
+        loop {
+            let a = match acks.message().await {
+                Ok(Some(a)) => a,
+                Ok(None) => return SessionError::Closed,
+                Err(s) => return SessionError::Rpc(s),
+            };
+            while ack_repl.faults.hold_acks.load(Ordering::Relaxed) {
+                tokio::select! {
+                    _ = ack_repl.faults.changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+            let tr = &ack_repl.tracker;
+            tr.ack_journal(a.applied_seq);
+            let cleared = tr.ack_images(&a.blocks, &a.generations);
+            ack_repl
+                .stats
+                .resync_done
+                .fetch_add(a.blocks.len() as u64, Ordering::Relaxed);
+            let _ = cleared;
+            ack_repl.acked.send_if_modified(|v| {
+                let grew = a.applied_seq > *v;
+                *v = (*v).max(a.applied_seq);
+                grew
+            });
+        }
+    });
+
+    let mut link = Link {
+        vol,
+        repl,
+        tx,
+        stop,
+        drop_epoch,
+        next_send: Instant::now(),
+    };
+    let result = stream(
+        &mut link,
+        need_resync,
+        hello.need_full_resync,
+        hello.applied_seq + 1,
+        &mut ack_task,
+    )
+    .await;
+    ack_task.abort();
+    result
+}
+
+async fn stream(
+    link: &mut Link<'_>,
+    mut need_resync: bool,
+    full: bool,
+    mut cursor: u64,
+    ack_task: &mut tokio::task::JoinHandle<SessionError>,
+) -> Result<(), SessionError> {
+    let t = &link.repl.tracker;
+    if need_resync {
+        cursor = link.resync(full).await?;
+        need_resync = false;
+    }
+    let mut last_heartbeat = Instant::now();
+    let mut last_pending_sent: Option<u64> = None;
+    loop {
+        if let Some(r) = (&mut *ack_task).now_or_never() {
+            return Err(r.unwrap_or(SessionError::Closed));
+        }
+        if link.vol.role() != Role::Primary {
+            return Err(SessionError::Stopping);
+        }
+        let recs = {
+            let mut s = t.state();
+            if s.resync_needed || need_resync || !s.journal.covers(cursor) {
+                s.resync_needed = true;
+                None
+            } else {
+                Some(s.journal.read_from(cursor, 1 << 20))
+            }
+        };
+        let Some(recs) = recs else {
+            cursor = link.resync(false).await?;
+            continue;
+        };
+        if recs.is_empty() {
+            if last_heartbeat.elapsed() >= Duration::from_millis(250) {
+                let (pending, last_seq) = {
+                    let s = t.state();
+                    (s.pending.clone(), s.journal.last_seq())
+                };
+                // The pending set travels only when it changed, so a forced promotion knows its losses.
+                let bitmap = if last_pending_sent != Some(pending.count()) || pending.count() > 0 {
+                    last_pending_sent = Some(pending.count());
+                    pending.to_bytes()
+                } else {
+                    Vec::new()
+                };
+                link.send(
+                    Body::Heartbeat(pb::Heartbeat {
+                        pending_bitmap: bitmap.into(),
+                        last_seq,
+                        timestamp_us: now_us(),
+                    }),
+                    64,
+                )
+                .await?;
+                last_heartbeat = Instant::now();
+            }
+            let repl = link.repl;
+            tokio::select! {
+                _ = repl.wake.notified() => {}
+                _ = repl.faults.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = link.stop.changed() => {}
+                r = &mut *ack_task => return Err(r.unwrap_or(SessionError::Closed)),
+            }
+            continue;
+        }
+        for r in &recs {
+            link.send(write_record(r), r.cost()).await?;
+            cursor = r.seq + 1;
+            link.repl
+                .stats
+                .bytes_replicated
+                .fetch_add(r.len(), Ordering::Relaxed);
+        }
+    }
+}

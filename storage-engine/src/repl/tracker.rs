@@ -1,0 +1,456 @@
+//! The primary's differential table and everything that keeps it exact:
+//! - `pending`: one bit per 4 KiB block not yet acknowledged by the peer (DAT1 / `pending_to_peer`);
+//! - `last_seq`: the generation of each pending block, so an old acknowledgement never clears a block
+//!   that was written again meanwhile (no lost update, failover.md AT-04 / A11);
+//! - the journal of ordered records, and the write-intent extents that make the table crash-safe.
+//!
+//! Write path (the block's stripe lock is held throughout, so overlapping writes and resync reads of
+//! the same block serialize):
+//!   1. set the pending bits (marked in flight); if an extent turns hot, persist the intent file (fsync);
+//!   2. write the data file;
+//!   3. assign the seq, record the generation, append to the journal; acknowledge the host.
+//! After a crash, pending = last persisted table ∪ every block of every hot extent: a superset of
+//! what the peer may lack.
+
+use std::{
+    collections::HashMap,
+    io,
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+
+use crate::{
+    bitmap::Bitmap,
+    journal::{Append, Journal, Record},
+    volume::BLOCK_SIZE,
+};
+
+/// Blocks per write-intent extent (1 MiB).
+pub const EXTENT_BLOCKS: u64 = 256;
+const IN_FLIGHT: u64 = u64::MAX;
+const STRIPES: u64 = 1024;
+/// Blocks per stripe lock (64 KiB), so a large write takes few locks.
+const STRIPE_BLOCKS: u64 = 16;
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Blocks touched by the byte range [offset, offset + len).
+pub fn blocks_of(offset: u64, len: u64) -> std::ops::Range<u64> {
+    let bs = u64::from(BLOCK_SIZE);
+    if len == 0 {
+        return offset / bs..offset / bs;
+    }
+    offset / bs..(offset + len).div_ceil(bs)
+}
+
+/// Striped locks over blocks.
+pub struct BlockLocks {
+    stripes: Vec<Mutex<()>>,
+}
+
+pub struct BlockGuard<'a> {
+    _guards: Vec<MutexGuard<'a, ()>>,
+}
+
+impl BlockLocks {
+    pub fn new() -> Self {
+        Self {
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Locks every stripe covering `blocks`, in ascending stripe order (no deadlock).
+    pub fn lock(&self, blocks: std::ops::Range<u64>) -> BlockGuard<'_> {
+        let mut ids: Vec<u64> = (blocks.start / STRIPE_BLOCKS..blocks.end.div_ceil(STRIPE_BLOCKS))
+            .map(|s| s % STRIPES)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        BlockGuard {
+            _guards: ids
+                .into_iter()
+                .map(|i| {
+                    self.stripes[i as usize]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Default for BlockLocks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the table says after an acknowledgement or a checkpoint.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TableCounts {
+    pub pending_blocks: u64,
+    pub journal_bytes: u64,
+    pub last_seq: u64,
+    pub acked_seq: u64,
+}
+
+pub struct TrackState {
+    pub pending: Bitmap,
+    last_seq: HashMap<u64, u64>,
+    pub journal: Journal,
+    pub acked_seq: u64,
+    /// Blocks are pending that no journal record covers: the sender must resync from the table.
+    pub resync_needed: bool,
+    intent: Bitmap,
+    dirty: bool,
+    pub epoch: u64,
+}
+
+/// The primary side's replication bookkeeping for one volume.
+pub struct Tracker {
+    state: Mutex<TrackState>,
+    pub locks: BlockLocks,
+    pending_path: PathBuf,
+    intent_path: PathBuf,
+    blocks: u64,
+}
+
+pub enum Payload {
+    Data(Bytes),
+    Zero(u64),
+}
+
+impl Tracker {
+    /// Loads the table from `state_dir` (recovering a crash from the intent extents).
+    pub fn open(
+        state_dir: &Path,
+        blocks: u64,
+        acked_seq: u64,
+        epoch: u64,
+        journal_bytes: u64,
+    ) -> io::Result<Self> {
+        let pending_path = state_dir.join("pending_to_peer");
+        let intent_path = state_dir.join("intent");
+        let extents = blocks.div_ceil(EXTENT_BLOCKS);
+        let mut pending =
+            Bitmap::load(&pending_path, blocks)?.unwrap_or_else(|| Bitmap::new(blocks));
+        let intent = Bitmap::load(&intent_path, extents)?.unwrap_or_else(|| Bitmap::new(extents));
+        for e in intent.iter_ones() {
+            pending.set_range(e * EXTENT_BLOCKS, (e + 1) * EXTENT_BLOCKS);
+        }
+        let resync_needed = !pending.is_empty();
+        Ok(Self {
+            state: Mutex::new(TrackState {
+                pending,
+                last_seq: HashMap::new(),
+                journal: Journal::new(journal_bytes, acked_seq + 1),
+                acked_seq,
+                resync_needed,
+                intent,
+                dirty: true,
+                epoch,
+            }),
+            locks: BlockLocks::new(),
+            pending_path,
+            intent_path,
+            blocks,
+        })
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, TrackState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn counts(&self) -> TableCounts {
+        let s = self.state();
+        TableCounts {
+            pending_blocks: s.pending.count(),
+            journal_bytes: s.journal.bytes(),
+            last_seq: s.journal.last_seq(),
+            acked_seq: s.acked_seq,
+        }
+    }
+
+    /// Host write: runs `apply` (the data file write) between marking the blocks and journaling it.
+    /// Returns the record's seq.
+    pub fn write(
+        &self,
+        offset: u64,
+        payload: Payload,
+        apply: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<u64> {
+        let len = match &payload {
+            Payload::Data(d) => d.len() as u64,
+            Payload::Zero(n) => *n,
+        };
+        let blocks = blocks_of(offset, len);
+        let _g = self.locks.lock(blocks.clone());
+        {
+            let mut s = self.state();
+            let mut cold = false;
+            for b in blocks.clone() {
+                s.pending.set(b);
+                s.last_seq.insert(b, IN_FLIGHT);
+                cold |= s.intent.set(b / EXTENT_BLOCKS);
+            }
+            s.dirty = true;
+            if cold {
+                // Write-intent: the extent is durably marked before its data can reach the disk.
+                s.intent.store(&self.intent_path)?;
+            }
+        }
+        let applied = apply();
+        let mut s = self.state();
+        if applied.is_err() {
+            // The block's content is unknown: keep it pending and let a resync send what is there.
+            for b in blocks {
+                s.last_seq.insert(b, 0);
+            }
+            s.resync_needed = true;
+            return applied.map(|_| 0);
+        }
+        let seq = s.journal.next_seq();
+        for b in blocks {
+            s.last_seq.insert(b, seq);
+        }
+        let (data, zero_len) = match payload {
+            Payload::Data(d) => (d, 0),
+            Payload::Zero(n) => (Bytes::new(), n),
+        };
+        let epoch = s.epoch;
+        if s.journal.append(Record {
+            seq,
+            epoch,
+            timestamp_us: now_us(),
+            offset,
+            data,
+            zero_len,
+        }) == Append::Overflowed
+        {
+            s.resync_needed = true;
+        }
+        Ok(seq)
+    }
+
+    /// The peer durably applied every record up to `applied`.
+    pub fn ack_journal(&self, applied: u64) {
+        let mut s = self.state();
+        if applied <= s.acked_seq {
+            return;
+        }
+        let recs = s.journal.read_from(s.acked_seq + 1, u64::MAX);
+        for r in recs.iter().take_while(|r| r.seq <= applied) {
+            for b in blocks_of(r.offset, r.len()) {
+                if s.last_seq.get(&b).is_some_and(|&g| g <= applied) {
+                    s.pending.clear(b);
+                    s.last_seq.remove(&b);
+                }
+            }
+        }
+        s.journal.trim(applied);
+        s.acked_seq = applied;
+        s.dirty = true;
+    }
+
+    /// The peer durably stored block images (block, generation).
+    pub fn ack_images(&self, blocks: &[u64], gens: &[u64]) -> u64 {
+        let mut s = self.state();
+        let mut cleared = 0;
+        for (&b, &g) in blocks.iter().zip(gens) {
+            if s.last_seq.get(&b).copied().unwrap_or(0) == g && s.pending.clear(b) {
+                s.last_seq.remove(&b);
+                cleared += 1;
+            }
+        }
+        s.dirty = true;
+        cleared
+    }
+
+    /// Starts a table-driven resync: the journal restarts, and the blocks to send are returned.
+    /// With `extra`, those blocks (a new secondary's full copy) become pending too.
+    pub fn begin_resync(&self, extra: Option<&Bitmap>) -> (u64, Bitmap) {
+        let mut s = self.state();
+        if let Some(x) = extra {
+            s.pending.union_with(x);
+            let extents: Vec<u64> = x.iter_ones().map(|b| b / EXTENT_BLOCKS).collect();
+            for e in extents {
+                s.intent.set(e);
+            }
+        }
+        s.journal.reset();
+        s.resync_needed = false;
+        s.dirty = true;
+        (s.journal.next_seq(), s.pending.clone())
+    }
+
+    /// Reads one block for a resync image: (generation, data), consistent under the block lock.
+    pub fn read_image(
+        &self,
+        block: u64,
+        read: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<Option<(u64, Vec<u8>)>> {
+        let _g = self.locks.lock(block..block + 1);
+        let gen = {
+            let s = self.state();
+            if !s.pending.get(block) {
+                return Ok(None);
+            }
+            s.last_seq.get(&block).copied().unwrap_or(0)
+        };
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        read(&mut buf)?;
+        Ok(Some((gen, buf)))
+    }
+
+    /// Persists the table if it changed, then cools extents with nothing pending.
+    pub fn checkpoint(&self) -> io::Result<()> {
+        let snapshot = {
+            let mut s = self.state();
+            if !s.dirty {
+                return Ok(());
+            }
+            s.dirty = false;
+            s.pending.clone()
+        };
+        snapshot.store(&self.pending_path)?;
+        let mut s = self.state();
+        // An extent stays hot while any block in it is pending (writes in flight included); blocks
+        // acknowledged since the snapshot need no cover, and everything else pending is in the file.
+        let mut hot = Bitmap::new(s.intent.len());
+        for b in s.pending.iter_ones() {
+            hot.set(b / EXTENT_BLOCKS);
+        }
+        if hot != s.intent {
+            hot.store(&self.intent_path)?;
+            s.intent = hot;
+        }
+        Ok(())
+    }
+
+    /// Oldest unacknowledged write's age, for the lag report.
+    pub fn lag_seconds(&self) -> f64 {
+        let s = self.state();
+        match s.journal.oldest_timestamp_us() {
+            Some(t) => now_us().saturating_sub(t) as f64 / 1e6,
+            None => 0.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(dir: &Path) -> Tracker {
+        Tracker::open(dir, 4096, 0, 1, 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn ack_of_an_old_generation_keeps_the_block_pending() {
+        let d = tempfile::tempdir().unwrap();
+        let t = tracker(d.path());
+        let s1 = t
+            .write(40960, Payload::Data(Bytes::from(vec![1; 4096])), || Ok(()))
+            .unwrap();
+        let s2 = t
+            .write(40960, Payload::Data(Bytes::from(vec![2; 4096])), || Ok(()))
+            .unwrap();
+        t.ack_journal(s1);
+        assert!(
+            t.state().pending.get(10),
+            "rewritten block must stay pending (AT-04)"
+        );
+        t.ack_journal(s2);
+        assert!(!t.state().pending.get(10));
+        assert_eq!(t.counts().pending_blocks, 0);
+    }
+
+    #[test]
+    fn image_ack_clears_only_the_same_generation() {
+        let d = tempfile::tempdir().unwrap();
+        let t = tracker(d.path());
+        t.write(0, Payload::Data(Bytes::from(vec![1; 8192])), || Ok(()))
+            .unwrap();
+        let (_, todo) = t.begin_resync(None);
+        assert_eq!(todo.iter_ones().collect::<Vec<_>>(), vec![0, 1]);
+        let (g0, _) = t.read_image(0, |_| Ok(())).unwrap().unwrap();
+        let (g1, _) = t.read_image(1, |_| Ok(())).unwrap().unwrap();
+        t.write(4096, Payload::Zero(4096), || Ok(())).unwrap();
+        assert_eq!(t.ack_images(&[0, 1], &[g0, g1]), 1);
+        assert!(t.state().pending.get(1));
+    }
+
+    #[test]
+    fn crash_recovery_marks_hot_extents_pending() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let t = tracker(d.path());
+            t.write(
+                300 * 4096,
+                Payload::Data(Bytes::from(vec![1; 4096])),
+                || Ok(()),
+            )
+            .unwrap();
+            // No checkpoint: a crash now. The intent file was written before the data.
+        }
+        let t = tracker(d.path());
+        let s = t.state();
+        assert!(s.pending.get(300));
+        assert_eq!(
+            s.pending.count(),
+            EXTENT_BLOCKS,
+            "the whole hot extent is resynced"
+        );
+        assert!(s.resync_needed);
+    }
+
+    #[test]
+    fn checkpoint_cools_extents_and_persists_the_table() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let t = tracker(d.path());
+            let s = t
+                .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Ok(()))
+                .unwrap();
+            t.write(
+                600 * 4096,
+                Payload::Data(Bytes::from(vec![1; 4096])),
+                || Ok(()),
+            )
+            .unwrap();
+            t.ack_journal(s);
+            t.checkpoint().unwrap();
+        }
+        let t = tracker(d.path());
+        let s = t.state();
+        // Block 0 was acknowledged and its extent cooled; block 600's extent is still hot.
+        assert!(!s.pending.get(0));
+        assert!(s.pending.get(600));
+        assert_eq!(s.pending.count(), EXTENT_BLOCKS);
+    }
+
+    #[test]
+    fn failed_data_write_stays_pending_for_resync() {
+        let d = tempfile::tempdir().unwrap();
+        let t = tracker(d.path());
+        assert!(t
+            .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Err(
+                io::Error::other("EIO")
+            ))
+            .is_err());
+        let s = t.state();
+        assert!(s.pending.get(0) && s.resync_needed);
+    }
+}
