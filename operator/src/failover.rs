@@ -571,7 +571,17 @@ pub fn summarize(
     let (s_reason, s_msg) = if synced {
         (
             "InSync",
-            "the secondary holds every acknowledged write".to_string(),
+            status
+                .replication
+                .as_ref()
+                .filter(|r| r.pending_bytes > 0)
+                .map(|r| {
+                    format!(
+                        "streaming; {} not yet on the secondary",
+                        human_bytes(r.pending_bytes)
+                    )
+                })
+                .unwrap_or_else(|| "the secondary holds every acknowledged write".to_string()),
         )
     } else if reversing {
         (
@@ -662,13 +672,14 @@ fn in_progress(phase: &str) -> bool {
         || p == "completed")
 }
 
-/// The engine's pair state means "secondary is up to date".
+/// The primary's pair state means "the secondary is a consistent, streaming mirror": `Synced`, or
+/// `Replicating` (async lag, shown in the Lag column). `Connecting`, `Resyncing` and `Standalone` are not.
 fn is_synced(pair_state: &str, pending_blocks: u64) -> bool {
     let p = pair_state.to_ascii_lowercase();
     if p.is_empty() {
         return pending_blocks == 0;
     }
-    p == "synced" || p == "insync" || p == "in_sync" || (p == "replicating" && pending_blocks == 0)
+    p == "synced" || p == "replicating"
 }
 
 /// Sets a condition, keeping `lastTransitionTime` when the status did not change.
@@ -1097,6 +1108,18 @@ mod tests {
         assert_eq!(summarized(&mut status, &o), Phase::Syncing);
         assert_eq!(status.replication.as_ref().unwrap().lag, "48KiB/1.2s");
         assert_eq!(cond(&status, "Synced").status, "False");
+
+        // Async streaming with lag is a healthy mirror.
+        o.engines[0] = Some(EngineState {
+            pending_bytes: 4096,
+            pending_blocks: 1,
+            lag_seconds: 0.05,
+            ..engine_state(EngineRole::Primary, 1, "Replicating")
+        });
+        assert_eq!(summarized(&mut status, &o), Phase::Synced);
+        assert!(cond(&status, "Synced").message.contains("4KiB"));
+        o.engines[0] = Some(engine_state(EngineRole::Primary, 1, "Connecting"));
+        assert_eq!(summarized(&mut status, &o), Phase::Syncing);
 
         o.engines[0] = Some(engine_state(EngineRole::Primary, 1, "Reversing"));
         assert_eq!(summarized(&mut status, &o), Phase::Reversing);

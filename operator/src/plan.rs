@@ -44,14 +44,19 @@ pub const METRICS_PORT: u16 = 9501;
 pub const ATTR_VOLUME: &str = "tandem.dev/volume";
 pub const ATTR_ENGINES: &str = "tandem.dev/engines";
 pub const ATTR_POLICY: &str = "tandem.dev/takeover-policy";
+/// Attributes csi-node also reads (csi-node/src/context.rs): each engine's NBD address, the policy under the
+/// name csi-node uses, and how long a CSI-triggered takeover may wait for the old primary.
+pub const ATTR_NBD: &str = "tandem.dev/nbd";
+pub const ATTR_CSI_POLICY: &str = "tandem.dev/failover-policy";
+pub const ATTR_PEER_TIMEOUT: &str = "tandem.dev/peer-timeout-seconds";
 
 /// Where the engine keeps everything inside its pod.
 const DATA_MOUNT: &str = "/var/lib/tandem";
 const TOKEN_MOUNT: &str = "/etc/tandem/token";
 /// Extra room in an engine PVC beyond the volume and journal: meta, tables, overlay headroom.
 const ENGINE_PVC_SLACK: u64 = 256 << 20;
-/// Journal size assumed for PVC sizing when the spec leaves it to the engine.
-const DEFAULT_JOURNAL: u64 = 256 << 20;
+/// Journal size assumed for PVC sizing when the spec leaves it to the engine (the engine's default).
+const DEFAULT_JOURNAL: u64 = 64 << 20;
 
 /// Settings that come from the operator's deployment, not from the volume.
 #[derive(Clone, Debug, PartialEq)]
@@ -436,11 +441,24 @@ pub fn token_secret(mv: &MirroredVolume, token: &str) -> Secret {
     }
 }
 
-/// `node=host:port,node=host:port` for the CSI plugin.
+/// `node=host:port,node=host:port` for the CSI plugin: the engines' gRPC addresses.
 pub fn engines_attribute(mv: &MirroredVolume, nodes: &[String; 2], cfg: &EngineConfig) -> String {
     Slot::BOTH
         .iter()
         .map(|s| format!("{}={}", nodes[s.index()], engine_address(mv, *s, cfg)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `node=host:port,node=host:port`: the engines' NBD addresses (same Services, NBD port).
+pub fn nbd_attribute(mv: &MirroredVolume, nodes: &[String; 2], cfg: &EngineConfig) -> String {
+    Slot::BOTH
+        .iter()
+        .map(|s| {
+            let grpc = engine_address(mv, *s, cfg);
+            let host = grpc.rsplit_once(':').map_or(grpc.as_str(), |(h, _)| h);
+            format!("{}={host}:{NBD_PORT}", nodes[s.index()])
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -466,9 +484,20 @@ pub fn persistent_volume(
         ATTR_ENGINES.to_string(),
         engines_attribute(mv, &node_names, cfg),
     );
+    attributes.insert(ATTR_NBD.to_string(), nbd_attribute(mv, &node_names, cfg));
     attributes.insert(
         ATTR_POLICY.to_string(),
         mv.spec.failover.policy.csi_value().to_string(),
+    );
+    attributes.insert(
+        ATTR_CSI_POLICY.to_string(),
+        format!("{:?}", mv.spec.failover.policy),
+    );
+    let peer_timeout = crate::crd::parse_duration(&mv.spec.failover.peer_timeout)
+        .unwrap_or(std::time::Duration::from_secs(30));
+    attributes.insert(
+        ATTR_PEER_TIMEOUT.to_string(),
+        peer_timeout.as_millis().div_ceil(1000).max(1).to_string(),
     );
     let mut pv_labels = labels(mv);
     pv_labels.insert("tandem.dev/namespace".to_string(), namespace.clone());
@@ -899,7 +928,7 @@ mod tests {
             .requests
             .as_ref()
             .unwrap()["storage"];
-        assert_eq!(req.0, "1536Mi");
+        assert_eq!(req.0, "1344Mi");
 
         mv.spec.engine_storage.storage_class_name = None;
         assert!(engine_pod(
@@ -936,6 +965,12 @@ mod tests {
         let attrs = csi.volume_attributes.unwrap();
         assert_eq!(attrs[ATTR_VOLUME], "data");
         assert_eq!(attrs[ATTR_POLICY], "force");
+        assert_eq!(attrs[ATTR_CSI_POLICY], "ForcePromote");
+        assert_eq!(attrs[ATTR_PEER_TIMEOUT], "30");
+        assert_eq!(
+            attrs[ATTR_NBD],
+            "n1=data-engine-a.default.svc.cluster.local:10809,n2=data-engine-b.default.svc.cluster.local:10809"
+        );
         assert_eq!(
             attrs[ATTR_ENGINES],
             "n1=data-engine-a.default.svc.cluster.local:9500,n2=data-engine-b.default.svc.cluster.local:9500"
