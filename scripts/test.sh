@@ -5,3 +5,4 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo test --workspace --locked
 # --- further suites (chart checks, CRD drift, e2e) go below this line ---
+scripts/check-chart.sh
