@@ -521,13 +521,15 @@ impl Scratch {
     }
 
     fn teardown(&self) {
+        // Loop devices first, while their backing files still have paths under the root (a lazy
+        // unmount would hide them); a busy one is only marked for auto-clear and goes with its mount.
+        for (dev, _) in loops_under(&self.root) {
+            let _ = Command::new("losetup").args(["-d", &dev]).output();
+        }
         let mut mounts = mounts_under(&self.root);
         mounts.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (m, _) in &mounts {
             let _ = Command::new("umount").arg("-l").arg(m).output();
-        }
-        for (dev, _) in loops_under(&self.root) {
-            let _ = Command::new("losetup").args(["-d", &dev]).output();
         }
         for pid in daemons_under(&self.root) {
             if let Some(p) = i32::try_from(pid)
@@ -536,9 +538,6 @@ impl Scratch {
             {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
             }
-        }
-        for (m, _) in mounts_under(&self.root) {
-            let _ = Command::new("umount").arg("-l").arg(m).output();
         }
     }
 }
