@@ -29,7 +29,10 @@ use serde::Serialize;
 use tracing::{field, info, instrument, warn, Span};
 
 use crate::{
-    crd::{parse_duration, MirroredVolume, MirroredVolumeStatus, Phase, Slot, VOLUME_FINALIZER},
+    crd::{
+        parse_duration, EngineRole, MirroredVolume, MirroredVolumeStatus, Phase, Slot,
+        VOLUME_FINALIZER,
+    },
     engine::{EngineApi, EngineTarget},
     failover::{self, TakeoverIntent},
     metrics::Metrics,
@@ -279,7 +282,7 @@ impl MirroredVolume {
                 let epoch = status.epoch;
                 let engine =
                     observed.engines[intent.to.index()].get_or_insert_with(Default::default);
-                engine.role = Some(crate::crd::EngineRole::Primary);
+                engine.role = Some(EngineRole::Primary);
                 engine.epoch = epoch;
                 engine.peer_pending_blocks =
                     status.takeover.as_ref().map_or(0, |t| t.pending_blocks);
@@ -441,6 +444,23 @@ impl MirroredVolume {
             &names_of,
             None,
         );
+        let was = old_status
+            .secondary
+            .as_ref()
+            .filter(|e| e.role != EngineRole::Secondary || !e.reachable);
+        let now_ok = status
+            .secondary
+            .as_ref()
+            .filter(|e| e.role == EngineRole::Secondary && e.reachable);
+        if let (Some(_), Some(back)) = (was, now_ok) {
+            notes.push(note(
+                "EngineRejoined",
+                format!(
+                    "engine on {} is back as secondary and resyncs from the primary",
+                    back.node
+                ),
+            ));
+        }
         if old_status.phase != status.phase || self.status.is_none() {
             let text = format!(
                 "phase {} -> {}",

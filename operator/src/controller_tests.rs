@@ -473,6 +473,11 @@ async fn returning_engine_rejoins_as_secondary_and_resyncs() {
         assert_eq!(status["phase"], phase.as_str());
         assert_eq!(status["secondary"]["role"], "Secondary");
         assert_eq!(status["secondary"]["reachable"], true);
+        assert!(
+            seen.reasons().contains(&"EngineRejoined"),
+            "{:?}",
+            seen.reasons()
+        );
     }
 }
 
