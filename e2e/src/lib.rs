@@ -162,6 +162,7 @@ pub struct Engine {
     bin: PathBuf,
     size: String,
     extra: Vec<String>,
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -174,16 +175,32 @@ impl Engine {
         token: &str,
         extra: &[&str],
     ) -> anyhow::Result<Engine> {
+        Self::start_in(None, bins, dir, volume, size, token, extra)
+    }
+
+    /// Starts the engine inside network namespace `netns` (listening on its address) or, with
+    /// `None`, on loopback.
+    pub fn start_in(
+        netns: Option<&Netns>,
+        bins: &Bins,
+        dir: &Path,
+        volume: &str,
+        size: &str,
+        token: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Engine> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("token"), token)?;
+        let ip = netns.map(|n| n.ns_ip.clone()).unwrap_or("127.0.0.1".into());
         let mut e = Engine {
             volume: volume.into(),
-            nbd: "127.0.0.1:0".into(),
-            grpc: "127.0.0.1:0".into(),
+            nbd: format!("{ip}:0"),
+            grpc: format!("{ip}:0"),
             dir: dir.to_path_buf(),
             bin: bins.engine.clone(),
             size: size.into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(|n| n.name.clone()),
             child: None,
         };
         e.launch()?;
@@ -200,7 +217,16 @@ impl Engine {
             .create(true)
             .append(true)
             .open(dir.join("engine.log"))?;
-        let child = Command::new(&self.bin)
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the engine, so the child's pid is the engine's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .arg("serve")
             .args(["--volume", &self.volume, "--size", &self.size])
             .arg("--data")
@@ -248,6 +274,83 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A network namespace joined to the host by a veth pair: a "node" with its own address.
+pub struct Netns {
+    pub name: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+    host_if: String,
+}
+
+impl Netns {
+    /// `subnet` picks 10.213.<subnet>.0/24: the host side is .1, the namespace .2.
+    pub fn create(subnet: u8) -> anyhow::Result<Netns> {
+        let tag = std::process::id() % 100_000;
+        let n = Netns {
+            name: format!("tandem-e2e-{subnet}-{tag}"),
+            host_ip: format!("10.213.{subnet}.1"),
+            ns_ip: format!("10.213.{subnet}.2"),
+            host_if: format!("te{subnet}h{tag}"),
+        };
+        let ns_if = format!("te{subnet}n{tag}");
+        sh(Command::new("ip").args(["netns", "add", &n.name]))?;
+        sh(Command::new("ip").args([
+            "link", "add", &n.host_if, "type", "veth", "peer", "name", &ns_if,
+        ]))?;
+        sh(Command::new("ip").args(["link", "set", &ns_if, "netns", &n.name]))?;
+        sh(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{}/24", n.host_ip),
+            "dev",
+            &n.host_if,
+        ]))?;
+        sh(Command::new("ip").args(["link", "set", &n.host_if, "up"]))?;
+        let exec = |args: &[&str]| {
+            sh(Command::new("ip")
+                .args(["netns", "exec", &n.name, "ip"])
+                .args(args))
+        };
+        exec(&["addr", "add", &format!("{}/24", n.ns_ip), "dev", &ns_if])?;
+        exec(&["link", "set", &ns_if, "up"])?;
+        exec(&["link", "set", "lo", "up"])?;
+        Ok(n)
+    }
+
+    /// Cuts or restores the link (packets are dropped, connections are not reset).
+    pub fn set_link(&self, up: bool) -> anyhow::Result<()> {
+        sh(Command::new("ip").args(["link", "set", &self.host_if, if up { "up" } else { "down" }]))
+            .map(|_| ())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+/// Why network namespaces cannot be used here, if they cannot.
+pub fn netns_skip_reason() -> Option<String> {
+    let probe = format!("tandem-e2e-probe-{}", std::process::id());
+    match Command::new("ip").args(["netns", "add", &probe]).output() {
+        Ok(o) if o.status.success() => {
+            let _ = Command::new("ip").args(["netns", "del", &probe]).output();
+            None
+        }
+        Ok(o) => Some(format!(
+            "ip netns add failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Some(format!("ip (iproute2) not usable: {e}")),
     }
 }
 

@@ -721,3 +721,81 @@ async fn xfs_volume_round_trip() {
         Ok(())
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_attach_across_a_network_namespace_rides_out_a_link_flap() {
+    if skip("remote_attach_across_a_network_namespace_rides_out_a_link_flap") {
+        return;
+    }
+    if let Some(why) = netns_skip_reason() {
+        println!("SKIP remote_attach_across_a_network_namespace_rides_out_a_link_flap: {why}");
+        return;
+    }
+    let _serial = serial().await;
+    let bins = bins().unwrap();
+    let scratch = Scratch::new("netns").unwrap();
+    // node-b: an engine in its own network namespace. node-a: a plugin with no engine of its own,
+    // so it attaches to node-b's primary over the veth link.
+    let ns_b = Netns::create(7).unwrap();
+    let engine = Engine::start_in(
+        Some(&ns_b),
+        &bins,
+        &scratch.path("engine-b"),
+        "vol-net",
+        "64M",
+        TOKEN,
+        &[],
+    )
+    .unwrap();
+    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let ctx = volume_context("vol-net", &[("node-b", &engine)]);
+    let staging = scratch.path("staging");
+    let target = scratch.path("pods/p/dev");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let id = "default/pv-net";
+
+    with_logs!(plugin, async {
+        let mut c = plugin.client().await?;
+        c.node
+            .node_stage_volume(stage_request(id, &staging, None, &ctx, TOKEN))
+            .await?;
+        c.node
+            .node_publish_volume(publish_request(id, &staging, &target, None))
+            .await?;
+        dd_write(&target, 0, 21, 256 << 10, &tmp)?;
+        // A link flap shorter than the I/O timeout: the write stalls, then completes.
+        ns_b.set_link(false)?;
+        let (t2, tmp2) = (target.clone(), tmp.clone());
+        let writer =
+            std::thread::spawn(move || dd_write(&t2, 1 << 20, 22, 512 << 10, &tmp2).map(|_| ()));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        anyhow::ensure!(
+            !writer.is_finished(),
+            "a write completed across a dead link"
+        );
+        ns_b.set_link(true)?;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        anyhow::ensure!(dd_read(&target, 0, 256 << 10)? == pattern(21, 256 << 10));
+        anyhow::ensure!(dd_read(&target, 1 << 20, 512 << 10)? == pattern(22, 512 << 10));
+        c.node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await?;
+        c.node
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+    drop(engine);
+}
