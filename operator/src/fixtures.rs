@@ -203,6 +203,12 @@ impl Call {
     pub fn patch(path: &str) -> Self {
         Call::new(Method::PATCH, path)
     }
+    pub fn post(path: &str) -> Self {
+        Call::new(Method::POST, path)
+    }
+    pub fn put(path: &str) -> Self {
+        Call::new(Method::PUT, path)
+    }
     pub fn delete(path: &str) -> Self {
         Call::new(Method::DELETE, path).reply(200, deleted())
     }

@@ -246,4 +246,94 @@ mod tests {
         assert_eq!(renewed.lease_transitions, Some(3));
         assert_eq!(renewed.acquire_time, taken.acquire_time);
     }
+
+    fn cfg() -> LeaderConfig {
+        LeaderConfig {
+            lease_name: "tandem-operator-leader".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_interval: Duration::from_secs(5),
+        }
+    }
+
+    fn lease_json(holder: &str, renewed: Timestamp) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "tandem-operator-leader", "namespace": "default", "resourceVersion": "7"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                     "renewTime": MicroTime(renewed), "leaseTransitions": 1}
+        })
+    }
+
+    const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/default/leases";
+
+    async fn step_against(
+        script: Vec<crate::fixtures::Call>,
+    ) -> (Result<(bool, Duration), kube::Error>, crate::fixtures::Seen) {
+        let (ctx, verifier, _) = crate::controller::Context::test(Default::default());
+        let handle = verifier.run(script);
+        let api: Api<Lease> = Api::namespaced(ctx.client.clone(), "default");
+        let result = step(&api, &cfg()).await;
+        drop(api);
+        drop(ctx);
+        (result, crate::fixtures::finish(handle).await)
+    }
+
+    #[tokio::test]
+    async fn creates_the_lease_when_missing() {
+        use crate::fixtures::{not_found, Call};
+        let script = vec![
+            Call::get(&format!("{PATH}/tandem-operator-leader")).reply(404, not_found("lease")),
+            Call::post(&format!("{PATH}?")).check(|body| {
+                assert_eq!(body["spec"]["holderIdentity"], "me");
+                assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+            }),
+        ];
+        let (result, _) = step_against(script).await;
+        assert_eq!(result.unwrap(), (true, Duration::from_secs(5)));
+    }
+
+    #[tokio::test]
+    async fn takes_an_expired_lease_with_optimistic_concurrency() {
+        use crate::fixtures::Call;
+        let expired = lease_json("other", ago(Timestamp::now(), 60));
+        let script = vec![
+            Call::get(&format!("{PATH}/tandem-operator-leader")).reply(200, expired),
+            Call::put(&format!("{PATH}/tandem-operator-leader?")).check(|body| {
+                assert_eq!(
+                    body["metadata"]["resourceVersion"], "7",
+                    "replace carries the version it read"
+                );
+                assert_eq!(body["spec"]["holderIdentity"], "me");
+                assert_eq!(body["spec"]["leaseTransitions"], 2);
+            }),
+        ];
+        let (result, _) = step_against(script).await;
+        assert!(result.unwrap().0);
+    }
+
+    #[tokio::test]
+    async fn loses_the_race_on_conflict_and_waits_for_a_valid_holder() {
+        use crate::fixtures::Call;
+        let conflict = serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                          "reason": "Conflict", "code": 409, "message": "the object has been modified"});
+        let script = vec![
+            Call::get(&format!("{PATH}/tandem-operator-leader"))
+                .reply(200, lease_json("other", ago(Timestamp::now(), 60))),
+            Call::put(&format!("{PATH}/tandem-operator-leader?")).reply(409, conflict),
+        ];
+        let (result, _) = step_against(script).await;
+        assert_eq!(result.unwrap(), (false, Duration::from_secs(1)));
+
+        let script = vec![Call::get(&format!("{PATH}/tandem-operator-leader"))
+            .reply(200, lease_json("other", Timestamp::now()))];
+        let (result, seen) = step_against(script).await;
+        let (leading, wait) = result.unwrap();
+        assert!(!leading && wait <= Duration::from_secs(5));
+        assert_eq!(
+            seen.calls.len(),
+            1,
+            "a valid lease held by another replica is only read"
+        );
+    }
 }
