@@ -23,6 +23,8 @@ use crate::fusefs::{self, DaemonStatus, READY_PREFIX};
 pub enum AttachError {
     #[error("attach daemon for {export:?} failed to start: {message}")]
     DaemonStart { export: String, message: String },
+    #[error("the engine refused export {export:?}: {message}")]
+    EngineRefused { export: String, message: String },
     #[error("{cmd} failed: {message}")]
     CommandFailed { cmd: String, message: String },
     #[error("{what} {path}: {source}")]
@@ -226,8 +228,17 @@ impl FuseLoopAttacher {
             });
             return Ok(pid);
         }
-        signal(pid, rustix::process::Signal::KILL);
-        let _ = child.wait();
+        // Still running without READY after the timeout: stop it. Otherwise collect its status.
+        let refused = match child.try_wait() {
+            Ok(Some(status)) => status.code() == Some(i32::from(fusefs::EXIT_REFUSED)),
+            _ => {
+                signal(pid, rustix::process::Signal::KILL);
+                child
+                    .wait()
+                    .map(|s| s.code() == Some(i32::from(fusefs::EXIT_REFUSED)))
+                    .unwrap_or(false)
+            }
+        };
         let mut tail = String::new();
         if let Ok(mut f) = std::fs::File::open(&log_path) {
             let _ = f.read_to_string(&mut tail);
@@ -241,13 +252,22 @@ impl FuseLoopAttacher {
             .rev()
             .collect::<Vec<_>>()
             .join(" | ");
-        Err(AttachError::DaemonStart {
-            export: spec.export.clone(),
-            message: if line.is_empty() && tail.is_empty() {
-                format!("no READY within {:?}", self.start_timeout)
-            } else {
-                tail
-            },
+        let message = if line.is_empty() && tail.is_empty() {
+            format!("no READY within {:?}", self.start_timeout)
+        } else {
+            tail
+        };
+        let _ = std::fs::remove_dir_all(dir);
+        Err(if refused {
+            AttachError::EngineRefused {
+                export: spec.export.clone(),
+                message,
+            }
+        } else {
+            AttachError::DaemonStart {
+                export: spec.export.clone(),
+                message,
+            }
         })
     }
 

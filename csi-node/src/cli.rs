@@ -130,7 +130,11 @@ pub fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("tandem-csi: {e:#}");
-            ExitCode::FAILURE
+            if e.is::<crate::fusefs::EngineRefused>() {
+                ExitCode::from(crate::fusefs::EXIT_REFUSED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -191,6 +195,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
         start_timeout: Duration::from_secs(args.attach_timeout_secs.max(1)),
     };
+    if Path::new("/sys/module/nbd").exists() {
+        tracing::warn!(
+            "nbd.ko is loaded, but the kernel NBD attach path (the production path) is not \
+             implemented yet; attaching through FUSE + loop"
+        );
+    }
     let svc = Arc::new(NodeService::new(
         node_id.clone(),
         state,

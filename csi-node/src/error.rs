@@ -63,6 +63,8 @@ impl Error {
             Error::VolumeIncompatible(_) => Code::AlreadyExists,
             Error::PrimaryUnavailable(_) => Code::Unavailable,
             Error::Engine(e) => e.code(),
+            // The engine changed its mind between Status and attach (fenced, demoted): retryable.
+            Error::Attach(AttachError::EngineRefused { .. }) => Code::Unavailable,
             Error::Attach(_) | Error::Mount(_) | Error::State(_) | Error::Internal(_) => {
                 Code::Internal
             }

@@ -424,6 +424,15 @@ fn write_status(dir: &Path, status: &DaemonStatus) {
     }
 }
 
+/// Marks a daemon failure where the engine answered but refused the export (wrong role, unknown
+/// export): the daemon exits with [`EXIT_REFUSED`] so the plugin can tell it from a crash.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine refused the export")]
+pub struct EngineRefused;
+
+/// Exit status of the daemon when the engine refused the export.
+pub const EXIT_REFUSED: u8 = 3;
+
 /// The line the daemon prints on stdout once the file is ready; the plugin waits for it.
 pub const READY_PREFIX: &str = "READY ";
 
@@ -453,7 +462,18 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         },
         Some(observer),
     )
-    .with_context(|| format!("connect to NBD export {:?} at {}", args.export, args.nbd))?;
+    .map_err(|e| {
+        let refused = e.is_refusal();
+        let e = anyhow::Error::new(e).context(format!(
+            "connect to NBD export {:?} at {}",
+            args.export, args.nbd
+        ));
+        if refused {
+            e.context(EngineRefused)
+        } else {
+            e
+        }
+    })?;
     let size = client.info().size;
     {
         let mut s = status.lock().unwrap_or_else(|p| p.into_inner());

@@ -463,6 +463,22 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
         .insert(KEY_ENGINES.into(), "node-a=127.0.0.1:1".into());
     cases.push(("engine unreachable", r, Code::Unavailable));
 
+    // The NBD address leads to an engine that refuses the export (a secondary): the attach fails
+    // with a retryable code and leaves nothing behind.
+    let secondary = Engine::start(
+        &bins,
+        &scratch.path("engine-s"),
+        "vol-bad",
+        "64M",
+        TOKEN,
+        &["--role", "secondary", "--peer", "127.0.0.1:1"],
+    )
+    .unwrap();
+    let mut r = good.clone();
+    r.volume_context
+        .insert(KEY_NBD.into(), format!("node-a={}", secondary.nbd));
+    cases.push(("NBD export refused", r, Code::Unavailable));
+
     for (what, req, want) in cases {
         let got = code(c.node.node_stage_volume(req).await);
         assert_eq!(got, want, "{what}");
