@@ -80,8 +80,8 @@ pub struct ServeArgs {
     /// Once listening, write {"nbd": .., "grpc": ..} with the bound addresses to this file.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
-    /// The other engine's gRPC address, HOST:PORT (makes this engine one of a pair).
-    #[arg(long)]
+    /// The other engine's gRPC address, HOST:PORT (makes this engine one of a pair; a secondary needs it).
+    #[arg(long, required_if_eq("role", "secondary"))]
     pub peer: Option<String>,
     /// async: acknowledge after the local write; sync: after the secondary has it durably.
     #[arg(long, value_enum, default_value_t = ReplicationArg::Async)]

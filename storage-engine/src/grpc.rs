@@ -119,6 +119,13 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         pair_state: pair_state(v).into(),
         ..Default::default()
     };
+    if v.role() != Role::Primary {
+        let rs = v.replica();
+        reply.applied_seq = rs.applied_seq;
+        reply.last_seq = rs.peer_last_seq;
+        reply.resync_progress = if rs.inconsistent { 0.0 } else { 1.0 };
+        reply.peer_pending_blocks = rs.peer_pending.as_ref().map_or(0, |b| b.count());
+    }
     let Some(r) = &v.repl else { return reply };
     reply.peer = r.peer.clone();
     reply.peer_connected = r.connected();
@@ -139,12 +146,6 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         } else {
             (done.min(total) as f64) / total as f64
         };
-    } else {
-        let rs = v.replica();
-        reply.applied_seq = rs.applied_seq;
-        reply.last_seq = rs.peer_last_seq;
-        reply.resync_progress = if rs.inconsistent { 0.0 } else { 1.0 };
-        reply.peer_pending_blocks = rs.peer_pending.as_ref().map_or(0, |b| b.count());
     }
     reply
 }
@@ -152,9 +153,6 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
 /// One word for the pair: Standalone, Connecting, Resyncing, Replicating, Synced (primary);
 /// Inconsistent or Consistent (secondary).
 pub fn pair_state(v: &Volume) -> &'static str {
-    let Some(r) = &v.repl else {
-        return "Standalone";
-    };
     if v.role() != Role::Primary {
         return if v.replica().inconsistent {
             "Inconsistent"
@@ -162,6 +160,9 @@ pub fn pair_state(v: &Volume) -> &'static str {
             "Consistent"
         };
     }
+    let Some(r) = &v.repl else {
+        return "Standalone";
+    };
     if !r.connected() {
         return "Connecting";
     }

@@ -463,6 +463,7 @@ impl Volume {
             epoch: self.epoch(),
             applied_seq: r.applied_seq,
             need_full_resync: r.needs_full,
+            inconsistent: r.inconsistent,
             ..Default::default()
         }
     }

@@ -232,7 +232,10 @@ async fn session(
             s.journal.bump_to(hello.applied_seq + 1);
             s.resync_needed = true;
         }
-        hello.need_full_resync || s.resync_needed || !s.journal.covers(hello.applied_seq + 1)
+        hello.need_full_resync
+            || hello.inconsistent
+            || s.resync_needed
+            || !s.journal.covers(hello.applied_seq + 1)
     };
     t.ack_journal(hello.applied_seq);
     repl.stats.connected.store(true, Ordering::Relaxed);

@@ -237,3 +237,84 @@ pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// A primary and a secondary on loopback, sharing a token.
+pub struct Pair {
+    pub p: Engine,
+    pub s: Engine,
+    pub token: PathBuf,
+}
+
+impl Pair {
+    /// Starts the secondary, then the primary pointing at it. `extra` goes to both.
+    pub fn start(dir: &Path, size: &str, extra_p: &[&str], extra_s: &[&str]) -> Pair {
+        std::fs::create_dir_all(dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "s3cret-token\n").unwrap();
+        let tok = token.to_str().unwrap().to_string();
+        let mut s_args = vec![
+            "--role",
+            "secondary",
+            "--token-file",
+            &tok,
+            "--peer",
+            "127.0.0.1:9",
+        ];
+        s_args.extend_from_slice(extra_s);
+        let s = Engine::start(&dir.join("s"), "vol", size, &s_args);
+        let mut p_args = vec!["--token-file", &tok, "--peer", &s.grpc, "--fault-injection"];
+        p_args.extend_from_slice(extra_p);
+        let p = Engine::start(&dir.join("p"), "vol", size, &p_args);
+        Pair { p, s, token }
+    }
+
+    pub fn tok(&self) -> String {
+        self.token.to_str().unwrap().to_string()
+    }
+
+    pub fn status_p(&self) -> serde_json::Value {
+        self.p.status_with(&["--token-file", &self.tok()])
+    }
+
+    pub fn status_s(&self) -> serde_json::Value {
+        self.s.status_with(&["--token-file", &self.tok()])
+    }
+
+    /// `tandem-engine fault` on the primary.
+    pub fn fault(&self, args: &[&str]) {
+        let mut a = vec!["fault", "--grpc", &self.p.grpc, "--volume", "vol"];
+        let tok = self.tok();
+        a.extend_from_slice(&["--token-file", &tok]);
+        a.extend_from_slice(args);
+        run_ok(ENGINE, &a);
+    }
+
+    /// Waits until the primary has nothing pending and the secondary is consistent.
+    pub fn wait_synced(&self, secs: u64) {
+        wait_until(secs, "pair synced", || {
+            let p = self.status_p();
+            let s = self.status_s();
+            p["pending_blocks"] == 0
+                && p["pair_state"] == "Synced"
+                && s["pair_state"] == "Consistent"
+        });
+    }
+
+    pub fn files_identical(&self) -> bool {
+        std::fs::read(self.p.data()).unwrap() == std::fs::read(self.s.data()).unwrap()
+    }
+}
+
+/// Reads `len` bytes at `offset` of a file.
+pub fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

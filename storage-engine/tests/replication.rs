@@ -1,0 +1,395 @@
+//! Two real engine processes: ordered replication, the differential table, resync, tokens,
+//! and kills at chosen points. Acceptance tests are named after failover.md's AT numbers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+
+const B: u64 = 4096;
+
+fn block_is(path: &std::path::Path, block: u64, byte: u8) -> bool {
+    file_bytes(path, block * B, B as usize)
+        .iter()
+        .all(|b| *b == byte)
+}
+
+#[test]
+fn pair_syncs_to_identical_files_and_secondary_refuses_host_io() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start(d.path(), "64M", &[], &[]);
+    let src = d.path().join("src.bin");
+    std::fs::write(&src, pattern(3, 24 << 20)).unwrap();
+    run_ok(
+        "nbdcopy",
+        &["--flush", src.to_str().unwrap(), &pair.p.uri()],
+    );
+    qemu_io_ok(
+        &pair.p.uri(),
+        &["write -z 1M 64k", "discard 3M 8k", "write -P 9 63M 512"],
+    );
+    pair.wait_synced(30);
+    assert!(pair.files_identical(), "data files differ after sync");
+    let st = pair.status_p();
+    assert_eq!(st["peer_connected"], true);
+    assert!(st["bytes_replicated"].as_u64().unwrap() >= 24 << 20);
+    assert_eq!(pair.status_s()["role"], "secondary");
+    // The secondary serves no host I/O; the refusal names its role.
+    let out = run("nbdinfo", &[&pair.s.uri()]);
+    assert!(!out.status.success());
+    let q = qemu_io(&pair.s.uri(), &["write -P 1 0 4k"]);
+    assert!(!q.status.success() || String::from_utf8_lossy(&q.stderr).contains("failed"));
+}
+
+#[test]
+fn wrong_or_missing_token_is_refused_and_changes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start(d.path(), "16M", &[], &[]);
+    let bad = d.path().join("bad");
+    std::fs::write(&bad, "wrong").unwrap();
+    for extra in [vec!["--token-file", bad.to_str().unwrap()], vec![]] {
+        let mut a = vec![
+            "status",
+            "--grpc",
+            &pair.p.grpc,
+            "--volume",
+            "vol",
+            "--json",
+        ];
+        a.extend_from_slice(&extra);
+        let out = run(ENGINE, &a);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("token"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut f = vec![
+            "fault",
+            "--grpc",
+            &pair.p.grpc,
+            "--volume",
+            "vol",
+            "--pause",
+            "true",
+        ];
+        f.extend_from_slice(&extra);
+        assert!(!run(ENGINE, &f).status.success());
+    }
+    assert_eq!(pair.status_p()["pair_state"], "Synced");
+    // Fault injection needs the flag: the secondary was started without it.
+    let tok = pair.tok();
+    let out = run(
+        ENGINE,
+        &[
+            "fault",
+            "--grpc",
+            &pair.s.grpc,
+            "--volume",
+            "vol",
+            "--token-file",
+            &tok,
+            "--pause",
+            "true",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fault injection is off"));
+}
+
+/// AT-01 (async ack without the peer) and AT-03 (drain clears bits, then the loop goes idle).
+#[test]
+fn at01_at03_async_ack_then_drain() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start(d.path(), "16M", &[], &[]);
+    pair.wait_synced(20);
+    pair.fault(&["--pause", "true"]);
+    qemu_io_ok(&pair.p.uri(), &["write -P 0x58 40960 4096"]);
+    let st = pair.status_p();
+    assert!(st["pending_blocks"].as_u64().unwrap() >= 1);
+    assert_eq!(st["pair_state"], "Replicating");
+    assert!(
+        block_is(&pair.s.data(), 10, 0),
+        "the paused link must not deliver"
+    );
+    pair.fault(&["--pause", "false"]);
+    pair.wait_synced(20);
+    assert!(block_is(&pair.s.data(), 10, 0x58));
+    let seq = pair.status_s()["applied_seq"].clone();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert_eq!(
+        pair.status_s()["applied_seq"],
+        seq,
+        "copy loop must be idle"
+    );
+    assert_eq!(pair.status_p()["pending_blocks"], 0);
+}
+
+/// AT-04: an acknowledgement of an older version never clears a block written again meanwhile.
+#[test]
+fn at04_no_lost_update_on_redirty_during_flight() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start(d.path(), "16M", &[], &[]);
+    pair.wait_synced(20);
+    pair.fault(&["--hold-acks", "true"]);
+    qemu_io_ok(&pair.p.uri(), &["write -P 0x58 40960 4096"]);
+    wait_until(20, "X applied on the secondary", || {
+        block_is(&pair.s.data(), 10, 0x58)
+    });
+    pair.fault(&["--pause", "true"]);
+    qemu_io_ok(&pair.p.uri(), &["write -P 0x59 40960 4096"]);
+    pair.fault(&["--hold-acks", "false"]);
+    wait_until(20, "ack of X processed", || {
+        pair.status_p()["applied_seq"].as_u64().unwrap() >= 1
+    });
+    assert_eq!(
+        pair.status_p()["pending_blocks"],
+        1,
+        "block 10 must stay pending for Y"
+    );
+    pair.fault(&["--pause", "false"]);
+    pair.wait_synced(20);
+    assert!(block_is(&pair.s.data(), 10, 0x59));
+}
+
+/// AT-05: while the journal holds, the replica is always a prefix of the write history.
+#[test]
+fn at05_replica_is_always_a_prefix() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start(d.path(), "16M", &[], &[]);
+    pair.wait_synced(20);
+    pair.fault(&["--pause", "true"]);
+    // 12 writes over 3 blocks, each a distinct byte; each waits for the previous ack.
+    let writes: Vec<(u64, u8)> = (0..12u8)
+        .map(|i| (5 + u64::from(i % 3) * 7 % 4, 0x20 + i))
+        .collect();
+    for (blk, v) in &writes {
+        qemu_io_ok(&pair.p.uri(), &[&format!("write -P {v} {} 4096", blk * B)]);
+    }
+    let blocks: Vec<u64> = {
+        let mut b: Vec<u64> = writes.iter().map(|w| w.0).collect();
+        b.sort_unstable();
+        b.dedup();
+        b
+    };
+    let prefixes: Vec<Vec<u8>> = (0..=writes.len())
+        .map(|k| {
+            blocks
+                .iter()
+                .map(|blk| {
+                    writes[..k]
+                        .iter()
+                        .rev()
+                        .find(|w| w.0 == *blk)
+                        .map_or(0, |w| w.1)
+                })
+                .collect()
+        })
+        .collect();
+    // About two records a second, so many intermediate states are observed.
+    pair.fault(&["--rate", "9000", "--pause", "false"]);
+    let mut last_k = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    wait_until(30, "all writes replicated", || {
+        let state: Vec<u8> = blocks
+            .iter()
+            .map(|b| file_bytes(&pair.s.data(), b * B, 1)[0])
+            .collect();
+        let k = prefixes
+            .iter()
+            .position(|p| *p == state)
+            .unwrap_or_else(|| panic!("replica state {state:?} is not a prefix of the history"));
+        assert!(
+            k >= last_k || prefixes[k] == prefixes[last_k],
+            "replica went backwards"
+        );
+        last_k = last_k.max(k);
+        seen.insert(k);
+        k == writes.len()
+    });
+    assert!(
+        seen.len() >= 3,
+        "observed too few intermediate states: {seen:?}"
+    );
+}
+
+/// A killed secondary misses writes; on restart only the dirty bytes move.
+#[test]
+fn secondary_sigkill_then_resync_moves_only_dirty_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = Pair::start(d.path(), "64M", &[], &[]);
+    let src = d.path().join("src.bin");
+    std::fs::write(&src, pattern(5, 32 << 20)).unwrap();
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
+    pair.wait_synced(30);
+    pair.s.kill();
+    let cmds: Vec<String> = (0..256u64)
+        .map(|i| format!("write -P {} {} 4096", i % 200 + 1, i * 61 * B))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    qemu_io_ok(&pair.p.uri(), &refs);
+    assert!(pair.status_p()["pending_blocks"].as_u64().unwrap() >= 256);
+    let before = pair.status_p();
+    let moved_before =
+        before["bytes_replicated"].as_u64().unwrap() + before["bytes_resynced"].as_u64().unwrap();
+    pair.s.restart();
+    pair.wait_synced(30);
+    assert!(pair.files_identical());
+    let after = pair.status_p();
+    let moved = after["bytes_replicated"].as_u64().unwrap()
+        + after["bytes_resynced"].as_u64().unwrap()
+        - moved_before;
+    assert!(
+        moved <= 2 * 256 * B,
+        "resync moved {moved} bytes for 1 MiB dirty"
+    );
+    assert!(moved >= 256 * B);
+}
+
+/// A primary killed mid-stream converges after restart, and loses no acknowledged write.
+#[test]
+fn primary_sigkill_mid_stream_converges() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = Pair::start(d.path(), "32M", &[], &[]);
+    pair.wait_synced(20);
+    pair.fault(&["--rate", "2M"]);
+    let src = d.path().join("src.bin");
+    std::fs::write(&src, pattern(11, 16 << 20)).unwrap();
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
+    assert!(
+        pair.status_p()["pending_blocks"].as_u64().unwrap() > 0,
+        "link should be behind"
+    );
+    pair.p.kill();
+    pair.p.restart();
+    pair.wait_synced(60);
+    assert!(pair.files_identical());
+    let back = d.path().join("back.bin");
+    run_ok("nbdcopy", &[&pair.p.uri(), back.to_str().unwrap()]);
+    assert!(std::fs::read(&back).unwrap()[..16 << 20] == std::fs::read(&src).unwrap()[..]);
+}
+
+/// Journal overflow: replication falls back to the table, reports Resyncing, then converges.
+#[test]
+fn journal_overflow_falls_back_to_table_resync() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start(d.path(), "32M", &["--journal-size", "1M"], &[]);
+    pair.wait_synced(20);
+    pair.fault(&["--pause", "true"]);
+    let src = d.path().join("src.bin");
+    std::fs::write(&src, pattern(13, 8 << 20)).unwrap();
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
+    assert!(pair.status_p()["journal_bytes"].as_u64().unwrap() <= 1 << 20);
+    pair.fault(&["--pause", "false"]);
+    pair.wait_synced(30);
+    assert!(pair.files_identical());
+    assert!(pair.status_p()["bytes_resynced"].as_u64().unwrap() >= 1 << 20);
+}
+
+/// Sync mode: the host's ack means the secondary has the bytes durably.
+#[test]
+fn sync_mode_acknowledges_after_the_secondary() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start(d.path(), "16M", &["--replication", "sync"], &[]);
+    pair.wait_synced(20);
+    for i in 0..20u64 {
+        qemu_io_ok(
+            &pair.p.uri(),
+            &[&format!("write -P {} {} 4096", i + 1, i * 3 * B)],
+        );
+        assert!(
+            block_is(&pair.s.data(), i * 3, (i + 1) as u8),
+            "write {i} acked before the secondary had it"
+        );
+    }
+}
+
+/// A new, blank secondary gets a full copy of the primary's allocated data.
+#[test]
+fn blank_secondary_gets_a_full_copy() {
+    let d = tempfile::tempdir().unwrap();
+    // A standalone primary with data, then restarted paired with a new secondary.
+    let mut p = Engine::start(&d.path().join("p"), "vol", "32M", &[]);
+    let src = d.path().join("src.bin");
+    std::fs::write(&src, pattern(17, 4 << 20)).unwrap();
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &p.uri()]);
+    assert!(p.terminate());
+    let tok = d.path().join("tok");
+    std::fs::write(&tok, "t").unwrap();
+    let t = tok.to_str().unwrap();
+    let s = Engine::start(
+        &d.path().join("s"),
+        "vol",
+        "32M",
+        &[
+            "--role",
+            "secondary",
+            "--token-file",
+            t,
+            "--peer",
+            "127.0.0.1:9",
+        ],
+    );
+    p.args = vec![
+        "--peer".into(),
+        s.grpc.clone(),
+        "--token-file".into(),
+        t.into(),
+    ];
+    p.restart();
+    let pair = Pair { p, s, token: tok };
+    pair.wait_synced(30);
+    assert!(pair.files_identical());
+    let st = pair.status_p();
+    assert!(st["bytes_resynced"].as_u64().unwrap() >= 4 << 20);
+    assert!(
+        st["bytes_resynced"].as_u64().unwrap() < 32 << 20,
+        "holes are not copied"
+    );
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { block: u64, blocks: u64, byte: u8 },
+    Flush,
+    KillSecondary,
+    DropLink,
+    KillPrimary,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u64..1000, 1u64..40, 1u8..255).prop_map(|(block, blocks, byte)| Op::Write { block, blocks, byte }),
+        1 => Just(Op::Flush),
+        1 => Just(Op::KillSecondary),
+        1 => Just(Op::DropLink),
+        1 => Just(Op::KillPrimary),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, failure_persistence: None, ..ProptestConfig::default() })]
+    /// Model test: random writes, flushes, kills and link drops; both sides end equal to the model.
+    #[test]
+    fn model_random_writes_kills_and_reconnects(ops in proptest::collection::vec(op(), 4..14)) {
+        let d = tempfile::tempdir().unwrap();
+        let mut pair = Pair::start(d.path(), "4M", &["--journal-size", "256K"], &[]);
+        let mut model = vec![0u8; 4 << 20];
+        for o in ops {
+            match o {
+                Op::Write { block, blocks, byte } => {
+                    let blocks = blocks.min(1024 - block);
+                    qemu_io_ok(&pair.p.uri(), &[&format!("write -P {byte} {} {}", block * B, blocks * B)]);
+                    model[(block * B) as usize..((block + blocks) * B) as usize].fill(byte);
+                }
+                Op::Flush => { qemu_io_ok(&pair.p.uri(), &["flush"]); }
+                Op::KillSecondary => pair.s.restart(),
+                Op::DropLink => pair.fault(&["--drop-link"]),
+                Op::KillPrimary => pair.p.restart(),
+            }
+        }
+        pair.wait_synced(20);
+        prop_assert!(std::fs::read(pair.p.data()).unwrap() == model, "primary lost acknowledged data");
+        prop_assert!(std::fs::read(pair.s.data()).unwrap() == model, "secondary differs from the model");
+    }
+}
