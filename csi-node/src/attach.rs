@@ -123,20 +123,32 @@ fn signal(pid: u32, sig: rustix::process::Signal) {
     }
 }
 
-/// Loop devices whose backing file is `file` (`losetup -j`).
+/// The backing file of a bound loop device, as the kernel reports it (`/sys/block/loopN/loop/`).
+/// Reading sysfs never touches the backing file, so a dead FUSE mount cannot hang or fail it.
+pub fn loop_backing_file(device: &Path) -> Option<String> {
+    let name = device.file_name()?.to_str()?;
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_string())
+}
+
+/// Loop devices whose backing file is `file`.
 pub fn loops_backing(file: &Path) -> Result<Vec<PathBuf>, AttachError> {
-    let out = run(Command::new("losetup")
-        .arg("-n")
-        .arg("-O")
-        .arg("NAME")
-        .arg("-j")
-        .arg(file))?;
-    Ok(out
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(PathBuf::from)
-        .collect())
+    let want = file.display().to_string();
+    let entries = std::fs::read_dir("/sys/block").map_err(|source| AttachError::Io {
+        what: "list",
+        path: "/sys/block".into(),
+        source,
+    })?;
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with("loop"))
+        .map(|n| PathBuf::from("/dev").join(n))
+        .filter(|d| loop_backing_file(d).as_deref() == Some(want.as_str()))
+        .collect();
+    out.sort();
+    Ok(out)
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -294,23 +306,32 @@ impl FuseLoopAttacher {
         Ok(())
     }
 
-    fn detach_loops(&self, file: &Path) -> Result<(), AttachError> {
-        if !file.exists() {
-            return Ok(());
+    /// Detaches every loop device on `file`, plus `recorded` if it still points at our file as the
+    /// kernel shows it once the FUSE mount was lazily detached (`/disk`).
+    fn detach_loops(&self, file: &Path, recorded: Option<&Path>) -> Result<(), AttachError> {
+        let mut devs = loops_backing(file)?;
+        if let Some(d) = recorded {
+            let orphaned = loop_backing_file(d).as_deref() == Some("/disk");
+            if orphaned && !devs.iter().any(|x| x == d) {
+                devs.push(d.to_path_buf());
+            }
         }
-        for dev in loops_backing(file)? {
-            run(Command::new("losetup").arg("-d").arg(&dev))?;
+        for dev in &devs {
+            run(Command::new("losetup").arg("-d").arg(dev))?;
         }
         // Detaching a busy loop device only marks it for auto-clear; wait until it let go of the file.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let left = loops_backing(file)?;
+            let left: Vec<&PathBuf> = devs
+                .iter()
+                .filter(|d| loop_backing_file(d).is_some())
+                .collect();
             if left.is_empty() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(AttachError::DetachIncomplete(format!(
-                    "{} still backed by {}",
+                    "{} still bound to {}",
                     left.iter()
                         .map(|p| p.display().to_string())
                         .collect::<Vec<_>>()
@@ -367,7 +388,7 @@ impl Attacher for FuseLoopAttacher {
             #[cfg(test)]
             AttachKind::Fake => return Ok(()),
         };
-        self.detach_loops(&fusefs::disk_path(dir))?;
+        self.detach_loops(&fusefs::disk_path(dir), Some(&att.device))?;
         self.stop_daemon(Some(pid), dir)?;
         let _ = std::fs::remove_dir_all(dir);
         tracing::info!(export = %att.export, device = %att.device.display(), "detached");
@@ -411,7 +432,7 @@ impl Attacher for FuseLoopAttacher {
             return Ok(());
         }
         tracing::warn!(dir = %dir.display(), "removing a previous attachment's leftovers");
-        self.detach_loops(&fusefs::disk_path(&dir))?;
+        self.detach_loops(&fusefs::disk_path(&dir), None)?;
         let pid = std::fs::read_to_string(Self::pid_file(&dir))
             .ok()
             .and_then(|s| s.trim().parse().ok());

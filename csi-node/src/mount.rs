@@ -185,11 +185,24 @@ impl SystemMounter {
 
 impl Mounter for SystemMounter {
     fn state(&self, target: &Path, device: &Path) -> Result<MountState, MountError> {
-        let meta = std::fs::metadata(device).map_err(|source| MountError::Io {
-            what: "stat",
-            path: device.to_path_buf(),
-            source,
-        })?;
+        let meta = match std::fs::metadata(device) {
+            Ok(m) => m,
+            // The device node is gone (e.g. after a reboot): nothing can be mounted from it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(if self.is_mount_point(target)? {
+                    MountState::Other(format!("not {} (no such device)", device.display()))
+                } else {
+                    MountState::NotMounted
+                });
+            }
+            Err(source) => {
+                return Err(MountError::Io {
+                    what: "stat",
+                    path: device.to_path_buf(),
+                    source,
+                })
+            }
+        };
         if !meta.file_type().is_block_device() {
             return Err(MountError::Io {
                 what: "not a block device:",
@@ -561,5 +574,19 @@ mod tests {
         let rdev =
             ((major & 0xfff) << 8) | ((major >> 12) << 44) | (minor & 0xff) | ((minor >> 8) << 20);
         assert_eq!(dev_major_minor(rdev), (259, 65541));
+    }
+}
+
+#[cfg(test)]
+mod system_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_device_is_not_mounted_anywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = SystemMounter
+            .state(dir.path(), Path::new("/dev/tandem-no-such-device"))
+            .unwrap();
+        assert_eq!(st, MountState::NotMounted);
     }
 }

@@ -647,7 +647,9 @@ impl NbdClient {
         if lock(&sh.state).shutdown {
             return;
         }
-        if !sh.info.read_only() && sh.info.can(TF_SEND_FLUSH) {
+        // Flush on the way out, unless the engine is unreachable (it would only time out).
+        let connected = lock(&sh.state).connected_gen.is_some();
+        if connected && !sh.info.read_only() && sh.info.can(TF_SEND_FLUSH) {
             let _ = self.call(Command::flush());
         }
         let orphans: Vec<Pending> = {

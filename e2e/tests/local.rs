@@ -815,3 +815,70 @@ async fn remote_attach_across_a_network_namespace_rides_out_a_link_flap() {
     });
     drop(engine);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_attach_daemon_is_replaced_by_the_next_stage() {
+    if skip("a_dead_attach_daemon_is_replaced_by_the_next_stage") {
+        return;
+    }
+    let _serial = serial().await;
+    let bins = bins().unwrap();
+    let scratch = Scratch::new("daemon").unwrap();
+    let engine = Engine::start(
+        &bins,
+        &scratch.path("engine-a"),
+        "vol-dd",
+        "256M",
+        TOKEN,
+        &[],
+    )
+    .unwrap();
+    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let ctx = volume_context("vol-dd", &[("node-a", &engine)]);
+    let staging = scratch.path("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let id = "default/pv-dd";
+    let stage = stage_request(id, &staging, Some("ext4"), &ctx, TOKEN);
+    let stats_req = pb::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: staging.display().to_string(),
+        staging_target_path: String::new(),
+    };
+
+    with_logs!(plugin, async {
+        let mut c = plugin.client().await?;
+        c.node.node_stage_volume(stage.clone()).await?;
+        let files = write_files(&staging, "before", 10)?;
+        sh(Command::new("sync").arg("-f").arg(&staging))?;
+        // The daemon dies as in a crash (or an OOM kill): the device is gone for good.
+        let daemons = daemons_under(&scratch.root);
+        anyhow::ensure!(daemons.len() == 1, "daemons: {daemons:?}");
+        sh(Command::new("kill").args(["-KILL", &daemons[0].to_string()]))?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cond = c
+            .node
+            .node_get_volume_stats(stats_req.clone())
+            .await?
+            .into_inner()
+            .volume_condition
+            .unwrap_or_default();
+        anyhow::ensure!(cond.abnormal, "a dead daemon must be abnormal: {cond:?}");
+        // kubelet's next NodeStageVolume repairs it: a fresh attachment, the same data.
+        c.node.node_stage_volume(stage.clone()).await?;
+        anyhow::ensure!(daemons_under(&scratch.root).len() == 1);
+        anyhow::ensure!(
+            loops_under(&scratch.root).len() == 1,
+            "{:?}",
+            loops_under(&scratch.root)
+        );
+        verify_files(&files)?;
+        c.node
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
