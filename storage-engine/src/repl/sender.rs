@@ -227,6 +227,15 @@ async fn session(
     let t = &repl.tracker;
     let need_resync = {
         let mut s = t.state();
+        if !s.seq_checked {
+            s.seq_checked = true;
+            if hello.applied_seq >= s.boot_next {
+                // Seqs from before our restart reached the peer: renumber and resync from the table.
+                s.journal.reset();
+                s.journal.bump_to(hello.applied_seq + 1);
+                s.resync_needed = true;
+            }
+        }
         if hello.applied_seq >= s.journal.next_seq() {
             // We restarted and lost records the peer already has: renumber past them.
             s.journal.bump_to(hello.applied_seq + 1);

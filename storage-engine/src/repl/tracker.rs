@@ -112,6 +112,10 @@ pub struct TrackState {
     intent: Bitmap,
     dirty: bool,
     pub epoch: u64,
+    /// First seq this process issued; a peer that applied this seq or more heard it from our
+    /// previous incarnation, so the numbers collide and the journal cannot be trusted.
+    pub boot_next: u64,
+    pub seq_checked: bool,
 }
 
 /// The primary side's replication bookkeeping for one volume.
@@ -157,6 +161,8 @@ impl Tracker {
                 intent,
                 dirty: true,
                 epoch,
+                boot_next: acked_seq + 1,
+                seq_checked: false,
             }),
             locks: BlockLocks::new(),
             pending_path,
