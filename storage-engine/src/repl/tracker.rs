@@ -9,6 +9,7 @@
 //!   1. set the pending bits (marked in flight); if an extent turns hot, persist the intent file (fsync);
 //!   2. write the data file;
 //!   3. assign the seq, record the generation, append to the journal; acknowledge the host.
+//!
 //! After a crash, pending = last persisted table ∪ every block of every hot extent: a superset of
 //! what the peer may lack.
 
