@@ -21,7 +21,7 @@ sync
 "$ENGINE" serve --volume bench --data "$W/a.img" --size "${SIZE_MIB}M" --state-dir "$W/state" \
   --nbd-listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 --nbd-socket "$W/tandem.sock" \
   --ready-file "$W/ready" 2>"$W/engine.log" &
-nbdkit -f -p 0 --port=10899 -U "$W/nbdkit.sock" file "$W/b.img" 2>"$W/nbdkit.log" &
+nbdkit -f -U "$W/nbdkit.sock" file "$W/b.img" 2>"$W/nbdkit.log" &
 nbdkit -f -i 127.0.0.1 -p 10898 file "$W/b.img" 2>"$W/nbdkit-tcp.log" &
 for _ in $(seq 100); do [ -s "$W/ready" ] && [ -S "$W/nbdkit.sock" ] && break; sleep 0.1; done
 TANDEM_TCP=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["nbd"])' "$W/ready")
@@ -39,7 +39,8 @@ run() { # uri rw bs iodepth -> "iops MiB/s"
       --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 \
       --output-format=json 2>/dev/null |
     python3 -c 'import json,sys
-j=json.load(sys.stdin)["jobs"][0]
+t=sys.stdin.read()
+j=json.loads(t[t.index("{"):])["jobs"][0]
 side=j["read"] if j["read"]["io_bytes"]>0 else j["write"]
 print("%.0f %.1f" % (side["iops"], side["bw_bytes"]/1048576))'
 }
