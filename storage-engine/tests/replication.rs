@@ -354,6 +354,7 @@ enum Op {
     Flush,
     KillSecondary,
     DropLink,
+    KillPrimary,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -362,14 +363,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         1 => Just(Op::KillSecondary),
         1 => Just(Op::DropLink),
-        // KillPrimary is left out of the random mix for now: combined with a secondary kill it found a
-        // convergence stall that is still open (see the issue note); primary kills are covered by
-        // primary_sigkill_mid_stream_converges.
+        1 => Just(Op::KillPrimary),
     ]
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 6, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
     /// Model test: random writes, flushes, kills and link drops; both sides end equal to the model.
     #[test]
     fn model_random_writes_kills_and_reconnects(ops in proptest::collection::vec(op(), 4..14)) {
@@ -386,6 +385,7 @@ proptest! {
                 Op::Flush => { qemu_io_ok(&pair.p.uri(), &["flush"]); }
                 Op::KillSecondary => pair.s.restart(),
                 Op::DropLink => pair.fault(&["--drop-link"]),
+                Op::KillPrimary => pair.p.restart(),
             }
         }
         pair.wait_synced(20);

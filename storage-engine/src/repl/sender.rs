@@ -247,6 +247,8 @@ async fn session(
             || !s.journal.covers(hello.applied_seq + 1)
     };
     t.ack_journal(hello.applied_seq);
+    // A resync cut short (or a restart) can leave pending blocks that no record will ever clear.
+    let need_resync = need_resync || t.pending_uncovered(hello.applied_seq + 1);
     repl.stats.connected.store(true, Ordering::Relaxed);
     info!(peer = %repl.peer, applied = hello.applied_seq, full = hello.need_full_resync, "replication link up");
 

@@ -251,6 +251,23 @@ impl Tracker {
         Ok(seq)
     }
 
+    /// Whether some pending block has no journal record at or after `from` (then streaming the
+    /// journal alone would never clear it, and a resync from the table is needed).
+    pub fn pending_uncovered(&self, from: u64) -> bool {
+        let s = self.state();
+        if s.pending.is_empty() {
+            return false;
+        }
+        let mut covered = Bitmap::new(self.blocks);
+        for r in s.journal.read_from(from, u64::MAX) {
+            for b in blocks_of(r.offset, r.len()) {
+                covered.set(b);
+            }
+        }
+        let uncovered = s.pending.iter_ones().any(|b| !covered.get(b));
+        uncovered
+    }
+
     /// The peer durably applied every record up to `applied`.
     pub fn ack_journal(&self, applied: u64) {
         let mut s = self.state();

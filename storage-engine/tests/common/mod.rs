@@ -291,13 +291,24 @@ impl Pair {
 
     /// Waits until the primary has nothing pending and the secondary is consistent.
     pub fn wait_synced(&self, secs: u64) {
-        wait_until(secs, "pair synced", || {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
             let p = self.status_p();
             let s = self.status_s();
-            p["pending_blocks"] == 0
+            if p["pending_blocks"] == 0
                 && p["pair_state"] == "Synced"
                 && s["pair_state"] == "Consistent"
-        });
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pair not synced:\nprimary {p}\nsecondary {s}\nprimary log:\n{}\nsecondary log:\n{}",
+                tail(&self.p.log(), 15),
+                tail(&self.s.log(), 15)
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
     }
 
     pub fn files_identical(&self) -> bool {
