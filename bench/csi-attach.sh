@@ -35,7 +35,8 @@ for _ in $(seq 100); do [ -s "$W/ready" ] && break; sleep 0.1; done
 NBD=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["nbd"])' "$W/ready")
 
 mkdir -p "$W/att"
-"$CSI" attach-fuse --nbd "$NBD" --export bench --dir "$W/att" >"$W/att.out" 2>"$W/att.log" &
+"$CSI" attach-fuse --nbd "$NBD" --export bench --dir "$W/att" --fuse-threads "${FUSE_THREADS:-2}" \
+  >"$W/att.out" 2>"$W/att.log" &
 DPID=$!
 for _ in $(seq 100); do grep -q READY "$W/att.out" 2>/dev/null && break; sleep 0.1; done
 grep -q READY "$W/att.out" || { cat "$W/att.log" >&2; exit 1; }

@@ -88,6 +88,8 @@ pub struct AttachFuseArgs {
     pub read_only: bool,
     #[arg(long, default_value_t = 30)]
     pub io_timeout_secs: u64,
+    #[arg(long, default_value_t = 2)]
+    pub fuse_threads: usize,
 }
 
 fn init_logging(format: LogFormat) {
@@ -114,6 +116,7 @@ pub fn main() -> ExitCode {
                 dir: a.dir,
                 read_only: a.read_only,
                 io_timeout: Duration::from_secs(a.io_timeout_secs.max(1)),
+                fuse_threads: a.fuse_threads,
             })
         }
         None => {

@@ -109,6 +109,15 @@ impl NbdFs {
     }
 }
 
+/// Splits `[offset, end)` into NBD requests of at most 1 GiB (the request length is 32-bit).
+fn zero_pieces(offset: u64, end: u64) -> Vec<(u64, u32)> {
+    const PIECE: u64 = 1 << 30;
+    (offset..end)
+        .step_by(PIECE as usize)
+        .map(|o| (o, (end - o).min(PIECE) as u32))
+        .collect()
+}
+
 /// Completes one FUSE request once all of its NBD pieces have completed (first error wins).
 struct Join {
     left: AtomicUsize,
@@ -361,12 +370,7 @@ impl fuser::Filesystem for NbdFs {
             reply.error(Errno::EOPNOTSUPP);
             return;
         }
-        // Pieces of at most 1 GiB (the request length is 32-bit).
-        const PIECE: u64 = 1 << 30;
-        let pieces: Vec<(u64, u32)> = (offset..end)
-            .step_by(PIECE as usize)
-            .map(|o| (o, (end - o).min(PIECE) as u32))
-            .collect();
+        let pieces = zero_pieces(offset, end);
         let join = Arc::new(Join {
             left: AtomicUsize::new(pieces.len()),
             error: Mutex::new(None),
@@ -391,6 +395,8 @@ pub struct DaemonArgs {
     pub dir: PathBuf,
     pub read_only: bool,
     pub io_timeout: Duration,
+    /// Threads reading /dev/fuse (each with its own cloned fd when more than one).
+    pub fuse_threads: usize,
 }
 
 pub fn mountpoint(dir: &Path) -> PathBuf {
@@ -495,6 +501,8 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     if args.read_only {
         config.mount_options.push(MountOption::RO);
     }
+    config.n_threads = Some(args.fuse_threads.clamp(1, 16));
+    config.clone_fd = args.fuse_threads > 1;
     let fs = NbdFs::new(client.clone(), args.read_only);
     let session = fuser::Session::new(fs, &mnt, &config)
         .with_context(|| format!("mount FUSE at {}", mnt.display()))?;
@@ -563,6 +571,17 @@ mod tests {
         j.piece_done(Err(22));
         assert_eq!(*j.error.lock().unwrap(), Some(5));
         assert_eq!(j.left.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn zeroing_is_split_into_32_bit_requests() {
+        assert_eq!(zero_pieces(4096, 8192), vec![(4096, 4096)]);
+        let g = 1u64 << 30;
+        assert_eq!(
+            zero_pieces(512, 2 * g + 1024),
+            vec![(512, g as u32), (512 + g, g as u32), (512 + 2 * g, 512)]
+        );
+        assert!(zero_pieces(10, 10).is_empty());
     }
 
     #[test]

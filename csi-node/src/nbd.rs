@@ -235,6 +235,12 @@ impl Write for Stream {
             Stream::Unix(s) => s.write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
@@ -450,17 +456,43 @@ impl Command {
         }
     }
 
-    fn encode(&self, handle: u64) -> Vec<u8> {
-        let payload = self.data.as_deref().unwrap_or(&[]);
-        let mut v = Vec::with_capacity(28 + payload.len());
-        v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        v.extend_from_slice(&self.flags.to_be_bytes());
-        v.extend_from_slice(&self.kind.to_be_bytes());
-        v.extend_from_slice(&handle.to_be_bytes());
-        v.extend_from_slice(&self.offset.to_be_bytes());
-        v.extend_from_slice(&self.len.to_be_bytes());
-        v.extend_from_slice(payload);
-        v
+    /// The 28-byte request header; a write's payload follows it on the wire.
+    fn header(&self, handle: u64) -> [u8; 28] {
+        let mut h = [0u8; 28];
+        h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        h[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        h[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        h[8..16].copy_from_slice(&handle.to_be_bytes());
+        h[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        h[24..28].copy_from_slice(&self.len.to_be_bytes());
+        h
+    }
+}
+
+/// One request on the wire: header and (for writes) the payload, sent without concatenating them.
+#[derive(Clone)]
+struct Wire {
+    header: [u8; 28],
+    payload: Option<Arc<Vec<u8>>>,
+}
+
+impl Wire {
+    fn send(&self, s: &mut Stream) -> io::Result<()> {
+        let payload = self.payload.as_deref().map(Vec::as_slice).unwrap_or(&[]);
+        let mut bufs = [io::IoSlice::new(&self.header), io::IoSlice::new(payload)];
+        let mut slices: &mut [io::IoSlice<'_>] = if payload.is_empty() {
+            &mut bufs[..1]
+        } else {
+            &mut bufs[..]
+        };
+        while !slices.is_empty() {
+            let n = s.write_vectored(slices)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            io::IoSlice::advance_slices(&mut slices, n);
+        }
+        Ok(())
     }
 }
 
@@ -498,7 +530,7 @@ impl Default for ClientOptions {
 }
 
 struct Pending {
-    wire: Arc<Vec<u8>>,
+    wire: Wire,
     kind: u16,
     len: u32,
     deadline: Instant,
@@ -597,7 +629,11 @@ impl NbdClient {
     /// Queues a request; `done` runs once with its result.
     pub fn submit(&self, cmd: Command, done: Completion) {
         let sh = &self.shared;
-        let mut wire = cmd.encode(0);
+        let (kind, len) = (cmd.kind, cmd.len);
+        let mut wire = Wire {
+            header: cmd.header(0),
+            payload: cmd.data.map(Arc::new),
+        };
         let handle = {
             let mut st = lock(&sh.state);
             if st.shutdown {
@@ -608,13 +644,13 @@ impl NbdClient {
             let h = st.next_handle;
             st.next_handle += 1;
             // The handle sits at bytes 8..16 of the request header.
-            wire[8..16].copy_from_slice(&h.to_be_bytes());
+            wire.header[8..16].copy_from_slice(&h.to_be_bytes());
             st.pending.insert(
                 h,
                 Pending {
-                    wire: Arc::new(wire),
-                    kind: cmd.kind,
-                    len: cmd.len,
+                    wire,
+                    kind,
+                    len,
                     deadline: Instant::now() + sh.opts.io_timeout,
                     sent_gen: None,
                     done,
@@ -670,7 +706,7 @@ impl NbdClient {
                     len: 0,
                     data: None,
                 };
-                let _ = s.write_all(&disc.encode(0));
+                let _ = s.write_all(&disc.header(0));
                 s.shutdown();
             }
             w.stream = None;
@@ -713,7 +749,7 @@ impl Shared {
                 _ => return,
             }
         };
-        if let Err(e) = stream.write_all(&wire) {
+        if let Err(e) = wire.send(stream) {
             stream.shutdown();
             w.stream = None;
             drop(w);
@@ -922,7 +958,7 @@ fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
         w.gen += 1;
         gen = w.gen;
         w.stream = Some(stream);
-        let wires: Vec<Arc<Vec<u8>>> = {
+        let wires: Vec<Wire> = {
             let mut st = lock(&sh.state);
             if st.shutdown {
                 if let Some(s) = w.stream.take() {
@@ -944,7 +980,7 @@ fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
         let resent = wires.len();
         if let Some(s) = w.stream.as_mut() {
             for wire in wires {
-                if let Err(e) = s.write_all(&wire) {
+                if let Err(e) = wire.send(s) {
                     s.shutdown();
                     w.stream = None;
                     drop(w);
@@ -1153,7 +1189,9 @@ mod tests {
 
     #[test]
     fn request_encoding_matches_the_protocol() {
-        let w = Command::write(4096, vec![7u8; 3]).encode(0x0102_0304_0506_0708);
+        let c = Command::write(4096, vec![7u8; 3]);
+        let mut w = c.header(0x0102_0304_0506_0708).to_vec();
+        w.extend_from_slice(c.data.as_deref().unwrap());
         assert_eq!(&w[0..4], &[0x25, 0x60, 0x95, 0x13]);
         assert_eq!(&w[4..6], &[0, 0]);
         assert_eq!(&w[6..8], &[0, 1]);
