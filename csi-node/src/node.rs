@@ -69,7 +69,9 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
+    // Keep the caller's span (it carries the volume id) on the worker thread.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| Error::Internal(format!("worker thread: {e}")))?
 }
