@@ -792,7 +792,16 @@ fn spawn_reader(shared: Arc<Shared>, gen: u64, stream: Stream) {
 }
 
 /// Reads replies until the connection fails; returns why it stopped.
-fn read_replies(sh: &Shared, gen: u64, mut s: Stream) -> String {
+fn read_replies(sh: &Shared, gen: u64, s: Stream) -> String {
+    // Buffered: a small reply's header and payload usually arrive in one read(2).
+    let closer = s.try_clone().ok();
+    let mut s = io::BufReader::with_capacity(256 << 10, s);
+    let shutdown = |why: String| {
+        if let Some(c) = &closer {
+            c.shutdown();
+        }
+        why
+    };
     loop {
         let mut hdr = [0u8; 16];
         if let Err(e) = s.read_exact(&mut hdr) {
@@ -800,8 +809,7 @@ fn read_replies(sh: &Shared, gen: u64, mut s: Stream) -> String {
         }
         let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         if magic != SIMPLE_REPLY_MAGIC {
-            s.shutdown();
-            return format!("unexpected reply magic {magic:#x}");
+            return shutdown(format!("unexpected reply magic {magic:#x}"));
         }
         let error = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
         let mut hb = [0u8; 8];
@@ -813,8 +821,7 @@ fn read_replies(sh: &Shared, gen: u64, mut s: Stream) -> String {
                 Some(p) if p.sent_gen == Some(gen) => (p.kind, p.len),
                 _ => {
                     drop(st);
-                    s.shutdown();
-                    return format!("reply for unknown handle {handle}");
+                    return shutdown(format!("reply for unknown handle {handle}"));
                 }
             }
         };
