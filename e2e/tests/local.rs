@@ -882,3 +882,115 @@ async fn a_dead_attach_daemon_is_replaced_by_the_next_stage() {
         Ok(())
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_and_read_only_publish() {
+    if skip("concurrent_calls_and_read_only_publish") {
+        return;
+    }
+    let _serial = serial().await;
+    let bins = bins().unwrap();
+    let scratch = Scratch::new("concurrent").unwrap();
+    let engine = Engine::start(
+        &bins,
+        &scratch.path("engine-a"),
+        "vol-cc",
+        "256M",
+        TOKEN,
+        &[],
+    )
+    .unwrap();
+    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let ctx = volume_context("vol-cc", &[("node-a", &engine)]);
+    let staging = scratch.path("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let id = "default/pv-cc";
+    let stage = stage_request(id, &staging, Some("ext4"), &ctx, TOKEN);
+
+    with_logs!(plugin, async {
+        let c = plugin.client().await?;
+        // Four NodeStageVolume calls at once: each is OK or ABORTED, and one attachment results.
+        let calls = (0..4).map(|_| {
+            let mut node = c.node.clone();
+            let req = stage.clone();
+            async move { node.node_stage_volume(req).await.map(|_| ()) }
+        });
+        let results = futures_join(calls).await;
+        anyhow::ensure!(
+            results.iter().all(|r| r
+                .as_ref()
+                .map_or_else(|s| s.code() == Code::Aborted, |_| true)),
+            "results: {results:?}"
+        );
+        anyhow::ensure!(results.iter().any(Result::is_ok), "results: {results:?}");
+        let mut c = plugin.client().await?;
+        c.node.node_stage_volume(stage.clone()).await?;
+        anyhow::ensure!(loops_under(&scratch.root).len() == 1);
+        anyhow::ensure!(daemons_under(&scratch.root).len() == 1);
+
+        // A read-only publication refuses writes; a read-write one beside it takes them.
+        let rw = scratch.path("pods/rw/mount");
+        let ro = scratch.path("pods/ro/mount");
+        for t in [&rw, &ro] {
+            std::fs::create_dir_all(t.parent().unwrap())?;
+        }
+        c.node
+            .node_publish_volume(publish_request(id, &staging, &rw, Some("ext4")))
+            .await?;
+        let mut ro_req = publish_request(id, &staging, &ro, Some("ext4"));
+        ro_req.readonly = true;
+        c.node.node_publish_volume(ro_req.clone()).await?;
+        let files = write_files(&rw, "rw", 3)?;
+        let err = std::fs::write(ro.join("nope"), b"x").unwrap_err();
+        anyhow::ensure!(err.raw_os_error() == Some(30), "write to read-only: {err}");
+        verify_files(
+            &files
+                .iter()
+                .map(|(p, crc)| (ro.join(p.file_name().unwrap_or_default()), *crc))
+                .collect::<Vec<_>>(),
+        )?;
+        // Publishing the same target read-write now is incompatible.
+        let mut flip = ro_req.clone();
+        flip.readonly = false;
+        let e = c.node.node_publish_volume(flip).await;
+        anyhow::ensure!(
+            matches!(&e, Err(s) if s.code() == Code::AlreadyExists),
+            "flip: {e:?}"
+        );
+        // Unstage while published is refused and changes nothing.
+        let unstage = pb::NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+        };
+        let e = c.node.node_unstage_volume(unstage.clone()).await;
+        anyhow::ensure!(
+            matches!(&e, Err(s) if s.code() == Code::FailedPrecondition),
+            "unstage while published: {e:?}"
+        );
+        for t in [&rw, &ro] {
+            c.node
+                .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                    volume_id: id.into(),
+                    target_path: t.display().to_string(),
+                })
+                .await?;
+        }
+        c.node.node_unstage_volume(unstage).await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// Runs the futures concurrently on this runtime and collects their results in order.
+async fn futures_join<F, T>(futs: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task panicked"));
+    }
+    out
+}
