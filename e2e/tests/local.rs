@@ -915,7 +915,7 @@ async fn concurrent_calls_and_read_only_publish() {
             let req = stage.clone();
             async move { node.node_stage_volume(req).await.map(|_| ()) }
         });
-        let results = futures_join(calls).await;
+        let results = futures_join(calls).await?;
         anyhow::ensure!(
             results.iter().all(|r| r
                 .as_ref()
@@ -982,7 +982,7 @@ async fn concurrent_calls_and_read_only_publish() {
 }
 
 /// Runs the futures concurrently on this runtime and collects their results in order.
-async fn futures_join<F, T>(futs: impl Iterator<Item = F>) -> Vec<T>
+async fn futures_join<F, T>(futs: impl Iterator<Item = F>) -> anyhow::Result<Vec<T>>
 where
     F: std::future::Future<Output = T> + Send + 'static,
     T: Send + 'static,
@@ -990,7 +990,7 @@ where
     let handles: Vec<_> = futs.map(tokio::spawn).collect();
     let mut out = Vec::new();
     for h in handles {
-        out.push(h.await.expect("task panicked"));
+        out.push(h.await?);
     }
-    out
+    Ok(out)
 }
