@@ -18,7 +18,7 @@ use csi_node::pb::identity_client::IdentityClient;
 use csi_node::pb::node_client::NodeClient;
 use tonic::transport::Channel;
 
-pub use csi_node::context::{KEY_ENGINES, KEY_NBD, KEY_POLICY, KEY_VOLUME};
+pub use csi_node::context::{KEY_ENGINES, KEY_NBD, KEY_PEER_TIMEOUT, KEY_POLICY, KEY_VOLUME};
 
 /// Why this machine cannot run the local suite, if it cannot.
 pub fn skip_reason() -> Option<String> {

@@ -478,6 +478,12 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
     r.volume_context
         .insert(KEY_NBD.into(), format!("node-a={}", secondary.nbd));
     cases.push(("NBD export refused", r, Code::Unavailable));
+    // This node's engine is the secondary: staging calls Takeover, which cannot finish (the peer is
+    // unreachable and the policy is to wait for it): retryable, nothing attached.
+    let mut r = good.clone();
+    r.volume_context = volume_context("vol-bad", &[("node-a", &secondary)]);
+    r.volume_context.insert(KEY_PEER_TIMEOUT.into(), "1".into());
+    cases.push(("takeover cannot finish", r, Code::Unavailable));
 
     for (what, req, want) in cases {
         let got = code(c.node.node_stage_volume(req).await);
