@@ -286,13 +286,15 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// `subnet` picks 10.213.<subnet>.0/24: the host side is .1, the namespace .2.
+    /// `subnet` (0..100) and this process's id pick 10.<100+subnet>.<pid % 250>.0/24, so suites
+    /// running at the same time do not collide: the host side is .1, the namespace .2.
     pub fn create(subnet: u8) -> anyhow::Result<Netns> {
         let tag = std::process::id() % 100_000;
+        let (a, b) = (100 + u32::from(subnet % 100), std::process::id() % 250);
         let n = Netns {
             name: format!("tandem-e2e-{subnet}-{tag}"),
-            host_ip: format!("10.213.{subnet}.1"),
-            ns_ip: format!("10.213.{subnet}.2"),
+            host_ip: format!("10.{a}.{b}.1"),
+            ns_ip: format!("10.{a}.{b}.2"),
             host_if: format!("te{subnet}h{tag}"),
         };
         let ns_if = format!("te{subnet}n{tag}");
