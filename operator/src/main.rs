@@ -1,7 +1,7 @@
 //! `tandem-operator`: `run` starts the controller (with leader election, probes and metrics);
 //! `crd` prints the MirroredVolume CRD as YAML (what crds/ and the chart's crds/ hold).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -34,6 +34,20 @@ enum Command {
     Run(RunArgs),
     /// Print the MirroredVolume CustomResourceDefinition as YAML.
     Crd,
+    /// Print, without a cluster, the objects the operator would create for the MirroredVolumes in a file.
+    Render(RenderArgs),
+}
+
+#[derive(clap::Args)]
+struct RenderArgs {
+    /// YAML file with MirroredVolumes (other documents are skipped).
+    #[arg(short, long)]
+    file: std::path::PathBuf,
+    /// Engine image to put in the pods.
+    #[arg(long, default_value = "tandem-engine:dev")]
+    engine_image: String,
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 #[derive(clap::Args)]
@@ -75,14 +89,56 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => {
-            print!(
-                "{}",
-                serde_yaml::to_string(&MirroredVolume::crd()).context("serializing the CRD")?
-            );
+            let yaml =
+                serde_yaml::to_string(&MirroredVolume::crd()).context("serializing the CRD")?;
+            std::io::stdout()
+                .lock()
+                .write_all(yaml.as_bytes())
+                .context("writing to stdout")?;
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::Render(args) => render(args),
     }
+}
+
+fn render(args: RenderArgs) -> anyhow::Result<()> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let cfg = EngineConfig {
+        image: args.engine_image,
+        cluster_domain: args.cluster_domain,
+        ..EngineConfig::default()
+    };
+    let mut rendered = 0;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(doc).context("parsing YAML")?;
+        let is_volume = value.get("kind").and_then(|k| k.as_str()) == Some("MirroredVolume");
+        if !is_volume {
+            continue;
+        }
+        let mut mv: MirroredVolume =
+            serde_yaml::from_value(value).context("not a valid MirroredVolume")?;
+        if mv.metadata.namespace.is_none() {
+            mv.metadata.namespace = Some("default".into());
+        }
+        // Owner references need a uid; the real one comes from the API server.
+        mv.metadata
+            .uid
+            .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+        let objects = operator::plan::render_initial(&mv, &cfg).map_err(|e| {
+            anyhow::anyhow!("{}: {e}", mv.metadata.name.clone().unwrap_or_default())
+        })?;
+        let mut stdout = std::io::stdout().lock();
+        for object in objects {
+            let yaml = serde_yaml::to_string(&object).context("serializing")?;
+            write!(stdout, "---\n{yaml}").context("writing to stdout")?;
+        }
+        rendered += 1;
+    }
+    anyhow::ensure!(rendered > 0, "no MirroredVolume in {}", args.file.display());
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -1095,3 +1095,93 @@ mod tests {
         assert!(d.secret.is_none(), "no token given, no secret");
     }
 }
+
+/// The objects the operator creates for a new volume, as a user would see them (for `tandem-operator
+/// render`): both engine pods, Services, the Secret (token redacted), engine PVCs, the PV and the claim.
+/// Nodes are taken from `placement.nodes` (hostnames = node names); a selector placement cannot be
+/// rendered offline.
+pub fn render_initial(
+    mv: &MirroredVolume,
+    cfg: &EngineConfig,
+) -> Result<Vec<serde_json::Value>, InvalidSpec> {
+    let nodes = choose_nodes(mv, &MirroredVolumeStatus::default(), &[])?;
+    let node = |name: &str| NodeObs {
+        name: name.to_string(),
+        exists: true,
+        ready: true,
+        out_of_service: false,
+        hostname: None,
+    };
+    let observed = Observed {
+        now: k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        nodes: [node(&nodes[0]), node(&nodes[1])],
+        pods: [None, None],
+        engines: [None, None],
+        secret_exists: false,
+        pv: None,
+        claim_exists: false,
+        engine_pvcs: [false, false],
+        workloads: vec![],
+        attachments: vec![],
+    };
+    let d = desired(
+        mv,
+        &MirroredVolumeStatus::default(),
+        &observed,
+        cfg,
+        Some("<generated-at-creation>"),
+        &[],
+    )?;
+    let mut out = Vec::new();
+    let mut push = |v: Result<serde_json::Value, serde_json::Error>| -> Result<(), InvalidSpec> {
+        out.push(v.map_err(|e| InvalidSpec(e.to_string()))?);
+        Ok(())
+    };
+    if let Some(s) = &d.secret {
+        push(serde_json::to_value(s))?;
+    }
+    for p in &d.engine_pvcs {
+        push(serde_json::to_value(p))?;
+    }
+    for s in &d.services {
+        push(serde_json::to_value(s))?;
+    }
+    for p in &d.pods {
+        push(serde_json::to_value(p))?;
+    }
+    if let Some(pv) = &d.pv {
+        push(serde_json::to_value(pv))?;
+    }
+    if let Some(c) = &d.claim {
+        push(serde_json::to_value(c))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod render_tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_object_of_a_new_volume() {
+        let mv = MirroredVolume::test().with_claim("app-data");
+        let objs = render_initial(&mv, &EngineConfig::default()).unwrap();
+        let kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "Secret",
+                "Service",
+                "Service",
+                "Pod",
+                "Pod",
+                "PersistentVolume",
+                "PersistentVolumeClaim"
+            ]
+        );
+        let mut sel = mv.clone();
+        sel.spec.placement.nodes = None;
+        sel.spec.placement.node_selector = Some(BTreeMap::new());
+        assert!(render_initial(&sel, &EngineConfig::default()).is_err());
+    }
+}
