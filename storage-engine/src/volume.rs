@@ -98,10 +98,22 @@ pub struct PairConfig {
     pub sync_timeout: std::time::Duration,
 }
 
+/// What one applied batch changed (before it is made durable).
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub epoch: u64,
+    pub applied_seq: u64,
+    /// Resync images written: (block, generation), acknowledged once durable.
+    pub images: Vec<(u64, u64)>,
+    pub wrote: bool,
+}
+
 /// The secondary's view of the stream it applies.
 #[derive(Debug)]
 pub struct ReplicaState {
     pub applied_seq: u64,
+    /// Highest seq known to be on stable storage (what the progress file says).
+    pub durable_seq: u64,
     pub inconsistent: bool,
     pub needs_full: bool,
     /// Consistent again once the journal is applied up to here (after a resync).
@@ -243,6 +255,7 @@ impl Volume {
                     stats: Default::default(),
                     wake: Default::default(),
                     acked: tokio::sync::watch::channel(meta.acked_seq).0,
+                    durable: tokio::sync::watch::channel(meta.acked_seq).0,
                     peer: p.peer.clone(),
                     token: p.token.clone(),
                     mode: p.mode,
@@ -255,6 +268,7 @@ impl Volume {
             read_progress_flags(&progress_path).unwrap_or((meta.inconsistent, meta.needs_full));
         let replica = ReplicaState {
             applied_seq,
+            durable_seq: applied_seq,
             inconsistent,
             needs_full,
             consistent_target: None,
@@ -409,6 +423,13 @@ impl Volume {
     /// Makes every write completed so far durable.
     pub async fn flush(&self) -> Result<(), HostError> {
         self.store.sync_async().await?;
+        if let Some(r) = &self.repl {
+            if r.mode == Mode::Sync && self.role() == Role::Primary {
+                // Sync mode: a flush makes the writes durable on both sides.
+                let last = r.tracker.counts().last_seq;
+                r.wait_durable(last).await;
+            }
+        }
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -468,12 +489,9 @@ impl Volume {
         }
     }
 
-    /// Applies a batch of replication messages durably and returns the acknowledgement.
+    /// Applies a batch of replication messages (not yet durable: see `make_durable`).
     /// A stale epoch, a gap or a checksum error refuses the batch before anything is written.
-    pub fn apply_batch(
-        &self,
-        batch: Vec<pb::ReplicationMessage>,
-    ) -> Result<pb::ReplicationAck, Status> {
+    pub fn apply_batch(&self, batch: Vec<pb::ReplicationMessage>) -> Result<Applied, Status> {
         if self.role() != Role::Secondary {
             return Err(Status::failed_precondition(format!(
                 "volume {} is {} here, not secondary",
@@ -497,14 +515,22 @@ impl Volume {
                 )));
             }
             newest_epoch = newest_epoch.max(m.epoch);
+            let bad_write =
+                |w: &pb::WriteRecord| w.zero_length == 0 && crc32c::crc32c(&w.data) != w.crc32c;
             match &m.body {
-                Some(Body::Write(w))
-                    if w.zero_length == 0 && crc32c::crc32c(&w.data) != w.crc32c =>
-                {
+                Some(Body::Write(w)) if bad_write(w) => {
                     return Err(Status::data_loss(format!(
                         "checksum mismatch in record {}",
                         w.seq
                     )));
+                }
+                Some(Body::WriteBatch(wb)) => {
+                    if let Some(w) = wb.records.iter().find(|w| bad_write(w)) {
+                        return Err(Status::data_loss(format!(
+                            "checksum mismatch in record {}",
+                            w.seq
+                        )));
+                    }
                 }
                 Some(Body::Block(b))
                     if crc32c::crc32c(&b.data) != b.crc32c
@@ -523,38 +549,21 @@ impl Volume {
         }
         let io = |e: io::Error| Status::internal(format!("applying replication: {e}"));
         let mut rs = self.replica();
-        let mut ack = pb::ReplicationAck::default();
-        let mut wrote = false;
+        let mut out = Applied {
+            epoch: newest_epoch,
+            ..Default::default()
+        };
         for m in batch {
             match m.body {
                 Some(Body::Write(w)) => {
-                    if w.seq <= rs.applied_seq {
-                        continue;
+                    self.apply_record(&mut rs, &w)?;
+                    out.wrote = true;
+                }
+                Some(Body::WriteBatch(wb)) => {
+                    for w in &wb.records {
+                        self.apply_record(&mut rs, w)?;
                     }
-                    if w.seq != rs.applied_seq + 1 {
-                        return Err(Status::failed_precondition(format!(
-                            "gap in the stream: got seq {} after {}",
-                            w.seq, rs.applied_seq
-                        )));
-                    }
-                    let len = if w.zero_length > 0 {
-                        w.zero_length
-                    } else {
-                        w.data.len() as u64
-                    };
-                    if w.offset.checked_add(len).is_none_or(|e| e > self.size()) {
-                        return Err(Status::invalid_argument(format!(
-                            "record {} is out of range",
-                            w.seq
-                        )));
-                    }
-                    if w.zero_length > 0 {
-                        self.store.punch_hole(w.offset, w.zero_length).map_err(io)?;
-                    } else {
-                        self.store.write_at(&w.data, w.offset).map_err(io)?;
-                    }
-                    rs.applied_seq = w.seq;
-                    wrote = true;
+                    out.wrote = true;
                 }
                 Some(Body::Block(b)) => {
                     if b.block >= self.size() / u64::from(BLOCK_SIZE) {
@@ -566,14 +575,13 @@ impl Volume {
                     if !rs.inconsistent {
                         // Mark inconsistent durably before the first out-of-order write lands.
                         rs.inconsistent = true;
-                        self.write_progress(&rs).map_err(io)?;
+                        self.write_progress(rs.durable_seq, &rs).map_err(io)?;
                     }
                     self.store
                         .write_at(&b.data, b.block * u64::from(BLOCK_SIZE))
                         .map_err(io)?;
-                    ack.blocks.push(b.block);
-                    ack.generations.push(b.generation);
-                    wrote = true;
+                    out.images.push((b.block, b.generation));
+                    out.wrote = true;
                 }
                 Some(Body::ResyncDone(d)) => {
                     rs.consistent_target = Some(d.consistent_seq);
@@ -583,7 +591,7 @@ impl Volume {
                     if d.full {
                         rs.needs_full = false;
                     }
-                    wrote = true;
+                    out.wrote = true;
                 }
                 Some(Body::Heartbeat(h)) => {
                     if !h.pending_bitmap.is_empty() {
@@ -602,19 +610,62 @@ impl Volume {
             rs.consistent_target = None;
             rs.inconsistent = false;
         }
-        if wrote {
-            self.store.sync().map_err(io)?;
-            self.write_progress(&rs).map_err(io)?;
+        out.applied_seq = rs.applied_seq;
+        Ok(out)
+    }
+
+    fn apply_record(&self, rs: &mut ReplicaState, w: &pb::WriteRecord) -> Result<(), Status> {
+        if w.seq <= rs.applied_seq {
+            return Ok(());
         }
-        ack.epoch = newest_epoch;
-        ack.applied_seq = rs.applied_seq;
-        Ok(ack)
+        if w.seq != rs.applied_seq + 1 {
+            return Err(Status::failed_precondition(format!(
+                "gap in the stream: got seq {} after {}",
+                w.seq, rs.applied_seq
+            )));
+        }
+        let len = if w.zero_length > 0 {
+            w.zero_length
+        } else {
+            w.data.len() as u64
+        };
+        if w.offset.checked_add(len).is_none_or(|e| e > self.size()) {
+            return Err(Status::invalid_argument(format!(
+                "record {} is out of range",
+                w.seq
+            )));
+        }
+        let res = if w.zero_length > 0 {
+            self.store.punch_hole(w.offset, w.zero_length)
+        } else {
+            self.store.write_at(&w.data, w.offset)
+        };
+        res.map_err(|e| Status::internal(format!("applying record {}: {e}", w.seq)))?;
+        rs.applied_seq = w.seq;
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable (data fdatasync, then the progress file);
+    /// returns the seq that is now durable.
+    pub fn make_durable(&self) -> io::Result<u64> {
+        let (seq, flags) = {
+            let rs = self.replica();
+            (rs.applied_seq, (rs.inconsistent, rs.needs_full))
+        };
+        self.store.sync()?;
+        use std::os::unix::fs::FileExt;
+        self.progress
+            .write_all_at(&encode_progress(seq, flags.0, flags.1), 0)?;
+        self.progress.sync_data()?;
+        let mut rs = self.replica();
+        rs.durable_seq = rs.durable_seq.max(seq);
+        Ok(seq)
     }
 
     /// Progress file: { magic "TNDPROG\0" | applied_seq u64 | flags u32 | crc32c u32 }, rewritten in place.
-    fn write_progress(&self, rs: &ReplicaState) -> io::Result<()> {
+    fn write_progress(&self, seq: u64, rs: &ReplicaState) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let b = encode_progress(rs.applied_seq, rs.inconsistent, rs.needs_full);
+        let b = encode_progress(seq, rs.inconsistent, rs.needs_full);
         self.progress.write_all_at(&b, 0)?;
         self.progress.sync_data()
     }

@@ -52,8 +52,10 @@ pub struct Repl {
     pub stats: ReplStats,
     /// Wakes the sender: new journal records, a resync request, a fault change.
     pub wake: Notify,
-    /// Highest seq the peer acknowledged (sync mode waits on it).
+    /// Highest seq the peer applied (a sync-mode write waits on it).
     pub acked: watch::Sender<u64>,
+    /// Highest seq on the peer's stable storage (a sync-mode flush waits on it).
+    pub durable: watch::Sender<u64>,
     pub peer: String,
     pub token: Option<String>,
     pub mode: Mode,
@@ -68,10 +70,19 @@ impl Repl {
     /// Waits until the peer acknowledged `seq`, unless the link is down or the wait times out
     /// (then the write stands on the local copy and the pair reports Degraded).
     pub async fn wait_acked(&self, seq: u64) -> bool {
+        self.wait_on(&self.acked, seq).await
+    }
+
+    /// Waits until the peer has `seq` on stable storage (sync-mode FLUSH and FUA).
+    pub async fn wait_durable(&self, seq: u64) -> bool {
+        self.wait_on(&self.durable, seq).await
+    }
+
+    async fn wait_on(&self, w: &watch::Sender<u64>, seq: u64) -> bool {
         if !self.connected() {
             return false;
         }
-        let mut rx = self.acked.subscribe();
+        let mut rx = w.subscribe();
         tokio::time::timeout(self.sync_timeout, rx.wait_for(|a| *a >= seq))
             .await
             .is_ok_and(|r| r.is_ok())

@@ -3,7 +3,7 @@
 //! acknowledged.
 
 use std::sync::{
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
     Arc,
 };
 
@@ -51,6 +51,108 @@ impl Drop for LinkUp {
     }
 }
 
+type AckTx = mpsc::Sender<Result<pb::ReplicationAck, Status>>;
+
+async fn apply_loop(
+    vol: &Arc<Volume>,
+    inbound: &mut Streaming<pb::ReplicationMessage>,
+    tx: &AckTx,
+    images: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    dirty: &Arc<tokio::sync::Notify>,
+    generation: &AtomicU64,
+    my_gen: u64,
+) {
+    loop {
+        let first = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(error = %e, "replication stream ended");
+                return;
+            }
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match inbound.message().now_or_never() {
+                Some(Ok(Some(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        if generation.load(Ordering::SeqCst) != my_gen {
+            return;
+        }
+        let v = Arc::clone(vol);
+        let result = tokio::task::spawn_blocking(move || v.apply_batch(batch))
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(e.to_string())));
+        match result {
+            Ok(applied) => {
+                if applied.wrote {
+                    images
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(applied.images);
+                    dirty.notify_one();
+                    let ack = pb::ReplicationAck {
+                        epoch: applied.epoch,
+                        applied_seq: applied.applied_seq,
+                        durable: false,
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(status) => {
+                warn!(error = %status.message(), "refused replication batch");
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// fdatasync + progress whenever something new was applied, then a durable acknowledgement.
+async fn flush_loop(
+    vol: Arc<Volume>,
+    images: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    dirty: Arc<tokio::sync::Notify>,
+    done: Arc<AtomicBool>,
+    tx: AckTx,
+) {
+    loop {
+        dirty.notified().await;
+        let last = done.load(Ordering::SeqCst);
+        // Images taken before the fsync are covered by it.
+        let taken: Vec<(u64, u64)> =
+            std::mem::take(&mut *images.lock().unwrap_or_else(|p| p.into_inner()));
+        let v = Arc::clone(&vol);
+        let seq = match tokio::task::spawn_blocking(move || v.make_durable()).await {
+            Ok(Ok(seq)) => seq,
+            Ok(Err(e)) => {
+                let _ = tx
+                    .send(Err(Status::internal(format!("fsync failed: {e}"))))
+                    .await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let (blocks, generations) = taken.into_iter().unzip();
+        let ack = pb::ReplicationAck {
+            epoch: vol.epoch(),
+            applied_seq: seq,
+            blocks,
+            generations,
+            durable: true,
+            ..Default::default()
+        };
+        if tx.send(Ok(ack)).await.is_err() || last {
+            return;
+        }
+    }
+}
+
 type AckStream = ReceiverStream<Result<pb::ReplicationAck, Status>>;
 
 #[tonic::async_trait]
@@ -73,42 +175,33 @@ impl Peer for PeerService {
                 return;
             }
             let _link = vol.repl.as_ref().map(|r| LinkUp::new(Arc::clone(r)));
-            loop {
-                let first = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    Ok(None) => return,
-                    Err(e) => {
-                        debug!(error = %e, "replication stream ended");
-                        return;
-                    }
-                };
-                let mut batch = vec![first];
-                while batch.len() < BATCH {
-                    match inbound.message().now_or_never() {
-                        Some(Ok(Some(m))) => batch.push(m),
-                        _ => break,
-                    }
-                }
-                if generation.load(Ordering::SeqCst) != my_gen {
-                    return;
-                }
-                let v = Arc::clone(&vol);
-                let result = tokio::task::spawn_blocking(move || v.apply_batch(batch))
-                    .await
-                    .unwrap_or_else(|e| Err(Status::internal(e.to_string())));
-                match result {
-                    Ok(ack) => {
-                        if tx.send(Ok(ack)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(status) => {
-                        warn!(error = %status.message(), "refused replication batch");
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                }
-            }
+            // Applying and making durable run side by side: a sync-mode writer waits only for the
+            // apply; the differential table waits for the fsync.
+            let images: Arc<std::sync::Mutex<Vec<(u64, u64)>>> = Arc::default();
+            let dirty = Arc::new(tokio::sync::Notify::new());
+            let done = Arc::new(AtomicBool::new(false));
+            let flusher = tokio::spawn(flush_loop(
+                Arc::clone(&vol),
+                Arc::clone(&images),
+                Arc::clone(&dirty),
+                Arc::clone(&done),
+                tx.clone(),
+            ));
+            apply_loop(
+                &vol,
+                &mut inbound,
+                &tx,
+                &images,
+                &dirty,
+                &generation,
+                my_gen,
+            )
+            .await;
+            // Make the tail durable and acknowledge it before the stream closes.
+            done.store(true, Ordering::SeqCst);
+            dirty.notify_one();
+            drop(tx);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), flusher).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -83,15 +83,15 @@ fn message(vol: &Volume, epoch: u64, body: Body) -> pb::ReplicationMessage {
     }
 }
 
-fn write_record(r: &Record) -> Body {
-    Body::Write(pb::WriteRecord {
+fn write_record(r: &Record) -> pb::WriteRecord {
+    pb::WriteRecord {
         seq: r.seq,
         timestamp_us: r.timestamp_us,
         offset: r.offset,
         crc32c: crc32c::crc32c(&r.data),
         data: r.data.clone(),
         zero_length: r.zero_len,
-    })
+    }
 }
 
 struct Link<'a> {
@@ -266,19 +266,24 @@ async fn session(
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
             }
-            let tr = &ack_repl.tracker;
-            tr.ack_journal(a.applied_seq);
-            let cleared = tr.ack_images(&a.blocks, &a.generations);
-            ack_repl
-                .stats
-                .resync_done
-                .fetch_add(a.blocks.len() as u64, Ordering::Relaxed);
-            let _ = cleared;
-            ack_repl.acked.send_if_modified(|v| {
-                let grew = a.applied_seq > *v;
-                *v = (*v).max(a.applied_seq);
-                grew
-            });
+            let bump = |w: &watch::Sender<u64>, seq: u64| {
+                w.send_if_modified(|v| {
+                    let grew = seq > *v;
+                    *v = (*v).max(seq);
+                    grew
+                });
+            };
+            bump(&ack_repl.acked, a.applied_seq);
+            if a.durable {
+                let tr = &ack_repl.tracker;
+                tr.ack_journal(a.applied_seq);
+                tr.ack_images(&a.blocks, &a.generations);
+                ack_repl
+                    .stats
+                    .resync_done
+                    .fetch_add(a.blocks.len() as u64, Ordering::Relaxed);
+                bump(&ack_repl.durable, a.applied_seq);
+            }
         }
     });
 
@@ -323,13 +328,16 @@ async fn stream(
         if link.vol.role() != Role::Primary {
             return Err(SessionError::Stopping);
         }
+        // A throttled link sends about a tenth of a second's worth per message, so the cap is smooth.
+        let rate = link.repl.faults.rate.load(Ordering::Relaxed);
+        let batch_bytes = if rate > 0 { (rate / 10).max(1) } else { 1 << 20 };
         let recs = {
             let mut s = t.state();
             if s.resync_needed || need_resync || !s.journal.covers(cursor) {
                 s.resync_needed = true;
                 None
             } else {
-                Some(s.journal.read_from(cursor, 1 << 20))
+                Some(s.journal.read_from(cursor, batch_bytes))
             }
         };
         let Some(recs) = recs else {
@@ -370,13 +378,16 @@ async fn stream(
             }
             continue;
         }
-        for r in &recs {
-            link.send(write_record(r), r.cost()).await?;
-            cursor = r.seq + 1;
-            link.repl
-                .stats
-                .bytes_replicated
-                .fetch_add(r.len(), Ordering::Relaxed);
-        }
+        let cost: u64 = recs.iter().map(|r| r.cost()).sum();
+        let bytes: u64 = recs.iter().map(|r| r.len()).sum();
+        cursor = recs.last().map_or(cursor, |r| r.seq + 1);
+        let batch = pb::WriteBatch {
+            records: recs.iter().map(write_record).collect(),
+        };
+        link.send(Body::WriteBatch(batch), cost).await?;
+        link.repl
+            .stats
+            .bytes_replicated
+            .fetch_add(bytes, Ordering::Relaxed);
     }
 }
