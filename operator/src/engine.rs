@@ -207,6 +207,82 @@ impl EngineApi for GrpcEngines {
 }
 
 #[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_answers_map_to_refused_and_transport_trouble_to_unreachable() {
+        let refused = map_client_error(
+            "e:9500",
+            "Takeover",
+            ClientError::Rpc {
+                op: "Takeover",
+                status: tonic::Status::failed_precondition("peer unreachable under WAIT"),
+            },
+        );
+        assert!(
+            matches!(refused, EngineError::Refused { op: "Takeover", .. }),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("peer unreachable under WAIT"));
+        for status in [
+            tonic::Status::unavailable("down"),
+            tonic::Status::deadline_exceeded("slow"),
+        ] {
+            let e = map_client_error(
+                "e:9500",
+                "Status",
+                ClientError::Rpc {
+                    op: "Status",
+                    status,
+                },
+            );
+            assert!(matches!(e, EngineError::Unreachable { .. }), "{e}");
+        }
+        let e = map_client_error(
+            "bad addr",
+            "Status",
+            ClientError::BadAddress("bad addr".into()),
+        );
+        assert!(matches!(e, EngineError::Unreachable { .. }));
+    }
+
+    #[test]
+    fn roles_from_the_wire() {
+        use storage_engine::pb::Role;
+        assert_eq!(
+            role_from_pb(Role::Primary as i32),
+            Some(EngineRole::Primary)
+        );
+        assert_eq!(
+            role_from_pb(Role::Secondary as i32),
+            Some(EngineRole::Secondary)
+        );
+        assert_eq!(role_from_pb(Role::Fenced as i32), Some(EngineRole::Fenced));
+        assert_eq!(role_from_pb(Role::Unspecified as i32), None);
+        assert_eq!(role_from_pb(99), None);
+    }
+
+    #[tokio::test]
+    async fn an_absent_engine_is_unreachable_quickly() {
+        // Nothing listens on this port: connecting fails fast and is reported as unreachable.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let engines = GrpcEngines {
+            status_timeout: Duration::from_secs(2),
+        };
+        let target = EngineTarget {
+            address,
+            volume: "v".into(),
+            token: Some("t".into()),
+        };
+        let e = engines.status(&target).await.unwrap_err();
+        assert!(matches!(e, EngineError::Unreachable { .. }), "{e}");
+    }
+}
+
+#[cfg(test)]
 pub mod fake {
     //! An in-memory engine pair for reconcile tests.
     use std::{
