@@ -128,7 +128,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(svc)
             .add_service(peer_svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+            .serve_with_incoming_shutdown(nodelay(grpc_listener), async move {
                 let _ = grpc_stop.changed().await;
             }),
     );
@@ -199,6 +199,17 @@ pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
         serde_json::json!({"paused": r.paused, "holding_acks": r.holding_acks, "rate_bytes_per_sec": r.rate_bytes_per_sec})
     );
     Ok(())
+}
+
+/// Accepted gRPC connections with Nagle off: acknowledgements are small and latency-bound
+/// (tonic's own `tcp_nodelay` applies only to listeners it binds itself).
+fn nodelay(l: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(l).map(|r| {
+        r.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    })
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -330,7 +330,11 @@ async fn stream(
         }
         // A throttled link sends about a tenth of a second's worth per message, so the cap is smooth.
         let rate = link.repl.faults.rate.load(Ordering::Relaxed);
-        let batch_bytes = if rate > 0 { (rate / 10).max(1) } else { 1 << 20 };
+        let batch_bytes = if rate > 0 {
+            (rate / 10).max(1)
+        } else {
+            1 << 20
+        };
         let recs = {
             let mut s = t.state();
             if s.resync_needed || need_resync || !s.journal.covers(cursor) {

@@ -32,6 +32,8 @@ use crate::{
 /// Blocks per write-intent extent (1 MiB).
 pub const EXTENT_BLOCKS: u64 = 256;
 const IN_FLIGHT: u64 = u64::MAX;
+/// Checkpoints (500 ms apart) an extent must stay unwritten and clean before it cools.
+pub const COOL_AFTER_TICKS: u32 = 20;
 const STRIPES: u64 = 1024;
 /// Blocks per stripe lock (64 KiB), so a large write takes few locks.
 const STRIPE_BLOCKS: u64 = 16;
@@ -111,6 +113,10 @@ pub struct TrackState {
     /// Blocks are pending that no journal record covers: the sender must resync from the table.
     pub resync_needed: bool,
     intent: Bitmap,
+    /// Checkpoint tick of each extent's last write: extents cool only after a quiet spell, so a busy
+    /// region does not pay an intent fsync again and again (the idea of DRBD's activity log).
+    last_touch: Vec<u32>,
+    tick: u32,
     dirty: bool,
     pub epoch: u64,
     /// First seq this process issued; a peer that applied this seq or more heard it from our
@@ -159,6 +165,8 @@ impl Tracker {
                 journal: Journal::new(journal_bytes, acked_seq + 1),
                 acked_seq,
                 resync_needed,
+                last_touch: vec![0; extents as usize],
+                tick: 1,
                 intent,
                 dirty: true,
                 epoch,
@@ -207,10 +215,12 @@ impl Tracker {
         {
             let mut s = self.state();
             let mut cold = false;
+            let tick = s.tick;
             for b in blocks.clone() {
                 s.pending.set(b);
                 s.last_seq.insert(b, IN_FLIGHT);
                 cold |= s.intent.set(b / EXTENT_BLOCKS);
+                s.last_touch[(b / EXTENT_BLOCKS) as usize] = tick;
             }
             s.dirty = true;
             if cold {
@@ -352,9 +362,15 @@ impl Tracker {
         let mut s = self.state();
         // An extent stays hot while any block in it is pending (writes in flight included); blocks
         // acknowledged since the snapshot need no cover, and everything else pending is in the file.
+        s.tick = s.tick.wrapping_add(1);
         let mut hot = Bitmap::new(s.intent.len());
         for b in s.pending.iter_ones() {
             hot.set(b / EXTENT_BLOCKS);
+        }
+        for e in s.intent.iter_ones() {
+            if s.tick.wrapping_sub(s.last_touch[e as usize]) < COOL_AFTER_TICKS {
+                hot.set(e);
+            }
         }
         if hot != s.intent {
             hot.store(&self.intent_path)?;
@@ -455,7 +471,10 @@ mod tests {
             )
             .unwrap();
             t.ack_journal(s);
-            t.checkpoint().unwrap();
+            for _ in 0..=COOL_AFTER_TICKS {
+                t.state().dirty = true;
+                t.checkpoint().unwrap();
+            }
         }
         let t = tracker(d.path());
         let s = t.state();
