@@ -37,6 +37,12 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SecondaryAccess {
+    None,
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ReplicationArg {
     Async,
     Sync,
@@ -98,6 +104,9 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address, HOST:PORT.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Whether a secondary serves read-only NBD sessions from its (consistent) replica.
+    #[arg(long, value_enum, default_value_t = SecondaryAccess::None)]
+    pub secondary_access: SecondaryAccess,
     /// Allow the InjectFault RPC (tests and benchmarks only).
     #[arg(long)]
     pub fault_injection: bool,

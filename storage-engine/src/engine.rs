@@ -11,7 +11,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::{
-    cli::{FaultArgs, ReplicationArg, RoleArg, ServeArgs, StatusArgs},
+    cli::{FaultArgs, ReplicationArg, RoleArg, SecondaryAccess, ServeArgs, StatusArgs},
     client::EngineClient,
     grpc::{AuthInterceptor, EngineService},
     meta::Role,
@@ -43,6 +43,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             RoleArg::Primary => Role::Primary,
             RoleArg::Secondary => Role::Secondary,
         },
+        secondary_read_only: args.secondary_access == SecondaryAccess::ReadOnly,
         pair: args.peer.clone().map(|peer| PairConfig {
             peer,
             token: token.clone(),

@@ -86,6 +86,8 @@ pub struct VolumeConfig {
     pub initial_role: Role,
     /// The peer, when this engine is one of a pair.
     pub pair: Option<PairConfig>,
+    /// A secondary serves read-only host sessions from a consistent replica.
+    pub secondary_read_only: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -133,6 +135,7 @@ pub struct Volume {
     pub counters: Counters,
     pub repl: Option<Arc<Repl>>,
     replica: Mutex<ReplicaState>,
+    secondary_read_only: bool,
     progress: std::fs::File,
     // Held for the engine's lifetime: a second engine on the same state dir is refused.
     _lock: std::fs::File,
@@ -287,6 +290,7 @@ impl Volume {
             counters: Counters::default(),
             repl,
             replica: Mutex::new(replica),
+            secondary_read_only: cfg.secondary_read_only,
             progress,
             _lock: lock,
         }))
@@ -335,8 +339,18 @@ impl Volume {
         !matches!(&self.repl, Some(r) if r.mode == Mode::Sync)
     }
 
+    /// Whether a host session may open now; `Ok(true)` means read-only (a secondary with
+    /// `--secondary-access read-only` whose replica is consistent).
+    pub fn host_access(&self) -> Result<bool, HostError> {
+        match self.role() {
+            Role::Primary => Ok(false),
+            Role::Secondary if self.secondary_read_only && !self.replica().inconsistent => Ok(true),
+            r => Err(HostError::NotServing(r)),
+        }
+    }
+
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, HostError> {
-        self.check_serving()?;
+        self.host_access()?;
         let mut buf = vec![0u8; len as usize];
         self.store.read_at(&mut buf, offset)?;
         self.counters

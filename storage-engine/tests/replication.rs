@@ -393,3 +393,38 @@ proptest! {
         prop_assert!(std::fs::read(pair.s.data()).unwrap() == model, "secondary differs from the model");
     }
 }
+
+/// `--secondary-access read-only`: a consistent secondary serves reads, refuses writes.
+#[test]
+fn secondary_read_only_access_serves_reads_only() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start(d.path(), "16M", &[], &["--secondary-access", "read-only"]);
+    qemu_io_ok(&pair.p.uri(), &["write -P 0x3d 1M 64k"]);
+    pair.wait_synced(20);
+    let info: serde_json::Value =
+        serde_json::from_str(&run_ok("nbdinfo", &["--json", &pair.s.uri()])).unwrap();
+    assert_eq!(info["exports"][0]["is_read_only"], true);
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x3d 1M 64k",
+            &pair.s.uri(),
+        ],
+    );
+    assert!(
+        out.contains("read 65536/65536") && !out.contains("failed"),
+        "{out}"
+    );
+    let out = qemu_io(&pair.s.uri(), &["write -P 1 0 4k"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("failed") || text.contains("read-only"),
+        "{text}"
+    );
+    assert!(block_is(&pair.s.data(), 0, 0));
+}

@@ -46,11 +46,11 @@ pub async fn serve_tcp(
             r = listener.accept() => match r {
                 Ok((sock, peer)) => {
                     let _ = sock.set_nodelay(true);
-                    let v = Arc::clone(&volume);
-                    tokio::spawn(async move {
-                        debug!(%peer, "nbd client connected");
-                        run_connection(sock, v).await;
-                    });
+                    debug!(%peer, "nbd client connected");
+                    match sock.into_std() {
+                        Ok(std) => on_own_thread(Arc::clone(&volume), move || tokio::net::TcpStream::from_std(std)),
+                        Err(e) => warn!(error = %e, "nbd socket handover failed"),
+                    }
                 }
                 Err(e) => warn!(error = %e, "nbd accept failed"),
             },
@@ -68,14 +68,43 @@ pub async fn serve_unix(
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((sock, _)) => {
-                    let v = Arc::clone(&volume);
-                    tokio::spawn(async move { run_connection(sock, v).await });
-                }
+                Ok((sock, _)) => match sock.into_std() {
+                    Ok(std) => on_own_thread(Arc::clone(&volume), move || tokio::net::UnixStream::from_std(std)),
+                    Err(e) => warn!(error = %e, "nbd socket handover failed"),
+                },
                 Err(e) => warn!(error = %e, "nbd accept failed"),
             },
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Runs one connection on its own thread with a single-threaded runtime, as nbdkit gives each
+/// connection a thread: a request costs one wakeup of one thread, not a hand-off between workers.
+fn on_own_thread<S, F>(volume: Arc<Volume>, make: F)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    F: FnOnce() -> io::Result<S> + Send + 'static,
+{
+    let spawned = std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return warn!(error = %e, "nbd connection runtime failed"),
+            };
+            rt.block_on(async move {
+                match make() {
+                    Ok(sock) => run_connection(sock, volume).await,
+                    Err(e) => warn!(error = %e, "nbd socket handover failed"),
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start an nbd connection thread");
     }
 }
 
@@ -151,16 +180,16 @@ where
                 if !name.is_empty() && name != volume.name() {
                     return Err(ConnError::UnknownExport(name));
                 }
-                if volume.check_serving().is_err() {
+                let Ok(read_only) = volume.host_access() else {
                     return Err(ConnError::UnknownExport(name));
-                }
+                };
                 w.write_all(&volume.size().to_be_bytes()).await?;
-                w.write_all(&tflags(false).to_be_bytes()).await?;
+                w.write_all(&tflags(read_only).to_be_bytes()).await?;
                 if !no_zeroes {
                     w.write_all(&[0u8; 124]).await?;
                 }
                 w.flush().await?;
-                return Ok(false);
+                return Ok(read_only);
             }
             p::OPT_GO | p::OPT_INFO => {
                 let go = match p::parse_go(&payload) {
@@ -184,18 +213,21 @@ where
                     w.flush().await?;
                     continue;
                 }
-                if let Err(e) = volume.check_serving() {
-                    let msg = format!(
+                let read_only = match volume.host_access() {
+                    Ok(ro) => ro,
+                    Err(e) => {
+                        let msg = format!(
                         "volume {:?}: {e} (epoch {}); connect to the primary or take over first",
                         volume.name(),
                         volume.epoch()
                     );
-                    w.write_all(&p::option_reply(opt, p::REP_ERR_POLICY, msg.as_bytes()))
-                        .await?;
-                    w.flush().await?;
-                    continue;
-                }
-                let info = p::info_export(volume.size(), tflags(false));
+                        w.write_all(&p::option_reply(opt, p::REP_ERR_POLICY, msg.as_bytes()))
+                            .await?;
+                        w.flush().await?;
+                        continue;
+                    }
+                };
+                let info = p::info_export(volume.size(), tflags(read_only));
                 w.write_all(&p::option_reply(opt, p::REP_INFO, &info))
                     .await?;
                 for i in &go.infos {
@@ -211,7 +243,7 @@ where
                 w.write_all(&p::option_reply(opt, p::REP_ACK, &[])).await?;
                 w.flush().await?;
                 if opt == p::OPT_GO {
-                    return Ok(false);
+                    return Ok(read_only);
                 }
             }
             p::OPT_LIST => {
