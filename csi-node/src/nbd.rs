@@ -21,40 +21,18 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-
-const OPT_ABORT: u32 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
+// The wire constants are the engine's own (one definition of the protocol in the workspace).
+pub use storage_engine::nbd::proto::{
+    CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    TFLAG_HAS_FLAGS as TF_HAS_FLAGS, TFLAG_READ_ONLY as TF_READ_ONLY,
+    TFLAG_SEND_FLUSH as TF_SEND_FLUSH, TFLAG_SEND_FUA as TF_SEND_FUA,
+    TFLAG_SEND_TRIM as TF_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES as TF_SEND_WRITE_ZEROES,
+};
+use storage_engine::nbd::proto::{
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC,
+    OPT_ABORT, OPT_GO, OPT_REPLY_MAGIC, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+};
 const REP_FLAG_ERROR: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
-
-/// Transmission flags (from the server).
-pub const TF_HAS_FLAGS: u16 = 1 << 0;
-pub const TF_READ_ONLY: u16 = 1 << 1;
-pub const TF_SEND_FLUSH: u16 = 1 << 2;
-pub const TF_SEND_FUA: u16 = 1 << 3;
-pub const TF_SEND_TRIM: u16 = 1 << 5;
-pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
-
-/// Command types.
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
-/// Command flag: force unit access.
-pub const CMD_FLAG_FUA: u16 = 1 << 0;
 
 /// The NBD spec's default maximum payload when the server does not say.
 const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
