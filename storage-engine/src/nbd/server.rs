@@ -47,10 +47,7 @@ pub async fn serve_tcp(
                 Ok((sock, peer)) => {
                     let _ = sock.set_nodelay(true);
                     debug!(%peer, "nbd client connected");
-                    match sock.into_std() {
-                        Ok(std) => on_own_thread(Arc::clone(&volume), move || tokio::net::TcpStream::from_std(std)),
-                        Err(e) => warn!(error = %e, "nbd socket handover failed"),
-                    }
+                    tokio::spawn(run_connection(sock, Arc::clone(&volume)));
                 }
                 Err(e) => warn!(error = %e, "nbd accept failed"),
             },
@@ -68,43 +65,13 @@ pub async fn serve_unix(
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((sock, _)) => match sock.into_std() {
-                    Ok(std) => on_own_thread(Arc::clone(&volume), move || tokio::net::UnixStream::from_std(std)),
-                    Err(e) => warn!(error = %e, "nbd socket handover failed"),
-                },
+                Ok((sock, _)) => {
+                    tokio::spawn(run_connection(sock, Arc::clone(&volume)));
+                }
                 Err(e) => warn!(error = %e, "nbd accept failed"),
             },
             _ = shutdown.changed() => return,
         }
-    }
-}
-
-/// Runs one connection on its own thread with a single-threaded runtime, as nbdkit gives each
-/// connection a thread: a request costs one wakeup of one thread, not a hand-off between workers.
-fn on_own_thread<S, F>(volume: Arc<Volume>, make: F)
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-    F: FnOnce() -> io::Result<S> + Send + 'static,
-{
-    let spawned = std::thread::Builder::new()
-        .name("nbd-conn".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return warn!(error = %e, "nbd connection runtime failed"),
-            };
-            rt.block_on(async move {
-                match make() {
-                    Ok(sock) => run_connection(sock, volume).await,
-                    Err(e) => warn!(error = %e, "nbd socket handover failed"),
-                }
-            });
-        });
-    if let Err(e) = spawned {
-        warn!(error = %e, "cannot start an nbd connection thread");
     }
 }
 
