@@ -497,6 +497,7 @@ impl Volume {
         pb::ReplicationAck {
             epoch: self.epoch(),
             applied_seq: r.applied_seq,
+            durable_seq: r.durable_seq,
             need_full_resync: r.needs_full,
             inconsistent: r.inconsistent,
             ..Default::default()

@@ -225,6 +225,7 @@ async fn session(
         return Err(SessionError::PeerNewer(hello.epoch));
     }
     let t = &repl.tracker;
+    let durable = hello.durable_seq.min(hello.applied_seq);
     let need_resync = {
         let mut s = t.state();
         if !s.seq_checked {
@@ -244,11 +245,13 @@ async fn session(
         hello.need_full_resync
             || hello.inconsistent
             || s.resync_needed
-            || !s.journal.covers(hello.applied_seq + 1)
+            || !s.journal.covers(durable + 1)
     };
-    t.ack_journal(hello.applied_seq);
+    // Only what is on the peer's stable storage clears the table; records applied but not yet
+    // durable there are cleared by its next durable acknowledgement.
+    t.ack_journal(durable);
     // A resync cut short (or a restart) can leave pending blocks that no record will ever clear.
-    let need_resync = need_resync || t.pending_uncovered(hello.applied_seq + 1);
+    let need_resync = need_resync || t.pending_uncovered(durable + 1);
     repl.stats.connected.store(true, Ordering::Relaxed);
     info!(peer = %repl.peer, applied = hello.applied_seq, full = hello.need_full_resync, "replication link up");
 
