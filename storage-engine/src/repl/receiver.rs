@@ -20,6 +20,8 @@ use crate::{
 
 /// Messages applied per durable batch at most.
 const BATCH: usize = 512;
+/// Batches up to this size are applied on the stream's task.
+const INLINE_APPLY_BYTES: usize = 256 * 1024;
 
 pub struct PeerService {
     vol: Arc<Volume>,
@@ -81,10 +83,17 @@ async fn apply_loop(
         if generation.load(Ordering::SeqCst) != my_gen {
             return;
         }
-        let v = Arc::clone(vol);
-        let result = tokio::task::spawn_blocking(move || v.apply_batch(batch))
-            .await
-            .unwrap_or_else(|e| Err(Status::internal(e.to_string())));
+        // Small batches are a few page-cache writes: applying them here saves a thread hand-off on
+        // the path a sync-mode write waits on. Large ones go to the blocking pool.
+        let bytes: usize = batch.iter().map(|m| prost::Message::encoded_len(m)).sum();
+        let result = if bytes <= INLINE_APPLY_BYTES {
+            vol.apply_batch(batch)
+        } else {
+            let v = Arc::clone(vol);
+            tokio::task::spawn_blocking(move || v.apply_batch(batch))
+                .await
+                .unwrap_or_else(|e| Err(Status::internal(e.to_string())))
+        };
         match result {
             Ok(applied) => {
                 if applied.wrote {
