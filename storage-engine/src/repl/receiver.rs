@@ -85,7 +85,7 @@ async fn apply_loop(
         }
         // Small batches are a few page-cache writes: applying them here saves a thread hand-off on
         // the path a sync-mode write waits on. Large ones go to the blocking pool.
-        let bytes: usize = batch.iter().map(|m| prost::Message::encoded_len(m)).sum();
+        let bytes: usize = batch.iter().map(prost::Message::encoded_len).sum();
         let result = if bytes <= INLINE_APPLY_BYTES {
             vol.apply_batch(batch)
         } else {
