@@ -86,22 +86,10 @@ pub trait Attacher: Send + Sync + 'static {
 }
 
 fn run(cmd: &mut Command) -> Result<String, AttachError> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| AttachError::CommandFailed {
-            cmd: shown.clone(),
-            message: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(AttachError::CommandFailed {
-            cmd: shown,
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    crate::command::run(cmd).map_err(|f| AttachError::CommandFailed {
+        cmd: f.cmd,
+        message: f.message,
+    })
 }
 
 /// Is `pid` a live `attach-fuse` daemon for `dir`? (Guards against pid reuse.)

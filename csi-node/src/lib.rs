@@ -15,6 +15,7 @@ pub mod pb {
 
 pub mod attach;
 pub mod cli;
+pub mod command;
 pub mod context;
 pub mod engine;
 pub mod error;

@@ -67,26 +67,10 @@ pub trait Mounter: Send + Sync + 'static {
 }
 
 fn run(cmd: &mut Command) -> Result<String, MountError> {
-    let shown = format!("{cmd:?}").replace('"', "");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| MountError::CommandFailed {
-            cmd: shown.clone(),
-            message: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let mut message = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if message.is_empty() {
-            message = out.status.to_string();
-        }
-        Err(MountError::CommandFailed {
-            cmd: shown,
-            message,
-        })
-    }
+    crate::command::run(cmd).map_err(|f| MountError::CommandFailed {
+        cmd: f.cmd,
+        message: f.message,
+    })
 }
 
 /// One line of /proc/self/mountinfo.
