@@ -34,6 +34,53 @@ pub enum Command {
     Status(StatusArgs),
     /// Test seam: pause, throttle, drop or hold acks on the replication link (needs --fault-injection).
     Fault(FaultArgs),
+    /// Make this engine (the secondary) serve: fence the primary, take its differential table.
+    /// Exits 0 once the engine serves host I/O and prints JSON (epoch, ready_ms, peer_pending_blocks, ...).
+    Takeover(TakeoverArgs),
+    /// The mirror image, called on the old primary: make it serve again.
+    Failback(TakeoverArgs),
+    /// Run a pair locally, take over with a backlog, prove every byte, fail back, print a timeline.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    /// Retry the peer until the timeout; never promote without its table (default).
+    Wait,
+    /// Promote even if the peer cannot be reached; report what was lost.
+    Force,
+}
+
+#[derive(Debug, Args)]
+pub struct TakeoverArgs {
+    /// The gRPC address of the engine that is to serve, HOST:PORT.
+    #[arg(long)]
+    pub grpc: String,
+    #[arg(long)]
+    pub volume: String,
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = PolicyArg::Wait)]
+    pub policy: PolicyArg,
+    /// Seconds to keep trying the peer (wait) or before giving up on it (force).
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Working directory (default: a new temporary directory, removed at the end).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Volume size.
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    pub size: u64,
+    /// How much to write while the link is throttled (the backlog at takeover).
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    pub backlog: u64,
+    /// The throttled link's rate while the backlog builds.
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    pub rate: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -110,6 +157,9 @@ pub struct ServeArgs {
     /// Allow the InjectFault RPC (tests and benchmarks only).
     #[arg(long)]
     pub fault_injection: bool,
+    /// Deadline of a proxied read after a takeover; keep it below the host's I/O timeout.
+    #[arg(long, default_value_t = 5000)]
+    pub proxy_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -132,6 +182,9 @@ pub struct FaultArgs {
     /// Bandwidth cap in bytes per second (0 = unlimited).
     #[arg(long, value_parser = parse_size)]
     pub rate: Option<u64>,
+    /// Hold (true) or release (false) the overlay merge between chunks.
+    #[arg(long)]
+    pub pause_merge: Option<bool>,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::{
-    cli::{FaultArgs, ReplicationArg, RoleArg, SecondaryAccess, ServeArgs, StatusArgs},
+    cli::{
+        FaultArgs, PolicyArg, ReplicationArg, RoleArg, SecondaryAccess, ServeArgs, StatusArgs,
+        TakeoverArgs,
+    },
     client::EngineClient,
     grpc::{AuthInterceptor, EngineService},
     meta::Role,
@@ -44,6 +47,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             RoleArg::Secondary => Role::Secondary,
         },
         secondary_read_only: args.secondary_access == SecondaryAccess::ReadOnly,
+        proxy_timeout: std::time::Duration::from_millis(args.proxy_timeout_ms),
         pair: args.peer.clone().map(|peer| PairConfig {
             peer,
             token: token.clone(),
@@ -110,6 +114,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(checkpoint_loop(
+            Arc::clone(&volume),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::takeover::handoff::merge_task(
             Arc::clone(&volume),
             stop_rx.clone(),
         )));
@@ -193,6 +201,7 @@ pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
             hold_acks: args.hold_acks,
             drop_link: args.drop_link,
             rate_bytes_per_sec: args.rate,
+            pause_merge: args.pause_merge,
         })
         .await?;
     println!(
@@ -200,6 +209,36 @@ pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
         serde_json::json!({"paused": r.paused, "holding_acks": r.holding_acks, "rate_bytes_per_sec": r.rate_bytes_per_sec})
     );
     Ok(())
+}
+
+/// `tandem-engine takeover` / `failback`: exits 0 once the engine serves, printing the reply as JSON.
+pub async fn takeover(args: TakeoverArgs, failback: bool) -> anyhow::Result<()> {
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let mut c = EngineClient::connect(&args.grpc, token.as_deref()).await?;
+    let policy = match args.policy {
+        PolicyArg::Wait => pb::TakeoverPolicy::Wait,
+        PolicyArg::Force => pb::TakeoverPolicy::Force,
+    };
+    let timeout = std::time::Duration::from_secs(args.timeout);
+    let r = if failback {
+        c.failback(&args.volume, policy, timeout).await?
+    } else {
+        c.takeover(&args.volume, policy, timeout).await?
+    };
+    println!("{}", takeover_json(&r));
+    Ok(())
+}
+
+pub fn takeover_json(r: &pb::TakeoverReply) -> serde_json::Value {
+    serde_json::json!({
+        "epoch": r.epoch,
+        "ready_ms": r.ready_ms,
+        "peer_pending_blocks": r.peer_pending_blocks,
+        "lost_blocks": r.lost_blocks,
+        "lost_seq_from": r.lost_seq_from,
+        "lost_seq_to": r.lost_seq_to,
+        "already_primary": r.already_primary,
+    })
 }
 
 /// Accepted gRPC connections with Nagle off: acknowledgements are small and latency-bound
@@ -276,5 +315,9 @@ pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
         "proxied_reads": s.proxied_reads,
         "proxied_read_errors": s.proxied_read_errors,
         "lost_blocks": s.lost_blocks,
+        "lost_seq_from": s.lost_seq_from,
+        "lost_seq_to": s.lost_seq_to,
+        "condition": s.condition,
+        "events": s.events,
     })
 }

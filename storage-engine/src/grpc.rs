@@ -117,21 +117,42 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         bytes_written: c.bytes_written.load(Ordering::Relaxed),
         flushes: c.flushes.load(Ordering::Relaxed),
         pair_state: pair_state(v).into(),
+        events: v.areas.events(),
+        condition: v.areas.condition(),
+        takeover_phase: takeover_phase(v).into(),
         ..Default::default()
     };
+    let (proxied, proxy_errors) = v.proxied();
+    reply.proxied_reads = proxied;
+    reply.proxied_read_errors = proxy_errors;
+    {
+        let m = v.meta();
+        reply.lost_blocks = m.takeover.lost_blocks;
+        reply.lost_seq_from = m.takeover.lost_seq_from;
+        reply.lost_seq_to = m.takeover.lost_seq_to;
+    }
+    {
+        let st = v.areas.state();
+        reply.overlay_blocks = st.overlay_present.count();
+        if v.role() == Role::Primary {
+            reply.peer_pending_blocks = st.peer_pending.count();
+        }
+    }
     if v.role() != Role::Primary {
         let rs = v.replica();
         reply.applied_seq = rs.applied_seq;
         reply.last_seq = rs.peer_last_seq;
         reply.resync_progress = if rs.inconsistent { 0.0 } else { 1.0 };
-        reply.peer_pending_blocks = rs.peer_pending.as_ref().map_or(0, |b| b.count());
+        if v.role() == Role::Secondary {
+            reply.peer_pending_blocks = rs.peer_pending.as_ref().map_or(0, |b| b.count());
+        }
     }
     let Some(r) = &v.repl else { return reply };
     reply.peer = r.peer.clone();
     reply.peer_connected = r.connected();
     reply.bytes_replicated = r.stats.bytes_replicated.load(Ordering::Relaxed);
     reply.bytes_resynced = r.stats.bytes_resynced.load(Ordering::Relaxed);
-    if v.role() == Role::Primary {
+    if v.role() != Role::Secondary {
         let t = r.tracker.counts();
         reply.pending_blocks = t.pending_blocks;
         reply.pending_bytes = t.pending_blocks * u64::from(BLOCK_SIZE);
@@ -150,9 +171,24 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     reply
 }
 
+/// Where a takeover stands on this engine: "draining" (serving while the old primary drains),
+/// "merging" (overlay into the data file), "fenced" (this engine is the old primary, draining),
+/// "" (none in progress).
+pub fn takeover_phase(v: &Volume) -> &'static str {
+    match (v.role(), v.areas.phase()) {
+        (Role::Fenced, _) => "fenced",
+        (Role::Primary, crate::meta::Phase::Draining) => "draining",
+        (Role::Primary, crate::meta::Phase::Merging) => "merging",
+        _ => "",
+    }
+}
+
 /// One word for the pair: Standalone, Connecting, Resyncing, Replicating, Synced (primary);
 /// Inconsistent or Consistent (secondary).
 pub fn pair_state(v: &Volume) -> &'static str {
+    if v.role() == Role::Fenced {
+        return "Fenced";
+    }
     if v.role() != Role::Primary {
         return if v.replica().inconsistent {
             "Inconsistent"
@@ -163,6 +199,9 @@ pub fn pair_state(v: &Volume) -> &'static str {
     let Some(r) = &v.repl else {
         return "Standalone";
     };
+    if v.meta().takeover.reversing && !v.areas.active() {
+        return "Reversing";
+    }
     if !r.connected() {
         return "Connecting";
     }
@@ -191,7 +230,7 @@ impl Engine for EngineService {
         req: Request<pb::TakeoverRequest>,
     ) -> Result<Response<pb::TakeoverReply>, Status> {
         self.check_volume(&req.get_ref().volume)?;
-        Err(ApiError::Unsupported("takeover needs a paired engine").into())
+        self.volume.takeover(req.into_inner()).await.map(Response::new)
     }
 
     async fn failback(
@@ -199,7 +238,8 @@ impl Engine for EngineService {
         req: Request<pb::TakeoverRequest>,
     ) -> Result<Response<pb::TakeoverReply>, Status> {
         self.check_volume(&req.get_ref().volume)?;
-        Err(ApiError::Unsupported("failback needs a paired engine").into())
+        // Failback is a takeover in the other direction (see takeover::handoff).
+        self.volume.takeover(req.into_inner()).await.map(Response::new)
     }
 
     async fn inject_fault(
@@ -226,6 +266,9 @@ impl Engine for EngineService {
         }
         if let Some(rate) = f.rate_bytes_per_sec {
             faults.rate.store(rate, Ordering::Relaxed);
+        }
+        if let Some(p) = f.pause_merge {
+            self.volume.areas.merge_paused.store(p, Ordering::Relaxed);
         }
         if f.drop_link {
             faults.drop_epoch.fetch_add(1, Ordering::Relaxed);

@@ -10,6 +10,7 @@ pub mod pb {
 pub mod bitmap;
 pub mod cli;
 pub mod client;
+pub mod demo;
 pub mod engine;
 pub mod grpc;
 pub mod journal;
@@ -19,4 +20,5 @@ pub mod nbd;
 pub mod repl;
 pub mod size;
 pub mod store;
+pub mod takeover;
 pub mod volume;

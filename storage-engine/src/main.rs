@@ -26,6 +26,9 @@ fn main() -> anyhow::Result<()> {
             Command::Serve(args) => storage_engine::engine::serve(args).await,
             Command::Status(args) => storage_engine::engine::print_status(args).await,
             Command::Fault(args) => storage_engine::engine::fault(args).await,
+            Command::Takeover(args) => storage_engine::engine::takeover(args, false).await,
+            Command::Failback(args) => storage_engine::engine::takeover(args, true).await,
+            Command::Demo(args) => storage_engine::demo::run(args).await,
         }
     })
 }

@@ -65,6 +65,40 @@ pub struct Meta {
     /// A new secondary: it needs a full copy before it is a replica at all.
     #[serde(default)]
     pub needs_full: bool,
+    /// Where a takeover stands on this engine (absent in files written before takeovers existed).
+    #[serde(default)]
+    pub takeover: TakeoverMeta,
+}
+
+/// The takeover phase of a serving engine (DESIGN.md §4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// No takeover in progress: host I/O goes to the data file.
+    #[default]
+    Normal,
+    /// Serving while the old primary drains its table (first processing): overlay and proxied reads.
+    Draining,
+    /// DrainComplete received: the overlay is being merged into the data file.
+    Merging,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TakeoverMeta {
+    #[serde(default)]
+    pub phase: Phase,
+    /// Reverse replication has not reached Synced since the takeover.
+    #[serde(default)]
+    pub reversing: bool,
+    /// A forced promotion: blocks and sequence range whose newest content stayed on the lost peer.
+    #[serde(default)]
+    pub lost_blocks: u64,
+    #[serde(default)]
+    pub lost_seq_from: u64,
+    #[serde(default)]
+    pub lost_seq_to: u64,
+    #[serde(default)]
+    pub ready_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +217,7 @@ mod tests {
             clean_shutdown: false,
             inconsistent: true,
             needs_full: false,
+            takeover: TakeoverMeta::default(),
         }
     }
 

@@ -10,6 +10,8 @@ use std::{
     },
 };
 
+use tokio::sync::watch;
+
 use bytes::Bytes;
 use tonic::Status;
 
@@ -20,6 +22,7 @@ use crate::{
     pb::{self, replication_message::Body},
     repl::{tracker::Payload, Mode, Repl, Tracker},
     store::{BlockStore, StoreError},
+    takeover::{proxy::Proxy, Areas},
 };
 
 /// Tracking block: the unit of the differential table and of proxied reads.
@@ -32,13 +35,15 @@ pub enum HostError {
     Io(#[from] io::Error),
     #[error("volume is {0} on this engine")]
     NotServing(Role),
+    #[error("proxied read from the old primary failed: {0}")]
+    Proxy(String),
 }
 
 impl HostError {
     pub fn errno(&self) -> u32 {
         match self {
             HostError::Io(e) if e.raw_os_error() == Some(28) => nbd::ENOSPC,
-            HostError::Io(_) => nbd::EIO,
+            HostError::Io(_) | HostError::Proxy(_) => nbd::EIO,
             HostError::NotServing(_) => nbd::EPERM,
         }
     }
@@ -88,6 +93,8 @@ pub struct VolumeConfig {
     pub pair: Option<PairConfig>,
     /// A secondary serves read-only host sessions from a consistent replica.
     pub secondary_read_only: bool,
+    /// Deadline of a proxied read (below the host's I/O timeout).
+    pub proxy_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +115,8 @@ pub struct Applied {
     /// Resync images written: (block, generation), acknowledged once durable.
     pub images: Vec<(u64, u64)>,
     pub wrote: bool,
+    /// A DrainComplete was applied and made durable.
+    pub drain_complete: bool,
 }
 
 /// The secondary's view of the stream it applies.
@@ -124,14 +133,27 @@ pub struct ReplicaState {
     pub peer_pending: Option<Bitmap>,
     pub peer_last_seq: u64,
     pub peer_seen_us: u64,
+    /// The heartbeat set changed since it was last persisted.
+    pub hb_dirty: bool,
 }
 
 /// One volume served by this engine.
 pub struct Volume {
     name: String,
-    store: BlockStore,
+    pub(crate) store: BlockStore,
     meta_path: PathBuf,
     meta: Mutex<Meta>,
+    /// The role, readable without the meta lock on every host request.
+    role_now: std::sync::atomic::AtomicU8,
+    /// Host requests hold it shared; fencing and role changes hold it exclusively, so in-flight
+    /// host I/O finishes before the role changes and none starts under the old role afterwards.
+    pub gate: tokio::sync::RwLock<()>,
+    /// Bumped on every fence: open host sessions close.
+    pub fenced: watch::Sender<u64>,
+    /// Overlay, handed-off table and proxied reads (takeover).
+    pub areas: Areas,
+    /// One takeover at a time.
+    pub(crate) takeover_lock: tokio::sync::Mutex<()>,
     pub counters: Counters,
     pub repl: Option<Arc<Repl>>,
     replica: Mutex<ReplicaState>,
@@ -139,6 +161,24 @@ pub struct Volume {
     progress: std::fs::File,
     // Held for the engine's lifetime: a second engine on the same state dir is refused.
     _lock: std::fs::File,
+}
+
+fn role_code(r: Role) -> u8 {
+    match r {
+        Role::Primary => 0,
+        Role::Secondary => 1,
+        Role::Fenced => 2,
+    }
+}
+
+/// The primary's pending set as last heard on a heartbeat (secondary side).
+const HB_FILE: &str = "peer_pending_heartbeat";
+
+fn read_hb_seq(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("peer_last_seq"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 const PROGRESS_MAGIC: &[u8; 8] = b"TNDPROG\0";
@@ -216,6 +256,7 @@ impl Volume {
                 applied_seq: 0,
                 acked_seq: 0,
                 clean_shutdown: true,
+                takeover: Default::default(),
             },
         };
         let fresh = !meta_path.exists();
@@ -263,6 +304,7 @@ impl Volume {
                     token: p.token.clone(),
                     mode: p.mode,
                     sync_timeout: p.sync_timeout,
+                    priority: Default::default(),
                 }))
             }
             None => None,
@@ -275,10 +317,26 @@ impl Volume {
             inconsistent,
             needs_full,
             consistent_target: None,
-            peer_pending: None,
-            peer_last_seq: 0,
+            peer_pending: Bitmap::load(&cfg.state_dir.join(HB_FILE), cfg.size / u64::from(BLOCK_SIZE))
+                .ok()
+                .flatten(),
+            peer_last_seq: read_hb_seq(&cfg.state_dir),
             peer_seen_us: 0,
+            hb_dirty: false,
         };
+        let blocks = cfg.size / u64::from(BLOCK_SIZE);
+        let proxy = Proxy::new(
+            cfg.pair.as_ref().map(|p| p.peer.clone()).unwrap_or_default(),
+            cfg.pair.as_ref().and_then(|p| p.token.clone()),
+            cfg.proxy_timeout,
+        );
+        let areas = Areas::open(
+            &cfg.state_dir,
+            cfg.size,
+            blocks,
+            meta.takeover.phase,
+            proxy,
+        )?;
         let mut running = meta.clone();
         running.clean_shutdown = false;
         running.store(&meta_path)?;
@@ -286,6 +344,11 @@ impl Volume {
             name: cfg.name.clone(),
             store,
             meta_path,
+            role_now: std::sync::atomic::AtomicU8::new(role_code(running.role)),
+            gate: tokio::sync::RwLock::new(()),
+            fenced: watch::channel(0).0,
+            areas,
+            takeover_lock: tokio::sync::Mutex::new(()),
             meta: Mutex::new(running),
             counters: Counters::default(),
             repl,
@@ -308,13 +371,29 @@ impl Volume {
         self.store.path()
     }
 
-    fn meta(&self) -> MutexGuard<'_, Meta> {
+    pub(crate) fn meta(&self) -> MutexGuard<'_, Meta> {
         // A poisoned lock only means another thread panicked mid-update of plain data; keep serving.
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Changes the meta file durably, then the in-memory copy.
+    pub(crate) fn update_meta(&self, f: impl FnOnce(&mut Meta)) -> Result<(), MetaError> {
+        let mut m = self.meta();
+        let mut next = m.clone();
+        f(&mut next);
+        next.store(&self.meta_path)?;
+        self.role_now
+            .store(role_code(next.role), Ordering::Release);
+        *m = next;
+        Ok(())
+    }
+
     pub fn role(&self) -> Role {
-        self.meta().role
+        match self.role_now.load(Ordering::Acquire) {
+            0 => Role::Primary,
+            1 => Role::Secondary,
+            _ => Role::Fenced,
+        }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -331,12 +410,12 @@ impl Volume {
 
     /// Whether a read can run inline on the connection's reader (no network wait).
     pub fn read_is_quick(&self, _offset: u64, _len: u32) -> bool {
-        true
+        !self.areas.active()
     }
 
     /// Whether a plain write completes without waiting for the peer.
     pub fn write_is_quick(&self) -> bool {
-        !matches!(&self.repl, Some(r) if r.mode == Mode::Sync)
+        !self.areas.active() && !matches!(&self.repl, Some(r) if r.mode == Mode::Sync)
     }
 
     /// Whether a host session may open now; `Ok(true)` means read-only (a secondary with
@@ -350,7 +429,15 @@ impl Volume {
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, HostError> {
+        let _gate = self.gate.read().await;
         self.host_access()?;
+        if self.areas.active() {
+            let buf = self.read_routed(offset, len).await?;
+            self.counters
+                .bytes_read
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+            return Ok(buf);
+        }
         let mut buf = vec![0u8; len as usize];
         self.store.read_at(&mut buf, offset)?;
         self.counters
@@ -360,9 +447,19 @@ impl Volume {
     }
 
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), HostError> {
+        let gate = self.gate.read().await;
         self.check_serving()?;
         let len = data.len() as u64;
         match &self.repl {
+            Some(r) if self.areas.active() => {
+                let seq = self
+                    .write_routed(offset, Payload::Data(Bytes::from(data)), false)
+                    .await?;
+                r.wake.notify_one();
+                if r.mode == Mode::Sync {
+                    r.wait_acked(seq).await;
+                }
+            }
             Some(r) => {
                 let data = Bytes::from(data);
                 let seq = r.tracker.write(offset, Payload::Data(data.clone()), || {
@@ -378,6 +475,7 @@ impl Volume {
         self.counters
             .bytes_written
             .fetch_add(len, Ordering::Relaxed);
+        drop(gate);
         if fua {
             self.flush().await?;
         }
@@ -392,7 +490,22 @@ impl Volume {
         keep_allocated: bool,
         fua: bool,
     ) -> Result<(), HostError> {
+        let gate = self.gate.read().await;
         self.check_serving()?;
+        if let (Some(r), true) = (&self.repl, self.areas.active()) {
+            let seq = self
+                .write_routed(offset, Payload::Zero(len), keep_allocated)
+                .await?;
+            r.wake.notify_one();
+            if r.mode == Mode::Sync {
+                r.wait_acked(seq).await;
+            }
+            drop(gate);
+            if fua {
+                self.flush().await?;
+            }
+            return Ok(());
+        }
         let apply = || {
             if keep_allocated {
                 self.store.zero_range(offset, len)
@@ -410,6 +523,7 @@ impl Volume {
             }
             None => apply()?,
         }
+        drop(gate);
         if fua {
             self.flush().await?;
         }
@@ -436,7 +550,14 @@ impl Volume {
 
     /// Makes every write completed so far durable.
     pub async fn flush(&self) -> Result<(), HostError> {
+        let _gate = self.gate.read().await;
+        self.host_access()?;
         self.store.sync_async().await?;
+        if self.areas.active() {
+            // The overlay's data, then its bitmap: a host FLUSH covers writes routed there too.
+            self.areas.overlay.sync_async().await?;
+            self.areas.persist()?;
+        }
         if let Some(r) = &self.repl {
             if r.mode == Mode::Sync && self.role() == Role::Primary {
                 // Sync mode: a flush makes the writes durable on both sides.
@@ -467,6 +588,11 @@ impl Volume {
         let Some(r) = &self.repl else { return Ok(()) };
         // The data must be durable before the table stops covering it.
         self.store.sync()?;
+        if self.areas.active() {
+            self.areas.overlay.sync()?;
+            self.areas.persist()?;
+        }
+        self.persist_heartbeat_set()?;
         r.tracker.checkpoint()?;
         let acked = r.tracker.counts().acked_seq;
         let mut m = self.meta();
@@ -478,7 +604,7 @@ impl Volume {
         Ok(())
     }
 
-    /// Reads the local data file, whatever the role (replication and proxied reads).
+    /// Reads the data file itself, whatever the role and the overlay.
     pub fn read_local(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.store.read_at(buf, offset)
     }
@@ -487,12 +613,43 @@ impl Volume {
         self.store.allocated_ranges()
     }
 
+    /// Persists the primary's last heartbeat set (secondary side), so a forced promotion after a
+    /// restart still knows what it loses.
+    fn persist_heartbeat_set(&self) -> io::Result<()> {
+        let (set, seq) = {
+            let mut rs = self.replica();
+            if !rs.hb_dirty {
+                return Ok(());
+            }
+            rs.hb_dirty = false;
+            (rs.peer_pending.clone(), rs.peer_last_seq)
+        };
+        let dir = self.meta_path.parent().unwrap_or(Path::new("."));
+        if let Some(set) = set {
+            set.store(&dir.join(HB_FILE))?;
+        }
+        let tmp = dir.join("peer_last_seq.tmp");
+        std::fs::write(&tmp, seq.to_string())?;
+        std::fs::rename(&tmp, dir.join("peer_last_seq"))
+    }
+
     pub fn replica(&self) -> MutexGuard<'_, ReplicaState> {
         self.replica.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// First message of a replication stream: where this replica stands.
     pub fn replica_hello(&self) -> pb::ReplicationAck {
+        let resend = match (&self.repl, self.role()) {
+            (Some(r), Role::Secondary) => {
+                let s = r.tracker.state();
+                if s.pending.is_empty() {
+                    Vec::new()
+                } else {
+                    s.pending.to_bytes()
+                }
+            }
+            _ => Vec::new(),
+        };
         let r = self.replica();
         pb::ReplicationAck {
             epoch: self.epoch(),
@@ -500,6 +657,8 @@ impl Volume {
             durable_seq: r.durable_seq,
             need_full_resync: r.needs_full,
             inconsistent: r.inconsistent,
+            role: crate::grpc::role_pb(self.role()) as i32,
+            resend_bitmap: resend.into(),
             ..Default::default()
         }
     }
@@ -507,6 +666,10 @@ impl Volume {
     /// Applies a batch of replication messages (not yet durable: see `make_durable`).
     /// A stale epoch, a gap or a checksum error refuses the batch before anything is written.
     pub fn apply_batch(&self, batch: Vec<pb::ReplicationMessage>) -> Result<Applied, Status> {
+        if self.role() == Role::Primary {
+            // The old primary draining its table to us after a takeover.
+            return self.apply_drain(batch);
+        }
         if self.role() != Role::Secondary {
             return Err(Status::failed_precondition(format!(
                 "volume {} is {} here, not secondary",
@@ -617,6 +780,7 @@ impl Volume {
                     }
                     rs.peer_last_seq = h.last_seq;
                     rs.peer_seen_us = crate::repl::tracker::now_us();
+                    rs.hb_dirty = true;
                 }
                 Some(Body::DrainComplete(_)) | None => {}
             }
@@ -677,6 +841,12 @@ impl Volume {
         Ok(seq)
     }
 
+    /// Rewrites the progress file from the replica state now.
+    pub(crate) fn write_progress_now(&self) -> io::Result<()> {
+        let rs = self.replica();
+        self.write_progress(rs.durable_seq, &rs)
+    }
+
     /// Progress file: { magic "TNDPROG\0" | applied_seq u64 | flags u32 | crc32c u32 }, rewritten in place.
     fn write_progress(&self, seq: u64, rs: &ReplicaState) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
@@ -700,6 +870,7 @@ mod tests {
             initial_role: Role::Secondary,
             pair: None,
             secondary_read_only: false,
+            proxy_timeout: std::time::Duration::from_secs(1),
         };
         drop(Volume::open(&cfg).unwrap());
         let meta_path = cfg.state_dir.join("meta");

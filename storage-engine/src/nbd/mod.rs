@@ -1,6 +1,7 @@
 //! NBD: the host-facing block protocol (fixed newstyle). `proto` is the wire format, `server` the
 //! handshake and the pipelined transmission phase.
 
+pub mod client;
 pub mod proto;
 pub mod server;
 

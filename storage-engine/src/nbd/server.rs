@@ -303,11 +303,16 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut hdr = [0u8; Request::LEN];
+    // A fence (takeover by the peer) closes the session: the old host must not go on.
+    let mut fenced = volume.fenced.subscribe();
     loop {
         if r.buffer().is_empty() {
             w.lock().await.flush().await?;
         }
-        r.read_exact(&mut hdr).await?;
+        tokio::select! {
+            res = r.read_exact(&mut hdr) => { res?; }
+            _ = fenced.changed() => return Ok(()),
+        }
         let req = Request::parse(&hdr)?;
         if req.kind == p::CMD_DISC {
             return Ok(());

@@ -2,6 +2,7 @@
 //! `tracker` is the primary's differential table and journal, `sender` streams them to the peer,
 //! `receiver` applies the stream on the secondary and acknowledges what is durable.
 
+pub mod drain;
 pub mod receiver;
 pub mod sender;
 pub mod tracker;
@@ -60,9 +61,25 @@ pub struct Repl {
     pub token: Option<String>,
     pub mode: Mode,
     pub sync_timeout: Duration,
+    /// Blocks a proxied read asked for: a draining engine sends them first.
+    pub priority: std::sync::Mutex<std::collections::VecDeque<u64>>,
 }
 
 impl Repl {
+    pub fn prioritize(&self, blocks: &[u64]) {
+        let mut q = self.priority.lock().unwrap_or_else(|p| p.into_inner());
+        let room = 4096usize.saturating_sub(q.len());
+        q.extend(blocks.iter().copied().take(room));
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    pub fn pop_priority(&self) -> Option<u64> {
+        self.priority
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
     pub fn connected(&self) -> bool {
         self.stats.connected.load(Ordering::Relaxed)
     }

@@ -96,6 +96,17 @@ async fn apply_loop(
         };
         match result {
             Ok(applied) => {
+                if applied.drain_complete {
+                    // Made durable before apply_batch returned.
+                    let ack = pb::ReplicationAck {
+                        epoch: applied.epoch,
+                        drain_complete: true,
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                }
                 if applied.wrote {
                     images
                         .lock()
@@ -147,7 +158,15 @@ async fn flush_loop(
             }
             Err(_) => return,
         };
-        let (blocks, generations) = taken.into_iter().unzip();
+        let (blocks, generations): (Vec<u64>, Vec<u64>) = taken.into_iter().unzip();
+        if vol.role() == crate::meta::Role::Secondary {
+            if let Some(r) = &vol.repl {
+                // Blocks this secondary asked back (resend) are now the primary's content.
+                r.tracker.forget(&blocks);
+            }
+        } else if let Err(e) = vol.areas.persist() {
+            warn!(error = %e, "persisting the handed-off table failed");
+        }
         let ack = pb::ReplicationAck {
             epoch: vol.epoch(),
             applied_seq: seq,
@@ -217,19 +236,27 @@ impl Peer for PeerService {
 
     async fn fence_and_handoff(
         &self,
-        _req: Request<pb::FenceRequest>,
+        req: Request<pb::FenceRequest>,
     ) -> Result<Response<pb::HandoffReply>, Status> {
-        Err(Status::unimplemented(
-            "takeover is not available in this engine version",
-        ))
+        let r = req.into_inner();
+        if r.volume != self.vol.name() {
+            return Err(Status::not_found(format!("unknown volume {:?}", r.volume)));
+        }
+        self.vol.fence_and_handoff(r.new_epoch).await.map(Response::new)
     }
 
     async fn read_blocks(
         &self,
-        _req: Request<pb::ReadBlocksRequest>,
+        req: Request<pb::ReadBlocksRequest>,
     ) -> Result<Response<pb::ReadBlocksReply>, Status> {
-        Err(Status::unimplemented(
-            "proxied reads are not available in this engine version",
-        ))
+        let r = req.into_inner();
+        if r.volume != self.vol.name() {
+            return Err(Status::not_found(format!("unknown volume {:?}", r.volume)));
+        }
+        let vol = Arc::clone(&self.vol);
+        tokio::task::spawn_blocking(move || vol.serve_read_blocks(&r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(Response::new)
     }
 }

@@ -23,7 +23,7 @@ use crate::{
 };
 
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub enum SessionError {
     #[error(transparent)]
     Client(#[from] crate::client::ClientError),
     #[error("peer: {0}")]
@@ -38,6 +38,12 @@ enum SessionError {
     Io(#[from] std::io::Error),
     #[error("stopping")]
     Stopping,
+    #[error("the peer does not serve at our epoch yet (it is at epoch {0})")]
+    NotServingYet(u64),
+    #[error("this engine's role changed")]
+    RoleChanged,
+    #[error("peer is primary at epoch {0}, newer than ours")]
+    PeerPrimaryNewer(u64),
 }
 
 /// Runs until `stop` fires, reconnecting with backoff.
@@ -47,19 +53,34 @@ pub async fn run(vol: Arc<Volume>, repl: Arc<Repl>, mut stop: watch::Receiver<bo
         if *stop.borrow() {
             return;
         }
-        if vol.role() != Role::Primary {
+        let role = vol.role();
+        // A serving engine replicates only once its own takeover is over (merge before the
+        // second processing, OC10); a secondary sends nothing.
+        if role == Role::Secondary || (role == Role::Primary && vol.areas.active()) {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = repl.wake.notified() => {}
                 _ = stop.changed() => {}
             }
             continue;
         }
         let started = Instant::now();
-        let r = session(&vol, &repl, &mut stop).await;
+        let r = if role == Role::Fenced {
+            super::drain::session(&vol, &repl, &mut stop).await
+        } else {
+            session(&vol, &repl, &mut stop).await
+        };
         repl.stats.connected.store(false, Ordering::Relaxed);
         repl.stats.resyncing.store(false, Ordering::Relaxed);
         match r {
-            Err(SessionError::Stopping) | Ok(()) => return,
+            Err(SessionError::Stopping) => return,
+            Ok(()) | Err(SessionError::RoleChanged) => continue,
+            Err(SessionError::PeerPrimaryNewer(epoch)) => {
+                if let Err(e) = vol.step_down(epoch).await {
+                    warn!(error = %e, "stepping down failed");
+                }
+                continue;
+            }
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(2) {
                     backoff = Duration::from_millis(50);
@@ -94,18 +115,35 @@ fn write_record(r: &Record) -> pb::WriteRecord {
     }
 }
 
-struct Link<'a> {
-    vol: &'a Arc<Volume>,
-    repl: &'a Arc<Repl>,
+pub struct Link<'a> {
+    pub vol: &'a Arc<Volume>,
+    pub repl: &'a Arc<Repl>,
     tx: mpsc::Sender<pb::ReplicationMessage>,
     stop: &'a mut watch::Receiver<bool>,
     drop_epoch: u64,
     next_send: Instant,
 }
 
-impl Link<'_> {
+impl<'a> Link<'a> {
+    pub fn new(
+        vol: &'a Arc<Volume>,
+        repl: &'a Arc<Repl>,
+        tx: mpsc::Sender<pb::ReplicationMessage>,
+        stop: &'a mut watch::Receiver<bool>,
+        drop_epoch: u64,
+    ) -> Self {
+        Self {
+            vol,
+            repl,
+            tx,
+            stop,
+            drop_epoch,
+            next_send: Instant::now(),
+        }
+    }
+
     /// Sends one message, honouring pause, rate limit, drop and stop.
-    async fn send(&mut self, body: Body, bytes: u64) -> Result<(), SessionError> {
+    pub async fn send(&mut self, body: Body, bytes: u64) -> Result<(), SessionError> {
         loop {
             if *self.stop.borrow() {
                 return Err(SessionError::Stopping);
@@ -222,9 +260,21 @@ async fn session(
         .into_inner();
     let hello = acks.message().await?.ok_or(SessionError::Closed)?;
     if hello.epoch > vol.epoch() {
+        if hello.role == pb::Role::Primary as i32 {
+            return Err(SessionError::PeerPrimaryNewer(hello.epoch));
+        }
         return Err(SessionError::PeerNewer(hello.epoch));
     }
+    if hello.role != pb::Role::Secondary as i32 {
+        return Err(SessionError::NotServingYet(hello.epoch));
+    }
     let t = &repl.tracker;
+    // A stepped-down primary asks for its divergent blocks to be overwritten.
+    if !hello.resend_bitmap.is_empty() {
+        if let Some(set) = Bitmap::from_bytes(t.blocks(), &hello.resend_bitmap) {
+            t.mark_pending(&set)?;
+        }
+    }
     let durable = hello.durable_seq.min(hello.applied_seq);
     let need_resync = {
         let mut s = t.state();
@@ -256,6 +306,7 @@ async fn session(
     info!(peer = %repl.peer, applied = hello.applied_seq, full = hello.need_full_resync, "replication link up");
 
     let ack_repl = Arc::clone(repl);
+    let ack_vol = Arc::clone(vol);
     let mut ack_task = tokio::spawn(async move {
         loop {
             let a = match acks.message().await {
@@ -286,18 +337,18 @@ async fn session(
                     .resync_done
                     .fetch_add(a.blocks.len() as u64, Ordering::Relaxed);
                 bump(&ack_repl.durable, a.applied_seq);
+                if ack_vol.meta().takeover.reversing
+                    && !ack_repl.stats.resyncing.load(Ordering::Relaxed)
+                    && !tr.state().resync_needed
+                    && tr.counts().pending_blocks == 0
+                {
+                    ack_vol.reverse_in_sync();
+                }
             }
         }
     });
 
-    let mut link = Link {
-        vol,
-        repl,
-        tx,
-        stop,
-        drop_epoch,
-        next_send: Instant::now(),
-    };
+    let mut link = Link::new(vol, repl, tx, stop, drop_epoch);
     let result = stream(
         &mut link,
         need_resync,
@@ -329,7 +380,7 @@ async fn stream(
             return Err(r.unwrap_or(SessionError::Closed));
         }
         if link.vol.role() != Role::Primary {
-            return Err(SessionError::Stopping);
+            return Err(SessionError::RoleChanged);
         }
         // A throttled link sends about a tenth of a second's worth per message, so the cap is smooth.
         let rate = link.repl.faults.rate.load(Ordering::Relaxed);
@@ -351,7 +402,9 @@ async fn stream(
             cursor = link.resync(false).await?;
             continue;
         };
-        if recs.is_empty() {
+        // Heartbeats go out even under a steady stream: the secondary must always know the
+        // pending set a forced promotion would lose (failover.md A18).
+        {
             if last_heartbeat.elapsed() >= Duration::from_millis(250) {
                 let (pending, last_seq) = {
                     let s = t.state();
@@ -375,6 +428,8 @@ async fn stream(
                 .await?;
                 last_heartbeat = Instant::now();
             }
+        }
+        if recs.is_empty() {
             let repl = link.repl;
             tokio::select! {
                 _ = repl.wake.notified() => {}

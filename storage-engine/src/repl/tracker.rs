@@ -134,6 +134,7 @@ pub struct Tracker {
     blocks: u64,
 }
 
+#[derive(Clone)]
 pub enum Payload {
     Data(Bytes),
     Zero(u64),
@@ -310,6 +311,38 @@ impl Tracker {
         }
         s.dirty = true;
         cleared
+    }
+
+    /// Makes `set` pending (durably, with its extents hot) so a resync sends these blocks.
+    pub fn mark_pending(&self, set: &Bitmap) -> io::Result<()> {
+        let snapshot = {
+            let mut s = self.state();
+            s.pending.union_with(set);
+            let extents: Vec<u64> = set.iter_ones().map(|b| b / EXTENT_BLOCKS).collect();
+            let tick = s.tick;
+            for e in extents {
+                s.intent.set(e);
+                s.last_touch[e as usize] = tick;
+            }
+            for b in set.iter_ones() {
+                s.last_seq.insert(b, 0);
+            }
+            s.resync_needed = true;
+            s.dirty = true;
+            s.pending.clone()
+        };
+        snapshot.store(&self.pending_path)
+    }
+
+    /// Forgets pending blocks the peer has overwritten (a secondary's blocks that were asked back).
+    pub fn forget(&self, blocks: &[u64]) {
+        let mut s = self.state();
+        for &b in blocks {
+            if s.pending.clear(b) {
+                s.last_seq.remove(&b);
+                s.dirty = true;
+            }
+        }
     }
 
     /// Starts a table-driven resync: the journal restarts, and the blocks to send are returned.

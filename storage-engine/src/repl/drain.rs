@@ -1,0 +1,178 @@
+//! The fenced old primary's side of a takeover: it drains its differential table to the engine
+//! that now serves (the rest of the first processing), blocks a host is waiting for first, then
+//! sends DrainComplete (the last data mark) and, once that is acknowledged, becomes secondary.
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::info;
+
+use super::{
+    sender::{Link, SessionError},
+    Repl,
+};
+use crate::{
+    bitmap::Bitmap,
+    client::{channel, TokenInterceptor},
+    meta::Role,
+    pb::{self, replication_message::Body},
+    volume::{Volume, BLOCK_SIZE},
+};
+
+/// Resend what is still unacknowledged after this long without progress.
+const STALL: Duration = Duration::from_secs(2);
+
+pub async fn session(
+    vol: &Arc<Volume>,
+    repl: &Arc<Repl>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let drop_epoch = repl.faults.drop_epoch.load(Ordering::Relaxed);
+    let ch = channel(&repl.peer, Duration::from_secs(2)).await?;
+    let mut client = pb::peer_client::PeerClient::with_interceptor(
+        ch,
+        TokenInterceptor::new(repl.token.as_deref())?,
+    )
+    .max_decoding_message_size(64 << 20)
+    .max_encoding_message_size(64 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut acks = client
+        .replicate(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let hello = acks.message().await?.ok_or(SessionError::Closed)?;
+    if hello.role != pb::Role::Primary as i32 || hello.epoch != vol.epoch() {
+        return Err(SessionError::NotServingYet(hello.epoch));
+    }
+    repl.stats.connected.store(true, Ordering::Relaxed);
+    let total = repl.tracker.counts().pending_blocks;
+    info!(blocks = total, "draining the differential table to the new primary");
+    vol.areas.event(format!("DrainStart blocks={total}"));
+    let (done_tx, mut done_rx) = watch::channel(false);
+    let ack_repl = Arc::clone(repl);
+    let mut ack_task = tokio::spawn(async move {
+        loop {
+            let a = match acks.message().await {
+                Ok(Some(a)) => a,
+                Ok(None) => return SessionError::Closed,
+                Err(s) => return SessionError::Rpc(s),
+            };
+            while ack_repl.faults.hold_acks.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if a.durable {
+                ack_repl.tracker.ack_images(&a.blocks, &a.generations);
+                ack_repl
+                    .stats
+                    .resync_done
+                    .fetch_add(a.blocks.len() as u64, Ordering::Relaxed);
+                ack_repl.wake.notify_one();
+            }
+            if a.drain_complete {
+                let _ = done_tx.send(true);
+            }
+        }
+    });
+    let mut link = Link::new(vol, repl, tx, stop, drop_epoch);
+    let result = drain(&mut link, &mut ack_task, &mut done_rx).await;
+    ack_task.abort();
+    result?;
+    vol.become_secondary().await?;
+    Ok(())
+}
+
+async fn drain(
+    link: &mut Link<'_>,
+    ack_task: &mut tokio::task::JoinHandle<SessionError>,
+    done_rx: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let (vol, repl) = (link.vol, link.repl);
+    let t = &repl.tracker;
+    let mut sent = Bitmap::new(t.blocks());
+    let mut last_progress = (Instant::now(), t.counts().pending_blocks);
+    let stats = &repl.stats;
+    stats
+        .resync_total
+        .store(last_progress.1, Ordering::Relaxed);
+    stats.resync_done.store(0, Ordering::Relaxed);
+    loop {
+        if vol.role() != Role::Fenced {
+            return Err(SessionError::RoleChanged);
+        }
+        if let Some(r) = futures::FutureExt::now_or_never(&mut *ack_task) {
+            return Err(r.unwrap_or(SessionError::Closed));
+        }
+        let pending = t.state().pending.clone();
+        if pending.is_empty() {
+            break;
+        }
+        if pending.count() < last_progress.1 {
+            last_progress = (Instant::now(), pending.count());
+        } else if last_progress.0.elapsed() > STALL {
+            // Acknowledgements were lost (a reconnect of the peer): send the rest again.
+            sent = Bitmap::new(t.blocks());
+            last_progress = (Instant::now(), pending.count());
+        }
+        let mut progressed = false;
+        let mut cursor = 0;
+        loop {
+            // Blocks a host is waiting for jump the queue.
+            let b = match repl.pop_priority() {
+                Some(b) => b,
+                None => match pending.next_one(cursor) {
+                    Some(b) => {
+                        cursor = b + 1;
+                        if sent.get(b) {
+                            continue;
+                        }
+                        b
+                    }
+                    None => break,
+                },
+            };
+            let image = t.read_image(b, |buf| vol.read_own_block(b, buf))?;
+            let Some((gen, data)) = image else { continue };
+            sent.set(b);
+            progressed = true;
+            let crc = crc32c::crc32c(&data);
+            link.send(
+                Body::Block(pb::BlockImage {
+                    block: b,
+                    generation: gen,
+                    data: data.into(),
+                    crc32c: crc,
+                }),
+                u64::from(BLOCK_SIZE),
+            )
+            .await?;
+            stats
+                .bytes_resynced
+                .fetch_add(u64::from(BLOCK_SIZE), Ordering::Relaxed);
+        }
+        if !progressed {
+            tokio::select! {
+                _ = repl.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                r = &mut *ack_task => return Err(r.unwrap_or(SessionError::Closed)),
+            }
+        }
+    }
+    let final_seq = t.state().journal.last_seq();
+    link.send(
+        Body::DrainComplete(pb::DrainComplete { final_seq }),
+        64,
+    )
+    .await?;
+    tokio::select! {
+        r = done_rx.wait_for(|d| *d) => { r.map_err(|_| SessionError::Closed)?; }
+        r = &mut *ack_task => return Err(r.unwrap_or(SessionError::Closed)),
+        _ = tokio::time::sleep(Duration::from_secs(30)) => return Err(SessionError::Closed),
+    }
+    vol.areas
+        .event(format!("DrainComplete acknowledged final_seq={final_seq}"));
+    Ok(())
+}

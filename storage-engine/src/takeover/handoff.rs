@@ -1,0 +1,525 @@
+//! Role changes: the handoff on both sides (FIG. 8), the drain's receiving end, and the
+//! transitions back to secondary.
+//!
+//! Takeover and failback are the same operation: it is always called on the engine that is to
+//! serve, and always fences and drains the other one. A failback is a takeover in the other
+//! direction; the engine that was primary before keeps its own unsent table (DAT1), which is sent
+//! once it serves again (the third processing).
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use tonic::Status;
+
+use crate::{
+    bitmap::Bitmap,
+    client::{channel, TokenInterceptor},
+    meta::{Phase, Role},
+    pb::{self, replication_message::Body},
+    volume::{Applied, Volume, BLOCK_SIZE},
+};
+
+const BS: u64 = BLOCK_SIZE as u64;
+/// How long one FenceAndHandoff attempt may take.
+const ATTEMPT: Duration = Duration::from_secs(2);
+/// Default for a takeover request without a timeout.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl Volume {
+    /// Peer.FenceAndHandoff, on the engine being replaced: finish in-flight host writes, refuse
+    /// everything older than `new_epoch`, close host sessions, and hand over the differential
+    /// table, all in one step. A repeat at the same epoch returns the table again (AT-34).
+    pub async fn fence_and_handoff(&self, new_epoch: u64) -> Result<pb::HandoffReply, Status> {
+        let Some(repl) = &self.repl else {
+            return Err(Status::failed_precondition("volume is not paired"));
+        };
+        let _gate = self.gate.write().await;
+        let (role, epoch) = (self.role(), self.epoch());
+        let repeat = role == Role::Fenced && new_epoch == epoch;
+        if !repeat {
+            if new_epoch <= epoch {
+                return Err(Status::failed_precondition(format!(
+                    "stale takeover epoch {new_epoch}: this engine is {role} at epoch {epoch}"
+                )));
+            }
+            if role == Role::Secondary {
+                return Err(Status::failed_precondition(format!(
+                    "this engine is secondary at epoch {epoch}: there is no primary here to take over from"
+                )));
+            }
+            self.update_meta(|m| {
+                m.role = Role::Fenced;
+                m.epoch = new_epoch;
+            })
+            .map_err(internal)?;
+            repl.tracker.state().epoch = new_epoch;
+            self.fenced.send_modify(|g| *g += 1);
+            self.areas
+                .event(format!("Fenced epoch={new_epoch} (host sessions closed)"));
+            repl.wake.notify_one();
+        }
+        let s = repl.tracker.state();
+        Ok(pb::HandoffReply {
+            epoch: new_epoch,
+            pending_bitmap: s.pending.to_bytes().into(),
+            pending_blocks: s.pending.count(),
+            last_seq: s.journal.last_seq(),
+            block_size: BS,
+        })
+    }
+
+    /// Engine.Takeover / Engine.Failback, on the engine that is to serve.
+    pub async fn takeover(&self, req: pb::TakeoverRequest) -> Result<pb::TakeoverReply, Status> {
+        let started = Instant::now();
+        let Some(repl) = &self.repl else {
+            return Err(Status::failed_precondition(
+                "volume is not paired: nothing to take over from",
+            ));
+        };
+        let _one = self.takeover_lock.lock().await;
+        let (role, epoch) = (self.role(), self.epoch());
+        if role == Role::Primary {
+            if req.new_epoch == 0 || req.new_epoch == epoch {
+                let m = self.meta().takeover.clone();
+                return Ok(pb::TakeoverReply {
+                    epoch,
+                    ready_ms: m.ready_ms,
+                    peer_pending_blocks: self.areas.state().peer_pending.count(),
+                    lost_blocks: m.lost_blocks,
+                    lost_seq_from: m.lost_seq_from,
+                    lost_seq_to: m.lost_seq_to,
+                    already_primary: true,
+                });
+            }
+            return Err(Status::failed_precondition(format!(
+                "this engine is already primary at epoch {epoch}, not {}",
+                req.new_epoch
+            )));
+        }
+        let new_epoch = if req.new_epoch == 0 {
+            epoch + 1
+        } else {
+            req.new_epoch
+        };
+        if new_epoch <= epoch {
+            return Err(Status::failed_precondition(format!(
+                "stale takeover epoch {new_epoch}: this engine is at epoch {epoch}"
+            )));
+        }
+        if role == Role::Secondary && self.replica().needs_full {
+            return Err(Status::failed_precondition(
+                "this replica has never completed its initial copy and holds no usable data; \
+                 it cannot take over",
+            ));
+        }
+        let force = req.policy == pb::TakeoverPolicy::Force as i32;
+        let timeout = if req.timeout_ms == 0 {
+            DEFAULT_TIMEOUT
+        } else {
+            Duration::from_millis(u64::from(req.timeout_ms))
+        };
+        self.areas
+            .event(format!("TakeoverRequested epoch={new_epoch} force={force}"));
+        let handoff = self.ask_for_table(&repl.peer, new_epoch, timeout).await;
+        let blocks = self.size() / BS;
+        let reply = match handoff {
+            Ok(h) => {
+                let table = Bitmap::from_bytes(blocks, &h.pending_bitmap).ok_or_else(|| {
+                    Status::data_loss("the peer's differential table has the wrong size")
+                })?;
+                let pending = table.count();
+                self.promote(new_epoch, table, None).map_err(internal)?;
+                self.areas.event(format!(
+                    "HandoffStored blocks={pending} peer_last_seq={}",
+                    h.last_seq
+                ));
+                pb::TakeoverReply {
+                    epoch: new_epoch,
+                    peer_pending_blocks: pending,
+                    ..Default::default()
+                }
+            }
+            Err(why) if force => {
+                let (lost, from, to) = {
+                    let rs = self.replica();
+                    let lost = rs
+                        .peer_pending
+                        .clone()
+                        .unwrap_or_else(|| Bitmap::new(blocks));
+                    (lost, rs.applied_seq + 1, rs.peer_last_seq.max(rs.applied_seq))
+                };
+                let n = lost.count();
+                self.promote(new_epoch, Bitmap::new(blocks), Some((lost, from, to)))
+                    .map_err(internal)?;
+                self.areas.event(format!(
+                    "ForcePromoted lost_blocks={n} lost_seq={from}..{to} ({why})"
+                ));
+                pb::TakeoverReply {
+                    epoch: new_epoch,
+                    lost_blocks: n,
+                    lost_seq_from: if n > 0 { from } else { 0 },
+                    lost_seq_to: if n > 0 { to } else { 0 },
+                    ..Default::default()
+                }
+            }
+            Err(why) => {
+                let msg = format!(
+                    "HandoffBlocked: PeerUnreachable: {why}; not promoted (policy wait; \
+                     use policy force to promote and lose the peer's unsent writes)"
+                );
+                self.areas.set_condition(msg.clone());
+                self.areas.event("HandoffBlocked");
+                return Err(Status::unavailable(msg));
+            }
+        };
+        let ready_ms = started.elapsed().as_millis() as u64;
+        self.update_meta(|m| m.takeover.ready_ms = ready_ms)
+            .map_err(internal)?;
+        self.areas.event(format!("ServingReady epoch={new_epoch} ready_ms={ready_ms}"));
+        Ok(pb::TakeoverReply { ready_ms, ..reply })
+    }
+
+    /// Calls FenceAndHandoff on the peer until it answers or `timeout` passes.
+    async fn ask_for_table(
+        &self,
+        peer: &str,
+        new_epoch: u64,
+        timeout: Duration,
+    ) -> Result<pb::HandoffReply, String> {
+        let deadline = Instant::now() + timeout;
+        let token = self.repl.as_ref().and_then(|r| r.token.clone());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = async {
+                let ch = channel(peer, left.min(ATTEMPT))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut c = pb::peer_client::PeerClient::with_interceptor(
+                    ch,
+                    TokenInterceptor::new(token.as_deref()).map_err(|e| e.to_string())?,
+                )
+                .max_decoding_message_size(64 << 20);
+                c.fence_and_handoff(pb::FenceRequest {
+                    volume: self.name().to_string(),
+                    new_epoch,
+                })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| match s.code() {
+                    tonic::Code::FailedPrecondition
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::NotFound => format!("refused: {}", s.message()),
+                    _ => s.message().to_string(),
+                })
+            };
+            let last = match tokio::time::timeout(left.min(ATTEMPT), attempt).await {
+                Ok(Ok(h)) if h.epoch == new_epoch => return Ok(h),
+                Ok(Ok(h)) => format!("peer answered at epoch {}", h.epoch),
+                Ok(Err(e)) if e.starts_with("refused") => return Err(e),
+                Ok(Err(e)) => e,
+                Err(_) => format!("peer {peer} did not answer in time"),
+            };
+            if Instant::now() + Duration::from_millis(100) >= deadline {
+                return Err(format!("peer {peer}: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Becomes primary at `new_epoch`: the handed-off table is stored durably first, then the role.
+    /// `lost` (forced promotion): blocks whose newest content stayed on the peer, and their seqs.
+    fn promote(
+        &self,
+        new_epoch: u64,
+        table: Bitmap,
+        lost: Option<(Bitmap, u64, u64)>,
+    ) -> std::io::Result<()> {
+        let Some(repl) = &self.repl else {
+            return Ok(());
+        };
+        // Whatever this engine still has in an overlay (a takeover while it was itself draining)
+        // is its own newest data: into the data file before the overlay is reused.
+        self.fold_overlay()?;
+        self.areas.overlay.punch_hole(0, self.size())?;
+        let draining = lost.is_none();
+        self.areas.reset(table)?;
+        {
+            let mut s = repl.tracker.state();
+            s.epoch = new_epoch;
+            // Records journaled under an earlier role must never be replayed to the peer.
+            s.resync_needed = true;
+        }
+        if let Some((set, _, _)) = &lost {
+            // The peer's copies of these blocks are newer than ours and will never be ours: send ours
+            // back over them when it returns, so the two never silently differ.
+            repl.tracker.mark_pending(set)?;
+        }
+        let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
+        self.update_meta(|m| {
+            m.role = Role::Primary;
+            m.epoch = new_epoch;
+            m.takeover.phase = if draining {
+                Phase::Draining
+            } else {
+                Phase::Normal
+            };
+            m.takeover.reversing = true;
+            let (n, from, to) = lost
+                .as_ref()
+                .map_or((0, 0, 0), |(s, f, t)| (s.count(), *f, *t));
+            m.takeover.lost_blocks = n;
+            m.takeover.lost_seq_from = if n > 0 { from } else { 0 };
+            m.takeover.lost_seq_to = if n > 0 { to } else { 0 };
+        })
+        .map_err(io)?;
+        self.areas.set_phase(if draining {
+            Phase::Draining
+        } else {
+            Phase::Normal
+        });
+        self.areas.set_condition("");
+        let mut rs = self.replica();
+        rs.peer_pending = None;
+        rs.inconsistent = false;
+        drop(rs);
+        repl.wake.notify_one();
+        Ok(())
+    }
+
+    /// Copies every overlay block into the data file and empties the overlay (no host I/O runs:
+    /// the caller holds the gate or no host may write).
+    pub(crate) fn fold_overlay(&self) -> std::io::Result<()> {
+        let blocks: Vec<u64> = self.areas.state().overlay_present.iter_ones().collect();
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for &b in &blocks {
+            self.areas.overlay.read_at(&mut buf, b * BS)?;
+            self.store.write_at(&buf, b * BS)?;
+        }
+        self.store.sync()?;
+        self.areas.clear_overlay_durably(&blocks)?;
+        self.areas.event(format!("OverlayFolded blocks={}", blocks.len()));
+        Ok(())
+    }
+
+    /// The drain is done and acknowledged: this (fenced) engine becomes the new primary's secondary.
+    pub async fn become_secondary(&self) -> std::io::Result<()> {
+        let _gate = self.gate.write().await;
+        if self.role() != Role::Fenced {
+            return Ok(());
+        }
+        self.to_secondary(self.epoch())?;
+        self.areas.event("SecondaryAgain (reverse replication can start)");
+        Ok(())
+    }
+
+    /// A primary learned that its peer serves at a newer epoch (a forced promotion while this
+    /// engine was unreachable): stop serving and become its secondary. Writes the peer never got
+    /// stay in the table and are asked back from the peer (`resend_bitmap`).
+    pub async fn step_down(&self, peer_epoch: u64) -> std::io::Result<()> {
+        let _gate = self.gate.write().await;
+        if self.role() == Role::Secondary || peer_epoch <= self.epoch() {
+            return Ok(());
+        }
+        self.fenced.send_modify(|g| *g += 1);
+        self.to_secondary(peer_epoch)?;
+        self.areas.event(format!(
+            "SteppedDown epoch={peer_epoch} (the peer was promoted while this engine was away)"
+        ));
+        Ok(())
+    }
+
+    fn to_secondary(&self, epoch: u64) -> std::io::Result<()> {
+        self.fold_overlay()?;
+        self.areas.reset(Bitmap::new(self.size() / BS))?;
+        self.areas.set_phase(Phase::Normal);
+        if let Some(r) = &self.repl {
+            let mut s = r.tracker.state();
+            s.epoch = epoch;
+            s.journal.reset();
+            s.resync_needed = true;
+        }
+        {
+            // The new primary resends its table before this copy is consistent again.
+            let mut rs = self.replica();
+            rs.applied_seq = 0;
+            rs.durable_seq = 0;
+            rs.inconsistent = true;
+            rs.needs_full = false;
+            rs.consistent_target = None;
+            rs.peer_pending = None;
+        }
+        self.write_progress_now()?;
+        let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
+        self.update_meta(|m| {
+            m.role = Role::Secondary;
+            m.epoch = epoch;
+            m.applied_seq = 0;
+            m.takeover = Default::default();
+        })
+        .map_err(io)
+    }
+
+    /// The receiving end of the old primary's drain: block images land in the data file unless the
+    /// overlay holds something newer; DrainComplete ends the first processing.
+    pub fn apply_drain(&self, batch: Vec<pb::ReplicationMessage>) -> Result<Applied, Status> {
+        let my_epoch = self.epoch();
+        let blocks = self.size() / BS;
+        for m in &batch {
+            if m.volume != self.name() {
+                return Err(Status::not_found(format!("unknown volume {:?}", m.volume)));
+            }
+            if m.epoch != my_epoch {
+                if let Some(r) = &self.repl {
+                    r.stats.stale_rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(Status::failed_precondition(format!(
+                    "this engine is primary at epoch {my_epoch}; a stream at epoch {} is refused, nothing written",
+                    m.epoch
+                )));
+            }
+            match &m.body {
+                Some(Body::Block(b)) => {
+                    if b.block >= blocks
+                        || b.data.len() != BLOCK_SIZE as usize
+                        || crc32c::crc32c(&b.data) != b.crc32c
+                    {
+                        return Err(Status::data_loss(format!("bad image of block {}", b.block)));
+                    }
+                }
+                Some(Body::DrainComplete(_)) | Some(Body::Heartbeat(_)) | None => {}
+                Some(_) => {
+                    return Err(Status::failed_precondition(
+                        "this engine is primary: it takes only a fenced peer's drain",
+                    ))
+                }
+            }
+        }
+        let Some(repl) = &self.repl else {
+            return Err(Status::failed_precondition("volume is not paired"));
+        };
+        let mut out = Applied {
+            epoch: my_epoch,
+            ..Default::default()
+        };
+        for m in batch {
+            match m.body {
+                Some(Body::Block(b)) => {
+                    let _g = repl.tracker.locks.lock(b.block..b.block + 1);
+                    let (wanted, shadowed) = {
+                        let st = self.areas.state();
+                        (
+                            st.peer_pending.get(b.block),
+                            st.overlay_present.get(b.block),
+                        )
+                    };
+                    if wanted {
+                        if !shadowed {
+                            self.store
+                                .write_at(&b.data, b.block * BS)
+                                .map_err(internal)?;
+                        }
+                        let mut st = self.areas.state();
+                        st.peer_pending.clear(b.block);
+                        super::Areas::mark_pp_dirty(&mut st);
+                    }
+                    out.images.push((b.block, b.generation));
+                    out.wrote = true;
+                }
+                Some(Body::DrainComplete(d)) => {
+                    self.finish_drain(d.final_seq).map_err(internal)?;
+                    out.drain_complete = true;
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// DrainComplete (the last data mark): everything received is made durable, the handed-off
+    /// table is cleared durably, and the merge may start. Idempotent.
+    fn finish_drain(&self, final_seq: u64) -> std::io::Result<()> {
+        if self.areas.phase() != Phase::Draining {
+            return Ok(());
+        }
+        self.store.sync()?;
+        self.areas.overlay.sync()?;
+        {
+            let mut st = self.areas.state();
+            st.peer_pending.clear_all();
+            super::Areas::mark_pp_dirty(&mut st);
+        }
+        self.areas.persist()?;
+        let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
+        self.update_meta(|m| m.takeover.phase = Phase::Merging)
+            .map_err(io)?;
+        self.areas.set_phase(Phase::Merging);
+        self.areas
+            .event(format!("FirstProcessingComplete final_seq={final_seq}"));
+        self.areas.merge_wake.notify_one();
+        Ok(())
+    }
+
+    /// Reverse replication reached Synced for the first time since the takeover.
+    pub fn reverse_in_sync(&self) {
+        if self.update_meta(|m| m.takeover.reversing = false).is_ok() {
+            self.areas.event("InSync (reverse replication complete)");
+        }
+    }
+
+    /// Peer.ReadBlocks on a fenced engine: its own newest content of whole blocks.
+    pub fn serve_read_blocks(&self, req: &pb::ReadBlocksRequest) -> Result<pb::ReadBlocksReply, Status> {
+        let (role, epoch) = (self.role(), self.epoch());
+        if role != Role::Fenced || req.epoch != epoch {
+            return Err(Status::failed_precondition(format!(
+                "proxied reads are served only by a fenced engine at the reader's epoch; this engine is {role} at epoch {epoch}, the reader at {}",
+                req.epoch
+            )));
+        }
+        let blocks = self.size() / BS;
+        if req.blocks.len() > 8192 {
+            return Err(Status::invalid_argument("at most 8192 blocks per request"));
+        }
+        let mut data = Vec::with_capacity(req.blocks.len());
+        for &b in &req.blocks {
+            if b >= blocks {
+                return Err(Status::invalid_argument(format!("block {b} is out of range")));
+            }
+            let mut buf = vec![0u8; BLOCK_SIZE as usize];
+            self.read_own_block(b, &mut buf).map_err(internal)?;
+            data.push(buf.into());
+        }
+        if let Some(r) = &self.repl {
+            // Blocks a host is waiting for go to the front of the drain.
+            r.prioritize(&req.blocks);
+        }
+        Ok(pb::ReadBlocksReply { data, epoch })
+    }
+}
+
+/// Runs the merge whenever the volume enters the Merging phase (also after a restart).
+pub async fn merge_task(vol: Arc<Volume>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if vol.areas.phase() == Phase::Merging && vol.role() == Role::Primary {
+            if let Err(e) = super::merge::run(&vol, &mut stop).await {
+                tracing::warn!(error = %e, "merge failed; retrying");
+            }
+        }
+        tokio::select! {
+            _ = vol.areas.merge_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
