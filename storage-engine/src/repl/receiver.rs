@@ -175,7 +175,9 @@ async fn flush_loop(
             durable: true,
             ..Default::default()
         };
-        if tx.send(Ok(ack)).await.is_err() || last {
+        // A source that went away stops reading acks: do not hold the stream slot for it.
+        let sent = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(Ok(ack))).await;
+        if !matches!(sent, Ok(Ok(()))) || last {
             return;
         }
     }
@@ -202,7 +204,12 @@ impl Peer for PeerService {
             if tx.send(Ok(vol.replica_hello())).await.is_err() {
                 return;
             }
-            let _link = vol.repl.as_ref().map(|r| LinkUp::new(Arc::clone(r)));
+            // A drain into a primary is not "the link" its own sender reports.
+            let _link = vol
+                .repl
+                .as_ref()
+                .filter(|_| vol.role() == crate::meta::Role::Secondary)
+                .map(|r| LinkUp::new(Arc::clone(r)));
             // Applying and making durable run side by side: a sync-mode writer waits only for the
             // apply; the differential table waits for the fsync.
             let images: Arc<std::sync::Mutex<Vec<(u64, u64)>>> = Arc::default();

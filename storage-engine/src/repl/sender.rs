@@ -122,6 +122,8 @@ pub struct Link<'a> {
     stop: &'a mut watch::Receiver<bool>,
     drop_epoch: u64,
     next_send: Instant,
+    role: Role,
+    fenced: watch::Receiver<u64>,
 }
 
 impl<'a> Link<'a> {
@@ -139,6 +141,8 @@ impl<'a> Link<'a> {
             stop,
             drop_epoch,
             next_send: Instant::now(),
+            role: vol.role(),
+            fenced: vol.fenced.subscribe(),
         }
     }
 
@@ -147,6 +151,9 @@ impl<'a> Link<'a> {
         loop {
             if *self.stop.borrow() {
                 return Err(SessionError::Stopping);
+            }
+            if self.vol.role() != self.role {
+                return Err(SessionError::RoleChanged);
             }
             if self.repl.faults.drop_epoch.load(Ordering::Relaxed) != self.drop_epoch {
                 return Err(SessionError::Dropped);
@@ -164,7 +171,11 @@ impl<'a> Link<'a> {
         if rate > 0 {
             let now = Instant::now();
             if self.next_send > now {
-                tokio::time::sleep_until(self.next_send.into()).await;
+                // A fence must not wait for a throttled send to finish.
+                tokio::select! {
+                    _ = tokio::time::sleep_until(self.next_send.into()) => {}
+                    _ = self.fenced.changed() => return Err(SessionError::RoleChanged),
+                }
             }
             self.next_send =
                 self.next_send.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
