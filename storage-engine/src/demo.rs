@@ -279,6 +279,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Err(e) => tl.say(format!("node-a refuses its old host now: {e}")),
         Ok(_) => bail!("node-a still serves after the takeover"),
     }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let s = status(&b).await?;
+        tl.say(format!(
+            "  draining: {} blocks still on node-a, phase {}",
+            s.peer_pending_blocks, s.takeover_phase
+        ));
+    }
+    write_range(&b.nbd, &mut expected, args.backlog, 8 << 20, 3).await?;
+    let s = status(&b).await?;
+    tl.say(format!(
+        "node-b's host wrote 8 MiB: they went to the overlay ({} blocks)",
+        s.overlay_blocks
+    ));
     let bad = verify(&b.nbd, &expected).await?;
     let s = status(&b).await?;
     if bad != 0 {
@@ -289,20 +303,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         mb(args.size),
         s.proxied_reads
     ));
-    write_range(&b.nbd, &mut expected, args.backlog, 8 << 20, 3).await?;
-    let s = status(&b).await?;
-    tl.say(format!(
-        "node-b's host wrote 8 MiB: they went to the overlay ({} blocks)",
-        s.overlay_blocks
-    ));
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let s = status(&b).await?;
-        tl.say(format!(
-            "  draining: {} blocks still on node-a, phase {}",
-            s.peer_pending_blocks, s.takeover_phase
-        ));
-    }
     rate(&a, 0).await?;
     tl.say("link recovers (throttle lifted)");
     wait_for(&b, "drained and merged", Duration::from_secs(120), |s| {
