@@ -160,6 +160,9 @@ pub struct ServeArgs {
     /// Deadline of a proxied read after a takeover; keep it below the host's I/O timeout.
     #[arg(long, default_value_t = 5000)]
     pub proxy_timeout_ms: u64,
+    /// A host connecting to this secondary triggers the takeover (no explicit call needed).
+    #[arg(long)]
+    pub implicit_takeover: bool,
 }
 
 #[derive(Debug, Args)]

@@ -48,6 +48,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         secondary_read_only: args.secondary_access == SecondaryAccess::ReadOnly,
         proxy_timeout: std::time::Duration::from_millis(args.proxy_timeout_ms),
+        implicit_takeover: args.implicit_takeover,
         pair: args.peer.clone().map(|peer| PairConfig {
             peer,
             token: token.clone(),

@@ -95,6 +95,8 @@ pub struct VolumeConfig {
     pub secondary_read_only: bool,
     /// Deadline of a proxied read (below the host's I/O timeout).
     pub proxy_timeout: std::time::Duration,
+    /// A host session opening on the secondary triggers the takeover (failover.md AT-22).
+    pub implicit_takeover: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +160,7 @@ pub struct Volume {
     pub repl: Option<Arc<Repl>>,
     replica: Mutex<ReplicaState>,
     secondary_read_only: bool,
+    implicit_takeover: bool,
     progress: std::fs::File,
     // Held for the engine's lifetime: a second engine on the same state dir is refused.
     _lock: std::fs::File,
@@ -354,6 +357,7 @@ impl Volume {
             repl,
             replica: Mutex::new(replica),
             secondary_read_only: cfg.secondary_read_only,
+            implicit_takeover: cfg.implicit_takeover,
             progress,
             _lock: lock,
         }))
@@ -426,6 +430,21 @@ impl Volume {
             Role::Secondary if self.secondary_read_only && !self.replica().inconsistent => Ok(true),
             r => Err(HostError::NotServing(r)),
         }
+    }
+
+    /// A host session is opening (NBD OPT_GO): with implicit takeover, a secondary takes over
+    /// first (the handoff, then the session), as the patent's variant S:L279 allows.
+    pub async fn open_session(&self) -> Result<bool, HostError> {
+        if self.implicit_takeover && self.role() == Role::Secondary {
+            let req = pb::TakeoverRequest {
+                volume: self.name.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = self.takeover(req).await {
+                tracing::warn!(error = %e.message(), "implicit takeover failed");
+            }
+        }
+        self.host_access()
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, HostError> {
@@ -871,6 +890,7 @@ mod tests {
             pair: None,
             secondary_read_only: false,
             proxy_timeout: std::time::Duration::from_secs(1),
+            implicit_takeover: false,
         };
         drop(Volume::open(&cfg).unwrap());
         let meta_path = cfg.state_dir.join("meta");

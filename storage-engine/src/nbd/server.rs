@@ -147,7 +147,7 @@ where
                 if !name.is_empty() && name != volume.name() {
                     return Err(ConnError::UnknownExport(name));
                 }
-                let Ok(read_only) = volume.host_access() else {
+                let Ok(read_only) = volume.open_session().await else {
                     return Err(ConnError::UnknownExport(name));
                 };
                 w.write_all(&volume.size().to_be_bytes()).await?;
@@ -180,7 +180,12 @@ where
                     w.flush().await?;
                     continue;
                 }
-                let read_only = match volume.host_access() {
+                let access = if opt == p::OPT_GO {
+                    volume.open_session().await
+                } else {
+                    volume.host_access()
+                };
+                let read_only = match access {
                     Ok(ro) => ro,
                     Err(e) => {
                         let msg = format!(

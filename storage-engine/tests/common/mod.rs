@@ -329,3 +329,116 @@ fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+impl Pair {
+    /// A pair where each engine knows the other's address (needed for takeover and failback).
+    /// The secondary is restarted once with the primary's real address; both allow fault injection.
+    pub fn start_linked(dir: &Path, size: &str, extra_p: &[&str], extra_s: &[&str]) -> Pair {
+        let mut s_extra = vec!["--fault-injection"];
+        s_extra.extend_from_slice(extra_s);
+        let mut pair = Pair::start(dir, size, extra_p, &s_extra);
+        let pos = pair.s.args.iter().position(|a| a == "--peer").unwrap();
+        pair.s.args[pos + 1] = pair.p.grpc.clone();
+        pair.s.restart();
+        pair
+    }
+
+    /// `tandem-engine <op> --grpc <engine> ...`; Ok(JSON) on exit 0, Err(stderr) otherwise.
+    pub fn control(&self, op: &str, e: &Engine, extra: &[&str]) -> Result<serde_json::Value, String> {
+        let tok = self.tok();
+        let mut a = vec![op, "--grpc", &e.grpc, "--volume", "vol", "--token-file", &tok];
+        a.extend_from_slice(extra);
+        let out = run(ENGINE, &a);
+        if out.status.success() {
+            Ok(serde_json::from_slice(&out.stdout).unwrap())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Takeover on the secondary (policy wait).
+    pub fn takeover(&self) -> serde_json::Value {
+        self.control("takeover", &self.s, &[])
+            .unwrap_or_else(|e| panic!("takeover failed: {e}\nS log:\n{}", tail(&self.s.log(), 20)))
+    }
+
+    /// `tandem-engine fault` on either engine.
+    pub fn fault_on(&self, e: &Engine, args: &[&str]) {
+        let tok = self.tok();
+        let mut a = vec!["fault", "--grpc", &e.grpc, "--volume", "vol", "--token-file", &tok];
+        a.extend_from_slice(args);
+        run_ok(ENGINE, &a);
+    }
+
+    pub fn status_of(&self, e: &Engine) -> serde_json::Value {
+        e.status_with(&["--token-file", &self.tok()])
+    }
+
+    /// Waits until `serving` has finished its takeover and replicates, in sync, to the other.
+    pub fn wait_converged(&self, serving: &Engine, other: &Engine, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let a = self.status_of(serving);
+            let b = self.status_of(other);
+            if a["role"] == "primary"
+                && a["takeover_phase"] == ""
+                && a["pair_state"] == "Synced"
+                && a["pending_blocks"] == 0
+                && b["role"] == "secondary"
+                && b["pair_state"] == "Consistent"
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not converged:\nserving {a}\nother {b}\nserving log:\n{}\nother log:\n{}",
+                tail(&serving.log(), 20),
+                tail(&other.log(), 20)
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// Writes `byte` over one 4 KiB block through NBD.
+pub fn put_block(uri: &str, block: u64, byte: u8) {
+    qemu_io_ok(uri, &[&format!("write -P {byte} {} 4k", block * 4096)]);
+}
+
+/// Whether one 4 KiB block reads back as `byte` through NBD.
+pub fn block_reads(uri: &str, block: u64, byte: u8) -> bool {
+    let out = qemu_io(uri, &[&format!("read -P {byte} {} 4k", block * 4096)]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.status.success() && !text.contains("failed") && !text.contains("Pattern verification")
+}
+
+/// Whether block `block` of a file is all `byte`.
+pub fn file_block_is(path: &Path, block: u64, byte: u8) -> bool {
+    file_bytes(path, block * 4096, 4096).iter().all(|b| *b == byte)
+}
+
+/// The names of an engine's events, in order (the timestamp dropped).
+pub fn event_names(status: &serde_json::Value) -> Vec<String> {
+    status["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let s = e.as_str().unwrap();
+            let rest = s.split_once(' ').map_or(s, |(_, r)| r);
+            rest.split(' ').next().unwrap_or("").to_string()
+        })
+        .collect()
+}
+
+/// Index of the first event named `name`; panics if absent.
+pub fn event_at(names: &[String], name: &str) -> usize {
+    names
+        .iter()
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("event {name} missing from {names:?}"))
+}

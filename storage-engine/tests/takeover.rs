@@ -1,0 +1,525 @@
+//! Takeover and failback over two real engine processes: the handoff, proxied reads, the overlay,
+//! the drain, the merge, reverse replication, failback, forced promotion, and kills at each phase.
+//! Each test is named after the failover.md acceptance tests it shows (AT-06 onwards).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A linked pair, synced, with the primary's link paused and `blocks` written on the primary
+/// (pending, not on the secondary).
+fn pair_with_backlog(dir: &std::path::Path, blocks: &[(u64, u8)], extra_s: &[&str]) -> Pair {
+    let pair = Pair::start_linked(dir, "64M", &[], extra_s);
+    pair.wait_synced(30);
+    pair.fault(&["--pause", "true"]);
+    for &(b, v) in blocks {
+        put_block(&pair.p.uri(), b, v);
+    }
+    assert!(pair.status_p()["pending_blocks"].as_u64().unwrap() >= blocks.len() as u64);
+    pair
+}
+
+fn overlay_file(e: &Engine) -> std::path::PathBuf {
+    e.dir.join("state/overlay")
+}
+
+fn n(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+#[test]
+fn at06_handoff_before_ready_at21_no_service_before_ready() {
+    let d = tempfile::tempdir().unwrap();
+    let backlog: Vec<(u64, u8)> = (100..110).map(|b| (b, 0xbb)).chain([(10, 0xaa)]).collect();
+    let pair = pair_with_backlog(d.path(), &backlog, &[]);
+    let pending = n(&pair.status_p(), "pending_blocks");
+    // AT-21: before the handoff, the secondary serves nothing (it never returns stale data).
+    assert!(!block_reads(&pair.s.uri(), 10, 0xaa));
+    assert!(!qemu_io(&pair.s.uri(), &["read 0 4k"]).status.success()
+        || String::from_utf8_lossy(&qemu_io(&pair.s.uri(), &["read 0 4k"]).stderr).contains("failed"));
+
+    let r = pair.takeover();
+    assert_eq!(n(&r, "epoch"), 2);
+    assert_eq!(n(&r, "peer_pending_blocks"), pending, "the whole table was handed over");
+    let s = pair.status_s();
+    assert_eq!(s["role"], "primary");
+    assert_eq!(s["takeover_phase"], "draining");
+    assert_eq!(n(&s, "peer_pending_blocks"), pending);
+    let p = pair.status_p();
+    assert_eq!(p["role"], "fenced");
+    assert_eq!(n(&p, "epoch"), 2);
+    // Stored, then ready: the event log orders them, and the table is on disk.
+    let names = event_names(&s);
+    assert!(event_at(&names, "HandoffStored") < event_at(&names, "ServingReady"));
+    assert!(pair.s.dir.join("state/peer_pending").exists());
+    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
+    assert!(block_reads(&pair.s.uri(), 105, 0xbb));
+}
+
+#[test]
+fn at07_ready_does_not_wait_for_the_drain() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    pair.wait_synced(30);
+    // One block per second: the 10,240-block backlog would take almost three hours to drain.
+    pair.fault(&["--rate", "4096"]);
+    let src = d.path().join("backlog.bin");
+    std::fs::write(&src, pattern(7, 40 << 20)).unwrap();
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
+    let t = Instant::now();
+    let r = pair.takeover();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "takeover took {took:?}, over the 10 s budget"
+    );
+    assert!(n(&r, "peer_pending_blocks") > 9_900, "{r}");
+    assert!(n(&pair.status_s(), "peer_pending_blocks") > 9_900);
+    // The workload sees its data at once.
+    let out = d.path().join("out.bin");
+    run_ok("nbdcopy", &[&pair.s.uri(), out.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(&out).unwrap()[..40 << 20],
+        std::fs::read(&src).unwrap()[..]
+    );
+}
+
+#[test]
+fn at08_proxied_read_at09_local_read_at10_overlay_write_at12_mixed_extent() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    put_block(&pair.p.uri(), 20, 0x20);
+    put_block(&pair.p.uri(), 31, 0x31);
+    pair.wait_synced(30);
+    pair.fault(&["--pause", "true"]);
+    put_block(&pair.p.uri(), 10, 0xaa);
+    put_block(&pair.p.uri(), 32, 0xcc);
+    pair.takeover();
+
+    // AT-09: a replicated block is local; no proxied read.
+    assert!(block_reads(&pair.s.uri(), 20, 0x20));
+    assert_eq!(n(&pair.status_s(), "proxied_reads"), 0);
+    // AT-08: a pending block comes from the old primary.
+    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
+    assert_eq!(n(&pair.status_s(), "proxied_reads"), 1);
+    assert_eq!(n(&pair.status_p(), "bytes_read"), 0, "served from base_p, not via NBD");
+
+    // AT-10: a write goes to the overlay and is in this side's table before the ack.
+    put_block(&pair.s.uri(), 30, 0x5a);
+    assert!(file_block_is(&overlay_file(&pair.s), 30, 0x5a));
+    assert!(!file_block_is(&pair.s.data(), 30, 0x5a));
+    let s = pair.status_s();
+    assert_eq!(n(&s, "overlay_blocks"), 1);
+    assert!(n(&s, "pending_blocks") >= 1);
+    assert!(block_reads(&pair.s.uri(), 30, 0x5a));
+    assert_eq!(n(&pair.status_s(), "proxied_reads"), 1);
+
+    // AT-12: one read over overlay, local and remote blocks: exactly one more proxied block.
+    qemu_io_ok(
+        &pair.s.uri(),
+        &[
+            &format!("read -P 0x5a {} 4k", 30 * 4096),
+            &format!("read -P 0x31 {} 4k", 31 * 4096),
+            &format!("read -P 0xcc {} 4k", 32 * 4096),
+        ],
+    );
+    let before = n(&pair.status_s(), "proxied_reads");
+    // The three-block extent as one request, compared byte for byte.
+    let out = d.path().join("x.bin");
+    run_ok(
+        "qemu-img",
+        &["dd", "-f", "raw", "-O", "raw", &format!("if={}", pair.s.uri()),
+          &format!("of={}", out.display()), "bs=12288", "skip=10", "count=1"],
+    );
+    let got = std::fs::read(&out).unwrap();
+    assert!(got[..4096].iter().all(|b| *b == 0x5a));
+    assert!(got[4096..8192].iter().all(|b| *b == 0x31));
+    assert!(got[8192..].iter().all(|b| *b == 0xcc));
+    // Block 32 was repaired locally by its first proxied read: no new proxied read was needed.
+    assert_eq!(n(&pair.status_s(), "proxied_reads"), before);
+}
+
+#[test]
+fn at11_overlay_beats_late_replica_at13_drain_complete_at14_merge_before_reverse_at15_at16() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = pair_with_backlog(d.path(), &[(10, 0xaa), (40, 0xa4), (41, 0xa5)], &[]);
+    pair.takeover();
+    // Hold the reverse direction so the merge can be observed before any S→P message.
+    pair.fault_on(&pair.s, &["--pause", "true"]);
+    put_block(&pair.s.uri(), 10, 0x5a);
+    put_block(&pair.s.uri(), 40, 0x54);
+    // AT-11: the late replica of block 10 (0xaa) arrives now; the overlay still wins.
+    pair.fault(&["--pause", "false"]);
+    wait_until(30, "drain and merge", || pair.status_s()["takeover_phase"] == "");
+    assert!(block_reads(&pair.s.uri(), 10, 0x5a));
+    assert!(block_reads(&pair.s.uri(), 41, 0xa5), "drained block");
+    // AT-13: DrainComplete ended the first processing; the handed-off table is all zero.
+    let s = pair.status_s();
+    let names = event_names(&s);
+    assert!(event_at(&names, "FirstProcessingComplete") < event_at(&names, "MergeComplete"));
+    assert_eq!(n(&s, "peer_pending_blocks"), 0);
+    // AT-14: both overlay blocks are in base_s, the table still has them, nothing reached base_p.
+    assert!(file_block_is(&pair.s.data(), 10, 0x5a));
+    assert!(file_block_is(&pair.s.data(), 40, 0x54));
+    assert!(n(&s, "pending_blocks") >= 2);
+    assert!(file_block_is(&pair.p.data(), 10, 0xaa));
+    assert_eq!(pair.status_p()["role"], "secondary");
+    // AT-15: after the merge, writes go straight to base_s.
+    put_block(&pair.s.uri(), 30, 0x77);
+    assert!(file_block_is(&pair.s.data(), 30, 0x77));
+    assert!(!file_block_is(&overlay_file(&pair.s), 30, 0x77));
+    assert_eq!(n(&pair.status_s(), "overlay_blocks"), 0);
+    // AT-16: reverse replication converges: base_p = base_s = what the host sees.
+    pair.fault_on(&pair.s, &["--pause", "false"]);
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    assert!(pair.files_identical());
+    let view = d.path().join("view.bin");
+    run_ok("nbdcopy", &[&pair.s.uri(), view.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&view).unwrap(), std::fs::read(pair.p.data()).unwrap());
+    assert!(file_block_is(&pair.p.data(), 30, 0x77));
+    let names = event_names(&pair.status_s());
+    assert!(event_at(&names, "MergeComplete") < event_at(&names, "InSync"));
+}
+
+#[test]
+fn at17_write_racing_the_merge() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = pair_with_backlog(d.path(), &[(40, 0xa4)], &[]);
+    pair.takeover();
+    pair.fault_on(&pair.s, &["--pause-merge", "true"]);
+    put_block(&pair.s.uri(), 40, 0x11);
+    pair.fault(&["--pause", "false"]);
+    wait_until(30, "merging", || pair.status_s()["takeover_phase"] == "merging");
+    // The merge is held with block 40 still in the overlay; the host writes it again.
+    put_block(&pair.s.uri(), 40, 0x22);
+    pair.fault_on(&pair.s, &["--pause-merge", "false"]);
+    wait_until(30, "merge done", || pair.status_s()["takeover_phase"] == "");
+    assert!(file_block_is(&pair.s.data(), 40, 0x22));
+    assert!(block_reads(&pair.s.uri(), 40, 0x22));
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    assert!(file_block_is(&pair.p.data(), 40, 0x22));
+}
+
+#[test]
+fn at18_primary_unreachable_wait_blocks_force_promotes_and_reports_losses() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    put_block(&pair.p.uri(), 3, 0x03);
+    pair.wait_synced(30);
+    // A slow link: heartbeats still pass, carrying the pending set.
+    pair.fault(&["--rate", "4096"]);
+    for b in 10..16 {
+        put_block(&pair.p.uri(), b, 0xee);
+    }
+    wait_until(30, "heartbeat with the pending set", || {
+        n(&pair.status_s(), "peer_pending_blocks") >= 6
+    });
+    let shipped = n(&pair.status_s(), "peer_pending_blocks");
+    pair.p.kill();
+
+    // WaitForPrimary: no promotion, a clear condition, no host I/O.
+    let err = pair
+        .control("takeover", &pair.s, &["--timeout", "1"])
+        .unwrap_err();
+    assert!(err.contains("HandoffBlocked") && err.contains("PeerUnreachable"), "{err}");
+    let s = pair.status_s();
+    assert_eq!(s["role"], "secondary");
+    assert!(s["condition"].as_str().unwrap().starts_with("HandoffBlocked"));
+    assert!(!block_reads(&pair.s.uri(), 3, 0x03));
+
+    // ForcePromote: serves, and names what it lost.
+    let before: Vec<Vec<u8>> = (10..16).map(|b| file_bytes(&pair.s.data(), b * 4096, 4096)).collect();
+    let r = pair
+        .control("takeover", &pair.s, &["--policy", "force", "--timeout", "1"])
+        .unwrap();
+    assert_eq!(n(&r, "lost_blocks"), shipped);
+    assert!(n(&r, "lost_seq_to") >= n(&r, "lost_seq_from"));
+    let s = pair.status_s();
+    assert_eq!(s["role"], "primary");
+    assert_eq!(n(&s, "lost_blocks"), shipped);
+    assert!(block_reads(&pair.s.uri(), 3, 0x03));
+    // Lost blocks read as base_s had them.
+    let out = d.path().join("lost.bin");
+    run_ok(
+        "qemu-img",
+        &["dd", "-f", "raw", "-O", "raw", &format!("if={}", pair.s.uri()),
+          &format!("of={}", out.display()), "bs=24576", "skip=0", "count=1"],
+    );
+    let _ = out;
+    for (i, b) in (10..16u64).enumerate() {
+        let got = file_bytes(&pair.s.data(), b * 4096, 4096);
+        assert_eq!(got, before[i]);
+    }
+    put_block(&pair.s.uri(), 20, 0x20);
+
+    // The old primary returns: it steps down and its unsent writes are overwritten.
+    pair.p.restart();
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    assert_eq!(pair.status_p()["role"], "secondary");
+    assert!(pair.files_identical(), "the two sides must not silently differ");
+    assert!(event_names(&pair.status_p()).contains(&"SteppedDown".to_string()));
+}
+
+#[test]
+fn at19_primary_lost_mid_drain_fails_fast_and_degrades() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = pair_with_backlog(
+        d.path(),
+        &[(10, 0xaa), (11, 0xab)],
+        &["--proxy-timeout-ms", "500"],
+    );
+    put_block(&pair.p.uri(), 12, 0xac);
+    pair.takeover();
+    pair.p.kill();
+    let t = Instant::now();
+    assert!(!block_reads(&pair.s.uri(), 10, 0xaa));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "a proxied read must fail within its deadline, took {:?}",
+        t.elapsed()
+    );
+    // Everything else keeps working.
+    put_block(&pair.s.uri(), 50, 0x50);
+    assert!(block_reads(&pair.s.uri(), 50, 0x50));
+    assert!(block_reads(&pair.s.uri(), 60, 0x00));
+    let s = pair.status_s();
+    assert!(n(&s, "proxied_read_errors") >= 1);
+    assert!(s["condition"].as_str().unwrap().starts_with("Degraded"), "{s}");
+    // The old primary comes back: the drain resumes and the data is all there.
+    pair.p.restart();
+    assert_eq!(pair.status_p()["role"], "fenced");
+    assert!(block_reads(&pair.s.uri(), 11, 0xab));
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
+    assert!(pair.files_identical());
+}
+
+#[test]
+fn at20_fencing_cuts_the_old_host_and_refuses_its_writes() {
+    use storage_engine::nbd::client::NbdClient;
+    let d = tempfile::tempdir().unwrap();
+    let pair = pair_with_backlog(d.path(), &[(5, 0x55)], &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut old_host = rt
+        .block_on(NbdClient::connect(&pair.p.nbd, "vol"))
+        .unwrap();
+    rt.block_on(old_host.write(6 * 4096, &[0x66; 4096])).unwrap();
+    let pending = n(&pair.status_p(), "pending_blocks");
+    pair.takeover();
+    // The old host's session is closed; its next write fails and lands nowhere.
+    assert!(rt.block_on(old_host.write(7 * 4096, &[0x77; 4096])).is_err());
+    assert!(rt.block_on(NbdClient::connect(&pair.p.nbd, "vol")).is_err());
+    assert_eq!(n(&pair.status_p(), "pending_blocks"), pending);
+    assert!(!file_block_is(&pair.p.data(), 7, 0x77));
+    assert!(block_reads(&pair.s.uri(), 6, 0x66), "acknowledged before the fence");
+    assert!(block_reads(&pair.s.uri(), 7, 0x00), "refused after the fence");
+}
+
+#[test]
+fn at22_implicit_takeover_by_the_first_io() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = pair_with_backlog(d.path(), &[(9, 0x99)], &["--implicit-takeover"]);
+    // No takeover call: the new host simply connects to the secondary.
+    assert!(block_reads(&pair.s.uri(), 9, 0x99));
+    let s = pair.status_s();
+    assert_eq!(s["role"], "primary");
+    assert_eq!(n(&s, "epoch"), 2);
+    assert_eq!(pair.status_p()["role"], "fenced");
+}
+
+#[test]
+fn at23_takeover_with_nothing_pending_at13_drain_complete_without_data() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    put_block(&pair.p.uri(), 1, 0x01);
+    pair.wait_synced(30);
+    let r = pair.takeover();
+    assert_eq!(n(&r, "peer_pending_blocks"), 0);
+    put_block(&pair.s.uri(), 2, 0x02);
+    assert!(file_block_is(&pair.s.data(), 2, 0x02), "straight to base_s");
+    assert_eq!(n(&pair.status_s(), "overlay_blocks"), 0);
+    assert!(block_reads(&pair.s.uri(), 1, 0x01));
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    let s = pair.status_s();
+    assert_eq!(n(&s, "proxied_reads"), 0);
+    assert!(event_names(&s).contains(&"FirstProcessingComplete".to_string()));
+    assert!(pair.files_identical());
+}
+
+#[test]
+fn at24_to_at28_failback_during_the_first_processing() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = pair_with_backlog(
+        d.path(),
+        &[(10, 0xa1), (40, 0xa4), (50, 0xa5), (60, 0xa6)],
+        &[],
+    );
+    pair.takeover();
+    put_block(&pair.s.uri(), 10, 0xb1);
+    put_block(&pair.s.uri(), 40, 0xb4);
+    // The workload moves back while P has drained nothing (its link is still paused), and S's
+    // drain to P is held too.
+    pair.fault_on(&pair.s, &["--pause", "true"]);
+    let r = pair.control("failback", &pair.p, &[]).unwrap();
+    // AT-24: P fetched S's table (DAT2) before it reported ready.
+    assert_eq!(n(&r, "epoch"), 3);
+    assert!(n(&r, "peer_pending_blocks") >= 2, "{r}");
+    let p = pair.status_p();
+    assert_eq!(p["role"], "primary");
+    let names = event_names(&p);
+    assert!(event_at(&names, "HandoffStored") < event_at(&names, "ServingReady"));
+    assert_eq!(pair.status_s()["role"], "fenced");
+    // AT-25: read order at P: overlay_p, then S for S's blocks, then base_p.
+    put_block(&pair.p.uri(), 50, 0xc5);
+    assert!(file_block_is(&overlay_file(&pair.p), 50, 0xc5));
+    assert!(block_reads(&pair.p.uri(), 50, 0xc5));
+    assert!(block_reads(&pair.p.uri(), 10, 0xb1));
+    assert!(block_reads(&pair.p.uri(), 60, 0xa6));
+    assert!(n(&pair.status_p(), "proxied_reads") >= 1);
+    // AT-26: a failback write beats S's late version of the same block.
+    put_block(&pair.p.uri(), 40, 0xc4);
+    pair.fault_on(&pair.s, &["--pause", "false"]);
+    wait_until(30, "failback drain and merge", || {
+        pair.status_p()["takeover_phase"] == ""
+    });
+    assert!(block_reads(&pair.p.uri(), 40, 0xc4));
+    // AT-28: the merged failback writes are pending towards S (the third processing).
+    assert!(n(&pair.status_p(), "pending_blocks") >= 2);
+    pair.fault(&["--pause", "false"]);
+    pair.wait_converged(&pair.p, &pair.s, 30);
+    for (b, v) in [(10, 0xb1), (40, 0xc4), (50, 0xc5), (60, 0xa6)] {
+        assert!(file_block_is(&pair.p.data(), b, v), "base_p block {b}");
+        assert!(file_block_is(&pair.s.data(), b, v), "base_s block {b}");
+    }
+    assert!(pair.files_identical());
+    // AT-27: the order of the processings, as the engines logged them.
+    let p = event_names(&pair.status_p());
+    let s = event_names(&pair.status_s());
+    let fenced = s.iter().rposition(|e| e == "Fenced").unwrap();
+    assert!(fenced < s.iter().rposition(|e| e == "DrainComplete").unwrap());
+    assert!(
+        s.iter().rposition(|e| e == "DrainComplete").unwrap()
+            < s.iter().rposition(|e| e == "SecondaryAgain").unwrap()
+    );
+    let ready = p.iter().rposition(|e| e == "ServingReady").unwrap();
+    let first = p.iter().rposition(|e| e == "FirstProcessingComplete").unwrap();
+    let merged = p.iter().rposition(|e| e == "MergeComplete").unwrap();
+    let in_sync = p.iter().rposition(|e| e == "InSync").unwrap();
+    assert!(ready < first && first < merged && merged < in_sync, "{p:?}");
+}
+
+#[test]
+fn at29_kills_during_the_drain_keep_table_overlay_and_phase() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    pair.wait_synced(30);
+    pair.fault(&["--pause", "true"]);
+    let src = d.path().join("b.bin");
+    std::fs::write(&src, pattern(29, 4 << 20)).unwrap();
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
+    pair.takeover();
+    for b in 2000..2010 {
+        put_block(&pair.s.uri(), b, 0x29);
+    }
+    let before = pair.status_s();
+    assert!(n(&before, "peer_pending_blocks") >= 1000);
+    // SIGKILL the new primary mid-drain.
+    pair.s.restart();
+    let after = pair.status_s();
+    assert_eq!(after["role"], "primary");
+    assert_eq!(after["takeover_phase"], "draining");
+    assert_eq!(n(&after, "peer_pending_blocks"), n(&before, "peer_pending_blocks"));
+    assert_eq!(n(&after, "overlay_blocks"), 10);
+    assert!(block_reads(&pair.s.uri(), 2005, 0x29));
+    // SIGKILL the fenced old primary mid-drain; its link comes back unpaused.
+    pair.p.restart();
+    assert_eq!(pair.status_p()["role"], "fenced");
+    pair.wait_converged(&pair.s, &pair.p, 60);
+    let view = d.path().join("view.bin");
+    run_ok("nbdcopy", &[&pair.s.uri(), view.to_str().unwrap()]);
+    let v = std::fs::read(&view).unwrap();
+    assert_eq!(v[..2000 * 4096], std::fs::read(&src).unwrap()[..2000 * 4096]);
+    assert!(v[2000 * 4096..2010 * 4096].iter().all(|b| *b == 0x29));
+    assert!(pair.files_identical());
+}
+
+#[test]
+fn at29_kills_during_merge_and_reverse_replication_resume() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = pair_with_backlog(d.path(), &[(10, 0xaa), (11, 0xab)], &[]);
+    pair.takeover();
+    pair.fault_on(&pair.s, &["--pause-merge", "true"]);
+    put_block(&pair.s.uri(), 10, 0x10);
+    put_block(&pair.s.uri(), 12, 0x12);
+    pair.fault(&["--pause", "false"]);
+    wait_until(30, "merging", || pair.status_s()["takeover_phase"] == "merging");
+    // SIGKILL in the merge: it resumes from the persisted overlay bitmap.
+    std::thread::sleep(Duration::from_millis(700));
+    pair.s.restart();
+    wait_until(30, "merge done", || pair.status_s()["takeover_phase"] == "");
+    assert!(block_reads(&pair.s.uri(), 10, 0x10));
+    assert!(block_reads(&pair.s.uri(), 11, 0xab));
+    assert!(block_reads(&pair.s.uri(), 12, 0x12));
+    // SIGKILL the new secondary during reverse replication.
+    pair.fault_on(&pair.s, &["--rate", "4096"]);
+    put_block(&pair.s.uri(), 13, 0x13);
+    pair.p.restart();
+    pair.fault_on(&pair.s, &["--rate", "0"]);
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    assert!(pair.files_identical());
+    assert!(file_block_is(&pair.p.data(), 10, 0x10));
+    assert!(file_block_is(&pair.p.data(), 13, 0x13));
+}
+
+#[test]
+fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
+    use storage_engine::{client::TokenInterceptor, pb};
+    let d = tempfile::tempdir().unwrap();
+    let pair = pair_with_backlog(d.path(), &[(10, 0xaa)], &[]);
+    let r1 = pair.takeover();
+    // AT-34: a repeated takeover reuses the epoch and starts nothing twice.
+    let r2 = pair.takeover();
+    assert_eq!(n(&r2, "epoch"), n(&r1, "epoch"));
+    assert_eq!(r2["already_primary"], true);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = storage_engine::client::channel(&pair.p.grpc, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let mut c = pb::peer_client::PeerClient::with_interceptor(
+            ch,
+            TokenInterceptor::new(Some("s3cret-token")).unwrap(),
+        );
+        // A repeated handoff at the same epoch returns the stored table again.
+        let h = c
+            .fence_and_handoff(pb::FenceRequest { volume: "vol".into(), new_epoch: 2 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(h.epoch, 2);
+        assert!(h.pending_blocks >= 1);
+        // An older epoch is refused.
+        let e = c
+            .fence_and_handoff(pb::FenceRequest { volume: "vol".into(), new_epoch: 1 })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        // AT-30: a proxied read at a stale epoch is refused.
+        let e = c
+            .read_blocks(pb::ReadBlocksRequest { volume: "vol".into(), epoch: 1, blocks: vec![10] })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        let ok = c
+            .read_blocks(pb::ReadBlocksRequest { volume: "vol".into(), epoch: 2, blocks: vec![10] })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ok.epoch, 2);
+        assert!(ok.data[0].iter().all(|b| *b == 0xaa));
+    });
+    assert_eq!(pair.status_p()["role"], "fenced");
+}
