@@ -442,3 +442,15 @@ pub fn event_at(names: &[String], name: &str) -> usize {
         .position(|n| n == name)
         .unwrap_or_else(|| panic!("event {name} missing from {names:?}"))
 }
+
+/// Reads `len` bytes at `offset` through NBD as one request (TCP address "host:port").
+pub fn nbd_read(addr: &str, offset: u64, len: u32) -> Result<Vec<u8>, String> {
+    use storage_engine::nbd::client::NbdClient;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = NbdClient::connect(addr, "vol").await.map_err(|e| e.to_string())?;
+        let d = c.read(offset, len).await.map_err(|e| e.to_string())?;
+        let _ = c.disconnect().await;
+        Ok(d)
+    })
+}
