@@ -310,14 +310,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     })
     .await?;
     tl.say("DrainComplete received, overlay merged into node-b's data file");
-    wait_for(&b, "reverse replication in sync", Duration::from_secs(120), |s| {
-        s.pair_state == "Synced" && s.pending_blocks == 0
-    })
+    wait_for(
+        &b,
+        "reverse replication in sync",
+        Duration::from_secs(120),
+        |s| s.pair_state == "Synced" && s.pending_blocks == 0,
+    )
     .await?;
-    let same = files_equal(
-        &dir.join("node-a/data.img"),
-        &dir.join("node-b/data.img"),
-    )?;
+    let same = files_equal(&dir.join("node-a/data.img"), &dir.join("node-b/data.img"))?;
     tl.say(format!(
         "reverse replication done: node-a is node-b's secondary; data files identical: {same}"
     ));
@@ -345,10 +345,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         s.takeover_phase.is_empty() && s.pair_state == "Synced" && s.pending_blocks == 0
     })
     .await?;
-    let same = files_equal(
-        &dir.join("node-a/data.img"),
-        &dir.join("node-b/data.img"),
-    )?;
+    let same = files_equal(&dir.join("node-a/data.img"), &dir.join("node-b/data.img"))?;
     tl.say(format!(
         "back to normal: node-a primary, node-b secondary, data files identical: {same}"
     ));

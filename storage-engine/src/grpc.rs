@@ -230,7 +230,10 @@ impl Engine for EngineService {
         req: Request<pb::TakeoverRequest>,
     ) -> Result<Response<pb::TakeoverReply>, Status> {
         self.check_volume(&req.get_ref().volume)?;
-        self.volume.takeover(req.into_inner()).await.map(Response::new)
+        self.volume
+            .takeover(req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn failback(
@@ -239,7 +242,10 @@ impl Engine for EngineService {
     ) -> Result<Response<pb::TakeoverReply>, Status> {
         self.check_volume(&req.get_ref().volume)?;
         // Failback is a takeover in the other direction (see takeover::handoff).
-        self.volume.takeover(req.into_inner()).await.map(Response::new)
+        self.volume
+            .takeover(req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn inject_fault(

@@ -320,26 +320,26 @@ impl Volume {
             inconsistent,
             needs_full,
             consistent_target: None,
-            peer_pending: Bitmap::load(&cfg.state_dir.join(HB_FILE), cfg.size / u64::from(BLOCK_SIZE))
-                .ok()
-                .flatten(),
+            peer_pending: Bitmap::load(
+                &cfg.state_dir.join(HB_FILE),
+                cfg.size / u64::from(BLOCK_SIZE),
+            )
+            .ok()
+            .flatten(),
             peer_last_seq: read_hb_seq(&cfg.state_dir),
             peer_seen_us: 0,
             hb_dirty: false,
         };
         let blocks = cfg.size / u64::from(BLOCK_SIZE);
         let proxy = Proxy::new(
-            cfg.pair.as_ref().map(|p| p.peer.clone()).unwrap_or_default(),
+            cfg.pair
+                .as_ref()
+                .map(|p| p.peer.clone())
+                .unwrap_or_default(),
             cfg.pair.as_ref().and_then(|p| p.token.clone()),
             cfg.proxy_timeout,
         );
-        let areas = Areas::open(
-            &cfg.state_dir,
-            cfg.size,
-            blocks,
-            meta.takeover.phase,
-            proxy,
-        )?;
+        let areas = Areas::open(&cfg.state_dir, cfg.size, blocks, meta.takeover.phase, proxy)?;
         let mut running = meta.clone();
         running.clean_shutdown = false;
         running.store(&meta_path)?;
@@ -386,8 +386,7 @@ impl Volume {
         let mut next = m.clone();
         f(&mut next);
         next.store(&self.meta_path)?;
-        self.role_now
-            .store(role_code(next.role), Ordering::Release);
+        self.role_now.store(role_code(next.role), Ordering::Release);
         *m = next;
         Ok(())
     }

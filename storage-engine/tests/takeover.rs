@@ -27,7 +27,8 @@ fn overlay_file(e: &Engine) -> std::path::PathBuf {
 }
 
 fn n(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 #[test]
@@ -38,12 +39,19 @@ fn at06_handoff_before_ready_at21_no_service_before_ready() {
     let pending = n(&pair.status_p(), "pending_blocks");
     // AT-21: before the handoff, the secondary serves nothing (it never returns stale data).
     assert!(!block_reads(&pair.s.uri(), 10, 0xaa));
-    assert!(!qemu_io(&pair.s.uri(), &["read 0 4k"]).status.success()
-        || String::from_utf8_lossy(&qemu_io(&pair.s.uri(), &["read 0 4k"]).stderr).contains("failed"));
+    assert!(
+        !qemu_io(&pair.s.uri(), &["read 0 4k"]).status.success()
+            || String::from_utf8_lossy(&qemu_io(&pair.s.uri(), &["read 0 4k"]).stderr)
+                .contains("failed")
+    );
 
     let r = pair.takeover();
     assert_eq!(n(&r, "epoch"), 2);
-    assert_eq!(n(&r, "peer_pending_blocks"), pending, "the whole table was handed over");
+    assert_eq!(
+        n(&r, "peer_pending_blocks"),
+        pending,
+        "the whole table was handed over"
+    );
     let s = pair.status_s();
     assert_eq!(s["role"], "primary");
     assert_eq!(s["takeover_phase"], "draining");
@@ -105,7 +113,11 @@ fn at08_proxied_read_at09_local_read_at10_overlay_write_at12_mixed_extent() {
     // AT-08: a pending block comes from the old primary.
     assert!(block_reads(&pair.s.uri(), 10, 0xaa));
     assert_eq!(n(&pair.status_s(), "proxied_reads"), 1);
-    assert_eq!(n(&pair.status_p(), "bytes_read"), 0, "served from base_p, not via NBD");
+    assert_eq!(
+        n(&pair.status_p(), "bytes_read"),
+        0,
+        "served from base_p, not via NBD"
+    );
 
     // AT-10: a write goes to the overlay and is in this side's table before the ack.
     put_block(&pair.s.uri(), 30, 0x5a);
@@ -147,7 +159,9 @@ fn at11_overlay_beats_late_replica_at13_drain_complete_at14_merge_before_reverse
     put_block(&pair.s.uri(), 40, 0x54);
     // AT-11: the late replica of block 10 (0xaa) arrives now; the overlay still wins.
     pair.fault(&["--pause", "false"]);
-    wait_until(30, "drain and merge", || pair.status_s()["takeover_phase"] == "");
+    wait_until(30, "drain and merge", || {
+        pair.status_s()["takeover_phase"] == ""
+    });
     assert!(block_reads(&pair.s.uri(), 10, 0x5a));
     assert!(block_reads(&pair.s.uri(), 41, 0xa5), "drained block");
     // AT-13: DrainComplete ended the first processing; the handed-off table is all zero.
@@ -172,7 +186,10 @@ fn at11_overlay_beats_late_replica_at13_drain_complete_at14_merge_before_reverse
     assert!(pair.files_identical());
     let view = d.path().join("view.bin");
     run_ok("nbdcopy", &[&pair.s.uri(), view.to_str().unwrap()]);
-    assert_eq!(std::fs::read(&view).unwrap(), std::fs::read(pair.p.data()).unwrap());
+    assert_eq!(
+        std::fs::read(&view).unwrap(),
+        std::fs::read(pair.p.data()).unwrap()
+    );
     assert!(file_block_is(&pair.p.data(), 30, 0x77));
     let names = event_names(&pair.status_s());
     assert!(event_at(&names, "MergeComplete") < event_at(&names, "InSync"));
@@ -186,7 +203,9 @@ fn at17_write_racing_the_merge() {
     pair.fault_on(&pair.s, &["--pause-merge", "true"]);
     put_block(&pair.s.uri(), 40, 0x11);
     pair.fault(&["--pause", "false"]);
-    wait_until(30, "merging", || pair.status_s()["takeover_phase"] == "merging");
+    wait_until(30, "merging", || {
+        pair.status_s()["takeover_phase"] == "merging"
+    });
     // The merge is held with block 40 still in the overlay; the host writes it again.
     put_block(&pair.s.uri(), 40, 0x22);
     pair.fault_on(&pair.s, &["--pause-merge", "false"]);
@@ -206,7 +225,9 @@ fn at18_primary_unreachable_wait_blocks_force_promotes_and_reports_losses() {
     // A slow link whose acknowledgements are held: the six writes stay pending on P, and the
     // heartbeats still carry that pending set to S.
     pair.fault(&["--rate", "4096", "--hold-acks", "true"]);
-    let writes: Vec<String> = (10..16).map(|b| format!("write -P 238 {} 4k", b * 4096)).collect();
+    let writes: Vec<String> = (10..16)
+        .map(|b| format!("write -P 238 {} 4k", b * 4096))
+        .collect();
     let cmds: Vec<&str> = writes.iter().map(|s| s.as_str()).collect();
     qemu_io_ok(&pair.p.uri(), &cmds);
     wait_until(30, "heartbeat with the pending set", || {
@@ -219,16 +240,28 @@ fn at18_primary_unreachable_wait_blocks_force_promotes_and_reports_losses() {
     let err = pair
         .control("takeover", &pair.s, &["--timeout", "1"])
         .unwrap_err();
-    assert!(err.contains("HandoffBlocked") && err.contains("PeerUnreachable"), "{err}");
+    assert!(
+        err.contains("HandoffBlocked") && err.contains("PeerUnreachable"),
+        "{err}"
+    );
     let s = pair.status_s();
     assert_eq!(s["role"], "secondary");
-    assert!(s["condition"].as_str().unwrap().starts_with("HandoffBlocked"));
+    assert!(s["condition"]
+        .as_str()
+        .unwrap()
+        .starts_with("HandoffBlocked"));
     assert!(!block_reads(&pair.s.uri(), 3, 0x03));
 
     // ForcePromote: serves, and names what it lost.
-    let before: Vec<Vec<u8>> = (10..16).map(|b| file_bytes(&pair.s.data(), b * 4096, 4096)).collect();
+    let before: Vec<Vec<u8>> = (10..16)
+        .map(|b| file_bytes(&pair.s.data(), b * 4096, 4096))
+        .collect();
     let r = pair
-        .control("takeover", &pair.s, &["--policy", "force", "--timeout", "1"])
+        .control(
+            "takeover",
+            &pair.s,
+            &["--policy", "force", "--timeout", "1"],
+        )
         .unwrap();
     assert_eq!(n(&r, "lost_blocks"), shipped);
     assert!(n(&r, "lost_seq_to") >= n(&r, "lost_seq_from"));
@@ -247,7 +280,10 @@ fn at18_primary_unreachable_wait_blocks_force_promotes_and_reports_losses() {
     pair.p.restart();
     pair.wait_converged(&pair.s, &pair.p, 30);
     assert_eq!(pair.status_p()["role"], "secondary");
-    assert!(pair.files_identical(), "the two sides must not silently differ");
+    assert!(
+        pair.files_identical(),
+        "the two sides must not silently differ"
+    );
     assert!(event_names(&pair.status_p()).contains(&"SteppedDown".to_string()));
 }
 
@@ -275,7 +311,10 @@ fn at19_primary_lost_mid_drain_fails_fast_and_degrades() {
     assert!(block_reads(&pair.s.uri(), 60, 0x00));
     let s = pair.status_s();
     assert!(n(&s, "proxied_read_errors") >= 1);
-    assert!(s["condition"].as_str().unwrap().starts_with("Degraded"), "{s}");
+    assert!(
+        s["condition"].as_str().unwrap().starts_with("Degraded"),
+        "{s}"
+    );
     // The old primary comes back: the drain resumes and the data is all there.
     pair.p.restart();
     let role = pair.status_p()["role"].clone();
@@ -292,19 +331,26 @@ fn at20_fencing_cuts_the_old_host_and_refuses_its_writes() {
     let d = tempfile::tempdir().unwrap();
     let pair = pair_with_backlog(d.path(), &[(5, 0x55)], &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut old_host = rt
-        .block_on(NbdClient::connect(&pair.p.nbd, "vol"))
+    let mut old_host = rt.block_on(NbdClient::connect(&pair.p.nbd, "vol")).unwrap();
+    rt.block_on(old_host.write(6 * 4096, &[0x66; 4096]))
         .unwrap();
-    rt.block_on(old_host.write(6 * 4096, &[0x66; 4096])).unwrap();
     let pending = n(&pair.status_p(), "pending_blocks");
     pair.takeover();
     // The old host's session is closed; its next write fails and lands nowhere.
-    assert!(rt.block_on(old_host.write(7 * 4096, &[0x77; 4096])).is_err());
+    assert!(rt
+        .block_on(old_host.write(7 * 4096, &[0x77; 4096]))
+        .is_err());
     assert!(rt.block_on(NbdClient::connect(&pair.p.nbd, "vol")).is_err());
     assert_eq!(n(&pair.status_p(), "pending_blocks"), pending);
     assert!(!file_block_is(&pair.p.data(), 7, 0x77));
-    assert!(block_reads(&pair.s.uri(), 6, 0x66), "acknowledged before the fence");
-    assert!(block_reads(&pair.s.uri(), 7, 0x00), "refused after the fence");
+    assert!(
+        block_reads(&pair.s.uri(), 6, 0x66),
+        "acknowledged before the fence"
+    );
+    assert!(
+        block_reads(&pair.s.uri(), 7, 0x00),
+        "refused after the fence"
+    );
 }
 
 #[test]
@@ -394,7 +440,10 @@ fn at24_to_at28_failback_during_the_first_processing() {
             < s.iter().rposition(|e| e == "SecondaryAgain").unwrap()
     );
     let ready = p.iter().rposition(|e| e == "ServingReady").unwrap();
-    let first = p.iter().rposition(|e| e == "FirstProcessingComplete").unwrap();
+    let first = p
+        .iter()
+        .rposition(|e| e == "FirstProcessingComplete")
+        .unwrap();
     let merged = p.iter().rposition(|e| e == "MergeComplete").unwrap();
     let in_sync = p.iter().rposition(|e| e == "InSync").unwrap();
     assert!(ready < first && first < merged && merged < in_sync, "{p:?}");
@@ -420,7 +469,10 @@ fn at29_kills_during_the_drain_keep_table_overlay_and_phase() {
     let after = pair.status_s();
     assert_eq!(after["role"], "primary");
     assert_eq!(after["takeover_phase"], "draining");
-    assert_eq!(n(&after, "peer_pending_blocks"), n(&before, "peer_pending_blocks"));
+    assert_eq!(
+        n(&after, "peer_pending_blocks"),
+        n(&before, "peer_pending_blocks")
+    );
     assert_eq!(n(&after, "overlay_blocks"), 10);
     assert!(block_reads(&pair.s.uri(), 2005, 0x29));
     // SIGKILL the fenced old primary mid-drain; its link comes back unpaused.
@@ -446,7 +498,9 @@ fn at29_kills_during_merge_and_reverse_replication_resume() {
     put_block(&pair.s.uri(), 10, 0x10);
     put_block(&pair.s.uri(), 12, 0x12);
     pair.fault(&["--pause", "false"]);
-    wait_until(30, "merging", || pair.status_s()["takeover_phase"] == "merging");
+    wait_until(30, "merging", || {
+        pair.status_s()["takeover_phase"] == "merging"
+    });
     // SIGKILL in the merge: it resumes from the persisted overlay bitmap.
     std::thread::sleep(Duration::from_millis(700));
     pair.s.restart();
@@ -486,7 +540,10 @@ fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
         );
         // A repeated handoff at the same epoch returns the stored table again.
         let h = c
-            .fence_and_handoff(pb::FenceRequest { volume: "vol".into(), new_epoch: 2 })
+            .fence_and_handoff(pb::FenceRequest {
+                volume: "vol".into(),
+                new_epoch: 2,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -494,18 +551,29 @@ fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
         assert!(h.pending_blocks >= 1);
         // An older epoch is refused.
         let e = c
-            .fence_and_handoff(pb::FenceRequest { volume: "vol".into(), new_epoch: 1 })
+            .fence_and_handoff(pb::FenceRequest {
+                volume: "vol".into(),
+                new_epoch: 1,
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         // AT-30: a proxied read at a stale epoch is refused.
         let e = c
-            .read_blocks(pb::ReadBlocksRequest { volume: "vol".into(), epoch: 1, blocks: vec![10] })
+            .read_blocks(pb::ReadBlocksRequest {
+                volume: "vol".into(),
+                epoch: 1,
+                blocks: vec![10],
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         let ok = c
-            .read_blocks(pb::ReadBlocksRequest { volume: "vol".into(), epoch: 2, blocks: vec![10] })
+            .read_blocks(pb::ReadBlocksRequest {
+                volume: "vol".into(),
+                epoch: 2,
+                blocks: vec![10],
+            })
             .await
             .unwrap()
             .into_inner();

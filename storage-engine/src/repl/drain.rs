@@ -50,7 +50,10 @@ pub async fn session(
     }
     repl.stats.connected.store(true, Ordering::Relaxed);
     let total = repl.tracker.counts().pending_blocks;
-    info!(blocks = total, "draining the differential table to the new primary");
+    info!(
+        blocks = total,
+        "draining the differential table to the new primary"
+    );
     vol.areas.event(format!("DrainStart blocks={total}"));
     let (done_tx, mut done_rx) = watch::channel(false);
     let ack_repl = Arc::clone(repl);
@@ -95,9 +98,7 @@ async fn drain(
     let mut sent = Bitmap::new(t.blocks());
     let mut last_progress = (Instant::now(), t.counts().pending_blocks);
     let stats = &repl.stats;
-    stats
-        .resync_total
-        .store(last_progress.1, Ordering::Relaxed);
+    stats.resync_total.store(last_progress.1, Ordering::Relaxed);
     stats.resync_done.store(0, Ordering::Relaxed);
     loop {
         if vol.role() != Role::Fenced {
@@ -162,11 +163,8 @@ async fn drain(
         }
     }
     let final_seq = t.state().journal.last_seq();
-    link.send(
-        Body::DrainComplete(pb::DrainComplete { final_seq }),
-        64,
-    )
-    .await?;
+    link.send(Body::DrainComplete(pb::DrainComplete { final_seq }), 64)
+        .await?;
     tokio::select! {
         r = done_rx.wait_for(|d| *d) => { r.map_err(|_| SessionError::Closed)?; }
         r = &mut *ack_task => return Err(r.unwrap_or(SessionError::Closed)),

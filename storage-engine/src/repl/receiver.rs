@@ -249,7 +249,10 @@ impl Peer for PeerService {
         if r.volume != self.vol.name() {
             return Err(Status::not_found(format!("unknown volume {:?}", r.volume)));
         }
-        self.vol.fence_and_handoff(r.new_epoch).await.map(Response::new)
+        self.vol
+            .fence_and_handoff(r.new_epoch)
+            .await
+            .map(Response::new)
     }
 
     async fn read_blocks(

@@ -152,7 +152,11 @@ impl Volume {
                         .peer_pending
                         .clone()
                         .unwrap_or_else(|| Bitmap::new(blocks));
-                    (lost, rs.applied_seq + 1, rs.peer_last_seq.max(rs.applied_seq))
+                    (
+                        lost,
+                        rs.applied_seq + 1,
+                        rs.peer_last_seq.max(rs.applied_seq),
+                    )
                 };
                 let n = lost.count();
                 self.promote(new_epoch, Bitmap::new(blocks), Some((lost, from, to)))
@@ -181,7 +185,9 @@ impl Volume {
         let ready_ms = started.elapsed().as_millis() as u64;
         self.update_meta(|m| m.takeover.ready_ms = ready_ms)
             .map_err(internal)?;
-        self.areas.event(format!("ServingReady epoch={new_epoch} ready_ms={ready_ms}"));
+        self.areas.event(format!(
+            "ServingReady epoch={new_epoch} ready_ms={ready_ms}"
+        ));
         Ok(pb::TakeoverReply { ready_ms, ..reply })
     }
 
@@ -306,7 +312,8 @@ impl Volume {
         }
         self.store.sync()?;
         self.areas.clear_overlay_durably(&blocks)?;
-        self.areas.event(format!("OverlayFolded blocks={}", blocks.len()));
+        self.areas
+            .event(format!("OverlayFolded blocks={}", blocks.len()));
         Ok(())
     }
 
@@ -317,7 +324,8 @@ impl Volume {
             return Ok(());
         }
         self.to_secondary(self.epoch())?;
-        self.areas.event("SecondaryAgain (reverse replication can start)");
+        self.areas
+            .event("SecondaryAgain (reverse replication can start)");
         Ok(())
     }
 
@@ -476,7 +484,10 @@ impl Volume {
     }
 
     /// Peer.ReadBlocks on a fenced engine: its own newest content of whole blocks.
-    pub fn serve_read_blocks(&self, req: &pb::ReadBlocksRequest) -> Result<pb::ReadBlocksReply, Status> {
+    pub fn serve_read_blocks(
+        &self,
+        req: &pb::ReadBlocksRequest,
+    ) -> Result<pb::ReadBlocksReply, Status> {
         let (role, epoch) = (self.role(), self.epoch());
         if role != Role::Fenced || req.epoch != epoch {
             return Err(Status::failed_precondition(format!(
@@ -491,7 +502,9 @@ impl Volume {
         let mut data = Vec::with_capacity(req.blocks.len());
         for &b in &req.blocks {
             if b >= blocks {
-                return Err(Status::invalid_argument(format!("block {b} is out of range")));
+                return Err(Status::invalid_argument(format!(
+                    "block {b} is out of range"
+                )));
             }
             let mut buf = vec![0u8; BLOCK_SIZE as usize];
             self.read_own_block(b, &mut buf).map_err(internal)?;

@@ -19,10 +19,14 @@ const BS: u64 = BLOCK_SIZE as u64;
 /// Blocks per merge chunk (4 MiB): one fsync and one bitmap write each.
 const CHUNK: u64 = 1024;
 
-pub async fn run(vol: &std::sync::Arc<Volume>, stop: &mut watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn run(
+    vol: &std::sync::Arc<Volume>,
+    stop: &mut watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let blocks = vol.size() / BS;
     let total = vol.areas.state().overlay_present.count();
-    vol.areas.event(format!("MergeStart overlay_blocks={total}"));
+    vol.areas
+        .event(format!("MergeStart overlay_blocks={total}"));
     let mut chunk = 0;
     while chunk < blocks {
         while vol.areas.merge_paused.load(Ordering::Relaxed) {

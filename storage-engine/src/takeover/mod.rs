@@ -90,7 +90,10 @@ impl Areas {
         let (peer_pending, overlay_present) = if phase == Phase::Normal {
             (Bitmap::new(blocks), Bitmap::new(blocks))
         } else {
-            (load(&pp_path).map_err(io_err)?, load(&ov_path).map_err(io_err)?)
+            (
+                load(&pp_path).map_err(io_err)?,
+                load(&ov_path).map_err(io_err)?,
+            )
         };
         let pp_durably_empty = peer_pending.is_empty();
         Ok(Self {

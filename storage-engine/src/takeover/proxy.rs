@@ -82,7 +82,12 @@ impl Proxy {
     }
 
     /// Reads whole blocks from the peer at `epoch`; the results are in the order of `blocks`.
-    pub async fn read(&self, volume: &str, epoch: u64, blocks: &[u64]) -> Result<Vec<Bytes>, String> {
+    pub async fn read(
+        &self,
+        volume: &str,
+        epoch: u64,
+        blocks: &[u64],
+    ) -> Result<Vec<Bytes>, String> {
         let mut mine = Vec::new();
         let mut waits = Vec::new();
         {
@@ -143,7 +148,11 @@ impl Proxy {
         }
         blocks
             .iter()
-            .map(|b| got.get(b).cloned().ok_or_else(|| format!("block {b} missing")))
+            .map(|b| {
+                got.get(b)
+                    .cloned()
+                    .ok_or_else(|| format!("block {b} missing"))
+            })
             .collect()
     }
 

@@ -38,8 +38,7 @@ impl Volume {
 
     /// Whether a host write to block `b` must go to the overlay.
     fn to_overlay(&self, st: &super::TakeoverState, b: u64) -> bool {
-        st.overlay_present.get(b)
-            || (self.areas.phase() == Phase::Draining && !st.pp_durably_empty)
+        st.overlay_present.get(b) || (self.areas.phase() == Phase::Draining && !st.pp_durably_empty)
     }
 
     /// A host read while a takeover is in progress.

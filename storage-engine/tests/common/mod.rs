@@ -344,9 +344,22 @@ impl Pair {
     }
 
     /// `tandem-engine <op> --grpc <engine> ...`; Ok(JSON) on exit 0, Err(stderr) otherwise.
-    pub fn control(&self, op: &str, e: &Engine, extra: &[&str]) -> Result<serde_json::Value, String> {
+    pub fn control(
+        &self,
+        op: &str,
+        e: &Engine,
+        extra: &[&str],
+    ) -> Result<serde_json::Value, String> {
         let tok = self.tok();
-        let mut a = vec![op, "--grpc", &e.grpc, "--volume", "vol", "--token-file", &tok];
+        let mut a = vec![
+            op,
+            "--grpc",
+            &e.grpc,
+            "--volume",
+            "vol",
+            "--token-file",
+            &tok,
+        ];
         a.extend_from_slice(extra);
         let out = run(ENGINE, &a);
         if out.status.success() {
@@ -365,7 +378,15 @@ impl Pair {
     /// `tandem-engine fault` on either engine.
     pub fn fault_on(&self, e: &Engine, args: &[&str]) {
         let tok = self.tok();
-        let mut a = vec!["fault", "--grpc", &e.grpc, "--volume", "vol", "--token-file", &tok];
+        let mut a = vec![
+            "fault",
+            "--grpc",
+            &e.grpc,
+            "--volume",
+            "vol",
+            "--token-file",
+            &tok,
+        ];
         a.extend_from_slice(args);
         run_ok(ENGINE, &a);
     }
@@ -418,7 +439,9 @@ pub fn block_reads(uri: &str, block: u64, byte: u8) -> bool {
 
 /// Whether block `block` of a file is all `byte`.
 pub fn file_block_is(path: &Path, block: u64, byte: u8) -> bool {
-    file_bytes(path, block * 4096, 4096).iter().all(|b| *b == byte)
+    file_bytes(path, block * 4096, 4096)
+        .iter()
+        .all(|b| *b == byte)
 }
 
 /// The names of an engine's events, in order (the timestamp dropped).
@@ -448,7 +471,9 @@ pub fn nbd_read(addr: &str, offset: u64, len: u32) -> Result<Vec<u8>, String> {
     use storage_engine::nbd::client::NbdClient;
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut c = NbdClient::connect(addr, "vol").await.map_err(|e| e.to_string())?;
+        let mut c = NbdClient::connect(addr, "vol")
+            .await
+            .map_err(|e| e.to_string())?;
         let d = c.read(offset, len).await.map_err(|e| e.to_string())?;
         let _ = c.disconnect().await;
         Ok(d)
