@@ -93,6 +93,36 @@ pub fn render(v: &Volume) -> String {
         "Highest acknowledged (primary) or applied (secondary) seq.",
         s.applied_seq as f64,
     );
+    metric(
+        "peer_pending_blocks",
+        "gauge",
+        "After a takeover: blocks whose newest content is still on the old primary.",
+        s.peer_pending_blocks as f64,
+    );
+    metric(
+        "overlay_blocks",
+        "gauge",
+        "Blocks held in the takeover overlay.",
+        s.overlay_blocks as f64,
+    );
+    metric(
+        "proxied_reads_total",
+        "counter",
+        "Blocks read from the old primary by proxied reads.",
+        s.proxied_reads as f64,
+    );
+    metric(
+        "proxied_read_errors_total",
+        "counter",
+        "Blocks whose proxied read failed (deadline or peer error).",
+        s.proxied_read_errors as f64,
+    );
+    metric(
+        "lost_blocks",
+        "gauge",
+        "Blocks lost by a forced promotion.",
+        s.lost_blocks as f64,
+    );
     out
 }
 
