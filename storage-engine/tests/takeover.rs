@@ -582,3 +582,101 @@ fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
     });
     assert_eq!(pair.status_p()["role"], "fenced");
 }
+
+mod model {
+    //! Model test: random writes, flushes, reads, takeovers in either direction at any phase
+    //! (including before the previous one converged), paused links and SIGKILLs of either engine;
+    //! every read through the serving engine and both data files at the end equal the model.
+    use super::*;
+    use proptest::prelude::*;
+
+    const B: u64 = 4096;
+    const BLOCKS: u64 = 1024;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { block: u64, blocks: u64, byte: u8 },
+        Read { block: u64, blocks: u64 },
+        Flush,
+        Switch,
+        PauseLink(bool),
+        KillServing,
+        KillOther,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u64..BLOCKS, 1u64..32, 1u8..255)
+                .prop_map(|(block, blocks, byte)| Op::Write { block, blocks, byte }),
+            3 => (0u64..BLOCKS, 1u64..64).prop_map(|(block, blocks)| Op::Read { block, blocks }),
+            1 => Just(Op::Flush),
+            3 => Just(Op::Switch),
+            2 => any::<bool>().prop_map(Op::PauseLink),
+            1 => Just(Op::KillServing),
+            1 => Just(Op::KillOther),
+        ]
+    }
+
+    fn engine(pair: &Pair, i: usize) -> &Engine {
+        if i == 0 {
+            &pair.p
+        } else {
+            &pair.s
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 8, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn model_takeovers_failbacks_kills_and_paused_links(ops in proptest::collection::vec(op(), 6..16)) {
+            let d = tempfile::tempdir().unwrap();
+            let mut pair = Pair::start_linked(d.path(), "4M", &["--journal-size", "256K"], &[]);
+            pair.wait_synced(30);
+            let mut model = vec![0u8; (BLOCKS * B) as usize];
+            let mut serving = 0usize;
+            for o in ops {
+                let uri = engine(&pair, serving).uri();
+                match o {
+                    Op::Write { block, blocks, byte } => {
+                        let blocks = blocks.min(BLOCKS - block);
+                        qemu_io_ok(&uri, &[&format!("write -P {byte} {} {}", block * B, blocks * B)]);
+                        model[(block * B) as usize..((block + blocks) * B) as usize].fill(byte);
+                    }
+                    Op::Read { block, blocks } => {
+                        let blocks = blocks.min(BLOCKS - block);
+                        let got = nbd_read(&engine(&pair, serving).nbd, block * B, (blocks * B) as u32).unwrap();
+                        prop_assert!(
+                            got[..] == model[(block * B) as usize..((block + blocks) * B) as usize],
+                            "read of blocks {}..{} differs from the model", block, block + blocks
+                        );
+                    }
+                    Op::Flush => { qemu_io_ok(&uri, &["flush"]); }
+                    Op::Switch => {
+                        let other = 1 - serving;
+                        let r = pair.control("takeover", engine(&pair, other), &[]);
+                        prop_assert!(r.is_ok(), "takeover failed: {:?}", r);
+                        serving = other;
+                    }
+                    Op::PauseLink(p) => {
+                        // The link out of the engine that is not serving: the drain of a fenced one.
+                        pair.fault_on(engine(&pair, 1 - serving), &["--pause", if p { "true" } else { "false" }]);
+                    }
+                    Op::KillServing => {
+                        if serving == 0 { pair.p.restart() } else { pair.s.restart() }
+                    }
+                    Op::KillOther => {
+                        if serving == 0 { pair.s.restart() } else { pair.p.restart() }
+                    }
+                }
+            }
+            pair.fault_on(engine(&pair, 0), &["--pause", "false"]);
+            pair.fault_on(engine(&pair, 1), &["--pause", "false"]);
+            let (a, b) = if serving == 0 { (&pair.p, &pair.s) } else { (&pair.s, &pair.p) };
+            pair.wait_converged(a, b, 20);
+            let view = nbd_read(&a.nbd, 0, (BLOCKS * B) as u32).unwrap();
+            prop_assert!(view == model, "the serving engine's view differs from the model");
+            prop_assert!(std::fs::read(pair.p.data()).unwrap() == model, "first engine's data file differs");
+            prop_assert!(std::fs::read(pair.s.data()).unwrap() == model, "second engine's data file differs");
+        }
+    }
+}

@@ -135,6 +135,15 @@ async fn drain(
                     None => break,
                 },
             };
+            let newer_there = {
+                let st = vol.areas.state();
+                st.peer_pending.get(b) && !st.overlay_present.get(b)
+            };
+            if newer_there {
+                // The peer holds a newer version than ours: nothing of ours to send.
+                t.forget(&[b]);
+                continue;
+            }
             let image = t.read_image(b, |buf| vol.read_own_block(b, buf))?;
             let Some((gen, data)) = image else { continue };
             sent.set(b);

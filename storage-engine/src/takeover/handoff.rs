@@ -64,6 +64,20 @@ impl Volume {
                 .event(format!("Fenced epoch={new_epoch} (host sessions closed)"));
             repl.wake.notify_one();
         }
+        // Blocks this engine still waits for from the peer (and did not overwrite since) are newer
+        // there than here: our pending bit for them is stale, never hand it back (a failback or a
+        // takeover before the previous drain finished).
+        let stale: Vec<u64> = {
+            let st = self.areas.state();
+            let s = repl.tracker.state();
+            s.pending
+                .iter_ones()
+                .filter(|&b| st.peer_pending.get(b) && !st.overlay_present.get(b))
+                .collect()
+        };
+        if !stale.is_empty() {
+            repl.tracker.forget(&stale);
+        }
         let s = repl.tracker.state();
         Ok(pb::HandoffReply {
             epoch: new_epoch,
