@@ -629,6 +629,39 @@ mod model {
         #![proptest_config(ProptestConfig { cases: 8, failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
         fn model_takeovers_failbacks_kills_and_paused_links(ops in proptest::collection::vec(op(), 6..16)) {
+            run(ops)?;
+        }
+    }
+
+    /// Found by the model test: a takeover by an engine whose own drain finished at the same
+    /// moment (it turned secondary under the promotion and nobody served).
+    #[test]
+    fn model_regression_back_to_back_switches() {
+        let w = |block, blocks, byte| Op::Write {
+            block,
+            blocks,
+            byte,
+        };
+        let r = |block, blocks| Op::Read { block, blocks };
+        let ops = vec![
+            r(83, 56),
+            Op::Switch,
+            r(992, 52),
+            r(704, 44),
+            w(693, 28, 197),
+            w(868, 26, 179),
+            Op::Switch,
+            w(46, 23, 42),
+            Op::Switch,
+            Op::Switch,
+        ];
+        for _ in 0..3 {
+            run(ops.clone()).unwrap();
+        }
+    }
+
+    fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        {
             let d = tempfile::tempdir().unwrap();
             let mut pair = Pair::start_linked(d.path(), "4M", &["--journal-size", "256K"], &[]);
             pair.wait_synced(30);
@@ -637,20 +670,33 @@ mod model {
             for o in ops {
                 let uri = engine(&pair, serving).uri();
                 match o {
-                    Op::Write { block, blocks, byte } => {
+                    Op::Write {
+                        block,
+                        blocks,
+                        byte,
+                    } => {
                         let blocks = blocks.min(BLOCKS - block);
-                        qemu_io_ok(&uri, &[&format!("write -P {byte} {} {}", block * B, blocks * B)]);
+                        qemu_io_ok(
+                            &uri,
+                            &[&format!("write -P {byte} {} {}", block * B, blocks * B)],
+                        );
                         model[(block * B) as usize..((block + blocks) * B) as usize].fill(byte);
                     }
                     Op::Read { block, blocks } => {
                         let blocks = blocks.min(BLOCKS - block);
-                        let got = nbd_read(&engine(&pair, serving).nbd, block * B, (blocks * B) as u32).unwrap();
+                        let got =
+                            nbd_read(&engine(&pair, serving).nbd, block * B, (blocks * B) as u32)
+                                .unwrap();
                         prop_assert!(
                             got[..] == model[(block * B) as usize..((block + blocks) * B) as usize],
-                            "read of blocks {}..{} differs from the model", block, block + blocks
+                            "read of blocks {}..{} differs from the model",
+                            block,
+                            block + blocks
                         );
                     }
-                    Op::Flush => { qemu_io_ok(&uri, &["flush"]); }
+                    Op::Flush => {
+                        qemu_io_ok(&uri, &["flush"]);
+                    }
                     Op::Switch => {
                         let other = 1 - serving;
                         let r = pair.control("takeover", engine(&pair, other), &[]);
@@ -659,24 +705,49 @@ mod model {
                     }
                     Op::PauseLink(p) => {
                         // The link out of the engine that is not serving: the drain of a fenced one.
-                        pair.fault_on(engine(&pair, 1 - serving), &["--pause", if p { "true" } else { "false" }]);
+                        pair.fault_on(
+                            engine(&pair, 1 - serving),
+                            &["--pause", if p { "true" } else { "false" }],
+                        );
                     }
                     Op::KillServing => {
-                        if serving == 0 { pair.p.restart() } else { pair.s.restart() }
+                        if serving == 0 {
+                            pair.p.restart()
+                        } else {
+                            pair.s.restart()
+                        }
                     }
                     Op::KillOther => {
-                        if serving == 0 { pair.s.restart() } else { pair.p.restart() }
+                        if serving == 0 {
+                            pair.s.restart()
+                        } else {
+                            pair.p.restart()
+                        }
                     }
                 }
             }
             pair.fault_on(engine(&pair, 0), &["--pause", "false"]);
             pair.fault_on(engine(&pair, 1), &["--pause", "false"]);
-            let (a, b) = if serving == 0 { (&pair.p, &pair.s) } else { (&pair.s, &pair.p) };
+            let (a, b) = if serving == 0 {
+                (&pair.p, &pair.s)
+            } else {
+                (&pair.s, &pair.p)
+            };
             pair.wait_converged(a, b, 20);
             let view = nbd_read(&a.nbd, 0, (BLOCKS * B) as u32).unwrap();
-            prop_assert!(view == model, "the serving engine's view differs from the model");
-            prop_assert!(std::fs::read(pair.p.data()).unwrap() == model, "first engine's data file differs");
-            prop_assert!(std::fs::read(pair.s.data()).unwrap() == model, "second engine's data file differs");
+            prop_assert!(
+                view == model,
+                "the serving engine's view differs from the model"
+            );
+            prop_assert!(
+                std::fs::read(pair.p.data()).unwrap() == model,
+                "first engine's data file differs"
+            );
+            prop_assert!(
+                std::fs::read(pair.s.data()).unwrap() == model,
+                "second engine's data file differs"
+            );
         }
+        Ok(())
     }
 }

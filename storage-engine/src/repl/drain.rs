@@ -80,11 +80,12 @@ pub async fn session(
             }
         }
     });
+    let fenced_epoch = vol.epoch();
     let mut link = Link::new(vol, repl, tx, stop, drop_epoch);
     let result = drain(&mut link, &mut ack_task, &mut done_rx).await;
     ack_task.abort();
     result?;
-    vol.become_secondary().await?;
+    vol.become_secondary(fenced_epoch).await?;
     Ok(())
 }
 

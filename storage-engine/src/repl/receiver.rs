@@ -86,6 +86,9 @@ async fn apply_loop(
         // Small batches are a few page-cache writes: applying them here saves a thread hand-off on
         // the path a sync-mode write waits on. Large ones go to the blocking pool.
         let bytes: usize = batch.iter().map(prost::Message::encoded_len).sum();
+        // Held while the batch applies: a fence or role change waits for it, and the role the
+        // batch is checked against cannot change under it.
+        let gate = vol.gate.read().await;
         let result = if bytes <= INLINE_APPLY_BYTES {
             vol.apply_batch(batch)
         } else {
@@ -94,6 +97,7 @@ async fn apply_loop(
                 .await
                 .unwrap_or_else(|e| Err(Status::internal(e.to_string())))
         };
+        drop(gate);
         match result {
             Ok(applied) => {
                 if applied.drain_complete {

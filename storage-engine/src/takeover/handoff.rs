@@ -148,7 +148,7 @@ impl Volume {
                     Status::data_loss("the peer's differential table has the wrong size")
                 })?;
                 let pending = table.count();
-                self.promote(new_epoch, table, None).map_err(internal)?;
+                self.promote_checked(role, new_epoch, table, None).await?;
                 self.areas.event(format!(
                     "HandoffStored blocks={pending} peer_last_seq={}",
                     h.last_seq
@@ -173,8 +173,8 @@ impl Volume {
                     )
                 };
                 let n = lost.count();
-                self.promote(new_epoch, Bitmap::new(blocks), Some((lost, from, to)))
-                    .map_err(internal)?;
+                self.promote_checked(role, new_epoch, Bitmap::new(blocks), Some((lost, from, to)))
+                    .await?;
                 self.areas.event(format!(
                     "ForcePromoted lost_blocks={n} lost_seq={from}..{to} ({why})"
                 ));
@@ -250,6 +250,29 @@ impl Volume {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Promotes under the gate, unless a concurrent role change (a fence by the peer, a drain that
+    /// finished) got there first: then the takeover is refused and nothing changes.
+    async fn promote_checked(
+        &self,
+        role_at_start: Role,
+        new_epoch: u64,
+        table: Bitmap,
+        lost: Option<(Bitmap, u64, u64)>,
+    ) -> Result<(), Status> {
+        let _gate = self.gate.write().await;
+        // A fenced engine whose own drain finished meanwhile is a secondary at the same epoch: still
+        // fine to promote. Only a newer epoch (someone else's takeover) supersedes this one.
+        let benign = role_at_start == Role::Fenced && self.role() == Role::Secondary;
+        if (self.role() != role_at_start && !benign) || self.epoch() >= new_epoch {
+            return Err(Status::aborted(format!(
+                "superseded: this engine became {} at epoch {} while taking over",
+                self.role(),
+                self.epoch()
+            )));
+        }
+        self.promote(new_epoch, table, lost).map_err(internal)
     }
 
     /// Becomes primary at `new_epoch`: the handed-off table is stored durably first, then the role.
@@ -332,9 +355,10 @@ impl Volume {
     }
 
     /// The drain is done and acknowledged: this (fenced) engine becomes the new primary's secondary.
-    pub async fn become_secondary(&self) -> std::io::Result<()> {
+    pub async fn become_secondary(&self, fenced_epoch: u64) -> std::io::Result<()> {
         let _gate = self.gate.write().await;
-        if self.role() != Role::Fenced {
+        if self.role() != Role::Fenced || self.epoch() != fenced_epoch {
+            // A takeover by this engine (or a newer fence) came first.
             return Ok(());
         }
         self.to_secondary(self.epoch())?;
