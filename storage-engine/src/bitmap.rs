@@ -182,7 +182,11 @@ impl Bitmap {
 
     /// Writes the bitmap durably and atomically (temp file, fsync, rename, fsync dir).
     pub fn store(&self, path: &Path) -> io::Result<()> {
-        let tmp = path.with_extension("tmp");
+        // A temp name of its own: two threads may store the same bitmap at once (checkpoint and
+        // flush), and must not rename each other's half-written file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{n}"));
         let mut f = File::create(&tmp)?;
         f.write_all(&self.encode())?;
         f.sync_all()?;

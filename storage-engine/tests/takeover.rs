@@ -658,6 +658,18 @@ mod model {
         for _ in 0..3 {
             run(ops.clone()).unwrap();
         }
+        let ops = vec![
+            Op::KillOther,
+            w(304, 28, 250),
+            r(330, 45),
+            Op::Switch,
+            w(128, 27, 124),
+            w(586, 20, 231),
+            w(761, 5, 36),
+        ];
+        for _ in 0..5 {
+            run(ops.clone()).unwrap();
+        }
     }
 
     fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -676,9 +688,18 @@ mod model {
                         byte,
                     } => {
                         let blocks = blocks.min(BLOCKS - block);
-                        qemu_io_ok(
+                        let out = qemu_io(
                             &uri,
                             &[&format!("write -P {byte} {} {}", block * B, blocks * B)],
+                        );
+                        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                            + &String::from_utf8_lossy(&out.stderr);
+                        prop_assert!(
+                            out.status.success() && !text.contains("failed"),
+                            "write failed: {}\nfirst engine:\n{}\nsecond engine:\n{}",
+                            text,
+                            pair.p.log(),
+                            pair.s.log()
                         );
                         model[(block * B) as usize..((block + blocks) * B) as usize].fill(byte);
                     }

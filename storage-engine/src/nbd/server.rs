@@ -388,7 +388,15 @@ async fn execute(v: &Volume, req: &Request, payload: Option<Vec<u8>>) -> (u32, O
     match res {
         Ok(()) => (0, None),
         Err(e) => {
-            debug!(error = %e, kind = req.kind, "nbd request failed");
+            match e {
+                // A refused role is the client's business; anything else is worth a line.
+                crate::volume::HostError::NotServing(_) => {
+                    debug!(error = %e, kind = req.kind, "nbd request refused")
+                }
+                _ => {
+                    warn!(error = %e, kind = req.kind, offset = req.offset, len = req.length, "nbd request failed")
+                }
+            }
             (e.errno(), None)
         }
     }
