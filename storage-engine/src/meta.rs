@@ -97,8 +97,6 @@ pub struct TakeoverMeta {
     pub lost_seq_from: u64,
     #[serde(default)]
     pub lost_seq_to: u64,
-    #[serde(default)]
-    pub ready_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

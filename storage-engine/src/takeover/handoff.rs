@@ -103,7 +103,7 @@ impl Volume {
                 let m = self.meta().takeover.clone();
                 return Ok(pb::TakeoverReply {
                     epoch,
-                    ready_ms: m.ready_ms,
+                    ready_ms: self.areas.ready_ms.load(Ordering::Relaxed),
                     peer_pending_blocks: self.areas.state().peer_pending.count(),
                     lost_blocks: m.lost_blocks,
                     lost_seq_from: m.lost_seq_from,
@@ -196,9 +196,9 @@ impl Volume {
                 return Err(Status::unavailable(msg));
             }
         };
+        // Kept in memory for repeats and status; not worth an fsync on the reply's path.
         let ready_ms = started.elapsed().as_millis() as u64;
-        self.update_meta(|m| m.takeover.ready_ms = ready_ms)
-            .map_err(internal)?;
+        self.areas.ready_ms.store(ready_ms, Ordering::Relaxed);
         self.areas.event(format!(
             "ServingReady epoch={new_epoch} ready_ms={ready_ms}"
         ));

@@ -59,6 +59,8 @@ pub struct Areas {
     pub proxy: proxy::Proxy,
     /// Why the volume is unhealthy right now ("" when it is not).
     pub condition: Mutex<String>,
+    /// Time the last takeover took to become ready (this process's lifetime).
+    pub ready_ms: std::sync::atomic::AtomicU64,
 }
 
 fn phase_code(p: Phase) -> u8 {
@@ -113,6 +115,7 @@ impl Areas {
             merge_paused: AtomicBool::new(false),
             proxy,
             condition: Mutex::new(String::new()),
+            ready_ms: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
