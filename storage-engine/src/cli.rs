@@ -54,12 +54,8 @@ pub enum PolicyArg {
 #[derive(Debug, Args)]
 pub struct TakeoverArgs {
     /// The gRPC address of the engine that is to serve, HOST:PORT.
-    #[arg(long)]
-    pub grpc: String,
-    #[arg(long)]
-    pub volume: String,
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: EngineTarget,
     #[arg(long, value_enum, default_value_t = PolicyArg::Wait)]
     pub policy: PolicyArg,
     /// Seconds to keep trying the peer (wait) or before giving up on it (force).
@@ -165,14 +161,23 @@ pub struct ServeArgs {
     pub implicit_takeover: bool,
 }
 
+/// Which engine and volume a client command talks to.
 #[derive(Debug, Args)]
-pub struct FaultArgs {
+pub struct EngineTarget {
+    /// The engine's gRPC address, HOST:PORT.
     #[arg(long)]
     pub grpc: String,
     #[arg(long)]
     pub volume: String,
+    /// File holding the volume token.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct FaultArgs {
+    #[command(flatten)]
+    pub target: EngineTarget,
     /// Stop (true) or resume (false) sending replication messages.
     #[arg(long)]
     pub pause: Option<bool>,
@@ -193,12 +198,8 @@ pub struct FaultArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The engine's gRPC address, HOST:PORT.
-    #[arg(long)]
-    pub grpc: String,
-    #[arg(long)]
-    pub volume: String,
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub target: EngineTarget,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

@@ -193,11 +193,16 @@ async fn checkpoint_loop(volume: Arc<Volume>, mut stop: watch::Receiver<bool>) {
 
 /// `tandem-engine fault`.
 pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
-    let token = args.token_file.as_deref().map(read_token).transpose()?;
-    let mut c = EngineClient::connect(&args.grpc, token.as_deref()).await?;
+    let token = args
+        .target
+        .token_file
+        .as_deref()
+        .map(read_token)
+        .transpose()?;
+    let mut c = EngineClient::connect(&args.target.grpc, token.as_deref()).await?;
     let r = c
         .inject_fault(pb::FaultRequest {
-            volume: args.volume,
+            volume: args.target.volume,
             pause: args.pause,
             hold_acks: args.hold_acks,
             drop_link: args.drop_link,
@@ -214,17 +219,22 @@ pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
 
 /// `tandem-engine takeover` / `failback`: exits 0 once the engine serves, printing the reply as JSON.
 pub async fn takeover(args: TakeoverArgs, failback: bool) -> anyhow::Result<()> {
-    let token = args.token_file.as_deref().map(read_token).transpose()?;
-    let mut c = EngineClient::connect(&args.grpc, token.as_deref()).await?;
+    let token = args
+        .target
+        .token_file
+        .as_deref()
+        .map(read_token)
+        .transpose()?;
+    let mut c = EngineClient::connect(&args.target.grpc, token.as_deref()).await?;
     let policy = match args.policy {
         PolicyArg::Wait => pb::TakeoverPolicy::Wait,
         PolicyArg::Force => pb::TakeoverPolicy::Force,
     };
     let timeout = std::time::Duration::from_secs(args.timeout);
     let r = if failback {
-        c.failback(&args.volume, policy, timeout).await?
+        c.failback(&args.target.volume, policy, timeout).await?
     } else {
-        c.takeover(&args.volume, policy, timeout).await?
+        c.takeover(&args.target.volume, policy, timeout).await?
     };
     println!("{}", takeover_json(&r));
     Ok(())
@@ -266,9 +276,14 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// `tandem-engine status`.
 pub async fn print_status(args: StatusArgs) -> anyhow::Result<()> {
-    let token = args.token_file.as_deref().map(read_token).transpose()?;
-    let mut c = EngineClient::connect(&args.grpc, token.as_deref()).await?;
-    let s = c.status(&args.volume).await?;
+    let token = args
+        .target
+        .token_file
+        .as_deref()
+        .map(read_token)
+        .transpose()?;
+    let mut c = EngineClient::connect(&args.target.grpc, token.as_deref()).await?;
+    let s = c.status(&args.target.volume).await?;
     let json = status_json(&s);
     if args.json {
         println!("{json}");

@@ -20,7 +20,7 @@ use crate::{
     client::{channel, TokenInterceptor},
     meta::Role,
     pb::{self, replication_message::Body},
-    volume::{Volume, BLOCK_SIZE},
+    volume::Volume,
 };
 
 /// Resend what is still unacknowledged after this long without progress.
@@ -145,24 +145,10 @@ async fn drain(
                 t.forget(&[b]);
                 continue;
             }
-            let image = t.read_image(b, |buf| vol.read_own_block(b, buf))?;
-            let Some((gen, data)) = image else { continue };
-            sent.set(b);
-            progressed = true;
-            let crc = crc32c::crc32c(&data);
-            link.send(
-                Body::Block(pb::BlockImage {
-                    block: b,
-                    generation: gen,
-                    data: data.into(),
-                    crc32c: crc,
-                }),
-                u64::from(BLOCK_SIZE),
-            )
-            .await?;
-            stats
-                .bytes_resynced
-                .fetch_add(u64::from(BLOCK_SIZE), Ordering::Relaxed);
+            if link.send_image(b).await? {
+                sent.set(b);
+                progressed = true;
+            }
         }
         if !progressed {
             tokio::select! {

@@ -187,6 +187,35 @@ impl<'a> Link<'a> {
             .map_err(|_| SessionError::Closed)
     }
 
+    /// Sends block `b`'s current content and generation, if it is still pending; returns whether
+    /// it was sent. Content and generation are read together under the block's lock.
+    pub async fn send_image(&mut self, b: u64) -> Result<bool, SessionError> {
+        let vol = self.vol;
+        let image = self
+            .repl
+            .tracker
+            .read_image(b, |buf| vol.read_own_block(b, buf))?;
+        let Some((gen, data)) = image else {
+            return Ok(false);
+        };
+        let crc = crc32c::crc32c(&data);
+        self.send(
+            Body::Block(pb::BlockImage {
+                block: b,
+                generation: gen,
+                data: data.into(),
+                crc32c: crc,
+            }),
+            u64::from(BLOCK_SIZE),
+        )
+        .await?;
+        self.repl
+            .stats
+            .bytes_resynced
+            .fetch_add(u64::from(BLOCK_SIZE), Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// Sends every pending block's current content, then the marker that ends the resync.
     async fn resync(&mut self, full: bool) -> Result<u64, SessionError> {
         let t = &self.repl.tracker;
@@ -205,26 +234,7 @@ impl<'a> Link<'a> {
             full, "resync from the differential table"
         );
         for b in todo.iter_ones() {
-            let vol = self.vol;
-            let Some((gen, data)) =
-                t.read_image(b, |buf| vol.read_local(buf, b * u64::from(BLOCK_SIZE)))?
-            else {
-                continue;
-            };
-            let crc = crc32c::crc32c(&data);
-            self.send(
-                Body::Block(pb::BlockImage {
-                    block: b,
-                    generation: gen,
-                    data: data.into(),
-                    crc32c: crc,
-                }),
-                u64::from(BLOCK_SIZE),
-            )
-            .await?;
-            stats
-                .bytes_resynced
-                .fetch_add(u64::from(BLOCK_SIZE), Ordering::Relaxed);
+            self.send_image(b).await?;
         }
         let consistent_seq = t.state().journal.last_seq();
         self.send(
