@@ -3,10 +3,16 @@
 #  1. 4k randwrite IOPS (QD1, QD16) of an unpaired engine, an async pair and a sync pair (fio's nbd engine);
 #  2. resync after a secondary outage: bytes moved against bytes dirtied, and resync throughput.
 #   bench/replication.sh [SIZE_MIB=512] [RUNTIME_S=5]
+# PIN=1 (default) models two one-core nodes on this machine: fio and every primary (and the unpaired
+# engine) run on CPU 0, every secondary on CPU 1, so the secondary's work does not steal the primary's
+# core. PIN=0 lets everything share all cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-512}
 RUNTIME=${2:-5}
+PIN=${PIN:-1}
+NODE_A=(); NODE_B=()
+if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
 scripts/install-deps.sh >/dev/null
 cargo build --release -q -p storage-engine
 E=$PWD/target/release/tandem-engine
@@ -19,12 +25,14 @@ js() { "$E" status --grpc "$1" --volume b "${TOK[@]}" --json | python3 -c "impor
 wait_synced() { until [ "$(js "$1" pair_state)" = Synced ]; do sleep 0.1; done; }
 serve() { # name nbdport grpcport [extra...]
   local n=$1 np=$2 gp=$3; shift 3
-  "$E" serve --volume b --data "$W/$n.img" --size "${SIZE_MIB}M" --state-dir "$W/$n" \
+  local node=("${NODE_A[@]}")
+  case " $* " in *" secondary "*) node=("${NODE_B[@]}");; esac
+  "${node[@]}" "$E" serve --volume b --data "$W/$n.img" --size "${SIZE_MIB}M" --state-dir "$W/$n" \
     --nbd-listen 127.0.0.1:$np --grpc-listen 127.0.0.1:$gp "${TOK[@]}" "$@" 2>>"$W/$n.log" &
   PID=$!
 }
 fio_iops() { # uri iodepth
-  fio --name=b --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth="$2" --size="${SIZE_MIB}M" \
+  "${NODE_A[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth="$2" --size="${SIZE_MIB}M" \
       --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 --output-format=json 2>/dev/null |
     python3 -c 'import json,sys
 t=sys.stdin.read(); print("%.0f" % json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"])'

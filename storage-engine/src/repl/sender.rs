@@ -472,5 +472,14 @@ async fn stream(
             .stats
             .bytes_replicated
             .fetch_add(bytes, Ordering::Relaxed);
+        if link.repl.mode == super::Mode::Async && rate == 0 && cost < batch_bytes / 2 {
+            // Async: linger a moment so the next message carries many records, not one; each
+            // message costs a frame, a syscall and an acknowledgement on both sides. Sync writes
+            // wait for the peer and must not wait for this.
+            tokio::time::sleep(LINGER).await;
+        }
     }
 }
+
+/// How long an async sender waits to fill a batch after sending a small one.
+const LINGER: Duration = Duration::from_millis(1);
