@@ -148,6 +148,36 @@ fn at08_proxied_read_at09_local_read_at10_overlay_write_at12_mixed_extent() {
     assert_eq!(n(&pair.status_s(), "proxied_reads"), before);
 }
 
+/// Concurrent reads of one pending block share one proxied read (failover.md A19).
+#[test]
+fn concurrent_reads_of_a_pending_block_are_coalesced() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = pair_with_backlog(d.path(), &[(10, 0xaa)], &[]);
+    pair.takeover();
+    let addr = pair.s.nbd.clone();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (addr, barrier) = (addr.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                use storage_engine::nbd::client::NbdClient;
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                rt.block_on(async {
+                    let mut c = NbdClient::connect(&addr, "vol").await.unwrap();
+                    barrier.wait();
+                    c.read(10 * 4096, 4096).await.unwrap()
+                })
+            })
+        })
+        .collect();
+    for r in readers {
+        assert!(r.join().unwrap().iter().all(|b| *b == 0xaa));
+    }
+    // One fetch from the old primary, whatever the interleaving: joined in flight, or local after
+    // the first one's read-repair.
+    assert_eq!(n(&pair.status_s(), "proxied_reads"), 1);
+}
+
 #[test]
 fn at11_overlay_beats_late_replica_at13_drain_complete_at14_merge_before_reverse_at15_at16() {
     let d = tempfile::tempdir().unwrap();
