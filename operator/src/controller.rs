@@ -260,6 +260,11 @@ impl MirroredVolume {
             ));
         }
         let decision = failover::decide(&status, &observed, peer_timeout);
+        if decision.takeover.is_none() {
+            if let Some(why) = failover::abandon_takeover(&mut status, &observed, peer_timeout) {
+                notes.push(note("TakeoverAbandoned", why));
+            }
+        }
         let mut requeue = decision.recheck;
         if let Some(stuck) = &decision.stuck {
             if !matches!(old_status.phase, Phase::Failed | Phase::Degraded) {
@@ -279,13 +284,29 @@ impl MirroredVolume {
                 .await;
             if ok {
                 // The engine answered ready: it serves as primary now, whatever it said before the call.
+                // Ask it again so this pass reports what it does now (draining, merging or reversing);
+                // if it does not answer, record what the takeover reply told.
+                let target = EngineTarget {
+                    address: plan::engine_address(self, intent.to, &ctx.config),
+                    volume: name.clone(),
+                    token: token.clone(),
+                };
                 let epoch = status.epoch;
-                let engine =
-                    observed.engines[intent.to.index()].get_or_insert_with(Default::default);
-                engine.role = Some(EngineRole::Primary);
-                engine.epoch = epoch;
-                engine.peer_pending_blocks =
-                    status.takeover.as_ref().map_or(0, |t| t.pending_blocks);
+                observed.engines[intent.to.index()] = match ctx.engines.status(&target).await {
+                    Ok(now) if now.role == Some(EngineRole::Primary) && now.epoch >= epoch => {
+                        Some(now)
+                    }
+                    _ => {
+                        let mut engine = observed.engines[intent.to.index()]
+                            .take()
+                            .unwrap_or_default();
+                        engine.role = Some(EngineRole::Primary);
+                        engine.epoch = epoch;
+                        engine.peer_pending_blocks =
+                            status.takeover.as_ref().map_or(0, |t| t.pending_blocks);
+                        Some(engine)
+                    }
+                };
             } else {
                 requeue = Some(Duration::from_secs(5));
             }
@@ -536,10 +557,21 @@ impl MirroredVolume {
                 failover::record_takeover_failure(status, observed, intent, &e.to_string());
                 ctx.metrics.failover(&ns, &name, intent.reason, false);
                 warn!(volume = %name, error = %e, "takeover failed; will retry");
-                notes.push(warning(
-                    "TakeoverFailed",
-                    format!("{e}; retrying (policy {:?})", policy),
-                ));
+                let text = if e.is_handoff_blocked() {
+                    format!(
+                        "{e}; the secondary on {to} stays secondary and the takeover is retried while the \
+                         old primary on {from} is unreachable (policy {policy:?}; set \
+                         spec.failover.policy to ForcePromote to promote and lose its unsent writes)"
+                    )
+                } else {
+                    format!("{e}; retrying (policy {policy:?})")
+                };
+                let reason = if e.is_handoff_blocked() {
+                    crate::engine::HANDOFF_BLOCKED
+                } else {
+                    "TakeoverFailed"
+                };
+                notes.push(warning(reason, text));
                 false
             }
         }

@@ -257,7 +257,11 @@ async fn primary_pod_loss_triggers_takeover_and_epoch_bump() {
     assert_eq!(status["takeover"]["readyMs"], 12);
     assert_eq!(status["takeover"]["pendingBlocks"], 40);
     assert_eq!(condition(status, "Ready")["status"], "True");
-    assert_eq!(status["phase"], "Degraded");
+    // The new primary drains the 40 blocks the old one owes: the takeover is still in progress, and the pair
+    // is degraded (the old primary is gone).
+    assert_eq!(status["phase"], "TakingOver");
+    assert_eq!(condition(status, "TakeoverInProgress")["status"], "True");
+    assert_eq!(condition(status, "Degraded")["status"], "True");
     let reasons = seen.reasons();
     assert!(
         reasons.contains(&"TakeoverStarted") && reasons.contains(&"TakeoverCompleted"),
@@ -371,7 +375,7 @@ async fn lost_secondary_node_keeps_workloads_until_fenced() {
     mv.spec.claim = None;
     let engines = FakeEngines::default().with_state(
         &address(Slot::A),
-        engine_state(EngineRole::Primary, 1, "Degraded"),
+        engine_state(EngineRole::Primary, 1, "Connecting"),
     );
     let pods = vec![
         engine_pod_json(Slot::A, "primary", "Running", true, ago(300)),
@@ -424,7 +428,7 @@ async fn returning_engine_rejoins_as_secondary_and_resyncs() {
     }
     let engines = FakeEngines::default().with_state(
         &address(Slot::B),
-        engine_state(EngineRole::Primary, 2, "Degraded"),
+        engine_state(EngineRole::Primary, 2, "Reversing"),
     );
     let pods = vec![engine_pod_json(
         Slot::B,
@@ -597,4 +601,145 @@ async fn invalid_size_is_reported_without_touching_children() {
     assert_eq!(status["phase"], "Failed");
     assert_eq!(condition(status, "Ready")["reason"], "InvalidSpec");
     assert_eq!(seen.reasons(), vec!["InvalidSpec"]);
+}
+
+#[tokio::test]
+async fn blocked_handoff_promotes_nothing_until_the_policy_forces_it() {
+    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    // The old primary's engine is dead: its pod has been unready for two minutes. Under WaitForPrimary the
+    // secondary answers HandoffBlocked and stays secondary.
+    let engines = FakeEngines::default()
+        .with_state(
+            &address(Slot::B),
+            engine_state(EngineRole::Secondary, 1, "Consistent"),
+        )
+        .with_blocked_handoff(&address(Slot::B))
+        .with_takeover(
+            &address(Slot::B),
+            TakeoverOutcome {
+                epoch: 2,
+                lost_blocks: 6,
+                lost_seq_from: 41,
+                lost_seq_to: 46,
+                ..Default::default()
+            },
+        );
+    let pods = || {
+        vec![
+            engine_pod_json(Slot::A, "primary", "Running", false, ago(120)),
+            engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+        ]
+    };
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, true, pods(), true, Some(pv_json(None)));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv.clone(), engines.clone(), script).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(5)));
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "TakingOver");
+    assert_eq!(status["epoch"], 1, "nothing was promoted");
+    assert_eq!(status["primary"]["slot"], "a");
+    let t = condition(status, "TakeoverInProgress");
+    assert_eq!(
+        (&t["status"], &t["reason"]),
+        (&json!("True"), &json!("HandoffBlocked"))
+    );
+    assert!(
+        t["message"].as_str().unwrap().contains("PeerUnreachable"),
+        "{t}"
+    );
+    assert_eq!(condition(status, "Degraded")["status"], "True");
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert!(
+        seen.reasons().contains(&"HandoffBlocked"),
+        "{:?}",
+        seen.reasons()
+    );
+
+    // The user opts into ForcePromote: the next pass promotes and names what was lost.
+    let mut forced = mv.clone();
+    forced.spec.failover.policy = FailoverPolicy::ForcePromote;
+    forced.status = Some(serde_json::from_value(status.clone()).unwrap());
+    let answer = status_answer(&forced);
+    let mut script = observe_calls(true, true, pods(), true, Some(pv_json(None)));
+    // The stale old primary is restarted (gracefully) so it comes back as secondary.
+    script.push(Call::delete(&paths::pod(Slot::A)).check_reply(|body| {
+        assert_ne!(body["gracePeriodSeconds"], 0);
+        deleted()
+    }));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(forced, engines.clone(), script).await;
+    result.unwrap();
+    assert_eq!(
+        engines.calls(),
+        vec![
+            (address(Slot::B), FailoverPolicy::WaitForPrimary),
+            (address(Slot::B), FailoverPolicy::ForcePromote)
+        ]
+    );
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["epoch"], 2);
+    assert_eq!(status["primary"]["slot"], "b");
+    assert_eq!(status["takeover"]["lostBlocks"], 6);
+    assert_eq!(status["takeover"]["attempts"], 2);
+    assert!(status["takeover"]["lastError"].is_null());
+    // Nothing to drain after a forced promotion: the pair is degraded until the old primary returns.
+    assert_eq!(status["phase"], "Degraded");
+    assert_eq!(condition(status, "TakeoverInProgress")["reason"], "Idle");
+    assert_eq!(condition(status, "Ready")["status"], "True");
+    assert!(seen.reasons().contains(&"RestartAsSecondary"));
+}
+
+#[tokio::test]
+async fn a_blocked_takeover_is_abandoned_when_the_primary_serves_again() {
+    let mut mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    if let Some(s) = mv.status.as_mut() {
+        s.takeover = Some(crate::crd::TakeoverStatus {
+            reason: "PrimaryUnready".into(),
+            from_node: "n1".into(),
+            to_node: "n2".into(),
+            started_at: Some(ago(60).to_string()),
+            attempts: 3,
+            last_error: Some("HandoffBlocked: PeerUnreachable: peer a: refused".into()),
+            ..Default::default()
+        });
+        s.phase = Phase::TakingOver;
+    }
+    // The old primary's container restarted and serves at its epoch again.
+    let engines = FakeEngines::default()
+        .with_state(
+            &address(Slot::A),
+            engine_state(EngineRole::Primary, 1, "Synced"),
+        )
+        .with_state(
+            &address(Slot::B),
+            engine_state(EngineRole::Secondary, 1, "Consistent"),
+        );
+    let pods = vec![
+        engine_pod_json(Slot::A, "primary", "Running", true, ago(5)),
+        engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+    ];
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv, engines.clone(), script).await;
+    result.unwrap();
+    assert!(engines.calls().is_empty());
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "Synced");
+    assert_eq!(status["epoch"], 1);
+    assert_eq!(condition(status, "TakeoverInProgress")["status"], "False");
+    assert!(status["takeover"]["completedAt"].is_string());
+    assert!(status["takeover"]["lastError"]
+        .as_str()
+        .unwrap()
+        .contains("abandoned after 3 attempt(s)"));
+    assert!(
+        seen.reasons().contains(&"TakeoverAbandoned"),
+        "{:?}",
+        seen.reasons()
+    );
 }

@@ -34,11 +34,22 @@ pub struct EngineState {
     pub pending_bytes: u64,
     pub lag_seconds: f64,
     pub resync_progress: f64,
-    /// Takeover progress, on a new primary.
+    /// Takeover progress: `draining` / `merging` on the new primary while the old one drains and the
+    /// overlay merges, `fenced` on the old primary while it drains, empty otherwise.
     pub takeover_phase: String,
     pub peer_pending_blocks: u64,
     pub proxied_reads: u64,
+    /// Blocks a forced promotion of this engine lost (0 after a clean handoff).
+    pub lost_blocks: u64,
+    /// Why the engine is not healthy right now (`HandoffBlocked: ...`, `Degraded: ...`), empty when it is.
+    pub condition: String,
 }
+
+/// Prefix of the engine's answer (and `condition`) when a `WaitForPrimary` takeover cannot reach the old
+/// primary: the secondary was not promoted.
+pub const HANDOFF_BLOCKED: &str = "HandoffBlocked";
+/// Prefix of the engine's `condition` when it serves but something is wrong (a proxied read failed).
+pub const ENGINE_DEGRADED: &str = "Degraded";
 
 /// Result of a successful takeover call.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -58,13 +69,24 @@ pub enum EngineError {
     /// Could not connect or the call timed out: the engine may be down.
     #[error("engine at {address} unreachable: {message}")]
     Unreachable { address: String, message: String },
-    /// The engine answered with an error (wrong state, stale epoch, peer unreachable under WaitForPrimary...).
+    /// The engine answered with an error (wrong state, stale epoch, never synced...).
     #[error("engine at {address} refused {op}: {message}")]
     Refused {
         address: String,
         op: &'static str,
         message: String,
     },
+    /// The secondary answered that it cannot reach the old primary and, under `WaitForPrimary`, was not
+    /// promoted. `message` is the engine's own (`HandoffBlocked: PeerUnreachable: ...`).
+    #[error("{message} (engine at {address})")]
+    HandoffBlocked { address: String, message: String },
+}
+
+impl EngineError {
+    /// The takeover was refused because the old primary is unreachable under `WaitForPrimary`.
+    pub fn is_handoff_blocked(&self) -> bool {
+        matches!(self, EngineError::HandoffBlocked { .. })
+    }
 }
 
 /// The engine calls the operator makes.
@@ -100,6 +122,17 @@ impl Default for GrpcEngines {
 
 fn map_client_error(address: &str, op: &'static str, err: ClientError) -> EngineError {
     match err {
+        // The engine's own verdict travels as UNAVAILABLE (kubelet and the CSI plugin retry on it), but it
+        // is an answer from a healthy secondary, not a transport failure.
+        ClientError::Rpc { status, .. }
+            if status.code() == tonic::Code::Unavailable
+                && status.message().starts_with(HANDOFF_BLOCKED) =>
+        {
+            EngineError::HandoffBlocked {
+                address: address.to_string(),
+                message: status.message().to_string(),
+            }
+        }
         ClientError::Rpc { status, .. }
             if !matches!(
                 status.code(),
@@ -162,6 +195,8 @@ impl EngineApi for GrpcEngines {
                 takeover_phase: reply.takeover_phase,
                 peer_pending_blocks: reply.peer_pending_blocks,
                 proxied_reads: reply.proxied_reads,
+                lost_blocks: reply.lost_blocks,
+                condition: reply.condition,
             })
         })
     }
@@ -239,6 +274,26 @@ mod tests {
             );
             assert!(matches!(e, EngineError::Unreachable { .. }), "{e}");
         }
+        // The secondary's verdict under WaitForPrimary, in the engine's words: not a transport failure.
+        let blocked = map_client_error(
+            "e:9500",
+            "Takeover",
+            ClientError::Rpc {
+                op: "Takeover",
+                status: tonic::Status::unavailable(
+                    "HandoffBlocked: PeerUnreachable: peer 10.0.0.1:9500: connection refused; not promoted \
+                     (policy wait; use policy force to promote and lose the peer's unsent writes)",
+                ),
+            },
+        );
+        assert!(blocked.is_handoff_blocked(), "{blocked}");
+        assert!(
+            blocked
+                .to_string()
+                .starts_with("HandoffBlocked: PeerUnreachable: peer 10.0.0.1:9500"),
+            "{blocked}"
+        );
+        assert!(!refused.is_handoff_blocked());
         let e = map_client_error(
             "bad addr",
             "Status",
@@ -300,6 +355,8 @@ pub mod fake {
         pub takeovers: Arc<Mutex<BTreeMap<String, TakeoverOutcome>>>,
         /// Every takeover call made: (address, policy).
         pub takeover_calls: Arc<Mutex<Vec<(String, FailoverPolicy)>>>,
+        /// Addresses whose takeover answers `HandoffBlocked` (old primary unreachable under WAIT).
+        pub blocked: Arc<Mutex<Vec<String>>>,
     }
 
     impl FakeEngines {
@@ -315,6 +372,10 @@ pub mod fake {
                 .lock()
                 .unwrap()
                 .insert(address.to_string(), outcome);
+            self
+        }
+        pub fn with_blocked_handoff(self, address: &str) -> Self {
+            self.blocked.lock().unwrap().push(address.to_string());
             self
         }
         pub fn calls(&self) -> Vec<(String, FailoverPolicy)> {
@@ -346,12 +407,40 @@ pub mod fake {
                 .lock()
                 .unwrap()
                 .push((target.address.clone(), policy));
+            let blocked = self.blocked.lock().unwrap().contains(&target.address)
+                && policy == FailoverPolicy::WaitForPrimary;
             let found = self.takeovers.lock().unwrap().get(&target.address).cloned();
+            if let (Some(outcome), false) = (&found, blocked) {
+                // Like the engine: it serves at the new epoch, draining what the old primary still owes
+                // (a clean handoff with a backlog) or reversing at once (nothing owed, or forced).
+                let mut states = self.states.lock().unwrap();
+                let state = states.entry(target.address.clone()).or_default();
+                state.role = Some(EngineRole::Primary);
+                state.epoch = outcome.epoch;
+                state.peer_pending_blocks = outcome.peer_pending_blocks;
+                state.lost_blocks = outcome.lost_blocks;
+                state.takeover_phase = if outcome.peer_pending_blocks > 0 {
+                    "draining".into()
+                } else {
+                    String::new()
+                };
+                state.pair_state = "Reversing".into();
+                state.peer_connected = false;
+                state.condition = String::new();
+            }
             Box::pin(async move {
+                if blocked {
+                    return Err(EngineError::HandoffBlocked {
+                        address: target.address.clone(),
+                        message: format!(
+                            "{HANDOFF_BLOCKED}: PeerUnreachable: fake; not promoted (policy wait)"
+                        ),
+                    });
+                }
                 found.ok_or_else(|| EngineError::Refused {
                     address: target.address.clone(),
                     op: "Takeover",
-                    message: "fake: peer unreachable".into(),
+                    message: "fake: stale epoch".into(),
                 })
             })
         }

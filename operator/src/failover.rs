@@ -4,8 +4,10 @@
 //! - **Primary lost** (its node is gone/NotReady, its pod is gone or failed, or it stayed unready longer than
 //!   `peerTimeout`) while the secondary is healthy: call `Takeover` on the secondary with the spec's policy.
 //!   The engine bumps the epoch; the status follows the engine's answer.
+//!   A `HandoffBlocked` answer (old primary unreachable under `WaitForPrimary`) promotes nothing: it is shown
+//!   as TakingOver/HandoffBlocked and retried; the attempt ends when the old primary serves again.
 //! - **Engines know best**: if an engine reports `Primary` at a higher epoch than the status (the CSI plugin
-//!   triggered a takeover), the status adopts it.
+//!   triggered a takeover), the status adopts it and records the takeover.
 //! - **Returning engine**: the slot that is not primary is (re)created with `--role secondary` once its pod is
 //!   gone; an old primary that is still alive is left alone (it drains its backlog and serves proxied reads,
 //!   then turns secondary by reverse replication).
@@ -22,7 +24,7 @@ use crate::{
         human_bytes, Condition, EngineRole, EngineStatusRef, LostNode, MirroredVolumeSpec,
         MirroredVolumeStatus, Phase, ReplicationStatus, Slot, TakeoverStatus,
     },
-    engine::TakeoverOutcome,
+    engine::{TakeoverOutcome, ENGINE_DEGRADED, HANDOFF_BLOCKED},
     observed::{Observed, WorkloadPod},
 };
 
@@ -119,7 +121,64 @@ pub fn adopt_engine_view(status: &mut MirroredVolumeStatus, observed: &Observed)
     }
     // First sight of a primary is not a move; a change of slot is.
     set_primary(status, observed, slot);
-    before.map(|_| slot)
+    let before = before?;
+    // Someone else (the CSI plugin staging on the secondary's node) took over: record it like the operator's
+    // own takeover, with what the new primary reports, so progress and losses show and an attempt of ours
+    // that was still retrying is over.
+    if let Some(e) = observed.engine(slot) {
+        let attempts = status
+            .takeover
+            .as_ref()
+            .filter(|t| t.completed_at.is_none())
+            .map_or(0, |t| t.attempts);
+        status.takeover = Some(TakeoverStatus {
+            reason: "PrimaryMoved".to_string(),
+            from_node: observed.node(before).name.clone(),
+            to_node: observed.node(slot).name.clone(),
+            started_at: None,
+            completed_at: Some(observed.now.to_string()),
+            ready_ms: 0,
+            pending_blocks: e.peer_pending_blocks,
+            proxied_reads: e.proxied_reads,
+            lost_blocks: e.lost_blocks,
+            lost_seq_from: 0,
+            lost_seq_to: 0,
+            attempts,
+            last_error: None,
+        });
+    }
+    Some(slot)
+}
+
+/// Ends a takeover attempt of ours that could not finish (e.g. `HandoffBlocked`) once the primary serves
+/// again: nothing was promoted and the old primary kept its role, so the volume is no longer taking over.
+/// Returns the ended attempt's error for an event.
+pub fn abandon_takeover(
+    status: &mut MirroredVolumeStatus,
+    observed: &Observed,
+    peer_timeout: Duration,
+) -> Option<String> {
+    let primary = primary_slot(status);
+    let serving = slot_health(observed, primary, peer_timeout) == Health::Healthy
+        && observed
+            .engine(primary)
+            .is_some_and(|e| e.role == Some(EngineRole::Primary) && e.epoch >= status.epoch);
+    let t = status
+        .takeover
+        .as_mut()
+        .filter(|t| t.completed_at.is_none())?;
+    if !serving {
+        return None;
+    }
+    let why = format!(
+        "abandoned after {} attempt(s): the primary on {} serves again (last error: {})",
+        t.attempts,
+        observed.node(primary).name,
+        t.last_error.as_deref().unwrap_or("none")
+    );
+    t.completed_at = Some(observed.now.to_string());
+    t.last_error = Some(why.clone());
+    Some(why)
 }
 
 /// Records `slot` as the primary and the other slot as the secondary.
@@ -511,6 +570,8 @@ pub fn summarize(
         && s_engine.is_some()
         && p_engine.is_some_and(|e| e.peer_connected && is_synced(&e.pair_state, e.pending_blocks));
     let one_lost = matches!(p_health, Health::Lost(_)) || matches!(s_health, Health::Lost(_));
+    // An established pair whose secondary is not there or does not answer runs on one copy.
+    let copy_missing = established(status) && (s_health == Health::Absent || s_engine.is_none());
 
     let phase = if invalid.is_some() {
         Phase::Failed
@@ -520,9 +581,7 @@ pub fn summarize(
         Phase::Creating
     } else if matches!(p_health, Health::Lost(_)) && matches!(s_health, Health::Lost(_)) {
         Phase::Failed
-    } else if one_lost
-        || (established(status) && (s_health == Health::Absent || s_engine.is_none()))
-    {
+    } else if one_lost || copy_missing {
         Phase::Degraded
     } else if reversing {
         Phase::Reversing
@@ -607,27 +666,35 @@ pub fn summarize(
         gen,
         &now,
     );
-    let degraded = matches!(phase, Phase::Degraded | Phase::Failed);
-    let d_msg = if degraded {
-        format!(
+    // Degraded says whether the volume runs with less than two good copies, whatever the phase: a takeover
+    // from a lost primary is degraded too, and so is a primary whose proxied reads fail.
+    let engine_degraded = p_engine
+        .map(|e| e.condition.as_str())
+        .filter(|c| c.starts_with(ENGINE_DEGRADED));
+    let engine_lost = matches!(phase, Phase::Degraded | Phase::Failed) || one_lost || copy_missing;
+    let (degraded, d_reason, d_msg) = if engine_lost {
+        let mut msg = format!(
             "primary on {}: {:?}; secondary on {}: {:?}",
             observed.node(primary).name,
             p_health,
             observed.node(secondary).name,
             s_health
-        )
+        );
+        if let Some(c) = engine_degraded {
+            msg.push_str("; engine: ");
+            msg.push_str(c);
+        }
+        (true, "EngineLost", msg)
+    } else if let Some(c) = engine_degraded {
+        (true, "EngineDegraded", c.to_string())
     } else {
-        "both engines are up".to_string()
+        (false, "PairHealthy", "both engines are up".to_string())
     };
     set_condition(
         &mut status.conditions,
         "Degraded",
         degraded,
-        if degraded {
-            "EngineLost"
-        } else {
-            "PairHealthy"
-        },
+        d_reason,
         &d_msg,
         gen,
         &now,
@@ -640,28 +707,46 @@ pub fn summarize(
                 "attempt {} from {} to {}: {err}",
                 t.attempts, t.from_node, t.to_node
             ),
+            (Some(_), Some(err)) => format!("{} -> {}: {err}", t.from_node, t.to_node),
             _ => format!(
                 "{} -> {}: {} blocks pending from the old primary",
                 t.from_node, t.to_node, t.pending_blocks
             ),
         })
         .unwrap_or_else(|| "no takeover".to_string());
+    let t_reason = if takeover_blocked(status) {
+        HANDOFF_BLOCKED
+    } else if takeover_running {
+        "TakingOver"
+    } else {
+        "Idle"
+    };
     set_condition(
         &mut status.conditions,
         "TakeoverInProgress",
         takeover_running,
-        if takeover_running {
-            "TakingOver"
-        } else {
-            "Idle"
-        },
+        t_reason,
         &t_msg,
         gen,
         &now,
     );
 }
 
-/// The engine's takeover phase string means "still draining / proxying".
+/// The last takeover attempt was refused by the secondary because the old primary cannot be reached under
+/// `WaitForPrimary`: nothing was promoted, and the attempt is retried until the primary answers (or the
+/// policy becomes `ForcePromote`).
+pub fn takeover_blocked(status: &MirroredVolumeStatus) -> bool {
+    status.takeover.as_ref().is_some_and(|t| {
+        t.completed_at.is_none()
+            && t.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(HANDOFF_BLOCKED))
+    })
+}
+
+/// The engine's takeover phase string means "still draining / proxying": the engine reports `draining` and
+/// `merging` on the new primary and `fenced` on the old one, and an empty string once the takeover is over.
+/// Anything else unknown counts as in progress, so a new engine phase never reads as done.
 fn in_progress(phase: &str) -> bool {
     let p = phase.to_ascii_lowercase();
     !(p.is_empty()
@@ -902,7 +987,7 @@ mod tests {
         let mut o = healthy();
         o.engines = [
             Some(engine_state(EngineRole::Fenced, 2, "")),
-            Some(engine_state(EngineRole::Primary, 2, "Draining")),
+            Some(engine_state(EngineRole::Primary, 2, "Reversing")),
         ];
         assert_eq!(adopt_engine_view(&mut status, &o), Some(Slot::B));
         assert_eq!(primary_slot(&status), Slot::B);
@@ -1124,12 +1209,34 @@ mod tests {
         o.engines[0] = Some(engine_state(EngineRole::Primary, 1, "Reversing"));
         assert_eq!(summarized(&mut status, &o), Phase::Reversing);
 
+        // The engine's takeover phases: draining and merging on the new primary, fenced on the old one.
+        for phase in ["draining", "merging", "fenced"] {
+            o.engines[0] = Some(EngineState {
+                takeover_phase: phase.into(),
+                ..engine_state(EngineRole::Primary, 1, "Replicating")
+            });
+            assert_eq!(summarized(&mut status, &o), Phase::TakingOver, "{phase}");
+            assert_eq!(cond(&status, "TakeoverInProgress").status, "True");
+            assert_eq!(cond(&status, "TakeoverInProgress").reason, "TakingOver");
+            assert_eq!(cond(&status, "Degraded").status, "False", "both engines up");
+        }
+        o.engines[0] = Some(engine_state(EngineRole::Primary, 1, "Reversing"));
+        assert_eq!(summarized(&mut status, &o), Phase::Reversing);
+        assert_eq!(cond(&status, "TakeoverInProgress").reason, "Idle");
+
+        // A proxied read failed on the primary: the engine says so, and so does the Degraded condition.
         o.engines[0] = Some(EngineState {
-            takeover_phase: "Draining".into(),
-            ..engine_state(EngineRole::Primary, 1, "Synced")
+            takeover_phase: "draining".into(),
+            condition: "Degraded: proxied read from the old primary failed: deadline".into(),
+            ..engine_state(EngineRole::Primary, 1, "Connecting")
         });
         assert_eq!(summarized(&mut status, &o), Phase::TakingOver);
-        assert_eq!(cond(&status, "TakeoverInProgress").status, "True");
+        let d = cond(&status, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "EngineDegraded")
+        );
+        assert!(d.message.contains("proxied read"), "{}", d.message);
 
         let mut o = healthy();
         o.nodes[1].ready = false;
@@ -1146,6 +1253,118 @@ mod tests {
         o.engines[0] = None;
         assert_eq!(summarized(&mut status, &o), Phase::Failed);
         assert_eq!(cond(&status, "Ready").reason, "PrimaryUnavailable");
+    }
+
+    #[test]
+    fn a_blocked_handoff_is_reported_and_a_lost_primary_is_degraded_while_taking_over() {
+        let mut status = established(Slot::A, 1);
+        let mut o = healthy();
+        // The primary's engine died: its pod is unready past the peer timeout, its engine does not answer.
+        o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 60));
+        o.engines[0] = None;
+        o.engines[1] = Some(EngineState {
+            condition: "HandoffBlocked: PeerUnreachable: peer a:9500: refused; not promoted".into(),
+            ..engine_state(EngineRole::Secondary, 1, "Consistent")
+        });
+        let intent = decide(&status, &o, T).takeover.unwrap();
+        let error = crate::engine::EngineError::HandoffBlocked {
+            address: "b:9500".into(),
+            message: "HandoffBlocked: PeerUnreachable: peer a:9500: refused; not promoted".into(),
+        };
+        record_takeover_failure(&mut status, &o, &intent, &error.to_string());
+        assert!(takeover_blocked(&status));
+        assert_eq!(summarized(&mut status, &o), Phase::TakingOver);
+        let t = cond(&status, "TakeoverInProgress");
+        assert_eq!(
+            (t.status.as_str(), t.reason.as_str()),
+            ("True", "HandoffBlocked")
+        );
+        assert!(t.message.contains("PeerUnreachable"), "{}", t.message);
+        assert_eq!(cond(&status, "Degraded").status, "True");
+        assert_eq!(cond(&status, "Degraded").reason, "EngineLost");
+        assert_eq!(cond(&status, "Ready").status, "False");
+        assert_eq!(status.epoch, 1);
+        assert_eq!(primary_slot(&status), Slot::A);
+
+        // Another kind of refusal is a plain retry.
+        record_takeover_failure(
+            &mut status,
+            &o,
+            &intent,
+            "engine at b:9500 refused Takeover: stale",
+        );
+        assert!(!takeover_blocked(&status));
+        summarized(&mut status, &o);
+        assert_eq!(cond(&status, "TakeoverInProgress").reason, "TakingOver");
+        assert_eq!(status.takeover.as_ref().unwrap().attempts, 2);
+    }
+
+    #[test]
+    fn an_unfinished_takeover_ends_when_the_primary_serves_again() {
+        let mut status = established(Slot::A, 1);
+        let mut o = healthy();
+        o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 60));
+        o.engines[0] = None;
+        let intent = decide(&status, &o, T).takeover.unwrap();
+        record_takeover_failure(
+            &mut status,
+            &o,
+            &intent,
+            "HandoffBlocked: PeerUnreachable: x",
+        );
+        // Still down: the attempt stays open.
+        assert_eq!(abandon_takeover(&mut status, &o, T), None);
+        assert_eq!(summarized(&mut status, &o), Phase::TakingOver);
+        // The old primary's container came back and serves at the same epoch: nothing to take over.
+        let o = healthy();
+        assert_eq!(decide(&status, &o, T).takeover, None);
+        let why = abandon_takeover(&mut status, &o, T).unwrap();
+        assert!(
+            why.contains("serves again") && why.contains("HandoffBlocked"),
+            "{why}"
+        );
+        assert!(!takeover_blocked(&status));
+        assert_eq!(summarized(&mut status, &o), Phase::Synced);
+        let t = cond(&status, "TakeoverInProgress");
+        assert_eq!((t.status.as_str(), t.reason.as_str()), ("False", "Idle"));
+        assert!(t.message.contains("abandoned"), "{}", t.message);
+        assert_eq!((status.epoch, primary_slot(&status)), (1, Slot::A));
+        // Done once.
+        assert_eq!(abandon_takeover(&mut status, &o, T), None);
+        // A fresh loss starts a fresh attempt count.
+        record_takeover_failure(&mut status, &o, &intent, "HandoffBlocked: again");
+        assert_eq!(status.takeover.as_ref().unwrap().attempts, 1);
+    }
+
+    #[test]
+    fn a_takeover_by_the_csi_plugin_is_recorded_and_ends_our_attempt() {
+        let mut status = established(Slot::A, 1);
+        let mut o = healthy();
+        o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 60));
+        o.engines[0] = None;
+        let intent = decide(&status, &o, T).takeover.unwrap();
+        record_takeover_failure(
+            &mut status,
+            &o,
+            &intent,
+            "HandoffBlocked: PeerUnreachable: x",
+        );
+        // NodeStage on n2 forced the promotion meanwhile.
+        o.engines[1] = Some(EngineState {
+            lost_blocks: 4,
+            ..engine_state(EngineRole::Primary, 2, "Reversing")
+        });
+        assert_eq!(adopt_engine_view(&mut status, &o), Some(Slot::B));
+        let t = status.takeover.clone().unwrap();
+        assert_eq!(
+            (t.reason.as_str(), t.from_node.as_str(), t.to_node.as_str()),
+            ("PrimaryMoved", "n1", "n2")
+        );
+        assert_eq!((t.lost_blocks, t.attempts), (4, 1));
+        assert!(t.completed_at.is_some() && t.last_error.is_none());
+        assert_eq!(status.epoch, 2);
+        assert_eq!(summarized(&mut status, &o), Phase::Degraded);
+        assert_eq!(cond(&status, "TakeoverInProgress").status, "False");
     }
 
     #[test]

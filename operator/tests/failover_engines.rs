@@ -1,0 +1,1190 @@
+//! Failover orchestration end to end, without a cluster: two real `tandem-engine` processes, the operator's
+//! own reconcile (observe → decide → `Takeover` over its real gRPC client → status), and a fake API server
+//! playing the Kubernetes side from a small world (nodes, engine pods, the token Secret, the PV) that each
+//! test changes the way a cluster would: a node goes NotReady, a pod turns unready, the kubelet starts the
+//! pod the operator recreated (here: restarts the engine process on its state dir).
+//!
+//! The one seam: engine Service names (`data-engine-a.default.svc.cluster.local:9500`) are routed to the
+//! engines' loopback ports, as cluster DNS would route them.
+//!
+//! The engine binary is built with the cargo that runs this test (a no-op when it is up to date), like the
+//! e2e suite does; `TANDEM_ENGINE_BIN` names a prebuilt one instead. qemu-io writes the data.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use k8s_openapi::{
+    api::core::v1::Secret,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    jiff::{SignedDuration, Timestamp},
+    ByteString,
+};
+use kube::{client::Body, runtime::controller::Action, Client};
+use operator::{
+    controller::Context,
+    crd::{FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
+    engine::{EngineApi, EngineError, EngineState, EngineTarget, GrpcEngines, TakeoverOutcome},
+    metrics::Metrics,
+    plan::{self, EngineConfig},
+};
+use serde_json::{json, Value};
+use storage_engine::{
+    client::{EngineClient, StatusReply},
+    nbd::client::NbdClient,
+    pb,
+};
+use tokio::task::JoinHandle;
+
+const NS: &str = "default";
+/// The MirroredVolume's name, which is also the engines' volume (export) name.
+const VOLUME: &str = "data";
+const SIZE: u64 = 16 << 20;
+const BLOCK: u64 = 4096;
+const TOKEN: &str = "0123456789abcdef-volume-token";
+/// `spec.failover.peerTimeout`: how long a pod may stay unready, and how long Takeover waits for the peer.
+const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+// ---------------------------------------------------------------------------------------------------------
+// The engine binary and processes.
+
+/// `tandem-engine`, built (or found up to date) with the cargo and profile that built this test.
+fn engine_binary() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(build_engine)
+        .clone()
+        .unwrap_or_else(|e| panic!("no tandem-engine binary for the failover tests: {e}"))
+}
+
+fn build_engine() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("TANDEM_ENGINE_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("TANDEM_ENGINE_BIN={} is not a file", p.display()))
+        };
+    }
+    // target/<profile>/deps/<test-exe>
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("the test executable is not inside a cargo target dir")?
+        .to_path_buf();
+    let target_dir = profile_dir.parent().ok_or("no target dir")?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no workspace root")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
+        .args(["build", "-p", "storage-engine", "--bin", "tandem-engine"])
+        .env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run cargo build: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`cargo build -p storage-engine --bin tandem-engine` failed (or set TANDEM_ENGINE_BIN):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let bin = profile_dir.join("tandem-engine");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!("{} was not built", bin.display()))
+    }
+}
+
+/// One `tandem-engine serve` process with its own data file and state dir.
+struct Engine {
+    dir: PathBuf,
+    role: &'static str,
+    peer: String,
+    child: Option<Child>,
+    nbd: String,
+    grpc: String,
+}
+
+impl Engine {
+    fn start(dir: &Path, role: &'static str, peer: &str) -> Engine {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+        let mut e = Engine {
+            dir: dir.to_path_buf(),
+            role,
+            peer: peer.to_string(),
+            child: None,
+            nbd: "127.0.0.1:0".into(),
+            grpc: "127.0.0.1:0".into(),
+        };
+        e.spawn();
+        e
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data.img")
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("engine.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+
+    /// Starts the process on `self.nbd` / `self.grpc` (port 0 the first time) and learns the bound
+    /// addresses from its ready file.
+    fn spawn(&mut self) {
+        let ready = self.dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("engine.log"))
+            .unwrap();
+        let child = Command::new(engine_binary())
+            .arg("serve")
+            .args(["--volume", VOLUME, "--size", &SIZE.to_string()])
+            .arg("--data")
+            .arg(self.data())
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(["--nbd-listen", &self.nbd, "--grpc-listen", &self.grpc])
+            .args(["--role", self.role, "--peer", &self.peer])
+            .arg("--token-file")
+            .arg(self.dir.join("token"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--fault-injection")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tandem-engine");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = std::fs::read(&ready)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            {
+                self.nbd = v["nbd"].as_str().unwrap().to_string();
+                self.grpc = v["grpc"].as_str().unwrap().to_string();
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("engine exited early with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engine did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as in a crash or the kubelet killing a force-deleted pod's container.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A new process on the same addresses, data file and state dir (the pod the operator recreated).
+    fn restart(&mut self, role: &'static str) {
+        self.kill();
+        self.role = role;
+        self.spawn();
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd://{}/{VOLUME}", self.nbd)
+    }
+
+    async fn client(&self) -> EngineClient {
+        EngineClient::connect(&self.grpc, Some(TOKEN))
+            .await
+            .unwrap_or_else(|e| panic!("engine at {}: {e}\n{}", self.grpc, self.log()))
+    }
+
+    async fn status(&self) -> StatusReply {
+        self.client()
+            .await
+            .status(VOLUME)
+            .await
+            .unwrap_or_else(|e| panic!("status of {}: {e}\n{}", self.grpc, self.log()))
+    }
+
+    async fn fault(&self, req: pb::FaultRequest) {
+        self.client()
+            .await
+            .inject_fault(pb::FaultRequest {
+                volume: VOLUME.into(),
+                ..req
+            })
+            .await
+            .unwrap_or_else(|e| panic!("fault on {}: {e}", self.grpc));
+    }
+
+    async fn pause(&self, pause: bool) {
+        self.fault(pb::FaultRequest {
+            pause: Some(pause),
+            ..Default::default()
+        })
+        .await;
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Primary) => "primary",
+        Ok(pb::Role::Secondary) => "secondary",
+        Ok(pb::Role::Fenced) => "fenced",
+        _ => "unspecified",
+    }
+}
+
+/// Engine slot a (the first primary, on node n1) and slot b (its secondary, on n2), each knowing the
+/// other's real gRPC address.
+struct Pair {
+    _dir: tempfile::TempDir,
+    a: Engine,
+    b: Engine,
+}
+
+impl Pair {
+    fn start() -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Engine::start(&dir.path().join("b"), "secondary", "127.0.0.1:9");
+        let a = Engine::start(&dir.path().join("a"), "primary", &b.grpc);
+        b.peer = a.grpc.clone();
+        b.restart("secondary");
+        Pair { _dir: dir, a, b }
+    }
+
+    async fn wait_synced(&self) {
+        eventually("the pair to be in sync", 30, || async {
+            let (a, b) = (self.a.status().await, self.b.status().await);
+            if a.pair_state == "Synced" && a.pending_blocks == 0 && b.pair_state == "Consistent" {
+                Ok(())
+            } else {
+                Err(format!("a: {a:?}\nb: {b:?}"))
+            }
+        })
+        .await;
+    }
+}
+
+/// Polls `f` until it answers Ok, failing the test with its last answer after `secs`.
+async fn eventually<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let last = match f().await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs}s waiting for {what}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes whole blocks of `byte` through the engine's NBD export with qemu-io, and into the model.
+fn write_blocks(e: &Engine, model: &mut [u8], blocks: std::ops::Range<u64>, byte: u8) {
+    let (off, len) = (blocks.start * BLOCK, (blocks.end - blocks.start) * BLOCK);
+    let cmd = format!("write -P {byte} {off} {len}");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &cmd, &e.uri()])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run qemu-io (scripts/install-deps.sh installs it): {e}")
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("wrote") && !text.contains("failed"),
+        "qemu-io {cmd} on {}: {text}",
+        e.uri()
+    );
+    model[off as usize..(off + len) as usize].fill(byte);
+}
+
+/// Writes each block of `blocks` with its own qemu-io write command (one journal record each).
+fn write_each_block(e: &Engine, model: &mut [u8], blocks: std::ops::Range<u64>, byte: u8) {
+    for b in blocks {
+        write_blocks(e, model, b..b + 1, byte);
+    }
+}
+
+/// The whole volume as a host reads it through the engine's NBD export.
+async fn read_volume(e: &Engine) -> Vec<u8> {
+    let mut c = NbdClient::connect(&e.nbd, VOLUME)
+        .await
+        .unwrap_or_else(|err| panic!("NBD connect to {}: {err}\n{}", e.nbd, e.log()));
+    let mut out = Vec::with_capacity(SIZE as usize);
+    let chunk = 1u64 << 20;
+    for off in (0..SIZE).step_by(chunk as usize) {
+        let data = c
+            .read(off, chunk as u32)
+            .await
+            .unwrap_or_else(|err| panic!("NBD read at {off} from {}: {err}\n{}", e.nbd, e.log()));
+        out.extend_from_slice(&data);
+    }
+    out
+}
+
+/// First differing block between two images, for readable failures.
+fn first_difference(got: &[u8], want: &[u8]) -> Option<u64> {
+    got.chunks(BLOCK as usize)
+        .zip(want.chunks(BLOCK as usize))
+        .position(|(g, w)| g != w)
+        .map(|b| b as u64)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The engine API as the operator sees it, over the real gRPC client, with Service names routed to loopback.
+
+#[derive(Default)]
+struct Routed {
+    grpc: GrpcEngines,
+    routes: Mutex<HashMap<String, String>>,
+    /// Every Takeover the operator made: (slot, policy, timeout).
+    takeovers: Mutex<Vec<(Slot, FailoverPolicy, Duration)>>,
+}
+
+impl Routed {
+    fn route(&self, target: &EngineTarget) -> Result<EngineTarget, EngineError> {
+        let routes = self.routes.lock().unwrap();
+        let address =
+            routes
+                .get(&target.address)
+                .cloned()
+                .ok_or_else(|| EngineError::Unreachable {
+                    address: target.address.clone(),
+                    message: "no such Service".into(),
+                })?;
+        Ok(EngineTarget {
+            address,
+            ..target.clone()
+        })
+    }
+
+    fn slot_of(&self, target: &EngineTarget) -> Slot {
+        let mv = volume_object(FailoverPolicy::WaitForPrimary, None);
+        if target.address == plan::engine_address(&mv, Slot::A, &EngineConfig::default()) {
+            Slot::A
+        } else {
+            Slot::B
+        }
+    }
+}
+
+impl EngineApi for Routed {
+    fn status<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<EngineState, EngineError>> {
+        Box::pin(async move {
+            let local = self.route(target)?;
+            self.grpc.status(&local).await
+        })
+    }
+
+    fn takeover<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        policy: FailoverPolicy,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<TakeoverOutcome, EngineError>> {
+        Box::pin(async move {
+            self.takeovers
+                .lock()
+                .unwrap()
+                .push((self.slot_of(target), policy, timeout));
+            let local = self.route(target)?;
+            self.grpc.takeover(&local, policy, timeout).await
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The Kubernetes side: a world the test changes, served by a fake API server.
+
+fn ago(secs: i64) -> String {
+    Timestamp::now()
+        .checked_sub(SignedDuration::from_secs(secs))
+        .unwrap()
+        .to_string()
+}
+
+fn node_name(slot: Slot) -> &'static str {
+    match slot {
+        Slot::A => "n1",
+        Slot::B => "n2",
+    }
+}
+
+fn pod_name(slot: Slot) -> String {
+    format!("{VOLUME}-engine-{}", slot.as_str())
+}
+
+/// What the API server holds.
+#[derive(Default)]
+struct World {
+    /// Ready condition of n1 and n2.
+    node_ready: [bool; 2],
+    /// Engine pods by name.
+    pods: BTreeMap<String, Value>,
+    /// The MirroredVolume as stored (spec and metadata), for answering status writes.
+    volume: Value,
+    /// The last status the operator wrote.
+    status: Option<Value>,
+    /// (reason, note) of every event.
+    events: Vec<(String, String)>,
+    /// (pod, gracePeriodSeconds) of every pod deletion.
+    deletions: Vec<(String, Option<i64>)>,
+    /// Engine pods the operator created.
+    created: Vec<Value>,
+    /// Requests this fake does not know: the test fails on any.
+    unexpected: Vec<String>,
+}
+
+impl World {
+    /// A pod running on its node: ready (since long ago) or unready since `unready_for` seconds.
+    fn run_pod(&mut self, slot: Slot, role: &str, ready: bool, unready_for: i64) {
+        let name = pod_name(slot);
+        let mut pod = self.pods.remove(&name).unwrap_or_else(|| {
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": name, "namespace": NS,
+                    "labels": {"tandem.dev/volume": VOLUME, "tandem.dev/slot": slot.as_str()},
+                    "annotations": {"tandem.dev/role": role},
+                },
+                "spec": {"containers": [{"name": "engine"}]},
+            })
+        });
+        pod["metadata"]["creationTimestamp"] = json!(ago(600));
+        pod["spec"]["nodeName"] = json!(node_name(slot));
+        pod["status"] = json!({
+            "phase": "Running",
+            "conditions": [{
+                "type": "Ready",
+                "status": if ready { "True" } else { "False" },
+                "lastTransitionTime": ago(if ready { 300 } else { unready_for }),
+            }],
+        });
+        self.pods.insert(name, pod);
+    }
+
+    fn reasons(&self) -> Vec<&str> {
+        self.events.iter().map(|e| e.0.as_str()).collect()
+    }
+
+    fn answer(&mut self, method: &str, path: &str, query: &str, body: &Value) -> (u16, Value) {
+        let pods_prefix = format!("/api/v1/namespaces/{NS}/pods");
+        match (method, path) {
+            (_, p) if p.starts_with("/apis/events.k8s.io/") => {
+                self.events.push((
+                    body["reason"].as_str().unwrap_or_default().to_string(),
+                    body["note"].as_str().unwrap_or_default().to_string(),
+                ));
+                (201, body.clone())
+            }
+            ("GET", p) if p.starts_with("/api/v1/nodes/") => {
+                let name = &p["/api/v1/nodes/".len()..];
+                let ready = match name {
+                    "n1" => self.node_ready[0],
+                    "n2" => self.node_ready[1],
+                    _ => return (404, not_found(name)),
+                };
+                (
+                    200,
+                    json!({
+                        "apiVersion": "v1", "kind": "Node",
+                        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                        "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "Unknown" }}]},
+                    }),
+                )
+            }
+            ("GET", p) if p == pods_prefix => {
+                // Engine pods by label; workload pods on lost nodes by field (there are none).
+                let items: Vec<Value> = if query.contains("labelSelector") {
+                    self.pods.values().cloned().collect()
+                } else {
+                    Vec::new()
+                };
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}),
+                )
+            }
+            ("PATCH", p) if p.starts_with(&pods_prefix) => {
+                let name = p[pods_prefix.len() + 1..].to_string();
+                let mut pod = body.clone();
+                pod["status"] = json!({"phase": "Pending"});
+                self.created.push(body.clone());
+                self.pods.insert(name, pod.clone());
+                (200, pod)
+            }
+            ("DELETE", p) if p.starts_with(&pods_prefix) => {
+                let name = p[pods_prefix.len() + 1..].to_string();
+                self.deletions
+                    .push((name.clone(), body["gracePeriodSeconds"].as_i64()));
+                match self.pods.remove(&name) {
+                    Some(pod) => (200, pod),
+                    None => (404, not_found(&name)),
+                }
+            }
+            ("GET", p) if p == format!("/api/v1/namespaces/{NS}/secrets/{VOLUME}-token") => {
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(format!("{VOLUME}-token")),
+                        namespace: Some(NS.into()),
+                        ..Default::default()
+                    },
+                    data: Some(BTreeMap::from([(
+                        "token".to_string(),
+                        ByteString(TOKEN.as_bytes().to_vec()),
+                    )])),
+                    ..Default::default()
+                };
+                (200, serde_json::to_value(secret).unwrap())
+            }
+            ("GET", p) if p == format!("/api/v1/persistentvolumes/tandem-{NS}-{VOLUME}") => (
+                200,
+                json!({
+                    "apiVersion": "v1", "kind": "PersistentVolume",
+                    "metadata": {"name": format!("tandem-{NS}-{VOLUME}")},
+                    "spec": {"capacity": {"storage": "16Mi"}, "csi": {"driver": "csi.tandem.dev", "volumeHandle": format!("{NS}/{VOLUME}")}},
+                }),
+            ),
+            ("GET", "/apis/storage.k8s.io/v1/volumeattachments") => (
+                200,
+                json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachmentList", "metadata": {}, "items": []}),
+            ),
+            ("PATCH", p) if p.starts_with(&format!("/api/v1/namespaces/{NS}/services/")) => {
+                (200, body.clone())
+            }
+            ("PATCH", p)
+                if p == format!(
+                    "/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes/{VOLUME}/status"
+                ) =>
+            {
+                self.status = Some(body["status"].clone());
+                let mut obj = self.volume.clone();
+                obj["status"] = body["status"].clone();
+                (200, obj)
+            }
+            _ => {
+                self.unexpected.push(format!("{method} {path}?{query}"));
+                (
+                    500,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                           "message": format!("fake API server: unexpected {method} {path}"), "code": 500}),
+                )
+            }
+        }
+    }
+}
+
+fn not_found(what: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": format!("{what} not found"), "reason": "NotFound", "code": 404})
+}
+
+/// Serves the world to a kube `Client` until the client is dropped.
+fn api_server(world: Arc<Mutex<World>>) -> (Client, JoinHandle<()>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let task = tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let method = request.method().to_string();
+            let path = request.uri().path().to_string();
+            let query = request.uri().query().unwrap_or_default().to_string();
+            let bytes = request.into_body().collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            let (code, answer) = world.lock().unwrap().answer(&method, &path, &query, &body);
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    (Client::new(service, NS), task)
+}
+
+/// `default/data`: 16Mi on n1 (slot a) and n2 (slot b), hostPath engines, the given policy.
+fn volume_object(policy: FailoverPolicy, status: Option<&Value>) -> MirroredVolume {
+    let mut v = json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "MirroredVolume",
+        "metadata": {
+            "name": VOLUME, "namespace": NS, "generation": 1,
+            "uid": "0c6a0d1e-0000-4000-8000-00000000e2e0",
+            "finalizers": ["mirroredvolumes.tandem.dev"],
+        },
+        "spec": {
+            "size": "16Mi",
+            "placement": {"nodes": ["n1", "n2"]},
+            "engineStorage": {"hostPath": "/var/lib/tandem"},
+            "failover": {"policy": format!("{policy:?}"), "peerTimeout": format!("{}s", PEER_TIMEOUT.as_secs())},
+        },
+    });
+    if let Some(s) = status {
+        v["status"] = s.clone();
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+/// The operator: its Context over the fake API server and the routed real engine client.
+struct Operator {
+    ctx: Arc<Context>,
+    world: Arc<Mutex<World>>,
+    engines: Arc<Routed>,
+    _server: JoinHandle<()>,
+}
+
+impl Operator {
+    fn new(pair: &Pair) -> Operator {
+        let world = Arc::new(Mutex::new(World {
+            node_ready: [true, true],
+            ..Default::default()
+        }));
+        {
+            let mut w = world.lock().unwrap();
+            w.run_pod(Slot::A, "primary", true, 0);
+            w.run_pod(Slot::B, "secondary", true, 0);
+        }
+        let engines = Arc::new(Routed::default());
+        {
+            let mv = volume_object(FailoverPolicy::WaitForPrimary, None);
+            let cfg = EngineConfig::default();
+            let mut routes = engines.routes.lock().unwrap();
+            routes.insert(
+                plan::engine_address(&mv, Slot::A, &cfg),
+                pair.a.grpc.clone(),
+            );
+            routes.insert(
+                plan::engine_address(&mv, Slot::B, &cfg),
+                pair.b.grpc.clone(),
+            );
+        }
+        let (client, server) = api_server(world.clone());
+        let ctx = Context::new(
+            client,
+            Metrics::default(),
+            engines.clone(),
+            EngineConfig::default(),
+            Some("failover-engines-test".into()),
+        );
+        Operator {
+            ctx: Arc::new(ctx),
+            world,
+            engines,
+            _server: server,
+        }
+    }
+
+    /// One reconcile of the volume as the watcher would deliver it (with the status last written).
+    async fn reconcile(&self, policy: FailoverPolicy) -> (Action, MirroredVolumeStatus) {
+        let mv = {
+            let mut w = self.world.lock().unwrap();
+            let mv = volume_object(policy, w.status.as_ref());
+            w.volume = serde_json::to_value(volume_object(policy, None)).unwrap();
+            mv
+        };
+        let result = mv.reconcile(self.ctx.clone()).await;
+        let w = self.world.lock().unwrap();
+        assert!(
+            w.unexpected.is_empty(),
+            "unexpected API requests: {:?}",
+            w.unexpected
+        );
+        let action = result.unwrap_or_else(|e| panic!("reconcile failed: {e}"));
+        let status = serde_json::from_value(w.status.clone().expect("no status written")).unwrap();
+        (action, status)
+    }
+
+    /// Reconciles until the phase is `want` (recording every phase seen on the way).
+    async fn reconcile_until(
+        &self,
+        policy: FailoverPolicy,
+        want: Phase,
+        secs: u64,
+        seen: &mut Vec<Phase>,
+        pair: &Pair,
+    ) -> MirroredVolumeStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, status) = self.reconcile(policy).await;
+            if seen.last() != Some(&status.phase) {
+                seen.push(status.phase);
+            }
+            if status.phase == want {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "phase never became {want:?} within {secs}s; phases seen {seen:?}; status {}\na: {:?}\nb: {:?}\na log:\n{}\nb log:\n{}",
+                    serde_json::to_string_pretty(&status).unwrap(),
+                    pair.a.status().await,
+                    pair.b.status().await,
+                    pair.a.log(),
+                    pair.b.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn takeovers(&self) -> Vec<(Slot, FailoverPolicy, Duration)> {
+        self.engines.takeovers.lock().unwrap().clone()
+    }
+}
+
+fn condition<'a>(status: &'a MirroredVolumeStatus, type_: &str) -> &'a operator::crd::Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status:?}"))
+}
+
+/// The engines on this VM share two cores: one scenario at a time keeps the timings honest.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Scenarios.
+
+/// The primary's engine dies with writes the secondary never acknowledged. Under WaitForPrimary the operator
+/// asks for the takeover, the secondary refuses (HandoffBlocked) and nothing is promoted; under ForcePromote
+/// the secondary serves at the next epoch and the status names the lost blocks. The dead engine is restarted
+/// on its state dir (the pod the operator recreated): it steps down, its divergent blocks are overwritten by
+/// reverse replication, and the phase goes Reversing, then Synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_rejoins() {
+    let _serial = serial().await;
+    let mut pair = Pair::start();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..8, 0x11);
+    pair.wait_synced().await;
+    let op = Operator::new(&pair);
+
+    // The operator establishes the pair from the engines' own view.
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+    assert_eq!(status.epoch, 1);
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::A);
+
+    // Writes the secondary hears about (heartbeats carry the primary's pending set) but never acknowledges.
+    pair.a
+        .fault(pb::FaultRequest {
+            rate_bytes_per_sec: Some(4096),
+            hold_acks: Some(true),
+            ..Default::default()
+        })
+        .await;
+    // One record per block on a one-block-per-second link: the secondary has at most the first one or two
+    // when the primary dies.
+    write_each_block(&pair.a, &mut model, 10..16, 0xee);
+    eventually(
+        "the secondary to know the primary's backlog",
+        20,
+        || async {
+            let b = pair.b.status().await;
+            if b.peer_pending_blocks == 6 {
+                Ok(())
+            } else {
+                Err(format!("{b:?}"))
+            }
+        },
+    )
+    .await;
+    pair.a.kill();
+    // Its container restarts and fails; the pod stays unready past the peer timeout.
+    op.world
+        .lock()
+        .unwrap()
+        .run_pod(Slot::A, "primary", false, 60);
+
+    // WaitForPrimary: the operator asks, the engine refuses, nothing is promoted.
+    let t = Instant::now();
+    let (action, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert!(
+        t.elapsed() < PEER_TIMEOUT + Duration::from_secs(8),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        op.takeovers(),
+        vec![(Slot::B, FailoverPolicy::WaitForPrimary, PEER_TIMEOUT)]
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(status.phase, Phase::TakingOver, "{status:?}");
+    assert_eq!(status.epoch, 1, "nothing was promoted");
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::A);
+    let c = condition(&status, "TakeoverInProgress");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "HandoffBlocked"),
+        "{c:?}"
+    );
+    assert!(c.message.contains("PeerUnreachable"), "{}", c.message);
+    assert_eq!(condition(&status, "Degraded").status, "True");
+    assert_eq!(condition(&status, "Ready").status, "False");
+    let takeover = status.takeover.as_ref().unwrap();
+    assert!(takeover.completed_at.is_none());
+    assert!(
+        takeover
+            .last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("HandoffBlocked: PeerUnreachable"),
+        "{takeover:?}"
+    );
+    assert!(op
+        .world
+        .lock()
+        .unwrap()
+        .reasons()
+        .contains(&"HandoffBlocked"));
+    let b = pair.b.status().await;
+    assert_eq!((role_name(b.role), b.epoch), ("secondary", 1), "{b:?}");
+    assert!(b.condition.starts_with("HandoffBlocked"), "{b:?}");
+    assert!(
+        op.world.lock().unwrap().deletions.is_empty(),
+        "the primary's pod is not touched while it is still the primary"
+    );
+
+    // ForcePromote: the secondary serves at epoch 2, and the status names what was lost.
+    let before_force = std::fs::read(pair.b.data()).unwrap();
+    model[(10 * BLOCK) as usize..(16 * BLOCK) as usize]
+        .copy_from_slice(&before_force[(10 * BLOCK) as usize..(16 * BLOCK) as usize]);
+    let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+    assert_eq!(
+        op.takeovers()[1..].to_vec(),
+        vec![(Slot::B, FailoverPolicy::ForcePromote, PEER_TIMEOUT)]
+    );
+    assert_eq!(status.epoch, 2);
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    let takeover = status.takeover.as_ref().unwrap();
+    // The six unacknowledged blocks, less any the engine knows it received (today it counts all six).
+    assert!((1..=6).contains(&takeover.lost_blocks), "{takeover:?}");
+    assert!(
+        takeover.lost_seq_to >= takeover.lost_seq_from && takeover.lost_seq_from > 0,
+        "{takeover:?} b: {:?}",
+        pair.b.status().await
+    );
+    assert!(takeover.completed_at.is_some() && takeover.last_error.is_none());
+    assert_eq!(takeover.attempts, 2);
+    assert_eq!(
+        status.phase,
+        Phase::Degraded,
+        "the old primary is still down"
+    );
+    assert_eq!(condition(&status, "Ready").status, "True");
+    assert_eq!(condition(&status, "TakeoverInProgress").status, "False");
+    let b = pair.b.status().await;
+    assert_eq!(
+        (role_name(b.role), b.epoch, b.lost_blocks),
+        ("primary", 2, takeover.lost_blocks),
+        "{b:?}"
+    );
+    {
+        let w = op.world.lock().unwrap();
+        assert!(
+            w.reasons().contains(&"TakeoverCompleted"),
+            "{:?}",
+            w.reasons()
+        );
+        // The stale old primary's pod is restarted (gracefully) so it comes back as secondary.
+        assert_eq!(w.deletions, vec![(pod_name(Slot::A), None)]);
+    }
+    assert_eq!(
+        first_difference(&read_volume(&pair.b).await, &model),
+        None,
+        "the new primary serves what it had; the unacknowledged blocks are the lost ones"
+    );
+
+    // The operator recreates the pod as secondary, pointing at the new primary.
+    let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+    assert_eq!(status.phase, Phase::Degraded);
+    let created = op.world.lock().unwrap().created.clone();
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(
+        created[0]["metadata"]["annotations"]["tandem.dev/role"],
+        "secondary"
+    );
+    let args: Vec<&str> = created[0]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let peer = args.iter().position(|a| *a == "--peer").unwrap();
+    let mv = volume_object(FailoverPolicy::ForcePromote, None);
+    assert_eq!(
+        args[peer + 1],
+        plan::engine_address(&mv, Slot::B, &EngineConfig::default())
+    );
+
+    // The kubelet starts it: the same state dir (its meta still says primary at epoch 1, never fenced).
+    // Reverse replication is held for a moment so the Reversing phase can be seen.
+    pair.b.pause(true).await;
+    pair.a.restart("secondary");
+    op.world
+        .lock()
+        .unwrap()
+        .run_pod(Slot::A, "secondary", true, 0);
+    eventually("the old primary to step down", 20, || async {
+        let a = pair.a.status().await;
+        if role_name(a.role) == "secondary" && a.epoch == 2 {
+            Ok(())
+        } else {
+            Err(format!("{a:?}"))
+        }
+    })
+    .await;
+    let mut phases = vec![Phase::Degraded];
+    let status = op
+        .reconcile_until(
+            FailoverPolicy::ForcePromote,
+            Phase::Reversing,
+            20,
+            &mut phases,
+            &pair,
+        )
+        .await;
+    assert_eq!(status.epoch, 2);
+    let secondary = status.secondary.as_ref().unwrap();
+    assert_eq!((secondary.slot, secondary.reachable), (Slot::A, true));
+    assert_eq!(condition(&status, "Synced").reason, "Reversing");
+    assert!(op
+        .world
+        .lock()
+        .unwrap()
+        .reasons()
+        .contains(&"EngineRejoined"));
+
+    pair.b.pause(false).await;
+    let status = op
+        .reconcile_until(
+            FailoverPolicy::ForcePromote,
+            Phase::Synced,
+            30,
+            &mut phases,
+            &pair,
+        )
+        .await;
+    assert_eq!(
+        phases,
+        vec![Phase::Degraded, Phase::Reversing, Phase::Synced],
+        "phases after the forced promotion"
+    );
+    assert_eq!(status.epoch, 2);
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert_eq!(condition(&status, "Synced").status, "True");
+    assert_eq!(condition(&status, "Degraded").status, "False");
+    assert_eq!(condition(&status, "Ready").status, "True");
+    assert_eq!(op.takeovers().len(), 2, "no takeover after the promotion");
+
+    // The two copies are equal again: the old primary's divergent blocks were overwritten.
+    assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
+    eventually(
+        "the old primary's copy to equal the new primary's",
+        20,
+        || async {
+            let (a, b) = (
+                std::fs::read(pair.a.data()).unwrap(),
+                std::fs::read(pair.b.data()).unwrap(),
+            );
+            match first_difference(&a, &b) {
+                None => Ok(()),
+                Some(block) => Err(format!("block {block} differs")),
+            }
+        },
+    )
+    .await;
+}
+
+/// The primary's node stops reporting while its engine still runs. The operator takes over with
+/// WaitForPrimary, the handoff succeeds (the old primary is fenced and hands over its table), and the phase
+/// is TakingOver while the old primary drains: reads of blocks it still owes come through it. When the node
+/// returns, the kubelet replaces the force-deleted pod's engine on the same state dir; it finishes the
+/// drain, turns secondary, and the phase goes Reversing, then Synced, with every written byte served by the
+/// new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
+    let _serial = serial().await;
+    let mut pair = Pair::start();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..8, 0x11);
+    pair.wait_synced().await;
+    let op = Operator::new(&pair);
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+
+    // A backlog the secondary does not have.
+    pair.a.pause(true).await;
+    write_blocks(&pair.a, &mut model, 4..12, 0x22);
+    write_blocks(&pair.a, &mut model, 100..110, 0x33);
+    let pending = pair.a.status().await.pending_blocks;
+    assert_eq!(pending, 18);
+
+    // Node n1 stops reporting: NotReady, the pods there still look ready.
+    op.world.lock().unwrap().node_ready[0] = false;
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(
+        op.takeovers(),
+        vec![(Slot::B, FailoverPolicy::WaitForPrimary, PEER_TIMEOUT)]
+    );
+    assert_eq!(status.epoch, 2);
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    let takeover = status.takeover.as_ref().unwrap();
+    assert_eq!(takeover.reason, "PrimaryNodeLost");
+    assert_eq!(takeover.pending_blocks, pending, "{takeover:?}");
+    assert_eq!(takeover.lost_blocks, 0);
+    assert_eq!(status.phase, Phase::TakingOver, "{status:?}");
+    let c = condition(&status, "TakeoverInProgress");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "TakingOver")
+    );
+    assert_eq!(condition(&status, "Ready").status, "True");
+    {
+        let w = op.world.lock().unwrap();
+        for r in [
+            "NodeLost",
+            "TakeoverStarted",
+            "TakeoverCompleted",
+            "EngineNodeLost",
+        ] {
+            assert!(w.reasons().contains(&r), "{r} missing in {:?}", w.reasons());
+        }
+        // Fenced in Kubernetes too: the pod object goes at once, the kubelet kills it if the node returns.
+        assert_eq!(w.deletions, vec![(pod_name(Slot::A), Some(0))]);
+    }
+    let (a, b) = (pair.a.status().await, pair.b.status().await);
+    assert_eq!(
+        (role_name(a.role), a.epoch, a.takeover_phase.as_str()),
+        ("fenced", 2, "fenced")
+    );
+    assert_eq!(
+        (role_name(b.role), b.epoch, b.takeover_phase.as_str()),
+        ("primary", 2, "draining")
+    );
+
+    // The workload sees every byte at once: blocks the old primary still owes are read through it.
+    assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.phase, Phase::TakingOver, "still draining");
+    assert!(
+        status.takeover.as_ref().unwrap().proxied_reads > 0,
+        "{status:?}"
+    );
+
+    // The node returns. The kubelet kills the old container (its pod was force-deleted) and starts the pod
+    // the operator recreated, on the same state dir: a fenced engine, which finishes its drain by itself.
+    // Reverse replication is held for a moment so the Reversing phase can be seen.
+    pair.b.pause(true).await;
+    {
+        let mut w = op.world.lock().unwrap();
+        w.node_ready[0] = true;
+    }
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    let mut phases = vec![status.phase];
+    pair.a.restart("secondary");
+    {
+        let mut w = op.world.lock().unwrap();
+        assert!(
+            w.pods.contains_key(&pod_name(Slot::A)),
+            "the operator recreated the pod"
+        );
+        w.run_pod(Slot::A, "secondary", true, 0);
+    }
+    let status = op
+        .reconcile_until(
+            FailoverPolicy::WaitForPrimary,
+            Phase::Reversing,
+            30,
+            &mut phases,
+            &pair,
+        )
+        .await;
+    assert_eq!(status.epoch, 2);
+    let a = pair.a.status().await;
+    assert_eq!((role_name(a.role), a.epoch), ("secondary", 2), "{a:?}");
+    assert_eq!(pair.b.status().await.takeover_phase, "");
+
+    pair.b.pause(false).await;
+    let status = op
+        .reconcile_until(
+            FailoverPolicy::WaitForPrimary,
+            Phase::Synced,
+            30,
+            &mut phases,
+            &pair,
+        )
+        .await;
+    assert_eq!(
+        phases,
+        vec![Phase::TakingOver, Phase::Reversing, Phase::Synced],
+        "phases after the takeover"
+    );
+    assert_eq!(status.epoch, 2);
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert_eq!(status.secondary.as_ref().unwrap().slot, Slot::A);
+    assert_eq!(condition(&status, "Synced").status, "True");
+    assert_eq!(condition(&status, "TakeoverInProgress").status, "False");
+    assert_eq!(condition(&status, "Degraded").status, "False");
+    assert_eq!(status.takeover.as_ref().unwrap().pending_blocks, 0);
+    assert_eq!(op.takeovers().len(), 1, "one takeover, no more");
+
+    // Every written byte, served by the new primary, and the same on the old one.
+    assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
+    eventually("the old primary's copy to equal the model", 20, || async {
+        match first_difference(&std::fs::read(pair.a.data()).unwrap(), &model) {
+            None => Ok(()),
+            Some(block) => Err(format!("block {block} differs")),
+        }
+    })
+    .await;
+}
