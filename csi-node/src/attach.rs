@@ -405,6 +405,10 @@ impl Attacher for FuseLoopAttacher {
             Err(e) => return Health::Degraded(format!("cannot list loop devices: {e}")),
         }
         match Self::read_status(dir) {
+            Some(s) if s.link.refused => Health::Degraded(format!(
+                "the engine refuses the export ({}); I/O fails until it serves it again",
+                s.link.last_error.unwrap_or_default()
+            )),
             Some(s) if !s.link.connected => Health::Degraded(format!(
                 "engine connection down ({}); I/O waits up to {:?} per request",
                 s.link.last_error.unwrap_or_default(),

@@ -9,6 +9,11 @@
 //! with `ETIMEDOUT` (the block layer turns that into an I/O error, as nbd.ko's dead-connection timeout
 //! does). Resending is safe because nothing was acknowledged to the kernel for those requests.
 //!
+//! A server that answers but refuses the export by policy (the engine is now fenced or a secondary)
+//! is not an outage to wait out: while it refuses, every request fails at once with `EIO`, so the old
+//! primary's node sees the fence immediately and unmounts there do not wait an I/O timeout per
+//! request. The client keeps reconnecting, and I/O resumes if the engine serves the export again.
+//!
 //! Wire format (NBD protocol, "fixed newstyle"): all integers big-endian.
 
 use std::collections::BTreeMap;
@@ -30,7 +35,8 @@ pub use storage_engine::nbd::proto::{
 };
 use storage_engine::nbd::proto::{
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC,
-    OPT_ABORT, OPT_GO, OPT_REPLY_MAGIC, REP_ACK, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    OPT_ABORT, OPT_GO, OPT_REPLY_MAGIC, REP_ACK, REP_ERR_POLICY, REP_INFO, REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
 };
 const REP_FLAG_ERROR: u32 = 1 << 31;
 
@@ -111,6 +117,8 @@ pub enum NbdError {
         export: String,
         reason: &'static str,
         message: String,
+        /// The reply type (`NBD_REP_ERR_*`).
+        code: u32,
     },
 }
 
@@ -119,6 +127,12 @@ impl NbdError {
     /// reason, e.g. "this engine is the secondary").
     pub fn is_refusal(&self) -> bool {
         matches!(self, NbdError::Refused { .. })
+    }
+
+    /// True when the server refused the export by policy (`NBD_REP_ERR_POLICY`): the engine is
+    /// fenced or a secondary, a role and not a passing state such as a shutdown.
+    pub fn is_policy_refusal(&self) -> bool {
+        matches!(self, NbdError::Refused { code, .. } if *code == REP_ERR_POLICY)
     }
 }
 
@@ -310,6 +324,7 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo,
                 export: export.to_string(),
                 reason: rep_error_name(rep),
                 message,
+                code: rep,
             });
         }
         match rep {
@@ -483,6 +498,9 @@ pub type Completion = Box<dyn FnOnce(Reply) + Send>;
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LinkState {
     pub connected: bool,
+    /// The server answers but refuses the export by policy; requests fail at once meanwhile.
+    #[serde(default)]
+    pub refused: bool,
     pub reconnects: u64,
     pub timeouts: u64,
     pub last_error: Option<String>,
@@ -617,6 +635,11 @@ impl NbdClient {
             if st.shutdown {
                 drop(st);
                 done(Err(libc_errno::ESHUTDOWN));
+                return;
+            }
+            if st.link.refused {
+                drop(st);
+                done(Err(libc_errno::EIO));
                 return;
             }
             let h = st.next_handle;
@@ -907,11 +930,27 @@ fn supervise(sh: Arc<Shared>) {
                         if failures == 1 || failures.is_power_of_two() {
                             tracing::warn!(addr = %sh.addr, export = %sh.export, attempt = failures, "NBD reconnect failed: {e}");
                         }
-                        {
+                        let (refused_now, failed) = {
                             let mut st = lock(&sh.state);
                             st.link.last_error = Some(e.to_string());
+                            let refused = e.is_policy_refusal();
+                            let changed = st.link.refused != refused;
+                            st.link.refused = refused;
+                            // Nothing waiting can be served while the engine refuses the export.
+                            let failed: Vec<Pending> = if refused {
+                                std::mem::take(&mut st.pending).into_values().collect()
+                            } else {
+                                Vec::new()
+                            };
+                            (changed && refused, failed)
+                        };
+                        if refused_now {
+                            tracing::warn!(addr = %sh.addr, export = %sh.export, failed = failed.len(), "the engine refuses the export: I/O fails until it serves it again");
                         }
-                        if failures == 1 {
+                        for p in failed {
+                            (p.done)(Err(libc_errno::EIO));
+                        }
+                        if failures == 1 || refused_now {
                             sh.notify_link();
                         }
                         // Sleep, but wake at once for shutdown.
@@ -953,6 +992,7 @@ fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
             }
             st.connected_gen = Some(gen);
             st.link.connected = true;
+            st.link.refused = false;
             st.link.reconnects += 1;
             st.pending
                 .values_mut()
@@ -1240,6 +1280,14 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.is_refusal());
+        assert!(err.is_policy_refusal());
+        let shutting_down = NbdError::Refused {
+            export: "v".into(),
+            reason: rep_error_name(REP_FLAG_ERROR | 7),
+            message: String::new(),
+            code: REP_FLAG_ERROR | 7,
+        };
+        assert!(shutting_down.is_refusal() && !shutting_down.is_policy_refusal());
         let msg = err.to_string();
         assert!(msg.contains("secondary"), "{msg}");
         assert!(msg.contains("forbidden by policy"), "{msg}");
@@ -1268,13 +1316,13 @@ mod tests {
     }
 
     #[test]
-    fn requests_time_out_while_the_server_refuses() {
+    fn requests_fail_at_once_while_the_server_refuses() {
         let srv = TestServer::start(1 << 16);
         let c = NbdClient::connect(
             srv.addr(),
             "vol",
             ClientOptions {
-                io_timeout: Duration::from_millis(600),
+                io_timeout: Duration::from_secs(30),
                 connect_timeout: Duration::from_secs(1),
             },
             None,
@@ -1282,10 +1330,18 @@ mod tests {
         .unwrap();
         *lock(&srv.refuse) = Some("fenced".into());
         srv.drop_next.store(true, Ordering::SeqCst);
+        // The request in flight when the connection is cut, then new ones: all fail long before
+        // the I/O timeout, because the server said it will not serve this export.
         let started = Instant::now();
-        assert_eq!(c.call(Command::read(0, 512)), Err(libc_errno::ETIMEDOUT));
-        assert!(started.elapsed() < Duration::from_secs(3));
-        assert!(c.link_state().last_error.unwrap().contains("fenced"));
+        assert_eq!(c.call(Command::read(0, 512)), Err(libc_errno::EIO));
+        assert_eq!(
+            c.call(Command::write(0, vec![1u8; 512])),
+            Err(libc_errno::EIO)
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let link = c.link_state();
+        assert!(link.refused && !link.connected, "{link:?}");
+        assert!(link.last_error.unwrap().contains("fenced"));
         // Once the server accepts again, I/O resumes.
         *lock(&srv.refuse) = None;
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1294,6 +1350,8 @@ mod tests {
                 break;
             }
             assert!(Instant::now() < deadline, "never reconnected");
+            thread::sleep(Duration::from_millis(20));
         }
+        assert!(!c.link_state().refused);
     }
 }
