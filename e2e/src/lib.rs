@@ -16,9 +16,11 @@ use anyhow::{anyhow, bail, Context as _};
 use csi_node::pb;
 use csi_node::pb::identity_client::IdentityClient;
 use csi_node::pb::node_client::NodeClient;
+use storage_engine::client::EngineClient;
 use tonic::transport::Channel;
 
 pub use csi_node::context::{KEY_ENGINES, KEY_NBD, KEY_PEER_TIMEOUT, KEY_POLICY, KEY_VOLUME};
+pub use storage_engine::pb::{FaultRequest, Role as EngineRole, StatusReply};
 
 /// Why this machine cannot run the local suite, if it cannot.
 pub fn skip_reason() -> Option<String> {
@@ -159,6 +161,7 @@ pub struct Engine {
     pub nbd: String,
     pub grpc: String,
     pub dir: PathBuf,
+    token: String,
     bin: PathBuf,
     size: String,
     extra: Vec<String>,
@@ -189,14 +192,43 @@ impl Engine {
         token: &str,
         extra: &[&str],
     ) -> anyhow::Result<Engine> {
+        let ip = netns.map(|n| n.ns_ip.clone()).unwrap_or("127.0.0.1".into());
+        Self::start_at(
+            netns,
+            &format!("{ip}:0"),
+            bins,
+            dir,
+            volume,
+            size,
+            token,
+            extra,
+        )
+    }
+
+    /// Starts the engine (inside `netns` if given) with gRPC on `grpc_listen` (`HOST:PORT`, port 0
+    /// for any) and NBD on the same host, any port.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_at(
+        netns: Option<&Netns>,
+        grpc_listen: &str,
+        bins: &Bins,
+        dir: &Path,
+        volume: &str,
+        size: &str,
+        token: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Engine> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("token"), token)?;
-        let ip = netns.map(|n| n.ns_ip.clone()).unwrap_or("127.0.0.1".into());
+        let (host, _) = grpc_listen
+            .rsplit_once(':')
+            .with_context(|| format!("{grpc_listen} is not HOST:PORT"))?;
         let mut e = Engine {
             volume: volume.into(),
-            nbd: format!("{ip}:0"),
-            grpc: format!("{ip}:0"),
+            nbd: format!("{host}:0"),
+            grpc: grpc_listen.into(),
             dir: dir.to_path_buf(),
+            token: token.into(),
             bin: bins.engine.clone(),
             size: size.into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -267,6 +299,164 @@ impl Engine {
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             kill_child(&mut c, rustix::process::Signal::KILL);
+        }
+    }
+
+    /// The volume's data file (the raw image).
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log(&self) -> String {
+        log_tail(&self.dir.join("engine.log"))
+    }
+
+    async fn client(&self) -> anyhow::Result<EngineClient> {
+        EngineClient::connect(&self.grpc, Some(&self.token))
+            .await
+            .with_context(|| format!("connect to the engine at {}", self.grpc))
+    }
+
+    /// The engine's Status answer (`tandem-engine status`).
+    pub async fn status(&self) -> anyhow::Result<StatusReply> {
+        Ok(self.client().await?.status(&self.volume).await?)
+    }
+
+    /// `tandem-engine fault`: the replication link's test seam (needs `--fault-injection`).
+    pub async fn fault(&self, mut req: FaultRequest) -> anyhow::Result<()> {
+        req.volume = self.volume.clone();
+        self.client().await?.inject_fault(req).await?;
+        Ok(())
+    }
+
+    /// Polls Status until `done` holds for it; on timeout the error shows the last answer.
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&StatusReply) -> bool,
+    ) -> anyhow::Result<StatusReply> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status().await?;
+            if done(&s) {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}; last status {s:?}\nengine log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The role in a Status answer.
+pub fn role(s: &StatusReply) -> EngineRole {
+    EngineRole::try_from(s.role).unwrap_or(EngineRole::Unspecified)
+}
+
+/// Two engines of one volume on two "nodes": `a` (node-a) starts as the primary, `b` (node-b) as
+/// its secondary, each with the other's gRPC address as `--peer` and with `--fault-injection`.
+/// Where network namespaces work, node A's engine runs in its own namespace and node B's listens
+/// on the host end of A's link, so plugins reach both over a real link and each engine reaches the
+/// other without IP forwarding; elsewhere both listen on loopback.
+pub struct EnginePair {
+    pub a: Engine,
+    pub b: Engine,
+    /// Dropped after the engines.
+    pub netns: Option<Netns>,
+}
+
+impl EnginePair {
+    pub fn start(
+        bins: &Bins,
+        dir: &Path,
+        volume: &str,
+        size: &str,
+        token: &str,
+    ) -> anyhow::Result<EnginePair> {
+        let netns = match netns_skip_reason() {
+            None => Some(Netns::create(11)?),
+            Some(why) => {
+                println!("engine pair on loopback: {why}");
+                None
+            }
+        };
+        // The secondary must know the primary's real address from its start, so A's gRPC port is
+        // chosen up front: any port inside A's own namespace, else a free one on loopback.
+        let (a_grpc, b_grpc) = match &netns {
+            Some(n) => (format!("{}:9500", n.ns_ip), format!("{}:0", n.host_ip)),
+            None => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port();
+                (format!("127.0.0.1:{port}"), "127.0.0.1:0".to_string())
+            }
+        };
+        let b = Engine::start_at(
+            None,
+            &b_grpc,
+            bins,
+            &dir.join("engine-b"),
+            volume,
+            size,
+            token,
+            &[
+                "--role",
+                "secondary",
+                "--peer",
+                &a_grpc,
+                "--fault-injection",
+            ],
+        )?;
+        let a = Engine::start_at(
+            netns.as_ref(),
+            &a_grpc,
+            bins,
+            &dir.join("engine-a"),
+            volume,
+            size,
+            token,
+            &["--peer", &b.grpc, "--fault-injection"],
+        )?;
+        Ok(EnginePair { a, b, netns })
+    }
+
+    /// The volume context the operator emits for this pair (node-a, node-b).
+    pub fn volume_context(&self) -> HashMap<String, String> {
+        volume_context(&self.a.volume, &[("node-a", &self.a), ("node-b", &self.b)])
+    }
+
+    /// Waits until `primary` has finished any takeover and replicates in sync to `secondary`
+    /// (nothing pending), and `secondary` holds a consistent replica.
+    pub async fn wait_converged(
+        primary: &Engine,
+        secondary: &Engine,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (p, s) = (primary.status().await?, secondary.status().await?);
+            if role(&p) == EngineRole::Primary
+                && p.takeover_phase.is_empty()
+                && p.pair_state == "Synced"
+                && p.pending_blocks == 0
+                && role(&s) == EngineRole::Secondary
+                && s.pair_state == "Consistent"
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "not converged after {timeout:?}:\nprimary {p:?}\nsecondary {s:?}\nprimary log:\n{}\nsecondary log:\n{}",
+                    primary.log(),
+                    secondary.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -580,6 +770,18 @@ pub fn daemons_under(root: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Nothing left under `root` (one node's directories): no mount (FUSE included), loop device or
+/// attach daemon.
+pub fn assert_clean_under(root: &Path) {
+    assert_eq!(mounts_under(root), Vec::new(), "mounts left behind");
+    assert_eq!(loops_under(root), Vec::new(), "loop devices left behind");
+    assert_eq!(
+        daemons_under(root),
+        Vec::<u32>::new(),
+        "attach daemons left behind"
+    );
+}
+
 /// Is the loop device in direct-I/O mode?
 pub fn loop_dio(dev: &str) -> bool {
     let name = dev.trim_start_matches("/dev/");
@@ -612,17 +814,7 @@ impl Scratch {
 
     /// Nothing of ours left on the host: no mount, loop device or attach daemon under the root.
     pub fn assert_clean(&self) {
-        assert_eq!(mounts_under(&self.root), Vec::new(), "mounts left behind");
-        assert_eq!(
-            loops_under(&self.root),
-            Vec::new(),
-            "loop devices left behind"
-        );
-        assert_eq!(
-            daemons_under(&self.root),
-            Vec::<u32>::new(),
-            "attach daemons left behind"
-        );
+        assert_clean_under(&self.root);
     }
 
     fn teardown(&self) {
@@ -696,6 +888,45 @@ pub fn verify_files(files: &[(PathBuf, u32)]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The first offset where two files differ (a length difference counts), or `None` if equal.
+pub fn first_difference(a: &Path, b: &Path) -> anyhow::Result<Option<u64>> {
+    let open = |p: &Path| std::fs::File::open(p).with_context(|| format!("open {}", p.display()));
+    let (mut fa, mut fb) = (open(a)?, open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    let mut at = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        let n = na.min(nb);
+        if ba[..n] != bb[..n] {
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .take_while(|(x, y)| x == y)
+                .count();
+            return Ok(Some(at + i as u64));
+        }
+        if na != nb {
+            return Ok(Some(at + na.min(nb) as u64));
+        }
+        if na == 0 {
+            return Ok(None);
+        }
+        at += na as u64;
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
 }
 
 /// Runs a command, failing with its stderr.

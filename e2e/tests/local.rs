@@ -9,9 +9,15 @@
 //! export with nbdcopy; I/O that waits out an engine crash and restart (the attach daemon reconnects
 //! and resends); bad requests get the CSI codes and change nothing.
 //!
-//! The two-node takeover scenarios come with the engine's takeover (issue 4).
+//! Two nodes (two plugins, an engine pair, node A's engine in its own network namespace): a pod on the
+//! primary's node writes while replication is paused, node A's plugin dies, and NodeStageVolume on node
+//! B is the failover trigger, returning only once engine B serves at the next epoch with A fenced;
+//! every file or byte is read back there (the unreplicated ones through proxied reads), node A's writes
+//! are refused, the drain finishes and the pair converges with identical replicas, for ext4 and for raw
+//! block. With the primary's engine dead, WaitForPrimary is a retryable UNAVAILABLE that attaches
+//! nothing and ForcePromote stages.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -999,4 +1005,456 @@ where
         out.push(h.await?);
     }
     Ok(out)
+}
+
+// ---------- two nodes: takeover on stage ----------
+
+/// Runs a two-node scenario body, printing both plugins' and both engines' log tails on failure.
+macro_rules! with_pair_logs {
+    ($node_a:expr, $node_b:expr, $pair:expr, $body:expr) => {{
+        let r: anyhow::Result<()> = $body.await;
+        if let Err(e) = &r {
+            eprintln!("--- node-a plugin log ---\n{}", $node_a.log());
+            eprintln!("--- node-b plugin log ---\n{}", $node_b.log());
+            eprintln!("--- engine-a log ---\n{}", $pair.a.log());
+            eprintln!("--- engine-b log ---\n{}", $pair.b.log());
+            panic!("{e:#}");
+        }
+    }};
+}
+
+/// One node's kubelet paths for a volume: everything of that node lives under `root`.
+struct NodePaths {
+    root: PathBuf,
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+impl NodePaths {
+    /// `block`: the target is the file kubelet names for a raw block device, else a mount dir.
+    fn new(
+        scratch: &Scratch,
+        node: &str,
+        pod: &str,
+        pv: &str,
+        block: bool,
+    ) -> anyhow::Result<NodePaths> {
+        let root = scratch.path(node);
+        let target = if block {
+            format!("kubelet/pods/{pod}/volumeDevices/{pv}")
+        } else {
+            format!("kubelet/pods/{pod}/volumes/{pv}/mount")
+        };
+        let p = NodePaths {
+            staging: root.join(format!("kubelet/staging/{pv}")),
+            target: root.join(target),
+            root,
+        };
+        std::fs::create_dir_all(&p.staging)?;
+        if let Some(parent) = p.target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        Ok(p)
+    }
+
+    fn plugin_dir(&self) -> PathBuf {
+        self.root.join("plugin")
+    }
+
+    fn unpublish(&self, id: &str) -> pb::NodeUnpublishVolumeRequest {
+        pb::NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: self.target.display().to_string(),
+        }
+    }
+
+    fn unstage(&self, id: &str) -> pb::NodeUnstageVolumeRequest {
+        pb::NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: self.staging.display().to_string(),
+        }
+    }
+}
+
+/// The same files seen under another directory (the volume mounted on another node).
+fn rebase(files: &[(PathBuf, u32)], dir: &Path) -> Vec<(PathBuf, u32)> {
+    files
+        .iter()
+        .map(|(p, crc)| (dir.join(p.file_name().unwrap_or_default()), *crc))
+        .collect()
+}
+
+fn pause(on: bool) -> FaultRequest {
+    FaultRequest {
+        pause: Some(on),
+        ..Default::default()
+    }
+}
+
+/// Waits until the primary has nothing left to replicate.
+async fn wait_replicated(primary: &Engine) -> anyhow::Result<()> {
+    primary
+        .wait_status("replication to catch up", Duration::from_secs(60), |s| {
+            s.pending_blocks == 0 && s.pair_state == "Synced"
+        })
+        .await
+        .map(|_| ())
+}
+
+/// NodeStageVolume on the secondary's node: returns once the takeover is done, so at that moment
+/// the local engine already serves at the next epoch and the old primary is fenced.
+async fn stage_takes_over(
+    c: &mut Csi,
+    stage: pb::NodeStageVolumeRequest,
+    pair: &EnginePair,
+) -> anyhow::Result<StatusReply> {
+    let before = pair.b.status().await?;
+    anyhow::ensure!(
+        role(&before) == EngineRole::Secondary && before.epoch == 1,
+        "engine-b before the stage: {before:?}"
+    );
+    let t0 = std::time::Instant::now();
+    c.node.node_stage_volume(stage).await?;
+    let took = t0.elapsed();
+    let b = pair.b.status().await?;
+    anyhow::ensure!(
+        role(&b) == EngineRole::Primary && b.epoch == 2,
+        "engine-b when NodeStageVolume returned: {b:?}"
+    );
+    let a = pair.a.status().await?;
+    anyhow::ensure!(
+        role(&a) == EngineRole::Fenced,
+        "engine-a when NodeStageVolume returned: {a:?}"
+    );
+    anyhow::ensure!(b.nbd_connections >= 1, "node-b is not attached to engine-b");
+    println!(
+        "takeover by NodeStageVolume: {took:?} (stage with attach); {} blocks owed by the old primary",
+        b.peer_pending_blocks
+    );
+    Ok(b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext4_takeover_by_staging_on_the_secondary_node() {
+    if skip("ext4_takeover_by_staging_on_the_secondary_node") {
+        return;
+    }
+    let _serial = serial().await;
+    let bins = bins().unwrap();
+    let scratch = Scratch::new("takeover-fs").unwrap();
+    let pair = EnginePair::start(&bins, &scratch.root, "vol-tk", "512M", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-tk", false).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-tk", false).unwrap();
+    let mut node_a = Plugin::start(&bins, &na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&bins, &nb.plugin_dir(), "node-b").unwrap();
+    let ctx = pair.volume_context();
+    let id = "default/pv-tk";
+    let fs = Some("ext4");
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        // Node A: the pod runs on the primary's node.
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, fs))
+            .await?;
+        let synced = write_files(&na.target, "synced", 20)?;
+        wait_replicated(&pair.a).await?;
+        // Replication stops; the pod keeps writing, so the secondary falls behind.
+        pair.a.fault(pause(true)).await?;
+        let behind = write_files(&na.target, "unreplicated", 20)?;
+        sh(Command::new("sync").arg("-f").arg(&na.target))?;
+        let owed = pair.a.status().await?.pending_blocks;
+        anyhow::ensure!(owed > 0, "replication is not behind");
+        // Node A's plugin dies; nothing can be unpublished or unstaged there.
+        node_a.kill();
+
+        // Node B: the replacement pod's volume is staged on the secondary's node.
+        let mut b = node_b.client().await?;
+        let st = stage_takes_over(
+            &mut b,
+            stage_request(id, &nb.staging, fs, &ctx, TOKEN),
+            &pair,
+        )
+        .await?;
+        anyhow::ensure!(
+            st.takeover_phase == "draining" && st.peer_pending_blocks > 0,
+            "engine-b should still be owed the backlog: {st:?}"
+        );
+        b.node
+            .node_publish_volume(publish_request(id, &nb.staging, &nb.target, fs))
+            .await?;
+        verify_files(&rebase(&synced, &nb.target))?;
+        // These blocks are only on node A's engine: they come through proxied reads.
+        verify_files(&rebase(&behind, &nb.target))?;
+        let st = pair.b.status().await?;
+        anyhow::ensure!(st.proxied_reads > 0, "no proxied reads: {st:?}");
+        let after = write_files(&nb.target, "after-takeover", 10)?;
+        verify_files(&after)?;
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        assert_clean_under(&nb.root);
+
+        // The old primary drains what it owes; the pair converges with the roles swapped.
+        pair.a.fault(pause(false)).await?;
+        EnginePair::wait_converged(&pair.b, &pair.a, Duration::from_secs(120)).await?;
+
+        // Node A comes back: kubelet cleans up the old pod's volume. The engine there refuses
+        // I/O, so whatever the stale filesystem tries to write on unmount reaches no replica.
+        node_a.restart()?;
+        let mut a = node_a.client().await?;
+        let t0 = std::time::Instant::now();
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        a.node.node_unstage_volume(na.unstage(id)).await?;
+        println!("node-a cleanup after the takeover: {:?}", t0.elapsed());
+        assert_clean_under(&na.root);
+        anyhow::ensure!(
+            first_difference(&pair.a.data(), &pair.b.data())?.is_none(),
+            "the replicas differ at byte {:?}",
+            first_difference(&pair.a.data(), &pair.b.data())?
+        );
+
+        // Staged again on node B (now the primary's node): every file, merged and replicated.
+        b.node
+            .node_stage_volume(stage_request(id, &nb.staging, fs, &ctx, TOKEN))
+            .await?;
+        b.node
+            .node_publish_volume(publish_request(id, &nb.staging, &nb.target, fs))
+            .await?;
+        for files in [&synced, &behind, &after] {
+            verify_files(&rebase(files, &nb.target))?;
+        }
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// What a raw block volume must hold: every write, applied in order to a zeroed image.
+struct Model(Vec<u8>);
+
+impl Model {
+    fn new(size: usize) -> Model {
+        Model(vec![0; size])
+    }
+
+    /// Writes pattern `seed` through `dev` with O_DIRECT (dd) and records it.
+    fn write(
+        &mut self,
+        dev: &Path,
+        offset: u64,
+        seed: u64,
+        len: usize,
+        tmp: &Path,
+    ) -> anyhow::Result<()> {
+        dd_write(dev, offset, seed, len, tmp)?;
+        let at = offset as usize;
+        self.0[at..at + len].copy_from_slice(&pattern(seed, len));
+        Ok(())
+    }
+
+    /// `bytes` (a whole device or replica) hold exactly what was written.
+    fn check(&self, what: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            bytes.len() == self.0.len(),
+            "{what}: {} bytes, expected {}",
+            bytes.len(),
+            self.0.len()
+        );
+        if bytes != self.0.as_slice() {
+            let at = bytes
+                .iter()
+                .zip(&self.0)
+                .take_while(|(x, y)| x == y)
+                .count();
+            anyhow::bail!("{what} differs from what was written, first at byte {at}");
+        }
+        Ok(())
+    }
+
+    /// Reads the whole device with O_DIRECT and checks it.
+    fn check_device(&self, what: &str, dev: &Path) -> anyhow::Result<()> {
+        self.check(what, &dd_read(dev, 0, self.0.len())?)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_block_takeover_by_staging_on_the_secondary_node() {
+    if skip("raw_block_takeover_by_staging_on_the_secondary_node") {
+        return;
+    }
+    let _serial = serial().await;
+    let bins = bins().unwrap();
+    let scratch = Scratch::new("takeover-blk").unwrap();
+    let pair = EnginePair::start(&bins, &scratch.root, "vol-tb", "64M", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-tb", true).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-tb", true).unwrap();
+    let mut node_a = Plugin::start(&bins, &na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&bins, &nb.plugin_dir(), "node-b").unwrap();
+    let ctx = pair.volume_context();
+    let id = "default/pv-tb";
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut model = Model::new(64 << 20);
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
+            .await?;
+        model.write(&na.target, 0, 41, 1 << 20, &tmp)?;
+        model.write(&na.target, 8 << 20, 42, 3 << 20, &tmp)?;
+        wait_replicated(&pair.a).await?;
+        pair.a.fault(pause(true)).await?;
+        // Not replicated: half of pattern 41 overwritten, and the volume's last blocks.
+        model.write(&na.target, 512 << 10, 43, 1 << 20, &tmp)?;
+        model.write(&na.target, (64 << 20) - 8192, 44, 8192, &tmp)?;
+        let owed = pair.a.status().await?.pending_blocks;
+        anyhow::ensure!(owed > 0, "replication is not behind");
+        node_a.kill();
+
+        let mut b = node_b.client().await?;
+        let st = stage_takes_over(
+            &mut b,
+            stage_request(id, &nb.staging, None, &ctx, TOKEN),
+            &pair,
+        )
+        .await?;
+        anyhow::ensure!(
+            st.takeover_phase == "draining" && st.peer_pending_blocks > 0,
+            "engine-b should still be owed the backlog ({owed} blocks): {st:?}"
+        );
+        // The old pod on node A still has its device: its writes now fail (the fence).
+        anyhow::ensure!(
+            dd_write(&na.target, 16 << 20, 49, 64 << 10, &tmp).is_err(),
+            "a write on the old primary's node succeeded after the takeover"
+        );
+
+        b.node
+            .node_publish_volume(publish_request(id, &nb.staging, &nb.target, None))
+            .await?;
+        // Every byte, the unreplicated ones through proxied reads.
+        model.check_device("node-b's device after the takeover", &nb.target)?;
+        let st = pair.b.status().await?;
+        anyhow::ensure!(st.proxied_reads > 0, "no proxied reads: {st:?}");
+        // New writes, one over blocks the old primary still owes: the newer write must win.
+        model.write(&nb.target, 768 << 10, 45, 512 << 10, &tmp)?;
+        model.write(&nb.target, 32 << 20, 46, 2 << 20, &tmp)?;
+        model.check_device("node-b's device after new writes", &nb.target)?;
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        anyhow::ensure!(!nb.target.exists(), "block target file not removed");
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        assert_clean_under(&nb.root);
+
+        pair.a.fault(pause(false)).await?;
+        EnginePair::wait_converged(&pair.b, &pair.a, Duration::from_secs(120)).await?;
+        node_a.restart()?;
+        let mut a = node_a.client().await?;
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        a.node.node_unstage_volume(na.unstage(id)).await?;
+        assert_clean_under(&na.root);
+        // Both replicas hold exactly what was written, and nothing of the fenced write.
+        model.check("engine-b's replica", &std::fs::read(pair.b.data())?)?;
+        model.check("engine-a's replica", &std::fs::read(pair.a.data())?)?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
+    if skip("staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy") {
+        return;
+    }
+    let _serial = serial().await;
+    let bins = bins().unwrap();
+    let scratch = Scratch::new("takeover-dead").unwrap();
+    let mut pair = EnginePair::start(&bins, &scratch.root, "vol-td", "64M", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-td", true).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-td", true).unwrap();
+    let mut node_a = Plugin::start(&bins, &na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&bins, &nb.plugin_dir(), "node-b").unwrap();
+    let mut ctx = pair.volume_context();
+    ctx.insert(KEY_PEER_TIMEOUT.into(), "2".into());
+    let id = "default/pv-td";
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut model = Model::new(64 << 20);
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
+            .await?;
+        model.write(&na.target, 0, 51, 2 << 20, &tmp)?;
+        model.write(&na.target, 10 << 20, 52, 1 << 20, &tmp)?;
+        wait_replicated(&pair.a).await?;
+        // Node A is lost: its plugin and its engine die.
+        node_a.kill();
+        pair.a.kill();
+
+        // The default policy waits for the old primary: a retryable error, nothing attached, and
+        // the secondary stays what it was.
+        let mut b = node_b.client().await?;
+        let e = b
+            .node
+            .node_stage_volume(stage_request(id, &nb.staging, None, &ctx, TOKEN))
+            .await;
+        match &e {
+            Err(s) if s.code() == Code::Unavailable && s.message().contains("HandoffBlocked") => {}
+            other => anyhow::bail!("stage with the primary dead (WaitForPrimary): {other:?}"),
+        }
+        assert_clean_under(&nb.root);
+        let records = std::fs::read_dir(node_b.state_dir().join("volumes"))?.count();
+        anyhow::ensure!(records == 0, "{records} state records after a failed stage");
+        let st = pair.b.status().await?;
+        anyhow::ensure!(
+            role(&st) == EngineRole::Secondary && st.epoch == 1,
+            "engine-b after the refused takeover: {st:?}"
+        );
+
+        // The PV says ForcePromote: the secondary serves without the old primary's table.
+        let mut force = ctx.clone();
+        force.insert(KEY_POLICY.into(), "ForcePromote".into());
+        b.node
+            .node_stage_volume(stage_request(id, &nb.staging, None, &force, TOKEN))
+            .await?;
+        let st = pair.b.status().await?;
+        anyhow::ensure!(
+            role(&st) == EngineRole::Primary && st.epoch == 2,
+            "engine-b after the forced promotion: {st:?}"
+        );
+        println!(
+            "forced promotion: the old primary's last heartbeat named {} block(s) as possibly lost",
+            st.lost_blocks
+        );
+        b.node
+            .node_publish_volume(publish_request(id, &nb.staging, &nb.target, None))
+            .await?;
+        // Everything the old primary had replicated is there.
+        model.check_device("node-b's device after the forced promotion", &nb.target)?;
+        model.write(&nb.target, 1 << 20, 53, 3 << 20, &tmp)?;
+        model.check_device("node-b's device after new writes", &nb.target)?;
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        assert_clean_under(&nb.root);
+        model.check("engine-b's replica", &std::fs::read(pair.b.data())?)?;
+
+        // Node A's plugin comes back (its engine stays down); kubelet cleans up there.
+        node_a.restart()?;
+        let mut a = node_a.client().await?;
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        a.node.node_unstage_volume(na.unstage(id)).await?;
+        scratch.assert_clean();
+        Ok(())
+    });
 }
