@@ -162,15 +162,18 @@ impl Volume {
             Err(why) if force => {
                 let (lost, from, to) = {
                     let rs = self.replica();
-                    let lost = rs
-                        .peer_pending
-                        .clone()
-                        .unwrap_or_else(|| Bitmap::new(blocks));
-                    (
-                        lost,
-                        rs.applied_seq + 1,
-                        rs.peer_last_seq.max(rs.applied_seq),
-                    )
+                    if rs.applied_seq >= rs.peer_last_seq && !rs.inconsistent {
+                        // Every record the peer announced reached us: nothing known is lost.
+                        (Bitmap::new(blocks), 0, 0)
+                    } else {
+                        // The pending set of the last heartbeat: a superset of what we lack.
+                        let lost = rs
+                            .peer_pending
+                            .clone()
+                            .unwrap_or_else(|| Bitmap::new(blocks));
+                        let from = rs.applied_seq + 1;
+                        (lost, from, rs.peer_last_seq.max(from))
+                    }
                 };
                 let n = lost.count();
                 self.promote_checked(role, new_epoch, Bitmap::new(blocks), Some((lost, from, to)))
