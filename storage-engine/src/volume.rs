@@ -80,6 +80,15 @@ pub struct Counters {
     pub flushes: AtomicU64,
 }
 
+/// What an NBD export name asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportName {
+    Ok,
+    Unknown,
+    /// `<volume>@<epoch>` of an older (or other) epoch: a session from before a takeover.
+    StaleEpoch(u64),
+}
+
 /// How a volume is opened.
 #[derive(Debug, Clone)]
 pub struct VolumeConfig {
@@ -428,6 +437,23 @@ impl Volume {
             Role::Primary => Ok(false),
             Role::Secondary if self.secondary_read_only && !self.replica().inconsistent => Ok(true),
             r => Err(HostError::NotServing(r)),
+        }
+    }
+
+    /// Export names: `""` or `<volume>` (whatever the epoch), or `<volume>@<epoch>`, which opens only
+    /// while the volume is at that epoch. An attachment pinned to an epoch can never write into a
+    /// later one, even if this engine serves again after a failback (a stale mount stays fenced).
+    pub fn export_access(&self, name: &str) -> ExportName {
+        if name.is_empty() || name == self.name {
+            return ExportName::Ok;
+        }
+        match name.rsplit_once('@') {
+            Some((v, e)) if v == self.name => match e.parse::<u64>() {
+                Ok(e) if e == self.epoch() => ExportName::Ok,
+                Ok(e) => ExportName::StaleEpoch(e),
+                Err(_) => ExportName::Unknown,
+            },
+            _ => ExportName::Unknown,
         }
     }
 

@@ -802,3 +802,26 @@ mod model {
         Ok(())
     }
 }
+
+/// An attachment pinned to an epoch (`vol@<epoch>`) never reaches a later epoch, even on the same
+/// engine after a failback: a stale mount stays fenced.
+#[test]
+fn export_pinned_to_an_epoch_is_refused_after_a_takeover_and_failback() {
+    use storage_engine::nbd::client::NbdClient;
+    let d = tempfile::tempdir().unwrap();
+    let pair = pair_with_backlog(d.path(), &[(1, 0x11)], &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let open = |addr: &str, name: &str| rt.block_on(NbdClient::connect(addr, name)).is_ok();
+    assert!(open(&pair.p.nbd, "vol@1"));
+    assert!(!open(&pair.p.nbd, "vol@2"));
+    pair.takeover();
+    assert!(open(&pair.s.nbd, "vol@2"));
+    pair.fault(&["--pause", "false"]);
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    pair.control("failback", &pair.p, &[]).unwrap();
+    // The old primary serves again, at epoch 3: its epoch-1 attachment must not come back.
+    assert!(!open(&pair.p.nbd, "vol@1"));
+    assert!(open(&pair.p.nbd, "vol@3"));
+    assert!(open(&pair.p.nbd, "vol"));
+    assert!(!open(&pair.p.nbd, "other@3"));
+}

@@ -12,7 +12,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::proto::{self as p, Request};
-use crate::volume::{Volume, BLOCK_SIZE};
+use crate::volume::{ExportName, Volume, BLOCK_SIZE};
 
 /// Bytes of request payload one connection may hold in memory at once.
 const CONN_BUDGET: usize = 64 * 1024 * 1024;
@@ -144,7 +144,7 @@ where
             p::OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&payload).into_owned();
                 // No way to send an error here: the protocol says close the connection.
-                if !name.is_empty() && name != volume.name() {
+                if volume.export_access(&name) != ExportName::Ok {
                     return Err(ConnError::UnknownExport(name));
                 }
                 let Ok(read_only) = volume.open_session().await else {
@@ -169,13 +169,29 @@ where
                         continue;
                     }
                 };
-                if !go.name.is_empty() && go.name != volume.name() {
-                    let msg = format!(
-                        "no export named {:?}; this engine serves {:?}",
-                        go.name,
-                        volume.name()
-                    );
-                    w.write_all(&p::option_reply(opt, p::REP_ERR_UNKNOWN, msg.as_bytes()))
+                let refusal = match volume.export_access(&go.name) {
+                    ExportName::Ok => None,
+                    ExportName::Unknown => Some((
+                        p::REP_ERR_UNKNOWN,
+                        format!(
+                            "no export named {:?}; this engine serves {:?}",
+                            go.name,
+                            volume.name()
+                        ),
+                    )),
+                    ExportName::StaleEpoch(e) => Some((
+                        p::REP_ERR_POLICY,
+                        format!(
+                            "export {:?} is pinned to epoch {e}; volume {:?} is at epoch {} now \
+                             (a takeover happened: stage the volume again)",
+                            go.name,
+                            volume.name(),
+                            volume.epoch()
+                        ),
+                    )),
+                };
+                if let Some((code, msg)) = refusal {
+                    w.write_all(&p::option_reply(opt, code, msg.as_bytes()))
                         .await?;
                     w.flush().await?;
                     continue;
