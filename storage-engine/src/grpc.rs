@@ -57,8 +57,6 @@ pub enum ApiError {
     #[error("unknown volume {0:?}")]
     UnknownVolume(String),
     #[error("{0}")]
-    Unsupported(&'static str),
-    #[error("{0}")]
     Precondition(String),
 }
 
@@ -66,7 +64,6 @@ impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         match e {
             ApiError::UnknownVolume(_) => Status::not_found(e.to_string()),
-            ApiError::Unsupported(_) => Status::unimplemented(e.to_string()),
             ApiError::Precondition(_) => Status::failed_precondition(e.to_string()),
         }
     }
