@@ -825,3 +825,41 @@ fn export_pinned_to_an_epoch_is_refused_after_a_takeover_and_failback() {
     assert!(open(&pair.p.nbd, "vol"));
     assert!(!open(&pair.p.nbd, "other@3"));
 }
+
+/// AT-34 / kill during the handoff: the new primary dies after the old one was fenced but before
+/// it stored the table; the repeated takeover reuses the epoch and gets the stored table again.
+#[test]
+fn at34_takeover_resumes_after_the_new_primary_died_mid_handoff() {
+    use storage_engine::{client::TokenInterceptor, pb};
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = pair_with_backlog(d.path(), &[(10, 0xaa), (11, 0xab)], &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // What the secondary's first attempt did before it was killed: the fence and handoff.
+    let first = rt.block_on(async {
+        let ch = storage_engine::client::channel(&pair.p.grpc, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let mut c = pb::peer_client::PeerClient::with_interceptor(
+            ch,
+            TokenInterceptor::new(Some("s3cret-token")).unwrap(),
+        );
+        c.fence_and_handoff(pb::FenceRequest {
+            volume: "vol".into(),
+            new_epoch: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    pair.s.restart();
+    assert_eq!(pair.status_s()["role"], "secondary");
+    assert_eq!(pair.status_p()["role"], "fenced");
+    let r = pair.takeover();
+    assert_eq!(n(&r, "epoch"), 2, "the same epoch is reused");
+    assert_eq!(n(&r, "peer_pending_blocks"), first.pending_blocks);
+    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
+    assert!(block_reads(&pair.s.uri(), 11, 0xab));
+    pair.fault(&["--pause", "false"]);
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    assert!(pair.files_identical());
+}
