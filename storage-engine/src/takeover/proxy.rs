@@ -26,6 +26,17 @@ type PeerClient = pb::peer_client::PeerClient<
 
 type Waiters = Vec<oneshot::Sender<Result<Bytes, String>>>;
 
+/// Why one ReadBlocks attempt failed.
+enum Fetch {
+    /// The connection broke or could not be made: worth another try before the deadline.
+    Retry(String),
+    /// The peer answered no (stale epoch, bad reply): final.
+    Refused(String),
+}
+
+/// Pause between attempts on a broken connection.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// At most this many ReadBlocks requests in flight.
 const MAX_IN_FLIGHT: usize = 32;
 
@@ -111,11 +122,25 @@ impl Proxy {
         let mut got: HashMap<u64, Bytes> = HashMap::new();
         let deadline = tokio::time::Instant::now() + self.timeout;
         if !mine.is_empty() {
-            let res = tokio::time::timeout_at(deadline, self.fetch(volume, epoch, &mine))
+            // A broken connection is retried (reconnecting) until the deadline; a refusal is final.
+            let mut last = String::new();
+            let attempts = async {
+                loop {
+                    match self.fetch(volume, epoch, &mine).await {
+                        Ok(d) => return Ok(d),
+                        Err(Fetch::Retry(e)) => {
+                            last = e;
+                            tokio::time::sleep(RETRY_AFTER).await;
+                        }
+                        Err(Fetch::Refused(e)) => return Err(e),
+                    }
+                }
+            };
+            let res = tokio::time::timeout_at(deadline, attempts)
                 .await
                 .unwrap_or_else(|_| {
                     Err(format!(
-                        "peer {} did not answer within {} ms",
+                        "peer {} did not answer within {} ms ({last})",
                         self.peer,
                         self.timeout.as_millis()
                     ))
@@ -156,12 +181,12 @@ impl Proxy {
             .collect()
     }
 
-    async fn fetch(&self, volume: &str, epoch: u64, blocks: &[u64]) -> Result<Vec<Bytes>, String> {
+    async fn fetch(&self, volume: &str, epoch: u64, blocks: &[u64]) -> Result<Vec<Bytes>, Fetch> {
         let _permit = self
             .permits
             .acquire()
             .await
-            .map_err(|_| "proxy closed".to_string())?;
+            .map_err(|_| Fetch::Refused("proxy closed".to_string()))?;
         let mut client = {
             let mut c = self.client.lock().await;
             match &*c {
@@ -169,9 +194,9 @@ impl Proxy {
                 None => {
                     let ch = channel(&self.peer, self.timeout)
                         .await
-                        .map_err(|e| e.to_string())?;
-                    let interceptor =
-                        TokenInterceptor::new(self.token.as_deref()).map_err(|e| e.to_string())?;
+                        .map_err(|e| Fetch::Retry(e.to_string()))?;
+                    let interceptor = TokenInterceptor::new(self.token.as_deref())
+                        .map_err(|e| Fetch::Refused(e.to_string()))?;
                     let cl = pb::peer_client::PeerClient::with_interceptor(ch, interceptor)
                         .max_decoding_message_size(64 << 20);
                     *c = Some(cl.clone());
@@ -189,17 +214,19 @@ impl Proxy {
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(s) => {
+                let msg = format!("peer {}: {}", self.peer, s.message());
                 if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
                     *self.client.lock().await = None;
+                    return Err(Fetch::Retry(msg));
                 }
-                return Err(format!("peer {}: {}", self.peer, s.message()));
+                return Err(Fetch::Refused(msg));
             }
         };
         if reply.epoch != epoch {
-            return Err(format!(
+            return Err(Fetch::Refused(format!(
                 "peer answered at epoch {}, not {epoch}; refused",
                 reply.epoch
-            ));
+            )));
         }
         if reply.data.len() != blocks.len()
             || reply
@@ -207,7 +234,9 @@ impl Proxy {
                 .iter()
                 .any(|d| d.len() != crate::volume::BLOCK_SIZE as usize)
         {
-            return Err("peer sent a malformed ReadBlocks reply".into());
+            return Err(Fetch::Refused(
+                "peer sent a malformed ReadBlocks reply".into(),
+            ));
         }
         Ok(reply.data)
     }
