@@ -42,8 +42,20 @@ pub enum AttachError {
 pub struct Attachment {
     pub device: PathBuf,
     pub nbd: String,
+    /// The NBD export name the daemon opens, on every reconnect: `<volume>@<epoch>` when pinned.
     pub export: String,
     pub kind: AttachKind,
+    /// The epoch the export is pinned to. `None`: an attachment made before pinning (a record
+    /// written by an older plugin, whose export is the bare volume name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_epoch: Option<u64>,
+}
+
+/// The export name pinned to `epoch`: the engine opens it only while it is at exactly that epoch, so
+/// an attachment never reconnects into a later epoch (after a takeover and a failback the old
+/// attachment stays refused, and its stale filesystem cannot write).
+pub fn pinned_export(volume: &str, epoch: u64) -> String {
+    format!("{volume}@{epoch}")
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +73,10 @@ pub struct AttachSpec {
     /// File-system-safe, unique per volume (the escaped volume id).
     pub key: String,
     pub nbd: String,
+    /// The export name to open (see [`pinned_export`]).
     pub export: String,
+    /// The epoch `export` is pinned to, recorded in the [`Attachment`].
+    pub pinned_epoch: Option<u64>,
     pub read_only: bool,
 }
 
@@ -367,6 +382,7 @@ impl Attacher for FuseLoopAttacher {
             nbd: spec.nbd.clone(),
             export: spec.export.clone(),
             kind: AttachKind::FuseLoop { dir, pid },
+            pinned_epoch: spec.pinned_epoch,
         })
     }
 
@@ -501,6 +517,7 @@ pub(crate) mod fake {
                 nbd: spec.nbd.clone(),
                 export: spec.export.clone(),
                 kind: AttachKind::Fake,
+                pinned_epoch: spec.pinned_epoch,
             })
         }
         fn detach(&self, att: &Attachment) -> Result<(), AttachError> {

@@ -222,29 +222,8 @@ pub fn plan(
     answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
 ) -> Result<Plan, crate::error::Error> {
     use crate::error::Error;
-    if let Some((_, Err(e))) = answers
-        .iter()
-        .find(|(_, r)| matches!(r, Err(EngineError::Unauthenticated { .. })))
-    {
-        return Err(Error::Engine(e.clone()));
-    }
-    let answered: Vec<_> = answers.iter().filter(|(_, r)| r.is_ok()).collect();
-    let unknown = answers
-        .iter()
-        .filter(|(_, r)| matches!(r, Err(EngineError::VolumeUnknown { .. })))
-        .count();
-    if answered.is_empty() && unknown > 0 && unknown == answers.len() {
-        if let Some((_, Err(e))) = answers.first() {
-            return Err(Error::Engine(e.clone()));
-        }
-    }
-    let primary = answers
-        .iter()
-        .filter_map(|(e, r)| match r {
-            Ok(s) if s.role == Role::Primary => Some((e, s.epoch)),
-            _ => None,
-        })
-        .max_by_key(|(_, epoch)| *epoch);
+    refusals(answers)?;
+    let primary = highest_primary(answers);
     let local = answers.iter().find(|(e, _)| e.node == node_id);
     match (local, primary) {
         (Some((e, Ok(s))), _) if s.role == Role::Secondary => {
@@ -263,18 +242,68 @@ pub fn plan(
             engine: e.clone(),
             epoch,
         }),
-        (_, None) => {
-            let why = answers
-                .iter()
-                .map(|(e, r)| match r {
-                    Ok(s) => format!("{}: {:?} at epoch {}", e.node, s.role, s.epoch),
-                    Err(err) => format!("{}: {err}", e.node),
-                })
-                .collect::<Vec<_>>()
-                .join("; ");
-            Err(Error::PrimaryUnavailable(format!("no primary ({why})")))
+        (_, None) => Err(no_primary(answers)),
+    }
+}
+
+/// The engine serving the volume now and its epoch (the primary with the highest epoch), without
+/// taking anything over: what an existing staging is checked against. Errors as [`plan`]'s.
+pub fn current_primary(
+    answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+) -> Result<(EngineRef, u64), crate::error::Error> {
+    refusals(answers)?;
+    highest_primary(answers)
+        .map(|(e, epoch)| (e.clone(), epoch))
+        .ok_or_else(|| no_primary(answers))
+}
+
+/// Every engine rejected the token → that error; every engine that answered does not know the
+/// volume → not found.
+fn refusals(
+    answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+) -> Result<(), crate::error::Error> {
+    use crate::error::Error;
+    if let Some((_, Err(e))) = answers
+        .iter()
+        .find(|(_, r)| matches!(r, Err(EngineError::Unauthenticated { .. })))
+    {
+        return Err(Error::Engine(e.clone()));
+    }
+    let answered = answers.iter().filter(|(_, r)| r.is_ok()).count();
+    let unknown = answers
+        .iter()
+        .filter(|(_, r)| matches!(r, Err(EngineError::VolumeUnknown { .. })))
+        .count();
+    if answered == 0 && unknown > 0 && unknown == answers.len() {
+        if let Some((_, Err(e))) = answers.first() {
+            return Err(Error::Engine(e.clone()));
         }
     }
+    Ok(())
+}
+
+fn highest_primary(
+    answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+) -> Option<(&EngineRef, u64)> {
+    answers
+        .iter()
+        .filter_map(|(e, r)| match r {
+            Ok(s) if s.role == Role::Primary => Some((e, s.epoch)),
+            _ => None,
+        })
+        .max_by_key(|(_, epoch)| *epoch)
+}
+
+fn no_primary(answers: &[(EngineRef, Result<EngineStatus, EngineError>)]) -> crate::error::Error {
+    let why = answers
+        .iter()
+        .map(|(e, r)| match r {
+            Ok(s) => format!("{}: {:?} at epoch {}", e.node, s.role, s.epoch),
+            Err(err) => format!("{}: {err}", e.node),
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    crate::error::Error::PrimaryUnavailable(format!("no primary ({why})"))
 }
 
 #[cfg(test)]
@@ -435,5 +464,35 @@ mod tests {
         assert_eq!(r(Code::DeadlineExceeded).code(), Code::Unavailable);
         assert_eq!(r(Code::PermissionDenied).code(), Code::Unauthenticated);
         assert_eq!(r(Code::NotFound).code(), Code::NotFound);
+    }
+
+    #[test]
+    fn the_current_primary_is_the_highest_epoch_and_never_a_takeover() {
+        // A local secondary does not make its node the answer: checking is not taking over.
+        let (e, epoch) = current_primary(&[
+            (eng("a"), ok(Role::Secondary, 2)),
+            (eng("b"), ok(Role::Primary, 2)),
+        ])
+        .unwrap();
+        assert_eq!((e.node.as_str(), epoch), ("b", 2));
+        let (e, epoch) = current_primary(&[
+            (eng("a"), ok(Role::Primary, 3)),
+            (eng("b"), ok(Role::Primary, 1)),
+        ])
+        .unwrap();
+        assert_eq!((e.node.as_str(), epoch), ("a", 3));
+        let e = current_primary(&[
+            (eng("a"), ok(Role::Fenced, 2)),
+            (eng("b"), unreachable("b")),
+        ])
+        .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        let unauth = Err(EngineError::Unauthenticated {
+            addr: "a".into(),
+            message: "bad token".into(),
+        });
+        let e =
+            current_primary(&[(eng("a"), unauth), (eng("b"), ok(Role::Primary, 1))]).unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
     }
 }

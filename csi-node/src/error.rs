@@ -29,6 +29,9 @@ pub enum Error {
     VolumeIncompatible(String),
     #[error("{0}")]
     PreconditionFailed(String),
+    /// The volume is staged here from before a takeover and still in use, so it cannot be replaced.
+    #[error("stale staging: {0}")]
+    StagingStale(String),
     #[error("path not found: {0}")]
     PathNotFound(PathBuf),
     #[error("no engine can serve the volume: {0}")]
@@ -57,7 +60,9 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::FieldMissing(_) | Error::FieldInvalid { .. } => Code::InvalidArgument,
-            Error::VolumeBusy => Code::Aborted,
+            // Retryable for kubelet (it keeps the staging "uncertain" and unstages it once the
+            // pod is gone) where FAILED_PRECONDITION would be final.
+            Error::VolumeBusy | Error::StagingStale(_) => Code::Aborted,
             Error::VolumeNotFound(_) | Error::PathNotFound(_) => Code::NotFound,
             Error::VolumeNotStaged(_) | Error::PreconditionFailed(_) => Code::FailedPrecondition,
             Error::VolumeIncompatible(_) => Code::AlreadyExists,

@@ -930,9 +930,13 @@ fn supervise(sh: Arc<Shared>) {
                         if failures == 1 || failures.is_power_of_two() {
                             tracing::warn!(addr = %sh.addr, export = %sh.export, attempt = failures, "NBD reconnect failed: {e}");
                         }
-                        let (refused_now, failed) = {
+                        let (refused_now, failed, news) = {
                             let mut st = lock(&sh.state);
-                            st.link.last_error = Some(e.to_string());
+                            // A new reason is worth publishing (e.g. "at epoch 3 now" after a
+                            // failback); the same one again is not.
+                            let message = e.to_string();
+                            let news = st.link.last_error.as_deref() != Some(message.as_str());
+                            st.link.last_error = Some(message);
                             let refused = e.is_policy_refusal();
                             let changed = st.link.refused != refused;
                             st.link.refused = refused;
@@ -942,7 +946,7 @@ fn supervise(sh: Arc<Shared>) {
                             } else {
                                 Vec::new()
                             };
-                            (changed && refused, failed)
+                            (changed && refused, failed, news)
                         };
                         if refused_now {
                             tracing::warn!(addr = %sh.addr, export = %sh.export, failed = failed.len(), "the engine refuses the export: I/O fails until it serves it again");
@@ -950,7 +954,7 @@ fn supervise(sh: Arc<Shared>) {
                         for p in failed {
                             (p.done)(Err(libc_errno::EIO));
                         }
-                        if failures == 1 || refused_now {
+                        if failures == 1 || refused_now || news {
                             sh.notify_link();
                         }
                         // Sleep, but wake at once for shutdown.
@@ -1047,6 +1051,8 @@ pub(crate) mod testserver {
         pub flushes: Arc<AtomicU64>,
         /// When set, the next request's connection is dropped without a reply.
         pub drop_next: Arc<AtomicBool>,
+        /// The export name of every OPT_GO, in order.
+        pub names: Arc<Mutex<Vec<String>>>,
         _dir: tempfile::TempDir,
     }
 
@@ -1059,18 +1065,21 @@ pub(crate) mod testserver {
             let refuse = Arc::new(Mutex::new(None::<String>));
             let flushes = Arc::new(AtomicU64::new(0));
             let drop_next = Arc::new(AtomicBool::new(false));
-            let (d, r, f, dn) = (
+            let names = Arc::new(Mutex::new(Vec::new()));
+            let (d, r, f, dn, nm) = (
                 data.clone(),
                 refuse.clone(),
                 flushes.clone(),
                 drop_next.clone(),
+                names.clone(),
             );
             thread::spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { return };
-                    let (d, r, f, dn) = (d.clone(), r.clone(), f.clone(), dn.clone());
+                    let (d, r, f, dn, nm) =
+                        (d.clone(), r.clone(), f.clone(), dn.clone(), nm.clone());
                     thread::spawn(move || {
-                        let _ = serve(conn, d, r, f, dn);
+                        let _ = serve(conn, d, r, f, dn, nm);
                     });
                 }
             });
@@ -1080,6 +1089,7 @@ pub(crate) mod testserver {
                 refuse,
                 flushes,
                 drop_next,
+                names,
                 _dir: dir,
             }
         }
@@ -1095,6 +1105,7 @@ pub(crate) mod testserver {
         refuse: Arc<Mutex<Option<String>>>,
         flushes: Arc<AtomicU64>,
         drop_next: Arc<AtomicBool>,
+        names: Arc<Mutex<Vec<String>>>,
     ) -> io::Result<()> {
         c.write_all(&NBDMAGIC.to_be_bytes())?;
         c.write_all(&IHAVEOPT.to_be_bytes())?;
@@ -1110,6 +1121,8 @@ pub(crate) mod testserver {
                 return Ok(());
             }
             assert_eq!(opt, OPT_GO);
+            let name_len = u32::from_be_bytes(body[..4].try_into().unwrap()) as usize;
+            lock(&names).push(String::from_utf8_lossy(&body[4..4 + name_len]).into_owned());
             let reply = |c: &mut UnixStream, rep: u32, payload: &[u8]| -> io::Result<()> {
                 c.write_all(&OPT_REPLY_MAGIC.to_be_bytes())?;
                 c.write_all(&OPT_GO.to_be_bytes())?;
@@ -1313,6 +1326,17 @@ mod tests {
         let seen = lock(&states).clone();
         assert!(seen.iter().any(|l| !l.connected), "{seen:?}");
         assert!(seen.last().unwrap().connected);
+    }
+
+    /// A pinned export (`vol@3`) is what every reconnect opens again, never the bare name.
+    #[test]
+    fn reconnects_open_the_same_pinned_export() {
+        let srv = TestServer::start(1 << 16);
+        let c = NbdClient::connect(srv.addr(), "vol@3", opts(), None).unwrap();
+        srv.drop_next.store(true, Ordering::SeqCst);
+        c.call(Command::write(0, vec![7u8; 4096])).unwrap();
+        assert_eq!(c.link_state().reconnects, 1);
+        assert_eq!(*lock(&srv.names), vec!["vol@3".to_string(); 2]);
     }
 
     #[test]

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::attach::{AttachSpec, Attacher, Health};
+use crate::attach::{pinned_export, AttachSpec, Attacher, Health};
 use crate::context::{EngineRef, VolumeParams};
-use crate::engine::{plan, EngineApi, Plan};
+use crate::engine::{current_primary, plan, EngineApi, Plan};
 use crate::error::{Error, Result};
 use crate::mount::{MountState, Mounter};
 use crate::state::{escape_id, Access, OpGuard, Publication, StateStore, VolumeRecord};
@@ -77,12 +77,19 @@ where
 }
 
 enum Resume {
-    /// Already staged, nothing to do.
-    Done,
+    /// Already staged (if the staging's epoch is still the primary's), nothing to do.
+    Done(VolumeRecord),
     /// Attached; the mount step is missing.
     Mount(VolumeRecord),
     /// Needs an attachment (a record may exist whose attachment was torn down).
     Attach(Option<VolumeRecord>),
+}
+
+enum Retired {
+    /// Still in use and current: left as it is.
+    Kept(VolumeRecord),
+    /// Unmounted and detached: attach afresh.
+    Detached(VolumeRecord),
 }
 
 impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
@@ -108,7 +115,15 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     /// MUST be idempotent (OK if already staged there with a compatible capability, ALREADY_EXISTS if
     /// staged incompatibly); NOT_FOUND if the volume does not exist; ABORTED while another call for the
     /// volume runs. Tandem: if this node's engine is the secondary, staging here is the failover
-    /// trigger: takeover first, answer only when this engine serves I/O.
+    /// trigger: takeover first, answer only when this engine serves I/O. The attachment is pinned to
+    /// the primary's epoch (`<volume>@<epoch>`), so it never reconnects into a later epoch.
+    ///
+    /// A repeated call checks the staging against the current primary (Status only): same engine
+    /// and epoch → OK as it is. Otherwise the staging is stale (a takeover happened since): with
+    /// no publication mounted it is unmounted, detached and staged afresh (a takeover included, as
+    /// for a first stage); with one still mounted it is ABORTED and left alone (its I/O fails: the
+    /// engine refuses its pinned export), so kubelet retries and unstages it once the pod is gone.
+    /// No primary to compare with → UNAVAILABLE.
     pub async fn stage(&self, req: StageRequest) -> Result<()> {
         let _token = self.guard.try_acquire(&req.volume_id)?;
         let params = VolumeParams::parse(&req.context)?;
@@ -121,30 +136,94 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         let inner = self.inner.clone();
         let (r, volume) = (req.clone(), params.volume.clone());
         let resume = blocking(move || inner.stage_resume(&r, &volume)).await?;
+        let (rec, done) = match resume {
+            Resume::Attach(existing) => return self.attach(req, params, existing, &secret).await,
+            Resume::Done(rec) => (rec, true),
+            Resume::Mount(rec) => (rec, false),
+        };
+        // An existing attachment is only as good as its epoch: check it against the primary now
+        // (Status only; nothing is taken over for a staging that might be stale and in use).
+        let (primary, epoch) = self.current_primary(&params, &secret).await?;
+        let current = rec.engine_node == primary.node && rec.epoch == epoch;
+        let pinned = rec
+            .attachment
+            .as_ref()
+            .is_some_and(|a| a.pinned_epoch == Some(rec.epoch));
+        let rec = if current && pinned {
+            rec
+        } else {
+            let why = if current {
+                format!(
+                    "the attachment to {}'s engine at epoch {} predates epoch pinning",
+                    rec.engine_node, rec.epoch
+                )
+            } else {
+                format!(
+                    "staged on {}'s engine at epoch {}, but the primary is now {}'s engine at \
+                     epoch {} (a takeover happened since)",
+                    rec.engine_node, rec.epoch, primary.node, epoch
+                )
+            };
+            let inner = self.inner.clone();
+            match blocking(move || inner.retire(rec, &why, current)).await? {
+                Retired::Kept(rec) => rec,
+                Retired::Detached(rec) => {
+                    return self.attach(req, params, Some(rec), &secret).await;
+                }
+            }
+        };
         let inner = self.inner.clone();
-        match resume {
-            Resume::Done => {
-                tracing::info!("already staged");
-                Ok(())
-            }
-            Resume::Mount(rec) => blocking(move || inner.finish_stage(rec)).await,
-            Resume::Attach(existing) => {
-                let (engine, epoch) = self.choose_engine(&params, &secret).await?;
-                blocking(move || inner.attach_and_stage(&req, &params, existing, &engine, epoch))
-                    .await
-            }
+        if done {
+            tracing::info!(engine = %rec.engine_node, epoch = rec.epoch, "already staged");
+            Ok(())
+        } else {
+            blocking(move || inner.finish_stage(rec)).await
         }
     }
 
-    /// Finds the primary; takes over first when this node holds the secondary.
-    async fn choose_engine(&self, params: &VolumeParams, token: &str) -> Result<(EngineRef, u64)> {
-        let answers = futures::future::join_all(params.engines.iter().map(|e| async {
+    /// Finds the primary (taking over first if this node holds the secondary), then attaches pinned
+    /// to its epoch and mounts.
+    async fn attach(
+        &self,
+        req: StageRequest,
+        params: VolumeParams,
+        existing: Option<VolumeRecord>,
+        secret: &str,
+    ) -> Result<()> {
+        let (engine, epoch) = self.choose_engine(&params, secret).await?;
+        let inner = self.inner.clone();
+        blocking(move || inner.attach_and_stage(&req, &params, existing, &engine, epoch)).await
+    }
+
+    async fn statuses(
+        &self,
+        params: &VolumeParams,
+        token: &str,
+    ) -> Vec<(
+        EngineRef,
+        std::result::Result<crate::engine::EngineStatus, crate::engine::EngineError>,
+    )> {
+        futures::future::join_all(params.engines.iter().map(|e| async {
             (
                 e.clone(),
                 self.engines.status(&e.grpc, &params.volume, token).await,
             )
         }))
-        .await;
+        .await
+    }
+
+    /// The primary serving now and its epoch, without any takeover.
+    async fn current_primary(
+        &self,
+        params: &VolumeParams,
+        token: &str,
+    ) -> Result<(EngineRef, u64)> {
+        current_primary(&self.statuses(params, token).await)
+    }
+
+    /// Finds the primary; takes over first when this node holds the secondary.
+    async fn choose_engine(&self, params: &VolumeParams, token: &str) -> Result<(EngineRef, u64)> {
+        let answers = self.statuses(params, token).await;
         match plan(self.node_id(), &answers)? {
             Plan::Attach { engine, epoch } => {
                 tracing::info!(engine = %engine.node, epoch, "attaching to the primary");
@@ -270,7 +349,7 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
                     }
                 };
                 if rec.staged && mounted {
-                    Ok(Resume::Done)
+                    Ok(Resume::Done(rec))
                 } else {
                     Ok(Resume::Mount(rec))
                 }
@@ -298,7 +377,8 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
         let spec = AttachSpec {
             key: escape_id(&req.volume_id),
             nbd: engine.nbd.clone(),
-            export: params.volume.clone(),
+            export: pinned_export(&params.volume, epoch),
+            pinned_epoch: Some(epoch),
             read_only: req.read_only,
         };
         let mut rec = existing.unwrap_or_else(|| VolumeRecord {
@@ -324,6 +404,50 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
             return Err(e);
         }
         self.finish_stage(rec)
+    }
+
+    /// Replaces a staging that no longer matches the primary (`why`), unless it is still in use:
+    /// with a publication still mounted, a stale staging is refused (ABORTED; it stays fenced, as
+    /// its pinned export is refused), and one that is `current` but unpinned is kept as it is.
+    /// Otherwise unmounts the staging path and detaches, and returns the record without an
+    /// attachment for a fresh attach. Never two writers: the old attachment is gone (or refused by
+    /// the engine) before the new one exists.
+    fn retire(&self, mut rec: VolumeRecord, why: &str, current: bool) -> Result<Retired> {
+        let Some(att) = rec.attachment.clone() else {
+            return Ok(Retired::Detached(rec));
+        };
+        let live = self.live_publications(&rec, &att.device);
+        if !live.is_empty() {
+            if current {
+                tracing::warn!(
+                    "{why}; still published at {}: kept as it is until it is unstaged",
+                    live.join(", ")
+                );
+                return Ok(Retired::Kept(rec));
+            }
+            return Err(Error::StagingStale(format!(
+                "{why}; it is still published at {}, so it stays as it is (fenced: its I/O fails) \
+                 until it is unpublished; stage again then",
+                live.join(", ")
+            )));
+        }
+        tracing::warn!(device = %att.device.display(), "{why}: replacing the staging");
+        self.unmount_all(&rec.staging_path, &att.device)?;
+        self.attacher.detach(&att)?;
+        rec.attachment = None;
+        rec.staged = false;
+        rec.publications.clear();
+        self.state.save(&rec)?;
+        Ok(Retired::Detached(rec))
+    }
+
+    /// The recorded publications that are still mounted from `device`.
+    fn live_publications(&self, rec: &VolumeRecord, device: &Path) -> Vec<String> {
+        rec.publications
+            .keys()
+            .filter(|t| matches!(self.mounter.state(t, device), Ok(MountState::Device)))
+            .map(|t| t.display().to_string())
+            .collect()
     }
 
     /// The mount step (mount volumes), then the record says "staged". A failure detaches.
@@ -430,12 +554,7 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
             return Ok(());
         }
         if let Some(att) = &rec.attachment {
-            let live: Vec<String> = rec
-                .publications
-                .keys()
-                .filter(|t| matches!(self.mounter.state(t, &att.device), Ok(MountState::Device)))
-                .map(|t| t.display().to_string())
-                .collect();
+            let live = self.live_publications(&rec, &att.device);
             if !live.is_empty() {
                 return Err(Error::PreconditionFailed(format!(
                     "still published at {}",

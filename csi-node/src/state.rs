@@ -48,8 +48,12 @@ pub struct VolumeRecord {
     pub staging_path: PathBuf,
     pub access: Access,
     pub read_only: bool,
-    /// Which engine we attached to, at which epoch (for logs and stats).
+    /// Which engine we attached to, at which epoch (the primary's, after any takeover this stage
+    /// triggered). A repeated NodeStageVolume compares them with the current primary: any difference
+    /// makes the staging stale. The attachment itself is pinned to this epoch
+    /// ([`Attachment::pinned_epoch`]).
     pub engine_node: String,
+    #[serde(default)]
     pub epoch: u64,
     /// Set as soon as a device exists, before anything is mounted, so a crash leaves a trail.
     pub attachment: Option<Attachment>,
@@ -242,6 +246,23 @@ mod tests {
         s2.remove("ns/a").unwrap();
         s2.remove("ns/a").unwrap();
         assert_eq!(s2.list().unwrap().len(), 1);
+    }
+
+    /// A record written before attachments were pinned reads back, its attachment unpinned.
+    #[test]
+    fn a_record_from_before_pinning_reads_back_unpinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        let old = r#"{"volume_id":"ns/old","engine_volume":"vol","staging_path":"/s",
+            "access":{"type":"block"},"read_only":false,"engine_node":"a","epoch":1,
+            "attachment":{"device":"/dev/loop3","nbd":"10.0.0.1:10809","export":"vol",
+              "kind":{"type":"fuse-loop","dir":"/var/lib/tandem-csi/attach/ns%2Fold","pid":42}},
+            "staged":true,"publications":{}}"#;
+        std::fs::write(dir.path().join("volumes/ns%2Fold.json"), old).unwrap();
+        let rec = s.load("ns/old").unwrap().unwrap();
+        let att = rec.attachment.unwrap();
+        assert_eq!((att.export.as_str(), att.pinned_epoch), ("vol", None));
+        assert_eq!(rec.epoch, 1);
     }
 
     #[test]

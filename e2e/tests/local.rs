@@ -15,7 +15,10 @@
 //! every file or byte is read back there (the unreplicated ones through proxied reads), node A's writes
 //! are refused, the drain finishes and the pair converges with identical replicas, for ext4 and for raw
 //! block. With the primary's engine dead, WaitForPrimary is a retryable UNAVAILABLE that attaches
-//! nothing and ForcePromote stages.
+//! nothing and ForcePromote stages. A node that keeps its staging (plugin up, mount in place) through
+//! a takeover and a failback to its own engine: its attachment is pinned to epoch 1, so its device
+//! fails with EIO at epoch 3; restaging there is ABORTED while the old pod is published, then
+//! replaces the staging and sees every file of epoch 2.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1454,6 +1457,215 @@ async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
         let mut a = node_a.client().await?;
         a.node.node_unpublish_volume(na.unpublish(id)).await?;
         a.node.node_unstage_volume(na.unstage(id)).await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// The attachment node A's plugin recorded for `id`: (device, NBD export name).
+fn recorded_attachment(plugin: &Plugin, id: &str) -> anyhow::Result<(PathBuf, String)> {
+    let file = plugin
+        .state_dir()
+        .join("volumes")
+        .join(format!("{}.json", id.replace('/', "%2F")));
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+    let att = &rec["attachment"];
+    match (att["device"].as_str(), att["export"].as_str()) {
+        (Some(d), Some(e)) => Ok((PathBuf::from(d), e.to_string())),
+        _ => anyhow::bail!("no attachment in {}: {rec}", file.display()),
+    }
+}
+
+/// A partitioned node keeps its staging across a takeover: the attachment is pinned to the epoch
+/// it was made at, so after a failback to that node's engine (epoch 3) the stale device still
+/// fails I/O instead of reaching the new epoch's data; NodeStageVolume there refuses the stale
+/// staging while the old pod's publication is mounted, and replaces it once it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_next_stage() {
+    if skip("a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_next_stage") {
+        return;
+    }
+    let _serial = serial().await;
+    let bins = bins().unwrap();
+    let scratch = Scratch::new("stale").unwrap();
+    let pair = EnginePair::start(&bins, &scratch.root, "vol-st", "256M", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-st", false).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-st", false).unwrap();
+    // The pod that replaces p1 on node A after the failback (same staging path).
+    let na2 = NodePaths::new(&scratch, "node-a", "p3", "pv-st", false).unwrap();
+    let node_a = Plugin::start(&bins, &na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&bins, &nb.plugin_dir(), "node-b").unwrap();
+    let ctx = pair.volume_context();
+    let id = "default/pv-st";
+    let fs = Some("ext4");
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        // Node A: the pod runs on the primary's node, pinned to epoch 1.
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, fs))
+            .await?;
+        let (stale_dev, export) = recorded_attachment(&node_a, id)?;
+        anyhow::ensure!(export == "vol-st@1", "node A attached {export:?}");
+        let first = write_files(&na.target, "epoch1", 10)?;
+        wait_replicated(&pair.a).await?;
+
+        // Node A is cut off from kubelet's point of view: its plugin stays up and its mount stays
+        // in place (nothing unpublishes or unstages there). The pod moves to node B: takeover.
+        let mut b = node_b.client().await?;
+        b.node
+            .node_stage_volume(stage_request(id, &nb.staging, fs, &ctx, TOKEN))
+            .await?;
+        let st = pair.b.status().await?;
+        anyhow::ensure!(
+            role(&st) == EngineRole::Primary && st.epoch == 2,
+            "engine-b after the stage on node B: {st:?}"
+        );
+        let (_, export) = recorded_attachment(&node_b, id)?;
+        anyhow::ensure!(export == "vol-st@2", "node B attached {export:?}");
+        b.node
+            .node_publish_volume(publish_request(id, &nb.staging, &nb.target, fs))
+            .await?;
+        verify_files(&rebase(&first, &nb.target))?;
+        let second = write_files(&nb.target, "epoch2", 10)?;
+        // The pod on node B finishes; kubelet there cleans up.
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        assert_clean_under(&nb.root);
+        EnginePair::wait_converged(&pair.b, &pair.a, Duration::from_secs(120)).await?;
+
+        // The operator fails back to node A's engine (e.g. node B is drained): epoch 3, and node
+        // A's engine serves I/O again, with node A's epoch-1 staging still in place.
+        let t0 = std::time::Instant::now();
+        sh(Command::new(&bins.engine)
+            .args(["failback", "--grpc", &pair.a.grpc, "--volume", "vol-st"])
+            .arg("--token-file")
+            .arg(pair.a.dir.join("token")))?;
+        let st = pair.a.status().await?;
+        anyhow::ensure!(
+            role(&st) == EngineRole::Primary && st.epoch == 3,
+            "engine-a after the failback: {st:?}"
+        );
+        println!("failback to engine A: {:?}", t0.elapsed());
+
+        // The stale staging's daemon keeps reconnecting, and engine A keeps refusing it: the
+        // volume condition says why, and the device fails reads and writes with EIO.
+        let stats_req = pb::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: na.target.display().to_string(),
+            staging_target_path: String::new(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let cond = loop {
+            let cond = a
+                .node
+                .node_get_volume_stats(stats_req.clone())
+                .await?
+                .into_inner()
+                .volume_condition
+                .unwrap_or_default();
+            // The refusal seen after the failback names the new epoch.
+            if cond.abnormal
+                && cond.message.contains("pinned to epoch 1")
+                && cond.message.contains("at epoch 3 now")
+            {
+                break cond;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "node A's stale staging never reported the refusal: {cond:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        println!(
+            "node A's stale staging after the failback: {}",
+            cond.message
+        );
+        let read = dd_read(&stale_dev, 0, 1 << 20);
+        match &read {
+            Err(e) if e.to_string().contains("Input/output error") => {}
+            other => anyhow::bail!("O_DIRECT read of the stale device: {other:?}"),
+        }
+        let write = dd_write(&stale_dev, 64 << 20, 61, 64 << 10, &tmp);
+        match &write {
+            Err(e) if e.to_string().contains("Input/output error") => {}
+            other => anyhow::bail!("O_DIRECT write to the stale device: {other:?}"),
+        }
+        // The old pod writes through its stale filesystem: never durable.
+        let stale_file = na.target.join("stale-write.bin");
+        let durable = std::fs::File::create(&stale_file).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(&pattern(62, 256 << 10))?;
+            f.sync_all()
+        });
+        anyhow::ensure!(
+            durable.is_err(),
+            "an fsync on the stale filesystem succeeded after the failback"
+        );
+
+        // Kubelet stages again on node A while the old pod's publication is still mounted:
+        // refused as stale, retryable, and nothing changes (no takeover either).
+        let e = a
+            .node
+            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, TOKEN))
+            .await;
+        match &e {
+            Err(s) if s.code() == Code::Aborted && s.message().contains("stale") => {
+                println!(
+                    "stage over a stale staging still published: {}",
+                    s.message()
+                )
+            }
+            other => anyhow::bail!("stage over the stale, published staging: {other:?}"),
+        }
+        let st = pair.a.status().await?;
+        anyhow::ensure!(
+            role(&st) == EngineRole::Primary && st.epoch == 3,
+            "engine-a after the refused stage: {st:?}"
+        );
+        anyhow::ensure!(
+            recorded_attachment(&node_a, id)?.1 == "vol-st@1",
+            "the refused stage changed the staging"
+        );
+
+        // Kubelet removes the old pod's volume; the next stage replaces the stale staging.
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        let t0 = std::time::Instant::now();
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, TOKEN))
+            .await?;
+        println!("stage replacing the stale staging: {:?}", t0.elapsed());
+        let (dev, export) = recorded_attachment(&node_a, id)?;
+        anyhow::ensure!(export == "vol-st@3", "node A attached {export:?}");
+        let loops = loops_under(&na.root);
+        anyhow::ensure!(loops.len() == 1, "loop devices on node A: {loops:?}");
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na2.target, fs))
+            .await?;
+        // Everything of both epochs, nothing of the stale one.
+        verify_files(&rebase(&first, &na2.target))?;
+        verify_files(&rebase(&second, &na2.target))?;
+        anyhow::ensure!(
+            !na2.target.join("stale-write.bin").exists(),
+            "the stale filesystem's write reached the volume"
+        );
+        let third = write_files(&na2.target, "epoch3", 5)?;
+        verify_files(&third)?;
+        anyhow::ensure!(dd_read(&dev, 0, 4096)?.len() == 4096);
+        a.node.node_unpublish_volume(na2.unpublish(id)).await?;
+        a.node.node_unstage_volume(na2.unstage(id)).await?;
+        assert_clean_under(&na.root);
+        EnginePair::wait_converged(&pair.a, &pair.b, Duration::from_secs(120)).await?;
+        anyhow::ensure!(
+            first_difference(&pair.a.data(), &pair.b.data())?.is_none(),
+            "the replicas differ at byte {:?}",
+            first_difference(&pair.a.data(), &pair.b.data())?
+        );
         scratch.assert_clean();
         Ok(())
     });

@@ -184,7 +184,10 @@ async fn stage_on_the_primary_attaches_formats_and_mounts() {
     let dev = device_of(&rec);
     let spec = h.attacher().st.lock().unwrap().attached[&dev].clone();
     assert_eq!(spec.nbd, "10.0.0.1:10809");
-    assert_eq!(spec.export, "vol");
+    // Pinned to the primary's epoch: the daemon opens (and reopens) exactly this export.
+    assert_eq!(spec.export, "vol@7");
+    assert_eq!(spec.pinned_epoch, Some(7));
+    assert_eq!(rec.attachment.as_ref().unwrap().pinned_epoch, Some(7));
     assert_eq!(spec.key, "ns%2Fpv");
     assert_eq!(
         h.mounter().st.lock().unwrap().mkfs_calls,
@@ -281,10 +284,10 @@ async fn stage_on_the_secondarys_node_takes_over_first() {
     assert_eq!(rec.epoch, 8);
     assert_eq!(rec.engine_node, "node-a");
     let dev = device_of(&rec);
-    assert_eq!(
-        h.attacher().st.lock().unwrap().attached[&dev].nbd,
-        "10.0.0.1:10809"
-    );
+    let spec = h.attacher().st.lock().unwrap().attached[&dev].clone();
+    assert_eq!(spec.nbd, "10.0.0.1:10809");
+    // Pinned to the epoch the takeover produced, not the one Status showed before it.
+    assert_eq!(spec.export, "vol@8");
 }
 
 #[tokio::test]
@@ -448,6 +451,188 @@ async fn a_broken_attachment_is_replaced_on_the_next_stage() {
     assert!(rec.staged);
     assert_eq!(h.attacher().attached_count(), 1);
     assert_eq!(h.mounter().mounted(&h.path("staging")), Some((new, false)));
+    assert_eq!(h.mounter().mount_count(), 1);
+}
+
+// ---------- a repeated NodeStageVolume checks the staging's epoch ----------
+
+#[tokio::test]
+async fn a_stale_staging_is_replaced_by_one_at_the_primarys_epoch() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    let old = device_of(&h.record().unwrap());
+    // A takeover by node-b and a failback to node-a since: node-a's engine serves at epoch 9.
+    h.engines().set(A_GRPC, primary(9));
+    h.engines().set(B_GRPC, secondary(9));
+    h.stage_ext4().await;
+    let rec = h.record().unwrap();
+    let new = device_of(&rec);
+    assert_ne!(old, new);
+    assert_eq!(
+        (rec.engine_node.as_str(), rec.epoch, rec.staged),
+        ("node-a", 9, true)
+    );
+    let st = h.attacher().st.lock().unwrap();
+    assert!(
+        !st.attached.contains_key(&old),
+        "the stale attachment is left"
+    );
+    assert_eq!(st.attached[&new].export, "vol@9");
+    drop(st);
+    assert_eq!(h.mounter().mounted(&h.path("staging")), Some((new, false)));
+    assert_eq!(h.mounter().mount_count(), 1);
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_stale_staging_on_the_secondarys_node_is_detached_before_the_takeover() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    let old = device_of(&h.record().unwrap());
+    // node-b took over (epoch 8); node-a's engine is its secondary now.
+    h.engines().set(A_GRPC, secondary(8));
+    h.engines().set(B_GRPC, primary(8));
+    h.stage_ext4().await;
+    // Staging here again is the failover trigger, as for a first stage.
+    assert_eq!(h.engines().takeovers.lock().unwrap().len(), 1);
+    let rec = h.record().unwrap();
+    assert_eq!((rec.engine_node.as_str(), rec.epoch), ("node-a", 8));
+    assert_ne!(device_of(&rec), old);
+    assert_eq!(h.attacher().attached_count(), 1);
+    let calls = h.mounter().st.lock().unwrap().calls.clone();
+    let unmounted = calls.iter().position(|c| c.starts_with("unmount"));
+    assert!(
+        unmounted.is_some(),
+        "the stale staging was not unmounted: {calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_staging_still_published_is_aborted_and_left_fenced() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap();
+    let before = h.record().unwrap();
+    h.engines().set(A_GRPC, secondary(8));
+    h.engines().set(B_GRPC, primary(8));
+    let e = h.svc.stage(h.stage_req(ext4())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("stale") && msg.contains("epoch 7") && msg.contains("epoch 8"),
+        "{msg}"
+    );
+    assert!(msg.contains("target"), "{msg}");
+    // Nothing changed, and no failback was triggered for a pod that runs on a stale staging.
+    assert_eq!(h.record().unwrap(), before);
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 1);
+    assert_eq!(h.mounter().mount_count(), 2);
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+    // Once kubelet unpublished the old pod, the next stage replaces the staging.
+    h.svc
+        .unpublish("ns/pv".into(), h.path("target"))
+        .await
+        .unwrap();
+    h.stage_ext4().await;
+    let rec = h.record().unwrap();
+    assert_eq!((rec.epoch, rec.staged), (8, true));
+    assert!(rec.publications.is_empty());
+    assert_eq!(h.attacher().attached_count(), 1);
+    assert_eq!(h.mounter().mount_count(), 1);
+}
+
+#[tokio::test]
+async fn a_staging_whose_epoch_cannot_be_checked_is_unavailable_and_kept() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    let before = h.record().unwrap();
+    // node-a's engine is fenced and node-b's does not answer: no primary to compare with.
+    h.engines().set(
+        A_GRPC,
+        Ok(EngineStatus {
+            role: Role::Fenced,
+            epoch: 8,
+        }),
+    );
+    h.engines().status.lock().unwrap().remove(B_GRPC);
+    let e = h.svc.stage(h.stage_req(ext4())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert_eq!(h.record().unwrap(), before);
+    assert_eq!(h.attacher().attached_count(), 1);
+}
+
+#[tokio::test]
+async fn a_staging_at_the_same_epoch_on_another_engine_is_stale() {
+    let h = Harness::new();
+    // This node (node-a) has no engine of the pair: it attaches remotely, never takes over.
+    let mut req = h.stage_req(ext4());
+    req.context = test_context("vol", &["node-x", "node-y"]);
+    h.svc.stage(req.clone()).await.unwrap();
+    assert_eq!(h.record().unwrap().engine_node, "node-x");
+    h.engines().set(A_GRPC, secondary(7));
+    h.engines().set(B_GRPC, primary(7));
+    h.svc.stage(req).await.unwrap();
+    let rec = h.record().unwrap();
+    assert_eq!((rec.engine_node.as_str(), rec.epoch), ("node-y", 7));
+    let spec = h.attacher().st.lock().unwrap().attached[&device_of(&rec)].clone();
+    assert_eq!(
+        (spec.nbd.as_str(), spec.export.as_str()),
+        ("10.0.0.2:10809", "vol@7")
+    );
+    assert_eq!(h.attacher().attached_count(), 1);
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_current_staging_from_before_pinning_is_pinned_when_idle_and_kept_when_in_use() {
+    let unpin = |h: &Harness| {
+        let mut rec = h.record().unwrap();
+        let att = rec.attachment.as_mut().unwrap();
+        att.export = "vol".into();
+        att.pinned_epoch = None;
+        h.svc.inner.state.save(&rec).unwrap();
+        rec
+    };
+    // In use: left alone (a running pod keeps its device), and the answer is OK.
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap();
+    let legacy = unpin(&h);
+    h.stage_ext4().await;
+    assert_eq!(h.record().unwrap(), legacy);
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 1);
+    // Idle: replaced by a pinned attachment.
+    let h = Harness::new();
+    h.stage_ext4().await;
+    unpin(&h);
+    h.stage_ext4().await;
+    let rec = h.record().unwrap();
+    assert_eq!(rec.attachment.as_ref().unwrap().pinned_epoch, Some(7));
+    assert_eq!(rec.attachment.as_ref().unwrap().export, "vol@7");
+    assert_eq!(h.attacher().attached_count(), 1);
+    assert_eq!(h.mounter().mount_count(), 1);
+}
+
+#[tokio::test]
+async fn an_interrupted_stage_of_a_stale_attachment_attaches_again() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.mounter().unmount(&h.path("staging")).unwrap();
+    let mut rec = h.record().unwrap();
+    rec.staged = false;
+    h.svc.inner.state.save(&rec).unwrap();
+    h.engines().set(A_GRPC, primary(9));
+    h.stage_ext4().await;
+    let rec = h.record().unwrap();
+    assert_eq!((rec.epoch, rec.staged), (9, true));
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 2);
+    assert_eq!(h.attacher().attached_count(), 1);
     assert_eq!(h.mounter().mount_count(), 1);
 }
 
@@ -830,11 +1015,19 @@ async fn a_new_service_on_the_same_state_dir_keeps_serving() {
                 st: Mutex::new(std::mem::take(&mut *h.mounter().st.lock().unwrap())),
             },
         }),
-        engines: FakeEngines::default(), // engines unreachable: must not be needed
+        engines: FakeEngines::default(), // engines unreachable for now
         guard: OpGuard::default(),
     };
     restarted.recover().await.unwrap();
+    // A repeated stage checks the staging's epoch: with no engine answering it cannot, so it is
+    // retryable and changes nothing.
+    let e = restarted.stage(h.stage_req(ext4())).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert_eq!(restarted.inner.attacher.attached_count(), 1);
+    assert_eq!(restarted.inner.mounter.mount_count(), 2);
+    restarted.engines.set(A_GRPC, primary(7));
     restarted.stage(h.stage_req(ext4())).await.unwrap();
+    assert_eq!(restarted.inner.attacher.st.lock().unwrap().attach_calls, 1);
     restarted
         .publish(h.publish_req(ext4(), "target"))
         .await
