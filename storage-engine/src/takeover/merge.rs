@@ -11,7 +11,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 use tokio::sync::watch;
 
 use crate::{
-    meta::Phase,
+    meta::{Phase, Role},
     volume::{Volume, BLOCK_SIZE},
 };
 
@@ -35,7 +35,8 @@ pub async fn run(
                 _ = stop.changed() => return Ok(()),
             }
         }
-        if *stop.borrow() {
+        if *stop.borrow() || vol.role() != Role::Primary {
+            // Stopping, or fenced by a newer takeover: whoever is next folds the overlay.
             return Ok(());
         }
         let end = (chunk + CHUNK).min(blocks);
@@ -47,6 +48,9 @@ pub async fn run(
     }
     // Every block is in the data file; host I/O stops taking the routed path.
     let _gate = vol.gate.write().await;
+    if vol.role() != Role::Primary || vol.areas.phase() != Phase::Merging {
+        return Ok(());
+    }
     let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
     vol.update_meta(|m| m.takeover.phase = Phase::Normal)
         .map_err(io)?;
