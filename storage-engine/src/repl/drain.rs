@@ -8,7 +8,6 @@ use std::{
 };
 
 use tokio::sync::watch;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::info;
 
 use super::{
@@ -17,7 +16,6 @@ use super::{
 };
 use crate::{
     bitmap::Bitmap,
-    client::{channel, TokenInterceptor},
     meta::Role,
     pb::{self, replication_message::Body},
     volume::Volume,
@@ -32,19 +30,7 @@ pub async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let drop_epoch = repl.faults.drop_epoch.load(Ordering::Relaxed);
-    let ch = channel(&repl.peer, Duration::from_secs(2)).await?;
-    let mut client = pb::peer_client::PeerClient::with_interceptor(
-        ch,
-        TokenInterceptor::new(repl.token.as_deref())?,
-    )
-    .max_decoding_message_size(64 << 20)
-    .max_encoding_message_size(64 << 20);
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut acks = client
-        .replicate(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let hello = acks.message().await?.ok_or(SessionError::Closed)?;
+    let (tx, mut acks, hello) = super::sender::open_stream(repl).await?;
     if hello.role != pb::Role::Primary as i32 || hello.epoch != vol.epoch() {
         return Err(SessionError::NotServingYet(hello.epoch));
     }

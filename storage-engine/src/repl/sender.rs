@@ -261,12 +261,15 @@ fn allocated_blocks(vol: &Volume, blocks: u64) -> std::io::Result<Bitmap> {
     Ok(m)
 }
 
-async fn session(
-    vol: &Arc<Volume>,
-    repl: &Arc<Repl>,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<(), SessionError> {
-    let drop_epoch = repl.faults.drop_epoch.load(Ordering::Relaxed);
+/// The outbound half, the acknowledgement stream, and the peer's first message (where it stands).
+pub type Opened = (
+    mpsc::Sender<pb::ReplicationMessage>,
+    tonic::Streaming<pb::ReplicationAck>,
+    pb::ReplicationAck,
+);
+
+/// Opens `Peer.Replicate` to the peer and reads its first message.
+pub async fn open_stream(repl: &Repl) -> Result<Opened, SessionError> {
     let ch = channel(&repl.peer, Duration::from_secs(2)).await?;
     let mut client = pb::peer_client::PeerClient::with_interceptor(
         ch,
@@ -280,6 +283,16 @@ async fn session(
         .await?
         .into_inner();
     let hello = acks.message().await?.ok_or(SessionError::Closed)?;
+    Ok((tx, acks, hello))
+}
+
+async fn session(
+    vol: &Arc<Volume>,
+    repl: &Arc<Repl>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    let drop_epoch = repl.faults.drop_epoch.load(Ordering::Relaxed);
+    let (tx, mut acks, hello) = open_stream(repl).await?;
     if hello.epoch > vol.epoch() {
         if hello.role == pb::Role::Primary as i32 {
             return Err(SessionError::PeerPrimaryNewer(hello.epoch));
