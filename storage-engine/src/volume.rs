@@ -677,6 +677,19 @@ impl Volume {
         std::fs::rename(&tmp, dir.join("peer_last_seq"))
     }
 
+    /// Drops the last heartbeat's pending set (after a role change it describes an old stream).
+    pub(crate) fn forget_heartbeat_set(&self) {
+        {
+            let mut rs = self.replica();
+            rs.peer_pending = None;
+            rs.peer_last_seq = 0;
+            rs.hb_dirty = false;
+        }
+        let dir = self.meta_path.parent().unwrap_or(Path::new("."));
+        let _ = std::fs::remove_file(dir.join(HB_FILE));
+        let _ = std::fs::remove_file(dir.join("peer_last_seq"));
+    }
+
     pub fn replica(&self) -> MutexGuard<'_, ReplicaState> {
         self.replica.lock().unwrap_or_else(|p| p.into_inner())
     }

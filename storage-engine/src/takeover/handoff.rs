@@ -330,10 +330,8 @@ impl Volume {
             Phase::Normal
         });
         self.areas.set_condition("");
-        let mut rs = self.replica();
-        rs.peer_pending = None;
-        rs.inconsistent = false;
-        drop(rs);
+        self.forget_heartbeat_set();
+        self.replica().inconsistent = false;
         repl.wake.notify_one();
         Ok(())
     }
@@ -404,8 +402,8 @@ impl Volume {
             rs.inconsistent = true;
             rs.needs_full = false;
             rs.consistent_target = None;
-            rs.peer_pending = None;
         }
+        self.forget_heartbeat_set();
         self.write_progress_now()?;
         let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
         self.update_meta(|m| {
