@@ -191,15 +191,15 @@ async fn checkpoint_loop(volume: Arc<Volume>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Connects to the engine a client command names, with its token.
+async fn connect(t: &crate::cli::EngineTarget) -> anyhow::Result<EngineClient> {
+    let token = t.token_file.as_deref().map(read_token).transpose()?;
+    Ok(EngineClient::connect(&t.grpc, token.as_deref()).await?)
+}
+
 /// `tandem-engine fault`.
 pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
-    let token = args
-        .target
-        .token_file
-        .as_deref()
-        .map(read_token)
-        .transpose()?;
-    let mut c = EngineClient::connect(&args.target.grpc, token.as_deref()).await?;
+    let mut c = connect(&args.target).await?;
     let r = c
         .inject_fault(pb::FaultRequest {
             volume: args.target.volume,
@@ -219,13 +219,7 @@ pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
 
 /// `tandem-engine takeover` / `failback`: exits 0 once the engine serves, printing the reply as JSON.
 pub async fn takeover(args: TakeoverArgs, failback: bool) -> anyhow::Result<()> {
-    let token = args
-        .target
-        .token_file
-        .as_deref()
-        .map(read_token)
-        .transpose()?;
-    let mut c = EngineClient::connect(&args.target.grpc, token.as_deref()).await?;
+    let mut c = connect(&args.target).await?;
     let policy = match args.policy {
         PolicyArg::Wait => pb::TakeoverPolicy::Wait,
         PolicyArg::Force => pb::TakeoverPolicy::Force,
@@ -276,13 +270,7 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// `tandem-engine status`.
 pub async fn print_status(args: StatusArgs) -> anyhow::Result<()> {
-    let token = args
-        .target
-        .token_file
-        .as_deref()
-        .map(read_token)
-        .transpose()?;
-    let mut c = EngineClient::connect(&args.target.grpc, token.as_deref()).await?;
+    let mut c = connect(&args.target).await?;
     let s = c.status(&args.target.volume).await?;
     let json = status_json(&s);
     if args.json {

@@ -45,14 +45,10 @@ pub async fn session(
     let ack_repl = Arc::clone(repl);
     let mut ack_task = tokio::spawn(async move {
         loop {
-            let a = match acks.message().await {
-                Ok(Some(a)) => a,
-                Ok(None) => return SessionError::Closed,
-                Err(s) => return SessionError::Rpc(s),
+            let a = match super::sender::next_ack(&mut acks, &ack_repl.faults).await {
+                Ok(a) => a,
+                Err(e) => return e,
             };
-            while ack_repl.faults.hold_acks.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
             if a.durable {
                 ack_repl.tracker.ack_images(&a.blocks, &a.generations);
                 ack_repl

@@ -261,6 +261,25 @@ fn allocated_blocks(vol: &Volume, blocks: u64) -> std::io::Result<Bitmap> {
     Ok(m)
 }
 
+/// The next acknowledgement, held back while the `hold_acks` fault is set.
+pub async fn next_ack(
+    acks: &mut tonic::Streaming<pb::ReplicationAck>,
+    faults: &super::Faults,
+) -> Result<pb::ReplicationAck, SessionError> {
+    let a = match acks.message().await {
+        Ok(Some(a)) => a,
+        Ok(None) => return Err(SessionError::Closed),
+        Err(s) => return Err(SessionError::Rpc(s)),
+    };
+    while faults.hold_acks.load(Ordering::Relaxed) {
+        tokio::select! {
+            _ = faults.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    Ok(a)
+}
+
 /// The outbound half, the acknowledgement stream, and the peer's first message (where it stands).
 pub type Opened = (
     mpsc::Sender<pb::ReplicationMessage>,
@@ -343,17 +362,10 @@ async fn session(
     let ack_vol = Arc::clone(vol);
     let mut ack_task = tokio::spawn(async move {
         loop {
-            let a = match acks.message().await {
-                Ok(Some(a)) => a,
-                Ok(None) => return SessionError::Closed,
-                Err(s) => return SessionError::Rpc(s),
+            let a = match next_ack(&mut acks, &ack_repl.faults).await {
+                Ok(a) => a,
+                Err(e) => return e,
             };
-            while ack_repl.faults.hold_acks.load(Ordering::Relaxed) {
-                tokio::select! {
-                    _ = ack_repl.faults.changed.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-            }
             let bump = |w: &watch::Sender<u64>, seq: u64| {
                 w.send_if_modified(|v| {
                     let grew = seq > *v;
