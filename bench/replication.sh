@@ -37,7 +37,8 @@ fio_iops() { # uri iodepth
     python3 -c 'import json,sys
 t=sys.stdin.read(); print("%.0f" % json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"])'
 }
-prealloc() { dd if=/dev/zero of="$W/$1.img" bs=1M count="$SIZE_MIB" status=none; }
+# O_DIRECT: the page cache starts empty for every engine alike.
+prealloc() { dd if=/dev/zero of="$W/$1.img" bs=1M count="$SIZE_MIB" oflag=direct status=none; }
 
 prealloc solo
 serve solo 10870 9570

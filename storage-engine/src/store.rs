@@ -9,7 +9,7 @@ use std::{
     sync::Arc,
 };
 
-use rustix::fs::{fallocate, FallocateFlags};
+use rustix::fs::{fadvise, fallocate, Advice, FallocateFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,6 +65,10 @@ impl BlockStore {
                 expected: size,
             });
         }
+        // A block device's I/O is random, and its client does its own readahead. Readahead here
+        // would also fill the page cache with large folios, and on kernels that have them every
+        // later 4 KiB write walks a whole folio's buffers (several times the cost of the write).
+        fadvise(&file, 0, None, Advice::Random).map_err(|e| io_err(e.into()))?;
         Ok(Self {
             file: Arc::new(file),
             path: path.to_path_buf(),

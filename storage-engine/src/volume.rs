@@ -620,7 +620,7 @@ impl Volume {
             source,
         };
         self.store.sync().map_err(io_err)?;
-        self.checkpoint().map_err(io_err)?;
+        self.checkpoint_with(true).map_err(io_err)?;
         let mut m = self.meta();
         m.clean_shutdown = true;
         m.store(&self.meta_path)?;
@@ -629,15 +629,18 @@ impl Volume {
 
     /// Persists the differential table and the peer's acknowledged seq (primary side).
     pub fn checkpoint(&self) -> io::Result<()> {
+        self.checkpoint_with(false)
+    }
+
+    /// `quiesced`: a clean shutdown, whose data file was just synced.
+    fn checkpoint_with(&self, quiesced: bool) -> io::Result<()> {
         let Some(r) = &self.repl else { return Ok(()) };
-        // The data must be durable before the table stops covering it.
-        self.store.sync()?;
         if self.areas.active() {
             self.areas.overlay.sync()?;
             self.areas.persist()?;
         }
         self.persist_heartbeat_set()?;
-        r.tracker.checkpoint()?;
+        r.tracker.checkpoint(|| self.store.sync(), quiesced)?;
         let acked = r.tracker.counts().acked_seq;
         let mut m = self.meta();
         if m.acked_seq != acked {

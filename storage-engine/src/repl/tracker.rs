@@ -125,6 +125,25 @@ pub struct TrackState {
     pub seq_checked: bool,
 }
 
+impl TrackState {
+    /// Extents that must stay covered: any with a pending block (writes in flight included), and,
+    /// unless `quiesced`, any written in the last `COOL_AFTER_TICKS` checkpoints.
+    fn hot_extents(&self, quiesced: bool) -> Bitmap {
+        let mut hot = Bitmap::new(self.intent.len());
+        for b in self.pending.iter_ones() {
+            hot.set(b / EXTENT_BLOCKS);
+        }
+        if !quiesced {
+            for e in self.intent.iter_ones() {
+                if self.tick.wrapping_sub(self.last_touch[e as usize]) < COOL_AFTER_TICKS {
+                    hot.set(e);
+                }
+            }
+        }
+        hot
+    }
+}
+
 /// The primary side's replication bookkeeping for one volume.
 pub struct Tracker {
     state: Mutex<TrackState>,
@@ -240,8 +259,12 @@ impl Tracker {
             return applied.map(|_| 0);
         }
         let seq = s.journal.next_seq();
+        let tick = s.tick;
         for b in blocks {
             s.last_seq.insert(b, seq);
+            // Touched again after the data write, so a checkpoint whose data sync began before
+            // it cannot cool this extent.
+            s.last_touch[(b / EXTENT_BLOCKS) as usize] = tick;
         }
         let (data, zero_len) = match payload {
             Payload::Data(d) => (d, 0),
@@ -381,30 +404,49 @@ impl Tracker {
         Ok(Some((gen, buf)))
     }
 
-    /// Persists the table if it changed, then cools extents with nothing pending.
-    pub fn checkpoint(&self) -> io::Result<()> {
+    /// Persists the table if it changed, then cools extents that stayed unwritten and clean.
+    ///
+    /// Cooling drops an extent's write-intent cover, so `sync_data` (the data file's fdatasync)
+    /// runs first: a write here that never reached the disk could otherwise differ from what the
+    /// peer acknowledged, with nothing left to resync it. The table itself needs no data sync, as
+    /// the intent file still covers every block written since the last one. Syncing only when
+    /// something cools keeps a busy primary from writing its whole page cache back twice a second
+    /// (an unpaired engine never does). `quiesced` (a clean shutdown whose data is already synced)
+    /// cools every extent with nothing pending at once.
+    pub fn checkpoint(
+        &self,
+        sync_data: impl FnOnce() -> io::Result<()>,
+        quiesced: bool,
+    ) -> io::Result<()> {
         let snapshot = {
             let mut s = self.state();
-            if !s.dirty {
-                return Ok(());
+            s.tick = s.tick.wrapping_add(1);
+            if s.dirty {
+                s.dirty = false;
+                Some(s.pending.clone())
+            } else {
+                None
             }
-            s.dirty = false;
-            s.pending.clone()
         };
-        snapshot.store(&self.pending_path)?;
+        if let Some(p) = snapshot {
+            p.store(&self.pending_path)?;
+        }
+        let cooling = {
+            let s = self.state();
+            let hot = s.hot_extents(quiesced);
+            let cools = s.intent.iter_ones().any(|e| !hot.get(e));
+            cools
+        };
+        if !cooling {
+            return Ok(());
+        }
+        if !quiesced {
+            // Every write that completed before this point is on disk afterwards; a write that
+            // starts later marks its extent with the current tick, which keeps it hot below.
+            sync_data()?;
+        }
         let mut s = self.state();
-        // An extent stays hot while any block in it is pending (writes in flight included); blocks
-        // acknowledged since the snapshot need no cover, and everything else pending is in the file.
-        s.tick = s.tick.wrapping_add(1);
-        let mut hot = Bitmap::new(s.intent.len());
-        for b in s.pending.iter_ones() {
-            hot.set(b / EXTENT_BLOCKS);
-        }
-        for e in s.intent.iter_ones() {
-            if s.tick.wrapping_sub(s.last_touch[e as usize]) < COOL_AFTER_TICKS {
-                hot.set(e);
-            }
-        }
+        let hot = s.hot_extents(quiesced);
         if hot != s.intent {
             hot.store(&self.intent_path)?;
             s.intent = hot;
@@ -506,7 +548,7 @@ mod tests {
             t.ack_journal(s);
             for _ in 0..=COOL_AFTER_TICKS {
                 t.state().dirty = true;
-                t.checkpoint().unwrap();
+                t.checkpoint(|| Ok(()), false).unwrap();
             }
         }
         let t = tracker(d.path());
@@ -515,6 +557,86 @@ mod tests {
         assert!(!s.pending.get(0));
         assert!(s.pending.get(600));
         assert_eq!(s.pending.count(), EXTENT_BLOCKS);
+    }
+
+    #[test]
+    fn an_extent_cools_only_after_a_data_sync_that_it_still_covers() {
+        let d = tempfile::tempdir().unwrap();
+        let t = tracker(d.path());
+        let s = t
+            .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Ok(()))
+            .unwrap();
+        t.ack_journal(s);
+        let intent_on_disk = || {
+            Bitmap::load(&d.path().join("intent"), t.blocks().div_ceil(EXTENT_BLOCKS))
+                .unwrap()
+                .unwrap()
+                .get(0)
+        };
+        let syncs = std::cell::Cell::new(0);
+        for _ in 0..COOL_AFTER_TICKS - 1 {
+            t.checkpoint(|| panic!("nothing cools yet: no data sync"), false)
+                .unwrap();
+        }
+        assert!(intent_on_disk(), "recently written extent stays covered");
+        t.checkpoint(
+            || {
+                syncs.set(syncs.get() + 1);
+                assert!(intent_on_disk(), "the cover is dropped only after the sync");
+                Ok(())
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(syncs.get(), 1);
+        assert!(!intent_on_disk());
+    }
+
+    #[test]
+    fn a_failed_data_sync_keeps_the_cover() {
+        let d = tempfile::tempdir().unwrap();
+        let t = tracker(d.path());
+        let s = t
+            .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Ok(()))
+            .unwrap();
+        t.ack_journal(s);
+        for _ in 0..COOL_AFTER_TICKS - 1 {
+            t.checkpoint(|| Ok(()), false).unwrap();
+        }
+        assert!(t
+            .checkpoint(|| Err(io::Error::other("EIO")), false)
+            .is_err());
+        drop(t);
+        let t = tracker(d.path());
+        assert!(
+            t.state().pending.get(0),
+            "after a restart the extent is still resynced"
+        );
+    }
+
+    #[test]
+    fn a_clean_shutdown_cools_every_extent_with_nothing_pending() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let t = tracker(d.path());
+            let s = t
+                .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Ok(()))
+                .unwrap();
+            t.write(
+                600 * 4096,
+                Payload::Data(Bytes::from(vec![1; 4096])),
+                || Ok(()),
+            )
+            .unwrap();
+            t.ack_journal(s);
+            t.checkpoint(|| panic!("the caller synced already"), true)
+                .unwrap();
+        }
+        let t = tracker(d.path());
+        let s = t.state();
+        assert!(!s.pending.get(0));
+        assert!(s.pending.get(600));
+        assert_eq!(s.pending.count(), EXTENT_BLOCKS, "only the unsent extent");
     }
 
     #[test]
