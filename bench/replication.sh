@@ -59,7 +59,39 @@ for qd in 1 16; do
   a=$(fio_iops nbd://127.0.0.1:10871/b $qd); wait_synced 127.0.0.1:9571
   s=$(fio_iops nbd://127.0.0.1:10873/b $qd); wait_synced 127.0.0.1:9573
   python3 -c "print('| $qd | $u | $a | %.2fx | $s | %.2fx |' % ($a/$u, $s/$u))"
+  [ "$qd" = 1 ] && U1=$u && S1=$s
 done
+
+# The floor under a sync write: one round trip between the primary's and the secondary's CPU, with
+# nothing else in it (two processes bouncing a byte over a socketpair). No sync design can beat
+# unpaired latency + this, so it bounds sync/unpaired at QD1.
+rtt() { # cpu_a cpu_b -> microseconds per round trip
+  python3 - "$1" "$2" <<'PY'
+import os, socket, sys, time
+a, b = socket.socketpair(); n = 20000
+if os.fork() == 0:
+    os.sched_setaffinity(0, {int(sys.argv[2])})
+    for _ in range(n):
+        b.recv(1); b.send(b"x")
+    os._exit(0)
+os.sched_setaffinity(0, {int(sys.argv[1])}); time.sleep(0.2)
+t = time.perf_counter()
+for _ in range(n):
+    a.send(b"x"); a.recv(1)
+print("%.1f" % ((time.perf_counter() - t) / n * 1e6)); os.wait()
+PY
+}
+if [ "$(nproc)" -ge 2 ]; then
+  same=$(rtt 0 0); cross=$(rtt 0 1)
+  echo
+  echo "### The floor under a sync write on this machine"
+  echo
+  echo "| round trip, same CPU | round trip, CPU 0 to CPU 1 | unpaired QD1 latency | sync QD1 ceiling (unpaired / (unpaired + cross)) | sync QD1 measured |"
+  echo "|---:|---:|---:|---:|---:|"
+  python3 -c "
+l = 1e6 / $U1
+print('| %s us | %s us | %.1f us | %.2fx | %.2fx |' % ('$same', '$cross', l, l / (l + $cross), $S1 / $U1))"
+fi
 
 echo
 echo "### Resync after a secondary outage (async pair)"

@@ -140,6 +140,15 @@ impl Journal {
         out
     }
 
+    /// Records from `seq` on, borrowed (no copies on the acknowledgement path).
+    pub fn iter_from(&self, seq: u64) -> impl Iterator<Item = &Record> + '_ {
+        let skip = self
+            .records
+            .front()
+            .map_or(0, |f| seq.saturating_sub(f.seq) as usize);
+        self.records.iter().skip(skip)
+    }
+
     /// Timestamp of the oldest record still held (not yet acknowledged).
     pub fn oldest_timestamp_us(&self) -> Option<u64> {
         self.records.front().map(|r| r.timestamp_us)

@@ -293,7 +293,7 @@ impl Tracker {
             return false;
         }
         let mut covered = Bitmap::new(self.blocks);
-        for r in s.journal.read_from(from, u64::MAX) {
+        for r in s.journal.iter_from(from) {
             for b in blocks_of(r.offset, r.len()) {
                 covered.set(b);
             }
@@ -304,12 +304,16 @@ impl Tracker {
 
     /// The peer durably applied every record up to `applied`.
     pub fn ack_journal(&self, applied: u64) {
-        let mut s = self.state();
+        let mut guard = self.state();
+        let s = &mut *guard;
         if applied <= s.acked_seq {
             return;
         }
-        let recs = s.journal.read_from(s.acked_seq + 1, u64::MAX);
-        for r in recs.iter().take_while(|r| r.seq <= applied) {
+        for r in s
+            .journal
+            .iter_from(s.acked_seq + 1)
+            .take_while(|r| r.seq <= applied)
+        {
             for b in blocks_of(r.offset, r.len()) {
                 if s.last_seq.get(&b).is_some_and(|&g| g <= applied) {
                     s.pending.clear(b);
