@@ -368,7 +368,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::model_cases(12), failure_persistence: None, ..ProptestConfig::default() })]
     /// Model test: random writes, flushes, kills and link drops; both sides end equal to the model.
     #[test]
     fn model_random_writes_kills_and_reconnects(ops in proptest::collection::vec(op(), 4..14)) {

@@ -656,7 +656,7 @@ mod model {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 8, failure_persistence: None, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: common::model_cases(8), failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
         fn model_takeovers_failbacks_kills_and_paused_links(ops in proptest::collection::vec(op(), 6..16)) {
             run(ops)?;

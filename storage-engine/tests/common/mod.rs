@@ -479,3 +479,11 @@ pub fn nbd_read(addr: &str, offset: u64, len: u32) -> Result<Vec<u8>, String> {
         Ok(d)
     })
 }
+
+/// Cases for a model-based property test: `default` in CI, more with `TANDEM_MODEL_CASES=N`.
+pub fn model_cases(default: u32) -> u32 {
+    std::env::var("TANDEM_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
