@@ -1,8 +1,14 @@
-//! Prometheus metrics: I/O counters, replication lag and pending blocks, served as text on
-//! `--metrics-listen`. Values are read from the volume at scrape time, so the hot path pays nothing.
+//! Prometheus metrics: I/O counters, replication lag and pending blocks, served on
+//! `--metrics-listen` in the OpenMetrics text format (prometheus-client). Values are read from the
+//! volume at scrape time, so the hot path pays nothing.
 
-use std::{fmt::Write as _, sync::Arc};
+use std::{borrow::Cow, sync::Arc};
 
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -11,118 +17,112 @@ use tokio::{
 
 use crate::{grpc::status_of, volume::Volume};
 
-/// Renders the current values in the Prometheus text format.
+/// Renders the current values (counters get their `_total` suffix from the encoder).
 pub fn render(v: &Volume) -> String {
     let s = status_of(v);
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-        let _ = writeln!(out, "# HELP tandem_{name} {help}");
-        let _ = writeln!(out, "# TYPE tandem_{name} {kind}");
-        let _ = writeln!(out, "tandem_{name}{{volume=\"{}\"}} {value}", s.volume);
+    let label = (Cow::Borrowed("volume"), Cow::Owned(s.volume.clone()));
+    let mut r = Registry::with_prefix_and_labels("tandem", std::iter::once(label));
+    let counter = |r: &mut Registry, name: &str, help: &str, value: u64| {
+        r.register(name, help, ConstCounter::new(value));
     };
-    metric(
-        "bytes_read_total",
-        "counter",
-        "Bytes read by hosts.",
-        s.bytes_read as f64,
+    counter(&mut r, "bytes_read", "Bytes read by hosts", s.bytes_read);
+    counter(
+        &mut r,
+        "bytes_written",
+        "Bytes written by hosts",
+        s.bytes_written,
     );
-    metric(
-        "bytes_written_total",
-        "counter",
-        "Bytes written by hosts.",
-        s.bytes_written as f64,
+    counter(&mut r, "flushes", "Host flushes", s.flushes);
+    counter(
+        &mut r,
+        "replicated_bytes",
+        "Bytes sent as journal records",
+        s.bytes_replicated,
     );
-    metric(
-        "flushes_total",
-        "counter",
-        "Host flushes.",
-        s.flushes as f64,
+    counter(
+        &mut r,
+        "resynced_bytes",
+        "Bytes sent as resync images",
+        s.bytes_resynced,
     );
-    metric(
+    counter(
+        &mut r,
+        "proxied_reads",
+        "Blocks read from the old primary by proxied reads",
+        s.proxied_reads,
+    );
+    counter(
+        &mut r,
+        "proxied_read_errors",
+        "Blocks whose proxied read failed (deadline or peer error)",
+        s.proxied_read_errors,
+    );
+    let gauge = |r: &mut Registry, name: &str, help: &str, value: u64| {
+        r.register(name, help, ConstGauge::new(value));
+    };
+    gauge(
+        &mut r,
         "nbd_connections",
-        "gauge",
-        "Open NBD connections.",
-        s.nbd_connections as f64,
+        "Open NBD connections",
+        s.nbd_connections,
     );
-    metric("epoch", "gauge", "Current epoch.", s.epoch as f64);
-    metric(
+    gauge(&mut r, "epoch", "Current epoch", s.epoch);
+    r.register(
         "role",
-        "gauge",
-        "1 primary, 2 secondary, 3 fenced.",
-        f64::from(s.role),
+        "1 primary, 2 secondary, 3 fenced",
+        ConstGauge::new(i64::from(s.role)),
     );
-    metric(
+    gauge(
+        &mut r,
         "peer_connected",
-        "gauge",
-        "1 when the replication link is up.",
-        f64::from(u8::from(s.peer_connected)),
+        "1 when the replication link is up",
+        u64::from(s.peer_connected),
     );
-    metric(
+    gauge(
+        &mut r,
         "pending_blocks",
-        "gauge",
-        "Blocks not yet acknowledged by the peer.",
-        s.pending_blocks as f64,
+        "Blocks not yet acknowledged by the peer",
+        s.pending_blocks,
     );
-    metric(
+    r.register(
         "replication_lag_seconds",
-        "gauge",
-        "Age of the oldest unacknowledged write.",
-        s.lag_seconds,
+        "Age of the oldest unacknowledged write",
+        ConstGauge::new(s.lag_seconds),
     );
-    metric(
+    gauge(
+        &mut r,
         "journal_bytes",
-        "gauge",
-        "Bytes held in the replication journal.",
-        s.journal_bytes as f64,
+        "Bytes held in the replication journal",
+        s.journal_bytes,
     );
-    metric(
-        "replicated_bytes_total",
-        "counter",
-        "Bytes sent as journal records.",
-        s.bytes_replicated as f64,
-    );
-    metric(
-        "resynced_bytes_total",
-        "counter",
-        "Bytes sent as resync images.",
-        s.bytes_resynced as f64,
-    );
-    metric(
+    gauge(
+        &mut r,
         "applied_seq",
-        "gauge",
-        "Highest acknowledged (primary) or applied (secondary) seq.",
-        s.applied_seq as f64,
+        "Highest acknowledged (primary) or applied (secondary) seq",
+        s.applied_seq,
     );
-    metric(
+    gauge(
+        &mut r,
         "peer_pending_blocks",
-        "gauge",
-        "After a takeover: blocks whose newest content is still on the old primary.",
-        s.peer_pending_blocks as f64,
+        "After a takeover: blocks whose newest content is still on the old primary",
+        s.peer_pending_blocks,
     );
-    metric(
+    gauge(
+        &mut r,
         "overlay_blocks",
-        "gauge",
-        "Blocks held in the takeover overlay.",
-        s.overlay_blocks as f64,
+        "Blocks held in the takeover overlay",
+        s.overlay_blocks,
     );
-    metric(
-        "proxied_reads_total",
-        "counter",
-        "Blocks read from the old primary by proxied reads.",
-        s.proxied_reads as f64,
-    );
-    metric(
-        "proxied_read_errors_total",
-        "counter",
-        "Blocks whose proxied read failed (deadline or peer error).",
-        s.proxied_read_errors as f64,
-    );
-    metric(
+    gauge(
+        &mut r,
         "lost_blocks",
-        "gauge",
-        "Blocks lost by a forced promotion.",
-        s.lost_blocks as f64,
+        "Blocks lost by a forced promotion",
+        s.lost_blocks,
     );
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &r) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
     out
 }
 
@@ -147,7 +147,7 @@ pub async fn serve(listener: TcpListener, volume: Arc<Volume>, mut stop: watch::
                 render(&v)
             };
             let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = sock.write_all(resp.as_bytes()).await;

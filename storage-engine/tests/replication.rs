@@ -428,3 +428,60 @@ fn secondary_read_only_access_serves_reads_only() {
     );
     assert!(block_is(&pair.s.data(), 0, 0));
 }
+
+/// `GET /metrics` over plain HTTP: the whole response.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of `series` (a full name with labels) on a metrics page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_show_pending_blocks_while_the_link_is_paused_and_io_counters() {
+    let d = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let pair = Pair::start(d.path(), "16M", &["--metrics-listen", &addr], &[]);
+    pair.wait_synced(30);
+    pair.fault(&["--pause", "true"]);
+    qemu_io_ok(&pair.p.uri(), &["write -P 7 0 1M"]);
+    let page = scrape(&addr);
+    assert!(page.contains("application/openmetrics-text"), "{page}");
+    assert!(page.trim_end().ends_with("# EOF"), "{page}");
+    assert_eq!(
+        sample(&page, "tandem_pending_blocks{volume=\"vol\"}"),
+        Some(256.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "tandem_bytes_written_total{volume=\"vol\"}"),
+        Some(1048576.0)
+    );
+    assert_eq!(
+        sample(&page, "tandem_peer_connected{volume=\"vol\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&page, "tandem_role{volume=\"vol\"}"), Some(1.0));
+    pair.fault(&["--pause", "false"]);
+    pair.wait_synced(30);
+    let page = scrape(&addr);
+    assert_eq!(
+        sample(&page, "tandem_pending_blocks{volume=\"vol\"}"),
+        Some(0.0)
+    );
+    assert!(sample(&page, "tandem_replicated_bytes_total{volume=\"vol\"}").unwrap() >= 1048576.0);
+}
