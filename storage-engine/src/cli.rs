@@ -144,6 +144,10 @@ pub struct ServeArgs {
     /// Sync mode: how long a write waits for the peer before it stands on the local copy alone.
     #[arg(long, default_value_t = 5000)]
     pub sync_timeout_ms: u64,
+    /// Secondary: how long applied writes may wait before they are made durable (fdatasync) and
+    /// acknowledged as such. The source's FLUSH (sync mode) or a filling journal syncs at once.
+    #[arg(long, default_value_t = 100)]
+    pub durable_interval_ms: u64,
     /// Serve Prometheus metrics on this address, HOST:PORT.
     #[arg(long)]
     pub metrics_listen: Option<String>,

@@ -103,9 +103,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth.clone(),
     );
     let peer_svc = tonic::service::interceptor::InterceptedService::new(
-        PeerServer::new(PeerService::new(Arc::clone(&volume)))
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20),
+        PeerServer::new(PeerService::new(
+            Arc::clone(&volume),
+            std::time::Duration::from_millis(args.durable_interval_ms),
+        ))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20),
         auth,
     );
     if let Some(r) = &volume.repl {

@@ -70,6 +70,12 @@ impl Journal {
         self.bytes
     }
 
+    /// Held records fill a quarter of the capacity: the peer should make them durable soon, so
+    /// the journal can trim before it overflows.
+    pub fn filling(&self) -> bool {
+        self.bytes.saturating_mul(4) >= self.capacity
+    }
+
     pub fn len(&self) -> usize {
         self.records.len()
     }

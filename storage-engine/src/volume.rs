@@ -316,6 +316,7 @@ impl Volume {
                     token: p.token.clone(),
                     mode: p.mode,
                     sync_timeout: p.sync_timeout,
+                    flush_wanted: Default::default(),
                     priority: Default::default(),
                 }))
             }

@@ -304,6 +304,42 @@ fn sync_mode_acknowledges_after_the_secondary() {
     }
 }
 
+/// A secondary syncs lazily: applied writes stay in the primary's table until they are durable
+/// there. In sync mode a host FLUSH asks for that at once (here the lazy sync is 10 minutes away).
+#[test]
+fn applied_writes_stay_pending_until_durable_and_a_sync_flush_makes_them_so() {
+    let d = tempfile::tempdir().unwrap();
+    let lazy = ["--durable-interval-ms", "600000"];
+    let pair = Pair::start(d.path().join("a").as_path(), "16M", &[], &lazy);
+    pair.wait_synced(20);
+    qemu_io_ok(&pair.p.uri(), &["write -P 5 0 64k"]);
+    wait_until(10, "the secondary applies the write", || {
+        block_is(&pair.s.data(), 15, 5)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        pair.status_p()["pending_blocks"],
+        16,
+        "applied but not durable on the secondary: still pending"
+    );
+
+    let pair = Pair::start(
+        d.path().join("b").as_path(),
+        "16M",
+        &["--replication", "sync"],
+        &lazy,
+    );
+    pair.wait_synced(20);
+    qemu_io_ok(&pair.p.uri(), &["write -P 6 0 64k", "flush"]);
+    assert!(block_is(&pair.s.data(), 15, 6));
+    let st = pair.status_p();
+    assert_eq!(
+        st["pending_blocks"], 0,
+        "the FLUSH made the writes durable: {st}"
+    );
+    assert_eq!(st["pair_state"], "Synced");
+}
+
 /// A new, blank secondary gets a full copy of the primary's allocated data.
 #[test]
 fn blank_secondary_gets_a_full_copy() {

@@ -61,6 +61,8 @@ pub struct Repl {
     pub token: Option<String>,
     pub mode: Mode,
     pub sync_timeout: Duration,
+    /// A sync-mode host FLUSH waits for the peer's stable storage: the sender asks it to sync now.
+    pub flush_wanted: std::sync::atomic::AtomicBool,
     /// Blocks a proxied read asked for: a draining engine sends them first.
     pub priority: std::sync::Mutex<std::collections::VecDeque<u64>>,
 }
@@ -90,8 +92,10 @@ impl Repl {
         self.wait_on(&self.acked, seq).await
     }
 
-    /// Waits until the peer has `seq` on stable storage (sync-mode FLUSH and FUA).
+    /// Asks the peer to make `seq` durable now and waits until it has (sync-mode FLUSH and FUA).
     pub async fn wait_durable(&self, seq: u64) -> bool {
+        self.flush_wanted.store(true, Ordering::Release);
+        self.wake.notify_one();
         self.wait_on(&self.durable, seq).await
     }
 

@@ -421,6 +421,9 @@ async fn stream(
     }
     let mut last_heartbeat = Instant::now();
     let mut last_pending_sent: Option<u64> = None;
+    // A sync-mode FLUSH covers every record journaled before it: ask the peer to sync with the
+    // batch that carries the last of them.
+    let mut flush_upto: Option<u64> = None;
     loop {
         if let Some(r) = (&mut *ack_task).now_or_never() {
             return Err(r.unwrap_or(SessionError::Closed));
@@ -435,19 +438,31 @@ async fn stream(
         } else {
             1 << 20
         };
+        let flush_asked = link.repl.flush_wanted.swap(false, Ordering::AcqRel);
         let recs = {
             let mut s = t.state();
+            if flush_asked {
+                flush_upto = flush_upto.max(Some(s.journal.last_seq()));
+            }
             if s.resync_needed || need_resync || !s.journal.covers(cursor) {
                 s.resync_needed = true;
                 None
             } else {
-                Some(s.journal.read_from(cursor, batch_bytes))
+                Some((
+                    s.journal.read_from(cursor, batch_bytes),
+                    s.journal.filling(),
+                ))
             }
         };
-        let Some(recs) = recs else {
+        let Some((recs, filling)) = recs else {
             cursor = link.resync(false).await?;
             continue;
         };
+        let next_cursor = recs.last().map_or(cursor, |r| r.seq + 1);
+        let flush = (filling && !recs.is_empty()) || flush_upto.is_some_and(|u| next_cursor > u);
+        if flush {
+            flush_upto = None;
+        }
         // Heartbeats go out even under a steady stream: the secondary must always know the
         // pending set a forced promotion would lose (failover.md A18).
         {
@@ -475,6 +490,17 @@ async fn stream(
                 last_heartbeat = Instant::now();
             }
         }
+        if recs.is_empty() && flush {
+            link.send(
+                Body::WriteBatch(pb::WriteBatch {
+                    records: Vec::new(),
+                    flush: true,
+                }),
+                64,
+            )
+            .await?;
+            continue;
+        }
         if recs.is_empty() {
             let repl = link.repl;
             tokio::select! {
@@ -488,9 +514,10 @@ async fn stream(
         }
         let cost: u64 = recs.iter().map(|r| r.cost()).sum();
         let bytes: u64 = recs.iter().map(|r| r.len()).sum();
-        cursor = recs.last().map_or(cursor, |r| r.seq + 1);
+        cursor = next_cursor;
         let batch = pb::WriteBatch {
             records: recs.iter().map(write_record).collect(),
+            flush,
         };
         link.send(Body::WriteBatch(batch), cost).await?;
         link.repl
