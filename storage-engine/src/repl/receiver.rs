@@ -67,13 +67,21 @@ impl Drop for LinkUp {
 
 type AckTx = mpsc::Sender<Result<pb::ReplicationAck, Status>>;
 
+/// How the applying side tells the flusher there is something to make durable, and how soon.
+#[derive(Default)]
+struct Durability {
+    /// Something was applied (or a flush was asked for).
+    dirty: tokio::sync::Notify,
+    /// Sync now instead of after the durable interval.
+    urgent: tokio::sync::Notify,
+}
+
 async fn apply_loop(
     vol: &Arc<Volume>,
     inbound: &mut Streaming<pb::ReplicationMessage>,
     tx: &AckTx,
     images: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
-    dirty: &Arc<tokio::sync::Notify>,
-    urgent: &Arc<tokio::sync::Notify>,
+    durability: &Durability,
     generation: &AtomicU64,
     my_gen: u64,
 ) {
@@ -137,7 +145,7 @@ async fn apply_loop(
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .extend(applied.images);
-                    dirty.notify_one();
+                    durability.dirty.notify_one();
                     let ack = pb::ReplicationAck {
                         epoch: applied.epoch,
                         applied_seq: applied.applied_seq,
@@ -150,8 +158,8 @@ async fn apply_loop(
                 }
                 if flush_now {
                     // An empty flush batch wrote nothing, and still gets its durable ack.
-                    dirty.notify_one();
-                    urgent.notify_one();
+                    durability.dirty.notify_one();
+                    durability.urgent.notify_one();
                 }
             }
             Err(status) => {
@@ -167,17 +175,16 @@ async fn apply_loop(
 async fn flush_loop(
     vol: Arc<Volume>,
     images: Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
-    dirty: Arc<tokio::sync::Notify>,
-    urgent: Arc<tokio::sync::Notify>,
+    durability: Arc<Durability>,
     interval: Duration,
     done: Arc<AtomicBool>,
     tx: AckTx,
 ) {
     loop {
-        dirty.notified().await;
+        durability.dirty.notified().await;
         if !done.load(Ordering::SeqCst) {
             tokio::select! {
-                _ = urgent.notified() => {}
+                _ = durability.urgent.notified() => {}
                 _ = tokio::time::sleep(interval) => {}
             }
         }
@@ -252,14 +259,12 @@ impl Peer for PeerService {
             // Applying and making durable run side by side: a sync-mode writer waits only for the
             // apply; the differential table waits for the fsync.
             let images: Arc<std::sync::Mutex<Vec<(u64, u64)>>> = Arc::default();
-            let dirty = Arc::new(tokio::sync::Notify::new());
-            let urgent = Arc::new(tokio::sync::Notify::new());
+            let durability = Arc::new(Durability::default());
             let done = Arc::new(AtomicBool::new(false));
             let flusher = tokio::spawn(flush_loop(
                 Arc::clone(&vol),
                 Arc::clone(&images),
-                Arc::clone(&dirty),
-                Arc::clone(&urgent),
+                Arc::clone(&durability),
                 interval,
                 Arc::clone(&done),
                 tx.clone(),
@@ -269,16 +274,15 @@ impl Peer for PeerService {
                 &mut inbound,
                 &tx,
                 &images,
-                &dirty,
-                &urgent,
+                &durability,
                 &generation,
                 my_gen,
             )
             .await;
             // Make the tail durable and acknowledge it before the stream closes.
             done.store(true, Ordering::SeqCst);
-            dirty.notify_one();
-            urgent.notify_one();
+            durability.dirty.notify_one();
+            durability.urgent.notify_one();
             drop(tx);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), flusher).await;
         });
