@@ -5,7 +5,8 @@
 #   bench/replication.sh [SIZE_MIB=512] [RUNTIME_S=5]
 # PIN=1 (default) models two one-core nodes on this machine: fio and every primary (and the unpaired
 # engine) run on CPU 0, every secondary on CPU 1, so the secondary's work does not steal the primary's
-# core. PIN=0 lets everything share all cores.
+# core. PIN=0 lets everything share all cores. PIN=one puts everything on CPU 0 (no wakeup ever
+# crosses CPUs, and the secondary's work competes with the primary's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-512}
@@ -13,6 +14,7 @@ RUNTIME=${2:-5}
 PIN=${PIN:-1}
 NODE_A=(); NODE_B=()
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
+if [ "$PIN" = one ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 0); fi
 scripts/install-deps.sh >/dev/null
 cargo build --release -q -p storage-engine
 E=$PWD/target/release/tandem-engine
@@ -83,14 +85,15 @@ PY
 }
 if [ "$(nproc)" -ge 2 ]; then
   same=$(rtt 0 0); cross=$(rtt 0 1)
+  floor=$cross; [ "$PIN" = one ] && floor=$same
   echo
   echo "### The floor under a sync write on this machine"
   echo
-  echo "| round trip, same CPU | round trip, CPU 0 to CPU 1 | unpaired QD1 latency | sync QD1 ceiling (unpaired / (unpaired + cross)) | sync QD1 measured |"
+  echo "| round trip, same CPU | round trip, CPU 0 to CPU 1 | unpaired QD1 latency | sync QD1 ceiling (unpaired / (unpaired + round trip)) | sync QD1 measured |"
   echo "|---:|---:|---:|---:|---:|"
   python3 -c "
 l = 1e6 / $U1
-print('| %s us | %s us | %.1f us | %.2fx | %.2fx |' % ('$same', '$cross', l, l / (l + $cross), $S1 / $U1))"
+print('| %s us | %s us | %.1f us | %.2fx | %.2fx |' % ('$same', '$cross', l, l / (l + $floor), $S1 / $U1))"
 fi
 
 echo
