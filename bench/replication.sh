@@ -33,7 +33,29 @@ serve() { # name nbdport grpcport [extra...]
     --nbd-listen 127.0.0.1:$np --grpc-listen 127.0.0.1:$gp "${TOK[@]}" "$@" 2>>"$W/$n.log" &
   PID=$!
 }
-fio_iops() { # uri iodepth
+cpu_ticks() { grep -E '^cpu[0-9]+ ' /proc/stat; }
+# Busy share of each CPU between two cpu_ticks snapshots, as "c0%/c1%".
+cpu_busy() {
+  python3 - "$1" "$2" <<'PY'
+import sys
+def parse(t):
+    out = []
+    for l in t.strip().splitlines():
+        f = [int(x) for x in l.split()[1:]]
+        idle = f[3] + f[4]
+        out.append((sum(f[:8]) - idle, idle))
+    return out
+a, b = parse(sys.argv[1]), parse(sys.argv[2])
+print("/".join("%.0f%%" % (100 * (b1 - a1) / max(1, (b1 - a1) + (i2 - i1))) for (a1, i1), (b1, i2) in zip(a, b)))
+PY
+}
+fio_iops() { # uri iodepth -> IOPS; BUSY = each CPU's busy share during the run
+  local t0 out; t0=$(cpu_ticks)
+  out=$(fio_run "$@")
+  BUSY=$(cpu_busy "$t0" "$(cpu_ticks)")
+  echo "$out"
+}
+fio_run() {
   "${NODE_A[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth="$2" --size="${SIZE_MIB}M" \
       --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 --output-format=json 2>/dev/null |
     python3 -c 'import json,sys
@@ -54,13 +76,16 @@ sleep 1; wait_synced 127.0.0.1:9571; wait_synced 127.0.0.1:9573
 
 echo "### 4k randwrite IOPS, unpaired vs paired (${RUNTIME}s per cell, ${SIZE_MIB} MiB volume)"
 echo
-echo "| QD | unpaired | async pair | async/unpaired | sync pair | sync/unpaired |"
-echo "|---:|---:|---:|---:|---:|---:|"
+echo "| QD | unpaired | async pair | async/unpaired | sync pair | sync/unpaired | CPU busy: unpaired | async | sync |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for qd in 1 16; do
-  u=$(fio_iops nbd://127.0.0.1:10870/b $qd)
-  a=$(fio_iops nbd://127.0.0.1:10871/b $qd); wait_synced 127.0.0.1:9571
-  s=$(fio_iops nbd://127.0.0.1:10873/b $qd); wait_synced 127.0.0.1:9573
-  python3 -c "print('| $qd | $u | $a | %.2fx | $s | %.2fx |' % ($a/$u, $s/$u))"
+  # Command substitution runs in a subshell: BUSY comes back through a file.
+  u=$(fio_iops nbd://127.0.0.1:10870/b $qd; echo "$BUSY" > "$W/busy"); bu=$(cat "$W/busy")
+  a=$(fio_iops nbd://127.0.0.1:10871/b $qd; echo "$BUSY" > "$W/busy"); ba=$(cat "$W/busy")
+  wait_synced 127.0.0.1:9571
+  s=$(fio_iops nbd://127.0.0.1:10873/b $qd; echo "$BUSY" > "$W/busy"); bs=$(cat "$W/busy")
+  wait_synced 127.0.0.1:9573
+  python3 -c "import sys; print('| $qd | $u | $a | %.2fx | $s | %.2fx | %s | %s | %s |' % ($a/$u, $s/$u, *sys.argv[1:]))" "$bu" "$ba" "$bs"
   [ "$qd" = 1 ] && U1=$u && S1=$s
 done
 
