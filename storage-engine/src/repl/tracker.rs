@@ -476,6 +476,23 @@ mod tests {
         Tracker::open(dir, 4096, 0, 1, 1 << 20).unwrap()
     }
 
+    /// Writes one 4 KiB block; returns its seq.
+    fn put(t: &Tracker, block: u64) -> u64 {
+        t.write(
+            block * 4096,
+            Payload::Data(Bytes::from(vec![1; 4096])),
+            || Ok(()),
+        )
+        .unwrap()
+    }
+
+    /// Block 0 written and acknowledged; block 600 (another extent) written and still pending.
+    fn acked_and_pending(t: &Tracker) {
+        let s = put(t, 0);
+        put(t, 600);
+        t.ack_journal(s);
+    }
+
     #[test]
     fn ack_of_an_old_generation_keeps_the_block_pending() {
         let d = tempfile::tempdir().unwrap();
@@ -540,16 +557,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         {
             let t = tracker(d.path());
-            let s = t
-                .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Ok(()))
-                .unwrap();
-            t.write(
-                600 * 4096,
-                Payload::Data(Bytes::from(vec![1; 4096])),
-                || Ok(()),
-            )
-            .unwrap();
-            t.ack_journal(s);
+            acked_and_pending(&t);
             for _ in 0..=COOL_AFTER_TICKS {
                 t.state().dirty = true;
                 t.checkpoint(|| Ok(()), false).unwrap();
@@ -567,9 +575,7 @@ mod tests {
     fn an_extent_cools_only_after_a_data_sync_that_it_still_covers() {
         let d = tempfile::tempdir().unwrap();
         let t = tracker(d.path());
-        let s = t
-            .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Ok(()))
-            .unwrap();
+        let s = put(&t, 0);
         t.ack_journal(s);
         let intent_on_disk = || {
             Bitmap::load(&d.path().join("intent"), t.blocks().div_ceil(EXTENT_BLOCKS))
@@ -600,9 +606,7 @@ mod tests {
     fn a_failed_data_sync_keeps_the_cover() {
         let d = tempfile::tempdir().unwrap();
         let t = tracker(d.path());
-        let s = t
-            .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Ok(()))
-            .unwrap();
+        let s = put(&t, 0);
         t.ack_journal(s);
         for _ in 0..COOL_AFTER_TICKS - 1 {
             t.checkpoint(|| Ok(()), false).unwrap();
@@ -623,16 +627,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         {
             let t = tracker(d.path());
-            let s = t
-                .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Ok(()))
-                .unwrap();
-            t.write(
-                600 * 4096,
-                Payload::Data(Bytes::from(vec![1; 4096])),
-                || Ok(()),
-            )
-            .unwrap();
-            t.ack_journal(s);
+            acked_and_pending(&t);
             t.checkpoint(|| panic!("the caller synced already"), true)
                 .unwrap();
         }
