@@ -23,7 +23,6 @@ use crate::{
 
 /// Messages applied per durable batch at most.
 const BATCH: usize = 512;
-
 /// Batches up to this size are applied on the stream's task.
 const INLINE_APPLY_BYTES: usize = 256 * 1024;
 
