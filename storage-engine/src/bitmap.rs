@@ -1,7 +1,12 @@
 //! Bitmaps: the differential table (`pending_to_peer`), the write-intent extents, and later the
 //! handoff table and overlay presence. One bit per block; persisted whole with a checksum.
 //!
-//! File format: { magic "TNDBMAP\0" (8) | version u32 LE | bits u64 LE | crc32c(words) u32 LE | words (u64 LE)* }
+//! File format: { magic "TNDBMAP\0" (8) | version u32 LE | bits u64 LE | crc32c(body) u32 LE | body }
+//! - version 1 (dense): body = every word, u64 LE;
+//! - version 2 (sparse): body = (word index u64 LE, word u64 LE) for each nonzero word, ascending.
+//!
+//! A table a few blocks are set in is written sparse, so a 1 TiB volume's table (32 MiB dense) costs
+//! what is set, not what could be.
 
 use std::{
     fs::{self, File},
@@ -12,8 +17,29 @@ use std::{
 use crate::meta::sync_dir;
 
 const MAGIC: &[u8; 8] = b"TNDBMAP\0";
-const VERSION: u32 = 1;
+const DENSE: u32 = 1;
+const SPARSE: u32 = 2;
 const HEADER: usize = 24;
+
+/// A bitmap in its file form, taken under a lock and written after it is released.
+pub struct EncodedBitmap(Vec<u8>);
+
+impl EncodedBitmap {
+    /// Writes durably and atomically (temp file, fsync, rename, fsync dir).
+    pub fn store(&self, path: &Path) -> io::Result<()> {
+        // A temp name of its own: two threads may store the same bitmap at once (checkpoint and
+        // flush), and must not rename each other's half-written file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{n}"));
+        let mut f = File::create(&tmp)?;
+        f.write_all(&self.0)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        sync_dir(path)
+    }
+}
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Bitmap {
@@ -159,40 +185,80 @@ impl Bitmap {
             a[..chunk.len()].copy_from_slice(chunk);
             b.words[i] = u64::from_le_bytes(a);
         }
-        // Bits past the end are ignored, never counted.
-        if bits % 64 != 0 {
-            if let Some(last) = b.words.last_mut() {
-                *last &= (1u64 << (bits % 64)) - 1;
-            }
-        }
+        b.mask_tail();
         b.recount();
         Some(b)
     }
 
-    fn encode(&self) -> Vec<u8> {
-        let body: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    /// The nonzero words as (index, word) pairs, u64 little-endian each (the sparse wire form).
+    pub fn to_sparse(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        for (i, &w) in self.words.iter().enumerate() {
+            if w != 0 {
+                v.extend_from_slice(&(i as u64).to_le_bytes());
+                v.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        v
+    }
+
+    /// Parses `to_sparse`'s form; `None` if malformed (odd length, index out of range or not
+    /// ascending).
+    pub fn from_sparse(bits: u64, bytes: &[u8]) -> Option<Self> {
+        if bytes.len() % 16 != 0 {
+            return None;
+        }
+        let mut b = Self::new(bits);
+        let mut next = 0u64;
+        for pair in bytes.chunks_exact(16) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&pair[..8]);
+            let i = u64::from_le_bytes(a);
+            a.copy_from_slice(&pair[8..]);
+            if i < next || i >= b.words.len() as u64 {
+                return None;
+            }
+            b.words[i as usize] = u64::from_le_bytes(a);
+            next = i + 1;
+        }
+        b.mask_tail();
+        b.recount();
+        Some(b)
+    }
+
+    /// Bits past the end are ignored, never counted.
+    fn mask_tail(&mut self) {
+        if self.bits % 64 != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << (self.bits % 64)) - 1;
+            }
+        }
+    }
+
+    /// The file form, sparse when that is smaller. Cheap to take under a lock: one pass over the
+    /// words, and only a sparse table's set words are copied.
+    pub fn encode(&self) -> EncodedBitmap {
+        let nonzero = self.words.iter().filter(|w| **w != 0).count();
+        let (version, body) = if nonzero * 2 < self.words.len() {
+            (SPARSE, self.to_sparse())
+        } else {
+            (
+                DENSE,
+                self.words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            )
+        };
         let mut v = Vec::with_capacity(HEADER + body.len());
         v.extend_from_slice(MAGIC);
-        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&version.to_le_bytes());
         v.extend_from_slice(&self.bits.to_le_bytes());
         v.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         v.extend_from_slice(&body);
-        v
+        EncodedBitmap(v)
     }
 
     /// Writes the bitmap durably and atomically (temp file, fsync, rename, fsync dir).
     pub fn store(&self, path: &Path) -> io::Result<()> {
-        // A temp name of its own: two threads may store the same bitmap at once (checkpoint and
-        // flush), and must not rename each other's half-written file.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("tmp{n}"));
-        let mut f = File::create(&tmp)?;
-        f.write_all(&self.encode())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        sync_dir(path)
+        self.encode().store(path)
     }
 
     /// Loads a bitmap of `bits` bits; `Ok(None)` if absent; an error if corrupt or of another size.
@@ -213,7 +279,8 @@ impl Bitmap {
         }
         let mut u4 = [0u8; 4];
         u4.copy_from_slice(&b[8..12]);
-        if u32::from_le_bytes(u4) != VERSION {
+        let version = u32::from_le_bytes(u4);
+        if version != DENSE && version != SPARSE {
             return Err(bad("unknown version"));
         }
         let mut u8b = [0u8; 8];
@@ -223,10 +290,16 @@ impl Bitmap {
         }
         u4.copy_from_slice(&b[20..24]);
         let body = &b[HEADER..];
-        if body.len() as u64 != bits.div_ceil(64) * 8
-            || crc32c::crc32c(body) != u32::from_le_bytes(u4)
-        {
+        if crc32c::crc32c(body) != u32::from_le_bytes(u4) {
             return Err(bad("checksum mismatch or truncated"));
+        }
+        if version == SPARSE {
+            return Self::from_sparse(bits, body)
+                .map(Some)
+                .ok_or_else(|| bad("malformed sparse body"));
+        }
+        if body.len() as u64 != bits.div_ceil(64) * 8 {
+            return Err(bad("truncated"));
         }
         let mut m = Self::new(bits);
         for (i, c) in body.chunks_exact(8).enumerate() {
@@ -279,11 +352,58 @@ mod tests {
             }
             let back = Bitmap::from_bytes(bits, &b.to_bytes()).unwrap();
             prop_assert_eq!(&back, &b);
+            prop_assert_eq!(&Bitmap::from_sparse(bits, &b.to_sparse()).unwrap(), &b);
             let dir = tempfile::tempdir().unwrap();
             let p = dir.path().join("bm");
             b.store(&p).unwrap();
             prop_assert_eq!(Bitmap::load(&p, bits).unwrap(), Some(b));
         }
+    }
+
+    #[test]
+    fn a_large_table_with_few_bits_is_stored_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bm");
+        let bits = 1u64 << 28; // 1 TiB of 4 KiB blocks: 32 MiB dense
+        let mut b = Bitmap::new(bits);
+        for i in [0, 12345, bits - 1] {
+            b.set(i);
+        }
+        b.store(&p).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().len(), (HEADER + 3 * 16) as u64);
+        assert_eq!(Bitmap::load(&p, bits).unwrap(), Some(b));
+        // Mostly set: dense is smaller, and chosen.
+        let full = Bitmap::full(1000);
+        full.store(&p).unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().len(),
+            (HEADER + 1000usize.div_ceil(64) * 8) as u64
+        );
+        assert_eq!(Bitmap::load(&p, 1000).unwrap(), Some(full));
+    }
+
+    #[test]
+    fn malformed_sparse_forms_are_refused() {
+        let pair = |i: u64, w: u64| [i.to_le_bytes(), w.to_le_bytes()].concat();
+        // Descending or repeated indexes, an index past the end, a ragged length.
+        assert!(Bitmap::from_sparse(1000, &[pair(3, 1), pair(2, 1)].concat()).is_none());
+        assert!(Bitmap::from_sparse(1000, &[pair(3, 1), pair(3, 2)].concat()).is_none());
+        assert!(Bitmap::from_sparse(1000, &pair(16, 1)).is_none());
+        assert!(Bitmap::from_sparse(1000, &pair(1, 1)[..15]).is_none());
+        // Bits past the end are dropped, not counted.
+        let b = Bitmap::from_sparse(1000, &pair(15, u64::MAX)).unwrap();
+        assert_eq!(b.count(), 1000 - 15 * 64);
+        // A sparse file with a flipped bit fails its checksum.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bm");
+        let mut big = Bitmap::new(1 << 20);
+        big.set(7);
+        big.store(&p).unwrap();
+        let mut raw = fs::read(&p).unwrap();
+        let n = raw.len();
+        raw[n - 1] ^= 1;
+        fs::write(&p, raw).unwrap();
+        assert!(Bitmap::load(&p, 1 << 20).is_err());
     }
 
     #[test]

@@ -670,7 +670,10 @@ impl Volume {
                 return Ok(());
             }
             rs.hb_dirty = false;
-            (rs.peer_pending.clone(), rs.peer_last_seq)
+            (
+                rs.peer_pending.as_ref().map(Bitmap::encode),
+                rs.peer_last_seq,
+            )
         };
         let dir = self.meta_path.parent().unwrap_or(Path::new("."));
         if let Some(set) = set {
@@ -833,11 +836,23 @@ impl Volume {
                     out.wrote = true;
                 }
                 Some(Body::Heartbeat(h)) => {
-                    if !h.pending_bitmap.is_empty() {
-                        rs.peer_pending = Bitmap::from_bytes(
-                            self.size() / u64::from(BLOCK_SIZE),
-                            &h.pending_bitmap,
-                        );
+                    let blocks = self.size() / u64::from(BLOCK_SIZE);
+                    let set = if let Some(w) = &h.pending_words {
+                        Some(Bitmap::from_sparse(blocks, w))
+                    } else if !h.pending_bitmap.is_empty() {
+                        Some(Bitmap::from_bytes(blocks, &h.pending_bitmap))
+                    } else {
+                        None
+                    };
+                    match set {
+                        // Unchanged since the last heartbeat.
+                        None => {}
+                        Some(None) => {
+                            return Err(Status::invalid_argument(
+                                "heartbeat: malformed pending set (size or encoding)",
+                            ))
+                        }
+                        Some(s) => rs.peer_pending = s,
                     }
                     rs.peer_last_seq = h.last_seq;
                     rs.peer_seen_us = crate::repl::tracker::now_us();
@@ -956,6 +971,45 @@ mod tests {
                 zero_length: 0,
             })),
         }
+    }
+
+    fn heartbeat(words: Option<Vec<u8>>) -> ReplicationMessage {
+        ReplicationMessage {
+            volume: "v".into(),
+            epoch: 5,
+            body: Some(Body::Heartbeat(crate::pb::Heartbeat {
+                pending_words: words.map(Bytes::from),
+                last_seq: 9,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// The pending set a heartbeat carries (sparse) is kept; an absent one leaves it as it was;
+    /// a malformed one is refused and changes nothing.
+    #[test]
+    fn heartbeat_pending_sets_are_kept_and_malformed_ones_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let v = secondary_at_epoch(d.path(), 5);
+        let mut set = Bitmap::new(256);
+        set.set(3);
+        set.set(200);
+        v.apply_batch(vec![heartbeat(Some(set.to_sparse()))])
+            .unwrap();
+        assert_eq!(v.replica().peer_pending.as_ref(), Some(&set));
+        v.apply_batch(vec![heartbeat(None)]).unwrap();
+        assert_eq!(v.replica().peer_pending.as_ref(), Some(&set));
+        let err = v
+            .apply_batch(vec![heartbeat(Some(vec![1; 15]))])
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(v.replica().peer_pending.as_ref(), Some(&set));
+        // An empty set is a set: everything reached this side.
+        v.apply_batch(vec![heartbeat(Some(Vec::new()))]).unwrap();
+        assert_eq!(
+            v.replica().peer_pending.as_ref().map(Bitmap::count),
+            Some(0)
+        );
     }
 
     /// AT-30: a message from an older epoch is refused and nothing of its batch is written;

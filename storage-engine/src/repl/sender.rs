@@ -467,24 +467,26 @@ async fn stream(
         // pending set a forced promotion would lose (failover.md A18).
         {
             if last_heartbeat.elapsed() >= Duration::from_millis(250) {
-                let (pending, last_seq) = {
+                // The pending set travels whenever it is not empty, and once when it becomes
+                // empty, so a forced promotion knows its losses. Sparse: what is set, not the volume.
+                let (words, last_seq) = {
                     let s = t.state();
-                    (s.pending.clone(), s.journal.last_seq())
+                    let count = s.pending.count();
+                    let words = (last_pending_sent != Some(count) || count > 0).then(|| {
+                        last_pending_sent = Some(count);
+                        s.pending.to_sparse()
+                    });
+                    (words, s.journal.last_seq())
                 };
-                // The pending set travels only when it changed, so a forced promotion knows its losses.
-                let bitmap = if last_pending_sent != Some(pending.count()) || pending.count() > 0 {
-                    last_pending_sent = Some(pending.count());
-                    pending.to_bytes()
-                } else {
-                    Vec::new()
-                };
+                let bytes = words.as_ref().map_or(64, |w| 64 + w.len() as u64);
                 link.send(
                     Body::Heartbeat(pb::Heartbeat {
-                        pending_bitmap: bitmap.into(),
+                        pending_words: words.map(Into::into),
                         last_seq,
                         timestamp_us: now_us(),
+                        ..Default::default()
                     }),
-                    64,
+                    bytes,
                 )
                 .await?;
                 last_heartbeat = Instant::now();

@@ -356,7 +356,7 @@ impl Tracker {
             }
             s.resync_needed = true;
             s.dirty = true;
-            s.pending.clone()
+            s.pending.encode()
         };
         snapshot.store(&self.pending_path)
     }
@@ -427,7 +427,8 @@ impl Tracker {
             s.tick = s.tick.wrapping_add(1);
             if s.dirty {
                 s.dirty = false;
-                Some(s.pending.clone())
+                // Encoded under the lock: a pass over the words, no copy of a large table.
+                Some(s.pending.encode())
             } else {
                 None
             }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Does the volume's size cost replication anything? An async pair per size (pinned as
+# bench/replication.sh's PIN=1: primary and fio on CPU 0, secondary on CPU 1), fio 4k randwrite QD16
+# over the first 256 MiB only, so every size does the same I/O; the differential table grows with
+# the size (32 MiB of bits for 1 TiB).
+#   bench/large-volume.sh [SIZES="1G 1T"] [RUNTIME_S=5]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZES=${1:-"1G 1T"}
+RUNTIME=${2:-5}
+NODE_A=(); NODE_B=()
+if [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
+scripts/install-deps.sh >/dev/null
+cargo build --release -q -p storage-engine
+E=$PWD/target/release/tandem-engine
+W=$(mktemp -d /var/tmp/tandem-bench.XXXXXX)
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+echo bench > "$W/tok"
+iops() {
+  "${NODE_A[@]}" fio --name=b --ioengine=nbd --uri=nbd://127.0.0.1:10971/b --rw=randwrite --bs=4k \
+      --iodepth=16 --size=256M --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap \
+      --randrepeat=0 --output-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+t=sys.stdin.read(); print("%.0f" % json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"])'
+}
+echo "| volume size | async QD16 IOPS (two runs) | secondary's heartbeat-set file |"
+echo "|---:|---:|---:|"
+for size in $SIZES; do
+  rm -rf "$W/s" "$W/p" "$W"/*.img
+  "${NODE_B[@]}" "$E" serve --volume b --data "$W/s.img" --size "$size" --state-dir "$W/s" \
+    --nbd-listen 127.0.0.1:10972 --grpc-listen 127.0.0.1:9672 --token-file "$W/tok" \
+    --role secondary --peer 127.0.0.1:9671 2>>"$W/s.log" &
+  S=$!
+  "${NODE_A[@]}" "$E" serve --volume b --data "$W/p.img" --size "$size" --state-dir "$W/p" \
+    --nbd-listen 127.0.0.1:10971 --grpc-listen 127.0.0.1:9671 --token-file "$W/tok" \
+    --peer 127.0.0.1:9672 2>>"$W/p.log" &
+  P=$!
+  sleep 2
+  a=$(iops); b=$(iops)
+  hb=$(stat -c %s "$W/s/peer_pending_heartbeat" 2>/dev/null || echo 0)
+  echo "| $size | $a / $b | $hb bytes |"
+  kill "$S" "$P"; wait "$S" "$P" 2>/dev/null || true
+done
