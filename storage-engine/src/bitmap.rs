@@ -21,6 +21,18 @@ const DENSE: u32 = 1;
 const SPARSE: u32 = 2;
 const HEADER: usize = 24;
 
+/// Positions of the set bits of `w`, ascending.
+fn ones_of(mut w: u64) -> impl Iterator<Item = u64> {
+    std::iter::from_fn(move || {
+        if w == 0 {
+            return None;
+        }
+        let t = u64::from(w.trailing_zeros());
+        w &= w - 1;
+        Some(t)
+    })
+}
+
 /// A bitmap in its file form, taken under a lock and written after it is released.
 pub struct EncodedBitmap(Vec<u8>);
 
@@ -45,6 +57,9 @@ impl EncodedBitmap {
 pub struct Bitmap {
     bits: u64,
     words: Vec<u64>,
+    /// Bit j is set iff `words[j]` is nonzero: walks over a large, mostly clear table (iterating,
+    /// encoding it sparse) cost what is set, not the table's size.
+    summary: Vec<u64>,
     ones: u64,
 }
 
@@ -56,9 +71,11 @@ impl std::fmt::Debug for Bitmap {
 
 impl Bitmap {
     pub fn new(bits: u64) -> Self {
+        let words = bits.div_ceil(64) as usize;
         Self {
             bits,
-            words: vec![0; bits.div_ceil(64) as usize],
+            words: vec![0; words],
+            summary: vec![0; words.div_ceil(64)],
             ones: 0,
         }
     }
@@ -91,11 +108,13 @@ impl Bitmap {
         if i >= self.bits {
             return false;
         }
-        let w = &mut self.words[(i / 64) as usize];
+        let wi = (i / 64) as usize;
+        let w = &mut self.words[wi];
         let m = 1u64 << (i % 64);
         let was_clear = *w & m == 0;
         *w |= m;
         self.ones += u64::from(was_clear);
+        self.summary[wi / 64] |= 1 << (wi % 64);
         was_clear
     }
 
@@ -104,11 +123,15 @@ impl Bitmap {
         if i >= self.bits {
             return false;
         }
-        let w = &mut self.words[(i / 64) as usize];
+        let wi = (i / 64) as usize;
+        let w = &mut self.words[wi];
         let m = 1u64 << (i % 64);
         let was_set = *w & m != 0;
         *w &= !m;
         self.ones -= u64::from(was_set);
+        if *w == 0 {
+            self.summary[wi / 64] &= !(1 << (wi % 64));
+        }
         was_set
     }
 
@@ -120,22 +143,22 @@ impl Bitmap {
 
     pub fn clear_all(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
+        self.summary.iter_mut().for_each(|w| *w = 0);
         self.ones = 0;
+    }
+
+    /// Indexes of the nonzero words, ascending (from the summary).
+    fn nonzero_words(&self) -> impl Iterator<Item = usize> + '_ {
+        self.summary
+            .iter()
+            .enumerate()
+            .flat_map(|(si, &s)| ones_of(s).map(move |t| si * 64 + t as usize))
     }
 
     /// Set bits in ascending order.
     pub fn iter_ones(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(wi, &w)| {
-            let mut w = w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
-                }
-                let t = u64::from(w.trailing_zeros());
-                w &= w - 1;
-                Some(wi as u64 * 64 + t)
-            })
-        })
+        self.nonzero_words()
+            .flat_map(|wi| ones_of(self.words[wi]).map(move |t| wi as u64 * 64 + t))
     }
 
     /// The first set bit at or after `from`.
@@ -143,17 +166,28 @@ impl Bitmap {
         if from >= self.bits {
             return None;
         }
-        let mut wi = (from / 64) as usize;
-        let mut w = self.words[wi] & (!0u64 << (from % 64));
+        let wi = (from / 64) as usize;
+        let w = self.words[wi] & (!0u64 << (from % 64));
+        if w != 0 {
+            return Some(wi as u64 * 64 + u64::from(w.trailing_zeros()));
+        }
+        // The next nonzero word after `wi`, found through the summary.
+        let next = wi + 1;
+        let mut si = next / 64;
+        if si >= self.summary.len() {
+            return None;
+        }
+        let mut s = self.summary[si] & (!0u64 << (next % 64));
         loop {
-            if w != 0 {
-                return Some(wi as u64 * 64 + u64::from(w.trailing_zeros()));
+            if s != 0 {
+                let j = si * 64 + s.trailing_zeros() as usize;
+                return Some(j as u64 * 64 + u64::from(self.words[j].trailing_zeros()));
             }
-            wi += 1;
-            if wi >= self.words.len() {
+            si += 1;
+            if si >= self.summary.len() {
                 return None;
             }
-            w = self.words[wi];
+            s = self.summary[si];
         }
     }
 
@@ -164,8 +198,15 @@ impl Bitmap {
         self.recount();
     }
 
+    /// Recomputes the count and the summary after the words were written directly.
     fn recount(&mut self) {
         self.ones = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
+        self.summary.iter_mut().for_each(|w| *w = 0);
+        for (wi, &w) in self.words.iter().enumerate() {
+            if w != 0 {
+                self.summary[wi / 64] |= 1 << (wi % 64);
+            }
+        }
     }
 
     /// Little-endian bytes, bit i of the table = bit (i % 8) of byte i / 8 (the wire form).
@@ -193,11 +234,9 @@ impl Bitmap {
     /// The nonzero words as (index, word) pairs, u64 little-endian each (the sparse wire form).
     pub fn to_sparse(&self) -> Vec<u8> {
         let mut v = Vec::new();
-        for (i, &w) in self.words.iter().enumerate() {
-            if w != 0 {
-                v.extend_from_slice(&(i as u64).to_le_bytes());
-                v.extend_from_slice(&w.to_le_bytes());
-            }
+        for i in self.nonzero_words() {
+            v.extend_from_slice(&(i as u64).to_le_bytes());
+            v.extend_from_slice(&self.words[i].to_le_bytes());
         }
         v
     }
@@ -235,10 +274,10 @@ impl Bitmap {
         }
     }
 
-    /// The file form, sparse when that is smaller. Cheap to take under a lock: one pass over the
-    /// words, and only a sparse table's set words are copied.
+    /// The file form, sparse when that is smaller. Cheap to take under a lock: a sparse table costs
+    /// its summary and its set words.
     pub fn encode(&self) -> EncodedBitmap {
-        let nonzero = self.words.iter().filter(|w| **w != 0).count();
+        let nonzero: usize = self.summary.iter().map(|s| s.count_ones() as usize).sum();
         let (version, body) = if nonzero * 2 < self.words.len() {
             (SPARSE, self.to_sparse())
         } else {
@@ -325,29 +364,66 @@ mod tests {
         ClearAll,
     }
 
+    fn ops(max: u64, span: u64) -> impl Strategy<Value = Vec<Op>> {
+        proptest::collection::vec(
+            prop_oneof![
+                (0..max).prop_map(Op::Set),
+                (0..max).prop_map(Op::Clear),
+                (0..max, 0..span).prop_map(|(a, l)| Op::Range(a, a + l)),
+                Just(Op::ClearAll),
+            ],
+            0..60,
+        )
+    }
+
     proptest! {
         /// The bitmap behaves like a set of block numbers, and survives the wire and file forms.
         #[test]
-        fn matches_a_set(bits in 1u64..700, ops in proptest::collection::vec(
-            prop_oneof![
-                (0u64..800).prop_map(Op::Set),
-                (0u64..800).prop_map(Op::Clear),
-                (0u64..800, 0u64..100).prop_map(|(a, l)| Op::Range(a, a + l)),
-                Just(Op::ClearAll),
-            ], 0..60)) {
+        fn matches_a_set(bits in 1u64..700, ops in ops(800, 100)) {
+            check_against_a_set(bits, ops)?;
+        }
+
+        /// The same across several summary words (a summary word covers 4096 bits).
+        #[test]
+        fn matches_a_set_across_summary_words(bits in 1u64..20_000, ops in ops(21_000, 3_000)) {
+            check_against_a_set(bits, ops)?;
+        }
+    }
+
+    fn check_against_a_set(bits: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        {
             let mut b = Bitmap::new(bits);
             let mut m = BTreeSet::new();
             for op in ops {
                 match op {
-                    Op::Set(i) => { prop_assert_eq!(b.set(i), i < bits && m.insert(i)); }
-                    Op::Clear(i) => { prop_assert_eq!(b.clear(i), m.remove(&i)); }
-                    Op::Range(f, t) => { b.set_range(f, t); m.extend(f..t.min(bits)); }
-                    Op::ClearAll => { b.clear_all(); m.clear(); }
+                    Op::Set(i) => {
+                        prop_assert_eq!(b.set(i), i < bits && m.insert(i));
+                    }
+                    Op::Clear(i) => {
+                        prop_assert_eq!(b.clear(i), m.remove(&i));
+                    }
+                    Op::Range(f, t) => {
+                        b.set_range(f, t);
+                        m.extend(f..t.min(bits));
+                    }
+                    Op::ClearAll => {
+                        b.clear_all();
+                        m.clear();
+                    }
                 }
                 prop_assert_eq!(b.count(), m.len() as u64);
+                for (wi, w) in b.words.iter().enumerate() {
+                    prop_assert_eq!(b.summary[wi / 64] & (1 << (wi % 64)) != 0, *w != 0);
+                }
             }
-            prop_assert_eq!(b.iter_ones().collect::<Vec<_>>(), m.iter().copied().collect::<Vec<_>>());
-            for from in [0, bits / 3, bits / 2, bits - 1] {
+            prop_assert_eq!(
+                b.iter_ones().collect::<Vec<_>>(),
+                m.iter().copied().collect::<Vec<_>>()
+            );
+            for from in (0..bits)
+                .step_by((bits / 37).max(1) as usize)
+                .chain([bits - 1])
+            {
                 prop_assert_eq!(b.next_one(from), m.range(from..).next().copied());
             }
             let back = Bitmap::from_bytes(bits, &b.to_bytes()).unwrap();
@@ -358,6 +434,7 @@ mod tests {
             b.store(&p).unwrap();
             prop_assert_eq!(Bitmap::load(&p, bits).unwrap(), Some(b));
         }
+        Ok(())
     }
 
     #[test]
