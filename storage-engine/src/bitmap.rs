@@ -257,20 +257,35 @@ impl Bitmap {
             if i < next || i >= b.words.len() as u64 {
                 return None;
             }
-            b.words[i as usize] = u64::from_le_bytes(a);
-            next = i + 1;
+            let i = i as usize;
+            let mut w = u64::from_le_bytes(a);
+            if i + 1 == b.words.len() {
+                w &= b.tail_mask();
+            }
+            // Count as we go: the cost follows the pairs, not the volume.
+            b.words[i] = w;
+            b.ones += u64::from(w.count_ones());
+            if w != 0 {
+                b.summary[i / 64] |= 1 << (i % 64);
+            }
+            next = i as u64 + 1;
         }
-        b.mask_tail();
-        b.recount();
         Some(b)
+    }
+
+    /// The bits of the last word that lie inside the bitmap.
+    fn tail_mask(&self) -> u64 {
+        match self.bits % 64 {
+            0 => !0,
+            r => (1u64 << r) - 1,
+        }
     }
 
     /// Bits past the end are ignored, never counted.
     fn mask_tail(&mut self) {
-        if self.bits % 64 != 0 {
-            if let Some(last) = self.words.last_mut() {
-                *last &= (1u64 << (self.bits % 64)) - 1;
-            }
+        let m = self.tail_mask();
+        if let Some(last) = self.words.last_mut() {
+            *last &= m;
         }
     }
 

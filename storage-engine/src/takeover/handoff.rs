@@ -81,10 +81,11 @@ impl Volume {
         let s = repl.tracker.state();
         Ok(pb::HandoffReply {
             epoch: new_epoch,
-            pending_bitmap: s.pending.to_bytes().into(),
+            pending_words: Some(s.pending.to_sparse().into()),
             pending_blocks: s.pending.count(),
             last_seq: s.journal.last_seq(),
             block_size: BS,
+            ..Default::default()
         })
     }
 
@@ -144,8 +145,14 @@ impl Volume {
         let blocks = self.size() / BS;
         let reply = match handoff {
             Ok(h) => {
-                let table = Bitmap::from_bytes(blocks, &h.pending_bitmap).ok_or_else(|| {
-                    Status::data_loss("the peer's differential table has the wrong size")
+                let table = match &h.pending_words {
+                    Some(w) => Bitmap::from_sparse(blocks, w),
+                    None => Bitmap::from_bytes(blocks, &h.pending_bitmap),
+                }
+                .ok_or_else(|| {
+                    Status::data_loss(
+                        "the peer's differential table is malformed or of another size",
+                    )
                 })?;
                 let pending = table.count();
                 self.promote_checked(role, new_epoch, table, None).await?;
