@@ -11,12 +11,8 @@ SIZES=${1:-"1G 1T"}
 RUNTIME=${2:-5}
 NODE_A=(); NODE_B=()
 if [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
-scripts/install-deps.sh >/dev/null
-cargo build --release -q -p storage-engine
-E=$PWD/target/release/tandem-engine
-W=$(mktemp -d /var/tmp/tandem-bench.XXXXXX)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
+. bench/common.sh
+bench_setup
 echo bench > "$W/tok"
 iops() {
   "${NODE_A[@]}" fio --name=b --ioengine=nbd --uri=nbd://127.0.0.1:10971/b --rw=randwrite --bs=4k \

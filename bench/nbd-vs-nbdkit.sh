@@ -6,12 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-512}
 RUNTIME=${2:-5}
-scripts/install-deps.sh >/dev/null
-cargo build --release -q -p storage-engine
-ENGINE=$PWD/target/release/tandem-engine
-W=$(mktemp -d /var/tmp/tandem-bench.XXXXXX)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
+. bench/common.sh
+bench_setup
+ENGINE=$E
 
 # Identical, fully allocated files, so neither side reads holes.
 dd if=/dev/urandom of="$W/a.img" bs=1M count="$SIZE_MIB" status=none

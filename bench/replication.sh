@@ -15,12 +15,8 @@ PIN=${PIN:-1}
 NODE_A=(); NODE_B=()
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
 if [ "$PIN" = one ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 0); fi
-scripts/install-deps.sh >/dev/null
-cargo build --release -q -p storage-engine
-E=$PWD/target/release/tandem-engine
-W=$(mktemp -d /var/tmp/tandem-bench.XXXXXX)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
+. bench/common.sh
+bench_setup
 echo bench > "$W/tok"
 TOK=(--token-file "$W/tok")
 js() { "$E" status --grpc "$1" --volume b "${TOK[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)[\"$2\"])"; }

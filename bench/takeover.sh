@@ -15,12 +15,8 @@ SIZES=${1:-0 64M 512M 2G}
 REPEATS=${2:-5}
 READS=${3:-10000}
 LOCAL_MIB=64
-scripts/install-deps.sh >/dev/null
-cargo build --release -q -p storage-engine
-E=${CARGO_TARGET_DIR:-$PWD/target}/release/tandem-engine
-W=$(mktemp -d /var/tmp/tandem-takeover.XXXXXX)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
+. bench/common.sh
+bench_setup
 echo bench > "$W/tok"
 TOK=(--token-file "$W/tok")
 
