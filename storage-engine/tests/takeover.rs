@@ -9,6 +9,24 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A raw `Peer` client to an engine, with the pair's token (for calls the CLI does not make).
+async fn peer_client(
+    grpc: &str,
+) -> storage_engine::pb::peer_client::PeerClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        storage_engine::client::TokenInterceptor,
+    >,
+> {
+    let ch = storage_engine::client::channel(grpc, Duration::from_secs(2))
+        .await
+        .unwrap();
+    storage_engine::pb::peer_client::PeerClient::with_interceptor(
+        ch,
+        storage_engine::client::TokenInterceptor::new(Some("s3cret-token")).unwrap(),
+    )
+}
+
 /// A linked pair, synced, with the primary's link paused and `blocks` written on the primary
 /// (pending, not on the secondary).
 fn pair_with_backlog(dir: &std::path::Path, blocks: &[(u64, u8)], extra_s: &[&str]) -> Pair {
@@ -551,7 +569,7 @@ fn at29_kills_during_merge_and_reverse_replication_resume() {
 
 #[test]
 fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
-    use storage_engine::{client::TokenInterceptor, pb};
+    use storage_engine::pb;
     let d = tempfile::tempdir().unwrap();
     let pair = pair_with_backlog(d.path(), &[(10, 0xaa)], &[]);
     let r1 = pair.takeover();
@@ -561,13 +579,7 @@ fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
     assert_eq!(r2["already_primary"], true);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let ch = storage_engine::client::channel(&pair.p.grpc, Duration::from_secs(2))
-            .await
-            .unwrap();
-        let mut c = pb::peer_client::PeerClient::with_interceptor(
-            ch,
-            TokenInterceptor::new(Some("s3cret-token")).unwrap(),
-        );
+        let mut c = peer_client(&pair.p.grpc).await;
         // A repeated handoff at the same epoch returns the stored table again.
         let h = c
             .fence_and_handoff(pb::FenceRequest {
@@ -830,19 +842,13 @@ fn export_pinned_to_an_epoch_is_refused_after_a_takeover_and_failback() {
 /// it stored the table; the repeated takeover reuses the epoch and gets the stored table again.
 #[test]
 fn at34_takeover_resumes_after_the_new_primary_died_mid_handoff() {
-    use storage_engine::{client::TokenInterceptor, pb};
+    use storage_engine::pb;
     let d = tempfile::tempdir().unwrap();
     let mut pair = pair_with_backlog(d.path(), &[(10, 0xaa), (11, 0xab)], &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     // What the secondary's first attempt did before it was killed: the fence and handoff.
     let first = rt.block_on(async {
-        let ch = storage_engine::client::channel(&pair.p.grpc, Duration::from_secs(2))
-            .await
-            .unwrap();
-        let mut c = pb::peer_client::PeerClient::with_interceptor(
-            ch,
-            TokenInterceptor::new(Some("s3cret-token")).unwrap(),
-        );
+        let mut c = peer_client(&pair.p.grpc).await;
         c.fence_and_handoff(pb::FenceRequest {
             volume: "vol".into(),
             new_epoch: 2,
