@@ -53,6 +53,51 @@ impl EncodedBitmap {
     }
 }
 
+/// One bitmap file written from several threads (a checkpoint, a host FLUSH, the merge, the drain).
+///
+/// Invariant: a store's snapshot is taken and renamed into place within one turn, so a snapshot
+/// taken later is never overwritten by one taken earlier (two racing renames could otherwise leave
+/// the older table on disk: a FLUSHed overlay bit or a marked pending bit would vanish). Tests:
+/// `takeover::tests::a_flushed_overlay_write_survives_a_racing_checkpoint`,
+/// `repl::tracker::tests::marked_pending_blocks_survive_a_racing_checkpoint`.
+pub struct BitmapFile {
+    path: std::path::PathBuf,
+    turn: std::sync::Mutex<()>,
+}
+
+/// The right to snapshot and store one bitmap file; stores of that file wait for it.
+pub struct StoreTurn<'a> {
+    path: &'a Path,
+    _turn: std::sync::MutexGuard<'a, ()>,
+}
+
+impl BitmapFile {
+    pub fn new(path: std::path::PathBuf) -> Self {
+        Self {
+            path,
+            turn: std::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for this file's turn; take the snapshot after this returns.
+    pub fn turn(&self) -> StoreTurn<'_> {
+        StoreTurn {
+            path: &self.path,
+            _turn: self.turn.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+}
+
+impl StoreTurn<'_> {
+    pub fn store(&self, b: &EncodedBitmap) -> io::Result<()> {
+        b.store(self.path)
+    }
+}
+
 #[derive(Clone, PartialEq, Eq)]
 pub struct Bitmap {
     bits: u64,

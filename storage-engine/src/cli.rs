@@ -61,6 +61,10 @@ pub struct TakeoverArgs {
     /// Seconds to keep trying the peer (wait) or before giving up on it (force).
     #[arg(long, default_value_t = 10)]
     pub timeout: u64,
+    /// With --policy force: promote even a replica whose resync was cut short (it may hold a torn
+    /// mix of old and new blocks). Without it such a promotion is refused.
+    #[arg(long)]
+    pub allow_inconsistent: bool,
 }
 
 #[derive(Debug, Args)]

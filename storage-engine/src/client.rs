@@ -144,20 +144,8 @@ impl EngineClient {
         policy: TakeoverPolicy,
         timeout: Duration,
     ) -> Result<TakeoverReply, ClientError> {
-        let req = pb::TakeoverRequest {
-            volume: volume.to_string(),
-            new_epoch: 0,
-            policy: policy as i32,
-            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-        };
-        self.inner
-            .takeover(req)
+        self.role_change(takeover_request(volume, policy, timeout), false)
             .await
-            .map(|r| r.into_inner())
-            .map_err(|status| ClientError::Rpc {
-                op: "Takeover",
-                status,
-            })
     }
 
     /// Makes this engine (the old primary, now secondary) the primary again.
@@ -167,19 +155,37 @@ impl EngineClient {
         policy: TakeoverPolicy,
         timeout: Duration,
     ) -> Result<TakeoverReply, ClientError> {
-        let req = pb::TakeoverRequest {
-            volume: volume.to_string(),
-            new_epoch: 0,
-            policy: policy as i32,
-            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-        };
-        self.inner
-            .failback(req)
+        self.role_change(takeover_request(volume, policy, timeout), true)
             .await
-            .map(|r| r.into_inner())
-            .map_err(|status| ClientError::Rpc {
-                op: "Failback",
-                status,
-            })
+    }
+
+    /// Takeover (or failback) with every option of the request.
+    pub async fn role_change(
+        &mut self,
+        req: pb::TakeoverRequest,
+        failback: bool,
+    ) -> Result<TakeoverReply, ClientError> {
+        let (op, r) = if failback {
+            ("Failback", self.inner.failback(req).await)
+        } else {
+            ("Takeover", self.inner.takeover(req).await)
+        };
+        r.map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc { op, status })
+    }
+}
+
+/// A takeover request at the next epoch.
+pub fn takeover_request(
+    volume: &str,
+    policy: TakeoverPolicy,
+    timeout: Duration,
+) -> pb::TakeoverRequest {
+    pb::TakeoverRequest {
+        volume: volume.to_string(),
+        new_epoch: 0,
+        policy: policy as i32,
+        timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+        allow_inconsistent: false,
     }
 }

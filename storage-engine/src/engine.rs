@@ -107,8 +107,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Arc::clone(&volume),
             std::time::Duration::from_millis(args.durable_interval_ms),
         ))
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20),
+        .max_decoding_message_size(crate::takeover::handoff::message_cap(volume.size()))
+        .max_encoding_message_size(crate::takeover::handoff::message_cap(volume.size())),
         auth,
     );
     if let Some(r) = &volume.repl {
@@ -231,11 +231,11 @@ pub async fn takeover(args: TakeoverArgs, failback: bool) -> anyhow::Result<()> 
         PolicyArg::Force => pb::TakeoverPolicy::Force,
     };
     let timeout = std::time::Duration::from_secs(args.timeout);
-    let r = if failback {
-        c.failback(&args.target.volume, policy, timeout).await?
-    } else {
-        c.takeover(&args.target.volume, policy, timeout).await?
+    let req = pb::TakeoverRequest {
+        allow_inconsistent: args.allow_inconsistent,
+        ..crate::client::takeover_request(&args.target.volume, policy, timeout)
     };
+    let r = c.role_change(req, failback).await?;
     println!("{}", takeover_json(&r));
     Ok(())
 }

@@ -18,6 +18,7 @@ pub mod meta;
 pub mod metrics;
 pub mod nbd;
 pub mod repl;
+pub mod seam;
 pub mod size;
 pub mod store;
 pub mod takeover;

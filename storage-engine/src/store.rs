@@ -34,6 +34,9 @@ pub struct BlockStore {
     file: Arc<File>,
     path: PathBuf,
     size: u64,
+    /// Unit tests' power loss: the old bytes under every change no fdatasync has covered yet.
+    #[cfg(test)]
+    unsynced: std::sync::Mutex<Vec<(u64, Vec<u8>)>>,
 }
 
 impl BlockStore {
@@ -73,6 +76,8 @@ impl BlockStore {
             file: Arc::new(file),
             path: path.to_path_buf(),
             size,
+            #[cfg(test)]
+            unsynced: Default::default(),
         })
     }
 
@@ -89,12 +94,17 @@ impl BlockStore {
     }
 
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        #[cfg(test)]
+        self.remember(offset, data.len() as u64);
         self.file.write_all_at(data, offset)
     }
 
     /// Makes every completed write durable (fdatasync).
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.sync_data()?;
+        #[cfg(test)]
+        self.forget_unsynced();
+        Ok(())
     }
 
     /// fdatasync on a blocking thread, so the async runtime keeps serving other requests.
@@ -102,7 +112,42 @@ impl BlockStore {
         let f = Arc::clone(&self.file);
         tokio::task::spawn_blocking(move || f.sync_data())
             .await
-            .map_err(io::Error::other)?
+            .map_err(io::Error::other)??;
+        #[cfg(test)]
+        self.forget_unsynced();
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn remember(&self, offset: u64, len: u64) {
+        let len = len.min(self.size.saturating_sub(offset));
+        let mut old = vec![0u8; len as usize];
+        if self.file.read_exact_at(&mut old, offset).is_ok() {
+            if let Ok(mut u) = self.unsynced.lock() {
+                u.push((offset, old));
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn forget_unsynced(&self) {
+        if let Ok(mut u) = self.unsynced.lock() {
+            u.clear();
+        }
+    }
+
+    /// Unit tests' power loss: every change since the last fdatasync is undone, as if the page
+    /// cache had never been written back.
+    #[cfg(test)]
+    pub fn lose_unsynced(&self) {
+        let undo = self
+            .unsynced
+            .lock()
+            .map(|mut u| std::mem::take(&mut *u))
+            .unwrap_or_default();
+        for (offset, old) in undo.into_iter().rev() {
+            let _ = self.file.write_all_at(&old, offset);
+        }
     }
 
     /// Deallocates a range; it reads back as zeros afterwards.
@@ -110,6 +155,8 @@ impl BlockStore {
         if len == 0 {
             return Ok(());
         }
+        #[cfg(test)]
+        self.remember(offset, len);
         match fallocate(
             &*self.file,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -127,6 +174,8 @@ impl BlockStore {
         if len == 0 {
             return Ok(());
         }
+        #[cfg(test)]
+        self.remember(offset, len);
         match fallocate(&*self.file, FallocateFlags::ZERO_RANGE, offset, len) {
             Ok(()) => Ok(()),
             Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.write_zeros(offset, len),

@@ -599,9 +599,8 @@ impl Volume {
         self.host_access()?;
         self.store.sync_async().await?;
         if self.areas.active() {
-            // The overlay's data, then its bitmap: a host FLUSH covers writes routed there too.
-            self.areas.overlay.sync_async().await?;
-            self.areas.persist()?;
+            // A host FLUSH covers writes routed to the overlay too: their data, then their bits.
+            self.persist_areas()?;
         }
         if let Some(r) = &self.repl {
             if r.mode == Mode::Sync && self.role() == Role::Primary {
@@ -637,8 +636,7 @@ impl Volume {
     fn checkpoint_with(&self, quiesced: bool) -> io::Result<()> {
         let Some(r) = &self.repl else { return Ok(()) };
         if self.areas.active() {
-            self.areas.overlay.sync()?;
-            self.areas.persist()?;
+            self.persist_areas()?;
         }
         self.persist_heartbeat_set()?;
         r.tracker.checkpoint(|| self.store.sync(), quiesced)?;
@@ -650,6 +648,11 @@ impl Volume {
                 .map_err(|e| io::Error::other(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Stores the takeover bitmaps that changed, each after the data it vouches for is durable.
+    pub(crate) fn persist_areas(&self) -> io::Result<()> {
+        self.areas.persist(&self.store)
     }
 
     /// Reads the data file itself, whatever the role and the overlay.

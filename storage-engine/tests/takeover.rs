@@ -869,3 +869,147 @@ fn at34_takeover_resumes_after_the_new_primary_died_mid_handoff() {
     pair.wait_converged(&pair.s, &pair.p, 30);
     assert!(pair.files_identical());
 }
+
+/// "Force" means the peer cannot be reached, never that it said no: a live old primary that
+/// refuses the handoff (here it was already fenced at a newer epoch by another takeover) must not
+/// be answered with a forced promotion.
+#[test]
+fn force_never_promotes_over_a_peer_that_refuses() {
+    let d = tempfile::tempdir().unwrap();
+    let pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    put_block(&pair.p.uri(), 3, 0x03);
+    pair.wait_synced(30);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = peer_client(&pair.p.grpc).await;
+        c.fence_and_handoff(storage_engine::pb::FenceRequest {
+            volume: "vol".into(),
+            new_epoch: 10,
+        })
+        .await
+        .unwrap();
+    });
+    let err = pair
+        .control(
+            "takeover",
+            &pair.s,
+            &["--policy", "force", "--timeout", "2"],
+        )
+        .unwrap_err();
+    assert!(err.contains("HandoffRefused"), "{err}");
+    let s = pair.status_s();
+    assert_eq!(s["role"], "secondary", "{s}");
+    assert_eq!(n(&s, "lost_blocks"), 0);
+    assert!(event_names(&s).contains(&"HandoffRefused".to_string()));
+}
+
+/// A replica whose resync was cut short holds a mix of old and new blocks: a forced promotion of
+/// it is refused unless the caller passes --allow-inconsistent, and then it reports its losses.
+#[test]
+fn force_refuses_an_inconsistent_replica_unless_allowed() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    pair.wait_synced(30);
+    pair.fault(&["--pause", "true"]);
+    for b in 0..64 {
+        put_block(&pair.p.uri(), b, 0x5a);
+    }
+    // A restarted primary has no journal: it resyncs from its table, slowly, so the kill below
+    // lands in the middle of it.
+    pair.p.kill();
+    pair.p
+        .args
+        .extend(["--replication-rate".into(), "8k".into()]);
+    pair.p.restart();
+    wait_until(30, "the secondary marked inconsistent", || {
+        pair.status_s()["pair_state"] == "Inconsistent"
+    });
+    pair.p.kill();
+    let err = pair
+        .control(
+            "takeover",
+            &pair.s,
+            &["--policy", "force", "--timeout", "1"],
+        )
+        .unwrap_err();
+    assert!(err.contains("Inconsistent"), "{err}");
+    assert_eq!(pair.status_s()["role"], "secondary");
+    let r = pair
+        .control(
+            "takeover",
+            &pair.s,
+            &[
+                "--policy",
+                "force",
+                "--timeout",
+                "1",
+                "--allow-inconsistent",
+            ],
+        )
+        .unwrap();
+    assert_eq!(r["epoch"], 2, "{r}");
+    let s = pair.status_s();
+    assert_eq!(s["role"], "primary");
+    assert!(event_names(&s).contains(&"ForcePromoted".to_string()));
+}
+
+/// The old primary dies for good in the middle of its drain: reads of its blocks fail until the
+/// operator gives them up with a forced takeover on the serving engine, which names them as lost,
+/// lets the merge finish, and later overwrites the returning old primary with its own copy.
+#[test]
+fn a_drain_whose_old_primary_is_gone_can_be_abandoned() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = pair_with_backlog(
+        d.path(),
+        &[(10, 0xaa), (11, 0xab)],
+        &["--proxy-timeout-ms", "300"],
+    );
+    pair.takeover();
+    put_block(&pair.s.uri(), 20, 0x20);
+    pair.p.kill();
+    assert!(!block_reads(&pair.s.uri(), 10, 0xaa));
+    let r = pair.control(
+        "takeover",
+        &pair.s,
+        &["--policy", "force", "--timeout", "1"],
+    );
+    let r = r.unwrap();
+    assert_eq!(n(&r, "lost_blocks"), 2, "{r}");
+    let s = pair.status_s();
+    assert_eq!(n(&s, "lost_blocks"), 2);
+    assert!(event_names(&s).contains(&"DrainAbandoned".to_string()));
+    wait_until(30, "the merge after the abandoned drain", || {
+        pair.status_s()["takeover_phase"] == ""
+    });
+    // The lost blocks read as this engine had them; the rest is intact.
+    assert!(block_reads(&pair.s.uri(), 10, 0x00));
+    assert!(block_reads(&pair.s.uri(), 20, 0x20));
+    // The old primary returns: it ends its drain, turns secondary and is overwritten.
+    pair.p.restart();
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    assert!(
+        pair.files_identical(),
+        "the two sides must not silently differ"
+    );
+}
+
+/// A forced takeover on a draining engine whose old primary still answers changes nothing.
+#[test]
+fn a_drain_is_not_abandoned_while_the_old_primary_answers() {
+    let d = tempfile::tempdir().unwrap();
+    // The old primary's link is paused: it answers, but its drain does not move.
+    let pair = pair_with_backlog(d.path(), &[(10, 0xaa)], &[]);
+    pair.takeover();
+    let err = pair
+        .control(
+            "takeover",
+            &pair.s,
+            &["--policy", "force", "--timeout", "1"],
+        )
+        .unwrap_err();
+    assert!(err.contains("DrainNotAbandoned"), "{err}");
+    assert_eq!(pair.status_s()["takeover_phase"], "draining");
+    pair.fault(&["--pause", "false"]);
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
+}

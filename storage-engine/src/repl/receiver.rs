@@ -208,7 +208,7 @@ async fn flush_loop(
                 // Blocks this secondary asked back (resend) are now the primary's content.
                 r.tracker.forget(&blocks);
             }
-        } else if let Err(e) = vol.areas.persist() {
+        } else if let Err(e) = vol.persist_areas() {
             warn!(error = %e, "persisting the handed-off table failed");
         }
         let ack = pb::ReplicationAck {

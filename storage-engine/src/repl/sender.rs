@@ -290,12 +290,13 @@ pub type Opened = (
 /// Opens `Peer.Replicate` to the peer and reads its first message.
 pub async fn open_stream(repl: &Repl) -> Result<Opened, SessionError> {
     let ch = channel(&repl.peer, Duration::from_secs(2)).await?;
+    let cap = crate::takeover::handoff::message_cap(repl.tracker.blocks() * u64::from(BLOCK_SIZE));
     let mut client = pb::peer_client::PeerClient::with_interceptor(
         ch,
         TokenInterceptor::new(repl.token.as_deref())?,
     )
-    .max_decoding_message_size(64 << 20)
-    .max_encoding_message_size(64 << 20);
+    .max_decoding_message_size(cap)
+    .max_encoding_message_size(cap);
     let (tx, rx) = mpsc::channel(64);
     let mut acks = client
         .replicate(ReceiverStream::new(rx))

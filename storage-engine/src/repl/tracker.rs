@@ -24,7 +24,7 @@ use std::{
 use bytes::Bytes;
 
 use crate::{
-    bitmap::Bitmap,
+    bitmap::{Bitmap, BitmapFile},
     journal::{Append, Journal, Record},
     volume::BLOCK_SIZE,
 };
@@ -148,9 +148,11 @@ impl TrackState {
 pub struct Tracker {
     state: Mutex<TrackState>,
     pub locks: BlockLocks,
-    pending_path: PathBuf,
+    pending_file: BitmapFile,
     intent_path: PathBuf,
     blocks: u64,
+    /// Points where a unit test holds a thread (nothing outside tests).
+    pub(crate) seams: crate::seam::Seams,
 }
 
 #[derive(Clone)]
@@ -194,9 +196,10 @@ impl Tracker {
                 seq_checked: false,
             }),
             locks: BlockLocks::new(),
-            pending_path,
+            pending_file: BitmapFile::new(pending_path),
             intent_path,
             blocks,
+            seams: Default::default(),
         })
     }
 
@@ -342,6 +345,7 @@ impl Tracker {
 
     /// Makes `set` pending (durably, with its extents hot) so a resync sends these blocks.
     pub fn mark_pending(&self, set: &Bitmap) -> io::Result<()> {
+        let turn = self.pending_file.turn();
         let snapshot = {
             let mut s = self.state();
             s.pending.union_with(set);
@@ -358,7 +362,7 @@ impl Tracker {
             s.dirty = true;
             s.pending.encode()
         };
-        snapshot.store(&self.pending_path)
+        turn.store(&snapshot)
     }
 
     /// Forgets pending blocks the peer has overwritten (a secondary's blocks that were asked back).
@@ -422,6 +426,7 @@ impl Tracker {
         sync_data: impl FnOnce() -> io::Result<()>,
         quiesced: bool,
     ) -> io::Result<()> {
+        let turn = self.pending_file.turn();
         let snapshot = {
             let mut s = self.state();
             s.tick = s.tick.wrapping_add(1);
@@ -434,8 +439,13 @@ impl Tracker {
             }
         };
         if let Some(p) = snapshot {
-            p.store(&self.pending_path)?;
+            self.seams.hit("tracker.checkpoint.before_store");
+            if let Err(e) = turn.store(&p) {
+                self.state().dirty = true;
+                return Err(e);
+            }
         }
+        drop(turn);
         let cooling = {
             let s = self.state();
             let hot = s.hot_extents(quiesced);
@@ -492,6 +502,49 @@ mod tests {
         let s = put(t, 0);
         put(t, 600);
         t.ack_journal(s);
+    }
+
+    /// A checkpoint's snapshot stored late must not overwrite the table `mark_pending` stored
+    /// after it (the blocks asked back by a stepped-down peer would vanish from disk).
+    #[test]
+    fn marked_pending_blocks_survive_a_racing_checkpoint() {
+        let d = tempfile::tempdir().unwrap();
+        let t = std::sync::Arc::new(tracker(d.path()));
+        put(&t, 3);
+        let held = t.seams.arm("tracker.checkpoint.before_store");
+        let ck = {
+            let t = std::sync::Arc::clone(&t);
+            std::thread::spawn(move || t.checkpoint(|| Ok(()), false))
+        };
+        assert!(
+            held.wait_arrived(),
+            "the checkpoint never took its snapshot"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let marker = {
+            let t = std::sync::Arc::clone(&t);
+            std::thread::spawn(move || {
+                let mut set = Bitmap::new(4096);
+                set.set(700);
+                let r = t.mark_pending(&set);
+                let _ = tx.send(());
+                r
+            })
+        };
+        // With the store turn, mark_pending waits for the checkpoint; without it, it finishes
+        // first and the checkpoint's older snapshot is renamed over it.
+        let _ = rx.recv_timeout(std::time::Duration::from_millis(300));
+        held.release();
+        ck.join().unwrap().unwrap();
+        marker.join().unwrap().unwrap();
+        let on_disk = Bitmap::load(&d.path().join("pending_to_peer"), 4096)
+            .unwrap()
+            .unwrap();
+        assert!(on_disk.get(3));
+        assert!(
+            on_disk.get(700),
+            "the block marked pending was lost from the stored table"
+        );
     }
 
     #[test]

@@ -27,8 +27,41 @@ const ATTEMPT: Duration = Duration::from_secs(2);
 /// Default for a takeover request without a timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest gRPC message a volume's tables can need: a pending set sent sparse is at most twice
+/// its dense form (16 bytes per nonzero 64-bit word), plus room for the rest of the message. A
+/// fixed cap would make a scattered backlog on a large volume impossible to hand over or announce.
+/// Test: `takeover::tests::the_message_cap_fits_the_worst_table_of_a_volume`.
+pub fn message_cap(volume_bytes: u64) -> usize {
+    let words = (volume_bytes / BS).div_ceil(64);
+    let worst = words.saturating_mul(16).saturating_add(1 << 20);
+    usize::try_from(worst.max(64 << 20)).unwrap_or(usize::MAX)
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+/// Why the old primary did not hand its table over.
+#[derive(Debug)]
+pub(crate) enum HandoffFailure {
+    /// No answer: connect failed, the call timed out, the transport broke. The only case a
+    /// forced promotion acts on.
+    Unreachable(String),
+    /// The peer answered, and said no (a bad token, a newer epoch, not a primary, a bad reply).
+    /// Never a reason to promote: a live peer may still be serving.
+    Refused(String),
+}
+
+/// Whether a gRPC failure means the peer could not be reached (as opposed to an answer). The
+/// engine itself never answers with these codes; tonic reports transport failures with them.
+fn unreachable_code(c: tonic::Code) -> bool {
+    matches!(
+        c,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
 }
 
 impl Volume {
@@ -99,8 +132,18 @@ impl Volume {
         };
         let _one = self.takeover_lock.lock().await;
         let (role, epoch) = (self.role(), self.epoch());
+        let force = req.policy == pb::TakeoverPolicy::Force as i32;
+        let timeout = if req.timeout_ms == 0 {
+            DEFAULT_TIMEOUT
+        } else {
+            Duration::from_millis(u64::from(req.timeout_ms))
+        };
         if role == Role::Primary {
-            if req.new_epoch == 0 || req.new_epoch == epoch {
+            let same = req.new_epoch == 0 || req.new_epoch == epoch;
+            if same && force && self.areas.phase() == Phase::Draining {
+                return self.abandon_drain(timeout).await;
+            }
+            if same {
                 let m = self.meta().takeover.clone();
                 return Ok(pb::TakeoverReply {
                     epoch,
@@ -133,12 +176,6 @@ impl Volume {
                  it cannot take over",
             ));
         }
-        let force = req.policy == pb::TakeoverPolicy::Force as i32;
-        let timeout = if req.timeout_ms == 0 {
-            DEFAULT_TIMEOUT
-        } else {
-            Duration::from_millis(u64::from(req.timeout_ms))
-        };
         self.areas
             .event(format!("TakeoverRequested epoch={new_epoch} force={force}"));
         let handoff = self.ask_for_table(&repl.peer, new_epoch, timeout).await;
@@ -166,7 +203,25 @@ impl Volume {
                     ..Default::default()
                 }
             }
-            Err(why) if force => {
+            Err(HandoffFailure::Refused(why)) => {
+                // Invariant: "force" means the peer is unreachable, never that it said no.
+                // Test: `tests/takeover.rs` `force_never_promotes_over_a_peer_that_refuses`.
+                let msg = format!("HandoffRefused: {why}; not promoted");
+                self.areas.event("HandoffRefused");
+                return Err(Status::failed_precondition(msg));
+            }
+            Err(HandoffFailure::Unreachable(why))
+                if force && self.replica().inconsistent && !req.allow_inconsistent =>
+            {
+                let msg = format!(
+                    "HandoffBlocked: PeerUnreachable: {why}; not promoted: this replica is \
+                     Inconsistent (a resync was cut short) and would serve a torn volume; pass \
+                     allow_inconsistent (--allow-inconsistent) to promote it anyway"
+                );
+                self.areas.set_condition(msg.clone());
+                return Err(Status::unavailable(msg));
+            }
+            Err(HandoffFailure::Unreachable(why)) if force => {
                 let (lost, from, to) = {
                     let rs = self.replica();
                     if rs.applied_seq >= rs.peer_last_seq && !rs.inconsistent {
@@ -196,7 +251,7 @@ impl Volume {
                     ..Default::default()
                 }
             }
-            Err(why) => {
+            Err(HandoffFailure::Unreachable(why)) => {
                 let msg = format!(
                     "HandoffBlocked: PeerUnreachable: {why}; not promoted (policy wait; \
                      use policy force to promote and lose the peer's unsent writes)"
@@ -215,48 +270,149 @@ impl Volume {
         Ok(pb::TakeoverReply { ready_ms, ..reply })
     }
 
-    /// Calls FenceAndHandoff on the peer until it answers or `timeout` passes.
+    /// Calls FenceAndHandoff on the peer until it answers or `timeout` passes. A refusal is
+    /// final at once; only silence is retried.
     async fn ask_for_table(
         &self,
         peer: &str,
         new_epoch: u64,
         timeout: Duration,
-    ) -> Result<pb::HandoffReply, String> {
+    ) -> Result<pb::HandoffReply, HandoffFailure> {
         let deadline = Instant::now() + timeout;
         let token = self.repl.as_ref().and_then(|r| r.token.clone());
+        let interceptor = TokenInterceptor::new(token.as_deref())
+            .map_err(|e| HandoffFailure::Refused(e.to_string()))?;
+        let cap = message_cap(self.size());
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = async {
                 let ch = channel(peer, left.min(ATTEMPT))
                     .await
-                    .map_err(|e| e.to_string())?;
-                let mut c = pb::peer_client::PeerClient::with_interceptor(
-                    ch,
-                    TokenInterceptor::new(token.as_deref()).map_err(|e| e.to_string())?,
-                )
-                .max_decoding_message_size(64 << 20);
+                    .map_err(|e| HandoffFailure::Unreachable(e.to_string()))?;
+                let mut c = pb::peer_client::PeerClient::with_interceptor(ch, interceptor.clone())
+                    .max_decoding_message_size(cap);
                 c.fence_and_handoff(pb::FenceRequest {
                     volume: self.name().to_string(),
                     new_epoch,
                 })
                 .await
                 .map(|r| r.into_inner())
-                .map_err(|s| match s.code() {
-                    tonic::Code::FailedPrecondition
-                    | tonic::Code::Unauthenticated
-                    | tonic::Code::NotFound => format!("refused: {}", s.message()),
-                    _ => s.message().to_string(),
+                .map_err(|s| {
+                    if unreachable_code(s.code()) {
+                        HandoffFailure::Unreachable(s.message().to_string())
+                    } else {
+                        HandoffFailure::Refused(format!("{:?}: {}", s.code(), s.message()))
+                    }
                 })
             };
             let last = match tokio::time::timeout(left.min(ATTEMPT), attempt).await {
                 Ok(Ok(h)) if h.epoch == new_epoch => return Ok(h),
-                Ok(Ok(h)) => format!("peer answered at epoch {}", h.epoch),
-                Ok(Err(e)) if e.starts_with("refused") => return Err(e),
-                Ok(Err(e)) => e,
+                Ok(Ok(h)) => {
+                    return Err(HandoffFailure::Refused(format!(
+                        "peer answered at epoch {}, not {new_epoch}",
+                        h.epoch
+                    )))
+                }
+                Ok(Err(HandoffFailure::Refused(e))) => {
+                    return Err(HandoffFailure::Refused(format!("peer {peer}: {e}")))
+                }
+                Ok(Err(HandoffFailure::Unreachable(e))) => e,
                 Err(_) => format!("peer {peer} did not answer in time"),
             };
             if Instant::now() + Duration::from_millis(100) >= deadline {
-                return Err(format!("peer {peer}: {last}"));
+                return Err(HandoffFailure::Unreachable(format!("peer {peer}: {last}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A forced takeover on an engine that already serves but still waits for the old primary's
+    /// drain. Only when that peer stays unreachable for `timeout` (never when it answers, whatever
+    /// it says) are the blocks still pending from it given up: they read as this engine's own
+    /// older copy from then on, are reported as lost like a forced promotion's, and are marked for
+    /// sending back, so a returning old primary is overwritten instead of silently differing. The
+    /// merge then starts. Test: `tests/takeover.rs` `a_drain_whose_old_primary_is_gone_can_be_abandoned`.
+    async fn abandon_drain(&self, timeout: Duration) -> Result<pb::TakeoverReply, Status> {
+        let Some(repl) = &self.repl else {
+            return Err(Status::failed_precondition("volume is not paired"));
+        };
+        if let Some(answer) = self.probe_peer(&repl.peer, timeout).await {
+            return Err(Status::failed_precondition(format!(
+                "DrainNotAbandoned: the old primary answers ({answer}); its drain goes on"
+            )));
+        }
+        let _gate = self.gate.write().await;
+        if self.role() != Role::Primary || self.areas.phase() != Phase::Draining {
+            return Err(Status::aborted(
+                "superseded: the drain ended or this engine stopped serving meanwhile",
+            ));
+        }
+        let lost = self.areas.state().peer_pending.clone();
+        let n = lost.count();
+        repl.tracker.mark_pending(&lost).map_err(internal)?;
+        {
+            let mut st = self.areas.state();
+            st.peer_pending.clear_all();
+            super::Areas::mark_pp_dirty(&mut st);
+        }
+        // The table is stored empty before the phase moves on: a restart in between is still
+        // draining, with nothing left to wait for.
+        self.persist_areas().map_err(internal)?;
+        self.update_meta(|m| {
+            m.takeover.phase = Phase::Merging;
+            m.takeover.lost_blocks += n;
+        })
+        .map_err(internal)?;
+        self.areas.set_phase(Phase::Merging);
+        self.areas.set_condition("");
+        self.areas.event(format!(
+            "DrainAbandoned lost_blocks={n} (old primary unreachable)"
+        ));
+        self.areas.merge_wake.notify_one();
+        let m = self.meta().takeover.clone();
+        Ok(pb::TakeoverReply {
+            epoch: self.epoch(),
+            ready_ms: self.areas.ready_ms.load(Ordering::Relaxed),
+            lost_blocks: m.lost_blocks,
+            lost_seq_from: m.lost_seq_from,
+            lost_seq_to: m.lost_seq_to,
+            already_primary: true,
+            ..Default::default()
+        })
+    }
+
+    /// Asks the peer anything until `timeout`: `Some(what it said)` if it answered at all, `None`
+    /// if it never could be reached.
+    async fn probe_peer(&self, peer: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let token = self.repl.as_ref().and_then(|r| r.token.clone());
+        let interceptor = match TokenInterceptor::new(token.as_deref()) {
+            Ok(i) => i,
+            Err(e) => return Some(e.to_string()),
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = async {
+                let ch = channel(peer, left.min(ATTEMPT)).await.ok()?;
+                let mut c = pb::peer_client::PeerClient::with_interceptor(ch, interceptor.clone());
+                let r = c
+                    .read_blocks(pb::ReadBlocksRequest {
+                        volume: self.name().to_string(),
+                        epoch: self.epoch(),
+                        blocks: Vec::new(),
+                    })
+                    .await;
+                match r {
+                    Ok(_) => Some("it serves reads".to_string()),
+                    Err(s) if unreachable_code(s.code()) => None,
+                    Err(s) => Some(format!("{:?}: {}", s.code(), s.message())),
+                }
+            };
+            if let Ok(Some(answer)) = tokio::time::timeout(left.min(ATTEMPT), attempt).await {
+                return Some(answer);
+            }
+            if Instant::now() + Duration::from_millis(100) >= deadline {
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -287,7 +443,7 @@ impl Volume {
 
     /// Becomes primary at `new_epoch`: the handed-off table is stored durably first, then the role.
     /// `lost` (forced promotion): blocks whose newest content stayed on the peer, and their seqs.
-    fn promote(
+    pub(crate) fn promote(
         &self,
         new_epoch: u64,
         table: Bitmap,
@@ -350,13 +506,7 @@ impl Volume {
         if blocks.is_empty() {
             return Ok(());
         }
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        for &b in &blocks {
-            self.areas.overlay.read_at(&mut buf, b * BS)?;
-            self.store.write_at(&buf, b * BS)?;
-        }
-        self.store.sync()?;
-        self.areas.clear_overlay_durably(&blocks)?;
+        super::merge::copy_to_data(self, &blocks)?;
         self.areas
             .event(format!("OverlayFolded blocks={}", blocks.len()));
         Ok(())
@@ -500,18 +650,17 @@ impl Volume {
 
     /// DrainComplete (the last data mark): everything received is made durable, the handed-off
     /// table is cleared durably, and the merge may start. Idempotent.
-    fn finish_drain(&self, final_seq: u64) -> std::io::Result<()> {
+    pub(crate) fn finish_drain(&self, final_seq: u64) -> std::io::Result<()> {
         if self.areas.phase() != Phase::Draining {
             return Ok(());
         }
-        self.store.sync()?;
-        self.areas.overlay.sync()?;
         {
             let mut st = self.areas.state();
             st.peer_pending.clear_all();
             super::Areas::mark_pp_dirty(&mut st);
         }
-        self.areas.persist()?;
+        // Every drained image is in the data file before the empty table is stored.
+        self.persist_areas()?;
         let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
         self.update_meta(|m| m.takeover.phase = Phase::Merging)
             .map_err(io)?;

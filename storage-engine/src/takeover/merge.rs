@@ -47,9 +47,19 @@ pub async fn run(
         chunk = end;
     }
     // Every block is in the data file; host I/O stops taking the routed path.
+    vol.areas.seams.hit("merge.before_final_gate");
     let _gate = vol.gate.write().await;
     if vol.role() != Role::Primary || vol.areas.phase() != Phase::Merging {
         return Ok(());
+    }
+    // No host I/O runs under the gate: whatever reached the overlay behind a chunk already merged
+    // is folded now, before the overlay is punched (the punch must never drop a block).
+    let left: Vec<u64> = vol.areas.state().overlay_present.iter_ones().collect();
+    if !left.is_empty() {
+        let v = std::sync::Arc::clone(vol);
+        tokio::task::spawn_blocking(move || copy_to_data(&v, &left))
+            .await
+            .map_err(std::io::Error::other)??;
     }
     let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
     vol.update_meta(|m| m.takeover.phase = Phase::Normal)
@@ -65,19 +75,39 @@ pub async fn run(
 
 fn merge_chunk(vol: &Volume, from: u64, to: u64) -> std::io::Result<()> {
     let Some(r) = &vol.repl else { return Ok(()) };
+    let any = {
+        let st = vol.areas.state();
+        st.overlay_present.next_one(from).is_some_and(|b| b < to)
+    };
+    if !any {
+        // A write that reaches this chunk's overlay after this look is folded under the gate at
+        // the end of the merge.
+        return Ok(());
+    }
+    // Invariant: the chunk's overlay blocks are listed under the block locks host writes take, so
+    // a write that chose the overlay before the lock is in the list, and one after it sees the
+    // bit cleared and goes to the data file. Test:
+    // `takeover::tests::a_write_racing_drain_complete_and_the_merge_is_kept`.
+    let _locks = r.tracker.locks.lock(from..to);
     let todo: Vec<u64> = {
         let st = vol.areas.state();
         (from..to).filter(|&b| st.overlay_present.get(b)).collect()
     };
-    if todo.is_empty() {
+    vol.areas.seams.hit("merge.chunk.listed");
+    copy_to_data(vol, &todo)
+}
+
+/// Copies overlay blocks into the data file, makes it durable, then stores the overlay bitmap
+/// without them. The caller holds the blocks' locks or the gate.
+pub(crate) fn copy_to_data(vol: &Volume, blocks: &[u64]) -> std::io::Result<()> {
+    if blocks.is_empty() {
         return Ok(());
     }
-    let _locks = r.tracker.locks.lock(from..to);
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
-    for &b in &todo {
+    for &b in blocks {
         vol.areas.overlay.read_at(&mut buf, b * BS)?;
         vol.store.write_at(&buf, b * BS)?;
     }
     vol.store.sync()?;
-    vol.areas.clear_overlay_durably(&todo)
+    vol.areas.clear_overlay_durably(blocks)
 }

@@ -12,11 +12,13 @@ pub mod handoff;
 pub mod merge;
 pub mod proxy;
 pub mod route;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::VecDeque,
     io,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         atomic::{AtomicBool, AtomicU8, Ordering},
         Mutex, MutexGuard,
@@ -25,7 +27,12 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{bitmap::Bitmap, meta::Phase, repl::tracker::now_us, store::BlockStore};
+use crate::{
+    bitmap::{Bitmap, BitmapFile},
+    meta::Phase,
+    repl::tracker::now_us,
+    store::BlockStore,
+};
 
 /// Events kept for `status` (the newest win).
 const EVENTS_KEPT: usize = 64;
@@ -48,8 +55,8 @@ pub struct TakeoverState {
 pub struct Areas {
     state: Mutex<TakeoverState>,
     pub overlay: BlockStore,
-    pp_path: PathBuf,
-    ov_path: PathBuf,
+    pp_file: BitmapFile,
+    ov_file: BitmapFile,
     phase: AtomicU8,
     events: Mutex<VecDeque<String>>,
     /// Wakes the merge task.
@@ -61,6 +68,8 @@ pub struct Areas {
     pub condition: Mutex<String>,
     /// Time the last takeover took to become ready (this process's lifetime).
     pub ready_ms: std::sync::atomic::AtomicU64,
+    /// Points where a unit test holds a thread to force an interleaving (nothing outside tests).
+    pub(crate) seams: crate::seam::Seams,
 }
 
 fn phase_code(p: Phase) -> u8 {
@@ -107,8 +116,8 @@ impl Areas {
                 pp_durably_empty,
             }),
             overlay,
-            pp_path,
-            ov_path,
+            pp_file: BitmapFile::new(pp_path),
+            ov_file: BitmapFile::new(ov_path),
             phase: AtomicU8::new(phase_code(phase)),
             events: Mutex::new(VecDeque::new()),
             merge_wake: Notify::new(),
@@ -116,6 +125,7 @@ impl Areas {
             proxy,
             condition: Mutex::new(String::new()),
             ready_ms: std::sync::atomic::AtomicU64::new(0),
+            seams: Default::default(),
         })
     }
 
@@ -175,29 +185,56 @@ impl Areas {
         st.ov_dirty = true;
     }
 
-    /// Persists the bitmaps that changed. The caller has made the data (base and overlay) durable
-    /// first: a bit must never claim data that is not on disk.
-    pub fn persist(&self) -> io::Result<()> {
-        let (pp, ov) = {
+    /// Persists the bitmaps that changed.
+    ///
+    /// Invariant: a bitmap reaches the disk only after the data its bits vouch for: a cleared
+    /// `peer_pending` bit vouches for the data file (a read-repair or a drained image wrote the
+    /// block there), a set `overlay_present` bit for the overlay. So the snapshot is taken first and
+    /// the files it describes are fdatasync'd after it: every write the snapshot reflects happened
+    /// before it, and is durable before the snapshot is stored. Tests:
+    /// `takeover::tests::a_drained_block_survives_power_loss_after_a_checkpoint`.
+    pub fn persist(&self, data: &BlockStore) -> io::Result<()> {
+        let ov_turn = self.ov_file.turn();
+        let pp_turn = self.pp_file.turn();
+        let (pp, ov, pp_empty) = {
             let mut st = self.state();
-            let pp = st.pp_dirty.then(|| st.peer_pending.clone());
-            let ov = st.ov_dirty.then(|| st.overlay_present.clone());
+            let pp = st.pp_dirty.then(|| st.peer_pending.encode());
+            let ov = st.ov_dirty.then(|| st.overlay_present.encode());
             st.pp_dirty = false;
             st.ov_dirty = false;
-            (pp, ov)
+            (pp, ov, st.peer_pending.is_empty())
         };
-        if let Some(ov) = ov {
-            if let Err(e) = ov.store(&self.ov_path) {
-                Self::mark_ov_dirty(&mut self.state());
+        let redo = |pp: bool, ov: bool| {
+            let mut st = self.state();
+            st.pp_dirty |= pp;
+            st.ov_dirty |= ov;
+        };
+        let synced = (|| {
+            if pp.is_some() {
+                data.sync()?;
+            }
+            if ov.is_some() {
+                self.overlay.sync()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = synced {
+            redo(pp.is_some(), ov.is_some());
+            return Err(e);
+        }
+        self.seams.hit("areas.persist.before_store");
+        if let Some(ov) = &ov {
+            if let Err(e) = ov_turn.store(ov) {
+                redo(pp.is_some(), true);
                 return Err(e);
             }
         }
-        if let Some(pp) = pp {
-            if let Err(e) = pp.store(&self.pp_path) {
-                Self::mark_pp_dirty(&mut self.state());
+        if let Some(pp) = &pp {
+            if let Err(e) = pp_turn.store(pp) {
+                redo(true, false);
                 return Err(e);
             }
-            if pp.is_empty() {
+            if pp_empty {
                 self.state().pp_durably_empty = true;
             }
         }
@@ -206,10 +243,12 @@ impl Areas {
 
     /// Replaces both bitmaps durably (start of a takeover, end of a merge).
     pub fn reset(&self, peer_pending: Bitmap) -> io::Result<()> {
+        let ov_turn = self.ov_file.turn();
+        let pp_turn = self.pp_file.turn();
         let blocks = peer_pending.len();
         let empty = Bitmap::new(blocks);
-        empty.store(&self.ov_path)?;
-        peer_pending.store(&self.pp_path)?;
+        ov_turn.store(&empty.encode())?;
+        pp_turn.store(&peer_pending.encode())?;
         let mut st = self.state();
         st.pp_durably_empty = peer_pending.is_empty();
         st.peer_pending = peer_pending;
@@ -219,21 +258,23 @@ impl Areas {
         Ok(())
     }
 
-    /// Durably stores the overlay bitmap with `blocks` cleared (after they were merged).
+    /// Durably stores the overlay bitmap with `blocks` cleared (after they were copied into the
+    /// data file and that was made durable). The other set bits it stores vouch for their overlay
+    /// data, so the overlay is synced after the snapshot, as in `persist`.
     pub fn clear_overlay_durably(&self, blocks: &[u64]) -> io::Result<()> {
+        let turn = self.ov_file.turn();
         let snapshot = {
-            let st = self.state();
-            let mut s = st.overlay_present.clone();
+            let mut st = self.state();
             for &b in blocks {
-                s.clear(b);
+                st.overlay_present.clear(b);
             }
-            s
+            st.overlay_present.encode()
         };
-        snapshot.store(&self.ov_path)?;
-        let mut st = self.state();
-        for &b in blocks {
-            st.overlay_present.clear(b);
+        let stored = self.overlay.sync().and_then(|()| turn.store(&snapshot));
+        if stored.is_err() {
+            // The blocks are in the data file either way; the bitmap on disk is simply older.
+            Self::mark_ov_dirty(&mut self.state());
         }
-        Ok(())
+        stored
     }
 }

@@ -42,28 +42,43 @@ impl Volume {
     }
 
     /// A host read while a takeover is in progress.
+    ///
+    /// Invariant: each block's source is decided, and its local or overlay bytes read, under the
+    /// block locks, so a merge chunk, a drained image or a read-repair of these blocks lands either
+    /// wholly before the read or wholly after it, never between the choice and the bytes (a stale
+    /// read). Test: `takeover::tests::a_read_racing_a_merge_chunk_never_returns_the_old_block`.
     pub(crate) async fn read_routed(&self, offset: u64, len: u32) -> Result<Vec<u8>, HostError> {
-        let mut buf = vec![0u8; len as usize];
-        self.store.read_at(&mut buf, offset)?;
-        let blocks = blocks_of(offset, u64::from(len));
-        let (overlay, peer): (Vec<u64>, Vec<u64>) = {
-            let st = self.areas.state();
-            let mut o = Vec::new();
-            let mut p = Vec::new();
-            for b in blocks {
-                match self.source_of(&st, b) {
-                    Source::Overlay => o.push(b),
-                    Source::Peer => p.push(b),
-                    Source::Local => {}
-                }
-            }
-            (o, p)
+        let Some(r) = &self.repl else {
+            return Err(HostError::Io(io::Error::other("takeover without a peer")));
         };
-        let mut block = vec![0u8; BLOCK_SIZE as usize];
-        for b in overlay {
-            self.areas.overlay.read_at(&mut block, b * BS)?;
-            patch(&mut buf, offset, b, &block);
-        }
+        let mut buf = vec![0u8; len as usize];
+        let blocks = blocks_of(offset, u64::from(len));
+        let peer: Vec<u64> = {
+            let _locks = r.tracker.locks.lock(blocks.clone());
+            self.store.read_at(&mut buf, offset)?;
+            self.areas.seams.hit("route.read.local_read");
+            let (overlay, peer): (Vec<u64>, Vec<u64>) = {
+                let st = self.areas.state();
+                let mut o = Vec::new();
+                let mut p = Vec::new();
+                for b in blocks {
+                    match self.source_of(&st, b) {
+                        Source::Overlay => o.push(b),
+                        Source::Peer => p.push(b),
+                        Source::Local => {}
+                    }
+                }
+                (o, p)
+            };
+            let mut block = vec![0u8; BLOCK_SIZE as usize];
+            for b in overlay {
+                self.areas.overlay.read_at(&mut block, b * BS)?;
+                patch(&mut buf, offset, b, &block);
+            }
+            peer
+        };
+        // The old primary is fenced: its content of these blocks is final, and a host write that
+        // lands here meanwhile is concurrent with this read.
         if !peer.is_empty() {
             let got = self.proxy_read(&peer).await?;
             for (b, d) in peer.iter().zip(&got) {
@@ -154,6 +169,7 @@ impl Volume {
             let st = self.areas.state();
             blocks.clone().map(|b| self.to_overlay(&st, b)).collect()
         };
+        self.areas.seams.hit("route.write.decided");
         let end = offset + len;
         let mut i = 0usize;
         while i < dest.len() {
