@@ -215,8 +215,13 @@ fn free_port() -> String {
 #[test]
 fn silent_primary_death_then_return_resumes_replication() {
     let d = tempfile::tempdir().unwrap();
-    let t = ["--peer-timeout-ms", "2000"];
-    let (mut pair, relay) = relayed_pair(d.path(), &t, &t);
+    // The secondary's own deadline is far away: only superseding the dead stream gets the
+    // returning primary through within the wait below.
+    let (mut pair, relay) = relayed_pair(
+        d.path(),
+        &["--peer-timeout-ms", "2000"],
+        &["--peer-timeout-ms", "60000"],
+    );
     pair.wait_synced(20);
     let a = pattern(1, 64 << 10);
     nbd_writes(&pair.p.nbd, &[(0, a.clone())], false);
@@ -231,7 +236,7 @@ fn silent_primary_death_then_return_resumes_replication() {
 
     let b = pattern(2, 128 << 10);
     nbd_writes(&pair.p.nbd, &[(32 << 10, b.clone())], false);
-    pair.wait_synced(20);
+    pair.wait_synced(15);
     let mut want = a;
     want.truncate(32 << 10);
     want.extend_from_slice(&b);
