@@ -29,7 +29,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve one volume over NBD (host I/O) and gRPC (control and peer).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print an engine's status.
     Status(StatusArgs),
     /// Test seam: pause, throttle, drop or hold acks on the replication link (needs --fault-injection).
