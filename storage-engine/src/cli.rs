@@ -29,7 +29,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve one volume over NBD (host I/O) and gRPC (control and peer).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print an engine's status.
     Status(StatusArgs),
     /// Test seam: pause, throttle, drop or hold acks on the replication link (needs --fault-injection).
@@ -148,6 +148,11 @@ pub struct ServeArgs {
     /// Sync mode: how long a write waits for the peer before it stands on the local copy alone.
     #[arg(long, default_value_t = 5000)]
     pub sync_timeout_ms: u64,
+    /// Both sides: how long the peer may stay silent before the link counts as dead (status
+    /// `peer_connected: false`, sync-mode writes stop waiting, the stream is replaced on reconnect).
+    /// HTTP/2 and TCP keepalive run at a third of it; use the same value on both engines.
+    #[arg(long, default_value_t = crate::client::DEFAULT_PEER_TIMEOUT_MS)]
+    pub peer_timeout_ms: u64,
     /// Secondary: how long applied writes may wait before they are made durable (fdatasync) and
     /// acknowledged as such. The source's FLUSH (sync mode) or a filling journal syncs at once.
     #[arg(long, default_value_t = 100)]

@@ -1,7 +1,10 @@
 //! Typed gRPC client for the engine's control API, used by the CLI, the CSI node plugin and the operator.
 //! Callers never touch prost types; they get plain Rust values and one error type.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use tonic::{metadata::MetadataValue, service::Interceptor, transport::Channel, Request};
 
@@ -68,7 +71,28 @@ impl Interceptor for TokenInterceptor {
 
 type Intercepted = tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>;
 
+/// Default of `--peer-timeout-ms`: how long the peer may stay silent before the link is dead.
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 6000;
+
+static PEER_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_PEER_TIMEOUT_MS);
+
+/// Sets the process-wide peer timeout (`serve` does, once, before any channel opens).
+pub fn set_peer_timeout(t: Duration) {
+    let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(300);
+    PEER_TIMEOUT_MS.store(ms, Ordering::Relaxed);
+}
+
+/// How long a peer may stay silent before its link is declared dead (Liveness, ARCHITECTURE.md).
+pub fn peer_timeout() -> Duration {
+    Duration::from_millis(PEER_TIMEOUT_MS.load(Ordering::Relaxed))
+}
+
 /// Connects a channel to `addr` (`host:port` or `http://host:port`).
+///
+/// Every channel pings its server (HTTP/2 PING every third of the peer timeout, answered within
+/// another third, also while idle) and sets TCP keepalive: a peer that vanished without FIN or
+/// RST (a dead node, a blackhole, a stopped process) fails every call on the channel within the
+/// peer timeout instead of hanging (liveness::blackholed_link_*).
 pub async fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, ClientError> {
     let uri = if addr.contains("://") {
         addr.to_string()
@@ -79,6 +103,14 @@ pub async fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, C
         .map_err(|_| ClientError::BadAddress(addr.to_string()))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true);
+    let third = peer_timeout() / 3;
+    let endpoint = endpoint
+        .http2_keep_alive_interval(third)
+        .keep_alive_timeout(third)
+        .keep_alive_while_idle(true)
+        .tcp_keepalive(Some(third.max(Duration::from_secs(1))))
+        .tcp_keepalive_interval(Some((third / 2).max(Duration::from_secs(1))))
+        .tcp_keepalive_retries(Some(2));
     endpoint
         .connect()
         .await

@@ -36,6 +36,9 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Before any channel opens: every channel to the peer pings with it (client::channel).
+    crate::client::set_peer_timeout(std::time::Duration::from_millis(args.peer_timeout_ms));
+    let peer_timeout = crate::client::peer_timeout();
     let token = args.token_file.as_deref().map(read_token).transpose()?;
     let cfg = VolumeConfig {
         name: args.volume.clone(),
@@ -106,6 +109,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         PeerServer::new(PeerService::new(
             Arc::clone(&volume),
             std::time::Duration::from_millis(args.durable_interval_ms),
+            peer_timeout,
         ))
         .max_decoding_message_size(crate::takeover::handoff::message_cap(volume.size()))
         .max_encoding_message_size(crate::takeover::handoff::message_cap(volume.size())),
@@ -142,9 +146,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             // A replication batch (up to 1 MiB) travels in one HTTP/2 frame instead of 64 of 16 KiB:
             // about 3% more async IOPS when the primary's core is the limit (docs/benchmarks.md).
             .max_frame_size(Some(1 << 20))
+            // The server pings its clients as they ping it: a peer that vanished without FIN or
+            // RST loses its connection, and the streams on it, within the peer timeout.
+            .http2_keepalive_interval(Some(peer_timeout / 3))
+            .http2_keepalive_timeout(Some(peer_timeout / 3))
             .add_service(svc)
             .add_service(peer_svc)
-            .serve_with_incoming_shutdown(nodelay(grpc_listener), async move {
+            .serve_with_incoming_shutdown(accepted(grpc_listener, peer_timeout), async move {
                 let _ = grpc_stop.changed().await;
             }),
     );
@@ -252,13 +260,25 @@ pub fn takeover_json(r: &pb::TakeoverReply) -> serde_json::Value {
     })
 }
 
-/// Accepted gRPC connections with Nagle off: acknowledgements are small and latency-bound
-/// (tonic's own `tcp_nodelay` applies only to listeners it binds itself).
-fn nodelay(l: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+/// Accepted gRPC connections with Nagle off (acknowledgements are small and latency-bound) and
+/// TCP keepalive on (a vanished host is noticed even if HTTP/2 pings were off); tonic's own
+/// `tcp_nodelay`/`tcp_keepalive` apply only to listeners it binds itself.
+fn accepted(
+    l: TcpListener,
+    peer_timeout: std::time::Duration,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use futures::StreamExt;
-    TcpListenerStream::new(l).map(|r| {
+    use rustix::net::sockopt;
+    let idle = (peer_timeout / 3).max(std::time::Duration::from_secs(1));
+    let intvl = (peer_timeout / 6).max(std::time::Duration::from_secs(1));
+    TcpListenerStream::new(l).map(move |r| {
         r.inspect(|s| {
             let _ = s.set_nodelay(true);
+            // Best effort: a socket without keepalive still has the HTTP/2 pings.
+            let _ = sockopt::set_socket_keepalive(s, true)
+                .and_then(|()| sockopt::set_tcp_keepidle(s, idle))
+                .and_then(|()| sockopt::set_tcp_keepintvl(s, intvl))
+                .and_then(|()| sockopt::set_tcp_keepcnt(s, 2));
         })
     })
 }
@@ -328,6 +348,8 @@ pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
         "lost_seq_from": s.lost_seq_from,
         "lost_seq_to": s.lost_seq_to,
         "condition": s.condition,
+        "sync_degraded": s.sync_degraded,
+        "sync_timeouts": s.sync_timeouts,
         "events": s.events,
     })
 }

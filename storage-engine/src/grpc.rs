@@ -147,6 +147,20 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     let Some(r) = &v.repl else { return reply };
     reply.peer = r.peer.clone();
     reply.peer_connected = r.connected();
+    reply.sync_degraded = r.stats.degraded();
+    reply.sync_timeouts = r.stats.sync_timeouts.load(Ordering::Relaxed);
+    if reply.sync_degraded && reply.condition.is_empty() {
+        // The operator reads a condition starting with "Degraded" as Degraded=True.
+        reply.condition = format!(
+            "Degraded: sync-mode writes stand on this copy alone ({}; {} waits without the peer's ack)",
+            if reply.peer_connected {
+                "the peer is catching up"
+            } else {
+                "the peer is unreachable"
+            },
+            reply.sync_timeouts
+        );
+    }
     reply.bytes_replicated = r.stats.bytes_replicated.load(Ordering::Relaxed);
     reply.bytes_resynced = r.stats.bytes_resynced.load(Ordering::Relaxed);
     if v.role() != Role::Secondary {

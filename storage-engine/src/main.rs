@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         match cli.command {
-            Command::Serve(args) => storage_engine::engine::serve(args).await,
+            Command::Serve(args) => storage_engine::engine::serve(*args).await,
             Command::Status(args) => storage_engine::engine::print_status(args).await,
             Command::Fault(args) => storage_engine::engine::fault(args).await,
             Command::Takeover(args) => storage_engine::engine::takeover(args, false).await,

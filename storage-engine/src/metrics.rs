@@ -47,6 +47,12 @@ pub fn render(v: &Volume) -> String {
     );
     counter(
         &mut r,
+        "sync_timeouts",
+        "Sync-mode writes and flushes that did not get the peer's ack in time (or found the link down)",
+        s.sync_timeouts,
+    );
+    counter(
+        &mut r,
         "proxied_reads",
         "Blocks read from the old primary by proxied reads",
         s.proxied_reads,
@@ -77,6 +83,12 @@ pub fn render(v: &Volume) -> String {
         "peer_connected",
         "1 when the replication link is up",
         u64::from(s.peer_connected),
+    );
+    gauge(
+        &mut r,
+        "sync_degraded",
+        "1 while some sync-mode write stands on the local copy alone",
+        u64::from(s.sync_degraded),
     );
     gauge(
         &mut r,

@@ -23,6 +23,27 @@ use crate::{
 
 /// Resend what is still unacknowledged after this long without progress.
 const STALL: Duration = Duration::from_secs(2);
+/// An idle drain still says it is alive this often: the receiving end ends a stream silent for the
+/// peer timeout (receiver::apply_loop).
+const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// Sends an empty heartbeat if nothing went out for `HEARTBEAT`.
+async fn heartbeat(link: &mut Link<'_>, last_sent: &mut Instant) -> Result<(), SessionError> {
+    if last_sent.elapsed() >= HEARTBEAT {
+        let last_seq = link.repl.tracker.state().journal.last_seq();
+        link.send(
+            Body::Heartbeat(pb::Heartbeat {
+                last_seq,
+                timestamp_us: super::tracker::now_us(),
+                ..Default::default()
+            }),
+            64,
+        )
+        .await?;
+        *last_sent = Instant::now();
+    }
+    Ok(())
+}
 
 pub async fn session(
     vol: &Arc<Volume>,
@@ -34,7 +55,7 @@ pub async fn session(
     if hello.role != pb::Role::Primary as i32 || hello.epoch != vol.epoch() {
         return Err(SessionError::NotServingYet(hello.epoch));
     }
-    repl.stats.connected.store(true, Ordering::Relaxed);
+    repl.stats.set_connected(true);
     let total = repl.tracker.counts().pending_blocks;
     info!(
         blocks = total,
@@ -80,6 +101,7 @@ async fn drain(
     let t = &repl.tracker;
     let mut sent = Bitmap::new(t.blocks());
     let mut last_progress = (Instant::now(), t.counts().pending_blocks);
+    let mut last_sent = Instant::now();
     let stats = &repl.stats;
     stats.resync_total.store(last_progress.1, Ordering::Relaxed);
     stats.resync_done.store(0, Ordering::Relaxed);
@@ -132,21 +154,32 @@ async fn drain(
                 progressed = true;
             }
         }
-        if !progressed {
+        if progressed {
+            last_sent = Instant::now();
+        } else {
             tokio::select! {
                 _ = repl.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 r = &mut *ack_task => return Err(r.unwrap_or(SessionError::Closed)),
             }
+            heartbeat(link, &mut last_sent).await?;
         }
     }
     let final_seq = t.state().journal.last_seq();
     link.send(Body::DrainComplete(pb::DrainComplete { final_seq }), 64)
         .await?;
-    tokio::select! {
-        r = done_rx.wait_for(|d| *d) => { r.map_err(|_| SessionError::Closed)?; }
-        r = &mut *ack_task => return Err(r.unwrap_or(SessionError::Closed)),
-        _ = tokio::time::sleep(Duration::from_secs(30)) => return Err(SessionError::Closed),
+    last_sent = Instant::now();
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::select! {
+            r = done_rx.wait_for(|d| *d) => { r.map_err(|_| SessionError::Closed)?; break; }
+            r = &mut *ack_task => return Err(r.unwrap_or(SessionError::Closed)),
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+        if Instant::now() > give_up {
+            return Err(SessionError::Closed);
+        }
+        heartbeat(link, &mut last_sent).await?;
     }
     vol.areas
         .event(format!("DrainComplete acknowledged final_seq={final_seq}"));

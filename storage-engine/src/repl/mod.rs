@@ -37,13 +37,49 @@ pub struct Faults {
 /// Counters and flags the status and metrics report.
 #[derive(Debug, Default)]
 pub struct ReplStats {
+    /// A session is up and not known dead: set after the peer's first message, cleared within
+    /// `--peer-timeout-ms` of the peer going silent (Liveness in ARCHITECTURE.md). Change it only
+    /// through `set_connected`, which wakes sync-mode writers waiting on a link that went down.
     pub connected: AtomicBool,
+    /// Woken when `connected` turns false.
+    pub link_down: Notify,
+    /// Sync-mode waits that ended without the peer's ack (timeout or link down).
+    pub sync_timeouts: AtomicU64,
+    /// Highest seq a sync-mode write or flush stood on the local copy alone; 0 when none does.
+    /// Cleared once the peer has that seq durably (the sender's acknowledgement task).
+    pub degraded_upto: AtomicU64,
     pub resyncing: AtomicBool,
     pub bytes_replicated: AtomicU64,
     pub bytes_resynced: AtomicU64,
     pub resync_total: AtomicU64,
     pub resync_done: AtomicU64,
     pub stale_rejected: AtomicU64,
+}
+
+impl ReplStats {
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Release);
+        if !up {
+            self.link_down.notify_waiters();
+        }
+    }
+
+    /// Whether some sync-mode write stands on the local copy alone right now.
+    pub fn degraded(&self) -> bool {
+        self.degraded_upto.load(Ordering::Acquire) != 0
+    }
+
+    /// The peer has everything up to `durable_seq` on stable storage (and no resync is under way):
+    /// the writes that stood alone are mirrored again.
+    pub fn caught_up(&self, durable_seq: u64) {
+        let upto = self.degraded_upto.load(Ordering::Acquire);
+        if upto != 0 && durable_seq >= upto && !self.resyncing.load(Ordering::Acquire) {
+            // A newer miss noted meanwhile keeps the state (compare-exchange, not store).
+            let _ =
+                self.degraded_upto
+                    .compare_exchange(upto, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
 }
 
 /// Everything both sides of a pair share about the link.
@@ -83,16 +119,19 @@ impl Repl {
             .pop_front()
     }
     pub fn connected(&self) -> bool {
-        self.stats.connected.load(Ordering::Relaxed)
+        self.stats.connected.load(Ordering::Acquire)
     }
 
-    /// Waits until the peer acknowledged `seq`, unless the link is down or the wait times out
-    /// (then the write stands on the local copy and the pair reports Degraded).
+    /// Waits until the peer acknowledged `seq`, unless the link is down or the wait times out:
+    /// then the write stands on the local copy alone (it is in the table and reaches the peer when
+    /// the link is back) and the pair reports it (`sync_degraded`, condition `Degraded: ...`,
+    /// `tandem_sync_timeouts_total`). Returns whether the peer has it.
     pub async fn wait_acked(&self, seq: u64) -> bool {
         self.wait_on(&self.acked, seq).await
     }
 
-    /// Asks the peer to make `seq` durable now and waits until it has (sync-mode FLUSH and FUA).
+    /// Asks the peer to make `seq` durable now and waits until it has (sync-mode FLUSH and FUA);
+    /// on a miss as `wait_acked`.
     pub async fn wait_durable(&self, seq: u64) -> bool {
         self.flush_wanted.store(true, Ordering::Release);
         self.wake.notify_one();
@@ -100,12 +139,26 @@ impl Repl {
     }
 
     async fn wait_on(&self, w: &watch::Sender<u64>, seq: u64) -> bool {
-        if !self.connected() {
-            return false;
-        }
         let mut rx = w.subscribe();
-        tokio::time::timeout(self.sync_timeout, rx.wait_for(|a| *a >= seq))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        // Registered before `connected` is read, so a link going down in between still wakes us.
+        let down = self.stats.link_down.notified();
+        tokio::pin!(down);
+        down.as_mut().enable();
+        // A link known down answers at once: a blackholed peer costs one wait of at most
+        // `--peer-timeout-ms`, not `--sync-timeout-ms` per write (liveness::sync_mode_*).
+        let ok = *rx.borrow() >= seq
+            || (self.connected()
+                && tokio::select! {
+                    r = tokio::time::timeout(self.sync_timeout, rx.wait_for(|a| *a >= seq)) => {
+                        r.is_ok_and(|r| r.is_ok())
+                    }
+                    _ = &mut down => false,
+                })
+            || *w.borrow() >= seq;
+        if !ok {
+            self.stats.sync_timeouts.fetch_add(1, Ordering::Relaxed);
+            self.stats.degraded_upto.fetch_max(seq, Ordering::AcqRel);
+        }
+        ok
     }
 }

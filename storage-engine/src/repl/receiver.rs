@@ -1,17 +1,17 @@
 //! The secondary's side of the link: the `Peer` gRPC service. One replication stream at a time
-//! (a newer stream supersedes an older one); messages are applied in batches, made durable, then
-//! acknowledged.
+//! (a newer stream supersedes an older one at once); messages are applied in batches, made
+//! durable, then acknowledged. A stream silent for longer than the peer timeout is dead.
 
 use std::{
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     time::Duration,
 };
 
 use futures::FutureExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
@@ -35,16 +35,20 @@ pub struct PeerService {
     /// source's flush rather than per write. What is applied but not yet durable stays in the
     /// source's table, so a crash of this machine still loses nothing.
     durable_interval: Duration,
-    generation: Arc<AtomicU64>,
+    /// A stream that brings nothing (not even the source's 250 ms heartbeat) for this long is dead.
+    peer_timeout: Duration,
+    /// The newest stream's number: an older stream sees it change and ends at once.
+    generation: watch::Sender<u64>,
     one_at_a_time: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl PeerService {
-    pub fn new(vol: Arc<Volume>, durable_interval: Duration) -> Self {
+    pub fn new(vol: Arc<Volume>, durable_interval: Duration, peer_timeout: Duration) -> Self {
         Self {
             vol,
             durable_interval,
-            generation: Arc::new(AtomicU64::new(0)),
+            peer_timeout,
+            generation: watch::Sender::new(0),
             one_at_a_time: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
@@ -54,13 +58,36 @@ impl PeerService {
 struct LinkUp(Arc<crate::repl::Repl>);
 impl LinkUp {
     fn new(r: Arc<crate::repl::Repl>) -> Self {
-        r.stats.connected.store(true, Ordering::Relaxed);
+        r.stats.set_connected(true);
         Self(r)
     }
 }
 impl Drop for LinkUp {
     fn drop(&mut self) {
-        self.0.stats.connected.store(false, Ordering::Relaxed);
+        self.0.stats.set_connected(false);
+    }
+}
+
+/// One stream's place in line: it ends as soon as a newer stream arrives. The source is the one
+/// peer of this volume, so a newer stream means the older one's sender is gone or has given up on
+/// it (a primary that died silently and came back, a reconnect after its own deadline); waiting
+/// for the old stream to time out would hold the new one back (liveness::silent_primary_death_*).
+#[derive(Clone)]
+struct Turn {
+    generation: watch::Receiver<u64>,
+    mine: u64,
+}
+
+impl Turn {
+    fn superseded(&self) -> bool {
+        *self.generation.borrow() != self.mine
+    }
+
+    /// Resolves once a newer stream has arrived.
+    async fn ended(&mut self) {
+        let mine = self.mine;
+        // The sender lives as long as the service: an error cannot happen, and would end us too.
+        let _ = self.generation.wait_for(|g| *g != mine).await;
     }
 }
 
@@ -75,21 +102,50 @@ struct Durability {
     urgent: tokio::sync::Notify,
 }
 
+/// Sends an acknowledgement unless the stream is superseded or the source stopped reading for
+/// longer than the peer timeout (a dead source must not hold the stream slot).
+async fn send_ack(
+    tx: &AckTx,
+    ack: Result<pb::ReplicationAck, Status>,
+    turn: &mut Turn,
+    silence: Duration,
+) -> bool {
+    tokio::select! {
+        r = tokio::time::timeout(silence, tx.send(ack)) => matches!(r, Ok(Ok(()))),
+        _ = turn.ended() => false,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn apply_loop(
     vol: &Arc<Volume>,
     inbound: &mut Streaming<pb::ReplicationMessage>,
     tx: &AckTx,
     images: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
     durability: &Durability,
-    generation: &AtomicU64,
-    my_gen: u64,
+    turn: &mut Turn,
+    silence: Duration,
 ) {
     loop {
-        let first = match inbound.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(e) => {
-                debug!(error = %e, "replication stream ended");
+        // The source sends at least a heartbeat every 250 ms (sender::stream, drain::drain): a
+        // stream silent for `silence` has a dead, stopped or cut-off source, which TCP may never
+        // report (no FIN, no RST). End it, so the link reads down and a reconnect gets the slot
+        // (liveness::blackholed_link_is_detected_and_heals).
+        let first = tokio::select! {
+            r = tokio::time::timeout(silence, inbound.message()) => match r {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "replication stream ended");
+                    return;
+                }
+                Err(_) => {
+                    warn!(?silence, "nothing from the replication source: the link is dead");
+                    return;
+                }
+            },
+            _ = turn.ended() => {
+                debug!("replication stream superseded by a newer one");
                 return;
             }
         };
@@ -100,17 +156,21 @@ async fn apply_loop(
                 _ => break,
             }
         }
-        if generation.load(Ordering::SeqCst) != my_gen {
+        if turn.superseded() {
             return;
         }
         // Only a plain stream into a secondary syncs lazily; a resync, a drain into a primary and
-        // a requested flush sync as soon as they are applied.
-        let flush_now = vol.role() != crate::meta::Role::Secondary
-            || batch.iter().any(|m| match &m.body {
-                Some(Body::WriteBatch(b)) => b.flush,
-                Some(Body::Heartbeat(_)) => false,
-                _ => true,
-            });
+        // a requested flush sync as soon as they are applied. Heartbeats alone never sync.
+        let only_heartbeats = batch
+            .iter()
+            .all(|m| matches!(m.body, Some(Body::Heartbeat(_))));
+        let flush_now = !only_heartbeats
+            && (vol.role() != crate::meta::Role::Secondary
+                || batch.iter().any(|m| match &m.body {
+                    Some(Body::WriteBatch(b)) => b.flush,
+                    Some(Body::Heartbeat(_)) => false,
+                    _ => true,
+                }));
         // Small batches are a few page-cache writes: applying them here saves a thread hand-off on
         // the path a sync-mode write waits on. Large ones go to the blocking pool.
         let bytes: usize = batch.iter().map(prost::Message::encoded_len).sum();
@@ -135,7 +195,7 @@ async fn apply_loop(
                         drain_complete: true,
                         ..Default::default()
                     };
-                    if tx.send(Ok(ack)).await.is_err() {
+                    if !send_ack(tx, Ok(ack), turn, silence).await {
                         return;
                     }
                 }
@@ -151,7 +211,7 @@ async fn apply_loop(
                         durable: false,
                         ..Default::default()
                     };
-                    if tx.send(Ok(ack)).await.is_err() {
+                    if !send_ack(tx, Ok(ack), turn, silence).await {
                         return;
                     }
                 }
@@ -163,7 +223,7 @@ async fn apply_loop(
             }
             Err(status) => {
                 warn!(error = %status.message(), "refused replication batch");
-                let _ = tx.send(Err(status)).await;
+                let _ = send_ack(tx, Err(status), turn, silence).await;
                 return;
             }
         }
@@ -178,6 +238,7 @@ async fn flush_loop(
     interval: Duration,
     done: Arc<AtomicBool>,
     tx: AckTx,
+    mut turn: Turn,
 ) {
     loop {
         durability.dirty.notified().await;
@@ -220,8 +281,7 @@ async fn flush_loop(
             ..Default::default()
         };
         // A source that went away stops reading acks: do not hold the stream slot for it.
-        let sent = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(Ok(ack))).await;
-        if !matches!(sent, Ok(Ok(()))) || last {
+        if !send_ack(&tx, Ok(ack), &mut turn, Duration::from_secs(1)).await || last {
             return;
         }
     }
@@ -239,18 +299,30 @@ impl Peer for PeerService {
     ) -> Result<Response<AckStream>, Status> {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        let my_gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let generation = Arc::clone(&self.generation);
+        let mut mine = 0;
+        self.generation.send_modify(|g| {
+            *g += 1;
+            mine = *g;
+        });
+        let mut turn = Turn {
+            generation: self.generation.subscribe(),
+            mine,
+        };
         let lock = Arc::clone(&self.one_at_a_time);
         let vol = Arc::clone(&self.vol);
         let interval = self.durable_interval;
+        let silence = self.peer_timeout;
         tokio::spawn(async move {
-            let _one = lock.lock().await;
-            if tx.send(Ok(vol.replica_hello())).await.is_err() {
+            // The older stream sees the new generation and gives the slot up at once.
+            let _one = tokio::select! {
+                l = lock.lock() => l,
+                _ = turn.ended() => return,
+            };
+            if turn.superseded() || tx.send(Ok(vol.replica_hello())).await.is_err() {
                 return;
             }
             // A drain into a primary is not "the link" its own sender reports.
-            let _link = vol
+            let link = vol
                 .repl
                 .as_ref()
                 .filter(|_| vol.role() == crate::meta::Role::Secondary)
@@ -267,6 +339,7 @@ impl Peer for PeerService {
                 interval,
                 Arc::clone(&done),
                 tx.clone(),
+                turn.clone(),
             ));
             apply_loop(
                 &vol,
@@ -274,10 +347,13 @@ impl Peer for PeerService {
                 &tx,
                 &images,
                 &durability,
-                &generation,
-                my_gen,
+                &mut turn,
+                silence,
             )
             .await;
+            // The stream is over (closed, dead or superseded): the link reads down now, not after
+            // the tail below.
+            drop(link);
             // Make the tail durable and acknowledge it before the stream closes.
             done.store(true, Ordering::SeqCst);
             durability.dirty.notify_one();

@@ -44,6 +44,8 @@ pub enum SessionError {
     RoleChanged,
     #[error("peer is primary at epoch {0}, newer than ours")]
     PeerPrimaryNewer(u64),
+    #[error("peer silent for {0:?} (dead, stopped or cut off)")]
+    PeerSilent(Duration),
 }
 
 /// Runs until `stop` fires, reconnecting with backoff.
@@ -70,7 +72,7 @@ pub async fn run(vol: Arc<Volume>, repl: Arc<Repl>, mut stop: watch::Receiver<bo
         } else {
             session(&vol, &repl, &mut stop).await
         };
-        repl.stats.connected.store(false, Ordering::Relaxed);
+        repl.stats.set_connected(false);
         repl.stats.resyncing.store(false, Ordering::Relaxed);
         match r {
             Err(SessionError::Stopping) => return,
@@ -287,8 +289,17 @@ pub type Opened = (
     pb::ReplicationAck,
 );
 
-/// Opens `Peer.Replicate` to the peer and reads its first message.
+/// Opens `Peer.Replicate` to the peer and reads its first message, within the peer timeout: a
+/// peer that accepts the connection and then says nothing (stopped, blackholed) is retried with
+/// backoff, never waited on forever.
 pub async fn open_stream(repl: &Repl) -> Result<Opened, SessionError> {
+    let limit = crate::client::peer_timeout();
+    tokio::time::timeout(limit, open_stream_now(repl))
+        .await
+        .unwrap_or(Err(SessionError::PeerSilent(limit)))
+}
+
+async fn open_stream_now(repl: &Repl) -> Result<Opened, SessionError> {
     let ch = channel(&repl.peer, Duration::from_secs(2)).await?;
     let cap = crate::takeover::handoff::message_cap(repl.tracker.blocks() * u64::from(BLOCK_SIZE));
     let mut client = pb::peer_client::PeerClient::with_interceptor(
@@ -356,7 +367,7 @@ async fn session(
     t.ack_journal(durable);
     // A resync cut short (or a restart) can leave pending blocks that no record will ever clear.
     let need_resync = need_resync || t.pending_uncovered(durable + 1);
-    repl.stats.connected.store(true, Ordering::Relaxed);
+    repl.stats.set_connected(true);
     info!(peer = %repl.peer, applied = hello.applied_seq, full = hello.need_full_resync, "replication link up");
 
     let ack_repl = Arc::clone(repl);
@@ -384,6 +395,8 @@ async fn session(
                     .resync_done
                     .fetch_add(a.blocks.len() as u64, Ordering::Relaxed);
                 bump(&ack_repl.durable, a.applied_seq);
+                // Sync-mode writes that stood on our copy alone are on the peer's disk now.
+                ack_repl.stats.caught_up(a.applied_seq);
                 if ack_vol.meta().takeover.reversing
                     && !ack_repl.stats.resyncing.load(Ordering::Relaxed)
                     && !tr.state().resync_needed
@@ -422,6 +435,13 @@ async fn stream(
     }
     let mut last_heartbeat = Instant::now();
     let mut last_pending_sent: Option<u64> = None;
+    // Ack deadline: records sent and not applied by the peer for longer than the peer timeout
+    // mean a dead peer, whatever TCP says (liveness::sync_mode_blackholed_peer_*). End the session;
+    // `run` reconnects with backoff and the table keeps what the peer lacks.
+    let silence = crate::client::peer_timeout();
+    let mut sent_upto = 0u64;
+    let mut last_acked = *link.repl.acked.borrow();
+    let mut waiting_since = Instant::now();
     // A sync-mode FLUSH covers every record journaled before it: ask the peer to sync with the
     // batch that carries the last of them.
     let mut flush_upto: Option<u64> = None;
@@ -431,6 +451,13 @@ async fn stream(
         }
         if link.vol.role() != Role::Primary {
             return Err(SessionError::RoleChanged);
+        }
+        let acked = *link.repl.acked.borrow();
+        if acked != last_acked || sent_upto <= acked {
+            last_acked = acked;
+            waiting_since = Instant::now();
+        } else if waiting_since.elapsed() > silence {
+            return Err(SessionError::PeerSilent(silence));
         }
         // A throttled link sends about a tenth of a second's worth per message, so the cap is smooth.
         let rate = link.repl.faults.rate.load(Ordering::Relaxed);
@@ -465,7 +492,9 @@ async fn stream(
             flush_upto = None;
         }
         // Heartbeats go out even under a steady stream: the secondary must always know the
-        // pending set a forced promotion would lose (failover.md A18).
+        // pending set a forced promotion would lose (failover.md A18). And on an idle link (the
+        // wait below wakes every 100 ms): the secondary declares a stream silent for the peer
+        // timeout dead (receiver::apply_loop).
         {
             if last_heartbeat.elapsed() >= Duration::from_millis(250) {
                 // The pending set travels whenever it is not empty, and once when it becomes
@@ -523,6 +552,7 @@ async fn stream(
             flush,
         };
         link.send(Body::WriteBatch(batch), cost).await?;
+        sent_upto = next_cursor - 1;
         link.repl
             .stats
             .bytes_replicated
