@@ -1528,7 +1528,10 @@ mod fuzz {
                     let msg = e.to_string();
                     assert!(!msg.is_empty(), "case {case}");
                     // A hang would show as a timeout here: the fake server always ends its stream.
-                    assert!(!msg.contains("timed out") && !msg.contains("WouldBlock"), "case {case}: {msg}");
+                    assert!(
+                        !msg.contains("timed out") && !msg.contains("WouldBlock"),
+                        "case {case}: {msg}"
+                    );
                 }
             }
             drop(client);
@@ -1562,7 +1565,9 @@ mod fuzz {
 
     /// One fake server connection: a good handshake, then every request is answered with
     /// `reply(handle)` (random or mutated bytes) and the connection closes.
-    fn fake_server(script: Arc<dyn Fn(u64) -> Vec<u8> + Send + Sync>) -> (tempfile::TempDir, NbdAddr) {
+    fn fake_server(
+        script: Arc<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
+    ) -> (tempfile::TempDir, NbdAddr) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fake.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -1624,7 +1629,11 @@ mod fuzz {
                     1 => rng.next() as u32,
                     _ => 5,
                 };
-                let data = if kind_read && error == 0 { vec![7u8; 4096] } else { Vec::new() };
+                let data = if kind_read && error == 0 {
+                    vec![7u8; 4096]
+                } else {
+                    Vec::new()
+                };
                 mutated(&mut rng, &good_reply(handle, error, &data))
             });
             let (_dir, addr) = fake_server(script);

@@ -13,7 +13,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Once,
     },
     time::Duration,
@@ -51,15 +51,18 @@ fn config() -> Config {
     }
 }
 
-/// Panics anywhere in the process (the server's connection tasks run on tokio, which would
-/// swallow them) are counted, so a case that panics a task fails the test.
+/// Panics on the server's threads (its connection tasks run on tokio, which would swallow them)
+/// are counted, so a case that panics a task fails the test. A test thread's own panic fails
+/// that test by itself and is not counted (it would fail the others too).
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 fn count_panics() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
+            if std::thread::current().name() == Some("tokio-runtime-worker") {
+                PANICS.fetch_add(1, Ordering::SeqCst);
+            }
             prev(info);
         }));
     });
@@ -353,7 +356,7 @@ fn encode_requests(reqs: &[Req]) -> Vec<u8> {
 #[test]
 fn fuzz_nbd_transmission_never_panics_hangs_or_breaks_the_server() {
     let srv = start_server();
-    let mut round = 0u64;
+    let round = AtomicU64::new(0);
     proptest!(config(), |(
         reqs in proptest::collection::vec(any_request(), 1..8),
         flips in proptest::collection::vec((any::<usize>(), 1u8..), 0..4),
@@ -362,7 +365,7 @@ fn fuzz_nbd_transmission_never_panics_hangs_or_breaks_the_server() {
         let mut input = session_prefix();
         let body = mutate(encode_requests(&reqs), &flips, cut);
         input.extend_from_slice(&body);
-        round += 1;
+        let round = round.fetch_add(1, Ordering::SeqCst) + 1;
         let r = srv.rt.block_on(exchange(&srv.sock, input));
         prop_assert!(r.is_ok(), "{:?}", r.err());
         srv.rt.block_on(valid_session_works(&srv.sock, round));
@@ -373,7 +376,7 @@ fn fuzz_nbd_transmission_never_panics_hangs_or_breaks_the_server() {
 #[test]
 fn fuzz_nbd_handshake_never_panics_hangs_or_breaks_the_server() {
     let srv = start_server();
-    let mut round = 0u64;
+    let round = AtomicU64::new(0);
     let opt = (
         prop_oneof![1u32..=12, any::<u32>()],
         prop_oneof![
@@ -403,7 +406,7 @@ fn fuzz_nbd_handshake_never_panics_hangs_or_breaks_the_server() {
         }
         input.extend_from_slice(&raw);
         let input = mutate(input, &flips, cut);
-        round += 1;
+        let round = round.fetch_add(1, Ordering::SeqCst) + 1;
         let r = srv.rt.block_on(exchange(&srv.sock, input));
         prop_assert!(r.is_ok(), "{:?}", r.err());
         srv.rt.block_on(valid_session_works(&srv.sock, round));
@@ -414,9 +417,9 @@ fn fuzz_nbd_handshake_never_panics_hangs_or_breaks_the_server() {
 #[test]
 fn fuzz_nbd_random_bytes_from_the_first_byte() {
     let srv = start_server();
-    let mut round = 0u64;
+    let round = AtomicU64::new(0);
     proptest!(config(), |(raw in proptest::collection::vec(any::<u8>(), 0..2048))| {
-        round += 1;
+        let round = round.fetch_add(1, Ordering::SeqCst) + 1;
         let r = srv.rt.block_on(exchange(&srv.sock, raw));
         prop_assert!(r.is_ok(), "{:?}", r.err());
         srv.rt.block_on(valid_session_works(&srv.sock, round));
@@ -436,16 +439,65 @@ fn requests_the_engine_cannot_serve_get_the_spec_errors() {
             (7, 0, 0, 4096, 22, "BLOCK_STATUS, no metadata context"),
             (8, 0, 0, 0, 22, "RESIZE"),
             (999, 0, 0, 0, 22, "unknown command"),
-            (p::CMD_READ, 1 << 2, 0, 4096, 22, "DF without structured replies"),
-            (p::CMD_READ, p::CMD_FLAG_NO_HOLE, 0, 4096, 22, "NO_HOLE on READ"),
+            (
+                p::CMD_READ,
+                1 << 2,
+                0,
+                4096,
+                22,
+                "DF without structured replies",
+            ),
+            (
+                p::CMD_READ,
+                p::CMD_FLAG_NO_HOLE,
+                0,
+                4096,
+                22,
+                "NO_HOLE on READ",
+            ),
             (p::CMD_TRIM, 1 << 15, 0, 4096, 22, "unknown flag"),
-            (p::CMD_WRITE_ZEROES, 1 << 4, 0, 4096, 22, "FAST_ZERO, not advertised"),
-            (p::CMD_READ, 0, 0, p::MAX_PAYLOAD + 1, 22, "READ over the maximum"),
+            (
+                p::CMD_WRITE_ZEROES,
+                1 << 4,
+                0,
+                4096,
+                22,
+                "FAST_ZERO, not advertised",
+            ),
+            (
+                p::CMD_READ,
+                0,
+                0,
+                p::MAX_PAYLOAD + 1,
+                22,
+                "READ over the maximum",
+            ),
             (p::CMD_READ, 0, SIZE - 512, 1024, 22, "READ past the end"),
-            (p::CMD_READ, 0, u64::MAX - 10, 512, 22, "READ offset overflow"),
+            (
+                p::CMD_READ,
+                0,
+                u64::MAX - 10,
+                512,
+                22,
+                "READ offset overflow",
+            ),
             (p::CMD_TRIM, 0, SIZE, 4096, 22, "TRIM past the end"),
-            (p::CMD_WRITE_ZEROES, 0, SIZE - 4096, 8192, 28, "WRITE_ZEROES past the end"),
-            (p::CMD_TRIM, 0, 0, u32::MAX, 22, "TRIM longer than the export"),
+            (
+                p::CMD_WRITE_ZEROES,
+                0,
+                SIZE - 4096,
+                8192,
+                28,
+                "WRITE_ZEROES past the end",
+            ),
+            (
+                p::CMD_TRIM,
+                0,
+                0,
+                u32::MAX,
+                22,
+                "TRIM longer than the export",
+            ),
         ];
         for (i, (kind, flags, offset, len, errno, what)) in cases.iter().enumerate() {
             let h = 1000 + i as u64;
@@ -476,10 +528,12 @@ fn requests_the_engine_cannot_serve_get_the_spec_errors() {
             assert_eq!(c.reply().await, (0, h), "length 0, command {kind}");
         }
         // FUA is accepted on every command (the spec requires it once SEND_FUA is advertised).
-        c.send(&request(p::CMD_READ, p::CMD_FLAG_FUA, 4000, 0, 512)).await;
+        c.send(&request(p::CMD_READ, p::CMD_FLAG_FUA, 4000, 0, 512))
+            .await;
         assert_eq!(c.reply().await, (0, 4000));
         c.data(512).await;
-        c.send(&request(p::CMD_FLUSH, p::CMD_FLAG_FUA, 4001, 0, 0)).await;
+        c.send(&request(p::CMD_FLUSH, p::CMD_FLAG_FUA, 4001, 0, 0))
+            .await;
         assert_eq!(c.reply().await, (0, 4001));
         // Misaligned requests are served byte-exact (the FUSE path sends them).
         let mut w = request(p::CMD_WRITE, 0, 4002, 4096 + 3, 5);
@@ -739,7 +793,11 @@ fn served_volume_survives_a_flood_of_payload_free_requests() {
         let mut c = Raw::go(&srv.sock).await;
         let mut batch = Vec::new();
         for h in 0..5000u64 {
-            let kind = if h % 2 == 0 { p::CMD_TRIM } else { p::CMD_FLUSH };
+            let kind = if h % 2 == 0 {
+                p::CMD_TRIM
+            } else {
+                p::CMD_FLUSH
+            };
             let len = if kind == p::CMD_TRIM { SIZE as u32 } else { 0 };
             batch.extend_from_slice(&request(kind, 0, h, 0, len));
         }
@@ -764,7 +822,10 @@ fn served_volume_survives_a_flood_of_payload_free_requests() {
             }
         })
         .await;
-        assert!(res.is_ok(), "a flood of TRIM/FLUSH hung the connection after {seen} replies");
+        assert!(
+            res.is_ok(),
+            "a flood of TRIM/FLUSH hung the connection after {seen} replies"
+        );
         let w = writer.await.unwrap();
         c.s = r.reunite(w).unwrap();
         valid_session_works(&srv.sock, 3).await;

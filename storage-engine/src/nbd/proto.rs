@@ -369,7 +369,10 @@ mod tests {
         assert_eq!(r(CMD_WRITE, 0, 512).validate(4096, true), Err(EPERM));
         assert_eq!(r(CMD_TRIM, 0, 512).validate(4096, true), Err(EPERM));
         assert_eq!(r(CMD_WRITE_ZEROES, 0, 512).validate(4096, true), Err(EPERM));
-        assert_eq!(r(CMD_WRITE_ZEROES, 4096, 1).validate(4096, false), Err(ENOSPC));
+        assert_eq!(
+            r(CMD_WRITE_ZEROES, 4096, 1).validate(4096, false),
+            Err(ENOSPC)
+        );
         assert_eq!(r(CMD_TRIM, 4096, 1).validate(4096, false), Err(EINVAL));
         assert_eq!(r(99, 0, 0).validate(4096, false), Err(EINVAL));
         assert_eq!(r(5, 0, 0).validate(4096, false), Err(EINVAL)); // CACHE: not advertised
@@ -391,11 +394,17 @@ mod tests {
             f(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE).validate(4096, false),
             Ok(())
         );
-        assert_eq!(f(CMD_WRITE, CMD_FLAG_NO_HOLE).validate(4096, false), Err(EINVAL));
+        assert_eq!(
+            f(CMD_WRITE, CMD_FLAG_NO_HOLE).validate(4096, false),
+            Err(EINVAL)
+        );
         // DF (structured replies not negotiated), REQ_ONE, FAST_ZERO (not advertised), unknown.
         for flags in [1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 15] {
             assert_eq!(f(CMD_READ, flags).validate(4096, false), Err(EINVAL));
-            assert_eq!(f(CMD_WRITE_ZEROES, flags).validate(4096, false), Err(EINVAL));
+            assert_eq!(
+                f(CMD_WRITE_ZEROES, flags).validate(4096, false),
+                Err(EINVAL)
+            );
         }
     }
 
