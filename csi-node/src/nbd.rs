@@ -42,6 +42,9 @@ const REP_FLAG_ERROR: u32 = 1 << 31;
 
 /// The NBD spec's default maximum payload when the server does not say.
 const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+/// Option replies one OPT_GO may take (a real server sends a handful); a server that keeps
+/// sending them is broken, not slow, and the handshake fails instead of looping.
+const MAX_OPTION_REPLIES: usize = 64;
 
 /// Where an NBD server listens: `host:port` or `unix:/path` (also `unix:///path`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,7 +298,12 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo,
 
     let mut size_flags: Option<(u64, u16)> = None;
     let (mut min_block, mut preferred_block, mut max_payload) = (1u32, 4096u32, 0u32);
-    loop {
+    for replies in 0.. {
+        if replies == MAX_OPTION_REPLIES {
+            return Err(NbdError::Protocol(format!(
+                "more than {MAX_OPTION_REPLIES} replies to NBD_OPT_GO"
+            )));
+        }
         if read_u64(s)? != OPT_REPLY_MAGIC {
             return Err(NbdError::Protocol("bad option reply magic".into()));
         }
@@ -838,10 +846,19 @@ fn read_replies(sh: &Shared, gen: u64, s: Stream) -> String {
             let result = if error == 0 {
                 Ok(data)
             } else {
-                Err(i32::try_from(error).unwrap_or(libc_errno::EIO))
+                Err(reply_errno(error))
             };
             (p.done)(result);
         }
+    }
+}
+
+/// The errno a failed request reports: the values the NBD spec defines pass through, anything
+/// else counts as EINVAL (the spec's advice to clients), never a number the kernel cannot map.
+fn reply_errno(error: u32) -> i32 {
+    match error {
+        1 | 5 | 12 | 22 | 28 | 75 | 95 | 108 => error as i32,
+        _ => libc_errno::EINVAL,
     }
 }
 
@@ -1377,5 +1394,268 @@ mod tests {
             thread::sleep(Duration::from_millis(20));
         }
         assert!(!c.link_state().refused);
+    }
+}
+
+/// Fuzzing of this client against a fake server sending random and mutated handshake and reply
+/// bytes (stable Rust: a seeded generator, no cargo-fuzz). No panic, in this thread or in the
+/// client's reader and supervisor threads; every failure is an `NbdError` or an errno the kernel
+/// understands. Cases: `TANDEM_FUZZ_CASES` (default 16); full size:
+/// `TANDEM_FUZZ_CASES=2000 cargo test -p csi-node --release fuzz_`.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Once;
+
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+    fn count_panics() {
+        static ONCE: Once = Once::new();
+        ONCE.call_once(|| {
+            let prev = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                PANICS.fetch_add(1, Ordering::SeqCst);
+                prev(info);
+            }));
+        });
+    }
+
+    fn cases() -> u64 {
+        std::env::var("TANDEM_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16)
+    }
+
+    /// xorshift64*: reproducible from the case number printed on failure.
+    struct Rng(u64);
+    impl Rng {
+        fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+        }
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    fn opt_reply(rep: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&OPT_GO.to_be_bytes());
+        v.extend_from_slice(&rep.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// A correct server side of the handshake for an export of `size` bytes.
+    fn good_handshake(size: u64) -> Vec<u8> {
+        let mut v = NBDMAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        v.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+        info.extend_from_slice(&size.to_be_bytes());
+        info.extend_from_slice(&(TF_HAS_FLAGS | TF_SEND_FLUSH).to_be_bytes());
+        v.extend_from_slice(&opt_reply(REP_INFO, &info));
+        let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for w in [512u32, 4096, 32 << 20] {
+            bs.extend_from_slice(&w.to_be_bytes());
+        }
+        v.extend_from_slice(&opt_reply(REP_INFO, &bs));
+        v.extend_from_slice(&opt_reply(REP_ACK, &[]));
+        v
+    }
+
+    /// Random bytes, or `good` with some bytes flipped, cut short, or extended with junk.
+    fn mutated(rng: &mut Rng, good: &[u8]) -> Vec<u8> {
+        match rng.below(4) {
+            0 => {
+                let n = rng.below(200) as usize;
+                rng.bytes(n)
+            }
+            _ => {
+                let mut v = good.to_vec();
+                for _ in 0..=rng.below(3) {
+                    let i = rng.below(v.len() as u64) as usize;
+                    v[i] ^= (rng.next() as u8) | 1;
+                }
+                if rng.below(3) == 0 {
+                    v.truncate(rng.below(v.len() as u64 + 1) as usize);
+                }
+                if rng.below(3) == 0 {
+                    let n = rng.below(64) as usize;
+                    v.extend(rng.bytes(n));
+                }
+                v
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_handshake_against_a_fake_server() {
+        count_panics();
+        let good = good_handshake(1 << 20);
+        let mut ok = 0;
+        for case in 0..cases() {
+            let mut rng = Rng::new(case);
+            let script = mutated(&mut rng, &good);
+            let (mut client, mut server) = UnixStream::pair().unwrap();
+            let feeder = thread::spawn(move || {
+                let _ = server.write_all(&script);
+                let _ = server.shutdown(Shutdown::Write);
+                let mut sink = Vec::new();
+                let _ = server.read_to_end(&mut sink);
+            });
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            match handshake(&mut client, "vol") {
+                Ok(info) => {
+                    ok += 1;
+                    assert!(info.min_block >= 1 && info.max_payload >= 1, "case {case}");
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(!msg.is_empty(), "case {case}");
+                    // A hang would show as a timeout here: the fake server always ends its stream.
+                    assert!(
+                        !msg.contains("timed out") && !msg.contains("WouldBlock"),
+                        "case {case}: {msg}"
+                    );
+                }
+            }
+            drop(client);
+            feeder.join().unwrap();
+            assert_eq!(PANICS.load(Ordering::SeqCst), 0, "case {case}");
+        }
+        // The unmutated script must still work (sanity of the generator).
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        server.write_all(&good).unwrap();
+        assert_eq!(handshake(&mut client, "vol").unwrap().size, 1 << 20);
+        eprintln!("handshake fuzz: {} cases, {ok} accepted", cases());
+    }
+
+    #[test]
+    fn endless_option_replies_end_the_handshake() {
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        let mut script = good_handshake(1 << 20);
+        let ack = opt_reply(REP_ACK, &[]);
+        script.truncate(script.len() - ack.len());
+        let info = opt_reply(REP_INFO, &[0, 9]);
+        let feeder = thread::spawn(move || {
+            let _ = server.write_all(&script);
+            // Unknown info replies, forever (until the client hangs up).
+            while server.write_all(&info).is_ok() {}
+        });
+        let err = handshake(&mut client, "vol").unwrap_err();
+        assert!(err.to_string().contains("replies to NBD_OPT_GO"), "{err}");
+        drop(client);
+        feeder.join().unwrap();
+    }
+
+    /// One fake server connection: a good handshake, then every request is answered with
+    /// `reply(handle)` (random or mutated bytes) and the connection closes.
+    fn fake_server(
+        script: Arc<dyn Fn(u64) -> Vec<u8> + Send + Sync>,
+    ) -> (tempfile::TempDir, NbdAddr) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fake.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { return };
+                let script = script.clone();
+                thread::spawn(move || -> io::Result<()> {
+                    c.write_all(&good_handshake(1 << 20)[..18])?;
+                    let _flags = read_u32(&mut c)?;
+                    let _ = read_u64(&mut c)?;
+                    let _opt = read_u32(&mut c)?;
+                    let len = read_u32(&mut c)?;
+                    let mut body = vec![0u8; len as usize];
+                    c.read_exact(&mut body)?;
+                    c.write_all(&good_handshake(1 << 20)[18..])?;
+                    loop {
+                        let mut h = [0u8; 28];
+                        c.read_exact(&mut h)?;
+                        let kind = u16::from_be_bytes([h[6], h[7]]);
+                        let handle = u64::from_be_bytes(h[8..16].try_into().unwrap_or([0; 8]));
+                        let len = u32::from_be_bytes([h[24], h[25], h[26], h[27]]);
+                        if kind == CMD_WRITE {
+                            let mut p = vec![0u8; len as usize];
+                            c.read_exact(&mut p)?;
+                        }
+                        if kind == CMD_DISC {
+                            return Ok(());
+                        }
+                        c.write_all(&script(handle))?;
+                        c.shutdown(Shutdown::Write)?;
+                    }
+                });
+            }
+        });
+        let addr = NbdAddr::Unix(path);
+        (dir, addr)
+    }
+
+    fn good_reply(handle: u64, error: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&error.to_be_bytes());
+        v.extend_from_slice(&handle.to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn fuzz_replies_against_a_fake_server() {
+        count_panics();
+        let known = [1, 5, 12, 22, 28, 75, 95, 108, libc_errno::ETIMEDOUT];
+        for case in 0..cases() {
+            let seed = Arc::new(Mutex::new(Rng::new(case ^ 0x5eed)));
+            let kind_read = case % 2 == 0;
+            let script: Arc<dyn Fn(u64) -> Vec<u8> + Send + Sync> = Arc::new(move |handle| {
+                let mut rng = lock(&seed);
+                let error = match rng.below(3) {
+                    0 => 0,
+                    1 => rng.next() as u32,
+                    _ => 5,
+                };
+                let data = if kind_read && error == 0 {
+                    vec![7u8; 4096]
+                } else {
+                    Vec::new()
+                };
+                mutated(&mut rng, &good_reply(handle, error, &data))
+            });
+            let (_dir, addr) = fake_server(script);
+            let opts = ClientOptions {
+                io_timeout: Duration::from_millis(300),
+                connect_timeout: Duration::from_millis(300),
+            };
+            let client = NbdClient::connect(addr, "vol", opts, None).unwrap();
+            let cmd = if kind_read {
+                Command::read(0, 4096)
+            } else {
+                Command::write(0, vec![1u8; 4096])
+            };
+            match client.call(cmd) {
+                Ok(data) => {
+                    let want = if kind_read { 4096 } else { 0 };
+                    assert_eq!(data.len(), want, "case {case}");
+                }
+                Err(errno) => assert!(known.contains(&errno), "case {case}: errno {errno}"),
+            }
+            drop(client);
+            assert_eq!(PANICS.load(Ordering::SeqCst), 0, "case {case}");
+        }
     }
 }

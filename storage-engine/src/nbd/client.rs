@@ -135,6 +135,63 @@ impl NbdClient {
         self.request(p::CMD_FLUSH, 0, 0, None).await.map(|_| ())
     }
 
+    pub async fn trim(&mut self, offset: u64, len: u32) -> Result<(), ClientError> {
+        self.request(p::CMD_TRIM, offset, len, None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<(), ClientError> {
+        self.request(p::CMD_WRITE_ZEROES, offset, len, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Pipelining: sends one request without waiting; returns its handle. Replies come back
+    /// through [`NbdClient::recv`] in any order.
+    pub async fn send(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<&[u8]>,
+    ) -> Result<u64, ClientError> {
+        self.handle += 1;
+        let req = p::Request {
+            flags,
+            kind,
+            handle: self.handle,
+            offset,
+            length,
+        };
+        self.sock.write_all(&req.encode()).await?;
+        if let Some(d) = payload {
+            self.sock.write_all(d).await?;
+        }
+        Ok(self.handle)
+    }
+
+    /// Reads one simple reply: (handle, errno, data). `read_len` says how many data bytes
+    /// follow a successful reply to that handle (its READ length, else 0).
+    pub async fn recv(
+        &mut self,
+        read_len: impl FnOnce(u64) -> u32,
+    ) -> Result<(u64, u32, Vec<u8>), ClientError> {
+        let magic = self.sock.read_u32().await?;
+        let err = self.sock.read_u32().await?;
+        let handle = self.sock.read_u64().await?;
+        if magic != p::SIMPLE_REPLY_MAGIC {
+            return Err(ClientError::Protocol("bad reply header".into()));
+        }
+        let mut data = Vec::new();
+        if err == 0 {
+            data = vec![0u8; read_len(handle) as usize];
+            self.sock.read_exact(&mut data).await?;
+        }
+        Ok((handle, err, data))
+    }
+
     pub async fn disconnect(mut self) -> Result<(), ClientError> {
         let req = p::Request {
             flags: 0,

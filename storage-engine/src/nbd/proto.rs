@@ -29,6 +29,7 @@ pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub const REP_ERR_SHUTDOWN: u32 = (1 << 31) + 7;
+pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
 // Info types for OPT_INFO / OPT_GO.
 pub const INFO_EXPORT: u16 = 0;
@@ -54,6 +55,11 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Flags this server accepts: FUA on any command (the spec says a server that advertises
+/// SEND_FUA must), NO_HOLE on WRITE_ZEROES. DF, REQ_ONE, FAST_ZERO and anything newer were
+/// never advertised or negotiated, so they get EINVAL.
+const FLAGS_ANY: u16 = CMD_FLAG_FUA;
+const FLAGS_WRITE_ZEROES: u16 = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE;
 
 // Errors carried in simple replies (Linux errno values, as the protocol defines them).
 pub const EPERM: u32 = 1;
@@ -65,7 +71,10 @@ pub const ENOTSUP: u32 = 95;
 pub const ESHUTDOWN: u32 = 108;
 
 /// Largest option payload we accept during the handshake (names are at most 4096 bytes by the spec).
+/// A longer one is skipped without buffering and refused with `REP_ERR_TOO_BIG`.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Longest string (error message, name) the spec allows in a reply.
+pub const MAX_STRING: usize = 4096;
 /// Largest READ/WRITE payload; advertised as the maximum block size.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 
@@ -75,7 +84,7 @@ pub enum ProtoError {
     BadRequestMagic(u32),
     #[error("bad option magic {0:#x}")]
     BadOptionMagic(u64),
-    #[error("option payload of {0} bytes exceeds the limit")]
+    #[error("NBD_OPT_EXPORT_NAME of {0} bytes exceeds the limit")]
     OptionTooLong(u32),
     #[error("malformed option payload: {0}")]
     MalformedOption(&'static str),
@@ -125,19 +134,31 @@ impl Request {
     }
 
     /// Checks the request against an export of `size` bytes; `Err(errno)` is the reply to send.
+    /// The errors are the ones the NBD spec names ("Error values", "Block size constraints"):
+    /// unknown command or flag, READ/WRITE over the advertised maximum, READ/TRIM past the end:
+    /// EINVAL; WRITE/WRITE_ZEROES past the end: ENOSPC; a write of any kind on a read-only
+    /// export: EPERM. TRIM and WRITE_ZEROES carry no payload, so any u32 length is served (in
+    /// pieces; the CSI plugin's FUSE path sends 1 GiB). Length 0 is valid (the spec leaves it
+    /// open and asks the server not to disconnect).
     pub fn validate(&self, size: u64, read_only: bool) -> Result<(), u32> {
+        let allowed = match self.kind {
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => FLAGS_ANY,
+            CMD_WRITE_ZEROES => FLAGS_WRITE_ZEROES,
+            _ => return Err(EINVAL),
+        };
+        if self.flags & !allowed != 0 {
+            return Err(EINVAL);
+        }
         let in_range = self
             .offset
             .checked_add(u64::from(self.length))
             .is_some_and(|end| end <= size);
         match self.kind {
-            CMD_READ | CMD_WRITE if self.length > MAX_PAYLOAD => Err(EOVERFLOW),
+            CMD_READ | CMD_WRITE if self.length > MAX_PAYLOAD => Err(EINVAL),
             CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if read_only => Err(EPERM),
             CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err(ENOSPC),
             CMD_READ | CMD_TRIM if !in_range => Err(EINVAL),
-            CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => Ok(()),
-            CMD_FLUSH => Ok(()),
-            _ => Err(EINVAL),
+            _ => Ok(()),
         }
     }
 }
@@ -152,17 +173,26 @@ pub fn simple_reply(error: u32, handle: u64) -> [u8; 16] {
 }
 
 /// The 16-byte header of a client option: (option, payload length), after the IHAVEOPT magic.
+/// The length is not checked here: the caller skips or refuses what exceeds `MAX_OPTION_LEN`.
 pub fn parse_option_header(b: &[u8; 16]) -> Result<(u32, u32), ProtoError> {
     let magic = be_u64(&b[0..8]);
     if magic != IHAVEOPT {
         return Err(ProtoError::BadOptionMagic(magic));
     }
-    let opt = be_u32(&b[8..12]);
-    let len = be_u32(&b[12..16]);
-    if len > MAX_OPTION_LEN {
-        return Err(ProtoError::OptionTooLong(len));
+    Ok((be_u32(&b[8..12]), be_u32(&b[12..16])))
+}
+
+/// `msg` cut to the spec's string limit (at a char boundary), for error replies that quote
+/// what the client sent.
+pub fn bounded_message(msg: &str) -> &str {
+    if msg.len() <= MAX_STRING {
+        return msg;
     }
-    Ok((opt, len))
+    let mut end = MAX_STRING;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    &msg[..end]
 }
 
 /// An option reply: header followed by `data`.
@@ -324,11 +354,67 @@ mod tests {
         assert_eq!(r(CMD_READ, u64::MAX, 2).validate(4096, false), Err(EINVAL));
         assert_eq!(
             r(CMD_READ, 0, MAX_PAYLOAD + 1).validate(u64::MAX, false),
-            Err(EOVERFLOW)
+            Err(EINVAL)
+        );
+        assert_eq!(
+            r(CMD_WRITE, 0, MAX_PAYLOAD + 1).validate(u64::MAX, false),
+            Err(EINVAL)
+        );
+        // Payload-free commands take any length the export holds.
+        assert_eq!(r(CMD_TRIM, 0, u32::MAX).validate(u64::MAX, false), Ok(()));
+        assert_eq!(
+            r(CMD_WRITE_ZEROES, 0, u32::MAX).validate(u64::MAX, false),
+            Ok(())
         );
         assert_eq!(r(CMD_WRITE, 0, 512).validate(4096, true), Err(EPERM));
+        assert_eq!(r(CMD_TRIM, 0, 512).validate(4096, true), Err(EPERM));
+        assert_eq!(r(CMD_WRITE_ZEROES, 0, 512).validate(4096, true), Err(EPERM));
+        assert_eq!(
+            r(CMD_WRITE_ZEROES, 4096, 1).validate(4096, false),
+            Err(ENOSPC)
+        );
+        assert_eq!(r(CMD_TRIM, 4096, 1).validate(4096, false), Err(EINVAL));
         assert_eq!(r(99, 0, 0).validate(4096, false), Err(EINVAL));
+        assert_eq!(r(5, 0, 0).validate(4096, false), Err(EINVAL)); // CACHE: not advertised
+        assert_eq!(r(7, 0, 0).validate(4096, false), Err(EINVAL)); // BLOCK_STATUS: no contexts
         assert_eq!(r(CMD_FLUSH, 0, 0).validate(4096, false), Ok(()));
+        assert_eq!(r(CMD_READ, 0, 0).validate(4096, false), Ok(()));
+        let f = |kind, flags| Request {
+            flags,
+            kind,
+            handle: 0,
+            offset: 0,
+            length: 512,
+        };
+        // FUA is accepted on every command; NO_HOLE only on WRITE_ZEROES.
+        for kind in [CMD_READ, CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES] {
+            assert_eq!(f(kind, CMD_FLAG_FUA).validate(4096, false), Ok(()));
+        }
+        assert_eq!(
+            f(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE).validate(4096, false),
+            Ok(())
+        );
+        assert_eq!(
+            f(CMD_WRITE, CMD_FLAG_NO_HOLE).validate(4096, false),
+            Err(EINVAL)
+        );
+        // DF (structured replies not negotiated), REQ_ONE, FAST_ZERO (not advertised), unknown.
+        for flags in [1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 15] {
+            assert_eq!(f(CMD_READ, flags).validate(4096, false), Err(EINVAL));
+            assert_eq!(
+                f(CMD_WRITE_ZEROES, flags).validate(4096, false),
+                Err(EINVAL)
+            );
+        }
+    }
+
+    #[test]
+    fn bounded_message_cuts_at_a_char_boundary() {
+        assert_eq!(bounded_message("abc"), "abc");
+        let long = "é".repeat(MAX_STRING);
+        let cut = bounded_message(&long);
+        assert!(cut.len() <= MAX_STRING && cut.len() >= MAX_STRING - 1);
+        assert!(long.starts_with(cut));
     }
 
     #[test]
@@ -338,11 +424,8 @@ mod tests {
         b[8..12].copy_from_slice(&OPT_GO.to_be_bytes());
         b[12..16].copy_from_slice(&10u32.to_be_bytes());
         assert_eq!(parse_option_header(&b), Ok((OPT_GO, 10)));
-        b[12..16].copy_from_slice(&(MAX_OPTION_LEN + 1).to_be_bytes());
-        assert!(matches!(
-            parse_option_header(&b),
-            Err(ProtoError::OptionTooLong(_))
-        ));
+        b[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_option_header(&b), Ok((OPT_GO, u32::MAX)));
         b[0] = 0;
         assert!(matches!(
             parse_option_header(&b),

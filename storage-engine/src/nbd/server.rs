@@ -14,12 +14,28 @@ use tracing::{debug, info, warn};
 use super::proto::{self as p, Request};
 use crate::volume::{ExportName, Volume, BLOCK_SIZE};
 
-/// Bytes of request payload one connection may hold in memory at once.
+/// Bytes of request payload and read replies one connection may hold in memory at once.
 const CONN_BUDGET: usize = 64 * 1024 * 1024;
 /// Budget unit: one permit per 4 KiB.
 const PERMIT_BYTES: usize = 4096;
 /// Requests up to this size run inline on the reader task.
 const INLINE_MAX: u32 = 128 * 1024;
+/// TRIM / WRITE_ZEROES run in pieces of this many bytes, so the engine's per-request work (block
+/// locks, table entries) is that of one maximal WRITE whatever length the client sends.
+const ZERO_PIECE: u64 = p::MAX_PAYLOAD as u64;
+
+// Liveness: every request's reservation fits in the budget, so none can wait for permits that
+// never exist (the 1 GiB TRIM deadlock; tests/nbd_clients.rs `large_trim_and_zeroes_*`).
+const _: () = assert!(p::MAX_PAYLOAD as usize <= CONN_BUDGET);
+
+/// Budget permits a validated request holds until its reply is sent: a WRITE's payload or a
+/// READ's reply buffer (at most `MAX_PAYLOAD`, by validation); payload-free commands one permit.
+fn permits(req: &Request) -> u32 {
+    match req.kind {
+        p::CMD_READ | p::CMD_WRITE => (req.length as usize).div_ceil(PERMIT_BYTES).max(1) as u32,
+        _ => 1,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -138,6 +154,22 @@ where
         let mut hdr = [0u8; 16];
         r.read_exact(&mut hdr).await?;
         let (opt, len) = p::parse_option_header(&hdr)?;
+        if len > p::MAX_OPTION_LEN {
+            // Never buffer it: skip the bytes so the client stays in step and can go on.
+            if opt == p::OPT_EXPORT_NAME {
+                // That option cannot be answered with an error: the spec says close.
+                return Err(p::ProtoError::OptionTooLong(len).into());
+            }
+            skip(r, u64::from(len)).await?;
+            let msg = format!(
+                "option {opt} carries {len} bytes; this server accepts at most {}",
+                p::MAX_OPTION_LEN
+            );
+            w.write_all(&p::option_reply(opt, p::REP_ERR_TOO_BIG, msg.as_bytes()))
+                .await?;
+            w.flush().await?;
+            continue;
+        }
         let mut payload = vec![0u8; len as usize];
         r.read_exact(&mut payload).await?;
         match opt {
@@ -191,6 +223,8 @@ where
                     )),
                 };
                 if let Some((code, msg)) = refusal {
+                    // The message quotes the client's name, which may be up to 64 KiB.
+                    let msg = p::bounded_message(&msg);
                     w.write_all(&p::option_reply(opt, code, msg.as_bytes()))
                         .await?;
                     w.flush().await?;
@@ -267,6 +301,16 @@ where
     }
 }
 
+/// Reads and drops `n` bytes (a refused payload) with a small fixed buffer.
+async fn skip<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> io::Result<()> {
+    let mut take = r.take(n);
+    let copied = tokio::io::copy(&mut take, &mut tokio::io::sink()).await?;
+    if copied < n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
 type SharedWriter<W> = Arc<tokio::sync::Mutex<BufWriter<W>>>;
 
 async fn send_reply<W: AsyncWrite + Unpin>(
@@ -341,15 +385,18 @@ where
         if let Err(errno) = req.validate(volume.size(), read_only) {
             if req.has_payload() {
                 // Stay in step with the stream without buffering a payload we refuse.
-                let mut take = (&mut *r).take(u64::from(req.length));
-                tokio::io::copy(&mut take, &mut tokio::io::sink()).await?;
+                skip(r, u64::from(req.length)).await?;
             }
             send_reply(w, p::simple_reply(errno, req.handle), None, false).await?;
             continue;
         }
-        let permits = (req.length as usize).div_ceil(PERMIT_BYTES).max(1) as u32;
+        if req.length == 0 && req.kind != p::CMD_FLUSH {
+            // Nothing to read, write or zero (the spec leaves length 0 open; answer it plainly).
+            send_reply(w, p::simple_reply(0, req.handle), None, false).await?;
+            continue;
+        }
         let permit = Arc::clone(budget)
-            .acquire_many_owned(permits)
+            .acquire_many_owned(permits(&req))
             .await
             .map_err(|_| io::Error::other("request budget closed"))?;
         let payload = if req.has_payload() {
@@ -383,6 +430,29 @@ where
     }
 }
 
+/// TRIM / WRITE_ZEROES as consecutive pieces of at most `ZERO_PIECE` bytes. FUA rides on the
+/// last piece: its flush makes every earlier piece durable too.
+async fn zero_in_pieces(
+    v: &Volume,
+    req: &Request,
+    fua: bool,
+) -> Result<(), crate::volume::HostError> {
+    let end = req.offset + u64::from(req.length);
+    let mut at = req.offset;
+    while at < end {
+        let n = (end - at).min(ZERO_PIECE);
+        let last = at + n == end;
+        if req.kind == p::CMD_TRIM {
+            v.trim(at, n, fua && last).await?;
+        } else {
+            let no_hole = req.flags & p::CMD_FLAG_NO_HOLE != 0;
+            v.write_zeroes(at, n, no_hole, fua && last).await?;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
 /// Runs one validated request; returns (errno, read data).
 async fn execute(v: &Volume, req: &Request, payload: Option<Vec<u8>>) -> (u32, Option<Vec<u8>>) {
     let fua = req.flags & p::CMD_FLAG_FUA != 0;
@@ -393,12 +463,7 @@ async fn execute(v: &Volume, req: &Request, payload: Option<Vec<u8>>) -> (u32, O
         },
         p::CMD_WRITE => v.write(req.offset, payload.unwrap_or_default(), fua).await,
         p::CMD_FLUSH => v.flush().await,
-        p::CMD_TRIM => v.trim(req.offset, u64::from(req.length), fua).await,
-        p::CMD_WRITE_ZEROES => {
-            let no_hole = req.flags & p::CMD_FLAG_NO_HOLE != 0;
-            v.write_zeroes(req.offset, u64::from(req.length), no_hole, fua)
-                .await
-        }
+        p::CMD_TRIM | p::CMD_WRITE_ZEROES => zero_in_pieces(v, req, fua).await,
         _ => return (p::EINVAL, None),
     };
     match res {
