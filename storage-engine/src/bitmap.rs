@@ -39,6 +39,7 @@ pub struct EncodedBitmap(Vec<u8>);
 impl EncodedBitmap {
     /// Writes durably and atomically (temp file, fsync, rename, fsync dir).
     pub fn store(&self, path: &Path) -> io::Result<()> {
+        crate::seam::power::io(path)?;
         // A temp name of its own: two threads may store the same bitmap at once (checkpoint and
         // flush), and must not rename each other's half-written file.
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -140,6 +140,7 @@ impl Meta {
             path: path.to_path_buf(),
             source,
         };
+        crate::seam::power::io(path).map_err(io_err)?;
         let tmp = path.with_extension("tmp");
         let mut f = File::create(&tmp).map_err(io_err)?;
         f.write_all(&encode(self)).map_err(io_err)?;

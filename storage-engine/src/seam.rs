@@ -122,3 +122,85 @@ impl Seams {
     #[inline(always)]
     pub fn hit(&self, _name: &'static str) {}
 }
+
+/// Unit tests' power cut: after a budget of file operations under a directory, every further
+/// write, sync or store there fails without touching the disk, as if the machine had lost power at
+/// that instant. With `BlockStore`'s undo log of unsynced writes, what is left on disk afterwards is
+/// what a real power loss at that point would leave (whole-file stores are written to a temporary
+/// file, fsync'd, renamed and the directory fsync'd, so they count as one operation: all or nothing).
+#[cfg(test)]
+pub mod power {
+    use std::{
+        io,
+        path::{Path, PathBuf},
+        sync::{
+            atomic::{AtomicI64, Ordering},
+            Arc, Mutex,
+        },
+    };
+
+    type Cuts = Mutex<Vec<(PathBuf, Arc<AtomicI64>)>>;
+    static CUTS: Cuts = Mutex::new(Vec::new());
+
+    /// One file operation under `path`: an error once the power under it is cut.
+    pub fn io(path: &Path) -> io::Result<()> {
+        let budget = CUTS.lock().ok().and_then(|c| {
+            c.iter()
+                .find(|(root, _)| path.starts_with(root))
+                .map(|(_, b)| Arc::clone(b))
+        });
+        match budget {
+            Some(b) if b.fetch_sub(1, Ordering::SeqCst) <= 0 => {
+                Err(io::Error::other("simulated power cut"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The power under `root` goes out after `ops` more file operations, until this is dropped.
+    pub struct Cut {
+        root: PathBuf,
+        budget: Arc<AtomicI64>,
+        ops: i64,
+    }
+
+    impl Cut {
+        pub fn after(root: &Path, ops: i64) -> Cut {
+            let budget = Arc::new(AtomicI64::new(ops));
+            if let Ok(mut c) = CUTS.lock() {
+                c.push((root.to_path_buf(), Arc::clone(&budget)));
+            }
+            Cut {
+                root: root.to_path_buf(),
+                budget,
+                ops,
+            }
+        }
+
+        /// File operations done (or refused) so far.
+        pub fn used(&self) -> i64 {
+            self.ops - self.budget.load(Ordering::SeqCst)
+        }
+
+        pub fn tripped(&self) -> bool {
+            self.budget.load(Ordering::SeqCst) < 0
+        }
+    }
+
+    impl Drop for Cut {
+        fn drop(&mut self) {
+            if let Ok(mut c) = CUTS.lock() {
+                c.retain(|(r, _)| r != &self.root);
+            }
+        }
+    }
+}
+
+/// Production build: the power never goes out on purpose.
+#[cfg(not(test))]
+pub mod power {
+    #[inline(always)]
+    pub fn io(_path: &std::path::Path) -> std::io::Result<()> {
+        Ok(())
+    }
+}

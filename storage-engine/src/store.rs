@@ -94,6 +94,7 @@ impl BlockStore {
     }
 
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        crate::seam::power::io(&self.path)?;
         #[cfg(test)]
         self.remember(offset, data.len() as u64);
         self.file.write_all_at(data, offset)
@@ -101,6 +102,7 @@ impl BlockStore {
 
     /// Makes every completed write durable (fdatasync).
     pub fn sync(&self) -> io::Result<()> {
+        crate::seam::power::io(&self.path)?;
         self.file.sync_data()?;
         #[cfg(test)]
         self.forget_unsynced();
@@ -109,6 +111,7 @@ impl BlockStore {
 
     /// fdatasync on a blocking thread, so the async runtime keeps serving other requests.
     pub async fn sync_async(&self) -> io::Result<()> {
+        crate::seam::power::io(&self.path)?;
         let f = Arc::clone(&self.file);
         tokio::task::spawn_blocking(move || f.sync_data())
             .await
@@ -155,6 +158,7 @@ impl BlockStore {
         if len == 0 {
             return Ok(());
         }
+        crate::seam::power::io(&self.path)?;
         #[cfg(test)]
         self.remember(offset, len);
         match fallocate(
@@ -174,6 +178,7 @@ impl BlockStore {
         if len == 0 {
             return Ok(());
         }
+        crate::seam::power::io(&self.path)?;
         #[cfg(test)]
         self.remember(offset, len);
         match fallocate(&*self.file, FallocateFlags::ZERO_RANGE, offset, len) {

@@ -683,8 +683,11 @@ impl Volume {
             set.store(&dir.join(HB_FILE))?;
         }
         let tmp = dir.join("peer_last_seq.tmp");
+        crate::seam::power::io(&tmp)?;
         std::fs::write(&tmp, seq.to_string())?;
-        std::fs::rename(&tmp, dir.join("peer_last_seq"))
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join("peer_last_seq"))?;
+        crate::meta::sync_dir(&tmp)
     }
 
     /// Drops the last heartbeat's pending set (after a role change it describes an old stream).
@@ -912,6 +915,7 @@ impl Volume {
         };
         self.store.sync()?;
         use std::os::unix::fs::FileExt;
+        crate::seam::power::io(&self.meta_path)?;
         self.progress
             .write_all_at(&encode_progress(seq, flags.0, flags.1), 0)?;
         self.progress.sync_data()?;
@@ -930,6 +934,7 @@ impl Volume {
     fn write_progress(&self, seq: u64, rs: &ReplicaState) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let b = encode_progress(seq, rs.inconsistent, rs.needs_full);
+        crate::seam::power::io(&self.meta_path)?;
         self.progress.write_all_at(&b, 0)?;
         self.progress.sync_data()
     }

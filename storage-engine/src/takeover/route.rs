@@ -101,21 +101,27 @@ impl Volume {
                 return Err(HostError::Proxy(e));
             }
         };
-        if let Some(r) = &self.repl {
-            for (b, d) in blocks.iter().zip(&got) {
-                let _g = r.tracker.locks.lock(*b..*b + 1);
-                let install = {
-                    let st = self.areas.state();
-                    st.peer_pending.get(*b) && !st.overlay_present.get(*b)
-                };
-                if install && self.store.write_at(d, *b * BS).is_ok() {
-                    let mut st = self.areas.state();
-                    st.peer_pending.clear(*b);
-                    super::Areas::mark_pp_dirty(&mut st);
-                }
+        self.install_proxied(blocks, &got);
+        Ok(got)
+    }
+
+    /// Read-repair: writes blocks read from the fenced old primary into the data file where
+    /// nothing newer exists here, and clears their `peer_pending` bits (stored later, after a
+    /// data sync: `Areas::persist`).
+    pub(crate) fn install_proxied(&self, blocks: &[u64], got: &[Bytes]) {
+        let Some(r) = &self.repl else { return };
+        for (b, d) in blocks.iter().zip(got) {
+            let _g = r.tracker.locks.lock(*b..*b + 1);
+            let install = {
+                let st = self.areas.state();
+                st.peer_pending.get(*b) && !st.overlay_present.get(*b)
+            };
+            if install && self.store.write_at(d, *b * BS).is_ok() {
+                let mut st = self.areas.state();
+                st.peer_pending.clear(*b);
+                super::Areas::mark_pp_dirty(&mut st);
             }
         }
-        Ok(got)
     }
 
     /// A host write (or zeroing) while a takeover is in progress; returns its seq.
