@@ -54,6 +54,8 @@ pub struct Checked {
     pub indeterminate: u64,
     pub errors: u64,
     pub violation_count: u64,
+    /// Violations by kind (`StaleRead`, `LostWrite { flushed: true }`, ...).
+    pub by_kind: std::collections::BTreeMap<String, u64>,
     /// The first violations found (at most `KEEP`).
     pub violations: Vec<Violation>,
 }
@@ -63,6 +65,7 @@ const KEEP: usize = 20;
 impl Checked {
     fn flag(&mut self, v: Violation) {
         self.violation_count += 1;
+        *self.by_kind.entry(format!("{:?}", v.what)).or_default() += 1;
         if self.violations.len() < KEEP {
             self.violations.push(v);
         }

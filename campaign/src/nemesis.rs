@@ -567,6 +567,12 @@ fn report(
         checked.indeterminate,
         checked.violation_count
     );
+    if checked.violation_count > 0 {
+        println!(
+            "violations by kind (lost writes counted unflushed): {:?}",
+            checked.by_kind
+        );
+    }
     for p in problems {
         println!("LIVENESS: {p}");
     }
