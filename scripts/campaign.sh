@@ -20,7 +20,7 @@ if [ $ci = 1 ]; then
   runs=(
     "history --mode async --size 64M --seconds 20"
     "history --mode sync --size 64M --seconds 12"
-    "kill --mode async --size 64M --kills 25"
+    "kill --mode async --size 64M --kills 60"
   )
 else
   runs=(
