@@ -1,0 +1,503 @@
+//! The checker: every 512-byte sector is a register. A read of a sector must return a value that
+//! was not yet superseded when the read began, from a write invoked before the read completed:
+//! - the value of write W is allowed iff W.inv < R.comp and no write W2 of that sector was
+//!   acknowledged before R began while starting after W was acknowledged (W2.inv > W.comp,
+//!   W2.comp < R.inv); an unacknowledged W (error or cut connection) is never superseded;
+//! - zeros are allowed iff no write was acknowledged before R began (the initial content) or
+//!   some TRIM / WRITE_ZEROES of the sector qualifies by the same rule;
+//! - anything else (a torn sector, a stamp of another sector or of no write) is a violation.
+//!
+//! The check is one sweep over the history in time order, keeping per sector
+//! `newest[s]` = the latest invoke time of a write acknowledged so far (which supersedes every
+//! write acknowledged before it started), and `zero_until[s]` = the latest acknowledgement of a
+//! zeroing op invoked so far (`u64::MAX` if indeterminate).
+
+use std::collections::HashMap;
+
+use crate::history::{ms, Kind, Op, Time};
+use crate::stamp::Val;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    /// A read during the run returned a superseded value.
+    StaleRead,
+    /// The final read returned a superseded value: an acknowledged write is gone; `flushed`
+    /// when a FUA or a later acknowledged FLUSH covered it.
+    LostWrite { flushed: bool },
+    /// A read returned a write invoked only after the read completed.
+    FromTheFuture,
+    /// A stamp of another sector, or of an id that is no write.
+    Misplaced,
+    /// Neither zeros nor an intact stamp.
+    Torn,
+}
+
+#[derive(Debug, Clone)]
+pub struct Violation {
+    pub what: What,
+    /// Index of the read in the history.
+    pub read: usize,
+    /// First sector of the offending run.
+    pub sector: u64,
+    /// Number of consecutive sectors of that read with the same fault.
+    pub sectors: u64,
+    pub seen: Val,
+    /// Invoke time of the acknowledged write that superseded the value, if that is the fault.
+    pub newest: Option<Time>,
+}
+
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub reads_checked: u64,
+    pub sectors_checked: u64,
+    pub final_sectors: u64,
+    pub indeterminate: u64,
+    pub errors: u64,
+    pub violation_count: u64,
+    /// Violations by kind (`StaleRead`, `LostWrite { flushed: true }`, ...).
+    pub by_kind: std::collections::BTreeMap<String, u64>,
+    /// The first violations found (at most `KEEP`).
+    pub violations: Vec<Violation>,
+}
+
+const KEEP: usize = 20;
+
+impl Checked {
+    fn flag(&mut self, v: Violation) {
+        self.violation_count += 1;
+        *self.by_kind.entry(format!("{:?}", v.what)).or_default() += 1;
+        if self.violations.len() < KEEP {
+            self.violations.push(v);
+        }
+    }
+}
+
+// Event kinds, in the order ties are processed: a tie never helps a value it should not.
+const ZERO_INVOKE: u8 = 0;
+const READ_INVOKE: u8 = 1;
+const WRITE_ACK: u8 = 2;
+const READ_COMPLETE: u8 = 3;
+
+/// Checks `ops` over a volume of `sectors` sectors.
+pub fn check(ops: &[Op], sectors: u64) -> Checked {
+    let mut out = Checked::default();
+    let by_id: HashMap<u64, usize> = ops.iter().enumerate().map(|(i, o)| (o.id, i)).collect();
+    let last_flush = ops
+        .iter()
+        .filter(|o| o.kind == Kind::Flush)
+        .filter_map(|o| o.acked().map(|_| o.inv))
+        .max()
+        .unwrap_or(0);
+    let mut ev: Vec<(Time, u8, usize)> = Vec::new();
+    for (i, o) in ops.iter().enumerate() {
+        if o.acked().is_none() {
+            out.indeterminate += u64::from(o.mutates());
+            out.errors += u64::from(matches!(o.outcome, crate::history::Outcome::Err(_)));
+        }
+        if o.mutates() {
+            if let Some(c) = o.acked() {
+                ev.push((c, WRITE_ACK, i));
+            }
+            if o.zeroes() {
+                ev.push((o.inv, ZERO_INVOKE, i));
+            }
+        }
+        if o.kind == Kind::Read && o.acked().is_some() {
+            ev.push((o.inv, READ_INVOKE, i));
+            ev.push((o.comp, READ_COMPLETE, i));
+        }
+    }
+    ev.sort_unstable();
+    let n = sectors as usize;
+    let mut newest = vec![0u64; n];
+    let mut zero_until = vec![0u64; n];
+    // Zero sectors of in-flight reads that need a zeroing op: (sector, newest at invoke).
+    let mut waiting: HashMap<usize, Vec<(u64, Time)>> = HashMap::new();
+    let range = |o: &Op| {
+        let a = (o.sector as usize).min(n);
+        a..(a + o.sectors as usize).min(n)
+    };
+    for (_, kind, i) in ev {
+        let o = &ops[i];
+        match kind {
+            ZERO_INVOKE => {
+                let until = o.acked().unwrap_or(u64::MAX);
+                for z in &mut zero_until[range(o)] {
+                    *z = (*z).max(until);
+                }
+            }
+            WRITE_ACK => {
+                for t in &mut newest[range(o)] {
+                    *t = (*t).max(o.inv);
+                }
+            }
+            READ_INVOKE => {
+                out.reads_checked += 1;
+                let stale = if o.final_read {
+                    None
+                } else {
+                    Some(What::StaleRead)
+                };
+                let mut need_zero = Vec::new();
+                for run in &o.seen {
+                    out.sectors_checked += run.len;
+                    if o.final_read {
+                        out.final_sectors += run.len;
+                    }
+                    let span = run.start..(run.start + run.len).min(sectors);
+                    let v = |what, sector, len, newest| Violation {
+                        what,
+                        read: i,
+                        sector,
+                        sectors: len,
+                        seen: run.val,
+                        newest,
+                    };
+                    match run.val {
+                        Val::Zero => {
+                            for s in span {
+                                let t = newest[s as usize];
+                                if t != 0 {
+                                    need_zero.push((s, t));
+                                }
+                            }
+                        }
+                        Val::Write(id) => {
+                            let w = match by_id.get(&id) {
+                                Some(&w) if ops[w].kind == Kind::Write => &ops[w],
+                                _ => {
+                                    out.flag(v(What::Misplaced, run.start, run.len, None));
+                                    continue;
+                                }
+                            };
+                            if !(w.covers(run.start) && w.covers(run.start + run.len - 1)) {
+                                out.flag(v(What::Misplaced, run.start, run.len, None));
+                                continue;
+                            }
+                            if w.inv >= o.comp {
+                                out.flag(v(What::FromTheFuture, run.start, run.len, None));
+                                continue;
+                            }
+                            let done = w.acked().unwrap_or(u64::MAX);
+                            let what = stale.unwrap_or(What::LostWrite {
+                                flushed: false, // refined below from the superseding write
+                            });
+                            let mut bad: Option<(u64, u64, Time)> = None;
+                            for s in span {
+                                let t = newest[s as usize];
+                                if t != 0 && done < t {
+                                    match &mut bad {
+                                        Some((_, len, _)) => *len += 1,
+                                        None => bad = Some((s, 1, t)),
+                                    }
+                                }
+                            }
+                            if let Some((s, len, t)) = bad {
+                                out.flag(v(what, s, len, Some(t)));
+                            }
+                        }
+                        Val::Misplaced { .. } => {
+                            out.flag(v(What::Misplaced, run.start, run.len, None))
+                        }
+                        Val::Torn { .. } => out.flag(v(What::Torn, run.start, run.len, None)),
+                    }
+                }
+                if !need_zero.is_empty() {
+                    waiting.insert(i, need_zero);
+                }
+            }
+            READ_COMPLETE => {
+                let Some(need) = waiting.remove(&i) else {
+                    continue;
+                };
+                let mut bad: Option<(u64, u64, Time)> = None;
+                let flush_bad = |out: &mut Checked, bad: &mut Option<(u64, u64, Time)>| {
+                    if let Some((s, len, t)) = bad.take() {
+                        let what = if o.final_read {
+                            What::LostWrite { flushed: false }
+                        } else {
+                            What::StaleRead
+                        };
+                        out.flag(Violation {
+                            what,
+                            read: i,
+                            sector: s,
+                            sectors: len,
+                            seen: Val::Zero,
+                            newest: Some(t),
+                        });
+                    }
+                };
+                for (s, t) in need {
+                    if zero_until[s as usize] >= t {
+                        continue;
+                    }
+                    match &mut bad {
+                        Some((b, len, _)) if *b + *len == s => *len += 1,
+                        _ => {
+                            flush_bad(&mut out, &mut bad);
+                            bad = Some((s, 1, t));
+                        }
+                    }
+                }
+                flush_bad(&mut out, &mut bad);
+            }
+            _ => {}
+        }
+    }
+    // A lost write is "flushed" when the write that should have been read was made durable.
+    for v in &mut out.violations {
+        if let (What::LostWrite { flushed }, Some(t)) = (&mut v.what, v.newest) {
+            *flushed = superseding(ops, v.sector, t)
+                .is_some_and(|w| w.fua || w.acked().is_some_and(|c| last_flush > c));
+        }
+    }
+    out
+}
+
+/// The acknowledged write of `sector` invoked at `inv` (the one a stale value missed).
+fn superseding(ops: &[Op], sector: u64, inv: Time) -> Option<&Op> {
+    ops.iter()
+        .find(|w| w.mutates() && w.covers(sector) && w.inv == inv && w.acked().is_some())
+}
+
+fn describe_op(o: &Op) -> String {
+    let end = match o.outcome {
+        crate::history::Outcome::Ok => format!("acked {}", ms(o.comp)),
+        crate::history::Outcome::Err(e) => format!("errno {e} at {}", ms(o.comp)),
+        crate::history::Outcome::Lost => "cut (indeterminate)".to_string(),
+    };
+    format!(
+        "#{} {}{} client {} sectors {}..{} invoked {} {}",
+        o.id,
+        o.kind.name(),
+        if o.fua { "+FUA" } else { "" },
+        o.client,
+        o.sector,
+        o.sector + o.sectors,
+        ms(o.inv),
+        end
+    )
+}
+
+/// A human account of one violation: the read, the value, and the candidate writes.
+pub fn explain(ops: &[Op], v: &Violation) -> String {
+    let r = &ops[v.read];
+    let mut s = format!(
+        "{:?}: block {} sector {} (+{} sectors) seen {:?}\n  read: {}{}\n",
+        v.what,
+        v.sector * 512 / 4096,
+        v.sector,
+        v.sectors - 1,
+        v.seen,
+        describe_op(r),
+        if r.final_read { " (final read)" } else { "" }
+    );
+    if let Val::Write(id) | Val::Misplaced { id, .. } = v.seen {
+        if let Some(w) = ops.iter().find(|o| o.id == id) {
+            s += &format!("  value from: {}\n", describe_op(w));
+        }
+    }
+    if let Some(w) = v.newest.and_then(|t| superseding(ops, v.sector, t)) {
+        s += &format!("  superseded by: {}\n", describe_op(w));
+    }
+    let mut cands: Vec<&Op> = ops
+        .iter()
+        .filter(|w| w.mutates() && w.covers(v.sector) && w.inv < r.comp)
+        .collect();
+    cands.sort_by_key(|w| w.inv);
+    let skip = cands.len().saturating_sub(8);
+    s += &format!(
+        "  writes of that sector invoked before the read completed (last {}):\n",
+        cands.len() - skip
+    );
+    for w in &cands[skip..] {
+        s += &format!("    {}\n", describe_op(w));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::Outcome;
+    use crate::stamp::Run;
+
+    const N: u64 = 64;
+
+    struct H(Vec<Op>);
+
+    impl H {
+        fn op(
+            &mut self,
+            kind: Kind,
+            sector: u64,
+            sectors: u64,
+            inv: u64,
+            comp: Option<u64>,
+        ) -> u64 {
+            let id = self.0.len() as u64 + 1;
+            let mut o = Op::new(id, 0, kind, sector, sectors, inv);
+            if let Some(c) = comp {
+                o.comp = c;
+                o.outcome = Outcome::Ok;
+            }
+            self.0.push(o);
+            id
+        }
+        fn w(&mut self, sector: u64, sectors: u64, inv: u64, comp: Option<u64>) -> u64 {
+            self.op(Kind::Write, sector, sectors, inv, comp)
+        }
+        fn r(&mut self, inv: u64, comp: u64, seen: &[(u64, u64, Val)]) {
+            let (first, last) = (seen[0].0, seen[seen.len() - 1]);
+            let id = self.op(Kind::Read, first, last.0 + last.1 - first, inv, Some(comp));
+            let o = self.0.iter_mut().find(|o| o.id == id).unwrap();
+            o.seen = seen
+                .iter()
+                .map(|&(start, len, val)| Run { start, len, val })
+                .collect();
+        }
+        fn final_read(&mut self, inv: u64, seen: &[(u64, u64, Val)]) {
+            self.r(inv, inv + 1, seen);
+            self.0.last_mut().unwrap().final_read = true;
+        }
+        fn check(&self) -> Checked {
+            check(&self.0, N)
+        }
+    }
+
+    fn whats(c: &Checked) -> Vec<What> {
+        c.violations.iter().map(|v| v.what).collect()
+    }
+
+    #[test]
+    fn legal_histories_pass() {
+        let mut h = H(Vec::new());
+        // Initial zeros.
+        h.r(1, 2, &[(0, 8, Val::Zero)]);
+        let w1 = h.w(0, 8, 10, Some(20));
+        h.r(21, 22, &[(0, 8, Val::Write(w1))]);
+        // A read concurrent with w2 may see either.
+        let w2 = h.w(0, 8, 30, Some(40));
+        h.r(31, 35, &[(0, 8, Val::Write(w1))]);
+        h.r(32, 36, &[(0, 8, Val::Write(w2))]);
+        // A read that began before w2's ack and ends after: either.
+        h.r(39, 45, &[(0, 8, Val::Write(w1))]);
+        // An unaligned write of two sectors in the middle.
+        let w3 = h.w(2, 2, 50, Some(60));
+        h.r(
+            61,
+            62,
+            &[
+                (0, 2, Val::Write(w2)),
+                (2, 2, Val::Write(w3)),
+                (4, 4, Val::Write(w2)),
+            ],
+        );
+        // A cut write may show up at any time later, and the older value may still be seen.
+        let w4 = h.w(8, 8, 70, None);
+        h.r(80, 81, &[(8, 8, Val::Zero)]);
+        h.r(90, 91, &[(8, 8, Val::Write(w4))]);
+        h.r(92, 93, &[(8, 8, Val::Zero)]);
+        // A trim, then zeros; a concurrent trim may also explain zeros.
+        h.op(Kind::Trim, 0, 4, 100, Some(110));
+        h.r(111, 112, &[(0, 4, Val::Zero), (4, 4, Val::Write(w2))]);
+        let w5 = h.w(4, 4, 120, Some(130));
+        h.op(Kind::Zero, 4, 4, 135, Some(150));
+        h.r(131, 140, &[(4, 4, Val::Zero)]);
+        h.r(131, 141, &[(4, 4, Val::Write(w5))]);
+        // The final read sees the last acknowledged values.
+        h.final_read(1000, &[(0, 8, Val::Zero), (8, 8, Val::Write(w4))]);
+        let c = h.check();
+        assert_eq!(c.violation_count, 0, "{:?}", c.violations);
+        assert_eq!(c.reads_checked, 13);
+        assert_eq!(c.final_sectors, 16);
+        assert_eq!(c.indeterminate, 1);
+    }
+
+    #[test]
+    fn stale_read_is_flagged() {
+        let mut h = H(Vec::new());
+        let w1 = h.w(0, 8, 10, Some(20));
+        let _w2 = h.w(0, 8, 21, Some(30));
+        h.r(31, 32, &[(0, 8, Val::Write(w1))]);
+        let c = h.check();
+        assert_eq!(whats(&c), vec![What::StaleRead]);
+        assert_eq!(c.violations[0].sector, 0);
+        assert_eq!(c.violations[0].sectors, 8);
+        assert!(explain(&h.0, &c.violations[0]).contains("superseded by: #2 WRITE"));
+    }
+
+    #[test]
+    fn stale_sector_inside_a_block_is_flagged() {
+        let mut h = H(Vec::new());
+        let w1 = h.w(0, 8, 10, Some(20));
+        let _w2 = h.w(3, 1, 21, Some(30));
+        h.r(31, 32, &[(0, 8, Val::Write(w1))]);
+        let c = h.check();
+        assert_eq!(whats(&c), vec![What::StaleRead]);
+        assert_eq!((c.violations[0].sector, c.violations[0].sectors), (3, 1));
+    }
+
+    #[test]
+    fn zeros_after_an_acknowledged_write_are_stale_unless_a_trim_explains_them() {
+        let mut h = H(Vec::new());
+        h.op(Kind::Trim, 0, 8, 1, Some(5));
+        let _w = h.w(0, 8, 10, Some(20));
+        h.r(31, 32, &[(0, 8, Val::Zero)]);
+        assert_eq!(whats(&h.check()), vec![What::StaleRead]);
+        // A trim concurrent with the read explains them.
+        h.op(Kind::Trim, 0, 8, 31, None);
+        assert_eq!(h.check().violation_count, 0);
+    }
+
+    #[test]
+    fn lost_flushed_write_is_flagged() {
+        let mut h = H(Vec::new());
+        let w1 = h.w(0, 8, 10, Some(20));
+        let _w2 = h.w(0, 8, 30, Some(40));
+        h.op(Kind::Flush, 0, 0, 41, Some(50));
+        h.final_read(100, &[(0, 8, Val::Write(w1))]);
+        assert_eq!(whats(&h.check()), vec![What::LostWrite { flushed: true }]);
+        // Back to zeros is just as lost.
+        let mut h = H(Vec::new());
+        h.w(8, 8, 10, Some(20));
+        h.op(Kind::Flush, 0, 0, 21, Some(22));
+        h.final_read(100, &[(8, 8, Val::Zero)]);
+        assert_eq!(whats(&h.check()), vec![What::LostWrite { flushed: true }]);
+        // Unflushed, it is still lost (a SIGKILL is no power loss), and said so.
+        let mut h = H(Vec::new());
+        h.w(8, 8, 10, Some(20));
+        h.final_read(100, &[(8, 8, Val::Zero)]);
+        assert_eq!(whats(&h.check()), vec![What::LostWrite { flushed: false }]);
+    }
+
+    #[test]
+    fn torn_misplaced_and_future_values_are_flagged() {
+        let mut h = H(Vec::new());
+        let w1 = h.w(0, 8, 10, Some(20));
+        h.r(
+            21,
+            22,
+            &[
+                (0, 3, Val::Write(w1)),
+                (3, 1, Val::Torn { word0: 1, word1: 2 }),
+                (4, 4, Val::Write(w1)),
+            ],
+        );
+        h.r(23, 24, &[(8, 8, Val::Write(w1))]);
+        h.r(25, 26, &[(0, 1, Val::Misplaced { id: w1, from: 9 })]);
+        let w2 = h.w(16, 8, 50, Some(60));
+        h.r(30, 40, &[(16, 8, Val::Write(w2))]);
+        let c = h.check();
+        assert_eq!(
+            whats(&c),
+            vec![
+                What::Torn,
+                What::Misplaced,
+                What::Misplaced,
+                What::FromTheFuture
+            ]
+        );
+    }
+}

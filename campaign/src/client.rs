@@ -1,0 +1,398 @@
+//! A pipelined NBD client per simulated host: up to `qd` requests in flight over one TCP
+//! connection, a random mix of READ, WRITE (FUA or not, 4 KiB..32 MiB, aligned to 4 KiB or only to
+//! 512 bytes), TRIM, WRITE_ZEROES and FLUSH, every op recorded in the history. A cut connection
+//! makes its in-flight ops indeterminate; the client then reconnects to whichever engine serves.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use storage_engine::nbd::proto as p;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{tcp::OwnedReadHalf, TcpStream},
+    sync::Semaphore,
+};
+
+use crate::{
+    history::{Kind, Op, Outcome, Time},
+    prng::{mix, Rng},
+    stamp::{self, SECTOR},
+};
+
+/// What every client shares: the clock, the id counter, where the engines listen, the stop flag.
+pub struct Shared {
+    pub t0: Instant,
+    pub stop: AtomicBool,
+    pub next_id: AtomicU64,
+    pub addrs: Vec<String>,
+    pub export: String,
+    pub size: u64,
+    /// Half of the ops fall in the first `hot` bytes, so that ops race on the same blocks.
+    pub hot: u64,
+}
+
+impl Shared {
+    pub fn now(&self) -> Time {
+        self.t0.elapsed().as_nanos() as u64 + 1
+    }
+    pub fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connects: u64,
+    pub connect_failures: u64,
+    pub errnos: BTreeMap<u32, u64>,
+    /// Ops still unanswered when the client gave up waiting at the end (a hang).
+    pub stuck: u64,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+}
+
+fn other(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+/// Fixed-newstyle handshake with OPT_GO; the export size, or an error if the engine refuses
+/// (a secondary, a fenced engine, a stale epoch).
+pub async fn handshake(addr: &str, export: &str) -> io::Result<(TcpStream, u64)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let magic = s.read_u64().await?;
+    let opt = s.read_u64().await?;
+    if magic != p::NBDMAGIC || opt != p::IHAVEOPT {
+        return Err(other("not an NBD newstyle server"));
+    }
+    let _flags = s.read_u16().await?;
+    s.write_u32(p::CLIENT_FIXED_NEWSTYLE | p::CLIENT_NO_ZEROES)
+        .await?;
+    let go = p::encode_go(export, &[]);
+    let mut msg = Vec::with_capacity(16 + go.len());
+    msg.extend_from_slice(&p::IHAVEOPT.to_be_bytes());
+    msg.extend_from_slice(&p::OPT_GO.to_be_bytes());
+    msg.extend_from_slice(&(go.len() as u32).to_be_bytes());
+    msg.extend_from_slice(&go);
+    s.write_all(&msg).await?;
+    let mut size = None;
+    loop {
+        let magic = s.read_u64().await?;
+        let _opt = s.read_u32().await?;
+        let kind = s.read_u32().await?;
+        let len = s.read_u32().await?;
+        if magic != p::OPT_REPLY_MAGIC || len > p::MAX_OPTION_LEN {
+            return Err(other("bad option reply"));
+        }
+        let mut body = vec![0u8; len as usize];
+        s.read_exact(&mut body).await?;
+        match kind {
+            p::REP_ACK => break,
+            p::REP_INFO if body.len() >= 10 && body[0..2] == p::INFO_EXPORT.to_be_bytes() => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&body[2..10]);
+                size = Some(u64::from_be_bytes(b));
+            }
+            p::REP_INFO => {}
+            _ => {
+                return Err(other(format!(
+                    "refused: {}",
+                    String::from_utf8_lossy(&body)
+                )))
+            }
+        }
+    }
+    let size = size.ok_or_else(|| other("no export size"))?;
+    Ok((s, size))
+}
+
+/// One random request: the op to record, the NBD header, the WRITE payload.
+fn generate(rng: &mut Rng, sh: &Shared, client: u32) -> (Op, p::Request, Option<Vec<u8>>) {
+    let id = sh.id();
+    let roll = rng.below(100);
+    let kind = match roll {
+        0..40 => Kind::Read,
+        40..78 => Kind::Write,
+        78..84 => Kind::Trim,
+        84..90 => Kind::Zero,
+        _ => Kind::Flush,
+    };
+    if kind == Kind::Flush {
+        let op = Op::new(id, client, kind, 0, 0, 0);
+        let req = p::Request {
+            flags: 0,
+            kind: p::CMD_FLUSH,
+            handle: id,
+            offset: 0,
+            length: 0,
+        };
+        return (op, req, None);
+    }
+    // Mostly small; some up to 1 MiB; a few up to 32 MiB.
+    let size = match rng.below(1000) {
+        0..850 => 4096 * rng.range(1, 17),
+        850..990 => 4096 * rng.range(17, 257),
+        _ => 4096 * rng.range(257, 8193),
+    };
+    // A quarter only sector-aligned: partial blocks, read-modify-write territory.
+    let unit = if rng.pct(25) { SECTOR } else { 4096 };
+    let len = if unit == SECTOR {
+        SECTOR * rng.range(1, size / SECTOR + 1)
+    } else {
+        size
+    }
+    .min(sh.size);
+    let region = if rng.pct(50) && sh.hot >= len {
+        sh.hot
+    } else {
+        sh.size
+    };
+    let offset = unit * rng.below((region - len) / unit + 1);
+    let mut op = Op::new(id, client, kind, offset / SECTOR, len / SECTOR, 0);
+    let mut flags = 0;
+    if kind != Kind::Read && rng.pct(if kind == Kind::Write { 15 } else { 10 }) {
+        op.fua = true;
+        flags |= p::CMD_FLAG_FUA;
+    }
+    if kind == Kind::Zero && rng.pct(50) {
+        flags |= p::CMD_FLAG_NO_HOLE;
+    }
+    let cmd = match kind {
+        Kind::Read => p::CMD_READ,
+        Kind::Write => p::CMD_WRITE,
+        Kind::Trim => p::CMD_TRIM,
+        _ => p::CMD_WRITE_ZEROES,
+    };
+    let payload = (kind == Kind::Write).then(|| {
+        let mut b = vec![0u8; len as usize];
+        stamp::fill(&mut b, id, offset / SECTOR);
+        b
+    });
+    let req = p::Request {
+        flags,
+        kind: cmd,
+        handle: id,
+        offset,
+        length: len as u32,
+    };
+    (op, req, payload)
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Op>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads replies until the connection fails; each completes its pending op.
+async fn read_replies(
+    mut rd: OwnedReadHalf,
+    pending: Pending,
+    done: Arc<Mutex<Vec<Op>>>,
+    sem: Arc<Semaphore>,
+    sh: Arc<Shared>,
+) {
+    let _ = reply_loop(&mut rd, &pending, &done, &sem, &sh).await;
+    // Wakes the sender: this connection is over.
+    sem.close();
+}
+
+async fn reply_loop(
+    rd: &mut OwnedReadHalf,
+    pending: &Pending,
+    done: &Mutex<Vec<Op>>,
+    sem: &Semaphore,
+    sh: &Shared,
+) -> io::Result<()> {
+    loop {
+        let mut h = [0u8; 16];
+        rd.read_exact(&mut h).await?;
+        let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        let err = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let mut hb = [0u8; 8];
+        hb.copy_from_slice(&h[8..16]);
+        let handle = u64::from_be_bytes(hb);
+        if magic != p::SIMPLE_REPLY_MAGIC {
+            return Err(other(format!("bad reply magic {magic:#x}")));
+        }
+        let Some(mut op) = lock(pending).remove(&handle) else {
+            return Err(other(format!("reply for unknown handle {handle}")));
+        };
+        if op.kind == Kind::Read && err == 0 {
+            let mut buf = vec![0u8; (op.sectors * SECTOR) as usize];
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                lock(done).push(op);
+                return Err(e);
+            }
+            op.comp = sh.now();
+            op.seen = stamp::decode(&buf, op.sector);
+        } else {
+            op.comp = sh.now();
+        }
+        op.outcome = if err == 0 {
+            Outcome::Ok
+        } else {
+            Outcome::Err(err)
+        };
+        lock(done).push(op);
+        sem.add_permits(1);
+    }
+}
+
+/// Runs one connection until it fails or the campaign stops; appends its ops to `ops`.
+async fn session(
+    stream: TcpStream,
+    sh: &Arc<Shared>,
+    rng: &mut Rng,
+    client: u32,
+    qd: usize,
+    ops: &mut Vec<Op>,
+    stats: &mut Stats,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let sem = Arc::new(Semaphore::new(qd));
+    let reader = tokio::spawn(read_replies(
+        rd,
+        pending.clone(),
+        done.clone(),
+        sem.clone(),
+        sh.clone(),
+    ));
+    let sent: io::Result<()> = async {
+        while !sh.stopping() {
+            let permit =
+                match tokio::time::timeout(Duration::from_millis(100), sem.clone().acquire_owned())
+                    .await
+                {
+                    Err(_) => continue,
+                    Ok(Err(_)) => return Ok(()), // the reader is gone
+                    Ok(Ok(p)) => p,
+                };
+            permit.forget();
+            let (mut op, req, payload) = generate(rng, sh, client);
+            op.inv = sh.now();
+            stats.bytes_written += payload.as_ref().map_or(0, |b| b.len() as u64);
+            if op.kind == Kind::Read {
+                stats.bytes_read += op.sectors * SECTOR;
+            }
+            lock(&pending).insert(req.handle, op);
+            wr.write_all(&req.encode()).await?;
+            if let Some(b) = payload {
+                wr.write_all(&b).await?;
+            }
+        }
+        Ok::<(), io::Error>(())
+    }
+    .await;
+    // Let what is in flight complete (the nemesis has stopped by now), then leave cleanly.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sent.is_ok() && !reader.is_finished() && !lock(&pending).is_empty() {
+        if Instant::now() > deadline {
+            stats.stuck += lock(&pending).len() as u64;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if sh.stopping() {
+        let disc = p::Request {
+            flags: 0,
+            kind: p::CMD_DISC,
+            handle: 0,
+            offset: 0,
+            length: 0,
+        };
+        let _ = wr.write_all(&disc.encode()).await;
+    }
+    reader.abort();
+    let _ = reader.await;
+    for op in std::mem::take(&mut *lock(&done)) {
+        if let Outcome::Err(e) = op.outcome {
+            *stats.errnos.entry(e).or_default() += 1;
+        }
+        ops.push(op);
+    }
+    // Cut in flight: may or may not have happened.
+    ops.extend(lock(&pending).drain().map(|(_, op)| op));
+}
+
+/// One simulated host until the stop flag: connect to whichever engine serves, run, reconnect.
+pub async fn run_client(sh: Arc<Shared>, client: u32, qd: usize, seed: u64) -> (Vec<Op>, Stats) {
+    let mut rng = Rng::new(seed ^ mix(u64::from(client) + 1));
+    let mut ops = Vec::new();
+    let mut stats = Stats::default();
+    let mut prefer = 0usize;
+    'outer: while !sh.stopping() {
+        for k in 0..sh.addrs.len() {
+            let i = (prefer + k) % sh.addrs.len();
+            // A stopped engine accepts TCP but never answers: bound the handshake.
+            match tokio::time::timeout(Duration::from_secs(2), handshake(&sh.addrs[i], &sh.export))
+                .await
+            {
+                Ok(Ok((stream, _))) => {
+                    prefer = i;
+                    stats.connects += 1;
+                    session(stream, &sh, &mut rng, client, qd, &mut ops, &mut stats).await;
+                    continue 'outer;
+                }
+                _ => stats.connect_failures += 1,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (ops, stats)
+}
+
+/// The final read of the whole volume, in `chunk`-byte requests, through `addr`.
+pub async fn final_read(sh: &Shared, addr: &str, chunk: u64) -> io::Result<Vec<Op>> {
+    let (mut s, size) = handshake(addr, &sh.export).await?;
+    let mut ops = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let len = chunk.min(size - off);
+        let mut op = Op::new(
+            sh.id(),
+            u32::MAX,
+            Kind::Read,
+            off / SECTOR,
+            len / SECTOR,
+            sh.now(),
+        );
+        op.final_read = true;
+        let req = p::Request {
+            flags: 0,
+            kind: p::CMD_READ,
+            handle: op.id,
+            offset: off,
+            length: len as u32,
+        };
+        s.write_all(&req.encode()).await?;
+        let magic = s.read_u32().await?;
+        let err = s.read_u32().await?;
+        let handle = s.read_u64().await?;
+        if magic != p::SIMPLE_REPLY_MAGIC || handle != op.id || err != 0 {
+            return Err(other(format!(
+                "final read at {off}: reply magic {magic:#x} handle {handle} errno {err}"
+            )));
+        }
+        let mut buf = vec![0u8; len as usize];
+        s.read_exact(&mut buf).await?;
+        op.comp = sh.now();
+        op.outcome = Outcome::Ok;
+        op.seen = stamp::decode(&buf, op.sector);
+        ops.push(op);
+        off += len;
+    }
+    Ok(ops)
+}
