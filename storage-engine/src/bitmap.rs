@@ -406,6 +406,8 @@ impl Bitmap {
             u8b.copy_from_slice(c);
             m.words[i] = u64::from_le_bytes(u8b);
         }
+        // Bits past the end are never counted or walked (the checksum covers them, not their meaning).
+        m.mask_tail();
         m.recount();
         Ok(Some(m))
     }

@@ -68,6 +68,24 @@ pub struct Meta {
     /// Where a takeover stands on this engine (absent in files written before takeovers existed).
     #[serde(default)]
     pub takeover: TakeoverMeta,
+    /// The machine's boot the engine last opened the volume in: a restart in the same boot found
+    /// the page cache intact (a process crash), one in another boot may have lost every unsynced
+    /// write (a power loss or a machine crash).
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// This machine's boot, as the kernel names it (empty where it does not).
+pub fn current_boot_id(state_dir: &Path) -> String {
+    #[cfg(test)]
+    if let Ok(b) = fs::read_to_string(state_dir.join("test-boot-id")) {
+        // Unit tests' reboot: a power-loss test names a new boot for its state dir.
+        return b.trim().to_string();
+    }
+    let _ = state_dir;
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The takeover phase of a serving engine (DESIGN.md §4).
@@ -217,6 +235,7 @@ mod tests {
             inconsistent: true,
             needs_full: false,
             takeover: TakeoverMeta::default(),
+            boot_id: String::new(),
         }
     }
 

@@ -212,7 +212,11 @@ impl BlockStore {
         Ok(out)
     }
 
-    fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+    /// Writes zero bytes over a range, so it is allocated and reads as zeros.
+    pub fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        crate::seam::power::io(&self.path)?;
+        #[cfg(test)]
+        self.remember(offset, len);
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         let end = offset + len;

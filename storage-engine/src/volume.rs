@@ -186,11 +186,20 @@ fn role_code(r: Role) -> u8 {
 /// The primary's pending set as last heard on a heartbeat (secondary side).
 const HB_FILE: &str = "peer_pending_heartbeat";
 
-fn read_hb_seq(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("peer_last_seq"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+/// The seq of the primary's last heartbeat; 0 when none was stored. A file that does not parse is
+/// an error at open, never silently zero.
+fn read_hb_seq(dir: &Path) -> io::Result<u64> {
+    let path = dir.join("peer_last_seq");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => s.trim().parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: not a sequence number", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 const PROGRESS_MAGIC: &[u8; 8] = b"TNDPROG\0";
@@ -206,25 +215,42 @@ fn encode_progress(applied: u64, inconsistent: bool, needs_full: bool) -> [u8; 2
     b
 }
 
-/// The applied seq from the progress file, if it is present and intact.
-fn read_progress(path: &Path) -> Option<u64> {
-    let b = std::fs::read(path).ok()?;
-    if b.len() < 24 || &b[0..8] != PROGRESS_MAGIC {
-        return None;
+/// The progress file: (applied seq, inconsistent, needs_full); `None` when it was never written.
+/// A damaged one is an error at open: falling back to `meta` could open a replica whose resync
+/// was cut short as consistent.
+fn read_progress(path: &Path) -> io::Result<Option<(u64, bool, bool)>> {
+    let b = match std::fs::read(path) {
+        Ok(b) if b.is_empty() => return Ok(None),
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: bad magic, length or checksum", path.display()),
+        )
+    };
+    let word = |r: std::ops::Range<usize>| b.get(r).ok_or_else(bad);
+    if b.len() != 24 || word(0..8)? != PROGRESS_MAGIC {
+        return Err(bad());
     }
-    let crc = u32::from_le_bytes(b[20..24].try_into().ok()?);
-    if crc32c::crc32c(&b[0..20]) != crc {
-        return None;
+    let u32_at = |o: usize| -> io::Result<u32> {
+        let mut x = [0u8; 4];
+        x.copy_from_slice(word(o..o + 4)?);
+        Ok(u32::from_le_bytes(x))
+    };
+    if crc32c::crc32c(word(0..20)?) != u32_at(20)? {
+        return Err(bad());
     }
-    Some(u64::from_le_bytes(b[8..16].try_into().ok()?))
-}
-
-/// Flags of the progress file: (inconsistent, needs_full).
-fn read_progress_flags(path: &Path) -> Option<(bool, bool)> {
-    let b = std::fs::read(path).ok()?;
-    read_progress(path)?;
-    let flags = u32::from_le_bytes(b[16..20].try_into().ok()?);
-    Some((flags & 1 != 0, flags & 2 != 0))
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(word(8..16)?);
+    let flags = u32_at(16)?;
+    Ok(Some((
+        u64::from_le_bytes(seq),
+        flags & 1 != 0,
+        flags & 2 != 0,
+    )))
 }
 
 impl Volume {
@@ -269,8 +295,12 @@ impl Volume {
                 acked_seq: 0,
                 clean_shutdown: true,
                 takeover: Default::default(),
+                boot_id: String::new(),
             },
         };
+        let boot_id = crate::meta::current_boot_id(&cfg.state_dir);
+        // The page cache is what it was when the engine last ran here only within the same boot.
+        let same_boot = !boot_id.is_empty() && meta.boot_id == boot_id;
         let fresh = !meta_path.exists();
         let store = BlockStore::open_or_create(&cfg.data, cfg.size)?;
         if fresh && meta.role == Role::Secondary {
@@ -283,8 +313,9 @@ impl Volume {
                 })?;
         }
         let progress_path = cfg.state_dir.join("progress");
-        let applied_seq = read_progress(&progress_path)
-            .unwrap_or(meta.applied_seq)
+        let progress_now = read_progress(&progress_path).map_err(dir_err)?;
+        let applied_seq = progress_now
+            .map_or(meta.applied_seq, |p| p.0)
             .max(meta.applied_seq);
         let progress = std::fs::OpenOptions::new()
             .create(true)
@@ -323,7 +354,7 @@ impl Volume {
             None => None,
         };
         let (inconsistent, needs_full) =
-            read_progress_flags(&progress_path).unwrap_or((meta.inconsistent, meta.needs_full));
+            progress_now.map_or((meta.inconsistent, meta.needs_full), |p| (p.1, p.2));
         let replica = ReplicaState {
             applied_seq,
             durable_seq: applied_seq,
@@ -334,9 +365,8 @@ impl Volume {
                 &cfg.state_dir.join(HB_FILE),
                 cfg.size / u64::from(BLOCK_SIZE),
             )
-            .ok()
-            .flatten(),
-            peer_last_seq: read_hb_seq(&cfg.state_dir),
+            .map_err(dir_err)?,
+            peer_last_seq: read_hb_seq(&cfg.state_dir).map_err(dir_err)?,
             peer_seen_us: 0,
             hb_dirty: false,
         };
@@ -349,9 +379,17 @@ impl Volume {
             cfg.pair.as_ref().and_then(|p| p.token.clone()),
             cfg.proxy_timeout,
         );
-        let areas = Areas::open(&cfg.state_dir, cfg.size, blocks, meta.takeover.phase, proxy)?;
+        let areas = Areas::open(
+            &cfg.state_dir,
+            cfg.size,
+            blocks,
+            meta.takeover.phase,
+            proxy,
+            same_boot,
+        )?;
         let mut running = meta.clone();
         running.clean_shutdown = false;
+        running.boot_id = boot_id;
         running.store(&meta_path)?;
         Ok(Arc::new(Self {
             name: cfg.name.clone(),

@@ -455,7 +455,9 @@ impl Volume {
         // Whatever this engine still has in an overlay (a takeover while it was itself draining)
         // is its own newest data: into the data file before the overlay is reused.
         self.fold_overlay()?;
+        // Empty, durably, before the first host write lands in it (see `Areas::open`).
         self.areas.overlay.punch_hole(0, self.size())?;
+        self.areas.overlay.sync()?;
         let draining = lost.is_none();
         self.areas.reset(table)?;
         {

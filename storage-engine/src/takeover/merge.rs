@@ -73,7 +73,7 @@ pub async fn run(
     Ok(())
 }
 
-fn merge_chunk(vol: &Volume, from: u64, to: u64) -> std::io::Result<()> {
+pub(crate) fn merge_chunk(vol: &Volume, from: u64, to: u64) -> std::io::Result<()> {
     let Some(r) = &vol.repl else { return Ok(()) };
     let any = {
         let st = vol.areas.state();
@@ -109,5 +109,19 @@ pub(crate) fn copy_to_data(vol: &Volume, blocks: &[u64]) -> std::io::Result<()> 
         vol.store.write_at(&buf, b * BS)?;
     }
     vol.store.sync()?;
-    vol.areas.clear_overlay_durably(blocks)
+    vol.areas.clear_overlay_durably(blocks)?;
+    // The copied blocks leave the overlay durably before the caller lets host writes to them go
+    // to the data file: a restart must not find them allocated there and route reads back to
+    // this old copy (`Areas::open`).
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut j = i + 1;
+        while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
+            j += 1;
+        }
+        let n = (j - i) as u64;
+        vol.areas.overlay.punch_hole(blocks[i] * BS, n * BS)?;
+        i = j;
+    }
+    vol.areas.overlay.sync()
 }

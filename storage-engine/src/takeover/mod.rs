@@ -10,6 +10,8 @@
 
 pub mod handoff;
 pub mod merge;
+#[cfg(test)]
+mod powerloss;
 pub mod proxy;
 pub mod route;
 #[cfg(test)]
@@ -33,6 +35,8 @@ use crate::{
     repl::tracker::now_us,
     store::BlockStore,
 };
+
+const BS: u64 = crate::volume::BLOCK_SIZE as u64;
 
 /// Events kept for `status` (the newest win).
 const EVENTS_KEPT: usize = 64;
@@ -87,6 +91,7 @@ impl Areas {
         blocks: u64,
         phase: Phase,
         proxy: proxy::Proxy,
+        same_boot: bool,
     ) -> Result<Self, crate::store::StoreError> {
         let overlay = BlockStore::open_or_create(&state_dir.join("overlay"), size)?;
         let pp_path = state_dir.join("peer_pending");
@@ -101,10 +106,23 @@ impl Areas {
         let (peer_pending, overlay_present) = if phase == Phase::Normal {
             (Bitmap::new(blocks), Bitmap::new(blocks))
         } else {
-            (
-                load(&pp_path).map_err(io_err)?,
-                load(&ov_path).map_err(io_err)?,
-            )
+            let mut ov = load(&ov_path).map_err(io_err)?;
+            // Invariant: while a takeover is in progress, every allocated block of the overlay
+            // holds host data written since the takeover (the overlay is punched empty, and
+            // fdatasync'd, before the engine serves; zeroing writes into it write zeros; a merged
+            // block is punched, durably, before its lock is released). The bits set since the
+            // last store are lost with the process, the blocks are not: a write acknowledged just
+            // before a SIGKILL is found again here. Test:
+            // `takeover::tests::an_overlay_write_survives_a_kill_before_any_flush`.
+            // After a reboot the page cache is gone and an allocated block may hold nothing
+            // written (a power loss): only the stored bitmap counts then, and it covers every
+            // FLUSHed write (`persist`). Test: `takeover::powerloss::powerloss_campaign`.
+            if same_boot {
+                for (start, end) in overlay.allocated_ranges().map_err(io_err)? {
+                    ov.set_range(start / BS, end.div_ceil(BS).min(blocks));
+                }
+            }
+            (load(&pp_path).map_err(io_err)?, ov)
         };
         let pp_durably_empty = peer_pending.is_empty();
         Ok(Self {

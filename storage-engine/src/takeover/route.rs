@@ -241,7 +241,9 @@ impl Volume {
         if f1 > f0 {
             match slice(f0 * BS, f1 * BS) {
                 Some(d) => self.areas.overlay.write_at(d, f0 * BS)?,
-                None => self.areas.overlay.punch_hole(f0 * BS, (f1 - f0) * BS)?,
+                // Real zeros, not a hole: an allocated overlay block is how a restart finds a
+                // write whose bit was not stored yet (`Areas::open`).
+                None => self.areas.overlay.write_zeros(f0 * BS, (f1 - f0) * BS)?,
             }
         }
         let mut st = self.areas.state();

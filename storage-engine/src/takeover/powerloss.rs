@@ -1,0 +1,425 @@
+//! The power-loss campaign (issue 11). One engine goes through a takeover: promotion, host writes,
+//! zeroing writes and FLUSHes into the overlay, drained images with their durable acknowledgement,
+//! read-repair, checkpoints, DrainComplete, the merge, writes after it, and the fence that starts a
+//! failback. The same run is repeated with the power cut at each of its file operations in turn
+//! (`seam::power`): the disk keeps only what an fdatasync or fsync covered. The engine then starts
+//! from that disk, and every block must read as the last write a FLUSH covered or a later one
+//! (the old primary's copy for a block still handed off), and every block a host wrote must still be
+//! in the differential table the engine owes its peer. The takeover is then carried to its end
+//! and checked again.
+//!
+//! `TANDEM_POWERLOSS_SEEDS=N` (default 3) scenarios; each prints its crash points. Full size:
+//! `TANDEM_POWERLOSS_SEEDS=40 cargo test -p storage-engine --lib powerloss -- --nocapture`.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+    sync::Arc,
+};
+
+use bytes::Bytes;
+
+use super::tests::{block_on, config, BLOCKS, BS};
+use crate::{
+    bitmap::Bitmap,
+    meta::{Phase, Role},
+    pb::{self, replication_message::Body},
+    seam::power::Cut,
+    volume::Volume,
+};
+
+/// The blocks the scenario touches: across two merge chunks (1024) and several lock stripes.
+const FIRST: u64 = 1010;
+const TOUCHED: u64 = 28;
+/// Content ids: 0 is zeros, 1 this engine's copy before the takeover, 2 the old primary's copy.
+const BASE: u32 = 1;
+const OLD_PRIMARY: u32 = 2;
+
+fn content(id: u32, b: u64) -> Vec<u8> {
+    if id == 0 {
+        return vec![0; BS as usize];
+    }
+    let word = (u64::from(id) << 32) | b;
+    word.to_le_bytes().repeat(BS as usize / 8)
+}
+
+/// The id a block holds, or None for bytes no write ever produced.
+fn decode(buf: &[u8], b: u64) -> Option<u32> {
+    if buf.iter().all(|x| *x == 0) {
+        return Some(0);
+    }
+    let first = u64::from_le_bytes(buf[..8].try_into().ok()?);
+    let whole = buf.chunks_exact(8).all(|c| c == first.to_le_bytes());
+    (whole && first & 0xffff_ffff == b).then_some((first >> 32) as u32)
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Promote,
+    Write(u64, u64),
+    Zero(u64),
+    Flush,
+    /// A drained image lands and is made durable; then the old primary forgets the block.
+    Drain(u64),
+    /// A proxied read installs the old primary's copy.
+    Repair(u64),
+    /// A drained image lands, not yet acknowledged (the old primary still holds the block).
+    Landed(u64),
+    Checkpoint,
+    DrainComplete,
+    Merge,
+    Fence,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The blocks still on the old primary when the takeover starts.
+fn handed_off(seed: u64) -> BTreeSet<u64> {
+    let mut r = Rng(seed | 1);
+    (0..TOUCHED)
+        .filter(|_| r.below(2) == 0)
+        .map(|i| FIRST + i)
+        .collect()
+}
+
+fn scenario(seed: u64) -> Vec<Op> {
+    let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut to_drain: Vec<u64> = handed_off(seed).into_iter().collect();
+    let mut ops = vec![Op::Promote];
+    let block = |r: &mut Rng| FIRST + r.below(TOUCHED);
+    for _ in 0..24 {
+        let held = (!to_drain.is_empty()).then(|| r.below(to_drain.len() as u64) as usize);
+        let op = match (r.below(11), held) {
+            (0..=2, _) => Op::Write(block(&mut r), 1 + r.below(2)),
+            (3, _) => Op::Zero(block(&mut r)),
+            (4, _) => Op::Flush,
+            (5 | 6, Some(i)) => Op::Drain(to_drain.swap_remove(i)),
+            // The bit cleared in memory, the data not yet synced: a checkpoint next is the case
+            // where the table could reach the disk before the block.
+            (7, Some(i)) => Op::Repair(to_drain[i]),
+            (8, Some(i)) => Op::Landed(to_drain[i]),
+            _ => Op::Checkpoint,
+        };
+        let then_checkpoint = matches!(op, Op::Repair(_) | Op::Landed(_));
+        ops.push(op);
+        if then_checkpoint && r.below(2) == 0 {
+            ops.push(Op::Checkpoint);
+        }
+    }
+    ops.extend(to_drain.into_iter().map(Op::Drain));
+    ops.extend([Op::Flush, Op::DrainComplete, Op::Write(FIRST + 3, 2)]);
+    ops.extend([Op::Merge, Op::Write(FIRST + 20, 1), Op::Checkpoint]);
+    ops.extend([Op::Flush, Op::Write(FIRST + 5, 1), Op::Fence]);
+    ops
+}
+
+/// What the host and the old primary were told, for the check after a power cut.
+#[derive(Default)]
+struct Model {
+    /// Per block, every version it held, oldest first; the first is its content at the takeover.
+    versions: HashMap<u64, Vec<u32>>,
+    /// Per block, the index of the oldest version a power loss may still leave.
+    floor: HashMap<u64, usize>,
+    /// Versions a failed write may or may not have left.
+    maybe: HashMap<u64, Vec<u32>>,
+    /// Blocks the old primary still holds as its own (not yet durably drained).
+    old_primary_holds: BTreeSet<u64>,
+    promoted: bool,
+    next_id: u32,
+}
+
+impl Model {
+    fn new(seed: u64) -> Self {
+        let pending = handed_off(seed);
+        let mut m = Model {
+            old_primary_holds: pending.clone(),
+            next_id: 10,
+            ..Default::default()
+        };
+        for b in FIRST..FIRST + TOUCHED {
+            let v0 = if pending.contains(&b) {
+                OLD_PRIMARY
+            } else {
+                BASE
+            };
+            m.versions.insert(b, vec![v0]);
+            m.floor.insert(b, 0);
+        }
+        m
+    }
+
+    /// An acknowledged host write reached `b`.
+    fn host_wrote(&self, b: u64) -> bool {
+        self.versions.get(&b).is_some_and(|v| v.len() > 1)
+    }
+}
+
+fn image(b: u64) -> pb::ReplicationMessage {
+    let data = Bytes::from(content(OLD_PRIMARY, b));
+    pb::ReplicationMessage {
+        volume: "v".into(),
+        epoch: 2,
+        body: Some(Body::Block(pb::BlockImage {
+            block: b,
+            generation: 1,
+            crc32c: crc32c::crc32c(&data),
+            data,
+        })),
+    }
+}
+
+fn table(blocks: &BTreeSet<u64>) -> Bitmap {
+    let mut t = Bitmap::new(BLOCKS);
+    for &b in blocks {
+        t.set(b);
+    }
+    t
+}
+
+/// Runs `op`; Err once the power is out (the scenario stops there).
+fn apply(v: &Arc<Volume>, m: &mut Model, op: &Op) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    match *op {
+        Op::Promote => {
+            v.promote(2, table(&m.old_primary_holds), None)
+                .map_err(|x| e(&x))?;
+            m.promoted = true;
+        }
+        Op::Write(b, n) => {
+            let ids: Vec<u32> = (0..n).map(|i| m.next_id + i as u32).collect();
+            m.next_id += n as u32;
+            let mut data = Vec::new();
+            for (i, id) in ids.iter().enumerate() {
+                data.extend(content(*id, b + i as u64));
+            }
+            let r = block_on(v.write(b * BS, data, false));
+            for (i, id) in ids.iter().enumerate() {
+                let blk = b + i as u64;
+                if !m.versions.contains_key(&blk) {
+                    continue;
+                }
+                match &r {
+                    Ok(()) => m.versions.entry(blk).or_default().push(*id),
+                    Err(_) => m.maybe.entry(blk).or_default().push(*id),
+                }
+            }
+            r.map_err(|x| e(&x))?;
+        }
+        Op::Zero(b) => {
+            let r = block_on(v.write_zeroes(b * BS, BS, false, false));
+            match &r {
+                Ok(()) => m.versions.entry(b).or_default().push(0),
+                Err(_) => m.maybe.entry(b).or_default().push(0),
+            }
+            r.map_err(|x| e(&x))?;
+        }
+        Op::Flush => {
+            block_on(v.flush()).map_err(|x| e(&x))?;
+            for (b, vs) in &m.versions {
+                m.floor.insert(*b, vs.len() - 1);
+            }
+        }
+        Op::Drain(b) => {
+            v.apply_drain(vec![image(b)]).map_err(|x| e(&x))?;
+            // As the receiver's flush loop does before its durable acknowledgement.
+            v.make_durable().map_err(|x| e(&x))?;
+            v.persist_areas().map_err(|x| e(&x))?;
+            m.old_primary_holds.remove(&b);
+        }
+        Op::Repair(b) => {
+            if m.old_primary_holds.contains(&b) {
+                v.install_proxied(&[b], &[Bytes::from(content(OLD_PRIMARY, b))]);
+            }
+        }
+        Op::Landed(b) => {
+            v.apply_drain(vec![image(b)]).map_err(|x| e(&x))?;
+        }
+        Op::Checkpoint => v.checkpoint().map_err(|x| e(&x))?,
+        Op::DrainComplete => v.finish_drain(0).map_err(|x| e(&x))?,
+        Op::Merge => {
+            let (_tx, mut stop) = tokio::sync::watch::channel(false);
+            block_on(super::merge::run(v, &mut stop)).map_err(|x| e(&x))?;
+            if v.areas.phase() != Phase::Normal {
+                return Err("the merge did not finish".into());
+            }
+        }
+        Op::Fence => {
+            block_on(v.fence_and_handoff(3)).map_err(|x| e(&x.message()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The content a host read of `b` returns, without the network: a block still handed off is the
+/// old primary's copy (which it keeps until the drain ends).
+fn logical(v: &Volume, b: u64) -> Option<u32> {
+    let mut buf = vec![0u8; BS as usize];
+    let src = if v.areas.active() || v.role() == Role::Fenced {
+        let st = v.areas.state();
+        if st.overlay_present.get(b) {
+            1
+        } else if st.peer_pending.get(b) {
+            2
+        } else {
+            0
+        }
+    } else {
+        0
+    };
+    match src {
+        1 => v.areas.overlay.read_at(&mut buf, b * BS).ok()?,
+        2 => return Some(OLD_PRIMARY),
+        _ => v.read_local(&mut buf, b * BS).ok()?,
+    }
+    decode(&buf, b)
+}
+
+/// Every block reads as an allowed version; every host-written block is still owed to the peer.
+fn check(v: &Volume, m: &Model, when: &str) -> Vec<String> {
+    let mut bad = Vec::new();
+    let promoted = v.epoch() >= 2;
+    for b in FIRST..FIRST + TOUCHED {
+        let got = logical(v, b);
+        let vs = &m.versions[&b];
+        let allowed: Vec<u32> = if promoted {
+            let mut a = vs[m.floor[&b]..].to_vec();
+            a.extend(m.maybe.get(&b).into_iter().flatten());
+            a
+        } else {
+            // Never promoted durably: nothing was acknowledged; the engine holds its own copy.
+            vec![BASE]
+        };
+        if !got.is_some_and(|g| allowed.contains(&g)) {
+            bad.push(format!(
+                "{when}: block {b} reads {got:?}, allowed {allowed:?} (versions {vs:?})"
+            ));
+        }
+        let maybe_seen = got.is_some_and(|g| m.maybe.get(&b).is_some_and(|x| x.contains(&g)));
+        if promoted && (m.host_wrote(b) || maybe_seen) {
+            if let Some(r) = &v.repl {
+                if !r.tracker.state().pending.get(b) {
+                    bad.push(format!(
+                        "{when}: block {b} was written by the host but is not owed to the peer"
+                    ));
+                }
+            }
+        }
+    }
+    bad
+}
+
+/// After the restart: the takeover carried to its end (the old primary drains what it still
+/// holds), then checked again.
+fn finish(v: &Arc<Volume>, m: &mut Model) -> Result<(), String> {
+    if v.role() == Role::Fenced {
+        return Ok(());
+    }
+    if v.epoch() < 2 {
+        apply(v, m, &Op::Promote)?;
+    }
+    if v.areas.phase() == Phase::Draining {
+        let left: Vec<u64> = m.old_primary_holds.iter().copied().collect();
+        for b in left {
+            apply(v, m, &Op::Drain(b))?;
+        }
+        apply(v, m, &Op::DrainComplete)?;
+    }
+    if v.areas.phase() == Phase::Merging {
+        apply(v, m, &Op::Merge)?;
+    }
+    Ok(())
+}
+
+/// One run of `ops` with the power cut after `budget` file operations (None: never); returns the
+/// file operations used and the violations found.
+fn run(dir: &Path, seed: u64, ops: &[Op], budget: Option<i64>) -> (i64, Vec<String>) {
+    {
+        let v = Volume::open(&config(dir)).unwrap_or_else(|e| panic!("setup: {e}"));
+        for b in FIRST..FIRST + TOUCHED {
+            assert!(
+                v.store.write_at(&content(BASE, b), b * BS).is_ok(),
+                "setup write"
+            );
+        }
+        assert!(v.store.sync().is_ok() && v.shutdown().is_ok(), "setup sync");
+    }
+    let mut m = Model::new(seed);
+    let v = Volume::open(&config(dir)).unwrap_or_else(|e| panic!("open: {e}"));
+    let cut = Cut::after(dir, budget.unwrap_or(i64::MAX / 2));
+    for op in ops {
+        if apply(&v, &mut m, op).is_err() {
+            break;
+        }
+    }
+    let used = cut.used();
+    let tripped = cut.tripped();
+    drop(cut);
+    if budget.is_some() && !tripped {
+        return (used, Vec::new());
+    }
+    v.store.lose_unsynced();
+    v.areas.overlay.lose_unsynced();
+    drop(v);
+    // The machine comes back in a new boot: its page cache is gone.
+    let new_boot = std::fs::write(dir.join("state/test-boot-id"), format!("after cut {used}"));
+    assert!(new_boot.is_ok(), "naming the new boot");
+    let v = match Volume::open(&config(dir)) {
+        Ok(v) => v,
+        Err(e) => return (used, vec![format!("restart after the cut failed: {e}")]),
+    };
+    let mut bad = check(&v, &m, "after the power cut");
+    if bad.is_empty() {
+        if let Err(e) = finish(&v, &mut m) {
+            bad.push(format!(
+                "carrying the takeover on after the cut failed: {e}"
+            ));
+        }
+        bad.extend(check(&v, &m, "after the takeover was carried to its end"));
+    }
+    (used, bad)
+}
+
+#[test]
+fn powerloss_campaign() {
+    let seeds: u64 = std::env::var("TANDEM_POWERLOSS_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let started = std::time::Instant::now();
+    let (mut points, mut violations) = (0u64, Vec::new());
+    for seed in 1..=seeds {
+        let ops = scenario(seed);
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let (total, bad) = run(&d.path().join("full"), seed, &ops, None);
+        assert!(bad.is_empty(), "seed {seed} without a cut: {bad:?}");
+        for k in 0..total {
+            let (_, bad) = run(&d.path().join(format!("cut{k}")), seed, &ops, Some(k));
+            points += 1;
+            violations.extend(
+                bad.into_iter()
+                    .map(|b| format!("seed {seed} cut at op {k}: {b}")),
+            );
+        }
+        eprintln!(
+            "powerloss: seed {seed}: {} steps, {total} crash points",
+            ops.len()
+        );
+    }
+    eprintln!(
+        "powerloss: {seeds} scenarios, {points} crash points, {} violations, {:.1} s",
+        violations.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
