@@ -115,7 +115,14 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         flushes: c.flushes.load(Ordering::Relaxed),
         pair_state: pair_state(v).into(),
         events: v.areas.events(),
-        condition: v.areas.condition(),
+        condition: if v.store.failed() || v.areas.overlay.failed() {
+            // Also "Degraded" to the operator; the host already gets EIO.
+            "Degraded: Failed: an fdatasync of the volume's files failed; writes since the last \
+             good one may be lost, so every request fails until the engine restarts"
+                .to_string()
+        } else {
+            v.areas.condition()
+        },
         takeover_phase: takeover_phase(v).into(),
         ..Default::default()
     };

@@ -139,20 +139,46 @@ pub mod power {
         },
     };
 
-    type Cuts = Mutex<Vec<(PathBuf, Arc<AtomicI64>)>>;
+    /// What happens at the chosen file operation.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        /// The power goes out: this operation and every later one fail, touching nothing.
+        Cut,
+        /// This one operation fails with EIO; later ones succeed.
+        Eio,
+        /// This one fails with ENOSPC.
+        Enospc,
+        /// A write lands in part, then fails (EIO); other operations fail like `Eio`.
+        Short,
+    }
+
+    type Cuts = Mutex<Vec<(PathBuf, Arc<AtomicI64>, Kind)>>;
     static CUTS: Cuts = Mutex::new(Vec::new());
 
-    /// One file operation under `path`: an error once the power under it is cut.
+    /// The error a short write returns after landing its first half.
+    pub fn is_short(e: &io::Error) -> bool {
+        e.kind() == io::ErrorKind::WriteZero
+    }
+
+    /// One file operation under `path`: an error if it is the chosen one (or after a cut).
     pub fn io(path: &Path) -> io::Result<()> {
-        let budget = CUTS.lock().ok().and_then(|c| {
+        let found = CUTS.lock().ok().and_then(|c| {
             c.iter()
-                .find(|(root, _)| path.starts_with(root))
-                .map(|(_, b)| Arc::clone(b))
+                .find(|(root, _, _)| path.starts_with(root))
+                .map(|(_, b, k)| (Arc::clone(b), *k))
         });
-        match budget {
-            Some(b) if b.fetch_sub(1, Ordering::SeqCst) <= 0 => {
-                Err(io::Error::other("simulated power cut"))
-            }
+        let Some((b, kind)) = found else {
+            return Ok(());
+        };
+        let left = b.fetch_sub(1, Ordering::SeqCst);
+        match kind {
+            Kind::Cut if left <= 0 => Err(io::Error::other("simulated power cut")),
+            Kind::Eio if left == 0 => Err(io::Error::from_raw_os_error(5)),
+            Kind::Enospc if left == 0 => Err(io::Error::from_raw_os_error(28)),
+            Kind::Short if left == 0 => Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "simulated short write",
+            )),
             _ => Ok(()),
         }
     }
@@ -166,9 +192,14 @@ pub mod power {
 
     impl Cut {
         pub fn after(root: &Path, ops: i64) -> Cut {
+            Self::fault(root, ops, Kind::Cut)
+        }
+
+        /// The file operation after `ops` more under `root` fails as `kind` says.
+        pub fn fault(root: &Path, ops: i64, kind: Kind) -> Cut {
             let budget = Arc::new(AtomicI64::new(ops));
             if let Ok(mut c) = CUTS.lock() {
-                c.push((root.to_path_buf(), Arc::clone(&budget)));
+                c.push((root.to_path_buf(), Arc::clone(&budget), kind));
             }
             Cut {
                 root: root.to_path_buf(),
@@ -190,7 +221,7 @@ pub mod power {
     impl Drop for Cut {
         fn drop(&mut self) {
             if let Ok(mut c) = CUTS.lock() {
-                c.retain(|(r, _)| r != &self.root);
+                c.retain(|(r, _, _)| r != &self.root);
             }
         }
     }
@@ -202,5 +233,9 @@ pub mod power {
     #[inline(always)]
     pub fn io(_path: &std::path::Path) -> std::io::Result<()> {
         Ok(())
+    }
+
+    pub fn is_short(_e: &std::io::Error) -> bool {
+        false
     }
 }

@@ -237,18 +237,31 @@ impl Tracker {
         let _g = self.locks.lock(blocks.clone());
         {
             let mut s = self.state();
-            let mut cold = false;
+            let mut cold = Vec::new();
             let tick = s.tick;
             for b in blocks.clone() {
                 s.pending.set(b);
                 s.last_seq.insert(b, IN_FLIGHT);
-                cold |= s.intent.set(b / EXTENT_BLOCKS);
+                if s.intent.set(b / EXTENT_BLOCKS) {
+                    cold.push(b / EXTENT_BLOCKS);
+                }
                 s.last_touch[(b / EXTENT_BLOCKS) as usize] = tick;
             }
             s.dirty = true;
-            if cold {
+            if !cold.is_empty() {
                 // Write-intent: the extent is durably marked before its data can reach the disk.
-                s.intent.store(&self.intent_path)?;
+                if let Err(e) = s.intent.store(&self.intent_path) {
+                    // Not marked on disk, so not in memory either: the next write to the extent
+                    // tries the store again instead of trusting a mark that is not there. Test:
+                    // `takeover::powerloss::failpoint_campaign`.
+                    for x in cold {
+                        s.intent.clear(x);
+                    }
+                    for b in blocks {
+                        s.last_seq.insert(b, 0);
+                    }
+                    return Err(e);
+                }
             }
         }
         let applied = apply();
