@@ -4,8 +4,11 @@
 #            faults; the recorded history is checked per 512-byte sector, a final full read must
 #            hold every acknowledged write, and both replicas must end byte-identical;
 #   kill     the same clients and checks under random-time SIGKILLs of either engine.
-# Usage: scripts/campaign.sh          full size (several minutes of history, 500 kills)
-#        scripts/campaign.sh --ci     small sizes for CI (< 2 minutes for both)
+#   powerloss, failpoints  in-process: the power cut (then EIO, ENOSPC, a short write) at every file
+#            operation of a takeover, restart, every FLUSHed write checked (storage-engine/src/takeover/powerloss.rs);
+#   fuzz     the NBD server, the on-disk decoders, the replication apply path (storage-engine/tests/fuzz.rs).
+# Usage: scripts/campaign.sh          full size (several minutes of history, 500 kills, 40 power-loss scenarios)
+#        scripts/campaign.sh --ci     small sizes for CI (< 2 minutes; cargo test runs the in-process ones)
 # Extra arguments (e.g. --seed N) go to every run. Prints a markdown summary table for
 # docs/reliability.md; exits non-zero if any run found a violation or a liveness problem.
 set -euo pipefail
@@ -44,6 +47,35 @@ for r in "${runs[@]}"; do
   summaries+=("$s")
 done
 
+# In-process campaigns of the engine's own files (storage-engine/src/takeover/powerloss.rs): the
+# power cut at every file operation of a takeover, then EIO / ENOSPC / a short write at each.
+if [ $ci = 1 ]; then pl_seeds=3; fp_seeds=1; fuzz=64; else pl_seeds=40; fp_seeds=12; fuzz=5000; fi
+inproc=()
+run_inproc() { # name, env assignment, test filter, line prefix
+  echo "=== $1 ($2)"
+  local out start end
+  start=$(date +%s)
+  if ! out=$(env "$2" cargo test -q -p storage-engine --lib "$3" -- --nocapture 2>&1); then failed=1; fi
+  end=$(date +%s)
+  grep -E "^$4" <<<"$out" || { echo "$out" | tail -20; failed=1; }
+  local line; line=$(grep -E "^$4: [0-9]+ scenarios" <<<"$out" | tail -1)
+  inproc+=("| $1 | in-process | $(sed -E 's/.* ([0-9]+) scenarios.*/\1/' <<<"$line") | $(sed -E 's/.*, ([0-9]+) (crash points|injected faults).*/\1/' <<<"$line") | $(sed -E 's/.*, ([0-9]+) violations.*/\1/' <<<"$line") | $((end - start)) |")
+}
+fuzz_res="not run (cargo test ran it at this size)"; fuzz_secs=0
+# At CI size `cargo test --workspace` has just run these with the same sizes.
+if [ $ci = 0 ]; then
+  run_inproc powerloss "TANDEM_POWERLOSS_SEEDS=$pl_seeds" takeover::powerloss::powerloss_campaign powerloss
+  run_inproc failpoints "TANDEM_FAILPOINT_SEEDS=$fp_seeds" takeover::powerloss::failpoint_campaign failpoints
+  echo "=== fuzz (TANDEM_FUZZ_CASES=$fuzz)"
+  start=$(date +%s)
+  if TANDEM_FUZZ_CASES=$fuzz cargo test -q -p storage-engine --test fuzz 2>&1 | tail -3; then
+    fuzz_res=pass
+  else
+    fuzz_res=FAIL; failed=1
+  fi
+  fuzz_secs=$(( $(date +%s) - start ))
+fi
+
 field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }
 echo
 echo "commit $(git rev-parse --short HEAD), $(date -u +%Y-%m-%d), $(nproc) cores"
@@ -55,4 +87,10 @@ for s in "${summaries[@]}"; do
   checked=0; [ -n "$(field "$s" reads_checked)" ] && checked=1
   echo "| $(field "$s" campaign) | $(field "$s" mode) | 1 | $(field "$s" kills) | $(field "$s" takeovers) / $(field "$s" failbacks) | $(field "$s" partitions) / $(field "$s" pauses) | $checked | $(field "$s" ops) | $(field "$s" reads_checked) | $(field "$s" violations) | $(field "$s" liveness) | $(field "$s" seconds) | $res |"
 done
+echo
+echo "| campaign | kind | scenarios | crash points / faults | violations | seconds |"
+echo "|---|---|---|---|---|---|"
+for r in "${inproc[@]}"; do echo "$r"; done
+echo
+echo "fuzz: TANDEM_FUZZ_CASES=$fuzz, $fuzz_res, ${fuzz_secs} s"
 exit $failed

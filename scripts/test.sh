@@ -6,3 +6,6 @@ scripts/install-deps.sh
 cargo test --workspace --locked
 # --- further suites (chart checks, CRD drift, e2e) go below this line ---
 scripts/check-chart.sh
+# The safety campaigns at small size (docs/reliability.md): history and kills against real engine
+# pairs, power cuts and failpoints at every file operation of a takeover, fuzzing.
+scripts/campaign.sh --ci
