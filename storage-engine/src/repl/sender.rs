@@ -125,6 +125,7 @@ pub struct Link<'a> {
     drop_epoch: u64,
     next_send: Instant,
     role: Role,
+    epoch: u64,
     fenced: watch::Receiver<u64>,
 }
 
@@ -144,6 +145,7 @@ impl<'a> Link<'a> {
             drop_epoch,
             next_send: Instant::now(),
             role: vol.role(),
+            epoch: vol.epoch(),
             fenced: vol.fenced.subscribe(),
         }
     }
@@ -154,7 +156,7 @@ impl<'a> Link<'a> {
             if *self.stop.borrow() {
                 return Err(SessionError::Stopping);
             }
-            if self.vol.role() != self.role {
+            if self.vol.role() != self.role || self.vol.epoch() != self.epoch {
                 return Err(SessionError::RoleChanged);
             }
             if self.repl.faults.drop_epoch.load(Ordering::Relaxed) != self.drop_epoch {
@@ -182,9 +184,11 @@ impl<'a> Link<'a> {
             self.next_send =
                 self.next_send.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
         }
-        let epoch = self.vol.epoch();
+        // Every message of a session carries the epoch the session began at. Reading the volume's
+        // epoch here could send a fence's new epoch on the old session: the peer would adopt it
+        // and refuse the takeover that fence belongs to.
         self.tx
-            .send(message(self.vol, epoch, body))
+            .send(message(self.vol, self.epoch, body))
             .await
             .map_err(|_| SessionError::Closed)
     }
