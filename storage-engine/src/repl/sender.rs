@@ -184,6 +184,7 @@ impl<'a> Link<'a> {
             self.next_send =
                 self.next_send.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
         }
+        self.vol.areas.seams.hit("link.send.checked");
         // Every message of a session carries the epoch the session began at. Reading the volume's
         // epoch here could send a fence's new epoch on the old session: the peer would adopt it
         // and refuse the takeover that fence belongs to.
@@ -572,3 +573,38 @@ async fn stream(
 
 /// How long an async sender waits to fill a batch after sending a small one.
 const LINGER: Duration = Duration::from_millis(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fence that lands between a send's checks and its message must not put the fence's new
+    /// epoch on the old session's message (the peer would adopt it and refuse the takeover).
+    #[test]
+    fn a_message_carries_its_sessions_epoch_even_across_a_fence() {
+        let d = tempfile::tempdir().unwrap();
+        let v = Volume::open(&crate::takeover::tests::config(d.path())).unwrap();
+        let repl = Arc::clone(v.repl.as_ref().unwrap());
+        let (tx, mut rx) = mpsc::channel(4);
+        let held = v.areas.seams.arm("link.send.checked");
+        let sender = {
+            let (v, repl) = (Arc::clone(&v), Arc::clone(&repl));
+            std::thread::spawn(move || {
+                let (_stop_tx, mut stop) = watch::channel(false);
+                let mut link = Link::new(&v, &repl, tx, &mut stop, 0);
+                crate::takeover::tests::block_on(
+                    link.send(Body::WriteBatch(pb::WriteBatch::default()), 64),
+                )
+            })
+        };
+        assert!(held.wait_arrived(), "the send never passed its checks");
+        crate::takeover::tests::block_on(v.fence_and_handoff(5)).unwrap();
+        held.release();
+        sender.join().unwrap().unwrap();
+        let m = rx.try_recv().unwrap();
+        assert_eq!(
+            m.epoch, 1,
+            "the old session's message carried the fence's epoch"
+        );
+    }
+}

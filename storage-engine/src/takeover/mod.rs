@@ -15,7 +15,7 @@ mod powerloss;
 pub mod proxy;
 pub mod route;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     collections::VecDeque,

@@ -16,7 +16,7 @@ use crate::{
 pub(super) const BS: u64 = 4096;
 pub(super) const BLOCKS: u64 = 2048;
 
-pub(super) fn config(dir: &Path) -> VolumeConfig {
+pub(crate) fn config(dir: &Path) -> VolumeConfig {
     VolumeConfig {
         name: "v".into(),
         data: dir.join("data"),
@@ -55,7 +55,7 @@ fn block(byte: u8) -> Vec<u8> {
 }
 
 /// Runs a future to completion on a runtime of its own (these tests drive threads by hand).
-pub(super) fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
