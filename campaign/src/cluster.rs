@@ -312,7 +312,10 @@ impl Pair {
                 ))
             })
         } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            // The CLI's error without the backtrace anyhow appends under RUST_BACKTRACE.
+            let err = String::from_utf8_lossy(&out.stderr);
+            let err = err.split("\nStack backtrace:").next().unwrap_or_default();
+            Err(err.trim().to_string())
         }
     }
 

@@ -8,7 +8,8 @@
 //! - a node "reboot": the namespace's link goes down, the engine is SIGKILLed and its orphaned
 //!   sockets destroyed (`ss -K`) so nothing it had open ever sends a FIN, then the link comes back
 //!   and the engine restarts;
-//! - the primary's node rebooting while the secondary is promoted with `--policy force`: the
+//! - the primary's node rebooting (two thirds of the time after building a backlog over a
+//!   throttled or a silent link) while the secondary is promoted with `--policy force`: the
 //!   returning old primary must step down, and only the blocks the promotion reported lost may
 //!   lose acknowledged writes (the checker accounts for them as reported losses).
 //!
@@ -195,6 +196,8 @@ struct Counts {
     degraded_seen: u64,
     wait_blocked: u64,
     forced: u64,
+    /// Forced takeovers refused because the secondary was mid-resync (Inconsistent).
+    force_refused_torn: u64,
     lost_blocks_reported: u64,
     kills: u64,
     stops: u64,
@@ -370,6 +373,8 @@ impl Nemesis<'_> {
     }
 
     fn node_up(&mut self, v: usize) -> Result<()> {
+        // A drop left from before the reboot goes with it (there may be none).
+        let _ = self.net.drop_egress(v, false);
         let r = self.net.link(v, true);
         self.net_step("link up", r)?;
         self.pair.e[v].spawn()?;
@@ -459,8 +464,38 @@ impl Nemesis<'_> {
                 restarted = Some(v);
             }
             Fault::Forced => {
-                let kind = format!("reboot {} (primary) + forced takeover", self.label(p));
+                // Two thirds of the time the primary first builds a backlog under load:
+                // acknowledged writes the secondary never got, which the forced promotion must
+                // report as lost. Over a slow link (replication throttled, heartbeats still
+                // flowing) or a silent one (everything the primary sends dropped).
+                let backlog = match self.rng.below(3) {
+                    0 => "",
+                    1 => ", slow link backlog",
+                    _ => ", silent link backlog",
+                };
+                let kind = format!(
+                    "reboot {} (primary) + forced takeover{backlog}",
+                    self.label(p),
+                );
                 self.count(kind.clone());
+                if !backlog.is_empty() {
+                    let r = if backlog.contains("slow") {
+                        self.pair.fault(p, &["--rate", "256K"])
+                    } else {
+                        self.net.drop_egress(p, true)
+                    };
+                    match r {
+                        Ok(()) => {
+                            sleep_ms(self.rng.range(300, 1000));
+                            let pending = self
+                                .pair
+                                .status(p)
+                                .map_or_else(|e| e, |s| s["pending_blocks"].to_string());
+                            self.note(format!("backlog on {}: {pending} blocks", self.label(p)));
+                        }
+                        Err(e) => self.problem(format!("building a backlog failed: {e}")),
+                    }
+                }
                 let cut = self.node_down(p)?;
                 t0 = Instant::now();
                 self.detect(&kind, t0, &[s]);
@@ -479,6 +514,12 @@ impl Nemesis<'_> {
                         self.counts.forced += 1;
                         self.counts.lost_blocks_reported += lost;
                         self.note(format!("forced promotion: {r}"));
+                    }
+                    // A replica whose resync the backlog cut short is torn: refusing to serve
+                    // it (without --allow-inconsistent) is the right answer.
+                    Err(e) if e.contains("Inconsistent") => {
+                        self.counts.force_refused_torn += 1;
+                        self.note(format!("forced promotion refused, replica torn: {e}"));
                     }
                     Err(e) => self.problem(format!(
                         "takeover --policy force with the old primary's node down failed: {e}"
@@ -746,7 +787,7 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         "SUMMARY campaign=partition mode={mode} seed={seed} rounds={} partitions={partitions} \
          blackholes={} oneway={} pauses={} reboots={} forced={} kills={} takeovers={} failbacks=0 \
          detections={} detect_max_ms={} bound_ms={} resumes={} resume_max_ms={} degraded_seen={} \
-         wait_blocked={} lost_blocks_reported={} reported_losses={} reported_loss_blocks={} \
+         wait_blocked={} force_refused_torn={} lost_blocks_reported={} reported_losses={} reported_loss_blocks={} \
          ops={} reads_checked={} sectors_checked={} final_sectors={} indeterminate={} errors={} \
          violations={} liveness={} replicas_identical={} seconds={:.1} result={}",
         counts.rounds,
@@ -764,6 +805,7 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         counts.resume_max_ms,
         counts.degraded_seen,
         counts.wait_blocked,
+        counts.force_refused_torn,
         counts.lost_blocks_reported,
         checked.reported_losses,
         checked.reported_loss_blocks,
@@ -822,13 +864,14 @@ fn report(
     println!(
         "resumed {} times (max {} ms from healing to converged); sync degradation reported {} \
          times; takeover --policy wait refused as HandoffBlocked {} times; {} forced promotions \
-         reported {} lost blocks",
+         reported {} lost blocks; {} forced takeovers refused (replica Inconsistent)",
         counts.resumes,
         counts.resume_max_ms,
         counts.degraded_seen,
         counts.wait_blocked,
         counts.forced,
-        counts.lost_blocks_reported
+        counts.lost_blocks_reported,
+        counts.force_refused_torn
     );
     println!(
         "checked: {} ops, {} reads, {} sectors ({} in the final read), {} indeterminate writes, \
