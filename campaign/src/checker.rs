@@ -328,8 +328,16 @@ pub fn check_with_losses(ops: &[Op], sectors: u64, losses: &[Loss]) -> Checked {
             out.reported_loss_blocks += blocks.len() as u64;
         } else {
             *out.by_kind.entry("UnreportedLoss".into()).or_default() += mine.len() as u64;
-            for v in mine {
-                out.flag(v);
+            for (n, v) in mine.into_iter().enumerate() {
+                if n == 0 {
+                    // Shown first: the kept list may be full of the sweep's findings already.
+                    out.violations.insert(0, v.clone());
+                    out.violations.truncate(KEEP);
+                    out.violation_count += 1;
+                    *out.by_kind.entry(format!("{:?}", v.what)).or_default() += 1;
+                } else {
+                    out.flag(v);
+                }
             }
         }
     }

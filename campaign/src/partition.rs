@@ -781,13 +781,16 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         identical = Some(diff.is_none());
     }
     let checked = checker::check_with_losses(&ops, c.size / SECTOR, &nem.losses);
-    let (counts, log, problems) = (
+    let (counts, losses, log, problems) = (
         std::mem::take(&mut nem.counts),
+        std::mem::take(&mut nem.losses),
         std::mem::take(&mut nem.log),
         std::mem::take(&mut nem.problems),
     );
     drop(nem);
-    report(c, seed, mode, &ops, &checked, &counts, &log, &problems);
+    report(
+        c, seed, mode, &ops, &checked, &counts, &losses, &log, &problems,
+    );
     let ok =
         checked.violation_count == 0 && problems.is_empty() && final_ok && identical == Some(true);
     let partitions: u64 = counts.kinds.values().sum();
@@ -864,6 +867,7 @@ fn report(
     ops: &[Op],
     checked: &checker::Checked,
     counts: &Counts,
+    losses: &[Loss],
     log: &[(Time, String)],
     problems: &[String],
 ) {
@@ -902,6 +906,14 @@ fn report(
     );
     if checked.violation_count > 0 {
         println!("violations by kind: {:?}", checked.by_kind);
+    }
+    for (l, lost) in losses.iter().zip(&checked.loss_blocks) {
+        println!(
+            "forced promotion at {}: reported {} lost blocks; acknowledged writes gone from {lost} blocks{}",
+            ms(l.promoted),
+            l.lost_blocks,
+            if *lost > l.lost_blocks { " (UNREPORTED LOSS)" } else { "" }
+        );
     }
     for p in problems {
         println!("LIVENESS: {p}");
