@@ -3,12 +3,18 @@
 #   history  pipelined NBD clients (QD 32) under takeovers, failbacks, SIGKILLs, SIGSTOPs and link
 #            faults; the recorded history is checked per 512-byte sector, a final full read must
 #            hold every acknowledged write, and both replicas must end byte-identical;
-#   kill     the same clients and checks under random-time SIGKILLs of either engine.
+#   kill     the same clients and checks under random-time SIGKILLs of either engine;
+#   partition  each engine in its own network namespace (needs root; result=SKIPPED otherwise):
+#            blackholes, one-way drops, SIGSTOPs, node reboots and forced takeovers; dead-peer
+#            detection within --peer-timeout-ms + 1 s, replication resuming by itself, sync mode
+#            reporting its degradation, the same history checks;
 #   powerloss, failpoints  in-process: the power cut (then EIO, ENOSPC, a short write) at every file
-#            operation of a takeover, restart, every FLUSHed write checked (storage-engine/src/takeover/powerloss.rs);
+#            operation of a takeover and of a receiving secondary, restart, every FLUSHed or
+#            acknowledged write checked (storage-engine/src/takeover/powerloss.rs);
 #   fuzz     the NBD server, the on-disk decoders, the replication apply path (storage-engine/tests/fuzz.rs).
-# Usage: scripts/campaign.sh          full size (several minutes of history, 500 kills, 40 power-loss scenarios)
-#        scripts/campaign.sh --ci     small sizes for CI (< 2 minutes; cargo test runs the in-process ones)
+# Usage: scripts/campaign.sh          full size (several minutes of history, 500 kills, 40 partitions
+#                                     per replication mode, 40 power-loss scenarios)
+#        scripts/campaign.sh --ci     small sizes for CI (< 3 minutes; cargo test runs the in-process ones)
 # Extra arguments (e.g. --seed N) go to every run. Prints a markdown summary table for
 # docs/reliability.md; exits non-zero if any run found a violation or a liveness problem.
 set -euo pipefail
@@ -24,6 +30,8 @@ if [ $ci = 1 ]; then
     "history --mode async --size 64M --seconds 20"
     "history --mode sync --size 64M --seconds 12"
     "kill --mode async --size 64M --kills 60"
+    "partition --mode async --size 64M --rounds 5"
+    "partition --mode sync --size 64M --rounds 5"
   )
 else
   runs=(
@@ -31,6 +39,8 @@ else
     "history --mode sync --size 128M --seconds 180"
     "kill --mode async --size 128M --kills 500"
     "kill --mode sync --size 128M --kills 100"
+    "partition --mode async --size 128M --rounds 40"
+    "partition --mode sync --size 128M --rounds 40"
   )
 fi
 
@@ -55,7 +65,7 @@ run_inproc() { # name, env assignment, test filter, line prefix
   echo "=== $1 ($2)"
   local out start end
   start=$(date +%s)
-  if ! out=$(env "$2" cargo test -q -p storage-engine --lib "$3" -- --nocapture 2>&1); then failed=1; fi
+  if ! out=$(env "$2" cargo test -q -p storage-engine --lib "$3" -- --nocapture --exact 2>&1); then failed=1; fi
   end=$(date +%s)
   grep -E "^$4" <<<"$out" || { echo "$out" | tail -20; failed=1; }
   local line; line=$(grep -E "^$4: [0-9]+ scenarios" <<<"$out" | tail -1)
@@ -65,6 +75,7 @@ fuzz_res="not run (cargo test ran it at this size)"; fuzz_secs=0
 # At CI size `cargo test --workspace` has just run these with the same sizes.
 if [ $ci = 0 ]; then
   run_inproc powerloss "TANDEM_POWERLOSS_SEEDS=$pl_seeds" takeover::powerloss::powerloss_campaign powerloss
+  run_inproc powerloss-rx "TANDEM_POWERLOSS_SEEDS=$pl_seeds" takeover::powerloss::powerloss_campaign_on_the_receiving_side powerloss-rx
   run_inproc failpoints "TANDEM_FAILPOINT_SEEDS=$fp_seeds" takeover::powerloss::failpoint_campaign failpoints
   echo "=== fuzz (TANDEM_FUZZ_CASES=$fuzz)"
   start=$(date +%s)
@@ -87,6 +98,19 @@ for s in "${summaries[@]}"; do
   checked=0; [ -n "$(field "$s" reads_checked)" ] && checked=1
   echo "| $(field "$s" campaign) | $(field "$s" mode) | 1 | $(field "$s" kills) | $(field "$s" takeovers) / $(field "$s" failbacks) | $(field "$s" partitions) / $(field "$s" pauses) | $checked | $(field "$s" ops) | $(field "$s" reads_checked) | $(field "$s" violations) | $(field "$s" liveness) | $(field "$s" seconds) | $res |"
 done
+parts=()
+for s in "${summaries[@]}"; do
+  if [ "$(field "$s" campaign)" = partition ]; then parts+=("$s"); fi
+done
+if [ ${#parts[@]} -gt 0 ]; then
+  echo
+  echo "| partition | rounds | blackhole / one-way / SIGSTOP / reboot / forced | detections (max ms / bound) | resumes (max ms) | sync degraded reported | wait takeovers blocked | forced refused (torn replica) | lost blocks reported | reported losses | violations | result |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+  for s in "${parts[@]}"; do
+    f() { field "$s" "$1"; }
+    echo "| $(f mode) | $(f rounds) | $(f blackholes) / $(f oneway) / $(f pauses) / $(f reboots) / $(f forced) | $(f detections) ($(f detect_max_ms) / $(f bound_ms)) | $(f resumes) ($(f resume_max_ms)) | $(f degraded_seen) | $(f wait_blocked) | $(f force_refused_torn) | $(f lost_blocks_reported) | $(f reported_losses) | $(f violations) | $(f result) |"
+  done
+fi
 echo
 echo "| campaign | kind | scenarios | crash points / faults | violations | seconds |"
 echo "|---|---|---|---|---|---|"

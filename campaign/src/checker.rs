@@ -11,6 +11,12 @@
 //! `newest[s]` = the latest invoke time of a write acknowledged so far (which supersedes every
 //! write acknowledged before it started), and `zero_until[s]` = the latest acknowledgement of a
 //! zeroing op invoked so far (`u64::MAX` if indeterminate).
+//!
+//! A forced promotion (`Loss`) may drop acknowledged writes the old primary held alone, up to the
+//! number of blocks it reported: a superseded value seen after the old primary went down, where
+//! the superseding write was acknowledged before the promotion, counts as a *reported loss* as
+//! long as all such values of that promotion fall in at most `lost_blocks` distinct 4 KiB blocks;
+//! beyond that, each of them is a violation.
 
 use std::collections::HashMap;
 
@@ -46,6 +52,17 @@ pub struct Violation {
     pub newest: Option<Time>,
 }
 
+/// A forced promotion over an unreachable old primary, as the campaign saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Loss {
+    /// When the old primary stopped serving (its node went down).
+    pub cut: Time,
+    /// When the forced takeover answered.
+    pub promoted: Time,
+    /// The takeover's reported `lost_blocks`.
+    pub lost_blocks: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct Checked {
     pub reads_checked: u64,
@@ -58,6 +75,13 @@ pub struct Checked {
     pub by_kind: std::collections::BTreeMap<String, u64>,
     /// The first violations found (at most `KEEP`).
     pub violations: Vec<Violation>,
+    /// Superseded values explained by a forced promotion's reported loss, and their blocks.
+    pub reported_losses: u64,
+    pub reported_loss_blocks: u64,
+    /// Per forced promotion: the distinct blocks whose acknowledged writes it dropped.
+    pub loss_blocks: Vec<u64>,
+    /// Candidates for a reported loss: (index of the `Loss`, the violation it would be).
+    candidates: Vec<(usize, Violation)>,
 }
 
 const KEEP: usize = 20;
@@ -80,7 +104,45 @@ const READ_COMPLETE: u8 = 3;
 
 /// Checks `ops` over a volume of `sectors` sectors.
 pub fn check(ops: &[Op], sectors: u64) -> Checked {
+    check_with_losses(ops, sectors, &[])
+}
+
+/// Which forced promotion, if any, may explain a superseded value: the earliest one answered
+/// after the superseding write was acknowledged, if the read began after its old primary went down.
+struct Losses<'a> {
+    losses: &'a [Loss],
+    /// Invoke time -> acknowledgement time of every acknowledged mutating op.
+    ack_of: HashMap<Time, Time>,
+}
+
+impl Losses<'_> {
+    fn explains(&self, ops: &[Op], v: &Violation) -> Option<usize> {
+        if !matches!(v.what, What::StaleRead | What::LostWrite { .. }) {
+            return None;
+        }
+        let acked = *self.ack_of.get(&v.newest?)?;
+        let k = self.losses.iter().position(|l| acked <= l.promoted)?;
+        (ops[v.read].inv >= self.losses[k].cut).then_some(k)
+    }
+}
+
+/// `check`, with the forced promotions of the run: a loss they reported is no violation.
+pub fn check_with_losses(ops: &[Op], sectors: u64, losses: &[Loss]) -> Checked {
     let mut out = Checked::default();
+    let mut ack_of: HashMap<Time, Time> = HashMap::new();
+    if !losses.is_empty() {
+        for o in ops.iter().filter(|o| o.mutates()) {
+            if let Some(c) = o.acked() {
+                let e = ack_of.entry(o.inv).or_insert(c);
+                *e = (*e).max(c);
+            }
+        }
+    }
+    let lx = Losses { losses, ack_of };
+    let flag = |out: &mut Checked, v: Violation| match lx.explains(ops, &v) {
+        Some(k) => out.candidates.push((k, v)),
+        None => out.flag(v),
+    };
     let by_id: HashMap<u64, usize> = ops.iter().enumerate().map(|(i, o)| (o.id, i)).collect();
     let last_flush = ops
         .iter()
@@ -193,7 +255,7 @@ pub fn check(ops: &[Op], sectors: u64) -> Checked {
                                 }
                             }
                             if let Some((s, len, t)) = bad {
-                                out.flag(v(what, s, len, Some(t)));
+                                flag(&mut out, v(what, s, len, Some(t)));
                             }
                         }
                         Val::Misplaced { .. } => {
@@ -218,14 +280,17 @@ pub fn check(ops: &[Op], sectors: u64) -> Checked {
                         } else {
                             What::StaleRead
                         };
-                        out.flag(Violation {
-                            what,
-                            read: i,
-                            sector: s,
-                            sectors: len,
-                            seen: Val::Zero,
-                            newest: Some(t),
-                        });
+                        flag(
+                            out,
+                            Violation {
+                                what,
+                                read: i,
+                                sector: s,
+                                sectors: len,
+                                seen: Val::Zero,
+                                newest: Some(t),
+                            },
+                        );
                     }
                 };
                 for (s, t) in need {
@@ -245,6 +310,38 @@ pub fn check(ops: &[Op], sectors: u64) -> Checked {
             _ => {}
         }
     }
+    // A forced promotion may drop what it reported, no more.
+    for (k, l) in losses.iter().enumerate() {
+        let mine: Vec<Violation> = out
+            .candidates
+            .iter()
+            .filter(|(c, _)| *c == k)
+            .map(|(_, v)| v.clone())
+            .collect();
+        let blocks: std::collections::BTreeSet<u64> = mine
+            .iter()
+            .flat_map(|v| v.sector / 8..=(v.sector + v.sectors - 1) / 8)
+            .collect();
+        out.loss_blocks.push(blocks.len() as u64);
+        if blocks.len() as u64 <= l.lost_blocks {
+            out.reported_losses += mine.len() as u64;
+            out.reported_loss_blocks += blocks.len() as u64;
+        } else {
+            *out.by_kind.entry("UnreportedLoss".into()).or_default() += mine.len() as u64;
+            for (n, v) in mine.into_iter().enumerate() {
+                if n == 0 {
+                    // Shown first: the kept list may be full of the sweep's findings already.
+                    out.violations.insert(0, v.clone());
+                    out.violations.truncate(KEEP);
+                    out.violation_count += 1;
+                    *out.by_kind.entry(format!("{:?}", v.what)).or_default() += 1;
+                } else {
+                    out.flag(v);
+                }
+            }
+        }
+    }
+    out.candidates.clear();
     // A lost write is "flushed" when the write that should have been read was made durable.
     for v in &mut out.violations {
         if let (What::LostWrite { flushed }, Some(t)) = (&mut v.what, v.newest) {
@@ -363,6 +460,9 @@ mod tests {
         }
         fn check(&self) -> Checked {
             check(&self.0, N)
+        }
+        fn check_losses(&self, losses: &[Loss]) -> Checked {
+            check_with_losses(&self.0, N, losses)
         }
     }
 
@@ -499,5 +599,41 @@ mod tests {
                 What::FromTheFuture
             ]
         );
+    }
+
+    #[test]
+    fn a_forced_promotion_may_drop_only_what_it_reported() {
+        let mut h = H(Vec::new());
+        let w1 = h.w(0, 8, 10, Some(20));
+        // Acknowledged by the old primary alone, which goes down at 45; promoted at 50.
+        let _w2 = h.w(0, 16, 30, Some(40));
+        h.r(60, 61, &[(0, 8, Val::Write(w1)), (8, 8, Val::Zero)]);
+        h.final_read(100, &[(0, 8, Val::Write(w1)), (8, 8, Val::Zero)]);
+        let loss = |n| Loss {
+            cut: 45,
+            promoted: 50,
+            lost_blocks: n,
+        };
+        // Two reads, each with two stale runs.
+        assert_eq!(h.check().violation_count, 4);
+        let c = h.check_losses(&[loss(2)]);
+        assert_eq!(c.violation_count, 0, "{:?}", c.violations);
+        assert_eq!((c.reported_losses, c.reported_loss_blocks), (4, 2));
+        // One block reported, two gone: every one of them is a violation.
+        let c = h.check_losses(&[loss(1)]);
+        assert_eq!(c.violation_count, 4);
+        assert_eq!(c.by_kind.get("UnreportedLoss"), Some(&4));
+        // A write acknowledged after the promotion is never covered.
+        let mut h = H(Vec::new());
+        let w1 = h.w(0, 8, 10, Some(20));
+        let _w2 = h.w(0, 8, 55, Some(58));
+        h.r(60, 61, &[(0, 8, Val::Write(w1))]);
+        assert_eq!(h.check_losses(&[loss(100)]).violation_count, 1);
+        // Nor a stale read begun before the old primary went down.
+        let mut h = H(Vec::new());
+        let w1 = h.w(0, 8, 10, Some(20));
+        let _w2 = h.w(0, 8, 30, Some(40));
+        h.r(42, 61, &[(0, 8, Val::Write(w1))]);
+        assert_eq!(h.check_losses(&[loss(100)]).violation_count, 1);
     }
 }

@@ -15,8 +15,9 @@ use std::{
 
 use storage_engine::nbd::proto as p;
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadHalf},
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{tcp::OwnedReadHalf, TcpStream},
+    net::{TcpStream, UnixStream},
     sync::Semaphore,
 };
 
@@ -30,6 +31,9 @@ use crate::{
 pub struct Shared {
     pub t0: Instant,
     pub stop: AtomicBool,
+    /// While set, the clients send nothing new (what is in flight completes): lets a campaign
+    /// see the pair converge under a pause of the load instead of a stop.
+    pub hold: AtomicBool,
     pub next_id: AtomicU64,
     pub addrs: Vec<String>,
     pub export: String,
@@ -48,6 +52,9 @@ impl Shared {
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
+    fn holding(&self) -> bool {
+        self.hold.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -65,11 +72,25 @@ fn other(msg: impl Into<String>) -> io::Error {
     io::Error::other(msg.into())
 }
 
+/// A connection to an engine: TCP, or its unix socket (`unix:PATH`, an engine in another
+/// network namespace that shares this filesystem).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub type Conn = Box<dyn Stream>;
+
+async fn connect(addr: &str) -> io::Result<Conn> {
+    if let Some(path) = addr.strip_prefix("unix:") {
+        return Ok(Box::new(UnixStream::connect(path).await?));
+    }
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    Ok(Box::new(s))
+}
+
 /// Fixed-newstyle handshake with OPT_GO; the export size, or an error if the engine refuses
 /// (a secondary, a fenced engine, a stale epoch).
-pub async fn handshake(addr: &str, export: &str) -> io::Result<(TcpStream, u64)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
+pub async fn handshake(addr: &str, export: &str) -> io::Result<(Conn, u64)> {
+    let mut s = connect(addr).await?;
     let magic = s.read_u64().await?;
     let opt = s.read_u64().await?;
     if magic != p::NBDMAGIC || opt != p::IHAVEOPT {
@@ -196,7 +217,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Reads replies until the connection fails; each completes its pending op.
 async fn read_replies(
-    mut rd: OwnedReadHalf,
+    mut rd: ReadHalf<Conn>,
     pending: Pending,
     done: Arc<Mutex<Vec<Op>>>,
     sem: Arc<Semaphore>,
@@ -208,7 +229,7 @@ async fn read_replies(
 }
 
 async fn reply_loop(
-    rd: &mut OwnedReadHalf,
+    rd: &mut ReadHalf<Conn>,
     pending: &Pending,
     done: &Mutex<Vec<Op>>,
     sem: &Semaphore,
@@ -251,7 +272,7 @@ async fn reply_loop(
 
 /// Runs one connection until it fails or the campaign stops; appends its ops to `ops`.
 async fn session(
-    stream: TcpStream,
+    stream: Conn,
     sh: &Arc<Shared>,
     rng: &mut Rng,
     client: u32,
@@ -259,7 +280,7 @@ async fn session(
     ops: &mut Vec<Op>,
     stats: &mut Stats,
 ) {
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = tokio::io::split(stream);
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
     let done = Arc::new(Mutex::new(Vec::new()));
     let sem = Arc::new(Semaphore::new(qd));
@@ -272,6 +293,10 @@ async fn session(
     ));
     let sent: io::Result<()> = async {
         while !sh.stopping() {
+            if sh.holding() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
             let permit =
                 match tokio::time::timeout(Duration::from_millis(100), sem.clone().acquire_owned())
                     .await

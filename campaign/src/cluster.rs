@@ -21,6 +21,9 @@ pub struct Engine {
     pub nbd: String,
     pub grpc: String,
     pub stopped: bool,
+    /// The network namespace it runs in (`ip netns exec`); hosts then reach it through its unix
+    /// socket, the CLI from inside the namespace.
+    pub netns: Option<String>,
 }
 
 impl Engine {
@@ -35,11 +38,41 @@ impl Engine {
             nbd: "127.0.0.1:0".into(),
             grpc: "127.0.0.1:0".into(),
             stopped: false,
+            netns: None,
         }
     }
 
     pub fn data(&self) -> PathBuf {
         self.dir.join("data.img")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+
+    /// Where a host reaches its NBD export: TCP, or `unix:PATH` for an engine in a namespace.
+    pub fn nbd_addr(&self) -> String {
+        match &self.netns {
+            Some(_) => format!("unix:{}", self.socket().display()),
+            None => self.nbd.clone(),
+        }
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `bin`, run inside this engine's namespace if it has one.
+    fn command(&self, bin: &Path) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        }
     }
 
     /// Starts the process on its addresses (port 0 the first time) and waits for its ready file.
@@ -51,8 +84,12 @@ impl Engine {
             .create(true)
             .append(true)
             .open(self.dir.join("engine.log"))?;
-        let child = Command::new(&self.bin)
-            .arg("serve")
+        let mut cmd = self.command(&self.bin);
+        cmd.arg("serve");
+        if self.netns.is_some() {
+            cmd.arg("--nbd-socket").arg(self.socket());
+        }
+        let child = cmd
             .args(["--volume", VOLUME, "--size", &self.size])
             .arg("--data")
             .arg(self.data())
@@ -201,10 +238,61 @@ impl Pair {
         })
     }
 
+    /// A pair whose engines run in the network namespaces `ns` and listen for gRPC on the fixed
+    /// addresses `grpc` (one each, reachable from the other namespace).
+    pub fn start_netns(
+        bin: &Path,
+        dir: &Path,
+        size: &str,
+        extra: &[String],
+        ns: [&str; 2],
+        grpc: [&str; 2],
+    ) -> Result<Pair> {
+        std::fs::create_dir_all(dir)?;
+        let token = dir.join("token");
+        std::fs::write(&token, "campaign-token\n")?;
+        let tok = token.to_string_lossy().into_owned();
+        let args = |i: usize| {
+            let mut a: Vec<String> = vec![];
+            if i == 1 {
+                a.extend(["--role".to_string(), "secondary".to_string()]);
+            }
+            a.extend(
+                [
+                    "--token-file",
+                    &tok,
+                    "--peer",
+                    grpc[1 - i],
+                    "--fault-injection",
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
+            a.extend_from_slice(extra);
+            a
+        };
+        let mk = |i: usize, label| {
+            let mut e = Engine::new(label, bin, &dir.join(label.to_lowercase()), size, args(i));
+            e.netns = Some(ns[i].to_string());
+            e.grpc = grpc[i].to_string();
+            e
+        };
+        let mut b = mk(1, "B");
+        b.spawn()?;
+        let mut a = mk(0, "A");
+        a.spawn()?;
+        Ok(Pair {
+            e: [a, b],
+            token,
+            bin: bin.to_path_buf(),
+        })
+    }
+
     /// `tandem-engine <op> --grpc <engine i> --volume vol --token-file .. <extra>`: stdout as
     /// JSON on success, stderr otherwise.
     pub fn control(&self, op: &str, i: usize, extra: &[&str]) -> Result<serde_json::Value, String> {
-        let out = Command::new(&self.bin)
+        let out = self.e[i]
+            .command(&self.bin)
             .args([
                 op,
                 "--grpc",
@@ -224,7 +312,10 @@ impl Pair {
                 ))
             })
         } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            // The CLI's error without the backtrace anyhow appends under RUST_BACKTRACE.
+            let err = String::from_utf8_lossy(&out.stderr);
+            let err = err.split("\nStack backtrace:").next().unwrap_or_default();
+            Err(err.trim().to_string())
         }
     }
 

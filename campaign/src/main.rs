@@ -3,6 +3,8 @@
 //!   link faults), then a check of the recorded history, a final full read and a comparison of
 //!   both replicas' data files.
 //! - `kill`: the same clients and checks, under SIGKILLs of either engine at random times.
+//! - `partition`: the same clients and checks, each engine in its own network namespace, under
+//!   blackholes, one-way drops, SIGSTOPs, node reboots and forced takeovers (needs root).
 //!
 //! Every random choice comes from `--seed` (printed at the start), so a failing run can be run
 //! again with the same choices.
@@ -12,6 +14,7 @@ mod client;
 mod cluster;
 mod history;
 mod nemesis;
+mod partition;
 mod prng;
 mod stamp;
 
@@ -36,6 +39,10 @@ enum Cmd {
     History(HistoryArgs),
     /// Random-time SIGKILL of either engine under the same clients and checks.
     Kill(KillArgs),
+    /// The engines in two network namespaces under silent partitions (blackhole, one-way drop,
+    /// SIGSTOP, node reboot, forced takeover): dead-peer detection within the bound, replication
+    /// resuming by itself, the same history checks. Needs root; prints result=SKIPPED otherwise.
+    Partition(PartitionArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,6 +120,24 @@ pub struct KillArgs {
     pub max_gap_ms: u64,
 }
 
+#[derive(Debug, Args)]
+pub struct PartitionArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Partitions to inflict (the nemesis cycles through blackhole, one-way drop, SIGSTOP, node
+    /// reboot, and a node reboot of the primary with a forced takeover).
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// `--peer-timeout-ms` of both engines; detection must take at most this + 1 s.
+    #[arg(long, default_value_t = 2000)]
+    pub peer_timeout_ms: u64,
+    /// I/O time before each partition, drawn in min..max milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub min_gap_ms: u64,
+    #[arg(long, default_value_t = 1000)]
+    pub max_gap_ms: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -132,6 +157,12 @@ fn main() -> ExitCode {
                 kills: a.kills,
                 gap: (a.min_gap_ms, a.max_gap_ms),
             },
+        ),
+        Cmd::Partition(a) => partition::run(
+            &a.common,
+            a.rounds,
+            a.peer_timeout_ms,
+            (a.min_gap_ms, a.max_gap_ms),
         ),
     };
     match res {

@@ -345,6 +345,7 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
     let sh = Arc::new(Shared {
         t0: Instant::now(),
         stop: AtomicBool::new(false),
+        hold: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
         addrs: vec![pair.e[0].nbd.clone(), pair.e[1].nbd.clone()],
         export: VOLUME.to_string(),

@@ -1,7 +1,9 @@
 //! Fuzzing on stable Rust (proptest; no cargo-fuzz): the NBD server's handshake and transmission
 //! phase fed random and mutated byte streams in-process over a unix socket, every on-disk decoder
-//! fed random and mutated files, and the requests an engine cannot serve, each checked for the
-//! error the NBD spec names with the connection kept in step.
+//! fed random and mutated files, the requests an engine cannot serve, each checked for the
+//! error the NBD spec names with the connection kept in step, and the replication apply path (a
+//! secondary's `apply_batch`, a draining primary's `apply_drain`) fed random and mutated batches,
+//! checked against a model of the data file, `applied_seq`, the epoch and the drain table.
 //!
 //! Case counts come from `TANDEM_FUZZ_CASES` (default 32: the file runs in seconds). Full size:
 //!
@@ -841,4 +843,525 @@ fn served_volume_survives_a_flood_of_payload_free_requests() {
         valid_session_works(&srv.sock, 3).await;
     });
     assert_eq!(PANICS.load(Ordering::SeqCst), 0);
+}
+
+// ---- The replication apply path -------------------------------------------------------------
+//
+// A secondary (and a primary draining its old primary's table) fed random and mutated batches of
+// `ReplicationMessage`s in-process, against a model of what the apply path promises:
+// - a batch with a message for another volume, a stale epoch, a record whose checksum is wrong or
+//   an image of the wrong size or checksum is refused before anything is written;
+// - otherwise messages apply in order: a record already applied is skipped, the next one is
+//   written, a gap or a record / image out of range or a malformed heartbeat set refuses the rest
+//   of the batch (what came before it in the batch stays written, and `applied_seq` says so);
+// - an accepted batch reports the replica's `applied_seq`.
+// The data file, `applied_seq` and the epoch must match the model after every batch.
+
+use bytes::Bytes;
+use storage_engine::{
+    pb::{self as pbm, replication_message::Body},
+    repl::Mode,
+    volume::PairConfig,
+};
+
+const BS: u64 = 4096;
+const BLOCKS: u64 = SIZE / BS;
+const EPOCH: u64 = 5;
+
+/// How one message of a batch is made from the stream's current position.
+#[derive(Debug, Clone)]
+enum MsgSpec {
+    Write(RecSpec),
+    Batch(Vec<RecSpec>),
+    Image {
+        block: u64,
+        len: usize,
+        bad_crc: bool,
+        fill: u8,
+    },
+    Heartbeat(HbSpec),
+    ResyncDone {
+        next_delta: u64,
+        full: bool,
+    },
+    DrainComplete,
+    Empty,
+}
+
+#[derive(Debug, Clone)]
+struct RecSpec {
+    /// Relative to the next expected seq: 0 is next, 1.. is a gap; `back` goes below it.
+    delta: u64,
+    back: bool,
+    offset: u64,
+    len: u64,
+    zero_length: u64,
+    bad_crc: bool,
+    fill: u8,
+}
+
+#[derive(Debug, Clone)]
+enum HbSpec {
+    Absent,
+    Sparse(Vec<u64>),
+    RawWords(Vec<u8>),
+    RawBitmap(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+struct Envelope {
+    other_volume: bool,
+    /// -1 stale, 0 current, +1 newer.
+    epoch_shift: i8,
+    body: MsgSpec,
+}
+
+fn rec_spec() -> impl Strategy<Value = RecSpec> {
+    (
+        prop_oneof![8 => Just(0u64), 1 => 1..4u64, 1 => Just(u64::MAX / 2)],
+        prop::bool::weighted(0.1),
+        prop_oneof![
+            6 => (0..SIZE / 512).prop_map(|s| s * 512),
+            1 => Just(SIZE - 512),
+            1 => Just(SIZE),
+            1 => any::<u64>(),
+        ],
+        prop_oneof![4 => (1..16u64).prop_map(|n| n * 512), 1 => 1..9000u64, 1 => Just(0u64)],
+        prop_oneof![
+            6 => Just(0u64),
+            1 => (1..64u64).prop_map(|n| n * 512),
+            1 => Just(u64::MAX),
+            1 => Just(SIZE + 1),
+        ],
+        prop::bool::weighted(0.05),
+        any::<u8>(),
+    )
+        .prop_map(
+            |(delta, back, offset, len, zero_length, bad_crc, fill)| RecSpec {
+                delta,
+                back,
+                offset,
+                len,
+                zero_length,
+                bad_crc,
+                fill,
+            },
+        )
+}
+
+fn msg_spec() -> impl Strategy<Value = MsgSpec> {
+    prop_oneof![
+        8 => rec_spec().prop_map(MsgSpec::Write),
+        3 => prop::collection::vec(rec_spec(), 0..5).prop_map(MsgSpec::Batch),
+        3 => (
+            prop_oneof![6 => 0..BLOCKS, 1 => Just(BLOCKS), 1 => any::<u64>()],
+            prop_oneof![6 => Just(BS as usize), 1 => 0..9000usize],
+            prop::bool::weighted(0.1),
+            any::<u8>(),
+        )
+            .prop_map(|(block, len, bad_crc, fill)| MsgSpec::Image {
+                block,
+                len,
+                bad_crc,
+                fill,
+            }),
+        2 => prop_oneof![
+            Just(HbSpec::Absent),
+            prop::collection::vec(0..BLOCKS, 0..8).prop_map(HbSpec::Sparse),
+            prop::collection::vec(any::<u8>(), 0..64).prop_map(HbSpec::RawWords),
+            prop::collection::vec(any::<u8>(), 0..64).prop_map(HbSpec::RawBitmap),
+        ]
+        .prop_map(MsgSpec::Heartbeat),
+        1 => (0..3u64, any::<bool>())
+            .prop_map(|(next_delta, full)| MsgSpec::ResyncDone { next_delta, full }),
+        1 => Just(MsgSpec::DrainComplete),
+        1 => Just(MsgSpec::Empty),
+    ]
+}
+
+fn envelope() -> impl Strategy<Value = Envelope> {
+    (
+        prop::bool::weighted(0.03),
+        prop_oneof![20 => Just(0i8), 1 => Just(-1i8), 1 => Just(1i8)],
+        msg_spec(),
+    )
+        .prop_map(|(other_volume, epoch_shift, body)| Envelope {
+            other_volume,
+            epoch_shift,
+            body,
+        })
+}
+
+fn fill_bytes(fill: u8, seq: u64, len: usize) -> Bytes {
+    (0..len)
+        .map(|i| fill ^ (i as u8) ^ (seq as u8))
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// One record at the stream's position `seq` (advanced when the record is the next one).
+fn record_at(seq: &mut u64, r: &RecSpec) -> pbm::WriteRecord {
+    let s = if r.back {
+        seq.saturating_sub(1 + r.delta % 3)
+    } else {
+        seq.saturating_add(r.delta)
+    };
+    if !r.back && r.delta == 0 {
+        *seq += 1;
+    }
+    let data = if r.zero_length > 0 {
+        Bytes::new()
+    } else {
+        fill_bytes(r.fill, s, r.len as usize)
+    };
+    let crc = crc32c::crc32c(&data) ^ u32::from(r.bad_crc);
+    pbm::WriteRecord {
+        seq: s,
+        timestamp_us: 0,
+        offset: r.offset,
+        data,
+        crc32c: crc,
+        zero_length: r.zero_length,
+    }
+}
+
+/// The messages of one batch, made concrete from where the stream stands (`next` expected seq).
+fn build(specs: &[Envelope], epoch: u64, next: u64) -> Vec<pbm::ReplicationMessage> {
+    let mut seq = next;
+    specs
+        .iter()
+        .map(|e| {
+            let body = match &e.body {
+                MsgSpec::Write(r) => Some(Body::Write(record_at(&mut seq, r))),
+                MsgSpec::Batch(rs) => Some(Body::WriteBatch(pbm::WriteBatch {
+                    records: rs.iter().map(|r| record_at(&mut seq, r)).collect(),
+                    flush: false,
+                })),
+                MsgSpec::Image {
+                    block,
+                    len,
+                    bad_crc,
+                    fill,
+                } => {
+                    let data = fill_bytes(*fill, *block, *len);
+                    Some(Body::Block(pbm::BlockImage {
+                        block: *block,
+                        generation: 1,
+                        crc32c: crc32c::crc32c(&data) ^ u32::from(*bad_crc),
+                        data,
+                    }))
+                }
+                MsgSpec::Heartbeat(h) => {
+                    let mut hb = pbm::Heartbeat {
+                        last_seq: seq,
+                        ..Default::default()
+                    };
+                    match h {
+                        HbSpec::Absent => {}
+                        HbSpec::Sparse(bits) => {
+                            let mut b = Bitmap::new(BLOCKS);
+                            for &i in bits {
+                                b.set(i);
+                            }
+                            hb.pending_words = Some(b.to_sparse().into());
+                        }
+                        HbSpec::RawWords(w) => hb.pending_words = Some(w.clone().into()),
+                        HbSpec::RawBitmap(w) => hb.pending_bitmap = w.clone().into(),
+                    }
+                    Some(Body::Heartbeat(hb))
+                }
+                MsgSpec::ResyncDone { next_delta, full } => {
+                    Some(Body::ResyncDone(pbm::ResyncDone {
+                        consistent_seq: seq,
+                        full: *full,
+                        next_seq: seq + next_delta,
+                    }))
+                }
+                MsgSpec::DrainComplete => {
+                    Some(Body::DrainComplete(pbm::DrainComplete { final_seq: seq }))
+                }
+                MsgSpec::Empty => None,
+            };
+            pbm::ReplicationMessage {
+                volume: if e.other_volume {
+                    "other".into()
+                } else {
+                    NAME.into()
+                },
+                epoch: epoch.saturating_add_signed(i64::from(e.epoch_shift)),
+                body,
+            }
+        })
+        .collect()
+}
+
+/// What a secondary must hold after a batch.
+#[derive(Debug, Clone)]
+struct SecondaryModel {
+    data: Vec<u8>,
+    applied: u64,
+    epoch: u64,
+}
+
+impl SecondaryModel {
+    /// Applies `batch` as the apply path promises; Err(true) = refused before writing anything.
+    fn apply(&mut self, batch: &[pbm::ReplicationMessage]) -> Result<(), bool> {
+        let mut newest = self.epoch;
+        for m in batch {
+            if m.volume != NAME || m.epoch < self.epoch {
+                return Err(true);
+            }
+            newest = newest.max(m.epoch);
+            let bad =
+                |w: &pbm::WriteRecord| w.zero_length == 0 && crc32c::crc32c(&w.data) != w.crc32c;
+            match &m.body {
+                Some(Body::Write(w)) if bad(w) => return Err(true),
+                Some(Body::WriteBatch(b)) if b.records.iter().any(bad) => return Err(true),
+                Some(Body::Block(b))
+                    if crc32c::crc32c(&b.data) != b.crc32c || b.data.len() != BS as usize =>
+                {
+                    return Err(true)
+                }
+                _ => {}
+            }
+        }
+        self.epoch = newest;
+        for m in batch {
+            match &m.body {
+                Some(Body::Write(w)) => self.record(w)?,
+                Some(Body::WriteBatch(b)) => {
+                    for w in &b.records {
+                        self.record(w)?;
+                    }
+                }
+                Some(Body::Block(b)) => {
+                    if b.block >= BLOCKS {
+                        return Err(false);
+                    }
+                    let at = (b.block * BS) as usize;
+                    self.data[at..at + BS as usize].copy_from_slice(&b.data);
+                }
+                Some(Body::ResyncDone(d)) => {
+                    if d.next_seq > 0 {
+                        self.applied = self.applied.max(d.next_seq - 1);
+                    }
+                }
+                Some(Body::Heartbeat(h)) => {
+                    let ok = if let Some(w) = &h.pending_words {
+                        Bitmap::from_sparse(BLOCKS, w).is_some()
+                    } else {
+                        h.pending_bitmap.is_empty()
+                            || Bitmap::from_bytes(BLOCKS, &h.pending_bitmap).is_some()
+                    };
+                    if !ok {
+                        return Err(false);
+                    }
+                }
+                Some(Body::DrainComplete(_)) | None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, w: &pbm::WriteRecord) -> Result<(), bool> {
+        if w.seq <= self.applied {
+            return Ok(());
+        }
+        if w.seq != self.applied + 1 {
+            return Err(false);
+        }
+        let len = if w.zero_length > 0 {
+            w.zero_length
+        } else {
+            w.data.len() as u64
+        };
+        match w.offset.checked_add(len) {
+            Some(end) if end <= SIZE => {}
+            _ => return Err(false),
+        }
+        let at = w.offset as usize;
+        if w.zero_length > 0 {
+            self.data[at..at + len as usize].fill(0);
+        } else {
+            self.data[at..at + len as usize].copy_from_slice(&w.data);
+        }
+        self.applied = w.seq;
+        Ok(())
+    }
+}
+
+fn pair_config() -> Option<PairConfig> {
+    Some(PairConfig {
+        peer: "127.0.0.1:9".into(),
+        token: None,
+        mode: Mode::Async,
+        journal_bytes: 1 << 20,
+        rate: 0,
+        sync_timeout: Duration::from_secs(1),
+    })
+}
+
+/// A volume of this pair opened with `role` at `epoch`; `prepare` edits the meta before.
+fn paired_volume(
+    dir: &Path,
+    role: Role,
+    prepare: impl FnOnce(&mut Meta),
+) -> std::sync::Arc<Volume> {
+    let mut cfg = volume_config(dir);
+    cfg.initial_role = Role::Secondary;
+    cfg.pair = pair_config();
+    drop(Volume::open(&cfg).unwrap());
+    let meta_path = cfg.state_dir.join("meta");
+    let mut m = Meta::load(&meta_path).unwrap().unwrap();
+    m.epoch = EPOCH;
+    m.role = role;
+    prepare(&mut m);
+    m.store(&meta_path).unwrap();
+    Volume::open(&cfg).unwrap()
+}
+
+fn data_file(dir: &Path) -> Vec<u8> {
+    let mut d = std::fs::read(dir.join("data.img")).unwrap();
+    d.resize(SIZE as usize, 0);
+    d
+}
+
+/// Runs `f`, turning a panic into a test failure that names the batch.
+fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, TestCaseError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|_| TestCaseError::fail(format!("apply path panicked on {what}")))
+}
+
+#[test]
+fn fuzz_secondary_apply_batch_matches_its_contract() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_rt = rt.enter();
+    proptest!(config(), |(batches in prop::collection::vec(
+        prop::collection::vec(envelope(), 0..6), 1..6))| {
+        let d = tempfile::tempdir().unwrap();
+        let vol = paired_volume(d.path(), Role::Secondary, |_| {});
+        let mut model = SecondaryModel {
+            data: data_file(d.path()),
+            applied: vol.replica().applied_seq,
+            epoch: vol.epoch(),
+        };
+        prop_assert_eq!(model.epoch, EPOCH);
+        for specs in &batches {
+            let batch = build(specs, model.epoch, model.applied + 1);
+            let before = data_file(d.path());
+            let want = model.apply(&batch);
+            let got = no_panic(&format!("{batch:?}"), || vol.apply_batch(batch.clone()))?;
+            let after = data_file(d.path());
+            match (&want, &got) {
+                (Ok(()), Ok(out)) => {
+                    prop_assert_eq!(out.applied_seq, vol.replica().applied_seq);
+                }
+                (Err(true), Err(_)) => {
+                    prop_assert!(after == before, "a refused batch wrote: {:?}", got);
+                }
+                (Err(false), Err(_)) => {}
+                _ => prop_assert!(false, "model says {:?}, engine {:?}", want, got.as_ref().map(|o| o.applied_seq)),
+            }
+            prop_assert_eq!(vol.replica().applied_seq, model.applied);
+            prop_assert_eq!(vol.epoch(), model.epoch);
+            prop_assert!(after == model.data, "data file differs from the model after {:?}", specs);
+        }
+        // Durable and reopened: the same.
+        vol.make_durable().unwrap();
+        drop(vol);
+        let mut cfg = volume_config(d.path());
+        cfg.pair = pair_config();
+        let vol = Volume::open(&cfg).unwrap();
+        prop_assert_eq!(vol.replica().applied_seq, model.applied);
+        prop_assert!(data_file(d.path()) == model.data);
+    });
+}
+
+/// A primary draining its old primary's table after a takeover: images land only where the
+/// handed-off table still wants them, DrainComplete ends the phase; anything else, any other
+/// epoch, a bad image refuse the whole batch before anything is written.
+#[test]
+fn fuzz_draining_primary_apply_drain_matches_its_contract() {
+    use storage_engine::meta::Phase;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_rt = rt.enter();
+    proptest!(config(), |(
+        wanted in prop::collection::vec(0..BLOCKS, 0..40),
+        batches in prop::collection::vec(prop::collection::vec(envelope(), 0..6), 1..6),
+        via_apply_batch in any::<bool>(),
+    )| {
+        let d = tempfile::tempdir().unwrap();
+        let mut table = Bitmap::new(BLOCKS);
+        for &b in &wanted {
+            table.set(b);
+        }
+        let state = d.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let vol = paired_volume(d.path(), Role::Primary, |m| {
+            m.takeover.phase = Phase::Draining;
+            table.store(&state.join("peer_pending")).unwrap();
+        });
+        prop_assert_eq!(vol.areas.phase(), Phase::Draining);
+        prop_assert!(vol.areas.state().peer_pending == table);
+        let mut data = data_file(d.path());
+        let mut pending = table.clone();
+        let mut drained = false;
+        for specs in &batches {
+            let batch = build(specs, EPOCH, 1);
+            let before = data_file(d.path());
+            // The model: all-or-nothing validation, then images where still wanted.
+            let valid = batch.iter().all(|m| {
+                m.volume == NAME
+                    && m.epoch == EPOCH
+                    && match &m.body {
+                        Some(Body::Block(b)) => {
+                            b.block < BLOCKS
+                                && b.data.len() == BS as usize
+                                && crc32c::crc32c(&b.data) == b.crc32c
+                        }
+                        Some(Body::DrainComplete(_)) | Some(Body::Heartbeat(_)) | None => true,
+                        Some(_) => false,
+                    }
+            });
+            let got = no_panic(&format!("{batch:?}"), || {
+                if via_apply_batch {
+                    vol.apply_batch(batch.clone())
+                } else {
+                    vol.apply_drain(batch.clone())
+                }
+            })?;
+            prop_assert_eq!(valid, got.is_ok(), "{:?}", got.map(|o| o.applied_seq));
+            if !valid {
+                prop_assert!(data_file(d.path()) == before, "a refused drain batch wrote");
+                prop_assert!(vol.areas.state().peer_pending == pending);
+                continue;
+            }
+            for m in &batch {
+                match &m.body {
+                    Some(Body::Block(b)) if pending.get(b.block) => {
+                        let at = (b.block * BS) as usize;
+                        data[at..at + BS as usize].copy_from_slice(&b.data);
+                        pending.clear(b.block);
+                    }
+                    Some(Body::DrainComplete(_)) => {
+                        if !drained {
+                            pending.clear_all();
+                        }
+                        drained = true;
+                    }
+                    _ => {}
+                }
+            }
+            prop_assert!(data_file(d.path()) == data, "data file differs from the model");
+            prop_assert!(vol.areas.state().peer_pending == pending);
+            let phase = if drained { Phase::Merging } else { Phase::Draining };
+            prop_assert_eq!(vol.areas.phase(), phase);
+        }
+    });
 }

@@ -171,17 +171,7 @@ impl Model {
 }
 
 fn image(b: u64) -> pb::ReplicationMessage {
-    let data = Bytes::from(content(OLD_PRIMARY, b));
-    pb::ReplicationMessage {
-        volume: "v".into(),
-        epoch: 2,
-        body: Some(Body::Block(pb::BlockImage {
-            block: b,
-            generation: 1,
-            crc32c: crc32c::crc32c(&data),
-            data,
-        })),
-    }
+    super::tests::drained_image_of(b, content(OLD_PRIMARY, b))
 }
 
 fn table(blocks: &BTreeSet<u64>) -> Bitmap {
@@ -361,51 +351,64 @@ fn finish(v: &Arc<Volume>, m: &mut Model) -> Result<(), String> {
 
 /// One run of `ops` with the power cut after `budget` file operations (None: never); returns the
 /// file operations used and the violations found.
-fn run(dir: &Path, seed: u64, ops: &[Op], budget: Option<i64>) -> (i64, Vec<String>) {
+/// A volume whose touched blocks hold this engine's pre-takeover copy, durably, and its model.
+fn setup(dir: &Path, seed: u64) -> (Arc<Volume>, Model) {
     {
         let v = Volume::open(&config(dir)).unwrap_or_else(|e| panic!("setup: {e}"));
         for b in FIRST..FIRST + TOUCHED {
-            assert!(
-                v.store.write_at(&content(BASE, b), b * BS).is_ok(),
-                "setup write"
-            );
+            let w = v.store.write_at(&content(BASE, b), b * BS);
+            assert!(w.is_ok(), "setup write");
         }
         assert!(v.store.sync().is_ok() && v.shutdown().is_ok(), "setup sync");
     }
-    let mut m = Model::new(seed);
     let v = Volume::open(&config(dir)).unwrap_or_else(|e| panic!("open: {e}"));
+    (v, Model::new(seed))
+}
+
+/// The power goes out: what no fdatasync covered is gone, and the engine restarts in a new boot.
+fn power_loss(dir: &Path, v: Arc<Volume>, label: &str) -> Result<Arc<Volume>, String> {
+    v.store.lose_unsynced();
+    v.areas.overlay.lose_unsynced();
+    drop(v);
+    let new_boot = std::fs::write(dir.join("state/test-boot-id"), label);
+    assert!(new_boot.is_ok(), "naming the new boot");
+    Volume::open(&config(dir)).map_err(|e| format!("restart after {label} failed: {e}"))
+}
+
+/// The checks after a restart, then the takeover carried to its end and checked again.
+fn recovered(v: &Arc<Volume>, m: &mut Model, label: &str) -> Vec<String> {
+    let mut bad = check(v, m, &format!("after {label}"));
+    if bad.is_empty() {
+        if let Err(e) = finish(v, m) {
+            bad.push(format!(
+                "carrying the takeover on after {label} failed: {e}"
+            ));
+        }
+        bad.extend(check(v, m, "after the takeover was carried to its end"));
+    }
+    bad
+}
+
+/// One run of `ops` with the power cut after `budget` file operations (None: never); returns the
+/// file operations used and the violations found.
+fn run(dir: &Path, seed: u64, ops: &[Op], budget: Option<i64>) -> (i64, Vec<String>) {
+    let (v, mut m) = setup(dir, seed);
     let cut = Cut::after(dir, budget.unwrap_or(i64::MAX / 2));
     for op in ops {
         if apply(&v, &mut m, op).is_err() {
             break;
         }
     }
-    let used = cut.used();
-    let tripped = cut.tripped();
+    let (used, tripped) = (cut.used(), cut.tripped());
     drop(cut);
     if budget.is_some() && !tripped {
         return (used, Vec::new());
     }
-    v.store.lose_unsynced();
-    v.areas.overlay.lose_unsynced();
-    drop(v);
-    // The machine comes back in a new boot: its page cache is gone.
-    let new_boot = std::fs::write(dir.join("state/test-boot-id"), format!("after cut {used}"));
-    assert!(new_boot.is_ok(), "naming the new boot");
-    let v = match Volume::open(&config(dir)) {
-        Ok(v) => v,
-        Err(e) => return (used, vec![format!("restart after the cut failed: {e}")]),
-    };
-    let mut bad = check(&v, &m, "after the power cut");
-    if bad.is_empty() {
-        if let Err(e) = finish(&v, &mut m) {
-            bad.push(format!(
-                "carrying the takeover on after the cut failed: {e}"
-            ));
-        }
-        bad.extend(check(&v, &m, "after the takeover was carried to its end"));
+    let label = format!("the power cut at op {used}");
+    match power_loss(dir, v, &label) {
+        Ok(v) => (used, recovered(&v, &mut m, &label)),
+        Err(e) => (used, vec![e]),
     }
-    (used, bad)
 }
 
 /// One run with file operation `k` failing as `kind` (EIO, ENOSPC, a short write). The run goes on
@@ -413,18 +416,7 @@ fn run(dir: &Path, seed: u64, ops: &[Op], budget: Option<i64>) -> (i64, Vec<Stri
 /// failed fdatasync in its status, and after a power loss and a restart every FLUSHed write must
 /// still be there: nothing is acknowledged that is not durable.
 fn run_fault(dir: &Path, seed: u64, ops: &[Op], k: i64, kind: Kind) -> Vec<String> {
-    {
-        let v = Volume::open(&config(dir)).unwrap_or_else(|e| panic!("setup: {e}"));
-        for b in FIRST..FIRST + TOUCHED {
-            assert!(
-                v.store.write_at(&content(BASE, b), b * BS).is_ok(),
-                "setup write"
-            );
-        }
-        assert!(v.store.sync().is_ok() && v.shutdown().is_ok(), "setup sync");
-    }
-    let mut m = Model::new(seed);
-    let v = Volume::open(&config(dir)).unwrap_or_else(|e| panic!("open: {e}"));
+    let (v, mut m) = setup(dir, seed);
     let fault = Cut::fault(dir, k, kind);
     let trace = std::env::var("TANDEM_FAILPOINT_TRACE").is_ok_and(|t| t == format!("{k}"));
     for op in ops {
@@ -445,23 +437,9 @@ fn run_fault(dir: &Path, seed: u64, ops: &[Op], k: i64, kind: Kind) -> Vec<Strin
             bad.push(format!("a failed fdatasync is not in the status: {c:?}"));
         }
     }
-    v.store.lose_unsynced();
-    v.areas.overlay.lose_unsynced();
-    drop(v);
-    let new_boot = std::fs::write(dir.join("state/test-boot-id"), format!("after fault {k}"));
-    assert!(new_boot.is_ok(), "naming the new boot");
-    let v = match Volume::open(&config(dir)) {
-        Ok(v) => v,
-        Err(e) => return vec![format!("restart after the fault failed: {e}")],
-    };
-    bad.extend(check(&v, &m, "after the fault and a power loss"));
-    if bad.is_empty() {
-        if let Err(e) = finish(&v, &mut m) {
-            bad.push(format!(
-                "carrying the takeover on after the fault failed: {e}"
-            ));
-        }
-        bad.extend(check(&v, &m, "after the takeover was carried to its end"));
+    match power_loss(dir, v, &format!("the fault at op {k} and a power loss")) {
+        Ok(v) => bad.extend(recovered(&v, &mut m, "the fault and a power loss")),
+        Err(e) => bad.push(e),
     }
     bad
 }

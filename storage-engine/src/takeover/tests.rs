@@ -80,7 +80,12 @@ fn run_merge(v: &Arc<Volume>) -> std::thread::JoinHandle<std::io::Result<()>> {
 }
 
 fn drained_image(b: u64, byte: u8) -> pb::ReplicationMessage {
-    let data = Bytes::from(block(byte));
+    drained_image_of(b, block(byte))
+}
+
+/// A drained block image at epoch 2, as the fenced old primary sends it.
+pub(crate) fn drained_image_of(b: u64, content: Vec<u8>) -> pb::ReplicationMessage {
+    let data = Bytes::from(content);
     pb::ReplicationMessage {
         volume: "v".into(),
         epoch: 2,

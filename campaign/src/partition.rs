@@ -1,0 +1,933 @@
+//! The partition campaign: each engine of the pair in its own network namespace, joined by a veth
+//! link; the history clients write and read through the serving engine's unix socket while a
+//! nemesis cycles through network failures that give no FIN and no RST:
+//! - a full blackhole of the link (both ends drop everything they send), during which a
+//!   `takeover --policy wait` must be refused with HandoffBlocked and promote nobody;
+//! - an asymmetric drop (one end drops what it sends);
+//! - a SIGSTOP of either engine;
+//! - a node "reboot": the namespace's link goes down, the engine is SIGKILLed and its orphaned
+//!   sockets destroyed (`ss -K`) so nothing it had open ever sends a FIN, then the link comes back
+//!   and the engine restarts;
+//! - the primary's node rebooting (two thirds of the time after building a backlog over a
+//!   throttled or a silent link) while the secondary is promoted with `--policy force`: the
+//!   returning old primary must step down, and only the blocks the promotion reported lost may
+//!   lose acknowledged writes (the checker accounts for them as reported losses).
+//!
+//! Per partition it measures how long each side takes to report `peer_connected: false` (bound:
+//! `--peer-timeout-ms` + 1 s), checks that sync mode reports its degradation while cut off, and
+//! after healing that the pair converges again without restarting the engine that stayed up.
+//! Drops come from a zero-length pfifo qdisc on a device's egress (no netem or iptables needed).
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    checker::{self, Loss},
+    client::{self, Shared, Stats},
+    cluster::{self, Pair, VOLUME},
+    history::{ms, Op, Time},
+    prng::Rng,
+    stamp::SECTOR,
+    Common, Mode,
+};
+
+/// Two namespaces joined by a veth pair; deleted on drop.
+struct Net {
+    ns: [String; 2],
+    dev: [String; 2],
+    ip: [String; 2],
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Net {
+    /// Sets up the namespaces, or says why it cannot (not root, no iproute2, no pfifo qdisc).
+    fn create() -> Result<Net, String> {
+        let id = std::process::id();
+        let net = Net {
+            ns: [format!("tcp{id}a"), format!("tcp{id}b")],
+            dev: [
+                format!("tcv{}a", id % 100_000),
+                format!("tcv{}b", id % 100_000),
+            ],
+            ip: [
+                format!("10.232.{}.1", id % 250),
+                format!("10.232.{}.2", id % 250),
+            ],
+        };
+        ip(&["netns", "add", &net.ns[0]])
+            .map_err(|e| format!("{e} (network namespaces need root and iproute2)"))?;
+        // From here on, Drop removes whatever was made.
+        ip(&["netns", "add", &net.ns[1]])?;
+        ip(&[
+            "link",
+            "add",
+            &net.dev[0],
+            "netns",
+            &net.ns[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &net.dev[1],
+            "netns",
+            &net.ns[1],
+        ])?;
+        for i in 0..2 {
+            let addr = format!("{}/24", net.ip[i]);
+            ip(&["-n", &net.ns[i], "addr", "add", &addr, "dev", &net.dev[i]])?;
+            ip(&["-n", &net.ns[i], "link", "set", &net.dev[i], "up"])?;
+            ip(&["-n", &net.ns[i], "link", "set", "lo", "up"])?;
+        }
+        net.drop_egress(0, true)
+            .and_then(|()| net.drop_egress(0, false))
+            .map_err(|e| format!("no zero-length pfifo qdisc to drop packets with: {e}"))?;
+        Ok(net)
+    }
+
+    fn exec(&self, i: usize, args: &[&str]) -> Result<(), String> {
+        let mut a = vec!["netns", "exec", &self.ns[i]];
+        a.extend_from_slice(args);
+        ip(&a)
+    }
+
+    /// Drops everything engine `i`'s end of the link sends (a pfifo queue of length 0), or lets
+    /// it through again: one direction of the link, silently.
+    fn drop_egress(&self, i: usize, on: bool) -> Result<(), String> {
+        let dev = self.dev[i].as_str();
+        if on {
+            self.exec(
+                i,
+                &[
+                    "tc", "qdisc", "replace", "dev", dev, "root", "pfifo", "limit", "0",
+                ],
+            )
+        } else {
+            self.exec(i, &["tc", "qdisc", "del", "dev", dev, "root"])
+        }
+    }
+
+    fn link(&self, i: usize, up: bool) -> Result<(), String> {
+        ip(&[
+            "-n",
+            &self.ns[i],
+            "link",
+            "set",
+            &self.dev[i],
+            if up { "up" } else { "down" },
+        ])
+    }
+
+    /// Destroys every TCP socket left in namespace `i` (a dead engine's orphans, which would
+    /// otherwise send their FIN once the link is back).
+    fn kill_sockets(&self, i: usize) -> Result<(), String> {
+        self.exec(i, &["ss", "-t", "-a", "-K"])
+    }
+
+    /// Everything passes again (errors ignored: most of it is already so).
+    fn heal(&self) {
+        for i in 0..2 {
+            let _ = self.link(i, true);
+            let _ = self.drop_egress(i, false);
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in &self.ns {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Blackhole,
+    OneWay,
+    Stop,
+    Reboot,
+    Forced,
+}
+
+/// The nemesis cycles through these in order (victims and timings drawn from the seed).
+const CYCLE: [Fault; 5] = [
+    Fault::Blackhole,
+    Fault::OneWay,
+    Fault::Stop,
+    Fault::Reboot,
+    Fault::Forced,
+];
+
+#[derive(Debug, Default)]
+struct Counts {
+    rounds: u64,
+    /// Partitions by kind ("blackhole", "oneway A->B", "stop B", "reboot A", "forced A", ...).
+    kinds: BTreeMap<String, u64>,
+    /// Max detection time per (kind, side that detected), milliseconds.
+    detect_ms: BTreeMap<String, u64>,
+    detections: u64,
+    detect_max_ms: u64,
+    resumes: u64,
+    resume_max_ms: u64,
+    degraded_seen: u64,
+    wait_blocked: u64,
+    forced: u64,
+    /// Forced takeovers refused because the secondary was mid-resync (Inconsistent).
+    force_refused_torn: u64,
+    lost_blocks_reported: u64,
+    kills: u64,
+    stops: u64,
+}
+
+struct Nemesis<'a> {
+    pair: &'a mut Pair,
+    net: &'a Net,
+    rng: Rng,
+    sh: &'a Shared,
+    sync: bool,
+    /// Detection bound: `--peer-timeout-ms` + 1 s.
+    bound: Duration,
+    counts: Counts,
+    losses: Vec<Loss>,
+    log: Vec<(Time, String)>,
+    problems: Vec<String>,
+}
+
+fn sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+impl Nemesis<'_> {
+    fn note(&mut self, what: String) {
+        self.log.push((self.sh.now(), what));
+    }
+
+    fn problem(&mut self, what: String) {
+        self.note(format!("PROBLEM: {what}"));
+        self.problems.push(what);
+    }
+
+    fn label(&self, i: usize) -> &'static str {
+        self.pair.e[i].label
+    }
+
+    fn net_step(&mut self, what: &str, r: Result<(), String>) -> Result<()> {
+        r.map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    }
+
+    /// Polls `sides` until each reports `peer_connected: false`; a side that takes longer than
+    /// the bound is a problem. Returns when all did, or a few seconds past the bound.
+    fn detect(&mut self, kind: &str, t0: Instant, sides: &[usize]) {
+        let mut left: Vec<usize> = sides.to_vec();
+        let give_up = self.bound + Duration::from_secs(4);
+        while !left.is_empty() && t0.elapsed() < give_up {
+            let mut i = 0;
+            while i < left.len() {
+                let side = left[i];
+                let down = self
+                    .pair
+                    .status(side)
+                    .is_ok_and(|s| s["peer_connected"] == false);
+                if down {
+                    let took = t0.elapsed();
+                    let t = took.as_millis() as u64;
+                    let key = format!("{kind}: {} sees it", self.label(side));
+                    let e = self.counts.detect_ms.entry(key).or_default();
+                    *e = (*e).max(t);
+                    self.counts.detect_max_ms = self.counts.detect_max_ms.max(t);
+                    self.counts.detections += 1;
+                    self.note(format!(
+                        "{} reports peer_connected false after {t} ms",
+                        self.label(side)
+                    ));
+                    if took > self.bound {
+                        self.problem(format!(
+                            "{kind}: {} took {t} ms to report the peer down (bound {} ms)",
+                            self.label(side),
+                            self.bound.as_millis()
+                        ));
+                    }
+                    left.remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+            sleep_ms(20);
+        }
+        for side in left {
+            self.problem(format!(
+                "{kind}: {} still reports the peer connected after {} ms (bound {} ms)",
+                self.label(side),
+                t0.elapsed().as_millis(),
+                self.bound.as_millis()
+            ));
+        }
+    }
+
+    /// Sync mode, while the secondary is cut off: the primary must say its writes stand alone.
+    fn expect_degraded(&mut self, kind: &str, p: usize) {
+        if !self.sync {
+            return;
+        }
+        let t = Instant::now();
+        loop {
+            let st = self.pair.status(p);
+            if let Ok(s) = &st {
+                let cond = s["condition"].as_str().unwrap_or("");
+                if s["sync_degraded"] == true && cond.starts_with("Degraded") {
+                    self.counts.degraded_seen += 1;
+                    self.note(format!("{} reports: {cond}", self.label(p)));
+                    return;
+                }
+            }
+            if t.elapsed() > self.bound {
+                let msg = format!(
+                    "{kind}: sync-mode primary {} does not report its degradation: {}",
+                    self.label(p),
+                    st.map_or_else(|e| e, |v| v.to_string())
+                );
+                self.problem(msg);
+                return;
+            }
+            sleep_ms(50);
+        }
+    }
+
+    /// `takeover --policy wait` on the cut-off secondary: refused as HandoffBlocked, nobody
+    /// promoted, the primary still primary.
+    fn wait_takeover_blocked(&mut self, p: usize, s: usize) {
+        self.note(format!(
+            "takeover --policy wait on {} while partitioned",
+            self.label(s)
+        ));
+        match self
+            .pair
+            .control("takeover", s, &["--policy", "wait", "--timeout", "2"])
+        {
+            Ok(r) => self.problem(format!(
+                "takeover --policy wait promoted {} across a partition: {r}",
+                self.label(s)
+            )),
+            Err(e) if e.contains("HandoffBlocked") => {
+                self.counts.wait_blocked += 1;
+                self.note(format!("refused as expected: {e}"));
+            }
+            Err(e) => self.problem(format!(
+                "takeover --policy wait across a partition: expected HandoffBlocked, got: {e}"
+            )),
+        }
+        for (i, role) in [(p, "primary"), (s, "secondary")] {
+            match self.pair.status(i) {
+                Ok(st) if st["role"] == role => {}
+                other => {
+                    let msg = format!(
+                        "after the blocked takeover {} should be {role}: {}",
+                        self.label(i),
+                        other.map_or_else(|e| e, |v| v.to_string())
+                    );
+                    self.problem(msg);
+                }
+            }
+        }
+    }
+
+    /// The node of engine `v` goes down: link down, process SIGKILLed, its sockets destroyed
+    /// without a packet leaving. Returns when the engine stopped serving.
+    fn node_down(&mut self, v: usize) -> Result<Time> {
+        let r = self.net.link(v, false);
+        self.net_step("link down", r)?;
+        self.pair.e[v].kill();
+        let cut = self.sh.now();
+        self.counts.kills += 1;
+        let r = self.net.kill_sockets(v);
+        self.net_step("destroying the dead node's sockets", r)?;
+        self.note(format!(
+            "node of {} down (link down, SIGKILL)",
+            self.label(v)
+        ));
+        Ok(cut)
+    }
+
+    fn node_up(&mut self, v: usize) -> Result<()> {
+        // A drop left from before the reboot goes with it (there may be none).
+        let _ = self.net.drop_egress(v, false);
+        let r = self.net.link(v, true);
+        self.net_step("link up", r)?;
+        self.pair.e[v].spawn()?;
+        self.note(format!("node of {} back, engine restarted", self.label(v)));
+        Ok(())
+    }
+
+    fn count(&mut self, kind: String) {
+        self.note(format!("partition: {kind}"));
+        *self.counts.kinds.entry(kind).or_default() += 1;
+    }
+
+    fn round(&mut self, fault: Fault) -> Result<()> {
+        let Some(p) = self.pair.serving() else {
+            self.problem("nobody serves at the start of a round".into());
+            return Ok(());
+        };
+        let s = 1 - p;
+        let pids = [self.pair.e[0].pid(), self.pair.e[1].pid()];
+        let mut restarted = None;
+        let t0;
+        match fault {
+            Fault::Blackhole => {
+                let kind = "blackhole".to_string();
+                self.count(kind.clone());
+                for i in 0..2 {
+                    let r = self.net.drop_egress(i, true);
+                    self.net_step("blackhole", r)?;
+                }
+                t0 = Instant::now();
+                self.detect(&kind, t0, &[p, s]);
+                self.expect_degraded(&kind, p);
+                self.wait_takeover_blocked(p, s);
+                sleep_ms(self.rng.below(500));
+                for i in 0..2 {
+                    let r = self.net.drop_egress(i, false);
+                    self.net_step("healing the blackhole", r)?;
+                }
+            }
+            Fault::OneWay => {
+                let v = self.rng.below(2) as usize;
+                let kind = format!("oneway {}->{} dropped", self.label(v), self.label(1 - v));
+                self.count(kind.clone());
+                let r = self.net.drop_egress(v, true);
+                self.net_step("one-way drop", r)?;
+                t0 = Instant::now();
+                self.detect(&kind, t0, &[p, s]);
+                self.expect_degraded(&kind, p);
+                sleep_ms(self.rng.below(500));
+                let r = self.net.drop_egress(v, false);
+                self.net_step("healing the one-way drop", r)?;
+            }
+            Fault::Stop => {
+                let v = self.rng.below(2) as usize;
+                let kind = format!(
+                    "SIGSTOP {} ({})",
+                    self.label(v),
+                    if v == p { "primary" } else { "secondary" }
+                );
+                self.count(kind.clone());
+                self.pair.e[v].stop()?;
+                self.counts.stops += 1;
+                t0 = Instant::now();
+                self.detect(&kind, t0, &[1 - v]);
+                if v == s {
+                    self.expect_degraded(&kind, p);
+                }
+                sleep_ms(self.rng.below(500));
+                self.pair.e[v].cont()?;
+            }
+            Fault::Reboot => {
+                let v = self.rng.below(2) as usize;
+                let kind = format!(
+                    "reboot {} ({})",
+                    self.label(v),
+                    if v == p { "primary" } else { "secondary" }
+                );
+                self.count(kind.clone());
+                self.node_down(v)?;
+                t0 = Instant::now();
+                self.detect(&kind, t0, &[1 - v]);
+                if v == s {
+                    self.expect_degraded(&kind, p);
+                }
+                sleep_ms(self.rng.below(1000));
+                self.node_up(v)?;
+                restarted = Some(v);
+            }
+            Fault::Forced => {
+                // Two thirds of the time the primary first builds a backlog under load:
+                // acknowledged writes the secondary never got, which the forced promotion must
+                // report as lost. Over a slow link (replication throttled, heartbeats still
+                // flowing) or a silent one (everything the primary sends dropped).
+                let backlog = match self.rng.below(3) {
+                    0 => "",
+                    1 => ", slow link backlog",
+                    _ => ", silent link backlog",
+                };
+                let kind = format!(
+                    "reboot {} (primary) + forced takeover{backlog}",
+                    self.label(p),
+                );
+                self.count(kind.clone());
+                if !backlog.is_empty() {
+                    let r = if backlog.contains("slow") {
+                        self.pair.fault(p, &["--rate", "256K"])
+                    } else {
+                        self.net.drop_egress(p, true)
+                    };
+                    match r {
+                        Ok(()) => {
+                            sleep_ms(self.rng.range(300, 1000));
+                            let pending = self
+                                .pair
+                                .status(p)
+                                .map_or_else(|e| e, |s| s["pending_blocks"].to_string());
+                            self.note(format!("backlog on {}: {pending} blocks", self.label(p)));
+                        }
+                        Err(e) => self.problem(format!("building a backlog failed: {e}")),
+                    }
+                }
+                let cut = self.node_down(p)?;
+                t0 = Instant::now();
+                self.detect(&kind, t0, &[s]);
+                self.note(format!("takeover --policy force on {}", self.label(s)));
+                match self
+                    .pair
+                    .control("takeover", s, &["--policy", "force", "--timeout", "2"])
+                {
+                    Ok(r) => {
+                        let lost = r["lost_blocks"].as_u64().unwrap_or(0);
+                        self.losses.push(Loss {
+                            cut,
+                            promoted: self.sh.now(),
+                            lost_blocks: lost,
+                        });
+                        self.counts.forced += 1;
+                        self.counts.lost_blocks_reported += lost;
+                        self.note(format!("forced promotion: {r}"));
+                    }
+                    // A replica whose resync the backlog cut short is torn: refusing to serve
+                    // it (without --allow-inconsistent) is the right answer.
+                    Err(e) if e.contains("Inconsistent") => {
+                        self.counts.force_refused_torn += 1;
+                        self.note(format!("forced promotion refused, replica torn: {e}"));
+                    }
+                    Err(e) => self.problem(format!(
+                        "takeover --policy force with the old primary's node down failed: {e}"
+                    )),
+                }
+                sleep_ms(self.rng.below(1000));
+                self.node_up(p)?;
+                restarted = Some(p);
+            }
+        }
+        self.resume(restarted, pids, t0)
+    }
+
+    /// After healing: hold the clients, and the pair must converge (the returning old primary
+    /// stepped down, nothing pending, Synced; in sync mode no longer degraded) without the engine
+    /// that stayed up having been restarted.
+    fn resume(
+        &mut self,
+        restarted: Option<usize>,
+        pids: [Option<u32>; 2],
+        t0: Instant,
+    ) -> Result<()> {
+        self.sh.hold.store(true, Ordering::Relaxed);
+        let t = Instant::now();
+        let deadline = t + Duration::from_secs(30);
+        let mut done = None;
+        while Instant::now() < deadline {
+            if let Some(sv) = self.pair.serving() {
+                let degraded = self.sync
+                    && self
+                        .pair
+                        .status(sv)
+                        .map_or(true, |st| st["sync_degraded"] != false);
+                if self.pair.converged(sv).unwrap_or(false) && !degraded {
+                    done = Some(sv);
+                    break;
+                }
+            }
+            sleep_ms(50);
+        }
+        self.sh.hold.store(false, Ordering::Relaxed);
+        match done {
+            Some(sv) => {
+                let took = t.elapsed().as_millis() as u64;
+                self.counts.resumes += 1;
+                self.counts.resume_max_ms = self.counts.resume_max_ms.max(took);
+                self.note(format!(
+                    "converged on {} {took} ms after healing ({} ms after the fault)",
+                    self.label(sv),
+                    t0.elapsed().as_millis()
+                ));
+            }
+            None => self.problem(format!(
+                "replication did not resume within 30 s of healing:\n{}",
+                self.pair.describe()
+            )),
+        }
+        for (i, pid) in pids.iter().enumerate() {
+            if Some(i) != restarted && self.pair.e[i].pid() != *pid {
+                self.problem(format!("engine {} was restarted", self.label(i)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo everything: links up, nothing dropped, processes continued and running.
+    fn heal(&mut self) -> Result<Option<usize>> {
+        self.net.heal();
+        for i in 0..2 {
+            self.pair.e[i].cont()?;
+            if !self.pair.e[i].alive() {
+                self.pair.e[i].spawn()?;
+            }
+        }
+        self.sh.hold.store(false, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(s) = self.pair.serving() {
+                return Ok(Some(s));
+            }
+            sleep_ms(50);
+        }
+        self.problem("nobody serves 30 s after the nemesis stopped".into());
+        Ok(None)
+    }
+}
+
+fn seed_from_clock() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// Runs the partition campaign; Ok(true) when nothing was found (or it had to be skipped).
+pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Result<bool> {
+    let seed = c.seed.unwrap_or_else(seed_from_clock);
+    let sync = c.mode == Mode::Sync;
+    let mode = if sync { "sync" } else { "async" };
+    println!(
+        "tandem-campaign partition: seed {seed} mode {mode} rounds {rounds} size {} clients {} qd {} \
+         peer timeout {peer_timeout_ms} ms (rerun with --seed {seed})",
+        c.size, c.clients, c.qd
+    );
+    let net = match Net::create() {
+        Ok(n) => n,
+        Err(why) => {
+            println!("SKIP: cannot set up network namespaces: {why}");
+            println!(
+                "SUMMARY campaign=partition mode={mode} seed={seed} rounds=0 partitions=0 \
+                 violations=0 liveness=0 seconds=0 result=SKIPPED"
+            );
+            return Ok(true);
+        }
+    };
+    let bin = cluster::locate_engine(c.engine.clone())?;
+    let mut tmp = None;
+    let dir = match &c.dir {
+        Some(d) => d.clone(),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("tandem-partition-")
+                .tempdir()?;
+            let p = t.path().to_path_buf();
+            tmp = Some(t);
+            p
+        }
+    };
+    let started = Instant::now();
+    // With the common 8 MiB default a single 32 MiB client write overflows the journal, and the
+    // secondary spends most of its time mid-resync (Inconsistent), where a forced takeover is
+    // rightly refused: this campaign wants forced promotions too, so it takes 64 MiB by default.
+    let journal = if c.journal_size == "8M" {
+        "64M"
+    } else {
+        c.journal_size.as_str()
+    };
+    let extra: Vec<String> = [
+        "--replication",
+        mode,
+        "--journal-size",
+        journal,
+        "--sync-timeout-ms",
+        "1000",
+        "--peer-timeout-ms",
+        &peer_timeout_ms.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let grpc = [format!("{}:9700", net.ip[0]), format!("{}:9700", net.ip[1])];
+    let mut pair = Pair::start_netns(
+        &bin,
+        &dir,
+        &c.size.to_string(),
+        &extra,
+        [&net.ns[0], &net.ns[1]],
+        [&grpc[0], &grpc[1]],
+    )
+    .context("starting the pair in its namespaces")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pair.converged(0).unwrap_or(false) {
+        if Instant::now() > deadline {
+            bail!("the new pair did not sync:\n{}", pair.describe());
+        }
+        sleep_ms(25);
+    }
+    let sh = Arc::new(Shared {
+        t0: Instant::now(),
+        stop: AtomicBool::new(false),
+        hold: AtomicBool::new(false),
+        next_id: AtomicU64::new(1),
+        addrs: vec![pair.e[0].nbd_addr(), pair.e[1].nbd_addr()],
+        export: VOLUME.to_string(),
+        size: c.size,
+        hot: c.hot,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let clients: Vec<_> = (0..c.clients)
+        .map(|i| rt.spawn(client::run_client(sh.clone(), i, c.qd, seed)))
+        .collect();
+    let peer_timeout = Duration::from_millis(peer_timeout_ms);
+    let mut nem = Nemesis {
+        pair: &mut pair,
+        net: &net,
+        rng: Rng::new(seed),
+        sh: &sh,
+        sync,
+        bound: peer_timeout + Duration::from_secs(1),
+        counts: Counts::default(),
+        losses: Vec::new(),
+        log: Vec::new(),
+        problems: Vec::new(),
+    };
+    let broke: Result<()> = (|| {
+        for r in 0..rounds {
+            sleep_ms(nem.rng.range(gap.0, gap.1.max(gap.0 + 1)));
+            nem.counts.rounds += 1;
+            nem.round(CYCLE[(r % CYCLE.len() as u64) as usize])?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = &broke {
+        nem.problem(format!("nemesis stopped early: {e:#}"));
+    }
+    let serving = nem.heal()?;
+    sh.stop.store(true, Ordering::Relaxed);
+    let mut ops: Vec<Op> = Vec::new();
+    let mut stats: Vec<Stats> = Vec::new();
+    for h in clients {
+        let (o, s) = rt.block_on(h)?;
+        ops.extend(o);
+        stats.push(s);
+    }
+    let stuck: u64 = stats.iter().map(|s| s.stuck).sum();
+    if stuck > 0 {
+        nem.problem(format!(
+            "{stuck} requests unanswered 60 s after the nemesis stopped"
+        ));
+    }
+    let mut converged = false;
+    if let Some(s) = serving {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if nem.pair.converged(s).unwrap_or(false) {
+                converged = true;
+                break;
+            }
+            sleep_ms(50);
+        }
+        if !converged {
+            let msg = format!(
+                "the pair did not converge within 120 s of the clients stopping:\n{}",
+                nem.pair.describe()
+            );
+            nem.problem(msg);
+        }
+    }
+    let mut final_ok = false;
+    if let Some(s) = serving {
+        match rt.block_on(client::final_read(&sh, &nem.pair.e[s].nbd_addr(), 4 << 20)) {
+            Ok(f) => {
+                final_ok = true;
+                ops.extend(f);
+            }
+            Err(e) => nem.problem(format!("the final read failed: {e}")),
+        }
+    }
+    let mut identical = None;
+    if converged {
+        let diff = cluster::compare_files(&nem.pair.e[0].data(), &nem.pair.e[1].data())?;
+        if let Some((first, count)) = diff {
+            nem.problem(format!(
+                "replicas differ: {count} blocks, the first at block {first}"
+            ));
+        }
+        identical = Some(diff.is_none());
+    }
+    let checked = checker::check_with_losses(&ops, c.size / SECTOR, &nem.losses);
+    let (counts, losses, log, problems) = (
+        std::mem::take(&mut nem.counts),
+        std::mem::take(&mut nem.losses),
+        std::mem::take(&mut nem.log),
+        std::mem::take(&mut nem.problems),
+    );
+    drop(nem);
+    report(
+        c, seed, mode, &ops, &checked, &counts, &losses, &log, &problems,
+    );
+    let ok =
+        checked.violation_count == 0 && problems.is_empty() && final_ok && identical == Some(true);
+    let partitions: u64 = counts.kinds.values().sum();
+    let forced_rounds: u64 = counts
+        .kinds
+        .iter()
+        .filter(|(k, _)| k.contains("forced"))
+        .map(|(_, n)| n)
+        .sum();
+    println!(
+        "SUMMARY campaign=partition mode={mode} seed={seed} rounds={} partitions={partitions} \
+         blackholes={} oneway={} pauses={} reboots={} forced={} kills={} takeovers={} failbacks=0 \
+         detections={} detect_max_ms={} bound_ms={} resumes={} resume_max_ms={} degraded_seen={} \
+         wait_blocked={} force_refused_torn={} lost_blocks_reported={} reported_losses={} reported_loss_blocks={} \
+         ops={} reads_checked={} sectors_checked={} final_sectors={} indeterminate={} errors={} \
+         violations={} liveness={} replicas_identical={} seconds={:.1} result={}",
+        counts.rounds,
+        kind_count(&counts, "blackhole"),
+        kind_count(&counts, "oneway"),
+        counts.stops,
+        kind_count(&counts, "reboot") - forced_rounds,
+        forced_rounds,
+        counts.kills,
+        counts.forced,
+        counts.detections,
+        counts.detect_max_ms,
+        peer_timeout_ms + 1000,
+        counts.resumes,
+        counts.resume_max_ms,
+        counts.degraded_seen,
+        counts.wait_blocked,
+        counts.force_refused_torn,
+        counts.lost_blocks_reported,
+        checked.reported_losses,
+        checked.reported_loss_blocks,
+        ops.len(),
+        checked.reads_checked,
+        checked.sectors_checked,
+        checked.final_sectors,
+        checked.indeterminate,
+        checked.errors,
+        checked.violation_count,
+        problems.len(),
+        identical.map_or("unknown".to_string(), |b| b.to_string()),
+        started.elapsed().as_secs_f64(),
+        if ok { "pass" } else { "FAIL" }
+    );
+    drop(pair);
+    drop(net);
+    if !ok {
+        if let Some(t) = tmp.take() {
+            println!(
+                "kept the working directory (engine logs, data files): {}",
+                t.keep().display()
+            );
+        }
+    }
+    Ok(ok)
+}
+
+fn kind_count(c: &Counts, prefix: &str) -> u64 {
+    c.kinds
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    c: &Common,
+    seed: u64,
+    mode: &str,
+    ops: &[Op],
+    checked: &checker::Checked,
+    counts: &Counts,
+    losses: &[Loss],
+    log: &[(Time, String)],
+    problems: &[String],
+) {
+    println!("partitions by kind:");
+    for (k, n) in &counts.kinds {
+        println!("  {k:<45} {n:>4}");
+    }
+    println!("detection (max ms until status says peer_connected: false):");
+    for (k, t) in &counts.detect_ms {
+        println!("  {k:<55} {t:>6}");
+    }
+    println!(
+        "resumed {} times (max {} ms from healing to converged); sync degradation reported {} \
+         times; takeover --policy wait refused as HandoffBlocked {} times; {} forced promotions \
+         reported {} lost blocks; {} forced takeovers refused (replica Inconsistent)",
+        counts.resumes,
+        counts.resume_max_ms,
+        counts.degraded_seen,
+        counts.wait_blocked,
+        counts.forced,
+        counts.lost_blocks_reported,
+        counts.force_refused_torn
+    );
+    println!(
+        "checked: {} ops, {} reads, {} sectors ({} in the final read), {} indeterminate writes, \
+         {} reported losses in {} blocks (per promotion: {:?}), {} violations",
+        ops.len(),
+        checked.reads_checked,
+        checked.sectors_checked,
+        checked.final_sectors,
+        checked.indeterminate,
+        checked.reported_losses,
+        checked.reported_loss_blocks,
+        checked.loss_blocks,
+        checked.violation_count
+    );
+    if checked.violation_count > 0 {
+        println!("violations by kind: {:?}", checked.by_kind);
+    }
+    for (l, lost) in losses.iter().zip(&checked.loss_blocks) {
+        println!(
+            "forced promotion at {}: reported {} lost blocks; acknowledged writes gone from {lost} blocks{}",
+            ms(l.promoted),
+            l.lost_blocks,
+            if *lost > l.lost_blocks { " (UNREPORTED LOSS)" } else { "" }
+        );
+    }
+    for p in problems {
+        println!("LIVENESS: {p}");
+    }
+    for v in checked.violations.iter().take(c.show) {
+        println!(
+            "VIOLATION (partition, --mode {mode} --seed {seed}) {}",
+            checker::explain(ops, v)
+        );
+        let r = &ops[v.read];
+        let from = r.inv.saturating_sub(5_000_000_000);
+        println!("  nemesis around the read:");
+        for (t, what) in log.iter().filter(|(t, _)| *t >= from && *t <= r.comp) {
+            println!("    {} {what}", ms(*t));
+        }
+    }
+}
