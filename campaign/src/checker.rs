@@ -5,7 +5,11 @@
 //!   W2.comp < R.inv); an unacknowledged W (error or cut connection) is never superseded;
 //! - zeros are allowed iff no write was acknowledged before R began (the initial content) or
 //!   some TRIM / WRITE_ZEROES of the sector qualifies by the same rule;
-//! - anything else (a torn sector, a stamp of another sector or of no write) is a violation.
+//! - a torn sector (neither zeros nor an intact stamp) is allowed only while a write or zeroing of
+//!   that sector was in flight during the read (invoked before the read completed, not acknowledged
+//!   before it began): like a disk's, the engine's reads do not wait for overlapping writes, so a
+//!   read racing one may see part of it (the page cache copies bytes, not sectors);
+//! - anything else (a stamp of another sector or of no write) is a violation.
 //!
 //! The check is one sweep over the history in time order, keeping per sector
 //! `newest[s]` = the latest invoke time of a write acknowledged so far (which supersedes every
@@ -101,6 +105,7 @@ const ZERO_INVOKE: u8 = 0;
 const READ_INVOKE: u8 = 1;
 const WRITE_ACK: u8 = 2;
 const READ_COMPLETE: u8 = 3;
+const MUTATE_INVOKE: u8 = 4;
 
 /// Checks `ops` over a volume of `sectors` sectors.
 pub fn check(ops: &[Op], sectors: u64) -> Checked {
@@ -157,6 +162,7 @@ pub fn check_with_losses(ops: &[Op], sectors: u64, losses: &[Loss]) -> Checked {
             out.errors += u64::from(matches!(o.outcome, crate::history::Outcome::Err(_)));
         }
         if o.mutates() {
+            ev.push((o.inv, MUTATE_INVOKE, i));
             if let Some(c) = o.acked() {
                 ev.push((c, WRITE_ACK, i));
             }
@@ -173,6 +179,10 @@ pub fn check_with_losses(ops: &[Op], sectors: u64, losses: &[Loss]) -> Checked {
     let n = sectors as usize;
     let mut newest = vec![0u64; n];
     let mut zero_until = vec![0u64; n];
+    // Per sector, the latest acknowledgement of a write or zeroing invoked so far (MAX: never).
+    let mut busy_until = vec![0u64; n];
+    // Torn runs of in-flight reads, judged at their completion: (start, len).
+    let mut torn: HashMap<usize, Vec<(u64, u64)>> = HashMap::new();
     // Zero sectors of in-flight reads that need a zeroing op: (sector, newest at invoke).
     let mut waiting: HashMap<usize, Vec<(u64, Time)>> = HashMap::new();
     let range = |o: &Op| {
@@ -186,6 +196,12 @@ pub fn check_with_losses(ops: &[Op], sectors: u64, losses: &[Loss]) -> Checked {
                 let until = o.acked().unwrap_or(u64::MAX);
                 for z in &mut zero_until[range(o)] {
                     *z = (*z).max(until);
+                }
+            }
+            MUTATE_INVOKE => {
+                let until = o.acked().unwrap_or(u64::MAX);
+                for b in &mut busy_until[range(o)] {
+                    *b = (*b).max(until);
                 }
             }
             WRITE_ACK => {
@@ -261,7 +277,7 @@ pub fn check_with_losses(ops: &[Op], sectors: u64, losses: &[Loss]) -> Checked {
                         Val::Misplaced { .. } => {
                             out.flag(v(What::Misplaced, run.start, run.len, None))
                         }
-                        Val::Torn { .. } => out.flag(v(What::Torn, run.start, run.len, None)),
+                        Val::Torn { .. } => torn.entry(i).or_default().push((run.start, run.len)),
                     }
                 }
                 if !need_zero.is_empty() {
@@ -269,6 +285,24 @@ pub fn check_with_losses(ops: &[Op], sectors: u64, losses: &[Loss]) -> Checked {
                 }
             }
             READ_COMPLETE => {
+                for (start, len) in torn.remove(&i).unwrap_or_default() {
+                    let end = (start + len).min(sectors);
+                    if (start..end).any(|s| busy_until[s as usize] <= o.inv) {
+                        let seen = o
+                            .seen
+                            .iter()
+                            .find(|r| r.start == start)
+                            .map_or(Val::Zero, |r| r.val);
+                        out.flag(Violation {
+                            what: What::Torn,
+                            read: i,
+                            sector: start,
+                            sectors: len,
+                            seen,
+                            newest: None,
+                        });
+                    }
+                }
                 let Some(need) = waiting.remove(&i) else {
                     continue;
                 };
@@ -599,6 +633,41 @@ mod tests {
                 What::FromTheFuture
             ]
         );
+    }
+
+    /// A read racing a write of the same sector may see part of it; a read with no write of
+    /// that sector in flight may not.
+    #[test]
+    fn a_torn_sector_is_allowed_only_under_a_concurrent_write() {
+        let mut h = H(Vec::new());
+        let w1 = h.w(0, 8, 10, Some(20));
+        // In flight while the read runs (21..25), acknowledged at 30.
+        let w2 = h.w(0, 1, 22, Some(30));
+        h.r(
+            21,
+            25,
+            &[
+                (0, 1, Val::Torn { word0: 1, word1: 2 }),
+                (1, 7, Val::Write(w1)),
+            ],
+        );
+        // Sector 5 had no write in flight: torn there is a violation.
+        h.r(
+            31,
+            32,
+            &[
+                (0, 1, Val::Write(w2)),
+                (1, 4, Val::Write(w1)),
+                (5, 1, Val::Torn { word0: 3, word1: 4 }),
+            ],
+        );
+        assert_eq!(whats(&h.check()), vec![What::Torn]);
+        // Nor is an indeterminate write that began after the read completed any excuse.
+        let mut h = H(Vec::new());
+        h.w(0, 8, 10, Some(20));
+        h.r(21, 25, &[(0, 1, Val::Torn { word0: 1, word1: 2 })]);
+        h.w(0, 8, 26, None);
+        assert_eq!(whats(&h.check()), vec![What::Torn]);
     }
 
     #[test]

@@ -213,6 +213,9 @@ struct Nemesis<'a> {
     bound: Duration,
     counts: Counts,
     losses: Vec<Loss>,
+    /// The engine a forced promotion made primary this round: once the old primary has returned
+    /// and stepped down, its `lost_blocks` also counts what that one had acknowledged unsent.
+    recount: Option<usize>,
     log: Vec<(Time, String)>,
     problems: Vec<String>,
 }
@@ -513,6 +516,7 @@ impl Nemesis<'_> {
                         });
                         self.counts.forced += 1;
                         self.counts.lost_blocks_reported += lost;
+                        self.recount = Some(s);
                         self.note(format!("forced promotion: {r}"));
                     }
                     // A replica whose resync the backlog cut short is torn: refusing to serve
@@ -563,6 +567,24 @@ impl Nemesis<'_> {
         self.sh.hold.store(false, Ordering::Relaxed);
         match done {
             Some(sv) => {
+                if let Some(i) = self.recount.take() {
+                    let now = self
+                        .pair
+                        .status(i)
+                        .ok()
+                        .and_then(|st| st["lost_blocks"].as_u64())
+                        .unwrap_or(0);
+                    if let Some(l) = self.losses.last_mut() {
+                        if now > l.lost_blocks {
+                            self.counts.lost_blocks_reported += now - l.lost_blocks;
+                            l.lost_blocks = now;
+                        }
+                    }
+                    self.note(format!(
+                        "lost_blocks on {} after the old primary returned: {now}",
+                        self.label(i)
+                    ));
+                }
                 let took = t.elapsed().as_millis() as u64;
                 self.counts.resumes += 1;
                 self.counts.resume_max_ms = self.counts.resume_max_ms.max(took);
@@ -713,6 +735,7 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         bound: peer_timeout + Duration::from_secs(1),
         counts: Counts::default(),
         losses: Vec::new(),
+        recount: None,
         log: Vec::new(),
         problems: Vec::new(),
     };

@@ -115,6 +115,10 @@ pub struct TakeoverMeta {
     pub lost_seq_from: u64,
     #[serde(default)]
     pub lost_seq_to: u64,
+    /// This engine serves by a forced promotion: `lost_blocks` is what it knew of at the time, and
+    /// grows to the returning old primary's unsent set when that one steps down.
+    #[serde(default)]
+    pub forced: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1013,3 +1013,37 @@ fn a_drain_is_not_abandoned_while_the_old_primary_answers() {
     pair.wait_converged(&pair.s, &pair.p, 30);
     assert!(block_reads(&pair.s.uri(), 10, 0xaa));
 }
+
+/// Writes the old primary acknowledged after its last heartbeat are unknown to a forced promotion;
+/// when that primary returns and steps down, its unsent table is overwritten and counted, so the
+/// loss is never silent.
+#[test]
+fn a_forced_promotion_counts_what_the_returning_primary_had_unsent() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    pair.wait_synced(30);
+    // The link goes quiet (no records, no heartbeats) and the primary keeps acknowledging.
+    pair.fault(&["--pause", "true"]);
+    for b in 30..35 {
+        put_block(&pair.p.uri(), b, 0x66);
+    }
+    pair.p.kill();
+    let r = pair
+        .control(
+            "takeover",
+            &pair.s,
+            &["--policy", "force", "--timeout", "1"],
+        )
+        .unwrap();
+    let reported = n(&r, "lost_blocks");
+    pair.p.restart();
+    pair.wait_converged(&pair.s, &pair.p, 30);
+    let s = pair.status_s();
+    assert!(
+        n(&s, "lost_blocks") >= 5,
+        "five acknowledged writes were lost, {reported} reported at the promotion, {} now: {s}",
+        n(&s, "lost_blocks")
+    );
+    assert!(event_names(&s).contains(&"LossCounted".to_string()) || reported >= 5);
+    assert!(pair.files_identical());
+}

@@ -343,6 +343,7 @@ async fn session(
     if !hello.resend_bitmap.is_empty() {
         if let Some(set) = Bitmap::from_bytes(t.blocks(), &hello.resend_bitmap) {
             t.mark_pending(&set)?;
+            vol.count_returned_losses(set.count());
         }
     }
     let durable = hello.durable_seq.min(hello.applied_seq);

@@ -241,7 +241,8 @@ impl Volume {
                 self.promote_checked(role, new_epoch, Bitmap::new(blocks), Some((lost, from, to)))
                     .await?;
                 self.areas.event(format!(
-                    "ForcePromoted lost_blocks={n} lost_seq={from}..{to} ({why})"
+                    "ForcePromoted lost_blocks={n} lost_seq={from}..{to} (known from the last heartbeat; \
+                     what the old primary acknowledged after it is counted when it returns) ({why})"
                 ));
                 pb::TakeoverReply {
                     epoch: new_epoch,
@@ -485,6 +486,7 @@ impl Volume {
                 .as_ref()
                 .map_or((0, 0, 0), |(s, f, t)| (s.count(), *f, *t));
             m.takeover.lost_blocks = n;
+            m.takeover.forced = lost.is_some();
             m.takeover.lost_seq_from = if n > 0 { from } else { 0 };
             m.takeover.lost_seq_to = if n > 0 { to } else { 0 };
         })
@@ -671,6 +673,28 @@ impl Volume {
             .event(format!("FirstProcessingComplete final_seq={final_seq}"));
         self.areas.merge_wake.notify_one();
         Ok(())
+    }
+
+    /// A forced promotion knows only the pending set of the last heartbeat it heard: writes the old
+    /// primary acknowledged after it are unknown here until that primary returns, steps down and
+    /// offers its unsent table (`resend_bitmap`, overwritten with this engine's copies). Then the
+    /// loss is counted: `lost_blocks` becomes at least that table's size (every block this engine
+    /// may lack is in it), so nothing acknowledged is dropped without being counted. Test:
+    /// `tests/takeover.rs` `a_forced_promotion_counts_what_the_returning_primary_had_unsent`.
+    pub(crate) fn count_returned_losses(&self, returned: u64) {
+        let m = self.meta().takeover.clone();
+        if !m.forced || returned <= m.lost_blocks {
+            return;
+        }
+        if self
+            .update_meta(|m| m.takeover.lost_blocks = returned)
+            .is_ok()
+        {
+            self.areas.event(format!(
+                "LossCounted lost_blocks={returned} (the returning old primary's unsent writes, \
+                 overwritten by this engine's copies)"
+            ));
+        }
     }
 
     /// Reverse replication reached Synced for the first time since the takeover.
