@@ -51,8 +51,10 @@ pub async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let drop_epoch = repl.faults.drop_epoch.load(Ordering::Relaxed);
+    // The fence this drain belongs to (see `sender::session`).
+    let at = (vol.role(), vol.epoch());
     let (tx, mut acks, hello) = super::sender::open_stream(repl).await?;
-    if hello.role != pb::Role::Primary as i32 || hello.epoch != vol.epoch() {
+    if hello.role != pb::Role::Primary as i32 || hello.epoch != at.1 {
         return Err(SessionError::NotServingYet(hello.epoch));
     }
     repl.stats.set_connected(true);
@@ -83,8 +85,12 @@ pub async fn session(
             }
         }
     });
-    let fenced_epoch = vol.epoch();
-    let mut link = Link::new(vol, repl, tx, stop, drop_epoch);
+    let fenced_epoch = at.1;
+    if (vol.role(), vol.epoch()) != at || at.0 != Role::Fenced {
+        ack_task.abort();
+        return Err(SessionError::RoleChanged);
+    }
+    let mut link = Link::new(vol, repl, tx, stop, drop_epoch, at);
     let result = drain(&mut link, &mut ack_task, &mut done_rx).await;
     ack_task.abort();
     result?;

@@ -136,6 +136,7 @@ impl<'a> Link<'a> {
         tx: mpsc::Sender<pb::ReplicationMessage>,
         stop: &'a mut watch::Receiver<bool>,
         drop_epoch: u64,
+        (role, epoch): (Role, u64),
     ) -> Self {
         Self {
             vol,
@@ -144,8 +145,8 @@ impl<'a> Link<'a> {
             stop,
             drop_epoch,
             next_send: Instant::now(),
-            role: vol.role(),
-            epoch: vol.epoch(),
+            role,
+            epoch,
             fenced: vol.fenced.subscribe(),
         }
     }
@@ -328,8 +329,11 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionError> {
     let drop_epoch = repl.faults.drop_epoch.load(Ordering::Relaxed);
+    // The role and epoch this session belongs to, taken before anything is sent: a fence while
+    // the stream opens must end the session, never lend it the fence's epoch.
+    let at = (vol.role(), vol.epoch());
     let (tx, mut acks, hello) = open_stream(repl).await?;
-    if hello.epoch > vol.epoch() {
+    if hello.epoch > at.1 {
         if hello.role == pb::Role::Primary as i32 {
             return Err(SessionError::PeerPrimaryNewer(hello.epoch));
         }
@@ -414,7 +418,11 @@ async fn session(
         }
     });
 
-    let mut link = Link::new(vol, repl, tx, stop, drop_epoch);
+    if (vol.role(), vol.epoch()) != at || at.0 != Role::Primary {
+        ack_task.abort();
+        return Err(SessionError::RoleChanged);
+    }
+    let mut link = Link::new(vol, repl, tx, stop, drop_epoch, at);
     let result = stream(
         &mut link,
         need_resync,
@@ -592,7 +600,7 @@ mod tests {
             let (v, repl) = (Arc::clone(&v), Arc::clone(&repl));
             std::thread::spawn(move || {
                 let (_stop_tx, mut stop) = watch::channel(false);
-                let mut link = Link::new(&v, &repl, tx, &mut stop, 0);
+                let mut link = Link::new(&v, &repl, tx, &mut stop, 0, (v.role(), v.epoch()));
                 crate::takeover::tests::block_on(
                     link.send(Body::WriteBatch(pb::WriteBatch::default()), 64),
                 )
