@@ -444,34 +444,29 @@ fn run_fault(dir: &Path, seed: u64, ops: &[Op], k: i64, kind: Kind) -> Vec<Strin
     bad
 }
 
-#[test]
-fn failpoint_campaign() {
-    let seeds: u64 = std::env::var("TANDEM_FAILPOINT_SEEDS")
+/// Runs `per_seed` for seeds 1..=`$var` (default `default`); each returns its points (crash
+/// points or injected faults) and violations. Prints the counts; fails on any violation.
+fn campaign(
+    label: &str,
+    var: &str,
+    default: u64,
+    what: &str,
+    mut per_seed: impl FnMut(u64, &Path) -> (u64, Vec<String>),
+) {
+    let seeds: u64 = std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(default);
     let started = std::time::Instant::now();
     let (mut points, mut violations) = (0u64, Vec::new());
     for seed in 1..=seeds {
-        let ops = scenario(seed);
         let d = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let (total, bad) = run(&d.path().join("full"), seed, &ops, None);
-        assert!(bad.is_empty(), "seed {seed} without a fault: {bad:?}");
-        for k in 0..total {
-            for kind in [Kind::Eio, Kind::Enospc, Kind::Short] {
-                let dir = d.path().join(format!("f{k}{kind:?}"));
-                let bad = run_fault(&dir, seed, &ops, k, kind);
-                points += 1;
-                violations.extend(
-                    bad.into_iter()
-                        .map(|b| format!("seed {seed} {kind:?} at op {k}: {b}")),
-                );
-            }
-        }
+        let (n, bad) = per_seed(seed, d.path());
+        points += n;
+        violations.extend(bad.into_iter().map(|b| format!("seed {seed} {b}")));
     }
     eprintln!(
-        "failpoints: {seeds} scenarios, {points} injected faults (EIO, ENOSPC, short write at \
-         every file operation), {} violations, {:.1} s",
+        "{label}: {seeds} scenarios, {points} {what}, {} violations, {:.1} s",
         violations.len(),
         started.elapsed().as_secs_f64()
     );
@@ -479,37 +474,61 @@ fn failpoint_campaign() {
 }
 
 #[test]
-fn powerloss_campaign() {
-    let seeds: u64 = std::env::var("TANDEM_POWERLOSS_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let started = std::time::Instant::now();
-    let (mut points, mut violations) = (0u64, Vec::new());
-    for seed in 1..=seeds {
-        let ops = scenario(seed);
-        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let (total, bad) = run(&d.path().join("full"), seed, &ops, None);
-        assert!(bad.is_empty(), "seed {seed} without a cut: {bad:?}");
-        for k in 0..total {
-            let (_, bad) = run(&d.path().join(format!("cut{k}")), seed, &ops, Some(k));
-            points += 1;
-            violations.extend(
-                bad.into_iter()
-                    .map(|b| format!("seed {seed} cut at op {k}: {b}")),
-            );
-        }
-        eprintln!(
-            "powerloss: seed {seed}: {} steps, {total} crash points",
-            ops.len()
-        );
-    }
-    eprintln!(
-        "powerloss: {seeds} scenarios, {points} crash points, {} violations, {:.1} s",
-        violations.len(),
-        started.elapsed().as_secs_f64()
+fn failpoint_campaign() {
+    let what = "injected faults (EIO, ENOSPC, short write at every file operation)";
+    campaign(
+        "failpoints",
+        "TANDEM_FAILPOINT_SEEDS",
+        1,
+        what,
+        |seed, d| {
+            let ops = scenario(seed);
+            let (total, bad) = run(&d.join("full"), seed, &ops, None);
+            assert!(bad.is_empty(), "seed {seed} without a fault: {bad:?}");
+            let mut out = (0, Vec::new());
+            for k in 0..total {
+                for kind in [Kind::Eio, Kind::Enospc, Kind::Short] {
+                    let bad = run_fault(&d.join(format!("f{k}{kind:?}")), seed, &ops, k, kind);
+                    out.0 += 1;
+                    out.1
+                        .extend(bad.into_iter().map(|b| format!("{kind:?} at op {k}: {b}")));
+                }
+            }
+            out
+        },
     );
-    assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+/// Power cuts at every file operation of `run` (takeover side) or `rx_run` (receiving side).
+fn cuts(
+    d: &Path,
+    seed: u64,
+    mut run: impl FnMut(&Path, Option<i64>) -> (i64, Vec<String>),
+) -> (u64, Vec<String>) {
+    let (total, bad) = run(&d.join("full"), None);
+    assert!(bad.is_empty(), "seed {seed} without a cut: {bad:?}");
+    let mut out = (0, Vec::new());
+    for k in 0..total {
+        let (_, bad) = run(&d.join(format!("cut{k}")), Some(k));
+        out.0 += 1;
+        out.1
+            .extend(bad.into_iter().map(|b| format!("cut at op {k}: {b}")));
+    }
+    out
+}
+
+#[test]
+fn powerloss_campaign() {
+    campaign(
+        "powerloss",
+        "TANDEM_POWERLOSS_SEEDS",
+        3,
+        "crash points",
+        |seed, d| {
+            let ops = scenario(seed);
+            cuts(d, seed, |dir, k| run(dir, seed, &ops, k))
+        },
+    );
 }
 
 // ---- The receiving side: a secondary applying a stream and a resync (reverse replication). ----
@@ -722,30 +741,14 @@ fn rx_run(dir: &Path, ops: &[Rx], budget: Option<i64>) -> (i64, Vec<String>) {
 
 #[test]
 fn powerloss_campaign_on_the_receiving_side() {
-    let seeds: u64 = std::env::var("TANDEM_POWERLOSS_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let started = std::time::Instant::now();
-    let (mut points, mut violations) = (0u64, Vec::new());
-    for seed in 1..=seeds {
-        let ops = rx_scenario(seed);
-        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let (total, bad) = rx_run(&d.path().join("full"), &ops, None);
-        assert!(bad.is_empty(), "seed {seed} without a cut: {bad:?}");
-        for k in 0..total {
-            let (_, bad) = rx_run(&d.path().join(format!("cut{k}")), &ops, Some(k));
-            points += 1;
-            violations.extend(
-                bad.into_iter()
-                    .map(|b| format!("seed {seed} cut at op {k}: {b}")),
-            );
-        }
-    }
-    eprintln!(
-        "powerloss-rx: {seeds} scenarios, {points} crash points, {} violations, {:.1} s",
-        violations.len(),
-        started.elapsed().as_secs_f64()
+    campaign(
+        "powerloss-rx",
+        "TANDEM_POWERLOSS_SEEDS",
+        3,
+        "crash points",
+        |seed, d| {
+            let ops = rx_scenario(seed);
+            cuts(d, seed, |dir, k| rx_run(dir, &ops, k))
+        },
     );
-    assert!(violations.is_empty(), "{}", violations.join("\n"));
 }
