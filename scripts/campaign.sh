@@ -111,10 +111,12 @@ if [ ${#parts[@]} -gt 0 ]; then
     echo "| $(f mode) | $(f rounds) | $(f blackholes) / $(f oneway) / $(f pauses) / $(f reboots) / $(f forced) | $(f detections) ($(f detect_max_ms) / $(f bound_ms)) | $(f resumes) ($(f resume_max_ms)) | $(f degraded_seen) | $(f wait_blocked) | $(f force_refused_torn) | $(f lost_blocks_reported) | $(f reported_losses) | $(f violations) | $(f result) |"
   done
 fi
-echo
-echo "| campaign | kind | scenarios | crash points / faults | violations | seconds |"
-echo "|---|---|---|---|---|---|"
-for r in "${inproc[@]}"; do echo "$r"; done
+if [ ${#inproc[@]} -gt 0 ]; then
+  echo
+  echo "| campaign | kind | scenarios | crash points / faults | violations | seconds |"
+  echo "|---|---|---|---|---|---|"
+  for r in "${inproc[@]}"; do echo "$r"; done
+fi
 echo
 echo "fuzz: TANDEM_FUZZ_CASES=$fuzz, $fuzz_res, ${fuzz_secs} s"
 exit $failed
