@@ -37,6 +37,10 @@ pub fn message_cap(volume_bytes: u64) -> usize {
     usize::try_from(worst.max(64 << 20)).unwrap_or(usize::MAX)
 }
 
+type PeerClient = pb::peer_client::PeerClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenInterceptor>,
+>;
+
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -271,59 +275,82 @@ impl Volume {
         Ok(pb::TakeoverReply { ready_ms, ..reply })
     }
 
-    /// Calls FenceAndHandoff on the peer until it answers or `timeout` passes. A refusal is
-    /// final at once; only silence is retried.
-    async fn ask_for_table(
+    /// Calls the peer until it answers or `timeout` passes. Each attempt (connect and call) is
+    /// bounded by `ATTEMPT`; silence (see `unreachable_code`) is retried every 100 ms; an answer is
+    /// returned at once: `Ok(Ok(reply))`, or `Ok(Err(status))` when it says no. `Err(last)` when
+    /// the peer never answered.
+    async fn ask_peer<T, F, Fut>(
         &self,
         peer: &str,
-        new_epoch: u64,
         timeout: Duration,
-    ) -> Result<pb::HandoffReply, HandoffFailure> {
+        mut call: F,
+    ) -> Result<Result<T, Status>, String>
+    where
+        F: FnMut(PeerClient) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let deadline = Instant::now() + timeout;
         let token = self.repl.as_ref().and_then(|r| r.token.clone());
-        let interceptor = TokenInterceptor::new(token.as_deref())
-            .map_err(|e| HandoffFailure::Refused(e.to_string()))?;
+        let interceptor = match TokenInterceptor::new(token.as_deref()) {
+            Ok(i) => i,
+            Err(e) => return Ok(Err(Status::invalid_argument(e.to_string()))),
+        };
         let cap = message_cap(self.size());
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = async {
                 let ch = channel(peer, left.min(ATTEMPT))
                     .await
-                    .map_err(|e| HandoffFailure::Unreachable(e.to_string()))?;
-                let mut c = pb::peer_client::PeerClient::with_interceptor(ch, interceptor.clone())
+                    .map_err(|e| e.to_string())?;
+                let c = pb::peer_client::PeerClient::with_interceptor(ch, interceptor.clone())
                     .max_decoding_message_size(cap);
-                c.fence_and_handoff(pb::FenceRequest {
-                    volume: self.name().to_string(),
-                    new_epoch,
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| {
-                    if unreachable_code(s.code()) {
-                        HandoffFailure::Unreachable(s.message().to_string())
-                    } else {
-                        HandoffFailure::Refused(format!("{:?}: {}", s.code(), s.message()))
-                    }
-                })
+                match call(c).await {
+                    Ok(r) => Ok(Ok(r.into_inner())),
+                    Err(s) if unreachable_code(s.code()) => Err(s.message().to_string()),
+                    Err(s) => Ok(Err(s)),
+                }
             };
             let last = match tokio::time::timeout(left.min(ATTEMPT), attempt).await {
-                Ok(Ok(h)) if h.epoch == new_epoch => return Ok(h),
-                Ok(Ok(h)) => {
-                    return Err(HandoffFailure::Refused(format!(
-                        "peer answered at epoch {}, not {new_epoch}",
-                        h.epoch
-                    )))
-                }
-                Ok(Err(HandoffFailure::Refused(e))) => {
-                    return Err(HandoffFailure::Refused(format!("peer {peer}: {e}")))
-                }
-                Ok(Err(HandoffFailure::Unreachable(e))) => e,
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(silence)) => silence,
                 Err(_) => format!("peer {peer} did not answer in time"),
             };
             if Instant::now() + Duration::from_millis(100) >= deadline {
-                return Err(HandoffFailure::Unreachable(format!("peer {peer}: {last}")));
+                return Err(last);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// FenceAndHandoff on the peer. A refusal is final at once; only silence is retried.
+    async fn ask_for_table(
+        &self,
+        peer: &str,
+        new_epoch: u64,
+        timeout: Duration,
+    ) -> Result<pb::HandoffReply, HandoffFailure> {
+        let volume = self.name().to_string();
+        let answer = self
+            .ask_peer(peer, timeout, |mut c| {
+                let req = pb::FenceRequest {
+                    volume: volume.clone(),
+                    new_epoch,
+                };
+                async move { c.fence_and_handoff(req).await }
+            })
+            .await;
+        match answer {
+            Ok(Ok(h)) if h.epoch == new_epoch => Ok(h),
+            Ok(Ok(h)) => Err(HandoffFailure::Refused(format!(
+                "peer {peer} answered at epoch {}, not {new_epoch}",
+                h.epoch
+            ))),
+            Ok(Err(s)) => Err(HandoffFailure::Refused(format!(
+                "peer {peer}: {:?}: {}",
+                s.code(),
+                s.message()
+            ))),
+            Err(last) => Err(HandoffFailure::Unreachable(format!("peer {peer}: {last}"))),
         }
     }
 
@@ -385,37 +412,21 @@ impl Volume {
     /// Asks the peer anything until `timeout`: `Some(what it said)` if it answered at all, `None`
     /// if it never could be reached.
     async fn probe_peer(&self, peer: &str, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        let token = self.repl.as_ref().and_then(|r| r.token.clone());
-        let interceptor = match TokenInterceptor::new(token.as_deref()) {
-            Ok(i) => i,
-            Err(e) => return Some(e.to_string()),
-        };
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = async {
-                let ch = channel(peer, left.min(ATTEMPT)).await.ok()?;
-                let mut c = pb::peer_client::PeerClient::with_interceptor(ch, interceptor.clone());
-                let r = c
-                    .read_blocks(pb::ReadBlocksRequest {
-                        volume: self.name().to_string(),
-                        epoch: self.epoch(),
-                        blocks: Vec::new(),
-                    })
-                    .await;
-                match r {
-                    Ok(_) => Some("it serves reads".to_string()),
-                    Err(s) if unreachable_code(s.code()) => None,
-                    Err(s) => Some(format!("{:?}: {}", s.code(), s.message())),
-                }
-            };
-            if let Ok(Some(answer)) = tokio::time::timeout(left.min(ATTEMPT), attempt).await {
-                return Some(answer);
-            }
-            if Instant::now() + Duration::from_millis(100) >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let (volume, epoch) = (self.name().to_string(), self.epoch());
+        let answer = self
+            .ask_peer(peer, timeout, |mut c| {
+                let req = pb::ReadBlocksRequest {
+                    volume: volume.clone(),
+                    epoch,
+                    blocks: Vec::new(),
+                };
+                async move { c.read_blocks(req).await }
+            })
+            .await;
+        match answer {
+            Ok(Ok(_)) => Some("it serves reads".to_string()),
+            Ok(Err(s)) => Some(format!("{:?}: {}", s.code(), s.message())),
+            Err(_) => None,
         }
     }
 

@@ -367,12 +367,20 @@ fn setup(dir: &Path, seed: u64) -> (Arc<Volume>, Model) {
 
 /// The power goes out: what no fdatasync covered is gone, and the engine restarts in a new boot.
 fn power_loss(dir: &Path, v: Arc<Volume>, label: &str) -> Result<Arc<Volume>, String> {
+    power_loss_as(&config(dir), v, label)
+}
+
+fn power_loss_as(
+    cfg: &crate::volume::VolumeConfig,
+    v: Arc<Volume>,
+    label: &str,
+) -> Result<Arc<Volume>, String> {
     v.store.lose_unsynced();
     v.areas.overlay.lose_unsynced();
     drop(v);
-    let new_boot = std::fs::write(dir.join("state/test-boot-id"), label);
+    let new_boot = std::fs::write(cfg.state_dir.join("test-boot-id"), label);
     assert!(new_boot.is_ok(), "naming the new boot");
-    Volume::open(&config(dir)).map_err(|e| format!("restart after {label} failed: {e}"))
+    Volume::open(cfg).map_err(|e| format!("restart after {label} failed: {e}"))
 }
 
 /// The checks after a restart, then the takeover carried to its end and checked again.
@@ -729,13 +737,9 @@ fn rx_run(dir: &Path, ops: &[Rx], budget: Option<i64>) -> (i64, Vec<String>) {
     if budget.is_some() && !tripped {
         return (used, Vec::new());
     }
-    v.store.lose_unsynced();
-    drop(v);
-    let new_boot = std::fs::write(dir.join("state/test-boot-id"), format!("after cut {used}"));
-    assert!(new_boot.is_ok(), "naming the new boot");
-    match Volume::open(&cfg) {
+    match power_loss_as(&cfg, v, &format!("the power cut at op {used}")) {
         Ok(v) => (used, rx_check(&v, &m)),
-        Err(e) => (used, vec![format!("restart after the cut failed: {e}")]),
+        Err(e) => (used, vec![e]),
     }
 }
 
