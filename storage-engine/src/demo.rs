@@ -370,7 +370,7 @@ impl TempDir {
         let base = std::env::temp_dir().join(format!(
             "tandem-demo-{}-{}",
             std::process::id(),
-            crate::repl::tracker::now_us()
+            crate::clock::now_us()
         ));
         std::fs::create_dir_all(&base)?;
         Ok(Self(base))

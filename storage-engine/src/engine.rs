@@ -116,7 +116,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth,
     );
     if let Some(r) = &volume.repl {
-        tasks.push(tokio::spawn(repl::sender::run(
+        tasks.push(tokio::spawn(repl::task::run(
             Arc::clone(&volume),
             Arc::clone(r),
             stop_rx.clone(),

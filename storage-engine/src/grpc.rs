@@ -6,9 +6,11 @@ use std::sync::{atomic::Ordering, Arc};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    geometry::BLOCK_SIZE,
     meta::Role,
     pb::{self, engine_server::Engine},
-    volume::{Volume, BLOCK_SIZE},
+    state::{EngineState, Standing},
+    volume::Volume,
 };
 
 /// Checks `authorization: Bearer <token>` against the volume token, in constant time.
@@ -69,14 +71,6 @@ impl From<ApiError> for Status {
     }
 }
 
-pub fn role_pb(r: Role) -> pb::Role {
-    match r {
-        Role::Primary => pb::Role::Primary,
-        Role::Secondary => pb::Role::Secondary,
-        Role::Fenced => pb::Role::Fenced,
-    }
-}
-
 /// The control service for the one volume this engine serves.
 pub struct EngineService {
     volume: Arc<Volume>,
@@ -103,17 +97,18 @@ impl EngineService {
 /// The status of a volume as this engine sees it.
 pub fn status_of(v: &Volume) -> pb::StatusReply {
     let c = &v.counters;
+    let state = v.state();
     let mut reply = pb::StatusReply {
         volume: v.name().to_string(),
-        role: role_pb(v.role()) as i32,
-        epoch: v.epoch(),
+        role: pb::Role::from(state.role) as i32,
+        epoch: state.epoch,
         size: v.size(),
         block_size: BLOCK_SIZE,
         nbd_connections: c.nbd_connections.load(Ordering::Relaxed),
         bytes_read: c.bytes_read.load(Ordering::Relaxed),
         bytes_written: c.bytes_written.load(Ordering::Relaxed),
         flushes: c.flushes.load(Ordering::Relaxed),
-        pair_state: pair_state(v).into(),
+        pair_state: pair_state(v, &state).into(),
         events: v.areas.events(),
         condition: if v.store.failed() || v.areas.overlay.failed() {
             // Also "Degraded" to the operator; the host already gets EIO.
@@ -123,7 +118,7 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         } else {
             v.areas.condition()
         },
-        takeover_phase: takeover_phase(v).into(),
+        takeover_phase: state.takeover_phase().map_or("", |p| p.as_str()).into(),
         ..Default::default()
     };
     let (proxied, proxy_errors) = v.proxied();
@@ -138,16 +133,16 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     {
         let st = v.areas.state();
         reply.overlay_blocks = st.overlay_present.count();
-        if v.role() == Role::Primary {
+        if state.role == Role::Primary {
             reply.peer_pending_blocks = st.peer_pending.count();
         }
     }
-    if v.role() != Role::Primary {
+    if state.role != Role::Primary {
         let rs = v.replica();
         reply.applied_seq = rs.applied_seq;
         reply.last_seq = rs.peer_last_seq;
-        reply.resync_progress = if rs.inconsistent { 0.0 } else { 1.0 };
-        if v.role() == Role::Secondary {
+        reply.resync_progress = if rs.inconsistent() { 0.0 } else { 1.0 };
+        if state.role == Role::Secondary {
             reply.peer_pending_blocks = rs.peer_pending.as_ref().map_or(0, |b| b.count());
         }
     }
@@ -170,7 +165,7 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     }
     reply.bytes_replicated = r.stats.bytes_replicated.load(Ordering::Relaxed);
     reply.bytes_resynced = r.stats.bytes_resynced.load(Ordering::Relaxed);
-    if v.role() != Role::Secondary {
+    if state.role != Role::Secondary {
         let t = r.tracker.counts();
         reply.pending_blocks = t.pending_blocks;
         reply.pending_bytes = t.pending_blocks * u64::from(BLOCK_SIZE);
@@ -189,41 +184,25 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     reply
 }
 
-/// Where a takeover stands on this engine: "draining" (serving while the old primary drains),
-/// "merging" (overlay into the data file), "fenced" (this engine is the old primary, draining),
-/// "" (none in progress).
-pub fn takeover_phase(v: &Volume) -> &'static str {
-    match (v.role(), v.areas.phase()) {
-        (Role::Fenced, _) => "fenced",
-        (Role::Primary, crate::meta::Phase::Draining) => "draining",
-        (Role::Primary, crate::meta::Phase::Merging) => "merging",
-        _ => "",
-    }
-}
-
 /// One word for the pair: Standalone, Connecting, Resyncing, Replicating, Synced (primary);
 /// Inconsistent or Consistent (secondary).
-pub fn pair_state(v: &Volume) -> &'static str {
-    if v.role() == Role::Fenced {
-        return "Fenced";
-    }
-    if v.role() != Role::Primary {
-        return if v.replica().inconsistent {
-            "Inconsistent"
-        } else {
-            "Consistent"
-        };
+pub fn pair_state(v: &Volume, state: &EngineState) -> &'static str {
+    match (state.role, state.standing) {
+        (Role::Fenced, _) => return "Fenced",
+        (Role::Secondary, Standing::Consistent) => return "Consistent",
+        (Role::Secondary, _) => return "Inconsistent",
+        (Role::Primary, _) => {}
     }
     let Some(r) = &v.repl else {
         return "Standalone";
     };
-    if v.meta().takeover.reversing && !v.areas.active() {
+    if v.meta().takeover.reversing && !state.routed() {
         return "Reversing";
     }
     if !r.connected() {
         return "Connecting";
     }
-    if r.stats.resyncing.load(Ordering::Relaxed) || r.tracker.state().resync_needed {
+    if r.stats.resyncing.load(Ordering::Relaxed) || r.tracker.resync_needed() {
         return "Resyncing";
     }
     if r.tracker.counts().pending_blocks > 0 {
@@ -252,6 +231,7 @@ impl Engine for EngineService {
             .takeover(req.into_inner())
             .await
             .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn failback(
@@ -264,6 +244,7 @@ impl Engine for EngineService {
             .takeover(req.into_inner())
             .await
             .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn inject_fault(

@@ -1,7 +1,7 @@
 //! The `meta` file: who this engine is for its volume (epoch, role, peer, sequence numbers).
 //! Replaced atomically (write temp, fsync, rename, fsync dir), so a crash leaves the old or the new copy.
 //!
-//! Format: { magic "TNDMETA\0" (8) | version u32 LE | body length u32 LE | crc32c(body) u32 LE | body (JSON) }
+//! The file's framing is in `format::meta`.
 
 use std::{
     fs::{self, File},
@@ -11,9 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub const META_MAGIC: &[u8; 8] = b"TNDMETA\0";
-pub const META_VERSION: u32 = 1;
-const HEADER: usize = 20;
+use crate::format::meta::{decode, encode, DecodeError, META_VERSION};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -29,6 +27,16 @@ impl Role {
             Role::Primary => "primary",
             Role::Secondary => "secondary",
             Role::Fenced => "fenced",
+        }
+    }
+}
+
+impl From<Role> for crate::pb::Role {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Primary => Self::Primary,
+            Role::Secondary => Self::Secondary,
+            Role::Fenced => Self::Fenced,
         }
     }
 }
@@ -50,21 +58,12 @@ pub struct Meta {
     /// The peer engine's gRPC address, when paired.
     #[serde(default)]
     pub peer: Option<String>,
-    /// Highest replication sequence applied durably (secondary side).
-    #[serde(default)]
-    pub applied_seq: u64,
     /// Highest sequence the peer acknowledged (primary side).
     #[serde(default)]
     pub acked_seq: u64,
     /// True only after a graceful shutdown; cleared at start. False at start means a crash.
     #[serde(default)]
     pub clean_shutdown: bool,
-    /// The secondary's data file is not a prefix of the primary's history (a resync is running).
-    #[serde(default)]
-    pub inconsistent: bool,
-    /// A new secondary: it needs a full copy before it is a replica at all.
-    #[serde(default)]
-    pub needs_full: bool,
     /// Where a takeover stands on this engine (absent in files written before takeovers existed).
     #[serde(default)]
     pub takeover: TakeoverMeta,
@@ -179,48 +178,6 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-pub fn encode(m: &Meta) -> Vec<u8> {
-    // Serializing a plain struct of strings and integers cannot fail.
-    let body = serde_json::to_vec(m).unwrap_or_default();
-    let mut v = Vec::with_capacity(HEADER + body.len());
-    v.extend_from_slice(META_MAGIC);
-    v.extend_from_slice(&META_VERSION.to_le_bytes());
-    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    v.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    v.extend_from_slice(&body);
-    v
-}
-
-#[derive(Debug)]
-pub enum DecodeError {
-    Version(u32),
-    Corrupt(String),
-}
-
-pub fn decode(b: &[u8]) -> Result<Meta, DecodeError> {
-    if b.len() < HEADER || &b[0..8] != META_MAGIC {
-        return Err(DecodeError::Corrupt("bad magic".into()));
-    }
-    let le = |r: std::ops::Range<usize>| {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(&b[r]);
-        u32::from_le_bytes(a)
-    };
-    let version = le(8..12);
-    if version != META_VERSION {
-        return Err(DecodeError::Version(version));
-    }
-    let len = le(12..16) as usize;
-    let crc = le(16..20);
-    let body = b
-        .get(HEADER..HEADER + len)
-        .ok_or_else(|| DecodeError::Corrupt("truncated body".into()))?;
-    if crc32c::crc32c(body) != crc {
-        return Err(DecodeError::Corrupt("checksum mismatch".into()));
-    }
-    serde_json::from_slice(body).map_err(|e| DecodeError::Corrupt(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,11 +190,8 @@ mod tests {
             epoch: 7,
             role: Role::Secondary,
             peer: Some("127.0.0.1:9500".into()),
-            applied_seq: 42,
             acked_seq: 0,
             clean_shutdown: false,
-            inconsistent: true,
-            needs_full: false,
             takeover: TakeoverMeta::default(),
             boot_id: String::new(),
         }

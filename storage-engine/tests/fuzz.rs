@@ -24,7 +24,8 @@ use std::{
 use proptest::{prelude::*, test_runner::Config};
 use storage_engine::{
     bitmap::Bitmap,
-    meta::{self, Meta, Role},
+    format,
+    meta::{Meta, Role},
     nbd::{self, proto as p},
     volume::{Volume, VolumeConfig},
 };
@@ -706,11 +707,8 @@ fn sample_meta() -> Meta {
         epoch: 3,
         role: Role::Secondary,
         peer: Some("10.0.0.2:7000".into()),
-        applied_seq: 42,
         acked_seq: 40,
         clean_shutdown: false,
-        inconsistent: true,
-        needs_full: false,
         takeover: Default::default(),
         boot_id: String::new(),
     }
@@ -721,14 +719,14 @@ fn fuzz_meta_decoder() {
     count_panics();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta");
-    let good = meta::encode(&sample_meta());
+    let good = format::meta::encode(&sample_meta());
     proptest!(config(), |(
         raw in proptest::collection::vec(any::<u8>(), 0..300),
         flips in proptest::collection::vec((any::<usize>(), 1u8..), 0..4),
         cut in proptest::option::of(any::<usize>()),
         crc in any::<bool>(),
     )| {
-        let _ = meta::decode(&raw);
+        let _ = format::meta::decode(&raw);
         let mut bad = mutate(good.clone(), &flips, cut);
         if crc && bad.len() >= 20 {
             let n = bad.len();
@@ -754,8 +752,8 @@ fn progress_bytes(seq: u64, flags: u32) -> Vec<u8> {
     b
 }
 
-/// `read_progress` is private to volume.rs: it is reached through `Volume::open` on a state dir
-/// whose `progress` file is random or mutated. Open must not panic, and a damaged file is an error
+/// The progress codec (`format::progress`), reached through `Volume::open` on a state dir whose
+/// `progress` file is random or mutated. Open must not panic, and a damaged file is an error
 /// at open (falling back to `meta` could open a torn replica as consistent); an empty one is a
 /// progress file never written.
 #[test]
@@ -771,7 +769,7 @@ fn fuzz_progress_file_through_volume_open() {
         // The intact file is read: seq 7, inconsistent.
         let v = Volume::open(&cfg).unwrap();
         let rs = v.replica();
-        assert_eq!((rs.applied_seq, rs.inconsistent), (7, true));
+        assert_eq!((rs.applied_seq, rs.inconsistent()), (7, true));
     }
     proptest!(Config { cases: cases().min(256), ..config() }, |(
         raw in proptest::collection::vec(any::<u8>(), 0..64),
@@ -786,7 +784,7 @@ fn fuzz_progress_file_through_volume_open() {
                 prop_assert!(bytes == good || bytes.is_empty(), "a damaged progress file opened");
                 let rs = v.replica();
                 if bytes == good {
-                    prop_assert_eq!((rs.applied_seq, rs.inconsistent), (7, true));
+                    prop_assert_eq!((rs.applied_seq, rs.inconsistent()), (7, true));
                 }
             }
             Err(e) => prop_assert!(bytes != good && !bytes.is_empty(), "{}", e),

@@ -12,7 +12,10 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::proto::{self as p, Request};
-use crate::volume::{ExportName, Volume, BLOCK_SIZE};
+use crate::{
+    geometry::BLOCK_SIZE,
+    volume::{ExportName, Volume},
+};
 
 /// Bytes of request payload and read replies one connection may hold in memory at once.
 const CONN_BUDGET: usize = 64 * 1024 * 1024;

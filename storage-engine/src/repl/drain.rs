@@ -16,8 +16,8 @@ use super::{
 };
 use crate::{
     bitmap::Bitmap,
-    meta::Role,
     pb::{self, replication_message::Body},
+    state::Sending,
     volume::Volume,
 };
 
@@ -30,11 +30,11 @@ const HEARTBEAT: Duration = Duration::from_millis(250);
 /// Sends an empty heartbeat if nothing went out for `HEARTBEAT`.
 async fn heartbeat(link: &mut Link<'_>, last_sent: &mut Instant) -> Result<(), SessionError> {
     if last_sent.elapsed() >= HEARTBEAT {
-        let last_seq = link.repl.tracker.state().journal.last_seq();
+        let last_seq = link.repl.tracker.last_seq();
         link.send(
             Body::Heartbeat(pb::Heartbeat {
                 last_seq,
-                timestamp_us: super::tracker::now_us(),
+                timestamp_us: crate::clock::now_us(),
                 ..Default::default()
             }),
             64,
@@ -86,7 +86,7 @@ pub async fn session(
         }
     });
     let fenced_epoch = at.1;
-    if (vol.role(), vol.epoch()) != at || at.0 != Role::Fenced {
+    if (vol.role(), vol.epoch()) != at || vol.sending() != Sending::Drain {
         ack_task.abort();
         return Err(SessionError::RoleChanged);
     }
@@ -112,13 +112,13 @@ async fn drain(
     stats.resync_total.store(last_progress.1, Ordering::Relaxed);
     stats.resync_done.store(0, Ordering::Relaxed);
     loop {
-        if vol.role() != Role::Fenced {
+        if vol.sending() != Sending::Drain {
             return Err(SessionError::RoleChanged);
         }
         if let Some(r) = futures::FutureExt::now_or_never(&mut *ack_task) {
             return Err(r.unwrap_or(SessionError::Closed));
         }
-        let pending = t.state().pending.clone();
+        let pending = t.pending();
         if pending.is_empty() {
             break;
         }
@@ -171,7 +171,7 @@ async fn drain(
             heartbeat(link, &mut last_sent).await?;
         }
     }
-    let final_seq = t.state().journal.last_seq();
+    let final_seq = t.last_seq();
     link.send(Body::DrainComplete(pb::DrainComplete { final_seq }), 64)
         .await?;
     last_sent = Instant::now();

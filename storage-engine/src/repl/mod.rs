@@ -5,6 +5,7 @@
 pub mod drain;
 pub mod receiver;
 pub mod sender;
+pub mod task;
 pub mod tracker;
 
 use std::{

@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 
 use crate::{
     pb::{self, peer_server::Peer, replication_message::Body},
+    state::Receiving,
     volume::Volume,
 };
 
@@ -165,7 +166,7 @@ async fn apply_loop(
             .iter()
             .all(|m| matches!(m.body, Some(Body::Heartbeat(_))));
         let flush_now = !only_heartbeats
-            && (vol.role() != crate::meta::Role::Secondary
+            && (vol.receiving() != Receiving::Replica
                 || batch.iter().any(|m| match &m.body {
                     Some(Body::WriteBatch(b)) => b.flush,
                     Some(Body::Heartbeat(_)) => false,
@@ -178,10 +179,10 @@ async fn apply_loop(
         // batch is checked against cannot change under it.
         let gate = vol.gate.read().await;
         let result = if bytes <= INLINE_APPLY_BYTES {
-            vol.apply_batch(batch)
+            vol.apply_batch(batch).map_err(Status::from)
         } else {
             let v = Arc::clone(vol);
-            tokio::task::spawn_blocking(move || v.apply_batch(batch))
+            tokio::task::spawn_blocking(move || v.apply_batch(batch).map_err(Status::from))
                 .await
                 .unwrap_or_else(|e| Err(Status::internal(e.to_string())))
         };
@@ -264,7 +265,7 @@ async fn flush_loop(
             Err(_) => return,
         };
         let (blocks, generations): (Vec<u64>, Vec<u64>) = taken.into_iter().unzip();
-        if vol.role() == crate::meta::Role::Secondary {
+        if vol.receiving() == Receiving::Replica {
             if let Some(r) = &vol.repl {
                 // Blocks this secondary asked back (resend) are now the primary's content.
                 r.tracker.forget(&blocks);
@@ -325,7 +326,7 @@ impl Peer for PeerService {
             let link = vol
                 .repl
                 .as_ref()
-                .filter(|_| vol.role() == crate::meta::Role::Secondary)
+                .filter(|_| vol.receiving() == Receiving::Replica)
                 .map(|r| LinkUp::new(Arc::clone(r)));
             // Applying and making durable run side by side: a sync-mode writer waits only for the
             // apply; the differential table waits for the fsync.
@@ -376,6 +377,7 @@ impl Peer for PeerService {
             .fence_and_handoff(r.new_epoch)
             .await
             .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn read_blocks(
@@ -391,5 +393,6 @@ impl Peer for PeerService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map(Response::new)
+            .map_err(Status::from)
     }
 }

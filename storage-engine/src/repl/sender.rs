@@ -10,16 +10,19 @@ use std::{
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::{tracker::now_us, Repl};
+use super::{tracker::Next, Repl};
 use crate::{
     bitmap::Bitmap,
     client::{channel, TokenInterceptor},
+    clock::now_us,
+    geometry::BLOCK_SIZE,
     journal::Record,
     meta::Role,
     pb::{self, replication_message::Body},
-    volume::{Volume, BLOCK_SIZE},
+    state::Sending,
+    volume::Volume,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -46,56 +49,6 @@ pub enum SessionError {
     PeerPrimaryNewer(u64),
     #[error("peer silent for {0:?} (dead, stopped or cut off)")]
     PeerSilent(Duration),
-}
-
-/// Runs until `stop` fires, reconnecting with backoff.
-pub async fn run(vol: Arc<Volume>, repl: Arc<Repl>, mut stop: watch::Receiver<bool>) {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        let role = vol.role();
-        // A serving engine replicates only once its own takeover is over (merge before the
-        // second processing, OC10); a secondary sends nothing.
-        if role == Role::Secondary || (role == Role::Primary && vol.areas.active()) {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                _ = repl.wake.notified() => {}
-                _ = stop.changed() => {}
-            }
-            continue;
-        }
-        let started = Instant::now();
-        let r = if role == Role::Fenced {
-            super::drain::session(&vol, &repl, &mut stop).await
-        } else {
-            session(&vol, &repl, &mut stop).await
-        };
-        repl.stats.set_connected(false);
-        repl.stats.resyncing.store(false, Ordering::Relaxed);
-        match r {
-            Err(SessionError::Stopping) => return,
-            Ok(()) | Err(SessionError::RoleChanged) => continue,
-            Err(SessionError::PeerPrimaryNewer(epoch)) => {
-                if let Err(e) = vol.step_down(epoch).await {
-                    warn!(error = %e, "stepping down failed");
-                }
-                continue;
-            }
-            Err(e) => {
-                if started.elapsed() > Duration::from_secs(2) {
-                    backoff = Duration::from_millis(50);
-                }
-                warn!(peer = %repl.peer, error = %e, "replication link down; writes are tracked in the table");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
 }
 
 fn message(vol: &Volume, epoch: u64, body: Body) -> pb::ReplicationMessage {
@@ -244,7 +197,7 @@ impl<'a> Link<'a> {
         for b in todo.iter_ones() {
             self.send_image(b).await?;
         }
-        let consistent_seq = t.state().journal.last_seq();
+        let consistent_seq = t.last_seq();
         self.send(
             Body::ResyncDone(pb::ResyncDone {
                 consistent_seq,
@@ -323,7 +276,7 @@ async fn open_stream_now(repl: &Repl) -> Result<Opened, SessionError> {
     Ok((tx, acks, hello))
 }
 
-async fn session(
+pub(super) async fn session(
     vol: &Arc<Volume>,
     repl: &Arc<Repl>,
     stop: &mut watch::Receiver<bool>,
@@ -351,27 +304,8 @@ async fn session(
         }
     }
     let durable = hello.durable_seq.min(hello.applied_seq);
-    let need_resync = {
-        let mut s = t.state();
-        if !s.seq_checked {
-            s.seq_checked = true;
-            if hello.applied_seq >= s.boot_next {
-                // Seqs from before our restart reached the peer: renumber and resync from the table.
-                s.journal.reset();
-                s.journal.bump_to(hello.applied_seq + 1);
-                s.resync_needed = true;
-            }
-        }
-        if hello.applied_seq >= s.journal.next_seq() {
-            // We restarted and lost records the peer already has: renumber past them.
-            s.journal.bump_to(hello.applied_seq + 1);
-            s.resync_needed = true;
-        }
-        hello.need_full_resync
-            || hello.inconsistent
-            || s.resync_needed
-            || !s.journal.covers(durable + 1)
-    };
+    let need_resync =
+        t.agree_resume(hello.applied_seq, durable) || hello.need_full_resync || hello.inconsistent;
     // Only what is on the peer's stable storage clears the table; records applied but not yet
     // durable there are cleared by its next durable acknowledgement.
     t.ack_journal(durable);
@@ -409,7 +343,7 @@ async fn session(
                 ack_repl.stats.caught_up(a.applied_seq);
                 if ack_vol.meta().takeover.reversing
                     && !ack_repl.stats.resyncing.load(Ordering::Relaxed)
-                    && !tr.state().resync_needed
+                    && !tr.resync_needed()
                     && tr.counts().pending_blocks == 0
                 {
                     ack_vol.reverse_in_sync();
@@ -418,7 +352,7 @@ async fn session(
         }
     });
 
-    if (vol.role(), vol.epoch()) != at || at.0 != Role::Primary {
+    if (vol.role(), vol.epoch()) != at || vol.sending() != Sending::Stream {
         ack_task.abort();
         return Err(SessionError::RoleChanged);
     }
@@ -463,7 +397,7 @@ async fn stream(
         if let Some(r) = (&mut *ack_task).now_or_never() {
             return Err(r.unwrap_or(SessionError::Closed));
         }
-        if link.vol.role() != Role::Primary {
+        if link.vol.sending() != Sending::Stream {
             return Err(SessionError::RoleChanged);
         }
         let acked = *link.repl.acked.borrow();
@@ -481,22 +415,14 @@ async fn stream(
             1 << 20
         };
         let flush_asked = link.repl.flush_wanted.swap(false, Ordering::AcqRel);
-        let recs = {
-            let mut s = t.state();
-            if flush_asked {
-                flush_upto = flush_upto.max(Some(s.journal.last_seq()));
-            }
-            if s.resync_needed || need_resync || !s.journal.covers(cursor) {
-                s.resync_needed = true;
-                None
-            } else {
-                Some((
-                    s.journal.read_from(cursor, batch_bytes),
-                    s.journal.filling(),
-                ))
-            }
-        };
-        let Some((recs, filling)) = recs else {
+        let next = t.next_records(
+            cursor,
+            batch_bytes,
+            need_resync,
+            flush_asked,
+            &mut flush_upto,
+        );
+        let Next::Records(recs, filling) = next else {
             cursor = link.resync(false).await?;
             continue;
         };
@@ -513,15 +439,11 @@ async fn stream(
             if last_heartbeat.elapsed() >= Duration::from_millis(250) {
                 // The pending set travels whenever it is not empty, and once when it becomes
                 // empty, so a forced promotion knows its losses. Sparse: what is set, not the volume.
-                let (words, last_seq) = {
-                    let s = t.state();
-                    let count = s.pending.count();
-                    let words = (last_pending_sent != Some(count) || count > 0).then(|| {
-                        last_pending_sent = Some(count);
-                        s.pending.to_sparse()
-                    });
-                    (words, s.journal.last_seq())
-                };
+                let (sparse, count, last_seq) = t.pending_snapshot();
+                let words = (last_pending_sent != Some(count) || count > 0).then(|| {
+                    last_pending_sent = Some(count);
+                    sparse
+                });
                 let bytes = words.as_ref().map_or(64, |w| 64 + w.len() as u64);
                 link.send(
                     Body::Heartbeat(pb::Heartbeat {
@@ -592,7 +514,11 @@ mod tests {
     #[test]
     fn a_message_carries_its_sessions_epoch_even_across_a_fence() {
         let d = tempfile::tempdir().unwrap();
-        let v = Volume::open(&crate::takeover::tests::config(d.path())).unwrap();
+        let cfg = crate::volume::VolumeConfig {
+            initial_role: Role::Primary,
+            ..crate::takeover::tests::base_config(d.path())
+        };
+        let v = Volume::open(&cfg).unwrap();
         let repl = Arc::clone(v.repl.as_ref().unwrap());
         let (tx, mut rx) = mpsc::channel(4);
         let held = v.areas.seams.arm("link.send.checked");

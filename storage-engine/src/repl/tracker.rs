@@ -18,15 +18,15 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
 
 use crate::{
     bitmap::{Bitmap, BitmapFile},
+    clock::now_us,
+    geometry::{blocks_of, BLOCK_SIZE},
     journal::{Append, Journal, Record},
-    volume::BLOCK_SIZE,
 };
 
 /// Blocks per write-intent extent (1 MiB).
@@ -37,22 +37,6 @@ pub const COOL_AFTER_TICKS: u32 = 20;
 const STRIPES: u64 = 1024;
 /// Blocks per stripe lock (64 KiB), so a large write takes few locks.
 const STRIPE_BLOCKS: u64 = 16;
-
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// Blocks touched by the byte range [offset, offset + len).
-pub fn blocks_of(offset: u64, len: u64) -> std::ops::Range<u64> {
-    let bs = u64::from(BLOCK_SIZE);
-    if len == 0 {
-        return offset / bs..offset / bs;
-    }
-    offset / bs..(offset + len).div_ceil(bs)
-}
 
 /// Striped locks over blocks.
 pub struct BlockLocks {
@@ -105,24 +89,36 @@ pub struct TableCounts {
     pub acked_seq: u64,
 }
 
+/// The table's fields, private to this module: callers go through `Tracker`'s methods, which keep
+/// its rules (a bit is cleared only by the acknowledgement of its generation, the journal and the
+/// table agree on what is owed).
 pub struct TrackState {
-    pub pending: Bitmap,
+    pending: Bitmap,
     last_seq: HashMap<u64, u64>,
-    pub journal: Journal,
-    pub acked_seq: u64,
+    journal: Journal,
+    acked_seq: u64,
     /// Blocks are pending that no journal record covers: the sender must resync from the table.
-    pub resync_needed: bool,
+    resync_needed: bool,
     intent: Bitmap,
     /// Checkpoint tick of each extent's last write: extents cool only after a quiet spell, so a busy
     /// region does not pay an intent fsync again and again (the idea of DRBD's activity log).
     last_touch: Vec<u32>,
     tick: u32,
     dirty: bool,
-    pub epoch: u64,
+    epoch: u64,
     /// First seq this process issued; a peer that applied this seq or more heard it from our
     /// previous incarnation, so the numbers collide and the journal cannot be trusted.
-    pub boot_next: u64,
-    pub seq_checked: bool,
+    boot_next: u64,
+    seq_checked: bool,
+}
+
+/// What the sender streams next (`Tracker::next_records`).
+pub enum Next {
+    /// Records from the cursor on, and whether the journal is filling up (the batch asks the peer
+    /// to sync, so the acknowledgements trim it).
+    Records(Vec<Record>, bool),
+    /// The journal does not cover the cursor: resync from the table.
+    Resync,
 }
 
 impl TrackState {
@@ -207,8 +203,111 @@ impl Tracker {
         self.blocks
     }
 
-    pub fn state(&self) -> MutexGuard<'_, TrackState> {
+    fn state(&self) -> MutexGuard<'_, TrackState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The seq of the newest record (0 when none was ever written).
+    pub fn last_seq(&self) -> u64 {
+        self.state().journal.last_seq()
+    }
+
+    pub fn is_pending(&self, b: u64) -> bool {
+        self.state().pending.get(b)
+    }
+
+    /// A copy of the pending set.
+    pub fn pending(&self) -> Bitmap {
+        self.state().pending.clone()
+    }
+
+    /// The pending set as one snapshot: sparse words, count, and the last seq it covers.
+    pub fn pending_snapshot(&self) -> (Vec<u8>, u64, u64) {
+        let s = self.state();
+        (
+            s.pending.to_sparse(),
+            s.pending.count(),
+            s.journal.last_seq(),
+        )
+    }
+
+    /// Pending blocks for which `keep` holds.
+    pub fn pending_where(&self, keep: impl Fn(u64) -> bool) -> Vec<u64> {
+        self.state()
+            .pending
+            .iter_ones()
+            .filter(|&b| keep(b))
+            .collect()
+    }
+
+    /// Blocks are pending that no record covers: the next session resyncs from the table.
+    pub fn resync_needed(&self) -> bool {
+        self.state().resync_needed
+    }
+
+    /// The next session resyncs from the table (a restart that must reach InSync again).
+    pub fn need_resync(&self) {
+        self.state().resync_needed = true;
+    }
+
+    /// New records and images are numbered at `epoch`.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.state().epoch = epoch;
+    }
+
+    /// A role change: records journaled under the old role are never replayed (`drop`: and are
+    /// dropped); the next session resyncs from the table, at `epoch`.
+    pub fn restart(&self, epoch: u64, drop: bool) {
+        let mut s = self.state();
+        if drop {
+            s.journal.reset();
+        }
+        s.epoch = epoch;
+        s.resync_needed = true;
+    }
+
+    /// The peer says it applied up to `applied` when a session opens: decides whether the journal
+    /// can resume it, renumbering past seqs the peer heard from an earlier incarnation of this
+    /// engine. `true`: the session must resync from the table.
+    pub fn agree_resume(&self, applied: u64, durable: u64) -> bool {
+        let mut s = self.state();
+        if !s.seq_checked {
+            s.seq_checked = true;
+            if applied >= s.boot_next {
+                // Seqs from before our restart reached the peer: renumber and resync from the table.
+                s.journal.reset();
+                s.journal.bump_to(applied + 1);
+                s.resync_needed = true;
+            }
+        }
+        if applied >= s.journal.next_seq() {
+            // We restarted and lost records the peer already has: renumber past them.
+            s.journal.bump_to(applied + 1);
+            s.resync_needed = true;
+        }
+        s.resync_needed || !s.journal.covers(durable + 1)
+    }
+
+    /// The records to stream from `cursor` (at most about `max_bytes`), or `Next::Resync` when the
+    /// journal no longer covers it (or `resync` asks for one). `flush_upto` grows to the last seq
+    /// when `flush_asked` (a sync-mode FLUSH covers every record journaled before it).
+    pub fn next_records(
+        &self,
+        cursor: u64,
+        max_bytes: u64,
+        resync: bool,
+        flush_asked: bool,
+        flush_upto: &mut Option<u64>,
+    ) -> Next {
+        let mut s = self.state();
+        if flush_asked {
+            *flush_upto = (*flush_upto).max(Some(s.journal.last_seq()));
+        }
+        if s.resync_needed || resync || !s.journal.covers(cursor) {
+            s.resync_needed = true;
+            return Next::Resync;
+        }
+        Next::Records(s.journal.read_from(cursor, max_bytes), s.journal.filling())
     }
 
     pub fn counts(&self) -> TableCounts {

@@ -13,15 +13,18 @@ use std::{
 
 use tonic::Status;
 
+use crate::error::EngineError;
+
 use crate::{
     bitmap::Bitmap,
     client::{channel, TokenInterceptor},
+    geometry::{BLOCK_SIZE, BS},
     meta::{Phase, Role},
     pb::{self, replication_message::Body},
-    volume::{Applied, Volume, BLOCK_SIZE},
+    state::{self, Event},
+    volume::{Applied, Volume},
+    volume::{Carry, TransitionError},
 };
-
-const BS: u64 = BLOCK_SIZE as u64;
 /// How long one FenceAndHandoff attempt may take.
 const ATTEMPT: Duration = Duration::from_secs(2);
 /// Default for a takeover request without a timeout.
@@ -40,10 +43,6 @@ pub fn message_cap(volume_bytes: u64) -> usize {
 type PeerClient = pb::peer_client::PeerClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenInterceptor>,
 >;
-
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
 
 /// Why the old primary did not hand its table over.
 #[derive(Debug)]
@@ -72,65 +71,46 @@ impl Volume {
     /// Peer.FenceAndHandoff, on the engine being replaced: finish in-flight host writes, refuse
     /// everything older than `new_epoch`, close host sessions, and hand over the differential
     /// table, all in one step. A repeat at the same epoch returns the table again (AT-34).
-    pub async fn fence_and_handoff(&self, new_epoch: u64) -> Result<pb::HandoffReply, Status> {
+    pub async fn fence_and_handoff(&self, new_epoch: u64) -> Result<pb::HandoffReply, EngineError> {
         let Some(repl) = &self.repl else {
-            return Err(Status::failed_precondition("volume is not paired"));
+            return Err(EngineError::NotPaired("volume is not paired"));
         };
         let _gate = self.gate.write().await;
-        let (role, epoch) = (self.role(), self.epoch());
-        let repeat = role == Role::Fenced && new_epoch == epoch;
-        if !repeat {
-            if new_epoch <= epoch {
-                return Err(Status::failed_precondition(format!(
-                    "stale takeover epoch {new_epoch}: this engine is {role} at epoch {epoch}"
-                )));
-            }
-            if role == Role::Secondary {
-                return Err(Status::failed_precondition(format!(
-                    "this engine is secondary at epoch {epoch}: there is no primary here to take over from"
-                )));
-            }
-            self.update_meta(|m| {
-                m.role = Role::Fenced;
-                m.epoch = new_epoch;
-            })
-            .map_err(internal)?;
-            repl.tracker.state().epoch = new_epoch;
-            self.fenced.send_modify(|g| *g += 1);
+        let step = self.transition(Event::Fence { new_epoch }, Carry::default())?;
+        if step.changes() {
             self.areas
                 .event(format!("Fenced epoch={new_epoch} (host sessions closed)"));
-            repl.wake.notify_one();
         }
         // Blocks this engine still waits for from the peer (and did not overwrite since) are newer
         // there than here: our pending bit for them is stale, never hand it back (a failback or a
         // takeover before the previous drain finished).
         let stale: Vec<u64> = {
             let st = self.areas.state();
-            let s = repl.tracker.state();
-            s.pending
-                .iter_ones()
-                .filter(|&b| st.peer_pending.get(b) && !st.overlay_present.get(b))
-                .collect()
+            repl.tracker
+                .pending_where(|b| st.peer_pending.get(b) && !st.overlay_present.get(b))
         };
         if !stale.is_empty() {
             repl.tracker.forget(&stale);
         }
-        let s = repl.tracker.state();
+        let (words, count, last_seq) = repl.tracker.pending_snapshot();
         Ok(pb::HandoffReply {
             epoch: new_epoch,
-            pending_words: Some(s.pending.to_sparse().into()),
-            pending_blocks: s.pending.count(),
-            last_seq: s.journal.last_seq(),
+            pending_words: Some(words.into()),
+            pending_blocks: count,
+            last_seq,
             block_size: BS,
             ..Default::default()
         })
     }
 
     /// Engine.Takeover / Engine.Failback, on the engine that is to serve.
-    pub async fn takeover(&self, req: pb::TakeoverRequest) -> Result<pb::TakeoverReply, Status> {
+    pub async fn takeover(
+        &self,
+        req: pb::TakeoverRequest,
+    ) -> Result<pb::TakeoverReply, EngineError> {
         let started = Instant::now();
         let Some(repl) = &self.repl else {
-            return Err(Status::failed_precondition(
+            return Err(EngineError::NotPaired(
                 "volume is not paired: nothing to take over from",
             ));
         };
@@ -159,7 +139,7 @@ impl Volume {
                     already_primary: true,
                 });
             }
-            return Err(Status::failed_precondition(format!(
+            return Err(EngineError::WrongRole(format!(
                 "this engine is already primary at epoch {epoch}, not {}",
                 req.new_epoch
             )));
@@ -169,17 +149,8 @@ impl Volume {
         } else {
             req.new_epoch
         };
-        if new_epoch <= epoch {
-            return Err(Status::failed_precondition(format!(
-                "stale takeover epoch {new_epoch}: this engine is at epoch {epoch}"
-            )));
-        }
-        if role == Role::Secondary && self.replica().needs_full {
-            return Err(Status::failed_precondition(
-                "this replica has never completed its initial copy and holds no usable data; \
-                 it cannot take over",
-            ));
-        }
+        // Asked before the peer is: a takeover the state refuses never fences anyone.
+        state::next(&self.state(), Event::Promote { new_epoch })?;
         self.areas
             .event(format!("TakeoverRequested epoch={new_epoch} force={force}"));
         let handoff = self.ask_for_table(&repl.peer, new_epoch, timeout).await;
@@ -191,8 +162,8 @@ impl Volume {
                     None => Bitmap::from_bytes(blocks, &h.pending_bitmap),
                 }
                 .ok_or_else(|| {
-                    Status::data_loss(
-                        "the peer's differential table is malformed or of another size",
+                    EngineError::Corrupt(
+                        "the peer's differential table is malformed or of another size".into(),
                     )
                 })?;
                 let pending = table.count();
@@ -210,12 +181,11 @@ impl Volume {
             Err(HandoffFailure::Refused(why)) => {
                 // Invariant: "force" means the peer is unreachable, never that it said no.
                 // Test: `tests/takeover.rs` `force_never_promotes_over_a_peer_that_refuses`.
-                let msg = format!("HandoffRefused: {why}; not promoted");
                 self.areas.event("HandoffRefused");
-                return Err(Status::failed_precondition(msg));
+                return Err(EngineError::HandoffRefused(why));
             }
             Err(HandoffFailure::Unreachable(why))
-                if force && self.replica().inconsistent && !req.allow_inconsistent =>
+                if force && self.replica().inconsistent() && !req.allow_inconsistent =>
             {
                 let msg = format!(
                     "HandoffBlocked: PeerUnreachable: {why}; not promoted: this replica is \
@@ -223,12 +193,12 @@ impl Volume {
                      allow_inconsistent (--allow-inconsistent) to promote it anyway"
                 );
                 self.areas.set_condition(msg.clone());
-                return Err(Status::unavailable(msg));
+                return Err(EngineError::HandoffBlocked(msg));
             }
             Err(HandoffFailure::Unreachable(why)) if force => {
                 let (lost, from, to) = {
                     let rs = self.replica();
-                    if rs.applied_seq >= rs.peer_last_seq && !rs.inconsistent {
+                    if rs.applied_seq >= rs.peer_last_seq && !rs.inconsistent() {
                         // Every record the peer announced reached us: nothing known is lost.
                         (Bitmap::new(blocks), 0, 0)
                     } else {
@@ -263,7 +233,7 @@ impl Volume {
                 );
                 self.areas.set_condition(msg.clone());
                 self.areas.event("HandoffBlocked");
-                return Err(Status::unavailable(msg));
+                return Err(EngineError::HandoffBlocked(msg));
             }
         };
         // Kept in memory for repeats and status; not worth an fsync on the reply's path.
@@ -360,43 +330,27 @@ impl Volume {
     /// older copy from then on, are reported as lost like a forced promotion's, and are marked for
     /// sending back, so a returning old primary is overwritten instead of silently differing. The
     /// merge then starts. Test: `tests/takeover.rs` `a_drain_whose_old_primary_is_gone_can_be_abandoned`.
-    async fn abandon_drain(&self, timeout: Duration) -> Result<pb::TakeoverReply, Status> {
+    async fn abandon_drain(&self, timeout: Duration) -> Result<pb::TakeoverReply, EngineError> {
         let Some(repl) = &self.repl else {
-            return Err(Status::failed_precondition("volume is not paired"));
+            return Err(EngineError::NotPaired("volume is not paired"));
         };
         if let Some(answer) = self.probe_peer(&repl.peer, timeout).await {
-            return Err(Status::failed_precondition(format!(
-                "DrainNotAbandoned: the old primary answers ({answer}); its drain goes on"
-            )));
+            return Err(EngineError::DrainNotAbandoned(answer));
         }
         let _gate = self.gate.write().await;
-        if self.role() != Role::Primary || self.areas.phase() != Phase::Draining {
-            return Err(Status::aborted(
-                "superseded: the drain ended or this engine stopped serving meanwhile",
-            ));
-        }
-        let lost = self.areas.state().peer_pending.clone();
-        let n = lost.count();
-        repl.tracker.mark_pending(&lost).map_err(internal)?;
-        {
-            let mut st = self.areas.state();
-            st.peer_pending.clear_all();
-            super::Areas::mark_pp_dirty(&mut st);
-        }
+        let n = self.areas.state().peer_pending.count();
         // The table is stored empty before the phase moves on: a restart in between is still
         // draining, with nothing left to wait for.
-        self.persist_areas().map_err(internal)?;
-        self.update_meta(|m| {
-            m.takeover.phase = Phase::Merging;
-            m.takeover.lost_blocks += n;
-        })
-        .map_err(internal)?;
-        self.areas.set_phase(Phase::Merging);
-        self.areas.set_condition("");
+        self.transition(Event::AbandonDrain, Carry::default())
+            .map_err(|e| match e {
+                TransitionError::Refused(_) => EngineError::Superseded(
+                    "superseded: the drain ended or this engine stopped serving meanwhile".into(),
+                ),
+                TransitionError::Io(e) => EngineError::io(e),
+            })?;
         self.areas.event(format!(
             "DrainAbandoned lost_blocks={n} (old primary unreachable)"
         ));
-        self.areas.merge_wake.notify_one();
         let m = self.meta().takeover.clone();
         Ok(pb::TakeoverReply {
             epoch: self.epoch(),
@@ -438,79 +392,45 @@ impl Volume {
         new_epoch: u64,
         table: Bitmap,
         lost: Option<(Bitmap, u64, u64)>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), EngineError> {
         let _gate = self.gate.write().await;
         // A fenced engine whose own drain finished meanwhile is a secondary at the same epoch: still
         // fine to promote. Only a newer epoch (someone else's takeover) supersedes this one.
         let benign = role_at_start == Role::Fenced && self.role() == Role::Secondary;
         if (self.role() != role_at_start && !benign) || self.epoch() >= new_epoch {
-            return Err(Status::aborted(format!(
+            return Err(EngineError::Superseded(format!(
                 "superseded: this engine became {} at epoch {} while taking over",
                 self.role(),
                 self.epoch()
             )));
         }
-        self.promote(new_epoch, table, lost).map_err(internal)
+        Ok(self.promote(new_epoch, table, lost)?)
     }
 
-    /// Becomes primary at `new_epoch`: the handed-off table is stored durably first, then the role.
-    /// `lost` (forced promotion): blocks whose newest content stayed on the peer, and their seqs.
+    /// Becomes primary at `new_epoch`: the handed-off table is stored durably first, then the role
+    /// (`state::next`, Promote / ForcePromote). `lost` (forced promotion): blocks whose newest
+    /// content stayed on the peer, and their seqs.
     pub(crate) fn promote(
         &self,
         new_epoch: u64,
         table: Bitmap,
         lost: Option<(Bitmap, u64, u64)>,
-    ) -> std::io::Result<()> {
-        let Some(repl) = &self.repl else {
+    ) -> Result<(), TransitionError> {
+        if self.repl.is_none() {
             return Ok(());
-        };
-        // Whatever this engine still has in an overlay (a takeover while it was itself draining)
-        // is its own newest data: into the data file before the overlay is reused.
-        self.fold_overlay()?;
-        // Empty, durably, before the first host write lands in it (see `Areas::open`).
-        self.areas.overlay.punch_hole(0, self.size())?;
-        self.areas.overlay.sync()?;
-        let draining = lost.is_none();
-        self.areas.reset(table)?;
-        {
-            let mut s = repl.tracker.state();
-            s.epoch = new_epoch;
-            // Records journaled under an earlier role must never be replayed to the peer.
-            s.resync_needed = true;
         }
-        if let Some((set, _, _)) = &lost {
-            // The peer's copies of these blocks are newer than ours and will never be ours: send ours
-            // back over them when it returns, so the two never silently differ.
-            repl.tracker.mark_pending(set)?;
-        }
-        let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
-        self.update_meta(|m| {
-            m.role = Role::Primary;
-            m.epoch = new_epoch;
-            m.takeover.phase = if draining {
-                Phase::Draining
-            } else {
-                Phase::Normal
-            };
-            m.takeover.reversing = true;
-            let (n, from, to) = lost
-                .as_ref()
-                .map_or((0, 0, 0), |(s, f, t)| (s.count(), *f, *t));
-            m.takeover.lost_blocks = n;
-            m.takeover.forced = lost.is_some();
-            m.takeover.lost_seq_from = if n > 0 { from } else { 0 };
-            m.takeover.lost_seq_to = if n > 0 { to } else { 0 };
-        })
-        .map_err(io)?;
-        self.areas.set_phase(if draining {
-            Phase::Draining
+        let event = if lost.is_some() {
+            Event::ForcePromote { new_epoch }
         } else {
-            Phase::Normal
-        });
-        self.areas.set_condition("");
-        self.forget_heartbeat_set();
-        self.replica().inconsistent = false;
-        repl.wake.notify_one();
+            Event::Promote { new_epoch }
+        };
+        self.transition(
+            event,
+            Carry {
+                table: Some(table),
+                lost,
+            },
+        )?;
         Ok(())
     }
 
@@ -528,15 +448,16 @@ impl Volume {
     }
 
     /// The drain is done and acknowledged: this (fenced) engine becomes the new primary's secondary.
+    /// Nothing happens if a takeover by this engine (or a newer fence) came first.
     pub async fn become_secondary(&self, fenced_epoch: u64) -> std::io::Result<()> {
         let _gate = self.gate.write().await;
-        if self.role() != Role::Fenced || self.epoch() != fenced_epoch {
-            // A takeover by this engine (or a newer fence) came first.
-            return Ok(());
+        let step = self
+            .transition(Event::DrainAcknowledged { fenced_epoch }, Carry::default())
+            .map_err(std::io::Error::other)?;
+        if step.changes() {
+            self.areas
+                .event("SecondaryAgain (reverse replication can start)");
         }
-        self.to_secondary(self.epoch())?;
-        self.areas
-            .event("SecondaryAgain (reverse replication can start)");
         Ok(())
     }
 
@@ -545,62 +466,31 @@ impl Volume {
     /// stay in the table and are asked back from the peer (`resend_bitmap`).
     pub async fn step_down(&self, peer_epoch: u64) -> std::io::Result<()> {
         let _gate = self.gate.write().await;
-        if self.role() == Role::Secondary || peer_epoch <= self.epoch() {
-            return Ok(());
+        let step = self
+            .transition(Event::StepDown { peer_epoch }, Carry::default())
+            .map_err(std::io::Error::other)?;
+        if step.changes() {
+            self.areas.event(format!(
+                "SteppedDown epoch={peer_epoch} (the peer was promoted while this engine was away)"
+            ));
         }
-        self.fenced.send_modify(|g| *g += 1);
-        self.to_secondary(peer_epoch)?;
-        self.areas.event(format!(
-            "SteppedDown epoch={peer_epoch} (the peer was promoted while this engine was away)"
-        ));
         Ok(())
-    }
-
-    fn to_secondary(&self, epoch: u64) -> std::io::Result<()> {
-        self.fold_overlay()?;
-        self.areas.reset(Bitmap::new(self.size() / BS))?;
-        self.areas.set_phase(Phase::Normal);
-        if let Some(r) = &self.repl {
-            let mut s = r.tracker.state();
-            s.epoch = epoch;
-            s.journal.reset();
-            s.resync_needed = true;
-        }
-        {
-            // The new primary resends its table before this copy is consistent again.
-            let mut rs = self.replica();
-            rs.applied_seq = 0;
-            rs.durable_seq = 0;
-            rs.inconsistent = true;
-            rs.needs_full = false;
-            rs.consistent_target = None;
-        }
-        self.forget_heartbeat_set();
-        self.write_progress_now()?;
-        let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
-        self.update_meta(|m| {
-            m.role = Role::Secondary;
-            m.epoch = epoch;
-            m.applied_seq = 0;
-            m.takeover = Default::default();
-        })
-        .map_err(io)
     }
 
     /// The receiving end of the old primary's drain: block images land in the data file unless the
     /// overlay holds something newer; DrainComplete ends the first processing.
-    pub fn apply_drain(&self, batch: Vec<pb::ReplicationMessage>) -> Result<Applied, Status> {
+    pub fn apply_drain(&self, batch: Vec<pb::ReplicationMessage>) -> Result<Applied, EngineError> {
         let my_epoch = self.epoch();
         let blocks = self.size() / BS;
         for m in &batch {
             if m.volume != self.name() {
-                return Err(Status::not_found(format!("unknown volume {:?}", m.volume)));
+                return Err(EngineError::UnknownVolume(m.volume.clone()));
             }
             if m.epoch != my_epoch {
                 if let Some(r) = &self.repl {
                     r.stats.stale_rejected.fetch_add(1, Ordering::Relaxed);
                 }
-                return Err(Status::failed_precondition(format!(
+                return Err(EngineError::StaleEpoch(format!(
                     "this engine is primary at epoch {my_epoch}; a stream at epoch {} is refused, nothing written",
                     m.epoch
                 )));
@@ -611,19 +501,22 @@ impl Volume {
                         || b.data.len() != BLOCK_SIZE as usize
                         || crc32c::crc32c(&b.data) != b.crc32c
                     {
-                        return Err(Status::data_loss(format!("bad image of block {}", b.block)));
+                        return Err(EngineError::Corrupt(format!(
+                            "bad image of block {}",
+                            b.block
+                        )));
                     }
                 }
                 Some(Body::DrainComplete(_)) | Some(Body::Heartbeat(_)) | None => {}
                 Some(_) => {
-                    return Err(Status::failed_precondition(
-                        "this engine is primary: it takes only a fenced peer's drain",
+                    return Err(EngineError::WrongRole(
+                        "this engine is primary: it takes only a fenced peer's drain".into(),
                     ))
                 }
             }
         }
         let Some(repl) = &self.repl else {
-            return Err(Status::failed_precondition("volume is not paired"));
+            return Err(EngineError::NotPaired("volume is not paired"));
         };
         let mut out = Applied {
             epoch: my_epoch,
@@ -644,7 +537,7 @@ impl Volume {
                         if !shadowed {
                             self.store
                                 .write_at(&b.data, b.block * BS)
-                                .map_err(internal)?;
+                                .map_err(EngineError::io)?;
                         }
                         let mut st = self.areas.state();
                         st.peer_pending.clear(b.block);
@@ -654,7 +547,7 @@ impl Volume {
                     out.wrote = true;
                 }
                 Some(Body::DrainComplete(d)) => {
-                    self.finish_drain(d.final_seq).map_err(internal)?;
+                    self.finish_drain(d.final_seq)?;
                     out.drain_complete = true;
                 }
                 _ => {}
@@ -666,23 +559,13 @@ impl Volume {
     /// DrainComplete (the last data mark): everything received is made durable, the handed-off
     /// table is cleared durably, and the merge may start. Idempotent.
     pub(crate) fn finish_drain(&self, final_seq: u64) -> std::io::Result<()> {
-        if self.areas.phase() != Phase::Draining {
-            return Ok(());
+        let step = self
+            .transition(Event::DrainComplete, Carry::default())
+            .map_err(std::io::Error::other)?;
+        if step.changes() {
+            self.areas
+                .event(format!("FirstProcessingComplete final_seq={final_seq}"));
         }
-        {
-            let mut st = self.areas.state();
-            st.peer_pending.clear_all();
-            super::Areas::mark_pp_dirty(&mut st);
-        }
-        // Every drained image is in the data file before the empty table is stored.
-        self.persist_areas()?;
-        let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
-        self.update_meta(|m| m.takeover.phase = Phase::Merging)
-            .map_err(io)?;
-        self.areas.set_phase(Phase::Merging);
-        self.areas
-            .event(format!("FirstProcessingComplete final_seq={final_seq}"));
-        self.areas.merge_wake.notify_one();
         Ok(())
     }
 
@@ -719,27 +602,30 @@ impl Volume {
     pub fn serve_read_blocks(
         &self,
         req: &pb::ReadBlocksRequest,
-    ) -> Result<pb::ReadBlocksReply, Status> {
-        let (role, epoch) = (self.role(), self.epoch());
-        if role != Role::Fenced || req.epoch != epoch {
-            return Err(Status::failed_precondition(format!(
+    ) -> Result<pb::ReadBlocksReply, EngineError> {
+        let state = self.state();
+        let (role, epoch) = (state.role, state.epoch);
+        if !state.serves_proxied_reads(req.epoch) {
+            return Err(EngineError::WrongRole(format!(
                 "proxied reads are served only by a fenced engine at the reader's epoch; this engine is {role} at epoch {epoch}, the reader at {}",
                 req.epoch
             )));
         }
         let blocks = self.size() / BS;
         if req.blocks.len() > 8192 {
-            return Err(Status::invalid_argument("at most 8192 blocks per request"));
+            return Err(EngineError::InvalidArgument(
+                "at most 8192 blocks per request".into(),
+            ));
         }
         let mut data = Vec::with_capacity(req.blocks.len());
         for &b in &req.blocks {
             if b >= blocks {
-                return Err(Status::invalid_argument(format!(
+                return Err(EngineError::InvalidArgument(format!(
                     "block {b} is out of range"
                 )));
             }
             let mut buf = vec![0u8; BLOCK_SIZE as usize];
-            self.read_own_block(b, &mut buf).map_err(internal)?;
+            self.read_own_block(b, &mut buf)?;
             data.push(buf.into());
         }
         if let Some(r) = &self.repl {
@@ -753,7 +639,7 @@ impl Volume {
 /// Runs the merge whenever the volume enters the Merging phase (also after a restart).
 pub async fn merge_task(vol: Arc<Volume>, mut stop: tokio::sync::watch::Receiver<bool>) {
     loop {
-        if vol.areas.phase() == Phase::Merging && vol.role() == Role::Primary {
+        if vol.state().merging() {
             if let Err(e) = super::merge::run(&vol, &mut stop).await {
                 tracing::warn!(error = %e, "merge failed; retrying");
             }

@@ -11,11 +11,11 @@ use std::{sync::atomic::Ordering, time::Duration};
 use tokio::sync::watch;
 
 use crate::{
-    meta::{Phase, Role},
-    volume::{Volume, BLOCK_SIZE},
+    geometry::{BLOCK_SIZE, BS},
+    state::Event,
+    volume::{Carry, Volume},
 };
 
-const BS: u64 = BLOCK_SIZE as u64;
 /// Blocks per merge chunk (4 MiB): one fsync and one bitmap write each.
 const CHUNK: u64 = 1024;
 
@@ -35,7 +35,7 @@ pub async fn run(
                 _ = stop.changed() => return Ok(()),
             }
         }
-        if *stop.borrow() || vol.role() != Role::Primary {
+        if *stop.borrow() || !vol.state().merging() {
             // Stopping, or fenced by a newer takeover: whoever is next folds the overlay.
             return Ok(());
         }
@@ -49,26 +49,17 @@ pub async fn run(
     // Every block is in the data file; host I/O stops taking the routed path.
     vol.areas.seams.hit("merge.before_final_gate");
     let _gate = vol.gate.write().await;
-    if vol.role() != Role::Primary || vol.areas.phase() != Phase::Merging {
-        return Ok(());
-    }
     // No host I/O runs under the gate: whatever reached the overlay behind a chunk already merged
-    // is folded now, before the overlay is punched (the punch must never drop a block).
-    let left: Vec<u64> = vol.areas.state().overlay_present.iter_ones().collect();
-    if !left.is_empty() {
-        let v = std::sync::Arc::clone(vol);
-        tokio::task::spawn_blocking(move || copy_to_data(&v, &left))
+    // is folded (the transition's first effect) before the overlay is punched (the punch must
+    // never drop a block). Outside Merging (fenced, or a restart got there) nothing happens.
+    let v = std::sync::Arc::clone(vol);
+    let step =
+        tokio::task::spawn_blocking(move || v.transition(Event::MergeComplete, Carry::default()))
             .await
-            .map_err(std::io::Error::other)??;
-    }
-    let io = |e: crate::meta::MetaError| std::io::Error::other(e.to_string());
-    vol.update_meta(|m| m.takeover.phase = Phase::Normal)
-        .map_err(io)?;
-    vol.areas.set_phase(Phase::Normal);
-    vol.areas.overlay.punch_hole(0, vol.size())?;
-    vol.areas.event(format!("MergeComplete blocks={total}"));
-    if let Some(r) = &vol.repl {
-        r.wake.notify_one();
+            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)?;
+    if step.changes() {
+        vol.areas.event(format!("MergeComplete blocks={total}"));
     }
     Ok(())
 }

@@ -31,12 +31,11 @@ use tokio::sync::Notify;
 
 use crate::{
     bitmap::{Bitmap, BitmapFile},
+    clock::now_us,
+    geometry::BS,
     meta::Phase,
-    repl::tracker::now_us,
     store::BlockStore,
 };
-
-const BS: u64 = crate::volume::BLOCK_SIZE as u64;
 
 /// Events kept for `status` (the newest win).
 const EVENTS_KEPT: usize = 64;

@@ -258,7 +258,7 @@ fn apply(v: &Arc<Volume>, m: &mut Model, op: &Op) -> Result<(), String> {
             }
         }
         Op::Fence => {
-            block_on(v.fence_and_handoff(3)).map_err(|x| e(&x.message()))?;
+            block_on(v.fence_and_handoff(3)).map_err(|x| e(&x))?;
         }
     }
     Ok(())
@@ -316,7 +316,7 @@ fn check(v: &Volume, m: &Model, when: &str) -> Vec<String> {
             .any(|g| g.is_some_and(|g| m.maybe.get(&b).is_some_and(|x| x.contains(&g))));
         if promoted && (m.host_wrote(b) || maybe_seen) {
             if let Some(r) = &v.repl {
-                if !r.tracker.state().pending.get(b) {
+                if !r.tracker.is_pending(b) {
                     bad.push(format!(
                         "{when}: block {b} was written by the host but is not owed to the peer"
                     ));
@@ -385,6 +385,11 @@ fn power_loss_as(
 
 /// The checks after a restart, then the takeover carried to its end and checked again.
 fn recovered(v: &Arc<Volume>, m: &mut Model, label: &str) -> Vec<String> {
+    eprintln!(
+        "DEBUG {label}: {:?} pp={:?}",
+        v.state(),
+        v.areas.state().peer_pending
+    );
     let mut bad = check(v, m, &format!("after {label}"));
     if bad.is_empty() {
         if let Err(e) = finish(v, m) {
@@ -619,7 +624,7 @@ fn rx_apply(v: &Volume, m: &mut RxModel, op: &Rx) -> Result<(), String> {
                     zero_length: 0,
                 })));
             }
-            v.apply_batch(batch).map_err(|x| e(&x.message()))?;
+            v.apply_batch(batch).map_err(|x| e(&x))?;
             for s in *seq..seq + n {
                 let b = FIRST + (s * 7) % TOUCHED;
                 m.versions.entry(b).or_default().push(100 + s as u32);
@@ -651,7 +656,7 @@ fn rx_apply(v: &Volume, m: &mut RxModel, op: &Rx) -> Result<(), String> {
             })));
             // (A batch cut short may have stopped before its first image: only a whole one
             // surely left the replica torn until its ResyncDone is durable.)
-            v.apply_batch(batch).map_err(|x| e(&x.message()))?;
+            v.apply_batch(batch).map_err(|x| e(&x))?;
             m.torn = true;
             for &b in blocks {
                 let id = m
@@ -668,7 +673,7 @@ fn rx_apply(v: &Volume, m: &mut RxModel, op: &Rx) -> Result<(), String> {
             for (b, vs) in &m.versions {
                 m.acked.insert(*b, vs.len() - 1);
             }
-            if !v.replica().inconsistent {
+            if !v.replica().inconsistent() {
                 m.torn = false;
             }
         }
@@ -680,7 +685,7 @@ fn rx_apply(v: &Volume, m: &mut RxModel, op: &Rx) -> Result<(), String> {
                 last_seq: m.next_seq,
                 ..Default::default()
             }));
-            v.apply_batch(vec![hb]).map_err(|x| e(&x.message()))?;
+            v.apply_batch(vec![hb]).map_err(|x| e(&x))?;
         }
         Rx::Checkpoint => v.checkpoint().map_err(|x| e(&x))?,
     }
@@ -698,7 +703,7 @@ fn rx_check(v: &Volume, m: &RxModel) -> Vec<String> {
             rs.applied_seq, m.acked_seq
         ));
     }
-    if m.torn && !rs.inconsistent {
+    if m.torn && !rs.inconsistent() {
         bad.push("a resync cut short reopened as consistent".into());
     }
     drop(rs);
@@ -720,10 +725,7 @@ fn rx_check(v: &Volume, m: &RxModel) -> Vec<String> {
 }
 
 fn rx_run(dir: &Path, ops: &[Rx], budget: Option<i64>) -> (i64, Vec<String>) {
-    let cfg = crate::volume::VolumeConfig {
-        initial_role: Role::Secondary,
-        ..config(dir)
-    };
+    let cfg = super::tests::base_config(dir);
     let v = Volume::open(&cfg).unwrap_or_else(|e| panic!("open: {e}"));
     let mut m = RxModel::default();
     let cut = Cut::after(dir, budget.unwrap_or(i64::MAX / 2));

@@ -232,7 +232,7 @@ impl Proxy {
             || reply
                 .data
                 .iter()
-                .any(|d| d.len() != crate::volume::BLOCK_SIZE as usize)
+                .any(|d| d.len() != crate::geometry::BLOCK_SIZE as usize)
         {
             return Err(Fetch::Refused(
                 "peer sent a malformed ReadBlocks reply".into(),

@@ -10,12 +10,11 @@ use std::{collections::HashMap, io, sync::atomic::Ordering};
 use bytes::Bytes;
 
 use crate::{
+    geometry::{blocks_of, BLOCK_SIZE, BS},
     meta::Phase,
-    repl::tracker::{blocks_of, Payload},
-    volume::{HostError, Volume, BLOCK_SIZE},
+    repl::tracker::Payload,
+    volume::{HostError, Volume},
 };
-
-const BS: u64 = BLOCK_SIZE as u64;
 
 /// Where the newest content of one block is, as seen by a host read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,13 +16,30 @@ use crate::{
 pub(super) const BS: u64 = 4096;
 pub(super) const BLOCKS: u64 = 2048;
 
+/// An engine about to take over: a consistent secondary at epoch 1 (its progress file says so
+/// before it first opens).
 pub(crate) fn config(dir: &Path) -> VolumeConfig {
+    let cfg = base_config(dir);
+    let progress = cfg.state_dir.join("progress");
+    if !progress.exists() {
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let p = crate::format::progress::Progress {
+            applied_seq: 0,
+            standing: crate::state::Standing::Consistent,
+        };
+        std::fs::write(&progress, crate::format::progress::encode(p)).unwrap();
+    }
+    cfg
+}
+
+/// The same engine's config without touching its state dir.
+pub(crate) fn base_config(dir: &Path) -> VolumeConfig {
     VolumeConfig {
         name: "v".into(),
         data: dir.join("data"),
         size: BLOCKS * BS,
         state_dir: dir.join("state"),
-        initial_role: Role::Primary,
+        initial_role: Role::Secondary,
         pair: Some(PairConfig {
             // Nothing listens there: proxied reads fail fast, nothing is replicated.
             peer: "127.0.0.1:9".into(),
@@ -292,9 +309,10 @@ fn the_message_cap_fits_the_worst_table_of_a_volume() {
 fn an_overlay_write_survives_a_kill_before_any_flush() {
     let d = tempfile::tempdir().unwrap();
     {
+        // The replica's copy of block 7 before the takeover.
         let v = Volume::open(&config(d.path())).unwrap();
-        write(&v, 7, 0x70);
-        block_on(v.flush()).unwrap();
+        v.store.write_at(&block(0x70), 7 * BS).unwrap();
+        v.store.sync().unwrap();
     }
     let v = draining(d.path(), &[1000]);
     write(&v, 5, 0x55);

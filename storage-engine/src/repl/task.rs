@@ -1,0 +1,62 @@
+//! The replication task of a paired engine: asks the state what to send (`state::Sending`) and
+//! runs the matching session, reconnecting with backoff. Sessions end on a role change; the
+//! task then asks again.
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::{sender::SessionError, Repl};
+use crate::{state::Sending, volume::Volume};
+
+/// Runs until `stop` fires.
+pub async fn run(vol: Arc<Volume>, repl: Arc<Repl>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let sending = vol.sending();
+        if sending == Sending::Idle {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = repl.wake.notified() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let started = Instant::now();
+        let r = if sending == Sending::Drain {
+            super::drain::session(&vol, &repl, &mut stop).await
+        } else {
+            super::sender::session(&vol, &repl, &mut stop).await
+        };
+        repl.stats.set_connected(false);
+        repl.stats.resyncing.store(false, Ordering::Relaxed);
+        match r {
+            Err(SessionError::Stopping) => return,
+            Ok(()) | Err(SessionError::RoleChanged) => continue,
+            Err(SessionError::PeerPrimaryNewer(epoch)) => {
+                if let Err(e) = vol.step_down(epoch).await {
+                    warn!(error = %e, "stepping down failed");
+                }
+                continue;
+            }
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(2) {
+                    backoff = Duration::from_millis(50);
+                }
+                warn!(peer = %repl.peer, error = %e, "replication link down; writes are tracked in the table");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

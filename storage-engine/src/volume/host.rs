@@ -1,0 +1,231 @@
+//! The host I/O path: what an NBD session may do, and one path for every request that changes
+//! blocks (write, zeroing write, trim), plain or routed through the takeover areas.
+
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use bytes::Bytes;
+
+use crate::{
+    meta::Role,
+    nbd::proto as nbd,
+    pb,
+    repl::{tracker::Payload, Mode},
+};
+
+use super::Volume;
+
+/// Why a host request failed; each maps to one NBD errno.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("volume is {0} on this engine")]
+    NotServing(Role),
+    #[error("proxied read from the old primary failed: {0}")]
+    Proxy(String),
+}
+
+impl HostError {
+    pub fn errno(&self) -> u32 {
+        match self {
+            HostError::Io(e) if e.raw_os_error() == Some(28) => nbd::ENOSPC,
+            HostError::Io(_) | HostError::Proxy(_) => nbd::EIO,
+            HostError::NotServing(_) => nbd::EPERM,
+        }
+    }
+}
+
+/// Counters reported by `status` and the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub nbd_connections: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+/// What an NBD export name asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportName {
+    Ok,
+    Unknown,
+    /// `<volume>@<epoch>` of an older (or other) epoch: a session from before a takeover.
+    StaleEpoch(u64),
+}
+
+impl Volume {
+    /// Whether host I/O is allowed right now, and why not.
+    pub fn check_serving(&self) -> Result<(), HostError> {
+        match self.role() {
+            Role::Primary => Ok(()),
+            r => Err(HostError::NotServing(r)),
+        }
+    }
+
+    /// Whether a read can run inline on the connection's reader (no network wait).
+    pub fn read_is_quick(&self, _offset: u64, _len: u32) -> bool {
+        !self.areas.active()
+    }
+
+    /// Whether a plain write completes without waiting for the peer.
+    pub fn write_is_quick(&self) -> bool {
+        !self.areas.active() && !matches!(&self.repl, Some(r) if r.mode == Mode::Sync)
+    }
+
+    /// Whether a host session may open now; `Ok(true)` means read-only (a secondary with
+    /// `--secondary-access read-only` whose replica is consistent).
+    pub fn host_access(&self) -> Result<bool, HostError> {
+        match self.role() {
+            Role::Primary => Ok(false),
+            Role::Secondary if self.secondary_read_only && !self.replica().inconsistent() => {
+                Ok(true)
+            }
+            r => Err(HostError::NotServing(r)),
+        }
+    }
+
+    /// Export names: `""` or `<volume>` (whatever the epoch), or `<volume>@<epoch>`, which opens only
+    /// while the volume is at that epoch. An attachment pinned to an epoch can never write into a
+    /// later one, even if this engine serves again after a failback (a stale mount stays fenced).
+    pub fn export_access(&self, name: &str) -> ExportName {
+        if name.is_empty() || name == self.name {
+            return ExportName::Ok;
+        }
+        match name.rsplit_once('@') {
+            Some((v, e)) if v == self.name => match e.parse::<u64>() {
+                Ok(e) if e == self.epoch() => ExportName::Ok,
+                Ok(e) => ExportName::StaleEpoch(e),
+                Err(_) => ExportName::Unknown,
+            },
+            _ => ExportName::Unknown,
+        }
+    }
+
+    /// A host session is opening (NBD OPT_GO): with implicit takeover, a secondary takes over
+    /// first (the handoff, then the session), as the patent's variant S:L279 allows.
+    pub async fn open_session(&self) -> Result<bool, HostError> {
+        if self.implicit_takeover && self.role() == Role::Secondary {
+            let req = pb::TakeoverRequest {
+                volume: self.name.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = self.takeover(req).await {
+                tracing::warn!(error = %e, "implicit takeover failed");
+            }
+        }
+        self.host_access()
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, HostError> {
+        let _gate = self.gate.read().await;
+        self.host_access()?;
+        if self.areas.active() {
+            let buf = self.read_routed(offset, len).await?;
+            self.counters
+                .bytes_read
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+            return Ok(buf);
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.store.read_at(&mut buf, offset)?;
+        self.counters
+            .bytes_read
+            .fetch_add(u64::from(len), Ordering::Relaxed);
+        Ok(buf)
+    }
+
+    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), HostError> {
+        let len = data.len() as u64;
+        self.modify(offset, Payload::Data(Bytes::from(data)), false)
+            .await?;
+        self.counters
+            .bytes_written
+            .fetch_add(len, Ordering::Relaxed);
+        self.after(fua).await
+    }
+
+    pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), HostError> {
+        self.modify(offset, Payload::Zero(len), false).await?;
+        self.after(fua).await
+    }
+
+    /// `no_hole`: the range stays allocated (zeros written), else it may be punched.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), HostError> {
+        self.modify(offset, Payload::Zero(len), no_hole).await?;
+        self.counters
+            .bytes_written
+            .fetch_add(len, Ordering::Relaxed);
+        self.after(fua).await
+    }
+
+    /// The one path of every request that changes blocks: under the gate (shared), to the overlay
+    /// while a takeover is in progress, else through the tracker (journal and table) into the data
+    /// file; then, in sync mode, wait for the peer. Zeroing is replicated as a zero record, so both
+    /// sides read zeros.
+    async fn modify(
+        &self,
+        offset: u64,
+        payload: Payload,
+        keep_allocated: bool,
+    ) -> Result<(), HostError> {
+        let _gate = self.gate.read().await;
+        self.check_serving()?;
+        let apply = |p: &Payload| match p {
+            Payload::Data(d) => self.store.write_at(d, offset),
+            Payload::Zero(len) if keep_allocated => self.store.zero_range(offset, *len),
+            Payload::Zero(len) => self.store.punch_hole(offset, *len),
+        };
+        let Some(r) = &self.repl else {
+            apply(&payload)?;
+            return Ok(());
+        };
+        let seq = if self.areas.active() {
+            self.write_routed(offset, payload, keep_allocated).await?
+        } else {
+            r.tracker
+                .write(offset, payload.clone(), || apply(&payload))?
+        };
+        r.wake.notify_one();
+        if r.mode == Mode::Sync {
+            r.wait_acked(seq).await;
+        }
+        Ok(())
+    }
+
+    /// FUA: the request is durable before it is acknowledged (outside the gate: `flush` takes it).
+    async fn after(&self, fua: bool) -> Result<(), HostError> {
+        if fua {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write completed so far durable.
+    pub async fn flush(&self) -> Result<(), HostError> {
+        let _gate = self.gate.read().await;
+        self.host_access()?;
+        self.store.sync_async().await?;
+        if self.areas.active() {
+            // A host FLUSH covers writes routed to the overlay too: their data, then their bits.
+            self.persist_areas()?;
+        }
+        if let Some(r) = &self.repl {
+            if r.mode == Mode::Sync && self.role() == Role::Primary {
+                // Sync mode: a flush makes the writes durable on both sides.
+                let last = r.tracker.counts().last_seq;
+                r.wait_durable(last).await;
+            }
+        }
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
