@@ -13,6 +13,7 @@ pub mod client;
 pub mod demo;
 pub mod engine;
 pub mod grpc;
+pub mod http;
 pub mod journal;
 pub mod meta;
 pub mod metrics;
