@@ -1,12 +1,12 @@
 //! The reconciler: a thin instrumented shell around `finalizer`, and `MirroredVolume::reconcile` in four
 //! steps, one module each:
 //!
-//! - [`observe`]: every read of one pass (nodes, engine pods, Secret, PV, claims, workloads stuck on lost
+//! - `observe`: every read of one pass (nodes, engine pods, Secret, PV, claims, workloads stuck on lost
 //!   nodes) and the engines' own Status, into one plain [`Observed`](crate::observed::Observed);
-//! - [`decide`]: a pure function from the volume and the observation to a [`decide::Plan`] (built on
-//!   the `failover` and `plan` decisions), testable without an API server;
-//! - [`act`]: carries the plan out (the takeover call, deletions, server-side applies) and publishes events;
-//! - [`status`]: phase and conditions from the plan, written to the status subresource.
+//! - `decide`: a pure function from the volume and the observation to a `Plan` (built on the `failover`
+//!   and `plan` decisions), testable without an API server;
+//! - `act`: carries the plan out (the takeover call, deletions, server-side applies) and publishes events;
+//! - `status`: phase and conditions from the plan, written to the status subresource.
 //!
 //! `cleanup` is the delete path. Every side effect goes through [`Context`]: the Kubernetes client, the event
 //! recorder, the metrics and the engine API. Children are written with server-side apply under the
@@ -14,7 +14,7 @@
 
 mod act;
 mod cleanup;
-pub mod decide;
+mod decide;
 mod observe;
 mod status;
 
