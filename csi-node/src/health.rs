@@ -1,12 +1,13 @@
-//! Liveness endpoint: `GET /healthz` answers 200 while the state directory takes writes and the CSI
-//! socket accepts connections, 503 otherwise. Plain HTTP/1.1, one request per connection.
+//! Liveness endpoint: `GET /healthz` (or `/livez`) answers 200 while the state directory takes writes and
+//! the CSI socket accepts connections, 503 otherwise; any other path is 404. One request per connection.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use axum::{extract::State, http::StatusCode, routing::any, Router};
+use storage_engine::http;
+use tokio::net::{TcpListener, UnixStream};
 
 use crate::service::state_dir_writable;
 
@@ -35,49 +36,29 @@ impl HealthChecks {
     }
 }
 
-async fn answer(mut conn: TcpStream, checks: HealthChecks) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 2048];
-    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let head = String::from_utf8_lossy(&buf[..n]);
-    let path = head.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = if path == "/healthz" || path == "/livez" {
-        match checks.check().await {
-            Ok(()) => ("200 OK", "ok\n".to_string()),
-            Err(why) => {
-                tracing::warn!("liveness check failed: {why}");
-                ("503 Service Unavailable", format!("{why}\n"))
-            }
+fn router(checks: HealthChecks) -> Router {
+    let router = Router::new()
+        .route("/healthz", any(healthz))
+        .route("/livez", any(healthz))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .with_state(checks);
+    http::one_request_per_connection(router)
+}
+
+async fn healthz(State(checks): State<HealthChecks>) -> (StatusCode, String) {
+    match checks.check().await {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(why) => {
+            tracing::warn!("liveness check failed: {why}");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
         }
-    } else {
-        ("404 Not Found", "not found\n".to_string())
-    };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(resp.as_bytes()).await?;
-    conn.shutdown().await
+    }
 }
 
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, checks: HealthChecks) {
-    loop {
-        match listener.accept().await {
-            Ok((conn, _)) => {
-                let c = checks.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = answer(conn, c).await {
-                        tracing::debug!("health connection: {e}");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!("health listener: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+    if let Err(e) = http::serve(listener, router(checks), std::future::pending()).await {
+        tracing::warn!("health endpoint: {e}");
     }
 }
 
@@ -90,6 +71,8 @@ pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut c = TcpStream::connect(addr).await.unwrap();

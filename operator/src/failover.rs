@@ -856,6 +856,7 @@ mod tests {
                 Some(engine_state(EngineRole::Secondary, 1, "")),
             ],
             secret_exists: true,
+            token: None,
             pv: Some(PvObs::default()),
             claim_exists: false,
             engine_pvcs: [false, false],

@@ -11,8 +11,8 @@ use std::{
 
 use axum::{
     extract::State,
-    http::{header, StatusCode},
-    response::IntoResponse,
+    http::StatusCode,
+    response::{IntoResponse, Response},
     routing::get,
     Router,
 };
@@ -56,29 +56,16 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
-    match state.metrics.encode() {
-        Ok(body) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain")],
-            "encoding failed".to_string(),
-        ),
-    }
+async fn metrics_handler(State(state): State<AppState>) -> Response {
+    storage_engine::http::openmetrics(state.metrics.encode())
 }
 
 /// Serves until the process ends.
 pub async fn serve(addr: SocketAddr, health: Health, metrics: Metrics) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
-    axum::serve(listener, router(health, metrics)).await
+    let router = router(health, metrics);
+    storage_engine::http::serve(listener, router, std::future::pending()).await
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! orchestrates failover when an engine or its node is lost.
 //!
 //! Layout: [`crd`] (types), [`observed`] (facts from the API), [`plan`] and [`failover`] (pure decisions),
-//! [`controller`] (the reconciler: observe, decide, apply), [`engine`] (the engine API behind a trait),
+//! [`controller`] (the reconciler: observe, decide, act, status), [`engine`] (the engine API behind a trait),
 //! [`leader`] (Lease election), [`metrics`], [`http`] (probes and `/metrics`), [`telemetry`] (logs).
 
 pub mod controller;

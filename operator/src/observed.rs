@@ -167,6 +167,8 @@ pub struct Observed {
     /// Engine Status answers; None = unreachable or not asked.
     pub engines: [Option<EngineState>; 2],
     pub secret_exists: bool,
+    /// The volume token: the Secret's, or a fresh one to create the Secret with.
+    pub token: Option<String>,
     pub pv: Option<PvObs>,
     /// The claim of `spec.claim` exists.
     pub claim_exists: bool,

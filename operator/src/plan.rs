@@ -719,6 +719,7 @@ mod tests {
             pods: [None, None],
             engines: [None, None],
             secret_exists: false,
+            token: None,
             pv: None,
             claim_exists: false,
             engine_pvcs: [false, false],
@@ -1118,6 +1119,7 @@ pub fn render_initial(
         pods: [None, None],
         engines: [None, None],
         secret_exists: false,
+        token: Some("<generated-at-creation>".to_string()),
         pv: None,
         claim_exists: false,
         engine_pvcs: [false, false],
@@ -1129,7 +1131,7 @@ pub fn render_initial(
         &MirroredVolumeStatus::default(),
         &observed,
         cfg,
-        Some("<generated-at-creation>"),
+        observed.token.as_deref(),
         &[],
     )?;
     let mut out = Vec::new();

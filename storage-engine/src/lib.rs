@@ -17,6 +17,7 @@ pub mod error;
 pub mod format;
 pub mod geometry;
 pub mod grpc;
+pub mod http;
 pub mod journal;
 pub mod meta;
 pub mod metrics;

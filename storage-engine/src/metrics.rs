@@ -2,23 +2,20 @@
 //! `--metrics-listen` in the OpenMetrics text format (prometheus-client). Values are read from the
 //! volume at scrape time, so the hot path pays nothing.
 
-use std::{borrow::Cow, sync::Arc};
+use std::{borrow::Cow, fmt, sync::Arc};
 
+use axum::{extract::State, response::Response, routing::get, Router};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-    sync::watch,
-};
+use tokio::{net::TcpListener, sync::watch};
 
-use crate::{grpc::status_of, volume::Volume};
+use crate::{grpc::status_of, http, volume::Volume};
 
 /// Renders the current values (counters get their `_total` suffix from the encoder).
-pub fn render(v: &Volume) -> String {
+pub fn render(v: &Volume) -> Result<String, fmt::Error> {
     let s = status_of(v);
     let label = (Cow::Borrowed("volume"), Cow::Owned(s.volume.clone()));
     let mut r = Registry::with_prefix_and_labels("tandem", std::iter::once(label));
@@ -132,37 +129,29 @@ pub fn render(v: &Volume) -> String {
         s.lost_blocks,
     );
     let mut out = String::new();
-    if let Err(e) = encode(&mut out, &r) {
-        tracing::warn!(error = %e, "encoding metrics failed");
-    }
-    out
+    encode(&mut out, &r)?;
+    Ok(out)
 }
 
-/// A minimal HTTP/1 endpoint: any GET answers with the metrics (`/metrics`) or `ok` (`/healthz`).
+/// The endpoint: `/healthz` answers `ok`; any other path answers the metrics (scrapers ask `/metrics`).
+fn router(volume: Arc<Volume>) -> Router {
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(metrics)
+        .with_state(volume);
+    http::one_request_per_connection(router)
+}
+
+async fn metrics(State(volume): State<Arc<Volume>>) -> Response {
+    http::openmetrics(render(&volume))
+}
+
+/// Serves the endpoint until `stop` changes.
 pub async fn serve(listener: TcpListener, volume: Arc<Volume>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let (mut sock, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
-            _ = stop.changed() => return,
-        };
-        let v = Arc::clone(&volume);
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match sock.read(&mut buf).await {
-                Ok(n) => n,
-                Err(_) => return,
-            };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let body = if req.starts_with("GET /healthz") {
-                "ok\n".to_string()
-            } else {
-                render(&v)
-            };
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
+    let stopped = async move {
+        let _ = stop.changed().await;
+    };
+    if let Err(e) = http::serve(listener, router(volume), stopped).await {
+        tracing::warn!(error = %e, "metrics endpoint failed");
     }
 }

@@ -1,0 +1,198 @@
+//! Act: carries a plan out. The takeover call, engine pod deletions, workload releases and server-side
+//! applies of the children, in that order; and the events, published after the status is written.
+
+use k8s_openapi::api::{
+    core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service},
+    storage::v1::VolumeAttachment,
+};
+use kube::{
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::events::{Event as KubeEvent, EventType},
+    Api, Resource, ResourceExt,
+};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::{
+    decide::{Note, Pending, Plan, TakeoverAttempt},
+    Context, FIELD_MANAGER,
+};
+use crate::{
+    crd::MirroredVolume,
+    engine::EngineTarget,
+    failover::{PodDeletion, ReleasePlan},
+    metrics::VolumeLabels,
+    plan::{self, names, Desired},
+    Error, Result,
+};
+
+pub(super) fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_not_found())
+}
+
+/// Deletes, treating "already gone" as success.
+pub(super) async fn delete_quietly<K>(api: &Api<K>, name: &str, dp: &DeleteParams) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, dp).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<()>
+where
+    K: Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &apply_params(), &Patch::Apply(obj)).await?;
+    Ok(())
+}
+
+fn forced() -> DeleteParams {
+    DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    }
+}
+
+impl MirroredVolume {
+    /// Calls Takeover on the secondary and counts the attempt; when it answered ready, asks it right away
+    /// what it does now.
+    pub(super) async fn take_over(&self, ctx: &Context, pending: &Pending) -> TakeoverAttempt {
+        let (ns, name) = (self.namespace().unwrap_or_default(), self.name_any());
+        let intent = &pending.intent;
+        let target = EngineTarget {
+            address: plan::engine_address(self, intent.to, &ctx.config),
+            volume: name.clone(),
+            token: pending.token().map(str::to_string),
+        };
+        let result = ctx
+            .engines
+            .takeover(&target, self.spec.failover.policy, self.peer_timeout())
+            .await;
+        ctx.metrics
+            .failover(&ns, &name, intent.reason, result.is_ok());
+        let answer = match &result {
+            Ok(outcome) => {
+                info!(volume = %name, epoch = outcome.epoch, ready_ms = outcome.ready_ms, "takeover completed");
+                ctx.engines.status(&target).await.ok()
+            }
+            Err(e) => {
+                warn!(volume = %name, error = %e, "takeover failed; will retry");
+                None
+            }
+        };
+        TakeoverAttempt { result, answer }
+    }
+
+    /// Deletes and releases what the plan says, then applies its children (none when the spec is invalid).
+    pub(super) async fn act(&self, ctx: &Context, plan: &Plan) -> Result<()> {
+        self.delete_engine_pods(ctx, &plan.deletions).await?;
+        self.release_workloads(ctx, &plan.release).await?;
+        if let Ok(children) = &plan.children {
+            self.apply_children(ctx, children).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_engine_pods(&self, ctx: &Context, deletions: &[PodDeletion]) -> Result<()> {
+        let (ns, _) = self.key()?;
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        for d in deletions {
+            let dp = if d.force {
+                forced()
+            } else {
+                DeleteParams::default()
+            };
+            delete_quietly(&pods, &d.name, &dp).await?;
+        }
+        Ok(())
+    }
+
+    async fn release_workloads(&self, ctx: &Context, release: &ReleasePlan) -> Result<()> {
+        let (ns, name) = self.key()?;
+        for w in &release.pods {
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &w.namespace);
+            delete_quietly(&api, &w.name, &forced()).await?;
+            ctx.metrics
+                .released_pods
+                .get_or_create(&VolumeLabels {
+                    namespace: ns.clone(),
+                    volume: name.clone(),
+                })
+                .inc();
+        }
+        let va: Api<VolumeAttachment> = Api::all(ctx.client.clone());
+        for a in &release.attachments {
+            delete_quietly(&va, a, &DeleteParams::default()).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply_children(&self, ctx: &Context, children: &Desired) -> Result<()> {
+        let (ns, name) = self.key()?;
+        let client = &ctx.client;
+        if let Some(secret) = &children.secret {
+            let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+            apply(&api, &names::secret(&name), secret).await?;
+        }
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+        for pvc in &children.engine_pvcs {
+            apply(&pvcs, &pvc.name_any(), pvc).await?;
+        }
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        for svc in &children.services {
+            apply(&services, &svc.name_any(), svc).await?;
+        }
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        for pod in &children.pods {
+            apply(&pods, &pod.name_any(), pod).await?;
+        }
+        let pv_api: Api<PersistentVolume> = Api::all(client.clone());
+        if let Some(pv) = &children.pv {
+            apply(&pv_api, &pv.name_any(), pv).await?;
+        }
+        if let Some(size) = &children.pv_capacity {
+            // The CSI source is immutable: growth patches the capacity alone.
+            let patch = serde_json::json!({"spec": {"capacity": {"storage": size}}});
+            pv_api
+                .patch(
+                    &names::pv(&ns, &name),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
+        }
+        if let Some(claim) = &children.claim {
+            apply(&pvcs, &claim.name_any(), claim).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes events; a failure to publish is logged, never fails the reconcile.
+    pub(super) async fn publish(&self, ctx: &Context, notes: Vec<Note>) {
+        let reference = self.object_ref(&());
+        for n in notes {
+            let ev = KubeEvent {
+                type_: if n.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: n.reason.into(),
+                note: Some(n.text),
+                action: "Reconcile".into(),
+                secondary: None,
+            };
+            if let Err(error) = ctx.recorder.publish(&ev, &reference).await {
+                warn!(%error, reason = n.reason, "cannot publish event");
+            }
+        }
+    }
+}

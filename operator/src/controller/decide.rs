@@ -1,0 +1,377 @@
+//! Decide: what one pass does, as a pure function of the volume and what was observed, built on the
+//! `failover` and `plan` decisions. No I/O.
+//!
+//! One engine call sits in the middle of a pass: a takeover moves the primary, and with it the role of every
+//! pod to create and which workloads are fenced. So [`decide`] either returns the whole [`Plan`] or asks for
+//! the takeover first ([`Decision::TakeOver`]); [`Pending::after`] finishes the plan with its answer.
+
+use std::time::Duration;
+
+use kube::ResourceExt;
+
+use crate::{
+    crd::{EngineRole, FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
+    engine::{EngineError, EngineState, TakeoverOutcome, HANDOFF_BLOCKED},
+    failover::{self, PodDeletion, ReleasePlan, TakeoverIntent},
+    observed::{Observed, ROLE_ANNOTATION},
+    plan::{self, names, Desired, EngineConfig, InvalidSpec},
+};
+
+/// A Kubernetes event to publish once the status is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub text: String,
+}
+
+pub fn note(reason: &'static str, text: impl Into<String>) -> Note {
+    Note {
+        warning: false,
+        reason,
+        text: text.into(),
+    }
+}
+
+pub fn warning(reason: &'static str, text: impl Into<String>) -> Note {
+    Note {
+        warning: true,
+        reason,
+        text: text.into(),
+    }
+}
+
+/// What one pass does.
+#[derive(Debug)]
+pub struct Plan {
+    /// The status so far: placement, lost nodes, the engines' view, the takeover's record, released nodes.
+    /// The status step adds phase, conditions and engine refs.
+    pub status: MirroredVolumeStatus,
+    /// What was observed, with the new primary's own answer after a takeover.
+    pub observed: Observed,
+    /// Events of the pass, in order.
+    pub notes: Vec<Note>,
+    /// Look again this soon at the latest (a primary that may become a loss, a takeover to retry).
+    pub requeue: Option<Duration>,
+    /// Engine pods to delete; they are recreated with the right role on a later pass.
+    pub deletions: Vec<PodDeletion>,
+    /// Workload pods and attachments on lost nodes to release.
+    pub release: ReleasePlan,
+    /// Children to create or apply, or why the spec cannot be turned into objects.
+    pub children: Result<Desired, InvalidSpec>,
+}
+
+/// What [`decide`] concluded.
+#[derive(Debug)]
+pub enum Decision {
+    /// Nothing waits on an engine: act on the plan.
+    Act(Box<Plan>),
+    /// Ask a secondary to take over first.
+    TakeOver(Pending),
+}
+
+/// A plan waiting for a takeover's answer.
+#[derive(Debug)]
+pub struct Pending {
+    pub intent: TakeoverIntent,
+    pass: Box<Pass>,
+}
+
+/// The answer to a takeover call.
+#[derive(Debug)]
+pub struct TakeoverAttempt {
+    pub result: Result<TakeoverOutcome, EngineError>,
+    /// The new primary's Status, asked right after it answered ready (`None`: no answer).
+    pub answer: Option<EngineState>,
+}
+
+/// A plan in the making: the status bookkeeping and events so far.
+#[derive(Debug)]
+struct Pass {
+    status: MirroredVolumeStatus,
+    observed: Observed,
+    notes: Vec<Note>,
+    requeue: Option<Duration>,
+}
+
+/// Decides one pass from the volume (spec and last status) and the observation.
+pub fn decide(mv: &MirroredVolume, observed: &Observed, cfg: &EngineConfig) -> Decision {
+    let (pass, takeover) = assess(mv, observed.clone());
+    match takeover {
+        Some(intent) => Decision::TakeOver(Pending {
+            intent,
+            pass: Box::new(pass),
+        }),
+        None => Decision::Act(Box::new(pass.finish(mv, cfg))),
+    }
+}
+
+impl Pending {
+    /// The volume token to call the engine with.
+    pub fn token(&self) -> Option<&str> {
+        self.pass.observed.token.as_deref()
+    }
+
+    /// Records the takeover's answer and finishes the plan from where the primary is now.
+    pub fn after(self, mv: &MirroredVolume, cfg: &EngineConfig, attempt: TakeoverAttempt) -> Plan {
+        let Pending { intent, mut pass } = self;
+        let from = pass.observed.node(intent.to.other()).name.clone();
+        let to = pass.observed.node(intent.to).name.clone();
+        let policy = mv.spec.failover.policy;
+        pass.notes.push(warning(
+            "TakeoverStarted",
+            format!(
+                "{}: asking the secondary on {to} to take over from {from} ({policy:?})",
+                intent.reason
+            ),
+        ));
+        match attempt.result {
+            Ok(outcome) => pass.took_over(&intent, &outcome, attempt.answer, &to),
+            Err(e) => pass.takeover_failed(&intent, &e, policy, &from, &to),
+        }
+        pass.finish(mv, cfg)
+    }
+}
+
+/// Status bookkeeping from the observation (placement, lost nodes, the engines' own view, a takeover that
+/// is over) and whether to take over.
+fn assess(mv: &MirroredVolume, observed: Observed) -> (Pass, Option<TakeoverIntent>) {
+    let old = mv.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    let mut notes = Vec::new();
+    if old.nodes.len() != 2 {
+        notes.push(note(
+            "Placed",
+            format!(
+                "engines pinned to nodes {} (slot a) and {} (slot b)",
+                observed.nodes[0].name, observed.nodes[1].name
+            ),
+        ));
+    }
+    status.nodes = observed.nodes.iter().map(|n| n.name.clone()).collect();
+    for node in failover::track_lost_nodes(&mut status, &observed) {
+        notes.push(warning(
+            "NodeLost",
+            format!("node {node} is lost (NotReady, gone or out of service)"),
+        ));
+    }
+    if let Some(slot) = failover::adopt_engine_view(&mut status, &observed) {
+        notes.push(note(
+            "PrimaryMoved",
+            format!(
+                "engine on {} reports primary at epoch {}",
+                observed.node(slot).name,
+                status.epoch
+            ),
+        ));
+    }
+    if old.primary.is_none() && status.primary.is_some() {
+        notes.push(note(
+            "PairEstablished",
+            format!("primary engine serves at epoch {}", status.epoch),
+        ));
+    }
+    let peer_timeout = mv.peer_timeout();
+    let decision = failover::decide(&status, &observed, peer_timeout);
+    if decision.takeover.is_none() {
+        if let Some(why) = failover::abandon_takeover(&mut status, &observed, peer_timeout) {
+            notes.push(note("TakeoverAbandoned", why));
+        }
+    }
+    if let Some(stuck) = &decision.stuck {
+        if !matches!(old.phase, Phase::Failed | Phase::Degraded) {
+            notes.push(warning("TakeoverImpossible", stuck.clone()));
+        }
+    }
+    let pass = Pass {
+        status,
+        observed,
+        notes,
+        requeue: decision.recheck,
+    };
+    (pass, decision.takeover)
+}
+
+impl Pass {
+    fn took_over(
+        &mut self,
+        intent: &TakeoverIntent,
+        outcome: &TakeoverOutcome,
+        answer: Option<EngineState>,
+        to: &str,
+    ) {
+        failover::record_takeover(&mut self.status, &self.observed, intent, outcome);
+        let lost = if outcome.lost_blocks > 0 {
+            format!(
+                "; forced: {} blocks lost (seq {}..{})",
+                outcome.lost_blocks, outcome.lost_seq_from, outcome.lost_seq_to
+            )
+        } else {
+            String::new()
+        };
+        self.notes.push(note(
+            "TakeoverCompleted",
+            format!(
+                "engine on {to} is primary at epoch {} after {} ms; {} blocks still owed by the old primary{lost}",
+                outcome.epoch, outcome.ready_ms, outcome.peer_pending_blocks
+            ),
+        ));
+        // The engine answered ready: it serves as primary now, whatever it said before the call. Its own
+        // answer tells what it does now (draining, merging or reversing); without one, the takeover's reply.
+        let epoch = self.status.epoch;
+        let slot = intent.to.index();
+        self.observed.engines[slot] = match answer {
+            Some(now) if now.role == Some(EngineRole::Primary) && now.epoch >= epoch => Some(now),
+            _ => {
+                let mut engine = self.observed.engines[slot].take().unwrap_or_default();
+                engine.role = Some(EngineRole::Primary);
+                engine.epoch = epoch;
+                engine.peer_pending_blocks = self
+                    .status
+                    .takeover
+                    .as_ref()
+                    .map_or(0, |t| t.pending_blocks);
+                Some(engine)
+            }
+        };
+    }
+
+    fn takeover_failed(
+        &mut self,
+        intent: &TakeoverIntent,
+        error: &EngineError,
+        policy: FailoverPolicy,
+        from: &str,
+        to: &str,
+    ) {
+        failover::record_takeover_failure(
+            &mut self.status,
+            &self.observed,
+            intent,
+            &error.to_string(),
+        );
+        let (reason, text) = if error.is_handoff_blocked() {
+            (
+                HANDOFF_BLOCKED,
+                format!(
+                    "{error}; the secondary on {to} stays secondary and the takeover is retried while the \
+                     old primary on {from} is unreachable (policy {policy:?}; set \
+                     spec.failover.policy to ForcePromote to promote and lose its unsent writes)"
+                ),
+            )
+        } else {
+            (
+                "TakeoverFailed",
+                format!("{error}; retrying (policy {policy:?})"),
+            )
+        };
+        self.notes.push(warning(reason, text));
+        self.requeue = Some(Duration::from_secs(5));
+    }
+
+    /// The writes of the pass, decided from the status as it stands now.
+    fn finish(mut self, mv: &MirroredVolume, cfg: &EngineConfig) -> Plan {
+        let deletions = failover::pod_deletions(&self.status, &self.observed, mv.peer_timeout());
+        for d in &deletions {
+            self.notes.push(note(
+                d.reason,
+                format!(
+                    "deleted engine pod {}{}; it comes back as secondary",
+                    d.name,
+                    if d.force { " (forced: node lost)" } else { "" }
+                ),
+            ));
+        }
+        let release = failover::release(&mv.spec, &self.status, &self.observed);
+        self.released(&release);
+        let skip: Vec<Slot> = deletions.iter().map(|d| d.slot).collect();
+        let token = self.observed.token.as_deref();
+        let children = plan::desired(mv, &self.status, &self.observed, cfg, token, &skip);
+        if let Ok(children) = &children {
+            self.notes.extend(created(mv, children));
+        }
+        Plan {
+            status: self.status,
+            observed: self.observed,
+            notes: self.notes,
+            requeue: self.requeue,
+            deletions,
+            release,
+            children,
+        }
+    }
+
+    /// Marks the released nodes in status, with an event per released pod and per node that stays.
+    fn released(&mut self, release: &ReleasePlan) {
+        for w in &release.pods {
+            self.notes.push(warning(
+                "WorkloadReleased",
+                format!(
+                    "force-deleted pod {}/{} stuck on lost node {}",
+                    w.namespace, w.name, w.node
+                ),
+            ));
+        }
+        for l in self.status.lost_nodes.iter_mut() {
+            if release.released_nodes.contains(&l.node) {
+                l.released = true;
+            }
+        }
+        for (node, why) in &release.blocked {
+            self.notes.push(warning(
+                "ReleaseBlocked",
+                format!("workload pods on lost node {node} stay: {why}"),
+            ));
+        }
+    }
+}
+
+/// An event per child the plan creates (or resizes).
+fn created(mv: &MirroredVolume, children: &Desired) -> Vec<Note> {
+    let mut notes = Vec::new();
+    if children.secret.is_some() {
+        let secret = names::secret(&mv.name_any());
+        notes.push(note(
+            "TokenCreated",
+            format!("created token secret {secret}"),
+        ));
+    }
+    for pod in &children.pods {
+        let role = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ROLE_ANNOTATION))
+            .cloned()
+            .unwrap_or_default();
+        notes.push(note(
+            "EngineCreated",
+            format!("created engine pod {} as {role}", pod.name_any()),
+        ));
+    }
+    if let Some(pv) = &children.pv {
+        notes.push(note(
+            "PersistentVolumeCreated",
+            format!("created PersistentVolume {}", pv.name_any()),
+        ));
+    }
+    if let Some(size) = &children.pv_capacity {
+        notes.push(note(
+            "Resized",
+            format!(
+                "PersistentVolume capacity set to {size}; engines pick it up when they restart"
+            ),
+        ));
+    }
+    if let Some(claim) = &children.claim {
+        notes.push(note(
+            "ClaimCreated",
+            format!("created claim {} bound to the volume", claim.name_any()),
+        ));
+    }
+    notes
+}
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

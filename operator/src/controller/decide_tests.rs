@@ -1,0 +1,293 @@
+//! `decide` on plain observations: no API server, no engines.
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use super::*;
+use crate::{
+    crd::FailoverPolicy,
+    fixtures::engine_state,
+    observed::{NodeObs, PodObs, PvObs},
+};
+
+fn now() -> Timestamp {
+    Timestamp::from_second(1_800_000_000).unwrap()
+}
+
+fn node(name: &str) -> NodeObs {
+    NodeObs {
+        name: name.into(),
+        exists: true,
+        ready: true,
+        out_of_service: false,
+        hostname: Some(name.into()),
+    }
+}
+
+fn pod(slot: Slot, role: EngineRole) -> PodObs {
+    PodObs {
+        name: names::engine("data", slot),
+        node: Some(if slot == Slot::A { "n1" } else { "n2" }.into()),
+        phase: "Running".into(),
+        ready: true,
+        not_ready_since: None,
+        deleting: false,
+        role: Some(role),
+    }
+}
+
+/// Nothing exists yet: two ready nodes and a token to create the Secret with.
+fn nothing() -> Observed {
+    Observed {
+        now: now(),
+        nodes: [node("n1"), node("n2")],
+        pods: [None, None],
+        engines: [None, None],
+        secret_exists: false,
+        token: Some("tok".into()),
+        pv: None,
+        claim_exists: false,
+        engine_pvcs: [false, false],
+        workloads: vec![],
+        attachments: vec![],
+    }
+}
+
+/// An established pair: slot a primary at epoch 1, slot b its secondary, both serving.
+fn pair() -> Observed {
+    Observed {
+        pods: [
+            Some(pod(Slot::A, EngineRole::Primary)),
+            Some(pod(Slot::B, EngineRole::Secondary)),
+        ],
+        engines: [
+            Some(engine_state(EngineRole::Primary, 1, "Synced")),
+            Some(engine_state(EngineRole::Secondary, 1, "")),
+        ],
+        secret_exists: true,
+        pv: Some(PvObs {
+            capacity: Some("1Gi".into()),
+            claim: None,
+        }),
+        ..nothing()
+    }
+}
+
+fn plan_of(decision: Decision) -> Plan {
+    match decision {
+        Decision::Act(plan) => *plan,
+        Decision::TakeOver(p) => panic!("unexpected takeover to {:?}", p.intent.to),
+    }
+}
+
+fn pending(decision: Decision) -> Pending {
+    match decision {
+        Decision::TakeOver(p) => p,
+        Decision::Act(plan) => panic!("no takeover: {:?}", plan.notes),
+    }
+}
+
+fn reasons(plan: &Plan) -> Vec<&str> {
+    plan.notes.iter().map(|n| n.reason).collect()
+}
+
+fn roles(children: &Desired) -> Vec<(String, String)> {
+    children
+        .pods
+        .iter()
+        .map(|p| {
+            let role = p.metadata.annotations.as_ref().unwrap()[ROLE_ANNOTATION].clone();
+            (p.name_any(), role)
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_volume_creates_its_token_services_engines_and_pv() {
+    let mv = MirroredVolume::test().finalized();
+    let plan = plan_of(decide(&mv, &nothing(), &EngineConfig::default()));
+    let children = plan.children.as_ref().unwrap();
+    assert!(children.secret.is_some());
+    assert_eq!(children.services.len(), 2);
+    assert_eq!(
+        roles(children),
+        [
+            ("data-engine-a".to_string(), "primary".to_string()),
+            ("data-engine-b".to_string(), "secondary".to_string())
+        ]
+    );
+    assert!(children.pv.is_some() && children.claim.is_none());
+    assert!(plan.deletions.is_empty() && plan.release.pods.is_empty());
+    assert_eq!(plan.status.nodes, ["n1", "n2"]);
+    assert_eq!(
+        plan.status.primary, None,
+        "no primary before an engine says so"
+    );
+    assert_eq!(
+        reasons(&plan),
+        [
+            "Placed",
+            "TokenCreated",
+            "EngineCreated",
+            "EngineCreated",
+            "PersistentVolumeCreated"
+        ]
+    );
+}
+
+#[test]
+fn a_missing_secondary_pod_is_recreated_as_secondary() {
+    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    let mut observed = pair();
+    observed.pods[1] = None;
+    observed.engines[1] = None;
+    let plan = plan_of(decide(&mv, &observed, &EngineConfig::default()));
+    let children = plan.children.as_ref().unwrap();
+    assert_eq!(
+        roles(children),
+        [("data-engine-b".to_string(), "secondary".to_string())]
+    );
+    assert!(children.secret.is_none() && children.pv.is_none());
+    assert_eq!(reasons(&plan), ["EngineCreated"]);
+    assert_eq!(plan.status.primary.as_ref().map(|p| p.slot), Some(Slot::A));
+}
+
+#[test]
+fn a_missing_primary_pod_asks_the_secondary_to_take_over_first() {
+    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    let mut observed = pair();
+    observed.pods[0] = None;
+    observed.engines[0] = None;
+    let pending = pending(decide(&mv, &observed, &EngineConfig::default()));
+    assert_eq!(
+        pending.intent,
+        TakeoverIntent {
+            to: Slot::B,
+            reason: "PrimaryPodLost"
+        }
+    );
+    assert_eq!(pending.token(), Some("tok"));
+
+    // Once slot b answered ready, slot a comes back as its secondary.
+    let attempt = TakeoverAttempt {
+        result: Ok(TakeoverOutcome {
+            epoch: 2,
+            ..Default::default()
+        }),
+        answer: None,
+    };
+    let plan = pending.after(&mv, &EngineConfig::default(), attempt);
+    assert_eq!(plan.status.epoch, 2);
+    assert_eq!(plan.status.primary.as_ref().map(|p| p.slot), Some(Slot::B));
+    let children = plan.children.as_ref().unwrap();
+    assert_eq!(
+        roles(children),
+        [("data-engine-a".to_string(), "secondary".to_string())]
+    );
+    let engine_b = plan.observed.engine(Slot::B).unwrap();
+    assert_eq!(
+        (engine_b.role, engine_b.epoch),
+        (Some(EngineRole::Primary), 2)
+    );
+    assert_eq!(
+        reasons(&plan),
+        ["TakeoverStarted", "TakeoverCompleted", "EngineCreated"]
+    );
+}
+
+#[test]
+fn a_lost_primary_node_is_taken_over_and_its_pod_fenced() {
+    let mut mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    mv.spec.failover.policy = FailoverPolicy::ForcePromote;
+    let mut observed = pair();
+    observed.nodes[0].ready = false;
+    observed.engines[0] = None;
+    let pending = pending(decide(&mv, &observed, &EngineConfig::default()));
+    assert_eq!(pending.intent.to, Slot::B);
+    assert_eq!(pending.intent.reason, "PrimaryNodeLost");
+
+    let attempt = TakeoverAttempt {
+        result: Ok(TakeoverOutcome {
+            epoch: 2,
+            lost_blocks: 3,
+            ..Default::default()
+        }),
+        answer: Some(engine_state(EngineRole::Primary, 2, "Reversing")),
+    };
+    let plan = pending.after(&mv, &EngineConfig::default(), attempt);
+    assert_eq!(
+        plan.status.primary.as_ref().map(|p| p.node.as_str()),
+        Some("n2")
+    );
+    assert_eq!(plan.status.lost_nodes[0].node, "n1");
+    assert_eq!(
+        plan.deletions,
+        [PodDeletion {
+            slot: Slot::A,
+            name: "data-engine-a".into(),
+            force: true,
+            reason: "EngineNodeLost"
+        }]
+    );
+    assert!(
+        plan.children.as_ref().unwrap().pods.is_empty(),
+        "the fenced pod is recreated on a later pass"
+    );
+    assert_eq!(
+        plan.observed.engine(Slot::B).map(|e| e.pair_state.as_str()),
+        Some("Reversing"),
+        "the new primary's own answer"
+    );
+    assert_eq!(
+        reasons(&plan),
+        [
+            "NodeLost",
+            "TakeoverStarted",
+            "TakeoverCompleted",
+            "EngineNodeLost"
+        ]
+    );
+}
+
+#[test]
+fn a_refused_takeover_keeps_the_primary_and_retries_soon() {
+    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    let mut observed = pair();
+    observed.pods[0] = Some(PodObs {
+        ready: false,
+        not_ready_since: now().checked_sub(SignedDuration::from_secs(120)).ok(),
+        ..pod(Slot::A, EngineRole::Primary)
+    });
+    observed.engines[0] = None;
+    let pending = pending(decide(&mv, &observed, &EngineConfig::default()));
+    assert_eq!(pending.intent.reason, "PrimaryUnready");
+    let attempt = TakeoverAttempt {
+        result: Err(EngineError::HandoffBlocked {
+            address: "b".into(),
+            message: format!("{HANDOFF_BLOCKED}: PeerUnreachable"),
+        }),
+        answer: None,
+    };
+    let plan = pending.after(&mv, &EngineConfig::default(), attempt);
+    assert_eq!(plan.requeue, Some(Duration::from_secs(5)));
+    assert_eq!(plan.status.epoch, 1);
+    assert_eq!(plan.status.primary.as_ref().map(|p| p.slot), Some(Slot::A));
+    let takeover = plan.status.takeover.as_ref().unwrap();
+    assert_eq!(
+        (takeover.attempts, takeover.completed_at.as_ref()),
+        (1, None)
+    );
+    assert_eq!(reasons(&plan), ["TakeoverStarted", HANDOFF_BLOCKED]);
+}
+
+#[test]
+fn an_invalid_spec_plans_no_children() {
+    let mut mv = MirroredVolume::test().finalized();
+    mv.spec.engine_storage.host_path = None;
+    let plan = plan_of(decide(&mv, &nothing(), &EngineConfig::default()));
+    assert!(plan.children.is_err());
+    assert_eq!(
+        reasons(&plan),
+        ["Placed"],
+        "no event for children never created"
+    );
+}

@@ -1,0 +1,253 @@
+//! Observe: every read of one pass, into one [`Observed`]. The only choice made here is which two nodes to
+//! look at (`plan::choose_nodes`, sticky once recorded in status); everything else is read as it is.
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret},
+        storage::v1::VolumeAttachment,
+    },
+    jiff::Timestamp,
+};
+use kube::{api::ListParams, Api, ResourceExt};
+use tracing::info;
+
+use super::Context;
+use crate::{
+    crd::{MirroredVolume, Slot},
+    engine::{EngineState, EngineTarget},
+    observed::{NodeObs, Observed, PodObs, PvObs, WorkloadPod, VOLUME_LABEL},
+    plan::{self, names, InvalidSpec},
+    Error, Result,
+};
+
+/// A fresh volume token: 32 random bytes, hex.
+fn new_token() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Token(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Second-precision RFC 3339.
+pub(super) fn stamp(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
+fn volume_selector(name: &str) -> ListParams {
+    ListParams::default().labels(&format!("{VOLUME_LABEL}={name}"))
+}
+
+impl MirroredVolume {
+    /// The two engine nodes: the ones recorded in status; before that the spec's, or the first two ready
+    /// nodes its selector matches. Invalid when the spec names no two nodes or an unusable size.
+    pub(super) async fn place(&self, ctx: &Context) -> Result<Result<[String; 2], InvalidSpec>> {
+        let status = self.status.clone().unwrap_or_default();
+        let mut candidates = Vec::new();
+        if status.nodes.len() != 2 && self.spec.placement.nodes.is_none() {
+            if let Some(selector) = &self.spec.placement.node_selector {
+                let lp = ListParams::default().labels(&plan::selector_string(selector));
+                let nodes: Api<Node> = Api::all(ctx.client.clone());
+                candidates = nodes
+                    .list(&lp)
+                    .await?
+                    .items
+                    .iter()
+                    .map(NodeObs::from_node)
+                    .collect();
+            }
+        }
+        Ok(plan::choose_nodes(self, &status, &candidates)
+            .and_then(|nodes| plan::volume_bytes(self).map(|_| nodes)))
+    }
+
+    /// Reads the volume's world. The engines are asked with the Secret's token; the observation carries a
+    /// fresh token when there is no Secret yet (the plan creates it).
+    pub(super) async fn observe(&self, ctx: &Context, nodes: &[String; 2]) -> Result<Observed> {
+        let (ns, name) = self.key()?;
+        let now = stamp(Timestamp::now());
+        let nodes = observe_nodes(ctx, nodes).await?;
+        let pods = self.engine_pods(ctx, &ns, &name).await?;
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        let secret = secrets.get_opt(&names::secret(&name)).await?;
+        let token = secret
+            .as_ref()
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get("token"))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok());
+        let pv = observe_pv(ctx, &ns, &name).await?;
+        let (claim_exists, engine_pvcs) = self.claims(ctx, &ns, &name).await?;
+        let engines = self.ask_engines(ctx, &nodes, &pods, token.as_deref()).await;
+        let (workloads, attachments) = self.stuck_workloads(ctx, &nodes, pv.as_ref()).await?;
+        let token = match token {
+            Some(t) => t,
+            None => new_token()?,
+        };
+        Ok(Observed {
+            now,
+            nodes,
+            pods,
+            engines,
+            secret_exists: secret.is_some(),
+            token: Some(token),
+            pv,
+            claim_exists,
+            engine_pvcs,
+            workloads,
+            attachments,
+        })
+    }
+
+    /// The engine pods of both slots, by name.
+    async fn engine_pods(
+        &self,
+        ctx: &Context,
+        ns: &str,
+        name: &str,
+    ) -> Result<[Option<PodObs>; 2]> {
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+        let list = api.list(&volume_selector(name)).await?;
+        Ok(Slot::BOTH.map(|slot| {
+            let wanted = names::engine(name, slot);
+            list.items
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(wanted.as_str()))
+                .map(PodObs::from_pod)
+        }))
+    }
+
+    /// Whether the claim of `spec.claim` exists, and the engines' own PVCs (StorageClass storage only).
+    async fn claims(&self, ctx: &Context, ns: &str, name: &str) -> Result<(bool, [bool; 2])> {
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+        let claim_exists = match &self.spec.claim {
+            Some(c) => pvcs.get_opt(&c.name).await?.is_some(),
+            None => false,
+        };
+        let mut engine_pvcs = [false, false];
+        if self.spec.engine_storage.storage_class_name.is_some() {
+            let list = pvcs.list(&volume_selector(name)).await?;
+            engine_pvcs = Slot::BOTH.map(|slot| {
+                let wanted = names::engine_pvc(name, slot);
+                list.items
+                    .iter()
+                    .any(|p| p.metadata.name.as_deref() == Some(wanted.as_str()))
+            });
+        }
+        Ok((claim_exists, engine_pvcs))
+    }
+
+    /// The engines' Status. Only those whose pod runs on a live node are asked (an absent engine would
+    /// just time out); an engine that does not answer is `None`.
+    async fn ask_engines(
+        &self,
+        ctx: &Context,
+        nodes: &[NodeObs; 2],
+        pods: &[Option<PodObs>; 2],
+        token: Option<&str>,
+    ) -> [Option<EngineState>; 2] {
+        let name = self.name_any();
+        let mut engines = [None, None];
+        for slot in Slot::BOTH {
+            let running = pods[slot.index()]
+                .as_ref()
+                .is_some_and(|p| p.phase == "Running" && !p.deleting);
+            if !running || nodes[slot.index()].is_lost() {
+                continue;
+            }
+            let target = EngineTarget {
+                address: plan::engine_address(self, slot, &ctx.config),
+                volume: name.clone(),
+                token: token.map(str::to_string),
+            };
+            engines[slot.index()] = match ctx.engines.status(&target).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    info!(volume = %name, slot = slot.as_str(), error = %e, "engine status unavailable");
+                    None
+                }
+            };
+        }
+        engines
+    }
+
+    /// Workload pods of the volume's claim and the PV's VolumeAttachments on lost engine nodes (looked up
+    /// only when a node is lost and workloads may be released).
+    async fn stuck_workloads(
+        &self,
+        ctx: &Context,
+        nodes: &[NodeObs; 2],
+        pv: Option<&PvObs>,
+    ) -> Result<(Vec<WorkloadPod>, Vec<(String, String)>)> {
+        let lost: Vec<&NodeObs> = nodes.iter().filter(|n| n.is_lost()).collect();
+        if !self.spec.failover.release_workloads || lost.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut workloads = Vec::new();
+        if let Some((claim_ns, claim_name)) = pv.and_then(|p| p.claim.as_ref()) {
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), claim_ns);
+            for node in &lost {
+                let lp = ListParams::default().fields(&format!("spec.nodeName={}", node.name));
+                for p in api.list(&lp).await?.items {
+                    if uses_claim(&p, claim_name) {
+                        workloads.push(WorkloadPod {
+                            namespace: claim_ns.clone(),
+                            name: p.name_any(),
+                            node: node.name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        let (ns, name) = self.key()?;
+        let pv_name = names::pv(&ns, &name);
+        let va: Api<VolumeAttachment> = Api::all(ctx.client.clone());
+        let mut attachments = Vec::new();
+        for a in va.list(&ListParams::default()).await?.items {
+            let node = a.spec.node_name.clone();
+            let ours = a.spec.source.persistent_volume_name.as_deref() == Some(pv_name.as_str());
+            if ours && lost.iter().any(|n| n.name == node) {
+                attachments.push((a.name_any(), node));
+            }
+        }
+        Ok((workloads, attachments))
+    }
+}
+
+/// The two engine nodes; a node missing from the cluster is observed as such.
+async fn observe_nodes(ctx: &Context, nodes: &[String; 2]) -> Result<[NodeObs; 2]> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let mut out = [NodeObs::missing(&nodes[0]), NodeObs::missing(&nodes[1])];
+    for (obs, name) in out.iter_mut().zip(nodes) {
+        if let Some(node) = api.get_opt(name).await? {
+            *obs = NodeObs::from_node(&node);
+        }
+    }
+    Ok(out)
+}
+
+/// The volume's PersistentVolume: its capacity and the claim bound to it.
+async fn observe_pv(ctx: &Context, ns: &str, name: &str) -> Result<Option<PvObs>> {
+    let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    Ok(api.get_opt(&names::pv(ns, name)).await?.map(|pv| {
+        let spec = pv.spec.unwrap_or_default();
+        PvObs {
+            capacity: spec
+                .capacity
+                .and_then(|c| c.get("storage").map(|q| q.0.clone())),
+            claim: spec
+                .claim_ref
+                .and_then(|r| Some((r.namespace.unwrap_or_else(|| ns.to_string()), r.name?))),
+        }
+    }))
+}
+
+fn uses_claim(pod: &Pod, claim: &str) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|vs| {
+            vs.iter().any(|v| {
+                v.persistent_volume_claim
+                    .as_ref()
+                    .is_some_and(|c| c.claim_name == claim)
+            })
+        })
+}

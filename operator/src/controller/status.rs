@@ -1,0 +1,136 @@
+//! Status: phase, conditions, replication and engine refs computed from the plan ([`settle`], pure), then
+//! written with server-side apply; the pass's events are published once it is written.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::{api::Patch, runtime::controller::Action, Api, ResourceExt};
+
+use super::{
+    act::apply_params,
+    decide::{note, warning, Note, Plan},
+    observe::stamp,
+    Context,
+};
+use crate::{
+    crd::{EngineRole, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
+    failover,
+    plan::{self, names, EngineConfig},
+    Result,
+};
+
+/// The status to write, the events that go with it, and when to look again.
+pub(super) fn settle(
+    mv: &MirroredVolume,
+    plan: Plan,
+    cfg: &EngineConfig,
+) -> (MirroredVolumeStatus, Vec<Note>, Duration) {
+    let old = mv.status.clone().unwrap_or_default();
+    let Plan {
+        mut status,
+        observed,
+        mut notes,
+        requeue,
+        ..
+    } = plan;
+    let name = mv.name_any();
+    let names_of = |slot: Slot| {
+        (
+            names::engine(&name, slot),
+            plan::engine_address(mv, slot, cfg),
+        )
+    };
+    failover::summarize(
+        &mut status,
+        &observed,
+        mv.metadata.generation,
+        mv.peer_timeout(),
+        &names_of,
+        None,
+    );
+    let was_away = old
+        .secondary
+        .as_ref()
+        .filter(|e| e.role != EngineRole::Secondary || !e.reachable);
+    let back = status
+        .secondary
+        .as_ref()
+        .filter(|e| e.role == EngineRole::Secondary && e.reachable);
+    if let (Some(_), Some(back)) = (was_away, back) {
+        notes.push(note(
+            "EngineRejoined",
+            format!(
+                "engine on {} is back as secondary and resyncs from the primary",
+                back.node
+            ),
+        ));
+    }
+    if old.phase != status.phase || mv.status.is_none() {
+        let text = format!("phase {} -> {}", old.phase.as_str(), status.phase.as_str());
+        notes.push(note("PhaseChanged", text));
+    }
+    let default = match status.phase {
+        Phase::Synced => Duration::from_secs(30),
+        _ => Duration::from_secs(10),
+    };
+    let requeue = requeue.map_or(default, |r| r.min(default));
+    (status, notes, requeue)
+}
+
+impl MirroredVolume {
+    /// Writes the status of a pass, then its events. A spec the plan could not turn into objects is
+    /// reported as such instead.
+    pub(super) async fn write_status(&self, ctx: &Context, plan: Plan) -> Result<Action> {
+        if let Err(invalid) = &plan.children {
+            let message = invalid.0.clone();
+            return self.write_invalid(ctx, plan.status, &message).await;
+        }
+        let (ns, name) = self.key()?;
+        let (status, notes, requeue) = settle(self, plan, &ctx.config);
+        self.patch_status(ctx, &status).await?;
+        ctx.metrics.observe_volume(&ns, &name, &status);
+        self.publish(ctx, notes).await;
+        Ok(Action::requeue(requeue))
+    }
+
+    /// Marks the volume Failed for an invalid spec; the event only on the way in.
+    pub(super) async fn write_invalid(
+        &self,
+        ctx: &Context,
+        mut status: MirroredVolumeStatus,
+        message: &str,
+    ) -> Result<Action> {
+        let first = status.phase != Phase::Failed;
+        let now = stamp(Timestamp::now()).to_string();
+        status.phase = Phase::Failed;
+        status.observed_generation = self.metadata.generation;
+        failover::set_condition(
+            &mut status.conditions,
+            "Ready",
+            false,
+            "InvalidSpec",
+            message,
+            self.metadata.generation,
+            &now,
+        );
+        self.patch_status(ctx, &status).await?;
+        if first {
+            self.publish(ctx, vec![warning("InvalidSpec", message)])
+                .await;
+        }
+        Ok(Action::requeue(Duration::from_secs(60)))
+    }
+
+    async fn patch_status(&self, ctx: &Context, status: &MirroredVolumeStatus) -> Result<()> {
+        let (ns, name) = self.key()?;
+        let api: Api<MirroredVolume> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = serde_json::json!({
+            "apiVersion": "tandem.dev/v1alpha1",
+            "kind": "MirroredVolume",
+            "status": status,
+        });
+        api.patch_status(&name, &apply_params(), &Patch::Apply(patch))
+            .await?;
+        Ok(())
+    }
+}
