@@ -554,7 +554,13 @@ impl MirroredVolume {
                 true
             }
             Err(e) => {
-                failover::record_takeover_failure(status, observed, intent, &e.to_string());
+                failover::record_takeover_failure(
+                    status,
+                    observed,
+                    intent,
+                    &e.to_string(),
+                    e.reason(),
+                );
                 ctx.metrics.failover(&ns, &name, intent.reason, false);
                 warn!(volume = %name, error = %e, "takeover failed; will retry");
                 let text = if e.is_handoff_blocked() {
@@ -567,7 +573,7 @@ impl MirroredVolume {
                     format!("{e}; retrying (policy {policy:?})")
                 };
                 let reason = if e.is_handoff_blocked() {
-                    crate::engine::HANDOFF_BLOCKED
+                    tandem_api::Reason::HandoffBlocked.as_str()
                 } else {
                     "TakeoverFailed"
                 };

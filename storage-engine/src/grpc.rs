@@ -3,7 +3,11 @@
 
 use std::sync::{atomic::Ordering, Arc};
 
-use tonic::{Request, Response, Status};
+use tandem_api::{
+    pb::{PairState, TakeoverPhase},
+    Reason,
+};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     meta::Role,
@@ -39,7 +43,8 @@ impl tonic::service::Interceptor for AuthInterceptor {
         if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
             Ok(req)
         } else {
-            Err(Status::unauthenticated("missing or wrong volume token"))
+            Err(Reason::Unauthenticated
+                .status(Code::Unauthenticated, "missing or wrong volume token"))
         }
     }
 }
@@ -51,20 +56,22 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Errors of the engine API, mapped once to gRPC codes.
+/// Errors of the engine API, mapped once to gRPC codes and reasons.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("unknown volume {0:?}")]
     UnknownVolume(String),
-    #[error("{0}")]
-    Precondition(String),
+    #[error("{1}")]
+    Precondition(Reason, String),
 }
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        match e {
-            ApiError::UnknownVolume(_) => Status::not_found(e.to_string()),
-            ApiError::Precondition(_) => Status::failed_precondition(e.to_string()),
+        match &e {
+            ApiError::UnknownVolume(_) => {
+                Reason::UnknownVolume.status(Code::NotFound, e.to_string())
+            }
+            ApiError::Precondition(r, _) => r.status(Code::FailedPrecondition, e.to_string()),
         }
     }
 }
@@ -113,19 +120,24 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         bytes_read: c.bytes_read.load(Ordering::Relaxed),
         bytes_written: c.bytes_written.load(Ordering::Relaxed),
         flushes: c.flushes.load(Ordering::Relaxed),
-        pair_state: pair_state(v).into(),
+        pair: pair_state(v) as i32,
         events: v.areas.events(),
-        condition: if v.store.failed() || v.areas.overlay.failed() {
-            // Also "Degraded" to the operator; the host already gets EIO.
-            "Degraded: Failed: an fdatasync of the volume's files failed; writes since the last \
-             good one may be lost, so every request fails until the engine restarts"
-                .to_string()
-        } else {
-            v.areas.condition()
-        },
-        takeover_phase: takeover_phase(v).into(),
+        takeover: takeover_phase(v) as i32,
         ..Default::default()
     };
+    let (reason, condition) = if v.store.failed() || v.areas.overlay.failed() {
+        // Also "Degraded" to the operator; the host already gets EIO.
+        (
+            Some(Reason::Degraded),
+            "Degraded: Failed: an fdatasync of the volume's files failed; writes since the last \
+             good one may be lost, so every request fails until the engine restarts"
+                .to_string(),
+        )
+    } else {
+        v.areas.condition()
+    };
+    reply.condition = condition;
+    reply.condition_reason = reason.map(|r| r.as_str().to_string()).unwrap_or_default();
     let (proxied, proxy_errors) = v.proxied();
     reply.proxied_reads = proxied;
     reply.proxied_read_errors = proxy_errors;
@@ -157,7 +169,8 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     reply.sync_degraded = r.stats.degraded();
     reply.sync_timeouts = r.stats.sync_timeouts.load(Ordering::Relaxed);
     if reply.sync_degraded && reply.condition.is_empty() {
-        // The operator reads a condition starting with "Degraded" as Degraded=True.
+        // The operator reads the reason Degraded as Degraded=True.
+        reply.condition_reason = Reason::Degraded.as_str().to_string();
         reply.condition = format!(
             "Degraded: sync-mode writes stand on this copy alone ({}; {} waits without the peer's ack)",
             if reply.peer_connected {
@@ -189,47 +202,46 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     reply
 }
 
-/// Where a takeover stands on this engine: "draining" (serving while the old primary drains),
-/// "merging" (overlay into the data file), "fenced" (this engine is the old primary, draining),
-/// "" (none in progress).
-pub fn takeover_phase(v: &Volume) -> &'static str {
+/// Where a takeover stands on this engine: draining (serving while the old primary drains),
+/// merging (overlay into the data file), fenced (this engine is the old primary, draining), none.
+pub fn takeover_phase(v: &Volume) -> TakeoverPhase {
     match (v.role(), v.areas.phase()) {
-        (Role::Fenced, _) => "fenced",
-        (Role::Primary, crate::meta::Phase::Draining) => "draining",
-        (Role::Primary, crate::meta::Phase::Merging) => "merging",
-        _ => "",
+        (Role::Fenced, _) => TakeoverPhase::Fenced,
+        (Role::Primary, crate::meta::Phase::Draining) => TakeoverPhase::Draining,
+        (Role::Primary, crate::meta::Phase::Merging) => TakeoverPhase::Merging,
+        _ => TakeoverPhase::None,
     }
 }
 
-/// One word for the pair: Standalone, Connecting, Resyncing, Replicating, Synced (primary);
-/// Inconsistent or Consistent (secondary).
-pub fn pair_state(v: &Volume) -> &'static str {
+/// One word for the pair: Standalone, Connecting, Resyncing, Replicating, Synced, Reversing
+/// (primary); Inconsistent or Consistent (secondary); Fenced.
+pub fn pair_state(v: &Volume) -> PairState {
     if v.role() == Role::Fenced {
-        return "Fenced";
+        return PairState::Fenced;
     }
     if v.role() != Role::Primary {
         return if v.replica().inconsistent {
-            "Inconsistent"
+            PairState::Inconsistent
         } else {
-            "Consistent"
+            PairState::Consistent
         };
     }
     let Some(r) = &v.repl else {
-        return "Standalone";
+        return PairState::Standalone;
     };
     if v.meta().takeover.reversing && !v.areas.active() {
-        return "Reversing";
+        return PairState::Reversing;
     }
     if !r.connected() {
-        return "Connecting";
+        return PairState::Connecting;
     }
     if r.stats.resyncing.load(Ordering::Relaxed) || r.tracker.state().resync_needed {
-        return "Resyncing";
+        return PairState::Resyncing;
     }
     if r.tracker.counts().pending_blocks > 0 {
-        "Replicating"
+        PairState::Replicating
     } else {
-        "Synced"
+        PairState::Synced
     }
 }
 
@@ -274,12 +286,15 @@ impl Engine for EngineService {
         self.check_volume(&f.volume)?;
         if !self.fault_injection {
             return Err(ApiError::Precondition(
+                Reason::FaultInjectionOff,
                 "fault injection is off (start the engine with --fault-injection)".into(),
             )
             .into());
         }
         let Some(r) = &self.volume.repl else {
-            return Err(ApiError::Precondition("volume is not paired".into()).into());
+            return Err(
+                ApiError::Precondition(Reason::NotPaired, "volume is not paired".into()).into(),
+            );
         };
         let faults = &r.faults;
         if let Some(p) = f.pause {

@@ -11,7 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tonic::Status;
+use tandem_api::Reason;
+use tonic::{Code, Status};
 
 use crate::{
     bitmap::Bitmap,
@@ -45,6 +46,10 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+fn not_paired() -> Status {
+    Reason::NotPaired.status(Code::FailedPrecondition, "volume is not paired")
+}
+
 /// Why the old primary did not hand its table over.
 #[derive(Debug)]
 pub(crate) enum HandoffFailure {
@@ -74,21 +79,27 @@ impl Volume {
     /// table, all in one step. A repeat at the same epoch returns the table again (AT-34).
     pub async fn fence_and_handoff(&self, new_epoch: u64) -> Result<pb::HandoffReply, Status> {
         let Some(repl) = &self.repl else {
-            return Err(Status::failed_precondition("volume is not paired"));
+            return Err(not_paired());
         };
         let _gate = self.gate.write().await;
         let (role, epoch) = (self.role(), self.epoch());
         let repeat = role == Role::Fenced && new_epoch == epoch;
         if !repeat {
             if new_epoch <= epoch {
-                return Err(Status::failed_precondition(format!(
-                    "stale takeover epoch {new_epoch}: this engine is {role} at epoch {epoch}"
-                )));
+                return Err(Reason::StaleEpoch.status(
+                    Code::FailedPrecondition,
+                    format!(
+                        "stale takeover epoch {new_epoch}: this engine is {role} at epoch {epoch}"
+                    ),
+                ));
             }
             if role == Role::Secondary {
-                return Err(Status::failed_precondition(format!(
-                    "this engine is secondary at epoch {epoch}: there is no primary here to take over from"
-                )));
+                return Err(Reason::WrongRole.status(
+                    Code::FailedPrecondition,
+                    format!(
+                        "this engine is secondary at epoch {epoch}: there is no primary here to take over from"
+                    ),
+                ));
             }
             self.update_meta(|m| {
                 m.role = Role::Fenced;
@@ -130,7 +141,8 @@ impl Volume {
     pub async fn takeover(&self, req: pb::TakeoverRequest) -> Result<pb::TakeoverReply, Status> {
         let started = Instant::now();
         let Some(repl) = &self.repl else {
-            return Err(Status::failed_precondition(
+            return Err(Reason::NotPaired.status(
+                Code::FailedPrecondition,
                 "volume is not paired: nothing to take over from",
             ));
         };
@@ -159,10 +171,13 @@ impl Volume {
                     already_primary: true,
                 });
             }
-            return Err(Status::failed_precondition(format!(
-                "this engine is already primary at epoch {epoch}, not {}",
-                req.new_epoch
-            )));
+            return Err(Reason::WrongRole.status(
+                Code::FailedPrecondition,
+                format!(
+                    "this engine is already primary at epoch {epoch}, not {}",
+                    req.new_epoch
+                ),
+            ));
         }
         let new_epoch = if req.new_epoch == 0 {
             epoch + 1
@@ -170,12 +185,14 @@ impl Volume {
             req.new_epoch
         };
         if new_epoch <= epoch {
-            return Err(Status::failed_precondition(format!(
-                "stale takeover epoch {new_epoch}: this engine is at epoch {epoch}"
-            )));
+            return Err(Reason::StaleEpoch.status(
+                Code::FailedPrecondition,
+                format!("stale takeover epoch {new_epoch}: this engine is at epoch {epoch}"),
+            ));
         }
         if role == Role::Secondary && self.replica().needs_full {
-            return Err(Status::failed_precondition(
+            return Err(Reason::NeverSynced.status(
+                Code::FailedPrecondition,
                 "this replica has never completed its initial copy and holds no usable data; \
                  it cannot take over",
             ));
@@ -212,7 +229,7 @@ impl Volume {
                 // Test: `tests/takeover.rs` `force_never_promotes_over_a_peer_that_refuses`.
                 let msg = format!("HandoffRefused: {why}; not promoted");
                 self.areas.event("HandoffRefused");
-                return Err(Status::failed_precondition(msg));
+                return Err(Reason::HandoffRefused.status(Code::FailedPrecondition, msg));
             }
             Err(HandoffFailure::Unreachable(why))
                 if force && self.replica().inconsistent && !req.allow_inconsistent =>
@@ -222,8 +239,9 @@ impl Volume {
                      Inconsistent (a resync was cut short) and would serve a torn volume; pass \
                      allow_inconsistent (--allow-inconsistent) to promote it anyway"
                 );
-                self.areas.set_condition(msg.clone());
-                return Err(Status::unavailable(msg));
+                self.areas
+                    .set_condition(Reason::HandoffBlocked, msg.clone());
+                return Err(Reason::HandoffBlocked.status(Code::Unavailable, msg));
             }
             Err(HandoffFailure::Unreachable(why)) if force => {
                 let (lost, from, to) = {
@@ -261,9 +279,10 @@ impl Volume {
                     "HandoffBlocked: PeerUnreachable: {why}; not promoted (policy wait; \
                      use policy force to promote and lose the peer's unsent writes)"
                 );
-                self.areas.set_condition(msg.clone());
+                self.areas
+                    .set_condition(Reason::HandoffBlocked, msg.clone());
                 self.areas.event("HandoffBlocked");
-                return Err(Status::unavailable(msg));
+                return Err(Reason::HandoffBlocked.status(Code::Unavailable, msg));
             }
         };
         // Kept in memory for repeats and status; not worth an fsync on the reply's path.
@@ -362,16 +381,18 @@ impl Volume {
     /// merge then starts. Test: `tests/takeover.rs` `a_drain_whose_old_primary_is_gone_can_be_abandoned`.
     async fn abandon_drain(&self, timeout: Duration) -> Result<pb::TakeoverReply, Status> {
         let Some(repl) = &self.repl else {
-            return Err(Status::failed_precondition("volume is not paired"));
+            return Err(not_paired());
         };
         if let Some(answer) = self.probe_peer(&repl.peer, timeout).await {
-            return Err(Status::failed_precondition(format!(
-                "DrainNotAbandoned: the old primary answers ({answer}); its drain goes on"
-            )));
+            return Err(Reason::DrainNotAbandoned.status(
+                Code::FailedPrecondition,
+                format!("DrainNotAbandoned: the old primary answers ({answer}); its drain goes on"),
+            ));
         }
         let _gate = self.gate.write().await;
         if self.role() != Role::Primary || self.areas.phase() != Phase::Draining {
-            return Err(Status::aborted(
+            return Err(Reason::Superseded.status(
+                Code::Aborted,
                 "superseded: the drain ended or this engine stopped serving meanwhile",
             ));
         }
@@ -392,7 +413,7 @@ impl Volume {
         })
         .map_err(internal)?;
         self.areas.set_phase(Phase::Merging);
-        self.areas.set_condition("");
+        self.areas.clear_condition();
         self.areas.event(format!(
             "DrainAbandoned lost_blocks={n} (old primary unreachable)"
         ));
@@ -444,11 +465,14 @@ impl Volume {
         // fine to promote. Only a newer epoch (someone else's takeover) supersedes this one.
         let benign = role_at_start == Role::Fenced && self.role() == Role::Secondary;
         if (self.role() != role_at_start && !benign) || self.epoch() >= new_epoch {
-            return Err(Status::aborted(format!(
-                "superseded: this engine became {} at epoch {} while taking over",
-                self.role(),
-                self.epoch()
-            )));
+            return Err(Reason::Superseded.status(
+                Code::Aborted,
+                format!(
+                    "superseded: this engine became {} at epoch {} while taking over",
+                    self.role(),
+                    self.epoch()
+                ),
+            ));
         }
         self.promote(new_epoch, table, lost).map_err(internal)
     }
@@ -507,7 +531,7 @@ impl Volume {
         } else {
             Phase::Normal
         });
-        self.areas.set_condition("");
+        self.areas.clear_condition();
         self.forget_heartbeat_set();
         self.replica().inconsistent = false;
         repl.wake.notify_one();
@@ -722,21 +746,24 @@ impl Volume {
     ) -> Result<pb::ReadBlocksReply, Status> {
         let (role, epoch) = (self.role(), self.epoch());
         if role != Role::Fenced || req.epoch != epoch {
-            return Err(Status::failed_precondition(format!(
-                "proxied reads are served only by a fenced engine at the reader's epoch; this engine is {role} at epoch {epoch}, the reader at {}",
-                req.epoch
-            )));
+            return Err(Reason::WrongRole.status(
+                Code::FailedPrecondition,
+                format!(
+                    "proxied reads are served only by a fenced engine at the reader's epoch; this engine is {role} at epoch {epoch}, the reader at {}",
+                    req.epoch
+                ),
+            ));
         }
         let blocks = self.size() / BS;
         if req.blocks.len() > 8192 {
-            return Err(Status::invalid_argument("at most 8192 blocks per request"));
+            return Err(Reason::InvalidArgument
+                .status(Code::InvalidArgument, "at most 8192 blocks per request"));
         }
         let mut data = Vec::with_capacity(req.blocks.len());
         for &b in &req.blocks {
             if b >= blocks {
-                return Err(Status::invalid_argument(format!(
-                    "block {b} is out of range"
-                )));
+                return Err(Reason::InvalidArgument
+                    .status(Code::InvalidArgument, format!("block {b} is out of range")));
             }
             let mut buf = vec![0u8; BLOCK_SIZE as usize];
             self.read_own_block(b, &mut buf).map_err(internal)?;
