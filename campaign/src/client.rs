@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use storage_engine::nbd::proto as p;
+use tandem_api::nbd::{self as p, client::handshake_async, SimpleReply};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadHalf},
     io::{AsyncReadExt, AsyncWriteExt},
@@ -68,8 +68,8 @@ pub struct Stats {
     pub bytes_read: u64,
 }
 
-fn other(msg: impl Into<String>) -> io::Error {
-    io::Error::other(msg.into())
+fn other(msg: impl ToString) -> io::Error {
+    io::Error::other(msg.to_string())
 }
 
 /// A connection to an engine: TCP, or its unix socket (`unix:PATH`, an engine in another
@@ -91,50 +91,10 @@ async fn connect(addr: &str) -> io::Result<Conn> {
 /// (a secondary, a fenced engine, a stale epoch).
 pub async fn handshake(addr: &str, export: &str) -> io::Result<(Conn, u64)> {
     let mut s = connect(addr).await?;
-    let magic = s.read_u64().await?;
-    let opt = s.read_u64().await?;
-    if magic != p::NBDMAGIC || opt != p::IHAVEOPT {
-        return Err(other("not an NBD newstyle server"));
-    }
-    let _flags = s.read_u16().await?;
-    s.write_u32(p::CLIENT_FIXED_NEWSTYLE | p::CLIENT_NO_ZEROES)
-        .await?;
-    let go = p::encode_go(export, &[]);
-    let mut msg = Vec::with_capacity(16 + go.len());
-    msg.extend_from_slice(&p::IHAVEOPT.to_be_bytes());
-    msg.extend_from_slice(&p::OPT_GO.to_be_bytes());
-    msg.extend_from_slice(&(go.len() as u32).to_be_bytes());
-    msg.extend_from_slice(&go);
-    s.write_all(&msg).await?;
-    let mut size = None;
-    loop {
-        let magic = s.read_u64().await?;
-        let _opt = s.read_u32().await?;
-        let kind = s.read_u32().await?;
-        let len = s.read_u32().await?;
-        if magic != p::OPT_REPLY_MAGIC || len > p::MAX_OPTION_LEN {
-            return Err(other("bad option reply"));
-        }
-        let mut body = vec![0u8; len as usize];
-        s.read_exact(&mut body).await?;
-        match kind {
-            p::REP_ACK => break,
-            p::REP_INFO if body.len() >= 10 && body[0..2] == p::INFO_EXPORT.to_be_bytes() => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&body[2..10]);
-                size = Some(u64::from_be_bytes(b));
-            }
-            p::REP_INFO => {}
-            _ => {
-                return Err(other(format!(
-                    "refused: {}",
-                    String::from_utf8_lossy(&body)
-                )))
-            }
-        }
-    }
-    let size = size.ok_or_else(|| other("no export size"))?;
-    Ok((s, size))
+    let info = handshake_async(&mut s, export, &[])
+        .await
+        .map_err(io::Error::other)?;
+    Ok((s, info.size))
 }
 
 /// One random request: the op to record, the NBD header, the WRITE payload.
@@ -236,16 +196,9 @@ async fn reply_loop(
     sh: &Shared,
 ) -> io::Result<()> {
     loop {
-        let mut h = [0u8; 16];
+        let mut h = [0u8; SimpleReply::LEN];
         rd.read_exact(&mut h).await?;
-        let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
-        let err = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-        let mut hb = [0u8; 8];
-        hb.copy_from_slice(&h[8..16]);
-        let handle = u64::from_be_bytes(hb);
-        if magic != p::SIMPLE_REPLY_MAGIC {
-            return Err(other(format!("bad reply magic {magic:#x}")));
-        }
+        let SimpleReply { error: err, handle } = SimpleReply::parse(&h).map_err(other)?;
         let Some(mut op) = lock(pending).remove(&handle) else {
             return Err(other(format!("reply for unknown handle {handle}")));
         };
@@ -403,12 +356,14 @@ pub async fn final_read(sh: &Shared, addr: &str, chunk: u64) -> io::Result<Vec<O
             length: len as u32,
         };
         s.write_all(&req.encode()).await?;
-        let magic = s.read_u32().await?;
-        let err = s.read_u32().await?;
-        let handle = s.read_u64().await?;
-        if magic != p::SIMPLE_REPLY_MAGIC || handle != op.id || err != 0 {
+        let mut h = [0u8; SimpleReply::LEN];
+        s.read_exact(&mut h).await?;
+        let reply =
+            SimpleReply::parse(&h).map_err(|e| other(format!("final read at {off}: {e}")))?;
+        if reply.handle != op.id || reply.error != 0 {
             return Err(other(format!(
-                "final read at {off}: reply magic {magic:#x} handle {handle} errno {err}"
+                "final read at {off}: reply for handle {} errno {}",
+                reply.handle, reply.error
             )));
         }
         let mut buf = vec![0u8; len as usize];

@@ -63,10 +63,10 @@ pub struct Common {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Volume size.
-    #[arg(long, value_parser = storage_engine::size::parse_size, default_value = "128M")]
+    #[arg(long, value_parser = tandem_api::size::parse_size, default_value = "128M")]
     pub size: u64,
     /// Half of the ops fall in the first this-many bytes, so they race on the same blocks.
-    #[arg(long, value_parser = storage_engine::size::parse_size, default_value = "4M")]
+    #[arg(long, value_parser = tandem_api::size::parse_size, default_value = "4M")]
     pub hot: u64,
     /// Replication mode of the pair.
     #[arg(long, value_enum, default_value_t = Mode::Async)]

@@ -301,7 +301,7 @@ impl Nemesis<'_> {
             let st = self.pair.status(p);
             if let Ok(s) = &st {
                 let cond = s["condition"].as_str().unwrap_or("");
-                if s["sync_degraded"] == true && cond.starts_with("Degraded") {
+                if s["sync_degraded"] == true && s["condition_reason"] == "Degraded" {
                     self.counts.degraded_seen += 1;
                     self.note(format!("{} reports: {cond}", self.label(p)));
                     return;

@@ -14,14 +14,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use tandem_api::contract::{
+    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_VOLUME,
+};
 
-pub const KEY_VOLUME: &str = "tandem.dev/volume";
-pub const KEY_ENGINES: &str = "tandem.dev/engines";
-pub const KEY_NBD: &str = "tandem.dev/nbd";
-pub const KEY_POLICY: &str = "tandem.dev/failover-policy";
-pub const KEY_PEER_TIMEOUT: &str = "tandem.dev/peer-timeout-seconds";
-pub const SECRET_TOKEN: &str = "token";
+use crate::error::{Error, Result};
 
 const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -85,33 +82,34 @@ impl VolumeParams {
                 .filter(|v| !v.trim().is_empty())
                 .ok_or(Error::FieldMissing(key))
         };
-        let volume = required(KEY_VOLUME)?.trim().to_string();
-        let grpc = parse_node_map(KEY_ENGINES, required(KEY_ENGINES)?)?;
-        let mut nbd = parse_node_map(KEY_NBD, required(KEY_NBD)?)?;
+        let volume = required(ATTR_VOLUME)?.trim().to_string();
+        let grpc = parse_node_map(ATTR_ENGINES, required(ATTR_ENGINES)?)?;
+        let mut nbd = parse_node_map(ATTR_NBD, required(ATTR_NBD)?)?;
         let mut engines = Vec::new();
         for (node, grpc) in grpc {
             let nbd = nbd.remove(&node).ok_or_else(|| {
-                Error::invalid(KEY_NBD, format!("no NBD address for node {node:?}"))
+                Error::invalid(ATTR_NBD, format!("no NBD address for node {node:?}"))
             })?;
-            crate::nbd::NbdAddr::parse(&nbd).map_err(|e| Error::invalid(KEY_NBD, e.to_string()))?;
+            crate::nbd::NbdAddr::parse(&nbd)
+                .map_err(|e| Error::invalid(ATTR_NBD, e.to_string()))?;
             engines.push(EngineRef { node, grpc, nbd });
         }
         if let Some(extra) = nbd.keys().next() {
             return Err(Error::invalid(
-                KEY_NBD,
+                ATTR_NBD,
                 format!("node {extra:?} has an NBD address but no engine"),
             ));
         }
-        let policy = match ctx.get(KEY_POLICY) {
+        let policy = match ctx.get(ATTR_FAILOVER_POLICY) {
             None => FailoverPolicy::default(),
             Some(v) => FailoverPolicy::parse(v).ok_or_else(|| {
                 Error::invalid(
-                    KEY_POLICY,
+                    ATTR_FAILOVER_POLICY,
                     format!("{v:?}: expected WaitForPrimary or ForcePromote"),
                 )
             })?,
         };
-        let peer_timeout = match ctx.get(KEY_PEER_TIMEOUT) {
+        let peer_timeout = match ctx.get(ATTR_PEER_TIMEOUT) {
             None => DEFAULT_PEER_TIMEOUT,
             Some(v) => v
                 .trim()
@@ -121,7 +119,10 @@ impl VolumeParams {
                 .filter(|s| (1..=3600).contains(s))
                 .map(Duration::from_secs)
                 .ok_or_else(|| {
-                    Error::invalid(KEY_PEER_TIMEOUT, format!("{v:?}: expected 1..3600 seconds"))
+                    Error::invalid(
+                        ATTR_PEER_TIMEOUT,
+                        format!("{v:?}: expected 1..3600 seconds"),
+                    )
                 })?,
         };
         Ok(VolumeParams {
@@ -148,9 +149,9 @@ pub(crate) fn test_context(volume: &str, nodes: &[&str]) -> HashMap<String, Stri
         .collect::<Vec<_>>()
         .join(",");
     HashMap::from([
-        (KEY_VOLUME.to_string(), volume.to_string()),
-        (KEY_ENGINES.to_string(), engines),
-        (KEY_NBD.to_string(), nbd),
+        (ATTR_VOLUME.to_string(), volume.to_string()),
+        (ATTR_ENGINES.to_string(), engines),
+        (ATTR_NBD.to_string(), nbd),
     ])
 }
 
@@ -161,8 +162,8 @@ mod tests {
     #[test]
     fn parses_the_operator_contract() {
         let mut ctx = test_context("vol-a", &["node-a", "node-b"]);
-        ctx.insert(KEY_POLICY.into(), "ForcePromote".into());
-        ctx.insert(KEY_PEER_TIMEOUT.into(), "12".into());
+        ctx.insert(ATTR_FAILOVER_POLICY.into(), "ForcePromote".into());
+        ctx.insert(ATTR_PEER_TIMEOUT.into(), "12".into());
         let p = VolumeParams::parse(&ctx).unwrap();
         assert_eq!(p.volume, "vol-a");
         assert_eq!(p.engines.len(), 2);
@@ -183,13 +184,13 @@ mod tests {
     #[test]
     fn rejects_bad_contexts() {
         for (key, value) in [
-            (KEY_VOLUME, ""),
-            (KEY_ENGINES, "a"),
-            (KEY_ENGINES, "a=1.2.3.4:5,a=1.2.3.4:6"),
-            (KEY_NBD, "b=10.0.0.1:10809"),
-            (KEY_NBD, "a=nonsense"),
-            (KEY_POLICY, "sometimes"),
-            (KEY_PEER_TIMEOUT, "0"),
+            (ATTR_VOLUME, ""),
+            (ATTR_ENGINES, "a"),
+            (ATTR_ENGINES, "a=1.2.3.4:5,a=1.2.3.4:6"),
+            (ATTR_NBD, "b=10.0.0.1:10809"),
+            (ATTR_NBD, "a=nonsense"),
+            (ATTR_FAILOVER_POLICY, "sometimes"),
+            (ATTR_PEER_TIMEOUT, "0"),
         ] {
             let mut ctx = test_context("v", &["a"]);
             ctx.insert(key.into(), value.into());
@@ -201,10 +202,10 @@ mod tests {
             );
         }
         let mut ctx = test_context("v", &["a"]);
-        ctx.remove(KEY_NBD);
+        ctx.remove(ATTR_NBD);
         assert!(matches!(
             VolumeParams::parse(&ctx),
-            Err(Error::FieldMissing(KEY_NBD))
+            Err(Error::FieldMissing(ATTR_NBD))
         ));
     }
 }

@@ -6,8 +6,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use storage_engine::client::{ClientError, EngineClient};
-use storage_engine::pb::Role as PbRole;
+use tandem_api::client::{ClientError, EngineClient, TakeoverPolicy};
+use tandem_api::pb::Role as PbRole;
+use tandem_api::Reason;
 use tonic::Code;
 
 use crate::context::{EngineRef, FailoverPolicy};
@@ -70,23 +71,33 @@ impl EngineError {
 
     fn from_client(addr: &str, volume: &str, op: &'static str, e: ClientError) -> Self {
         let addr = addr.to_string();
+        let reason = e.reason();
         match e {
-            ClientError::Rpc { status, .. } => match status.code() {
-                Code::Unauthenticated | Code::PermissionDenied => EngineError::Unauthenticated {
-                    addr,
-                    message: status.message().to_string(),
-                },
-                Code::NotFound => EngineError::VolumeUnknown {
-                    addr,
-                    volume: volume.to_string(),
-                },
-                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled if op == "Status" => {
+            // The engine's reason when it gave one; the code for what it did not say (a proxy,
+            // a transport failure, an engine older than reasons).
+            ClientError::Rpc { status, .. } => match (reason, status.code()) {
+                (Some(Reason::Unauthenticated), _)
+                | (None, Code::Unauthenticated | Code::PermissionDenied) => {
+                    EngineError::Unauthenticated {
+                        addr,
+                        message: status.message().to_string(),
+                    }
+                }
+                (Some(Reason::UnknownVolume), _) | (None, Code::NotFound) => {
+                    EngineError::VolumeUnknown {
+                        addr,
+                        volume: volume.to_string(),
+                    }
+                }
+                (None, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+                    if op == "Status" =>
+                {
                     EngineError::Unreachable {
                         addr,
                         message: status.message().to_string(),
                     }
                 }
-                code => EngineError::Refused {
+                (_, code) => EngineError::Refused {
                     addr,
                     op,
                     code,
@@ -176,8 +187,8 @@ impl EngineApi for GrpcEngines {
         timeout: Duration,
     ) -> Result<TakeoverOutcome, EngineError> {
         let pol = match policy {
-            FailoverPolicy::WaitForPrimary => storage_engine::client::TakeoverPolicy::Wait,
-            FailoverPolicy::ForcePromote => storage_engine::client::TakeoverPolicy::Force,
+            FailoverPolicy::WaitForPrimary => TakeoverPolicy::Wait,
+            FailoverPolicy::ForcePromote => TakeoverPolicy::Force,
         };
         let call = async {
             let mut c = EngineClient::connect(addr, Some(token))
@@ -450,6 +461,44 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code(), Code::Unavailable);
         assert!(e.to_string().contains("fenced"), "{e}");
+    }
+
+    #[test]
+    fn the_engines_reason_decides_before_the_code() {
+        let rpc = |status| ClientError::Rpc {
+            op: "Status",
+            status,
+        };
+        let e = EngineError::from_client(
+            "a",
+            "v",
+            "Status",
+            rpc(Reason::UnknownVolume.status(Code::NotFound, "unknown volume \"v\"")),
+        );
+        assert!(matches!(e, EngineError::VolumeUnknown { .. }), "{e}");
+        let e = EngineError::from_client(
+            "a",
+            "v",
+            "Status",
+            rpc(Reason::Unauthenticated.status(Code::Unauthenticated, "wrong token")),
+        );
+        assert_eq!(e.code(), Code::Unauthenticated);
+        // Without a reason (a proxy, an older engine) the code still decides.
+        let e = EngineError::from_client("a", "v", "Status", rpc(tonic::Status::not_found("x")));
+        assert!(matches!(e, EngineError::VolumeUnknown { .. }), "{e}");
+        let blocked = Reason::HandoffBlocked.status(Code::Unavailable, "HandoffBlocked: x");
+        let e = EngineError::from_client("a", "v", "Takeover", rpc(blocked));
+        assert!(
+            matches!(
+                e,
+                EngineError::Refused {
+                    code: Code::Unavailable,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.code(), Code::Unavailable);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::{extract::State, http::StatusCode, routing::any, Router};
-use storage_engine::http;
+use tandem_api::http;
 use tokio::net::{TcpListener, UnixStream};
 
 use crate::service::state_dir_writable;

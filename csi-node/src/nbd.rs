@@ -26,25 +26,17 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-// The wire constants are the engine's own (one definition of the protocol in the workspace).
-pub use storage_engine::nbd::proto::{
+// The wire format is the shared one (tandem_api::nbd): one definition of the protocol, and one
+// client codec, in the workspace.
+pub use tandem_api::nbd::client::ExportInfo;
+use tandem_api::nbd::client::{handshake, NbdError as WireError};
+use tandem_api::nbd::{Request, SimpleReply, INFO_BLOCK_SIZE};
+pub use tandem_api::nbd::{
     CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
     TFLAG_HAS_FLAGS as TF_HAS_FLAGS, TFLAG_READ_ONLY as TF_READ_ONLY,
     TFLAG_SEND_FLUSH as TF_SEND_FLUSH, TFLAG_SEND_FUA as TF_SEND_FUA,
     TFLAG_SEND_TRIM as TF_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES as TF_SEND_WRITE_ZEROES,
 };
-use storage_engine::nbd::proto::{
-    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC,
-    OPT_ABORT, OPT_GO, OPT_REPLY_MAGIC, REP_ACK, REP_ERR_POLICY, REP_INFO, REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-};
-const REP_FLAG_ERROR: u32 = 1 << 31;
-
-/// The NBD spec's default maximum payload when the server does not say.
-const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
-/// Option replies one OPT_GO may take (a real server sends a handful); a server that keeps
-/// sending them is broken, not slow, and the handshake fails instead of looping.
-const MAX_OPTION_REPLIES: usize = 64;
 
 /// Where an NBD server listens: `host:port` or `unix:/path` (also `unix:///path`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,71 +78,34 @@ impl fmt::Display for NbdAddr {
     }
 }
 
-/// What `NBD_OPT_GO` told us about the export.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExportInfo {
-    pub size: u64,
-    pub flags: u16,
-    pub min_block: u32,
-    pub preferred_block: u32,
-    pub max_payload: u32,
-}
-
-impl ExportInfo {
-    pub fn read_only(&self) -> bool {
-        self.flags & TF_READ_ONLY != 0
-    }
-    pub fn can(&self, flag: u16) -> bool {
-        self.flags & TF_HAS_FLAGS != 0 && self.flags & flag != 0
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
     #[error("invalid NBD address {0}")]
     Address(String),
     #[error("cannot reach NBD server {addr}: {source}")]
     Connect { addr: String, source: io::Error },
-    #[error("NBD connection: {0}")]
-    Io(#[from] io::Error),
-    #[error("NBD protocol violation: {0}")]
-    Protocol(String),
-    #[error("NBD server refused export {export:?}: {reason}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
-    Refused {
-        export: String,
-        reason: &'static str,
-        message: String,
-        /// The reply type (`NBD_REP_ERR_*`).
-        code: u32,
-    },
+    /// The handshake or the connection failed (the shared codec's error).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+impl From<io::Error> for NbdError {
+    fn from(e: io::Error) -> Self {
+        NbdError::Wire(WireError::Io(e))
+    }
 }
 
 impl NbdError {
     /// True when retrying the same request cannot help until the server changes its mind (it named a
     /// reason, e.g. "this engine is the secondary").
     pub fn is_refusal(&self) -> bool {
-        matches!(self, NbdError::Refused { .. })
+        matches!(self, NbdError::Wire(w) if w.is_refusal())
     }
 
     /// True when the server refused the export by policy (`NBD_REP_ERR_POLICY`): the engine is
     /// fenced or a secondary, a role and not a passing state such as a shutdown.
     pub fn is_policy_refusal(&self) -> bool {
-        matches!(self, NbdError::Refused { code, .. } if *code == REP_ERR_POLICY)
-    }
-}
-
-fn rep_error_name(code: u32) -> &'static str {
-    match code & !REP_FLAG_ERROR {
-        1 => "unsupported option",
-        2 => "forbidden by policy",
-        3 => "invalid request",
-        4 => "unsupported on this platform",
-        5 => "TLS required",
-        6 => "unknown export",
-        7 => "server shutting down",
-        8 => "block size negotiation required",
-        9 => "request too big",
-        _ => "error",
+        matches!(self, NbdError::Wire(w) if w.is_policy_refusal())
     }
 }
 
@@ -244,149 +199,6 @@ impl Write for Stream {
     }
 }
 
-fn read_u16(r: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0u8; 2];
-    r.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-fn read_u32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-fn read_u64(r: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
-}
-
-/// Runs the fixed-newstyle handshake and `NBD_OPT_GO` for `export` on a fresh stream.
-pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo, NbdError> {
-    if read_u64(s)? != NBDMAGIC {
-        return Err(NbdError::Protocol("missing NBDMAGIC".into()));
-    }
-    let second = read_u64(s)?;
-    if second != IHAVEOPT {
-        return Err(NbdError::Protocol(
-            "server speaks the old-style protocol; fixed newstyle is required".into(),
-        ));
-    }
-    let server_flags = read_u16(s)?;
-    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(NbdError::Protocol(
-            "server does not support fixed newstyle".into(),
-        ));
-    }
-    let client_flags = u32::from(server_flags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
-    s.write_all(&client_flags.to_be_bytes())?;
-
-    let name = export.as_bytes();
-    let name_len =
-        u32::try_from(name.len()).map_err(|_| NbdError::Protocol("export name too long".into()))?;
-    let mut data = Vec::with_capacity(name.len() + 8);
-    data.extend_from_slice(&name_len.to_be_bytes());
-    data.extend_from_slice(name);
-    data.extend_from_slice(&1u16.to_be_bytes());
-    data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-    let mut opt = Vec::with_capacity(data.len() + 16);
-    opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    opt.extend_from_slice(&OPT_GO.to_be_bytes());
-    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    opt.extend_from_slice(&data);
-    s.write_all(&opt)?;
-    s.flush()?;
-
-    let mut size_flags: Option<(u64, u16)> = None;
-    let (mut min_block, mut preferred_block, mut max_payload) = (1u32, 4096u32, 0u32);
-    for replies in 0.. {
-        if replies == MAX_OPTION_REPLIES {
-            return Err(NbdError::Protocol(format!(
-                "more than {MAX_OPTION_REPLIES} replies to NBD_OPT_GO"
-            )));
-        }
-        if read_u64(s)? != OPT_REPLY_MAGIC {
-            return Err(NbdError::Protocol("bad option reply magic".into()));
-        }
-        let option = read_u32(s)?;
-        let rep = read_u32(s)?;
-        let len = read_u32(s)?;
-        if option != OPT_GO {
-            return Err(NbdError::Protocol(format!(
-                "reply for option {option}, expected {OPT_GO}"
-            )));
-        }
-        if len > 64 << 10 {
-            return Err(NbdError::Protocol(format!("option reply of {len} bytes")));
-        }
-        let mut body = vec![0u8; len as usize];
-        s.read_exact(&mut body)?;
-        if rep & REP_FLAG_ERROR != 0 {
-            let message = String::from_utf8_lossy(&body).trim().to_string();
-            // Tell the server we are leaving; it may already have closed.
-            let mut abort = Vec::with_capacity(16);
-            abort.extend_from_slice(&IHAVEOPT.to_be_bytes());
-            abort.extend_from_slice(&OPT_ABORT.to_be_bytes());
-            abort.extend_from_slice(&0u32.to_be_bytes());
-            let _ = s.write_all(&abort);
-            return Err(NbdError::Refused {
-                export: export.to_string(),
-                reason: rep_error_name(rep),
-                message,
-                code: rep,
-            });
-        }
-        match rep {
-            REP_INFO => {
-                if body.len() < 2 {
-                    return Err(NbdError::Protocol("short NBD_REP_INFO".into()));
-                }
-                let kind = u16::from_be_bytes([body[0], body[1]]);
-                let rest = &body[2..];
-                match kind {
-                    INFO_EXPORT if rest.len() >= 10 => {
-                        let mut sz = [0u8; 8];
-                        sz.copy_from_slice(&rest[..8]);
-                        size_flags = Some((
-                            u64::from_be_bytes(sz),
-                            u16::from_be_bytes([rest[8], rest[9]]),
-                        ));
-                    }
-                    INFO_BLOCK_SIZE if rest.len() >= 12 => {
-                        let word = |i: usize| {
-                            u32::from_be_bytes([rest[i], rest[i + 1], rest[i + 2], rest[i + 3]])
-                        };
-                        min_block = word(0);
-                        preferred_block = word(4);
-                        max_payload = word(8);
-                    }
-                    INFO_EXPORT | INFO_BLOCK_SIZE => {
-                        return Err(NbdError::Protocol(format!("short info block {kind}")))
-                    }
-                    _ => {} // information we did not ask for: ignore, as the spec allows
-                }
-            }
-            REP_ACK => break,
-            other => {
-                return Err(NbdError::Protocol(format!(
-                    "unexpected option reply type {other}"
-                )))
-            }
-        }
-    }
-    let (size, flags) = size_flags
-        .ok_or_else(|| NbdError::Protocol("NBD_OPT_GO without NBD_INFO_EXPORT".into()))?;
-    if max_payload == 0 {
-        max_payload = DEFAULT_MAX_PAYLOAD;
-    }
-    Ok(ExportInfo {
-        size,
-        flags,
-        min_block: min_block.max(1),
-        preferred_block: preferred_block.max(1),
-        max_payload,
-    })
-}
-
 /// Connects and negotiates; the returned stream is ready for transmission.
 pub fn connect(
     addr: &NbdAddr,
@@ -395,7 +207,7 @@ pub fn connect(
 ) -> Result<(Stream, ExportInfo), NbdError> {
     let mut s = Stream::connect(addr, timeout)?;
     s.set_timeouts(Some(timeout))?;
-    let info = handshake(&mut s, export)?;
+    let info = handshake(&mut s, export, &[INFO_BLOCK_SIZE])?;
     s.set_timeouts(None)?;
     Ok((s, info))
 }
@@ -458,22 +270,22 @@ impl Command {
     }
 
     /// The 28-byte request header; a write's payload follows it on the wire.
-    fn header(&self, handle: u64) -> [u8; 28] {
-        let mut h = [0u8; 28];
-        h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        h[6..8].copy_from_slice(&self.kind.to_be_bytes());
-        h[8..16].copy_from_slice(&handle.to_be_bytes());
-        h[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        h[24..28].copy_from_slice(&self.len.to_be_bytes());
-        h
+    fn header(&self, handle: u64) -> [u8; Request::LEN] {
+        Request {
+            flags: self.flags,
+            kind: self.kind,
+            handle,
+            offset: self.offset,
+            length: self.len,
+        }
+        .encode()
     }
 }
 
 /// One request on the wire: header and (for writes) the payload, sent without concatenating them.
 #[derive(Clone)]
 struct Wire {
-    header: [u8; 28],
+    header: [u8; Request::LEN],
     payload: Option<Arc<Vec<u8>>>,
 }
 
@@ -812,18 +624,14 @@ fn read_replies(sh: &Shared, gen: u64, s: Stream) -> String {
         why
     };
     loop {
-        let mut hdr = [0u8; 16];
+        let mut hdr = [0u8; SimpleReply::LEN];
         if let Err(e) = s.read_exact(&mut hdr) {
             return format!("receive: {e}");
         }
-        let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        if magic != SIMPLE_REPLY_MAGIC {
-            return shutdown(format!("unexpected reply magic {magic:#x}"));
-        }
-        let error = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-        let mut hb = [0u8; 8];
-        hb.copy_from_slice(&hdr[8..16]);
-        let handle = u64::from_be_bytes(hb);
+        let SimpleReply { error, handle } = match SimpleReply::parse(&hdr) {
+            Ok(r) => r,
+            Err(e) => return shutdown(e.to_string()),
+        };
         let (kind, len) = {
             let st = lock(&sh.state);
             match st.pending.get(&handle) {
@@ -991,10 +799,10 @@ fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
     let (stream, info) = connect(&sh.addr, &sh.export, sh.opts.connect_timeout)?;
     if info.size != sh.info.size {
         stream.shutdown();
-        return Err(NbdError::Protocol(format!(
+        return Err(NbdError::Wire(WireError::Protocol(format!(
             "export size changed from {} to {} bytes",
             sh.info.size, info.size
-        )));
+        ))));
     }
     let reader = stream.try_clone()?;
     let gen;
@@ -1058,6 +866,26 @@ pub mod libc_errno {
 pub(crate) mod testserver {
     //! A tiny in-memory NBD server for unit tests: fixed newstyle, OPT_GO, simple replies.
     use super::*;
+    pub(crate) use tandem_api::nbd::{
+        FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPT_ABORT, OPT_GO,
+        OPT_REPLY_MAGIC, REP_ACK, REP_FLAG_ERROR, REP_INFO, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    };
+
+    pub(crate) fn read_u16(r: &mut impl Read) -> io::Result<u16> {
+        let mut b = [0u8; 2];
+        r.read_exact(&mut b)?;
+        Ok(u16::from_be_bytes(b))
+    }
+    pub(crate) fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        Ok(u32::from_be_bytes(b))
+    }
+    pub(crate) fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        Ok(u64::from_be_bytes(b))
+    }
     use std::os::unix::net::UnixListener;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -1208,9 +1036,10 @@ pub(crate) mod testserver {
 
 #[cfg(test)]
 mod tests {
-    use super::testserver::TestServer;
+    use super::testserver::{TestServer, REP_FLAG_ERROR};
     use super::*;
     use std::sync::atomic::Ordering;
+    use tandem_api::nbd::client::rep_error_name;
 
     fn opts() -> ClientOptions {
         ClientOptions {
@@ -1311,12 +1140,12 @@ mod tests {
             .unwrap();
         assert!(err.is_refusal());
         assert!(err.is_policy_refusal());
-        let shutting_down = NbdError::Refused {
+        let shutting_down = NbdError::Wire(WireError::Refused {
             export: "v".into(),
             reason: rep_error_name(REP_FLAG_ERROR | 7),
             message: String::new(),
             code: REP_FLAG_ERROR | 7,
-        };
+        });
         assert!(shutting_down.is_refusal() && !shutting_down.is_policy_refusal());
         let msg = err.to_string();
         assert!(msg.contains("secondary"), "{msg}");
@@ -1404,6 +1233,7 @@ mod tests {
 /// `TANDEM_FUZZ_CASES=2000 cargo test -p csi-node --release fuzz_`.
 #[cfg(test)]
 mod fuzz {
+    use super::testserver::*;
     use super::*;
     use std::os::unix::net::UnixListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1519,7 +1349,7 @@ mod fuzz {
             client
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .unwrap();
-            match handshake(&mut client, "vol") {
+            match handshake(&mut client, "vol", &[INFO_BLOCK_SIZE]) {
                 Ok(info) => {
                     ok += 1;
                     assert!(info.min_block >= 1 && info.max_payload >= 1, "case {case}");
@@ -1541,7 +1371,12 @@ mod fuzz {
         // The unmutated script must still work (sanity of the generator).
         let (mut client, mut server) = UnixStream::pair().unwrap();
         server.write_all(&good).unwrap();
-        assert_eq!(handshake(&mut client, "vol").unwrap().size, 1 << 20);
+        assert_eq!(
+            handshake(&mut client, "vol", &[INFO_BLOCK_SIZE])
+                .unwrap()
+                .size,
+            1 << 20
+        );
         eprintln!("handshake fuzz: {} cases, {ok} accepted", cases());
     }
 
@@ -1557,7 +1392,7 @@ mod fuzz {
             // Unknown info replies, forever (until the client hangs up).
             while server.write_all(&info).is_ok() {}
         });
-        let err = handshake(&mut client, "vol").unwrap_err();
+        let err = handshake(&mut client, "vol", &[INFO_BLOCK_SIZE]).unwrap_err();
         assert!(err.to_string().contains("replies to NBD_OPT_GO"), "{err}");
         drop(client);
         feeder.join().unwrap();

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tandem_api::contract::{CSI_DRIVER, SECRET_TOKEN_KEY, TOPOLOGY_KEY};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -20,8 +21,6 @@ use crate::pb::volume_capability::access_mode::Mode;
 use crate::pb::volume_capability::AccessType;
 use crate::state::Access;
 
-pub const DRIVER_NAME: &str = "csi.tandem.dev";
-pub const TOPOLOGY_KEY: &str = "topology.tandem.dev/node";
 const DEFAULT_FS: &str = "ext4";
 
 fn op_err<'a>(op: &'static str, volume_id: &'a str) -> impl FnOnce(Error) -> Status + 'a {
@@ -116,7 +115,7 @@ fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
     let volume_id = required(&r.volume_id, "volume_id")?.to_string();
     let staging_path = abs_path(&r.staging_target_path, "staging_target_path")?;
     let (access, read_only) = parse_capability(r.volume_capability.as_ref())?;
-    let token = r.secrets.get(crate::context::SECRET_TOKEN).cloned();
+    let token = r.secrets.get(SECRET_TOKEN_KEY).cloned();
     Ok(StageRequest {
         volume_id,
         staging_path,
@@ -346,7 +345,7 @@ impl pb::identity_server::Identity for IdentityGrpc {
         _request: Request<pb::GetPluginInfoRequest>,
     ) -> Result<Response<pb::GetPluginInfoResponse>, Status> {
         Ok(Response::new(pb::GetPluginInfoResponse {
-            name: DRIVER_NAME.to_string(),
+            name: CSI_DRIVER.to_string(),
             vendor_version: env!("CARGO_PKG_VERSION").to_string(),
             manifest: HashMap::new(),
         }))

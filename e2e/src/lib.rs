@@ -16,11 +16,13 @@ use anyhow::{anyhow, bail, Context as _};
 use csi_node::pb;
 use csi_node::pb::identity_client::IdentityClient;
 use csi_node::pb::node_client::NodeClient;
-use storage_engine::client::EngineClient;
+use tandem_api::client::EngineClient;
 use tonic::transport::Channel;
 
-pub use csi_node::context::{KEY_ENGINES, KEY_NBD, KEY_PEER_TIMEOUT, KEY_POLICY, KEY_VOLUME};
-pub use storage_engine::pb::{FaultRequest, Role as EngineRole, StatusReply};
+pub use tandem_api::contract::{
+    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_VOLUME,
+};
+pub use tandem_api::pb::{FaultRequest, PairState, Role as EngineRole, StatusReply, TakeoverPhase};
 
 /// Why this machine cannot run the local suite, if it cannot.
 pub fn skip_reason() -> Option<String> {
@@ -441,11 +443,11 @@ impl EnginePair {
         loop {
             let (p, s) = (primary.status().await?, secondary.status().await?);
             if role(&p) == EngineRole::Primary
-                && p.takeover_phase.is_empty()
-                && p.pair_state == "Synced"
+                && p.takeover() == TakeoverPhase::None
+                && p.pair() == PairState::Synced
                 && p.pending_blocks == 0
                 && role(&s) == EngineRole::Secondary
-                && s.pair_state == "Consistent"
+                && s.pair() == PairState::Consistent
             {
                 return Ok(());
             }
@@ -682,9 +684,9 @@ pub fn volume_context(volume: &str, engines: &[(&str, &Engine)]) -> HashMap<Stri
             .join(",")
     };
     HashMap::from([
-        (KEY_VOLUME.to_string(), volume.to_string()),
-        (KEY_ENGINES.to_string(), list(|e| &e.grpc)),
-        (KEY_NBD.to_string(), list(|e| &e.nbd)),
+        (ATTR_VOLUME.to_string(), volume.to_string()),
+        (ATTR_ENGINES.to_string(), list(|e| &e.grpc)),
+        (ATTR_NBD.to_string(), list(|e| &e.nbd)),
     ])
 }
 

@@ -447,7 +447,7 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
     r.volume_capability = None;
     cases.push(("missing capability", r, Code::InvalidArgument));
     let mut r = good.clone();
-    r.volume_context.remove(KEY_ENGINES);
+    r.volume_context.remove(ATTR_ENGINES);
     cases.push(("missing engines", r, Code::InvalidArgument));
     let mut r = good.clone();
     r.secrets.clear();
@@ -465,11 +465,11 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
     cases.push(("wrong token", r, Code::Unauthenticated));
     let mut r = good.clone();
     r.volume_context
-        .insert(KEY_VOLUME.into(), "no-such-volume".into());
+        .insert(ATTR_VOLUME.into(), "no-such-volume".into());
     cases.push(("unknown volume", r, Code::NotFound));
     let mut r = good.clone();
     r.volume_context
-        .insert(KEY_ENGINES.into(), "node-a=127.0.0.1:1".into());
+        .insert(ATTR_ENGINES.into(), "node-a=127.0.0.1:1".into());
     cases.push(("engine unreachable", r, Code::Unavailable));
 
     // The NBD address leads to an engine that refuses the export (a secondary): the attach fails
@@ -485,13 +485,14 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
     .unwrap();
     let mut r = good.clone();
     r.volume_context
-        .insert(KEY_NBD.into(), format!("node-a={}", secondary.nbd));
+        .insert(ATTR_NBD.into(), format!("node-a={}", secondary.nbd));
     cases.push(("NBD export refused", r, Code::Unavailable));
     // This node's engine is the secondary: staging calls Takeover, which cannot finish (the peer is
     // unreachable and the policy is to wait for it): retryable, nothing attached.
     let mut r = good.clone();
     r.volume_context = volume_context("vol-bad", &[("node-a", &secondary)]);
-    r.volume_context.insert(KEY_PEER_TIMEOUT.into(), "1".into());
+    r.volume_context
+        .insert(ATTR_PEER_TIMEOUT.into(), "1".into());
     cases.push(("takeover cannot finish", r, Code::Unavailable));
 
     for (what, req, want) in cases {
@@ -1098,7 +1099,7 @@ fn pause(on: bool) -> FaultRequest {
 async fn wait_replicated(primary: &Engine) -> anyhow::Result<()> {
     primary
         .wait_status("replication to catch up", Duration::from_secs(60), |s| {
-            s.pending_blocks == 0 && s.pair_state == "Synced"
+            s.pending_blocks == 0 && s.pair() == PairState::Synced
         })
         .await
         .map(|_| ())
@@ -1183,7 +1184,7 @@ async fn ext4_takeover_by_staging_on_the_secondary_node() {
         )
         .await?;
         anyhow::ensure!(
-            st.takeover_phase == "draining" && st.peer_pending_blocks > 0,
+            st.takeover() == TakeoverPhase::Draining && st.peer_pending_blocks > 0,
             "engine-b should still be owed the backlog: {st:?}"
         );
         b.node
@@ -1330,7 +1331,7 @@ async fn raw_block_takeover_by_staging_on_the_secondary_node() {
         )
         .await?;
         anyhow::ensure!(
-            st.takeover_phase == "draining" && st.peer_pending_blocks > 0,
+            st.takeover() == TakeoverPhase::Draining && st.peer_pending_blocks > 0,
             "engine-b should still be owed the backlog ({owed} blocks): {st:?}"
         );
         // The old pod on node A still has its device: its writes now fail (the fence).
@@ -1384,7 +1385,7 @@ async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
     let mut node_a = Plugin::start(&bins, &na.plugin_dir(), "node-a").unwrap();
     let node_b = Plugin::start(&bins, &nb.plugin_dir(), "node-b").unwrap();
     let mut ctx = pair.volume_context();
-    ctx.insert(KEY_PEER_TIMEOUT.into(), "2".into());
+    ctx.insert(ATTR_PEER_TIMEOUT.into(), "2".into());
     let id = "default/pv-td";
     let tmp = scratch.path("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -1427,7 +1428,7 @@ async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
 
         // The PV says ForcePromote: the secondary serves without the old primary's table.
         let mut force = ctx.clone();
-        force.insert(KEY_POLICY.into(), "ForcePromote".into());
+        force.insert(ATTR_FAILOVER_POLICY.into(), "ForcePromote".into());
         b.node
             .node_stage_volume(stage_request(id, &nb.staging, None, &force, TOKEN))
             .await?;

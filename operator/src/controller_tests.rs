@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 use http::Method;
 use kube::runtime::controller::Action;
 use serde_json::{json, Value};
+use tandem_api::pb::PairState;
 
 use super::{error_policy, reconcile};
 use crate::{
@@ -172,13 +173,13 @@ async fn create_path_applies_secret_services_pods_and_pv() {
 #[tokio::test]
 async fn established_pair_reports_synced_and_lag() {
     let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
-    let mut primary = engine_state(EngineRole::Primary, 1, "Synced");
+    let mut primary = engine_state(EngineRole::Primary, 1, PairState::Synced);
     primary.pending_bytes = 0;
     let engines = FakeEngines::default()
         .with_state(&address(Slot::A), primary)
         .with_state(
             &address(Slot::B),
-            engine_state(EngineRole::Secondary, 1, ""),
+            engine_state(EngineRole::Secondary, 1, PairState::Unspecified),
         );
     let pods = vec![
         engine_pod_json(Slot::A, "primary", "Running", true, ago(300)),
@@ -210,7 +211,7 @@ async fn primary_pod_loss_triggers_takeover_and_epoch_bump() {
     let engines = FakeEngines::default()
         .with_state(
             &address(Slot::B),
-            engine_state(EngineRole::Secondary, 1, ""),
+            engine_state(EngineRole::Secondary, 1, PairState::Unspecified),
         )
         .with_takeover(
             &address(Slot::B),
@@ -281,7 +282,7 @@ async fn primary_node_loss_fences_and_releases_stuck_workloads() {
     let engines = FakeEngines::default()
         .with_state(
             &address(Slot::B),
-            engine_state(EngineRole::Secondary, 1, ""),
+            engine_state(EngineRole::Secondary, 1, PairState::Unspecified),
         )
         .with_takeover(
             &address(Slot::B),
@@ -375,7 +376,7 @@ async fn lost_secondary_node_keeps_workloads_until_fenced() {
     mv.spec.claim = None;
     let engines = FakeEngines::default().with_state(
         &address(Slot::A),
-        engine_state(EngineRole::Primary, 1, "Connecting"),
+        engine_state(EngineRole::Primary, 1, PairState::Connecting),
     );
     let pods = vec![
         engine_pod_json(Slot::A, "primary", "Running", true, ago(300)),
@@ -428,7 +429,7 @@ async fn returning_engine_rejoins_as_secondary_and_resyncs() {
     }
     let engines = FakeEngines::default().with_state(
         &address(Slot::B),
-        engine_state(EngineRole::Primary, 2, "Reversing"),
+        engine_state(EngineRole::Primary, 2, PairState::Reversing),
     );
     let pods = vec![engine_pod_json(
         Slot::B,
@@ -453,7 +454,10 @@ async fn returning_engine_rejoins_as_secondary_and_resyncs() {
     assert_eq!(flag(pod_a, "--peer"), address(Slot::B));
 
     // Next round: the engine is back, resyncing; then in sync.
-    for (pair_state, phase) in [("Resyncing", Phase::Syncing), ("Synced", Phase::Synced)] {
+    for (pair_state, phase) in [
+        (PairState::Resyncing, Phase::Syncing),
+        (PairState::Synced, Phase::Synced),
+    ] {
         let engines = FakeEngines::default()
             .with_state(
                 &address(Slot::B),
@@ -461,7 +465,7 @@ async fn returning_engine_rejoins_as_secondary_and_resyncs() {
             )
             .with_state(
                 &address(Slot::A),
-                engine_state(EngineRole::Secondary, 2, ""),
+                engine_state(EngineRole::Secondary, 2, PairState::Unspecified),
             );
         let pods = vec![
             engine_pod_json(Slot::A, "secondary", "Running", true, ago(30)),
@@ -491,7 +495,7 @@ async fn wait_policy_takeover_failure_is_retried_and_counted() {
     // The secondary answers Status but refuses Takeover (old primary unreachable under WaitForPrimary).
     let engines = FakeEngines::default().with_state(
         &address(Slot::B),
-        engine_state(EngineRole::Secondary, 1, ""),
+        engine_state(EngineRole::Secondary, 1, PairState::Unspecified),
     );
     let pods = vec![
         engine_pod_json(Slot::A, "primary", "Running", false, ago(120)),
@@ -611,7 +615,7 @@ async fn blocked_handoff_promotes_nothing_until_the_policy_forces_it() {
     let engines = FakeEngines::default()
         .with_state(
             &address(Slot::B),
-            engine_state(EngineRole::Secondary, 1, "Consistent"),
+            engine_state(EngineRole::Secondary, 1, PairState::Consistent),
         )
         .with_blocked_handoff(&address(Slot::B))
         .with_takeover(
@@ -711,11 +715,11 @@ async fn a_blocked_takeover_is_abandoned_when_the_primary_serves_again() {
     let engines = FakeEngines::default()
         .with_state(
             &address(Slot::A),
-            engine_state(EngineRole::Primary, 1, "Synced"),
+            engine_state(EngineRole::Primary, 1, PairState::Synced),
         )
         .with_state(
             &address(Slot::B),
-            engine_state(EngineRole::Secondary, 1, "Consistent"),
+            engine_state(EngineRole::Secondary, 1, PairState::Consistent),
         );
     let pods = vec![
         engine_pod_json(Slot::A, "primary", "Running", true, ago(5)),

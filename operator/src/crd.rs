@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 /// Finalizer the operator puts on every MirroredVolume; removed once `cleanup` tore everything down.
 pub const VOLUME_FINALIZER: &str = "mirroredvolumes.tandem.dev";
-/// The CSI driver name (DESIGN.md §1).
-pub const CSI_DRIVER: &str = "csi.tandem.dev";
+/// The CSI driver name (DESIGN.md §1), shared with the CSI plugin.
+pub use tandem_api::contract::CSI_DRIVER;
 
 /// A block volume kept on two nodes by a pair of Tandem engines, one primary and one secondary.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -418,6 +418,9 @@ pub struct TakeoverStatus {
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The engine's stable reason for the last failure (`HandoffBlocked`, `StaleEpoch`, ...), when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reason: Option<String>,
 }
 
 /// A node the operator considers lost.

@@ -1,5 +1,5 @@
 //! The operator's view of the engine API (`tandem.engine.v1`): a small trait with the two calls the
-//! operator needs, a real implementation over `storage_engine::client::EngineClient`, and (in tests) a fake.
+//! operator needs, a real implementation over `tandem_api::client::EngineClient`, and (in tests) a fake.
 //!
 //! Keeping the trait this narrow lets the reconciler be tested without engines, and keeps prost types out of
 //! the operator.
@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use storage_engine::client::{ClientError, EngineClient, TakeoverPolicy};
+use tandem_api::client::{ClientError, EngineClient, PairState, TakeoverPhase, TakeoverPolicy};
+use tandem_api::Reason;
 
 use crate::crd::{EngineRole, FailoverPolicy};
 
@@ -27,29 +28,25 @@ pub struct EngineTarget {
 pub struct EngineState {
     pub role: Option<EngineRole>,
     pub epoch: u64,
-    /// Free-form pair state from the engine (`Synced`, `Resyncing`, ...).
-    pub pair_state: String,
+    /// The engine's pair state (`Synced`, `Resyncing`, ...).
+    pub pair_state: PairState,
     pub peer_connected: bool,
     pub pending_blocks: u64,
     pub pending_bytes: u64,
     pub lag_seconds: f64,
     pub resync_progress: f64,
-    /// Takeover progress: `draining` / `merging` on the new primary while the old one drains and the
-    /// overlay merges, `fenced` on the old primary while it drains, empty otherwise.
-    pub takeover_phase: String,
+    /// Takeover progress: `Draining` / `Merging` on the new primary while the old one drains and the
+    /// overlay merges, `Fenced` on the old primary while it drains, `None` otherwise.
+    pub takeover_phase: TakeoverPhase,
     pub peer_pending_blocks: u64,
     pub proxied_reads: u64,
     /// Blocks a forced promotion of this engine lost (0 after a clean handoff).
     pub lost_blocks: u64,
     /// Why the engine is not healthy right now (`HandoffBlocked: ...`, `Degraded: ...`), empty when it is.
     pub condition: String,
+    /// The condition's reason, what the operator acts on (`Degraded`: it serves, but something is wrong).
+    pub condition_reason: Option<Reason>,
 }
-
-/// Prefix of the engine's answer (and `condition`) when a `WaitForPrimary` takeover cannot reach the old
-/// primary: the secondary was not promoted.
-pub const HANDOFF_BLOCKED: &str = "HandoffBlocked";
-/// Prefix of the engine's `condition` when it serves but something is wrong (a proxied read failed).
-pub const ENGINE_DEGRADED: &str = "Degraded";
 
 /// Result of a successful takeover call.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -75,9 +72,11 @@ pub enum EngineError {
         address: String,
         op: &'static str,
         message: String,
+        /// Why, when the engine said.
+        reason: Option<Reason>,
     },
     /// The secondary answered that it cannot reach the old primary and, under `WaitForPrimary`, was not
-    /// promoted. `message` is the engine's own (`HandoffBlocked: PeerUnreachable: ...`).
+    /// promoted (reason `HandoffBlocked`). `message` is the engine's own (`HandoffBlocked: PeerUnreachable: ...`).
     #[error("{message} (engine at {address})")]
     HandoffBlocked { address: String, message: String },
 }
@@ -86,6 +85,15 @@ impl EngineError {
     /// The takeover was refused because the old primary is unreachable under `WaitForPrimary`.
     pub fn is_handoff_blocked(&self) -> bool {
         matches!(self, EngineError::HandoffBlocked { .. })
+    }
+
+    /// The engine's reason for the failure, when it gave one.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            EngineError::HandoffBlocked { .. } => Some(Reason::HandoffBlocked),
+            EngineError::Refused { reason, .. } => *reason,
+            EngineError::Unreachable { .. } => None,
+        }
     }
 }
 
@@ -121,13 +129,11 @@ impl Default for GrpcEngines {
 }
 
 fn map_client_error(address: &str, op: &'static str, err: ClientError) -> EngineError {
+    let reason = err.reason();
     match err {
         // The engine's own verdict travels as UNAVAILABLE (kubelet and the CSI plugin retry on it), but it
         // is an answer from a healthy secondary, not a transport failure.
-        ClientError::Rpc { status, .. }
-            if status.code() == tonic::Code::Unavailable
-                && status.message().starts_with(HANDOFF_BLOCKED) =>
-        {
+        ClientError::Rpc { status, .. } if reason == Some(Reason::HandoffBlocked) => {
             EngineError::HandoffBlocked {
                 address: address.to_string(),
                 message: status.message().to_string(),
@@ -143,6 +149,7 @@ fn map_client_error(address: &str, op: &'static str, err: ClientError) -> Engine
                 address: address.to_string(),
                 op,
                 message: format!("{:?}: {}", status.code(), status.message()),
+                reason,
             }
         }
         other => EngineError::Unreachable {
@@ -153,7 +160,7 @@ fn map_client_error(address: &str, op: &'static str, err: ClientError) -> Engine
 }
 
 fn role_from_pb(role: i32) -> Option<EngineRole> {
-    use storage_engine::pb::Role;
+    use tandem_api::pb::Role;
     match Role::try_from(role).ok()? {
         Role::Primary => Some(EngineRole::Primary),
         Role::Secondary => Some(EngineRole::Secondary),
@@ -186,16 +193,17 @@ impl EngineApi for GrpcEngines {
             Ok(EngineState {
                 role: role_from_pb(reply.role),
                 epoch: reply.epoch,
-                pair_state: reply.pair_state,
+                pair_state: PairState::from_wire(reply.pair),
                 peer_connected: reply.peer_connected,
                 pending_blocks: reply.pending_blocks,
                 pending_bytes: reply.pending_bytes,
                 lag_seconds: reply.lag_seconds,
                 resync_progress: reply.resync_progress,
-                takeover_phase: reply.takeover_phase,
+                takeover_phase: TakeoverPhase::from_wire(reply.takeover),
                 peer_pending_blocks: reply.peer_pending_blocks,
                 proxied_reads: reply.proxied_reads,
                 lost_blocks: reply.lost_blocks,
+                condition_reason: Reason::from_name(&reply.condition_reason),
                 condition: reply.condition,
             })
         })
@@ -274,18 +282,20 @@ mod tests {
             );
             assert!(matches!(e, EngineError::Unreachable { .. }), "{e}");
         }
-        // The secondary's verdict under WaitForPrimary, in the engine's words: not a transport failure.
+        // The secondary's verdict under WaitForPrimary, by its reason: not a transport failure.
         let blocked = map_client_error(
             "e:9500",
             "Takeover",
             ClientError::Rpc {
                 op: "Takeover",
-                status: tonic::Status::unavailable(
+                status: Reason::HandoffBlocked.status(
+                    tonic::Code::Unavailable,
                     "HandoffBlocked: PeerUnreachable: peer 10.0.0.1:9500: connection refused; not promoted \
                      (policy wait; use policy force to promote and lose the peer's unsent writes)",
                 ),
             },
         );
+        assert_eq!(blocked.reason(), Some(Reason::HandoffBlocked));
         assert!(blocked.is_handoff_blocked(), "{blocked}");
         assert!(
             blocked
@@ -294,6 +304,29 @@ mod tests {
             "{blocked}"
         );
         assert!(!refused.is_handoff_blocked());
+        // The text alone decides nothing: without the reason it is a transport-level UNAVAILABLE.
+        let text_only = map_client_error(
+            "e:9500",
+            "Takeover",
+            ClientError::Rpc {
+                op: "Takeover",
+                status: tonic::Status::unavailable("HandoffBlocked: PeerUnreachable: x"),
+            },
+        );
+        assert!(
+            matches!(text_only, EngineError::Unreachable { .. }),
+            "{text_only}"
+        );
+        let stale = map_client_error(
+            "e:9500",
+            "Takeover",
+            ClientError::Rpc {
+                op: "Takeover",
+                status: Reason::StaleEpoch
+                    .status(tonic::Code::FailedPrecondition, "stale takeover epoch 2"),
+            },
+        );
+        assert_eq!(stale.reason(), Some(Reason::StaleEpoch));
         let e = map_client_error(
             "bad addr",
             "Status",
@@ -304,7 +337,7 @@ mod tests {
 
     #[test]
     fn roles_from_the_wire() {
-        use storage_engine::pb::Role;
+        use tandem_api::pb::Role;
         assert_eq!(
             role_from_pb(Role::Primary as i32),
             Some(EngineRole::Primary)
@@ -420,27 +453,29 @@ pub mod fake {
                 state.peer_pending_blocks = outcome.peer_pending_blocks;
                 state.lost_blocks = outcome.lost_blocks;
                 state.takeover_phase = if outcome.peer_pending_blocks > 0 {
-                    "draining".into()
+                    TakeoverPhase::Draining
                 } else {
-                    String::new()
+                    TakeoverPhase::None
                 };
-                state.pair_state = "Reversing".into();
+                state.pair_state = PairState::Reversing;
                 state.peer_connected = false;
                 state.condition = String::new();
+                state.condition_reason = None;
             }
             Box::pin(async move {
                 if blocked {
                     return Err(EngineError::HandoffBlocked {
                         address: target.address.clone(),
-                        message: format!(
-                            "{HANDOFF_BLOCKED}: PeerUnreachable: fake; not promoted (policy wait)"
-                        ),
+                        message:
+                            "HandoffBlocked: PeerUnreachable: fake; not promoted (policy wait)"
+                                .into(),
                     });
                 }
                 found.ok_or_else(|| EngineError::Refused {
                     address: target.address.clone(),
                     op: "Takeover",
                     message: "fake: stale epoch".into(),
+                    reason: Some(Reason::StaleEpoch),
                 })
             })
         }

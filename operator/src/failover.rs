@@ -19,12 +19,14 @@
 
 use std::time::Duration;
 
+use tandem_api::{pb::PairState, Reason};
+
 use crate::{
     crd::{
         human_bytes, Condition, EngineRole, EngineStatusRef, LostNode, MirroredVolumeSpec,
         MirroredVolumeStatus, Phase, ReplicationStatus, Slot, TakeoverStatus,
     },
-    engine::{TakeoverOutcome, ENGINE_DEGRADED, HANDOFF_BLOCKED},
+    engine::TakeoverOutcome,
     observed::{Observed, WorkloadPod},
 };
 
@@ -145,6 +147,7 @@ pub fn adopt_engine_view(status: &mut MirroredVolumeStatus, observed: &Observed)
             lost_seq_to: 0,
             attempts,
             last_error: None,
+            last_reason: None,
         });
     }
     Some(slot)
@@ -315,6 +318,7 @@ pub fn record_takeover(
         lost_seq_to: outcome.lost_seq_to,
         attempts,
         last_error: None,
+        last_reason: None,
     });
     set_primary(status, observed, intent.to);
     if let Some(old) = status.secondary.as_mut() {
@@ -328,6 +332,7 @@ pub fn record_takeover_failure(
     observed: &Observed,
     intent: &TakeoverIntent,
     error: &str,
+    reason: Option<Reason>,
 ) {
     let previous = status
         .takeover
@@ -345,6 +350,7 @@ pub fn record_takeover_failure(
         completed_at: None,
         attempts,
         last_error: Some(error.to_string()),
+        last_reason: reason.map(|r| r.as_str().to_string()),
         ..Default::default()
     });
 }
@@ -562,13 +568,13 @@ pub fn summarize(
         .takeover
         .as_ref()
         .is_some_and(|t| t.completed_at.is_none())
-        || p_engine.is_some_and(|e| in_progress(&e.takeover_phase));
-    let reversing = p_engine.is_some_and(|e| e.pair_state.to_ascii_lowercase().contains("revers"));
+        || p_engine.is_some_and(|e| e.takeover_phase.in_progress());
+    let reversing = p_engine.is_some_and(|e| e.pair_state == PairState::Reversing);
     let both_up = p_health == Health::Healthy && s_health == Health::Healthy;
     let synced = both_up
         && primary_serving
         && s_engine.is_some()
-        && p_engine.is_some_and(|e| e.peer_connected && is_synced(&e.pair_state, e.pending_blocks));
+        && p_engine.is_some_and(|e| e.peer_connected && is_synced(e.pair_state, e.pending_blocks));
     let one_lost = matches!(p_health, Health::Lost(_)) || matches!(s_health, Health::Lost(_));
     // An established pair whose secondary is not there or does not answer runs on one copy.
     let copy_missing = established(status) && (s_health == Health::Absent || s_engine.is_none());
@@ -669,8 +675,8 @@ pub fn summarize(
     // Degraded says whether the volume runs with less than two good copies, whatever the phase: a takeover
     // from a lost primary is degraded too, and so is a primary whose proxied reads fail.
     let engine_degraded = p_engine
-        .map(|e| e.condition.as_str())
-        .filter(|c| c.starts_with(ENGINE_DEGRADED));
+        .filter(|e| e.condition_reason == Some(Reason::Degraded))
+        .map(|e| e.condition.as_str());
     let engine_lost = matches!(phase, Phase::Degraded | Phase::Failed) || one_lost || copy_missing;
     let (degraded, d_reason, d_msg) = if engine_lost {
         let mut msg = format!(
@@ -715,7 +721,7 @@ pub fn summarize(
         })
         .unwrap_or_else(|| "no takeover".to_string());
     let t_reason = if takeover_blocked(status) {
-        HANDOFF_BLOCKED
+        Reason::HandoffBlocked.as_str()
     } else if takeover_running {
         "TakingOver"
     } else {
@@ -738,33 +744,18 @@ pub fn summarize(
 pub fn takeover_blocked(status: &MirroredVolumeStatus) -> bool {
     status.takeover.as_ref().is_some_and(|t| {
         t.completed_at.is_none()
-            && t.last_error
-                .as_deref()
-                .is_some_and(|e| e.starts_with(HANDOFF_BLOCKED))
+            && t.last_reason.as_deref().and_then(Reason::from_name) == Some(Reason::HandoffBlocked)
     })
 }
 
-/// The engine's takeover phase string means "still draining / proxying": the engine reports `draining` and
-/// `merging` on the new primary and `fenced` on the old one, and an empty string once the takeover is over.
-/// Anything else unknown counts as in progress, so a new engine phase never reads as done.
-fn in_progress(phase: &str) -> bool {
-    let p = phase.to_ascii_lowercase();
-    !(p.is_empty()
-        || p == "none"
-        || p == "idle"
-        || p == "done"
-        || p == "complete"
-        || p == "completed")
-}
-
 /// The primary's pair state means "the secondary is a consistent, streaming mirror": `Synced`, or
-/// `Replicating` (async lag, shown in the Lag column). `Connecting`, `Resyncing` and `Standalone` are not.
-fn is_synced(pair_state: &str, pending_blocks: u64) -> bool {
-    let p = pair_state.to_ascii_lowercase();
-    if p.is_empty() {
-        return pending_blocks == 0;
+/// `Replicating` (async lag, shown in the Lag column). `Connecting`, `Resyncing` and `Standalone` are not;
+/// an engine that does not report it is judged by its backlog.
+fn is_synced(pair_state: PairState, pending_blocks: u64) -> bool {
+    match pair_state {
+        PairState::Unspecified => pending_blocks == 0,
+        p => p == PairState::Synced || p == PairState::Replicating,
     }
-    p == "synced" || p == "replicating"
 }
 
 /// Sets a condition, keeping `lastTransitionTime` when the status did not change.
@@ -809,6 +800,7 @@ mod tests {
         observed::{NodeObs, PodObs, PvObs},
     };
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    use tandem_api::pb::TakeoverPhase;
 
     const T: Duration = Duration::from_secs(30);
 
@@ -852,8 +844,12 @@ mod tests {
                 Some(pod(Slot::B, EngineRole::Secondary, true, 0)),
             ],
             engines: [
-                Some(engine_state(EngineRole::Primary, 1, "Synced")),
-                Some(engine_state(EngineRole::Secondary, 1, "")),
+                Some(engine_state(EngineRole::Primary, 1, PairState::Synced)),
+                Some(engine_state(
+                    EngineRole::Secondary,
+                    1,
+                    PairState::Unspecified,
+                )),
             ],
             secret_exists: true,
             token: None,
@@ -987,8 +983,8 @@ mod tests {
         let mut status = established(Slot::A, 1);
         let mut o = healthy();
         o.engines = [
-            Some(engine_state(EngineRole::Fenced, 2, "")),
-            Some(engine_state(EngineRole::Primary, 2, "Reversing")),
+            Some(engine_state(EngineRole::Fenced, 2, PairState::Unspecified)),
+            Some(engine_state(EngineRole::Primary, 2, PairState::Reversing)),
         ];
         assert_eq!(adopt_engine_view(&mut status, &o), Some(Slot::B));
         assert_eq!(primary_slot(&status), Slot::B);
@@ -1003,8 +999,8 @@ mod tests {
         let mut o = healthy();
         // Slot a restarted from old meta and still claims primary at epoch 2; slot b is primary at 3.
         o.engines = [
-            Some(engine_state(EngineRole::Primary, 2, "")),
-            Some(engine_state(EngineRole::Primary, 3, "Synced")),
+            Some(engine_state(EngineRole::Primary, 2, PairState::Unspecified)),
+            Some(engine_state(EngineRole::Primary, 3, PairState::Synced)),
         ];
         assert_eq!(adopt_engine_view(&mut status, &o), None);
         assert_eq!(primary_slot(&status), Slot::B);
@@ -1034,8 +1030,8 @@ mod tests {
             to: Slot::B,
             reason: "PrimaryNodeLost",
         };
-        record_takeover_failure(&mut status, &o, &intent, "peer unreachable");
-        record_takeover_failure(&mut status, &o, &intent, "peer unreachable");
+        record_takeover_failure(&mut status, &o, &intent, "peer unreachable", None);
+        record_takeover_failure(&mut status, &o, &intent, "peer unreachable", None);
         assert_eq!(status.takeover.as_ref().unwrap().attempts, 2);
         assert_eq!(primary_slot(&status), Slot::A);
         let outcome = TakeoverOutcome {
@@ -1189,7 +1185,7 @@ mod tests {
         o.engines[0] = Some(EngineState {
             pending_bytes: 49152,
             lag_seconds: 1.25,
-            ..engine_state(EngineRole::Primary, 1, "Resyncing")
+            ..engine_state(EngineRole::Primary, 1, PairState::Resyncing)
         });
         assert_eq!(summarized(&mut status, &o), Phase::Syncing);
         assert_eq!(status.replication.as_ref().unwrap().lag, "48KiB/1.2s");
@@ -1200,36 +1196,41 @@ mod tests {
             pending_bytes: 4096,
             pending_blocks: 1,
             lag_seconds: 0.05,
-            ..engine_state(EngineRole::Primary, 1, "Replicating")
+            ..engine_state(EngineRole::Primary, 1, PairState::Replicating)
         });
         assert_eq!(summarized(&mut status, &o), Phase::Synced);
         assert!(cond(&status, "Synced").message.contains("4KiB"));
-        o.engines[0] = Some(engine_state(EngineRole::Primary, 1, "Connecting"));
+        o.engines[0] = Some(engine_state(EngineRole::Primary, 1, PairState::Connecting));
         assert_eq!(summarized(&mut status, &o), Phase::Syncing);
 
-        o.engines[0] = Some(engine_state(EngineRole::Primary, 1, "Reversing"));
+        o.engines[0] = Some(engine_state(EngineRole::Primary, 1, PairState::Reversing));
         assert_eq!(summarized(&mut status, &o), Phase::Reversing);
 
         // The engine's takeover phases: draining and merging on the new primary, fenced on the old one.
-        for phase in ["draining", "merging", "fenced"] {
+        for phase in [
+            TakeoverPhase::Draining,
+            TakeoverPhase::Merging,
+            TakeoverPhase::Fenced,
+        ] {
             o.engines[0] = Some(EngineState {
-                takeover_phase: phase.into(),
-                ..engine_state(EngineRole::Primary, 1, "Replicating")
+                takeover_phase: phase,
+                ..engine_state(EngineRole::Primary, 1, PairState::Replicating)
             });
-            assert_eq!(summarized(&mut status, &o), Phase::TakingOver, "{phase}");
+            assert_eq!(summarized(&mut status, &o), Phase::TakingOver, "{phase:?}");
             assert_eq!(cond(&status, "TakeoverInProgress").status, "True");
             assert_eq!(cond(&status, "TakeoverInProgress").reason, "TakingOver");
             assert_eq!(cond(&status, "Degraded").status, "False", "both engines up");
         }
-        o.engines[0] = Some(engine_state(EngineRole::Primary, 1, "Reversing"));
+        o.engines[0] = Some(engine_state(EngineRole::Primary, 1, PairState::Reversing));
         assert_eq!(summarized(&mut status, &o), Phase::Reversing);
         assert_eq!(cond(&status, "TakeoverInProgress").reason, "Idle");
 
         // A proxied read failed on the primary: the engine says so, and so does the Degraded condition.
         o.engines[0] = Some(EngineState {
-            takeover_phase: "draining".into(),
+            takeover_phase: TakeoverPhase::Draining,
             condition: "Degraded: proxied read from the old primary failed: deadline".into(),
-            ..engine_state(EngineRole::Primary, 1, "Connecting")
+            condition_reason: Some(Reason::Degraded),
+            ..engine_state(EngineRole::Primary, 1, PairState::Connecting)
         });
         assert_eq!(summarized(&mut status, &o), Phase::TakingOver);
         let d = cond(&status, "Degraded");
@@ -1265,14 +1266,14 @@ mod tests {
         o.engines[0] = None;
         o.engines[1] = Some(EngineState {
             condition: "HandoffBlocked: PeerUnreachable: peer a:9500: refused; not promoted".into(),
-            ..engine_state(EngineRole::Secondary, 1, "Consistent")
+            ..engine_state(EngineRole::Secondary, 1, PairState::Consistent)
         });
         let intent = decide(&status, &o, T).takeover.unwrap();
         let error = crate::engine::EngineError::HandoffBlocked {
             address: "b:9500".into(),
             message: "HandoffBlocked: PeerUnreachable: peer a:9500: refused; not promoted".into(),
         };
-        record_takeover_failure(&mut status, &o, &intent, &error.to_string());
+        record_takeover_failure(&mut status, &o, &intent, &error.to_string(), error.reason());
         assert!(takeover_blocked(&status));
         assert_eq!(summarized(&mut status, &o), Phase::TakingOver);
         let t = cond(&status, "TakeoverInProgress");
@@ -1293,6 +1294,7 @@ mod tests {
             &o,
             &intent,
             "engine at b:9500 refused Takeover: stale",
+            Some(Reason::StaleEpoch),
         );
         assert!(!takeover_blocked(&status));
         summarized(&mut status, &o);
@@ -1312,6 +1314,7 @@ mod tests {
             &o,
             &intent,
             "HandoffBlocked: PeerUnreachable: x",
+            Some(Reason::HandoffBlocked),
         );
         // Still down: the attempt stays open.
         assert_eq!(abandon_takeover(&mut status, &o, T), None);
@@ -1333,7 +1336,13 @@ mod tests {
         // Done once.
         assert_eq!(abandon_takeover(&mut status, &o, T), None);
         // A fresh loss starts a fresh attempt count.
-        record_takeover_failure(&mut status, &o, &intent, "HandoffBlocked: again");
+        record_takeover_failure(
+            &mut status,
+            &o,
+            &intent,
+            "HandoffBlocked: again",
+            Some(Reason::HandoffBlocked),
+        );
         assert_eq!(status.takeover.as_ref().unwrap().attempts, 1);
     }
 
@@ -1349,11 +1358,12 @@ mod tests {
             &o,
             &intent,
             "HandoffBlocked: PeerUnreachable: x",
+            Some(Reason::HandoffBlocked),
         );
         // NodeStage on n2 forced the promotion meanwhile.
         o.engines[1] = Some(EngineState {
             lost_blocks: 4,
-            ..engine_state(EngineRole::Primary, 2, "Reversing")
+            ..engine_state(EngineRole::Primary, 2, PairState::Reversing)
         });
         assert_eq!(adopt_engine_view(&mut status, &o), Some(Slot::B));
         let t = status.takeover.clone().unwrap();

@@ -7,6 +7,7 @@ use http::{Method, Request, Response};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::{client::Body, Client, Resource, ResourceExt};
 use serde_json::{json, Value};
+use tandem_api::pb::{PairState, TakeoverPhase};
 use tokio::task::JoinHandle;
 
 use crate::{
@@ -95,12 +96,13 @@ pub fn address(slot: Slot) -> String {
     plan::engine_address(&MirroredVolume::test(), slot, &EngineConfig::default())
 }
 
-pub fn engine_state(role: EngineRole, epoch: u64, pair_state: &str) -> EngineState {
+pub fn engine_state(role: EngineRole, epoch: u64, pair_state: PairState) -> EngineState {
     EngineState {
         role: Some(role),
         epoch,
-        pair_state: pair_state.into(),
-        peer_connected: role == EngineRole::Primary && !pair_state.is_empty(),
+        pair_state,
+        peer_connected: role == EngineRole::Primary && pair_state != PairState::Unspecified,
+        takeover_phase: TakeoverPhase::None,
         ..Default::default()
     }
 }

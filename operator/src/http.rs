@@ -57,7 +57,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> Response {
-    storage_engine::http::openmetrics(state.metrics.encode())
+    tandem_api::http::openmetrics(state.metrics.encode())
 }
 
 /// Serves until the process ends.
@@ -65,7 +65,7 @@ pub async fn serve(addr: SocketAddr, health: Health, metrics: Metrics) -> std::i
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     let router = router(health, metrics);
-    storage_engine::http::serve(listener, router, std::future::pending()).await
+    tandem_api::http::serve(listener, router, std::future::pending()).await
 }
 
 #[cfg(test)]

@@ -40,15 +40,11 @@ pub const NBD_PORT: u16 = 10809;
 pub const GRPC_PORT: u16 = 9500;
 pub const METRICS_PORT: u16 = 9501;
 
-/// PV volume attributes the CSI plugin reads.
-pub const ATTR_VOLUME: &str = "tandem.dev/volume";
-pub const ATTR_ENGINES: &str = "tandem.dev/engines";
-pub const ATTR_POLICY: &str = "tandem.dev/takeover-policy";
-/// Attributes csi-node also reads (csi-node/src/context.rs): each engine's NBD address, the policy under the
-/// name csi-node uses, and how long a CSI-triggered takeover may wait for the old primary.
-pub const ATTR_NBD: &str = "tandem.dev/nbd";
-pub const ATTR_CSI_POLICY: &str = "tandem.dev/failover-policy";
-pub const ATTR_PEER_TIMEOUT: &str = "tandem.dev/peer-timeout-seconds";
+/// PV volume attributes and the token's key: the contract with the CSI plugin.
+pub use tandem_api::contract::{
+    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_TAKEOVER_POLICY,
+    ATTR_VOLUME, SECRET_TOKEN_KEY,
+};
 
 /// Where the engine keeps everything inside its pod.
 const DATA_MOUNT: &str = "/var/lib/tandem";
@@ -230,7 +226,7 @@ pub fn engine_pod(
         "--peer".into(),
         engine_address(mv, slot.other(), cfg),
         "--token-file".into(),
-        format!("{TOKEN_MOUNT}/token"),
+        format!("{TOKEN_MOUNT}/{SECRET_TOKEN_KEY}"),
         "--replication".into(),
         match mv.spec.replication.mode {
             ReplicationMode::Async => "async".into(),
@@ -433,7 +429,7 @@ pub fn token_secret(mv: &MirroredVolume, token: &str) -> Secret {
     Secret {
         metadata: meta(mv, names::secret(&mv.name_any()), labels(mv)),
         data: Some(BTreeMap::from([(
-            "token".to_string(),
+            SECRET_TOKEN_KEY.to_string(),
             ByteString(token.as_bytes().to_vec()),
         )])),
         type_: Some("Opaque".into()),
@@ -486,11 +482,11 @@ pub fn persistent_volume(
     );
     attributes.insert(ATTR_NBD.to_string(), nbd_attribute(mv, &node_names, cfg));
     attributes.insert(
-        ATTR_POLICY.to_string(),
+        ATTR_TAKEOVER_POLICY.to_string(),
         mv.spec.failover.policy.csi_value().to_string(),
     );
     attributes.insert(
-        ATTR_CSI_POLICY.to_string(),
+        ATTR_FAILOVER_POLICY.to_string(),
         format!("{:?}", mv.spec.failover.policy),
     );
     let peer_timeout = crate::crd::parse_duration(&mv.spec.failover.peer_timeout)
@@ -965,8 +961,8 @@ mod tests {
         assert_eq!(csi.fs_type.as_deref(), Some("xfs"));
         let attrs = csi.volume_attributes.unwrap();
         assert_eq!(attrs[ATTR_VOLUME], "data");
-        assert_eq!(attrs[ATTR_POLICY], "force");
-        assert_eq!(attrs[ATTR_CSI_POLICY], "ForcePromote");
+        assert_eq!(attrs[ATTR_TAKEOVER_POLICY], "force");
+        assert_eq!(attrs[ATTR_FAILOVER_POLICY], "ForcePromote");
         assert_eq!(attrs[ATTR_PEER_TIMEOUT], "30");
         assert_eq!(
             attrs[ATTR_NBD],

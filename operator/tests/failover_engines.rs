@@ -37,8 +37,8 @@ use operator::{
     plan::{self, EngineConfig},
 };
 use serde_json::{json, Value};
-use storage_engine::{
-    client::{EngineClient, StatusReply},
+use tandem_api::{
+    client::{EngineClient, PairState, StatusReply, TakeoverPhase},
     nbd::client::NbdClient,
     pb,
 };
@@ -286,7 +286,10 @@ impl Pair {
     async fn wait_synced(&self) {
         eventually("the pair to be in sync", 30, || async {
             let (a, b) = (self.a.status().await, self.b.status().await);
-            if a.pair_state == "Synced" && a.pending_blocks == 0 && b.pair_state == "Consistent" {
+            if a.pair() == PairState::Synced
+                && a.pending_blocks == 0
+                && b.pair() == PairState::Consistent
+            {
                 Ok(())
             } else {
                 Err(format!("a: {a:?}\nb: {b:?}"))
@@ -880,6 +883,7 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
             .starts_with("HandoffBlocked: PeerUnreachable"),
         "{takeover:?}"
     );
+    assert_eq!(takeover.last_reason.as_deref(), Some("HandoffBlocked"));
     assert!(op
         .world
         .lock()
@@ -889,6 +893,7 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
     let b = pair.b.status().await;
     assert_eq!((role_name(b.role), b.epoch), ("secondary", 1), "{b:?}");
     assert!(b.condition.starts_with("HandoffBlocked"), "{b:?}");
+    assert_eq!(b.condition_reason, "HandoffBlocked", "{b:?}");
     assert!(
         op.world.lock().unwrap().deletions.is_empty(),
         "the primary's pod is not touched while it is still the primary"
@@ -1104,12 +1109,12 @@ async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
     }
     let (a, b) = (pair.a.status().await, pair.b.status().await);
     assert_eq!(
-        (role_name(a.role), a.epoch, a.takeover_phase.as_str()),
-        ("fenced", 2, "fenced")
+        (role_name(a.role), a.epoch, a.takeover()),
+        ("fenced", 2, TakeoverPhase::Fenced)
     );
     assert_eq!(
-        (role_name(b.role), b.epoch, b.takeover_phase.as_str()),
-        ("primary", 2, "draining")
+        (role_name(b.role), b.epoch, b.takeover()),
+        ("primary", 2, TakeoverPhase::Draining)
     );
 
     // The workload sees every byte at once: blocks the old primary still owes are read through it.
@@ -1152,7 +1157,7 @@ async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
     assert_eq!(status.epoch, 2);
     let a = pair.a.status().await;
     assert_eq!((role_name(a.role), a.epoch), ("secondary", 2), "{a:?}");
-    assert_eq!(pair.b.status().await.takeover_phase, "");
+    assert_eq!(pair.b.status().await.takeover(), TakeoverPhase::None);
 
     pair.b.pause(false).await;
     let status = op

@@ -17,7 +17,7 @@ use crate::{
     cli::DemoArgs,
     client::EngineClient,
     nbd::client::NbdClient,
-    pb::{self, StatusReply},
+    pb::{self, PairState, StatusReply, TakeoverPhase},
 };
 
 const VOLUME: &str = "demo";
@@ -245,7 +245,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let half = args.size / 2;
     write_range(&a.nbd, &mut expected, half, half, 1).await?;
     wait_for(&a, "Synced", Duration::from_secs(60), |s| {
-        s.pair_state == "Synced" && s.pending_blocks == 0
+        s.pair() == PairState::Synced && s.pending_blocks == 0
     })
     .await?;
     tl.say(format!(
@@ -284,7 +284,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let s = status(&b).await?;
         tl.say(format!(
             "  draining: {} blocks still on node-a, phase {}",
-            s.peer_pending_blocks, s.takeover_phase
+            s.peer_pending_blocks,
+            s.takeover()
         ));
     }
     write_range(&b.nbd, &mut expected, args.backlog, 8 << 20, 3).await?;
@@ -306,7 +307,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     rate(&a, 0).await?;
     tl.say("link recovers (throttle lifted)");
     wait_for(&b, "drained and merged", Duration::from_secs(120), |s| {
-        s.takeover_phase.is_empty()
+        s.takeover() == TakeoverPhase::None
     })
     .await?;
     tl.say("DrainComplete received, overlay merged into node-b's data file");
@@ -314,7 +315,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         &b,
         "reverse replication in sync",
         Duration::from_secs(120),
-        |s| s.pair_state == "Synced" && s.pending_blocks == 0,
+        |s| s.pair() == PairState::Synced && s.pending_blocks == 0,
     )
     .await?;
     let same = files_equal(&dir.join("node-a/data.img"), &dir.join("node-b/data.img"))?;
@@ -342,7 +343,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     tl.say("read everything through node-a: every byte matches");
     rate(&b, 0).await?;
     wait_for(&a, "in sync", Duration::from_secs(120), |s| {
-        s.takeover_phase.is_empty() && s.pair_state == "Synced" && s.pending_blocks == 0
+        s.takeover() == TakeoverPhase::None
+            && s.pair() == PairState::Synced
+            && s.pending_blocks == 0
     })
     .await?;
     let same = files_equal(&dir.join("node-a/data.img"), &dir.join("node-b/data.img"))?;

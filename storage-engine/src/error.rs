@@ -5,6 +5,8 @@
 
 use std::io;
 
+use tandem_api::Reason;
+
 use crate::state::Refusal;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,33 @@ impl From<crate::volume::TransitionError> for EngineError {
     }
 }
 
+impl EngineError {
+    /// The machine-readable reason a client matches on.
+    pub fn reason(&self) -> Reason {
+        match self {
+            EngineError::UnknownVolume(_) => Reason::UnknownVolume,
+            EngineError::InvalidArgument(_) => Reason::InvalidArgument,
+            EngineError::NotPaired(_) => Reason::NotPaired,
+            EngineError::Refused(Refusal::StaleEpoch { .. }) | EngineError::StaleEpoch(_) => {
+                Reason::StaleEpoch
+            }
+            EngineError::Refused(Refusal::NoPrimaryHere { .. })
+            | EngineError::Refused(Refusal::AlreadyPrimary { .. })
+            | EngineError::WrongRole(_) => Reason::WrongRole,
+            EngineError::Refused(Refusal::NoUsableData) => Reason::NeverSynced,
+            EngineError::Refused(Refusal::Superseded { .. }) | EngineError::Superseded(_) => {
+                Reason::Superseded
+            }
+            EngineError::HandoffRefused(_) => Reason::HandoffRefused,
+            EngineError::HandoffBlocked(_) => Reason::HandoffBlocked,
+            EngineError::DrainNotAbandoned(_) => Reason::DrainNotAbandoned,
+            EngineError::Corrupt(_) => Reason::Corrupt,
+            EngineError::Gap(_) => Reason::StreamGap,
+            EngineError::Io(_) => Reason::Internal,
+        }
+    }
+}
+
 impl From<EngineError> for tonic::Status {
     fn from(e: EngineError) -> Self {
         use tonic::Code;
@@ -89,6 +118,6 @@ impl From<EngineError> for tonic::Status {
             EngineError::Corrupt(_) => Code::DataLoss,
             EngineError::Io(_) => Code::Internal,
         };
-        tonic::Status::new(code, e.to_string())
+        e.reason().status(code, e.to_string())
     }
 }

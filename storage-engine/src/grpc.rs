@@ -3,7 +3,11 @@
 
 use std::sync::{atomic::Ordering, Arc};
 
-use tonic::{Request, Response, Status};
+use tandem_api::{
+    pb::{PairState, TakeoverPhase},
+    Reason,
+};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     geometry::BLOCK_SIZE,
@@ -41,7 +45,8 @@ impl tonic::service::Interceptor for AuthInterceptor {
         if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
             Ok(req)
         } else {
-            Err(Status::unauthenticated("missing or wrong volume token"))
+            Err(Reason::Unauthenticated
+                .status(Code::Unauthenticated, "missing or wrong volume token"))
         }
     }
 }
@@ -53,20 +58,22 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Errors of the engine API, mapped once to gRPC codes.
+/// Errors of the engine API, mapped once to gRPC codes and reasons.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("unknown volume {0:?}")]
     UnknownVolume(String),
-    #[error("{0}")]
-    Precondition(String),
+    #[error("{1}")]
+    Precondition(Reason, String),
 }
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        match e {
-            ApiError::UnknownVolume(_) => Status::not_found(e.to_string()),
-            ApiError::Precondition(_) => Status::failed_precondition(e.to_string()),
+        match &e {
+            ApiError::UnknownVolume(_) => {
+                Reason::UnknownVolume.status(Code::NotFound, e.to_string())
+            }
+            ApiError::Precondition(r, _) => r.status(Code::FailedPrecondition, e.to_string()),
         }
     }
 }
@@ -108,19 +115,29 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         bytes_read: c.bytes_read.load(Ordering::Relaxed),
         bytes_written: c.bytes_written.load(Ordering::Relaxed),
         flushes: c.flushes.load(Ordering::Relaxed),
-        pair_state: pair_state(v, &state).into(),
+        pair: pair_state(v, &state) as i32,
         events: v.areas.events(),
-        condition: if v.store.failed() || v.areas.overlay.failed() {
-            // Also "Degraded" to the operator; the host already gets EIO.
-            "Degraded: Failed: an fdatasync of the volume's files failed; writes since the last \
-             good one may be lost, so every request fails until the engine restarts"
-                .to_string()
-        } else {
-            v.areas.condition()
-        },
-        takeover_phase: state.takeover_phase().map_or("", |p| p.as_str()).into(),
+        takeover: match state.takeover_phase() {
+            Some(crate::state::TakeoverPhase::Fenced) => TakeoverPhase::Fenced,
+            Some(crate::state::TakeoverPhase::Draining) => TakeoverPhase::Draining,
+            Some(crate::state::TakeoverPhase::Merging) => TakeoverPhase::Merging,
+            None => TakeoverPhase::None,
+        } as i32,
         ..Default::default()
     };
+    let (reason, condition) = if v.store.failed() || v.areas.overlay.failed() {
+        // Also "Degraded" to the operator; the host already gets EIO.
+        (
+            Some(Reason::Degraded),
+            "Degraded: Failed: an fdatasync of the volume's files failed; writes since the last \
+             good one may be lost, so every request fails until the engine restarts"
+                .to_string(),
+        )
+    } else {
+        v.areas.condition()
+    };
+    reply.condition = condition;
+    reply.condition_reason = reason.map(|r| r.as_str().to_string()).unwrap_or_default();
     let (proxied, proxy_errors) = v.proxied();
     reply.proxied_reads = proxied;
     reply.proxied_read_errors = proxy_errors;
@@ -152,7 +169,8 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     reply.sync_degraded = r.stats.degraded();
     reply.sync_timeouts = r.stats.sync_timeouts.load(Ordering::Relaxed);
     if reply.sync_degraded && reply.condition.is_empty() {
-        // The operator reads a condition starting with "Degraded" as Degraded=True.
+        // The operator reads the reason Degraded as Degraded=True.
+        reply.condition_reason = Reason::Degraded.as_str().to_string();
         reply.condition = format!(
             "Degraded: sync-mode writes stand on this copy alone ({}; {} waits without the peer's ack)",
             if reply.peer_connected {
@@ -184,31 +202,31 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     reply
 }
 
-/// One word for the pair: Standalone, Connecting, Resyncing, Replicating, Synced (primary);
-/// Inconsistent or Consistent (secondary).
-pub fn pair_state(v: &Volume, state: &EngineState) -> &'static str {
+/// One word for the pair: Standalone, Connecting, Resyncing, Replicating, Synced, Reversing
+/// (primary); Inconsistent or Consistent (secondary); Fenced.
+pub fn pair_state(v: &Volume, state: &EngineState) -> PairState {
     match (state.role, state.standing) {
-        (Role::Fenced, _) => return "Fenced",
-        (Role::Secondary, Standing::Consistent) => return "Consistent",
-        (Role::Secondary, _) => return "Inconsistent",
+        (Role::Fenced, _) => return PairState::Fenced,
+        (Role::Secondary, Standing::Consistent) => return PairState::Consistent,
+        (Role::Secondary, _) => return PairState::Inconsistent,
         (Role::Primary, _) => {}
     }
     let Some(r) = &v.repl else {
-        return "Standalone";
+        return PairState::Standalone;
     };
     if v.meta().takeover.reversing && !state.routed() {
-        return "Reversing";
+        return PairState::Reversing;
     }
     if !r.connected() {
-        return "Connecting";
+        return PairState::Connecting;
     }
     if r.stats.resyncing.load(Ordering::Relaxed) || r.tracker.resync_needed() {
-        return "Resyncing";
+        return PairState::Resyncing;
     }
     if r.tracker.counts().pending_blocks > 0 {
-        "Replicating"
+        PairState::Replicating
     } else {
-        "Synced"
+        PairState::Synced
     }
 }
 
@@ -255,12 +273,15 @@ impl Engine for EngineService {
         self.check_volume(&f.volume)?;
         if !self.fault_injection {
             return Err(ApiError::Precondition(
+                Reason::FaultInjectionOff,
                 "fault injection is off (start the engine with --fault-injection)".into(),
             )
             .into());
         }
         let Some(r) = &self.volume.repl else {
-            return Err(ApiError::Precondition("volume is not paired".into()).into());
+            return Err(
+                ApiError::Precondition(Reason::NotPaired, "volume is not paired".into()).into(),
+            );
         };
         let faults = &r.faults;
         if let Some(p) = f.pause {

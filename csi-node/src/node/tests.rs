@@ -9,9 +9,10 @@ use tonic::Code;
 
 use super::*;
 use crate::attach::fake::FakeAttacher;
-use crate::context::{test_context, FailoverPolicy, KEY_PEER_TIMEOUT, KEY_POLICY};
+use crate::context::{test_context, FailoverPolicy};
 use crate::engine::{EngineError, EngineStatus, Role, TakeoverOutcome};
 use crate::mount::fake::FakeMounter;
+use tandem_api::contract::{ATTR_FAILOVER_POLICY, ATTR_PEER_TIMEOUT};
 
 type Answer = Result<EngineStatus, EngineError>;
 
@@ -269,8 +270,9 @@ async fn stage_on_the_secondarys_node_takes_over_first() {
     h.engines().set(A_GRPC, secondary(7));
     h.engines().set(B_GRPC, primary(7));
     let mut req = h.stage_req(ext4());
-    req.context.insert(KEY_POLICY.into(), "ForcePromote".into());
-    req.context.insert(KEY_PEER_TIMEOUT.into(), "5".into());
+    req.context
+        .insert(ATTR_FAILOVER_POLICY.into(), "ForcePromote".into());
+    req.context.insert(ATTR_PEER_TIMEOUT.into(), "5".into());
     h.svc.stage(req).await.unwrap();
     assert_eq!(
         *h.engines().takeovers.lock().unwrap(),

@@ -11,7 +11,7 @@ use kube::ResourceExt;
 
 use crate::{
     crd::{EngineRole, FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
-    engine::{EngineError, EngineState, TakeoverOutcome, HANDOFF_BLOCKED},
+    engine::{EngineError, EngineState, TakeoverOutcome},
     failover::{self, PodDeletion, ReleasePlan, TakeoverIntent},
     observed::{Observed, ROLE_ANNOTATION},
     plan::{self, names, Desired, EngineConfig, InvalidSpec},
@@ -249,10 +249,11 @@ impl Pass {
             &self.observed,
             intent,
             &error.to_string(),
+            error.reason(),
         );
         let (reason, text) = if error.is_handoff_blocked() {
             (
-                HANDOFF_BLOCKED,
+                tandem_api::Reason::HandoffBlocked.as_str(),
                 format!(
                     "{error}; the secondary on {to} stays secondary and the takeover is retried while the \
                      old primary on {from} is unreachable (policy {policy:?}; set \

@@ -1,6 +1,7 @@
 //! `decide` on plain observations: no API server, no engines.
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use tandem_api::pb::PairState;
 
 use super::*;
 use crate::{
@@ -60,8 +61,12 @@ fn pair() -> Observed {
             Some(pod(Slot::B, EngineRole::Secondary)),
         ],
         engines: [
-            Some(engine_state(EngineRole::Primary, 1, "Synced")),
-            Some(engine_state(EngineRole::Secondary, 1, "")),
+            Some(engine_state(EngineRole::Primary, 1, PairState::Synced)),
+            Some(engine_state(
+                EngineRole::Secondary,
+                1,
+                PairState::Unspecified,
+            )),
         ],
         secret_exists: true,
         pv: Some(PvObs {
@@ -211,7 +216,7 @@ fn a_lost_primary_node_is_taken_over_and_its_pod_fenced() {
             lost_blocks: 3,
             ..Default::default()
         }),
-        answer: Some(engine_state(EngineRole::Primary, 2, "Reversing")),
+        answer: Some(engine_state(EngineRole::Primary, 2, PairState::Reversing)),
     };
     let plan = pending.after(&mv, &EngineConfig::default(), attempt);
     assert_eq!(
@@ -233,8 +238,8 @@ fn a_lost_primary_node_is_taken_over_and_its_pod_fenced() {
         "the fenced pod is recreated on a later pass"
     );
     assert_eq!(
-        plan.observed.engine(Slot::B).map(|e| e.pair_state.as_str()),
-        Some("Reversing"),
+        plan.observed.engine(Slot::B).map(|e| e.pair_state),
+        Some(PairState::Reversing),
         "the new primary's own answer"
     );
     assert_eq!(
@@ -263,7 +268,7 @@ fn a_refused_takeover_keeps_the_primary_and_retries_soon() {
     let attempt = TakeoverAttempt {
         result: Err(EngineError::HandoffBlocked {
             address: "b".into(),
-            message: format!("{HANDOFF_BLOCKED}: PeerUnreachable"),
+            message: "HandoffBlocked: PeerUnreachable".into(),
         }),
         answer: None,
     };
@@ -276,7 +281,7 @@ fn a_refused_takeover_keeps_the_primary_and_retries_soon() {
         (takeover.attempts, takeover.completed_at.as_ref()),
         (1, None)
     );
-    assert_eq!(reasons(&plan), ["TakeoverStarted", HANDOFF_BLOCKED]);
+    assert_eq!(reasons(&plan), ["TakeoverStarted", "HandoffBlocked"]);
 }
 
 #[test]

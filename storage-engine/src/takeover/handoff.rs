@@ -192,7 +192,8 @@ impl Volume {
                      Inconsistent (a resync was cut short) and would serve a torn volume; pass \
                      allow_inconsistent (--allow-inconsistent) to promote it anyway"
                 );
-                self.areas.set_condition(msg.clone());
+                self.areas
+                    .set_condition(tandem_api::Reason::HandoffBlocked, msg.clone());
                 return Err(EngineError::HandoffBlocked(msg));
             }
             Err(HandoffFailure::Unreachable(why)) if force => {
@@ -231,7 +232,8 @@ impl Volume {
                     "HandoffBlocked: PeerUnreachable: {why}; not promoted (policy wait; \
                      use policy force to promote and lose the peer's unsent writes)"
                 );
-                self.areas.set_condition(msg.clone());
+                self.areas
+                    .set_condition(tandem_api::Reason::HandoffBlocked, msg.clone());
                 self.areas.event("HandoffBlocked");
                 return Err(EngineError::HandoffBlocked(msg));
             }

@@ -27,6 +27,7 @@ use std::{
     },
 };
 
+use tandem_api::Reason;
 use tokio::sync::Notify;
 
 use crate::{
@@ -67,8 +68,8 @@ pub struct Areas {
     /// Fault seam: hold the merge between chunks (AT-17).
     pub merge_paused: AtomicBool,
     pub proxy: proxy::Proxy,
-    /// Why the volume is unhealthy right now ("" when it is not).
-    pub condition: Mutex<String>,
+    /// Why the volume is unhealthy right now (None when it is not).
+    pub condition: Mutex<Option<(Reason, String)>>,
     /// Time the last takeover took to become ready (this process's lifetime).
     pub ready_ms: std::sync::atomic::AtomicU64,
     /// Points where a unit test holds a thread to force an interleaving (nothing outside tests).
@@ -140,7 +141,7 @@ impl Areas {
             merge_wake: Notify::new(),
             merge_paused: AtomicBool::new(false),
             proxy,
-            condition: Mutex::new(String::new()),
+            condition: Mutex::new(None),
             ready_ms: std::sync::atomic::AtomicU64::new(0),
             seams: Default::default(),
         })
@@ -183,15 +184,21 @@ impl Areas {
         e.iter().cloned().collect()
     }
 
-    pub fn set_condition(&self, c: impl Into<String>) {
-        *self.condition.lock().unwrap_or_else(|p| p.into_inner()) = c.into();
+    /// `message` is for humans (it starts with the reason's name); programs read the reason.
+    pub fn set_condition(&self, reason: Reason, message: impl Into<String>) {
+        *self.condition.lock().unwrap_or_else(|p| p.into_inner()) = Some((reason, message.into()));
     }
 
-    pub fn condition(&self) -> String {
-        self.condition
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub fn clear_condition(&self) {
+        *self.condition.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The reason and message of the current condition; `(None, "")` when healthy.
+    pub fn condition(&self) -> (Option<Reason>, String) {
+        match &*self.condition.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((r, m)) => (Some(*r), m.clone()),
+            None => (None, String::new()),
+        }
     }
 
     pub(crate) fn mark_pp_dirty(st: &mut TakeoverState) {

@@ -94,9 +94,10 @@ impl Volume {
         let got = match self.areas.proxy.read(self.name(), epoch, blocks).await {
             Ok(g) => g,
             Err(e) => {
-                self.areas.set_condition(format!(
-                    "Degraded: proxied read from the old primary failed: {e}"
-                ));
+                self.areas.set_condition(
+                    tandem_api::Reason::Degraded,
+                    format!("Degraded: proxied read from the old primary failed: {e}"),
+                );
                 return Err(HostError::Proxy(e));
             }
         };

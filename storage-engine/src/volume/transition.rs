@@ -145,10 +145,10 @@ impl Volume {
             }
             Effect::WriteProgress => self.write_progress_now()?,
             Effect::Serve => {
-                self.areas.set_condition("");
+                self.areas.clear_condition();
                 self.forget_heartbeat_set();
             }
-            Effect::ClearCondition => self.areas.set_condition(""),
+            Effect::ClearCondition => self.areas.clear_condition(),
             Effect::RecordStanding => self.replica().standing = to.standing,
             Effect::StartMerge => self.areas.merge_wake.notify_one(),
         }

@@ -1,6 +1,6 @@
 //! The one HTTP stack of Tandem's binaries (axum over HTTP/1): the engine's metrics, the CSI plugin's
 //! liveness probe and the operator's probes and metrics. Each binary keeps its own router; what they
-//! share lives here, in the crate the other two already depend on.
+//! share lives here, in the API crate all three depend on.
 
 use std::{fmt, future::Future, io};
 

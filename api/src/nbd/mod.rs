@@ -1,5 +1,8 @@
-//! The NBD wire format (fixed newstyle handshake, simple replies), as pure encode/parse functions.
-//! Everything here works on byte slices so it can be property-tested without sockets.
+//! The NBD wire format (fixed newstyle handshake, simple replies), as pure encode/parse functions:
+//! the server's side here (the engine's), the client's side in [`client`]. Everything works on
+//! byte slices so it can be property-tested without sockets.
+
+pub mod client;
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
@@ -20,7 +23,8 @@ pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 
-// Option reply types.
+// Option reply types; the error ones have this bit set.
+pub const REP_FLAG_ERROR: u32 = 1 << 31;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
@@ -82,6 +86,8 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 pub enum ProtoError {
     #[error("bad request magic {0:#x}")]
     BadRequestMagic(u32),
+    #[error("unexpected reply magic {0:#x}")]
+    BadReplyMagic(u32),
     #[error("bad option magic {0:#x}")]
     BadOptionMagic(u64),
     #[error("NBD_OPT_EXPORT_NAME of {0} bytes exceeds the limit")]
@@ -164,12 +170,39 @@ impl Request {
 }
 
 /// The 16-byte simple reply header; READ data follows it when `error == 0`.
-pub fn simple_reply(error: u32, handle: u64) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    b[4..8].copy_from_slice(&error.to_be_bytes());
-    b[8..16].copy_from_slice(&handle.to_be_bytes());
-    b
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimpleReply {
+    /// 0, or the errno of a failed request.
+    pub error: u32,
+    pub handle: u64,
+}
+
+impl SimpleReply {
+    pub const LEN: usize = 16;
+
+    pub fn parse(b: &[u8; Self::LEN]) -> Result<Self, ProtoError> {
+        let magic = be_u32(&b[0..4]);
+        if magic != SIMPLE_REPLY_MAGIC {
+            return Err(ProtoError::BadReplyMagic(magic));
+        }
+        Ok(SimpleReply {
+            error: be_u32(&b[4..8]),
+            handle: be_u64(&b[8..16]),
+        })
+    }
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&self.error.to_be_bytes());
+        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
+        b
+    }
+}
+
+/// The simple reply header for `handle`.
+pub fn simple_reply(error: u32, handle: u64) -> [u8; SimpleReply::LEN] {
+    SimpleReply { error, handle }.encode()
 }
 
 /// The 16-byte header of a client option: (option, payload length), after the IHAVEOPT magic.
@@ -292,13 +325,13 @@ pub fn rep_server(name: &str) -> Vec<u8> {
     v
 }
 
-fn be_u16(b: &[u8]) -> u16 {
+pub(crate) fn be_u16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
 }
-fn be_u32(b: &[u8]) -> u32 {
+pub(crate) fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
-fn be_u64(b: &[u8]) -> u64 {
+pub(crate) fn be_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_be_bytes(a)
@@ -314,6 +347,12 @@ mod tests {
         fn request_roundtrip(flags: u16, kind: u16, handle: u64, offset: u64, length: u32) {
             let r = Request { flags, kind, handle, offset, length };
             prop_assert_eq!(Request::parse(&r.encode()), Ok(r));
+        }
+
+        #[test]
+        fn reply_roundtrip(error: u32, handle: u64) {
+            let r = SimpleReply { error, handle };
+            prop_assert_eq!(SimpleReply::parse(&r.encode()), Ok(r));
         }
 
         #[test]

@@ -1,5 +1,6 @@
-//! Typed gRPC client for the engine's control API, used by the CLI, the CSI node plugin and the operator.
-//! Callers never touch prost types; they get plain Rust values and one error type.
+//! Typed gRPC client for the engine's control API, used by the CLI, the CSI node plugin, the operator
+//! and the test harnesses. Callers get plain Rust values and one error type; why the engine said no
+//! is [`ClientError::reason`], never the message text.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -8,8 +9,8 @@ use std::{
 
 use tonic::{metadata::MetadataValue, service::Interceptor, transport::Channel, Request};
 
-use crate::pb;
-pub use crate::pb::{StatusReply, TakeoverPolicy, TakeoverReply};
+pub use crate::pb::{PairState, StatusReply, TakeoverPhase, TakeoverPolicy, TakeoverReply};
+use crate::{pb, Reason};
 
 /// Errors a caller of the engine API can see.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,14 @@ impl ClientError {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             ClientError::Rpc { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+
+    /// Why the engine refused, when it answered with a reason.
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            ClientError::Rpc { status, .. } => Reason::of(status),
             _ => None,
         }
     }

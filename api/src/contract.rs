@@ -1,0 +1,34 @@
+//! The operator↔CSI contract: names the operator writes into Kubernetes objects and the CSI node
+//! plugin reads back (or reports to Kubernetes). Each is defined here once; a change is a change
+//! of both sides.
+
+/// PV `volumeAttributes`: the engines' volume (and NBD export) name. Written by the operator,
+/// read by the CSI plugin at NodeStageVolume.
+pub const ATTR_VOLUME: &str = "tandem.dev/volume";
+/// PV `volumeAttributes`: `node=host:port,...`, each engine's gRPC address. Written by the operator,
+/// read by the CSI plugin to find the primary and to trigger a takeover.
+pub const ATTR_ENGINES: &str = "tandem.dev/engines";
+/// PV `volumeAttributes`: `node=host:port,...` (or `unix:/path`), each engine's NBD address.
+/// Written by the operator, read by the CSI plugin to attach.
+pub const ATTR_NBD: &str = "tandem.dev/nbd";
+/// PV `volumeAttributes`: `WaitForPrimary` | `ForcePromote`, the policy of a CSI-triggered
+/// takeover. Written by the operator (from `spec.failover.policy`), read by the CSI plugin.
+pub const ATTR_FAILOVER_POLICY: &str = "tandem.dev/failover-policy";
+/// PV `volumeAttributes`: `wait` | `force`, the same policy under the name. Written by the
+/// operator for humans and tools; no Tandem component reads it.
+pub const ATTR_TAKEOVER_POLICY: &str = "tandem.dev/takeover-policy";
+/// PV `volumeAttributes`: seconds a CSI-triggered takeover may wait for the old primary. Written
+/// by the operator (from `spec.failover.peerTimeout`), read by the CSI plugin.
+pub const ATTR_PEER_TIMEOUT: &str = "tandem.dev/peer-timeout-seconds";
+
+/// The key of the volume token in its Secret. Written by the operator; kubelet hands the Secret
+/// to the CSI plugin as NodeStageVolume's secrets (`nodeStageSecretRef`), where it reads this key.
+pub const SECRET_TOKEN_KEY: &str = "token";
+
+/// The CSI driver's name. Written by the operator into each PV (`spec.csi.driver`) and the chart's
+/// CSIDriver; reported by the CSI plugin (GetPluginInfo) and used by kubelet to route the calls.
+pub const CSI_DRIVER: &str = "csi.tandem.dev";
+
+/// The topology segment the CSI plugin reports in NodeGetInfo (its node id); read by Kubernetes
+/// for `allowedTopologies` and CSI node affinity.
+pub const TOPOLOGY_KEY: &str = "topology.tandem.dev/node";

@@ -1,0 +1,25 @@
+//! Tandem's shared API: what the engine, the CSI node plugin, the operator and the test harnesses
+//! agree on, in one crate that links none of the engine's internals.
+//!
+//! - [`pb`]: the engine's gRPC types and stubs (`tandem.engine.v1`), [`client`]: the typed client.
+//! - [`Reason`]: why the engine refused a call, carried as `google.rpc.ErrorInfo` in the status.
+//! - [`nbd`]: the NBD wire codec, server and client side.
+//! - [`contract`]: the names the operator writes and the CSI plugin reads.
+//! - [`size`]: human sizes (`64M`).
+//! - [`http`]: the one HTTP stack (axum) the three binaries serve probes and metrics with.
+
+/// Generated protobuf types and gRPC stubs for `tandem.engine.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("tandem.engine.v1");
+}
+
+pub mod client;
+pub mod contract;
+pub mod http;
+pub mod nbd;
+mod reason;
+pub mod size;
+mod states;
+
+pub use reason::{Reason, REASON_DOMAIN};
