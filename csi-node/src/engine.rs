@@ -6,12 +6,11 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tandem_api::client::{ClientError, EngineClient, TakeoverPolicy};
+use tandem_api::client::{EngineClient, TakeoverPolicy};
 use tandem_api::pb::Role as PbRole;
-use tandem_api::Reason;
-use tonic::Code;
 
 use crate::context::{EngineRef, FailoverPolicy};
+pub use crate::error::EngineError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -34,82 +33,6 @@ pub struct TakeoverOutcome {
     pub peer_pending_blocks: u64,
     pub lost_blocks: u64,
     pub already_primary: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    #[error("engine {addr} rejected the volume token: {message}")]
-    Unauthenticated { addr: String, message: String },
-    #[error("engine {addr} does not serve volume {volume}")]
-    VolumeUnknown { addr: String, volume: String },
-    #[error("engine {addr} unreachable: {message}")]
-    Unreachable { addr: String, message: String },
-    #[error("engine {addr} refused {op}: {code:?}: {message}")]
-    Refused {
-        addr: String,
-        op: &'static str,
-        code: Code,
-        message: String,
-    },
-}
-
-impl EngineError {
-    pub fn code(&self) -> Code {
-        match self {
-            EngineError::Unauthenticated { .. } => Code::Unauthenticated,
-            EngineError::VolumeUnknown { .. } => Code::NotFound,
-            EngineError::Unreachable { .. } => Code::Unavailable,
-            // A takeover that could not finish (peer unreachable under WaitForPrimary, epoch race):
-            // kubelet retries NodeStageVolume.
-            EngineError::Refused { code, .. } => match code {
-                Code::InvalidArgument | Code::NotFound | Code::Unauthenticated => *code,
-                Code::PermissionDenied => Code::Unauthenticated,
-                _ => Code::Unavailable,
-            },
-        }
-    }
-
-    fn from_client(addr: &str, volume: &str, op: &'static str, e: ClientError) -> Self {
-        let addr = addr.to_string();
-        let reason = e.reason();
-        match e {
-            // The engine's reason when it gave one; the code for what it did not say (a proxy,
-            // a transport failure, an engine older than reasons).
-            ClientError::Rpc { status, .. } => match (reason, status.code()) {
-                (Some(Reason::Unauthenticated), _)
-                | (None, Code::Unauthenticated | Code::PermissionDenied) => {
-                    EngineError::Unauthenticated {
-                        addr,
-                        message: status.message().to_string(),
-                    }
-                }
-                (Some(Reason::UnknownVolume), _) | (None, Code::NotFound) => {
-                    EngineError::VolumeUnknown {
-                        addr,
-                        volume: volume.to_string(),
-                    }
-                }
-                (None, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
-                    if op == "Status" =>
-                {
-                    EngineError::Unreachable {
-                        addr,
-                        message: status.message().to_string(),
-                    }
-                }
-                (_, code) => EngineError::Refused {
-                    addr,
-                    op,
-                    code,
-                    message: status.message().to_string(),
-                },
-            },
-            other => EngineError::Unreachable {
-                addr,
-                message: other.to_string(),
-            },
-        }
-    }
 }
 
 /// What the node plugin needs from an engine.
@@ -319,6 +242,10 @@ fn no_primary(answers: &[(EngineRef, Result<EngineStatus, EngineError>)]) -> cra
 
 #[cfg(test)]
 mod tests {
+    use tandem_api::client::ClientError;
+    use tandem_api::Reason;
+    use tonic::Code;
+
     use super::*;
 
     fn eng(node: &str) -> EngineRef {

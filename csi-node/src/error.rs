@@ -5,13 +5,92 @@
 
 use std::path::PathBuf;
 
+use tandem_api::client::ClientError;
+use tandem_api::Reason;
 use tonic::Code;
 
 use crate::attach::AttachError;
-use crate::engine::EngineError;
 use crate::mount::MountError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an engine call failed (kept here, beside the one mapping to CSI codes, so the error module
+/// depends on nothing else of the plugin).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("engine {addr} rejected the volume token: {message}")]
+    Unauthenticated { addr: String, message: String },
+    #[error("engine {addr} does not serve volume {volume}")]
+    VolumeUnknown { addr: String, volume: String },
+    #[error("engine {addr} unreachable: {message}")]
+    Unreachable { addr: String, message: String },
+    #[error("engine {addr} refused {op}: {code:?}: {message}")]
+    Refused {
+        addr: String,
+        op: &'static str,
+        code: Code,
+        message: String,
+    },
+}
+
+impl EngineError {
+    pub fn code(&self) -> Code {
+        match self {
+            EngineError::Unauthenticated { .. } => Code::Unauthenticated,
+            EngineError::VolumeUnknown { .. } => Code::NotFound,
+            EngineError::Unreachable { .. } => Code::Unavailable,
+            // A takeover that could not finish (peer unreachable under WaitForPrimary, epoch race):
+            // kubelet retries NodeStageVolume.
+            EngineError::Refused { code, .. } => match code {
+                Code::InvalidArgument | Code::NotFound | Code::Unauthenticated => *code,
+                Code::PermissionDenied => Code::Unauthenticated,
+                _ => Code::Unavailable,
+            },
+        }
+    }
+
+    pub(crate) fn from_client(addr: &str, volume: &str, op: &'static str, e: ClientError) -> Self {
+        let addr = addr.to_string();
+        let reason = e.reason();
+        match e {
+            // The engine's reason when it gave one; the code for what it did not say (a proxy,
+            // a transport failure, an engine older than reasons).
+            ClientError::Rpc { status, .. } => match (reason, status.code()) {
+                (Some(Reason::Unauthenticated), _)
+                | (None, Code::Unauthenticated | Code::PermissionDenied) => {
+                    EngineError::Unauthenticated {
+                        addr,
+                        message: status.message().to_string(),
+                    }
+                }
+                (Some(Reason::UnknownVolume), _) | (None, Code::NotFound) => {
+                    EngineError::VolumeUnknown {
+                        addr,
+                        volume: volume.to_string(),
+                    }
+                }
+                (None, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+                    if op == "Status" =>
+                {
+                    EngineError::Unreachable {
+                        addr,
+                        message: status.message().to_string(),
+                    }
+                }
+                (_, code) => EngineError::Refused {
+                    addr,
+                    op,
+                    code,
+                    message: status.message().to_string(),
+                },
+            },
+            other => EngineError::Unreachable {
+                addr,
+                message: other.to_string(),
+            },
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
