@@ -1,11 +1,12 @@
 # Shared set-up of the bench scripts; source it from the repository root, then call bench_setup.
 # It installs the dependencies, builds a release engine (plus any packages named), and makes a
 # scratch directory that is removed, with every background job killed, on exit.
-# Sets E (the engine binary) and W (the scratch directory).
+# Sets E (the engine binary; TANDEM_ENGINE overrides it) and W (the scratch directory).
 bench_setup() { # [-p PACKAGE ...]
   scripts/install-deps.sh >/dev/null
   cargo build --release -q -p storage-engine "$@"
-  E=${CARGO_TARGET_DIR:-$PWD/target}/release/tandem-engine
+  # TANDEM_ENGINE=path runs another build of the engine (bench/compare-engines.sh: two commits in one run).
+  E=${TANDEM_ENGINE:-${CARGO_TARGET_DIR:-$PWD/target}/release/tandem-engine}
   W=$(mktemp -d /var/tmp/tandem-bench.XXXXXX)
   trap bench_cleanup EXIT
 }

@@ -296,62 +296,25 @@ impl Step {
     }
 }
 
-use Effect::*;
-
-const FENCE: &[Effect] = &[Persist, SetTrackerEpoch, CloseHostSessions, WakeSender];
-const PROMOTE: &[Effect] = &[
-    FoldOverlay,
-    EmptyOverlay,
-    StoreTable,
-    RestartJournal,
-    Persist,
-    Serve,
-    RecordStanding,
-    WakeSender,
-];
-const FORCE_PROMOTE: &[Effect] = &[
-    FoldOverlay,
-    EmptyOverlay,
-    StoreTable,
-    RestartJournal,
-    MarkLost,
-    Persist,
-    Serve,
-    RecordStanding,
-    WakeSender,
-];
-const DRAIN_COMPLETE: &[Effect] = &[ClearTable, PersistAreas, Persist, StartMerge];
-const ABANDON_DRAIN: &[Effect] = &[
-    MarkLost,
-    ClearTable,
-    PersistAreas,
-    Persist,
-    ClearCondition,
-    StartMerge,
-];
-const MERGE_COMPLETE: &[Effect] = &[FoldOverlay, Persist, EmptyOverlay, WakeSender];
-const TO_SECONDARY: &[Effect] = &[
-    FoldOverlay,
-    ResetAreas,
-    DropJournal,
-    RestartJournal,
-    ResetReplica,
-    Persist,
-];
-const STEP_DOWN: &[Effect] = &[
-    CloseHostSessions,
-    FoldOverlay,
-    ResetAreas,
-    DropJournal,
-    RestartJournal,
-    ResetReplica,
-    Persist,
-];
-const ADOPT_EPOCH: &[Effect] = &[Persist];
-/// Inconsistent durably before the first out-of-order image lands.
-const RESYNC_STARTED: &[Effect] = &[RecordStanding, WriteProgress];
-/// Written with the next durable batch (`make_durable`): until then a restart finds it older.
-const STANDING_ONLY: &[Effect] = &[RecordStanding];
+// The effect lists of the table, one per row (kept on one line each: they are the table).
+#[rustfmt::skip]
+mod lists {
+    use super::Effect::{self, *};
+    pub(super) const FENCE: &[Effect] = &[Persist, SetTrackerEpoch, CloseHostSessions, WakeSender];
+    pub(super) const PROMOTE: &[Effect] = &[FoldOverlay, EmptyOverlay, StoreTable, RestartJournal, Persist, Serve, RecordStanding, WakeSender];
+    pub(super) const FORCE_PROMOTE: &[Effect] = &[FoldOverlay, EmptyOverlay, StoreTable, RestartJournal, MarkLost, Persist, Serve, RecordStanding, WakeSender];
+    pub(super) const DRAIN_COMPLETE: &[Effect] = &[ClearTable, PersistAreas, Persist, StartMerge];
+    pub(super) const ABANDON_DRAIN: &[Effect] = &[MarkLost, ClearTable, PersistAreas, Persist, ClearCondition, StartMerge];
+    pub(super) const MERGE_COMPLETE: &[Effect] = &[FoldOverlay, Persist, EmptyOverlay, WakeSender];
+    pub(super) const TO_SECONDARY: &[Effect] = &[FoldOverlay, ResetAreas, DropJournal, RestartJournal, ResetReplica, Persist];
+    pub(super) const STEP_DOWN: &[Effect] = &[CloseHostSessions, FoldOverlay, ResetAreas, DropJournal, RestartJournal, ResetReplica, Persist];
+    pub(super) const ADOPT_EPOCH: &[Effect] = &[Persist];
+    /// Inconsistent durably before the first out-of-order image lands.
+    pub(super) const RESYNC_STARTED: &[Effect] = &[RecordStanding, WriteProgress];
+    /// Written with the next durable batch (`make_durable`): until then a restart finds it older.
+    pub(super) const STANDING_ONLY: &[Effect] = &[RecordStanding];
+}
+use lists::*;
 
 /// The transition function: pure, total, and the only place the rules live.
 pub fn next(s: &EngineState, e: Event) -> Result<Step, Refusal> {
@@ -406,40 +369,17 @@ pub fn next(s: &EngineState, e: Event) -> Result<Step, Refusal> {
                 if forced { FORCE_PROMOTE } else { PROMOTE },
             )
         }
-        Event::DrainComplete => match (s.role, s.phase) {
-            (Role::Primary, Phase::Draining) => go(
-                EngineState {
-                    phase: Phase::Merging,
-                    ..*s
-                },
-                DRAIN_COMPLETE,
-            ),
-            _ => Ok(Step::stay(s)),
-        },
-        Event::AbandonDrain => match (s.role, s.phase) {
-            (Role::Primary, Phase::Draining) => go(
-                EngineState {
-                    phase: Phase::Merging,
-                    ..*s
-                },
-                ABANDON_DRAIN,
-            ),
+        Event::DrainComplete => Ok(rephase(s, Phase::Draining, Phase::Merging, DRAIN_COMPLETE)),
+        // From a user's request: outside a drain it is refused, not ignored.
+        Event::AbandonDrain => match rephase(s, Phase::Draining, Phase::Merging, ABANDON_DRAIN) {
+            step if step.changes() => Ok(step),
             _ => Err(Refusal::Superseded {
                 role: s.role,
                 epoch: s.epoch,
                 phase: s.phase,
             }),
         },
-        Event::MergeComplete => match (s.role, s.phase) {
-            (Role::Primary, Phase::Merging) => go(
-                EngineState {
-                    phase: Phase::Normal,
-                    ..*s
-                },
-                MERGE_COMPLETE,
-            ),
-            _ => Ok(Step::stay(s)),
-        },
+        Event::MergeComplete => Ok(rephase(s, Phase::Merging, Phase::Normal, MERGE_COMPLETE)),
         Event::DrainAcknowledged { fenced_epoch } => match s.role {
             Role::Fenced if s.epoch == fenced_epoch => go(to_secondary(s.epoch), TO_SECONDARY),
             _ => Ok(Step::stay(s)),
@@ -454,36 +394,48 @@ pub fn next(s: &EngineState, e: Event) -> Result<Step, Refusal> {
             Role::Secondary if epoch > s.epoch => go(EngineState { epoch, ..*s }, ADOPT_EPOCH),
             _ => Ok(Step::stay(s)),
         },
-        Event::ResyncStarted => match (s.role, s.standing) {
-            (Role::Secondary, Standing::Consistent) => go(
-                EngineState {
-                    standing: Standing::Inconsistent,
-                    ..*s
-                },
-                RESYNC_STARTED,
-            ),
-            _ => Ok(Step::stay(s)),
-        },
-        Event::ResyncReachedTarget => match (s.role, s.standing) {
-            (Role::Secondary, Standing::Inconsistent) => go(
-                EngineState {
-                    standing: Standing::Consistent,
-                    ..*s
-                },
-                STANDING_ONLY,
-            ),
-            _ => Ok(Step::stay(s)),
-        },
-        Event::FullCopyDone => match (s.role, s.standing) {
-            (Role::Secondary, Standing::NeedsFull) => go(
-                EngineState {
-                    standing: Standing::Inconsistent,
-                    ..*s
-                },
-                STANDING_ONLY,
-            ),
-            _ => Ok(Step::stay(s)),
-        },
+        Event::ResyncStarted => Ok(restand(
+            s,
+            Standing::Consistent,
+            Standing::Inconsistent,
+            RESYNC_STARTED,
+        )),
+        Event::ResyncReachedTarget => Ok(restand(
+            s,
+            Standing::Inconsistent,
+            Standing::Consistent,
+            STANDING_ONLY,
+        )),
+        Event::FullCopyDone => Ok(restand(
+            s,
+            Standing::NeedsFull,
+            Standing::Inconsistent,
+            STANDING_ONLY,
+        )),
+    }
+}
+
+/// A secondary's standing moves `from` → `to`; in any other state the event changes nothing.
+fn restand(s: &EngineState, from: Standing, to: Standing, effects: &'static [Effect]) -> Step {
+    if s.role == Role::Secondary && s.standing == from {
+        Step {
+            to: EngineState { standing: to, ..*s },
+            effects,
+        }
+    } else {
+        Step::stay(s)
+    }
+}
+
+/// A primary's takeover phase moves `from` → `to`; in any other state the event changes nothing.
+fn rephase(s: &EngineState, from: Phase, to: Phase, effects: &'static [Effect]) -> Step {
+    if s.role == Role::Primary && s.phase == from {
+        Step {
+            to: EngineState { phase: to, ..*s },
+            effects,
+        }
+    } else {
+        Step::stay(s)
     }
 }
 
