@@ -1305,8 +1305,8 @@ fn fuzz_draining_primary_apply_drain_matches_its_contract() {
             m.takeover.phase = Phase::Draining;
             table.store(&state.join("peer_pending")).unwrap();
         });
-        prop_assert_eq!(vol.areas.phase(), Phase::Draining);
-        prop_assert!(vol.areas.state().peer_pending == table);
+        prop_assert_eq!(vol.state().phase, Phase::Draining);
+        prop_assert!(vol.handed_off_table() == table);
         let mut data = data_file(d.path());
         let mut pending = table.clone();
         let mut drained = false;
@@ -1337,7 +1337,7 @@ fn fuzz_draining_primary_apply_drain_matches_its_contract() {
             prop_assert_eq!(valid, got.is_ok(), "{:?}", got.map(|o| o.applied_seq));
             if !valid {
                 prop_assert!(data_file(d.path()) == before, "a refused drain batch wrote");
-                prop_assert!(vol.areas.state().peer_pending == pending);
+                prop_assert!(vol.handed_off_table() == pending);
                 continue;
             }
             for m in &batch {
@@ -1357,9 +1357,9 @@ fn fuzz_draining_primary_apply_drain_matches_its_contract() {
                 }
             }
             prop_assert!(data_file(d.path()) == data, "data file differs from the model");
-            prop_assert!(vol.areas.state().peer_pending == pending);
+            prop_assert!(vol.handed_off_table() == pending);
             let phase = if drained { Phase::Merging } else { Phase::Draining };
-            prop_assert_eq!(vol.areas.phase(), phase);
+            prop_assert_eq!(vol.state().phase, phase);
         }
     });
 }

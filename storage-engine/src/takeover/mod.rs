@@ -45,33 +45,33 @@ const EVENTS_KEPT: usize = 64;
 pub struct TakeoverState {
     /// DAT1' (after a takeover) or DAT2' (after a failback): blocks whose newest content is on the
     /// peer. Cleared per block when the drained image lands, wholesale at DrainComplete.
-    pub peer_pending: Bitmap,
+    pub(crate) peer_pending: Bitmap,
     /// Blocks of the overlay (the third or fourth storage area) that hold host data.
-    pub overlay_present: Bitmap,
+    pub(crate) overlay_present: Bitmap,
     pp_dirty: bool,
     ov_dirty: bool,
     /// `peer_pending` is empty on stable storage. Until then a restart could route reads of a block
     /// to the peer again, so host writes must keep going to the overlay.
-    pub pp_durably_empty: bool,
+    pub(crate) pp_durably_empty: bool,
 }
 
 /// The takeover areas of one engine: the overlay file, its presence bitmap, the handed-off table.
 pub struct Areas {
     state: Mutex<TakeoverState>,
-    pub overlay: BlockStore,
+    pub(crate) overlay: BlockStore,
     pp_file: BitmapFile,
     ov_file: BitmapFile,
     phase: AtomicU8,
     events: Mutex<VecDeque<String>>,
     /// Wakes the merge task.
-    pub merge_wake: Notify,
+    pub(crate) merge_wake: Notify,
     /// Fault seam: hold the merge between chunks (AT-17).
-    pub merge_paused: AtomicBool,
-    pub proxy: proxy::Proxy,
+    pub(crate) merge_paused: AtomicBool,
+    pub(crate) proxy: proxy::Proxy,
     /// Why the volume is unhealthy right now (None when it is not).
-    pub condition: Mutex<Option<(Reason, String)>>,
+    pub(crate) condition: Mutex<Option<(Reason, String)>>,
     /// Time the last takeover took to become ready (this process's lifetime).
-    pub ready_ms: std::sync::atomic::AtomicU64,
+    pub(crate) ready_ms: std::sync::atomic::AtomicU64,
     /// Points where a unit test holds a thread to force an interleaving (nothing outside tests).
     pub(crate) seams: crate::seam::Seams,
 }

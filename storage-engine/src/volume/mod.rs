@@ -93,17 +93,17 @@ pub struct Volume {
     role_now: std::sync::atomic::AtomicU8,
     /// Host requests hold it shared; fencing and role changes hold it exclusively, so in-flight
     /// host I/O finishes before the role changes and none starts under the old role afterwards.
-    pub gate: tokio::sync::RwLock<()>,
+    pub(crate) gate: tokio::sync::RwLock<()>,
     /// Bumped on every fence: open host sessions close.
-    pub fenced: watch::Sender<u64>,
+    pub(crate) fenced: watch::Sender<u64>,
     /// Overlay, handed-off table and proxied reads (takeover).
-    pub areas: Areas,
+    pub(crate) areas: Areas,
     /// One takeover at a time.
     pub(crate) takeover_lock: tokio::sync::Mutex<()>,
     /// One state change at a time (`transition`).
     transitions: Mutex<()>,
-    pub counters: Counters,
-    pub repl: Option<Arc<Repl>>,
+    pub(crate) counters: Counters,
+    pub(crate) repl: Option<Arc<Repl>>,
     replica: Mutex<ReplicaState>,
     secondary_read_only: bool,
     implicit_takeover: bool,
@@ -289,6 +289,12 @@ impl Volume {
             progress,
             _lock: lock,
         }))
+    }
+
+    /// Blocks whose newest content is still on the old primary (the handed-off table; empty
+    /// outside a drain).
+    pub fn handed_off_table(&self) -> Bitmap {
+        self.areas.state().peer_pending.clone()
     }
 
     pub fn name(&self) -> &str {
