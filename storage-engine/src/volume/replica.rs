@@ -219,9 +219,12 @@ impl Volume {
                             b.block
                         )));
                     }
-                    // Inconsistent durably before the first out-of-order write lands.
-                    self.replica_event(&mut rs, Event::ResyncStarted)
-                        .map_err(io)?;
+                    // Inconsistent durably before the first out-of-order write lands (asked
+                    // once per resync: every later image finds the standing already changed).
+                    if rs.standing == Standing::Consistent {
+                        self.replica_event(&mut rs, Event::ResyncStarted)
+                            .map_err(io)?;
+                    }
                     self.store
                         .write_at(&b.data, b.block * u64::from(BLOCK_SIZE))
                         .map_err(io)?;
