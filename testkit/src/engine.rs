@@ -30,6 +30,7 @@ enum Token {
 /// (stdout and stderr, appended across restarts), `ready.json`, and `nbd.sock` and `token` when asked for.
 #[derive(Clone, Debug)]
 pub struct EngineBuilder {
+    bin: Option<PathBuf>,
     dir: PathBuf,
     volume: String,
     size: String,
@@ -50,6 +51,7 @@ impl EngineBuilder {
     /// no token, ready within 20 s.
     pub fn new(dir: impl AsRef<Path>) -> EngineBuilder {
         EngineBuilder {
+            bin: None,
             dir: dir.as_ref().to_path_buf(),
             volume: "vol".into(),
             size: "16M".into(),
@@ -64,6 +66,12 @@ impl EngineBuilder {
             args: Vec::new(),
             ready_timeout: Duration::from_secs(20),
         }
+    }
+
+    /// A prebuilt `tandem-engine` instead of the workspace's ([`Bin::Engine`]).
+    pub fn bin(mut self, bin: impl AsRef<Path>) -> Self {
+        self.bin = Some(bin.as_ref().to_path_buf());
+        self
     }
 
     /// The volume, also the NBD export name.
@@ -163,7 +171,10 @@ impl EngineBuilder {
         let mut e = Engine {
             nbd: self.nbd_listen.clone(),
             grpc: self.grpc_listen.clone(),
-            bin: Bin::Engine.path()?,
+            bin: match &self.bin {
+                Some(b) => b.clone(),
+                None => Bin::Engine.path()?,
+            },
             cfg: self,
             child: None,
             stopped: false,
