@@ -21,8 +21,8 @@ pub use tandem_api::contract::{
     ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_VOLUME,
 };
 pub use tandem_api::pb::{FaultRequest, PairState, Role as EngineRole, StatusReply, TakeoverPhase};
-use tandem_testkit::{free_port, tail, Pair};
-pub use tandem_testkit::{pattern, Bin, Engine, EngineBuilder};
+use tandem_testkit::{free_port, tail, Bin, Pair};
+pub use tandem_testkit::{pattern, Engine, EngineBuilder};
 
 /// Why this machine cannot run the local suite, if it cannot.
 pub fn skip_reason() -> Option<String> {

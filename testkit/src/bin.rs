@@ -19,7 +19,7 @@ pub enum Bin {
 }
 
 impl Bin {
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             Bin::Engine => "tandem-engine",
             Bin::Csi => "tandem-csi",

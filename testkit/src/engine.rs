@@ -289,11 +289,6 @@ impl Engine {
         &self.cfg.volume
     }
 
-    /// The directory holding its files.
-    pub fn dir(&self) -> &Path {
-        &self.cfg.dir
-    }
-
     /// The data file (raw image).
     pub fn data(&self) -> PathBuf {
         self.cfg.dir.join("data.img")
@@ -308,7 +303,7 @@ impl Engine {
         self.cfg.dir.join("nbd.sock")
     }
 
-    pub fn token_file(&self) -> Option<PathBuf> {
+    fn token_file(&self) -> Option<PathBuf> {
         self.cfg.token_path()
     }
 
@@ -365,18 +360,16 @@ impl Engine {
 
     /// SIGTERM, then waits up to 20 s; whether the engine exited successfully.
     pub fn terminate(&mut self) -> bool {
-        if self.signal(Signal::TERM).is_err() {
-            self.kill();
-            return false;
-        }
         let Some(mut c) = self.child.take() else {
             return true;
         };
+        self.stopped = false;
         let deadline = Instant::now() + Duration::from_secs(20);
+        let sent = signal(&c, Signal::TERM).is_ok();
         loop {
             match c.try_wait() {
                 Ok(Some(s)) => return s.success(),
-                Ok(None) if Instant::now() < deadline => {
+                Ok(None) if sent && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 _ => {
@@ -409,12 +402,7 @@ impl Engine {
             .child
             .as_ref()
             .with_context(|| format!("engine in {} is not running", self.cfg.dir.display()))?;
-        let pid = i32::try_from(child.id())
-            .ok()
-            .and_then(Pid::from_raw)
-            .with_context(|| format!("no pid for {}", child.id()))?;
-        kill_process(pid, sig).with_context(|| format!("{sig:?} to {}", child.id()))?;
-        Ok(())
+        signal(child, sig)
     }
 
     /// Starts it again (SIGKILL first if it runs) on the same addresses, data and state.
@@ -480,7 +468,7 @@ impl Engine {
     }
 
     /// A gRPC client with the engine's token.
-    pub async fn client(&self) -> Result<EngineClient> {
+    async fn client(&self) -> Result<EngineClient> {
         let token = match self.token_file() {
             Some(p) => Some(
                 std::fs::read_to_string(&p)
@@ -540,6 +528,15 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+fn signal(child: &Child, sig: Signal) -> Result<()> {
+    let pid = i32::try_from(child.id())
+        .ok()
+        .and_then(Pid::from_raw)
+        .with_context(|| format!("no pid for {}", child.id()))?;
+    kill_process(pid, sig).with_context(|| format!("{sig:?} to {}", child.id()))?;
+    Ok(())
 }
 
 impl Drop for Engine {

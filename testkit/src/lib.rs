@@ -13,7 +13,7 @@ mod pair;
 mod tools;
 
 pub use bin::Bin;
-pub use data::{file_block_is, file_bytes, pattern, BLOCK};
+pub use data::{file_block_is, file_bytes, pattern};
 pub use engine::{Engine, EngineBuilder};
 pub use pair::{Pair, PairBuilder};
 pub use tools::{
