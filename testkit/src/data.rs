@@ -40,3 +40,16 @@ pub fn file_block_is(path: &Path, block: u64, byte: u8) -> bool {
         .iter()
         .all(|b| *b == byte)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pattern;
+
+    #[test]
+    fn pattern_is_deterministic_of_any_length_and_differs_by_seed() {
+        assert_eq!(pattern(7, 4096), pattern(7, 4096));
+        assert_eq!(pattern(7, 13), pattern(7, 4096)[..13]);
+        assert_ne!(pattern(7, 4096), pattern(8, 4096));
+        assert!(pattern(0, 4096).iter().any(|b| *b != 0));
+    }
+}
