@@ -71,7 +71,7 @@ pub struct Common {
     /// Replication mode of the pair.
     #[arg(long, value_enum, default_value_t = Mode::Async)]
     pub mode: Mode,
-    /// The tandem-engine binary (default: next to this binary).
+    /// The tandem-engine binary (default: the workspace's, next to this binary, built if missing).
     #[arg(long)]
     pub engine: Option<PathBuf>,
     /// Working directory (default: a temporary one, kept only when the run fails).

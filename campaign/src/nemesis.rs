@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    process::{Command, Stdio},
+    process::Stdio,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -14,11 +14,12 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
+use tandem_testkit::Pair;
 
 use crate::{
     checker,
     client::{self, Shared, Stats},
-    cluster::{self, Pair, VOLUME},
+    cluster::{self, VOLUME},
     history::{ms, Kind, Op, Outcome, Time},
     prng::Rng,
     stamp::SECTOR,
@@ -96,9 +97,9 @@ impl Nemesis<'_> {
 
     fn switch(&mut self, target: usize) {
         let (op, args) = self.switch_args(target);
-        self.note(format!("{op} to {} begins", self.pair.e[target].label));
+        self.note(format!("{op} to {} begins", Pair::label(target)));
         let t = Instant::now();
-        match self.pair.control(op, target, &args) {
+        match self.pair[target].control(op, &args) {
             Ok(r) => {
                 self.note(format!("{op} done in {:?}: {r}", t.elapsed()));
                 self.count_switch(target);
@@ -106,7 +107,7 @@ impl Nemesis<'_> {
             Err(e) => {
                 let msg = format!(
                     "{op} to {} failed between two live engines: {e}",
-                    self.pair.e[target].label
+                    Pair::label(target)
                 );
                 self.note(msg.clone());
                 self.problems.push(msg);
@@ -122,24 +123,17 @@ impl Nemesis<'_> {
         let delay = self.rng.below(30);
         self.note(format!(
             "{op} to {} with a SIGKILL of {} after {delay} ms",
-            self.pair.e[target].label, self.pair.e[victim].label
+            Pair::label(target),
+            Pair::label(victim)
         ));
-        let child = Command::new(&self.pair.bin)
-            .args([
-                op,
-                "--grpc",
-                &self.pair.e[target].grpc,
-                "--volume",
-                VOLUME,
-                "--token-file",
-            ])
-            .arg(&self.pair.token)
+        let child = self.pair[target]
+            .cli(op)
             .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
         sleep_ms(delay);
-        self.pair.e[victim].kill();
+        self.pair[victim].kill();
         self.counts.kills += 1;
         self.counts.kills_mid_switch += 1;
         let out = child.wait_with_output()?;
@@ -149,11 +143,11 @@ impl Nemesis<'_> {
             String::from_utf8_lossy(&out.stdout).trim(),
             String::from_utf8_lossy(&out.stderr).trim()
         ));
-        self.pair.e[victim].spawn()?;
-        self.note(format!("{} restarted", self.pair.e[victim].label));
+        self.pair[victim].restart()?;
+        self.note(format!("{} restarted", Pair::label(victim)));
         // Finish what was started, whoever ends up serving.
         for attempt in 0..3 {
-            match self.pair.control(op, target, &args) {
+            match self.pair[target].control(op, &args) {
                 Ok(r) => {
                     self.note(format!("{op} repeated: {r}"));
                     self.count_switch(target);
@@ -162,7 +156,7 @@ impl Nemesis<'_> {
                 Err(e) if attempt == 2 => {
                     let msg = format!(
                         "{op} to {} after a kill failed 3 times: {e}",
-                        self.pair.e[target].label
+                        Pair::label(target)
                     );
                     self.note(msg.clone());
                     self.problems.push(msg);
@@ -204,29 +198,29 @@ impl Nemesis<'_> {
                     _ => {
                         let v = self.rng.below(2) as usize;
                         let down = self.rng.below(500);
-                        self.note(format!("SIGKILL {} (down {down} ms)", self.pair.e[v].label));
-                        self.pair.e[v].kill();
+                        self.note(format!("SIGKILL {} (down {down} ms)", Pair::label(v)));
+                        self.pair[v].kill();
                         self.counts.kills += 1;
                         sleep_ms(down);
-                        self.pair.e[v].spawn()?;
-                        self.note(format!("{} restarted", self.pair.e[v].label));
+                        self.pair[v].restart()?;
+                        self.note(format!("{} restarted", Pair::label(v)));
                     }
                 }
             }
             Event::Pause => {
                 let v = self.rng.below(2) as usize;
                 let hold = self.rng.range(100, 1500);
-                self.note(format!("SIGSTOP {} for {hold} ms", self.pair.e[v].label));
-                self.pair.e[v].stop()?;
+                self.note(format!("SIGSTOP {} for {hold} ms", Pair::label(v)));
+                self.pair[v].stop()?;
                 self.counts.pauses += 1;
                 sleep_ms(hold);
-                self.pair.e[v].cont()?;
-                self.note(format!("SIGCONT {}", self.pair.e[v].label));
+                self.pair[v].cont()?;
+                self.note(format!("SIGCONT {}", Pair::label(v)));
             }
             Event::Partition => {
                 let v = self.rng.below(2) as usize;
                 let hold = self.rng.range(200, 2000);
-                let label = self.pair.e[v].label;
+                let label = Pair::label(v);
                 let (what, on, off): (&str, &[&str], &[&str]) = match self.rng.below(3) {
                     0 => ("link paused", &["--pause", "true"], &["--pause", "false"]),
                     1 => ("link dropped", &["--drop-link"], &[]),
@@ -237,13 +231,13 @@ impl Nemesis<'_> {
                     ),
                 };
                 self.note(format!("{what} on {label} for {hold} ms"));
-                match self.pair.fault(v, on) {
+                match self.pair[v].control("fault", on).map(drop) {
                     Ok(()) => self.counts.partitions += 1,
                     Err(e) => self.note(format!("fault on {label} failed: {e}")),
                 }
                 if !off.is_empty() {
                     sleep_ms(hold);
-                    if let Err(e) = self.pair.fault(v, off) {
+                    if let Err(e) = self.pair[v].control("fault", off).map(drop) {
                         self.note(format!("fault release on {label} failed: {e}"));
                     }
                 }
@@ -256,17 +250,20 @@ impl Nemesis<'_> {
     /// Undo everything: processes running and continued, links unpaused, someone serving.
     fn heal(&mut self) -> Result<Option<usize>> {
         for i in 0..2 {
-            self.pair.e[i].cont()?;
-            if !self.pair.e[i].alive() {
-                self.pair.e[i].spawn()?;
+            self.pair[i].cont()?;
+            if !self.pair[i].alive() {
+                self.pair[i].restart()?;
             }
         }
         for i in 0..2 {
-            if let Err(e) = self.pair.fault(
-                i,
-                &["--pause", "false", "--hold-acks", "false", "--rate", "0"],
-            ) {
-                self.note(format!("unpausing {} failed: {e}", self.pair.e[i].label));
+            if let Err(e) = self.pair[i]
+                .control(
+                    "fault",
+                    &["--pause", "false", "--hold-acks", "false", "--rate", "0"],
+                )
+                .map(drop)
+            {
+                self.note(format!("unpausing {} failed: {e}", Pair::label(i)));
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -283,7 +280,7 @@ impl Nemesis<'_> {
         self.problems.push(msg.clone());
         self.note(msg);
         let (op, args) = self.switch_args(1);
-        if let Err(e) = self.pair.control(op, 1, &args) {
+        if let Err(e) = self.pair[1].control(op, &args) {
             self.problems
                 .push(format!("the repair takeover failed too: {e}"));
         }
@@ -334,7 +331,7 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut pair = Pair::start(&bin, &dir, &size, &extra).context("starting the pair")?;
+    let mut pair = cluster::start(&bin, &dir, &size, &extra).context("starting the pair")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !pair.converged(0).unwrap_or(false) {
         if Instant::now() > deadline {
@@ -347,7 +344,7 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
         stop: AtomicBool::new(false),
         hold: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
-        addrs: vec![pair.e[0].nbd.clone(), pair.e[1].nbd.clone()],
+        addrs: vec![pair[0].nbd.clone(), pair[1].nbd.clone()],
         export: VOLUME.to_string(),
         size: c.size,
         hot: c.hot,
@@ -389,11 +386,11 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
                 for _ in 0..*kills {
                     sleep_ms(nem.rng.range(gap.0, gap.1.max(gap.0 + 1)));
                     let v = nem.rng.below(2) as usize;
-                    nem.note(format!("SIGKILL {}", nem.pair.e[v].label));
-                    nem.pair.e[v].kill();
+                    nem.note(format!("SIGKILL {}", Pair::label(v)));
+                    nem.pair[v].kill();
                     nem.counts.kills += 1;
-                    nem.pair.e[v].spawn()?;
-                    nem.note(format!("{} restarted", nem.pair.e[v].label));
+                    nem.pair[v].restart()?;
+                    nem.note(format!("{} restarted", Pair::label(v)));
                 }
             }
         }
@@ -439,7 +436,7 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
     }
     let mut final_ok = false;
     if let Some(s) = serving {
-        match rt.block_on(client::final_read(&sh, &nem.pair.e[s].nbd, 4 << 20)) {
+        match rt.block_on(client::final_read(&sh, &nem.pair[s].nbd, 4 << 20)) {
             Ok(f) => {
                 final_ok = true;
                 ops.extend(f);
@@ -449,7 +446,7 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
     }
     let mut identical = None;
     if converged {
-        let diff = cluster::compare_files(&nem.pair.e[0].data(), &nem.pair.e[1].data())?;
+        let diff = cluster::compare_files(&nem.pair[0].data(), &nem.pair[1].data())?;
         if let Some((first, count)) = diff {
             nem.problems.push(format!(
                 "replicas differ: {count} blocks, the first at block {first}"

@@ -29,11 +29,12 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use tandem_testkit::Pair;
 
 use crate::{
     checker::{self, Loss},
     client::{self, Shared, Stats},
-    cluster::{self, Pair, VOLUME},
+    cluster::{self, VOLUME},
     history::{ms, Op, Time},
     prng::Rng,
     stamp::SECTOR,
@@ -234,10 +235,6 @@ impl Nemesis<'_> {
         self.problems.push(what);
     }
 
-    fn label(&self, i: usize) -> &'static str {
-        self.pair.e[i].label
-    }
-
     fn net_step(&mut self, what: &str, r: Result<(), String>) -> Result<()> {
         r.map_err(|e| anyhow::anyhow!("{what}: {e}"))
     }
@@ -251,26 +248,25 @@ impl Nemesis<'_> {
             let mut i = 0;
             while i < left.len() {
                 let side = left[i];
-                let down = self
-                    .pair
-                    .status(side)
+                let down = self.pair[side]
+                    .status_json()
                     .is_ok_and(|s| s["peer_connected"] == false);
                 if down {
                     let took = t0.elapsed();
                     let t = took.as_millis() as u64;
-                    let key = format!("{kind}: {} sees it", self.label(side));
+                    let key = format!("{kind}: {} sees it", Pair::label(side));
                     let e = self.counts.detect_ms.entry(key).or_default();
                     *e = (*e).max(t);
                     self.counts.detect_max_ms = self.counts.detect_max_ms.max(t);
                     self.counts.detections += 1;
                     self.note(format!(
                         "{} reports peer_connected false after {t} ms",
-                        self.label(side)
+                        Pair::label(side)
                     ));
                     if took > self.bound {
                         self.problem(format!(
                             "{kind}: {} took {t} ms to report the peer down (bound {} ms)",
-                            self.label(side),
+                            Pair::label(side),
                             self.bound.as_millis()
                         ));
                     }
@@ -284,7 +280,7 @@ impl Nemesis<'_> {
         for side in left {
             self.problem(format!(
                 "{kind}: {} still reports the peer connected after {} ms (bound {} ms)",
-                self.label(side),
+                Pair::label(side),
                 t0.elapsed().as_millis(),
                 self.bound.as_millis()
             ));
@@ -298,19 +294,19 @@ impl Nemesis<'_> {
         }
         let t = Instant::now();
         loop {
-            let st = self.pair.status(p);
+            let st = self.pair[p].status_json();
             if let Ok(s) = &st {
                 let cond = s["condition"].as_str().unwrap_or("");
                 if s["sync_degraded"] == true && s["condition_reason"] == "Degraded" {
                     self.counts.degraded_seen += 1;
-                    self.note(format!("{} reports: {cond}", self.label(p)));
+                    self.note(format!("{} reports: {cond}", Pair::label(p)));
                     return;
                 }
             }
             if t.elapsed() > self.bound {
                 let msg = format!(
                     "{kind}: sync-mode primary {} does not report its degradation: {}",
-                    self.label(p),
+                    Pair::label(p),
                     st.map_or_else(|e| e, |v| v.to_string())
                 );
                 self.problem(msg);
@@ -325,15 +321,12 @@ impl Nemesis<'_> {
     fn wait_takeover_blocked(&mut self, p: usize, s: usize) {
         self.note(format!(
             "takeover --policy wait on {} while partitioned",
-            self.label(s)
+            Pair::label(s)
         ));
-        match self
-            .pair
-            .control("takeover", s, &["--policy", "wait", "--timeout", "2"])
-        {
+        match self.pair[s].control("takeover", &["--policy", "wait", "--timeout", "2"]) {
             Ok(r) => self.problem(format!(
                 "takeover --policy wait promoted {} across a partition: {r}",
-                self.label(s)
+                Pair::label(s)
             )),
             Err(e) if e.contains("HandoffBlocked") => {
                 self.counts.wait_blocked += 1;
@@ -344,12 +337,12 @@ impl Nemesis<'_> {
             )),
         }
         for (i, role) in [(p, "primary"), (s, "secondary")] {
-            match self.pair.status(i) {
+            match self.pair[i].status_json() {
                 Ok(st) if st["role"] == role => {}
                 other => {
                     let msg = format!(
                         "after the blocked takeover {} should be {role}: {}",
-                        self.label(i),
+                        Pair::label(i),
                         other.map_or_else(|e| e, |v| v.to_string())
                     );
                     self.problem(msg);
@@ -363,14 +356,14 @@ impl Nemesis<'_> {
     fn node_down(&mut self, v: usize) -> Result<Time> {
         let r = self.net.link(v, false);
         self.net_step("link down", r)?;
-        self.pair.e[v].kill();
+        self.pair[v].kill();
         let cut = self.sh.now();
         self.counts.kills += 1;
         let r = self.net.kill_sockets(v);
         self.net_step("destroying the dead node's sockets", r)?;
         self.note(format!(
             "node of {} down (link down, SIGKILL)",
-            self.label(v)
+            Pair::label(v)
         ));
         Ok(cut)
     }
@@ -380,8 +373,8 @@ impl Nemesis<'_> {
         let _ = self.net.drop_egress(v, false);
         let r = self.net.link(v, true);
         self.net_step("link up", r)?;
-        self.pair.e[v].spawn()?;
-        self.note(format!("node of {} back, engine restarted", self.label(v)));
+        self.pair[v].restart()?;
+        self.note(format!("node of {} back, engine restarted", Pair::label(v)));
         Ok(())
     }
 
@@ -396,7 +389,7 @@ impl Nemesis<'_> {
             return Ok(());
         };
         let s = 1 - p;
-        let pids = [self.pair.e[0].pid(), self.pair.e[1].pid()];
+        let pids = [self.pair[0].pid(), self.pair[1].pid()];
         let mut restarted = None;
         let t0;
         match fault {
@@ -419,7 +412,7 @@ impl Nemesis<'_> {
             }
             Fault::OneWay => {
                 let v = self.rng.below(2) as usize;
-                let kind = format!("oneway {}->{} dropped", self.label(v), self.label(1 - v));
+                let kind = format!("oneway {}->{} dropped", Pair::label(v), Pair::label(1 - v));
                 self.count(kind.clone());
                 let r = self.net.drop_egress(v, true);
                 self.net_step("one-way drop", r)?;
@@ -434,11 +427,11 @@ impl Nemesis<'_> {
                 let v = self.rng.below(2) as usize;
                 let kind = format!(
                     "SIGSTOP {} ({})",
-                    self.label(v),
+                    Pair::label(v),
                     if v == p { "primary" } else { "secondary" }
                 );
                 self.count(kind.clone());
-                self.pair.e[v].stop()?;
+                self.pair[v].stop()?;
                 self.counts.stops += 1;
                 t0 = Instant::now();
                 self.detect(&kind, t0, &[1 - v]);
@@ -446,13 +439,13 @@ impl Nemesis<'_> {
                     self.expect_degraded(&kind, p);
                 }
                 sleep_ms(self.rng.below(500));
-                self.pair.e[v].cont()?;
+                self.pair[v].cont()?;
             }
             Fault::Reboot => {
                 let v = self.rng.below(2) as usize;
                 let kind = format!(
                     "reboot {} ({})",
-                    self.label(v),
+                    Pair::label(v),
                     if v == p { "primary" } else { "secondary" }
                 );
                 self.count(kind.clone());
@@ -478,23 +471,22 @@ impl Nemesis<'_> {
                 };
                 let kind = format!(
                     "reboot {} (primary) + forced takeover{backlog}",
-                    self.label(p),
+                    Pair::label(p),
                 );
                 self.count(kind.clone());
                 if !backlog.is_empty() {
                     let r = if backlog.contains("slow") {
-                        self.pair.fault(p, &["--rate", "256K"])
+                        self.pair[p].control("fault", &["--rate", "256K"]).map(drop)
                     } else {
                         self.net.drop_egress(p, true)
                     };
                     match r {
                         Ok(()) => {
                             sleep_ms(self.rng.range(300, 1000));
-                            let pending = self
-                                .pair
-                                .status(p)
+                            let pending = self.pair[p]
+                                .status_json()
                                 .map_or_else(|e| e, |s| s["pending_blocks"].to_string());
-                            self.note(format!("backlog on {}: {pending} blocks", self.label(p)));
+                            self.note(format!("backlog on {}: {pending} blocks", Pair::label(p)));
                         }
                         Err(e) => self.problem(format!("building a backlog failed: {e}")),
                     }
@@ -502,11 +494,8 @@ impl Nemesis<'_> {
                 let cut = self.node_down(p)?;
                 t0 = Instant::now();
                 self.detect(&kind, t0, &[s]);
-                self.note(format!("takeover --policy force on {}", self.label(s)));
-                match self
-                    .pair
-                    .control("takeover", s, &["--policy", "force", "--timeout", "2"])
-                {
+                self.note(format!("takeover --policy force on {}", Pair::label(s)));
+                match self.pair[s].control("takeover", &["--policy", "force", "--timeout", "2"]) {
                     Ok(r) => {
                         let lost = r["lost_blocks"].as_u64().unwrap_or(0);
                         self.losses.push(Loss {
@@ -553,9 +542,8 @@ impl Nemesis<'_> {
         while Instant::now() < deadline {
             if let Some(sv) = self.pair.serving() {
                 let degraded = self.sync
-                    && self
-                        .pair
-                        .status(sv)
+                    && self.pair[sv]
+                        .status_json()
                         .map_or(true, |st| st["sync_degraded"] != false);
                 if self.pair.converged(sv).unwrap_or(false) && !degraded {
                     done = Some(sv);
@@ -568,9 +556,8 @@ impl Nemesis<'_> {
         match done {
             Some(sv) => {
                 if let Some(i) = self.recount.take() {
-                    let now = self
-                        .pair
-                        .status(i)
+                    let now = self.pair[i]
+                        .status_json()
                         .ok()
                         .and_then(|st| st["lost_blocks"].as_u64())
                         .unwrap_or(0);
@@ -582,7 +569,7 @@ impl Nemesis<'_> {
                     }
                     self.note(format!(
                         "lost_blocks on {} after the old primary returned: {now}",
-                        self.label(i)
+                        Pair::label(i)
                     ));
                 }
                 let took = t.elapsed().as_millis() as u64;
@@ -590,7 +577,7 @@ impl Nemesis<'_> {
                 self.counts.resume_max_ms = self.counts.resume_max_ms.max(took);
                 self.note(format!(
                     "converged on {} {took} ms after healing ({} ms after the fault)",
-                    self.label(sv),
+                    Pair::label(sv),
                     t0.elapsed().as_millis()
                 ));
             }
@@ -600,8 +587,8 @@ impl Nemesis<'_> {
             )),
         }
         for (i, pid) in pids.iter().enumerate() {
-            if Some(i) != restarted && self.pair.e[i].pid() != *pid {
-                self.problem(format!("engine {} was restarted", self.label(i)));
+            if Some(i) != restarted && self.pair[i].pid() != *pid {
+                self.problem(format!("engine {} was restarted", Pair::label(i)));
             }
         }
         Ok(())
@@ -611,9 +598,9 @@ impl Nemesis<'_> {
     fn heal(&mut self) -> Result<Option<usize>> {
         self.net.heal();
         for i in 0..2 {
-            self.pair.e[i].cont()?;
-            if !self.pair.e[i].alive() {
-                self.pair.e[i].spawn()?;
+            self.pair[i].cont()?;
+            if !self.pair[i].alive() {
+                self.pair[i].restart()?;
             }
         }
         self.sh.hold.store(false, Ordering::Relaxed);
@@ -692,7 +679,7 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
     .map(|s| s.to_string())
     .collect();
     let grpc = [format!("{}:9700", net.ip[0]), format!("{}:9700", net.ip[1])];
-    let mut pair = Pair::start_netns(
+    let mut pair = cluster::start_netns(
         &bin,
         &dir,
         &c.size.to_string(),
@@ -713,7 +700,7 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         stop: AtomicBool::new(false),
         hold: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
-        addrs: vec![pair.e[0].nbd_addr(), pair.e[1].nbd_addr()],
+        addrs: vec![pair[0].nbd_addr(), pair[1].nbd_addr()],
         export: VOLUME.to_string(),
         size: c.size,
         hot: c.hot,
@@ -785,7 +772,7 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
     }
     let mut final_ok = false;
     if let Some(s) = serving {
-        match rt.block_on(client::final_read(&sh, &nem.pair.e[s].nbd_addr(), 4 << 20)) {
+        match rt.block_on(client::final_read(&sh, &nem.pair[s].nbd_addr(), 4 << 20)) {
             Ok(f) => {
                 final_ok = true;
                 ops.extend(f);
@@ -795,7 +782,7 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
     }
     let mut identical = None;
     if converged {
-        let diff = cluster::compare_files(&nem.pair.e[0].data(), &nem.pair.e[1].data())?;
+        let diff = cluster::compare_files(&nem.pair[0].data(), &nem.pair[1].data())?;
         if let Some((first, count)) = diff {
             nem.problem(format!(
                 "replicas differ: {count} blocks, the first at block {first}"

@@ -2,27 +2,27 @@
 //! real `tandem-csi` plugins, and a test that plays kubelet over the CSI unix socket. Needs root,
 //! /dev/fuse and loop devices; [`skip_reason`] says why a machine cannot run it.
 //!
-//! Binaries are built (or found up to date) with the same cargo and profile that built the test,
-//! so the suite always exercises the code of this checkout.
+//! The binaries are the testkit's ([`Bin`]): built (or found up to date) with the same cargo and
+//! profile that built the test, so the suite always exercises the code of this checkout.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{bail, Context as _};
 use csi_node::pb;
 use csi_node::pb::identity_client::IdentityClient;
 use csi_node::pb::node_client::NodeClient;
-use tandem_api::client::EngineClient;
 use tonic::transport::Channel;
 
 pub use tandem_api::contract::{
     ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_VOLUME,
 };
 pub use tandem_api::pb::{FaultRequest, PairState, Role as EngineRole, StatusReply, TakeoverPhase};
+use tandem_testkit::{free_port, tail, Bin, Pair};
+pub use tandem_testkit::{pattern, Engine, EngineBuilder};
 
 /// Why this machine cannot run the local suite, if it cannot.
 pub fn skip_reason() -> Option<String> {
@@ -63,64 +63,6 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
-#[derive(Clone, Debug)]
-pub struct Bins {
-    pub engine: PathBuf,
-    pub csi: PathBuf,
-}
-
-/// Builds `tandem-engine` and `tandem-csi` (a no-op when up to date) and returns their paths.
-pub fn bins() -> anyhow::Result<Bins> {
-    static BINS: OnceLock<Result<Bins, String>> = OnceLock::new();
-    BINS.get_or_init(|| build_bins().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!(e))
-}
-
-fn build_bins() -> anyhow::Result<Bins> {
-    // target/<profile>/deps/<test-exe>
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable outside a cargo target dir")?
-        .to_path_buf();
-    let release = profile_dir.file_name().and_then(|n| n.to_str()) == Some("release");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?
-        .to_path_buf();
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&workspace)
-        .args(["build", "--bin", "tandem-engine", "--bin", "tandem-csi"])
-        .args(["-p", "storage-engine", "-p", "csi-node"])
-        .env(
-            "CARGO_TARGET_DIR",
-            profile_dir.parent().context("target dir")?,
-        );
-    if release {
-        cmd.arg("--release");
-    }
-    let out = cmd.output().context("run cargo build")?;
-    if !out.status.success() {
-        bail!(
-            "cargo build of the binaries failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let bins = Bins {
-        engine: profile_dir.join("tandem-engine"),
-        csi: profile_dir.join("tandem-csi"),
-    };
-    for b in [&bins.engine, &bins.csi] {
-        if !b.is_file() {
-            bail!("{} was not built", b.display());
-        }
-    }
-    Ok(bins)
-}
-
 fn wait_for<T>(
     what: &str,
     timeout: Duration,
@@ -149,210 +91,7 @@ fn kill_child(child: &mut Child, sig: rustix::process::Signal) {
 }
 
 fn log_tail(path: &Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-/// One `tandem-engine serve` process (a standalone primary unless told otherwise).
-pub struct Engine {
-    pub volume: String,
-    pub nbd: String,
-    pub grpc: String,
-    pub dir: PathBuf,
-    token: String,
-    bin: PathBuf,
-    size: String,
-    extra: Vec<String>,
-    netns: Option<String>,
-    child: Option<Child>,
-}
-
-impl Engine {
-    pub fn start(
-        bins: &Bins,
-        dir: &Path,
-        volume: &str,
-        size: &str,
-        token: &str,
-        extra: &[&str],
-    ) -> anyhow::Result<Engine> {
-        Self::start_in(None, bins, dir, volume, size, token, extra)
-    }
-
-    /// Starts the engine inside network namespace `netns` (listening on its address) or, with
-    /// `None`, on loopback.
-    pub fn start_in(
-        netns: Option<&Netns>,
-        bins: &Bins,
-        dir: &Path,
-        volume: &str,
-        size: &str,
-        token: &str,
-        extra: &[&str],
-    ) -> anyhow::Result<Engine> {
-        let ip = netns.map(|n| n.ns_ip.clone()).unwrap_or("127.0.0.1".into());
-        Self::start_at(
-            netns,
-            &format!("{ip}:0"),
-            bins,
-            dir,
-            volume,
-            size,
-            token,
-            extra,
-        )
-    }
-
-    /// Starts the engine (inside `netns` if given) with gRPC on `grpc_listen` (`HOST:PORT`, port 0
-    /// for any) and NBD on the same host, any port.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start_at(
-        netns: Option<&Netns>,
-        grpc_listen: &str,
-        bins: &Bins,
-        dir: &Path,
-        volume: &str,
-        size: &str,
-        token: &str,
-        extra: &[&str],
-    ) -> anyhow::Result<Engine> {
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("token"), token)?;
-        let (host, _) = grpc_listen
-            .rsplit_once(':')
-            .with_context(|| format!("{grpc_listen} is not HOST:PORT"))?;
-        let mut e = Engine {
-            volume: volume.into(),
-            nbd: format!("{host}:0"),
-            grpc: grpc_listen.into(),
-            dir: dir.to_path_buf(),
-            token: token.into(),
-            bin: bins.engine.clone(),
-            size: size.into(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            netns: netns.map(|n| n.name.clone()),
-            child: None,
-        };
-        e.launch()?;
-        Ok(e)
-    }
-
-    /// Starts the process on `self.nbd` / `self.grpc` (port 0 the first time), then learns the
-    /// bound addresses from its ready file.
-    fn launch(&mut self) -> anyhow::Result<()> {
-        let dir = self.dir.clone();
-        let ready = dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("engine.log"))?;
-        let mut cmd = match &self.netns {
-            // `ip netns exec` execs the engine, so the child's pid is the engine's.
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.bin);
-                c
-            }
-            None => Command::new(&self.bin),
-        };
-        let child = cmd
-            .arg("serve")
-            .args(["--volume", &self.volume, "--size", &self.size])
-            .arg("--data")
-            .arg(dir.join("data"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--nbd-listen", &self.nbd, "--grpc-listen", &self.grpc])
-            .arg("--token-file")
-            .arg(dir.join("token"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start tandem-engine")?;
-        self.child = Some(child);
-        let info: serde_json::Value =
-            wait_for("the engine's ready file", Duration::from_secs(20), || {
-                std::fs::read(&ready)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-            })
-            .with_context(|| log_tail(&dir.join("engine.log")))?;
-        self.nbd = info["nbd"].as_str().context("ready.nbd")?.to_string();
-        self.grpc = info["grpc"].as_str().context("ready.grpc")?.to_string();
-        Ok(())
-    }
-
-    /// Starts again after [`Engine::kill`], on the same addresses, data and state.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill();
-        self.launch()
-    }
-
-    /// SIGKILL, as in a crash.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_child(&mut c, rustix::process::Signal::KILL);
-        }
-    }
-
-    /// The volume's data file (the raw image).
-    pub fn data(&self) -> PathBuf {
-        self.dir.join("data")
-    }
-
-    pub fn log(&self) -> String {
-        log_tail(&self.dir.join("engine.log"))
-    }
-
-    async fn client(&self) -> anyhow::Result<EngineClient> {
-        EngineClient::connect(&self.grpc, Some(&self.token))
-            .await
-            .with_context(|| format!("connect to the engine at {}", self.grpc))
-    }
-
-    /// The engine's Status answer (`tandem-engine status`).
-    pub async fn status(&self) -> anyhow::Result<StatusReply> {
-        Ok(self.client().await?.status(&self.volume).await?)
-    }
-
-    /// `tandem-engine fault`: the replication link's test seam (needs `--fault-injection`).
-    pub async fn fault(&self, mut req: FaultRequest) -> anyhow::Result<()> {
-        req.volume = self.volume.clone();
-        self.client().await?.inject_fault(req).await?;
-        Ok(())
-    }
-
-    /// Polls Status until `done` holds for it; on timeout the error shows the last answer.
-    pub async fn wait_status(
-        &self,
-        what: &str,
-        timeout: Duration,
-        done: impl Fn(&StatusReply) -> bool,
-    ) -> anyhow::Result<StatusReply> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let s = self.status().await?;
-            if done(&s) {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "timed out after {timeout:?} waiting for {what}; last status {s:?}\nengine log:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    tail(&std::fs::read_to_string(path).unwrap_or_default(), 30)
 }
 
 /// The role in a Status answer.
@@ -373,13 +112,7 @@ pub struct EnginePair {
 }
 
 impl EnginePair {
-    pub fn start(
-        bins: &Bins,
-        dir: &Path,
-        volume: &str,
-        size: &str,
-        token: &str,
-    ) -> anyhow::Result<EnginePair> {
+    pub fn start(dir: &Path, volume: &str, size: &str, token: &str) -> anyhow::Result<EnginePair> {
         let netns = match netns_skip_reason() {
             None => Some(Netns::create(11)?),
             Some(why) => {
@@ -388,48 +121,37 @@ impl EnginePair {
             }
         };
         // The secondary must know the primary's real address from its start, so A's gRPC port is
-        // chosen up front: any port inside A's own namespace, else a free one on loopback.
-        let (a_grpc, b_grpc) = match &netns {
-            Some(n) => (format!("{}:9500", n.ns_ip), format!("{}:0", n.host_ip)),
-            None => {
-                let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                    .local_addr()?
-                    .port();
-                (format!("127.0.0.1:{port}"), "127.0.0.1:0".to_string())
-            }
+        // chosen up front: any port inside A's own namespace, else a free one on loopback. Each
+        // engine serves NBD on its gRPC host.
+        let (a_host, b_host, a_grpc) = match &netns {
+            Some(n) => (
+                n.ns_ip.clone(),
+                n.host_ip.clone(),
+                format!("{}:9500", n.ns_ip),
+            ),
+            None => ("127.0.0.1".into(), "127.0.0.1".into(), free_port()),
         };
-        let b = Engine::start_at(
-            None,
-            &b_grpc,
-            bins,
-            &dir.join("engine-b"),
-            volume,
-            size,
-            token,
-            &[
-                "--role",
-                "secondary",
-                "--peer",
-                &a_grpc,
-                "--fault-injection",
-            ],
-        )?;
-        let a = Engine::start_at(
-            netns.as_ref(),
-            &a_grpc,
-            bins,
-            &dir.join("engine-a"),
-            volume,
-            size,
-            token,
-            &["--peer", &b.grpc, "--fault-injection"],
-        )?;
+        let mut pair = Pair::builder(dir)
+            .volume(volume)
+            .size(size)
+            .token(token)
+            .fault_injection()
+            .a(|e| e.nbd_listen(&format!("{a_host}:0")).grpc_listen(&a_grpc))
+            .b(|e| {
+                e.nbd_listen(&format!("{b_host}:0"))
+                    .grpc_listen(&format!("{b_host}:0"))
+                    .peer(&a_grpc)
+            });
+        if let Some(n) = &netns {
+            pair = pair.a(|e| e.netns(&n.name));
+        }
+        let Pair { a, b } = pair.start()?;
         Ok(EnginePair { a, b, netns })
     }
 
     /// The volume context the operator emits for this pair (node-a, node-b).
     pub fn volume_context(&self) -> HashMap<String, String> {
-        volume_context(&self.a.volume, &[("node-a", &self.a), ("node-b", &self.b)])
+        volume_context(self.a.volume(), &[("node-a", &self.a), ("node-b", &self.b)])
     }
 
     /// Waits until `primary` has finished any takeover and replicates in sync to `secondary`
@@ -454,18 +176,12 @@ impl EnginePair {
             if Instant::now() > deadline {
                 bail!(
                     "not converged after {timeout:?}:\nprimary {p:?}\nsecondary {s:?}\nprimary log:\n{}\nsecondary log:\n{}",
-                    primary.log(),
-                    secondary.log()
+                    primary.log_tail(30),
+                    secondary.log_tail(30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -559,18 +275,15 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    pub fn start(bins: &Bins, dir: &Path, node_id: &str) -> anyhow::Result<Plugin> {
+    pub fn start(dir: &Path, node_id: &str) -> anyhow::Result<Plugin> {
         std::fs::create_dir_all(dir)?;
-        let health = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?.to_string()
-        };
+        let health = free_port();
         let mut p = Plugin {
             node_id: node_id.into(),
             dir: dir.to_path_buf(),
             socket: dir.join("csi.sock"),
             health,
-            bin: bins.csi.clone(),
+            bin: Bin::Csi.path()?,
             child: None,
         };
         p.restart()?;
@@ -848,20 +561,6 @@ impl Drop for Scratch {
 }
 
 // ---------- data with checksums ----------
-
-/// Deterministic pseudo-random bytes (xorshift), so content can be regenerated to compare.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 /// Writes `n` files of varied sizes under `dir`, fsyncs them, returns name → crc32c.
 pub fn write_files(dir: &Path, prefix: &str, n: u64) -> anyhow::Result<Vec<(PathBuf, u32)>> {

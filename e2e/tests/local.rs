@@ -54,9 +54,8 @@ async fn identity_node_info_and_liveness() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("identity").unwrap();
-    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let mut c = plugin.client().await.unwrap();
 
     let info = c
@@ -133,18 +132,14 @@ async fn ext4_volume_survives_a_plugin_restart_and_unstages_cleanly() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("ext4").unwrap();
-    let engine = Engine::start(
-        &bins,
-        &scratch.path("engine-a"),
-        "vol-fs",
-        "512M",
-        TOKEN,
-        &[],
-    )
-    .unwrap();
-    let mut plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let engine = EngineBuilder::new(scratch.path("engine-a"))
+        .volume("vol-fs")
+        .size("512M")
+        .token(TOKEN)
+        .start()
+        .unwrap();
+    let mut plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-fs", &[("node-a", &engine)]);
     let staging = scratch.path("kubelet/staging/pv-fs");
     let target = scratch.path("kubelet/pods/p1/volumes/pv-fs/mount");
@@ -307,18 +302,14 @@ async fn raw_block_volume_with_direct_io_patterns() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("block").unwrap();
-    let engine = Engine::start(
-        &bins,
-        &scratch.path("engine-a"),
-        "vol-blk",
-        "64M",
-        TOKEN,
-        &[],
-    )
-    .unwrap();
-    let mut plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let engine = EngineBuilder::new(scratch.path("engine-a"))
+        .volume("vol-blk")
+        .size("64M")
+        .token(TOKEN)
+        .start()
+        .unwrap();
+    let mut plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-blk", &[("node-a", &engine)]);
     let staging = scratch.path("kubelet/volumeDevices/staging/pv-blk");
     let target = scratch.path("kubelet/pods/p2/volumeDevices/pv-blk");
@@ -416,18 +407,14 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("bad").unwrap();
-    let engine = Engine::start(
-        &bins,
-        &scratch.path("engine-a"),
-        "vol-bad",
-        "64M",
-        TOKEN,
-        &[],
-    )
-    .unwrap();
-    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let engine = EngineBuilder::new(scratch.path("engine-a"))
+        .volume("vol-bad")
+        .size("64M")
+        .token(TOKEN)
+        .start()
+        .unwrap();
+    let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let mut c = plugin.client().await.unwrap();
     let ctx = volume_context("vol-bad", &[("node-a", &engine)]);
     let staging = scratch.path("staging");
@@ -474,15 +461,14 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
 
     // The NBD address leads to an engine that refuses the export (a secondary): the attach fails
     // with a retryable code and leaves nothing behind.
-    let secondary = Engine::start(
-        &bins,
-        &scratch.path("engine-s"),
-        "vol-bad",
-        "64M",
-        TOKEN,
-        &["--role", "secondary", "--peer", "127.0.0.1:1"],
-    )
-    .unwrap();
+    let secondary = EngineBuilder::new(scratch.path("engine-s"))
+        .volume("vol-bad")
+        .size("64M")
+        .token(TOKEN)
+        .role("secondary")
+        .peer("127.0.0.1:1")
+        .start()
+        .unwrap();
     let mut r = good.clone();
     r.volume_context
         .insert(ATTR_NBD.into(), format!("node-a={}", secondary.nbd));
@@ -587,18 +573,14 @@ async fn io_waits_out_an_engine_restart() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("restart").unwrap();
-    let mut engine = Engine::start(
-        &bins,
-        &scratch.path("engine-a"),
-        "vol-rs",
-        "64M",
-        TOKEN,
-        &[],
-    )
-    .unwrap();
-    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let mut engine = EngineBuilder::new(scratch.path("engine-a"))
+        .volume("vol-rs")
+        .size("64M")
+        .token(TOKEN)
+        .start()
+        .unwrap();
+    let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-rs", &[("node-a", &engine)]);
     let staging = scratch.path("staging");
     let target = scratch.path("pods/p/dev");
@@ -692,19 +674,15 @@ async fn xfs_volume_round_trip() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("xfs").unwrap();
     // mkfs.xfs wants at least 300 MiB.
-    let engine = Engine::start(
-        &bins,
-        &scratch.path("engine-a"),
-        "vol-xfs",
-        "512M",
-        TOKEN,
-        &[],
-    )
-    .unwrap();
-    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let engine = EngineBuilder::new(scratch.path("engine-a"))
+        .volume("vol-xfs")
+        .size("512M")
+        .token(TOKEN)
+        .start()
+        .unwrap();
+    let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-xfs", &[("node-a", &engine)]);
     let staging = scratch.path("staging");
     let target = scratch.path("pods/p/mount");
@@ -764,22 +742,20 @@ async fn remote_attach_across_a_network_namespace_rides_out_a_link_flap() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("netns").unwrap();
     // node-b: an engine in its own network namespace. node-a: a plugin with no engine of its own,
     // so it attaches to node-b's primary over the veth link.
     let ns_b = Netns::create(7).unwrap();
-    let engine = Engine::start_in(
-        Some(&ns_b),
-        &bins,
-        &scratch.path("engine-b"),
-        "vol-net",
-        "64M",
-        TOKEN,
-        &[],
-    )
-    .unwrap();
-    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let engine = EngineBuilder::new(scratch.path("engine-b"))
+        .volume("vol-net")
+        .size("64M")
+        .token(TOKEN)
+        .netns(&ns_b.name)
+        .nbd_listen(&format!("{}:0", ns_b.ns_ip))
+        .grpc_listen(&format!("{}:0", ns_b.ns_ip))
+        .start()
+        .unwrap();
+    let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-net", &[("node-b", &engine)]);
     let staging = scratch.path("staging");
     let target = scratch.path("pods/p/dev");
@@ -838,18 +814,14 @@ async fn a_dead_attach_daemon_is_replaced_by_the_next_stage() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("daemon").unwrap();
-    let engine = Engine::start(
-        &bins,
-        &scratch.path("engine-a"),
-        "vol-dd",
-        "256M",
-        TOKEN,
-        &[],
-    )
-    .unwrap();
-    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let engine = EngineBuilder::new(scratch.path("engine-a"))
+        .volume("vol-dd")
+        .size("256M")
+        .token(TOKEN)
+        .start()
+        .unwrap();
+    let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-dd", &[("node-a", &engine)]);
     let staging = scratch.path("staging");
     std::fs::create_dir_all(&staging).unwrap();
@@ -905,18 +877,14 @@ async fn concurrent_calls_and_read_only_publish() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("concurrent").unwrap();
-    let engine = Engine::start(
-        &bins,
-        &scratch.path("engine-a"),
-        "vol-cc",
-        "256M",
-        TOKEN,
-        &[],
-    )
-    .unwrap();
-    let plugin = Plugin::start(&bins, &scratch.path("node-a"), "node-a").unwrap();
+    let engine = EngineBuilder::new(scratch.path("engine-a"))
+        .volume("vol-cc")
+        .size("256M")
+        .token(TOKEN)
+        .start()
+        .unwrap();
+    let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-cc", &[("node-a", &engine)]);
     let staging = scratch.path("staging");
     std::fs::create_dir_all(&staging).unwrap();
@@ -1020,8 +988,8 @@ macro_rules! with_pair_logs {
         if let Err(e) = &r {
             eprintln!("--- node-a plugin log ---\n{}", $node_a.log());
             eprintln!("--- node-b plugin log ---\n{}", $node_b.log());
-            eprintln!("--- engine-a log ---\n{}", $pair.a.log());
-            eprintln!("--- engine-b log ---\n{}", $pair.b.log());
+            eprintln!("--- engine-a log ---\n{}", $pair.a.log_tail(30));
+            eprintln!("--- engine-b log ---\n{}", $pair.b.log_tail(30));
             panic!("{e:#}");
         }
     }};
@@ -1144,13 +1112,12 @@ async fn ext4_takeover_by_staging_on_the_secondary_node() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("takeover-fs").unwrap();
-    let pair = EnginePair::start(&bins, &scratch.root, "vol-tk", "512M", TOKEN).unwrap();
+    let pair = EnginePair::start(&scratch.root, "vol-tk", "512M", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-tk", false).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-tk", false).unwrap();
-    let mut node_a = Plugin::start(&bins, &na.plugin_dir(), "node-a").unwrap();
-    let node_b = Plugin::start(&bins, &nb.plugin_dir(), "node-b").unwrap();
+    let mut node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
     let ctx = pair.volume_context();
     let id = "default/pv-tk";
     let fs = Some("ext4");
@@ -1291,13 +1258,12 @@ async fn raw_block_takeover_by_staging_on_the_secondary_node() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("takeover-blk").unwrap();
-    let pair = EnginePair::start(&bins, &scratch.root, "vol-tb", "64M", TOKEN).unwrap();
+    let pair = EnginePair::start(&scratch.root, "vol-tb", "64M", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-tb", true).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-tb", true).unwrap();
-    let mut node_a = Plugin::start(&bins, &na.plugin_dir(), "node-a").unwrap();
-    let node_b = Plugin::start(&bins, &nb.plugin_dir(), "node-b").unwrap();
+    let mut node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
     let ctx = pair.volume_context();
     let id = "default/pv-tb";
     let tmp = scratch.path("tmp");
@@ -1377,13 +1343,12 @@ async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("takeover-dead").unwrap();
-    let mut pair = EnginePair::start(&bins, &scratch.root, "vol-td", "64M", TOKEN).unwrap();
+    let mut pair = EnginePair::start(&scratch.root, "vol-td", "64M", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-td", true).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-td", true).unwrap();
-    let mut node_a = Plugin::start(&bins, &na.plugin_dir(), "node-a").unwrap();
-    let node_b = Plugin::start(&bins, &nb.plugin_dir(), "node-b").unwrap();
+    let mut node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
     let mut ctx = pair.volume_context();
     ctx.insert(ATTR_PEER_TIMEOUT.into(), "2".into());
     let id = "default/pv-td";
@@ -1487,15 +1452,14 @@ async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_
         return;
     }
     let _serial = serial().await;
-    let bins = bins().unwrap();
     let scratch = Scratch::new("stale").unwrap();
-    let pair = EnginePair::start(&bins, &scratch.root, "vol-st", "256M", TOKEN).unwrap();
+    let pair = EnginePair::start(&scratch.root, "vol-st", "256M", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-st", false).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-st", false).unwrap();
     // The pod that replaces p1 on node A after the failback (same staging path).
     let na2 = NodePaths::new(&scratch, "node-a", "p3", "pv-st", false).unwrap();
-    let node_a = Plugin::start(&bins, &na.plugin_dir(), "node-a").unwrap();
-    let node_b = Plugin::start(&bins, &nb.plugin_dir(), "node-b").unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
     let ctx = pair.volume_context();
     let id = "default/pv-st";
     let fs = Some("ext4");
@@ -1543,10 +1507,7 @@ async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_
         // The operator fails back to node A's engine (e.g. node B is drained): epoch 3, and node
         // A's engine serves I/O again, with node A's epoch-1 staging still in place.
         let t0 = std::time::Instant::now();
-        sh(Command::new(&bins.engine)
-            .args(["failback", "--grpc", &pair.a.grpc, "--volume", "vol-st"])
-            .arg("--token-file")
-            .arg(pair.a.dir.join("token")))?;
+        sh(&mut pair.a.cli("failback"))?;
         let st = pair.a.status().await?;
         anyhow::ensure!(
             role(&st) == EngineRole::Primary && st.epoch == 3,

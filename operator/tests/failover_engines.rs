@@ -7,16 +7,14 @@
 //! The one seam: engine Service names (`data-engine-a.default.svc.cluster.local:9500`) are routed to the
 //! engines' loopback ports, as cluster DNS would route them.
 //!
-//! The engine binary is built with the cargo that runs this test (a no-op when it is up to date), like the
-//! e2e suite does; `TANDEM_ENGINE_BIN` names a prebuilt one instead. qemu-io writes the data.
+//! The engines are the testkit's (which builds `tandem-engine` with the cargo that runs this test, or takes
+//! `TANDEM_ENGINE_BIN`). qemu-io writes the data.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     collections::{BTreeMap, HashMap},
     future::Future,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -38,10 +36,11 @@ use operator::{
 };
 use serde_json::{json, Value};
 use tandem_api::{
-    client::{EngineClient, PairState, StatusReply, TakeoverPhase},
+    client::{PairState, StatusReply, TakeoverPhase},
     nbd::client::NbdClient,
     pb,
 };
+use tandem_testkit::{qemu_io_ok, Engine, Pair};
 use tokio::task::JoinHandle;
 
 const NS: &str = "default";
@@ -54,206 +53,16 @@ const TOKEN: &str = "0123456789abcdef-volume-token";
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
 // ---------------------------------------------------------------------------------------------------------
-// The engine binary and processes.
+// The engine processes.
 
-/// `tandem-engine`, built (or found up to date) with the cargo and profile that built this test.
-fn engine_binary() -> PathBuf {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(build_engine)
-        .clone()
-        .unwrap_or_else(|e| panic!("no tandem-engine binary for the failover tests: {e}"))
-}
-
-fn build_engine() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("TANDEM_ENGINE_BIN") {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(format!("TANDEM_ENGINE_BIN={} is not a file", p.display()))
-        };
-    }
-    // target/<profile>/deps/<test-exe>
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("the test executable is not inside a cargo target dir")?
-        .to_path_buf();
-    let target_dir = profile_dir.parent().ok_or("no target dir")?;
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("no workspace root")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace)
-        .args(["build", "-p", "storage-engine", "--bin", "tandem-engine"])
-        .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-        cmd.arg("--release");
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run cargo build: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`cargo build -p storage-engine --bin tandem-engine` failed (or set TANDEM_ENGINE_BIN):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let bin = profile_dir.join("tandem-engine");
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!("{} was not built", bin.display()))
-    }
-}
-
-/// One `tandem-engine serve` process with its own data file and state dir.
-struct Engine {
-    dir: PathBuf,
-    role: &'static str,
-    peer: String,
-    child: Option<Child>,
-    nbd: String,
-    grpc: String,
-}
-
-impl Engine {
-    fn start(dir: &Path, role: &'static str, peer: &str) -> Engine {
-        std::fs::create_dir_all(dir).unwrap();
-        std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
-        let mut e = Engine {
-            dir: dir.to_path_buf(),
-            role,
-            peer: peer.to_string(),
-            child: None,
-            nbd: "127.0.0.1:0".into(),
-            grpc: "127.0.0.1:0".into(),
-        };
-        e.spawn();
-        e
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.join("data.img")
-    }
-
-    fn log(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("engine.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(25)..].join("\n")
-    }
-
-    /// Starts the process on `self.nbd` / `self.grpc` (port 0 the first time) and learns the bound
-    /// addresses from its ready file.
-    fn spawn(&mut self) {
-        let ready = self.dir.join("ready.json");
-        let _ = std::fs::remove_file(&ready);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("engine.log"))
-            .unwrap();
-        let child = Command::new(engine_binary())
-            .arg("serve")
-            .args(["--volume", VOLUME, "--size", &SIZE.to_string()])
-            .arg("--data")
-            .arg(self.data())
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .args(["--nbd-listen", &self.nbd, "--grpc-listen", &self.grpc])
-            .args(["--role", self.role, "--peer", &self.peer])
-            .arg("--token-file")
-            .arg(self.dir.join("token"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .arg("--fault-injection")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start tandem-engine");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(v) = std::fs::read(&ready)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            {
-                self.nbd = v["nbd"].as_str().unwrap().to_string();
-                self.grpc = v["grpc"].as_str().unwrap().to_string();
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("engine exited early with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "engine did not start:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL, as in a crash or the kubelet killing a force-deleted pod's container.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// A new process on the same addresses, data file and state dir (the pod the operator recreated).
-    fn restart(&mut self, role: &'static str) {
-        self.kill();
-        self.role = role;
-        self.spawn();
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://{}/{VOLUME}", self.nbd)
-    }
-
-    async fn client(&self) -> EngineClient {
-        EngineClient::connect(&self.grpc, Some(TOKEN))
-            .await
-            .unwrap_or_else(|e| panic!("engine at {}: {e}\n{}", self.grpc, self.log()))
-    }
-
-    async fn status(&self) -> StatusReply {
-        self.client()
-            .await
-            .status(VOLUME)
-            .await
-            .unwrap_or_else(|e| panic!("status of {}: {e}\n{}", self.grpc, self.log()))
-    }
-
-    async fn fault(&self, req: pb::FaultRequest) {
-        self.client()
-            .await
-            .inject_fault(pb::FaultRequest {
-                volume: VOLUME.into(),
-                ..req
-            })
-            .await
-            .unwrap_or_else(|e| panic!("fault on {}: {e}", self.grpc));
-    }
-
-    async fn pause(&self, pause: bool) {
-        self.fault(pb::FaultRequest {
-            pause: Some(pause),
-            ..Default::default()
-        })
-        .await;
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Pauses (true) or resumes (false) an engine's replication link.
+async fn pause(e: &Engine, pause: bool) {
+    e.fault(pb::FaultRequest {
+        pause: Some(pause),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|err| panic!("{err:#}"));
 }
 
 fn role_name(role: i32) -> &'static str {
@@ -266,37 +75,38 @@ fn role_name(role: i32) -> &'static str {
 }
 
 /// Engine slot a (the first primary, on node n1) and slot b (its secondary, on n2), each knowing the
-/// other's real gRPC address.
-struct Pair {
-    _dir: tempfile::TempDir,
-    a: Engine,
-    b: Engine,
+/// other's real gRPC address, in a directory that outlives them.
+fn start_pair() -> (tempfile::TempDir, Pair) {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::builder(dir.path())
+        .volume(VOLUME)
+        .size(&SIZE.to_string())
+        .token(&format!("{TOKEN}\n"))
+        .fault_injection()
+        .a(|e| e.role("primary"))
+        .linked()
+        .start()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    (dir, pair)
 }
 
-impl Pair {
-    fn start() -> Pair {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = Engine::start(&dir.path().join("b"), "secondary", "127.0.0.1:9");
-        let a = Engine::start(&dir.path().join("a"), "primary", &b.grpc);
-        b.peer = a.grpc.clone();
-        b.restart("secondary");
-        Pair { _dir: dir, a, b }
-    }
-
-    async fn wait_synced(&self) {
-        eventually("the pair to be in sync", 30, || async {
-            let (a, b) = (self.a.status().await, self.b.status().await);
-            if a.pair() == PairState::Synced
-                && a.pending_blocks == 0
-                && b.pair() == PairState::Consistent
-            {
-                Ok(())
-            } else {
-                Err(format!("a: {a:?}\nb: {b:?}"))
-            }
-        })
-        .await;
-    }
+async fn wait_synced(pair: &Pair) {
+    eventually("the pair to be in sync", 30, || async {
+        let status = |e: &'static str, r: anyhow::Result<StatusReply>| {
+            r.map_err(|err| format!("{e}: {err:#}"))
+        };
+        let a = status("a", pair.a.status().await)?;
+        let b = status("b", pair.b.status().await)?;
+        if a.pair() == PairState::Synced
+            && a.pending_blocks == 0
+            && b.pair() == PairState::Consistent
+        {
+            Ok(())
+        } else {
+            Err(format!("a: {a:?}\nb: {b:?}"))
+        }
+    })
+    .await;
 }
 
 /// Polls `f` until it answers Ok, failing the test with its last answer after `secs`.
@@ -322,23 +132,7 @@ where
 /// Writes whole blocks of `byte` through the engine's NBD export with qemu-io, and into the model.
 fn write_blocks(e: &Engine, model: &mut [u8], blocks: std::ops::Range<u64>, byte: u8) {
     let (off, len) = (blocks.start * BLOCK, (blocks.end - blocks.start) * BLOCK);
-    let cmd = format!("write -P {byte} {off} {len}");
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", &cmd, &e.uri()])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run qemu-io (scripts/install-deps.sh installs it): {e}")
-        });
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.contains("wrote") && !text.contains("failed"),
-        "qemu-io {cmd} on {}: {text}",
-        e.uri()
-    );
+    qemu_io_ok(&e.uri(), &[&format!("write -P {byte} {off} {len}")]);
     model[off as usize..(off + len) as usize].fill(byte);
 }
 
@@ -353,14 +147,17 @@ fn write_each_block(e: &Engine, model: &mut [u8], blocks: std::ops::Range<u64>, 
 async fn read_volume(e: &Engine) -> Vec<u8> {
     let mut c = NbdClient::connect(&e.nbd, VOLUME)
         .await
-        .unwrap_or_else(|err| panic!("NBD connect to {}: {err}\n{}", e.nbd, e.log()));
+        .unwrap_or_else(|err| panic!("NBD connect to {}: {err}\n{}", e.nbd, e.log_tail(25)));
     let mut out = Vec::with_capacity(SIZE as usize);
     let chunk = 1u64 << 20;
     for off in (0..SIZE).step_by(chunk as usize) {
-        let data = c
-            .read(off, chunk as u32)
-            .await
-            .unwrap_or_else(|err| panic!("NBD read at {off} from {}: {err}\n{}", e.nbd, e.log()));
+        let data = c.read(off, chunk as u32).await.unwrap_or_else(|err| {
+            panic!(
+                "NBD read at {off} from {}: {err}\n{}",
+                e.nbd,
+                e.log_tail(25)
+            )
+        });
         out.extend_from_slice(&data);
     }
     out
@@ -765,10 +562,10 @@ impl Operator {
                 panic!(
                     "phase never became {want:?} within {secs}s; phases seen {seen:?}; status {}\na: {:?}\nb: {:?}\na log:\n{}\nb log:\n{}",
                     serde_json::to_string_pretty(&status).unwrap(),
-                    pair.a.status().await,
-                    pair.b.status().await,
-                    pair.a.log(),
-                    pair.b.log()
+                    pair.a.status().await.map_err(|e| format!("{e:#}")),
+                    pair.b.status().await.map_err(|e| format!("{e:#}")),
+                    pair.a.log_tail(25),
+                    pair.b.log_tail(25)
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -805,10 +602,10 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_rejoins() {
     let _serial = serial().await;
-    let mut pair = Pair::start();
+    let (_dir, mut pair) = start_pair();
     let mut model = vec![0u8; SIZE as usize];
     write_blocks(&pair.a, &mut model, 0..8, 0x11);
-    pair.wait_synced().await;
+    wait_synced(&pair).await;
     let op = Operator::new(&pair);
 
     // The operator establishes the pair from the engines' own view.
@@ -824,7 +621,8 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
             hold_acks: Some(true),
             ..Default::default()
         })
-        .await;
+        .await
+        .unwrap();
     // One record per block on a one-block-per-second link: the secondary has at most the first one or two
     // when the primary dies.
     write_each_block(&pair.a, &mut model, 10..16, 0xee);
@@ -832,7 +630,7 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
         "the secondary to know the primary's backlog",
         20,
         || async {
-            let b = pair.b.status().await;
+            let b = pair.b.status().await.unwrap();
             if b.peer_pending_blocks == 6 {
                 Ok(())
             } else {
@@ -890,7 +688,7 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
         .unwrap()
         .reasons()
         .contains(&"HandoffBlocked"));
-    let b = pair.b.status().await;
+    let b = pair.b.status().await.unwrap();
     assert_eq!((role_name(b.role), b.epoch), ("secondary", 1), "{b:?}");
     assert!(b.condition.starts_with("HandoffBlocked"), "{b:?}");
     assert_eq!(b.condition_reason, "HandoffBlocked", "{b:?}");
@@ -916,7 +714,7 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
     assert!(
         takeover.lost_seq_to >= takeover.lost_seq_from && takeover.lost_seq_from > 0,
         "{takeover:?} b: {:?}",
-        pair.b.status().await
+        pair.b.status().await.unwrap()
     );
     assert!(takeover.completed_at.is_some() && takeover.last_error.is_none());
     assert_eq!(takeover.attempts, 2);
@@ -927,7 +725,7 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
     );
     assert_eq!(condition(&status, "Ready").status, "True");
     assert_eq!(condition(&status, "TakeoverInProgress").status, "False");
-    let b = pair.b.status().await;
+    let b = pair.b.status().await.unwrap();
     assert_eq!(
         (role_name(b.role), b.epoch, b.lost_blocks),
         ("primary", 2, takeover.lost_blocks),
@@ -973,14 +771,14 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
 
     // The kubelet starts it: the same state dir (its meta still says primary at epoch 1, never fenced).
     // Reverse replication is held for a moment so the Reversing phase can be seen.
-    pair.b.pause(true).await;
-    pair.a.restart("secondary");
+    pause(&pair.b, true).await;
+    pair.a.restart_with(|c| c.role("secondary")).unwrap();
     op.world
         .lock()
         .unwrap()
         .run_pod(Slot::A, "secondary", true, 0);
     eventually("the old primary to step down", 20, || async {
-        let a = pair.a.status().await;
+        let a = pair.a.status().await.unwrap();
         if role_name(a.role) == "secondary" && a.epoch == 2 {
             Ok(())
         } else {
@@ -1009,7 +807,7 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
         .reasons()
         .contains(&"EngineRejoined"));
 
-    pair.b.pause(false).await;
+    pause(&pair.b, false).await;
     let status = op
         .reconcile_until(
             FailoverPolicy::ForcePromote,
@@ -1059,19 +857,19 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
     let _serial = serial().await;
-    let mut pair = Pair::start();
+    let (_dir, mut pair) = start_pair();
     let mut model = vec![0u8; SIZE as usize];
     write_blocks(&pair.a, &mut model, 0..8, 0x11);
-    pair.wait_synced().await;
+    wait_synced(&pair).await;
     let op = Operator::new(&pair);
     let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
     assert_eq!(status.phase, Phase::Synced, "{status:?}");
 
     // A backlog the secondary does not have.
-    pair.a.pause(true).await;
+    pause(&pair.a, true).await;
     write_blocks(&pair.a, &mut model, 4..12, 0x22);
     write_blocks(&pair.a, &mut model, 100..110, 0x33);
-    let pending = pair.a.status().await.pending_blocks;
+    let pending = pair.a.status().await.unwrap().pending_blocks;
     assert_eq!(pending, 18);
 
     // Node n1 stops reporting: NotReady, the pods there still look ready.
@@ -1107,7 +905,10 @@ async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
         // Fenced in Kubernetes too: the pod object goes at once, the kubelet kills it if the node returns.
         assert_eq!(w.deletions, vec![(pod_name(Slot::A), Some(0))]);
     }
-    let (a, b) = (pair.a.status().await, pair.b.status().await);
+    let (a, b) = (
+        pair.a.status().await.unwrap(),
+        pair.b.status().await.unwrap(),
+    );
     assert_eq!(
         (role_name(a.role), a.epoch, a.takeover()),
         ("fenced", 2, TakeoverPhase::Fenced)
@@ -1129,14 +930,14 @@ async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
     // The node returns. The kubelet kills the old container (its pod was force-deleted) and starts the pod
     // the operator recreated, on the same state dir: a fenced engine, which finishes its drain by itself.
     // Reverse replication is held for a moment so the Reversing phase can be seen.
-    pair.b.pause(true).await;
+    pause(&pair.b, true).await;
     {
         let mut w = op.world.lock().unwrap();
         w.node_ready[0] = true;
     }
     let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
     let mut phases = vec![status.phase];
-    pair.a.restart("secondary");
+    pair.a.restart_with(|c| c.role("secondary")).unwrap();
     {
         let mut w = op.world.lock().unwrap();
         assert!(
@@ -1155,11 +956,14 @@ async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
         )
         .await;
     assert_eq!(status.epoch, 2);
-    let a = pair.a.status().await;
+    let a = pair.a.status().await.unwrap();
     assert_eq!((role_name(a.role), a.epoch), ("secondary", 2), "{a:?}");
-    assert_eq!(pair.b.status().await.takeover(), TakeoverPhase::None);
+    assert_eq!(
+        pair.b.status().await.unwrap().takeover(),
+        TakeoverPhase::None
+    );
 
-    pair.b.pause(false).await;
+    pause(&pair.b, false).await;
     let status = op
         .reconcile_until(
             FailoverPolicy::WaitForPrimary,

@@ -21,11 +21,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{pattern, run, run_ok, Engine, Pair, ENGINE};
+use common::*;
 use storage_engine::nbd::client::NbdClient;
 
 /// Slack for polling a status over the CLI on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_millis(1500);
+
+const DEGRADED: &str = "tandem_sync_degraded{volume=\"vol\"}";
 
 /// A TCP relay: forwards while healthy; blackholed, it swallows every byte in both directions
 /// and keeps every socket open. Connections from before a `heal` stay swallowed forever, as those
@@ -34,19 +36,28 @@ struct Relay {
     addr: String,
     black: Arc<AtomicBool>,
     era: Arc<AtomicU64>,
+    listener: Option<TcpListener>,
 }
 
 impl Relay {
-    fn start(target: &str) -> Relay {
+    /// Listens at once; connections wait in the backlog until `forward_to` names the target.
+    fn bind() -> Relay {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let black = Arc::new(AtomicBool::new(false));
-        let era = Arc::new(AtomicU64::new(0));
+        Relay {
+            addr: l.local_addr().unwrap().to_string(),
+            black: Arc::new(AtomicBool::new(false)),
+            era: Arc::new(AtomicU64::new(0)),
+            listener: Some(l),
+        }
+    }
+
+    fn forward_to(&mut self, target: &str) {
+        let l = self.listener.take().unwrap();
         // Sockets of dead connections, held open so their peers never see a FIN or a RST.
         let graveyard = Arc::new(Mutex::new(Vec::new()));
         let (b, e, g, target) = (
-            Arc::clone(&black),
-            Arc::clone(&era),
+            Arc::clone(&self.black),
+            Arc::clone(&self.era),
             Arc::clone(&graveyard),
             target.to_string(),
         );
@@ -70,7 +81,6 @@ impl Relay {
                 }
             }
         });
-        Relay { addr, black, era }
     }
 
     fn blackhole(&self) {
@@ -114,31 +124,13 @@ fn pump(
 
 /// A pair whose primary reaches its secondary through `relay`.
 fn relayed_pair(dir: &Path, extra_p: &[&str], extra_s: &[&str]) -> (Pair, Relay) {
-    std::fs::create_dir_all(dir).unwrap();
-    let token = dir.join("token");
-    std::fs::write(&token, "s3cret-token\n").unwrap();
-    let tok = token.to_str().unwrap().to_string();
-    let mut s_args = vec![
-        "--role",
-        "secondary",
-        "--token-file",
-        &tok,
-        "--peer",
-        "127.0.0.1:9",
-    ];
-    s_args.extend_from_slice(extra_s);
-    let s = Engine::start(&dir.join("s"), "vol", "16M", &s_args);
-    let relay = Relay::start(&s.grpc);
-    let mut p_args = vec![
-        "--token-file",
-        &tok,
-        "--peer",
-        &relay.addr,
-        "--fault-injection",
-    ];
-    p_args.extend_from_slice(extra_p);
-    let p = Engine::start(&dir.join("p"), "vol", "16M", &p_args);
-    (Pair { p, s, token }, relay)
+    let mut relay = Relay::bind();
+    let pair = pair_builder(dir, "16M", extra_p, extra_s)
+        .a(|e| e.peer(&relay.addr))
+        .start()
+        .unwrap();
+    relay.forward_to(&pair.b.grpc);
+    (pair, relay)
 }
 
 /// Writes through NBD, one request per (offset, data); returns how long each took.
@@ -183,32 +175,6 @@ fn until_disconnected(
     }
 }
 
-fn signal(e: &Engine, sig: &str) {
-    let pid = e.child.as_ref().unwrap().id().to_string();
-    run_ok("kill", &[sig, &pid]);
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn scrape(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn free_port() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
 /// The reviewer's case: the primary's node dies without FIN or RST and comes back. Replication
 /// resumes without restarting the secondary: the returning primary's stream supersedes the dead
 /// one at once (before: it waited behind it forever, and nothing was replicated again).
@@ -224,29 +190,29 @@ fn silent_primary_death_then_return_resumes_replication() {
     );
     pair.wait_synced(20);
     let a = pattern(1, 64 << 10);
-    nbd_writes(&pair.p.nbd, &[(0, a.clone())], false);
+    nbd_writes(&pair.a.nbd, &[(0, a.clone())], false);
     pair.wait_synced(20);
 
     // The node dies: its sockets go silent, the secondary's end stays open.
     relay.blackhole();
-    pair.p.kill();
+    pair.a.kill();
     relay.heal();
-    let secondary_pid = pair.s.child.as_ref().unwrap().id();
-    pair.p.restart();
+    let secondary_pid = pair.b.pid().unwrap();
+    pair.a.restart().unwrap();
 
     let b = pattern(2, 128 << 10);
-    nbd_writes(&pair.p.nbd, &[(32 << 10, b.clone())], false);
+    nbd_writes(&pair.a.nbd, &[(32 << 10, b.clone())], false);
     pair.wait_synced(15);
     let mut want = a;
     want.truncate(32 << 10);
     want.extend_from_slice(&b);
     assert_eq!(
-        common::file_bytes(&pair.s.data(), 0, want.len()),
+        file_bytes(&pair.b.data(), 0, want.len()),
         want,
         "the secondary holds what was written"
     );
     assert!(pair.files_identical());
-    assert_eq!(pair.s.child.as_ref().unwrap().id(), secondary_pid);
+    assert_eq!(pair.b.pid().unwrap(), secondary_pid);
 }
 
 /// A blackholed link (default --peer-timeout-ms, 6 s) reads down on both sides within the bound,
@@ -256,29 +222,29 @@ fn blackholed_link_is_detected_and_heals() {
     let d = tempfile::tempdir().unwrap();
     let (pair, relay) = relayed_pair(d.path(), &[], &[]);
     pair.wait_synced(20);
-    nbd_writes(&pair.p.nbd, &[(0, pattern(3, 16 << 10))], false);
+    nbd_writes(&pair.a.nbd, &[(0, pattern(3, 16 << 10))], false);
     pair.wait_synced(20);
-    assert_eq!(pair.status_s()["peer_connected"], true);
+    assert_eq!(status(&pair.b)["peer_connected"], true);
 
     let bound = Duration::from_millis(6000);
     relay.blackhole();
     let t0 = Instant::now();
-    let tp = until_disconnected("primary", bound + SLACK, || pair.status_p());
-    let ts = until_disconnected("secondary", bound + SLACK - tp, || pair.status_s());
+    let tp = until_disconnected("primary", bound + SLACK, || status(&pair.a));
+    let ts = until_disconnected("secondary", bound + SLACK - tp, || status(&pair.b));
     eprintln!(
         "blackhole detected: primary after {tp:?}, secondary after {:?} (bound {bound:?})",
         t0.elapsed()
     );
-    assert_eq!(pair.status_p()["pair_state"], "Connecting");
+    assert_eq!(status(&pair.a)["pair_state"], "Connecting");
     let _ = ts;
 
     // Written while cut off: kept in the table, sent once the link is back.
     let c = pattern(4, 256 << 10);
-    nbd_writes(&pair.p.nbd, &[(1 << 20, c.clone())], false);
-    assert!(pair.status_p()["pending_blocks"].as_u64().unwrap() > 0);
+    nbd_writes(&pair.a.nbd, &[(1 << 20, c.clone())], false);
+    assert!(status(&pair.a)["pending_blocks"].as_u64().unwrap() > 0);
     relay.heal();
     pair.wait_synced(20);
-    assert_eq!(common::file_bytes(&pair.s.data(), 1 << 20, c.len()), c);
+    assert_eq!(file_bytes(&pair.b.data(), 1 << 20, c.len()), c);
     assert!(pair.files_identical());
 }
 
@@ -303,17 +269,17 @@ fn sync_mode_blackholed_peer_reports_degraded() {
         &t,
     );
     pair.wait_synced(20);
-    let took = nbd_writes(&pair.p.nbd, &[(0, pattern(5, 4096))], true);
+    let took = nbd_writes(&pair.a.nbd, &[(0, pattern(5, 4096))], true);
     assert!(took.iter().all(|t| *t < Duration::from_secs(2)), "{took:?}");
-    let st = pair.status_p();
+    let st = status(&pair.a);
     assert_eq!(st["sync_degraded"], false, "{st}");
-    assert_eq!(metric(&scrape(&metrics), "tandem_sync_degraded"), Some(0.0));
+    assert_eq!(sample(&scrape(&metrics), DEGRADED), Some(0.0));
 
     relay.blackhole();
     let writes: Vec<(u64, Vec<u8>)> = (0..6u64)
         .map(|i| ((i + 1) * 8192, pattern(10 + i, 4096)))
         .collect();
-    let took = nbd_writes(&pair.p.nbd, &writes, true);
+    let took = nbd_writes(&pair.a.nbd, &writes, true);
     eprintln!("sync writes while blackholed: {took:?}");
     // The first waits until the link is known dead (the peer timeout), the rest not at all.
     assert!(took[0] < Duration::from_millis(2000) + SLACK, "{took:?}");
@@ -323,7 +289,7 @@ fn sync_mode_blackholed_peer_reports_degraded() {
         "later writes waited: {took:?}"
     );
 
-    let st = pair.status_p();
+    let st = status(&pair.a);
     assert_eq!(st["peer_connected"], false, "{st}");
     assert_eq!(st["sync_degraded"], true, "{st}");
     assert!(st["sync_timeouts"].as_u64().unwrap() >= 7, "{st}");
@@ -332,31 +298,28 @@ fn sync_mode_blackholed_peer_reports_degraded() {
         "{st}"
     );
     let m = scrape(&metrics);
-    assert_eq!(metric(&m, "tandem_sync_degraded"), Some(1.0), "{m}");
+    assert_eq!(sample(&m, DEGRADED), Some(1.0), "{m}");
     assert!(
-        metric(&m, "tandem_sync_timeouts_total").unwrap() >= 7.0,
+        sample(&m, "tandem_sync_timeouts_total{volume=\"vol\"}").unwrap() >= 7.0,
         "{m}"
     );
 
     relay.heal();
     pair.wait_synced(20);
-    common::wait_until(10, "degraded state cleared", || {
-        pair.status_p()["sync_degraded"] == false
+    wait_until(10, "degraded state cleared", || {
+        status(&pair.a)["sync_degraded"] == false
     });
-    let st = pair.status_p();
+    let st = status(&pair.a);
     assert_eq!(st["condition"], "", "{st}");
-    assert_eq!(metric(&scrape(&metrics), "tandem_sync_degraded"), Some(0.0));
+    assert_eq!(sample(&scrape(&metrics), DEGRADED), Some(0.0));
     for (off, data) in &writes {
-        assert_eq!(&common::file_bytes(&pair.s.data(), *off, data.len()), data);
+        assert_eq!(&file_bytes(&pair.b.data(), *off, data.len()), data);
     }
     // Mirrored again: a write waits for the peer and is acknowledged by it.
-    let took = nbd_writes(&pair.p.nbd, &[(1 << 20, pattern(20, 4096))], true);
+    let took = nbd_writes(&pair.a.nbd, &[(1 << 20, pattern(20, 4096))], true);
     assert!(took.iter().all(|t| *t < Duration::from_secs(2)), "{took:?}");
-    assert_eq!(pair.status_p()["sync_degraded"], false);
-    assert_eq!(
-        common::file_bytes(&pair.s.data(), 1 << 20, 4096),
-        pattern(20, 4096)
-    );
+    assert_eq!(status(&pair.a)["sync_degraded"], false);
+    assert_eq!(file_bytes(&pair.b.data(), 1 << 20, 4096), pattern(20, 4096));
 }
 
 /// A stopped process (SIGSTOP: its kernel still acknowledges TCP) on either side: the other side
@@ -365,27 +328,27 @@ fn sync_mode_blackholed_peer_reports_degraded() {
 fn stopped_peer_is_detected_and_resumes() {
     let d = tempfile::tempdir().unwrap();
     let t = ["--peer-timeout-ms", "2000"];
-    let pair = Pair::start(d.path(), "16M", &t, &t);
+    let mut pair = start_pair(d.path(), "16M", &t, &t);
     pair.wait_synced(20);
     let bound = Duration::from_millis(2000);
 
-    signal(&pair.s, "-STOP");
-    let tp = until_disconnected("primary", bound + SLACK, || pair.status_p());
+    pair.b.stop().unwrap();
+    let tp = until_disconnected("primary", bound + SLACK, || status(&pair.a));
     eprintln!("stopped secondary detected after {tp:?}");
     let a = pattern(30, 64 << 10);
-    nbd_writes(&pair.p.nbd, &[(0, a.clone())], false);
-    signal(&pair.s, "-CONT");
+    nbd_writes(&pair.a.nbd, &[(0, a.clone())], false);
+    pair.b.cont().unwrap();
     pair.wait_synced(20);
-    assert_eq!(common::file_bytes(&pair.s.data(), 0, a.len()), a);
+    assert_eq!(file_bytes(&pair.b.data(), 0, a.len()), a);
 
-    signal(&pair.p, "-STOP");
-    let ts = until_disconnected("secondary", bound + SLACK, || pair.status_s());
+    pair.a.stop().unwrap();
+    let ts = until_disconnected("secondary", bound + SLACK, || status(&pair.b));
     eprintln!("stopped primary detected after {ts:?}");
-    signal(&pair.p, "-CONT");
+    pair.a.cont().unwrap();
     let b = pattern(31, 64 << 10);
-    nbd_writes(&pair.p.nbd, &[(1 << 20, b.clone())], false);
+    nbd_writes(&pair.a.nbd, &[(1 << 20, b.clone())], false);
     pair.wait_synced(20);
-    assert_eq!(common::file_bytes(&pair.s.data(), 1 << 20, b.len()), b);
+    assert_eq!(file_bytes(&pair.b.data(), 1 << 20, b.len()), b);
     assert!(pair.files_identical());
 }
 
@@ -396,27 +359,26 @@ fn stopped_peer_is_detected_and_resumes() {
 fn netns_one_way_blackhole_is_detected_and_heals() {
     let Some(net) = Netns::create() else { return };
     let d = tempfile::tempdir().unwrap();
-    let token = d.path().join("token");
-    std::fs::write(&token, "s3cret-token\n").unwrap();
-    let tok = token.to_str().unwrap().to_string();
-    let t = ["--peer-timeout-ms", "2000", "--token-file", &tok];
     let p_grpc = format!("{}:9600", net.ip_a);
     let s_grpc = format!("{}:9600", net.ip_b);
-    let mut s_args = vec!["--role", "secondary", "--peer", &p_grpc];
-    s_args.extend_from_slice(&t);
-    let s = NsEngine::start(&net.b, &d.path().join("s"), &s_grpc, &s_args);
-    let mut p_args = vec!["--peer", &s_grpc];
-    p_args.extend_from_slice(&t);
-    let p = NsEngine::start(&net.a, &d.path().join("p"), &p_grpc, &p_args);
-    let synced = |secs: u64| {
-        common::wait_until(secs, "netns pair synced", || {
-            let (a, b) = (p.status(&tok), s.status(&tok));
-            a["pending_blocks"] == 0
-                && a["pair_state"] == "Synced"
-                && b["pair_state"] == "Consistent"
+    let pair = Pair::builder(d.path())
+        .token(&format!("{TOKEN}\n"))
+        .args(&["--peer-timeout-ms", "2000"])
+        .a(|e| {
+            e.netns(&net.a)
+                .nbd_socket()
+                .grpc_listen(&p_grpc)
+                .peer(&s_grpc)
         })
-    };
-    synced(20);
+        .b(|e| {
+            e.netns(&net.b)
+                .nbd_socket()
+                .grpc_listen(&s_grpc)
+                .peer(&p_grpc)
+        })
+        .start()
+        .unwrap();
+    pair.wait_synced(20);
     let bound = Duration::from_millis(2000);
     for (round, (dev_ns, dev, label)) in [
         (&net.b, &net.veth_b, "secondary to primary"),
@@ -426,19 +388,19 @@ fn netns_one_way_blackhole_is_detected_and_heals() {
     .enumerate()
     {
         net.drop_egress(dev_ns, dev, true);
-        let tp = until_disconnected("primary", bound + SLACK, || p.status(&tok));
-        let ts = until_disconnected("secondary", bound + SLACK, || s.status(&tok));
+        let tp = until_disconnected("primary", bound + SLACK, || status(&pair.a));
+        let ts = until_disconnected("secondary", bound + SLACK, || status(&pair.b));
         eprintln!("netns: {label} dropped; primary down after {tp:?}, secondary then after {ts:?}");
         // Written while cut off: replicated once the link is back.
         let (byte, off) = (0x5a + round as u64, (2 + round as u64) << 20);
-        common::qemu_io_ok(&p.unix_uri(), &[&format!("write -P {byte} {off} 128k")]);
-        net.drop_egress(dev_ns, dev, false);
-        synced(30);
-        assert!(common::file_block_is(&s.data(), off / 4096, byte as u8));
-        assert_eq!(
-            std::fs::read(p.data()).unwrap(),
-            std::fs::read(s.data()).unwrap()
+        qemu_io_ok(
+            &pair.a.unix_uri(),
+            &[&format!("write -P {byte} {off} 128k")],
         );
+        net.drop_egress(dev_ns, dev, false);
+        pair.wait_synced(30);
+        assert!(file_block_is(&pair.b.data(), off / 4096, byte as u8));
+        assert!(pair.files_identical());
     }
 }
 
@@ -616,85 +578,5 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run("ip", &["netns", "del", &self.a]);
         let _ = run("ip", &["netns", "del", &self.b]);
-    }
-}
-
-/// An engine inside a network namespace; host I/O through its unix socket (shared filesystem).
-struct NsEngine {
-    ns: String,
-    dir: std::path::PathBuf,
-    grpc: String,
-    child: std::process::Child,
-}
-
-impl NsEngine {
-    fn start(ns: &str, dir: &Path, grpc: &str, extra: &[&str]) -> NsEngine {
-        std::fs::create_dir_all(dir).unwrap();
-        let ready = dir.join("ready");
-        let log = std::fs::File::create(dir.join("engine.log")).unwrap();
-        let child = Command::new("ip")
-            .args([
-                "netns", "exec", ns, ENGINE, "serve", "--volume", "vol", "--size", "16M",
-            ])
-            .arg("--data")
-            .arg(dir.join("data.img"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--nbd-listen", "127.0.0.1:0", "--grpc-listen", grpc])
-            .arg("--nbd-socket")
-            .arg(dir.join("nbd.sock"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        common::wait_until(20, "netns engine ready", || ready.exists());
-        NsEngine {
-            ns: ns.to_string(),
-            dir: dir.to_path_buf(),
-            grpc: grpc.to_string(),
-            child,
-        }
-    }
-
-    fn data(&self) -> std::path::PathBuf {
-        self.dir.join("data.img")
-    }
-
-    fn unix_uri(&self) -> String {
-        format!(
-            "nbd+unix:///vol?socket={}",
-            self.dir.join("nbd.sock").display()
-        )
-    }
-
-    fn status(&self, tok: &str) -> serde_json::Value {
-        let out = run_ok(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &self.ns,
-                ENGINE,
-                "status",
-                "--grpc",
-                &self.grpc,
-                "--volume",
-                "vol",
-                "--json",
-                "--token-file",
-                tok,
-            ],
-        );
-        serde_json::from_str(&out).unwrap()
-    }
-}
-
-impl Drop for NsEngine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

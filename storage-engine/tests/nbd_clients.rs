@@ -14,7 +14,7 @@ use common::*;
 #[test]
 fn nbdinfo_reports_size_and_block_sizes() {
     let d = tempfile::tempdir().unwrap();
-    let e = Engine::start(d.path(), "vol-info", "64M", &[]);
+    let e = start_engine(d.path(), "vol-info", "64M", &[]);
     let out = run_ok("nbdinfo", &["--json", &e.uri()]);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ex = &j["exports"][0];
@@ -40,7 +40,7 @@ fn nbdinfo_reports_size_and_block_sizes() {
 #[test]
 fn qemu_io_patterns_unaligned_last_sector_and_past_end() {
     let d = tempfile::tempdir().unwrap();
-    let e = Engine::start(d.path(), "vol-q", "8M", &[]);
+    let e = start_engine(d.path(), "vol-q", "8M", &[]);
     let last = (8 << 20) - 512;
     qemu_io_ok(
         &e.uri(),
@@ -92,7 +92,7 @@ fn qemu_io_patterns_unaligned_last_sector_and_past_end() {
 #[test]
 fn nbdcopy_roundtrip_of_random_data_tcp_and_unix() {
     let d = tempfile::tempdir().unwrap();
-    let e = Engine::start(d.path(), "vol-copy", "32M", &[]);
+    let e = start_engine(d.path(), "vol-copy", "32M", &[]);
     let src = d.path().join("src.bin");
     std::fs::write(&src, pattern(7, 32 << 20)).unwrap();
     run_ok(
@@ -114,7 +114,7 @@ fn nbdcopy_roundtrip_of_random_data_tcp_and_unix() {
 #[test]
 fn many_concurrent_clients_keep_their_bytes() {
     let d = tempfile::tempdir().unwrap();
-    let e = Engine::start(d.path(), "vol-many", "64M", &[]);
+    let e = start_engine(d.path(), "vol-many", "64M", &[]);
     let uri = e.uri();
     let handles: Vec<_> = (0..12)
         .map(|i| {
@@ -149,17 +149,17 @@ fn many_concurrent_clients_keep_their_bytes() {
 #[test]
 fn flush_then_sigkill_then_restart_keeps_data() {
     let d = tempfile::tempdir().unwrap();
-    let mut e = Engine::start(d.path(), "vol-kill", "16M", &[]);
+    let mut e = start_engine(d.path(), "vol-kill", "16M", &[]);
     let src = d.path().join("src.bin");
     std::fs::write(&src, pattern(99, 16 << 20)).unwrap();
     run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &e.uri()]);
     e.kill();
-    e.restart();
+    e.restart().unwrap();
     let back = d.path().join("back.bin");
     run_ok("nbdcopy", &[&e.uri(), back.to_str().unwrap()]);
     assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap());
     assert_eq!(
-        e.status()["bytes_written"],
+        status(&e)["bytes_written"],
         0,
         "counters restart with the process"
     );
@@ -168,7 +168,7 @@ fn flush_then_sigkill_then_restart_keeps_data() {
 #[test]
 fn sigterm_is_a_clean_shutdown() {
     let d = tempfile::tempdir().unwrap();
-    let mut e = Engine::start(d.path(), "vol-term", "4M", &[]);
+    let mut e = start_engine(d.path(), "vol-term", "4M", &[]);
     qemu_io_ok(&e.uri(), &["write -P 0x42 0 4k"]);
     assert!(e.terminate(), "engine must exit 0 on SIGTERM: {}", e.log());
     assert!(!e.socket().exists(), "unix socket removed on shutdown");
@@ -181,8 +181,10 @@ fn sigterm_is_a_clean_shutdown() {
 fn existing_data_file_of_another_size_is_refused_untouched() {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("data.img"), vec![7u8; 1 << 20]).unwrap();
+    let engine = Bin::Engine.path().unwrap();
+    let engine = engine.to_str().unwrap();
     let out = run(
-        ENGINE,
+        engine,
         &[
             "serve",
             "--volume",
@@ -207,7 +209,7 @@ fn existing_data_file_of_another_size_is_refused_untouched() {
         vec![7u8; 1 << 20]
     );
     let bad = run(
-        ENGINE,
+        engine,
         &[
             "serve",
             "--volume",
@@ -246,7 +248,7 @@ fn go(e: &Engine) -> TcpStream {
     let mut opt = Vec::new();
     opt.extend_from_slice(b"IHAVEOPT");
     opt.extend_from_slice(&7u32.to_be_bytes());
-    let name = e.name.as_bytes();
+    let name = e.volume().as_bytes();
     opt.extend_from_slice(&((4 + name.len() + 2) as u32).to_be_bytes());
     opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
     opt.extend_from_slice(name);
@@ -301,7 +303,7 @@ fn closed(s: &mut TcpStream) -> bool {
 #[test]
 fn malformed_handshakes_close_only_that_connection() {
     let d = tempfile::tempdir().unwrap();
-    let e = Engine::start(d.path(), "vol-raw", "4M", &[]);
+    let e = start_engine(d.path(), "vol-raw", "4M", &[]);
     // Unknown client flags.
     let mut s = connect(&e);
     read_greeting(&mut s);
@@ -364,7 +366,7 @@ fn malformed_handshakes_close_only_that_connection() {
 #[test]
 fn malformed_requests_get_errors_or_close_and_server_lives() {
     let d = tempfile::tempdir().unwrap();
-    let e = Engine::start(d.path(), "vol-req", "4M", &[]);
+    let e = start_engine(d.path(), "vol-req", "4M", &[]);
     let mut s = go(&e);
     // Read past the end: EINVAL, connection lives.
     s.write_all(&request(0, 1, 4 << 20, 512)).unwrap();
@@ -420,9 +422,9 @@ fn malformed_requests_get_errors_or_close_and_server_lives() {
 #[test]
 fn grpc_status_counts_io() {
     let d = tempfile::tempdir().unwrap();
-    let e = Engine::start(d.path(), "vol-st", "4M", &[]);
+    let e = start_engine(d.path(), "vol-st", "4M", &[]);
     qemu_io_ok(&e.uri(), &["write -P 1 0 64k", "read 0 32k", "flush"]);
-    let s = e.status();
+    let s = status(&e);
     assert_eq!(s["volume"], "vol-st");
     assert_eq!(s["role"], "primary");
     assert_eq!(s["size"], 4u64 << 20);
@@ -432,10 +434,11 @@ fn grpc_status_counts_io() {
     assert_eq!(s["nbd_connections"], 0);
     assert!(s["epoch"].as_u64().unwrap() >= 1);
     // Unknown volume: NOT_FOUND.
-    let out = run(
-        ENGINE,
-        &["status", "--grpc", &e.grpc, "--volume", "other", "--json"],
-    );
+    let out = e
+        .command()
+        .args(["status", "--grpc", &e.grpc, "--volume", "other", "--json"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown volume"));
 }
@@ -450,7 +453,7 @@ fn large_trim_and_zeroes_complete_and_reads_still_answer() {
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
     let d = tempfile::tempdir().unwrap();
-    let e = Engine::start(d.path(), "vol-trim", "3G", &[]);
+    let e = start_engine(d.path(), "vol-trim", "3G", &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let addr = e.nbd.clone();
     let run = async move {

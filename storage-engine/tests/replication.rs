@@ -9,162 +9,144 @@ use proptest::prelude::*;
 
 const B: u64 = 4096;
 
-fn block_is(path: &std::path::Path, block: u64, byte: u8) -> bool {
-    file_bytes(path, block * B, B as usize)
-        .iter()
-        .all(|b| *b == byte)
-}
-
 #[test]
 fn pair_syncs_to_identical_files_and_secondary_refuses_host_io() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start(d.path(), "64M", &[], &[]);
+    let pair = start_pair(d.path(), "64M", &[], &[]);
     let src = d.path().join("src.bin");
     std::fs::write(&src, pattern(3, 24 << 20)).unwrap();
     run_ok(
         "nbdcopy",
-        &["--flush", src.to_str().unwrap(), &pair.p.uri()],
+        &["--flush", src.to_str().unwrap(), &pair.a.uri()],
     );
     qemu_io_ok(
-        &pair.p.uri(),
+        &pair.a.uri(),
         &["write -z 1M 64k", "discard 3M 8k", "write -P 9 63M 512"],
     );
     pair.wait_synced(30);
     assert!(pair.files_identical(), "data files differ after sync");
-    let st = pair.status_p();
+    let st = status(&pair.a);
     assert_eq!(st["peer_connected"], true);
     assert!(st["bytes_replicated"].as_u64().unwrap() >= 24 << 20);
-    assert_eq!(pair.status_s()["role"], "secondary");
+    assert_eq!(status(&pair.b)["role"], "secondary");
     // The secondary serves no host I/O; the refusal names its role.
-    let out = run("nbdinfo", &[&pair.s.uri()]);
+    let out = run("nbdinfo", &[&pair.b.uri()]);
     assert!(!out.status.success());
-    let q = qemu_io(&pair.s.uri(), &["write -P 1 0 4k"]);
+    let q = qemu_io(&pair.b.uri(), &["write -P 1 0 4k"]);
     assert!(!q.status.success() || String::from_utf8_lossy(&q.stderr).contains("failed"));
 }
 
 #[test]
 fn wrong_or_missing_token_is_refused_and_changes_nothing() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start(d.path(), "16M", &[], &[]);
+    let pair = start_pair(d.path(), "16M", &[], &[]);
     let bad = d.path().join("bad");
     std::fs::write(&bad, "wrong").unwrap();
     for extra in [vec!["--token-file", bad.to_str().unwrap()], vec![]] {
-        let mut a = vec![
-            "status",
-            "--grpc",
-            &pair.p.grpc,
-            "--volume",
-            "vol",
-            "--json",
-        ];
-        a.extend_from_slice(&extra);
-        let out = run(ENGINE, &a);
+        let out = pair
+            .a
+            .command()
+            .args([
+                "status",
+                "--grpc",
+                &pair.a.grpc,
+                "--volume",
+                "vol",
+                "--json",
+            ])
+            .args(&extra)
+            .output()
+            .unwrap();
         assert!(!out.status.success());
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("token"),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut f = vec![
-            "fault",
-            "--grpc",
-            &pair.p.grpc,
-            "--volume",
-            "vol",
-            "--pause",
-            "true",
-        ];
-        f.extend_from_slice(&extra);
-        assert!(!run(ENGINE, &f).status.success());
+        let out = pair
+            .a
+            .command()
+            .args(["fault", "--grpc", &pair.a.grpc, "--volume", "vol"])
+            .args(["--pause", "true"])
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
     }
-    assert_eq!(pair.status_p()["pair_state"], "Synced");
+    assert_eq!(status(&pair.a)["pair_state"], "Synced");
     // Fault injection needs the flag: the secondary was started without it.
-    let tok = pair.tok();
-    let out = run(
-        ENGINE,
-        &[
-            "fault",
-            "--grpc",
-            &pair.s.grpc,
-            "--volume",
-            "vol",
-            "--token-file",
-            &tok,
-            "--pause",
-            "true",
-        ],
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("fault injection is off"));
+    let err = pair.b.control("fault", &["--pause", "true"]).unwrap_err();
+    assert!(err.contains("fault injection is off"), "{err}");
 }
 
 /// AT-01 (async ack without the peer) and AT-03 (drain clears bits, then the loop goes idle).
 #[test]
 fn at01_at03_async_ack_then_drain() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start(d.path(), "16M", &[], &[]);
+    let pair = start_pair(d.path(), "16M", &[], &[]);
     pair.wait_synced(20);
-    pair.fault(&["--pause", "true"]);
-    qemu_io_ok(&pair.p.uri(), &["write -P 0x58 40960 4096"]);
-    let st = pair.status_p();
+    fault(&pair.a, &["--pause", "true"]);
+    qemu_io_ok(&pair.a.uri(), &["write -P 0x58 40960 4096"]);
+    let st = status(&pair.a);
     assert!(st["pending_blocks"].as_u64().unwrap() >= 1);
     assert_eq!(st["pair_state"], "Replicating");
     assert!(
-        block_is(&pair.s.data(), 10, 0),
+        file_block_is(&pair.b.data(), 10, 0),
         "the paused link must not deliver"
     );
-    pair.fault(&["--pause", "false"]);
+    fault(&pair.a, &["--pause", "false"]);
     pair.wait_synced(20);
-    assert!(block_is(&pair.s.data(), 10, 0x58));
-    let seq = pair.status_s()["applied_seq"].clone();
+    assert!(file_block_is(&pair.b.data(), 10, 0x58));
+    let seq = status(&pair.b)["applied_seq"].clone();
     std::thread::sleep(std::time::Duration::from_millis(800));
     assert_eq!(
-        pair.status_s()["applied_seq"],
+        status(&pair.b)["applied_seq"],
         seq,
         "copy loop must be idle"
     );
-    assert_eq!(pair.status_p()["pending_blocks"], 0);
+    assert_eq!(status(&pair.a)["pending_blocks"], 0);
 }
 
 /// AT-04: an acknowledgement of an older version never clears a block written again meanwhile.
 #[test]
 fn at04_no_lost_update_on_redirty_during_flight() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start(d.path(), "16M", &[], &[]);
+    let pair = start_pair(d.path(), "16M", &[], &[]);
     pair.wait_synced(20);
-    pair.fault(&["--hold-acks", "true"]);
-    qemu_io_ok(&pair.p.uri(), &["write -P 0x58 40960 4096"]);
+    fault(&pair.a, &["--hold-acks", "true"]);
+    qemu_io_ok(&pair.a.uri(), &["write -P 0x58 40960 4096"]);
     wait_until(20, "X applied on the secondary", || {
-        block_is(&pair.s.data(), 10, 0x58)
+        file_block_is(&pair.b.data(), 10, 0x58)
     });
-    pair.fault(&["--pause", "true"]);
-    qemu_io_ok(&pair.p.uri(), &["write -P 0x59 40960 4096"]);
-    pair.fault(&["--hold-acks", "false"]);
+    fault(&pair.a, &["--pause", "true"]);
+    qemu_io_ok(&pair.a.uri(), &["write -P 0x59 40960 4096"]);
+    fault(&pair.a, &["--hold-acks", "false"]);
     wait_until(20, "ack of X processed", || {
-        pair.status_p()["applied_seq"].as_u64().unwrap() >= 1
+        status(&pair.a)["applied_seq"].as_u64().unwrap() >= 1
     });
     assert_eq!(
-        pair.status_p()["pending_blocks"],
+        status(&pair.a)["pending_blocks"],
         1,
         "block 10 must stay pending for Y"
     );
-    pair.fault(&["--pause", "false"]);
+    fault(&pair.a, &["--pause", "false"]);
     pair.wait_synced(20);
-    assert!(block_is(&pair.s.data(), 10, 0x59));
+    assert!(file_block_is(&pair.b.data(), 10, 0x59));
 }
 
 /// AT-05: while the journal holds, the replica is always a prefix of the write history.
 #[test]
 fn at05_replica_is_always_a_prefix() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start(d.path(), "16M", &[], &[]);
+    let pair = start_pair(d.path(), "16M", &[], &[]);
     pair.wait_synced(20);
-    pair.fault(&["--pause", "true"]);
+    fault(&pair.a, &["--pause", "true"]);
     // 12 writes over 3 blocks, each a distinct byte; each waits for the previous ack.
     let writes: Vec<(u64, u8)> = (0..12u8)
         .map(|i| (5 + u64::from(i % 3) * 7 % 4, 0x20 + i))
         .collect();
     for (blk, v) in &writes {
-        qemu_io_ok(&pair.p.uri(), &[&format!("write -P {v} {} 4096", blk * B)]);
+        qemu_io_ok(&pair.a.uri(), &[&format!("write -P {v} {} 4096", blk * B)]);
     }
     let blocks: Vec<u64> = {
         let mut b: Vec<u64> = writes.iter().map(|w| w.0).collect();
@@ -187,13 +169,13 @@ fn at05_replica_is_always_a_prefix() {
         })
         .collect();
     // About two records a second, so many intermediate states are observed.
-    pair.fault(&["--rate", "9000", "--pause", "false"]);
+    fault(&pair.a, &["--rate", "9000", "--pause", "false"]);
     let mut last_k = 0;
     let mut seen = std::collections::BTreeSet::new();
     wait_until(30, "all writes replicated", || {
         let state: Vec<u8> = blocks
             .iter()
-            .map(|b| file_bytes(&pair.s.data(), b * B, 1)[0])
+            .map(|b| file_bytes(&pair.b.data(), b * B, 1)[0])
             .collect();
         let k = prefixes
             .iter()
@@ -217,25 +199,25 @@ fn at05_replica_is_always_a_prefix() {
 #[test]
 fn secondary_sigkill_then_resync_moves_only_dirty_bytes() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = Pair::start(d.path(), "64M", &[], &[]);
+    let mut pair = start_pair(d.path(), "64M", &[], &[]);
     let src = d.path().join("src.bin");
     std::fs::write(&src, pattern(5, 32 << 20)).unwrap();
-    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.a.uri()]);
     pair.wait_synced(30);
-    pair.s.kill();
+    pair.b.kill();
     let cmds: Vec<String> = (0..256u64)
         .map(|i| format!("write -P {} {} 4096", i % 200 + 1, i * 61 * B))
         .collect();
     let refs: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
-    qemu_io_ok(&pair.p.uri(), &refs);
-    assert!(pair.status_p()["pending_blocks"].as_u64().unwrap() >= 256);
-    let before = pair.status_p();
+    qemu_io_ok(&pair.a.uri(), &refs);
+    assert!(status(&pair.a)["pending_blocks"].as_u64().unwrap() >= 256);
+    let before = status(&pair.a);
     let moved_before =
         before["bytes_replicated"].as_u64().unwrap() + before["bytes_resynced"].as_u64().unwrap();
-    pair.s.restart();
+    pair.b.restart().unwrap();
     pair.wait_synced(30);
     assert!(pair.files_identical());
-    let after = pair.status_p();
+    let after = status(&pair.a);
     let moved = after["bytes_replicated"].as_u64().unwrap()
         + after["bytes_resynced"].as_u64().unwrap()
         - moved_before;
@@ -250,22 +232,22 @@ fn secondary_sigkill_then_resync_moves_only_dirty_bytes() {
 #[test]
 fn primary_sigkill_mid_stream_converges() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = Pair::start(d.path(), "32M", &[], &[]);
+    let mut pair = start_pair(d.path(), "32M", &[], &[]);
     pair.wait_synced(20);
-    pair.fault(&["--rate", "2M"]);
+    fault(&pair.a, &["--rate", "2M"]);
     let src = d.path().join("src.bin");
     std::fs::write(&src, pattern(11, 16 << 20)).unwrap();
-    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.a.uri()]);
     assert!(
-        pair.status_p()["pending_blocks"].as_u64().unwrap() > 0,
+        status(&pair.a)["pending_blocks"].as_u64().unwrap() > 0,
         "link should be behind"
     );
-    pair.p.kill();
-    pair.p.restart();
+    pair.a.kill();
+    pair.a.restart().unwrap();
     pair.wait_synced(60);
     assert!(pair.files_identical());
     let back = d.path().join("back.bin");
-    run_ok("nbdcopy", &[&pair.p.uri(), back.to_str().unwrap()]);
+    run_ok("nbdcopy", &[&pair.a.uri(), back.to_str().unwrap()]);
     assert!(std::fs::read(&back).unwrap()[..16 << 20] == std::fs::read(&src).unwrap()[..]);
 }
 
@@ -273,32 +255,32 @@ fn primary_sigkill_mid_stream_converges() {
 #[test]
 fn journal_overflow_falls_back_to_table_resync() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start(d.path(), "32M", &["--journal-size", "1M"], &[]);
+    let pair = start_pair(d.path(), "32M", &["--journal-size", "1M"], &[]);
     pair.wait_synced(20);
-    pair.fault(&["--pause", "true"]);
+    fault(&pair.a, &["--pause", "true"]);
     let src = d.path().join("src.bin");
     std::fs::write(&src, pattern(13, 8 << 20)).unwrap();
-    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
-    assert!(pair.status_p()["journal_bytes"].as_u64().unwrap() <= 1 << 20);
-    pair.fault(&["--pause", "false"]);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.a.uri()]);
+    assert!(status(&pair.a)["journal_bytes"].as_u64().unwrap() <= 1 << 20);
+    fault(&pair.a, &["--pause", "false"]);
     pair.wait_synced(30);
     assert!(pair.files_identical());
-    assert!(pair.status_p()["bytes_resynced"].as_u64().unwrap() >= 1 << 20);
+    assert!(status(&pair.a)["bytes_resynced"].as_u64().unwrap() >= 1 << 20);
 }
 
 /// Sync mode: the host's ack means the secondary has the bytes durably.
 #[test]
 fn sync_mode_acknowledges_after_the_secondary() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start(d.path(), "16M", &["--replication", "sync"], &[]);
+    let pair = start_pair(d.path(), "16M", &["--replication", "sync"], &[]);
     pair.wait_synced(20);
     for i in 0..20u64 {
         qemu_io_ok(
-            &pair.p.uri(),
+            &pair.a.uri(),
             &[&format!("write -P {} {} 4096", i + 1, i * 3 * B)],
         );
         assert!(
-            block_is(&pair.s.data(), i * 3, (i + 1) as u8),
+            file_block_is(&pair.b.data(), i * 3, (i + 1) as u8),
             "write {i} acked before the secondary had it"
         );
     }
@@ -310,29 +292,29 @@ fn sync_mode_acknowledges_after_the_secondary() {
 fn applied_writes_stay_pending_until_durable_and_a_sync_flush_makes_them_so() {
     let d = tempfile::tempdir().unwrap();
     let lazy = ["--durable-interval-ms", "600000"];
-    let pair = Pair::start(d.path().join("a").as_path(), "16M", &[], &lazy);
+    let pair = start_pair(d.path().join("a").as_path(), "16M", &[], &lazy);
     pair.wait_synced(20);
-    qemu_io_ok(&pair.p.uri(), &["write -P 5 0 64k"]);
+    qemu_io_ok(&pair.a.uri(), &["write -P 5 0 64k"]);
     wait_until(10, "the secondary applies the write", || {
-        block_is(&pair.s.data(), 15, 5)
+        file_block_is(&pair.b.data(), 15, 5)
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(
-        pair.status_p()["pending_blocks"],
+        status(&pair.a)["pending_blocks"],
         16,
         "applied but not durable on the secondary: still pending"
     );
 
-    let pair = Pair::start(
+    let pair = start_pair(
         d.path().join("b").as_path(),
         "16M",
         &["--replication", "sync"],
         &lazy,
     );
     pair.wait_synced(20);
-    qemu_io_ok(&pair.p.uri(), &["write -P 6 0 64k", "flush"]);
-    assert!(block_is(&pair.s.data(), 15, 6));
-    let st = pair.status_p();
+    qemu_io_ok(&pair.a.uri(), &["write -P 6 0 64k", "flush"]);
+    assert!(file_block_is(&pair.b.data(), 15, 6));
+    let st = status(&pair.a);
     assert_eq!(
         st["pending_blocks"], 0,
         "the FLUSH made the writes durable: {st}"
@@ -345,38 +327,27 @@ fn applied_writes_stay_pending_until_durable_and_a_sync_flush_makes_them_so() {
 fn blank_secondary_gets_a_full_copy() {
     let d = tempfile::tempdir().unwrap();
     // A standalone primary with data, then restarted paired with a new secondary.
-    let mut p = Engine::start(&d.path().join("p"), "vol", "32M", &[]);
+    let mut p = start_engine(&d.path().join("p"), "vol", "32M", &[]);
     let src = d.path().join("src.bin");
     std::fs::write(&src, pattern(17, 4 << 20)).unwrap();
     run_ok("nbdcopy", &[src.to_str().unwrap(), &p.uri()]);
     assert!(p.terminate());
     let tok = d.path().join("tok");
     std::fs::write(&tok, "t").unwrap();
-    let t = tok.to_str().unwrap();
-    let s = Engine::start(
-        &d.path().join("s"),
-        "vol",
-        "32M",
-        &[
-            "--role",
-            "secondary",
-            "--token-file",
-            t,
-            "--peer",
-            "127.0.0.1:9",
-        ],
-    );
-    p.args = vec![
-        "--peer".into(),
-        s.grpc.clone(),
-        "--token-file".into(),
-        t.into(),
-    ];
-    p.restart();
-    let pair = Pair { p, s, token: tok };
+    let s = EngineBuilder::new(d.path().join("s"))
+        .size("32M")
+        .nbd_socket()
+        .role("secondary")
+        .token_file(&tok)
+        .peer("127.0.0.1:9")
+        .start()
+        .unwrap();
+    p.restart_with(|c| c.peer(&s.grpc).token_file(&tok))
+        .unwrap();
+    let pair = Pair { a: p, b: s };
     pair.wait_synced(30);
     assert!(pair.files_identical());
-    let st = pair.status_p();
+    let st = status(&pair.a);
     assert!(st["bytes_resynced"].as_u64().unwrap() >= 4 << 20);
     assert!(
         st["bytes_resynced"].as_u64().unwrap() < 32 << 20,
@@ -409,24 +380,24 @@ proptest! {
     #[test]
     fn model_random_writes_kills_and_reconnects(ops in proptest::collection::vec(op(), 4..14)) {
         let d = tempfile::tempdir().unwrap();
-        let mut pair = Pair::start(d.path(), "4M", &["--journal-size", "256K"], &[]);
+        let mut pair = start_pair(d.path(), "4M", &["--journal-size", "256K"], &[]);
         let mut model = vec![0u8; 4 << 20];
         for o in ops {
             match o {
                 Op::Write { block, blocks, byte } => {
                     let blocks = blocks.min(1024 - block);
-                    qemu_io_ok(&pair.p.uri(), &[&format!("write -P {byte} {} {}", block * B, blocks * B)]);
+                    qemu_io_ok(&pair.a.uri(), &[&format!("write -P {byte} {} {}", block * B, blocks * B)]);
                     model[(block * B) as usize..((block + blocks) * B) as usize].fill(byte);
                 }
-                Op::Flush => { qemu_io_ok(&pair.p.uri(), &["flush"]); }
-                Op::KillSecondary => pair.s.restart(),
-                Op::DropLink => pair.fault(&["--drop-link"]),
-                Op::KillPrimary => pair.p.restart(),
+                Op::Flush => { qemu_io_ok(&pair.a.uri(), &["flush"]); }
+                Op::KillSecondary => pair.b.restart().unwrap(),
+                Op::DropLink => fault(&pair.a, &["--drop-link"]),
+                Op::KillPrimary => pair.a.restart().unwrap(),
             }
         }
         pair.wait_synced(20);
-        prop_assert!(std::fs::read(pair.p.data()).unwrap() == model, "primary lost acknowledged data");
-        prop_assert!(std::fs::read(pair.s.data()).unwrap() == model, "secondary differs from the model");
+        prop_assert!(std::fs::read(pair.a.data()).unwrap() == model, "primary lost acknowledged data");
+        prop_assert!(std::fs::read(pair.b.data()).unwrap() == model, "secondary differs from the model");
     }
 }
 
@@ -434,11 +405,11 @@ proptest! {
 #[test]
 fn secondary_read_only_access_serves_reads_only() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start(d.path(), "16M", &[], &["--secondary-access", "read-only"]);
-    qemu_io_ok(&pair.p.uri(), &["write -P 0x3d 1M 64k"]);
+    let pair = start_pair(d.path(), "16M", &[], &["--secondary-access", "read-only"]);
+    qemu_io_ok(&pair.a.uri(), &["write -P 0x3d 1M 64k"]);
     pair.wait_synced(20);
     let info: serde_json::Value =
-        serde_json::from_str(&run_ok("nbdinfo", &["--json", &pair.s.uri()])).unwrap();
+        serde_json::from_str(&run_ok("nbdinfo", &["--json", &pair.b.uri()])).unwrap();
     assert_eq!(info["exports"][0]["is_read_only"], true);
     let out = run_ok(
         "qemu-io",
@@ -448,53 +419,31 @@ fn secondary_read_only_access_serves_reads_only() {
             "raw",
             "-c",
             "read -P 0x3d 1M 64k",
-            &pair.s.uri(),
+            &pair.b.uri(),
         ],
     );
     assert!(
         out.contains("read 65536/65536") && !out.contains("failed"),
         "{out}"
     );
-    let out = qemu_io(&pair.s.uri(), &["write -P 1 0 4k"]);
+    let out = qemu_io(&pair.b.uri(), &["write -P 1 0 4k"]);
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() || text.contains("failed") || text.contains("read-only"),
         "{text}"
     );
-    assert!(block_is(&pair.s.data(), 0, 0));
-}
-
-/// `GET /metrics` over plain HTTP: the whole response.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of `series` (a full name with labels) on a metrics page.
-fn sample(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    assert!(file_block_is(&pair.b.data(), 0, 0));
 }
 
 #[test]
 fn metrics_show_pending_blocks_while_the_link_is_paused_and_io_counters() {
     let d = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let pair = Pair::start(d.path(), "16M", &["--metrics-listen", &addr], &[]);
+    let addr = free_port();
+    let pair = start_pair(d.path(), "16M", &["--metrics-listen", &addr], &[]);
     pair.wait_synced(30);
-    pair.fault(&["--pause", "true"]);
-    qemu_io_ok(&pair.p.uri(), &["write -P 7 0 1M"]);
+    fault(&pair.a, &["--pause", "true"]);
+    qemu_io_ok(&pair.a.uri(), &["write -P 7 0 1M"]);
     let page = scrape(&addr);
     assert!(page.contains("application/openmetrics-text"), "{page}");
     assert!(page.trim_end().ends_with("# EOF"), "{page}");
@@ -512,7 +461,7 @@ fn metrics_show_pending_blocks_while_the_link_is_paused_and_io_counters() {
         Some(1.0)
     );
     assert_eq!(sample(&page, "tandem_role{volume=\"vol\"}"), Some(1.0));
-    pair.fault(&["--pause", "false"]);
+    fault(&pair.a, &["--pause", "false"]);
     pair.wait_synced(30);
     let page = scrape(&addr);
     assert_eq!(

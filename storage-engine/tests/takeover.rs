@@ -23,25 +23,25 @@ async fn peer_client(
         .unwrap();
     storage_engine::pb::peer_client::PeerClient::with_interceptor(
         ch,
-        storage_engine::client::TokenInterceptor::new(Some("s3cret-token")).unwrap(),
+        storage_engine::client::TokenInterceptor::new(Some(TOKEN)).unwrap(),
     )
 }
 
 /// A linked pair, synced, with the primary's link paused and `blocks` written on the primary
 /// (pending, not on the secondary).
 fn pair_with_backlog(dir: &std::path::Path, blocks: &[(u64, u8)], extra_s: &[&str]) -> Pair {
-    let pair = Pair::start_linked(dir, "64M", &[], extra_s);
+    let pair = start_linked(dir, "64M", &[], extra_s);
     pair.wait_synced(30);
-    pair.fault(&["--pause", "true"]);
+    fault(&pair.a, &["--pause", "true"]);
     for &(b, v) in blocks {
-        put_block(&pair.p.uri(), b, v);
+        put_block(&pair.a.uri(), b, v);
     }
-    assert!(pair.status_p()["pending_blocks"].as_u64().unwrap() >= blocks.len() as u64);
+    assert!(status(&pair.a)["pending_blocks"].as_u64().unwrap() >= blocks.len() as u64);
     pair
 }
 
 fn overlay_file(e: &Engine) -> std::path::PathBuf {
-    e.dir.join("state/overlay")
+    e.state_dir().join("overlay")
 }
 
 fn n(v: &serde_json::Value, k: &str) -> u64 {
@@ -54,59 +54,59 @@ fn at06_handoff_before_ready_at21_no_service_before_ready() {
     let d = tempfile::tempdir().unwrap();
     let backlog: Vec<(u64, u8)> = (100..110).map(|b| (b, 0xbb)).chain([(10, 0xaa)]).collect();
     let pair = pair_with_backlog(d.path(), &backlog, &[]);
-    let pending = n(&pair.status_p(), "pending_blocks");
+    let pending = n(&status(&pair.a), "pending_blocks");
     // AT-21: before the handoff, the secondary serves nothing (it never returns stale data).
-    assert!(!block_reads(&pair.s.uri(), 10, 0xaa));
+    assert!(!block_reads(&pair.b.uri(), 10, 0xaa));
     assert!(
-        !qemu_io(&pair.s.uri(), &["read 0 4k"]).status.success()
-            || String::from_utf8_lossy(&qemu_io(&pair.s.uri(), &["read 0 4k"]).stderr)
+        !qemu_io(&pair.b.uri(), &["read 0 4k"]).status.success()
+            || String::from_utf8_lossy(&qemu_io(&pair.b.uri(), &["read 0 4k"]).stderr)
                 .contains("failed")
     );
 
-    let r = pair.takeover();
+    let r = takeover(&pair.b);
     assert_eq!(n(&r, "epoch"), 2);
     assert_eq!(
         n(&r, "peer_pending_blocks"),
         pending,
         "the whole table was handed over"
     );
-    let s = pair.status_s();
+    let s = status(&pair.b);
     assert_eq!(s["role"], "primary");
     assert_eq!(s["takeover_phase"], "draining");
     assert_eq!(n(&s, "peer_pending_blocks"), pending);
-    let p = pair.status_p();
+    let p = status(&pair.a);
     assert_eq!(p["role"], "fenced");
     assert_eq!(n(&p, "epoch"), 2);
     // Stored, then ready: the event log orders them, and the table is on disk.
     let names = event_names(&s);
     assert!(event_at(&names, "HandoffStored") < event_at(&names, "ServingReady"));
-    assert!(pair.s.dir.join("state/peer_pending").exists());
-    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
-    assert!(block_reads(&pair.s.uri(), 105, 0xbb));
+    assert!(pair.b.state_dir().join("peer_pending").exists());
+    assert!(block_reads(&pair.b.uri(), 10, 0xaa));
+    assert!(block_reads(&pair.b.uri(), 105, 0xbb));
 }
 
 #[test]
 fn at07_ready_does_not_wait_for_the_drain() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    let pair = start_linked(d.path(), "64M", &[], &[]);
     pair.wait_synced(30);
     // One block per second: the 10,240-block backlog would take almost three hours to drain.
-    pair.fault(&["--rate", "4096"]);
+    fault(&pair.a, &["--rate", "4096"]);
     let src = d.path().join("backlog.bin");
     std::fs::write(&src, pattern(7, 40 << 20)).unwrap();
-    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.a.uri()]);
     let t = Instant::now();
-    let r = pair.takeover();
+    let r = takeover(&pair.b);
     let took = t.elapsed();
     assert!(
         took < Duration::from_secs(10),
         "takeover took {took:?}, over the 10 s budget"
     );
     assert!(n(&r, "peer_pending_blocks") > 9_900, "{r}");
-    assert!(n(&pair.status_s(), "peer_pending_blocks") > 9_900);
+    assert!(n(&status(&pair.b), "peer_pending_blocks") > 9_900);
     // The workload sees its data at once.
     let out = d.path().join("out.bin");
-    run_ok("nbdcopy", &[&pair.s.uri(), out.to_str().unwrap()]);
+    run_ok("nbdcopy", &[&pair.b.uri(), out.to_str().unwrap()]);
     assert_eq!(
         std::fs::read(&out).unwrap()[..40 << 20],
         std::fs::read(&src).unwrap()[..]
@@ -116,54 +116,54 @@ fn at07_ready_does_not_wait_for_the_drain() {
 #[test]
 fn at08_proxied_read_at09_local_read_at10_overlay_write_at12_mixed_extent() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start_linked(d.path(), "64M", &[], &[]);
-    put_block(&pair.p.uri(), 20, 0x20);
-    put_block(&pair.p.uri(), 31, 0x31);
+    let pair = start_linked(d.path(), "64M", &[], &[]);
+    put_block(&pair.a.uri(), 20, 0x20);
+    put_block(&pair.a.uri(), 31, 0x31);
     pair.wait_synced(30);
-    pair.fault(&["--pause", "true"]);
-    put_block(&pair.p.uri(), 10, 0xaa);
-    put_block(&pair.p.uri(), 32, 0xcc);
-    pair.takeover();
+    fault(&pair.a, &["--pause", "true"]);
+    put_block(&pair.a.uri(), 10, 0xaa);
+    put_block(&pair.a.uri(), 32, 0xcc);
+    takeover(&pair.b);
 
     // AT-09: a replicated block is local; no proxied read.
-    assert!(block_reads(&pair.s.uri(), 20, 0x20));
-    assert_eq!(n(&pair.status_s(), "proxied_reads"), 0);
+    assert!(block_reads(&pair.b.uri(), 20, 0x20));
+    assert_eq!(n(&status(&pair.b), "proxied_reads"), 0);
     // AT-08: a pending block comes from the old primary.
-    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
-    assert_eq!(n(&pair.status_s(), "proxied_reads"), 1);
+    assert!(block_reads(&pair.b.uri(), 10, 0xaa));
+    assert_eq!(n(&status(&pair.b), "proxied_reads"), 1);
     assert_eq!(
-        n(&pair.status_p(), "bytes_read"),
+        n(&status(&pair.a), "bytes_read"),
         0,
         "served from base_p, not via NBD"
     );
 
     // AT-10: a write goes to the overlay and is in this side's table before the ack.
-    put_block(&pair.s.uri(), 30, 0x5a);
-    assert!(file_block_is(&overlay_file(&pair.s), 30, 0x5a));
-    assert!(!file_block_is(&pair.s.data(), 30, 0x5a));
-    let s = pair.status_s();
+    put_block(&pair.b.uri(), 30, 0x5a);
+    assert!(file_block_is(&overlay_file(&pair.b), 30, 0x5a));
+    assert!(!file_block_is(&pair.b.data(), 30, 0x5a));
+    let s = status(&pair.b);
     assert_eq!(n(&s, "overlay_blocks"), 1);
     assert!(n(&s, "pending_blocks") >= 1);
-    assert!(block_reads(&pair.s.uri(), 30, 0x5a));
-    assert_eq!(n(&pair.status_s(), "proxied_reads"), 1);
+    assert!(block_reads(&pair.b.uri(), 30, 0x5a));
+    assert_eq!(n(&status(&pair.b), "proxied_reads"), 1);
 
     // AT-12: one read over overlay, local and remote blocks: exactly one more proxied block.
     qemu_io_ok(
-        &pair.s.uri(),
+        &pair.b.uri(),
         &[
             &format!("read -P 0x5a {} 4k", 30 * 4096),
             &format!("read -P 0x31 {} 4k", 31 * 4096),
             &format!("read -P 0xcc {} 4k", 32 * 4096),
         ],
     );
-    let before = n(&pair.status_s(), "proxied_reads");
+    let before = n(&status(&pair.b), "proxied_reads");
     // The three-block extent as one request, compared byte for byte.
-    let got = nbd_read(&pair.s.nbd, 30 * 4096, 3 * 4096).unwrap();
+    let got = nbd_read(&pair.b.nbd, 30 * 4096, 3 * 4096).unwrap();
     assert!(got[..4096].iter().all(|b| *b == 0x5a));
     assert!(got[4096..8192].iter().all(|b| *b == 0x31));
     assert!(got[8192..].iter().all(|b| *b == 0xcc));
     // Block 32 was repaired locally by its first proxied read: no new proxied read was needed.
-    assert_eq!(n(&pair.status_s(), "proxied_reads"), before);
+    assert_eq!(n(&status(&pair.b), "proxied_reads"), before);
 }
 
 /// Concurrent reads of one pending block share one proxied read (failover.md A19).
@@ -171,8 +171,8 @@ fn at08_proxied_read_at09_local_read_at10_overlay_write_at12_mixed_extent() {
 fn concurrent_reads_of_a_pending_block_are_coalesced() {
     let d = tempfile::tempdir().unwrap();
     let pair = pair_with_backlog(d.path(), &[(10, 0xaa)], &[]);
-    pair.takeover();
-    let addr = pair.s.nbd.clone();
+    takeover(&pair.b);
+    let addr = pair.b.nbd.clone();
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
     let readers: Vec<_> = (0..8)
         .map(|_| {
@@ -193,53 +193,53 @@ fn concurrent_reads_of_a_pending_block_are_coalesced() {
     }
     // One fetch from the old primary, whatever the interleaving: joined in flight, or local after
     // the first one's read-repair.
-    assert_eq!(n(&pair.status_s(), "proxied_reads"), 1);
+    assert_eq!(n(&status(&pair.b), "proxied_reads"), 1);
 }
 
 #[test]
 fn at11_overlay_beats_late_replica_at13_drain_complete_at14_merge_before_reverse_at15_at16() {
     let d = tempfile::tempdir().unwrap();
     let pair = pair_with_backlog(d.path(), &[(10, 0xaa), (40, 0xa4), (41, 0xa5)], &[]);
-    pair.takeover();
+    takeover(&pair.b);
     // Hold the reverse direction so the merge can be observed before any S→P message.
-    pair.fault_on(&pair.s, &["--pause", "true"]);
-    put_block(&pair.s.uri(), 10, 0x5a);
-    put_block(&pair.s.uri(), 40, 0x54);
+    fault(&pair.b, &["--pause", "true"]);
+    put_block(&pair.b.uri(), 10, 0x5a);
+    put_block(&pair.b.uri(), 40, 0x54);
     // AT-11: the late replica of block 10 (0xaa) arrives now; the overlay still wins.
-    pair.fault(&["--pause", "false"]);
+    fault(&pair.a, &["--pause", "false"]);
     wait_until(30, "drain and merge", || {
-        pair.status_s()["takeover_phase"] == ""
+        status(&pair.b)["takeover_phase"] == ""
     });
-    assert!(block_reads(&pair.s.uri(), 10, 0x5a));
-    assert!(block_reads(&pair.s.uri(), 41, 0xa5), "drained block");
+    assert!(block_reads(&pair.b.uri(), 10, 0x5a));
+    assert!(block_reads(&pair.b.uri(), 41, 0xa5), "drained block");
     // AT-13: DrainComplete ended the first processing; the handed-off table is all zero.
-    let s = pair.status_s();
+    let s = status(&pair.b);
     let names = event_names(&s);
     assert!(event_at(&names, "FirstProcessingComplete") < event_at(&names, "MergeComplete"));
     assert_eq!(n(&s, "peer_pending_blocks"), 0);
     // AT-14: both overlay blocks are in base_s, the table still has them, nothing reached base_p.
-    assert!(file_block_is(&pair.s.data(), 10, 0x5a));
-    assert!(file_block_is(&pair.s.data(), 40, 0x54));
+    assert!(file_block_is(&pair.b.data(), 10, 0x5a));
+    assert!(file_block_is(&pair.b.data(), 40, 0x54));
     assert!(n(&s, "pending_blocks") >= 2);
-    assert!(file_block_is(&pair.p.data(), 10, 0xaa));
-    assert_eq!(pair.status_p()["role"], "secondary");
+    assert!(file_block_is(&pair.a.data(), 10, 0xaa));
+    assert_eq!(status(&pair.a)["role"], "secondary");
     // AT-15: after the merge, writes go straight to base_s.
-    put_block(&pair.s.uri(), 30, 0x77);
-    assert!(file_block_is(&pair.s.data(), 30, 0x77));
-    assert!(!file_block_is(&overlay_file(&pair.s), 30, 0x77));
-    assert_eq!(n(&pair.status_s(), "overlay_blocks"), 0);
+    put_block(&pair.b.uri(), 30, 0x77);
+    assert!(file_block_is(&pair.b.data(), 30, 0x77));
+    assert!(!file_block_is(&overlay_file(&pair.b), 30, 0x77));
+    assert_eq!(n(&status(&pair.b), "overlay_blocks"), 0);
     // AT-16: reverse replication converges: base_p = base_s = what the host sees.
-    pair.fault_on(&pair.s, &["--pause", "false"]);
-    pair.wait_converged(&pair.s, &pair.p, 30);
+    fault(&pair.b, &["--pause", "false"]);
+    pair.wait_converged(1, 30);
     assert!(pair.files_identical());
     let view = d.path().join("view.bin");
-    run_ok("nbdcopy", &[&pair.s.uri(), view.to_str().unwrap()]);
+    run_ok("nbdcopy", &[&pair.b.uri(), view.to_str().unwrap()]);
     assert_eq!(
         std::fs::read(&view).unwrap(),
-        std::fs::read(pair.p.data()).unwrap()
+        std::fs::read(pair.a.data()).unwrap()
     );
-    assert!(file_block_is(&pair.p.data(), 30, 0x77));
-    let names = event_names(&pair.status_s());
+    assert!(file_block_is(&pair.a.data(), 30, 0x77));
+    let names = event_names(&status(&pair.b));
     assert!(event_at(&names, "MergeComplete") < event_at(&names, "InSync"));
 }
 
@@ -247,92 +247,87 @@ fn at11_overlay_beats_late_replica_at13_drain_complete_at14_merge_before_reverse
 fn at17_write_racing_the_merge() {
     let d = tempfile::tempdir().unwrap();
     let pair = pair_with_backlog(d.path(), &[(40, 0xa4)], &[]);
-    pair.takeover();
-    pair.fault_on(&pair.s, &["--pause-merge", "true"]);
-    put_block(&pair.s.uri(), 40, 0x11);
-    pair.fault(&["--pause", "false"]);
+    takeover(&pair.b);
+    fault(&pair.b, &["--pause-merge", "true"]);
+    put_block(&pair.b.uri(), 40, 0x11);
+    fault(&pair.a, &["--pause", "false"]);
     wait_until(30, "merging", || {
-        pair.status_s()["takeover_phase"] == "merging"
+        status(&pair.b)["takeover_phase"] == "merging"
     });
     // The merge is held with block 40 still in the overlay; the host writes it again.
-    put_block(&pair.s.uri(), 40, 0x22);
-    pair.fault_on(&pair.s, &["--pause-merge", "false"]);
-    wait_until(30, "merge done", || pair.status_s()["takeover_phase"] == "");
-    assert!(file_block_is(&pair.s.data(), 40, 0x22));
-    assert!(block_reads(&pair.s.uri(), 40, 0x22));
-    pair.wait_converged(&pair.s, &pair.p, 30);
-    assert!(file_block_is(&pair.p.data(), 40, 0x22));
+    put_block(&pair.b.uri(), 40, 0x22);
+    fault(&pair.b, &["--pause-merge", "false"]);
+    wait_until(30, "merge done", || status(&pair.b)["takeover_phase"] == "");
+    assert!(file_block_is(&pair.b.data(), 40, 0x22));
+    assert!(block_reads(&pair.b.uri(), 40, 0x22));
+    pair.wait_converged(1, 30);
+    assert!(file_block_is(&pair.a.data(), 40, 0x22));
 }
 
 #[test]
 fn at18_primary_unreachable_wait_blocks_force_promotes_and_reports_losses() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = Pair::start_linked(d.path(), "64M", &[], &[]);
-    put_block(&pair.p.uri(), 3, 0x03);
+    let mut pair = start_linked(d.path(), "64M", &[], &[]);
+    put_block(&pair.a.uri(), 3, 0x03);
     pair.wait_synced(30);
     // A slow link whose acknowledgements are held: the six writes stay pending on P, and the
     // heartbeats still carry that pending set to S.
-    pair.fault(&["--rate", "4096", "--hold-acks", "true"]);
+    fault(&pair.a, &["--rate", "4096", "--hold-acks", "true"]);
     let writes: Vec<String> = (10..16)
         .map(|b| format!("write -P 238 {} 4k", b * 4096))
         .collect();
     let cmds: Vec<&str> = writes.iter().map(|s| s.as_str()).collect();
-    qemu_io_ok(&pair.p.uri(), &cmds);
+    qemu_io_ok(&pair.a.uri(), &cmds);
     wait_until(30, "heartbeat with the pending set", || {
-        n(&pair.status_s(), "peer_pending_blocks") == 6
+        n(&status(&pair.b), "peer_pending_blocks") == 6
     });
-    let shipped = n(&pair.status_s(), "peer_pending_blocks");
-    pair.p.kill();
+    let shipped = n(&status(&pair.b), "peer_pending_blocks");
+    pair.a.kill();
 
     // WaitForPrimary: no promotion, a clear condition, no host I/O.
-    let err = pair
-        .control("takeover", &pair.s, &["--timeout", "1"])
-        .unwrap_err();
+    let err = pair.b.control("takeover", &["--timeout", "1"]).unwrap_err();
     assert!(
         err.contains("HandoffBlocked") && err.contains("PeerUnreachable"),
         "{err}"
     );
-    let s = pair.status_s();
+    let s = status(&pair.b);
     assert_eq!(s["role"], "secondary");
     assert!(s["condition"]
         .as_str()
         .unwrap()
         .starts_with("HandoffBlocked"));
-    assert!(!block_reads(&pair.s.uri(), 3, 0x03));
+    assert!(!block_reads(&pair.b.uri(), 3, 0x03));
 
     // ForcePromote: serves, and names what it lost.
     let before: Vec<Vec<u8>> = (10..16)
-        .map(|b| file_bytes(&pair.s.data(), b * 4096, 4096))
+        .map(|b| file_bytes(&pair.b.data(), b * 4096, 4096))
         .collect();
     let r = pair
-        .control(
-            "takeover",
-            &pair.s,
-            &["--policy", "force", "--timeout", "1"],
-        )
+        .b
+        .control("takeover", &["--policy", "force", "--timeout", "1"])
         .unwrap();
     assert_eq!(n(&r, "lost_blocks"), shipped);
     assert!(n(&r, "lost_seq_to") >= n(&r, "lost_seq_from"));
-    let s = pair.status_s();
+    let s = status(&pair.b);
     assert_eq!(s["role"], "primary");
     assert_eq!(n(&s, "lost_blocks"), shipped);
-    assert!(block_reads(&pair.s.uri(), 3, 0x03));
+    assert!(block_reads(&pair.b.uri(), 3, 0x03));
     // Lost blocks read as base_s had them.
     for (i, b) in (10..16u64).enumerate() {
-        let got = nbd_read(&pair.s.nbd, b * 4096, 4096).unwrap();
+        let got = nbd_read(&pair.b.nbd, b * 4096, 4096).unwrap();
         assert_eq!(got, before[i]);
     }
-    put_block(&pair.s.uri(), 20, 0x20);
+    put_block(&pair.b.uri(), 20, 0x20);
 
     // The old primary returns: it steps down and its unsent writes are overwritten.
-    pair.p.restart();
-    pair.wait_converged(&pair.s, &pair.p, 30);
-    assert_eq!(pair.status_p()["role"], "secondary");
+    pair.a.restart().unwrap();
+    pair.wait_converged(1, 30);
+    assert_eq!(status(&pair.a)["role"], "secondary");
     assert!(
         pair.files_identical(),
         "the two sides must not silently differ"
     );
-    assert!(event_names(&pair.status_p()).contains(&"SteppedDown".to_string()));
+    assert!(event_names(&status(&pair.a)).contains(&"SteppedDown".to_string()));
 }
 
 #[test]
@@ -343,33 +338,33 @@ fn at19_primary_lost_mid_drain_fails_fast_and_degrades() {
         &[(10, 0xaa), (11, 0xab)],
         &["--proxy-timeout-ms", "500"],
     );
-    put_block(&pair.p.uri(), 12, 0xac);
-    pair.takeover();
-    pair.p.kill();
+    put_block(&pair.a.uri(), 12, 0xac);
+    takeover(&pair.b);
+    pair.a.kill();
     let t = Instant::now();
-    assert!(!block_reads(&pair.s.uri(), 10, 0xaa));
+    assert!(!block_reads(&pair.b.uri(), 10, 0xaa));
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "a proxied read must fail within its deadline, took {:?}",
         t.elapsed()
     );
     // Everything else keeps working.
-    put_block(&pair.s.uri(), 50, 0x50);
-    assert!(block_reads(&pair.s.uri(), 50, 0x50));
-    assert!(block_reads(&pair.s.uri(), 60, 0x00));
-    let s = pair.status_s();
+    put_block(&pair.b.uri(), 50, 0x50);
+    assert!(block_reads(&pair.b.uri(), 50, 0x50));
+    assert!(block_reads(&pair.b.uri(), 60, 0x00));
+    let s = status(&pair.b);
     assert!(n(&s, "proxied_read_errors") >= 1);
     assert!(
         s["condition"].as_str().unwrap().starts_with("Degraded"),
         "{s}"
     );
     // The old primary comes back: the drain resumes and the data is all there.
-    pair.p.restart();
-    let role = pair.status_p()["role"].clone();
+    pair.a.restart().unwrap();
+    let role = status(&pair.a)["role"].clone();
     assert!(role == "fenced" || role == "secondary", "{role}");
-    assert!(block_reads(&pair.s.uri(), 11, 0xab));
-    pair.wait_converged(&pair.s, &pair.p, 30);
-    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
+    assert!(block_reads(&pair.b.uri(), 11, 0xab));
+    pair.wait_converged(1, 30);
+    assert!(block_reads(&pair.b.uri(), 10, 0xaa));
     assert!(pair.files_identical());
 }
 
@@ -379,24 +374,24 @@ fn at20_fencing_cuts_the_old_host_and_refuses_its_writes() {
     let d = tempfile::tempdir().unwrap();
     let pair = pair_with_backlog(d.path(), &[(5, 0x55)], &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut old_host = rt.block_on(NbdClient::connect(&pair.p.nbd, "vol")).unwrap();
+    let mut old_host = rt.block_on(NbdClient::connect(&pair.a.nbd, "vol")).unwrap();
     rt.block_on(old_host.write(6 * 4096, &[0x66; 4096]))
         .unwrap();
-    let pending = n(&pair.status_p(), "pending_blocks");
-    pair.takeover();
+    let pending = n(&status(&pair.a), "pending_blocks");
+    takeover(&pair.b);
     // The old host's session is closed; its next write fails and lands nowhere.
     assert!(rt
         .block_on(old_host.write(7 * 4096, &[0x77; 4096]))
         .is_err());
-    assert!(rt.block_on(NbdClient::connect(&pair.p.nbd, "vol")).is_err());
-    assert_eq!(n(&pair.status_p(), "pending_blocks"), pending);
-    assert!(!file_block_is(&pair.p.data(), 7, 0x77));
+    assert!(rt.block_on(NbdClient::connect(&pair.a.nbd, "vol")).is_err());
+    assert_eq!(n(&status(&pair.a), "pending_blocks"), pending);
+    assert!(!file_block_is(&pair.a.data(), 7, 0x77));
     assert!(
-        block_reads(&pair.s.uri(), 6, 0x66),
+        block_reads(&pair.b.uri(), 6, 0x66),
         "acknowledged before the fence"
     );
     assert!(
-        block_reads(&pair.s.uri(), 7, 0x00),
+        block_reads(&pair.b.uri(), 7, 0x00),
         "refused after the fence"
     );
 }
@@ -406,27 +401,27 @@ fn at22_implicit_takeover_by_the_first_io() {
     let d = tempfile::tempdir().unwrap();
     let pair = pair_with_backlog(d.path(), &[(9, 0x99)], &["--implicit-takeover"]);
     // No takeover call: the new host simply connects to the secondary.
-    assert!(block_reads(&pair.s.uri(), 9, 0x99));
-    let s = pair.status_s();
+    assert!(block_reads(&pair.b.uri(), 9, 0x99));
+    let s = status(&pair.b);
     assert_eq!(s["role"], "primary");
     assert_eq!(n(&s, "epoch"), 2);
-    assert_eq!(pair.status_p()["role"], "fenced");
+    assert_eq!(status(&pair.a)["role"], "fenced");
 }
 
 #[test]
 fn at23_takeover_with_nothing_pending_at13_drain_complete_without_data() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start_linked(d.path(), "64M", &[], &[]);
-    put_block(&pair.p.uri(), 1, 0x01);
+    let pair = start_linked(d.path(), "64M", &[], &[]);
+    put_block(&pair.a.uri(), 1, 0x01);
     pair.wait_synced(30);
-    let r = pair.takeover();
+    let r = takeover(&pair.b);
     assert_eq!(n(&r, "peer_pending_blocks"), 0);
-    put_block(&pair.s.uri(), 2, 0x02);
-    assert!(file_block_is(&pair.s.data(), 2, 0x02), "straight to base_s");
-    assert_eq!(n(&pair.status_s(), "overlay_blocks"), 0);
-    assert!(block_reads(&pair.s.uri(), 1, 0x01));
-    pair.wait_converged(&pair.s, &pair.p, 30);
-    let s = pair.status_s();
+    put_block(&pair.b.uri(), 2, 0x02);
+    assert!(file_block_is(&pair.b.data(), 2, 0x02), "straight to base_s");
+    assert_eq!(n(&status(&pair.b), "overlay_blocks"), 0);
+    assert!(block_reads(&pair.b.uri(), 1, 0x01));
+    pair.wait_converged(1, 30);
+    let s = status(&pair.b);
     assert_eq!(n(&s, "proxied_reads"), 0);
     assert!(event_names(&s).contains(&"FirstProcessingComplete".to_string()));
     assert!(pair.files_identical());
@@ -440,47 +435,47 @@ fn at24_to_at28_failback_during_the_first_processing() {
         &[(10, 0xa1), (40, 0xa4), (50, 0xa5), (60, 0xa6)],
         &[],
     );
-    pair.takeover();
-    put_block(&pair.s.uri(), 10, 0xb1);
-    put_block(&pair.s.uri(), 40, 0xb4);
+    takeover(&pair.b);
+    put_block(&pair.b.uri(), 10, 0xb1);
+    put_block(&pair.b.uri(), 40, 0xb4);
     // The workload moves back while P has drained nothing (its link is still paused), and S's
     // drain to P is held too.
-    pair.fault_on(&pair.s, &["--pause", "true"]);
-    let r = pair.control("failback", &pair.p, &[]).unwrap();
+    fault(&pair.b, &["--pause", "true"]);
+    let r = pair.a.control("failback", &[]).unwrap();
     // AT-24: P fetched S's table (DAT2) before it reported ready.
     assert_eq!(n(&r, "epoch"), 3);
     assert!(n(&r, "peer_pending_blocks") >= 2, "{r}");
-    let p = pair.status_p();
+    let p = status(&pair.a);
     assert_eq!(p["role"], "primary");
     let names = event_names(&p);
     assert!(event_at(&names, "HandoffStored") < event_at(&names, "ServingReady"));
-    assert_eq!(pair.status_s()["role"], "fenced");
+    assert_eq!(status(&pair.b)["role"], "fenced");
     // AT-25: read order at P: overlay_p, then S for S's blocks, then base_p.
-    put_block(&pair.p.uri(), 50, 0xc5);
-    assert!(file_block_is(&overlay_file(&pair.p), 50, 0xc5));
-    assert!(block_reads(&pair.p.uri(), 50, 0xc5));
-    assert!(block_reads(&pair.p.uri(), 10, 0xb1));
-    assert!(block_reads(&pair.p.uri(), 60, 0xa6));
-    assert!(n(&pair.status_p(), "proxied_reads") >= 1);
+    put_block(&pair.a.uri(), 50, 0xc5);
+    assert!(file_block_is(&overlay_file(&pair.a), 50, 0xc5));
+    assert!(block_reads(&pair.a.uri(), 50, 0xc5));
+    assert!(block_reads(&pair.a.uri(), 10, 0xb1));
+    assert!(block_reads(&pair.a.uri(), 60, 0xa6));
+    assert!(n(&status(&pair.a), "proxied_reads") >= 1);
     // AT-26: a failback write beats S's late version of the same block.
-    put_block(&pair.p.uri(), 40, 0xc4);
-    pair.fault_on(&pair.s, &["--pause", "false"]);
+    put_block(&pair.a.uri(), 40, 0xc4);
+    fault(&pair.b, &["--pause", "false"]);
     wait_until(30, "failback drain and merge", || {
-        pair.status_p()["takeover_phase"] == ""
+        status(&pair.a)["takeover_phase"] == ""
     });
-    assert!(block_reads(&pair.p.uri(), 40, 0xc4));
+    assert!(block_reads(&pair.a.uri(), 40, 0xc4));
     // AT-28: the merged failback writes are pending towards S (the third processing).
-    assert!(n(&pair.status_p(), "pending_blocks") >= 2);
-    pair.fault(&["--pause", "false"]);
-    pair.wait_converged(&pair.p, &pair.s, 30);
+    assert!(n(&status(&pair.a), "pending_blocks") >= 2);
+    fault(&pair.a, &["--pause", "false"]);
+    pair.wait_converged(0, 30);
     for (b, v) in [(10, 0xb1), (40, 0xc4), (50, 0xc5), (60, 0xa6)] {
-        assert!(file_block_is(&pair.p.data(), b, v), "base_p block {b}");
-        assert!(file_block_is(&pair.s.data(), b, v), "base_s block {b}");
+        assert!(file_block_is(&pair.a.data(), b, v), "base_p block {b}");
+        assert!(file_block_is(&pair.b.data(), b, v), "base_s block {b}");
     }
     assert!(pair.files_identical());
     // AT-27: the order of the processings, as the engines logged them.
-    let p = event_names(&pair.status_p());
-    let s = event_names(&pair.status_s());
+    let p = event_names(&status(&pair.a));
+    let s = event_names(&status(&pair.b));
     let fenced = s.iter().rposition(|e| e == "Fenced").unwrap();
     assert!(fenced < s.iter().rposition(|e| e == "DrainComplete").unwrap());
     assert!(
@@ -500,21 +495,21 @@ fn at24_to_at28_failback_during_the_first_processing() {
 #[test]
 fn at29_kills_during_the_drain_keep_table_overlay_and_phase() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    let mut pair = start_linked(d.path(), "64M", &[], &[]);
     pair.wait_synced(30);
-    pair.fault(&["--pause", "true"]);
+    fault(&pair.a, &["--pause", "true"]);
     let src = d.path().join("b.bin");
     std::fs::write(&src, pattern(29, 4 << 20)).unwrap();
-    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.p.uri()]);
-    pair.takeover();
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.a.uri()]);
+    takeover(&pair.b);
     for b in 2000..2010 {
-        put_block(&pair.s.uri(), b, 0x29);
+        put_block(&pair.b.uri(), b, 0x29);
     }
-    let before = pair.status_s();
+    let before = status(&pair.b);
     assert!(n(&before, "peer_pending_blocks") >= 1000);
     // SIGKILL the new primary mid-drain.
-    pair.s.restart();
-    let after = pair.status_s();
+    pair.b.restart().unwrap();
+    let after = status(&pair.b);
     assert_eq!(after["role"], "primary");
     assert_eq!(after["takeover_phase"], "draining");
     assert_eq!(
@@ -522,14 +517,14 @@ fn at29_kills_during_the_drain_keep_table_overlay_and_phase() {
         n(&before, "peer_pending_blocks")
     );
     assert_eq!(n(&after, "overlay_blocks"), 10);
-    assert!(block_reads(&pair.s.uri(), 2005, 0x29));
+    assert!(block_reads(&pair.b.uri(), 2005, 0x29));
     // SIGKILL the fenced old primary mid-drain; its link comes back unpaused.
-    pair.p.restart();
-    let role = pair.status_p()["role"].clone();
+    pair.a.restart().unwrap();
+    let role = status(&pair.a)["role"].clone();
     assert!(role == "fenced" || role == "secondary", "{role}");
-    pair.wait_converged(&pair.s, &pair.p, 60);
+    pair.wait_converged(1, 60);
     let view = d.path().join("view.bin");
-    run_ok("nbdcopy", &[&pair.s.uri(), view.to_str().unwrap()]);
+    run_ok("nbdcopy", &[&pair.b.uri(), view.to_str().unwrap()]);
     let v = std::fs::read(&view).unwrap();
     let want = std::fs::read(&src).unwrap();
     assert_eq!(v[..want.len()], want[..]);
@@ -541,30 +536,30 @@ fn at29_kills_during_the_drain_keep_table_overlay_and_phase() {
 fn at29_kills_during_merge_and_reverse_replication_resume() {
     let d = tempfile::tempdir().unwrap();
     let mut pair = pair_with_backlog(d.path(), &[(10, 0xaa), (11, 0xab)], &[]);
-    pair.takeover();
-    pair.fault_on(&pair.s, &["--pause-merge", "true"]);
-    put_block(&pair.s.uri(), 10, 0x10);
-    put_block(&pair.s.uri(), 12, 0x12);
-    pair.fault(&["--pause", "false"]);
+    takeover(&pair.b);
+    fault(&pair.b, &["--pause-merge", "true"]);
+    put_block(&pair.b.uri(), 10, 0x10);
+    put_block(&pair.b.uri(), 12, 0x12);
+    fault(&pair.a, &["--pause", "false"]);
     wait_until(30, "merging", || {
-        pair.status_s()["takeover_phase"] == "merging"
+        status(&pair.b)["takeover_phase"] == "merging"
     });
     // SIGKILL in the merge: it resumes from the persisted overlay bitmap.
     std::thread::sleep(Duration::from_millis(700));
-    pair.s.restart();
-    wait_until(30, "merge done", || pair.status_s()["takeover_phase"] == "");
-    assert!(block_reads(&pair.s.uri(), 10, 0x10));
-    assert!(block_reads(&pair.s.uri(), 11, 0xab));
-    assert!(block_reads(&pair.s.uri(), 12, 0x12));
+    pair.b.restart().unwrap();
+    wait_until(30, "merge done", || status(&pair.b)["takeover_phase"] == "");
+    assert!(block_reads(&pair.b.uri(), 10, 0x10));
+    assert!(block_reads(&pair.b.uri(), 11, 0xab));
+    assert!(block_reads(&pair.b.uri(), 12, 0x12));
     // SIGKILL the new secondary during reverse replication.
-    pair.fault_on(&pair.s, &["--rate", "4096"]);
-    put_block(&pair.s.uri(), 13, 0x13);
-    pair.p.restart();
-    pair.fault_on(&pair.s, &["--rate", "0"]);
-    pair.wait_converged(&pair.s, &pair.p, 30);
+    fault(&pair.b, &["--rate", "4096"]);
+    put_block(&pair.b.uri(), 13, 0x13);
+    pair.a.restart().unwrap();
+    fault(&pair.b, &["--rate", "0"]);
+    pair.wait_converged(1, 30);
     assert!(pair.files_identical());
-    assert!(file_block_is(&pair.p.data(), 10, 0x10));
-    assert!(file_block_is(&pair.p.data(), 13, 0x13));
+    assert!(file_block_is(&pair.a.data(), 10, 0x10));
+    assert!(file_block_is(&pair.a.data(), 13, 0x13));
 }
 
 #[test]
@@ -572,14 +567,14 @@ fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
     use storage_engine::pb;
     let d = tempfile::tempdir().unwrap();
     let pair = pair_with_backlog(d.path(), &[(10, 0xaa)], &[]);
-    let r1 = pair.takeover();
+    let r1 = takeover(&pair.b);
     // AT-34: a repeated takeover reuses the epoch and starts nothing twice.
-    let r2 = pair.takeover();
+    let r2 = takeover(&pair.b);
     assert_eq!(n(&r2, "epoch"), n(&r1, "epoch"));
     assert_eq!(r2["already_primary"], true);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut c = peer_client(&pair.p.grpc).await;
+        let mut c = peer_client(&pair.a.grpc).await;
         // A repeated handoff at the same epoch returns the stored table again.
         let h = c
             .fence_and_handoff(pb::FenceRequest {
@@ -622,7 +617,7 @@ fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
         assert_eq!(ok.epoch, 2);
         assert!(ok.data[0].iter().all(|b| *b == 0xaa));
     });
-    assert_eq!(pair.status_p()["role"], "fenced");
+    assert_eq!(status(&pair.a)["role"], "fenced");
 }
 
 mod model {
@@ -657,14 +652,6 @@ mod model {
             1 => Just(Op::KillServing),
             1 => Just(Op::KillOther),
         ]
-    }
-
-    fn engine(pair: &Pair, i: usize) -> &Engine {
-        if i == 0 {
-            &pair.p
-        } else {
-            &pair.s
-        }
     }
 
     proptest! {
@@ -717,12 +704,12 @@ mod model {
     fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         {
             let d = tempfile::tempdir().unwrap();
-            let mut pair = Pair::start_linked(d.path(), "4M", &["--journal-size", "256K"], &[]);
+            let mut pair = start_linked(d.path(), "4M", &["--journal-size", "256K"], &[]);
             pair.wait_synced(30);
             let mut model = vec![0u8; (BLOCKS * B) as usize];
             let mut serving = 0usize;
             for o in ops {
-                let uri = engine(&pair, serving).uri();
+                let uri = pair[serving].uri();
                 match o {
                     Op::Write {
                         block,
@@ -740,16 +727,15 @@ mod model {
                             out.status.success() && !text.contains("failed"),
                             "write failed: {}\nfirst engine:\n{}\nsecond engine:\n{}",
                             text,
-                            pair.p.log(),
-                            pair.s.log()
+                            pair.a.log(),
+                            pair.b.log()
                         );
                         model[(block * B) as usize..((block + blocks) * B) as usize].fill(byte);
                     }
                     Op::Read { block, blocks } => {
                         let blocks = blocks.min(BLOCKS - block);
                         let got =
-                            nbd_read(&engine(&pair, serving).nbd, block * B, (blocks * B) as u32)
-                                .unwrap();
+                            nbd_read(&pair[serving].nbd, block * B, (blocks * B) as u32).unwrap();
                         prop_assert!(
                             got[..] == model[(block * B) as usize..((block + blocks) * B) as usize],
                             "read of blocks {}..{} differs from the model",
@@ -762,52 +748,35 @@ mod model {
                     }
                     Op::Switch => {
                         let other = 1 - serving;
-                        let r = pair.control("takeover", engine(&pair, other), &[]);
+                        let r = pair[other].control("takeover", &[]);
                         prop_assert!(r.is_ok(), "takeover failed: {:?}", r);
                         serving = other;
                     }
                     Op::PauseLink(p) => {
                         // The link out of the engine that is not serving: the drain of a fenced one.
-                        pair.fault_on(
-                            engine(&pair, 1 - serving),
+                        fault(
+                            &pair[1 - serving],
                             &["--pause", if p { "true" } else { "false" }],
                         );
                     }
-                    Op::KillServing => {
-                        if serving == 0 {
-                            pair.p.restart()
-                        } else {
-                            pair.s.restart()
-                        }
-                    }
-                    Op::KillOther => {
-                        if serving == 0 {
-                            pair.s.restart()
-                        } else {
-                            pair.p.restart()
-                        }
-                    }
+                    Op::KillServing => pair[serving].restart().unwrap(),
+                    Op::KillOther => pair[1 - serving].restart().unwrap(),
                 }
             }
-            pair.fault_on(engine(&pair, 0), &["--pause", "false"]);
-            pair.fault_on(engine(&pair, 1), &["--pause", "false"]);
-            let (a, b) = if serving == 0 {
-                (&pair.p, &pair.s)
-            } else {
-                (&pair.s, &pair.p)
-            };
-            pair.wait_converged(a, b, 20);
-            let view = nbd_read(&a.nbd, 0, (BLOCKS * B) as u32).unwrap();
+            fault(&pair[0], &["--pause", "false"]);
+            fault(&pair[1], &["--pause", "false"]);
+            pair.wait_converged(serving, 20);
+            let view = nbd_read(&pair[serving].nbd, 0, (BLOCKS * B) as u32).unwrap();
             prop_assert!(
                 view == model,
                 "the serving engine's view differs from the model"
             );
             prop_assert!(
-                std::fs::read(pair.p.data()).unwrap() == model,
+                std::fs::read(pair.a.data()).unwrap() == model,
                 "first engine's data file differs"
             );
             prop_assert!(
-                std::fs::read(pair.s.data()).unwrap() == model,
+                std::fs::read(pair.b.data()).unwrap() == model,
                 "second engine's data file differs"
             );
         }
@@ -824,18 +793,18 @@ fn export_pinned_to_an_epoch_is_refused_after_a_takeover_and_failback() {
     let pair = pair_with_backlog(d.path(), &[(1, 0x11)], &[]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let open = |addr: &str, name: &str| rt.block_on(NbdClient::connect(addr, name)).is_ok();
-    assert!(open(&pair.p.nbd, "vol@1"));
-    assert!(!open(&pair.p.nbd, "vol@2"));
-    pair.takeover();
-    assert!(open(&pair.s.nbd, "vol@2"));
-    pair.fault(&["--pause", "false"]);
-    pair.wait_converged(&pair.s, &pair.p, 30);
-    pair.control("failback", &pair.p, &[]).unwrap();
+    assert!(open(&pair.a.nbd, "vol@1"));
+    assert!(!open(&pair.a.nbd, "vol@2"));
+    takeover(&pair.b);
+    assert!(open(&pair.b.nbd, "vol@2"));
+    fault(&pair.a, &["--pause", "false"]);
+    pair.wait_converged(1, 30);
+    pair.a.control("failback", &[]).unwrap();
     // The old primary serves again, at epoch 3: its epoch-1 attachment must not come back.
-    assert!(!open(&pair.p.nbd, "vol@1"));
-    assert!(open(&pair.p.nbd, "vol@3"));
-    assert!(open(&pair.p.nbd, "vol"));
-    assert!(!open(&pair.p.nbd, "other@3"));
+    assert!(!open(&pair.a.nbd, "vol@1"));
+    assert!(open(&pair.a.nbd, "vol@3"));
+    assert!(open(&pair.a.nbd, "vol"));
+    assert!(!open(&pair.a.nbd, "other@3"));
 }
 
 /// AT-34 / kill during the handoff: the new primary dies after the old one was fenced but before
@@ -848,7 +817,7 @@ fn at34_takeover_resumes_after_the_new_primary_died_mid_handoff() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     // What the secondary's first attempt did before it was killed: the fence and handoff.
     let first = rt.block_on(async {
-        let mut c = peer_client(&pair.p.grpc).await;
+        let mut c = peer_client(&pair.a.grpc).await;
         c.fence_and_handoff(pb::FenceRequest {
             volume: "vol".into(),
             new_epoch: 2,
@@ -857,16 +826,16 @@ fn at34_takeover_resumes_after_the_new_primary_died_mid_handoff() {
         .unwrap()
         .into_inner()
     });
-    pair.s.restart();
-    assert_eq!(pair.status_s()["role"], "secondary");
-    assert_eq!(pair.status_p()["role"], "fenced");
-    let r = pair.takeover();
+    pair.b.restart().unwrap();
+    assert_eq!(status(&pair.b)["role"], "secondary");
+    assert_eq!(status(&pair.a)["role"], "fenced");
+    let r = takeover(&pair.b);
     assert_eq!(n(&r, "epoch"), 2, "the same epoch is reused");
     assert_eq!(n(&r, "peer_pending_blocks"), first.pending_blocks);
-    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
-    assert!(block_reads(&pair.s.uri(), 11, 0xab));
-    pair.fault(&["--pause", "false"]);
-    pair.wait_converged(&pair.s, &pair.p, 30);
+    assert!(block_reads(&pair.b.uri(), 10, 0xaa));
+    assert!(block_reads(&pair.b.uri(), 11, 0xab));
+    fault(&pair.a, &["--pause", "false"]);
+    pair.wait_converged(1, 30);
     assert!(pair.files_identical());
 }
 
@@ -876,12 +845,12 @@ fn at34_takeover_resumes_after_the_new_primary_died_mid_handoff() {
 #[test]
 fn force_never_promotes_over_a_peer_that_refuses() {
     let d = tempfile::tempdir().unwrap();
-    let pair = Pair::start_linked(d.path(), "64M", &[], &[]);
-    put_block(&pair.p.uri(), 3, 0x03);
+    let pair = start_linked(d.path(), "64M", &[], &[]);
+    put_block(&pair.a.uri(), 3, 0x03);
     pair.wait_synced(30);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut c = peer_client(&pair.p.grpc).await;
+        let mut c = peer_client(&pair.a.grpc).await;
         c.fence_and_handoff(storage_engine::pb::FenceRequest {
             volume: "vol".into(),
             new_epoch: 10,
@@ -890,14 +859,11 @@ fn force_never_promotes_over_a_peer_that_refuses() {
         .unwrap();
     });
     let err = pair
-        .control(
-            "takeover",
-            &pair.s,
-            &["--policy", "force", "--timeout", "2"],
-        )
+        .b
+        .control("takeover", &["--policy", "force", "--timeout", "2"])
         .unwrap_err();
     assert!(err.contains("HandoffRefused"), "{err}");
-    let s = pair.status_s();
+    let s = status(&pair.b);
     assert_eq!(s["role"], "secondary", "{s}");
     assert_eq!(n(&s, "lost_blocks"), 0);
     assert!(event_names(&s).contains(&"HandoffRefused".to_string()));
@@ -908,36 +874,31 @@ fn force_never_promotes_over_a_peer_that_refuses() {
 #[test]
 fn force_refuses_an_inconsistent_replica_unless_allowed() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    let mut pair = start_linked(d.path(), "64M", &[], &[]);
     pair.wait_synced(30);
-    pair.fault(&["--pause", "true"]);
+    fault(&pair.a, &["--pause", "true"]);
     for b in 0..64 {
-        put_block(&pair.p.uri(), b, 0x5a);
+        put_block(&pair.a.uri(), b, 0x5a);
     }
     // A restarted primary has no journal: it resyncs from its table, slowly, so the kill below
     // lands in the middle of it.
-    pair.p.kill();
-    pair.p
-        .args
-        .extend(["--replication-rate".into(), "8k".into()]);
-    pair.p.restart();
+    pair.a
+        .restart_with(|c| c.args(["--replication-rate", "8k"]))
+        .unwrap();
     wait_until(30, "the secondary marked inconsistent", || {
-        pair.status_s()["pair_state"] == "Inconsistent"
+        status(&pair.b)["pair_state"] == "Inconsistent"
     });
-    pair.p.kill();
+    pair.a.kill();
     let err = pair
-        .control(
-            "takeover",
-            &pair.s,
-            &["--policy", "force", "--timeout", "1"],
-        )
+        .b
+        .control("takeover", &["--policy", "force", "--timeout", "1"])
         .unwrap_err();
     assert!(err.contains("Inconsistent"), "{err}");
-    assert_eq!(pair.status_s()["role"], "secondary");
+    assert_eq!(status(&pair.b)["role"], "secondary");
     let r = pair
+        .b
         .control(
             "takeover",
-            &pair.s,
             &[
                 "--policy",
                 "force",
@@ -948,7 +909,7 @@ fn force_refuses_an_inconsistent_replica_unless_allowed() {
         )
         .unwrap();
     assert_eq!(r["epoch"], 2, "{r}");
-    let s = pair.status_s();
+    let s = status(&pair.b);
     assert_eq!(s["role"], "primary");
     assert!(event_names(&s).contains(&"ForcePromoted".to_string()));
 }
@@ -964,29 +925,27 @@ fn a_drain_whose_old_primary_is_gone_can_be_abandoned() {
         &[(10, 0xaa), (11, 0xab)],
         &["--proxy-timeout-ms", "300"],
     );
-    pair.takeover();
-    put_block(&pair.s.uri(), 20, 0x20);
-    pair.p.kill();
-    assert!(!block_reads(&pair.s.uri(), 10, 0xaa));
-    let r = pair.control(
-        "takeover",
-        &pair.s,
-        &["--policy", "force", "--timeout", "1"],
-    );
+    takeover(&pair.b);
+    put_block(&pair.b.uri(), 20, 0x20);
+    pair.a.kill();
+    assert!(!block_reads(&pair.b.uri(), 10, 0xaa));
+    let r = pair
+        .b
+        .control("takeover", &["--policy", "force", "--timeout", "1"]);
     let r = r.unwrap();
     assert_eq!(n(&r, "lost_blocks"), 2, "{r}");
-    let s = pair.status_s();
+    let s = status(&pair.b);
     assert_eq!(n(&s, "lost_blocks"), 2);
     assert!(event_names(&s).contains(&"DrainAbandoned".to_string()));
     wait_until(30, "the merge after the abandoned drain", || {
-        pair.status_s()["takeover_phase"] == ""
+        status(&pair.b)["takeover_phase"] == ""
     });
     // The lost blocks read as this engine had them; the rest is intact.
-    assert!(block_reads(&pair.s.uri(), 10, 0x00));
-    assert!(block_reads(&pair.s.uri(), 20, 0x20));
+    assert!(block_reads(&pair.b.uri(), 10, 0x00));
+    assert!(block_reads(&pair.b.uri(), 20, 0x20));
     // The old primary returns: it ends its drain, turns secondary and is overwritten.
-    pair.p.restart();
-    pair.wait_converged(&pair.s, &pair.p, 30);
+    pair.a.restart().unwrap();
+    pair.wait_converged(1, 30);
     assert!(
         pair.files_identical(),
         "the two sides must not silently differ"
@@ -999,19 +958,16 @@ fn a_drain_is_not_abandoned_while_the_old_primary_answers() {
     let d = tempfile::tempdir().unwrap();
     // The old primary's link is paused: it answers, but its drain does not move.
     let pair = pair_with_backlog(d.path(), &[(10, 0xaa)], &[]);
-    pair.takeover();
+    takeover(&pair.b);
     let err = pair
-        .control(
-            "takeover",
-            &pair.s,
-            &["--policy", "force", "--timeout", "1"],
-        )
+        .b
+        .control("takeover", &["--policy", "force", "--timeout", "1"])
         .unwrap_err();
     assert!(err.contains("DrainNotAbandoned"), "{err}");
-    assert_eq!(pair.status_s()["takeover_phase"], "draining");
-    pair.fault(&["--pause", "false"]);
-    pair.wait_converged(&pair.s, &pair.p, 30);
-    assert!(block_reads(&pair.s.uri(), 10, 0xaa));
+    assert_eq!(status(&pair.b)["takeover_phase"], "draining");
+    fault(&pair.a, &["--pause", "false"]);
+    pair.wait_converged(1, 30);
+    assert!(block_reads(&pair.b.uri(), 10, 0xaa));
 }
 
 /// Writes the old primary acknowledged after its last heartbeat are unknown to a forced promotion;
@@ -1020,25 +976,22 @@ fn a_drain_is_not_abandoned_while_the_old_primary_answers() {
 #[test]
 fn a_forced_promotion_counts_what_the_returning_primary_had_unsent() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = Pair::start_linked(d.path(), "64M", &[], &[]);
+    let mut pair = start_linked(d.path(), "64M", &[], &[]);
     pair.wait_synced(30);
     // The link goes quiet (no records, no heartbeats) and the primary keeps acknowledging.
-    pair.fault(&["--pause", "true"]);
+    fault(&pair.a, &["--pause", "true"]);
     for b in 30..35 {
-        put_block(&pair.p.uri(), b, 0x66);
+        put_block(&pair.a.uri(), b, 0x66);
     }
-    pair.p.kill();
+    pair.a.kill();
     let r = pair
-        .control(
-            "takeover",
-            &pair.s,
-            &["--policy", "force", "--timeout", "1"],
-        )
+        .b
+        .control("takeover", &["--policy", "force", "--timeout", "1"])
         .unwrap();
     let reported = n(&r, "lost_blocks");
-    pair.p.restart();
-    pair.wait_converged(&pair.s, &pair.p, 30);
-    let s = pair.status_s();
+    pair.a.restart().unwrap();
+    pair.wait_converged(1, 30);
+    let s = status(&pair.b);
     assert!(
         n(&s, "lost_blocks") >= 5,
         "five acknowledged writes were lost, {reported} reported at the promotion, {} now: {s}",
