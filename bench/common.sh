@@ -4,8 +4,9 @@
 # Sets E (the engine binary; TANDEM_ENGINE overrides it) and W (the scratch directory).
 bench_setup() { # [-p PACKAGE ...]
   scripts/install-deps.sh >/dev/null
-  cargo build --release -q -p storage-engine "$@"
-  # TANDEM_ENGINE=path runs another build of the engine (bench/compare-engines.sh: two commits in one run).
+  # TANDEM_ENGINE=path runs that build of the engine instead (bench/compare-engines.sh: two commits
+  # in one run); packages named are still built.
+  if [ -z "${TANDEM_ENGINE:-}" ] || [ $# -gt 0 ]; then cargo build --release -q -p storage-engine "$@"; fi
   E=${TANDEM_ENGINE:-${CARGO_TARGET_DIR:-$PWD/target}/release/tandem-engine}
   W=$(mktemp -d /var/tmp/tandem-bench.XXXXXX)
   trap bench_cleanup EXIT
