@@ -9,14 +9,22 @@
 //! | `data`, `overlay`          | raw blocks                | `store::BlockStore`                          |
 
 /// The meta file: { magic "TNDMETA\0" (8) | version u32 LE | body length u32 LE | crc32c(body) u32 LE | body (JSON) }
+use std::{fs::File, io, path::Path};
+
+/// fsyncs the directory holding `path`, so a rename or create in it is durable.
+pub fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
 pub mod meta {
-    use crate::meta::Meta;
+    use serde::{de::DeserializeOwned, Serialize};
 
     pub const META_MAGIC: &[u8; 8] = b"TNDMETA\0";
     pub const META_VERSION: u32 = 1;
     const HEADER: usize = 20;
 
-    pub fn encode(m: &Meta) -> Vec<u8> {
+    pub fn encode<T: Serialize>(m: &T) -> Vec<u8> {
         // Serializing a plain struct of strings and integers cannot fail.
         let body = serde_json::to_vec(m).unwrap_or_default();
         let mut v = Vec::with_capacity(HEADER + body.len());
@@ -34,7 +42,7 @@ pub mod meta {
         Corrupt(String),
     }
 
-    pub fn decode(b: &[u8]) -> Result<Meta, DecodeError> {
+    pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, DecodeError> {
         if b.len() < HEADER || &b[0..8] != META_MAGIC {
             return Err(DecodeError::Corrupt("bad magic".into()));
         }
@@ -191,6 +199,6 @@ pub mod seq {
         std::fs::write(&tmp, seq.to_string())?;
         std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        crate::meta::sync_dir(path)
+        super::sync_dir(path)
     }
 }

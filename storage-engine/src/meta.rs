@@ -12,40 +12,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::format::meta::{decode, encode, DecodeError, META_VERSION};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Primary,
-    Secondary,
-    Fenced,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Primary => "primary",
-            Role::Secondary => "secondary",
-            Role::Fenced => "fenced",
-        }
-    }
-}
-
-impl From<Role> for crate::pb::Role {
-    fn from(r: Role) -> Self {
-        match r {
-            Role::Primary => Self::Primary,
-            Role::Secondary => Self::Secondary,
-            Role::Fenced => Self::Fenced,
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::format::sync_dir;
+pub use crate::state::{Phase, Role};
 
 /// Durable identity and progress of one engine for its volume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,19 +53,6 @@ pub fn current_boot_id(state_dir: &Path) -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|b| b.trim().to_string())
         .unwrap_or_default()
-}
-
-/// The takeover phase of a serving engine (DESIGN.md §4).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// No takeover in progress: host I/O goes to the data file.
-    #[default]
-    Normal,
-    /// Serving while the old primary drains its table (first processing): overlay and proxied reads.
-    Draining,
-    /// DrainComplete received: the overlay is being merged into the data file.
-    Merging,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -172,12 +127,6 @@ impl Meta {
     }
 }
 
-/// fsyncs the directory holding `path`, so a rename or create in it is durable.
-pub fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,10 +165,13 @@ mod tests {
         let mut b = encode(&sample());
         let last = b.len() - 2;
         b[last] ^= 0x40;
-        assert!(matches!(decode(&b), Err(DecodeError::Corrupt(_))));
+        assert!(matches!(decode::<Meta>(&b), Err(DecodeError::Corrupt(_))));
         let mut b = encode(&sample());
         b[8] = 9;
-        assert!(matches!(decode(&b), Err(DecodeError::Version(9))));
-        assert!(matches!(decode(&b[..10]), Err(DecodeError::Corrupt(_))));
+        assert!(matches!(decode::<Meta>(&b), Err(DecodeError::Version(9))));
+        assert!(matches!(
+            decode::<Meta>(&b[..10]),
+            Err(DecodeError::Corrupt(_))
+        ));
     }
 }

@@ -42,7 +42,54 @@
 //!   engine acts on it towards the outside (`CloseHostSessions` after it for a fence, `Serve` after
 //!   it for a promotion), and after the durable writes it depends on (the table before the role).
 
-use crate::meta::{Phase, Role};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+    Fenced,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+            Role::Fenced => "fenced",
+        }
+    }
+}
+
+impl From<Role> for crate::pb::Role {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Primary => Self::Primary,
+            Role::Secondary => Self::Secondary,
+            Role::Fenced => Self::Fenced,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The takeover phase of a serving engine (DESIGN.md §4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// No takeover in progress: host I/O goes to the data file.
+    #[default]
+    Normal,
+    /// Serving while the old primary drains its table (first processing): overlay and proxied reads.
+    Draining,
+    /// DrainComplete received: the overlay is being merged into the data file.
+    Merging,
+}
 
 /// The replica's standing (the progress file's flags): can this copy serve as the volume?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -726,7 +726,7 @@ fn fuzz_meta_decoder() {
         cut in proptest::option::of(any::<usize>()),
         crc in any::<bool>(),
     )| {
-        let _ = format::meta::decode(&raw);
+        let _ = format::meta::decode::<Meta>(&raw);
         let mut bad = mutate(good.clone(), &flips, cut);
         if crc && bad.len() >= 20 {
             let n = bad.len();
