@@ -21,8 +21,8 @@
 //! | Primary e Draining          | DrainComplete           | Primary e Merging               | ClearTable, PersistAreas, Persist, StartMerge                                       |
 //! | Primary e Draining          | AbandonDrain            | Primary e Merging               | MarkLost, ClearTable, PersistAreas, Persist, ClearCondition, StartMerge             |
 //! | Primary e Merging           | MergeComplete           | Primary e Normal                | FoldOverlay, Persist, EmptyOverlay, WakeSender                                      |
-//! | Fenced e                    | DrainAcknowledged e     | Secondary e Inconsistent        | FoldOverlay, ResetAreas, DropJournal, RestartJournal, ResetReplica, Persist         |
-//! | Primary/Fenced e            | StepDown n > e          | Secondary n Inconsistent        | CloseHostSessions, FoldOverlay, ResetAreas, DropJournal, RestartJournal, ResetReplica, Persist |
+//! | Fenced e                    | DrainAcknowledged e     | Secondary e Inconsistent        | FoldOverlay, ResetAreas, RestartJournal, ResetReplica, Persist                      |
+//! | Primary/Fenced e            | StepDown n > e          | Secondary n Inconsistent        | CloseHostSessions, FoldOverlay, ResetAreas, RestartJournal, ResetReplica, Persist    |
 //! | Secondary e                 | AdoptEpoch n > e        | Secondary n                     | Persist                                                                             |
 //! | Secondary Consistent        | ResyncStarted           | Secondary Inconsistent          | RecordStanding, WriteProgress                                                       |
 //! | Secondary Inconsistent      | ResyncReachedTarget     | Secondary Consistent            | RecordStanding (written with the next durable batch)                                |
@@ -276,10 +276,9 @@ pub enum Effect {
     /// Both takeover bitmaps are replaced by empty ones durably.
     ResetAreas,
     /// The tracker takes the new epoch, and records journaled under the old role are never
-    /// replayed: the next session resyncs from the table.
+    /// replayed: the next session resyncs from the table. A secondary, which sends nothing, also
+    /// drops the records (its table stays).
     RestartJournal,
-    /// The journal's records are dropped (a secondary sends nothing; its table stays).
-    DropJournal,
     /// Blocks whose newest copy stayed on the lost peer are marked to be sent back over it.
     MarkLost,
     /// Blocks still pending from the old primary are forgotten (in memory).
@@ -353,8 +352,8 @@ mod lists {
     pub(super) const DRAIN_COMPLETE: &[Effect] = &[ClearTable, PersistAreas, Persist, StartMerge];
     pub(super) const ABANDON_DRAIN: &[Effect] = &[MarkLost, ClearTable, PersistAreas, Persist, ClearCondition, StartMerge];
     pub(super) const MERGE_COMPLETE: &[Effect] = &[FoldOverlay, Persist, EmptyOverlay, WakeSender];
-    pub(super) const TO_SECONDARY: &[Effect] = &[FoldOverlay, ResetAreas, DropJournal, RestartJournal, ResetReplica, Persist];
-    pub(super) const STEP_DOWN: &[Effect] = &[CloseHostSessions, FoldOverlay, ResetAreas, DropJournal, RestartJournal, ResetReplica, Persist];
+    pub(super) const TO_SECONDARY: &[Effect] = &[FoldOverlay, ResetAreas, RestartJournal, ResetReplica, Persist];
+    pub(super) const STEP_DOWN: &[Effect] = &[CloseHostSessions, FoldOverlay, ResetAreas, RestartJournal, ResetReplica, Persist];
     pub(super) const ADOPT_EPOCH: &[Effect] = &[Persist];
     /// Inconsistent durably before the first out-of-order image lands.
     pub(super) const RESYNC_STARTED: &[Effect] = &[RecordStanding, WriteProgress];
@@ -600,7 +599,7 @@ mod tests {
                             Effect::Serve | Effect::StartMerge => prop_assert!(i > p, "{x:?} before Persist"),
                             Effect::StoreTable | Effect::PersistAreas | Effect::MarkLost
                             | Effect::ResetReplica | Effect::FoldOverlay | Effect::ResetAreas
-                            | Effect::RestartJournal | Effect::DropJournal => prop_assert!(i < p, "{x:?} after Persist"),
+                            | Effect::RestartJournal => prop_assert!(i < p, "{x:?} after Persist"),
                             _ => {}
                         }
                     }

@@ -108,9 +108,9 @@ impl Volume {
                 self.areas.reset(table)?;
             }
             Effect::ResetAreas => self.areas.reset(Bitmap::new(blocks))?,
-            Effect::DropJournal | Effect::RestartJournal => {
+            Effect::RestartJournal => {
                 if let Some(r) = &self.repl {
-                    r.tracker.restart(to.epoch, effect == Effect::DropJournal);
+                    r.tracker.restart(to.epoch, to.role == Role::Secondary);
                 }
             }
             Effect::MarkLost => {
