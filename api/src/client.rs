@@ -200,6 +200,36 @@ impl EngineClient {
             .await
     }
 
+    /// Acts as the witness once (Engine.GrantLease): reads the engine's clock in a Status call,
+    /// then grants a lease of `lease_ms` from that stamp. The caller must not promote the other
+    /// engine by force before the moment this call was *sent* + `lease_ms` + the guard
+    /// (`storage_engine::lease::guard`): the engine's lease runs from the earlier stamp, so it ends
+    /// first.
+    pub async fn witness_grant(
+        &mut self,
+        volume: &str,
+        lease_ms: u32,
+        allow_async: bool,
+    ) -> Result<pb::GrantLeaseReply, ClientError> {
+        let s = self.status(volume).await?;
+        let req = pb::GrantLeaseRequest {
+            volume: volume.to_string(),
+            epoch: s.epoch,
+            instance: s.instance,
+            stamp_us: s.clock_us,
+            lease_ms,
+            allow_async,
+        };
+        self.inner
+            .grant_lease(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "GrantLease",
+                status,
+            })
+    }
+
     /// Takeover (or failback) with every option of the request.
     pub async fn role_change(
         &mut self,

@@ -47,11 +47,17 @@ pub enum Reason {
     StreamGap,
     /// The engine's own I/O failed.
     Internal,
+    /// A forced promotion must wait: the old primary may still hold a write lease this engine
+    /// promised (or must assume after a restart). Nothing was promoted; retry after the time given.
+    LeaseHeld,
+    /// A GrantLease that does not match this engine (another instance, epoch or a stamp from the
+    /// future), or on an engine that is not a paired primary: nothing granted.
+    LeaseRefused,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Unauthenticated,
         Reason::UnknownVolume,
         Reason::InvalidArgument,
@@ -68,6 +74,8 @@ impl Reason {
         Reason::Corrupt,
         Reason::StreamGap,
         Reason::Internal,
+        Reason::LeaseHeld,
+        Reason::LeaseRefused,
     ];
 
     /// The stable name on the wire (`ErrorInfo.reason`), also used as a Kubernetes condition reason.
@@ -89,6 +97,8 @@ impl Reason {
             Reason::Corrupt => "Corrupt",
             Reason::StreamGap => "StreamGap",
             Reason::Internal => "Internal",
+            Reason::LeaseHeld => "LeaseHeld",
+            Reason::LeaseRefused => "LeaseRefused",
         }
     }
 

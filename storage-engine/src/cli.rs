@@ -39,6 +39,9 @@ pub enum Command {
     Takeover(TakeoverArgs),
     /// The mirror image, called on the old primary: make it serve again.
     Failback(TakeoverArgs),
+    /// Act as the witness: renew the primary's write lease while its peer cannot (the peer is
+    /// gone). Promise not to promote the peer by force for the lease plus its guard afterwards.
+    Lease(LeaseArgs),
     /// Run a pair locally, take over with a backlog, prove every byte, fail back, print a timeline.
     Demo(DemoArgs),
 }
@@ -65,6 +68,19 @@ pub struct TakeoverArgs {
     /// mix of old and new blocks). Without it such a promotion is refused.
     #[arg(long)]
     pub allow_inconsistent: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LeaseArgs {
+    /// The primary's gRPC address, HOST:PORT.
+    #[command(flatten)]
+    pub target: EngineTarget,
+    /// Sync mode: also consent that writes be acknowledged without the peer (recorded).
+    #[arg(long)]
+    pub allow_async: bool,
+    /// The lease to grant in milliseconds (the engine holds at most its own --lease-ms).
+    #[arg(long, default_value_t = 10000)]
+    pub lease_ms: u32,
 }
 
 #[derive(Debug, Args)]
@@ -145,9 +161,18 @@ pub struct ServeArgs {
     /// Journal capacity; when it overflows, replication falls back to the differential table.
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     pub journal_size: u64,
-    /// Sync mode: how long a write waits for the peer before it stands on the local copy alone.
+    /// Sync mode: how long a write waits for the peer before it may stand on the local copy alone
+    /// (with leases on, only with the witness's consent: GrantLease allow_async).
     #[arg(long, default_value_t = 5000)]
     pub sync_timeout_ms: u64,
+    /// Paired primary: acknowledge host writes only while holding a write lease of this length,
+    /// renewed by the peer or a witness (the operator). 0 turns leases off.
+    #[arg(long, default_value_t = 10000)]
+    pub lease_ms: u32,
+    /// How long a host write waits for a lease (or, sync mode, for the peer or the witness's
+    /// consent) before it fails with EIO.
+    #[arg(long, default_value_t = 10000)]
+    pub lease_wait_ms: u64,
     /// Both sides: how long the peer may stay silent before the link counts as dead (status
     /// `peer_connected: false`, sync-mode writes stop waiting, the stream is replaced on reconnect).
     /// HTTP/2 and TCP keepalive run at a third of it; use the same value on both engines.

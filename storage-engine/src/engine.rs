@@ -62,6 +62,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             journal_bytes: args.journal_size,
             rate: args.replication_rate,
             sync_timeout: std::time::Duration::from_millis(args.sync_timeout_ms),
+            lease_ms: args.lease_ms,
+            lease_wait: std::time::Duration::from_millis(args.lease_wait_ms),
         }),
     };
     let volume = Volume::open(&cfg).context("opening the volume")?;
@@ -119,6 +121,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(repl::task::run(
             Arc::clone(&volume),
             Arc::clone(r),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::volume::renew_task(
+            Arc::clone(&volume),
             stop_rx.clone(),
         )));
         tasks.push(tokio::spawn(checkpoint_loop(
@@ -227,6 +233,19 @@ pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({"paused": r.paused, "holding_acks": r.holding_acks, "rate_bytes_per_sec": r.rate_bytes_per_sec})
+    );
+    Ok(())
+}
+
+/// `tandem-engine lease`: one witness grant (status, then GrantLease from its clock stamp).
+pub async fn grant_lease(args: crate::cli::LeaseArgs) -> anyhow::Result<()> {
+    let mut c = connect(&args.target).await?;
+    let r = c
+        .witness_grant(&args.target.volume, args.lease_ms, args.allow_async)
+        .await?;
+    println!(
+        "{}",
+        serde_json::json!({"lease_remaining_ms": r.lease_remaining_ms, "sync_fallback": r.sync_fallback})
     );
     Ok(())
 }
@@ -351,6 +370,13 @@ pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
         "condition_reason": s.condition_reason,
         "sync_degraded": s.sync_degraded,
         "sync_timeouts": s.sync_timeouts,
+        "lease_ms": s.lease_ms,
+        "lease_remaining_ms": s.lease_remaining_ms,
+        "promise_remaining_ms": s.promise_remaining_ms,
+        "sync_fallback": s.sync_fallback,
+        "peer_backlog_blocks": s.peer_backlog_blocks,
+        "exported_lost_blocks": s.exported_lost_blocks,
+        "lost_export": s.lost_export,
         "events": s.events,
     })
 }

@@ -47,6 +47,12 @@ pub enum EngineError {
     /// The engine's own I/O failed.
     #[error("{0}")]
     Io(String),
+    /// A forced promotion must wait out the old primary's possible lease: nothing was promoted.
+    #[error("LeaseHeld: {0}")]
+    LeaseHeld(String),
+    /// A witness's grant that does not match this engine: nothing was granted.
+    #[error("LeaseRefused: {0}")]
+    LeaseRefused(String),
 }
 
 impl EngineError {
@@ -94,6 +100,8 @@ impl EngineError {
             EngineError::Corrupt(_) => Reason::Corrupt,
             EngineError::Gap(_) => Reason::StreamGap,
             EngineError::Io(_) => Reason::Internal,
+            EngineError::LeaseHeld(_) => Reason::LeaseHeld,
+            EngineError::LeaseRefused(_) => Reason::LeaseRefused,
         }
     }
 }
@@ -113,8 +121,9 @@ impl From<EngineError> for tonic::Status {
             | EngineError::WrongRole(_)
             | EngineError::HandoffRefused(_)
             | EngineError::DrainNotAbandoned(_)
-            | EngineError::Gap(_) => Code::FailedPrecondition,
-            EngineError::HandoffBlocked(_) => Code::Unavailable,
+            | EngineError::Gap(_)
+            | EngineError::LeaseRefused(_) => Code::FailedPrecondition,
+            EngineError::HandoffBlocked(_) | EngineError::LeaseHeld(_) => Code::Unavailable,
             EngineError::Corrupt(_) => Code::DataLoss,
             EngineError::Io(_) => Code::Internal,
         };

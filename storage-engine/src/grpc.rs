@@ -161,9 +161,19 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         reply.resync_progress = if rs.inconsistent() { 0.0 } else { 1.0 };
         if state.role == Role::Secondary {
             reply.peer_pending_blocks = rs.peer_pending.as_ref().map_or(0, |b| b.count());
+            reply.peer_backlog_blocks = reply.peer_pending_blocks;
         }
     }
+    reply.clock_us = crate::lease::mono_us();
     let Some(r) = &v.repl else { return reply };
+    reply.lease_ms = r.lease.lease_ms();
+    reply.instance = r.lease.instance();
+    if state.role == Role::Primary {
+        reply.lease_remaining_ms = r.lease.remaining().as_millis() as u64;
+        reply.sync_fallback = r.lease.async_consent();
+    } else {
+        reply.promise_remaining_ms = r.lease.promise_remaining().as_millis() as u64;
+    }
     reply.peer = r.peer.clone();
     reply.peer_connected = r.connected();
     reply.sync_degraded = r.stats.degraded();
@@ -261,6 +271,17 @@ impl Engine for EngineService {
         self.volume
             .takeover(req.into_inner())
             .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn grant_lease(
+        &self,
+        req: Request<pb::GrantLeaseRequest>,
+    ) -> Result<Response<pb::GrantLeaseReply>, Status> {
+        self.check_volume(&req.get_ref().volume)?;
+        self.volume
+            .grant_lease(req.get_ref())
             .map(Response::new)
             .map_err(Status::from)
     }

@@ -14,6 +14,7 @@ pub mod format;
 pub mod geometry;
 pub mod grpc;
 pub mod journal;
+pub mod lease;
 pub mod meta;
 pub mod metrics;
 pub mod nbd;

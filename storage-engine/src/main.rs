@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
             Command::Fault(args) => storage_engine::engine::fault(args).await,
             Command::Takeover(args) => storage_engine::engine::takeover(args, false).await,
             Command::Failback(args) => storage_engine::engine::takeover(args, true).await,
+            Command::Lease(args) => storage_engine::engine::grant_lease(args).await,
             Command::Demo(args) => storage_engine::demo::run(args).await,
         }
     })

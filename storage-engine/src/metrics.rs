@@ -94,6 +94,28 @@ pub fn render(v: &Volume) -> Result<String, fmt::Error> {
         s.pending_blocks,
     );
     r.register(
+        "lease_remaining_seconds",
+        "Primary: how long host writes are still acknowledged without a lease renewal (0: none held)",
+        ConstGauge::new(s.lease_remaining_ms as f64 / 1000.0),
+    );
+    r.register(
+        "promise_remaining_seconds",
+        "Not primary: how long before a forced promotion of this engine is allowed",
+        ConstGauge::new(s.promise_remaining_ms as f64 / 1000.0),
+    );
+    gauge(
+        &mut r,
+        "sync_fallback",
+        "1 while the witness allows sync-mode writes to be acknowledged without the peer",
+        u64::from(s.sync_fallback),
+    );
+    gauge(
+        &mut r,
+        "exported_lost_blocks",
+        "Blocks this engine acknowledged as primary that its successor lacked, kept in lost_export",
+        s.exported_lost_blocks,
+    );
+    r.register(
         "replication_lag_seconds",
         "Age of the oldest unacknowledged write",
         ConstGauge::new(s.lag_seconds),

@@ -46,6 +46,10 @@ pub struct ReplStats {
     pub link_down: Notify,
     /// Sync-mode waits that ended without the peer's ack (timeout or link down).
     pub sync_timeouts: AtomicU64,
+    /// Sync-mode writes and flushes refused: no peer acknowledgement and no witness consent.
+    pub sync_refused: AtomicU64,
+    /// Host writes and flushes refused for want of a write lease.
+    pub lease_refused: AtomicU64,
     /// Highest seq a sync-mode write or flush stood on the local copy alone; 0 when none does.
     /// Cleared once the peer has that seq durably (the sender's acknowledgement task).
     pub degraded_upto: AtomicU64,
@@ -98,6 +102,8 @@ pub struct Repl {
     pub token: Option<String>,
     pub mode: Mode,
     pub sync_timeout: Duration,
+    /// The primary's write lease and, as the peer, the promise (`crate::lease`).
+    pub lease: crate::lease::Lease,
     /// A sync-mode host FLUSH waits for the peer's stable storage: the sender asks it to sync now.
     pub flush_wanted: std::sync::atomic::AtomicBool,
     /// Blocks a proxied read asked for: a draining engine sends them first.
@@ -124,22 +130,26 @@ impl Repl {
     }
 
     /// Waits until the peer acknowledged `seq`, unless the link is down or the wait times out:
-    /// then the write stands on the local copy alone (it is in the table and reaches the peer when
-    /// the link is back) and the pair reports it (`sync_degraded`, condition `Degraded: ...`,
-    /// `tandem_sync_timeouts_total`). Returns whether the peer has it.
-    pub async fn wait_acked(&self, seq: u64) -> bool {
+    /// then the write may stand on the local copy alone (it is in the table and reaches the peer
+    /// when the link is back) and the pair reports it (`sync_degraded`, condition `Degraded: ...`,
+    /// `tandem_sync_timeouts_total`). With leases on, standing alone needs the witness's consent
+    /// (`GrantLease` allow_async); without it the write keeps waiting for the peer or the consent
+    /// until the lease wait bound, then is refused (`Synced::Refused`, EIO to the host): a sync
+    /// write is never acknowledged on one copy that the witness did not allow.
+    /// Test: `tests/lease.rs` `sync_mode_falls_back_only_with_the_witness_consent`.
+    pub async fn wait_acked(&self, seq: u64) -> Synced {
         self.wait_on(&self.acked, seq).await
     }
 
     /// Asks the peer to make `seq` durable now and waits until it has (sync-mode FLUSH and FUA);
     /// on a miss as `wait_acked`.
-    pub async fn wait_durable(&self, seq: u64) -> bool {
+    pub async fn wait_durable(&self, seq: u64) -> Synced {
         self.flush_wanted.store(true, Ordering::Release);
         self.wake.notify_one();
         self.wait_on(&self.durable, seq).await
     }
 
-    async fn wait_on(&self, w: &watch::Sender<u64>, seq: u64) -> bool {
+    async fn wait_on(&self, w: &watch::Sender<u64>, seq: u64) -> Synced {
         let mut rx = w.subscribe();
         // Registered before `connected` is read, so a link going down in between still wakes us.
         let down = self.stats.link_down.notified();
@@ -156,10 +166,47 @@ impl Repl {
                     _ = &mut down => false,
                 })
             || *w.borrow() >= seq;
-        if !ok {
-            self.stats.sync_timeouts.fetch_add(1, Ordering::Relaxed);
-            self.stats.degraded_upto.fetch_max(seq, Ordering::AcqRel);
+        if ok {
+            return Synced::Peer;
         }
-        ok
+        if self.lease.enabled() && !self.lease.async_consent() {
+            let deadline = tokio::time::Instant::now() + self.lease.wait_bound();
+            let peer = loop {
+                let consent = self.lease.renewed.notified();
+                tokio::pin!(consent);
+                consent.as_mut().enable();
+                if *w.borrow() >= seq {
+                    break true;
+                }
+                if self.lease.async_consent() {
+                    break false;
+                }
+                tokio::select! {
+                    r = rx.wait_for(|a| *a >= seq) => if r.is_ok() { break true },
+                    _ = &mut consent => {}
+                    _ = tokio::time::sleep_until(deadline) => {
+                        self.stats.sync_refused.fetch_add(1, Ordering::Relaxed);
+                        return Synced::Refused;
+                    }
+                }
+            };
+            if peer {
+                return Synced::Peer;
+            }
+        }
+        self.stats.sync_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.stats.degraded_upto.fetch_max(seq, Ordering::AcqRel);
+        Synced::Alone
     }
+}
+
+/// How a sync-mode wait for the peer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synced {
+    /// The peer has it.
+    Peer,
+    /// It stands on this copy alone (leases off, or the witness consented), reported as degraded.
+    Alone,
+    /// Neither the peer nor the witness's consent came in time: the host gets an error.
+    Refused,
 }

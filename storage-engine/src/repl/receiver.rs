@@ -395,4 +395,18 @@ impl Peer for PeerService {
             .map(Response::new)
             .map_err(Status::from)
     }
+
+    async fn renew_lease(
+        &self,
+        req: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseReply>, Status> {
+        let r = req.into_inner();
+        if r.volume != self.vol.name() {
+            return Err(Status::not_found(format!("unknown volume {:?}", r.volume)));
+        }
+        self.vol
+            .answer_lease(&r)
+            .map(Response::new)
+            .map_err(Status::from)
+    }
 }

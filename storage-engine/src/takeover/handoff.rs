@@ -93,6 +93,9 @@ impl Volume {
             repl.tracker.forget(&stale);
         }
         let (words, count, last_seq) = repl.tracker.pending_snapshot();
+        // The answer renews the new primary's lease (it stamped before asking): this engine
+        // promises, as a peer answering RenewLease does.
+        repl.lease.promise(repl.lease.lease_ms());
         Ok(pb::HandoffReply {
             epoch: new_epoch,
             pending_words: Some(words.into()),
@@ -153,6 +156,8 @@ impl Volume {
         state::next(&self.state(), Event::Promote { new_epoch })?;
         self.areas
             .event(format!("TakeoverRequested epoch={new_epoch} force={force}"));
+        // Taken before the peer is asked: the handoff answer renews the lease from here.
+        let stamp = crate::lease::mono_us();
         let handoff = self.ask_for_table(&repl.peer, new_epoch, timeout).await;
         let blocks = self.size() / BS;
         let reply = match handoff {
@@ -168,6 +173,8 @@ impl Volume {
                 })?;
                 let pending = table.count();
                 self.promote_checked(role, new_epoch, table, None).await?;
+                repl.lease.renew(stamp, repl.lease.lease_ms());
+                self.areas.lease_wake.notify_one();
                 self.areas.event(format!(
                     "HandoffStored blocks={pending} peer_last_seq={}",
                     h.last_seq
@@ -197,6 +204,10 @@ impl Volume {
                 return Err(EngineError::HandoffBlocked(msg));
             }
             Err(HandoffFailure::Unreachable(why)) if force => {
+                // Invariant: a forced promotion starts only after the old primary's write lease
+                // has provably run out (this engine's promise to it); it then holds no lease
+                // itself until its peer or the witness grants one.
+                self.wait_out_peer_lease(timeout).await?;
                 let (lost, from, to) = {
                     let rs = self.replica();
                     if rs.applied_seq >= rs.peer_last_seq && !rs.inconsistent() {
@@ -215,6 +226,7 @@ impl Volume {
                 let n = lost.count();
                 self.promote_checked(role, new_epoch, Bitmap::new(blocks), Some((lost, from, to)))
                     .await?;
+                self.areas.lease_wake.notify_one();
                 self.areas.event(format!(
                     "ForcePromoted lost_blocks={n} lost_seq={from}..{to} (known from the last heartbeat; \
                      what the old primary acknowledged after it is counted when it returns) ({why})"

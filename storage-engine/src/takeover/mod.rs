@@ -65,6 +65,8 @@ pub struct Areas {
     events: Mutex<VecDeque<String>>,
     /// Wakes the merge task.
     pub(crate) merge_wake: Notify,
+    /// Wakes the lease renewal (`volume::renew_task`): this engine just became primary.
+    pub(crate) lease_wake: Notify,
     /// Fault seam: hold the merge between chunks (AT-17).
     pub(crate) merge_paused: AtomicBool,
     pub(crate) proxy: proxy::Proxy,
@@ -139,6 +141,7 @@ impl Areas {
             phase: AtomicU8::new(phase_code(phase)),
             events: Mutex::new(VecDeque::new()),
             merge_wake: Notify::new(),
+            lease_wake: Notify::new(),
             merge_paused: AtomicBool::new(false),
             proxy,
             condition: Mutex::new(None),

@@ -48,6 +48,8 @@ pub(crate) fn base_config(dir: &Path) -> VolumeConfig {
             journal_bytes: 1 << 20,
             rate: 0,
             sync_timeout: Duration::from_secs(1),
+            lease_ms: 0,
+            lease_wait: Duration::from_secs(1),
         }),
         secondary_read_only: false,
         proxy_timeout: Duration::from_millis(200),

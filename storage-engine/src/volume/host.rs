@@ -12,7 +12,7 @@ use crate::{
     meta::Role,
     nbd::proto as nbd,
     pb,
-    repl::{tracker::Payload, Mode},
+    repl::{tracker::Payload, Mode, Synced},
 };
 
 use super::Volume;
@@ -26,13 +26,18 @@ pub enum HostError {
     NotServing(Role),
     #[error("proxied read from the old primary failed: {0}")]
     Proxy(String),
+    /// A paired primary without a write lease (or, sync mode, without the peer's acknowledgement
+    /// and the witness's consent): the request is not acknowledged. What it wrote locally stays
+    /// in the differential table, like any unacknowledged write.
+    #[error("not acknowledged: {0}")]
+    NoLease(&'static str),
 }
 
 impl HostError {
     pub fn errno(&self) -> u32 {
         match self {
             HostError::Io(e) if e.raw_os_error() == Some(28) => nbd::ENOSPC,
-            HostError::Io(_) | HostError::Proxy(_) => nbd::EIO,
+            HostError::Io(_) | HostError::Proxy(_) | HostError::NoLease(_) => nbd::EIO,
             HostError::NotServing(_) => nbd::EPERM,
         }
     }
@@ -177,7 +182,7 @@ impl Volume {
         payload: Payload,
         keep_allocated: bool,
     ) -> Result<(), HostError> {
-        let _gate = self.gate.read().await;
+        let gate = self.gate.read().await;
         self.check_serving()?;
         let apply = |p: &Payload| match p {
             Payload::Data(d) => self.store.write_at(d, offset),
@@ -195,10 +200,28 @@ impl Volume {
                 .write(offset, payload.clone(), || apply(&payload))?
         };
         r.wake.notify_one();
-        if r.mode == Mode::Sync {
-            r.wait_acked(seq).await;
+        // The waits below run outside the gate: a fence need not wait for a peer or a witness
+        // that may never answer. The write is in the table either way, so a handoff carries it.
+        drop(gate);
+        if r.mode == Mode::Sync && r.wait_acked(seq).await == Synced::Refused {
+            return Err(HostError::NoLease(
+                "sync mode: the peer did not acknowledge and the witness did not consent",
+            ));
         }
-        Ok(())
+        self.leased(r).await
+    }
+
+    /// The last check before a change is acknowledged: a paired primary must hold its write lease
+    /// (`crate::lease`). Without one it waits for a renewal, at most the lease wait bound, then
+    /// refuses. Invariant: no host write or flush is acknowledged by a primary whose lease ran
+    /// out, so a peer promoted by force after the lease's guard never misses an acknowledged
+    /// write. Test: `tests/lease.rs` `a_partitioned_primary_stops_acknowledging_when_its_lease_runs_out`.
+    async fn leased(&self, r: &crate::repl::Repl) -> Result<(), HostError> {
+        if r.lease.held() || r.lease.wait_held().await {
+            return Ok(());
+        }
+        r.stats.lease_refused.fetch_add(1, Ordering::Relaxed);
+        Err(HostError::NoLease("this primary holds no write lease"))
     }
 
     /// FUA: the request is durable before it is acknowledged (outside the gate: `flush` takes it).
@@ -211,18 +234,26 @@ impl Volume {
 
     /// Makes every write completed so far durable.
     pub async fn flush(&self) -> Result<(), HostError> {
-        let _gate = self.gate.read().await;
+        let gate = self.gate.read().await;
         self.host_access()?;
         self.store.sync_async().await?;
         if self.areas.active() {
             // A host FLUSH covers writes routed to the overlay too: their data, then their bits.
             self.persist_areas()?;
         }
+        drop(gate);
         if let Some(r) = &self.repl {
-            if r.mode == Mode::Sync && self.role() == Role::Primary {
-                // Sync mode: a flush makes the writes durable on both sides.
-                let last = r.tracker.counts().last_seq;
-                r.wait_durable(last).await;
+            if self.role() == Role::Primary {
+                if r.mode == Mode::Sync {
+                    // Sync mode: a flush makes the writes durable on both sides.
+                    let last = r.tracker.counts().last_seq;
+                    if r.wait_durable(last).await == Synced::Refused {
+                        return Err(HostError::NoLease(
+                            "sync mode: the peer did not make the writes durable and the witness did not consent",
+                        ));
+                    }
+                }
+                self.leased(r).await?;
             }
         }
         self.counters.flushes.fetch_add(1, Ordering::Relaxed);

@@ -6,6 +6,7 @@
 //! - `takeover/` (beside this module): the handoff, routed host I/O, proxied reads and the merge.
 
 mod host;
+mod lease;
 mod replica;
 mod transition;
 
@@ -29,6 +30,7 @@ use crate::{
 };
 
 pub use host::{Counters, ExportName, HostError};
+pub use lease::renew_task;
 pub use replica::{Applied, ReplicaState};
 pub(crate) use transition::{Carry, TransitionError};
 
@@ -81,6 +83,9 @@ pub struct PairConfig {
     pub journal_bytes: u64,
     pub rate: u64,
     pub sync_timeout: std::time::Duration,
+    /// Write lease (`crate::lease`); 0 = off.
+    pub lease_ms: u32,
+    pub lease_wait: std::time::Duration,
 }
 
 /// One volume served by this engine.
@@ -231,6 +236,7 @@ impl Volume {
                     token: p.token.clone(),
                     mode: p.mode,
                     sync_timeout: p.sync_timeout,
+                    lease: crate::lease::Lease::new(p.lease_ms, p.lease_wait),
                     flush_wanted: Default::default(),
                     priority: Default::default(),
                 }))
