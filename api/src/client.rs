@@ -212,14 +212,22 @@ impl EngineClient {
         allow_async: bool,
     ) -> Result<pb::GrantLeaseReply, ClientError> {
         let s = self.status(volume).await?;
-        let req = pb::GrantLeaseRequest {
+        self.grant_lease(pb::GrantLeaseRequest {
             volume: volume.to_string(),
             epoch: s.epoch,
             instance: s.instance,
             stamp_us: s.clock_us,
             lease_ms,
             allow_async,
-        };
+        })
+        .await
+    }
+
+    /// One Engine.GrantLease as given (`witness_grant` builds it from a fresh status).
+    pub async fn grant_lease(
+        &mut self,
+        req: pb::GrantLeaseRequest,
+    ) -> Result<pb::GrantLeaseReply, ClientError> {
         self.inner
             .grant_lease(req)
             .await

@@ -39,7 +39,7 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
 }
 
 /// Whether qemu-io succeeded with no failed command (it exits 0 even when a command fails).
-fn qemu_io_passed(out: &Output) -> (bool, String) {
+pub fn qemu_io_passed(out: &Output) -> (bool, String) {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

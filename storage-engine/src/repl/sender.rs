@@ -341,6 +341,17 @@ pub(super) async fn session(
                 bump(&ack_repl.durable, a.applied_seq);
                 // Sync-mode writes that stood on our copy alone are on the peer's disk now.
                 ack_repl.stats.caught_up(a.applied_seq);
+                // The witness's consent to stand alone covers one outage: it ends once the peer
+                // has every write durably again.
+                if ack_repl.lease.async_consent()
+                    && !ack_repl.stats.degraded()
+                    && tr.counts().pending_blocks == 0
+                    && ack_repl.lease.consent(false)
+                {
+                    ack_vol
+                        .areas
+                        .event("SyncFallbackEnded (the peer has every write durably again)");
+                }
                 if ack_vol.meta().takeover.reversing
                     && !ack_repl.stats.resyncing.load(Ordering::Relaxed)
                     && !tr.resync_needed()
