@@ -25,10 +25,14 @@ use std::{
 
 use tokio::sync::Notify;
 
-/// Microseconds of this process's monotonic clock (never 0, so 0 can mean "none").
+/// Microseconds of this process's monotonic clock (never 0, so 0 can mean "none"). It starts an
+/// hour in, so "a lease ago" is a valid stamp from the first moment.
 pub fn mono_us() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(Instant::now);
+    let base = *BASE.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+    });
     base.elapsed().as_micros() as u64 + 1
 }
 

@@ -256,6 +256,9 @@ fn sync_mode_blackholed_peer_reports_degraded() {
     let d = tempfile::tempdir().unwrap();
     let metrics = free_port();
     let t = ["--peer-timeout-ms", "2000"];
+    // Leases off: the automatic fallback to one copy is the behaviour without a witness; with
+    // leases it needs the witness's consent (`tests/lease.rs`
+    // `sync_mode_falls_back_only_with_the_witness_consent`).
     let (pair, relay) = relayed_pair(
         d.path(),
         &[
@@ -265,6 +268,8 @@ fn sync_mode_blackholed_peer_reports_degraded() {
             "2000",
             "--metrics-listen",
             &metrics,
+            "--lease-ms",
+            "0",
         ],
         &t,
     );

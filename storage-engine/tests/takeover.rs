@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// A raw `Peer` client to an engine, with the pair's token (for calls the CLI does not make).
+/// Leases off (`--lease-ms 0`), for tests of forced promotion that are not about the lease.
+const NO_LEASE: [&str; 2] = ["--lease-ms", "0"];
+
 async fn peer_client(
     grpc: &str,
 ) -> storage_engine::pb::peer_client::PeerClient<
@@ -267,7 +270,9 @@ fn at17_write_racing_the_merge() {
 #[test]
 fn at18_primary_unreachable_wait_blocks_force_promotes_and_reports_losses() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = start_linked(d.path(), "64M", &[], &[]);
+    // Leases off: this test is about what a forced promotion reports; its wait for the old
+    // primary's lease is `tests/lease.rs` `a_forced_promotion_waits_for_the_old_primarys_lease`.
+    let mut pair = start_linked(d.path(), "64M", &NO_LEASE, &NO_LEASE);
     put_block(&pair.a.uri(), 3, 0x03);
     pair.wait_synced(30);
     // A slow link whose acknowledgements are held: the six writes stay pending on P, and the
@@ -874,7 +879,9 @@ fn force_never_promotes_over_a_peer_that_refuses() {
 #[test]
 fn force_refuses_an_inconsistent_replica_unless_allowed() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = start_linked(d.path(), "64M", &[], &[]);
+    // Leases off: this test is about what a forced promotion reports; its wait for the old
+    // primary's lease is `tests/lease.rs` `a_forced_promotion_waits_for_the_old_primarys_lease`.
+    let mut pair = start_linked(d.path(), "64M", &NO_LEASE, &NO_LEASE);
     pair.wait_synced(30);
     fault(&pair.a, &["--pause", "true"]);
     for b in 0..64 {
@@ -976,7 +983,9 @@ fn a_drain_is_not_abandoned_while_the_old_primary_answers() {
 #[test]
 fn a_forced_promotion_counts_what_the_returning_primary_had_unsent() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = start_linked(d.path(), "64M", &[], &[]);
+    // Leases off: this test is about what a forced promotion reports; its wait for the old
+    // primary's lease is `tests/lease.rs` `a_forced_promotion_waits_for_the_old_primarys_lease`.
+    let mut pair = start_linked(d.path(), "64M", &NO_LEASE, &NO_LEASE);
     pair.wait_synced(30);
     // The link goes quiet (no records, no heartbeats) and the primary keeps acknowledging.
     fault(&pair.a, &["--pause", "true"]);
