@@ -143,6 +143,9 @@ check "tandem-engine accepts the engine pods' command lines" engine_accepts_args
 # --- MirroredVolumes against the CRD schema ------------------------------------------------------------
 check "example MirroredVolumes validate against the CRD" \
   "$VENV/bin/python" scripts/validate-cr.py "$CRD" "${volumes[@]}"
+sed -e 's/__NODE1__/kind-worker/g' -e 's/__NODE2__/kind-worker2/g' e2e/kind/workload.yaml >"$WORK/kind-workload.yaml"
+check "the kind suite's MirroredVolume validates against the CRD" \
+  "$VENV/bin/python" scripts/validate-cr.py "$CRD" "$WORK/kind-workload.yaml"
 check "invalid MirroredVolumes are rejected by the CRD" \
   "$VENV/bin/python" scripts/validate-cr.py "$CRD" --expect-invalid "$CHART/ci/invalid-mirroredvolumes.yaml"
 
