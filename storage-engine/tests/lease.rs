@@ -78,6 +78,10 @@ fn a_partitioned_primary_stops_acknowledging_when_its_lease_runs_out() {
         "a write was acknowledged {acked_after_cut:?} after the cut, past the {LEASE_MS} ms lease"
     );
     assert!(refused > 0, "writes past the lease must be refused");
+    eprintln!(
+        "MEASURED partition: last write acknowledged {} ms after the cut (lease {LEASE_MS} ms), {refused} refused",
+        acked_after_cut.as_millis()
+    );
     let s = status(&pair.a);
     assert_eq!(n(&s, "lease_remaining_ms"), 0, "{s}");
     // Reads go on without a lease.
@@ -132,6 +136,11 @@ fn a_forced_promotion_waits_for_the_old_primarys_lease() {
         "promoted {promoted:?} after the cut, before the old primary's lease could have run out ({floor:?})"
     );
     assert!(n(&r, "epoch") >= 2, "{r}");
+    eprintln!(
+        "MEASURED forced promotion: serving {} ms after the old primary stopped (lease {LEASE_MS} ms, guard {} ms)",
+        promoted.as_millis(),
+        storage_engine::lease::guard(LEASE_MS as u32).as_millis()
+    );
     let s = status(&pair.b);
     assert_eq!(s["role"], "primary");
     assert_eq!(
