@@ -189,7 +189,10 @@ mod tests {
         assert!(!l.held(), "a new primary holds no lease until renewed");
         let long_ago = mono_us().saturating_sub(2_000_000);
         l.renew(long_ago, 1000);
-        assert!(!l.held(), "a renewal stamped more than a lease ago grants nothing");
+        assert!(
+            !l.held(),
+            "a renewal stamped more than a lease ago grants nothing"
+        );
         l.renew(mono_us(), 1000);
         assert!(l.held());
         assert!(l.remaining() <= Duration::from_millis(1000));

@@ -84,7 +84,8 @@ pub mod manifest {
             ));
         }
         let blocks = volume_bytes / BS;
-        if m.blocks.windows(2).any(|w| w[0] >= w[1]) || m.blocks.last().is_some_and(|&b| b >= blocks)
+        if m.blocks.windows(2).any(|w| w[0] >= w[1])
+            || m.blocks.last().is_some_and(|&b| b >= blocks)
         {
             return Err("blocks are not ascending within the volume".into());
         }
@@ -217,7 +218,9 @@ impl Losses {
         let root = state_dir.join(DIR);
         let mut st = LossState::default();
         let entries = match std::fs::read_dir(&root) {
-            Ok(e) => e.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?,
+            Ok(e) => e
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(format!("{}: {e}", root.display())),
         };

@@ -1196,8 +1196,8 @@ fn pair_config() -> Option<PairConfig> {
         journal_bytes: 1 << 20,
         rate: 0,
         sync_timeout: Duration::from_secs(1),
-            lease_ms: 0,
-            lease_wait: Duration::from_secs(1),
+        lease_ms: 0,
+        lease_wait: Duration::from_secs(1),
     })
 }
 

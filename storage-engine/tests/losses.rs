@@ -13,6 +13,9 @@ use std::{collections::BTreeSet, path::PathBuf};
 
 use common::*;
 
+/// The engine's block size.
+const BLOCK: u64 = 4096;
+
 const NO_LEASE: &[&str] = &["--lease-ms", "0"];
 
 fn n(v: &serde_json::Value, k: &str) -> u64 {
@@ -197,7 +200,10 @@ fn a_returning_primary_killed_in_the_middle_of_its_export_resumes_and_loses_noth
     assert_eq!(m["complete"], false, "killed after the export ended: {m}");
     assert!(before.len() < lost.len(), "{m}");
     for &b in &before {
-        assert_eq!(file_bytes(&img, b * BLOCK, BLOCK as usize), content(1000 + b));
+        assert_eq!(
+            file_bytes(&img, b * BLOCK, BLOCK as usize),
+            content(1000 + b)
+        );
     }
 
     fault(&pair.b, &["--rate", "0"]);

@@ -267,7 +267,9 @@ fn at17_write_racing_the_merge() {
 #[test]
 fn at18_primary_unreachable_wait_blocks_force_promotes_and_reports_losses() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = start_linked(d.path(), "64M", &[], &[]);
+    // Leases off: the forced takeover would first wait out the old primary's promise.
+    let no_lease = &["--lease-ms", "0"];
+    let mut pair = start_linked(d.path(), "64M", no_lease, no_lease);
     put_block(&pair.a.uri(), 3, 0x03);
     pair.wait_synced(30);
     // A slow link whose acknowledgements are held: the six writes stay pending on P, and the
@@ -976,7 +978,9 @@ fn a_drain_is_not_abandoned_while_the_old_primary_answers() {
 #[test]
 fn a_forced_promotion_counts_what_the_returning_primary_had_unsent() {
     let d = tempfile::tempdir().unwrap();
-    let mut pair = start_linked(d.path(), "64M", &[], &[]);
+    // Leases off: the forced takeover would first wait out the old primary's promise.
+    let no_lease = &["--lease-ms", "0"];
+    let mut pair = start_linked(d.path(), "64M", no_lease, no_lease);
     pair.wait_synced(30);
     // The link goes quiet (no records, no heartbeats) and the primary keeps acknowledging.
     fault(&pair.a, &["--pause", "true"]);
@@ -999,4 +1003,9 @@ fn a_forced_promotion_counts_what_the_returning_primary_had_unsent() {
     );
     assert!(event_names(&s).contains(&"LossCounted".to_string()) || reported >= 5);
     assert!(pair.files_identical());
+    // Once the old primary has compared them, the count is exact.
+    wait_until(30, "the exact count", || {
+        event_names(&status(&pair.b)).contains(&"LossExact".to_string())
+    });
+    assert_eq!(n(&status(&pair.b), "lost_blocks"), 5);
 }

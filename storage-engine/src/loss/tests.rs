@@ -79,14 +79,20 @@ fn a_damaged_manifest_is_an_error_at_open_and_is_left_alone() {
     std::fs::write(&path, b"{\"volume\": \"v\", \"old_ep").unwrap();
     let err = Losses::open(d.path(), "v", size).err().unwrap();
     assert!(err.contains("manifest"), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), b"{\"volume\": \"v\", \"old_ep");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"{\"volume\": \"v\", \"old_ep"
+    );
     // An unfinished export without its set of blocks to compare is damaged too.
-    std::fs::write(&path, manifest::encode(&{
-        let mut m = sample();
-        m.blocks.clear();
-        m.bytes = 0;
-        m
-    }))
+    std::fs::write(
+        &path,
+        manifest::encode(&{
+            let mut m = sample();
+            m.blocks.clear();
+            m.bytes = 0;
+            m
+        }),
+    )
     .unwrap();
     std::fs::remove_file(s.dir.join(UNCHECKED)).unwrap();
     assert!(Losses::open(d.path(), "v", size).is_err());
@@ -128,14 +134,23 @@ fn stepped_down(dir: &Path) -> Arc<Volume> {
         table.set(b);
     }
     v.store.sync().unwrap();
-    v.repl.as_ref().unwrap().tracker.mark_pending(&table).unwrap();
+    v.repl
+        .as_ref()
+        .unwrap()
+        .tracker
+        .mark_pending(&table)
+        .unwrap();
     block_on(v.step_down(2)).unwrap();
     assert_eq!((v.role(), v.epoch()), (Role::Secondary, 2));
     v
 }
 
 fn batch() -> Vec<pb::ReplicationMessage> {
-    vec![image(HAD, OLD), image(LACKED[0], NEW), image(LACKED[1], NEW)]
+    vec![
+        image(HAD, OLD),
+        image(LACKED[0], NEW),
+        image(LACKED[1], NEW),
+    ]
 }
 
 fn block(path: &Path, b: u64) -> Vec<u8> {
@@ -162,7 +177,9 @@ fn violations(v: &Volume, when: &str) -> Vec<String> {
         }
     }
     if listed.contains(&HAD) {
-        bad.push(format!("{when}: block {HAD} listed though the new primary had it"));
+        bad.push(format!(
+            "{when}: block {HAD} listed though the new primary had it"
+        ));
     }
     bad
 }

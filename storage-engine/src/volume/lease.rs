@@ -135,7 +135,8 @@ pub async fn renew_task(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
     if !lease.enabled() {
         return;
     }
-    let every = Duration::from_millis(u64::from(lease.lease_ms()) / 4).max(Duration::from_millis(20));
+    let every =
+        Duration::from_millis(u64::from(lease.lease_ms()) / 4).max(Duration::from_millis(20));
     let interceptor = match TokenInterceptor::new(repl.token.as_deref()) {
         Ok(i) => i,
         Err(e) => {
@@ -153,7 +154,9 @@ pub async fn renew_task(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
             let stamp = mono_us();
             let attempt = async {
                 if client.is_none() {
-                    let ch = channel(&repl.peer, every).await.map_err(|e| e.to_string())?;
+                    let ch = channel(&repl.peer, every)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     client = Some(pb::peer_client::PeerClient::with_interceptor(
                         ch,
                         interceptor.clone(),
