@@ -147,6 +147,10 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
         reply.lost_seq_from = m.takeover.lost_seq_from;
         reply.lost_seq_to = m.takeover.lost_seq_to;
     }
+    if let Some(l) = v.losses.latest() {
+        reply.exported_lost_blocks = l.blocks;
+        reply.lost_export = l.dir.display().to_string();
+    }
     {
         let st = v.areas.state();
         reply.overlay_blocks = st.overlay_present.count();

@@ -15,6 +15,7 @@ pub mod geometry;
 pub mod grpc;
 pub mod journal;
 pub mod lease;
+pub mod loss;
 pub mod meta;
 pub mod metrics;
 pub mod nbd;

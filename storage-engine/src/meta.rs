@@ -73,6 +73,10 @@ pub struct TakeoverMeta {
     /// grows to the returning old primary's unsent set when that one steps down.
     #[serde(default)]
     pub forced: bool,
+    /// `lost_blocks` is the returning old primary's exact count (it compared its table with this
+    /// engine's copies, `crate::loss`); no later estimate replaces it.
+    #[serde(default)]
+    pub lost_exact: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,7 @@
 //! | Primary e Draining          | AbandonDrain            | Primary e Merging               | MarkLost, ClearTable, PersistAreas, Persist, ClearCondition, StartMerge             |
 //! | Primary e Merging           | MergeComplete           | Primary e Normal                | FoldOverlay, Persist, EmptyOverlay, WakeSender                                      |
 //! | Fenced e                    | DrainAcknowledged e     | Secondary e Inconsistent        | FoldOverlay, ResetAreas, RestartJournal, ResetReplica, Persist                      |
-//! | Primary/Fenced e            | StepDown n > e          | Secondary n Inconsistent        | CloseHostSessions, FoldOverlay, ResetAreas, RestartJournal, ResetReplica, Persist    |
+//! | Primary/Fenced e            | StepDown n > e          | Secondary n Inconsistent        | CloseHostSessions, FoldOverlay, ResetAreas, KeepLosses, RestartJournal, ResetReplica, Persist |
 //! | Secondary e                 | AdoptEpoch n > e        | Secondary n                     | Persist                                                                             |
 //! | Secondary Consistent        | ResyncStarted           | Secondary Inconsistent          | RecordStanding, WriteProgress                                                       |
 //! | Secondary Inconsistent      | ResyncReachedTarget     | Secondary Consistent            | RecordStanding (written with the next durable batch)                                |
@@ -279,6 +279,9 @@ pub enum Effect {
     /// replayed: the next session resyncs from the table. A secondary, which sends nothing, also
     /// drops the records (its table stays).
     RestartJournal,
+    /// A stepping-down primary's unsent table becomes a loss export: each of its blocks is
+    /// compared with the new primary's copy before that copy overwrites it (`crate::loss`).
+    KeepLosses,
     /// Blocks whose newest copy stayed on the lost peer are marked to be sent back over it.
     MarkLost,
     /// Blocks still pending from the old primary are forgotten (in memory).
@@ -353,7 +356,7 @@ mod lists {
     pub(super) const ABANDON_DRAIN: &[Effect] = &[MarkLost, ClearTable, PersistAreas, Persist, ClearCondition, StartMerge];
     pub(super) const MERGE_COMPLETE: &[Effect] = &[FoldOverlay, Persist, EmptyOverlay, WakeSender];
     pub(super) const TO_SECONDARY: &[Effect] = &[FoldOverlay, ResetAreas, RestartJournal, ResetReplica, Persist];
-    pub(super) const STEP_DOWN: &[Effect] = &[CloseHostSessions, FoldOverlay, ResetAreas, RestartJournal, ResetReplica, Persist];
+    pub(super) const STEP_DOWN: &[Effect] = &[CloseHostSessions, FoldOverlay, ResetAreas, KeepLosses, RestartJournal, ResetReplica, Persist];
     pub(super) const ADOPT_EPOCH: &[Effect] = &[Persist];
     /// Inconsistent durably before the first out-of-order image lands.
     pub(super) const RESYNC_STARTED: &[Effect] = &[RecordStanding, WriteProgress];
@@ -599,7 +602,7 @@ mod tests {
                             Effect::Serve | Effect::StartMerge => prop_assert!(i > p, "{x:?} before Persist"),
                             Effect::StoreTable | Effect::PersistAreas | Effect::MarkLost
                             | Effect::ResetReplica | Effect::FoldOverlay | Effect::ResetAreas
-                            | Effect::RestartJournal => prop_assert!(i < p, "{x:?} after Persist"),
+                            | Effect::RestartJournal | Effect::KeepLosses => prop_assert!(i < p, "{x:?} after Persist"),
                             _ => {}
                         }
                     }

@@ -1008,4 +1008,9 @@ fn a_forced_promotion_counts_what_the_returning_primary_had_unsent() {
     );
     assert!(event_names(&s).contains(&"LossCounted".to_string()) || reported >= 5);
     assert!(pair.files_identical());
+    // Once the old primary has compared them, the count is exact.
+    wait_until(30, "the exact count", || {
+        event_names(&status(&pair.b)).contains(&"LossExact".to_string())
+    });
+    assert_eq!(n(&status(&pair.b), "lost_blocks"), 5);
 }

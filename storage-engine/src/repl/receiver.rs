@@ -267,18 +267,26 @@ async fn flush_loop(
         let (blocks, generations): (Vec<u64>, Vec<u64>) = taken.into_iter().unzip();
         if vol.receiving() == Receiving::Replica {
             if let Some(r) = &vol.repl {
-                // Blocks this secondary asked back (resend) are now the primary's content.
-                r.tracker.forget(&blocks);
+                // The loss export's decided blocks are stored first: a block this secondary no
+                // longer asks back must not be stored as still to compare (`crate::loss`).
+                match vol.persist_losses() {
+                    // Blocks this secondary asked back (resend) are now the primary's content.
+                    Ok(()) => r.tracker.forget(&blocks),
+                    Err(e) => warn!(error = %e, "storing the loss export's progress failed"),
+                }
             }
         } else if let Err(e) = vol.persist_areas() {
             warn!(error = %e, "persisting the handed-off table failed");
         }
+        let (losses_checked_epoch, losses_exported) = vol.losses.finished().unwrap_or((0, 0));
         let ack = pb::ReplicationAck {
             epoch: vol.epoch(),
             applied_seq: seq,
             blocks,
             generations,
             durable: true,
+            losses_exported,
+            losses_checked_epoch,
             ..Default::default()
         };
         // A source that went away stops reading acks: do not hold the stream slot for it.

@@ -303,6 +303,7 @@ pub(super) async fn session(
             vol.count_returned_losses(set.count());
         }
     }
+    vol.count_exact_losses(hello.losses_checked_epoch, hello.losses_exported);
     let durable = hello.durable_seq.min(hello.applied_seq);
     let need_resync =
         t.agree_resume(hello.applied_seq, durable) || hello.need_full_resync || hello.inconsistent;
@@ -339,6 +340,7 @@ pub(super) async fn session(
                     .resync_done
                     .fetch_add(a.blocks.len() as u64, Ordering::Relaxed);
                 bump(&ack_repl.durable, a.applied_seq);
+                ack_vol.count_exact_losses(a.losses_checked_epoch, a.losses_exported);
                 // Sync-mode writes that stood on our copy alone are on the peer's disk now.
                 ack_repl.stats.caught_up(a.applied_seq);
                 // The witness's consent to stand alone covers one outage: it ends once the peer

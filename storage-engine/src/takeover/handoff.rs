@@ -591,7 +591,7 @@ impl Volume {
     /// `tests/takeover.rs` `a_forced_promotion_counts_what_the_returning_primary_had_unsent`.
     pub(crate) fn count_returned_losses(&self, returned: u64) {
         let m = self.meta().takeover.clone();
-        if !m.forced || returned <= m.lost_blocks {
+        if !m.forced || m.lost_exact || returned <= m.lost_blocks {
             return;
         }
         if self
@@ -601,6 +601,31 @@ impl Volume {
             self.areas.event(format!(
                 "LossCounted lost_blocks={returned} (the returning old primary's unsent writes, \
                  overwritten by this engine's copies)"
+            ));
+        }
+    }
+
+    /// The returning old primary compared the table it asked back with this engine's copies
+    /// (`crate::loss`): of those, `exported` blocks differed, and it kept their old content. That
+    /// is the exact loss of the promotion to `epoch`, replacing the estimates (the last heartbeat's
+    /// set, then the returned table's size). Test: `tests/losses.rs`.
+    pub(crate) fn count_exact_losses(&self, epoch: u64, exported: u64) {
+        if epoch == 0 || epoch != self.epoch() || self.role() != Role::Primary {
+            return;
+        }
+        let m = self.meta().takeover.clone();
+        if m.lost_exact && m.lost_blocks == exported {
+            return;
+        }
+        if self
+            .update_meta(|m| {
+                m.takeover.lost_blocks = exported;
+                m.takeover.lost_exact = true;
+            })
+            .is_ok()
+        {
+            self.areas.event(format!(
+                "LossExact lost_blocks={exported} (the returning old primary compared its unsent                  table with this engine's copies and kept the old content of these)"
             ));
         }
     }

@@ -54,6 +54,8 @@ pub enum OpenError {
     },
     #[error("state dir {0} is in use by another engine")]
     Locked(PathBuf),
+    #[error("{0}")]
+    Loss(String),
 }
 
 /// How a volume is opened.
@@ -109,6 +111,8 @@ pub struct Volume {
     transitions: Mutex<()>,
     pub(crate) counters: Counters,
     pub(crate) repl: Option<Arc<Repl>>,
+    /// What a returning old primary kept of the blocks its successor lacked (`crate::loss`).
+    pub(crate) losses: crate::loss::Losses,
     replica: Mutex<ReplicaState>,
     secondary_read_only: bool,
     implicit_takeover: bool,
@@ -272,6 +276,8 @@ impl Volume {
             proxy,
             same_boot,
         )?;
+        let losses = crate::loss::Losses::open(&cfg.state_dir, &cfg.name, cfg.size)
+            .map_err(OpenError::Loss)?;
         let mut running = meta.clone();
         running.clean_shutdown = false;
         running.boot_id = boot_id;
@@ -289,6 +295,7 @@ impl Volume {
             meta: Mutex::new(running),
             counters: Counters::default(),
             repl,
+            losses,
             replica: Mutex::new(replica),
             secondary_read_only: cfg.secondary_read_only,
             implicit_takeover: cfg.implicit_takeover,
@@ -369,6 +376,8 @@ impl Volume {
             self.persist_areas()?;
         }
         self.persist_heartbeat_set()?;
+        // Before the table: a block the table no longer asks back is never still to compare.
+        self.losses.persist()?;
         r.tracker.checkpoint(|| self.store.sync(), quiesced)?;
         let acked = r.tracker.counts().acked_seq;
         let mut m = self.meta();

@@ -11,7 +11,8 @@ use crate::{
     bitmap::Bitmap,
     error::EngineError,
     format::{self, progress::Progress},
-    geometry::{blocks_in, BLOCK_SIZE},
+    geometry::{blocks_in, blocks_of, BLOCK_SIZE, BS},
+    loss::Incoming,
     meta::Role,
     pb::{self, replication_message::Body},
     state::{self, Effect, EngineState, Event, Receiving, Standing},
@@ -113,8 +114,11 @@ impl Volume {
             }
             _ => Vec::new(),
         };
+        let (losses_checked_epoch, losses_exported) = self.losses.finished().unwrap_or((0, 0));
         let r = self.replica();
         pb::ReplicationAck {
+            losses_exported,
+            losses_checked_epoch,
             epoch: self.epoch(),
             applied_seq: r.applied_seq,
             durable_seq: r.durable_seq,
@@ -196,6 +200,12 @@ impl Volume {
         }
         let io = |e: io::Error| EngineError::io(format!("applying replication: {e}"));
         let mut rs = self.replica();
+        // A stepped-down primary compares the blocks it asked back before the first of them is
+        // overwritten; every lost one is exported durably first (`Losses::check`).
+        if self.losses.armed() {
+            let touches = touches(&batch, rs.applied_seq, blocks_in(self.size()));
+            self.losses.check(&self.store, &touches).map_err(io)?;
+        }
         let mut out = Applied {
             epoch: newest_epoch,
             ..Default::default()
@@ -272,9 +282,26 @@ impl Volume {
             rs.consistent_target = None;
             self.replica_event(&mut rs, Event::ResyncReachedTarget)
                 .map_err(io)?;
+            self.finish_losses().map_err(io)?;
         }
         out.applied_seq = rs.applied_seq;
         Ok(out)
+    }
+
+    /// The new primary's resync ended: the loss export (if one is comparing) is complete.
+    fn finish_losses(&self) -> io::Result<()> {
+        let Some(r) = &self.repl else { return Ok(()) };
+        if let Some(s) = self
+            .losses
+            .finish(&self.store, |b| r.tracker.is_pending(b))?
+        {
+            self.areas.event(format!(
+                "LossesExported blocks={} dir={}",
+                s.blocks,
+                s.dir.display()
+            ));
+        }
+        Ok(())
     }
 
     /// A replica event (`state::next`), carried out under the replica lock the caller holds.
@@ -333,6 +360,11 @@ impl Volume {
         Ok(())
     }
 
+    /// The loss export's decided blocks are stored (before the table forgets them).
+    pub(crate) fn persist_losses(&self) -> io::Result<()> {
+        self.losses.persist()
+    }
+
     /// Makes everything applied so far durable (data fdatasync, then the progress file);
     /// returns the seq that is now durable.
     pub fn make_durable(&self) -> io::Result<u64> {
@@ -373,6 +405,64 @@ impl Volume {
         self.progress.write_all_at(&b, 0)?;
         self.progress.sync_data()
     }
+}
+
+/// The blocks `batch` overwrites, in the order `apply_batch` would (a record already applied is
+/// skipped; the batch stops at a gap or a message out of range), each with what lands on it.
+fn touches(
+    batch: &[pb::ReplicationMessage],
+    applied_seq: u64,
+    blocks: u64,
+) -> Vec<(u64, Incoming<'_>)> {
+    let mut out = Vec::new();
+    let mut applied = applied_seq;
+    for m in batch {
+        let records: &[pb::WriteRecord] = match &m.body {
+            Some(Body::Write(w)) => std::slice::from_ref(w),
+            Some(Body::WriteBatch(wb)) => &wb.records,
+            Some(Body::Block(b)) if b.block < blocks => {
+                out.push((b.block, Incoming::Block(&b.data)));
+                continue;
+            }
+            Some(Body::Block(_)) => return out,
+            Some(Body::ResyncDone(d)) => {
+                if d.next_seq > 0 {
+                    applied = applied.max(d.next_seq - 1);
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        for w in records {
+            if w.seq <= applied {
+                continue;
+            }
+            let zero = w.zero_length > 0;
+            let len = if zero {
+                w.zero_length
+            } else {
+                w.data.len() as u64
+            };
+            let end = match w.offset.checked_add(len) {
+                Some(e) if w.seq == applied + 1 && e <= blocks * BS => e,
+                _ => return out,
+            };
+            for b in blocks_of(w.offset, len) {
+                let from = b * BS;
+                let incoming = if w.offset > from || end < from + BS {
+                    Incoming::Part
+                } else if zero {
+                    Incoming::Zeros
+                } else {
+                    let at = (from - w.offset) as usize;
+                    Incoming::Block(&w.data[at..at + BS as usize])
+                };
+                out.push((b, incoming));
+            }
+            applied = w.seq;
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -113,6 +113,22 @@ impl Volume {
                     r.tracker.restart(to.epoch, to.role == Role::Secondary);
                 }
             }
+            Effect::KeepLosses => {
+                // Before the role is persisted: once this engine is a secondary at the new epoch
+                // the new primary's images may arrive, and each block of this table must be
+                // compared before one overwrites it (`crate::loss`). `self.epoch()` is still the
+                // old epoch here.
+                if let Some(r) = &self.repl {
+                    let table = r.tracker.pending();
+                    if let Some(s) = self.losses.begin(self.epoch(), to.epoch, &table)? {
+                        self.areas.event(format!(
+                            "LossExportStarted blocks_to_compare={} dir={}",
+                            table.count(),
+                            s.dir.display()
+                        ));
+                    }
+                }
+            }
             Effect::MarkLost => {
                 // The peer's copies of these blocks are newer than ours and will never be ours:
                 // ours go back over them when it returns, so the two never silently differ.
