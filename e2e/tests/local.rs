@@ -1338,8 +1338,8 @@ async fn raw_block_takeover_by_staging_on_the_secondary_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
-    if skip("staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy") {
+async fn staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy() {
+    if skip("staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy") {
         return;
     }
     let _serial = serial().await;
@@ -1391,9 +1391,32 @@ async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
             "engine-b after the refused takeover: {st:?}"
         );
 
-        // The PV says ForcePromote: the secondary serves without the old primary's table.
+        // The PV says ForcePromote: the plugin still only asks for a handoff (a forced promotion
+        // is the witness's decision, after the old primary's lease): UNAVAILABLE, nothing
+        // attached, and the message says who promotes.
         let mut force = ctx.clone();
         force.insert(ATTR_FAILOVER_POLICY.into(), "ForcePromote".into());
+        let e = b
+            .node
+            .node_stage_volume(stage_request(id, &nb.staging, None, &force, TOKEN))
+            .await;
+        match &e {
+            Err(s) if s.code() == Code::Unavailable && s.message().contains("operator") => {}
+            other => anyhow::bail!("stage with the primary dead (ForcePromote): {other:?}"),
+        }
+        assert_clean_under(&nb.root);
+        let st = pair.b.status().await?;
+        anyhow::ensure!(
+            role(&st) == EngineRole::Secondary && st.epoch == 1,
+            "engine-b after the stage under ForcePromote: {st:?}"
+        );
+
+        // The operator (the witness) promotes by force, waiting out engine-b's promise to the
+        // old primary, and grants the new primary its first lease; the next stage attaches.
+        pair.b
+            .control("takeover", &["--policy", "force", "--timeout", "30"])
+            .map_err(anyhow::Error::msg)?;
+        pair.b.control("lease", &[]).map_err(anyhow::Error::msg)?;
         b.node
             .node_stage_volume(stage_request(id, &nb.staging, None, &force, TOKEN))
             .await?;
@@ -1411,6 +1434,9 @@ async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
             .await?;
         // Everything the old primary had replicated is there.
         model.check_device("node-b's device after the forced promotion", &nb.target)?;
+        // Its peer is gone, so only the witness renews the lease (the operator does so every
+        // lease/4); without it these writes would wait and fail with EIO after lease-wait.
+        pair.b.control("lease", &[]).map_err(anyhow::Error::msg)?;
         model.write(&nb.target, 1 << 20, 53, 3 << 20, &tmp)?;
         model.check_device("node-b's device after new writes", &nb.target)?;
         b.node.node_unpublish_volume(nb.unpublish(id)).await?;
@@ -1628,6 +1654,100 @@ async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_
             "the replicas differ at byte {:?}",
             first_difference(&pair.a.data(), &pair.b.data())?
         );
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// The daemon's reconnect count for the plugin's attachments (its `/metrics`).
+fn reconnects(plugin: &Plugin) -> anyhow::Result<u64> {
+    let page = plugin.metrics()?;
+    page.lines()
+        .filter(|l| l.starts_with("tandem_csi_nbd_reconnects_total{"))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or_else(|| anyhow::anyhow!("bad sample {l:?}"))
+        })
+        .sum::<anyhow::Result<u64>>()
+}
+
+/// Issue 12 item 4: an engine restart is not a failover. A workload writes continuously through
+/// node A's staged raw block device (engine A, the primary, in its own network namespace, with
+/// write leases on); engine A is SIGKILLed and started again from the same state dir 12 seconds
+/// later. The workload sees a stall and no error, the attachment reconnects at the same epoch,
+/// nothing fails over, and every acknowledged write reads back, on the device and on both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_engine_crash_under_a_live_workload_is_a_stall_not_an_error() {
+    if skip("a_primary_engine_crash_under_a_live_workload_is_a_stall_not_an_error") {
+        return;
+    }
+    let _serial = serial().await;
+    let scratch = Scratch::new("engine-crash").unwrap();
+    let mut pair = EnginePair::start(&scratch.root, "vol-ec", "64M", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-ec", true).unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let ctx = pair.volume_context();
+    let id = "default/pv-ec";
+    const REGION: u64 = 16 << 20;
+
+    with_logs!(node_a, async {
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
+            .await?;
+        let (_, export) = recorded_attachment(&node_a, id)?;
+        anyhow::ensure!(export == "vol-ec@1", "attached to {export}");
+        let writer = HistoryWriter::start(&na.target, REGION, 64 << 10, 1)?;
+        writer.wait_acked(100, Duration::from_secs(60)).await?;
+
+        // The engine crashes and stays away 12 s: longer than the plugin's I/O timeout (10 s in
+        // this suite), which is no bound while the engine is unreachable (the reconnect limit,
+        // 120 s, is), and longer than the lease. The writer's current request waits.
+        pair.a.kill();
+        let at_kill = writer.acked();
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        anyhow::ensure!(writer.running(), "a write failed while the engine was down");
+        anyhow::ensure!(
+            writer.acked() <= at_kill + 1,
+            "{} writes returned with the engine down",
+            writer.acked() - at_kill
+        );
+        pair.a.restart()?;
+        writer
+            .wait_acked(at_kill + 200, Duration::from_secs(60))
+            .await?;
+        let history = writer.finish()?;
+        println!(
+            "engine crash under load: {} writes acknowledged, the longest took {:?}",
+            history.writes.len(),
+            history.longest
+        );
+
+        // Not a failover: same roles, same epoch, and the attachment is the same one.
+        let (sa, sb) = (pair.a.status().await?, pair.b.status().await?);
+        anyhow::ensure!(
+            role(&sa) == EngineRole::Primary && sa.epoch == 1,
+            "engine-a: {sa:?}"
+        );
+        anyhow::ensure!(
+            role(&sb) == EngineRole::Secondary && sb.epoch == 1,
+            "engine-b: {sb:?}"
+        );
+        anyhow::ensure!(reconnects(&node_a)? >= 1, "{}", node_a.metrics()?);
+        history.check(
+            "node-a's device",
+            &read_direct(&na.target, REGION as usize)?,
+        )?;
+        EnginePair::wait_converged(&pair.a, &pair.b, Duration::from_secs(120)).await?;
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        a.node.node_unstage_volume(na.unstage(id)).await?;
+        history.check("engine-a's replica", &std::fs::read(pair.a.data())?)?;
+        history.check("engine-b's replica", &std::fs::read(pair.b.data())?)?;
         scratch.assert_clean();
         Ok(())
     });
