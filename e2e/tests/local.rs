@@ -1752,3 +1752,117 @@ async fn a_primary_engine_crash_under_a_live_workload_is_a_stall_not_an_error() 
         Ok(())
     });
 }
+
+/// Engine A is still the primary and engine B its secondary, both at epoch 1: nothing failed over.
+async fn roles_unchanged(pair: &EnginePair) -> anyhow::Result<()> {
+    let (a, b) = (pair.a.status().await?, pair.b.status().await?);
+    anyhow::ensure!(
+        role(&a) == EngineRole::Primary && a.epoch == 1,
+        "engine-a: {a:?}"
+    );
+    anyhow::ensure!(
+        role(&b) == EngineRole::Secondary && b.epoch == 1,
+        "engine-b: {b:?}"
+    );
+    Ok(())
+}
+
+/// Issue 12 item 6: a read-only stage on the secondary's node never takes over. With
+/// `secondaryAccess: ReadOnly` (engines started with `--secondary-access read-only`) it attaches
+/// read-only to the secondary and reads what the primary's pod wrote, while that pod keeps writing
+/// on node A; without it the stage is FAILED_PRECONDITION and attaches nothing. The engines keep
+/// their roles and epoch throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
+    if skip("a_read_only_stage_on_the_secondarys_node_does_not_take_over") {
+        return;
+    }
+    use pb::volume_capability::access_mode::Mode;
+    let _serial = serial().await;
+    let scratch = Scratch::new("ro-stage").unwrap();
+    let pair = EnginePair::start_with(
+        &scratch.root,
+        "vol-ro",
+        "64M",
+        TOKEN,
+        &["--secondary-access", "read-only"],
+    )
+    .unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-ro", true).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-ro", true).unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
+    let ctx = pair.volume_context();
+    let mut ro_ctx = ctx.clone();
+    ro_ctx.insert(ATTR_SECONDARY_ACCESS.into(), "ReadOnly".into());
+    let id = "default/pv-ro";
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut model = Model::new(64 << 20);
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
+            .await?;
+        model.write(&na.target, 0, 61, 2 << 20, &tmp)?;
+        model.write(&na.target, 20 << 20, 62, 1 << 20, &tmp)?;
+        wait_replicated(&pair.a).await?;
+
+        // secondaryAccess None: a reader on node B is refused, nothing taken over or attached.
+        let mut b = node_b.client().await?;
+        for mode in [Mode::SingleNodeReaderOnly, Mode::MultiNodeReaderOnly] {
+            let mut req = stage_request(id, &nb.staging, None, &ctx, TOKEN);
+            req.volume_capability = Some(reader_capability(None, mode));
+            match b.node.node_stage_volume(req).await {
+                Err(s)
+                    if s.code() == Code::FailedPrecondition
+                        && s.message().contains("never takes over") => {}
+                other => anyhow::bail!("read-only stage without secondary reads: {other:?}"),
+            }
+        }
+        assert_clean_under(&nb.root);
+        roles_unchanged(&pair).await?;
+
+        // secondaryAccess ReadOnly: attached to engine-b, read-only, at its epoch.
+        let mut req = stage_request(id, &nb.staging, None, &ro_ctx, TOKEN);
+        req.volume_capability = Some(reader_capability(None, Mode::MultiNodeReaderOnly));
+        b.node.node_stage_volume(req.clone()).await?;
+        roles_unchanged(&pair).await?;
+        let (_, export) = recorded_attachment(&node_b, id)?;
+        anyhow::ensure!(export == "vol-ro@1", "node-b attached to {export}");
+        anyhow::ensure!(
+            pair.b.status().await?.nbd_connections >= 1,
+            "node-b is not attached to engine-b"
+        );
+        let mut publish = publish_request(id, &nb.staging, &nb.target, None);
+        publish.volume_capability = Some(reader_capability(None, Mode::MultiNodeReaderOnly));
+        publish.readonly = true;
+        b.node.node_publish_volume(publish).await?;
+        model.check_device("node-b's read-only device", &nb.target)?;
+        anyhow::ensure!(
+            dd_write(&nb.target, 0, 69, 4096, &tmp).is_err(),
+            "a write through the read-only stage succeeded"
+        );
+        // The writer on node A goes on; node B sees its replicated writes.
+        model.write(&na.target, 4 << 20, 63, 1 << 20, &tmp)?;
+        wait_replicated(&pair.a).await?;
+        model.check_device("node-b's read-only device after more writes", &nb.target)?;
+        // kubelet repeats the stage: still current, nothing taken over.
+        b.node.node_stage_volume(req).await?;
+        roles_unchanged(&pair).await?;
+
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        assert_clean_under(&nb.root);
+        model.check_device("node-a's device", &na.target)?;
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        a.node.node_unstage_volume(na.unstage(id)).await?;
+        roles_unchanged(&pair).await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
