@@ -858,6 +858,14 @@ impl Drop for HistoryWriter {
 }
 
 impl History {
+    /// This history, then `later`'s (a second workload on the same region, e.g. the pod that
+    /// replaced this one).
+    pub fn followed_by(mut self, later: History) -> History {
+        self.writes.extend(later.writes);
+        self.longest = self.longest.max(later.longest);
+        self
+    }
+
     /// The region's bytes after every acknowledged write, applied in order to zeros.
     pub fn expected(&self) -> Vec<u8> {
         let mut out = vec![0u8; self.len as usize];

@@ -1866,3 +1866,101 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
         Ok(())
     });
 }
+
+/// Issue 12 items 7 and the "pod moved" disruption: no operator runs, only the two engines. The
+/// pod on node A writes a history and goes away (unpublish, unstage); its replacement's stage on
+/// node B, the secondary's node, takes over by handoff and returns with engine B primary; the
+/// replacement's first I/O works at once, every acknowledged byte reads back, and it keeps writing
+/// past a whole lease (10 s) with no witness: the old primary, now B's secondary, renews it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_moved_to_the_secondarys_node_without_an_operator() {
+    if skip("a_pod_moved_to_the_secondarys_node_without_an_operator") {
+        return;
+    }
+    let _serial = serial().await;
+    let scratch = Scratch::new("pod-moved").unwrap();
+    let pair = EnginePair::start(&scratch.root, "vol-pm", "64M", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-pm", true).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-pm", true).unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
+    let ctx = pair.volume_context();
+    let id = "default/pv-pm";
+    const REGION: u64 = 16 << 20;
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
+            .await?;
+        let writer = HistoryWriter::start(&na.target, REGION, 64 << 10, 1)?;
+        writer.wait_acked(200, Duration::from_secs(60)).await?;
+        let before = writer.finish()?;
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        a.node.node_unstage_volume(na.unstage(id)).await?;
+        assert_clean_under(&na.root);
+
+        // The replacement pod is scheduled on node B.
+        let mut b = node_b.client().await?;
+        let t0 = std::time::Instant::now();
+        b.node
+            .node_stage_volume(stage_request(id, &nb.staging, None, &ctx, TOKEN))
+            .await?;
+        let staged = t0.elapsed();
+        let (sa, sb) = (pair.a.status().await?, pair.b.status().await?);
+        anyhow::ensure!(
+            role(&sb) == EngineRole::Primary && sb.epoch == 2,
+            "engine-b when NodeStageVolume returned: {sb:?}"
+        );
+        // Nothing was owed, so the old primary may have drained and turned secondary already.
+        anyhow::ensure!(
+            matches!(role(&sa), EngineRole::Fenced | EngineRole::Secondary) && sa.epoch == 2,
+            "engine-a when NodeStageVolume returned: {sa:?}"
+        );
+        b.node
+            .node_publish_volume(publish_request(id, &nb.staging, &nb.target, None))
+            .await?;
+        let first = read_direct(&nb.target, 64 << 10)?;
+        let first_io = t0.elapsed();
+        println!(
+            "pod moved: stage (takeover + attach) {staged:?}, + publish + first read {first_io:?}"
+        );
+        anyhow::ensure!(
+            first_io < Duration::from_secs(5),
+            "the replacement's first I/O took {first_io:?}"
+        );
+        anyhow::ensure!(first == before.expected()[..64 << 10], "first read differs");
+        before.check(
+            "node-b's device after the move",
+            &read_direct(&nb.target, REGION as usize)?,
+        )?;
+
+        // It writes on, for longer than a lease, with no witness granting one.
+        let writer = HistoryWriter::start(&nb.target, REGION, 64 << 10, 1_000_000)?;
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(12) {
+            anyhow::ensure!(writer.running(), "a write on node B failed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let history = before.followed_by(writer.finish()?);
+        println!(
+            "after the move: {} writes in all, the longest {:?}",
+            history.writes.len(),
+            history.longest
+        );
+        history.check(
+            "node-b's device",
+            &read_direct(&nb.target, REGION as usize)?,
+        )?;
+        EnginePair::wait_converged(&pair.b, &pair.a, Duration::from_secs(120)).await?;
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        history.check("engine-b's replica", &std::fs::read(pair.b.data())?)?;
+        history.check("engine-a's replica", &std::fs::read(pair.a.data())?)?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
