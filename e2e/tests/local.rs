@@ -199,15 +199,27 @@ async fn ext4_volume_survives_a_plugin_restart_and_unstages_cleanly() {
             stats.volume_condition
         );
 
-        // The plugin dies (SIGKILL) with the volume staged and published; the pod keeps working.
+        // The plugin dies (SIGKILL) with the volume staged and published; the pod keeps working:
+        // a workload writing a history into a file goes on through the kill and the restart.
+        let history_file = target.join("history.bin");
+        let writer = HistoryWriter::start(&history_file, 8 << 20, 64 << 10, 1)?;
+        writer.wait_acked(50, Duration::from_secs(60)).await?;
         plugin.kill();
         let more = write_files(&target, "during-restart", 10)?;
+        writer
+            .wait_acked(writer.acked() + 50, Duration::from_secs(60))
+            .await?;
         plugin.restart()?;
         let mut c = plugin.client().await?;
         // kubelet repeats its calls after a plugin restart: all OK, nothing attached twice.
         c.node.node_stage_volume(stage.clone()).await?;
         c.node.node_publish_volume(publish.clone()).await?;
         anyhow::ensure!(loops_under(&scratch.root).len() == 1);
+        writer
+            .wait_acked(writer.acked() + 50, Duration::from_secs(60))
+            .await?;
+        let history = writer.finish()?;
+        history.check("the history file", &read_direct(&history_file, 8 << 20)?)?;
         verify_files(&files)?;
         verify_files(&more)?;
         let after = write_files(&target, "after-restart", 10)?;
@@ -241,6 +253,10 @@ async fn ext4_volume_survives_a_plugin_restart_and_unstages_cleanly() {
         verify_files(&files)?;
         verify_files(&more)?;
         verify_files(&after)?;
+        history.check(
+            "the history file, staged again",
+            &read_direct(&history_file, 8 << 20)?,
+        )?;
         c.node
             .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
                 volume_id: id.into(),
