@@ -14,11 +14,19 @@
 //! B is the failover trigger, returning only once engine B serves at the next epoch with A fenced;
 //! every file or byte is read back there (the unreplicated ones through proxied reads), node A's writes
 //! are refused, the drain finishes and the pair converges with identical replicas, for ext4 and for raw
-//! block. With the primary's engine dead, WaitForPrimary is a retryable UNAVAILABLE that attaches
-//! nothing and ForcePromote stages. A node that keeps its staging (plugin up, mount in place) through
+//! block. With the primary's engine dead, a stage is a retryable UNAVAILABLE that attaches nothing
+//! under either policy (the plugin never forces); once the operator (played by the test) promoted by
+//! force and granted a lease, it stages. A node that keeps its staging (plugin up, mount in place) through
 //! a takeover and a failback to its own engine: its attachment is pinned to epoch 1, so its device
 //! fails with EIO at epoch 3; restaging there is ABORTED while the old pod is published, then
 //! replaces the staging and sees every file of epoch 2.
+//!
+//! Issue 12 (engines with write leases on, the default 10 s; a continuous O_DIRECT workload whose
+//! acknowledged-write history is checked, `HistoryWriter`): a primary engine SIGKILLed for 12 s
+//! and restarted under the workload is a stall, not an error, at the same epoch; a read-only stage
+//! on the secondary's node never takes over (reads from the secondary with `secondary-access:
+//! ReadOnly`, FAILED_PRECONDITION without); a pod moved to the secondary's node with no operator
+//! (handoff on stage, first I/O at once, writes past a lease); a plugin restart under the workload.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
