@@ -11,8 +11,9 @@ pub const ATTR_ENGINES: &str = "tandem.dev/engines";
 /// PV `volumeAttributes`: `node=host:port,...` (or `unix:/path`), each engine's NBD address.
 /// Written by the operator, read by the CSI plugin to attach.
 pub const ATTR_NBD: &str = "tandem.dev/nbd";
-/// PV `volumeAttributes`: `WaitForPrimary` | `ForcePromote`, the policy of a CSI-triggered
-/// takeover. Written by the operator (from `spec.failover.policy`), read by the CSI plugin.
+/// PV `volumeAttributes`: `WaitForPrimary` | `ForcePromote`, the volume's failover policy. Written
+/// by the operator (from `spec.failover.policy`). The CSI plugin still parses it but never forces:
+/// its takeover on stage is always a handoff; a forced promotion is the operator's (the witness's).
 pub const ATTR_FAILOVER_POLICY: &str = "tandem.dev/failover-policy";
 /// PV `volumeAttributes`: `wait` | `force`, the same policy under the name. Written by the
 /// operator for humans and tools; no Tandem component reads it.
@@ -20,6 +21,12 @@ pub const ATTR_TAKEOVER_POLICY: &str = "tandem.dev/takeover-policy";
 /// PV `volumeAttributes`: seconds a CSI-triggered takeover may wait for the old primary. Written
 /// by the operator (from `spec.failover.peerTimeout`), read by the CSI plugin.
 pub const ATTR_PEER_TIMEOUT: &str = "tandem.dev/peer-timeout-seconds";
+
+/// PV `volumeAttributes`: `None` | `ReadOnly`, whether the secondary engine serves read-only host
+/// sessions (`spec.secondaryAccess`, engine flag `--secondary-access read-only`). Written by the
+/// operator, read by the CSI plugin: a read-only stage on the secondary's node attaches to the
+/// secondary when `ReadOnly`, and is FAILED_PRECONDITION otherwise (it never takes over).
+pub const ATTR_SECONDARY_ACCESS: &str = "tandem.dev/secondary-access";
 
 /// The key of the volume token in its Secret. Written by the operator; kubelet hands the Secret
 /// to the CSI plugin as NodeStageVolume's secrets (`nodeStageSecretRef`), where it reads this key.

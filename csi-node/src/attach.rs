@@ -172,6 +172,8 @@ pub struct FuseLoopAttacher {
     /// The `tandem-csi` binary (this executable).
     pub exe: PathBuf,
     pub io_timeout: Duration,
+    /// How long the daemon's I/O waits for an unreachable engine before failing with EIO.
+    pub reconnect_timeout: Duration,
     pub start_timeout: Duration,
 }
 
@@ -203,7 +205,9 @@ impl FuseLoopAttacher {
             .arg("--dir")
             .arg(dir)
             .arg("--io-timeout-secs")
-            .arg(self.io_timeout.as_secs().max(1).to_string());
+            .arg(self.io_timeout.as_secs().max(1).to_string())
+            .arg("--reconnect-timeout-secs")
+            .arg(self.reconnect_timeout.as_secs().max(1).to_string());
         if spec.read_only {
             cmd.arg("--read-only");
         }
@@ -425,10 +429,16 @@ impl Attacher for FuseLoopAttacher {
                 "the engine refuses the export ({}); I/O fails until it serves it again",
                 s.link.last_error.unwrap_or_default()
             )),
+            Some(s) if s.link.gave_up => Health::Degraded(format!(
+                "engine unreachable for more than {:?} ({}); I/O fails until it is back",
+                self.reconnect_timeout,
+                s.link.last_error.unwrap_or_default()
+            )),
             Some(s) if !s.link.connected => Health::Degraded(format!(
-                "engine connection down ({}); I/O waits up to {:?} per request",
+                "engine connection down ({}); I/O waits up to {:?} for it ({} reconnects so far)",
                 s.link.last_error.unwrap_or_default(),
-                self.io_timeout
+                self.reconnect_timeout,
+                s.link.reconnects
             )),
             _ => Health::Healthy,
         }

@@ -55,9 +55,13 @@ pub struct ServeArgs {
     pub health_listen: Option<String>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// An NBD request unanswered this long fails with an I/O error.
+    /// An NBD request unanswered this long on a live engine connection fails with an I/O error.
     #[arg(long, default_value_t = 30)]
     pub io_timeout_secs: u64,
+    /// How long I/O waits for an unreachable engine (e.g. while it restarts) before it fails
+    /// with EIO: the longest stall an engine restart may cause the workload.
+    #[arg(long, default_value_t = 120)]
+    pub reconnect_timeout_secs: u64,
     /// How long attaching (starting the FUSE daemon, connecting to the engine) may take.
     #[arg(long, default_value_t = 30)]
     pub attach_timeout_secs: u64,
@@ -88,6 +92,8 @@ pub struct AttachFuseArgs {
     pub read_only: bool,
     #[arg(long, default_value_t = 30)]
     pub io_timeout_secs: u64,
+    #[arg(long, default_value_t = 120)]
+    pub reconnect_timeout_secs: u64,
     #[arg(long, default_value_t = 2)]
     pub fuse_threads: usize,
 }
@@ -116,6 +122,7 @@ pub fn main() -> ExitCode {
                 dir: a.dir,
                 read_only: a.read_only,
                 io_timeout: Duration::from_secs(a.io_timeout_secs.max(1)),
+                reconnect_timeout: Duration::from_secs(a.reconnect_timeout_secs.max(1)),
                 fuse_threads: a.fuse_threads,
             })
         }
@@ -196,6 +203,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         root: state_dir.join("attach"),
         exe: std::env::current_exe().context("locate this executable")?,
         io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
+        reconnect_timeout: Duration::from_secs(args.reconnect_timeout_secs.max(1)),
         start_timeout: Duration::from_secs(args.attach_timeout_secs.max(1)),
     };
     if Path::new("/sys/module/nbd").exists() {

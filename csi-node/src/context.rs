@@ -6,8 +6,9 @@
 //! | `tandem.dev/volume` | the engine's volume name (= NBD export name) | yes |
 //! | `tandem.dev/engines` | `node=host:port,node=host:port`: each engine's gRPC address, by node name | yes |
 //! | `tandem.dev/nbd` | `node=host:port,...` (or `node=unix:/path`): each engine's NBD address | yes |
-//! | `tandem.dev/failover-policy` | `WaitForPrimary` (default) or `ForcePromote` | no |
+//! | `tandem.dev/failover-policy` | `WaitForPrimary` (default) or `ForcePromote`: parsed, reported, never acted on here (see [`FailoverPolicy`]) | no |
 //! | `tandem.dev/peer-timeout-seconds` | how long a takeover may wait for the old primary (default 30) | no |
+//! | `tandem.dev/secondary-access` | `None` (default) or `ReadOnly`: the secondary serves read-only sessions | no |
 //!
 //! Stage secrets: `token`, the volume's engine token.
 
@@ -15,14 +16,18 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use tandem_api::contract::{
-    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_VOLUME,
+    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS,
+    ATTR_VOLUME,
 };
 
 use crate::error::{Error, Result};
 
 const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What a takeover does when the old primary cannot be reached (DESIGN.md §4 step 7).
+/// The volume's failover policy: what the *operator* does when the old primary cannot be reached
+/// (DESIGN.md §4 step 7). The plugin parses it (an unknown value is still INVALID_ARGUMENT, and it
+/// is logged) but never acts on `ForcePromote`: with write leases, only the witness (the operator)
+/// can wait out the old primary's lease and grant the new one, so a stage always asks for a handoff.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FailoverPolicy {
     #[default]
@@ -35,6 +40,24 @@ impl FailoverPolicy {
         match s.trim().to_ascii_lowercase().as_str() {
             "waitforprimary" | "wait" => Some(FailoverPolicy::WaitForPrimary),
             "forcepromote" | "force" => Some(FailoverPolicy::ForcePromote),
+            _ => None,
+        }
+    }
+}
+
+/// Whether the secondary engine serves read-only host sessions (`spec.secondaryAccess`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SecondaryAccess {
+    #[default]
+    None,
+    ReadOnly,
+}
+
+impl SecondaryAccess {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" | "" => Some(SecondaryAccess::None),
+            "readonly" | "read-only" => Some(SecondaryAccess::ReadOnly),
             _ => None,
         }
     }
@@ -54,6 +77,7 @@ pub struct VolumeParams {
     pub engines: Vec<EngineRef>,
     pub policy: FailoverPolicy,
     pub peer_timeout: Duration,
+    pub secondary_access: SecondaryAccess,
 }
 
 /// Parses `node=addr,node=addr` (whitespace around items allowed).
@@ -125,11 +149,21 @@ impl VolumeParams {
                     )
                 })?,
         };
+        let secondary_access = match ctx.get(ATTR_SECONDARY_ACCESS) {
+            None => SecondaryAccess::default(),
+            Some(v) => SecondaryAccess::parse(v).ok_or_else(|| {
+                Error::invalid(
+                    ATTR_SECONDARY_ACCESS,
+                    format!("{v:?}: expected None or ReadOnly"),
+                )
+            })?,
+        };
         Ok(VolumeParams {
             volume,
             engines,
             policy,
             peer_timeout,
+            secondary_access,
         })
     }
 }
@@ -164,6 +198,7 @@ mod tests {
         let mut ctx = test_context("vol-a", &["node-a", "node-b"]);
         ctx.insert(ATTR_FAILOVER_POLICY.into(), "ForcePromote".into());
         ctx.insert(ATTR_PEER_TIMEOUT.into(), "12".into());
+        ctx.insert(ATTR_SECONDARY_ACCESS.into(), "ReadOnly".into());
         let p = VolumeParams::parse(&ctx).unwrap();
         assert_eq!(p.volume, "vol-a");
         assert_eq!(p.engines.len(), 2);
@@ -172,6 +207,7 @@ mod tests {
         assert_eq!(p.engines[1].nbd, "10.0.0.2:10809");
         assert_eq!(p.policy, FailoverPolicy::ForcePromote);
         assert_eq!(p.peer_timeout, Duration::from_secs(12));
+        assert_eq!(p.secondary_access, SecondaryAccess::ReadOnly);
     }
 
     #[test]
@@ -179,6 +215,7 @@ mod tests {
         let p = VolumeParams::parse(&test_context("v", &["a"])).unwrap();
         assert_eq!(p.policy, FailoverPolicy::WaitForPrimary);
         assert_eq!(p.peer_timeout, DEFAULT_PEER_TIMEOUT);
+        assert_eq!(p.secondary_access, SecondaryAccess::None);
     }
 
     #[test]
@@ -191,6 +228,7 @@ mod tests {
             (ATTR_NBD, "a=nonsense"),
             (ATTR_FAILOVER_POLICY, "sometimes"),
             (ATTR_PEER_TIMEOUT, "0"),
+            (ATTR_SECONDARY_ACCESS, "sometimes"),
         ] {
             let mut ctx = test_context("v", &["a"]);
             ctx.insert(key.into(), value.into());

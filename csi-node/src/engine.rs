@@ -9,7 +9,7 @@ use std::time::Duration;
 use tandem_api::client::{EngineClient, TakeoverPolicy};
 use tandem_api::pb::Role as PbRole;
 
-use crate::context::{EngineRef, FailoverPolicy};
+use crate::context::EngineRef;
 pub use crate::error::EngineError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,12 +44,13 @@ pub trait EngineApi: Send + Sync + 'static {
         token: &str,
     ) -> impl Future<Output = Result<EngineStatus, EngineError>> + Send;
 
+    /// A takeover by handoff (policy Wait): the old primary fences itself and hands over its
+    /// table, or the call fails (old primary unreachable: UNAVAILABLE). Never forced.
     fn takeover(
         &self,
         addr: &str,
         volume: &str,
         token: &str,
-        policy: FailoverPolicy,
         timeout: Duration,
     ) -> impl Future<Output = Result<TakeoverOutcome, EngineError>> + Send;
 }
@@ -106,13 +107,15 @@ impl EngineApi for GrpcEngines {
         addr: &str,
         volume: &str,
         token: &str,
-        policy: FailoverPolicy,
         timeout: Duration,
     ) -> Result<TakeoverOutcome, EngineError> {
-        let pol = match policy {
-            FailoverPolicy::WaitForPrimary => TakeoverPolicy::Wait,
-            FailoverPolicy::ForcePromote => TakeoverPolicy::Force,
-        };
+        // Safety (issue 12, no split brain): the plugin never forces a promotion. With write
+        // leases a forced promotion is safe only for the witness (the operator), which waits out
+        // the old primary's lease and then grants the new primary one; a stage that forced would
+        // promote behind the witness's back. Whatever the volume's policy, this is a handoff.
+        // Checked by node::tests::stage_never_forces_whatever_the_policy and the e2e test
+        // staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy.
+        let pol = TakeoverPolicy::Wait;
         let call = async {
             let mut c = EngineClient::connect(addr, Some(token))
                 .await
@@ -141,28 +144,57 @@ impl EngineApi for GrpcEngines {
 /// What NodeStageVolume should do, given every engine's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
-    /// Attach to this engine's NBD export (it is the primary).
+    /// Attach to this engine's NBD export (the primary, or for a read-only stage on the
+    /// secondary's node the secondary, which serves read-only sessions).
     Attach { engine: EngineRef, epoch: u64 },
     /// This node's engine is the secondary: take over, then attach to it.
     TakeoverThenAttach { engine: EngineRef },
 }
 
+/// What a stage asks for: writing, or only reading (a read-only access mode or mount), and then
+/// whether the volume's secondary serves read-only sessions (`secondaryAccess: ReadOnly`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    Write,
+    Read { secondary_serves: bool },
+}
+
 /// Decides where to attach (DESIGN.md §6): the primary with the highest epoch, unless this node holds
-/// the secondary, in which case staging here is the failover trigger. Errors: every engine rejected
-/// the token → that error; every engine that answered does not know the volume → not found;
-/// otherwise no usable engine → unavailable (kubelet retries).
+/// the secondary: then a writable stage is the failover trigger, and a read-only one never is (issue
+/// 12 item 6: it reads from the secondary if that serves reads, else FAILED_PRECONDITION). Errors:
+/// every engine rejected the token → that error; every engine that answered does not know the
+/// volume → not found; otherwise no usable engine → unavailable (kubelet retries).
 pub fn plan(
     node_id: &str,
     answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+    want: Want,
 ) -> Result<Plan, crate::error::Error> {
     use crate::error::Error;
     refusals(answers)?;
     let primary = highest_primary(answers);
     let local = answers.iter().find(|(e, _)| e.node == node_id);
     match (local, primary) {
-        (Some((e, Ok(s))), _) if s.role == Role::Secondary => {
-            Ok(Plan::TakeoverThenAttach { engine: e.clone() })
-        }
+        // Safety: only a writable stage takes over; a read-only stage (a backup mount, a
+        // reader) must not move the primary away from its writer. Checked by
+        // tests::a_read_only_stage_on_the_secondarys_node_never_takes_over and the e2e test
+        // a_read_only_stage_on_the_secondarys_node_does_not_take_over.
+        (Some((e, Ok(s))), _) if s.role == Role::Secondary => match want {
+            Want::Write => Ok(Plan::TakeoverThenAttach { engine: e.clone() }),
+            Want::Read {
+                secondary_serves: true,
+            } => Ok(Plan::Attach {
+                engine: e.clone(),
+                epoch: s.epoch,
+            }),
+            Want::Read {
+                secondary_serves: false,
+            } => Err(Error::PreconditionFailed(format!(
+                "a read-only stage on {node_id}, which holds the volume's secondary: it never \
+                 takes over, and the secondary serves no reads (secondaryAccess is not \
+                 ReadOnly); stage it read-write to move the volume here, or give the volume \
+                 secondaryAccess: ReadOnly"
+            ))),
+        },
         (Some((e, Ok(s))), Some((_, top))) if s.role == Role::Primary && s.epoch >= top => {
             Ok(Plan::Attach {
                 engine: e.clone(),
@@ -178,6 +210,29 @@ pub fn plan(
         }),
         (_, None) => Err(no_primary(answers)),
     }
+}
+
+/// The engine an existing staging should be attached to now, and its epoch, without taking anything
+/// over: for a read-only stage on the secondary's node whose secondary serves reads, that
+/// secondary; otherwise the primary with the highest epoch. Errors as [`plan`]'s.
+pub fn current_source(
+    node_id: &str,
+    answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+    want: Want,
+) -> Result<(EngineRef, u64), crate::error::Error> {
+    refusals(answers)?;
+    if want
+        == (Want::Read {
+            secondary_serves: true,
+        })
+    {
+        if let Some((e, Ok(s))) = answers.iter().find(|(e, _)| e.node == node_id) {
+            if s.role == Role::Secondary {
+                return Ok((e.clone(), s.epoch));
+            }
+        }
+    }
+    current_primary(answers)
 }
 
 /// The engine serving the volume now and its epoch (the primary with the highest epoch), without
@@ -248,6 +303,14 @@ mod tests {
 
     use super::*;
 
+    /// The writable stage's plan (what most tests look at).
+    fn plan(
+        node_id: &str,
+        answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+    ) -> Result<Plan, crate::error::Error> {
+        super::plan(node_id, answers, Want::Write)
+    }
+
     fn eng(node: &str) -> EngineRef {
         EngineRef {
             node: node.into(),
@@ -294,6 +357,62 @@ mod tests {
             .unwrap();
             assert_eq!(p, Plan::TakeoverThenAttach { engine: eng("b") });
         }
+    }
+
+    #[test]
+    fn a_read_only_stage_on_the_secondarys_node_never_takes_over() {
+        let answers = [
+            (eng("a"), ok(Role::Primary, 3)),
+            (eng("b"), ok(Role::Secondary, 3)),
+        ];
+        let reads = Want::Read {
+            secondary_serves: true,
+        };
+        assert_eq!(
+            super::plan("b", &answers, reads).unwrap(),
+            Plan::Attach {
+                engine: eng("b"),
+                epoch: 3
+            }
+        );
+        assert_eq!(current_source("b", &answers, reads).unwrap(), (eng("b"), 3));
+        let no_reads = Want::Read {
+            secondary_serves: false,
+        };
+        let e = super::plan("b", &answers, no_reads).unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.to_string().contains("never takes over"), "{e}");
+        // Even with the primary down: a reader is no reason to promote.
+        let down = [
+            (eng("a"), unreachable("a")),
+            (eng("b"), ok(Role::Secondary, 3)),
+        ];
+        assert_eq!(
+            super::plan("b", &down, no_reads).unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        // Elsewhere a read-only stage reads from the primary, as any stage does.
+        for want in [reads, no_reads] {
+            assert_eq!(
+                super::plan("a", &answers, want).unwrap(),
+                Plan::Attach {
+                    engine: eng("a"),
+                    epoch: 3
+                }
+            );
+            assert_eq!(
+                super::plan("c", &answers, want).unwrap(),
+                Plan::Attach {
+                    engine: eng("a"),
+                    epoch: 3
+                }
+            );
+            assert_eq!(current_source("a", &answers, want).unwrap(), (eng("a"), 3));
+        }
+        assert_eq!(
+            current_source("b", &answers, Want::Write).unwrap(),
+            (eng("a"), 3)
+        );
     }
 
     #[test]

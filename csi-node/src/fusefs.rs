@@ -395,6 +395,8 @@ pub struct DaemonArgs {
     pub dir: PathBuf,
     pub read_only: bool,
     pub io_timeout: Duration,
+    /// How long I/O waits for an unreachable engine before it fails with EIO.
+    pub reconnect_timeout: Duration,
     /// Threads reading /dev/fuse (each with its own cloned fd when more than one).
     pub fuse_threads: usize,
 }
@@ -464,6 +466,7 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         &args.export,
         ClientOptions {
             io_timeout: args.io_timeout,
+            reconnect_timeout: args.reconnect_timeout,
             ..ClientOptions::default()
         },
         Some(observer),

@@ -1,5 +1,7 @@
 //! Liveness endpoint: `GET /healthz` (or `/livez`) answers 200 while the state directory takes writes and
-//! the CSI socket accepts connections, 503 otherwise; any other path is 404. One request per connection.
+//! the CSI socket accepts connections, 503 otherwise; `GET /metrics` shows each attachment's engine
+//! link (from its daemon's `status.json`): reconnects, timeouts, connected, refused, gave up. Any
+//! other path is 404. One request per connection.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +42,7 @@ fn router(checks: HealthChecks) -> Router {
     let router = Router::new()
         .route("/healthz", any(healthz))
         .route("/livez", any(healthz))
+        .route("/metrics", any(metrics))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
         .with_state(checks);
     http::one_request_per_connection(router)
@@ -53,6 +56,80 @@ async fn healthz(State(checks): State<HealthChecks>) -> (StatusCode, String) {
             (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
         }
     }
+}
+
+async fn metrics(State(checks): State<HealthChecks>) -> axum::response::Response {
+    let root = checks.state_dir.join("attach");
+    let page = tokio::task::spawn_blocking(move || metrics_page(&root))
+        .await
+        .unwrap_or(Err(std::fmt::Error));
+    http::openmetrics(page)
+}
+
+/// The attachments' link counters, one labelled sample per attachment (its directory name, the
+/// escaped volume id), read from the daemons' status files.
+fn metrics_page(attach_root: &std::path::Path) -> Result<String, std::fmt::Error> {
+    use std::fmt::Write as _;
+    let mut links: Vec<(String, crate::nbd::LinkState)> = std::fs::read_dir(attach_root)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let bytes = std::fs::read(crate::fusefs::status_path(&e.path())).ok()?;
+                    let st: crate::fusefs::DaemonStatus = serde_json::from_slice(&bytes).ok()?;
+                    Some((e.file_name().to_string_lossy().into_owned(), st.link))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    links.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = String::new();
+    type Field = fn(&crate::nbd::LinkState) -> u64;
+    let families: [(&str, &str, &str, Field); 5] = [
+        (
+            "tandem_csi_nbd_reconnects",
+            "counter",
+            "engine connections re-established (engine restarts, link flaps)",
+            |l| l.reconnects,
+        ),
+        (
+            "tandem_csi_nbd_timeouts",
+            "counter",
+            "requests failed with ETIMEDOUT on a live connection",
+            |l| l.timeouts,
+        ),
+        (
+            "tandem_csi_nbd_connected",
+            "gauge",
+            "1 while the engine connection is up",
+            |l| u64::from(l.connected),
+        ),
+        (
+            "tandem_csi_nbd_refused",
+            "gauge",
+            "1 while the engine refuses the pinned export (fenced: I/O fails)",
+            |l| u64::from(l.refused),
+        ),
+        (
+            "tandem_csi_nbd_gave_up",
+            "gauge",
+            "1 once the engine was unreachable past the reconnect limit (I/O fails)",
+            |l| u64::from(l.gave_up),
+        ),
+    ];
+    for (name, kind, help, field) in families {
+        writeln!(out, "# TYPE {name} {kind}")?;
+        writeln!(out, "# HELP {name} {help}")?;
+        let suffix = if kind == "counter" { "_total" } else { "" };
+        for (key, link) in &links {
+            writeln!(
+                out,
+                "{name}{suffix}{{attachment=\"{key}\"}} {}",
+                field(link)
+            )?;
+        }
+    }
+    out.push_str("# EOF\n");
+    Ok(out)
 }
 
 /// Serves until the task is dropped.
@@ -98,6 +175,45 @@ mod tests {
         let _listener = tokio::net::UnixListener::bind(&sock).unwrap();
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn metrics_count_each_attachments_reconnects() {
+        let dir = tempfile::tempdir().unwrap();
+        let att = dir.path().join("attach").join("default%2Fpv-1");
+        std::fs::create_dir_all(&att).unwrap();
+        let status = crate::fusefs::DaemonStatus {
+            pid: 1,
+            size: 4096,
+            link: crate::nbd::LinkState {
+                connected: true,
+                reconnects: 3,
+                ..Default::default()
+            },
+        };
+        std::fs::write(
+            crate::fusefs::status_path(&att),
+            serde_json::to_vec(&status).unwrap(),
+        )
+        .unwrap();
+        let checks = HealthChecks {
+            state_dir: dir.path().to_path_buf(),
+            csi_socket: dir.path().join("csi.sock"),
+        };
+        let (l, addr) = bind("127.0.0.1:0").await.unwrap();
+        let task = tokio::spawn(serve(l, checks));
+        let page = get(addr, "/metrics").await;
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        assert!(
+            page.contains("tandem_csi_nbd_reconnects_total{attachment=\"default%2Fpv-1\"} 3"),
+            "{page}"
+        );
+        assert!(
+            page.contains("tandem_csi_nbd_connected{attachment=\"default%2Fpv-1\"} 1"),
+            "{page}"
+        );
+        assert!(page.trim_end().ends_with("# EOF"), "{page}");
         task.abort();
     }
 }

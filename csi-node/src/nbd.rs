@@ -5,9 +5,17 @@
 //! pipelined on one connection: each gets a fresh 64-bit handle, a reader thread matches replies to
 //! handles and completes them, so the kernel can keep many requests in flight. When the connection
 //! breaks (engine restart, network blip) the supervisor thread reconnects and resends every request that
-//! has not been answered, in handle order; a request that is not answered within the I/O timeout fails
-//! with `ETIMEDOUT` (the block layer turns that into an I/O error, as nbd.ko's dead-connection timeout
-//! does). Resending is safe because nothing was acknowledged to the kernel for those requests.
+//! has not been answered, in handle order, FLUSHes included. Resending is safe because nothing was
+//! acknowledged to the kernel for those requests, and an NBD write or zeroing is idempotent (the
+//! same bytes land again); a FLUSH resent covers every write acknowledged before it.
+//!
+//! Two bounds (issue 12 item 4: an engine restart is a stall, not an error):
+//! - while the engine is unreachable, requests wait; once it has been unreachable for the
+//!   reconnect limit ([`ClientOptions::reconnect_timeout`], 120 s by default) every waiting
+//!   request fails with `EIO`, and so does every new one until the engine is back;
+//! - on a live connection a request unanswered within the I/O timeout fails with `ETIMEDOUT` (the
+//!   block layer turns that into an I/O error, as nbd.ko's dead-connection timeout does), and the
+//!   connection is replaced. A resent request's I/O time starts again at the resend.
 //!
 //! A server that answers but refuses the export by policy (the engine is now fenced or a secondary)
 //! is not an outage to wait out: while it refuses, every request fails at once with `EIO`, so the old
@@ -323,6 +331,10 @@ pub struct LinkState {
     pub refused: bool,
     pub reconnects: u64,
     pub timeouts: u64,
+    /// The engine has been unreachable for longer than the reconnect limit: requests fail at
+    /// once with EIO until it is back.
+    #[serde(default)]
+    pub gave_up: bool,
     pub last_error: Option<String>,
 }
 
@@ -330,17 +342,25 @@ pub type LinkObserver = Box<dyn Fn(&LinkState) + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// A request unanswered for this long fails with ETIMEDOUT.
+    /// A request sent on a live connection and unanswered for this long fails with ETIMEDOUT.
     pub io_timeout: Duration,
     /// Connect + handshake timeout for each attempt.
     pub connect_timeout: Duration,
+    /// How long requests wait for an unreachable engine (from the moment the connection broke)
+    /// before they fail with EIO: the longest stall an engine restart may cause.
+    pub reconnect_timeout: Duration,
 }
+
+/// The default reconnect limit: room for an engine container's restart (its crash-loop back-off
+/// starts at 10 s) plus a lease wait, and below the kernel's 120 s hung-task warning.
+pub const DEFAULT_RECONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             io_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT,
         }
     }
 }
@@ -358,6 +378,8 @@ struct State {
     next_handle: u64,
     pending: BTreeMap<u64, Pending>,
     connected_gen: Option<u64>,
+    /// When the connection broke; `None` while connected.
+    down_since: Option<Instant>,
     shutdown: bool,
     link: LinkState,
 }
@@ -409,6 +431,7 @@ impl NbdClient {
                 next_handle: 1,
                 pending: BTreeMap::new(),
                 connected_gen: Some(1),
+                down_since: None,
                 shutdown: false,
                 link: LinkState {
                     connected: true,
@@ -457,7 +480,7 @@ impl NbdClient {
                 done(Err(libc_errno::ESHUTDOWN));
                 return;
             }
-            if st.link.refused {
+            if st.link.refused || st.link.gave_up {
                 drop(st);
                 done(Err(libc_errno::EIO));
                 return;
@@ -585,6 +608,7 @@ impl Shared {
                 false // closing: the server hanging up after NBD_CMD_DISC is expected
             } else if st.connected_gen == Some(gen) {
                 st.connected_gen = None;
+                st.down_since.get_or_insert_with(Instant::now);
                 st.link.connected = false;
                 st.link.last_error = Some(why.to_string());
                 true
@@ -673,6 +697,8 @@ fn reply_errno(error: u32) -> i32 {
 enum Action {
     Reconnect,
     Break(u64),
+    /// The reconnect limit passed: the requests taken out fail with EIO.
+    GiveUp,
 }
 
 /// Supervises the connection: fails expired requests, replaces broken connections, resends.
@@ -687,6 +713,18 @@ fn supervise(sh: Arc<Shared>) {
                     return;
                 }
                 let now = Instant::now();
+                if st.connected_gen.is_none() {
+                    // Disconnected: requests wait for the engine (their I/O timeout starts again
+                    // at the resend), up to the reconnect limit for all of them.
+                    let outage = st.down_since.map(|t| now.duration_since(t));
+                    if !st.link.gave_up && outage.is_some_and(|d| d >= sh.opts.reconnect_timeout) {
+                        st.link.gave_up = true;
+                        let failed: Vec<Pending> =
+                            std::mem::take(&mut st.pending).into_values().collect();
+                        break (Some(Action::GiveUp), failed);
+                    }
+                    break (Some(Action::Reconnect), Vec::new());
+                }
                 let late: Vec<u64> = st
                     .pending
                     .iter()
@@ -704,9 +742,6 @@ fn supervise(sh: Arc<Shared>) {
                     }
                 }
                 st.link.timeouts += expired.len() as u64;
-                if st.connected_gen.is_none() {
-                    break (Some(Action::Reconnect), expired);
-                }
                 if let Some(g) = stuck_gen {
                     break (Some(Action::Break(g)), expired);
                 }
@@ -720,6 +755,20 @@ fn supervise(sh: Arc<Shared>) {
                     .unwrap_or_else(|p| p.into_inner().0);
             }
         };
+        if let Some(Action::GiveUp) = action {
+            tracing::error!(
+                addr = %sh.addr,
+                export = %sh.export,
+                failed = expired.len(),
+                "the engine has been unreachable for {:?}: I/O fails with EIO until it is back",
+                sh.opts.reconnect_timeout
+            );
+            for p in expired {
+                (p.done)(Err(libc_errno::EIO));
+            }
+            sh.notify_link();
+            continue;
+        }
         if !expired.is_empty() {
             tracing::warn!(
                 export = %sh.export,
@@ -732,7 +781,7 @@ fn supervise(sh: Arc<Shared>) {
             (p.done)(Err(libc_errno::ETIMEDOUT));
         }
         match action {
-            None => {}
+            None | Some(Action::GiveUp) => {}
             Some(Action::Break(gen)) => {
                 {
                     let mut w = lock(&sh.writer);
@@ -806,6 +855,8 @@ fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
     }
     let reader = stream.try_clone()?;
     let gen;
+    let mut outage = Duration::ZERO;
+    let reconnects;
     {
         let mut w = lock(&sh.writer);
         w.gen += 1;
@@ -820,13 +871,20 @@ fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
                 return Ok(());
             }
             st.connected_gen = Some(gen);
+            if let Some(t) = st.down_since.take() {
+                outage = t.elapsed();
+            }
             st.link.connected = true;
             st.link.refused = false;
+            st.link.gave_up = false;
             st.link.reconnects += 1;
+            reconnects = st.link.reconnects;
+            let deadline = Instant::now() + sh.opts.io_timeout;
             st.pending
                 .values_mut()
                 .map(|p| {
                     p.sent_gen = Some(gen);
+                    p.deadline = deadline;
                     p.wire.clone()
                 })
                 .collect()
@@ -844,7 +902,7 @@ fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
                 }
             }
         }
-        tracing::info!(addr = %sh.addr, export = %sh.export, resent, "NBD connection re-established");
+        tracing::info!(addr = %sh.addr, export = %sh.export, resent, ?outage, reconnects, "NBD connection re-established");
     }
     spawn_reader(sh.clone(), gen, reader);
     sh.notify_link();
@@ -896,6 +954,8 @@ pub(crate) mod testserver {
         pub flushes: Arc<AtomicU64>,
         /// When set, the next request's connection is dropped without a reply.
         pub drop_next: Arc<AtomicBool>,
+        /// While set, the server is "down": a new connection is closed before the handshake.
+        pub down: Arc<AtomicBool>,
         /// The export name of every OPT_GO, in order.
         pub names: Arc<Mutex<Vec<String>>>,
         _dir: tempfile::TempDir,
@@ -911,16 +971,21 @@ pub(crate) mod testserver {
             let flushes = Arc::new(AtomicU64::new(0));
             let drop_next = Arc::new(AtomicBool::new(false));
             let names = Arc::new(Mutex::new(Vec::new()));
-            let (d, r, f, dn, nm) = (
+            let down = Arc::new(AtomicBool::new(false));
+            let (d, r, f, dn, nm, dw) = (
                 data.clone(),
                 refuse.clone(),
                 flushes.clone(),
                 drop_next.clone(),
                 names.clone(),
+                down.clone(),
             );
             thread::spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { return };
+                    if dw.load(Ordering::SeqCst) {
+                        continue; // dropped: the client sees its handshake fail
+                    }
                     let (d, r, f, dn, nm) =
                         (d.clone(), r.clone(), f.clone(), dn.clone(), nm.clone());
                     thread::spawn(move || {
@@ -934,6 +999,7 @@ pub(crate) mod testserver {
                 refuse,
                 flushes,
                 drop_next,
+                down,
                 names,
                 _dir: dir,
             }
@@ -1045,6 +1111,7 @@ mod tests {
         ClientOptions {
             io_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            reconnect_timeout: Duration::from_secs(30),
         }
     }
 
@@ -1174,6 +1241,101 @@ mod tests {
         assert!(seen.last().unwrap().connected);
     }
 
+    /// Submits `cmd`; the receiver gets its result.
+    fn submit(c: &NbdClient, cmd: Command) -> mpsc::Receiver<Reply> {
+        let (tx, rx) = mpsc::channel();
+        c.submit(
+            cmd,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx
+    }
+
+    /// An engine restart: the connection drops with a write and a flush unanswered and the
+    /// engine stays away longer than the I/O timeout. Nothing fails: both wait, are resent on the
+    /// new connection, and the write reaches the server exactly as submitted.
+    #[test]
+    fn an_outage_longer_than_the_io_timeout_is_a_stall_not_an_error() {
+        let srv = TestServer::start(1 << 16);
+        let o = ClientOptions {
+            io_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_secs(1),
+            reconnect_timeout: Duration::from_secs(30),
+        };
+        let c = NbdClient::connect(srv.addr(), "vol@4", o, None).unwrap();
+        srv.down.store(true, Ordering::SeqCst);
+        srv.drop_next.store(true, Ordering::SeqCst);
+        let write = submit(&c, Command::write(4096, vec![5u8; 8192]));
+        let flush = submit(&c, Command::flush());
+        // Three I/O timeouts pass with the engine away: still waiting, not failed.
+        assert!(write.recv_timeout(Duration::from_millis(900)).is_err());
+        let link = c.link_state();
+        assert!(
+            !link.connected && !link.gave_up && !link.refused,
+            "{link:?}"
+        );
+        srv.down.store(false, Ordering::SeqCst);
+        assert_eq!(
+            write.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Ok(vec![])
+        );
+        assert_eq!(
+            flush.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Ok(vec![])
+        );
+        assert_eq!(&lock(&srv.data)[4096..4096 + 8192], &[5u8; 8192][..]);
+        assert!(
+            srv.flushes.load(Ordering::SeqCst) >= 1,
+            "the flush was not resent"
+        );
+        let link = c.link_state();
+        assert!(link.connected && link.reconnects >= 1, "{link:?}");
+        assert_eq!(link.timeouts, 0, "{link:?}");
+        // Every connection opened the pinned export.
+        assert!(lock(&srv.names).iter().all(|n| n == "vol@4"));
+    }
+
+    /// The stall is bounded: past the reconnect limit waiting requests fail with EIO, new ones
+    /// fail at once, and I/O resumes when the engine is back.
+    #[test]
+    fn an_outage_past_the_reconnect_limit_fails_with_eio_until_the_engine_is_back() {
+        let srv = TestServer::start(1 << 16);
+        let o = ClientOptions {
+            io_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+            reconnect_timeout: Duration::from_millis(500),
+        };
+        let c = NbdClient::connect(srv.addr(), "vol", o, None).unwrap();
+        srv.down.store(true, Ordering::SeqCst);
+        srv.drop_next.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        assert_eq!(
+            c.call(Command::write(0, vec![1u8; 512])),
+            Err(libc_errno::EIO)
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(500) && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+        assert!(c.link_state().gave_up);
+        let t = Instant::now();
+        assert_eq!(c.call(Command::read(0, 512)), Err(libc_errno::EIO));
+        assert!(t.elapsed() < Duration::from_millis(200));
+        srv.down.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.call(Command::read(0, 512)).is_err() {
+            assert!(Instant::now() < deadline, "never reconnected");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let link = c.link_state();
+        assert!(link.connected && !link.gave_up, "{link:?}");
+        // The failed write was never acknowledged; the server never saw it either.
+        assert_eq!(&lock(&srv.data)[..512], &[0u8; 512][..]);
+    }
+
     /// A pinned export (`vol@3`) is what every reconnect opens again, never the bare name.
     #[test]
     fn reconnects_open_the_same_pinned_export() {
@@ -1194,6 +1356,7 @@ mod tests {
             ClientOptions {
                 io_timeout: Duration::from_secs(30),
                 connect_timeout: Duration::from_secs(1),
+                reconnect_timeout: Duration::from_secs(30),
             },
             None,
         )
@@ -1475,6 +1638,7 @@ mod fuzz {
             let opts = ClientOptions {
                 io_timeout: Duration::from_millis(300),
                 connect_timeout: Duration::from_millis(300),
+                reconnect_timeout: Duration::from_millis(300),
             };
             let client = NbdClient::connect(addr, "vol", opts, None).unwrap();
             let cmd = if kind_read {

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::attach::{pinned_export, AttachSpec, Attacher, Health};
-use crate::context::{EngineRef, VolumeParams};
-use crate::engine::{current_primary, plan, EngineApi, Plan};
+use crate::context::{EngineRef, SecondaryAccess, VolumeParams};
+use crate::engine::{current_source, plan, EngineApi, Plan, Want};
 use crate::error::{Error, Result};
 use crate::mount::{MountState, Mounter};
 use crate::state::{escape_id, Access, OpGuard, Publication, StateStore, VolumeRecord};
@@ -114,9 +114,13 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     /// block device attached to the current primary; for mount volumes, a filesystem mounted there);
     /// MUST be idempotent (OK if already staged there with a compatible capability, ALREADY_EXISTS if
     /// staged incompatibly); NOT_FOUND if the volume does not exist; ABORTED while another call for the
-    /// volume runs. Tandem: if this node's engine is the secondary, staging here is the failover
-    /// trigger: takeover first, answer only when this engine serves I/O. The attachment is pinned to
-    /// the primary's epoch (`<volume>@<epoch>`), so it never reconnects into a later epoch.
+    /// volume runs. Tandem: if this node's engine is the secondary, a writable stage here is the
+    /// failover trigger: a takeover by handoff first (never forced: an unreachable old primary is
+    /// UNAVAILABLE, and the operator promotes per the volume's policy), answer only when this engine
+    /// serves I/O. A read-only stage (reader access mode or `ro` mount flag) never takes over: on
+    /// the secondary's node it attaches read-only to the secondary when the volume says
+    /// `secondaryAccess: ReadOnly`, else it is FAILED_PRECONDITION. The attachment is pinned to the
+    /// epoch of the engine it reads (`<volume>@<epoch>`), so it never reconnects into a later epoch.
     ///
     /// A repeated call checks the staging against the current primary (Status only): same engine
     /// and epoch → OK as it is. Otherwise the staging is stale (a takeover happened since): with
@@ -143,7 +147,9 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         };
         // An existing attachment is only as good as its epoch: check it against the primary now
         // (Status only; nothing is taken over for a staging that might be stale and in use).
-        let (primary, epoch) = self.current_primary(&params, &secret).await?;
+        let want = want(&req, &params);
+        let answers = self.statuses(&params, &secret).await;
+        let (primary, epoch) = current_source(self.node_id(), &answers, want)?;
         let current = rec.engine_node == primary.node && rec.epoch == epoch;
         let pinned = rec
             .attachment
@@ -190,7 +196,9 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         existing: Option<VolumeRecord>,
         secret: &str,
     ) -> Result<()> {
-        let (engine, epoch) = self.choose_engine(&params, secret).await?;
+        let (engine, epoch) = self
+            .choose_engine(&params, secret, want(&req, &params))
+            .await?;
         let inner = self.inner.clone();
         blocking(move || inner.attach_and_stage(&req, &params, existing, &engine, epoch)).await
     }
@@ -212,35 +220,36 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         .await
     }
 
-    /// The primary serving now and its epoch, without any takeover.
-    async fn current_primary(
+    /// Finds the engine to attach to; takes over first when this node holds the secondary and
+    /// the stage is writable.
+    async fn choose_engine(
         &self,
         params: &VolumeParams,
         token: &str,
+        want: Want,
     ) -> Result<(EngineRef, u64)> {
-        current_primary(&self.statuses(params, token).await)
-    }
-
-    /// Finds the primary; takes over first when this node holds the secondary.
-    async fn choose_engine(&self, params: &VolumeParams, token: &str) -> Result<(EngineRef, u64)> {
         let answers = self.statuses(params, token).await;
-        match plan(self.node_id(), &answers)? {
+        match plan(self.node_id(), &answers, want)? {
             Plan::Attach { engine, epoch } => {
-                tracing::info!(engine = %engine.node, epoch, "attaching to the primary");
+                tracing::info!(engine = %engine.node, epoch, ?want, "attaching");
                 Ok((engine, epoch))
             }
             Plan::TakeoverThenAttach { engine } => {
-                tracing::info!(engine = %engine.node, policy = ?params.policy, "this node holds the secondary: taking over");
+                tracing::info!(engine = %engine.node, "this node holds the secondary: taking over (handoff)");
                 let t = self
                     .engines
-                    .takeover(
-                        &engine.grpc,
-                        &params.volume,
-                        token,
-                        params.policy,
-                        params.peer_timeout,
-                    )
-                    .await?;
+                    .takeover(&engine.grpc, &params.volume, token, params.peer_timeout)
+                    .await
+                    .map_err(|e| match e.code() {
+                        tonic::Code::Unavailable => Error::PrimaryUnavailable(format!(
+                            "{e}; the old primary did not hand over within {:?}. The plugin never \
+                             forces a promotion: the operator promotes this engine per the \
+                             volume's failover policy ({:?}) once the old primary's lease ran \
+                             out; kubelet retries",
+                            params.peer_timeout, params.policy
+                        )),
+                        _ => Error::Engine(e),
+                    })?;
                 tracing::info!(
                     epoch = t.epoch,
                     ready_ms = t.ready_ms,
@@ -792,6 +801,18 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
             }
         }
         Ok(())
+    }
+}
+
+/// What a stage asks of the engines: a read-only stage only reads, from the secondary if that
+/// serves reads.
+fn want(req: &StageRequest, params: &VolumeParams) -> Want {
+    if req.read_only {
+        Want::Read {
+            secondary_serves: params.secondary_access == SecondaryAccess::ReadOnly,
+        }
+    } else {
+        Want::Write
     }
 }
 

@@ -70,7 +70,9 @@ pub fn parse_capability(cap: Option<&pb::VolumeCapability>) -> Result<(Access, b
         Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => {
             false
         }
-        Mode::SingleNodeReaderOnly => true,
+        // A reader on another node than the writer (a backup) is what MULTI_NODE_READER_ONLY
+        // is for; a read-only stage never takes over, so it cannot disturb the writer.
+        Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly => true,
         other => {
             return Err(Error::invalid(
                 "volume_capability.access_mode",
@@ -108,7 +110,10 @@ pub fn parse_capability(cap: Option<&pb::VolumeCapability>) -> Result<(Access, b
             }
         }
     };
-    Ok((access, read_only))
+    // An `ro` mount flag makes the stage read-only too: it must not take over either.
+    let ro_flag = matches!(&access, Access::Mount { mount_flags, .. }
+        if mount_flags.iter().any(|f| f.split(',').any(|o| o.trim() == "ro")));
+    Ok((access, read_only || ro_flag))
 }
 
 fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
@@ -419,6 +424,20 @@ mod tests {
         )))
         .unwrap();
         assert_eq!(a, Access::Block);
+        assert!(ro);
+        // Read-only stages (they never take over): both reader modes, and an `ro` mount flag.
+        let (_, ro) = parse_capability(Some(&cap(
+            AccessType::Block(BlockVolume {}),
+            Mode::MultiNodeReaderOnly,
+        )))
+        .unwrap();
+        assert!(ro);
+        let ro_mount = AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            mount_flags: vec!["noatime,ro".into()],
+            volume_mount_group: String::new(),
+        });
+        let (_, ro) = parse_capability(Some(&cap(ro_mount, Mode::SingleNodeWriter))).unwrap();
         assert!(ro);
         for bad in [
             cap(mount("btrfs"), Mode::SingleNodeWriter),

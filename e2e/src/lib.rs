@@ -18,7 +18,8 @@ use csi_node::pb::node_client::NodeClient;
 use tonic::transport::Channel;
 
 pub use tandem_api::contract::{
-    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_VOLUME,
+    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS,
+    ATTR_VOLUME,
 };
 pub use tandem_api::pb::{FaultRequest, PairState, Role as EngineRole, StatusReply, TakeoverPhase};
 use tandem_testkit::{free_port, tail, Bin, Pair};
@@ -113,6 +114,17 @@ pub struct EnginePair {
 
 impl EnginePair {
     pub fn start(dir: &Path, volume: &str, size: &str, token: &str) -> anyhow::Result<EnginePair> {
+        Self::start_with(dir, volume, size, token, &[])
+    }
+
+    /// [`EnginePair::start`] with extra `serve` flags for both engines.
+    pub fn start_with(
+        dir: &Path,
+        volume: &str,
+        size: &str,
+        token: &str,
+        args: &[&str],
+    ) -> anyhow::Result<EnginePair> {
         let netns = match netns_skip_reason() {
             None => Some(Netns::create(11)?),
             Some(why) => {
@@ -136,6 +148,7 @@ impl EnginePair {
             .size(size)
             .token(token)
             .fault_injection()
+            .args(args)
             .a(|e| e.nbd_listen(&format!("{a_host}:0")).grpc_listen(&a_grpc))
             .b(|e| {
                 e.nbd_listen(&format!("{b_host}:0"))
@@ -344,6 +357,16 @@ impl Plugin {
         })
     }
 
+    /// `GET /metrics` body.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(&self.health)?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut s = String::new();
+        c.read_to_string(&mut s)?;
+        Ok(s)
+    }
+
     /// `GET /healthz` status line.
     pub fn healthz(&self) -> anyhow::Result<String> {
         use std::io::Write;
@@ -385,6 +408,16 @@ pub fn capability(fs: Option<&str>) -> pb::VolumeCapability {
             mode: Mode::SingleNodeWriter as i32,
         }),
     }
+}
+
+/// The same capability, read-only with `mode` (SINGLE_NODE_READER_ONLY or MULTI_NODE_READER_ONLY).
+pub fn reader_capability(
+    fs: Option<&str>,
+    mode: pb::volume_capability::access_mode::Mode,
+) -> pb::VolumeCapability {
+    let mut cap = capability(fs);
+    cap.access_mode = Some(pb::volume_capability::AccessMode { mode: mode as i32 });
+    cap
 }
 
 /// The volume context the operator emits for `engines` (node name → engine).
@@ -638,4 +671,231 @@ pub fn sh(cmd: &mut Command) -> anyhow::Result<String> {
         bail!("{shown}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// ---------- a workload with a write history ----------
+
+/// A buffer of `len` bytes aligned for O_DIRECT (4 KiB), holding `data` if given.
+struct Aligned {
+    buf: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let buf = vec![0u8; len + 4096];
+        let at = buf.as_ptr().align_offset(4096);
+        Aligned { buf, at, len }
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.at..self.at + self.len]
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.at..self.at + self.len]
+    }
+}
+
+fn open_direct(path: &Path) -> anyhow::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("open {} with O_DIRECT", path.display()))?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// Reads `len` bytes from the start of `path` with O_DIRECT (no page cache on this node).
+pub fn read_direct(path: &Path, len: usize) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = open_direct(path)?;
+    let mut out = Vec::with_capacity(len);
+    let mut buf = Aligned::new(1 << 20);
+    while out.len() < len {
+        let n = (len - out.len()).min(1 << 20);
+        let b = &mut buf.bytes_mut()[..n];
+        f.read_exact_at(b, out.len() as u64)
+            .with_context(|| format!("read {} at {}", path.display(), out.len()))?;
+        out.extend_from_slice(b);
+    }
+    Ok(out)
+}
+
+/// The workload of issue 12's disruption tests: one thread writes `block`-sized patterns with
+/// O_DIRECT over the first `len` bytes of a device or file, each to a new offset and seed,
+/// fdatasyncs (an NBD FLUSH) every 8 writes, and records each write once it returned, in order:
+/// the acknowledged-write history. Any failed write or flush stops it with that error.
+pub struct HistoryWriter {
+    acked: std::sync::Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<Duration>>>,
+    block: usize,
+    len: u64,
+}
+
+/// What a [`HistoryWriter`] had acknowledged when it stopped.
+pub struct History {
+    /// (offset, pattern seed), in the order the writes returned.
+    pub writes: Vec<(u64, u64)>,
+    pub block: usize,
+    pub len: u64,
+    /// The longest single write or flush: the stall the workload saw.
+    pub longest: Duration,
+}
+
+impl HistoryWriter {
+    /// Starts writing to `path` (a block device, or a regular file that is first filled with
+    /// zeros and synced). Seeds start at `first_seed`, so two runs never write the same bytes.
+    pub fn start(
+        path: &Path,
+        len: u64,
+        block: usize,
+        first_seed: u64,
+    ) -> anyhow::Result<HistoryWriter> {
+        use std::os::unix::fs::FileExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        if !path.exists() || std::fs::metadata(path)?.is_file() {
+            let f = std::fs::File::create(path)?;
+            f.write_all_at(&vec![0u8; len as usize], 0)?;
+            f.sync_all()?;
+        }
+        let file = open_direct(path)?;
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (acked.clone(), stop.clone());
+        let blocks = len / block as u64;
+        let path = path.to_path_buf();
+        let thread = std::thread::spawn(move || -> anyhow::Result<Duration> {
+            let mut buf = Aligned::new(block);
+            let mut longest = Duration::ZERO;
+            let mut i = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                // A stride prime to the block count visits every block before repeating.
+                let offset = (i * 7919 % blocks) * block as u64;
+                let seed = first_seed + i;
+                buf.bytes_mut().copy_from_slice(&pattern(seed, block));
+                let t = Instant::now();
+                file.write_all_at(buf.bytes(), offset).with_context(|| {
+                    format!(
+                        "write #{i} at {offset} of {} failed after {:?}",
+                        path.display(),
+                        t.elapsed()
+                    )
+                })?;
+                if i % 8 == 7 {
+                    file.sync_data().with_context(|| {
+                        format!("fdatasync after write #{i} of {}", path.display())
+                    })?;
+                }
+                longest = longest.max(t.elapsed());
+                a.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((offset, seed));
+                i += 1;
+            }
+            file.sync_data().context("the last fdatasync")?;
+            Ok(longest)
+        });
+        Ok(HistoryWriter {
+            acked,
+            stop,
+            thread: Some(thread),
+            block,
+            len,
+        })
+    }
+
+    /// How many writes have returned so far.
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Is the writer still writing (no write has failed)?
+    pub fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Waits until `n` writes in all have returned; fails if the writer stopped on an error.
+    pub async fn wait_acked(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.acked() < n {
+            if !self.running() {
+                bail!("the writer stopped after {} writes", self.acked());
+            }
+            if Instant::now() > deadline {
+                bail!("only {} of {n} writes within {timeout:?}", self.acked());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the writer; its error if a write or flush failed, else the history.
+    pub fn finish(mut self) -> anyhow::Result<History> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let longest = match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r?,
+            Some(Err(_)) => bail!("the writer panicked"),
+            None => Duration::ZERO,
+        };
+        let writes = std::mem::take(&mut *self.acked.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(History {
+            writes,
+            block: self.block,
+            len: self.len,
+            longest,
+        })
+    }
+}
+
+impl Drop for HistoryWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl History {
+    /// This history, then `later`'s (a second workload on the same region, e.g. the pod that
+    /// replaced this one).
+    pub fn followed_by(mut self, later: History) -> History {
+        self.writes.extend(later.writes);
+        self.longest = self.longest.max(later.longest);
+        self
+    }
+
+    /// The region's bytes after every acknowledged write, applied in order to zeros.
+    pub fn expected(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.len as usize];
+        for (offset, seed) in &self.writes {
+            let at = *offset as usize;
+            out[at..at + self.block].copy_from_slice(&pattern(*seed, self.block));
+        }
+        out
+    }
+
+    /// `bytes` (the region read back) hold every acknowledged write.
+    pub fn check(&self, what: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let want = self.expected();
+        anyhow::ensure!(
+            bytes.len() >= want.len(),
+            "{what}: {} bytes, expected {}",
+            bytes.len(),
+            want.len()
+        );
+        if let Some(at) = (0..want.len())
+            .step_by(self.block)
+            .find(|&at| bytes[at..at + self.block] != want[at..at + self.block])
+        {
+            let last = self.writes.iter().rev().find(|(o, _)| *o as usize == at);
+            bail!(
+                "{what}: the block at {at} does not hold its last acknowledged write {last:?} \
+                 ({} writes acknowledged)",
+                self.writes.len()
+            );
+        }
+        Ok(())
+    }
 }

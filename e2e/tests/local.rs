@@ -14,11 +14,19 @@
 //! B is the failover trigger, returning only once engine B serves at the next epoch with A fenced;
 //! every file or byte is read back there (the unreplicated ones through proxied reads), node A's writes
 //! are refused, the drain finishes and the pair converges with identical replicas, for ext4 and for raw
-//! block. With the primary's engine dead, WaitForPrimary is a retryable UNAVAILABLE that attaches
-//! nothing and ForcePromote stages. A node that keeps its staging (plugin up, mount in place) through
+//! block. With the primary's engine dead, a stage is a retryable UNAVAILABLE that attaches nothing
+//! under either policy (the plugin never forces); once the operator (played by the test) promoted by
+//! force and granted a lease, it stages. A node that keeps its staging (plugin up, mount in place) through
 //! a takeover and a failback to its own engine: its attachment is pinned to epoch 1, so its device
 //! fails with EIO at epoch 3; restaging there is ABORTED while the old pod is published, then
 //! replaces the staging and sees every file of epoch 2.
+//!
+//! Issue 12 (engines with write leases on, the default 10 s; a continuous O_DIRECT workload whose
+//! acknowledged-write history is checked, `HistoryWriter`): a primary engine SIGKILLed for 12 s
+//! and restarted under the workload is a stall, not an error, at the same epoch; a read-only stage
+//! on the secondary's node never takes over (reads from the secondary with `secondary-access:
+//! ReadOnly`, FAILED_PRECONDITION without); a pod moved to the secondary's node with no operator
+//! (handoff on stage, first I/O at once, writes past a lease); a plugin restart under the workload.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -199,15 +207,27 @@ async fn ext4_volume_survives_a_plugin_restart_and_unstages_cleanly() {
             stats.volume_condition
         );
 
-        // The plugin dies (SIGKILL) with the volume staged and published; the pod keeps working.
+        // The plugin dies (SIGKILL) with the volume staged and published; the pod keeps working:
+        // a workload writing a history into a file goes on through the kill and the restart.
+        let history_file = target.join("history.bin");
+        let writer = HistoryWriter::start(&history_file, 8 << 20, 64 << 10, 1)?;
+        writer.wait_acked(50, Duration::from_secs(60)).await?;
         plugin.kill();
         let more = write_files(&target, "during-restart", 10)?;
+        writer
+            .wait_acked(writer.acked() + 50, Duration::from_secs(60))
+            .await?;
         plugin.restart()?;
         let mut c = plugin.client().await?;
         // kubelet repeats its calls after a plugin restart: all OK, nothing attached twice.
         c.node.node_stage_volume(stage.clone()).await?;
         c.node.node_publish_volume(publish.clone()).await?;
         anyhow::ensure!(loops_under(&scratch.root).len() == 1);
+        writer
+            .wait_acked(writer.acked() + 50, Duration::from_secs(60))
+            .await?;
+        let history = writer.finish()?;
+        history.check("the history file", &read_direct(&history_file, 8 << 20)?)?;
         verify_files(&files)?;
         verify_files(&more)?;
         let after = write_files(&target, "after-restart", 10)?;
@@ -241,6 +261,10 @@ async fn ext4_volume_survives_a_plugin_restart_and_unstages_cleanly() {
         verify_files(&files)?;
         verify_files(&more)?;
         verify_files(&after)?;
+        history.check(
+            "the history file, staged again",
+            &read_direct(&history_file, 8 << 20)?,
+        )?;
         c.node
             .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
                 volume_id: id.into(),
@@ -1338,8 +1362,8 @@ async fn raw_block_takeover_by_staging_on_the_secondary_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
-    if skip("staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy") {
+async fn staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy() {
+    if skip("staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy") {
         return;
     }
     let _serial = serial().await;
@@ -1391,9 +1415,32 @@ async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
             "engine-b after the refused takeover: {st:?}"
         );
 
-        // The PV says ForcePromote: the secondary serves without the old primary's table.
+        // The PV says ForcePromote: the plugin still only asks for a handoff (a forced promotion
+        // is the witness's decision, after the old primary's lease): UNAVAILABLE, nothing
+        // attached, and the message says who promotes.
         let mut force = ctx.clone();
         force.insert(ATTR_FAILOVER_POLICY.into(), "ForcePromote".into());
+        let e = b
+            .node
+            .node_stage_volume(stage_request(id, &nb.staging, None, &force, TOKEN))
+            .await;
+        match &e {
+            Err(s) if s.code() == Code::Unavailable && s.message().contains("operator") => {}
+            other => anyhow::bail!("stage with the primary dead (ForcePromote): {other:?}"),
+        }
+        assert_clean_under(&nb.root);
+        let st = pair.b.status().await?;
+        anyhow::ensure!(
+            role(&st) == EngineRole::Secondary && st.epoch == 1,
+            "engine-b after the stage under ForcePromote: {st:?}"
+        );
+
+        // The operator (the witness) promotes by force, waiting out engine-b's promise to the
+        // old primary, and grants the new primary its first lease; the next stage attaches.
+        pair.b
+            .control("takeover", &["--policy", "force", "--timeout", "30"])
+            .map_err(anyhow::Error::msg)?;
+        pair.b.control("lease", &[]).map_err(anyhow::Error::msg)?;
         b.node
             .node_stage_volume(stage_request(id, &nb.staging, None, &force, TOKEN))
             .await?;
@@ -1411,6 +1458,9 @@ async fn staging_while_the_primary_is_dead_waits_or_force_promotes_by_policy() {
             .await?;
         // Everything the old primary had replicated is there.
         model.check_device("node-b's device after the forced promotion", &nb.target)?;
+        // Its peer is gone, so only the witness renews the lease (the operator does so every
+        // lease/4); without it these writes would wait and fail with EIO after lease-wait.
+        pair.b.control("lease", &[]).map_err(anyhow::Error::msg)?;
         model.write(&nb.target, 1 << 20, 53, 3 << 20, &tmp)?;
         model.check_device("node-b's device after new writes", &nb.target)?;
         b.node.node_unpublish_volume(nb.unpublish(id)).await?;
@@ -1628,6 +1678,312 @@ async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_
             "the replicas differ at byte {:?}",
             first_difference(&pair.a.data(), &pair.b.data())?
         );
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// The daemon's reconnect count for the plugin's attachments (its `/metrics`).
+fn reconnects(plugin: &Plugin) -> anyhow::Result<u64> {
+    let page = plugin.metrics()?;
+    page.lines()
+        .filter(|l| l.starts_with("tandem_csi_nbd_reconnects_total{"))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or_else(|| anyhow::anyhow!("bad sample {l:?}"))
+        })
+        .sum::<anyhow::Result<u64>>()
+}
+
+/// Issue 12 item 4: an engine restart is not a failover. A workload writes continuously through
+/// node A's staged raw block device (engine A, the primary, in its own network namespace, with
+/// write leases on); engine A is SIGKILLed and started again from the same state dir 12 seconds
+/// later. The workload sees a stall and no error, the attachment reconnects at the same epoch,
+/// nothing fails over, and every acknowledged write reads back, on the device and on both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_engine_crash_under_a_live_workload_is_a_stall_not_an_error() {
+    if skip("a_primary_engine_crash_under_a_live_workload_is_a_stall_not_an_error") {
+        return;
+    }
+    let _serial = serial().await;
+    let scratch = Scratch::new("engine-crash").unwrap();
+    let mut pair = EnginePair::start(&scratch.root, "vol-ec", "64M", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-ec", true).unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let ctx = pair.volume_context();
+    let id = "default/pv-ec";
+    const REGION: u64 = 16 << 20;
+
+    with_logs!(node_a, async {
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
+            .await?;
+        let (_, export) = recorded_attachment(&node_a, id)?;
+        anyhow::ensure!(export == "vol-ec@1", "attached to {export}");
+        let writer = HistoryWriter::start(&na.target, REGION, 64 << 10, 1)?;
+        writer.wait_acked(100, Duration::from_secs(60)).await?;
+
+        // The engine crashes and stays away 12 s: longer than the plugin's I/O timeout (10 s in
+        // this suite), which is no bound while the engine is unreachable (the reconnect limit,
+        // 120 s, is), and longer than the lease. The writer's current request waits.
+        pair.a.kill();
+        let at_kill = writer.acked();
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        anyhow::ensure!(writer.running(), "a write failed while the engine was down");
+        anyhow::ensure!(
+            writer.acked() <= at_kill + 1,
+            "{} writes returned with the engine down",
+            writer.acked() - at_kill
+        );
+        pair.a.restart()?;
+        writer
+            .wait_acked(at_kill + 200, Duration::from_secs(60))
+            .await?;
+        let history = writer.finish()?;
+        println!(
+            "engine crash under load: {} writes acknowledged, the longest took {:?}",
+            history.writes.len(),
+            history.longest
+        );
+
+        // Not a failover: same roles, same epoch, and the attachment is the same one.
+        let (sa, sb) = (pair.a.status().await?, pair.b.status().await?);
+        anyhow::ensure!(
+            role(&sa) == EngineRole::Primary && sa.epoch == 1,
+            "engine-a: {sa:?}"
+        );
+        anyhow::ensure!(
+            role(&sb) == EngineRole::Secondary && sb.epoch == 1,
+            "engine-b: {sb:?}"
+        );
+        anyhow::ensure!(reconnects(&node_a)? >= 1, "{}", node_a.metrics()?);
+        history.check(
+            "node-a's device",
+            &read_direct(&na.target, REGION as usize)?,
+        )?;
+        EnginePair::wait_converged(&pair.a, &pair.b, Duration::from_secs(120)).await?;
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        a.node.node_unstage_volume(na.unstage(id)).await?;
+        history.check("engine-a's replica", &std::fs::read(pair.a.data())?)?;
+        history.check("engine-b's replica", &std::fs::read(pair.b.data())?)?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// Engine A is still the primary and engine B its secondary, both at epoch 1: nothing failed over.
+async fn roles_unchanged(pair: &EnginePair) -> anyhow::Result<()> {
+    let (a, b) = (pair.a.status().await?, pair.b.status().await?);
+    anyhow::ensure!(
+        role(&a) == EngineRole::Primary && a.epoch == 1,
+        "engine-a: {a:?}"
+    );
+    anyhow::ensure!(
+        role(&b) == EngineRole::Secondary && b.epoch == 1,
+        "engine-b: {b:?}"
+    );
+    Ok(())
+}
+
+/// Issue 12 item 6: a read-only stage on the secondary's node never takes over. With
+/// `secondaryAccess: ReadOnly` (engines started with `--secondary-access read-only`) it attaches
+/// read-only to the secondary and reads what the primary's pod wrote, while that pod keeps writing
+/// on node A; without it the stage is FAILED_PRECONDITION and attaches nothing. The engines keep
+/// their roles and epoch throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
+    if skip("a_read_only_stage_on_the_secondarys_node_does_not_take_over") {
+        return;
+    }
+    use pb::volume_capability::access_mode::Mode;
+    let _serial = serial().await;
+    let scratch = Scratch::new("ro-stage").unwrap();
+    let pair = EnginePair::start_with(
+        &scratch.root,
+        "vol-ro",
+        "64M",
+        TOKEN,
+        &["--secondary-access", "read-only"],
+    )
+    .unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-ro", true).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-ro", true).unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
+    let ctx = pair.volume_context();
+    let mut ro_ctx = ctx.clone();
+    ro_ctx.insert(ATTR_SECONDARY_ACCESS.into(), "ReadOnly".into());
+    let id = "default/pv-ro";
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut model = Model::new(64 << 20);
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
+            .await?;
+        model.write(&na.target, 0, 61, 2 << 20, &tmp)?;
+        model.write(&na.target, 20 << 20, 62, 1 << 20, &tmp)?;
+        wait_replicated(&pair.a).await?;
+
+        // secondaryAccess None: a reader on node B is refused, nothing taken over or attached.
+        let mut b = node_b.client().await?;
+        for mode in [Mode::SingleNodeReaderOnly, Mode::MultiNodeReaderOnly] {
+            let mut req = stage_request(id, &nb.staging, None, &ctx, TOKEN);
+            req.volume_capability = Some(reader_capability(None, mode));
+            match b.node.node_stage_volume(req).await {
+                Err(s)
+                    if s.code() == Code::FailedPrecondition
+                        && s.message().contains("never takes over") => {}
+                other => anyhow::bail!("read-only stage without secondary reads: {other:?}"),
+            }
+        }
+        assert_clean_under(&nb.root);
+        roles_unchanged(&pair).await?;
+
+        // secondaryAccess ReadOnly: attached to engine-b, read-only, at its epoch.
+        let mut req = stage_request(id, &nb.staging, None, &ro_ctx, TOKEN);
+        req.volume_capability = Some(reader_capability(None, Mode::MultiNodeReaderOnly));
+        b.node.node_stage_volume(req.clone()).await?;
+        roles_unchanged(&pair).await?;
+        let (_, export) = recorded_attachment(&node_b, id)?;
+        anyhow::ensure!(export == "vol-ro@1", "node-b attached to {export}");
+        anyhow::ensure!(
+            pair.b.status().await?.nbd_connections >= 1,
+            "node-b is not attached to engine-b"
+        );
+        let mut publish = publish_request(id, &nb.staging, &nb.target, None);
+        publish.volume_capability = Some(reader_capability(None, Mode::MultiNodeReaderOnly));
+        publish.readonly = true;
+        b.node.node_publish_volume(publish).await?;
+        model.check_device("node-b's read-only device", &nb.target)?;
+        anyhow::ensure!(
+            dd_write(&nb.target, 0, 69, 4096, &tmp).is_err(),
+            "a write through the read-only stage succeeded"
+        );
+        // The writer on node A goes on; node B sees its replicated writes.
+        model.write(&na.target, 4 << 20, 63, 1 << 20, &tmp)?;
+        wait_replicated(&pair.a).await?;
+        model.check_device("node-b's read-only device after more writes", &nb.target)?;
+        // kubelet repeats the stage: still current, nothing taken over.
+        b.node.node_stage_volume(req).await?;
+        roles_unchanged(&pair).await?;
+
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        assert_clean_under(&nb.root);
+        model.check_device("node-a's device", &na.target)?;
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        a.node.node_unstage_volume(na.unstage(id)).await?;
+        roles_unchanged(&pair).await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// Issue 12 items 7 and the "pod moved" disruption: no operator runs, only the two engines. The
+/// pod on node A writes a history and goes away (unpublish, unstage); its replacement's stage on
+/// node B, the secondary's node, takes over by handoff and returns with engine B primary; the
+/// replacement's first I/O works at once, every acknowledged byte reads back, and it keeps writing
+/// past a whole lease (10 s) with no witness: the old primary, now B's secondary, renews it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_moved_to_the_secondarys_node_without_an_operator() {
+    if skip("a_pod_moved_to_the_secondarys_node_without_an_operator") {
+        return;
+    }
+    let _serial = serial().await;
+    let scratch = Scratch::new("pod-moved").unwrap();
+    let pair = EnginePair::start(&scratch.root, "vol-pm", "64M", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-pm", true).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-pm", true).unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
+    let ctx = pair.volume_context();
+    let id = "default/pv-pm";
+    const REGION: u64 = 16 << 20;
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        let mut a = node_a.client().await?;
+        a.node
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .await?;
+        a.node
+            .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
+            .await?;
+        let writer = HistoryWriter::start(&na.target, REGION, 64 << 10, 1)?;
+        writer.wait_acked(200, Duration::from_secs(60)).await?;
+        let before = writer.finish()?;
+        a.node.node_unpublish_volume(na.unpublish(id)).await?;
+        a.node.node_unstage_volume(na.unstage(id)).await?;
+        assert_clean_under(&na.root);
+
+        // The replacement pod is scheduled on node B.
+        let mut b = node_b.client().await?;
+        let t0 = std::time::Instant::now();
+        b.node
+            .node_stage_volume(stage_request(id, &nb.staging, None, &ctx, TOKEN))
+            .await?;
+        let staged = t0.elapsed();
+        let (sa, sb) = (pair.a.status().await?, pair.b.status().await?);
+        anyhow::ensure!(
+            role(&sb) == EngineRole::Primary && sb.epoch == 2,
+            "engine-b when NodeStageVolume returned: {sb:?}"
+        );
+        // Nothing was owed, so the old primary may have drained and turned secondary already.
+        anyhow::ensure!(
+            matches!(role(&sa), EngineRole::Fenced | EngineRole::Secondary) && sa.epoch == 2,
+            "engine-a when NodeStageVolume returned: {sa:?}"
+        );
+        b.node
+            .node_publish_volume(publish_request(id, &nb.staging, &nb.target, None))
+            .await?;
+        let first = read_direct(&nb.target, 64 << 10)?;
+        let first_io = t0.elapsed();
+        println!(
+            "pod moved: stage (takeover + attach) {staged:?}, + publish + first read {first_io:?}"
+        );
+        anyhow::ensure!(
+            first_io < Duration::from_secs(5),
+            "the replacement's first I/O took {first_io:?}"
+        );
+        anyhow::ensure!(first == before.expected()[..64 << 10], "first read differs");
+        before.check(
+            "node-b's device after the move",
+            &read_direct(&nb.target, REGION as usize)?,
+        )?;
+
+        // It writes on, for longer than a lease, with no witness granting one.
+        let writer = HistoryWriter::start(&nb.target, REGION, 64 << 10, 1_000_000)?;
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(12) {
+            anyhow::ensure!(writer.running(), "a write on node B failed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let history = before.followed_by(writer.finish()?);
+        println!(
+            "after the move: {} writes in all, the longest {:?}",
+            history.writes.len(),
+            history.longest
+        );
+        history.check(
+            "node-b's device",
+            &read_direct(&nb.target, REGION as usize)?,
+        )?;
+        EnginePair::wait_converged(&pair.b, &pair.a, Duration::from_secs(120)).await?;
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        history.check("engine-b's replica", &std::fs::read(pair.b.data())?)?;
+        history.check("engine-a's replica", &std::fs::read(pair.a.data())?)?;
         scratch.assert_clean();
         Ok(())
     });

@@ -9,17 +9,18 @@ use tonic::Code;
 
 use super::*;
 use crate::attach::fake::FakeAttacher;
-use crate::context::{test_context, FailoverPolicy};
+use crate::context::test_context;
 use crate::engine::{EngineError, EngineStatus, Role, TakeoverOutcome};
 use crate::mount::fake::FakeMounter;
-use tandem_api::contract::{ATTR_FAILOVER_POLICY, ATTR_PEER_TIMEOUT};
+use tandem_api::contract::{ATTR_FAILOVER_POLICY, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS};
 
 type Answer = Result<EngineStatus, EngineError>;
 
 #[derive(Default)]
 struct FakeEngines {
     status: Mutex<HashMap<String, Answer>>,
-    takeovers: Mutex<Vec<(String, FailoverPolicy, Duration)>>,
+    /// Every takeover asked for: (engine, timeout). The trait has no policy: always a handoff.
+    takeovers: Mutex<Vec<(String, Duration)>>,
     takeover_error: Mutex<Option<EngineError>>,
 }
 
@@ -59,13 +60,9 @@ impl EngineApi for FakeEngines {
         addr: &str,
         _volume: &str,
         _token: &str,
-        policy: FailoverPolicy,
         timeout: Duration,
     ) -> Result<TakeoverOutcome, EngineError> {
-        self.takeovers
-            .lock()
-            .unwrap()
-            .push((addr.into(), policy, timeout));
+        self.takeovers.lock().unwrap().push((addr.into(), timeout));
         if let Some(e) = self.takeover_error.lock().unwrap().clone() {
             return Err(e);
         }
@@ -274,13 +271,10 @@ async fn stage_on_the_secondarys_node_takes_over_first() {
         .insert(ATTR_FAILOVER_POLICY.into(), "ForcePromote".into());
     req.context.insert(ATTR_PEER_TIMEOUT.into(), "5".into());
     h.svc.stage(req).await.unwrap();
+    // A handoff (the only kind the engine API offers the plugin), whatever the PV's policy.
     assert_eq!(
         *h.engines().takeovers.lock().unwrap(),
-        vec![(
-            A_GRPC.to_string(),
-            FailoverPolicy::ForcePromote,
-            Duration::from_secs(5)
-        )]
+        vec![(A_GRPC.to_string(), Duration::from_secs(5))]
     );
     let rec = h.record().unwrap();
     assert_eq!(rec.epoch, 8);
@@ -304,6 +298,89 @@ async fn a_takeover_that_cannot_finish_is_retryable_and_attaches_nothing() {
     });
     let e = h.svc.stage(h.stage_req(ext4())).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(h.attacher().attached_count(), 0);
+    assert_eq!(h.record(), None);
+}
+
+#[tokio::test]
+async fn stage_never_forces_whatever_the_policy() {
+    // The old primary is unreachable: the handoff fails, and a ForcePromote volume gets no
+    // forced promotion from the plugin either: UNAVAILABLE, naming the operator's part.
+    let h = Harness::new();
+    h.engines().set(A_GRPC, secondary(7));
+    h.engines().set(
+        B_GRPC,
+        Err(EngineError::Unreachable {
+            addr: B_GRPC.into(),
+            message: "down".into(),
+        }),
+    );
+    *h.engines().takeover_error.lock().unwrap() = Some(EngineError::Refused {
+        addr: A_GRPC.into(),
+        op: "Takeover",
+        code: Code::Unavailable,
+        message: "HandoffBlocked: the primary did not answer".into(),
+    });
+    let mut req = h.stage_req(ext4());
+    req.context
+        .insert(ATTR_FAILOVER_POLICY.into(), "ForcePromote".into());
+    let e = h.svc.stage(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    let msg = e.to_string();
+    assert!(msg.contains("HandoffBlocked"), "{msg}");
+    assert!(msg.contains("operator promotes"), "{msg}");
+    assert!(msg.contains("ForcePromote"), "{msg}");
+    assert_eq!(h.engines().takeovers.lock().unwrap().len(), 1);
+    assert_eq!(h.attacher().attached_count(), 0);
+    assert_eq!(h.record(), None);
+}
+
+#[tokio::test]
+async fn a_read_only_stage_on_the_secondarys_node_reads_from_the_secondary() {
+    let h = Harness::new();
+    h.engines().set(A_GRPC, secondary(7));
+    h.engines().set(B_GRPC, primary(7));
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .filesystems
+        .insert("/dev/fake1".into(), "ext4".into());
+    let mut req = StageRequest {
+        read_only: true,
+        ..h.stage_req(ext4())
+    };
+    req.context
+        .insert(ATTR_SECONDARY_ACCESS.into(), "ReadOnly".into());
+    h.svc.stage(req.clone()).await.unwrap();
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+    let rec = h.record().unwrap();
+    assert_eq!((rec.engine_node.as_str(), rec.epoch), ("node-a", 7));
+    let spec = h.attacher().st.lock().unwrap().attached[&device_of(&rec)].clone();
+    assert_eq!(spec.nbd, "10.0.0.1:10809");
+    assert_eq!(spec.export, "vol@7");
+    assert!(spec.read_only);
+    // Staged again: still current (the secondary is its source), nothing replaced.
+    h.svc.stage(req).await.unwrap();
+    assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 1);
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_read_only_stage_on_the_secondarys_node_without_secondary_reads_is_refused() {
+    let h = Harness::new();
+    h.engines().set(A_GRPC, secondary(7));
+    h.engines().set(B_GRPC, primary(7));
+    for access in [ext4(), Access::Block] {
+        let req = StageRequest {
+            read_only: true,
+            ..h.stage_req(access)
+        };
+        let e = h.svc.stage(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+        assert!(e.to_string().contains("never takes over"), "{e}");
+    }
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
     assert_eq!(h.attacher().attached_count(), 0);
     assert_eq!(h.record(), None);
 }
