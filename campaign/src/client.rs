@@ -57,6 +57,8 @@ pub struct Route {
     avoid: AtomicUsize,
     /// Sessions open on each engine.
     open: [AtomicU64; 2],
+    /// Requests sent and not answered yet (nor given up as cut).
+    inflight: AtomicU64,
 }
 
 impl Route {
@@ -86,6 +88,11 @@ impl Route {
     pub fn clear(&self) {
         self.pinned.store(0, Ordering::Release);
         self.avoid(None);
+    }
+
+    /// Requests in flight over all sessions.
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::Acquire)
     }
 
     /// How many sessions are open on `engine`.
@@ -272,6 +279,7 @@ async fn reply_loop(
         let Some(mut op) = lock(pending).remove(&handle) else {
             return Err(other(format!("reply for unknown handle {handle}")));
         };
+        sh.route.inflight.fetch_sub(1, Ordering::AcqRel);
         if op.kind == Kind::Read && err == 0 {
             let mut buf = vec![0u8; (op.sectors * SECTOR) as usize];
             if let Err(e) = rd.read_exact(&mut buf).await {
@@ -346,6 +354,7 @@ async fn session(
                 stats.bytes_read += op.sectors * SECTOR;
             }
             lock(&pending).insert(req.handle, op);
+            sh.route.inflight.fetch_add(1, Ordering::AcqRel);
             wr.write_all(&req.encode()).await?;
             if let Some(b) = payload {
                 wr.write_all(&b).await?;
@@ -382,7 +391,11 @@ async fn session(
         ops.push(op);
     }
     // Cut in flight: may or may not have happened.
-    ops.extend(lock(&pending).drain().map(|(_, op)| op));
+    let cut: Vec<Op> = lock(&pending).drain().map(|(_, op)| op).collect();
+    sh.route
+        .inflight
+        .fetch_sub(cut.len() as u64, Ordering::AcqRel);
+    ops.extend(cut);
 }
 
 /// One simulated host until the stop flag: connect to whichever engine serves, run, reconnect.

@@ -217,6 +217,8 @@ struct Counts {
     stops: u64,
     /// Forced takeovers answered LeaseHeld (the engine's own promise outlasted the timeout), retried.
     lease_held: u64,
+    /// Rounds after which both replicas were compared (identical) with nothing in flight.
+    compared: u64,
 }
 
 struct Nemesis<'a> {
@@ -234,6 +236,8 @@ struct Nemesis<'a> {
     pinned: u64,
     /// Old primaries fenced by a blackhole + forced round (checked by `checker::check_leases`).
     fences: Vec<Fence>,
+    /// The kind of the current round.
+    kinds_last: String,
     counts: Counts,
     losses: Vec<Loss>,
     /// The engine a forced promotion made primary this round: once the old primary has returned
@@ -402,6 +406,7 @@ impl Nemesis<'_> {
 
     fn count(&mut self, kind: String) {
         self.note(format!("partition: {kind}"));
+        self.kinds_last = kind.clone();
         *self.counts.kinds.entry(kind).or_default() += 1;
     }
 
@@ -546,7 +551,7 @@ impl Nemesis<'_> {
                 // lease), which the checker would rightly call stale. What they have in flight
                 // may finish later (a write without a lease waits its lease wait): every op was
                 // invoked before `unpinned`, and the promotion comes after the takeover tried
-                // the peer for its whole timeout (>= 2 s). `Fence::unpinned` checks it.
+                // the peer for its whole timeout (>= 1 s). `Fence::unpinned` checks it.
                 let ends = cut + witness::guard(self.lease.as_millis() as u64).as_nanos() as u64;
                 self.wait_until(ends);
                 self.sh.route.pin(0, p);
@@ -611,8 +616,9 @@ impl Nemesis<'_> {
                 .and_then(|st| st["promise_remaining_ms"].as_u64())
                 .unwrap_or(0);
             // The engine first tries its peer for the whole timeout, then waits what is left of
-            // its promise within the same budget: a timeout >= the promise covers it.
-            let secs = promise.div_ceil(1000).max(2).to_string();
+            // its promise within the same budget: a timeout of half the promise covers it (the
+            // peer is unreachable by construction, a second of trying is enough to see it).
+            let secs = (promise / 2).div_ceil(1000).max(1).to_string();
             self.note(format!(
                 "takeover --policy force --timeout {secs} on {} (its promise: {promise} ms)",
                 Pair::label(s)
@@ -687,6 +693,11 @@ impl Nemesis<'_> {
                         .map_or(true, |st| st["sync_degraded"] != false);
                 if self.pair.converged(sv).unwrap_or(false) && !degraded {
                     done = Some(sv);
+                    // Nothing in flight and still converged: both replicas must hold the same
+                    // bytes now (tells which round kind made them differ, if one does).
+                    if self.sh.route.inflight() == 0 && self.pair.converged(sv).unwrap_or(false) {
+                        self.compare_replicas();
+                    }
                     break;
                 }
             }
@@ -732,6 +743,20 @@ impl Nemesis<'_> {
             }
         }
         Ok(())
+    }
+
+    fn compare_replicas(&mut self) {
+        match cluster::compare_files(&self.pair[0].data(), &self.pair[1].data()) {
+            Ok(None) => self.counts.compared += 1,
+            Ok(Some((first, count))) => {
+                let kind = self.kinds_last.clone();
+                self.problem(format!(
+                    "replicas differ after the round {kind:?} converged: {count} blocks, the \
+                     first at block {first}"
+                ))
+            }
+            Err(e) => self.note(format!("cannot compare the replicas: {e}")),
+        }
     }
 
     /// Undo everything: links up, nothing dropped, processes continued and running.
@@ -893,6 +918,7 @@ pub fn run(
         // Half of the clients (at least one) stay with the old primary through its fencing.
         pinned: (1u64 << (c.clients / 2).clamp(1, 63)) - 1,
         fences: Vec::new(),
+        kinds_last: String::new(),
         counts: Counts::default(),
         losses: Vec::new(),
         recount: None,
@@ -1150,8 +1176,9 @@ fn report(
         println!("  {k:<55} {t:>6}");
     }
     println!(
-        "forced takeovers answered LeaseHeld and retried {} times",
-        counts.lease_held
+        "forced takeovers answered LeaseHeld and retried {} times; replicas compared identical \
+         after {} rounds",
+        counts.lease_held, counts.compared
     );
     println!(
         "resumed {} times (max {} ms from healing to converged); sync degradation reported {} \
