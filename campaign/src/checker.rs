@@ -402,10 +402,10 @@ pub struct Fence {
     /// When the link was healed: acknowledgements after it are not this fence's (a later round
     /// may make the engine primary again, legitimately).
     pub until: Time,
-    /// When the campaign stopped sending to it (before the promotion), and when the promotion of
-    /// the other engine answered, if it did.
+    /// When the campaign stopped sending to it, and the earliest time the other engine may have
+    /// been promoted, if it was.
     pub unpinned: Time,
-    pub promoted: Option<Time>,
+    pub promotable: Option<Time>,
 }
 
 impl Fence {
@@ -781,7 +781,7 @@ mod tests {
             lease: 50,
             until: 1000,
             unpinned: 160,
-            promoted: Some(170),
+            promotable: Some(170),
         };
         // Acknowledged by engine 0 before the cut, within the lease, and a read after it.
         h.w(0, 8, 10, Some(90));
