@@ -238,6 +238,8 @@ struct Nemesis<'a> {
     fences: Vec<Fence>,
     /// The kind of the current round.
     kinds_last: String,
+    /// The replicas differed at the last comparison.
+    diverged: bool,
     counts: Counts,
     losses: Vec<Loss>,
     /// The engine a forced promotion made primary this round: once the old primary has returned
@@ -553,8 +555,10 @@ impl Nemesis<'_> {
                 // invoked about when `unpinned` was taken, and the promotion comes only after
                 // the takeover tried the peer for its whole timeout (>= 1 s). Checked after the
                 // run: no op sent there after `Fence::promotable`.
-                let ends = cut + witness::guard(self.lease.as_millis() as u64).as_nanos() as u64;
-                self.wait_until(ends);
+                // Its lease runs at most until the latest renewal it could have had + the lease
+                // (a witness grant under way at the `deny` may have ended after the cut).
+                let renewed = cut.max(self.witness.last_grant_end(p));
+                self.wait_until(renewed + self.lease.as_nanos() as u64 + 300_000_000);
                 self.sh.route.pin(0, p);
                 let unpinned = self.sh.now();
                 self.note(format!(
@@ -599,8 +603,10 @@ impl Nemesis<'_> {
     /// `takeover --policy force` on `s`, the old primary `p` unreachable and denied by the witness
     /// (its last grant sent at `sent`, cut off at `cut`). Invariant: nobody is promoted by force
     /// before the witness's promise to the old primary has run out, the last grant it sent +
-    /// `guard`: the grant's lease ends before that. Checked by `checker::check_leases` (no ack
-    /// from the fenced primary after its lease) and the history checker (only reported losses).
+    /// `guard`: the grant's lease ends before that. Checked in the blackhole + forced round by
+    /// `checker::check_leases` (no ack from the fenced primary after its lease; its unit test
+    /// `a_fenced_primary_may_not_acknowledge_after_its_lease`) and the history checker (only
+    /// reported losses).
     /// The engine keeps its own promise (the renewals it answered `p`): the takeover's timeout
     /// covers its `promise_remaining_ms`, and a LeaseHeld answer is retried and counted. Then the
     /// witness grants the new primary at once: it holds no lease after a forced promotion.
@@ -751,13 +757,24 @@ impl Nemesis<'_> {
 
     fn compare_replicas(&mut self) {
         match cluster::compare_files(&self.pair[0].data(), &self.pair[1].data()) {
-            Ok(None) => self.counts.compared += 1,
+            Ok(None) => {
+                self.counts.compared += 1;
+                self.diverged = false;
+            }
             Ok(Some((first, count))) => {
-                let kind = self.kinds_last.clone();
-                self.problem(format!(
-                    "replicas differ after the round {kind:?} converged: {count} blocks, the \
-                     first at block {first}"
-                ))
+                let what = format!(
+                    "replicas differ after the round {:?} converged: {count} blocks, the first at \
+                     block {first}",
+                    self.kinds_last
+                );
+                // Only the round that made them differ is a finding; later ones may just not
+                // have rewritten those blocks yet.
+                if self.diverged {
+                    self.note(format!("still: {what}"));
+                } else {
+                    self.diverged = true;
+                    self.problem(what);
+                }
             }
             Err(e) => self.note(format!("cannot compare the replicas: {e}")),
         }
@@ -923,6 +940,7 @@ pub fn run(
         pinned: (1u64 << (c.clients / 2).clamp(1, 63)) - 1,
         fences: Vec::new(),
         kinds_last: String::new(),
+        diverged: false,
         counts: Counts::default(),
         losses: Vec::new(),
         recount: None,
