@@ -5,9 +5,11 @@
 #            hold every acknowledged write, and both replicas must end byte-identical;
 #   kill     the same clients and checks under random-time SIGKILLs of either engine;
 #   partition  each engine in its own network namespace (needs root; result=SKIPPED otherwise):
-#            blackholes, one-way drops, SIGSTOPs, node reboots and forced takeovers; dead-peer
-#            detection within --peer-timeout-ms + 1 s, replication resuming by itself, sync mode
-#            reporting its degradation, the same history checks;
+#            blackholes, one-way drops, SIGSTOPs, node reboots and forced takeovers (after a node
+#            reboot, or a blackhole with both engines up), write leases renewed by a witness;
+#            dead-peer detection within --peer-timeout-ms + 1 s, replication resuming by itself,
+#            sync mode reporting its degradation, no acknowledgement by a fenced old primary after
+#            its lease, the same history checks;
 #   powerloss, failpoints  in-process: the power cut (then EIO, ENOSPC, a short write) at every file
 #            operation of a takeover and of a receiving secondary, restart, every FLUSHed or
 #            acknowledged write checked (storage-engine/src/takeover/powerloss.rs);
@@ -104,11 +106,11 @@ for s in "${summaries[@]}"; do
 done
 if [ ${#parts[@]} -gt 0 ]; then
   echo
-  echo "| partition | rounds | blackhole / one-way / SIGSTOP / reboot / forced | detections (max ms / bound) | resumes (max ms) | sync degraded reported | wait takeovers blocked | forced refused (torn replica) | lost blocks reported | reported losses | violations | result |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| partition | rounds | blackhole / one-way / blackhole + forced / SIGSTOP / reboot / reboot + forced | detections (max ms / bound) | resumes (max ms) | sync degraded reported | wait takeovers blocked | forced promotions (LeaseHeld retries) | forced refused (torn replica) | lease ms / witness grants | lost blocks reported | reported losses (blocks) | fenced acks after cut (last ms after cut / max margin to lease end ms) | acks after lease | violations | result |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   for s in "${parts[@]}"; do
     f() { field "$s" "$1"; }
-    echo "| $(f mode) | $(f rounds) | $(f blackholes) / $(f oneway) / $(f pauses) / $(f reboots) / $(f forced) | $(f detections) ($(f detect_max_ms) / $(f bound_ms)) | $(f resumes) ($(f resume_max_ms)) | $(f degraded_seen) | $(f wait_blocked) | $(f force_refused_torn) | $(f lost_blocks_reported) | $(f reported_losses) | $(f violations) | $(f result) |"
+    echo "| $(f mode) | $(f rounds) | $(f blackholes) / $(f oneway) / $(f blackhole_forced) / $(f pauses) / $(f reboots) / $(f forced) | $(f detections) ($(f detect_max_ms) / $(f bound_ms)) | $(f resumes) ($(f resume_max_ms)) | $(f degraded_seen) | $(f wait_blocked) | $(f takeovers) ($(f lease_held_retries)) | $(f force_refused_torn) | $(f lease_ms) / $(f witness_grants) | $(f lost_blocks_reported) | $(f reported_losses) ($(f reported_loss_blocks)) | $(f fenced_acks) ($(f ack_after_cut_max_ms) / $(f lease_margin_max_ms)) | $(f late_acks) | $(f violations) | $(f result) |"
   done
 fi
 if [ ${#inproc[@]} -gt 0 ]; then

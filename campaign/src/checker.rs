@@ -386,6 +386,107 @@ pub fn check_with_losses(ops: &[Op], sectors: u64, losses: &[Loss]) -> Checked {
     out
 }
 
+/// An old primary cut off from its peer that the witness stopped granting (the partition
+/// campaign's blackhole + forced round), as the campaign saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Fence {
+    /// The engine (0: A, 1: B).
+    pub engine: usize,
+    /// When its link was cut: the last renewal by its peer was stamped before.
+    pub cut: Time,
+    /// When the last grant by the witness that may have reached it ended (0: none): that grant
+    /// was stamped before.
+    pub granted: Time,
+    /// Its lease, nanoseconds.
+    pub lease: Time,
+    /// When the link was healed: acknowledgements after it are not this fence's (a later round
+    /// may make the engine primary again, legitimately).
+    pub until: Time,
+    /// When the campaign stopped sending to it, and the earliest time the other engine may have
+    /// been promoted, if it was.
+    pub unpinned: Time,
+    pub promotable: Option<Time>,
+}
+
+impl Fence {
+    /// The latest its lease could have run: from the latest renewal it could have had.
+    pub fn lease_end(&self) -> Time {
+        self.cut.max(self.granted) + self.lease
+    }
+}
+
+/// An acknowledgement by a fenced old primary later than its lease allows.
+#[derive(Debug, Clone, Copy)]
+pub struct LateAck {
+    /// Index of the op in the history.
+    pub op: usize,
+    /// Index of the fence.
+    pub fence: usize,
+    /// Nanoseconds past the lease's latest end (> the slack).
+    pub late: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct LeaseChecked {
+    /// Writes, zeroings, trims and flushes the fenced engines acknowledged after their cut.
+    pub acks_after_cut: u64,
+    /// The latest of them, nanoseconds after its cut.
+    pub after_cut_max: Time,
+    /// The largest (ack time - latest lease end) seen, nanoseconds: negative when every ack came
+    /// that much before the lease could have run out. None: no ack after a cut.
+    pub margin_max: Option<i64>,
+    /// Acknowledgements later than the lease + `slack`: the violation kind `AckAfterLease`.
+    pub late: Vec<LateAck>,
+}
+
+/// Checks that no fenced old primary acknowledged a change or a flush after its lease ran out:
+/// every such acknowledgement after its cut must be received before `Fence::lease_end` + `slack`
+/// (the slack covers the reply's way from the engine's lease check to the client).
+pub fn check_leases(ops: &[Op], fences: &[Fence], slack: Time) -> LeaseChecked {
+    let mut out = LeaseChecked::default();
+    for (k, f) in fences.iter().enumerate() {
+        let end = f.lease_end();
+        for (i, o) in ops.iter().enumerate() {
+            let Some(acked) = o.acked() else { continue };
+            let counts = o.mutates() || o.kind == Kind::Flush;
+            if !counts || o.engine != f.engine || acked <= f.cut || acked > f.until {
+                continue;
+            }
+            out.acks_after_cut += 1;
+            out.after_cut_max = out.after_cut_max.max(acked - f.cut);
+            let margin = acked as i64 - end as i64;
+            out.margin_max = Some(out.margin_max.map_or(margin, |m| m.max(margin)));
+            if margin > slack as i64 {
+                out.late.push(LateAck {
+                    op: i,
+                    fence: k,
+                    late: margin,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A human account of a late acknowledgement.
+pub fn explain_late(ops: &[Op], fences: &[Fence], l: &LateAck) -> String {
+    let f = &fences[l.fence];
+    format!(
+        "AckAfterLease: {} acknowledged by engine {} {:.1} ms after its lease could have run out \
+         (cut {}, last witness grant ended {}, lease {})",
+        describe_op(&ops[l.op]),
+        ["A", "B"].get(f.engine).copied().unwrap_or("?"),
+        l.late as f64 / 1e6,
+        ms(f.cut),
+        if f.granted == 0 {
+            "never".to_string()
+        } else {
+            ms(f.granted)
+        },
+        ms(f.lease)
+    )
+}
+
 /// The acknowledged write of `sector` invoked at `inv` (the one a stale value missed).
 fn superseding(ops: &[Op], sector: u64, inv: Time) -> Option<&Op> {
     ops.iter()
@@ -668,6 +769,55 @@ mod tests {
         h.r(21, 25, &[(0, 1, Val::Torn { word0: 1, word1: 2 })]);
         h.w(0, 8, 26, None);
         assert_eq!(whats(&h.check()), vec![What::Torn]);
+    }
+
+    #[test]
+    fn a_fenced_primary_may_not_acknowledge_after_its_lease() {
+        let mut h = H(Vec::new());
+        let fence = Fence {
+            engine: 0,
+            cut: 100,
+            granted: 0,
+            lease: 50,
+            until: 1000,
+            unpinned: 160,
+            promotable: Some(170),
+        };
+        // Acknowledged by engine 0 before the cut, within the lease, and a read after it.
+        h.w(0, 8, 10, Some(90));
+        h.w(0, 8, 95, Some(140));
+        h.r(150, 200, &[(0, 8, Val::Zero)]);
+        h.op(Kind::Flush, 0, 0, 141, Some(149));
+        for o in &mut h.0 {
+            o.engine = 0;
+        }
+        // Engine 1 (the new primary) acknowledges whenever it likes.
+        let w = h.w(8, 8, 300, Some(400));
+        h.0[w as usize - 1].engine = 1;
+        let c = check_leases(&h.0, &[fence], 5);
+        assert!(c.late.is_empty(), "{:?}", c.late);
+        assert_eq!(c.acks_after_cut, 2);
+        assert_eq!(c.after_cut_max, 49);
+        assert_eq!(c.margin_max, Some(-1));
+        // A flush acknowledged 10 past the lease's end is late; so is a trim; an error is not.
+        h.op(Kind::Flush, 0, 0, 150, Some(160));
+        h.op(Kind::Trim, 0, 8, 150, Some(156));
+        h.op(Kind::Write, 0, 8, 150, None);
+        h.op(Kind::Write, 0, 8, 150, Some(2000));
+        for o in h.0.iter_mut().skip(5) {
+            o.engine = 0;
+        }
+        let c = check_leases(&h.0, &[fence], 5);
+        let late: Vec<(usize, i64)> = c.late.iter().map(|l| (l.op, l.late)).collect();
+        assert_eq!(late, vec![(5, 10), (6, 6)]);
+        assert_eq!(c.margin_max, Some(10));
+        assert!(explain_late(&h.0, &[fence], &c.late[0]).contains("AckAfterLease"));
+        // A witness grant that ended after the cut extends the bound.
+        let granted = Fence {
+            granted: 120,
+            ..fence
+        };
+        assert!(check_leases(&h.0, &[granted], 5).late.is_empty());
     }
 
     #[test]

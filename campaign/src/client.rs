@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -40,6 +40,83 @@ pub struct Shared {
     pub size: u64,
     /// Half of the ops fall in the first `hot` bytes, so that ops race on the same blocks.
     pub hot: u64,
+    /// Which engine each client may use (all of them, unless a nemesis says otherwise).
+    pub route: Route,
+}
+
+/// Where clients may go: by default anywhere that serves. A nemesis may pin some clients to one
+/// engine (a host that keeps talking to the old primary through a partition) and send the others
+/// away from one (hosts that follow the volume to its new primary). A session on an engine it may
+/// no longer use stops sending, lets what is in flight complete and disconnects.
+#[derive(Debug, Default)]
+pub struct Route {
+    /// Bit per client: the clients that use only `pin_to`.
+    pinned: AtomicU64,
+    pin_to: AtomicUsize,
+    /// The engine the other clients may not use, + 1 (0: none).
+    avoid: AtomicUsize,
+    /// Sessions open on each engine.
+    open: [AtomicU64; 2],
+    /// Requests sent and not answered yet (nor given up as cut).
+    inflight: AtomicU64,
+}
+
+impl Route {
+    /// Whether `client` may send to `engine`.
+    pub fn allowed(&self, client: u32, engine: usize) -> bool {
+        let bit = 1u64.checked_shl(client).unwrap_or(0);
+        if self.pinned.load(Ordering::Acquire) & bit != 0 {
+            engine == self.pin_to.load(Ordering::Acquire)
+        } else {
+            self.avoid.load(Ordering::Acquire) != engine + 1
+        }
+    }
+
+    /// Pins the clients of the bit mask `clients` to `engine`.
+    pub fn pin(&self, clients: u64, engine: usize) {
+        self.pin_to.store(engine, Ordering::Release);
+        self.pinned.store(clients, Ordering::Release);
+    }
+
+    /// Sends every client that is not pinned away from `engine` (None: back to anywhere).
+    pub fn avoid(&self, engine: Option<usize>) {
+        self.avoid
+            .store(engine.map_or(0, |e| e + 1), Ordering::Release);
+    }
+
+    /// Every client may go anywhere again.
+    pub fn clear(&self) {
+        self.pinned.store(0, Ordering::Release);
+        self.avoid(None);
+    }
+
+    /// Requests in flight over all sessions.
+    pub fn inflight(&self) -> u64 {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    /// How many sessions are open on `engine`.
+    pub fn open_on(&self, engine: usize) -> u64 {
+        self.open
+            .get(engine)
+            .map_or(0, |n| n.load(Ordering::Acquire))
+    }
+}
+
+/// Counts a session as open on its engine while it lives.
+struct Open<'a>(&'a AtomicU64);
+
+impl<'a> Open<'a> {
+    fn new(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Open(n)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -202,6 +279,7 @@ async fn reply_loop(
         let Some(mut op) = lock(pending).remove(&handle) else {
             return Err(other(format!("reply for unknown handle {handle}")));
         };
+        sh.route.inflight.fetch_sub(1, Ordering::AcqRel);
         if op.kind == Kind::Read && err == 0 {
             let mut buf = vec![0u8; (op.sectors * SECTOR) as usize];
             if let Err(e) = rd.read_exact(&mut buf).await {
@@ -223,9 +301,12 @@ async fn reply_loop(
     }
 }
 
-/// Runs one connection until it fails or the campaign stops; appends its ops to `ops`.
+/// Runs one connection to `engine` until it fails, the client may no longer use that engine, or
+/// the campaign stops; appends its ops to `ops`.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     stream: Conn,
+    engine: usize,
     sh: &Arc<Shared>,
     rng: &mut Rng,
     client: u32,
@@ -233,6 +314,7 @@ async fn session(
     ops: &mut Vec<Op>,
     stats: &mut Stats,
 ) {
+    let _open = sh.route.open.get(engine).map(Open::new);
     let (rd, mut wr) = tokio::io::split(stream);
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
     let done = Arc::new(Mutex::new(Vec::new()));
@@ -244,8 +326,13 @@ async fn session(
         sem.clone(),
         sh.clone(),
     ));
+    let mut left = false;
     let sent: io::Result<()> = async {
         while !sh.stopping() {
+            if !sh.route.allowed(client, engine) {
+                left = true;
+                break;
+            }
             if sh.holding() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -260,12 +347,14 @@ async fn session(
                 };
             permit.forget();
             let (mut op, req, payload) = generate(rng, sh, client);
+            op.engine = engine;
             op.inv = sh.now();
             stats.bytes_written += payload.as_ref().map_or(0, |b| b.len() as u64);
             if op.kind == Kind::Read {
                 stats.bytes_read += op.sectors * SECTOR;
             }
             lock(&pending).insert(req.handle, op);
+            sh.route.inflight.fetch_add(1, Ordering::AcqRel);
             wr.write_all(&req.encode()).await?;
             if let Some(b) = payload {
                 wr.write_all(&b).await?;
@@ -283,7 +372,7 @@ async fn session(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if sh.stopping() {
+    if sh.stopping() || left {
         let disc = p::Request {
             flags: 0,
             kind: p::CMD_DISC,
@@ -302,7 +391,11 @@ async fn session(
         ops.push(op);
     }
     // Cut in flight: may or may not have happened.
-    ops.extend(lock(&pending).drain().map(|(_, op)| op));
+    let cut: Vec<Op> = lock(&pending).drain().map(|(_, op)| op).collect();
+    sh.route
+        .inflight
+        .fetch_sub(cut.len() as u64, Ordering::AcqRel);
+    ops.extend(cut);
 }
 
 /// One simulated host until the stop flag: connect to whichever engine serves, run, reconnect.
@@ -314,6 +407,9 @@ pub async fn run_client(sh: Arc<Shared>, client: u32, qd: usize, seed: u64) -> (
     'outer: while !sh.stopping() {
         for k in 0..sh.addrs.len() {
             let i = (prefer + k) % sh.addrs.len();
+            if !sh.route.allowed(client, i) {
+                continue;
+            }
             // A stopped engine accepts TCP but never answers: bound the handshake.
             match tokio::time::timeout(Duration::from_secs(2), handshake(&sh.addrs[i], &sh.export))
                 .await
@@ -321,7 +417,7 @@ pub async fn run_client(sh: Arc<Shared>, client: u32, qd: usize, seed: u64) -> (
                 Ok(Ok((stream, _))) => {
                     prefer = i;
                     stats.connects += 1;
-                    session(stream, &sh, &mut rng, client, qd, &mut ops, &mut stats).await;
+                    session(stream, i, &sh, &mut rng, client, qd, &mut ops, &mut stats).await;
                     continue 'outer;
                 }
                 _ => stats.connect_failures += 1,

@@ -53,7 +53,11 @@ pub struct Op {
     pub seen: Vec<Run>,
     /// The final full read after the nemesis stopped and the pair converged.
     pub final_read: bool,
+    /// The engine (0: A, 1: B) whose connection carried the op; `NO_ENGINE` if unknown.
+    pub engine: usize,
 }
+
+pub const NO_ENGINE: usize = usize::MAX;
 
 impl Op {
     pub fn new(id: u64, client: u32, kind: Kind, sector: u64, sectors: u64, inv: Time) -> Op {
@@ -69,6 +73,7 @@ impl Op {
             outcome: Outcome::Lost,
             seen: Vec::new(),
             final_read: false,
+            engine: NO_ENGINE,
         }
     }
 

@@ -17,6 +17,7 @@ mod nemesis;
 mod partition;
 mod prng;
 mod stamp;
+mod witness;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -40,8 +41,10 @@ enum Cmd {
     /// Random-time SIGKILL of either engine under the same clients and checks.
     Kill(KillArgs),
     /// The engines in two network namespaces under silent partitions (blackhole, one-way drop,
-    /// SIGSTOP, node reboot, forced takeover): dead-peer detection within the bound, replication
-    /// resuming by itself, the same history checks. Needs root; prints result=SKIPPED otherwise.
+    /// SIGSTOP, node reboot, forced takeovers) with write leases and a witness: dead-peer
+    /// detection within the bound, replication resuming by itself, no acknowledgement by a fenced
+    /// old primary after its lease, the same history checks. Needs root; prints
+    /// result=SKIPPED otherwise.
     Partition(PartitionArgs),
 }
 
@@ -124,11 +127,12 @@ pub struct KillArgs {
 pub struct PartitionArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Partitions to inflict (the nemesis cycles through blackhole, one-way drop, SIGSTOP, node
-    /// reboot, and a node reboot of the primary with a forced takeover).
+    /// Partitions to inflict (the nemesis cycles through blackhole, one-way drop, blackhole with a
+    /// forced takeover, SIGSTOP, a node reboot of the primary with a forced takeover, node reboot).
     #[arg(long, default_value_t = 10)]
     pub rounds: u64,
-    /// `--peer-timeout-ms` of both engines; detection must take at most this + 1 s.
+    /// `--peer-timeout-ms` of both engines; detection must take at most this + 1 s. Their
+    /// `--lease-ms` is twice this.
     #[arg(long, default_value_t = 2000)]
     pub peer_timeout_ms: u64,
     /// I/O time before each partition, drawn in min..max milliseconds.
@@ -136,6 +140,10 @@ pub struct PartitionArgs {
     pub min_gap_ms: u64,
     #[arg(long, default_value_t = 1000)]
     pub max_gap_ms: u64,
+    /// `--lease-ms` of both engines (default: twice the peer timeout; 0 turns leases off, and the
+    /// witness with them).
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -162,6 +170,7 @@ fn main() -> ExitCode {
             &a.common,
             a.rounds,
             a.peer_timeout_ms,
+            a.lease_ms.unwrap_or(2 * a.peer_timeout_ms),
             (a.min_gap_ms, a.max_gap_ms),
         ),
     };

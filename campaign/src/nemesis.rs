@@ -348,6 +348,7 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
         export: VOLUME.to_string(),
         size: c.size,
         hot: c.hot,
+        route: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

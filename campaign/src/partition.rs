@@ -11,7 +11,16 @@
 //! - the primary's node rebooting (two thirds of the time after building a backlog over a
 //!   throttled or a silent link) while the secondary is promoted with `--policy force`: the
 //!   returning old primary must step down, and only the blocks the promotion reported lost may
-//!   lose acknowledged writes (the checker accounts for them as reported losses).
+//!   lose acknowledged writes (the checker accounts for them as reported losses);
+//! - a blackhole with both engines up and the secondary promoted by force: the old primary keeps
+//!   serving the clients pinned to it (hosts on its node) while the others follow the volume; it
+//!   must stop acknowledging when its lease runs out (`checker::check_leases`: no acknowledgement
+//!   after the latest renewal it could have had + the lease), and step down and resync at the heal.
+//!
+//! The engines run with a write lease (`--lease-ms`), and a witness (`crate::witness`) grants it
+//! to a primary its peer no longer renews, as the operator does. A forced round first stops the
+//! witness granting the old primary and promotes no earlier than its last grant + the guard;
+//! the engine itself waits out its own promise (a `LeaseHeld` answer is retried and counted).
 //!
 //! Per partition it measures how long each side takes to report `peer_connected: false` (bound:
 //! `--peer-timeout-ms` + 1 s), checks that sync mode reports its degradation while cut off, and
@@ -32,12 +41,13 @@ use anyhow::{bail, Context, Result};
 use tandem_testkit::Pair;
 
 use crate::{
-    checker::{self, Loss},
+    checker::{self, Fence, Loss},
     client::{self, Shared, Stats},
     cluster::{self, VOLUME},
     history::{ms, Op, Time},
     prng::Rng,
     stamp::SECTOR,
+    witness::{self, Witness},
     Common, Mode,
 };
 
@@ -172,15 +182,18 @@ enum Fault {
     Stop,
     Reboot,
     Forced,
+    BlackholeForced,
 }
 
-/// The nemesis cycles through these in order (victims and timings drawn from the seed).
-const CYCLE: [Fault; 5] = [
+/// The nemesis cycles through these in order (victims and timings drawn from the seed); both
+/// forced kinds come within the first five, the rounds of a CI run.
+const CYCLE: [Fault; 6] = [
     Fault::Blackhole,
     Fault::OneWay,
+    Fault::BlackholeForced,
     Fault::Stop,
-    Fault::Reboot,
     Fault::Forced,
+    Fault::Reboot,
 ];
 
 #[derive(Debug, Default)]
@@ -202,6 +215,10 @@ struct Counts {
     lost_blocks_reported: u64,
     kills: u64,
     stops: u64,
+    /// Forced takeovers answered LeaseHeld (the engine's own promise outlasted the timeout), retried.
+    lease_held: u64,
+    /// Rounds after which both replicas were compared (identical) with nothing in flight.
+    compared: u64,
 }
 
 struct Nemesis<'a> {
@@ -212,6 +229,17 @@ struct Nemesis<'a> {
     sync: bool,
     /// Detection bound: `--peer-timeout-ms` + 1 s.
     bound: Duration,
+    witness: &'a Witness,
+    /// The engines' `--lease-ms`.
+    lease: Duration,
+    /// Clients (bit mask) pinned to the old primary in a blackhole + forced round.
+    pinned: u64,
+    /// Old primaries fenced by a blackhole + forced round (checked by `checker::check_leases`).
+    fences: Vec<Fence>,
+    /// The kind of the current round.
+    kinds_last: String,
+    /// The replicas differed at the last comparison.
+    diverged: bool,
     counts: Counts,
     losses: Vec<Loss>,
     /// The engine a forced promotion made primary this round: once the old primary has returned
@@ -380,6 +408,7 @@ impl Nemesis<'_> {
 
     fn count(&mut self, kind: String) {
         self.note(format!("partition: {kind}"));
+        self.kinds_last = kind.clone();
         *self.counts.kinds.entry(kind).or_default() += 1;
     }
 
@@ -491,39 +520,166 @@ impl Nemesis<'_> {
                         Err(e) => self.problem(format!("building a backlog failed: {e}")),
                     }
                 }
+                let sent = self.witness.deny(p);
                 let cut = self.node_down(p)?;
                 t0 = Instant::now();
                 self.detect(&kind, t0, &[s]);
-                self.note(format!("takeover --policy force on {}", Pair::label(s)));
-                match self.pair[s].control("takeover", &["--policy", "force", "--timeout", "2"]) {
-                    Ok(r) => {
-                        let lost = r["lost_blocks"].as_u64().unwrap_or(0);
-                        self.losses.push(Loss {
-                            cut,
-                            promoted: self.sh.now(),
-                            lost_blocks: lost,
-                        });
-                        self.counts.forced += 1;
-                        self.counts.lost_blocks_reported += lost;
-                        self.recount = Some(s);
-                        self.note(format!("forced promotion: {r}"));
-                    }
-                    // A replica whose resync the backlog cut short is torn: refusing to serve
-                    // it (without --allow-inconsistent) is the right answer.
-                    Err(e) if e.contains("Inconsistent") => {
-                        self.counts.force_refused_torn += 1;
-                        self.note(format!("forced promotion refused, replica torn: {e}"));
-                    }
-                    Err(e) => self.problem(format!(
-                        "takeover --policy force with the old primary's node down failed: {e}"
-                    )),
-                }
+                self.force(s, p, sent, cut);
                 sleep_ms(self.rng.below(1000));
                 self.node_up(p)?;
                 restarted = Some(p);
             }
+            Fault::BlackholeForced => {
+                let kind = "blackhole + forced takeover".to_string();
+                self.count(kind.clone());
+                // Hosts on the old primary's node keep talking to it; the others follow the
+                // volume (they wait for the new primary).
+                self.sh.route.pin(self.pinned, p);
+                self.sh.route.avoid(Some(p));
+                let sent = self.witness.deny(p);
+                let r = self.net.drop_egress(p, true);
+                self.net_step("blackhole", r)?;
+                // Nothing the old primary sends passes from here: its peer's last renewal was
+                // stamped (before its request left) earlier than this.
+                let cut = self.sh.now();
+                let r = self.net.drop_egress(s, true);
+                self.net_step("blackhole", r)?;
+                t0 = Instant::now();
+                self.detect(&kind, t0, &[p, s]);
+                self.wait_takeover_blocked(p, s);
+                // The pinned clients stay until the old primary's lease has surely run out (they
+                // see its acknowledgements stop), then send it nothing more: after the promotion
+                // a read there could miss what the new primary acknowledges (reads need no
+                // lease), which the checker would rightly call stale. What they have in flight
+                // may finish later (a write without a lease waits its lease wait): every op was
+                // invoked about when `unpinned` was taken, and the promotion comes only after
+                // the takeover tried the peer for its whole timeout (>= 1 s). Checked after the
+                // run: no op sent there after `Fence::promotable`.
+                // Its lease runs at most until the latest renewal it could have had + the lease
+                // (a witness grant under way at the `deny` may have ended after the cut).
+                let renewed = cut.max(self.witness.last_grant_end(p));
+                self.wait_until(renewed + self.lease.as_nanos() as u64 + 300_000_000);
+                self.sh.route.pin(0, p);
+                let unpinned = self.sh.now();
+                self.note(format!(
+                    "pinned clients leave {} ({} sessions open); promoting {}",
+                    Pair::label(p),
+                    self.sh.route.open_on(p),
+                    Pair::label(s)
+                ));
+                let promotable = self.force(s, p, sent, cut);
+                sleep_ms(self.rng.below(500));
+                let until = self.sh.now();
+                for i in 0..2 {
+                    let r = self.net.drop_egress(i, false);
+                    self.net_step("healing the blackhole", r)?;
+                }
+                self.fences.push(Fence {
+                    engine: p,
+                    cut,
+                    granted: self.witness.last_grant_end(p),
+                    lease: self.lease.as_nanos() as u64,
+                    until,
+                    unpinned,
+                    promotable,
+                });
+            }
         }
-        self.resume(restarted, pids, t0)
+        let r = self.resume(restarted, pids, t0);
+        // The old primary stepped down (or the round failed and said so): everyone may go
+        // anywhere, and the witness may grant either engine at the newest epoch again.
+        self.sh.route.clear();
+        self.witness.allow_all();
+        r
+    }
+
+    fn wait_until(&self, t: Time) {
+        let now = self.sh.now();
+        if t > now {
+            std::thread::sleep(Duration::from_nanos(t - now));
+        }
+    }
+
+    /// `takeover --policy force` on `s`, the old primary `p` unreachable and denied by the witness
+    /// (its last grant sent at `sent`, cut off at `cut`). Invariant: nobody is promoted by force
+    /// before the witness's promise to the old primary has run out, the last grant it sent +
+    /// `guard`: the grant's lease ends before that. Checked in the blackhole + forced round by
+    /// `checker::check_leases` (no ack from the fenced primary after its lease; its unit test
+    /// `a_fenced_primary_may_not_acknowledge_after_its_lease`) and the history checker (only
+    /// reported losses).
+    /// The engine keeps its own promise (the renewals it answered `p`): the takeover's timeout
+    /// covers its `promise_remaining_ms`, and a LeaseHeld answer is retried and counted. Then the
+    /// witness grants the new primary at once: it holds no lease after a forced promotion.
+    /// If it promoted: the earliest time the engine may have (the call's start + the time it
+    /// spends trying the peer, less 200 ms for that loop's granularity).
+    fn force(&mut self, s: usize, p: usize, sent: Time, cut: Time) -> Option<Time> {
+        if sent > 0 {
+            let g = witness::guard(self.lease.as_millis() as u64).as_nanos() as u64;
+            self.wait_until(sent + g);
+        }
+        for _ in 0..4 {
+            let promise = self.pair[s]
+                .status_json()
+                .ok()
+                .and_then(|st| st["promise_remaining_ms"].as_u64())
+                .unwrap_or(0);
+            // The engine first tries its peer for the whole timeout, then waits what is left of
+            // its promise within the same budget: a timeout of half the promise covers it (the
+            // peer is unreachable by construction, a second of trying is enough to see it).
+            let t = (promise / 2).div_ceil(1000).max(1);
+            let secs = t.to_string();
+            self.note(format!(
+                "takeover --policy force --timeout {secs} on {} (its promise: {promise} ms)",
+                Pair::label(s)
+            ));
+            let start = self.sh.now();
+            match self.pair[s].control("takeover", &["--policy", "force", "--timeout", &secs]) {
+                Ok(r) => {
+                    let promoted = self.sh.now();
+                    let granted = self.witness.grant(s);
+                    let lost = r["lost_blocks"].as_u64().unwrap_or(0);
+                    self.losses.push(Loss {
+                        cut,
+                        promoted,
+                        lost_blocks: lost,
+                    });
+                    self.counts.forced += 1;
+                    self.counts.lost_blocks_reported += lost;
+                    self.recount = Some(s);
+                    self.note(format!(
+                        "forced promotion: {r}; witness grant to {}: {}",
+                        Pair::label(s),
+                        if granted { "taken" } else { "NOT taken" }
+                    ));
+                    return Some((start + t * 1_000_000_000).saturating_sub(200_000_000));
+                }
+                Err(e) if e.contains("LeaseHeld") => {
+                    self.counts.lease_held += 1;
+                    self.note(format!(
+                        "forced promotion waits for the lease, retrying: {e}"
+                    ));
+                }
+                // A replica whose resync the backlog cut short is torn: refusing to serve
+                // it (without --allow-inconsistent) is the right answer.
+                Err(e) if e.contains("Inconsistent") => {
+                    self.counts.force_refused_torn += 1;
+                    self.note(format!("forced promotion refused, replica torn: {e}"));
+                    return None;
+                }
+                Err(e) => {
+                    self.problem(format!(
+                        "takeover --policy force with the old primary {} unreachable failed: {e}",
+                        Pair::label(p)
+                    ));
+                    return None;
+                }
+            }
+        }
+        self.problem(format!(
+            "takeover --policy force on {} answered LeaseHeld 4 times",
+            Pair::label(s)
+        ));
+        None
     }
 
     /// After healing: hold the clients, and the pair must converge (the returning old primary
@@ -547,6 +703,11 @@ impl Nemesis<'_> {
                         .map_or(true, |st| st["sync_degraded"] != false);
                 if self.pair.converged(sv).unwrap_or(false) && !degraded {
                     done = Some(sv);
+                    // Nothing in flight and still converged: both replicas must hold the same
+                    // bytes now (tells which round kind made them differ, if one does).
+                    if self.sh.route.inflight() == 0 && self.pair.converged(sv).unwrap_or(false) {
+                        self.compare_replicas();
+                    }
                     break;
                 }
             }
@@ -594,6 +755,31 @@ impl Nemesis<'_> {
         Ok(())
     }
 
+    fn compare_replicas(&mut self) {
+        match cluster::compare_files(&self.pair[0].data(), &self.pair[1].data()) {
+            Ok(None) => {
+                self.counts.compared += 1;
+                self.diverged = false;
+            }
+            Ok(Some((first, count))) => {
+                let what = format!(
+                    "replicas differ after the round {:?} converged: {count} blocks, the first at \
+                     block {first}",
+                    self.kinds_last
+                );
+                // Only the round that made them differ is a finding; later ones may just not
+                // have rewritten those blocks yet.
+                if self.diverged {
+                    self.note(format!("still: {what}"));
+                } else {
+                    self.diverged = true;
+                    self.problem(what);
+                }
+            }
+            Err(e) => self.note(format!("cannot compare the replicas: {e}")),
+        }
+    }
+
     /// Undo everything: links up, nothing dropped, processes continued and running.
     fn heal(&mut self) -> Result<Option<usize>> {
         self.net.heal();
@@ -623,7 +809,13 @@ fn seed_from_clock() -> u64 {
 }
 
 /// Runs the partition campaign; Ok(true) when nothing was found (or it had to be skipped).
-pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Result<bool> {
+pub fn run(
+    c: &Common,
+    rounds: u64,
+    peer_timeout_ms: u64,
+    lease_ms: u64,
+    gap: (u64, u64),
+) -> Result<bool> {
     let seed = c.seed.unwrap_or_else(seed_from_clock);
     let sync = c.mode == Mode::Sync;
     let mode = if sync { "sync" } else { "async" };
@@ -665,6 +857,16 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
     } else {
         c.journal_size.as_str()
     };
+    // The write lease (`--lease-ms`, by default twice the peer timeout). The peer renews every quarter lease and a dead
+    // peer is detected within the peer timeout + 1 s; the witness looks every quarter lease and
+    // grants once the peer is seen gone or half the lease is left, so a lease it keeps never
+    // lapses even with one of its looks late. Shorter would race the witness's CLI calls on a
+    // loaded machine; longer makes every forced round wait longer (the guard is 1.1 x lease +
+    // 0.5 s). The lease wait: 1 s, as long as the sync timeout and one look of the witness. A
+    // fenced old primary's host then gets EIO about a second after the lease ends, well before
+    // the promotion, instead of a hang; a sync-mode write waiting for the witness's consent after
+    // a cut waits at most that long too.
+    let lease_wait_ms = 1000;
     let extra: Vec<String> = [
         "--replication",
         mode,
@@ -674,6 +876,10 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         "1000",
         "--peer-timeout-ms",
         &peer_timeout_ms.to_string(),
+        "--lease-ms",
+        &lease_ms.to_string(),
+        "--lease-wait-ms",
+        &lease_wait_ms.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -704,6 +910,7 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         export: VOLUME.to_string(),
         size: c.size,
         hot: c.hot,
+        route: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -712,6 +919,13 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
     let clients: Vec<_> = (0..c.clients)
         .map(|i| rt.spawn(client::run_client(sh.clone(), i, c.qd, seed)))
         .collect();
+    let witness = Arc::new(Witness::new(
+        [&pair[0], &pair[1]],
+        lease_ms,
+        sync,
+        sh.clone(),
+    ));
+    let witnesses = witness.spawn();
     let peer_timeout = Duration::from_millis(peer_timeout_ms);
     let mut nem = Nemesis {
         pair: &mut pair,
@@ -720,6 +934,13 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         sh: &sh,
         sync,
         bound: peer_timeout + Duration::from_secs(1),
+        witness: &witness,
+        lease: Duration::from_millis(lease_ms),
+        // Half of the clients (at least one) stay with the old primary through its fencing.
+        pinned: (1u64 << (c.clients / 2).clamp(1, 63)) - 1,
+        fences: Vec::new(),
+        kinds_last: String::new(),
+        diverged: false,
         counts: Counts::default(),
         losses: Vec::new(),
         recount: None,
@@ -791,38 +1012,78 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         identical = Some(diff.is_none());
     }
     let checked = checker::check_with_losses(&ops, c.size / SECTOR, &nem.losses);
-    let (counts, losses, log, problems) = (
+    let leases = checker::check_leases(&ops, &nem.fences, ACK_SLACK.as_nanos() as u64);
+    for f in nem.fences.clone() {
+        let Some(t) = f.promotable else { continue };
+        let late = ops
+            .iter()
+            .filter(|o| o.engine == f.engine && o.inv > t && o.inv <= f.until)
+            .count();
+        if late > 0 || t <= f.unpinned {
+            nem.problem(format!(
+                "the campaign sent {late} ops to the fenced old primary {} after the other one \
+                 may have been promoted ({}; its clients left at {}): its reads would not be \
+                 comparable",
+                Pair::label(f.engine),
+                ms(t),
+                ms(f.unpinned)
+            ));
+        }
+    }
+    let (counts, losses, fences, log, mut problems) = (
         std::mem::take(&mut nem.counts),
         std::mem::take(&mut nem.losses),
+        std::mem::take(&mut nem.fences),
         std::mem::take(&mut nem.log),
         std::mem::take(&mut nem.problems),
     );
     drop(nem);
+    witness.stop(witnesses);
+    let tally = &witness.tally;
+    let grants = tally.grants.load(Ordering::Relaxed);
+    if grants == 0 && rounds >= 2 && lease_ms > 0 {
+        // A blackhole (the first round) leaves the primary to the witness: it must have granted.
+        problems.push("the witness never granted a lease".into());
+    }
     report(
         c, seed, mode, &ops, &checked, &counts, &losses, &log, &problems,
     );
-    let ok =
-        checked.violation_count == 0 && problems.is_empty() && final_ok && identical == Some(true);
+    report_leases(c, &ops, &fences, &leases);
+    // The whole nemesis log, kept with the engines' logs when the run fails.
+    let text: String = log
+        .iter()
+        .map(|(t, w)| format!("{} {w}\n", ms(*t)))
+        .collect();
+    if let Err(e) = std::fs::write(dir.join("nemesis.log"), text) {
+        println!("cannot write nemesis.log: {e}");
+    }
+    let violations = checked.violation_count + leases.late.len() as u64;
+    let ok = violations == 0 && problems.is_empty() && final_ok && identical == Some(true);
     let partitions: u64 = counts.kinds.values().sum();
-    let forced_rounds: u64 = counts
+    let reboot_forced: u64 = counts
         .kinds
         .iter()
-        .filter(|(k, _)| k.contains("forced"))
+        .filter(|(k, _)| k.starts_with("reboot") && k.contains("forced"))
         .map(|(_, n)| n)
         .sum();
+    let blackhole_forced = kind_count(&counts, "blackhole +");
+    let ms_of = |ns: i64| ns / 1_000_000;
     println!(
         "SUMMARY campaign=partition mode={mode} seed={seed} rounds={} partitions={partitions} \
-         blackholes={} oneway={} pauses={} reboots={} forced={} kills={} takeovers={} failbacks=0 \
+         blackholes={} oneway={} pauses={} reboots={} forced={} blackhole_forced={} kills={} takeovers={} failbacks=0 \
          detections={} detect_max_ms={} bound_ms={} resumes={} resume_max_ms={} degraded_seen={} \
          wait_blocked={} force_refused_torn={} lost_blocks_reported={} reported_losses={} reported_loss_blocks={} \
+         lease_ms={lease_ms} witness_grants={grants} witness_refused={} witness_unknown={} lease_held_retries={} \
+         fenced_acks={} ack_after_cut_max_ms={} lease_margin_max_ms={} late_acks={} \
          ops={} reads_checked={} sectors_checked={} final_sectors={} indeterminate={} errors={} \
          violations={} liveness={} replicas_identical={} seconds={:.1} result={}",
         counts.rounds,
-        kind_count(&counts, "blackhole"),
+        kind_count(&counts, "blackhole") - blackhole_forced,
         kind_count(&counts, "oneway"),
         counts.stops,
-        kind_count(&counts, "reboot") - forced_rounds,
-        forced_rounds,
+        kind_count(&counts, "reboot") - reboot_forced,
+        reboot_forced,
+        blackhole_forced,
         counts.kills,
         counts.forced,
         counts.detections,
@@ -836,13 +1097,22 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         counts.lost_blocks_reported,
         checked.reported_losses,
         checked.reported_loss_blocks,
+        tally.refused.load(Ordering::Relaxed),
+        tally.unknown.load(Ordering::Relaxed),
+        counts.lease_held,
+        leases.acks_after_cut,
+        ms_of(leases.after_cut_max as i64),
+        leases
+            .margin_max
+            .map_or("none".to_string(), |m| ms_of(m).to_string()),
+        leases.late.len(),
         ops.len(),
         checked.reads_checked,
         checked.sectors_checked,
         checked.final_sectors,
         checked.indeterminate,
         checked.errors,
-        checked.violation_count,
+        violations,
         problems.len(),
         identical.map_or("unknown".to_string(), |b| b.to_string()),
         started.elapsed().as_secs_f64(),
@@ -859,6 +1129,46 @@ pub fn run(c: &Common, rounds: u64, peer_timeout_ms: u64, gap: (u64, u64)) -> Re
         }
     }
     Ok(ok)
+}
+
+/// How late after the lease's latest end a fenced old primary's acknowledgement may reach the
+/// client: the reply's way from the engine's lease check through the socket and the client's
+/// runtime on a loaded machine.
+const ACK_SLACK: Duration = Duration::from_millis(250);
+
+fn report_leases(c: &Common, ops: &[Op], fences: &[Fence], l: &checker::LeaseChecked) {
+    for f in fences {
+        println!(
+            "fenced old primary {}: cut at {}, last witness grant ended {}, lease could run until {}",
+            Pair::label(f.engine),
+            ms(f.cut),
+            if f.granted == 0 {
+                "never".to_string()
+            } else {
+                ms(f.granted)
+            },
+            ms(f.lease_end())
+        );
+    }
+    println!(
+        "fenced old primaries acknowledged {} changes or flushes after their cut, the last {:.1} ms \
+         after it; the latest came {} the lease could have run out (slack {} ms); {} too late",
+        l.acks_after_cut,
+        l.after_cut_max as f64 / 1e6,
+        l.margin_max.map_or("-".to_string(), |m| if m <= 0 {
+            format!("{:.1} ms before", -m as f64 / 1e6)
+        } else {
+            format!("{:.1} ms after", m as f64 / 1e6)
+        }),
+        ACK_SLACK.as_millis(),
+        l.late.len()
+    );
+    for late in l.late.iter().take(c.show) {
+        println!(
+            "VIOLATION (partition) {}",
+            checker::explain_late(ops, fences, late)
+        );
+    }
 }
 
 fn kind_count(c: &Counts, prefix: &str) -> u64 {
@@ -889,6 +1199,11 @@ fn report(
     for (k, t) in &counts.detect_ms {
         println!("  {k:<55} {t:>6}");
     }
+    println!(
+        "forced takeovers answered LeaseHeld and retried {} times; replicas compared identical \
+         after {} rounds",
+        counts.lease_held, counts.compared
+    );
     println!(
         "resumed {} times (max {} ms from healing to converged); sync degradation reported {} \
          times; takeover --policy wait refused as HandoffBlocked {} times; {} forced promotions \
