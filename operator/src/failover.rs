@@ -432,7 +432,10 @@ pub fn witness(
     }
     let primary = primary_slot(status);
     let secondary = primary.other();
-    if matches!(slot_health(observed, primary, peer_timeout), Health::Lost(_)) {
+    if matches!(
+        slot_health(observed, primary, peer_timeout),
+        Health::Lost(_)
+    ) {
         return plan;
     }
     let Some(e) = observed
@@ -447,8 +450,14 @@ pub fn witness(
     let node = observed.node(primary).name.clone();
     if sync && s_lost && status.sync_fallback.is_none() {
         let reason = match s_health {
-            Health::Lost(loss) => format!("secondary on {} lost ({loss:?})", observed.node(secondary).name),
-            _ => format!("secondary on {} does not answer", observed.node(secondary).name),
+            Health::Lost(loss) => format!(
+                "secondary on {} lost ({loss:?})",
+                observed.node(secondary).name
+            ),
+            _ => format!(
+                "secondary on {} does not answer",
+                observed.node(secondary).name
+            ),
         };
         plan.fallback_recorded = Some(format!(
             "{reason}: the primary on {node} may acknowledge writes alone (Sync falls back to Async); \
@@ -467,8 +476,7 @@ pub fn witness(
         ));
     }
     let allow_async = sync && s_lost && persisted.sync_fallback.is_some();
-    let renewed_by_peer =
-        e.peer_connected && e.lease_remaining_ms >= u64::from(lease_ms) / 2;
+    let renewed_by_peer = e.peer_connected && e.lease_remaining_ms >= u64::from(lease_ms) / 2;
     if !renewed_by_peer || (allow_async && !e.sync_fallback) {
         plan.grant = Some(GrantIntent {
             slot: primary,
@@ -515,7 +523,14 @@ pub fn record_takeover(
         lost_seq_to: outcome.lost_seq_to,
         // A forced call was made only after the old primary's lease provably ran out; a handoff call
         // succeeds only when the old primary answered and fenced itself at the new epoch.
-        fence: Some(if intent.force { FENCE_LEASE } else { FENCE_HANDOFF }.to_string()),
+        fence: Some(
+            if intent.force {
+                FENCE_LEASE
+            } else {
+                FENCE_HANDOFF
+            }
+            .to_string(),
+        ),
         attempts,
         last_error: None,
         last_reason: None,
@@ -629,7 +644,8 @@ pub fn release(
     for lost in &status.lost_nodes {
         let node = observed.nodes.iter().find(|n| n.name == lost.node);
         let out_of_service = node.is_some_and(|n| n.out_of_service);
-        let moved = status.epoch > lost.epoch && primary_node.as_deref() != Some(lost.node.as_str());
+        let moved =
+            status.epoch > lost.epoch && primary_node.as_deref() != Some(lost.node.as_str());
         let fenced = match fence {
             _ if !moved => None,
             Some(FENCE_HANDOFF) => Some("the old primary answered the handoff and is fenced"),
@@ -1152,7 +1168,12 @@ mod tests {
         o.pods[0] = None;
         o.engines[0] = None;
         assert_eq!(
-            decide(&MirroredVolume::test().spec, &MirroredVolumeStatus::default(), &o, T),
+            decide(
+                &MirroredVolume::test().spec,
+                &MirroredVolumeStatus::default(),
+                &o,
+                T
+            ),
             FailoverDecision::default()
         );
     }
@@ -1160,7 +1181,12 @@ mod tests {
     #[test]
     fn healthy_pair_needs_nothing() {
         assert_eq!(
-            decide(&MirroredVolume::test().spec, &established(Slot::A, 1), &healthy(), T),
+            decide(
+                &MirroredVolume::test().spec,
+                &established(Slot::A, 1),
+                &healthy(),
+                T
+            ),
             FailoverDecision::default()
         );
     }
@@ -1192,13 +1218,22 @@ mod tests {
             breakage(&mut o);
             let d = decide(&MirroredVolume::test().spec, &status, &o, T);
             let t = d.takeover.unwrap();
-            assert_eq!((t.to, t.reason, t.force), (Slot::B, reason, false), "{reason}");
+            assert_eq!(
+                (t.to, t.reason, t.force),
+                (Slot::B, reason, false),
+                "{reason}"
+            );
             assert_eq!(t.wait.unwrap().reason, "WaitForPrimary");
         }
         // The other way round after a first takeover.
         let mut o = healthy();
         o.nodes[1].ready = false;
-        let d = decide(&MirroredVolume::test().spec, &established(Slot::B, 2), &o, T);
+        let d = decide(
+            &MirroredVolume::test().spec,
+            &established(Slot::B, 2),
+            &o,
+            T,
+        );
         assert_eq!(d.takeover.map(|t| t.to), Some(Slot::A));
     }
 
@@ -1206,7 +1241,12 @@ mod tests {
     fn unready_primary_within_timeout_is_rechecked_not_replaced() {
         let mut o = healthy();
         o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 5));
-        let d = decide(&MirroredVolume::test().spec, &established(Slot::A, 1), &o, T);
+        let d = decide(
+            &MirroredVolume::test().spec,
+            &established(Slot::A, 1),
+            &o,
+            T,
+        );
         assert_eq!(d.takeover, None);
         assert_eq!(d.recheck, Some(Duration::from_secs(25)));
     }
@@ -1223,7 +1263,10 @@ mod tests {
         let mut o = healthy();
         o.nodes[0].ready = false;
         o.engines[1] = None;
-        assert_eq!(decide(&MirroredVolume::test().spec, &status, &o, T).takeover, None);
+        assert_eq!(
+            decide(&MirroredVolume::test().spec, &status, &o, T).takeover,
+            None
+        );
     }
 
     #[test]
@@ -1324,7 +1367,11 @@ mod tests {
         o
     }
 
-    fn intent(spec: &MirroredVolumeSpec, status: &MirroredVolumeStatus, o: &Observed) -> TakeoverIntent {
+    fn intent(
+        spec: &MirroredVolumeSpec,
+        status: &MirroredVolumeStatus,
+        o: &Observed,
+    ) -> TakeoverIntent {
         decide(spec, status, o, T).takeover.unwrap()
     }
 
@@ -1342,7 +1389,11 @@ mod tests {
         let t = d.takeover.clone().unwrap();
         assert!(!t.force, "only a handoff before the lease ran out: {t:?}");
         assert_eq!(t.policy(), FailoverPolicy::WaitForPrimary);
-        assert_eq!(t.timeout, Duration::from_millis(1600), "bounded by the wait");
+        assert_eq!(
+            t.timeout,
+            Duration::from_millis(1600),
+            "bounded by the wait"
+        );
         let wait = t.wait.unwrap();
         assert_eq!(wait.reason, "LeaseHeld");
         assert!(wait.message.contains("1600 ms left"), "{}", wait.message);
@@ -1388,8 +1439,19 @@ mod tests {
         assert!(!t.force);
         let wait = t.wait.unwrap();
         assert_eq!(wait.reason, "WaitForPrimary");
-        assert!(wait.message.contains("operator's consent"), "{}", wait.message);
-        assert!(intent(&spec(ReplicationMode::Sync, FailoverPolicy::ForcePromote), &status, &o).force);
+        assert!(
+            wait.message.contains("operator's consent"),
+            "{}",
+            wait.message
+        );
+        assert!(
+            intent(
+                &spec(ReplicationMode::Sync, FailoverPolicy::ForcePromote),
+                &status,
+                &o
+            )
+            .force
+        );
     }
 
     #[test]
@@ -1397,10 +1459,21 @@ mod tests {
         let status = established(Slot::A, 1);
         let o = primary_node_lost();
         // WaitForPrimary never forces, however long the primary is away.
-        let t = intent(&spec(ReplicationMode::Async, FailoverPolicy::WaitForPrimary), &status, &o);
+        let t = intent(
+            &spec(ReplicationMode::Async, FailoverPolicy::WaitForPrimary),
+            &status,
+            &o,
+        );
         assert!(!t.force);
         assert_eq!(t.wait.unwrap().reason, "WaitForPrimary");
-        assert!(intent(&spec(ReplicationMode::Async, FailoverPolicy::ForcePromote), &status, &o).force);
+        assert!(
+            intent(
+                &spec(ReplicationMode::Async, FailoverPolicy::ForcePromote),
+                &status,
+                &o
+            )
+            .force
+        );
         // MaxLoss: 3 blocks of 4 KiB = 12288 bytes known unsent.
         let mut max_loss = spec(ReplicationMode::Async, FailoverPolicy::MaxLoss);
         max_loss.failover.max_loss_bytes = Some("12Ki".into());
@@ -1426,7 +1499,10 @@ mod tests {
         );
         summarized(&mut status, &o);
         let c = cond(&status, "TakeoverInProgress");
-        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "MaxLossExceeded"));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "MaxLossExceeded")
+        );
         assert!(c.message.contains("12288 bytes"), "{}", c.message);
     }
 
@@ -1436,31 +1512,38 @@ mod tests {
         let persisted = established(Slot::A, 1);
         // A healthy pair: the peer renews the lease, nothing to grant.
         let mut status = persisted.clone();
-        assert_eq!(witness(&spec, &persisted, &mut status, &healthy(), T), WitnessPlan::default());
+        assert_eq!(
+            witness(&spec, &persisted, &mut status, &healthy(), T),
+            WitnessPlan::default()
+        );
         // The peer stopped renewing (the link is down) but the secondary answers: a lease, no consent.
         let mut o = healthy();
         o.engines[0].as_mut().unwrap().peer_connected = false;
         let w = witness(&spec, &persisted, &mut status, &o, T);
         assert_eq!(
             w.grant,
-            Some(GrantIntent { slot: Slot::A, lease_ms: 1000, allow_async: false })
+            Some(GrantIntent {
+                slot: Slot::A,
+                lease_ms: 1000,
+                allow_async: false
+            })
         );
         assert!(status.sync_fallback.is_none());
         // The secondary's node is lost: the consent is recorded first, and granted only once stored.
         o.nodes[1].ready = false;
         o.engines[1] = None;
         let w = witness(&spec, &persisted, &mut status, &o, T);
-        assert_eq!(w.grant.unwrap().allow_async, false);
+        assert!(!w.grant.unwrap().allow_async);
         assert!(w.fallback_recorded.unwrap().contains("lost"));
         let stored = status.clone();
         assert_eq!(stored.sync_fallback.as_ref().unwrap().node, "n1");
         let w = witness(&spec, &stored, &mut status, &o, T);
-        assert_eq!(w.grant.unwrap().allow_async, true);
+        assert!(w.grant.unwrap().allow_async);
         assert!(w.fallback_recorded.is_none());
         // Async mode never consents (nothing to consent to).
         let mut plain = persisted.clone();
         let w = witness(&spec_async(), &stored, &mut plain, &o, T);
-        assert_eq!(w.grant.unwrap().allow_async, false);
+        assert!(!w.grant.unwrap().allow_async);
         // A lost primary gets nothing: its promotion may be prepared.
         let mut lost = status.clone();
         assert_eq!(
@@ -1473,7 +1556,10 @@ mod tests {
         // Leases off: no witness.
         let mut off = spec.clone();
         off.failover.lease_ms = 0;
-        assert_eq!(witness(&off, &stored, &mut status, &o, T), WitnessPlan::default());
+        assert_eq!(
+            witness(&off, &stored, &mut status, &o, T),
+            WitnessPlan::default()
+        );
     }
 
     fn spec_async() -> MirroredVolumeSpec {
@@ -1717,7 +1803,9 @@ mod tests {
             condition: "HandoffBlocked: PeerUnreachable: peer a:9500: refused; not promoted".into(),
             ..engine_state(EngineRole::Secondary, 1, PairState::Consistent)
         });
-        let intent = decide(&MirroredVolume::test().spec, &status, &o, T).takeover.unwrap();
+        let intent = decide(&MirroredVolume::test().spec, &status, &o, T)
+            .takeover
+            .unwrap();
         let error = crate::engine::EngineError::HandoffBlocked {
             address: "b:9500".into(),
             message: "HandoffBlocked: PeerUnreachable: peer a:9500: refused; not promoted".into(),
@@ -1757,7 +1845,9 @@ mod tests {
         let mut o = healthy();
         o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 60));
         o.engines[0] = None;
-        let intent = decide(&MirroredVolume::test().spec, &status, &o, T).takeover.unwrap();
+        let intent = decide(&MirroredVolume::test().spec, &status, &o, T)
+            .takeover
+            .unwrap();
         record_takeover_failure(
             &mut status,
             &o,
@@ -1770,7 +1860,10 @@ mod tests {
         assert_eq!(summarized(&mut status, &o), Phase::TakingOver);
         // The old primary's container came back and serves at the same epoch: nothing to take over.
         let o = healthy();
-        assert_eq!(decide(&MirroredVolume::test().spec, &status, &o, T).takeover, None);
+        assert_eq!(
+            decide(&MirroredVolume::test().spec, &status, &o, T).takeover,
+            None
+        );
         let why = abandon_takeover(&mut status, &o, T).unwrap();
         assert!(
             why.contains("serves again") && why.contains("HandoffBlocked"),
@@ -1801,7 +1894,9 @@ mod tests {
         let mut o = healthy();
         o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 60));
         o.engines[0] = None;
-        let intent = decide(&MirroredVolume::test().spec, &status, &o, T).takeover.unwrap();
+        let intent = decide(&MirroredVolume::test().spec, &status, &o, T)
+            .takeover
+            .unwrap();
         record_takeover_failure(
             &mut status,
             &o,

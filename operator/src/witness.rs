@@ -100,7 +100,8 @@ mod tests {
         // lease 1000 + guard (1000 + 100 + 500) = 2600 ms after the start.
         assert_eq!(c.wait_left(), Duration::from_millis(2000));
         assert_eq!(
-            w.clock("ns/v", 1000, t0 + Duration::from_secs(3)).wait_left(),
+            w.clock("ns/v", 1000, t0 + Duration::from_secs(3))
+                .wait_left(),
             Duration::ZERO
         );
         // A grant moves the wait; a lower spec lease does not shorten it.
@@ -109,7 +110,8 @@ mod tests {
         assert_eq!(c.wait_left(), Duration::from_millis(1600));
         // Other volumes keep the start.
         assert_eq!(
-            w.clock("ns/x", 1000, t0 + Duration::from_secs(4)).wait_left(),
+            w.clock("ns/x", 1000, t0 + Duration::from_secs(4))
+                .wait_left(),
             Duration::ZERO
         );
         assert_eq!(LeaseClock::long_ago(10_000).wait_left(), Duration::ZERO);

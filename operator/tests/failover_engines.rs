@@ -89,7 +89,12 @@ fn start_pair() -> (tempfile::TempDir, Pair) {
         .size(&SIZE.to_string())
         .token(&format!("{TOKEN}\n"))
         .fault_injection()
-        .args(&["--lease-ms", &LEASE_MS.to_string(), "--lease-wait-ms", "1000"])
+        .args(&[
+            "--lease-ms",
+            &LEASE_MS.to_string(),
+            "--lease-wait-ms",
+            "1000",
+        ])
         .a(|e| e.role("primary"))
         .linked()
         .start()
@@ -735,8 +740,14 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
     let until = op.started + WITNESS_WAIT + Duration::from_secs(1);
     while Instant::now() < until {
         let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
-        assert_eq!((status.epoch, status.primary.as_ref().unwrap().slot), (1, Slot::A));
-        assert_eq!(status.promotion_wait.as_ref().unwrap().reason, "WaitForPrimary");
+        assert_eq!(
+            (status.epoch, status.primary.as_ref().unwrap().slot),
+            (1, Slot::A)
+        );
+        assert_eq!(
+            status.promotion_wait.as_ref().unwrap().reason,
+            "WaitForPrimary"
+        );
     }
     assert!(
         op.takeovers()
@@ -759,13 +770,22 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
         vec![(Slot::B, FailoverPolicy::ForcePromote, PEER_TIMEOUT)]
     );
     let forced_at = op.engines.forced_at.lock().unwrap()[0];
-    assert!(forced_at >= op.started + WITNESS_WAIT, "forced before the witness's wait");
+    assert!(
+        forced_at >= op.started + WITNESS_WAIT,
+        "forced before the witness's wait"
+    );
     assert_eq!(status.epoch, 2);
     assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
     // Right after, the new primary (its peer is gone) gets a lease from the operator.
-    let lease = status.lease.as_ref().expect("a lease grant after the forced promotion");
+    let lease = status
+        .lease
+        .as_ref()
+        .expect("a lease grant after the forced promotion");
     assert_eq!((lease.node.as_str(), lease.error.as_deref()), ("n2", None));
-    assert_eq!(op.engines.grants.lock().unwrap().last(), Some(&(Slot::B, false)));
+    assert_eq!(
+        op.engines.grants.lock().unwrap().last(),
+        Some(&(Slot::B, false))
+    );
     assert!(pair.b.status().await.unwrap().lease_remaining_ms > 0);
     let takeover = status.takeover.as_ref().unwrap();
     // The six unacknowledged blocks, less any the engine knows it received (today it counts all six).
@@ -1060,4 +1080,70 @@ async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
         }
     })
     .await;
+}
+
+/// The operator is down while the primary's node is lost: a new operator (a fresh Context, as after a
+/// restart) catches up, but forces only a full witness wait after its own start, since the old one may
+/// have granted a lease just before it went down. Then it promotes and grants the new primary a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_down_during_a_node_loss_waits_a_lease_from_its_start() {
+    let _serial = serial().await;
+    let (_dir, mut pair) = start_pair();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..8, 0x11);
+    wait_synced(&pair).await;
+    let first = Operator::new(&pair);
+    let (_, status) = first.reconcile(FailoverPolicy::ForcePromote).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+    let stored = first.world.lock().unwrap().status.clone();
+    drop(first);
+
+    // While no operator runs: the primary's node dies (its engine with it), long enough for any lease.
+    pair.a.kill();
+    tokio::time::sleep(WITNESS_WAIT + Duration::from_millis(500)).await;
+
+    let op = Operator::new(&pair);
+    {
+        let mut w = op.world.lock().unwrap();
+        w.status = stored;
+        w.node_ready[0] = false;
+    }
+    let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+    assert!(
+        op.engines.forced_at.lock().unwrap().is_empty(),
+        "forced at once after a restart"
+    );
+    assert_eq!(status.epoch, 1);
+    let wait = status
+        .promotion_wait
+        .as_ref()
+        .expect("the status says why it waits");
+    assert_eq!(wait.reason, "LeaseHeld", "{wait:?}");
+    assert_eq!(condition(&status, "TakeoverInProgress").reason, "LeaseHeld");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+        if status.epoch == 2 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "never promoted: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let forced_at = op.engines.forced_at.lock().unwrap().clone();
+    assert_eq!(forced_at.len(), 1);
+    assert!(
+        forced_at[0] >= op.started + WITNESS_WAIT,
+        "forced {:?} after the operator started, before its wait",
+        forced_at[0] - op.started
+    );
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert_eq!(
+        status.takeover.as_ref().unwrap().fence.as_deref(),
+        Some("LeaseExpired")
+    );
+    assert!(status.promotion_wait.is_none());
+    assert_eq!(status.lease.as_ref().map(|l| l.node.as_str()), Some("n2"));
+    // Every byte the old primary had replicated is served by the new one.
+    assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
 }

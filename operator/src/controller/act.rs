@@ -119,8 +119,11 @@ impl MirroredVolume {
             token: plan.observed.token.clone(),
         };
         let result = ctx.engines.grant(&target, g.lease_ms, g.allow_async).await;
-        ctx.witness
-            .sent(&format!("{ns}/{name}"), std::time::Instant::now(), g.lease_ms);
+        ctx.witness.sent(
+            &format!("{ns}/{name}"),
+            std::time::Instant::now(),
+            g.lease_ms,
+        );
         let error = match &result {
             Ok(granted) => {
                 info!(volume = %name, lease_ms = granted.lease_remaining_ms, allow_async = g.allow_async, "lease granted");

@@ -165,7 +165,11 @@ fn a_missing_primary_pod_asks_the_secondary_to_take_over_first() {
     observed.engines[0] = None;
     let pending = pending(decide(&mv, &observed, &EngineConfig::default()));
     assert_eq!(
-        (pending.intent.to, pending.intent.reason, pending.intent.force),
+        (
+            pending.intent.to,
+            pending.intent.reason,
+            pending.intent.force
+        ),
         (Slot::B, "PrimaryPodLost", false)
     );
     assert_eq!(pending.token(), Some("tok"));
