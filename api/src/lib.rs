@@ -6,6 +6,7 @@
 //! - [`nbd`]: the NBD wire codec, server and client side.
 //! - [`contract`]: the names the operator writes and the CSI plugin reads.
 //! - [`size`]: human sizes (`64M`).
+//! - [`lease`]: the write lease's guard, the engine's promise and the witness's wait.
 //! - [`http`]: the one HTTP stack (axum) the three binaries serve probes and metrics with.
 
 /// Generated protobuf types and gRPC stubs for `tandem.engine.v1`.
@@ -17,6 +18,7 @@ pub mod pb {
 pub mod client;
 pub mod contract;
 pub mod http;
+pub mod lease;
 pub mod nbd;
 mod reason;
 pub mod size;

@@ -40,6 +40,7 @@ use crate::{
     engine::EngineApi,
     metrics::Metrics,
     plan::EngineConfig,
+    witness::Witness,
     Error, Result,
 };
 use decide::Decision;
@@ -54,6 +55,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub engines: Arc<dyn EngineApi>,
     pub config: EngineConfig,
+    /// The operator's memory as the pair's witness (lease grants, on its monotonic clock).
+    pub witness: Witness,
 }
 
 impl Context {
@@ -77,6 +80,7 @@ impl Context {
             metrics,
             engines,
             config,
+            witness: Witness::default(),
         }
     }
 }
@@ -138,7 +142,7 @@ impl MirroredVolume {
             }
         };
         let observed = self.observe(&ctx, &nodes).await?;
-        let plan = match decide::decide(self, &observed, &ctx.config) {
+        let mut plan = match decide::decide(self, &observed, &ctx.config) {
             Decision::Act(plan) => *plan,
             // A takeover moves the primary, and with it what the rest of the plan does: ask first.
             Decision::TakeOver(pending) => {
@@ -146,7 +150,7 @@ impl MirroredVolume {
                 pending.after(self, &ctx.config, attempt)
             }
         };
-        self.act(&ctx, &plan).await?;
+        self.act(&ctx, &mut plan).await?;
         self.write_status(&ctx, plan).await
     }
 }

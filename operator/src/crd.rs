@@ -135,13 +135,29 @@ pub struct EngineStorage {
 }
 
 /// Failover settings.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.policy != 'MaxLoss' || has(self.maxLossBytes)").message("policy MaxLoss needs maxLossBytes")
+)]
 pub struct Failover {
-    /// `WaitForPrimary` never promotes without the old primary's differential table (no lost writes);
-    /// `ForcePromote` promotes anyway after `peerTimeout` and reports what was lost.
+    /// When the old primary is lost and cannot hand over: `WaitForPrimary` never promotes without its
+    /// differential table (no lost writes); `ForcePromote` promotes once its lease has run out and reports
+    /// what was lost; `MaxLoss` does the same only while the secondary's last known backlog is at most
+    /// `maxLossBytes`. In Sync mode an in-sync secondary is promoted whatever the policy (nothing to lose).
     #[serde(default)]
     pub policy: FailoverPolicy,
+    /// `MaxLoss` only: the most acknowledged data (binary quantity) a forced promotion may lose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,16}(Ki|Mi|Gi|Ti)?$"), length(max = 20))]
+    pub max_loss_bytes: Option<String>,
+    /// The primary's write lease in milliseconds (engine `--lease-ms`): a primary cut off from its peer and
+    /// from the operator stops acknowledging writes within it, and no forced promotion happens before it
+    /// has provably run out. 0 turns leases off (then nothing is promoted by force safely: avoid with
+    /// ForcePromote).
+    #[serde(default = "default_lease_ms")]
+    #[schemars(range(max = 600000))]
+    pub lease_ms: u32,
     /// How long the engine keeps trying the old primary during a takeover, and how long a primary engine
     /// may stay unready before the operator acts (`500ms`, `30s`, `2m`).
     #[serde(default = "default_peer_timeout")]
@@ -157,10 +173,26 @@ impl Default for Failover {
     fn default() -> Self {
         Self {
             policy: FailoverPolicy::default(),
+            max_loss_bytes: None,
+            lease_ms: default_lease_ms(),
             peer_timeout: default_peer_timeout(),
             release_workloads: true,
         }
     }
+}
+
+impl Failover {
+    /// `maxLossBytes` in bytes (`None`: unset or not a quantity; the schema rejects the latter).
+    pub fn max_loss(&self) -> Option<u64> {
+        self.max_loss_bytes.as_deref().and_then(parse_quantity)
+    }
+}
+
+/// The engine's own default lease.
+pub const DEFAULT_LEASE_MS: u32 = 10_000;
+
+fn default_lease_ms() -> u32 {
+    DEFAULT_LEASE_MS
 }
 
 fn default_peer_timeout() -> String {
@@ -177,14 +209,24 @@ pub enum FailoverPolicy {
     #[default]
     WaitForPrimary,
     ForcePromote,
+    MaxLoss,
 }
 
 impl FailoverPolicy {
-    /// The value of the PV attribute `tandem.dev/takeover-policy` the CSI plugin reads.
+    /// The value of the PV attribute `tandem.dev/takeover-policy` the CSI plugin reads. `MaxLoss` is
+    /// decided by the operator alone (it knows the backlog and the lease): the plugin only waits.
     pub fn csi_value(self) -> &'static str {
         match self {
-            FailoverPolicy::WaitForPrimary => "wait",
+            FailoverPolicy::WaitForPrimary | FailoverPolicy::MaxLoss => "wait",
             FailoverPolicy::ForcePromote => "force",
+        }
+    }
+
+    /// The value of the PV attribute `tandem.dev/failover-policy` (`WaitForPrimary` | `ForcePromote`).
+    pub fn csi_name(self) -> &'static str {
+        match self {
+            FailoverPolicy::WaitForPrimary | FailoverPolicy::MaxLoss => "WaitForPrimary",
+            FailoverPolicy::ForcePromote => "ForcePromote",
         }
     }
 }
@@ -348,6 +390,16 @@ pub struct MirroredVolumeStatus {
     /// (or the node carries the `node.kubernetes.io/out-of-service` taint).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_nodes: Vec<LostNode>,
+    /// The operator's last write-lease grant (it is the pair's witness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseGrant>,
+    /// Sync mode: the operator consented that the primary acknowledge writes without its lost secondary.
+    /// While set, a forced promotion of that secondary may lose writes: it is treated as Async.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_fallback: Option<SyncFallback>,
+    /// Why the promotion of the secondary over a lost primary waits, while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion_wait: Option<PromotionWait>,
     /// Ready, Synced, Degraded, TakeoverInProgress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
@@ -413,6 +465,10 @@ pub struct TakeoverStatus {
     pub lost_seq_from: u64,
     #[serde(default)]
     pub lost_seq_to: u64,
+    /// How the old primary's writes were stopped: `Handoff` (it answered and is fenced) or
+    /// `LeaseExpired` (a forced promotion after its lease provably ran out). Unset: not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<String>,
     /// Attempts so far (a `WaitForPrimary` takeover is retried while the old primary is unreachable).
     #[serde(default)]
     pub attempts: u32,
@@ -421,6 +477,44 @@ pub struct TakeoverStatus {
     /// The engine's stable reason for the last failure (`HandoffBlocked`, `StaleEpoch`, ...), when it gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reason: Option<String>,
+}
+
+/// A write lease the operator granted.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseGrant {
+    /// The node of the engine it was granted to.
+    pub node: String,
+    /// RFC 3339 time of the grant.
+    pub at: String,
+    pub lease_ms: u32,
+    /// Sync mode: it consented to acknowledging writes without the peer.
+    #[serde(default)]
+    pub allow_async: bool,
+    /// Why the grant failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The operator's consent to a Sync pair running alone.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncFallback {
+    /// RFC 3339 time of the first consent.
+    pub since: String,
+    /// The primary's node that acknowledges alone.
+    pub node: String,
+    /// Why the secondary counted as lost.
+    pub reason: String,
+}
+
+/// Why a promotion waits.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionWait {
+    /// `LeaseHeld`, `WaitForPrimary`, `MaxLossExceeded`.
+    pub reason: String,
+    pub message: String,
 }
 
 /// A node the operator considers lost.
@@ -565,6 +659,7 @@ mod tests {
             "self.size() == 2 && self[0] != self[1]",
             "has(self.nodes) != has(self.nodeSelector)",
             "has(self.hostPath) != has(self.storageClassName)",
+            "self.policy != 'MaxLoss' || has(self.maxLossBytes)",
         ] {
             assert!(text.contains(rule), "missing CEL rule {rule}");
         }
@@ -621,6 +716,8 @@ mod tests {
         assert_eq!(Slot::A.other(), Slot::B);
         assert_eq!(Slot::B.index(), 1);
         assert_eq!(FailoverPolicy::ForcePromote.csi_value(), "force");
+        assert_eq!(FailoverPolicy::MaxLoss.csi_value(), "wait");
+        assert_eq!(FailoverPolicy::MaxLoss.csi_name(), "WaitForPrimary");
     }
 
     #[test]
@@ -630,6 +727,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.failover.peer_timeout, "30s");
+        assert_eq!(spec.failover.lease_ms, 10_000);
+        assert_eq!(spec.failover.max_loss(), None);
         assert!(spec.failover.release_workloads);
         assert_eq!(spec.replication.mode, ReplicationMode::Async);
         assert_eq!(spec.volume_mode, VolumeMode::Filesystem);

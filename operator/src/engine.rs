@@ -46,6 +46,18 @@ pub struct EngineState {
     pub condition: String,
     /// The condition's reason, what the operator acts on (`Degraded`: it serves, but something is wrong).
     pub condition_reason: Option<Reason>,
+    pub block_size: u64,
+    /// Primary: how long it still acknowledges writes without a renewal (0: none held).
+    pub lease_remaining_ms: u64,
+    /// The engine's `--lease-ms` (0: leases off).
+    pub lease_ms: u32,
+    /// Not primary: how long before it may be promoted by force (its promise to the primary's lease).
+    pub promise_remaining_ms: u64,
+    /// Sync mode, primary: it acknowledges writes without its peer, with the witness's consent.
+    pub sync_fallback: bool,
+    /// Secondary: blocks the primary had not replicated at its last heartbeat (what a forced promotion
+    /// would lose, as far as it knows).
+    pub peer_backlog_blocks: u64,
 }
 
 /// Result of a successful takeover call.
@@ -58,6 +70,15 @@ pub struct TakeoverOutcome {
     pub lost_seq_from: u64,
     pub lost_seq_to: u64,
     pub already_primary: bool,
+}
+
+/// A lease the operator (the witness) granted.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Granted {
+    /// The lease the engine holds now (at most its own `--lease-ms`).
+    pub lease_remaining_ms: u64,
+    /// It acknowledges writes without its peer now (Sync mode, consented).
+    pub sync_fallback: bool,
 }
 
 /// Why an engine call failed.
@@ -111,6 +132,14 @@ pub trait EngineApi: Send + Sync {
         policy: FailoverPolicy,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<TakeoverOutcome, EngineError>>;
+    /// `GrantLease` as the witness (it reads the engine's clock and instance first, then echoes them).
+    /// `allow_async`: Sync mode, the secondary is lost: acknowledge without it.
+    fn grant<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        lease_ms: u32,
+        allow_async: bool,
+    ) -> BoxFuture<'a, Result<Granted, EngineError>>;
 }
 
 /// The real engine API over gRPC. Connects per call (the operator calls rarely and engines move).
@@ -139,11 +168,14 @@ fn map_client_error(address: &str, op: &'static str, err: ClientError) -> Engine
                 message: status.message().to_string(),
             }
         }
+        // LeaseHeld (UNAVAILABLE too) is the secondary's answer that its promise outlasts the call: a
+        // retry, with its reason kept.
         ClientError::Rpc { status, .. }
-            if !matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-            ) =>
+            if reason == Some(Reason::LeaseHeld)
+                || !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                ) =>
         {
             EngineError::Refused {
                 address: address.to_string(),
@@ -205,6 +237,12 @@ impl EngineApi for GrpcEngines {
                 lost_blocks: reply.lost_blocks,
                 condition_reason: Reason::from_name(&reply.condition_reason),
                 condition: reply.condition,
+                block_size: u64::from(reply.block_size),
+                lease_remaining_ms: reply.lease_remaining_ms,
+                lease_ms: reply.lease_ms,
+                promise_remaining_ms: reply.promise_remaining_ms,
+                sync_fallback: reply.sync_fallback,
+                peer_backlog_blocks: reply.peer_backlog_blocks,
             })
         })
     }
@@ -216,9 +254,10 @@ impl EngineApi for GrpcEngines {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<TakeoverOutcome, EngineError>> {
         Box::pin(async move {
+            // MaxLoss never reaches the engine as such: the operator calls Force once the bound holds.
             let pb_policy = match policy {
                 FailoverPolicy::WaitForPrimary => TakeoverPolicy::Wait,
-                FailoverPolicy::ForcePromote => TakeoverPolicy::Force,
+                FailoverPolicy::ForcePromote | FailoverPolicy::MaxLoss => TakeoverPolicy::Force,
             };
             let call = async {
                 let mut client = EngineClient::connect(&target.address, target.token.as_deref())
@@ -244,6 +283,35 @@ impl EngineApi for GrpcEngines {
                 lost_seq_from: reply.lost_seq_from,
                 lost_seq_to: reply.lost_seq_to,
                 already_primary: reply.already_primary,
+            })
+        })
+    }
+
+    fn grant<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        lease_ms: u32,
+        allow_async: bool,
+    ) -> BoxFuture<'a, Result<Granted, EngineError>> {
+        Box::pin(async move {
+            let call = async {
+                let mut client = EngineClient::connect(&target.address, target.token.as_deref())
+                    .await
+                    .map_err(|e| map_client_error(&target.address, "GrantLease", e))?;
+                client
+                    .witness_grant(&target.volume, lease_ms, allow_async)
+                    .await
+                    .map_err(|e| map_client_error(&target.address, "GrantLease", e))
+            };
+            let reply = tokio::time::timeout(self.status_timeout, call)
+                .await
+                .map_err(|_| EngineError::Unreachable {
+                    address: target.address.clone(),
+                    message: format!("no GrantLease answer within {:?}", self.status_timeout),
+                })??;
+            Ok(Granted {
+                lease_remaining_ms: reply.lease_remaining_ms,
+                sync_fallback: reply.sync_fallback,
             })
         })
     }
@@ -327,6 +395,16 @@ mod tests {
             },
         );
         assert_eq!(stale.reason(), Some(Reason::StaleEpoch));
+        let held = map_client_error(
+            "e:9500",
+            "Takeover",
+            ClientError::Rpc {
+                op: "Takeover",
+                status: Reason::LeaseHeld
+                    .status(tonic::Code::Unavailable, "LeaseHeld: promise 9000 ms"),
+            },
+        );
+        assert_eq!(held.reason(), Some(Reason::LeaseHeld), "{held}");
         let e = map_client_error(
             "bad addr",
             "Status",
@@ -390,6 +468,8 @@ pub mod fake {
         pub takeover_calls: Arc<Mutex<Vec<(String, FailoverPolicy)>>>,
         /// Addresses whose takeover answers `HandoffBlocked` (old primary unreachable under WAIT).
         pub blocked: Arc<Mutex<Vec<String>>>,
+        /// Every lease grant made: (address, lease_ms, allow_async).
+        pub grants: Arc<Mutex<Vec<(String, u32, bool)>>>,
     }
 
     impl FakeEngines {
@@ -413,6 +493,9 @@ pub mod fake {
         }
         pub fn calls(&self) -> Vec<(String, FailoverPolicy)> {
             self.takeover_calls.lock().unwrap().clone()
+        }
+        pub fn granted(&self) -> Vec<(String, u32, bool)> {
+            self.grants.lock().unwrap().clone()
         }
     }
 
@@ -478,6 +561,35 @@ pub mod fake {
                     reason: Some(Reason::StaleEpoch),
                 })
             })
+        }
+
+        fn grant<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+            lease_ms: u32,
+            allow_async: bool,
+        ) -> BoxFuture<'a, Result<Granted, EngineError>> {
+            let mut states = self.states.lock().unwrap();
+            let answer = match states.get_mut(&target.address) {
+                Some(state) => {
+                    self.grants.lock().unwrap().push((
+                        target.address.clone(),
+                        lease_ms,
+                        allow_async,
+                    ));
+                    state.lease_remaining_ms = u64::from(lease_ms);
+                    state.sync_fallback |= allow_async;
+                    Ok(Granted {
+                        lease_remaining_ms: state.lease_remaining_ms,
+                        sync_fallback: state.sync_fallback,
+                    })
+                }
+                None => Err(EngineError::Unreachable {
+                    address: target.address.clone(),
+                    message: "fake: no engine".into(),
+                }),
+            };
+            Box::pin(async move { answer })
         }
     }
 }

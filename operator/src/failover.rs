@@ -23,10 +23,11 @@ use tandem_api::{pb::PairState, Reason};
 
 use crate::{
     crd::{
-        human_bytes, Condition, EngineRole, EngineStatusRef, LostNode, MirroredVolumeSpec,
-        MirroredVolumeStatus, Phase, ReplicationStatus, Slot, TakeoverStatus,
+        human_bytes, Condition, EngineRole, EngineStatusRef, FailoverPolicy, LostNode,
+        MirroredVolumeSpec, MirroredVolumeStatus, Phase, PromotionWait, ReplicationMode,
+        ReplicationStatus, Slot, SyncFallback, TakeoverStatus,
     },
-    engine::TakeoverOutcome,
+    engine::{EngineState, TakeoverOutcome},
     observed::{Observed, WorkloadPod},
 };
 
@@ -145,6 +146,8 @@ pub fn adopt_engine_view(status: &mut MirroredVolumeStatus, observed: &Observed)
             lost_blocks: e.lost_blocks,
             lost_seq_from: 0,
             lost_seq_to: 0,
+            // Not ours: `release` asks whether a lease of ours may still run.
+            fence: None,
             attempts,
             last_error: None,
             last_reason: None,
@@ -222,6 +225,24 @@ pub struct TakeoverIntent {
     /// The slot that becomes primary.
     pub to: Slot,
     pub reason: &'static str,
+    /// Force: promote even when the old primary does not answer (its lease has provably run out).
+    /// Otherwise a handoff only: the old primary must answer, be fenced and hand over its table.
+    pub force: bool,
+    /// How long the engine tries the old primary.
+    pub timeout: Duration,
+    /// Why it is not forced (yet), when the policy would rather force.
+    pub wait: Option<PromotionWait>,
+}
+
+impl TakeoverIntent {
+    /// The engine policy of the call.
+    pub fn policy(&self) -> FailoverPolicy {
+        if self.force {
+            FailoverPolicy::ForcePromote
+        } else {
+            FailoverPolicy::WaitForPrimary
+        }
+    }
 }
 
 /// What the failover logic wants before the engine call.
@@ -230,12 +251,69 @@ pub struct FailoverDecision {
     pub takeover: Option<TakeoverIntent>,
     /// The primary is lost but no takeover is possible (secondary not healthy): why.
     pub stuck: Option<String>,
-    /// Recheck after this long (a primary pod that may still become a loss).
+    /// Recheck after this long (a primary pod that may still become a loss, a lease to wait out).
     pub recheck: Option<Duration>,
 }
 
+/// Whether the spec and the secondary allow promoting it without the old primary's table, and why not.
+/// Sync mode with no recorded fallback and a consistent secondary: nothing acknowledged can be missing
+/// (the primary acknowledged only what the secondary had, or with our consent, which is recorded first).
+pub fn may_force(
+    spec: &MirroredVolumeSpec,
+    status: &MirroredVolumeStatus,
+    secondary: &EngineState,
+) -> Result<&'static str, PromotionWait> {
+    let leases = spec.failover.lease_ms > 0;
+    if leases
+        && spec.replication.mode == ReplicationMode::Sync
+        && status.sync_fallback.is_none()
+        && secondary.pair_state == PairState::Consistent
+    {
+        return Ok("Sync mode, the secondary holds every acknowledged write");
+    }
+    match spec.failover.policy {
+        FailoverPolicy::WaitForPrimary => Err(PromotionWait {
+            reason: "WaitForPrimary".into(),
+            message: format!(
+                "policy WaitForPrimary never promotes without the old primary's table{}; the takeover \
+                 is retried until the old primary answers (set spec.failover.policy to ForcePromote or \
+                 MaxLoss to promote and lose its unsent writes)",
+                if status.sync_fallback.is_some() {
+                    " (Sync ran alone with the operator's consent: writes may be missing)"
+                } else {
+                    ""
+                }
+            ),
+        }),
+        FailoverPolicy::ForcePromote => Ok("policy ForcePromote"),
+        FailoverPolicy::MaxLoss => {
+            let backlog = secondary
+                .peer_backlog_blocks
+                .saturating_mul(secondary.block_size.max(1));
+            match spec.failover.max_loss() {
+                Some(max) if backlog <= max => Ok("policy MaxLoss, backlog within maxLossBytes"),
+                max => Err(PromotionWait {
+                    reason: "MaxLossExceeded".into(),
+                    message: format!(
+                        "the secondary's last known backlog is {backlog} bytes ({} blocks), more than \
+                         maxLossBytes {}; waiting for the old primary",
+                        secondary.peer_backlog_blocks,
+                        max.map_or_else(|| "(unset)".to_string(), |m| m.to_string())
+                    ),
+                }),
+            }
+        }
+    }
+}
+
 /// Decides whether to take over. Needs an established pair and a healthy, reachable secondary.
+///
+/// Safety invariant: a forced promotion is asked for only once no lease the operator granted can still
+/// run (`observed.witness`) and the secondary's own promise to the old primary is over; before that only a
+/// handoff is tried (the old primary must answer and is fenced by it). Tests:
+/// `failover::tests::forced_promotion_waits_out_the_witness_lease`, `tests/failover_engines.rs`.
 pub fn decide(
+    spec: &MirroredVolumeSpec,
     status: &MirroredVolumeStatus,
     observed: &Observed,
     peer_timeout: Duration,
@@ -246,40 +324,167 @@ pub fn decide(
     }
     let primary = primary_slot(status);
     let secondary = primary.other();
-    match slot_health(observed, primary, peer_timeout) {
-        Health::Lost(loss) => {
-            let secondary_ok = slot_health(observed, secondary, peer_timeout) == Health::Healthy;
-            let secondary_engine = observed.engine(secondary);
-            if secondary_ok && secondary_engine.is_some() {
-                decision.takeover = Some(TakeoverIntent {
+    let loss = match slot_health(observed, primary, peer_timeout) {
+        Health::Lost(loss) => loss,
+        Health::Starting(Some(left)) => {
+            decision.recheck = Some(left);
+            return decision;
+        }
+        // The primary's pod vanished (deleted by someone): that is a pod loss too.
+        Health::Absent if observed.engine(primary).is_none() => Loss::PodLost,
+        _ => return decision,
+    };
+    let secondary_ok = slot_health(observed, secondary, peer_timeout) == Health::Healthy;
+    let Some(engine) = observed.engine(secondary).filter(|_| secondary_ok) else {
+        if loss != Loss::PodLost || observed.pod(primary).is_some() {
+            decision.stuck = Some(format!(
+                "primary engine on {} lost ({}) and the secondary on {} is not ready to take over",
+                observed.node(primary).name,
+                loss.reason(),
+                observed.node(secondary).name
+            ));
+        }
+        return decision;
+    };
+    let handoff = |wait: PromotionWait, timeout: Duration| TakeoverIntent {
+        to: secondary,
+        reason: loss.reason(),
+        force: false,
+        timeout,
+        wait: Some(wait),
+    };
+    decision.takeover = Some(match may_force(spec, status, engine) {
+        Err(wait) => handoff(wait, peer_timeout),
+        Ok(why) => {
+            let witness = observed.witness.wait_left();
+            let promise = Duration::from_millis(engine.promise_remaining_ms);
+            let left = witness.max(promise);
+            if left.is_zero() {
+                TakeoverIntent {
                     to: secondary,
                     reason: loss.reason(),
-                });
+                    force: true,
+                    timeout: peer_timeout,
+                    wait: None,
+                }
             } else {
-                decision.stuck = Some(format!(
-                    "primary engine on {} lost ({}) and the secondary on {} is not ready to take over",
-                    observed.node(primary).name,
-                    loss.reason(),
-                    observed.node(secondary).name
-                ));
+                // Meanwhile a handoff may still work (the old primary may answer); it must not outlast
+                // the wait by much.
+                decision.recheck = Some(left.max(Duration::from_millis(200)));
+                handoff(
+                    PromotionWait {
+                        reason: Reason::LeaseHeld.as_str().into(),
+                        message: format!(
+                            "{why}: promoting by force once the old primary's lease has provably run out: \
+                             {} ms left on the operator's clock (its last grant), {} ms on the \
+                             secondary's promise",
+                            witness.as_millis(),
+                            promise.as_millis()
+                        ),
+                    },
+                    peer_timeout.min(left.max(Duration::from_secs(1))),
+                )
             }
         }
-        Health::Starting(Some(left)) => decision.recheck = Some(left),
-        Health::Absent if observed.engine(primary).is_none() => {
-            // The primary's pod vanished (deleted by someone): that is a pod loss too.
-            let secondary_ok = slot_health(observed, secondary, peer_timeout) == Health::Healthy;
-            if secondary_ok && observed.engine(secondary).is_some() {
-                decision.takeover = Some(TakeoverIntent {
-                    to: secondary,
-                    reason: Loss::PodLost.reason(),
-                });
-            }
-        }
-        _ => {}
-    }
+    });
     // A workload stuck on the lost secondary node cannot be fenced by a handover (the handover target is
     // the lost node): nothing to decide here, `release` reports it.
     decision
+}
+
+/// A write-lease grant the operator makes as the pair's witness.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantIntent {
+    pub slot: Slot,
+    pub lease_ms: u32,
+    /// Sync mode, the secondary is lost: acknowledge writes without it.
+    pub allow_async: bool,
+}
+
+/// The witness's part of a pass: the grant to make, and what changed in `status.syncFallback`.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct WitnessPlan {
+    pub grant: Option<GrantIntent>,
+    /// The consent to run Sync alone was recorded now (an event).
+    pub fallback_recorded: Option<String>,
+    /// The secondary has everything again: the record is dropped (an event).
+    pub fallback_ended: Option<String>,
+}
+
+/// Decides the lease grant: to a serving primary whose peer does not renew its lease, never to a lost one
+/// (a forced promotion of the other engine may be in preparation, and `decide` counts from our last grant).
+/// `persisted` is the status as stored: Sync mode runs alone only with a consent that is already recorded
+/// there, so a forced promotion can always tell whether it may lose writes.
+///
+/// Safety invariant: `allow_async` only once `syncFallback` is persisted. Test:
+/// `failover::tests::sync_fallback_is_recorded_before_it_is_granted`.
+pub fn witness(
+    spec: &MirroredVolumeSpec,
+    persisted: &MirroredVolumeStatus,
+    status: &mut MirroredVolumeStatus,
+    observed: &Observed,
+    peer_timeout: Duration,
+) -> WitnessPlan {
+    let mut plan = WitnessPlan::default();
+    let lease_ms = spec.failover.lease_ms;
+    if lease_ms == 0 || !established(status) {
+        return plan;
+    }
+    let primary = primary_slot(status);
+    let secondary = primary.other();
+    if matches!(
+        slot_health(observed, primary, peer_timeout),
+        Health::Lost(_)
+    ) {
+        return plan;
+    }
+    let Some(e) = observed
+        .engine(primary)
+        .filter(|e| e.role == Some(EngineRole::Primary) && e.epoch >= status.epoch)
+    else {
+        return plan;
+    };
+    let s_health = slot_health(observed, secondary, peer_timeout);
+    let s_lost = matches!(s_health, Health::Lost(_)) || observed.engine(secondary).is_none();
+    let sync = spec.replication.mode == ReplicationMode::Sync;
+    let node = observed.node(primary).name.clone();
+    if sync && s_lost && status.sync_fallback.is_none() {
+        let reason = match s_health {
+            Health::Lost(loss) => format!(
+                "secondary on {} lost ({loss:?})",
+                observed.node(secondary).name
+            ),
+            _ => format!(
+                "secondary on {} does not answer",
+                observed.node(secondary).name
+            ),
+        };
+        plan.fallback_recorded = Some(format!(
+            "{reason}: the primary on {node} may acknowledge writes alone (Sync falls back to Async); \
+             a forced promotion of that secondary may lose them"
+        ));
+        status.sync_fallback = Some(SyncFallback {
+            since: observed.now.to_string(),
+            node: node.clone(),
+            reason,
+        });
+    } else if status.sync_fallback.is_some() && !s_lost && e.peer_connected && !e.sync_fallback {
+        status.sync_fallback = None;
+        plan.fallback_ended = Some(format!(
+            "the secondary on {} holds every acknowledged write again: Sync",
+            observed.node(secondary).name
+        ));
+    }
+    let allow_async = sync && s_lost && persisted.sync_fallback.is_some();
+    let renewed_by_peer = e.peer_connected && e.lease_remaining_ms >= u64::from(lease_ms) / 2;
+    if !renewed_by_peer || (allow_async && !e.sync_fallback) {
+        plan.grant = Some(GrantIntent {
+            slot: primary,
+            lease_ms,
+            allow_async,
+        });
+    }
+    plan
 }
 
 /// Updates the status after a successful takeover.
@@ -316,10 +521,21 @@ pub fn record_takeover(
         lost_blocks: outcome.lost_blocks,
         lost_seq_from: outcome.lost_seq_from,
         lost_seq_to: outcome.lost_seq_to,
+        // A forced call was made only after the old primary's lease provably ran out; a handoff call
+        // succeeds only when the old primary answered and fenced itself at the new epoch.
+        fence: Some(
+            if intent.force {
+                FENCE_LEASE
+            } else {
+                FENCE_HANDOFF
+            }
+            .to_string(),
+        ),
         attempts,
         last_error: None,
         last_reason: None,
     });
+    status.promotion_wait = None;
     set_primary(status, observed, intent.to);
     if let Some(old) = status.secondary.as_mut() {
         old.role = EngineRole::Fenced;
@@ -353,7 +569,13 @@ pub fn record_takeover_failure(
         last_reason: reason.map(|r| r.as_str().to_string()),
         ..Default::default()
     });
+    status.promotion_wait = intent.wait.clone();
 }
+
+/// `status.takeover.fence`: the old primary answered the handoff and is fenced at the new epoch.
+pub const FENCE_HANDOFF: &str = "Handoff";
+/// `status.takeover.fence`: a forced promotion after the old primary's lease provably ran out.
+pub const FENCE_LEASE: &str = "LeaseExpired";
 
 /// Keeps `status.lost_nodes` in step with the engine nodes: adds newly lost ones at the current epoch,
 /// drops recovered ones. Returns the nodes newly found lost.
@@ -392,9 +614,17 @@ pub struct ReleasePlan {
     pub blocked: Vec<(String, String)>,
     /// Nodes released now (to mark in status).
     pub released_nodes: Vec<String>,
+    /// Why each released node's writers are fenced: (node, why).
+    pub fences: Vec<(String, String)>,
 }
 
 /// Decides which stuck workloads may be released (never two writers, see the module docs).
+///
+/// Safety invariant: a workload on a lost node is released only when nothing it wrote through can still
+/// be acknowledged: the node is confirmed down (`out-of-service`), or a takeover after the loss moved the
+/// primary off the node and the old primary is fenced (it answered the handoff) or its lease has provably
+/// run out (no lease the operator granted can still run; a forced promotion waited out the secondary's
+/// promise). Test: `failover::tests::release_needs_a_fence`.
 pub fn release(
     spec: &MirroredVolumeSpec,
     status: &MirroredVolumeStatus,
@@ -405,11 +635,27 @@ pub fn release(
         return plan;
     }
     let primary_node = status.primary.as_ref().map(|p| p.node.clone());
+    let fence = status
+        .takeover
+        .as_ref()
+        .filter(|t| t.completed_at.is_some())
+        .and_then(|t| t.fence.as_deref());
+    let leases = spec.failover.lease_ms > 0;
     for lost in &status.lost_nodes {
         let node = observed.nodes.iter().find(|n| n.name == lost.node);
         let out_of_service = node.is_some_and(|n| n.out_of_service);
-        let fenced_by_epoch =
+        let moved =
             status.epoch > lost.epoch && primary_node.as_deref() != Some(lost.node.as_str());
+        let fenced = match fence {
+            _ if !moved => None,
+            Some(FENCE_HANDOFF) => Some("the old primary answered the handoff and is fenced"),
+            // A takeover the operator forced, or one it did not make (the CSI plugin's): the engine waited
+            // out its own promise, and no grant of ours can still run.
+            _ if leases && observed.witness.wait_left().is_zero() => Some(
+                "the old primary's lease has provably run out (no renewal by its peer or the operator)",
+            ),
+            _ => None,
+        };
         let pods: Vec<WorkloadPod> = observed
             .workloads
             .iter()
@@ -425,13 +671,29 @@ pub fn release(
         if pods.is_empty() && attachments.is_empty() {
             continue;
         }
-        if out_of_service || fenced_by_epoch {
+        let why = if out_of_service {
+            Some(format!(
+                "the node carries {}",
+                crate::observed::OUT_OF_SERVICE_TAINT
+            ))
+        } else {
+            fenced.map(str::to_string)
+        };
+        if let Some(why) = why {
             plan.pods.extend(pods);
             plan.attachments.extend(attachments);
             plan.released_nodes.push(lost.node.clone());
+            plan.fences.push((lost.node.clone(), why));
         } else {
             let why = if primary_node.as_deref() == Some(lost.node.as_str()) {
                 "the node holds the primary and no takeover has fenced it yet".to_string()
+            } else if moved {
+                format!(
+                    "the old primary there may still hold a write lease ({} ms left); confirm the node is \
+                     down with the {} taint to release at once",
+                    observed.witness.wait_left().as_millis(),
+                    crate::observed::OUT_OF_SERVICE_TAINT
+                )
             } else {
                 format!(
                     "writers there may still reach the primary; confirm the node is down with the {} taint",
@@ -720,12 +982,18 @@ pub fn summarize(
             ),
         })
         .unwrap_or_else(|| "no takeover".to_string());
-    let t_reason = if takeover_blocked(status) {
-        Reason::HandoffBlocked.as_str()
-    } else if takeover_running {
-        "TakingOver"
-    } else {
-        "Idle"
+    // Why a promotion waits comes first: the lease, the loss bound; under WaitForPrimary the engine's own
+    // HandoffBlocked says it best, with the policy's reason added.
+    let waiting = status.promotion_wait.as_ref().filter(|_| takeover_running);
+    let t_msg = match waiting {
+        Some(w) => format!("{}; {t_msg}", w.message),
+        None => t_msg,
+    };
+    let t_reason = match waiting {
+        Some(w) if w.reason != "WaitForPrimary" => w.reason.as_str(),
+        _ if takeover_blocked(status) => Reason::HandoffBlocked.as_str(),
+        _ if takeover_running => "TakingOver",
+        _ => "Idle",
     };
     set_condition(
         &mut status.conditions,
@@ -798,6 +1066,7 @@ mod tests {
         engine::EngineState,
         fixtures::engine_state,
         observed::{NodeObs, PodObs, PvObs},
+        witness::LeaseClock,
     };
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
     use tandem_api::pb::TakeoverPhase;
@@ -858,6 +1127,7 @@ mod tests {
             engine_pvcs: [false, false],
             workloads: vec![],
             attachments: vec![],
+            witness: crate::witness::LeaseClock::long_ago(10_000),
         }
     }
 
@@ -898,7 +1168,12 @@ mod tests {
         o.pods[0] = None;
         o.engines[0] = None;
         assert_eq!(
-            decide(&MirroredVolumeStatus::default(), &o, T),
+            decide(
+                &MirroredVolume::test().spec,
+                &MirroredVolumeStatus::default(),
+                &o,
+                T
+            ),
             FailoverDecision::default()
         );
     }
@@ -906,7 +1181,12 @@ mod tests {
     #[test]
     fn healthy_pair_needs_nothing() {
         assert_eq!(
-            decide(&established(Slot::A, 1), &healthy(), T),
+            decide(
+                &MirroredVolume::test().spec,
+                &established(Slot::A, 1),
+                &healthy(),
+                T
+            ),
             FailoverDecision::default()
         );
     }
@@ -936,20 +1216,24 @@ mod tests {
         for (reason, breakage) in cases {
             let mut o = healthy();
             breakage(&mut o);
-            let d = decide(&status, &o, T);
+            let d = decide(&MirroredVolume::test().spec, &status, &o, T);
+            let t = d.takeover.unwrap();
             assert_eq!(
-                d.takeover,
-                Some(TakeoverIntent {
-                    to: Slot::B,
-                    reason
-                }),
+                (t.to, t.reason, t.force),
+                (Slot::B, reason, false),
                 "{reason}"
             );
+            assert_eq!(t.wait.unwrap().reason, "WaitForPrimary");
         }
         // The other way round after a first takeover.
         let mut o = healthy();
         o.nodes[1].ready = false;
-        let d = decide(&established(Slot::B, 2), &o, T);
+        let d = decide(
+            &MirroredVolume::test().spec,
+            &established(Slot::B, 2),
+            &o,
+            T,
+        );
         assert_eq!(d.takeover.map(|t| t.to), Some(Slot::A));
     }
 
@@ -957,7 +1241,12 @@ mod tests {
     fn unready_primary_within_timeout_is_rechecked_not_replaced() {
         let mut o = healthy();
         o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 5));
-        let d = decide(&established(Slot::A, 1), &o, T);
+        let d = decide(
+            &MirroredVolume::test().spec,
+            &established(Slot::A, 1),
+            &o,
+            T,
+        );
         assert_eq!(d.takeover, None);
         assert_eq!(d.recheck, Some(Duration::from_secs(25)));
     }
@@ -968,13 +1257,16 @@ mod tests {
         let mut o = healthy();
         o.nodes[0].ready = false;
         o.pods[1] = Some(pod(Slot::B, EngineRole::Secondary, false, 100));
-        let d = decide(&status, &o, T);
+        let d = decide(&MirroredVolume::test().spec, &status, &o, T);
         assert_eq!(d.takeover, None);
         assert!(d.stuck.unwrap().contains("n2"));
         let mut o = healthy();
         o.nodes[0].ready = false;
         o.engines[1] = None;
-        assert_eq!(decide(&status, &o, T).takeover, None);
+        assert_eq!(
+            decide(&MirroredVolume::test().spec, &status, &o, T).takeover,
+            None
+        );
     }
 
     #[test]
@@ -1029,6 +1321,9 @@ mod tests {
         let intent = TakeoverIntent {
             to: Slot::B,
             reason: "PrimaryNodeLost",
+            force: false,
+            timeout: T,
+            wait: None,
         };
         record_takeover_failure(&mut status, &o, &intent, "peer unreachable", None);
         record_takeover_failure(&mut status, &o, &intent, "peer unreachable", None);
@@ -1050,6 +1345,225 @@ mod tests {
         assert_eq!(status.epoch, 5);
         assert_eq!(primary_slot(&status), Slot::B);
         assert_eq!(status.secondary.as_ref().unwrap().role, EngineRole::Fenced);
+    }
+
+    fn spec(mode: ReplicationMode, policy: FailoverPolicy) -> MirroredVolumeSpec {
+        let mut spec = MirroredVolume::test().spec;
+        spec.replication.mode = mode;
+        spec.failover.policy = policy;
+        spec.failover.lease_ms = 1000;
+        spec
+    }
+
+    /// The primary's node is lost; the secondary is a consistent copy that knows of 3 unsent blocks.
+    fn primary_node_lost() -> Observed {
+        let mut o = healthy();
+        o.nodes[0].ready = false;
+        o.engines[0] = None;
+        o.engines[1] = Some(EngineState {
+            peer_backlog_blocks: 3,
+            ..engine_state(EngineRole::Secondary, 1, PairState::Consistent)
+        });
+        o
+    }
+
+    fn intent(
+        spec: &MirroredVolumeSpec,
+        status: &MirroredVolumeStatus,
+        o: &Observed,
+    ) -> TakeoverIntent {
+        decide(spec, status, o, T).takeover.unwrap()
+    }
+
+    #[test]
+    fn forced_promotion_waits_out_the_witness_lease() {
+        let spec = spec(ReplicationMode::Async, FailoverPolicy::ForcePromote);
+        let status = established(Slot::A, 1);
+        let mut o = primary_node_lost();
+        // Granted (or started: a fresh operator counts its start as a grant) 1 s ago: 1000 + 1600 ms wait.
+        o.witness = LeaseClock {
+            lease_ms: 1000,
+            since_grant: Duration::from_secs(1),
+        };
+        let d = decide(&spec, &status, &o, T);
+        let t = d.takeover.clone().unwrap();
+        assert!(!t.force, "only a handoff before the lease ran out: {t:?}");
+        assert_eq!(t.policy(), FailoverPolicy::WaitForPrimary);
+        assert_eq!(
+            t.timeout,
+            Duration::from_millis(1600),
+            "bounded by the wait"
+        );
+        let wait = t.wait.unwrap();
+        assert_eq!(wait.reason, "LeaseHeld");
+        assert!(wait.message.contains("1600 ms left"), "{}", wait.message);
+        assert_eq!(d.recheck, Some(Duration::from_millis(1600)));
+        // The operator's wait is over, the secondary's promise is not.
+        o.witness.since_grant = Duration::from_secs(3);
+        o.engines[1].as_mut().unwrap().promise_remaining_ms = 700;
+        let d = decide(&spec, &status, &o, T);
+        assert!(!d.takeover.unwrap().force);
+        assert_eq!(d.recheck, Some(Duration::from_millis(700)));
+        // Both over: forced.
+        o.engines[1].as_mut().unwrap().promise_remaining_ms = 0;
+        let t = intent(&spec, &status, &o);
+        assert_eq!((t.force, t.timeout, &t.wait), (true, T, &None));
+        assert_eq!(t.policy(), FailoverPolicy::ForcePromote);
+    }
+
+    #[test]
+    fn sync_in_sync_is_forced_whatever_the_policy_until_a_fallback_was_consented() {
+        let mut status = established(Slot::A, 1);
+        let o = primary_node_lost();
+        for policy in [
+            FailoverPolicy::WaitForPrimary,
+            FailoverPolicy::ForcePromote,
+            FailoverPolicy::MaxLoss,
+        ] {
+            let spec = spec(ReplicationMode::Sync, policy);
+            let t = intent(&spec, &status, &o);
+            assert!(t.force && t.wait.is_none(), "{policy:?}: {t:?}");
+        }
+        // A secondary that is not a consistent copy is judged by the policy.
+        let spec_wait = spec(ReplicationMode::Sync, FailoverPolicy::WaitForPrimary);
+        let mut inconsistent = o.clone();
+        inconsistent.engines[1].as_mut().unwrap().pair_state = PairState::Inconsistent;
+        assert!(!intent(&spec_wait, &status, &inconsistent).force);
+        // Leases off: the engine may fall back alone, so Sync proves nothing.
+        let mut no_leases = spec_wait.clone();
+        no_leases.failover.lease_ms = 0;
+        assert!(!intent(&no_leases, &status, &o).force);
+        // After the operator consented to Sync running alone: the policy decides.
+        status.sync_fallback = Some(SyncFallback::default());
+        let t = intent(&spec_wait, &status, &o);
+        assert!(!t.force);
+        let wait = t.wait.unwrap();
+        assert_eq!(wait.reason, "WaitForPrimary");
+        assert!(
+            wait.message.contains("operator's consent"),
+            "{}",
+            wait.message
+        );
+        assert!(
+            intent(
+                &spec(ReplicationMode::Sync, FailoverPolicy::ForcePromote),
+                &status,
+                &o
+            )
+            .force
+        );
+    }
+
+    #[test]
+    fn async_policies_wait_force_or_bound_the_loss() {
+        let status = established(Slot::A, 1);
+        let o = primary_node_lost();
+        // WaitForPrimary never forces, however long the primary is away.
+        let t = intent(
+            &spec(ReplicationMode::Async, FailoverPolicy::WaitForPrimary),
+            &status,
+            &o,
+        );
+        assert!(!t.force);
+        assert_eq!(t.wait.unwrap().reason, "WaitForPrimary");
+        assert!(
+            intent(
+                &spec(ReplicationMode::Async, FailoverPolicy::ForcePromote),
+                &status,
+                &o
+            )
+            .force
+        );
+        // MaxLoss: 3 blocks of 4 KiB = 12288 bytes known unsent.
+        let mut max_loss = spec(ReplicationMode::Async, FailoverPolicy::MaxLoss);
+        max_loss.failover.max_loss_bytes = Some("12Ki".into());
+        assert!(intent(&max_loss, &status, &o).force, "at the bound");
+        max_loss.failover.max_loss_bytes = Some("8Ki".into());
+        let t = intent(&max_loss, &status, &o);
+        assert!(!t.force);
+        let wait = t.wait.clone().unwrap();
+        assert_eq!(wait.reason, "MaxLossExceeded");
+        assert!(
+            wait.message.contains("12288 bytes") && wait.message.contains("8192"),
+            "{}",
+            wait.message
+        );
+        // The condition says why.
+        let mut status = status;
+        record_takeover_failure(
+            &mut status,
+            &o,
+            &t,
+            "HandoffBlocked: PeerUnreachable: x",
+            Some(Reason::HandoffBlocked),
+        );
+        summarized(&mut status, &o);
+        let c = cond(&status, "TakeoverInProgress");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "MaxLossExceeded")
+        );
+        assert!(c.message.contains("12288 bytes"), "{}", c.message);
+    }
+
+    #[test]
+    fn sync_fallback_is_recorded_before_it_is_granted() {
+        let spec = spec(ReplicationMode::Sync, FailoverPolicy::WaitForPrimary);
+        let persisted = established(Slot::A, 1);
+        // A healthy pair: the peer renews the lease, nothing to grant.
+        let mut status = persisted.clone();
+        assert_eq!(
+            witness(&spec, &persisted, &mut status, &healthy(), T),
+            WitnessPlan::default()
+        );
+        // The peer stopped renewing (the link is down) but the secondary answers: a lease, no consent.
+        let mut o = healthy();
+        o.engines[0].as_mut().unwrap().peer_connected = false;
+        let w = witness(&spec, &persisted, &mut status, &o, T);
+        assert_eq!(
+            w.grant,
+            Some(GrantIntent {
+                slot: Slot::A,
+                lease_ms: 1000,
+                allow_async: false
+            })
+        );
+        assert!(status.sync_fallback.is_none());
+        // The secondary's node is lost: the consent is recorded first, and granted only once stored.
+        o.nodes[1].ready = false;
+        o.engines[1] = None;
+        let w = witness(&spec, &persisted, &mut status, &o, T);
+        assert!(!w.grant.unwrap().allow_async);
+        assert!(w.fallback_recorded.unwrap().contains("lost"));
+        let stored = status.clone();
+        assert_eq!(stored.sync_fallback.as_ref().unwrap().node, "n1");
+        let w = witness(&spec, &stored, &mut status, &o, T);
+        assert!(w.grant.unwrap().allow_async);
+        assert!(w.fallback_recorded.is_none());
+        // Async mode never consents (nothing to consent to).
+        let mut plain = persisted.clone();
+        let w = witness(&spec_async(), &stored, &mut plain, &o, T);
+        assert!(!w.grant.unwrap().allow_async);
+        // A lost primary gets nothing: its promotion may be prepared.
+        let mut lost = status.clone();
+        assert_eq!(
+            witness(&spec, &stored, &mut lost, &primary_node_lost(), T).grant,
+            None
+        );
+        // The secondary is back and has everything: the record goes.
+        let w = witness(&spec, &stored, &mut status, &healthy(), T);
+        assert!(w.fallback_ended.is_some() && status.sync_fallback.is_none());
+        // Leases off: no witness.
+        let mut off = spec.clone();
+        off.failover.lease_ms = 0;
+        assert_eq!(
+            witness(&off, &stored, &mut status, &o, T),
+            WitnessPlan::default()
+        );
+    }
+
+    fn spec_async() -> MirroredVolumeSpec {
+        spec(ReplicationMode::Async, FailoverPolicy::WaitForPrimary)
     }
 
     #[test]
@@ -1095,10 +1609,31 @@ mod tests {
         assert!(blocked.blocked[0].1.contains("holds the primary"));
         status.epoch = 2;
         set_primary(&mut status, &o, Slot::B);
+        // The primary moved, but not by a handoff, and a lease we granted may still run: not yet.
+        let mut waiting = o.clone();
+        waiting.witness = LeaseClock {
+            lease_ms: 10_000,
+            since_grant: Duration::from_secs(5),
+        };
+        let plan = release(&spec, &status, &waiting);
+        assert!(plan.pods.is_empty(), "{plan:?}");
+        assert!(plan.blocked[0].1.contains("write lease"), "{plan:?}");
+        // A handoff fenced it: released at once.
+        status.takeover = Some(TakeoverStatus {
+            completed_at: Some("t".into()),
+            fence: Some(FENCE_HANDOFF.into()),
+            ..Default::default()
+        });
+        let plan = release(&spec, &status, &waiting);
+        assert_eq!(plan.pods.len(), 1);
+        assert!(plan.fences[0].1.contains("handoff"), "{plan:?}");
+        // Its lease provably ran out: released.
+        status.takeover = None;
         let plan = release(&spec, &status, &o);
         assert_eq!(plan.pods.len(), 1);
         assert_eq!(plan.attachments, vec!["va-1".to_string()]);
         assert_eq!(plan.released_nodes, vec!["n1".to_string()]);
+        assert!(plan.fences[0].1.contains("lease"), "{plan:?}");
 
         // Secondary's node lost: its writers may still reach the primary, so nothing moves...
         let mut o = with_workload("n2");
@@ -1268,7 +1803,9 @@ mod tests {
             condition: "HandoffBlocked: PeerUnreachable: peer a:9500: refused; not promoted".into(),
             ..engine_state(EngineRole::Secondary, 1, PairState::Consistent)
         });
-        let intent = decide(&status, &o, T).takeover.unwrap();
+        let intent = decide(&MirroredVolume::test().spec, &status, &o, T)
+            .takeover
+            .unwrap();
         let error = crate::engine::EngineError::HandoffBlocked {
             address: "b:9500".into(),
             message: "HandoffBlocked: PeerUnreachable: peer a:9500: refused; not promoted".into(),
@@ -1308,7 +1845,9 @@ mod tests {
         let mut o = healthy();
         o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 60));
         o.engines[0] = None;
-        let intent = decide(&status, &o, T).takeover.unwrap();
+        let intent = decide(&MirroredVolume::test().spec, &status, &o, T)
+            .takeover
+            .unwrap();
         record_takeover_failure(
             &mut status,
             &o,
@@ -1321,7 +1860,10 @@ mod tests {
         assert_eq!(summarized(&mut status, &o), Phase::TakingOver);
         // The old primary's container came back and serves at the same epoch: nothing to take over.
         let o = healthy();
-        assert_eq!(decide(&status, &o, T).takeover, None);
+        assert_eq!(
+            decide(&MirroredVolume::test().spec, &status, &o, T).takeover,
+            None
+        );
         let why = abandon_takeover(&mut status, &o, T).unwrap();
         assert!(
             why.contains("serves again") && why.contains("HandoffBlocked"),
@@ -1352,7 +1894,9 @@ mod tests {
         let mut o = healthy();
         o.pods[0] = Some(pod(Slot::A, EngineRole::Primary, false, 60));
         o.engines[0] = None;
-        let intent = decide(&status, &o, T).takeover.unwrap();
+        let intent = decide(&MirroredVolume::test().spec, &status, &o, T)
+            .takeover
+            .unwrap();
         record_takeover_failure(
             &mut status,
             &o,

@@ -103,6 +103,14 @@ pub fn engine_state(role: EngineRole, epoch: u64, pair_state: PairState) -> Engi
         pair_state,
         peer_connected: role == EngineRole::Primary && pair_state != PairState::Unspecified,
         takeover_phase: TakeoverPhase::None,
+        block_size: 4096,
+        lease_ms: 10_000,
+        // A connected primary's peer renews its lease; an engine without a peer holds none.
+        lease_remaining_ms: if role == EngineRole::Primary && pair_state != PairState::Unspecified {
+            10_000
+        } else {
+            0
+        },
         ..Default::default()
     }
 }
@@ -331,12 +339,19 @@ impl Context {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, NS);
         let metrics = Metrics::default();
-        let ctx = Context::new(
+        let mut ctx = Context::new(
             client,
             metrics.clone(),
             Arc::new(engines),
             EngineConfig::default(),
             Some("test".into()),
+        );
+        // Scenarios here start long after the operator did: no lease of ours can still run. The wait
+        // itself is tested in `failover::tests` and `tests/failover_engines.rs`.
+        ctx.witness = crate::witness::Witness::new(
+            std::time::Instant::now()
+                .checked_sub(Duration::from_secs(3600))
+                .unwrap_or_else(std::time::Instant::now),
         );
         (Arc::new(ctx), ApiServerVerifier(handle), metrics)
     }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod observed;
 pub mod plan;
 pub mod telemetry;
+pub mod witness;
 
 #[cfg(test)]
 pub mod fixtures;

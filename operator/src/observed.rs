@@ -11,6 +11,7 @@ use k8s_openapi::{
 use crate::{
     crd::{EngineRole, Slot},
     engine::EngineState,
+    witness::LeaseClock,
 };
 
 /// Taint with which an administrator (or a fencing agent) declares a node shut down.
@@ -178,6 +179,8 @@ pub struct Observed {
     pub workloads: Vec<WorkloadPod>,
     /// VolumeAttachments of the volume's PV: (name, node).
     pub attachments: Vec<(String, String)>,
+    /// The operator's own clock as the witness: how long since it last sent this volume a lease grant.
+    pub witness: LeaseClock,
 }
 
 impl Observed {

@@ -242,6 +242,10 @@ pub fn engine_pod(
         args.push("--journal-size".into());
         args.push(bytes.to_string());
     }
+    // Both engines run the spec's lease: the primary's lease, the secondary's promise and the operator's
+    // wait as the witness are all derived from this one number.
+    args.push("--lease-ms".into());
+    args.push(mv.spec.failover.lease_ms.to_string());
     if mv.spec.secondary_access == SecondaryAccess::ReadOnly {
         args.push("--secondary-access".into());
         args.push("read-only".into());
@@ -487,7 +491,7 @@ pub fn persistent_volume(
     );
     attributes.insert(
         ATTR_FAILOVER_POLICY.to_string(),
-        format!("{:?}", mv.spec.failover.policy),
+        mv.spec.failover.policy.csi_name().to_string(),
     );
     let peer_timeout = crate::crd::parse_duration(&mv.spec.failover.peer_timeout)
         .unwrap_or(std::time::Duration::from_secs(30));
@@ -721,6 +725,7 @@ mod tests {
             engine_pvcs: [false, false],
             workloads: vec![],
             attachments: vec![],
+            witness: crate::witness::LeaseClock::long_ago(10_000),
         }
     }
 
@@ -834,6 +839,7 @@ mod tests {
             "/etc/tandem/token/token"
         );
         assert_eq!(flag(&pod, "--replication").unwrap(), "sync");
+        assert_eq!(flag(&pod, "--lease-ms").unwrap(), "10000");
         assert_eq!(flag(&pod, "--role").unwrap(), "secondary");
         assert_eq!(
             flag(&pod, "--peer").unwrap(),
@@ -1121,6 +1127,7 @@ pub fn render_initial(
         engine_pvcs: [false, false],
         workloads: vec![],
         attachments: vec![],
+        witness: crate::witness::LeaseClock::long_ago(10_000),
     };
     let d = desired(
         mv,

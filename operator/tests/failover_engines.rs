@@ -30,7 +30,9 @@ use kube::{client::Body, runtime::controller::Action, Client};
 use operator::{
     controller::Context,
     crd::{FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
-    engine::{EngineApi, EngineError, EngineState, EngineTarget, GrpcEngines, TakeoverOutcome},
+    engine::{
+        EngineApi, EngineError, EngineState, EngineTarget, Granted, GrpcEngines, TakeoverOutcome,
+    },
     metrics::Metrics,
     plan::{self, EngineConfig},
 };
@@ -51,6 +53,10 @@ const BLOCK: u64 = 4096;
 const TOKEN: &str = "0123456789abcdef-volume-token";
 /// `spec.failover.peerTimeout`: how long a pod may stay unready, and how long Takeover waits for the peer.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// `spec.failover.leaseMs` and the engines' `--lease-ms`: short, so the waits it imposes fit a test.
+const LEASE_MS: u32 = 1000;
+/// What the operator waits after its last grant (or its start) before it forces: lease + guard(lease).
+const WITNESS_WAIT: Duration = Duration::from_millis(1000 + 1600);
 
 // ---------------------------------------------------------------------------------------------------------
 // The engine processes.
@@ -83,6 +89,12 @@ fn start_pair() -> (tempfile::TempDir, Pair) {
         .size(&SIZE.to_string())
         .token(&format!("{TOKEN}\n"))
         .fault_injection()
+        .args(&[
+            "--lease-ms",
+            &LEASE_MS.to_string(),
+            "--lease-wait-ms",
+            "1000",
+        ])
         .a(|e| e.role("primary"))
         .linked()
         .start()
@@ -178,8 +190,12 @@ fn first_difference(got: &[u8], want: &[u8]) -> Option<u64> {
 struct Routed {
     grpc: GrpcEngines,
     routes: Mutex<HashMap<String, String>>,
-    /// Every Takeover the operator made: (slot, policy, timeout).
+    /// Every Takeover the operator made: (slot, policy, timeout, when it was asked).
     takeovers: Mutex<Vec<(Slot, FailoverPolicy, Duration)>>,
+    /// When each forced Takeover was asked.
+    forced_at: Mutex<Vec<Instant>>,
+    /// Every lease grant: (slot, allow_async).
+    grants: Mutex<Vec<(Slot, bool)>>,
 }
 
 impl Routed {
@@ -231,8 +247,27 @@ impl EngineApi for Routed {
                 .lock()
                 .unwrap()
                 .push((self.slot_of(target), policy, timeout));
+            if policy == FailoverPolicy::ForcePromote {
+                self.forced_at.lock().unwrap().push(Instant::now());
+            }
             let local = self.route(target)?;
             self.grpc.takeover(&local, policy, timeout).await
+        })
+    }
+
+    fn grant<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        lease_ms: u32,
+        allow_async: bool,
+    ) -> BoxFuture<'a, Result<Granted, EngineError>> {
+        Box::pin(async move {
+            self.grants
+                .lock()
+                .unwrap()
+                .push((self.slot_of(target), allow_async));
+            let local = self.route(target)?;
+            self.grpc.grant(&local, lease_ms, allow_async).await
         })
     }
 }
@@ -462,7 +497,7 @@ fn volume_object(policy: FailoverPolicy, status: Option<&Value>) -> MirroredVolu
             "size": "16Mi",
             "placement": {"nodes": ["n1", "n2"]},
             "engineStorage": {"hostPath": "/var/lib/tandem"},
-            "failover": {"policy": format!("{policy:?}"), "peerTimeout": format!("{}s", PEER_TIMEOUT.as_secs())},
+            "failover": {"policy": format!("{policy:?}"), "peerTimeout": format!("{}s", PEER_TIMEOUT.as_secs()), "leaseMs": LEASE_MS},
         },
     });
     if let Some(s) = status {
@@ -473,6 +508,8 @@ fn volume_object(policy: FailoverPolicy, status: Option<&Value>) -> MirroredVolu
 
 /// The operator: its Context over the fake API server and the routed real engine client.
 struct Operator {
+    /// When this operator (its Context, its witness memory) started.
+    started: Instant,
     ctx: Arc<Context>,
     world: Arc<Mutex<World>>,
     engines: Arc<Routed>,
@@ -505,6 +542,7 @@ impl Operator {
             );
         }
         let (client, server) = api_server(world.clone());
+        let started = Instant::now();
         let ctx = Context::new(
             client,
             Metrics::default(),
@@ -513,6 +551,7 @@ impl Operator {
             Some("failover-engines-test".into()),
         );
         Operator {
+            started,
             ctx: Arc::new(ctx),
             world,
             engines,
@@ -697,17 +736,57 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
         "the primary's pod is not touched while it is still the primary"
     );
 
-    // ForcePromote: the secondary serves at epoch 2, and the status names what was lost.
+    // WaitForPrimary never forces, however long the primary stays away (well past the lease).
+    let until = op.started + WITNESS_WAIT + Duration::from_secs(1);
+    while Instant::now() < until {
+        let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+        assert_eq!(
+            (status.epoch, status.primary.as_ref().unwrap().slot),
+            (1, Slot::A)
+        );
+        assert_eq!(
+            status.promotion_wait.as_ref().unwrap().reason,
+            "WaitForPrimary"
+        );
+    }
+    assert!(
+        op.takeovers()
+            .iter()
+            .all(|t| t.1 == FailoverPolicy::WaitForPrimary),
+        "{:?}",
+        op.takeovers()
+    );
+
+    // ForcePromote: the secondary serves at epoch 2, and the status names what was lost. The operator forces
+    // only once no lease it may have granted can run (it counts its own start as a grant) and the
+    // secondary's promise to the old primary is over.
     let before_force = std::fs::read(pair.b.data()).unwrap();
     model[(10 * BLOCK) as usize..(16 * BLOCK) as usize]
         .copy_from_slice(&before_force[(10 * BLOCK) as usize..(16 * BLOCK) as usize]);
+    let tries = op.takeovers().len();
     let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
     assert_eq!(
-        op.takeovers()[1..].to_vec(),
+        op.takeovers()[tries..].to_vec(),
         vec![(Slot::B, FailoverPolicy::ForcePromote, PEER_TIMEOUT)]
+    );
+    let forced_at = op.engines.forced_at.lock().unwrap()[0];
+    assert!(
+        forced_at >= op.started + WITNESS_WAIT,
+        "forced before the witness's wait"
     );
     assert_eq!(status.epoch, 2);
     assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    // Right after, the new primary (its peer is gone) gets a lease from the operator.
+    let lease = status
+        .lease
+        .as_ref()
+        .expect("a lease grant after the forced promotion");
+    assert_eq!((lease.node.as_str(), lease.error.as_deref()), ("n2", None));
+    assert_eq!(
+        op.engines.grants.lock().unwrap().last(),
+        Some(&(Slot::B, false))
+    );
+    assert!(pair.b.status().await.unwrap().lease_remaining_ms > 0);
     let takeover = status.takeover.as_ref().unwrap();
     // The six unacknowledged blocks, less any the engine knows it received (today it counts all six).
     assert!((1..=6).contains(&takeover.lost_blocks), "{takeover:?}");
@@ -717,7 +796,8 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
         pair.b.status().await.unwrap()
     );
     assert!(takeover.completed_at.is_some() && takeover.last_error.is_none());
-    assert_eq!(takeover.attempts, 2);
+    assert_eq!(takeover.attempts as usize, op.takeovers().len());
+    assert_eq!(takeover.fence.as_deref(), Some("LeaseExpired"));
     assert_eq!(
         status.phase,
         Phase::Degraded,
@@ -827,7 +907,11 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
     assert_eq!(condition(&status, "Synced").status, "True");
     assert_eq!(condition(&status, "Degraded").status, "False");
     assert_eq!(condition(&status, "Ready").status, "True");
-    assert_eq!(op.takeovers().len(), 2, "no takeover after the promotion");
+    assert_eq!(
+        op.engines.forced_at.lock().unwrap().len(),
+        1,
+        "no takeover after the promotion"
+    );
 
     // The two copies are equal again: the old primary's divergent blocks were overwritten.
     assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
@@ -996,4 +1080,70 @@ async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
         }
     })
     .await;
+}
+
+/// The operator is down while the primary's node is lost: a new operator (a fresh Context, as after a
+/// restart) catches up, but forces only a full witness wait after its own start, since the old one may
+/// have granted a lease just before it went down. Then it promotes and grants the new primary a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_down_during_a_node_loss_waits_a_lease_from_its_start() {
+    let _serial = serial().await;
+    let (_dir, mut pair) = start_pair();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..8, 0x11);
+    wait_synced(&pair).await;
+    let first = Operator::new(&pair);
+    let (_, status) = first.reconcile(FailoverPolicy::ForcePromote).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+    let stored = first.world.lock().unwrap().status.clone();
+    drop(first);
+
+    // While no operator runs: the primary's node dies (its engine with it), long enough for any lease.
+    pair.a.kill();
+    tokio::time::sleep(WITNESS_WAIT + Duration::from_millis(500)).await;
+
+    let op = Operator::new(&pair);
+    {
+        let mut w = op.world.lock().unwrap();
+        w.status = stored;
+        w.node_ready[0] = false;
+    }
+    let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+    assert!(
+        op.engines.forced_at.lock().unwrap().is_empty(),
+        "forced at once after a restart"
+    );
+    assert_eq!(status.epoch, 1);
+    let wait = status
+        .promotion_wait
+        .as_ref()
+        .expect("the status says why it waits");
+    assert_eq!(wait.reason, "LeaseHeld", "{wait:?}");
+    assert_eq!(condition(&status, "TakeoverInProgress").reason, "LeaseHeld");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+        if status.epoch == 2 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "never promoted: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let forced_at = op.engines.forced_at.lock().unwrap().clone();
+    assert_eq!(forced_at.len(), 1);
+    assert!(
+        forced_at[0] >= op.started + WITNESS_WAIT,
+        "forced {:?} after the operator started, before its wait",
+        forced_at[0] - op.started
+    );
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert_eq!(
+        status.takeover.as_ref().unwrap().fence.as_deref(),
+        Some("LeaseExpired")
+    );
+    assert!(status.promotion_wait.is_none());
+    assert_eq!(status.lease.as_ref().map(|l| l.node.as_str()), Some("n2"));
+    // Every byte the old primary had replicated is served by the new one.
+    assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
 }

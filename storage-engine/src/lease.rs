@@ -45,11 +45,8 @@ fn random_u64() -> u64 {
 }
 
 /// How long a granter waits after its last renewal before the other engine may be promoted by
-/// force: the lease plus 10% for clock rates plus 500 ms for scheduling and the reply in flight.
-pub fn guard(lease_ms: u32) -> Duration {
-    let lease = Duration::from_millis(u64::from(lease_ms));
-    lease + lease / 10 + Duration::from_millis(500)
-}
+/// force; one formula for the engine and the operator (the witness).
+pub use tandem_api::lease::guard;
 
 /// The lease a paired engine holds as primary, and the promise it keeps as the peer.
 #[derive(Debug)]

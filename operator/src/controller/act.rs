@@ -18,7 +18,7 @@ use super::{
     Context, FIELD_MANAGER,
 };
 use crate::{
-    crd::MirroredVolume,
+    crd::{LeaseGrant, MirroredVolume},
     engine::EngineTarget,
     failover::{PodDeletion, ReleasePlan},
     metrics::VolumeLabels,
@@ -74,7 +74,7 @@ impl MirroredVolume {
         };
         let result = ctx
             .engines
-            .takeover(&target, self.spec.failover.policy, self.peer_timeout())
+            .takeover(&target, intent.policy(), intent.timeout)
             .await;
         ctx.metrics
             .failover(&ns, &name, intent.reason, result.is_ok());
@@ -91,14 +91,56 @@ impl MirroredVolume {
         TakeoverAttempt { result, answer }
     }
 
-    /// Deletes and releases what the plan says, then applies its children (none when the spec is invalid).
-    pub(super) async fn act(&self, ctx: &Context, plan: &Plan) -> Result<()> {
+    /// Grants the lease, deletes and releases what the plan says, then applies its children (none when the
+    /// spec is invalid).
+    pub(super) async fn act(&self, ctx: &Context, plan: &mut Plan) -> Result<()> {
+        self.grant(ctx, plan).await;
         self.delete_engine_pods(ctx, &plan.deletions).await?;
         self.release_workloads(ctx, &plan.release).await?;
         if let Ok(children) = &plan.children {
             self.apply_children(ctx, children).await?;
         }
         Ok(())
+    }
+
+    /// Grants the primary a write lease as the witness and remembers when. The time is read after the
+    /// call returns, failed or not (a grant may arrive even when its answer does not): it is never earlier
+    /// than the engine's stamp, so the wait `decide` derives from it covers the lease.
+    async fn grant(&self, ctx: &Context, plan: &mut Plan) {
+        let Some(g) = plan.grant.clone() else {
+            return;
+        };
+        let Ok((ns, name)) = self.key() else {
+            return;
+        };
+        let target = EngineTarget {
+            address: plan::engine_address(self, g.slot, &ctx.config),
+            volume: name.clone(),
+            token: plan.observed.token.clone(),
+        };
+        let result = ctx.engines.grant(&target, g.lease_ms, g.allow_async).await;
+        ctx.witness.sent(
+            &format!("{ns}/{name}"),
+            std::time::Instant::now(),
+            g.lease_ms,
+        );
+        let error = match &result {
+            Ok(granted) => {
+                info!(volume = %name, lease_ms = granted.lease_remaining_ms, allow_async = g.allow_async, "lease granted");
+                None
+            }
+            Err(e) => {
+                warn!(volume = %name, error = %e, "lease grant failed");
+                Some(e.to_string())
+            }
+        };
+        plan.status.lease = Some(LeaseGrant {
+            node: plan.observed.node(g.slot).name.clone(),
+            at: plan.observed.now.to_string(),
+            lease_ms: g.lease_ms,
+            allow_async: g.allow_async,
+            error,
+        });
     }
 
     async fn delete_engine_pods(&self, ctx: &Context, deletions: &[PodDeletion]) -> Result<()> {

@@ -12,7 +12,7 @@ use kube::ResourceExt;
 use crate::{
     crd::{EngineRole, FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
     engine::{EngineError, EngineState, TakeoverOutcome},
-    failover::{self, PodDeletion, ReleasePlan, TakeoverIntent},
+    failover::{self, GrantIntent, PodDeletion, ReleasePlan, TakeoverIntent},
     observed::{Observed, ROLE_ANNOTATION},
     plan::{self, names, Desired, EngineConfig, InvalidSpec},
 };
@@ -57,6 +57,8 @@ pub struct Plan {
     pub deletions: Vec<PodDeletion>,
     /// Workload pods and attachments on lost nodes to release.
     pub release: ReleasePlan,
+    /// A write lease to grant the primary (the operator is the pair's witness).
+    pub grant: Option<GrantIntent>,
     /// Children to create or apply, or why the spec cannot be turned into objects.
     pub children: Result<Desired, InvalidSpec>,
 }
@@ -121,8 +123,13 @@ impl Pending {
         pass.notes.push(warning(
             "TakeoverStarted",
             format!(
-                "{}: asking the secondary on {to} to take over from {from} ({policy:?})",
-                intent.reason
+                "{}: asking the secondary on {to} to take over from {from} ({}; policy {policy:?})",
+                intent.reason,
+                if intent.force {
+                    "forced: the old primary's lease has run out"
+                } else {
+                    "handoff"
+                }
             ),
         ));
         match attempt.result {
@@ -172,8 +179,9 @@ fn assess(mv: &MirroredVolume, observed: Observed) -> (Pass, Option<TakeoverInte
         ));
     }
     let peer_timeout = mv.peer_timeout();
-    let decision = failover::decide(&status, &observed, peer_timeout);
+    let decision = failover::decide(&mv.spec, &status, &observed, peer_timeout);
     if decision.takeover.is_none() {
+        status.promotion_wait = None;
         if let Some(why) = failover::abandon_takeover(&mut status, &observed, peer_timeout) {
             notes.push(note("TakeoverAbandoned", why));
         }
@@ -251,6 +259,26 @@ impl Pass {
             &error.to_string(),
             error.reason(),
         );
+        let waiting = intent
+            .wait
+            .as_ref()
+            .filter(|w| w.reason != "WaitForPrimary");
+        if let (Some(w), true) = (waiting, error.is_handoff_blocked()) {
+            // The policy would force, but not before the old primary's lease has run out (or the loss
+            // bound holds): the handoff it tried meanwhile found no old primary. A wait, not a failure.
+            self.notes
+                .push(note("PromotionWaits", format!("{}; {error}", w.message)));
+            return;
+        }
+        if error.reason() == Some(tandem_api::Reason::LeaseHeld) {
+            // The engine's own promise outlasted the call: nothing promoted, retry soon.
+            self.notes.push(note(
+                "PromotionWaits",
+                format!("{error}; retrying once the secondary's promise is over"),
+            ));
+            self.requeue = Some(Duration::from_secs(1));
+            return;
+        }
         let (reason, text) = if error.is_handoff_blocked() {
             (
                 tandem_api::Reason::HandoffBlocked.as_str(),
@@ -285,6 +313,26 @@ impl Pass {
         }
         let release = failover::release(&mv.spec, &self.status, &self.observed);
         self.released(&release);
+        // After the takeover, if any: a new primary that lost its peer needs a lease from us at once.
+        let persisted = mv.status.clone().unwrap_or_default();
+        let witness = failover::witness(
+            &mv.spec,
+            &persisted,
+            &mut self.status,
+            &self.observed,
+            mv.peer_timeout(),
+        );
+        if let Some(text) = witness.fallback_recorded {
+            self.notes.push(warning("SyncFallback", text));
+        }
+        if let Some(text) = witness.fallback_ended {
+            self.notes.push(note("SyncRestored", text));
+        }
+        if let Some(g) = &witness.grant {
+            // Renew well before the lease runs out while we are the only one renewing it.
+            let every = Duration::from_millis(u64::from(g.lease_ms) / 3);
+            self.requeue = Some(self.requeue.map_or(every, |r| r.min(every)));
+        }
         let skip: Vec<Slot> = deletions.iter().map(|d| d.slot).collect();
         let token = self.observed.token.as_deref();
         let children = plan::desired(mv, &self.status, &self.observed, cfg, token, &skip);
@@ -298,6 +346,7 @@ impl Pass {
             requeue: self.requeue,
             deletions,
             release,
+            grant: witness.grant,
             children,
         }
     }
@@ -305,10 +354,15 @@ impl Pass {
     /// Marks the released nodes in status, with an event per released pod and per node that stays.
     fn released(&mut self, release: &ReleasePlan) {
         for w in &release.pods {
+            let why = release
+                .fences
+                .iter()
+                .find(|(node, _)| *node == w.node)
+                .map_or("", |(_, why)| why.as_str());
             self.notes.push(warning(
                 "WorkloadReleased",
                 format!(
-                    "force-deleted pod {}/{} stuck on lost node {}",
+                    "force-deleted pod {}/{} stuck on lost node {}: {why}",
                     w.namespace, w.name, w.node
                 ),
             ));

@@ -50,6 +50,7 @@ fn nothing() -> Observed {
         engine_pvcs: [false, false],
         workloads: vec![],
         attachments: vec![],
+        witness: crate::witness::LeaseClock::long_ago(10_000),
     }
 }
 
@@ -164,11 +165,12 @@ fn a_missing_primary_pod_asks_the_secondary_to_take_over_first() {
     observed.engines[0] = None;
     let pending = pending(decide(&mv, &observed, &EngineConfig::default()));
     assert_eq!(
-        pending.intent,
-        TakeoverIntent {
-            to: Slot::B,
-            reason: "PrimaryPodLost"
-        }
+        (
+            pending.intent.to,
+            pending.intent.reason,
+            pending.intent.force
+        ),
+        (Slot::B, "PrimaryPodLost", false)
     );
     assert_eq!(pending.token(), Some("tok"));
 

@@ -93,6 +93,11 @@ impl MirroredVolume {
             engine_pvcs,
             workloads,
             attachments,
+            witness: ctx.witness.clock(
+                &format!("{ns}/{name}"),
+                self.spec.failover.lease_ms,
+                std::time::Instant::now(),
+            ),
         })
     }
 
