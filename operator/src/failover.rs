@@ -1380,10 +1380,11 @@ mod tests {
         let spec = spec(ReplicationMode::Async, FailoverPolicy::ForcePromote);
         let status = established(Slot::A, 1);
         let mut o = primary_node_lost();
-        // Granted (or started: a fresh operator counts its start as a grant) 1 s ago: 1000 + 1600 ms wait.
+        // Granted (or started: a fresh operator counts its start as a grant) 0.5 s ago: 1100 ms of the
+        // 1600 ms guard left.
         o.witness = LeaseClock {
             lease_ms: 1000,
-            since_grant: Duration::from_secs(1),
+            since_grant: Duration::from_millis(500),
         };
         let d = decide(&spec, &status, &o, T);
         let t = d.takeover.clone().unwrap();
@@ -1391,13 +1392,13 @@ mod tests {
         assert_eq!(t.policy(), FailoverPolicy::WaitForPrimary);
         assert_eq!(
             t.timeout,
-            Duration::from_millis(1600),
+            Duration::from_millis(1100),
             "bounded by the wait"
         );
         let wait = t.wait.unwrap();
         assert_eq!(wait.reason, "LeaseHeld");
-        assert!(wait.message.contains("1600 ms left"), "{}", wait.message);
-        assert_eq!(d.recheck, Some(Duration::from_millis(1600)));
+        assert!(wait.message.contains("1100 ms left"), "{}", wait.message);
+        assert_eq!(d.recheck, Some(Duration::from_millis(1100)));
         // The operator's wait is over, the secondary's promise is not.
         o.witness.since_grant = Duration::from_secs(3);
         o.engines[1].as_mut().unwrap().promise_remaining_ms = 700;

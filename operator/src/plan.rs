@@ -42,8 +42,8 @@ pub const METRICS_PORT: u16 = 9501;
 
 /// PV volume attributes and the token's key: the contract with the CSI plugin.
 pub use tandem_api::contract::{
-    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_TAKEOVER_POLICY,
-    ATTR_VOLUME, SECRET_TOKEN_KEY,
+    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS,
+    ATTR_TAKEOVER_POLICY, ATTR_VOLUME, SECRET_TOKEN_KEY,
 };
 
 /// Where the engine keeps everything inside its pod.
@@ -492,6 +492,15 @@ pub fn persistent_volume(
     attributes.insert(
         ATTR_FAILOVER_POLICY.to_string(),
         mv.spec.failover.policy.csi_name().to_string(),
+    );
+    // A read-only stage on the secondary's node reads the secondary only when the volume allows it.
+    attributes.insert(
+        ATTR_SECONDARY_ACCESS.to_string(),
+        match mv.spec.secondary_access {
+            crate::crd::SecondaryAccess::ReadOnly => "ReadOnly",
+            crate::crd::SecondaryAccess::None => "None",
+        }
+        .to_string(),
     );
     let peer_timeout = crate::crd::parse_duration(&mv.spec.failover.peer_timeout)
         .unwrap_or(std::time::Duration::from_secs(30));
@@ -970,6 +979,7 @@ mod tests {
         assert_eq!(attrs[ATTR_TAKEOVER_POLICY], "force");
         assert_eq!(attrs[ATTR_FAILOVER_POLICY], "ForcePromote");
         assert_eq!(attrs[ATTR_PEER_TIMEOUT], "30");
+        assert_eq!(attrs[ATTR_SECONDARY_ACCESS], "None");
         assert_eq!(
             attrs[ATTR_NBD],
             "n1=data-engine-a.default.svc.cluster.local:10809,n2=data-engine-b.default.svc.cluster.local:10809"

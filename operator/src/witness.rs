@@ -2,7 +2,7 @@
 //! not renew it, and it remembers, per volume and on its own monotonic clock, when it last sent one, so that
 //! it never promotes the other engine by force while a lease it granted may still run.
 //!
-//! Safety invariant: no forced promotion before (last grant sent + lease + guard(lease)) on the operator's
+//! Safety invariant: no forced promotion before (last grant sent + guard(lease)) on the operator's
 //! clock; a fresh operator assumes it sent one at its start (it may have granted just before a restart).
 //! Tests: `failover::tests::forced_promotion_waits_out_the_witness_lease`,
 //! `tests/failover_engines.rs` `operator_down_during_a_node_loss_waits_a_lease_from_its_start`.
@@ -33,14 +33,15 @@ impl LeaseClock {
         }
     }
 
-    /// How long before a lease the operator granted has provably run out: its lease plus the engines'
-    /// guard after the grant was sent. The engine's stamp precedes our send, so `guard` alone would do;
-    /// the extra lease is margin for a grant whose sent time we read late (after the call returned).
+    /// How long before a lease the operator granted has provably run out: the engines' guard (the
+    /// lease plus a margin) after the grant was sent. The engine's stamp precedes our send, and the
+    /// sent time we keep is read after the call returned (later than the send), so the wait only errs
+    /// long.
     pub fn wait_left(&self) -> Duration {
         if self.lease_ms == 0 {
             return Duration::ZERO;
         }
-        let wait = Duration::from_millis(u64::from(self.lease_ms)) + guard(self.lease_ms);
+        let wait = guard(self.lease_ms);
         wait.saturating_sub(self.since_grant)
     }
 }
@@ -97,8 +98,8 @@ mod tests {
         let t0 = Instant::now();
         let w = Witness::new(t0);
         let c = w.clock("ns/v", 1000, t0 + Duration::from_millis(600));
-        // lease 1000 + guard (1000 + 100 + 500) = 2600 ms after the start.
-        assert_eq!(c.wait_left(), Duration::from_millis(2000));
+        // guard (1000 + 100 + 500) = 1600 ms after the start.
+        assert_eq!(c.wait_left(), Duration::from_millis(1000));
         assert_eq!(
             w.clock("ns/v", 1000, t0 + Duration::from_secs(3))
                 .wait_left(),
@@ -107,7 +108,7 @@ mod tests {
         // A grant moves the wait; a lower spec lease does not shorten it.
         w.sent("ns/v", t0 + Duration::from_secs(3), 1000);
         let c = w.clock("ns/v", 500, t0 + Duration::from_secs(4));
-        assert_eq!(c.wait_left(), Duration::from_millis(1600));
+        assert_eq!(c.wait_left(), Duration::from_millis(600));
         // Other volumes keep the start.
         assert_eq!(
             w.clock("ns/x", 1000, t0 + Duration::from_secs(4))
