@@ -55,8 +55,8 @@ const TOKEN: &str = "0123456789abcdef-volume-token";
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// `spec.failover.leaseMs` and the engines' `--lease-ms`: short, so the waits it imposes fit a test.
 const LEASE_MS: u32 = 1000;
-/// What the operator waits after its last grant (or its start) before it forces: lease + guard(lease).
-const WITNESS_WAIT: Duration = Duration::from_millis(1000 + 1600);
+/// What the operator waits after its last grant (or its start) before it forces: guard(lease).
+const WITNESS_WAIT: Duration = Duration::from_millis(1600);
 
 // ---------------------------------------------------------------------------------------------------------
 // The engine processes.
