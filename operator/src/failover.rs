@@ -815,6 +815,7 @@ mod tests {
             ready,
             out_of_service: false,
             hostname: Some(name.into()),
+            unschedulable: false,
         }
     }
 
@@ -831,6 +832,7 @@ mod tests {
             }),
             deleting: false,
             role: Some(role),
+            disruption_allowed: None,
         }
     }
 
@@ -1075,6 +1077,7 @@ mod tests {
             namespace: "default".into(),
             name: "app-0".into(),
             node: node.into(),
+            ..Default::default()
         }];
         o.attachments = vec![("va-1".into(), node.into())];
         o

@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::{
     core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service},
+    policy::v1::PodDisruptionBudget,
     storage::v1::VolumeAttachment,
 };
 use kube::{
@@ -72,9 +73,10 @@ impl MirroredVolume {
             volume: name.clone(),
             token: pending.token().map(str::to_string),
         };
+        let policy = crate::disruption::takeover_policy(intent, self.spec.failover.policy);
         let result = ctx
             .engines
-            .takeover(&target, self.spec.failover.policy, self.peer_timeout())
+            .takeover(&target, policy, self.peer_timeout())
             .await;
         ctx.metrics
             .failover(&ns, &name, intent.reason, result.is_ok());
@@ -98,7 +100,7 @@ impl MirroredVolume {
         if let Ok(children) = &plan.children {
             self.apply_children(ctx, children).await?;
         }
-        Ok(())
+        self.act_disruption(ctx, &plan.disruption).await
     }
 
     async fn delete_engine_pods(&self, ctx: &Context, deletions: &[PodDeletion]) -> Result<()> {
@@ -149,6 +151,10 @@ impl MirroredVolume {
         let services: Api<Service> = Api::namespaced(client.clone(), &ns);
         for svc in &children.services {
             apply(&services, &svc.name_any(), svc).await?;
+        }
+        if let Some(pdb) = &children.budget {
+            let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+            apply(&api, &pdb.name_any(), pdb).await?;
         }
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         for pod in &children.pods {
