@@ -142,8 +142,9 @@ pub struct Failover {
     /// `ForcePromote` promotes anyway after `peerTimeout` and reports what was lost.
     #[serde(default)]
     pub policy: FailoverPolicy,
-    /// How long the engine keeps trying the old primary during a takeover, and how long a primary engine
-    /// may stay unready before the operator acts (`500ms`, `30s`, `2m`).
+    /// How long the engine keeps trying the old primary during a takeover, and how long an engine that is
+    /// no longer primary may stay unready before it is restarted (`500ms`, `30s`, `2m`). A primary on a
+    /// Ready node gets `engineRestartGrace` instead.
     #[serde(default = "default_peer_timeout")]
     #[schemars(regex(pattern = r"^[0-9]{1,6}(ms|s|m)$"))]
     pub peer_timeout: String,

@@ -11,6 +11,9 @@ use crate::{
     observed::{NodeObs, PodObs, PvObs},
 };
 
+/// A change to the observation.
+type Breakage = Box<dyn Fn(&mut Observed)>;
+
 const T: Duration = Duration::from_secs(30);
 const GRACE: Duration = Duration::from_secs(60);
 
@@ -181,7 +184,7 @@ fn the_primary_is_never_evictable() {
     assert_eq!(changes.len(), 1, "{changes:?}");
     assert_eq!((changes[0].slot, changes[0].allowed), (Slot::A, false));
     // Not in sync (backlog, resync, reversing, draining, secondary silent): the secondary stays too.
-    let breakages: Vec<Box<dyn Fn(&mut Observed)>> = vec![
+    let breakages: Vec<Breakage> = vec![
         Box::new(|o| o.engines[0].as_mut().unwrap().pending_blocks = 3),
         Box::new(|o| o.engines[0].as_mut().unwrap().pair_state = PairState::Replicating),
         Box::new(|o| o.engines[0].as_mut().unwrap().pair_state = PairState::Reversing),
@@ -227,7 +230,7 @@ fn a_cordoned_primary_node_switches_over_only_to_a_healthy_secondary() {
     // Async lag is fine: the handoff carries the table.
     o.engines[0].as_mut().unwrap().pair_state = PairState::Replicating;
     assert!(matches!(switchover(&st, &o, T), Switchover::Go(_)));
-    let blocked: Vec<(&str, Box<dyn Fn(&mut Observed)>)> = vec![
+    let blocked: Vec<(&str, Breakage)> = vec![
         (
             "not ready",
             Box::new(|o| o.pods[1].as_mut().unwrap().ready = false),

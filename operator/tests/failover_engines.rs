@@ -1265,6 +1265,7 @@ async fn a_deleted_primary_pod_on_a_live_node_restarts_and_the_writer_only_stall
 
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.await.unwrap();
+    let image = read_volume(&pair.a).await;
     let writes = writes.lock().unwrap();
     assert!(
         writes.errors.is_empty(),
@@ -1272,7 +1273,6 @@ async fn a_deleted_primary_pod_on_a_live_node_restarts_and_the_writer_only_stall
         writes.errors
     );
     assert!(writes.reconnects > 0, "the connection did break");
-    let image = read_volume(&pair.a).await;
     for (block, byte) in acked_model(&writes) {
         let at = (block * BLOCK) as usize;
         assert!(
