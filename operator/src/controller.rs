@@ -15,6 +15,7 @@
 mod act;
 mod cleanup;
 mod decide;
+mod drain;
 mod observe;
 mod status;
 

@@ -188,6 +188,13 @@ async fn established_pair_reports_synced_and_lag() {
     let answer = status_answer(&mv);
     let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
     script.extend(service_calls());
+    // In sync: the secondary's pod leaves the disruption budget (a drain may evict it).
+    script.push(Call::patch(&paths::pod_named("data-engine-b")).check(|p| {
+        assert_eq!(
+            p["metadata"]["labels"]["tandem.dev/disruption-allowed"],
+            "true"
+        );
+    }));
     script.push(Call::patch(&paths::status()).check_reply(answer));
     let (result, seen, metrics) = run(mv, engines, script).await;
     assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(30)));
@@ -207,7 +214,16 @@ async fn established_pair_reports_synced_and_lag() {
 
 #[tokio::test]
 async fn primary_pod_loss_triggers_takeover_and_epoch_bump() {
-    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    let mut mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    // Its node is up: the pod was being restarted there, and the grace ran out.
+    if let Some(s) = mv.status.as_mut() {
+        s.engine_restart = Some(crate::crd::EngineRestart {
+            slot: Slot::A,
+            node: "n1".into(),
+            since: ago(120).to_string(),
+            reason: "engine pod missing".into(),
+        });
+    }
     let engines = FakeEngines::default()
         .with_state(
             &address(Slot::B),
@@ -474,6 +490,15 @@ async fn returning_engine_rejoins_as_secondary_and_resyncs() {
         let answer = status_answer(&mv);
         let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
         script.extend(service_calls());
+        if pair_state == PairState::Synced {
+            // Only an in-sync secondary may be evicted by a drain.
+            script.push(Call::patch(&paths::pod_named("data-engine-a")).check(|p| {
+                assert_eq!(
+                    p["metadata"]["labels"]["tandem.dev/disruption-allowed"],
+                    "true"
+                );
+            }));
+        }
         script.push(Call::patch(&paths::status()).check_reply(answer));
         let (result, seen, _) = run(mv.clone(), engines, script).await;
         result.unwrap();
@@ -728,6 +753,7 @@ async fn a_blocked_takeover_is_abandoned_when_the_primary_serves_again() {
     let answer = status_answer(&mv);
     let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
     script.extend(service_calls());
+    script.push(Call::patch(&paths::pod_named("data-engine-b")));
     script.push(Call::patch(&paths::status()).check_reply(answer));
     let (result, seen, _) = run(mv, engines.clone(), script).await;
     result.unwrap();

@@ -158,15 +158,23 @@ pub struct Failover {
     #[serde(default = "default_lease_ms")]
     #[schemars(range(max = 600000))]
     pub lease_ms: u32,
-    /// How long the engine keeps trying the old primary during a takeover, and how long a primary engine
-    /// may stay unready before the operator acts (`500ms`, `30s`, `2m`).
+    /// How long the engine keeps trying the old primary during a takeover, and how long an engine that is
+    /// no longer primary may stay unready before it is restarted (`500ms`, `30s`, `2m`). A primary on a
+    /// Ready node gets `engineRestartGrace` instead.
     #[serde(default = "default_peer_timeout")]
     #[schemars(regex(pattern = r"^[0-9]{1,6}(ms|s|m)$"))]
     pub peer_timeout: String,
     /// Release (force-delete) workload pods and VolumeAttachments stuck on a lost node once its writes are
-    /// fenced, so they reschedule at once.
+    /// fenced, so they reschedule at once; and restart (delete) workload pods on a live node whose primary
+    /// engine did not come back within `engineRestartGrace` (their attachment is pinned to the old epoch).
     #[serde(default = "default_true")]
     pub release_workloads: bool,
+    /// How long a primary engine whose node is Ready may be away (pod deleted, failed or unready) before
+    /// the operator takes over. Within it the operator recreates the pod on the same node and state dir,
+    /// and the workload there sees a stall, not an error. Default `60s`.
+    #[serde(default = "default_engine_restart_grace")]
+    #[schemars(regex(pattern = r"^[0-9]{1,6}(ms|s|m)$"))]
+    pub engine_restart_grace: String,
 }
 
 impl Default for Failover {
@@ -177,6 +185,7 @@ impl Default for Failover {
             lease_ms: default_lease_ms(),
             peer_timeout: default_peer_timeout(),
             release_workloads: true,
+            engine_restart_grace: default_engine_restart_grace(),
         }
     }
 }
@@ -193,6 +202,12 @@ pub const DEFAULT_LEASE_MS: u32 = 10_000;
 
 fn default_lease_ms() -> u32 {
     DEFAULT_LEASE_MS
+}
+
+/// Two kubelet crash-loop restarts (10 s + 20 s back-off) plus an engine start, or a recreated pod on a node
+/// that has the image: an engine that is coming back is back well within a minute.
+fn default_engine_restart_grace() -> String {
+    "60s".to_string()
 }
 
 fn default_peer_timeout() -> String {
@@ -390,6 +405,13 @@ pub struct MirroredVolumeStatus {
     /// (or the node carries the `node.kubernetes.io/out-of-service` taint).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lost_nodes: Vec<LostNode>,
+    /// The primary engine is away on a live node and is being restarted there (no takeover yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_restart: Option<EngineRestart>,
+    /// A takeover ended an engine restart that took too long: workload pods on that node staged before it
+    /// are pinned to the old epoch and are restarted so they stage on the new primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_restart: Option<WorkloadRestart>,
     /// The operator's last write-lease grant (it is the pair's witness).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseGrant>,
@@ -400,7 +422,7 @@ pub struct MirroredVolumeStatus {
     /// Why the promotion of the secondary over a lost primary waits, while it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promotion_wait: Option<PromotionWait>,
-    /// Ready, Synced, Degraded, TakeoverInProgress.
+    /// Ready, Synced, Degraded, TakeoverInProgress (and NodeDrain while an engine node is cordoned).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
@@ -528,6 +550,29 @@ pub struct LostNode {
     /// Workload pods already released from this node.
     #[serde(default)]
     pub released: bool,
+}
+
+/// A primary engine being restarted on its live node.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineRestart {
+    pub slot: Slot,
+    pub node: String,
+    /// When the engine was first seen away (RFC 3339); the grace runs from here.
+    pub since: String,
+    /// What was seen: pod deleted, failed, missing or unready.
+    pub reason: String,
+}
+
+/// Workload pods to restart after a takeover from a live node.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRestart {
+    pub node: String,
+    /// Pods of the claim on `node` created before this (RFC 3339) are restarted.
+    pub before: String,
+    /// The epoch the takeover moved to.
+    pub epoch: u64,
 }
 
 /// A status condition in the shape of Kubernetes' `metav1.Condition`.
@@ -730,6 +775,7 @@ mod tests {
         assert_eq!(spec.failover.lease_ms, 10_000);
         assert_eq!(spec.failover.max_loss(), None);
         assert!(spec.failover.release_workloads);
+        assert_eq!(spec.failover.engine_restart_grace, "60s");
         assert_eq!(spec.replication.mode, ReplicationMode::Async);
         assert_eq!(spec.volume_mode, VolumeMode::Filesystem);
         assert_eq!(spec.fs_type, FsType::Ext4);

@@ -1084,6 +1084,7 @@ mod tests {
             ready,
             out_of_service: false,
             hostname: Some(name.into()),
+            unschedulable: false,
         }
     }
 
@@ -1100,6 +1101,7 @@ mod tests {
             }),
             deleting: false,
             role: Some(role),
+            disruption_allowed: None,
         }
     }
 
@@ -1590,6 +1592,7 @@ mod tests {
             namespace: "default".into(),
             name: "app-0".into(),
             node: node.into(),
+            ..Default::default()
         }];
         o.attachments = vec![("va-1".into(), node.into())];
         o

@@ -142,7 +142,7 @@ pub fn engine_pod_json(
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
             "name": names::engine(NAME, slot), "namespace": NS,
-            "labels": {"tandem.dev/volume": NAME, "tandem.dev/slot": slot.as_str()},
+            "labels": {"tandem.dev/volume": NAME, "tandem.dev/slot": slot.as_str(), "tandem.dev/disruption-allowed": "false"},
             "annotations": {"tandem.dev/role": role},
             "creationTimestamp": ago(600).to_string(),
         },
@@ -390,6 +390,9 @@ pub mod paths {
             names::engine(NAME, slot)
         )
     }
+    pub fn budget() -> String {
+        format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/data-engines?")
+    }
     pub fn secret() -> String {
         format!("/api/v1/namespaces/{NS}/secrets/{}", names::secret(NAME))
     }
@@ -440,11 +443,12 @@ pub fn observe_calls(
     ]
 }
 
-/// The two Service applies.
+/// The two Service applies, and the engines' PodDisruptionBudget right after them.
 pub fn service_calls() -> Vec<Call> {
     vec![
         Call::patch(&paths::service(Slot::A)),
         Call::patch(&paths::service(Slot::B)),
+        Call::patch(&paths::budget()),
     ]
 }
 

@@ -2,12 +2,14 @@
 //! Services, the token Secret, a PersistentVolume for `csi.tandem.dev` and optionally a claim, and
 //! orchestrates failover when an engine or its node is lost.
 //!
-//! Layout: [`crd`] (types), [`observed`] (facts from the API), [`plan`] and [`failover`] (pure decisions),
+//! Layout: [`crd`] (types), [`observed`] (facts from the API), [`plan`], [`failover`] and [`disruption`]
+//! (pure decisions; `disruption`: engine restarts and node drains),
 //! [`controller`] (the reconciler: observe, decide, act, status), [`engine`] (the engine API behind a trait),
 //! [`leader`] (Lease election), [`metrics`], [`http`] (probes and `/metrics`), [`telemetry`] (logs).
 
 pub mod controller;
 pub mod crd;
+pub mod disruption;
 pub mod engine;
 pub mod failover;
 pub mod http;

@@ -16,6 +16,11 @@ use crate::{
 
 /// Taint with which an administrator (or a fencing agent) declares a node shut down.
 pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+/// Taint the node controller puts on a cordoned node (mirrors `spec.unschedulable`).
+pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
+/// Label on engine pods: `"false"` puts the pod under the volume's PodDisruptionBudget (never evicted),
+/// `"true"` lets a drain evict it.
+pub const DISRUPTION_LABEL: &str = "tandem.dev/disruption-allowed";
 /// Annotation on engine pods: the `--role` the pod was started with.
 pub const ROLE_ANNOTATION: &str = "tandem.dev/role";
 /// Label on everything the operator creates for a volume: the MirroredVolume's name.
@@ -37,6 +42,8 @@ pub struct PodObs {
     pub deleting: bool,
     /// The `--role` it was started with.
     pub role: Option<EngineRole>,
+    /// Its `tandem.dev/disruption-allowed` label (None: absent or not a boolean).
+    pub disruption_allowed: Option<bool>,
 }
 
 impl PodObs {
@@ -66,6 +73,12 @@ impl PodObs {
                 "secondary" => EngineRole::Secondary,
                 _ => EngineRole::Unknown,
             });
+        let disruption_allowed = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(DISRUPTION_LABEL))
+            .and_then(|v| v.parse().ok());
         PodObs {
             name,
             node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
@@ -74,6 +87,7 @@ impl PodObs {
             not_ready_since,
             deleting: pod.metadata.deletion_timestamp.is_some(),
             role,
+            disruption_allowed,
         }
     }
 
@@ -95,6 +109,8 @@ pub struct NodeObs {
     pub out_of_service: bool,
     /// `kubernetes.io/hostname` label (used in the PV's node affinity).
     pub hostname: Option<String>,
+    /// Cordoned (`spec.unschedulable` or the unschedulable taint): a drain is coming.
+    pub unschedulable: bool,
 }
 
 impl NodeObs {
@@ -105,6 +121,7 @@ impl NodeObs {
             ready: false,
             out_of_service: false,
             hostname: None,
+            unschedulable: false,
         }
     }
 
@@ -116,11 +133,19 @@ impl NodeObs {
             .and_then(|s| s.conditions.as_ref())
             .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
             .is_some_and(|c| c.status == "True");
-        let out_of_service = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.taints.as_ref())
-            .is_some_and(|ts| ts.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT));
+        let tainted = |key: &str| {
+            node.spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| ts.iter().any(|t| t.key == key))
+        };
+        let out_of_service = tainted(OUT_OF_SERVICE_TAINT);
+        let unschedulable = tainted(UNSCHEDULABLE_TAINT)
+            || node
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false);
         let hostname = node
             .metadata
             .labels
@@ -133,6 +158,7 @@ impl NodeObs {
             ready,
             out_of_service,
             hostname,
+            unschedulable,
         }
     }
 
@@ -150,12 +176,16 @@ pub struct PvObs {
     pub claim: Option<(String, String)>,
 }
 
-/// A workload pod that uses the volume and sits on a lost node.
-#[derive(Clone, Debug, PartialEq)]
+/// A workload pod that uses the volume and sits on a lost node (or on a node whose engine restart ended
+/// in a takeover).
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct WorkloadPod {
     pub namespace: String,
     pub name: String,
     pub node: String,
+    pub created: Option<Timestamp>,
+    /// It has a deletion timestamp.
+    pub deleting: bool,
 }
 
 /// Everything one reconcile observed, per slot where it applies.
@@ -175,7 +205,7 @@ pub struct Observed {
     pub claim_exists: bool,
     /// The engines' own PVCs exist (StorageClass storage only).
     pub engine_pvcs: [bool; 2],
-    /// Workload pods of the volume's claim on lost engine nodes.
+    /// Workload pods of the volume's claim on lost engine nodes, and on the node of `status.workloadRestart`.
     pub workloads: Vec<WorkloadPod>,
     /// VolumeAttachments of the volume's PV: (name, node).
     pub attachments: Vec<(String, String)>,
@@ -222,6 +252,9 @@ mod tests {
         assert_eq!(obs.role, Some(EngineRole::Primary));
         assert!(!obs.is_gone());
         assert_eq!(obs.not_ready_since, None);
+        assert_eq!(obs.disruption_allowed, None);
+        pod.metadata.labels = Some([(DISRUPTION_LABEL.to_string(), "true".to_string())].into());
+        assert_eq!(PodObs::from_pod(&pod).disruption_allowed, Some(true));
     }
 
     #[test]
@@ -249,6 +282,9 @@ mod tests {
             ..Default::default()
         });
         assert!(NodeObs::from_node(&node).out_of_service);
+        assert!(!NodeObs::from_node(&node).unschedulable);
+        node.spec.as_mut().unwrap().unschedulable = Some(true);
+        assert!(NodeObs::from_node(&node).unschedulable);
         assert!(NodeObs::missing("x").is_lost());
     }
 }

@@ -32,7 +32,7 @@ use crate::{
         SecondaryAccess, Slot, CSI_DRIVER,
     },
     failover::primary_slot,
-    observed::{NodeObs, Observed, ROLE_ANNOTATION, SLOT_LABEL, VOLUME_LABEL},
+    observed::{NodeObs, Observed, DISRUPTION_LABEL, ROLE_ANNOTATION, SLOT_LABEL, VOLUME_LABEL},
 };
 
 /// Engine ports (DESIGN.md contract).
@@ -288,7 +288,10 @@ pub fn engine_pod(
         protocol: Some("TCP".into()),
         ..Default::default()
     };
-    let mut metadata = meta(mv, name, slot_labels(mv, slot));
+    let mut pod_labels = slot_labels(mv, slot);
+    // Born under the volume's PodDisruptionBudget: the operator lifts it once the pod is an in-sync secondary.
+    pod_labels.insert(DISRUPTION_LABEL.to_string(), "false".to_string());
+    let mut metadata = meta(mv, name, pod_labels);
     metadata.annotations = Some(BTreeMap::from([(
         ROLE_ANNOTATION.to_string(),
         role.flag().to_string(),
@@ -641,6 +644,8 @@ pub struct Desired {
     pub engine_pvcs: Vec<PersistentVolumeClaim>,
     /// Both Services (applied every time).
     pub services: Vec<Service>,
+    /// The engines' PodDisruptionBudget (applied every time, right after the Services).
+    pub budget: Option<k8s_openapi::api::policy::v1::PodDisruptionBudget>,
     /// Engine pods to create (missing ones, not being replaced this round).
     pub pods: Vec<Pod>,
     /// The PV, when missing.
@@ -675,6 +680,7 @@ pub fn desired(
         }
     }
     out.services = Slot::BOTH.iter().map(|s| engine_service(mv, *s)).collect();
+    out.budget = Some(crate::disruption::budget(mv));
     let primary = primary_slot(status);
     for slot in Slot::BOTH {
         if observed.pod(slot).is_none() && !skip_pods.contains(&slot) {
@@ -718,6 +724,7 @@ mod tests {
             ready,
             out_of_service: false,
             hostname: Some(format!("host-{name}")),
+            unschedulable: false,
         }
     }
 
@@ -1124,6 +1131,7 @@ pub fn render_initial(
         ready: true,
         out_of_service: false,
         hostname: None,
+        unschedulable: false,
     };
     let observed = Observed {
         now: k8s_openapi::jiff::Timestamp::UNIX_EPOCH,

@@ -51,6 +51,8 @@ const VOLUME: &str = "data";
 const SIZE: u64 = 16 << 20;
 const BLOCK: u64 = 4096;
 const TOKEN: &str = "0123456789abcdef-volume-token";
+/// The claim bound to the volume's PV, which workload pods use.
+const CLAIM: &str = "data-claim";
 /// `spec.failover.peerTimeout`: how long a pod may stay unready, and how long Takeover waits for the peer.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 /// `spec.failover.leaseMs` and the engines' `--lease-ms`: short, so the waits it imposes fit a test.
@@ -298,6 +300,16 @@ fn pod_name(slot: Slot) -> String {
 struct World {
     /// Ready condition of n1 and n2.
     node_ready: [bool; 2],
+    /// `spec.unschedulable` of n1 and n2 (cordoned).
+    node_cordoned: [bool; 2],
+    /// `spec.failover.engineRestartGrace` of the volume.
+    grace: String,
+    /// Workload pods using the volume's claim, by name.
+    workloads: BTreeMap<String, Value>,
+    /// The PodDisruptionBudget the operator applied.
+    budget: Option<Value>,
+    /// (pod, value) of every `tandem.dev/disruption-allowed` label the operator set.
+    labels: Vec<(String, String)>,
     /// Engine pods by name.
     pods: BTreeMap<String, Value>,
     /// The MirroredVolume as stored (spec and metadata), for answering status writes.
@@ -346,6 +358,32 @@ impl World {
         self.events.iter().map(|e| e.0.as_str()).collect()
     }
 
+    /// A workload pod of the claim on `node`, created `age` seconds ago.
+    fn run_workload(&mut self, name: &str, node: &str, age: i64) {
+        self.workloads.insert(
+            name.into(),
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": NS, "creationTimestamp": ago(age)},
+                "spec": {
+                    "nodeName": node,
+                    "containers": [{"name": "app"}],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": CLAIM}}],
+                },
+                "status": {"phase": "Running"},
+            }),
+        );
+    }
+
+    /// The disruption label an engine pod carries now.
+    fn label(&self, slot: Slot) -> Option<String> {
+        self.pods.get(&pod_name(slot)).and_then(|p| {
+            p["metadata"]["labels"]["tandem.dev/disruption-allowed"]
+                .as_str()
+                .map(str::to_string)
+        })
+    }
+
     fn answer(&mut self, method: &str, path: &str, query: &str, body: &Value) -> (u16, Value) {
         let pods_prefix = format!("/api/v1/namespaces/{NS}/pods");
         match (method, path) {
@@ -358,31 +396,56 @@ impl World {
             }
             ("GET", p) if p.starts_with("/api/v1/nodes/") => {
                 let name = &p["/api/v1/nodes/".len()..];
-                let ready = match name {
-                    "n1" => self.node_ready[0],
-                    "n2" => self.node_ready[1],
+                let i = match name {
+                    "n1" => 0,
+                    "n2" => 1,
                     _ => return (404, not_found(name)),
                 };
+                let ready = self.node_ready[i];
                 (
                     200,
                     json!({
                         "apiVersion": "v1", "kind": "Node",
                         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                        "spec": {"unschedulable": self.node_cordoned[i]},
                         "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "Unknown" }}]},
                     }),
                 )
             }
             ("GET", p) if p == pods_prefix => {
-                // Engine pods by label; workload pods on lost nodes by field (there are none).
+                // Engine pods by label; workload pods by node (field selector).
                 let items: Vec<Value> = if query.contains("labelSelector") {
                     self.pods.values().cloned().collect()
                 } else {
-                    Vec::new()
+                    self.workloads
+                        .values()
+                        .filter(|w| {
+                            let node = w["spec"]["nodeName"].as_str().unwrap_or_default();
+                            query.contains(&format!("spec.nodeName%3D{node}"))
+                                || query.contains(&format!("spec.nodeName={node}"))
+                        })
+                        .cloned()
+                        .collect()
                 };
                 (
                     200,
                     json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}),
                 )
+            }
+            // A merge patch of labels (no field manager): an existing pod is relabelled.
+            ("PATCH", p) if p.starts_with(&pods_prefix) && !query.contains("fieldManager") => {
+                let name = p[pods_prefix.len() + 1..].to_string();
+                let Some(pod) = self.pods.get_mut(&name) else {
+                    return (404, not_found(&name));
+                };
+                for (k, v) in body["metadata"]["labels"].as_object().unwrap() {
+                    pod["metadata"]["labels"][k] = v.clone();
+                    if k == "tandem.dev/disruption-allowed" {
+                        self.labels
+                            .push((name.clone(), v.as_str().unwrap().to_string()));
+                    }
+                }
+                (200, pod.clone())
             }
             ("PATCH", p) if p.starts_with(&pods_prefix) => {
                 let name = p[pods_prefix.len() + 1..].to_string();
@@ -396,7 +459,11 @@ impl World {
                 let name = p[pods_prefix.len() + 1..].to_string();
                 self.deletions
                     .push((name.clone(), body["gracePeriodSeconds"].as_i64()));
-                match self.pods.remove(&name) {
+                match self
+                    .pods
+                    .remove(&name)
+                    .or_else(|| self.workloads.remove(&name))
+                {
                     Some(pod) => (200, pod),
                     None => (404, not_found(&name)),
                 }
@@ -421,7 +488,11 @@ impl World {
                 json!({
                     "apiVersion": "v1", "kind": "PersistentVolume",
                     "metadata": {"name": format!("tandem-{NS}-{VOLUME}")},
-                    "spec": {"capacity": {"storage": "16Mi"}, "csi": {"driver": "csi.tandem.dev", "volumeHandle": format!("{NS}/{VOLUME}")}},
+                    "spec": {
+                        "capacity": {"storage": "16Mi"},
+                        "csi": {"driver": "csi.tandem.dev", "volumeHandle": format!("{NS}/{VOLUME}")},
+                        "claimRef": {"namespace": NS, "name": CLAIM},
+                    },
                 }),
             ),
             ("GET", "/apis/storage.k8s.io/v1/volumeattachments") => (
@@ -429,6 +500,14 @@ impl World {
                 json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachmentList", "metadata": {}, "items": []}),
             ),
             ("PATCH", p) if p.starts_with(&format!("/api/v1/namespaces/{NS}/services/")) => {
+                (200, body.clone())
+            }
+            ("PATCH", p)
+                if p == format!(
+                    "/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{VOLUME}-engines"
+                ) =>
+            {
+                self.budget = Some(body.clone());
                 (200, body.clone())
             }
             ("PATCH", p)
@@ -486,6 +565,15 @@ fn api_server(world: Arc<Mutex<World>>) -> (Client, JoinHandle<()>) {
 
 /// `default/data`: 16Mi on n1 (slot a) and n2 (slot b), hostPath engines, the given policy.
 fn volume_object(policy: FailoverPolicy, status: Option<&Value>) -> MirroredVolume {
+    volume_with_grace(policy, "60s", status)
+}
+
+/// [`volume_object`] with `spec.failover.engineRestartGrace`.
+fn volume_with_grace(
+    policy: FailoverPolicy,
+    grace: &str,
+    status: Option<&Value>,
+) -> MirroredVolume {
     let mut v = json!({
         "apiVersion": "tandem.dev/v1alpha1", "kind": "MirroredVolume",
         "metadata": {
@@ -497,7 +585,12 @@ fn volume_object(policy: FailoverPolicy, status: Option<&Value>) -> MirroredVolu
             "size": "16Mi",
             "placement": {"nodes": ["n1", "n2"]},
             "engineStorage": {"hostPath": "/var/lib/tandem"},
-            "failover": {"policy": format!("{policy:?}"), "peerTimeout": format!("{}s", PEER_TIMEOUT.as_secs()), "leaseMs": LEASE_MS},
+            "failover": {
+                "policy": format!("{policy:?}"),
+                "peerTimeout": format!("{}s", PEER_TIMEOUT.as_secs()),
+                "engineRestartGrace": grace,
+                "leaseMs": LEASE_MS,
+            },
         },
     });
     if let Some(s) = status {
@@ -520,6 +613,7 @@ impl Operator {
     fn new(pair: &Pair) -> Operator {
         let world = Arc::new(Mutex::new(World {
             node_ready: [true, true],
+            grace: "60s".into(),
             ..Default::default()
         }));
         {
@@ -563,8 +657,8 @@ impl Operator {
     async fn reconcile(&self, policy: FailoverPolicy) -> (Action, MirroredVolumeStatus) {
         let mv = {
             let mut w = self.world.lock().unwrap();
-            let mv = volume_object(policy, w.status.as_ref());
-            w.volume = serde_json::to_value(volume_object(policy, None)).unwrap();
+            let mv = volume_with_grace(policy, &w.grace, w.status.as_ref());
+            w.volume = serde_json::to_value(volume_with_grace(policy, &w.grace, None)).unwrap();
             mv
         };
         let result = mv.reconcile(self.ctx.clone()).await;
@@ -679,11 +773,11 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
     )
     .await;
     pair.a.kill();
-    // Its container restarts and fails; the pod stays unready past the peer timeout.
+    // Its container restarts and fails; the pod stays unready past the engine restart grace (60 s).
     op.world
         .lock()
         .unwrap()
-        .run_pod(Slot::A, "primary", false, 60);
+        .run_pod(Slot::A, "primary", false, 120);
 
     // WaitForPrimary: the operator asks, the engine refuses, nothing is promoted.
     let t = Instant::now();
@@ -1080,6 +1174,411 @@ async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
         }
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Disruptions that are not failures: an engine restart on a live node, a drain.
+
+/// What a writer saw: every write acknowledged (block, byte), every error the engine answered, and how
+/// often its connection broke.
+#[derive(Default)]
+struct Writes {
+    acked: Vec<(u64, u8)>,
+    errors: Vec<String>,
+    reconnects: usize,
+}
+
+/// A writer attached the way the CSI plugin's attachment is: pinned to `<volume>@<epoch>`, and when the
+/// connection breaks it reconnects (with a short back-off) and resends the unanswered write, so an engine
+/// restart is a stall. An error the engine answers (EIO) is what the workload would see: recorded.
+fn spawn_writer(
+    nbd: String,
+    epoch: u64,
+    writes: Arc<Mutex<Writes>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let export = format!("{VOLUME}@{epoch}");
+        let mut client: Option<NbdClient> = None;
+        let mut i: u64 = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let (block, byte) = (200 + i % 64, (i % 251) as u8 + 1);
+            let c = match client.as_mut() {
+                Some(c) => c,
+                None => match NbdClient::connect(&nbd, &export).await {
+                    Ok(c) => client.insert(c),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            match c.write(block * BLOCK, &vec![byte; BLOCK as usize]).await {
+                Ok(()) => {
+                    writes.lock().unwrap().acked.push((block, byte));
+                    i += 1;
+                }
+                Err(tandem_api::nbd::client::NbdError::Errno(e)) => {
+                    writes
+                        .lock()
+                        .unwrap()
+                        .errors
+                        .push(format!("errno {e} on block {block}"));
+                    i += 1;
+                }
+                // The connection broke: unanswered, so not acknowledged; resend after reconnecting.
+                Err(_) => {
+                    client = None;
+                    writes.lock().unwrap().reconnects += 1;
+                }
+            }
+        }
+    })
+}
+
+/// The model of a writer's acknowledged writes: the last byte per block.
+fn acked_model(writes: &Writes) -> BTreeMap<u64, u8> {
+    writes.acked.iter().copied().collect()
+}
+
+/// The primary's engine pod is deleted on a live node. The operator recreates it there as primary (no
+/// takeover), the engine comes back from its state dir at the same epoch, and a writer pinned to
+/// `data@1` that reconnects like the CSI attachment sees a stall, not an error: every write it got
+/// acknowledged reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_primary_pod_on_a_live_node_restarts_and_the_writer_only_stalls() {
+    let _serial = serial().await;
+    let (_dir, mut pair) = start_pair();
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(
+        (status.phase, status.epoch),
+        (Phase::Synced, 1),
+        "{status:?}"
+    );
+
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = spawn_writer(pair.a.nbd.clone(), 1, writes.clone(), stop.clone());
+    let acked = |n: usize| {
+        let writes = writes.clone();
+        move || {
+            let writes = writes.clone();
+            async move {
+                let w = writes.lock().unwrap();
+                if w.acked.len() >= n {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} acked, {} errors",
+                        w.acked.len(),
+                        w.errors.len()
+                    ))
+                }
+            }
+        }
+    };
+    eventually("the writer to get going", 20, acked(20)).await;
+
+    // `kubectl delete pod data-engine-a`: the pod object goes, the kubelet kills the engine.
+    op.world.lock().unwrap().pods.remove(&pod_name(Slot::A));
+    pair.a.kill();
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert!(
+        op.takeovers().is_empty(),
+        "an engine restart is not a failover"
+    );
+    assert_eq!(
+        (status.epoch, status.primary.as_ref().unwrap().slot),
+        (1, Slot::A)
+    );
+    let ready = condition(&status, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "EngineRestarting")
+    );
+    assert!(status.engine_restart.is_some(), "{status:?}");
+    {
+        let w = op.world.lock().unwrap();
+        assert!(
+            w.reasons().contains(&"EngineRestarting"),
+            "{:?}",
+            w.reasons()
+        );
+        assert_eq!(w.created.len(), 1);
+        let pod = &w.created[0];
+        assert_eq!(pod["metadata"]["name"], pod_name(Slot::A));
+        assert_eq!(pod["metadata"]["annotations"]["tandem.dev/role"], "primary");
+        assert_eq!(
+            pod["metadata"]["labels"]["tandem.dev/disruption-allowed"],
+            "false"
+        );
+    }
+    let stalled = writes.lock().unwrap().acked.len();
+
+    // The kubelet starts the recreated pod: same node, same state dir, same flags.
+    pair.a.restart().unwrap();
+    op.world
+        .lock()
+        .unwrap()
+        .run_pod(Slot::A, "primary", true, 0);
+    eventually("the writer to resume", 30, acked(stalled + 20)).await;
+    let mut seen = Vec::new();
+    let status = op
+        .reconcile_until(
+            FailoverPolicy::WaitForPrimary,
+            Phase::Synced,
+            30,
+            &mut seen,
+            &pair,
+        )
+        .await;
+    assert_eq!(status.engine_restart, None);
+    assert_eq!(
+        (status.epoch, status.primary.as_ref().unwrap().slot),
+        (1, Slot::A)
+    );
+    assert_eq!(condition(&status, "Ready").reason, "PrimaryServing");
+    assert!(op.takeovers().is_empty(), "no takeover at any point");
+    assert!(op
+        .world
+        .lock()
+        .unwrap()
+        .reasons()
+        .contains(&"EngineRestarted"));
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    let image = read_volume(&pair.a).await;
+    let writes = writes.lock().unwrap();
+    assert!(
+        writes.errors.is_empty(),
+        "the writer saw errors: {:?}",
+        writes.errors
+    );
+    assert!(writes.reconnects > 0, "the connection did break");
+    for (block, byte) in acked_model(&writes) {
+        let at = (block * BLOCK) as usize;
+        assert!(
+            image[at..at + BLOCK as usize].iter().all(|b| *b == byte),
+            "block {block}: acknowledged {byte:#x}, read {:#x}",
+            image[at]
+        );
+    }
+}
+
+/// The primary's engine does not come back within the grace (its pod stays Pending). The operator takes
+/// over, then deletes the workload pod on that node, staged before the takeover and pinned to the old
+/// epoch, so it stages again on the new primary; a workload pod on the other node is left alone.
+/// The old primary stays down longer than the secondary's lease promise (lease × 1.1 + 0.5 s, 11.5 s with
+/// the default --lease-ms): a forced takeover waits that out (LeaseHeld) and is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_engine_not_back_within_the_grace_is_taken_over_and_its_workload_restarted() {
+    let _serial = serial().await;
+    let (_dir, mut pair) = start_pair();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..8, 0x44);
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    {
+        let mut w = op.world.lock().unwrap();
+        w.grace = "1s".into();
+        w.run_workload("app-0", "n1", 600);
+        w.run_workload("reader-0", "n2", 600);
+    }
+    let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+
+    op.world.lock().unwrap().pods.remove(&pod_name(Slot::A));
+    pair.a.kill();
+    let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+    assert!(op.takeovers().is_empty(), "within the grace");
+    assert!(status.engine_restart.is_some());
+    assert!(
+        op.world
+            .lock()
+            .unwrap()
+            .pods
+            .contains_key(&pod_name(Slot::A)),
+        "recreated"
+    );
+    // The recreated pod never starts (say its image cannot be pulled): past the grace, the operator takes
+    // over with the loss the failover path knows.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+        if status.epoch == 2 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no takeover: {status:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    let takeover = status.takeover.as_ref().unwrap();
+    assert!(
+        ["PrimaryPodLost", "PrimaryUnready"].contains(&takeover.reason.as_str()),
+        "{takeover:?}"
+    );
+    assert_eq!(takeover.lost_blocks, 0, "the secondary was in sync");
+    assert!(op.takeovers().iter().all(|t| t.0 == Slot::B));
+    // Then the workload on the old primary's node is restarted (gracefully: its node is up).
+    let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+    {
+        let w = op.world.lock().unwrap();
+        assert!(
+            w.deletions.contains(&("app-0".to_string(), None)),
+            "{:?}",
+            w.deletions
+        );
+        assert!(
+            w.workloads.contains_key("reader-0"),
+            "the other node's pod stays"
+        );
+        let reasons = w.reasons();
+        let taken = reasons
+            .iter()
+            .position(|r| *r == "TakeoverCompleted")
+            .unwrap();
+        let restarted = reasons
+            .iter()
+            .position(|r| *r == "WorkloadRestarted")
+            .unwrap();
+        assert!(taken < restarted, "{reasons:?}");
+        assert!(reasons.contains(&"EngineRestarting"), "{reasons:?}");
+    }
+    assert_eq!(status.workload_restart, None, "done once the pod is gone");
+    assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
+}
+
+/// `kubectl drain` of the primary's node. The cordon makes the operator hand the primary over to the
+/// secondary (WaitForPrimary), with both pods kept by the PodDisruptionBudget; only once the old primary
+/// reports secondary and the new primary in sync with nothing pending is its pod labelled evictable. Every
+/// acknowledged write reads back on the new primary after the old one is evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordoned_primary_node_switches_over_then_lets_the_drain_evict_the_old_primary() {
+    let _serial = serial().await;
+    let (_dir, mut pair) = start_pair();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..8, 0x55);
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+    {
+        let w = op.world.lock().unwrap();
+        let budget = w.budget.as_ref().expect("a PodDisruptionBudget");
+        assert_eq!(budget["spec"]["maxUnavailable"], 0);
+        assert_eq!(
+            budget["spec"]["selector"]["matchLabels"],
+            json!({"tandem.dev/volume": VOLUME, "tandem.dev/disruption-allowed": "false"})
+        );
+        assert_eq!(
+            w.label(Slot::A).as_deref(),
+            Some("false"),
+            "the primary stays"
+        );
+        assert_eq!(
+            w.label(Slot::B).as_deref(),
+            Some("true"),
+            "an in-sync secondary may go"
+        );
+    }
+    // Writes the secondary has not applied yet when the node is cordoned.
+    pause(&pair.a, true).await;
+    write_blocks(&pair.a, &mut model, 4..12, 0x66);
+    pause(&pair.a, false).await;
+
+    op.world.lock().unwrap().node_cordoned[0] = true;
+    let mut seen = vec![Phase::Synced];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+        if seen.last() != Some(&status.phase) {
+            seen.push(status.phase);
+        }
+        if status.epoch == 2 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no switchover: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        op.takeovers(),
+        vec![(Slot::B, FailoverPolicy::WaitForPrimary, PEER_TIMEOUT)]
+    );
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert_eq!(
+        status.takeover.as_ref().unwrap().reason,
+        "SwitchoverForDrain"
+    );
+    {
+        let w = op.world.lock().unwrap();
+        assert!(
+            w.reasons().contains(&"SwitchoverForDrain"),
+            "{:?}",
+            w.reasons()
+        );
+        assert_eq!(
+            w.label(Slot::B).as_deref(),
+            Some("false"),
+            "the new primary stays"
+        );
+        assert_eq!(
+            w.label(Slot::A).as_deref(),
+            Some("false"),
+            "not before it is in sync"
+        );
+        assert!(w.deletions.is_empty(), "nothing is deleted by the operator");
+    }
+    // Writes on the new primary while the old one drains and reverses.
+    write_blocks(&pair.b, &mut model, 20..24, 0x77);
+
+    // The old primary's pod is released only once it is an in-sync secondary.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+        if seen.last() != Some(&status.phase) {
+            seen.push(status.phase);
+        }
+        if op.world.lock().unwrap().label(Slot::A).as_deref() == Some("true") {
+            assert_eq!(condition(&status, "NodeDrain").reason, "EvictionAllowed");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never released: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (a, b) = (
+        pair.a.status().await.unwrap(),
+        pair.b.status().await.unwrap(),
+    );
+    assert_eq!((role_name(a.role), a.epoch), ("secondary", 2), "{a:?}");
+    assert_eq!(
+        (b.pair(), b.pending_blocks),
+        (PairState::Synced, 0),
+        "{b:?}"
+    );
+    {
+        let w = op.world.lock().unwrap();
+        assert!(w.reasons().contains(&"SwitchoverDone"), "{:?}", w.reasons());
+        // Slot a's label went "true" once, last, after the switchover (the first "false" is the operator
+        // labelling the pods it found unlabelled).
+        let a_labels: Vec<&str> = w
+            .labels
+            .iter()
+            .filter(|(p, _)| *p == pod_name(Slot::A))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(a_labels, ["false", "true"], "{:?}", w.labels);
+    }
+
+    // The drain evicts it. Every acknowledged write is on the new primary.
+    op.world.lock().unwrap().pods.remove(&pod_name(Slot::A));
+    pair.a.terminate();
+    assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert_eq!(op.takeovers().len(), 1, "one switchover, no failover");
 }
 
 /// The operator is down while the primary's node is lost: a new operator (a fresh Context, as after a

@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::{
     core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service},
+    policy::v1::PodDisruptionBudget,
     storage::v1::VolumeAttachment,
 };
 use kube::{
@@ -100,7 +101,7 @@ impl MirroredVolume {
         if let Ok(children) = &plan.children {
             self.apply_children(ctx, children).await?;
         }
-        Ok(())
+        self.act_disruption(ctx, &plan.disruption).await
     }
 
     /// Grants the primary a write lease as the witness and remembers when. The time is read after the
@@ -191,6 +192,10 @@ impl MirroredVolume {
         let services: Api<Service> = Api::namespaced(client.clone(), &ns);
         for svc in &children.services {
             apply(&services, &svc.name_any(), svc).await?;
+        }
+        if let Some(pdb) = &children.budget {
+            let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+            apply(&api, &pdb.name_any(), pdb).await?;
         }
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         for pod in &children.pods {

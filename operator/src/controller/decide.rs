@@ -11,6 +11,7 @@ use kube::ResourceExt;
 
 use crate::{
     crd::{EngineRole, FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
+    disruption::{self, Switchover},
     engine::{EngineError, EngineState, TakeoverOutcome},
     failover::{self, GrantIntent, PodDeletion, ReleasePlan, TakeoverIntent},
     observed::{Observed, ROLE_ANNOTATION},
@@ -23,6 +24,16 @@ pub struct Note {
     pub warning: bool,
     pub reason: &'static str,
     pub text: String,
+}
+
+impl From<disruption::Event> for Note {
+    fn from(e: disruption::Event) -> Self {
+        Note {
+            warning: e.warning,
+            reason: e.reason,
+            text: e.text,
+        }
+    }
 }
 
 pub fn note(reason: &'static str, text: impl Into<String>) -> Note {
@@ -61,6 +72,8 @@ pub struct Plan {
     pub grant: Option<GrantIntent>,
     /// Children to create or apply, or why the spec cannot be turned into objects.
     pub children: Result<Desired, InvalidSpec>,
+    /// Engine pod disruption labels and workload restarts (`disruption`).
+    pub disruption: disruption::Actions,
 }
 
 /// What [`decide`] concluded.
@@ -179,7 +192,35 @@ fn assess(mv: &MirroredVolume, observed: Observed) -> (Pass, Option<TakeoverInte
         ));
     }
     let peer_timeout = mv.peer_timeout();
-    let decision = failover::decide(&mv.spec, &status, &observed, peer_timeout);
+    let grace = disruption::restart_grace(&mv.spec);
+    let (restart, events) = disruption::track_restart(&mut status, &observed, grace);
+    notes.extend(events.into_iter().map(Note::from));
+    let mut decision = failover::decide(&mv.spec, &status, &observed, peer_timeout);
+    disruption::gate_restart(&mut decision, restart, &status, &observed, peer_timeout);
+    if decision.takeover.is_none() && restart == disruption::Restart::Idle {
+        match disruption::switchover(&status, &observed, peer_timeout) {
+            Switchover::Go(intent) => {
+                notes.push(note(
+                    disruption::SWITCHOVER_REASON,
+                    format!(
+                        "node {} is cordoned: handing the primary over to the secondary on {}",
+                        observed.node(intent.to.other()).name,
+                        observed.node(intent.to).name
+                    ),
+                ));
+                decision.takeover = Some(intent);
+            }
+            Switchover::Blocked(why) => {
+                let shown = old.conditions.iter().any(|c| {
+                    c.type_ == disruption::DRAIN_CONDITION && c.reason == "SwitchoverBlocked"
+                });
+                if !shown {
+                    notes.push(warning("SwitchoverBlocked", why));
+                }
+            }
+            Switchover::None => {}
+        }
+    }
     if decision.takeover.is_none() {
         status.promotion_wait = None;
         if let Some(why) = failover::abandon_takeover(&mut status, &observed, peer_timeout) {
@@ -333,6 +374,16 @@ impl Pass {
             let every = Duration::from_millis(u64::from(g.lease_ms) / 3);
             self.requeue = Some(self.requeue.map_or(every, |r| r.min(every)));
         }
+        let looked = mv
+            .status
+            .as_ref()
+            .is_some_and(|s| s.engine_restart.is_some() || s.workload_restart.is_some());
+        let (disruption, events, recheck) =
+            disruption::finish(mv, &mut self.status, &self.observed, looked);
+        self.notes.extend(events.into_iter().map(Note::from));
+        if let Some(r) = recheck {
+            self.requeue = Some(self.requeue.map_or(r, |q| q.min(r)));
+        }
         let skip: Vec<Slot> = deletions.iter().map(|d| d.slot).collect();
         let token = self.observed.token.as_deref();
         let children = plan::desired(mv, &self.status, &self.observed, cfg, token, &skip);
@@ -348,6 +399,7 @@ impl Pass {
             release,
             grant: witness.grant,
             children,
+            disruption,
         }
     }
 
@@ -430,3 +482,7 @@ fn created(mv: &MirroredVolume, children: &Desired) -> Vec<Note> {
 #[cfg(test)]
 #[path = "decide_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "decide_disruption_tests.rs"]
+mod disruption_tests;

@@ -21,6 +21,7 @@ fn node(name: &str) -> NodeObs {
         ready: true,
         out_of_service: false,
         hostname: Some(name.into()),
+        unschedulable: false,
     }
 }
 
@@ -33,6 +34,7 @@ fn pod(slot: Slot, role: EngineRole) -> PodObs {
         not_ready_since: None,
         deleting: false,
         role: Some(role),
+        disruption_allowed: None,
     }
 }
 
@@ -158,8 +160,19 @@ fn a_missing_secondary_pod_is_recreated_as_secondary() {
 }
 
 #[test]
-fn a_missing_primary_pod_asks_the_secondary_to_take_over_first() {
-    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+fn a_missing_primary_pod_past_its_restart_grace_asks_the_secondary_to_take_over_first() {
+    let mut mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    if let Some(s) = mv.status.as_mut() {
+        s.engine_restart = Some(crate::crd::EngineRestart {
+            slot: Slot::A,
+            node: "n1".into(),
+            since: now()
+                .checked_sub(SignedDuration::from_secs(120))
+                .unwrap()
+                .to_string(),
+            reason: "engine pod missing".into(),
+        });
+    }
     let mut observed = pair();
     observed.pods[0] = None;
     observed.engines[0] = None;

@@ -174,7 +174,8 @@ impl MirroredVolume {
     }
 
     /// Workload pods of the volume's claim and the PV's VolumeAttachments on lost engine nodes (looked up
-    /// only when a node is lost and workloads may be released).
+    /// only when a node is lost and workloads may be released); and the claim's pods on the node of a
+    /// restart record (`status.engineRestart` / `workloadRestart`), which may have to be restarted.
     async fn stuck_workloads(
         &self,
         ctx: &Context,
@@ -182,24 +183,40 @@ impl MirroredVolume {
         pv: Option<&PvObs>,
     ) -> Result<(Vec<WorkloadPod>, Vec<(String, String)>)> {
         let lost: Vec<&NodeObs> = nodes.iter().filter(|n| n.is_lost()).collect();
-        if !self.spec.failover.release_workloads || lost.is_empty() {
+        let status = self.status.as_ref();
+        let mut look: Vec<String> = lost.iter().map(|n| n.name.clone()).collect();
+        let restart_nodes = status
+            .and_then(|s| s.engine_restart.as_ref().map(|r| r.node.clone()))
+            .into_iter()
+            .chain(status.and_then(|s| s.workload_restart.as_ref().map(|w| w.node.clone())));
+        for node in restart_nodes {
+            if !look.contains(&node) {
+                look.push(node);
+            }
+        }
+        if !self.spec.failover.release_workloads || look.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
         let mut workloads = Vec::new();
         if let Some((claim_ns, claim_name)) = pv.and_then(|p| p.claim.as_ref()) {
             let api: Api<Pod> = Api::namespaced(ctx.client.clone(), claim_ns);
-            for node in &lost {
-                let lp = ListParams::default().fields(&format!("spec.nodeName={}", node.name));
+            for node in &look {
+                let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
                 for p in api.list(&lp).await?.items {
                     if uses_claim(&p, claim_name) {
                         workloads.push(WorkloadPod {
                             namespace: claim_ns.clone(),
                             name: p.name_any(),
-                            node: node.name.clone(),
+                            node: node.clone(),
+                            created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                            deleting: p.metadata.deletion_timestamp.is_some(),
                         });
                     }
                 }
             }
+        }
+        if lost.is_empty() {
+            return Ok((workloads, Vec::new()));
         }
         let (ns, name) = self.key()?;
         let pv_name = names::pv(&ns, &name);

@@ -48,6 +48,13 @@ pub(super) fn settle(
         &names_of,
         None,
     );
+    crate::disruption::annotate(
+        &mut status,
+        &observed,
+        mv.metadata.generation,
+        mv.peer_timeout(),
+        crate::disruption::restart_grace(&mv.spec),
+    );
     let was_away = old
         .secondary
         .as_ref()
