@@ -691,7 +691,11 @@ mod tests {
             assert!(
                 t.is_pending(701),
                 "a write after {} is missing from the table after a crash",
-                if full_copy { "a full copy" } else { "mark_pending" }
+                if full_copy {
+                    "a full copy"
+                } else {
+                    "mark_pending"
+                }
             );
         }
     }
