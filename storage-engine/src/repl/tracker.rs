@@ -99,6 +99,12 @@ pub struct TrackState {
     acked_seq: u64,
     /// Blocks are pending that no journal record covers: the sender must resync from the table.
     resync_needed: bool,
+    /// The hot extents. Invariant: never holds an extent the `intent` file lacks (only `write`,
+    /// which stores the file before its data write, and `checkpoint`, which stores it before it
+    /// replaces this, add to it). A write finding its extent set here skips the fsync, so a bit
+    /// set only in memory would leave that write in neither file after a crash, and the returning
+    /// primary would not offer it back (replicas silently differing). Tests:
+    /// `tests::writes_in_extents_of_marked_blocks_survive_a_crash`, `tests/reboot_forced.rs`.
     intent: Bitmap,
     /// Checkpoint tick of each extent's last write: extents cool only after a quiet spell, so a busy
     /// region does not pay an intent fsync again and again (the idea of DRBD's activity log).
@@ -341,6 +347,7 @@ impl Tracker {
             for b in blocks.clone() {
                 s.pending.set(b);
                 s.last_seq.insert(b, IN_FLIGHT);
+                // Already set means already in the intent file (`TrackState::intent`).
                 if s.intent.set(b / EXTENT_BLOCKS) {
                     cold.push(b / EXTENT_BLOCKS);
                 }
@@ -455,18 +462,15 @@ impl Tracker {
         cleared
     }
 
-    /// Makes `set` pending (durably, with its extents hot) so a resync sends these blocks.
+    /// Makes `set` pending (durably: the table is stored) so a resync sends these blocks.
+    /// The intent extents are left alone: the stored table covers these blocks, and an extent
+    /// marked hot here without its fsync would let a later write in it skip the intent store
+    /// (see `TrackState::intent`).
     pub fn mark_pending(&self, set: &Bitmap) -> io::Result<()> {
         let turn = self.pending_file.turn();
         let snapshot = {
             let mut s = self.state();
             s.pending.union_with(set);
-            let extents: Vec<u64> = set.iter_ones().map(|b| b / EXTENT_BLOCKS).collect();
-            let tick = s.tick;
-            for e in extents {
-                s.intent.set(e);
-                s.last_touch[e as usize] = tick;
-            }
             for b in set.iter_ones() {
                 s.last_seq.insert(b, 0);
             }
@@ -489,15 +493,13 @@ impl Tracker {
     }
 
     /// Starts a table-driven resync: the journal restarts, and the blocks to send are returned.
-    /// With `extra`, those blocks (a new secondary's full copy) become pending too.
+    /// With `extra`, those blocks (a new secondary's full copy) become pending too (in memory: a
+    /// restart finds the peer still NeedsFull and copies again). No intent extent is set here
+    /// (see `TrackState::intent`).
     pub fn begin_resync(&self, extra: Option<&Bitmap>) -> (u64, Bitmap) {
         let mut s = self.state();
         if let Some(x) = extra {
             s.pending.union_with(x);
-            let extents: Vec<u64> = x.iter_ones().map(|b| b / EXTENT_BLOCKS).collect();
-            for e in extents {
-                s.intent.set(e);
-            }
         }
         s.journal.reset();
         s.resync_needed = false;
@@ -657,6 +659,45 @@ mod tests {
             on_disk.get(700),
             "the block marked pending was lost from the stored table"
         );
+    }
+
+    /// A write after `mark_pending` (a returning peer's blocks, a forced promotion's losses) or a
+    /// full copy's resync, in one of their extents, is covered after a crash that came before any
+    /// checkpoint: those set no intent bit in memory that the intent file lacks, so the write
+    /// stores it. Before, the write skipped the intent store and was in neither file; the
+    /// restarted primary did not offer it back and the replicas differed (the partition
+    /// campaign's "reboot (primary) + forced takeover" round).
+    #[test]
+    fn writes_in_extents_of_marked_blocks_survive_a_crash() {
+        for full_copy in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            {
+                let t = tracker(d.path());
+                let mut set = Bitmap::new(4096);
+                set.set(700);
+                if full_copy {
+                    t.begin_resync(Some(&set));
+                    t.checkpoint(|| Ok(()), false).unwrap();
+                } else {
+                    t.mark_pending(&set).unwrap();
+                }
+                // The peer stored block 700: the table no longer holds it.
+                t.forget(&[700]);
+                t.checkpoint(|| Ok(()), false).unwrap();
+                put(&t, 701);
+                // A crash here: no checkpoint stored the table since the write.
+            }
+            let t = tracker(d.path());
+            assert!(
+                t.is_pending(701),
+                "a write after {} is missing from the table after a crash",
+                if full_copy {
+                    "a full copy"
+                } else {
+                    "mark_pending"
+                }
+            );
+        }
     }
 
     #[test]

@@ -102,7 +102,14 @@ impl Volume {
     }
 
     /// First message of a replication stream: where this replica stands.
+    ///
+    /// Invariant: one snapshot, taken under `transitions`: a step-down racing the hello is seen
+    /// whole or not at all. Read piecemeal, the table was read while still primary (nothing to
+    /// resend) and the role and epoch after the step-down, so the new primary took a secondary
+    /// that offered nothing and never overwrote its unsent writes (replicas silently differing).
+    /// Test: `tests/reboot_forced.rs`.
     pub fn replica_hello(&self) -> pb::ReplicationAck {
+        let _one = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
         let resend = match (&self.repl, self.role()) {
             (Some(r), Role::Secondary) => {
                 let pending = r.tracker.pending();
@@ -114,6 +121,7 @@ impl Volume {
             }
             _ => Vec::new(),
         };
+        self.areas.seams.hit("replica.hello.table_read");
         let (losses_checked_epoch, losses_exported) = self.losses.finished().unwrap_or((0, 0));
         let r = self.replica();
         pb::ReplicationAck {
@@ -551,6 +559,58 @@ mod tests {
             v.replica().peer_pending.as_ref().map(Bitmap::count),
             Some(0)
         );
+    }
+
+    /// A step-down racing a stream's first message: the hello is the state before it (a primary,
+    /// which the new primary does not stream to) or after it (a secondary offering its table),
+    /// never a secondary offering nothing. The hello is held after it read the table; without the
+    /// snapshot the step-down finished meanwhile and the hello said "secondary, nothing unsent".
+    #[test]
+    fn a_hello_racing_a_step_down_offers_the_table_whenever_it_says_secondary() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = VolumeConfig {
+            initial_role: Role::Primary,
+            ..crate::takeover::tests::base_config(d.path())
+        };
+        let v = Volume::open(&cfg).unwrap();
+        let mut unsent = Bitmap::new(blocks_in(v.size()));
+        unsent.set(7);
+        v.repl
+            .as_ref()
+            .unwrap()
+            .tracker
+            .mark_pending(&unsent)
+            .unwrap();
+        let held = v.areas.seams.arm("replica.hello.table_read");
+        let hello = {
+            let v = Arc::clone(&v);
+            std::thread::spawn(move || v.replica_hello())
+        };
+        assert!(held.wait_arrived(), "the hello never read the table");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let down = {
+            let v = Arc::clone(&v);
+            std::thread::spawn(move || {
+                let r = crate::takeover::tests::block_on(v.step_down(5));
+                let _ = tx.send(());
+                r
+            })
+        };
+        // With the snapshot the step-down waits for the hello; without it, it finishes here.
+        let _ = rx.recv_timeout(std::time::Duration::from_millis(300));
+        held.release();
+        let h = hello.join().unwrap();
+        down.join().unwrap().unwrap();
+        assert_eq!(v.role(), Role::Secondary);
+        if h.role == pb::Role::Secondary as i32 {
+            assert_eq!(h.epoch, 5);
+            assert!(
+                !h.resend_bitmap.is_empty(),
+                "a secondary at the new epoch offered no unsent table"
+            );
+        } else {
+            assert_eq!((h.role, h.epoch), (pb::Role::Primary as i32, 1));
+        }
     }
 
     /// AT-30: a message from an older epoch is refused and nothing of its batch is written;
