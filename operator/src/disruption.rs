@@ -215,6 +215,7 @@ pub fn track_restart(
 pub fn gate_restart(
     decision: &mut FailoverDecision,
     restart: Restart,
+    spec: &MirroredVolumeSpec,
     status: &MirroredVolumeStatus,
     observed: &Observed,
     peer_timeout: Duration,
@@ -233,25 +234,14 @@ pub fn gate_restart(
                 return;
             }
             let primary = primary_slot(status);
-            let secondary = primary.other();
             let loss = match observed.pod(primary) {
                 Some(p) if !p.is_gone() => Loss::PodUnready,
                 _ => Loss::PodLost,
             };
-            if slot_health(observed, secondary, peer_timeout) == Health::Healthy
-                && observed.engine(secondary).is_some()
-            {
-                // A handoff: the recreated engine may answer and hand its table over. If it never
-                // does, its pod stays unready past peerTimeout and `failover::decide` takes it as
-                // lost, with the lease rules of a forced promotion.
-                decision.takeover = Some(TakeoverIntent {
-                    to: secondary,
-                    reason: loss.reason(),
-                    force: false,
-                    timeout: peer_timeout,
-                    wait: None,
-                });
-            }
+            // The same rules as any lost primary: a handoff if the engine answers, else a forced
+            // promotion once its lease has provably run out, by the volume's policy.
+            *decision =
+                crate::failover::decide_for_loss(spec, status, observed, peer_timeout, loss);
         }
     }
 }

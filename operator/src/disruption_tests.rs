@@ -47,6 +47,7 @@ fn pod(slot: Slot, allowed: Option<bool>) -> PodObs {
 /// Slot a primary at epoch 1, in sync with slot b.
 fn synced() -> Observed {
     Observed {
+        witness: crate::witness::LeaseClock::long_ago(10_000),
         now: now(),
         nodes: [node("n1"), node("n2")],
         pods: [
@@ -90,9 +91,16 @@ fn a_restart_within_the_grace_is_not_a_failover() {
     let r = st.engine_restart.clone().unwrap();
     assert_eq!((r.slot, r.node.as_str()), (Slot::A, "n1"));
     // The failover path alone would take over at once; the restart rule holds it back.
-    let mut d = crate::failover::decide(&st, &o, T);
+    let mut d = crate::failover::decide(&crate::crd::MirroredVolumeSpec::default(), &st, &o, T);
     assert!(d.takeover.is_some(), "the failover path sees a pod loss");
-    gate_restart(&mut d, restart, &st, &o, T);
+    gate_restart(
+        &mut d,
+        restart,
+        &crate::crd::MirroredVolumeSpec::default(),
+        &st,
+        &o,
+        T,
+    );
     assert_eq!((d.takeover, d.recheck), (None, Some(GRACE)));
 
     // Seen again 59 s later, the grace is counted from the first sight.
@@ -136,15 +144,21 @@ fn after_the_grace_the_failover_loss_is_taken_over() {
     });
     let (restart, _) = track_restart(&mut st, &o, GRACE);
     assert_eq!(restart, Restart::Expired);
-    let mut d = crate::failover::decide(&st, &o, T);
+    let mut d = crate::failover::decide(&crate::crd::MirroredVolumeSpec::default(), &st, &o, T);
     assert_eq!(d.takeover, None);
-    gate_restart(&mut d, restart, &st, &o, T);
+    gate_restart(
+        &mut d,
+        restart,
+        &crate::crd::MirroredVolumeSpec::default(),
+        &st,
+        &o,
+        T,
+    );
+    let t = d.takeover.expect("a takeover past the grace");
+    // WaitForPrimary (the default spec): a handoff, never forced.
     assert_eq!(
-        d.takeover,
-        Some(TakeoverIntent {
-            to: Slot::B,
-            reason: "PrimaryUnready"
-        })
+        (t.to, t.reason, t.force),
+        (Slot::B, "PrimaryUnready", false)
     );
     // A restart whose engine came back ends without a takeover.
     let o = synced();
@@ -223,9 +237,9 @@ fn a_cordoned_primary_node_switches_over_only_to_a_healthy_secondary() {
         panic!("{:?}", switchover(&st, &o, T))
     };
     assert_eq!((intent.to, intent.reason), (Slot::B, SWITCHOVER_REASON));
-    assert_eq!(
-        takeover_policy(&intent, FailoverPolicy::ForcePromote),
-        FailoverPolicy::WaitForPrimary
+    assert!(
+        !intent.force,
+        "a planned switchover is a handoff, never forced"
     );
     // Async lag is fine: the handoff carries the table.
     o.engines[0].as_mut().unwrap().pair_state = PairState::Replicating;

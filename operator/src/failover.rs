@@ -323,7 +323,6 @@ pub fn decide(
         return decision;
     }
     let primary = primary_slot(status);
-    let secondary = primary.other();
     let loss = match slot_health(observed, primary, peer_timeout) {
         Health::Lost(loss) => loss,
         Health::Starting(Some(left)) => {
@@ -334,6 +333,22 @@ pub fn decide(
         Health::Absent if observed.engine(primary).is_none() => Loss::PodLost,
         _ => return decision,
     };
+    decide_for_loss(spec, status, observed, peer_timeout, loss)
+}
+
+/// What to do about a primary lost for `loss`: a handoff, or a forced promotion once the old primary's
+/// lease has provably run out (and the policy allows it). Also used when an engine restart on a live node
+/// outlasted its grace (`disruption::gate_restart`).
+pub fn decide_for_loss(
+    spec: &MirroredVolumeSpec,
+    status: &MirroredVolumeStatus,
+    observed: &Observed,
+    peer_timeout: Duration,
+    loss: Loss,
+) -> FailoverDecision {
+    let mut decision = FailoverDecision::default();
+    let primary = primary_slot(status);
+    let secondary = primary.other();
     let secondary_ok = slot_health(observed, secondary, peer_timeout) == Health::Healthy;
     let Some(engine) = observed.engine(secondary).filter(|_| secondary_ok) else {
         if loss != Loss::PodLost || observed.pod(primary).is_some() {

@@ -196,7 +196,14 @@ fn assess(mv: &MirroredVolume, observed: Observed) -> (Pass, Option<TakeoverInte
     let (restart, events) = disruption::track_restart(&mut status, &observed, grace);
     notes.extend(events.into_iter().map(Note::from));
     let mut decision = failover::decide(&mv.spec, &status, &observed, peer_timeout);
-    disruption::gate_restart(&mut decision, restart, &status, &observed, peer_timeout);
+    disruption::gate_restart(
+        &mut decision,
+        restart,
+        &mv.spec,
+        &status,
+        &observed,
+        peer_timeout,
+    );
     if decision.takeover.is_none() && restart == disruption::Restart::Idle {
         match disruption::switchover(&status, &observed, peer_timeout) {
             Switchover::Go(intent) => {

@@ -57,6 +57,7 @@ fn workload(name: &str, node: &str, created: Timestamp) -> WorkloadPod {
 /// Slot a primary at epoch 1 on n1, in sync with slot b on n2; the PV is bound to apps/data.
 fn pair() -> Observed {
     Observed {
+        witness: crate::witness::LeaseClock::long_ago(10_000),
         now: now(),
         nodes: [node("n1"), node("n2")],
         pods: [
