@@ -75,9 +75,22 @@ impl Volume {
         !self.areas.active()
     }
 
-    /// Whether a plain write completes without waiting for the peer.
+    /// Whether a plain write completes without waiting for the peer or for a lease. A write that may
+    /// wait must not run inline on the connection's reader: the replies of earlier writes sit in the
+    /// connection's buffer until the reader is idle, so a wait there would send them late, possibly
+    /// after the lease that vouched for them ran out (the partition campaign's `AckAfterLease`). So a
+    /// write runs inline only while the lease has room left for it (100 ms, far more than a quick write
+    /// takes).
     pub fn write_is_quick(&self) -> bool {
-        !self.areas.active() && !matches!(&self.repl, Some(r) if r.mode == Mode::Sync)
+        !self.areas.active()
+            && match &self.repl {
+                None => true,
+                Some(r) => {
+                    r.mode != Mode::Sync
+                        && (!r.lease.enabled()
+                            || r.lease.remaining() > std::time::Duration::from_millis(100))
+                }
+            }
     }
 
     /// Whether a host session may open now; `Ok(true)` means read-only (a secondary with
