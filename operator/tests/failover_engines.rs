@@ -85,8 +85,16 @@ fn role_name(role: i32) -> &'static str {
 /// Engine slot a (the first primary, on node n1) and slot b (its secondary, on n2), each knowing the
 /// other's real gRPC address, in a directory that outlives them.
 fn start_pair() -> (tempfile::TempDir, Pair) {
+    start_pair_with(&[], |b| b.linked())
+}
+
+/// [`start_pair`] with more `serve` flags for both and a last change of the builder (links).
+fn start_pair_with(
+    extra: &[&str],
+    link: impl FnOnce(tandem_testkit::PairBuilder) -> tandem_testkit::PairBuilder,
+) -> (tempfile::TempDir, Pair) {
     let dir = tempfile::tempdir().unwrap();
-    let pair = Pair::builder(dir.path())
+    let builder = Pair::builder(dir.path())
         .volume(VOLUME)
         .size(&SIZE.to_string())
         .token(&format!("{TOKEN}\n"))
@@ -97,8 +105,9 @@ fn start_pair() -> (tempfile::TempDir, Pair) {
             "--lease-wait-ms",
             "1000",
         ])
-        .a(|e| e.role("primary"))
-        .linked()
+        .args(extra)
+        .a(|e| e.role("primary"));
+    let pair = link(builder)
         .start()
         .unwrap_or_else(|e| panic!("{e:#}"));
     (dir, pair)
@@ -121,6 +130,73 @@ async fn wait_synced(pair: &Pair) {
         }
     })
     .await;
+}
+
+/// The network between the two engines, one direction: a TCP relay in front of one engine's gRPC port
+/// that forwards while up. Cut, it closes every connection it carries and each new one at once: the
+/// engine behind it is unreachable for the other engine, while hosts and the operator (which do not
+/// go through it) still see whatever the test lets them see.
+struct Relay {
+    addr: String,
+    target: Arc<Mutex<Option<String>>>,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    /// Listens at once (inside the test's runtime); connections are refused until `forward_to`.
+    fn bind() -> Relay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        let relay = Relay {
+            addr: l.local_addr().unwrap().to_string(),
+            target: Arc::default(),
+            up: tokio::sync::watch::Sender::new(true),
+        };
+        let (target, up) = (relay.target.clone(), relay.up.clone());
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let target = target.lock().unwrap().clone();
+                let mut up = up.subscribe();
+                tokio::spawn(async move {
+                    let Some(target) = target.filter(|_| *up.borrow()) else {
+                        return;
+                    };
+                    let Ok(mut t) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut c, &mut t) => {}
+                        _ = up.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        relay
+    }
+
+    fn forward_to(&self, target: &str) {
+        *self.target.lock().unwrap() = Some(target.to_string());
+    }
+
+    /// The partition (false) or its end (true).
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+/// [`start_pair`] whose engines reach each other only through relays: `.0` in front of a (b's peer),
+/// `.1` in front of b (a's peer).
+fn start_relayed_pair() -> (tempfile::TempDir, Pair, Relay, Relay) {
+    let (to_a, to_b) = (Relay::bind(), Relay::bind());
+    let (dir, pair) = start_pair_with(&[], |builder| {
+        builder
+            .a(|e| e.peer(&to_b.addr))
+            .b(|e| e.peer(&to_a.addr))
+    });
+    to_a.forward_to(&pair.a.grpc);
+    to_b.forward_to(&pair.b.grpc);
+    (dir, pair, to_a, to_b)
 }
 
 /// Polls `f` until it answers Ok, failing the test with its last answer after `secs`.
@@ -196,6 +272,9 @@ struct Routed {
     takeovers: Mutex<Vec<(Slot, FailoverPolicy, Duration)>>,
     /// When each forced Takeover was asked.
     forced_at: Mutex<Vec<Instant>>,
+    /// The target's `promise_remaining_ms` (read just before) and `peer_backlog_blocks` at each forced
+    /// Takeover.
+    forced_seen: Mutex<Vec<(u64, u64)>>,
     /// Every lease grant: (slot, allow_async).
     grants: Mutex<Vec<(Slot, bool)>>,
 }
@@ -249,10 +328,15 @@ impl EngineApi for Routed {
                 .lock()
                 .unwrap()
                 .push((self.slot_of(target), policy, timeout));
+            let local = self.route(target)?;
             if policy == FailoverPolicy::ForcePromote {
+                let seen = self.grpc.status(&local).await?;
+                self.forced_seen
+                    .lock()
+                    .unwrap()
+                    .push((seen.promise_remaining_ms, seen.peer_backlog_blocks));
                 self.forced_at.lock().unwrap().push(Instant::now());
             }
-            let local = self.route(target)?;
             self.grpc.takeover(&local, policy, timeout).await
         })
     }
@@ -304,6 +388,8 @@ struct World {
     node_cordoned: [bool; 2],
     /// `spec.failover.engineRestartGrace` of the volume.
     grace: String,
+    /// Merged into the volume's spec (`replication.mode`, `failover.maxLossBytes`); null: nothing.
+    spec_patch: Value,
     /// Workload pods using the volume's claim, by name.
     workloads: BTreeMap<String, Value>,
     /// The PodDisruptionBudget the operator applied.
@@ -599,6 +685,19 @@ fn volume_with_grace(
     serde_json::from_value(v).unwrap()
 }
 
+/// Merges `patch` into `v`, object by object (a JSON merge patch without deletions).
+fn merge(v: &mut Value, patch: &Value) {
+    match (v, patch) {
+        (Value::Object(v), Value::Object(p)) => {
+            for (k, pv) in p {
+                merge(v.entry(k.clone()).or_insert(Value::Null), pv);
+            }
+        }
+        (_, Value::Null) => {}
+        (v, p) => *v = p.clone(),
+    }
+}
+
 /// The operator: its Context over the fake API server and the routed real engine client.
 struct Operator {
     /// When this operator (its Context, its witness memory) started.
@@ -657,8 +756,14 @@ impl Operator {
     async fn reconcile(&self, policy: FailoverPolicy) -> (Action, MirroredVolumeStatus) {
         let mv = {
             let mut w = self.world.lock().unwrap();
-            let mv = volume_with_grace(policy, &w.grace, w.status.as_ref());
-            w.volume = serde_json::to_value(volume_with_grace(policy, &w.grace, None)).unwrap();
+            let patched = |status: Option<&Value>| {
+                let mut v =
+                    serde_json::to_value(volume_with_grace(policy, &w.grace, status)).unwrap();
+                merge(&mut v["spec"], &w.spec_patch);
+                v
+            };
+            let mv: MirroredVolume = serde_json::from_value(patched(w.status.as_ref())).unwrap();
+            w.volume = patched(None);
             mv
         };
         let result = mv.reconcile(self.ctx.clone()).await;
@@ -1184,7 +1289,11 @@ async fn lost_node_with_a_live_primary_hands_over_drains_reverses_and_syncs() {
 #[derive(Default)]
 struct Writes {
     acked: Vec<(u64, u8)>,
+    /// When each acknowledgement (of `acked`, same order) reached the writer.
+    acked_at: Vec<Instant>,
     errors: Vec<String>,
+    /// When each error (of `errors`) reached the writer.
+    errors_at: Vec<Instant>,
     reconnects: usize,
 }
 
@@ -1215,15 +1324,15 @@ fn spawn_writer(
             };
             match c.write(block * BLOCK, &vec![byte; BLOCK as usize]).await {
                 Ok(()) => {
-                    writes.lock().unwrap().acked.push((block, byte));
+                    let mut w = writes.lock().unwrap();
+                    w.acked.push((block, byte));
+                    w.acked_at.push(Instant::now());
                     i += 1;
                 }
                 Err(tandem_api::nbd::client::NbdError::Errno(e)) => {
-                    writes
-                        .lock()
-                        .unwrap()
-                        .errors
-                        .push(format!("errno {e} on block {block}"));
+                    let mut w = writes.lock().unwrap();
+                    w.errors.push(format!("errno {e} on block {block}"));
+                    w.errors_at.push(Instant::now());
                     i += 1;
                 }
                 // The connection broke: unanswered, so not acknowledged; resend after reconnecting.
@@ -1645,4 +1754,405 @@ async fn operator_down_during_a_node_loss_waits_a_lease_from_its_start() {
     assert_eq!(status.lease.as_ref().map(|l| l.node.as_str()), Some("n2"));
     // Every byte the old primary had replicated is served by the new one.
     assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forced promotions by policy, and the lease that makes them safe.
+
+/// Waits until the writer has `n` acknowledgements.
+async fn wait_acked(writes: &Arc<Mutex<Writes>>, n: usize, secs: u64) {
+    eventually("the writer's acknowledgements", secs, || async {
+        let w = writes.lock().unwrap();
+        if w.acked.len() >= n {
+            Ok(())
+        } else {
+            Err(format!("{} acked, {} errors", w.acked.len(), w.errors.len()))
+        }
+    })
+    .await;
+}
+
+/// The write the writer had sent and never got an answer to (its connection died with the engine):
+/// the engine may or may not have applied it.
+fn unanswered(writes: &Writes) -> (u64, u8) {
+    let i = (writes.acked.len() + writes.errors.len()) as u64;
+    (200 + i % 64, (i % 251) as u8 + 1)
+}
+
+/// Reconciles until the status has `epoch`, failing after `secs`.
+async fn reconcile_to_epoch(
+    op: &Operator,
+    policy: FailoverPolicy,
+    epoch: u64,
+    secs: u64,
+) -> MirroredVolumeStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (_, status) = op.reconcile(policy).await;
+        if status.epoch == epoch {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no epoch {epoch} within {secs}s: {status:?}\ntakeovers {:?}",
+            op.takeovers()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A Sync pair loses its primary's node with a writer on it. An in-sync Sync secondary holds every
+/// acknowledged write, so the operator promotes it by force whatever the async policy (here
+/// WaitForPrimary, which never forces an async pair), but only once its own guard since its start and
+/// the secondary's promise to the old primary are over; then it grants the new primary a lease, and
+/// every write the writer got acknowledged reads back on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_node_loss_promotes_the_in_sync_secondary_after_the_lease_with_nothing_lost() {
+    let _serial = serial().await;
+    let (_dir, mut pair) = start_pair_with(&["--replication", "sync"], |b| b.linked());
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    op.world.lock().unwrap().spec_patch = json!({"replication": {"mode": "Sync"}});
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(
+        (status.phase, status.epoch),
+        (Phase::Synced, 1),
+        "{status:?}"
+    );
+
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = spawn_writer(pair.a.nbd.clone(), 1, writes.clone(), stop.clone());
+    wait_acked(&writes, 20, 20).await;
+
+    // Node n1 is lost with its engine.
+    op.world.lock().unwrap().node_ready[0] = false;
+    pair.a.kill();
+    let status = reconcile_to_epoch(&op, FailoverPolicy::WaitForPrimary, 2, 30).await;
+
+    let takeovers = op.takeovers();
+    let (last, handoffs) = takeovers.split_last().unwrap();
+    assert_eq!(
+        *last,
+        (Slot::B, FailoverPolicy::ForcePromote, PEER_TIMEOUT),
+        "{takeovers:?}"
+    );
+    assert!(
+        handoffs
+            .iter()
+            .all(|t| t.1 == FailoverPolicy::WaitForPrimary),
+        "only handoffs were tried before: {takeovers:?}"
+    );
+    let forced_at = op.engines.forced_at.lock().unwrap().clone();
+    assert!(
+        forced_at[0] >= op.started + WITNESS_WAIT,
+        "forced {:?} after the operator started, before its guard",
+        forced_at[0] - op.started
+    );
+    let (promise, _) = op.engines.forced_seen.lock().unwrap()[0];
+    assert_eq!(promise, 0, "forced while the secondary's promise ran");
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert!(status.promotion_wait.is_none(), "{status:?}");
+    let takeover = status.takeover.as_ref().unwrap();
+    assert_eq!(takeover.reason, "PrimaryNodeLost");
+    assert_eq!(takeover.fence.as_deref(), Some("LeaseExpired"));
+    assert_eq!(takeover.lost_blocks, 0, "Sync in sync loses nothing");
+    assert_eq!(status.lease.as_ref().map(|l| l.node.as_str()), Some("n2"));
+    assert_eq!(
+        op.engines.grants.lock().unwrap().last(),
+        Some(&(Slot::B, false))
+    );
+    let b = pair.b.status().await.unwrap();
+    assert_eq!(
+        (role_name(b.role), b.epoch, b.lost_blocks),
+        ("primary", 2, 0),
+        "{b:?}"
+    );
+    assert!(b.lease_remaining_ms > 0, "{b:?}");
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    let writes = writes.lock().unwrap();
+    assert!(writes.errors.is_empty(), "{:?}", writes.errors);
+    let image = read_volume(&pair.b).await;
+    let (open_block, open_byte) = unanswered(&writes);
+    for (block, byte) in acked_model(&writes) {
+        let at = (block * BLOCK) as usize;
+        let got = &image[at..at + BLOCK as usize];
+        // The one write in flight when the engine died may have reached the secondary.
+        let ok = got.iter().all(|b| *b == byte)
+            || (block == open_block && got.iter().all(|b| *b == open_byte));
+        assert!(
+            ok,
+            "block {block}: acknowledged {byte:#x}, the new primary reads {:#x}",
+            got[0]
+        );
+    }
+    eprintln!(
+        "MEASURED sync node loss: {} writes acknowledged, forced {:?} after the operator started, {} handoff tries",
+        writes.acked.len(),
+        forced_at[0] - op.started,
+        handoffs.len()
+    );
+}
+
+/// An async pair under policy MaxLoss loses its primary's node with a backlog (24 blocks, 96 KiB) the
+/// secondary knows from the last heartbeat. With maxLossBytes 16Ki the operator does not force: the status
+/// says MaxLossExceeded with both numbers, however long it waits. With a bound above the backlog it
+/// forces (after the lease) and reports the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_loss_forces_only_within_its_bound() {
+    let _serial = serial().await;
+    let (_dir, mut pair) = start_pair();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..8, 0x11);
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    op.world.lock().unwrap().spec_patch = json!({"failover": {"maxLossBytes": "16Ki"}});
+    let (_, status) = op.reconcile(FailoverPolicy::MaxLoss).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+
+    // One record per block on a one-block-per-second link whose acknowledgements the primary holds: its
+    // heartbeats name all 24 blocks as not replicated; the secondary has at most the first few.
+    pair.a
+        .fault(pb::FaultRequest {
+            rate_bytes_per_sec: Some(4096),
+            hold_acks: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    write_each_block(&pair.a, &mut model, 300..324, 0x5a);
+    eventually("the secondary to know the backlog", 20, || async {
+        let b = pair.b.status().await.unwrap();
+        if b.peer_backlog_blocks == 24 {
+            Ok(())
+        } else {
+            Err(format!("{b:?}"))
+        }
+    })
+    .await;
+    op.world.lock().unwrap().node_ready[0] = false;
+    pair.a.kill();
+
+    // Past every wait (the operator's guard, the secondary's promise): still no force.
+    let until = Instant::now().max(op.started + WITNESS_WAIT) + Duration::from_secs(2);
+    let mut passes = 0;
+    while Instant::now() < until || passes < 2 {
+        let (_, status) = op.reconcile(FailoverPolicy::MaxLoss).await;
+        passes += 1;
+        assert_eq!(
+            (status.epoch, status.primary.as_ref().unwrap().slot),
+            (1, Slot::A),
+            "{status:?}"
+        );
+        let wait = status.promotion_wait.as_ref().expect("why it waits");
+        assert_eq!(wait.reason, "MaxLossExceeded", "{wait:?}");
+        assert!(
+            wait.message.contains("98304") && wait.message.contains("16384"),
+            "{}",
+            wait.message
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        op.takeovers()
+            .iter()
+            .all(|t| t.1 == FailoverPolicy::WaitForPrimary),
+        "{:?}",
+        op.takeovers()
+    );
+    assert!(op.engines.forced_at.lock().unwrap().is_empty());
+    let b = pair.b.status().await.unwrap();
+    assert_eq!((role_name(b.role), b.epoch), ("secondary", 1), "{b:?}");
+
+    // The bound raised above the backlog: forced, and the loss is reported.
+    op.world.lock().unwrap().spec_patch = json!({"failover": {"maxLossBytes": "128Ki"}});
+    let status = reconcile_to_epoch(&op, FailoverPolicy::MaxLoss, 2, 20).await;
+    assert_eq!(
+        op.takeovers().last(),
+        Some(&(Slot::B, FailoverPolicy::ForcePromote, PEER_TIMEOUT))
+    );
+    assert_eq!(
+        op.engines.forced_seen.lock().unwrap().clone(),
+        vec![(0, 24)],
+        "(promise left, backlog) when forced"
+    );
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert!(status.promotion_wait.is_none(), "{status:?}");
+    let takeover = status.takeover.as_ref().unwrap();
+    assert_eq!(takeover.fence.as_deref(), Some("LeaseExpired"));
+    assert!((1..=24).contains(&takeover.lost_blocks), "{takeover:?}");
+    let b = pair.b.status().await.unwrap();
+    assert_eq!(
+        (role_name(b.role), b.epoch, b.lost_blocks),
+        ("primary", 2, takeover.lost_blocks),
+        "{b:?}"
+    );
+    assert_eq!(status.lease.as_ref().map(|l| l.node.as_str()), Some("n2"));
+    // What the new primary serves: everything but the lost blocks, each counted.
+    let image = read_volume(&pair.b).await;
+    let differ: Vec<usize> = image
+        .chunks(BLOCK as usize)
+        .zip(model.chunks(BLOCK as usize))
+        .enumerate()
+        .filter(|(_, (got, want))| got != want)
+        .map(|(block, _)| block)
+        .collect();
+    assert!(
+        !differ.is_empty() && differ.len() as u64 <= takeover.lost_blocks,
+        "{} counted lost, blocks {differ:?} differ",
+        takeover.lost_blocks
+    );
+    assert!(differ.iter().all(|b| (300..324).contains(b)), "{differ:?}");
+    eprintln!(
+        "MEASURED max loss: refused to force with a 98304-byte backlog over a 16384-byte bound; forced \
+         within 131072: {} blocks counted lost, {} differ",
+        takeover.lost_blocks,
+        differ.len()
+    );
+}
+
+/// The primary is partitioned from its secondary and from the operator, alive, with a writer on it that
+/// still reaches it. It acknowledges nothing later than the cut + its lease (its last renewal was sent
+/// before the cut), then refuses writes (EIO); the operator forces the secondary only once that lease
+/// has provably run out, and every write acknowledged before the promotion either reads back on the new
+/// primary or is counted in its lost_blocks once the old primary returns and compares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_primary_stops_acknowledging_before_the_operator_promotes() {
+    let _serial = serial().await;
+    let (_dir, mut pair, to_a, to_b) = start_relayed_pair();
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    let (_, status) = op.reconcile(FailoverPolicy::ForcePromote).await;
+    assert_eq!(
+        (status.phase, status.epoch),
+        (Phase::Synced, 1),
+        "{status:?}"
+    );
+
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = spawn_writer(pair.a.nbd.clone(), 1, writes.clone(), stop.clone());
+    wait_acked(&writes, 20, 20).await;
+
+    // The cut: the engines no longer reach each other, the operator no longer reaches the primary, and
+    // its node stops reporting. The writer, on the primary's node, still reaches it.
+    let a_address = {
+        let mv = volume_object(FailoverPolicy::ForcePromote, None);
+        plan::engine_address(&mv, Slot::A, &EngineConfig::default())
+    };
+    to_a.set_up(false);
+    to_b.set_up(false);
+    op.engines.routes.lock().unwrap().remove(&a_address);
+    let cut = Instant::now();
+    op.world.lock().unwrap().node_ready[0] = false;
+
+    let status = reconcile_to_epoch(&op, FailoverPolicy::ForcePromote, 2, 30).await;
+    let forced_at = op.engines.forced_at.lock().unwrap().clone();
+    assert_eq!(forced_at.len(), 1);
+    eventually("the writer to see its writes refused", 10, || async {
+        let w = writes.lock().unwrap();
+        if w.errors.is_empty() {
+            Err(format!("{} acked", w.acked.len()))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+
+    let lease = Duration::from_millis(LEASE_MS.into());
+    let (last_ack, acked_after_cut, first_error) = {
+        let w = writes.lock().unwrap();
+        (
+            *w.acked_at.last().unwrap(),
+            w.acked_at.iter().filter(|t| **t > cut).count(),
+            w.errors_at[0],
+        )
+    };
+    assert!(
+        last_ack <= cut + lease + Duration::from_millis(250),
+        "a write was acknowledged {:?} after the cut, past the {LEASE_MS} ms lease",
+        last_ack - cut
+    );
+    assert!(
+        acked_after_cut > 0,
+        "the lease held at the cut let writes through"
+    );
+    assert!(first_error > cut && first_error > last_ack);
+    assert!(
+        writes.lock().unwrap().errors.iter().all(|e| e.contains("errno")),
+        "{:?}",
+        writes.lock().unwrap().errors
+    );
+    // The secondary's promise ends a guard after its last answer, which came after the stamp of the
+    // primary's last lease: at least guard − lease (600 ms) after the last acknowledgement left the
+    // engine (less 100 ms for its way to the writer).
+    assert!(
+        forced_at[0] + Duration::from_millis(100) >= last_ack + (WITNESS_WAIT - lease),
+        "forced {:?} after the last acknowledgement",
+        forced_at[0].saturating_duration_since(last_ack)
+    );
+    assert!(forced_at[0] >= op.started + WITNESS_WAIT);
+    assert_eq!(op.engines.forced_seen.lock().unwrap()[0].0, 0);
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert_eq!(
+        status.takeover.as_ref().unwrap().fence.as_deref(),
+        Some("LeaseExpired")
+    );
+    assert_eq!(status.lease.as_ref().map(|l| l.node.as_str()), Some("n2"));
+
+    // The partition heals; the kubelet on n1 replaces the force-deleted pod's engine with the pod the
+    // operator recreated (same state dir). The old primary steps down and compares what it alone had.
+    to_a.set_up(true);
+    to_b.set_up(true);
+    op.engines
+        .routes
+        .lock()
+        .unwrap()
+        .insert(a_address, pair.a.grpc.clone());
+    op.world.lock().unwrap().node_ready[0] = true;
+    let (_, _) = op.reconcile(FailoverPolicy::ForcePromote).await;
+    pair.a.restart_with(|c| c.role("secondary")).unwrap();
+    op.world
+        .lock()
+        .unwrap()
+        .run_pod(Slot::A, "secondary", true, 0);
+    let mut phases = Vec::new();
+    op.reconcile_until(
+        FailoverPolicy::ForcePromote,
+        Phase::Synced,
+        40,
+        &mut phases,
+        &pair,
+    )
+    .await;
+    let b = pair.b.status().await.unwrap();
+    assert_eq!((role_name(b.role), b.epoch), ("primary", 2), "{b:?}");
+    let image = read_volume(&pair.b).await;
+    let writes = writes.lock().unwrap();
+    let missing: Vec<u64> = acked_model(&writes)
+        .into_iter()
+        .filter(|(block, byte)| {
+            let at = (block * BLOCK) as usize;
+            image[at..at + BLOCK as usize].iter().any(|b| b != byte)
+        })
+        .map(|(block, _)| block)
+        .collect();
+    assert!(
+        missing.len() as u64 <= b.lost_blocks,
+        "acknowledged writes of {} blocks are missing on the new primary ({missing:?}), {} counted lost\n{b:?}",
+        missing.len(),
+        b.lost_blocks
+    );
+    eprintln!(
+        "MEASURED partition via the operator: last acknowledgement {:?} after the cut (lease {LEASE_MS} ms), \
+         {acked_after_cut} acknowledged after the cut, forced {:?} after the cut; {} blocks missing, {} counted lost",
+        last_ack - cut,
+        forced_at[0] - cut,
+        missing.len(),
+        b.lost_blocks
+    );
 }
