@@ -107,9 +107,7 @@ fn start_pair_with(
         ])
         .args(extra)
         .a(|e| e.role("primary"));
-    let pair = link(builder)
-        .start()
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let pair = link(builder).start().unwrap_or_else(|e| panic!("{e:#}"));
     (dir, pair)
 }
 
@@ -190,9 +188,7 @@ impl Relay {
 fn start_relayed_pair() -> (tempfile::TempDir, Pair, Relay, Relay) {
     let (to_a, to_b) = (Relay::bind(), Relay::bind());
     let (dir, pair) = start_pair_with(&[], |builder| {
-        builder
-            .a(|e| e.peer(&to_b.addr))
-            .b(|e| e.peer(&to_a.addr))
+        builder.a(|e| e.peer(&to_b.addr)).b(|e| e.peer(&to_a.addr))
     });
     to_a.forward_to(&pair.a.grpc);
     to_b.forward_to(&pair.b.grpc);
@@ -1766,7 +1762,11 @@ async fn wait_acked(writes: &Arc<Mutex<Writes>>, n: usize, secs: u64) {
         if w.acked.len() >= n {
             Ok(())
         } else {
-            Err(format!("{} acked, {} errors", w.acked.len(), w.errors.len()))
+            Err(format!(
+                "{} acked, {} errors",
+                w.acked.len(),
+                w.errors.len()
+            ))
         }
     })
     .await;
@@ -1872,9 +1872,9 @@ async fn sync_node_loss_promotes_the_in_sync_secondary_after_the_lease_with_noth
 
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.await.unwrap();
+    let image = read_volume(&pair.b).await;
     let writes = writes.lock().unwrap();
     assert!(writes.errors.is_empty(), "{:?}", writes.errors);
-    let image = read_volume(&pair.b).await;
     let (open_block, open_byte) = unanswered(&writes);
     for (block, byte) in acked_model(&writes) {
         let at = (block * BLOCK) as usize;
@@ -2083,7 +2083,12 @@ async fn a_partitioned_primary_stops_acknowledging_before_the_operator_promotes(
     );
     assert!(first_error > cut && first_error > last_ack);
     assert!(
-        writes.lock().unwrap().errors.iter().all(|e| e.contains("errno")),
+        writes
+            .lock()
+            .unwrap()
+            .errors
+            .iter()
+            .all(|e| e.contains("errno")),
         "{:?}",
         writes.lock().unwrap().errors
     );
