@@ -33,11 +33,6 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn n(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing from {v}"))
-}
-
 /// The partition: the secondary stops answering. Every write the primary acknowledges completes
 /// before the moment of the cut + the lease (the lease runs from a renewal sent before the cut);
 /// later writes are refused with EIO, and a witness's grant makes them work again.

@@ -16,33 +16,6 @@ use common::*;
 /// The engine's block size.
 const BLOCK: u64 = 4096;
 
-const NO_LEASE: &[&str] = &["--lease-ms", "0"];
-
-fn n(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing in {v}"))
-}
-
-/// Writes `data` at block `b` through NBD and flushes.
-fn write_block(e: &Engine, b: u64, data: &[u8]) {
-    use storage_engine::nbd::client::NbdClient;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut c = NbdClient::connect(&e.nbd, "vol").await.unwrap();
-        c.write(b * BLOCK, data).await.unwrap();
-        c.flush().await.unwrap();
-        let _ = c.disconnect().await;
-    });
-}
-
-fn read_block(e: &Engine, b: u64) -> Vec<u8> {
-    nbd_read(&e.nbd, b * BLOCK, BLOCK as u32).unwrap()
-}
-
-fn content(seed: u64) -> Vec<u8> {
-    pattern(seed, BLOCK as usize)
-}
-
 fn zeros() -> Vec<u8> {
     vec![0u8; BLOCK as usize]
 }

@@ -10,9 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// A raw `Peer` client to an engine, with the pair's token (for calls the CLI does not make).
-/// Leases off (`--lease-ms 0`), for tests of forced promotion that are not about the lease.
-const NO_LEASE: [&str; 2] = ["--lease-ms", "0"];
-
 async fn peer_client(
     grpc: &str,
 ) -> storage_engine::pb::peer_client::PeerClient<
@@ -45,11 +42,6 @@ fn pair_with_backlog(dir: &std::path::Path, blocks: &[(u64, u8)], extra_s: &[&st
 
 fn overlay_file(e: &Engine) -> std::path::PathBuf {
     e.state_dir().join("overlay")
-}
-
-fn n(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64()
-        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 #[test]
@@ -272,7 +264,7 @@ fn at18_primary_unreachable_wait_blocks_force_promotes_and_reports_losses() {
     let d = tempfile::tempdir().unwrap();
     // Leases off: this test is about what a forced promotion reports; its wait for the old
     // primary's lease is `tests/lease.rs` `a_forced_promotion_waits_for_the_old_primarys_lease`.
-    let mut pair = start_linked(d.path(), "64M", &NO_LEASE, &NO_LEASE);
+    let mut pair = start_linked(d.path(), "64M", NO_LEASE, NO_LEASE);
     put_block(&pair.a.uri(), 3, 0x03);
     pair.wait_synced(30);
     // A slow link whose acknowledgements are held: the six writes stay pending on P, and the
@@ -881,7 +873,7 @@ fn force_refuses_an_inconsistent_replica_unless_allowed() {
     let d = tempfile::tempdir().unwrap();
     // Leases off: this test is about what a forced promotion reports; its wait for the old
     // primary's lease is `tests/lease.rs` `a_forced_promotion_waits_for_the_old_primarys_lease`.
-    let mut pair = start_linked(d.path(), "64M", &NO_LEASE, &NO_LEASE);
+    let mut pair = start_linked(d.path(), "64M", NO_LEASE, NO_LEASE);
     pair.wait_synced(30);
     fault(&pair.a, &["--pause", "true"]);
     for b in 0..64 {
@@ -985,7 +977,7 @@ fn a_forced_promotion_counts_what_the_returning_primary_had_unsent() {
     let d = tempfile::tempdir().unwrap();
     // Leases off: this test is about what a forced promotion reports; its wait for the old
     // primary's lease is `tests/lease.rs` `a_forced_promotion_waits_for_the_old_primarys_lease`.
-    let mut pair = start_linked(d.path(), "64M", &NO_LEASE, &NO_LEASE);
+    let mut pair = start_linked(d.path(), "64M", NO_LEASE, NO_LEASE);
     pair.wait_synced(30);
     // The link goes quiet (no records, no heartbeats) and the primary keeps acknowledging.
     fault(&pair.a, &["--pause", "true"]);

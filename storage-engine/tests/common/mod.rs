@@ -123,3 +123,35 @@ pub fn model_cases(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// `--lease-ms 0`, for tests of forced promotion that are not about the lease (its wait is
+/// `tests/lease.rs` `a_forced_promotion_waits_for_the_old_primarys_lease`).
+pub const NO_LEASE: &[&str] = &["--lease-ms", "0"];
+
+/// A number from a status or reply JSON.
+pub fn n(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
+}
+
+/// Writes `data` at 4 KiB block `b` through NBD and flushes: acknowledged when this returns.
+pub fn write_block(e: &Engine, b: u64, data: &[u8]) {
+    use storage_engine::nbd::client::NbdClient;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = NbdClient::connect(&e.nbd, "vol").await.unwrap();
+        c.write(b * 4096, data).await.unwrap();
+        c.flush().await.unwrap();
+        let _ = c.disconnect().await;
+    });
+}
+
+/// 4 KiB block `b` through NBD.
+pub fn read_block(e: &Engine, b: u64) -> Vec<u8> {
+    nbd_read(&e.nbd, b * 4096, 4096).unwrap()
+}
+
+/// A 4 KiB block's worth of `pattern(seed)`.
+pub fn content(seed: u64) -> Vec<u8> {
+    pattern(seed, 4096)
+}
