@@ -4,43 +4,27 @@
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use tandem_api::pb::{PairState, TakeoverPhase};
 
-use super::*;
+use super::{
+    tests::{node, now},
+    *,
+};
 use crate::{
     crd::{EngineRestart, WorkloadRestart},
     disruption::{LabelChange, DRAIN_CONDITION, SWITCHOVER_REASON},
     engine::EngineState,
     fixtures::engine_state,
-    observed::{NodeObs, PodObs, PvObs, WorkloadPod},
+    observed::{PodObs, PvObs, WorkloadPod},
 };
-
-fn now() -> Timestamp {
-    Timestamp::from_second(1_800_000_000).unwrap()
-}
 
 fn ago(secs: i64) -> Timestamp {
     now().checked_sub(SignedDuration::from_secs(secs)).unwrap()
 }
 
-fn node(name: &str) -> NodeObs {
-    NodeObs {
-        name: name.into(),
-        exists: true,
-        ready: true,
-        out_of_service: false,
-        hostname: Some(name.into()),
-        unschedulable: false,
-    }
-}
-
+/// The plain pass's engine pod, labelled as the operator labels a new one.
 fn pod(slot: Slot, role: EngineRole) -> PodObs {
     PodObs {
-        name: names::engine("data", slot),
-        node: Some(if slot == Slot::A { "n1" } else { "n2" }.into()),
-        phase: "Running".into(),
-        ready: true,
-        role: Some(role),
         disruption_allowed: Some(false),
-        ..Default::default()
+        ..super::tests::pod(slot, role)
     }
 }
 

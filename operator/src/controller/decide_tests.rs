@@ -10,11 +10,11 @@ use crate::{
     observed::{NodeObs, PodObs, PvObs},
 };
 
-fn now() -> Timestamp {
+pub(super) fn now() -> Timestamp {
     Timestamp::from_second(1_800_000_000).unwrap()
 }
 
-fn node(name: &str) -> NodeObs {
+pub(super) fn node(name: &str) -> NodeObs {
     NodeObs {
         name: name.into(),
         exists: true,
@@ -25,7 +25,7 @@ fn node(name: &str) -> NodeObs {
     }
 }
 
-fn pod(slot: Slot, role: EngineRole) -> PodObs {
+pub(super) fn pod(slot: Slot, role: EngineRole) -> PodObs {
     PodObs {
         name: names::engine("data", slot),
         node: Some(if slot == Slot::A { "n1" } else { "n2" }.into()),
