@@ -349,11 +349,19 @@ impl Pass {
     /// The writes of the pass, decided from the status as it stands now.
     fn finish(mut self, mv: &MirroredVolume, cfg: &EngineConfig) -> Plan {
         let deletions = failover::pod_deletions(&self.status, &self.observed, mv.peer_timeout());
+        let primary = self.status.primary.as_ref().map(|p| p.slot);
         for d in &deletions {
+            // The primary's own pod on a live node is recreated as primary (an engine restart, not a
+            // failover); any other engine comes back as the secondary.
+            let comes_back = if Some(d.slot) == primary {
+                "it comes back as primary from its state dir"
+            } else {
+                "it comes back as secondary"
+            };
             self.notes.push(note(
                 d.reason,
                 format!(
-                    "deleted engine pod {}{}; it comes back as secondary",
+                    "deleted engine pod {}{}; {comes_back}",
                     d.name,
                     if d.force { " (forced: node lost)" } else { "" }
                 ),
