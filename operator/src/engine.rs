@@ -191,6 +191,33 @@ fn map_client_error(address: &str, op: &'static str, err: ClientError) -> Engine
     }
 }
 
+/// One call to an engine: connect, then `call`, both within `limit`; every error mapped once.
+async fn one_call<T, F, Fut>(
+    target: &EngineTarget,
+    op: &'static str,
+    limit: Duration,
+    call: F,
+) -> Result<T, EngineError>
+where
+    F: FnOnce(EngineClient) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let attempt = async {
+        let client = EngineClient::connect(&target.address, target.token.as_deref())
+            .await
+            .map_err(|e| map_client_error(&target.address, op, e))?;
+        call(client)
+            .await
+            .map_err(|e| map_client_error(&target.address, op, e))
+    };
+    tokio::time::timeout(limit, attempt)
+        .await
+        .map_err(|_| EngineError::Unreachable {
+            address: target.address.clone(),
+            message: format!("no {op} answer within {limit:?}"),
+        })?
+}
+
 fn role_from_pb(role: i32) -> Option<EngineRole> {
     use tandem_api::pb::Role;
     match Role::try_from(role).ok()? {
@@ -207,21 +234,10 @@ impl EngineApi for GrpcEngines {
         target: &'a EngineTarget,
     ) -> BoxFuture<'a, Result<EngineState, EngineError>> {
         Box::pin(async move {
-            let call = async {
-                let mut client = EngineClient::connect(&target.address, target.token.as_deref())
-                    .await
-                    .map_err(|e| map_client_error(&target.address, "Status", e))?;
-                client
-                    .status(&target.volume)
-                    .await
-                    .map_err(|e| map_client_error(&target.address, "Status", e))
-            };
-            let reply = tokio::time::timeout(self.status_timeout, call)
-                .await
-                .map_err(|_| EngineError::Unreachable {
-                    address: target.address.clone(),
-                    message: format!("no answer within {:?}", self.status_timeout),
-                })??;
+            let reply = one_call(target, "Status", self.status_timeout, |mut c| async move {
+                c.status(&target.volume).await
+            })
+            .await?;
             Ok(EngineState {
                 role: role_from_pb(reply.role),
                 epoch: reply.epoch,
@@ -259,22 +275,12 @@ impl EngineApi for GrpcEngines {
                 FailoverPolicy::WaitForPrimary => TakeoverPolicy::Wait,
                 FailoverPolicy::ForcePromote | FailoverPolicy::MaxLoss => TakeoverPolicy::Force,
             };
-            let call = async {
-                let mut client = EngineClient::connect(&target.address, target.token.as_deref())
-                    .await
-                    .map_err(|e| map_client_error(&target.address, "Takeover", e))?;
-                client
-                    .takeover(&target.volume, pb_policy, timeout)
-                    .await
-                    .map_err(|e| map_client_error(&target.address, "Takeover", e))
-            };
             // The engine bounds the call by `timeout`; allow for connecting and the answer on top.
-            let reply = tokio::time::timeout(timeout + Duration::from_secs(10), call)
-                .await
-                .map_err(|_| EngineError::Unreachable {
-                    address: target.address.clone(),
-                    message: "takeover did not answer in time".to_string(),
-                })??;
+            let limit = timeout + Duration::from_secs(10);
+            let reply = one_call(target, "Takeover", limit, |mut c| async move {
+                c.takeover(&target.volume, pb_policy, timeout).await
+            })
+            .await?;
             Ok(TakeoverOutcome {
                 epoch: reply.epoch,
                 ready_ms: reply.ready_ms,
@@ -294,21 +300,13 @@ impl EngineApi for GrpcEngines {
         allow_async: bool,
     ) -> BoxFuture<'a, Result<Granted, EngineError>> {
         Box::pin(async move {
-            let call = async {
-                let mut client = EngineClient::connect(&target.address, target.token.as_deref())
-                    .await
-                    .map_err(|e| map_client_error(&target.address, "GrantLease", e))?;
-                client
-                    .witness_grant(&target.volume, lease_ms, allow_async)
-                    .await
-                    .map_err(|e| map_client_error(&target.address, "GrantLease", e))
-            };
-            let reply = tokio::time::timeout(self.status_timeout, call)
-                .await
-                .map_err(|_| EngineError::Unreachable {
-                    address: target.address.clone(),
-                    message: format!("no GrantLease answer within {:?}", self.status_timeout),
-                })??;
+            let reply = one_call(
+                target,
+                "GrantLease",
+                self.status_timeout,
+                |mut c| async move { c.witness_grant(&target.volume, lease_ms, allow_async).await },
+            )
+            .await?;
             Ok(Granted {
                 lease_remaining_ms: reply.lease_remaining_ms,
                 sync_fallback: reply.sync_fallback,

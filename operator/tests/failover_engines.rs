@@ -1293,6 +1293,20 @@ struct Writes {
     reconnects: usize,
 }
 
+/// `spawn_writer` on engine `nbd` at epoch 1: what it saw, its stop flag, its task.
+fn start_writer(
+    nbd: &str,
+) -> (
+    Arc<Mutex<Writes>>,
+    Arc<std::sync::atomic::AtomicBool>,
+    JoinHandle<()>,
+) {
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = spawn_writer(nbd.to_string(), 1, writes.clone(), stop.clone());
+    (writes, stop, writer)
+}
+
 /// A writer attached the way the CSI plugin's attachment is: pinned to `<volume>@<epoch>`, and when the
 /// connection breaks it reconnects (with a short back-off) and resends the unanswered write, so an engine
 /// restart is a stall. An error the engine answers (EIO) is what the workload would see: recorded.
@@ -1363,28 +1377,8 @@ async fn a_deleted_primary_pod_on_a_live_node_restarts_and_the_writer_only_stall
         "{status:?}"
     );
 
-    let writes = Arc::new(Mutex::new(Writes::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = spawn_writer(pair.a.nbd.clone(), 1, writes.clone(), stop.clone());
-    let acked = |n: usize| {
-        let writes = writes.clone();
-        move || {
-            let writes = writes.clone();
-            async move {
-                let w = writes.lock().unwrap();
-                if w.acked.len() >= n {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{} acked, {} errors",
-                        w.acked.len(),
-                        w.errors.len()
-                    ))
-                }
-            }
-        }
-    };
-    eventually("the writer to get going", 20, acked(20)).await;
+    let (writes, stop, writer) = start_writer(&pair.a.nbd);
+    wait_acked(&writes, 20, 20).await;
 
     // `kubectl delete pod data-engine-a`: the pod object goes, the kubelet kills the engine.
     op.world.lock().unwrap().pods.remove(&pod_name(Slot::A));
@@ -1428,7 +1422,7 @@ async fn a_deleted_primary_pod_on_a_live_node_restarts_and_the_writer_only_stall
         .lock()
         .unwrap()
         .run_pod(Slot::A, "primary", true, 0);
-    eventually("the writer to resume", 30, acked(stalled + 20)).await;
+    wait_acked(&writes, stalled + 20, 30).await;
     let mut seen = Vec::new();
     let status = op
         .reconcile_until(
@@ -1820,9 +1814,7 @@ async fn sync_node_loss_promotes_the_in_sync_secondary_after_the_lease_with_noth
         "{status:?}"
     );
 
-    let writes = Arc::new(Mutex::new(Writes::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = spawn_writer(pair.a.nbd.clone(), 1, writes.clone(), stop.clone());
+    let (writes, stop, writer) = start_writer(&pair.a.nbd);
     wait_acked(&writes, 20, 20).await;
 
     // Node n1 is lost with its engine.
@@ -2031,9 +2023,7 @@ async fn a_partitioned_primary_stops_acknowledging_before_the_operator_promotes(
         "{status:?}"
     );
 
-    let writes = Arc::new(Mutex::new(Writes::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = spawn_writer(pair.a.nbd.clone(), 1, writes.clone(), stop.clone());
+    let (writes, stop, writer) = start_writer(&pair.a.nbd);
     wait_acked(&writes, 20, 20).await;
 
     // The cut: the engines no longer reach each other, the operator no longer reaches the primary, and
