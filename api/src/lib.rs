@@ -8,6 +8,7 @@
 //! - [`size`]: human sizes (`64M`).
 //! - [`lease`]: the write lease's guard, the engine's promise and the witness's wait.
 //! - [`http`]: the one HTTP stack (axum) the three binaries serve probes and metrics with.
+//! - [`tls`]: who is who on a gRPC channel ([`tls::Identity`]) and minting the certificates that say so.
 
 /// Generated protobuf types and gRPC stubs for `tandem.engine.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -23,5 +24,6 @@ pub mod nbd;
 mod reason;
 pub mod size;
 mod states;
+pub mod tls;
 
 pub use reason::{Reason, REASON_DOMAIN};
