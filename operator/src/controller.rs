@@ -34,10 +34,12 @@ use kube::{
     },
     Api, Client, ResourceExt,
 };
+use tandem_api::tls::Ca;
 use tracing::{field, instrument, warn, Span};
 
 use crate::{
     crd::{parse_duration, MirroredVolume, VOLUME_FINALIZER},
+    observed::{NAMESPACE_LABEL, NAME_LABEL},
     engine::EngineApi,
     metrics::Metrics,
     plan::EngineConfig,
@@ -58,6 +60,8 @@ pub struct Context {
     pub config: EngineConfig,
     /// The operator's memory as the pair's witness (lease grants, on its monotonic clock).
     pub witness: Witness,
+    /// The operator's CA: it signs every volume's engine and CSI certificates.
+    pub ca: Ca,
 }
 
 impl Context {
@@ -66,6 +70,7 @@ impl Context {
         metrics: Metrics,
         engines: Arc<dyn EngineApi>,
         config: EngineConfig,
+        ca: Ca,
         instance: Option<String>,
     ) -> Self {
         let recorder = Recorder::new(
@@ -82,6 +87,7 @@ impl Context {
             engines,
             config,
             witness: Witness::default(),
+            ca,
         }
     }
 }
@@ -139,7 +145,7 @@ impl MirroredVolume {
             Ok(nodes) => nodes,
             Err(invalid) => {
                 let status = self.status.clone().unwrap_or_default();
-                return self.write_invalid(&ctx, status, &invalid.0).await;
+                return self.write_invalid(&ctx, status, &invalid).await;
             }
         };
         let observed = self.observe(&ctx, &nodes).await?;
@@ -167,10 +173,19 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
     }
     let controller = Controller::new(volumes, watcher::Config::default().any_semantic());
     let store = controller.store();
+    // Engine pods live in the operator's namespace, without owner references (they cannot point across
+    // namespaces): their owner labels map them back to their volume.
     controller
-        .owns(
-            Api::<Pod>::all(client.clone()),
+        .watches(
+            Api::<Pod>::namespaced(client.clone(), &ctx.config.namespace),
             watcher::Config::default().labels("app.kubernetes.io/managed-by=tandem-operator"),
+            |pod: Pod| {
+                let labels = pod.metadata.labels.unwrap_or_default();
+                match (labels.get(NAMESPACE_LABEL), labels.get(NAME_LABEL)) {
+                    (Some(ns), Some(name)) => Some(ObjectRef::<MirroredVolume>::new(name).within(ns)),
+                    _ => None,
+                }
+            },
         )
         .watches(
             Api::<Node>::all(client.clone()),

@@ -79,15 +79,21 @@ async fn create_path_applies_secret_services_pods_and_pv() {
     let mv = MirroredVolume::test().finalized();
     let answer = status_answer(&mv);
     let mut script = observe_calls(true, true, vec![], false, None);
+    script.extend(cert_calls());
     script.push(Call::patch(&format!("{}?", paths::secret())).check(|s| {
         assert_eq!(
             s["data"]["token"].as_str().unwrap().len(),
             88,
             "base64 of 64 hex chars"
         );
+        // In the operator's namespace, owned by labels (an owner reference cannot cross namespaces).
+        assert_eq!(s["metadata"]["namespace"], OP_NS);
+        assert!(s["metadata"].get("ownerReferences").is_none());
+        assert_eq!(s["metadata"]["labels"]["tandem.dev/volume-namespace"], NS);
+        assert_eq!(s["metadata"]["labels"]["tandem.dev/volume-name"], NAME);
         assert_eq!(
-            s["metadata"]["ownerReferences"][0]["kind"],
-            "MirroredVolume"
+            s["metadata"]["labels"]["tandem.dev/volume-uid"],
+            "0c6a0d1e-0000-4000-8000-000000000001"
         );
     }));
     script.extend(service_calls());
@@ -111,7 +117,7 @@ async fn create_path_applies_secret_services_pods_and_pv() {
     assert_eq!(flag(pod_a, "--role"), "primary");
     assert_eq!(flag(pod_a, "--peer"), address(Slot::B));
     assert_eq!(flag(pod_a, "--size"), (1u64 << 30).to_string());
-    assert_eq!(flag(pod_a, "--nbd-listen"), "0.0.0.0:10809");
+    assert_eq!(flag(pod_a, "--nbd-listen"), "off");
     assert_eq!(flag(pod_a, "--grpc-listen"), "0.0.0.0:9500");
     assert_eq!(flag(pod_a, "--replication"), "async");
     assert_eq!(
@@ -144,7 +150,30 @@ async fn create_path_applies_secret_services_pods_and_pv() {
     );
     assert_eq!(
         pv["spec"]["csi"]["nodeStageSecretRef"],
-        json!({"name": "data-token", "namespace": "default"})
+        json!({"name": format!("{}-csi", key()), "namespace": OP_NS})
+    );
+    assert_eq!(
+        pv["spec"]["csi"]["volumeAttributes"]["tandem.dev/nbd"],
+        format!(
+            "n1=unix:/run/tandem/volumes/{k}/nbd.sock,n2=unix:/run/tandem/volumes/{k}/nbd.sock",
+            k = key()
+        )
+    );
+    // Every namespaced object the operator wrote is in its own namespace; the workload's holds none.
+    for (method, uri, _) in &seen.calls {
+        if *method == Method::PATCH && uri.starts_with("/api") && uri.contains("/namespaces/") {
+            assert!(
+                uri.contains(&format!("/namespaces/{OP_NS}/"))
+                    || uri.starts_with("/apis/tandem.dev/"),
+                "{uri}"
+            );
+        }
+    }
+    let csi = seen.body(Method::PATCH, &paths::cert_secret("csi"));
+    assert_eq!(
+        csi["data"]["token"],
+        seen.body(Method::PATCH, &paths::secret())["data"]["token"],
+        "the CSI plugins get the engines' token"
     );
     assert_eq!(
         pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
@@ -156,6 +185,7 @@ async fn create_path_applies_secret_services_pods_and_pv() {
     let status = &seen.body(Method::PATCH, &paths::status())["status"];
     assert_eq!(status["phase"], "Creating");
     assert_eq!(status["nodes"], json!(["n1", "n2"]));
+    assert!(status["certificates"]["notAfter"].is_string(), "{status}");
     assert_eq!(condition(status, "Ready")["status"], "False");
     assert_eq!(
         seen.reasons(),
@@ -165,6 +195,7 @@ async fn create_path_applies_secret_services_pods_and_pv() {
             "EngineCreated",
             "EngineCreated",
             "PersistentVolumeCreated",
+            "CertificatesIssued",
             "PhaseChanged"
         ]
     );
@@ -189,7 +220,7 @@ async fn established_pair_reports_synced_and_lag() {
     let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
     script.extend(service_calls());
     // In sync: the secondary's pod leaves the disruption budget (a drain may evict it).
-    script.push(Call::patch(&paths::pod_named("data-engine-b")).check(|p| {
+    script.push(Call::patch(&paths::engine(Slot::B)).check(|p| {
         assert_eq!(
             p["metadata"]["labels"]["tandem.dev/disruption-allowed"],
             "true"
@@ -205,7 +236,7 @@ async fn established_pair_reports_synced_and_lag() {
     assert_eq!(condition(status, "Synced")["status"], "True");
     assert_eq!(condition(status, "Degraded")["status"], "False");
     assert_eq!(condition(status, "TakeoverInProgress")["status"], "False");
-    assert_eq!(status["primary"]["pod"], "data-engine-a");
+    assert_eq!(status["primary"]["pod"], format!("{}-engine-a", key()));
     assert!(metrics
         .encode()
         .unwrap()
@@ -336,7 +367,7 @@ async fn primary_node_loss_fences_and_releases_stuck_workloads() {
         200,
         json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachmentList", "metadata": {}, "items": [{
             "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": {"name": "csi-123"},
-            "spec": {"attacher": "csi.tandem.dev", "nodeName": "n1", "source": {"persistentVolumeName": "tandem-default-data"}}
+            "spec": {"attacher": "csi.tandem.dev", "nodeName": "n1", "source": {"persistentVolumeName": "tandem.default.data"}}
         }]}),
     ));
     // Fence the old primary's pod (grace 0), release the stuck workload (grace 0), drop its attachment.
@@ -492,7 +523,7 @@ async fn returning_engine_rejoins_as_secondary_and_resyncs() {
         script.extend(service_calls());
         if pair_state == PairState::Synced {
             // Only an in-sync secondary may be evicted by a drain.
-            script.push(Call::patch(&paths::pod_named("data-engine-a")).check(|p| {
+            script.push(Call::patch(&paths::engine(Slot::A)).check(|p| {
                 assert_eq!(
                     p["metadata"]["labels"]["tandem.dev/disruption-allowed"],
                     "true"
@@ -563,11 +594,33 @@ async fn deletion_tears_everything_down_then_drops_the_finalizer() {
         Call::get(&paths::pv()).reply(200, pv_json(Some("app-data"))),
         Call::get(&paths::pvc("app-data")).reply(404, not_found("claim")),
         Call::delete(&paths::pv()),
-        Call::delete(&paths::pod(Slot::A)),
-        Call::delete(&paths::service(Slot::A)),
-        Call::delete(&paths::pod(Slot::B)).reply(404, not_found("pod")),
-        Call::delete(&paths::service(Slot::B)),
+        // Each kind in the operator's namespace is listed by the owner labels; only what they list goes.
+        Call::get(&paths::engine_pods()).check_reply(|_| {
+            pod_list(vec![engine_pod_json(
+                Slot::A,
+                "primary",
+                "Running",
+                true,
+                ago(60),
+            )])
+        }),
+        Call::delete(&paths::engine(Slot::A)),
+        Call::get(&format!("/api/v1/namespaces/{OP_NS}/services?"))
+            .reply(200, list("ServiceList", vec![named(&format!("{}-engine-b", key()))])),
+        Call::delete(&paths::service(Slot::B)).reply(404, not_found("service")),
+        Call::get(&format!(
+            "/apis/policy/v1/namespaces/{OP_NS}/poddisruptionbudgets?"
+        ))
+        .reply(200, list("PodDisruptionBudgetList", vec![])),
+        Call::get(&format!(
+            "/api/v1/namespaces/{OP_NS}/persistentvolumeclaims?"
+        ))
+        .reply(200, list("PersistentVolumeClaimList", vec![])),
+        Call::get(&paths::secrets()).reply(200, secret_list(true, true)),
         Call::delete(&paths::secret()),
+        Call::delete(&paths::cert_secret("tls-a")),
+        Call::delete(&paths::cert_secret("tls-b")),
+        Call::delete(&paths::cert_secret("csi")),
         Call::patch(&paths::volume()).check_reply(move |body| {
             assert!(
                 body.to_string().contains("remove"),
@@ -579,6 +632,188 @@ async fn deletion_tears_everything_down_then_drops_the_finalizer() {
     let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert_eq!(seen.reasons(), vec!["Deleted"]);
+    // The lists ask for this volume's objects by every owner label, uid included.
+    let lists: Vec<&String> = seen
+        .calls
+        .iter()
+        .filter(|c| c.0 == Method::GET && c.1.contains(OP_NS))
+        .map(|c| &c.1)
+        .collect();
+    assert_eq!(lists.len(), 5);
+    for uri in lists {
+        for label in ["volume-namespace%3Ddefault", "volume-name%3Ddata", "volume-uid%3D0c6a0d1e"] {
+            assert!(uri.contains(label), "{uri} lacks {label}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn cleanup_leaves_a_foreign_pv() {
+    let mv = MirroredVolume::test().finalized().deleting();
+    let removed = serde_json::to_value(MirroredVolume::test()).unwrap();
+    let mut foreign = pv_json(Some("app-data"));
+    foreign["metadata"]["labels"]["tandem.dev/volume-uid"] = json!("someone-else");
+    let empty = |path: String, kind: &'static str| Call::get(&path).reply(200, list(kind, vec![]));
+    let script = vec![
+        // Not ours (another uid): neither waited for nor deleted.
+        Call::get(&paths::pv()).reply(200, foreign),
+        empty(paths::engine_pods(), "PodList"),
+        empty(format!("/api/v1/namespaces/{OP_NS}/services?"), "ServiceList"),
+        empty(
+            format!("/apis/policy/v1/namespaces/{OP_NS}/poddisruptionbudgets?"),
+            "PodDisruptionBudgetList",
+        ),
+        empty(
+            format!("/api/v1/namespaces/{OP_NS}/persistentvolumeclaims?"),
+            "PersistentVolumeClaimList",
+        ),
+        empty(paths::secrets(), "SecretList"),
+        Call::patch(&paths::volume()).reply(200, removed),
+    ];
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(seen.calls.iter().all(|c| c.0 != Method::DELETE));
+}
+
+#[tokio::test]
+async fn a_foreign_pv_is_not_adopted() {
+    let mv = MirroredVolume::test().finalized().with_claim("app-data");
+    let answer = status_answer(&mv);
+    // A PV of this volume's name made by someone else (no owner labels), bound to another claim.
+    let mut foreign = pv_json(Some("their-claim"));
+    foreign["metadata"]["labels"] = json!({"team": "other"});
+    let mut script = observe_calls(true, true, vec![], true, Some(foreign));
+    script.push(Call::get(&paths::pvc("app-data")).reply(404, not_found("claim")));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+    // Nothing applied, patched or deleted but the volume's status.
+    let writes: Vec<&String> = seen
+        .calls
+        .iter()
+        .filter(|c| c.0 != Method::GET)
+        .map(|c| &c.1)
+        .collect();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "Failed");
+    let ready = condition(status, "Ready");
+    assert_eq!(ready["reason"], "PersistentVolumeConflict");
+    let message = ready["message"].as_str().unwrap();
+    assert!(message.contains("tandem.default.data"), "{message}");
+    assert!(message.contains("no tandem.dev owner labels"), "{message}");
+    assert_eq!(seen.reasons(), vec!["PersistentVolumeConflict"]);
+}
+
+#[tokio::test]
+async fn a_key_collision_is_refused() {
+    let mv = MirroredVolume::test().finalized();
+    let answer = status_answer(&mv);
+    // An engine pod under this volume's key whose owner labels name another volume.
+    let mut theirs = engine_pod_json(Slot::A, "primary", "Running", true, ago(60));
+    theirs["metadata"]["labels"]["tandem.dev/volume-namespace"] = json!("tenant-b");
+    let mut script = observe_calls(true, true, vec![theirs], true, Some(pv_json(None)));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    let ready = condition(status, "Ready");
+    assert_eq!(ready["reason"], "NameConflict");
+    assert!(ready["message"]
+        .as_str()
+        .unwrap()
+        .contains("tenant-b/data"));
+    assert_eq!(
+        seen.calls.iter().filter(|c| c.0 != Method::GET).count(),
+        1,
+        "only the status is written"
+    );
+}
+
+#[tokio::test]
+async fn a_host_path_outside_the_root_is_refused_before_anything_is_read() {
+    let mut mv = MirroredVolume::test().finalized();
+    mv.spec.engine_storage.host_path = Some("/var/lib/tandem/../../etc".into());
+    let answer = status_answer(&mv);
+    let script = vec![Call::patch(&paths::status()).check_reply(answer)];
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "Failed");
+    let ready = condition(status, "Ready");
+    assert_eq!(ready["reason"], "HostPathNotAllowed");
+    assert!(ready["message"].as_str().unwrap().contains("\"..\""));
+    assert_eq!(seen.reasons(), vec!["HostPathNotAllowed"]);
+}
+
+#[tokio::test]
+async fn certificates_are_issued_again_when_a_third_is_left() {
+    let mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    let engines = FakeEngines::default()
+        .with_state(
+            &address(Slot::A),
+            engine_state(EngineRole::Primary, 1, PairState::Synced),
+        )
+        .with_state(
+            &address(Slot::B),
+            engine_state(EngineRole::Secondary, 1, PairState::Unspecified),
+        );
+    let pods = vec![
+        engine_pod_json(Slot::A, "primary", "Running", true, ago(300)),
+        engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+    ];
+    // Slot a's engine certificate has 20 of its 90 days left; the others were just issued.
+    let mut secrets = secret_list(true, true);
+    let short = crate::plan::EngineConfig {
+        cert_validity: Duration::from_secs(20 * 24 * 3600),
+        ..Default::default()
+    };
+    let (minted, _) = crate::certs::mint(
+        &mv,
+        &crate::plan::CertPlan {
+            engine: [true, false],
+            csi: false,
+        },
+        test_ca(),
+        &short,
+        "secret",
+        &["n1".to_string(), "n2".to_string()],
+        Default::default(),
+    )
+    .unwrap();
+    secrets["items"][1] = serde_json::to_value(&minted[0]).unwrap();
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, true, pods, false, Some(pv_json(None)));
+    script[3] = Call::get(&paths::secrets()).reply(200, secrets);
+    script.push(Call::patch(&paths::cert_secret("tls-a")));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::engine(Slot::B)));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv, engines, script).await;
+    result.unwrap();
+    let renewed = seen.body(Method::PATCH, &paths::cert_secret("tls-a"));
+    let pem = |key: &str| {
+        let b64 = renewed["data"][key].as_str().unwrap();
+        let bytes: k8s_openapi::ByteString = serde_json::from_value(json!(b64)).unwrap();
+        String::from_utf8(bytes.0).unwrap()
+    };
+    let left = tandem_api::tls::mint::not_after(&pem("tls.crt"))
+        .unwrap()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(left > Duration::from_secs(89 * 24 * 3600), "{left:?}");
+    assert_eq!(
+        tandem_api::tls::mint::identity_of_pem(&pem("tls.crt")).unwrap(),
+        tandem_api::tls::Identity::Engine {
+            volume: tandem_api::tls::VolumeRef::new(NS, NAME)
+        }
+    );
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    // The earliest expiry is now one of the fresh ones, ~90 days out.
+    let not_after: k8s_openapi::jiff::Timestamp =
+        status["certificates"]["notAfter"].as_str().unwrap().parse().unwrap();
+    assert!(not_after.as_second() - k8s_openapi::jiff::Timestamp::now().as_second() > 89 * 24 * 3600);
+    assert!(seen.reasons().contains(&"CertificatesIssued"));
 }
 
 #[tokio::test]
@@ -753,7 +988,7 @@ async fn a_blocked_takeover_is_abandoned_when_the_primary_serves_again() {
     let answer = status_answer(&mv);
     let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
     script.extend(service_calls());
-    script.push(Call::patch(&paths::pod_named("data-engine-b")));
+    script.push(Call::patch(&paths::engine(Slot::B)));
     script.push(Call::patch(&paths::status()).check_reply(answer));
     let (result, seen, _) = run(mv, engines.clone(), script).await;
     result.unwrap();

@@ -422,10 +422,21 @@ pub struct MirroredVolumeStatus {
     /// Why the promotion of the secondary over a lost primary waits, while it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promotion_wait: Option<PromotionWait>,
+    /// The volume's certificates (engine TLS and CSI Secrets), minted by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificateStatus>,
     /// Ready, Synced, Degraded, TakeoverInProgress (and NodeDrain while an engine node is cordoned).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// When the volume's certificates run out; they are issued again when a third of their lifetime is left.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    /// The earliest expiry among them (RFC 3339).
+    pub not_after: String,
 }
 
 /// One engine of the pair as seen by the operator.

@@ -24,7 +24,6 @@ use k8s_openapi::{
     },
     jiff::Timestamp,
 };
-use kube::{Resource, ResourceExt};
 use tandem_api::pb::PairState;
 
 use crate::{
@@ -578,24 +577,20 @@ pub fn annotate(
     );
 }
 
-/// Name of the volume's PodDisruptionBudget.
-pub fn budget_name(volume: &str) -> String {
-    format!("{volume}-engines")
-}
-
 /// The volume's PodDisruptionBudget: no voluntary disruption of an engine pod labelled
-/// `tandem.dev/disruption-allowed: "false"`. Owned by the MirroredVolume, so it goes with it.
-pub fn budget(mv: &MirroredVolume) -> PodDisruptionBudget {
+/// `tandem.dev/disruption-allowed: "false"`. In the operator's namespace with the engines; the finalizer
+/// deletes it.
+pub fn budget(mv: &MirroredVolume, cfg: &plan::EngineConfig) -> PodDisruptionBudget {
+    let key = plan::key(mv);
     let selector = BTreeMap::from([
-        (VOLUME_LABEL.to_string(), mv.name_any()),
+        (VOLUME_LABEL.to_string(), key.clone()),
         (DISRUPTION_LABEL.to_string(), "false".to_string()),
     ]);
     PodDisruptionBudget {
         metadata: ObjectMeta {
-            name: Some(budget_name(&mv.name_any())),
-            namespace: mv.namespace(),
+            name: Some(plan::names::budget(&key)),
+            namespace: Some(cfg.namespace.clone()),
             labels: Some(plan::labels(mv)),
-            owner_references: mv.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(PodDisruptionBudgetSpec {

@@ -48,6 +48,8 @@ fn pod(slot: Slot, allowed: Option<bool>) -> PodObs {
 fn synced() -> Observed {
     Observed {
         witness: crate::witness::LeaseClock::long_ago(10_000),
+        certs: Default::default(),
+        conflict: None,
         now: now(),
         nodes: [node("n1"), node("n2")],
         pods: [
@@ -273,16 +275,15 @@ fn a_cordoned_primary_node_switches_over_only_to_a_healthy_secondary() {
 
 #[test]
 fn the_budget_selects_the_engines_that_must_stay() {
-    let pdb = budget(&MirroredVolume::test());
-    assert_eq!(pdb.metadata.name.as_deref(), Some("data-engines"));
-    assert_eq!(pdb.metadata.namespace.as_deref(), Some("default"));
-    assert_eq!(
-        pdb.metadata.owner_references.as_ref().unwrap()[0].kind,
-        "MirroredVolume"
-    );
+    let pdb = budget(&MirroredVolume::test(), &crate::plan::EngineConfig::default());
+    let key = crate::plan::key(&MirroredVolume::test());
+    assert_eq!(pdb.metadata.name, Some(format!("{key}-engines")));
+    // With the engines, in the operator's namespace; no owner reference across namespaces.
+    assert_eq!(pdb.metadata.namespace.as_deref(), Some("tandem-system"));
+    assert!(pdb.metadata.owner_references.is_none());
     let spec = pdb.spec.unwrap();
     assert_eq!(spec.max_unavailable, Some(IntOrString::Int(0)));
     let labels = spec.selector.unwrap().match_labels.unwrap();
-    assert_eq!(labels[VOLUME_LABEL], "data");
+    assert_eq!(labels[VOLUME_LABEL], key);
     assert_eq!(labels[DISRUPTION_LABEL], "false");
 }

@@ -1145,6 +1145,8 @@ mod tests {
             workloads: vec![],
             attachments: vec![],
             witness: crate::witness::LeaseClock::long_ago(10_000),
+            certs: Default::default(),
+            conflict: None,
         }
     }
 

@@ -23,6 +23,27 @@ use crate::{
 
 pub const NS: &str = "default";
 pub const NAME: &str = "data";
+/// The operator's namespace (`EngineConfig::default()`), where the engine objects live.
+pub const OP_NS: &str = "tandem-system";
+
+/// `default/data`'s key: its objects' names in the operator's namespace.
+pub fn key() -> String {
+    names::key(NS, NAME)
+}
+
+/// One CA for every test context (generating one per test would only cost time).
+pub fn test_ca() -> &'static tandem_api::tls::Ca {
+    static CA: std::sync::OnceLock<tandem_api::tls::Ca> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        tandem_api::tls::Ca::generate("test CA", Duration::from_secs(10 * 365 * 24 * 3600))
+            .expect("a CA")
+    })
+}
+
+/// Owner labels of `default/data`'s objects.
+pub fn owner_labels() -> Value {
+    serde_json::to_value(plan::labels(&MirroredVolume::test())).unwrap()
+}
 
 impl MirroredVolume {
     /// `default/data`: 1Gi on nodes n1 and n2, hostPath storage, no finalizer yet.
@@ -76,7 +97,7 @@ impl MirroredVolume {
         let r = |s: Slot, role| EngineStatusRef {
             slot: s,
             node: node(s).into(),
-            pod: names::engine(NAME, s),
+            pod: names::engine(&key(), s),
             role,
             address: address(s),
             reachable: true,
@@ -130,7 +151,7 @@ pub fn node_json(name: &str, ready: bool) -> Value {
     })
 }
 
-/// An engine pod of `default/data` as the apiserver returns it.
+/// An engine pod of `default/data` as the apiserver returns it (in the operator's namespace).
 pub fn engine_pod_json(
     slot: Slot,
     role: &str,
@@ -141,8 +162,8 @@ pub fn engine_pod_json(
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {
-            "name": names::engine(NAME, slot), "namespace": NS,
-            "labels": {"tandem.dev/volume": NAME, "tandem.dev/slot": slot.as_str(), "tandem.dev/disruption-allowed": "false"},
+            "name": names::engine(&key(), slot), "namespace": OP_NS,
+            "labels": pod_labels(slot),
             "annotations": {"tandem.dev/role": role},
             "creationTimestamp": ago(600).to_string(),
         },
@@ -154,6 +175,13 @@ pub fn engine_pod_json(
     })
 }
 
+fn pod_labels(slot: Slot) -> Value {
+    let mut l = owner_labels();
+    l["tandem.dev/slot"] = json!(slot.as_str());
+    l["tandem.dev/disruption-allowed"] = json!("false");
+    l
+}
+
 pub fn pod_list(items: Vec<Value>) -> Value {
     json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
 }
@@ -161,15 +189,44 @@ pub fn pod_list(items: Vec<Value>) -> Value {
 pub fn secret_json() -> Value {
     json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": names::secret(NAME), "namespace": NS},
+        "metadata": {"name": names::secret(&key()), "namespace": OP_NS, "labels": owner_labels()},
         "data": {"token": "c2VjcmV0"}
     })
+}
+
+/// The volume's Secrets as the apiserver lists them: the token (`secret`), and the engine TLS and CSI
+/// Secrets minted by the test CA, valid for 90 days (`certs`).
+pub fn secret_list(secret: bool, certs: bool) -> Value {
+    let mut items = Vec::new();
+    if secret {
+        items.push(secret_json());
+    }
+    if certs {
+        let mv = MirroredVolume::test();
+        let all = plan::CertPlan {
+            engine: [true, true],
+            csi: true,
+        };
+        let nodes = ["n1".to_string(), "n2".to_string()];
+        let (minted, _) = crate::certs::mint(
+            &mv,
+            &all,
+            test_ca(),
+            &EngineConfig::default(),
+            "secret",
+            &nodes,
+            Default::default(),
+        )
+        .unwrap();
+        items.extend(minted.iter().map(|s| serde_json::to_value(s).unwrap()));
+    }
+    json!({"apiVersion": "v1", "kind": "SecretList", "metadata": {}, "items": items})
 }
 
 pub fn pv_json(claim: Option<&str>) -> Value {
     let mut pv = json!({
         "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": names::pv(NS, NAME)},
+        "metadata": {"name": names::pv(NS, NAME), "labels": owner_labels()},
         "spec": {"capacity": {"storage": "1Gi"}, "csi": {"driver": "csi.tandem.dev", "volumeHandle": "default/data"}}
     });
     if let Some(c) = claim {
@@ -344,6 +401,7 @@ impl Context {
             metrics.clone(),
             Arc::new(engines),
             EngineConfig::default(),
+            test_ca().clone(),
             Some("test".into()),
         );
         // Scenarios here start long after the operator did: no lease of ours can still run. The wait
@@ -373,28 +431,48 @@ pub mod paths {
         format!("/api/v1/nodes/{n}")
     }
     pub fn engine_pods() -> String {
-        format!("/api/v1/namespaces/{NS}/pods?")
+        format!("/api/v1/namespaces/{OP_NS}/pods?")
     }
     pub fn pod(slot: Slot) -> String {
         format!(
-            "/api/v1/namespaces/{NS}/pods/{}?",
-            names::engine(NAME, slot)
+            "/api/v1/namespaces/{OP_NS}/pods/{}?",
+            names::engine(&key(), slot)
         )
     }
+    /// An engine pod, for deletes and label patches.
+    pub fn engine(slot: Slot) -> String {
+        format!(
+            "/api/v1/namespaces/{OP_NS}/pods/{}",
+            names::engine(&key(), slot)
+        )
+    }
+    /// A workload pod in the volume's namespace.
     pub fn pod_named(name: &str) -> String {
         format!("/api/v1/namespaces/{NS}/pods/{name}")
     }
     pub fn service(slot: Slot) -> String {
         format!(
-            "/api/v1/namespaces/{NS}/services/{}?",
-            names::engine(NAME, slot)
+            "/api/v1/namespaces/{OP_NS}/services/{}?",
+            names::engine(&key(), slot)
         )
     }
     pub fn budget() -> String {
-        format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/data-engines?")
+        format!(
+            "/apis/policy/v1/namespaces/{OP_NS}/poddisruptionbudgets/{}?",
+            names::budget(&key())
+        )
     }
+    /// The token Secret (applied).
     pub fn secret() -> String {
-        format!("/api/v1/namespaces/{NS}/secrets/{}", names::secret(NAME))
+        format!("/api/v1/namespaces/{OP_NS}/secrets/{}", names::secret(&key()))
+    }
+    /// The volume's Secrets, listed by its key.
+    pub fn secrets() -> String {
+        format!("/api/v1/namespaces/{OP_NS}/secrets?")
+    }
+    /// A certificate Secret (applied): `tls-a`, `tls-b` or `csi`.
+    pub fn cert_secret(which: &str) -> String {
+        format!("/api/v1/namespaces/{OP_NS}/secrets/{}-{which}?", key())
     }
     pub fn pv() -> String {
         format!("/api/v1/persistentvolumes/{}", names::pv(NS, NAME))
@@ -419,7 +497,8 @@ pub fn status_answer(mv: &MirroredVolume) -> impl FnOnce(&Value) -> Value + Send
     }
 }
 
-/// The observation calls of a hostPath volume without claim: nodes, engine pods, secret, PV.
+/// The observation calls of a hostPath volume without claim: nodes, engine pods, secrets, PV. With
+/// `secret` the volume's Secrets all exist (token and valid certificates), without none does.
 pub fn observe_calls(
     n1_ready: bool,
     n2_ready: bool,
@@ -431,15 +510,20 @@ pub fn observe_calls(
         Call::get(&paths::node("n1")).reply(200, node_json("n1", n1_ready)),
         Call::get(&paths::node("n2")).reply(200, node_json("n2", n2_ready)),
         Call::get(&paths::engine_pods()).reply(200, pod_list(pods)),
-        if secret {
-            Call::get(&paths::secret()).reply(200, secret_json())
-        } else {
-            Call::get(&paths::secret()).reply(404, not_found("secret"))
-        },
+        Call::get(&paths::secrets()).reply(200, secret_list(secret, secret)),
         match pv {
             Some(pv) => Call::get(&paths::pv()).reply(200, pv),
             None => Call::get(&paths::pv()).reply(404, not_found("persistentvolume")),
         },
+    ]
+}
+
+/// The certificate Secrets' applies of a volume that has none yet.
+pub fn cert_calls() -> Vec<Call> {
+    vec![
+        Call::patch(&paths::cert_secret("tls-a")),
+        Call::patch(&paths::cert_secret("tls-b")),
+        Call::patch(&paths::cert_secret("csi")),
     ]
 }
 
@@ -450,6 +534,16 @@ pub fn service_calls() -> Vec<Call> {
         Call::patch(&paths::service(Slot::B)),
         Call::patch(&paths::budget()),
     ]
+}
+
+/// A list of `kind` (e.g. `ServiceList`).
+pub fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {}, "items": items})
+}
+
+/// A bare object named `name` (for list answers).
+pub fn named(name: &str) -> Value {
+    json!({"metadata": {"name": name, "namespace": OP_NS}})
 }
 
 /// The name of a volume's object, for assertions.

@@ -7,6 +7,7 @@
 //! [`controller`] (the reconciler: observe, decide, act, status), [`engine`] (the engine API behind a trait),
 //! [`leader`] (Lease election), [`metrics`], [`http`] (probes and `/metrics`), [`telemetry`] (logs).
 
+pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod disruption;
@@ -49,6 +50,10 @@ pub enum Error {
     /// Could not make a token for the volume.
     #[error("cannot generate a token: {0}")]
     Token(String),
+
+    /// The CA or a certificate could not be loaded or minted.
+    #[error("certificates: {0}")]
+    Tls(String),
 }
 
 impl Error {
@@ -75,6 +80,7 @@ impl Error {
             Error::MissingObjectKey(_) => "missingobjectkey".into(),
             Error::VolumeInUse(_) => "volumeinuse".into(),
             Error::Token(_) => "token".into(),
+            Error::Tls(_) => "tls".into(),
         }
     }
 }

@@ -48,6 +48,12 @@ struct RenderArgs {
     engine_image: String,
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// The operator's namespace, where the engine objects go.
+    #[arg(long, default_value = "tandem-system")]
+    namespace: String,
+    /// Root under which `engineStorage.hostPath` must lie.
+    #[arg(long, default_value = "/var/lib/tandem")]
+    allowed_host_path_root: String,
 }
 
 #[derive(clap::Args)]
@@ -73,9 +79,17 @@ struct RunArgs {
     /// Take part in leader election (disable only for a single local replica).
     #[arg(long, env = "TANDEM_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
-    /// Namespace of the leader Lease (defaults to the pod's namespace).
+    /// The operator's namespace: the leader Lease, the CA Secret `tandem-ca`, and every volume's engine
+    /// pods, Services, Secrets, engine PVCs and PodDisruptionBudget (the chart sets the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     namespace: String,
+    /// `engineStorage.hostPath` must lie under this directory; other volumes are refused
+    /// (condition reason HostPathNotAllowed).
+    #[arg(long, env = "TANDEM_ALLOWED_HOST_PATH_ROOT", default_value = "/var/lib/tandem")]
+    allowed_host_path_root: String,
+    /// Lifetime of the engine and CSI certificates, in days; each is issued again when a third is left.
+    #[arg(long, env = "TANDEM_CERT_VALIDITY_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=3650))]
+    cert_validity_days: u64,
     /// This replica's identity in the Lease and in events.
     #[arg(long, env = "POD_NAME", default_value = "tandem-operator")]
     identity: String,
@@ -109,6 +123,8 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
     let cfg = EngineConfig {
         image: args.engine_image,
         cluster_domain: args.cluster_domain,
+        namespace: args.namespace,
+        allowed_host_path_root: args.allowed_host_path_root,
         ..EngineConfig::default()
     };
     let mut rendered = 0;
@@ -159,12 +175,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         image_pull_policy: args.engine_image_pull_policy,
         cluster_domain: args.cluster_domain,
         priority_class: args.engine_priority_class,
+        namespace: args.namespace.clone(),
+        allowed_host_path_root: args.allowed_host_path_root,
+        cert_validity: Duration::from_secs(args.cert_validity_days.saturating_mul(24 * 3600)),
     };
+    let ca = operator::certs::ensure_ca(client.clone(), &args.namespace)
+        .await
+        .context("loading or creating the operator's CA (secret tandem-ca)")?;
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics,
         Arc::new(GrpcEngines::default()),
         config,
+        ca,
         Some(args.identity.clone()),
     ));
     health

@@ -23,8 +23,13 @@ pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 pub const DISRUPTION_LABEL: &str = "tandem.dev/disruption-allowed";
 /// Annotation on engine pods: the `--role` the pod was started with.
 pub const ROLE_ANNOTATION: &str = "tandem.dev/role";
-/// Label on everything the operator creates for a volume: the MirroredVolume's name.
+/// Label on everything the operator creates for a volume: the volume's key (`plan::names::key`), unique
+/// in the operator's namespace; selectors use it.
 pub const VOLUME_LABEL: &str = "tandem.dev/volume";
+/// Owner labels on everything the operator creates for a volume: its namespace, name and uid.
+pub const NAMESPACE_LABEL: &str = "tandem.dev/volume-namespace";
+pub const NAME_LABEL: &str = "tandem.dev/volume-name";
+pub const UID_LABEL: &str = "tandem.dev/volume-uid";
 /// Label on engine pods and services: the slot (`a` or `b`).
 pub const SLOT_LABEL: &str = "tandem.dev/slot";
 
@@ -211,6 +216,29 @@ pub struct Observed {
     pub attachments: Vec<(String, String)>,
     /// The operator's own clock as the witness: how long since it last sent this volume a lease grant.
     pub witness: LeaseClock,
+    /// The volume's certificates as found in its Secrets.
+    pub certs: CertsObs,
+    /// An object in the way (a PV or an object of the key that belongs to another volume): nothing is
+    /// created or changed while it is there.
+    pub conflict: Option<crate::plan::InvalidSpec>,
+}
+
+/// Expiry of each certificate Secret of the volume; `None` when missing, unreadable, issued by another
+/// CA or for another identity (each of which means: issue it again).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct CertsObs {
+    /// The engine TLS Secrets of slot a and b.
+    pub engine: [Option<Timestamp>; 2],
+    /// The CSI Secret: the earlier of its two nodes' certificates (`None` also when its token is stale).
+    pub csi: Option<Timestamp>,
+}
+
+impl CertsObs {
+    /// The earliest expiry of them all (for status), when all exist.
+    pub fn earliest(&self) -> Option<Timestamp> {
+        let [a, b] = self.engine;
+        Some(a?.min(b?).min(self.csi?))
+    }
 }
 
 impl Observed {

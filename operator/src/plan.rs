@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::core::v1::{
-        Affinity, CSIPersistentVolumeSource, Capabilities, Container, ContainerPort,
-        HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+        Affinity, CSIPersistentVolumeSource, Capabilities, Container, ContainerPort, EnvVar,
+        EnvVarSource, HostPathVolumeSource, ObjectFieldSelector, NodeAffinity, NodeSelector, NodeSelectorRequirement,
         NodeSelectorTerm, ObjectReference, PersistentVolume, PersistentVolumeClaim,
         PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PersistentVolumeSpec, Pod,
         PodSpec, Probe, ResourceRequirements, Secret, SecretReference, SecretVolumeSource,
@@ -25,6 +25,10 @@ use k8s_openapi::{
     ByteString,
 };
 use kube::{Resource, ResourceExt};
+use tandem_api::{
+    contract::{secret_csi_cert_key, secret_csi_key_key},
+    tls::{Identity, Issued, VolumeRef, CA_FILE, CERT_FILE, KEY_FILE},
+};
 
 use crate::{
     crd::{
@@ -32,27 +36,40 @@ use crate::{
         SecondaryAccess, Slot, CSI_DRIVER,
     },
     failover::primary_slot,
-    observed::{NodeObs, Observed, DISRUPTION_LABEL, ROLE_ANNOTATION, SLOT_LABEL, VOLUME_LABEL},
+    observed::{
+        NodeObs, Observed, DISRUPTION_LABEL, NAMESPACE_LABEL, NAME_LABEL, ROLE_ANNOTATION,
+        SLOT_LABEL, UID_LABEL, VOLUME_LABEL,
+    },
 };
 
-/// Engine ports (DESIGN.md contract).
-pub const NBD_PORT: u16 = 10809;
+/// Engine ports (DESIGN.md contract). NBD has no port in the pods the operator creates: engines serve it
+/// on a unix socket only (`NBD_SOCKET`), which the CSI plugin on the same node reaches through the host.
 pub const GRPC_PORT: u16 = 9500;
 pub const METRICS_PORT: u16 = 9501;
 
 /// PV volume attributes and the token's key: the contract with the CSI plugin.
 pub use tandem_api::contract::{
     ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS,
-    ATTR_TAKEOVER_POLICY, ATTR_VOLUME, SECRET_TOKEN_KEY,
+    ATTR_TAKEOVER_POLICY, ATTR_VOLUME, SECRET_CA_KEY, SECRET_TOKEN_KEY,
 };
 
 /// Where the engine keeps everything inside its pod.
 const DATA_MOUNT: &str = "/var/lib/tandem";
 const TOKEN_MOUNT: &str = "/etc/tandem/token";
+/// The engine's `--tls-dir`: its TLS Secret (`ca.crt`, `tls.crt`, `tls.key`).
+pub const TLS_MOUNT: &str = "/etc/tandem/tls";
+/// The per-volume host directory shared by the engine pod and the CSI plugin on its node, mounted here.
+pub const RUN_MOUNT: &str = "/run/tandem";
+/// The NBD socket inside the engine pod (under `RUN_MOUNT`).
+pub const NBD_SOCKET: &str = "/run/tandem/nbd.sock";
+/// Host directory holding one directory per volume; the CSI DaemonSet mounts it at the same path.
+pub const HOST_VOLUMES_DIR: &str = "/run/tandem/volumes";
 /// Extra room in an engine PVC beyond the volume and journal: meta, tables, overlay headroom.
 const ENGINE_PVC_SLACK: u64 = 256 << 20;
 /// Journal size assumed for PVC sizing when the spec leaves it to the engine (the engine's default).
 const DEFAULT_JOURNAL: u64 = 64 << 20;
+/// Leaf certificates live this long unless the operator is told otherwise (`--cert-validity`).
+pub const DEFAULT_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
 
 /// Settings that come from the operator's deployment, not from the volume.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,6 +80,13 @@ pub struct EngineConfig {
     pub cluster_domain: String,
     /// Priority class for engine pods (the chart sets one so engines are not the first to be evicted).
     pub priority_class: Option<String>,
+    /// The operator's namespace: every object of a volume but its claim lives here, so workload
+    /// namespaces hold no engine pods, token or keys (and can run under the `restricted` profile).
+    pub namespace: String,
+    /// `engineStorage.hostPath` must lie under this directory (`--allowed-host-path-root`).
+    pub allowed_host_path_root: String,
+    /// Lifetime of the leaf certificates the operator mints (`--cert-validity`).
+    pub cert_validity: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -72,41 +96,133 @@ impl Default for EngineConfig {
             image_pull_policy: None,
             cluster_domain: "cluster.local".to_string(),
             priority_class: None,
+            namespace: "tandem-system".to_string(),
+            allowed_host_path_root: "/var/lib/tandem".to_string(),
+            cert_validity: DEFAULT_CERT_VALIDITY,
         }
     }
 }
 
-/// Deterministic object names for one volume.
+/// Deterministic object names for one volume. Everything in the operator's namespace is named from the
+/// volume's [`key`](names::key); the PV from its namespace and name.
 pub mod names {
     use crate::crd::Slot;
 
-    pub fn engine(volume: &str, slot: Slot) -> String {
-        format!("{volume}-engine-{}", slot.as_str())
+    /// Longest readable part of a key (the namespace and name, cut): the key stays <= 41 characters, so
+    /// `<key>-engine-a-data` is a valid name, a Service name `<key>-engine-a` a DNS-1035 label, and the
+    /// NBD socket path `/run/tandem/volumes/<key>/nbd.sock` far below the 108 bytes of `sun_path`.
+    const READABLE: usize = 23;
+
+    /// FNV-1a, 64 bits: stable across Rust versions and platforms (the key must never change for a
+    /// volume), unlike `DefaultHasher`.
+    fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
     }
-    pub fn secret(volume: &str) -> String {
-        format!("{volume}-token")
+
+    /// The volume's key in the operator's namespace: `<namespace>-<name>` cut to 23 characters for
+    /// humans, then a 64-bit hash of `<namespace>/<name>` (`/` appears in neither, so the hashed string
+    /// is unambiguous). Always hashed, so `a-b`/`c` and `a`/`b-c` differ even when readable parts are
+    /// equal; a DNS-1035 label (lowercase, starts with a letter).
+    ///
+    /// Uniqueness is not what keeps tenants apart: a hash collision (found on purpose, say) only makes
+    /// the second volume see objects whose owner labels name another volume, and it refuses them
+    /// (`NameConflict`, test `controller::tests::a_key_collision_is_refused`).
+    pub fn key(namespace: &str, volume: &str) -> String {
+        let hash = fnv1a(format!("{namespace}/{volume}").as_bytes());
+        let mut readable: String = format!("{namespace}-{volume}")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(READABLE)
+            .collect();
+        while readable.ends_with('-') {
+            readable.pop();
+        }
+        if !readable.starts_with(|c: char| c.is_ascii_lowercase()) {
+            readable.insert(0, 'v');
+        }
+        format!("{readable}-{hash:016x}")
     }
+
+    /// Engine pod and its Service.
+    pub fn engine(key: &str, slot: Slot) -> String {
+        format!("{key}-engine-{}", slot.as_str())
+    }
+    /// The token Secret the engines mount.
+    pub fn secret(key: &str) -> String {
+        format!("{key}-token")
+    }
+    /// A slot's engine TLS Secret (kubernetes.io/tls plus `ca.crt`).
+    pub fn tls_secret(key: &str, slot: Slot) -> String {
+        format!("{key}-tls-{}", slot.as_str())
+    }
+    /// The CSI plugins' Secret (the PV's `nodeStageSecretRef`): token, CA and one certificate per node.
+    pub fn csi_secret(key: &str) -> String {
+        format!("{key}-csi")
+    }
+    /// The PV: `tandem.<namespace>.<name>`. Namespaces have no dots, so the first dot after the prefix
+    /// splits it unambiguously; at most 7 + 63 + 1 + 63 characters (volume names are capped at 63).
     pub fn pv(namespace: &str, volume: &str) -> String {
-        format!("tandem-{namespace}-{volume}")
+        format!("tandem.{namespace}.{volume}")
     }
-    pub fn engine_pvc(volume: &str, slot: Slot) -> String {
-        format!("{volume}-engine-{}-data", slot.as_str())
+    pub fn engine_pvc(key: &str, slot: Slot) -> String {
+        format!("{key}-engine-{}-data", slot.as_str())
+    }
+    /// The engines' PodDisruptionBudget.
+    pub fn budget(key: &str) -> String {
+        format!("{key}-engines")
+    }
+    /// The host directory of the volume's NBD socket, on both engine nodes.
+    pub fn host_dir(key: &str) -> String {
+        format!("{}/{key}", super::HOST_VOLUMES_DIR)
     }
 }
 
-/// gRPC address of a slot's engine, through its Service.
+/// The volume's key (see [`names::key`]).
+pub fn key(mv: &MirroredVolume) -> String {
+    names::key(&mv.namespace().unwrap_or_default(), &mv.name_any())
+}
+
+/// gRPC address of a slot's engine, through its Service in the operator's namespace.
 pub fn engine_address(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> String {
+    format!("{}:{GRPC_PORT}", engine_host(mv, slot, cfg))
+}
+
+/// The DNS name of a slot's Service.
+fn engine_host(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> String {
     format!(
-        "{}.{}.svc.{}:{GRPC_PORT}",
-        names::engine(&mv.name_any(), slot),
-        mv.namespace().unwrap_or_default(),
+        "{}.{}.svc.{}",
+        names::engine(&key(mv), slot),
+        cfg.namespace,
         cfg.cluster_domain
     )
 }
 
-/// Labels on every object of the volume.
+/// Every DNS name of a slot's Service (the DNS SANs of its engine certificate).
+pub fn engine_dns_names(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> Vec<String> {
+    let svc = names::engine(&key(mv), slot);
+    let ns = &cfg.namespace;
+    vec![
+        svc.clone(),
+        format!("{svc}.{ns}"),
+        format!("{svc}.{ns}.svc"),
+        engine_host(mv, slot, cfg),
+    ]
+}
+
+/// Labels on every object of the volume. `tandem.dev/volume` carries the key (it selects the engines,
+/// unique in the operator's namespace); namespace, name and uid say whose object it is: owner references
+/// cannot cross namespaces, so these labels are the ownership the operator checks before it adopts,
+/// reads or deletes anything.
 pub fn labels(mv: &MirroredVolume) -> BTreeMap<String, String> {
-    BTreeMap::from([
+    let mut l = BTreeMap::from([
         (
             "app.kubernetes.io/name".to_string(),
             "tandem-engine".to_string(),
@@ -115,8 +231,37 @@ pub fn labels(mv: &MirroredVolume) -> BTreeMap<String, String> {
             "app.kubernetes.io/managed-by".to_string(),
             "tandem-operator".to_string(),
         ),
-        (VOLUME_LABEL.to_string(), mv.name_any()),
-    ])
+        (VOLUME_LABEL.to_string(), key(mv)),
+        (
+            NAMESPACE_LABEL.to_string(),
+            mv.namespace().unwrap_or_default(),
+        ),
+        (NAME_LABEL.to_string(), mv.name_any()),
+    ]);
+    if let Some(uid) = &mv.metadata.uid {
+        l.insert(UID_LABEL.to_string(), uid.clone());
+    }
+    l
+}
+
+/// Whether an object's labels say it belongs to this volume: namespace and name equal, and the uid
+/// equal when both sides have one. `Err` says whose it is instead.
+pub fn owned_by(labels: Option<&BTreeMap<String, String>>, mv: &MirroredVolume) -> Result<(), String> {
+    let get = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    let (ns, name) = (mv.namespace().unwrap_or_default(), mv.name_any());
+    let (their_ns, their_name) = (get(NAMESPACE_LABEL), get(NAME_LABEL));
+    if their_ns != Some(ns.as_str()) || their_name != Some(name.as_str()) {
+        return Err(match (their_ns, their_name) {
+            (Some(n), Some(v)) => format!("it belongs to volume {n}/{v}"),
+            _ => "it carries no tandem.dev owner labels".to_string(),
+        });
+    }
+    match (get(UID_LABEL), mv.metadata.uid.as_deref()) {
+        (Some(theirs), Some(ours)) if theirs != ours => Err(format!(
+            "it belongs to an earlier volume {ns}/{name} (uid {theirs})"
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn slot_labels(mv: &MirroredVolume, slot: Slot) -> BTreeMap<String, String> {
@@ -125,27 +270,107 @@ fn slot_labels(mv: &MirroredVolume, slot: Slot) -> BTreeMap<String, String> {
     l
 }
 
-fn meta(mv: &MirroredVolume, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+/// Metadata of an object in the operator's namespace: no owner reference (it would name an object in
+/// another namespace, which the garbage collector treats as absent and deletes the child); the finalizer
+/// deletes these.
+fn meta(name: String, labels: BTreeMap<String, String>, cfg: &EngineConfig) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
-        namespace: mv.namespace(),
+        namespace: Some(cfg.namespace.clone()),
         labels: Some(labels),
-        owner_references: mv.controller_owner_ref(&()).map(|o| vec![o]),
         ..Default::default()
     }
 }
 
-/// The spec is invalid in a way the schema cannot express.
+/// Why a volume cannot be turned into objects: the spec is invalid in a way the schema cannot express,
+/// or the operator refuses it (`reason` is the Ready condition's reason and the event's).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct InvalidSpec(pub String);
+#[error("{message}")]
+pub struct InvalidSpec {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl InvalidSpec {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self::refused("InvalidSpec", message)
+    }
+    pub fn refused(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Condition reasons of a refused volume.
+pub const HOST_PATH_NOT_ALLOWED: &str = "HostPathNotAllowed";
+pub const PV_CONFLICT: &str = "PersistentVolumeConflict";
+pub const NAME_CONFLICT: &str = "NameConflict";
+
+/// Longest volume name: the name is a label value on every object.
+const MAX_NAME: usize = 63;
+
+/// `path` made absolute and clean (no `.`, empty segments or trailing `/`); `..` is refused rather than
+/// resolved, so no spelling of a path outside the root can pass the prefix check.
+fn normalize(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} is not absolute"));
+    }
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(format!("{path:?} contains \"..\"")),
+            p => parts.push(p),
+        }
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// The engines' hostPath base, checked against the allowed root: the same directory or below it.
+/// Invariant: no engine pod mounts a host directory outside `--allowed-host-path-root` (a tenant
+/// cannot pick `/` or `/etc`); test `plan::tests::host_path_outside_the_root_is_refused`.
+pub fn host_path_base(mv: &MirroredVolume, cfg: &EngineConfig) -> Result<Option<String>, InvalidSpec> {
+    let Some(path) = &mv.spec.engine_storage.host_path else {
+        return Ok(None);
+    };
+    let refuse = |why: String| {
+        InvalidSpec::refused(
+            HOST_PATH_NOT_ALLOWED,
+            format!(
+                "engineStorage.hostPath {path:?} is not allowed: {why} (the operator allows only paths under {:?})",
+                cfg.allowed_host_path_root
+            ),
+        )
+    };
+    let root = normalize(&cfg.allowed_host_path_root).map_err(refuse)?;
+    let path = normalize(path).map_err(refuse)?;
+    let inside = root == "/" || path == root || path.starts_with(&format!("{root}/"));
+    if !inside {
+        return Err(refuse(format!("it is outside {root}")));
+    }
+    Ok(Some(path))
+}
+
+/// What can be checked before anything is observed: name length, size, the hostPath root.
+pub fn validate(mv: &MirroredVolume, cfg: &EngineConfig) -> Result<(), InvalidSpec> {
+    if mv.name_any().len() > MAX_NAME {
+        return Err(InvalidSpec::new(format!(
+            "the name is longer than {MAX_NAME} characters (it is a label value)"
+        )));
+    }
+    volume_bytes(mv)?;
+    host_path_base(mv, cfg)?;
+    Ok(())
+}
 
 /// Volume size in bytes: a binary quantity, at least 1 MiB and a multiple of 4 KiB.
 pub fn volume_bytes(mv: &MirroredVolume) -> Result<u64, InvalidSpec> {
     let bytes = parse_quantity(&mv.spec.size)
-        .ok_or_else(|| InvalidSpec(format!("size {:?} is not a binary quantity", mv.spec.size)))?;
+        .ok_or_else(|| InvalidSpec::new(format!("size {:?} is not a binary quantity", mv.spec.size)))?;
     if bytes < (1 << 20) || bytes % 4096 != 0 {
-        return Err(InvalidSpec(format!(
+        return Err(InvalidSpec::new(format!(
             "size {} must be at least 1Mi and a multiple of 4Ki",
             mv.spec.size
         )));
@@ -166,7 +391,7 @@ pub fn choose_nodes(
     if let Some(nodes) = &mv.spec.placement.nodes {
         return match nodes.as_slice() {
             [a, b] if a != b => Ok([a.clone(), b.clone()]),
-            _ => Err(InvalidSpec(
+            _ => Err(InvalidSpec::new(
                 "placement.nodes must name two distinct nodes".to_string(),
             )),
         };
@@ -176,13 +401,13 @@ pub fn choose_nodes(
         ready.sort_by(|x, y| x.name.cmp(&y.name));
         return match ready.as_slice() {
             [a, b, ..] => Ok([a.name.clone(), b.name.clone()]),
-            _ => Err(InvalidSpec(format!(
+            _ => Err(InvalidSpec::new(format!(
                 "placement.nodeSelector matches {} ready node(s); two are needed",
                 ready.len()
             ))),
         };
     }
-    Err(InvalidSpec(
+    Err(InvalidSpec::new(
         "placement needs nodes or nodeSelector".to_string(),
     ))
 }
@@ -204,7 +429,8 @@ pub fn engine_pod(
     node: &str,
     cfg: &EngineConfig,
 ) -> Result<Pod, InvalidSpec> {
-    let name = names::engine(&mv.name_any(), slot);
+    let key = key(mv);
+    let name = names::engine(&key, slot);
     let mut args: Vec<String> = vec![
         "serve".into(),
         "--volume".into(),
@@ -215,8 +441,14 @@ pub fn engine_pod(
         volume_bytes(mv)?.to_string(),
         "--state-dir".into(),
         format!("{DATA_MOUNT}/state"),
+        // Invariant: NBD never leaves the node. No TCP listener; the socket sits in the volume's host
+        // directory, shared only with the CSI plugin on this node, and opens only `<volume>@<epoch>`.
+        // Test `plan::tests::engine_pod_carries_the_cli_contract`.
         "--nbd-listen".into(),
-        format!("0.0.0.0:{NBD_PORT}"),
+        "off".into(),
+        "--nbd-socket".into(),
+        NBD_SOCKET.into(),
+        "--nbd-pinned-exports-only".into(),
         "--grpc-listen".into(),
         format!("0.0.0.0:{GRPC_PORT}"),
         "--metrics-listen".into(),
@@ -227,6 +459,10 @@ pub fn engine_pod(
         engine_address(mv, slot.other(), cfg),
         "--token-file".into(),
         format!("{TOKEN_MOUNT}/{SECRET_TOKEN_KEY}"),
+        "--tls-dir".into(),
+        TLS_MOUNT.into(),
+        "--node-name".into(),
+        "$(NODE_NAME)".into(),
         "--replication".into(),
         match mv.spec.replication.mode {
             ReplicationMode::Async => "async".into(),
@@ -235,7 +471,7 @@ pub fn engine_pod(
     ];
     if let Some(journal) = &mv.spec.replication.journal_size {
         let bytes = parse_quantity(journal).ok_or_else(|| {
-            InvalidSpec(format!(
+            InvalidSpec::new(format!(
                 "replication.journalSize {journal:?} is not a binary quantity"
             ))
         })?;
@@ -252,7 +488,7 @@ pub fn engine_pod(
     }
 
     let data_volume = match (
-        &mv.spec.engine_storage.host_path,
+        host_path_base(mv, cfg)?,
         &mv.spec.engine_storage.storage_class_name,
     ) {
         (Some(path), _) => Volume {
@@ -271,13 +507,13 @@ pub fn engine_pod(
         (None, Some(_)) => Volume {
             name: "data".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: names::engine_pvc(&mv.name_any(), slot),
+                claim_name: names::engine_pvc(&key, slot),
                 read_only: None,
             }),
             ..Default::default()
         },
         (None, None) => {
-            return Err(InvalidSpec(
+            return Err(InvalidSpec::new(
                 "engineStorage needs hostPath or storageClassName".to_string(),
             ))
         }
@@ -291,7 +527,7 @@ pub fn engine_pod(
     let mut pod_labels = slot_labels(mv, slot);
     // Born under the volume's PodDisruptionBudget: the operator lifts it once the pod is an in-sync secondary.
     pod_labels.insert(DISRUPTION_LABEL.to_string(), "false".to_string());
-    let mut metadata = meta(mv, name, pod_labels);
+    let mut metadata = meta(name, pod_labels, cfg);
     metadata.annotations = Some(BTreeMap::from([(
         ROLE_ANNOTATION.to_string(),
         role.flag().to_string(),
@@ -321,10 +557,20 @@ pub fn engine_pod(
                 image_pull_policy: cfg.image_pull_policy.clone(),
                 args: Some(args),
                 ports: Some(vec![
-                    port("nbd", NBD_PORT),
                     port("grpc", GRPC_PORT),
                     port("metrics", METRICS_PORT),
                 ]),
+                env: Some(vec![EnvVar {
+                    name: "NODE_NAME".into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector {
+                            field_path: "spec.nodeName".into(),
+                            api_version: None,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
                 readiness_probe: Some(Probe {
                     tcp_socket: Some(TCPSocketAction {
                         port: IntOrString::String("grpc".into()),
@@ -371,6 +617,17 @@ pub fn engine_pod(
                         read_only: Some(true),
                         ..Default::default()
                     },
+                    VolumeMount {
+                        name: "tls".into(),
+                        mount_path: TLS_MOUNT.into(),
+                        read_only: Some(true),
+                        ..Default::default()
+                    },
+                    VolumeMount {
+                        name: "run".into(),
+                        mount_path: RUN_MOUNT.into(),
+                        ..Default::default()
+                    },
                 ]),
                 ..Default::default()
             }],
@@ -381,12 +638,30 @@ pub fn engine_pod(
             termination_grace_period_seconds: Some(30),
             volumes: Some(vec![
                 data_volume,
+                // Secrets read-only, 0400: only the engine's user reads the token and its key.
                 Volume {
                     name: "token".into(),
                     secret: Some(SecretVolumeSource {
-                        secret_name: Some(names::secret(&mv.name_any())),
+                        secret_name: Some(names::secret(&key)),
                         default_mode: Some(0o400),
                         ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "tls".into(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(names::tls_secret(&key, slot)),
+                        default_mode: Some(0o400),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "run".into(),
+                    host_path: Some(HostPathVolumeSource {
+                        path: names::host_dir(&key),
+                        type_: Some("DirectoryOrCreate".into()),
                     }),
                     ..Default::default()
                 },
@@ -397,9 +672,10 @@ pub fn engine_pod(
     })
 }
 
-/// The Service in front of a slot's engine. Not-ready addresses are published: the peer must reach an
-/// engine that is starting, and the old primary while it drains.
-pub fn engine_service(mv: &MirroredVolume, slot: Slot) -> Service {
+/// The Service in front of a slot's engine: gRPC and metrics only (no NBD port, by design: NBD stays on
+/// the node). Not-ready addresses are published: the peer must reach an engine that is starting, and the
+/// old primary while it drains.
+pub fn engine_service(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> Service {
     let port = |name: &str, p: u16| ServicePort {
         name: Some(name.into()),
         port: i32::from(p),
@@ -407,22 +683,15 @@ pub fn engine_service(mv: &MirroredVolume, slot: Slot) -> Service {
         protocol: Some("TCP".into()),
         ..Default::default()
     };
+    let key = key(mv);
     let mut selector = BTreeMap::new();
-    selector.insert(VOLUME_LABEL.to_string(), mv.name_any());
+    selector.insert(VOLUME_LABEL.to_string(), key.clone());
     selector.insert(SLOT_LABEL.to_string(), slot.as_str().to_string());
     Service {
-        metadata: meta(
-            mv,
-            names::engine(&mv.name_any(), slot),
-            slot_labels(mv, slot),
-        ),
+        metadata: meta(names::engine(&key, slot), slot_labels(mv, slot), cfg),
         spec: Some(ServiceSpec {
             selector: Some(selector),
-            ports: Some(vec![
-                port("nbd", NBD_PORT),
-                port("grpc", GRPC_PORT),
-                port("metrics", METRICS_PORT),
-            ]),
+            ports: Some(vec![port("grpc", GRPC_PORT), port("metrics", METRICS_PORT)]),
             publish_not_ready_addresses: Some(true),
             type_: Some("ClusterIP".into()),
             ..Default::default()
@@ -431,17 +700,97 @@ pub fn engine_service(mv: &MirroredVolume, slot: Slot) -> Service {
     }
 }
 
-/// The token Secret (key `token`), created once; the token itself comes from the caller.
-pub fn token_secret(mv: &MirroredVolume, token: &str) -> Secret {
+fn secret_data(entries: Vec<(String, &str)>) -> BTreeMap<String, ByteString> {
+    entries
+        .into_iter()
+        .map(|(k, v)| (k, ByteString(v.as_bytes().to_vec())))
+        .collect()
+}
+
+/// The token Secret (key `token`) the engines mount, created once; the token itself comes from the caller.
+pub fn token_secret(mv: &MirroredVolume, token: &str, cfg: &EngineConfig) -> Secret {
     Secret {
-        metadata: meta(mv, names::secret(&mv.name_any()), labels(mv)),
-        data: Some(BTreeMap::from([(
-            SECRET_TOKEN_KEY.to_string(),
-            ByteString(token.as_bytes().to_vec()),
-        )])),
+        metadata: meta(names::secret(&key(mv)), labels(mv), cfg),
+        data: Some(secret_data(vec![(SECRET_TOKEN_KEY.to_string(), token)])),
         type_: Some("Opaque".into()),
         ..Default::default()
     }
+}
+
+/// A slot's engine TLS Secret: `kubernetes.io/tls` plus `ca.crt`, the engine's `--tls-dir`. The
+/// certificate speaks for `Engine{volume}` (both engines of a volume share the identity; the peer check
+/// is the volume).
+pub fn engine_tls_secret(
+    mv: &MirroredVolume,
+    slot: Slot,
+    cfg: &EngineConfig,
+    ca_pem: &str,
+    leaf: &Issued,
+) -> Secret {
+    Secret {
+        metadata: meta(names::tls_secret(&key(mv), slot), slot_labels(mv, slot), cfg),
+        data: Some(secret_data(vec![
+            (CA_FILE.to_string(), ca_pem),
+            (CERT_FILE.to_string(), &leaf.cert_pem),
+            (KEY_FILE.to_string(), &leaf.key_pem),
+        ])),
+        type_: Some("kubernetes.io/tls".into()),
+        ..Default::default()
+    }
+}
+
+/// The CSI Secret (the PV's `nodeStageSecretRef`): the token, the CA and, per engine node, the certificate
+/// and key of `Csi{volume, node}`. Kubelet hands it to the plugin of every node it stages on; each plugin
+/// uses its own node's pair.
+pub fn csi_secret(
+    mv: &MirroredVolume,
+    cfg: &EngineConfig,
+    token: &str,
+    ca_pem: &str,
+    leaves: &[(String, Issued)],
+) -> Secret {
+    let mut entries = vec![
+        (SECRET_TOKEN_KEY.to_string(), token),
+        (SECRET_CA_KEY.to_string(), ca_pem),
+    ];
+    for (node, leaf) in leaves {
+        entries.push((secret_csi_cert_key(node), leaf.cert_pem.as_str()));
+        entries.push((secret_csi_key_key(node), leaf.key_pem.as_str()));
+    }
+    Secret {
+        metadata: meta(names::csi_secret(&key(mv)), labels(mv), cfg),
+        data: Some(secret_data(entries)),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+/// The identity of a slot's engine certificate.
+pub fn engine_identity(mv: &MirroredVolume) -> Identity {
+    Identity::Engine {
+        volume: VolumeRef::new(mv.namespace().unwrap_or_default(), mv.name_any()),
+    }
+}
+
+/// The identity of the CSI plugin on `node` for this volume.
+pub fn csi_identity(mv: &MirroredVolume, node: &str) -> Identity {
+    Identity::Csi {
+        volume: VolumeRef::new(mv.namespace().unwrap_or_default(), mv.name_any()),
+        node: node.to_string(),
+    }
+}
+
+/// A leaf is (re-)issued when missing or when less than a third of `validity` is left.
+pub fn needs_cert(
+    not_after: Option<k8s_openapi::jiff::Timestamp>,
+    now: k8s_openapi::jiff::Timestamp,
+    validity: std::time::Duration,
+) -> bool {
+    let Some(not_after) = not_after else {
+        return true;
+    };
+    let third = i64::try_from(validity.as_secs() / 3).unwrap_or(i64::MAX);
+    not_after.as_second().saturating_sub(now.as_second()) < third
 }
 
 /// `node=host:port,node=host:port` for the CSI plugin: the engines' gRPC addresses.
@@ -453,15 +802,13 @@ pub fn engines_attribute(mv: &MirroredVolume, nodes: &[String; 2], cfg: &EngineC
         .join(",")
 }
 
-/// `node=host:port,node=host:port`: the engines' NBD addresses (same Services, NBD port).
-pub fn nbd_attribute(mv: &MirroredVolume, nodes: &[String; 2], cfg: &EngineConfig) -> String {
+/// `node=unix:/run/tandem/volumes/<key>/nbd.sock,...`: each engine's NBD socket as its node's CSI plugin
+/// sees it (the host directory the engine pod mounts at `/run/tandem`).
+pub fn nbd_attribute(mv: &MirroredVolume, nodes: &[String; 2]) -> String {
+    let dir = names::host_dir(&key(mv));
     Slot::BOTH
         .iter()
-        .map(|s| {
-            let grpc = engine_address(mv, *s, cfg);
-            let host = grpc.rsplit_once(':').map_or(grpc.as_str(), |(h, _)| h);
-            format!("{}={host}:{NBD_PORT}", nodes[s.index()])
-        })
+        .map(|s| format!("{}=unix:{dir}/nbd.sock", nodes[s.index()]))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -487,7 +834,7 @@ pub fn persistent_volume(
         ATTR_ENGINES.to_string(),
         engines_attribute(mv, &node_names, cfg),
     );
-    attributes.insert(ATTR_NBD.to_string(), nbd_attribute(mv, &node_names, cfg));
+    attributes.insert(ATTR_NBD.to_string(), nbd_attribute(mv, &node_names));
     attributes.insert(
         ATTR_TAKEOVER_POLICY.to_string(),
         mv.spec.failover.policy.csi_value().to_string(),
@@ -511,8 +858,8 @@ pub fn persistent_volume(
         ATTR_PEER_TIMEOUT.to_string(),
         peer_timeout.as_millis().div_ceil(1000).max(1).to_string(),
     );
-    let mut pv_labels = labels(mv);
-    pv_labels.insert("tandem.dev/namespace".to_string(), namespace.clone());
+    // The owner labels are what a later pass checks before adopting an existing PV of this name.
+    let pv_labels = labels(mv);
     let filesystem = mv.spec.volume_mode == crate::crd::VolumeMode::Filesystem;
     Ok(PersistentVolume {
         metadata: ObjectMeta {
@@ -539,8 +886,8 @@ pub fn persistent_volume(
                 fs_type: filesystem.then(|| mv.spec.fs_type.as_str().to_string()),
                 volume_attributes: Some(attributes),
                 node_stage_secret_ref: Some(SecretReference {
-                    name: Some(names::secret(&name)),
-                    namespace: Some(namespace.clone()),
+                    name: Some(names::csi_secret(&key(mv))),
+                    namespace: Some(cfg.namespace.clone()),
                 }),
                 ..Default::default()
             }),
@@ -569,7 +916,14 @@ pub fn persistent_volume(
 pub fn claim(mv: &MirroredVolume) -> Option<PersistentVolumeClaim> {
     let c = mv.spec.claim.as_ref()?;
     Some(PersistentVolumeClaim {
-        metadata: meta(mv, c.name.clone(), labels(mv)),
+        // The one object in the workload's namespace: owned by the volume there.
+        metadata: ObjectMeta {
+            name: Some(c.name.clone()),
+            namespace: mv.namespace(),
+            labels: Some(labels(mv)),
+            owner_references: mv.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec!["ReadWriteOnce".into()]),
             resources: Some(VolumeResourceRequirements {
@@ -595,7 +949,7 @@ pub fn claim(mv: &MirroredVolume) -> Option<PersistentVolumeClaim> {
 pub fn engine_pvc_bytes(mv: &MirroredVolume) -> Result<u64, InvalidSpec> {
     let journal = match &mv.spec.replication.journal_size {
         Some(j) => parse_quantity(j).ok_or_else(|| {
-            InvalidSpec(format!(
+            InvalidSpec::new(format!(
                 "replication.journalSize {j:?} is not a binary quantity"
             ))
         })?,
@@ -611,13 +965,14 @@ pub fn engine_pvc(
     mv: &MirroredVolume,
     slot: Slot,
     class: &str,
+    cfg: &EngineConfig,
 ) -> Result<PersistentVolumeClaim, InvalidSpec> {
     let bytes = engine_pvc_bytes(mv)?;
     Ok(PersistentVolumeClaim {
         metadata: meta(
-            mv,
-            names::engine_pvc(&mv.name_any(), slot),
+            names::engine_pvc(&key(mv), slot),
             slot_labels(mv, slot),
+            cfg,
         ),
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec!["ReadWriteOnce".into()]),
@@ -654,6 +1009,23 @@ pub struct Desired {
     pub pv_capacity: Option<String>,
     /// The claim, when asked for and missing.
     pub claim: Option<PersistentVolumeClaim>,
+    /// Certificates to (re-)issue: missing, from another CA, or with less than a third left.
+    pub certs: CertPlan,
+}
+
+/// Which certificate Secrets to mint this pass (minting is the act step's: keys are random).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CertPlan {
+    /// Each slot's engine TLS Secret.
+    pub engine: [bool; 2],
+    /// The CSI Secret (both nodes' certificates at once).
+    pub csi: bool,
+}
+
+impl CertPlan {
+    pub fn any(&self) -> bool {
+        self.csi || self.engine.iter().any(|e| *e)
+    }
 }
 
 /// Computes the desired objects. `skip_pods` are slots whose pod is being deleted this round.
@@ -666,21 +1038,35 @@ pub fn desired(
     skip_pods: &[Slot],
 ) -> Result<Desired, InvalidSpec> {
     let bytes = volume_bytes(mv)?;
+    validate(mv, cfg)?;
+    // Invariant: nothing is created or changed for a volume whose PV or objects belong to another
+    // volume (tests `controller::tests::a_foreign_pv_is_not_adopted`, `a_key_collision_is_refused`).
+    if let Some(conflict) = &observed.conflict {
+        return Err(conflict.clone());
+    }
     let mut out = Desired::default();
     if !observed.secret_exists {
         if let Some(t) = token {
-            out.secret = Some(token_secret(mv, t));
+            out.secret = Some(token_secret(mv, t, cfg));
         }
     }
     if let Some(class) = &mv.spec.engine_storage.storage_class_name {
         for slot in Slot::BOTH {
             if !observed.engine_pvcs[slot.index()] {
-                out.engine_pvcs.push(engine_pvc(mv, slot, class)?);
+                out.engine_pvcs.push(engine_pvc(mv, slot, class, cfg)?);
             }
         }
     }
-    out.services = Slot::BOTH.iter().map(|s| engine_service(mv, *s)).collect();
-    out.budget = Some(crate::disruption::budget(mv));
+    out.services = Slot::BOTH
+        .iter()
+        .map(|s| engine_service(mv, *s, cfg))
+        .collect();
+    out.budget = Some(crate::disruption::budget(mv, cfg));
+    let renew = |n| needs_cert(n, observed.now, cfg.cert_validity);
+    out.certs = CertPlan {
+        engine: observed.certs.engine.map(renew),
+        csi: renew(observed.certs.csi),
+    };
     let primary = primary_slot(status);
     for slot in Slot::BOTH {
         if observed.pod(slot).is_none() && !skip_pods.contains(&slot) {
@@ -742,6 +1128,8 @@ mod tests {
             workloads: vec![],
             attachments: vec![],
             witness: crate::witness::LeaseClock::long_ago(10_000),
+            certs: Default::default(),
+            conflict: None,
         }
     }
 
@@ -757,16 +1145,175 @@ mod tests {
         a.iter().position(|x| x == name).map(|i| a[i + 1].clone())
     }
 
+    fn key_of_test() -> String {
+        names::key("default", "data")
+    }
+
     #[test]
     fn names_are_deterministic() {
-        assert_eq!(names::engine("data", Slot::B), "data-engine-b");
-        assert_eq!(names::secret("data"), "data-token");
-        assert_eq!(names::pv("ns", "data"), "tandem-ns-data");
-        assert_eq!(names::engine_pvc("data", Slot::A), "data-engine-a-data");
+        let key = names::key("default", "data");
+        assert_eq!(key, names::key("default", "data"));
+        assert!(key.starts_with("default-data-"), "{key}");
+        assert_eq!(names::engine(&key, Slot::B), format!("{key}-engine-b"));
+        assert_eq!(names::secret(&key), format!("{key}-token"));
+        assert_eq!(names::tls_secret(&key, Slot::A), format!("{key}-tls-a"));
+        assert_eq!(names::csi_secret(&key), format!("{key}-csi"));
+        assert_eq!(names::pv("ns", "data"), "tandem.ns.data");
+        assert_eq!(names::engine_pvc(&key, Slot::A), format!("{key}-engine-a-data"));
         assert_eq!(
             engine_address(&MirroredVolume::test(), Slot::A, &EngineConfig::default()),
-            "data-engine-a.default.svc.cluster.local:9500"
+            format!("{key}-engine-a.tandem-system.svc.cluster.local:9500")
         );
+    }
+
+    /// A DNS-1035 label: lowercase alphanumerics and '-', a letter first, no '-' last.
+    fn dns_1035(s: &str) -> bool {
+        s.len() <= 63
+            && s.starts_with(|c: char| c.is_ascii_lowercase())
+            && !s.ends_with('-')
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    }
+
+    #[test]
+    fn names_cannot_collide_across_namespaces() {
+        // The issue's pair: the old `tandem-{ns}-{name}` gave both `tandem-a-b-c`.
+        assert_ne!(names::pv("a-b", "c"), names::pv("a", "b-c"));
+        assert_ne!(names::key("a-b", "c"), names::key("a", "b-c"));
+        let mut one = MirroredVolume::test();
+        one.metadata.namespace = Some("a-b".into());
+        one.metadata.name = Some("c".into());
+        let mut two = one.clone();
+        two.metadata.namespace = Some("a".into());
+        two.metadata.name = Some("b-c".into());
+        let cfg = EngineConfig::default();
+        let pv = |mv: &MirroredVolume| persistent_volume(mv, &observed().nodes, &cfg).unwrap();
+        assert_ne!(pv(&one).metadata.name, pv(&two).metadata.name);
+        assert_ne!(
+            engine_service(&one, Slot::A, &cfg).metadata.name,
+            engine_service(&two, Slot::A, &cfg).metadata.name
+        );
+        // Longest names still make valid, short keys; digits first get a letter.
+        let long = "x".repeat(63);
+        for (ns, name) in [(long.as_str(), long.as_str()), ("0ns", "1.a"), ("a", "b")] {
+            let key = names::key(ns, name);
+            assert!(dns_1035(&key), "{key}");
+            assert!(dns_1035(&names::engine(&key, Slot::A)));
+            assert!(names::host_dir(&key).len() + "/nbd.sock".len() < 108);
+        }
+        assert_ne!(
+            names::key(&long, &long),
+            names::key(&long, &format!("{}y", &long[..62]))
+        );
+    }
+
+    #[test]
+    fn host_path_outside_the_root_is_refused() {
+        let cfg = EngineConfig::default();
+        let mut mv = MirroredVolume::test();
+        for bad in ["/", "/etc", "/var/lib/tandem-other", "/var/lib/tandem/../../etc", "var/lib/tandem"] {
+            mv.spec.engine_storage.host_path = Some(bad.into());
+            let err = validate(&mv, &cfg).unwrap_err();
+            assert_eq!(err.reason, HOST_PATH_NOT_ALLOWED, "{bad}");
+            assert!(err.message.contains(bad), "{}", err.message);
+            assert!(err.message.contains("/var/lib/tandem"), "{}", err.message);
+            // Nothing is created for it: no pod, no objects at all.
+            assert!(engine_pod(&mv, Slot::A, EngineRole::Primary, "n1", &cfg).is_err());
+            let d = desired(&mv, &MirroredVolumeStatus::default(), &observed(), &cfg, Some("t"), &[]);
+            assert_eq!(d.unwrap_err().reason, HOST_PATH_NOT_ALLOWED);
+        }
+        for good in ["/var/lib/tandem", "/var/lib/tandem/", "/var/lib/tandem/./fast//disks"] {
+            mv.spec.engine_storage.host_path = Some(good.into());
+            assert!(validate(&mv, &cfg).is_ok(), "{good}");
+        }
+        mv.spec.engine_storage.host_path = Some("/var/lib/tandem/./fast//disks/".into());
+        let pod = engine_pod(&mv, Slot::A, EngineRole::Primary, "n1", &cfg).unwrap();
+        let data = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
+        assert_eq!(
+            data.host_path.as_ref().unwrap().path,
+            "/var/lib/tandem/fast/disks/default/data"
+        );
+        let mut long = MirroredVolume::test();
+        long.metadata.name = Some("x".repeat(64));
+        assert_eq!(validate(&long, &cfg).unwrap_err().reason, "InvalidSpec");
+    }
+
+    #[test]
+    fn ownership_is_read_from_the_labels() {
+        let mv = MirroredVolume::test();
+        assert_eq!(owned_by(Some(&labels(&mv)), &mv), Ok(()));
+        assert!(owned_by(None, &mv).unwrap_err().contains("no tandem.dev owner labels"));
+        let mut other = mv.clone();
+        other.metadata.namespace = Some("elsewhere".into());
+        assert!(owned_by(Some(&labels(&other)), &mv)
+            .unwrap_err()
+            .contains("elsewhere/data"));
+        let mut earlier = mv.clone();
+        earlier.metadata.uid = Some("older".into());
+        assert!(owned_by(Some(&labels(&earlier)), &mv)
+            .unwrap_err()
+            .contains("uid older"));
+        // A PV labelled before uids were recorded is still ours by namespace and name.
+        let mut no_uid = labels(&mv);
+        no_uid.remove(UID_LABEL);
+        assert_eq!(owned_by(Some(&no_uid), &mv), Ok(()));
+    }
+
+    #[test]
+    fn every_object_but_the_claim_is_in_the_operator_namespace() {
+        let mut mv = MirroredVolume::test().with_claim("app-data");
+        mv.spec.engine_storage.host_path = None;
+        mv.spec.engine_storage.storage_class_name = Some("local-path".into());
+        let cfg = EngineConfig::default();
+        let d = desired(&mv, &MirroredVolumeStatus::default(), &observed(), &cfg, Some("t"), &[])
+            .unwrap();
+        let mut metas: Vec<&ObjectMeta> = vec![&d.secret.as_ref().unwrap().metadata];
+        metas.extend(d.engine_pvcs.iter().map(|p| &p.metadata));
+        metas.extend(d.services.iter().map(|p| &p.metadata));
+        metas.extend(d.pods.iter().map(|p| &p.metadata));
+        metas.push(&d.budget.as_ref().unwrap().metadata);
+        assert_eq!(metas.len(), 8);
+        for m in metas {
+            assert_eq!(m.namespace.as_deref(), Some("tandem-system"), "{:?}", m.name);
+            assert!(m.owner_references.is_none(), "{:?}", m.name);
+            let l = m.labels.as_ref().unwrap();
+            assert_eq!(l[NAMESPACE_LABEL], "default");
+            assert_eq!(l[NAME_LABEL], "data");
+            assert_eq!(l[UID_LABEL], "0c6a0d1e-0000-4000-8000-000000000001");
+        }
+        let claim = d.claim.unwrap();
+        assert_eq!(claim.metadata.namespace.as_deref(), Some("default"));
+        assert!(d.certs.any(), "a new volume gets its certificates");
+    }
+
+    #[test]
+    fn no_nbd_listener_and_no_nbd_port_anywhere() {
+        let mv = MirroredVolume::test().with_claim("app-data");
+        let objects = render_initial(&mv, &EngineConfig::default()).unwrap();
+        for o in &objects {
+            let text = o.to_string();
+            assert!(!text.contains("10809"), "{text}");
+            assert!(!text.contains("\"nbd\""), "an nbd port: {text}");
+            if o["kind"] == "Pod" {
+                let args: Vec<&str> = o["spec"]["containers"][0]["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap())
+                    .collect();
+                let at = args.iter().position(|a| *a == "--nbd-listen").unwrap();
+                assert_eq!(args[at + 1], "off");
+                assert!(args.contains(&"--nbd-pinned-exports-only"));
+            }
+            if o["kind"] == "Service" {
+                let ports: Vec<&str> = o["spec"]["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["name"].as_str().unwrap())
+                    .collect();
+                assert_eq!(ports, ["grpc", "metrics"]);
+            }
+        }
     }
 
     #[test]
@@ -850,6 +1397,18 @@ mod tests {
         assert_eq!(flag(&pod, "--data").unwrap(), "/var/lib/tandem/data.img");
         assert_eq!(flag(&pod, "--state-dir").unwrap(), "/var/lib/tandem/state");
         assert_eq!(flag(&pod, "--metrics-listen").unwrap(), "0.0.0.0:9501");
+        // NBD on the volume's socket only, pinned exports only; TLS from its Secret; the node's name.
+        assert_eq!(flag(&pod, "--nbd-listen").unwrap(), "off");
+        assert_eq!(flag(&pod, "--nbd-socket").unwrap(), "/run/tandem/nbd.sock");
+        assert!(args(&pod).contains(&"--nbd-pinned-exports-only".to_string()));
+        assert_eq!(flag(&pod, "--tls-dir").unwrap(), "/etc/tandem/tls");
+        assert_eq!(flag(&pod, "--node-name").unwrap(), "$(NODE_NAME)");
+        let env = &pod.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap()[0];
+        assert_eq!(env.name, "NODE_NAME");
+        assert_eq!(
+            env.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+            "spec.nodeName"
+        );
         assert_eq!(
             flag(&pod, "--token-file").unwrap(),
             "/etc/tandem/token/token"
@@ -859,7 +1418,7 @@ mod tests {
         assert_eq!(flag(&pod, "--role").unwrap(), "secondary");
         assert_eq!(
             flag(&pod, "--peer").unwrap(),
-            "data-engine-a.default.svc.cluster.local:9500"
+            format!("{}-engine-a.tandem-system.svc.cluster.local:9500", key_of_test())
         );
         // Optional flags only when asked for.
         assert_eq!(flag(&pod, "--journal-size"), None);
@@ -883,22 +1442,43 @@ mod tests {
         let spec = pod.spec.as_ref().unwrap();
         let labels = pod.metadata.labels.as_ref().unwrap();
         assert_eq!(labels[SLOT_LABEL], "b");
-        assert_eq!(labels[VOLUME_LABEL], "data");
-        assert_eq!(
-            pod.metadata.owner_references.as_ref().unwrap()[0].controller,
-            Some(true)
-        );
-        let token = spec
-            .volumes
+        assert_eq!(labels[VOLUME_LABEL], key_of_test());
+        assert!(pod.metadata.owner_references.is_none());
+        let volume = |name: &str| {
+            spec.volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == name)
+                .unwrap()
+                .clone()
+        };
+        // Both Secrets read-only and 0400; the host directory of the volume at /run/tandem.
+        for (name, secret) in [
+            ("token", format!("{}-token", key_of_test())),
+            ("tls", format!("{}-tls-b", key_of_test())),
+        ] {
+            let s = volume(name).secret.unwrap();
+            assert_eq!(s.secret_name, Some(secret));
+            assert_eq!(s.default_mode, Some(0o400));
+        }
+        let run = volume("run").host_path.unwrap();
+        assert_eq!(run.path, format!("/run/tandem/volumes/{}", key_of_test()));
+        assert_eq!(run.type_.as_deref(), Some("DirectoryOrCreate"));
+        let mounts = spec.containers[0].volume_mounts.as_ref().unwrap();
+        let mount = |name: &str| mounts.iter().find(|m| m.name == name).unwrap();
+        assert_eq!(mount("run").mount_path, "/run/tandem");
+        assert_eq!(mount("tls").mount_path, "/etc/tandem/tls");
+        assert_eq!(mount("tls").read_only, Some(true));
+        assert_eq!(mount("token").read_only, Some(true));
+        let ports: Vec<i32> = spec.containers[0]
+            .ports
             .as_ref()
             .unwrap()
             .iter()
-            .find(|v| v.name == "token")
-            .unwrap();
-        assert_eq!(
-            token.secret.as_ref().unwrap().secret_name.as_deref(),
-            Some("data-token")
-        );
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [9500, 9501]);
         let sc = spec.containers[0].security_context.as_ref().unwrap();
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(spec.automount_service_account_token, Some(false));
@@ -907,7 +1487,7 @@ mod tests {
     #[test]
     fn engine_storage_variants() {
         let mut mv = MirroredVolume::test();
-        mv.spec.engine_storage.host_path = Some("/srv/tandem/".into());
+        mv.spec.engine_storage.host_path = Some("/var/lib/tandem/".into());
         let pod = engine_pod(
             &mv,
             Slot::A,
@@ -918,7 +1498,7 @@ mod tests {
         .unwrap();
         let data = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
         let hp = data.host_path.as_ref().unwrap();
-        assert_eq!(hp.path, "/srv/tandem/default/data");
+        assert_eq!(hp.path, "/var/lib/tandem/default/data");
         assert_eq!(hp.type_.as_deref(), Some("DirectoryOrCreate"));
 
         mv.spec.engine_storage.host_path = None;
@@ -934,9 +1514,9 @@ mod tests {
         let data = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
         assert_eq!(
             data.persistent_volume_claim.as_ref().unwrap().claim_name,
-            "data-engine-a-data"
+            format!("{}-engine-a-data", key_of_test())
         );
-        let pvc = engine_pvc(&mv, Slot::A, "local-path").unwrap();
+        let pvc = engine_pvc(&mv, Slot::A, "local-path", &EngineConfig::default()).unwrap();
         let req = &pvc
             .spec
             .as_ref()
@@ -962,12 +1542,15 @@ mod tests {
 
     #[test]
     fn service_selects_one_slot_and_publishes_not_ready() {
-        let svc = engine_service(&MirroredVolume::test(), Slot::A);
+        let svc = engine_service(&MirroredVolume::test(), Slot::A, &EngineConfig::default());
+        assert_eq!(svc.metadata.namespace.as_deref(), Some("tandem-system"));
         let spec = svc.spec.unwrap();
-        assert_eq!(spec.selector.unwrap()[SLOT_LABEL], "a");
+        let selector = spec.selector.unwrap();
+        assert_eq!(selector[SLOT_LABEL], "a");
+        assert_eq!(selector[VOLUME_LABEL], key_of_test());
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
         let ports: Vec<i32> = spec.ports.unwrap().iter().map(|p| p.port).collect();
-        assert_eq!(ports, [10809, 9500, 9501]);
+        assert_eq!(ports, [9500, 9501], "gRPC and metrics only, no NBD");
     }
 
     #[test]
@@ -987,18 +1570,20 @@ mod tests {
         assert_eq!(attrs[ATTR_FAILOVER_POLICY], "ForcePromote");
         assert_eq!(attrs[ATTR_PEER_TIMEOUT], "30");
         assert_eq!(attrs[ATTR_SECONDARY_ACCESS], "None");
+        let k = key_of_test();
         assert_eq!(
             attrs[ATTR_NBD],
-            "n1=data-engine-a.default.svc.cluster.local:10809,n2=data-engine-b.default.svc.cluster.local:10809"
+            format!("n1=unix:/run/tandem/volumes/{k}/nbd.sock,n2=unix:/run/tandem/volumes/{k}/nbd.sock")
         );
         assert_eq!(
             attrs[ATTR_ENGINES],
-            "n1=data-engine-a.default.svc.cluster.local:9500,n2=data-engine-b.default.svc.cluster.local:9500"
+            format!("n1={k}-engine-a.tandem-system.svc.cluster.local:9500,n2={k}-engine-b.tandem-system.svc.cluster.local:9500")
         );
-        assert_eq!(
-            csi.node_stage_secret_ref.unwrap().name.as_deref(),
-            Some("data-token")
-        );
+        let secret_ref = csi.node_stage_secret_ref.unwrap();
+        assert_eq!(secret_ref.name, Some(format!("{k}-csi")));
+        assert_eq!(secret_ref.namespace.as_deref(), Some("tandem-system"));
+        assert_eq!(pv.metadata.name.as_deref(), Some("tandem.default.data"));
+        assert_eq!(pv.metadata.labels.as_ref().unwrap()[NAME_LABEL], "data");
         assert_eq!(spec.storage_class_name.as_deref(), Some(""));
         assert_eq!(
             spec.persistent_volume_reclaim_policy.as_deref(),
@@ -1031,7 +1616,7 @@ mod tests {
         assert!(claim(&MirroredVolume::test()).is_none());
         let pvc = claim(&MirroredVolume::test().with_claim("app-data")).unwrap();
         let spec = pvc.spec.unwrap();
-        assert_eq!(spec.volume_name.as_deref(), Some("tandem-default-data"));
+        assert_eq!(spec.volume_name.as_deref(), Some("tandem.default.data"));
         assert_eq!(spec.storage_class_name.as_deref(), Some(""));
         assert_eq!(pvc.metadata.namespace.as_deref(), Some("default"));
     }
@@ -1109,15 +1694,17 @@ mod tests {
         .unwrap();
         assert_eq!(d.engine_pvcs.len(), 1);
         assert_eq!(
-            d.engine_pvcs[0].metadata.name.as_deref(),
-            Some("data-engine-b-data")
+            d.engine_pvcs[0].metadata.name,
+            Some(format!("{}-engine-b-data", key_of_test()))
         );
         assert!(d.secret.is_none(), "no token given, no secret");
     }
 }
 
 /// The objects the operator creates for a new volume, as a user would see them (for `tandem-operator
-/// render`): both engine pods, Services, the Secret (token redacted), engine PVCs, the PV and the claim.
+/// render`): the token Secret (token redacted), the engine TLS Secrets and the CSI Secret (certificates
+/// and keys redacted), engine PVCs, Services, the PodDisruptionBudget, both engine pods, the PV and the
+/// claim.
 /// Nodes are taken from `placement.nodes` (hostnames = node names); a selector placement cannot be
 /// rendered offline.
 pub fn render_initial(
@@ -1146,6 +1733,8 @@ pub fn render_initial(
         workloads: vec![],
         attachments: vec![],
         witness: crate::witness::LeaseClock::long_ago(10_000),
+        certs: Default::default(),
+        conflict: None,
     };
     let d = desired(
         mv,
@@ -1157,17 +1746,37 @@ pub fn render_initial(
     )?;
     let mut out = Vec::new();
     let mut push = |v: Result<serde_json::Value, serde_json::Error>| -> Result<(), InvalidSpec> {
-        out.push(v.map_err(|e| InvalidSpec(e.to_string()))?);
+        out.push(v.map_err(|e| InvalidSpec::new(e.to_string()))?);
         Ok(())
     };
     if let Some(s) = &d.secret {
         push(serde_json::to_value(s))?;
     }
+    let redacted = Issued {
+        cert_pem: "<minted-at-creation>".into(),
+        key_pem: "<minted-at-creation>".into(),
+        not_after: std::time::SystemTime::UNIX_EPOCH,
+    };
+    let ca = "<the operator's CA>";
+    for slot in Slot::BOTH {
+        push(serde_json::to_value(engine_tls_secret(
+            mv, slot, cfg, ca, &redacted,
+        )))?;
+    }
+    let leaves: Vec<(String, Issued)> = nodes
+        .iter()
+        .map(|n| (n.clone(), redacted.clone()))
+        .collect();
+    let token = observed.token.as_deref().unwrap_or_default();
+    push(serde_json::to_value(csi_secret(mv, cfg, token, ca, &leaves)))?;
     for p in &d.engine_pvcs {
         push(serde_json::to_value(p))?;
     }
     for s in &d.services {
         push(serde_json::to_value(s))?;
+    }
+    if let Some(b) = &d.budget {
+        push(serde_json::to_value(b))?;
     }
     for p in &d.pods {
         push(serde_json::to_value(p))?;
@@ -1194,8 +1803,12 @@ mod render_tests {
             kinds,
             [
                 "Secret",
+                "Secret",
+                "Secret",
+                "Secret",
                 "Service",
                 "Service",
+                "PodDisruptionBudget",
                 "Pod",
                 "Pod",
                 "PersistentVolume",

@@ -19,7 +19,7 @@ use super::{
     Context, FIELD_MANAGER,
 };
 use crate::{
-    crd::{LeaseGrant, MirroredVolume},
+    crd::{CertificateStatus, LeaseGrant, MirroredVolume},
     engine::EngineTarget,
     failover::{PodDeletion, ReleasePlan},
     metrics::VolumeLabels,
@@ -98,8 +98,11 @@ impl MirroredVolume {
         self.grant(ctx, plan).await;
         self.delete_engine_pods(ctx, &plan.deletions).await?;
         self.release_workloads(ctx, &plan.release).await?;
-        if let Ok(children) = &plan.children {
-            self.apply_children(ctx, children).await?;
+        if plan.children.is_ok() {
+            self.apply_certificates(ctx, plan).await?;
+            if let Ok(children) = &plan.children {
+                self.apply_children(ctx, children).await?;
+            }
         }
         self.act_disruption(ctx, &plan.disruption).await
     }
@@ -145,8 +148,7 @@ impl MirroredVolume {
     }
 
     async fn delete_engine_pods(&self, ctx: &Context, deletions: &[PodDeletion]) -> Result<()> {
-        let (ns, _) = self.key()?;
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
         for d in deletions {
             let dp = if d.force {
                 forced()
@@ -178,26 +180,65 @@ impl MirroredVolume {
         Ok(())
     }
 
+    /// Mints and applies the certificate Secrets the plan asks for (before the children, so a new pod
+    /// finds its TLS Secret), and records when the volume's certificates expire.
+    async fn apply_certificates(&self, ctx: &Context, plan: &mut Plan) -> Result<()> {
+        let Ok(children) = &plan.children else {
+            return Ok(());
+        };
+        let mut certs = plan.observed.certs.clone();
+        if children.certs.any() {
+            let nodes = plan.observed.nodes.clone().map(|n| n.name);
+            let token = plan.observed.token.clone().unwrap_or_default();
+            let (secrets, minted) = crate::certs::mint(
+                self,
+                &children.certs,
+                &ctx.ca,
+                &ctx.config,
+                &token,
+                &nodes,
+                certs,
+            )?;
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+            for secret in &secrets {
+                apply(&api, &secret.name_any(), secret).await?;
+            }
+            certs = minted;
+            let names: Vec<String> = secrets.iter().map(|s| s.name_any()).collect();
+            plan.notes.push(super::decide::note(
+                "CertificatesIssued",
+                format!("issued certificates in secret(s) {}", names.join(", ")),
+            ));
+        }
+        plan.status.certificates = certs.earliest().map(|t| CertificateStatus {
+            not_after: t.to_string(),
+        });
+        Ok(())
+    }
+
     async fn apply_children(&self, ctx: &Context, children: &Desired) -> Result<()> {
         let (ns, name) = self.key()?;
         let client = &ctx.client;
+        // Everything but the claim goes into the operator's namespace.
+        let home = &ctx.config.namespace;
         if let Some(secret) = &children.secret {
-            let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
-            apply(&api, &names::secret(&name), secret).await?;
+            let api: Api<Secret> = Api::namespaced(client.clone(), home);
+            apply(&api, &secret.name_any(), secret).await?;
+        }
+        let engine_pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), home);
+        for pvc in &children.engine_pvcs {
+            apply(&engine_pvcs, &pvc.name_any(), pvc).await?;
         }
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
-        for pvc in &children.engine_pvcs {
-            apply(&pvcs, &pvc.name_any(), pvc).await?;
-        }
-        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let services: Api<Service> = Api::namespaced(client.clone(), home);
         for svc in &children.services {
             apply(&services, &svc.name_any(), svc).await?;
         }
         if let Some(pdb) = &children.budget {
-            let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+            let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), home);
             apply(&api, &pdb.name_any(), pdb).await?;
         }
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), home);
         for pod in &children.pods {
             apply(&pods, &pod.name_any(), pod).await?;
         }

@@ -1,23 +1,34 @@
-//! The delete path: waits while a claim still uses the volume, then removes the PV (cluster-scoped, so not
-//! garbage-collected) and every namespaced child.
+//! The delete path: waits while a claim still uses the volume, then removes the PV (cluster-scoped) and
+//! every child in the operator's namespace. Nothing there has an owner reference (they cannot cross
+//! namespaces), so this is the only way they go.
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service};
-use kube::{api::DeleteParams, runtime::controller::Action, Api};
+use k8s_openapi::api::{
+    core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service},
+    policy::v1::PodDisruptionBudget,
+};
+use kube::{
+    api::{DeleteParams, ListParams},
+    runtime::controller::Action,
+    Api, Resource, ResourceExt,
+};
 
 use super::{act::delete_quietly, decide::note, Context};
 use crate::{
-    crd::{MirroredVolume, Slot},
-    plan::names,
+    crd::MirroredVolume,
+    observed::{NAMESPACE_LABEL, NAME_LABEL, UID_LABEL, VOLUME_LABEL},
+    plan::{self, names},
     Error, Result,
 };
 
 impl MirroredVolume {
-    /// Cleanup path: the claim, the PV once no claim uses it, then the engines, Services, PVCs and token.
+    /// Cleanup path: the claim, the PV once no claim uses it, then the engines, Services, PVCs, budget and
+    /// Secrets.
     pub async fn cleanup(&self, ctx: Arc<Context>) -> Result<Action> {
         let (ns, name) = self.key()?;
         let client = ctx.client.clone();
+        let home = ctx.config.namespace.as_str();
         let none = DeleteParams::default();
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
         if let Some(c) = &self.spec.claim {
@@ -26,22 +37,26 @@ impl MirroredVolume {
         let pv_api: Api<PersistentVolume> = Api::all(client.clone());
         let pv_name = names::pv(&ns, &name);
         if let Some(pv) = pv_api.get_opt(&pv_name).await? {
-            self.wait_for_claim(&ctx, &pv, &ns).await?;
-            delete_quietly(&pv_api, &pv_name, &none).await?;
-        }
-        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-        for slot in Slot::BOTH {
-            delete_quietly(&pods, &names::engine(&name, slot), &none).await?;
-            delete_quietly(&services, &names::engine(&name, slot), &none).await?;
-            if self.spec.engine_storage.storage_class_name.is_some() {
-                delete_quietly(&pvcs, &names::engine_pvc(&name, slot), &none).await?;
+            // Invariant: only our own PV is deleted; another volume's PV of this name stays (test
+            // `controller::tests::cleanup_leaves_a_foreign_pv`).
+            if plan::owned_by(pv.metadata.labels.as_ref(), self).is_ok() {
+                self.wait_for_claim(&ctx, &pv, &ns).await?;
+                delete_quietly(&pv_api, &pv_name, &none).await?;
             }
         }
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-        delete_quietly(&secrets, &names::secret(&name), &none).await?;
+        // Invariant: in the shared namespace only objects whose owner labels name this volume are
+        // deleted, never merely those named after its key (test
+        // `controller::tests::deletion_tears_everything_down_then_drops_the_finalizer`).
+        let owned = ListParams::default().labels(&owner_selector(self));
+        delete_owned(&Api::<Pod>::namespaced(client.clone(), home), &owned).await?;
+        delete_owned(&Api::<Service>::namespaced(client.clone(), home), &owned).await?;
+        delete_owned(&Api::<PodDisruptionBudget>::namespaced(client.clone(), home), &owned).await?;
+        delete_owned(&Api::<PersistentVolumeClaim>::namespaced(client.clone(), home), &owned).await?;
+        delete_owned(&Api::<Secret>::namespaced(client.clone(), home), &owned).await?;
         ctx.metrics.forget_volume(&ns, &name);
-        let text = format!("removed the engines, services, token and PersistentVolume {pv_name}");
+        let text = format!(
+            "removed the engines, services, secrets and PersistentVolume {pv_name} (namespace {home})"
+        );
         self.publish(&ctx, vec![note("Deleted", text)]).await;
         Ok(Action::await_change())
     }
@@ -71,4 +86,29 @@ impl MirroredVolume {
         self.publish(ctx, vec![note("WaitingForClaim", text)]).await;
         Err(Error::VolumeInUse(format!("{claim_ns}/{claim_name}")))
     }
+}
+
+/// A label selector for the objects whose owner labels name `mv` (key, namespace, name, and uid when set).
+fn owner_selector(mv: &MirroredVolume) -> String {
+    let mut s = format!(
+        "{VOLUME_LABEL}={},{NAMESPACE_LABEL}={},{NAME_LABEL}={}",
+        plan::key(mv),
+        mv.namespace().unwrap_or_default(),
+        mv.name_any()
+    );
+    if let Some(uid) = &mv.metadata.uid {
+        s.push_str(&format!(",{UID_LABEL}={uid}"));
+    }
+    s
+}
+
+/// Deletes every object the selector lists, one by one.
+async fn delete_owned<K>(api: &Api<K>, owned: &ListParams) -> Result<()>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    for item in api.list(owned).await?.items {
+        delete_quietly(api, &item.name_any(), &DeleteParams::default()).await?;
+    }
+    Ok(())
 }

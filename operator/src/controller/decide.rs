@@ -452,7 +452,7 @@ impl Pass {
 fn created(mv: &MirroredVolume, children: &Desired) -> Vec<Note> {
     let mut notes = Vec::new();
     if children.secret.is_some() {
-        let secret = names::secret(&mv.name_any());
+        let secret = names::secret(&plan::key(mv));
         notes.push(note(
             "TokenCreated",
             format!("created token secret {secret}"),

@@ -12,8 +12,7 @@ use crate::{crd::MirroredVolume, disruption::Actions, observed::DISRUPTION_LABEL
 
 impl MirroredVolume {
     pub(super) async fn act_disruption(&self, ctx: &Context, actions: &Actions) -> Result<()> {
-        let (ns, _) = self.key()?;
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
         for l in &actions.labels {
             // A merge patch of the one label: pods are otherwise only created, never re-applied.
             let patch = serde_json::json!({

@@ -56,39 +56,52 @@ impl MirroredVolume {
             }
         }
         Ok(plan::choose_nodes(self, &status, &candidates)
-            .and_then(|nodes| plan::volume_bytes(self).map(|_| nodes)))
+            .and_then(|nodes| plan::validate(self, &ctx.config).map(|_| nodes)))
     }
 
     /// Reads the volume's world. The engines are asked with the Secret's token; the observation carries a
-    /// fresh token when there is no Secret yet (the plan creates it).
+    /// fresh token when there is no Secret yet (the plan creates it). Objects found under the volume's
+    /// key or PV name that belong to another volume are neither read nor used: they become the
+    /// observation's `conflict`.
     pub(super) async fn observe(&self, ctx: &Context, nodes: &[String; 2]) -> Result<Observed> {
         let (ns, name) = self.key()?;
+        let key = plan::key(self);
         let now = stamp(Timestamp::now());
+        let node_names = nodes.clone();
         let nodes = observe_nodes(ctx, nodes).await?;
-        let pods = self.engine_pods(ctx, &ns, &name).await?;
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let secret = secrets.get_opt(&names::secret(&name)).await?;
-        let token = secret
-            .as_ref()
+        let (pods, pod_conflict) = self.engine_pods(ctx, &key).await?;
+        let (secrets, secret_conflict) = self.secrets(ctx, &key).await?;
+        let token = secrets
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(names::secret(&key).as_str()))
             .and_then(|s| s.data.as_ref())
-            .and_then(|d| d.get("token"))
+            .and_then(|d| d.get(plan::SECRET_TOKEN_KEY))
             .and_then(|b| String::from_utf8(b.0.clone()).ok());
-        let pv = observe_pv(ctx, &ns, &name).await?;
-        let (claim_exists, engine_pvcs) = self.claims(ctx, &ns, &name).await?;
+        let secret_exists = token.is_some();
+        let (pv, pv_conflict) = match observe_pv(ctx, self).await? {
+            Ok(pv) => (pv, None),
+            // Invariant: a PV of another volume is never read further (its claim's pods are not ours
+            // to release) nor changed; test `controller::tests::a_foreign_pv_is_not_adopted`.
+            Err(conflict) => (None, Some(conflict)),
+        };
+        let (claim_exists, engine_pvcs) = self.claims(ctx, &ns, &key).await?;
         let engines = self.ask_engines(ctx, &nodes, &pods, token.as_deref()).await;
         let (workloads, attachments) = self.stuck_workloads(ctx, &nodes, pv.as_ref()).await?;
         let token = match token {
             Some(t) => t,
             None => new_token()?,
         };
+        let certs = crate::certs::observe(self, &secrets, &ctx.ca, Some(&token), &node_names);
         Ok(Observed {
             now,
             nodes,
             pods,
             engines,
-            secret_exists: secret.is_some(),
+            secret_exists,
             token: Some(token),
             pv,
+            certs,
+            conflict: pv_conflict.or(pod_conflict).or(secret_conflict),
             claim_exists,
             engine_pvcs,
             workloads,
@@ -101,26 +114,56 @@ impl MirroredVolume {
         })
     }
 
-    /// The engine pods of both slots, by name.
+    /// The engine pods of both slots, by name, in the operator's namespace; and a conflict when a pod
+    /// under the key belongs to another volume.
     async fn engine_pods(
         &self,
         ctx: &Context,
-        ns: &str,
-        name: &str,
-    ) -> Result<[Option<PodObs>; 2]> {
-        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-        let list = api.list(&volume_selector(name)).await?;
-        Ok(Slot::BOTH.map(|slot| {
-            let wanted = names::engine(name, slot);
-            list.items
-                .iter()
+        key: &str,
+    ) -> Result<([Option<PodObs>; 2], Option<InvalidSpec>)> {
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+        let (list, conflict) = self.own(api.list(&volume_selector(key)).await?.items, "pod");
+        let pods = Slot::BOTH.map(|slot| {
+            let wanted = names::engine(key, slot);
+            list.iter()
                 .find(|p| p.metadata.name.as_deref() == Some(wanted.as_str()))
                 .map(PodObs::from_pod)
-        }))
+        });
+        Ok((pods, conflict))
+    }
+
+    /// The volume's Secrets in the operator's namespace (token, engine TLS, CSI), and a conflict when one
+    /// under the key belongs to another volume.
+    async fn secrets(&self, ctx: &Context, key: &str) -> Result<(Vec<Secret>, Option<InvalidSpec>)> {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+        Ok(self.own(api.list(&volume_selector(key)).await?.items, "secret"))
+    }
+
+    /// Splits objects found under the key into this volume's and a conflict naming the first other one.
+    fn own<K: kube::Resource>(&self, items: Vec<K>, kind: &str) -> (Vec<K>, Option<InvalidSpec>) {
+        let mut conflict = None;
+        let mut mine = Vec::new();
+        for item in items {
+            match plan::owned_by(item.meta().labels.as_ref(), self) {
+                Ok(()) => mine.push(item),
+                Err(why) => {
+                    conflict.get_or_insert_with(|| {
+                        InvalidSpec::refused(
+                            plan::NAME_CONFLICT,
+                            format!(
+                                "{kind} {} in the operator's namespace carries this volume's key but {why}; nothing is changed until it is gone",
+                                item.meta().name.clone().unwrap_or_default()
+                            ),
+                        )
+                    });
+                }
+            }
+        }
+        (mine, conflict)
     }
 
     /// Whether the claim of `spec.claim` exists, and the engines' own PVCs (StorageClass storage only).
-    async fn claims(&self, ctx: &Context, ns: &str, name: &str) -> Result<(bool, [bool; 2])> {
+    async fn claims(&self, ctx: &Context, ns: &str, key: &str) -> Result<(bool, [bool; 2])> {
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
         let claim_exists = match &self.spec.claim {
             Some(c) => pvcs.get_opt(&c.name).await?.is_some(),
@@ -128,9 +171,11 @@ impl MirroredVolume {
         };
         let mut engine_pvcs = [false, false];
         if self.spec.engine_storage.storage_class_name.is_some() {
-            let list = pvcs.list(&volume_selector(name)).await?;
+            let engine_api: Api<PersistentVolumeClaim> =
+                Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+            let list = engine_api.list(&volume_selector(key)).await?;
             engine_pvcs = Slot::BOTH.map(|slot| {
-                let wanted = names::engine_pvc(name, slot);
+                let wanted = names::engine_pvc(key, slot);
                 list.items
                     .iter()
                     .any(|p| p.metadata.name.as_deref() == Some(wanted.as_str()))
@@ -245,10 +290,25 @@ async fn observe_nodes(ctx: &Context, nodes: &[String; 2]) -> Result<[NodeObs; 2
     Ok(out)
 }
 
-/// The volume's PersistentVolume: its capacity and the claim bound to it.
-async fn observe_pv(ctx: &Context, ns: &str, name: &str) -> Result<Option<PvObs>> {
+/// The volume's PersistentVolume: its capacity and the claim bound to it; `Err` when a PV of that name
+/// exists but its owner labels name another volume (or none).
+async fn observe_pv(
+    ctx: &Context,
+    mv: &MirroredVolume,
+) -> Result<Result<Option<PvObs>, InvalidSpec>> {
+    let (ns, name) = (mv.namespace().unwrap_or_default(), mv.name_any());
+    let pv_name = names::pv(&ns, &name);
     let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    Ok(api.get_opt(&names::pv(ns, name)).await?.map(|pv| {
+    let Some(pv) = api.get_opt(&pv_name).await? else {
+        return Ok(Ok(None));
+    };
+    if let Err(why) = plan::owned_by(pv.metadata.labels.as_ref(), mv) {
+        return Ok(Err(InvalidSpec::refused(
+            plan::PV_CONFLICT,
+            format!("PersistentVolume {pv_name} is in the way: {why}; it is left as it is"),
+        )));
+    }
+    Ok(Ok(Some({
         let spec = pv.spec.unwrap_or_default();
         PvObs {
             capacity: spec
@@ -256,9 +316,9 @@ async fn observe_pv(ctx: &Context, ns: &str, name: &str) -> Result<Option<PvObs>
                 .and_then(|c| c.get("storage").map(|q| q.0.clone())),
             claim: spec
                 .claim_ref
-                .and_then(|r| Some((r.namespace.unwrap_or_else(|| ns.to_string()), r.name?))),
+                .and_then(|r| Some((r.namespace.unwrap_or_else(|| ns.clone()), r.name?))),
         }
-    }))
+    })))
 }
 
 fn uses_claim(pod: &Pod, claim: &str) -> bool {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::{api::Patch, runtime::controller::Action, Api, ResourceExt};
+use kube::{api::Patch, runtime::controller::Action, Api};
 
 use super::{
     act::apply_params,
@@ -15,7 +15,7 @@ use super::{
 use crate::{
     crd::{EngineRole, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
     failover,
-    plan::{self, names, EngineConfig},
+    plan::{self, names, EngineConfig, InvalidSpec},
     Result,
 };
 
@@ -33,10 +33,10 @@ pub(super) fn settle(
         requeue,
         ..
     } = plan;
-    let name = mv.name_any();
+    let key = plan::key(mv);
     let names_of = |slot: Slot| {
         (
-            names::engine(&name, slot),
+            names::engine(&key, slot),
             plan::engine_address(mv, slot, cfg),
         )
     };
@@ -89,8 +89,8 @@ impl MirroredVolume {
     /// reported as such instead.
     pub(super) async fn write_status(&self, ctx: &Context, plan: Plan) -> Result<Action> {
         if let Err(invalid) = &plan.children {
-            let message = invalid.0.clone();
-            return self.write_invalid(ctx, plan.status, &message).await;
+            let invalid = invalid.clone();
+            return self.write_invalid(ctx, plan.status, &invalid).await;
         }
         let (ns, name) = self.key()?;
         let (status, notes, requeue) = settle(self, plan, &ctx.config);
@@ -100,14 +100,20 @@ impl MirroredVolume {
         Ok(Action::requeue(requeue))
     }
 
-    /// Marks the volume Failed for an invalid spec; the event only on the way in.
+    /// Marks the volume Failed for an invalid or refused spec (the Ready condition says why); the event
+    /// only on the way in or when the reason changes.
     pub(super) async fn write_invalid(
         &self,
         ctx: &Context,
         mut status: MirroredVolumeStatus,
-        message: &str,
+        invalid: &InvalidSpec,
     ) -> Result<Action> {
-        let first = status.phase != Phase::Failed;
+        let (reason, message) = (invalid.reason, invalid.message.as_str());
+        let shown = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == reason);
+        let first = status.phase != Phase::Failed || !shown;
         let now = stamp(Timestamp::now()).to_string();
         status.phase = Phase::Failed;
         status.observed_generation = self.metadata.generation;
@@ -115,14 +121,14 @@ impl MirroredVolume {
             &mut status.conditions,
             "Ready",
             false,
-            "InvalidSpec",
+            reason,
             message,
             self.metadata.generation,
             &now,
         );
         self.patch_status(ctx, &status).await?;
         if first {
-            self.publish(ctx, vec![warning("InvalidSpec", message)])
+            self.publish(ctx, vec![warning(reason, message)])
                 .await;
         }
         Ok(Action::requeue(Duration::from_secs(60)))
