@@ -100,9 +100,7 @@ pub fn ca_of(secret: &Secret) -> Result<Ca> {
 /// The operator's own client certificate (identity `Operator`) and the CA's PEM, for its gRPC calls to
 /// the engines.
 pub fn operator_identity(ca: &Ca, valid_for: Duration) -> Result<(Issued, String)> {
-    let issued = ca
-        .issue(&Identity::Operator, &[], valid_for)
-        .map_err(tls)?;
+    let issued = ca.issue(&Identity::Operator, &[], valid_for).map_err(tls)?;
     Ok((issued, ca.cert_pem().to_string()))
 }
 
@@ -149,7 +147,14 @@ pub fn observe(
     let engine_id = plan::engine_identity(mv);
     let engine = Slot::BOTH.map(|slot| {
         let data = find(names::tls_secret(&key, slot))?;
-        leaf(data, ca.cert_pem(), CA_FILE, CERT_FILE, KEY_FILE, &engine_id)
+        leaf(
+            data,
+            ca.cert_pem(),
+            CA_FILE,
+            CERT_FILE,
+            KEY_FILE,
+            &engine_id,
+        )
     });
     let csi = find(names::csi_secret(&key)).and_then(|data| {
         // The CSI Secret carries the token too: a stale one is issued again with the current token.
@@ -207,10 +212,7 @@ pub fn mint(
                 .map_err(tls)?;
             leaves.push((node.clone(), issued));
         }
-        certs.csi = leaves
-            .iter()
-            .filter_map(|(_, l)| stamp(l))
-            .min();
+        certs.csi = leaves.iter().filter_map(|(_, l)| stamp(l)).min();
         out.push(plan::csi_secret(mv, cfg, token, ca.cert_pem(), &leaves));
     }
     Ok((out, certs))
@@ -282,7 +284,14 @@ mod tests {
         keys.sort();
         assert_eq!(
             keys,
-            ["ca.crt", "csi.n1.crt", "csi.n1.key", "csi.n2.crt", "csi.n2.key", "token"]
+            [
+                "ca.crt",
+                "csi.n1.crt",
+                "csi.n1.key",
+                "csi.n2.crt",
+                "csi.n2.key",
+                "token"
+            ]
         );
         // What was minted is what a later pass observes.
         assert_eq!(observe(&mv, &secrets, &ca, Some("tok"), &nodes()), certs);
@@ -306,8 +315,16 @@ mod tests {
         assert!(seen.csi.is_none() && seen.engine.iter().all(Option::is_some));
         let mut other = MirroredVolume::test();
         other.metadata.name = Some("other".into());
-        let (foreign, _) =
-            mint(&other, &all, &ca, &cfg, "tok", &nodes(), CertsObs::default()).unwrap();
+        let (foreign, _) = mint(
+            &other,
+            &all,
+            &ca,
+            &cfg,
+            "tok",
+            &nodes(),
+            CertsObs::default(),
+        )
+        .unwrap();
         // Renamed to this volume's Secrets, the other volume's certificates are still refused.
         let renamed: Vec<Secret> = foreign
             .into_iter()

@@ -39,9 +39,9 @@ use tracing::{field, instrument, warn, Span};
 
 use crate::{
     crd::{parse_duration, MirroredVolume, VOLUME_FINALIZER},
-    observed::{NAMESPACE_LABEL, NAME_LABEL},
     engine::EngineApi,
     metrics::Metrics,
+    observed::{NAMESPACE_LABEL, NAME_LABEL},
     plan::EngineConfig,
     witness::Witness,
     Error, Result,
@@ -182,7 +182,9 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
             |pod: Pod| {
                 let labels = pod.metadata.labels.unwrap_or_default();
                 match (labels.get(NAMESPACE_LABEL), labels.get(NAME_LABEL)) {
-                    (Some(ns), Some(name)) => Some(ObjectRef::<MirroredVolume>::new(name).within(ns)),
+                    (Some(ns), Some(name)) => {
+                        Some(ObjectRef::<MirroredVolume>::new(name).within(ns))
+                    }
                     _ => None,
                 }
             },

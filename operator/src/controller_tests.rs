@@ -605,8 +605,10 @@ async fn deletion_tears_everything_down_then_drops_the_finalizer() {
             )])
         }),
         Call::delete(&paths::engine(Slot::A)),
-        Call::get(&format!("/api/v1/namespaces/{OP_NS}/services?"))
-            .reply(200, list("ServiceList", vec![named(&format!("{}-engine-b", key()))])),
+        Call::get(&format!("/api/v1/namespaces/{OP_NS}/services?")).reply(
+            200,
+            list("ServiceList", vec![named(&format!("{}-engine-b", key()))]),
+        ),
         Call::delete(&paths::service(Slot::B)).reply(404, not_found("service")),
         Call::get(&format!(
             "/apis/policy/v1/namespaces/{OP_NS}/poddisruptionbudgets?"
@@ -641,7 +643,11 @@ async fn deletion_tears_everything_down_then_drops_the_finalizer() {
         .collect();
     assert_eq!(lists.len(), 5);
     for uri in lists {
-        for label in ["volume-namespace%3Ddefault", "volume-name%3Ddata", "volume-uid%3D0c6a0d1e"] {
+        for label in [
+            "volume-namespace%3Ddefault",
+            "volume-name%3Ddata",
+            "volume-uid%3D0c6a0d1e",
+        ] {
             assert!(uri.contains(label), "{uri} lacks {label}");
         }
     }
@@ -658,7 +664,10 @@ async fn cleanup_leaves_a_foreign_pv() {
         // Not ours (another uid): neither waited for nor deleted.
         Call::get(&paths::pv()).reply(200, foreign),
         empty(paths::engine_pods(), "PodList"),
-        empty(format!("/api/v1/namespaces/{OP_NS}/services?"), "ServiceList"),
+        empty(
+            format!("/api/v1/namespaces/{OP_NS}/services?"),
+            "ServiceList",
+        ),
         empty(
             format!("/apis/policy/v1/namespaces/{OP_NS}/poddisruptionbudgets?"),
             "PodDisruptionBudgetList",
@@ -719,10 +728,7 @@ async fn a_key_collision_is_refused() {
     let status = &seen.body(Method::PATCH, &paths::status())["status"];
     let ready = condition(status, "Ready");
     assert_eq!(ready["reason"], "NameConflict");
-    assert!(ready["message"]
-        .as_str()
-        .unwrap()
-        .contains("tenant-b/data"));
+    assert!(ready["message"].as_str().unwrap().contains("tenant-b/data"));
     assert_eq!(
         seen.calls.iter().filter(|c| c.0 != Method::GET).count(),
         1,
@@ -810,9 +816,14 @@ async fn certificates_are_issued_again_when_a_third_is_left() {
     );
     let status = &seen.body(Method::PATCH, &paths::status())["status"];
     // The earliest expiry is now one of the fresh ones, ~90 days out.
-    let not_after: k8s_openapi::jiff::Timestamp =
-        status["certificates"]["notAfter"].as_str().unwrap().parse().unwrap();
-    assert!(not_after.as_second() - k8s_openapi::jiff::Timestamp::now().as_second() > 89 * 24 * 3600);
+    let not_after: k8s_openapi::jiff::Timestamp = status["certificates"]["notAfter"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        not_after.as_second() - k8s_openapi::jiff::Timestamp::now().as_second() > 89 * 24 * 3600
+    );
     assert!(seen.reasons().contains(&"CertificatesIssued"));
 }
 

@@ -275,7 +275,10 @@ fn a_cordoned_primary_node_switches_over_only_to_a_healthy_secondary() {
 
 #[test]
 fn the_budget_selects_the_engines_that_must_stay() {
-    let pdb = budget(&MirroredVolume::test(), &crate::plan::EngineConfig::default());
+    let pdb = budget(
+        &MirroredVolume::test(),
+        &crate::plan::EngineConfig::default(),
+    );
     let key = crate::plan::key(&MirroredVolume::test());
     assert_eq!(pdb.metadata.name, Some(format!("{key}-engines")));
     // With the engines, in the operator's namespace; no owner reference across namespaces.

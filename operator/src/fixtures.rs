@@ -464,7 +464,10 @@ pub mod paths {
     }
     /// The token Secret (applied).
     pub fn secret() -> String {
-        format!("/api/v1/namespaces/{OP_NS}/secrets/{}", names::secret(&key()))
+        format!(
+            "/api/v1/namespaces/{OP_NS}/secrets/{}",
+            names::secret(&key())
+        )
     }
     /// The volume's Secrets, listed by its key.
     pub fn secrets() -> String {

@@ -85,7 +85,11 @@ struct RunArgs {
     namespace: String,
     /// `engineStorage.hostPath` must lie under this directory; other volumes are refused
     /// (condition reason HostPathNotAllowed).
-    #[arg(long, env = "TANDEM_ALLOWED_HOST_PATH_ROOT", default_value = "/var/lib/tandem")]
+    #[arg(
+        long,
+        env = "TANDEM_ALLOWED_HOST_PATH_ROOT",
+        default_value = "/var/lib/tandem"
+    )]
     allowed_host_path_root: String,
     /// Lifetime of the engine and CSI certificates, in days; each is issued again when a third is left.
     #[arg(long, env = "TANDEM_CERT_VALIDITY_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=3650))]

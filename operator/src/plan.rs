@@ -12,12 +12,12 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::core::v1::{
         Affinity, CSIPersistentVolumeSource, Capabilities, Container, ContainerPort, EnvVar,
-        EnvVarSource, HostPathVolumeSource, ObjectFieldSelector, NodeAffinity, NodeSelector, NodeSelectorRequirement,
-        NodeSelectorTerm, ObjectReference, PersistentVolume, PersistentVolumeClaim,
-        PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PersistentVolumeSpec, Pod,
-        PodSpec, Probe, ResourceRequirements, Secret, SecretReference, SecretVolumeSource,
-        SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
-        VolumeNodeAffinity, VolumeResourceRequirements,
+        EnvVarSource, HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+        NodeSelectorTerm, ObjectFieldSelector, ObjectReference, PersistentVolume,
+        PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+        PersistentVolumeSpec, Pod, PodSpec, Probe, ResourceRequirements, Secret, SecretReference,
+        SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
+        Volume, VolumeMount, VolumeNodeAffinity, VolumeResourceRequirements,
     },
     apimachinery::pkg::{
         api::resource::Quantity, apis::meta::v1::ObjectMeta, util::intstr::IntOrString,
@@ -69,7 +69,8 @@ const ENGINE_PVC_SLACK: u64 = 256 << 20;
 /// Journal size assumed for PVC sizing when the spec leaves it to the engine (the engine's default).
 const DEFAULT_JOURNAL: u64 = 64 << 20;
 /// Leaf certificates live this long unless the operator is told otherwise (`--cert-validity`).
-pub const DEFAULT_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+pub const DEFAULT_CERT_VALIDITY: std::time::Duration =
+    std::time::Duration::from_secs(90 * 24 * 3600);
 
 /// Settings that come from the operator's deployment, not from the volume.
 #[derive(Clone, Debug, PartialEq)]
@@ -246,7 +247,10 @@ pub fn labels(mv: &MirroredVolume) -> BTreeMap<String, String> {
 
 /// Whether an object's labels say it belongs to this volume: namespace and name equal, and the uid
 /// equal when both sides have one. `Err` says whose it is instead.
-pub fn owned_by(labels: Option<&BTreeMap<String, String>>, mv: &MirroredVolume) -> Result<(), String> {
+pub fn owned_by(
+    labels: Option<&BTreeMap<String, String>>,
+    mv: &MirroredVolume,
+) -> Result<(), String> {
     let get = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
     let (ns, name) = (mv.namespace().unwrap_or_default(), mv.name_any());
     let (their_ns, their_name) = (get(NAMESPACE_LABEL), get(NAME_LABEL));
@@ -331,7 +335,10 @@ fn normalize(path: &str) -> Result<String, String> {
 /// The engines' hostPath base, checked against the allowed root: the same directory or below it.
 /// Invariant: no engine pod mounts a host directory outside `--allowed-host-path-root` (a tenant
 /// cannot pick `/` or `/etc`); test `plan::tests::host_path_outside_the_root_is_refused`.
-pub fn host_path_base(mv: &MirroredVolume, cfg: &EngineConfig) -> Result<Option<String>, InvalidSpec> {
+pub fn host_path_base(
+    mv: &MirroredVolume,
+    cfg: &EngineConfig,
+) -> Result<Option<String>, InvalidSpec> {
     let Some(path) = &mv.spec.engine_storage.host_path else {
         return Ok(None);
     };
@@ -367,8 +374,9 @@ pub fn validate(mv: &MirroredVolume, cfg: &EngineConfig) -> Result<(), InvalidSp
 
 /// Volume size in bytes: a binary quantity, at least 1 MiB and a multiple of 4 KiB.
 pub fn volume_bytes(mv: &MirroredVolume) -> Result<u64, InvalidSpec> {
-    let bytes = parse_quantity(&mv.spec.size)
-        .ok_or_else(|| InvalidSpec::new(format!("size {:?} is not a binary quantity", mv.spec.size)))?;
+    let bytes = parse_quantity(&mv.spec.size).ok_or_else(|| {
+        InvalidSpec::new(format!("size {:?} is not a binary quantity", mv.spec.size))
+    })?;
     if bytes < (1 << 20) || bytes % 4096 != 0 {
         return Err(InvalidSpec::new(format!(
             "size {} must be at least 1Mi and a multiple of 4Ki",
@@ -556,10 +564,7 @@ pub fn engine_pod(
                 image: Some(cfg.image.clone()),
                 image_pull_policy: cfg.image_pull_policy.clone(),
                 args: Some(args),
-                ports: Some(vec![
-                    port("grpc", GRPC_PORT),
-                    port("metrics", METRICS_PORT),
-                ]),
+                ports: Some(vec![port("grpc", GRPC_PORT), port("metrics", METRICS_PORT)]),
                 env: Some(vec![EnvVar {
                     name: "NODE_NAME".into(),
                     value_from: Some(EnvVarSource {
@@ -728,7 +733,11 @@ pub fn engine_tls_secret(
     leaf: &Issued,
 ) -> Secret {
     Secret {
-        metadata: meta(names::tls_secret(&key(mv), slot), slot_labels(mv, slot), cfg),
+        metadata: meta(
+            names::tls_secret(&key(mv), slot),
+            slot_labels(mv, slot),
+            cfg,
+        ),
         data: Some(secret_data(vec![
             (CA_FILE.to_string(), ca_pem),
             (CERT_FILE.to_string(), &leaf.cert_pem),
@@ -1159,7 +1168,10 @@ mod tests {
         assert_eq!(names::tls_secret(&key, Slot::A), format!("{key}-tls-a"));
         assert_eq!(names::csi_secret(&key), format!("{key}-csi"));
         assert_eq!(names::pv("ns", "data"), "tandem.ns.data");
-        assert_eq!(names::engine_pvc(&key, Slot::A), format!("{key}-engine-a-data"));
+        assert_eq!(
+            names::engine_pvc(&key, Slot::A),
+            format!("{key}-engine-a-data")
+        );
         assert_eq!(
             engine_address(&MirroredVolume::test(), Slot::A, &EngineConfig::default()),
             format!("{key}-engine-a.tandem-system.svc.cluster.local:9500")
@@ -1171,7 +1183,8 @@ mod tests {
         s.len() <= 63
             && s.starts_with(|c: char| c.is_ascii_lowercase())
             && !s.ends_with('-')
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
     }
 
     #[test]
@@ -1210,7 +1223,13 @@ mod tests {
     fn host_path_outside_the_root_is_refused() {
         let cfg = EngineConfig::default();
         let mut mv = MirroredVolume::test();
-        for bad in ["/", "/etc", "/var/lib/tandem-other", "/var/lib/tandem/../../etc", "var/lib/tandem"] {
+        for bad in [
+            "/",
+            "/etc",
+            "/var/lib/tandem-other",
+            "/var/lib/tandem/../../etc",
+            "var/lib/tandem",
+        ] {
             mv.spec.engine_storage.host_path = Some(bad.into());
             let err = validate(&mv, &cfg).unwrap_err();
             assert_eq!(err.reason, HOST_PATH_NOT_ALLOWED, "{bad}");
@@ -1218,10 +1237,21 @@ mod tests {
             assert!(err.message.contains("/var/lib/tandem"), "{}", err.message);
             // Nothing is created for it: no pod, no objects at all.
             assert!(engine_pod(&mv, Slot::A, EngineRole::Primary, "n1", &cfg).is_err());
-            let d = desired(&mv, &MirroredVolumeStatus::default(), &observed(), &cfg, Some("t"), &[]);
+            let d = desired(
+                &mv,
+                &MirroredVolumeStatus::default(),
+                &observed(),
+                &cfg,
+                Some("t"),
+                &[],
+            );
             assert_eq!(d.unwrap_err().reason, HOST_PATH_NOT_ALLOWED);
         }
-        for good in ["/var/lib/tandem", "/var/lib/tandem/", "/var/lib/tandem/./fast//disks"] {
+        for good in [
+            "/var/lib/tandem",
+            "/var/lib/tandem/",
+            "/var/lib/tandem/./fast//disks",
+        ] {
             mv.spec.engine_storage.host_path = Some(good.into());
             assert!(validate(&mv, &cfg).is_ok(), "{good}");
         }
@@ -1241,7 +1271,9 @@ mod tests {
     fn ownership_is_read_from_the_labels() {
         let mv = MirroredVolume::test();
         assert_eq!(owned_by(Some(&labels(&mv)), &mv), Ok(()));
-        assert!(owned_by(None, &mv).unwrap_err().contains("no tandem.dev owner labels"));
+        assert!(owned_by(None, &mv)
+            .unwrap_err()
+            .contains("no tandem.dev owner labels"));
         let mut other = mv.clone();
         other.metadata.namespace = Some("elsewhere".into());
         assert!(owned_by(Some(&labels(&other)), &mv)
@@ -1264,8 +1296,15 @@ mod tests {
         mv.spec.engine_storage.host_path = None;
         mv.spec.engine_storage.storage_class_name = Some("local-path".into());
         let cfg = EngineConfig::default();
-        let d = desired(&mv, &MirroredVolumeStatus::default(), &observed(), &cfg, Some("t"), &[])
-            .unwrap();
+        let d = desired(
+            &mv,
+            &MirroredVolumeStatus::default(),
+            &observed(),
+            &cfg,
+            Some("t"),
+            &[],
+        )
+        .unwrap();
         let mut metas: Vec<&ObjectMeta> = vec![&d.secret.as_ref().unwrap().metadata];
         metas.extend(d.engine_pvcs.iter().map(|p| &p.metadata));
         metas.extend(d.services.iter().map(|p| &p.metadata));
@@ -1273,7 +1312,12 @@ mod tests {
         metas.push(&d.budget.as_ref().unwrap().metadata);
         assert_eq!(metas.len(), 8);
         for m in metas {
-            assert_eq!(m.namespace.as_deref(), Some("tandem-system"), "{:?}", m.name);
+            assert_eq!(
+                m.namespace.as_deref(),
+                Some("tandem-system"),
+                "{:?}",
+                m.name
+            );
             assert!(m.owner_references.is_none(), "{:?}", m.name);
             let l = m.labels.as_ref().unwrap();
             assert_eq!(l[NAMESPACE_LABEL], "default");
@@ -1403,10 +1447,19 @@ mod tests {
         assert!(args(&pod).contains(&"--nbd-pinned-exports-only".to_string()));
         assert_eq!(flag(&pod, "--tls-dir").unwrap(), "/etc/tandem/tls");
         assert_eq!(flag(&pod, "--node-name").unwrap(), "$(NODE_NAME)");
-        let env = &pod.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap()[0];
+        let env = &pod.spec.as_ref().unwrap().containers[0]
+            .env
+            .as_ref()
+            .unwrap()[0];
         assert_eq!(env.name, "NODE_NAME");
         assert_eq!(
-            env.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+            env.value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
             "spec.nodeName"
         );
         assert_eq!(
@@ -1418,7 +1471,10 @@ mod tests {
         assert_eq!(flag(&pod, "--role").unwrap(), "secondary");
         assert_eq!(
             flag(&pod, "--peer").unwrap(),
-            format!("{}-engine-a.tandem-system.svc.cluster.local:9500", key_of_test())
+            format!(
+                "{}-engine-a.tandem-system.svc.cluster.local:9500",
+                key_of_test()
+            )
         );
         // Optional flags only when asked for.
         assert_eq!(flag(&pod, "--journal-size"), None);
@@ -1573,7 +1629,9 @@ mod tests {
         let k = key_of_test();
         assert_eq!(
             attrs[ATTR_NBD],
-            format!("n1=unix:/run/tandem/volumes/{k}/nbd.sock,n2=unix:/run/tandem/volumes/{k}/nbd.sock")
+            format!(
+                "n1=unix:/run/tandem/volumes/{k}/nbd.sock,n2=unix:/run/tandem/volumes/{k}/nbd.sock"
+            )
         );
         assert_eq!(
             attrs[ATTR_ENGINES],
@@ -1768,7 +1826,9 @@ pub fn render_initial(
         .map(|n| (n.clone(), redacted.clone()))
         .collect();
     let token = observed.token.as_deref().unwrap_or_default();
-    push(serde_json::to_value(csi_secret(mv, cfg, token, ca, &leaves)))?;
+    push(serde_json::to_value(csi_secret(
+        mv, cfg, token, ca, &leaves,
+    )))?;
     for p in &d.engine_pvcs {
         push(serde_json::to_value(p))?;
     }

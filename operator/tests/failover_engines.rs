@@ -4,7 +4,7 @@
 //! test changes the way a cluster would: a node goes NotReady, a pod turns unready, the kubelet starts the
 //! pod the operator recreated (here: restarts the engine process on its state dir).
 //!
-//! The one seam: engine Service names (`data-engine-a.default.svc.cluster.local:9500`) are routed to the
+//! The one seam: engine Service names (`<key>-engine-a.tandem-system.svc.cluster.local:9500`) are routed to the
 //! engines' loopback ports, as cluster DNS would route them.
 //!
 //! The engines are the testkit's (which builds `tandem-engine` with the cargo that runs this test, or takes
@@ -46,6 +46,8 @@ use tandem_testkit::{qemu_io_ok, Engine, Pair};
 use tokio::task::JoinHandle;
 
 const NS: &str = "default";
+/// The operator's namespace (`EngineConfig::default()`): engine pods, Services, Secrets, the budget.
+const OP_NS: &str = "tandem-system";
 /// The MirroredVolume's name, which is also the engines' volume (export) name.
 const VOLUME: &str = "data";
 const SIZE: u64 = 16 << 20;
@@ -372,7 +374,21 @@ fn node_name(slot: Slot) -> &'static str {
 }
 
 fn pod_name(slot: Slot) -> String {
-    format!("{VOLUME}-engine-{}", slot.as_str())
+    plan::names::engine(&key(), slot)
+}
+
+/// The volume's key: its objects' names in the operator's namespace.
+fn key() -> String {
+    plan::names::key(NS, VOLUME)
+}
+
+/// The owner labels the operator puts on every object of the volume.
+fn owner_labels() -> Value {
+    serde_json::to_value(plan::labels(&volume_object(
+        FailoverPolicy::WaitForPrimary,
+        None,
+    )))
+    .unwrap()
 }
 
 /// What the API server holds.
@@ -404,6 +420,8 @@ struct World {
     deletions: Vec<(String, Option<i64>)>,
     /// Engine pods the operator created.
     created: Vec<Value>,
+    /// Secrets in the operator's namespace by name (the token, and the certificates it applied).
+    secrets: BTreeMap<String, Value>,
     /// Requests this fake does not know: the test fails on any.
     unexpected: Vec<String>,
 }
@@ -416,13 +434,14 @@ impl World {
             json!({
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {
-                    "name": name, "namespace": NS,
-                    "labels": {"tandem.dev/volume": VOLUME, "tandem.dev/slot": slot.as_str()},
+                    "name": name, "namespace": OP_NS,
+                    "labels": owner_labels(),
                     "annotations": {"tandem.dev/role": role},
                 },
                 "spec": {"containers": [{"name": "engine"}]},
             })
         });
+        pod["metadata"]["labels"]["tandem.dev/slot"] = json!(slot.as_str());
         pod["metadata"]["creationTimestamp"] = json!(ago(600));
         pod["spec"]["nodeName"] = json!(node_name(slot));
         pod["status"] = json!({
@@ -467,7 +486,9 @@ impl World {
     }
 
     fn answer(&mut self, method: &str, path: &str, query: &str, body: &Value) -> (u16, Value) {
-        let pods_prefix = format!("/api/v1/namespaces/{NS}/pods");
+        let pods_prefix = format!("/api/v1/namespaces/{OP_NS}/pods");
+        let workloads_prefix = format!("/api/v1/namespaces/{NS}/pods");
+        let secrets_prefix = format!("/api/v1/namespaces/{OP_NS}/secrets");
         match (method, path) {
             (_, p) if p.starts_with("/apis/events.k8s.io/") => {
                 self.events.push((
@@ -494,9 +515,10 @@ impl World {
                     }),
                 )
             }
-            ("GET", p) if p == pods_prefix => {
-                // Engine pods by label; workload pods by node (field selector).
-                let items: Vec<Value> = if query.contains("labelSelector") {
+            ("GET", p) if p == pods_prefix || p == workloads_prefix => {
+                // Engine pods by label (operator's namespace); workload pods by node (field selector).
+                let items: Vec<Value> = if p == pods_prefix {
+                    assert!(query.contains("labelSelector"), "{query}");
                     self.pods.values().cloned().collect()
                 } else {
                     self.workloads
@@ -537,24 +559,26 @@ impl World {
                 self.pods.insert(name, pod.clone());
                 (200, pod)
             }
-            ("DELETE", p) if p.starts_with(&pods_prefix) => {
-                let name = p[pods_prefix.len() + 1..].to_string();
+            ("DELETE", p) if p.starts_with(&pods_prefix) || p.starts_with(&workloads_prefix) => {
+                let name = p.rsplit('/').next().unwrap_or_default().to_string();
                 self.deletions
                     .push((name.clone(), body["gracePeriodSeconds"].as_i64()));
-                match self
-                    .pods
-                    .remove(&name)
-                    .or_else(|| self.workloads.remove(&name))
-                {
+                let gone = if p.starts_with(&pods_prefix) {
+                    self.pods.remove(&name)
+                } else {
+                    self.workloads.remove(&name)
+                };
+                match gone {
                     Some(pod) => (200, pod),
                     None => (404, not_found(&name)),
                 }
             }
-            ("GET", p) if p == format!("/api/v1/namespaces/{NS}/secrets/{VOLUME}-token") => {
-                let secret = Secret {
+            ("GET", p) if p == secrets_prefix => {
+                let token = Secret {
                     metadata: ObjectMeta {
-                        name: Some(format!("{VOLUME}-token")),
-                        namespace: Some(NS.into()),
+                        name: Some(plan::names::secret(&key())),
+                        namespace: Some(OP_NS.into()),
+                        labels: serde_json::from_value(owner_labels()).unwrap(),
                         ..Default::default()
                     },
                     data: Some(BTreeMap::from([(
@@ -563,30 +587,45 @@ impl World {
                     )])),
                     ..Default::default()
                 };
-                (200, serde_json::to_value(secret).unwrap())
+                let mut items = vec![serde_json::to_value(token).unwrap()];
+                items.extend(self.secrets.values().cloned());
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "SecretList", "metadata": {}, "items": items}),
+                )
             }
-            ("GET", p) if p == format!("/api/v1/persistentvolumes/tandem-{NS}-{VOLUME}") => (
-                200,
-                json!({
-                    "apiVersion": "v1", "kind": "PersistentVolume",
-                    "metadata": {"name": format!("tandem-{NS}-{VOLUME}")},
-                    "spec": {
-                        "capacity": {"storage": "16Mi"},
-                        "csi": {"driver": "csi.tandem.dev", "volumeHandle": format!("{NS}/{VOLUME}")},
-                        "claimRef": {"namespace": NS, "name": CLAIM},
-                    },
-                }),
-            ),
+            ("PATCH", p) if p.starts_with(&secrets_prefix) => {
+                let name = p.rsplit('/').next().unwrap_or_default().to_string();
+                self.secrets.insert(name, body.clone());
+                (200, body.clone())
+            }
+            ("GET", p)
+                if p == format!("/api/v1/persistentvolumes/{}", plan::names::pv(NS, VOLUME)) =>
+            {
+                (
+                    200,
+                    json!({
+                        "apiVersion": "v1", "kind": "PersistentVolume",
+                        "metadata": {"name": plan::names::pv(NS, VOLUME), "labels": owner_labels()},
+                        "spec": {
+                            "capacity": {"storage": "16Mi"},
+                            "csi": {"driver": "csi.tandem.dev", "volumeHandle": format!("{NS}/{VOLUME}")},
+                            "claimRef": {"namespace": NS, "name": CLAIM},
+                        },
+                    }),
+                )
+            }
             ("GET", "/apis/storage.k8s.io/v1/volumeattachments") => (
                 200,
                 json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachmentList", "metadata": {}, "items": []}),
             ),
-            ("PATCH", p) if p.starts_with(&format!("/api/v1/namespaces/{NS}/services/")) => {
+            ("PATCH", p) if p.starts_with(&format!("/api/v1/namespaces/{OP_NS}/services/")) => {
                 (200, body.clone())
             }
             ("PATCH", p)
                 if p == format!(
-                    "/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{VOLUME}-engines"
+                    "/apis/policy/v1/namespaces/{OP_NS}/poddisruptionbudgets/{}",
+                    plan::names::budget(&key())
                 ) =>
             {
                 self.budget = Some(body.clone());
@@ -737,6 +776,7 @@ impl Operator {
             Metrics::default(),
             engines.clone(),
             EngineConfig::default(),
+            tandem_api::tls::Ca::generate("test CA", Duration::from_secs(3600)).unwrap(),
             Some("failover-engines-test".into()),
         );
         Operator {
@@ -1380,7 +1420,7 @@ async fn a_deleted_primary_pod_on_a_live_node_restarts_and_the_writer_only_stall
     let (writes, stop, writer) = start_writer(&pair.a.nbd);
     wait_acked(&writes, 20, 20).await;
 
-    // `kubectl delete pod data-engine-a`: the pod object goes, the kubelet kills the engine.
+    // `kubectl delete pod <key>-engine-a`: the pod object goes, the kubelet kills the engine.
     op.world.lock().unwrap().pods.remove(&pod_name(Slot::A));
     pair.a.kill();
     let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
@@ -1570,7 +1610,7 @@ async fn a_cordoned_primary_node_switches_over_then_lets_the_drain_evict_the_old
         assert_eq!(budget["spec"]["maxUnavailable"], 0);
         assert_eq!(
             budget["spec"]["selector"]["matchLabels"],
-            json!({"tandem.dev/volume": VOLUME, "tandem.dev/disruption-allowed": "false"})
+            json!({"tandem.dev/volume": key(), "tandem.dev/disruption-allowed": "false"})
         );
         assert_eq!(
             w.label(Slot::A).as_deref(),

@@ -50,8 +50,16 @@ impl MirroredVolume {
         let owned = ListParams::default().labels(&owner_selector(self));
         delete_owned(&Api::<Pod>::namespaced(client.clone(), home), &owned).await?;
         delete_owned(&Api::<Service>::namespaced(client.clone(), home), &owned).await?;
-        delete_owned(&Api::<PodDisruptionBudget>::namespaced(client.clone(), home), &owned).await?;
-        delete_owned(&Api::<PersistentVolumeClaim>::namespaced(client.clone(), home), &owned).await?;
+        delete_owned(
+            &Api::<PodDisruptionBudget>::namespaced(client.clone(), home),
+            &owned,
+        )
+        .await?;
+        delete_owned(
+            &Api::<PersistentVolumeClaim>::namespaced(client.clone(), home),
+            &owned,
+        )
+        .await?;
         delete_owned(&Api::<Secret>::namespaced(client.clone(), home), &owned).await?;
         ctx.metrics.forget_volume(&ns, &name);
         let text = format!(

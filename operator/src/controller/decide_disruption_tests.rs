@@ -128,7 +128,10 @@ fn a_primary_pod_deleted_on_a_live_node_is_recreated_as_primary_without_a_takeov
     let pods = &plan.children.as_ref().unwrap().pods;
     assert_eq!(pods.len(), 1);
     let pod = &pods[0];
-    assert_eq!(pod.metadata.name.as_deref(), Some(format!("{}-engine-a", crate::fixtures::key()).as_str()));
+    assert_eq!(
+        pod.metadata.name.as_deref(),
+        Some(format!("{}-engine-a", crate::fixtures::key()).as_str())
+    );
     assert_eq!(
         pod.metadata.annotations.as_ref().unwrap()[ROLE_ANNOTATION],
         "primary",

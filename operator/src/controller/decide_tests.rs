@@ -121,8 +121,14 @@ fn a_new_volume_creates_its_token_services_engines_and_pv() {
     assert_eq!(
         roles(children),
         [
-            (format!("{}-engine-a", crate::fixtures::key()), "primary".to_string()),
-            (format!("{}-engine-b", crate::fixtures::key()), "secondary".to_string())
+            (
+                format!("{}-engine-a", crate::fixtures::key()),
+                "primary".to_string()
+            ),
+            (
+                format!("{}-engine-b", crate::fixtures::key()),
+                "secondary".to_string()
+            )
         ]
     );
     assert!(children.pv.is_some() && children.claim.is_none());
@@ -154,7 +160,10 @@ fn a_missing_secondary_pod_is_recreated_as_secondary() {
     let children = plan.children.as_ref().unwrap();
     assert_eq!(
         roles(children),
-        [(format!("{}-engine-b", crate::fixtures::key()), "secondary".to_string())]
+        [(
+            format!("{}-engine-b", crate::fixtures::key()),
+            "secondary".to_string()
+        )]
     );
     assert!(children.secret.is_none() && children.pv.is_none());
     assert_eq!(reasons(&plan), ["EngineCreated"]);
@@ -203,7 +212,10 @@ fn a_missing_primary_pod_past_its_restart_grace_asks_the_secondary_to_take_over_
     let children = plan.children.as_ref().unwrap();
     assert_eq!(
         roles(children),
-        [(format!("{}-engine-a", crate::fixtures::key()), "secondary".to_string())]
+        [(
+            format!("{}-engine-a", crate::fixtures::key()),
+            "secondary".to_string()
+        )]
     );
     let engine_b = plan.observed.engine(Slot::B).unwrap();
     assert_eq!(

@@ -134,7 +134,11 @@ impl MirroredVolume {
 
     /// The volume's Secrets in the operator's namespace (token, engine TLS, CSI), and a conflict when one
     /// under the key belongs to another volume.
-    async fn secrets(&self, ctx: &Context, key: &str) -> Result<(Vec<Secret>, Option<InvalidSpec>)> {
+    async fn secrets(
+        &self,
+        ctx: &Context,
+        key: &str,
+    ) -> Result<(Vec<Secret>, Option<InvalidSpec>)> {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
         Ok(self.own(api.list(&volume_selector(key)).await?.items, "secret"))
     }

@@ -128,8 +128,7 @@ impl MirroredVolume {
         );
         self.patch_status(ctx, &status).await?;
         if first {
-            self.publish(ctx, vec![warning(reason, message)])
-                .await;
+            self.publish(ctx, vec![warning(reason, message)]).await;
         }
         Ok(Action::requeue(Duration::from_secs(60)))
     }
