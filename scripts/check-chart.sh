@@ -184,6 +184,50 @@ for path in sys.argv[1:]:
             assert "escalate" not in rule["verbs"] and "bind" not in rule["verbs"], rule
     leases = [r for role in by_kind.get("Role", []) for r in role["rules"] if "leases" in r["resources"]]
     assert leases and not any("leases" in r["resources"] for r in by_kind["ClusterRole"][0]["rules"])
+    # Least privilege: no Secret access beyond the operator's namespace, no pod writes cluster-wide but
+    # the deletion of released workload pods; the engine objects through a Role in the release namespace.
+    cluster = by_kind["ClusterRole"][0]["rules"]
+    assert not any("secrets" in r["resources"] for r in cluster), cluster
+    pods = [r for r in cluster if "pods" in r["resources"]]
+    assert all(set(r["verbs"]) <= {"list", "delete"} for r in pods), pods
+    engine_role = [r for role in by_kind["Role"] for r in role["rules"] if "secrets" in r["resources"]]
+    assert engine_role and all(role["metadata"]["namespace"] == "tandem-system" for role in by_kind["Role"])
+    assert not any(b["roleRef"]["name"].endswith("csi-node") for b in by_kind.get("ClusterRoleBinding", []) + by_kind.get("RoleBinding", []))
+    # NetworkPolicies: engines take gRPC from engines, the operator and the CSI plugins, metrics from the
+    # monitoring namespaces, nothing else; the operator only metrics/health.
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind["NetworkPolicy"]}
+    engines = policies["tandem-engines"]
+    assert engines["policyTypes"] == ["Ingress"]
+    assert sorted(i["ports"][0]["port"] for i in engines["ingress"]) == [9500, 9501], engines
+    grpc = [i for i in engines["ingress"] if i["ports"][0]["port"] == 9500][0]["from"]
+    assert [f["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for f in grpc if "podSelector" in f] == ["tandem-engine", "tandem-operator", "tandem-csi-node"], grpc
+    assert policies["tandem-operator"]["policyTypes"] == ["Ingress"]
+    # The CSI plugin reaches each engine's NBD socket through the host's /run/tandem/volumes.
+    assert mounts["volumes-run"]["mountPath"] == "/run/tandem/volumes"
+    vols = {v["name"]: v for v in ds["volumes"]}
+    assert vols["volumes-run"]["hostPath"]["path"] == "/run/tandem/volumes"
+print("ok")
+PY
+
+check "the operator's objects carry no NBD listener or port, all but the claim in its namespace" "$VENV/bin/python" - "$WORK/volumes.yaml" <<'PY'
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if not d:
+        continue
+    kind, ns = d["kind"], d["metadata"].get("namespace")
+    if kind == "PersistentVolume":
+        assert ns is None
+    elif kind == "PersistentVolumeClaim" and "-engine-" not in d["metadata"]["name"]:
+        pass  # the workload's claim, in its own namespace
+    else:
+        assert ns == "tandem-system", (kind, d["metadata"]["name"], ns)
+    if kind == "Pod":
+        c = d["spec"]["containers"][0]
+        args = c["args"]
+        assert args[args.index("--nbd-listen") + 1] == "off", args
+        assert all(p["containerPort"] != 10809 for p in c["ports"]), c["ports"]
+    if kind == "Service":
+        assert [p["name"] for p in d["spec"]["ports"]] == ["grpc", "metrics"], d["spec"]["ports"]
 print("ok")
 PY
 

@@ -152,8 +152,10 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
         })?;
         let mut stdout = std::io::stdout().lock();
         for object in objects {
-            let yaml = serde_yaml::to_string(&object).context("serializing")?;
-            write!(stdout, "---\n{yaml}").context("writing to stdout")?;
+            // Each object as a JSON document (JSON is YAML): serde_yaml writes the engine's `off` plain,
+            // which a YAML 1.1 reader such as kubectl's takes for the boolean false.
+            let json = serde_json::to_string_pretty(&object).context("serializing")?;
+            write!(stdout, "---\n{json}\n").context("writing to stdout")?;
         }
         rendered += 1;
     }
