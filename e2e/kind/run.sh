@@ -163,7 +163,7 @@ pass
 scenario=engine-pod-deleted
 ppod=$(mv_field .status.primary.pod); epoch=$(mv_field .status.epoch); since=$(date +%s)
 t=$(now_ms)
-k delete pod "$ppod" --wait=false
+k -n "$NS" delete pod "$ppod" --wait=false  # engine pods live in the operator's namespace
 wait_for "pair Synced after the pod came back" 300 phase_is Synced
 timing[engine_pod_deleted_to_synced_ms]=$(( $(now_ms) - t ))
 writer_progresses "$wpod" || fail "the writer stopped acknowledging"
