@@ -422,6 +422,8 @@ struct World {
     created: Vec<Value>,
     /// Secrets in the operator's namespace by name (the token, and the certificates it applied).
     secrets: BTreeMap<String, Value>,
+    /// How many Secret applies the operator made.
+    secret_applies: usize,
     /// Requests this fake does not know: the test fails on any.
     unexpected: Vec<String>,
 }
@@ -597,6 +599,7 @@ impl World {
             ("PATCH", p) if p.starts_with(&secrets_prefix) => {
                 let name = p.rsplit('/').next().unwrap_or_default().to_string();
                 self.secrets.insert(name, body.clone());
+                self.secret_applies += 1;
                 (200, body.clone())
             }
             ("GET", p)
@@ -1718,6 +1721,10 @@ async fn a_cordoned_primary_node_switches_over_then_lets_the_drain_evict_the_old
     let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
     assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
     assert_eq!(op.takeovers().len(), 1, "one switchover, no failover");
+    // The certificates were minted once (two engine TLS Secrets, the CSI Secret), not on every pass.
+    let w = op.world.lock().unwrap();
+    assert_eq!(w.secret_applies, 3, "{:?}", w.secrets.keys());
+    assert!(status.certificates.is_some());
 }
 
 /// The operator is down while the primary's node is lost: a new operator (a fresh Context, as after a
