@@ -41,8 +41,9 @@ fn text<'a>(data: &'a BTreeMap<String, ByteString>, key: &str) -> Option<&'a str
 }
 
 /// The CA of the Secret `tandem-ca`, created when missing. Two replicas starting together both try to
-/// create it; the loser reads the winner's (create, never overwrite: a replaced CA would invalidate every
-/// certificate in the cluster).
+/// create it; the loser reads the winner's. Invariant: the CA is created, never overwritten (a replaced CA
+/// would invalidate every certificate in the cluster); test
+/// `certs::tests::the_ca_is_created_when_missing_and_a_concurrent_one_is_never_replaced`.
 pub async fn ensure_ca(client: Client, namespace: &str) -> Result<Ca> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
     for _ in 0..2 {
@@ -222,6 +223,7 @@ pub fn mint(
 mod tests {
     use super::*;
     use k8s_openapi::jiff::SignedDuration;
+    use serde_json::Value;
 
     fn ca() -> Ca {
         Ca::generate("test", Duration::from_secs(3600)).unwrap()
@@ -349,6 +351,51 @@ mod tests {
         assert!(!plan::needs_cert(days(31), now, validity));
         assert!(plan::needs_cert(days(29), now, validity));
         assert!(plan::needs_cert(days(-1), now, validity));
+    }
+
+    #[tokio::test]
+    async fn the_ca_is_created_when_missing_and_a_concurrent_one_is_never_replaced() {
+        use crate::fixtures::{finish, not_found, Call, OP_NS};
+        use serde_json::json;
+        let path = format!("/api/v1/namespaces/{OP_NS}/secrets/{CA_SECRET}");
+        let b64 = |s: &str| serde_json::to_value(ByteString(s.as_bytes().to_vec())).unwrap();
+
+        // Missing: one is generated and created (never an apply, which would overwrite).
+        let (ctx, verifier, _) = crate::controller::Context::test(Default::default());
+        let posted = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
+        let keep = posted.clone();
+        let handle = verifier.run(vec![
+            Call::get(&path).reply(404, not_found("secret")),
+            Call::post(&format!("/api/v1/namespaces/{OP_NS}/secrets?")).check(move |body| {
+                *keep.lock().unwrap() = body.clone();
+            }),
+        ]);
+        let ca = ensure_ca(ctx.client.clone(), OP_NS).await.unwrap();
+        drop(ctx);
+        finish(handle).await;
+        let body = posted.lock().unwrap().clone();
+        assert_eq!(body["data"][CA_CERT_KEY], b64(ca.cert_pem()));
+        assert_eq!(body["data"][CA_KEY_KEY], b64(ca.key_pem()));
+
+        // Another replica created it between our read and our create: theirs is used.
+        let theirs = self::ca();
+        let stored = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": CA_SECRET, "namespace": OP_NS},
+            "data": {CA_CERT_KEY: b64(theirs.cert_pem()), CA_KEY_KEY: b64(theirs.key_pem())},
+        });
+        let conflict = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                              "reason": "AlreadyExists", "code": 409, "message": "exists"});
+        let (ctx, verifier, _) = crate::controller::Context::test(Default::default());
+        let handle = verifier.run(vec![
+            Call::get(&path).reply(404, not_found("secret")),
+            Call::post(&format!("/api/v1/namespaces/{OP_NS}/secrets?")).reply(409, conflict),
+            Call::get(&path).reply(200, stored),
+        ]);
+        let ca = ensure_ca(ctx.client.clone(), OP_NS).await.unwrap();
+        drop(ctx);
+        finish(handle).await;
+        assert_eq!(ca.cert_pem(), theirs.cert_pem());
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Tandem operator: reconciles `MirroredVolume`s (`tandem.dev/v1alpha1`) into a pair of engine pods, their
-//! Services, the token Secret, a PersistentVolume for `csi.tandem.dev` and optionally a claim, and
-//! orchestrates failover when an engine or its node is lost.
+//! Services, the token and certificate Secrets (all in the operator's namespace), a PersistentVolume for
+//! `csi.tandem.dev` and optionally a claim, and orchestrates failover when an engine or its node is lost.
 //!
 //! Layout: [`crd`] (types), [`observed`] (facts from the API), [`plan`], [`failover`] and [`disruption`]
 //! (pure decisions; `disruption`: engine restarts and node drains),
 //! [`controller`] (the reconciler: observe, decide, act, status), [`engine`] (the engine API behind a trait),
-//! [`leader`] (Lease election), [`metrics`], [`http`] (probes and `/metrics`), [`telemetry`] (logs).
+//! [`leader`] (Lease election), [`metrics`], [`http`] (probes and `/metrics`), [`telemetry`] (logs),
+//! [`certs`] (the operator's CA and the certificates it mints per volume).
 
 pub mod certs;
 pub mod controller;

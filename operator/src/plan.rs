@@ -451,7 +451,7 @@ pub fn engine_pod(
         format!("{DATA_MOUNT}/state"),
         // Invariant: NBD never leaves the node. No TCP listener; the socket sits in the volume's host
         // directory, shared only with the CSI plugin on this node, and opens only `<volume>@<epoch>`.
-        // Test `plan::tests::engine_pod_carries_the_cli_contract`.
+        // Tests `plan::tests::no_nbd_listener_and_no_nbd_port_anywhere`, `engine_pod_carries_the_cli_contract`.
         "--nbd-listen".into(),
         "off".into(),
         "--nbd-socket".into(),
