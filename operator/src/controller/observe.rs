@@ -71,20 +71,21 @@ impl MirroredVolume {
         let nodes = observe_nodes(ctx, nodes).await?;
         let (pods, pod_conflict) = self.engine_pods(ctx, &key).await?;
         let (secrets, secret_conflict) = self.secrets(ctx, &key).await?;
-        let token = secrets
+        let token_secret = secrets
             .iter()
-            .find(|s| s.metadata.name.as_deref() == Some(names::secret(&key).as_str()))
+            .find(|s| s.metadata.name.as_deref() == Some(names::secret(&key).as_str()));
+        let secret_exists = token_secret.is_some();
+        let token = token_secret
             .and_then(|s| s.data.as_ref())
             .and_then(|d| d.get(plan::SECRET_TOKEN_KEY))
             .and_then(|b| String::from_utf8(b.0.clone()).ok());
-        let secret_exists = token.is_some();
         let (pv, pv_conflict) = match observe_pv(ctx, self).await? {
             Ok(pv) => (pv, None),
             // Invariant: a PV of another volume is never read further (its claim's pods are not ours
             // to release) nor changed; test `controller::tests::a_foreign_pv_is_not_adopted`.
             Err(conflict) => (None, Some(conflict)),
         };
-        let (claim_exists, engine_pvcs) = self.claims(ctx, &ns, &key).await?;
+        let (claim_exists, engine_pvcs, pvc_conflict) = self.claims(ctx, &ns, &key).await?;
         let engines = self.ask_engines(ctx, &nodes, &pods, token.as_deref()).await;
         let (workloads, attachments) = self.stuck_workloads(ctx, &nodes, pv.as_ref()).await?;
         let token = match token {
@@ -101,7 +102,10 @@ impl MirroredVolume {
             token: Some(token),
             pv,
             certs,
-            conflict: pv_conflict.or(pod_conflict).or(secret_conflict),
+            conflict: pv_conflict
+                .or(pod_conflict)
+                .or(secret_conflict)
+                .or(pvc_conflict),
             claim_exists,
             engine_pvcs,
             workloads,
@@ -133,7 +137,9 @@ impl MirroredVolume {
     }
 
     /// The volume's Secrets in the operator's namespace (token, engine TLS, CSI), and a conflict when one
-    /// under the key belongs to another volume.
+    /// under the key belongs to another volume. Every volume has a token Secret from its first pass, so a
+    /// key shared with another volume shows here even before pods or Services would (Services are applied
+    /// by name, so this check is what keeps us from overwriting theirs).
     async fn secrets(
         &self,
         ctx: &Context,
@@ -166,26 +172,36 @@ impl MirroredVolume {
         (mine, conflict)
     }
 
-    /// Whether the claim of `spec.claim` exists, and the engines' own PVCs (StorageClass storage only).
-    async fn claims(&self, ctx: &Context, ns: &str, key: &str) -> Result<(bool, [bool; 2])> {
+    /// Whether the claim of `spec.claim` exists, and the engines' own PVCs (StorageClass storage only; one
+    /// of another volume under the key is a conflict: an engine never mounts another volume's data).
+    async fn claims(
+        &self,
+        ctx: &Context,
+        ns: &str,
+        key: &str,
+    ) -> Result<(bool, [bool; 2], Option<InvalidSpec>)> {
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
         let claim_exists = match &self.spec.claim {
             Some(c) => pvcs.get_opt(&c.name).await?.is_some(),
             None => false,
         };
         let mut engine_pvcs = [false, false];
+        let mut conflict = None;
         if self.spec.engine_storage.storage_class_name.is_some() {
             let engine_api: Api<PersistentVolumeClaim> =
                 Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
-            let list = engine_api.list(&volume_selector(key)).await?;
+            let (list, theirs) = self.own(
+                engine_api.list(&volume_selector(key)).await?.items,
+                "PersistentVolumeClaim",
+            );
+            conflict = theirs;
             engine_pvcs = Slot::BOTH.map(|slot| {
                 let wanted = names::engine_pvc(key, slot);
-                list.items
-                    .iter()
+                list.iter()
                     .any(|p| p.metadata.name.as_deref() == Some(wanted.as_str()))
             });
         }
-        Ok((claim_exists, engine_pvcs))
+        Ok((claim_exists, engine_pvcs, conflict))
     }
 
     /// The engines' Status. Only those whose pod runs on a live node are asked (an absent engine would
