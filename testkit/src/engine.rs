@@ -44,6 +44,10 @@ pub struct EngineBuilder {
     fault_injection: bool,
     args: Vec<String>,
     ready_timeout: Duration,
+    tls_dir: Option<PathBuf>,
+    node_name: Option<String>,
+    client_tls_dir: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl EngineBuilder {
@@ -65,6 +69,10 @@ impl EngineBuilder {
             fault_injection: false,
             args: Vec::new(),
             ready_timeout: Duration::from_secs(20),
+            tls_dir: None,
+            node_name: None,
+            client_tls_dir: None,
+            env: Vec::new(),
         }
     }
 
@@ -152,6 +160,31 @@ impl EngineBuilder {
         self
     }
 
+    /// `--tls-dir`: the engine's own certificates (`tandem-engine certs issue --identity engine`).
+    pub fn tls_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.tls_dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// `--node-name`.
+    pub fn node_name(mut self, node: &str) -> Self {
+        self.node_name = Some(node.into());
+        self
+    }
+
+    /// The `--tls-dir` the engine's CLI ([`Engine::cli`]) and gRPC client ([`Engine::status`],
+    /// ...) use, e.g. an operator identity.
+    pub fn client_tls_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.client_tls_dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// An environment variable for `serve` (e.g. `RUST_LOG`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     /// How long the engine may take to write its ready file.
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
@@ -236,8 +269,15 @@ impl Engine {
         if self.cfg.fault_injection {
             cmd.arg("--fault-injection");
         }
+        if let Some(d) = &self.cfg.tls_dir {
+            cmd.arg("--tls-dir").arg(d);
+        }
+        if let Some(n) = &self.cfg.node_name {
+            cmd.args(["--node-name", n]);
+        }
         let child = cmd
             .args(&self.cfg.args)
+            .envs(self.cfg.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone the log handle")?)
             .stderr(log)
@@ -440,6 +480,9 @@ impl Engine {
         if let Some(t) = self.token_file() {
             c.arg("--token-file").arg(t);
         }
+        if let Some(d) = &self.cfg.client_tls_dir {
+            c.arg("--tls-dir").arg(d);
+        }
         c
     }
 
@@ -478,7 +521,14 @@ impl Engine {
             ),
             None => None,
         };
-        EngineClient::connect(&self.grpc, token.as_deref())
+        let tls = match &self.cfg.client_tls_dir {
+            Some(d) => Some(
+                tandem_api::tls::ClientTls::from_dir(d)
+                    .with_context(|| format!("TLS material in {}", d.display()))?,
+            ),
+            None => None,
+        };
+        EngineClient::connect_with(&self.grpc, token.as_deref(), tls.as_ref())
             .await
             .with_context(|| format!("connect to the engine at {}", self.grpc))
     }

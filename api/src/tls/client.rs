@@ -7,36 +7,70 @@ use std::{
     future::Future,
     path::Path,
     pin::Pin,
-    sync::RwLock,
+    sync::{Arc, RwLock},
     task::{Context, Poll},
     time::Duration,
 };
 
 use http::Uri;
 use hyper_util::{client::legacy::connect::HttpConnector, rt::TokioIo};
-use rustls::pki_types::ServerName;
+use rustls::{pki_types::ServerName, ClientConfig};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::{
     identity::{Identity, VolumeRef},
-    material::TlsSource,
+    material::{anonymous_client_config, TlsSource},
     mint::{identity_of_der, TlsError},
 };
 
+#[derive(Clone)]
+enum Creds {
+    Source(TlsSource),
+    /// Trusts the CA, presents no certificate.
+    Anonymous(Arc<ClientConfig>),
+}
+
 /// A client's TLS credentials and what it expects of the server.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientTls {
-    source: TlsSource,
+    creds: Creds,
     expect: Option<VolumeRef>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("ClientTls");
+        match &self.creds {
+            Creds::Source(s) => d.field("source", s),
+            Creds::Anonymous(_) => d.field("source", &"anonymous"),
+        };
+        d.field("expect", &self.expect).finish()
+    }
 }
 
 impl ClientTls {
     /// Credentials that follow `source` (reloaded when it is).
     pub fn new(source: TlsSource) -> Self {
         Self {
-            source,
+            creds: Creds::Source(source),
             expect: None,
+        }
+    }
+
+    /// No certificate, only trust in `ca_pem`: for probing which certificate an engine serves
+    /// ([`server_certificate`]) and for tests. An engine with TLS refuses every call from it.
+    pub fn anonymous(ca_pem: &str) -> Result<Self, TlsError> {
+        Ok(Self {
+            creds: Creds::Anonymous(anonymous_client_config(ca_pem.as_bytes())?),
+            expect: None,
+        })
+    }
+
+    fn config(&self) -> Arc<ClientConfig> {
+        match &self.creds {
+            Creds::Source(s) => s.current().client_config(),
+            Creds::Anonymous(c) => Arc::clone(c),
         }
     }
 
@@ -57,8 +91,12 @@ impl ClientTls {
         self
     }
 
-    pub fn source(&self) -> &TlsSource {
-        &self.source
+    /// The material behind these credentials (None for [`ClientTls::anonymous`]).
+    pub fn source(&self) -> Option<&TlsSource> {
+        match &self.creds {
+            Creds::Source(s) => Some(s),
+            Creds::Anonymous(_) => None,
+        }
     }
 
     /// Whether `server` may answer this client.
@@ -138,19 +176,46 @@ impl tower_service::Service<Uri> for TlsConnector {
             // SNI only; the name is not checked (the identity is, below).
             let name = ServerName::try_from(host)
                 .unwrap_or(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-            let cfg = tls.source.current().client_config();
-            let stream = tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
-                .await?;
-            let server = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .ok_or("the server sent no certificate")?;
-            let id = identity_of_der(server)?;
-            tls.accepts(&id)?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(handshake(&tls, name, tcp).await?.0))
         })
     }
+}
+
+/// The TLS handshake as `tls`, then the identity check; returns the stream and the server's
+/// leaf certificate (DER).
+async fn handshake(
+    tls: &ClientTls,
+    name: ServerName<'static>,
+    tcp: TcpStream,
+) -> Result<(TlsStream<TcpStream>, Vec<u8>), BoxError> {
+    let stream = tokio_rustls::TlsConnector::from(tls.config())
+        .connect(name, tcp)
+        .await?;
+    let server = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("the server sent no certificate")?
+        .to_vec();
+    let id = identity_of_der(&server)?;
+    tls.accepts(&id)?;
+    Ok((stream, server))
+}
+
+/// The certificate (DER) the engine at `addr` (`host:port`) serves to a new connection now,
+/// after the same checks as a channel's (chain to our CA, an engine identity). Shows that a
+/// rotation took effect.
+pub async fn server_certificate(
+    addr: &str,
+    tls: &ClientTls,
+    timeout: Duration,
+) -> Result<Vec<u8>, BoxError> {
+    tokio::time::timeout(timeout, async {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        Ok(handshake(tls, name, tcp).await?.1)
+    })
+    .await
+    .map_err(|_| format!("no TLS handshake with {addr} within {timeout:?}"))?
 }

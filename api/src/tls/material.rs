@@ -214,28 +214,45 @@ fn stamp(parts: [&[u8]; 3]) -> u64 {
     h.finish()
 }
 
+fn anchors_of(ca_pem: &[u8]) -> Result<Arc<[TrustAnchor<'static>]>, TlsError> {
+    let bad_ca = || TlsError::BadCertificate {
+        what: CA_FILE.into(),
+    };
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad_ca())?;
+    if cas.is_empty() {
+        return Err(bad_ca());
+    }
+    Ok(cas
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad_ca())?
+        .into())
+}
+
+/// A client configuration that trusts `ca_pem` and presents no certificate (probes, tests: an
+/// engine with TLS answers such a client UNAUTHENTICATED).
+pub(crate) fn anonymous_client_config(ca_pem: &[u8]) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| bad("TLS configuration", &e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ChainOnlyVerifier {
+            anchors: anchors_of(ca_pem)?,
+            algs: algorithms(),
+        }))
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(client))
+}
+
 impl Material {
     /// Builds the material from PEM text: the CA certificate(s), this process's certificate
     /// (chain, leaf first) and its PKCS#8 (or SEC1/PKCS#1) key.
     pub fn from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
-        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|_| TlsError::BadCertificate {
-                what: CA_FILE.into(),
-            })?;
-        if cas.is_empty() {
-            return Err(TlsError::BadCertificate {
-                what: CA_FILE.into(),
-            });
-        }
-        let anchors: Arc<[TrustAnchor<'static>]> = cas
-            .iter()
-            .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| TlsError::BadCertificate {
-                what: CA_FILE.into(),
-            })?
-            .into();
+        let anchors = anchors_of(ca_pem)?;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
             .collect::<Result<_, _>>()
             .map_err(|_| TlsError::BadCertificate {

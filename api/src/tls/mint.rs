@@ -186,6 +186,11 @@ fn first_pem_der(pem_text: &str, what: &str) -> Result<Vec<u8>, TlsError> {
     Ok(block.contents)
 }
 
+/// The DER bytes of the first certificate in `cert_pem`.
+pub fn der_of_pem(cert_pem: &str) -> Result<Vec<u8>, TlsError> {
+    first_pem_der(cert_pem, "certificate")
+}
+
 /// When a PEM certificate expires.
 pub fn not_after(cert_pem: &str) -> Result<SystemTime, TlsError> {
     let der = first_pem_der(cert_pem, "certificate")?;
