@@ -7,7 +7,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use tandem_api::client::{EngineClient, TakeoverPolicy};
+use tandem_api::contract::{secret_csi_cert_key, secret_csi_key_key, SECRET_CA_KEY};
 use tandem_api::pb::Role as PbRole;
+use tandem_api::tls::{ClientTls, Identity};
 
 use crate::context::EngineRef;
 pub use crate::error::EngineError;
@@ -35,13 +37,65 @@ pub struct TakeoverOutcome {
     pub already_primary: bool,
 }
 
+/// The TLS entries of NodeStageVolume's secrets (`ca.crt`, `csi.<node>.crt`, `csi.<node>.key`);
+/// never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsSecrets(pub std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for TlsSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl TlsSecrets {
+    /// The TLS entries among a Secret's keys.
+    pub fn from_secrets(secrets: &std::collections::HashMap<String, String>) -> Self {
+        TlsSecrets(
+            secrets
+                .iter()
+                .filter(|(k, _)| k.as_str() == SECRET_CA_KEY || k.starts_with("csi."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
+    /// This node's client credentials: None when the Secret has no CA (plaintext); an error
+    /// when it has a CA but not this node's pair, or a pair that is not the CSI plugin of this
+    /// node (a Secret must not let one node speak as another).
+    pub fn client(&self, node: &str) -> Result<Option<ClientTls>, String> {
+        let Some(ca) = self.0.get(SECRET_CA_KEY) else {
+            return Ok(None);
+        };
+        let (ck, kk) = (secret_csi_cert_key(node), secret_csi_key_key(node));
+        let (Some(cert), Some(key)) = (self.0.get(&ck), self.0.get(&kk)) else {
+            return Err(format!("the Secret has {SECRET_CA_KEY} but not {ck} and {kk}"));
+        };
+        let tls = ClientTls::from_pem(ca, cert, key).map_err(|e| format!("{ck}: {e}"))?;
+        match tls.source().map(|s| s.identity()) {
+            // Only an engine of the volume our certificate names may answer.
+            Some(Identity::Csi { volume, node: n }) if n == node => Ok(Some(tls.expect_volume(volume))),
+            Some(other) => Err(format!("{ck} names the {other}, not this node's CSI plugin")),
+            None => Err(format!("{ck}: no identity")),
+        }
+    }
+}
+
+/// How the plugin authenticates to a volume's engines: the volume token, and this node's
+/// certificate when the volume's Secret carries one.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub token: String,
+    pub tls: Option<ClientTls>,
+}
+
 /// What the node plugin needs from an engine.
 pub trait EngineApi: Send + Sync + 'static {
     fn status(
         &self,
         addr: &str,
         volume: &str,
-        token: &str,
+        creds: &Credentials,
     ) -> impl Future<Output = Result<EngineStatus, EngineError>> + Send;
 
     /// A takeover by handoff (policy Wait): the old primary fences itself and hands over its
@@ -50,7 +104,7 @@ pub trait EngineApi: Send + Sync + 'static {
         &self,
         addr: &str,
         volume: &str,
-        token: &str,
+        creds: &Credentials,
         timeout: Duration,
     ) -> impl Future<Output = Result<TakeoverOutcome, EngineError>> + Send;
 }
@@ -74,10 +128,10 @@ impl EngineApi for GrpcEngines {
         &self,
         addr: &str,
         volume: &str,
-        token: &str,
+        creds: &Credentials,
     ) -> Result<EngineStatus, EngineError> {
         let call = async {
-            let mut c = EngineClient::connect(addr, Some(token))
+            let mut c = EngineClient::connect_with(addr, Some(&creds.token), creds.tls.as_ref())
                 .await
                 .map_err(|e| EngineError::from_client(addr, volume, "Status", e))?;
             c.status(volume)
@@ -106,7 +160,7 @@ impl EngineApi for GrpcEngines {
         &self,
         addr: &str,
         volume: &str,
-        token: &str,
+        creds: &Credentials,
         timeout: Duration,
     ) -> Result<TakeoverOutcome, EngineError> {
         // Safety (issue 12, no split brain): the plugin never forces a promotion. With write
@@ -117,7 +171,7 @@ impl EngineApi for GrpcEngines {
         // staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy.
         let pol = TakeoverPolicy::Wait;
         let call = async {
-            let mut c = EngineClient::connect(addr, Some(token))
+            let mut c = EngineClient::connect_with(addr, Some(&creds.token), creds.tls.as_ref())
                 .await
                 .map_err(|e| EngineError::from_client(addr, volume, "Takeover", e))?;
             c.takeover(volume, pol, timeout)
@@ -589,5 +643,42 @@ mod tests {
         let e =
             current_primary(&[(eng("a"), unauth), (eng("b"), ok(Role::Primary, 1))]).unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated);
+    }
+}
+
+#[cfg(test)]
+mod tls_secrets_tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tandem_api::tls::{Ca, VolumeRef};
+
+    #[test]
+    fn a_node_speaks_only_with_its_own_certificate() {
+        let day = Duration::from_secs(86400);
+        let ca = Ca::generate("test CA", day).unwrap();
+        let vol = VolumeRef::new("ns", "vol");
+        let id = |node: &str| Identity::Csi {
+            volume: vol.clone(),
+            node: node.into(),
+        };
+        let a = ca.issue(&id("node-a"), &[], day).unwrap();
+        let mut secrets = HashMap::from([("token".to_string(), "t".to_string())]);
+        // No CA: plaintext, as before.
+        assert!(TlsSecrets::from_secrets(&secrets).client("node-a").unwrap().is_none());
+        secrets.insert(SECRET_CA_KEY.into(), ca.cert_pem().into());
+        let err = TlsSecrets::from_secrets(&secrets).client("node-a").unwrap_err();
+        assert!(err.contains("csi.node-a.crt"), "{err}");
+        secrets.insert(secret_csi_cert_key("node-a"), a.cert_pem.clone());
+        secrets.insert(secret_csi_key_key("node-a"), a.key_pem.clone());
+        let tls = TlsSecrets::from_secrets(&secrets).client("node-a").unwrap();
+        assert_eq!(tls.and_then(|t| t.source().map(|s| s.identity())), Some(id("node-a")));
+        // node-a's pair filed under node-b's keys does not make node-b speak as node-a.
+        secrets.insert(secret_csi_cert_key("node-b"), a.cert_pem.clone());
+        secrets.insert(secret_csi_key_key("node-b"), a.key_pem.clone());
+        let err = TlsSecrets::from_secrets(&secrets).client("node-b").unwrap_err();
+        assert!(err.contains("not this node's CSI plugin"), "{err}");
+        // The key never shows in Debug.
+        let shown = format!("{:?}", TlsSecrets::from_secrets(&secrets));
+        assert!(!shown.contains("PRIVATE KEY") && shown.contains("csi.node-a.key"), "{shown}");
     }
 }

@@ -23,6 +23,8 @@ pub struct StageRequest {
     pub access: Access,
     pub read_only: bool,
     pub token: Option<String>,
+    /// Mutual TLS material from the secrets (issue 13); empty: plaintext.
+    pub tls: crate::engine::TlsSecrets,
     pub context: HashMap<String, String>,
 }
 
@@ -136,6 +138,13 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
             .clone()
             .filter(|t| !t.trim().is_empty())
             .ok_or(Error::FieldMissing("secrets.token"))?;
+        let secret = crate::engine::Credentials {
+            token: secret,
+            tls: req
+                .tls
+                .client(self.node_id())
+                .map_err(|e| Error::invalid("secrets", e))?,
+        };
 
         let inner = self.inner.clone();
         let (r, volume) = (req.clone(), params.volume.clone());
@@ -194,7 +203,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         req: StageRequest,
         params: VolumeParams,
         existing: Option<VolumeRecord>,
-        secret: &str,
+        secret: &crate::engine::Credentials,
     ) -> Result<()> {
         let (engine, epoch) = self
             .choose_engine(&params, secret, want(&req, &params))
@@ -206,7 +215,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     async fn statuses(
         &self,
         params: &VolumeParams,
-        token: &str,
+        token: &crate::engine::Credentials,
     ) -> Vec<(
         EngineRef,
         std::result::Result<crate::engine::EngineStatus, crate::engine::EngineError>,
@@ -225,7 +234,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     async fn choose_engine(
         &self,
         params: &VolumeParams,
-        token: &str,
+        token: &crate::engine::Credentials,
         want: Want,
     ) -> Result<(EngineRef, u64)> {
         let answers = self.statuses(params, token).await;

@@ -10,7 +10,7 @@ use tonic::Code;
 use super::*;
 use crate::attach::fake::FakeAttacher;
 use crate::context::test_context;
-use crate::engine::{EngineError, EngineStatus, Role, TakeoverOutcome};
+use crate::engine::{Credentials, EngineError, EngineStatus, Role, TakeoverOutcome};
 use crate::mount::fake::FakeMounter;
 use tandem_api::contract::{ATTR_FAILOVER_POLICY, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS};
 
@@ -31,8 +31,8 @@ impl FakeEngines {
 }
 
 impl EngineApi for FakeEngines {
-    async fn status(&self, addr: &str, volume: &str, token: &str) -> Answer {
-        if token != "secret" {
+    async fn status(&self, addr: &str, volume: &str, creds: &Credentials) -> Answer {
+        if creds.token != "secret" {
             return Err(EngineError::Unauthenticated {
                 addr: addr.into(),
                 message: "bad token".into(),
@@ -59,7 +59,7 @@ impl EngineApi for FakeEngines {
         &self,
         addr: &str,
         _volume: &str,
-        _token: &str,
+        _creds: &Credentials,
         timeout: Duration,
     ) -> Result<TakeoverOutcome, EngineError> {
         self.takeovers.lock().unwrap().push((addr.into(), timeout));
@@ -141,6 +141,7 @@ impl Harness {
             access,
             read_only: false,
             token: Some("secret".into()),
+            tls: Default::default(),
             context: test_context("vol", &["node-a", "node-b"]),
         }
     }
