@@ -69,13 +69,19 @@ impl TlsSecrets {
         };
         let (ck, kk) = (secret_csi_cert_key(node), secret_csi_key_key(node));
         let (Some(cert), Some(key)) = (self.0.get(&ck), self.0.get(&kk)) else {
-            return Err(format!("the Secret has {SECRET_CA_KEY} but not {ck} and {kk}"));
+            return Err(format!(
+                "the Secret has {SECRET_CA_KEY} but not {ck} and {kk}"
+            ));
         };
         let tls = ClientTls::from_pem(ca, cert, key).map_err(|e| format!("{ck}: {e}"))?;
         match tls.source().map(|s| s.identity()) {
             // Only an engine of the volume our certificate names may answer.
-            Some(Identity::Csi { volume, node: n }) if n == node => Ok(Some(tls.expect_volume(volume))),
-            Some(other) => Err(format!("{ck} names the {other}, not this node's CSI plugin")),
+            Some(Identity::Csi { volume, node: n }) if n == node => {
+                Ok(Some(tls.expect_volume(volume)))
+            }
+            Some(other) => Err(format!(
+                "{ck} names the {other}, not this node's CSI plugin"
+            )),
             None => Err(format!("{ck}: no identity")),
         }
     }
@@ -664,21 +670,34 @@ mod tls_secrets_tests {
         let a = ca.issue(&id("node-a"), &[], day).unwrap();
         let mut secrets = HashMap::from([("token".to_string(), "t".to_string())]);
         // No CA: plaintext, as before.
-        assert!(TlsSecrets::from_secrets(&secrets).client("node-a").unwrap().is_none());
+        assert!(TlsSecrets::from_secrets(&secrets)
+            .client("node-a")
+            .unwrap()
+            .is_none());
         secrets.insert(SECRET_CA_KEY.into(), ca.cert_pem().into());
-        let err = TlsSecrets::from_secrets(&secrets).client("node-a").unwrap_err();
+        let err = TlsSecrets::from_secrets(&secrets)
+            .client("node-a")
+            .unwrap_err();
         assert!(err.contains("csi.node-a.crt"), "{err}");
         secrets.insert(secret_csi_cert_key("node-a"), a.cert_pem.clone());
         secrets.insert(secret_csi_key_key("node-a"), a.key_pem.clone());
         let tls = TlsSecrets::from_secrets(&secrets).client("node-a").unwrap();
-        assert_eq!(tls.and_then(|t| t.source().map(|s| s.identity())), Some(id("node-a")));
+        assert_eq!(
+            tls.and_then(|t| t.source().map(|s| s.identity())),
+            Some(id("node-a"))
+        );
         // node-a's pair filed under node-b's keys does not make node-b speak as node-a.
         secrets.insert(secret_csi_cert_key("node-b"), a.cert_pem.clone());
         secrets.insert(secret_csi_key_key("node-b"), a.key_pem.clone());
-        let err = TlsSecrets::from_secrets(&secrets).client("node-b").unwrap_err();
+        let err = TlsSecrets::from_secrets(&secrets)
+            .client("node-b")
+            .unwrap_err();
         assert!(err.contains("not this node's CSI plugin"), "{err}");
         // The key never shows in Debug.
         let shown = format!("{:?}", TlsSecrets::from_secrets(&secrets));
-        assert!(!shown.contains("PRIVATE KEY") && shown.contains("csi.node-a.key"), "{shown}");
+        assert!(
+            !shown.contains("PRIVATE KEY") && shown.contains("csi.node-a.key"),
+            "{shown}"
+        );
     }
 }

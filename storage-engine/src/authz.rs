@@ -251,10 +251,7 @@ mod tests {
             assert_eq!(allowed(&me(), who, *call), *ok, "{who} {}", call.name());
         }
         // No --node-name: no plugin may take over.
-        let nameless = Me {
-            node: None,
-            ..me()
-        };
+        let nameless = Me { node: None, ..me() };
         assert!(!allowed(&nameless, &csi_here, wait));
     }
 

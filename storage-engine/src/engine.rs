@@ -3,18 +3,18 @@
 use std::{path::Path, sync::Arc};
 
 use anyhow::{bail, Context};
+use tandem_api::tls::{self, server::AcceptOptions, ClientTls, Identity, TlsSource};
 use tokio::{
     net::{TcpListener, UnixListener},
     sync::watch,
 };
-use tandem_api::tls::{self, server::AcceptOptions, ClientTls, Identity, TlsSource};
 use tracing::info;
 
 use crate::{
     authz::{Authz, Me, PeerAuthz},
     cli::{
-        CertsCommand, FaultArgs, IdentityArg, PolicyArg, ReplicationArg, RoleArg, SecondaryAccess, ServeArgs, StatusArgs,
-        TakeoverArgs,
+        CertsCommand, FaultArgs, IdentityArg, PolicyArg, ReplicationArg, RoleArg, SecondaryAccess,
+        ServeArgs, StatusArgs, TakeoverArgs,
     },
     client::EngineClient,
     grpc::{AuthInterceptor, EngineService},
@@ -67,7 +67,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls::set_default_client(Some(
             ClientTls::new(src.clone()).expect_volume(me.volume.clone()),
         ));
-        src.watch(std::time::Duration::from_millis(args.tls_reload_ms.max(100)));
+        src.watch(std::time::Duration::from_millis(
+            args.tls_reload_ms.max(100),
+        ));
         info!(identity = %src.identity(), node = ?me.node, "mutual TLS on gRPC");
     }
     let authz = Authz::new(me);

@@ -272,7 +272,8 @@ impl Engine for EngineService {
         &self,
         req: Request<pb::TakeoverRequest>,
     ) -> Result<Response<pb::TakeoverReply>, Status> {
-        self.authz.check(req.extensions(), takeover_call(req.get_ref()))?;
+        self.authz
+            .check(req.extensions(), takeover_call(req.get_ref()))?;
         self.check_volume(&req.get_ref().volume)?;
         self.volume
             .takeover(req.into_inner())

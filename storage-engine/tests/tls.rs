@@ -96,7 +96,14 @@ fn tls_pair_with(
 ) -> Pair {
     let a = certs.issue_cli(
         "engine-a",
-        &["--identity", "engine", "--namespace", "local", "--volume", "vol"],
+        &[
+            "--identity",
+            "engine",
+            "--namespace",
+            "local",
+            "--volume",
+            "vol",
+        ],
     );
     let b = certs.issue("engine-b", &Identity::Engine { volume: vol() });
     let op = certs.issue_cli("operator", &["--identity", "operator", "--valid-for", "1d"]);
@@ -114,7 +121,10 @@ fn tls_pair_with(
         .unwrap()
 }
 
-async fn status_with(addr: &str, tls: Option<&ClientTls>) -> Result<pb::StatusReply, (Code, String)> {
+async fn status_with(
+    addr: &str,
+    tls: Option<&ClientTls>,
+) -> Result<pb::StatusReply, (Code, String)> {
     let mut c = EngineClient::connect_with(addr, Some(TOKEN), tls)
         .await
         .map_err(|e| (Code::Unknown, e.to_string()))?;
@@ -196,10 +206,13 @@ async fn refused_clients_get_unauthenticated() {
     assert_eq!(peer_call(&addr, &anon).await.code(), Code::Unauthenticated);
 
     // A client that does not trust the engine's CA does not talk to it at all.
-    let stranger = ClientTls::from_pem(other.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
-    assert!(EngineClient::connect_with(&addr, Some(TOKEN), Some(&stranger))
-        .await
-        .is_err());
+    let stranger =
+        ClientTls::from_pem(other.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
+    assert!(
+        EngineClient::connect_with(&addr, Some(TOKEN), Some(&stranger))
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -246,7 +259,10 @@ async fn identities_get_only_their_rights() {
         .await
         .unwrap_err();
     let msg = denied(e, "Takeover from another node");
-    assert!(msg.contains("CSI plugin on node-b") && msg.contains("Engine.Takeover"), "{msg}");
+    assert!(
+        msg.contains("CSI plugin on node-b") && msg.contains("Engine.Takeover"),
+        "{msg}"
+    );
     // Nor force, even on its own node.
     let e = here
         .takeover("vol", TakeoverPolicy::Force, Duration::from_secs(5))
@@ -290,7 +306,10 @@ async fn rotation_keeps_the_stream_and_serves_the_new_certificate() {
 
     // New certificates, same CA, for both engines.
     let a_dir = d.path().join("engine-a");
-    let new_a = certs.ca.issue(&Identity::Engine { volume: vol() }, &[], 2 * DAY).unwrap();
+    let new_a = certs
+        .ca
+        .issue(&Identity::Engine { volume: vol() }, &[], 2 * DAY)
+        .unwrap();
     tls::mint::write_dir(&a_dir, certs.ca.cert_pem(), &new_a).unwrap();
     certs.issue("engine-b", &Identity::Engine { volume: vol() });
     let new_der = tls::mint::der_of_pem(&new_a.cert_pem).unwrap();
@@ -301,10 +320,15 @@ async fn rotation_keeps_the_stream_and_serves_the_new_certificate() {
         if served().await.unwrap() == new_der {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "never served the new certificate");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never served the new certificate"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_until(20, "b reloaded", || pair.b.log().contains("TLS certificates reloaded"));
+    wait_until(20, "b reloaded", || {
+        pair.b.log().contains("TLS certificates reloaded")
+    });
     // The stream stayed up: writes keep replicating without a new link.
     for b in 0..4 {
         put_block(&pair.a.uri(), b, 0x70 + b as u8);

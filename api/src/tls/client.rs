@@ -168,7 +168,11 @@ impl tower_service::Service<Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let host = uri.host().unwrap_or("engine").trim_matches(['[', ']']).to_string();
+        let host = uri
+            .host()
+            .unwrap_or("engine")
+            .trim_matches(['[', ']'])
+            .to_string();
         let dial = self.tcp.call(uri);
         let tls = self.tls.clone();
         Box::pin(async move {

@@ -65,7 +65,9 @@ pub(crate) fn check_chain(
     )
     .map_err(|e| {
         Refusal(match e {
-            webpki::Error::UnknownIssuer => "certificate not signed by the trusted CA (unknown CA)".into(),
+            webpki::Error::UnknownIssuer => {
+                "certificate not signed by the trusted CA (unknown CA)".into()
+            }
             webpki::Error::CertExpired { .. } => "certificate expired".into(),
             webpki::Error::CertNotValidYet { .. } => "certificate not valid yet".into(),
             webpki::Error::RequiredEkuNotFoundContext(_) => {
@@ -266,11 +268,19 @@ impl Material {
         let identity = identity_of_der(leaf)?;
         // Our own certificate must chain to the CA we trust: a mismatched pair would be refused
         // by every peer, better to say so here.
-        check_chain(&anchors, &chain, webpki::KeyUsage::client_auth(), UnixTime::now())
-            .map_err(|r| bad(CERT_FILE, &r.0))?;
+        check_chain(
+            &anchors,
+            &chain,
+            webpki::KeyUsage::client_auth(),
+            UnixTime::now(),
+        )
+        .map_err(|r| bad(CERT_FILE, &r.0))?;
         let not_after = super::mint::not_after(&String::from_utf8_lossy(cert_pem))?;
         // The parse error is not shown: it could quote the file.
-        let key = || PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| bad(KEY_FILE, "no private key in PEM form"));
+        let key = || {
+            PrivateKeyDer::from_pem_slice(key_pem)
+                .map_err(|_| bad(KEY_FILE, "no private key in PEM form"))
+        };
         let provider = provider();
         let server = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -404,7 +414,11 @@ impl TlsSource {
             return Ok(false);
         };
         let _one = self.inner.reload.lock().unwrap_or_else(|p| p.into_inner());
-        let (ca, cert, key) = (read(dir, CA_FILE)?, read(dir, CERT_FILE)?, read(dir, KEY_FILE)?);
+        let (ca, cert, key) = (
+            read(dir, CA_FILE)?,
+            read(dir, CERT_FILE)?,
+            read(dir, KEY_FILE)?,
+        );
         let old = self.current();
         if stamp([&ca, &cert, &key]) == old.stamp {
             return Ok(false);

@@ -235,7 +235,8 @@ pub fn incoming(
                 Err(e) if per_connection(&e) => continue,
                 Err(e) => {
                     // Back off (up to 1 s) so a full fd table does not turn into a busy loop.
-                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                     tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "gRPC accept failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => continue,
