@@ -82,7 +82,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grpc_listener = TcpListener::bind(&args.grpc_listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc_listen))?;
-    let nbd_addr = nbd_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let nbd_addr = nbd_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     let grpc_addr = grpc_listener.local_addr()?;
     let unix_listener = args.nbd_socket.as_deref().map(bind_socket).transpose()?;
 

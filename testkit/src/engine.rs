@@ -350,10 +350,7 @@ impl Engine {
 
     /// `nbd+unix:///<export>?socket=...`: any export name, e.g. the pinned `<volume>@<epoch>`.
     pub fn unix_uri_for(&self, export: &str) -> String {
-        format!(
-            "nbd+unix:///{export}?socket={}",
-            self.socket().display()
-        )
+        format!("nbd+unix:///{export}?socket={}", self.socket().display())
     }
 
     /// The process id while it runs.

@@ -9,12 +9,12 @@ use std::{
     time::Duration,
 };
 
+use tandem_api::accept::Backoff;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter},
     net::{TcpListener, UnixListener},
     sync::{oneshot, watch, Semaphore},
 };
-use tandem_api::accept::Backoff;
 use tracing::{debug, info, warn};
 
 use super::proto::{self as p, Request};
@@ -251,7 +251,10 @@ pub async fn serve_unix(
 struct ConnGuard(Arc<Volume>);
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.0.counters.nbd_connections.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .counters
+            .nbd_connections
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -260,7 +263,10 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Send + 'static>(
     volume: Arc<Volume>,
     mut ticket: Ticket,
 ) {
-    volume.counters.nbd_connections.fetch_add(1, Ordering::Relaxed);
+    volume
+        .counters
+        .nbd_connections
+        .fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(Arc::clone(&volume));
     let (r, w) = tokio::io::split(sock);
     let mut r = BufReader::with_capacity(256 * 1024, r);
@@ -364,7 +370,9 @@ where
             p::OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&payload).into_owned();
                 // No way to send an error here: the protocol says close the connection.
-                if volume.export_access(&name) != ExportName::Ok || unpinned(pinned_only, &name, volume) {
+                if volume.export_access(&name) != ExportName::Ok
+                    || unpinned(pinned_only, &name, volume)
+                {
                     return Err(ConnError::UnknownExport(name));
                 }
                 let Ok(read_only) = volume.open_session().await else {
