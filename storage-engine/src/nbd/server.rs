@@ -161,11 +161,6 @@ impl Admission {
             admission: Arc::clone(self),
         })
     }
-
-    /// Connections admitted right now.
-    pub fn admitted(&self) -> usize {
-        self.table().conns.len()
-    }
 }
 
 impl Ticket {
