@@ -221,16 +221,72 @@ pub enum Want {
 
 /// Decides where to attach (DESIGN.md §6): the primary with the highest epoch, unless this node holds
 /// the secondary: then a writable stage is the failover trigger, and a read-only one never is (issue
-/// 12 item 6: it reads from the secondary if that serves reads, else FAILED_PRECONDITION). Errors:
-/// every engine rejected the token → that error; every engine that answered does not know the
-/// volume → not found; otherwise no usable engine → unavailable (kubelet retries).
+/// 12 item 6: it reads from the secondary if that serves reads, else FAILED_PRECONDITION). The
+/// engine attached to is always this node's (issue 13): when the volume is served from another
+/// node, a stage here is UNAVAILABLE if this node holds one of its engines (down, fenced or behind:
+/// kubelet retries) and FAILED_PRECONDITION if it holds none. Errors otherwise: every engine
+/// rejected the token → that error; every engine that answered does not know the volume → not
+/// found; no usable engine → unavailable (kubelet retries).
 pub fn plan(
     node_id: &str,
     answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
     want: Want,
 ) -> Result<Plan, crate::error::Error> {
-    use crate::error::Error;
     refusals(answers)?;
+    let plan = plan_anywhere(node_id, answers, want)?;
+    // Safety: NBD never leaves the node. Engines serve it on a unix socket shared only with this
+    // node's plugin, and a plan that names another node's engine is refused here rather than
+    // attempted across the network (tests::a_remote_primary_is_never_attached,
+    // node::tests::a_stage_never_attaches_across_nodes).
+    match plan {
+        Plan::Attach { engine, .. } if engine.node != node_id => {
+            Err(remote_refusal(node_id, answers, &engine))
+        }
+        p => Ok(p),
+    }
+}
+
+/// Why a stage on `node_id` cannot attach to `remote`, the engine serving the volume: this node's
+/// engine is not serving yet (UNAVAILABLE: kubelet retries, and it attaches once this node's
+/// engine is back or a takeover moved the volume here), or this node holds no engine of the
+/// volume at all (FAILED_PRECONDITION: the workload belongs on one of the engines' nodes).
+fn remote_refusal(
+    node_id: &str,
+    answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+    remote: &EngineRef,
+) -> crate::error::Error {
+    use crate::error::Error;
+    match answers.iter().find(|(e, _)| e.node == node_id) {
+        Some((_, r)) => {
+            let local = match r {
+                Ok(s) => format!("{:?} at epoch {}", s.role, s.epoch),
+                Err(e) => format!("unreachable ({e})"),
+            };
+            Error::PrimaryUnavailable(format!(
+                "the volume is served by the engine on {}, and NBD is never attached across \
+                 nodes; this node's engine is {local}: the stage attaches once it serves the \
+                 volume (after it restarts, or once a takeover can move the volume here)",
+                remote.node
+            ))
+        }
+        None => {
+            let nodes: Vec<&str> = answers.iter().map(|(e, _)| e.node.as_str()).collect();
+            Error::PreconditionFailed(format!(
+                "node {node_id} holds no engine of this volume (its engines run on {}), and NBD \
+                 is never attached across nodes: schedule the workload onto one of those nodes",
+                nodes.join(", ")
+            ))
+        }
+    }
+}
+
+/// [`plan`] before the same-node rule: the engine that serves the volume, wherever it runs.
+fn plan_anywhere(
+    node_id: &str,
+    answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+    want: Want,
+) -> Result<Plan, crate::error::Error> {
+    use crate::error::Error;
     let primary = highest_primary(answers);
     let local = answers.iter().find(|(e, _)| e.node == node_id);
     match (local, primary) {
@@ -451,17 +507,10 @@ mod tests {
             super::plan("b", &down, no_reads).unwrap_err().code(),
             Code::FailedPrecondition
         );
-        // Elsewhere a read-only stage reads from the primary, as any stage does.
+        // On the primary's node a read-only stage reads from the primary, as any stage does.
         for want in [reads, no_reads] {
             assert_eq!(
                 super::plan("a", &answers, want).unwrap(),
-                Plan::Attach {
-                    engine: eng("a"),
-                    epoch: 3
-                }
-            );
-            assert_eq!(
-                super::plan("c", &answers, want).unwrap(),
                 Plan::Attach {
                     engine: eng("a"),
                     epoch: 3
@@ -476,60 +525,43 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_local_primary_loses_to_a_newer_epoch() {
-        let p = plan(
-            "a",
-            &[
-                (eng("a"), ok(Role::Primary, 3)),
-                (eng("b"), ok(Role::Primary, 4)),
-            ],
-        )
-        .unwrap();
-        assert_eq!(
-            p,
-            Plan::Attach {
-                engine: eng("b"),
-                epoch: 4
-            }
-        );
-    }
-
-    #[test]
-    fn a_node_without_an_engine_attaches_to_the_remote_primary() {
-        let p = plan(
-            "c",
-            &[
-                (eng("a"), ok(Role::Primary, 1)),
-                (eng("b"), ok(Role::Secondary, 1)),
-            ],
-        )
-        .unwrap();
-        assert_eq!(
-            p,
-            Plan::Attach {
-                engine: eng("a"),
-                epoch: 1
-            }
-        );
-    }
-
-    #[test]
-    fn a_down_local_engine_falls_back_to_the_remote_primary() {
-        let p = plan(
-            "a",
-            &[
-                (eng("a"), unreachable("a")),
-                (eng("b"), ok(Role::Primary, 2)),
-            ],
-        )
-        .unwrap();
-        assert_eq!(
-            p,
-            Plan::Attach {
-                engine: eng("b"),
-                epoch: 2
-            }
-        );
+    fn a_remote_primary_is_never_attached() {
+        // This node's engine is a stale primary, down, or fenced while the primary is elsewhere:
+        // UNAVAILABLE (kubelet retries until this node's engine serves), never a remote attach.
+        for local in [ok(Role::Primary, 3), unreachable("a"), ok(Role::Fenced, 3)] {
+            let e = plan("a", &[(eng("a"), local), (eng("b"), ok(Role::Primary, 4))]).unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable, "{e}");
+            assert!(e.to_string().contains("never attached across nodes"), "{e}");
+            assert!(e.to_string().contains("served by the engine on b"), "{e}");
+        }
+        // A node with no engine of the volume: FAILED_PRECONDITION, whatever the access.
+        for want in [
+            Want::Write,
+            Want::Read {
+                secondary_serves: true,
+            },
+        ] {
+            let e = super::plan(
+                "c",
+                &[
+                    (eng("a"), ok(Role::Primary, 1)),
+                    (eng("b"), ok(Role::Secondary, 1)),
+                ],
+                want,
+            )
+            .unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+            assert!(
+                e.to_string().contains("holds no engine of this volume"),
+                "{e}"
+            );
+        }
+        // The engine a staging is checked against may still be remote: that only says it is stale.
+        let answers = [
+            (eng("a"), ok(Role::Primary, 3)),
+            (eng("b"), ok(Role::Primary, 4)),
+        ];
+        assert_eq!(current_primary(&answers).unwrap(), (eng("b"), 4));
     }
 
     #[test]

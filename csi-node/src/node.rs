@@ -113,7 +113,8 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     }
 
     /// NodeStageVolume. CSI: the plugin MUST make the volume available at the staging path (here: a
-    /// block device attached to the current primary; for mount volumes, a filesystem mounted there);
+    /// block device attached to the current primary, which is always this node's engine; for mount
+    /// volumes, a filesystem mounted there);
     /// MUST be idempotent (OK if already staged there with a compatible capability, ALREADY_EXISTS if
     /// staged incompatibly); NOT_FOUND if the volume does not exist; ABORTED while another call for the
     /// volume runs. Tandem: if this node's engine is the secondary, a writable stage here is the
@@ -123,6 +124,11 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     /// the secondary's node it attaches read-only to the secondary when the volume says
     /// `secondaryAccess: ReadOnly`, else it is FAILED_PRECONDITION. The attachment is pinned to the
     /// epoch of the engine it reads (`<volume>@<epoch>`), so it never reconnects into a later epoch.
+    /// NBD never crosses nodes (issue 13): the plugin attaches only to its own node's engine, over
+    /// the engine's unix socket. When the volume is served from another node, the stage is
+    /// UNAVAILABLE if this node's engine is down, fenced or behind (kubelet retries until it
+    /// serves, or until a takeover can move the volume here) and FAILED_PRECONDITION if this node
+    /// holds no engine of the volume.
     ///
     /// A repeated call checks the staging against the current primary (Status only): same engine
     /// and epoch → OK as it is. Otherwise the staging is stale (a takeover happened since): with

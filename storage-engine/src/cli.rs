@@ -208,12 +208,26 @@ pub struct ServeArgs {
     /// Directory for the engine's metadata (meta, journal, tables).
     #[arg(long)]
     pub state_dir: PathBuf,
-    /// NBD listen address, HOST:PORT.
+    /// NBD listen address, HOST:PORT (loopback by default: for tools, tests and benchmarks), or
+    /// `off` for no TCP listener (pods serve NBD on --nbd-socket only).
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: String,
-    /// Also serve NBD on this unix socket.
+    /// Also serve NBD on this unix socket (created mode 0600; a stale socket is replaced, any other
+    /// file there is an error).
     #[arg(long)]
     pub nbd_socket: Option<PathBuf>,
+    /// Only `<volume>@<epoch>` opens; the bare names (`""`, `<volume>`), which open at any epoch,
+    /// are refused. The operator's pods run with it.
+    #[arg(long)]
+    pub nbd_pinned_exports_only: bool,
+    /// NBD connections at once (in handshake or transmission, TCP and unix together). At the cap a
+    /// newcomer replaces the oldest connection still in handshake, or is closed if there is none.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub nbd_max_connections: u64,
+    /// A client that has not finished the NBD handshake within this many milliseconds is closed
+    /// (at most 10000).
+    #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    pub nbd_handshake_timeout_ms: u64,
     /// gRPC listen address, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:9500")]
     pub grpc_listen: String,
@@ -223,7 +237,9 @@ pub struct ServeArgs {
     /// File holding the volume token; every gRPC request must carry it.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Once listening, write {"nbd": .., "grpc": ..} with the bound addresses to this file.
+    /// Once listening, write {"nbd": .., "nbd_socket": .., "grpc": ..} to this file: the bound
+    /// NBD TCP address (null with --nbd-listen off), the NBD socket path (null without one) and the
+    /// bound gRPC address.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
     /// The other engine's gRPC address, HOST:PORT (makes this engine one of a pair; a secondary needs it).

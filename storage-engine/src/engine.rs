@@ -101,37 +101,47 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let volume = Volume::open(&cfg).context("opening the volume")?;
 
-    let nbd_listener = TcpListener::bind(&args.nbd_listen)
-        .await
-        .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
+    let nbd_listener = match args.nbd_listen.as_str() {
+        NBD_OFF => None,
+        addr => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding NBD on {addr}"))?,
+        ),
+    };
+    if nbd_listener.is_none() && args.nbd_socket.is_none() {
+        bail!("--nbd-listen off without --nbd-socket: no host could reach the volume");
+    }
     let grpc_listener = TcpListener::bind(&args.grpc_listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc_listen))?;
-    let nbd_addr = nbd_listener.local_addr()?;
+    let nbd_addr = nbd_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     let grpc_addr = grpc_listener.local_addr()?;
-    let unix_listener = match &args.nbd_socket {
-        Some(p) => {
-            // A stale socket from a killed engine would make bind fail.
-            let _ = std::fs::remove_file(p);
-            Some(
-                UnixListener::bind(p)
-                    .with_context(|| format!("binding NBD socket {}", p.display()))?,
-            )
-        }
-        None => None,
-    };
+    let unix_listener = args.nbd_socket.as_deref().map(bind_socket).transpose()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(nbd::serve_tcp(
-        nbd_listener,
-        Arc::clone(&volume),
-        stop_rx.clone(),
-    )));
+    let admission = nbd::Admission::new(nbd::Policy {
+        max_connections: usize::try_from(args.nbd_max_connections).unwrap_or(usize::MAX),
+        handshake_timeout: std::time::Duration::from_millis(args.nbd_handshake_timeout_ms),
+        pinned_only: args.nbd_pinned_exports_only,
+    });
+    if let Some(l) = nbd_listener {
+        tasks.push(tokio::spawn(nbd::serve_tcp(
+            l,
+            Arc::clone(&volume),
+            Arc::clone(&admission),
+            stop_rx.clone(),
+        )));
+    }
     if let Some(l) = unix_listener {
         tasks.push(tokio::spawn(nbd::serve_unix(
             l,
             Arc::clone(&volume),
+            Arc::clone(&admission),
             stop_rx.clone(),
         )));
     }
@@ -214,13 +224,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         role = %volume.role(),
         epoch = volume.epoch(),
         size = volume.size(),
-        nbd = %nbd_addr,
+        nbd = %nbd_addr.map_or_else(|| NBD_OFF.to_string(), |a| a.to_string()),
+        nbd_socket = ?args.nbd_socket,
         grpc = %grpc_addr,
         "engine serving"
     );
     if let Some(p) = &args.ready_file {
-        let ready =
-            serde_json::json!({ "nbd": nbd_addr.to_string(), "grpc": grpc_addr.to_string() });
+        let ready = serde_json::json!({
+            "nbd": nbd_addr.map(|a| a.to_string()),
+            "nbd_socket": args.nbd_socket,
+            "grpc": grpc_addr.to_string(),
+        });
         let tmp = p.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string())?;
         std::fs::rename(&tmp, p)?;
@@ -239,6 +253,47 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     info!("stopped cleanly");
     Ok(())
+}
+
+/// `--nbd-listen off`: no NBD TCP listener.
+pub const NBD_OFF: &str = "off";
+
+/// Binds the NBD unix socket at `path`, mode 0600 from the moment it is reachable there: it is
+/// bound under a temporary name, restricted, then renamed into place. A socket left by a killed
+/// engine is replaced; any other file at `path` is an error (never delete what is not ours).
+// Safety: only root (the CSI plugin) can connect to the socket, never another user in a shared
+// directory (tests/nbd_limits.rs `socket_*`).
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let stale = |p: &Path| -> anyhow::Result<()> {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(p)
+                .with_context(|| format!("removing the stale socket {}", p.display())),
+            Ok(_) => bail!(
+                "--nbd-socket {} exists and is not a socket; refusing to replace it",
+                p.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("checking {}", p.display())),
+        }
+    };
+    stale(path)?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("--nbd-socket {} names no file", path.display()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    stale(&tmp)?;
+    let listener = UnixListener::bind(&tmp)
+        .with_context(|| format!("binding NBD socket {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("moving the NBD socket into place at {}", path.display()))?;
+    Ok(listener)
 }
 
 /// Persists the differential table twice a second, so a crash resyncs little.

@@ -140,6 +140,15 @@ impl EngineBuilder {
         self
     }
 
+    /// NBD as the operator's pods serve it: on `<dir>/nbd.sock` only (`--nbd-listen off`), and only
+    /// the pinned export `<volume>@<epoch>` (`--nbd-pinned-exports-only`).
+    pub fn nbd_local_only(mut self) -> Self {
+        self.nbd_listen = NBD_OFF.into();
+        self.nbd_socket = true;
+        self.args.push("--nbd-pinned-exports-only".into());
+        self
+    }
+
     /// Runs the engine (and its CLI) inside network namespace `ns`, through `ip netns exec`, which
     /// execs it: the child's pid is the engine's.
     pub fn netns(mut self, ns: &str) -> Self {
@@ -217,10 +226,14 @@ impl EngineBuilder {
     }
 }
 
+/// `--nbd-listen off`; also [`Engine::nbd`] of an engine without an NBD TCP listener.
+pub const NBD_OFF: &str = "off";
+
 /// A running (or killed) `tandem-engine serve`; SIGKILLed on drop.
 #[derive(Debug)]
 pub struct Engine {
-    /// The NBD address (`HOST:PORT`), bound at the first start and kept by restarts.
+    /// The NBD address (`HOST:PORT`), bound at the first start and kept by restarts; [`NBD_OFF`]
+    /// when it has no TCP listener.
     pub nbd: String,
     /// The gRPC address (`HOST:PORT`), bound at the first start and kept by restarts.
     pub grpc: String,
@@ -297,7 +310,11 @@ impl Engine {
                         .map(str::to_string)
                         .with_context(|| format!("ready file without {k}: {v}"))
                 };
-                self.nbd = field("nbd")?;
+                // The ready file's "nbd" is null with --nbd-listen off.
+                self.nbd = match &v["nbd"] {
+                    Value::Null => NBD_OFF.to_string(),
+                    _ => field("nbd")?,
+                };
                 self.grpc = field("grpc")?;
                 return Ok(());
             }
@@ -361,12 +378,19 @@ impl Engine {
         )
     }
 
-    /// Where a host reaches its NBD export: TCP, or `unix:PATH` for an engine in a namespace.
+    /// Where a host reaches its NBD export: TCP, or `unix:PATH` for an engine in a namespace or
+    /// without a TCP listener.
     pub fn nbd_addr(&self) -> String {
-        match &self.cfg.netns {
-            Some(_) => format!("unix:{}", self.socket().display()),
-            None => self.nbd.clone(),
+        if self.cfg.netns.is_some() || self.nbd == NBD_OFF {
+            format!("unix:{}", self.socket().display())
+        } else {
+            self.nbd.clone()
         }
+    }
+
+    /// `nbd+unix:///<export>?socket=...`: any export name, e.g. the pinned `<volume>@<epoch>`.
+    pub fn unix_uri_for(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket().display())
     }
 
     /// The process id while it runs.

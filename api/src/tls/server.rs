@@ -135,6 +135,8 @@ pub struct AcceptOptions {
     pub tls: Option<TlsSource>,
     pub max_connections: usize,
     pub handshake_timeout: Duration,
+    /// Failed accepts (EMFILE and the like), for the engine's metrics.
+    pub accept_errors: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AcceptOptions {
@@ -143,6 +145,7 @@ impl AcceptOptions {
             tls,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            accept_errors: Arc::default(),
         }
     }
 }
@@ -197,19 +200,6 @@ async fn establish(
     Ok(io(Stream::Tls(Box::new(stream)), auth))
 }
 
-/// Errors of accept(2) that concern one connection only; anything else (EMFILE, ENFILE, ENOBUFS,
-/// ENOMEM) is the process or system running short, and retrying at once would spin.
-fn per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-    )
-}
-
 /// Accepts on `listener` for tonic's `serve_with_incoming*`: `tune` runs on every accepted
 /// socket (socket options), then the handshake runs in its own task under the timeout. The
 /// stream ends when the server drops it.
@@ -221,7 +211,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel::<io::Result<ServerIo>>(16);
     let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     tokio::spawn(async move {
-        let mut backoff = Duration::ZERO;
+        let mut backoff = crate::accept::Backoff::new("grpc");
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -229,17 +219,13 @@ pub fn incoming(
             };
             let (tcp, remote) = match accepted {
                 Ok(a) => {
-                    backoff = Duration::ZERO;
+                    backoff.succeeded();
                     a
                 }
-                Err(e) if per_connection(&e) => continue,
                 Err(e) => {
-                    // Back off (up to 1 s) so a full fd table does not turn into a busy loop.
-                    backoff =
-                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "gRPC accept failed");
+                    // A full fd table must not turn into a busy loop (accept::Backoff).
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => continue,
+                        _ = backoff.failed(&e, &opts.accept_errors) => continue,
                         _ = tx.closed() => return,
                     }
                 }
