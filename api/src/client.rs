@@ -10,7 +10,7 @@ use std::{
 use tonic::{metadata::MetadataValue, service::Interceptor, transport::Channel, Request};
 
 pub use crate::pb::{PairState, StatusReply, TakeoverPhase, TakeoverPolicy, TakeoverReply};
-use crate::{pb, Reason};
+use crate::{pb, tls::ClientTls, Reason};
 
 /// Errors a caller of the engine API can see.
 #[derive(Debug, thiserror::Error)]
@@ -96,13 +96,23 @@ pub fn peer_timeout() -> Duration {
     Duration::from_millis(PEER_TIMEOUT_MS.load(Ordering::Relaxed))
 }
 
-/// Connects a channel to `addr` (`host:port` or `http://host:port`).
+/// Connects a channel to `addr` (`host:port` or `http://host:port`), with mutual TLS when the
+/// process has default client credentials ([`crate::tls::set_default_client`]).
 ///
 /// Every channel pings its server (HTTP/2 PING every third of the peer timeout, answered within
 /// another third, also while idle) and sets TCP keepalive: a peer that vanished without FIN or
 /// RST (a dead node, a blackhole, a stopped process) fails every call on the channel within the
 /// peer timeout instead of hanging (liveness::blackholed_link_*).
 pub async fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, ClientError> {
+    channel_with(addr, connect_timeout, crate::tls::default_client().as_ref()).await
+}
+
+/// [`channel`] with these TLS credentials (None: plaintext), whatever the process default.
+pub async fn channel_with(
+    addr: &str,
+    connect_timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> Result<Channel, ClientError> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -113,20 +123,30 @@ pub async fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, C
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true);
     let third = peer_timeout() / 3;
+    let idle = third.max(Duration::from_secs(1));
+    let interval = (third / 2).max(Duration::from_secs(1));
     let endpoint = endpoint
         .http2_keep_alive_interval(third)
         .keep_alive_timeout(third)
         .keep_alive_while_idle(true)
-        .tcp_keepalive(Some(third.max(Duration::from_secs(1))))
-        .tcp_keepalive_interval(Some((third / 2).max(Duration::from_secs(1))))
+        .tcp_keepalive(Some(idle))
+        .tcp_keepalive_interval(Some(interval))
         .tcp_keepalive_retries(Some(2));
-    endpoint
-        .connect()
-        .await
-        .map_err(|source| ClientError::Connect {
-            addr: addr.to_string(),
-            source,
-        })
+    let connected = match tls {
+        None => endpoint.connect().await,
+        Some(tls) => {
+            let connector = crate::tls::client::TlsConnector::new(
+                tls.clone(),
+                connect_timeout,
+                (idle, interval, 2),
+            );
+            endpoint.connect_with_connector(connector).await
+        }
+    };
+    connected.map_err(|source| ClientError::Connect {
+        addr: addr.to_string(),
+        source,
+    })
 }
 
 /// The engine's control API for one engine.
@@ -139,6 +159,17 @@ impl EngineClient {
     /// Connects to the engine's gRPC port; `token` is the volume token (None when the engine runs without one).
     pub async fn connect(addr: &str, token: Option<&str>) -> Result<Self, ClientError> {
         let ch = channel(addr, Duration::from_secs(5)).await?;
+        Self::from_channel(ch, token)
+    }
+
+    /// [`EngineClient::connect`] with these TLS credentials (None: plaintext), e.g. the CSI
+    /// plugin's per-volume identity.
+    pub async fn connect_with(
+        addr: &str,
+        token: Option<&str>,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, ClientError> {
+        let ch = channel_with(addr, Duration::from_secs(5), tls).await?;
         Self::from_channel(ch, token)
     }
 

@@ -32,6 +32,21 @@ pub const ATTR_SECONDARY_ACCESS: &str = "tandem.dev/secondary-access";
 /// to the CSI plugin as NodeStageVolume's secrets (`nodeStageSecretRef`), where it reads this key.
 pub const SECRET_TOKEN_KEY: &str = "token";
 
+/// Mutual TLS (issue 13): the CA certificate in the same Secret. With it and this node's pair
+/// below the CSI plugin calls the engines as `Identity::Csi` of the volume on its node; without
+/// them it speaks plaintext (token only).
+pub const SECRET_CA_KEY: &str = "ca.crt";
+
+/// The key of the CSI plugin's certificate for `node` in the volume's Secret.
+pub fn secret_csi_cert_key(node: &str) -> String {
+    format!("csi.{node}.crt")
+}
+
+/// The key of the CSI plugin's private key for `node` in the volume's Secret.
+pub fn secret_csi_key_key(node: &str) -> String {
+    format!("csi.{node}.key")
+}
+
 /// The CSI driver's name. Written by the operator into each PV (`spec.csi.driver`) and the chart's
 /// CSIDriver; reported by the CSI plugin (GetPluginInfo) and used by kubelet to route the calls.
 pub const CSI_DRIVER: &str = "csi.tandem.dev";

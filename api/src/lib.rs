@@ -7,7 +7,8 @@
 //! - [`contract`]: the names the operator writes and the CSI plugin reads.
 //! - [`size`]: human sizes (`64M`).
 //! - [`lease`]: the write lease's guard, the engine's promise and the witness's wait.
-//! - [`http`]: the one HTTP stack (axum) the three binaries serve probes and metrics with.
+//! - [`http`]: the one HTTP stack (axum) the three binaries serve probes and metrics with, bounded.
+//! - [`accept`]: accept loops that back off when descriptors run out instead of spinning.
 //! - [`tls`]: who is who on a gRPC channel ([`tls::Identity`]) and minting the certificates that say so.
 
 /// Generated protobuf types and gRPC stubs for `tandem.engine.v1`.
@@ -16,6 +17,7 @@ pub mod pb {
     tonic::include_proto!("tandem.engine.v1");
 }
 
+pub mod accept;
 pub mod client;
 pub mod contract;
 pub mod http;

@@ -12,7 +12,7 @@ pub const REASON_DOMAIN: &str = "tandem.dev";
 /// `StatusReply.condition`). The names are part of the API: never rename one, only add.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
-    /// Missing or wrong volume token.
+    /// Missing or wrong volume token, or (mutual TLS) no acceptable client certificate.
     Unauthenticated,
     /// The engine does not serve the volume the request names.
     UnknownVolume,
@@ -53,11 +53,13 @@ pub enum Reason {
     /// A GrantLease that does not match this engine (another instance, epoch or a stamp from the
     /// future), or on an engine that is not a paired primary: nothing granted.
     LeaseRefused,
+    /// The caller's certificate names an identity that may not make this call (mutual TLS).
+    PermissionDenied,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::Unauthenticated,
         Reason::UnknownVolume,
         Reason::InvalidArgument,
@@ -76,6 +78,7 @@ impl Reason {
         Reason::Internal,
         Reason::LeaseHeld,
         Reason::LeaseRefused,
+        Reason::PermissionDenied,
     ];
 
     /// The stable name on the wire (`ErrorInfo.reason`), also used as a Kubernetes condition reason.
@@ -99,6 +102,7 @@ impl Reason {
             Reason::Internal => "Internal",
             Reason::LeaseHeld => "LeaseHeld",
             Reason::LeaseRefused => "LeaseRefused",
+            Reason::PermissionDenied => "PermissionDenied",
         }
     }
 

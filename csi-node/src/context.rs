@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `tandem.dev/volume` | the engine's volume name (= NBD export name) | yes |
 //! | `tandem.dev/engines` | `node=host:port,node=host:port`: each engine's gRPC address, by node name | yes |
-//! | `tandem.dev/nbd` | `node=host:port,...` (or `node=unix:/path`): each engine's NBD address | yes |
+//! | `tandem.dev/nbd` | `node=unix:/run/tandem/volumes/<key>/nbd.sock,...` in a cluster: each engine's NBD socket on its own node (the plugin uses only its own node's entry: NBD never crosses nodes); `node=host:port` still parses (tools, tests) | yes |
 //! | `tandem.dev/failover-policy` | `WaitForPrimary` (default) or `ForcePromote`: parsed, reported, never acted on here (see [`FailoverPolicy`]) | no |
 //! | `tandem.dev/peer-timeout-seconds` | how long a takeover may wait for the old primary (default 30) | no |
 //! | `tandem.dev/secondary-access` | `None` (default) or `ReadOnly`: the secondary serves read-only sessions | no |
@@ -208,6 +208,29 @@ mod tests {
         assert_eq!(p.policy, FailoverPolicy::ForcePromote);
         assert_eq!(p.peer_timeout, Duration::from_secs(12));
         assert_eq!(p.secondary_access, SecondaryAccess::ReadOnly);
+    }
+
+    #[test]
+    fn parses_per_node_unix_sockets() {
+        let mut ctx = test_context("vol-a", &["node-a", "node-b"]);
+        ctx.insert(
+            ATTR_NBD.into(),
+            "node-a=unix:/run/tandem/volumes/k/nbd.sock, node-b=unix:/run/tandem/volumes/k/nbd.sock"
+                .into(),
+        );
+        let p = VolumeParams::parse(&ctx).unwrap();
+        for e in &p.engines {
+            assert_eq!(e.nbd, "unix:/run/tandem/volumes/k/nbd.sock");
+            assert_eq!(
+                crate::nbd::NbdAddr::parse(&e.nbd).unwrap(),
+                crate::nbd::NbdAddr::Unix("/run/tandem/volumes/k/nbd.sock".into())
+            );
+        }
+        ctx.insert(
+            ATTR_NBD.into(),
+            "node-a=unix:run/nbd.sock,node-b=unix:/x".into(),
+        );
+        assert!(VolumeParams::parse(&ctx).is_err(), "a relative socket path");
     }
 
     #[test]

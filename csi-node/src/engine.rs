@@ -7,7 +7,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use tandem_api::client::{EngineClient, TakeoverPolicy};
+use tandem_api::contract::{secret_csi_cert_key, secret_csi_key_key, SECRET_CA_KEY};
 use tandem_api::pb::Role as PbRole;
+use tandem_api::tls::{ClientTls, Identity};
 
 use crate::context::EngineRef;
 pub use crate::error::EngineError;
@@ -35,13 +37,71 @@ pub struct TakeoverOutcome {
     pub already_primary: bool,
 }
 
+/// The TLS entries of NodeStageVolume's secrets (`ca.crt`, `csi.<node>.crt`, `csi.<node>.key`);
+/// never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TlsSecrets(pub std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for TlsSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl TlsSecrets {
+    /// The TLS entries among a Secret's keys.
+    pub fn from_secrets(secrets: &std::collections::HashMap<String, String>) -> Self {
+        TlsSecrets(
+            secrets
+                .iter()
+                .filter(|(k, _)| k.as_str() == SECRET_CA_KEY || k.starts_with("csi."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+
+    /// This node's client credentials: None when the Secret has no CA (plaintext); an error
+    /// when it has a CA but not this node's pair, or a pair that is not the CSI plugin of this
+    /// node (a Secret must not let one node speak as another).
+    pub fn client(&self, node: &str) -> Result<Option<ClientTls>, String> {
+        let Some(ca) = self.0.get(SECRET_CA_KEY) else {
+            return Ok(None);
+        };
+        let (ck, kk) = (secret_csi_cert_key(node), secret_csi_key_key(node));
+        let (Some(cert), Some(key)) = (self.0.get(&ck), self.0.get(&kk)) else {
+            return Err(format!(
+                "the Secret has {SECRET_CA_KEY} but not {ck} and {kk}"
+            ));
+        };
+        let tls = ClientTls::from_pem(ca, cert, key).map_err(|e| format!("{ck}: {e}"))?;
+        match tls.source().map(|s| s.identity()) {
+            // Only an engine of the volume our certificate names may answer.
+            Some(Identity::Csi { volume, node: n }) if n == node => {
+                Ok(Some(tls.expect_volume(volume)))
+            }
+            Some(other) => Err(format!(
+                "{ck} names the {other}, not this node's CSI plugin"
+            )),
+            None => Err(format!("{ck}: no identity")),
+        }
+    }
+}
+
+/// How the plugin authenticates to a volume's engines: the volume token, and this node's
+/// certificate when the volume's Secret carries one.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub token: String,
+    pub tls: Option<ClientTls>,
+}
+
 /// What the node plugin needs from an engine.
 pub trait EngineApi: Send + Sync + 'static {
     fn status(
         &self,
         addr: &str,
         volume: &str,
-        token: &str,
+        creds: &Credentials,
     ) -> impl Future<Output = Result<EngineStatus, EngineError>> + Send;
 
     /// A takeover by handoff (policy Wait): the old primary fences itself and hands over its
@@ -50,7 +110,7 @@ pub trait EngineApi: Send + Sync + 'static {
         &self,
         addr: &str,
         volume: &str,
-        token: &str,
+        creds: &Credentials,
         timeout: Duration,
     ) -> impl Future<Output = Result<TakeoverOutcome, EngineError>> + Send;
 }
@@ -74,10 +134,10 @@ impl EngineApi for GrpcEngines {
         &self,
         addr: &str,
         volume: &str,
-        token: &str,
+        creds: &Credentials,
     ) -> Result<EngineStatus, EngineError> {
         let call = async {
-            let mut c = EngineClient::connect(addr, Some(token))
+            let mut c = EngineClient::connect_with(addr, Some(&creds.token), creds.tls.as_ref())
                 .await
                 .map_err(|e| EngineError::from_client(addr, volume, "Status", e))?;
             c.status(volume)
@@ -106,7 +166,7 @@ impl EngineApi for GrpcEngines {
         &self,
         addr: &str,
         volume: &str,
-        token: &str,
+        creds: &Credentials,
         timeout: Duration,
     ) -> Result<TakeoverOutcome, EngineError> {
         // Safety (issue 12, no split brain): the plugin never forces a promotion. With write
@@ -117,7 +177,7 @@ impl EngineApi for GrpcEngines {
         // staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy.
         let pol = TakeoverPolicy::Wait;
         let call = async {
-            let mut c = EngineClient::connect(addr, Some(token))
+            let mut c = EngineClient::connect_with(addr, Some(&creds.token), creds.tls.as_ref())
                 .await
                 .map_err(|e| EngineError::from_client(addr, volume, "Takeover", e))?;
             c.takeover(volume, pol, timeout)
@@ -161,16 +221,72 @@ pub enum Want {
 
 /// Decides where to attach (DESIGN.md §6): the primary with the highest epoch, unless this node holds
 /// the secondary: then a writable stage is the failover trigger, and a read-only one never is (issue
-/// 12 item 6: it reads from the secondary if that serves reads, else FAILED_PRECONDITION). Errors:
-/// every engine rejected the token → that error; every engine that answered does not know the
-/// volume → not found; otherwise no usable engine → unavailable (kubelet retries).
+/// 12 item 6: it reads from the secondary if that serves reads, else FAILED_PRECONDITION). The
+/// engine attached to is always this node's (issue 13): when the volume is served from another
+/// node, a stage here is UNAVAILABLE if this node holds one of its engines (down, fenced or behind:
+/// kubelet retries) and FAILED_PRECONDITION if it holds none. Errors otherwise: every engine
+/// rejected the token → that error; every engine that answered does not know the volume → not
+/// found; no usable engine → unavailable (kubelet retries).
 pub fn plan(
     node_id: &str,
     answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
     want: Want,
 ) -> Result<Plan, crate::error::Error> {
-    use crate::error::Error;
     refusals(answers)?;
+    let plan = plan_anywhere(node_id, answers, want)?;
+    // Safety: NBD never leaves the node. Engines serve it on a unix socket shared only with this
+    // node's plugin, and a plan that names another node's engine is refused here rather than
+    // attempted across the network (tests::a_remote_primary_is_never_attached,
+    // node::tests::a_stage_never_attaches_across_nodes).
+    match plan {
+        Plan::Attach { engine, .. } if engine.node != node_id => {
+            Err(remote_refusal(node_id, answers, &engine))
+        }
+        p => Ok(p),
+    }
+}
+
+/// Why a stage on `node_id` cannot attach to `remote`, the engine serving the volume: this node's
+/// engine is not serving yet (UNAVAILABLE: kubelet retries, and it attaches once this node's
+/// engine is back or a takeover moved the volume here), or this node holds no engine of the
+/// volume at all (FAILED_PRECONDITION: the workload belongs on one of the engines' nodes).
+fn remote_refusal(
+    node_id: &str,
+    answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+    remote: &EngineRef,
+) -> crate::error::Error {
+    use crate::error::Error;
+    match answers.iter().find(|(e, _)| e.node == node_id) {
+        Some((_, r)) => {
+            let local = match r {
+                Ok(s) => format!("{:?} at epoch {}", s.role, s.epoch),
+                Err(e) => format!("unreachable ({e})"),
+            };
+            Error::PrimaryUnavailable(format!(
+                "the volume is served by the engine on {}, and NBD is never attached across \
+                 nodes; this node's engine is {local}: the stage attaches once it serves the \
+                 volume (after it restarts, or once a takeover can move the volume here)",
+                remote.node
+            ))
+        }
+        None => {
+            let nodes: Vec<&str> = answers.iter().map(|(e, _)| e.node.as_str()).collect();
+            Error::PreconditionFailed(format!(
+                "node {node_id} holds no engine of this volume (its engines run on {}), and NBD \
+                 is never attached across nodes: schedule the workload onto one of those nodes",
+                nodes.join(", ")
+            ))
+        }
+    }
+}
+
+/// [`plan`] before the same-node rule: the engine that serves the volume, wherever it runs.
+fn plan_anywhere(
+    node_id: &str,
+    answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
+    want: Want,
+) -> Result<Plan, crate::error::Error> {
+    use crate::error::Error;
     let primary = highest_primary(answers);
     let local = answers.iter().find(|(e, _)| e.node == node_id);
     match (local, primary) {
@@ -391,17 +507,10 @@ mod tests {
             super::plan("b", &down, no_reads).unwrap_err().code(),
             Code::FailedPrecondition
         );
-        // Elsewhere a read-only stage reads from the primary, as any stage does.
+        // On the primary's node a read-only stage reads from the primary, as any stage does.
         for want in [reads, no_reads] {
             assert_eq!(
                 super::plan("a", &answers, want).unwrap(),
-                Plan::Attach {
-                    engine: eng("a"),
-                    epoch: 3
-                }
-            );
-            assert_eq!(
-                super::plan("c", &answers, want).unwrap(),
                 Plan::Attach {
                     engine: eng("a"),
                     epoch: 3
@@ -416,60 +525,43 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_local_primary_loses_to_a_newer_epoch() {
-        let p = plan(
-            "a",
-            &[
-                (eng("a"), ok(Role::Primary, 3)),
-                (eng("b"), ok(Role::Primary, 4)),
-            ],
-        )
-        .unwrap();
-        assert_eq!(
-            p,
-            Plan::Attach {
-                engine: eng("b"),
-                epoch: 4
-            }
-        );
-    }
-
-    #[test]
-    fn a_node_without_an_engine_attaches_to_the_remote_primary() {
-        let p = plan(
-            "c",
-            &[
-                (eng("a"), ok(Role::Primary, 1)),
-                (eng("b"), ok(Role::Secondary, 1)),
-            ],
-        )
-        .unwrap();
-        assert_eq!(
-            p,
-            Plan::Attach {
-                engine: eng("a"),
-                epoch: 1
-            }
-        );
-    }
-
-    #[test]
-    fn a_down_local_engine_falls_back_to_the_remote_primary() {
-        let p = plan(
-            "a",
-            &[
-                (eng("a"), unreachable("a")),
-                (eng("b"), ok(Role::Primary, 2)),
-            ],
-        )
-        .unwrap();
-        assert_eq!(
-            p,
-            Plan::Attach {
-                engine: eng("b"),
-                epoch: 2
-            }
-        );
+    fn a_remote_primary_is_never_attached() {
+        // This node's engine is a stale primary, down, or fenced while the primary is elsewhere:
+        // UNAVAILABLE (kubelet retries until this node's engine serves), never a remote attach.
+        for local in [ok(Role::Primary, 3), unreachable("a"), ok(Role::Fenced, 3)] {
+            let e = plan("a", &[(eng("a"), local), (eng("b"), ok(Role::Primary, 4))]).unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable, "{e}");
+            assert!(e.to_string().contains("never attached across nodes"), "{e}");
+            assert!(e.to_string().contains("served by the engine on b"), "{e}");
+        }
+        // A node with no engine of the volume: FAILED_PRECONDITION, whatever the access.
+        for want in [
+            Want::Write,
+            Want::Read {
+                secondary_serves: true,
+            },
+        ] {
+            let e = super::plan(
+                "c",
+                &[
+                    (eng("a"), ok(Role::Primary, 1)),
+                    (eng("b"), ok(Role::Secondary, 1)),
+                ],
+                want,
+            )
+            .unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+            assert!(
+                e.to_string().contains("holds no engine of this volume"),
+                "{e}"
+            );
+        }
+        // The engine a staging is checked against may still be remote: that only says it is stale.
+        let answers = [
+            (eng("a"), ok(Role::Primary, 3)),
+            (eng("b"), ok(Role::Primary, 4)),
+        ];
+        assert_eq!(current_primary(&answers).unwrap(), (eng("b"), 4));
     }
 
     #[test]
@@ -589,5 +681,55 @@ mod tests {
         let e =
             current_primary(&[(eng("a"), unauth), (eng("b"), ok(Role::Primary, 1))]).unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated);
+    }
+}
+
+#[cfg(test)]
+mod tls_secrets_tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tandem_api::tls::{Ca, VolumeRef};
+
+    #[test]
+    fn a_node_speaks_only_with_its_own_certificate() {
+        let day = Duration::from_secs(86400);
+        let ca = Ca::generate("test CA", day).unwrap();
+        let vol = VolumeRef::new("ns", "vol");
+        let id = |node: &str| Identity::Csi {
+            volume: vol.clone(),
+            node: node.into(),
+        };
+        let a = ca.issue(&id("node-a"), &[], day).unwrap();
+        let mut secrets = HashMap::from([("token".to_string(), "t".to_string())]);
+        // No CA: plaintext, as before.
+        assert!(TlsSecrets::from_secrets(&secrets)
+            .client("node-a")
+            .unwrap()
+            .is_none());
+        secrets.insert(SECRET_CA_KEY.into(), ca.cert_pem().into());
+        let err = TlsSecrets::from_secrets(&secrets)
+            .client("node-a")
+            .unwrap_err();
+        assert!(err.contains("csi.node-a.crt"), "{err}");
+        secrets.insert(secret_csi_cert_key("node-a"), a.cert_pem.clone());
+        secrets.insert(secret_csi_key_key("node-a"), a.key_pem.clone());
+        let tls = TlsSecrets::from_secrets(&secrets).client("node-a").unwrap();
+        assert_eq!(
+            tls.and_then(|t| t.source().map(|s| s.identity())),
+            Some(id("node-a"))
+        );
+        // node-a's pair filed under node-b's keys does not make node-b speak as node-a.
+        secrets.insert(secret_csi_cert_key("node-b"), a.cert_pem.clone());
+        secrets.insert(secret_csi_key_key("node-b"), a.key_pem.clone());
+        let err = TlsSecrets::from_secrets(&secrets)
+            .client("node-b")
+            .unwrap_err();
+        assert!(err.contains("not this node's CSI plugin"), "{err}");
+        // The key never shows in Debug.
+        let shown = format!("{:?}", TlsSecrets::from_secrets(&secrets));
+        assert!(
+            !shown.contains("PRIVATE KEY") && shown.contains("csi.node-a.key"),
+            "{shown}"
+        );
     }
 }

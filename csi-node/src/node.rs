@@ -23,6 +23,8 @@ pub struct StageRequest {
     pub access: Access,
     pub read_only: bool,
     pub token: Option<String>,
+    /// Mutual TLS material from the secrets (issue 13); empty: plaintext.
+    pub tls: crate::engine::TlsSecrets,
     pub context: HashMap<String, String>,
 }
 
@@ -111,7 +113,8 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     }
 
     /// NodeStageVolume. CSI: the plugin MUST make the volume available at the staging path (here: a
-    /// block device attached to the current primary; for mount volumes, a filesystem mounted there);
+    /// block device attached to the current primary, which is always this node's engine; for mount
+    /// volumes, a filesystem mounted there);
     /// MUST be idempotent (OK if already staged there with a compatible capability, ALREADY_EXISTS if
     /// staged incompatibly); NOT_FOUND if the volume does not exist; ABORTED while another call for the
     /// volume runs. Tandem: if this node's engine is the secondary, a writable stage here is the
@@ -121,6 +124,11 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     /// the secondary's node it attaches read-only to the secondary when the volume says
     /// `secondaryAccess: ReadOnly`, else it is FAILED_PRECONDITION. The attachment is pinned to the
     /// epoch of the engine it reads (`<volume>@<epoch>`), so it never reconnects into a later epoch.
+    /// NBD never crosses nodes (issue 13): the plugin attaches only to its own node's engine, over
+    /// the engine's unix socket. When the volume is served from another node, the stage is
+    /// UNAVAILABLE if this node's engine is down, fenced or behind (kubelet retries until it
+    /// serves, or until a takeover can move the volume here) and FAILED_PRECONDITION if this node
+    /// holds no engine of the volume.
     ///
     /// A repeated call checks the staging against the current primary (Status only): same engine
     /// and epoch → OK as it is. Otherwise the staging is stale (a takeover happened since): with
@@ -136,6 +144,13 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
             .clone()
             .filter(|t| !t.trim().is_empty())
             .ok_or(Error::FieldMissing("secrets.token"))?;
+        let secret = crate::engine::Credentials {
+            token: secret,
+            tls: req
+                .tls
+                .client(self.node_id())
+                .map_err(|e| Error::invalid("secrets", e))?,
+        };
 
         let inner = self.inner.clone();
         let (r, volume) = (req.clone(), params.volume.clone());
@@ -194,7 +209,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         req: StageRequest,
         params: VolumeParams,
         existing: Option<VolumeRecord>,
-        secret: &str,
+        secret: &crate::engine::Credentials,
     ) -> Result<()> {
         let (engine, epoch) = self
             .choose_engine(&params, secret, want(&req, &params))
@@ -206,7 +221,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     async fn statuses(
         &self,
         params: &VolumeParams,
-        token: &str,
+        token: &crate::engine::Credentials,
     ) -> Vec<(
         EngineRef,
         std::result::Result<crate::engine::EngineStatus, crate::engine::EngineError>,
@@ -225,7 +240,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     async fn choose_engine(
         &self,
         params: &VolumeParams,
-        token: &str,
+        token: &crate::engine::Credentials,
         want: Want,
     ) -> Result<(EngineRef, u64)> {
         let answers = self.statuses(params, token).await;

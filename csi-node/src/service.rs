@@ -121,12 +121,14 @@ fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
     let staging_path = abs_path(&r.staging_target_path, "staging_target_path")?;
     let (access, read_only) = parse_capability(r.volume_capability.as_ref())?;
     let token = r.secrets.get(SECRET_TOKEN_KEY).cloned();
+    let tls = crate::engine::TlsSecrets::from_secrets(&r.secrets);
     Ok(StageRequest {
         volume_id,
         staging_path,
         access,
         read_only,
         token,
+        tls,
         context: r.volume_context,
     })
 }

@@ -134,14 +134,11 @@ impl EnginePair {
         };
         // The secondary must know the primary's real address from its start, so A's gRPC port is
         // chosen up front: any port inside A's own namespace, else a free one on loopback. Each
-        // engine serves NBD on its gRPC host.
-        let (a_host, b_host, a_grpc) = match &netns {
-            Some(n) => (
-                n.ns_ip.clone(),
-                n.host_ip.clone(),
-                format!("{}:9500", n.ns_ip),
-            ),
-            None => ("127.0.0.1".into(), "127.0.0.1".into(), free_port()),
+        // engine serves NBD only on the unix socket in its own directory, pinned exports only, as
+        // the operator's pods do: NBD never crosses the link.
+        let (b_host, a_grpc) = match &netns {
+            Some(n) => (n.host_ip.clone(), format!("{}:9500", n.ns_ip)),
+            None => ("127.0.0.1".into(), free_port()),
         };
         let mut pair = Pair::builder(dir)
             .volume(volume)
@@ -149,9 +146,9 @@ impl EnginePair {
             .token(token)
             .fault_injection()
             .args(args)
-            .a(|e| e.nbd_listen(&format!("{a_host}:0")).grpc_listen(&a_grpc))
+            .a(|e| e.nbd_local_only().grpc_listen(&a_grpc))
             .b(|e| {
-                e.nbd_listen(&format!("{b_host}:0"))
+                e.nbd_local_only()
                     .grpc_listen(&format!("{b_host}:0"))
                     .peer(&a_grpc)
             });
@@ -422,7 +419,7 @@ pub fn reader_capability(
 
 /// The volume context the operator emits for `engines` (node name → engine).
 pub fn volume_context(volume: &str, engines: &[(&str, &Engine)]) -> HashMap<String, String> {
-    let list = |f: fn(&Engine) -> &str| {
+    let list = |f: fn(&Engine) -> String| {
         engines
             .iter()
             .map(|(n, e)| format!("{n}={}", f(e)))
@@ -431,8 +428,8 @@ pub fn volume_context(volume: &str, engines: &[(&str, &Engine)]) -> HashMap<Stri
     };
     HashMap::from([
         (ATTR_VOLUME.to_string(), volume.to_string()),
-        (ATTR_ENGINES.to_string(), list(|e| &e.grpc)),
-        (ATTR_NBD.to_string(), list(|e| &e.nbd)),
+        (ATTR_ENGINES.to_string(), list(|e| e.grpc.clone())),
+        (ATTR_NBD.to_string(), list(|e| e.nbd_addr())),
     ])
 }
 

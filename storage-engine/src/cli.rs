@@ -44,6 +44,83 @@ pub enum Command {
     Lease(LeaseArgs),
     /// Run a pair locally, take over with a backlog, prove every byte, fail back, print a timeline.
     Demo(DemoArgs),
+    /// Mint a CA and certificates for `--tls-dir` (tools and tests; in a cluster the operator
+    /// mints them).
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// A new CA: writes ca.crt and ca.key (0600) into --out.
+    Ca(CertsCaArgs),
+    /// A certificate for one identity, signed by the CA in --ca: writes ca.crt, tls.crt and
+    /// tls.key (0600) into --out, the --tls-dir layout.
+    Issue(CertsIssueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CertsCaArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    /// How long the CA is valid (e.g. 365d, 12h, 30m, 90s).
+    #[arg(long, value_parser = parse_validity, default_value = "3650d")]
+    pub valid_for: std::time::Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IdentityArg {
+    Engine,
+    Csi,
+    Operator,
+}
+
+#[derive(Debug, Args)]
+pub struct CertsIssueArgs {
+    /// The CA directory (`certs ca --out`).
+    #[arg(long)]
+    pub ca: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum)]
+    pub identity: IdentityArg,
+    /// The volume's namespace (engine, csi); outside a cluster any name, e.g. `local`.
+    #[arg(long, default_value = "local")]
+    pub namespace: String,
+    /// The volume (engine, csi).
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// The node (csi).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Extra DNS names (SANs).
+    #[arg(long, num_args = 1..)]
+    pub dns: Vec<String>,
+    /// How long the certificate is valid (e.g. 90d, 12h, 30m, 90s).
+    #[arg(long, value_parser = parse_validity, default_value = "90d")]
+    pub valid_for: std::time::Duration,
+}
+
+/// `90d`, `12h`, `30m`, `45s` (or bare seconds).
+pub fn parse_validity(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with d, h, m or s"))?;
+    let secs = match unit {
+        'd' => n.checked_mul(86400),
+        'h' => n.checked_mul(3600),
+        'm' => n.checked_mul(60),
+        's' => Some(n),
+        _ => None,
+    }
+    .filter(|&v| v > 0)
+    .ok_or_else(|| format!("{s:?}: expected a positive duration with d, h, m or s"))?;
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -131,12 +208,26 @@ pub struct ServeArgs {
     /// Directory for the engine's metadata (meta, journal, tables).
     #[arg(long)]
     pub state_dir: PathBuf,
-    /// NBD listen address, HOST:PORT.
+    /// NBD listen address, HOST:PORT (loopback by default: for tools, tests and benchmarks), or
+    /// `off` for no TCP listener (pods serve NBD on --nbd-socket only).
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: String,
-    /// Also serve NBD on this unix socket.
+    /// Also serve NBD on this unix socket (created mode 0600; a stale socket is replaced, any other
+    /// file there is an error).
     #[arg(long)]
     pub nbd_socket: Option<PathBuf>,
+    /// Only `<volume>@<epoch>` opens; the bare names (`""`, `<volume>`), which open at any epoch,
+    /// are refused. The operator's pods run with it.
+    #[arg(long)]
+    pub nbd_pinned_exports_only: bool,
+    /// NBD connections at once (in handshake or transmission, TCP and unix together). At the cap a
+    /// newcomer replaces the oldest connection still in handshake, or is closed if there is none.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub nbd_max_connections: u64,
+    /// A client that has not finished the NBD handshake within this many milliseconds is closed
+    /// (at most 10000).
+    #[arg(long, default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    pub nbd_handshake_timeout_ms: u64,
     /// gRPC listen address, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:9500")]
     pub grpc_listen: String,
@@ -146,7 +237,9 @@ pub struct ServeArgs {
     /// File holding the volume token; every gRPC request must carry it.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Once listening, write {"nbd": .., "grpc": ..} with the bound addresses to this file.
+    /// Once listening, write {"nbd": .., "nbd_socket": .., "grpc": ..} to this file: the bound
+    /// NBD TCP address (null with --nbd-listen off), the NBD socket path (null without one) and the
+    /// bound gRPC address.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
     /// The other engine's gRPC address, HOST:PORT (makes this engine one of a pair; a secondary needs it).
@@ -197,6 +290,21 @@ pub struct ServeArgs {
     /// A host connecting to this secondary triggers the takeover (no explicit call needed).
     #[arg(long)]
     pub implicit_takeover: bool,
+    /// Mutual TLS on gRPC, server and client: a directory with ca.crt, tls.crt and tls.key (a
+    /// kubernetes.io/tls Secret plus its CA). tls.crt must name an engine of a volume. Reloaded
+    /// when its files change; without it gRPC is plaintext (token only).
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// The node this engine runs on (the downward API's spec.nodeName): with --tls-dir, only
+    /// the CSI plugin of this node may ask this engine to take over.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// How often --tls-dir is checked for new certificates, in milliseconds.
+    #[arg(long, default_value_t = 10000, hide = true)]
+    pub tls_reload_ms: u64,
+    /// Most concurrent gRPC connections; more are closed at once.
+    #[arg(long, default_value_t = tandem_api::tls::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_grpc_connections: usize,
 }
 
 /// Which engine and volume a client command talks to.
@@ -210,6 +318,26 @@ pub struct EngineTarget {
     /// File holding the volume token.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Mutual TLS: a directory with ca.crt, tls.crt and tls.key (e.g. an operator identity).
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_validity;
+    use std::time::Duration;
+
+    #[test]
+    fn validity_units() {
+        assert_eq!(parse_validity("90d"), Ok(Duration::from_secs(90 * 86400)));
+        assert_eq!(parse_validity("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_validity("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_validity("45"), Ok(Duration::from_secs(45)));
+        for bad in ["", "d", "0d", "5w", "-1h", "1.5d"] {
+            assert!(parse_validity(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -3,17 +3,18 @@
 use std::{path::Path, sync::Arc};
 
 use anyhow::{bail, Context};
+use tandem_api::tls::{self, server::AcceptOptions, ClientTls, Identity, TlsSource};
 use tokio::{
     net::{TcpListener, UnixListener},
     sync::watch,
 };
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::{
+    authz::{Authz, Me, PeerAuthz},
     cli::{
-        FaultArgs, PolicyArg, ReplicationArg, RoleArg, SecondaryAccess, ServeArgs, StatusArgs,
-        TakeoverArgs,
+        CertsCommand, FaultArgs, IdentityArg, PolicyArg, ReplicationArg, RoleArg, SecondaryAccess,
+        ServeArgs, StatusArgs, TakeoverArgs,
     },
     client::EngineClient,
     grpc::{AuthInterceptor, EngineService},
@@ -40,6 +41,38 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::client::set_peer_timeout(std::time::Duration::from_millis(args.peer_timeout_ms));
     let peer_timeout = crate::client::peer_timeout();
     let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let tls_source = match &args.tls_dir {
+        Some(dir) => Some(
+            TlsSource::from_dir(dir)
+                .with_context(|| format!("loading TLS material from {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    // An engine is an engine of one volume; any other certificate would hand its rights to
+    // whoever holds this pod's Secret, so refuse to start (tls::engine_needs_an_engine_identity).
+    let me = match &tls_source {
+        Some(src) => match src.identity() {
+            Identity::Engine { volume } => Some(Me {
+                volume,
+                node: args.node_name.clone(),
+            }),
+            other => bail!("--tls-dir: tls.crt names the {other}, not an engine of a volume"),
+        },
+        None => None,
+    };
+    if let (Some(src), Some(me)) = (&tls_source, &me) {
+        // Every engine-to-engine channel (replication, lease renewal, handoff, proxied reads)
+        // goes through client::channel and so speaks mutual TLS as this engine, and accepts only
+        // an engine of the same volume as its server.
+        tls::set_default_client(Some(
+            ClientTls::new(src.clone()).expect_volume(me.volume.clone()),
+        ));
+        src.watch(std::time::Duration::from_millis(
+            args.tls_reload_ms.max(100),
+        ));
+        info!(identity = %src.identity(), node = ?me.node, "mutual TLS on gRPC");
+    }
+    let authz = Authz::new(me);
     let cfg = VolumeConfig {
         name: args.volume.clone(),
         data: args.data.clone(),
@@ -68,53 +101,66 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let volume = Volume::open(&cfg).context("opening the volume")?;
 
-    let nbd_listener = TcpListener::bind(&args.nbd_listen)
-        .await
-        .with_context(|| format!("binding NBD on {}", args.nbd_listen))?;
+    let nbd_listener = match args.nbd_listen.as_str() {
+        NBD_OFF => None,
+        addr => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding NBD on {addr}"))?,
+        ),
+    };
+    if nbd_listener.is_none() && args.nbd_socket.is_none() {
+        bail!("--nbd-listen off without --nbd-socket: no host could reach the volume");
+    }
     let grpc_listener = TcpListener::bind(&args.grpc_listen)
         .await
         .with_context(|| format!("binding gRPC on {}", args.grpc_listen))?;
-    let nbd_addr = nbd_listener.local_addr()?;
+    let nbd_addr = nbd_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     let grpc_addr = grpc_listener.local_addr()?;
-    let unix_listener = match &args.nbd_socket {
-        Some(p) => {
-            // A stale socket from a killed engine would make bind fail.
-            let _ = std::fs::remove_file(p);
-            Some(
-                UnixListener::bind(p)
-                    .with_context(|| format!("binding NBD socket {}", p.display()))?,
-            )
-        }
-        None => None,
-    };
+    let unix_listener = args.nbd_socket.as_deref().map(bind_socket).transpose()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(nbd::serve_tcp(
-        nbd_listener,
-        Arc::clone(&volume),
-        stop_rx.clone(),
-    )));
+    let admission = nbd::Admission::new(nbd::Policy {
+        max_connections: usize::try_from(args.nbd_max_connections).unwrap_or(usize::MAX),
+        handshake_timeout: std::time::Duration::from_millis(args.nbd_handshake_timeout_ms),
+        pinned_only: args.nbd_pinned_exports_only,
+    });
+    if let Some(l) = nbd_listener {
+        tasks.push(tokio::spawn(nbd::serve_tcp(
+            l,
+            Arc::clone(&volume),
+            Arc::clone(&admission),
+            stop_rx.clone(),
+        )));
+    }
     if let Some(l) = unix_listener {
         tasks.push(tokio::spawn(nbd::serve_unix(
             l,
             Arc::clone(&volume),
+            Arc::clone(&admission),
             stop_rx.clone(),
         )));
     }
     let auth = AuthInterceptor::new(token.clone());
     let svc = EngineServer::with_interceptor(
-        EngineService::new(Arc::clone(&volume), args.fault_injection),
+        EngineService::new(Arc::clone(&volume), args.fault_injection, authz.clone()),
         auth.clone(),
     );
     let peer_svc = tonic::service::interceptor::InterceptedService::new(
-        PeerServer::new(PeerService::new(
-            Arc::clone(&volume),
-            std::time::Duration::from_millis(args.durable_interval_ms),
-            peer_timeout,
-        ))
-        .max_decoding_message_size(crate::takeover::handoff::message_cap(volume.size()))
-        .max_encoding_message_size(crate::takeover::handoff::message_cap(volume.size())),
+        PeerAuthz::new(
+            PeerServer::new(PeerService::new(
+                Arc::clone(&volume),
+                std::time::Duration::from_millis(args.durable_interval_ms),
+                peer_timeout,
+            ))
+            .max_decoding_message_size(crate::takeover::handoff::message_cap(volume.size()))
+            .max_encoding_message_size(crate::takeover::handoff::message_cap(volume.size())),
+            authz,
+        ),
         auth,
     );
     if let Some(r) = &volume.repl {
@@ -158,9 +204,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .http2_keepalive_timeout(Some(peer_timeout / 3))
             .add_service(svc)
             .add_service(peer_svc)
-            .serve_with_incoming_shutdown(accepted(grpc_listener, peer_timeout), async move {
-                let _ = grpc_stop.changed().await;
-            }),
+            .serve_with_incoming_shutdown(
+                accepted(
+                    grpc_listener,
+                    peer_timeout,
+                    AcceptOptions {
+                        max_connections: args.max_grpc_connections,
+                        ..AcceptOptions::new(tls_source)
+                    },
+                ),
+                async move {
+                    let _ = grpc_stop.changed().await;
+                },
+            ),
     );
 
     info!(
@@ -168,13 +224,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         role = %volume.role(),
         epoch = volume.epoch(),
         size = volume.size(),
-        nbd = %nbd_addr,
+        nbd = %nbd_addr.map_or_else(|| NBD_OFF.to_string(), |a| a.to_string()),
+        nbd_socket = ?args.nbd_socket,
         grpc = %grpc_addr,
         "engine serving"
     );
     if let Some(p) = &args.ready_file {
-        let ready =
-            serde_json::json!({ "nbd": nbd_addr.to_string(), "grpc": grpc_addr.to_string() });
+        let ready = serde_json::json!({
+            "nbd": nbd_addr.map(|a| a.to_string()),
+            "nbd_socket": args.nbd_socket,
+            "grpc": grpc_addr.to_string(),
+        });
         let tmp = p.with_extension("tmp");
         std::fs::write(&tmp, ready.to_string())?;
         std::fs::rename(&tmp, p)?;
@@ -195,6 +255,47 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--nbd-listen off`: no NBD TCP listener.
+pub const NBD_OFF: &str = "off";
+
+/// Binds the NBD unix socket at `path`, mode 0600 from the moment it is reachable there: it is
+/// bound under a temporary name, restricted, then renamed into place. A socket left by a killed
+/// engine is replaced; any other file at `path` is an error (never delete what is not ours).
+// Safety: only root (the CSI plugin) can connect to the socket, never another user in a shared
+// directory (tests/nbd_limits.rs `socket_*`).
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let stale = |p: &Path| -> anyhow::Result<()> {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(p)
+                .with_context(|| format!("removing the stale socket {}", p.display())),
+            Ok(_) => bail!(
+                "--nbd-socket {} exists and is not a socket; refusing to replace it",
+                p.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("checking {}", p.display())),
+        }
+    };
+    stale(path)?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("--nbd-socket {} names no file", path.display()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    stale(&tmp)?;
+    let listener = UnixListener::bind(&tmp)
+        .with_context(|| format!("binding NBD socket {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("moving the NBD socket into place at {}", path.display()))?;
+    Ok(listener)
+}
+
 /// Persists the differential table twice a second, so a crash resyncs little.
 async fn checkpoint_loop(volume: Arc<Volume>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -211,10 +312,55 @@ async fn checkpoint_loop(volume: Arc<Volume>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Connects to the engine a client command names, with its token.
+/// Connects to the engine a client command names, with its token and TLS identity.
 async fn connect(t: &crate::cli::EngineTarget) -> anyhow::Result<EngineClient> {
     let token = t.token_file.as_deref().map(read_token).transpose()?;
-    Ok(EngineClient::connect(&t.grpc, token.as_deref()).await?)
+    let tls = match &t.tls_dir {
+        Some(dir) => Some(
+            ClientTls::from_dir(dir)
+                .with_context(|| format!("loading TLS material from {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    Ok(EngineClient::connect_with(&t.grpc, token.as_deref(), tls.as_ref()).await?)
+}
+
+/// `tandem-engine certs ca|issue`.
+pub fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
+    match cmd {
+        CertsCommand::Ca(a) => {
+            let ca = tls::Ca::generate("Tandem CA", a.valid_for)?;
+            tls::mint::write_ca_dir(&a.out, &ca)?;
+            println!("{}", serde_json::json!({"ca": a.out.join(tls::CA_FILE)}));
+        }
+        CertsCommand::Issue(a) => {
+            let ca = tls::mint::read_ca_dir(&a.ca)
+                .with_context(|| format!("reading the CA in {}", a.ca.display()))?;
+            let volume = || -> anyhow::Result<tls::VolumeRef> {
+                match &a.volume {
+                    Some(v) => Ok(tls::VolumeRef::new(&a.namespace, v)),
+                    None => bail!("--identity engine|csi needs --volume"),
+                }
+            };
+            let identity = match a.identity {
+                IdentityArg::Operator => Identity::Operator,
+                IdentityArg::Engine => Identity::Engine { volume: volume()? },
+                IdentityArg::Csi => Identity::Csi {
+                    volume: volume()?,
+                    node: a.node.clone().context("--identity csi needs --node")?,
+                },
+            };
+            // The URI is parsed back so a bad name fails here, not at the first handshake.
+            Identity::parse(&identity.uri())?;
+            let issued = ca.issue(&identity, &a.dns, a.valid_for)?;
+            tls::mint::write_dir(&a.out, ca.cert_pem(), &issued)?;
+            println!(
+                "{}",
+                serde_json::json!({"identity": identity.uri(), "dir": a.out})
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `tandem-engine fault`.
@@ -279,26 +425,25 @@ pub fn takeover_json(r: &pb::TakeoverReply) -> serde_json::Value {
     })
 }
 
-/// Accepted gRPC connections with Nagle off (acknowledgements are small and latency-bound) and
-/// TCP keepalive on (a vanished host is noticed even if HTTP/2 pings were off); tonic's own
-/// `tcp_nodelay`/`tcp_keepalive` apply only to listeners it binds itself.
+/// Accepted gRPC connections (plaintext, or TLS with the peer's verdict: `tls::server`) with
+/// Nagle off (acknowledgements are small and latency-bound) and TCP keepalive on (a vanished
+/// host is noticed even if HTTP/2 pings were off); tonic's own `tcp_nodelay`/`tcp_keepalive`
+/// apply only to listeners it binds itself.
 fn accepted(
     l: TcpListener,
     peer_timeout: std::time::Duration,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt;
+    opts: AcceptOptions,
+) -> impl futures::Stream<Item = std::io::Result<tls::server::ServerIo>> {
     use rustix::net::sockopt;
     let idle = (peer_timeout / 3).max(std::time::Duration::from_secs(1));
     let intvl = (peer_timeout / 6).max(std::time::Duration::from_secs(1));
-    TcpListenerStream::new(l).map(move |r| {
-        r.inspect(|s| {
-            let _ = s.set_nodelay(true);
-            // Best effort: a socket without keepalive still has the HTTP/2 pings.
-            let _ = sockopt::set_socket_keepalive(s, true)
-                .and_then(|()| sockopt::set_tcp_keepidle(s, idle))
-                .and_then(|()| sockopt::set_tcp_keepintvl(s, intvl))
-                .and_then(|()| sockopt::set_tcp_keepcnt(s, 2));
-        })
+    tls::server::incoming(l, opts, move |s| {
+        let _ = s.set_nodelay(true);
+        // Best effort: a socket without keepalive still has the HTTP/2 pings.
+        let _ = sockopt::set_socket_keepalive(s, true)
+            .and_then(|()| sockopt::set_tcp_keepidle(s, idle))
+            .and_then(|()| sockopt::set_tcp_keepintvl(s, intvl))
+            .and_then(|()| sockopt::set_tcp_keepcnt(s, 2));
     })
 }
 

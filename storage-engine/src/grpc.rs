@@ -10,6 +10,7 @@ use tandem_api::{
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
+    authz::{Authz, Call},
     geometry::BLOCK_SIZE,
     meta::Role,
     pb::{self, engine_server::Engine},
@@ -82,13 +83,15 @@ impl From<ApiError> for Status {
 pub struct EngineService {
     volume: Arc<Volume>,
     fault_injection: bool,
+    authz: Authz,
 }
 
 impl EngineService {
-    pub fn new(volume: Arc<Volume>, fault_injection: bool) -> Self {
+    pub fn new(volume: Arc<Volume>, fault_injection: bool, authz: Authz) -> Self {
         Self {
             volume,
             fault_injection,
+            authz,
         }
     }
 
@@ -244,12 +247,23 @@ pub fn pair_state(v: &Volume, state: &EngineState) -> PairState {
     }
 }
 
+/// A takeover is a Wait only when it says so exactly; any other value counts as Force for the
+/// rights (the handoff treats unknown values as Wait, so this is the stricter reading).
+fn takeover_call(req: &pb::TakeoverRequest) -> Call {
+    if req.policy == pb::TakeoverPolicy::Wait as i32 {
+        Call::Takeover(pb::TakeoverPolicy::Wait)
+    } else {
+        Call::Takeover(pb::TakeoverPolicy::Force)
+    }
+}
+
 #[tonic::async_trait]
 impl Engine for EngineService {
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
+        self.authz.check(req.extensions(), Call::Status)?;
         self.check_volume(&req.get_ref().volume)?;
         Ok(Response::new(status_of(&self.volume)))
     }
@@ -258,6 +272,8 @@ impl Engine for EngineService {
         &self,
         req: Request<pb::TakeoverRequest>,
     ) -> Result<Response<pb::TakeoverReply>, Status> {
+        self.authz
+            .check(req.extensions(), takeover_call(req.get_ref()))?;
         self.check_volume(&req.get_ref().volume)?;
         self.volume
             .takeover(req.into_inner())
@@ -270,6 +286,7 @@ impl Engine for EngineService {
         &self,
         req: Request<pb::TakeoverRequest>,
     ) -> Result<Response<pb::TakeoverReply>, Status> {
+        self.authz.check(req.extensions(), Call::Failback)?;
         self.check_volume(&req.get_ref().volume)?;
         // Failback is a takeover in the other direction (see takeover::handoff).
         self.volume
@@ -283,6 +300,7 @@ impl Engine for EngineService {
         &self,
         req: Request<pb::GrantLeaseRequest>,
     ) -> Result<Response<pb::GrantLeaseReply>, Status> {
+        self.authz.check(req.extensions(), Call::GrantLease)?;
         self.check_volume(&req.get_ref().volume)?;
         self.volume
             .grant_lease(req.get_ref())
@@ -294,6 +312,7 @@ impl Engine for EngineService {
         &self,
         req: Request<pb::FaultRequest>,
     ) -> Result<Response<pb::FaultReply>, Status> {
+        self.authz.check(req.extensions(), Call::InjectFault)?;
         let f = req.into_inner();
         self.check_volume(&f.volume)?;
         if !self.fault_injection {

@@ -4,6 +4,7 @@
 // The API lives in its own crate (api/); these keep the engine's `crate::pb` and friends.
 pub use tandem_api::{client, http, pb, size};
 
+pub mod authz;
 pub mod bitmap;
 pub mod cli;
 pub mod clock;

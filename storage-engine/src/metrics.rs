@@ -14,8 +14,9 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{grpc::status_of, http, volume::Volume};
 
-/// Renders the current values (counters get their `_total` suffix from the encoder).
-pub fn render(v: &Volume) -> Result<String, fmt::Error> {
+/// Renders the current values (counters get their `_total` suffix from the encoder), with what the
+/// metrics endpoint itself refused.
+pub fn render(v: &Volume, endpoint: &http::Stats) -> Result<String, fmt::Error> {
     let s = status_of(v);
     let label = (Cow::Borrowed("volume"), Cow::Owned(s.volume.clone()));
     let mut r = Registry::with_prefix_and_labels("tandem", std::iter::once(label));
@@ -59,6 +60,49 @@ pub fn render(v: &Volume) -> Result<String, fmt::Error> {
         "proxied_read_errors",
         "Blocks whose proxied read failed (deadline or peer error)",
         s.proxied_read_errors,
+    );
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    counter(
+        &mut r,
+        "nbd_connections_refused",
+        "NBD connections closed at accept: --nbd-max-connections reached, none in handshake",
+        load(&v.counters.nbd_refused),
+    );
+    counter(
+        &mut r,
+        "nbd_handshakes_evicted",
+        "NBD connections still in handshake closed to make room for a new one at the cap",
+        load(&v.counters.nbd_evicted),
+    );
+    counter(
+        &mut r,
+        "nbd_handshake_timeouts",
+        "NBD connections closed for not finishing the handshake within --nbd-handshake-timeout-ms",
+        load(&v.counters.nbd_handshake_timeouts),
+    );
+    counter(
+        &mut r,
+        "nbd_accept_errors",
+        "Failed NBD accepts (descriptors or memory exhausted); each paused the listener",
+        load(&v.counters.nbd_accept_errors),
+    );
+    counter(
+        &mut r,
+        "http_connections_refused",
+        "Metrics connections closed at accept: the endpoint's connection cap was reached",
+        load(&endpoint.refused),
+    );
+    counter(
+        &mut r,
+        "http_connections_timed_out",
+        "Metrics connections closed at the endpoint's deadline",
+        load(&endpoint.timed_out),
+    );
+    counter(
+        &mut r,
+        "http_accept_errors",
+        "Failed metrics accepts (descriptors or memory exhausted); each paused the listener",
+        load(&endpoint.accept_errors),
     );
     let gauge = |r: &mut Registry, name: &str, help: &str, value: u64| {
         r.register(name, help, ConstGauge::new(value));
@@ -156,16 +200,16 @@ pub fn render(v: &Volume) -> Result<String, fmt::Error> {
 }
 
 /// The endpoint: `/healthz` answers `ok`; any other path answers the metrics (scrapers ask `/metrics`).
-fn router(volume: Arc<Volume>) -> Router {
+fn router(volume: Arc<Volume>, endpoint: Arc<http::Stats>) -> Router {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(metrics)
-        .with_state(volume);
+        .with_state((volume, endpoint));
     http::one_request_per_connection(router)
 }
 
-async fn metrics(State(volume): State<Arc<Volume>>) -> Response {
-    http::openmetrics(render(&volume))
+async fn metrics(State((volume, endpoint)): State<(Arc<Volume>, Arc<http::Stats>)>) -> Response {
+    http::openmetrics(render(&volume, &endpoint))
 }
 
 /// Serves the endpoint until `stop` changes.
@@ -173,7 +217,9 @@ pub async fn serve(listener: TcpListener, volume: Arc<Volume>, mut stop: watch::
     let stopped = async move {
         let _ = stop.changed().await;
     };
-    if let Err(e) = http::serve(listener, router(volume), stopped).await {
+    let endpoint = Arc::new(http::Stats::default());
+    let router = router(volume, Arc::clone(&endpoint));
+    if let Err(e) = http::serve_bounded(listener, router, stopped, http::LIMITS, endpoint).await {
         tracing::warn!(error = %e, "metrics endpoint failed");
     }
 }

@@ -107,7 +107,12 @@ fn start_server() -> Server {
     rt.block_on(async {
         let vol = Volume::open(&cfg).unwrap();
         let l = UnixListener::bind(&sock).unwrap();
-        tokio::spawn(nbd::serve_unix(l, vol, rx));
+        tokio::spawn(nbd::serve_unix(
+            l,
+            vol,
+            nbd::Admission::new(nbd::Policy::default()),
+            rx,
+        ));
     });
     Server {
         _dir: dir,

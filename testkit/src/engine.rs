@@ -44,6 +44,10 @@ pub struct EngineBuilder {
     fault_injection: bool,
     args: Vec<String>,
     ready_timeout: Duration,
+    tls_dir: Option<PathBuf>,
+    node_name: Option<String>,
+    client_tls_dir: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl EngineBuilder {
@@ -65,6 +69,10 @@ impl EngineBuilder {
             fault_injection: false,
             args: Vec::new(),
             ready_timeout: Duration::from_secs(20),
+            tls_dir: None,
+            node_name: None,
+            client_tls_dir: None,
+            env: Vec::new(),
         }
     }
 
@@ -132,6 +140,15 @@ impl EngineBuilder {
         self
     }
 
+    /// NBD as the operator's pods serve it: on `<dir>/nbd.sock` only (`--nbd-listen off`), and only
+    /// the pinned export `<volume>@<epoch>` (`--nbd-pinned-exports-only`).
+    pub fn nbd_local_only(mut self) -> Self {
+        self.nbd_listen = NBD_OFF.into();
+        self.nbd_socket = true;
+        self.args.push("--nbd-pinned-exports-only".into());
+        self
+    }
+
     /// Runs the engine (and its CLI) inside network namespace `ns`, through `ip netns exec`, which
     /// execs it: the child's pid is the engine's.
     pub fn netns(mut self, ns: &str) -> Self {
@@ -149,6 +166,31 @@ impl EngineBuilder {
     pub fn args<S: AsRef<str>>(mut self, extra: impl IntoIterator<Item = S>) -> Self {
         self.args
             .extend(extra.into_iter().map(|s| s.as_ref().to_string()));
+        self
+    }
+
+    /// `--tls-dir`: the engine's own certificates (`tandem-engine certs issue --identity engine`).
+    pub fn tls_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.tls_dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// `--node-name`.
+    pub fn node_name(mut self, node: &str) -> Self {
+        self.node_name = Some(node.into());
+        self
+    }
+
+    /// The `--tls-dir` the engine's CLI ([`Engine::cli`]) and gRPC client ([`Engine::status`],
+    /// ...) use, e.g. an operator identity.
+    pub fn client_tls_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.client_tls_dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// An environment variable for `serve` (e.g. `RUST_LOG`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -184,10 +226,14 @@ impl EngineBuilder {
     }
 }
 
+/// `--nbd-listen off`; also [`Engine::nbd`] of an engine without an NBD TCP listener.
+pub const NBD_OFF: &str = "off";
+
 /// A running (or killed) `tandem-engine serve`; SIGKILLed on drop.
 #[derive(Debug)]
 pub struct Engine {
-    /// The NBD address (`HOST:PORT`), bound at the first start and kept by restarts.
+    /// The NBD address (`HOST:PORT`), bound at the first start and kept by restarts; [`NBD_OFF`]
+    /// when it has no TCP listener.
     pub nbd: String,
     /// The gRPC address (`HOST:PORT`), bound at the first start and kept by restarts.
     pub grpc: String,
@@ -236,8 +282,15 @@ impl Engine {
         if self.cfg.fault_injection {
             cmd.arg("--fault-injection");
         }
+        if let Some(d) = &self.cfg.tls_dir {
+            cmd.arg("--tls-dir").arg(d);
+        }
+        if let Some(n) = &self.cfg.node_name {
+            cmd.args(["--node-name", n]);
+        }
         let child = cmd
             .args(&self.cfg.args)
+            .envs(self.cfg.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone the log handle")?)
             .stderr(log)
@@ -257,7 +310,11 @@ impl Engine {
                         .map(str::to_string)
                         .with_context(|| format!("ready file without {k}: {v}"))
                 };
-                self.nbd = field("nbd")?;
+                // The ready file's "nbd" is null with --nbd-listen off.
+                self.nbd = match &v["nbd"] {
+                    Value::Null => NBD_OFF.to_string(),
+                    _ => field("nbd")?,
+                };
                 self.grpc = field("grpc")?;
                 return Ok(());
             }
@@ -321,12 +378,19 @@ impl Engine {
         )
     }
 
-    /// Where a host reaches its NBD export: TCP, or `unix:PATH` for an engine in a namespace.
+    /// Where a host reaches its NBD export: TCP, or `unix:PATH` for an engine in a namespace or
+    /// without a TCP listener.
     pub fn nbd_addr(&self) -> String {
-        match &self.cfg.netns {
-            Some(_) => format!("unix:{}", self.socket().display()),
-            None => self.nbd.clone(),
+        if self.cfg.netns.is_some() || self.nbd == NBD_OFF {
+            format!("unix:{}", self.socket().display())
+        } else {
+            self.nbd.clone()
         }
+    }
+
+    /// `nbd+unix:///<export>?socket=...`: any export name, e.g. the pinned `<volume>@<epoch>`.
+    pub fn unix_uri_for(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket().display())
     }
 
     /// The process id while it runs.
@@ -440,6 +504,9 @@ impl Engine {
         if let Some(t) = self.token_file() {
             c.arg("--token-file").arg(t);
         }
+        if let Some(d) = &self.cfg.client_tls_dir {
+            c.arg("--tls-dir").arg(d);
+        }
         c
     }
 
@@ -478,7 +545,14 @@ impl Engine {
             ),
             None => None,
         };
-        EngineClient::connect(&self.grpc, token.as_deref())
+        let tls = match &self.cfg.client_tls_dir {
+            Some(d) => Some(
+                tandem_api::tls::ClientTls::from_dir(d)
+                    .with_context(|| format!("TLS material in {}", d.display()))?,
+            ),
+            None => None,
+        };
+        EngineClient::connect_with(&self.grpc, token.as_deref(), tls.as_ref())
             .await
             .with_context(|| format!("connect to the engine at {}", self.grpc))
     }

@@ -14,7 +14,7 @@ mod tools;
 
 pub use bin::Bin;
 pub use data::{file_block_is, file_bytes, pattern};
-pub use engine::{Engine, EngineBuilder};
+pub use engine::{Engine, EngineBuilder, NBD_OFF};
 pub use pair::{Pair, PairBuilder};
 pub use tools::{
     block_reads, free_port, put_block, qemu_io, qemu_io_ok, qemu_io_passed, run, run_ok, tail,

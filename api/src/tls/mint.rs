@@ -27,6 +27,10 @@ pub const CERT_FILE: &str = "tls.crt";
 /// This process's private key (PEM, PKCS#8).
 pub const KEY_FILE: &str = "tls.key";
 
+/// The CA's private key, beside `ca.crt` in a CA directory (`tandem-engine certs ca`); never in
+/// a `--tls-dir`.
+pub const CA_KEY_FILE: &str = "ca.key";
+
 /// Clock skew tolerated between the issuer and whoever checks the certificate.
 const BACKDATE: Duration = Duration::from_secs(300);
 
@@ -182,6 +186,11 @@ fn first_pem_der(pem_text: &str, what: &str) -> Result<Vec<u8>, TlsError> {
     Ok(block.contents)
 }
 
+/// The DER bytes of the first certificate in `cert_pem`.
+pub fn der_of_pem(cert_pem: &str) -> Result<Vec<u8>, TlsError> {
+    first_pem_der(cert_pem, "certificate")
+}
+
 /// When a PEM certificate expires.
 pub fn not_after(cert_pem: &str) -> Result<SystemTime, TlsError> {
     let der = first_pem_der(cert_pem, "certificate")?;
@@ -227,17 +236,24 @@ pub fn identity_of_pem(cert_pem: &str) -> Result<Identity, TlsError> {
 /// Writes `ca.crt`, `tls.crt` and `tls.key` into `dir` (created 0700 if missing), each by a
 /// rename so a process reloading the directory never reads half a file; the key is 0600.
 pub fn write_dir(dir: &Path, ca_pem: &str, issued: &Issued) -> Result<(), TlsError> {
+    write_files(
+        dir,
+        &[
+            (CA_FILE, ca_pem, 0o644),
+            (CERT_FILE, issued.cert_pem.as_str(), 0o644),
+            (KEY_FILE, issued.key_pem.as_str(), 0o600),
+        ],
+    )
+}
+
+fn write_files(dir: &Path, files: &[(&str, &str, u32)]) -> Result<(), TlsError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(io_err(dir))?;
-    for (name, body, mode) in [
-        (CA_FILE, ca_pem, 0o644),
-        (CERT_FILE, issued.cert_pem.as_str(), 0o644),
-        (KEY_FILE, issued.key_pem.as_str(), 0o600),
-    ] {
+    for &(name, body, mode) in files {
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
         let mut f = fs::OpenOptions::new()
@@ -252,6 +268,26 @@ pub fn write_dir(dir: &Path, ca_pem: &str, issued: &Issued) -> Result<(), TlsErr
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
     }
     Ok(())
+}
+
+/// Writes a CA directory: `ca.crt` and `ca.key` (0600), each by a rename.
+pub fn write_ca_dir(dir: &Path, ca: &Ca) -> Result<(), TlsError> {
+    write_files(
+        dir,
+        &[
+            (CA_FILE, ca.cert_pem(), 0o644),
+            (CA_KEY_FILE, ca.key_pem(), 0o600),
+        ],
+    )
+}
+
+/// Reads a CA directory written by [`write_ca_dir`].
+pub fn read_ca_dir(dir: &Path) -> Result<Ca, TlsError> {
+    let read = |n: &str| {
+        let p = dir.join(n);
+        fs::read_to_string(&p).map_err(io_err(&p))
+    };
+    Ca::from_pem(&read(CA_FILE)?, &read(CA_KEY_FILE)?)
 }
 
 #[cfg(test)]

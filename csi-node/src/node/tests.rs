@@ -10,7 +10,7 @@ use tonic::Code;
 use super::*;
 use crate::attach::fake::FakeAttacher;
 use crate::context::test_context;
-use crate::engine::{EngineError, EngineStatus, Role, TakeoverOutcome};
+use crate::engine::{Credentials, EngineError, EngineStatus, Role, TakeoverOutcome};
 use crate::mount::fake::FakeMounter;
 use tandem_api::contract::{ATTR_FAILOVER_POLICY, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS};
 
@@ -31,8 +31,8 @@ impl FakeEngines {
 }
 
 impl EngineApi for FakeEngines {
-    async fn status(&self, addr: &str, volume: &str, token: &str) -> Answer {
-        if token != "secret" {
+    async fn status(&self, addr: &str, volume: &str, creds: &Credentials) -> Answer {
+        if creds.token != "secret" {
             return Err(EngineError::Unauthenticated {
                 addr: addr.into(),
                 message: "bad token".into(),
@@ -59,7 +59,7 @@ impl EngineApi for FakeEngines {
         &self,
         addr: &str,
         _volume: &str,
-        _token: &str,
+        _creds: &Credentials,
         timeout: Duration,
     ) -> Result<TakeoverOutcome, EngineError> {
         self.takeovers.lock().unwrap().push((addr.into(), timeout));
@@ -141,6 +141,7 @@ impl Harness {
             access,
             read_only: false,
             token: Some("secret".into()),
+            tls: Default::default(),
             context: test_context("vol", &["node-a", "node-b"]),
         }
     }
@@ -386,17 +387,45 @@ async fn a_read_only_stage_on_the_secondarys_node_without_secondary_reads_is_ref
 }
 
 #[tokio::test]
-async fn stage_on_a_node_without_an_engine_attaches_to_the_remote_primary() {
+async fn a_stage_never_attaches_across_nodes() {
+    // A node without an engine of the volume: FAILED_PRECONDITION, nothing attached or taken over.
     let h = Harness::new();
-    h.engines().set(A_GRPC, secondary(7));
-    h.engines().set(B_GRPC, primary(7));
     let mut req = h.stage_req(ext4());
     req.context = test_context("vol", &["node-x", "node-y"]);
-    h.engines().set("10.0.0.2:7000", primary(9));
-    h.svc.stage(req).await.unwrap();
-    let rec = h.record().unwrap();
-    assert_eq!(rec.engine_node, "node-y");
+    h.engines().set(B_GRPC, primary(9));
+    let e = h.svc.stage(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(
+        e.to_string().contains("holds no engine of this volume"),
+        "{e}"
+    );
+    assert_eq!(h.attacher().attached_count(), 0);
+    assert_eq!(h.record(), None);
     assert!(h.engines().takeovers.lock().unwrap().is_empty());
+    // This node's engine is down, or fenced, while node-b's serves: UNAVAILABLE until it is back.
+    for local in [None, Some(Role::Fenced)] {
+        let h = Harness::new();
+        h.engines().set(B_GRPC, primary(8));
+        match local {
+            None => {
+                h.engines().status.lock().unwrap().remove(A_GRPC);
+            }
+            Some(role) => h.engines().set(A_GRPC, Ok(EngineStatus { role, epoch: 7 })),
+        }
+        for access in [ext4(), Access::Block] {
+            let e = h.svc.stage(h.stage_req(access)).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable, "{e}");
+            assert!(e.to_string().contains("never attached across nodes"), "{e}");
+        }
+        assert_eq!(h.attacher().attached_count(), 0);
+        assert_eq!(h.record(), None);
+        assert!(h.engines().takeovers.lock().unwrap().is_empty());
+        // Once this node's engine serves again (restarted as primary), the stage attaches to it.
+        h.engines().set(A_GRPC, primary(9));
+        h.svc.stage(h.stage_req(ext4())).await.unwrap();
+        let rec = h.record().unwrap();
+        assert_eq!((rec.engine_node.as_str(), rec.epoch), ("node-a", 9));
+    }
 }
 
 #[tokio::test]
@@ -646,20 +675,18 @@ async fn a_staging_whose_epoch_cannot_be_checked_is_unavailable_and_kept() {
 #[tokio::test]
 async fn a_staging_at_the_same_epoch_on_another_engine_is_stale() {
     let h = Harness::new();
-    // This node (node-a) has no engine of the pair: it attaches remotely, never takes over.
-    let mut req = h.stage_req(ext4());
-    req.context = test_context("vol", &["node-x", "node-y"]);
-    h.svc.stage(req.clone()).await.unwrap();
-    assert_eq!(h.record().unwrap().engine_node, "node-x");
-    h.engines().set(A_GRPC, secondary(7));
-    h.engines().set(B_GRPC, primary(7));
-    h.svc.stage(req).await.unwrap();
+    h.stage_ext4().await;
+    // A record from before issue 13, attached across nodes to node-b's engine at the same epoch.
+    let mut rec = h.record().unwrap();
+    rec.engine_node = "node-b".into();
+    h.svc.inner.state.save(&rec).unwrap();
+    h.svc.stage(h.stage_req(ext4())).await.unwrap();
     let rec = h.record().unwrap();
-    assert_eq!((rec.engine_node.as_str(), rec.epoch), ("node-y", 7));
+    assert_eq!((rec.engine_node.as_str(), rec.epoch), ("node-a", 7));
     let spec = h.attacher().st.lock().unwrap().attached[&device_of(&rec)].clone();
     assert_eq!(
         (spec.nbd.as_str(), spec.export.as_str()),
-        ("10.0.0.2:10809", "vol@7")
+        ("10.0.0.1:10809", "vol@7")
     );
     assert_eq!(h.attacher().attached_count(), 1);
     assert!(h.engines().takeovers.lock().unwrap().is_empty());

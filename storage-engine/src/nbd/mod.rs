@@ -5,4 +5,4 @@
 pub use tandem_api::nbd::{self as proto, client};
 pub mod server;
 
-pub use server::{serve_tcp, serve_unix};
+pub use server::{serve_tcp, serve_unix, Admission, Policy};

@@ -2,19 +2,25 @@
 //! requests, each request runs as its own task, and one writer task sends replies as they finish
 //! (out of order, matched by handle).
 
-use std::{io, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    io,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::Duration,
+};
 
+use tandem_api::accept::Backoff;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter},
     net::{TcpListener, UnixListener},
-    sync::{watch, Semaphore},
+    sync::{oneshot, watch, Semaphore},
 };
 use tracing::{debug, info, warn};
 
 use super::proto::{self as p, Request};
 use crate::{
     geometry::BLOCK_SIZE,
-    volume::{ExportName, Volume},
+    volume::{Counters, ExportName, Volume},
 };
 
 /// Bytes of request payload and read replies one connection may hold in memory at once.
@@ -54,21 +60,154 @@ enum ConnError {
     Aborted,
 }
 
+/// How an engine bounds its NBD clients (`--nbd-max-connections`, `--nbd-handshake-timeout-ms`,
+/// `--nbd-pinned-exports-only`).
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Connections at once, in handshake or transmission, TCP and unix together.
+    pub max_connections: usize,
+    /// A client must have entered transmission within this long after accept.
+    pub handshake_timeout: Duration,
+    /// Only `<volume>@<epoch>` opens; the bare names are refused.
+    pub pinned_only: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_connections: 64,
+            handshake_timeout: Duration::from_secs(10),
+            pinned_only: false,
+        }
+    }
+}
+
+/// The connection table the NBD listeners of one engine share: who is connected, who is still
+/// haggling, and the right to close the oldest haggler when the table is full.
+pub struct Admission {
+    policy: Policy,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    next: u64,
+    /// By admission order: the first handshaking entry is the oldest one.
+    conns: BTreeMap<u64, Slot>,
+}
+
+struct Slot {
+    /// Present while the connection is in handshake: sending on it (or dropping it) evicts it.
+    evict: Option<oneshot::Sender<()>>,
+}
+
+/// One admitted connection's place in the table; dropping it frees the place.
+pub struct Ticket {
+    id: u64,
+    evicted: oneshot::Receiver<()>,
+    admission: Arc<Admission>,
+}
+
+impl Admission {
+    pub fn new(policy: Policy) -> Arc<Admission> {
+        Arc::new(Admission {
+            policy,
+            table: Mutex::new(Table::default()),
+        })
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        // The table is consistent after every statement; a panicking holder leaves it usable.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a new connection, evicting the oldest one still in handshake when the table is full;
+    /// `None` (close it at once) when every admitted connection is established.
+    // Limit: at most `max_connections` are admitted at once, and idle handshakers cannot lock a
+    // real client out: they make room for it (tests/nbd_limits.rs `idle_handshakers_*`,
+    // `over_the_cap_*`).
+    pub fn admit(self: &Arc<Self>, counters: &Counters) -> Option<Ticket> {
+        let mut t = self.table();
+        if t.conns.len() >= self.policy.max_connections {
+            let oldest = t
+                .conns
+                .iter()
+                .find(|(_, s)| s.evict.is_some())
+                .map(|(id, _)| *id);
+            match oldest.and_then(|id| t.conns.remove(&id)) {
+                Some(slot) => {
+                    if let Some(tx) = slot.evict {
+                        let _ = tx.send(());
+                    }
+                    counters.nbd_evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    counters.nbd_refused.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        let id = t.next;
+        t.next += 1;
+        let (tx, rx) = oneshot::channel();
+        t.conns.insert(id, Slot { evict: Some(tx) });
+        Some(Ticket {
+            id,
+            evicted: rx,
+            admission: Arc::clone(self),
+        })
+    }
+}
+
+impl Ticket {
+    /// The handshake is over: the connection can no longer be evicted. False when it was evicted
+    /// meanwhile (the table no longer holds it, so it must close).
+    fn established(&mut self) -> bool {
+        match self.admission.table().conns.get_mut(&self.id) {
+            Some(slot) => {
+                slot.evict = None;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.table().conns.remove(&self.id);
+    }
+}
+
 /// Accepts NBD clients on a TCP listener until `shutdown` fires.
 pub async fn serve_tcp(
     listener: TcpListener,
     volume: Arc<Volume>,
+    admission: Arc<Admission>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut backoff = Backoff::new("nbd");
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((sock, peer)) => {
+                    backoff.succeeded();
+                    let Some(ticket) = admission.admit(&volume.counters) else {
+                        debug!(%peer, "nbd connection refused: at --nbd-max-connections");
+                        continue;
+                    };
                     let _ = sock.set_nodelay(true);
                     debug!(%peer, "nbd client connected");
-                    tokio::spawn(run_connection(sock, Arc::clone(&volume)));
+                    tokio::spawn(run_connection(sock, Arc::clone(&volume), ticket));
                 }
-                Err(e) => warn!(error = %e, "nbd accept failed"),
+                Err(e) => tokio::select! {
+                    _ = backoff.failed(&e, &volume.counters.nbd_accept_errors) => {}
+                    _ = shutdown.changed() => return,
+                },
             },
             _ = shutdown.changed() => return,
         }
@@ -79,15 +218,25 @@ pub async fn serve_tcp(
 pub async fn serve_unix(
     listener: UnixListener,
     volume: Arc<Volume>,
+    admission: Arc<Admission>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut backoff = Backoff::new("nbd");
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((sock, _)) => {
-                    tokio::spawn(run_connection(sock, Arc::clone(&volume)));
+                    backoff.succeeded();
+                    let Some(ticket) = admission.admit(&volume.counters) else {
+                        debug!("nbd connection refused: at --nbd-max-connections");
+                        continue;
+                    };
+                    tokio::spawn(run_connection(sock, Arc::clone(&volume), ticket));
                 }
-                Err(e) => warn!(error = %e, "nbd accept failed"),
+                Err(e) => tokio::select! {
+                    _ = backoff.failed(&e, &volume.counters.nbd_accept_errors) => {}
+                    _ = shutdown.changed() => return,
+                },
             },
             _ = shutdown.changed() => return,
         }
@@ -100,28 +249,60 @@ impl Drop for ConnGuard {
         self.0
             .counters
             .nbd_connections
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-async fn run_connection<S: AsyncRead + AsyncWrite + Send + 'static>(sock: S, volume: Arc<Volume>) {
+async fn run_connection<S: AsyncRead + AsyncWrite + Send + 'static>(
+    sock: S,
+    volume: Arc<Volume>,
+    mut ticket: Ticket,
+) {
     volume
         .counters
         .nbd_connections
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        .fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(Arc::clone(&volume));
     let (r, w) = tokio::io::split(sock);
     let mut r = BufReader::with_capacity(256 * 1024, r);
     let mut w = BufWriter::with_capacity(256 * 1024, w);
-    match handshake(&mut r, &mut w, &volume).await {
-        Ok(read_only) => {
+    let policy = ticket.admission.policy();
+    // Limit: a client gets `handshake_timeout` to reach transmission, and loses its place sooner
+    // if the table is full and it is the oldest haggler (tests/nbd_limits.rs `idle_handshakers_*`).
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(policy.handshake_timeout, handshake(&mut r, &mut w, &volume, policy.pinned_only)) => r,
+        _ = &mut ticket.evicted => {
+            debug!("nbd connection in handshake closed to make room for a new one");
+            return;
+        }
+    };
+    match outcome {
+        Err(_) => {
+            volume
+                .counters
+                .nbd_handshake_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(timeout = ?policy.handshake_timeout, "nbd handshake timed out; connection closed");
+        }
+        Ok(Ok(read_only)) => {
+            if !ticket.established() {
+                return;
+            }
             if let Err(e) = transmission(r, w, volume, read_only).await {
                 debug!(error = %e, "nbd connection closed");
             }
         }
-        Err(ConnError::Aborted) => {}
-        Err(e) => info!(error = %e, "nbd handshake failed; connection closed"),
+        Ok(Err(ConnError::Aborted)) => {}
+        Ok(Err(e)) => info!(error = %e, "nbd handshake failed; connection closed"),
     }
+}
+
+/// With pinned exports only, whether `name` is one of the bare names (`""`, `<volume>`) that would
+/// open at any epoch.
+// Safety: in pods an attachment can only be made to the epoch its stager saw, so it can never
+// follow the volume into a later epoch (tests/nbd_limits.rs `pinned_only_*`).
+fn unpinned(pinned_only: bool, name: &str, volume: &Volume) -> bool {
+    pinned_only && (name.is_empty() || name == volume.name())
 }
 
 fn tflags(read_only: bool) -> u16 {
@@ -138,7 +319,12 @@ fn tflags(read_only: bool) -> u16 {
 }
 
 /// Runs the option haggling; returns whether the export is read-only once transmission starts.
-async fn handshake<R, W>(r: &mut R, w: &mut W, volume: &Volume) -> Result<bool, ConnError>
+async fn handshake<R, W>(
+    r: &mut R,
+    w: &mut W,
+    volume: &Volume,
+    pinned_only: bool,
+) -> Result<bool, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -179,7 +365,9 @@ where
             p::OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&payload).into_owned();
                 // No way to send an error here: the protocol says close the connection.
-                if volume.export_access(&name) != ExportName::Ok {
+                if volume.export_access(&name) != ExportName::Ok
+                    || unpinned(pinned_only, &name, volume)
+                {
                     return Err(ConnError::UnknownExport(name));
                 }
                 let Ok(read_only) = volume.open_session().await else {
@@ -205,6 +393,16 @@ where
                     }
                 };
                 let refusal = match volume.export_access(&go.name) {
+                    ExportName::Ok if unpinned(pinned_only, &go.name, volume) => Some((
+                        p::REP_ERR_POLICY,
+                        format!(
+                            "export {:?} is not pinned to an epoch and this engine serves only \
+                             pinned exports (--nbd-pinned-exports-only): ask for \
+                             \"{}@<epoch>\" with the epoch the engine's status reports",
+                            go.name,
+                            volume.name()
+                        ),
+                    )),
                     ExportName::Ok => None,
                     ExportName::Unknown => Some((
                         p::REP_ERR_UNKNOWN,

@@ -47,6 +47,14 @@ impl HostError {
 #[derive(Debug, Default)]
 pub struct Counters {
     pub nbd_connections: AtomicU64,
+    /// NBD connections closed at accept: the cap was reached and none was still in handshake.
+    pub nbd_refused: AtomicU64,
+    /// NBD connections still in handshake closed to make room for a newcomer at the cap.
+    pub nbd_evicted: AtomicU64,
+    /// NBD connections closed for not finishing the handshake in time.
+    pub nbd_handshake_timeouts: AtomicU64,
+    /// Failed NBD accepts (descriptors or memory exhausted) that paused the listeners.
+    pub nbd_accept_errors: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub flushes: AtomicU64,
