@@ -54,18 +54,3 @@ pub const CSI_DRIVER: &str = "csi.tandem.dev";
 /// The topology segment the CSI plugin reports in NodeGetInfo (its node id); read by Kubernetes
 /// for `allowedTopologies` and CSI node affinity.
 pub const TOPOLOGY_KEY: &str = "topology.tandem.dev/node";
-
-/// The CA certificate (PEM) in the CSI Secret (and in each engine TLS Secret). Written by the
-/// operator, read by the CSI plugin to verify the engines.
-pub const SECRET_CA_KEY: &str = "ca.crt";
-
-/// The CSI Secret's key holding the certificate (PEM) of the CSI plugin on `node` for this volume
-/// (identity `Csi{volume, node}`). Written by the operator, read by the plugin on that node.
-pub fn secret_csi_cert_key(node: &str) -> String {
-    format!("csi.{node}.crt")
-}
-
-/// The CSI Secret's key holding the private key (PEM) that goes with [`secret_csi_cert_key`].
-pub fn secret_csi_key_key(node: &str) -> String {
-    format!("csi.{node}.key")
-}
