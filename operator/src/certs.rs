@@ -105,6 +105,35 @@ pub fn operator_identity(ca: &Ca, valid_for: Duration) -> Result<(Issued, String
     Ok((issued, ca.cert_pem().to_string()))
 }
 
+/// Makes the operator's identity the default of every gRPC channel it opens, and keeps it fresh:
+/// a new certificate once a third of the last one's life is left (live channels keep theirs; the next
+/// connection uses the new one). Without this the engines, which require mutual TLS, answer the
+/// operator UNAUTHENTICATED.
+pub fn serve_operator_identity(ca: Ca, valid_for: Duration) -> Result<tokio::task::JoinHandle<()>> {
+    let install = move |ca: &Ca| -> Result<()> {
+        let (issued, ca_pem) = operator_identity(ca, valid_for)?;
+        let client =
+            tandem_api::tls::ClientTls::from_pem(&ca_pem, &issued.cert_pem, &issued.key_pem)
+                .map_err(tls)?;
+        tandem_api::tls::set_default_client(Some(client));
+        Ok(())
+    };
+    install(&ca)?;
+    let renew_every = (valid_for * 2 / 3).max(Duration::from_secs(60));
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(renew_every).await;
+            match install(&ca) {
+                Ok(()) => tracing::info!("operator client certificate renewed"),
+                // The old certificate stays in use; it still has a third of its life.
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing the operator's client certificate failed")
+                }
+            }
+        }
+    }))
+}
+
 fn tls(e: TlsError) -> Error {
     Error::Tls(e.to_string())
 }

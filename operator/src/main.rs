@@ -188,6 +188,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ca = operator::certs::ensure_ca(client.clone(), &args.namespace)
         .await
         .context("loading or creating the operator's CA (secret tandem-ca)")?;
+    let _identity = operator::certs::serve_operator_identity(ca.clone(), config.cert_validity)
+        .context("issuing the operator's client certificate")?;
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics,
