@@ -2,6 +2,10 @@
 //! real `tandem-csi` plugins, and a test that plays kubelet over the CSI unix socket. Needs root,
 //! /dev/fuse and loop devices; [`skip_reason`] says why a machine cannot run it.
 //!
+//! Mutual TLS is on by default (issue 13): each test's [`Scratch`] holds a CA of its own ([`Tls`]),
+//! engines get an engine identity and `--node-name` ([`Scratch::engine`], [`EnginePair`]), stages
+//! carry the volume's CSI Secret ([`Tls::secrets`]), and the tests' own calls speak as the operator.
+//!
 //! The binaries are the testkit's ([`Bin`]): built (or found up to date) with the same cargo and
 //! profile that built the test, so the suite always exercises the code of this checkout.
 
@@ -108,7 +112,9 @@ pub fn role(s: &StatusReply) -> EngineRole {
 /// its secondary, each with the other's gRPC address as `--peer` and with `--fault-injection`.
 /// Where network namespaces work, node A's engine runs in its own namespace and node B's listens
 /// on the host end of A's link, so plugins reach both over a real link and each engine reaches the
-/// other without IP forwarding; elsewhere both listen on loopback.
+/// other without IP forwarding; elsewhere both listen on loopback. Both speak mutual TLS as engines
+/// of the volume (`--tls-dir` from the scratch's CA, `--node-name`); their clients and CLIs as the
+/// operator.
 pub struct EnginePair {
     pub a: Engine,
     pub b: Engine,
