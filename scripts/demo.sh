@@ -6,5 +6,5 @@
 # (see `tandem-engine demo --help`: --size, --backlog, --rate, --dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p storage-engine
-exec target/release/tandem-engine demo "$@"
+# cargo run, not target/release/...: the binary is wherever CARGO_TARGET_DIR puts it.
+exec cargo run --release -q -p storage-engine --bin tandem-engine -- demo "$@"

@@ -15,7 +15,9 @@ use crate::{pb, tls::ClientTls, Reason};
 /// Errors a caller of the engine API can see.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to engine at {addr}: {source}")]
+    // The causes too: tonic says only "transport error", and why (a refused server identity, a
+    // TLS alert) is what a user needs to fix a Secret.
+    #[error("cannot connect to engine at {addr}: {}", causes(.source))]
     Connect {
         addr: String,
         source: tonic::transport::Error,
@@ -29,6 +31,18 @@ pub enum ClientError {
         op: &'static str,
         status: tonic::Status,
     },
+}
+
+/// `e` and its sources, joined by ": ".
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        next = c.source();
+    }
+    text
 }
 
 impl ClientError {

@@ -2,6 +2,10 @@
 //! real `tandem-csi` plugins, and a test that plays kubelet over the CSI unix socket. Needs root,
 //! /dev/fuse and loop devices; [`skip_reason`] says why a machine cannot run it.
 //!
+//! Mutual TLS is on by default (issue 13): each test's [`Scratch`] holds a CA of its own ([`Tls`]),
+//! engines get an engine identity and `--node-name` ([`Scratch::engine`], [`EnginePair`]), stages
+//! carry the volume's CSI Secret ([`Tls::secrets`]), and the tests' own calls speak as the operator.
+//!
 //! The binaries are the testkit's ([`Bin`]): built (or found up to date) with the same cargo and
 //! profile that built the test, so the suite always exercises the code of this checkout.
 
@@ -18,12 +22,16 @@ use csi_node::pb::node_client::NodeClient;
 use tonic::transport::Channel;
 
 pub use tandem_api::contract::{
-    ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS,
-    ATTR_VOLUME,
+    secret_csi_cert_key, secret_csi_key_key, ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD,
+    ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS, ATTR_VOLUME, SECRET_CA_KEY, SECRET_TOKEN_KEY,
 };
 pub use tandem_api::pb::{FaultRequest, PairState, Role as EngineRole, StatusReply, TakeoverPhase};
+pub use tandem_api::tls::{Ca, Identity, VolumeRef};
 use tandem_testkit::{free_port, tail, Bin, Pair};
 pub use tandem_testkit::{pattern, Engine, EngineBuilder};
+
+/// A CSI Secret as kubelet hands it to NodeStageVolume (`secrets`).
+pub type Secrets = HashMap<String, String>;
 
 /// Why this machine cannot run the local suite, if it cannot.
 pub fn skip_reason() -> Option<String> {
@@ -104,7 +112,9 @@ pub fn role(s: &StatusReply) -> EngineRole {
 /// its secondary, each with the other's gRPC address as `--peer` and with `--fault-injection`.
 /// Where network namespaces work, node A's engine runs in its own namespace and node B's listens
 /// on the host end of A's link, so plugins reach both over a real link and each engine reaches the
-/// other without IP forwarding; elsewhere both listen on loopback.
+/// other without IP forwarding; elsewhere both listen on loopback. Both speak mutual TLS as engines
+/// of the volume (`--tls-dir` from the scratch's CA, `--node-name`); their clients and CLIs as the
+/// operator.
 pub struct EnginePair {
     pub a: Engine,
     pub b: Engine,
@@ -113,13 +123,18 @@ pub struct EnginePair {
 }
 
 impl EnginePair {
-    pub fn start(dir: &Path, volume: &str, size: &str, token: &str) -> anyhow::Result<EnginePair> {
-        Self::start_with(dir, volume, size, token, &[])
+    pub fn start(
+        scratch: &Scratch,
+        volume: &str,
+        size: &str,
+        token: &str,
+    ) -> anyhow::Result<EnginePair> {
+        Self::start_with(scratch, volume, size, token, &[])
     }
 
     /// [`EnginePair::start`] with extra `serve` flags for both engines.
     pub fn start_with(
-        dir: &Path,
+        scratch: &Scratch,
         volume: &str,
         size: &str,
         token: &str,
@@ -140,17 +155,34 @@ impl EnginePair {
             Some(n) => (n.host_ip.clone(), format!("{}:9500", n.ns_ip)),
             None => ("127.0.0.1".into(), free_port()),
         };
-        let mut pair = Pair::builder(dir)
+        // Each engine speaks mutual TLS as an engine of the volume, on its node; the tests'
+        // own calls (status, faults, the CLI) speak as the operator.
+        let tls = &scratch.tls;
+        let (tls_a, tls_b) = (
+            tls.engine_dir(volume, "node-a")?,
+            tls.engine_dir(volume, "node-b")?,
+        );
+        let op = tls.operator_dir();
+        let mut pair = Pair::builder(&scratch.root)
             .volume(volume)
             .size(size)
             .token(token)
             .fault_injection()
             .args(args)
-            .a(|e| e.nbd_local_only().grpc_listen(&a_grpc))
+            .a(|e| {
+                e.nbd_local_only()
+                    .grpc_listen(&a_grpc)
+                    .tls_dir(&tls_a)
+                    .node_name("node-a")
+                    .client_tls_dir(&op)
+            })
             .b(|e| {
                 e.nbd_local_only()
                     .grpc_listen(&format!("{b_host}:0"))
                     .peer(&a_grpc)
+                    .tls_dir(&tls_b)
+                    .node_name("node-b")
+                    .client_tls_dir(&op)
             });
         if let Some(n) = &netns {
             pair = pair.a(|e| e.netns(&n.name));
@@ -433,19 +465,21 @@ pub fn volume_context(volume: &str, engines: &[(&str, &Engine)]) -> HashMap<Stri
     ])
 }
 
+/// NodeStageVolume as kubelet sends it, with the volume's CSI Secret (`secrets`, e.g.
+/// [`Tls::secrets`]).
 pub fn stage_request(
     volume_id: &str,
     staging: &Path,
     fs: Option<&str>,
     context: &HashMap<String, String>,
-    token: &str,
+    secrets: &Secrets,
 ) -> pb::NodeStageVolumeRequest {
     pb::NodeStageVolumeRequest {
         volume_id: volume_id.into(),
         publish_context: HashMap::new(),
         staging_target_path: staging.display().to_string(),
         volume_capability: Some(capability(fs)),
-        secrets: HashMap::from([("token".to_string(), token.to_string())]),
+        secrets: secrets.clone(),
         volume_context: context.clone(),
     }
 }
@@ -535,10 +569,116 @@ pub fn loop_dio(dev: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The test's scratch directory; on drop it tears down whatever a failed test left behind
-/// (mounts, loop devices, attach daemons under it), so one failure does not poison the next test.
+// ---------- mutual TLS, as the operator sets it up ----------
+
+/// The namespace of every volume identity in the suite.
+pub const NAMESPACE: &str = "e2e";
+/// The nodes the suite's plugins play; a volume's CSI Secret carries a pair for each.
+pub const NODES: [&str; 2] = ["node-a", "node-b"];
+const CERT_LIFETIME: Duration = Duration::from_secs(86400);
+
+/// What the operator mints for a test's volumes (issue 13): a CA, each engine's `--tls-dir` (an
+/// engine of its volume), the operator's own identity (the tests' status, fault and CLI calls),
+/// and each volume's CSI Secret (the token, `ca.crt` and a CSI pair per node).
+pub struct Tls {
+    dir: PathBuf,
+    ca: Ca,
+}
+
+impl Tls {
+    /// A new CA, and the operator's identity in `<dir>/operator`.
+    pub fn new(dir: &Path) -> anyhow::Result<Tls> {
+        let tls = Tls {
+            dir: dir.to_path_buf(),
+            ca: Ca::generate("tandem e2e CA", CERT_LIFETIME)?,
+        };
+        tls.issue_dir(&tls.operator_dir(), &Identity::Operator)?;
+        Ok(tls)
+    }
+
+    /// The CA (e.g. to issue a certificate the operator would never hand out).
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// `volume` as the suite's identities name it.
+    pub fn volume(volume: &str) -> VolumeRef {
+        VolumeRef::new(NAMESPACE, volume)
+    }
+
+    /// The `--tls-dir` of the operator.
+    pub fn operator_dir(&self) -> PathBuf {
+        self.dir.join("operator")
+    }
+
+    fn issue_dir(&self, dir: &Path, id: &Identity) -> anyhow::Result<()> {
+        let issued = self.ca.issue(id, &[], CERT_LIFETIME)?;
+        tandem_api::tls::mint::write_dir(dir, self.ca.cert_pem(), &issued)?;
+        Ok(())
+    }
+
+    /// A fresh `--tls-dir` for the engine of `volume` on `node`: an engine identity of the volume
+    /// (both engines of a pair hold one, each with its own key).
+    pub fn engine_dir(&self, volume: &str, node: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.join(format!("engine-{volume}-{node}"));
+        self.issue_dir(
+            &dir,
+            &Identity::Engine {
+                volume: Self::volume(volume),
+            },
+        )?;
+        Ok(dir)
+    }
+
+    /// `b` with `--tls-dir` ([`Tls::engine_dir`]) and `--node-name node`; its CLI and gRPC client
+    /// speak as the operator.
+    pub fn engine(
+        &self,
+        b: EngineBuilder,
+        volume: &str,
+        node: &str,
+    ) -> anyhow::Result<EngineBuilder> {
+        Ok(b.tls_dir(self.engine_dir(volume, node)?)
+            .node_name(node)
+            .client_tls_dir(self.operator_dir()))
+    }
+
+    /// A certificate and key (PEM) for `id`.
+    pub fn pair(&self, id: &Identity) -> anyhow::Result<(String, String)> {
+        let issued = self.ca.issue(id, &[], CERT_LIFETIME)?;
+        Ok((issued.cert_pem, issued.key_pem))
+    }
+
+    /// The CSI plugin's identity for `volume` on `node`.
+    pub fn csi(volume: &str, node: &str) -> Identity {
+        Identity::Csi {
+            volume: Self::volume(volume),
+            node: node.into(),
+        }
+    }
+
+    /// The CSI Secret of `volume`, as the operator writes it and kubelet hands it to every node's
+    /// NodeStageVolume: the token, `ca.crt`, and `csi.<node>.crt`/`.key` for each of [`NODES`].
+    pub fn secrets(&self, volume: &str, token: &str) -> anyhow::Result<Secrets> {
+        let mut s = Secrets::from([
+            (SECRET_TOKEN_KEY.to_string(), token.to_string()),
+            (SECRET_CA_KEY.to_string(), self.ca.cert_pem().to_string()),
+        ]);
+        for node in NODES {
+            let (cert, key) = self.pair(&Self::csi(volume, node))?;
+            s.insert(secret_csi_cert_key(node), cert);
+            s.insert(secret_csi_key_key(node), key);
+        }
+        Ok(s)
+    }
+}
+
+/// The test's scratch directory and its TLS material (a CA of its own, in `<root>/tls`); on drop
+/// it tears down whatever a failed test left behind (mounts, loop devices, attach daemons under
+/// it), so one failure does not poison the next test.
 pub struct Scratch {
     pub root: PathBuf,
+    pub tls: Tls,
     _dir: tempfile::TempDir,
 }
 
@@ -547,14 +687,31 @@ impl Scratch {
         let dir = tempfile::Builder::new()
             .prefix(&format!("tandem-e2e-{name}-"))
             .tempdir()?;
+        let root = dir.path().canonicalize()?;
         Ok(Scratch {
-            root: dir.path().canonicalize()?,
+            tls: Tls::new(&root.join("tls"))?,
+            root,
             _dir: dir,
         })
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
         self.root.join(p)
+    }
+
+    /// An engine of `volume` on `node`, in `<root>/<name>`, with mutual TLS as the operator
+    /// deploys it ([`Tls::engine`]).
+    pub fn engine(&self, name: &str, node: &str, volume: &str) -> anyhow::Result<EngineBuilder> {
+        self.tls.engine(
+            EngineBuilder::new(self.path(name)).volume(volume),
+            volume,
+            node,
+        )
+    }
+
+    /// The CSI Secret of `volume` ([`Tls::secrets`]).
+    pub fn secrets(&self, volume: &str, token: &str) -> anyhow::Result<Secrets> {
+        self.tls.secrets(volume, token)
     }
 
     /// Nothing of ours left on the host: no mount, loop device or attach daemon under the root.

@@ -29,6 +29,13 @@
 //! on the secondary's node never takes over (reads from the secondary with `secondary-access:
 //! ReadOnly`, FAILED_PRECONDITION without); a pod moved to the secondary's node with no operator
 //! (handoff on stage, first I/O at once, writes past a lease); a plugin restart under the workload.
+//!
+//! Issue 13: every engine runs with mutual TLS (`--tls-dir`, an engine identity of its volume from
+//! a CA minted per test, and `--node-name`), every stage carries the volume's CSI Secret (the token,
+//! `ca.crt` and a CSI pair per node, as kubelet hands it over), and the tests' own calls speak as
+//! the operator. A stage whose Secret carries another volume's pair, another node's pair or no pair
+//! attaches nothing and moves nothing; the engine itself refuses such identities
+//! (PERMISSION_DENIED); the right Secret takes over through TLS.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -143,21 +150,23 @@ async fn ext4_volume_survives_a_plugin_restart_and_unstages_cleanly() {
     }
     let _serial = serial().await;
     let scratch = Scratch::new("ext4").unwrap();
-    let engine = EngineBuilder::new(scratch.path("engine-a"))
+    let engine = scratch
+        .engine("engine-a", "node-a", "vol-fs")
+        .unwrap()
         .nbd_local_only()
-        .volume("vol-fs")
         .size("512M")
         .token(TOKEN)
         .start()
         .unwrap();
     let mut plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-fs", &[("node-a", &engine)]);
+    let secrets = scratch.secrets("vol-fs", TOKEN).unwrap();
     let staging = scratch.path("kubelet/staging/pv-fs");
     let target = scratch.path("kubelet/pods/p1/volumes/pv-fs/mount");
     std::fs::create_dir_all(&staging).unwrap();
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     let id = "default/pv-fs";
-    let stage = stage_request(id, &staging, Some("ext4"), &ctx, TOKEN);
+    let stage = stage_request(id, &staging, Some("ext4"), &ctx, &secrets);
     let publish = publish_request(id, &staging, &target, Some("ext4"));
 
     with_logs!(plugin, async {
@@ -330,21 +339,23 @@ async fn raw_block_volume_with_direct_io_patterns() {
     }
     let _serial = serial().await;
     let scratch = Scratch::new("block").unwrap();
-    let engine = EngineBuilder::new(scratch.path("engine-a"))
+    let engine = scratch
+        .engine("engine-a", "node-a", "vol-blk")
+        .unwrap()
         .nbd_local_only()
-        .volume("vol-blk")
         .size("64M")
         .token(TOKEN)
         .start()
         .unwrap();
     let mut plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-blk", &[("node-a", &engine)]);
+    let secrets = scratch.secrets("vol-blk", TOKEN).unwrap();
     let staging = scratch.path("kubelet/volumeDevices/staging/pv-blk");
     let target = scratch.path("kubelet/pods/p2/volumeDevices/pv-blk");
     std::fs::create_dir_all(&staging).unwrap();
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     let id = "default/pv-blk";
-    let stage = stage_request(id, &staging, None, &ctx, TOKEN);
+    let stage = stage_request(id, &staging, None, &ctx, &secrets);
     let publish = publish_request(id, &staging, &target, None);
     // (offset, seed, length): aligned, straddling the 1 MiB FUSE request size, near the end.
     let patterns: Vec<(u64, u64, usize)> = vec![
@@ -437,9 +448,10 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
     }
     let _serial = serial().await;
     let scratch = Scratch::new("bad").unwrap();
-    let engine = EngineBuilder::new(scratch.path("engine-a"))
+    let engine = scratch
+        .engine("engine-a", "node-a", "vol-bad")
+        .unwrap()
         .nbd_local_only()
-        .volume("vol-bad")
         .size("64M")
         .token(TOKEN)
         .start()
@@ -447,11 +459,12 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
     let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let mut c = plugin.client().await.unwrap();
     let ctx = volume_context("vol-bad", &[("node-a", &engine)]);
+    let secrets = scratch.secrets("vol-bad", TOKEN).unwrap();
     let staging = scratch.path("staging");
     let target = scratch.path("target");
     std::fs::create_dir_all(&staging).unwrap();
     let id = "default/pv-bad";
-    let good = stage_request(id, &staging, Some("ext4"), &ctx, TOKEN);
+    let good = stage_request(id, &staging, Some("ext4"), &ctx, &secrets);
 
     let mut cases: Vec<(&str, pb::NodeStageVolumeRequest, Code)> = Vec::new();
     let mut r = good.clone();
@@ -491,9 +504,10 @@ async fn bad_requests_get_csi_codes_and_change_nothing() {
 
     // The NBD address leads to an engine that refuses the export (a secondary): the attach fails
     // with a retryable code and leaves nothing behind.
-    let secondary = EngineBuilder::new(scratch.path("engine-s"))
+    let secondary = scratch
+        .engine("engine-s", "node-a", "vol-bad")
+        .unwrap()
         .nbd_local_only()
-        .volume("vol-bad")
         .size("64M")
         .token(TOKEN)
         .role("secondary")
@@ -605,15 +619,17 @@ async fn io_waits_out_an_engine_restart() {
     }
     let _serial = serial().await;
     let scratch = Scratch::new("restart").unwrap();
-    let mut engine = EngineBuilder::new(scratch.path("engine-a"))
+    let mut engine = scratch
+        .engine("engine-a", "node-a", "vol-rs")
+        .unwrap()
         .nbd_local_only()
-        .volume("vol-rs")
         .size("64M")
         .token(TOKEN)
         .start()
         .unwrap();
     let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-rs", &[("node-a", &engine)]);
+    let secrets = scratch.secrets("vol-rs", TOKEN).unwrap();
     let staging = scratch.path("staging");
     let target = scratch.path("pods/p/dev");
     std::fs::create_dir_all(&staging).unwrap();
@@ -625,7 +641,7 @@ async fn io_waits_out_an_engine_restart() {
     with_logs!(plugin, async {
         let mut c = plugin.client().await?;
         c.node
-            .node_stage_volume(stage_request(id, &staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &staging, None, &ctx, &secrets))
             .await?;
         c.node
             .node_publish_volume(publish_request(id, &staging, &target, None))
@@ -708,21 +724,23 @@ async fn xfs_volume_round_trip() {
     let _serial = serial().await;
     let scratch = Scratch::new("xfs").unwrap();
     // mkfs.xfs wants at least 300 MiB.
-    let engine = EngineBuilder::new(scratch.path("engine-a"))
+    let engine = scratch
+        .engine("engine-a", "node-a", "vol-xfs")
+        .unwrap()
         .nbd_local_only()
-        .volume("vol-xfs")
         .size("512M")
         .token(TOKEN)
         .start()
         .unwrap();
     let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-xfs", &[("node-a", &engine)]);
+    let secrets = scratch.secrets("vol-xfs", TOKEN).unwrap();
     let staging = scratch.path("staging");
     let target = scratch.path("pods/p/mount");
     std::fs::create_dir_all(&staging).unwrap();
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
     let id = "default/pv-xfs";
-    let stage = stage_request(id, &staging, Some("xfs"), &ctx, TOKEN);
+    let stage = stage_request(id, &staging, Some("xfs"), &ctx, &secrets);
     let publish = publish_request(id, &staging, &target, Some("xfs"));
     let unpublish = pb::NodeUnpublishVolumeRequest {
         volume_id: id.into(),
@@ -748,7 +766,7 @@ async fn xfs_volume_round_trip() {
         c.node.node_unstage_volume(unstage.clone()).await?;
         scratch.assert_clean();
         // Asking for ext4 now must not format over the xfs.
-        let wrong = stage_request(id, &staging, Some("ext4"), &ctx, TOKEN);
+        let wrong = stage_request(id, &staging, Some("ext4"), &ctx, &secrets);
         let e = c.node.node_stage_volume(wrong).await;
         anyhow::ensure!(
             matches!(&e, Err(s) if s.code() == Code::FailedPrecondition),
@@ -779,9 +797,10 @@ async fn nbd_never_crosses_nodes_and_ignores_a_link_flap() {
     // node-b: an engine in its own network namespace, serving NBD on its unix socket only.
     // node-a: a plugin with no engine of the volume; node-b's plugin shares the engine's socket.
     let ns_b = Netns::create(7).unwrap();
-    let engine = EngineBuilder::new(scratch.path("engine-b"))
+    let engine = scratch
+        .engine("engine-b", "node-b", "vol-net")
+        .unwrap()
         .nbd_local_only()
-        .volume("vol-net")
         .size("64M")
         .token(TOKEN)
         .netns(&ns_b.name)
@@ -791,6 +810,7 @@ async fn nbd_never_crosses_nodes_and_ignores_a_link_flap() {
     let plugin_a = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let plugin_b = Plugin::start(&scratch.path("node-b"), "node-b").unwrap();
     let ctx = volume_context("vol-net", &[("node-b", &engine)]);
+    let secrets = scratch.secrets("vol-net", TOKEN).unwrap();
     let staging = scratch.path("staging");
     let target = scratch.path("pods/p/dev");
     std::fs::create_dir_all(&staging).unwrap();
@@ -804,7 +824,7 @@ async fn nbd_never_crosses_nodes_and_ignores_a_link_flap() {
         let mut a = plugin_a.client().await?;
         let refused = match a
             .node
-            .node_stage_volume(stage_request(id, &staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &staging, None, &ctx, &secrets))
             .await
         {
             Ok(_) => anyhow::bail!("a stage on a node without an engine of the volume attached"),
@@ -818,7 +838,7 @@ async fn nbd_never_crosses_nodes_and_ignores_a_link_flap() {
     with_logs!(plugin_b, async {
         let mut c = plugin_b.client().await?;
         c.node
-            .node_stage_volume(stage_request(id, &staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &staging, None, &ctx, &secrets))
             .await?;
         c.node
             .node_publish_volume(publish_request(id, &staging, &target, None))
@@ -855,19 +875,21 @@ async fn a_dead_attach_daemon_is_replaced_by_the_next_stage() {
     }
     let _serial = serial().await;
     let scratch = Scratch::new("daemon").unwrap();
-    let engine = EngineBuilder::new(scratch.path("engine-a"))
+    let engine = scratch
+        .engine("engine-a", "node-a", "vol-dd")
+        .unwrap()
         .nbd_local_only()
-        .volume("vol-dd")
         .size("256M")
         .token(TOKEN)
         .start()
         .unwrap();
     let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-dd", &[("node-a", &engine)]);
+    let secrets = scratch.secrets("vol-dd", TOKEN).unwrap();
     let staging = scratch.path("staging");
     std::fs::create_dir_all(&staging).unwrap();
     let id = "default/pv-dd";
-    let stage = stage_request(id, &staging, Some("ext4"), &ctx, TOKEN);
+    let stage = stage_request(id, &staging, Some("ext4"), &ctx, &secrets);
     let stats_req = pb::NodeGetVolumeStatsRequest {
         volume_id: id.into(),
         volume_path: staging.display().to_string(),
@@ -919,19 +941,21 @@ async fn concurrent_calls_and_read_only_publish() {
     }
     let _serial = serial().await;
     let scratch = Scratch::new("concurrent").unwrap();
-    let engine = EngineBuilder::new(scratch.path("engine-a"))
+    let engine = scratch
+        .engine("engine-a", "node-a", "vol-cc")
+        .unwrap()
         .nbd_local_only()
-        .volume("vol-cc")
         .size("256M")
         .token(TOKEN)
         .start()
         .unwrap();
     let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
     let ctx = volume_context("vol-cc", &[("node-a", &engine)]);
+    let secrets = scratch.secrets("vol-cc", TOKEN).unwrap();
     let staging = scratch.path("staging");
     std::fs::create_dir_all(&staging).unwrap();
     let id = "default/pv-cc";
-    let stage = stage_request(id, &staging, Some("ext4"), &ctx, TOKEN);
+    let stage = stage_request(id, &staging, Some("ext4"), &ctx, &secrets);
 
     with_logs!(plugin, async {
         let c = plugin.client().await?;
@@ -1155,7 +1179,8 @@ async fn ext4_takeover_by_staging_on_the_secondary_node() {
     }
     let _serial = serial().await;
     let scratch = Scratch::new("takeover-fs").unwrap();
-    let pair = EnginePair::start(&scratch.root, "vol-tk", "512M", TOKEN).unwrap();
+    let pair = EnginePair::start(&scratch, "vol-tk", "512M", TOKEN).unwrap();
+    let secrets = scratch.secrets("vol-tk", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-tk", false).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-tk", false).unwrap();
     let mut node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
@@ -1168,7 +1193,7 @@ async fn ext4_takeover_by_staging_on_the_secondary_node() {
         // Node A: the pod runs on the primary's node.
         let mut a = node_a.client().await?;
         a.node
-            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, &secrets))
             .await?;
         a.node
             .node_publish_volume(publish_request(id, &na.staging, &na.target, fs))
@@ -1188,7 +1213,7 @@ async fn ext4_takeover_by_staging_on_the_secondary_node() {
         let mut b = node_b.client().await?;
         let st = stage_takes_over(
             &mut b,
-            stage_request(id, &nb.staging, fs, &ctx, TOKEN),
+            stage_request(id, &nb.staging, fs, &ctx, &secrets),
             &pair,
         )
         .await?;
@@ -1231,7 +1256,7 @@ async fn ext4_takeover_by_staging_on_the_secondary_node() {
 
         // Staged again on node B (now the primary's node): every file, merged and replicated.
         b.node
-            .node_stage_volume(stage_request(id, &nb.staging, fs, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &nb.staging, fs, &ctx, &secrets))
             .await?;
         b.node
             .node_publish_volume(publish_request(id, &nb.staging, &nb.target, fs))
@@ -1301,7 +1326,8 @@ async fn raw_block_takeover_by_staging_on_the_secondary_node() {
     }
     let _serial = serial().await;
     let scratch = Scratch::new("takeover-blk").unwrap();
-    let pair = EnginePair::start(&scratch.root, "vol-tb", "64M", TOKEN).unwrap();
+    let pair = EnginePair::start(&scratch, "vol-tb", "64M", TOKEN).unwrap();
+    let secrets = scratch.secrets("vol-tb", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-tb", true).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-tb", true).unwrap();
     let mut node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
@@ -1315,7 +1341,7 @@ async fn raw_block_takeover_by_staging_on_the_secondary_node() {
     with_pair_logs!(node_a, node_b, pair, async {
         let mut a = node_a.client().await?;
         a.node
-            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, &secrets))
             .await?;
         a.node
             .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
@@ -1334,7 +1360,7 @@ async fn raw_block_takeover_by_staging_on_the_secondary_node() {
         let mut b = node_b.client().await?;
         let st = stage_takes_over(
             &mut b,
-            stage_request(id, &nb.staging, None, &ctx, TOKEN),
+            stage_request(id, &nb.staging, None, &ctx, &secrets),
             &pair,
         )
         .await?;
@@ -1386,7 +1412,8 @@ async fn staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy() 
     }
     let _serial = serial().await;
     let scratch = Scratch::new("takeover-dead").unwrap();
-    let mut pair = EnginePair::start(&scratch.root, "vol-td", "64M", TOKEN).unwrap();
+    let mut pair = EnginePair::start(&scratch, "vol-td", "64M", TOKEN).unwrap();
+    let secrets = scratch.secrets("vol-td", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-td", true).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-td", true).unwrap();
     let mut node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
@@ -1401,7 +1428,7 @@ async fn staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy() 
     with_pair_logs!(node_a, node_b, pair, async {
         let mut a = node_a.client().await?;
         a.node
-            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, &secrets))
             .await?;
         a.node
             .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
@@ -1418,7 +1445,7 @@ async fn staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy() 
         let mut b = node_b.client().await?;
         let e = b
             .node
-            .node_stage_volume(stage_request(id, &nb.staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &nb.staging, None, &ctx, &secrets))
             .await;
         match &e {
             Err(s) if s.code() == Code::Unavailable && s.message().contains("HandoffBlocked") => {}
@@ -1440,7 +1467,7 @@ async fn staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy() 
         force.insert(ATTR_FAILOVER_POLICY.into(), "ForcePromote".into());
         let e = b
             .node
-            .node_stage_volume(stage_request(id, &nb.staging, None, &force, TOKEN))
+            .node_stage_volume(stage_request(id, &nb.staging, None, &force, &secrets))
             .await;
         match &e {
             Err(s) if s.code() == Code::Unavailable && s.message().contains("operator") => {}
@@ -1460,7 +1487,7 @@ async fn staging_while_the_primary_is_dead_is_unavailable_whatever_the_policy() 
             .map_err(anyhow::Error::msg)?;
         pair.b.control("lease", &[]).map_err(anyhow::Error::msg)?;
         b.node
-            .node_stage_volume(stage_request(id, &nb.staging, None, &force, TOKEN))
+            .node_stage_volume(stage_request(id, &nb.staging, None, &force, &secrets))
             .await?;
         let st = pair.b.status().await?;
         anyhow::ensure!(
@@ -1521,7 +1548,8 @@ async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_
     }
     let _serial = serial().await;
     let scratch = Scratch::new("stale").unwrap();
-    let pair = EnginePair::start(&scratch.root, "vol-st", "256M", TOKEN).unwrap();
+    let pair = EnginePair::start(&scratch, "vol-st", "256M", TOKEN).unwrap();
+    let secrets = scratch.secrets("vol-st", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-st", false).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-st", false).unwrap();
     // The pod that replaces p1 on node A after the failback (same staging path).
@@ -1538,7 +1566,7 @@ async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_
         // Node A: the pod runs on the primary's node, pinned to epoch 1.
         let mut a = node_a.client().await?;
         a.node
-            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, &secrets))
             .await?;
         a.node
             .node_publish_volume(publish_request(id, &na.staging, &na.target, fs))
@@ -1552,7 +1580,7 @@ async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_
         // in place (nothing unpublishes or unstages there). The pod moves to node B: takeover.
         let mut b = node_b.client().await?;
         b.node
-            .node_stage_volume(stage_request(id, &nb.staging, fs, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &nb.staging, fs, &ctx, &secrets))
             .await?;
         let st = pair.b.status().await?;
         anyhow::ensure!(
@@ -1642,7 +1670,7 @@ async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_
         // refused as stale, retryable, and nothing changes (no takeover either).
         let e = a
             .node
-            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, &secrets))
             .await;
         match &e {
             Err(s) if s.code() == Code::Aborted && s.message().contains("stale") => {
@@ -1667,7 +1695,7 @@ async fn a_stale_staging_stays_fenced_through_a_failback_and_is_replaced_by_the_
         a.node.node_unpublish_volume(na.unpublish(id)).await?;
         let t0 = std::time::Instant::now();
         a.node
-            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &na.staging, fs, &ctx, &secrets))
             .await?;
         println!("stage replacing the stale staging: {:?}", t0.elapsed());
         let (dev, export) = recorded_attachment(&node_a, id)?;
@@ -1727,7 +1755,8 @@ async fn a_primary_engine_crash_under_a_live_workload_is_a_stall_not_an_error() 
     }
     let _serial = serial().await;
     let scratch = Scratch::new("engine-crash").unwrap();
-    let mut pair = EnginePair::start(&scratch.root, "vol-ec", "64M", TOKEN).unwrap();
+    let mut pair = EnginePair::start(&scratch, "vol-ec", "64M", TOKEN).unwrap();
+    let secrets = scratch.secrets("vol-ec", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-ec", true).unwrap();
     let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
     let ctx = pair.volume_context();
@@ -1737,7 +1766,7 @@ async fn a_primary_engine_crash_under_a_live_workload_is_a_stall_not_an_error() 
     with_logs!(node_a, async {
         let mut a = node_a.client().await?;
         a.node
-            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, &secrets))
             .await?;
         a.node
             .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
@@ -1823,13 +1852,14 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
     let _serial = serial().await;
     let scratch = Scratch::new("ro-stage").unwrap();
     let pair = EnginePair::start_with(
-        &scratch.root,
+        &scratch,
         "vol-ro",
         "64M",
         TOKEN,
         &["--secondary-access", "read-only"],
     )
     .unwrap();
+    let secrets = scratch.secrets("vol-ro", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-ro", true).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-ro", true).unwrap();
     let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
@@ -1845,7 +1875,7 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
     with_pair_logs!(node_a, node_b, pair, async {
         let mut a = node_a.client().await?;
         a.node
-            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, &secrets))
             .await?;
         a.node
             .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
@@ -1857,7 +1887,7 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
         // secondaryAccess None: a reader on node B is refused, nothing taken over or attached.
         let mut b = node_b.client().await?;
         for mode in [Mode::SingleNodeReaderOnly, Mode::MultiNodeReaderOnly] {
-            let mut req = stage_request(id, &nb.staging, None, &ctx, TOKEN);
+            let mut req = stage_request(id, &nb.staging, None, &ctx, &secrets);
             req.volume_capability = Some(reader_capability(None, mode));
             match b.node.node_stage_volume(req).await {
                 Err(s)
@@ -1870,7 +1900,7 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
         roles_unchanged(&pair).await?;
 
         // secondaryAccess ReadOnly: attached to engine-b, read-only, at its epoch.
-        let mut req = stage_request(id, &nb.staging, None, &ro_ctx, TOKEN);
+        let mut req = stage_request(id, &nb.staging, None, &ro_ctx, &secrets);
         req.volume_capability = Some(reader_capability(None, Mode::MultiNodeReaderOnly));
         b.node.node_stage_volume(req.clone()).await?;
         roles_unchanged(&pair).await?;
@@ -1921,7 +1951,8 @@ async fn a_pod_moved_to_the_secondarys_node_without_an_operator() {
     }
     let _serial = serial().await;
     let scratch = Scratch::new("pod-moved").unwrap();
-    let pair = EnginePair::start(&scratch.root, "vol-pm", "64M", TOKEN).unwrap();
+    let pair = EnginePair::start(&scratch, "vol-pm", "64M", TOKEN).unwrap();
+    let secrets = scratch.secrets("vol-pm", TOKEN).unwrap();
     let na = NodePaths::new(&scratch, "node-a", "p1", "pv-pm", true).unwrap();
     let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-pm", true).unwrap();
     let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
@@ -1933,7 +1964,7 @@ async fn a_pod_moved_to_the_secondarys_node_without_an_operator() {
     with_pair_logs!(node_a, node_b, pair, async {
         let mut a = node_a.client().await?;
         a.node
-            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &na.staging, None, &ctx, &secrets))
             .await?;
         a.node
             .node_publish_volume(publish_request(id, &na.staging, &na.target, None))
@@ -1949,7 +1980,7 @@ async fn a_pod_moved_to_the_secondarys_node_without_an_operator() {
         let mut b = node_b.client().await?;
         let t0 = std::time::Instant::now();
         b.node
-            .node_stage_volume(stage_request(id, &nb.staging, None, &ctx, TOKEN))
+            .node_stage_volume(stage_request(id, &nb.staging, None, &ctx, &secrets))
             .await?;
         let staged = t0.elapsed();
         let (sa, sb) = (pair.a.status().await?, pair.b.status().await?);
@@ -2002,6 +2033,139 @@ async fn a_pod_moved_to_the_secondarys_node_without_an_operator() {
         b.node.node_unstage_volume(nb.unstage(id)).await?;
         history.check("engine-b's replica", &std::fs::read(pair.b.data())?)?;
         history.check("engine-a's replica", &std::fs::read(pair.a.data())?)?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// Issue 13: a CSI Secret that does not speak for this volume on this node moves nothing. On the
+/// secondary's node (where a good stage takes over), a stage whose Secret carries another
+/// volume's pair (same CA), another node's pair, or no pair at all fails and attaches nothing, and
+/// the engines keep their roles; asked directly, the engine refuses those identities a takeover
+/// (PERMISSION_DENIED). With the volume's own Secret the same stage takes over through TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_with_another_volumes_or_nodes_certificate_attaches_nothing() {
+    if skip("a_stage_with_another_volumes_or_nodes_certificate_attaches_nothing") {
+        return;
+    }
+    use tandem_api::client::{EngineClient, TakeoverPolicy};
+    use tandem_api::tls::ClientTls;
+    let _serial = serial().await;
+    let scratch = Scratch::new("tls-stage").unwrap();
+    let pair = EnginePair::start(&scratch, "vol-mt", "64M", TOKEN).unwrap();
+    let secrets = scratch.secrets("vol-mt", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-mt", true).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-mt", true).unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
+    let ctx = pair.volume_context();
+    let id = "default/pv-mt";
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let tls = &scratch.tls;
+    let (cert_key, key_key) = (secret_csi_cert_key("node-b"), secret_csi_key_key("node-b"));
+    // Node B's entries replaced by a pair for `id`.
+    let with_pair = |id: &Identity| -> anyhow::Result<Secrets> {
+        let (cert, key) = tls.pair(id)?;
+        let mut s = secrets.clone();
+        s.insert(cert_key.clone(), cert);
+        s.insert(key_key.clone(), key);
+        Ok(s)
+    };
+    let other_volume = Tls::csi("vol-other", "node-b");
+    let other_node = Tls::csi("vol-mt", "node-a");
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        let mut b = node_b.client().await?;
+        let mut no_pair = secrets.clone();
+        no_pair.remove(&cert_key);
+        no_pair.remove(&key_key);
+        let mut token_only = Secrets::new();
+        token_only.insert(SECRET_TOKEN_KEY.into(), TOKEN.into());
+        let cases = [
+            // The plugin accepts only an engine of its certificate's volume as the server, so
+            // it never reaches this volume's engines: nothing answers, retryable.
+            (
+                "another volume's pair",
+                with_pair(&other_volume)?,
+                Code::Unavailable,
+                "expected an engine of e2e/vol-other",
+            ),
+            // A Secret must not let one node speak as another: refused before any call.
+            (
+                "node A's pair under node B's keys",
+                with_pair(&other_node)?,
+                Code::InvalidArgument,
+                "not this node's CSI plugin",
+            ),
+            (
+                "a CA but no pair for node B",
+                no_pair,
+                Code::InvalidArgument,
+                "csi.node-b.crt",
+            ),
+            // Engines with TLS refuse the token alone.
+            (
+                "the token alone",
+                token_only,
+                Code::Unauthenticated,
+                "requires mutual TLS",
+            ),
+        ];
+        for (what, bad, want, says) in cases {
+            match b
+                .node
+                .node_stage_volume(stage_request(id, &nb.staging, None, &ctx, &bad))
+                .await
+            {
+                Err(s) if s.code() == want && s.message().contains(says) => {}
+                other => anyhow::bail!("a stage with {what}: {other:?}"),
+            }
+            assert_clean_under(&nb.root);
+            roles_unchanged(&pair).await?;
+            anyhow::ensure!(
+                pair.b.status().await?.nbd_connections == 0,
+                "a stage with {what} attached to engine-b"
+            );
+        }
+
+        // Whatever a plugin checks, the engine refuses these identities a takeover itself.
+        for (what, id) in [("another volume", &other_volume), ("node A", &other_node)] {
+            let (cert, key) = tls.pair(id)?;
+            let creds = ClientTls::from_pem(tls.ca().cert_pem(), &cert, &key)?;
+            let mut c = EngineClient::connect_with(&pair.b.grpc, Some(TOKEN), Some(&creds)).await?;
+            match c
+                .takeover("vol-mt", TakeoverPolicy::Wait, Duration::from_secs(10))
+                .await
+            {
+                Err(e) if e.code() == Some(Code::PermissionDenied) => {}
+                other => anyhow::bail!("a takeover as the CSI plugin of {what}: {other:?}"),
+            }
+        }
+        roles_unchanged(&pair).await?;
+
+        // The volume's own Secret: the stage takes over, through TLS, and the device works.
+        // (Nothing is owed, so engine-a may already be a secondary again when it returns.)
+        b.node
+            .node_stage_volume(stage_request(id, &nb.staging, None, &ctx, &secrets))
+            .await?;
+        let (sa, sb) = (pair.a.status().await?, pair.b.status().await?);
+        anyhow::ensure!(
+            role(&sb) == EngineRole::Primary && sb.epoch == 2 && sb.nbd_connections >= 1,
+            "engine-b: {sb:?}"
+        );
+        anyhow::ensure!(
+            role(&sa) != EngineRole::Primary && sa.epoch == 2,
+            "engine-a: {sa:?}"
+        );
+        b.node
+            .node_publish_volume(publish_request(id, &nb.staging, &nb.target, None))
+            .await?;
+        dd_write(&nb.target, 0, 131, 1 << 20, &tmp)?;
+        anyhow::ensure!(dd_read(&nb.target, 0, 1 << 20)? == pattern(131, 1 << 20));
+        b.node.node_unpublish_volume(nb.unpublish(id)).await?;
+        b.node.node_unstage_volume(nb.unstage(id)).await?;
+        EnginePair::wait_converged(&pair.b, &pair.a, Duration::from_secs(120)).await?;
         scratch.assert_clean();
         Ok(())
     });

@@ -302,9 +302,15 @@ pub struct ServeArgs {
     /// How often --tls-dir is checked for new certificates, in milliseconds.
     #[arg(long, default_value_t = 10000, hide = true)]
     pub tls_reload_ms: u64,
-    /// Most concurrent gRPC connections; more are closed at once.
+    /// Most concurrent gRPC connections; at the cap a newcomer replaces the oldest connection
+    /// still in its handshake, or is closed at once if there is none.
     #[arg(long, default_value_t = tandem_api::tls::server::DEFAULT_MAX_CONNECTIONS)]
     pub max_grpc_connections: usize,
+    /// A gRPC client that has not finished its TLS handshake (or sent its first byte) within
+    /// this many milliseconds is closed. At most the default, 10000; lower for tests.
+    #[arg(long, default_value_t = 10000, hide = true,
+          value_parser = clap::value_parser!(u64).range(1..=10000))]
+    pub grpc_handshake_timeout_ms: u64,
 }
 
 /// Which engine and volume a client command talks to.

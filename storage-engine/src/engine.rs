@@ -210,6 +210,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     peer_timeout,
                     AcceptOptions {
                         max_connections: args.max_grpc_connections,
+                        handshake_timeout: std::time::Duration::from_millis(
+                            args.grpc_handshake_timeout_ms,
+                        ),
                         ..AcceptOptions::new(tls_source)
                     },
                 ),

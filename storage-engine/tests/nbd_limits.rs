@@ -14,36 +14,7 @@ use std::{
 
 use common::*;
 use storage_engine::nbd::client::{handshake_async, NbdClient};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt},
-    net::{TcpStream, UnixStream},
-    task::JoinHandle,
-};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Open descriptors of process `pid`.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-/// CPU time of process `pid` (utime + stime) in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name may hold spaces; the fields after it do not. utime and stime are fields
-    // 14 and 15, the 12th and 13th after the name.
-    let rest = &stat[stat.rfind(')').unwrap() + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
+use tokio::net::{TcpStream, UnixStream};
 
 /// The TCP ports process `pid` listens on (from /proc/net/tcp{,6}, matched by socket inode).
 fn listening_ports(pid: u32) -> Vec<u16> {
@@ -80,15 +51,6 @@ fn counter(metrics: &str, name: &str) -> f64 {
     let page = scrape(metrics);
     sample(&page, &format!("tandem_{name}_total{{volume=\"vol\"}}"))
         .unwrap_or_else(|| panic!("{name} missing from\n{page}"))
-}
-
-/// An idle client: reads until the server closes; returns what it got and when the close came.
-fn hold<S: AsyncRead + Unpin + Send + 'static>(mut s: S) -> JoinHandle<(usize, Instant)> {
-    tokio::spawn(async move {
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf).await;
-        (buf.len(), Instant::now())
-    })
 }
 
 /// The NBD greeting the server sends before waiting for the client's flags.

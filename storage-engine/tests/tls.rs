@@ -1,11 +1,16 @@
 //! Mutual TLS on gRPC (issue 13): engines with `--tls-dir` replicate and take over; clients
 //! without an acceptable certificate are UNAUTHENTICATED; identities get only their rights;
-//! rotation keeps the replication stream; no token or key reaches a log.
+//! rotation keeps the replication stream; no token or key reaches a log. The gRPC acceptor's
+//! limits: idle handshakers closed at the handshake timeout or evicted at the cap, refusal over
+//! the cap, descriptor exhaustion without spinning.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use common::*;
 use storage_engine::{
@@ -369,4 +374,237 @@ fn no_token_or_key_in_debug_logs() {
             }
         }
     }
+}
+
+// ---------- the gRPC acceptor's limits ----------
+
+/// One engine of `local/vol` with TLS and no peer; returns it and an operator client.
+fn tls_engine(dir: &Path, certs: &Certs, extra: &[&str]) -> (Engine, ClientTls) {
+    let me = certs.issue("engine", &Identity::Engine { volume: vol() });
+    let e = EngineBuilder::new(dir.join("engine"))
+        .tls_dir(&me)
+        .token(TOKEN)
+        .args(extra)
+        .start()
+        .unwrap();
+    (e, certs.client(&Identity::Operator))
+}
+
+/// Opens `n` TCP connections to `addr` that never send a byte (no ClientHello).
+async fn idle_clients(addr: &str, n: usize) -> Vec<tokio::task::JoinHandle<(usize, Instant)>> {
+    let mut idle = Vec::with_capacity(n);
+    for _ in 0..n {
+        idle.push(hold(tokio::net::TcpStream::connect(addr).await.unwrap()));
+    }
+    idle
+}
+
+/// Status as `tls`, retried until it answers or `secs` pass.
+async fn status_within(addr: &str, tls: &ClientTls, secs: u64) -> pb::StatusReply {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match status_with(addr, Some(tls)).await {
+            Ok(r) => return r,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no Status within {secs} s: {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn grpc_idle_handshakers_are_closed_at_the_timeout_while_a_tls_client_gets_status() {
+    let d = tempfile::tempdir().unwrap();
+    let certs = Certs::new(d.path());
+    let (e, op) = tls_engine(
+        d.path(),
+        &certs,
+        &[
+            "--max-grpc-connections",
+            "2000",
+            "--grpc-handshake-timeout-ms",
+            "5000",
+        ],
+    );
+    let pid = e.pid().unwrap();
+    let baseline = fd_count(pid);
+    let rt = runtime();
+    let opened = Instant::now();
+    let idle = rt.block_on(idle_clients(&e.grpc, 1000));
+    wait_until(20, "the engine to hold 1000 idle connections", || {
+        fd_count(pid) >= baseline + 1000
+    });
+    // A real client during the flood: a TLS handshake, then an answer.
+    let reply = rt.block_on(status_with(&e.grpc, Some(&op))).unwrap();
+    assert_eq!(reply.volume, "vol");
+    let served = Instant::now();
+    let closes = rt.block_on(async {
+        let mut closes = Vec::new();
+        for h in idle {
+            closes.push(
+                tokio::time::timeout(Duration::from_secs(20), h)
+                    .await
+                    .expect("an idle connection still open 20 s later")
+                    .unwrap(),
+            );
+        }
+        closes
+    });
+    for (got, at) in closes {
+        assert_eq!(got, 0, "the server sends nothing before a ClientHello");
+        assert!(
+            at > served,
+            "an idle client was closed before Status was served"
+        );
+        // Each one's clock starts at its accept, after `opened`: closed by the timeout, not
+        // sooner, and not much later.
+        let after = at.duration_since(opened);
+        assert!(
+            after >= Duration::from_secs(5) && after < Duration::from_secs(5 + 8),
+            "closed {after:?} after the flood began"
+        );
+    }
+    wait_until(10, "the engine's descriptors back at the baseline", || {
+        fd_count(pid) <= baseline + 2
+    });
+    // A timeout above the default is refused: the flag only shortens it.
+    let log = d.path().join("over");
+    assert!(EngineBuilder::new(&log)
+        .args(["--grpc-handshake-timeout-ms", "10001"])
+        .start()
+        .is_err());
+    let log = std::fs::read_to_string(log.join("engine.log")).unwrap();
+    assert!(log.contains("10001"), "{log}");
+}
+
+#[test]
+fn grpc_idle_handshakers_at_the_cap_make_room_for_a_tls_client() {
+    let d = tempfile::tempdir().unwrap();
+    let certs = Certs::new(d.path());
+    // The default cap (256) and handshake timeout (10 s): the flood cannot wait the timeout out.
+    let (e, op) = tls_engine(d.path(), &certs, &[]);
+    let pid = e.pid().unwrap();
+    let baseline = fd_count(pid);
+    let rt = runtime();
+    let idle = rt.block_on(idle_clients(&e.grpc, 1000));
+    wait_until(20, "all but the 256 newest idle clients evicted", || {
+        idle.iter().filter(|h| h.is_finished()).count() == 1000 - 256
+    });
+    // The oldest went first: the newest 256 are the ones still open.
+    assert!(idle[..1000 - 256].iter().all(|h| h.is_finished()));
+    assert!(idle[1000 - 256..].iter().all(|h| !h.is_finished()));
+    assert!(fd_count(pid) <= baseline + 256 + 2, "{}", fd_count(pid));
+    let started = Instant::now();
+    let reply = rt.block_on(status_with(&e.grpc, Some(&op))).unwrap();
+    assert_eq!(reply.volume, "vol");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the real client waited {:?}: it must not wait for the idle ones' timeout",
+        started.elapsed()
+    );
+    // It took the place of the oldest idle one left.
+    wait_until(5, "one more idle client evicted", || {
+        idle.iter().filter(|h| h.is_finished()).count() == 1000 - 256 + 1
+    });
+    assert!(idle[1000 - 256].is_finished());
+    drop(idle);
+    drop(rt);
+    wait_until(10, "the engine's descriptors back at the baseline", || {
+        fd_count(pid) <= baseline + 2
+    });
+}
+
+#[test]
+fn grpc_over_the_cap_with_every_connection_established_a_newcomer_is_closed_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let certs = Certs::new(d.path());
+    let (e, op) = tls_engine(d.path(), &certs, &["--max-grpc-connections", "3"]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let mut c = EngineClient::connect_with(&e.grpc, Some(TOKEN), Some(&op))
+                .await
+                .unwrap();
+            c.status("vol").await.unwrap();
+            clients.push(c);
+        }
+        let t = Instant::now();
+        let (got, _) = hold(tokio::net::TcpStream::connect(&e.grpc).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(got, 0);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(
+            status_with(&e.grpc, Some(&op)).await.is_err(),
+            "a fourth client was served"
+        );
+        assert!(
+            e.log().contains("too many connections"),
+            "{}",
+            e.log_tail(10)
+        );
+        // The established ones still work, and a freed place is usable again.
+        for c in &mut clients {
+            assert_eq!(c.status("vol").await.unwrap().volume, "vol");
+        }
+        drop(clients.pop());
+        assert_eq!(status_within(&e.grpc, &op, 10).await.volume, "vol");
+    });
+}
+
+#[test]
+fn grpc_fd_exhaustion_pauses_accepts_instead_of_spinning_and_recovers() {
+    let d = tempfile::tempdir().unwrap();
+    let certs = Certs::new(d.path());
+    let (e, op) = tls_engine(d.path(), &certs, &["--max-grpc-connections", "1000"]);
+    let pid = e.pid().unwrap();
+    // Room for a dozen connections, then EMFILE (prlimit on the running engine: no pre_exec).
+    let limit = fd_count(pid) + 12;
+    run_ok(
+        "prlimit",
+        &[
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ],
+    );
+    let rt = runtime();
+    // The kernel completes these connects itself; the engine can accept only a dozen.
+    let idle = rt.block_on(async {
+        let mut idle = Vec::new();
+        for _ in 0..100 {
+            idle.push(tokio::net::TcpStream::connect(&e.grpc).await.unwrap());
+        }
+        idle
+    });
+    let failed = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("accept failed") && l.contains("grpc"))
+            .count()
+    };
+    wait_until(20, "the engine to run out of descriptors", || {
+        failed(&e.log()) > 0
+    });
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - before;
+    // A spinning accept loop burns the whole 2 s (about 200 ticks); a paused one next to nothing.
+    assert!(
+        spent < 30,
+        "the engine used {spent} ticks of CPU in 2 s of exhaustion"
+    );
+    assert_eq!(
+        failed(&e.log()),
+        1,
+        "logged once per burst:\n{}",
+        e.log_tail(20)
+    );
+    // The descriptors come back: the engine accepts (and drops) the queued dead connections,
+    // then serves a real TLS client.
+    drop(idle);
+    let reply = rt.block_on(status_within(&e.grpc, &op, 20));
+    assert_eq!(reply.volume, "vol");
+    assert!(e.log().contains("accepting again"), "{}", e.log_tail(20));
 }

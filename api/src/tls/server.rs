@@ -2,15 +2,18 @@
 //! verdict on its peer ([`PeerAuth`]) as tonic connection info, so the engine's authorization
 //! reads who is calling from the request's extensions.
 //!
-//! Limits: at most `max_connections` connections at once (more are closed at accept), a TLS
-//! handshake (or the first byte of a plaintext one) within `handshake_timeout`, and an accept
-//! error (EMFILE, ENFILE, ENOBUFS) backs off instead of spinning.
+//! Limits: at most `max_connections` connections at once (at the cap a newcomer replaces the
+//! oldest connection still in its handshake, or is closed at once if there is none, as the NBD
+//! listeners do), a TLS handshake (or the first byte of a plaintext one) within
+//! `handshake_timeout`, and an accept error (EMFILE, ENFILE, ENOBUFS) backs off instead of
+//! spinning.
 
 use std::{
+    collections::BTreeMap,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -19,7 +22,7 @@ use rustls::pki_types::UnixTime;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+    sync::{mpsc, oneshot},
 };
 use tokio_rustls::server::TlsStream;
 
@@ -59,7 +62,71 @@ enum Stream {
 pub struct ServerIo {
     stream: Stream,
     info: PeerInfo,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
+}
+
+/// The connections under the cap, by admission order; an entry with a sender is still in its
+/// handshake and may be evicted (sending on it, or dropping it, closes that connection).
+struct Slots {
+    max: usize,
+    table: Mutex<Table>,
+}
+
+/// The next id, and the connections by id.
+type Table = (u64, BTreeMap<u64, Option<oneshot::Sender<()>>>);
+
+/// One connection's place under the cap; dropping it frees the place.
+struct Slot {
+    id: u64,
+    slots: Arc<Slots>,
+}
+
+impl Slots {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        // Consistent after every statement: a panicking holder leaves it usable.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a new connection and the signal that it was evicted; at the cap the oldest
+    /// connection still in handshake makes room, and None (close at once) if there is none.
+    // Limit: at most `max` connections at once, and idle handshakers cannot lock a real client
+    // out (storage-engine tests/tls.rs `grpc_idle_handshakers_*`, `grpc_over_the_cap_*`).
+    fn admit(self: &Arc<Self>) -> Option<(Slot, oneshot::Receiver<()>)> {
+        let mut t = self.table();
+        if t.1.len() >= self.max {
+            let oldest = t.1.iter().find(|(_, e)| e.is_some()).map(|(id, _)| *id);
+            // Dropping its sender wakes the handshake task, which closes the connection.
+            t.1.remove(&oldest?);
+        }
+        let id = t.0;
+        t.0 += 1;
+        let (tx, rx) = oneshot::channel();
+        t.1.insert(id, Some(tx));
+        let slot = Slot {
+            id,
+            slots: Arc::clone(self),
+        };
+        Some((slot, rx))
+    }
+}
+
+impl Slot {
+    /// The handshake is over: no longer evictable. False if it was evicted meanwhile.
+    fn established(&self) -> bool {
+        match self.slots.table().1.get_mut(&self.id) {
+            Some(e) => {
+                *e = None;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.table().1.remove(&self.id);
+    }
 }
 
 impl tonic::transport::server::Connected for ServerIo {
@@ -153,22 +220,9 @@ impl AcceptOptions {
 /// The first byte of a TLS ClientHello record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-async fn establish(
-    tcp: TcpStream,
-    remote: SocketAddr,
-    tls: Option<TlsSource>,
-    slot: OwnedSemaphorePermit,
-) -> io::Result<ServerIo> {
-    let io = |stream, auth| ServerIo {
-        stream,
-        info: PeerInfo {
-            remote: Some(remote),
-            auth,
-        },
-        _slot: slot,
-    };
+async fn establish(tcp: TcpStream, tls: Option<TlsSource>) -> io::Result<(Stream, PeerAuth)> {
     let Some(tls) = tls else {
-        return Ok(io(Stream::Plain(tcp), PeerAuth::NotRequired));
+        return Ok((Stream::Plain(tcp), PeerAuth::NotRequired));
     };
     let mut first = [0u8; 1];
     if tcp.peek(&mut first).await? == 0 {
@@ -176,7 +230,7 @@ async fn establish(
     }
     if first[0] != TLS_HANDSHAKE {
         // Served by the same router so the client hears UNAUTHENTICATED, not a reset.
-        return Ok(io(Stream::Plain(tcp), PeerAuth::Plaintext));
+        return Ok((Stream::Plain(tcp), PeerAuth::Plaintext));
     }
     // New connections take the material current now; live ones keep theirs (rotation).
     let material = tls.current();
@@ -197,7 +251,7 @@ async fn establish(
             Err(r) => PeerAuth::Refused(r.0),
         },
     };
-    Ok(io(Stream::Tls(Box::new(stream)), auth))
+    Ok((Stream::Tls(Box::new(stream)), auth))
 }
 
 /// Accepts on `listener` for tonic's `serve_with_incoming*`: `tune` runs on every accepted
@@ -209,7 +263,10 @@ pub fn incoming(
     tune: impl Fn(&TcpStream) + Send + Sync + 'static,
 ) -> impl tokio_stream::Stream<Item = io::Result<ServerIo>> + Send + 'static {
     let (tx, rx) = mpsc::channel::<io::Result<ServerIo>>(16);
-    let slots = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let slots = Arc::new(Slots {
+        max: opts.max_connections.max(1),
+        table: Mutex::default(),
+    });
     tokio::spawn(async move {
         let mut backoff = crate::accept::Backoff::new("grpc");
         loop {
@@ -230,8 +287,9 @@ pub fn incoming(
                     }
                 }
             };
-            // The cap: a connection beyond it is closed at once rather than left to hang.
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            // The cap: a connection beyond it, with no handshaker to replace, is closed at once
+            // rather than left to hang.
+            let Some((slot, evicted)) = slots.admit() else {
                 tracing::warn!(%remote, max = opts.max_connections, "gRPC connection refused: too many connections");
                 drop(tcp);
                 continue;
@@ -241,10 +299,27 @@ pub fn incoming(
             let tls = opts.tls.clone();
             let limit = opts.handshake_timeout;
             tokio::spawn(async move {
-                match tokio::time::timeout(limit, establish(tcp, remote, tls, slot)).await {
-                    Ok(Ok(io)) => {
+                let done = tokio::select! {
+                    r = tokio::time::timeout(limit, establish(tcp, tls)) => r,
+                    _ = evicted => {
+                        tracing::debug!(%remote, "gRPC connection in handshake closed to make room for a new one");
+                        return;
+                    }
+                };
+                match done {
+                    Ok(Ok((stream, auth))) if slot.established() => {
+                        let info = PeerInfo {
+                            remote: Some(remote),
+                            auth,
+                        };
+                        let io = ServerIo {
+                            stream,
+                            info,
+                            _slot: slot,
+                        };
                         let _ = tx.send(Ok(io)).await;
                     }
+                    Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "gRPC handshake failed"),
                     Err(_) => tracing::debug!(%remote, "gRPC handshake timed out"),
                 }

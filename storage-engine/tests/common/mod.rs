@@ -155,3 +155,43 @@ pub fn read_block(e: &Engine, b: u64) -> Vec<u8> {
 pub fn content(seed: u64) -> Vec<u8> {
     pattern(seed, 4096)
 }
+
+// ---------- endpoint limits (nbd_limits.rs, tls.rs) ----------
+
+/// A runtime for tests that hold many client connections at once.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// CPU time of process `pid` (utime + stime) in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces; the fields after it do not. utime and stime are fields
+    // 14 and 15, the 12th and 13th after the name.
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// An idle client: reads until the server closes; returns what it got and when the close came.
+pub fn hold<S: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    mut s: S,
+) -> tokio::task::JoinHandle<(usize, std::time::Instant)> {
+    use tokio::io::AsyncReadExt as _;
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        (buf.len(), std::time::Instant::now())
+    })
+}
