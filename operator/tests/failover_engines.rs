@@ -9,12 +9,18 @@
 //!
 //! The engines are the testkit's (which builds `tandem-engine` with the cargo that runs this test, or takes
 //! `TANDEM_ENGINE_BIN`). qemu-io writes the data.
+//!
+//! Every gRPC call is mutual TLS, as in a cluster: each engine runs (`--tls-dir`, `--node-name`) on its
+//! engine TLS Secret as the operator mints it from the CA its Context holds, the fake API server holds those
+//! Secrets, and the operator calls the engines as its own `Operator` identity (the process-wide default
+//! client, `certs::serve_operator_identity`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     collections::{BTreeMap, HashMap},
     future::Future,
-    sync::{Arc, Mutex},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -38,9 +44,10 @@ use operator::{
 };
 use serde_json::{json, Value};
 use tandem_api::{
-    client::{PairState, StatusReply, TakeoverPhase},
+    client::{EngineClient, PairState, StatusReply, TakeoverPhase},
     nbd::client::NbdClient,
     pb,
+    tls::{self, Ca, ClientTls, Identity, Issued, VolumeRef},
 };
 use tandem_testkit::{qemu_io_ok, Engine, Pair};
 use tokio::task::JoinHandle;
@@ -84,6 +91,155 @@ fn role_name(role: i32) -> &'static str {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Certificates.
+
+/// The operator's CA: the one every test's Context holds. One per test binary, because the operator's
+/// client identity (`tls::set_default_client`) is process-wide and the tests run in parallel threads.
+fn test_ca() -> &'static Ca {
+    static CA: OnceLock<Ca> = OnceLock::new();
+    CA.get_or_init(|| {
+        Ca::generate("failover-engines test CA", Duration::from_secs(24 * 3600)).unwrap()
+    })
+}
+
+/// The volume's certificate Secrets (engine TLS of slot a and b, then the CSI Secret), minted by the
+/// operator's own `certs::mint` from [`test_ca`] with the volume's token: what its reconcile applies. The
+/// fake API server holds them from the start, as an earlier pass of the operator left them, so the engines
+/// can start on them before the first reconcile; that reconcile finds them valid and issues nothing.
+fn volume_secrets() -> &'static [Secret] {
+    static SECRETS: OnceLock<Vec<Secret>> = OnceLock::new();
+    SECRETS.get_or_init(|| {
+        let mv = volume_object(FailoverPolicy::WaitForPrimary, None);
+        let all = plan::CertPlan {
+            engine: [true, true],
+            csi: true,
+        };
+        let nodes = [
+            node_name(Slot::A).to_string(),
+            node_name(Slot::B).to_string(),
+        ];
+        operator::certs::mint(
+            &mv,
+            &all,
+            test_ca(),
+            &EngineConfig::default(),
+            TOKEN,
+            &nodes,
+            Default::default(),
+        )
+        .unwrap()
+        .0
+    })
+}
+
+/// The Secret named `name` among [`volume_secrets`].
+fn volume_secret(name: &str) -> &'static Secret {
+    volume_secrets()
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no secret {name}"))
+}
+
+/// One key of a Secret, as text.
+fn secret_text(secret: &Secret, key: &str) -> String {
+    let data = secret.data.as_ref().expect("a secret with data");
+    let bytes = &data.get(key).unwrap_or_else(|| panic!("no {key}")).0;
+    String::from_utf8(bytes.clone()).unwrap()
+}
+
+/// Writes a certificate and key with the CA's certificate as a `--tls-dir` at `dir`.
+fn write_tls_dir(dir: &Path, ca_pem: &str, cert_pem: &str, key_pem: &str) -> PathBuf {
+    let issued = Issued {
+        cert_pem: cert_pem.to_string(),
+        key_pem: key_pem.to_string(),
+        not_after: tls::mint::not_after(cert_pem).unwrap(),
+    };
+    tls::mint::write_dir(dir, ca_pem, &issued).unwrap();
+    dir.to_path_buf()
+}
+
+/// The engine of `slot`'s `--tls-dir` at `dir`: its engine TLS Secret (`ca.crt`, `tls.crt`, `tls.key`), as
+/// the kubelet mounts it into the engine pod.
+fn engine_tls_dir(dir: &Path, slot: Slot) -> PathBuf {
+    let secret = volume_secret(&plan::names::tls_secret(&key(), slot));
+    let text = |k: &str| secret_text(secret, k);
+    write_tls_dir(
+        dir,
+        &text(tls::CA_FILE),
+        &text(tls::CERT_FILE),
+        &text(tls::KEY_FILE),
+    )
+}
+
+/// A client certificate for `identity` from [`test_ca`].
+fn client_as(identity: &Identity) -> Issued {
+    test_ca()
+        .issue(identity, &[], Duration::from_secs(3600))
+        .unwrap()
+}
+
+/// TLS is really on, with the operator's Secrets: each engine serves the certificate of its engine TLS
+/// Secret; a plaintext client, even with the token, is UNAUTHENTICATED; the CSI plugin of another volume
+/// (same CA) is PERMISSION_DENIED; this volume's CSI plugin, with the certificate of its CSI Secret, may
+/// ask Status.
+async fn assert_mutual_tls(pair: &Pair) {
+    use tandem_api::contract::{secret_csi_cert_key, secret_csi_key_key, SECRET_CA_KEY};
+    use tonic::Code;
+    async fn status_as(
+        addr: &str,
+        tls: Option<&ClientTls>,
+    ) -> Result<StatusReply, tandem_api::client::ClientError> {
+        EngineClient::connect_with(addr, Some(TOKEN), tls)
+            .await?
+            .status(VOLUME)
+            .await
+    }
+    let ca_pem = test_ca().cert_pem();
+    let csi = volume_secret(&plan::names::csi_secret(&key()));
+    let other = client_as(&Identity::Csi {
+        volume: VolumeRef::new(NS, "other"),
+        node: node_name(Slot::A).into(),
+    });
+    let other = ClientTls::from_pem(ca_pem, &other.cert_pem, &other.key_pem).unwrap();
+    for (slot, e) in [(Slot::A, &pair.a), (Slot::B, &pair.b)] {
+        let secret = volume_secret(&plan::names::tls_secret(&key(), slot));
+        let served = tls::client::server_certificate(
+            &e.grpc,
+            &ClientTls::anonymous(ca_pem).unwrap(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            served,
+            tls::mint::der_of_pem(&secret_text(secret, tls::CERT_FILE)).unwrap(),
+            "engine {slot:?} serves its TLS Secret's certificate"
+        );
+        let plaintext = status_as(&e.grpc, None).await;
+        assert_eq!(
+            plaintext.as_ref().err().and_then(|e| e.code()),
+            Some(Code::Unauthenticated),
+            "{plaintext:?}"
+        );
+        let foreign = status_as(&e.grpc, Some(&other)).await;
+        assert_eq!(
+            foreign.as_ref().err().and_then(|e| e.code()),
+            Some(Code::PermissionDenied),
+            "{foreign:?}"
+        );
+        let node = node_name(slot);
+        let own = ClientTls::from_pem(
+            &secret_text(csi, SECRET_CA_KEY),
+            &secret_text(csi, &secret_csi_cert_key(node)),
+            &secret_text(csi, &secret_csi_key_key(node)),
+        )
+        .unwrap();
+        let allowed = status_as(&e.grpc, Some(&own)).await;
+        assert!(allowed.is_ok(), "{allowed:?}");
+    }
+}
+
 /// Engine slot a (the first primary, on node n1) and slot b (its secondary, on n2), each knowing the
 /// other's real gRPC address, in a directory that outlives them.
 fn start_pair() -> (tempfile::TempDir, Pair) {
@@ -96,6 +252,17 @@ fn start_pair_with(
     link: impl FnOnce(tandem_testkit::PairBuilder) -> tandem_testkit::PairBuilder,
 ) -> (tempfile::TempDir, Pair) {
     let dir = tempfile::tempdir().unwrap();
+    let tls_a = engine_tls_dir(&dir.path().join("tls-a"), Slot::A);
+    let tls_b = engine_tls_dir(&dir.path().join("tls-b"), Slot::B);
+    // The test's own calls (status, fault injection) speak as the operator, as the only identity that
+    // may inject faults.
+    let op = client_as(&Identity::Operator);
+    let op_dir = write_tls_dir(
+        &dir.path().join("tls-operator"),
+        test_ca().cert_pem(),
+        &op.cert_pem,
+        &op.key_pem,
+    );
     let builder = Pair::builder(dir.path())
         .volume(VOLUME)
         .size(&SIZE.to_string())
@@ -108,7 +275,17 @@ fn start_pair_with(
             "1000",
         ])
         .args(extra)
-        .a(|e| e.role("primary"));
+        .a(|e| {
+            e.role("primary")
+                .tls_dir(&tls_a)
+                .node_name(node_name(Slot::A))
+                .client_tls_dir(&op_dir)
+        })
+        .b(|e| {
+            e.tls_dir(&tls_b)
+                .node_name(node_name(Slot::B))
+                .client_tls_dir(&op_dir)
+        });
     let pair = link(builder).start().unwrap_or_else(|e| panic!("{e:#}"));
     (dir, pair)
 }
@@ -744,6 +921,8 @@ struct Operator {
     world: Arc<Mutex<World>>,
     engines: Arc<Routed>,
     _server: JoinHandle<()>,
+    /// Renews the operator's client certificate (ends with the test's runtime).
+    _identity: JoinHandle<()>,
 }
 
 impl Operator {
@@ -751,6 +930,15 @@ impl Operator {
         let world = Arc::new(Mutex::new(World {
             node_ready: [true, true],
             grace: "60s".into(),
+            secrets: volume_secrets()
+                .iter()
+                .map(|s| {
+                    (
+                        s.metadata.name.clone().unwrap(),
+                        serde_json::to_value(s).unwrap(),
+                    )
+                })
+                .collect(),
             ..Default::default()
         }));
         {
@@ -773,13 +961,18 @@ impl Operator {
             );
         }
         let (client, server) = api_server(world.clone());
+        // As the operator's main does: every engine channel of this process is mutual TLS as `Operator`.
+        // The same CA in every test, so a parallel test installing its own changes nothing.
+        let identity =
+            operator::certs::serve_operator_identity(test_ca().clone(), Duration::from_secs(3600))
+                .unwrap();
         let started = Instant::now();
         let ctx = Context::new(
             client,
             Metrics::default(),
             engines.clone(),
             EngineConfig::default(),
-            tandem_api::tls::Ca::generate("test CA", Duration::from_secs(3600)).unwrap(),
+            test_ca().clone(),
             Some("failover-engines-test".into()),
         );
         Operator {
@@ -788,6 +981,7 @@ impl Operator {
             world,
             engines,
             _server: server,
+            _identity: identity,
         }
     }
 
@@ -890,6 +1084,7 @@ async fn dead_primary_blocks_under_wait_then_force_promotes_and_the_old_primary_
     assert_eq!(status.phase, Phase::Synced, "{status:?}");
     assert_eq!(status.epoch, 1);
     assert_eq!(status.primary.as_ref().unwrap().slot, Slot::A);
+    assert_mutual_tls(&pair).await;
 
     // Writes the secondary hears about (heartbeats carry the primary's pending set) but never acknowledges.
     pair.a
@@ -1721,9 +1916,9 @@ async fn a_cordoned_primary_node_switches_over_then_lets_the_drain_evict_the_old
     let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
     assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
     assert_eq!(op.takeovers().len(), 1, "one switchover, no failover");
-    // The certificates were minted once (two engine TLS Secrets, the CSI Secret), not on every pass.
+    // The certificate Secrets the engines run on are the ones the operator finds valid: never issued again.
     let w = op.world.lock().unwrap();
-    assert_eq!(w.secret_applies, 3, "{:?}", w.secrets.keys());
+    assert_eq!(w.secret_applies, 0, "{:?}", w.secrets.keys());
     assert!(status.certificates.is_some());
 }
 
