@@ -213,6 +213,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         handshake_timeout: std::time::Duration::from_millis(
                             args.grpc_handshake_timeout_ms,
                         ),
+                        stats: Arc::clone(&volume.counters.grpc),
                         ..AcceptOptions::new(tls_source)
                     },
                 ),

@@ -86,6 +86,31 @@ pub fn render(v: &Volume, endpoint: &http::Stats) -> Result<String, fmt::Error> 
         "Failed NBD accepts (descriptors or memory exhausted); each paused the listener",
         load(&v.counters.nbd_accept_errors),
     );
+    let grpc = &v.counters.grpc;
+    counter(
+        &mut r,
+        "grpc_connections_refused",
+        "gRPC connections closed at accept: --max-grpc-connections reached, none in handshake",
+        load(&grpc.refused),
+    );
+    counter(
+        &mut r,
+        "grpc_handshakes_evicted",
+        "gRPC connections still in their TLS handshake closed to make room for a new one at the cap",
+        load(&grpc.evicted),
+    );
+    counter(
+        &mut r,
+        "grpc_handshake_timeouts",
+        "gRPC connections closed for not finishing the handshake within --grpc-handshake-timeout-ms",
+        load(&grpc.handshake_timeouts),
+    );
+    counter(
+        &mut r,
+        "grpc_accept_errors",
+        "Failed gRPC accepts (descriptors or memory exhausted); each paused the listener",
+        load(&grpc.accept_errors),
+    );
     counter(
         &mut r,
         "http_connections_refused",

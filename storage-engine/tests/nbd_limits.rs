@@ -46,13 +46,6 @@ fn port_of(addr: &str) -> u16 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-/// A counter of the engine's metrics page (label `volume="vol"`).
-fn counter(metrics: &str, name: &str) -> f64 {
-    let page = scrape(metrics);
-    sample(&page, &format!("tandem_{name}_total{{volume=\"vol\"}}"))
-        .unwrap_or_else(|| panic!("{name} missing from\n{page}"))
-}
-
 /// The NBD greeting the server sends before waiting for the client's flags.
 const GREETING: usize = 18;
 

@@ -417,6 +417,7 @@ async fn status_within(addr: &str, tls: &ClientTls, secs: u64) -> pb::StatusRepl
 fn grpc_idle_handshakers_are_closed_at_the_timeout_while_a_tls_client_gets_status() {
     let d = tempfile::tempdir().unwrap();
     let certs = Certs::new(d.path());
+    let metrics = tandem_testkit::free_port();
     let (e, op) = tls_engine(
         d.path(),
         &certs,
@@ -425,6 +426,8 @@ fn grpc_idle_handshakers_are_closed_at_the_timeout_while_a_tls_client_gets_statu
             "2000",
             "--grpc-handshake-timeout-ms",
             "5000",
+            "--metrics-listen",
+            &metrics,
         ],
     );
     let pid = e.pid().unwrap();
@@ -468,6 +471,9 @@ fn grpc_idle_handshakers_are_closed_at_the_timeout_while_a_tls_client_gets_statu
     wait_until(10, "the engine's descriptors back at the baseline", || {
         fd_count(pid) <= baseline + 2
     });
+    assert_eq!(counter(&metrics, "grpc_handshake_timeouts"), 1000.0);
+    assert_eq!(counter(&metrics, "grpc_handshakes_evicted"), 0.0);
+    assert_eq!(counter(&metrics, "grpc_connections_refused"), 0.0);
     // A timeout above the default is refused: the flag only shortens it.
     let log = d.path().join("over");
     assert!(EngineBuilder::new(&log)
@@ -483,7 +489,8 @@ fn grpc_idle_handshakers_at_the_cap_make_room_for_a_tls_client() {
     let d = tempfile::tempdir().unwrap();
     let certs = Certs::new(d.path());
     // The default cap (256) and handshake timeout (10 s): the flood cannot wait the timeout out.
-    let (e, op) = tls_engine(d.path(), &certs, &[]);
+    let metrics = tandem_testkit::free_port();
+    let (e, op) = tls_engine(d.path(), &certs, &["--metrics-listen", &metrics]);
     let pid = e.pid().unwrap();
     let baseline = fd_count(pid);
     let rt = runtime();
@@ -508,6 +515,10 @@ fn grpc_idle_handshakers_at_the_cap_make_room_for_a_tls_client() {
         idle.iter().filter(|h| h.is_finished()).count() == 1000 - 256 + 1
     });
     assert!(idle[1000 - 256].is_finished());
+    assert_eq!(
+        counter(&metrics, "grpc_handshakes_evicted"),
+        1000.0 - 256.0 + 1.0
+    );
     drop(idle);
     drop(rt);
     wait_until(10, "the engine's descriptors back at the baseline", || {

@@ -13,7 +13,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -195,6 +198,19 @@ impl AsyncWrite for ServerIo {
     }
 }
 
+/// What the acceptor turned away, for the engine's metrics.
+#[derive(Debug, Default)]
+pub struct AcceptStats {
+    /// Closed at accept: the cap was reached and no connection was still in its handshake.
+    pub refused: AtomicU64,
+    /// Closed in their handshake to make room for a newcomer at the cap.
+    pub evicted: AtomicU64,
+    /// Closed for not finishing the handshake within the timeout.
+    pub handshake_timeouts: AtomicU64,
+    /// Failed accepts (descriptors or memory exhausted); each paused the listener.
+    pub accept_errors: AtomicU64,
+}
+
 /// How the server accepts connections.
 #[derive(Clone, Debug)]
 pub struct AcceptOptions {
@@ -202,8 +218,7 @@ pub struct AcceptOptions {
     pub tls: Option<TlsSource>,
     pub max_connections: usize,
     pub handshake_timeout: Duration,
-    /// Failed accepts (EMFILE and the like), for the engine's metrics.
-    pub accept_errors: Arc<std::sync::atomic::AtomicU64>,
+    pub stats: Arc<AcceptStats>,
 }
 
 impl AcceptOptions {
@@ -212,7 +227,7 @@ impl AcceptOptions {
             tls,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-            accept_errors: Arc::default(),
+            stats: Arc::default(),
         }
     }
 }
@@ -282,7 +297,7 @@ pub fn incoming(
                 Err(e) => {
                     // A full fd table must not turn into a busy loop (accept::Backoff).
                     tokio::select! {
-                        _ = backoff.failed(&e, &opts.accept_errors) => continue,
+                        _ = backoff.failed(&e, &opts.stats.accept_errors) => continue,
                         _ = tx.closed() => return,
                     }
                 }
@@ -290,6 +305,7 @@ pub fn incoming(
             // The cap: a connection beyond it, with no handshaker to replace, is closed at once
             // rather than left to hang.
             let Some((slot, evicted)) = slots.admit() else {
+                opts.stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%remote, max = opts.max_connections, "gRPC connection refused: too many connections");
                 drop(tcp);
                 continue;
@@ -298,10 +314,12 @@ pub fn incoming(
             let tx = tx.clone();
             let tls = opts.tls.clone();
             let limit = opts.handshake_timeout;
+            let stats = Arc::clone(&opts.stats);
             tokio::spawn(async move {
                 let done = tokio::select! {
                     r = tokio::time::timeout(limit, establish(tcp, tls)) => r,
                     _ = evicted => {
+                        stats.evicted.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%remote, "gRPC connection in handshake closed to make room for a new one");
                         return;
                     }
@@ -321,7 +339,10 @@ pub fn incoming(
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "gRPC handshake failed"),
-                    Err(_) => tracing::debug!(%remote, "gRPC handshake timed out"),
+                    Err(_) => {
+                        stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%remote, "gRPC handshake timed out");
+                    }
                 }
             });
         }

@@ -55,6 +55,8 @@ pub struct Counters {
     pub nbd_handshake_timeouts: AtomicU64,
     /// Failed NBD accepts (descriptors or memory exhausted) that paused the listeners.
     pub nbd_accept_errors: AtomicU64,
+    /// What the gRPC acceptor turned away (refused, evicted, timed out, failed accepts).
+    pub grpc: std::sync::Arc<tandem_api::tls::server::AcceptStats>,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub flushes: AtomicU64,

@@ -75,6 +75,13 @@ pub fn scrape(addr: &str) -> String {
 }
 
 /// The value of `series` (a full name with labels) on a metrics page.
+/// A counter of the engine's metrics page at `metrics` (label `volume="vol"`).
+pub fn counter(metrics: &str, name: &str) -> f64 {
+    let page = scrape(metrics);
+    sample(&page, &format!("tandem_{name}_total{{volume=\"vol\"}}"))
+        .unwrap_or_else(|| panic!("{name} missing from\n{page}"))
+}
+
 pub fn sample(page: &str, series: &str) -> Option<f64> {
     page.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
