@@ -202,3 +202,56 @@ pub fn hold<S: tokio::io::AsyncRead + Unpin + Send + 'static>(
         (buf.len(), std::time::Instant::now())
     })
 }
+
+/// Runs `listener`'s engine out of descriptors: leaves it a dozen (prlimit on the running engine;
+/// the workspace forbids pre_exec), opens 100 connections to `addr` (the kernel completes them
+/// itself), waits until the engine logged a failed accept for `listener`, and asserts it then
+/// pauses instead of spinning: a spinning accept loop burns the whole 2 s (about 200 ticks), a
+/// paused one next to nothing, and the failure is logged once per burst. Returns the open
+/// connections: dropping them gives the descriptors back.
+pub fn exhaust_fds(
+    rt: &tokio::runtime::Runtime,
+    e: &tandem_testkit::Engine,
+    addr: &str,
+    listener: &str,
+) -> Vec<tokio::net::TcpStream> {
+    let pid = e.pid().unwrap();
+    let limit = fd_count(pid) + 12;
+    tandem_testkit::run_ok(
+        "prlimit",
+        &[
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ],
+    );
+    let idle = rt.block_on(async {
+        let mut idle = Vec::new();
+        for _ in 0..100 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        idle
+    });
+    let failed = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("accept failed") && l.contains(listener))
+            .count()
+    };
+    tandem_testkit::wait_until(20, "the engine to run out of descriptors", || {
+        failed(&e.log()) > 0
+    });
+    let before = cpu_ticks(pid);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < 30,
+        "the engine used {spent} ticks of CPU in 2 s of exhaustion"
+    );
+    assert_eq!(
+        failed(&e.log()),
+        1,
+        "logged once per burst:\n{}",
+        e.log_tail(20)
+    );
+    idle
+}
