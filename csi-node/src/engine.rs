@@ -63,7 +63,7 @@ impl TlsSecrets {
     /// This node's client credentials: None when the Secret has no CA (plaintext); an error
     /// when it has a CA but not this node's pair, or a pair that is not the CSI plugin of this
     /// node (a Secret must not let one node speak as another).
-    pub fn client(&self, node: &str, volume: &str) -> Result<Option<ClientTls>, String> {
+    pub fn client(&self, node: &str) -> Result<Option<ClientTls>, String> {
         let Some(ca) = self.0.get(SECRET_CA_KEY) else {
             return Ok(None);
         };
@@ -76,11 +76,6 @@ impl TlsSecrets {
         let tls = ClientTls::from_pem(ca, cert, key).map_err(|e| format!("{ck}: {e}"))?;
         match tls.source().map(|s| s.identity()) {
             // Only an engine of the volume our certificate names may answer.
-            // A pair for another volume would only ever be refused by the engines (or refuse
-            // them): say so now, as a bad Secret, instead of a retryable UNAVAILABLE.
-            Some(Identity::Csi { volume: v, .. }) if v.name != volume => Err(format!(
-                "{ck} is for volume {v}, not this PV's volume {volume:?}"
-            )),
             Some(Identity::Csi { volume, node: n }) if n == node => {
                 Ok(Some(tls.expect_volume(volume)))
             }
@@ -708,19 +703,17 @@ mod tls_secrets_tests {
         let mut secrets = HashMap::from([("token".to_string(), "t".to_string())]);
         // No CA: plaintext, as before.
         assert!(TlsSecrets::from_secrets(&secrets)
-            .client("node-a", "vol")
+            .client("node-a")
             .unwrap()
             .is_none());
         secrets.insert(SECRET_CA_KEY.into(), ca.cert_pem().into());
         let err = TlsSecrets::from_secrets(&secrets)
-            .client("node-a", "vol")
+            .client("node-a")
             .unwrap_err();
         assert!(err.contains("csi.node-a.crt"), "{err}");
         secrets.insert(secret_csi_cert_key("node-a"), a.cert_pem.clone());
         secrets.insert(secret_csi_key_key("node-a"), a.key_pem.clone());
-        let tls = TlsSecrets::from_secrets(&secrets)
-            .client("node-a", "vol")
-            .unwrap();
+        let tls = TlsSecrets::from_secrets(&secrets).client("node-a").unwrap();
         assert_eq!(
             tls.and_then(|t| t.source().map(|s| s.identity())),
             Some(id("node-a"))
@@ -729,14 +722,9 @@ mod tls_secrets_tests {
         secrets.insert(secret_csi_cert_key("node-b"), a.cert_pem.clone());
         secrets.insert(secret_csi_key_key("node-b"), a.key_pem.clone());
         let err = TlsSecrets::from_secrets(&secrets)
-            .client("node-b", "vol")
+            .client("node-b")
             .unwrap_err();
         assert!(err.contains("not this node's CSI plugin"), "{err}");
-        // A pair of another volume is a bad Secret, not a reason to retry.
-        let err = TlsSecrets::from_secrets(&secrets)
-            .client("node-a", "other")
-            .unwrap_err();
-        assert!(err.contains("not this PV's volume"), "{err}");
         // The key never shows in Debug.
         let shown = format!("{:?}", TlsSecrets::from_secrets(&secrets));
         assert!(

@@ -148,7 +148,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
             token: secret,
             tls: req
                 .tls
-                .client(self.node_id(), &params.volume)
+                .client(self.node_id())
                 .map_err(|e| Error::invalid("secrets", e))?,
         };
 

@@ -2083,12 +2083,13 @@ async fn a_stage_with_another_volumes_or_nodes_certificate_attaches_nothing() {
         let mut token_only = Secrets::new();
         token_only.insert(SECRET_TOKEN_KEY.into(), TOKEN.into());
         let cases = [
-            // A pair of another volume than the PV's: a bad Secret, refused before any call.
+            // The plugin accepts only an engine of its certificate's volume as the server, so
+            // it never reaches this volume's engines: nothing answers, retryable.
             (
                 "another volume's pair",
                 with_pair(&other_volume)?,
-                Code::InvalidArgument,
-                "not this PV's volume",
+                Code::Unavailable,
+                "expected an engine of e2e/vol-other",
             ),
             // A Secret must not let one node speak as another: refused before any call.
             (
