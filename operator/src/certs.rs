@@ -266,6 +266,16 @@ mod tests {
         s.data.as_ref().unwrap()
     }
 
+    /// Every Secret of the volume, minted afresh with token `tok` for nodes n1, n2.
+    fn mint_all(mv: &MirroredVolume, ca: &Ca) -> (Vec<Secret>, CertsObs) {
+        let all = CertPlan {
+            engine: [true, true],
+            csi: true,
+        };
+        let cfg = EngineConfig::default();
+        mint(mv, &all, ca, &cfg, "tok", &nodes(), CertsObs::default()).unwrap()
+    }
+
     fn pem(s: &Secret, key: &str) -> String {
         String::from_utf8(data(s)[key].0.clone()).unwrap()
     }
@@ -274,13 +284,7 @@ mod tests {
     fn engine_secrets_speak_for_the_volume_and_csi_one_identity_per_node() {
         let mv = MirroredVolume::test();
         let ca = ca();
-        let cfg = EngineConfig::default();
-        let all = CertPlan {
-            engine: [true, true],
-            csi: true,
-        };
-        let (secrets, certs) =
-            mint(&mv, &all, &ca, &cfg, "tok", &nodes(), CertsObs::default()).unwrap();
+        let (secrets, certs) = mint_all(&mv, &ca);
         assert_eq!(secrets.len(), 3);
         let volume = tandem_api::tls::VolumeRef::new("default", "data");
         for (secret, slot) in secrets[..2].iter().zip(Slot::BOTH) {
@@ -333,29 +337,14 @@ mod tests {
     fn another_ca_a_stale_token_or_another_volume_means_issue_again() {
         let mv = MirroredVolume::test();
         let ca = ca();
-        let cfg = EngineConfig::default();
-        let all = CertPlan {
-            engine: [true, true],
-            csi: true,
-        };
-        let (secrets, _) =
-            mint(&mv, &all, &ca, &cfg, "tok", &nodes(), CertsObs::default()).unwrap();
+        let (secrets, _) = mint_all(&mv, &ca);
         let seen = observe(&mv, &secrets, &self::ca(), Some("tok"), &nodes());
         assert_eq!(seen, CertsObs::default(), "signed by another CA");
         let seen = observe(&mv, &secrets, &ca, Some("new"), &nodes());
         assert!(seen.csi.is_none() && seen.engine.iter().all(Option::is_some));
         let mut other = MirroredVolume::test();
         other.metadata.name = Some("other".into());
-        let (foreign, _) = mint(
-            &other,
-            &all,
-            &ca,
-            &cfg,
-            "tok",
-            &nodes(),
-            CertsObs::default(),
-        )
-        .unwrap();
+        let (foreign, _) = mint_all(&other, &ca);
         // Renamed to this volume's Secrets, the other volume's certificates are still refused.
         let renamed: Vec<Secret> = foreign
             .into_iter()

@@ -46,6 +46,20 @@ fn port_of(addr: &str) -> u16 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
+/// Opens `n` NBD connections that never answer the greeting, a tenth of them on the unix socket
+/// (both listeners share the connection table and the timeout).
+async fn idle_nbd_clients(e: &Engine, n: usize) -> Vec<tokio::task::JoinHandle<(usize, Instant)>> {
+    let mut idle = Vec::with_capacity(n);
+    for i in 0..n {
+        if i % 10 == 0 {
+            idle.push(hold(UnixStream::connect(e.socket()).await.unwrap()));
+        } else {
+            idle.push(hold(TcpStream::connect(&e.nbd).await.unwrap()));
+        }
+    }
+    idle
+}
+
 /// The NBD greeting the server sends before waiting for the client's flags.
 const GREETING: usize = 18;
 
@@ -68,19 +82,8 @@ fn idle_handshakers_are_closed_at_the_timeout_while_a_real_client_gets_in() {
     let pid = e.pid().unwrap();
     let baseline = fd_count(pid);
     let rt = runtime();
-    let (opened, idle) = rt.block_on(async {
-        let mut idle = Vec::new();
-        let opened = Instant::now();
-        for i in 0..1000 {
-            // A tenth on the unix socket: both listeners share the table and the timeout.
-            if i % 10 == 0 {
-                idle.push(hold(UnixStream::connect(e.socket()).await.unwrap()));
-            } else {
-                idle.push(hold(TcpStream::connect(&e.nbd).await.unwrap()));
-            }
-        }
-        (opened, idle)
-    });
+    let opened = Instant::now();
+    let idle = rt.block_on(idle_nbd_clients(&e, 1000));
     wait_until(20, "the engine to hold 1000 idle connections", || {
         fd_count(pid) >= baseline + 1000
     });
@@ -90,18 +93,7 @@ fn idle_handshakers_are_closed_at_the_timeout_while_a_real_client_gets_in() {
         &["write -P 0x5a 0 64k", "flush", "read -P 0x5a 0 64k"],
     );
     let served = Instant::now();
-    let closes = rt.block_on(async {
-        let mut closes = Vec::new();
-        for h in idle {
-            closes.push(
-                tokio::time::timeout(Duration::from_secs(20), h)
-                    .await
-                    .expect("an idle handshaker still open 20 s later")
-                    .unwrap(),
-            );
-        }
-        closes
-    });
+    let closes = rt.block_on(closed_within(idle, 20, "an idle handshaker"));
     for (got, at) in &closes {
         assert_eq!(
             *got, GREETING,
@@ -139,17 +131,7 @@ fn idle_handshakers_at_the_cap_make_room_for_a_real_client() {
     let pid = e.pid().unwrap();
     let baseline = fd_count(pid);
     let rt = runtime();
-    let idle = rt.block_on(async {
-        let mut idle = Vec::new();
-        for i in 0..1000 {
-            if i % 10 == 0 {
-                idle.push(hold(UnixStream::connect(e.socket()).await.unwrap()));
-            } else {
-                idle.push(hold(TcpStream::connect(&e.nbd).await.unwrap()));
-            }
-        }
-        idle
-    });
+    let idle = rt.block_on(idle_nbd_clients(&e, 1000));
     wait_until(20, "all but the 64 newest idle clients evicted", || {
         idle.iter().filter(|h| h.is_finished()).count() == 1000 - 64
     });
@@ -370,18 +352,7 @@ fn http_silent_clients_time_out_and_over_the_cap_are_refused_and_metrics_answer_
     let ((got, _), took) = extra;
     assert_eq!(got, 0);
     assert!(took < Duration::from_secs(2), "the 33rd waited {took:?}");
-    let closes = rt.block_on(async {
-        let mut closes = Vec::new();
-        for h in silent {
-            closes.push(
-                tokio::time::timeout(Duration::from_secs(30), h)
-                    .await
-                    .expect("a silent HTTP client still open 30 s later")
-                    .unwrap(),
-            );
-        }
-        closes
-    });
+    let closes = rt.block_on(closed_within(silent, 30, "a silent HTTP client"));
     for (got, at) in closes {
         let after = at.duration_since(opened);
         assert_eq!(got, 0);

@@ -442,18 +442,7 @@ fn grpc_idle_handshakers_are_closed_at_the_timeout_while_a_tls_client_gets_statu
     let reply = rt.block_on(status_with(&e.grpc, Some(&op))).unwrap();
     assert_eq!(reply.volume, "vol");
     let served = Instant::now();
-    let closes = rt.block_on(async {
-        let mut closes = Vec::new();
-        for h in idle {
-            closes.push(
-                tokio::time::timeout(Duration::from_secs(20), h)
-                    .await
-                    .expect("an idle connection still open 20 s later")
-                    .unwrap(),
-            );
-        }
-        closes
-    });
+    let closes = rt.block_on(closed_within(idle, 20, "an idle connection"));
     for (got, at) in closes {
         assert_eq!(got, 0, "the server sends nothing before a ClientHello");
         assert!(

@@ -203,6 +203,23 @@ pub fn hold<S: tokio::io::AsyncRead + Unpin + Send + 'static>(
     })
 }
 
+/// Waits for each held connection (`hold`) to be closed by the server, at most `secs` each:
+/// what it received and when it closed.
+pub async fn closed_within(
+    held: Vec<tokio::task::JoinHandle<(usize, std::time::Instant)>>,
+    secs: u64,
+    what: &str,
+) -> Vec<(usize, std::time::Instant)> {
+    let mut closes = Vec::with_capacity(held.len());
+    for h in held {
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(secs), h)
+            .await
+            .unwrap_or_else(|_| panic!("{what} still open {secs} s later"));
+        closes.push(closed.unwrap());
+    }
+    closes
+}
+
 /// Runs `listener`'s engine out of descriptors: leaves it a dozen (prlimit on the running engine;
 /// the workspace forbids pre_exec), opens 100 connections to `addr` (the kernel completes them
 /// itself), waits until the engine logged a failed accept for `listener`, and asserts it then
