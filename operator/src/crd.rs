@@ -73,6 +73,46 @@ pub struct MirroredVolumeSpec {
     /// When set, the operator also creates a PersistentVolumeClaim bound to the volume's PersistentVolume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<ClaimSpec>,
+
+    /// Where the volume's first content comes from: a snapshot of, or a clone of, another volume in
+    /// the same namespace. Unset: zeros. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("source is immutable"))]
+    pub source: Option<VolumeSource>,
+
+    /// Set by the CSI controller for a dynamically provisioned volume: the PersistentVolume the
+    /// external-provisioner creates from CreateVolume's answer. The operator then creates no
+    /// PersistentVolume of its own. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("persistentVolumeName is immutable"))]
+    pub persistent_volume_name: Option<String>,
+}
+
+/// A volume's initial content (`spec.source`): exactly one of `snapshot` or `volume`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.snapshot) != has(self.volume)").message("set exactly one of snapshot or volume"))]
+pub struct VolumeSource {
+    /// A snapshot taken by a volume's engine (CSI CreateSnapshot or `tandem-engine snapshot create`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotSource>,
+    /// Another MirroredVolume in the same namespace, cloned as it is when this volume is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub volume: Option<String>,
+}
+
+/// A snapshot to restore from.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSource {
+    /// The MirroredVolume the snapshot was taken of (same namespace).
+    #[schemars(length(min = 1, max = 63))]
+    pub volume: String,
+    /// The snapshot's id on that volume's engines.
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,128}$"))]
+    pub id: String,
 }
 
 /// Replication settings.
@@ -101,6 +141,7 @@ pub enum ReplicationMode {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("has(self.nodes) != has(self.nodeSelector)").message("set exactly one of nodes or nodeSelector"),
+    validation = Rule::new("!has(self.nodes) || (!has(self.allowedNodes) && !has(self.preferredPrimary))").message("allowedNodes and preferredPrimary go with nodeSelector"),
     validation = Rule::new("self == oldSelf").message("placement is immutable")
 )]
 pub struct Placement {
@@ -113,6 +154,16 @@ pub struct Placement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "node_selector_schema")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// With `nodeSelector` only: the engines may run only on these nodes (CSI CreateVolume's
+    /// accessibility requirements). Unset: any node the selector matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1000), inner(length(min = 1, max = 253)))]
+    pub allowed_nodes: Option<Vec<String>>,
+    /// With `nodeSelector` only: the node that should hold the primary when it fits (the node the
+    /// scheduler chose for the first consumer, `volumeBindingMode: WaitForFirstConsumer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub preferred_primary: Option<String>,
 }
 
 /// Storage for the engines' own files.

@@ -54,7 +54,7 @@ impl MirroredVolume {
                 size: "1Gi".into(),
                 placement: Placement {
                     nodes: Some(vec!["n1".into(), "n2".into()]),
-                    node_selector: None,
+                    ..Default::default()
                 },
                 engine_storage: EngineStorage {
                     host_path: Some("/var/lib/tandem".into()),

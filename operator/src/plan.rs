@@ -1402,6 +1402,7 @@ mod tests {
                 "tandem.dev/storage".to_string(),
                 "true".to_string(),
             )])),
+            ..Default::default()
         };
         let candidates = [
             node("c", true),

@@ -308,6 +308,34 @@ impl Engine for EngineService {
             .map_err(Status::from)
     }
 
+    async fn resize(
+        &self,
+        _req: Request<pb::ResizeRequest>,
+    ) -> Result<Response<pb::ResizeReply>, Status> {
+        Err(Status::unimplemented("resize: issue 14 in progress"))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        Err(Status::unimplemented("snapshots: issue 14 in progress"))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotReply>, Status> {
+        Err(Status::unimplemented("snapshots: issue 14 in progress"))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsReply>, Status> {
+        Err(Status::unimplemented("snapshots: issue 14 in progress"))
+    }
+
     async fn inject_fault(
         &self,
         req: Request<pb::FaultRequest>,

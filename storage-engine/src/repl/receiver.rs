@@ -417,4 +417,11 @@ impl Peer for PeerService {
             .map(Response::new)
             .map_err(Status::from)
     }
+
+    async fn resize(
+        &self,
+        _req: Request<pb::ResizeRequest>,
+    ) -> Result<Response<pb::ResizeReply>, Status> {
+        Err(Status::unimplemented("resize: issue 14 in progress"))
+    }
 }
