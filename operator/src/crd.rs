@@ -444,6 +444,13 @@ pub struct MirroredVolumeStatus {
     /// The two nodes the engines are pinned to, slot a then slot b (resolved from the placement once).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
+    /// The size in bytes both engines serve (issue 14): below `spec.size` while an expansion is under
+    /// way; the CSI controller's ControllerExpandVolume returns once it reaches the requested size.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub capacity_bytes: u64,
+    /// Why the operator could not place the engines (no pair of nodes fits), or how it placed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<EngineStatusRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -480,6 +487,20 @@ pub struct MirroredVolumeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// The operator's placement decision (`status.placement`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementStatus {
+    /// `Placed`, or why no pair fits (`NoPairFits`, `SnapshotNodeUnavailable`, ...).
+    pub reason: String,
+    /// For humans: the nodes chosen and why, or what is missing.
+    pub message: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// When the volume's certificates run out; they are issued again when a third of their lifetime is left.
