@@ -47,6 +47,7 @@ use crate::{
     Error, Result,
 };
 use decide::Decision;
+use observe::Placed;
 
 /// Field manager for every server-side apply.
 pub const FIELD_MANAGER: &str = "tandem-operator";
@@ -141,20 +142,22 @@ impl MirroredVolume {
     /// Apply path: observe, decide, act, write status. Idempotent; never branches on why it was called.
     pub async fn reconcile(&self, ctx: Arc<Context>) -> Result<Action> {
         // A volume that cannot be placed or sized has nothing to observe.
-        let nodes = match self.place(&ctx).await? {
-            Ok(nodes) => nodes,
-            Err(invalid) => {
-                let status = self.status.clone().unwrap_or_default();
-                return self.write_invalid(&ctx, status, &invalid).await;
-            }
+        let status = self.status.clone().unwrap_or_default();
+        let (nodes, placement) = match self.place(&ctx).await? {
+            Placed::Nodes(nodes, placement) => (nodes, placement),
+            Placed::Invalid(invalid) => return self.write_invalid(&ctx, status, &invalid).await,
+            Placed::Refused(why) => return self.write_unplaced(&ctx, status, why).await,
         };
         let observed = self.observe(&ctx, &nodes).await?;
-        let mut plan = match decide::decide(self, &observed, &ctx.config) {
+        // The pass decides with the placement it just made (the "Placed" event carries its message).
+        let mut me = self.clone();
+        me.status.get_or_insert_with(Default::default).placement = placement;
+        let mut plan = match decide::decide(&me, &observed, &ctx.config) {
             Decision::Act(plan) => *plan,
             // A takeover moves the primary, and with it what the rest of the plan does: ask first.
             Decision::TakeOver(pending) => {
                 let attempt = self.take_over(&ctx, &pending).await;
-                pending.after(self, &ctx.config, attempt)
+                pending.after(&me, &ctx.config, attempt)
             }
         };
         self.act(&ctx, &mut plan).await?;
@@ -198,9 +201,14 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<()> {
                     .state()
                     .into_iter()
                     .filter(|mv| {
-                        mv.status
+                        // Its engines' nodes; and a volume still waiting for a pair that fits.
+                        let nodes = mv
+                            .status
                             .as_ref()
-                            .is_some_and(|s| s.nodes.contains(&node_name))
+                            .map(|s| s.nodes.as_slice())
+                            .unwrap_or(&[]);
+                        nodes.contains(&node_name)
+                            || (nodes.len() != 2 && mv.spec.placement.node_selector.is_some())
                     })
                     .map(|mv| ObjectRef::from_obj(mv.as_ref()))
                     .collect::<Vec<_>>()

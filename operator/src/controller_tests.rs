@@ -1019,3 +1019,93 @@ async fn a_blocked_takeover_is_abandoned_when_the_primary_serves_again() {
         seen.reasons()
     );
 }
+
+/// A selector volume: the operator lists the matching nodes and the engine pods, places the pair on the
+/// emptiest fitting nodes (not the first by name), and records why in `status.placement`.
+#[tokio::test]
+async fn a_selector_volume_is_placed_on_the_emptiest_fitting_nodes() {
+    let mut mv = MirroredVolume::test().finalized();
+    mv.spec.placement = crate::crd::Placement {
+        node_selector: Some([("tandem.dev/storage".to_string(), "true".to_string())].into()),
+        ..Default::default()
+    };
+    let answer = status_answer(&mv);
+    let mut cordoned = node_json("a0", true);
+    cordoned["spec"] = json!({"unschedulable": true});
+    let engine_on = |node: &str| json!({"metadata": {"name": format!("x-{node}"), "namespace": OP_NS}, "spec": {"nodeName": node, "containers": []}});
+    let mut script = vec![
+        Call::get("/api/v1/nodes?").check_reply(|_| {
+            list(
+                "NodeList",
+                vec![
+                    cordoned,
+                    node_json("n2", true),
+                    node_json("z9", true),
+                    node_json("n1", true),
+                ],
+            )
+        }),
+        Call::get(&paths::engine_pods()).reply(
+            200,
+            pod_list(vec![engine_on("z9"), engine_on("z9"), engine_on("n2")]),
+        ),
+    ];
+    script.extend(observe_calls(true, true, vec![], true, None));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::pod(Slot::A)));
+    script.push(Call::patch(&paths::pod(Slot::B)));
+    script.push(Call::patch(&format!("{}?", paths::pv())));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert!(result.is_ok(), "{result:?}");
+    let lists: Vec<&String> = seen.calls.iter().map(|c| &c.1).take(2).collect();
+    assert!(
+        lists[0].contains("labelSelector=tandem.dev%2Fstorage%3Dtrue"),
+        "{lists:?}"
+    );
+    assert!(lists[1].contains("tandem.dev%2Fslot"), "{lists:?}");
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["nodes"], json!(["n1", "n2"]));
+    assert_eq!(status["placement"]["reason"], "Placed");
+    let message = status["placement"]["message"].as_str().unwrap();
+    assert!(message.contains("primary on n1 (0 engine(s))"), "{message}");
+    let placed = seen.events.iter().find(|e| e.1 == "Placed").unwrap();
+    assert!(placed.2.contains("fewest engines"), "{placed:?}");
+}
+
+/// No pair fits: nothing is created, the volume waits in Creating with the reason in `status.placement`
+/// and the Ready condition, and is looked at again soon.
+#[tokio::test]
+async fn no_pair_fits_is_reported_and_retried() {
+    let mut mv = MirroredVolume::test().finalized();
+    mv.spec.placement = crate::crd::Placement {
+        node_selector: Some([("tandem.dev/storage".to_string(), "true".to_string())].into()),
+        ..Default::default()
+    };
+    let answer = status_answer(&mv);
+    let script = vec![
+        Call::get("/api/v1/nodes?").reply(
+            200,
+            list(
+                "NodeList",
+                vec![node_json("n1", true), node_json("n2", false)],
+            ),
+        ),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
+        Call::patch(&paths::status()).check_reply(answer),
+    ];
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(15)));
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["phase"], "Creating");
+    assert_eq!(status["placement"]["reason"], "NoPairFits");
+    assert!(
+        status["placement"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("n2 (not Ready)"),
+        "{status}"
+    );
+    assert_eq!(condition(status, "Ready")["reason"], "NoPairFits");
+    assert_eq!(seen.reasons(), vec!["NoPairFits"]);
+}

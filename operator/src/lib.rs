@@ -18,6 +18,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod observed;
+pub mod placement;
 pub mod plan;
 pub mod telemetry;
 pub mod witness;

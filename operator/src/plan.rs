@@ -64,6 +64,8 @@ pub const RUN_MOUNT: &str = "/run/tandem";
 pub const NBD_SOCKET: &str = "/run/tandem/nbd.sock";
 /// Host directory holding one directory per volume; the CSI DaemonSet mounts it at the same path.
 pub const HOST_VOLUMES_DIR: &str = "/run/tandem/volumes";
+/// Set to `tandem-operator` on everything the operator creates.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Extra room in an engine PVC beyond the volume and journal: meta, tables, overlay headroom.
 const ENGINE_PVC_SLACK: u64 = 256 << 20;
 /// Journal size assumed for PVC sizing when the spec leaves it to the engine (the engine's default).
@@ -228,10 +230,7 @@ pub fn labels(mv: &MirroredVolume) -> BTreeMap<String, String> {
             "app.kubernetes.io/name".to_string(),
             "tandem-engine".to_string(),
         ),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "tandem-operator".to_string(),
-        ),
+        (MANAGED_BY_LABEL.to_string(), "tandem-operator".to_string()),
         (VOLUME_LABEL.to_string(), key(mv)),
         (
             NAMESPACE_LABEL.to_string(),
@@ -386,34 +385,25 @@ pub fn volume_bytes(mv: &MirroredVolume) -> Result<u64, InvalidSpec> {
     Ok(bytes)
 }
 
-/// Resolves the two nodes: the status keeps them once chosen; otherwise `placement.nodes`, or the first two
-/// ready nodes (by name) matching `placement.nodeSelector`.
-pub fn choose_nodes(
+/// The two nodes when they are already decided: recorded in status (sticky once chosen), or named by
+/// `placement.nodes`. `None`: `placement.nodeSelector` leaves the choice to [`crate::placement::place`].
+pub fn fixed_nodes(
     mv: &MirroredVolume,
     status: &MirroredVolumeStatus,
-    candidates: &[NodeObs],
-) -> Result<[String; 2], InvalidSpec> {
+) -> Result<Option<[String; 2]>, InvalidSpec> {
     if let [a, b] = status.nodes.as_slice() {
-        return Ok([a.clone(), b.clone()]);
+        return Ok(Some([a.clone(), b.clone()]));
     }
     if let Some(nodes) = &mv.spec.placement.nodes {
         return match nodes.as_slice() {
-            [a, b] if a != b => Ok([a.clone(), b.clone()]),
+            [a, b] if a != b => Ok(Some([a.clone(), b.clone()])),
             _ => Err(InvalidSpec::new(
                 "placement.nodes must name two distinct nodes".to_string(),
             )),
         };
     }
     if mv.spec.placement.node_selector.is_some() {
-        let mut ready: Vec<&NodeObs> = candidates.iter().filter(|n| !n.is_lost()).collect();
-        ready.sort_by(|x, y| x.name.cmp(&y.name));
-        return match ready.as_slice() {
-            [a, b, ..] => Ok([a.name.clone(), b.name.clone()]),
-            _ => Err(InvalidSpec::new(format!(
-                "placement.nodeSelector matches {} ready node(s); two are needed",
-                ready.len()
-            ))),
-        };
+        return Ok(None);
     }
     Err(InvalidSpec::new(
         "placement needs nodes or nodeSelector".to_string(),
@@ -1381,8 +1371,8 @@ mod tests {
         let mv = MirroredVolume::test();
         let status = MirroredVolumeStatus::default();
         assert_eq!(
-            choose_nodes(&mv, &status, &[]).unwrap(),
-            ["n1".to_string(), "n2".to_string()]
+            fixed_nodes(&mv, &status).unwrap(),
+            Some(["n1".to_string(), "n2".to_string()])
         );
 
         // Recorded nodes win over the spec (placement is immutable, selector choices are sticky).
@@ -1391,8 +1381,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            choose_nodes(&mv, &recorded, &[]).unwrap(),
-            ["x".to_string(), "y".to_string()]
+            fixed_nodes(&mv, &recorded).unwrap(),
+            Some(["x".to_string(), "y".to_string()])
         );
 
         let mut sel = MirroredVolume::test();
@@ -1404,17 +1394,8 @@ mod tests {
             )])),
             ..Default::default()
         };
-        let candidates = [
-            node("c", true),
-            node("a", false),
-            node("b", true),
-            node("d", true),
-        ];
-        assert_eq!(
-            choose_nodes(&sel, &status, &candidates).unwrap(),
-            ["b".to_string(), "c".to_string()]
-        );
-        assert!(choose_nodes(&sel, &status, &candidates[..2]).is_err());
+        // A selector leaves the choice to `placement::place` (tested there).
+        assert_eq!(fixed_nodes(&sel, &status).unwrap(), None);
         assert_eq!(
             selector_string(sel.spec.placement.node_selector.as_ref().unwrap()),
             "tandem.dev/storage=true"
@@ -1422,7 +1403,7 @@ mod tests {
 
         let mut same = MirroredVolume::test();
         same.spec.placement.nodes = Some(vec!["n1".into(), "n1".into()]);
-        assert!(choose_nodes(&same, &status, &[]).is_err());
+        assert!(fixed_nodes(&same, &status).is_err());
     }
 
     #[test]
@@ -1770,7 +1751,11 @@ pub fn render_initial(
     mv: &MirroredVolume,
     cfg: &EngineConfig,
 ) -> Result<Vec<serde_json::Value>, InvalidSpec> {
-    let nodes = choose_nodes(mv, &MirroredVolumeStatus::default(), &[])?;
+    let nodes = fixed_nodes(mv, &MirroredVolumeStatus::default())?.ok_or_else(|| {
+        InvalidSpec::new(
+            "render needs placement.nodes: a nodeSelector is resolved against the cluster's nodes",
+        )
+    })?;
     let node = |name: &str| NodeObs {
         name: name.to_string(),
         exists: true,

@@ -160,10 +160,15 @@ fn assess(mv: &MirroredVolume, observed: Observed) -> (Pass, Option<TakeoverInte
     let mut status = old.clone();
     let mut notes = Vec::new();
     if old.nodes.len() != 2 {
+        let how = old
+            .placement
+            .as_ref()
+            .map(|p| format!(": {}", p.message))
+            .unwrap_or_default();
         notes.push(note(
             "Placed",
             format!(
-                "engines pinned to nodes {} (slot a) and {} (slot b)",
+                "engines pinned to nodes {} (slot a) and {} (slot b){how}",
                 observed.nodes[0].name, observed.nodes[1].name
             ),
         ));

@@ -1,5 +1,5 @@
 //! Observe: every read of one pass, into one [`Observed`]. The only choice made here is which two nodes to
-//! look at (`plan::choose_nodes`, sticky once recorded in status); everything else is read as it is.
+//! look at (`plan::fixed_nodes` or `placement::place`, sticky once recorded in status); everything else is read as it is.
 
 use k8s_openapi::{
     api::{
@@ -13,12 +13,23 @@ use tracing::info;
 
 use super::Context;
 use crate::{
-    crd::{MirroredVolume, Slot},
+    crd::{MirroredVolume, PlacementStatus, Slot},
     engine::{EngineState, EngineTarget},
-    observed::{NodeObs, Observed, PodObs, PvObs, WorkloadPod, VOLUME_LABEL},
-    plan::{self, names, InvalidSpec},
+    observed::{NodeObs, Observed, PodObs, PvObs, WorkloadPod, SLOT_LABEL, VOLUME_LABEL},
+    placement,
+    plan::{self, names, InvalidSpec, MANAGED_BY_LABEL},
     Error, Result,
 };
+
+/// What placement concluded for one pass.
+pub(super) enum Placed {
+    /// `[slot a, slot b]`, and the decision to record in `status.placement`.
+    Nodes([String; 2], Option<PlacementStatus>),
+    /// The spec cannot be placed as written (Failed until it changes).
+    Invalid(InvalidSpec),
+    /// No pair fits now: retried, nodes may come.
+    Refused(PlacementStatus),
+}
 
 /// A fresh volume token: 32 random bytes, hex.
 fn new_token() -> Result<String> {
@@ -37,26 +48,71 @@ fn volume_selector(name: &str) -> ListParams {
 }
 
 impl MirroredVolume {
-    /// The two engine nodes: the ones recorded in status; before that the spec's, or the first two ready
-    /// nodes its selector matches. Invalid when the spec names no two nodes or an unusable size.
-    pub(super) async fn place(&self, ctx: &Context) -> Result<Result<[String; 2], InvalidSpec>> {
+    /// The two engine nodes: the ones recorded in status; before that the spec's, or the pair
+    /// `placement::place` chooses among the nodes its selector matches. Invalid when the spec names no
+    /// two nodes or an unusable size; unplaced (retried) when no pair fits yet.
+    pub(super) async fn place(&self, ctx: &Context) -> Result<Placed> {
         let status = self.status.clone().unwrap_or_default();
-        let mut candidates = Vec::new();
-        if status.nodes.len() != 2 && self.spec.placement.nodes.is_none() {
-            if let Some(selector) = &self.spec.placement.node_selector {
-                let lp = ListParams::default().labels(&plan::selector_string(selector));
-                let nodes: Api<Node> = Api::all(ctx.client.clone());
-                candidates = nodes
-                    .list(&lp)
-                    .await?
-                    .items
-                    .iter()
-                    .map(NodeObs::from_node)
-                    .collect();
-            }
+        if let Err(invalid) = plan::validate(self, &ctx.config) {
+            return Ok(Placed::Invalid(invalid));
         }
-        Ok(plan::choose_nodes(self, &status, &candidates)
-            .and_then(|nodes| plan::validate(self, &ctx.config).map(|_| nodes)))
+        match plan::fixed_nodes(self, &status) {
+            Err(invalid) => return Ok(Placed::Invalid(invalid)),
+            Ok(Some(nodes)) => {
+                let placement = status.placement.clone().or_else(|| {
+                    Some(PlacementStatus {
+                        reason: placement::PLACED.into(),
+                        message: format!(
+                            "placement.nodes: primary on {}, secondary on {}",
+                            nodes[0], nodes[1]
+                        ),
+                    })
+                });
+                return Ok(Placed::Nodes(nodes, placement));
+            }
+            Ok(None) => (),
+        }
+        let selector = self
+            .spec
+            .placement
+            .node_selector
+            .clone()
+            .unwrap_or_default();
+        let lp = ListParams::default().labels(&plan::selector_string(&selector));
+        let nodes: Api<Node> = Api::all(ctx.client.clone());
+        let matched = nodes.list(&lp).await?.items;
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+        let engines = pods
+            .list(
+                &ListParams::default()
+                    .labels(&format!("{MANAGED_BY_LABEL}=tandem-operator,{SLOT_LABEL}")),
+            )
+            .await?
+            .items;
+        let per_node = placement::engines_per_node(&engines);
+        let candidates: Vec<placement::Candidate> = matched
+            .iter()
+            .map(|n| {
+                let count = per_node.get(&n.name_any()).copied().unwrap_or(0);
+                placement::Candidate::from_node(n, count)
+            })
+            .collect();
+        let key = plan::key(self);
+        let wishes = placement::Wishes {
+            key: &key,
+            allowed_nodes: self.spec.placement.allowed_nodes.as_deref(),
+            preferred_primary: self.spec.placement.preferred_primary.as_deref(),
+            required_primary: None,
+        };
+        let decision = placement::place(&wishes, &candidates);
+        let shown = PlacementStatus {
+            reason: decision.reason.into(),
+            message: decision.message,
+        };
+        Ok(match decision.nodes {
+            Some(nodes) => Placed::Nodes(nodes, Some(shown)),
+            None => Placed::Refused(shown),
+        })
     }
 
     /// Reads the volume's world. The engines are asked with the Secret's token; the observation carries a

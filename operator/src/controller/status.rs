@@ -13,11 +13,14 @@ use super::{
     Context,
 };
 use crate::{
-    crd::{EngineRole, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
-    failover,
+    crd::{EngineRole, MirroredVolume, MirroredVolumeStatus, Phase, PlacementStatus, Slot},
+    failover, placement,
     plan::{self, names, EngineConfig, InvalidSpec},
     Result,
 };
+
+/// How soon a volume no pair of nodes fits is placed again (node events also wake it).
+pub(super) const UNPLACED_RETRY: Duration = Duration::from_secs(15);
 
 /// The status to write, the events that go with it, and when to look again.
 pub(super) fn settle(
@@ -131,6 +134,41 @@ impl MirroredVolume {
             self.publish(ctx, vec![warning(reason, message)]).await;
         }
         Ok(Action::requeue(Duration::from_secs(60)))
+    }
+
+    /// No pair of nodes fits yet: `status.placement` and the Ready condition say why; looked at again
+    /// soon (and whenever a node changes), since nodes may come. The event only when the reason changes.
+    pub(super) async fn write_unplaced(
+        &self,
+        ctx: &Context,
+        mut status: MirroredVolumeStatus,
+        why: PlacementStatus,
+    ) -> Result<Action> {
+        let first = status.placement.as_ref().map(|p| &p.reason) != Some(&why.reason);
+        let now = stamp(Timestamp::now()).to_string();
+        status.phase = Phase::Creating;
+        status.observed_generation = self.metadata.generation;
+        let reason = match why.reason.as_str() {
+            placement::PREFERRED_PRIMARY_UNAVAILABLE => placement::PREFERRED_PRIMARY_UNAVAILABLE,
+            placement::SNAPSHOT_NODE_UNAVAILABLE => placement::SNAPSHOT_NODE_UNAVAILABLE,
+            _ => placement::NO_PAIR_FITS,
+        };
+        failover::set_condition(
+            &mut status.conditions,
+            "Ready",
+            false,
+            reason,
+            &why.message,
+            self.metadata.generation,
+            &now,
+        );
+        let text = why.message.clone();
+        status.placement = Some(why);
+        self.patch_status(ctx, &status).await?;
+        if first {
+            self.publish(ctx, vec![warning(reason, text)]).await;
+        }
+        Ok(Action::requeue(UNPLACED_RETRY))
     }
 
     async fn patch_status(&self, ctx: &Context, status: &MirroredVolumeStatus) -> Result<()> {
