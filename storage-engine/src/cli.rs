@@ -48,6 +48,24 @@ pub enum Command {
     /// mints them).
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Remove a deleted volume's engine files on this node: the state dir, the data file, the
+    /// directory that held them once empty, and the NBD socket dir. Idempotent; refuses a dir that
+    /// does not look like an engine state dir, or one an engine still holds.
+    Wipe(WipeArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["state_dir", "run_dir"])))]
+pub struct WipeArgs {
+    /// The engine's --state-dir.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The engine's --data file (removed only together with a state dir that passed the checks).
+    #[arg(long, requires = "state_dir")]
+    pub data: Option<PathBuf>,
+    /// The volume's NBD socket directory (holds only sockets).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -26,3 +26,4 @@ pub mod state;
 pub mod store;
 pub mod takeover;
 pub mod volume;
+pub mod wipe;

@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
             Command::Lease(args) => storage_engine::engine::grant_lease(args).await,
             Command::Demo(args) => storage_engine::demo::run(args).await,
             Command::Certs(cmd) => storage_engine::engine::certs(cmd),
+            Command::Wipe(args) => storage_engine::wipe::run(&args),
         }
     })
 }
