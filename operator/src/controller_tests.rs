@@ -127,7 +127,7 @@ async fn create_path_applies_secret_services_pods_and_pv() {
     );
     assert_eq!(
         pod_a["spec"]["volumes"][0]["hostPath"]["path"],
-        "/var/lib/tandem/default/data"
+        "/var/lib/tandem/default/data-0c6a0d1e-0000-4000-8000-000000000001"
     );
     let pod_b = seen.body(Method::PATCH, &paths::pod(Slot::B));
     assert_eq!(flag(pod_b, "--role"), "secondary");
@@ -582,29 +582,17 @@ async fn wait_policy_takeover_failure_is_retried_and_counted() {
         .contains(r#"tandem_operator_failovers_total{namespace="default",volume="data",reason="PrimaryUnready",result="failed"} 1"#));
 }
 
-#[tokio::test]
-async fn deletion_tears_everything_down_then_drops_the_finalizer() {
-    let mv = MirroredVolume::test()
-        .finalized()
-        .with_claim("app-data")
-        .deleting();
-    let removed = serde_json::to_value(MirroredVolume::test().with_claim("app-data")).unwrap();
-    let script = vec![
-        Call::delete(&paths::pvc("app-data")),
-        Call::get(&paths::pv()).reply(200, pv_json(Some("app-data"))),
-        Call::get(&paths::pvc("app-data")).reply(404, not_found("claim")),
-        Call::delete(&paths::pv()),
-        // Each kind in the operator's namespace is listed by the owner labels; only what they list goes.
-        Call::get(&paths::engine_pods()).check_reply(|_| {
-            pod_list(vec![engine_pod_json(
-                Slot::A,
-                "primary",
-                "Running",
-                true,
-                ago(60),
-            )])
-        }),
-        Call::delete(&paths::engine(Slot::A)),
+/// The calls of a deletion after the engines and the wipe: each kind in the operator's namespace is
+/// listed by the owner labels and only what they list goes; then the finalizer.
+fn teardown_calls(removed: Value, pods: Vec<Value>) -> Vec<Call> {
+    let mut calls = vec![Call::get(&paths::engine_pods()).reply(200, pod_list(pods.clone()))];
+    for p in &pods {
+        calls.push(Call::delete(&format!(
+            "/api/v1/namespaces/{OP_NS}/pods/{}",
+            name_of(p)
+        )));
+    }
+    calls.extend([
         Call::get(&format!("/api/v1/namespaces/{OP_NS}/services?")).reply(
             200,
             list("ServiceList", vec![named(&format!("{}-engine-b", key()))]),
@@ -630,7 +618,26 @@ async fn deletion_tears_everything_down_then_drops_the_finalizer() {
             );
             removed
         }),
+    ]);
+    calls
+}
+
+#[tokio::test]
+async fn deletion_tears_everything_down_then_drops_the_finalizer() {
+    let mv = MirroredVolume::test()
+        .finalized()
+        .with_claim("app-data")
+        .deleting();
+    let removed = serde_json::to_value(MirroredVolume::test().with_claim("app-data")).unwrap();
+    let mut script = vec![
+        Call::delete(&paths::pvc("app-data")),
+        Call::get(&paths::pv()).reply(200, pv_json(Some("app-data"))),
+        Call::get(&paths::pvc("app-data")).reply(404, not_found("claim")),
+        Call::delete(&paths::pv()),
+        // No engine pod left (and never placed: nothing to wipe).
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
     ];
+    script.extend(teardown_calls(removed, vec![]));
     let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert_eq!(seen.reasons(), vec!["Deleted"]);
@@ -641,7 +648,7 @@ async fn deletion_tears_everything_down_then_drops_the_finalizer() {
         .filter(|c| c.0 == Method::GET && c.1.contains(OP_NS))
         .map(|c| &c.1)
         .collect();
-    assert_eq!(lists.len(), 5);
+    assert_eq!(lists.len(), 6);
     for uri in lists {
         for label in [
             "volume-namespace%3Ddefault",
@@ -651,6 +658,179 @@ async fn deletion_tears_everything_down_then_drops_the_finalizer() {
             assert!(uri.contains(label), "{uri} lacks {label}");
         }
     }
+}
+
+/// The wipe pod of `default/data` for a slot, as the apiserver returns it.
+fn wipe_pod_json(slot: Slot, phase: &str, created: k8s_openapi::jiff::Timestamp) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": format!("{}-wipe-{}", key(), slot.as_str()), "namespace": OP_NS,
+            "labels": owner_labels(), "creationTimestamp": created.to_string(),
+        },
+        "spec": {"containers": [{"name": "wipe"}]},
+        "status": {"phase": phase}
+    })
+}
+
+fn wipe_path(slot: Slot) -> String {
+    format!(
+        "/api/v1/namespaces/{OP_NS}/pods/{}-wipe-{}",
+        key(),
+        slot.as_str()
+    )
+}
+
+/// Deleting a placed volume: the engines stop first, then one wipe pod per node removes the engine's
+/// files (the uid data dir and the socket dir), and only once both succeeded do the finalizer and the
+/// remaining objects go. Three passes, as the operator sees them.
+#[tokio::test]
+async fn deletion_wipes_both_nodes_before_the_finalizer_goes() {
+    let uid_dir = "/var/lib/tandem/default/data-0c6a0d1e-0000-4000-8000-000000000001";
+    let placed = || {
+        let mut mv = MirroredVolume::test()
+            .established(Slot::A, 1)
+            .finalized()
+            .deleting();
+        mv.status.as_mut().unwrap().data_dir = Some(uid_dir.into());
+        mv
+    };
+    let gone_pv = || Call::get(&paths::pv()).reply(404, not_found("pv"));
+
+    // 1: the engines are still there: they are deleted and the pass waits.
+    let engine = engine_pod_json(Slot::A, "primary", "Running", true, ago(60));
+    let script = vec![
+        gone_pv(),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![engine])),
+        Call::delete(&paths::engine(Slot::A)),
+    ];
+    let (result, seen, _) = run(placed(), FakeEngines::default(), script).await;
+    assert!(result.is_err(), "the finalizer stays while engines stop");
+    assert!(
+        seen.calls[1].1.contains("tandem.dev%2Fslot"),
+        "{:?}",
+        seen.calls[1]
+    );
+
+    // 2: engines gone: a wipe pod goes to n1; n2's already succeeded. Still waiting.
+    let script = vec![
+        gone_pv(),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
+        Call::get(&wipe_path(Slot::A)).reply(404, not_found("pod")),
+        Call::get(&paths::node("n1")).reply(200, node_json("n1", true)),
+        Call::patch(&wipe_path(Slot::A)),
+        Call::get(&wipe_path(Slot::B)).reply(200, wipe_pod_json(Slot::B, "Succeeded", ago(5))),
+    ];
+    let (result, seen, _) = run(placed(), FakeEngines::default(), script).await;
+    assert!(result.is_err(), "the finalizer stays while a wipe runs");
+    let pod = seen.body(Method::PATCH, &wipe_path(Slot::A));
+    assert_eq!(pod["spec"]["nodeName"], "n1");
+    assert_eq!(
+        pod["spec"]["containers"][0]["args"],
+        json!([
+            "wipe",
+            "--state-dir",
+            "/host/data-0c6a0d1e-0000-4000-8000-000000000001/state",
+            "--data",
+            "/host/data-0c6a0d1e-0000-4000-8000-000000000001/data.img",
+            "--run-dir",
+            format!("/run/tandem/volumes/{}", key()),
+        ])
+    );
+    assert_eq!(
+        pod["spec"]["volumes"][1]["hostPath"]["path"],
+        "/var/lib/tandem/default"
+    );
+    assert_eq!(seen.reasons(), vec!["Wiping"]);
+
+    // 3: both succeeded: everything else goes, wipe pods included, then the finalizer.
+    let removed = serde_json::to_value(MirroredVolume::test()).unwrap();
+    let mut script = vec![
+        gone_pv(),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
+        Call::get(&wipe_path(Slot::A)).reply(200, wipe_pod_json(Slot::A, "Succeeded", ago(9))),
+        Call::get(&wipe_path(Slot::B)).reply(200, wipe_pod_json(Slot::B, "Succeeded", ago(9))),
+    ];
+    script.extend(teardown_calls(
+        removed,
+        vec![
+            wipe_pod_json(Slot::A, "Succeeded", ago(9)),
+            wipe_pod_json(Slot::B, "Succeeded", ago(9)),
+        ],
+    ));
+    let (result, seen, _) = run(placed(), FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(seen
+        .calls
+        .iter()
+        .any(|c| c.0 == Method::DELETE && c.1.starts_with(&wipe_path(Slot::B))));
+    assert_eq!(seen.reasons(), vec!["Deleted"]);
+}
+
+/// A node that is gone is skipped and reported, not waited for; an unreachable one is waited for a
+/// while, then skipped too.
+#[tokio::test]
+async fn a_gone_node_is_not_waited_for() {
+    let mut mv = MirroredVolume::test()
+        .established(Slot::A, 1)
+        .finalized()
+        .deleting();
+    mv.status.as_mut().unwrap().data_dir =
+        Some("/var/lib/tandem/default/data-0c6a0d1e-0000-4000-8000-000000000001".into());
+    let removed = serde_json::to_value(MirroredVolume::test()).unwrap();
+    let mut script = vec![
+        Call::get(&paths::pv()).reply(404, not_found("pv")),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
+        // n1: deleted from the cluster.
+        Call::get(&wipe_path(Slot::A)).reply(404, not_found("pod")),
+        Call::get(&paths::node("n1")).reply(404, not_found("node")),
+        // n2: NotReady, and its wipe pod has waited longer than the patience.
+        Call::get(&wipe_path(Slot::B)).reply(200, wipe_pod_json(Slot::B, "Pending", ago(3600))),
+        Call::get(&paths::node("n2")).reply(200, node_json("n2", false)),
+    ];
+    script.extend(teardown_calls(
+        removed,
+        vec![wipe_pod_json(Slot::B, "Pending", ago(3600))],
+    ));
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(
+        seen.reasons(),
+        vec!["WipeSkipped", "WipeSkipped", "Deleted"]
+    );
+    assert!(
+        seen.events[0].2.contains("node n1: the node is gone"),
+        "{:?}",
+        seen.events
+    );
+    assert!(
+        seen.events[2].2.contains("except on n1, n2"),
+        "{:?}",
+        seen.events
+    );
+}
+
+/// Within the patience, an unreachable node's wipe is waited for.
+#[tokio::test]
+async fn an_unreachable_node_is_waited_for_a_while() {
+    let mv = MirroredVolume::test()
+        .established(Slot::A, 1)
+        .finalized()
+        .deleting();
+    let script = vec![
+        Call::get(&paths::pv()).reply(404, not_found("pv")),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
+        Call::get(&wipe_path(Slot::A)).reply(200, wipe_pod_json(Slot::A, "Succeeded", ago(30))),
+        Call::get(&wipe_path(Slot::B)).reply(200, wipe_pod_json(Slot::B, "Pending", ago(30))),
+        Call::get(&paths::node("n2")).reply(200, node_json("n2", false)),
+    ];
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    let err = result.unwrap_err().to_string();
+    assert!(
+        err.contains("waiting for the wipe on n2 (Pending)"),
+        "{err}"
+    );
+    assert!(seen.events.is_empty());
 }
 
 #[tokio::test]
@@ -663,6 +843,7 @@ async fn cleanup_leaves_a_foreign_pv() {
     let script = vec![
         // Not ours (another uid): neither waited for nor deleted.
         Call::get(&paths::pv()).reply(200, foreign),
+        empty(paths::engine_pods(), "PodList"),
         empty(paths::engine_pods(), "PodList"),
         empty(
             format!("/api/v1/namespaces/{OP_NS}/services?"),

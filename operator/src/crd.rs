@@ -444,6 +444,11 @@ pub struct MirroredVolumeStatus {
     /// The two nodes the engines are pinned to, slot a then slot b (resolved from the placement once).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
+    /// The engines' own directory on both nodes (hostPath storage), recorded when the volume is first
+    /// placed: `<hostPath>/<namespace>/<name>-<uid>`, so a later volume of the same name never opens
+    /// it. The deletion wipes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<String>,
     /// The size in bytes both engines serve (issue 14): below `spec.size` while an expansion is under
     /// way; the CSI controller's ControllerExpandVolume returns once it reaches the requested size.
     #[serde(default, skip_serializing_if = "is_zero")]

@@ -21,6 +21,7 @@ pub mod observed;
 pub mod placement;
 pub mod plan;
 pub mod telemetry;
+pub mod wipe;
 pub mod witness;
 
 #[cfg(test)]
@@ -48,6 +49,10 @@ pub enum Error {
     /// Cleanup must wait: a claim still uses the volume.
     #[error("volume still in use by claim {0}")]
     VolumeInUse(String),
+
+    /// Deletion waits for something to finish (engines stopping, a wipe running); retried soon.
+    #[error("deletion in progress: {0}")]
+    CleanupPending(String),
 
     /// Could not make a token for the volume.
     #[error("cannot generate a token: {0}")]
@@ -81,6 +86,7 @@ impl Error {
             },
             Error::MissingObjectKey(_) => "missingobjectkey".into(),
             Error::VolumeInUse(_) => "volumeinuse".into(),
+            Error::CleanupPending(_) => "cleanuppending".into(),
             Error::Token(_) => "token".into(),
             Error::Tls(_) => "tls".into(),
         }

@@ -359,6 +359,52 @@ pub fn host_path_base(
     Ok(Some(path))
 }
 
+/// The engines' own directory on their nodes (hostPath storage; `None` with engine PVCs): the one
+/// recorded in `status.dataDir`; for a volume placed before that field existed (nodes recorded, no
+/// dir) the old `<hostPath>/<namespace>/<name>`, so its engines keep their data; for a new volume
+/// `<hostPath>/<namespace>/<name>-<uid>`.
+///
+/// Invariant: a volume created again under a deleted one's name never opens the old one's files,
+/// even when its wipe could not run (node gone): the uid differs, so the directory does (test
+/// `plan::tests::data_dirs_carry_the_uid_and_old_volumes_keep_theirs`).
+pub fn host_data_dir(
+    mv: &MirroredVolume,
+    status: Option<&MirroredVolumeStatus>,
+    cfg: &EngineConfig,
+) -> Result<Option<String>, InvalidSpec> {
+    let Some(base) = host_path_base(mv, cfg)? else {
+        return Ok(None);
+    };
+    let base = base.trim_end_matches('/');
+    let (ns, name) = (mv.namespace().unwrap_or_default(), mv.name_any());
+    if let Some(dir) = status.and_then(|s| s.data_dir.as_ref()) {
+        // Status is writable by others than the operator: a recorded dir must still sit under the
+        // volume's own namespace directory.
+        let prefix = format!("{base}/{ns}/{name}");
+        let ok = normalize(dir).is_ok_and(|d| {
+            d == prefix
+                || d.strip_prefix(&format!("{prefix}-"))
+                    .is_some_and(|u| !u.contains('/'))
+        });
+        if !ok {
+            return Err(InvalidSpec::refused(
+                HOST_PATH_NOT_ALLOWED,
+                format!("status.dataDir {dir:?} is not this volume's directory under {base}/{ns}"),
+            ));
+        }
+        return Ok(Some(dir.clone()));
+    }
+    if status.is_some_and(|s| s.nodes.len() == 2) {
+        return Ok(Some(format!("{base}/{ns}/{name}")));
+    }
+    let uid = mv
+        .metadata
+        .uid
+        .as_deref()
+        .ok_or_else(|| InvalidSpec::new("the volume has no uid yet".to_string()))?;
+    Ok(Some(format!("{base}/{ns}/{name}-{uid}")))
+}
+
 /// What can be checked before anything is observed: name length, size, the hostPath root.
 pub fn validate(mv: &MirroredVolume, cfg: &EngineConfig) -> Result<(), InvalidSpec> {
     if mv.name_any().len() > MAX_NAME {
@@ -489,15 +535,10 @@ pub fn engine_pod(
         host_path_base(mv, cfg)?,
         &mv.spec.engine_storage.storage_class_name,
     ) {
-        (Some(path), _) => Volume {
+        (Some(_), _) => Volume {
             name: "data".into(),
             host_path: Some(HostPathVolumeSource {
-                path: format!(
-                    "{}/{}/{}",
-                    path.trim_end_matches('/'),
-                    mv.namespace().unwrap_or_default(),
-                    mv.name_any()
-                ),
+                path: host_data_dir(mv, mv.status.as_ref(), cfg)?.unwrap_or_default(),
                 type_: Some("DirectoryOrCreate".into()),
             }),
             ..Default::default()
@@ -1250,7 +1291,10 @@ mod tests {
         let data = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
         assert_eq!(
             data.host_path.as_ref().unwrap().path,
-            "/var/lib/tandem/fast/disks/default/data"
+            format!(
+                "/var/lib/tandem/fast/disks/default/data-{}",
+                mv.uid().unwrap()
+            )
         );
         let mut long = MirroredVolume::test();
         long.metadata.name = Some("x".repeat(64));
@@ -1523,6 +1567,61 @@ mod tests {
     }
 
     #[test]
+    fn data_dirs_carry_the_uid_and_old_volumes_keep_theirs() {
+        let cfg = EngineConfig::default();
+        let mv = MirroredVolume::test();
+        let fresh = format!("/var/lib/tandem/default/data-{}", mv.uid().unwrap());
+        assert_eq!(host_data_dir(&mv, None, &cfg).unwrap(), Some(fresh.clone()));
+        // The same name again, another uid: another directory.
+        let mut again = MirroredVolume::test();
+        again.metadata.uid = Some("99999999-0000-4000-8000-000000000002".into());
+        assert_ne!(
+            host_data_dir(&again, None, &cfg).unwrap(),
+            Some(fresh.clone())
+        );
+        // Placed by an older operator (nodes recorded, no dataDir): the old path, data kept.
+        let old = MirroredVolumeStatus {
+            nodes: vec!["n1".into(), "n2".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            host_data_dir(&mv, Some(&old), &cfg).unwrap().as_deref(),
+            Some("/var/lib/tandem/default/data")
+        );
+        // Recorded: used, and the pod mounts it.
+        let recorded = MirroredVolumeStatus {
+            data_dir: Some(fresh.clone()),
+            ..old.clone()
+        };
+        assert_eq!(
+            host_data_dir(&mv, Some(&recorded), &cfg).unwrap(),
+            Some(fresh.clone())
+        );
+        let pod = engine_pod(
+            &mv.clone().with_status(recorded),
+            Slot::A,
+            EngineRole::Primary,
+            "n1",
+            &cfg,
+        )
+        .unwrap();
+        let data = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
+        assert_eq!(data.host_path.as_ref().unwrap().path, fresh);
+        // A recorded dir elsewhere (someone edited status) is refused, not mounted.
+        for bad in [
+            "/etc",
+            "/var/lib/tandem/default/other",
+            "/var/lib/tandem/default/data-x/../../y",
+        ] {
+            let edited = MirroredVolumeStatus {
+                data_dir: Some(bad.into()),
+                ..old.clone()
+            };
+            assert!(host_data_dir(&mv, Some(&edited), &cfg).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn engine_storage_variants() {
         let mut mv = MirroredVolume::test();
         mv.spec.engine_storage.host_path = Some("/var/lib/tandem/".into());
@@ -1536,7 +1635,10 @@ mod tests {
         .unwrap();
         let data = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
         let hp = data.host_path.as_ref().unwrap();
-        assert_eq!(hp.path, "/var/lib/tandem/default/data");
+        assert_eq!(
+            hp.path,
+            format!("/var/lib/tandem/default/data-{}", mv.uid().unwrap())
+        );
         assert_eq!(hp.type_.as_deref(), Some("DirectoryOrCreate"));
 
         mv.spec.engine_storage.host_path = None;

@@ -111,7 +111,7 @@ struct Pass {
 
 /// Decides one pass from the volume (spec and last status) and the observation.
 pub fn decide(mv: &MirroredVolume, observed: &Observed, cfg: &EngineConfig) -> Decision {
-    let (pass, takeover) = assess(mv, observed.clone());
+    let (pass, takeover) = assess(mv, observed.clone(), cfg);
     match takeover {
         Some(intent) => Decision::TakeOver(Pending {
             intent,
@@ -155,7 +155,11 @@ impl Pending {
 
 /// Status bookkeeping from the observation (placement, lost nodes, the engines' own view, a takeover that
 /// is over) and whether to take over.
-fn assess(mv: &MirroredVolume, observed: Observed) -> (Pass, Option<TakeoverIntent>) {
+fn assess(
+    mv: &MirroredVolume,
+    observed: Observed,
+    cfg: &EngineConfig,
+) -> (Pass, Option<TakeoverIntent>) {
     let old = mv.status.clone().unwrap_or_default();
     let mut status = old.clone();
     let mut notes = Vec::new();
@@ -174,6 +178,10 @@ fn assess(mv: &MirroredVolume, observed: Observed) -> (Pass, Option<TakeoverInte
         ));
     }
     status.nodes = observed.nodes.iter().map(|n| n.name.clone()).collect();
+    // Recorded from the first pass on, so the deletion wipes what the engines used.
+    if let Ok(Some(dir)) = plan::host_data_dir(mv, Some(&old), cfg) {
+        status.data_dir = Some(dir);
+    }
     for node in failover::track_lost_nodes(&mut status, &observed) {
         notes.push(warning(
             "NodeLost",
