@@ -186,7 +186,7 @@ pub fn observe(
             &engine_id,
         )
     });
-    let csi = find(names::csi_secret(&key)).and_then(|data| {
+    let csi = find(plan::csi_secret_name(mv)).and_then(|data| {
         // The CSI Secret carries the token too: a stale one is issued again with the current token.
         if text(data, SECRET_TOKEN_KEY) != token {
             return None;

@@ -1290,3 +1290,55 @@ async fn no_pair_fits_is_reported_and_retried() {
     assert_eq!(condition(status, "Ready")["reason"], "NoPairFits");
     assert_eq!(seen.reasons(), vec!["NoPairFits"]);
 }
+
+/// A volume the CSI controller provisioned: no PV and no claim from the operator (the provisioner makes
+/// them), and the stage Secret is `tandem-csi-<pv>`, the name its StorageClass asks for.
+#[tokio::test]
+async fn a_provisioned_volume_gets_no_pv_and_its_named_stage_secret() {
+    let mut mv = MirroredVolume::test().finalized().with_claim("ignored");
+    mv.spec.persistent_volume_name = Some("pvc-1234".into());
+    let answer = status_answer(&mv);
+    let provisioned = json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": "pvc-1234"},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "csi": {"driver": "csi.tandem.dev", "volumeHandle": "default/data"},
+            "claimRef": {"namespace": NS, "name": "www-0"}
+        }
+    });
+    let script = vec![
+        Call::get(&paths::node("n1")).reply(200, node_json("n1", true)),
+        Call::get(&paths::node("n2")).reply(200, node_json("n2", true)),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
+        Call::get(&paths::secrets()).reply(200, secret_list(true, false)),
+        Call::get("/api/v1/persistentvolumes/pvc-1234").reply(200, provisioned),
+        Call::get(&paths::pvc("ignored")).reply(404, not_found("claim")),
+        Call::patch(&paths::cert_secret("tls-a")),
+        Call::patch(&paths::cert_secret("tls-b")),
+        Call::patch(&format!(
+            "/api/v1/namespaces/{OP_NS}/secrets/tandem-csi-pvc-1234?"
+        )),
+        Call::patch(&paths::service(Slot::A)),
+        Call::patch(&paths::service(Slot::B)),
+        Call::patch(&paths::budget()),
+        Call::patch(&paths::pod(Slot::A)),
+        Call::patch(&paths::pod(Slot::B)),
+        Call::patch(&paths::status()).check_reply(answer),
+    ];
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert!(result.is_ok(), "{result:?}");
+    let csi = seen.body(
+        Method::PATCH,
+        &format!("/api/v1/namespaces/{OP_NS}/secrets/tandem-csi-pvc-1234"),
+    );
+    assert!(csi["data"]["token"].is_string(), "same content: {csi}");
+    assert!(csi["data"]["csi.n1.crt"].is_string(), "{csi}");
+    assert_eq!(csi["metadata"]["labels"]["tandem.dev/volume-name"], NAME);
+    assert!(
+        seen.calls
+            .iter()
+            .all(|c| !(c.0 == Method::PATCH && c.1.contains("persistentvolume"))),
+        "no PV and no claim written"
+    );
+}

@@ -188,6 +188,24 @@ pub mod names {
     }
 }
 
+/// The CSI stage Secret's name: `<key>-csi`; for a provisioned volume (`spec.persistentVolumeName`)
+/// `tandem-csi-<persistentVolumeName>`, the name its StorageClass's
+/// `csi.storage.k8s.io/node-stage-secret-name: tandem-csi-${pv.name}` asks for.
+pub fn csi_secret_name(mv: &MirroredVolume) -> String {
+    match &mv.spec.persistent_volume_name {
+        Some(pv) => format!("tandem-csi-{pv}"),
+        None => names::csi_secret(&key(mv)),
+    }
+}
+
+/// The volume's PersistentVolume: the operator's `tandem.<ns>.<name>`, or the provisioned one.
+pub fn pv_name(mv: &MirroredVolume) -> String {
+    match &mv.spec.persistent_volume_name {
+        Some(pv) => pv.clone(),
+        None => names::pv(&mv.namespace().unwrap_or_default(), &mv.name_any()),
+    }
+}
+
 /// The volume's key (see [`names::key`]).
 pub fn key(mv: &MirroredVolume) -> String {
     names::key(&mv.namespace().unwrap_or_default(), &mv.name_any())
@@ -798,7 +816,7 @@ pub fn csi_secret(
         entries.push((secret_csi_key_key(node), leaf.key_pem.as_str()));
     }
     Secret {
-        metadata: meta(names::csi_secret(&key(mv)), labels(mv), cfg),
+        metadata: meta(csi_secret_name(mv), labels(mv), cfg),
         data: Some(secret_data(entries)),
         type_: Some("Opaque".into()),
         ..Default::default()
@@ -926,7 +944,7 @@ pub fn persistent_volume(
                 fs_type: filesystem.then(|| mv.spec.fs_type.as_str().to_string()),
                 volume_attributes: Some(attributes),
                 node_stage_secret_ref: Some(SecretReference {
-                    name: Some(names::csi_secret(&key(mv))),
+                    name: Some(csi_secret_name(mv)),
                     namespace: Some(cfg.namespace.clone()),
                 }),
                 ..Default::default()
@@ -1119,17 +1137,22 @@ pub fn desired(
                 .push(engine_pod(mv, slot, role, &observed.node(slot).name, cfg)?);
         }
     }
-    match &observed.pv {
-        None => out.pv = Some(persistent_volume(mv, &observed.nodes, cfg)?),
-        Some(pv) => {
-            let current = pv.capacity.as_deref().and_then(parse_quantity).unwrap_or(0);
-            if current < bytes {
-                out.pv_capacity = Some(mv.spec.size.clone());
+    // A provisioned volume's PV and claim are the external-provisioner's (and its growth the
+    // external-resizer's): the operator creates neither (test
+    // `controller::tests::a_provisioned_volume_gets_no_pv_and_its_named_stage_secret`).
+    if mv.spec.persistent_volume_name.is_none() {
+        match &observed.pv {
+            None => out.pv = Some(persistent_volume(mv, &observed.nodes, cfg)?),
+            Some(pv) => {
+                let current = pv.capacity.as_deref().and_then(parse_quantity).unwrap_or(0);
+                if current < bytes {
+                    out.pv_capacity = Some(mv.spec.size.clone());
+                }
             }
         }
-    }
-    if mv.spec.claim.is_some() && !observed.claim_exists {
-        out.claim = claim(mv);
+        if mv.spec.claim.is_some() && !observed.claim_exists {
+            out.claim = claim(mv);
+        }
     }
     Ok(out)
 }

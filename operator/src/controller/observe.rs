@@ -339,8 +339,7 @@ impl MirroredVolume {
         if lost.is_empty() {
             return Ok((workloads, Vec::new()));
         }
-        let (ns, name) = self.key()?;
-        let pv_name = names::pv(&ns, &name);
+        let pv_name = plan::pv_name(self);
         let va: Api<VolumeAttachment> = Api::all(ctx.client.clone());
         let mut attachments = Vec::new();
         for a in va.list(&ListParams::default()).await?.items {
@@ -373,12 +372,21 @@ async fn observe_pv(
     mv: &MirroredVolume,
 ) -> Result<Result<Option<PvObs>, InvalidSpec>> {
     let (ns, name) = (mv.namespace().unwrap_or_default(), mv.name_any());
-    let pv_name = names::pv(&ns, &name);
+    let pv_name = plan::pv_name(mv);
     let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let Some(pv) = api.get_opt(&pv_name).await? else {
         return Ok(Ok(None));
     };
-    if let Err(why) = plan::owned_by(pv.metadata.labels.as_ref(), mv) {
+    if mv.spec.persistent_volume_name.is_some() {
+        // The provisioner's PV carries no owner labels: it is this volume's when its CSI handle is.
+        let csi = pv.spec.as_ref().and_then(|s| s.csi.as_ref());
+        let ours = csi.is_some_and(|c| {
+            c.driver == crate::crd::CSI_DRIVER && c.volume_handle == format!("{ns}/{name}")
+        });
+        if !ours {
+            return Ok(Ok(None));
+        }
+    } else if let Err(why) = plan::owned_by(pv.metadata.labels.as_ref(), mv) {
         return Ok(Err(InvalidSpec::refused(
             plan::PV_CONFLICT,
             format!("PersistentVolume {pv_name} is in the way: {why}; it is left as it is"),
