@@ -16,6 +16,7 @@ mod act;
 mod cleanup;
 mod decide;
 mod drain;
+mod grow;
 mod observe;
 mod status;
 

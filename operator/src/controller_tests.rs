@@ -1342,3 +1342,80 @@ async fn a_provisioned_volume_gets_no_pv_and_its_named_stage_secret() {
         "no PV and no claim written"
     );
 }
+
+/// A pair serving 1Gi whose spec grew to 2Gi: the operator asks the primary to grow (with the volume
+/// token, to the spec's bytes), and `status.capacityBytes` follows what the engines serve. With engines
+/// that do not implement Resize yet it says so and changes nothing.
+async fn grow_pass(engines: FakeEngines) -> (Value, Seen) {
+    let mut mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    mv.spec.size = "2Gi".into();
+    mv.status.as_mut().unwrap().capacity_bytes = 1 << 30;
+    let pods = vec![
+        engine_pod_json(Slot::A, "primary", "Running", true, ago(300)),
+        engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+    ];
+    let answer = status_answer(&mv);
+    let mut script = observe_calls(true, true, pods, true, Some(pv_json(None)));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::engine(Slot::B)));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv, engines, script).await;
+    assert!(result.is_ok(), "{result:?}");
+    // The PV is not touched while the engines serve less than the spec.
+    assert!(!seen
+        .calls
+        .iter()
+        .any(|c| c.0 == Method::PATCH && c.1.starts_with(&paths::pv())));
+    let status = seen.body(Method::PATCH, &paths::status())["status"].clone();
+    (status, seen)
+}
+
+fn serving(role: EngineRole, size: u64) -> crate::engine::EngineState {
+    let pair = if role == EngineRole::Primary {
+        PairState::Synced
+    } else {
+        PairState::Unspecified
+    };
+    crate::engine::EngineState {
+        size,
+        ..engine_state(role, 1, pair)
+    }
+}
+
+#[tokio::test]
+async fn a_grown_spec_resizes_the_pair_and_reports_the_capacity() {
+    let engines = FakeEngines::default()
+        .with_state(&address(Slot::A), serving(EngineRole::Primary, 1 << 30))
+        .with_state(&address(Slot::B), serving(EngineRole::Secondary, 1 << 30));
+    let (status, seen) = grow_pass(engines.clone()).await;
+    assert_eq!(
+        *engines.resizes.lock().unwrap(),
+        vec![(address(Slot::A), 2u64 << 30)]
+    );
+    assert_eq!(status["capacityBytes"], json!(2u64 << 30));
+    assert_eq!(condition(&status, "Expanding")["status"], "False");
+    assert_eq!(condition(&status, "Expanding")["reason"], "Resized");
+    assert!(seen.reasons().contains(&"Resized"), "{:?}", seen.reasons());
+}
+
+#[tokio::test]
+async fn engines_without_resize_leave_the_size_waiting_and_say_why() {
+    let engines = FakeEngines::default()
+        .with_state(&address(Slot::A), serving(EngineRole::Primary, 1 << 30))
+        .with_state(&address(Slot::B), serving(EngineRole::Secondary, 1 << 30))
+        .old();
+    let (status, seen) = grow_pass(engines.clone()).await;
+    assert_eq!(engines.resizes.lock().unwrap().len(), 1);
+    assert_eq!(status["capacityBytes"], json!(1u64 << 30));
+    let c = condition(&status, "Expanding");
+    assert_eq!(c["status"], "True");
+    assert_eq!(c["reason"], "ResizeNotSupported");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("do not implement online expansion yet"),
+        "{c}"
+    );
+    assert!(seen.reasons().contains(&"ResizeNotSupported"));
+}

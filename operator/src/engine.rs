@@ -47,6 +47,8 @@ pub struct EngineState {
     /// The condition's reason, what the operator acts on (`Degraded`: it serves, but something is wrong).
     pub condition_reason: Option<Reason>,
     pub block_size: u64,
+    /// The size in bytes the engine serves now.
+    pub size: u64,
     /// Primary: how long it still acknowledges writes without a renewal (0: none held).
     pub lease_remaining_ms: u64,
     /// The engine's `--lease-ms` (0: leases off).
@@ -70,6 +72,15 @@ pub struct TakeoverOutcome {
     pub lost_seq_from: u64,
     pub lost_seq_to: u64,
     pub already_primary: bool,
+}
+
+/// A snapshot as an engine lists it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Snapshot {
+    pub id: String,
+    /// The volume's size when it was taken.
+    pub size: u64,
+    pub ready: bool,
 }
 
 /// A lease the operator (the witness) granted.
@@ -96,6 +107,9 @@ pub enum EngineError {
         /// Why, when the engine said.
         reason: Option<Reason>,
     },
+    /// The engine does not have this call yet (an older engine image): not an error to retry soon.
+    #[error("engine at {address} does not implement {op} yet")]
+    Unimplemented { address: String, op: &'static str },
     /// The secondary answered that it cannot reach the old primary and, under `WaitForPrimary`, was not
     /// promoted (reason `HandoffBlocked`). `message` is the engine's own (`HandoffBlocked: PeerUnreachable: ...`).
     #[error("{message} (engine at {address})")]
@@ -113,7 +127,7 @@ impl EngineError {
         match self {
             EngineError::HandoffBlocked { .. } => Some(Reason::HandoffBlocked),
             EngineError::Refused { reason, .. } => *reason,
-            EngineError::Unreachable { .. } => None,
+            EngineError::Unreachable { .. } | EngineError::Unimplemented { .. } => None,
         }
     }
 }
@@ -140,6 +154,92 @@ pub trait EngineApi: Send + Sync {
         lease_ms: u32,
         allow_async: bool,
     ) -> BoxFuture<'a, Result<Granted, EngineError>>;
+    /// `Resize` on the primary (it grows its secondary first); answers the size it serves now.
+    fn resize<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        size: u64,
+    ) -> BoxFuture<'a, Result<u64, EngineError>>;
+    /// `ListSnapshots` of the volume on one engine.
+    fn list_snapshots<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<Vec<Snapshot>, EngineError>>;
+    /// `CreateSnapshot` on the primary; idempotent by id.
+    fn create_snapshot<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Snapshot, EngineError>>;
+    /// `DeleteSnapshot`; deleting an unknown id succeeds.
+    fn delete_snapshot<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>>;
+}
+
+/// A raw `tandem.engine.v1.Engine` client for the calls `EngineClient` does not wrap (issue 14's
+/// resize and snapshots), with the same channel (TLS) and token.
+async fn raw_client(
+    target: &EngineTarget,
+) -> Result<
+    tandem_api::pb::engine_client::EngineClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            tandem_api::client::TokenInterceptor,
+        >,
+    >,
+    ClientError,
+> {
+    let ch = tandem_api::client::channel(&target.address, Duration::from_secs(5)).await?;
+    let interceptor = tandem_api::client::TokenInterceptor::new(target.token.as_deref())?;
+    Ok(tandem_api::pb::engine_client::EngineClient::with_interceptor(ch, interceptor))
+}
+
+/// One raw call within `limit`, errors mapped like [`one_call`]'s.
+async fn raw_call<T, F, Fut>(
+    target: &EngineTarget,
+    op: &'static str,
+    limit: Duration,
+    call: F,
+) -> Result<T, EngineError>
+where
+    F: FnOnce(
+        tandem_api::pb::engine_client::EngineClient<
+            tonic::service::interceptor::InterceptedService<
+                tonic::transport::Channel,
+                tandem_api::client::TokenInterceptor,
+            >,
+        >,
+    ) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let attempt = async {
+        let client = raw_client(target)
+            .await
+            .map_err(|e| map_client_error(&target.address, op, e))?;
+        call(client)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| {
+                map_client_error(&target.address, op, ClientError::Rpc { op, status })
+            })
+    };
+    tokio::time::timeout(limit, attempt)
+        .await
+        .map_err(|_| EngineError::Unreachable {
+            address: target.address.clone(),
+            message: format!("no {op} answer within {limit:?}"),
+        })?
+}
+
+fn snapshot_from_pb(info: tandem_api::pb::SnapshotInfo) -> Snapshot {
+    Snapshot {
+        id: info.id,
+        size: info.size,
+        ready: info.ready,
+    }
 }
 
 /// The real engine API over gRPC. Connects per call (the operator calls rarely and engines move).
@@ -160,6 +260,12 @@ impl Default for GrpcEngines {
 fn map_client_error(address: &str, op: &'static str, err: ClientError) -> EngineError {
     let reason = err.reason();
     match err {
+        ClientError::Rpc { status, .. } if status.code() == tonic::Code::Unimplemented => {
+            EngineError::Unimplemented {
+                address: address.to_string(),
+                op,
+            }
+        }
         // The engine's own verdict travels as UNAVAILABLE (kubelet and the CSI plugin retry on it), but it
         // is an answer from a healthy secondary, not a transport failure.
         ClientError::Rpc { status, .. } if reason == Some(Reason::HandoffBlocked) => {
@@ -254,6 +360,7 @@ impl EngineApi for GrpcEngines {
                 condition_reason: Reason::from_name(&reply.condition_reason),
                 condition: reply.condition,
                 block_size: u64::from(reply.block_size),
+                size: reply.size,
                 lease_remaining_ms: reply.lease_remaining_ms,
                 lease_ms: reply.lease_ms,
                 promise_remaining_ms: reply.promise_remaining_ms,
@@ -313,6 +420,91 @@ impl EngineApi for GrpcEngines {
             })
         })
     }
+
+    fn resize<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        size: u64,
+    ) -> BoxFuture<'a, Result<u64, EngineError>> {
+        Box::pin(async move {
+            let req = tandem_api::pb::ResizeRequest {
+                volume: target.volume.clone(),
+                epoch: 0,
+                size,
+            };
+            let reply = raw_call(target, "Resize", Self::RESIZE_LIMIT, |mut c| async move {
+                c.resize(req).await
+            })
+            .await?;
+            Ok(reply.size)
+        })
+    }
+
+    fn list_snapshots<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<Vec<Snapshot>, EngineError>> {
+        Box::pin(async move {
+            let req = tandem_api::pb::ListSnapshotsRequest {
+                volume: target.volume.clone(),
+            };
+            let reply = raw_call(
+                target,
+                "ListSnapshots",
+                self.status_timeout,
+                |mut c| async move { c.list_snapshots(req).await },
+            )
+            .await?;
+            Ok(reply.snapshots.into_iter().map(snapshot_from_pb).collect())
+        })
+    }
+
+    fn create_snapshot<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Snapshot, EngineError>> {
+        Box::pin(async move {
+            let req = tandem_api::pb::CreateSnapshotRequest {
+                volume: target.volume.clone(),
+                id: id.to_string(),
+            };
+            let reply = raw_call(
+                target,
+                "CreateSnapshot",
+                Self::RESIZE_LIMIT,
+                |mut c| async move { c.create_snapshot(req).await },
+            )
+            .await?;
+            Ok(snapshot_from_pb(reply))
+        })
+    }
+
+    fn delete_snapshot<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let req = tandem_api::pb::DeleteSnapshotRequest {
+                volume: target.volume.clone(),
+                id: id.to_string(),
+            };
+            raw_call(
+                target,
+                "DeleteSnapshot",
+                self.status_timeout,
+                |mut c| async move { c.delete_snapshot(req).await },
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+impl GrpcEngines {
+    /// Resize grows the secondary's files, then its own: allow more than a Status.
+    const RESIZE_LIMIT: Duration = Duration::from_secs(60);
 }
 
 #[cfg(test)]
@@ -456,6 +648,9 @@ pub mod fake {
 
     use super::*;
 
+    /// A snapshot call the fake saw: (op, address, id).
+    pub type SnapshotCall = (&'static str, String, String);
+
     /// Scripted engines keyed by address. Missing address = unreachable.
     #[derive(Clone, Default)]
     pub struct FakeEngines {
@@ -468,6 +663,14 @@ pub mod fake {
         pub blocked: Arc<Mutex<Vec<String>>>,
         /// Every lease grant made: (address, lease_ms, allow_async).
         pub grants: Arc<Mutex<Vec<(String, u32, bool)>>>,
+        /// The engines answer UNIMPLEMENTED to resize and snapshot calls (an engine before issue 14).
+        pub old_engines: bool,
+        /// Every resize call: (address, size).
+        pub resizes: Arc<Mutex<Vec<(String, u64)>>>,
+        /// Snapshots per address.
+        pub snapshots: Arc<Mutex<BTreeMap<String, Vec<Snapshot>>>>,
+        /// Every snapshot call: (op, address, id).
+        pub snapshot_calls: Arc<Mutex<Vec<SnapshotCall>>>,
     }
 
     impl FakeEngines {
@@ -488,6 +691,37 @@ pub mod fake {
         pub fn with_blocked_handoff(self, address: &str) -> Self {
             self.blocked.lock().unwrap().push(address.to_string());
             self
+        }
+        pub fn with_snapshot(self, address: &str, id: &str, size: u64) -> Self {
+            self.snapshots
+                .lock()
+                .unwrap()
+                .entry(address.to_string())
+                .or_default()
+                .push(Snapshot {
+                    id: id.into(),
+                    size,
+                    ready: true,
+                });
+            self
+        }
+        pub fn old(mut self) -> Self {
+            self.old_engines = true;
+            self
+        }
+        fn unimplemented(&self, target: &EngineTarget, op: &'static str) -> Option<EngineError> {
+            self.old_engines.then(|| EngineError::Unimplemented {
+                address: target.address.clone(),
+                op,
+            })
+        }
+        fn unreachable(&self, target: &EngineTarget) -> Option<EngineError> {
+            (!self.states.lock().unwrap().contains_key(&target.address)).then(|| {
+                EngineError::Unreachable {
+                    address: target.address.clone(),
+                    message: "fake: no engine".into(),
+                }
+            })
         }
         pub fn calls(&self) -> Vec<(String, FailoverPolicy)> {
             self.takeover_calls.lock().unwrap().clone()
@@ -586,6 +820,114 @@ pub mod fake {
                     address: target.address.clone(),
                     message: "fake: no engine".into(),
                 }),
+            };
+            Box::pin(async move { answer })
+        }
+
+        fn resize<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+            size: u64,
+        ) -> BoxFuture<'a, Result<u64, EngineError>> {
+            self.resizes
+                .lock()
+                .unwrap()
+                .push((target.address.clone(), size));
+            let answer = match self
+                .unreachable(target)
+                .or_else(|| self.unimplemented(target, "Resize"))
+            {
+                Some(e) => Err(e),
+                None => {
+                    // Like the engine: the primary grows its peer, then itself.
+                    for state in self.states.lock().unwrap().values_mut() {
+                        state.size = state.size.max(size);
+                    }
+                    Ok(size)
+                }
+            };
+            Box::pin(async move { answer })
+        }
+
+        fn list_snapshots<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+        ) -> BoxFuture<'a, Result<Vec<Snapshot>, EngineError>> {
+            self.snapshot_calls.lock().unwrap().push((
+                "list",
+                target.address.clone(),
+                String::new(),
+            ));
+            let answer = match self
+                .unreachable(target)
+                .or_else(|| self.unimplemented(target, "ListSnapshots"))
+            {
+                Some(e) => Err(e),
+                None => Ok(self
+                    .snapshots
+                    .lock()
+                    .unwrap()
+                    .get(&target.address)
+                    .cloned()
+                    .unwrap_or_default()),
+            };
+            Box::pin(async move { answer })
+        }
+
+        fn create_snapshot<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+            id: &'a str,
+        ) -> BoxFuture<'a, Result<Snapshot, EngineError>> {
+            self.snapshot_calls.lock().unwrap().push((
+                "create",
+                target.address.clone(),
+                id.to_string(),
+            ));
+            let answer = match self
+                .unreachable(target)
+                .or_else(|| self.unimplemented(target, "CreateSnapshot"))
+            {
+                Some(e) => Err(e),
+                None => {
+                    let size = self.states.lock().unwrap()[&target.address].size;
+                    let snap = Snapshot {
+                        id: id.to_string(),
+                        size,
+                        ready: true,
+                    };
+                    let mut all = self.snapshots.lock().unwrap();
+                    let list = all.entry(target.address.clone()).or_default();
+                    if !list.iter().any(|s| s.id == id) {
+                        list.push(snap.clone());
+                    }
+                    Ok(snap)
+                }
+            };
+            Box::pin(async move { answer })
+        }
+
+        fn delete_snapshot<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+            id: &'a str,
+        ) -> BoxFuture<'a, Result<(), EngineError>> {
+            self.snapshot_calls.lock().unwrap().push((
+                "delete",
+                target.address.clone(),
+                id.to_string(),
+            ));
+            let answer = match self
+                .unreachable(target)
+                .or_else(|| self.unimplemented(target, "DeleteSnapshot"))
+            {
+                Some(e) => Err(e),
+                None => {
+                    if let Some(list) = self.snapshots.lock().unwrap().get_mut(&target.address) {
+                        list.retain(|s| s.id != id);
+                    }
+                    Ok(())
+                }
             };
             Box::pin(async move { answer })
         }

@@ -556,3 +556,31 @@ pub fn name_of(v: &Value) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// A plain observation of a pair on ready nodes n1 and n2, nothing else known.
+pub fn observed_pair() -> crate::observed::Observed {
+    let node = |name: &str| crate::observed::NodeObs {
+        name: name.into(),
+        exists: true,
+        ready: true,
+        out_of_service: false,
+        hostname: Some(name.into()),
+        unschedulable: false,
+    };
+    crate::observed::Observed {
+        now: Timestamp::from_second(1_800_000_000).unwrap(),
+        nodes: [node("n1"), node("n2")],
+        pods: [None, None],
+        engines: [None, None],
+        secret_exists: true,
+        token: Some("secret".into()),
+        pv: None,
+        claim_exists: false,
+        engine_pvcs: [false, false],
+        workloads: vec![],
+        attachments: vec![],
+        witness: crate::witness::LeaseClock::long_ago(10_000),
+        certs: Default::default(),
+        conflict: None,
+    }
+}

@@ -1144,9 +1144,16 @@ pub fn desired(
         match &observed.pv {
             None => out.pv = Some(persistent_volume(mv, &observed.nodes, cfg)?),
             Some(pv) => {
+                // Invariant: the PV never shows more than both engines serve (test
+                // `plan::tests::desired_creates_only_what_is_missing`).
                 let current = pv.capacity.as_deref().and_then(parse_quantity).unwrap_or(0);
-                if current < bytes {
-                    out.pv_capacity = Some(mv.spec.size.clone());
+                let served = bytes.min(status.capacity_bytes);
+                if current < served {
+                    out.pv_capacity = Some(if served == bytes {
+                        mv.spec.size.clone()
+                    } else {
+                        served.to_string()
+                    });
                 }
             }
         }
@@ -1828,10 +1835,18 @@ mod tests {
         );
         assert!(d.pods.is_empty(), "slot a is being replaced, slot b exists");
 
-        // Growth patches the PV capacity.
+        // Growth patches the PV capacity once the engines serve it, not before.
         let mut grown = mv.clone();
         grown.spec.size = "2Gi".into();
-        let d = desired(&grown, &status, &o, &EngineConfig::default(), None, &[]).unwrap();
+        let mut serving = status.clone();
+        serving.capacity_bytes = 1 << 30;
+        let d = desired(&grown, &serving, &o, &EngineConfig::default(), None, &[]).unwrap();
+        assert_eq!(d.pv_capacity, None, "the engines still serve 1Gi");
+        serving.capacity_bytes = 3 << 29;
+        let d = desired(&grown, &serving, &o, &EngineConfig::default(), None, &[]).unwrap();
+        assert_eq!(d.pv_capacity.as_deref(), Some("1610612736"), "half way");
+        serving.capacity_bytes = 2 << 30;
+        let d = desired(&grown, &serving, &o, &EngineConfig::default(), None, &[]).unwrap();
         assert_eq!(d.pv_capacity.as_deref(), Some("2Gi"));
         // After a takeover to slot b, a recreated slot a is a secondary.
         let mut after = status.clone();

@@ -37,7 +37,8 @@ use operator::{
     controller::Context,
     crd::{FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
     engine::{
-        EngineApi, EngineError, EngineState, EngineTarget, Granted, GrpcEngines, TakeoverOutcome,
+        EngineApi, EngineError, EngineState, EngineTarget, Granted, GrpcEngines, Snapshot,
+        TakeoverOutcome,
     },
     metrics::Metrics,
     plan::{self, EngineConfig},
@@ -529,6 +530,49 @@ impl EngineApi for Routed {
                 .push((self.slot_of(target), allow_async));
             let local = self.route(target)?;
             self.grpc.grant(&local, lease_ms, allow_async).await
+        })
+    }
+
+    fn resize<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        size: u64,
+    ) -> BoxFuture<'a, Result<u64, EngineError>> {
+        Box::pin(async move {
+            let local = self.route(target)?;
+            self.grpc.resize(&local, size).await
+        })
+    }
+
+    fn list_snapshots<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<Vec<Snapshot>, EngineError>> {
+        Box::pin(async move {
+            let local = self.route(target)?;
+            self.grpc.list_snapshots(&local).await
+        })
+    }
+
+    fn create_snapshot<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Snapshot, EngineError>> {
+        Box::pin(async move {
+            let local = self.route(target)?;
+            self.grpc.create_snapshot(&local, id).await
+        })
+    }
+
+    fn delete_snapshot<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        Box::pin(async move {
+            let local = self.route(target)?;
+            self.grpc.delete_snapshot(&local, id).await
         })
     }
 }

@@ -103,6 +103,7 @@ impl MirroredVolume {
             if let Ok(children) = &plan.children {
                 self.apply_children(ctx, children).await?;
             }
+            self.grow(ctx, plan).await;
         }
         self.act_disruption(ctx, &plan.disruption).await
     }

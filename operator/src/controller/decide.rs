@@ -178,6 +178,7 @@ fn assess(
         ));
     }
     status.nodes = observed.nodes.iter().map(|n| n.name.clone()).collect();
+    status.capacity_bytes = super::grow::capacity(old.capacity_bytes, &observed);
     // Recorded from the first pass on, so the deletion wipes what the engines used.
     if let Ok(Some(dir)) = plan::host_data_dir(mv, Some(&old), cfg) {
         status.data_dir = Some(dir);
@@ -493,9 +494,7 @@ fn created(mv: &MirroredVolume, children: &Desired) -> Vec<Note> {
     if let Some(size) = &children.pv_capacity {
         notes.push(note(
             "Resized",
-            format!(
-                "PersistentVolume capacity set to {size}; engines pick it up when they restart"
-            ),
+            format!("PersistentVolume capacity set to {size}, what both engines serve now"),
         ));
     }
     if let Some(claim) = &children.claim {
