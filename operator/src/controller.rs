@@ -18,6 +18,7 @@ mod decide;
 mod drain;
 mod grow;
 mod observe;
+mod restore;
 mod status;
 
 use std::{sync::Arc, time::Duration};
@@ -144,15 +145,22 @@ impl MirroredVolume {
     pub async fn reconcile(&self, ctx: Arc<Context>) -> Result<Action> {
         // A volume that cannot be placed or sized has nothing to observe.
         let status = self.status.clone().unwrap_or_default();
-        let (nodes, placement) = match self.place(&ctx).await? {
-            Placed::Nodes(nodes, placement) => (nodes, placement),
+        let (nodes, placement, restore) = match self.place(&ctx).await? {
+            Placed::Nodes(nodes, placement, restore) => (nodes, placement, restore),
             Placed::Invalid(invalid) => return self.write_invalid(&ctx, status, &invalid).await,
-            Placed::Refused(why) => return self.write_unplaced(&ctx, status, why).await,
+            Placed::Refused(why, restore) => {
+                // A clone's snapshot, once taken, is remembered even before a pair fits.
+                let mut status = status;
+                status.restore = restore.or(status.restore);
+                return self.write_unplaced(&ctx, status, why).await;
+            }
         };
         let observed = self.observe(&ctx, &nodes).await?;
         // The pass decides with the placement it just made (the "Placed" event carries its message).
         let mut me = self.clone();
-        me.status.get_or_insert_with(Default::default).placement = placement;
+        let known = me.status.get_or_insert_with(Default::default);
+        known.placement = placement;
+        known.restore = restore;
         let mut plan = match decide::decide(&me, &observed, &ctx.config) {
             Decision::Act(plan) => *plan,
             // A takeover moves the primary, and with it what the rest of the plan does: ask first.

@@ -1419,3 +1419,295 @@ async fn engines_without_resize_leave_the_size_waiting_and_say_why() {
     );
     assert!(seen.reasons().contains(&"ResizeNotSupported"));
 }
+
+/// The source volume `default/src` (nodes n2, n1), established with slot a primary.
+fn source_volume() -> MirroredVolume {
+    let mut src = MirroredVolume::test();
+    src.metadata.name = Some("src".into());
+    src.metadata.uid = Some("5e5e5e5e-0000-4000-8000-000000000005".into());
+    src.status = Some(crate::crd::MirroredVolumeStatus {
+        nodes: vec!["n2".into(), "n1".into()],
+        primary: MirroredVolume::test()
+            .established(Slot::A, 1)
+            .status
+            .unwrap()
+            .primary,
+        capacity_bytes: 1 << 30,
+        ..Default::default()
+    });
+    src
+}
+
+fn source_address(slot: Slot) -> String {
+    crate::plan::engine_address(
+        &source_volume(),
+        slot,
+        &crate::plan::EngineConfig::default(),
+    )
+}
+
+fn source_calls() -> Vec<Call> {
+    let src = source_volume();
+    let token = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": crate::plan::names::secret(&crate::plan::key(&src)), "namespace": OP_NS,
+            "labels": crate::plan::labels(&src),
+        },
+        "data": {"token": "c3Jj"}
+    });
+    vec![
+        Call::get(&format!(
+            "/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes/src"
+        ))
+        .reply(200, serde_json::to_value(&src).unwrap()),
+        Call::get(&format!(
+            "/api/v1/namespaces/{OP_NS}/secrets/{}",
+            crate::plan::names::secret(&crate::plan::key(&src))
+        ))
+        .reply(200, token),
+    ]
+}
+
+/// A restore from a snapshot: the operator asks both source engines which holds it, finds it on the
+/// engine on n1, requires the new primary there, and gives the primary's pod the seed init container
+/// reading the source engine's socket; the secondary starts empty. The choice is recorded.
+#[tokio::test]
+async fn a_snapshot_restore_seeds_the_primary_on_the_snapshot_node() {
+    let mut mv = MirroredVolume::test().finalized();
+    mv.spec.source = Some(crate::crd::VolumeSource {
+        snapshot: Some(crate::crd::SnapshotSource {
+            volume: "src".into(),
+            id: "s1".into(),
+        }),
+        volume: None,
+    });
+    let engines = FakeEngines::default()
+        .with_state(&source_address(Slot::A), Default::default())
+        .with_state(&source_address(Slot::B), Default::default())
+        .with_snapshot(&source_address(Slot::B), "s1", 1 << 30);
+    let answer = status_answer(&mv);
+    let mut script = source_calls();
+    script.extend(observe_calls(true, true, vec![], true, Some(pv_json(None))));
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::pod(Slot::A)));
+    script.push(Call::patch(&paths::pod(Slot::B)));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv, engines.clone(), script).await;
+    assert!(result.is_ok(), "{result:?}");
+    let lists: Vec<String> = engines
+        .snapshot_calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.1.clone())
+        .collect();
+    assert_eq!(
+        lists,
+        vec![source_address(Slot::A), source_address(Slot::B)]
+    );
+    let pod_a = seen.body(Method::PATCH, &paths::pod(Slot::A));
+    let init = &pod_a["spec"]["initContainers"][0];
+    let src_key = crate::plan::names::key(NS, "src");
+    assert_eq!(
+        init["args"],
+        json!([
+            "seed",
+            "--from",
+            "unix:/src/nbd.sock",
+            "--export",
+            "src@snapshot/s1",
+            "--state-dir",
+            "/var/lib/tandem/state",
+            "--data",
+            "/var/lib/tandem/data.img",
+            "--volume",
+            "data",
+            "--size",
+            (1u64 << 30).to_string()
+        ])
+    );
+    let source = pod_a["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "source")
+        .unwrap();
+    assert_eq!(
+        source["hostPath"]["path"],
+        format!("/run/tandem/volumes/{src_key}")
+    );
+    assert!(init["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "source" && m["readOnly"] == true));
+    let pod_b = seen.body(Method::PATCH, &paths::pod(Slot::B));
+    assert!(
+        pod_b["spec"].get("initContainers").is_none(),
+        "the secondary resyncs"
+    );
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(
+        status["restore"],
+        json!({"volume": "src", "snapshot": "s1", "node": "n1", "clone": false, "done": false, "snapshotDeleted": false})
+    );
+}
+
+/// A missing snapshot, or engines that cannot list snapshots yet, wait (retried) with a reason; a
+/// snapshot on the node placement.nodes does not give the primary is refused the same way.
+#[tokio::test]
+async fn restores_that_cannot_start_say_why_and_wait() {
+    let snapshot_of = |id: &str| {
+        let mut mv = MirroredVolume::test().finalized();
+        mv.spec.source = Some(crate::crd::VolumeSource {
+            snapshot: Some(crate::crd::SnapshotSource {
+                volume: "src".into(),
+                id: id.into(),
+            }),
+            volume: None,
+        });
+        mv
+    };
+    let cases = [
+        (
+            "nope",
+            FakeEngines::default()
+                .with_state(&source_address(Slot::A), Default::default())
+                .with_state(&source_address(Slot::B), Default::default()),
+            "SnapshotNotFound",
+        ),
+        (
+            "s1",
+            FakeEngines::default()
+                .with_state(&source_address(Slot::A), Default::default())
+                .old(),
+            "SnapshotsNotSupported",
+        ),
+        (
+            "s1",
+            FakeEngines::default()
+                .with_state(&source_address(Slot::A), Default::default())
+                .with_snapshot(&source_address(Slot::A), "s1", 1 << 20),
+            "SnapshotNodeUnavailable",
+        ),
+    ];
+    for (id, engines, reason) in cases {
+        let mv = snapshot_of(id);
+        let answer = status_answer(&mv);
+        let mut script = source_calls();
+        script.push(Call::patch(&paths::status()).check_reply(answer));
+        let (result, seen, _) = run(mv, engines, script).await;
+        assert_eq!(
+            result.unwrap(),
+            Action::requeue(Duration::from_secs(15)),
+            "{reason}"
+        );
+        let status = &seen.body(Method::PATCH, &paths::status())["status"];
+        assert_eq!(condition(status, "Ready")["reason"], reason, "{status}");
+        assert_eq!(status["phase"], "Creating");
+    }
+    // The source does not exist.
+    let mv = snapshot_of("s1");
+    let answer = status_answer(&mv);
+    let script = vec![
+        Call::get(&format!(
+            "/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes/src"
+        ))
+        .reply(404, not_found("mirroredvolume")),
+        Call::patch(&paths::status()).check_reply(answer),
+    ];
+    let (_, seen, _) = run(mv, FakeEngines::default(), script).await;
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(condition(status, "Ready")["reason"], "SourceNotFound");
+}
+
+/// A clone: the operator snapshots the source's primary as `clone-<uid>`, restores from it, and deletes
+/// that snapshot once the new primary serves.
+#[tokio::test]
+async fn a_clone_snapshots_the_source_and_deletes_the_snapshot_once_restored() {
+    let mut mv = MirroredVolume::test().finalized();
+    mv.spec.source = Some(crate::crd::VolumeSource {
+        snapshot: None,
+        volume: Some("src".into()),
+    });
+    // The source's primary is slot a on n2: placement.nodes must give the new primary n2.
+    mv.spec.placement.nodes = Some(vec!["n2".into(), "n1".into()]);
+    let engines = FakeEngines::default()
+        .with_state(&source_address(Slot::A), Default::default())
+        .with_state(&source_address(Slot::B), Default::default());
+    let answer = status_answer(&mv);
+    let mut script = source_calls();
+    script.extend([
+        Call::get(&paths::node("n2")).reply(200, node_json("n2", true)),
+        Call::get(&paths::node("n1")).reply(200, node_json("n1", true)),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
+        Call::get(&paths::secrets()).reply(200, secret_list(true, false)),
+        Call::get(&paths::pv()).reply(200, pv_json(None)),
+    ]);
+    script.extend(cert_calls());
+    script.extend(service_calls());
+    script.push(Call::patch(&paths::pod(Slot::A)));
+    script.push(Call::patch(&paths::pod(Slot::B)));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(mv.clone(), engines.clone(), script).await;
+    assert!(result.is_ok(), "{result:?}");
+    let id = format!("clone-{}", mv.metadata.uid.clone().unwrap());
+    assert_eq!(
+        *engines.snapshot_calls.lock().unwrap(),
+        vec![("create", source_address(Slot::A), id.clone())]
+    );
+    let pod_a = seen.body(Method::PATCH, &paths::pod(Slot::A));
+    assert_eq!(
+        pod_a["spec"]["initContainers"][0]["args"][4],
+        format!("src@snapshot/{id}")
+    );
+    let status = seen.body(Method::PATCH, &paths::status())["status"].clone();
+    assert_eq!(status["restore"]["clone"], true);
+
+    // Later: the new primary serves; the clone's snapshot goes, and that is recorded.
+    let mut later = mv.clone();
+    let mut st = MirroredVolume::test()
+        .established(Slot::A, 1)
+        .status
+        .unwrap();
+    st.nodes = vec!["n2".into(), "n1".into()];
+    st.restore = serde_json::from_value(status["restore"].clone()).unwrap();
+    later.status = Some(st);
+    let engines = engines
+        .with_state(
+            &address(Slot::A),
+            engine_state(EngineRole::Primary, 1, PairState::Synced),
+        )
+        .with_state(
+            &address(Slot::B),
+            engine_state(EngineRole::Secondary, 1, PairState::Unspecified),
+        );
+    let answer = status_answer(&later);
+    let pods = vec![
+        engine_pod_json(Slot::A, "primary", "Running", true, ago(300)),
+        engine_pod_json(Slot::B, "secondary", "Running", true, ago(300)),
+    ];
+    let mut script = vec![
+        Call::get(&paths::node("n2")).reply(200, node_json("n2", true)),
+        Call::get(&paths::node("n1")).reply(200, node_json("n1", true)),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(pods)),
+        Call::get(&paths::secrets()).reply(200, secret_list(true, false)),
+        Call::get(&paths::pv()).reply(200, pv_json(None)),
+    ];
+    script.extend(cert_calls());
+    script.extend(service_calls());
+    script.extend(source_calls());
+    script.push(Call::patch(&paths::engine(Slot::B)));
+    script.push(Call::patch(&paths::status()).check_reply(answer));
+    let (result, seen, _) = run(later, engines.clone(), script).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(
+        engines.snapshot_calls.lock().unwrap().last().unwrap(),
+        &("delete", source_address(Slot::A), id)
+    );
+    let status = &seen.body(Method::PATCH, &paths::status())["status"];
+    assert_eq!(status["restore"]["done"], true);
+    assert_eq!(status["restore"]["snapshotDeleted"], true);
+    assert!(seen.reasons().contains(&"Restored"));
+}

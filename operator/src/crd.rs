@@ -449,6 +449,9 @@ pub struct MirroredVolumeStatus {
     /// it. The deletion wipes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<String>,
+    /// A restore from `spec.source` in progress or done (so an operator restart resumes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
     /// The size in bytes both engines serve (issue 14): below `spec.size` while an expansion is under
     /// way; the CSI controller's ControllerExpandVolume returns once it reaches the requested size.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -492,6 +495,28 @@ pub struct MirroredVolumeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// Where a new volume's first content comes from, as resolved (`status.restore`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// The source MirroredVolume (same namespace).
+    pub volume: String,
+    /// The snapshot on its engine: `spec.source.snapshot.id`, or `clone-<uid>` made for a clone.
+    pub snapshot: String,
+    /// The node whose source engine holds the snapshot: the new primary runs there and reads it
+    /// through that engine's socket.
+    pub node: String,
+    /// The operator took the snapshot (a clone) and deletes it once the new volume serves.
+    #[serde(default)]
+    pub clone: bool,
+    /// The new primary serves the restored data: no engine pod seeds again.
+    #[serde(default)]
+    pub done: bool,
+    /// The clone's snapshot is deleted from the source.
+    #[serde(default)]
+    pub snapshot_deleted: bool,
 }
 
 /// The operator's placement decision (`status.placement`).

@@ -589,7 +589,7 @@ pub fn engine_pod(
         ROLE_ANNOTATION.to_string(),
         role.flag().to_string(),
     )]));
-    Ok(Pod {
+    let mut pod = Pod {
         metadata,
         spec: Some(PodSpec {
             affinity: Some(Affinity {
@@ -723,7 +723,84 @@ pub fn engine_pod(
             ..Default::default()
         }),
         status: None,
-    })
+    };
+    if role == EngineRole::Primary {
+        if let Some(r) = mv.status.as_ref().and_then(|s| s.restore.as_ref()) {
+            if !r.done && r.node == node {
+                add_seed(&mut pod, mv, r, cfg)?;
+            }
+        }
+    }
+    Ok(pod)
+}
+
+/// Where a restoring primary sees the source engine's socket directory (read-only).
+pub const SOURCE_MOUNT: &str = "/src";
+
+/// The restoring primary's init container: `tandem-engine seed` fills its fresh state dir and data
+/// file from the source engine's snapshot export, over that engine's NBD socket on this node, before
+/// `serve` starts. Idempotent (a restarted pod seeds nothing twice), and `serve` refuses a half-seeded
+/// dir, so a crash mid-seed never serves a partial copy.
+fn add_seed(
+    pod: &mut Pod,
+    mv: &MirroredVolume,
+    r: &crate::crd::RestoreStatus,
+    cfg: &EngineConfig,
+) -> Result<(), InvalidSpec> {
+    let src_key = names::key(&mv.namespace().unwrap_or_default(), &r.volume);
+    let Some(spec) = pod.spec.as_mut() else {
+        return Ok(());
+    };
+    let engine = &spec.containers[0];
+    let mut mounts = engine.volume_mounts.clone().unwrap_or_default();
+    mounts.retain(|m| m.name == "data");
+    mounts.push(VolumeMount {
+        name: "source".into(),
+        mount_path: SOURCE_MOUNT.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
+    let init = Container {
+        name: "seed".into(),
+        image: Some(cfg.image.clone()),
+        image_pull_policy: cfg.image_pull_policy.clone(),
+        args: Some(vec![
+            "seed".into(),
+            "--from".into(),
+            format!("unix:{SOURCE_MOUNT}/nbd.sock"),
+            "--export".into(),
+            snapshot_export(&r.volume, &r.snapshot),
+            "--state-dir".into(),
+            format!("{DATA_MOUNT}/state"),
+            "--data".into(),
+            format!("{DATA_MOUNT}/data.img"),
+            "--volume".into(),
+            mv.name_any(),
+            "--size".into(),
+            volume_bytes(mv)?.to_string(),
+        ]),
+        volume_mounts: Some(mounts),
+        security_context: engine.security_context.clone(),
+        ..Default::default()
+    };
+    spec.init_containers = Some(vec![init]);
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: "source".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: names::host_dir(&src_key),
+            // The source engine made it; absent means the source is not on this node.
+            type_: Some("Directory".into()),
+        }),
+        ..Default::default()
+    });
+    Ok(())
+}
+
+/// The snapshot's NBD export name, `<volume>@snapshot/<id>` (the agreed format; the same as
+/// `tandem_api::contract::snapshot_export`, which the snap branch adds, and this should call once both
+/// are merged).
+pub fn snapshot_export(volume: &str, id: &str) -> String {
+    format!("{volume}@snapshot/{id}")
 }
 
 /// The Service in front of a slot's engine: gRPC and metrics only (no NBD port, by design: NBD stays on
@@ -1649,6 +1726,44 @@ mod tests {
             };
             assert!(host_data_dir(&mv, Some(&edited), &cfg).is_err(), "{bad}");
         }
+    }
+
+    /// Only a primary on the snapshot's node seeds, and only until the restore is done.
+    #[test]
+    fn only_the_restoring_primary_seeds() {
+        let cfg = EngineConfig::default();
+        let restore = crate::crd::RestoreStatus {
+            volume: "src".into(),
+            snapshot: "s1".into(),
+            node: "n1".into(),
+            ..Default::default()
+        };
+        let with = |r: crate::crd::RestoreStatus| {
+            MirroredVolume::test().with_status(MirroredVolumeStatus {
+                restore: Some(r),
+                ..Default::default()
+            })
+        };
+        let seeds = |mv: &MirroredVolume, role, node: &str| {
+            engine_pod(mv, Slot::A, role, node, &cfg)
+                .unwrap()
+                .spec
+                .unwrap()
+                .init_containers
+                .is_some()
+        };
+        assert!(seeds(&with(restore.clone()), EngineRole::Primary, "n1"));
+        assert!(!seeds(&with(restore.clone()), EngineRole::Secondary, "n1"));
+        assert!(!seeds(&with(restore.clone()), EngineRole::Primary, "n2"));
+        let done = crate::crd::RestoreStatus {
+            done: true,
+            ..restore
+        };
+        assert!(
+            !seeds(&with(done), EngineRole::Primary, "n1"),
+            "a restored volume never seeds again"
+        );
+        assert_eq!(snapshot_export("v", "s"), "v@snapshot/s");
     }
 
     #[test]

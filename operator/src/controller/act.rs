@@ -104,6 +104,7 @@ impl MirroredVolume {
                 self.apply_children(ctx, children).await?;
             }
             self.grow(ctx, plan).await;
+            self.finish_restore(ctx, plan).await;
         }
         self.act_disruption(ctx, &plan.disruption).await
     }

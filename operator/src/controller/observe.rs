@@ -11,9 +11,9 @@ use k8s_openapi::{
 use kube::{api::ListParams, Api, ResourceExt};
 use tracing::info;
 
-use super::Context;
+use super::{restore::Source, Context};
 use crate::{
-    crd::{MirroredVolume, PlacementStatus, Slot},
+    crd::{MirroredVolume, PlacementStatus, RestoreStatus, Slot},
     engine::{EngineState, EngineTarget},
     observed::{NodeObs, Observed, PodObs, PvObs, WorkloadPod, SLOT_LABEL, VOLUME_LABEL},
     placement,
@@ -23,12 +23,12 @@ use crate::{
 
 /// What placement concluded for one pass.
 pub(super) enum Placed {
-    /// `[slot a, slot b]`, and the decision to record in `status.placement`.
-    Nodes([String; 2], Option<PlacementStatus>),
+    /// `[slot a, slot b]`, the decision to record in `status.placement`, and the restore to record.
+    Nodes([String; 2], Option<PlacementStatus>, Option<RestoreStatus>),
     /// The spec cannot be placed as written (Failed until it changes).
     Invalid(InvalidSpec),
-    /// No pair fits now: retried, nodes may come.
-    Refused(PlacementStatus),
+    /// No pair fits now (or the restore source is not ready): retried, nodes may come.
+    Refused(PlacementStatus, Option<RestoreStatus>),
 }
 
 /// A fresh volume token: 32 random bytes, hex.
@@ -56,9 +56,28 @@ impl MirroredVolume {
         if let Err(invalid) = plan::validate(self, &ctx.config) {
             return Ok(Placed::Invalid(invalid));
         }
+        let restore = match self.resolve_source(ctx).await? {
+            Source::None => None,
+            Source::Ready(r) => Some(r),
+            Source::Wait(why) => return Ok(Placed::Refused(why, None)),
+            Source::Invalid(invalid) => return Ok(Placed::Invalid(invalid)),
+        };
         match plan::fixed_nodes(self, &status) {
             Err(invalid) => return Ok(Placed::Invalid(invalid)),
             Ok(Some(nodes)) => {
+                // Before the first placement, the primary (slot a) must be where the snapshot is.
+                if let Some(r) = restore.as_ref().filter(|_| status.nodes.len() != 2) {
+                    if nodes[0] != r.node {
+                        let why = PlacementStatus {
+                            reason: placement::SNAPSHOT_NODE_UNAVAILABLE.into(),
+                            message: format!(
+                                "the restore source {}@{} is on node {}, but placement.nodes puts the primary on {}",
+                                r.volume, r.snapshot, r.node, nodes[0]
+                            ),
+                        };
+                        return Ok(Placed::Refused(why, restore));
+                    }
+                }
                 let placement = status.placement.clone().or_else(|| {
                     Some(PlacementStatus {
                         reason: placement::PLACED.into(),
@@ -68,7 +87,7 @@ impl MirroredVolume {
                         ),
                     })
                 });
-                return Ok(Placed::Nodes(nodes, placement));
+                return Ok(Placed::Nodes(nodes, placement, restore));
             }
             Ok(None) => (),
         }
@@ -102,7 +121,7 @@ impl MirroredVolume {
             key: &key,
             allowed_nodes: self.spec.placement.allowed_nodes.as_deref(),
             preferred_primary: self.spec.placement.preferred_primary.as_deref(),
-            required_primary: None,
+            required_primary: restore.as_ref().map(|r| r.node.as_str()),
         };
         let decision = placement::place(&wishes, &candidates);
         let shown = PlacementStatus {
@@ -110,8 +129,8 @@ impl MirroredVolume {
             message: decision.message,
         };
         Ok(match decision.nodes {
-            Some(nodes) => Placed::Nodes(nodes, Some(shown)),
-            None => Placed::Refused(shown),
+            Some(nodes) => Placed::Nodes(nodes, Some(shown), restore),
+            None => Placed::Refused(shown, restore),
         })
     }
 

@@ -148,11 +148,18 @@ impl MirroredVolume {
         let now = stamp(Timestamp::now()).to_string();
         status.phase = Phase::Creating;
         status.observed_generation = self.metadata.generation;
-        let reason = match why.reason.as_str() {
-            placement::PREFERRED_PRIMARY_UNAVAILABLE => placement::PREFERRED_PRIMARY_UNAVAILABLE,
-            placement::SNAPSHOT_NODE_UNAVAILABLE => placement::SNAPSHOT_NODE_UNAVAILABLE,
-            _ => placement::NO_PAIR_FITS,
-        };
+        use super::restore as r;
+        let reason = [
+            placement::PREFERRED_PRIMARY_UNAVAILABLE,
+            placement::SNAPSHOT_NODE_UNAVAILABLE,
+            r::SOURCE_NOT_FOUND,
+            r::SOURCE_NOT_READY,
+            r::SNAPSHOT_NOT_FOUND,
+            r::SNAPSHOTS_NOT_SUPPORTED,
+        ]
+        .into_iter()
+        .find(|r| *r == why.reason)
+        .unwrap_or(placement::NO_PAIR_FITS);
         failover::set_condition(
             &mut status.conditions,
             "Ready",
