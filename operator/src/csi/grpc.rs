@@ -140,7 +140,7 @@ impl ControllerRpc for ControllerGrpc {
         &self,
         _request: Request<pb::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
-        use pb::controller_service_capability::{Type, Rpc as RpcCap};
+        use pb::controller_service_capability::{Rpc as RpcCap, Type};
         Ok(Response::new(pb::ControllerGetCapabilitiesResponse {
             capabilities: CAPABILITIES
                 .iter()
@@ -199,11 +199,7 @@ impl ControllerRpc for ControllerGrpc {
         let req = request.into_inner();
         let id = req.volume_id.clone();
         let span = tracing::info_span!("ControllerExpandVolume", volume = %id);
-        let result = self
-            .controller
-            .expand_volume(req)
-            .instrument(span)
-            .await;
+        let result = self.controller.expand_volume(req).instrument(span).await;
         answer("ControllerExpandVolume", &id, result)
     }
 }

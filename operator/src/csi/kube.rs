@@ -14,7 +14,7 @@ use crate::crd::MirroredVolume;
 
 /// What a create answered.
 pub enum Created {
-    Created(MirroredVolume),
+    Created(Box<MirroredVolume>),
     /// Someone created the name first (a concurrent retry): read it again.
     Conflict,
 }
@@ -84,7 +84,7 @@ impl VolumeApi for KubeVolumes {
             let ns = mv.metadata.namespace.as_deref().unwrap_or_default();
             let api: Api<MirroredVolume> = Api::namespaced(self.client.clone(), ns);
             match api.create(&PostParams::default(), mv).await {
-                Ok(created) => Ok(Created::Created(created)),
+                Ok(created) => Ok(Created::Created(Box::new(created))),
                 Err(kube::Error::Api(s)) if s.code == 409 => Ok(Created::Conflict),
                 Err(e) => Err(kube_error("creating the MirroredVolume", e)),
             }

@@ -157,7 +157,11 @@ pub fn parameters(map: &HashMap<String, String>) -> CsiResult<Parameters> {
     }
     if let Some(v) = get("peerTimeout") {
         if parse_duration(v).is_none() || v.len() > 8 {
-            return Err(invalid("peerTimeout", v, "a duration like 500ms, 30s or 2m"));
+            return Err(invalid(
+                "peerTimeout",
+                v,
+                "a duration like 500ms, 30s or 2m",
+            ));
         }
         failover.peer_timeout = v.to_string();
     }
@@ -444,7 +448,10 @@ mod tests {
         assert_eq!(p.failover.lease_ms, 5000);
         assert_eq!(p.fs_type, Some(FsType::Xfs));
         assert_eq!(p.secondary_access, SecondaryAccess::ReadOnly);
-        assert_eq!(p.engine_storage.host_path.as_deref(), Some("/var/lib/tandem"));
+        assert_eq!(
+            p.engine_storage.host_path.as_deref(),
+            Some("/var/lib/tandem")
+        );
         assert_eq!(p.node_selector.len(), 2);
         assert_eq!(p.node_selector["zone"], "a");
     }
@@ -452,7 +459,10 @@ mod tests {
     #[test]
     fn unknown_and_bad_parameters_are_refused_by_name() {
         let e = parameters(&params(&[("replicas", "3")])).unwrap_err();
-        assert!(matches!(&e, CsiError::Invalid(m) if m.contains("\"replicas\"")), "{e}");
+        assert!(
+            matches!(&e, CsiError::Invalid(m) if m.contains("\"replicas\"")),
+            "{e}"
+        );
         for (k, v) in [
             ("replication", "sync"),
             ("failoverPolicy", "MaxLoss"),
@@ -463,10 +473,16 @@ mod tests {
             ("journalSize", "lots"),
         ] {
             let e = parameters(&params(&[(k, v)])).unwrap_err();
-            assert!(matches!(&e, CsiError::Invalid(m) if m.contains(k)), "{k}={v}: {e}");
+            assert!(
+                matches!(&e, CsiError::Invalid(m) if m.contains(k)),
+                "{k}={v}: {e}"
+            );
         }
         let mut both = params(&[("engineStorageClass", "local-path")]);
-        assert!(parameters(&both).is_err(), "hostPath and engineStorageClass");
+        assert!(
+            parameters(&both).is_err(),
+            "hostPath and engineStorageClass"
+        );
         both.remove("hostPath");
         both.remove("engineStorageClass");
         assert!(parameters(&both).is_err(), "neither");
@@ -503,7 +519,10 @@ mod tests {
             let a = capabilities(&[cap(m, false, "xfs")]).unwrap();
             assert_eq!(a.mode, VolumeMode::Filesystem);
             assert_eq!(a.fs_type, Some(FsType::Xfs));
-            assert_eq!(capabilities(&[cap(m, true, "")]).unwrap().mode, VolumeMode::Block);
+            assert_eq!(
+                capabilities(&[cap(m, true, "")]).unwrap().mode,
+                VolumeMode::Block
+            );
         }
         for m in [
             Mode::MultiNodeMultiWriter,
@@ -523,10 +542,10 @@ mod tests {
         assert!(capabilities(&mixed).is_err());
     }
 
-    fn range(required: i64, limit: i64) -> pb::CapacityRange {
+    fn range(required: u64, limit: u64) -> pb::CapacityRange {
         pb::CapacityRange {
-            required_bytes: required,
-            limit_bytes: limit,
+            required_bytes: required as i64,
+            limit_bytes: limit as i64,
         }
     }
 
@@ -541,8 +560,12 @@ mod tests {
         // Rounding up would pass the limit.
         assert!(capacity(Some(&range(MIB + 1, MIB + 2))).is_err());
         assert!(capacity(Some(&range(0, 1000))).is_err());
-        assert!(capacity(Some(&range((MAX_BYTES + 1) as i64, 0))).is_err());
-        assert!(capacity(Some(&range(-1, 0))).is_err());
+        assert!(capacity(Some(&range(MAX_BYTES + 1, 0))).is_err());
+        let negative = pb::CapacityRange {
+            required_bytes: -1,
+            limit_bytes: 0,
+        };
+        assert!(capacity(Some(&negative)).is_err());
         assert_eq!(size_string(5 << 30), "5Gi");
         assert_eq!(size_string(1536 * MIB), "1536Mi");
     }
@@ -559,7 +582,10 @@ mod tests {
         assert_eq!(parse_volume_id("pvc-1"), None);
         assert_eq!(parse_volume_id("a/b/c"), None);
         let id = snapshot_id("apps", "pvc-1", "snapshot-9");
-        assert_eq!(parse_snapshot_id(&id), Some(("apps", "pvc-1", "snapshot-9")));
+        assert_eq!(
+            parse_snapshot_id(&id),
+            Some(("apps", "pvc-1", "snapshot-9"))
+        );
         assert_eq!(parse_snapshot_id("apps/pvc-1"), None);
         assert_eq!(parse_snapshot_id("apps/pvc-1/a/b"), None);
     }

@@ -20,8 +20,8 @@ use super::{
 };
 use crate::{
     crd::{
-        parse_quantity, MirroredVolume, MirroredVolumeSpec, Placement, SnapshotSource,
-        VolumeMode, VolumeSource,
+        parse_quantity, MirroredVolume, MirroredVolumeSpec, Placement, SnapshotSource, VolumeMode,
+        VolumeSource,
     },
     engine::EngineTarget,
     plan::{self, names, EngineConfig},
@@ -130,9 +130,10 @@ impl Controller {
         };
         match kind {
             Type::Snapshot(s) => {
-                let (ns, volume, id) = params::parse_snapshot_id(&s.snapshot_id).ok_or_else(|| {
-                    CsiError::NotFound(format!("snapshot {:?} does not exist", s.snapshot_id))
-                })?;
+                let (ns, volume, id) =
+                    params::parse_snapshot_id(&s.snapshot_id).ok_or_else(|| {
+                        CsiError::NotFound(format!("snapshot {:?} does not exist", s.snapshot_id))
+                    })?;
                 same_ns(ns)?;
                 self.existing(ns, volume).await.map_err(|e| match e {
                     CsiError::NotFound(_) => CsiError::NotFound(format!(
@@ -236,10 +237,7 @@ impl Controller {
         let size_fits = have >= bytes_of(desired) && (limit == 0 || have <= limit);
         let mut same = existing.spec.clone();
         same.size = desired.spec.size.clone();
-        let placed = existing
-            .status
-            .as_ref()
-            .is_some_and(|s| s.nodes.len() == 2);
+        let placed = existing.status.as_ref().is_some_and(|s| s.nodes.len() == 2);
         if same.placement != desired.spec.placement && !placed {
             self.volumes.delete(&ns, &name).await?;
             return Err(CsiError::Pending(format!(
@@ -304,7 +302,7 @@ impl Controller {
         let mv = match self.volumes.get(&namespace, &req.name).await? {
             Some(existing) => self.reuse(existing, &desired, limit).await?,
             None => match self.volumes.create(&desired).await? {
-                Created::Created(mv) => mv,
+                Created::Created(mv) => *mv,
                 Created::Conflict => {
                     return Err(CsiError::Pending(format!(
                         "MirroredVolume {namespace}/{} was created concurrently; retrying",
@@ -359,7 +357,11 @@ impl Controller {
         if req.volume_id.is_empty() {
             return Err(CsiError::Invalid("volume_id is missing".into()));
         }
-        if req.capacity_range.as_ref().is_none_or(|r| r.required_bytes <= 0) {
+        if req
+            .capacity_range
+            .as_ref()
+            .is_none_or(|r| r.required_bytes <= 0)
+        {
             return Err(CsiError::Invalid(
                 "capacity_range.required_bytes is missing".into(),
             ));
@@ -464,11 +466,7 @@ impl Controller {
             .collect())
     }
 
-    fn snapshot(
-        namespace: &str,
-        volume: &str,
-        s: &EngineSnapshot,
-    ) -> pb::Snapshot {
+    fn snapshot(namespace: &str, volume: &str, s: &EngineSnapshot) -> pb::Snapshot {
         pb::Snapshot {
             size_bytes: to_i64(s.size),
             snapshot_id: params::snapshot_id(namespace, volume, &s.id),
@@ -483,10 +481,7 @@ impl Controller {
 
     /// Takes a snapshot on the source volume's primary, named by the CSI name (the engine is
     /// idempotent by id, so a retry answers the same snapshot).
-    pub async fn create_snapshot(
-        &self,
-        req: pb::CreateSnapshotRequest,
-    ) -> CsiResult<pb::Snapshot> {
+    pub async fn create_snapshot(&self, req: pb::CreateSnapshotRequest) -> CsiResult<pb::Snapshot> {
         params::snapshot_name(&req.name)?;
         if req.source_volume_id.is_empty() {
             return Err(CsiError::Invalid("source_volume_id is missing".into()));
@@ -624,7 +619,11 @@ impl Controller {
                 .into_iter()
                 .map(|s| pb::list_snapshots_response::Entry { snapshot: Some(s) })
                 .collect(),
-            next_token: if more { next.to_string() } else { String::new() },
+            next_token: if more {
+                next.to_string()
+            } else {
+                String::new()
+            },
         })
     }
 }
