@@ -165,6 +165,8 @@ check "example MirroredVolumes validate against the CRD" \
 sed -e 's/__NODE1__/kind-worker/g' -e 's/__NODE2__/kind-worker2/g' e2e/kind/workload.yaml >"$WORK/kind-workload.yaml"
 check "the kind suite's MirroredVolume validates against the CRD" \
   "$VENV/bin/python" scripts/validate-cr.py "$CRD" "$WORK/kind-workload.yaml"
+check "the kind suite's provisioned StatefulSet validates (Kubernetes $K8S_VERSION)" \
+  "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" e2e/kind/provisioned.yaml
 check "invalid MirroredVolumes are rejected by the CRD" \
   "$VENV/bin/python" scripts/validate-cr.py "$CRD" --expect-invalid "$CHART/ci/invalid-mirroredvolumes.yaml"
 
