@@ -97,7 +97,7 @@ for f in default options snapshots; do
     "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$WORK/$f.yaml"
 done
 check "kubernetes-validate --strict (example workload, crds/)" \
-  "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$CHART/examples/mirroredvolume.yaml" "$CRD"
+  "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$CHART/examples/mirroredvolume.yaml" "$CHART/examples/pvc.yaml" "$CRD"
 
 # --- the binaries accept what the chart passes them -----------------------------------------------------
 "$VENV/bin/python" - "$WORK/options.yaml" "$WORK" <<'PY'
