@@ -237,12 +237,32 @@ impl Controller {
         let size_fits = have >= bytes_of(desired) && (limit == 0 || have <= limit);
         let mut same = existing.spec.clone();
         same.size = desired.spec.size.clone();
-        let placed = existing.status.as_ref().is_some_and(|s| s.nodes.len() == 2);
-        if same.placement != desired.spec.placement && !placed {
-            self.volumes.delete(&ns, &name).await?;
-            return Err(CsiError::Pending(format!(
-                "MirroredVolume {ns}/{name} was not placed with the earlier topology; deleted to make it again"
-            )));
+        let nodes = existing
+            .status
+            .as_ref()
+            .map(|s| s.nodes.clone())
+            .unwrap_or_default();
+        let placed = nodes.len() == 2;
+        if same.placement != desired.spec.placement {
+            let wanted = &desired.spec.placement;
+            let fits = wanted
+                .allowed_nodes
+                .as_ref()
+                .is_none_or(|allowed| nodes.iter().all(|n| allowed.contains(n)));
+            let same_selector = same.placement.node_selector == wanted.node_selector
+                && same.placement.nodes == wanted.nodes;
+            if placed && fits && same_selector {
+                // Placed already on nodes the new ask allows (a retry after the pod moved):
+                // the volume answers it; its placement is immutable anyway.
+                same.placement = wanted.clone();
+            } else if !placed {
+                // Never placed, so no engine and no data exists: safe to make it again (test
+                // csi::tests::an_unplaced_volume_asked_again_with_other_topology_is_made_again).
+                self.volumes.delete(&ns, &name).await?;
+                return Err(CsiError::Pending(format!(
+                    "MirroredVolume {ns}/{name} was not placed with the earlier topology; deleted to make it again"
+                )));
+            }
         }
         if !size_fits || same != desired.spec {
             return Err(CsiError::AlreadyExists(format!(
@@ -341,7 +361,8 @@ impl Controller {
             return Ok(());
         };
         // Only what this controller provisioned: a hand-written volume's PV is Retain and
-        // never reaches here, and a mistaken call must not wipe one.
+        // never reaches here, and a mistaken call must not wipe one (test
+        // csi::tests::delete_volume_deletes_only_provisioned_volumes_and_unknown_ids_succeed).
         if mv.spec.persistent_volume_name.is_none() {
             return Err(CsiError::Precondition(format!(
                 "MirroredVolume {ns}/{name} was not provisioned through CSI; delete it by hand"

@@ -335,6 +335,31 @@ async fn an_unplaced_volume_asked_again_with_other_topology_is_made_again() {
 }
 
 #[tokio::test]
+async fn a_placed_volume_answers_a_retry_whose_topology_still_allows_its_nodes() {
+    let (c, api) = controller(Duration::ZERO, Arc::default());
+    let api = api.run(vec![
+        Call::get(&mv_path(PV)).reply(200, placed(created_volume())),
+        Call::get(&mv_path(PV)).reply(200, placed(created_volume())),
+    ]);
+    // The pod moved to n1: another preferred node, the same allowed ones.
+    let mut moved = create_request();
+    moved.accessibility_requirements.as_mut().unwrap().preferred = vec![topology("n1")];
+    let v = c.create_volume(moved).await.unwrap();
+    // Now n2 is no longer allowed: the placed volume cannot answer.
+    let mut elsewhere = create_request();
+    elsewhere
+        .accessibility_requirements
+        .as_mut()
+        .unwrap()
+        .requisite = vec![topology("n1"), topology("n3")];
+    let (code, msg) = code(c.create_volume(elsewhere).await);
+    drop(c);
+    finish(api).await;
+    assert_eq!(v.volume_id, format!("{NS}/{PV}"));
+    assert_eq!(code, Code::AlreadyExists, "{msg}");
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_before_any_api_call() {
     let (c, api) = controller(Duration::ZERO, Arc::default());
     let api = api.run(vec![]);
