@@ -744,3 +744,51 @@ async fn the_grpc_adapter_maps_errors_to_codes_and_reports_capabilities() {
     drop(grpc);
     finish(api).await;
 }
+
+#[tokio::test]
+async fn the_sidecars_reach_the_controller_over_its_unix_socket() {
+    use tandem_api::csi::{controller_client::ControllerClient, identity_client::IdentityClient};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi/csi.sock");
+    let endpoint = format!("unix://{}", socket.display());
+    let (c, api) = controller(Duration::ZERO, Arc::default());
+    let api = api.run(vec![]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let endpoint = endpoint.clone();
+        async move {
+            super::grpc::serve(&endpoint, Arc::new(c), async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    let mut channel = None;
+    for _ in 0..200 {
+        if let Ok(ch) = tonic::transport::Endpoint::try_from(endpoint.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
+            channel = Some(ch);
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let channel = channel.expect("the controller's socket accepts connections");
+    let info = IdentityClient::new(channel.clone())
+        .get_plugin_info(pb::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, tandem_api::contract::CSI_DRIVER);
+    let mut ctl = ControllerClient::new(channel);
+    let mut rwx = create_request();
+    rwx.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter)];
+    let status = ctl.create_volume(rwx).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    finish(api).await;
+}
