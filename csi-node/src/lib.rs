@@ -6,12 +6,9 @@
 //! Layout: `service` (gRPC adapters) → `node` (logic) → `engine` / `attach` / `mount` (side effects,
 //! each behind a trait) and `state` (the durable record). `nbd` + `fusefs` are the attach daemon.
 
-/// Generated CSI v1 types and stubs (our own subset of csi.proto, spec names and field numbers).
-/// Public so that test clients (the e2e suite playing kubelet) can speak CSI.
-#[allow(clippy::all, missing_docs)]
-pub mod pb {
-    tonic::include_proto!("csi.v1");
-}
+/// The CSI v1 types and stubs, generated in `tandem_api::csi` (shared with the operator's CSI
+/// controller); re-exported here so test clients (the e2e suite playing kubelet) keep one path.
+pub use tandem_api::csi as pb;
 
 pub mod attach;
 pub mod cli;

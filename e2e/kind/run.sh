@@ -6,6 +6,10 @@
 # One disruption per scenario, each with its policy, its check and its timing bar (issue 12):
 #   install, create     chart installed; a Sync MirroredVolume (WaitForPrimary, lease 10 s) reaches Synced and
 #                       a writer appends an fsync'd counter, logging every ACK and every IOERR;
+#   provision           a StatefulSet claims a volume from the StorageClass `tandem`: the CSI controller
+#                       provisions a MirroredVolume named after the PV; the writer's blob survives its
+#                       primary engine pod's deletion and the writer pod's restart; the claim grows
+#                       online to 512Mi; deleting the claim deletes the MirroredVolume;
 #   engine-crash        the primary engine process is SIGKILLed: no takeover, the writer sees no error;
 #   engine-pod-deleted  the primary engine pod is deleted: the operator recreates it within the restart grace,
 #                       no takeover, the writer sees no error;
@@ -128,8 +132,10 @@ for target in engine csi operator; do
   kind load docker-image --name "$CLUSTER" "tandem-$target:$TAG" >/dev/null
 done
 "$HELM" --kube-context "$ctx" upgrade --install tandem charts/tandem --namespace "$NS" --create-namespace \
-  --set image.tag="$TAG" --set image.pullPolicy=Never --set operator.logLevel=debug --wait --timeout 5m
+  --set image.tag="$TAG" --set image.pullPolicy=Never --set operator.logLevel=debug \
+  --set-string storageClass.parameters.nodeSelector=tandem.dev/storage=true --wait --timeout 5m
 k -n "$NS" rollout status deploy/tandem-operator --timeout=120s
+k -n "$NS" rollout status deploy/tandem-csi-controller --timeout=120s
 k -n "$NS" rollout status ds/tandem-csi-node --timeout=120s
 timing[install_ms]=$(( $(now_ms) - t ))
 pass
@@ -144,6 +150,49 @@ wait_for "writer running" 300 writer_pod
 wait_for "blob written" 180 writer_logged "$(writer_pod)" FIRST_IO
 timing[create_to_writer_ms]=$(( $(now_ms) - t ))
 k get pdb -A | grep -q e2e || fail "no PodDisruptionBudget for the volume's engines"
+pass
+
+# provision: a claim from the StorageClass becomes a MirroredVolume; its data survives an engine pod and a
+# workload restart; it grows online; deleting the claim deletes the volume -------------------------------
+scenario=provision
+pmv() { k get mv "$PROV_PV" -o "jsonpath={$1}"; }
+prov_phase_is() { [ "$(pmv .status.phase)" = "$1" ]; }
+pvc_bound() { [ "$(k get pvc data-prov-0 -o jsonpath='{.status.phase}')" = Bound ]; }
+pvc_capacity_is() { [ "$(k get pvc data-prov-0 -o jsonpath='{.status.capacity.storage}')" = "$1" ]; }
+prov_running() { [ "$(k get pod prov-0 -o jsonpath='{.status.phase}')" = Running ]; }
+mv_gone() { ! k get mv "$PROV_PV" >/dev/null 2>&1; }
+t=$(now_ms)
+k apply -f e2e/kind/provisioned.yaml
+wait_for "claim data-prov-0 bound" 300 pvc_bound
+timing[provision_to_bound_ms]=$(( $(now_ms) - t ))
+PROV_PV=$(k get pvc data-prov-0 -o jsonpath='{.spec.volumeName}')
+k get mv "$PROV_PV" >/dev/null || fail "no MirroredVolume default/$PROV_PV for the provisioned PV"
+[ "$(pmv .spec.persistentVolumeName)" = "$PROV_PV" ] || fail "MirroredVolume $PROV_PV does not name its PV"
+[ "$(k get pv "$PROV_PV" -o jsonpath='{.spec.csi.volumeHandle}')" = "default/$PROV_PV" ] || fail "the PV's handle is not default/$PROV_PV"
+wait_for "provisioned volume Synced" 300 prov_phase_is Synced
+wait_for "provisioned writer verified" 300 writer_logged prov-0 FIRST_IO
+timing[provision_to_writer_ms]=$(( $(now_ms) - t ))
+# Its primary engine pod goes away and comes back; then the workload restarts and reads its blob back.
+t=$(now_ms)
+k -n "$NS" delete pod "$(pmv .status.primary.pod)" --wait=false
+wait_for "provisioned pair Synced after its engine pod came back" 300 prov_phase_is Synced
+k delete pod prov-0 --wait=true
+wait_for "prov-0 running again" 300 prov_running
+verify_ok prov-0
+k logs prov-0 | grep -q 'VERIFY OK blob' || fail "the provisioned volume lost its blob: $(k logs prov-0 | grep VERIFY | tr '\n' ' ')"
+timing[provision_restart_to_verified_ms]=$(( $(now_ms) - t ))
+# Online expansion: the claim grows while the writer writes.
+t=$(now_ms); since=$(date +%s)
+k patch pvc data-prov-0 -p '{"spec":{"resources":{"requests":{"storage":"512Mi"}}}}'
+wait_for "claim grown to 512Mi" 300 pvc_capacity_is 512Mi
+timing[provision_expand_ms]=$(( $(now_ms) - t ))
+[ -z "$(ioerrs_since prov-0 "$since")" ] || fail "the writer saw errors while growing: $(ioerrs_since prov-0 "$since" | head -3)"
+# Deleting the claim (reclaimPolicy Delete) deletes the MirroredVolume; the operator wipes the engines.
+t=$(now_ms)
+k delete statefulset prov --wait=true
+k delete pvc data-prov-0 --wait=false
+wait_for "MirroredVolume $PROV_PV deleted with its claim" 300 mv_gone
+timing[provision_delete_ms]=$(( $(now_ms) - t ))
 pass
 
 # engine-crash: SIGKILL the primary engine process; the kubelet restarts the container in place ---------------

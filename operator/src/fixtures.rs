@@ -390,6 +390,12 @@ impl ApiServerVerifier {
     }
 }
 
+/// A client over a mocked API server, for code that takes a bare client (the CSI controller).
+pub fn mock_client() -> (Client, ApiServerVerifier) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(service, NS), ApiServerVerifier(handle))
+}
+
 impl Context {
     /// A context over a mocked API server and fake engines.
     pub fn test(engines: FakeEngines) -> (Arc<Context>, ApiServerVerifier, Metrics) {

@@ -6,11 +6,13 @@
 //! (pure decisions; `disruption`: engine restarts and node drains),
 //! [`controller`] (the reconciler: observe, decide, act, status), [`engine`] (the engine API behind a trait),
 //! [`leader`] (Lease election), [`metrics`], [`http`] (probes and `/metrics`), [`telemetry`] (logs),
-//! [`certs`] (the operator's CA and the certificates it mints per volume).
+//! [`certs`] (the operator's CA and the certificates it mints per volume), [`csi`] (the CSI Controller
+//! service, `tandem-operator csi-controller`: dynamic provisioning, expansion, snapshots).
 
 pub mod certs;
 pub mod controller;
 pub mod crd;
+pub mod csi;
 pub mod disruption;
 pub mod engine;
 pub mod failover;

@@ -1,5 +1,6 @@
 //! `tandem-operator`: `run` starts the controller (with leader election, probes and metrics);
-//! `crd` prints the MirroredVolume CRD as YAML (what crds/ and the chart's crds/ hold).
+//! `crd` prints the MirroredVolume CRD as YAML (what crds/ and the chart's crds/ hold);
+//! `csi-controller` serves the CSI Controller service for the provisioning sidecars.
 
 use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -36,6 +37,33 @@ enum Command {
     Crd,
     /// Print, without a cluster, the objects the operator would create for the MirroredVolumes in a file.
     Render(RenderArgs),
+    /// Serve the CSI Controller service (CreateVolume, expansion, snapshots) on a unix socket for
+    /// the kubernetes-csi sidecars.
+    CsiController(CsiControllerArgs),
+}
+
+#[derive(clap::Args)]
+struct CsiControllerArgs {
+    /// The CSI socket the sidecars dial.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    csi_endpoint: String,
+    /// The operator's namespace: the CA Secret `tandem-ca` (for the operator identity the engines
+    /// require for snapshots) and the volume tokens. Must match the operator's `--namespace`.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Cluster DNS domain used in engine addresses (as the operator's).
+    #[arg(long, env = "TANDEM_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// How long CreateVolume and ControllerExpandVolume wait for the operator before answering
+    /// ABORTED (the sidecars retry). Keep it below the sidecars' --timeout.
+    #[arg(long, env = "TANDEM_CSI_WAIT_SECONDS", default_value_t = 20)]
+    wait_seconds: u64,
+    /// Lifetime of the operator client certificate this process mints, in days.
+    #[arg(long, env = "TANDEM_CERT_VALIDITY_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..=3650))]
+    cert_validity_days: u64,
+    /// Log format.
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -117,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(args).await,
         Command::Render(args) => render(args),
+        Command::CsiController(args) => csi_controller(args).await,
     }
 }
 
@@ -161,6 +190,57 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(rendered > 0, "no MirroredVolume in {}", args.file.display());
     Ok(())
+}
+
+async fn csi_controller(args: CsiControllerArgs) -> anyhow::Result<()> {
+    use operator::csi::{engines::GrpcSnapshots, grpc, kube::KubeVolumes, service::Controller};
+    telemetry::init(args.log_format, "info,kube=warn,tower=warn,hyper=warn");
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster or kubeconfig)")?;
+    // The operator creates the CA; this process only reads it (never creates one: two CAs would
+    // split the cluster's trust).
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), &args.namespace);
+    let ca = loop {
+        match secrets.get_opt(operator::certs::CA_SECRET).await {
+            Ok(Some(secret)) => break operator::certs::ca_of(&secret)?,
+            Ok(None) => tracing::info!(
+                namespace = %args.namespace,
+                "waiting for the operator to create Secret {}",
+                operator::certs::CA_SECRET
+            ),
+            Err(e) => tracing::warn!(error = %e, "reading the operator's CA"),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    let validity = Duration::from_secs(args.cert_validity_days.saturating_mul(24 * 3600));
+    let _identity = operator::certs::serve_operator_identity(ca, validity)
+        .context("issuing the operator's client certificate")?;
+    let controller = Arc::new(Controller {
+        volumes: Arc::new(KubeVolumes {
+            client,
+            operator_namespace: args.namespace.clone(),
+        }),
+        snapshots: Arc::new(GrpcSnapshots::default()),
+        cfg: EngineConfig {
+            cluster_domain: args.cluster_domain,
+            namespace: args.namespace,
+            ..EngineConfig::default()
+        },
+        wait: Duration::from_secs(args.wait_seconds),
+        poll: Duration::from_secs(1),
+    });
+    // SIGTERM (the kubelet) or SIGINT: stop accepting, finish calls in flight, remove the socket.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    grpc::serve(&args.csi_endpoint, controller, shutdown).await
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

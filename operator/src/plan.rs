@@ -948,28 +948,22 @@ pub fn nbd_attribute(mv: &MirroredVolume, nodes: &[String; 2]) -> String {
         .join(",")
 }
 
-/// The PersistentVolume. Cluster-scoped, so no owner reference (a namespaced owner is not allowed): the
-/// finalizer deletes it. Reclaim policy Retain for the same reason.
-pub fn persistent_volume(
+/// The PV `volumeAttributes` the CSI plugin stages with (the operator↔CSI contract): written into the
+/// PersistentVolume the operator creates, and answered by the CSI controller as CreateVolume's
+/// `volume_context` for a provisioned volume (the external-provisioner copies it into its PV).
+pub fn pv_attributes(
     mv: &MirroredVolume,
-    nodes: &[NodeObs; 2],
+    node_names: &[String; 2],
     cfg: &EngineConfig,
-) -> Result<PersistentVolume, InvalidSpec> {
-    volume_bytes(mv)?;
-    let namespace = mv.namespace().unwrap_or_default();
+) -> BTreeMap<String, String> {
     let name = mv.name_any();
-    let node_names = [nodes[0].name.clone(), nodes[1].name.clone()];
-    let hostnames: Vec<String> = nodes
-        .iter()
-        .map(|n| n.hostname.clone().unwrap_or_else(|| n.name.clone()))
-        .collect();
     let mut attributes = BTreeMap::new();
     attributes.insert(ATTR_VOLUME.to_string(), name.clone());
     attributes.insert(
         ATTR_ENGINES.to_string(),
-        engines_attribute(mv, &node_names, cfg),
+        engines_attribute(mv, node_names, cfg),
     );
-    attributes.insert(ATTR_NBD.to_string(), nbd_attribute(mv, &node_names));
+    attributes.insert(ATTR_NBD.to_string(), nbd_attribute(mv, node_names));
     attributes.insert(
         ATTR_TAKEOVER_POLICY.to_string(),
         mv.spec.failover.policy.csi_value().to_string(),
@@ -993,6 +987,25 @@ pub fn persistent_volume(
         ATTR_PEER_TIMEOUT.to_string(),
         peer_timeout.as_millis().div_ceil(1000).max(1).to_string(),
     );
+    attributes
+}
+
+/// The PersistentVolume. Cluster-scoped, so no owner reference (a namespaced owner is not allowed): the
+/// finalizer deletes it. Reclaim policy Retain for the same reason.
+pub fn persistent_volume(
+    mv: &MirroredVolume,
+    nodes: &[NodeObs; 2],
+    cfg: &EngineConfig,
+) -> Result<PersistentVolume, InvalidSpec> {
+    volume_bytes(mv)?;
+    let namespace = mv.namespace().unwrap_or_default();
+    let name = mv.name_any();
+    let node_names = [nodes[0].name.clone(), nodes[1].name.clone()];
+    let hostnames: Vec<String> = nodes
+        .iter()
+        .map(|n| n.hostname.clone().unwrap_or_else(|| n.name.clone()))
+        .collect();
+    let attributes = pv_attributes(mv, &node_names, cfg);
     // The owner labels are what a later pass checks before adopting an existing PV of this name.
     let pv_labels = labels(mv);
     let filesystem = mv.spec.volume_mode == crate::crd::VolumeMode::Filesystem;

@@ -30,3 +30,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $tag := .root.Values.image.tag | default .root.Chart.AppVersion -}}
 {{- printf "%s%s:%s" .root.Values.image.registry .repo $tag -}}
 {{- end -}}
+
+{{- define "tandem.csiController.selector" -}}
+app.kubernetes.io/name: tandem-csi-controller
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
