@@ -1711,3 +1711,36 @@ async fn a_clone_snapshots_the_source_and_deletes_the_snapshot_once_restored() {
     assert_eq!(status["restore"]["snapshotDeleted"], true);
     assert!(seen.reasons().contains(&"Restored"));
 }
+
+/// A clone deleted before it was restored takes its snapshot off the source on the way out.
+#[tokio::test]
+async fn deleting_an_unfinished_clone_deletes_its_snapshot_on_the_source() {
+    let mut mv = MirroredVolume::test().finalized().deleting();
+    mv.status = Some(crate::crd::MirroredVolumeStatus {
+        restore: Some(crate::crd::RestoreStatus {
+            volume: "src".into(),
+            snapshot: "clone-x".into(),
+            node: "n2".into(),
+            clone: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let engines = FakeEngines::default()
+        .with_state(&source_address(Slot::A), Default::default())
+        .with_snapshot(&source_address(Slot::A), "clone-x", 1 << 20);
+    let removed = serde_json::to_value(MirroredVolume::test()).unwrap();
+    let mut script = vec![
+        Call::get(&paths::pv()).reply(404, not_found("pv")),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
+    ];
+    script.extend(source_calls());
+    script.extend(teardown_calls(removed, vec![]));
+    let (result, _, _) = run(mv, engines.clone(), script).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(
+        *engines.snapshot_calls.lock().unwrap(),
+        vec![("delete", source_address(Slot::A), "clone-x".to_string())]
+    );
+    assert!(engines.snapshots.lock().unwrap()[&source_address(Slot::A)].is_empty());
+}

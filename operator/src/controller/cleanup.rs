@@ -74,6 +74,7 @@ impl MirroredVolume {
             )));
         }
         let skipped = self.wipe(&ctx).await?;
+        self.drop_clone_snapshot(&ctx).await;
         delete_owned(&pods, &owned).await?;
         delete_owned(&Api::<Service>::namespaced(client.clone(), home), &owned).await?;
         delete_owned(

@@ -215,6 +215,19 @@ impl MirroredVolume {
         plan.status.restore = Some(r);
     }
 
+    /// On deletion: a clone's snapshot still on the source goes too (best effort: a source that is
+    /// gone or unreachable keeps it, and says so in the log).
+    pub(super) async fn drop_clone_snapshot(&self, ctx: &Context) {
+        let Some(r) = self.status.as_ref().and_then(|s| s.restore.clone()) else {
+            return;
+        };
+        if r.clone && !r.snapshot_deleted {
+            if let Err(e) = self.delete_clone_snapshot(ctx, &r).await {
+                warn!(volume = %self.name_any(), error = %e, snapshot = %r.snapshot, "the clone's snapshot stays on the source");
+            }
+        }
+    }
+
     async fn delete_clone_snapshot(&self, ctx: &Context, r: &RestoreStatus) -> anyhow::Result<()> {
         let (ns, _) = self.key()?;
         let api: Api<MirroredVolume> = Api::namespaced(ctx.client.clone(), &ns);
