@@ -75,7 +75,7 @@ fn load_marker(state_dir: &Path) -> io::Result<Option<SeedMarker>> {
     }
 }
 
-fn store_marker(state_dir: &Path, m: &SeedMarker) -> io::Result<()> {
+pub fn store_marker(state_dir: &Path, m: &SeedMarker) -> io::Result<()> {
     let p = marker_path(state_dir);
     crate::seam::power::io(&p)?;
     let tmp = state_dir.join("seed.tmp");

@@ -148,6 +148,8 @@ impl Volume {
             .map_err(dir_err)?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| OpenError::Locked(cfg.state_dir.clone()))?;
+        // A seed that did not finish: the data file is neither the volume nor empty.
+        crate::snapshot::seed::refuse_half_seeded(&cfg.state_dir).map_err(dir_err)?;
 
         let meta_path = cfg.state_dir.join("meta");
         let meta = match Meta::load(&meta_path)? {
@@ -179,7 +181,6 @@ impl Volume {
         let same_boot = !boot_id.is_empty() && meta.boot_id == boot_id;
         let fresh = !meta_path.exists();
         let store = BlockStore::open_or_create(&cfg.data, cfg.size)?;
-        crate::snapshot::seed::refuse_half_seeded(&cfg.state_dir).map_err(dir_err)?;
         // Before anything writes the data file: the snapshots' areas must see every change.
         let snapshots =
             crate::snapshot::Snapshots::open(&cfg.state_dir, &cfg.name, &store).map_err(dir_err)?;
