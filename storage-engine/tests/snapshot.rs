@@ -61,6 +61,18 @@ fn read_export(addr: &str, export: &str) -> Vec<u8> {
     })
 }
 
+/// Equal images, or a failure naming the first block that differs (never the whole image).
+fn same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: sizes differ");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        let b = i / BS as usize;
+        panic!(
+            "{what}: block {b} differs (byte {i}: {:#x}, want {:#x})",
+            got[i], want[i]
+        );
+    }
+}
+
 fn tagged(tag: u64) -> Vec<u8> {
     tag.to_le_bytes().repeat((BS / 8) as usize)
 }
@@ -182,7 +194,11 @@ fn snapshot_under_load(dir: &Path) -> String {
             "{err:?}"
         );
         assert!(c.trim(0, 4096).await.is_err());
-        assert_eq!(c.read(0, 4096).await.unwrap(), snap[..4096]);
+        same(
+            &c.read(0, 4096).await.unwrap(),
+            &snap[..4096],
+            "a read after the refused write",
+        );
     });
     // Idempotent by id; listed; deleted once.
     let again = snap_cli(&e, "create", Some("s1"), None).unwrap();
@@ -300,13 +316,17 @@ fn a_snapshot_survives_restart_takeover_and_failback() {
     for b in 0..16 {
         write_block(&pair.a, b, &fill(0xb0));
     }
-    assert_eq!(read_export(&pair.a.nbd, "vol@snapshot/s"), want);
+    same(
+        &read_export(&pair.a.nbd, "vol@snapshot/s"),
+        &want,
+        "after overwrites",
+    );
     pair.a.restart().unwrap();
     pair.wait_synced(30);
-    assert_eq!(
-        read_export(&pair.a.nbd, "vol@snapshot/s"),
-        want,
-        "after a restart"
+    same(
+        &read_export(&pair.a.nbd, "vol@snapshot/s"),
+        &want,
+        "after a restart",
     );
     takeover(&pair.b);
     for b in 8..24 {
@@ -315,19 +335,19 @@ fn a_snapshot_survives_restart_takeover_and_failback() {
     pair.wait_converged(1, 30);
     // Replication rewrote a's data file, not the snapshot.
     assert!(file_block_is(&pair.a.data(), 10, 0xc0));
-    assert_eq!(
-        read_export(&pair.a.nbd, "vol@snapshot/s"),
-        want,
-        "on the secondary"
+    same(
+        &read_export(&pair.a.nbd, "vol@snapshot/s"),
+        &want,
+        "on the secondary",
     );
     let list = snap_cli(&pair.a, "list", None, Some(&token)).unwrap();
     assert_eq!(list[0]["id"], "s", "{list}");
     pair.a.control("failback", &[]).unwrap();
     pair.wait_converged(0, 30);
-    assert_eq!(
-        read_export(&pair.a.nbd, "vol@snapshot/s"),
-        want,
-        "after failback"
+    same(
+        &read_export(&pair.a.nbd, "vol@snapshot/s"),
+        &want,
+        "after failback",
     );
     // The volume itself moved on.
     assert!(file_block_is(&pair.a.data(), 10, 0xc0));
@@ -426,10 +446,10 @@ fn seed_restores_a_snapshot_into_a_new_pair_and_is_idempotent() {
     let mut full = want.clone();
     full.resize(32 << 20, 0);
     for e in [&pair.a, &pair.b] {
-        assert!(
-            std::fs::read(e.data()).unwrap() == full,
-            "{} differs from the snapshot",
-            e.data().display()
+        same(
+            &std::fs::read(e.data()).unwrap(),
+            &full,
+            &e.data().display().to_string(),
         );
     }
     // After serving, the dir is a volume's: seeding it for another volume is refused, for the

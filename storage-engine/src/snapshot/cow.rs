@@ -432,7 +432,7 @@ mod tests {
         store.add_cow(Arc::clone(&area));
         store.write_at(&block(0xee), 2 * BS).unwrap();
         store.write_at(&block(0xdd), 2 * BS).unwrap();
-        store.write_at(&vec![7u8; 100], 5 * BS + 10).unwrap();
+        store.write_at(&[7u8; 100], 5 * BS + 10).unwrap();
         store.punch_hole(6 * BS, 4 * BS).unwrap();
         store.zero_range(0, BS).unwrap();
         store.write_zeros(12 * BS, BS).unwrap();

@@ -116,9 +116,7 @@ impl Volume {
         )?);
         {
             let _gate = self.gate.write().await;
-            if let Err(e) = self.snapshot_allowed() {
-                return Err(e);
-            }
+            self.snapshot_allowed()?;
             meta.seq = self.last_seq();
             self.store.add_cow(Arc::clone(&area));
         }
