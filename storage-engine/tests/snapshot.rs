@@ -420,8 +420,10 @@ fn seed_restores_a_snapshot_into_a_new_pair_and_is_idempotent() {
         .size("32M")
         .ready_timeout(Duration::from_secs(3))
         .start();
-    let err = format!("{:#}", refused.unwrap_err());
-    assert!(err.contains("half-seeded"), "{err}");
+    assert!(refused.is_err(), "serve started on a half-seeded dir");
+    // The whole log (its tail may be a backtrace when RUST_BACKTRACE is set).
+    let log = std::fs::read_to_string(new.join("a").join("engine.log")).unwrap();
+    assert!(log.contains("half-seeded"), "{log}");
     let r = seed_cmd(&src, &from, "vol@snapshot/s", &state, "vol", "32M").unwrap();
     assert_eq!(r["seeded"], true, "{r}");
     let copied = r["blocks"].as_u64().unwrap();
@@ -458,4 +460,49 @@ fn seed_restores_a_snapshot_into_a_new_pair_and_is_idempotent() {
     assert!(err.contains("refusing"), "{err}");
     let r = seed_cmd(&src, &from, "vol@snapshot/s", &state, "vol", "32M").unwrap();
     assert_eq!(r["seeded"], false, "{r}");
+}
+
+/// The snapshot export opens on the unix socket of an engine that serves pinned exports only
+/// (the operator's pods), read-only, with the snapshot's size; writes are refused; an unknown
+/// snapshot is refused with a message naming it.
+#[test]
+fn the_snapshot_export_opens_on_the_socket_with_pinned_exports_only() {
+    let d = tempfile::tempdir().unwrap();
+    let e = EngineBuilder::new(d.path())
+        .volume("vol")
+        .nbd_local_only()
+        .start()
+        .unwrap();
+    let epoch = n(&status(&e), "epoch");
+    let pinned = e.unix_uri_for(&format!("vol@{epoch}"));
+    qemu_io_ok(&pinned, &["write -P 0x5a 0 8k", "flush"]);
+    snap_cli(&e, "create", Some("p1"), None).unwrap();
+    qemu_io_ok(&pinned, &["write -P 0x11 0 4k", "flush"]);
+    let export = tandem_api::contract::snapshot_export("vol", "p1");
+    let uri = e.unix_uri_for(&export);
+    let out = Command::new("qemu-io")
+        .args([
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 0 8k",
+            "-c",
+            "read -P 0 8k 4k",
+            &uri,
+        ])
+        .output()
+        .unwrap();
+    let (ok, text) = qemu_io_passed(&out);
+    assert!(ok, "reading the snapshot export: {text}");
+    // The export says it is read-only: a client opening it for writing is refused.
+    let (ok, text) = qemu_io_passed(&qemu_io(&uri, &["write -P 1 0 4k"]));
+    assert!(!ok, "a write through the snapshot export succeeded: {text}");
+    let err = runtime().block_on(async {
+        let mut s = tokio::net::UnixStream::connect(e.socket()).await.unwrap();
+        storage_engine::nbd::client::handshake_async(&mut s, "vol@snapshot/nope", &[])
+            .await
+            .unwrap_err()
+    });
+    assert!(err.to_string().contains("no snapshot \"nope\""), "{err}");
 }
