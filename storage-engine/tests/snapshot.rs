@@ -159,14 +159,18 @@ fn snapshot_under_load(dir: &Path) -> String {
     for b in 0..blocks {
         let got = &snap[(b * BS) as usize..((b + 1) * BS) as usize];
         let writes = by_block.remove(&b).unwrap_or_default();
-        // The newest write acknowledged before the call (zeros if none), or any write whose
-        // request was sent before the call returned and acknowledged after it began.
-        let before = writes
+        // Acknowledged before the call: a write that no other write acknowledged before the call
+        // began after (overlapping writes land in either order), zeros if there was none; or
+        // any write whose request was sent before the call returned and acknowledged after it began.
+        let before: Vec<&Done> = writes.iter().filter(|d| d.acked < t0).collect();
+        let mut allowed: Vec<Option<u64>> = before
             .iter()
-            .filter(|d| d.acked < t0)
-            .max_by_key(|d| d.acked)
-            .map(|d| d.tag);
-        let mut allowed: Vec<Option<u64>> = vec![before];
+            .filter(|x| !before.iter().any(|y| y.sent > x.acked))
+            .map(|d| Some(d.tag))
+            .collect();
+        if before.is_empty() {
+            allowed.push(None);
+        }
         allowed.extend(
             writes
                 .iter()
@@ -177,11 +181,28 @@ fn snapshot_under_load(dir: &Path) -> String {
             None => got.iter().all(|&x| x == 0),
             Some(t) => got == tagged(*t).as_slice(),
         });
-        assert!(
-            ok,
-            "block {b}: snapshot holds {:x?}, allowed {allowed:x?}",
-            &got[..8]
-        );
+        if !ok {
+            let at = |t: Instant| {
+                t.saturating_duration_since(t0).as_secs_f64()
+                    - t0.saturating_duration_since(t).as_secs_f64()
+            };
+            let seen: Vec<String> = writes
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{:x} sent {:.6} acked {:.6}",
+                        d.tag,
+                        at(d.sent),
+                        at(d.acked)
+                    )
+                })
+                .collect();
+            panic!(
+                "block {b}: snapshot holds {:x?}, allowed {allowed:x?}; the call ran 0..{:.6}; writes: {seen:#?}",
+                &got[..8],
+                at(t1)
+            );
+        }
     }
     // The rest of the volume was never written: zeros.
     assert!(snap[(blocks * BS) as usize..].iter().all(|&x| x == 0));

@@ -227,7 +227,7 @@ impl Snapshots {
                 remove_if_present(p)?;
             }
         }
-        sync_dir(&dir.join("x"))?;
+        File::open(&dir)?.sync_all()?;
         Ok(Snapshots {
             dir,
             list: Mutex::new(list),
@@ -241,6 +241,12 @@ impl Snapshots {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// fsyncs the snapshots directory (a new file's entry is durable).
+    pub(crate) fn sync_dir(&self) -> io::Result<()> {
+        crate::seam::power::io(&self.dir)?;
+        File::open(&self.dir)?.sync_all()
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Snapshot>> {
@@ -286,8 +292,8 @@ impl Snapshots {
         (all.len() as u64, all.iter().map(|s| s.bytes()).sum())
     }
 
-    /// Makes a new snapshot's body, by reflink when the filesystem can, else a copy-on-write
-    /// area installed in `store`. `quiesced` runs with the data file's writers held.
+    /// A reflink clone of the data file as `<id>.img` (call with host I/O held); None when the
+    /// filesystem cannot share extents (the caller falls back to a copy-on-write area).
     pub(crate) fn clone_data(&self, id: &str, data: &BlockStore) -> io::Result<Option<File>> {
         let img = self.dir.join(format!("{id}.img"));
         crate::seam::power::io(&img)?;

@@ -100,7 +100,7 @@ impl Volume {
             if let Some(img) = self.snapshots.clone_data(&id, &self.store)? {
                 drop(_gate);
                 img.sync_all()?;
-                crate::format::sync_dir(&self.snapshots.cow_path(&id))?;
+                self.snapshots.sync_dir()?;
                 meta.method = snapshot::REFLINK.into();
                 return Ok(Body::Reflink(img));
             }
