@@ -208,6 +208,64 @@ impl EngineClient {
             })
     }
 
+    /// Takes snapshot `id` on the primary (idempotent by id).
+    pub async fn create_snapshot(
+        &mut self,
+        volume: &str,
+        id: &str,
+    ) -> Result<pb::SnapshotInfo, ClientError> {
+        let req = pb::CreateSnapshotRequest {
+            volume: volume.to_string(),
+            id: id.to_string(),
+        };
+        self.inner
+            .create_snapshot(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "CreateSnapshot",
+                status,
+            })
+    }
+
+    /// Deletes snapshot `id` (deleted: false when there was none).
+    pub async fn delete_snapshot(
+        &mut self,
+        volume: &str,
+        id: &str,
+    ) -> Result<pb::DeleteSnapshotReply, ClientError> {
+        let req = pb::DeleteSnapshotRequest {
+            volume: volume.to_string(),
+            id: id.to_string(),
+        };
+        self.inner
+            .delete_snapshot(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "DeleteSnapshot",
+                status,
+            })
+    }
+
+    /// The snapshots the engine holds.
+    pub async fn list_snapshots(
+        &mut self,
+        volume: &str,
+    ) -> Result<pb::ListSnapshotsReply, ClientError> {
+        let req = pb::ListSnapshotsRequest {
+            volume: volume.to_string(),
+        };
+        self.inner
+            .list_snapshots(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "ListSnapshots",
+                status,
+            })
+    }
+
     /// Test seam on the replication link (the engine must run with --fault-injection).
     pub async fn inject_fault(
         &mut self,

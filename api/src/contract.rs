@@ -54,3 +54,10 @@ pub const CSI_DRIVER: &str = "csi.tandem.dev";
 /// The topology segment the CSI plugin reports in NodeGetInfo (its node id); read by Kubernetes
 /// for `allowedTopologies` and CSI node affinity.
 pub const TOPOLOGY_KEY: &str = "topology.tandem.dev/node";
+
+/// The NBD export serving snapshot `id` of `volume` read-only (issue 14): on every NBD listener
+/// of the engine that holds the snapshot, whatever its role, also with `--nbd-pinned-exports-only`.
+/// `tandem-engine seed --export` reads a restore from it.
+pub fn snapshot_export(volume: &str, id: &str) -> String {
+    format!("{volume}@snapshot/{id}")
+}

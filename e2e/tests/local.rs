@@ -41,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use csi_node::pb;
 use e2e::*;
 use tonic::Code;
@@ -2167,6 +2168,154 @@ async fn a_stage_with_another_volumes_or_nodes_certificate_attaches_nothing() {
         b.node.node_unstage_volume(nb.unstage(id)).await?;
         EnginePair::wait_converged(&pair.b, &pair.a, Duration::from_secs(120)).await?;
         scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// Issue 14: a snapshot taken on the primary (as the operator, over mutual TLS) while a pod's
+/// O_DIRECT workload writes through the staged raw block device, then restored into a new
+/// mirrored volume: `tandem-engine seed` reads the snapshot's export from the source engine's
+/// unix socket into the new primary's fresh state dir, the new pair starts and converges, and both
+/// of its replicas hold exactly the data at the snapshot's FLUSH point: every write acknowledged
+/// before the call, none sent after it returned, the one in flight old or new per 4 KiB block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_under_load_restores_into_a_new_mirrored_volume() {
+    if skip("snapshot_under_load_restores_into_a_new_mirrored_volume") {
+        return;
+    }
+    let _serial = serial().await;
+    const REGION: u64 = 32 << 20;
+    const WRITE: usize = 64 << 10;
+    let scratch = Scratch::new("snap-src").unwrap();
+    let restored = Scratch::new("snap-dst").unwrap();
+    let mut pair = Some(EnginePair::start(&scratch, "vol-src", "64M", TOKEN).unwrap());
+    let plugin = Plugin::start(&scratch.path("node-a"), "node-a").unwrap();
+    with_logs!(plugin, async {
+        let src = pair.as_ref().context("pair")?;
+        EnginePair::wait_converged(&src.a, &src.b, Duration::from_secs(60)).await?;
+        let ctx = src.volume_context();
+        let secrets = scratch.secrets("vol-src", TOKEN)?;
+        let staging = scratch.path("kubelet/volumeDevices/staging/pv-src");
+        let target = scratch.path("kubelet/pods/p1/volumeDevices/pv-src");
+        std::fs::create_dir_all(&staging)?;
+        std::fs::create_dir_all(target.parent().context("parent")?)?;
+        let id = "default/pv-src";
+        let mut c = plugin.client().await?;
+        c.node
+            .node_stage_volume(stage_request(id, &staging, None, &ctx, &secrets))
+            .await?;
+        c.node
+            .node_publish_volume(publish_request(id, &staging, &target, None))
+            .await?;
+        let writer = HistoryWriter::start(&target, REGION, WRITE, 1)?;
+        writer.wait_acked(40, Duration::from_secs(60)).await?;
+        // The operator's call, as the CSI controller makes it.
+        let token = scratch.root.join("token");
+        let before = writer.acked();
+        let out = Command::new(tandem_testkit::Bin::Engine.path()?)
+            .args([
+                "snapshot",
+                "create",
+                "--grpc",
+                &src.a.grpc,
+                "--volume",
+                "vol-src",
+            ])
+            .args(["--id", "snap-1", "--token-file"])
+            .arg(&token)
+            .arg("--tls-dir")
+            .arg(scratch.tls.operator_dir())
+            .output()?;
+        let after = writer.acked();
+        anyhow::ensure!(
+            out.status.success(),
+            "snapshot create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        anyhow::ensure!(info["ready"] == true, "{info}");
+        let export = tandem_api::contract::snapshot_export("vol-src", "snap-1");
+        anyhow::ensure!(info["export"] == export.as_str(), "{info}");
+        writer
+            .wait_acked(after + 40, Duration::from_secs(60))
+            .await?;
+        let history = writer.finish()?;
+        anyhow::ensure!(
+            (history.writes.len() as u64) * (WRITE as u64) < REGION,
+            "the workload wrapped around its region: each offset must be written once"
+        );
+        c.node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await?;
+        c.node
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await?;
+        scratch.assert_clean();
+
+        // The restore: seed the new primary's state dir from the source's export (its unix
+        // socket, as the operator's init container would on the same node).
+        let state = restored.path("a/state");
+        let seed = Command::new(tandem_testkit::Bin::Engine.path()?)
+            .args(["seed", "--from"])
+            .arg(format!("unix:{}", src.a.socket().display()))
+            .args(["--export", &export, "--state-dir"])
+            .arg(&state)
+            .args(["--volume", "vol-dst", "--size", "64M"])
+            .output()?;
+        anyhow::ensure!(
+            seed.status.success(),
+            "seed: {}",
+            String::from_utf8_lossy(&seed.stderr)
+        );
+        // The source goes away (its network namespace too) before the new pair starts.
+        pair.take();
+        let dst = EnginePair::start(&restored, "vol-dst", "64M", TOKEN)?;
+        EnginePair::wait_converged(&dst.a, &dst.b, Duration::from_secs(120)).await?;
+        for e in [&dst.a, &dst.b] {
+            let image = std::fs::read(e.data())?;
+            anyhow::ensure!(image.len() == 64 << 20, "{} bytes", image.len());
+            for (i, (offset, seed)) in history.writes.iter().enumerate() {
+                let new = pattern(*seed, WRITE);
+                for k in 0..WRITE / 4096 {
+                    let at = *offset as usize + k * 4096;
+                    let got = &image[at..at + 4096];
+                    let is_new = got == &new[k * 4096..(k + 1) * 4096];
+                    let is_old = got.iter().all(|&x| x == 0);
+                    // Write i returned as the i+1-th acknowledgement.
+                    let ok = if i < before {
+                        is_new
+                    } else if i > after {
+                        is_old
+                    } else {
+                        is_new || is_old
+                    };
+                    anyhow::ensure!(
+                        ok,
+                        "{}: write #{i} (acked before the call: {}) block {k} at {at}: new {is_new}, old {is_old}",
+                        e.data().display(),
+                        i < before
+                    );
+                }
+            }
+            let written: std::collections::HashSet<u64> =
+                history.writes.iter().map(|w| w.0 / WRITE as u64).collect();
+            for chunk in 0..(64u64 << 20) / WRITE as u64 {
+                if !written.contains(&chunk) {
+                    let at = (chunk * WRITE as u64) as usize;
+                    anyhow::ensure!(
+                        image[at..at + WRITE].iter().all(|&x| x == 0),
+                        "{}: never-written chunk {chunk} is not zeros",
+                        e.data().display()
+                    );
+                }
+            }
+        }
         Ok(())
     });
 }

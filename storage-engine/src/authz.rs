@@ -27,6 +27,8 @@ pub enum Call {
     Failback,
     GrantLease,
     InjectFault,
+    /// CreateSnapshot, DeleteSnapshot, ListSnapshots.
+    Snapshot,
     /// Any method of the Peer service (its gRPC path).
     Peer(&'static str),
 }
@@ -40,6 +42,7 @@ impl Call {
             Call::Failback => "Engine.Failback",
             Call::GrantLease => "Engine.GrantLease",
             Call::InjectFault => "Engine.InjectFault",
+            Call::Snapshot => "Engine.CreateSnapshot/DeleteSnapshot/ListSnapshots",
             Call::Peer(p) => p,
         }
     }
@@ -69,7 +72,8 @@ fn allowed(me: &Me, who: &Identity, call: Call) -> bool {
         (Identity::Csi { node, .. }, Call::Takeover(TakeoverPolicy::Wait)) => {
             same_volume && me.node.as_deref() == Some(node.as_str())
         }
-        // Forced promotion, failback, witness grants, fault injection: the operator only.
+        // Forced promotion, failback, witness grants, fault injection, snapshots (the CSI
+        // controller runs as the operator): the operator only.
         (Identity::Operator, _) => true,
         _ => false,
     }
@@ -246,6 +250,12 @@ mod tests {
             (&op, Call::GrantLease, true),
             (&csi_here, Call::InjectFault, false),
             (&op, Call::InjectFault, true),
+            // Snapshots: the operator (and the CSI controller, which runs as it) only.
+            (&op, Call::Snapshot, true),
+            (&csi_here, Call::Snapshot, false),
+            (&csi_there, Call::Snapshot, false),
+            (&engine, Call::Snapshot, false),
+            (&foreign_engine, Call::Snapshot, false),
         ];
         for (who, call, ok) in cases {
             assert_eq!(allowed(&me(), who, *call), *ok, "{who} {}", call.name());

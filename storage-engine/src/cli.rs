@@ -42,6 +42,12 @@ pub enum Command {
     /// Act as the witness: renew the primary's write lease while its peer cannot (the peer is
     /// gone). Promise not to promote the peer by force for the lease plus its guard afterwards.
     Lease(LeaseArgs),
+    /// Snapshots of the volume (on its primary): create, delete, list.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Fill a fresh state dir and data file from an NBD export (a snapshot's,
+    /// `<volume>@snapshot/<id>`) before `serve` runs it: the restore's init step. Idempotent.
+    Seed(SeedCliArgs),
     /// Run a pair locally, take over with a backlog, prove every byte, fail back, print a timeline.
     Demo(DemoArgs),
     /// Mint a CA and certificates for `--tls-dir` (tools and tests; in a cluster the operator
@@ -66,6 +72,56 @@ pub struct WipeArgs {
     /// The volume's NBD socket directory (holds only sockets).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take snapshot --id (or return it if it exists); prints its JSON.
+    Create(SnapshotArgs),
+    /// Delete snapshot --id (no error if there is none); prints {"deleted": bool}.
+    Delete(SnapshotArgs),
+    /// Print the engine's snapshots as JSON.
+    List(SnapshotListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub target: EngineTarget,
+    /// The snapshot id ([a-zA-Z0-9._-], at most 128 bytes).
+    #[arg(long)]
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotListArgs {
+    #[command(flatten)]
+    pub target: EngineTarget,
+}
+
+#[derive(Debug, Args)]
+pub struct SeedCliArgs {
+    /// The NBD server: `unix:/path` or HOST:PORT.
+    #[arg(long)]
+    pub from: String,
+    /// The export to read, e.g. `<volume>@snapshot/<id>`.
+    #[arg(long)]
+    pub export: String,
+    /// The new volume's state dir (must be fresh, or seeded before from the same export).
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// The new volume's data file (default: `data.img` beside the state dir, the operator's layout).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The new volume's name.
+    #[arg(long)]
+    pub volume: String,
+    /// The new volume's size (at least the export's; the rest reads as zeros).
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Block size: zero blocks of this size are skipped (left sparse).
+    #[arg(long, default_value_t = 4096)]
+    pub block_size: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -387,6 +387,78 @@ pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tandem-engine snapshot create|delete|list`: prints JSON.
+pub async fn snapshot(cmd: crate::cli::SnapshotCommand) -> anyhow::Result<()> {
+    use crate::cli::SnapshotCommand as S;
+    let target = match &cmd {
+        S::Create(a) | S::Delete(a) => &a.target,
+        S::List(a) => &a.target,
+    };
+    let mut c = connect(target).await?;
+    let volume = target.volume.clone();
+    let out = match &cmd {
+        S::Create(a) => snapshot_json(&c.create_snapshot(&volume, &a.id).await?),
+        S::Delete(a) => {
+            serde_json::json!({"deleted": c.delete_snapshot(&volume, &a.id).await?.deleted})
+        }
+        S::List(_) => serde_json::Value::Array(
+            c.list_snapshots(&volume)
+                .await?
+                .snapshots
+                .iter()
+                .map(snapshot_json)
+                .collect(),
+        ),
+    };
+    println!("{out}");
+    Ok(())
+}
+
+pub fn snapshot_json(s: &pb::SnapshotInfo) -> serde_json::Value {
+    serde_json::json!({
+        "volume": s.volume,
+        "id": s.id,
+        "size": s.size,
+        "created_unix_ms": s.created_unix_ms,
+        "seq": s.seq,
+        "method": s.method,
+        "export": s.export,
+        "ready": s.ready,
+    })
+}
+
+/// `tandem-engine seed`: prints {"seeded": bool, "blocks": N}.
+pub async fn seed(a: crate::cli::SeedCliArgs) -> anyhow::Result<()> {
+    let data = match a.data {
+        Some(d) => d,
+        None => a
+            .state_dir
+            .parent()
+            .map(|p| p.join("data.img"))
+            .ok_or_else(|| anyhow::anyhow!("--state-dir has no parent: pass --data"))?,
+    };
+    let args = crate::snapshot::seed::SeedArgs {
+        from: a.from,
+        export: a.export,
+        state_dir: a.state_dir,
+        data,
+        volume: a.volume,
+        size: a.size,
+        block_size: a.block_size,
+    };
+    let out = match crate::snapshot::seed::seed(&args).await? {
+        crate::snapshot::seed::Outcome::Seeded {
+            blocks,
+            source_size,
+        } => serde_json::json!({"seeded": true, "blocks": blocks, "source_size": source_size}),
+        crate::snapshot::seed::Outcome::AlreadySeeded { blocks } => {
+            serde_json::json!({"seeded": false, "already_seeded": true, "blocks": blocks})
+        }
+    };
+    println!("{out}");
+    Ok(())
+}
+
 /// `tandem-engine lease`: one witness grant (status, then GrantLease from its clock stamp).
 pub async fn grant_lease(args: crate::cli::LeaseArgs) -> anyhow::Result<()> {
     let mut c = connect(&args.target).await?;

@@ -79,6 +79,22 @@ impl From<ApiError> for Status {
     }
 }
 
+/// Snapshot errors: a bad id is INVALID_ARGUMENT, a secondary WrongRole, a takeover in progress
+/// a retryable FAILED_PRECONDITION (`Superseded`), the engine's own I/O INTERNAL.
+fn snap_status(e: crate::volume::SnapError) -> Status {
+    use crate::volume::SnapError;
+    match &e {
+        SnapError::Invalid(_) => {
+            Reason::InvalidArgument.status(Code::InvalidArgument, e.to_string())
+        }
+        SnapError::WrongRole(_) => {
+            Reason::WrongRole.status(Code::FailedPrecondition, e.to_string())
+        }
+        SnapError::Busy(_) => Reason::Superseded.status(Code::FailedPrecondition, e.to_string()),
+        SnapError::Io(_) => Reason::Internal.status(Code::Internal, e.to_string()),
+    }
+}
+
 /// The control service for the one volume this engine serves.
 pub struct EngineService {
     volume: Arc<Volume>,
@@ -317,23 +333,43 @@ impl Engine for EngineService {
 
     async fn create_snapshot(
         &self,
-        _req: Request<pb::CreateSnapshotRequest>,
+        req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::SnapshotInfo>, Status> {
-        Err(Status::unimplemented("snapshots: issue 14 in progress"))
+        self.authz.check(req.extensions(), Call::Snapshot)?;
+        self.check_volume(&req.get_ref().volume)?;
+        self.volume
+            .create_snapshot(&req.get_ref().id)
+            .await
+            .map(|s| Response::new(s.info()))
+            .map_err(snap_status)
     }
 
     async fn delete_snapshot(
         &self,
-        _req: Request<pb::DeleteSnapshotRequest>,
+        req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotReply>, Status> {
-        Err(Status::unimplemented("snapshots: issue 14 in progress"))
+        self.authz.check(req.extensions(), Call::Snapshot)?;
+        self.check_volume(&req.get_ref().volume)?;
+        self.volume
+            .delete_snapshot(&req.get_ref().id)
+            .await
+            .map(|deleted| Response::new(pb::DeleteSnapshotReply { deleted }))
+            .map_err(snap_status)
     }
 
     async fn list_snapshots(
         &self,
-        _req: Request<pb::ListSnapshotsRequest>,
+        req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsReply>, Status> {
-        Err(Status::unimplemented("snapshots: issue 14 in progress"))
+        self.authz.check(req.extensions(), Call::Snapshot)?;
+        self.check_volume(&req.get_ref().volume)?;
+        let snapshots = self
+            .volume
+            .list_snapshots()
+            .iter()
+            .map(|s| s.info())
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsReply { snapshots }))
     }
 
     async fn inject_fault(

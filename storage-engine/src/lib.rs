@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod repl;
 pub mod seam;
+pub mod snapshot;
 pub mod state;
 pub mod store;
 pub mod takeover;

@@ -29,6 +29,8 @@ fn main() -> anyhow::Result<()> {
             Command::Takeover(args) => storage_engine::engine::takeover(args, false).await,
             Command::Failback(args) => storage_engine::engine::takeover(args, true).await,
             Command::Lease(args) => storage_engine::engine::grant_lease(args).await,
+            Command::Snapshot(cmd) => storage_engine::engine::snapshot(cmd).await,
+            Command::Seed(args) => storage_engine::engine::seed(args).await,
             Command::Demo(args) => storage_engine::demo::run(args).await,
             Command::Certs(cmd) => storage_engine::engine::certs(cmd),
             Command::Wipe(args) => storage_engine::wipe::run(&args),

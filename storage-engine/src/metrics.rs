@@ -138,6 +138,14 @@ pub fn render(v: &Volume, endpoint: &http::Stats) -> Result<String, fmt::Error> 
         "Open NBD connections",
         s.nbd_connections,
     );
+    let (snaps, snap_bytes) = v.snapshot_usage();
+    gauge(&mut r, "snapshots", "Snapshots this engine holds", snaps);
+    gauge(
+        &mut r,
+        "snapshot_bytes",
+        "Bytes the snapshots hold on disk (copy-on-write areas, blocks allocated to clones)",
+        snap_bytes,
+    );
     gauge(&mut r, "epoch", "Current epoch", s.epoch);
     r.register(
         "role",

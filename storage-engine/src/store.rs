@@ -11,6 +11,8 @@ use std::{
 
 use rustix::fs::{fadvise, fallocate, Advice, FallocateFlags};
 
+use crate::snapshot::cow::CowArea;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("data file {path}: {source}")]
@@ -39,6 +41,10 @@ pub struct BlockStore {
     /// operation fails, so nothing is acknowledged as durable that may not be, until a restart
     /// recovers from the tables. Test: `takeover::powerloss::failpoint_campaign`.
     failed: std::sync::atomic::AtomicBool,
+    /// The copy-on-write areas of the snapshots taken of this file (`snapshot::cow`). Every
+    /// change holds it shared from saving the old blocks to its own write, so adding an area
+    /// (exclusive) waits for changes in flight and every later change goes through it.
+    cow: std::sync::RwLock<Vec<Arc<CowArea>>>,
     /// Unit tests' power loss: the old bytes under every change no fdatasync has covered yet.
     #[cfg(test)]
     unsynced: std::sync::Mutex<Vec<(u64, Vec<u8>)>>,
@@ -82,6 +88,7 @@ impl BlockStore {
             path: path.to_path_buf(),
             size,
             failed: Default::default(),
+            cow: Default::default(),
             #[cfg(test)]
             unsynced: Default::default(),
         })
@@ -111,6 +118,38 @@ impl BlockStore {
         self.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// From now on every change of this file first saves the old blocks into `area`.
+    pub fn add_cow(&self, area: Arc<CowArea>) {
+        self.cow
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(area);
+    }
+
+    /// Stops saving blocks into `area` (its snapshot is deleted); waits for changes in flight.
+    pub fn remove_cow(&self, area: &Arc<CowArea>) {
+        self.cow
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|a| !Arc::ptr_eq(a, area));
+    }
+
+    /// Holds the areas shared for one change: saves the old content of `[offset, offset+len)`
+    /// into each first.
+    // Invariant: the data file is changed only after every snapshot's area holds the old blocks
+    // durably (`CowArea::preserve`). Test: `snapshot::cow::tests::power_loss_at_any_point_keeps_the_snapshot`.
+    fn before_change(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<std::sync::RwLockReadGuard<'_, Vec<Arc<CowArea>>>> {
+        let areas = self.cow.read().unwrap_or_else(|p| p.into_inner());
+        for a in areas.iter() {
+            a.preserve(offset, len, &|buf, at| self.file.read_exact_at(buf, at))?;
+        }
+        Ok(areas)
+    }
+
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_failed()?;
         self.file.read_exact_at(buf, offset)
@@ -118,6 +157,7 @@ impl BlockStore {
 
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.check_failed()?;
+        let _areas = self.before_change(offset, data.len() as u64)?;
         if let Err(e) = crate::seam::power::io(&self.path) {
             if crate::seam::power::is_short(&e) {
                 // A write that lands in part, then fails.
@@ -206,6 +246,7 @@ impl BlockStore {
             return Ok(());
         }
         self.check_failed()?;
+        let _areas = self.before_change(offset, len)?;
         crate::seam::power::io(&self.path)?;
         #[cfg(test)]
         self.remember(offset, len);
@@ -216,7 +257,7 @@ impl BlockStore {
             len,
         ) {
             Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.write_zeros(offset, len),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.zeros_unchecked(offset, len),
             Err(e) => Err(e.into()),
         }
     }
@@ -227,12 +268,13 @@ impl BlockStore {
             return Ok(());
         }
         self.check_failed()?;
+        let _areas = self.before_change(offset, len)?;
         crate::seam::power::io(&self.path)?;
         #[cfg(test)]
         self.remember(offset, len);
         match fallocate(&*self.file, FallocateFlags::ZERO_RANGE, offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.write_zeros(offset, len),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP => self.zeros_unchecked(offset, len),
             Err(e) => Err(e.into()),
         }
     }
@@ -262,8 +304,14 @@ impl BlockStore {
     }
 
     /// Writes zero bytes over a range, so it is allocated and reads as zeros.
-    pub fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+    pub fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_failed()?;
+        let _areas = self.before_change(offset, len)?;
+        self.zeros_unchecked(offset, len)
+    }
+
+    /// `write_zeros` for a caller that already saved the range (holds the areas).
+    fn zeros_unchecked(&self, mut offset: u64, len: u64) -> io::Result<()> {
         crate::seam::power::io(&self.path)?;
         #[cfg(test)]
         self.remember(offset, len);

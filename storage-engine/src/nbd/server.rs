@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use super::proto::{self as p, Request};
 use crate::{
     geometry::BLOCK_SIZE,
+    snapshot::Snapshot,
     volume::{Counters, ExportName, Volume},
 };
 
@@ -284,11 +285,11 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Send + 'static>(
                 .fetch_add(1, Ordering::Relaxed);
             debug!(timeout = ?policy.handshake_timeout, "nbd handshake timed out; connection closed");
         }
-        Ok(Ok(read_only)) => {
+        Ok(Ok(target)) => {
             if !ticket.established() {
                 return;
             }
-            if let Err(e) = transmission(r, w, volume, read_only).await {
+            if let Err(e) = transmission(r, w, volume, target).await {
                 debug!(error = %e, "nbd connection closed");
             }
         }
@@ -305,6 +306,48 @@ fn unpinned(pinned_only: bool, name: &str, volume: &Volume) -> bool {
     pinned_only && (name.is_empty() || name == volume.name())
 }
 
+/// What a connection serves once in transmission.
+#[derive(Clone)]
+enum Target {
+    /// The volume itself (read-only: a secondary's consistent replica).
+    Volume { read_only: bool },
+    /// A snapshot's export (`<volume>@snapshot/<id>`): read-only, whatever the role.
+    Snapshot(Arc<Snapshot>),
+}
+
+impl Target {
+    fn read_only(&self) -> bool {
+        match self {
+            Target::Volume { read_only } => *read_only,
+            Target::Snapshot(_) => true,
+        }
+    }
+
+    fn size(&self, volume: &Volume) -> u64 {
+        match self {
+            Target::Volume { .. } => volume.size(),
+            Target::Snapshot(s) => s.meta.size,
+        }
+    }
+}
+
+/// `Some(id)` when `name` is a snapshot export of this volume (`contract::snapshot_export`).
+fn snapshot_id<'a>(volume: &Volume, name: &'a str) -> Option<&'a str> {
+    name.strip_prefix(volume.name())?.strip_prefix("@snapshot/")
+}
+
+/// The snapshot export `name` asks for, or why not. Snapshot exports open on every listener and
+/// in every role, also with pinned exports only: they are read-only and never follow an epoch.
+fn snapshot_target(volume: &Volume, id: &str) -> Result<Target, String> {
+    match volume.snapshot(id) {
+        Some(s) => Ok(Target::Snapshot(s)),
+        None => Err(format!(
+            "volume {:?} has no snapshot {id:?} on this engine",
+            volume.name()
+        )),
+    }
+}
+
 fn tflags(read_only: bool) -> u16 {
     let mut f = p::TFLAG_HAS_FLAGS
         | p::TFLAG_SEND_FLUSH
@@ -318,13 +361,13 @@ fn tflags(read_only: bool) -> u16 {
     f
 }
 
-/// Runs the option haggling; returns whether the export is read-only once transmission starts.
+/// Runs the option haggling; returns what the connection serves once transmission starts.
 async fn handshake<R, W>(
     r: &mut R,
     w: &mut W,
     volume: &Volume,
     pinned_only: bool,
-) -> Result<bool, ConnError>
+) -> Result<Target, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -364,6 +407,18 @@ where
         match opt {
             p::OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&payload).into_owned();
+                if let Some(id) = snapshot_id(volume, &name) {
+                    let Ok(t) = snapshot_target(volume, id) else {
+                        return Err(ConnError::UnknownExport(name));
+                    };
+                    w.write_all(&t.size(volume).to_be_bytes()).await?;
+                    w.write_all(&tflags(true).to_be_bytes()).await?;
+                    if !no_zeroes {
+                        w.write_all(&[0u8; 124]).await?;
+                    }
+                    w.flush().await?;
+                    return Ok(t);
+                }
                 // No way to send an error here: the protocol says close the connection.
                 if volume.export_access(&name) != ExportName::Ok
                     || unpinned(pinned_only, &name, volume)
@@ -379,7 +434,7 @@ where
                     w.write_all(&[0u8; 124]).await?;
                 }
                 w.flush().await?;
-                return Ok(read_only);
+                return Ok(Target::Volume { read_only });
             }
             p::OPT_GO | p::OPT_INFO => {
                 let go = match p::parse_go(&payload) {
@@ -392,6 +447,41 @@ where
                         continue;
                     }
                 };
+                if let Some(id) = snapshot_id(volume, &go.name) {
+                    let t = match snapshot_target(volume, id) {
+                        Ok(t) => t,
+                        Err(msg) => {
+                            let msg = p::bounded_message(&msg);
+                            w.write_all(&p::option_reply(opt, p::REP_ERR_UNKNOWN, msg.as_bytes()))
+                                .await?;
+                            w.flush().await?;
+                            continue;
+                        }
+                    };
+                    let info = p::info_export(t.size(volume), tflags(true));
+                    w.write_all(&p::option_reply(opt, p::REP_INFO, &info))
+                        .await?;
+                    for i in &go.infos {
+                        let extra = match *i {
+                            p::INFO_BLOCK_SIZE => {
+                                p::info_block_size(512, BLOCK_SIZE, p::MAX_PAYLOAD)
+                            }
+                            p::INFO_NAME => p::info_name(&go.name),
+                            p::INFO_DESCRIPTION => {
+                                p::info_description("Tandem volume snapshot (read-only)")
+                            }
+                            _ => continue,
+                        };
+                        w.write_all(&p::option_reply(opt, p::REP_INFO, &extra))
+                            .await?;
+                    }
+                    w.write_all(&p::option_reply(opt, p::REP_ACK, &[])).await?;
+                    w.flush().await?;
+                    if opt == p::OPT_GO {
+                        return Ok(t);
+                    }
+                    continue;
+                }
                 let refusal = match volume.export_access(&go.name) {
                     ExportName::Ok if unpinned(pinned_only, &go.name, volume) => Some((
                         p::REP_ERR_POLICY,
@@ -466,7 +556,7 @@ where
                 w.write_all(&p::option_reply(opt, p::REP_ACK, &[])).await?;
                 w.flush().await?;
                 if opt == p::OPT_GO {
-                    return Ok(read_only);
+                    return Ok(Target::Volume { read_only });
                 }
             }
             p::OPT_LIST => {
@@ -535,7 +625,7 @@ async fn transmission<R, W>(
     mut r: BufReader<R>,
     w: BufWriter<W>,
     volume: Arc<Volume>,
-    read_only: bool,
+    target: Target,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -543,7 +633,7 @@ where
 {
     let w = Arc::new(tokio::sync::Mutex::new(w));
     let budget = Arc::new(Semaphore::new(CONN_BUDGET / PERMIT_BYTES));
-    let result = read_requests(&mut r, &w, &volume, &budget, read_only).await;
+    let result = read_requests(&mut r, &w, &volume, &budget, &target).await;
     // Let spawned requests finish (they hold budget permits) before closing.
     let _ = budget
         .acquire_many((CONN_BUDGET / PERMIT_BYTES) as u32)
@@ -562,28 +652,40 @@ async fn read_requests<R, W>(
     w: &SharedWriter<W>,
     volume: &Arc<Volume>,
     budget: &Arc<Semaphore>,
-    read_only: bool,
+    target: &Target,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut hdr = [0u8; Request::LEN];
-    // A fence (takeover by the peer) closes the session: the old host must not go on.
+    // A fence (takeover by the peer) closes the session: the old host must not go on. A snapshot
+    // export is read-only and outside the epochs: it stays open.
     let mut fenced = volume.fenced.subscribe();
+    let snapshot = match target {
+        Target::Snapshot(s) => Some(Arc::clone(s)),
+        Target::Volume { .. } => None,
+    };
+    let (size, read_only) = (target.size(volume), target.read_only());
     loop {
         if r.buffer().is_empty() {
             w.lock().await.flush().await?;
         }
         tokio::select! {
             res = r.read_exact(&mut hdr) => { res?; }
-            _ = fenced.changed() => return Ok(()),
+            _ = fenced.changed(), if snapshot.is_none() => return Ok(()),
         }
         let req = Request::parse(&hdr)?;
         if req.kind == p::CMD_DISC {
             return Ok(());
         }
-        if let Err(errno) = req.validate(volume.size(), read_only) {
+        if let Err(errno) = req.validate(size, read_only) {
+            if snapshot.is_some() && errno == p::EPERM {
+                debug!(
+                    kind = req.kind,
+                    "write refused: a snapshot export is read-only (restore it into a new volume)"
+                );
+            }
             if req.has_payload() {
                 // Stay in step with the stream without buffering a payload we refuse.
                 skip(r, u64::from(req.length)).await?;
@@ -609,6 +711,12 @@ where
         };
         let fua = req.flags & p::CMD_FLAG_FUA != 0;
         // Large transfers run in parallel instead: copying them costs more than a task wakeup.
+        if let Some(s) = &snapshot {
+            let (err, data) = execute_snapshot(volume, s, &req);
+            send_reply(w, p::simple_reply(err, req.handle), data.as_deref(), false).await?;
+            drop(permit);
+            continue;
+        }
         let inline = req.length <= INLINE_MAX
             && match req.kind {
                 p::CMD_READ => volume.read_is_quick(req.offset, req.length),
@@ -652,6 +760,24 @@ async fn zero_in_pieces(
         at += n;
     }
     Ok(())
+}
+
+/// A validated request on a snapshot export: reads, and flushes (nothing to make durable).
+fn execute_snapshot(v: &Volume, s: &Snapshot, req: &Request) -> (u32, Option<Vec<u8>>) {
+    match req.kind {
+        p::CMD_READ => {
+            let mut buf = vec![0u8; req.length as usize];
+            match v.read_snapshot(s, &mut buf, req.offset) {
+                Ok(()) => (0, Some(buf)),
+                Err(e) => {
+                    warn!(error = %e, id = %s.meta.id, offset = req.offset, "snapshot read failed");
+                    (p::EIO, None)
+                }
+            }
+        }
+        p::CMD_FLUSH => (0, None),
+        _ => (p::EPERM, None),
+    }
 }
 
 /// Runs one validated request; returns (errno, read data).

@@ -8,6 +8,7 @@
 mod host;
 mod lease;
 mod replica;
+mod snapshot;
 mod transition;
 
 use std::{
@@ -32,6 +33,7 @@ use crate::{
 pub use host::{Counters, ExportName, HostError};
 pub use lease::renew_task;
 pub use replica::{Applied, ReplicaState};
+pub use snapshot::SnapError;
 pub(crate) use transition::{Carry, TransitionError};
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,8 @@ pub struct Volume {
     pub(crate) repl: Option<Arc<Repl>>,
     /// What a returning old primary kept of the blocks its successor lacked (`crate::loss`).
     pub(crate) losses: crate::loss::Losses,
+    /// Snapshots and their copy-on-write areas (`crate::snapshot`).
+    pub(crate) snapshots: crate::snapshot::Snapshots,
     replica: Mutex<ReplicaState>,
     secondary_read_only: bool,
     implicit_takeover: bool,
@@ -144,6 +148,8 @@ impl Volume {
             .map_err(dir_err)?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| OpenError::Locked(cfg.state_dir.clone()))?;
+        // A seed that did not finish: the data file is neither the volume nor empty.
+        crate::snapshot::seed::refuse_half_seeded(&cfg.state_dir).map_err(dir_err)?;
 
         let meta_path = cfg.state_dir.join("meta");
         let meta = match Meta::load(&meta_path)? {
@@ -175,6 +181,9 @@ impl Volume {
         let same_boot = !boot_id.is_empty() && meta.boot_id == boot_id;
         let fresh = !meta_path.exists();
         let store = BlockStore::open_or_create(&cfg.data, cfg.size)?;
+        // Before anything writes the data file: the snapshots' areas must see every change.
+        let snapshots =
+            crate::snapshot::Snapshots::open(&cfg.state_dir, &cfg.name, &store).map_err(dir_err)?;
         if fresh && meta.role == Role::Secondary {
             // Whatever the file held, the full copy assumes zeros where the primary has holes.
             store
@@ -296,6 +305,7 @@ impl Volume {
             counters: Counters::default(),
             repl,
             losses,
+            snapshots,
             replica: Mutex::new(replica),
             secondary_read_only: cfg.secondary_read_only,
             implicit_takeover: cfg.implicit_takeover,
