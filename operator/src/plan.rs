@@ -769,7 +769,7 @@ fn add_seed(
             "--from".into(),
             format!("unix:{SOURCE_MOUNT}/nbd.sock"),
             "--export".into(),
-            snapshot_export(&r.volume, &r.snapshot),
+            tandem_api::contract::snapshot_export(&r.volume, &r.snapshot),
             "--state-dir".into(),
             format!("{DATA_MOUNT}/state"),
             "--data".into(),
@@ -794,13 +794,6 @@ fn add_seed(
         ..Default::default()
     });
     Ok(())
-}
-
-/// The snapshot's NBD export name, `<volume>@snapshot/<id>` (the agreed format; the same as
-/// `tandem_api::contract::snapshot_export`, which the snap branch adds, and this should call once both
-/// are merged).
-pub fn snapshot_export(volume: &str, id: &str) -> String {
-    format!("{volume}@snapshot/{id}")
 }
 
 /// The Service in front of a slot's engine: gRPC and metrics only (no NBD port, by design: NBD stays on
@@ -1776,7 +1769,10 @@ mod tests {
             !seeds(&with(done), EngineRole::Primary, "n1"),
             "a restored volume never seeds again"
         );
-        assert_eq!(snapshot_export("v", "s"), "v@snapshot/s");
+        assert_eq!(
+            tandem_api::contract::snapshot_export("v", "s"),
+            "v@snapshot/s"
+        );
     }
 
     #[test]
