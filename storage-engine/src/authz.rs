@@ -27,6 +27,8 @@ pub enum Call {
     Failback,
     GrantLease,
     InjectFault,
+    /// Online expansion (the operator, and the CSI controller that runs as the operator).
+    Resize,
     /// Any method of the Peer service (its gRPC path).
     Peer(&'static str),
 }
@@ -40,6 +42,7 @@ impl Call {
             Call::Failback => "Engine.Failback",
             Call::GrantLease => "Engine.GrantLease",
             Call::InjectFault => "Engine.InjectFault",
+            Call::Resize => "Engine.Resize",
             Call::Peer(p) => p,
         }
     }
@@ -59,7 +62,8 @@ pub struct Me {
 fn allowed(me: &Me, who: &Identity, call: Call) -> bool {
     let same_volume = who.volume() == Some(&me.volume);
     match (who, call) {
-        // Replication, handoff, proxied reads, lease renewal: only the volume's other engine.
+        // Replication, handoff, proxied reads, lease renewal, Peer.Resize: only the volume's other
+        // engine.
         (Identity::Engine { .. }, Call::Peer(_)) => same_volume,
         (_, Call::Peer(_)) => false,
         // Who is primary: the operator, the other engine, the volume's CSI plugin on any node.
@@ -69,7 +73,8 @@ fn allowed(me: &Me, who: &Identity, call: Call) -> bool {
         (Identity::Csi { node, .. }, Call::Takeover(TakeoverPolicy::Wait)) => {
             same_volume && me.node.as_deref() == Some(node.as_str())
         }
-        // Forced promotion, failback, witness grants, fault injection: the operator only.
+        // Forced promotion, failback, witness grants, fault injection, Engine.Resize: the operator
+        // only.
         (Identity::Operator, _) => true,
         _ => false,
     }
@@ -145,6 +150,7 @@ fn peer_method(path: &str) -> &'static str {
         Some("FenceAndHandoff") => "Peer.FenceAndHandoff",
         Some("ReadBlocks") => "Peer.ReadBlocks",
         Some("RenewLease") => "Peer.RenewLease",
+        Some("Resize") => "Peer.Resize",
         _ => "a Peer method",
     }
 }
@@ -246,6 +252,14 @@ mod tests {
             (&op, Call::GrantLease, true),
             (&csi_here, Call::InjectFault, false),
             (&op, Call::InjectFault, true),
+            (&op, Call::Resize, true),
+            (&csi_here, Call::Resize, false),
+            (&engine, Call::Resize, false),
+            (&foreign_engine, Call::Resize, false),
+            (&engine, Call::Peer("Peer.Resize"), true),
+            (&foreign_engine, Call::Peer("Peer.Resize"), false),
+            (&csi_here, Call::Peer("Peer.Resize"), false),
+            (&op, Call::Peer("Peer.Resize"), false),
         ];
         for (who, call, ok) in cases {
             assert_eq!(allowed(&me(), who, *call), *ok, "{who} {}", call.name());

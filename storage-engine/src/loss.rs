@@ -205,7 +205,8 @@ struct LossState {
 pub struct Losses {
     root: PathBuf,
     volume: String,
-    size: u64,
+    /// Grows with the volume (`grow`).
+    size: std::sync::atomic::AtomicU64,
     /// An export is comparing: checked on every batch a secondary applies, without the lock.
     armed: AtomicBool,
     state: Mutex<LossState>,
@@ -276,10 +277,21 @@ impl Losses {
         Ok(Self {
             root,
             volume: volume.to_string(),
-            size,
+            size: size.into(),
             armed: AtomicBool::new(st.active.is_some()),
             state: Mutex::new(st),
         })
+    }
+
+    /// The volume grew to `size` bytes: an export still comparing keeps its blocks (all below the
+    /// old size), its unchecked set grows with nothing set.
+    pub fn grow(&self, size: u64) {
+        let mut st = self.state();
+        if let Some(a) = st.active.as_mut() {
+            a.unchecked.grow(size / BS);
+        }
+        drop(st);
+        self.size.fetch_max(size, Ordering::AcqRel);
     }
 
     /// An export is comparing.
@@ -346,7 +358,7 @@ impl Losses {
             .read(true)
             .write(true)
             .open(&img_path)?;
-        img.set_len(self.size)?;
+        img.set_len(self.size.load(Ordering::Acquire))?;
         img.sync_all()?;
         table.store(&dir.join(UNCHECKED))?;
         let manifest = Manifest {

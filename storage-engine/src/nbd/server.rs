@@ -284,11 +284,11 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Send + 'static>(
                 .fetch_add(1, Ordering::Relaxed);
             debug!(timeout = ?policy.handshake_timeout, "nbd handshake timed out; connection closed");
         }
-        Ok(Ok(read_only)) => {
+        Ok(Ok((read_only, size))) => {
             if !ticket.established() {
                 return;
             }
-            if let Err(e) = transmission(r, w, volume, read_only).await {
+            if let Err(e) = transmission(r, w, volume, read_only, size).await {
                 debug!(error = %e, "nbd connection closed");
             }
         }
@@ -318,13 +318,14 @@ fn tflags(read_only: bool) -> u16 {
     f
 }
 
-/// Runs the option haggling; returns whether the export is read-only once transmission starts.
+/// Runs the option haggling; returns whether the export is read-only once transmission starts,
+/// and the size the client was told (the session's size, even after the volume grows).
 async fn handshake<R, W>(
     r: &mut R,
     w: &mut W,
     volume: &Volume,
     pinned_only: bool,
-) -> Result<bool, ConnError>
+) -> Result<(bool, u64), ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -373,13 +374,14 @@ where
                 let Ok(read_only) = volume.open_session().await else {
                     return Err(ConnError::UnknownExport(name));
                 };
-                w.write_all(&volume.size().to_be_bytes()).await?;
+                let size = volume.size();
+                w.write_all(&size.to_be_bytes()).await?;
                 w.write_all(&tflags(read_only).to_be_bytes()).await?;
                 if !no_zeroes {
                     w.write_all(&[0u8; 124]).await?;
                 }
                 w.flush().await?;
-                return Ok(read_only);
+                return Ok((read_only, size));
             }
             p::OPT_GO | p::OPT_INFO => {
                 let go = match p::parse_go(&payload) {
@@ -450,7 +452,8 @@ where
                         continue;
                     }
                 };
-                let info = p::info_export(volume.size(), tflags(read_only));
+                let size = volume.size();
+                let info = p::info_export(size, tflags(read_only));
                 w.write_all(&p::option_reply(opt, p::REP_INFO, &info))
                     .await?;
                 for i in &go.infos {
@@ -466,7 +469,7 @@ where
                 w.write_all(&p::option_reply(opt, p::REP_ACK, &[])).await?;
                 w.flush().await?;
                 if opt == p::OPT_GO {
-                    return Ok(read_only);
+                    return Ok((read_only, size));
                 }
             }
             p::OPT_LIST => {
@@ -536,6 +539,7 @@ async fn transmission<R, W>(
     w: BufWriter<W>,
     volume: Arc<Volume>,
     read_only: bool,
+    size: u64,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -543,7 +547,7 @@ where
 {
     let w = Arc::new(tokio::sync::Mutex::new(w));
     let budget = Arc::new(Semaphore::new(CONN_BUDGET / PERMIT_BYTES));
-    let result = read_requests(&mut r, &w, &volume, &budget, read_only).await;
+    let result = read_requests(&mut r, &w, &volume, &budget, read_only, size).await;
     // Let spawned requests finish (they hold budget permits) before closing.
     let _ = budget
         .acquire_many((CONN_BUDGET / PERMIT_BYTES) as u32)
@@ -563,6 +567,7 @@ async fn read_requests<R, W>(
     volume: &Arc<Volume>,
     budget: &Arc<Semaphore>,
     read_only: bool,
+    size: u64,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
@@ -583,7 +588,9 @@ where
         if req.kind == p::CMD_DISC {
             return Ok(());
         }
-        if let Err(errno) = req.validate(volume.size(), read_only) {
+        // The size this session was told: after a grow, only a new session reaches the new
+        // blocks (its client learned the new size); this one is refused past its end as before.
+        if let Err(errno) = req.validate(size, read_only) {
             if req.has_payload() {
                 // Stay in step with the stream without buffering a payload we refuse.
                 skip(r, u64::from(req.length)).await?;

@@ -152,7 +152,8 @@ pub struct Tracker {
     pub locks: BlockLocks,
     pending_file: BitmapFile,
     intent_path: PathBuf,
-    blocks: u64,
+    /// Grows with the volume (`grow`), after the tables have.
+    blocks: std::sync::atomic::AtomicU64,
     /// Points where a unit test holds a thread (nothing outside tests).
     pub(crate) seams: crate::seam::Seams,
 }
@@ -200,13 +201,29 @@ impl Tracker {
             locks: BlockLocks::new(),
             pending_file: BitmapFile::new(pending_path),
             intent_path,
-            blocks,
+            blocks: blocks.into(),
             seams: Default::default(),
         })
     }
 
     pub fn blocks(&self) -> u64 {
+        self.blocks.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The volume grew to `blocks` (its new size is committed in `meta`): the table and the
+    /// intent extents grow in memory, the new blocks owing nothing (zeros on both sides). The
+    /// files grow at their next store; a smaller file loads grown (`Bitmap::load`).
+    pub fn grow(&self, blocks: u64) {
+        let mut s = self.state();
+        let extents = blocks.div_ceil(EXTENT_BLOCKS);
+        s.pending.grow(blocks);
+        s.intent.grow(extents);
+        if s.last_touch.len() < extents as usize {
+            s.last_touch.resize(extents as usize, 0);
+        }
+        drop(s);
         self.blocks
+            .fetch_max(blocks, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn state(&self) -> MutexGuard<'_, TrackState> {
@@ -414,7 +431,7 @@ impl Tracker {
         if s.pending.is_empty() {
             return false;
         }
-        let mut covered = Bitmap::new(self.blocks);
+        let mut covered = Bitmap::new(self.blocks());
         for r in s.journal.iter_from(from) {
             for b in blocks_of(r.offset, r.len()) {
                 covered.set(b);

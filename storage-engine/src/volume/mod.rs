@@ -8,6 +8,9 @@
 mod host;
 mod lease;
 mod replica;
+mod resize;
+#[cfg(test)]
+mod resize_tests;
 mod transition;
 
 use std::{
@@ -147,7 +150,7 @@ impl Volume {
 
         let meta_path = cfg.state_dir.join("meta");
         let meta = match Meta::load(&meta_path)? {
-            Some(m) if m.volume != cfg.name || m.size != cfg.size => {
+            Some(m) if m.volume != cfg.name => {
                 return Err(OpenError::WrongVolume {
                     dir: cfg.state_dir.clone(),
                     found: m.volume,
@@ -174,11 +177,17 @@ impl Volume {
         // The page cache is what it was when the engine last ran here only within the same boot.
         let same_boot = !boot_id.is_empty() && meta.boot_id == boot_id;
         let fresh = !meta_path.exists();
-        let store = BlockStore::open_or_create(&cfg.data, cfg.size)?;
+        // The committed size is the meta file's; `--size` only ever grows it (below, once open).
+        let size = meta.size;
+        let store = if fresh {
+            BlockStore::open_or_create(&cfg.data, size)?
+        } else {
+            BlockStore::open_committed(&cfg.data, size)?
+        };
         if fresh && meta.role == Role::Secondary {
             // Whatever the file held, the full copy assumes zeros where the primary has holes.
             store
-                .punch_hole(0, cfg.size)
+                .punch_hole(0, size)
                 .map_err(|source| OpenError::StateDir {
                     path: cfg.data.clone(),
                     source,
@@ -215,7 +224,7 @@ impl Volume {
             Some(p) => {
                 let tracker = Tracker::open(
                     &cfg.state_dir,
-                    blocks_in(cfg.size),
+                    blocks_in(size),
                     meta.acked_seq,
                     meta.epoch,
                     p.journal_bytes,
@@ -252,14 +261,14 @@ impl Volume {
             durable_seq: applied_seq,
             standing: progress_now.standing,
             consistent_target: None,
-            peer_pending: Bitmap::load(&cfg.state_dir.join(replica::HB_FILE), blocks_in(cfg.size))
+            peer_pending: Bitmap::load(&cfg.state_dir.join(replica::HB_FILE), blocks_in(size))
                 .map_err(dir_err)?,
             peer_last_seq: format::seq::read(&cfg.state_dir.join(replica::HB_SEQ_FILE))
                 .map_err(dir_err)?,
             peer_seen_us: 0,
             hb_dirty: false,
         };
-        let blocks = blocks_in(cfg.size);
+        let blocks = blocks_in(size);
         let proxy = Proxy::new(
             cfg.pair
                 .as_ref()
@@ -270,19 +279,19 @@ impl Volume {
         );
         let areas = Areas::open(
             &cfg.state_dir,
-            cfg.size,
+            size,
             blocks,
             meta.takeover.phase,
             proxy,
             same_boot,
         )?;
-        let losses = crate::loss::Losses::open(&cfg.state_dir, &cfg.name, cfg.size)
+        let losses = crate::loss::Losses::open(&cfg.state_dir, &cfg.name, size)
             .map_err(OpenError::Loss)?;
         let mut running = meta.clone();
         running.clean_shutdown = false;
         running.boot_id = boot_id;
         running.store(&meta_path)?;
-        Ok(Arc::new(Self {
+        let vol = Arc::new(Self {
             name: cfg.name.clone(),
             store,
             meta_path,
@@ -301,7 +310,9 @@ impl Volume {
             implicit_takeover: cfg.implicit_takeover,
             progress,
             _lock: lock,
-        }))
+        });
+        vol.grow_at_open(cfg.size)?;
+        Ok(vol)
     }
 
     /// Blocks whose newest content is still on the old primary (the handed-off table; empty
