@@ -409,7 +409,8 @@ impl Bitmap {
             return Err(bad("checksum mismatch or truncated"));
         }
         if version == SPARSE {
-            let mut m = Self::from_sparse(stored, body).ok_or_else(|| bad("malformed sparse body"))?;
+            let mut m =
+                Self::from_sparse(stored, body).ok_or_else(|| bad("malformed sparse body"))?;
             m.grow(bits);
             return Ok(Some(m));
         }

@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
             Command::Takeover(args) => storage_engine::engine::takeover(args, false).await,
             Command::Failback(args) => storage_engine::engine::takeover(args, true).await,
             Command::Lease(args) => storage_engine::engine::grant_lease(args).await,
+            Command::Resize(args) => storage_engine::engine::resize(args).await,
             Command::Demo(args) => storage_engine::demo::run(args).await,
             Command::Certs(cmd) => storage_engine::engine::certs(cmd),
         }

@@ -285,8 +285,8 @@ impl Volume {
             proxy,
             same_boot,
         )?;
-        let losses = crate::loss::Losses::open(&cfg.state_dir, &cfg.name, size)
-            .map_err(OpenError::Loss)?;
+        let losses =
+            crate::loss::Losses::open(&cfg.state_dir, &cfg.name, size).map_err(OpenError::Loss)?;
         let mut running = meta.clone();
         running.clean_shutdown = false;
         running.boot_id = boot_id;

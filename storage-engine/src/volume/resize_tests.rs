@@ -60,7 +60,11 @@ fn a_grown_volume_keeps_its_data_and_tables_and_never_shrinks_on_restart() {
     block_on(v.grow_to(NEW)).unwrap();
     assert_eq!(v.size(), NEW);
     let new_block = NEW / BS - 1;
-    assert_eq!(read(&v, new_block), vec![0; BS as usize], "new blocks read zeros");
+    assert_eq!(
+        read(&v, new_block),
+        vec![0; BS as usize],
+        "new blocks read zeros"
+    );
     write(&v, new_block, 2);
     let t = v.repl.as_ref().unwrap().tracker.pending();
     assert_eq!(t.len(), NEW / BS);
@@ -182,7 +186,9 @@ fn cut_run(dir: &Path, k: i64) -> (bool, Vec<String>) {
     if !tripped && size != NEW {
         bad.push(format!("the grow finished but the size is {size}"));
     }
-    let file = std::fs::metadata(dir.join("data")).map(|m| m.len()).unwrap_or(0);
+    let file = std::fs::metadata(dir.join("data"))
+        .map(|m| m.len())
+        .unwrap_or(0);
     if file != size {
         bad.push(format!("data file is {file} bytes, the volume {size}"));
     }
@@ -216,7 +222,10 @@ fn power_loss_at_every_step_of_a_grow() {
     loop {
         let d = tempfile::tempdir().unwrap();
         let (tripped, bad) = cut_run(d.path(), k);
-        assert!(bad.is_empty(), "power cut after {k} file operations: {bad:?}");
+        assert!(
+            bad.is_empty(),
+            "power cut after {k} file operations: {bad:?}"
+        );
         if !tripped {
             break;
         }
