@@ -373,10 +373,16 @@ impl Bitmap {
         self.encode().store(path)
     }
 
-    /// Loads a bitmap of `bits` bits; `Ok(None)` if absent; an error if corrupt or larger.
-    /// A smaller one was stored before the volume grew (tables grow on disk only at their next
-    /// store, after the new size is in `meta`): it loads grown, the new bits clear.
+    /// Loads a bitmap of `bits` bits; `Ok(None)` if absent; an error if corrupt or of another size.
     pub fn load(path: &Path, bits: u64) -> io::Result<Option<Self>> {
+        Self::load_grown(path, bits, &[])
+    }
+
+    /// `load`, also accepting a file of one of the `earlier` sizes the volume had before it grew
+    /// (tables grow on disk only at their next store, after the new size is in `meta`): it loads
+    /// grown, the new bits clear. Only sizes the volume had: the size field is outside the
+    /// checksum, so any smaller value could mask set bits away.
+    pub fn load_grown(path: &Path, bits: u64, earlier: &[u64]) -> io::Result<Option<Self>> {
         let b = match fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -400,8 +406,8 @@ impl Bitmap {
         let mut u8b = [0u8; 8];
         u8b.copy_from_slice(&b[12..20]);
         let stored = u64::from_le_bytes(u8b);
-        if stored > bits {
-            return Err(bad("bitmap is larger than the volume"));
+        if stored != bits && !earlier.contains(&stored) {
+            return Err(bad("bitmap size differs from the volume"));
         }
         u4.copy_from_slice(&b[20..24]);
         let body = &b[HEADER..];
@@ -571,8 +577,11 @@ mod tests {
         b.set(5);
         b.store(&p).unwrap();
         assert!(Bitmap::load(&p, 999).is_err());
-        // Stored before the volume grew: loads grown, the new bits clear.
-        let grown = Bitmap::load(&p, 5000).unwrap().unwrap();
+        // Stored before the volume grew: loads grown, the new bits clear; only from a size the
+        // volume had.
+        assert!(Bitmap::load(&p, 5000).is_err());
+        assert!(Bitmap::load_grown(&p, 5000, &[999]).is_err());
+        let grown = Bitmap::load_grown(&p, 5000, &[700, 1000]).unwrap().unwrap();
         assert_eq!((grown.len(), grown.count()), (5000, 1));
         assert!(grown.get(5) && !grown.get(1000) && grown.next_one(6).is_none());
         let mut raw = fs::read(&p).unwrap();

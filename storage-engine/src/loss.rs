@@ -216,6 +216,16 @@ impl Losses {
     /// Loads the exports under `state_dir/lost`. A damaged manifest (or an unfinished export
     /// without its `unchecked` set) is an error: guessing could let a lost block be overwritten.
     pub fn open(state_dir: &Path, volume: &str, size: u64) -> Result<Self, String> {
+        Self::open_grown(state_dir, volume, size, &[])
+    }
+
+    /// `open` for a volume that had `earlier` sizes (in blocks) before it grew.
+    pub fn open_grown(
+        state_dir: &Path,
+        volume: &str,
+        size: u64,
+        earlier: &[u64],
+    ) -> Result<Self, String> {
         let root = state_dir.join(DIR);
         let mut st = LossState::default();
         let entries = match std::fs::read_dir(&root) {
@@ -257,7 +267,7 @@ impl Losses {
             if st.active.is_some() {
                 return Err(bad("a second unfinished loss export".into()));
             }
-            let unchecked = Bitmap::load(&dir.join(UNCHECKED), size / BS)
+            let unchecked = Bitmap::load_grown(&dir.join(UNCHECKED), size / BS, earlier)
                 .map_err(|e| bad(e.to_string()))?
                 .ok_or_else(|| bad("unfinished, and its unchecked set is missing".into()))?;
             let img = std::fs::OpenOptions::new()

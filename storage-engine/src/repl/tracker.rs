@@ -173,12 +173,27 @@ impl Tracker {
         epoch: u64,
         journal_bytes: u64,
     ) -> io::Result<Self> {
+        Self::open_grown(state_dir, blocks, &[], acked_seq, epoch, journal_bytes)
+    }
+
+    /// `open` for a volume that had `earlier` sizes (in blocks) before it grew: tables stored at
+    /// one of them load grown.
+    pub fn open_grown(
+        state_dir: &Path,
+        blocks: u64,
+        earlier: &[u64],
+        acked_seq: u64,
+        epoch: u64,
+        journal_bytes: u64,
+    ) -> io::Result<Self> {
         let pending_path = state_dir.join("pending_to_peer");
         let intent_path = state_dir.join("intent");
         let extents = blocks.div_ceil(EXTENT_BLOCKS);
-        let mut pending =
-            Bitmap::load(&pending_path, blocks)?.unwrap_or_else(|| Bitmap::new(blocks));
-        let intent = Bitmap::load(&intent_path, extents)?.unwrap_or_else(|| Bitmap::new(extents));
+        let earlier_extents: Vec<u64> = earlier.iter().map(|b| b.div_ceil(EXTENT_BLOCKS)).collect();
+        let mut pending = Bitmap::load_grown(&pending_path, blocks, earlier)?
+            .unwrap_or_else(|| Bitmap::new(blocks));
+        let intent = Bitmap::load_grown(&intent_path, extents, &earlier_extents)?
+            .unwrap_or_else(|| Bitmap::new(extents));
         for e in intent.iter_ones() {
             pending.set_range(e * EXTENT_BLOCKS, (e + 1) * EXTENT_BLOCKS);
         }

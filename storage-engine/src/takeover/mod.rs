@@ -94,6 +94,7 @@ impl Areas {
         phase: Phase,
         proxy: proxy::Proxy,
         same_boot: bool,
+        earlier_blocks: &[u64],
     ) -> Result<Self, crate::store::StoreError> {
         let overlay_path = state_dir.join("overlay");
         if phase == Phase::Normal {
@@ -115,7 +116,8 @@ impl Areas {
             source,
         };
         let load = |p: &Path| -> io::Result<Bitmap> {
-            Ok(Bitmap::load(p, blocks)?.unwrap_or_else(|| Bitmap::new(blocks)))
+            Ok(Bitmap::load_grown(p, blocks, earlier_blocks)?
+                .unwrap_or_else(|| Bitmap::new(blocks)))
         };
         let (peer_pending, overlay_present) = if phase == Phase::Normal {
             (Bitmap::new(blocks), Bitmap::new(blocks))

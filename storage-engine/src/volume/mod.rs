@@ -171,6 +171,7 @@ impl Volume {
                 clean_shutdown: true,
                 takeover: Default::default(),
                 boot_id: String::new(),
+                grown_from: Vec::new(),
             },
         };
         let boot_id = crate::meta::current_boot_id(&cfg.state_dir);
@@ -220,11 +221,14 @@ impl Volume {
             .write(true)
             .open(&progress_path)
             .map_err(dir_err)?;
+        // Bitmap files stored before the volume grew load grown (`Bitmap::load_grown`).
+        let earlier: Vec<u64> = meta.grown_from.iter().map(|&s| blocks_in(s)).collect();
         let repl = match &cfg.pair {
             Some(p) => {
-                let tracker = Tracker::open(
+                let tracker = Tracker::open_grown(
                     &cfg.state_dir,
                     blocks_in(size),
+                    &earlier,
                     meta.acked_seq,
                     meta.epoch,
                     p.journal_bytes,
@@ -261,8 +265,12 @@ impl Volume {
             durable_seq: applied_seq,
             standing: progress_now.standing,
             consistent_target: None,
-            peer_pending: Bitmap::load(&cfg.state_dir.join(replica::HB_FILE), blocks_in(size))
-                .map_err(dir_err)?,
+            peer_pending: Bitmap::load_grown(
+                &cfg.state_dir.join(replica::HB_FILE),
+                blocks_in(size),
+                &earlier,
+            )
+            .map_err(dir_err)?,
             peer_last_seq: format::seq::read(&cfg.state_dir.join(replica::HB_SEQ_FILE))
                 .map_err(dir_err)?,
             peer_seen_us: 0,
@@ -284,9 +292,10 @@ impl Volume {
             meta.takeover.phase,
             proxy,
             same_boot,
+            &earlier,
         )?;
-        let losses =
-            crate::loss::Losses::open(&cfg.state_dir, &cfg.name, size).map_err(OpenError::Loss)?;
+        let losses = crate::loss::Losses::open_grown(&cfg.state_dir, &cfg.name, size, &earlier)
+            .map_err(OpenError::Loss)?;
         let mut running = meta.clone();
         running.clean_shutdown = false;
         running.boot_id = boot_id;

@@ -9,8 +9,9 @@
 //! 2. `meta.size` = new (atomic replace, directory fsync'd): the commit point;
 //! 3. the per-block tables (differential table, intent extents, heartbeat set, takeover bitmaps,
 //!    an unfinished loss export's set) grow in memory, the new blocks owing nothing. Their files
-//!    grow at their next store; one stored at the old size loads grown (`Bitmap::load`), so a cut
-//!    after 2 is the new size with tables that say what they said;
+//!    grow at their next store; one stored at a size the volume had (`meta.grown_from`, written
+//!    with the new size) loads grown (`Bitmap::load_grown`), so a cut after 2 is the new size with
+//!    tables that say what they said;
 //! 4. the new size is published: only now may any request (a new NBD session, a replicated
 //!    record) reach a new block, so no bit of a new block is ever set in a table not yet grown.
 //!
@@ -194,8 +195,13 @@ impl Volume {
     fn grow_committed(&self, new: u64) -> Result<(), EngineError> {
         let old = self.size();
         self.areas.seams.hit("grow-before-commit");
-        self.update_meta(|m| m.size = new)
-            .map_err(|e| EngineError::Io(e.to_string()))?;
+        self.update_meta(|m| {
+            if m.size < new {
+                m.grown_from.push(m.size);
+            }
+            m.size = new;
+        })
+        .map_err(|e| EngineError::Io(e.to_string()))?;
         let blocks = blocks_in(new);
         if let Some(r) = &self.repl {
             r.tracker.grow(blocks);
