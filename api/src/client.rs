@@ -266,6 +266,28 @@ impl EngineClient {
             })
     }
 
+    /// Grows the volume to `size` bytes (on the primary: its secondary first, then itself).
+    /// Shrinking is refused; the same size is a no-op.
+    pub async fn resize(
+        &mut self,
+        volume: &str,
+        size: u64,
+    ) -> Result<pb::ResizeReply, ClientError> {
+        let req = pb::ResizeRequest {
+            volume: volume.to_string(),
+            epoch: 0,
+            size,
+        };
+        self.inner
+            .resize(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "Resize",
+                status,
+            })
+    }
+
     /// Test seam on the replication link (the engine must run with --fault-injection).
     pub async fn inject_fault(
         &mut self,

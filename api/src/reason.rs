@@ -55,11 +55,17 @@ pub enum Reason {
     LeaseRefused,
     /// The caller's certificate names an identity that may not make this call (mutual TLS).
     PermissionDenied,
+    /// A request that must wait for a takeover's drain or merge to end (a resize): nothing
+    /// changed; retry later.
+    TakeoverInProgress,
+    /// The peer could not be reached for a request that needs it first (a resize grows the
+    /// secondary before the primary): nothing changed here; retry later.
+    PeerUnreachable,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 21] = [
         Reason::Unauthenticated,
         Reason::UnknownVolume,
         Reason::InvalidArgument,
@@ -79,6 +85,8 @@ impl Reason {
         Reason::LeaseHeld,
         Reason::LeaseRefused,
         Reason::PermissionDenied,
+        Reason::TakeoverInProgress,
+        Reason::PeerUnreachable,
     ];
 
     /// The stable name on the wire (`ErrorInfo.reason`), also used as a Kubernetes condition reason.
@@ -103,6 +111,8 @@ impl Reason {
             Reason::LeaseHeld => "LeaseHeld",
             Reason::LeaseRefused => "LeaseRefused",
             Reason::PermissionDenied => "PermissionDenied",
+            Reason::TakeoverInProgress => "TakeoverInProgress",
+            Reason::PeerUnreachable => "PeerUnreachable",
         }
     }
 

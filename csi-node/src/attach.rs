@@ -35,6 +35,9 @@ pub enum AttachError {
     },
     #[error("detach incomplete: {0}")]
     DetachIncomplete(String),
+    /// Growing the attached device failed; nothing was lost, the device keeps its size.
+    #[error("growing the device: {0}")]
+    Expand(String),
 }
 
 /// A block device attached to an engine export; persisted in the volume's state record.
@@ -98,6 +101,10 @@ pub trait Attacher: Send + Sync + 'static {
     fn cleanup_key(&self, key: &str) -> Result<(), AttachError>;
     /// The keys that have something attached or left behind.
     fn list_keys(&self) -> Vec<String>;
+    /// Online expansion: the device takes the size the engine's export has now (the attachment
+    /// learns it with a new handshake). Returns the device's size. Idempotent: a device already at
+    /// the export's size only reports it.
+    fn expand(&self, att: &Attachment) -> Result<u64, AttachError>;
 }
 
 fn run(cmd: &mut Command) -> Result<String, AttachError> {
@@ -462,6 +469,71 @@ impl Attacher for FuseLoopAttacher {
         })
     }
 
+    /// The daemon learns the export's size again (SIGUSR1, answered in `status.json`), the kernel
+    /// sees the FUSE file's new size (the daemon invalidated its attributes; `stat` reads them
+    /// again), then the loop device takes it (`losetup -c`, LOOP_SET_CAPACITY).
+    fn expand(&self, att: &Attachment) -> Result<u64, AttachError> {
+        let (dir, pid) = match &att.kind {
+            AttachKind::FuseLoop { dir, pid } => (dir, *pid),
+            #[cfg(test)]
+            AttachKind::Fake => return Err(AttachError::Expand("fake kind".into())),
+        };
+        let fail = |m: String| AttachError::Expand(m);
+        if !daemon_alive(pid, dir) {
+            return Err(fail(format!(
+                "the attach daemon (pid {pid}) is not running; stage the volume again"
+            )));
+        }
+        let before = Self::read_status(dir).map(|s| s.refreshes).unwrap_or(0);
+        signal(pid, fusefs::REFRESH_SIGNAL);
+        let deadline = Instant::now() + self.start_timeout;
+        let status = loop {
+            match Self::read_status(dir) {
+                Some(s) if s.refreshes > before => break s,
+                _ if Instant::now() >= deadline => {
+                    return Err(fail(format!(
+                        "the attach daemon did not answer a size refresh within {:?}",
+                        self.start_timeout
+                    )))
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        if let Some(e) = status.refresh_error {
+            return Err(fail(format!("the attach daemon could not refresh: {e}")));
+        }
+        let file = fusefs::disk_path(dir);
+        let seen = std::fs::metadata(&file)
+            .map_err(|source| AttachError::Io {
+                what: "stat",
+                path: file.clone(),
+                source,
+            })?
+            .len();
+        if seen != status.size {
+            return Err(fail(format!(
+                "{} shows {seen} bytes, the export {} bytes",
+                file.display(),
+                status.size
+            )));
+        }
+        run(Command::new("losetup").arg("-c").arg(&att.device))?;
+        let out = run(Command::new("blockdev").arg("--getsize64").arg(&att.device))?;
+        let size: u64 = out
+            .trim()
+            .parse()
+            .map_err(|_| fail(format!("blockdev printed {out:?}")))?;
+        if size != status.size {
+            return Err(fail(format!(
+                "{} is {size} bytes after losetup -c, the export {} bytes",
+                att.device.display(),
+                status.size
+            )));
+        }
+        tracing::info!(device = %att.device.display(), size, "device grown");
+        Ok(size)
+    }
+
     fn list_keys(&self) -> Vec<String> {
         std::fs::read_dir(&self.root)
             .map(|rd| {
@@ -489,6 +561,10 @@ pub(crate) mod fake {
         pub attach_calls: usize,
         pub cleaned: Vec<String>,
         pub leftovers: Vec<String>,
+        /// Device sizes; `expand` sets a device to `export_size`.
+        pub sizes: HashMap<PathBuf, u64>,
+        pub export_size: u64,
+        pub expand_calls: usize,
     }
 
     /// Hands out `/dev/fakeN` devices and remembers what is attached.
@@ -556,6 +632,19 @@ pub(crate) mod fake {
             let mut keys: Vec<String> = st.attached.values().map(|s| s.key.clone()).collect();
             keys.extend(st.leftovers.iter().cloned());
             keys
+        }
+        fn expand(&self, att: &Attachment) -> Result<u64, AttachError> {
+            let mut st = self.st.lock().unwrap();
+            st.expand_calls += 1;
+            if st.fail.contains("expand") {
+                return Err(AttachError::Expand("injected failure".into()));
+            }
+            if !st.attached.contains_key(&att.device) {
+                return Err(AttachError::Expand("fake: not attached".into()));
+            }
+            let size = st.export_size;
+            st.sizes.insert(att.device.clone(), size);
+            Ok(size)
         }
     }
 }

@@ -43,7 +43,6 @@ const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 /// The FUSE filesystem: a root directory holding `disk`.
 pub struct NbdFs {
     client: Arc<NbdClient>,
-    size: u64,
     read_only: bool,
     started: SystemTime,
     max_io: u32,
@@ -55,7 +54,6 @@ impl NbdFs {
         // Stay within the server's maximum payload, in whole pages.
         let max_io = MAX_IO.min(info.max_payload).max(4096) / 4096 * 4096;
         NbdFs {
-            size: info.size,
             read_only: force_read_only || info.read_only(),
             started: SystemTime::now(),
             client,
@@ -69,7 +67,8 @@ impl NbdFs {
             DISK_INO => (
                 FileType::RegularFile,
                 if self.read_only { 0o400 } else { 0o600 },
-                self.size,
+                // The export's size now: it grows with an online expansion (`grow`).
+                self.client.info().size,
                 1,
             ),
             _ => return None,
@@ -190,7 +189,7 @@ impl fuser::Filesystem for NbdFs {
         reply: ReplyAttr,
     ) {
         // The size is the volume's: refuse to change it, accept everything else as a no-op.
-        if size.is_some_and(|s| s != self.size) {
+        if size.is_some_and(|s| s != self.client.info().size) {
             reply.error(Errno::EPERM);
             return;
         }
@@ -255,11 +254,12 @@ impl fuser::Filesystem for NbdFs {
             reply.error(Errno::EISDIR);
             return;
         }
-        if offset >= self.size || size == 0 {
+        let end = self.client.info().size;
+        if offset >= end || size == 0 {
             reply.data(&[]);
             return;
         }
-        let len = u64::from(size.min(self.max_io)).min(self.size - offset) as u32;
+        let len = u64::from(size.min(self.max_io)).min(end - offset) as u32;
         self.client.submit(
             Command::read(offset, len),
             Box::new(move |r| match r {
@@ -293,12 +293,13 @@ impl fuser::Filesystem for NbdFs {
             reply.written(0);
             return;
         }
-        if offset >= self.size {
+        let end = self.client.info().size;
+        if offset >= end {
             reply.error(Errno::from_i32(libc_errno::ENOSPC));
             return;
         }
         // A write running past the end is cut at the end, like a block device's.
-        let len = (data.len() as u64).min(self.size - offset) as usize;
+        let len = (data.len() as u64).min(end - offset) as usize;
         let written = len as u32;
         self.client.submit(
             Command::write(offset, data[..len].to_vec()),
@@ -349,7 +350,7 @@ impl fuser::Filesystem for NbdFs {
             reply.error(Errno::EROFS);
             return;
         }
-        let end = offset.saturating_add(length).min(self.size);
+        let end = offset.saturating_add(length).min(self.client.info().size);
         if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
             reply.error(Errno::EOPNOTSUPP);
             return;
@@ -419,6 +420,54 @@ pub struct DaemonStatus {
     pub pid: u32,
     pub size: u64,
     pub link: LinkState,
+    /// Size refreshes done (SIGUSR1, `grow`), whatever their outcome: the plugin waits for it to
+    /// move past the count it read before asking.
+    #[serde(default)]
+    pub refreshes: u64,
+    /// Why the last refresh failed; `None` when it succeeded.
+    #[serde(default)]
+    pub refresh_error: Option<String>,
+}
+
+/// The signal that asks the daemon to learn the export's size again (online expansion).
+pub const REFRESH_SIGNAL: rustix::process::Signal = rustix::process::Signal::USR1;
+
+/// Learns the export's size again and makes the kernel see it: the client replaces its connection
+/// when the export grew (`NbdClient::refresh_size`), then the disk file's cached attributes are
+/// invalidated (they live an hour otherwise), so the next `stat` reads the new size and the loop
+/// device can take it (`losetup -c`).
+fn refresh(
+    client: &NbdClient,
+    notifier: &fuser::Notifier,
+    status: &Mutex<DaemonStatus>,
+    dir: &Path,
+) {
+    let outcome = client
+        .refresh_size()
+        .map_err(|e| e.to_string())
+        .and_then(|size| {
+            // Offset -1: the attributes only (the file has no page cache: direct I/O).
+            notifier
+                .inval_inode(DISK_INO, -1, 0)
+                .map(|()| size)
+                .map_err(|e| format!("invalidating the disk file's attributes: {e}"))
+        });
+    let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+    s.refreshes += 1;
+    match outcome {
+        Ok(size) => {
+            if size != s.size {
+                tracing::info!(from = s.size, to = size, "the export grew");
+            }
+            s.size = size;
+            s.refresh_error = None;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "size refresh failed");
+            s.refresh_error = Some(e);
+        }
+    }
+    write_status(dir, &s);
 }
 
 fn write_status(dir: &Path, status: &DaemonStatus) {
@@ -511,6 +560,20 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("mount FUSE at {}", mnt.display()))?;
     let bg = session.spawn().context("start the FUSE session")?;
     tracing::info!(export = %args.export, size, mountpoint = %mnt.display(), "serving");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Installed before READY: the plugin may ask for a refresh as soon as it knows the daemon,
+    // and SIGUSR1's default action would kill it.
+    let (mut term, mut int, mut grow) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::user_defined1())?,
+        )
+    };
     {
         let mut out = io::stdout().lock();
         // The plugin may have gone away; it finds us again through the state dir.
@@ -518,17 +581,16 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         let _ = out.flush();
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         loop {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
+                _ = grow.recv() => {
+                    let (c, n, st, d) = (client.clone(), bg.notifier(), status.clone(), dir.clone());
+                    let _ = tokio::task::spawn_blocking(move || refresh(&c, &n, &st, &d)).await;
+                    continue;
+                }
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
                     if bg.guard.is_finished() {
                         tracing::info!("FUSE filesystem was unmounted");
@@ -600,7 +662,11 @@ mod tests {
         assert_eq!(fs.attr(INodeNo::ROOT).unwrap().kind, FileType::Directory);
         assert!(fs.attr(INodeNo(9)).is_none());
         assert_eq!(fs.max_io, MAX_IO);
-        let ro = NbdFs::new(c, true);
+        let ro = NbdFs::new(c.clone(), true);
         assert_eq!(ro.attr(DISK_INO).unwrap().perm, 0o400);
+        // An online expansion: the file grows once the client adopts the new size.
+        srv.data.lock().unwrap().resize(5 << 20, 0);
+        assert_eq!(c.refresh_size().unwrap(), 5 << 20);
+        assert_eq!(fs.attr(DISK_INO).unwrap().size, 5 << 20);
     }
 }

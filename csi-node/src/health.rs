@@ -191,6 +191,7 @@ mod tests {
                 reconnects: 3,
                 ..Default::default()
             },
+            ..Default::default()
         };
         std::fs::write(
             crate::fusefs::status_path(&att),

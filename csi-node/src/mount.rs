@@ -64,6 +64,9 @@ pub trait Mounter: Send + Sync + 'static {
     fn is_mount_point(&self, target: &Path) -> Result<bool, MountError>;
     fn fs_stats(&self, path: &Path) -> Result<FsStats, MountError>;
     fn device_size(&self, device: &Path) -> Result<u64, MountError>;
+    /// Grows the filesystem `fs_type` on `device`, mounted at `mount_point`, to the device's size,
+    /// online. Idempotent: a filesystem already that large is left as it is.
+    fn grow_fs(&self, device: &Path, mount_point: &Path, fs_type: &str) -> Result<(), MountError>;
 }
 
 fn run(cmd: &mut Command) -> Result<String, MountError> {
@@ -318,6 +321,30 @@ impl Mounter for SystemMounter {
         })
     }
 
+    fn grow_fs(&self, device: &Path, mount_point: &Path, fs_type: &str) -> Result<(), MountError> {
+        // ext4 grows online through the device (resize2fs finds the mount); xfs only through its
+        // mount point. Both do nothing when the filesystem already fills the device.
+        let mut cmd = match fs_type {
+            "ext2" | "ext3" | "ext4" => {
+                let mut c = Command::new("resize2fs");
+                c.arg(device);
+                c
+            }
+            "xfs" => {
+                let mut c = Command::new("xfs_growfs");
+                c.arg(mount_point);
+                c
+            }
+            other => {
+                return Err(MountError::CommandFailed {
+                    cmd: "grow filesystem".into(),
+                    message: format!("cannot grow a {other} filesystem online"),
+                })
+            }
+        };
+        run(&mut cmd).map(|_| ())
+    }
+
     fn device_size(&self, device: &Path) -> Result<u64, MountError> {
         let io = |source| MountError::Io {
             what: "size of",
@@ -346,6 +373,8 @@ pub(crate) mod fake {
         pub mkfs_calls: Vec<(PathBuf, String)>,
         pub fail: HashSet<&'static str>,
         pub calls: Vec<String>,
+        /// (device, mount point, filesystem) of every grow.
+        pub grown: Vec<(PathBuf, PathBuf, String)>,
     }
 
     #[derive(Debug, Default)]
@@ -478,6 +507,21 @@ pub(crate) mod fake {
         }
         fn device_size(&self, _device: &Path) -> Result<u64, MountError> {
             Ok(1 << 30)
+        }
+        fn grow_fs(
+            &self,
+            device: &Path,
+            mount_point: &Path,
+            fs_type: &str,
+        ) -> Result<(), MountError> {
+            let mut st = self.st.lock().unwrap();
+            Self::check(&mut st, "grow_fs")?;
+            st.grown.push((
+                device.to_path_buf(),
+                mount_point.to_path_buf(),
+                fs_type.to_string(),
+            ));
+            Ok(())
         }
     }
 }

@@ -392,7 +392,11 @@ struct Writer {
 struct Shared {
     addr: NbdAddr,
     export: String,
+    /// As negotiated first; the size may grow since (`size`), never shrink.
     info: ExportInfo,
+    /// The size the current connection negotiated: a reconnect may find the export grown (an
+    /// online expansion) and adopts the larger size; a smaller one is refused.
+    size: std::sync::atomic::AtomicU64,
     opts: ClientOptions,
     state: Mutex<State>,
     wake: Condvar,
@@ -425,6 +429,7 @@ impl NbdClient {
         let shared = Arc::new(Shared {
             addr,
             export: export.to_string(),
+            size: info.size.into(),
             info,
             opts,
             state: Mutex::new(State {
@@ -457,8 +462,53 @@ impl NbdClient {
         })
     }
 
+    /// The export as negotiated, with the size of the current connection.
     pub fn info(&self) -> ExportInfo {
-        self.shared.info
+        ExportInfo {
+            size: self.shared.size.load(std::sync::atomic::Ordering::Acquire),
+            ..self.shared.info
+        }
+    }
+
+    /// Asks the engine for the export's size now (a handshake of its own). When it grew (online
+    /// expansion), the current connection, which negotiated the old size and would be refused
+    /// past it, is replaced: requests in flight are resent on the new one, as after any outage.
+    /// Returns the size served from now on (once the new connection is up, at most the connect
+    /// timeout twice).
+    pub fn refresh_size(&self) -> Result<u64, NbdError> {
+        use std::sync::atomic::Ordering;
+        let sh = &self.shared;
+        let (probe, info) = connect(&sh.addr, &sh.export, sh.opts.connect_timeout)?;
+        probe.shutdown();
+        let now = sh.size.load(Ordering::Acquire);
+        if info.size <= now {
+            return Ok(now);
+        }
+        if let Some(s) = lock(&sh.writer).stream.as_ref() {
+            // The reader sees the end and marks the connection broken; the supervisor reconnects.
+            s.shutdown();
+        }
+        let deadline = Instant::now() + sh.opts.connect_timeout * 2;
+        let mut st = lock(&sh.state);
+        loop {
+            let size = sh.size.load(Ordering::Acquire);
+            if size >= info.size && st.connected_gen.is_some() {
+                return Ok(size);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || st.shutdown {
+                return Err(NbdError::Wire(WireError::Protocol(format!(
+                    "the export grew to {} bytes but no connection at that size came up ({})",
+                    info.size,
+                    st.link.last_error.clone().unwrap_or_default()
+                ))));
+            }
+            st = sh
+                .wake
+                .wait_timeout(st, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     pub fn link_state(&self) -> LinkState {
@@ -846,11 +896,12 @@ fn supervise(sh: Arc<Shared>) {
 
 fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
     let (stream, info) = connect(&sh.addr, &sh.export, sh.opts.connect_timeout)?;
-    if info.size != sh.info.size {
+    let before = sh.size.load(std::sync::atomic::Ordering::Acquire);
+    if info.size < before {
         stream.shutdown();
         return Err(NbdError::Wire(WireError::Protocol(format!(
-            "export size changed from {} to {} bytes",
-            sh.info.size, info.size
+            "export shrank from {before} to {} bytes",
+            info.size
         ))));
     }
     let reader = stream.try_clone()?;
@@ -870,6 +921,9 @@ fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
                 }
                 return Ok(());
             }
+            // Grown (online expansion): requests may reach the new size on this connection.
+            sh.size
+                .store(info.size, std::sync::atomic::Ordering::Release);
             st.connected_gen = Some(gen);
             if let Some(t) = st.down_since.take() {
                 outage = t.elapsed();
@@ -906,6 +960,8 @@ fn reconnect(sh: &Arc<Shared>) -> Result<(), NbdError> {
     }
     spawn_reader(sh.clone(), gen, reader);
     sh.notify_link();
+    // `refresh_size` waits for this connection.
+    sh.wake.notify_all();
     Ok(())
 }
 
@@ -1239,6 +1295,28 @@ mod tests {
         let seen = lock(&states).clone();
         assert!(seen.iter().any(|l| !l.connected), "{seen:?}");
         assert!(seen.last().unwrap().connected);
+    }
+
+    #[test]
+    fn a_grown_export_replaces_the_connection_and_keeps_the_data() {
+        let srv = TestServer::start(1 << 16);
+        let c = NbdClient::connect(srv.addr(), "vol", opts(), None).unwrap();
+        c.call(Command::write(4096, vec![7u8; 4096])).unwrap();
+        // Nothing grew: the connection stays.
+        assert_eq!(c.refresh_size().unwrap(), 1 << 16);
+        assert_eq!(c.link_state().reconnects, 0);
+        lock(&srv.data).resize(1 << 17, 0);
+        assert_eq!(c.info().size, 1 << 16, "grown only when asked");
+        assert_eq!(c.refresh_size().unwrap(), 1 << 17);
+        assert_eq!(c.info().size, 1 << 17);
+        assert_eq!(c.link_state().reconnects, 1);
+        c.call(Command::write((1 << 17) - 4096, vec![8u8; 4096]))
+            .unwrap();
+        assert!(c.call(Command::read((1 << 17) - 4096, 4096)).unwrap() == vec![8u8; 4096]);
+        assert!(c.call(Command::read(4096, 4096)).unwrap() == vec![7u8; 4096]);
+        // Asked again at the same size: nothing replaced.
+        assert_eq!(c.refresh_size().unwrap(), 1 << 17);
+        assert_eq!(c.link_state().reconnects, 1);
     }
 
     /// Submits `cmd`; the receiver gets its result.

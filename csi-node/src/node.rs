@@ -38,6 +38,15 @@ pub struct PublishRequest {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpandRequest {
+    pub volume_id: String,
+    /// The staging path or a publication's target.
+    pub volume_path: PathBuf,
+    /// The size the CO asks for; 0: whatever the engine serves now.
+    pub required_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeUsage {
     pub unit_bytes: bool,
     pub total: u64,
@@ -310,6 +319,21 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         let _token = self.guard.try_acquire(&volume_id)?;
         let inner = self.inner.clone();
         blocking(move || inner.unpublish(&volume_id, &target_path)).await
+    }
+
+    /// NodeExpandVolume. CSI: the volume at `volume_path` (staging path or a publication) takes the
+    /// size the controller gave it: here the device learns the engines' new size (the operator
+    /// grew them first: `Engine.Resize`), then a mounted ext4 grows with resize2fs and xfs with
+    /// xfs_growfs, online (block volumes: the device only). Returns the device's size.
+    /// Idempotent: a volume already that large only grows its filesystem again (a no-op). NOT_FOUND
+    /// for an unknown volume or path; FAILED_PRECONDITION when not staged here; UNAVAILABLE while
+    /// the engine does not serve `required_bytes` yet (kubelet retries); ABORTED while another call
+    /// for the volume runs. A read-only staging grows its device but not its filesystem (a writer
+    /// grows that).
+    pub async fn expand(&self, req: ExpandRequest) -> Result<u64> {
+        let _token = self.guard.try_acquire(&req.volume_id)?;
+        let inner = self.inner.clone();
+        blocking(move || inner.expand(&req)).await
     }
 
     /// NodeGetVolumeStats. CSI: NOT_FOUND if the volume or the path is unknown; the condition reports
@@ -733,6 +757,43 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
         }
         tracing::info!(target = %target.display(), "unpublished");
         Ok(())
+    }
+
+    fn expand(&self, req: &ExpandRequest) -> Result<u64> {
+        let rec = self
+            .state
+            .load(&req.volume_id)?
+            .ok_or_else(|| Error::VolumeNotFound(req.volume_id.clone()))?;
+        if rec.staging_path != req.volume_path && !rec.publications.contains_key(&req.volume_path) {
+            return Err(Error::PathNotFound(req.volume_path.clone()));
+        }
+        let Some(att) = rec.attachment.as_ref().filter(|_| rec.staged) else {
+            return Err(Error::VolumeNotStaged(Some(rec.staging_path.clone())));
+        };
+        let size = self.attacher.expand(att)?;
+        if size < req.required_bytes {
+            return Err(Error::PrimaryUnavailable(format!(
+                "the engine serves {size} bytes, not yet the {} asked for; retry once the volume \
+                 has grown",
+                req.required_bytes
+            )));
+        }
+        if let Access::Mount { fs_type, .. } = &rec.access {
+            if rec.read_only {
+                tracing::info!(
+                    size,
+                    "read-only staging: the device grew, its filesystem is the writer's to grow"
+                );
+                return Ok(size);
+            }
+            // What is on the device wins over what the stage asked for (an existing filesystem
+            // is mounted as found).
+            let found = self.mounter.probe(&att.device)?;
+            let fs = found.as_deref().unwrap_or(fs_type);
+            self.mounter.grow_fs(&att.device, &rec.staging_path, fs)?;
+            tracing::info!(size, fs, "filesystem grown");
+        }
+        Ok(size)
     }
 
     fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {

@@ -15,7 +15,7 @@ use crate::attach::Attacher;
 use crate::engine::EngineApi;
 use crate::error::{Error, OpError, Result};
 use crate::mount::{Mounter, FILESYSTEMS};
-use crate::node::{NodeService, PublishRequest, StageRequest};
+use crate::node::{ExpandRequest, NodeService, PublishRequest, StageRequest};
 use crate::pb;
 use crate::pb::volume_capability::access_mode::Mode;
 use crate::pb::volume_capability::AccessType;
@@ -130,6 +130,22 @@ fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
         token,
         tls,
         context: r.volume_context,
+    })
+}
+
+fn expand_request(r: &pb::NodeExpandVolumeRequest) -> Result<ExpandRequest> {
+    let want = r.capacity_range.as_ref().map_or(0, |c| c.required_bytes);
+    let limit = r.capacity_range.as_ref().map_or(0, |c| c.limit_bytes);
+    if want < 0 || limit < 0 || (limit > 0 && want > limit) {
+        return Err(Error::invalid(
+            "capacity_range",
+            format!("required_bytes {want} and limit_bytes {limit} do not make a range"),
+        ));
+    }
+    Ok(ExpandRequest {
+        volume_id: required(&r.volume_id, "volume_id")?.to_string(),
+        volume_path: abs_path(&r.volume_path, "volume_path")?,
+        required_bytes: u64::try_from(want).unwrap_or(0),
     })
 }
 
@@ -296,6 +312,28 @@ impl<E: EngineApi, A: Attacher, M: Mounter> pb::node_server::Node for NodeGrpc<E
         .await
     }
 
+    async fn node_expand_volume(
+        &self,
+        request: Request<pb::NodeExpandVolumeRequest>,
+    ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = r.volume_id.clone();
+        let span = tracing::info_span!("NodeExpandVolume", volume_id = %id);
+        async {
+            let req = expand_request(&r).map_err(op_err("NodeExpandVolume", &id))?;
+            let size = self
+                .svc
+                .expand(req)
+                .await
+                .map_err(op_err("NodeExpandVolume", &id))?;
+            Ok(Response::new(pb::NodeExpandVolumeResponse {
+                capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn node_get_capabilities(
         &self,
         _request: Request<pb::NodeGetCapabilitiesRequest>,
@@ -311,6 +349,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> pb::node_server::Node for NodeGrpc<E
                 cap(Type::StageUnstageVolume),
                 cap(Type::GetVolumeStats),
                 cap(Type::VolumeCondition),
+                cap(Type::ExpandVolume),
             ],
         }))
     }
@@ -363,14 +402,25 @@ impl pb::identity_server::Identity for IdentityGrpc {
         _request: Request<pb::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<pb::GetPluginCapabilitiesResponse>, Status> {
         use pb::plugin_capability::service::Type;
+        use pb::plugin_capability::volume_expansion::Type as Expansion;
         Ok(Response::new(pb::GetPluginCapabilitiesResponse {
-            capabilities: vec![pb::PluginCapability {
-                r#type: Some(pb::plugin_capability::Type::Service(
-                    pb::plugin_capability::Service {
-                        r#type: Type::VolumeAccessibilityConstraints as i32,
-                    },
-                )),
-            }],
+            capabilities: vec![
+                pb::PluginCapability {
+                    r#type: Some(pb::plugin_capability::Type::Service(
+                        pb::plugin_capability::Service {
+                            r#type: Type::VolumeAccessibilityConstraints as i32,
+                        },
+                    )),
+                },
+                // Mounted filesystems grow while in use (NodeExpandVolume).
+                pb::PluginCapability {
+                    r#type: Some(pb::plugin_capability::Type::VolumeExpansion(
+                        pb::plugin_capability::VolumeExpansion {
+                            r#type: Expansion::Online as i32,
+                        },
+                    )),
+                },
+            ],
         }))
     }
 

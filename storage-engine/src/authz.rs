@@ -29,6 +29,8 @@ pub enum Call {
     InjectFault,
     /// CreateSnapshot, DeleteSnapshot, ListSnapshots.
     Snapshot,
+    /// Online expansion (the operator, and the CSI controller that runs as the operator).
+    Resize,
     /// Any method of the Peer service (its gRPC path).
     Peer(&'static str),
 }
@@ -43,6 +45,7 @@ impl Call {
             Call::GrantLease => "Engine.GrantLease",
             Call::InjectFault => "Engine.InjectFault",
             Call::Snapshot => "Engine.CreateSnapshot/DeleteSnapshot/ListSnapshots",
+            Call::Resize => "Engine.Resize",
             Call::Peer(p) => p,
         }
     }
@@ -62,7 +65,8 @@ pub struct Me {
 fn allowed(me: &Me, who: &Identity, call: Call) -> bool {
     let same_volume = who.volume() == Some(&me.volume);
     match (who, call) {
-        // Replication, handoff, proxied reads, lease renewal: only the volume's other engine.
+        // Replication, handoff, proxied reads, lease renewal, Peer.Resize: only the volume's other
+        // engine.
         (Identity::Engine { .. }, Call::Peer(_)) => same_volume,
         (_, Call::Peer(_)) => false,
         // Who is primary: the operator, the other engine, the volume's CSI plugin on any node.
@@ -72,8 +76,8 @@ fn allowed(me: &Me, who: &Identity, call: Call) -> bool {
         (Identity::Csi { node, .. }, Call::Takeover(TakeoverPolicy::Wait)) => {
             same_volume && me.node.as_deref() == Some(node.as_str())
         }
-        // Forced promotion, failback, witness grants, fault injection, snapshots (the CSI
-        // controller runs as the operator): the operator only.
+        // Forced promotion, failback, witness grants, fault injection, Engine.Resize, snapshots
+        // (the CSI controller runs as the operator): the operator only.
         (Identity::Operator, _) => true,
         _ => false,
     }
@@ -149,6 +153,7 @@ fn peer_method(path: &str) -> &'static str {
         Some("FenceAndHandoff") => "Peer.FenceAndHandoff",
         Some("ReadBlocks") => "Peer.ReadBlocks",
         Some("RenewLease") => "Peer.RenewLease",
+        Some("Resize") => "Peer.Resize",
         _ => "a Peer method",
     }
 }
@@ -256,6 +261,14 @@ mod tests {
             (&csi_there, Call::Snapshot, false),
             (&engine, Call::Snapshot, false),
             (&foreign_engine, Call::Snapshot, false),
+            (&op, Call::Resize, true),
+            (&csi_here, Call::Resize, false),
+            (&engine, Call::Resize, false),
+            (&foreign_engine, Call::Resize, false),
+            (&engine, Call::Peer("Peer.Resize"), true),
+            (&foreign_engine, Call::Peer("Peer.Resize"), false),
+            (&csi_here, Call::Peer("Peer.Resize"), false),
+            (&op, Call::Peer("Peer.Resize"), false),
         ];
         for (who, call, ok) in cases {
             assert_eq!(allowed(&me(), who, *call), *ok, "{who} {}", call.name());

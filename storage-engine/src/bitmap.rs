@@ -187,6 +187,18 @@ impl Bitmap {
         }
     }
 
+    /// Grows the table to `bits` bits; the new bits are clear (a grown volume's new blocks are
+    /// zeros on both sides, so nothing is owed for them). Never shrinks.
+    pub fn grow(&mut self, bits: u64) {
+        if bits <= self.bits {
+            return;
+        }
+        self.bits = bits;
+        let words = bits.div_ceil(64) as usize;
+        self.words.resize(words, 0);
+        self.summary.resize(words.div_ceil(64), 0);
+    }
+
     pub fn clear_all(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
         self.summary.iter_mut().for_each(|w| *w = 0);
@@ -363,6 +375,14 @@ impl Bitmap {
 
     /// Loads a bitmap of `bits` bits; `Ok(None)` if absent; an error if corrupt or of another size.
     pub fn load(path: &Path, bits: u64) -> io::Result<Option<Self>> {
+        Self::load_grown(path, bits, &[])
+    }
+
+    /// `load`, also accepting a file of one of the `earlier` sizes the volume had before it grew
+    /// (tables grow on disk only at their next store, after the new size is in `meta`): it loads
+    /// grown, the new bits clear. Only sizes the volume had: the size field is outside the
+    /// checksum, so any smaller value could mask set bits away.
+    pub fn load_grown(path: &Path, bits: u64, earlier: &[u64]) -> io::Result<Option<Self>> {
         let b = match fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -385,7 +405,8 @@ impl Bitmap {
         }
         let mut u8b = [0u8; 8];
         u8b.copy_from_slice(&b[12..20]);
-        if u64::from_le_bytes(u8b) != bits {
+        let stored = u64::from_le_bytes(u8b);
+        if stored != bits && !earlier.contains(&stored) {
             return Err(bad("bitmap size differs from the volume"));
         }
         u4.copy_from_slice(&b[20..24]);
@@ -394,14 +415,15 @@ impl Bitmap {
             return Err(bad("checksum mismatch or truncated"));
         }
         if version == SPARSE {
-            return Self::from_sparse(bits, body)
-                .map(Some)
-                .ok_or_else(|| bad("malformed sparse body"));
+            let mut m =
+                Self::from_sparse(stored, body).ok_or_else(|| bad("malformed sparse body"))?;
+            m.grow(bits);
+            return Ok(Some(m));
         }
-        if body.len() as u64 != bits.div_ceil(64) * 8 {
+        if body.len() as u64 != stored.div_ceil(64) * 8 {
             return Err(bad("truncated"));
         }
-        let mut m = Self::new(bits);
+        let mut m = Self::new(stored);
         for (i, c) in body.chunks_exact(8).enumerate() {
             u8b.copy_from_slice(c);
             m.words[i] = u64::from_le_bytes(u8b);
@@ -409,6 +431,7 @@ impl Bitmap {
         // Bits past the end are never counted or walked (the checksum covers them, not their meaning).
         m.mask_tail();
         m.recount();
+        m.grow(bits);
         Ok(Some(m))
     }
 }
@@ -554,6 +577,13 @@ mod tests {
         b.set(5);
         b.store(&p).unwrap();
         assert!(Bitmap::load(&p, 999).is_err());
+        // Stored before the volume grew: loads grown, the new bits clear; only from a size the
+        // volume had.
+        assert!(Bitmap::load(&p, 5000).is_err());
+        assert!(Bitmap::load_grown(&p, 5000, &[999]).is_err());
+        let grown = Bitmap::load_grown(&p, 5000, &[700, 1000]).unwrap().unwrap();
+        assert_eq!((grown.len(), grown.count()), (5000, 1));
+        assert!(grown.get(5) && !grown.get(1000) && grown.next_one(6).is_none());
         let mut raw = fs::read(&p).unwrap();
         let n = raw.len();
         raw[n - 1] ^= 1;

@@ -48,6 +48,9 @@ pub enum Command {
     /// Fill a fresh state dir and data file from an NBD export (a snapshot's,
     /// `<volume>@snapshot/<id>`) before `serve` runs it: the restore's init step. Idempotent.
     Seed(SeedCliArgs),
+    /// Grow the volume online, called on the primary: its secondary grows first, then it does.
+    /// Prints JSON {size, peer_size}. Shrinking is refused; the same size changes nothing.
+    Resize(ResizeArgs),
     /// Run a pair locally, take over with a backlog, prove every byte, fail back, print a timeline.
     Demo(DemoArgs),
     /// Mint a CA and certificates for `--tls-dir` (tools and tests; in a cluster the operator
@@ -232,6 +235,16 @@ pub struct LeaseArgs {
     /// The lease to grant in milliseconds (the engine holds at most its own --lease-ms).
     #[arg(long, default_value_t = 10000)]
     pub lease_ms: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The primary's gRPC address, HOST:PORT.
+    #[command(flatten)]
+    pub target: EngineTarget,
+    /// The new size (bytes, or 512M, 1G, 2Gi, ...): a multiple of 4096, at least the current size.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
 }
 
 #[derive(Debug, Args)]

@@ -472,6 +472,17 @@ pub async fn grant_lease(args: crate::cli::LeaseArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tandem-engine resize`: prints the sizes now served, as JSON.
+pub async fn resize(args: crate::cli::ResizeArgs) -> anyhow::Result<()> {
+    let mut c = connect(&args.target).await?;
+    let r = c.resize(&args.target.volume, args.size).await?;
+    println!(
+        "{}",
+        serde_json::json!({"size": r.size, "peer_size": r.peer_size})
+    );
+    Ok(())
+}
+
 /// `tandem-engine takeover` / `failback`: exits 0 once the engine serves, printing the reply as JSON.
 pub async fn takeover(args: TakeoverArgs, failback: bool) -> anyhow::Result<()> {
     let mut c = connect(&args.target).await?;

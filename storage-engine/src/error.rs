@@ -53,6 +53,12 @@ pub enum EngineError {
     /// A witness's grant that does not match this engine: nothing was granted.
     #[error("LeaseRefused: {0}")]
     LeaseRefused(String),
+    /// A resize during a takeover's drain or merge: nothing changed, retry once it ends.
+    #[error("TakeoverInProgress: {0}")]
+    TakeoverInProgress(String),
+    /// The peer a request needs first could not be reached: nothing changed here.
+    #[error("PeerUnreachable: {0}")]
+    PeerUnreachable(String),
 }
 
 impl EngineError {
@@ -102,6 +108,8 @@ impl EngineError {
             EngineError::Io(_) => Reason::Internal,
             EngineError::LeaseHeld(_) => Reason::LeaseHeld,
             EngineError::LeaseRefused(_) => Reason::LeaseRefused,
+            EngineError::TakeoverInProgress(_) => Reason::TakeoverInProgress,
+            EngineError::PeerUnreachable(_) => Reason::PeerUnreachable,
         }
     }
 }
@@ -122,8 +130,11 @@ impl From<EngineError> for tonic::Status {
             | EngineError::HandoffRefused(_)
             | EngineError::DrainNotAbandoned(_)
             | EngineError::Gap(_)
-            | EngineError::LeaseRefused(_) => Code::FailedPrecondition,
-            EngineError::HandoffBlocked(_) | EngineError::LeaseHeld(_) => Code::Unavailable,
+            | EngineError::LeaseRefused(_)
+            | EngineError::TakeoverInProgress(_) => Code::FailedPrecondition,
+            EngineError::HandoffBlocked(_)
+            | EngineError::LeaseHeld(_)
+            | EngineError::PeerUnreachable(_) => Code::Unavailable,
             EngineError::Corrupt(_) => Code::DataLoss,
             EngineError::Io(_) => Code::Internal,
         };

@@ -326,9 +326,15 @@ impl Engine for EngineService {
 
     async fn resize(
         &self,
-        _req: Request<pb::ResizeRequest>,
+        req: Request<pb::ResizeRequest>,
     ) -> Result<Response<pb::ResizeReply>, Status> {
-        Err(Status::unimplemented("resize: issue 14 in progress"))
+        self.authz.check(req.extensions(), Call::Resize)?;
+        self.check_volume(&req.get_ref().volume)?;
+        self.volume
+            .resize(req.get_ref())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn create_snapshot(

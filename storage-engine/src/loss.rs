@@ -205,7 +205,8 @@ struct LossState {
 pub struct Losses {
     root: PathBuf,
     volume: String,
-    size: u64,
+    /// Grows with the volume (`grow`).
+    size: std::sync::atomic::AtomicU64,
     /// An export is comparing: checked on every batch a secondary applies, without the lock.
     armed: AtomicBool,
     state: Mutex<LossState>,
@@ -215,6 +216,16 @@ impl Losses {
     /// Loads the exports under `state_dir/lost`. A damaged manifest (or an unfinished export
     /// without its `unchecked` set) is an error: guessing could let a lost block be overwritten.
     pub fn open(state_dir: &Path, volume: &str, size: u64) -> Result<Self, String> {
+        Self::open_grown(state_dir, volume, size, &[])
+    }
+
+    /// `open` for a volume that had `earlier` sizes (in blocks) before it grew.
+    pub fn open_grown(
+        state_dir: &Path,
+        volume: &str,
+        size: u64,
+        earlier: &[u64],
+    ) -> Result<Self, String> {
         let root = state_dir.join(DIR);
         let mut st = LossState::default();
         let entries = match std::fs::read_dir(&root) {
@@ -256,7 +267,7 @@ impl Losses {
             if st.active.is_some() {
                 return Err(bad("a second unfinished loss export".into()));
             }
-            let unchecked = Bitmap::load(&dir.join(UNCHECKED), size / BS)
+            let unchecked = Bitmap::load_grown(&dir.join(UNCHECKED), size / BS, earlier)
                 .map_err(|e| bad(e.to_string()))?
                 .ok_or_else(|| bad("unfinished, and its unchecked set is missing".into()))?;
             let img = std::fs::OpenOptions::new()
@@ -276,10 +287,21 @@ impl Losses {
         Ok(Self {
             root,
             volume: volume.to_string(),
-            size,
+            size: size.into(),
             armed: AtomicBool::new(st.active.is_some()),
             state: Mutex::new(st),
         })
+    }
+
+    /// The volume grew to `size` bytes: an export still comparing keeps its blocks (all below the
+    /// old size), its unchecked set grows with nothing set.
+    pub fn grow(&self, size: u64) {
+        let mut st = self.state();
+        if let Some(a) = st.active.as_mut() {
+            a.unchecked.grow(size / BS);
+        }
+        drop(st);
+        self.size.fetch_max(size, Ordering::AcqRel);
     }
 
     /// An export is comparing.
@@ -346,7 +368,7 @@ impl Losses {
             .read(true)
             .write(true)
             .open(&img_path)?;
-        img.set_len(self.size)?;
+        img.set_len(self.size.load(Ordering::Acquire))?;
         img.sync_all()?;
         table.store(&dir.join(UNCHECKED))?;
         let manifest = Manifest {

@@ -40,6 +40,10 @@ pub struct Meta {
     /// write (a power loss or a machine crash).
     #[serde(default)]
     pub boot_id: String,
+    /// Every size the volume had before it grew, oldest first: a bitmap file stored at one of
+    /// them loads grown (`Bitmap::load_grown`); any other size is refused as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grown_from: Vec<u64>,
 }
 
 /// This machine's boot, as the kernel names it (empty where it does not).
@@ -147,6 +151,7 @@ mod tests {
             clean_shutdown: false,
             takeover: TakeoverMeta::default(),
             boot_id: String::new(),
+            grown_from: vec![1 << 29],
         }
     }
 

@@ -86,6 +86,12 @@ pub fn render(v: &Volume, endpoint: &http::Stats) -> Result<String, fmt::Error> 
         "Failed NBD accepts (descriptors or memory exhausted); each paused the listener",
         load(&v.counters.nbd_accept_errors),
     );
+    counter(
+        &mut r,
+        "resizes",
+        "Online or restart-time grows of the volume this engine carried out",
+        load(&v.counters.resizes),
+    );
     let grpc = &v.counters.grpc;
     counter(
         &mut r,

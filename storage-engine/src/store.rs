@@ -28,6 +28,15 @@ pub enum StoreError {
     },
     #[error("volume size {0} is not a multiple of 4096 bytes")]
     UnalignedSize(u64),
+    #[error(
+        "data file {path} is {actual} bytes, larger than the volume's {expected}, and holds data \
+         past {expected}: not a grow that was cut short; refusing to truncate it"
+    )]
+    DataPastSize {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
 }
 
 /// A raw image file of fixed size.
@@ -35,7 +44,8 @@ pub enum StoreError {
 pub struct BlockStore {
     file: Arc<File>,
     path: PathBuf,
-    size: u64,
+    /// Grows (never shrinks) once a grow is committed (`Volume::grow_to`); read on every request.
+    size: std::sync::atomic::AtomicU64,
     /// An fdatasync failed. The kernel may have dropped the writes it could not write back and
     /// reports that once: a later fdatasync that succeeds says nothing about them. Every later
     /// operation fails, so nothing is acknowledged as durable that may not be, until a restart
@@ -48,6 +58,9 @@ pub struct BlockStore {
     /// Unit tests' power loss: the old bytes under every change no fdatasync has covered yet.
     #[cfg(test)]
     unsynced: std::sync::Mutex<Vec<(u64, Vec<u8>)>>,
+    /// Unit tests' power loss: the file's length before an extension no fsync has covered yet.
+    #[cfg(test)]
+    unsynced_len: std::sync::Mutex<Option<u64>>,
 }
 
 impl BlockStore {
@@ -86,16 +99,93 @@ impl BlockStore {
         Ok(Self {
             file: Arc::new(file),
             path: path.to_path_buf(),
-            size,
+            size: size.into(),
             failed: Default::default(),
             cow: Default::default(),
             #[cfg(test)]
             unsynced: Default::default(),
+            #[cfg(test)]
+            unsynced_len: Default::default(),
         })
     }
 
+    /// Opens the data file of a volume whose committed size is `size` (its `meta`). A file longer
+    /// than that is a grow cut short before `meta` took the new size: nothing was ever written
+    /// past `size` (no request reaches past the committed size), so it is cut back to `size`
+    /// (durably) and the volume opens at its old size. A longer file holding data past `size` is
+    /// no such thing and is refused untouched. Test: `volume::resize_tests::power_loss_mid_grow`.
+    pub fn open_committed(path: &Path, size: u64) -> Result<Self, StoreError> {
+        let io_err = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let actual = match std::fs::metadata(path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(e)),
+        };
+        if actual > size && size > 0 && size % 4096 == 0 {
+            let file = OpenOptions::new().write(true).open(path).map_err(io_err)?;
+            use rustix::fs::{seek, SeekFrom};
+            let data_past = match seek(&file, SeekFrom::Data(size)) {
+                Ok(_) => true,
+                Err(e) if e == rustix::io::Errno::NXIO => false,
+                Err(e) => return Err(io_err(e.into())),
+            };
+            if data_past {
+                return Err(StoreError::DataPastSize {
+                    path: path.to_path_buf(),
+                    actual,
+                    expected: size,
+                });
+            }
+            tracing::warn!(
+                path = %path.display(),
+                file_bytes = actual,
+                volume_bytes = size,
+                "a grow was cut short before it was committed: the volume keeps its size"
+            );
+            file.set_len(size).map_err(io_err)?;
+            file.sync_all().map_err(io_err)?;
+        }
+        Self::open_or_create(path, size)
+    }
+
     pub fn size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Step 1 of a grow: the file gets its new length (the new range a hole, reading zeros) and
+    /// the length is made durable (fsync). The size served stays the old one until `publish`.
+    pub fn extend_file(&self, new_size: u64) -> io::Result<()> {
+        self.check_failed()?;
+        if new_size % 4096 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("size {new_size} is not a multiple of 4096 bytes"),
+            ));
+        }
+        let len = self.file.metadata()?.len();
+        if new_size <= len {
+            return Ok(());
+        }
+        crate::seam::power::io(&self.path)?;
+        #[cfg(test)]
+        if let Ok(mut u) = self.unsynced_len.lock() {
+            u.get_or_insert(len);
+        }
+        self.file.set_len(new_size)?;
+        crate::seam::power::io(&self.path).map_err(|e| self.sync_failed(e))?;
+        self.file.sync_all().map_err(|e| self.sync_failed(e))?;
+        #[cfg(test)]
+        self.forget_unsynced();
+        Ok(())
+    }
+
+    /// The last step of a grow: requests may reach `new_size` from now on. Never shrinks.
+    pub fn publish_size(&self, new_size: u64) {
         self.size
+            .fetch_max(new_size, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn path(&self) -> &Path {
@@ -210,7 +300,7 @@ impl BlockStore {
 
     #[cfg(test)]
     fn remember(&self, offset: u64, len: u64) {
-        let len = len.min(self.size.saturating_sub(offset));
+        let len = len.min(self.size().saturating_sub(offset));
         let mut old = vec![0u8; len as usize];
         if self.file.read_exact_at(&mut old, offset).is_ok() {
             if let Ok(mut u) = self.unsynced.lock() {
@@ -223,6 +313,9 @@ impl BlockStore {
     fn forget_unsynced(&self) {
         if let Ok(mut u) = self.unsynced.lock() {
             u.clear();
+        }
+        if let Ok(mut u) = self.unsynced_len.lock() {
+            *u = None;
         }
     }
 
@@ -237,6 +330,9 @@ impl BlockStore {
             .unwrap_or_default();
         for (offset, old) in undo.into_iter().rev() {
             let _ = self.file.write_all_at(&old, offset);
+        }
+        if let Some(len) = self.unsynced_len.lock().ok().and_then(|mut u| u.take()) {
+            let _ = self.file.set_len(len);
         }
     }
 
@@ -284,16 +380,17 @@ impl BlockStore {
         use rustix::fs::{seek, SeekFrom};
         let mut out = Vec::new();
         let mut pos = 0u64;
-        while pos < self.size {
+        let size = self.size();
+        while pos < size {
             let start = match seek(&*self.file, SeekFrom::Data(pos)) {
                 Ok(s) => s,
                 Err(e) if e == rustix::io::Errno::NXIO => break,
-                Err(e) if e == rustix::io::Errno::INVAL => return Ok(vec![(0, self.size)]),
+                Err(e) if e == rustix::io::Errno::INVAL => return Ok(vec![(0, size)]),
                 Err(e) => return Err(e.into()),
             };
             let end = seek(&*self.file, SeekFrom::Hole(start))
                 .map_err(io::Error::from)?
-                .min(self.size);
+                .min(size);
             if end <= start {
                 break;
             }

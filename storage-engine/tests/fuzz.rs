@@ -716,6 +716,7 @@ fn sample_meta() -> Meta {
         clean_shutdown: false,
         takeover: Default::default(),
         boot_id: String::new(),
+        grown_from: Vec::new(),
     }
 }
 

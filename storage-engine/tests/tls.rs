@@ -257,6 +257,15 @@ async fn identities_get_only_their_rights() {
     // CSI asking for a witness grant.
     let e = far.witness_grant("vol", 1000, false).await.unwrap_err();
     denied(e, "GrantLease");
+    // Nor grow the volume: the operator does, and the primary grows its peer over the engines'
+    // mutual TLS (Peer.Resize, the engine identity).
+    let size = far.status("vol").await.unwrap().size;
+    let e = far.resize("vol", 2 * size).await.unwrap_err();
+    denied(e, "Resize");
+    let mut op = connect(certs.client(&Identity::Operator), pair.a.grpc.clone()).await;
+    let r = op.resize("vol", 2 * size).await.unwrap();
+    assert_eq!((r.size, r.peer_size), (2 * size, 2 * size));
+    assert_eq!(here.status("vol").await.unwrap().size, 2 * size);
     // A plugin of node-b may not take over the engine on node-a (a is primary: nothing to do,
     // but the refusal comes first).
     let e = far

@@ -1149,3 +1149,171 @@ async fn a_new_service_on_the_same_state_dir_keeps_serving() {
     assert_eq!(restarted.inner.attacher.attached_count(), 0);
     assert_eq!(restarted.inner.mounter.mount_count(), 0);
 }
+
+// ---------- NodeExpandVolume ----------
+
+const GIB: u64 = 1 << 30;
+
+fn expand_req(h: &Harness, path: &str, required: u64) -> ExpandRequest {
+    ExpandRequest {
+        volume_id: "ns/pv".into(),
+        volume_path: h.path(path),
+        required_bytes: required,
+    }
+}
+
+#[tokio::test]
+async fn expand_grows_the_device_then_the_mounted_filesystem_and_is_idempotent() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    let dev = device_of(&h.record().unwrap());
+    h.attacher().st.lock().unwrap().export_size = 4 * GIB;
+    assert_eq!(
+        h.svc
+            .expand(expand_req(&h, "staging", 4 * GIB))
+            .await
+            .unwrap(),
+        4 * GIB
+    );
+    assert_eq!(h.attacher().st.lock().unwrap().sizes[&dev], 4 * GIB);
+    let grown = h.mounter().st.lock().unwrap().grown.clone();
+    assert_eq!(grown, vec![(dev.clone(), h.path("staging"), "ext4".into())]);
+    // Again (kubelet retries after a lost answer): the same answer, the grow is a no-op for the tools.
+    assert_eq!(
+        h.svc
+            .expand(expand_req(&h, "staging", 4 * GIB))
+            .await
+            .unwrap(),
+        4 * GIB
+    );
+    // Through a publication's path, and without a capacity range: whatever the engine serves.
+    h.svc
+        .publish(h.publish_req(ext4(), "target"))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.svc.expand(expand_req(&h, "target", 0)).await.unwrap(),
+        4 * GIB
+    );
+    assert_eq!(h.mounter().st.lock().unwrap().grown.len(), 3);
+}
+
+#[tokio::test]
+async fn expand_before_the_engine_grew_is_unavailable_and_grows_nothing() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.attacher().st.lock().unwrap().export_size = GIB;
+    let e = h
+        .svc
+        .expand(expand_req(&h, "staging", 2 * GIB))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.to_string().contains("not yet"), "{e}");
+    assert!(h.mounter().st.lock().unwrap().grown.is_empty());
+}
+
+#[tokio::test]
+async fn expand_grows_xfs_through_its_mount_point_and_block_volumes_not_at_all() {
+    let h = Harness::new();
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .filesystems
+        .insert("/dev/fake1".into(), "xfs".into());
+    let xfs = Access::Mount {
+        fs_type: "xfs".into(),
+        mount_flags: vec![],
+    };
+    h.svc.stage(h.stage_req(xfs)).await.unwrap();
+    h.attacher().st.lock().unwrap().export_size = 2 * GIB;
+    h.svc
+        .expand(expand_req(&h, "staging", 2 * GIB))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.mounter().st.lock().unwrap().grown,
+        vec![("/dev/fake1".into(), h.path("staging"), "xfs".into())]
+    );
+
+    let b = Harness::new();
+    b.svc.stage(b.stage_req(Access::Block)).await.unwrap();
+    b.attacher().st.lock().unwrap().export_size = 2 * GIB;
+    assert_eq!(
+        b.svc
+            .expand(expand_req(&b, "staging", 2 * GIB))
+            .await
+            .unwrap(),
+        2 * GIB
+    );
+    assert!(b.mounter().st.lock().unwrap().grown.is_empty());
+    assert_eq!(b.mounter().mount_count(), 0);
+}
+
+#[tokio::test]
+async fn expand_of_unknown_volumes_paths_and_failed_grows_gets_csi_codes() {
+    let h = Harness::new();
+    let e = h
+        .svc
+        .expand(expand_req(&h, "staging", GIB))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    h.stage_ext4().await;
+    let e = h
+        .svc
+        .expand(expand_req(&h, "elsewhere", GIB))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    h.attacher().st.lock().unwrap().export_size = 2 * GIB;
+    h.attacher().fail("expand");
+    let e = h
+        .svc
+        .expand(expand_req(&h, "staging", 2 * GIB))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    assert!(h.mounter().st.lock().unwrap().grown.is_empty());
+    h.attacher().st.lock().unwrap().fail.clear();
+    h.mounter().fail("grow_fs");
+    let e = h
+        .svc
+        .expand(expand_req(&h, "staging", 2 * GIB))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Internal);
+    // Healed, the retry finishes the job.
+    h.mounter().heal("grow_fs");
+    h.svc
+        .expand(expand_req(&h, "staging", 2 * GIB))
+        .await
+        .unwrap();
+    assert_eq!(h.mounter().st.lock().unwrap().grown.len(), 1);
+}
+
+#[tokio::test]
+async fn a_read_only_staging_grows_its_device_but_not_the_filesystem() {
+    let h = Harness::new();
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .filesystems
+        .insert("/dev/fake1".into(), "ext4".into());
+    let req = StageRequest {
+        read_only: true,
+        ..h.stage_req(ext4())
+    };
+    h.svc.stage(req).await.unwrap();
+    h.attacher().st.lock().unwrap().export_size = 2 * GIB;
+    assert_eq!(
+        h.svc
+            .expand(expand_req(&h, "staging", 2 * GIB))
+            .await
+            .unwrap(),
+        2 * GIB
+    );
+    assert!(h.mounter().st.lock().unwrap().grown.is_empty());
+}

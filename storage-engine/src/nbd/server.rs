@@ -309,8 +309,9 @@ fn unpinned(pinned_only: bool, name: &str, volume: &Volume) -> bool {
 /// What a connection serves once in transmission.
 #[derive(Clone)]
 enum Target {
-    /// The volume itself (read-only: a secondary's consistent replica).
-    Volume { read_only: bool },
+    /// The volume itself (read-only: a secondary's consistent replica), at the size the session
+    /// negotiated.
+    Volume { read_only: bool, size: u64 },
     /// A snapshot's export (`<volume>@snapshot/<id>`): read-only, whatever the role.
     Snapshot(Arc<Snapshot>),
 }
@@ -318,14 +319,14 @@ enum Target {
 impl Target {
     fn read_only(&self) -> bool {
         match self {
-            Target::Volume { read_only } => *read_only,
+            Target::Volume { read_only, .. } => *read_only,
             Target::Snapshot(_) => true,
         }
     }
 
-    fn size(&self, volume: &Volume) -> u64 {
+    fn size(&self) -> u64 {
         match self {
-            Target::Volume { .. } => volume.size(),
+            Target::Volume { size, .. } => *size,
             Target::Snapshot(s) => s.meta.size,
         }
     }
@@ -361,7 +362,8 @@ fn tflags(read_only: bool) -> u16 {
     f
 }
 
-/// Runs the option haggling; returns what the connection serves once transmission starts.
+/// Runs the option haggling; returns what the connection serves once transmission starts (for
+/// the volume, the size the client was told: the session's size, even after the volume grows).
 async fn handshake<R, W>(
     r: &mut R,
     w: &mut W,
@@ -411,7 +413,7 @@ where
                     let Ok(t) = snapshot_target(volume, id) else {
                         return Err(ConnError::UnknownExport(name));
                     };
-                    w.write_all(&t.size(volume).to_be_bytes()).await?;
+                    w.write_all(&t.size().to_be_bytes()).await?;
                     w.write_all(&tflags(true).to_be_bytes()).await?;
                     if !no_zeroes {
                         w.write_all(&[0u8; 124]).await?;
@@ -428,13 +430,14 @@ where
                 let Ok(read_only) = volume.open_session().await else {
                     return Err(ConnError::UnknownExport(name));
                 };
-                w.write_all(&volume.size().to_be_bytes()).await?;
+                let size = volume.size();
+                w.write_all(&size.to_be_bytes()).await?;
                 w.write_all(&tflags(read_only).to_be_bytes()).await?;
                 if !no_zeroes {
                     w.write_all(&[0u8; 124]).await?;
                 }
                 w.flush().await?;
-                return Ok(Target::Volume { read_only });
+                return Ok(Target::Volume { read_only, size });
             }
             p::OPT_GO | p::OPT_INFO => {
                 let go = match p::parse_go(&payload) {
@@ -458,7 +461,7 @@ where
                             continue;
                         }
                     };
-                    let info = p::info_export(t.size(volume), tflags(true));
+                    let info = p::info_export(t.size(), tflags(true));
                     w.write_all(&p::option_reply(opt, p::REP_INFO, &info))
                         .await?;
                     for i in &go.infos {
@@ -540,7 +543,8 @@ where
                         continue;
                     }
                 };
-                let info = p::info_export(volume.size(), tflags(read_only));
+                let size = volume.size();
+                let info = p::info_export(size, tflags(read_only));
                 w.write_all(&p::option_reply(opt, p::REP_INFO, &info))
                     .await?;
                 for i in &go.infos {
@@ -556,7 +560,7 @@ where
                 w.write_all(&p::option_reply(opt, p::REP_ACK, &[])).await?;
                 w.flush().await?;
                 if opt == p::OPT_GO {
-                    return Ok(Target::Volume { read_only });
+                    return Ok(Target::Volume { read_only, size });
                 }
             }
             p::OPT_LIST => {
@@ -666,7 +670,7 @@ where
         Target::Snapshot(s) => Some(Arc::clone(s)),
         Target::Volume { .. } => None,
     };
-    let (size, read_only) = (target.size(volume), target.read_only());
+    let (size, read_only) = (target.size(), target.read_only());
     loop {
         if r.buffer().is_empty() {
             w.lock().await.flush().await?;
@@ -679,6 +683,8 @@ where
         if req.kind == p::CMD_DISC {
             return Ok(());
         }
+        // The size this session was told: after a grow, only a new session reaches the new
+        // blocks (its client learned the new size); this one is refused past its end as before.
         if let Err(errno) = req.validate(size, read_only) {
             if snapshot.is_some() && errno == p::EPERM {
                 debug!(

@@ -420,8 +420,16 @@ impl Peer for PeerService {
 
     async fn resize(
         &self,
-        _req: Request<pb::ResizeRequest>,
+        req: Request<pb::ResizeRequest>,
     ) -> Result<Response<pb::ResizeReply>, Status> {
-        Err(Status::unimplemented("resize: issue 14 in progress"))
+        let r = req.into_inner();
+        if r.volume != self.vol.name() {
+            return Err(Status::not_found(format!("unknown volume {:?}", r.volume)));
+        }
+        self.vol
+            .answer_resize(&r)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }

@@ -152,7 +152,8 @@ pub struct Tracker {
     pub locks: BlockLocks,
     pending_file: BitmapFile,
     intent_path: PathBuf,
-    blocks: u64,
+    /// Grows with the volume (`grow`), after the tables have.
+    blocks: std::sync::atomic::AtomicU64,
     /// Points where a unit test holds a thread (nothing outside tests).
     pub(crate) seams: crate::seam::Seams,
 }
@@ -172,12 +173,27 @@ impl Tracker {
         epoch: u64,
         journal_bytes: u64,
     ) -> io::Result<Self> {
+        Self::open_grown(state_dir, blocks, &[], acked_seq, epoch, journal_bytes)
+    }
+
+    /// `open` for a volume that had `earlier` sizes (in blocks) before it grew: tables stored at
+    /// one of them load grown.
+    pub fn open_grown(
+        state_dir: &Path,
+        blocks: u64,
+        earlier: &[u64],
+        acked_seq: u64,
+        epoch: u64,
+        journal_bytes: u64,
+    ) -> io::Result<Self> {
         let pending_path = state_dir.join("pending_to_peer");
         let intent_path = state_dir.join("intent");
         let extents = blocks.div_ceil(EXTENT_BLOCKS);
-        let mut pending =
-            Bitmap::load(&pending_path, blocks)?.unwrap_or_else(|| Bitmap::new(blocks));
-        let intent = Bitmap::load(&intent_path, extents)?.unwrap_or_else(|| Bitmap::new(extents));
+        let earlier_extents: Vec<u64> = earlier.iter().map(|b| b.div_ceil(EXTENT_BLOCKS)).collect();
+        let mut pending = Bitmap::load_grown(&pending_path, blocks, earlier)?
+            .unwrap_or_else(|| Bitmap::new(blocks));
+        let intent = Bitmap::load_grown(&intent_path, extents, &earlier_extents)?
+            .unwrap_or_else(|| Bitmap::new(extents));
         for e in intent.iter_ones() {
             pending.set_range(e * EXTENT_BLOCKS, (e + 1) * EXTENT_BLOCKS);
         }
@@ -200,13 +216,29 @@ impl Tracker {
             locks: BlockLocks::new(),
             pending_file: BitmapFile::new(pending_path),
             intent_path,
-            blocks,
+            blocks: blocks.into(),
             seams: Default::default(),
         })
     }
 
     pub fn blocks(&self) -> u64 {
+        self.blocks.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The volume grew to `blocks` (its new size is committed in `meta`): the table and the
+    /// intent extents grow in memory, the new blocks owing nothing (zeros on both sides). The
+    /// files grow at their next store; a smaller file loads grown (`Bitmap::load`).
+    pub fn grow(&self, blocks: u64) {
+        let mut s = self.state();
+        let extents = blocks.div_ceil(EXTENT_BLOCKS);
+        s.pending.grow(blocks);
+        s.intent.grow(extents);
+        if s.last_touch.len() < extents as usize {
+            s.last_touch.resize(extents as usize, 0);
+        }
+        drop(s);
         self.blocks
+            .fetch_max(blocks, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn state(&self) -> MutexGuard<'_, TrackState> {
@@ -414,7 +446,7 @@ impl Tracker {
         if s.pending.is_empty() {
             return false;
         }
-        let mut covered = Bitmap::new(self.blocks);
+        let mut covered = Bitmap::new(self.blocks());
         for r in s.journal.iter_from(from) {
             for b in blocks_of(r.offset, r.len()) {
                 covered.set(b);

@@ -57,7 +57,7 @@ pub(crate) enum HandoffFailure {
 
 /// Whether a gRPC failure means the peer could not be reached (as opposed to an answer). The
 /// engine itself never answers with these codes; tonic reports transport failures with them.
-fn unreachable_code(c: tonic::Code) -> bool {
+pub(crate) fn unreachable_code(c: tonic::Code) -> bool {
     matches!(
         c,
         tonic::Code::Unavailable

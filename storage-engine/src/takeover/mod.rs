@@ -94,8 +94,21 @@ impl Areas {
         phase: Phase,
         proxy: proxy::Proxy,
         same_boot: bool,
+        earlier_blocks: &[u64],
     ) -> Result<Self, crate::store::StoreError> {
-        let overlay = BlockStore::open_or_create(&state_dir.join("overlay"), size)?;
+        let overlay_path = state_dir.join("overlay");
+        if phase == Phase::Normal {
+            // Outside a takeover the overlay holds nothing that counts (it is punched empty before
+            // a takeover writes to it): a grow that extended it and was cut short before `meta`
+            // took the new size, or one the overlay missed, is set right here.
+            set_len_if_present(&overlay_path, size).map_err(|source| {
+                crate::store::StoreError::Io {
+                    path: overlay_path.clone(),
+                    source,
+                }
+            })?;
+        }
+        let overlay = BlockStore::open_or_create(&overlay_path, size)?;
         let pp_path = state_dir.join("peer_pending");
         let ov_path = state_dir.join("overlay_present");
         let io_err = |source| crate::store::StoreError::Io {
@@ -103,7 +116,8 @@ impl Areas {
             source,
         };
         let load = |p: &Path| -> io::Result<Bitmap> {
-            Ok(Bitmap::load(p, blocks)?.unwrap_or_else(|| Bitmap::new(blocks)))
+            Ok(Bitmap::load_grown(p, blocks, earlier_blocks)?
+                .unwrap_or_else(|| Bitmap::new(blocks)))
         };
         let (peer_pending, overlay_present) = if phase == Phase::Normal {
             (Bitmap::new(blocks), Bitmap::new(blocks))
@@ -148,6 +162,18 @@ impl Areas {
             ready_ms: std::sync::atomic::AtomicU64::new(0),
             seams: Default::default(),
         })
+    }
+
+    /// The volume grew to `size` bytes (committed in `meta`; only outside a takeover): the
+    /// bitmaps grow in memory, the overlay's length was extended before the commit
+    /// (`Volume::grow_to`).
+    pub(crate) fn grow(&self, size: u64) {
+        let blocks = size / BS;
+        let mut st = self.state();
+        st.peer_pending.grow(blocks);
+        st.overlay_present.grow(blocks);
+        drop(st);
+        self.overlay.publish_size(size);
     }
 
     pub fn state(&self) -> MutexGuard<'_, TakeoverState> {
@@ -304,4 +330,18 @@ impl Areas {
         }
         stored
     }
+}
+
+/// Sets an existing file's length (durably); nothing when the file is absent.
+fn set_len_if_present(path: &Path, size: u64) -> io::Result<()> {
+    let f = match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if f.metadata()?.len() != size {
+        f.set_len(size)?;
+        f.sync_all()?;
+    }
+    Ok(())
 }

@@ -60,6 +60,8 @@ pub struct Counters {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub flushes: AtomicU64,
+    /// Grows carried out (`Engine.Resize`, `Peer.Resize`, a restart with a larger `--size`).
+    pub resizes: AtomicU64,
 }
 
 /// What an NBD export name asks for.

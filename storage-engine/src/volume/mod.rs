@@ -8,6 +8,9 @@
 mod host;
 mod lease;
 mod replica;
+mod resize;
+#[cfg(test)]
+mod resize_tests;
 mod snapshot;
 mod transition;
 
@@ -153,7 +156,7 @@ impl Volume {
 
         let meta_path = cfg.state_dir.join("meta");
         let meta = match Meta::load(&meta_path)? {
-            Some(m) if m.volume != cfg.name || m.size != cfg.size => {
+            Some(m) if m.volume != cfg.name => {
                 return Err(OpenError::WrongVolume {
                     dir: cfg.state_dir.clone(),
                     found: m.volume,
@@ -174,20 +177,27 @@ impl Volume {
                 clean_shutdown: true,
                 takeover: Default::default(),
                 boot_id: String::new(),
+                grown_from: Vec::new(),
             },
         };
         let boot_id = crate::meta::current_boot_id(&cfg.state_dir);
         // The page cache is what it was when the engine last ran here only within the same boot.
         let same_boot = !boot_id.is_empty() && meta.boot_id == boot_id;
         let fresh = !meta_path.exists();
-        let store = BlockStore::open_or_create(&cfg.data, cfg.size)?;
+        // The committed size is the meta file's; `--size` only ever grows it (below, once open).
+        let size = meta.size;
+        let store = if fresh {
+            BlockStore::open_or_create(&cfg.data, size)?
+        } else {
+            BlockStore::open_committed(&cfg.data, size)?
+        };
         // Before anything writes the data file: the snapshots' areas must see every change.
         let snapshots =
             crate::snapshot::Snapshots::open(&cfg.state_dir, &cfg.name, &store).map_err(dir_err)?;
         if fresh && meta.role == Role::Secondary {
             // Whatever the file held, the full copy assumes zeros where the primary has holes.
             store
-                .punch_hole(0, cfg.size)
+                .punch_hole(0, size)
                 .map_err(|source| OpenError::StateDir {
                     path: cfg.data.clone(),
                     source,
@@ -220,11 +230,14 @@ impl Volume {
             .write(true)
             .open(&progress_path)
             .map_err(dir_err)?;
+        // Bitmap files stored before the volume grew load grown (`Bitmap::load_grown`).
+        let earlier: Vec<u64> = meta.grown_from.iter().map(|&s| blocks_in(s)).collect();
         let repl = match &cfg.pair {
             Some(p) => {
-                let tracker = Tracker::open(
+                let tracker = Tracker::open_grown(
                     &cfg.state_dir,
-                    blocks_in(cfg.size),
+                    blocks_in(size),
+                    &earlier,
                     meta.acked_seq,
                     meta.epoch,
                     p.journal_bytes,
@@ -261,14 +274,18 @@ impl Volume {
             durable_seq: applied_seq,
             standing: progress_now.standing,
             consistent_target: None,
-            peer_pending: Bitmap::load(&cfg.state_dir.join(replica::HB_FILE), blocks_in(cfg.size))
-                .map_err(dir_err)?,
+            peer_pending: Bitmap::load_grown(
+                &cfg.state_dir.join(replica::HB_FILE),
+                blocks_in(size),
+                &earlier,
+            )
+            .map_err(dir_err)?,
             peer_last_seq: format::seq::read(&cfg.state_dir.join(replica::HB_SEQ_FILE))
                 .map_err(dir_err)?,
             peer_seen_us: 0,
             hb_dirty: false,
         };
-        let blocks = blocks_in(cfg.size);
+        let blocks = blocks_in(size);
         let proxy = Proxy::new(
             cfg.pair
                 .as_ref()
@@ -279,19 +296,20 @@ impl Volume {
         );
         let areas = Areas::open(
             &cfg.state_dir,
-            cfg.size,
+            size,
             blocks,
             meta.takeover.phase,
             proxy,
             same_boot,
+            &earlier,
         )?;
-        let losses = crate::loss::Losses::open(&cfg.state_dir, &cfg.name, cfg.size)
+        let losses = crate::loss::Losses::open_grown(&cfg.state_dir, &cfg.name, size, &earlier)
             .map_err(OpenError::Loss)?;
         let mut running = meta.clone();
         running.clean_shutdown = false;
         running.boot_id = boot_id;
         running.store(&meta_path)?;
-        Ok(Arc::new(Self {
+        let vol = Arc::new(Self {
             name: cfg.name.clone(),
             store,
             meta_path,
@@ -311,7 +329,9 @@ impl Volume {
             implicit_takeover: cfg.implicit_takeover,
             progress,
             _lock: lock,
-        }))
+        });
+        vol.grow_at_open(cfg.size)?;
+        Ok(vol)
     }
 
     /// Blocks whose newest content is still on the old primary (the handed-off table; empty
