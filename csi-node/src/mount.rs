@@ -18,6 +18,10 @@ pub enum MountError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The kernel refused an online grow for lack of privilege (ext4's resize ioctl needs
+    /// CAP_SYS_RESOURCE); an offline grow at the next stage still works.
+    #[error("{cmd} was refused: {message}")]
+    GrowNotPermitted { cmd: String, message: String },
 }
 
 /// What is mounted at a path, seen from the device we care about.
@@ -67,6 +71,12 @@ pub trait Mounter: Send + Sync + 'static {
     /// Grows the filesystem `fs_type` on `device`, mounted at `mount_point`, to the device's size,
     /// online. Idempotent: a filesystem already that large is left as it is.
     fn grow_fs(&self, device: &Path, mount_point: &Path, fs_type: &str) -> Result<(), MountError>;
+    /// True if the filesystem `fs_type` on `device` (not mounted) is smaller than the device by
+    /// more than its grow tools would add (a tail too small for a block group or AG is no growth).
+    fn fs_smaller_than_device(&self, device: &Path, fs_type: &str) -> Result<bool, MountError>;
+    /// Grows the ext2/3/4 filesystem on the unmounted `device` to the device's size (runs
+    /// `e2fsck -f -p` first only if resize2fs asks for it; any problem fsck finds is an error).
+    fn grow_fs_offline(&self, device: &Path, fs_type: &str) -> Result<(), MountError>;
 }
 
 fn run(cmd: &mut Command) -> Result<String, MountError> {
@@ -342,7 +352,89 @@ impl Mounter for SystemMounter {
                 })
             }
         };
-        run(&mut cmd).map(|_| ())
+        run(&mut cmd).map(|_| ()).map_err(|e| match e {
+            // resize2fs says "Permission denied to resize filesystem" when the ioctl gets EPERM.
+            MountError::CommandFailed { cmd, message }
+                if message.contains("Permission denied")
+                    || message.contains("Operation not permitted") =>
+            {
+                MountError::GrowNotPermitted { cmd, message }
+            }
+            other => other,
+        })
+    }
+
+    fn fs_smaller_than_device(&self, device: &Path, fs_type: &str) -> Result<bool, MountError> {
+        let device_bytes = self.device_size(device)?;
+        let (fs_blocks, block_size, slack_blocks) = match fs_type {
+            "ext2" | "ext3" | "ext4" => {
+                let out = run(Command::new("dumpe2fs").arg("-h").arg(device))?;
+                let field = |k: &str| superblock_field(&out, k, ':');
+                let (count, size) = (field("Block count")?, field("Block size")?);
+                // resize2fs drops a last group smaller than its metadata + 50 blocks; the slack
+                // bounds that (bitmaps, inode table, a backup superblock and its GDT).
+                let gdt = field("Reserved GDT blocks").unwrap_or(0);
+                let inodes = field("Inode blocks per group").unwrap_or(0);
+                let desc = (count / field("Blocks per group").unwrap_or(1).max(1) + 1) * 64;
+                (
+                    count,
+                    size,
+                    2 + inodes + 1 + gdt + desc.div_ceil(size.max(1)) + 50,
+                )
+            }
+            "xfs" => {
+                let out = run(Command::new("xfs_db")
+                    .args(["-r", "-c", "sb 0", "-c", "print dblocks blocksize"])
+                    .arg(device))?;
+                let field = |k: &str| superblock_field(&out, k, '=');
+                // xfs_growfs leaves out a last AG under 64 blocks.
+                (field("dblocks")?, field("blocksize")?, 64)
+            }
+            _ => return Ok(false),
+        };
+        let fs_bytes = fs_blocks.saturating_mul(block_size);
+        let slack = slack_blocks.saturating_mul(block_size);
+        Ok(device_bytes > fs_bytes.saturating_add(slack))
+    }
+
+    fn grow_fs_offline(&self, device: &Path, fs_type: &str) -> Result<(), MountError> {
+        if !matches!(fs_type, "ext2" | "ext3" | "ext4") {
+            return Err(MountError::CommandFailed {
+                cmd: "grow filesystem".into(),
+                message: format!("cannot grow a {fs_type} filesystem offline"),
+            });
+        }
+        match run(Command::new("resize2fs").arg(device)) {
+            Ok(_) => return Ok(()),
+            // resize2fs refuses a filesystem not checked since its last mount (or marked with
+            // errors) until e2fsck -f has run; anything else is a real failure.
+            Err(MountError::CommandFailed { message, .. }) if message.contains("e2fsck -f") => {}
+            Err(e) => return Err(e),
+        }
+        // -p repairs only what is safe without a human; exit 0 is "no errors". Anything else
+        // (even "errors corrected") stops the stage: the data needs a look before it is grown.
+        let out = Command::new("e2fsck")
+            .args(["-f", "-p"])
+            .arg(device)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| MountError::CommandFailed {
+                cmd: "e2fsck".into(),
+                message: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(MountError::CommandFailed {
+                cmd: format!("e2fsck -f -p {}", device.display()),
+                message: format!(
+                    "{} (exit {}): the filesystem has errors; not growing it. Check it by hand \
+                     (e2fsck -f) before staging it again. {}",
+                    "e2fsck found problems",
+                    out.status.code().map_or("signal".into(), |c| c.to_string()),
+                    String::from_utf8_lossy(&out.stdout).trim()
+                ),
+            });
+        }
+        run(Command::new("resize2fs").arg(device)).map(|_| ())
     }
 
     fn device_size(&self, device: &Path) -> Result<u64, MountError> {
@@ -354,6 +446,19 @@ impl Mounter for SystemMounter {
         let mut f = File::open(device).map_err(io)?;
         f.seek(SeekFrom::End(0)).map_err(io)
     }
+}
+
+/// The number after `key` and `sep` on one line of dumpe2fs or xfs_db output.
+fn superblock_field(text: &str, key: &str, sep: char) -> Result<u64, MountError> {
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(sep)?;
+            (k.trim() == key).then(|| v.trim().parse().ok())?
+        })
+        .ok_or_else(|| MountError::CommandFailed {
+            cmd: "read the superblock".into(),
+            message: format!("no {key} in: {}", text.trim()),
+        })
 }
 
 #[cfg(test)]
@@ -375,6 +480,10 @@ pub(crate) mod fake {
         pub calls: Vec<String>,
         /// (device, mount point, filesystem) of every grow.
         pub grown: Vec<(PathBuf, PathBuf, String)>,
+        /// Devices whose filesystem is smaller than the device.
+        pub smaller: HashSet<PathBuf>,
+        /// (device, filesystem) of every offline grow.
+        pub grown_offline: Vec<(PathBuf, String)>,
     }
 
     #[derive(Debug, Default)]
@@ -516,11 +625,35 @@ pub(crate) mod fake {
         ) -> Result<(), MountError> {
             let mut st = self.st.lock().unwrap();
             Self::check(&mut st, "grow_fs")?;
+            if st.fail.contains("grow_fs_eperm") {
+                return Err(MountError::GrowNotPermitted {
+                    cmd: "resize2fs".into(),
+                    message: "Permission denied to resize filesystem".into(),
+                });
+            }
             st.grown.push((
                 device.to_path_buf(),
                 mount_point.to_path_buf(),
                 fs_type.to_string(),
             ));
+            st.smaller.remove(device);
+            Ok(())
+        }
+        fn fs_smaller_than_device(
+            &self,
+            device: &Path,
+            _fs_type: &str,
+        ) -> Result<bool, MountError> {
+            let mut st = self.st.lock().unwrap();
+            Self::check(&mut st, "fs_smaller_than_device")?;
+            Ok(st.smaller.contains(device))
+        }
+        fn grow_fs_offline(&self, device: &Path, fs_type: &str) -> Result<(), MountError> {
+            let mut st = self.st.lock().unwrap();
+            Self::check(&mut st, "grow_fs_offline")?;
+            st.grown_offline
+                .push((device.to_path_buf(), fs_type.to_string()));
+            st.smaller.remove(device);
             Ok(())
         }
     }

@@ -570,11 +570,30 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
                 )))
             }
         }
+        // A volume grown while not staged (or whose online grow was refused) gets its filesystem
+        // grown now: ext4 before the mount (offline needs no privilege beyond the device), xfs
+        // after it (xfs grows only mounted). A read-only stage leaves the filesystem alone.
+        let grow = !rec.read_only && self.mounter.fs_smaller_than_device(device, fs_type)?;
+        let is_ext = matches!(fs_type, "ext2" | "ext3" | "ext4");
+        if grow && is_ext {
+            tracing::info!(fs_type, device = %device.display(), "filesystem smaller than the device: growing it before the mount");
+            self.mounter.grow_fs_offline(device, fs_type)?;
+        }
         let mut options = flags.to_vec();
         if rec.read_only {
             options.push("ro".into());
         }
         self.mounter.mount(device, staging, fs_type, &options)?;
+        if grow && !is_ext {
+            tracing::info!(fs_type, device = %device.display(), "filesystem smaller than the device: growing it after the mount");
+            if let Err(e) = self.mounter.grow_fs(device, staging, fs_type) {
+                // Leave nothing mounted behind a failed stage (the caller detaches).
+                if let Err(u) = self.mounter.unmount(staging) {
+                    tracing::error!("unmount after a failed grow: {u}");
+                }
+                return Err(e.into());
+            }
+        }
         Ok(())
     }
 
@@ -790,7 +809,18 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
             // is mounted as found).
             let found = self.mounter.probe(&att.device)?;
             let fs = found.as_deref().unwrap_or(fs_type);
-            self.mounter.grow_fs(&att.device, &rec.staging_path, fs)?;
+            self.mounter
+                .grow_fs(&att.device, &rec.staging_path, fs)
+                .map_err(|e| match e {
+                    crate::mount::MountError::GrowNotPermitted { .. } => {
+                        Error::PreconditionFailed(format!(
+                            "the device grew to {size} bytes, but the filesystem cannot grow while \
+                             mounted here ({e}); it grows at the next stage (unstage and stage \
+                             the volume again)"
+                        ))
+                    }
+                    other => other.into(),
+                })?;
             tracing::info!(size, fs, "filesystem grown");
         }
         Ok(size)

@@ -1317,3 +1317,105 @@ async fn a_read_only_staging_grows_its_device_but_not_the_filesystem() {
     );
     assert!(h.mounter().st.lock().unwrap().grown.is_empty());
 }
+
+#[tokio::test]
+async fn an_online_grow_refused_for_privilege_is_a_precondition_naming_the_next_stage() {
+    let h = Harness::new();
+    h.stage_ext4().await;
+    h.attacher().st.lock().unwrap().export_size = 2 * GIB;
+    h.mounter().fail("grow_fs_eperm");
+    let e = h
+        .svc
+        .expand(expand_req(&h, "staging", 2 * GIB))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("next stage"), "{e}");
+}
+
+// ---------- growth at NodeStageVolume ----------
+
+fn with_fs(h: &Harness, fs: &str, smaller: bool) {
+    let mut st = h.mounter().st.lock().unwrap();
+    st.filesystems.insert("/dev/fake1".into(), fs.into());
+    if smaller {
+        st.smaller.insert("/dev/fake1".into());
+    }
+}
+
+#[tokio::test]
+async fn stage_grows_a_smaller_ext4_offline_before_mounting() {
+    let h = Harness::new();
+    with_fs(&h, "ext4", true);
+    h.stage_ext4().await;
+    let st = h.mounter().st.lock().unwrap();
+    assert_eq!(
+        st.grown_offline,
+        vec![("/dev/fake1".into(), "ext4".to_string())]
+    );
+    assert!(st.grown.is_empty());
+    let grow = st.calls.iter().position(|c| c == "grow_fs_offline");
+    let mount = st.calls.iter().position(|c| c == "mount");
+    assert!(grow < mount, "{:?}", st.calls);
+    drop(st);
+    assert!(h.record().unwrap().staged);
+}
+
+#[tokio::test]
+async fn stage_grows_a_smaller_xfs_once_mounted() {
+    let h = Harness::new();
+    with_fs(&h, "xfs", true);
+    let xfs = Access::Mount {
+        fs_type: "xfs".into(),
+        mount_flags: vec![],
+    };
+    h.svc.stage(h.stage_req(xfs)).await.unwrap();
+    let st = h.mounter().st.lock().unwrap();
+    assert_eq!(
+        st.grown,
+        vec![("/dev/fake1".into(), h.path("staging"), "xfs".into())]
+    );
+    assert!(st.grown_offline.is_empty());
+}
+
+#[tokio::test]
+async fn stage_does_not_grow_a_filesystem_that_fills_the_device() {
+    let h = Harness::new();
+    with_fs(&h, "ext4", false);
+    h.stage_ext4().await;
+    let st = h.mounter().st.lock().unwrap();
+    assert!(st.grown_offline.is_empty() && st.grown.is_empty());
+    assert!(st.calls.iter().any(|c| c == "fs_smaller_than_device"));
+}
+
+#[tokio::test]
+async fn a_read_only_stage_never_grows_the_filesystem() {
+    let h = Harness::new();
+    with_fs(&h, "ext4", true);
+    let req = StageRequest {
+        read_only: true,
+        ..h.stage_req(ext4())
+    };
+    h.svc.stage(req).await.unwrap();
+    let st = h.mounter().st.lock().unwrap();
+    assert!(st.grown_offline.is_empty() && st.grown.is_empty());
+    assert!(!st.calls.iter().any(|c| c == "fs_smaller_than_device"));
+}
+
+#[tokio::test]
+async fn a_failed_grow_at_stage_fails_the_stage_and_detaches() {
+    for (fs, op) in [("ext4", "grow_fs_offline"), ("xfs", "grow_fs")] {
+        let h = Harness::new();
+        with_fs(&h, fs, true);
+        h.mounter().fail(op);
+        let access = Access::Mount {
+            fs_type: fs.into(),
+            mount_flags: vec![],
+        };
+        let e = h.svc.stage(h.stage_req(access)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Internal, "{fs}: {e}");
+        assert_eq!(h.mounter().mount_count(), 0, "{fs}");
+        assert_eq!(h.attacher().attached_count(), 0, "{fs}");
+        assert_eq!(h.record(), None, "{fs}");
+    }
+}
