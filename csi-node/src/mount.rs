@@ -750,4 +750,66 @@ mod system_tests {
             .unwrap();
         assert_eq!(st, MountState::NotMounted);
     }
+
+    fn have(tool: &str) -> bool {
+        Command::new(tool)
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    }
+
+    /// On image files (no loop device, no root): the superblock check and the offline grow.
+    #[test]
+    fn a_smaller_ext4_is_seen_and_grown_offline_and_xfs_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let set_len = |p: &Path, n: u64| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_len(n)
+                .unwrap()
+        };
+        if have("mkfs.ext4") && have("resize2fs") && have("dumpe2fs") {
+            let img = dir.path().join("ext4.img");
+            set_len(&img, 64 << 20);
+            SystemMounter.mkfs(&img, "ext4").unwrap();
+            assert!(!SystemMounter.fs_smaller_than_device(&img, "ext4").unwrap());
+            // A tail too small for a block group is no growth.
+            set_len(&img, (64 << 20) + 8192);
+            assert!(!SystemMounter.fs_smaller_than_device(&img, "ext4").unwrap());
+            set_len(&img, 256 << 20);
+            assert!(SystemMounter.fs_smaller_than_device(&img, "ext4").unwrap());
+            SystemMounter.grow_fs_offline(&img, "ext4").unwrap();
+            assert!(!SystemMounter.fs_smaller_than_device(&img, "ext4").unwrap());
+        } else {
+            println!("SKIP ext4: e2fsprogs missing");
+        }
+        if have("mkfs.xfs") && have("xfs_db") {
+            let img = dir.path().join("xfs.img");
+            set_len(&img, 320 << 20);
+            SystemMounter.mkfs(&img, "xfs").unwrap();
+            assert!(!SystemMounter.fs_smaller_than_device(&img, "xfs").unwrap());
+            set_len(&img, 640 << 20);
+            assert!(SystemMounter.fs_smaller_than_device(&img, "xfs").unwrap());
+        } else {
+            println!("SKIP xfs: xfsprogs missing");
+        }
+    }
+
+    #[test]
+    fn superblock_fields_parse_or_name_what_is_missing() {
+        let text = "Block count:              262144\nBlock size:               1024\n";
+        assert_eq!(superblock_field(text, "Block count", ':').unwrap(), 262144);
+        assert_eq!(
+            superblock_field("dblocks = 81920\n", "dblocks", '=').unwrap(),
+            81920
+        );
+        let e = superblock_field(text, "Inode count", ':').unwrap_err();
+        assert!(e.to_string().contains("Inode count"), "{e}");
+    }
 }
