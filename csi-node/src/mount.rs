@@ -426,9 +426,8 @@ impl Mounter for SystemMounter {
             return Err(MountError::CommandFailed {
                 cmd: format!("e2fsck -f -p {}", device.display()),
                 message: format!(
-                    "{} (exit {}): the filesystem has errors; not growing it. Check it by hand \
-                     (e2fsck -f) before staging it again. {}",
-                    "e2fsck found problems",
+                    "e2fsck found problems (exit {}): not growing the filesystem; check it by \
+                     hand (e2fsck -f) before staging it again. {}",
                     out.status.code().map_or("signal".into(), |c| c.to_string()),
                     String::from_utf8_lossy(&out.stdout).trim()
                 ),

@@ -329,7 +329,9 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     /// for an unknown volume or path; FAILED_PRECONDITION when not staged here; UNAVAILABLE while
     /// the engine does not serve `required_bytes` yet (kubelet retries); ABORTED while another call
     /// for the volume runs. A read-only staging grows its device but not its filesystem (a writer
-    /// grows that).
+    /// grows that). A mounted ext4 whose online grow the kernel refuses for lack of privilege
+    /// (CAP_SYS_RESOURCE) is FAILED_PRECONDITION: the device grew, the filesystem grows at the
+    /// next stage (see `mount_staging`).
     pub async fn expand(&self, req: ExpandRequest) -> Result<u64> {
         let _token = self.guard.try_acquire(&req.volume_id)?;
         let inner = self.inner.clone();
