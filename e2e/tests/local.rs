@@ -125,7 +125,7 @@ async fn identity_node_info_and_liveness() {
     assert!(caps.contains(&(Type::GetVolumeStats as i32)));
 
     assert_eq!(plugin.healthz().unwrap(), "HTTP/1.1 200 OK");
-    // An RPC the plugin does not implement is UNIMPLEMENTED, as the spec asks.
+    // The node plugin serves no Controller service: its calls are UNIMPLEMENTED, as the spec asks.
     let mut raw = tonic::client::Grpc::new(
         tonic::transport::Endpoint::try_from(format!("unix://{}", plugin.socket.display()))
             .unwrap()
@@ -137,7 +137,7 @@ async fn identity_node_info_and_liveness() {
     let r: Result<tonic::Response<pb::NodeGetInfoResponse>, _> = raw
         .unary(
             tonic::Request::new(pb::NodeGetInfoRequest {}),
-            "/csi.v1.Node/NodeExpandVolume".parse().unwrap(),
+            "/csi.v1.Controller/CreateVolume".parse().unwrap(),
             tonic_prost::ProstCodec::default(),
         )
         .await;
