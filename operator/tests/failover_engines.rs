@@ -411,12 +411,23 @@ fn write_each_block(e: &Engine, model: &mut [u8], blocks: std::ops::Range<u64>, 
 
 /// The whole volume as a host reads it through the engine's NBD export.
 async fn read_volume(e: &Engine) -> Vec<u8> {
+    read_image(e, SIZE).await
+}
+
+/// The volume through a new NBD session on the engine's export, which must negotiate `size` bytes.
+async fn read_image(e: &Engine, size: u64) -> Vec<u8> {
     let mut c = NbdClient::connect(&e.nbd, VOLUME)
         .await
         .unwrap_or_else(|err| panic!("NBD connect to {}: {err}\n{}", e.nbd, e.log_tail(25)));
-    let mut out = Vec::with_capacity(SIZE as usize);
+    assert_eq!(
+        c.size(),
+        size,
+        "the size a new NBD session on {} negotiates",
+        e.nbd
+    );
+    let mut out = Vec::with_capacity(size as usize);
     let chunk = 1u64 << 20;
-    for off in (0..SIZE).step_by(chunk as usize) {
+    for off in (0..size).step_by(chunk as usize) {
         let data = c.read(off, chunk as u32).await.unwrap_or_else(|err| {
             panic!(
                 "NBD read at {off} from {}: {err}\n{}",
@@ -645,6 +656,8 @@ struct World {
     secrets: BTreeMap<String, Value>,
     /// How many Secret applies the operator made.
     secret_applies: usize,
+    /// The PersistentVolume's `spec.capacity.storage` as the operator last patched it (none: 16Mi).
+    pv_capacity: Option<String>,
     /// Requests this fake does not know: the test fails on any.
     unexpected: Vec<String>,
 }
@@ -832,12 +845,20 @@ impl World {
                         "apiVersion": "v1", "kind": "PersistentVolume",
                         "metadata": {"name": plan::names::pv(NS, VOLUME), "labels": owner_labels()},
                         "spec": {
-                            "capacity": {"storage": "16Mi"},
+                            "capacity": {"storage": self.pv_capacity.as_deref().unwrap_or("16Mi")},
                             "csi": {"driver": "csi.tandem.dev", "volumeHandle": format!("{NS}/{VOLUME}")},
                             "claimRef": {"namespace": NS, "name": CLAIM},
                         },
                     }),
                 )
+            }
+            // Growth patches the capacity alone (a merge patch).
+            ("PATCH", p)
+                if p == format!("/api/v1/persistentvolumes/{}", plan::names::pv(NS, VOLUME)) =>
+            {
+                let storage = body["spec"]["capacity"]["storage"].as_str();
+                self.pv_capacity = Some(storage.unwrap_or_default().to_string());
+                (200, body.clone())
             }
             ("GET", "/apis/storage.k8s.io/v1/volumeattachments") => (
                 200,
@@ -2435,5 +2456,87 @@ async fn a_partitioned_primary_stops_acknowledging_before_the_operator_promotes(
         forced_at[0] - cut,
         missing.len(),
         b.lost_blocks
+    );
+}
+
+/// Online expansion on real engines: a synced pair serving 16Mi with data on it, and `spec.size` asks
+/// for twice that. The operator's reconcile calls Engine.Resize on the primary (which grows its
+/// secondary first): both engines serve the new size, `status.capacityBytes` says so, the
+/// PersistentVolume's capacity follows on the next pass and Expanding ends as Expanded. The data
+/// written before reads back unchanged, and a write past the old end (through a new NBD session, which
+/// negotiates the new size) reaches the secondary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_spec_size_resizes_both_engines_and_the_new_area_replicates() {
+    const GROWN: u64 = 2 * SIZE;
+    let _serial = serial().await;
+    // The engines start at --size 16Mi: they can only grow through the operator's Resize.
+    let (_dir, pair) = start_pair();
+    let mut model = vec![0u8; SIZE as usize];
+    let old_end = SIZE / BLOCK;
+    write_blocks(&pair.a, &mut model, 0..8, 0x11);
+    write_blocks(&pair.a, &mut model, old_end - 4..old_end, 0x22);
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+    assert_eq!(status.capacity_bytes, SIZE, "{status:?}");
+
+    op.world.lock().unwrap().spec_patch = json!({"size": "32Mi"});
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.capacity_bytes, GROWN, "{status:?}");
+    let c = condition(&status, "Expanding");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Resized"),
+        "{c:?}"
+    );
+    for (name, e) in [("a", &pair.a), ("b", &pair.b)] {
+        let s = e
+            .status()
+            .await
+            .unwrap_or_else(|err| panic!("{name}: {err:#}"));
+        assert_eq!(s.size, GROWN, "engine {name} serves the new size: {s:?}");
+    }
+    assert!(op.world.lock().unwrap().reasons().contains(&"Resized"));
+
+    // The next pass: the PersistentVolume shows what both engines serve now; the expansion is over.
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+    assert_eq!(status.capacity_bytes, GROWN, "{status:?}");
+    let c = condition(&status, "Expanding");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Expanded"),
+        "{c:?}"
+    );
+    assert_eq!(
+        op.world.lock().unwrap().pv_capacity.as_deref(),
+        Some("32Mi")
+    );
+
+    // Writes past the old end, each through a new session (qemu-io connects anew).
+    model.resize(GROWN as usize, 0);
+    write_blocks(&pair.a, &mut model, old_end..old_end + 8, 0x33);
+    write_blocks(&pair.a, &mut model, GROWN / BLOCK - 2..GROWN / BLOCK, 0x44);
+    wait_synced(&pair).await;
+    // The primary as a host reads it (a new session); the secondary (which refuses NBD) by its data
+    // file, grown to the new size.
+    let images = [
+        ("a over NBD", read_image(&pair.a, GROWN).await),
+        ("b's data file", std::fs::read(pair.b.data()).unwrap()),
+    ];
+    for (name, image) in images {
+        assert_eq!(image.len() as u64, GROWN, "{name}");
+        assert!(
+            image == model,
+            "{name} differs from what was written, first at block {:?}",
+            first_difference(&image, &model)
+        );
+    }
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(
+        (status.phase, status.capacity_bytes),
+        (Phase::Synced, GROWN),
+        "{status:?}"
     );
 }
