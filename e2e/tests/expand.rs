@@ -71,42 +71,6 @@ fn df_size(path: &Path) -> anyhow::Result<u64> {
     Ok(out.lines().nth(1).unwrap_or_default().trim().parse()?)
 }
 
-/// `len` bytes of `seed` written at `offset` with O_DIRECT, then synced.
-fn write_direct(dev: &Path, offset: u64, seed: u64, len: usize, tmp: &Path) -> anyhow::Result<()> {
-    let src = tmp.join(format!("pattern-{seed}"));
-    std::fs::write(&src, pattern(seed, len))?;
-    sh(Command::new("dd")
-        .arg(format!("if={}", src.display()))
-        .arg(format!("of={}", dev.display()))
-        .args([
-            "bs=4096",
-            "oflag=direct,seek_bytes",
-            "conv=notrunc,fsync",
-            "status=none",
-        ])
-        .arg(format!("seek={offset}")))?;
-    Ok(())
-}
-
-fn read_at(dev: &Path, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
-    let out = Command::new("dd")
-        .arg(format!("if={}", dev.display()))
-        .args([
-            "bs=4096",
-            "iflag=direct,skip_bytes,count_bytes",
-            "status=none",
-        ])
-        .arg(format!("skip={offset}"))
-        .arg(format!("count={len}"))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "dd: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out.stdout)
-}
-
 /// Whether this process may grow a mounted ext4 (the resize ioctl needs CAP_SYS_RESOURCE, which
 /// some sandboxes drop even for root).
 fn has_cap_sys_resource() -> bool {
@@ -148,7 +112,7 @@ async fn a_live_pair_grows_from_256m_to_1g_under_fio_and_its_replicas_end_identi
             .node_publish_volume(publish_request(id, &staging, &target, None))
             .await?;
         anyhow::ensure!(device_size(&target)? == 256 * M);
-        write_direct(&target, 256 * M - 8192, 1, 8192, &tmp)?;
+        dd_write(&target, 256 * M - 8192, 1, 8192, &tmp)?;
         // fio writes the old area all through the grow (and through the attach daemon's switch
         // to a connection at the new size).
         let fio = Command::new("fio")
@@ -182,8 +146,8 @@ async fn a_live_pair_grows_from_256m_to_1g_under_fio_and_its_replicas_end_identi
         anyhow::ensure!(got.capacity_bytes == 1 << 30, "{got:?}");
         anyhow::ensure!(device_size(&target)? == 1 << 30, "the device did not grow");
         // The new area takes writes while fio still runs, up to the last block.
-        write_direct(&target, 600 * M, 2, 4 * M as usize, &tmp)?;
-        write_direct(&target, (1 << 30) - 65536, 3, 65536, &tmp)?;
+        dd_write(&target, 600 * M, 2, 4 * M as usize, &tmp)?;
+        dd_write(&target, (1 << 30) - 65536, 3, 65536, &tmp)?;
         eprintln!("device grown; waiting for fio");
         let out = fio.await??;
         eprintln!("fio done");
@@ -198,7 +162,7 @@ async fn a_live_pair_grows_from_256m_to_1g_under_fio_and_its_replicas_end_identi
             ((1 << 30) - 65536, 3, 65536),
         ] {
             anyhow::ensure!(
-                read_at(&target, off, len)? == pattern(seed, len),
+                dd_read(&target, off, len)? == pattern(seed, len),
                 "pattern {seed}"
             );
         }

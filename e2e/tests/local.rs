@@ -296,43 +296,6 @@ async fn ext4_volume_survives_a_plugin_restart_and_unstages_cleanly() {
     drop(engine);
 }
 
-/// Writes `len` bytes of pattern `seed` at `offset` with O_DIRECT through dd.
-fn dd_write(dev: &Path, offset: u64, seed: u64, len: usize, dir: &Path) -> anyhow::Result<()> {
-    let src = dir.join(format!("pattern-{seed}"));
-    std::fs::write(&src, pattern(seed, len))?;
-    sh(Command::new("dd")
-        .arg(format!("if={}", src.display()))
-        .arg(format!("of={}", dev.display()))
-        .args([
-            "bs=4096",
-            "oflag=direct,seek_bytes",
-            "conv=notrunc,fsync",
-            "status=none",
-        ])
-        .arg(format!("seek={offset}")))?;
-    Ok(())
-}
-
-/// Reads `len` bytes at `offset` with O_DIRECT through dd.
-fn dd_read(dev: &Path, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
-    let out = Command::new("dd")
-        .arg(format!("if={}", dev.display()))
-        .args([
-            "bs=4096",
-            "iflag=direct,skip_bytes,count_bytes",
-            "status=none",
-        ])
-        .arg(format!("skip={offset}"))
-        .arg(format!("count={len}"))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "dd: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out.stdout)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_block_volume_with_direct_io_patterns() {
     if skip("raw_block_volume_with_direct_io_patterns") {
