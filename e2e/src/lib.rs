@@ -419,6 +419,28 @@ pub struct Csi {
     pub identity: IdentityClient<Channel>,
 }
 
+impl Csi {
+    /// NodeStageVolume then NodePublishVolume of `volume_id` as kubelet does for a pod (`fs`:
+    /// `None` for raw block).
+    pub async fn stage_and_publish(
+        &mut self,
+        volume_id: &str,
+        paths: (&Path, &Path),
+        fs: Option<&str>,
+        context: &HashMap<String, String>,
+        secrets: &Secrets,
+    ) -> Result<(), tonic::Status> {
+        let (staging, target) = paths;
+        self.node
+            .node_stage_volume(stage_request(volume_id, staging, fs, context, secrets))
+            .await?;
+        self.node
+            .node_publish_volume(publish_request(volume_id, staging, target, fs))
+            .await?;
+        Ok(())
+    }
+}
+
 /// Filesystem (`Some("ext4")`) or raw block (`None`) capability, single-node writer.
 pub fn capability(fs: Option<&str>) -> pb::VolumeCapability {
     use pb::volume_capability::{

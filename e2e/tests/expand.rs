@@ -105,11 +105,7 @@ async fn a_live_pair_grows_from_256m_to_1g_under_fio_and_its_replicas_end_identi
 
     with_logs!(plugin, async {
         let mut c = plugin.client().await?;
-        c.node
-            .node_stage_volume(stage_request(id, &staging, None, &ctx, &secrets))
-            .await?;
-        c.node
-            .node_publish_volume(publish_request(id, &staging, &target, None))
+        c.stage_and_publish(id, (&staging, &target), None, &ctx, &secrets)
             .await?;
         anyhow::ensure!(device_size(&target)? == 256 * M);
         dd_write(&target, 256 * M - 8192, 1, 8192, &tmp)?;

@@ -604,11 +604,7 @@ async fn io_waits_out_an_engine_restart() {
 
     with_logs!(plugin, async {
         let mut c = plugin.client().await?;
-        c.node
-            .node_stage_volume(stage_request(id, &staging, None, &ctx, &secrets))
-            .await?;
-        c.node
-            .node_publish_volume(publish_request(id, &staging, &target, None))
+        c.stage_and_publish(id, (&staging, &target), None, &ctx, &secrets)
             .await?;
         dd_write(&target, 0, 11, 1 << 20, &tmp)?;
 
@@ -801,11 +797,7 @@ async fn nbd_never_crosses_nodes_and_ignores_a_link_flap() {
     });
     with_logs!(plugin_b, async {
         let mut c = plugin_b.client().await?;
-        c.node
-            .node_stage_volume(stage_request(id, &staging, None, &ctx, &secrets))
-            .await?;
-        c.node
-            .node_publish_volume(publish_request(id, &staging, &target, None))
+        c.stage_and_publish(id, (&staging, &target), None, &ctx, &secrets)
             .await?;
         dd_write(&target, 0, 21, 256 << 10, &tmp)?;
         // The link down: replication and control would stall, host I/O does not (it never used it).
@@ -2164,11 +2156,7 @@ async fn snapshot_under_load_restores_into_a_new_mirrored_volume() {
         std::fs::create_dir_all(target.parent().context("parent")?)?;
         let id = "default/pv-src";
         let mut c = plugin.client().await?;
-        c.node
-            .node_stage_volume(stage_request(id, &staging, None, &ctx, &secrets))
-            .await?;
-        c.node
-            .node_publish_volume(publish_request(id, &staging, &target, None))
+        c.stage_and_publish(id, (&staging, &target), None, &ctx, &secrets)
             .await?;
         let writer = HistoryWriter::start(&target, REGION, WRITE, 1)?;
         writer.wait_acked(40, Duration::from_secs(60)).await?;
