@@ -31,6 +31,8 @@ pub enum Call {
     Snapshot,
     /// Online expansion (the operator, and the CSI controller that runs as the operator).
     Resize,
+    /// StartMove, GetMove, AbortMove: the operator only (issue 18).
+    Move,
     /// Any method of the Peer service (its gRPC path).
     Peer(&'static str),
 }
@@ -46,6 +48,7 @@ impl Call {
             Call::InjectFault => "Engine.InjectFault",
             Call::Snapshot => "Engine.CreateSnapshot/DeleteSnapshot/ListSnapshots",
             Call::Resize => "Engine.Resize",
+            Call::Move => "Engine.StartMove/GetMove/AbortMove",
             Call::Peer(p) => p,
         }
     }
@@ -154,6 +157,7 @@ fn peer_method(path: &str) -> &'static str {
         Some("ReadBlocks") => "Peer.ReadBlocks",
         Some("RenewLease") => "Peer.RenewLease",
         Some("Resize") => "Peer.Resize",
+        Some("ForwardWrite") => "Peer.ForwardWrite",
         _ => "a Peer method",
     }
 }
@@ -266,6 +270,11 @@ mod tests {
             (&engine, Call::Resize, false),
             (&foreign_engine, Call::Resize, false),
             (&engine, Call::Peer("Peer.Resize"), true),
+            (&op, Call::Move, true),
+            (&csi_here, Call::Move, false),
+            (&engine, Call::Move, false),
+            (&engine, Call::Peer("Peer.ForwardWrite"), true),
+            (&foreign_engine, Call::Peer("Peer.ForwardWrite"), false),
             (&foreign_engine, Call::Peer("Peer.Resize"), false),
             (&csi_here, Call::Peer("Peer.Resize"), false),
             (&op, Call::Peer("Peer.Resize"), false),

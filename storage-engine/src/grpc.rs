@@ -378,6 +378,31 @@ impl Engine for EngineService {
         Ok(Response::new(pb::ListSnapshotsReply { snapshots }))
     }
 
+    // Issue 18 contract: the move helper replaces these three.
+    async fn start_move(
+        &self,
+        req: Request<pb::StartMoveRequest>,
+    ) -> Result<Response<pb::MoveStatus>, Status> {
+        self.authz.check(req.extensions(), Call::Move)?;
+        Err(Status::unimplemented("live move is not built yet"))
+    }
+
+    async fn get_move(
+        &self,
+        req: Request<pb::GetMoveRequest>,
+    ) -> Result<Response<pb::MoveStatus>, Status> {
+        self.authz.check(req.extensions(), Call::Move)?;
+        Err(Status::unimplemented("live move is not built yet"))
+    }
+
+    async fn abort_move(
+        &self,
+        req: Request<pb::GetMoveRequest>,
+    ) -> Result<Response<pb::MoveStatus>, Status> {
+        self.authz.check(req.extensions(), Call::Move)?;
+        Err(Status::unimplemented("live move is not built yet"))
+    }
+
     async fn inject_fault(
         &self,
         req: Request<pb::FaultRequest>,

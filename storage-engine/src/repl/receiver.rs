@@ -432,4 +432,12 @@ impl Peer for PeerService {
             .map(Response::new)
             .map_err(Status::from)
     }
+
+    // Issue 18 contract: the forwarding helper replaces this.
+    async fn forward_write(
+        &self,
+        _req: Request<pb::ForwardWriteRequest>,
+    ) -> Result<Response<pb::ForwardWriteReply>, Status> {
+        Err(Status::unimplemented("forwarded writes are not built yet"))
+    }
 }
