@@ -173,6 +173,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Arc::clone(&volume),
             stop_rx.clone(),
         )));
+        crate::repl::mover::spawn_if_active(&volume);
         tasks.push(tokio::spawn(checkpoint_loop(
             Arc::clone(&volume),
             stop_rx.clone(),

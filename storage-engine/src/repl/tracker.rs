@@ -32,6 +32,8 @@ use crate::{
 /// Blocks per write-intent extent (1 MiB).
 pub const EXTENT_BLOCKS: u64 = 256;
 const IN_FLIGHT: u64 = u64::MAX;
+/// The live move's table of blocks owed to the new engine (`MoveTable`).
+pub const MOVE_PENDING_FILE: &str = "move_pending";
 /// Checkpoints (500 ms apart) an extent must stay unwritten and clean before it cools.
 pub const COOL_AFTER_TICKS: u32 = 20;
 const STRIPES: u64 = 1024;
@@ -116,6 +118,23 @@ pub struct TrackState {
     /// previous incarnation, so the numbers collide and the journal cannot be trusted.
     boot_next: u64,
     seq_checked: bool,
+    /// The new engine's table while a live move copies (issue 18); `None` otherwise.
+    moving: Option<MoveTable>,
+}
+
+/// What a live move owes its new engine beyond the copy (issue 18, the position correlation).
+/// The copier reads a chunk and moves `watermark` past it under the chunk's block locks, and a
+/// host write decides under its own block locks: below the watermark the copier already read the
+/// block, so the write is owed to the new engine (set here); at or above it the copier reads it
+/// later. A write and the copier's read of the same block therefore never interleave unseen.
+/// Test: `tracker::tests::a_write_racing_the_copier_is_copied_or_owed`.
+struct MoveTable {
+    watermark: u64,
+    pending: Bitmap,
+    /// The seq each pending block was last written at: only the new engine's durable
+    /// acknowledgement of that generation clears it (as `last_seq` does for the peer).
+    gen: HashMap<u64, u64>,
+    dirty: bool,
 }
 
 /// What the sender streams next (`Tracker::next_records`).
@@ -128,6 +147,17 @@ pub enum Next {
 }
 
 impl TrackState {
+    /// Records the generation of a block this write marked owed to the new engine.
+    fn move_generation(&mut self, b: u64, gen: u64) {
+        if let Some(m) = &mut self.moving {
+            if let Some(g) = m.gen.get_mut(&b) {
+                if *g == IN_FLIGHT {
+                    *g = gen;
+                }
+            }
+        }
+    }
+
     /// Extents that must stay covered: any with a pending block (writes in flight included), and,
     /// unless `quiesced`, any written in the last `COOL_AFTER_TICKS` checkpoints.
     fn hot_extents(&self, quiesced: bool) -> Bitmap {
@@ -152,6 +182,7 @@ pub struct Tracker {
     pub locks: BlockLocks,
     pending_file: BitmapFile,
     intent_path: PathBuf,
+    move_file: BitmapFile,
     /// Grows with the volume (`grow`), after the tables have.
     blocks: std::sync::atomic::AtomicU64,
     /// Points where a unit test holds a thread (nothing outside tests).
@@ -212,10 +243,12 @@ impl Tracker {
                 epoch,
                 boot_next: acked_seq + 1,
                 seq_checked: false,
+                moving: None,
             }),
             locks: BlockLocks::new(),
             pending_file: BitmapFile::new(pending_path),
             intent_path,
+            move_file: BitmapFile::new(state_dir.join(MOVE_PENDING_FILE)),
             blocks: blocks.into(),
             seams: Default::default(),
         })
@@ -233,6 +266,9 @@ impl Tracker {
         let extents = blocks.div_ceil(EXTENT_BLOCKS);
         s.pending.grow(blocks);
         s.intent.grow(extents);
+        if let Some(m) = &mut s.moving {
+            m.pending.grow(blocks);
+        }
         if s.last_touch.len() < extents as usize {
             s.last_touch.resize(extents as usize, 0);
         }
@@ -376,6 +412,15 @@ impl Tracker {
             let mut s = self.state();
             let mut cold = Vec::new();
             let tick = s.tick;
+            if let Some(m) = &mut s.moving {
+                // Decided under the block locks, which the copier holds while it reads a chunk
+                // and moves the watermark past it (`MoveTable`).
+                for b in blocks.clone().filter(|&b| b < m.watermark) {
+                    m.pending.set(b);
+                    m.gen.insert(b, IN_FLIGHT);
+                    m.dirty = true;
+                }
+            }
             for b in blocks.clone() {
                 s.pending.set(b);
                 s.last_seq.insert(b, IN_FLIGHT);
@@ -397,6 +442,7 @@ impl Tracker {
                     }
                     for b in blocks {
                         s.last_seq.insert(b, 0);
+                        s.move_generation(b, 0);
                     }
                     return Err(e);
                 }
@@ -408,6 +454,7 @@ impl Tracker {
             // The block's content is unknown: keep it pending and let a resync send what is there.
             for b in blocks {
                 s.last_seq.insert(b, 0);
+                s.move_generation(b, 0);
             }
             s.resync_needed = true;
             return applied.map(|_| 0);
@@ -416,6 +463,7 @@ impl Tracker {
         let tick = s.tick;
         for b in blocks {
             s.last_seq.insert(b, seq);
+            s.move_generation(b, seq);
             // Touched again after the data write, so a checkpoint whose data sync began before
             // it cannot cool this extent.
             s.last_touch[(b / EXTENT_BLOCKS) as usize] = tick;
@@ -592,6 +640,10 @@ impl Tracker {
             }
         }
         drop(turn);
+        // The move's table is stored before any extent cools below: a block owed to the new
+        // engine is either in this file or in a hot extent, which a restart adds back
+        // (`MoveTable`, `Tracker::intent_blocks`). Test: `tests/move.rs` kill loop.
+        self.store_move_table()?;
         let cooling = {
             let s = self.state();
             let hot = s.hot_extents(quiesced);
@@ -613,6 +665,137 @@ impl Tracker {
             s.intent = hot;
         }
         Ok(())
+    }
+
+    /// A live move starts (or resumes after a restart): the copier is at `watermark`, and
+    /// `owed` are the blocks below it the new engine may lack.
+    pub fn start_move(&self, watermark: u64, owed: Bitmap) {
+        let mut s = self.state();
+        s.moving = Some(MoveTable {
+            watermark,
+            gen: owed.iter_ones().map(|b| (b, 0)).collect(),
+            pending: owed,
+            dirty: true,
+        });
+    }
+
+    /// The move ended (cut over or aborted): writes go to the one peer again.
+    pub fn end_move(&self) {
+        self.state().moving = None;
+    }
+
+    /// The copier's watermark, while a move copies.
+    pub fn move_watermark(&self) -> Option<u64> {
+        self.state().moving.as_ref().map(|m| m.watermark)
+    }
+
+    /// The copier's step: under the block locks of `lo..hi`, runs `read` (the chunk's bytes) and
+    /// moves the watermark past the chunk, so a host write to it lands either before the read
+    /// (the copy carries it) or after the watermark moved (it is owed: `MoveTable`).
+    pub fn copy_chunk<T>(
+        &self,
+        lo: u64,
+        hi: u64,
+        read: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let _g = self.locks.lock(lo..hi);
+        let out = read()?;
+        self.seams.hit("move.copy.read");
+        if let Some(m) = &mut self.state().moving {
+            m.watermark = m.watermark.max(hi);
+        }
+        Ok(out)
+    }
+
+    /// Up to `max` blocks owed to the new engine.
+    pub fn move_owed(&self, max: usize) -> Vec<u64> {
+        self.state()
+            .moving
+            .as_ref()
+            .map(|m| m.pending.iter_ones().take(max).collect())
+            .unwrap_or_default()
+    }
+
+    /// How many blocks are owed to the new engine (0 when no move copies).
+    pub fn move_owed_count(&self) -> u64 {
+        self.state()
+            .moving
+            .as_ref()
+            .map_or(0, |m| m.pending.count())
+    }
+
+    /// Reads an owed block for the new engine: (generation, data), consistent under its lock;
+    /// `None` when it is no longer owed.
+    pub fn read_move_image(
+        &self,
+        block: u64,
+        read: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<Option<(u64, Vec<u8>)>> {
+        let _g = self.locks.lock(block..block + 1);
+        let gen = {
+            let s = self.state();
+            match &s.moving {
+                Some(m) if m.pending.get(block) => m.gen.get(&block).copied().unwrap_or(0),
+                _ => return Ok(None),
+            }
+        };
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        read(&mut buf)?;
+        Ok(Some((gen, buf)))
+    }
+
+    /// The new engine durably stored these images (block, generation): a block written again
+    /// since its image was read stays owed.
+    pub fn ack_move_images(&self, blocks: &[u64], gens: &[u64]) {
+        let mut s = self.state();
+        let Some(m) = &mut s.moving else { return };
+        for (&b, &g) in blocks.iter().zip(gens) {
+            if m.gen.get(&b).copied() == Some(g) && m.pending.clear(b) {
+                m.gen.remove(&b);
+                m.dirty = true;
+            }
+        }
+    }
+
+    /// Every block of every hot intent extent: with the stored move table, a superset of what
+    /// the new engine may lack after a crash.
+    pub fn intent_blocks(&self) -> Bitmap {
+        let s = self.state();
+        let mut out = Bitmap::new(self.blocks());
+        for e in s.intent.iter_ones() {
+            out.set_range(e * EXTENT_BLOCKS, ((e + 1) * EXTENT_BLOCKS).min(out.len()));
+        }
+        out
+    }
+
+    /// Stores the move's table if it changed.
+    pub fn store_move_table(&self) -> io::Result<()> {
+        let turn = self.move_file.turn();
+        let snapshot = {
+            let mut s = self.state();
+            match &mut s.moving {
+                Some(m) if m.dirty => {
+                    m.dirty = false;
+                    Some(m.pending.encode())
+                }
+                _ => None,
+            }
+        };
+        if let Some(p) = snapshot {
+            if let Err(e) = turn.store(&p) {
+                if let Some(m) = &mut self.state().moving {
+                    m.dirty = true;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored move table (empty when there is none).
+    pub fn load_move_table(&self) -> io::Result<Bitmap> {
+        Ok(Bitmap::load(self.move_file.path(), self.blocks())?
+            .unwrap_or_else(|| Bitmap::new(self.blocks())))
     }
 
     /// Oldest unacknowledged write's age, for the lag report.
