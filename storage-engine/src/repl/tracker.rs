@@ -833,6 +833,73 @@ mod tests {
         t.ack_journal(s);
     }
 
+    /// The copier's read of a chunk and a host write to a block in it, forced to race: the
+    /// copier is held after its read, before its watermark passes the chunk, while the write is
+    /// issued. Whatever the order, the new engine must end up with the write: the copy read it,
+    /// or the block is owed. (If the watermark moved outside the block locks, the write would
+    /// land in between unseen: neither copied nor owed.)
+    #[test]
+    fn a_write_racing_the_copier_is_copied_or_owed() {
+        let d = tempfile::tempdir().unwrap();
+        let t = std::sync::Arc::new(tracker(d.path()));
+        let disk = std::sync::Arc::new(Mutex::new(vec![0u8; 64]));
+        t.start_move(0, Bitmap::new(4096));
+        let held = t.seams.arm("move.copy.read");
+        let copier = {
+            let (t, disk) = (std::sync::Arc::clone(&t), std::sync::Arc::clone(&disk));
+            std::thread::spawn(move || {
+                t.copy_chunk(0, 64, || Ok(disk.lock().unwrap().clone()))
+                    .unwrap()
+            })
+        };
+        assert!(held.wait_arrived(), "the copier never read its chunk");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let (t, disk) = (std::sync::Arc::clone(&t), std::sync::Arc::clone(&disk));
+            std::thread::spawn(move || {
+                let seq = t
+                    .write(
+                        5 * 4096,
+                        Payload::Data(Bytes::from(vec![7; 4096])),
+                        || {
+                            disk.lock().unwrap()[5] = 7;
+                            Ok(())
+                        },
+                    )
+                    .unwrap();
+                let _ = done_tx.send(());
+                seq
+            })
+        };
+        // The write must wait for the copier's block locks: it cannot finish while the copier
+        // is held between its read and the watermark (a negative check, bounded).
+        assert!(
+            done_rx
+                .recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the write finished between the copier's read and its watermark"
+        );
+        held.release();
+        let copied = copier.join().unwrap();
+        let seq = writer.join().unwrap();
+        assert_eq!(t.move_watermark(), Some(64));
+        let owed = t.move_owed(10);
+        assert!(
+            copied[5] == 7 || owed.contains(&5),
+            "block 5's write is neither in the copy nor owed: the new engine would lack it"
+        );
+        // Owed at the write's generation: only that acknowledgement clears it.
+        t.ack_move_images(&[5], &[seq - 1]);
+        assert_eq!(t.move_owed(10), vec![5]);
+        let (g, _) = t.read_move_image(5, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(g, seq);
+        t.ack_move_images(&[5], &[g]);
+        assert!(t.move_owed(10).is_empty());
+        // Above the watermark a write is the copier's, not owed.
+        put(&t, 100);
+        assert!(t.move_owed(10).is_empty());
+    }
+
     /// A checkpoint's snapshot stored late must not overwrite the table `mark_pending` stored
     /// after it (the blocks asked back by a stepped-down peer would vanish from disk).
     #[test]
