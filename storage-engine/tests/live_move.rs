@@ -147,6 +147,13 @@ impl Writers {
     }
 }
 
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 fn identical(a: &Engine, c: &Engine) -> bool {
     std::fs::read(a.data()).unwrap() == std::fs::read(c.data()).unwrap()
 }
@@ -243,7 +250,7 @@ fn kills_during_a_move_end_identical() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed);
     for round in 0..rounds {
-        let r = seed.wrapping_mul(6364136223846793005).wrapping_add(round);
+        let r = splitmix(seed.wrapping_add(round));
         let kill_primary = (r >> 7) % 2 == 0;
         let delay = Duration::from_millis(20 + (r >> 11) % 200);
         eprintln!("round {round}: kill {}, after {delay:?}", if kill_primary { "primary" } else { "new engine" });
@@ -256,6 +263,7 @@ fn kills_during_a_move_end_identical() {
         // The kill point is a time into the move, seeded: it lands anywhere from the copy's
         // start to after the cutover.
         std::thread::sleep(delay);
+        eprintln!("  at the kill: {:?}", move_line(&pair.a, &c.grpc));
         if kill_primary {
             pair.a.restart().unwrap();
         } else {

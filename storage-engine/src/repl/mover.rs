@@ -45,6 +45,8 @@ pub const MOVE_FILE: &str = "move";
 const CHUNK_BLOCKS: u64 = 256;
 /// How far ahead of the watermark `reserved` is stored (64 MiB): one store per that much copy.
 const RESERVE_BLOCKS: u64 = 16384;
+/// How much durable copy progress is stored at once (4 MiB): what a restarted primary copies again.
+const WATERMARK_STEP: u64 = 1024;
 /// Generations of the copier's images (never a seq): the low bits carry the chunk's end on the
 /// chunk's last image, so its durable acknowledgement moves the durable watermark.
 const COPY_TAG: u64 = 1 << 63;
@@ -653,7 +655,7 @@ async fn stream(
             cursor = hi;
         }
         let durable = lock(copy).durable;
-        if durable >= stored_wm + RESERVE_BLOCKS || (durable == total && stored_wm < total) {
+        if durable >= stored_wm + WATERMARK_STEP || (durable == total && stored_wm < total) {
             // Only what the new engine acknowledged as durable (`MoveRecord::watermark`).
             m.store(|r| r.watermark = durable)?;
             stored_wm = durable;
