@@ -290,7 +290,11 @@ impl EngineClient {
 
     /// Starts a live move of the secondary to the engine at `to` (called on the primary), or
     /// answers the move already under way (or done) to that engine.
-    pub async fn start_move(&mut self, volume: &str, to: &str) -> Result<pb::MoveStatus, ClientError> {
+    pub async fn start_move(
+        &mut self,
+        volume: &str,
+        to: &str,
+    ) -> Result<pb::MoveStatus, ClientError> {
         let req = pb::StartMoveRequest {
             volume: volume.to_string(),
             to: to.to_string(),

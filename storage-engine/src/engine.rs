@@ -515,7 +515,9 @@ pub async fn move_secondary(args: crate::cli::MoveArgs) -> anyhow::Result<()> {
             }
         );
         match phase {
-            pb::MovePhase::Aborted if !args.abort => bail!("the move was rolled back: {}", s.message),
+            pb::MovePhase::Aborted if !args.abort => {
+                bail!("the move was rolled back: {}", s.message)
+            }
             pb::MovePhase::Done | pb::MovePhase::Aborted | pb::MovePhase::None => return Ok(()),
             _ if args.no_wait || args.abort => return Ok(()),
             _ => {}

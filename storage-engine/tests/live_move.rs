@@ -134,7 +134,9 @@ impl Writers {
             t: Some(t),
         };
         let n0 = w.n.load(Ordering::Relaxed);
-        wait_until(30, "writes flowing", || w.n.load(Ordering::Relaxed) > n0 + 20);
+        wait_until(30, "writes flowing", || {
+            w.n.load(Ordering::Relaxed) > n0 + 20
+        });
         w
     }
 
@@ -162,7 +164,10 @@ fn identical(a: &Engine, c: &Engine) -> bool {
 fn a_move_under_writes_ends_identical_and_cuts_over() {
     let d = tempfile::tempdir().unwrap();
     let pair = start_pair(d.path(), SIZE, &[], &[]);
-    qemu_io_ok(&pair.a.uri(), &["write -P 0x11 0 8M", "write -P 0x22 20M 4M"]);
+    qemu_io_ok(
+        &pair.a.uri(),
+        &["write -P 0x11 0 8M", "write -P 0x22 20M 4M"],
+    );
     pair.wait_synced(30);
     let c = new_engine(d.path(), &pair.a);
     let w = Writers::start(&pair.a, 7);
@@ -195,6 +200,29 @@ fn a_move_under_writes_ends_identical_and_cuts_over() {
     // Done is final: an abort is refused, and the phase metric says so.
     let err = pair.a.control("move", &["--abort"]).unwrap_err();
     assert!(err.contains("MoveCompleted"), "{err}");
+}
+
+/// Sync mode: writes below the watermark wait for the new engine too; the move ends identical.
+#[test]
+fn a_sync_mode_move_under_writes_ends_identical() {
+    let d = tempfile::tempdir().unwrap();
+    let sync = ["--replication", "sync"];
+    let pair = start_pair(d.path(), SIZE, &sync, &sync);
+    qemu_io_ok(&pair.a.uri(), &["write -P 0x11 0 8M"]);
+    let c = new_engine(d.path(), &pair.a);
+    let w = Writers::start(&pair.a, 11);
+    pair.a
+        .control("move", &["--to", &c.grpc])
+        .unwrap_or_else(|e| panic!("move: {e}\n{}", pair.a.log_tail(30)));
+    w.stop();
+    wait_synced_with(&pair.a, &c, 30);
+    assert!(identical(&pair.a, &c));
+    assert_eq!(
+        status(&pair.a)["sync_timeouts"],
+        0,
+        "{}",
+        pair.a.log_tail(20)
+    );
 }
 
 /// A restart of the primary after the cutover keeps replicating to the new engine, even with the
@@ -253,10 +281,20 @@ fn kills_during_a_move_end_identical() {
         let r = splitmix(seed.wrapping_add(round));
         let kill_primary = (r >> 7) % 2 == 0;
         let delay = Duration::from_millis(20 + (r >> 11) % 200);
-        eprintln!("round {round}: kill {}, after {delay:?}", if kill_primary { "primary" } else { "new engine" });
+        eprintln!(
+            "round {round}: kill {}, after {delay:?}",
+            if kill_primary {
+                "primary"
+            } else {
+                "new engine"
+            }
+        );
         let d = tempfile::tempdir().unwrap();
         let mut pair = start_pair(d.path(), SIZE, &[], &[]);
-        qemu_io_ok(&pair.a.uri(), &["write -P 0x11 0 12M", "write -P 0x12 24M 4M"]);
+        qemu_io_ok(
+            &pair.a.uri(),
+            &["write -P 0x11 0 12M", "write -P 0x12 24M 4M"],
+        );
         let mut c = new_engine(d.path(), &pair.a);
         let w = Writers::start(&pair.a, r);
         start_move(&pair.a, &c);

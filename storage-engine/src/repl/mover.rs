@@ -186,6 +186,11 @@ impl Mover {
         Ok(())
     }
 
+    /// Wakes the copier: a sync-mode write waits for an owed block.
+    pub fn poke(&self) {
+        self.progress.notify_waiters();
+    }
+
     fn note(&self, message: impl Into<String>) {
         self.record().message = message.into();
     }
@@ -203,6 +208,7 @@ pub fn recover(vol: &Volume) {
                 "the persisted move wins over --peer: replicating to the engine the volume moved to"
             );
             repl.set_peer(&rec.target);
+            vol.areas.proxy.set_peer(&rec.target);
         }
         Phase::Copying | Phase::Cutover => {
             let t = &repl.tracker;
@@ -272,7 +278,9 @@ pub fn status(vol: &Volume) -> pb::MoveStatus {
 /// StartMove: starts a move to `to`, or answers the running (or done) one to the same target.
 pub async fn start(vol: &Arc<Volume>, to: &str) -> Result<pb::MoveStatus, EngineError> {
     let Some(repl) = &vol.repl else {
-        return Err(EngineError::NotPaired("volume is not paired: nothing to move"));
+        return Err(EngineError::NotPaired(
+            "volume is not paired: nothing to move",
+        ));
     };
     let to = to.trim();
     if to.is_empty() {
@@ -333,7 +341,10 @@ pub async fn start(vol: &Arc<Volume>, to: &str) -> Result<pb::MoveStatus, Engine
         }
     })
     .inspect_err(|_| t.end_move())?;
-    m.zero_below.store(0, Ordering::Release);
+    // A target an earlier (aborted) move wrote to is not blank: its holes are sent as zeros.
+    let reused = rec.phase == Phase::Aborted && rec.target == to;
+    m.zero_below
+        .store(if reused { t.blocks() } else { 0 }, Ordering::Release);
     m.generation.send_modify(|g| *g += 1);
     vol.areas
         .event(format!("MoveStarted target={to} source={}", repl.peer()));
@@ -521,6 +532,11 @@ async fn session(vol: &Arc<Volume>, mine: u64) -> Result<(), MoveError> {
             rec.target, hello.epoch
         )));
     }
+    if !hello.need_full_resync {
+        // Not a fresh engine (a target reused after an abort, or one that served before): its
+        // file may hold old data where the primary has holes, so every hole is sent as zeros.
+        m.zero_below.store(rec.total, Ordering::Release);
+    }
     m.note("copying");
     info!(target = %rec.target, watermark = rec.watermark, "live move: copying");
     let t = &repl.tracker;
@@ -671,6 +687,9 @@ async fn stream(
         }
         // Waiting for acknowledgements: a new engine that stops acknowledging is dead.
         let owed = t.move_owed_count();
+        m.note(format!(
+            "copy read to the end; waiting for the new engine to store the last images ({owed} blocks owed)"
+        ));
         match waiting_since {
             Some((since, d)) if d == durable + owed => {
                 if since.elapsed() > silence {
@@ -751,6 +770,7 @@ async fn cutover(
         });
     }
     repl.set_peer(&rec.target);
+    vol.areas.proxy.set_peer(&rec.target);
     drop(gate);
     vol.areas.event(format!(
         "MoveDone target={} source={} (the old secondary is released)",

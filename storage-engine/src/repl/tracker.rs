@@ -187,6 +187,8 @@ pub struct Tracker {
     blocks: std::sync::atomic::AtomicU64,
     /// Points where a unit test holds a thread (nothing outside tests).
     pub(crate) seams: crate::seam::Seams,
+    /// Woken when the new engine of a live move acknowledged owed blocks.
+    pub move_acked: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
@@ -251,6 +253,7 @@ impl Tracker {
             move_file: BitmapFile::new(state_dir.join(MOVE_PENDING_FILE)),
             blocks: blocks.into(),
             seams: Default::default(),
+            move_acked: Default::default(),
         })
     }
 
@@ -682,6 +685,7 @@ impl Tracker {
     /// The move ended (cut over or aborted): writes go to the one peer again.
     pub fn end_move(&self) {
         self.state().moving = None;
+        self.move_acked.notify_waiters();
     }
 
     /// The copier's watermark, while a move copies.
@@ -747,14 +751,28 @@ impl Tracker {
     /// The new engine durably stored these images (block, generation): a block written again
     /// since its image was read stays owed.
     pub fn ack_move_images(&self, blocks: &[u64], gens: &[u64]) {
-        let mut s = self.state();
-        let Some(m) = &mut s.moving else { return };
-        for (&b, &g) in blocks.iter().zip(gens) {
-            if m.gen.get(&b).copied() == Some(g) && m.pending.clear(b) {
-                m.gen.remove(&b);
-                m.dirty = true;
+        {
+            let mut s = self.state();
+            let Some(m) = &mut s.moving else { return };
+            for (&b, &g) in blocks.iter().zip(gens) {
+                if m.gen.get(&b).copied() == Some(g) && m.pending.clear(b) {
+                    m.gen.remove(&b);
+                    m.dirty = true;
+                }
             }
         }
+        self.move_acked.notify_waiters();
+    }
+
+    /// Whether the new engine of a live move still lacks the write `seq` to `blocks` (one of them
+    /// owed at that generation or an older one).
+    pub fn move_owes(&self, blocks: std::ops::Range<u64>, seq: u64) -> bool {
+        let s = self.state();
+        let Some(m) = &s.moving else { return false };
+        let owes = blocks
+            .into_iter()
+            .any(|b| m.pending.get(b) && m.gen.get(&b).is_some_and(|&g| g <= seq));
+        owes
     }
 
     /// Every block of every hot intent extent: with the stored move table, a superset of what
@@ -858,14 +876,10 @@ mod tests {
             let (t, disk) = (std::sync::Arc::clone(&t), std::sync::Arc::clone(&disk));
             std::thread::spawn(move || {
                 let seq = t
-                    .write(
-                        5 * 4096,
-                        Payload::Data(Bytes::from(vec![7; 4096])),
-                        || {
-                            disk.lock().unwrap()[5] = 7;
-                            Ok(())
-                        },
-                    )
+                    .write(5 * 4096, Payload::Data(Bytes::from(vec![7; 4096])), || {
+                        disk.lock().unwrap()[5] = 7;
+                        Ok(())
+                    })
                     .unwrap();
                 let _ = done_tx.send(());
                 seq
