@@ -17,7 +17,7 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::{Duration, Instant},
@@ -126,7 +126,9 @@ pub struct Mover {
     control: tokio::sync::Mutex<()>,
     /// Bumped by AbortMove and by a new StartMove: a running task of an older move ends.
     generation: watch::Sender<u64>,
-    running: AtomicBool,
+    /// The generation + 1 of the move whose task runs (0: none): an older move's task that is
+    /// still ending never keeps a newer move from getting its own.
+    running: AtomicU64,
     /// Bytes the copier sent (metric `tandem_move_copied_bytes_total`).
     pub copied_bytes: AtomicU64,
     /// Below it, the copier sends holes as zero images (a restart's re-copy, `reserved`).
@@ -151,7 +153,7 @@ impl Mover {
             rec: Mutex::new(rec),
             control: tokio::sync::Mutex::new(()),
             generation: watch::channel(0).0,
-            running: AtomicBool::new(false),
+            running: AtomicU64::new(0),
             copied_bytes: AtomicU64::new(0),
             progress: Notify::new(),
         })
@@ -247,13 +249,17 @@ pub fn spawn_if_active(vol: &Arc<Volume>) {
 }
 
 fn spawn(vol: &Arc<Volume>) {
-    if vol.mover.running.swap(true, Ordering::AcqRel) {
+    let mine = *vol.mover.generation.borrow();
+    if vol.mover.running.swap(mine + 1, Ordering::AcqRel) == mine + 1 {
         return;
     }
     let v = Arc::clone(vol);
     tokio::spawn(async move {
-        run(&v).await;
-        v.mover.running.store(false, Ordering::Release);
+        run(&v, mine).await;
+        let _ = v
+            .mover
+            .running
+            .compare_exchange(mine + 1, 0, Ordering::AcqRel, Ordering::Acquire);
     });
 }
 
@@ -408,10 +414,9 @@ enum MoveError {
     Refused(String),
 }
 
-async fn run(vol: &Arc<Volume>) {
+async fn run(vol: &Arc<Volume>, mine: u64) {
     let m = &vol.mover;
     let mut gen = m.generation.subscribe();
-    let mine = *gen.borrow_and_update();
     let mut backoff = Duration::from_millis(50);
     while m.active() && *gen.borrow() == mine {
         let started = Instant::now();

@@ -716,6 +716,7 @@ impl Tracker {
         self.state()
             .moving
             .as_ref()
+            .filter(|m| !m.pending.is_empty())
             .map(|m| m.pending.iter_ones().take(max).collect())
             .unwrap_or_default()
     }
