@@ -288,6 +288,57 @@ impl EngineClient {
             })
     }
 
+    /// Starts a live move of the secondary to the engine at `to` (called on the primary), or
+    /// answers the move already under way (or done) to that engine.
+    pub async fn start_move(
+        &mut self,
+        volume: &str,
+        to: &str,
+    ) -> Result<pb::MoveStatus, ClientError> {
+        let req = pb::StartMoveRequest {
+            volume: volume.to_string(),
+            to: to.to_string(),
+        };
+        self.inner
+            .start_move(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "StartMove",
+                status,
+            })
+    }
+
+    /// The live move's progress (phase NONE when none was ever started).
+    pub async fn get_move(&mut self, volume: &str) -> Result<pb::MoveStatus, ClientError> {
+        let req = pb::GetMoveRequest {
+            volume: volume.to_string(),
+        };
+        self.inner
+            .get_move(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "GetMove",
+                status,
+            })
+    }
+
+    /// Rolls a live move back before its cutover (refused after it: reason MoveCompleted).
+    pub async fn abort_move(&mut self, volume: &str) -> Result<pb::MoveStatus, ClientError> {
+        let req = pb::GetMoveRequest {
+            volume: volume.to_string(),
+        };
+        self.inner
+            .abort_move(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| ClientError::Rpc {
+                op: "AbortMove",
+                status,
+            })
+    }
+
     /// Test seam on the replication link (the engine must run with --fault-injection).
     pub async fn inject_fault(
         &mut self,

@@ -61,11 +61,16 @@ pub enum Reason {
     /// The peer could not be reached for a request that needs it first (a resize grows the
     /// secondary before the primary): nothing changed here; retry later.
     PeerUnreachable,
+    /// A live move of the secondary is under way (issue 18): a takeover, a resize or a move to
+    /// another engine waits until it is done or aborted. Nothing changed; retry later.
+    MoveInProgress,
+    /// AbortMove after the move's cutover: the new engine is the secondary already.
+    MoveCompleted,
 }
 
 impl Reason {
     /// Every reason, for parsing and tests.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 23] = [
         Reason::Unauthenticated,
         Reason::UnknownVolume,
         Reason::InvalidArgument,
@@ -87,6 +92,8 @@ impl Reason {
         Reason::PermissionDenied,
         Reason::TakeoverInProgress,
         Reason::PeerUnreachable,
+        Reason::MoveInProgress,
+        Reason::MoveCompleted,
     ];
 
     /// The stable name on the wire (`ErrorInfo.reason`), also used as a Kubernetes condition reason.
@@ -113,6 +120,8 @@ impl Reason {
             Reason::PermissionDenied => "PermissionDenied",
             Reason::TakeoverInProgress => "TakeoverInProgress",
             Reason::PeerUnreachable => "PeerUnreachable",
+            Reason::MoveInProgress => "MoveInProgress",
+            Reason::MoveCompleted => "MoveCompleted",
         }
     }
 

@@ -51,6 +51,10 @@ pub enum Command {
     /// Grow the volume online, called on the primary: its secondary grows first, then it does.
     /// Prints JSON {size, peer_size}. Shrinking is refused; the same size changes nothing.
     Resize(ResizeArgs),
+    /// Move the secondary live to another engine (called on the primary; the new engine runs
+    /// `serve --role secondary` on an empty state dir with its --peer = the primary). Prints a
+    /// progress line until the move is done (or at once with --no-wait); --abort rolls it back.
+    Move(MoveArgs),
     /// Run a pair locally, take over with a backlog, prove every byte, fail back, print a timeline.
     Demo(DemoArgs),
     /// Mint a CA and certificates for `--tls-dir` (tools and tests; in a cluster the operator
@@ -245,6 +249,22 @@ pub struct ResizeArgs {
     /// The new size (bytes, or 512M, 1G, 2Gi, ...): a multiple of 4096, at least the current size.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct MoveArgs {
+    /// The primary's gRPC address, HOST:PORT.
+    #[command(flatten)]
+    pub target: EngineTarget,
+    /// The new engine's gRPC address, HOST:PORT (needed to start; ignored with --abort).
+    #[arg(long, required_unless_present = "abort")]
+    pub to: Option<String>,
+    /// Roll the move back (before its cutover): the old secondary stays.
+    #[arg(long)]
+    pub abort: bool,
+    /// Print the status once and return instead of waiting for the end.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Args)]

@@ -173,6 +173,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Arc::clone(&volume),
             stop_rx.clone(),
         )));
+        crate::repl::mover::spawn_if_active(&volume);
         tasks.push(tokio::spawn(checkpoint_loop(
             Arc::clone(&volume),
             stop_rx.clone(),
@@ -481,6 +482,49 @@ pub async fn resize(args: crate::cli::ResizeArgs) -> anyhow::Result<()> {
         serde_json::json!({"size": r.size, "peer_size": r.peer_size})
     );
     Ok(())
+}
+
+/// `tandem-engine move`: starts (or aborts) a live move and prints one progress line per second
+/// until it ends; exits non-zero when it ends aborted.
+pub async fn move_secondary(args: crate::cli::MoveArgs) -> anyhow::Result<()> {
+    let mut c = connect(&args.target).await?;
+    let volume = &args.target.volume;
+    let mut s = match (&args.to, args.abort) {
+        (_, true) => c.abort_move(volume).await?,
+        (Some(to), false) => c.start_move(volume, to).await?,
+        (None, false) => bail!("--to is needed to start a move"),
+    };
+    loop {
+        let phase = pb::MovePhase::try_from(s.phase).unwrap_or(pb::MovePhase::None);
+        let pct = if s.total_bytes > 0 {
+            s.copied_bytes as f64 * 100.0 / s.total_bytes as f64
+        } else {
+            0.0
+        };
+        println!(
+            "move {volume}: {} {} -> {} copied {}/{} bytes ({pct:.1}%){}",
+            phase.as_str_name().trim_start_matches("MOVE_PHASE_"),
+            s.source,
+            s.target,
+            s.copied_bytes,
+            s.total_bytes,
+            if s.message.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", s.message)
+            }
+        );
+        match phase {
+            pb::MovePhase::Aborted if !args.abort => {
+                bail!("the move was rolled back: {}", s.message)
+            }
+            pb::MovePhase::Done | pb::MovePhase::Aborted | pb::MovePhase::None => return Ok(()),
+            _ if args.no_wait || args.abort => return Ok(()),
+            _ => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        s = c.get_move(volume).await?;
+    }
 }
 
 /// `tandem-engine takeover` / `failback`: exits 0 once the engine serves, printing the reply as JSON.

@@ -59,6 +59,12 @@ pub enum EngineError {
     /// The peer a request needs first could not be reached: nothing changed here.
     #[error("PeerUnreachable: {0}")]
     PeerUnreachable(String),
+    /// A live move is under way: nothing changed, retry once it is done or aborted.
+    #[error("MoveInProgress: {0}")]
+    MoveInProgress(String),
+    /// AbortMove after the cutover.
+    #[error("MoveCompleted: {0}")]
+    MoveCompleted(String),
 }
 
 impl EngineError {
@@ -110,6 +116,8 @@ impl EngineError {
             EngineError::LeaseRefused(_) => Reason::LeaseRefused,
             EngineError::TakeoverInProgress(_) => Reason::TakeoverInProgress,
             EngineError::PeerUnreachable(_) => Reason::PeerUnreachable,
+            EngineError::MoveInProgress(_) => Reason::MoveInProgress,
+            EngineError::MoveCompleted(_) => Reason::MoveCompleted,
         }
     }
 }
@@ -131,7 +139,9 @@ impl From<EngineError> for tonic::Status {
             | EngineError::DrainNotAbandoned(_)
             | EngineError::Gap(_)
             | EngineError::LeaseRefused(_)
-            | EngineError::TakeoverInProgress(_) => Code::FailedPrecondition,
+            | EngineError::TakeoverInProgress(_)
+            | EngineError::MoveInProgress(_)
+            | EngineError::MoveCompleted(_) => Code::FailedPrecondition,
             EngineError::HandoffBlocked(_)
             | EngineError::LeaseHeld(_)
             | EngineError::PeerUnreachable(_) => Code::Unavailable,

@@ -7,6 +7,8 @@
 //! | `peer_last_seq`            | `seq` (decimal text)      | `volume::replica` (atomic replace)           |
 //! | `pending_to_peer`, `intent`, `peer_pending`, `overlay_present`, `peer_pending_heartbeat` | framed words (`bitmap`'s header comment) | `bitmap::BitmapFile` / `Bitmap::store` |
 //! | `data`, `overlay`          | raw blocks                | `store::BlockStore`                          |
+//! | `move`                     | `meta` (framed JSON)      | `repl::mover::Mover` (atomic replace)         |
+//! | `move_pending`             | framed words (`bitmap`)   | `repl::tracker::Tracker` (checkpoint)        |
 //! | `lost/epoch-*-to-*/`       | `manifest.json` (`loss::manifest`), `blocks.img` raw, `unchecked` bitmap | `loss::Losses` |
 
 /// The meta file: { magic "TNDMETA\0" (8) | version u32 LE | body length u32 LE | crc32c(body) u32 LE | body (JSON) }

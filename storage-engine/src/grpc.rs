@@ -197,7 +197,7 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     } else {
         reply.promise_remaining_ms = r.lease.promise_remaining().as_millis() as u64;
     }
-    reply.peer = r.peer.clone();
+    reply.peer = r.peer();
     reply.peer_connected = r.connected();
     reply.sync_degraded = r.stats.degraded();
     reply.sync_timeouts = r.stats.sync_timeouts.load(Ordering::Relaxed);
@@ -378,13 +378,16 @@ impl Engine for EngineService {
         Ok(Response::new(pb::ListSnapshotsReply { snapshots }))
     }
 
-    // Issue 18 contract: the move helper replaces these three.
+    // Live move of the secondary (issue 18): `crate::repl::mover`.
     async fn start_move(
         &self,
         req: Request<pb::StartMoveRequest>,
     ) -> Result<Response<pb::MoveStatus>, Status> {
         self.authz.check(req.extensions(), Call::Move)?;
-        Err(Status::unimplemented("live move is not built yet"))
+        let r = req.into_inner();
+        self.check_volume(&r.volume)?;
+        let s = crate::repl::mover::start(&self.volume, &r.to).await?;
+        Ok(Response::new(s))
     }
 
     async fn get_move(
@@ -392,7 +395,8 @@ impl Engine for EngineService {
         req: Request<pb::GetMoveRequest>,
     ) -> Result<Response<pb::MoveStatus>, Status> {
         self.authz.check(req.extensions(), Call::Move)?;
-        Err(Status::unimplemented("live move is not built yet"))
+        self.check_volume(&req.get_ref().volume)?;
+        Ok(Response::new(crate::repl::mover::status(&self.volume)))
     }
 
     async fn abort_move(
@@ -400,7 +404,9 @@ impl Engine for EngineService {
         req: Request<pb::GetMoveRequest>,
     ) -> Result<Response<pb::MoveStatus>, Status> {
         self.authz.check(req.extensions(), Call::Move)?;
-        Err(Status::unimplemented("live move is not built yet"))
+        self.check_volume(&req.get_ref().volume)?;
+        let s = crate::repl::mover::abort(&self.volume, "aborted by AbortMove").await?;
+        Ok(Response::new(s))
     }
 
     async fn inject_fault(

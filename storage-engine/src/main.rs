@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
             Command::Snapshot(cmd) => storage_engine::engine::snapshot(cmd).await,
             Command::Seed(args) => storage_engine::engine::seed(args).await,
             Command::Resize(args) => storage_engine::engine::resize(args).await,
+            Command::Move(args) => storage_engine::engine::move_secondary(args).await,
             Command::Demo(args) => storage_engine::demo::run(args).await,
             Command::Certs(cmd) => storage_engine::engine::certs(cmd),
             Command::Wipe(args) => storage_engine::wipe::run(&args),

@@ -153,6 +153,27 @@ pub fn render(v: &Volume, endpoint: &http::Stats) -> Result<String, fmt::Error> 
         snap_bytes,
     );
     gauge(&mut r, "epoch", "Current epoch", s.epoch);
+    counter(
+        &mut r,
+        "move_copied_bytes",
+        "Bytes the live move's copier sent to the new engine (since this engine started)",
+        load(&v.mover.copied_bytes),
+    );
+    let phases = prometheus_client::metrics::family::Family::<
+        Vec<(String, String)>,
+        prometheus_client::metrics::gauge::Gauge,
+    >::default();
+    let now = v.mover.phase();
+    for p in crate::repl::mover::Phase::ALL {
+        phases
+            .get_or_create(&vec![("phase".to_string(), p.name().to_string())])
+            .set(i64::from(p == now));
+    }
+    r.register(
+        "move_phase",
+        "1 for the phase of the last live move of the secondary (none, copying, cutover, done, aborted)",
+        phases,
+    );
     r.register(
         "role",
         "1 primary, 2 secondary, 3 fenced",

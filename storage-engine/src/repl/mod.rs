@@ -3,6 +3,7 @@
 //! `receiver` applies the stream on the secondary and acknowledges what is durable.
 
 pub mod drain;
+pub mod mover;
 pub mod receiver;
 pub mod sender;
 pub mod task;
@@ -98,7 +99,10 @@ pub struct Repl {
     pub acked: watch::Sender<u64>,
     /// Highest seq on the peer's stable storage (a sync-mode flush waits on it).
     pub durable: watch::Sender<u64>,
-    pub peer: String,
+    /// The peer's address: a live move's cutover changes it (`set_peer`); read it with `peer()`.
+    pub peer: std::sync::RwLock<String>,
+    /// Bumped by `set_peer`: a session to the old peer ends.
+    pub peer_gen: AtomicU64,
     pub token: Option<String>,
     pub mode: Mode,
     pub sync_timeout: Duration,
@@ -111,6 +115,19 @@ pub struct Repl {
 }
 
 impl Repl {
+    /// The peer's address now.
+    pub fn peer(&self) -> String {
+        self.peer.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replication (and lease renewals, handoffs, resizes) go to `peer` from now on; the session
+    /// to the old one ends.
+    pub fn set_peer(&self, peer: &str) {
+        *self.peer.write().unwrap_or_else(|p| p.into_inner()) = peer.to_string();
+        self.peer_gen.fetch_add(1, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
     pub fn prioritize(&self, blocks: &[u64]) {
         let mut q = self.priority.lock().unwrap_or_else(|p| p.into_inner());
         let room = 4096usize.saturating_sub(q.len());

@@ -80,6 +80,8 @@ pub struct Link<'a> {
     role: Role,
     epoch: u64,
     fenced: watch::Receiver<u64>,
+    /// `Repl::peer_gen` when the session opened.
+    peer_gen: u64,
 }
 
 impl<'a> Link<'a> {
@@ -101,6 +103,7 @@ impl<'a> Link<'a> {
             role,
             epoch,
             fenced: vol.fenced.subscribe(),
+            peer_gen: repl.peer_gen.load(Ordering::Acquire),
         }
     }
 
@@ -259,7 +262,7 @@ pub async fn open_stream(repl: &Repl) -> Result<Opened, SessionError> {
 }
 
 async fn open_stream_now(repl: &Repl) -> Result<Opened, SessionError> {
-    let ch = channel(&repl.peer, Duration::from_secs(2)).await?;
+    let ch = channel(&repl.peer(), Duration::from_secs(2)).await?;
     let cap = crate::takeover::handoff::message_cap(repl.tracker.blocks() * u64::from(BLOCK_SIZE));
     let mut client = pb::peer_client::PeerClient::with_interceptor(
         ch,
@@ -285,6 +288,8 @@ pub(super) async fn session(
     // The role and epoch this session belongs to, taken before anything is sent: a fence while
     // the stream opens must end the session, never lend it the fence's epoch.
     let at = (vol.role(), vol.epoch());
+    // Before the peer's address is read: a cutover from here on ends this session.
+    let peer_gen = repl.peer_gen.load(Ordering::Acquire);
     let (tx, mut acks, hello) = open_stream(repl).await?;
     if hello.epoch > at.1 {
         if hello.role == pb::Role::Primary as i32 {
@@ -313,7 +318,7 @@ pub(super) async fn session(
     // A resync cut short (or a restart) can leave pending blocks that no record will ever clear.
     let need_resync = need_resync || t.pending_uncovered(durable + 1);
     repl.stats.set_connected(true);
-    info!(peer = %repl.peer, applied = hello.applied_seq, full = hello.need_full_resync, "replication link up");
+    info!(peer = %repl.peer(), applied = hello.applied_seq, full = hello.need_full_resync, "replication link up");
 
     let ack_repl = Arc::clone(repl);
     let ack_vol = Arc::clone(vol);
@@ -370,6 +375,7 @@ pub(super) async fn session(
         return Err(SessionError::RoleChanged);
     }
     let mut link = Link::new(vol, repl, tx, stop, drop_epoch, at);
+    link.peer_gen = peer_gen;
     let result = stream(
         &mut link,
         need_resync,
@@ -390,6 +396,7 @@ async fn stream(
     ack_task: &mut tokio::task::JoinHandle<SessionError>,
 ) -> Result<(), SessionError> {
     let t = &link.repl.tracker;
+    let peer_gen = link.peer_gen;
     if need_resync {
         cursor = link.resync(full).await?;
         need_resync = false;
@@ -411,6 +418,10 @@ async fn stream(
             return Err(r.unwrap_or(SessionError::Closed));
         }
         if link.vol.sending() != Sending::Stream {
+            return Err(SessionError::RoleChanged);
+        }
+        // A live move's cutover pointed replication at another engine: reconnect there.
+        if link.repl.peer_gen.load(Ordering::Acquire) != peer_gen {
             return Err(SessionError::RoleChanged);
         }
         let acked = *link.repl.acked.borrow();

@@ -50,7 +50,7 @@ pub async fn run(vol: Arc<Volume>, repl: Arc<Repl>, mut stop: watch::Receiver<bo
                 if started.elapsed() > Duration::from_secs(2) {
                     backoff = Duration::from_millis(50);
                 }
-                warn!(peer = %repl.peer, error = %e, "replication link down; writes are tracked in the table");
+                warn!(peer = %repl.peer(), error = %e, "replication link down; writes are tracked in the table");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.changed() => {}

@@ -35,6 +35,8 @@ const IN_FLIGHT: u64 = u64::MAX;
 /// Generation of a block whose data write failed: above every seq, so no record's
 /// acknowledgement clears it; an image read now carries it and clears it.
 const CONTENT_UNKNOWN: u64 = u64::MAX - 1;
+/// The live move's table of blocks owed to the new engine (`MoveTable`).
+pub const MOVE_PENDING_FILE: &str = "move_pending";
 /// Checkpoints (500 ms apart) an extent must stay unwritten and clean before it cools.
 pub const COOL_AFTER_TICKS: u32 = 20;
 const STRIPES: u64 = 1024;
@@ -119,6 +121,23 @@ pub struct TrackState {
     /// previous incarnation, so the numbers collide and the journal cannot be trusted.
     boot_next: u64,
     seq_checked: bool,
+    /// The new engine's table while a live move copies (issue 18); `None` otherwise.
+    moving: Option<MoveTable>,
+}
+
+/// What a live move owes its new engine beyond the copy (issue 18, the position correlation).
+/// The copier reads a chunk and moves `watermark` past it under the chunk's block locks, and a
+/// host write decides under its own block locks: below the watermark the copier already read the
+/// block, so the write is owed to the new engine (set here); at or above it the copier reads it
+/// later. A write and the copier's read of the same block therefore never interleave unseen.
+/// Test: `tracker::tests::a_write_racing_the_copier_is_copied_or_owed`.
+struct MoveTable {
+    watermark: u64,
+    pending: Bitmap,
+    /// The seq each pending block was last written at: only the new engine's durable
+    /// acknowledgement of that generation clears it (as `last_seq` does for the peer).
+    gen: HashMap<u64, u64>,
+    dirty: bool,
 }
 
 /// What the sender streams next (`Tracker::next_records`).
@@ -131,6 +150,17 @@ pub enum Next {
 }
 
 impl TrackState {
+    /// Records the generation of a block this write marked owed to the new engine.
+    fn move_generation(&mut self, b: u64, gen: u64) {
+        if let Some(m) = &mut self.moving {
+            if let Some(g) = m.gen.get_mut(&b) {
+                if *g == IN_FLIGHT {
+                    *g = gen;
+                }
+            }
+        }
+    }
+
     /// Extents that must stay covered: any with a pending block (writes in flight included), and,
     /// unless `quiesced`, any written in the last `COOL_AFTER_TICKS` checkpoints.
     fn hot_extents(&self, quiesced: bool) -> Bitmap {
@@ -155,10 +185,13 @@ pub struct Tracker {
     pub locks: BlockLocks,
     pending_file: BitmapFile,
     intent_path: PathBuf,
+    move_file: BitmapFile,
     /// Grows with the volume (`grow`), after the tables have.
     blocks: std::sync::atomic::AtomicU64,
     /// Points where a unit test holds a thread (nothing outside tests).
     pub(crate) seams: crate::seam::Seams,
+    /// Woken when the new engine of a live move acknowledged owed blocks.
+    pub move_acked: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
@@ -215,12 +248,15 @@ impl Tracker {
                 epoch,
                 boot_next: acked_seq + 1,
                 seq_checked: false,
+                moving: None,
             }),
             locks: BlockLocks::new(),
             pending_file: BitmapFile::new(pending_path),
             intent_path,
+            move_file: BitmapFile::new(state_dir.join(MOVE_PENDING_FILE)),
             blocks: blocks.into(),
             seams: Default::default(),
+            move_acked: Default::default(),
         })
     }
 
@@ -236,6 +272,9 @@ impl Tracker {
         let extents = blocks.div_ceil(EXTENT_BLOCKS);
         s.pending.grow(blocks);
         s.intent.grow(extents);
+        if let Some(m) = &mut s.moving {
+            m.pending.grow(blocks);
+        }
         if s.last_touch.len() < extents as usize {
             s.last_touch.resize(extents as usize, 0);
         }
@@ -380,6 +419,15 @@ impl Tracker {
             let mut cold = Vec::new();
             let mut before = Vec::new();
             let tick = s.tick;
+            if let Some(m) = &mut s.moving {
+                // Decided under the block locks, which the copier holds while it reads a chunk
+                // and moves the watermark past it (`MoveTable`).
+                for b in blocks.clone().filter(|&b| b < m.watermark) {
+                    m.pending.set(b);
+                    m.gen.insert(b, IN_FLIGHT);
+                    m.dirty = true;
+                }
+            }
             for b in blocks.clone() {
                 s.pending.set(b);
                 before.push((b, s.last_seq.insert(b, IN_FLIGHT)));
@@ -403,6 +451,7 @@ impl Tracker {
                     // `mark_pending` for why a generation is never lowered).
                     for (b, g) in before {
                         s.last_seq.insert(b, g.unwrap_or(0));
+                        s.move_generation(b, 0);
                     }
                     return Err(e);
                 }
@@ -417,6 +466,7 @@ impl Tracker {
             // `tests::failed_data_write_stays_pending_for_resync`.
             for b in blocks {
                 s.last_seq.insert(b, CONTENT_UNKNOWN);
+                s.move_generation(b, CONTENT_UNKNOWN);
             }
             s.resync_needed = true;
             return applied.map(|_| 0);
@@ -425,6 +475,7 @@ impl Tracker {
         let tick = s.tick;
         for b in blocks {
             s.last_seq.insert(b, seq);
+            s.move_generation(b, seq);
             // Touched again after the data write, so a checkpoint whose data sync began before
             // it cannot cool this extent.
             s.last_touch[(b / EXTENT_BLOCKS) as usize] = tick;
@@ -609,6 +660,10 @@ impl Tracker {
             }
         }
         drop(turn);
+        // The move's table is stored before any extent cools below: a block owed to the new
+        // engine is either in this file or in a hot extent, which a restart adds back
+        // (`MoveTable`, `Tracker::intent_blocks`). Test: `tests/move.rs` kill loop.
+        self.store_move_table()?;
         let cooling = {
             let s = self.state();
             let hot = s.hot_extents(quiesced);
@@ -630,6 +685,153 @@ impl Tracker {
             s.intent = hot;
         }
         Ok(())
+    }
+
+    /// A live move starts (or resumes after a restart): the copier is at `watermark`, and
+    /// `owed` are the blocks below it the new engine may lack.
+    pub fn start_move(&self, watermark: u64, owed: Bitmap) {
+        let mut s = self.state();
+        s.moving = Some(MoveTable {
+            watermark,
+            gen: owed.iter_ones().map(|b| (b, 0)).collect(),
+            pending: owed,
+            dirty: true,
+        });
+    }
+
+    /// The move ended (cut over or aborted): writes go to the one peer again.
+    pub fn end_move(&self) {
+        self.state().moving = None;
+        self.move_acked.notify_waiters();
+    }
+
+    /// The copier's watermark, while a move copies.
+    pub fn move_watermark(&self) -> Option<u64> {
+        self.state().moving.as_ref().map(|m| m.watermark)
+    }
+
+    /// The copier's step: under the block locks of `lo..hi`, runs `read` (the chunk's bytes) and
+    /// moves the watermark past the chunk, so a host write to it lands either before the read
+    /// (the copy carries it) or after the watermark moved (it is owed: `MoveTable`).
+    pub fn copy_chunk<T>(
+        &self,
+        lo: u64,
+        hi: u64,
+        read: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let _g = self.locks.lock(lo..hi);
+        let out = read()?;
+        self.seams.hit("move.copy.read");
+        if let Some(m) = &mut self.state().moving {
+            m.watermark = m.watermark.max(hi);
+        }
+        Ok(out)
+    }
+
+    /// Up to `max` blocks owed to the new engine.
+    pub fn move_owed(&self, max: usize) -> Vec<u64> {
+        self.state()
+            .moving
+            .as_ref()
+            .filter(|m| !m.pending.is_empty())
+            .map(|m| m.pending.iter_ones().take(max).collect())
+            .unwrap_or_default()
+    }
+
+    /// How many blocks are owed to the new engine (0 when no move copies).
+    pub fn move_owed_count(&self) -> u64 {
+        self.state()
+            .moving
+            .as_ref()
+            .map_or(0, |m| m.pending.count())
+    }
+
+    /// Reads an owed block for the new engine: (generation, data), consistent under its lock;
+    /// `None` when it is no longer owed.
+    pub fn read_move_image(
+        &self,
+        block: u64,
+        read: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<Option<(u64, Vec<u8>)>> {
+        let _g = self.locks.lock(block..block + 1);
+        let gen = {
+            let s = self.state();
+            match &s.moving {
+                Some(m) if m.pending.get(block) => m.gen.get(&block).copied().unwrap_or(0),
+                _ => return Ok(None),
+            }
+        };
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        read(&mut buf)?;
+        Ok(Some((gen, buf)))
+    }
+
+    /// The new engine durably stored these images (block, generation): a block written again
+    /// since its image was read stays owed.
+    pub fn ack_move_images(&self, blocks: &[u64], gens: &[u64]) {
+        {
+            let mut s = self.state();
+            let Some(m) = &mut s.moving else { return };
+            for (&b, &g) in blocks.iter().zip(gens) {
+                if m.gen.get(&b).copied() == Some(g) && m.pending.clear(b) {
+                    m.gen.remove(&b);
+                    m.dirty = true;
+                }
+            }
+        }
+        self.move_acked.notify_waiters();
+    }
+
+    /// Whether the new engine of a live move still lacks the write `seq` to `blocks` (one of them
+    /// owed at that generation or an older one).
+    pub fn move_owes(&self, blocks: std::ops::Range<u64>, seq: u64) -> bool {
+        let s = self.state();
+        let Some(m) = &s.moving else { return false };
+        let owes = blocks
+            .into_iter()
+            .any(|b| m.pending.get(b) && m.gen.get(&b).is_some_and(|&g| g <= seq));
+        owes
+    }
+
+    /// Every block of every hot intent extent: with the stored move table, a superset of what
+    /// the new engine may lack after a crash.
+    pub fn intent_blocks(&self) -> Bitmap {
+        let s = self.state();
+        let mut out = Bitmap::new(self.blocks());
+        for e in s.intent.iter_ones() {
+            out.set_range(e * EXTENT_BLOCKS, ((e + 1) * EXTENT_BLOCKS).min(out.len()));
+        }
+        out
+    }
+
+    /// Stores the move's table if it changed.
+    pub fn store_move_table(&self) -> io::Result<()> {
+        let turn = self.move_file.turn();
+        let snapshot = {
+            let mut s = self.state();
+            match &mut s.moving {
+                Some(m) if m.dirty => {
+                    m.dirty = false;
+                    Some(m.pending.encode())
+                }
+                _ => None,
+            }
+        };
+        if let Some(p) = snapshot {
+            if let Err(e) = turn.store(&p) {
+                if let Some(m) = &mut self.state().moving {
+                    m.dirty = true;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored move table (empty when there is none).
+    pub fn load_move_table(&self) -> io::Result<Bitmap> {
+        Ok(Bitmap::load(self.move_file.path(), self.blocks())?
+            .unwrap_or_else(|| Bitmap::new(self.blocks())))
     }
 
     /// Oldest unacknowledged write's age, for the lag report.
@@ -665,6 +867,69 @@ mod tests {
         let s = put(t, 0);
         put(t, 600);
         t.ack_journal(s);
+    }
+
+    /// The copier's read of a chunk and a host write to a block in it, forced to race: the
+    /// copier is held after its read, before its watermark passes the chunk, while the write is
+    /// issued. Whatever the order, the new engine must end up with the write: the copy read it,
+    /// or the block is owed. (If the watermark moved outside the block locks, the write would
+    /// land in between unseen: neither copied nor owed.)
+    #[test]
+    fn a_write_racing_the_copier_is_copied_or_owed() {
+        let d = tempfile::tempdir().unwrap();
+        let t = std::sync::Arc::new(tracker(d.path()));
+        let disk = std::sync::Arc::new(Mutex::new(vec![0u8; 64]));
+        t.start_move(0, Bitmap::new(4096));
+        let held = t.seams.arm("move.copy.read");
+        let copier = {
+            let (t, disk) = (std::sync::Arc::clone(&t), std::sync::Arc::clone(&disk));
+            std::thread::spawn(move || {
+                t.copy_chunk(0, 64, || Ok(disk.lock().unwrap().clone()))
+                    .unwrap()
+            })
+        };
+        assert!(held.wait_arrived(), "the copier never read its chunk");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let writer = {
+            let (t, disk) = (std::sync::Arc::clone(&t), std::sync::Arc::clone(&disk));
+            std::thread::spawn(move || {
+                let seq = t
+                    .write(5 * 4096, Payload::Data(Bytes::from(vec![7; 4096])), || {
+                        disk.lock().unwrap()[5] = 7;
+                        Ok(())
+                    })
+                    .unwrap();
+                let _ = done_tx.send(());
+                seq
+            })
+        };
+        // The write must wait for the copier's block locks: it cannot finish while the copier
+        // is held between its read and the watermark (a negative check, bounded).
+        assert!(
+            done_rx
+                .recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the write finished between the copier's read and its watermark"
+        );
+        held.release();
+        let copied = copier.join().unwrap();
+        let seq = writer.join().unwrap();
+        assert_eq!(t.move_watermark(), Some(64));
+        let owed = t.move_owed(10);
+        assert!(
+            copied[5] == 7 || owed.contains(&5),
+            "block 5's write is neither in the copy nor owed: the new engine would lack it"
+        );
+        // Owed at the write's generation: only that acknowledgement clears it.
+        t.ack_move_images(&[5], &[seq - 1]);
+        assert_eq!(t.move_owed(10), vec![5]);
+        let (g, _) = t.read_move_image(5, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(g, seq);
+        t.ack_move_images(&[5], &[g]);
+        assert!(t.move_owed(10).is_empty());
+        // Above the watermark a write is the copier's, not owed.
+        put(&t, 100);
+        assert!(t.move_owed(10).is_empty());
     }
 
     /// A checkpoint's snapshot stored late must not overwrite the table `mark_pending` stored

@@ -75,6 +75,9 @@ impl Volume {
         let Some(repl) = &self.repl else {
             return Err(EngineError::NotPaired("volume is not paired"));
         };
+        // A takeover during a live move is refused until the move is done or aborted: the move
+        // would otherwise copy from an engine that no longer serves.
+        crate::repl::mover::refuse_while_moving(self, "a takeover (FenceAndHandoff)")?;
         let _gate = self.gate.write().await;
         let step = self.transition(Event::Fence { new_epoch }, Carry::default())?;
         if step.changes() {
@@ -158,7 +161,7 @@ impl Volume {
             .event(format!("TakeoverRequested epoch={new_epoch} force={force}"));
         // Taken before the peer is asked: the handoff answer renews the lease from here.
         let stamp = crate::lease::mono_us();
-        let handoff = self.ask_for_table(&repl.peer, new_epoch, timeout).await;
+        let handoff = self.ask_for_table(&repl.peer(), new_epoch, timeout).await;
         let blocks = self.size() / BS;
         let reply = match handoff {
             Ok(h) => {
@@ -348,7 +351,7 @@ impl Volume {
         let Some(repl) = &self.repl else {
             return Err(EngineError::NotPaired("volume is not paired"));
         };
-        if let Some(answer) = self.probe_peer(&repl.peer, timeout).await {
+        if let Some(answer) = self.probe_peer(&repl.peer(), timeout).await {
             return Err(EngineError::DrainNotAbandoned(answer));
         }
         let _gate = self.gate.write().await;

@@ -41,11 +41,13 @@ const RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 const MAX_IN_FLIGHT: usize = 32;
 
 pub struct Proxy {
-    peer: String,
+    /// A live move's cutover changes it (`set_peer`).
+    peer: std::sync::RwLock<String>,
     token: Option<String>,
     pub timeout: Duration,
     inflight: Mutex<HashMap<u64, Waiters>>,
-    client: tokio::sync::Mutex<Option<PeerClient>>,
+    /// The cached client and the address it was made for.
+    client: tokio::sync::Mutex<Option<(String, PeerClient)>>,
     permits: Semaphore,
     pub reads: AtomicU64,
     pub errors: AtomicU64,
@@ -81,7 +83,7 @@ impl Drop for Owner<'_> {
 impl Proxy {
     pub fn new(peer: String, token: Option<String>, timeout: Duration) -> Self {
         Self {
-            peer,
+            peer: std::sync::RwLock::new(peer),
             token,
             timeout,
             inflight: Mutex::new(HashMap::new()),
@@ -90,6 +92,15 @@ impl Proxy {
             reads: AtomicU64::new(0),
             errors: AtomicU64::new(0),
         }
+    }
+
+    fn peer(&self) -> String {
+        self.peer.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Proxied reads go to `peer` from now on (a live move's cutover).
+    pub fn set_peer(&self, peer: &str) {
+        *self.peer.write().unwrap_or_else(|p| p.into_inner()) = peer.to_string();
     }
 
     /// Reads whole blocks from the peer at `epoch`; the results are in the order of `blocks`.
@@ -141,7 +152,7 @@ impl Proxy {
                 .unwrap_or_else(|_| {
                     Err(format!(
                         "peer {} did not answer within {} ms ({last})",
-                        self.peer,
+                        self.peer(),
                         self.timeout.as_millis()
                     ))
                 });
@@ -189,17 +200,18 @@ impl Proxy {
             .map_err(|_| Fetch::Refused("proxy closed".to_string()))?;
         let mut client = {
             let mut c = self.client.lock().await;
+            let peer = self.peer();
             match &*c {
-                Some(cl) => cl.clone(),
-                None => {
-                    let ch = channel(&self.peer, self.timeout)
+                Some((at, cl)) if *at == peer => cl.clone(),
+                _ => {
+                    let ch = channel(&peer, self.timeout)
                         .await
                         .map_err(|e| Fetch::Retry(e.to_string()))?;
                     let interceptor = TokenInterceptor::new(self.token.as_deref())
                         .map_err(|e| Fetch::Refused(e.to_string()))?;
                     let cl = pb::peer_client::PeerClient::with_interceptor(ch, interceptor)
                         .max_decoding_message_size(64 << 20);
-                    *c = Some(cl.clone());
+                    *c = Some((peer, cl.clone()));
                     cl
                 }
             }
@@ -214,7 +226,7 @@ impl Proxy {
         let reply = match reply {
             Ok(r) => r.into_inner(),
             Err(s) => {
-                let msg = format!("peer {}: {}", self.peer, s.message());
+                let msg = format!("peer {}: {}", self.peer(), s.message());
                 if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
                     *self.client.lock().await = None;
                     return Err(Fetch::Retry(msg));

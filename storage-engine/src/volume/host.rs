@@ -218,6 +218,10 @@ impl Volume {
             apply(&payload)?;
             return Ok(());
         };
+        let len = match &payload {
+            Payload::Data(d) => d.len() as u64,
+            Payload::Zero(n) => *n,
+        };
         let seq = if self.areas.active() {
             self.write_routed(offset, payload, keep_allocated).await?
         } else {
@@ -233,7 +237,35 @@ impl Volume {
                 "sync mode: the peer did not acknowledge and the witness did not consent",
             ));
         }
+        if r.mode == Mode::Sync {
+            self.wait_moved(r, crate::geometry::blocks_of(offset, len), seq)
+                .await;
+        }
         self.leased(r).await
+    }
+
+    /// Sync mode during a live move: a write below the copy's watermark waits for the new engine
+    /// too (its durable image), at most `--sync-timeout-ms`. The old secondary stays the
+    /// authoritative copy until the cutover, and the cutover waits for every owed block, so a
+    /// miss here only means the write reaches the new engine later.
+    async fn wait_moved(&self, r: &crate::repl::Repl, blocks: std::ops::Range<u64>, seq: u64) {
+        if r.tracker.move_watermark().is_none() {
+            return;
+        }
+        self.mover.poke();
+        let deadline = tokio::time::Instant::now() + r.sync_timeout;
+        loop {
+            let acked = r.tracker.move_acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            if !r.tracker.move_owes(blocks.clone(), seq) {
+                return;
+            }
+            tokio::select! {
+                _ = &mut acked => {}
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
     }
 
     /// The last check before a change is acknowledged: a paired primary must hold its write lease

@@ -154,7 +154,7 @@ pub async fn renew_task(vol: Arc<Volume>, mut stop: watch::Receiver<bool>) {
             let stamp = mono_us();
             let attempt = async {
                 if client.is_none() {
-                    let ch = channel(&repl.peer, every)
+                    let ch = channel(&repl.peer(), every)
                         .await
                         .map_err(|e| e.to_string())?;
                     client = Some(pb::peer_client::PeerClient::with_interceptor(

@@ -120,6 +120,8 @@ pub struct Volume {
     pub(crate) losses: crate::loss::Losses,
     /// Snapshots and their copy-on-write areas (`crate::snapshot`).
     pub(crate) snapshots: crate::snapshot::Snapshots,
+    /// The live move of the secondary (`crate::repl::mover`).
+    pub(crate) mover: crate::repl::mover::Mover,
     replica: Mutex<ReplicaState>,
     secondary_read_only: bool,
     implicit_takeover: bool,
@@ -258,7 +260,8 @@ impl Volume {
                     wake: Default::default(),
                     acked: tokio::sync::watch::channel(meta.acked_seq).0,
                     durable: tokio::sync::watch::channel(meta.acked_seq).0,
-                    peer: p.peer.clone(),
+                    peer: std::sync::RwLock::new(p.peer.clone()),
+                    peer_gen: Default::default(),
                     token: p.token.clone(),
                     mode: p.mode,
                     sync_timeout: p.sync_timeout,
@@ -305,6 +308,7 @@ impl Volume {
         )?;
         let losses = crate::loss::Losses::open_grown(&cfg.state_dir, &cfg.name, size, &earlier)
             .map_err(OpenError::Loss)?;
+        let mover = crate::repl::mover::Mover::open(&cfg.state_dir).map_err(dir_err)?;
         let mut running = meta.clone();
         running.clean_shutdown = false;
         running.boot_id = boot_id;
@@ -324,6 +328,7 @@ impl Volume {
             repl,
             losses,
             snapshots,
+            mover,
             replica: Mutex::new(replica),
             secondary_read_only: cfg.secondary_read_only,
             implicit_takeover: cfg.implicit_takeover,
@@ -331,6 +336,7 @@ impl Volume {
             _lock: lock,
         });
         vol.grow_at_open(cfg.size)?;
+        crate::repl::mover::recover(&vol);
         Ok(vol)
     }
 

@@ -70,6 +70,8 @@ impl Volume {
                 state.epoch, req.epoch
             )));
         }
+        // The copier's table and watermark cover the size the move started with.
+        crate::repl::mover::refuse_while_moving(self, "a resize")?;
         if self.areas.active() {
             return Err(EngineError::TakeoverInProgress(format!(
                 "a takeover is {:?} at epoch {}; retry once it is done",
@@ -140,12 +142,12 @@ impl Volume {
         let unreachable = |why: String| {
             EngineError::PeerUnreachable(format!(
                 "the secondary at {} did not answer ({why}); this engine keeps {} bytes",
-                r.peer,
+                r.peer(),
                 self.size()
             ))
         };
         let call = async {
-            let ch = channel(&r.peer, bound)
+            let ch = channel(&r.peer(), bound)
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
             pb::peer_client::PeerClient::with_interceptor(ch, interceptor)
