@@ -34,6 +34,9 @@ pub const EXTENT_BLOCKS: u64 = 256;
 const IN_FLIGHT: u64 = u64::MAX;
 /// The live move's table of blocks owed to the new engine (`MoveTable`).
 pub const MOVE_PENDING_FILE: &str = "move_pending";
+/// Generation of a block whose data write failed: above every seq, so no record's
+/// acknowledgement clears it; an image read now carries it and clears it.
+const CONTENT_UNKNOWN: u64 = u64::MAX - 1;
 /// Checkpoints (500 ms apart) an extent must stay unwritten and clean before it cools.
 pub const COOL_AFTER_TICKS: u32 = 20;
 const STRIPES: u64 = 1024;
@@ -414,6 +417,7 @@ impl Tracker {
         {
             let mut s = self.state();
             let mut cold = Vec::new();
+            let mut before = Vec::new();
             let tick = s.tick;
             if let Some(m) = &mut s.moving {
                 // Decided under the block locks, which the copier holds while it reads a chunk
@@ -426,7 +430,7 @@ impl Tracker {
             }
             for b in blocks.clone() {
                 s.pending.set(b);
-                s.last_seq.insert(b, IN_FLIGHT);
+                before.push((b, s.last_seq.insert(b, IN_FLIGHT)));
                 // Already set means already in the intent file (`TrackState::intent`).
                 if s.intent.set(b / EXTENT_BLOCKS) {
                     cold.push(b / EXTENT_BLOCKS);
@@ -443,8 +447,11 @@ impl Tracker {
                     for x in cold {
                         s.intent.clear(x);
                     }
-                    for b in blocks {
-                        s.last_seq.insert(b, 0);
+                    // Nothing was written: each block keeps the generation it had (see
+                    // `mark_pending` for why a generation is never lowered).
+                    for (b, g) in before {
+                        s.last_seq.insert(b, g.unwrap_or(0));
+                        // Unchanged content: any image of it the new engine acknowledges is good.
                         s.move_generation(b, 0);
                     }
                     return Err(e);
@@ -455,9 +462,12 @@ impl Tracker {
         let mut s = self.state();
         if applied.is_err() {
             // The block's content is unknown: keep it pending and let a resync send what is there.
+            // Invariant: only an image clears it, never the acknowledgement of a record (an older
+            // one would leave the peer without the torn bytes this file may hold). Test:
+            // `tests::failed_data_write_stays_pending_for_resync`.
             for b in blocks {
-                s.last_seq.insert(b, 0);
-                s.move_generation(b, 0);
+                s.last_seq.insert(b, CONTENT_UNKNOWN);
+                s.move_generation(b, CONTENT_UNKNOWN);
             }
             s.resync_needed = true;
             return applied.map(|_| 0);
@@ -549,13 +559,21 @@ impl Tracker {
     /// The intent extents are left alone: the stored table covers these blocks, and an extent
     /// marked hot here without its fsync would let a later write in it skip the intent store
     /// (see `TrackState::intent`).
+    ///
+    /// Invariant: a block already pending keeps its generation (the seq of its newest write, or
+    /// IN_FLIGHT). Lowered to 0, an acknowledgement of an *older* record of the block cleared it:
+    /// a returning secondary's hello asks its stale table back and reports the records it made
+    /// durable before the link broke; the primary had rewritten some of those blocks since, and
+    /// they were never resent (replicas silently differing: the sync partition campaign's
+    /// "reboot B (secondary)" round, after issue 14). Test:
+    /// `tests::a_block_asked_back_keeps_its_newest_write_pending`.
     pub fn mark_pending(&self, set: &Bitmap) -> io::Result<()> {
         let turn = self.pending_file.turn();
         let snapshot = {
             let mut s = self.state();
             s.pending.union_with(set);
             for b in set.iter_ones() {
-                s.last_seq.insert(b, 0);
+                s.last_seq.entry(b).or_insert(0);
             }
             s.resync_needed = true;
             s.dirty = true;
@@ -997,6 +1015,36 @@ mod tests {
         }
     }
 
+    /// The interleaving of the finding: the primary wrote block 5 at s1 and again at s2; the
+    /// secondary made s1 durable, its acknowledgement was lost with the link, and it restarted.
+    /// Its hello asks block 5 back (its table, stored before the resync that overwrote it, is
+    /// stale) and reports s1 durable. Block 5 must stay pending: the secondary lacks s2.
+    #[test]
+    fn a_block_asked_back_keeps_its_newest_write_pending() {
+        let d = tempfile::tempdir().unwrap();
+        let t = tracker(d.path());
+        let s1 = put(&t, 5);
+        let s2 = put(&t, 5);
+        put(&t, 9);
+        assert!(s2 > s1);
+        let mut asked = Bitmap::new(4096);
+        asked.set(5);
+        asked.set(7);
+        // `repl::sender::session`'s order: the table asked back, then the durable seq.
+        t.mark_pending(&asked).unwrap();
+        t.ack_journal(s1);
+        assert!(
+            t.is_pending(5),
+            "block 5 cleared by the ack of s1 although s2 rewrote it"
+        );
+        assert!(t.is_pending(7), "a block only asked back stays pending");
+        // An image of block 5 read now carries s2, and its acknowledgement clears it.
+        let (g, _) = t.read_image(5, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(g, s2);
+        assert_eq!(t.ack_images(&[5], &[g]), 1);
+        assert!(!t.is_pending(5));
+    }
+
     #[test]
     fn ack_of_an_old_generation_keeps_the_block_pending() {
         let d = tempfile::tempdir().unwrap();
@@ -1146,13 +1194,27 @@ mod tests {
     fn failed_data_write_stays_pending_for_resync() {
         let d = tempfile::tempdir().unwrap();
         let t = tracker(d.path());
+        // Block 0 written at s1 (sent, not yet acknowledged), then a write to it fails midway.
+        let s1 = put(&t, 0);
         assert!(t
-            .write(0, Payload::Data(Bytes::from(vec![1; 4096])), || Err(
+            .write(0, Payload::Data(Bytes::from(vec![2; 4096])), || Err(
                 io::Error::other("EIO")
             ))
             .is_err());
-        let s = t.state();
-        assert!(s.pending.get(0) && s.resync_needed);
+        {
+            let s = t.state();
+            assert!(s.pending.get(0) && s.resync_needed);
+        }
+        // The peer's acknowledgement of s1 does not vouch for the torn bytes here.
+        t.ack_journal(s1);
+        assert!(
+            t.is_pending(0),
+            "an older record's ack cleared a torn block"
+        );
+        // An image does.
+        let (g, _) = t.read_image(0, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(t.ack_images(&[0], &[g]), 1);
+        assert!(!t.is_pending(0));
     }
 }
 
