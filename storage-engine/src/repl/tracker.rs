@@ -32,11 +32,11 @@ use crate::{
 /// Blocks per write-intent extent (1 MiB).
 pub const EXTENT_BLOCKS: u64 = 256;
 const IN_FLIGHT: u64 = u64::MAX;
+/// The live move's table of blocks owed to the new engine (`MoveTable`).
+pub const MOVE_PENDING_FILE: &str = "move_pending";
 /// Generation of a block whose data write failed: above every seq, so no record's
 /// acknowledgement clears it; an image read now carries it and clears it.
 const CONTENT_UNKNOWN: u64 = u64::MAX - 1;
-/// The live move's table of blocks owed to the new engine (`MoveTable`).
-pub const MOVE_PENDING_FILE: &str = "move_pending";
 /// Checkpoints (500 ms apart) an extent must stay unwritten and clean before it cools.
 pub const COOL_AFTER_TICKS: u32 = 20;
 const STRIPES: u64 = 1024;
@@ -451,6 +451,7 @@ impl Tracker {
                     // `mark_pending` for why a generation is never lowered).
                     for (b, g) in before {
                         s.last_seq.insert(b, g.unwrap_or(0));
+                        // Unchanged content: any image of it the new engine acknowledges is good.
                         s.move_generation(b, 0);
                     }
                     return Err(e);
