@@ -125,7 +125,7 @@ pub struct Volume {
     replica: Mutex<ReplicaState>,
     /// The replica's applied seq, for forwarded requests waiting on it (`forward`).
     pub(crate) applied: watch::Sender<u64>,
-    secondary_access: SecondaryAccess,
+    pub(crate) secondary_access: SecondaryAccess,
     /// A read-write secondary's client to its primary.
     pub(crate) forward: forward::Forwarder,
     implicit_takeover: bool,

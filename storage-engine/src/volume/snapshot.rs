@@ -8,7 +8,7 @@ use crate::{
     state::Phase,
 };
 
-use super::Volume;
+use super::{SecondaryAccess, Volume};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapError {
@@ -82,6 +82,13 @@ impl Volume {
         let s = self.state();
         match s.role {
             Role::Primary => {}
+            Role::Secondary if self.secondary_access == SecondaryAccess::None => {
+                return Err(SnapError::WrongRole(format!(
+                    "volume {:?} is secondary on this engine: snapshots are taken on the primary \
+                     (views on the secondary need --secondary-access read-only or read-write)",
+                    self.name
+                )))
+            }
             Role::Secondary if !self.replica().inconsistent() => {}
             Role::Secondary => {
                 return Err(SnapError::Busy(format!(
