@@ -22,11 +22,18 @@ pub const ATTR_TAKEOVER_POLICY: &str = "tandem.dev/takeover-policy";
 /// by the operator (from `spec.failover.peerTimeout`), read by the CSI plugin.
 pub const ATTR_PEER_TIMEOUT: &str = "tandem.dev/peer-timeout-seconds";
 
-/// PV `volumeAttributes`: `None` | `ReadOnly`, whether the secondary engine serves read-only host
-/// sessions (`spec.secondaryAccess`, engine flag `--secondary-access read-only`). Written by the
-/// operator, read by the CSI plugin: a read-only stage on the secondary's node attaches to the
-/// secondary when `ReadOnly`, and is FAILED_PRECONDITION otherwise (it never takes over).
+/// PV `volumeAttributes`: `None` | `ReadOnly` | `ReadWrite`, what the secondary engine serves hosts
+/// (`spec.secondaryAccess`, engine flag `--secondary-access none|read-only|read-write`). Written by
+/// the operator, read by the CSI plugin: a read-only stage on the secondary's node opens a
+/// point-in-time view there (a snapshot named with [`VIEW_SNAPSHOT_PREFIX`]) when `ReadOnly` or
+/// `ReadWrite`; a MULTI_NODE_MULTI_WRITER block stage opens a forwarded-write session there when
+/// `ReadWrite`; otherwise it is FAILED_PRECONDITION (a read-only stage never takes over).
 pub const ATTR_SECONDARY_ACCESS: &str = "tandem.dev/secondary-access";
+
+/// Snapshot ids starting with this are point-in-time views a CSI node plugin took on the engine
+/// of its own node for a read-only stage (issue 18), deleted at unstage. The plugin may create and
+/// delete only these, and only on its own node's engine (storage-engine `authz`).
+pub const VIEW_SNAPSHOT_PREFIX: &str = "view-";
 
 /// The key of the volume token in its Secret. Written by the operator; kubelet hands the Secret
 /// to the CSI plugin as NodeStageVolume's secrets (`nodeStageSecretRef`), where it reads this key.

@@ -45,12 +45,15 @@ impl FailoverPolicy {
     }
 }
 
-/// Whether the secondary engine serves read-only host sessions (`spec.secondaryAccess`).
+/// What the secondary engine serves hosts (`spec.secondaryAccess`, issue 18): `ReadOnly` is
+/// point-in-time views only (snapshot exports; not yet wired into stages here), `ReadWrite` live
+/// sessions (writes forwarded to the primary, current reads).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SecondaryAccess {
     #[default]
     None,
     ReadOnly,
+    ReadWrite,
 }
 
 impl SecondaryAccess {
@@ -58,6 +61,7 @@ impl SecondaryAccess {
         match s.trim().to_ascii_lowercase().as_str() {
             "none" | "" => Some(SecondaryAccess::None),
             "readonly" | "read-only" => Some(SecondaryAccess::ReadOnly),
+            "readwrite" | "read-write" => Some(SecondaryAccess::ReadWrite),
             _ => None,
         }
     }

@@ -306,9 +306,9 @@ fn plan_anywhere(
                 secondary_serves: false,
             } => Err(Error::PreconditionFailed(format!(
                 "a read-only stage on {node_id}, which holds the volume's secondary: it never \
-                 takes over, and the secondary serves no reads (secondaryAccess is not \
-                 ReadOnly); stage it read-write to move the volume here, or give the volume \
-                 secondaryAccess: ReadOnly"
+                 takes over, and the secondary serves no live reads (secondaryAccess is not \
+                 ReadWrite); stage it read-write to move the volume here, or give the volume \
+                 secondaryAccess: ReadWrite"
             ))),
         },
         (Some((e, Ok(s))), Some((_, top))) if s.role == Role::Primary && s.epoch >= top => {

@@ -917,7 +917,9 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
 fn want(req: &StageRequest, params: &VolumeParams) -> Want {
     if req.read_only {
         Want::Read {
-            secondary_serves: params.secondary_access == SecondaryAccess::ReadOnly,
+            // A read-write secondary serves live sessions with current reads; a read-only one
+            // serves point-in-time views only, which stages do not take yet (issue 18).
+            secondary_serves: params.secondary_access == SecondaryAccess::ReadWrite,
         }
     } else {
         Want::Write

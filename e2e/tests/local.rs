@@ -1795,7 +1795,8 @@ async fn roles_unchanged(pair: &EnginePair) -> anyhow::Result<()> {
 }
 
 /// Issue 12 item 6: a read-only stage on the secondary's node never takes over. With
-/// `secondaryAccess: ReadOnly` (engines started with `--secondary-access read-only`) it attaches
+/// `secondaryAccess: ReadWrite` (engines started with `--secondary-access read-write`; issue 18:
+/// a ReadOnly secondary serves point-in-time views only) it attaches
 /// read-only to the secondary and reads what the primary's pod wrote, while that pod keeps writing
 /// on node A; without it the stage is FAILED_PRECONDITION and attaches nothing. The engines keep
 /// their roles and epoch throughout.
@@ -1812,7 +1813,7 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
         "vol-ro",
         "64M",
         TOKEN,
-        &["--secondary-access", "read-only"],
+        &["--secondary-access", "read-write"],
     )
     .unwrap();
     let secrets = scratch.secrets("vol-ro", TOKEN).unwrap();
@@ -1822,7 +1823,7 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
     let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
     let ctx = pair.volume_context();
     let mut ro_ctx = ctx.clone();
-    ro_ctx.insert(ATTR_SECONDARY_ACCESS.into(), "ReadOnly".into());
+    ro_ctx.insert(ATTR_SECONDARY_ACCESS.into(), "ReadWrite".into());
     let id = "default/pv-ro";
     let tmp = scratch.path("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -1855,7 +1856,7 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
         assert_clean_under(&nb.root);
         roles_unchanged(&pair).await?;
 
-        // secondaryAccess ReadOnly: attached to engine-b, read-only, at its epoch.
+        // secondaryAccess ReadWrite: attached to engine-b (current reads), read-only, at its epoch.
         let mut req = stage_request(id, &nb.staging, None, &ro_ctx, &secrets);
         req.volume_capability = Some(reader_capability(None, Mode::MultiNodeReaderOnly));
         b.node.node_stage_volume(req.clone()).await?;

@@ -297,12 +297,37 @@ impl FailoverPolicy {
     }
 }
 
-/// Host access to the secondary's copy.
+/// Host access to the secondary's copy (engine flag `--secondary-access`).
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum SecondaryAccess {
+    /// The secondary serves no host.
     #[default]
     None,
+    /// Point-in-time views on the secondary (a read-only stage there, e.g. a backup).
     ReadOnly,
+    /// Views, and read-write sessions on the secondary: writes forwarded to the primary, current
+    /// reads (a MULTI_NODE_MULTI_WRITER block volume used on both nodes).
+    ReadWrite,
+}
+
+impl SecondaryAccess {
+    /// The engine's `--secondary-access` value.
+    pub fn engine_flag(self) -> &'static str {
+        match self {
+            SecondaryAccess::None => "none",
+            SecondaryAccess::ReadOnly => "read-only",
+            SecondaryAccess::ReadWrite => "read-write",
+        }
+    }
+
+    /// The PV attribute's value (`contract::ATTR_SECONDARY_ACCESS`).
+    pub fn attribute(self) -> &'static str {
+        match self {
+            SecondaryAccess::None => "None",
+            SecondaryAccess::ReadOnly => "ReadOnly",
+            SecondaryAccess::ReadWrite => "ReadWrite",
+        }
+    }
 }
 
 /// Kubernetes volume mode.

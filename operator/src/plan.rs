@@ -544,9 +544,9 @@ pub fn engine_pod(
     // wait as the witness are all derived from this one number.
     args.push("--lease-ms".into());
     args.push(mv.spec.failover.lease_ms.to_string());
-    if mv.spec.secondary_access == SecondaryAccess::ReadOnly {
+    if mv.spec.secondary_access != SecondaryAccess::None {
         args.push("--secondary-access".into());
-        args.push("read-only".into());
+        args.push(mv.spec.secondary_access.engine_flag().into());
     }
 
     let data_volume = match (
@@ -968,11 +968,7 @@ pub fn pv_attributes(
     // A read-only stage on the secondary's node reads the secondary only when the volume allows it.
     attributes.insert(
         ATTR_SECONDARY_ACCESS.to_string(),
-        match mv.spec.secondary_access {
-            crate::crd::SecondaryAccess::ReadOnly => "ReadOnly",
-            crate::crd::SecondaryAccess::None => "None",
-        }
-        .to_string(),
+        mv.spec.secondary_access.attribute().to_string(),
     );
     let peer_timeout = crate::crd::parse_duration(&mv.spec.failover.peer_timeout)
         .unwrap_or(std::time::Duration::from_secs(30));
@@ -1633,6 +1629,17 @@ mod tests {
             (128u64 << 20).to_string()
         );
         assert_eq!(flag(&pod, "--secondary-access").unwrap(), "read-only");
+        mv.spec.secondary_access = SecondaryAccess::ReadWrite;
+        let rw = engine_pod(
+            &mv,
+            Slot::B,
+            EngineRole::Secondary,
+            "n2",
+            &EngineConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(flag(&rw, "--secondary-access").unwrap(), "read-write");
+        mv.spec.secondary_access = SecondaryAccess::ReadOnly;
 
         let spec = pod.spec.as_ref().unwrap();
         let labels = pod.metadata.labels.as_ref().unwrap();

@@ -29,6 +29,8 @@ pub enum Call {
     InjectFault,
     /// CreateSnapshot, DeleteSnapshot, ListSnapshots.
     Snapshot,
+    /// CreateSnapshot, DeleteSnapshot of a point-in-time view (`contract::VIEW_SNAPSHOT_PREFIX`).
+    View,
     /// Online expansion (the operator, and the CSI controller that runs as the operator).
     Resize,
     /// StartMove, GetMove, AbortMove: the operator only (issue 18).
@@ -47,6 +49,7 @@ impl Call {
             Call::GrantLease => "Engine.GrantLease",
             Call::InjectFault => "Engine.InjectFault",
             Call::Snapshot => "Engine.CreateSnapshot/DeleteSnapshot/ListSnapshots",
+            Call::View => "Engine.CreateSnapshot/DeleteSnapshot of a view",
             Call::Resize => "Engine.Resize",
             Call::Move => "Engine.StartMove/GetMove/AbortMove",
             Call::Peer(p) => p,
@@ -77,6 +80,10 @@ fn allowed(me: &Me, who: &Identity, call: Call) -> bool {
         (Identity::Engine { .. } | Identity::Csi { .. }, Call::Status) => same_volume,
         // A plugin takes over (by handoff, never by force) only the engine on its own node.
         (Identity::Csi { node, .. }, Call::Takeover(TakeoverPolicy::Wait)) => {
+            same_volume && me.node.as_deref() == Some(node.as_str())
+        }
+        // A plugin takes and releases point-in-time views (issue 18) only on its own node's engine.
+        (Identity::Csi { node, .. }, Call::View) => {
             same_volume && me.node.as_deref() == Some(node.as_str())
         }
         // Forced promotion, failback, witness grants, fault injection, Engine.Resize, snapshots
@@ -265,6 +272,12 @@ mod tests {
             (&csi_there, Call::Snapshot, false),
             (&engine, Call::Snapshot, false),
             (&foreign_engine, Call::Snapshot, false),
+            // Views: the plugin on the engine's own node, and the operator.
+            (&op, Call::View, true),
+            (&csi_here, Call::View, true),
+            (&csi_there, Call::View, false),
+            (&foreign_csi, Call::View, false),
+            (&engine, Call::View, false),
             (&op, Call::Resize, true),
             (&csi_here, Call::Resize, false),
             (&engine, Call::Resize, false),

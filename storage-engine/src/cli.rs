@@ -286,7 +286,10 @@ pub struct DemoArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SecondaryAccess {
     None,
+    /// Point-in-time views: snapshots taken on the secondary, opened as `<volume>@snapshot/<id>`.
     ReadOnly,
+    /// Read-write sessions: writes forwarded to the primary, current reads.
+    ReadWrite,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -385,7 +388,9 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address, HOST:PORT.
     #[arg(long)]
     pub metrics_listen: Option<String>,
-    /// Whether a secondary serves read-only NBD sessions from its (consistent) replica.
+    /// What a secondary serves hosts: none; read-only (point-in-time views: snapshots taken on it,
+    /// the live copy is never served); read-write (writes forwarded to the primary, current
+    /// reads; refused while not connected to the primary or not consistent).
     #[arg(long, value_enum, default_value_t = SecondaryAccess::None)]
     pub secondary_access: SecondaryAccess,
     /// Allow the InjectFault RPC (tests and benchmarks only).

@@ -82,7 +82,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             RoleArg::Primary => Role::Primary,
             RoleArg::Secondary => Role::Secondary,
         },
-        secondary_read_only: args.secondary_access == SecondaryAccess::ReadOnly,
+        secondary_access: match args.secondary_access {
+            SecondaryAccess::None => crate::volume::SecondaryAccess::None,
+            SecondaryAccess::ReadOnly => crate::volume::SecondaryAccess::ReadOnly,
+            SecondaryAccess::ReadWrite => crate::volume::SecondaryAccess::ReadWrite,
+        },
         proxy_timeout: std::time::Duration::from_millis(args.proxy_timeout_ms),
         implicit_takeover: args.implicit_takeover,
         pair: args.peer.clone().map(|peer| PairConfig {

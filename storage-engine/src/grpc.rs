@@ -79,6 +79,15 @@ impl From<ApiError> for Status {
     }
 }
 
+/// A point-in-time view (issue 18) is a snapshot the CSI node plugin may take and release.
+fn snapshot_call(id: &str) -> Call {
+    if id.starts_with(tandem_api::contract::VIEW_SNAPSHOT_PREFIX) {
+        Call::View
+    } else {
+        Call::Snapshot
+    }
+}
+
 /// Snapshot errors: a bad id is INVALID_ARGUMENT, a secondary WrongRole, a takeover in progress
 /// a retryable FAILED_PRECONDITION (`Superseded`), the engine's own I/O INTERNAL.
 fn snap_status(e: crate::volume::SnapError) -> Status {
@@ -341,7 +350,8 @@ impl Engine for EngineService {
         &self,
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::SnapshotInfo>, Status> {
-        self.authz.check(req.extensions(), Call::Snapshot)?;
+        self.authz
+            .check(req.extensions(), snapshot_call(&req.get_ref().id))?;
         self.check_volume(&req.get_ref().volume)?;
         self.volume
             .create_snapshot(&req.get_ref().id)
@@ -354,7 +364,8 @@ impl Engine for EngineService {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotReply>, Status> {
-        self.authz.check(req.extensions(), Call::Snapshot)?;
+        self.authz
+            .check(req.extensions(), snapshot_call(&req.get_ref().id))?;
         self.check_volume(&req.get_ref().volume)?;
         self.volume
             .delete_snapshot(&req.get_ref().id)

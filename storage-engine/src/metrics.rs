@@ -64,6 +64,18 @@ pub fn render(v: &Volume, endpoint: &http::Stats) -> Result<String, fmt::Error> 
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     counter(
         &mut r,
+        "secondary_forwarded_writes",
+        "Host writes, zeroes and trims on this read-write secondary forwarded to the primary and acknowledged",
+        load(&v.forward.forwarded),
+    );
+    counter(
+        &mut r,
+        "secondary_io_refused",
+        "Host requests refused on this secondary: not connected to its primary, not consistent, or the primary refused",
+        load(&v.forward.refused),
+    );
+    counter(
+        &mut r,
         "nbd_connections_refused",
         "NBD connections closed at accept: --nbd-max-connections reached, none in handshake",
         load(&v.counters.nbd_refused),

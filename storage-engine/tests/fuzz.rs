@@ -87,7 +87,7 @@ fn volume_config(dir: &Path) -> VolumeConfig {
         state_dir: dir.join("state"),
         initial_role: Role::Primary,
         pair: None,
-        secondary_read_only: false,
+        secondary_access: Default::default(),
         proxy_timeout: Duration::from_secs(1),
         implicit_takeover: false,
     }

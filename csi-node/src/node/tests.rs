@@ -352,7 +352,7 @@ async fn a_read_only_stage_on_the_secondarys_node_reads_from_the_secondary() {
         ..h.stage_req(ext4())
     };
     req.context
-        .insert(ATTR_SECONDARY_ACCESS.into(), "ReadOnly".into());
+        .insert(ATTR_SECONDARY_ACCESS.into(), "ReadWrite".into());
     h.svc.stage(req.clone()).await.unwrap();
     assert!(h.engines().takeovers.lock().unwrap().is_empty());
     let rec = h.record().unwrap();

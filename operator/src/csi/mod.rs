@@ -28,7 +28,7 @@
 //! - `leaseMs`: the primary's write lease in ms, 0..=600000 (`spec.failover.leaseMs`).
 //! - `fsType`: `ext4` (default) | `xfs`, for Filesystem volumes (external-provisioner's
 //!   `csi.storage.k8s.io/fstype` wins when both are set and must then agree).
-//! - `secondaryAccess`: `None` (default) | `ReadOnly`.
+//! - `secondaryAccess`: `None` (default) | `ReadOnly` | `ReadWrite`.
 //! - `hostPath`: engine data under this node directory (`spec.engineStorage.hostPath`), or
 //! - `engineStorageClass`: a StorageClass for the engines' own claims
 //!   (`spec.engineStorage.storageClassName`).

@@ -188,7 +188,8 @@ pub fn parameters(map: &HashMap<String, String>) -> CsiResult<Parameters> {
     let secondary_access = match get("secondaryAccess") {
         None | Some("None") => SecondaryAccess::None,
         Some("ReadOnly") => SecondaryAccess::ReadOnly,
-        Some(v) => return Err(invalid("secondaryAccess", v, "None or ReadOnly")),
+        Some("ReadWrite") => SecondaryAccess::ReadWrite,
+        Some(v) => return Err(invalid("secondaryAccess", v, "None, ReadOnly or ReadWrite")),
     };
     let engine_storage = match (get("hostPath"), get("engineStorageClass")) {
         (Some(p), None) if p.starts_with('/') => EngineStorage {
@@ -225,15 +226,22 @@ pub struct Access {
     pub fs_type: Option<FsType>,
 }
 
-/// Checks each capability: one node at a time (any single-node mode, read-only too), block or a
-/// mount with ext4/xfs. A multi-node mode is INVALID_ARGUMENT (the CSI "unsupported field" case):
-/// the engines serve their NBD export on their own two nodes, to one attachment at a time.
-pub fn capabilities(caps: &[pb::VolumeCapability]) -> CsiResult<Access> {
+/// Checks each capability: any single-node mode (read-only too), block or a mount with ext4/xfs.
+/// Multi-node modes need the secondary's node to serve (issue 18): MULTI_NODE_READER_ONLY with
+/// `secondaryAccess` ReadOnly or ReadWrite (readers on the secondary's node get point-in-time
+/// views), MULTI_NODE_MULTI_WRITER only for block volumes with ReadWrite (writes there are
+/// forwarded to the primary; a filesystem mounted read-write on two nodes would corrupt itself).
+/// Anything else is INVALID_ARGUMENT (the CSI "unsupported field" case).
+pub fn capabilities(
+    caps: &[pb::VolumeCapability],
+    secondary: SecondaryAccess,
+) -> CsiResult<Access> {
     if caps.is_empty() {
         return Err(CsiError::Invalid("volume_capabilities is empty".into()));
     }
     let mut mode = None;
     let mut fs = None;
+    let mut multi_writer = false;
     for cap in caps {
         let access = cap
             .access_mode
@@ -245,6 +253,10 @@ pub fn capabilities(caps: &[pb::VolumeCapability]) -> CsiResult<Access> {
             | Mode::SingleNodeSingleWriter
             | Mode::SingleNodeMultiWriter
             | Mode::SingleNodeReaderOnly => {}
+            Mode::MultiNodeReaderOnly if secondary != SecondaryAccess::None => {}
+            Mode::MultiNodeMultiWriter if secondary == SecondaryAccess::ReadWrite => {
+                multi_writer = true;
+            }
             Mode::Unknown => {
                 return Err(CsiError::Invalid(
                     "volume_capabilities: access_mode is missing".into(),
@@ -252,7 +264,7 @@ pub fn capabilities(caps: &[pb::VolumeCapability]) -> CsiResult<Access> {
             }
             other => {
                 return Err(CsiError::Invalid(format!(
-                    "access mode {} is not supported: a Tandem volume is attached on one node at a time (ReadWriteOnce or ReadWriteOncePod, not ReadWriteMany/ReadOnlyMany)",
+                    "access mode {} is not supported with secondaryAccess {secondary:?}: a Tandem volume is attached on one node at a time (ReadWriteOnce or ReadWriteOncePod); ReadOnlyMany needs secondaryAccess ReadOnly or ReadWrite, ReadWriteMany a Block volume with ReadWrite",
                     other.as_str_name()
                 )))
             }
@@ -288,6 +300,11 @@ pub fn capabilities(caps: &[pb::VolumeCapability]) -> CsiResult<Access> {
             ));
         }
         mode = Some(this);
+    }
+    if multi_writer && mode != Some(VolumeMode::Block) {
+        return Err(CsiError::Invalid(
+            "access mode MULTI_NODE_MULTI_WRITER is supported for Block volumes only: a filesystem mounted read-write on two nodes corrupts itself".into(),
+        ));
     }
     Ok(Access {
         mode: mode.unwrap_or_default(),
@@ -448,6 +465,8 @@ mod tests {
         assert_eq!(p.failover.lease_ms, 5000);
         assert_eq!(p.fs_type, Some(FsType::Xfs));
         assert_eq!(p.secondary_access, SecondaryAccess::ReadOnly);
+        let rw = parameters(&params(&[("secondaryAccess", "ReadWrite")])).unwrap();
+        assert_eq!(rw.secondary_access, SecondaryAccess::ReadWrite);
         assert_eq!(
             p.engine_storage.host_path.as_deref(),
             Some("/var/lib/tandem")
@@ -510,17 +529,18 @@ mod tests {
 
     #[test]
     fn single_node_modes_pass_and_multi_node_modes_are_refused() {
+        let none = SecondaryAccess::None;
         for m in [
             Mode::SingleNodeWriter,
             Mode::SingleNodeSingleWriter,
             Mode::SingleNodeMultiWriter,
             Mode::SingleNodeReaderOnly,
         ] {
-            let a = capabilities(&[cap(m, false, "xfs")]).unwrap();
+            let a = capabilities(&[cap(m, false, "xfs")], none).unwrap();
             assert_eq!(a.mode, VolumeMode::Filesystem);
             assert_eq!(a.fs_type, Some(FsType::Xfs));
             assert_eq!(
-                capabilities(&[cap(m, true, "")]).unwrap().mode,
+                capabilities(&[cap(m, true, "")], none).unwrap().mode,
                 VolumeMode::Block
             );
         }
@@ -529,17 +549,36 @@ mod tests {
             Mode::MultiNodeSingleWriter,
             Mode::MultiNodeReaderOnly,
         ] {
-            let e = capabilities(&[cap(m, false, "")]).unwrap_err();
+            let e = capabilities(&[cap(m, false, "")], none).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument);
             assert!(e.to_string().contains(m.as_str_name()), "{e}");
         }
-        assert!(capabilities(&[]).is_err());
-        assert!(capabilities(&[cap(Mode::SingleNodeWriter, false, "btrfs")]).is_err());
+        assert!(capabilities(&[], none).is_err());
+        assert!(capabilities(&[cap(Mode::SingleNodeWriter, false, "btrfs")], none).is_err());
         let mixed = [
             cap(Mode::SingleNodeWriter, false, ""),
             cap(Mode::SingleNodeWriter, true, ""),
         ];
-        assert!(capabilities(&mixed).is_err());
+        assert!(capabilities(&mixed, none).is_err());
+    }
+
+    /// Issue 18: ReadOnlyMany with a serving secondary; ReadWriteMany only for Block with
+    /// ReadWrite, never a filesystem.
+    #[test]
+    fn multi_node_modes_follow_the_secondarys_access() {
+        use SecondaryAccess::{ReadOnly, ReadWrite};
+        for s in [ReadOnly, ReadWrite] {
+            for block in [false, true] {
+                assert!(capabilities(&[cap(Mode::MultiNodeReaderOnly, block, "")], s).is_ok());
+            }
+            assert!(capabilities(&[cap(Mode::MultiNodeSingleWriter, true, "")], s).is_err());
+        }
+        let a = capabilities(&[cap(Mode::MultiNodeMultiWriter, true, "")], ReadWrite).unwrap();
+        assert_eq!(a.mode, VolumeMode::Block);
+        let e =
+            capabilities(&[cap(Mode::MultiNodeMultiWriter, false, "ext4")], ReadWrite).unwrap_err();
+        assert!(e.to_string().contains("Block volumes only"), "{e}");
+        assert!(capabilities(&[cap(Mode::MultiNodeMultiWriter, true, "")], ReadOnly).is_err());
     }
 
     fn range(required: u64, limit: u64) -> pb::CapacityRange {

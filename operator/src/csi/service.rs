@@ -304,7 +304,7 @@ impl Controller {
     pub async fn create_volume(&self, req: pb::CreateVolumeRequest) -> CsiResult<pb::Volume> {
         params::volume_name(&req.name)?;
         let p = params::parameters(&req.parameters)?;
-        let access = params::capabilities(&req.volume_capabilities)?;
+        let access = params::capabilities(&req.volume_capabilities, p.secondary_access)?;
         let bytes = params::capacity(req.capacity_range.as_ref())?;
         let limit = req
             .capacity_range
@@ -439,7 +439,8 @@ impl Controller {
             confirmed: None,
             message,
         };
-        let access = match params::capabilities(&req.volume_capabilities) {
+        let access = match params::capabilities(&req.volume_capabilities, mv.spec.secondary_access)
+        {
             Ok(a) => a,
             Err(e) => return Ok(refused(e.to_string())),
         };

@@ -433,11 +433,20 @@ impl Peer for PeerService {
             .map_err(Status::from)
     }
 
-    // Issue 18 contract: the forwarding helper replaces this.
+    /// A read-write secondary's host request, run through this primary's host path
+    /// (`volume/forward.rs`).
     async fn forward_write(
         &self,
-        _req: Request<pb::ForwardWriteRequest>,
+        req: Request<pb::ForwardWriteRequest>,
     ) -> Result<Response<pb::ForwardWriteReply>, Status> {
-        Err(Status::unimplemented("forwarded writes are not built yet"))
+        let r = req.into_inner();
+        if r.volume != self.vol.name() {
+            return Err(Status::not_found(format!("unknown volume {:?}", r.volume)));
+        }
+        self.vol
+            .answer_forward(r)
+            .await
+            .map(|seq| Response::new(pb::ForwardWriteReply { seq }))
+            .map_err(Status::from)
     }
 }

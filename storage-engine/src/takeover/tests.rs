@@ -51,7 +51,7 @@ pub(crate) fn base_config(dir: &Path) -> VolumeConfig {
             lease_ms: 0,
             lease_wait: Duration::from_secs(1),
         }),
-        secondary_read_only: false,
+        secondary_access: Default::default(),
         proxy_timeout: Duration::from_millis(200),
         implicit_takeover: false,
     }

@@ -15,7 +15,7 @@ use crate::{
     repl::{tracker::Payload, Mode, Synced},
 };
 
-use super::Volume;
+use super::{forward::SecondaryAccess, Volume};
 
 /// Why a host request failed; each maps to one NBD errno.
 #[derive(Debug, thiserror::Error)]
@@ -31,14 +31,27 @@ pub enum HostError {
     /// in the differential table, like any unacknowledged write.
     #[error("not acknowledged: {0}")]
     NoLease(&'static str),
+    /// A read-write secondary that cannot serve now (not connected, not consistent, the primary
+    /// refused or did not answer): the host gets EIO (`volume/forward.rs`).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A read-only secondary serves point-in-time views only, never its live copy.
+    #[error(
+        "this secondary serves point-in-time views only (--secondary-access read-only): take a \
+         snapshot on it (CreateSnapshot) and open <volume>@snapshot/<id>"
+    )]
+    ViewsOnly,
 }
 
 impl HostError {
     pub fn errno(&self) -> u32 {
         match self {
             HostError::Io(e) if e.raw_os_error() == Some(28) => nbd::ENOSPC,
-            HostError::Io(_) | HostError::Proxy(_) | HostError::NoLease(_) => nbd::EIO,
-            HostError::NotServing(_) => nbd::EPERM,
+            HostError::Io(_)
+            | HostError::Proxy(_)
+            | HostError::NoLease(_)
+            | HostError::Unavailable(_) => nbd::EIO,
+            HostError::NotServing(_) | HostError::ViewsOnly => nbd::EPERM,
         }
     }
 }
@@ -84,7 +97,8 @@ impl Volume {
 
     /// Whether a read can run inline on the connection's reader (no network wait).
     pub fn read_is_quick(&self, _offset: u64, _len: u32) -> bool {
-        !self.areas.active()
+        // A secondary's read waits for the primary's barrier.
+        !self.areas.active() && self.role() == Role::Primary
     }
 
     /// Whether a plain write completes without waiting for the peer or for a lease. A write that may
@@ -95,6 +109,7 @@ impl Volume {
     /// takes).
     pub fn write_is_quick(&self) -> bool {
         !self.areas.active()
+            && self.role() == Role::Primary
             && match &self.repl {
                 None => true,
                 Some(r) => {
@@ -105,15 +120,17 @@ impl Volume {
             }
     }
 
-    /// Whether a host session may open now; `Ok(true)` means read-only (a secondary with
-    /// `--secondary-access read-only` whose replica is consistent).
+    /// Whether a host session on the volume's export may open now; `Ok(true)` would mean
+    /// read-only. A read-write secondary opens read-write sessions only while connected to its
+    /// primary with a consistent copy; a read-only secondary opens none on its live copy (which
+    /// changes under the reader and may be stale): it serves point-in-time views, its snapshot
+    /// exports (issue 18).
     pub fn host_access(&self) -> Result<bool, HostError> {
-        match self.role() {
-            Role::Primary => Ok(false),
-            Role::Secondary if self.secondary_read_only && !self.replica().inconsistent() => {
-                Ok(true)
-            }
-            r => Err(HostError::NotServing(r)),
+        match (self.role(), self.secondary_access) {
+            (Role::Primary, _) => Ok(false),
+            (Role::Secondary, SecondaryAccess::ReadWrite) => self.secondary_ready().map(|()| false),
+            (Role::Secondary, SecondaryAccess::ReadOnly) => Err(HostError::ViewsOnly),
+            (r, _) => Err(HostError::NotServing(r)),
         }
     }
 
@@ -150,6 +167,13 @@ impl Volume {
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, HostError> {
+        if self.role() == Role::Secondary {
+            let buf = self.read_current(offset, len).await?;
+            self.counters
+                .bytes_read
+                .fetch_add(u64::from(len), Ordering::Relaxed);
+            return Ok(buf);
+        }
         let _gate = self.gate.read().await;
         self.host_access()?;
         if self.areas.active() {
@@ -169,8 +193,12 @@ impl Volume {
 
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), HostError> {
         let len = data.len() as u64;
-        self.modify(offset, Payload::Data(Bytes::from(data)), false)
-            .await?;
+        let payload = Payload::Data(Bytes::from(data));
+        if self.role() == Role::Secondary {
+            self.forward_modify(offset, payload, false).await?;
+        } else {
+            self.modify(offset, payload, false).await?;
+        }
         self.counters
             .bytes_written
             .fetch_add(len, Ordering::Relaxed);
@@ -178,7 +206,12 @@ impl Volume {
     }
 
     pub async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), HostError> {
-        self.modify(offset, Payload::Zero(len), false).await?;
+        if self.role() == Role::Secondary {
+            self.forward_modify(offset, Payload::Zero(len), true)
+                .await?;
+        } else {
+            self.modify(offset, Payload::Zero(len), false).await?;
+        }
         self.after(fua).await
     }
 
@@ -190,7 +223,12 @@ impl Volume {
         no_hole: bool,
         fua: bool,
     ) -> Result<(), HostError> {
-        self.modify(offset, Payload::Zero(len), no_hole).await?;
+        if self.role() == Role::Secondary {
+            self.forward_modify(offset, Payload::Zero(len), false)
+                .await?;
+        } else {
+            self.modify(offset, Payload::Zero(len), no_hole).await?;
+        }
         self.counters
             .bytes_written
             .fetch_add(len, Ordering::Relaxed);
@@ -200,13 +238,13 @@ impl Volume {
     /// The one path of every request that changes blocks: under the gate (shared), to the overlay
     /// while a takeover is in progress, else through the tracker (journal and table) into the data
     /// file; then, in sync mode, wait for the peer. Zeroing is replicated as a zero record, so both
-    /// sides read zeros.
-    async fn modify(
+    /// sides read zeros. Returns the write's seq (0 unpaired): a forwarded write answers it.
+    pub(super) async fn modify(
         &self,
         offset: u64,
         payload: Payload,
         keep_allocated: bool,
-    ) -> Result<(), HostError> {
+    ) -> Result<u64, HostError> {
         let gate = self.gate.read().await;
         self.check_serving()?;
         let apply = |p: &Payload| match p {
@@ -216,7 +254,7 @@ impl Volume {
         };
         let Some(r) = &self.repl else {
             apply(&payload)?;
-            return Ok(());
+            return Ok(0);
         };
         let len = match &payload {
             Payload::Data(d) => d.len() as u64,
@@ -241,7 +279,8 @@ impl Volume {
             self.wait_moved(r, crate::geometry::blocks_of(offset, len), seq)
                 .await;
         }
-        self.leased(r).await
+        self.leased(r).await?;
+        Ok(seq)
     }
 
     /// Sync mode during a live move: a write below the copy's watermark waits for the new engine
@@ -291,6 +330,11 @@ impl Volume {
 
     /// Makes every write completed so far durable.
     pub async fn flush(&self) -> Result<(), HostError> {
+        if self.role() == Role::Secondary {
+            self.forward_flush().await?;
+            self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let gate = self.gate.read().await;
         self.host_access()?;
         self.store.sync_async().await?;

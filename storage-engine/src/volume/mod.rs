@@ -5,6 +5,7 @@
 //! - `transition`: the only place role, epoch, phase and standing change (`state::next`'s effects);
 //! - `takeover/` (beside this module): the handoff, routed host I/O, proxied reads and the merge.
 
+mod forward;
 mod host;
 mod lease;
 mod replica;
@@ -33,6 +34,7 @@ use crate::{
     takeover::{proxy::Proxy, Areas},
 };
 
+pub use forward::SecondaryAccess;
 pub use host::{Counters, ExportName, HostError};
 pub use lease::renew_task;
 pub use replica::{Applied, ReplicaState};
@@ -74,8 +76,8 @@ pub struct VolumeConfig {
     pub initial_role: Role,
     /// The peer, when this engine is one of a pair.
     pub pair: Option<PairConfig>,
-    /// A secondary serves read-only host sessions from a consistent replica.
-    pub secondary_read_only: bool,
+    /// What a secondary lets hosts do (`volume/forward.rs`).
+    pub secondary_access: SecondaryAccess,
     /// Deadline of a proxied read (below the host's I/O timeout).
     pub proxy_timeout: std::time::Duration,
     /// A host session opening on the secondary triggers the takeover (failover.md AT-22).
@@ -123,7 +125,11 @@ pub struct Volume {
     /// The live move of the secondary (`crate::repl::mover`).
     pub(crate) mover: crate::repl::mover::Mover,
     replica: Mutex<ReplicaState>,
-    secondary_read_only: bool,
+    /// The replica's applied seq, for forwarded requests waiting on it (`forward`).
+    pub(crate) applied: watch::Sender<u64>,
+    pub(crate) secondary_access: SecondaryAccess,
+    /// A read-write secondary's client to its primary.
+    pub(crate) forward: forward::Forwarder,
     implicit_takeover: bool,
     progress: std::fs::File,
     // Held for the engine's lifetime: a second engine on the same state dir is refused.
@@ -330,7 +336,16 @@ impl Volume {
             snapshots,
             mover,
             replica: Mutex::new(replica),
-            secondary_read_only: cfg.secondary_read_only,
+            applied: watch::channel(applied_seq).0,
+            secondary_access: cfg.secondary_access,
+            forward: forward::Forwarder::new(
+                cfg.pair
+                    .as_ref()
+                    .map(|p| p.peer.clone())
+                    .unwrap_or_default(),
+                cfg.pair.as_ref().and_then(|p| p.token.clone()),
+                cfg.proxy_timeout,
+            ),
             implicit_takeover: cfg.implicit_takeover,
             progress,
             _lock: lock,

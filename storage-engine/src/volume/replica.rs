@@ -293,6 +293,12 @@ impl Volume {
             self.finish_losses().map_err(io)?;
         }
         out.applied_seq = rs.applied_seq;
+        // Forwarded requests waiting on this copy (`forward::wait_applied`).
+        self.applied.send_if_modified(|a| {
+            let changed = *a != rs.applied_seq;
+            *a = rs.applied_seq;
+            changed
+        });
         Ok(out)
     }
 
@@ -491,7 +497,7 @@ mod tests {
             state_dir: dir.join("state"),
             initial_role: Role::Secondary,
             pair: None,
-            secondary_read_only: false,
+            secondary_access: Default::default(),
             proxy_timeout: std::time::Duration::from_secs(1),
             implicit_takeover: false,
         };

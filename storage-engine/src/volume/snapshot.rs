@@ -8,7 +8,7 @@ use crate::{
     state::Phase,
 };
 
-use super::Volume;
+use super::{SecondaryAccess, Volume};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapError {
@@ -24,7 +24,8 @@ pub enum SnapError {
 }
 
 impl Volume {
-    /// Takes snapshot `id` (or returns it if it exists). Primary only, outside a takeover.
+    /// Takes snapshot `id` (or returns it if it exists). A primary or a consistent secondary,
+    /// outside a takeover.
     ///
     /// Order (crash consistency): metadata `ready: false` stored; host I/O held (the gate, as a
     /// fence holds it) only while the data file is frozen: for a reflink, fdatasync and clone; for
@@ -72,13 +73,37 @@ impl Volume {
             .insert(crate::snapshot::Snapshots::new_snapshot(meta, body)))
     }
 
+    /// A primary, or a secondary whose copy is consistent: its point-in-time views (issue 18).
+    /// On a secondary the freeze holds the gate, which each applied batch holds too, so the image
+    /// is the replica at a batch boundary: a prefix of the primary's writes up to the applied seq
+    /// stored as the snapshot's `seq` (`tests/secondary_access.rs`
+    /// `a_view_on_the_secondary_stays_frozen_while_the_primary_writes`).
     fn snapshot_allowed(&self) -> Result<(), SnapError> {
         let s = self.state();
-        if s.role != Role::Primary {
-            return Err(SnapError::WrongRole(format!(
-                "volume {:?} is {} on this engine: snapshots are taken on the primary",
-                self.name, s.role
-            )));
+        match s.role {
+            Role::Primary => {}
+            Role::Secondary if self.secondary_access == SecondaryAccess::None => {
+                return Err(SnapError::WrongRole(format!(
+                    "volume {:?} is secondary on this engine: snapshots are taken on the primary \
+                     (views on the secondary need --secondary-access read-only or read-write)",
+                    self.name
+                )))
+            }
+            Role::Secondary if !self.replica().inconsistent() => {}
+            Role::Secondary => {
+                return Err(SnapError::Busy(format!(
+                    "volume {:?} is secondary on this engine and its copy is not consistent \
+                     (a resync or the first full copy is running): retry once it is",
+                    self.name
+                )))
+            }
+            r => {
+                return Err(SnapError::WrongRole(format!(
+                    "volume {:?} is {r} on this engine: snapshots are taken on the primary or a \
+                     consistent secondary",
+                    self.name
+                )))
+            }
         }
         if s.phase != Phase::Normal {
             return Err(SnapError::Busy(format!(
@@ -129,8 +154,12 @@ impl Volume {
         Ok(Body::Cow(area))
     }
 
-    /// The last sequence number of a write this primary acknowledged (0 unpaired).
+    /// The last sequence number of a write this primary acknowledged (0 unpaired); on a
+    /// secondary, the last one its copy applied.
     fn last_seq(&self) -> u64 {
+        if self.role() == Role::Secondary {
+            return self.replica().applied_seq;
+        }
         self.repl
             .as_ref()
             .map(|r| r.tracker.counts().last_seq)

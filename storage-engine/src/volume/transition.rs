@@ -156,6 +156,7 @@ impl Volume {
                     rs.standing = to.standing;
                     rs.consistent_target = None;
                 }
+                self.applied.send_replace(0);
                 self.forget_heartbeat_set();
                 self.write_progress_now()?;
             }
