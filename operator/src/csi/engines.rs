@@ -257,6 +257,24 @@ mod tests {
             }
             Ok(Response::new(pb::ListSnapshotsReply { snapshots: vec![] }))
         }
+        async fn start_move(
+            &self,
+            _: Request<pb::StartMoveRequest>,
+        ) -> Result<Response<pb::MoveStatus>, Status> {
+            none()
+        }
+        async fn get_move(
+            &self,
+            _: Request<pb::GetMoveRequest>,
+        ) -> Result<Response<pb::MoveStatus>, Status> {
+            none()
+        }
+        async fn abort_move(
+            &self,
+            _: Request<pb::GetMoveRequest>,
+        ) -> Result<Response<pb::MoveStatus>, Status> {
+            none()
+        }
     }
 
     async fn serve(with_snapshots: bool) -> (String, Arc<FakeEngine>) {
