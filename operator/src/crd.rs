@@ -62,6 +62,18 @@ pub struct MirroredVolumeSpec {
     #[serde(default)]
     pub secondary_access: SecondaryAccess,
 
+    /// The node that should hold the primary. Naming the secondary's node asks for a planned switchover
+    /// (handoff, drain, merge; the old primary then replicates back as the secondary), carried out once
+    /// per value; `status.switchover` shows its phases. A node that holds no engine of the volume is
+    /// refused. Unset: the primary stays where it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub primary_node: Option<String>,
+
+    /// When a switchover asked by `primaryNode` may start.
+    #[serde(default)]
+    pub switchover_policy: SwitchoverPolicy,
+
     /// Filesystem (default) or Block; copied to the PersistentVolume and the claim.
     #[serde(default)]
     pub volume_mode: VolumeMode,
@@ -297,6 +309,52 @@ impl FailoverPolicy {
     }
 }
 
+/// When a switchover may start. Neither ever forces: both engines must answer, the old primary hands
+/// its table over and nothing acknowledged is lost.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SwitchoverPolicy {
+    /// Postponed until the primary reports the secondary in sync (nothing pending): a short handover.
+    #[default]
+    WhenInSync,
+    /// As soon as the secondary is a streaming mirror (Synced or Replicating): the new primary drains
+    /// the backlog from the old one, serving reads of blocks not yet drained through it.
+    Immediate,
+}
+
+/// Phases of a switchover asked by `spec.primaryNode` (`status.switchover.phase`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SwitchoverPhase {
+    /// Asked; waits for the pair (established, both engines answering, nothing else taking over).
+    #[default]
+    Pending,
+    /// Postponed by `switchoverPolicy` until the secondary is in sync (or streaming).
+    WaitingForSync,
+    /// The secondary is asked to take over by handoff.
+    HandingOver,
+    /// The new primary drains the old one's backlog.
+    Draining,
+    /// The new primary merges the drained blocks.
+    Merging,
+    /// The primary is on the asked node and the old primary answers as the secondary.
+    Done,
+    /// The asked node holds no engine of the volume.
+    Refused,
+}
+
+impl SwitchoverPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwitchoverPhase::Pending => "Pending",
+            SwitchoverPhase::WaitingForSync => "WaitingForSync",
+            SwitchoverPhase::HandingOver => "HandingOver",
+            SwitchoverPhase::Draining => "Draining",
+            SwitchoverPhase::Merging => "Merging",
+            SwitchoverPhase::Done => "Done",
+            SwitchoverPhase::Refused => "Refused",
+        }
+    }
+}
+
 /// Host access to the secondary's copy (engine flag `--secondary-access`).
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 pub enum SecondaryAccess {
@@ -503,6 +561,10 @@ pub struct MirroredVolumeStatus {
     /// are pinned to the old epoch and are restarted so they stage on the new primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload_restart: Option<WorkloadRestart>,
+    /// The switchover asked by `spec.primaryNode`: where it stands (kept once Done, so a restarted
+    /// operator neither repeats nor forgets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<SwitchoverStatus>,
     /// The operator's last write-lease grant (it is the pair's witness).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseGrant>,
@@ -703,6 +765,26 @@ pub struct EngineRestart {
 }
 
 /// Workload pods to restart after a takeover from a live node.
+/// `status.switchover`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchoverStatus {
+    pub phase: SwitchoverPhase,
+    /// The primary's node when it was asked.
+    pub from: String,
+    /// The asked node (`spec.primaryNode`).
+    pub to: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    /// The epoch the handover gave the new primary (0 before it).
+    #[serde(default)]
+    pub epoch: u64,
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadRestart {

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod observed;
 pub mod placement;
 pub mod plan;
+pub mod switchover;
 pub mod telemetry;
 pub mod wipe;
 pub mod witness;

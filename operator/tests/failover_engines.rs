@@ -35,7 +35,7 @@ use k8s_openapi::{
 use kube::{client::Body, runtime::controller::Action, Client};
 use operator::{
     controller::Context,
-    crd::{FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot},
+    crd::{FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot, SwitchoverPhase},
     engine::{
         EngineApi, EngineError, EngineState, EngineTarget, Granted, GrpcEngines, Snapshot,
         TakeoverOutcome,
@@ -1985,6 +1985,126 @@ async fn a_cordoned_primary_node_switches_over_then_lets_the_drain_evict_the_old
     let w = op.world.lock().unwrap();
     assert_eq!(w.secret_applies, 0, "{:?}", w.secrets.keys());
     assert!(status.certificates.is_some());
+}
+
+/// `spec.primaryNode` names the secondary's node while a writer pinned to `data@1` writes on the
+/// primary's node. With the secondary behind (its link paused) the default policy postpones the
+/// switchover and says why; with `Immediate` the secondary takes over by handoff (never forced), the new
+/// primary drains and merges, the old one answers as its secondary, and status.switchover ends Done. The
+/// writer's pod on the old node is restarted; every write it got acknowledged reads back on the new
+/// primary, with the writes made there since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_node_edit_swaps_roles_under_writes_and_loses_nothing() {
+    let _serial = serial().await;
+    let (_dir, pair) = start_pair();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..8, 0x31);
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    op.world.lock().unwrap().run_workload("app-0", "n1", 600);
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+
+    let (writes, stop, writer) = start_writer(&pair.a.nbd);
+    wait_acked(&writes, 20, 20).await;
+    // The secondary falls behind: WhenInSync postpones the switchover.
+    pause(&pair.a, true).await;
+    let acked = writes.lock().unwrap().acked.len();
+    wait_acked(&writes, acked + 20, 20).await;
+    op.world.lock().unwrap().spec_patch = json!({"primaryNode": "n2"});
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    let rec = status.switchover.clone().expect("status.switchover");
+    assert_eq!(rec.phase, SwitchoverPhase::WaitingForSync, "{rec:?}");
+    assert!(rec.message.contains("pending"), "{}", rec.message);
+    assert_eq!(
+        (rec.from.as_str(), rec.to.as_str()),
+        ("n1", "n2"),
+        "{rec:?}"
+    );
+    assert_eq!(condition(&status, "PrimaryNode").reason, "WaitingForSync");
+    assert!(op.takeovers().is_empty(), "postponed, not started");
+
+    // Immediate: a streaming mirror is enough; the handoff drains what is pending, under writes.
+    pause(&pair.a, false).await;
+    op.world.lock().unwrap().spec_patch =
+        json!({"primaryNode": "n2", "switchoverPolicy": "Immediate"});
+    let mut phases = vec![rec.phase];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+        let phase = status.switchover.as_ref().unwrap().phase;
+        if phases.last() != Some(&phase) {
+            phases.push(phase);
+        }
+        if phase == SwitchoverPhase::Done {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no switchover: phases {phases:?}; {status:?}\na log:\n{}\nb log:\n{}",
+            pair.a.log_tail(20),
+            pair.b.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        op.takeovers(),
+        vec![(Slot::B, FailoverPolicy::WaitForPrimary, PEER_TIMEOUT)],
+        "one handoff, never forced"
+    );
+    assert!(
+        phases.contains(&SwitchoverPhase::Draining) || phases.contains(&SwitchoverPhase::Merging),
+        "{phases:?}"
+    );
+    let rec = status.switchover.clone().unwrap();
+    assert_eq!((rec.epoch, status.epoch), (2, 2), "{rec:?}");
+    assert!(rec.completed_at.is_some());
+    assert_eq!(status.primary.as_ref().unwrap().slot, Slot::B);
+    assert_eq!(status.takeover.as_ref().unwrap().reason, "Switchover");
+    assert_eq!(condition(&status, "PrimaryNode").status, "True");
+    let a = pair.a.status().await.unwrap();
+    assert_eq!((role_name(a.role), a.epoch), ("secondary", 2), "{a:?}");
+
+    // The writer's pod on n1 (pinned to epoch 1) was restarted; nothing else was deleted.
+    {
+        let w = op.world.lock().unwrap();
+        assert_eq!(
+            w.deletions,
+            vec![("app-0".to_string(), None)],
+            "{:?}",
+            w.reasons()
+        );
+        for r in [
+            "SwitchoverRequested",
+            "SwitchoverWaits",
+            "SwitchoverCompleted",
+            "WorkloadRestarted",
+        ] {
+            assert!(w.reasons().contains(&r), "{r}: {:?}", w.reasons());
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    // It restages on the new primary and writes there.
+    write_blocks(&pair.b, &mut model, 20..24, 0x77);
+    let block = {
+        let writes = writes.lock().unwrap();
+        assert!(writes.acked.len() > acked + 20);
+        for (block, byte) in acked_model(&writes) {
+            model[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize].fill(byte);
+        }
+        // The one write that may have been in flight at the fence was never acknowledged: either value.
+        unanswered(&writes).0
+    };
+    let image = read_volume(&pair.b).await;
+    let mut got = image.clone();
+    got[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize]
+        .copy_from_slice(&model[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize]);
+    assert_eq!(first_difference(&got, &model), None);
+    // Done stays Done: no second handover.
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.switchover.unwrap().phase, SwitchoverPhase::Done);
+    assert_eq!(op.takeovers().len(), 1);
 }
 
 /// The operator is down while the primary's node is lost: a new operator (a fresh Context, as after a

@@ -145,9 +145,25 @@ impl Pending {
                 }
             ),
         ));
+        let switchover = intent.reason == crate::switchover::REASON;
         match attempt.result {
-            Ok(outcome) => pass.took_over(&intent, &outcome, attempt.answer, &to),
-            Err(e) => pass.takeover_failed(&intent, &e, policy, &from, &to),
+            Ok(outcome) => {
+                pass.took_over(&intent, &outcome, attempt.answer, &to);
+                if switchover {
+                    crate::switchover::handed_over(
+                        &mv.spec,
+                        &mut pass.status,
+                        &pass.observed,
+                        &from,
+                    );
+                }
+            }
+            Err(e) => {
+                if switchover {
+                    crate::switchover::handover_failed(&mut pass.status, &e.to_string());
+                }
+                pass.takeover_failed(&intent, &e, policy, &from, &to)
+            }
         }
         pass.finish(mv, cfg)
     }
@@ -241,6 +257,21 @@ fn assess(
             }
             Switchover::None => {}
         }
+    }
+    let busy = if decision.takeover.is_some() {
+        Some("another takeover goes first")
+    } else if restart != disruption::Restart::Idle {
+        Some("the primary's engine is restarting")
+    } else {
+        None
+    };
+    let step = crate::switchover::track(&mv.spec, &mut status, &observed, peer_timeout, busy);
+    notes.extend(step.events.into_iter().map(Note::from));
+    if let Some(r) = step.recheck {
+        decision.recheck = Some(decision.recheck.map_or(r, |q| q.min(r)));
+    }
+    if decision.takeover.is_none() {
+        decision.takeover = step.takeover;
     }
     if decision.takeover.is_none() {
         status.promotion_wait = None;
@@ -513,3 +544,7 @@ mod tests;
 #[cfg(test)]
 #[path = "decide_disruption_tests.rs"]
 mod disruption_tests;
+
+#[cfg(test)]
+#[path = "decide_switchover_tests.rs"]
+mod switchover_tests;

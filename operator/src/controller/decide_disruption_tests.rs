@@ -16,19 +16,19 @@ use crate::{
     observed::{PodObs, PvObs, WorkloadPod},
 };
 
-fn ago(secs: i64) -> Timestamp {
+pub(super) fn ago(secs: i64) -> Timestamp {
     now().checked_sub(SignedDuration::from_secs(secs)).unwrap()
 }
 
 /// The plain pass's engine pod, labelled as the operator labels a new one.
-fn pod(slot: Slot, role: EngineRole) -> PodObs {
+pub(super) fn pod(slot: Slot, role: EngineRole) -> PodObs {
     PodObs {
         disruption_allowed: Some(false),
         ..super::tests::pod(slot, role)
     }
 }
 
-fn workload(name: &str, node: &str, created: Timestamp) -> WorkloadPod {
+pub(super) fn workload(name: &str, node: &str, created: Timestamp) -> WorkloadPod {
     WorkloadPod {
         namespace: "apps".into(),
         name: name.into(),
@@ -39,7 +39,7 @@ fn workload(name: &str, node: &str, created: Timestamp) -> WorkloadPod {
 }
 
 /// Slot a primary at epoch 1 on n1, in sync with slot b on n2; the PV is bound to apps/data.
-fn pair() -> Observed {
+pub(super) fn pair() -> Observed {
     Observed {
         witness: crate::witness::LeaseClock::long_ago(10_000),
         certs: Default::default(),
@@ -71,34 +71,37 @@ fn pair() -> Observed {
     }
 }
 
-fn plan_of(decision: Decision) -> Plan {
+pub(super) fn plan_of(decision: Decision) -> Plan {
     match decision {
         Decision::Act(plan) => *plan,
         Decision::TakeOver(p) => panic!("unexpected takeover to {:?}", p.intent),
     }
 }
 
-fn pending(decision: Decision) -> Pending {
+pub(super) fn pending(decision: Decision) -> Pending {
     match decision {
         Decision::TakeOver(p) => p,
         Decision::Act(plan) => panic!("no takeover: {:?}", plan.notes),
     }
 }
 
-fn reasons(plan: &Plan) -> Vec<&str> {
+pub(super) fn reasons(plan: &Plan) -> Vec<&str> {
     plan.notes.iter().map(|n| n.reason).collect()
 }
 
-fn cfg() -> EngineConfig {
+pub(super) fn cfg() -> EngineConfig {
     EngineConfig::default()
 }
 
 /// The status the status step would write, with `mv` as the volume before the pass.
-fn settled(mv: &MirroredVolume, plan: Plan) -> MirroredVolumeStatus {
+pub(super) fn settled(mv: &MirroredVolume, plan: Plan) -> MirroredVolumeStatus {
     crate::controller::status::settle(mv, plan, &cfg()).0
 }
 
-fn condition<'a>(status: &'a MirroredVolumeStatus, t: &str) -> &'a crate::crd::Condition {
+pub(super) fn condition<'a>(
+    status: &'a MirroredVolumeStatus,
+    t: &str,
+) -> &'a crate::crd::Condition {
     status
         .conditions
         .iter()
@@ -106,7 +109,7 @@ fn condition<'a>(status: &'a MirroredVolumeStatus, t: &str) -> &'a crate::crd::C
         .unwrap_or_else(|| panic!("no {t} in {:?}", status.conditions))
 }
 
-fn ok(epoch: u64) -> TakeoverAttempt {
+pub(super) fn ok(epoch: u64) -> TakeoverAttempt {
     TakeoverAttempt {
         result: Ok(TakeoverOutcome {
             epoch,

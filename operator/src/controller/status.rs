@@ -58,6 +58,7 @@ pub(super) fn settle(
         mv.peer_timeout(),
         crate::disruption::restart_grace(&mv.spec),
     );
+    crate::switchover::annotate(&mv.spec, &mut status, &observed, mv.metadata.generation);
     let was_away = old
         .secondary
         .as_ref()

@@ -198,6 +198,8 @@ impl Controller {
                 engine_storage: p.engine_storage,
                 failover: p.failover,
                 secondary_access: p.secondary_access,
+                primary_node: None,
+                switchover_policy: Default::default(),
                 volume_mode: access.mode,
                 fs_type,
                 claim: None,
