@@ -69,15 +69,29 @@ pub struct Instruments {
 
 impl Default for Instruments {
     fn default() -> Self {
-        Instruments {
+        let i = Instruments {
             host_latency: Family::new_with_constructor(Buckets(&IO_BUCKETS)),
             host_errors: Family::default(),
             proxied_read_latency: Histogram::new(IO_BUCKETS.iter().copied()),
             takeovers: Family::default(),
             takeover_ready: Histogram::new(TAKEOVER_BUCKETS.iter().copied()),
+        };
+        // Counters start at 0 rather than appear with their first event, so that rate() and
+        // increase() see that first event.
+        for op in HOST_OPS {
+            i.host_errors.get_or_create(&OpLabel { op });
         }
+        for kind in ["takeover", "failback"] {
+            for result in ["ok", "failed"] {
+                i.takeovers.get_or_create(&TakeoverLabels { kind, result });
+            }
+        }
+        i
     }
 }
+
+/// The `op` label values of host requests.
+const HOST_OPS: [&str; 5] = ["read", "write", "flush", "trim", "write_zeroes"];
 
 impl fmt::Debug for Instruments {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

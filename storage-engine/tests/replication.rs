@@ -510,3 +510,59 @@ fn metrics_show_pending_blocks_while_the_link_is_paused_and_io_counters() {
     );
     assert!(sample(&page, "tandem_replicated_bytes_total{volume=\"vol\"}").unwrap() >= 1048576.0);
 }
+
+/// JSON logs carry volume, epoch and role on every line, and follow a takeover; the takeover is
+/// counted with its ready time on the metrics page, which promtool still finds clean.
+#[test]
+fn json_logs_name_volume_epoch_and_role_and_takeovers_are_counted() {
+    let d = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let pair = start_linked(
+        d.path(),
+        "16M",
+        &["--log-format", "json"],
+        &["--log-format", "json", "--metrics-listen", &addr],
+    );
+    pair.wait_synced(30);
+    qemu_io_ok(&pair.a.uri(), &["write -P 5 0 64k"]);
+    pair.wait_synced(30);
+    takeover(&pair.b);
+    let page = scrape(&addr);
+    assert_eq!(
+        sample(
+            &page,
+            "tandem_takeovers_total{volume=\"vol\",kind=\"takeover\",result=\"ok\"}"
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "tandem_takeover_ready_seconds_count{volume=\"vol\"}"),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "tandem_role{volume=\"vol\",role=\"primary\"}"),
+        Some(1.0),
+        "{page}"
+    );
+    tandem_testkit::promtool_check_metrics(&page);
+    let log = pair.b.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "{log}");
+    for l in &lines {
+        assert_eq!(l["volume"], "vol", "{l}");
+        assert!(l["epoch"].is_u64() && l["role"].is_string(), "{l}");
+    }
+    let seen = |role: &str, epoch: u64| {
+        lines
+            .iter()
+            .any(|l| l["role"] == role && l["epoch"] == epoch)
+    };
+    assert!(seen("secondary", 1), "{log}");
+    assert!(seen("primary", 2), "{log}");
+}
