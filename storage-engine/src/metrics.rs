@@ -3,7 +3,7 @@
 //! conventions: base units (`_seconds`, `_bytes`), `_total` counters, histograms for latencies and
 //! labels instead of coded numbers (`tandem_role{role="primary"} 1`). Most values are read from the
 //! volume at scrape time; only the histograms and error counters ([`Instruments`]) are fed by the
-//! request paths. docs/metrics.md lists them all.
+//! request paths. Each HELP text says what a family means; the chart's alerts and dashboard use them.
 
 use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
 
