@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the MirroredVolume CustomResourceDefinition as YAML.
     Crd,
     /// Print, without a cluster, the objects the operator would create for the MirroredVolumes in a file.
@@ -147,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
                 .context("writing to stdout")?;
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Render(args) => render(args),
         Command::CsiController(args) => csi_controller(args).await,
     }

@@ -79,11 +79,11 @@ impl Default for Instruments {
         // Counters start at 0 rather than appear with their first event, so that rate() and
         // increase() see that first event.
         for op in HOST_OPS {
-            i.host_errors.get_or_create(&OpLabel { op });
+            let _ = i.host_errors.get_or_create(&OpLabel { op });
         }
         for kind in ["takeover", "failback"] {
             for result in ["ok", "failed"] {
-                i.takeovers.get_or_create(&TakeoverLabels { kind, result });
+                let _ = i.takeovers.get_or_create(&TakeoverLabels { kind, result });
             }
         }
         i
