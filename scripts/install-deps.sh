@@ -3,7 +3,8 @@
 set -euo pipefail
 need=()
 for pair in nbdinfo:libnbd-bin nbdkit:nbdkit qemu-io:qemu-utils fio:fio fusermount3:fuse3 \
-            mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs losetup:mount ip:iproute2 python3:python3; do
+            mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs losetup:mount ip:iproute2 python3:python3 \
+            promtool:prometheus; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -48,6 +48,71 @@ pub fn openmetrics(page: Result<String, fmt::Error>) -> Response {
     }
 }
 
+/// Content type of the classic Prometheus text format (what `promtool check metrics` reads).
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A metrics page as the scraper asked for it: OpenMetrics when its `Accept` names it (Prometheus
+/// does), else the classic text format, which every scraper and `promtool` read; 500 when the page
+/// could not be encoded.
+pub fn metrics(headers: &axum::http::HeaderMap, page: Result<String, fmt::Error>) -> Response {
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    match page {
+        Ok(body) if !wants_openmetrics => (
+            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+            to_prometheus_text(&body),
+        )
+            .into_response(),
+        page => openmetrics(page),
+    }
+}
+
+/// OpenMetrics text to the classic format: a counter family is named with its `_total` suffix,
+/// `# UNIT` and `# EOF` lines go (the classic format has neither), and `_created` samples too.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let name = rest.split(' ').next().unwrap_or(rest);
+                out.push_str(kind);
+                out.push_str(name);
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str("_total");
+                }
+                out.push_str(&rest[name.len()..]);
+            }
+            None => {
+                let name = line.split(['{', ' ']).next().unwrap_or(line);
+                if name
+                    .strip_suffix("_created")
+                    .is_some_and(|n| counters.contains(n))
+                {
+                    continue;
+                }
+                out.push_str(line);
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Closes the connection after each response. The engine's and the CSI plugin's clients (kubelet probes,
 /// scrapers, tests) send one request per connection and read until the server closes it.
 pub fn one_request_per_connection(router: Router) -> Router {
@@ -255,6 +320,33 @@ mod tests {
         assert!(page.ends_with("# EOF\n"), "{page}");
         stop_tx.send(()).unwrap();
         server.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn classic_text_names_counters_with_their_suffix_and_drops_the_eof() {
+        let om = "# HELP x_bytes Bytes.\n# TYPE x_bytes counter\nx_bytes_total{v=\"a\"} 3\nx_bytes_created 1.0\n\
+                  # HELP x_lag_seconds Lag.\n# TYPE x_lag_seconds gauge\n# UNIT x_lag_seconds seconds\nx_lag_seconds 0.5\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP x_bytes_total Bytes.\n# TYPE x_bytes_total counter\nx_bytes_total{v=\"a\"} 3\n\
+             # HELP x_lag_seconds Lag.\n# TYPE x_lag_seconds gauge\nx_lag_seconds 0.5\n"
+        );
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked() {
+        let mut h = axum::http::HeaderMap::new();
+        let page = || Ok("# TYPE c counter\nc_total 1\n# EOF\n".to_string());
+        let plain = metrics(&h, page());
+        assert_eq!(plain.headers()[header::CONTENT_TYPE], PROMETHEUS_TEXT);
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+        );
+        assert_eq!(
+            metrics(&h, page()).headers()[header::CONTENT_TYPE],
+            OPENMETRICS
+        );
     }
 
     async fn bounded(limits: Limits) -> (SocketAddr, Arc<Stats>) {

@@ -58,12 +58,15 @@ async fn healthz(State(checks): State<HealthChecks>) -> (StatusCode, String) {
     }
 }
 
-async fn metrics(State(checks): State<HealthChecks>) -> axum::response::Response {
+async fn metrics(
+    State(checks): State<HealthChecks>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
     let root = checks.state_dir.join("attach");
     let page = tokio::task::spawn_blocking(move || metrics_page(&root))
         .await
         .unwrap_or(Err(std::fmt::Error));
-    http::openmetrics(page)
+    http::metrics(&headers, page)
 }
 
 /// The attachments' link counters, one labelled sample per attachment (its directory name, the
@@ -214,7 +217,7 @@ mod tests {
             page.contains("tandem_csi_nbd_connected{attachment=\"default%2Fpv-1\"} 1"),
             "{page}"
         );
-        assert!(page.trim_end().ends_with("# EOF"), "{page}");
+        tandem_testkit::promtool_check_metrics(&page);
         task.abort();
     }
 }

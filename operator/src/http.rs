@@ -56,8 +56,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_handler(State(state): State<AppState>) -> Response {
-    tandem_api::http::openmetrics(state.metrics.encode())
+async fn metrics_handler(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    tandem_api::http::metrics(&headers, state.metrics.encode())
 }
 
 /// Serves until the process ends.
@@ -89,6 +92,30 @@ mod tests {
     async fn probes_and_metrics() {
         let health = Health::default();
         let metrics = Metrics::default();
+        // Every family with a series, so that the lint below sees each of them.
+        drop(metrics.count_and_measure());
+        metrics.set_failure("ns", "v", "kube");
+        metrics.failover("ns", "v", "PrimaryPodLost", true);
+        metrics
+            .released_pods
+            .get_or_create(&crate::metrics::VolumeLabels {
+                namespace: "ns".into(),
+                volume: "v".into(),
+            })
+            .inc();
+        let status = crate::crd::MirroredVolumeStatus {
+            replication: Some(Default::default()),
+            conditions: vec![crate::crd::Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                observed_generation: None,
+                last_transition_time: String::new(),
+                reason: "Synced".into(),
+                message: String::new(),
+            }],
+            ..Default::default()
+        };
+        metrics.observe_volume("ns", "v", &status);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let h = health.clone();
@@ -103,6 +130,8 @@ mod tests {
         );
         let m = get(addr, "/metrics").await;
         assert!(m.contains("tandem_operator_reconciles_total"), "{m}");
+        assert!(m.contains("tandem_operator_volume_phase{"), "{m}");
+        tandem_testkit::promtool_check_metrics(&m);
         server.abort();
     }
 }

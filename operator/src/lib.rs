@@ -15,6 +15,7 @@ pub mod crd;
 pub mod csi;
 pub mod disruption;
 pub mod engine;
+pub mod engine_pod;
 pub mod failover;
 pub mod http;
 pub mod leader;

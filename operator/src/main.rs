@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the MirroredVolume CustomResourceDefinition as YAML.
     Crd,
     /// Print, without a cluster, the objects the operator would create for the MirroredVolumes in a file.
@@ -95,6 +95,10 @@ struct RunArgs {
     /// Priority class for engine pods.
     #[arg(long, env = "TANDEM_ENGINE_PRIORITY_CLASS")]
     engine_priority_class: Option<String>,
+    /// Engine pod settings as JSON (the chart's engine.* values): imagePullSecrets, tolerations,
+    /// nodeSelector, resources, annotations, logFormat.
+    #[arg(long, env = "TANDEM_ENGINE_POD", value_parser = operator::engine_pod::EnginePodSettings::parse)]
+    engine_pod: Option<operator::engine_pod::EnginePodSettings>,
     /// Cluster DNS domain used in engine addresses.
     #[arg(long, env = "TANDEM_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
@@ -143,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
                 .context("writing to stdout")?;
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Render(args) => render(args),
         Command::CsiController(args) => csi_controller(args).await,
     }
@@ -264,6 +268,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         allowed_host_path_root: args.allowed_host_path_root,
         cert_validity: Duration::from_secs(args.cert_validity_days.saturating_mul(24 * 3600)),
+        pod: args.engine_pod.unwrap_or_default(),
     };
     let ca = operator::certs::ensure_ca(client.clone(), &args.namespace)
         .await

@@ -1,5 +1,6 @@
-//! Prometheus metrics (`tandem_operator_*`): reconciles, failures by error, reconcile duration,
-//! failovers by reason and result, and per-volume lag and epoch.
+//! Prometheus metrics (`tandem_operator_*`), by the Prometheus conventions: reconciles, failures by
+//! error, reconcile duration, failovers by reason and result, and per volume its lag (seconds, bytes,
+//! blocks), epoch, phase and conditions as labelled gauges (1 on the current value).
 
 use std::{sync::Arc, time::Instant};
 
@@ -9,12 +10,43 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::crd::MirroredVolumeStatus;
+use crate::crd::{MirroredVolumeStatus, Phase};
+
+/// Every phase, each published per volume (0 or 1) so that a query sees a phase end.
+const PHASES: [Phase; 7] = [
+    Phase::Creating,
+    Phase::Syncing,
+    Phase::Synced,
+    Phase::Degraded,
+    Phase::TakingOver,
+    Phase::Reversing,
+    Phase::Failed,
+];
+
+/// The condition types published per volume, to drop them with the volume.
+type SeenConditions = Arc<std::sync::Mutex<std::collections::HashMap<VolumeLabels, Vec<String>>>>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VolumeLabels {
     pub namespace: String,
     pub volume: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub namespace: String,
+    pub volume: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub namespace: String,
+    pub volume: String,
+    /// The condition's `type`.
+    pub condition: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,8 +75,11 @@ pub struct Metrics {
     pub released_pods: Family<VolumeLabels, Counter>,
     pub lag_bytes: Family<VolumeLabels, Gauge>,
     pub lag_blocks: Family<VolumeLabels, Gauge>,
-    pub lag_milliseconds: Family<VolumeLabels, Gauge>,
+    pub lag_seconds: Family<VolumeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub epoch: Family<VolumeLabels, Gauge>,
+    pub phase: Family<PhaseLabels, Gauge>,
+    pub conditions: Family<ConditionLabels, Gauge>,
+    seen_conditions: SeenConditions,
     pub registry: Arc<Registry>,
 }
 
@@ -58,8 +93,11 @@ impl Default for Metrics {
         let released_pods = Family::<VolumeLabels, Counter>::default();
         let lag_bytes = Family::<VolumeLabels, Gauge>::default();
         let lag_blocks = Family::<VolumeLabels, Gauge>::default();
-        let lag_milliseconds = Family::<VolumeLabels, Gauge>::default();
+        let lag_seconds =
+            Family::<VolumeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         let epoch = Family::<VolumeLabels, Gauge>::default();
+        let phase = Family::<PhaseLabels, Gauge>::default();
+        let conditions = Family::<ConditionLabels, Gauge>::default();
         registry.register("reconciles", "Reconciliations run", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -87,16 +125,26 @@ impl Default for Metrics {
             lag_bytes.clone(),
         );
         registry.register(
-            "volume_lag_blocks",
+            "volume_pending_blocks",
             "Blocks the secondary is behind",
             lag_blocks.clone(),
         );
         registry.register(
-            "volume_lag_milliseconds",
+            "volume_lag_seconds",
             "Age of the oldest unreplicated write",
-            lag_milliseconds.clone(),
+            lag_seconds.clone(),
         );
         registry.register("volume_epoch", "Current epoch of the pair", epoch.clone());
+        registry.register(
+            "volume_phase",
+            "The volume's status.phase: 1 on the current phase, 0 on the others",
+            phase.clone(),
+        );
+        registry.register(
+            "volume_condition",
+            "The volume's status.conditions: 1 on each condition's current status, 0 on the others",
+            conditions.clone(),
+        );
         Metrics {
             reconciles,
             failures,
@@ -105,8 +153,11 @@ impl Default for Metrics {
             released_pods,
             lag_bytes,
             lag_blocks,
-            lag_milliseconds,
+            lag_seconds,
             epoch,
+            phase,
+            conditions,
+            seen_conditions: SeenConditions::default(),
             registry: Arc::new(registry),
         }
     }
@@ -167,11 +218,38 @@ impl Metrics {
             self.lag_blocks
                 .get_or_create(&labels)
                 .set(clamp(r.pending_blocks));
-            self.lag_milliseconds
-                .get_or_create(&labels)
-                .set((r.lag_seconds * 1000.0) as i64);
+            self.lag_seconds.get_or_create(&labels).set(r.lag_seconds);
         }
         self.epoch.get_or_create(&labels).set(clamp(status.epoch));
+        for p in PHASES {
+            self.phase
+                .get_or_create(&PhaseLabels {
+                    namespace: namespace.into(),
+                    volume: volume.into(),
+                    phase: p.as_str().into(),
+                })
+                .set(i64::from(p == status.phase));
+        }
+        let mut seen = self
+            .seen_conditions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let types = seen.entry(labels.clone()).or_default();
+        for c in &status.conditions {
+            if !types.contains(&c.type_) {
+                types.push(c.type_.clone());
+            }
+            for st in ["True", "False", "Unknown"] {
+                self.conditions
+                    .get_or_create(&ConditionLabels {
+                        namespace: namespace.into(),
+                        volume: volume.into(),
+                        condition: c.type_.clone(),
+                        status: st.into(),
+                    })
+                    .set(i64::from(c.status == st));
+            }
+        }
     }
 
     /// Drops the per-volume series of a deleted volume.
@@ -182,8 +260,31 @@ impl Metrics {
         };
         self.lag_bytes.remove(&labels);
         self.lag_blocks.remove(&labels);
-        self.lag_milliseconds.remove(&labels);
+        self.lag_seconds.remove(&labels);
         self.epoch.remove(&labels);
+        for p in PHASES {
+            self.phase.remove(&PhaseLabels {
+                namespace: namespace.into(),
+                volume: volume.into(),
+                phase: p.as_str().into(),
+            });
+        }
+        let types = self
+            .seen_conditions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&labels)
+            .unwrap_or_default();
+        for condition in types {
+            for st in ["True", "False", "Unknown"] {
+                self.conditions.remove(&ConditionLabels {
+                    namespace: namespace.into(),
+                    volume: volume.into(),
+                    condition: condition.clone(),
+                    status: st.into(),
+                });
+            }
+        }
     }
 
     /// Text exposition for `/metrics`.
@@ -220,6 +321,19 @@ mod tests {
         m.failover("ns", "v", "PrimaryPodLost", true);
         let status = MirroredVolumeStatus {
             epoch: 7,
+            phase: Phase::Synced,
+            conditions: vec![crate::crd::Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                observed_generation: None,
+                last_transition_time: String::new(),
+                reason: "Synced".into(),
+                message: String::new(),
+            }],
+            replication: Some(crate::crd::ReplicationStatus {
+                lag_seconds: 0.25,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         m.observe_volume("ns", "v", &status);
@@ -233,8 +347,22 @@ mod tests {
         ));
         assert!(text.contains(r#"tandem_operator_failovers_total{namespace="ns",volume="v",reason="PrimaryPodLost",result="ok"} 1"#));
         assert!(text.contains(r#"tandem_operator_volume_epoch{namespace="ns",volume="v"} 7"#));
+        assert!(
+            text.contains(r#"tandem_operator_volume_lag_seconds{namespace="ns",volume="v"} 0.25"#)
+        );
+        assert!(text.contains(
+            r#"tandem_operator_volume_phase{namespace="ns",volume="v",phase="Synced"} 1"#
+        ));
+        assert!(text.contains(
+            r#"tandem_operator_volume_phase{namespace="ns",volume="v",phase="Degraded"} 0"#
+        ));
+        assert!(text.contains(r#"tandem_operator_volume_condition{namespace="ns",volume="v",condition="Ready",status="True"} 1"#));
+        assert!(text.contains(r#"tandem_operator_volume_condition{namespace="ns",volume="v",condition="Ready",status="False"} 0"#));
         assert_eq!(m.failure_count("ns", "v", "kube"), 1);
         m.forget_volume("ns", "v");
-        assert!(!m.encode().unwrap().contains("volume_epoch{"));
+        let after = m.encode().unwrap();
+        assert!(!after.contains("volume_epoch{"), "{after}");
+        assert!(!after.contains("volume_phase{"), "{after}");
+        assert!(!after.contains("volume_condition{"), "{after}");
     }
 }

@@ -90,6 +90,8 @@ pub struct EngineConfig {
     pub allowed_host_path_root: String,
     /// Lifetime of the leaf certificates the operator mints (`--cert-validity`).
     pub cert_validity: std::time::Duration,
+    /// The chart's engine pod settings (`--engine-pod`): pull secrets, tolerations, log format...
+    pub pod: crate::engine_pod::EnginePodSettings,
 }
 
 impl Default for EngineConfig {
@@ -102,6 +104,7 @@ impl Default for EngineConfig {
             namespace: "tandem-system".to_string(),
             allowed_host_path_root: "/var/lib/tandem".to_string(),
             cert_validity: DEFAULT_CERT_VALIDITY,
+            pod: Default::default(),
         }
     }
 }
@@ -581,6 +584,8 @@ pub fn engine_pod(
         protocol: Some("TCP".into()),
         ..Default::default()
     };
+    // JSON lines with volume, epoch and role by default (engine_pod::EnginePodSettings).
+    args.extend(["--log-format".into(), cfg.pod.log_format().into()]);
     let mut pod_labels = slot_labels(mv, slot);
     // Born under the volume's PodDisruptionBudget: the operator lifts it once the pod is an in-sync secondary.
     pod_labels.insert(DISRUPTION_LABEL.to_string(), "false".to_string());
@@ -724,6 +729,7 @@ pub fn engine_pod(
         }),
         status: None,
     };
+    cfg.pod.apply(&mut pod);
     if role == EngineRole::Primary {
         if let Some(r) = mv.status.as_ref().and_then(|s| s.restore.as_ref()) {
             if !r.done && r.node == node {
@@ -1576,6 +1582,7 @@ mod tests {
         assert_eq!(flag(&pod, "--data").unwrap(), "/var/lib/tandem/data.img");
         assert_eq!(flag(&pod, "--state-dir").unwrap(), "/var/lib/tandem/state");
         assert_eq!(flag(&pod, "--metrics-listen").unwrap(), "0.0.0.0:9501");
+        assert_eq!(flag(&pod, "--log-format").unwrap(), "json");
         // NBD on the volume's socket only, pinned exports only; TLS from its Secret; the node's name.
         assert_eq!(flag(&pod, "--nbd-listen").unwrap(), "off");
         assert_eq!(flag(&pod, "--nbd-socket").unwrap(), "/run/tandem/nbd.sock");

@@ -67,7 +67,7 @@ pub fn pod(
     args.extend(["--run-dir".into(), run_dir]);
     let mut labels: BTreeMap<String, String> = plan::labels(mv);
     labels.insert(WIPE_LABEL.to_string(), slot.as_str().to_string());
-    Pod {
+    let mut pod = Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(&key, slot)),
             namespace: Some(cfg.namespace.clone()),
@@ -105,7 +105,10 @@ pub fn pod(
             ..Default::default()
         }),
         status: None,
-    }
+    };
+    // Pull secrets and tolerations reach the wipe pod too: it must run where the engine ran.
+    cfg.pod.apply(&mut pod);
+    pod
 }
 
 fn host_volume(name: &str, path: &str) -> Volume {

@@ -104,6 +104,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
     };
     let volume = Volume::open(&cfg).context("opening the volume")?;
+    crate::logctx::set(&volume);
 
     let nbd_listener = match args.nbd_listen.as_str() {
         NBD_OFF => None,

@@ -112,6 +112,19 @@ pub struct EngineService {
 }
 
 impl EngineService {
+    /// Counts a takeover or failback for the metrics, with its ready time when it promoted this
+    /// engine (an idempotent repeat promoted nothing).
+    fn count_takeover<E>(&self, kind: &'static str, res: &Result<pb::TakeoverReply, E>) {
+        let ready = match res {
+            Ok(r) if !r.already_primary => Some(std::time::Duration::from_millis(r.ready_ms)),
+            _ => None,
+        };
+        self.volume
+            .counters
+            .instruments
+            .takeover(kind, ready, res.is_ok());
+    }
+
     pub fn new(volume: Arc<Volume>, fault_injection: bool, authz: Authz) -> Self {
         Self {
             volume,
@@ -300,11 +313,9 @@ impl Engine for EngineService {
         self.authz
             .check(req.extensions(), takeover_call(req.get_ref()))?;
         self.check_volume(&req.get_ref().volume)?;
-        self.volume
-            .takeover(req.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
+        let res = self.volume.takeover(req.into_inner()).await;
+        self.count_takeover("takeover", &res);
+        res.map(Response::new).map_err(Status::from)
     }
 
     async fn failback(
@@ -314,11 +325,9 @@ impl Engine for EngineService {
         self.authz.check(req.extensions(), Call::Failback)?;
         self.check_volume(&req.get_ref().volume)?;
         // Failback is a takeover in the other direction (see takeover::handoff).
-        self.volume
-            .takeover(req.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
+        let res = self.volume.takeover(req.into_inner()).await;
+        self.count_takeover("failback", &res);
+        res.map(Response::new).map_err(Status::from)
     }
 
     async fn grant_lease(

@@ -16,6 +16,7 @@ pub mod geometry;
 pub mod grpc;
 pub mod journal;
 pub mod lease;
+pub mod logctx;
 pub mod loss;
 pub mod meta;
 pub mod metrics;

@@ -1,6 +1,7 @@
 use anyhow::Context;
 use clap::Parser;
 use storage_engine::cli::{Cli, Command, LogFormat};
+use storage_engine::logctx::WithVolume;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -8,9 +9,21 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // Volume, epoch and role on every line once `serve` has opened the volume (logctx).
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(WithVolume {
+                inner: tracing_subscriber::fmt::format().json(),
+                json: true,
+            })
+            .init(),
+        LogFormat::Text => builder
+            .event_format(WithVolume {
+                inner: tracing_subscriber::fmt::format(),
+                json: false,
+            })
+            .init(),
     }
 }
 

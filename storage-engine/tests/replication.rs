@@ -458,22 +458,57 @@ fn metrics_show_pending_blocks_while_the_link_is_paused_and_io_counters() {
     fault(&pair.a, &["--pause", "true"]);
     qemu_io_ok(&pair.a.uri(), &["write -P 7 0 1M"]);
     let page = scrape(&addr);
-    assert!(page.contains("application/openmetrics-text"), "{page}");
-    assert!(page.trim_end().ends_with("# EOF"), "{page}");
+    // No Accept header: the classic text format (OpenMetrics only for a scraper that asks).
+    assert!(page.contains("text/plain; version=0.0.4"), "{page}");
+    assert!(!page.contains("# EOF"), "{page}");
+    tandem_testkit::promtool_check_metrics(&page);
     assert_eq!(
         sample(&page, "tandem_pending_blocks{volume=\"vol\"}"),
         Some(256.0),
         "{page}"
     );
     assert_eq!(
-        sample(&page, "tandem_bytes_written_total{volume=\"vol\"}"),
-        Some(1048576.0)
+        sample(&page, "tandem_replication_lag_bytes{volume=\"vol\"}"),
+        Some(1048576.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "tandem_host_io_bytes_total{volume=\"vol\",op=\"write\"}"
+        ),
+        Some(1048576.0),
+        "{page}"
+    );
+    assert!(
+        sample(
+            &page,
+            "tandem_host_io_duration_seconds_count{volume=\"vol\",op=\"write\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{page}"
     );
     assert_eq!(
         sample(&page, "tandem_peer_connected{volume=\"vol\"}"),
         Some(1.0)
     );
-    assert_eq!(sample(&page, "tandem_role{volume=\"vol\"}"), Some(1.0));
+    assert_eq!(
+        sample(&page, "tandem_role{volume=\"vol\",role=\"primary\"}"),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "tandem_role{volume=\"vol\",role=\"secondary\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "tandem_pair_state{volume=\"vol\",state=\"replicating\"}"
+        ),
+        Some(1.0),
+        "{page}"
+    );
     fault(&pair.a, &["--pause", "false"]);
     pair.wait_synced(30);
     let page = scrape(&addr);
@@ -481,5 +516,66 @@ fn metrics_show_pending_blocks_while_the_link_is_paused_and_io_counters() {
         sample(&page, "tandem_pending_blocks{volume=\"vol\"}"),
         Some(0.0)
     );
+    assert_eq!(
+        sample(&page, "tandem_pair_state{volume=\"vol\",state=\"synced\"}"),
+        Some(1.0),
+        "{page}"
+    );
     assert!(sample(&page, "tandem_replicated_bytes_total{volume=\"vol\"}").unwrap() >= 1048576.0);
+}
+
+/// JSON logs carry volume, epoch and role on every line, and follow a takeover; the takeover is
+/// counted with its ready time on the metrics page, which promtool still finds clean.
+#[test]
+fn json_logs_name_volume_epoch_and_role_and_takeovers_are_counted() {
+    let d = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let pair = start_linked(
+        d.path(),
+        "16M",
+        &["--log-format", "json"],
+        &["--log-format", "json", "--metrics-listen", &addr],
+    );
+    pair.wait_synced(30);
+    qemu_io_ok(&pair.a.uri(), &["write -P 5 0 64k"]);
+    pair.wait_synced(30);
+    takeover(&pair.b);
+    let page = scrape(&addr);
+    assert_eq!(
+        sample(
+            &page,
+            "tandem_takeovers_total{volume=\"vol\",kind=\"takeover\",result=\"ok\"}"
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "tandem_takeover_ready_seconds_count{volume=\"vol\"}"),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "tandem_role{volume=\"vol\",role=\"primary\"}"),
+        Some(1.0),
+        "{page}"
+    );
+    tandem_testkit::promtool_check_metrics(&page);
+    let log = pair.b.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "{log}");
+    for l in &lines {
+        assert_eq!(l["volume"], "vol", "{l}");
+        assert!(l["epoch"].is_u64() && l["role"].is_string(), "{l}");
+    }
+    let seen = |role: &str, epoch: u64| {
+        lines
+            .iter()
+            .any(|l| l["role"] == role && l["epoch"] == epoch)
+    };
+    assert!(seen("secondary", 1), "{log}");
+    assert!(seen("primary", 2), "{log}");
 }

@@ -17,6 +17,6 @@ pub use data::{file_block_is, file_bytes, pattern};
 pub use engine::{Engine, EngineBuilder, NBD_OFF};
 pub use pair::{Pair, PairBuilder};
 pub use tools::{
-    block_reads, free_port, put_block, qemu_io, qemu_io_ok, qemu_io_passed, run, run_ok, tail,
-    wait_until,
+    block_reads, free_port, promtool_check_metrics, put_block, qemu_io, qemu_io_ok, qemu_io_passed,
+    run, run_ok, tail, wait_until,
 };

@@ -94,3 +94,47 @@ pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// Lints a metrics page (an HTTP response or its body) with `promtool check metrics` and panics with
+/// what it found. Without promtool the check is skipped with a message, unless
+/// `TANDEM_REQUIRE_PROMTOOL` is set (CI sets it; scripts/install-deps.sh installs Debian's
+/// `prometheus` package, which has it).
+pub fn promtool_check_metrics(page: &str) {
+    use std::io::Write as _;
+    let body = match page.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/") => body,
+        _ => page,
+    };
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var_os("TANDEM_REQUIRE_PROMTOOL").is_none(),
+                "promtool is missing and TANDEM_REQUIRE_PROMTOOL is set: run scripts/install-deps.sh"
+            );
+            eprintln!("SKIPPED promtool check metrics: promtool is not installed (scripts/install-deps.sh)");
+            return;
+        }
+        Err(e) => panic!("cannot run promtool: {e}"),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(body.as_bytes())
+            .unwrap_or_else(|e| panic!("writing to promtool: {e}"));
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("promtool: {e}"));
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics found problems:\n{said}\non the page:\n{body}"
+    );
+}

@@ -222,6 +222,24 @@ mod tests {
         ) -> Result<Response<pb::ResizeReply>, Status> {
             none()
         }
+        async fn start_move(
+            &self,
+            _: Request<pb::StartMoveRequest>,
+        ) -> Result<Response<pb::MoveStatus>, Status> {
+            none()
+        }
+        async fn get_move(
+            &self,
+            _: Request<pb::GetMoveRequest>,
+        ) -> Result<Response<pb::MoveStatus>, Status> {
+            none()
+        }
+        async fn abort_move(
+            &self,
+            _: Request<pb::GetMoveRequest>,
+        ) -> Result<Response<pb::MoveStatus>, Status> {
+            none()
+        }
         async fn create_snapshot(
             &self,
             req: Request<pb::CreateSnapshotRequest>,

@@ -786,8 +786,25 @@ fn execute_snapshot(v: &Volume, s: &Snapshot, req: &Request) -> (u32, Option<Vec
     }
 }
 
-/// Runs one validated request; returns (errno, read data).
+/// Runs one validated request, timed for the metrics; returns (errno, read data).
 async fn execute(v: &Volume, req: &Request, payload: Option<Vec<u8>>) -> (u32, Option<Vec<u8>>) {
+    let started = std::time::Instant::now();
+    let out = run(v, req, payload).await;
+    let op = match req.kind {
+        p::CMD_READ => "read",
+        p::CMD_WRITE => "write",
+        p::CMD_FLUSH => "flush",
+        p::CMD_TRIM => "trim",
+        p::CMD_WRITE_ZEROES => "write_zeroes",
+        _ => "other",
+    };
+    v.counters
+        .instruments
+        .host_request(op, started.elapsed(), out.0 != 0);
+    out
+}
+
+async fn run(v: &Volume, req: &Request, payload: Option<Vec<u8>>) -> (u32, Option<Vec<u8>>) {
     let fua = req.flags & p::CMD_FLAG_FUA != 0;
     let res = match req.kind {
         p::CMD_READ => match v.read(req.offset, req.length).await {

@@ -91,7 +91,10 @@ impl Volume {
     /// (read-repair, failover.md A3): the old primary is fenced, so its content is final.
     pub(crate) async fn proxy_read(&self, blocks: &[u64]) -> Result<Vec<Bytes>, HostError> {
         let epoch = self.epoch();
-        let got = match self.areas.proxy.read(self.name(), epoch, blocks).await {
+        let started = std::time::Instant::now();
+        let got = self.areas.proxy.read(self.name(), epoch, blocks).await;
+        self.counters.instruments.proxied_read(started.elapsed());
+        let got = match got {
             Ok(g) => g,
             Err(e) => {
                 self.areas.set_condition(

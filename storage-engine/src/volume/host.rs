@@ -70,6 +70,8 @@ pub struct Counters {
     pub nbd_accept_errors: AtomicU64,
     /// What the gRPC acceptor turned away (refused, evicted, timed out, failed accepts).
     pub grpc: std::sync::Arc<tandem_api::tls::server::AcceptStats>,
+    /// Latency histograms and error counters fed by the request paths (metrics endpoint).
+    pub instruments: crate::metrics::Instruments,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub flushes: AtomicU64,

@@ -401,6 +401,12 @@ impl Volume {
         self.meta().epoch
     }
 
+    /// The epoch if the metadata lock is free now: the log formatter calls this and must never wait
+    /// (a line may be logged while this thread holds the lock).
+    pub fn try_epoch(&self) -> Option<u64> {
+        self.meta.try_lock().ok().map(|m| m.epoch)
+    }
+
     /// Graceful stop: data durable, table checkpointed, meta marked clean.
     pub fn shutdown(&self) -> Result<(), OpenError> {
         let io_err = |source| OpenError::StateDir {
