@@ -275,25 +275,6 @@ mod tests {
             }
             Ok(Response::new(pb::ListSnapshotsReply { snapshots: vec![] }))
         }
-        // Issue 18's moves: not what these tests fake.
-        async fn start_move(
-            &self,
-            _req: Request<pb::StartMoveRequest>,
-        ) -> Result<Response<pb::MoveStatus>, Status> {
-            Err(Status::unimplemented("moves are not faked here"))
-        }
-        async fn get_move(
-            &self,
-            _req: Request<pb::GetMoveRequest>,
-        ) -> Result<Response<pb::MoveStatus>, Status> {
-            Err(Status::unimplemented("moves are not faked here"))
-        }
-        async fn abort_move(
-            &self,
-            _req: Request<pb::GetMoveRequest>,
-        ) -> Result<Response<pb::MoveStatus>, Status> {
-            Err(Status::unimplemented("moves are not faked here"))
-        }
     }
 
     async fn serve(with_snapshots: bool) -> (String, Arc<FakeEngine>) {
