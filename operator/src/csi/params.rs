@@ -228,10 +228,11 @@ pub struct Access {
 
 /// Checks each capability: any single-node mode (read-only too), block or a mount with ext4/xfs.
 /// Multi-node modes need the secondary's node to serve (issue 18): MULTI_NODE_READER_ONLY with
-/// `secondaryAccess` ReadOnly or ReadWrite (readers on the secondary's node get point-in-time
-/// views), MULTI_NODE_MULTI_WRITER only for block volumes with ReadWrite (writes there are
-/// forwarded to the primary; a filesystem mounted read-write on two nodes would corrupt itself).
-/// Anything else is INVALID_ARGUMENT (the CSI "unsupported field" case).
+/// `secondaryAccess: ReadWrite` (readers on the secondary's node get current reads). Not yet:
+/// MULTI_NODE_MULTI_WRITER (the CSI plugin would take over for a writer on the secondary's node,
+/// fencing the other writer, instead of forwarding its writes) and readers of a ReadOnly
+/// secondary (its point-in-time views are not opened by stages yet). Anything else is
+/// INVALID_ARGUMENT (the CSI "unsupported field" case).
 pub fn capabilities(
     caps: &[pb::VolumeCapability],
     secondary: SecondaryAccess,
@@ -241,7 +242,6 @@ pub fn capabilities(
     }
     let mut mode = None;
     let mut fs = None;
-    let mut multi_writer = false;
     for cap in caps {
         let access = cap
             .access_mode
@@ -253,10 +253,7 @@ pub fn capabilities(
             | Mode::SingleNodeSingleWriter
             | Mode::SingleNodeMultiWriter
             | Mode::SingleNodeReaderOnly => {}
-            Mode::MultiNodeReaderOnly if secondary != SecondaryAccess::None => {}
-            Mode::MultiNodeMultiWriter if secondary == SecondaryAccess::ReadWrite => {
-                multi_writer = true;
-            }
+            Mode::MultiNodeReaderOnly if secondary == SecondaryAccess::ReadWrite => {}
             Mode::Unknown => {
                 return Err(CsiError::Invalid(
                     "volume_capabilities: access_mode is missing".into(),
@@ -264,7 +261,7 @@ pub fn capabilities(
             }
             other => {
                 return Err(CsiError::Invalid(format!(
-                    "access mode {} is not supported with secondaryAccess {secondary:?}: a Tandem volume is attached on one node at a time (ReadWriteOnce or ReadWriteOncePod); ReadOnlyMany needs secondaryAccess ReadOnly or ReadWrite, ReadWriteMany a Block volume with ReadWrite",
+                    "access mode {} is not supported with secondaryAccess {secondary:?}: a Tandem volume is attached on one node at a time (ReadWriteOnce or ReadWriteOncePod); ReadOnlyMany needs secondaryAccess ReadWrite",
                     other.as_str_name()
                 )))
             }
@@ -300,11 +297,6 @@ pub fn capabilities(
             ));
         }
         mode = Some(this);
-    }
-    if multi_writer && mode != Some(VolumeMode::Block) {
-        return Err(CsiError::Invalid(
-            "access mode MULTI_NODE_MULTI_WRITER is supported for Block volumes only: a filesystem mounted read-write on two nodes corrupts itself".into(),
-        ));
     }
     Ok(Access {
         mode: mode.unwrap_or_default(),
@@ -562,23 +554,19 @@ mod tests {
         assert!(capabilities(&mixed, none).is_err());
     }
 
-    /// Issue 18: ReadOnlyMany with a serving secondary; ReadWriteMany only for Block with
-    /// ReadWrite, never a filesystem.
+    /// Issue 18: ReadOnlyMany with a ReadWrite secondary (current reads on its node); no
+    /// ReadWriteMany and no ReadOnlyMany of a ReadOnly secondary until the CSI plugin routes them.
     #[test]
     fn multi_node_modes_follow_the_secondarys_access() {
         use SecondaryAccess::{ReadOnly, ReadWrite};
-        for s in [ReadOnly, ReadWrite] {
-            for block in [false, true] {
-                assert!(capabilities(&[cap(Mode::MultiNodeReaderOnly, block, "")], s).is_ok());
-            }
-            assert!(capabilities(&[cap(Mode::MultiNodeSingleWriter, true, "")], s).is_err());
+        for block in [false, true] {
+            assert!(capabilities(&[cap(Mode::MultiNodeReaderOnly, block, "")], ReadWrite).is_ok());
+            assert!(capabilities(&[cap(Mode::MultiNodeReaderOnly, block, "")], ReadOnly).is_err());
         }
-        let a = capabilities(&[cap(Mode::MultiNodeMultiWriter, true, "")], ReadWrite).unwrap();
-        assert_eq!(a.mode, VolumeMode::Block);
-        let e =
-            capabilities(&[cap(Mode::MultiNodeMultiWriter, false, "ext4")], ReadWrite).unwrap_err();
-        assert!(e.to_string().contains("Block volumes only"), "{e}");
-        assert!(capabilities(&[cap(Mode::MultiNodeMultiWriter, true, "")], ReadOnly).is_err());
+        for s in [ReadOnly, ReadWrite] {
+            assert!(capabilities(&[cap(Mode::MultiNodeSingleWriter, true, "")], s).is_err());
+            assert!(capabilities(&[cap(Mode::MultiNodeMultiWriter, true, "")], s).is_err());
+        }
     }
 
     fn range(required: u64, limit: u64) -> pb::CapacityRange {
