@@ -54,7 +54,7 @@ pub struct Event {
     pub text: String,
 }
 
-fn note(reason: &'static str, text: String) -> Event {
+pub(crate) fn note(reason: &'static str, text: String) -> Event {
     Event {
         warning: false,
         reason,
@@ -62,7 +62,7 @@ fn note(reason: &'static str, text: String) -> Event {
     }
 }
 
-fn warn(reason: &'static str, text: String) -> Event {
+pub(crate) fn warn(reason: &'static str, text: String) -> Event {
     Event {
         warning: true,
         reason,

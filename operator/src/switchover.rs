@@ -25,7 +25,7 @@ use crate::{
         EngineRole, MirroredVolumeSpec, MirroredVolumeStatus, Slot, SwitchoverPhase,
         SwitchoverPolicy, SwitchoverStatus, WorkloadRestart,
     },
-    disruption::{self, Event},
+    disruption::{self, note, warn, Event},
     engine::EngineState,
     failover::{established, primary_slot, set_condition, slot_health, Health, TakeoverIntent},
     observed::Observed,
@@ -37,22 +37,6 @@ pub const REASON: &str = "Switchover";
 pub const CONDITION: &str = "PrimaryNode";
 /// Look again this soon while a switchover waits or runs.
 const RECHECK: Duration = Duration::from_secs(2);
-
-fn note(reason: &'static str, text: String) -> Event {
-    Event {
-        warning: false,
-        reason,
-        text,
-    }
-}
-
-fn warn(reason: &'static str, text: String) -> Event {
-    Event {
-        warning: true,
-        reason,
-        text,
-    }
-}
 
 /// What the switchover rule asks of one pass.
 #[derive(Debug, Default, PartialEq)]
