@@ -67,6 +67,16 @@ pub(crate) fn unreachable_code(c: tonic::Code) -> bool {
     )
 }
 
+/// `unreachable_code`, and also an INTERNAL that tonic made locally from a broken HTTP/2 stream
+/// (a peer killed mid-call resets it: "h2 protocol error"). Such a status carries its transport
+/// error as its source; an engine's own INTERNAL answer comes from the trailers and has none.
+/// Invariant: a forced promotion acts only on silence, never on an answer, and a dying peer's
+/// reset is silence. Test: `tests::a_reset_stream_is_silence_an_internal_answer_is_not`.
+pub(crate) fn unreachable(s: &tonic::Status) -> bool {
+    unreachable_code(s.code())
+        || (s.code() == tonic::Code::Internal && std::error::Error::source(s).is_some())
+}
+
 impl Volume {
     /// Peer.FenceAndHandoff, on the engine being replaced: finish in-flight host writes, refuse
     /// everything older than `new_epoch`, close host sessions, and hand over the differential
@@ -293,7 +303,7 @@ impl Volume {
                     .max_decoding_message_size(cap);
                 match call(c).await {
                     Ok(r) => Ok(Ok(r.into_inner())),
-                    Err(s) if unreachable_code(s.code()) => Err(s.message().to_string()),
+                    Err(s) if unreachable(&s) => Err(s.message().to_string()),
                     Err(s) => Ok(Err(s)),
                 }
             };
@@ -694,5 +704,28 @@ pub async fn merge_task(vol: Arc<Volume>, mut stop: tokio::sync::watch::Receiver
         if *stop.borrow() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unreachable;
+
+    #[test]
+    fn a_reset_stream_is_silence_an_internal_answer_is_not() {
+        let answer = tonic::Status::internal("reading the data file: EIO");
+        assert!(
+            !unreachable(&answer),
+            "an engine's INTERNAL answer is an answer"
+        );
+        let mut reset = tonic::Status::internal("h2 protocol error: stream reset");
+        reset.set_source(std::sync::Arc::new(std::io::Error::other(
+            "connection reset",
+        )));
+        assert!(unreachable(&reset), "a broken stream is silence");
+        assert!(unreachable(&tonic::Status::unavailable("connect refused")));
+        assert!(!unreachable(&tonic::Status::failed_precondition(
+            "stale epoch"
+        )));
     }
 }

@@ -159,7 +159,7 @@ impl Volume {
                 .await
                 .map(|r| r.into_inner())
                 .map_err(|s| {
-                    if crate::takeover::handoff::unreachable_code(s.code()) {
+                    if crate::takeover::handoff::unreachable(&s) {
                         return unreachable(s.message().to_string());
                     }
                     let why = format!("the secondary refused: {}", s.message());
