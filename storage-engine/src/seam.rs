@@ -225,6 +225,27 @@ pub mod power {
             }
         }
     }
+
+    /// Runs `run(dir, k)` in a fresh directory for k = 0, 1, 2, ... (the power cut after k file
+    /// operations) until a run completes without the cut tripping; panics on the first run that
+    /// reports a problem, and if fewer than `at_least` cut points were reached (a test whose
+    /// sequence stopped doing file operations would otherwise pass without testing anything).
+    pub fn at_every_cut(at_least: u64, run: impl Fn(&Path, i64) -> (bool, Vec<String>)) {
+        let mut k = 0;
+        loop {
+            let d = tempfile::tempdir().expect("a temporary directory");
+            let (tripped, bad) = run(d.path(), k);
+            assert!(
+                bad.is_empty(),
+                "power cut after {k} file operations: {bad:?}"
+            );
+            if !tripped {
+                break;
+            }
+            k += 1;
+        }
+        assert!(k as u64 >= at_least, "only {k} cut points");
+    }
 }
 
 /// Production build: the power never goes out on purpose.

@@ -904,19 +904,6 @@ mod tests {
 
     #[test]
     fn power_loss_during_a_move_keeps_every_owed_block() {
-        let mut k = 0;
-        loop {
-            let d = tempfile::tempdir().unwrap();
-            let (tripped, bad) = cut_run(d.path(), k);
-            assert!(
-                bad.is_empty(),
-                "power cut after {k} file operations: {bad:?}"
-            );
-            if !tripped {
-                break;
-            }
-            k += 1;
-        }
-        assert!(k >= 8, "only {k} cut points");
+        crate::seam::power::at_every_cut(8, cut_run);
     }
 }
