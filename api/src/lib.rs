@@ -24,6 +24,15 @@ pub mod pb {
 #[allow(clippy::all, missing_docs)]
 pub mod csi {
     tonic::include_proto!("csi.v1");
+
+    /// GetPluginInfo's answer, the same for the node plugin and the controller (one driver).
+    pub fn plugin_info() -> GetPluginInfoResponse {
+        GetPluginInfoResponse {
+            name: crate::contract::CSI_DRIVER.to_string(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
+            manifest: Default::default(),
+        }
+    }
 }
 
 pub mod accept;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tandem_api::contract::{CSI_DRIVER, SECRET_TOKEN_KEY, TOPOLOGY_KEY};
+use tandem_api::contract::{SECRET_TOKEN_KEY, TOPOLOGY_KEY};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -390,11 +390,7 @@ impl pb::identity_server::Identity for IdentityGrpc {
         &self,
         _request: Request<pb::GetPluginInfoRequest>,
     ) -> Result<Response<pb::GetPluginInfoResponse>, Status> {
-        Ok(Response::new(pb::GetPluginInfoResponse {
-            name: CSI_DRIVER.to_string(),
-            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
-            manifest: HashMap::new(),
-        }))
+        Ok(Response::new(pb::plugin_info()))
     }
 
     async fn get_plugin_capabilities(

@@ -4,7 +4,6 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use tandem_api::contract::CSI_DRIVER;
 use tandem_api::csi as pb;
 use tandem_api::csi::{
     controller_server::{Controller as ControllerRpc, ControllerServer},
@@ -42,11 +41,7 @@ impl Identity for IdentityGrpc {
         &self,
         _request: Request<pb::GetPluginInfoRequest>,
     ) -> Result<Response<pb::GetPluginInfoResponse>, Status> {
-        Ok(Response::new(pb::GetPluginInfoResponse {
-            name: CSI_DRIVER.to_string(),
-            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
-            manifest: Default::default(),
-        }))
+        Ok(Response::new(pb::plugin_info()))
     }
 
     async fn get_plugin_capabilities(
