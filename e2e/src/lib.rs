@@ -439,6 +439,28 @@ impl Csi {
             .await?;
         Ok(())
     }
+
+    /// NodeUnpublishVolume then NodeUnstageVolume, the reverse of `stage_and_publish`.
+    pub async fn unpublish_and_unstage(
+        &mut self,
+        volume_id: &str,
+        paths: (&Path, &Path),
+    ) -> Result<(), tonic::Status> {
+        let (staging, target) = paths;
+        self.node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: volume_id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await?;
+        self.node
+            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                volume_id: volume_id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await?;
+        Ok(())
+    }
 }
 
 /// Filesystem (`Some("ext4")`) or raw block (`None`) capability, single-node writer.

@@ -169,18 +169,7 @@ async fn a_live_pair_grows_from_256m_to_1g_under_fio_and_its_replicas_end_identi
             .await?
             .into_inner();
         anyhow::ensure!(again.capacity_bytes == 1 << 30);
-        c.node
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: target.display().to_string(),
-            })
-            .await?;
-        c.node
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await?;
+        c.unpublish_and_unstage(id, (&staging, &target)).await?;
         scratch.assert_clean();
         eprintln!("unstaged; waiting for the pair to converge");
         EnginePair::wait_converged(&pair.a, &pair.b, Duration::from_secs(40)).await?;

@@ -278,18 +278,7 @@ async fn ext4_volume_survives_a_plugin_restart_and_unstages_cleanly() {
             "the history file, staged again",
             &read_direct(&history_file, 8 << 20)?,
         )?;
-        c.node
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: target.display().to_string(),
-            })
-            .await?;
-        c.node
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await?;
+        c.unpublish_and_unstage(id, (&staging, &target)).await?;
         scratch.assert_clean();
         Ok(())
     });
@@ -655,18 +644,7 @@ async fn io_waits_out_an_engine_restart() {
             "still abnormal after reconnecting: {cond:?}"
         );
 
-        c.node
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: target.display().to_string(),
-            })
-            .await?;
-        c.node
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await?;
+        c.unpublish_and_unstage(id, (&staging, &target)).await?;
         scratch.assert_clean();
         Ok(())
     });
@@ -806,18 +784,7 @@ async fn nbd_never_crosses_nodes_and_ignores_a_link_flap() {
         anyhow::ensure!(dd_read(&target, 0, 256 << 10)? == pattern(21, 256 << 10));
         ns_b.set_link(true)?;
         anyhow::ensure!(dd_read(&target, 1 << 20, 512 << 10)? == pattern(22, 512 << 10));
-        c.node
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: target.display().to_string(),
-            })
-            .await?;
-        c.node
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await?;
+        c.unpublish_and_unstage(id, (&staging, &target)).await?;
         scratch.assert_clean();
         Ok(())
     });
@@ -2196,18 +2163,7 @@ async fn snapshot_under_load_restores_into_a_new_mirrored_volume() {
             (history.writes.len() as u64) * (WRITE as u64) < REGION,
             "the workload wrapped around its region: each offset must be written once"
         );
-        c.node
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: target.display().to_string(),
-            })
-            .await?;
-        c.node
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await?;
+        c.unpublish_and_unstage(id, (&staging, &target)).await?;
         scratch.assert_clean();
 
         // The restore: seed the new primary's state dir from the source's export (its unix
