@@ -194,9 +194,9 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     }
     {
         let st = v.areas.state();
-        reply.overlay_blocks = st.overlay_present.count();
+        reply.overlay_blocks = st.present_count();
         if state.role == Role::Primary {
-            reply.peer_pending_blocks = st.peer_pending.count();
+            reply.peer_pending_blocks = st.pending_count();
         }
     }
     if state.role != Role::Primary {

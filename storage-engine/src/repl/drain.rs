@@ -148,7 +148,7 @@ async fn drain(
             };
             let newer_there = {
                 let st = vol.areas.state();
-                st.peer_pending.get(b) && !st.overlay_present.get(b)
+                st.newer_on_peer(b)
             };
             if newer_there {
                 // The peer holds a newer version than ours: nothing of ours to send.

@@ -99,8 +99,7 @@ impl Volume {
         // takeover before the previous drain finished).
         let stale: Vec<u64> = {
             let st = self.areas.state();
-            repl.tracker
-                .pending_where(|b| st.peer_pending.get(b) && !st.overlay_present.get(b))
+            repl.tracker.pending_where(|b| st.newer_on_peer(b))
         };
         if !stale.is_empty() {
             repl.tracker.forget(&stale);
@@ -148,7 +147,7 @@ impl Volume {
                 return Ok(pb::TakeoverReply {
                     epoch,
                     ready_ms: self.areas.ready_ms.load(Ordering::Relaxed),
-                    peer_pending_blocks: self.areas.state().peer_pending.count(),
+                    peer_pending_blocks: self.areas.state().pending_count(),
                     lost_blocks: m.lost_blocks,
                     lost_seq_from: m.lost_seq_from,
                     lost_seq_to: m.lost_seq_to,
@@ -365,7 +364,7 @@ impl Volume {
             return Err(EngineError::DrainNotAbandoned(answer));
         }
         let _gate = self.gate.write().await;
-        let n = self.areas.state().peer_pending.count();
+        let n = self.areas.state().pending_count();
         // The table is stored empty before the phase moves on: a restart in between is still
         // draining, with nothing left to wait for.
         self.transition(Event::AbandonDrain, Carry::default())
@@ -464,7 +463,7 @@ impl Volume {
     /// Copies every overlay block into the data file and empties the overlay (no host I/O runs:
     /// the caller holds the gate or no host may write).
     pub(crate) fn fold_overlay(&self) -> std::io::Result<()> {
-        let blocks: Vec<u64> = self.areas.state().overlay_present.iter_ones().collect();
+        let blocks: Vec<u64> = self.areas.state().present_blocks().collect();
         if blocks.is_empty() {
             return Ok(());
         }
@@ -555,10 +554,7 @@ impl Volume {
                     let _g = repl.tracker.locks.lock(b.block..b.block + 1);
                     let (wanted, shadowed) = {
                         let st = self.areas.state();
-                        (
-                            st.peer_pending.get(b.block),
-                            st.overlay_present.get(b.block),
-                        )
+                        (st.pending(b.block), st.present(b.block))
                     };
                     if wanted {
                         if !shadowed {
@@ -567,8 +563,7 @@ impl Volume {
                                 .map_err(EngineError::io)?;
                         }
                         let mut st = self.areas.state();
-                        st.peer_pending.clear(b.block);
-                        super::Areas::mark_pp_dirty(&mut st);
+                        st.clear_pending(b.block);
                     }
                     out.images.push((b.block, b.generation));
                     out.wrote = true;

@@ -24,7 +24,7 @@ pub async fn run(
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let blocks = vol.size() / BS;
-    let total = vol.areas.state().overlay_present.count();
+    let total = vol.areas.state().present_count();
     vol.areas
         .event(format!("MergeStart overlay_blocks={total}"));
     let mut chunk = 0;
@@ -68,7 +68,7 @@ pub(crate) fn merge_chunk(vol: &Volume, from: u64, to: u64) -> std::io::Result<(
     let Some(r) = &vol.repl else { return Ok(()) };
     let any = {
         let st = vol.areas.state();
-        st.overlay_present.next_one(from).is_some_and(|b| b < to)
+        st.next_present(from).is_some_and(|b| b < to)
     };
     if !any {
         // A write that reaches this chunk's overlay after this look is folded under the gate at
@@ -82,7 +82,7 @@ pub(crate) fn merge_chunk(vol: &Volume, from: u64, to: u64) -> std::io::Result<(
     let _locks = r.tracker.locks.lock(from..to);
     let todo: Vec<u64> = {
         let st = vol.areas.state();
-        (from..to).filter(|&b| st.overlay_present.get(b)).collect()
+        (from..to).filter(|&b| st.present(b)).collect()
     };
     vol.areas.seams.hit("merge.chunk.listed");
     copy_to_data(vol, &todo)

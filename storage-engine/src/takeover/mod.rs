@@ -45,14 +45,80 @@ const EVENTS_KEPT: usize = 64;
 pub struct TakeoverState {
     /// DAT1' (after a takeover) or DAT2' (after a failback): blocks whose newest content is on the
     /// peer. Cleared per block when the drained image lands, wholesale at DrainComplete.
-    pub(crate) peer_pending: Bitmap,
+    peer_pending: Bitmap,
     /// Blocks of the overlay (the third or fourth storage area) that hold host data.
-    pub(crate) overlay_present: Bitmap,
+    overlay_present: Bitmap,
     pp_dirty: bool,
     ov_dirty: bool,
     /// `peer_pending` is empty on stable storage. Until then a restart could route reads of a block
     /// to the peer again, so host writes must keep going to the overlay.
-    pub(crate) pp_durably_empty: bool,
+    pp_durably_empty: bool,
+}
+
+/// The fields are private so that every change marks its bitmap dirty for `Areas::persist`: a
+/// change that skipped it would be lost at the next restart without anyone noticing.
+impl TakeoverState {
+    /// Block `b`'s newest content is (or may be) on the peer.
+    pub fn pending(&self, b: u64) -> bool {
+        self.peer_pending.get(b)
+    }
+
+    /// Block `b` is in the overlay.
+    pub fn present(&self, b: u64) -> bool {
+        self.overlay_present.get(b)
+    }
+
+    /// The peer holds a newer copy of `b` than anything here: handed off and not rewritten since.
+    pub fn newer_on_peer(&self, b: u64) -> bool {
+        self.pending(b) && !self.present(b)
+    }
+
+    pub fn pending_count(&self) -> u64 {
+        self.peer_pending.count()
+    }
+
+    pub fn present_count(&self) -> u64 {
+        self.overlay_present.count()
+    }
+
+    /// A copy of the handed-off table.
+    pub fn pending_table(&self) -> Bitmap {
+        self.peer_pending.clone()
+    }
+
+    /// The first overlay block at or after `from`.
+    pub fn next_present(&self, from: u64) -> Option<u64> {
+        self.overlay_present.next_one(from)
+    }
+
+    pub fn present_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.overlay_present.iter_ones()
+    }
+
+    /// No block is pending on stable storage (a restart cannot route a read to the peer).
+    pub fn pending_durably_empty(&self) -> bool {
+        self.pp_durably_empty
+    }
+
+    /// The data file now holds block `b`'s newest content (a drained image or a read-repair).
+    pub fn clear_pending(&mut self, b: u64) {
+        self.peer_pending.clear(b);
+        self.pp_dirty = true;
+    }
+
+    /// Nothing is pending any more (the drain completed).
+    pub fn clear_all_pending(&mut self) {
+        self.peer_pending.clear_all();
+        self.pp_dirty = true;
+    }
+
+    /// The overlay now holds host data for blocks `from..to`.
+    pub fn set_present(&mut self, from: u64, to: u64) {
+        for b in from..to {
+            self.overlay_present.set(b);
+        }
+        self.ov_dirty = true;
+    }
 }
 
 /// The takeover areas of one engine: the overlay file, its presence bitmap, the handed-off table.
@@ -230,11 +296,7 @@ impl Areas {
         }
     }
 
-    pub(crate) fn mark_pp_dirty(st: &mut TakeoverState) {
-        st.pp_dirty = true;
-    }
-
-    pub(crate) fn mark_ov_dirty(st: &mut TakeoverState) {
+    fn mark_ov_dirty(st: &mut TakeoverState) {
         st.ov_dirty = true;
     }
 

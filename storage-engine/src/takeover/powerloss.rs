@@ -270,9 +270,9 @@ fn logical(v: &Volume, b: u64) -> Vec<Option<u32>> {
     let mut buf = vec![0u8; BS as usize];
     let src = if v.areas.active() || v.role() == Role::Fenced {
         let st = v.areas.state();
-        if st.overlay_present.get(b) {
+        if st.present(b) {
             1
-        } else if st.peer_pending.get(b) {
+        } else if st.pending(b) {
             2
         } else {
             0
@@ -388,7 +388,7 @@ fn recovered(v: &Arc<Volume>, m: &mut Model, label: &str) -> Vec<String> {
     eprintln!(
         "DEBUG {label}: {:?} pp={:?}",
         v.state(),
-        v.areas.state().peer_pending
+        v.areas.state().pending_table()
     );
     let mut bad = check(v, m, &format!("after {label}"));
     if bad.is_empty() {
@@ -435,7 +435,7 @@ fn run_fault(dir: &Path, seed: u64, ops: &[Op], k: i64, kind: Kind) -> Vec<Strin
     for op in ops {
         let r = apply(&v, &mut m, op);
         if trace {
-            eprintln!("{op:?} -> {r:?} (pp {:?})", v.areas.state().peer_pending);
+            eprintln!("{op:?} -> {r:?} (pp {:?})", v.areas.state().pending_table());
         }
         if r.is_err() && matches!(op, Op::Promote) {
             // A takeover that failed serves nothing.

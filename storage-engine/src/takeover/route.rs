@@ -26,9 +26,9 @@ enum Source {
 
 impl Volume {
     fn source_of(&self, st: &super::TakeoverState, b: u64) -> Source {
-        if st.overlay_present.get(b) {
+        if st.present(b) {
             Source::Overlay
-        } else if st.peer_pending.get(b) {
+        } else if st.pending(b) {
             Source::Peer
         } else {
             Source::Local
@@ -37,7 +37,7 @@ impl Volume {
 
     /// Whether a host write to block `b` must go to the overlay.
     fn to_overlay(&self, st: &super::TakeoverState, b: u64) -> bool {
-        st.overlay_present.get(b) || (self.areas.phase() == Phase::Draining && !st.pp_durably_empty)
+        st.present(b) || (self.areas.phase() == Phase::Draining && !st.pending_durably_empty())
     }
 
     /// A host read while a takeover is in progress.
@@ -117,12 +117,11 @@ impl Volume {
             let _g = r.tracker.locks.lock(*b..*b + 1);
             let install = {
                 let st = self.areas.state();
-                st.peer_pending.get(*b) && !st.overlay_present.get(*b)
+                st.newer_on_peer(*b)
             };
             if install && self.store.write_at(d, *b * BS).is_ok() {
                 let mut st = self.areas.state();
-                st.peer_pending.clear(*b);
-                super::Areas::mark_pp_dirty(&mut st);
+                st.clear_pending(*b);
             }
         }
     }
@@ -148,9 +147,7 @@ impl Volume {
             let st = self.areas.state();
             partial
                 .into_iter()
-                .filter(|&b| {
-                    self.to_overlay(&st, b) && !st.overlay_present.get(b) && st.peer_pending.get(b)
-                })
+                .filter(|&b| self.to_overlay(&st, b) && st.newer_on_peer(b))
                 .collect()
         };
         let mut prefetched: HashMap<u64, Bytes> = HashMap::new();
@@ -250,10 +247,7 @@ impl Volume {
             }
         }
         let mut st = self.areas.state();
-        for b in rb0..rb1 {
-            st.overlay_present.set(b);
-        }
-        super::Areas::mark_ov_dirty(&mut st);
+        st.set_present(rb0, rb1);
         Ok(())
     }
 

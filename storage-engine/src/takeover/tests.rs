@@ -227,7 +227,7 @@ fn a_drained_block_survives_power_loss_after_a_checkpoint() {
     // in the data file; it must never read as the old zeros.
     match block_on(v.read(5 * BS, BS as u32)) {
         Ok(got) => assert!(got == block(0x77), "stale block after power loss"),
-        Err(e) => assert!(v.areas.state().peer_pending.get(5), "{e}"),
+        Err(e) => assert!(v.areas.state().pending(5), "{e}"),
     }
 }
 

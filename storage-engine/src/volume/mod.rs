@@ -358,7 +358,7 @@ impl Volume {
     /// Blocks whose newest content is still on the old primary (the handed-off table; empty
     /// outside a drain).
     pub fn handed_off_table(&self) -> Bitmap {
-        self.areas.state().peer_pending.clone()
+        self.areas.state().pending_table()
     }
 
     pub fn name(&self) -> &str {

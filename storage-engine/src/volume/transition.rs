@@ -134,7 +134,7 @@ impl Volume {
                 // ours go back over them when it returns, so the two never silently differ.
                 let set = match carry.lost.as_ref() {
                     Some((set, _, _)) => set.clone(),
-                    None => self.areas.state().peer_pending.clone(),
+                    None => self.areas.state().pending_table(),
                 };
                 *lost_now = set.count();
                 if let Some(r) = &self.repl {
@@ -143,8 +143,7 @@ impl Volume {
             }
             Effect::ClearTable => {
                 let mut st = self.areas.state();
-                st.peer_pending.clear_all();
-                crate::takeover::Areas::mark_pp_dirty(&mut st);
+                st.clear_all_pending();
             }
             Effect::PersistAreas => self.persist_areas()?,
             Effect::ResetReplica => {
