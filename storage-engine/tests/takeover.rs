@@ -571,6 +571,24 @@ fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
     assert_eq!(r2["already_primary"], true);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
+        // A takeover at another epoch, asked of the primary, is refused: not a repeat.
+        let ch = storage_engine::client::channel(&pair.b.grpc, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let mut e = storage_engine::pb::engine_client::EngineClient::with_interceptor(
+            ch,
+            storage_engine::client::TokenInterceptor::new(Some(TOKEN)).unwrap(),
+        );
+        let refused = e
+            .takeover(pb::TakeoverRequest {
+                volume: "vol".into(),
+                new_epoch: n(&r1, "epoch") + 3,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("already primary"), "{refused:?}");
         let mut c = peer_client(&pair.a.grpc).await;
         // A repeated handoff at the same epoch returns the stored table again.
         let h = c

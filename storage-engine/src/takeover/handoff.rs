@@ -118,6 +118,37 @@ impl Volume {
         })
     }
 
+    /// A takeover asked of the primary: the same epoch (or none) is a repeat and answers what the
+    /// takeover that made it primary did; forced while draining, it abandons the drain (the old
+    /// primary stays unreachable); any other epoch is refused.
+    async fn repeat_on_primary(
+        &self,
+        req: &pb::TakeoverRequest,
+        epoch: u64,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<pb::TakeoverReply, EngineError> {
+        if req.new_epoch != 0 && req.new_epoch != epoch {
+            return Err(EngineError::WrongRole(format!(
+                "this engine is already primary at epoch {epoch}, not {}",
+                req.new_epoch
+            )));
+        }
+        if force && self.areas.phase() == Phase::Draining {
+            return self.abandon_drain(timeout).await;
+        }
+        let m = self.meta().takeover.clone();
+        Ok(pb::TakeoverReply {
+            epoch,
+            ready_ms: self.areas.ready_ms.load(Ordering::Relaxed),
+            peer_pending_blocks: self.areas.state().pending_count(),
+            lost_blocks: m.lost_blocks,
+            lost_seq_from: m.lost_seq_from,
+            lost_seq_to: m.lost_seq_to,
+            already_primary: true,
+        })
+    }
+
     /// Engine.Takeover / Engine.Failback, on the engine that is to serve.
     pub async fn takeover(
         &self,
@@ -137,35 +168,21 @@ impl Volume {
         } else {
             Duration::from_millis(u64::from(req.timeout_ms))
         };
-        if role == Role::Primary {
-            let same = req.new_epoch == 0 || req.new_epoch == epoch;
-            if same && force && self.areas.phase() == Phase::Draining {
-                return self.abandon_drain(timeout).await;
-            }
-            if same {
-                let m = self.meta().takeover.clone();
-                return Ok(pb::TakeoverReply {
-                    epoch,
-                    ready_ms: self.areas.ready_ms.load(Ordering::Relaxed),
-                    peer_pending_blocks: self.areas.state().pending_count(),
-                    lost_blocks: m.lost_blocks,
-                    lost_seq_from: m.lost_seq_from,
-                    lost_seq_to: m.lost_seq_to,
-                    already_primary: true,
-                });
-            }
-            return Err(EngineError::WrongRole(format!(
-                "this engine is already primary at epoch {epoch}, not {}",
-                req.new_epoch
-            )));
-        }
         let new_epoch = if req.new_epoch == 0 {
             epoch + 1
         } else {
             req.new_epoch
         };
-        // Asked before the peer is: a takeover the state refuses never fences anyone.
-        state::next(&self.state(), Event::Promote { new_epoch })?;
+        // Asked before the peer is: a takeover the state refuses never fences anyone. A primary
+        // answers a repeat of the takeover that made it primary (the caller's retry) as done.
+        match state::next(&self.state(), Event::Promote { new_epoch }) {
+            Err(state::Refusal::AlreadyPrimary { epoch }) => {
+                return self.repeat_on_primary(&req, epoch, force, timeout).await;
+            }
+            refused => {
+                refused?;
+            }
+        }
         self.areas
             .event(format!("TakeoverRequested epoch={new_epoch} force={force}"));
         // Taken before the peer is asked: the handoff answer renews the lease from here.
