@@ -233,9 +233,18 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         existing: Option<VolumeRecord>,
         secret: &crate::engine::Credentials,
     ) -> Result<()> {
-        let (engine, epoch, view) = self
+        let (engine, epoch, mut view) = self
             .choose_engine(&params, secret, want(&req, &params))
             .await?;
+        // A staging that read a view (re-attached here after its device broke) reads a view
+        // again, even if this node's engine was promoted since: views are taken on any role.
+        if !view
+            && req.read_only
+            && engine.node == self.node_id()
+            && existing.as_ref().is_some_and(|r| r.view.is_some())
+        {
+            view = true;
+        }
         if view {
             return self
                 .attach_view(req, params, existing, engine, epoch, secret)

@@ -535,6 +535,33 @@ async fn a_read_only_stage_on_the_secondarys_node_opens_a_view_and_unstage_delet
     }
 }
 
+/// A view staging whose device broke gets a fresh view at the next stage, also when this
+/// node's engine was promoted in between (it still holds views); the old one is replaced.
+#[tokio::test]
+async fn a_broken_view_attachment_is_replaced_by_a_fresh_view() {
+    let h = Harness::new();
+    let req = h.view_req(ext4(), "ReadOnly");
+    h.svc.stage(req.clone()).await.unwrap();
+    let dev = device_of(&h.record().unwrap());
+    h.attacher().break_device(&dev);
+    h.engines().set(A_GRPC, primary(8));
+    h.engines().set(
+        B_GRPC,
+        Ok(EngineStatus {
+            role: Role::Fenced,
+            epoch: 7,
+        }),
+    );
+    h.svc.stage(req).await.unwrap();
+    let rec = h.record().unwrap();
+    assert_ne!(device_of(&rec), dev);
+    let spec = h.attacher().st.lock().unwrap().attached[&device_of(&rec)].clone();
+    assert_eq!(spec.export, format!("vol@snapshot/{}", h.view_id()));
+    assert_eq!(*h.engines().creates.lock().unwrap(), 2, "not a fresh view");
+    assert_eq!(h.engines().views().len(), 1);
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+}
+
 /// A raw block view is a read-only device (nothing to replay); xfs mounts with `nouuid`.
 #[tokio::test]
 async fn a_block_view_is_read_only_and_an_xfs_view_mounts_nouuid() {
