@@ -28,7 +28,8 @@ pub const ATTR_PEER_TIMEOUT: &str = "tandem.dev/peer-timeout-seconds";
 /// over; with `ReadOnly` or `ReadWrite` it opens a point-in-time view there (a snapshot named with
 /// [`VIEW_SNAPSHOT_PREFIX`] on that node's engine, taken at the stage and deleted at the unstage),
 /// or with `ReadWrite` and [`ATTR_SECONDARY_READ_MODE`] `Current` attaches the live secondary
-/// (current reads); with `None` it is FAILED_PRECONDITION.
+/// (current reads); with `None` it is FAILED_PRECONDITION. A writable stage there is the failover
+/// trigger (a takeover) whatever this says: stages open no forwarded-write sessions yet.
 pub const ATTR_SECONDARY_ACCESS: &str = "tandem.dev/secondary-access";
 
 /// PV `volumeAttributes`: `Snapshot` (default) | `Current`, what a read-only stage on the
