@@ -24,15 +24,26 @@ pub const ATTR_PEER_TIMEOUT: &str = "tandem.dev/peer-timeout-seconds";
 
 /// PV `volumeAttributes`: `None` | `ReadOnly` | `ReadWrite`, what the secondary engine serves hosts
 /// (`spec.secondaryAccess`, engine flag `--secondary-access none|read-only|read-write`). Written by
-/// the operator, read by the CSI plugin: a read-only stage on the secondary's node opens a
-/// point-in-time view there (a snapshot named with [`VIEW_SNAPSHOT_PREFIX`]) when `ReadOnly` or
-/// `ReadWrite`; a MULTI_NODE_MULTI_WRITER block stage opens a forwarded-write session there when
-/// `ReadWrite`; otherwise it is FAILED_PRECONDITION (a read-only stage never takes over).
+/// the operator, read by the CSI plugin: a read-only stage on the secondary's node never takes
+/// over; with `ReadOnly` or `ReadWrite` it opens a point-in-time view there (a snapshot named with
+/// [`VIEW_SNAPSHOT_PREFIX`] on that node's engine, taken at the stage and deleted at the unstage),
+/// or with `ReadWrite` and [`ATTR_SECONDARY_READ_MODE`] `Current` attaches the live secondary
+/// (current reads); with `None` it is FAILED_PRECONDITION. A writable stage there is the failover
+/// trigger (a takeover) whatever this says: stages open no forwarded-write sessions yet.
 pub const ATTR_SECONDARY_ACCESS: &str = "tandem.dev/secondary-access";
+
+/// PV `volumeAttributes`: `Snapshot` (default) | `Current`, what a read-only stage on the
+/// secondary's node reads: a point-in-time view (a consistent image that stays frozen, for
+/// backups), or the live secondary (each read waits until the secondary applied the primary's last
+/// write; `Current` needs `secondaryAccess: ReadWrite`, and a mounted filesystem then needs
+/// `noload`/`norecovery`). Read by the CSI plugin; nothing writes it yet except by hand (issue 18).
+pub const ATTR_SECONDARY_READ_MODE: &str = "tandem.dev/secondary-read-mode";
 
 /// Snapshot ids starting with this are point-in-time views a CSI node plugin took on the engine
 /// of its own node for a read-only stage (issue 18), deleted at unstage. The plugin may create and
-/// delete only these, and only on its own node's engine (storage-engine `authz`).
+/// delete only these, and only on its own node's engine (storage-engine `authz`). The plugin names
+/// them `view-<16 hex digits>`, a stable hash of the volume id and the staging path, so a retried
+/// stage finds its own view and a new stage at that path replaces a view an unstage never removed.
 pub const VIEW_SNAPSHOT_PREFIX: &str = "view-";
 
 /// The key of the volume token in its Secret. Written by the operator; kubelet hands the Secret

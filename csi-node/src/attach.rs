@@ -81,6 +81,9 @@ pub struct AttachSpec {
     /// The epoch `export` is pinned to, recorded in the [`Attachment`].
     pub pinned_epoch: Option<u64>,
     pub read_only: bool,
+    /// A point-in-time view of a filesystem: the export is read-only, the device takes writes
+    /// into a throw-away overlay (so a read-only mount can replay the journal; `fusefs::Overlay`).
+    pub overlay: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -217,6 +220,9 @@ impl FuseLoopAttacher {
             .arg(self.reconnect_timeout.as_secs().max(1).to_string());
         if spec.read_only {
             cmd.arg("--read-only");
+        }
+        if spec.overlay {
+            cmd.arg("--overlay");
         }
         use std::os::unix::process::CommandExt;
         // Own process group: a signal to the plugin's group (Ctrl-C, a supervisor) spares it.

@@ -90,6 +90,9 @@ pub struct AttachFuseArgs {
     pub dir: PathBuf,
     #[arg(long)]
     pub read_only: bool,
+    /// A read-only export (a view) served writable through a throw-away local overlay.
+    #[arg(long)]
+    pub overlay: bool,
     #[arg(long, default_value_t = 30)]
     pub io_timeout_secs: u64,
     #[arg(long, default_value_t = 120)]
@@ -121,6 +124,7 @@ pub fn main() -> ExitCode {
                 export: a.export,
                 dir: a.dir,
                 read_only: a.read_only,
+                overlay: a.overlay,
                 io_timeout: Duration::from_secs(a.io_timeout_secs.max(1)),
                 reconnect_timeout: Duration::from_secs(a.reconnect_timeout_secs.max(1)),
                 fuse_threads: a.fuse_threads,

@@ -8,7 +8,8 @@
 //! | `tandem.dev/nbd` | `node=unix:/run/tandem/volumes/<key>/nbd.sock,...` in a cluster: each engine's NBD socket on its own node (the plugin uses only its own node's entry: NBD never crosses nodes); `node=host:port` still parses (tools, tests) | yes |
 //! | `tandem.dev/failover-policy` | `WaitForPrimary` (default) or `ForcePromote`: parsed, reported, never acted on here (see [`FailoverPolicy`]) | no |
 //! | `tandem.dev/peer-timeout-seconds` | how long a takeover may wait for the old primary (default 30) | no |
-//! | `tandem.dev/secondary-access` | `None` (default) or `ReadOnly`: the secondary serves read-only sessions | no |
+//! | `tandem.dev/secondary-access` | `None` (default), `ReadOnly` or `ReadWrite`: a read-only stage on the secondary's node opens a point-in-time view there (`ReadOnly`, `ReadWrite`) | no |
+//! | `tandem.dev/secondary-read-mode` | `Snapshot` (default) or `Current`: with `ReadWrite`, a read-only stage on the secondary's node attaches the live secondary instead of a view | no |
 //!
 //! Stage secrets: `token`, the volume's engine token.
 
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use tandem_api::contract::{
     ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS,
-    ATTR_VOLUME,
+    ATTR_SECONDARY_READ_MODE, ATTR_VOLUME,
 };
 
 use crate::error::{Error, Result};
@@ -46,8 +47,8 @@ impl FailoverPolicy {
 }
 
 /// What the secondary engine serves hosts (`spec.secondaryAccess`, issue 18): `ReadOnly` is
-/// point-in-time views only (snapshot exports; not yet wired into stages here), `ReadWrite` live
-/// sessions (writes forwarded to the primary, current reads).
+/// point-in-time views only (snapshot exports, which a read-only stage opens), `ReadWrite` also
+/// live sessions (writes forwarded to the primary, current reads).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SecondaryAccess {
     #[default]
@@ -62,6 +63,27 @@ impl SecondaryAccess {
             "none" | "" => Some(SecondaryAccess::None),
             "readonly" | "read-only" => Some(SecondaryAccess::ReadOnly),
             "readwrite" | "read-write" => Some(SecondaryAccess::ReadWrite),
+            _ => None,
+        }
+    }
+}
+
+/// What a read-only stage on the secondary's node reads (`tandem.dev/secondary-read-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SecondaryReadMode {
+    /// A point-in-time view: consistent, frozen for as long as the stage lasts.
+    #[default]
+    Snapshot,
+    /// The live secondary (needs `ReadWrite`): current, but a mounted filesystem sees a device
+    /// that changes under it.
+    Current,
+}
+
+impl SecondaryReadMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "snapshot" | "" => Some(SecondaryReadMode::Snapshot),
+            "current" => Some(SecondaryReadMode::Current),
             _ => None,
         }
     }
@@ -82,6 +104,7 @@ pub struct VolumeParams {
     pub policy: FailoverPolicy,
     pub peer_timeout: Duration,
     pub secondary_access: SecondaryAccess,
+    pub secondary_read_mode: SecondaryReadMode,
 }
 
 /// Parses `node=addr,node=addr` (whitespace around items allowed).
@@ -158,16 +181,37 @@ impl VolumeParams {
             Some(v) => SecondaryAccess::parse(v).ok_or_else(|| {
                 Error::invalid(
                     ATTR_SECONDARY_ACCESS,
-                    format!("{v:?}: expected None or ReadOnly"),
+                    format!("{v:?}: expected None, ReadOnly or ReadWrite"),
                 )
             })?,
         };
+        let secondary_read_mode = match ctx.get(ATTR_SECONDARY_READ_MODE) {
+            None => SecondaryReadMode::default(),
+            Some(v) => SecondaryReadMode::parse(v).ok_or_else(|| {
+                Error::invalid(
+                    ATTR_SECONDARY_READ_MODE,
+                    format!("{v:?}: expected Snapshot or Current"),
+                )
+            })?,
+        };
+        if secondary_read_mode == SecondaryReadMode::Current
+            && secondary_access != SecondaryAccess::ReadWrite
+        {
+            return Err(Error::invalid(
+                ATTR_SECONDARY_READ_MODE,
+                format!(
+                    "Current reads from the live secondary, which only secondaryAccess ReadWrite \
+                     serves (it is {secondary_access:?})"
+                ),
+            ));
+        }
         Ok(VolumeParams {
             volume,
             engines,
             policy,
             peer_timeout,
             secondary_access,
+            secondary_read_mode,
         })
     }
 }
@@ -212,6 +256,11 @@ mod tests {
         assert_eq!(p.policy, FailoverPolicy::ForcePromote);
         assert_eq!(p.peer_timeout, Duration::from_secs(12));
         assert_eq!(p.secondary_access, SecondaryAccess::ReadOnly);
+        assert_eq!(p.secondary_read_mode, SecondaryReadMode::Snapshot);
+        ctx.insert(ATTR_SECONDARY_ACCESS.into(), "ReadWrite".into());
+        ctx.insert(ATTR_SECONDARY_READ_MODE.into(), "Current".into());
+        let p = VolumeParams::parse(&ctx).unwrap();
+        assert_eq!(p.secondary_read_mode, SecondaryReadMode::Current);
     }
 
     #[test]
@@ -256,6 +305,9 @@ mod tests {
             (ATTR_FAILOVER_POLICY, "sometimes"),
             (ATTR_PEER_TIMEOUT, "0"),
             (ATTR_SECONDARY_ACCESS, "sometimes"),
+            (ATTR_SECONDARY_READ_MODE, "sometimes"),
+            // Current reads need a ReadWrite secondary (here: None).
+            (ATTR_SECONDARY_READ_MODE, "Current"),
         ] {
             let mut ctx = test_context("v", &["a"]);
             ctx.insert(key.into(), value.into());

@@ -60,6 +60,20 @@ impl TlsSecrets {
         )
     }
 
+    /// The entries this node's plugin uses: the CA and its own pair (what a view's record keeps).
+    pub fn for_node(&self, node: &str) -> std::collections::BTreeMap<String, String> {
+        let keep = [
+            SECRET_CA_KEY.to_string(),
+            secret_csi_cert_key(node),
+            secret_csi_key_key(node),
+        ];
+        self.0
+            .iter()
+            .filter(|(k, _)| keep.contains(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// This node's client credentials: None when the Secret has no CA (plaintext); an error
     /// when it has a CA but not this node's pair, or a pair that is not the CSI plugin of this
     /// node (a Secret must not let one node speak as another).
@@ -113,7 +127,30 @@ pub trait EngineApi: Send + Sync + 'static {
         creds: &Credentials,
         timeout: Duration,
     ) -> impl Future<Output = Result<TakeoverOutcome, EngineError>> + Send;
+
+    /// Takes point-in-time view `id` (a `view-` snapshot) on the engine at `addr`; returns it as it
+    /// is when it exists already (the engine's CreateSnapshot is idempotent by id).
+    fn create_view(
+        &self,
+        addr: &str,
+        volume: &str,
+        creds: &Credentials,
+        id: &str,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Deletes view `id`; false when there was none.
+    fn delete_view(
+        &self,
+        addr: &str,
+        volume: &str,
+        creds: &Credentials,
+        id: &str,
+    ) -> impl Future<Output = Result<bool, EngineError>> + Send;
 }
+
+/// How long a view's create or delete may take (a reflink or a copy-on-write area: quick, but
+/// the engine holds host writes for as long as a FLUSH).
+const VIEW_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The real engines, over gRPC (`tandem.engine.v1`).
 #[derive(Clone, Debug)]
@@ -199,24 +236,88 @@ impl EngineApi for GrpcEngines {
             already_primary: r.already_primary,
         })
     }
+
+    async fn create_view(
+        &self,
+        addr: &str,
+        volume: &str,
+        creds: &Credentials,
+        id: &str,
+    ) -> Result<(), EngineError> {
+        let op = "CreateSnapshot";
+        let call = async {
+            let mut c = EngineClient::connect_with(addr, Some(&creds.token), creds.tls.as_ref())
+                .await
+                .map_err(|e| EngineError::from_client(addr, volume, op, e))?;
+            c.create_snapshot(volume, id)
+                .await
+                .map_err(|e| EngineError::from_client(addr, volume, op, e))
+        };
+        tokio::time::timeout(VIEW_CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| EngineError::Unreachable {
+                addr: addr.to_string(),
+                message: format!("{op} of {id} did not answer within {VIEW_CALL_TIMEOUT:?}"),
+            })?
+            .map(|_| ())
+    }
+
+    async fn delete_view(
+        &self,
+        addr: &str,
+        volume: &str,
+        creds: &Credentials,
+        id: &str,
+    ) -> Result<bool, EngineError> {
+        let op = "DeleteSnapshot";
+        let call = async {
+            let mut c = EngineClient::connect_with(addr, Some(&creds.token), creds.tls.as_ref())
+                .await
+                .map_err(|e| EngineError::from_client(addr, volume, op, e))?;
+            c.delete_snapshot(volume, id)
+                .await
+                .map_err(|e| EngineError::from_client(addr, volume, op, e))
+        };
+        tokio::time::timeout(VIEW_CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| EngineError::Unreachable {
+                addr: addr.to_string(),
+                message: format!("{op} of {id} did not answer within {VIEW_CALL_TIMEOUT:?}"),
+            })?
+            .map(|r| r.deleted)
+    }
 }
 
 /// What NodeStageVolume should do, given every engine's answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
     /// Attach to this engine's NBD export (the primary, or for a read-only stage on the
-    /// secondary's node the secondary, which serves read-only sessions).
+    /// secondary's node with current reads the secondary, which serves read-only sessions).
     Attach { engine: EngineRef, epoch: u64 },
     /// This node's engine is the secondary: take over, then attach to it.
     TakeoverThenAttach { engine: EngineRef },
+    /// This node's engine is the secondary and the stage only reads: take a point-in-time view
+    /// there and attach its snapshot export.
+    View { engine: EngineRef, epoch: u64 },
+}
+
+/// What a read-only stage on the secondary's node gets from the secondary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondaryRead {
+    /// Nothing (`secondaryAccess: None`): FAILED_PRECONDITION.
+    Refused,
+    /// The live secondary, read-only: current reads (`ReadWrite` with read mode `Current`).
+    Current,
+    /// A point-in-time view (`ReadOnly`, or `ReadWrite` with read mode `Snapshot`).
+    View,
 }
 
 /// What a stage asks for: writing, or only reading (a read-only access mode or mount), and then
-/// whether the volume's secondary serves read-only sessions (`secondaryAccess: ReadOnly`).
+/// what the volume's secondary gives a reader on its node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Want {
     Write,
-    Read { secondary_serves: bool },
+    Read(SecondaryRead),
 }
 
 /// Decides where to attach (DESIGN.md §6): the primary with the highest epoch, unless this node holds
@@ -296,19 +397,19 @@ fn plan_anywhere(
         // a_read_only_stage_on_the_secondarys_node_does_not_take_over.
         (Some((e, Ok(s))), _) if s.role == Role::Secondary => match want {
             Want::Write => Ok(Plan::TakeoverThenAttach { engine: e.clone() }),
-            Want::Read {
-                secondary_serves: true,
-            } => Ok(Plan::Attach {
+            Want::Read(SecondaryRead::Current) => Ok(Plan::Attach {
                 engine: e.clone(),
                 epoch: s.epoch,
             }),
-            Want::Read {
-                secondary_serves: false,
-            } => Err(Error::PreconditionFailed(format!(
+            Want::Read(SecondaryRead::View) => Ok(Plan::View {
+                engine: e.clone(),
+                epoch: s.epoch,
+            }),
+            Want::Read(SecondaryRead::Refused) => Err(Error::PreconditionFailed(format!(
                 "a read-only stage on {node_id}, which holds the volume's secondary: it never \
-                 takes over, and the secondary serves no live reads (secondaryAccess is not \
-                 ReadWrite); stage it read-write to move the volume here, or give the volume \
-                 secondaryAccess: ReadWrite"
+                 takes over, and the secondary serves no reads (secondaryAccess is None); stage \
+                 it read-write to move the volume here, or give the volume secondaryAccess: \
+                 ReadOnly (point-in-time views) or ReadWrite"
             ))),
         },
         (Some((e, Ok(s))), Some((_, top))) if s.role == Role::Primary && s.epoch >= top => {
@@ -337,11 +438,10 @@ pub fn current_source(
     want: Want,
 ) -> Result<(EngineRef, u64), crate::error::Error> {
     refusals(answers)?;
-    if want
-        == (Want::Read {
-            secondary_serves: true,
-        })
-    {
+    if matches!(
+        want,
+        Want::Read(SecondaryRead::Current | SecondaryRead::View)
+    ) {
         if let Some((e, Ok(s))) = answers.iter().find(|(e, _)| e.node == node_id) {
             if s.role == Role::Secondary {
                 return Ok((e.clone(), s.epoch));
@@ -481,9 +581,7 @@ mod tests {
             (eng("a"), ok(Role::Primary, 3)),
             (eng("b"), ok(Role::Secondary, 3)),
         ];
-        let reads = Want::Read {
-            secondary_serves: true,
-        };
+        let reads = Want::Read(SecondaryRead::Current);
         assert_eq!(
             super::plan("b", &answers, reads).unwrap(),
             Plan::Attach {
@@ -492,9 +590,16 @@ mod tests {
             }
         );
         assert_eq!(current_source("b", &answers, reads).unwrap(), (eng("b"), 3));
-        let no_reads = Want::Read {
-            secondary_serves: false,
-        };
+        // A view: taken on the secondary, never a takeover.
+        let view = Want::Read(SecondaryRead::View);
+        assert_eq!(
+            super::plan("b", &answers, view).unwrap(),
+            Plan::View {
+                engine: eng("b"),
+                epoch: 3
+            }
+        );
+        let no_reads = Want::Read(SecondaryRead::Refused);
         let e = super::plan("b", &answers, no_reads).unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition);
         assert!(e.to_string().contains("never takes over"), "{e}");
@@ -508,7 +613,7 @@ mod tests {
             Code::FailedPrecondition
         );
         // On the primary's node a read-only stage reads from the primary, as any stage does.
-        for want in [reads, no_reads] {
+        for want in [reads, no_reads, view] {
             assert_eq!(
                 super::plan("a", &answers, want).unwrap(),
                 Plan::Attach {
@@ -537,9 +642,8 @@ mod tests {
         // A node with no engine of the volume: FAILED_PRECONDITION, whatever the access.
         for want in [
             Want::Write,
-            Want::Read {
-                secondary_serves: true,
-            },
+            Want::Read(SecondaryRead::Current),
+            Want::Read(SecondaryRead::View),
         ] {
             let e = super::plan(
                 "c",

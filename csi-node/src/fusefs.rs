@@ -10,9 +10,16 @@
 //! Mapping: read → NBD_CMD_READ, write → NBD_CMD_WRITE, fsync/flush → NBD_CMD_FLUSH,
 //! fallocate(PUNCH_HOLE | ZERO_RANGE) → NBD_CMD_WRITE_ZEROES (the loop driver turns discards and
 //! write-zeroes into these; a punched hole must read back as zeros, which TRIM does not promise).
+//!
+//! A point-in-time view (issue 18) of a filesystem is served with an [`Overlay`]: the export is
+//! read-only, but the file takes writes, which land in a throw-away local file and are read back
+//! from there. That is what lets a read-only mount replay the journal of the crash-consistent
+//! image (ext4, xfs) without ever writing to the engine.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,21 +47,116 @@ const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
 const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
 const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
+/// The overlay's unit: the smallest logical block a loop device has, so every write the kernel
+/// sends covers whole sectors and never needs a read of the export first.
+const SECTOR: u64 = 512;
+/// Sectors tracked per bitmap chunk (one `[u64; 64]`: 2 MiB of the disk).
+const CHUNK_SECTORS: u64 = 64 * 64;
+
+/// A copy-on-write layer over a read-only export: written sectors live in a local sparse file
+/// and are read from there; everything else comes from the engine. Nothing in it is durable or
+/// ever sent to the engine: it dies with the daemon (a new attachment starts empty, and the
+/// mount replays the journal again).
+pub struct Overlay {
+    file: std::fs::File,
+    /// Written sectors, by chunk (memory follows what was written, not the disk's size).
+    written: Mutex<HashMap<u64, Box<[u64; 64]>>>,
+}
+
+impl Overlay {
+    /// A fresh, empty overlay in `path` (an old file there is replaced).
+    pub fn create(path: &Path) -> io::Result<Overlay> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(Overlay {
+            file,
+            written: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Stores `data` at `offset`; both must be whole sectors (EINVAL otherwise).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), i32> {
+        let len = data.len() as u64;
+        if offset % SECTOR != 0 || len % SECTOR != 0 {
+            return Err(libc_errno::EINVAL);
+        }
+        // The data first, then the bits: a read that sees a bit finds the data behind it.
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|_| libc_errno::EIO)?;
+        let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        for s in offset / SECTOR..(offset + len) / SECTOR {
+            let bits = w
+                .entry(s / CHUNK_SECTORS)
+                .or_insert_with(|| Box::new([0; 64]));
+            let i = s % CHUNK_SECTORS;
+            bits[(i / 64) as usize] |= 1 << (i % 64);
+        }
+        Ok(())
+    }
+
+    /// Replaces in `buf` (the export's bytes at `offset`) every sector the overlay holds.
+    pub fn patch(&self, offset: u64, buf: &mut [u8]) -> Result<(), i32> {
+        let end = offset + buf.len() as u64;
+        let mut held = Vec::new();
+        {
+            let w = self.written.lock().unwrap_or_else(|p| p.into_inner());
+            if w.is_empty() {
+                return Ok(());
+            }
+            for s in offset / SECTOR..end.div_ceil(SECTOR) {
+                let Some(bits) = w.get(&(s / CHUNK_SECTORS)) else {
+                    continue;
+                };
+                let i = s % CHUNK_SECTORS;
+                if bits[(i / 64) as usize] & (1 << (i % 64)) != 0 {
+                    held.push(s);
+                }
+            }
+        }
+        for s in held {
+            // The part of sector `s` that lies inside [offset, end).
+            let (from, to) = ((s * SECTOR).max(offset), ((s + 1) * SECTOR).min(end));
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            self.file
+                .read_exact_at(dst, from)
+                .map_err(|_| libc_errno::EIO)?;
+        }
+        Ok(())
+    }
+}
+
 /// The FUSE filesystem: a root directory holding `disk`.
 pub struct NbdFs {
     client: Arc<NbdClient>,
     read_only: bool,
+    /// Writes go here, not to the engine (a view of a filesystem).
+    overlay: Option<Arc<Overlay>>,
     started: SystemTime,
     max_io: u32,
 }
 
 impl NbdFs {
     pub fn new(client: Arc<NbdClient>, force_read_only: bool) -> Self {
+        Self::with_overlay(client, force_read_only, None)
+    }
+
+    /// With an overlay the file takes writes even though the export is read-only.
+    pub fn with_overlay(
+        client: Arc<NbdClient>,
+        force_read_only: bool,
+        overlay: Option<Arc<Overlay>>,
+    ) -> Self {
         let info = client.info();
         // Stay within the server's maximum payload, in whole pages.
         let max_io = MAX_IO.min(info.max_payload).max(4096) / 4096 * 4096;
         NbdFs {
-            read_only: force_read_only || info.read_only(),
+            read_only: force_read_only || (info.read_only() && overlay.is_none()),
+            overlay,
             started: SystemTime::now(),
             client,
             max_io,
@@ -94,7 +196,8 @@ impl NbdFs {
 
     /// Submits one NBD request and answers FUSE from the completion.
     fn flush_to_engine(&self, reply: ReplyEmpty) {
-        if self.read_only || !self.client.info().can(TF_SEND_FLUSH) {
+        // An overlay promises no durability: it is thrown away with the view.
+        if self.read_only || self.overlay.is_some() || !self.client.info().can(TF_SEND_FLUSH) {
             reply.ok();
             return;
         }
@@ -260,10 +363,14 @@ impl fuser::Filesystem for NbdFs {
             return;
         }
         let len = u64::from(size.min(self.max_io)).min(end - offset) as u32;
+        let overlay = self.overlay.clone();
         self.client.submit(
             Command::read(offset, len),
             Box::new(move |r| match r {
-                Ok(data) => reply.data(&data),
+                Ok(mut data) => match overlay.map_or(Ok(()), |o| o.patch(offset, &mut data)) {
+                    Ok(()) => reply.data(&data),
+                    Err(e) => reply.error(Errno::from_i32(e)),
+                },
                 Err(e) => reply.error(Errno::from_i32(e)),
             }),
         );
@@ -301,6 +408,13 @@ impl fuser::Filesystem for NbdFs {
         // A write running past the end is cut at the end, like a block device's.
         let len = (data.len() as u64).min(end - offset) as usize;
         let written = len as u32;
+        if let Some(o) = &self.overlay {
+            match o.write(offset, &data[..len]) {
+                Ok(()) => reply.written(written),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            }
+            return;
+        }
         self.client.submit(
             Command::write(offset, data[..len].to_vec()),
             Box::new(move |r| match r {
@@ -350,6 +464,11 @@ impl fuser::Filesystem for NbdFs {
             reply.error(Errno::EROFS);
             return;
         }
+        if self.overlay.is_some() {
+            // A read-only mount replaying its journal never discards; the kernel stops asking.
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
         let end = offset.saturating_add(length).min(self.client.info().size);
         if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0 {
             reply.error(Errno::EOPNOTSUPP);
@@ -395,6 +514,8 @@ pub struct DaemonArgs {
     /// The attachment's directory: `fuse/` (mount point), `status.json`.
     pub dir: PathBuf,
     pub read_only: bool,
+    /// Serve a read-only export writable through a throw-away [`Overlay`] (`<dir>/overlay`).
+    pub overlay: bool,
     pub io_timeout: Duration,
     /// How long I/O waits for an unreachable engine before it fails with EIO.
     pub reconnect_timeout: Duration,
@@ -408,6 +529,11 @@ pub fn mountpoint(dir: &Path) -> PathBuf {
 
 pub fn disk_path(dir: &Path) -> PathBuf {
     mountpoint(dir).join(DISK_NAME)
+}
+
+/// The throw-away overlay of a view (outside the FUSE mount).
+pub fn overlay_path(dir: &Path) -> PathBuf {
+    dir.join("overlay")
 }
 
 pub fn status_path(dir: &Path) -> PathBuf {
@@ -555,7 +681,14 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     config.n_threads = Some(args.fuse_threads.clamp(1, 16));
     config.clone_fd = args.fuse_threads > 1;
-    let fs = NbdFs::new(client.clone(), args.read_only);
+    let overlay = if args.overlay {
+        let p = overlay_path(&dir);
+        let o = Overlay::create(&p).with_context(|| format!("create {}", p.display()))?;
+        Some(Arc::new(o))
+    } else {
+        None
+    };
+    let fs = NbdFs::with_overlay(client.clone(), args.read_only, overlay);
     let session = fuser::Session::new(fs, &mnt, &config)
         .with_context(|| format!("mount FUSE at {}", mnt.display()))?;
     let bg = session.spawn().context("start the FUSE session")?;
@@ -614,6 +747,7 @@ pub fn run_daemon(args: DaemonArgs) -> anyhow::Result<()> {
         Err(c) => drop(c),
     }
     let _ = std::fs::remove_file(status_path(&dir));
+    let _ = std::fs::remove_file(overlay_path(&dir));
     tracing::info!(export = %args.export, "stopped");
     Ok(())
 }
@@ -636,6 +770,39 @@ mod tests {
         j.piece_done(Err(22));
         assert_eq!(*j.error.lock().unwrap(), Some(5));
         assert_eq!(j.left.load(Ordering::SeqCst), 0);
+    }
+
+    /// Written sectors read back from the overlay, the rest stays the export's; only whole
+    /// sectors are taken; a fresh overlay forgets everything.
+    #[test]
+    fn an_overlay_holds_whole_sectors_and_patches_reads() {
+        let d = tempfile::tempdir().unwrap();
+        let p = overlay_path(d.path());
+        let o = Overlay::create(&p).unwrap();
+        let export = vec![0xeeu8; 3 * CHUNK_SECTORS as usize * 512];
+        let mut buf = export.clone();
+        o.patch(0, &mut buf).unwrap();
+        assert_eq!(buf, export, "an empty overlay changes nothing");
+        // One sector in the first chunk, and a run across the first chunk boundary.
+        o.write(512, &[1u8; 512]).unwrap();
+        let boundary = CHUNK_SECTORS * 512;
+        o.write(boundary - 1024, &[2u8; 2048]).unwrap();
+        assert_eq!(o.write(100, &[3u8; 512]), Err(libc_errno::EINVAL));
+        assert_eq!(o.write(512, &[3u8; 100]), Err(libc_errno::EINVAL));
+        let mut buf = export.clone();
+        o.patch(0, &mut buf).unwrap();
+        let mut want = export.clone();
+        want[512..1024].fill(1);
+        want[(boundary - 1024) as usize..(boundary + 1024) as usize].fill(2);
+        assert_eq!(buf, want);
+        // A read starting and ending inside sectors takes just its part of them.
+        let mut part = export[700..(boundary + 10) as usize].to_vec();
+        o.patch(700, &mut part).unwrap();
+        assert_eq!(part, want[700..(boundary + 10) as usize]);
+        let o = Overlay::create(&p).unwrap();
+        let mut buf = export.clone();
+        o.patch(0, &mut buf).unwrap();
+        assert_eq!(buf, export, "a new overlay starts empty");
     }
 
     #[test]

@@ -62,16 +62,36 @@ async fn metrics(
     State(checks): State<HealthChecks>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    let root = checks.state_dir.join("attach");
-    let page = tokio::task::spawn_blocking(move || metrics_page(&root))
+    let dir = checks.state_dir.clone();
+    let page = tokio::task::spawn_blocking(move || metrics_page(&dir.join("attach"), &views(&dir)))
         .await
         .unwrap_or(Err(std::fmt::Error));
     http::metrics(&headers, page)
 }
 
+/// The point-in-time views this plugin holds (issue 18), from its state records: (escaped
+/// volume id, view id, when taken). A view whose unstage never came, or could not delete it,
+/// stays listed here until it is deleted.
+fn views(state_dir: &std::path::Path) -> Vec<(String, String, u64)> {
+    let records = crate::state::StateStore::open(state_dir).and_then(|s| s.list());
+    records
+        .map(|recs| {
+            recs.into_iter()
+                .filter_map(|r| {
+                    let v = r.view?;
+                    Some((crate::state::escape_id(&r.volume_id), v.id, v.created_unix))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The attachments' link counters, one labelled sample per attachment (its directory name, the
-/// escaped volume id), read from the daemons' status files.
-fn metrics_page(attach_root: &std::path::Path) -> Result<String, std::fmt::Error> {
+/// escaped volume id), read from the daemons' status files; and each view's creation time.
+fn metrics_page(
+    attach_root: &std::path::Path,
+    views: &[(String, String, u64)],
+) -> Result<String, std::fmt::Error> {
     use std::fmt::Write as _;
     let mut links: Vec<(String, crate::nbd::LinkState)> = std::fs::read_dir(attach_root)
         .map(|rd| {
@@ -130,6 +150,18 @@ fn metrics_page(attach_root: &std::path::Path) -> Result<String, std::fmt::Error
                 field(link)
             )?;
         }
+    }
+    let name = "tandem_csi_view_created_seconds";
+    writeln!(out, "# TYPE {name} gauge")?;
+    writeln!(
+        out,
+        "# HELP {name} Unix time a point-in-time view held for a read-only stage was taken"
+    )?;
+    for (key, id, created) in views {
+        writeln!(
+            out,
+            "{name}{{attachment=\"{key}\",view=\"{id}\"}} {created}"
+        )?;
     }
     out.push_str("# EOF\n");
     Ok(out)
@@ -219,5 +251,44 @@ mod tests {
         );
         tandem_testkit::promtool_check_metrics(&page);
         task.abort();
+    }
+
+    /// A view held for a staging shows with the time it was taken, until its record goes.
+    #[tokio::test]
+    async fn metrics_list_each_view_with_when_it_was_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::state::StateStore::open(dir.path()).unwrap();
+        let rec = crate::state::VolumeRecord {
+            volume_id: "default/pv-1".into(),
+            engine_volume: "vol".into(),
+            staging_path: "/s".into(),
+            access: crate::state::Access::Block,
+            read_only: true,
+            engine_node: "a".into(),
+            epoch: 1,
+            attachment: None,
+            staged: false,
+            publications: Default::default(),
+            view: Some(crate::state::ViewRecord {
+                id: "view-00000000000000aa".into(),
+                grpc: "a:1".into(),
+                token: "t".into(),
+                tls: Default::default(),
+                created_unix: 1_700_000_000,
+            }),
+        };
+        store.save(&rec).unwrap();
+        let page = metrics_page(&dir.path().join("attach"), &views(dir.path())).unwrap();
+        assert!(
+            page.contains(
+                "tandem_csi_view_created_seconds{attachment=\"default%2Fpv-1\",\
+                 view=\"view-00000000000000aa\"} 1700000000"
+            ),
+            "{page}"
+        );
+        tandem_testkit::promtool_check_metrics(&page);
+        store.remove("default/pv-1").unwrap();
+        let page = metrics_page(&dir.path().join("attach"), &views(dir.path())).unwrap();
+        assert!(!page.contains("view-00000000000000aa"), "{page}");
     }
 }

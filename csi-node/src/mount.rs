@@ -483,6 +483,8 @@ pub(crate) mod fake {
         pub smaller: HashSet<PathBuf>,
         /// (device, filesystem) of every offline grow.
         pub grown_offline: Vec<(PathBuf, String)>,
+        /// The options of the last filesystem mount at each target.
+        pub options: HashMap<PathBuf, Vec<String>>,
     }
 
     #[derive(Debug, Default)]
@@ -553,10 +555,11 @@ pub(crate) mod fake {
             device: &Path,
             target: &Path,
             _fs_type: &str,
-            _options: &[String],
+            options: &[String],
         ) -> Result<(), MountError> {
             let mut st = self.st.lock().unwrap();
             Self::check(&mut st, "mount")?;
+            st.options.insert(target.into(), options.to_vec());
             assert!(
                 target.is_dir(),
                 "mount target {} must exist",

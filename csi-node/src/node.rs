@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::attach::{pinned_export, AttachSpec, Attacher, Health};
-use crate::context::{EngineRef, SecondaryAccess, VolumeParams};
-use crate::engine::{current_source, plan, EngineApi, Plan, Want};
+use crate::context::{EngineRef, SecondaryAccess, SecondaryReadMode, VolumeParams};
+use crate::engine::{current_source, plan, EngineApi, EngineError, Plan, SecondaryRead, Want};
 use crate::error::{Error, Result};
 use crate::mount::{MountState, Mounter};
-use crate::state::{escape_id, Access, OpGuard, Publication, StateStore, VolumeRecord};
+use crate::state::{escape_id, Access, OpGuard, Publication, StateStore, ViewRecord, VolumeRecord};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StageRequest {
@@ -130,9 +130,11 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     /// failover trigger: a takeover by handoff first (never forced: an unreachable old primary is
     /// UNAVAILABLE, and the operator promotes per the volume's policy), answer only when this engine
     /// serves I/O. A read-only stage (reader access mode or `ro` mount flag) never takes over: on
-    /// the secondary's node it attaches read-only to the secondary when the volume says
-    /// `secondaryAccess: ReadOnly`, else it is FAILED_PRECONDITION. The attachment is pinned to the
-    /// epoch of the engine it reads (`<volume>@<epoch>`), so it never reconnects into a later epoch.
+    /// the secondary's node it opens a point-in-time view there when the volume says
+    /// `secondaryAccess: ReadOnly` or `ReadWrite` (see [`Self::attach_view`]), or attaches the live
+    /// secondary read-only with `ReadWrite` and read mode `Current`; with `None` it is
+    /// FAILED_PRECONDITION. Any other attachment is pinned to the epoch of the engine it reads
+    /// (`<volume>@<epoch>`), so it never reconnects into a later epoch.
     /// NBD never crosses nodes (issue 13): the plugin attaches only to its own node's engine, over
     /// the engine's unix socket. When the volume is served from another node, the stage is
     /// UNAVAILABLE if this node's engine is down, fenced or behind (kubelet retries until it
@@ -169,6 +171,17 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
             Resume::Done(rec) => (rec, true),
             Resume::Mount(rec) => (rec, false),
         };
+        if rec.view.is_some() {
+            // A view is a frozen image on this node's engine: a takeover since changes nothing
+            // it shows, so there is no epoch to check.
+            let inner = self.inner.clone();
+            return if done {
+                tracing::info!("already staged (point-in-time view)");
+                Ok(())
+            } else {
+                blocking(move || inner.finish_stage(rec)).await
+            };
+        }
         // An existing attachment is only as good as its epoch: check it against the primary now
         // (Status only; nothing is taken over for a staging that might be stale and in use).
         let want = want(&req, &params);
@@ -220,11 +233,133 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         existing: Option<VolumeRecord>,
         secret: &crate::engine::Credentials,
     ) -> Result<()> {
-        let (engine, epoch) = self
+        let (engine, epoch, mut view) = self
             .choose_engine(&params, secret, want(&req, &params))
             .await?;
+        // A staging that read a view (re-attached here after its device broke) reads a view
+        // again, even if this node's engine was promoted since: views are taken on any role.
+        if !view
+            && req.read_only
+            && engine.node == self.node_id()
+            && existing.as_ref().is_some_and(|r| r.view.is_some())
+        {
+            view = true;
+        }
+        if view {
+            return self
+                .attach_view(req, params, existing, engine, epoch, secret)
+                .await;
+        }
         let inner = self.inner.clone();
-        blocking(move || inner.attach_and_stage(&req, &params, existing, &engine, epoch)).await
+        blocking(move || inner.attach_and_stage(&req, &params, existing, &engine, epoch, None))
+            .await
+    }
+
+    /// A read-only stage on the secondary's node: takes point-in-time view
+    /// `view-<hash of volume id and staging path>` on this node's engine (`Call::View`: this
+    /// plugin may take and delete only such snapshots, only there), attaches its export
+    /// `<volume>@snapshot/<id>` and mounts it read-only. A filesystem's device takes writes into a
+    /// throw-away overlay in the attach daemon, so the `ro` mount replays the journal of the
+    /// crash-consistent image; `noload` / `norecovery` would show it without the transactions
+    /// the writer committed but had not yet written home (fsync'd files missing). A raw block
+    /// view is read-only. NodeUnstageVolume detaches, then deletes the view.
+    async fn attach_view(
+        &self,
+        req: StageRequest,
+        params: VolumeParams,
+        existing: Option<VolumeRecord>,
+        engine: EngineRef,
+        epoch: u64,
+        secret: &crate::engine::Credentials,
+    ) -> Result<()> {
+        let view = ViewRecord {
+            id: view_id(&req.volume_id, &req.staging_path),
+            grpc: engine.grpc.clone(),
+            token: secret.token.clone(),
+            tls: req.tls.for_node(self.node_id()),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let mut rec = existing.unwrap_or_else(|| new_record(&req, &params, &engine, epoch));
+        rec.engine_node = engine.node.clone();
+        rec.epoch = epoch;
+        rec.view = Some(view.clone());
+        // Safety (no view kept silently): the record names the view before it exists, so a
+        // crash from here on leaves the trail that NodeUnstageVolume, or the next stage at this
+        // path, follows to delete it (node::tests::a_view_whose_stage_fails_is_deleted_again).
+        let inner = self.inner.clone();
+        let saved = rec.clone();
+        blocking(move || inner.state.save(&saved)).await?;
+        // A fresh image, never an old one: a view an earlier staging at this path left behind
+        // (its unstage never came, or could not delete it) is replaced, not reused.
+        let taken = async {
+            self.engines
+                .delete_view(&view.grpc, &params.volume, secret, &view.id)
+                .await?;
+            self.engines
+                .create_view(&view.grpc, &params.volume, secret, &view.id)
+                .await
+        }
+        .await;
+        if let Err(e) = taken {
+            self.abandon_view(&req.volume_id, secret).await;
+            return Err(Error::Engine(e));
+        }
+        tracing::info!(view = %view.id, engine = %engine.node, epoch, "point-in-time view taken");
+        let inner = self.inner.clone();
+        let (r, p, id) = (req.clone(), params.clone(), view.id.clone());
+        let staged =
+            blocking(move || inner.attach_and_stage(&r, &p, Some(rec), &engine, epoch, Some(&id)))
+                .await;
+        if staged.is_err() {
+            self.abandon_view(&req.volume_id, secret).await;
+        }
+        staged
+    }
+
+    /// After a failed view stage: deletes the view and forgets the record when nothing else is
+    /// left in it; if the delete fails too, the record keeps the view for the unstage (or the
+    /// next stage) to delete.
+    async fn abandon_view(&self, volume_id: &str, secret: &crate::engine::Credentials) {
+        let inner = self.inner.clone();
+        let id = volume_id.to_string();
+        let Ok(Some(mut rec)) = blocking(move || inner.state.load(&id)).await else {
+            return;
+        };
+        let Some(view) = rec.view.clone() else {
+            return;
+        };
+        if rec.attachment.is_some() {
+            return;
+        }
+        match self
+            .engines
+            .delete_view(&view.grpc, &rec.engine_volume, secret, &view.id)
+            .await
+        {
+            Ok(_) | Err(EngineError::VolumeUnknown { .. }) => {
+                rec.view = None;
+                let inner = self.inner.clone();
+                let r = blocking(move || {
+                    if rec.publications.is_empty() {
+                        inner.state.remove(&rec.volume_id)
+                    } else {
+                        inner.state.save(&rec)
+                    }
+                })
+                .await;
+                if let Err(e) = r {
+                    tracing::error!(view = %view.id, "view deleted, but its record stays: {e}");
+                }
+            }
+            Err(e) => tracing::error!(
+                view = %view.id,
+                "cannot delete the view of a failed stage ({e}); the unstage or the next stage \
+                 at this path deletes it"
+            ),
+        }
     }
 
     async fn statuses(
@@ -244,19 +379,23 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         .await
     }
 
-    /// Finds the engine to attach to; takes over first when this node holds the secondary and
-    /// the stage is writable.
+    /// Finds the engine to attach to, and whether to a view of it; takes over first when this
+    /// node holds the secondary and the stage is writable.
     async fn choose_engine(
         &self,
         params: &VolumeParams,
         token: &crate::engine::Credentials,
         want: Want,
-    ) -> Result<(EngineRef, u64)> {
+    ) -> Result<(EngineRef, u64, bool)> {
         let answers = self.statuses(params, token).await;
         match plan(self.node_id(), &answers, want)? {
             Plan::Attach { engine, epoch } => {
                 tracing::info!(engine = %engine.node, epoch, ?want, "attaching");
-                Ok((engine, epoch))
+                Ok((engine, epoch, false))
+            }
+            Plan::View { engine, epoch } => {
+                tracing::info!(engine = %engine.node, epoch, "this node holds the secondary: a point-in-time view for a read-only stage");
+                Ok((engine, epoch, true))
             }
             Plan::TakeoverThenAttach { engine } => {
                 tracing::info!(engine = %engine.node, "this node holds the secondary: taking over (handoff)");
@@ -287,7 +426,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
                         "forced promotion: the old primary's newest writes to these blocks are lost"
                     );
                 }
-                Ok((engine, t.epoch))
+                Ok((engine, t.epoch, false))
             }
         }
     }
@@ -295,11 +434,43 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
     /// NodeUnstageVolume. CSI: MUST undo NodeStageVolume (here: unmount the staging path, detach the
     /// device: no mount, loop device or FUSE mount left); MUST reply OK if the volume is not staged at
     /// that path; the CO calls it only after every NodeUnpublishVolume, so a publication still mounted
-    /// is FAILED_PRECONDITION.
+    /// is FAILED_PRECONDITION. A point-in-time view is deleted on its engine after the detach, with
+    /// the credentials its record kept; until that succeeds the unstage fails (kubelet retries,
+    /// and the retry only deletes), except that a volume the engine no longer knows has no view.
     pub async fn unstage(&self, volume_id: String, staging_path: PathBuf) -> Result<()> {
         let _token = self.guard.try_acquire(&volume_id)?;
         let inner = self.inner.clone();
-        blocking(move || inner.unstage(&volume_id, &staging_path)).await
+        let Some(rec) = blocking(move || inner.unstage(&volume_id, &staging_path)).await? else {
+            return Ok(());
+        };
+        let Some(view) = rec.view.clone() else {
+            return Ok(());
+        };
+        let creds = crate::engine::Credentials {
+            token: view.token.clone(),
+            tls: crate::engine::TlsSecrets(view.tls.clone())
+                .client(self.node_id())
+                .map_err(|e| Error::Internal(format!("the view's recorded credentials: {e}")))?,
+        };
+        // Safety (no view kept silently): the record, and with it the view's trail, goes only
+        // once the engine confirmed the view is gone (node::tests::unstage_deletes_the_view_*).
+        match self
+            .engines
+            .delete_view(&view.grpc, &rec.engine_volume, &creds, &view.id)
+            .await
+        {
+            Ok(deleted) => tracing::info!(view = %view.id, deleted, "point-in-time view deleted"),
+            Err(EngineError::VolumeUnknown { .. }) => {
+                tracing::info!(view = %view.id, "the engine no longer holds the volume, nor its view")
+            }
+            Err(e) => {
+                return Err(Error::Engine(e));
+            }
+        }
+        let inner = self.inner.clone();
+        blocking(move || inner.state.remove(&rec.volume_id)).await?;
+        tracing::info!("unstaged");
+        Ok(())
     }
 
     /// NodePublishVolume. CSI: MUST make the staged volume available at the target path (bind mount of
@@ -423,26 +594,32 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
         existing: Option<VolumeRecord>,
         engine: &EngineRef,
         epoch: u64,
+        view: Option<&str>,
     ) -> Result<()> {
-        let spec = AttachSpec {
-            key: escape_id(&req.volume_id),
-            nbd: engine.nbd.clone(),
-            export: pinned_export(&params.volume, epoch),
-            pinned_epoch: Some(epoch),
-            read_only: req.read_only,
+        let spec = match view {
+            None => AttachSpec {
+                key: escape_id(&req.volume_id),
+                nbd: engine.nbd.clone(),
+                export: pinned_export(&params.volume, epoch),
+                pinned_epoch: Some(epoch),
+                read_only: req.read_only,
+                overlay: false,
+            },
+            // A snapshot export: no epoch to pin (it is the same image at any epoch). A
+            // filesystem's device takes its journal replay into the daemon's overlay.
+            Some(id) => {
+                let fs = matches!(req.access, Access::Mount { .. });
+                AttachSpec {
+                    key: escape_id(&req.volume_id),
+                    nbd: engine.nbd.clone(),
+                    export: tandem_api::contract::snapshot_export(&params.volume, id),
+                    pinned_epoch: None,
+                    read_only: !fs,
+                    overlay: fs,
+                }
+            }
         };
-        let mut rec = existing.unwrap_or_else(|| VolumeRecord {
-            volume_id: req.volume_id.clone(),
-            engine_volume: params.volume.clone(),
-            staging_path: req.staging_path.clone(),
-            access: req.access.clone(),
-            read_only: req.read_only,
-            engine_node: engine.node.clone(),
-            epoch,
-            attachment: None,
-            staged: false,
-            publications: Default::default(),
-        });
+        let mut rec = existing.unwrap_or_else(|| new_record(req, params, engine, epoch));
         let att = self.attacher.attach(&spec)?;
         rec.attachment = Some(att.clone());
         rec.engine_node = engine.node.clone();
@@ -516,7 +693,11 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
                     Ok(()) => rec.attachment = None,
                     Err(d) => tracing::error!("detach after a failed mount also failed: {d}"),
                 }
-                let cleanup = if rec.attachment.is_none() && rec.publications.is_empty() {
+                // A view's record stays: the caller deletes the view first.
+                let cleanup = if rec.attachment.is_none()
+                    && rec.publications.is_empty()
+                    && rec.view.is_none()
+                {
                     self.state.remove(&rec.volume_id)
                 } else {
                     rec.staged = false;
@@ -585,6 +766,10 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
         if rec.read_only {
             options.push("ro".into());
         }
+        if rec.view.is_some() && fs_type == "xfs" {
+            // The view carries the writer's filesystem UUID; xfs refuses a second mount of one.
+            options.push("nouuid".into());
+        }
         self.mounter.mount(device, staging, fs_type, &options)?;
         if grow && !is_ext {
             tracing::info!(fs_type, device = %device.display(), "filesystem smaller than the device: growing it after the mount");
@@ -613,14 +798,16 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
         )))
     }
 
-    fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
-        let Some(rec) = self.state.load(volume_id)? else {
+    /// Unmounts and detaches; forgets the record unless it names a view, which is returned for
+    /// the caller to delete (saved without its attachment, so a retry only deletes).
+    fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<Option<VolumeRecord>> {
+        let Some(mut rec) = self.state.load(volume_id)? else {
             tracing::info!("not staged on this node: nothing to do");
-            return Ok(());
+            return Ok(None);
         };
         if rec.staging_path != staging_path {
             tracing::info!(staged_at = %rec.staging_path.display(), "not staged at this path: nothing to do");
-            return Ok(());
+            return Ok(None);
         }
         if let Some(att) = &rec.attachment {
             let live = self.live_publications(&rec, &att.device);
@@ -633,9 +820,18 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
             self.unmount_all(&rec.staging_path, &att.device)?;
             self.attacher.detach(att)?;
         }
+        if rec.view.is_some() {
+            if rec.attachment.is_some() {
+                rec.attachment = None;
+                rec.staged = false;
+                rec.publications.clear();
+                self.state.save(&rec)?;
+            }
+            return Ok(Some(rec));
+        }
         self.state.remove(volume_id)?;
         tracing::info!("unstaged");
-        Ok(())
+        Ok(None)
     }
 
     fn publish(&self, req: &PublishRequest) -> Result<()> {
@@ -912,18 +1108,56 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
     }
 }
 
-/// What a stage asks of the engines: a read-only stage only reads, from the secondary if that
-/// serves reads.
+/// What a stage asks of the engines: a read-only stage only reads, on the secondary's node a
+/// point-in-time view unless the volume asks for current reads.
 fn want(req: &StageRequest, params: &VolumeParams) -> Want {
-    if req.read_only {
-        Want::Read {
-            // A read-write secondary serves live sessions with current reads; a read-only one
-            // serves point-in-time views only, which stages do not take yet (issue 18).
-            secondary_serves: params.secondary_access == SecondaryAccess::ReadWrite,
-        }
-    } else {
-        Want::Write
+    if !req.read_only {
+        return Want::Write;
     }
+    Want::Read(
+        match (params.secondary_access, params.secondary_read_mode) {
+            (SecondaryAccess::None, _) => SecondaryRead::Refused,
+            // Only a read-write secondary serves live sessions (`VolumeParams::parse` refuses
+            // Current with anything else).
+            (SecondaryAccess::ReadWrite, SecondaryReadMode::Current) => SecondaryRead::Current,
+            _ => SecondaryRead::View,
+        },
+    )
+}
+
+/// A new record for a stage of `req` on `engine` at `epoch`.
+fn new_record(
+    req: &StageRequest,
+    params: &VolumeParams,
+    engine: &EngineRef,
+    epoch: u64,
+) -> VolumeRecord {
+    VolumeRecord {
+        volume_id: req.volume_id.clone(),
+        engine_volume: params.volume.clone(),
+        staging_path: req.staging_path.clone(),
+        access: req.access.clone(),
+        read_only: req.read_only,
+        engine_node: engine.node.clone(),
+        epoch,
+        attachment: None,
+        staged: false,
+        publications: Default::default(),
+        view: None,
+    }
+}
+
+/// The view id of a staging: `view-` and 16 hex digits of FNV-1a over the volume id and the
+/// staging path. Stable across plugin versions and restarts (no std hasher, whose output may
+/// change), so a retried stage finds its own view and a later stage at the path replaces it.
+pub fn view_id(volume_id: &str, staging_path: &Path) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let path = staging_path.as_os_str().as_encoded_bytes();
+    for b in volume_id.bytes().chain([0u8]).chain(path.iter().copied()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{}{h:016x}", tandem_api::contract::VIEW_SNAPSHOT_PREFIX)
 }
 
 /// Removes a publication target the plugin created (empty directory or file); failures are logged.

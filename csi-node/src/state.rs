@@ -1,5 +1,6 @@
 //! The plugin's durable memory: one JSON record per staged volume under `<state-dir>/volumes/`, replaced
-//! atomically (write, fsync, rename, fsync the directory). A restarted plugin reads them back and
+//! atomically (write, fsync, rename, fsync the directory), readable by root only (0600: a view's
+//! record holds the credentials its delete needs). A restarted plugin reads them back and
 //! finds its attachments; the kernel's mount table stays the authority on what is mounted.
 //!
 //! Also the per-volume operation guard: one call per volume at a time, the rest get ABORTED.
@@ -40,6 +41,36 @@ pub struct Publication {
     pub read_only: bool,
 }
 
+/// A point-in-time view this plugin took for a read-only stage (issue 18): a `view-` snapshot on
+/// this node's engine, deleted at NodeUnstageVolume. That call carries no secrets, so what the
+/// delete needs is kept here from the stage's: the token, and for mutual TLS the CA and this
+/// node's own pair only. Never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewRecord {
+    /// The snapshot id (`view-<hash of volume id and staging path>`).
+    pub id: String,
+    /// gRPC address of the engine holding it (this node's).
+    pub grpc: String,
+    pub token: String,
+    /// `ca.crt`, `csi.<this node>.crt`, `csi.<this node>.key`; empty for plaintext.
+    #[serde(default)]
+    pub tls: BTreeMap<String, String>,
+    /// When it was taken (Unix seconds); reported in `/metrics` so a view that outlives its
+    /// reader shows.
+    #[serde(default)]
+    pub created_unix: u64,
+}
+
+impl std::fmt::Debug for ViewRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewRecord")
+            .field("id", &self.id)
+            .field("grpc", &self.grpc)
+            .field("created_unix", &self.created_unix)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub volume_id: String,
@@ -60,6 +91,10 @@ pub struct VolumeRecord {
     /// True once NodeStageVolume finished.
     pub staged: bool,
     pub publications: BTreeMap<PathBuf, Publication>,
+    /// Set (before the snapshot is taken) when the staging reads a point-in-time view; it stays
+    /// until the view is deleted, after the detach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view: Option<ViewRecord>,
 }
 
 /// Maps a volume id (`namespace/name`) to a file name: `[A-Za-z0-9._-]` kept, the rest `%XX`.
@@ -114,7 +149,16 @@ impl StateStore {
         let tmp = p.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(rec).map_err(|e| state_err("encode", &p, e))?;
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            // An older plugin's temp file keeps its mode through open: set it.
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(fs::Permissions::from_mode(0o600))?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             fs::rename(&tmp, &p)?;
@@ -218,6 +262,7 @@ mod tests {
             attachment: None,
             staged: true,
             publications: BTreeMap::from([("/t".into(), Publication { read_only: true })]),
+            view: None,
         }
     }
 
@@ -263,6 +308,33 @@ mod tests {
         let att = rec.attachment.unwrap();
         assert_eq!((att.export.as_str(), att.pinned_epoch), ("vol", None));
         assert_eq!(rec.epoch, 1);
+    }
+
+    /// A view's record keeps its credentials for the unstage, readable by root only and never
+    /// in Debug output.
+    #[test]
+    fn a_views_record_is_private_and_round_trips() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        let mut rec = record("ns/v");
+        rec.view = Some(ViewRecord {
+            id: "view-0123456789abcdef".into(),
+            grpc: "10.0.0.1:7000".into(),
+            token: "tok-secret".into(),
+            tls: BTreeMap::from([("csi.a.key".into(), "KEY-secret".into())]),
+            created_unix: 5,
+        });
+        s.save(&rec).unwrap();
+        assert_eq!(s.load("ns/v").unwrap(), Some(rec.clone()));
+        let mode = fs::metadata(dir.path().join("volumes/ns%2Fv.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let shown = format!("{rec:?}");
+        assert!(shown.contains("view-0123456789abcdef"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
     }
 
     #[test]

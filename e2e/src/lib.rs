@@ -23,7 +23,8 @@ use tonic::transport::Channel;
 
 pub use tandem_api::contract::{
     secret_csi_cert_key, secret_csi_key_key, ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD,
-    ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS, ATTR_VOLUME, SECRET_CA_KEY, SECRET_TOKEN_KEY,
+    ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS, ATTR_SECONDARY_READ_MODE, ATTR_VOLUME, SECRET_CA_KEY,
+    SECRET_TOKEN_KEY, VIEW_SNAPSHOT_PREFIX,
 };
 pub use tandem_api::pb::{FaultRequest, PairState, Role as EngineRole, StatusReply, TakeoverPhase};
 pub use tandem_api::tls::{Ca, Identity, VolumeRef};

@@ -26,9 +26,14 @@
 //! Issue 12 (engines with write leases on, the default 10 s; a continuous O_DIRECT workload whose
 //! acknowledged-write history is checked, `HistoryWriter`): a primary engine SIGKILLed for 12 s
 //! and restarted under the workload is a stall, not an error, at the same epoch; a read-only stage
-//! on the secondary's node never takes over (reads from the secondary with `secondary-access:
-//! ReadOnly`, FAILED_PRECONDITION without); a pod moved to the secondary's node with no operator
+//! on the secondary's node never takes over (current reads from the secondary with
+//! `secondary-access: ReadWrite` and `secondary-read-mode: Current`, FAILED_PRECONDITION without); a pod moved to the secondary's node with no operator
 //! (handoff on stage, first I/O at once, writes past a lease); a plugin restart under the workload.
+//!
+//! Issue 18: a backup stage (read-only) on the secondary's node, while the writer on the primary's
+//! node keeps creating fsync'd files, mounts a point-in-time view: every file fsync'd before the
+//! stage with its bytes, a clean filesystem, an image that stays the same while the writer goes
+//! on, and no view left on the engine after the unstage.
 //!
 //! Issue 13: every engine runs with mutual TLS (`--tls-dir`, an engine identity of its volume from
 //! a CA minted per test, and `--node-name`), every stage carries the volume's CSI Secret (the token,
@@ -1762,8 +1767,9 @@ async fn roles_unchanged(pair: &EnginePair) -> anyhow::Result<()> {
 }
 
 /// Issue 12 item 6: a read-only stage on the secondary's node never takes over. With
-/// `secondaryAccess: ReadWrite` (engines started with `--secondary-access read-write`; issue 18:
-/// a ReadOnly secondary serves point-in-time views only) it attaches
+/// `secondaryAccess: ReadWrite` (engines started with `--secondary-access read-write`) and read
+/// mode `Current` (issue 18: the default is a point-in-time view, see
+/// `a_backup_stage_on_the_secondarys_node_reads_a_frozen_consistent_view`) it attaches
 /// read-only to the secondary and reads what the primary's pod wrote, while that pod keeps writing
 /// on node A; without it the stage is FAILED_PRECONDITION and attaches nothing. The engines keep
 /// their roles and epoch throughout.
@@ -1791,6 +1797,7 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
     let ctx = pair.volume_context();
     let mut ro_ctx = ctx.clone();
     ro_ctx.insert(ATTR_SECONDARY_ACCESS.into(), "ReadWrite".into());
+    ro_ctx.insert(ATTR_SECONDARY_READ_MODE.into(), "Current".into());
     let id = "default/pv-ro";
     let tmp = scratch.path("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
@@ -1857,6 +1864,251 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
         model.check_device("node-a's device", &na.target)?;
         a.node.node_unpublish_volume(na.unpublish(id)).await?;
         a.node.node_unstage_volume(na.unstage(id)).await?;
+        roles_unchanged(&pair).await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
+/// The writer of the backup test: files `w-NNNN.bin` of known contents written one after the
+/// other into `dir` (4 to 32 KiB each), each fsync'd with its directory; a file is recorded
+/// (name, crc32c) only once both fsyncs returned. Stops when told, at `max` files, or at the
+/// first error (returned).
+struct FileWriter {
+    done: std::sync::Arc<std::sync::Mutex<Vec<(String, u32)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl FileWriter {
+    fn start(dir: &Path, max: u64) -> FileWriter {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, st, dir) = (done.clone(), stop.clone(), dir.to_path_buf());
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            for i in 0..max {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let name = format!("w-{i:04}.bin");
+                let data = pattern(
+                    7000 + i,
+                    4096 * (1 + (i as usize * 7) % 8) + (i as usize % 13),
+                );
+                let mut f = std::fs::File::create(dir.join(&name))?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                std::fs::File::open(&dir)?.sync_all()?;
+                d.lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .push((name, crc32c::crc32c(&data)));
+            }
+            Ok(())
+        });
+        FileWriter {
+            done,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The files whose fsyncs have returned, in order.
+    fn done(&self) -> Vec<(String, u32)> {
+        self.done.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    async fn wait_done(&self, n: usize) -> anyhow::Result<()> {
+        let t = std::time::Instant::now();
+        while self.done().len() < n {
+            anyhow::ensure!(
+                self.thread.as_ref().is_some_and(|t| !t.is_finished()),
+                "the writer stopped at {} files",
+                self.done().len()
+            );
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "the writer wrote {} of {n} files in 20 s",
+                self.done().len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> anyhow::Result<Vec<(String, u32)>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join()
+                .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+        }
+        Ok(self.done())
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Every file of a mounted image: name → crc32c of its bytes.
+fn image_files(dir: &Path) -> anyhow::Result<std::collections::BTreeMap<String, u32>> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("w-") {
+            out.insert(name, crc32c::crc32c(&std::fs::read(e.path())?));
+        }
+    }
+    Ok(out)
+}
+
+/// The `view-*` snapshots engine `e` holds (asked as the operator).
+async fn views_on(e: &Engine) -> anyhow::Result<Vec<String>> {
+    let list = e.client().await?.list_snapshots(e.volume()).await?;
+    Ok(list
+        .snapshots
+        .into_iter()
+        .map(|s| s.id)
+        .filter(|id| id.starts_with(VIEW_SNAPSHOT_PREFIX))
+        .collect())
+}
+
+/// Issue 18, seed 004: a backup pod stages the volume read-only on the secondary's node while the
+/// writer on the primary's node keeps creating files, each fsync'd. The stage takes a
+/// point-in-time view on the secondary's engine (no takeover) and mounts it: every file whose
+/// fsyncs returned before the stage began is there with its exact bytes (so the journal's
+/// committed transactions were replayed), the filesystem checks clean (`e2fsck -fn` on a copy),
+/// and while the writer goes on, replicated to the secondary, the image stays the same: the
+/// same files and bytes on a second read, and the device read twice with O_DIRECT is identical
+/// (the live secondary's copy would differ). The unstage deletes the view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_stage_on_the_secondarys_node_reads_a_frozen_consistent_view() {
+    if skip("a_backup_stage_on_the_secondarys_node_reads_a_frozen_consistent_view") {
+        return;
+    }
+    use pb::volume_capability::access_mode::Mode;
+    let _serial = serial().await;
+    let scratch = Scratch::new("view").unwrap();
+    let pair = EnginePair::start_with(
+        &scratch,
+        "vol-view",
+        "64M",
+        TOKEN,
+        &["--secondary-access", "read-only"],
+    )
+    .unwrap();
+    let secrets = scratch.secrets("vol-view", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "writer", "pv-view", false).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "backup", "pv-view", false).unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
+    let mut ctx = pair.volume_context();
+    ctx.insert(ATTR_SECONDARY_ACCESS.into(), "ReadOnly".into());
+    let id = "default/pv-view";
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        let mut a = node_a.client().await?;
+        a.stage_and_publish(id, (&na.staging, &na.target), Some("ext4"), &ctx, &secrets)
+            .await?;
+        wait_replicated(&pair.a).await?;
+        // At most ~12 MiB of files: the 64 MiB filesystem never fills.
+        let writer = FileWriter::start(&na.target, 600);
+        writer.wait_done(40).await?;
+
+        // The backup pod: a read-only stage and publication on node B, while the writer writes.
+        let before = writer.done();
+        let mut b = node_b.client().await?;
+        let mut stage = stage_request(id, &nb.staging, Some("ext4"), &ctx, &secrets);
+        stage.volume_capability = Some(reader_capability(Some("ext4"), Mode::MultiNodeReaderOnly));
+        b.node.node_stage_volume(stage.clone()).await?;
+        let after_stage = writer.done().len();
+        roles_unchanged(&pair).await?;
+        let (device, export) = recorded_attachment(&node_b, id)?;
+        let views = views_on(&pair.b).await?;
+        anyhow::ensure!(
+            views.len() == 1 && export == format!("vol-view@snapshot/{}", views[0]),
+            "node-b reads {export}; engine-b holds views {views:?}"
+        );
+        let mut publish = publish_request(id, &nb.staging, &nb.target, Some("ext4"));
+        publish.volume_capability =
+            Some(reader_capability(Some("ext4"), Mode::MultiNodeReaderOnly));
+        publish.readonly = true;
+        b.node.node_publish_volume(publish).await?;
+
+        // First read: every file fsync'd before the stage, byte for byte.
+        let first = image_files(&nb.target)?;
+        for (name, crc) in &before {
+            match first.get(name) {
+                Some(got) if got == crc => {}
+                Some(got) => anyhow::bail!("{name} reads crc {got:#x} in the view, wrote {crc:#x}"),
+                None => anyhow::bail!(
+                    "{name} was fsync'd before the view was taken, but the view lacks it ({} of \
+                     {} files there)",
+                    first.len(),
+                    before.len()
+                ),
+            }
+        }
+        let dev_first = read_direct(&device, 64 << 20)?;
+        // A clean filesystem: e2fsck on a copy of the view's device (the mount replayed it).
+        let copy = scratch.path("view-copy.img");
+        std::fs::write(&copy, &dev_first)?;
+        let fsck = Command::new("e2fsck").args(["-fn"]).arg(&copy).output()?;
+        anyhow::ensure!(
+            fsck.status.success(),
+            "e2fsck -fn on the view: {}\n{}",
+            fsck.status,
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        std::fs::remove_file(&copy)?;
+
+        // The writer goes on, and the secondary's live copy gets its new files too.
+        writer.wait_done(after_stage + 40).await?;
+        let written = writer.finish()?;
+        wait_replicated(&pair.a).await?;
+        anyhow::ensure!(
+            read_direct(&device, 64 << 20)? == dev_first,
+            "the view's device changed while the writer wrote"
+        );
+        let second = image_files(&nb.target)?;
+        anyhow::ensure!(
+            first == second,
+            "the mounted view changed between two reads"
+        );
+        let later: Vec<&String> = written[after_stage..]
+            .iter()
+            .map(|(n, _)| n)
+            .filter(|n| second.contains_key(*n))
+            .collect();
+        anyhow::ensure!(
+            later.is_empty(),
+            "files written after the stage show: {later:?}"
+        );
+
+        // kubelet repeats the stage: the same view, nothing taken over.
+        b.node.node_stage_volume(stage).await?;
+        anyhow::ensure!(
+            views_on(&pair.b).await? == views,
+            "a repeated stage took a new view"
+        );
+        b.unpublish_and_unstage(id, (&nb.staging, &nb.target))
+            .await?;
+        assert_clean_under(&nb.root);
+        let left = views_on(&pair.b).await?;
+        anyhow::ensure!(left.is_empty(), "views left after the unstage: {left:?}");
+
+        println!(
+            "view: {} files fsync'd before the stage, {} in the view, {} written in all",
+            before.len(),
+            first.len(),
+            written.len()
+        );
+        a.unpublish_and_unstage(id, (&na.staging, &na.target))
+            .await?;
         roles_unchanged(&pair).await?;
         scratch.assert_clean();
         Ok(())

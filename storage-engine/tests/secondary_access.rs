@@ -2,7 +2,8 @@
 //! forwarded writes interleaved with the primary's own keep one order on both copies, reads on a
 //! read-write secondary are current, a point-in-time view on a read-only secondary stays frozen
 //! while the primary writes, a disconnected secondary refuses, and a forwarded write acknowledged
-//! just before the primary dies is on the promoted copy.
+//! just before the primary dies is on the promoted copy (also in sync mode, where each
+//! acknowledged write is on both copies at once).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -317,5 +318,84 @@ fn a_forwarded_write_survives_the_primarys_death() {
             "an acknowledged write was lost"
         ),
         Err(e) => assert!(matches!(e, NbdError::Errno(5)), "{e}"),
+    }
+}
+
+/// Block `b` of an engine's data file, read straight from the file (no engine involved).
+fn file_block(e: &Engine, b: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; BS as usize];
+    std::fs::File::open(e.data())
+        .unwrap()
+        .read_exact_at(&mut buf, b * BS)
+        .unwrap();
+    buf
+}
+
+/// Sync mode (`--replication sync`): a write forwarded through the secondary is acknowledged to
+/// its host only once both copies hold it: the primary answers the forward only after the
+/// secondary acknowledged the seq, and the secondary waits until its own copy applied it. Checked
+/// at each acknowledgement in both data files (no waiting), with the primary's own writes
+/// interleaved; then the primary is killed right after the last acknowledgement, and the promoted
+/// secondary serves every acknowledged write.
+#[test]
+fn a_forwarded_write_on_a_sync_pair_is_on_both_copies_when_acknowledged() {
+    let d = tempfile::tempdir().unwrap();
+    let sync = ["--replication", "sync"];
+    let mut pair = start_linked(
+        d.path(),
+        "16M",
+        &[&sync[..], NO_LEASE].concat(),
+        &[&sync[..], RW, NO_LEASE, &["--proxy-timeout-ms", "1000"]].concat(),
+    );
+    pair.wait_synced(20);
+    let rt = self::rt();
+    let (a, b) = (pair.a.nbd.clone(), pair.b.nbd.clone());
+    let acked: Vec<(u64, Vec<u8>)> = rt.block_on(async {
+        let mut ca = NbdClient::connect(&a, "vol").await.unwrap();
+        let mut cb = NbdClient::connect(&b, "vol").await.unwrap();
+        let mut out = Vec::new();
+        for i in 0..48u32 {
+            // Forwarded through b, then the primary's own write to the next block.
+            let (block, data) = (u64::from(i) * 2, stamp(0x5b, i));
+            cb.write(block * BS, &data).await.unwrap();
+            for (who, e) in [("primary", &pair.a), ("secondary", &pair.b)] {
+                assert!(
+                    file_block(e, block) == data,
+                    "forwarded write {i} acknowledged before the {who}'s copy had it"
+                );
+            }
+            out.push((block, data));
+            let (block, data) = (block + 1, stamp(0x5a, i));
+            ca.write(block * BS, &data).await.unwrap();
+            assert!(
+                file_block(&pair.b, block) == data,
+                "primary write {i} acknowledged before the secondary had it (sync mode)"
+            );
+            out.push((block, data));
+        }
+        // The last one, and nothing after it: no flush, no wait for the stream to settle.
+        let (block, data) = (200, stamp(0x5b, 999));
+        cb.write(block * BS, &data).await.unwrap();
+        out.push((block, data));
+        out
+    });
+    pair.a.kill();
+    for (block, data) in &acked {
+        assert!(
+            &file_block(&pair.a, *block) == data,
+            "primary's file, block {block}"
+        );
+    }
+    let r = pair
+        .b
+        .control("takeover", &["--policy", "force", "--timeout", "1"])
+        .unwrap();
+    assert_eq!(status(&pair.b)["role"], "primary", "{r}");
+    for (block, data) in &acked {
+        assert!(
+            &read_block(&pair.b, *block) == data,
+            "block {block} after the takeover"
+        );
     }
 }

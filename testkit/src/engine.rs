@@ -534,8 +534,8 @@ impl Engine {
         self.control("status", &["--json"])
     }
 
-    /// A gRPC client with the engine's token.
-    async fn client(&self) -> Result<EngineClient> {
+    /// A gRPC client with the engine's token (and the operator's TLS identity when set).
+    pub async fn client(&self) -> Result<EngineClient> {
         let token = match self.token_file() {
             Some(p) => Some(
                 std::fs::read_to_string(&p)

@@ -12,7 +12,9 @@ use crate::attach::fake::FakeAttacher;
 use crate::context::test_context;
 use crate::engine::{Credentials, EngineError, EngineStatus, Role, TakeoverOutcome};
 use crate::mount::fake::FakeMounter;
-use tandem_api::contract::{ATTR_FAILOVER_POLICY, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS};
+use tandem_api::contract::{
+    ATTR_FAILOVER_POLICY, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS, ATTR_SECONDARY_READ_MODE,
+};
 
 type Answer = Result<EngineStatus, EngineError>;
 
@@ -22,11 +24,42 @@ struct FakeEngines {
     /// Every takeover asked for: (engine, timeout). The trait has no policy: always a handoff.
     takeovers: Mutex<Vec<(String, Duration)>>,
     takeover_error: Mutex<Option<EngineError>>,
+    /// Views each engine holds: (engine, id) → which create made it (1, 2, ...).
+    views: Mutex<HashMap<(String, String), u32>>,
+    creates: Mutex<u32>,
+    /// Every view call: "create engine id" / "delete engine id".
+    view_calls: Mutex<Vec<String>>,
+    /// Fails the next view calls (create and delete) with this error.
+    view_error: Mutex<Option<EngineError>>,
 }
 
 impl FakeEngines {
     fn set(&self, addr: &str, a: Answer) {
         self.status.lock().unwrap().insert(addr.into(), a);
+    }
+    fn views(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self.views.lock().unwrap().keys().cloned().collect();
+        v.sort();
+        v
+    }
+    fn view_check(&self, creds: &Credentials) -> Result<(), EngineError> {
+        if creds.token != "secret" {
+            return Err(EngineError::Unauthenticated {
+                addr: "fake".into(),
+                message: "bad token".into(),
+            });
+        }
+        match self.view_error.lock().unwrap().clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+fn engine_down() -> EngineError {
+    EngineError::Unreachable {
+        addr: A_GRPC.into(),
+        message: "down".into(),
     }
 }
 
@@ -78,6 +111,49 @@ impl EngineApi for FakeEngines {
             ready_ms: 3,
             ..Default::default()
         })
+    }
+
+    async fn create_view(
+        &self,
+        addr: &str,
+        _volume: &str,
+        creds: &Credentials,
+        id: &str,
+    ) -> Result<(), EngineError> {
+        self.view_calls
+            .lock()
+            .unwrap()
+            .push(format!("create {addr} {id}"));
+        self.view_check(creds)?;
+        let mut n = self.creates.lock().unwrap();
+        *n += 1;
+        // Idempotent by id, as the engine's CreateSnapshot.
+        self.views
+            .lock()
+            .unwrap()
+            .entry((addr.into(), id.into()))
+            .or_insert(*n);
+        Ok(())
+    }
+
+    async fn delete_view(
+        &self,
+        addr: &str,
+        _volume: &str,
+        creds: &Credentials,
+        id: &str,
+    ) -> Result<bool, EngineError> {
+        self.view_calls
+            .lock()
+            .unwrap()
+            .push(format!("delete {addr} {id}"));
+        self.view_check(creds)?;
+        Ok(self
+            .views
+            .lock()
+            .unwrap()
+            .remove(&(addr.to_string(), id.to_string()))
+            .is_some())
     }
 }
 
@@ -353,8 +429,11 @@ async fn a_read_only_stage_on_the_secondarys_node_reads_from_the_secondary() {
     };
     req.context
         .insert(ATTR_SECONDARY_ACCESS.into(), "ReadWrite".into());
+    req.context
+        .insert(ATTR_SECONDARY_READ_MODE.into(), "Current".into());
     h.svc.stage(req.clone()).await.unwrap();
     assert!(h.engines().takeovers.lock().unwrap().is_empty());
+    assert!(h.engines().views().is_empty(), "current reads take no view");
     let rec = h.record().unwrap();
     assert_eq!((rec.engine_node.as_str(), rec.epoch), ("node-a", 7));
     let spec = h.attacher().st.lock().unwrap().attached[&device_of(&rec)].clone();
@@ -365,6 +444,246 @@ async fn a_read_only_stage_on_the_secondarys_node_reads_from_the_secondary() {
     h.svc.stage(req).await.unwrap();
     assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 1);
     assert!(h.engines().takeovers.lock().unwrap().is_empty());
+}
+
+impl Harness {
+    /// node-a (this plugin's) holds the secondary; a read-only stage of `access` with
+    /// `secondaryAccess: <sa>` and an ext4 already on the device the fake attacher hands out next.
+    fn view_req(&self, access: Access, sa: &str) -> StageRequest {
+        self.engines().set(A_GRPC, secondary(7));
+        self.engines().set(B_GRPC, primary(7));
+        let mut st = self.mounter().st.lock().unwrap();
+        for n in 1..5 {
+            st.filesystems
+                .insert(format!("/dev/fake{n}").into(), "ext4".into());
+        }
+        drop(st);
+        let mut req = StageRequest {
+            read_only: true,
+            ..self.stage_req(access)
+        };
+        req.context.insert(ATTR_SECONDARY_ACCESS.into(), sa.into());
+        req
+    }
+    fn view_id(&self) -> String {
+        view_id("ns/pv", &self.path("staging"))
+    }
+}
+
+/// Issue 18: a read-only stage on the secondary's node, ReadOnly or ReadWrite access, takes a
+/// view on its own engine (never a takeover), attaches the snapshot export with a writable
+/// overlay for the filesystem's journal replay, mounts it `ro`; a retried stage does nothing
+/// more; the unstage detaches, then deletes the view.
+#[tokio::test]
+async fn a_read_only_stage_on_the_secondarys_node_opens_a_view_and_unstage_deletes_it() {
+    for sa in ["ReadOnly", "ReadWrite"] {
+        let h = Harness::new();
+        let req = h.view_req(ext4(), sa);
+        h.svc.stage(req.clone()).await.unwrap();
+        assert!(h.engines().takeovers.lock().unwrap().is_empty());
+        let id = h.view_id();
+        assert!(id.starts_with("view-") && id.len() == 21, "{id}");
+        assert_eq!(h.engines().views(), vec![(A_GRPC.to_string(), id.clone())]);
+        let rec = h.record().unwrap();
+        assert!(rec.staged);
+        let view = rec.view.clone().unwrap();
+        assert_eq!(
+            (view.id.as_str(), view.grpc.as_str()),
+            (id.as_str(), A_GRPC)
+        );
+        assert_eq!(view.token, "secret");
+        let spec = h.attacher().st.lock().unwrap().attached[&device_of(&rec)].clone();
+        assert_eq!(spec.nbd, "10.0.0.1:10809", "{sa}: this node's engine");
+        assert_eq!(spec.export, format!("vol@snapshot/{id}"));
+        assert_eq!(spec.pinned_epoch, None);
+        assert!(spec.overlay && !spec.read_only, "{sa}: {spec:?}");
+        let staging = h.path("staging");
+        assert_eq!(
+            h.mounter().mounted(&staging),
+            Some((device_of(&rec), false))
+        );
+        let opts = h.mounter().st.lock().unwrap().options[&staging].clone();
+        assert!(opts.contains(&"ro".to_string()), "{opts:?}");
+        assert!(!opts.iter().any(|o| o == "noload"), "{opts:?}");
+        assert!(h.mounter().st.lock().unwrap().mkfs_calls.is_empty());
+
+        // Retried, and after a takeover moved the primary here: the same view, untouched.
+        h.svc.stage(req.clone()).await.unwrap();
+        h.engines().set(A_GRPC, primary(8));
+        h.engines().set(
+            B_GRPC,
+            Ok(EngineStatus {
+                role: Role::Fenced,
+                epoch: 7,
+            }),
+        );
+        h.svc.stage(req).await.unwrap();
+        assert_eq!(h.attacher().st.lock().unwrap().attach_calls, 1);
+        assert_eq!(*h.engines().creates.lock().unwrap(), 1);
+
+        h.svc
+            .unstage("ns/pv".into(), h.path("staging"))
+            .await
+            .unwrap();
+        assert_eq!(h.attacher().attached_count(), 0);
+        assert_eq!(h.mounter().mount_count(), 0);
+        assert!(
+            h.engines().views().is_empty(),
+            "{sa}: the view outlived the unstage"
+        );
+        assert_eq!(h.record(), None);
+    }
+}
+
+/// A view staging whose device broke gets a fresh view at the next stage, also when this
+/// node's engine was promoted in between (it still holds views); the old one is replaced.
+#[tokio::test]
+async fn a_broken_view_attachment_is_replaced_by_a_fresh_view() {
+    let h = Harness::new();
+    let req = h.view_req(ext4(), "ReadOnly");
+    h.svc.stage(req.clone()).await.unwrap();
+    let dev = device_of(&h.record().unwrap());
+    h.attacher().break_device(&dev);
+    h.engines().set(A_GRPC, primary(8));
+    h.engines().set(
+        B_GRPC,
+        Ok(EngineStatus {
+            role: Role::Fenced,
+            epoch: 7,
+        }),
+    );
+    h.svc.stage(req).await.unwrap();
+    let rec = h.record().unwrap();
+    assert_ne!(device_of(&rec), dev);
+    let spec = h.attacher().st.lock().unwrap().attached[&device_of(&rec)].clone();
+    assert_eq!(spec.export, format!("vol@snapshot/{}", h.view_id()));
+    assert_eq!(*h.engines().creates.lock().unwrap(), 2, "not a fresh view");
+    assert_eq!(h.engines().views().len(), 1);
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+}
+
+/// A raw block view is a read-only device (nothing to replay); xfs mounts with `nouuid`.
+#[tokio::test]
+async fn a_block_view_is_read_only_and_an_xfs_view_mounts_nouuid() {
+    let h = Harness::new();
+    h.svc
+        .stage(h.view_req(Access::Block, "ReadOnly"))
+        .await
+        .unwrap();
+    let rec = h.record().unwrap();
+    let spec = h.attacher().st.lock().unwrap().attached[&device_of(&rec)].clone();
+    assert!(spec.read_only && !spec.overlay, "{spec:?}");
+    h.svc
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap();
+
+    let h = Harness::new();
+    let xfs = Access::Mount {
+        fs_type: "xfs".into(),
+        mount_flags: vec![],
+    };
+    let req = h.view_req(xfs, "ReadOnly");
+    h.mounter()
+        .st
+        .lock()
+        .unwrap()
+        .filesystems
+        .insert("/dev/fake1".into(), "xfs".into());
+    h.svc.stage(req).await.unwrap();
+    let opts = h.mounter().st.lock().unwrap().options[&h.path("staging")].clone();
+    assert!(
+        opts.contains(&"ro".into()) && opts.contains(&"nouuid".into()),
+        "{opts:?}"
+    );
+}
+
+/// A stage that fails after the view was taken (mount, attach) deletes it again and leaves no
+/// record; a create that fails with the engine down leaves the record for the unstage.
+#[tokio::test]
+async fn a_view_whose_stage_fails_is_deleted_again() {
+    for fail in ["mount", "attach", "create"] {
+        let h = Harness::new();
+        let req = h.view_req(ext4(), "ReadOnly");
+        match fail {
+            "mount" => h.mounter().fail("mount"),
+            "attach" => h.attacher().fail("attach"),
+            _ => *h.engines().view_error.lock().unwrap() = Some(engine_down()),
+        }
+        let e = h.svc.stage(req).await.unwrap_err();
+        if fail == "create" {
+            // The engine is down, so the clean-up delete fails too: the record keeps the trail
+            // (no attachment), and the unstage kubelet sends deletes the view once it answers.
+            assert_eq!(e.code(), Code::Unavailable, "{e}");
+            let rec = h.record().unwrap();
+            assert!(rec.view.is_some() && rec.attachment.is_none() && !rec.staged);
+            *h.engines().view_error.lock().unwrap() = None;
+            h.svc
+                .unstage("ns/pv".into(), h.path("staging"))
+                .await
+                .unwrap();
+        }
+        assert!(h.engines().views().is_empty(), "{fail}: the view stayed");
+        assert_eq!(h.attacher().attached_count(), 0, "{fail}");
+        assert_eq!(h.record(), None, "{fail}");
+    }
+}
+
+/// The delete at unstage fails while the engine is down: the unstage fails (kubelet retries),
+/// the record keeps the view but not the attachment, and the retry deletes it. A stage at the
+/// same path replaces a view left behind rather than reading its old image.
+#[tokio::test]
+async fn unstage_deletes_the_view_or_fails_and_a_new_stage_replaces_a_leftover() {
+    let h = Harness::new();
+    let req = h.view_req(ext4(), "ReadOnly");
+    h.svc.stage(req.clone()).await.unwrap();
+    *h.engines().view_error.lock().unwrap() = Some(engine_down());
+    let e = h
+        .svc
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert_eq!(h.attacher().attached_count(), 0);
+    let rec = h.record().unwrap();
+    assert!(rec.attachment.is_none() && rec.view.is_some());
+    assert_eq!(h.engines().views().len(), 1);
+    *h.engines().view_error.lock().unwrap() = None;
+    h.svc
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap();
+    assert!(h.engines().views().is_empty());
+    assert_eq!(h.record(), None);
+
+    // A leftover view of this path (an unstage that never came): replaced, a fresh image.
+    h.engines()
+        .views
+        .lock()
+        .unwrap()
+        .insert((A_GRPC.into(), h.view_id()), 0);
+    h.svc.stage(req).await.unwrap();
+    let made_by = h.engines().views.lock().unwrap()[&(A_GRPC.to_string(), h.view_id())];
+    assert!(made_by > 0, "the stage reused an old view");
+}
+
+/// A volume the engine no longer knows has no view left to delete: the unstage succeeds.
+#[tokio::test]
+async fn unstage_of_a_view_whose_volume_is_gone_succeeds() {
+    let h = Harness::new();
+    h.svc
+        .stage(h.view_req(Access::Block, "ReadOnly"))
+        .await
+        .unwrap();
+    *h.engines().view_error.lock().unwrap() = Some(EngineError::VolumeUnknown {
+        addr: A_GRPC.into(),
+        volume: "vol".into(),
+    });
+    h.svc
+        .unstage("ns/pv".into(), h.path("staging"))
+        .await
+        .unwrap();
+    assert_eq!(h.record(), None);
 }
 
 #[tokio::test]
