@@ -317,6 +317,10 @@ pub enum SecondaryRead {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Want {
     Write,
+    /// A writer beside a writer on the other node (MULTI_NODE_MULTI_WRITER, raw block,
+    /// `secondaryAccess: ReadWrite`): on the secondary's node the secondary serves it, forwarding
+    /// its writes to the primary; it never takes over (that would fence the other writer).
+    WriteShared,
     Read(SecondaryRead),
 }
 
@@ -397,6 +401,10 @@ fn plan_anywhere(
         // a_read_only_stage_on_the_secondarys_node_does_not_take_over.
         (Some((e, Ok(s))), _) if s.role == Role::Secondary => match want {
             Want::Write => Ok(Plan::TakeoverThenAttach { engine: e.clone() }),
+            Want::WriteShared => Ok(Plan::Attach {
+                engine: e.clone(),
+                epoch: s.epoch,
+            }),
             Want::Read(SecondaryRead::Current) => Ok(Plan::Attach {
                 engine: e.clone(),
                 epoch: s.epoch,
@@ -430,8 +438,8 @@ fn plan_anywhere(
 }
 
 /// The engine an existing staging should be attached to now, and its epoch, without taking anything
-/// over: for a read-only stage on the secondary's node whose secondary serves reads, that
-/// secondary; otherwise the primary with the highest epoch. Errors as [`plan`]'s.
+/// over: for a read-only stage on the secondary's node whose secondary serves reads, or a shared
+/// writer there, that secondary; otherwise the primary with the highest epoch. Errors as [`plan`]'s.
 pub fn current_source(
     node_id: &str,
     answers: &[(EngineRef, Result<EngineStatus, EngineError>)],
@@ -440,7 +448,7 @@ pub fn current_source(
     refusals(answers)?;
     if matches!(
         want,
-        Want::Read(SecondaryRead::Current | SecondaryRead::View)
+        Want::Read(SecondaryRead::Current | SecondaryRead::View) | Want::WriteShared
     ) {
         if let Some((e, Ok(s))) = answers.iter().find(|(e, _)| e.node == node_id) {
             if s.role == Role::Secondary {
@@ -573,6 +581,43 @@ mod tests {
             .unwrap();
             assert_eq!(p, Plan::TakeoverThenAttach { engine: eng("b") });
         }
+    }
+
+    /// Issue 18 (seed 004): a shared writer on the secondary's node is served by the secondary
+    /// (which forwards its writes), never by a takeover that would fence the other writer; on
+    /// the primary's node it is served by the primary.
+    #[test]
+    fn a_shared_writer_on_the_secondarys_node_never_takes_over() {
+        let answers = [
+            (eng("a"), ok(Role::Primary, 3)),
+            (eng("b"), ok(Role::Secondary, 3)),
+        ];
+        for (node, serving) in [("b", "b"), ("a", "a")] {
+            assert_eq!(
+                super::plan(node, &answers, Want::WriteShared).unwrap(),
+                Plan::Attach {
+                    engine: eng(serving),
+                    epoch: 3
+                }
+            );
+            assert_eq!(
+                current_source(node, &answers, Want::WriteShared).unwrap(),
+                (eng(serving), 3)
+            );
+        }
+        // With the primary down the secondary still serves it (and refuses I/O while it cannot
+        // reach the primary): promoting is the operator's call, not a writer's.
+        let down = [
+            (eng("a"), unreachable("a")),
+            (eng("b"), ok(Role::Secondary, 3)),
+        ];
+        assert_eq!(
+            super::plan("b", &down, Want::WriteShared).unwrap(),
+            Plan::Attach {
+                engine: eng("b"),
+                epoch: 3
+            }
+        );
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct StageRequest {
     pub staging_path: PathBuf,
     pub access: Access,
     pub read_only: bool,
+    /// MULTI_NODE_MULTI_WRITER (raw block only): writers on both nodes at once. On the
+    /// secondary's node its writes are forwarded to the primary; it never takes over.
+    pub shared: bool,
     pub token: Option<String>,
     /// Mutual TLS material from the secrets (issue 13); empty: plaintext.
     pub tls: crate::engine::TlsSecrets,
@@ -184,7 +187,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         }
         // An existing attachment is only as good as its epoch: check it against the primary now
         // (Status only; nothing is taken over for a staging that might be stale and in use).
-        let want = want(&req, &params);
+        let want = want(&req, &params)?;
         let answers = self.statuses(&params, &secret).await;
         let (primary, epoch) = current_source(self.node_id(), &answers, want)?;
         let current = rec.engine_node == primary.node && rec.epoch == epoch;
@@ -234,7 +237,7 @@ impl<E: EngineApi, A: Attacher, M: Mounter> NodeService<E, A, M> {
         secret: &crate::engine::Credentials,
     ) -> Result<()> {
         let (engine, epoch, mut view) = self
-            .choose_engine(&params, secret, want(&req, &params))
+            .choose_engine(&params, secret, want(&req, &params)?)
             .await?;
         // A staging that read a view (re-attached here after its device broke) reads a view
         // again, even if this node's engine was promoted since: views are taken on any role.
@@ -1109,12 +1112,26 @@ impl<A: Attacher, M: Mounter> Inner<A, M> {
 }
 
 /// What a stage asks of the engines: a read-only stage only reads, on the secondary's node a
-/// point-in-time view unless the volume asks for current reads.
-fn want(req: &StageRequest, params: &VolumeParams) -> Want {
+/// point-in-time view unless the volume asks for current reads; a shared writer needs a secondary
+/// that forwards writes.
+fn want(req: &StageRequest, params: &VolumeParams) -> Result<Want> {
     if !req.read_only {
-        return Want::Write;
+        if !req.shared {
+            return Ok(Want::Write);
+        }
+        if params.secondary_access != SecondaryAccess::ReadWrite {
+            return Err(Error::invalid(
+                "volume_capability.access_mode",
+                format!(
+                    "MULTI_NODE_MULTI_WRITER needs secondaryAccess ReadWrite (the secondary \
+                     forwards writes to the primary); this volume has {:?}",
+                    params.secondary_access
+                ),
+            ));
+        }
+        return Ok(Want::WriteShared);
     }
-    Want::Read(
+    Ok(Want::Read(
         match (params.secondary_access, params.secondary_read_mode) {
             (SecondaryAccess::None, _) => SecondaryRead::Refused,
             // Only a read-write secondary serves live sessions (`VolumeParams::parse` refuses
@@ -1122,7 +1139,7 @@ fn want(req: &StageRequest, params: &VolumeParams) -> Want {
             (SecondaryAccess::ReadWrite, SecondaryReadMode::Current) => SecondaryRead::Current,
             _ => SecondaryRead::View,
         },
-    )
+    ))
 }
 
 /// A new record for a stage of `req` on `engine` at `epoch`.

@@ -57,22 +57,24 @@ fn abs_path(value: &str, field: &'static str) -> Result<PathBuf> {
     Ok(p.to_path_buf())
 }
 
-/// Access type and read-only-ness from a VolumeCapability.
-pub fn parse_capability(cap: Option<&pb::VolumeCapability>) -> Result<(Access, bool)> {
+/// Access type, read-only-ness and sharing (MULTI_NODE_MULTI_WRITER) from a VolumeCapability.
+pub fn parse_capability(cap: Option<&pb::VolumeCapability>) -> Result<(Access, bool, bool)> {
     let cap = cap.ok_or(Error::FieldMissing("volume_capability"))?;
     let mode = cap
         .access_mode
         .as_ref()
         .map(|m| Mode::try_from(m.mode).unwrap_or(Mode::Unknown))
         .unwrap_or(Mode::Unknown);
-    let read_only = match mode {
+    let (read_only, shared) = match mode {
         Mode::Unknown => return Err(Error::FieldMissing("volume_capability.access_mode")),
         Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => {
-            false
+            (false, false)
         }
         // A reader on another node than the writer (a backup) is what MULTI_NODE_READER_ONLY
         // is for; a read-only stage never takes over, so it cannot disturb the writer.
-        Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly => true,
+        Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly => (true, false),
+        // Writers on both nodes: raw block only (checked below), the secondary forwarding.
+        Mode::MultiNodeMultiWriter => (false, true),
         other => {
             return Err(Error::invalid(
                 "volume_capability.access_mode",
@@ -110,16 +112,25 @@ pub fn parse_capability(cap: Option<&pb::VolumeCapability>) -> Result<(Access, b
             }
         }
     };
+    // Safety: a filesystem mounted writable on two nodes at once is corrupted by the first
+    // metadata write of either: only a raw block device is shared between writers.
+    if shared && access != Access::Block {
+        return Err(Error::invalid(
+            "volume_capability.access_mode",
+            "MULTI_NODE_MULTI_WRITER: raw block volumes only (a filesystem cannot be mounted \
+             writable on two nodes)",
+        ));
+    }
     // An `ro` mount flag makes the stage read-only too: it must not take over either.
     let ro_flag = matches!(&access, Access::Mount { mount_flags, .. }
         if mount_flags.iter().any(|f| f.split(',').any(|o| o.trim() == "ro")));
-    Ok((access, read_only || ro_flag))
+    Ok((access, read_only || ro_flag, shared))
 }
 
 fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
     let volume_id = required(&r.volume_id, "volume_id")?.to_string();
     let staging_path = abs_path(&r.staging_target_path, "staging_target_path")?;
-    let (access, read_only) = parse_capability(r.volume_capability.as_ref())?;
+    let (access, read_only, shared) = parse_capability(r.volume_capability.as_ref())?;
     let token = r.secrets.get(SECRET_TOKEN_KEY).cloned();
     let tls = crate::engine::TlsSecrets::from_secrets(&r.secrets);
     Ok(StageRequest {
@@ -127,6 +138,7 @@ fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
         staging_path,
         access,
         read_only,
+        shared,
         token,
         tls,
         context: r.volume_context,
@@ -152,7 +164,7 @@ fn expand_request(r: &pb::NodeExpandVolumeRequest) -> Result<ExpandRequest> {
 fn publish_request(r: pb::NodePublishVolumeRequest) -> Result<PublishRequest> {
     let volume_id = required(&r.volume_id, "volume_id")?.to_string();
     let target_path = abs_path(&r.target_path, "target_path")?;
-    let (access, ro_mode) = parse_capability(r.volume_capability.as_ref())?;
+    let (access, ro_mode, _) = parse_capability(r.volume_capability.as_ref())?;
     // CSI: "Staging target path not set" is FAILED_PRECONDITION when STAGE_UNSTAGE is advertised.
     if r.staging_target_path.trim().is_empty() {
         return Err(Error::VolumeNotStaged(None));
@@ -457,7 +469,7 @@ mod tests {
 
     #[test]
     fn capabilities_are_checked() {
-        let (a, ro) = parse_capability(Some(&cap(mount(""), Mode::SingleNodeWriter))).unwrap();
+        let (a, ro, _) = parse_capability(Some(&cap(mount(""), Mode::SingleNodeWriter))).unwrap();
         assert_eq!(
             a,
             Access::Mount {
@@ -466,7 +478,7 @@ mod tests {
             }
         );
         assert!(!ro);
-        let (a, ro) = parse_capability(Some(&cap(
+        let (a, ro, _) = parse_capability(Some(&cap(
             AccessType::Block(BlockVolume {}),
             Mode::SingleNodeReaderOnly,
         )))
@@ -474,22 +486,35 @@ mod tests {
         assert_eq!(a, Access::Block);
         assert!(ro);
         // Read-only stages (they never take over): both reader modes, and an `ro` mount flag.
-        let (_, ro) = parse_capability(Some(&cap(
+        let (_, ro, shared) = parse_capability(Some(&cap(
             AccessType::Block(BlockVolume {}),
             Mode::MultiNodeReaderOnly,
         )))
         .unwrap();
-        assert!(ro);
+        assert!(ro && !shared);
+        // Writers on both nodes: raw block only.
+        let (a, ro, shared) = parse_capability(Some(&cap(
+            AccessType::Block(BlockVolume {}),
+            Mode::MultiNodeMultiWriter,
+        )))
+        .unwrap();
+        assert_eq!(a, Access::Block);
+        assert!(!ro && shared);
         let ro_mount = AccessType::Mount(MountVolume {
             fs_type: "ext4".into(),
             mount_flags: vec!["noatime,ro".into()],
             volume_mount_group: String::new(),
         });
-        let (_, ro) = parse_capability(Some(&cap(ro_mount, Mode::SingleNodeWriter))).unwrap();
+        let (_, ro, _) = parse_capability(Some(&cap(ro_mount, Mode::SingleNodeWriter))).unwrap();
         assert!(ro);
         for bad in [
             cap(mount("btrfs"), Mode::SingleNodeWriter),
             cap(mount("xfs"), Mode::MultiNodeMultiWriter),
+            cap(mount("ext4"), Mode::MultiNodeMultiWriter),
+            cap(
+                AccessType::Block(BlockVolume {}),
+                Mode::MultiNodeSingleWriter,
+            ),
             cap(mount("xfs"), Mode::Unknown),
             pb::VolumeCapability {
                 access_type: None,

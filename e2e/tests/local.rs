@@ -1870,6 +1870,82 @@ async fn a_read_only_stage_on_the_secondarys_node_does_not_take_over() {
     });
 }
 
+/// Issue 18 (seed 004): ReadWriteMany on a raw block volume with `secondaryAccess: ReadWrite`.
+/// Writers on both nodes at once: node A's device is the primary, node B's the secondary, whose
+/// writes are forwarded to the primary. Each device reads back every write of both (O_DIRECT),
+/// overlapping ranges hold the later write, and nothing was taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_block_writers_on_both_nodes_see_each_others_writes_without_a_takeover() {
+    if skip("shared_block_writers_on_both_nodes_see_each_others_writes_without_a_takeover") {
+        return;
+    }
+    use pb::volume_capability::access_mode::Mode;
+    let _serial = serial().await;
+    let scratch = Scratch::new("rwx").unwrap();
+    let pair = EnginePair::start_with(
+        &scratch,
+        "vol-rwx",
+        "64M",
+        TOKEN,
+        &["--secondary-access", "read-write"],
+    )
+    .unwrap();
+    let secrets = scratch.secrets("vol-rwx", TOKEN).unwrap();
+    let na = NodePaths::new(&scratch, "node-a", "p1", "pv-rwx", true).unwrap();
+    let nb = NodePaths::new(&scratch, "node-b", "p2", "pv-rwx", true).unwrap();
+    let node_a = Plugin::start(&na.plugin_dir(), "node-a").unwrap();
+    let node_b = Plugin::start(&nb.plugin_dir(), "node-b").unwrap();
+    let mut ctx = pair.volume_context();
+    ctx.insert(ATTR_SECONDARY_ACCESS.into(), "ReadWrite".into());
+    let id = "default/pv-rwx";
+    let tmp = scratch.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut model = Model::new(64 << 20);
+    let shared = || reader_capability(None, Mode::MultiNodeMultiWriter);
+
+    with_pair_logs!(node_a, node_b, pair, async {
+        let mut a = node_a.client().await?;
+        let mut b = node_b.client().await?;
+        for (c, n) in [(&mut a, &na), (&mut b, &nb)] {
+            let mut stage = stage_request(id, &n.staging, None, &ctx, &secrets);
+            stage.volume_capability = Some(shared());
+            c.node.node_stage_volume(stage).await?;
+            let mut publish = publish_request(id, &n.staging, &n.target, None);
+            publish.volume_capability = Some(shared());
+            c.node.node_publish_volume(publish).await?;
+        }
+        roles_unchanged(&pair).await?;
+        let (_, export) = recorded_attachment(&node_b, id)?;
+        anyhow::ensure!(export == "vol-rwx@1", "node-b attached to {export}");
+
+        // Interleaved writers, overlapping at the edges: the later write wins on both devices.
+        model.write(&na.target, 0, 81, 1 << 20, &tmp)?;
+        model.write(&nb.target, 512 << 10, 82, 1 << 20, &tmp)?;
+        model.write(&na.target, 1 << 20, 83, 256 << 10, &tmp)?;
+        model.write(&nb.target, 16 << 20, 84, 2 << 20, &tmp)?;
+        model.write(&na.target, (17 << 20) + 4096, 85, 8192, &tmp)?;
+        model.check_device("node-a's device", &na.target)?;
+        model.check_device("node-b's device", &nb.target)?;
+        roles_unchanged(&pair).await?;
+
+        // kubelet repeats node B's stage: still the secondary, nothing taken over.
+        let mut stage = stage_request(id, &nb.staging, None, &ctx, &secrets);
+        stage.volume_capability = Some(shared());
+        b.node.node_stage_volume(stage).await?;
+        roles_unchanged(&pair).await?;
+
+        b.unpublish_and_unstage(id, (&nb.staging, &nb.target))
+            .await?;
+        assert_clean_under(&nb.root);
+        model.check_device("node-a's device after node B left", &na.target)?;
+        a.unpublish_and_unstage(id, (&na.staging, &na.target))
+            .await?;
+        roles_unchanged(&pair).await?;
+        scratch.assert_clean();
+        Ok(())
+    });
+}
+
 /// The writer of the backup test: files `w-NNNN.bin` of known contents written one after the
 /// other into `dir` (4 to 32 KiB each), each fsync'd with its directory; a file is recorded
 /// (name, crc32c) only once both fsyncs returned. Stops when told, at `max` files, or at the

@@ -216,6 +216,7 @@ impl Harness {
             staging_path: self.path("staging"),
             access,
             read_only: false,
+            shared: false,
             token: Some("secret".into()),
             tls: Default::default(),
             context: test_context("vol", &["node-a", "node-b"]),
@@ -468,6 +469,46 @@ impl Harness {
     fn view_id(&self) -> String {
         view_id("ns/pv", &self.path("staging"))
     }
+}
+
+/// Issue 18 (seed 004): a MULTI_NODE_MULTI_WRITER block stage on the secondary's node attaches
+/// the secondary read-write at its epoch (its writes are forwarded to the primary) and never
+/// takes over; without `secondaryAccess: ReadWrite` it is refused before anything is attached.
+#[tokio::test]
+async fn a_shared_writer_on_the_secondarys_node_attaches_the_secondary_without_a_takeover() {
+    let h = Harness::new();
+    let mut req = StageRequest {
+        read_only: false,
+        shared: true,
+        ..h.view_req(Access::Block, "ReadWrite")
+    };
+    h.svc.stage(req.clone()).await.unwrap();
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+    assert!(h.engines().views().is_empty());
+    let rec = h.record().unwrap();
+    let spec = h.attacher().st.lock().unwrap().attached[&device_of(&rec)].clone();
+    assert_eq!(
+        spec.nbd, "10.0.0.1:10809",
+        "this node's engine, the secondary"
+    );
+    assert_eq!(spec.export, "vol@7");
+    assert_eq!(spec.pinned_epoch, Some(7));
+    assert!(!spec.read_only && !spec.overlay, "{spec:?}");
+    // A retried stage keeps it: the secondary is still this staging's source.
+    h.svc.stage(req.clone()).await.unwrap();
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
+
+    let h = Harness::new();
+    req = StageRequest {
+        read_only: false,
+        shared: true,
+        ..h.view_req(Access::Block, "ReadOnly")
+    };
+    let e = h.svc.stage(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("secondaryAccess ReadWrite"), "{e}");
+    assert!(h.record().is_none_or(|r| r.attachment.is_none()));
+    assert!(h.engines().takeovers.lock().unwrap().is_empty());
 }
 
 /// Issue 18: a read-only stage on the secondary's node, ReadOnly or ReadWrite access, takes a

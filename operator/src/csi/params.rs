@@ -228,10 +228,10 @@ pub struct Access {
 
 /// Checks each capability: any single-node mode (read-only too), block or a mount with ext4/xfs.
 /// Multi-node modes need the secondary's node to serve (issue 18): MULTI_NODE_READER_ONLY with
-/// `secondaryAccess: ReadWrite` (readers on the secondary's node get current reads). Not yet:
-/// MULTI_NODE_MULTI_WRITER (the CSI plugin would take over for a writer on the secondary's node,
-/// fencing the other writer, instead of forwarding its writes) and readers of a ReadOnly
-/// secondary (its point-in-time views are not opened by stages yet). Anything else is
+/// `secondaryAccess: ReadOnly` or `ReadWrite` (a reader on the secondary's node gets a
+/// point-in-time view, or current reads), MULTI_NODE_MULTI_WRITER on raw block with `ReadWrite`
+/// (a writer on the secondary's node has its writes forwarded to the primary). Not
+/// MULTI_NODE_SINGLE_WRITER (Kubernetes has no access mode for it). Anything else is
 /// INVALID_ARGUMENT (the CSI "unsupported field" case).
 pub fn capabilities(
     caps: &[pb::VolumeCapability],
@@ -253,7 +253,18 @@ pub fn capabilities(
             | Mode::SingleNodeSingleWriter
             | Mode::SingleNodeMultiWriter
             | Mode::SingleNodeReaderOnly => {}
-            Mode::MultiNodeReaderOnly if secondary == SecondaryAccess::ReadWrite => {}
+            Mode::MultiNodeReaderOnly if secondary != SecondaryAccess::None => {}
+            // Safety: a filesystem mounted writable on two nodes is corrupted by either; only a
+            // raw block device is shared between writers.
+            Mode::MultiNodeMultiWriter if secondary == SecondaryAccess::ReadWrite => {
+                if !matches!(cap.access_type, Some(AccessType::Block(_))) {
+                    return Err(CsiError::Invalid(
+                        "access mode MULTI_NODE_MULTI_WRITER (ReadWriteMany) is for raw block \
+                         volumes only: a filesystem cannot be mounted writable on two nodes"
+                            .into(),
+                    ));
+                }
+            }
             Mode::Unknown => {
                 return Err(CsiError::Invalid(
                     "volume_capabilities: access_mode is missing".into(),
@@ -261,7 +272,7 @@ pub fn capabilities(
             }
             other => {
                 return Err(CsiError::Invalid(format!(
-                    "access mode {} is not supported with secondaryAccess {secondary:?}: a Tandem volume is attached on one node at a time (ReadWriteOnce or ReadWriteOncePod); ReadOnlyMany needs secondaryAccess ReadWrite",
+                    "access mode {} is not supported with secondaryAccess {secondary:?}: a Tandem volume is attached on one node at a time (ReadWriteOnce or ReadWriteOncePod); ReadOnlyMany needs secondaryAccess ReadOnly or ReadWrite, ReadWriteMany a raw block volume with secondaryAccess ReadWrite",
                     other.as_str_name()
                 )))
             }
@@ -554,18 +565,25 @@ mod tests {
         assert!(capabilities(&mixed, none).is_err());
     }
 
-    /// Issue 18: ReadOnlyMany with a ReadWrite secondary (current reads on its node); no
-    /// ReadWriteMany and no ReadOnlyMany of a ReadOnly secondary until the CSI plugin routes them.
+    /// Issue 18: ReadOnlyMany with a secondary that serves readers (views or current reads);
+    /// ReadWriteMany on raw block with a ReadWrite secondary (forwarded writes), never on a
+    /// filesystem; never MULTI_NODE_SINGLE_WRITER.
     #[test]
     fn multi_node_modes_follow_the_secondarys_access() {
         use SecondaryAccess::{ReadOnly, ReadWrite};
         for block in [false, true] {
-            assert!(capabilities(&[cap(Mode::MultiNodeReaderOnly, block, "")], ReadWrite).is_ok());
-            assert!(capabilities(&[cap(Mode::MultiNodeReaderOnly, block, "")], ReadOnly).is_err());
+            for s in [ReadOnly, ReadWrite] {
+                assert!(capabilities(&[cap(Mode::MultiNodeReaderOnly, block, "")], s).is_ok());
+            }
         }
+        let rwx = capabilities(&[cap(Mode::MultiNodeMultiWriter, true, "")], ReadWrite).unwrap();
+        assert_eq!(rwx.mode, VolumeMode::Block);
+        let e =
+            capabilities(&[cap(Mode::MultiNodeMultiWriter, false, "ext4")], ReadWrite).unwrap_err();
+        assert!(e.to_string().contains("raw block"), "{e}");
+        assert!(capabilities(&[cap(Mode::MultiNodeMultiWriter, true, "")], ReadOnly).is_err());
         for s in [ReadOnly, ReadWrite] {
             assert!(capabilities(&[cap(Mode::MultiNodeSingleWriter, true, "")], s).is_err());
-            assert!(capabilities(&[cap(Mode::MultiNodeMultiWriter, true, "")], s).is_err());
         }
     }
 
