@@ -10,8 +10,16 @@ use kube::{
 use operator::kubectl::{run, Cli};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let cli = Cli::parse();
+    // One line for a person (the cause chain), never a backtrace dump.
+    if let Err(e) = plugin(&cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn plugin(cli: &Cli) -> anyhow::Result<()> {
     // kube's usual inference (KUBECONFIG, ~/.kube/config, in-cluster); --context picks one.
     let config = match &cli.context {
         Some(context) => {
@@ -31,5 +39,5 @@ async fn main() -> anyhow::Result<()> {
     let namespace = config.default_namespace.clone();
     let client = Client::try_from(config).context("building the Kubernetes client")?;
     let mut out = std::io::stdout().lock();
-    run(client, &namespace, &cli, &mut out).await
+    run(client, &namespace, cli, &mut out).await
 }

@@ -67,6 +67,7 @@ pub enum Cmd {
     /// One volume: both engines, replication, lease, switchover/takeover/move progress,
     /// conditions and recent events.
     Describe {
+        /// The MirroredVolume's name.
         volume: String,
         #[arg(short = 'w', long)]
         watch: bool,
@@ -76,6 +77,7 @@ pub enum Cmd {
     /// Move the primary to the secondary's node (sets spec.primaryNode; the operator hands over
     /// without losing an acknowledged write).
     Switchover {
+        /// The MirroredVolume's name.
         volume: String,
         /// The node to move the primary to (must be the secondary's; default: the secondary's).
         #[arg(long)]
@@ -85,6 +87,7 @@ pub enum Cmd {
     },
     /// Move the primary back to the volume's home node (its first node, status.nodes[0]).
     Failback {
+        /// The MirroredVolume's name.
         volume: String,
         #[command(flatten)]
         wait: Wait,
