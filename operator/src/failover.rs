@@ -23,8 +23,8 @@ use tandem_api::{pb::PairState, Reason};
 
 use crate::{
     crd::{
-        human_bytes, Condition, EngineReport, EngineRole, EngineStatusRef, FailoverPolicy, LostNode,
-        MirroredVolumeSpec, MirroredVolumeStatus, Phase, PromotionWait, ReplicationMode,
+        human_bytes, Condition, EngineReport, EngineRole, EngineStatusRef, FailoverPolicy,
+        LostNode, MirroredVolumeSpec, MirroredVolumeStatus, Phase, PromotionWait, ReplicationMode,
         ReplicationStatus, Slot, SyncFallback, TakeoverStatus,
     },
     engine::{EngineState, TakeoverOutcome},

@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser;
 use futures::future::BoxFuture;
 use http::{Request, Response};
 use k8s_openapi::{
@@ -32,16 +33,15 @@ use k8s_openapi::{
     jiff::{SignedDuration, Timestamp},
     ByteString,
 };
-use clap::Parser;
 use kube::{client::Body, runtime::controller::Action, Client};
 use operator::{
     controller::Context,
-    kubectl,
     crd::{FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot, SwitchoverPhase},
     engine::{
         EngineApi, EngineError, EngineState, EngineTarget, Granted, GrpcEngines, Snapshot,
         TakeoverOutcome,
     },
+    kubectl,
     metrics::Metrics,
     plan::{self, EngineConfig},
 };
@@ -898,12 +898,16 @@ impl World {
                 )
             }
             ("GET", p)
-                if p == format!("/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes/{VOLUME}") =>
+                if p == format!(
+                    "/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes/{VOLUME}"
+                ) =>
             {
                 (200, self.stored_volume())
             }
             ("PATCH", p)
-                if p == format!("/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes/{VOLUME}") =>
+                if p == format!(
+                    "/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes/{VOLUME}"
+                ) =>
             {
                 let node = &body["spec"]["primaryNode"];
                 if !self.spec_patch.is_object() {
@@ -2197,8 +2201,9 @@ async fn synced_with_a_workload() -> Synced {
 
 /// `kubectl tandem` with `args` against the fake API server: its output, or its error.
 async fn plugin(client: &Client, args: &[&str]) -> Result<String, String> {
-    let cli = kubectl::Cli::try_parse_from(std::iter::once("kubectl-tandem").chain(args.iter().copied()))
-        .map_err(|e| e.to_string())?;
+    let cli =
+        kubectl::Cli::try_parse_from(std::iter::once("kubectl-tandem").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let result = kubectl::run(client.clone(), NS, &cli, &mut out).await;
     let out = String::from_utf8(out).map_err(|e| e.to_string())?;
@@ -2225,7 +2230,8 @@ async fn the_kubectl_plugin_shows_the_pair_and_switches_it_over() {
         "NAME   PHASE    PRIMARY   SECONDARY   LAG    PENDING   LAST TAKEOVER\n\
          data   Synced   n1        n2          0.0s   0B        -\n"
     );
-    let json: Value = serde_json::from_str(&plugin(&client, &["status", "-o", "json"]).await.unwrap()).unwrap();
+    let json: Value =
+        serde_json::from_str(&plugin(&client, &["status", "-o", "json"]).await.unwrap()).unwrap();
     assert_eq!(
         json,
         json!([{
@@ -2234,8 +2240,13 @@ async fn the_kubectl_plugin_shows_the_pair_and_switches_it_over() {
             "pendingBlocks": 0, "lastTakeover": null, "switchover": null,
         }])
     );
-    let err = plugin(&client, &["switchover", VOLUME, "--to", "n9"]).await.unwrap_err();
-    assert!(err.contains("node n9 holds no engine of this volume"), "{err}");
+    let err = plugin(&client, &["switchover", VOLUME, "--to", "n9"])
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("node n9 holds no engine of this volume"),
+        "{err}"
+    );
 
     // The operator runs beside the plugin, as it would in a cluster.
     let switch = |args: &'static [&'static str]| {
@@ -2252,16 +2263,30 @@ async fn the_kubectl_plugin_shows_the_pair_and_switches_it_over() {
     let out = until_done(switch(&["switchover", VOLUME, "--wait", "--timeout", "20"]))
         .await
         .unwrap();
-    assert!(out.starts_with("default/data: switchover n1 -> n2 asked (spec.primaryNode=n2)\n"), "{out}");
-    assert!(out.ends_with("default/data: the primary is on n2 at epoch 2\n"), "{out}");
+    assert!(
+        out.starts_with("default/data: switchover n1 -> n2 asked (spec.primaryNode=n2)\n"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("default/data: the primary is on n2 at epoch 2\n"),
+        "{out}"
+    );
     let b = pair.b.status().await.unwrap();
     assert_eq!((role_name(b.role), b.epoch), ("primary", 2), "{b:?}");
     assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
-    let json: Value = serde_json::from_str(&plugin(&client, &["status", "-o", "json"]).await.unwrap()).unwrap();
-    assert_eq!((&json[0]["primary"], &json[0]["epoch"]), (&json!("n2"), &json!(2)));
+    let json: Value =
+        serde_json::from_str(&plugin(&client, &["status", "-o", "json"]).await.unwrap()).unwrap();
+    assert_eq!(
+        (&json[0]["primary"], &json[0]["epoch"]),
+        (&json!("n2"), &json!(2))
+    );
     assert_eq!(json[0]["lastTakeover"]["reason"], "Switchover");
     let described = plugin(&client, &["describe", VOLUME]).await.unwrap();
-    for line in ["Switchover:   Done n1 -> n2 at epoch 2", "SwitchoverCompleted", "  b      n2     Primary"] {
+    for line in [
+        "Switchover:   Done n1 -> n2 at epoch 2",
+        "SwitchoverCompleted",
+        "  b      n2     Primary",
+    ] {
         assert!(described.contains(line), "{line}:\n{described}");
     }
 
@@ -2269,7 +2294,10 @@ async fn the_kubectl_plugin_shows_the_pair_and_switches_it_over() {
     let out = until_done(switch(&["failback", VOLUME, "--wait", "--timeout", "20"]))
         .await
         .unwrap();
-    assert!(out.ends_with("default/data: the primary is on n1 at epoch 3\n"), "{out}");
+    assert!(
+        out.ends_with("default/data: the primary is on n1 at epoch 3\n"),
+        "{out}"
+    );
     let a = pair.a.status().await.unwrap();
     assert_eq!((role_name(a.role), a.epoch), ("primary", 3), "{a:?}");
     assert_eq!(first_difference(&read_volume(&pair.a).await, &model), None);

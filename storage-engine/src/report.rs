@@ -270,7 +270,13 @@ data: serves as primary at epoch 3, ready in 7 ms
         .into();
         let got = refusal_json(&refused);
         assert_eq!(got["reason"], "HandoffBlocked");
-        assert!(got["error"].as_str().unwrap_or_default().contains("peer gone"), "{got}");
+        assert!(
+            got["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("peer gone"),
+            "{got}"
+        );
         let unreached = refusal_json(&anyhow::anyhow!("cannot connect"));
         assert_eq!(unreached["reason"], serde_json::Value::Null);
     }

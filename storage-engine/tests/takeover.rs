@@ -1031,16 +1031,31 @@ fn the_cli_speaks_human_by_default_and_json_when_asked() {
 
     let human = text(pair.a.cli("status").output().unwrap());
     assert!(human.starts_with("vol: primary at epoch 1, "), "{human}");
-    assert!(human.contains("\n  takeover areas: 0 blocks owed by the old primary, 0 in the overlay\n"), "{human}");
+    assert!(
+        human.contains("\n  takeover areas: 0 blocks owed by the old primary, 0 in the overlay\n"),
+        "{human}"
+    );
     let json: serde_json::Value =
         serde_json::from_str(&text(pair.a.cli("status").arg("--json").output().unwrap())).unwrap();
-    assert_eq!((json["role"].as_str(), json["epoch"].as_u64()), (Some("primary"), Some(1)));
+    assert_eq!(
+        (json["role"].as_str(), json["epoch"].as_u64()),
+        (Some("primary"), Some(1))
+    );
 
     let human = text(pair.b.cli("takeover").output().unwrap());
-    assert!(human.starts_with("vol: serves as primary at epoch 2, ready in "), "{human}");
-    assert!(block_reads(&pair.b.uri(), 1, 0x5a), "the acknowledged write is served");
+    assert!(
+        human.starts_with("vol: serves as primary at epoch 2, ready in "),
+        "{human}"
+    );
+    assert!(
+        block_reads(&pair.b.uri(), 1, 0x5a),
+        "the acknowledged write is served"
+    );
     let json = pair.a.control("failback", &[]).unwrap();
-    assert_eq!((n(&json, "epoch"), json["already_primary"].as_bool()), (3, Some(false)));
+    assert_eq!(
+        (n(&json, "epoch"), json["already_primary"].as_bool()),
+        (3, Some(false))
+    );
 
     // The primary is gone: a wait takeover is refused, and says why in a form programs match on.
     pair.a.kill();

@@ -134,9 +134,9 @@ pub async fn run<W: Write>(
             }
             let vols = kubectl.list(scope).await?;
             match cli.output {
-                Output::Human => {
-                    out.write_all(render::table(&vols, cli.all_namespaces, Timestamp::now()).as_bytes())?
-                }
+                Output::Human => out.write_all(
+                    render::table(&vols, cli.all_namespaces, Timestamp::now()).as_bytes(),
+                )?,
                 Output::Json => print_json(out, &render::table_json(&vols))?,
             }
         }
@@ -157,8 +157,9 @@ pub async fn run<W: Write>(
             let v = kubectl.get(volume).await?;
             let events = kubectl.events(volume).await?;
             match cli.output {
-                Output::Human => out
-                    .write_all(render::describe(&v, &events, Timestamp::now()).as_bytes())?,
+                Output::Human => {
+                    out.write_all(render::describe(&v, &events, Timestamp::now()).as_bytes())?
+                }
                 Output::Json => print_json(out, &render::describe_json(&v, &events))?,
             }
         }
@@ -216,10 +217,15 @@ pub enum Ask {
 pub fn plan(v: &Volume, target: &Target) -> Result<Ask, String> {
     let id = format!("{}/{}", v.namespace(), v.name());
     let Some(s) = v.mv.status.as_ref() else {
-        return Err(format!("{id} has no status yet: the operator has not placed it"));
+        return Err(format!(
+            "{id} has no status yet: the operator has not placed it"
+        ));
     };
     let Some(primary) = s.primary.as_ref() else {
-        return Err(format!("{id} has no primary yet (phase {})", s.phase.as_str()));
+        return Err(format!(
+            "{id} has no primary yet (phase {})",
+            s.phase.as_str()
+        ));
     };
     let node = match target {
         Target::Secondary => None,

@@ -204,7 +204,9 @@ pub fn table_json(vols: &[Volume]) -> Value {
 /// The state column of an engine: its pair state (and takeover phase), or why there is none.
 fn engine_state(e: &EngineStatusRef) -> String {
     match &e.reported {
-        Some(r) if !r.takeover_phase.is_empty() => format!("{} ({})", r.pair_state, r.takeover_phase),
+        Some(r) if !r.takeover_phase.is_empty() => {
+            format!("{} ({})", r.pair_state, r.takeover_phase)
+        }
         Some(r) => r.pair_state.clone(),
         None if e.reachable => "-".into(),
         None => "unreachable".into(),
@@ -238,7 +240,10 @@ pub fn describe(v: &Volume, events: &[EventLine], now: Timestamp) -> String {
     let spec = &v.mv.spec;
     line("Name", format!("{}/{}", v.namespace(), v.name()));
     let Some(s) = v.status() else {
-        line("Phase", "- (the operator has not written a status yet)".into());
+        line(
+            "Phase",
+            "- (the operator has not written a status yet)".into(),
+        );
         return out;
     };
     line("Phase", format!("{} (epoch {})", s.phase.as_str(), s.epoch));
@@ -298,7 +303,12 @@ pub fn describe(v: &Volume, events: &[EventLine], now: Timestamp) -> String {
     if let Some(f) = &s.sync_fallback {
         line(
             "Sync fallback",
-            format!("{} acknowledges alone since {}: {}", f.node, when(&f.since, now), f.reason),
+            format!(
+                "{} acknowledges alone since {}: {}",
+                f.node,
+                when(&f.since, now),
+                f.reason
+            ),
         );
     }
     if let Some(w) = &s.switchover {
@@ -349,7 +359,16 @@ pub fn describe(v: &Volume, events: &[EventLine], now: Timestamp) -> String {
     }
     out.push_str("Engines:\n");
     let mut rows = vec![[
-        "SLOT", "NODE", "ROLE", "STATE", "EPOCH", "REACHABLE", "PENDING", "OWED", "OVERLAY", "POD",
+        "SLOT",
+        "NODE",
+        "ROLE",
+        "STATE",
+        "EPOCH",
+        "REACHABLE",
+        "PENDING",
+        "OWED",
+        "OVERLAY",
+        "POD",
     ]
     .map(String::from)
     .to_vec()];
@@ -421,7 +440,12 @@ fn indent(out: &mut String, block: &str) {
 
 fn move_text(m: &Value) -> String {
     let num = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let text = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let text = |k: &str| {
+        m.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     let mut out = text("phase");
     let (source, target) = (text("source"), text("target"));
     if !source.is_empty() || !target.is_empty() {
@@ -494,7 +518,9 @@ impl Bar {
             Unit::Bytes => format!("{}/{}", human_bytes(self.pos), human_bytes(self.len)),
             Unit::Permille => String::new(),
         };
-        format!("{} {pct:.1}% {amount}", self.label).trim_end().to_string()
+        format!("{} {pct:.1}% {amount}", self.label)
+            .trim_end()
+            .to_string()
     }
 }
 

@@ -140,7 +140,14 @@ other       fresh   -        -         -           -      -         -
     );
     // A takeover asked and not done yet.
     let mut running = switched();
-    let t = running.mv.status.as_mut().unwrap().takeover.as_mut().unwrap();
+    let t = running
+        .mv
+        .status
+        .as_mut()
+        .unwrap()
+        .takeover
+        .as_mut()
+        .unwrap();
     t.completed_at = None;
     assert!(render::table(&[running], false, now()).contains("   running\n"));
 }
@@ -373,14 +380,23 @@ fn a_switchover_is_refused_with_a_reason_a_user_can_act_on() {
         )
     );
     let mut busy = switched();
-    let w = busy.mv.status.as_mut().unwrap().switchover.as_mut().unwrap();
+    let w = busy
+        .mv
+        .status
+        .as_mut()
+        .unwrap()
+        .switchover
+        .as_mut()
+        .unwrap();
     w.phase = SwitchoverPhase::WaitingForSync;
     w.message = "48KiB pending".into();
     assert_eq!(
         plan(&busy, &Target::Secondary),
-        Err("default/data: a switchover to n2 is already running (phase WaitingForSync: 48KiB \
+        Err(
+            "default/data: a switchover to n2 is already running (phase WaitingForSync: 48KiB \
              pending); follow it with `kubectl tandem describe data --watch`"
-            .into())
+                .into()
+        )
     );
     assert_eq!(
         plan(&fresh(), &Target::Secondary),
