@@ -150,7 +150,7 @@ pub async fn run<W: Write>(
                     .watch(*interval, out, cli.output, |k| async move {
                         let v = k.get(volume).await?;
                         let events = k.events(volume).await?;
-                        Ok((vec![v.clone()], Frame::Describe(v, events)))
+                        Ok((vec![v.clone()], Frame::Describe(Box::new(v), events)))
                     })
                     .await;
             }
@@ -276,7 +276,7 @@ pub fn plan(v: &Volume, target: &Target) -> Result<Ask, String> {
 /// What one watch pass draws.
 enum Frame {
     Table(Vec<Volume>, bool),
-    Describe(Volume, Vec<EventLine>),
+    Describe(Box<Volume>, Vec<EventLine>),
 }
 
 struct Kubectl {
