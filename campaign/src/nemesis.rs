@@ -84,7 +84,7 @@ impl Nemesis<'_> {
 
     fn switch_args(&self, target: usize) -> (&'static str, Vec<&'static str>) {
         let op = if target == 1 { "takeover" } else { "failback" };
-        (op, vec!["--policy", "wait", "--timeout", "10"])
+        (op, vec!["--policy", "wait", "--timeout", "10", "--json"])
     }
 
     fn count_switch(&mut self, target: usize) {

@@ -38,7 +38,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use tandem_testkit::Pair;
+use tandem_api::Reason;
+use tandem_testkit::{refusal_reason, Pair};
 
 use crate::{
     checker::{self, Fence, Loss},
@@ -356,7 +357,7 @@ impl Nemesis<'_> {
                 "takeover --policy wait promoted {} across a partition: {r}",
                 Pair::label(s)
             )),
-            Err(e) if e.contains("HandoffBlocked") => {
+            Err(e) if refusal_reason(&e) == Some(Reason::HandoffBlocked) => {
                 self.counts.wait_blocked += 1;
                 self.note(format!("refused as expected: {e}"));
             }
@@ -653,15 +654,16 @@ impl Nemesis<'_> {
                     ));
                     return Some((start + t * 1_000_000_000).saturating_sub(200_000_000));
                 }
-                Err(e) if e.contains("LeaseHeld") => {
+                Err(e) if refusal_reason(&e) == Some(Reason::LeaseHeld) => {
                     self.counts.lease_held += 1;
                     self.note(format!(
                         "forced promotion waits for the lease, retrying: {e}"
                     ));
                 }
                 // A replica whose resync the backlog cut short is torn: refusing to serve
-                // it (without --allow-inconsistent) is the right answer.
-                Err(e) if e.contains("Inconsistent") => {
+                // it (without --allow-inconsistent) is the right answer. Under force that is
+                // the one HandoffBlocked: an unreachable peer alone never blocks a forced call.
+                Err(e) if refusal_reason(&e) == Some(Reason::HandoffBlocked) => {
                     self.counts.force_refused_torn += 1;
                     self.note(format!("forced promotion refused, replica torn: {e}"));
                     return None;

@@ -641,6 +641,34 @@ pub struct EngineStatusRef {
     /// Whether the engine answered its last Status call.
     #[serde(default)]
     pub reachable: bool,
+    /// What the engine answered in the operator's last Status call (absent while it does not
+    /// answer): what `kubectl tandem` shows and draws its progress bars from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported: Option<EngineReport>,
+}
+
+/// One engine's own view, from its `Status` reply.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineReport {
+    pub epoch: u64,
+    /// The pair state (`Synced`, `Resyncing`, `Replicating`, ...).
+    pub pair_state: String,
+    /// `draining`, `merging`, `fenced`; empty when no takeover runs.
+    #[serde(default)]
+    pub takeover_phase: String,
+    /// Blocks not yet replicated to the peer.
+    #[serde(default)]
+    pub pending_blocks: u64,
+    /// Resync progress of the peer, 0..1.
+    #[serde(default)]
+    pub resync_progress: f64,
+    /// Takeover areas: blocks still owed by the old primary (drain), and blocks in the overlay
+    /// not yet merged into the data file.
+    #[serde(default)]
+    pub peer_pending_blocks: u64,
+    #[serde(default)]
+    pub overlay_blocks: u64,
 }
 
 /// Replication lag as the primary reports it.
@@ -678,6 +706,9 @@ pub struct TakeoverStatus {
     /// Blocks still owed by the old primary (drained in the background or read through).
     #[serde(default)]
     pub pending_blocks: u64,
+    /// What the old primary owed when the new one became ready: the drain's length.
+    #[serde(default)]
+    pub drain_total_blocks: u64,
     #[serde(default)]
     pub proxied_reads: u64,
     /// Forced promotion only: blocks whose newest content was lost, and the lost sequence range.

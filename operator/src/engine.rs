@@ -39,6 +39,8 @@ pub struct EngineState {
     /// overlay merges, `Fenced` on the old primary while it drains, `None` otherwise.
     pub takeover_phase: TakeoverPhase,
     pub peer_pending_blocks: u64,
+    /// Blocks in the takeover overlay not yet merged into the data file.
+    pub overlay_blocks: u64,
     pub proxied_reads: u64,
     /// Blocks a forced promotion of this engine lost (0 after a clean handoff).
     pub lost_blocks: u64,
@@ -355,6 +357,7 @@ impl EngineApi for GrpcEngines {
                 resync_progress: reply.resync_progress,
                 takeover_phase: TakeoverPhase::from_wire(reply.takeover),
                 peer_pending_blocks: reply.peer_pending_blocks,
+                overlay_blocks: reply.overlay_blocks,
                 proxied_reads: reply.proxied_reads,
                 lost_blocks: reply.lost_blocks,
                 condition_reason: Reason::from_name(&reply.condition_reason),

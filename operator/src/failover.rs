@@ -23,8 +23,8 @@ use tandem_api::{pb::PairState, Reason};
 
 use crate::{
     crd::{
-        human_bytes, Condition, EngineRole, EngineStatusRef, FailoverPolicy, LostNode,
-        MirroredVolumeSpec, MirroredVolumeStatus, Phase, PromotionWait, ReplicationMode,
+        human_bytes, Condition, EngineReport, EngineRole, EngineStatusRef, FailoverPolicy,
+        LostNode, MirroredVolumeSpec, MirroredVolumeStatus, Phase, PromotionWait, ReplicationMode,
         ReplicationStatus, Slot, SyncFallback, TakeoverStatus,
     },
     engine::{EngineState, TakeoverOutcome},
@@ -142,6 +142,7 @@ pub fn adopt_engine_view(status: &mut MirroredVolumeStatus, observed: &Observed)
             completed_at: Some(observed.now.to_string()),
             ready_ms: 0,
             pending_blocks: e.peer_pending_blocks,
+            drain_total_blocks: e.peer_pending_blocks,
             proxied_reads: e.proxied_reads,
             lost_blocks: e.lost_blocks,
             lost_seq_from: 0,
@@ -216,6 +217,20 @@ fn engine_ref(
         role,
         address: String::new(),
         reachable: observed.engine(slot).is_some(),
+        reported: observed.engine(slot).map(report),
+    }
+}
+
+/// `EngineStatusRef.reported`: the engine's own numbers, for `kubectl tandem`.
+fn report(e: &crate::engine::EngineState) -> EngineReport {
+    EngineReport {
+        epoch: e.epoch,
+        pair_state: e.pair_state.label().to_string(),
+        takeover_phase: e.takeover_phase.label().to_string(),
+        pending_blocks: e.pending_blocks,
+        resync_progress: e.resync_progress,
+        peer_pending_blocks: e.peer_pending_blocks,
+        overlay_blocks: e.overlay_blocks,
     }
 }
 
@@ -532,6 +547,7 @@ pub fn record_takeover(
         completed_at: Some(observed.now.to_string()),
         ready_ms: outcome.ready_ms,
         pending_blocks: outcome.peer_pending_blocks,
+        drain_total_blocks: outcome.peer_pending_blocks,
         proxied_reads: 0,
         lost_blocks: outcome.lost_blocks,
         lost_seq_from: outcome.lost_seq_from,
@@ -811,6 +827,7 @@ pub fn summarize(
             r.pod = pod;
             r.address = address;
             r.reachable = observed.engine(slot).is_some();
+            r.reported = observed.engine(slot).map(report);
             if let Some(e) = observed.engine(slot) {
                 if let Some(role) = e.role {
                     r.role = role;

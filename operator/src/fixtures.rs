@@ -101,6 +101,7 @@ impl MirroredVolume {
             role,
             address: address(s),
             reachable: true,
+            reported: None,
         };
         self.with_status(MirroredVolumeStatus {
             epoch,

@@ -18,6 +18,7 @@ pub mod engine;
 pub mod engine_pod;
 pub mod failover;
 pub mod http;
+pub mod kubectl;
 pub mod leader;
 pub mod metrics;
 pub mod observed;

@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use clap::Parser;
 use futures::future::BoxFuture;
 use http::{Request, Response};
 use k8s_openapi::{
@@ -40,6 +41,7 @@ use operator::{
         EngineApi, EngineError, EngineState, EngineTarget, Granted, GrpcEngines, Snapshot,
         TakeoverOutcome,
     },
+    kubectl,
     metrics::Metrics,
     plan::{self, EngineConfig},
 };
@@ -691,6 +693,13 @@ impl World {
         self.pods.insert(name, pod);
     }
 
+    /// The volume as the API server would answer a GET: spec and metadata with the last status.
+    fn stored_volume(&self) -> Value {
+        let mut v = self.volume.clone();
+        v["status"] = self.status.clone().unwrap_or(Value::Null);
+        v
+    }
+
     fn reasons(&self) -> Vec<&str> {
         self.events.iter().map(|e| e.0.as_str()).collect()
     }
@@ -875,6 +884,64 @@ impl World {
             {
                 self.budget = Some(body.clone());
                 (200, body.clone())
+            }
+            // `kubectl tandem`: the volume as stored (with the last status), its events, and
+            // its spec.primaryNode edits (a JSON merge patch; null clears).
+            ("GET", p)
+                if p == format!("/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes")
+                    || p == "/apis/tandem.dev/v1alpha1/mirroredvolumes" =>
+            {
+                (
+                    200,
+                    json!({"apiVersion": "tandem.dev/v1alpha1", "kind": "MirroredVolumeList",
+                           "metadata": {}, "items": [self.stored_volume()]}),
+                )
+            }
+            ("GET", p)
+                if p == format!(
+                    "/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes/{VOLUME}"
+                ) =>
+            {
+                (200, self.stored_volume())
+            }
+            ("PATCH", p)
+                if p == format!(
+                    "/apis/tandem.dev/v1alpha1/namespaces/{NS}/mirroredvolumes/{VOLUME}"
+                ) =>
+            {
+                let node = &body["spec"]["primaryNode"];
+                if !self.spec_patch.is_object() {
+                    self.spec_patch = json!({});
+                }
+                for spec in [&mut self.spec_patch, &mut self.volume["spec"]] {
+                    if let Some(spec) = spec.as_object_mut() {
+                        match node {
+                            Value::Null => spec.remove("primaryNode"),
+                            n => spec.insert("primaryNode".into(), n.clone()),
+                        };
+                    }
+                }
+                (200, self.stored_volume())
+            }
+            ("GET", p) if p == format!("/api/v1/namespaces/{NS}/events") => {
+                assert!(query.contains("involvedObject.name"), "{query}");
+                let items: Vec<Value> = self
+                    .events
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (reason, note))| {
+                        json!({
+                            "metadata": {"name": format!("{VOLUME}.{i}"), "namespace": NS},
+                            "involvedObject": {"kind": "MirroredVolume", "name": VOLUME, "namespace": NS},
+                            "reason": reason, "message": note, "type": "Normal",
+                            "eventTime": ago(0),
+                        })
+                    })
+                    .collect();
+                (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": items}),
+                )
             }
             ("PATCH", p)
                 if p == format!(
@@ -1996,14 +2063,12 @@ async fn a_cordoned_primary_node_switches_over_then_lets_the_drain_evict_the_old
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_node_edit_swaps_roles_under_writes_and_loses_nothing() {
     let _serial = serial().await;
-    let (_dir, pair) = start_pair();
-    let mut model = vec![0u8; SIZE as usize];
-    write_blocks(&pair.a, &mut model, 0..8, 0x31);
-    wait_synced(&pair).await;
-    let op = Operator::new(&pair);
-    op.world.lock().unwrap().run_workload("app-0", "n1", 600);
-    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
-    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+    let Synced {
+        _dir,
+        pair,
+        mut model,
+        op,
+    } = synced_with_a_workload().await;
 
     let (writes, stop, writer) = start_writer(&pair.a.nbd);
     wait_acked(&writes, 20, 20).await;
@@ -2105,6 +2170,137 @@ async fn a_primary_node_edit_swaps_roles_under_writes_and_loses_nothing() {
     let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
     assert_eq!(status.switchover.unwrap().phase, SwitchoverPhase::Done);
     assert_eq!(op.takeovers().len(), 1);
+}
+
+/// A synced pair (blocks 0..8 written on the primary, n1) under an operator whose first reconcile
+/// found it Synced, with a workload pod of the claim on n1.
+struct Synced {
+    _dir: tempfile::TempDir,
+    pair: Pair,
+    /// The volume's expected bytes.
+    model: Vec<u8>,
+    op: Operator,
+}
+
+async fn synced_with_a_workload() -> Synced {
+    let (_dir, pair) = start_pair();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..8, 0x31);
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    op.world.lock().unwrap().run_workload("app-0", "n1", 600);
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+    Synced {
+        _dir,
+        pair,
+        model,
+        op,
+    }
+}
+
+/// `kubectl tandem` with `args` against the fake API server: its output, or its error.
+async fn plugin(client: &Client, args: &[&str]) -> Result<String, String> {
+    let cli =
+        kubectl::Cli::try_parse_from(std::iter::once("kubectl-tandem").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let result = kubectl::run(client.clone(), NS, &cli, &mut out).await;
+    let out = String::from_utf8(out).map_err(|e| e.to_string())?;
+    result.map(|()| out).map_err(|e| format!("{e:#}"))
+}
+
+/// The plugin against a real pair: the table and its JSON, a refused switchover, then `switchover
+/// --wait` through the operator: the roles swap, the plugin follows to Done, and the new primary
+/// serves every byte written before; `failback --wait` brings the primary home.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubectl_plugin_shows_the_pair_and_switches_it_over() {
+    let _serial = serial().await;
+    let Synced {
+        _dir,
+        pair,
+        model,
+        op,
+    } = synced_with_a_workload().await;
+    let (client, _server) = api_server(op.world.clone());
+
+    let table = plugin(&client, &["status"]).await.unwrap();
+    assert_eq!(
+        table,
+        "NAME   PHASE    PRIMARY   SECONDARY   LAG    PENDING   LAST TAKEOVER\n\
+         data   Synced   n1        n2          0.0s   0B        -\n"
+    );
+    let json: Value =
+        serde_json::from_str(&plugin(&client, &["status", "-o", "json"]).await.unwrap()).unwrap();
+    assert_eq!(
+        json,
+        json!([{
+            "namespace": NS, "name": VOLUME, "phase": "Synced", "epoch": 1,
+            "primary": "n1", "secondary": "n2", "lagSeconds": 0.0, "pendingBytes": 0,
+            "pendingBlocks": 0, "lastTakeover": null, "switchover": null,
+        }])
+    );
+    let err = plugin(&client, &["switchover", VOLUME, "--to", "n9"])
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("node n9 holds no engine of this volume"),
+        "{err}"
+    );
+
+    // The operator runs beside the plugin, as it would in a cluster.
+    let switch = |args: &'static [&'static str]| {
+        let client = client.clone();
+        tokio::spawn(async move { plugin(&client, args).await })
+    };
+    let until_done = |task: JoinHandle<Result<String, String>>| async {
+        while !task.is_finished() {
+            op.reconcile(FailoverPolicy::WaitForPrimary).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        task.await.unwrap()
+    };
+    let out = until_done(switch(&["switchover", VOLUME, "--wait", "--timeout", "20"]))
+        .await
+        .unwrap();
+    assert!(
+        out.starts_with("default/data: switchover n1 -> n2 asked (spec.primaryNode=n2)\n"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("default/data: the primary is on n2 at epoch 2\n"),
+        "{out}"
+    );
+    let b = pair.b.status().await.unwrap();
+    assert_eq!((role_name(b.role), b.epoch), ("primary", 2), "{b:?}");
+    assert_eq!(first_difference(&read_volume(&pair.b).await, &model), None);
+    let json: Value =
+        serde_json::from_str(&plugin(&client, &["status", "-o", "json"]).await.unwrap()).unwrap();
+    assert_eq!(
+        (&json[0]["primary"], &json[0]["epoch"]),
+        (&json!("n2"), &json!(2))
+    );
+    assert_eq!(json[0]["lastTakeover"]["reason"], "Switchover");
+    let described = plugin(&client, &["describe", VOLUME]).await.unwrap();
+    for line in [
+        "Switchover:   Done n1 -> n2 at epoch 2",
+        "SwitchoverCompleted",
+        "  b      n2     Primary",
+    ] {
+        assert!(described.contains(line), "{line}:\n{described}");
+    }
+
+    // Home is n1: the failback is a switchover back to it.
+    let out = until_done(switch(&["failback", VOLUME, "--wait", "--timeout", "20"]))
+        .await
+        .unwrap();
+    assert!(
+        out.ends_with("default/data: the primary is on n1 at epoch 3\n"),
+        "{out}"
+    );
+    let a = pair.a.status().await.unwrap();
+    assert_eq!((role_name(a.role), a.epoch), ("primary", 3), "{a:?}");
+    assert_eq!(first_difference(&read_volume(&pair.a).await, &model), None);
 }
 
 /// The operator is down while the primary's node is lost: a new operator (a fresh Context, as after a

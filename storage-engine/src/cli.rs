@@ -35,7 +35,8 @@ pub enum Command {
     /// Test seam: pause, throttle, drop or hold acks on the replication link (needs --fault-injection).
     Fault(FaultArgs),
     /// Make this engine (the secondary) serve: fence the primary, take its differential table.
-    /// Exits 0 once the engine serves host I/O and prints JSON (epoch, ready_ms, peer_pending_blocks, ...).
+    /// Exits 0 once the engine serves host I/O and prints the epoch and ready time (--json: epoch,
+    /// ready_ms, peer_pending_blocks, ...; a refusal as {"error", "reason"} on stderr).
     Takeover(TakeoverArgs),
     /// The mirror image, called on the old primary: make it serve again.
     Failback(TakeoverArgs),
@@ -226,6 +227,9 @@ pub struct TakeoverArgs {
     /// mix of old and new blocks). Without it such a promotion is refused.
     #[arg(long)]
     pub allow_inconsistent: bool,
+    /// Print the reply as JSON; a refusal as one JSON line on stderr with the engine's `reason`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -484,7 +488,7 @@ pub struct StatusArgs {
     /// The engine's gRPC address, HOST:PORT.
     #[command(flatten)]
     pub target: EngineTarget,
-    /// Print JSON instead of text.
+    /// Print JSON (stable field names) instead of the short human form.
     #[arg(long)]
     pub json: bool,
 }

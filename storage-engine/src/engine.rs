@@ -532,8 +532,24 @@ pub async fn move_secondary(args: crate::cli::MoveArgs) -> anyhow::Result<()> {
     }
 }
 
-/// `tandem-engine takeover` / `failback`: exits 0 once the engine serves, printing the reply as JSON.
+/// `tandem-engine takeover` / `failback`: exits 0 once the engine serves, printing the outcome
+/// (`--json`: the reply as JSON; a refusal as `report::refusal_json` on stderr, exit 1).
 pub async fn takeover(args: TakeoverArgs, failback: bool) -> anyhow::Result<()> {
+    let json = args.json;
+    let volume = args.target.volume.clone();
+    match role_change(args, failback).await {
+        Ok(r) if json => println!("{}", takeover_json(&r)),
+        Ok(r) => print!("{}", crate::report::takeover_text(&volume, &r)),
+        Err(e) if json => {
+            eprintln!("{}", crate::report::refusal_json(&e));
+            return Err(crate::report::Reported.into());
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+async fn role_change(args: TakeoverArgs, failback: bool) -> anyhow::Result<pb::TakeoverReply> {
     let mut c = connect(&args.target).await?;
     let policy = match args.policy {
         PolicyArg::Wait => pb::TakeoverPolicy::Wait,
@@ -544,9 +560,7 @@ pub async fn takeover(args: TakeoverArgs, failback: bool) -> anyhow::Result<()> 
         allow_inconsistent: args.allow_inconsistent,
         ..crate::client::takeover_request(&args.target.volume, policy, timeout)
     };
-    let r = c.role_change(req, failback).await?;
-    println!("{}", takeover_json(&r));
-    Ok(())
+    Ok(c.role_change(req, failback).await?)
 }
 
 pub fn takeover_json(r: &pb::TakeoverReply) -> serde_json::Value {
@@ -598,13 +612,10 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 pub async fn print_status(args: StatusArgs) -> anyhow::Result<()> {
     let mut c = connect(&args.target).await?;
     let s = c.status(&args.target.volume).await?;
-    let json = status_json(&s);
     if args.json {
-        println!("{json}");
-    } else if let Some(obj) = json.as_object() {
-        for (k, v) in obj {
-            println!("{k:>20}: {v}");
-        }
+        println!("{}", status_json(&s));
+    } else {
+        print!("{}", crate::report::status_text(&s));
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ pub mod meta;
 pub mod metrics;
 pub mod nbd;
 pub mod repl;
+pub mod report;
 pub mod seam;
 pub mod snapshot;
 pub mod state;

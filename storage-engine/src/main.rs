@@ -28,6 +28,17 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
+    let result = run();
+    // A `--json` refusal is printed already, in its machine form.
+    if let Err(e) = &result {
+        if e.is::<storage_engine::report::Reported>() {
+            std::process::exit(1);
+        }
+    }
+    result
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1032,3 +1032,65 @@ fn a_forced_promotion_counts_what_the_returning_primary_had_unsent() {
     });
     assert_eq!(n(&status(&pair.b), "lost_blocks"), 5);
 }
+
+/// The CLI a person reads and the one a program reads: `status`, `takeover` and `failback` print a
+/// few lines by default and JSON with `--json`; a refused `--json` takeover names the engine's
+/// reason on stderr, which the campaign and the tests match on.
+#[test]
+fn the_cli_speaks_human_by_default_and_json_when_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let mut pair = start_linked(d.path(), "16M", NO_LEASE, NO_LEASE);
+    pair.wait_synced(30);
+    put_block(&pair.a.uri(), 1, 0x5a);
+    let text = |out: std::process::Output| {
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let human = text(pair.a.cli("status").output().unwrap());
+    assert!(human.starts_with("vol: primary at epoch 1, "), "{human}");
+    assert!(
+        human.contains("\n  takeover areas: 0 blocks owed by the old primary, 0 in the overlay\n"),
+        "{human}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&text(pair.a.cli("status").arg("--json").output().unwrap())).unwrap();
+    assert_eq!(
+        (json["role"].as_str(), json["epoch"].as_u64()),
+        (Some("primary"), Some(1))
+    );
+
+    let human = text(pair.b.cli("takeover").output().unwrap());
+    assert!(
+        human.starts_with("vol: serves as primary at epoch 2, ready in "),
+        "{human}"
+    );
+    assert!(
+        block_reads(&pair.b.uri(), 1, 0x5a),
+        "the acknowledged write is served"
+    );
+    let json = pair.a.control("failback", &[]).unwrap();
+    assert_eq!(
+        (n(&json, "epoch"), json["already_primary"].as_bool()),
+        (3, Some(false))
+    );
+
+    // The primary is gone: a wait takeover is refused, and says why in a form programs match on.
+    pair.a.kill();
+    let out = pair
+        .b
+        .cli("takeover")
+        .args(["--timeout", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && out.stdout.is_empty(), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    let refusal: serde_json::Value = serde_json::from_str(err.trim()).unwrap();
+    assert_eq!(refusal["reason"], "HandoffBlocked", "{err}");
+    assert_eq!(
+        tandem_testkit::refusal_reason(&err),
+        Some(tandem_api::Reason::HandoffBlocked)
+    );
+    // Fenced by the failback (or secondary once it caught up): never primary.
+    assert_ne!(status(&pair.b)["role"], "primary", "nothing promoted");
+}

@@ -511,11 +511,15 @@ impl Engine {
     }
 
     /// Runs [`Engine::cli`] with `extra`: its stdout as JSON (or as a string if it is not JSON) on
-    /// success, its stderr otherwise.
+    /// success, its stderr otherwise. `status`, `takeover` and `failback` get `--json` (their
+    /// default is the human form); a refusal's stderr is then JSON: [`refusal_reason`] reads it.
     pub fn control(&self, op: &str, extra: &[&str]) -> Result<Value, String> {
-        let out = self
-            .cli(op)
-            .args(extra)
+        let mut cmd = self.cli(op);
+        cmd.args(extra);
+        if matches!(op, "status" | "takeover" | "failback") && !extra.contains(&"--json") {
+            cmd.arg("--json");
+        }
+        let out = cmd
             .output()
             .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
         if out.status.success() {
@@ -531,7 +535,7 @@ impl Engine {
 
     /// `tandem-engine status --json`.
     pub fn status_json(&self) -> Result<Value, String> {
-        self.control("status", &["--json"])
+        self.control("status", &[])
     }
 
     /// A gRPC client with the engine's token (and the operator's TLS identity when set).
@@ -617,4 +621,14 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The engine's [`tandem_api::Reason`] in the stderr of a refused `takeover|failback --json` (what
+/// [`Engine::control`] returns as its error); `None` when it names none (the engine was not reached,
+/// or the text is not such a refusal).
+pub fn refusal_reason(stderr: &str) -> Option<tandem_api::Reason> {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .find_map(|v| v["reason"].as_str().and_then(tandem_api::Reason::from_name))
 }

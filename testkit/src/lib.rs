@@ -14,7 +14,7 @@ mod tools;
 
 pub use bin::Bin;
 pub use data::{file_block_is, file_bytes, pattern};
-pub use engine::{Engine, EngineBuilder, NBD_OFF};
+pub use engine::{refusal_reason, Engine, EngineBuilder, NBD_OFF};
 pub use pair::{Pair, PairBuilder};
 pub use tools::{
     block_reads, free_port, promtool_check_metrics, put_block, qemu_io, qemu_io_ok, qemu_io_passed,
