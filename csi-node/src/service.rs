@@ -122,6 +122,8 @@ fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
     let (access, read_only) = parse_capability(r.volume_capability.as_ref())?;
     let token = r.secrets.get(SECRET_TOKEN_KEY).cloned();
     let tls = crate::engine::TlsSecrets::from_secrets(&r.secrets);
+    let mut context = r.volume_context;
+    crate::context::overlay_stage_secrets(&mut context, &r.secrets);
     Ok(StageRequest {
         volume_id,
         staging_path,
@@ -129,7 +131,7 @@ fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
         read_only,
         token,
         tls,
-        context: r.volume_context,
+        context,
     })
 }
 

@@ -20,6 +20,7 @@ pub mod failover;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod moving;
 pub mod observed;
 pub mod placement;
 pub mod plan;
