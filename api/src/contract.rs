@@ -43,8 +43,8 @@ pub const SECRET_TOKEN_KEY: &str = "token";
 /// Written by the operator into the volume's CSI Secret (mutable, unlike the PV's attributes) and kept
 /// current across a live move of an engine to another node (issue 18); the CSI plugin prefers them
 /// to the PV's attributes when present.
-pub const SECRET_ENGINES_KEY: &str = "engines";
-pub const SECRET_NBD_KEY: &str = "nbd";
+pub const SECRET_ENGINES_KEY: &str = "tandem-engines";
+pub const SECRET_NBD_KEY: &str = "tandem-nbd";
 
 /// Mutual TLS (issue 13): the CA certificate in the same Secret. With it and this node's pair
 /// below the CSI plugin calls the engines as `Identity::Csi` of the volume on its node; without

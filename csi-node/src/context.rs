@@ -10,7 +10,7 @@
 //! | `tandem.dev/peer-timeout-seconds` | how long a takeover may wait for the old primary (default 30) | no |
 //! | `tandem.dev/secondary-access` | `None` (default) or `ReadOnly`: the secondary serves read-only sessions | no |
 //!
-//! Stage secrets: `token`, the volume's engine token; `engines` and `nbd`, when present, replace the
+//! Stage secrets: `token`, the volume's engine token; `tandem-engines` and `tandem-nbd`, when present, replace the
 //! two maps above ([`overlay_stage_secrets`]): the PV's attributes are immutable, the Secret follows a
 //! live move of an engine to another node (issue 18).
 
