@@ -110,7 +110,10 @@ pub fn parse_node_map(key: &str, value: &str) -> Result<BTreeMap<String, String>
 /// An empty entry is ignored (the PV's stands); a malformed one is refused by [`VolumeParams::parse`]
 /// under the attribute's name, like a malformed attribute.
 pub fn overlay_stage_secrets(ctx: &mut HashMap<String, String>, secrets: &HashMap<String, String>) {
-    for (secret, attr) in [(SECRET_ENGINES_KEY, ATTR_ENGINES), (SECRET_NBD_KEY, ATTR_NBD)] {
+    for (secret, attr) in [
+        (SECRET_ENGINES_KEY, ATTR_ENGINES),
+        (SECRET_NBD_KEY, ATTR_NBD),
+    ] {
         if let Some(v) = secrets.get(secret).filter(|v| !v.trim().is_empty()) {
             ctx.insert(attr.to_string(), v.clone());
         }

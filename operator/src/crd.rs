@@ -854,7 +854,10 @@ impl MovePhase {
     pub fn running(self) -> bool {
         matches!(
             self,
-            MovePhase::Preparing | MovePhase::Starting | MovePhase::Copying | MovePhase::CuttingOver
+            MovePhase::Preparing
+                | MovePhase::Starting
+                | MovePhase::Copying
+                | MovePhase::CuttingOver
         )
     }
 }

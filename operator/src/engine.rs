@@ -1043,11 +1043,10 @@ pub mod fake {
             target: &'a EngineTarget,
             to: &'a str,
         ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
-            self.move_calls.lock().unwrap().push((
-                "start",
-                target.address.clone(),
-                to.to_string(),
-            ));
+            self.move_calls
+                .lock()
+                .unwrap()
+                .push(("start", target.address.clone(), to.to_string()));
             let answer = match self.unreachable(target) {
                 Some(e) => Err(e),
                 None => {
@@ -1087,11 +1086,10 @@ pub mod fake {
             &'a self,
             target: &'a EngineTarget,
         ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
-            self.move_calls.lock().unwrap().push((
-                "abort",
-                target.address.clone(),
-                String::new(),
-            ));
+            self.move_calls
+                .lock()
+                .unwrap()
+                .push(("abort", target.address.clone(), String::new()));
             let answer = match self.unreachable(target) {
                 Some(e) => Err(e),
                 None => {

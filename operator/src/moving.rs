@@ -115,9 +115,11 @@ pub fn track(
     let mut step = Step::default();
     let now = observed.now.to_string();
     let key = plan::key(mv);
-    if let Some(mut rec) = status.moving.clone().filter(|r| {
-        r.phase.running() || r.phase == MovePhase::Finishing
-    }) {
+    if let Some(mut rec) = status
+        .moving
+        .clone()
+        .filter(|r| r.phase.running() || r.phase == MovePhase::Finishing)
+    {
         advance(mv, status, observed, &mut rec, &key, cfg, &now, &mut step);
         status.moving = Some(rec);
         return step;
@@ -161,7 +163,10 @@ pub fn track(
     if old.is_none() {
         step.events.push(note(
             "MoveRequested",
-            format!("placement.nodes asks to move the engine of slot {} from {from} to {to}", slot.as_str()),
+            format!(
+                "placement.nodes asks to move the engine of slot {} from {from} to {to}",
+                slot.as_str()
+            ),
         ));
     }
     if let Some(why) = refusal(mv, &from, &to, &other) {
@@ -195,7 +200,9 @@ pub fn track(
                     "the primary is on {from}: switching it over to {other} first"
                 ))
             }
-            Err((_, why)) => Err(format!("the primary is on {from}, to switch over first: {why}")),
+            Err((_, why)) => Err(format!(
+                "the primary is on {from}, to switch over first: {why}"
+            )),
         }
     } else {
         gate(status, observed, &to)
@@ -266,7 +273,9 @@ fn gate(status: &MirroredVolumeStatus, observed: &Observed, to: &str) -> Result<
         .engine(primary)
         .filter(|e| e.role == Some(EngineRole::Primary) && e.epoch >= status.epoch)
     else {
-        return Err(format!("the primary's engine on {p_node} does not answer as primary"));
+        return Err(format!(
+            "the primary's engine on {p_node} does not answer as primary"
+        ));
     };
     if p.takeover_phase.in_progress() {
         return Err(format!(
@@ -281,7 +290,11 @@ fn gate(status: &MirroredVolumeStatus, observed: &Observed, to: &str) -> Result<
         return Err(format!(
             "waiting until the secondary is a streaming mirror: pair {}, peer {}",
             p.pair_state,
-            if p.peer_connected { "connected" } else { "disconnected" }
+            if p.peer_connected {
+                "connected"
+            } else {
+                "disconnected"
+            }
         ));
     }
     match &observed.moving.target_node {
@@ -314,7 +327,9 @@ fn advance(
             return Some(format!("node {} was lost", rec.to));
         }
         match &m.pod {
-            Some(p) if p.is_gone() => Some(format!("the new engine's pod {new} failed or was deleted")),
+            Some(p) if p.is_gone() => {
+                Some(format!("the new engine's pod {new} failed or was deleted"))
+            }
             None if rec.phase != MovePhase::Starting => {
                 Some(format!("the new engine's pod {new} is gone"))
             }
@@ -493,7 +508,10 @@ pub fn aborted(status: &mut MirroredVolumeStatus, why: &str, now: &str) -> Optio
     let rec = status.moving.as_mut()?;
     rec.phase = MovePhase::Failed;
     rec.completed_at = Some(now.to_string());
-    rec.message = format!("{why}; rolled back: the old secondary on {} stays", rec.from);
+    rec.message = format!(
+        "{why}; rolled back: the old secondary on {} stays",
+        rec.from
+    );
     Some(warn("MoveFailed", rec.message.clone()))
 }
 

@@ -54,7 +54,11 @@ fn synced() -> Observed {
     ];
     o.engines = [
         Some(engine_state(EngineRole::Primary, 1, PairState::Synced)),
-        Some(engine_state(EngineRole::Secondary, 1, PairState::Consistent)),
+        Some(engine_state(
+            EngineRole::Secondary,
+            1,
+            PairState::Consistent,
+        )),
     ];
     o.moving.target_node = Some(node("n3"));
     o
@@ -108,7 +112,13 @@ fn a_placement_edit_of_the_secondary_empties_the_new_node_first() {
     let (status, step) = pass(&mv, &synced(), None);
     let r = rec(&status);
     assert_eq!(
-        (r.phase, r.slot, r.from.as_str(), r.to.as_str(), r.generation),
+        (
+            r.phase,
+            r.slot,
+            r.from.as_str(),
+            r.to.as_str(),
+            r.generation
+        ),
         (MovePhase::Preparing, Slot::B, "n2", "n3", 1)
     );
     assert!(r.started_at.is_some());
@@ -147,8 +157,14 @@ fn a_finished_wipe_starts_the_new_engine_and_a_serving_one_is_asked_to_copy() {
     let o = synced();
     let children = plan::desired(&mv, mv.status.as_ref().unwrap(), &o, &cfg(), None, &[]).unwrap();
     let new = format!("{}-engine-b-m1", key());
-    assert!(children.pods.iter().any(|p| p.metadata.name.as_deref() == Some(new.as_str())));
-    assert!(children.services.iter().any(|s| s.metadata.name.as_deref() == Some(new.as_str())));
+    assert!(children
+        .pods
+        .iter()
+        .any(|p| p.metadata.name.as_deref() == Some(new.as_str())));
+    assert!(children
+        .services
+        .iter()
+        .any(|s| s.metadata.name.as_deref() == Some(new.as_str())));
     let pod_spec = children
         .pods
         .iter()
@@ -160,14 +176,25 @@ fn a_finished_wipe_starts_the_new_engine_and_a_serving_one_is_asked_to_copy() {
     assert_eq!(flag("--role"), "secondary");
     assert_eq!(flag("--peer"), plan::engine_address(&mv, Slot::A, &cfg()));
     let (status, step) = pass(&mv, &o, None);
-    assert_eq!((rec(&status).phase, step.start), (MovePhase::Starting, None));
+    assert_eq!(
+        (rec(&status).phase, step.start),
+        (MovePhase::Starting, None)
+    );
 
     let mut o = synced();
     o.moving.pod = Some(pod(&new, true));
-    o.moving.engine = Some(engine_state(EngineRole::Secondary, 0, PairState::Inconsistent));
+    o.moving.engine = Some(engine_state(
+        EngineRole::Secondary,
+        0,
+        PairState::Inconsistent,
+    ));
     let (status, step) = pass(&mv, &o, None);
     assert_eq!(step.start, Some(target()));
-    assert_eq!(rec(&status).phase, MovePhase::Starting, "act records the answer");
+    assert_eq!(
+        rec(&status).phase,
+        MovePhase::Starting,
+        "act records the answer"
+    );
 }
 
 #[test]
@@ -201,7 +228,11 @@ fn the_copy_is_shown_then_the_cutover_makes_the_new_instance_the_slots() {
     assert_eq!(rec(&status).phase, MovePhase::Finishing);
     assert_eq!(status.slot_generations, [0, 1]);
     assert_eq!(status.nodes, ["n1", "n3"]);
-    assert_eq!(step.delete, [format!("{}-engine-b", key())], "the old instance goes");
+    assert_eq!(
+        step.delete,
+        [format!("{}-engine-b", key())],
+        "the old instance goes"
+    );
     assert_eq!(reasons(&step), ["MoveCutOver"]);
     // From now on slot b is reached at the new instance's address, the one the primary stored.
     let mv = next(&mv, status);
@@ -318,7 +349,10 @@ fn a_lost_new_engine_is_aborted_and_removed_only_once_the_primary_rolled_back() 
     let (mut status, step) = pass(&mv, &o, None);
     let abort = step.abort.expect("AbortMove");
     assert_eq!(abort.delete, new);
-    assert!(step.delete.is_empty(), "nothing deleted before the primary answers");
+    assert!(
+        step.delete.is_empty(),
+        "nothing deleted before the primary answers"
+    );
     assert_eq!(rec(&status).phase, MovePhase::Copying);
     // The primary answered ABORTED (act): Failed, the old pair as it was.
     let ev = aborted(&mut status, &abort.why, "now").unwrap();
@@ -356,7 +390,10 @@ fn the_primarys_node_is_switched_over_first_then_moved_as_the_secondary() {
     let mv = asking(["n3", "n2"]);
     let (status, step) = pass(&mv, &synced(), None);
     let t = step.takeover.expect("a switchover first");
-    assert_eq!((t.to, t.reason, t.force), (Slot::B, crate::switchover::REASON, false));
+    assert_eq!(
+        (t.to, t.reason, t.force),
+        (Slot::B, crate::switchover::REASON, false)
+    );
     let r = rec(&status);
     assert_eq!((r.phase, r.slot), (MovePhase::Pending, Slot::A));
     assert!(r.message.contains("switching it over"), "{}", r.message);
@@ -365,12 +402,19 @@ fn the_primarys_node_is_switched_over_first_then_moved_as_the_secondary() {
     after.spec.placement.nodes = Some(vec!["n3".into(), "n2".into()]);
     let mut o = synced();
     o.engines = [
-        Some(engine_state(EngineRole::Secondary, 2, PairState::Consistent)),
+        Some(engine_state(
+            EngineRole::Secondary,
+            2,
+            PairState::Consistent,
+        )),
         Some(engine_state(EngineRole::Primary, 2, PairState::Synced)),
     ];
     let (status, step) = pass(&after, &o, None);
     assert_eq!(step.takeover, None);
-    assert_eq!((rec(&status).phase, rec(&status).slot), (MovePhase::Preparing, Slot::A));
+    assert_eq!(
+        (rec(&status).phase, rec(&status).slot),
+        (MovePhase::Preparing, Slot::A)
+    );
 }
 
 #[test]
@@ -394,11 +438,19 @@ fn the_moving_condition_follows_the_record() {
     let mv = in_phase(&asking(["n1", "n3"]), MovePhase::Copying);
     let mut status = mv.status.clone().unwrap();
     annotate(&mut status, &synced(), Some(2));
-    let c = status.conditions.iter().find(|c| c.type_ == CONDITION).unwrap();
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION)
+        .unwrap();
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Copying"));
     status.moving.as_mut().unwrap().phase = MovePhase::Done;
     annotate(&mut status, &synced(), Some(2));
-    let c = status.conditions.iter().find(|c| c.type_ == CONDITION).unwrap();
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION)
+        .unwrap();
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Done"));
     status.moving = None;
     annotate(&mut status, &synced(), Some(2));

@@ -37,7 +37,14 @@ pub fn pod(
     data_dir: Option<&str>,
     cfg: &EngineConfig,
 ) -> Pod {
-    named(mv, pod_name(&plan::key(mv), slot), slot, node, data_dir, cfg)
+    named(
+        mv,
+        pod_name(&plan::key(mv), slot),
+        slot,
+        node,
+        data_dir,
+        cfg,
+    )
 }
 
 /// A wipe pod named `name` (a live move's: `plan::names::move_wipe`), otherwise as [`pod`].

@@ -941,7 +941,10 @@ impl World {
             ("DELETE", p) if p.starts_with(&format!("/api/v1/namespaces/{OP_NS}/services/")) => {
                 let name = p.rsplit('/').next().unwrap_or_default().to_string();
                 self.deleted_services.push(name.clone());
-                (200, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}))
+                (
+                    200,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                )
             }
             ("PATCH", p)
                 if p == format!(
@@ -2774,7 +2777,11 @@ fn run_move_pods(op: &Operator, pair: &mut Pair, new_engine: &mut Option<Engine>
                 .arg(&run_dir)
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let mut w = op.world.lock().unwrap();
         if let Some(p) = w.pods.get_mut(name) {
@@ -2844,6 +2851,7 @@ async fn a_placement_edit_moves_the_secondary_under_writes_and_loses_nothing() {
     let mut new_engine = None;
     let mut phases: Vec<MovePhase> = Vec::new();
     let mut copying_seen = 0;
+    let mut acked_copying = None;
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
@@ -2853,13 +2861,15 @@ async fn a_placement_edit_moves_the_secondary_under_writes_and_loses_nothing() {
         }
         if rec.phase == MovePhase::Copying {
             copying_seen += 1;
+            acked_copying.get_or_insert(writes.lock().unwrap().acked.len());
             assert_eq!(rec.total_bytes, SIZE, "{rec:?}");
         }
         if rec.phase == MovePhase::Done {
             break status;
         }
         assert!(
-            !matches!(rec.phase, MovePhase::Failed | MovePhase::Refused) && Instant::now() < deadline,
+            !matches!(rec.phase, MovePhase::Failed | MovePhase::Refused)
+                && Instant::now() < deadline,
             "no move: phases {phases:?}; {rec:?}\na log:\n{}",
             pair.a.log_tail(20)
         );
@@ -2875,6 +2885,11 @@ async fn a_placement_edit_moves_the_secondary_under_writes_and_loses_nothing() {
         assert!(phases.contains(&p), "{p:?} in {phases:?}");
     }
     assert!(copying_seen >= 1);
+    let acked_done = writes.lock().unwrap().acked.len();
+    assert!(
+        acked_copying.is_some_and(|n| n < acked_done),
+        "writes went on while the copy ran: {acked_copying:?} then {acked_done}"
+    );
     assert_eq!(status.nodes, ["n1", "n3"]);
     assert_eq!(status.slot_generations, [0, 1]);
     assert_eq!(condition(&status, "Moving").reason, "Done");
@@ -2886,7 +2901,12 @@ async fn a_placement_edit_moves_the_secondary_under_writes_and_loses_nothing() {
         assert!(deleted.contains(&pod_name(Slot::B).as_str()), "{deleted:?}");
         assert!(!deleted.contains(&new_service.as_str()), "{deleted:?}");
         assert_eq!(w.deleted_services, [pod_name(Slot::B)]);
-        for r in ["MoveRequested", "MoveStarted", "MoveCutOver", "MoveCompleted"] {
+        for r in [
+            "MoveRequested",
+            "MoveStarted",
+            "MoveCutOver",
+            "MoveCompleted",
+        ] {
             assert!(w.reasons().contains(&r), "{r}: {:?}", w.reasons());
         }
     }
@@ -2895,7 +2915,6 @@ async fn a_placement_edit_moves_the_secondary_under_writes_and_loses_nothing() {
         !pair.b.state_dir().exists() && !pair.b.data().exists(),
         "the old node's files are wiped"
     );
-
     // The writer kept writing through the move; then the primary streams to the new secondary.
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.await.unwrap();
@@ -2917,9 +2936,17 @@ async fn a_placement_edit_moves_the_secondary_under_writes_and_loses_nothing() {
     })
     .await;
     let image = read_volume(&pair.a).await;
-    assert_eq!(first_difference(&image, &model), None, "acknowledged writes");
+    assert_eq!(
+        first_difference(&image, &model),
+        None,
+        "acknowledged writes"
+    );
     let copy = std::fs::read(new.data()).unwrap();
-    assert_eq!(first_difference(&copy, &image), None, "the new engine's copy");
+    assert_eq!(
+        first_difference(&copy, &image),
+        None,
+        "the new engine's copy"
+    );
 
     // The primary keeps the new secondary after a restart, whatever its --peer says (slot b's old
     // Service): the address it stored is the new instance's, which the operator keeps serving.

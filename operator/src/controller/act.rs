@@ -274,7 +274,12 @@ impl MirroredVolume {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), home);
         let services: Api<Service> = Api::namespaced(ctx.client.clone(), home);
         if let Some(w) = &step.wipe {
-            let slot = plan.status.moving.as_ref().map(|m| m.slot).unwrap_or_default();
+            let slot = plan
+                .status
+                .moving
+                .as_ref()
+                .map(|m| m.slot)
+                .unwrap_or_default();
             let dir = plan.status.data_dir.clone();
             let pod = crate::wipe::named(
                 self,

@@ -281,8 +281,7 @@ fn assess(
     } else {
         busy
     };
-    let mut moving =
-        crate::moving::track(mv, &mut status, &observed, peer_timeout, busy, cfg);
+    let mut moving = crate::moving::track(mv, &mut status, &observed, peer_timeout, busy, cfg);
     notes.extend(moving.events.drain(..).map(Note::from));
     if let Some(r) = moving.recheck {
         decision.recheck = Some(decision.recheck.map_or(r, |q| q.min(r)));

@@ -15,9 +15,7 @@ use super::{restore::Source, Context};
 use crate::{
     crd::{MirroredVolume, PlacementStatus, RestoreStatus, Slot},
     engine::{EngineState, EngineTarget},
-    observed::{
-        MoveObs, NodeObs, Observed, PodObs, PvObs, WorkloadPod, SLOT_LABEL, VOLUME_LABEL,
-    },
+    observed::{MoveObs, NodeObs, Observed, PodObs, PvObs, WorkloadPod, SLOT_LABEL, VOLUME_LABEL},
     placement,
     plan::{self, names, InvalidSpec, MANAGED_BY_LABEL},
     Error, Result,
@@ -172,14 +170,14 @@ impl MirroredVolume {
             Some(t) => t,
             None => new_token()?,
         };
-        let mut certs =
-            crate::certs::observe(self, &secrets, &ctx.ca, Some(&token), &node_names);
+        let mut certs = crate::certs::observe(self, &secrets, &ctx.ca, Some(&token), &node_names);
         let csi_secret = plan::csi_secret_name(self);
         let csi_data = secrets
             .iter()
             .find(|s| s.metadata.name.as_deref() == Some(csi_secret.as_str()))
             .and_then(|s| s.data.as_ref());
-        if csi_data.is_some_and(|d| !plan::csi_secret_maps_current(self, d, &node_names, &ctx.config))
+        if csi_data
+            .is_some_and(|d| !plan::csi_secret_maps_current(self, d, &node_names, &ctx.config))
         {
             // Its engine maps are stale (a live move): issued again with the current ones.
             certs.csi = None;
@@ -284,7 +282,11 @@ impl MirroredVolume {
             MovePhase::Starting | MovePhase::Copying | MovePhase::CuttingOver
         ) {
             out.pod = find(&names::engine_instance(key, slot, gen));
-            if out.pod.as_ref().is_some_and(|p| p.phase == "Running" && !p.deleting) {
+            if out
+                .pod
+                .as_ref()
+                .is_some_and(|p| p.phase == "Running" && !p.deleting)
+            {
                 let t = target(plan::engine_address_at(self, slot, gen, &ctx.config));
                 out.engine = ctx.engines.status(&t).await.ok();
             }
