@@ -50,6 +50,13 @@ pub const VIEW_SNAPSHOT_PREFIX: &str = "view-";
 /// to the CSI plugin as NodeStageVolume's secrets (`nodeStageSecretRef`), where it reads this key.
 pub const SECRET_TOKEN_KEY: &str = "token";
 
+/// Stage Secret: `node=host:port,...` like [`ATTR_ENGINES`], and `node=unix:...` like [`ATTR_NBD`].
+/// Written by the operator into the volume's CSI Secret (mutable, unlike the PV's attributes) and kept
+/// current across a live move of an engine to another node (issue 18); the CSI plugin prefers them
+/// to the PV's attributes when present.
+pub const SECRET_ENGINES_KEY: &str = "tandem-engines";
+pub const SECRET_NBD_KEY: &str = "tandem-nbd";
+
 /// Mutual TLS (issue 13): the CA certificate in the same Secret. With it and this node's pair
 /// below the CSI plugin calls the engines as `Identity::Csi` of the volume on its node; without
 /// them it speaks plaintext (token only).

@@ -11,14 +11,16 @@
 //! | `tandem.dev/secondary-access` | `None` (default), `ReadOnly` or `ReadWrite`: a read-only stage on the secondary's node opens a point-in-time view there (`ReadOnly`, `ReadWrite`) | no |
 //! | `tandem.dev/secondary-read-mode` | `Snapshot` (default) or `Current`: with `ReadWrite`, a read-only stage on the secondary's node attaches the live secondary instead of a view | no |
 //!
-//! Stage secrets: `token`, the volume's engine token.
+//! Stage secrets: `token`, the volume's engine token; `tandem-engines` and `tandem-nbd`, when present, replace the
+//! two maps above ([`overlay_stage_secrets`]): the PV's attributes are immutable, the Secret follows a
+//! live move of an engine to another node (issue 18).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use tandem_api::contract::{
     ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS,
-    ATTR_SECONDARY_READ_MODE, ATTR_VOLUME,
+    ATTR_SECONDARY_READ_MODE, ATTR_VOLUME, SECRET_ENGINES_KEY, SECRET_NBD_KEY,
 };
 
 use crate::error::{Error, Result};
@@ -124,6 +126,21 @@ pub fn parse_node_map(key: &str, value: &str) -> Result<BTreeMap<String, String>
         return Err(Error::invalid(key, "no engines listed"));
     }
     Ok(out)
+}
+
+/// The engine maps of the stage Secret, where it has them, win over the PV's attributes: the operator
+/// keeps the Secret current when an engine moves to another node, the PV's attributes cannot change.
+/// An empty entry is ignored (the PV's stands); a malformed one is refused by [`VolumeParams::parse`]
+/// under the attribute's name, like a malformed attribute.
+pub fn overlay_stage_secrets(ctx: &mut HashMap<String, String>, secrets: &HashMap<String, String>) {
+    for (secret, attr) in [
+        (SECRET_ENGINES_KEY, ATTR_ENGINES),
+        (SECRET_NBD_KEY, ATTR_NBD),
+    ] {
+        if let Some(v) = secrets.get(secret).filter(|v| !v.trim().is_empty()) {
+            ctx.insert(attr.to_string(), v.clone());
+        }
+    }
 }
 
 impl VolumeParams {
@@ -240,6 +257,53 @@ pub(crate) fn test_context(volume: &str, nodes: &[&str]) -> HashMap<String, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stage_secret_maps_win_over_the_pv_attributes() {
+        let mut ctx = test_context("v", &["n1", "n2"]);
+        let secrets = HashMap::from([
+            ("token".to_string(), "t".to_string()),
+            (
+                SECRET_ENGINES_KEY.to_string(),
+                "n1=e-a:9500,n3=e-b-m1:9500".to_string(),
+            ),
+            (
+                SECRET_NBD_KEY.to_string(),
+                "n1=unix:/run/tandem/volumes/k/nbd.sock,n3=unix:/run/tandem/volumes/k/nbd.sock"
+                    .to_string(),
+            ),
+        ]);
+        overlay_stage_secrets(&mut ctx, &secrets);
+        let p = VolumeParams::parse(&ctx).unwrap();
+        let nodes: Vec<(&str, &str)> = p
+            .engines
+            .iter()
+            .map(|e| (e.node.as_str(), e.grpc.as_str()))
+            .collect();
+        assert_eq!(nodes, [("n1", "e-a:9500"), ("n3", "e-b-m1:9500")]);
+        assert_eq!(p.engines[1].nbd, "unix:/run/tandem/volumes/k/nbd.sock");
+    }
+
+    #[test]
+    fn without_secret_maps_the_pv_attributes_stand() {
+        let mut ctx = test_context("v", &["n1", "n2"]);
+        let before = ctx.clone();
+        let secrets = HashMap::from([
+            ("token".to_string(), "t".to_string()),
+            (SECRET_ENGINES_KEY.to_string(), "  ".to_string()),
+        ]);
+        overlay_stage_secrets(&mut ctx, &secrets);
+        assert_eq!(ctx, before);
+    }
+
+    #[test]
+    fn a_malformed_secret_map_is_refused_by_its_attribute_name() {
+        let mut ctx = test_context("v", &["n1", "n2"]);
+        let secrets = HashMap::from([(SECRET_ENGINES_KEY.to_string(), "n1".to_string())]);
+        overlay_stage_secrets(&mut ctx, &secrets);
+        let err = VolumeParams::parse(&ctx).unwrap_err();
+        assert!(err.to_string().contains(ATTR_ENGINES), "{err}");
+    }
 
     #[test]
     fn parses_the_operator_contract() {

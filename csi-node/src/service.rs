@@ -133,6 +133,8 @@ fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
     let (access, read_only, shared) = parse_capability(r.volume_capability.as_ref())?;
     let token = r.secrets.get(SECRET_TOKEN_KEY).cloned();
     let tls = crate::engine::TlsSecrets::from_secrets(&r.secrets);
+    let mut context = r.volume_context;
+    crate::context::overlay_stage_secrets(&mut context, &r.secrets);
     Ok(StageRequest {
         volume_id,
         staging_path,
@@ -141,7 +143,7 @@ fn stage_request(r: pb::NodeStageVolumeRequest) -> Result<StageRequest> {
         shared,
         token,
         tls,
-        context: r.volume_context,
+        context,
     })
 }
 

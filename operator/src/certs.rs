@@ -325,9 +325,18 @@ mod tests {
                 "csi.n1.key",
                 "csi.n2.crt",
                 "csi.n2.key",
+                "tandem-engines",
+                "tandem-nbd",
                 "token"
             ]
         );
+        // The engine maps the CSI plugins prefer to the PV's (they follow a live move).
+        let engines = pem(csi, "tandem-engines");
+        assert!(
+            engines.starts_with("n1=") && engines.contains(",n2="),
+            "{engines}"
+        );
+        assert!(pem(csi, "tandem-nbd").contains("n2=unix:/run/tandem/volumes/"));
         // What was minted is what a later pass observes.
         assert_eq!(observe(&mv, &secrets, &ca, Some("tok"), &nodes()), certs);
         assert!(certs.earliest().is_some());

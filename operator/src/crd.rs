@@ -2,7 +2,8 @@
 //!
 //! The spec is what a user asks for; the status is what the operator observed and decided. Server-side
 //! validation lives in the schema (patterns, enums) and in CEL rules (`x-kubernetes-validations`): size can
-//! only grow, placement and engine storage are immutable, the two nodes are distinct.
+//! only grow, engine storage is immutable, the two nodes are distinct, and `placement.nodes` changes by
+//! at most one node per edit (a live move, `crate::moving`; a `nodeSelector` placement is immutable).
 
 use std::collections::BTreeMap;
 
@@ -48,7 +49,8 @@ pub struct MirroredVolumeSpec {
     #[serde(default)]
     pub replication: Replication,
 
-    /// Where the two engines run. Immutable.
+    /// Where the two engines run. `nodes` may change one node per edit: the engine on the replaced node
+    /// moves live to the new one (`status.move`); a `nodeSelector` placement is immutable.
     pub placement: Placement,
 
     /// Where each engine keeps its data file, journal and tables. Immutable.
@@ -154,10 +156,12 @@ pub enum ReplicationMode {
 #[x_kube(
     validation = Rule::new("has(self.nodes) != has(self.nodeSelector)").message("set exactly one of nodes or nodeSelector"),
     validation = Rule::new("!has(self.nodes) || (!has(self.allowedNodes) && !has(self.preferredPrimary))").message("allowedNodes and preferredPrimary go with nodeSelector"),
-    validation = Rule::new("self == oldSelf").message("placement is immutable")
+    validation = Rule::new("has(self.nodes) == has(oldSelf.nodes)").message("placement cannot switch between nodes and nodeSelector"),
+    validation = Rule::new("has(self.nodes) ? (self.nodes[0] == oldSelf.nodes[0] || self.nodes[1] == oldSelf.nodes[1]) : self == oldSelf").message("placement.nodes may change one node per edit (a live move of that engine); a nodeSelector placement is immutable")
 )]
 pub struct Placement {
-    /// Exactly two distinct node names; the first one starts as the primary.
+    /// Exactly two distinct node names; the first one starts as the primary. Replacing one of them moves
+    /// that engine live to the new node (`status.move`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.size() == 2 && self[0] != self[1]").message("nodes must name two distinct nodes"))]
     #[schemars(length(min = 2, max = 2), inner(length(min = 1, max = 253)))]
@@ -462,10 +466,22 @@ impl Phase {
 /// One of the two engine slots. Slot `a` runs on the first placement node, `b` on the second; roles move
 /// between slots on takeover, the slots never move.
 #[derive(
-    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Slot {
+    #[default]
     A,
     B,
 }
@@ -565,6 +581,14 @@ pub struct MirroredVolumeStatus {
     /// operator neither repeats nor forgets it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover: Option<SwitchoverStatus>,
+    /// A live move of an engine asked by an edit of `spec.placement.nodes` (kept once Done or Failed,
+    /// so a restarted operator resumes it and never repeats it).
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "move")]
+    pub moving: Option<MoveStatus>,
+    /// Per slot (a, b): which engine instance serves it. 0 is `<key>-engine-<slot>`, n > 0
+    /// `<key>-engine-<slot>-m<n>`; each live move starts the next (absent: both 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slot_generations: Vec<u32>,
     /// The operator's last write-lease grant (it is the pair's witness).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseGrant>,
@@ -816,6 +840,86 @@ pub struct SwitchoverStatus {
     pub epoch: u64,
 }
 
+/// Phases of a live move (`status.move.phase`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum MovePhase {
+    /// Asked; waits for the pair (both engines answering, in sync, nothing else taking over), or for
+    /// the switchover that first makes the moved engine the secondary.
+    #[default]
+    Pending,
+    /// The new node's copy of the volume's directories is being wiped, so the new engine starts empty.
+    Preparing,
+    /// The new engine pod starts on the new node.
+    Starting,
+    /// The primary copies the volume to the new engine while the old secondary stays replicated.
+    Copying,
+    /// The copy is done; the primary switches its secondary to the new engine.
+    CuttingOver,
+    /// The new engine is the secondary; the old pod is gone and the old node's files are being wiped.
+    Finishing,
+    /// The engine runs on the new node and the old node holds nothing of the volume.
+    Done,
+    /// The move was rolled back (the primary aborted it, or the new engine was lost): the old pair
+    /// serves as before. Change `placement.nodes` again to retry.
+    Failed,
+    /// The edit cannot be carried out (see the message); nothing was changed.
+    Refused,
+}
+
+impl MovePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MovePhase::Pending => "Pending",
+            MovePhase::Preparing => "Preparing",
+            MovePhase::Starting => "Starting",
+            MovePhase::Copying => "Copying",
+            MovePhase::CuttingOver => "CuttingOver",
+            MovePhase::Finishing => "Finishing",
+            MovePhase::Done => "Done",
+            MovePhase::Failed => "Failed",
+            MovePhase::Refused => "Refused",
+        }
+    }
+
+    /// A new engine may exist for this move (between its start and its end).
+    pub fn running(self) -> bool {
+        matches!(
+            self,
+            MovePhase::Preparing
+                | MovePhase::Starting
+                | MovePhase::Copying
+                | MovePhase::CuttingOver
+        )
+    }
+}
+
+/// `status.move`: a live move of one engine asked by an edit of `spec.placement.nodes`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoveStatus {
+    pub phase: MovePhase,
+    /// The slot whose engine moves.
+    pub slot: Slot,
+    /// Its node before the move.
+    pub from: String,
+    /// The asked node.
+    pub to: String,
+    /// The generation of the new engine instance (`status.slotGenerations` once Done).
+    #[serde(default)]
+    pub generation: u32,
+    /// The background copy's position (the primary's watermark) and the volume's size.
+    #[serde(default)]
+    pub copied_bytes: u64,
+    #[serde(default)]
+    pub total_bytes: u64,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadRestart {
@@ -956,6 +1060,7 @@ mod tests {
             "has(self.nodes) != has(self.nodeSelector)",
             "has(self.hostPath) != has(self.storageClassName)",
             "self.policy != 'MaxLoss' || has(self.maxLossBytes)",
+            "self.nodes[0] == oldSelf.nodes[0] || self.nodes[1] == oldSelf.nodes[1]",
         ] {
             assert!(text.contains(rule), "missing CEL rule {rule}");
         }

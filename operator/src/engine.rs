@@ -94,6 +94,49 @@ pub struct Granted {
     pub sync_fallback: bool,
 }
 
+/// Where a live move stands on the primary (`GetMove`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MoveState {
+    /// No move was ever started there.
+    #[default]
+    None,
+    Copying,
+    Cutover,
+    /// The target is the secondary now.
+    Done,
+    /// Rolled back: the old secondary stays.
+    Aborted,
+}
+
+/// A live move's progress as the primary answers it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct MoveProgress {
+    pub state: MoveState,
+    /// The new engine's address (empty with `None`).
+    pub target: String,
+    pub copied_bytes: u64,
+    pub total_bytes: u64,
+    /// Why it aborted, or what it waits for.
+    pub message: String,
+}
+
+fn move_from_pb(m: tandem_api::pb::MoveStatus) -> MoveProgress {
+    use tandem_api::pb::MovePhase;
+    MoveProgress {
+        state: match MovePhase::try_from(m.phase) {
+            Ok(MovePhase::Copying) => MoveState::Copying,
+            Ok(MovePhase::Cutover) => MoveState::Cutover,
+            Ok(MovePhase::Done) => MoveState::Done,
+            Ok(MovePhase::Aborted) => MoveState::Aborted,
+            Ok(MovePhase::None) | Err(_) => MoveState::None,
+        },
+        target: m.target,
+        copied_bytes: m.copied_bytes,
+        total_bytes: m.total_bytes,
+        message: m.message,
+    }
+}
+
 /// Why an engine call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -179,6 +222,23 @@ pub trait EngineApi: Send + Sync {
         target: &'a EngineTarget,
         id: &'a str,
     ) -> BoxFuture<'a, Result<(), EngineError>>;
+    /// `StartMove` on the primary: fill the engine at `to` and make it the secondary; naming the same
+    /// target again answers the move under way (or done).
+    fn start_move<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        to: &'a str,
+    ) -> BoxFuture<'a, Result<MoveProgress, EngineError>>;
+    /// `GetMove` on the primary.
+    fn get_move<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<MoveProgress, EngineError>>;
+    /// `AbortMove` on the primary: before the cutover the old secondary stays (refused after it).
+    fn abort_move<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<MoveProgress, EngineError>>;
 }
 
 /// A raw `tandem.engine.v1.Engine` client for the calls `EngineClient` does not wrap (issue 14's
@@ -503,9 +563,51 @@ impl EngineApi for GrpcEngines {
             Ok(())
         })
     }
+
+    fn start_move<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        to: &'a str,
+    ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
+        Box::pin(self.move_call(target, "StartMove", Some(to)))
+    }
+
+    fn get_move<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
+        Box::pin(self.move_call(target, "GetMove", None))
+    }
+
+    fn abort_move<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
+        Box::pin(self.move_call(target, "AbortMove", None))
+    }
 }
 
 impl GrpcEngines {
+    /// `StartMove`, `GetMove`, `AbortMove`: answered from the primary's own record, or a store of it.
+    pub async fn move_call(
+        &self,
+        target: &EngineTarget,
+        op: &'static str,
+        to: Option<&str>,
+    ) -> Result<MoveProgress, EngineError> {
+        let volume = target.volume.clone();
+        let to = to.map(str::to_string);
+        let reply = one_call(target, op, self.status_timeout, |mut c| async move {
+            match (op, to) {
+                ("StartMove", Some(to)) => c.start_move(&volume, &to).await,
+                ("AbortMove", _) => c.abort_move(&volume).await,
+                _ => c.get_move(&volume).await,
+            }
+        })
+        .await?;
+        Ok(move_from_pb(reply))
+    }
+
     /// Resize grows the secondary's files, then its own: allow more than a Status.
     const RESIZE_LIMIT: Duration = Duration::from_secs(60);
 }
@@ -674,6 +776,10 @@ pub mod fake {
         pub snapshots: Arc<Mutex<BTreeMap<String, Vec<Snapshot>>>>,
         /// Every snapshot call: (op, address, id).
         pub snapshot_calls: Arc<Mutex<Vec<SnapshotCall>>>,
+        /// Live moves per primary address (GetMove's answer).
+        pub moves: Arc<Mutex<BTreeMap<String, MoveProgress>>>,
+        /// Every StartMove/AbortMove call: (op, address, to).
+        pub move_calls: Arc<Mutex<Vec<SnapshotCall>>>,
     }
 
     impl FakeEngines {
@@ -930,6 +1036,72 @@ pub mod fake {
                         list.retain(|s| s.id != id);
                     }
                     Ok(())
+                }
+            };
+            Box::pin(async move { answer })
+        }
+
+        fn start_move<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+            to: &'a str,
+        ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
+            self.move_calls
+                .lock()
+                .unwrap()
+                .push(("start", target.address.clone(), to.to_string()));
+            let answer = match self.unreachable(target) {
+                Some(e) => Err(e),
+                None => {
+                    let mut moves = self.moves.lock().unwrap();
+                    let m = moves
+                        .entry(target.address.clone())
+                        .or_insert_with(|| MoveProgress {
+                            state: MoveState::Copying,
+                            target: to.to_string(),
+                            total_bytes: 16 << 20,
+                            ..Default::default()
+                        });
+                    Ok(m.clone())
+                }
+            };
+            Box::pin(async move { answer })
+        }
+
+        fn get_move<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+        ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
+            let answer = match self.unreachable(target) {
+                Some(e) => Err(e),
+                None => Ok(self
+                    .moves
+                    .lock()
+                    .unwrap()
+                    .get(&target.address)
+                    .cloned()
+                    .unwrap_or_default()),
+            };
+            Box::pin(async move { answer })
+        }
+
+        fn abort_move<'a>(
+            &'a self,
+            target: &'a EngineTarget,
+        ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
+            self.move_calls
+                .lock()
+                .unwrap()
+                .push(("abort", target.address.clone(), String::new()));
+            let answer = match self.unreachable(target) {
+                Some(e) => Err(e),
+                None => {
+                    let mut moves = self.moves.lock().unwrap();
+                    let m = moves.entry(target.address.clone()).or_default();
+                    if m.state != MoveState::Done {
+                        m.state = MoveState::Aborted;
+                    }
+                    Ok(m.clone())
                 }
             };
             Box::pin(async move { answer })

@@ -1164,6 +1164,7 @@ mod tests {
             witness: crate::witness::LeaseClock::long_ago(10_000),
             certs: Default::default(),
             conflict: None,
+            moving: Default::default(),
         }
     }
 

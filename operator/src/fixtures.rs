@@ -589,5 +589,6 @@ pub fn observed_pair() -> crate::observed::Observed {
         witness: crate::witness::LeaseClock::long_ago(10_000),
         certs: Default::default(),
         conflict: None,
+        moving: Default::default(),
     }
 }

@@ -21,6 +21,7 @@ pub mod http;
 pub mod kubectl;
 pub mod leader;
 pub mod metrics;
+pub mod moving;
 pub mod observed;
 pub mod placement;
 pub mod plan;

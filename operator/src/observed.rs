@@ -10,7 +10,7 @@ use k8s_openapi::{
 
 use crate::{
     crd::{EngineRole, Slot},
-    engine::EngineState,
+    engine::{EngineError, EngineState, MoveProgress},
     witness::LeaseClock,
 };
 
@@ -221,6 +221,33 @@ pub struct Observed {
     /// An object in the way (a PV or an object of the key that belongs to another volume): nothing is
     /// created or changed while it is there.
     pub conflict: Option<crate::plan::InvalidSpec>,
+    /// What a live move recorded in `status.move` left in the world (`crate::moving`).
+    pub moving: MoveObs,
+}
+
+/// A live move's objects and the primary's answer, looked up only while `status.move` is under way.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MoveObs {
+    /// The new engine's pod.
+    pub pod: Option<PodObs>,
+    /// The new engine's Status (None: not asked, or no answer).
+    pub engine: Option<EngineState>,
+    /// The primary's GetMove answer, or why there is none.
+    pub progress: Option<Result<MoveProgress, String>>,
+    /// The move's wipe pod of this phase (the new node's before it starts, the old node's after).
+    pub wipe: Option<PodObs>,
+    /// The old instance's pod is still there (Finishing deletes it first).
+    pub old_pod: bool,
+    /// The node `spec.placement.nodes` asks for, when it differs from the recorded one (None: not
+    /// asked for).
+    pub target_node: Option<NodeObs>,
+}
+
+impl MoveObs {
+    /// The GetMove answer as observed: the error as text (it is shown, never matched on).
+    pub fn progress_of(r: Result<MoveProgress, EngineError>) -> Result<MoveProgress, String> {
+        r.map_err(|e| e.to_string())
+    }
 }
 
 /// Expiry of each certificate Secret of the volume; `None` when missing, unreadable, issued by another

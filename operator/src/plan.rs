@@ -26,7 +26,7 @@ use k8s_openapi::{
 };
 use kube::{Resource, ResourceExt};
 use tandem_api::{
-    contract::{secret_csi_cert_key, secret_csi_key_key},
+    contract::{secret_csi_cert_key, secret_csi_key_key, SECRET_ENGINES_KEY, SECRET_NBD_KEY},
     tls::{Identity, Issued, VolumeRef, CA_FILE, CERT_FILE, KEY_FILE},
 };
 
@@ -157,9 +157,30 @@ pub mod names {
         format!("{readable}-{hash:016x}")
     }
 
-    /// Engine pod and its Service.
+    /// Engine pod and its Service (a slot's first instance).
     pub fn engine(key: &str, slot: Slot) -> String {
-        format!("{key}-engine-{}", slot.as_str())
+        engine_instance(key, slot, 0)
+    }
+    /// A slot's engine instance: `a`, `b` for generation 0, `a-m<n>`, `b-m<n>` after the n-th live move
+    /// (the value of the pods' and Services' `tandem.dev/slot` label).
+    pub fn instance(slot: Slot, generation: u32) -> String {
+        match generation {
+            0 => slot.as_str().to_string(),
+            n => format!("{}-m{n}", slot.as_str()),
+        }
+    }
+    /// The engine pod and Service of a slot's instance `generation`.
+    pub fn engine_instance(key: &str, slot: Slot, generation: u32) -> String {
+        format!("{key}-engine-{}", instance(slot, generation))
+    }
+    /// The wipe pod of a live move: `<key>-wipe-<instance>` empties the new node before the new engine
+    /// starts, `<key>-wipe-<instance>-old` the old node once it is gone.
+    pub fn move_wipe(key: &str, slot: Slot, generation: u32, old: bool) -> String {
+        format!(
+            "{key}-wipe-{}{}",
+            instance(slot, generation),
+            if old { "-old" } else { "" }
+        )
     }
     /// The token Secret the engines mount.
     pub fn secret(key: &str) -> String {
@@ -214,16 +235,44 @@ pub fn key(mv: &MirroredVolume) -> String {
     names::key(&mv.namespace().unwrap_or_default(), &mv.name_any())
 }
 
+/// Which instance of a slot's engine serves it (`status.slotGenerations`; 0 when unrecorded).
+pub fn generation(status: Option<&MirroredVolumeStatus>, slot: Slot) -> u32 {
+    status
+        .and_then(|s| s.slot_generations.get(slot.index()).copied())
+        .unwrap_or(0)
+}
+
 /// gRPC address of a slot's engine, through its Service in the operator's namespace.
 pub fn engine_address(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> String {
-    format!("{}:{GRPC_PORT}", engine_host(mv, slot, cfg))
+    engine_address_at(mv, slot, generation(mv.status.as_ref(), slot), cfg)
+}
+
+/// gRPC address of a slot's engine instance `generation` (a live move's target before it serves).
+///
+/// Invariant: an instance's address never changes and never names another instance: a primary stores
+/// the address it moved its secondary to and uses it across restarts whatever `--peer` says
+/// (storage-engine `repl/mover.rs` `recover`), so the Service of that name must reach that engine for as
+/// long as it serves (tests/failover_engines.rs
+/// `a_placement_edit_moves_the_secondary_under_writes_and_loses_nothing`).
+pub fn engine_address_at(
+    mv: &MirroredVolume,
+    slot: Slot,
+    generation: u32,
+    cfg: &EngineConfig,
+) -> String {
+    format!(
+        "{}.{}.svc.{}:{GRPC_PORT}",
+        names::engine_instance(&key(mv), slot, generation),
+        cfg.namespace,
+        cfg.cluster_domain
+    )
 }
 
 /// The DNS name of a slot's Service.
 fn engine_host(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> String {
     format!(
         "{}.{}.svc.{}",
-        names::engine(&key(mv), slot),
+        names::engine_instance(&key(mv), slot, generation(mv.status.as_ref(), slot)),
         cfg.namespace,
         cfg.cluster_domain
     )
@@ -231,7 +280,7 @@ fn engine_host(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> String {
 
 /// Every DNS name of a slot's Service (the DNS SANs of its engine certificate).
 pub fn engine_dns_names(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> Vec<String> {
-    let svc = names::engine(&key(mv), slot);
+    let svc = names::engine_instance(&key(mv), slot, generation(mv.status.as_ref(), slot));
     let ns = &cfg.namespace;
     vec![
         svc.clone(),
@@ -289,8 +338,14 @@ pub fn owned_by(
 }
 
 fn slot_labels(mv: &MirroredVolume, slot: Slot) -> BTreeMap<String, String> {
+    instance_labels(mv, slot, 0)
+}
+
+/// Labels of an engine instance's pod and Service: `tandem.dev/slot` names the instance, so a slot's
+/// Service never selects a live move's new engine (nor the old one after it).
+fn instance_labels(mv: &MirroredVolume, slot: Slot, generation: u32) -> BTreeMap<String, String> {
     let mut l = labels(mv);
-    l.insert(SLOT_LABEL.to_string(), slot.as_str().to_string());
+    l.insert(SLOT_LABEL.to_string(), names::instance(slot, generation));
     l
 }
 
@@ -494,8 +549,28 @@ pub fn engine_pod(
     node: &str,
     cfg: &EngineConfig,
 ) -> Result<Pod, InvalidSpec> {
+    engine_pod_at(
+        mv,
+        slot,
+        generation(mv.status.as_ref(), slot),
+        role,
+        node,
+        cfg,
+    )
+}
+
+/// The engine pod of a slot's instance `generation` (a live move's target: a secondary on an empty
+/// state dir).
+pub fn engine_pod_at(
+    mv: &MirroredVolume,
+    slot: Slot,
+    generation: u32,
+    role: EngineRole,
+    node: &str,
+    cfg: &EngineConfig,
+) -> Result<Pod, InvalidSpec> {
     let key = key(mv);
-    let name = names::engine(&key, slot);
+    let name = names::engine_instance(&key, slot, generation);
     let mut args: Vec<String> = vec![
         "serve".into(),
         "--volume".into(),
@@ -586,7 +661,7 @@ pub fn engine_pod(
     };
     // JSON lines with volume, epoch and role by default (engine_pod::EnginePodSettings).
     args.extend(["--log-format".into(), cfg.pod.log_format().into()]);
-    let mut pod_labels = slot_labels(mv, slot);
+    let mut pod_labels = instance_labels(mv, slot, generation);
     // Born under the volume's PodDisruptionBudget: the operator lifts it once the pod is an in-sync secondary.
     pod_labels.insert(DISRUPTION_LABEL.to_string(), "false".to_string());
     let mut metadata = meta(name, pod_labels, cfg);
@@ -806,6 +881,16 @@ fn add_seed(
 /// the node). Not-ready addresses are published: the peer must reach an engine that is starting, and the
 /// old primary while it drains.
 pub fn engine_service(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> Service {
+    engine_service_at(mv, slot, generation(mv.status.as_ref(), slot), cfg)
+}
+
+/// The Service of a slot's instance `generation`; it selects that instance's pod only.
+pub fn engine_service_at(
+    mv: &MirroredVolume,
+    slot: Slot,
+    generation: u32,
+    cfg: &EngineConfig,
+) -> Service {
     let port = |name: &str, p: u16| ServicePort {
         name: Some(name.into()),
         port: i32::from(p),
@@ -816,9 +901,13 @@ pub fn engine_service(mv: &MirroredVolume, slot: Slot, cfg: &EngineConfig) -> Se
     let key = key(mv);
     let mut selector = BTreeMap::new();
     selector.insert(VOLUME_LABEL.to_string(), key.clone());
-    selector.insert(SLOT_LABEL.to_string(), slot.as_str().to_string());
+    selector.insert(SLOT_LABEL.to_string(), names::instance(slot, generation));
     Service {
-        metadata: meta(names::engine(&key, slot), slot_labels(mv, slot), cfg),
+        metadata: meta(
+            names::engine_instance(&key, slot, generation),
+            instance_labels(mv, slot, generation),
+            cfg,
+        ),
         spec: Some(ServiceSpec {
             selector: Some(selector),
             ports: Some(vec![port("grpc", GRPC_PORT), port("metrics", METRICS_PORT)]),
@@ -891,12 +980,48 @@ pub fn csi_secret(
         entries.push((secret_csi_cert_key(node), leaf.cert_pem.as_str()));
         entries.push((secret_csi_key_key(node), leaf.key_pem.as_str()));
     }
+    // The engine maps, current (the PV's copy is immutable): the CSI plugin prefers these, so a
+    // live move to another node reaches the plugins (csi-node `context::overlay_stage_secrets`).
+    let maps = csi_secret_maps(mv, leaves, cfg);
+    if let Some((engines, nbd)) = &maps {
+        entries.push((SECRET_ENGINES_KEY.to_string(), engines.as_str()));
+        entries.push((SECRET_NBD_KEY.to_string(), nbd.as_str()));
+    }
     Secret {
         metadata: meta(csi_secret_name(mv), labels(mv), cfg),
         data: Some(secret_data(entries)),
         type_: Some("Opaque".into()),
         ..Default::default()
     }
+}
+
+/// The CSI Secret's `engines` and `nbd` maps for the nodes of `leaves` (slot a's, then slot b's).
+fn csi_secret_maps(
+    mv: &MirroredVolume,
+    leaves: &[(String, Issued)],
+    cfg: &EngineConfig,
+) -> Option<(String, String)> {
+    let [(a, _), (b, _)] = leaves else {
+        return None;
+    };
+    let nodes = [a.clone(), b.clone()];
+    Some((
+        engines_attribute(mv, &nodes, cfg),
+        nbd_attribute(mv, &nodes),
+    ))
+}
+
+/// Whether the CSI Secret's engine maps are what `nodes` and the current engine instances give (a
+/// stale Secret is issued again, certificates included).
+pub fn csi_secret_maps_current(
+    mv: &MirroredVolume,
+    data: &BTreeMap<String, ByteString>,
+    nodes: &[String; 2],
+    cfg: &EngineConfig,
+) -> bool {
+    let text = |k: &str| data.get(k).and_then(|b| std::str::from_utf8(&b.0).ok());
+    text(SECRET_ENGINES_KEY) == Some(engines_attribute(mv, nodes, cfg).as_str())
+        && text(SECRET_NBD_KEY) == Some(nbd_attribute(mv, nodes).as_str())
 }
 
 /// The identity of a slot's engine certificate.
@@ -1180,6 +1305,13 @@ pub fn desired(
     token: Option<&str>,
     skip_pods: &[Slot],
 ) -> Result<Desired, InvalidSpec> {
+    // Names and addresses follow the status of this pass: a live move's cutover changes a slot's
+    // engine instance in it.
+    let current = MirroredVolume {
+        status: Some(status.clone()),
+        ..mv.clone()
+    };
+    let mv = &current;
     let bytes = volume_bytes(mv)?;
     validate(mv, cfg)?;
     // Invariant: nothing is created or changed for a volume whose PV or objects belong to another
@@ -1204,6 +1336,28 @@ pub fn desired(
         .iter()
         .map(|s| engine_service(mv, *s, cfg))
         .collect();
+    // A live move's new engine: its Service until the cutover makes it the slot's, its pod while
+    // it starts (created once: a pod lost later fails the move, never comes back by itself).
+    if let Some(m) = status.moving.as_ref() {
+        use crate::crd::MovePhase;
+        if matches!(
+            m.phase,
+            MovePhase::Starting | MovePhase::Copying | MovePhase::CuttingOver
+        ) {
+            out.services
+                .push(engine_service_at(mv, m.slot, m.generation, cfg));
+        }
+        if m.phase == MovePhase::Starting && observed.moving.pod.is_none() {
+            out.pods.push(engine_pod_at(
+                mv,
+                m.slot,
+                m.generation,
+                EngineRole::Secondary,
+                &m.to,
+                cfg,
+            )?);
+        }
+    }
     out.budget = Some(crate::disruption::budget(mv, cfg));
     let renew = |n| needs_cert(n, observed.now, cfg.cert_validity);
     out.certs = CertPlan {
@@ -1285,6 +1439,7 @@ mod tests {
             witness: crate::witness::LeaseClock::long_ago(10_000),
             certs: Default::default(),
             conflict: None,
+            moving: Default::default(),
         }
     }
 
@@ -2057,6 +2212,7 @@ pub fn render_initial(
         witness: crate::witness::LeaseClock::long_ago(10_000),
         certs: Default::default(),
         conflict: None,
+        moving: Default::default(),
     };
     let d = desired(
         mv,

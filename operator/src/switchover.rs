@@ -162,7 +162,7 @@ pub fn track(
 }
 
 /// Why the switchover cannot start now: the phase to show and the reason.
-fn gate(
+pub(crate) fn gate(
     spec: &MirroredVolumeSpec,
     status: &MirroredVolumeStatus,
     observed: &Observed,

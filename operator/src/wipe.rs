@@ -37,6 +37,25 @@ pub fn pod(
     data_dir: Option<&str>,
     cfg: &EngineConfig,
 ) -> Pod {
+    named(
+        mv,
+        pod_name(&plan::key(mv), slot),
+        slot,
+        node,
+        data_dir,
+        cfg,
+    )
+}
+
+/// A wipe pod named `name` (a live move's: `plan::names::move_wipe`), otherwise as [`pod`].
+pub fn named(
+    mv: &MirroredVolume,
+    name: String,
+    slot: Slot,
+    node: &str,
+    data_dir: Option<&str>,
+    cfg: &EngineConfig,
+) -> Pod {
     let key = plan::key(mv);
     let run_dir = names::host_dir(&key);
     let mut args = vec!["wipe".to_string()];
@@ -69,7 +88,7 @@ pub fn pod(
     labels.insert(WIPE_LABEL.to_string(), slot.as_str().to_string());
     let mut pod = Pod {
         metadata: ObjectMeta {
-            name: Some(pod_name(&key, slot)),
+            name: Some(name),
             namespace: Some(cfg.namespace.clone()),
             labels: Some(labels),
             ..Default::default()

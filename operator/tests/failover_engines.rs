@@ -36,10 +36,13 @@ use k8s_openapi::{
 use kube::{client::Body, runtime::controller::Action, Client};
 use operator::{
     controller::Context,
-    crd::{FailoverPolicy, MirroredVolume, MirroredVolumeStatus, Phase, Slot, SwitchoverPhase},
+    crd::{
+        FailoverPolicy, MirroredVolume, MirroredVolumeStatus, MovePhase, Phase, Slot,
+        SwitchoverPhase,
+    },
     engine::{
-        EngineApi, EngineError, EngineState, EngineTarget, Granted, GrpcEngines, Snapshot,
-        TakeoverOutcome,
+        EngineApi, EngineError, EngineState, EngineTarget, Granted, GrpcEngines, MoveProgress,
+        Snapshot, TakeoverOutcome,
     },
     kubectl,
     metrics::Metrics,
@@ -588,6 +591,60 @@ impl EngineApi for Routed {
             self.grpc.delete_snapshot(&local, id).await
         })
     }
+
+    /// The move's target is a Service name too: the primary is told the routed address, as cluster
+    /// DNS would resolve it for the engine.
+    fn start_move<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+        to: &'a str,
+    ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
+        Box::pin(async move {
+            let local = self.route(target)?;
+            let to_local = self.route(&EngineTarget {
+                address: to.to_string(),
+                ..target.clone()
+            })?;
+            let mut p = self.grpc.start_move(&local, &to_local.address).await?;
+            p.target = self.unroute(&p.target);
+            Ok(p)
+        })
+    }
+
+    fn get_move<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
+        Box::pin(async move {
+            let local = self.route(target)?;
+            let mut p = self.grpc.get_move(&local).await?;
+            p.target = self.unroute(&p.target);
+            Ok(p)
+        })
+    }
+
+    fn abort_move<'a>(
+        &'a self,
+        target: &'a EngineTarget,
+    ) -> BoxFuture<'a, Result<MoveProgress, EngineError>> {
+        Box::pin(async move {
+            let local = self.route(target)?;
+            let mut p = self.grpc.abort_move(&local).await?;
+            p.target = self.unroute(&p.target);
+            Ok(p)
+        })
+    }
+}
+
+impl Routed {
+    /// The Service name a routed loopback address stands for (what the engine stored as its peer).
+    fn unroute(&self, local: &str) -> String {
+        let routes = self.routes.lock().unwrap();
+        routes
+            .iter()
+            .find(|(_, l)| l.as_str() == local)
+            .map_or_else(|| local.to_string(), |(service, _)| service.clone())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -662,6 +719,10 @@ struct World {
     pv_capacity: Option<String>,
     /// Requests this fake does not know: the test fails on any.
     unexpected: Vec<String>,
+    /// Ready nodes beyond n1 and n2 (a live move's targets).
+    extra_nodes: Vec<String>,
+    /// Services the operator deleted, by name.
+    deleted_services: Vec<String>,
 }
 
 impl World {
@@ -747,6 +808,16 @@ impl World {
                 let i = match name {
                     "n1" => 0,
                     "n2" => 1,
+                    n if self.extra_nodes.iter().any(|e| e == n) => {
+                        return (
+                            200,
+                            json!({
+                                "apiVersion": "v1", "kind": "Node",
+                                "metadata": {"name": n, "labels": {"kubernetes.io/hostname": n}},
+                                "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+                            }),
+                        )
+                    }
                     _ => return (404, not_found(name)),
                 };
                 let ready = self.node_ready[i];
@@ -875,6 +946,14 @@ impl World {
             ),
             ("PATCH", p) if p.starts_with(&format!("/api/v1/namespaces/{OP_NS}/services/")) => {
                 (200, body.clone())
+            }
+            ("DELETE", p) if p.starts_with(&format!("/api/v1/namespaces/{OP_NS}/services/")) => {
+                let name = p.rsplit('/').next().unwrap_or_default().to_string();
+                self.deleted_services.push(name.clone());
+                (
+                    200,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                )
             }
             ("PATCH", p)
                 if p == format!(
@@ -2855,4 +2934,225 @@ async fn a_grown_spec_size_resizes_both_engines_and_the_new_area_replicates() {
         (Phase::Synced, GROWN),
         "{status:?}"
     );
+}
+
+/// The kubelet's part in a live move, once per pass: runs the wipe pods (the new node's: nothing there
+/// yet; the old node's: `tandem-engine wipe` on the old engine's files, as the pod's args ask), starts
+/// the new engine when its pod is created (a secondary on an empty dir, peer = the primary, slot b's
+/// TLS identity) and routes its Service, and kills the old engine once its pod is deleted.
+fn run_move_pods(op: &Operator, pair: &mut Pair, new_engine: &mut Option<Engine>, dir: &Path) {
+    let key = key();
+    let new_pod = plan::names::engine_instance(&key, Slot::B, 1);
+    let (wipes, start_new, old_gone) = {
+        let w = op.world.lock().unwrap();
+        let wipes: Vec<String> = w
+            .pods
+            .iter()
+            .filter(|(n, p)| n.contains("-wipe-") && p["status"]["phase"] == "Pending")
+            .map(|(n, _)| n.clone())
+            .collect();
+        let start_new = new_engine.is_none() && w.pods.contains_key(&new_pod);
+        (wipes, start_new, !w.pods.contains_key(&pod_name(Slot::B)))
+    };
+    if old_gone && pair.b.alive() {
+        pair.b.kill();
+    }
+    for name in &wipes {
+        if name.ends_with("-old") {
+            let run_dir = dir.join("run-b");
+            std::fs::create_dir_all(&run_dir).unwrap();
+            let out = pair
+                .b
+                .command()
+                .arg("wipe")
+                .arg("--state-dir")
+                .arg(pair.b.state_dir())
+                .arg("--data")
+                .arg(pair.b.data())
+                .arg("--run-dir")
+                .arg(&run_dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut w = op.world.lock().unwrap();
+        if let Some(p) = w.pods.get_mut(name) {
+            p["status"] = json!({"phase": "Succeeded"});
+        }
+    }
+    if start_new {
+        let tls = engine_tls_dir(&dir.join("tls-c"), Slot::B);
+        let e = tandem_testkit::EngineBuilder::new(dir.join("c"))
+            .volume(VOLUME)
+            .size(&SIZE.to_string())
+            .token(&format!("{TOKEN}\n"))
+            .role("secondary")
+            .peer(&pair.a.grpc)
+            .tls_dir(&tls)
+            .node_name("n3")
+            .args([
+                "--lease-ms",
+                &LEASE_MS.to_string(),
+                "--lease-wait-ms",
+                "1000",
+            ])
+            .start()
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let mv = volume_object(FailoverPolicy::WaitForPrimary, None);
+        op.engines.routes.lock().unwrap().insert(
+            plan::engine_address_at(&mv, Slot::B, 1, &EngineConfig::default()),
+            e.grpc.clone(),
+        );
+        let mut w = op.world.lock().unwrap();
+        if let Some(p) = w.pods.get_mut(&new_pod) {
+            p["metadata"]["creationTimestamp"] = json!(ago(1));
+            p["spec"]["nodeName"] = json!("n3");
+            p["status"] = json!({
+                "phase": "Running",
+                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": ago(1)}],
+            });
+        }
+        *new_engine = Some(e);
+    }
+}
+
+/// `spec.placement.nodes` replaces the secondary's node n2 by n3 while a writer pinned to `data@1`
+/// writes through the primary. The operator empties n3 (a wipe pod), starts engine `b-m1` there with
+/// its own Service, asks the primary to move its secondary to that Service's address and copies GetMove
+/// into status.move; at the cutover slot b becomes the new instance, the old pod and Service go and a
+/// wipe pod empties n2. Every acknowledged write reads back from the primary, the new engine's copy is
+/// byte-identical to it, the old engine's files are gone, and the primary keeps the new secondary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_edit_moves_the_secondary_under_writes_and_loses_nothing() {
+    let _serial = serial().await;
+    let (dir, mut pair) = start_pair();
+    let mut model = vec![0u8; SIZE as usize];
+    write_blocks(&pair.a, &mut model, 0..1024, 0x42);
+    wait_synced(&pair).await;
+    let op = Operator::new(&pair);
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.phase, Phase::Synced, "{status:?}");
+    let (writes, stop, writer) = start_writer(&pair.a.nbd);
+    wait_acked(&writes, 20, 20).await;
+
+    {
+        let mut w = op.world.lock().unwrap();
+        w.extra_nodes.push("n3".into());
+        w.spec_patch = json!({"placement": {"nodes": ["n1", "n3"]}});
+    }
+    let mut new_engine = None;
+    let mut phases: Vec<MovePhase> = Vec::new();
+    let mut copying_seen = 0;
+    let mut acked_copying = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+        let rec = status.moving.clone().expect("status.move");
+        if phases.last() != Some(&rec.phase) {
+            phases.push(rec.phase);
+        }
+        if rec.phase == MovePhase::Copying {
+            copying_seen += 1;
+            acked_copying.get_or_insert(writes.lock().unwrap().acked.len());
+            assert_eq!(rec.total_bytes, SIZE, "{rec:?}");
+        }
+        if rec.phase == MovePhase::Done {
+            break status;
+        }
+        assert!(
+            !matches!(rec.phase, MovePhase::Failed | MovePhase::Refused)
+                && Instant::now() < deadline,
+            "no move: phases {phases:?}; {rec:?}\na log:\n{}",
+            pair.a.log_tail(20)
+        );
+        run_move_pods(&op, &mut pair, &mut new_engine, dir.path());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for p in [
+        MovePhase::Preparing,
+        MovePhase::Starting,
+        MovePhase::Copying,
+        MovePhase::Finishing,
+    ] {
+        assert!(phases.contains(&p), "{p:?} in {phases:?}");
+    }
+    assert!(copying_seen >= 1);
+    let acked_done = writes.lock().unwrap().acked.len();
+    assert!(
+        acked_copying.is_some_and(|n| n < acked_done),
+        "writes went on while the copy ran: {acked_copying:?} then {acked_done}"
+    );
+    assert_eq!(status.nodes, ["n1", "n3"]);
+    assert_eq!(status.slot_generations, [0, 1]);
+    assert_eq!(condition(&status, "Moving").reason, "Done");
+    let new = new_engine.expect("the new engine ran");
+    let new_service = plan::names::engine_instance(&key(), Slot::B, 1);
+    {
+        let w = op.world.lock().unwrap();
+        let deleted: Vec<&str> = w.deletions.iter().map(|d| d.0.as_str()).collect();
+        assert!(deleted.contains(&pod_name(Slot::B).as_str()), "{deleted:?}");
+        assert!(!deleted.contains(&new_service.as_str()), "{deleted:?}");
+        assert_eq!(w.deleted_services, [pod_name(Slot::B)]);
+        for r in [
+            "MoveRequested",
+            "MoveStarted",
+            "MoveCutOver",
+            "MoveCompleted",
+        ] {
+            assert!(w.reasons().contains(&r), "{r}: {:?}", w.reasons());
+        }
+    }
+    assert!(!pair.b.alive());
+    assert!(
+        !pair.b.state_dir().exists() && !pair.b.data().exists(),
+        "the old node's files are wiped"
+    );
+    // The writer kept writing through the move; then the primary streams to the new secondary.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    {
+        let w = writes.lock().unwrap();
+        assert!(w.errors.is_empty(), "{:?}", w.errors);
+        assert!(w.acked.len() > 20);
+        for (block, byte) in acked_model(&w) {
+            model[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize].fill(byte);
+        }
+    }
+    eventually("the primary in sync with the new secondary", 20, || async {
+        let a = pair.a.status().await.map_err(|e| format!("{e:#}"))?;
+        if a.pair() == PairState::Synced && a.pending_blocks == 0 && a.peer_connected {
+            Ok(())
+        } else {
+            Err(format!("{a:?}"))
+        }
+    })
+    .await;
+    let image = read_volume(&pair.a).await;
+    assert_eq!(
+        first_difference(&image, &model),
+        None,
+        "acknowledged writes"
+    );
+    let copy = std::fs::read(new.data()).unwrap();
+    assert_eq!(
+        first_difference(&copy, &image),
+        None,
+        "the new engine's copy"
+    );
+
+    // The primary keeps the new secondary after a restart, whatever its --peer says (slot b's old
+    // Service): the address it stored is the new instance's, which the operator keeps serving.
+    pair.a.restart().unwrap();
+    let a = pair.a.status().await.unwrap();
+    assert!(
+        a.peer.contains(&new.grpc) || a.peer.contains(&new_service),
+        "peer after restart: {}",
+        a.peer
+    );
+    let (_, status) = op.reconcile(FailoverPolicy::WaitForPrimary).await;
+    assert_eq!(status.moving.unwrap().phase, MovePhase::Done);
 }

@@ -103,6 +103,7 @@ impl MirroredVolume {
             if let Ok(children) = &plan.children {
                 self.apply_children(ctx, children).await?;
             }
+            self.act_move(ctx, plan).await?;
             self.grow(ctx, plan).await;
             self.finish_restore(ctx, plan).await;
         }
@@ -261,6 +262,87 @@ impl MirroredVolume {
         }
         if let Some(claim) = &children.claim {
             apply(&pvcs, &claim.name_any(), claim).await?;
+        }
+        Ok(())
+    }
+
+    /// Carries out a live move's step (`crate::moving`): wipe pods, StartMove or AbortMove on the
+    /// primary (the answer goes into `status.move`), deletions of the old or new instance.
+    async fn act_move(&self, ctx: &Context, plan: &mut Plan) -> Result<()> {
+        let step = std::mem::take(&mut plan.moving);
+        let home = &ctx.config.namespace;
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), home);
+        let services: Api<Service> = Api::namespaced(ctx.client.clone(), home);
+        if let Some(w) = &step.wipe {
+            let slot = plan
+                .status
+                .moving
+                .as_ref()
+                .map(|m| m.slot)
+                .unwrap_or_default();
+            let dir = plan.status.data_dir.clone();
+            let pod = crate::wipe::named(
+                self,
+                w.name.clone(),
+                slot,
+                &w.node,
+                dir.as_deref(),
+                &ctx.config,
+            );
+            apply(&pods, &w.name, &pod).await?;
+        }
+        for name in &step.wiped {
+            delete_quietly(&pods, name, &DeleteParams::default()).await?;
+        }
+        let primary = crate::failover::primary_slot(&plan.status);
+        let target = EngineTarget {
+            address: plan::engine_address(self, primary, &ctx.config),
+            volume: self.name_any(),
+            token: plan.observed.token.clone(),
+        };
+        let now = plan.observed.now.to_string();
+        if let Some(to) = &step.start {
+            let answer = ctx.engines.start_move(&target, to).await;
+            if let Some(rec) = plan.status.moving.as_mut() {
+                match answer {
+                    Ok(p) => {
+                        info!(volume = %self.name_any(), to = %to, "live move started");
+                        rec.phase = crate::crd::MovePhase::Copying;
+                        rec.copied_bytes = p.copied_bytes;
+                        rec.total_bytes = p.total_bytes;
+                        rec.message = format!("the primary copies the volume to {to}");
+                    }
+                    Err(e) => {
+                        warn!(volume = %self.name_any(), error = %e, "StartMove failed; will retry");
+                        rec.message = format!("StartMove failed: {e}; retrying");
+                    }
+                }
+            }
+        }
+        if let Some(abort) = &step.abort {
+            match ctx.engines.abort_move(&target).await {
+                // Invariant: the new engine goes only once the primary no longer moves to it; after
+                // a cutover it is the secondary and stays (moving_tests::
+                // a_lost_new_engine_is_aborted_and_removed_only_once_the_primary_rolled_back).
+                Ok(p) if p.state != crate::engine::MoveState::Done => {
+                    if let Some(ev) = crate::moving::aborted(&mut plan.status, &abort.why, &now) {
+                        plan.notes.push(super::decide::Note::from(ev));
+                    }
+                    delete_quietly(&pods, &abort.delete, &DeleteParams::default()).await?;
+                    delete_quietly(&services, &abort.delete, &DeleteParams::default()).await?;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(volume = %self.name_any(), error = %e, "AbortMove failed; will retry");
+                    if let Some(rec) = plan.status.moving.as_mut() {
+                        rec.message = format!("{}; AbortMove failed: {e}; retrying", abort.why);
+                    }
+                }
+            }
+        }
+        for name in &step.delete {
+            delete_quietly(&pods, name, &DeleteParams::default()).await?;
+            delete_quietly(&services, name, &DeleteParams::default()).await?;
         }
         Ok(())
     }

@@ -74,6 +74,8 @@ pub struct Plan {
     pub children: Result<Desired, InvalidSpec>,
     /// Engine pod disruption labels and workload restarts (`disruption`).
     pub disruption: disruption::Actions,
+    /// A live move's calls, deletions and wipes (`crate::moving`).
+    pub moving: crate::moving::Step,
 }
 
 /// What [`decide`] concluded.
@@ -107,6 +109,7 @@ struct Pass {
     observed: Observed,
     notes: Vec<Note>,
     requeue: Option<Duration>,
+    moving: crate::moving::Step,
 }
 
 /// Decides one pass from the volume (spec and last status) and the observation.
@@ -273,6 +276,19 @@ fn assess(
     if decision.takeover.is_none() {
         decision.takeover = step.takeover;
     }
+    let busy = if decision.takeover.is_some() {
+        Some("a takeover goes first")
+    } else {
+        busy
+    };
+    let mut moving = crate::moving::track(mv, &mut status, &observed, peer_timeout, busy, cfg);
+    notes.extend(moving.events.drain(..).map(Note::from));
+    if let Some(r) = moving.recheck {
+        decision.recheck = Some(decision.recheck.map_or(r, |q| q.min(r)));
+    }
+    if decision.takeover.is_none() {
+        decision.takeover = moving.takeover.take();
+    }
     if decision.takeover.is_none() {
         status.promotion_wait = None;
         if let Some(why) = failover::abandon_takeover(&mut status, &observed, peer_timeout) {
@@ -289,6 +305,7 @@ fn assess(
         observed,
         notes,
         requeue: decision.recheck,
+        moving,
     };
     (pass, decision.takeover)
 }
@@ -460,6 +477,7 @@ impl Pass {
             grant: witness.grant,
             children,
             disruption,
+            moving: self.moving,
         }
     }
 

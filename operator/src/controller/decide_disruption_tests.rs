@@ -44,6 +44,7 @@ pub(super) fn pair() -> Observed {
         witness: crate::witness::LeaseClock::long_ago(10_000),
         certs: Default::default(),
         conflict: None,
+        moving: Default::default(),
         now: now(),
         nodes: [node("n1"), node("n2")],
         pods: [

@@ -55,6 +55,7 @@ fn nothing() -> Observed {
         witness: crate::witness::LeaseClock::long_ago(10_000),
         certs: Default::default(),
         conflict: None,
+        moving: Default::default(),
     }
 }
 

@@ -15,7 +15,7 @@ use super::{restore::Source, Context};
 use crate::{
     crd::{MirroredVolume, PlacementStatus, RestoreStatus, Slot},
     engine::{EngineState, EngineTarget},
-    observed::{NodeObs, Observed, PodObs, PvObs, WorkloadPod, SLOT_LABEL, VOLUME_LABEL},
+    observed::{MoveObs, NodeObs, Observed, PodObs, PvObs, WorkloadPod, SLOT_LABEL, VOLUME_LABEL},
     placement,
     plan::{self, names, InvalidSpec, MANAGED_BY_LABEL},
     Error, Result,
@@ -30,6 +30,9 @@ pub(super) enum Placed {
     /// No pair fits now (or the restore source is not ready): retried, nodes may come.
     Refused(PlacementStatus, Option<RestoreStatus>),
 }
+
+/// The engine pods of slot a and b (the instance each slot's generation names).
+type EnginePods = [Option<PodObs>; 2];
 
 /// A fresh volume token: 32 random bytes, hex.
 fn new_token() -> Result<String> {
@@ -144,7 +147,7 @@ impl MirroredVolume {
         let now = stamp(Timestamp::now());
         let node_names = nodes.clone();
         let nodes = observe_nodes(ctx, nodes).await?;
-        let (pods, pod_conflict) = self.engine_pods(ctx, &key).await?;
+        let (pods, pod_conflict, all_pods) = self.engine_pods(ctx, &key).await?;
         let (secrets, secret_conflict) = self.secrets(ctx, &key).await?;
         let token_secret = secrets
             .iter()
@@ -167,7 +170,21 @@ impl MirroredVolume {
             Some(t) => t,
             None => new_token()?,
         };
-        let certs = crate::certs::observe(self, &secrets, &ctx.ca, Some(&token), &node_names);
+        let mut certs = crate::certs::observe(self, &secrets, &ctx.ca, Some(&token), &node_names);
+        let csi_secret = plan::csi_secret_name(self);
+        let csi_data = secrets
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(csi_secret.as_str()))
+            .and_then(|s| s.data.as_ref());
+        if csi_data
+            .is_some_and(|d| !plan::csi_secret_maps_current(self, d, &node_names, &ctx.config))
+        {
+            // Its engine maps are stale (a live move): issued again with the current ones.
+            certs.csi = None;
+        }
+        let moving = self
+            .observe_move(ctx, &all_pods, &pods, &engines, &key, token.as_str())
+            .await?;
         Ok(Observed {
             now,
             nodes,
@@ -185,6 +202,7 @@ impl MirroredVolume {
             engine_pvcs,
             workloads,
             attachments,
+            moving,
             witness: ctx.witness.clock(
                 &format!("{ns}/{name}"),
                 self.spec.failover.lease_ms,
@@ -199,16 +217,88 @@ impl MirroredVolume {
         &self,
         ctx: &Context,
         key: &str,
-    ) -> Result<([Option<PodObs>; 2], Option<InvalidSpec>)> {
+    ) -> Result<(EnginePods, Option<InvalidSpec>, Vec<PodObs>)> {
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
         let (list, conflict) = self.own(api.list(&volume_selector(key)).await?.items, "pod");
+        let all: Vec<PodObs> = list.iter().map(PodObs::from_pod).collect();
         let pods = Slot::BOTH.map(|slot| {
-            let wanted = names::engine(key, slot);
-            list.iter()
-                .find(|p| p.metadata.name.as_deref() == Some(wanted.as_str()))
-                .map(PodObs::from_pod)
+            let g = plan::generation(self.status.as_ref(), slot);
+            let wanted = names::engine_instance(key, slot, g);
+            all.iter().find(|p| p.name == wanted).cloned()
         });
-        Ok((pods, conflict))
+        Ok((pods, conflict, all))
+    }
+
+    /// What a live move needs: its pods (the new engine, the wipe of this phase, the old engine),
+    /// the new engine's Status, the primary's GetMove, and the node the spec asks for.
+    async fn observe_move(
+        &self,
+        ctx: &Context,
+        all: &[PodObs],
+        pods: &EnginePods,
+        engines: &[Option<EngineState>; 2],
+        key: &str,
+        token: &str,
+    ) -> Result<MoveObs> {
+        use crate::crd::MovePhase;
+        let mut out = MoveObs::default();
+        let Some(status) = self.status.as_ref() else {
+            return Ok(out);
+        };
+        let find = |name: &str| all.iter().find(|p| p.name == name).cloned();
+        let target = |address: String| EngineTarget {
+            address,
+            volume: self.name_any(),
+            token: Some(token.to_string()),
+        };
+        let rec = status.moving.as_ref();
+        let asked = crate::moving::asked(self, status).map(|(_, to)| to);
+        let to = match rec {
+            Some(r) if r.phase.running() => Some(r.to.clone()),
+            _ => asked,
+        };
+        if let Some(to) = to {
+            let api: Api<Node> = Api::all(ctx.client.clone());
+            out.target_node = Some(match api.get_opt(&to).await? {
+                Some(n) => NodeObs::from_node(&n),
+                None => NodeObs::missing(&to),
+            });
+        }
+        let Some(rec) = rec else {
+            return Ok(out);
+        };
+        let (slot, gen) = (rec.slot, rec.generation);
+        match rec.phase {
+            MovePhase::Preparing => out.wipe = find(&names::move_wipe(key, slot, gen, false)),
+            MovePhase::Finishing => {
+                out.wipe = find(&names::move_wipe(key, slot, gen, true));
+                let old = names::engine_instance(key, slot, gen.saturating_sub(1));
+                out.old_pod = all.iter().any(|p| p.name == old);
+            }
+            _ => {}
+        }
+        if matches!(
+            rec.phase,
+            MovePhase::Starting | MovePhase::Copying | MovePhase::CuttingOver
+        ) {
+            out.pod = find(&names::engine_instance(key, slot, gen));
+            if out
+                .pod
+                .as_ref()
+                .is_some_and(|p| p.phase == "Running" && !p.deleting)
+            {
+                let t = target(plan::engine_address_at(self, slot, gen, &ctx.config));
+                out.engine = ctx.engines.status(&t).await.ok();
+            }
+        }
+        if matches!(rec.phase, MovePhase::Copying | MovePhase::CuttingOver) {
+            let primary = crate::failover::primary_slot(status);
+            if pods[primary.index()].is_some() && engines[primary.index()].is_some() {
+                let t = target(plan::engine_address(self, primary, &ctx.config));
+                out.progress = Some(MoveObs::progress_of(ctx.engines.get_move(&t).await));
+            }
+        }
+        Ok(out)
     }
 
     /// The volume's Secrets in the operator's namespace (token, engine TLS, CSI), and a conflict when one

@@ -37,10 +37,13 @@ pub(super) fn settle(
         ..
     } = plan;
     let key = plan::key(mv);
+    // The instances serving now: a live move's cutover changes one in this pass.
+    let gens = Slot::BOTH.map(|slot| plan::generation(Some(&status), slot));
     let names_of = |slot: Slot| {
+        let g = gens[slot.index()];
         (
-            names::engine(&key, slot),
-            plan::engine_address(mv, slot, cfg),
+            names::engine_instance(&key, slot, g),
+            plan::engine_address_at(mv, slot, g, cfg),
         )
     };
     failover::summarize(
@@ -59,6 +62,7 @@ pub(super) fn settle(
         crate::disruption::restart_grace(&mv.spec),
     );
     crate::switchover::annotate(&mv.spec, &mut status, &observed, mv.metadata.generation);
+    crate::moving::annotate(&mut status, &observed, mv.metadata.generation);
     let was_away = old
         .secondary
         .as_ref()

@@ -1,0 +1,541 @@
+//! Live move of an engine (issue 18, seed 002), as pure decisions: an edit of `spec.placement.nodes`
+//! that replaces one node moves that slot's engine to the new node while the volume is in use, with
+//! the engines' own live move (`Engine.StartMove` on the primary). `status.move` keeps where it stands,
+//! so a restarted operator resumes it; `act` makes the calls this module asks for.
+//!
+//! - **Instances.** A slot's engine is an *instance*: generation 0 is `<key>-engine-<slot>`, the n-th
+//!   move starts `<key>-engine-<slot>-m<n>` with its own Service (`plan::names::engine_instance`,
+//!   `status.slotGenerations`). The primary stores the address it moved its secondary to and keeps it
+//!   across restarts, so an instance's Service name never changes and never serves another engine.
+//! - **Phases.** Pending (gate closed, or a switchover first) → Preparing (a wipe pod empties the new
+//!   node's directories: the new engine must start empty) → Starting (the new pod and Service; the
+//!   engine must answer as a secondary) → Copying (StartMove; GetMove's watermark copied into status)
+//!   → CuttingOver → Finishing (the primary answered DONE: the new instance serves the slot, the old
+//!   pod and Service are deleted, then a wipe pod empties the old node) → Done.
+//! - **Gate.** A move starts only when nothing else moves the primary (no takeover, switchover or
+//!   engine restart this pass or running), the primary answers as primary at the pair's epoch and
+//!   streams to a connected secondary (Synced or Replicating: the old secondary keeps a consistent
+//!   copy throughout, so the volume never has less than the primary plus one complete replica), and
+//!   the new node is Ready and schedulable. Otherwise the move waits in Pending and says why (event
+//!   `MoveWaits` when the reason changes). The primary's node is moved by a switchover first (the
+//!   `switchoverPolicy` gate), then as the secondary.
+//! - **Refused** (the edit is not carried out; condition `Moving` False with reason Refused, event
+//!   `MoveRefused`): engine storage from a StorageClass (a PVC is bound to its node), a node that holds
+//!   the other engine, `spec.primaryNode` naming the node being left.
+//! - **Failed.** The primary aborted the move (GetMove ABORTED), or the new engine was lost before the
+//!   cutover (pod gone, node lost): AbortMove, then the new pod and Service go; the old pair is as
+//!   before. Failed and Refused are kept for that value of the spec: changing `placement.nodes` again
+//!   asks anew.
+
+use std::time::Duration;
+
+use tandem_api::client::PairState;
+
+use crate::{
+    crd::{
+        EngineRole, MirroredVolume, MirroredVolumeStatus, MovePhase, MoveStatus, Slot,
+        SwitchoverPhase,
+    },
+    disruption::{note, warn, Event},
+    engine::MoveState,
+    failover::{established, primary_slot, set_condition, TakeoverIntent},
+    observed::Observed,
+    plan::{self, names, EngineConfig},
+};
+
+/// Condition type: whether a live move runs, and how the last one ended.
+pub const CONDITION: &str = "Moving";
+/// Look again this soon while a move waits or runs.
+const RECHECK: Duration = Duration::from_secs(2);
+
+/// What the move asks of one pass. `act` carries it out after the children are applied (the new pod
+/// and Service are children: `plan::desired` adds them from `status.move`).
+#[derive(Debug, Default, PartialEq)]
+pub struct Step {
+    /// Hand the primary over first (the primary's node is the one replaced).
+    pub takeover: Option<TakeoverIntent>,
+    /// Call StartMove on the primary with this address (the new instance's Service).
+    pub start: Option<String>,
+    /// Call AbortMove on the primary; on an ABORTED answer the move is Failed and these go.
+    pub abort: Option<Abort>,
+    /// Pods and Services (same names) to delete in the operator's namespace.
+    pub delete: Vec<String>,
+    /// A wipe pod to apply: (pod name, node, data dir).
+    pub wipe: Option<Wipe>,
+    /// Wipe pods that finished, to delete.
+    pub wiped: Vec<String>,
+    pub events: Vec<Event>,
+    pub recheck: Option<Duration>,
+}
+
+#[derive(Debug, PartialEq, Clone)]
+pub struct Abort {
+    /// Why, for status and the event.
+    pub why: String,
+    /// The new instance's pod and Service, deleted once the primary answered ABORTED.
+    pub delete: String,
+}
+
+#[derive(Debug, PartialEq, Clone)]
+pub struct Wipe {
+    pub name: String,
+    pub node: String,
+}
+
+/// The slot to move and its new node, when `spec.placement.nodes` differs from the recorded nodes.
+/// One slot at a time: the secondary's first. A target that holds the other engine waits (a later
+/// edit may move that one away first).
+pub fn asked(mv: &MirroredVolume, status: &MirroredVolumeStatus) -> Option<(Slot, String)> {
+    let want = mv.spec.placement.nodes.as_ref()?;
+    let [a, b] = status.nodes.as_slice() else {
+        return None;
+    };
+    let (Some(wa), Some(wb)) = (want.first(), want.get(1)) else {
+        return None;
+    };
+    let now = [a, b];
+    let wanted = [wa, wb];
+    let secondary = primary_slot(status).other();
+    [secondary, secondary.other()]
+        .into_iter()
+        .find(|s| wanted[s.index()] != now[s.index()])
+        .map(|s| (s, wanted[s.index()].clone()))
+}
+
+/// Keeps `status.move` in step with the spec and the world, and says what to do this pass. `busy`
+/// names another takeover or restart of this pass: a move waits for it.
+pub fn track(
+    mv: &MirroredVolume,
+    status: &mut MirroredVolumeStatus,
+    observed: &Observed,
+    peer_timeout: Duration,
+    busy: Option<&str>,
+    cfg: &EngineConfig,
+) -> Step {
+    let mut step = Step::default();
+    let now = observed.now.to_string();
+    let key = plan::key(mv);
+    if let Some(mut rec) = status
+        .moving
+        .clone()
+        .filter(|r| r.phase.running() || r.phase == MovePhase::Finishing)
+    {
+        advance(mv, status, observed, &mut rec, &key, cfg, &now, &mut step);
+        status.moving = Some(rec);
+        return step;
+    }
+    let Some((slot, to)) = asked(mv, status) else {
+        // Nothing asked: a Done record stays (history); a refusal or failure of a value the spec no
+        // longer asks for goes.
+        if status
+            .moving
+            .as_ref()
+            .is_some_and(|r| r.phase != MovePhase::Done)
+        {
+            status.moving = None;
+        }
+        return step;
+    };
+    let from = status.nodes[slot.index()].clone();
+    let other = status.nodes[slot.other().index()].clone();
+    let old = status
+        .moving
+        .take()
+        .filter(|r| r.slot == slot && r.to == to && r.from == from);
+    if let Some(r) = old
+        .as_ref()
+        .filter(|r| matches!(r.phase, MovePhase::Failed | MovePhase::Refused))
+    {
+        // Carried out once per value: a failed or refused move is not retried by itself.
+        status.moving = Some(r.clone());
+        return step;
+    }
+    let generation = plan::generation(Some(status), slot) + 1;
+    let mut rec = old.clone().unwrap_or_else(|| MoveStatus {
+        phase: MovePhase::Pending,
+        slot,
+        from: from.clone(),
+        to: to.clone(),
+        generation,
+        started_at: Some(now.clone()),
+        ..Default::default()
+    });
+    if old.is_none() {
+        step.events.push(note(
+            "MoveRequested",
+            format!(
+                "placement.nodes asks to move the engine of slot {} from {from} to {to}",
+                slot.as_str()
+            ),
+        ));
+    }
+    if let Some(why) = refusal(mv, &from, &to, &other) {
+        rec.phase = MovePhase::Refused;
+        rec.message = why.clone();
+        step.events.push(warn("MoveRefused", why));
+        status.moving = Some(rec);
+        return step;
+    }
+    step.recheck = Some(RECHECK);
+    let primary = primary_slot(status);
+    let gate = if to == other {
+        Err(format!(
+            "node {to} still holds the other engine of the volume; waiting until it moves away"
+        ))
+    } else if let Some(b) = busy {
+        Err(format!("waiting: {b}"))
+    } else if slot == primary && established(status) {
+        // The primary's node is replaced: switch over first, then move it as the secondary.
+        match crate::switchover::gate(&mv.spec, status, observed, peer_timeout, None) {
+            Ok(()) => {
+                step.takeover = Some(TakeoverIntent {
+                    to: primary.other(),
+                    reason: crate::switchover::REASON,
+                    // Invariant: never forced, as any switchover (switchover.rs).
+                    force: false,
+                    timeout: peer_timeout,
+                    wait: None,
+                });
+                Err(format!(
+                    "the primary is on {from}: switching it over to {other} first"
+                ))
+            }
+            Err((_, why)) => Err(format!(
+                "the primary is on {from}, to switch over first: {why}"
+            )),
+        }
+    } else {
+        gate(status, observed, &to)
+    };
+    match gate {
+        Err(why) => {
+            if rec.message != why {
+                step.events.push(note("MoveWaits", why.clone()));
+            }
+            rec.phase = MovePhase::Pending;
+            rec.message = why;
+        }
+        Ok(()) => {
+            rec.phase = MovePhase::Preparing;
+            rec.generation = generation;
+            rec.message = format!("emptying the volume's directories on {to} for the new engine");
+            step.events.push(note(
+                "MoveStarted",
+                format!(
+                    "moving the secondary of slot {} from {from} to {to} (engine {})",
+                    slot.as_str(),
+                    names::engine_instance(&key, slot, generation)
+                ),
+            ));
+            step.wipe = Some(Wipe {
+                name: names::move_wipe(&key, slot, generation, false),
+                node: to,
+            });
+        }
+    }
+    status.moving = Some(rec);
+    step
+}
+
+/// Why the edit cannot be carried out at all.
+fn refusal(mv: &MirroredVolume, from: &str, to: &str, other: &str) -> Option<String> {
+    if mv.spec.engine_storage.storage_class_name.is_some() {
+        return Some(format!(
+            "engineStorage.storageClassName: an engine's PVC is bound to its node, so the engine on {from} \
+             cannot move to {to} (live moves need hostPath engine storage)"
+        ));
+    }
+    if mv.spec.primary_node.as_deref() == Some(from) {
+        return Some(format!(
+            "spec.primaryNode names {from}, the node this edit leaves; change primaryNode (e.g. to {other}) \
+             or clear it first"
+        ));
+    }
+    None
+}
+
+/// Whether the pair may start a move of its secondary to `to` now.
+fn gate(status: &MirroredVolumeStatus, observed: &Observed, to: &str) -> Result<(), String> {
+    if !established(status) {
+        return Err("waiting for the pair to be established".into());
+    }
+    if status.switchover.as_ref().is_some_and(|s| {
+        matches!(
+            s.phase,
+            SwitchoverPhase::HandingOver | SwitchoverPhase::Draining | SwitchoverPhase::Merging
+        )
+    }) {
+        return Err("waiting for the switchover to finish".into());
+    }
+    let primary = primary_slot(status);
+    let p_node = &observed.node(primary).name;
+    let Some(p) = observed
+        .engine(primary)
+        .filter(|e| e.role == Some(EngineRole::Primary) && e.epoch >= status.epoch)
+    else {
+        return Err(format!(
+            "the primary's engine on {p_node} does not answer as primary"
+        ));
+    };
+    if p.takeover_phase.in_progress() {
+        return Err(format!(
+            "the primary on {p_node} still finishes a takeover ({})",
+            p.takeover_phase.label()
+        ));
+    }
+    // Invariant: the old secondary stays a consistent, streaming replica until the cutover, so the
+    // volume never has less than the primary plus one complete copy (moving_tests::
+    // a_move_waits_while_the_secondary_is_not_a_streaming_mirror).
+    if !p.peer_connected || !matches!(p.pair_state, PairState::Synced | PairState::Replicating) {
+        return Err(format!(
+            "waiting until the secondary is a streaming mirror: pair {}, peer {}",
+            p.pair_state,
+            if p.peer_connected {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        ));
+    }
+    match &observed.moving.target_node {
+        Some(n) if n.exists && n.ready && !n.unschedulable && !n.out_of_service => Ok(()),
+        Some(n) if !n.exists => Err(format!("node {to} does not exist")),
+        _ => Err(format!("node {to} is not Ready or is cordoned")),
+    }
+}
+
+/// One pass of a running move.
+#[allow(clippy::too_many_arguments)]
+fn advance(
+    mv: &MirroredVolume,
+    status: &mut MirroredVolumeStatus,
+    observed: &Observed,
+    rec: &mut MoveStatus,
+    key: &str,
+    cfg: &EngineConfig,
+    now: &str,
+    step: &mut Step,
+) {
+    step.recheck = Some(RECHECK);
+    let slot = rec.slot;
+    let gen = rec.generation;
+    let new = names::engine_instance(key, slot, gen);
+    let target = plan::engine_address_at(mv, slot, gen, cfg);
+    let m = &observed.moving;
+    let lost_target = |rec: &MoveStatus| -> Option<String> {
+        if m.target_node.as_ref().is_some_and(|n| n.is_lost()) {
+            return Some(format!("node {} was lost", rec.to));
+        }
+        match &m.pod {
+            Some(p) if p.is_gone() => {
+                Some(format!("the new engine's pod {new} failed or was deleted"))
+            }
+            None if rec.phase != MovePhase::Starting => {
+                Some(format!("the new engine's pod {new} is gone"))
+            }
+            _ => None,
+        }
+    };
+    match rec.phase {
+        MovePhase::Preparing => {
+            let wipe = names::move_wipe(key, slot, gen, false);
+            match &m.wipe {
+                Some(p) if p.phase == "Succeeded" => {
+                    step.wiped.push(wipe);
+                    rec.phase = MovePhase::Starting;
+                    rec.message = format!("starting engine {new} on {}", rec.to);
+                }
+                Some(_) => rec.message = format!("waiting for wipe pod {wipe} on {}", rec.to),
+                None => {
+                    step.wipe = Some(Wipe {
+                        name: wipe,
+                        node: rec.to.clone(),
+                    })
+                }
+            }
+        }
+        MovePhase::Starting => {
+            if let Some(why) = lost_target(rec) {
+                fail(rec, step, why, &new);
+                return;
+            }
+            let serving = m.pod.as_ref().is_some_and(|p| p.ready)
+                && m.engine
+                    .as_ref()
+                    .is_some_and(|e| e.role == Some(EngineRole::Secondary));
+            if serving {
+                rec.message = format!("asking the primary to copy the volume to {new}");
+                step.start = Some(target);
+            } else {
+                rec.message = format!("waiting for engine {new} on {} to serve", rec.to);
+            }
+        }
+        MovePhase::Copying | MovePhase::CuttingOver => {
+            let progress = match &m.progress {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => {
+                    rec.message = format!("cannot ask the primary: {e}");
+                    return;
+                }
+                None => {
+                    rec.message = "the primary's engine does not answer".into();
+                    return;
+                }
+            };
+            let ours = progress.target == target;
+            match progress.state {
+                MoveState::Done if ours => cut_over(status, rec, step, key, now),
+                MoveState::Aborted if ours => {
+                    // The primary rolled back by itself: nothing to abort, the new engine goes.
+                    rec.phase = MovePhase::Failed;
+                    rec.completed_at = Some(now.to_string());
+                    rec.message = format!("the primary aborted the move: {}", progress.message);
+                    step.delete.push(new);
+                    step.events.push(warn("MoveFailed", rec.message.clone()));
+                }
+                MoveState::Copying | MoveState::Cutover if ours => {
+                    if let Some(why) = lost_target(rec) {
+                        fail(rec, step, why, &new);
+                        return;
+                    }
+                    rec.copied_bytes = progress.copied_bytes;
+                    rec.total_bytes = progress.total_bytes;
+                    if progress.state == MoveState::Cutover {
+                        rec.phase = MovePhase::CuttingOver;
+                        rec.message =
+                            "the copy is done; the primary waits for the new engine to hold every write"
+                                .into();
+                    } else {
+                        rec.message = format!(
+                            "copied {} of {} bytes to {new}",
+                            progress.copied_bytes, progress.total_bytes
+                        );
+                    }
+                }
+                // The primary knows no move to this target (its record was lost, or the start's
+                // answer never came back): start it again, if the new engine still serves.
+                _ => {
+                    if let Some(why) = lost_target(rec) {
+                        fail(rec, step, why, &new);
+                        return;
+                    }
+                    rec.message = format!("the primary knows no move to {new}; starting it again");
+                    step.start = Some(target);
+                }
+            }
+        }
+        MovePhase::Finishing => {
+            let old = names::engine_instance(key, slot, gen.saturating_sub(1));
+            if m.old_pod {
+                step.delete.push(old);
+                rec.message = format!("deleting the old engine's pod on {}", rec.from);
+                return;
+            }
+            let wipe = names::move_wipe(key, slot, gen, true);
+            match &m.wipe {
+                Some(p) if p.phase == "Succeeded" => {
+                    step.wiped.push(wipe);
+                    rec.phase = MovePhase::Done;
+                    rec.completed_at = Some(now.to_string());
+                    rec.message = format!(
+                        "the engine of slot {} runs on {} ({new}); {} holds nothing of the volume",
+                        slot.as_str(),
+                        rec.to,
+                        rec.from
+                    );
+                    step.recheck = None;
+                    step.events.push(note("MoveCompleted", rec.message.clone()));
+                }
+                Some(_) => rec.message = format!("waiting for wipe pod {wipe} on {}", rec.from),
+                None => {
+                    rec.message = format!("emptying the volume's directories on {}", rec.from);
+                    step.wipe = Some(Wipe {
+                        name: wipe,
+                        node: rec.from.clone(),
+                    });
+                }
+            }
+        }
+        MovePhase::Pending | MovePhase::Done | MovePhase::Failed | MovePhase::Refused => {}
+    }
+}
+
+/// The primary answered DONE: the new instance serves the slot from now on.
+fn cut_over(
+    status: &mut MirroredVolumeStatus,
+    rec: &mut MoveStatus,
+    step: &mut Step,
+    key: &str,
+    now: &str,
+) {
+    let slot = rec.slot;
+    let mut gens: Vec<u32> = Slot::BOTH
+        .iter()
+        .map(|s| plan::generation(Some(status), *s))
+        .collect();
+    gens[slot.index()] = rec.generation;
+    status.slot_generations = gens;
+    status.nodes[slot.index()] = rec.to.clone();
+    rec.phase = MovePhase::Finishing;
+    rec.copied_bytes = rec.total_bytes;
+    rec.message = format!("cut over at {now}: the secondary runs on {}", rec.to);
+    // The old instance: its pod and Service go (the primary no longer replicates to it).
+    step.delete.push(names::engine_instance(
+        key,
+        slot,
+        rec.generation.saturating_sub(1),
+    ));
+    step.events.push(note(
+        "MoveCutOver",
+        format!(
+            "the secondary moved from {} to {}; the old engine is released",
+            rec.from, rec.to
+        ),
+    ));
+}
+
+/// The move cannot go on: abort it on the primary (the new engine goes once the primary answered).
+fn fail(rec: &mut MoveStatus, step: &mut Step, why: String, new: &str) {
+    rec.message = format!("{why}; aborting the move");
+    step.abort = Some(Abort {
+        why,
+        delete: new.to_string(),
+    });
+}
+
+/// The primary answered AbortMove (or GetMove) ABORTED: the move is Failed, the old pair serves.
+pub fn aborted(status: &mut MirroredVolumeStatus, why: &str, now: &str) -> Option<Event> {
+    let rec = status.moving.as_mut()?;
+    rec.phase = MovePhase::Failed;
+    rec.completed_at = Some(now.to_string());
+    rec.message = format!(
+        "{why}; rolled back: the old secondary on {} stays",
+        rec.from
+    );
+    Some(warn("MoveFailed", rec.message.clone()))
+}
+
+/// The `Moving` condition: True while a move runs, else how the last one ended.
+pub fn annotate(status: &mut MirroredVolumeStatus, observed: &Observed, generation: Option<i64>) {
+    let Some(rec) = status.moving.clone() else {
+        status.conditions.retain(|c| c.type_ != CONDITION);
+        return;
+    };
+    let running = !matches!(
+        rec.phase,
+        MovePhase::Done | MovePhase::Failed | MovePhase::Refused
+    );
+    set_condition(
+        &mut status.conditions,
+        CONDITION,
+        running,
+        rec.phase.as_str(),
+        &rec.message,
+        generation,
+        &observed.now.to_string(),
+    );
+}
+
+#[cfg(test)]
+#[path = "moving_tests.rs"]
+mod tests;

@@ -1,0 +1,458 @@
+//! `moving::track`, phase by phase and refusal by refusal, on plain values (no API server, no engines;
+//! tests/failover_engines.rs has a real move).
+
+use tandem_api::pb::PairState;
+
+use super::*;
+use crate::{
+    crd::{EngineRole, MirroredVolume, MoveStatus, Slot},
+    engine::{MoveProgress, MoveState},
+    fixtures::{engine_state, observed_pair},
+    observed::{NodeObs, PodObs},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn cfg() -> EngineConfig {
+    EngineConfig::default()
+}
+
+/// `default/data` on n1 (primary, slot a) and n2, asked to put slot b on n3.
+fn asking(nodes: [&str; 2]) -> MirroredVolume {
+    let mut mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    mv.spec.placement.nodes = Some(nodes.map(String::from).to_vec());
+    mv
+}
+
+fn pod(name: &str, ready: bool) -> PodObs {
+    PodObs {
+        name: name.into(),
+        phase: "Running".into(),
+        ready,
+        ..Default::default()
+    }
+}
+
+fn node(name: &str) -> NodeObs {
+    NodeObs {
+        name: name.into(),
+        exists: true,
+        ready: true,
+        out_of_service: false,
+        hostname: Some(name.into()),
+        unschedulable: false,
+    }
+}
+
+/// A pair in sync: slot a primary at epoch 1 streaming to slot b; the asked node n3 is Ready.
+fn synced() -> Observed {
+    let mut o = observed_pair();
+    let key = plan::key(&MirroredVolume::test());
+    o.pods = [
+        Some(pod(&names::engine(&key, Slot::A), true)),
+        Some(pod(&names::engine(&key, Slot::B), true)),
+    ];
+    o.engines = [
+        Some(engine_state(EngineRole::Primary, 1, PairState::Synced)),
+        Some(engine_state(
+            EngineRole::Secondary,
+            1,
+            PairState::Consistent,
+        )),
+    ];
+    o.moving.target_node = Some(node("n3"));
+    o
+}
+
+fn key() -> String {
+    plan::key(&MirroredVolume::test())
+}
+
+fn reasons(step: &Step) -> Vec<&str> {
+    step.events.iter().map(|e| e.reason).collect()
+}
+
+/// The status after one pass of `track`.
+fn pass(mv: &MirroredVolume, o: &Observed, busy: Option<&str>) -> (MirroredVolumeStatus, Step) {
+    let mut status = mv.status.clone().unwrap_or_default();
+    let step = track(mv, &mut status, o, TIMEOUT, busy, &cfg());
+    (status, step)
+}
+
+fn rec(status: &MirroredVolumeStatus) -> &MoveStatus {
+    status.moving.as_ref().expect("status.move")
+}
+
+/// `mv` with its status after a pass, ready for the next one.
+fn next(mv: &MirroredVolume, status: MirroredVolumeStatus) -> MirroredVolume {
+    mv.clone().with_status(status)
+}
+
+fn in_phase(mv: &MirroredVolume, phase: MovePhase) -> MirroredVolume {
+    let mut status = mv.status.clone().unwrap_or_default();
+    status.moving = Some(MoveStatus {
+        phase,
+        slot: Slot::B,
+        from: "n2".into(),
+        to: "n3".into(),
+        generation: 1,
+        total_bytes: 1 << 30,
+        ..Default::default()
+    });
+    next(mv, status)
+}
+
+fn target() -> String {
+    plan::engine_address_at(&MirroredVolume::test(), Slot::B, 1, &cfg())
+}
+
+#[test]
+fn a_placement_edit_of_the_secondary_empties_the_new_node_first() {
+    let mv = asking(["n1", "n3"]);
+    let (status, step) = pass(&mv, &synced(), None);
+    let r = rec(&status);
+    assert_eq!(
+        (
+            r.phase,
+            r.slot,
+            r.from.as_str(),
+            r.to.as_str(),
+            r.generation
+        ),
+        (MovePhase::Preparing, Slot::B, "n2", "n3", 1)
+    );
+    assert!(r.started_at.is_some());
+    assert_eq!(reasons(&step), ["MoveRequested", "MoveStarted"]);
+    let wipe = step.wipe.expect("a wipe pod on the new node");
+    assert_eq!(
+        (wipe.name, wipe.node.as_str()),
+        (format!("{}-wipe-b-m1", key()), "n3")
+    );
+    assert_eq!(step.start, None);
+    // The recorded nodes stay until the cutover.
+    assert_eq!(status.nodes, ["n1", "n2"]);
+}
+
+#[test]
+fn a_finished_wipe_starts_the_new_engine_and_a_serving_one_is_asked_to_copy() {
+    let mv = in_phase(&asking(["n1", "n3"]), MovePhase::Preparing);
+    let mut o = synced();
+    o.moving.wipe = Some(PodObs {
+        phase: "Running".into(),
+        ..pod("w", false)
+    });
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Preparing, "the wipe runs");
+    assert_eq!(step.wipe, None, "applied once");
+    o.moving.wipe = Some(PodObs {
+        phase: "Succeeded".into(),
+        ..pod("w", false)
+    });
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Starting);
+    assert_eq!(step.wiped, [format!("{}-wipe-b-m1", key())]);
+
+    // Starting: the new pod and its Service are children; no StartMove before the engine serves.
+    let mv = next(&mv, status);
+    let o = synced();
+    let children = plan::desired(&mv, mv.status.as_ref().unwrap(), &o, &cfg(), None, &[]).unwrap();
+    let new = format!("{}-engine-b-m1", key());
+    assert!(children
+        .pods
+        .iter()
+        .any(|p| p.metadata.name.as_deref() == Some(new.as_str())));
+    assert!(children
+        .services
+        .iter()
+        .any(|s| s.metadata.name.as_deref() == Some(new.as_str())));
+    let pod_spec = children
+        .pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(new.as_str()))
+        .and_then(|p| p.spec.clone())
+        .unwrap();
+    let args = pod_spec.containers[0].args.clone().unwrap();
+    let flag = |f: &str| args[args.iter().position(|a| a == f).unwrap() + 1].clone();
+    assert_eq!(flag("--role"), "secondary");
+    assert_eq!(flag("--peer"), plan::engine_address(&mv, Slot::A, &cfg()));
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(
+        (rec(&status).phase, step.start),
+        (MovePhase::Starting, None)
+    );
+
+    let mut o = synced();
+    o.moving.pod = Some(pod(&new, true));
+    o.moving.engine = Some(engine_state(
+        EngineRole::Secondary,
+        0,
+        PairState::Inconsistent,
+    ));
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(step.start, Some(target()));
+    assert_eq!(
+        rec(&status).phase,
+        MovePhase::Starting,
+        "act records the answer"
+    );
+}
+
+#[test]
+fn the_copy_is_shown_then_the_cutover_makes_the_new_instance_the_slots() {
+    let mv = in_phase(&asking(["n1", "n3"]), MovePhase::Copying);
+    let new = format!("{}-engine-b-m1", key());
+    let mut o = synced();
+    o.moving.pod = Some(pod(&new, true));
+    let progress = |state, copied| {
+        Some(Ok(MoveProgress {
+            state,
+            target: target(),
+            copied_bytes: copied,
+            total_bytes: 1 << 30,
+            message: String::new(),
+        }))
+    };
+    o.moving.progress = progress(MoveState::Copying, 1 << 20);
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(
+        (rec(&status).phase, rec(&status).copied_bytes),
+        (MovePhase::Copying, 1 << 20)
+    );
+    assert!(step.recheck.is_some());
+    o.moving.progress = progress(MoveState::Cutover, 1 << 30);
+    let (status, _) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::CuttingOver);
+
+    o.moving.progress = progress(MoveState::Done, 1 << 30);
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Finishing);
+    assert_eq!(status.slot_generations, [0, 1]);
+    assert_eq!(status.nodes, ["n1", "n3"]);
+    assert_eq!(
+        step.delete,
+        [format!("{}-engine-b", key())],
+        "the old instance goes"
+    );
+    assert_eq!(reasons(&step), ["MoveCutOver"]);
+    // From now on slot b is reached at the new instance's address, the one the primary stored.
+    let mv = next(&mv, status);
+    assert_eq!(plan::engine_address(&mv, Slot::B, &cfg()), target());
+    let attrs = plan::engines_attribute(&mv, &["n1".into(), "n3".into()], &cfg());
+    assert!(attrs.ends_with(&format!("n3={}", target())), "{attrs}");
+}
+
+#[test]
+fn finishing_deletes_the_old_pod_then_wipes_the_old_node_then_is_done() {
+    let mut mv = in_phase(&asking(["n1", "n3"]), MovePhase::Finishing);
+    if let Some(s) = mv.status.as_mut() {
+        s.nodes = vec!["n1".into(), "n3".into()];
+        s.slot_generations = vec![0, 1];
+    }
+    let mut o = synced();
+    o.moving.old_pod = true;
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Finishing);
+    assert_eq!(step.delete, [format!("{}-engine-b", key())]);
+    assert_eq!(step.wipe, None, "not while the old engine may still run");
+
+    o.moving.old_pod = false;
+    let (_, step) = pass(&mv, &o, None);
+    let wipe = step.wipe.expect("the old node's wipe");
+    assert_eq!(
+        (wipe.name, wipe.node.as_str()),
+        (format!("{}-wipe-b-m1-old", key()), "n2")
+    );
+    o.moving.wipe = Some(PodObs {
+        phase: "Succeeded".into(),
+        ..pod("w", false)
+    });
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Done);
+    assert!(rec(&status).completed_at.is_some());
+    assert_eq!(reasons(&step), ["MoveCompleted"]);
+    assert_eq!(step.recheck, None);
+
+    // Done stays Done: the spec matches the recorded nodes, nothing else is asked.
+    let mv = next(&mv, status);
+    let (status, step) = pass(&mv, &synced(), None);
+    assert_eq!(rec(&status).phase, MovePhase::Done);
+    assert_eq!(step, Step::default());
+}
+
+#[test]
+fn a_move_waits_while_the_secondary_is_not_a_streaming_mirror() {
+    let mv = asking(["n1", "n3"]);
+    let mut o = synced();
+    o.engines[0] = Some(engine_state(EngineRole::Primary, 1, PairState::Resyncing));
+    let (status, step) = pass(&mv, &o, None);
+    let r = rec(&status);
+    assert_eq!(r.phase, MovePhase::Pending);
+    assert!(r.message.contains("streaming mirror"), "{}", r.message);
+    assert_eq!(reasons(&step), ["MoveRequested", "MoveWaits"]);
+    assert_eq!((step.wipe, step.start), (None, None), "nothing done");
+
+    // The same reason again: no second event.
+    let mv2 = next(&mv, status);
+    let (_, step) = pass(&mv2, &o, None);
+    assert!(step.events.is_empty(), "{:?}", reasons(&step));
+
+    // Another takeover of this pass, or a node that is not Ready: waits too.
+    let (status, _) = pass(&mv, &synced(), Some("another takeover goes first"));
+    assert_eq!(rec(&status).phase, MovePhase::Pending);
+    let mut o = synced();
+    o.moving.target_node = Some(NodeObs::missing("n3"));
+    let (status, _) = pass(&mv, &o, None);
+    assert!(rec(&status).message.contains("does not exist"));
+}
+
+#[test]
+fn refused_edits_change_nothing_and_are_not_retried() {
+    let mut mv = asking(["n1", "n3"]);
+    mv.spec.engine_storage.host_path = None;
+    mv.spec.engine_storage.storage_class_name = Some("local-path".into());
+    let (status, step) = pass(&mv, &synced(), None);
+    assert_eq!(rec(&status).phase, MovePhase::Refused);
+    assert!(rec(&status).message.contains("hostPath"));
+    assert!(reasons(&step).contains(&"MoveRefused"));
+    assert_eq!((step.wipe, step.start), (None, None));
+    let (again, step) = pass(&next(&mv, status.clone()), &synced(), None);
+    assert_eq!(again.moving, status.moving);
+    assert!(step.events.is_empty());
+
+    let mut mv = asking(["n1", "n3"]);
+    mv.spec.primary_node = Some("n2".into());
+    let (status, _) = pass(&mv, &synced(), None);
+    assert_eq!(rec(&status).phase, MovePhase::Refused);
+    assert!(rec(&status).message.contains("primaryNode"));
+
+    // The spec back where the engines are: the refusal goes.
+    let mut back = next(&mv, status);
+    back.spec.placement.nodes = Some(vec!["n1".into(), "n2".into()]);
+    let (status, _) = pass(&back, &synced(), None);
+    assert_eq!(status.moving, None);
+}
+
+#[test]
+fn a_lost_new_engine_is_aborted_and_removed_only_once_the_primary_rolled_back() {
+    let mv = in_phase(&asking(["n1", "n3"]), MovePhase::Copying);
+    let new = format!("{}-engine-b-m1", key());
+    let mut o = synced();
+    o.moving.pod = Some(PodObs {
+        phase: "Failed".into(),
+        ..pod(&new, false)
+    });
+    o.moving.progress = Some(Ok(MoveProgress {
+        state: MoveState::Copying,
+        target: target(),
+        ..Default::default()
+    }));
+    let (mut status, step) = pass(&mv, &o, None);
+    let abort = step.abort.expect("AbortMove");
+    assert_eq!(abort.delete, new);
+    assert!(
+        step.delete.is_empty(),
+        "nothing deleted before the primary answers"
+    );
+    assert_eq!(rec(&status).phase, MovePhase::Copying);
+    // The primary answered ABORTED (act): Failed, the old pair as it was.
+    let ev = aborted(&mut status, &abort.why, "now").unwrap();
+    assert_eq!(ev.reason, "MoveFailed");
+    assert_eq!(rec(&status).phase, MovePhase::Failed);
+    assert_eq!(status.nodes, ["n1", "n2"]);
+    assert!(status.slot_generations.is_empty());
+    // Not retried for the same spec.
+    let (again, step) = pass(&next(&mv, status.clone()), &synced(), None);
+    assert_eq!(rec(&again).phase, MovePhase::Failed);
+    assert_eq!(step, Step::default());
+}
+
+#[test]
+fn an_abort_by_the_primary_fails_the_move_and_removes_the_new_engine() {
+    let mv = in_phase(&asking(["n1", "n3"]), MovePhase::CuttingOver);
+    let new = format!("{}-engine-b-m1", key());
+    let mut o = synced();
+    o.moving.pod = Some(pod(&new, true));
+    o.moving.progress = Some(Ok(MoveProgress {
+        state: MoveState::Aborted,
+        target: target(),
+        message: "new engine refused".into(),
+        ..Default::default()
+    }));
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Failed);
+    assert!(rec(&status).message.contains("new engine refused"));
+    assert_eq!(step.delete, [new]);
+    assert_eq!(reasons(&step), ["MoveFailed"]);
+}
+
+#[test]
+fn the_primarys_node_is_switched_over_first_then_moved_as_the_secondary() {
+    let mv = asking(["n3", "n2"]);
+    let (status, step) = pass(&mv, &synced(), None);
+    let t = step.takeover.expect("a switchover first");
+    assert_eq!(
+        (t.to, t.reason, t.force),
+        (Slot::B, crate::switchover::REASON, false)
+    );
+    let r = rec(&status);
+    assert_eq!((r.phase, r.slot), (MovePhase::Pending, Slot::A));
+    assert!(r.message.contains("switching it over"), "{}", r.message);
+    // Once slot b is the primary, slot a moves as the secondary.
+    let mut after = MirroredVolume::test().finalized().established(Slot::B, 2);
+    after.spec.placement.nodes = Some(vec!["n3".into(), "n2".into()]);
+    let mut o = synced();
+    o.engines = [
+        Some(engine_state(
+            EngineRole::Secondary,
+            2,
+            PairState::Consistent,
+        )),
+        Some(engine_state(EngineRole::Primary, 2, PairState::Synced)),
+    ];
+    let (status, step) = pass(&after, &o, None);
+    assert_eq!(step.takeover, None);
+    assert_eq!(
+        (rec(&status).phase, rec(&status).slot),
+        (MovePhase::Preparing, Slot::A)
+    );
+}
+
+#[test]
+fn two_replaced_nodes_move_one_at_a_time_the_secondary_first() {
+    let mv = asking(["n3", "n4"]);
+    let status = mv.status.clone().unwrap();
+    assert_eq!(asked(&mv, &status), Some((Slot::B, "n4".into())));
+    // A target that still holds the other engine waits for it to leave.
+    let mv = asking(["n1", "n1x"]);
+    assert_eq!(asked(&mv, &status), Some((Slot::B, "n1x".into())));
+    let mut swap = asking(["n1", "n3"]);
+    swap.spec.placement.nodes = Some(vec!["n2".into(), "n2".into()]);
+    let (status, step) = pass(&swap, &synced(), None);
+    assert_eq!(rec(&status).phase, MovePhase::Pending);
+    assert!(rec(&status).message.contains("holds the other engine"));
+    assert_eq!(step.wipe, None);
+}
+
+#[test]
+fn the_moving_condition_follows_the_record() {
+    let mv = in_phase(&asking(["n1", "n3"]), MovePhase::Copying);
+    let mut status = mv.status.clone().unwrap();
+    annotate(&mut status, &synced(), Some(2));
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION)
+        .unwrap();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Copying"));
+    status.moving.as_mut().unwrap().phase = MovePhase::Done;
+    annotate(&mut status, &synced(), Some(2));
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION)
+        .unwrap();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "Done"));
+    status.moving = None;
+    annotate(&mut status, &synced(), Some(2));
+    assert!(status.conditions.iter().all(|c| c.type_ != CONDITION));
+}
