@@ -447,7 +447,7 @@ fn move_text(m: &Value) -> String {
             .to_string()
     };
     let mut out = text("phase");
-    let (source, target) = (text("source"), text("target"));
+    let (source, target) = (text("from"), text("to"));
     if !source.is_empty() || !target.is_empty() {
         out.push_str(&format!(" {source} -> {target}"));
     }
@@ -573,7 +573,7 @@ pub fn bars(v: &Volume, merges: &mut BTreeMap<String, u64>) -> Vec<Bar> {
     if let Some(m) = &v.moving {
         let num = |k: &str| m.get(k).and_then(Value::as_u64).unwrap_or(0);
         let phase = m.get("phase").and_then(Value::as_str).unwrap_or_default();
-        let over = matches!(phase, "" | "None" | "Done" | "Aborted");
+        let over = matches!(phase, "" | "Done" | "Failed" | "Refused");
         if !over && num("totalBytes") > 0 {
             out.push(Bar {
                 key: format!("{id} move"),
