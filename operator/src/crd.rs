@@ -31,6 +31,7 @@ pub use tandem_api::contract::CSI_DRIVER;
     derive = "PartialEq",
     doc = "A block volume mirrored by two Tandem engines on two nodes, with constant-time failover.",
     validation = Rule::new("size(self.metadata.name) <= 40").message("name must be at most 40 characters (it prefixes pod and service names)"),
+    validation = Rule::new("!has(self.spec.secondaryReadMode) || self.spec.secondaryReadMode != 'Current' || (has(self.spec.secondaryAccess) && self.spec.secondaryAccess == 'ReadWrite')").message("secondaryReadMode Current needs secondaryAccess ReadWrite"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Primary", type_ = "string", json_path = ".status.primary.node"),
     printcolumn(name = "Secondary", type_ = "string", json_path = ".status.secondary.node"),
@@ -63,6 +64,12 @@ pub struct MirroredVolumeSpec {
     /// Whether hosts may read the secondary's copy.
     #[serde(default)]
     pub secondary_access: SecondaryAccess,
+
+    /// What a read-only stage on the secondary's node reads: a point-in-time view (`Snapshot`, the
+    /// default: a consistent image for backups) or, with `secondaryAccess: ReadWrite`, the live
+    /// secondary (`Current`: every write acknowledged before the read, like the primary's node).
+    #[serde(default)]
+    pub secondary_read_mode: SecondaryReadMode,
 
     /// The node that should hold the primary. Naming the secondary's node asks for a planned switchover
     /// (handoff, drain, merge; the old primary then replicates back as the secondary), carried out once
@@ -388,6 +395,26 @@ impl SecondaryAccess {
             SecondaryAccess::None => "None",
             SecondaryAccess::ReadOnly => "ReadOnly",
             SecondaryAccess::ReadWrite => "ReadWrite",
+        }
+    }
+}
+
+/// What a read-only stage on the secondary's node reads (`contract::ATTR_SECONDARY_READ_MODE`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum SecondaryReadMode {
+    /// A point-in-time view taken at the stage, deleted at unstage.
+    #[default]
+    Snapshot,
+    /// The live secondary (needs `secondaryAccess: ReadWrite`).
+    Current,
+}
+
+impl SecondaryReadMode {
+    /// The PV attribute's value.
+    pub fn attribute(self) -> &'static str {
+        match self {
+            SecondaryReadMode::Snapshot => "Snapshot",
+            SecondaryReadMode::Current => "Current",
         }
     }
 }
@@ -1061,6 +1088,7 @@ mod tests {
             "has(self.hostPath) != has(self.storageClassName)",
             "self.policy != 'MaxLoss' || has(self.maxLossBytes)",
             "self.nodes[0] == oldSelf.nodes[0] || self.nodes[1] == oldSelf.nodes[1]",
+            "self.spec.secondaryReadMode != 'Current'",
         ] {
             assert!(text.contains(rule), "missing CEL rule {rule}");
         }

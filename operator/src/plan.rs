@@ -50,7 +50,7 @@ pub const METRICS_PORT: u16 = 9501;
 /// PV volume attributes and the token's key: the contract with the CSI plugin.
 pub use tandem_api::contract::{
     ATTR_ENGINES, ATTR_FAILOVER_POLICY, ATTR_NBD, ATTR_PEER_TIMEOUT, ATTR_SECONDARY_ACCESS,
-    ATTR_TAKEOVER_POLICY, ATTR_VOLUME, SECRET_CA_KEY, SECRET_TOKEN_KEY,
+    ATTR_SECONDARY_READ_MODE, ATTR_TAKEOVER_POLICY, ATTR_VOLUME, SECRET_CA_KEY, SECRET_TOKEN_KEY,
 };
 
 /// Where the engine keeps everything inside its pod.
@@ -1101,6 +1101,10 @@ pub fn pv_attributes(
         ATTR_SECONDARY_ACCESS.to_string(),
         mv.spec.secondary_access.attribute().to_string(),
     );
+    attributes.insert(
+        ATTR_SECONDARY_READ_MODE.to_string(),
+        mv.spec.secondary_read_mode.attribute().to_string(),
+    );
     let peer_timeout = crate::crd::parse_duration(&mv.spec.failover.peer_timeout)
         .unwrap_or(std::time::Duration::from_secs(30));
     attributes.insert(
@@ -2033,6 +2037,7 @@ mod tests {
         assert_eq!(attrs[ATTR_FAILOVER_POLICY], "ForcePromote");
         assert_eq!(attrs[ATTR_PEER_TIMEOUT], "30");
         assert_eq!(attrs[ATTR_SECONDARY_ACCESS], "None");
+        assert_eq!(attrs[ATTR_SECONDARY_READ_MODE], "Snapshot");
         let k = key_of_test();
         assert_eq!(
             attrs[ATTR_NBD],

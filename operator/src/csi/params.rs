@@ -9,7 +9,7 @@ use tandem_api::csi::volume_capability::{access_mode::Mode, AccessType};
 use super::{CsiError, CsiResult};
 use crate::crd::{
     parse_duration, parse_quantity, EngineStorage, Failover, FailoverPolicy, FsType, Replication,
-    ReplicationMode, SecondaryAccess, VolumeMode,
+    ReplicationMode, SecondaryAccess, SecondaryReadMode, VolumeMode,
 };
 
 /// external-provisioner's `--extra-create-metadata`: the claim's namespace.
@@ -29,6 +29,7 @@ pub const PARAMETERS: &[&str] = &[
     "leaseMs",
     "fsType",
     "secondaryAccess",
+    "secondaryReadMode",
     "hostPath",
     "engineStorageClass",
     "nodeSelector",
@@ -52,6 +53,8 @@ pub struct Parameters {
     pub failover: Failover,
     pub fs_type: Option<FsType>,
     pub secondary_access: SecondaryAccess,
+    /// `secondaryReadMode`: what a reader on the secondary's node gets.
+    pub secondary_read_mode: SecondaryReadMode,
     pub engine_storage: EngineStorage,
     pub node_selector: BTreeMap<String, String>,
 }
@@ -191,6 +194,19 @@ pub fn parameters(map: &HashMap<String, String>) -> CsiResult<Parameters> {
         Some("ReadWrite") => SecondaryAccess::ReadWrite,
         Some(v) => return Err(invalid("secondaryAccess", v, "None, ReadOnly or ReadWrite")),
     };
+    let secondary_read_mode = match get("secondaryReadMode") {
+        None | Some("Snapshot") => SecondaryReadMode::Snapshot,
+        Some("Current") if secondary_access == SecondaryAccess::ReadWrite => {
+            SecondaryReadMode::Current
+        }
+        Some(v) => {
+            return Err(invalid(
+                "secondaryReadMode",
+                v,
+                "Snapshot, or Current with secondaryAccess ReadWrite",
+            ))
+        }
+    };
     let engine_storage = match (get("hostPath"), get("engineStorageClass")) {
         (Some(p), None) if p.starts_with('/') => EngineStorage {
             host_path: Some(p.to_string()),
@@ -214,6 +230,7 @@ pub fn parameters(map: &HashMap<String, String>) -> CsiResult<Parameters> {
         failover,
         fs_type,
         secondary_access,
+        secondary_read_mode,
         engine_storage,
         node_selector,
     })
@@ -470,6 +487,20 @@ mod tests {
         assert_eq!(p.secondary_access, SecondaryAccess::ReadOnly);
         let rw = parameters(&params(&[("secondaryAccess", "ReadWrite")])).unwrap();
         assert_eq!(rw.secondary_access, SecondaryAccess::ReadWrite);
+        assert_eq!(rw.secondary_read_mode, SecondaryReadMode::Snapshot);
+        let current = parameters(&params(&[
+            ("secondaryAccess", "ReadWrite"),
+            ("secondaryReadMode", "Current"),
+        ]))
+        .unwrap();
+        assert_eq!(current.secondary_read_mode, SecondaryReadMode::Current);
+        // Current reads come from a live secondary, which only ReadWrite serves.
+        let e = parameters(&params(&[
+            ("secondaryAccess", "ReadOnly"),
+            ("secondaryReadMode", "Current"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("secondaryReadMode"), "{e}");
         assert_eq!(
             p.engine_storage.host_path.as_deref(),
             Some("/var/lib/tandem")

@@ -198,6 +198,7 @@ impl Controller {
                 engine_storage: p.engine_storage,
                 failover: p.failover,
                 secondary_access: p.secondary_access,
+                secondary_read_mode: p.secondary_read_mode,
                 primary_node: None,
                 switchover_policy: Default::default(),
                 volume_mode: access.mode,
