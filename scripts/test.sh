@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+scripts/check-msrv.sh
 cargo test --workspace --locked
 # --- further suites (chart checks, CRD drift, e2e) go below this line ---
 scripts/check-chart.sh

@@ -10,6 +10,7 @@
 //! - [`lease`]: the write lease's guard, the engine's promise and the witness's wait.
 //! - [`http`]: the one HTTP stack (axum) the three binaries serve probes and metrics with, bounded.
 //! - [`accept`]: accept loops that back off when descriptors run out instead of spinning.
+//! - [`authority`]: CSI unix sockets that accept any HTTP/2 `:authority` (Python gRPC sends the path).
 //! - [`tls`]: who is who on a gRPC channel ([`tls::Identity`]) and minting the certificates that say so.
 
 /// Generated protobuf types and gRPC stubs for `tandem.engine.v1`.
@@ -36,6 +37,7 @@ pub mod csi {
 }
 
 pub mod accept;
+pub mod authority;
 pub mod client;
 pub mod contract;
 pub mod http;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::attach::FuseLoopAttacher;
 use crate::engine::GrpcEngines;
@@ -255,7 +254,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             state_dir: state_dir.clone(),
         }))
         .add_service(NodeServer::new(NodeGrpc { svc }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        // Any client's :authority (Python gRPC sends the socket path): tandem_api::authority.
+        .serve_with_incoming_shutdown(tandem_api::authority::incoming(listener), shutdown_signal())
         .await
         .context("CSI server")?;
     if let Some(t) = health_task {
@@ -268,6 +268,64 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The node plugin's socket answers a client whatever it sends as `:authority`: kubelet's
+    /// `localhost`, Python gRPC's percent-encoded path, grpc-java's bare path, a `unix://` URI (h2 alone
+    /// resets the last three with PROTOCOL_ERROR).
+    #[tokio::test]
+    async fn the_plugin_answers_any_authority() {
+        use tandem_testkit::h2raw::{unary, RawAnswer};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("csi/csi.sock");
+        let endpoint = format!("unix://{}", socket.display());
+        let args = Cli::parse_from([
+            "tandem-csi",
+            "--endpoint",
+            &endpoint,
+            "--node-id",
+            "node-1",
+            "--state-dir",
+            &dir.path().join("state").display().to_string(),
+        ]);
+        let server = tokio::spawn(serve(args.serve));
+        for _ in 0..500 {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let path = socket.display().to_string();
+        let encoded = path.replace('/', "%2F");
+        for authority in [
+            "localhost",
+            encoded.as_str(),
+            path.as_str(),
+            endpoint.as_str(),
+        ] {
+            let answer = unary(&socket, authority, "/csi.v1.Identity/GetPluginInfo", &[])
+                .await
+                .unwrap();
+            let RawAnswer::Answered {
+                status,
+                body,
+                grpc_status,
+            } = answer
+            else {
+                panic!("authority {authority:?}: {answer:?}");
+            };
+            assert_eq!(
+                (status, grpc_status.as_deref()),
+                (200, Some("0")),
+                "{authority:?}"
+            );
+            let name = tandem_api::contract::CSI_DRIVER.as_bytes();
+            assert!(
+                body.windows(name.len()).any(|w| w == name),
+                "authority {authority:?}: GetPluginInfo names the driver: {body:?}"
+            );
+        }
+        server.abort();
+    }
 
     #[test]
     fn endpoints_parse() {

@@ -1041,6 +1041,15 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// The CustomResourceDefinition as the YAML that crds/ and the chart's crds/ hold.
+pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    use kube::CustomResourceExt;
+    // A one-line description stays on one line (not folded at 80 columns); multi-line ones are
+    // literal blocks.
+    let options = serde_saphyr::ser_options! { folded_wrap_chars: 1 << 20 };
+    serde_saphyr::to_string_with_options(&MirroredVolume::crd(), options)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1050,12 +1059,21 @@ mod tests {
     /// `cargo run -q -p operator -- crd > crds/mirroredvolumes.tandem.dev.yaml`).
     #[test]
     fn committed_crd_matches_the_code() {
-        let generated = serde_yaml::to_string(&MirroredVolume::crd()).unwrap();
+        let generated = crd_yaml().unwrap();
         let committed = include_str!("../../crds/mirroredvolumes.tandem.dev.yaml");
         assert!(
             generated == committed,
             "crds/mirroredvolumes.tandem.dev.yaml is stale: run `cargo run -q -p operator -- crd > crds/mirroredvolumes.tandem.dev.yaml`"
         );
+    }
+
+    /// Every quoting choice of the YAML writer reads back as the same CRD, also by a reader that takes
+    /// YAML 1.1's `on`/`off`/`yes`/`no` for booleans (as kubectl's does).
+    #[test]
+    fn committed_crd_reads_back_as_the_crd() {
+        let committed = include_str!("../../crds/mirroredvolumes.tandem.dev.yaml");
+        let read: serde_json::Value = serde_saphyr::from_str(committed).unwrap();
+        assert_eq!(read, serde_json::to_value(MirroredVolume::crd()).unwrap());
     }
 
     #[test]
@@ -1151,7 +1169,7 @@ mod tests {
 
     #[test]
     fn spec_defaults_from_minimal_yaml() {
-        let spec: MirroredVolumeSpec = serde_yaml::from_str(
+        let spec: MirroredVolumeSpec = serde_saphyr::from_str(
             "size: 1Gi\nplacement: {nodes: [n1, n2]}\nengineStorage: {hostPath: /var/lib/tandem}\n",
         )
         .unwrap();

@@ -6,7 +6,7 @@ use std::{io::Write, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
 use operator::{
     controller::{self, Context},
     crd::MirroredVolume,
@@ -139,8 +139,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => {
-            let yaml =
-                serde_yaml::to_string(&MirroredVolume::crd()).context("serializing the CRD")?;
+            let yaml = operator::crd::crd_yaml().context("serializing the CRD")?;
             std::io::stdout()
                 .lock()
                 .write_all(yaml.as_bytes())
@@ -154,7 +153,6 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn render(args: RenderArgs) -> anyhow::Result<()> {
-    use serde::Deserialize;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
     let cfg = EngineConfig {
@@ -165,14 +163,17 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
         ..EngineConfig::default()
     };
     let mut rendered = 0;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_yaml::Value::deserialize(doc).context("parsing YAML")?;
+    // YAML 1.2 booleans (as serde_yaml read them): a plain `off` stays a string.
+    let options = serde_saphyr::options! { strict_booleans: true };
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(&text, options)
+        .with_context(|| format!("parsing {} as YAML", args.file.display()))?;
+    for value in docs {
         let is_volume = value.get("kind").and_then(|k| k.as_str()) == Some("MirroredVolume");
         if !is_volume {
             continue;
         }
         let mut mv: MirroredVolume =
-            serde_yaml::from_value(value).context("not a valid MirroredVolume")?;
+            serde_json::from_value(value).context("not a valid MirroredVolume")?;
         if mv.metadata.namespace.is_none() {
             mv.metadata.namespace = Some("default".into());
         }
@@ -185,8 +186,8 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
         })?;
         let mut stdout = std::io::stdout().lock();
         for object in objects {
-            // Each object as a JSON document (JSON is YAML): serde_yaml writes the engine's `off` plain,
-            // which a YAML 1.1 reader such as kubectl's takes for the boolean false.
+            // Each object as a JSON document (JSON is YAML): no YAML writer's quoting choices matter, and
+            // a YAML 1.1 reader such as kubectl's never takes the engine's `off` for the boolean false.
             let json = serde_json::to_string_pretty(&object).context("serializing")?;
             write!(stdout, "---\n{json}\n").context("writing to stdout")?;
         }

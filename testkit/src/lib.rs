@@ -9,6 +9,7 @@
 mod bin;
 mod data;
 mod engine;
+pub mod h2raw;
 mod pair;
 mod tools;
 

@@ -236,10 +236,8 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityGrpc))
         .add_service(ControllerServer::new(ControllerGrpc { controller }))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            shutdown,
-        )
+        // Any client's :authority (Python gRPC sends the socket path): tandem_api::authority.
+        .serve_with_incoming_shutdown(tandem_api::authority::incoming(listener), shutdown)
         .await
         .context("CSI controller server")
 }

@@ -792,3 +792,65 @@ async fn the_sidecars_reach_the_controller_over_its_unix_socket() {
     server.await.unwrap().unwrap();
     finish(api).await;
 }
+
+/// The controller's socket answers a client whatever it sends as `:authority`: kubelet's `localhost`,
+/// Python gRPC's percent-encoded path, grpc-java's bare path, a `unix://` URI (h2 alone resets the
+/// last three with PROTOCOL_ERROR).
+#[tokio::test]
+async fn the_controller_answers_any_authority() {
+    use tandem_testkit::h2raw::{unary, RawAnswer};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let endpoint = format!("unix://{}", socket.display());
+    let (c, api) = controller(Duration::ZERO, Arc::default());
+    let api = api.run(vec![]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let endpoint = endpoint.clone();
+        async move {
+            super::grpc::serve(&endpoint, Arc::new(c), async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    for _ in 0..200 {
+        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let path = socket.display().to_string();
+    let encoded = path.replace('/', "%2F");
+    for authority in [
+        "localhost",
+        encoded.as_str(),
+        path.as_str(),
+        endpoint.as_str(),
+    ] {
+        let answer = unary(&socket, authority, "/csi.v1.Identity/GetPluginInfo", &[])
+            .await
+            .unwrap();
+        let RawAnswer::Answered {
+            status,
+            body,
+            grpc_status,
+        } = answer
+        else {
+            panic!("authority {authority:?}: {answer:?}");
+        };
+        assert_eq!(
+            (status, grpc_status.as_deref()),
+            (200, Some("0")),
+            "{authority:?}"
+        );
+        let name = tandem_api::contract::CSI_DRIVER.as_bytes();
+        assert!(
+            body.windows(name.len()).any(|w| w == name),
+            "authority {authority:?}: GetPluginInfo names the driver: {body:?}"
+        );
+    }
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    finish(api).await;
+}
