@@ -23,6 +23,42 @@ pub enum RawAnswer {
     Reset(String),
 }
 
+/// Waits for a CSI server on `socket` (served as `endpoint`, a `unix://` URI), then checks that it answers
+/// GetPluginInfo, naming the driver, whatever the client sends as `:authority`: kubelet's `localhost`,
+/// Python gRPC's percent-encoded path, grpc-java's bare path and the endpoint URI (h2 alone resets the
+/// last three with PROTOCOL_ERROR). Panics with the authority that failed.
+pub async fn assert_answers_any_authority(socket: &Path, endpoint: &str) {
+    for _ in 0..500 {
+        if UnixStream::connect(socket).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let path = socket.display().to_string();
+    let encoded = path.replace('/', "%2F");
+    for authority in ["localhost", encoded.as_str(), path.as_str(), endpoint] {
+        let answer = unary(socket, authority, "/csi.v1.Identity/GetPluginInfo", &[]).await;
+        let Ok(RawAnswer::Answered {
+            status,
+            body,
+            grpc_status,
+        }) = answer
+        else {
+            panic!("authority {authority:?}: {answer:?}");
+        };
+        assert_eq!(
+            (status, grpc_status.as_deref()),
+            (200, Some("0")),
+            "{authority:?}"
+        );
+        let name = tandem_api::contract::CSI_DRIVER.as_bytes();
+        assert!(
+            body.windows(name.len()).any(|w| w == name),
+            "authority {authority:?}: GetPluginInfo names the driver: {body:?}"
+        );
+    }
+}
+
 /// Calls `path` (`/csi.v1.Identity/GetPluginInfo`) on the gRPC server at `socket` with `:authority`
 /// set to `authority` and `message` (an encoded protobuf) as the one request message.
 pub async fn unary(

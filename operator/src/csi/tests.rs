@@ -798,7 +798,7 @@ async fn the_sidecars_reach_the_controller_over_its_unix_socket() {
 /// last three with PROTOCOL_ERROR).
 #[tokio::test]
 async fn the_controller_answers_any_authority() {
-    use tandem_testkit::h2raw::{unary, RawAnswer};
+    use tandem_testkit::h2raw::assert_answers_any_authority;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("csi.sock");
     let endpoint = format!("unix://{}", socket.display());
@@ -814,42 +814,7 @@ async fn the_controller_answers_any_authority() {
             .await
         }
     });
-    for _ in 0..200 {
-        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let path = socket.display().to_string();
-    let encoded = path.replace('/', "%2F");
-    for authority in [
-        "localhost",
-        encoded.as_str(),
-        path.as_str(),
-        endpoint.as_str(),
-    ] {
-        let answer = unary(&socket, authority, "/csi.v1.Identity/GetPluginInfo", &[])
-            .await
-            .unwrap();
-        let RawAnswer::Answered {
-            status,
-            body,
-            grpc_status,
-        } = answer
-        else {
-            panic!("authority {authority:?}: {answer:?}");
-        };
-        assert_eq!(
-            (status, grpc_status.as_deref()),
-            (200, Some("0")),
-            "{authority:?}"
-        );
-        let name = tandem_api::contract::CSI_DRIVER.as_bytes();
-        assert!(
-            body.windows(name.len()).any(|w| w == name),
-            "authority {authority:?}: GetPluginInfo names the driver: {body:?}"
-        );
-    }
+    assert_answers_any_authority(&socket, &endpoint).await;
     let _ = stop.send(());
     server.await.unwrap().unwrap();
     finish(api).await;
