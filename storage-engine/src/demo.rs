@@ -357,7 +357,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("\nEvents on node-b:");
     for e in status(&b).await?.events {
-        println!("  {e}");
+        println!("  {}", crate::report::event_line(&e));
     }
     drop(a);
     drop(b);

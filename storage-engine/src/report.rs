@@ -21,6 +21,26 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// An engine event (`<unix ms> <what>`, as `Areas::event` keeps it) with its time in RFC 3339 (UTC)
+/// for people; a line without a leading time is shown as it is.
+pub fn event_line(raw: &str) -> String {
+    let Some((ms, what)) = raw.split_once(' ') else {
+        return raw.to_string();
+    };
+    let at = ms
+        .parse::<i128>()
+        .ok()
+        .and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+    match at {
+        Some(at) => format!("{at} {what}"),
+        None => raw.to_string(),
+    }
+}
+
 fn role(s: &pb::StatusReply) -> &'static str {
     match pb::Role::try_from(s.role).unwrap_or(pb::Role::Unspecified) {
         pb::Role::Primary => "primary",
@@ -171,6 +191,16 @@ impl std::error::Error for Reported {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_times_read_as_rfc3339() {
+        assert_eq!(
+            event_line("1796618076190 ServingReady epoch=2 ready_ms=3"),
+            "2026-12-07T04:34:36.19Z ServingReady epoch=2 ready_ms=3"
+        );
+        assert_eq!(event_line("no time here"), "no time here");
+        assert_eq!(event_line("Fenced"), "Fenced");
+    }
 
     fn primary() -> pb::StatusReply {
         pb::StatusReply {
