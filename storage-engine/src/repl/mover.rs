@@ -25,12 +25,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::{
     bitmap::Bitmap,
-    client::{channel, TokenInterceptor},
     clock::now_us,
     error::EngineError,
     geometry::BLOCK_SIZE,
@@ -407,6 +405,8 @@ enum MoveError {
     Closed,
     #[error("the new engine was silent for {0:?}")]
     Silent(Duration),
+    #[error("opening the stream to the new engine: {0}")]
+    Open(#[from] super::sender::SessionError),
     #[error("the move was aborted or replaced")]
     Stopped,
     /// Final: the move cannot go on (aborted with this message).
@@ -446,37 +446,11 @@ async fn run(vol: &Arc<Volume>, mine: u64) {
     }
 }
 
-type Opened = (
-    mpsc::Sender<pb::ReplicationMessage>,
-    tonic::Streaming<pb::ReplicationAck>,
-    pb::ReplicationAck,
-);
-
-async fn open(vol: &Volume, target: &str) -> Result<Opened, MoveError> {
+async fn open(vol: &Volume, target: &str) -> Result<super::sender::Opened, MoveError> {
     let Some(repl) = &vol.repl else {
         return Err(MoveError::Refused("volume is not paired".into()));
     };
-    let limit = crate::client::peer_timeout();
-    let go = async {
-        let ch = channel(target, Duration::from_secs(2)).await?;
-        let cap = crate::takeover::handoff::message_cap(vol.size());
-        let mut client = pb::peer_client::PeerClient::with_interceptor(
-            ch,
-            TokenInterceptor::new(repl.token.as_deref())?,
-        )
-        .max_decoding_message_size(cap)
-        .max_encoding_message_size(cap);
-        let (tx, rx) = mpsc::channel(64);
-        let mut acks = client
-            .replicate(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let hello = acks.message().await?.ok_or(MoveError::Closed)?;
-        Ok::<_, MoveError>((tx, acks, hello))
-    };
-    tokio::time::timeout(limit, go)
-        .await
-        .unwrap_or(Err(MoveError::Silent(limit)))
+    Ok(super::sender::open_stream_to(target, repl.token.as_deref(), vol.size()).await?)
 }
 
 struct Session<'a> {

@@ -255,21 +255,34 @@ pub type Opened = (
 /// peer that accepts the connection and then says nothing (stopped, blackholed) is retried with
 /// backoff, never waited on forever.
 pub async fn open_stream(repl: &Repl) -> Result<Opened, SessionError> {
+    let size = repl.tracker.blocks() * u64::from(BLOCK_SIZE);
+    open_stream_to(&repl.peer(), repl.token.as_deref(), size).await
+}
+
+/// [`open_stream`] to any engine of the volume (`size` bytes): also a live move's new engine
+/// (`repl::mover`).
+pub(crate) async fn open_stream_to(
+    target: &str,
+    token: Option<&str>,
+    size: u64,
+) -> Result<Opened, SessionError> {
     let limit = crate::client::peer_timeout();
-    tokio::time::timeout(limit, open_stream_now(repl))
+    tokio::time::timeout(limit, open_stream_now(target, token, size))
         .await
         .unwrap_or(Err(SessionError::PeerSilent(limit)))
 }
 
-async fn open_stream_now(repl: &Repl) -> Result<Opened, SessionError> {
-    let ch = channel(&repl.peer(), Duration::from_secs(2)).await?;
-    let cap = crate::takeover::handoff::message_cap(repl.tracker.blocks() * u64::from(BLOCK_SIZE));
-    let mut client = pb::peer_client::PeerClient::with_interceptor(
-        ch,
-        TokenInterceptor::new(repl.token.as_deref())?,
-    )
-    .max_decoding_message_size(cap)
-    .max_encoding_message_size(cap);
+async fn open_stream_now(
+    target: &str,
+    token: Option<&str>,
+    size: u64,
+) -> Result<Opened, SessionError> {
+    let ch = channel(target, Duration::from_secs(2)).await?;
+    let cap = crate::takeover::handoff::message_cap(size);
+    let mut client =
+        pb::peer_client::PeerClient::with_interceptor(ch, TokenInterceptor::new(token)?)
+            .max_decoding_message_size(cap)
+            .max_encoding_message_size(cap);
     let (tx, rx) = mpsc::channel(64);
     let mut acks = client
         .replicate(ReceiverStream::new(rx))
