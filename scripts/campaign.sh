@@ -24,7 +24,8 @@ cd "$(dirname "$0")/.."
 ci=0
 if [ "${1:-}" = "--ci" ]; then ci=1; shift; fi
 target=${CARGO_TARGET_DIR:-target}
-cargo build -q -p storage-engine -p campaign
+# TANDEM_PREBUILT=1 (scripts/test.sh): the workspace's binaries are built already, with its features.
+[ -n "${TANDEM_PREBUILT:-}" ] || cargo build -q -p storage-engine -p campaign
 bin="$target/debug/tandem-campaign"
 
 if [ $ci = 1 ]; then

@@ -71,7 +71,8 @@ echo "check-chart: $("$HELM" version --short), kubernetes-validate $KV_VERSION, 
 
 # The three binaries: the CRD and rendered volumes come from the operator; all are checked against what
 # the chart and the operator pass them.
-cargo build -q --locked -p operator -p csi-node -p storage-engine --bins
+# TANDEM_PREBUILT=1 (scripts/test.sh): the workspace's binaries are built already, with its features.
+[ -n "${TANDEM_PREBUILT:-}" ] || cargo build -q --locked -p operator -p csi-node -p storage-engine --bins
 target_dir=$(cargo metadata -q --format-version 1 --no-deps | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 # --- CRDs: generated, committed, and the same in the chart ---------------------------------------------
