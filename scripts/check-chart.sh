@@ -9,7 +9,8 @@
 #   - the operator accepts the chart's environment and the CSI plugin its arguments;
 #   - the objects the operator creates for the example volumes (`tandem-operator render`) validate against
 #     the Kubernetes schemas, and tandem-engine accepts the engine pods' command lines;
-#   - a few structural promises of the rendered chart (CSIDriver fields, sidecars, least-privilege RBAC,
+#   - a few structural promises of the rendered chart (CSIDriver fields, sidecars, least-privilege RBAC
+#     incl. the CRD rule of operator.manageCrd,
 #     the CSI controller's sidecar flags, the StorageClass and the optional VolumeSnapshotClass);
 #   - monitoring: `promtool check rules` and `promtool test rules` on files/alerts.yaml (promtool from
 #     Debian's prometheus package; required when TANDEM_REQUIRE_PROMTOOL is set), the PodMonitor,
@@ -181,6 +182,15 @@ operator_accepts_env() {
   echo "$out" | grep -q "no Kubernetes configuration"
 }
 check "tandem-operator accepts the chart's environment" operator_accepts_env
+operator_accepts_manage_crd() {
+  # The default values' TANDEM_MANAGE_CRD=true (the all-options file sets false), and a bad value is refused.
+  local out
+  out=$(env -i $(grep -v '^TANDEM_MANAGE_CRD=' "$WORK/operator.env") TANDEM_MANAGE_CRD=true KUBECONFIG=/nonexistent "$target_dir/debug/tandem-operator" run 2>&1 || true)
+  echo "$out" | grep -q "no Kubernetes configuration" || { echo "$out" | head -3; return 1; }
+  out=$(env -i $(grep -v '^TANDEM_MANAGE_CRD=' "$WORK/operator.env") TANDEM_MANAGE_CRD=yes-please KUBECONFIG=/nonexistent "$target_dir/debug/tandem-operator" run 2>&1 || true)
+  echo "$out" | grep -q "TANDEM_MANAGE_CRD\|manage-crd" || { echo "a bad TANDEM_MANAGE_CRD was not refused: $out" | head -3; return 1; }
+}
+check "tandem-operator accepts TANDEM_MANAGE_CRD=true and refuses a bad value" operator_accepts_manage_crd
 csi_controller_accepts_env() {
   local out args
   mapfile -t args <"$WORK/csi-controller.args"
@@ -254,6 +264,17 @@ for path in sys.argv[1:]:
     env = {e["name"] for e in op["env"]}
     assert {"TANDEM_ENGINE_IMAGE", "POD_NAME", "POD_NAMESPACE"} <= env, env
     assert op["securityContext"]["readOnlyRootFilesystem"] is True
+    # operator.manageCrd (default true, false in the all-options values): the flag reaches the operator,
+    # and only then may it read and apply one CRD, its own, by name.
+    manage = {e["name"]: e.get("value") for e in op["env"]}["TANDEM_MANAGE_CRD"]
+    assert manage == ("false" if path.endswith("options.yaml") else "true"), (path, manage)
+    crd_rules = [r for c in by_kind["ClusterRole"] for r in c["rules"] if "customresourcedefinitions" in r["resources"]]
+    if manage == "true":
+        assert crd_rules == [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                              "resourceNames": ["mirroredvolumes.tandem.dev"], "verbs": ["get", "create", "patch"]}], crd_rules
+        assert crd_rules[0] in named("ClusterRole", "-operator")["rules"]
+    else:
+        assert not crd_rules, crd_rules
     assert dep["securityContext"]["runAsNonRoot"] is True
     for role in by_kind["ClusterRole"] + by_kind.get("Role", []):
         for rule in role["rules"]:

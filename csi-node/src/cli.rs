@@ -242,6 +242,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 HealthChecks {
                     state_dir: state_dir.clone(),
                     csi_socket: socket.clone(),
+                    node: node_id.clone(),
                 },
             )))
         }

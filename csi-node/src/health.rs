@@ -1,7 +1,9 @@
 //! Liveness endpoint: `GET /healthz` (or `/livez`) answers 200 while the state directory takes writes and
 //! the CSI socket accepts connections, 503 otherwise; `GET /metrics` shows each attachment's engine
-//! link (from its daemon's `status.json`): reconnects, timeouts, connected, refused, gave up. Any
-//! other path is 404. One request per connection.
+//! link (from its daemon's `status.json`): reconnects, timeouts, connected, refused, gave up. Every
+//! per-volume sample carries `namespace` and `volume` (as the operator's and the engines' metrics do,
+//! so queries join on them), `node` (this plugin's node id) and `attachment` (the escaped volume id).
+//! Any other path is 404. One request per connection.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +19,8 @@ use crate::service::state_dir_writable;
 pub struct HealthChecks {
     pub state_dir: PathBuf,
     pub csi_socket: PathBuf,
+    /// This plugin's node id: the `node` label of its metrics.
+    pub node: String,
 }
 
 impl HealthChecks {
@@ -63,9 +67,11 @@ async fn metrics(
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
     let dir = checks.state_dir.clone();
-    let page = tokio::task::spawn_blocking(move || metrics_page(&dir.join("attach"), &views(&dir)))
-        .await
-        .unwrap_or(Err(std::fmt::Error));
+    let node = checks.node.clone();
+    let page =
+        tokio::task::spawn_blocking(move || metrics_page(&dir.join("attach"), &views(&dir), &node))
+            .await
+            .unwrap_or(Err(std::fmt::Error));
     http::metrics(&headers, page)
 }
 
@@ -86,11 +92,52 @@ fn views(state_dir: &std::path::Path) -> Vec<(String, String, u64)> {
         .unwrap_or_default()
 }
 
+/// Reverses [`crate::state::escape_id`]; `None` for a name it cannot have made.
+fn unescape_id(key: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(key.len());
+    let mut rest = key.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// A label value as the exposition format quotes it.
+fn quoted(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The labels of an attachment's samples: `namespace` and `volume` from its volume id
+/// (`namespace/name`, the name being the MirroredVolume's and the engine's volume), the node,
+/// and the attachment key itself (kept: it was the only label before).
+fn volume_labels(key: &str, node: &str) -> String {
+    let id = unescape_id(key).unwrap_or_else(|| key.to_string());
+    let (namespace, volume) = id.split_once('/').unwrap_or(("", id.as_str()));
+    format!(
+        "namespace=\"{}\",volume=\"{}\",node=\"{}\",attachment=\"{}\"",
+        quoted(namespace),
+        quoted(volume),
+        quoted(node),
+        quoted(key)
+    )
+}
+
 /// The attachments' link counters, one labelled sample per attachment (its directory name, the
 /// escaped volume id), read from the daemons' status files; and each view's creation time.
 fn metrics_page(
     attach_root: &std::path::Path,
     views: &[(String, String, u64)],
+    node: &str,
 ) -> Result<String, std::fmt::Error> {
     use std::fmt::Write as _;
     let mut links: Vec<(String, crate::nbd::LinkState)> = std::fs::read_dir(attach_root)
@@ -146,7 +193,8 @@ fn metrics_page(
         for (key, link) in &links {
             writeln!(
                 out,
-                "{name}{suffix}{{attachment=\"{key}\"}} {}",
+                "{name}{suffix}{{{}}} {}",
+                volume_labels(key, node),
                 field(link)
             )?;
         }
@@ -160,7 +208,9 @@ fn metrics_page(
     for (key, id, created) in views {
         writeln!(
             out,
-            "{name}{{attachment=\"{key}\",view=\"{id}\"}} {created}"
+            "{name}{{{},view=\"{}\"}} {created}",
+            volume_labels(key, node),
+            quoted(id)
         )?;
     }
     out.push_str("# EOF\n");
@@ -203,6 +253,7 @@ mod tests {
         let checks = HealthChecks {
             state_dir: dir.path().to_path_buf(),
             csi_socket: sock.clone(),
+            node: "n1".into(),
         };
         let (l, addr) = bind("127.0.0.1:0").await.unwrap();
         let task = tokio::spawn(serve(l, checks));
@@ -236,21 +287,45 @@ mod tests {
         let checks = HealthChecks {
             state_dir: dir.path().to_path_buf(),
             csi_socket: dir.path().join("csi.sock"),
+            node: "node-a".into(),
         };
         let (l, addr) = bind("127.0.0.1:0").await.unwrap();
         let task = tokio::spawn(serve(l, checks));
         let page = get(addr, "/metrics").await;
         assert!(page.starts_with("HTTP/1.1 200"), "{page}");
         assert!(
-            page.contains("tandem_csi_nbd_reconnects_total{attachment=\"default%2Fpv-1\"} 3"),
+            page.contains(
+                "tandem_csi_nbd_reconnects_total{namespace=\"default\",volume=\"pv-1\",\
+                 node=\"node-a\",attachment=\"default%2Fpv-1\"} 3\n"
+            ),
             "{page}"
         );
         assert!(
-            page.contains("tandem_csi_nbd_connected{attachment=\"default%2Fpv-1\"} 1"),
+            page.contains(
+                "tandem_csi_nbd_connected{namespace=\"default\",volume=\"pv-1\",\
+                 node=\"node-a\",attachment=\"default%2Fpv-1\"} 1\n"
+            ),
             "{page}"
         );
         tandem_testkit::promtool_check_metrics(&page);
         task.abort();
+    }
+
+    /// The labels come back from the attachment key whatever the id held; a key escape_id could
+    /// not have made still gets a sample (under its own name), quoted for the exposition format.
+    #[test]
+    fn volume_labels_come_from_the_escaped_id() {
+        let key = crate::state::escape_id("team-a/.data \"x\"");
+        assert_eq!(
+            volume_labels(&key, "n1"),
+            format!(
+                "namespace=\"team-a\",volume=\".data \\\"x\\\"\",node=\"n1\",attachment=\"{key}\""
+            )
+        );
+        assert_eq!(
+            volume_labels("bad%G1", "n1"),
+            "namespace=\"\",volume=\"bad%G1\",node=\"n1\",attachment=\"bad%G1\""
+        );
     }
 
     /// A view held for a staging shows with the time it was taken, until its record goes.
@@ -278,17 +353,18 @@ mod tests {
             }),
         };
         store.save(&rec).unwrap();
-        let page = metrics_page(&dir.path().join("attach"), &views(dir.path())).unwrap();
+        let page = metrics_page(&dir.path().join("attach"), &views(dir.path()), "node-b").unwrap();
         assert!(
             page.contains(
-                "tandem_csi_view_created_seconds{attachment=\"default%2Fpv-1\",\
-                 view=\"view-00000000000000aa\"} 1700000000"
+                "tandem_csi_view_created_seconds{namespace=\"default\",volume=\"pv-1\",\
+                 node=\"node-b\",attachment=\"default%2Fpv-1\",\
+                 view=\"view-00000000000000aa\"} 1700000000\n"
             ),
             "{page}"
         );
         tandem_testkit::promtool_check_metrics(&page);
         store.remove("default/pv-1").unwrap();
-        let page = metrics_page(&dir.path().join("attach"), &views(dir.path())).unwrap();
+        let page = metrics_page(&dir.path().join("attach"), &views(dir.path()), "node-b").unwrap();
         assert!(!page.contains("view-00000000000000aa"), "{page}");
     }
 }

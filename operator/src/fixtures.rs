@@ -305,6 +305,8 @@ impl Call {
 pub struct Seen {
     /// (method, path-and-query, body) of every non-event request.
     pub calls: Vec<(Method, String, Value)>,
+    /// The Content-Type of each of `calls` (a patch's kind: apply, merge, JSON).
+    pub content_types: Vec<Option<String>>,
     /// (type, reason, note) of every published event.
     pub events: Vec<(String, String, String)>,
 }
@@ -341,6 +343,11 @@ impl ApiServerVerifier {
             while let Some((request, send)) = handle.next_request().await {
                 let method = request.method().clone();
                 let uri = request.uri().to_string();
+                let content_type = request
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
                 let bytes = request.into_body().collect_bytes().await.unwrap();
                 let body: Value = if bytes.is_empty() {
                     Value::Null
@@ -377,6 +384,7 @@ impl ApiServerVerifier {
                 );
                 let (code, answer) = (call.respond)(&body);
                 seen.calls.push((method, uri, body));
+                seen.content_types.push(content_type);
                 send.send_response(
                     Response::builder()
                         .status(code)

@@ -12,6 +12,7 @@
 pub mod certs;
 pub mod controller;
 pub mod crd;
+pub mod crd_manage;
 pub mod csi;
 pub mod disruption;
 pub mod engine;

@@ -132,6 +132,12 @@ struct RunArgs {
     /// Lease duration in seconds.
     #[arg(long, env = "TANDEM_LEASE_SECONDS", default_value_t = 15)]
     lease_seconds: u64,
+    /// Once leading, server-side apply this release's MirroredVolume CRD (Helm never upgrades a
+    /// chart's crds/); refuses a CRD with versions this binary does not know, keeps one a newer
+    /// release applied. `--manage-crd` alone means true.
+    #[arg(long, env = "TANDEM_MANAGE_CRD", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    manage_crd: bool,
 }
 
 #[tokio::main]
@@ -248,6 +254,35 @@ async fn csi_controller(args: CsiControllerArgs) -> anyhow::Result<()> {
     grpc::serve(&args.csi_endpoint, controller, shutdown).await
 }
 
+/// Applies this release's CRD (`crd_manage`); only the leader does, so two releases' replicas never
+/// take turns during a rolling update.
+async fn manage_crd(client: Client) -> anyhow::Result<()> {
+    use operator::crd_manage::{self, Outcome};
+    let api = Api::all(client);
+    let release = crd_manage::this_release();
+    match crd_manage::apply(
+        &api,
+        &release,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await?
+    {
+        Outcome::Applied => tracing::info!(
+            crd = crd_manage::CRD_NAME,
+            release = %release,
+            "applied the MirroredVolume CRD"
+        ),
+        Outcome::KeptNewer(newer) => tracing::warn!(
+            crd = crd_manage::CRD_NAME,
+            release = %release,
+            applied_by = %newer,
+            "kept the MirroredVolume CRD a newer release applied; run that release's operator"
+        ),
+    }
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format, "info,kube=warn,tower=warn,hyper=warn");
     let client = Client::try_default()
@@ -305,6 +340,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rx.wait_for(|leading| *leading)
             .await
             .context("leader election stopped")?;
+    }
+    if args.manage_crd {
+        manage_crd(client.clone()).await?;
     }
     tracing::info!(identity = %args.identity, "leading; starting the controller");
     health

@@ -1,5 +1,7 @@
-//! The chart's Grafana dashboard queries only metrics that exist: every `tandem_*` name in it is
-//! checked against a real engine's metrics page and the operator's (charts/tandem/files/dashboard.json).
+//! The chart's Grafana dashboard and alert rules query only metrics that exist: every `tandem_*` name
+//! in charts/tandem/files/dashboard.json and alerts.yaml is checked against a real engine's metrics
+//! page and the operator's. (Neither queries the CSI plugin's `tandem_csi_*`; a query that did would
+//! fail here until the plugin's page is scraped too.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -98,6 +100,19 @@ fn every_dashboard_query_names_a_metric_that_exists() {
         }
     }
     assert!(queries.len() > 10, "{queries:?}");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/tandem/files/alerts.yaml"
+    );
+    let alerts: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let before = queries.len();
+    for group in alerts["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            queries.push(rule["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(queries.len() - before >= 6, "the alert rules: {alerts}");
     let mut missing = Vec::new();
     for q in &queries {
         let used = metric_names(q);
@@ -106,6 +121,6 @@ fn every_dashboard_query_names_a_metric_that_exists() {
     }
     assert!(
         missing.is_empty(),
-        "the dashboard queries metrics no endpoint serves: {missing:?}\nknown: {known:?}"
+        "the dashboard or the alerts query metrics no endpoint serves: {missing:?}\nknown: {known:?}"
     );
 }

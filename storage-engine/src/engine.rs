@@ -426,6 +426,7 @@ pub fn snapshot_json(s: &pb::SnapshotInfo) -> serde_json::Value {
         "id": s.id,
         "size": s.size,
         "created_unix_ms": s.created_unix_ms,
+        "created": crate::report::rfc3339_ms(s.created_unix_ms),
         "seq": s.seq,
         "method": s.method,
         "export": s.export,

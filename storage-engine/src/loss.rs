@@ -10,7 +10,7 @@
 //! - `blocks.img`: a sparse raw file of the volume's size holding only the lost blocks, at their
 //!   own offsets (`cmp`, `dd`, `losetup` work on it);
 //! - `manifest.json`: `{volume, old_epoch, new_epoch, block_size, blocks, bytes, created_unix_ms,
-//!   complete}`, replaced atomically (temp file, fsync, rename, fsync dir) whenever blocks are
+//!   created (the same time in RFC 3339, for people; never read back), complete}`, replaced atomically (temp file, fsync, rename, fsync dir) whenever blocks are
 //!   added; `complete` once the new primary's resync has ended;
 //! - `unchecked` (while not complete): the blocks of the returned table not yet compared, in the
 //!   bitmap file format. The manifest is written last when an export starts, so a directory
@@ -62,9 +62,22 @@ pub mod manifest {
     use super::Manifest;
     use crate::geometry::BS;
 
+    /// The manifest as written: its fields and `created`, the RFC 3339 form of `created_unix_ms`.
+    #[derive(serde::Serialize)]
+    struct Written<'a> {
+        #[serde(flatten)]
+        manifest: &'a Manifest,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        created: Option<String>,
+    }
+
     pub fn encode(m: &Manifest) -> Vec<u8> {
+        let written = Written {
+            manifest: m,
+            created: crate::report::rfc3339_ms(m.created_unix_ms),
+        };
         // A struct of strings, integers and a list of integers always serializes.
-        let mut v = serde_json::to_vec_pretty(m).unwrap_or_default();
+        let mut v = serde_json::to_vec_pretty(&written).unwrap_or_default();
         v.push(b'\n');
         v
     }

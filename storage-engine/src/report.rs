@@ -21,25 +21,31 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// Unix milliseconds as RFC 3339 in UTC (`2026-12-07T04:34:36.19Z`), the form people read beside
+/// the numbers programs keep; `None` past what a date can hold.
+pub fn rfc3339_ms(ms: u64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+}
+
 /// An engine event (`<unix ms> <what>`, as `Areas::event` keeps it) with its time in RFC 3339 (UTC)
 /// for people; a line without a leading time is shown as it is.
 pub fn event_line(raw: &str) -> String {
     let Some((ms, what)) = raw.split_once(' ') else {
         return raw.to_string();
     };
-    let at = ms
-        .parse::<i128>()
-        .ok()
-        .and_then(|ms| time::OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok())
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        });
-    match at {
+    match ms.parse::<u64>().ok().and_then(rfc3339_ms) {
         Some(at) => format!("{at} {what}"),
         None => raw.to_string(),
     }
 }
+
+/// How many of the engine's events `status` shows (`--json` has all it keeps).
+pub const STATUS_EVENTS: usize = 5;
 
 fn role(s: &pb::StatusReply) -> &'static str {
     match pb::Role::try_from(s.role).unwrap_or(pb::Role::Unspecified) {
@@ -133,6 +139,24 @@ pub fn status_text(s: &pb::StatusReply) -> String {
             s.exported_lost_blocks, s.lost_export
         ));
     }
+    // The newest few, oldest first, as `kubectl describe` ends with its events.
+    let shown = &s.events[s.events.len().saturating_sub(STATUS_EVENTS)..];
+    if shown.is_empty() {
+        out.push_str("  events: none\n");
+    } else {
+        let earlier = s.events.len() - shown.len();
+        out.push_str(&if earlier > 0 {
+            format!(
+                "  events (last {}, {earlier} earlier in --json):\n",
+                shown.len()
+            )
+        } else {
+            "  events:\n".to_string()
+        });
+        for e in shown {
+            out.push_str(&format!("    {}\n", event_line(e)));
+        }
+    }
     out
 }
 
@@ -202,6 +226,58 @@ mod tests {
         assert_eq!(event_line("Fenced"), "Fenced");
     }
 
+    /// The last few events end the human status, oldest first, each at its RFC 3339 time, and say
+    /// how many older ones only `--json` shows.
+    #[test]
+    fn status_ends_with_the_latest_events() {
+        let events = [
+            "1796618070000 TakeoverRequested epoch=2 force=false",
+            "1796618070100 Fenced epoch=2 (host sessions closed)",
+            "1796618070250 DrainStart blocks=30",
+            "1796618071000 MergeStart overlay_blocks=5",
+            "1796618071500 OverlayFolded blocks=5",
+            "1796618072000 MergeComplete blocks=5",
+            "1796618076190 DrainComplete acknowledged final_seq=812",
+        ];
+        let s = pb::StatusReply {
+            events: events.iter().map(|e| e.to_string()).collect(),
+            ..primary()
+        };
+        let text = status_text(&s);
+        let tail = &text[text.find("  events").unwrap()..];
+        assert_eq!(
+            tail,
+            "  events (last 5, 2 earlier in --json):
+    2026-12-07T04:34:30.25Z DrainStart blocks=30
+    2026-12-07T04:34:31Z MergeStart overlay_blocks=5
+    2026-12-07T04:34:31.5Z OverlayFolded blocks=5
+    2026-12-07T04:34:32Z MergeComplete blocks=5
+    2026-12-07T04:34:36.19Z DrainComplete acknowledged final_seq=812
+"
+        );
+        let few = pb::StatusReply {
+            events: vec![events[0].to_string(), "Fenced".to_string()],
+            ..primary()
+        };
+        let text = status_text(&few);
+        assert!(
+            text.ends_with(
+                "  events:\n    2026-12-07T04:34:30Z TakeoverRequested epoch=2 force=false\n    Fenced\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn times_read_as_rfc3339_beside_the_numbers() {
+        assert_eq!(rfc3339_ms(0).as_deref(), Some("1970-01-01T00:00:00Z"));
+        assert_eq!(
+            rfc3339_ms(1_700_000_000_123).as_deref(),
+            Some("2023-11-14T22:13:20.123Z")
+        );
+        assert_eq!(rfc3339_ms(u64::MAX), None);
+    }
+
     fn primary() -> pb::StatusReply {
         pb::StatusReply {
             volume: "data".into(),
@@ -234,6 +310,7 @@ data: primary at epoch 2, Replicating, peer 10.0.0.2:9500 connected
   size 64MiB, 1 NBD connection(s)
   takeover areas: 30 blocks owed by the old primary, 5 in the overlay (draining)
   lease: 8.2s of 10.0s left
+  events: none
 "
         );
         let torn = pb::StatusReply {
@@ -257,6 +334,7 @@ data: secondary at epoch 2, Resyncing, peer 10.0.0.2:9500 not connected
   takeover areas: 0 blocks owed by the old primary, 0 in the overlay
   lease: no forced promotion for 1.5s (the primary's lease)
   condition: HandoffBlocked: PeerUnreachable: peer a
+  events: none
 "
         );
     }

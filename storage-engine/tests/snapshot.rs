@@ -225,6 +225,15 @@ fn snapshot_under_load(dir: &Path) -> String {
     let again = snap_cli(&e, "create", Some("s1"), None).unwrap();
     assert_eq!(again["seq"], info.seq);
     assert_eq!(again["created_unix_ms"], info.created_unix_ms);
+    // The same time for people, beside the number (issue 16).
+    assert_eq!(
+        again["created"].as_str(),
+        storage_engine::report::rfc3339_ms(info.created_unix_ms).as_deref()
+    );
+    assert!(
+        again["created"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{again}"
+    );
     let list = snap_cli(&e, "list", None, None).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     let method = info.method.clone();

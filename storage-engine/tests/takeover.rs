@@ -1069,6 +1069,23 @@ fn the_cli_speaks_human_by_default_and_json_when_asked() {
         block_reads(&pair.b.uri(), 1, 0x5a),
         "the acknowledged write is served"
     );
+    // Its status ends with its latest events (at most report::STATUS_EVENTS), each at a readable time.
+    let human = text(pair.b.cli("status").output().unwrap());
+    let events: Vec<&str> = human
+        .lines()
+        .skip_while(|l| !l.starts_with("  events"))
+        .skip(1)
+        .collect();
+    assert!((1..=5).contains(&events.len()), "{human}");
+    for line in events {
+        // `2026-12-07T04:34:36.19Z TakeoverRequested ...`: RFC 3339 in UTC, not raw milliseconds.
+        let at = line.trim_start().split(' ').next().unwrap_or_default();
+        let b = at.as_bytes();
+        assert!(
+            b.len() >= 20 && b[4] == b'-' && b[10] == b'T' && at.ends_with('Z'),
+            "{line:?} in {human}"
+        );
+    }
     let json = pair.a.control("failback", &[]).unwrap();
     assert_eq!(
         (n(&json, "epoch"), json["already_primary"].as_bool()),

@@ -41,10 +41,22 @@ fn a_manifest_round_trips_and_a_damaged_one_is_refused() {
         "blocks",
         "bytes",
         "created_unix_ms",
+        "created",
         "complete",
     ] {
         assert!(v.get(k).is_some(), "{k} missing from {v}");
     }
+    assert_eq!(
+        v["created"], "2023-11-14T22:13:20Z",
+        "created_unix_ms for people"
+    );
+    // A manifest written before `created` existed still reads.
+    let mut old = v.clone();
+    old.as_object_mut().unwrap().remove("created");
+    assert_eq!(
+        manifest::decode(&serde_json::to_vec(&old).unwrap(), "v", size).unwrap(),
+        m
+    );
     let bad = |change: fn(&mut Manifest)| {
         let mut m = sample();
         change(&mut m);
