@@ -17,3 +17,20 @@ bench_cleanup() {
   wait 2>/dev/null || true
   rm -rf "$W"
 }
+
+cpu_ticks() { grep -E '^cpu[0-9]+ ' /proc/stat; }
+# Busy share of each CPU between two cpu_ticks snapshots, as "c0%/c1%".
+cpu_busy() {
+  python3 - "$1" "$2" <<'PY'
+import sys
+def parse(t):
+    out = []
+    for l in t.strip().splitlines():
+        f = [int(x) for x in l.split()[1:]]
+        idle = f[3] + f[4]
+        out.append((sum(f[:8]) - idle, idle))
+    return out
+a, b = parse(sys.argv[1]), parse(sys.argv[2])
+print("/".join("%.0f%%" % (100 * (b1 - a1) / max(1, (b1 - a1) + (i2 - i1))) for (a1, i1), (b1, i2) in zip(a, b)))
+PY
+}

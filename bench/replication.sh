@@ -29,22 +29,6 @@ serve() { # name nbdport grpcport [extra...]
     --nbd-listen 127.0.0.1:$np --grpc-listen 127.0.0.1:$gp "${TOK[@]}" "$@" 2>>"$W/$n.log" &
   PID=$!
 }
-cpu_ticks() { grep -E '^cpu[0-9]+ ' /proc/stat; }
-# Busy share of each CPU between two cpu_ticks snapshots, as "c0%/c1%".
-cpu_busy() {
-  python3 - "$1" "$2" <<'PY'
-import sys
-def parse(t):
-    out = []
-    for l in t.strip().splitlines():
-        f = [int(x) for x in l.split()[1:]]
-        idle = f[3] + f[4]
-        out.append((sum(f[:8]) - idle, idle))
-    return out
-a, b = parse(sys.argv[1]), parse(sys.argv[2])
-print("/".join("%.0f%%" % (100 * (b1 - a1) / max(1, (b1 - a1) + (i2 - i1))) for (a1, i1), (b1, i2) in zip(a, b)))
-PY
-}
 fio_iops() { # uri iodepth -> IOPS; BUSY = each CPU's busy share during the run
   local t0 out; t0=$(cpu_ticks)
   out=$(fio_run "$@")
