@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tandem's pair against qemu-storage-daemon's mirror, in one run on loopback (issue 17, "a real peer").
-#   bench/vs-qsd.sh [SIZE_MIB=256] [RUNTIME_S=5]       (bench/vs-qsd.sh 16 1: a ~20 s smoke run)
+#   bench/vs-qsd.sh [SIZE_MIB=256] [RUNTIME_S=5]   (RUNTIME_S may be a fraction; the CI smoke run,
+#   bench/vs-qsd.sh 16 0.25, takes ~20 s)
 # The same fio jobs (--ioengine=nbd) against
 #  - Tandem's async pair and sync pair (as bench/replication.sh starts them), and
 #  - qemu-storage-daemon exporting a raw file over NBD, with a blockdev-mirror (started over QMP) to an
@@ -27,8 +28,9 @@ SIZE_MIB=${1:-256}
 RUNTIME=${2:-5}
 PIN=${PIN:-1}
 GRAN=${QSD_GRANULARITY:-4096}
-# A smoke run (1 s cells) has no ramp, so the whole script stays near 20 s.
-RAMP=1; [ "$RUNTIME" -le 1 ] && RAMP=0
+RUNTIME_MS=$(python3 -c "import sys; print(int(float(sys.argv[1]) * 1000))" "$RUNTIME")
+# Short cells (a smoke run) get no ramp, so the whole script stays near 20 s.
+RAMP=1s; [ "$RUNTIME_MS" -lt 2000 ] && RAMP=0
 NODE_A=(); NODE_B=()
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
 if [ "$PIN" = one ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 0); fi
@@ -114,7 +116,7 @@ done
 run() { # uri rw bs iodepth -> IOPS; BUSY (a file) = each CPU's busy share during the run
   local t0 out; t0=$(cpu_ticks)
   out=$("${NODE_A[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" \
-      --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap \
+      --size="${SIZE_MIB}M" --time_based --runtime="${RUNTIME_MS}ms" --ramp_time="$RAMP" --norandommap \
       --randrepeat=0 --output-format=json 2>/dev/null |
     python3 -c 'import json,sys
 t=sys.stdin.read()
