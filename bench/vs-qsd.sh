@@ -30,7 +30,7 @@ PIN=${PIN:-1}
 GRAN=${QSD_GRANULARITY:-4096}
 RUNTIME_MS=$(python3 -c "import sys; print(int(float(sys.argv[1]) * 1000))" "$RUNTIME")
 # Short cells (a smoke run) get no ramp, so the whole script stays near 20 s.
-RAMP=1s; [ "$RUNTIME_MS" -lt 2000 ] && RAMP=0
+RAMP_MS=1000; [ "$RUNTIME_MS" -lt 2000 ] && RAMP_MS=0
 NODE_A=(); NODE_B=()
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
 if [ "$PIN" = one ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 0); fi
@@ -52,6 +52,7 @@ serve() { # name nbdport grpcport [extra...]
   case " $* " in *" secondary "*) node=("${NODE_B[@]}");; esac
   "${node[@]}" "$E" serve --volume b --data "$W/$n.img" --size "${SIZE_MIB}M" --state-dir "$W/$n" \
     --nbd-listen 127.0.0.1:$np --grpc-listen 127.0.0.1:$gp "${TOK[@]}" "$@" 2>>"$W/$n.log" &
+  echo $! > "$W/$n.pid" # taskset execs the daemon: this is its pid
 }
 qsd() { # name nbdport primary|secondary: a qemu-storage-daemon exporting $W/name.img as "b"
   local n=$1 np=$2 node=("${NODE_A[@]}")
@@ -62,6 +63,7 @@ qsd() { # name nbdport primary|secondary: a qemu-storage-daemon exporting $W/nam
     --nbd-server addr.type=inet,addr.host=127.0.0.1,addr.port=$np \
     --export type=nbd,id=exp0,node-name=disk0,name=b,writable=on \
     --chardev socket,id=mon0,path="$W/$n.qmp",server=on,wait=off --monitor chardev=mon0 2>>"$W/$n.log" &
+  echo $! > "$W/$n.pid"
 }
 mirror() { # primary-name target-nbdport copy-mode
   "${QMP[@]}" "$W/$1.qmp" blockdev-add \
@@ -113,10 +115,32 @@ for spec in "pa 10961 async" "ps 10963 sync" "qa 10965 async" "qs 10967 sync"; d
   cmp -s "$W/$1.img" "$W/$sec.img" || { echo "vs-qsd: $1 is not mirrored to $sec after a write" >&2; exit 1; }
 done
 
+# CPU time (user+system, all threads) of the named daemons, in microseconds, each: "pri sec".
+proc_cpu() {
+  python3 - "$W" "$@" <<'PY'
+import os, sys
+hz = os.sysconf("SC_CLK_TCK")
+out = []
+for n in sys.argv[2:]:
+    pid = open("%s/%s.pid" % (sys.argv[1], n)).read().strip()
+    f = open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()
+    out.append(str((int(f[11]) + int(f[12])) * 1000000 // hz))  # utime, stime
+print(" ".join(out))
+PY
+}
+# Daemon CPU per I/O, "primary+secondary" in microseconds, from two proc_cpu snapshots and the IOPS
+# (the ramp and the catch-up after the run are in the CPU time, counted at the measured rate).
+per_io() { # "before" "after" iops
+  python3 -c "
+import sys
+a, b = [list(map(int, x.split())) for x in sys.argv[1:3]]
+ios = max(1.0, float(sys.argv[3]) * ($RUNTIME_MS + $RAMP_MS) / 1000)
+print('+'.join('%.1f' % ((y - x) / ios) for x, y in zip(a, b)))" "$@"
+}
 run() { # uri rw bs iodepth -> IOPS; BUSY (a file) = each CPU's busy share during the run
   local t0 out; t0=$(cpu_ticks)
   out=$("${NODE_A[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" \
-      --size="${SIZE_MIB}M" --time_based --runtime="${RUNTIME_MS}ms" --ramp_time="$RAMP" --norandommap \
+      --size="${SIZE_MIB}M" --time_based --runtime="${RUNTIME_MS}ms" --ramp_time="${RAMP_MS}ms" --norandommap \
       --randrepeat=0 --output-format=json 2>/dev/null |
     python3 -c 'import json,sys
 t=sys.stdin.read()
@@ -129,20 +153,24 @@ print("%.0f" % (j["read"]["iops"] if j["read"]["io_bytes"] > 0 else j["write"]["
 JOBS=("randwrite 4k 1" "randwrite 4k 16" "randread 4k 1" "randread 4k 16" "write 1m 4")
 echo "### Tandem's pair against qemu-storage-daemon's mirror (${RUNTIME}s per cell, ${SIZE_MIB} MiB volume, PIN=$PIN)"
 echo
-echo "| workload | mode | tandem IOPS | qsd IOPS | tandem/qsd | CPU busy (cpu0/cpu1): tandem | qsd |"
-echo "|---|---|---:|---:|---:|---:|---:|"
+echo "| workload | mode | tandem IOPS | qsd IOPS | tandem/qsd | CPU busy (cpu0/cpu1): tandem | qsd | daemon CPU µs/IO (pri+sec): tandem | qsd |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 for job in "${JOBS[@]}"; do
   set -- $job
   for mode in async sync; do
-    if [ $mode = async ]; then tp=10961 tg=9561 qn=qa qp=10965; qm=background
-    else tp=10963 tg=9563 qn=qs qp=10967; qm=write-blocking; fi
+    if [ $mode = async ]; then tn="pa sa" tp=10961 tg=9561 qn="qa qb" qp=10965; qm=background
+    else tn="ps ss" tp=10963 tg=9563 qn="qs qt" qp=10967; qm=write-blocking; fi
     evict
+    c0=$(proc_cpu $tn)
     t=$(run "nbd://127.0.0.1:$tp/b" "$1" "$2" "$3"); tb=$(cat "$W/busy")
     wait_synced 127.0.0.1:$tg
+    tc=$(per_io "$c0" "$(proc_cpu $tn)" "$t")
     evict
+    c0=$(proc_cpu $qn)
     q=$(run "nbd://127.0.0.1:$qp/b" "$1" "$2" "$3"); qb=$(cat "$W/busy")
-    qsd_steady $qn
-    python3 -c "import sys; print('| $1 $2 QD$3 | $mode / $qm | $t | $q | %s | %s | %s |' % ('%.2fx' % ($t / $q) if $q else 'n/a', *sys.argv[1:]))" "$tb" "$qb"
+    qsd_steady ${qn%% *}
+    qc=$(per_io "$c0" "$(proc_cpu $qn)" "$q")
+    python3 -c "import sys; print('| $1 $2 QD$3 | $mode / $qm | $t | $q | %s | %s | %s | %s | %s |' % ('%.2fx' % ($t / $q) if $q else 'n/a', *sys.argv[1:]))" "$tb" "$qb" "$tc" "$qc"
   done
 done
 
