@@ -21,7 +21,12 @@
 //!   `switchoverPolicy` gate), then as the secondary.
 //! - **Refused** (the edit is not carried out; condition `Moving` False with reason Refused, event
 //!   `MoveRefused`): engine storage from a StorageClass (a PVC is bound to its node), a node that holds
-//!   the other engine, `spec.primaryNode` naming the node being left.
+//!   the other engine, `spec.primaryNode` naming the node being left, a PV whose node affinity names
+//!   fixed nodes (made before the node label; immutable).
+//! - **Node label.** The volume's node label (`plan::node_label`, which its PV selects) goes on the
+//!   new node in the cutover pass, before the old engine is released (`act`), and leaves the old node
+//!   in Finishing. A node being left that is lost (gone, out of service, NotReady for
+//!   [`OLD_NODE_PATIENCE`]) ends the move without its wipe, with a `WipeSkipped` warning.
 //! - **Failed.** The primary aborted the move (GetMove ABORTED), or the new engine was lost before the
 //!   cutover (pod gone, node lost): AbortMove, then the new pod and Service go; the old pair is as
 //!   before. Failed and Refused are kept for that value of the spec: changing `placement.nodes` again
