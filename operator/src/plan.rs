@@ -157,13 +157,14 @@ pub mod names {
         format!("{readable}-{hash:016x}")
     }
 
-    /// The volume's node label key, `tandem.dev/v-<16 hex digits>` (the key's hash of
-    /// `<namespace>/<name>`; the name part is 18 characters, within a label's 63). The operator puts it,
-    /// with the key as its value, on exactly the nodes that hold the volume's engines, and moves it
-    /// with a live move; PVs select it as their node affinity (`super::node_label`).
+    /// The volume's node label key, `tandem.dev/v-<key>` (the name part at most 2 + 41 characters,
+    /// within a label's 63). The whole key, not its hash alone: two volumes whose hashes collide (made
+    /// so on purpose, say) still get distinct labels, so one can never overwrite the other's on a
+    /// shared node; equal keys are refused as a `NameConflict` before any label is set. The operator
+    /// puts it, with the key as its value, on exactly the nodes that hold the volume's engines, and
+    /// moves it with a live move; PVs select it as their node affinity (`super::node_label`).
     pub fn node_label(namespace: &str, volume: &str) -> String {
-        let hash = fnv1a(format!("{namespace}/{volume}").as_bytes());
-        format!("{NODE_LABEL_PREFIX}{hash:016x}")
+        format!("{NODE_LABEL_PREFIX}{}", key(namespace, volume))
     }
     /// Prefix of every volume's node label key.
     pub const NODE_LABEL_PREFIX: &str = "tandem.dev/v-";
@@ -241,7 +242,7 @@ pub fn pv_name(mv: &MirroredVolume) -> String {
     }
 }
 
-/// The volume's node label: (key, value) = (`tandem.dev/v-<hash>`, the volume's key). On the nodes
+/// The volume's node label: (key, value) = (`tandem.dev/v-<key>`, the volume's key). On the nodes
 /// of its engines (`status.nodes`) from before `status.nodes` is first written, moved at a live
 /// move's cutover, removed by the finalizer; the PV's node affinity and CreateVolume's
 /// accessible topology select it, so workloads follow the engines (operator/README.md, "Live move").
@@ -2117,7 +2118,9 @@ mod tests {
             .unwrap()[0];
         let (label, value) = node_label(&mv);
         assert_eq!(label, names::node_label("default", "data"));
-        assert!(label.starts_with("tandem.dev/v-") && label.len() == "tandem.dev/v-".len() + 16);
+        assert_eq!(label, format!("tandem.dev/v-{}", key_of_test()));
+        let longest = names::node_label(&"n".repeat(63), &"v".repeat(63));
+        assert!(longest.len() - "tandem.dev/".len() <= 63, "{longest}");
         assert_eq!(
             (req.key.as_str(), req.operator.as_str()),
             (label.as_str(), "In")
