@@ -5,6 +5,7 @@
 #   bench/nbd-vs-nbdkit.sh [SIZE_MIB=512] [RUNTIME=5]
 # RUNTIME is a fio time (5 = 5 s, 200ms); RAMP (default 1) likewise. PERF=1 adds the server's
 # context switches and CPU migrations per request (perf stat on the server process; needs perf).
+# TRANSPORTS (default "tcp unix") and JOBS ("rw bs qd" triples split by ";") narrow the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-512}
@@ -39,7 +40,7 @@ declare -A URI=(
   [nbdkit-tcp]="nbd://127.0.0.1:10898/"
   [nbdkit-unix]="nbd+unix:///?socket=$W/nbdkit.sock"
 )
-JOBS=("randread 4k 1" "randread 4k 16" "randwrite 4k 1" "randwrite 4k 16" "read 1m 4" "write 1m 4")
+IFS=';' read -r -a JOBS <<<"${JOBS:-randread 4k 1;randread 4k 16;randwrite 4k 1;randwrite 4k 16;read 1m 4;write 1m 4}"
 
 run() { # server rw bs iodepth -> "iops MiB/s busy [switches/req migrations/req]"
   local t0 out perf=()
@@ -76,7 +77,7 @@ else
   echo "| transport | workload | tandem IOPS | tandem MiB/s | nbdkit IOPS | nbdkit MiB/s | ratio | CPU busy: tandem | nbdkit |"
   echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 fi
-for t in tcp unix; do
+for t in ${TRANSPORTS:-tcp unix}; do
   for job in "${JOBS[@]}"; do
     set -- $job
     read -r ti tb tc ts tm <<<"$(run "tandem-$t" "$1" "$2" "$3")"
