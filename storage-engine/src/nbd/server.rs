@@ -746,7 +746,8 @@ async fn send_slow_reply(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     // The connection's thread may hold the lock while it blocks on a client that does not read:
-    // a runtime worker never waits for it (the whole engine runs on those workers).
+    // a runtime worker never waits for it, the whole engine runs on those workers (tests/
+    // nbd_limits.rs `a_client_that_never_reads_its_replies_stalls_only_itself`).
     let queued = {
         let guard = match w.try_lock() {
             Ok(g) => Some(g),
@@ -812,7 +813,8 @@ async fn transmission(sock: StdSock, buffered: Vec<u8>, volume: Arc<Volume>, tar
         r = &mut done => r,
         // A fence (takeover by the peer) closes the session: the old host must not go on. A
         // snapshot export is read-only and outside the epochs: it stays open. Shutting the read
-        // side ends the thread's recv; replies already computed still leave.
+        // side ends the thread's recv; replies already computed still leave (tests/takeover.rs
+        // `at20_fencing_cuts_the_old_host_and_refuses_its_writes`).
         _ = fenced.changed(), if !is_snapshot => {
             let _ = sock.shutdown(std::net::Shutdown::Read);
             done.await
