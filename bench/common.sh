@@ -17,3 +17,37 @@ bench_cleanup() {
   wait 2>/dev/null || true
   rm -rf "$W"
 }
+
+# Writes FILE back and drops it from the page cache (no root needed): a peer comparison starts
+# with both servers' files in the same state, whatever wrote them.
+bench_evict() { # FILE...
+  python3 - "$@" <<'PY'
+import os, sys
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are not dropped; written back, they are
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+PY
+}
+
+# Every CPU's tick counters, for bench_busy.
+bench_ticks() { grep -E '^cpu[0-9]+ ' /proc/stat; }
+# Busy share of each CPU between two bench_ticks snapshots, as "c0%/c1%" (whole machine: the other
+# builders on a shared machine show up here too).
+bench_busy() { # before after
+  python3 - "$1" "$2" <<'PY'
+import sys
+def parse(t):
+    out = []
+    for l in t.strip().splitlines():
+        f = [int(x) for x in l.split()[1:]]
+        idle = f[3] + f[4]
+        out.append((sum(f[:8]) - idle, idle))
+    return out
+a, b = parse(sys.argv[1]), parse(sys.argv[2])
+print("/".join("%.0f%%" % (100 * (b1 - a1) / max(1, (b1 - a1) + (i2 - i1))) for (a1, i1), (b1, i2) in zip(a, b)))
+PY
+}
