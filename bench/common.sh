@@ -18,9 +18,26 @@ bench_cleanup() {
   rm -rf "$W"
 }
 
-cpu_ticks() { grep -E '^cpu[0-9]+ ' /proc/stat; }
-# Busy share of each CPU between two cpu_ticks snapshots, as "c0%/c1%".
-cpu_busy() {
+# Writes FILE back and drops it from the page cache (no root needed): a peer comparison starts
+# with both servers' files in the same state, whatever wrote them.
+bench_evict() { # FILE...
+  python3 - "$@" <<'PY'
+import os, sys
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are not dropped; written back, they are
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+PY
+}
+
+# Every CPU's tick counters, for bench_busy.
+bench_ticks() { grep -E '^cpu[0-9]+ ' /proc/stat; }
+# Busy share of each CPU between two bench_ticks snapshots, as "c0%/c1%" (whole machine: the other
+# builders on a shared machine show up here too).
+bench_busy() { # before after
   python3 - "$1" "$2" <<'PY'
 import sys
 def parse(t):

@@ -3,17 +3,22 @@
 # with direct I/O over the tandem-csi FUSE daemon) against fio's nbd engine straight to the same
 # tandem-engine export, in the same run. The gap is the cost of the fallback attach path (FUSE + loop);
 # on nodes with nbd.ko the kernel NBD client is the production path and replaces it.
-#   sudo bench/csi-attach.sh [SIZE_MIB=512] [RUNTIME_S=5]     (prints a markdown table)
+#   sudo bench/csi-attach.sh [SIZE_MIB=512] [RUNTIME=5]     (prints a markdown table)
+# RUNTIME and RAMP (default 1) are fio times (5 = 5 s, 200ms).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-512}
 RUNTIME=${2:-5}
+RAMP=${RAMP:-1}
 [ "$(id -u)" -eq 0 ] || { echo "csi-attach.sh: needs root (FUSE mount, loop device)" >&2; exit 1; }
 scripts/install-deps.sh >/dev/null
-cargo build --release -q -p storage-engine -p csi-node
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
-ENGINE=$TARGET/release/tandem-engine
-CSI=$TARGET/release/tandem-csi
+# TANDEM_ENGINE and TANDEM_CSI (both) run those builds instead (scripts/bench-smoke.sh: debug ones).
+if [ -z "${TANDEM_ENGINE:-}" ] || [ -z "${TANDEM_CSI:-}" ]; then
+  cargo build --release -q -p storage-engine -p csi-node
+fi
+ENGINE=${TANDEM_ENGINE:-$TARGET/release/tandem-engine}
+CSI=${TANDEM_CSI:-$TARGET/release/tandem-csi}
 W=$(mktemp -d /var/tmp/tandem-csi-bench.XXXXXX)
 LOOP="" DPID="" EPID=""
 cleanup() {
@@ -51,7 +56,7 @@ j=json.loads(t[t.index("{"):])["jobs"][0]
 side=j["read"] if j["read"]["io_bytes"]>0 else j["write"]
 print("%.0f %.1f %.0f" % (side["iops"], side["bw_bytes"]/1048576, side["clat_ns"]["mean"]/1000))'
 }
-common=(--name=b --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --ramp_time=1
+common=(--name=b --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --ramp_time="$RAMP"
         --norandommap --randrepeat=0 --output-format=json)
 run_nbd() { fio "${common[@]}" --ioengine=nbd --uri="nbd://$NBD/bench" --rw="$1" --bs="$2" --iodepth="$3" 2>/dev/null | summary; }
 run_dev() { fio "${common[@]}" --ioengine=libaio --direct=1 --filename="$LOOP" --rw="$1" --bs="$2" --iodepth="$3" 2>/dev/null | summary; }

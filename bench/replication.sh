@@ -2,7 +2,9 @@
 # Replication benchmarks, all in one run on loopback:
 #  1. 4k randwrite IOPS (QD1, QD16) of an unpaired engine, an async pair and a sync pair (fio's nbd engine);
 #  2. resync after a secondary outage: bytes moved against bytes dirtied, and resync throughput.
-#   bench/replication.sh [SIZE_MIB=512] [RUNTIME_S=5]
+#   bench/replication.sh [SIZE_MIB=512] [RUNTIME=5]
+# RUNTIME is a fio time (5 = 5 s, 200ms); RAMP (default 1) likewise; RESYNC_MIB (default
+# "16 64 256", each at most SIZE_MIB) are the outages' sizes.
 # PIN=1 (default) models two one-core nodes on this machine: fio and every primary (and the unpaired
 # engine) run on CPU 0, every secondary on CPU 1, so the secondary's work does not steal the primary's
 # core. PIN=0 lets everything share all cores. PIN=one puts everything on CPU 0 (no wakeup ever
@@ -11,6 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-512}
 RUNTIME=${2:-5}
+RAMP=${RAMP:-1}
+RESYNC_MIB=${RESYNC_MIB:-16 64 256}
 PIN=${PIN:-1}
 NODE_A=(); NODE_B=()
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
@@ -30,14 +34,14 @@ serve() { # name nbdport grpcport [extra...]
   PID=$!
 }
 fio_iops() { # uri iodepth -> IOPS; BUSY = each CPU's busy share during the run
-  local t0 out; t0=$(cpu_ticks)
+  local t0 out; t0=$(bench_ticks)
   out=$(fio_run "$@")
-  BUSY=$(cpu_busy "$t0" "$(cpu_ticks)")
+  BUSY=$(bench_busy "$t0" "$(bench_ticks)")
   echo "$out"
 }
 fio_run() {
   "${NODE_A[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth="$2" --size="${SIZE_MIB}M" \
-      --time_based --runtime="$RUNTIME" --ramp_time=1 --norandommap --randrepeat=0 --output-format=json 2>/dev/null |
+      --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --norandommap --randrepeat=0 --output-format=json 2>/dev/null |
     python3 -c 'import json,sys
 t=sys.stdin.read(); print("%.0f" % json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"])'
 }
@@ -54,7 +58,7 @@ serve ss 10874 9574 --role secondary --peer 127.0.0.1:9573
 serve ps 10873 9573 --peer 127.0.0.1:9574 --replication sync
 sleep 1; wait_synced 127.0.0.1:9571; wait_synced 127.0.0.1:9573
 
-echo "### 4k randwrite IOPS, unpaired vs paired (${RUNTIME}s per cell, ${SIZE_MIB} MiB volume)"
+echo "### 4k randwrite IOPS, unpaired vs paired (fio runtime $RUNTIME per cell, ${SIZE_MIB} MiB volume)"
 echo
 echo "| QD | unpaired | async pair | async/unpaired | sync pair | sync/unpaired | CPU busy: unpaired | async | sync |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -106,7 +110,7 @@ echo "### Resync after a secondary outage (async pair)"
 echo
 echo "| dirtied while down | blocks pending | bytes moved on reconnect | moved/dirty | resync time | throughput |"
 echo "|---:|---:|---:|---:|---:|---:|"
-for mib in 16 64 256; do
+for mib in $RESYNC_MIB; do
   kill -9 "$SA"; wait "$SA" 2>/dev/null || true
   fio --name=d --ioengine=nbd --uri=nbd://127.0.0.1:10871/b --rw=randwrite --bs=4k --iodepth=16 \
       --size="${mib}M" --offset=0 --io_size="${mib}M" --randrepeat=0 >/dev/null 2>&1

@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 SIZES=${1:-0 64M 512M 2G}
 REPEATS=${2:-5}
 READS=${3:-10000}
-LOCAL_MIB=64
+# The region written and replicated before the pause (smaller in scripts/bench-smoke.sh).
+LOCAL_MIB=${LOCAL_MIB:-64}
 . bench/common.sh
 bench_setup
 echo bench > "$W/tok"
@@ -108,7 +109,7 @@ for rep in $(seq "$REPEATS"); do
     # Takeover: the secondary fences the primary, takes its table and serves; the drain stays paused.
     start_pair; build_backlog "$m"
     t0=$EPOCHREALTIME
-    out=$("$E" takeover --grpc "$SG" --volume vol "${TOK[@]}")
+    out=$("$E" takeover --grpc "$SG" --volume vol "${TOK[@]}" --json)
     t1=$EPOCHREALTIME
     ready=$(field "$out" ready_ms); handed=$(field "$out" peer_pending_blocks)
     [ "$handed" = $(( m * 256 )) ] || { echo "takeover.sh: handed over $handed blocks, expected $(( m * 256 ))" >&2; exit 1; }
@@ -133,7 +134,7 @@ for rep in $(seq "$REPEATS"); do
     "$E" fault --grpc "$PG" --volume vol "${TOK[@]}" --pause false >/dev/null
     until [ "$(js "$PG" pending_blocks)" = 0 ]; do sleep 0.02; done
     t1=$EPOCHREALTIME
-    out=$("$E" takeover --grpc "$SG" --volume vol "${TOK[@]}")
+    out=$("$E" takeover --grpc "$SG" --volume vol "${TOK[@]}" --json)
     t2=$EPOCHREALTIME
     [ "$(field "$out" peer_pending_blocks)" = 0 ] || { echo "takeover.sh: baseline promoted with blocks owed: $out" >&2; exit 1; }
     echo "B $m $(ms_since "$t0" "$t1") $(ms_since "$t0" "$t2")" >> "$R"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Tandem's pair against qemu-storage-daemon's mirror, in one run on loopback (issue 17, "a real peer").
-#   bench/vs-qsd.sh [SIZE_MIB=256] [RUNTIME_S=5]   (RUNTIME_S may be a fraction; the CI smoke run,
-#   bench/vs-qsd.sh 16 0.25, takes ~20 s)
+#   bench/vs-qsd.sh [SIZE_MIB=256] [RUNTIME=5]
+# RUNTIME is a fio time (5 = 5 s, 200ms); RAMP (default 1) likewise. JOBS ("rw bs qd" triples split
+# by ";") narrows the table. Smoke run (scripts/bench-smoke.sh):
+#   RAMP=0 JOBS="randwrite 4k 1;write 1m 4" bench/vs-qsd.sh 16 200ms
 # The same fio jobs (--ioengine=nbd) against
 #  - Tandem's async pair and sync pair (as bench/replication.sh starts them), and
 #  - qemu-storage-daemon exporting a raw file over NBD, with a blockdev-mirror (started over QMP) to an
@@ -28,9 +30,11 @@ SIZE_MIB=${1:-256}
 RUNTIME=${2:-5}
 PIN=${PIN:-1}
 GRAN=${QSD_GRANULARITY:-4096}
-RUNTIME_MS=$(python3 -c "import sys; print(int(float(sys.argv[1]) * 1000))" "$RUNTIME")
-# Short cells (a smoke run) get no ramp, so the whole script stays near 20 s.
-RAMP_MS=1000; [ "$RUNTIME_MS" -lt 2000 ] && RAMP_MS=0
+RAMP=${RAMP:-1}
+# fio time -> ms (a bare number is seconds), for the CPU per I/O.
+ms() { python3 -c "import re,sys; n,u=re.fullmatch(r'([0-9.]+)(ms|s|m)?',sys.argv[1]).groups(); print(int(float(n)*{'ms':1,'s':1000,'m':60000}[u or 's']))" "$1"; }
+RUNTIME_MS=$(ms "$RUNTIME"); RAMP_MS=$(ms "$RAMP")
+IFS=';' read -r -a JOBS <<<"${JOBS:-randwrite 4k 1;randwrite 4k 16;randread 4k 1;randread 4k 16;write 1m 4}"
 NODE_A=(); NODE_B=()
 if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
 if [ "$PIN" = one ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 0); fi
@@ -73,17 +77,8 @@ mirror() { # primary-name target-nbdport copy-mode
 }
 qsd_steady() { "${QMP[@]}" "$W/$1.qmp" wait-ready m 120; }
 actively_synced() { "${QMP[@]}" "$W/$1.qmp" query-block-jobs | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["actively-synced"])'; }
-# Every file alike: written back, then dropped from the page cache (no root needed).
-evict() {
-  python3 - "$W"/*.img <<'PY'
-import os, sys
-for p in sys.argv[1:]:
-    fd = os.open(p, os.O_RDONLY)
-    os.fdatasync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-PY
-}
+# Every file alike: written back, then dropped from the page cache.
+evict() { bench_evict "$W"/*.img; }
 
 dd if=/dev/urandom of="$W/seed.img" bs=1M count="$SIZE_MIB" status=none
 for n in pa ps qa qs; do cp "$W/seed.img" "$W/$n.img"; done
@@ -138,7 +133,7 @@ ios = max(1.0, float(sys.argv[3]) * ($RUNTIME_MS + $RAMP_MS) / 1000)
 print('+'.join('%.1f' % ((y - x) / ios) for x, y in zip(a, b)))" "$@"
 }
 run() { # uri rw bs iodepth -> IOPS; BUSY (a file) = each CPU's busy share during the run
-  local t0 out; t0=$(cpu_ticks)
+  local t0 out; t0=$(bench_ticks)
   out=$("${NODE_A[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth="$4" \
       --size="${SIZE_MIB}M" --time_based --runtime="${RUNTIME_MS}ms" --ramp_time="${RAMP_MS}ms" --norandommap \
       --randrepeat=0 --output-format=json 2>/dev/null |
@@ -146,12 +141,11 @@ run() { # uri rw bs iodepth -> IOPS; BUSY (a file) = each CPU's busy share durin
 t=sys.stdin.read()
 j=json.loads(t[t.index("{"):])["jobs"][0]
 print("%.0f" % (j["read"]["iops"] if j["read"]["io_bytes"] > 0 else j["write"]["iops"]))')
-  cpu_busy "$t0" "$(cpu_ticks)" > "$W/busy"
+  bench_busy "$t0" "$(bench_ticks)" > "$W/busy"
   echo "$out"
 }
 
-JOBS=("randwrite 4k 1" "randwrite 4k 16" "randread 4k 1" "randread 4k 16" "write 1m 4")
-echo "### Tandem's pair against qemu-storage-daemon's mirror (${RUNTIME}s per cell, ${SIZE_MIB} MiB volume, PIN=$PIN)"
+echo "### Tandem's pair against qemu-storage-daemon's mirror (fio runtime $RUNTIME per cell, ${SIZE_MIB} MiB volume, PIN=$PIN)"
 echo
 echo "| workload | mode | tandem IOPS | qsd IOPS | tandem/qsd | CPU busy (cpu0/cpu1): tandem | qsd | daemon CPU µs/IO (pri+sec): tandem | qsd |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"

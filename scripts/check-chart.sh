@@ -288,6 +288,9 @@ for path in sys.argv[1:]:
     assert not any("secrets" in r["resources"] for c in by_kind["ClusterRole"] for r in c["rules"]), cluster
     pods = [r for r in cluster if "pods" in r["resources"]]
     assert all(set(r["verbs"]) <= {"list", "delete"} for r in pods), pods
+    # Nodes: read, and patch for the volumes' node labels only (never create, update or delete).
+    nodes = [r for r in cluster if "nodes" in r["resources"]]
+    assert nodes and all(set(r["verbs"]) <= {"get", "list", "watch", "patch"} for r in nodes), nodes
     engine_role = [r for r in named("Role", "-operator")["rules"] if "secrets" in r["resources"]]
     assert engine_role and all(role["metadata"]["namespace"] == "tandem-system" for role in by_kind["Role"])
     assert not any(b["roleRef"]["name"].endswith("csi-node") for b in by_kind.get("ClusterRoleBinding", []) + by_kind.get("RoleBinding", []))

@@ -18,3 +18,5 @@ scripts/check-chart.sh
 # The safety campaigns at small size (docs/reliability.md): history and kills against real engine
 # pairs, power cuts and failpoints at every file operation of a takeover, fuzzing.
 scripts/campaign.sh --ci
+# Every bench script at a tiny size (issue 17): they keep working; their numbers gate nothing.
+scripts/bench-smoke.sh

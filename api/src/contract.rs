@@ -77,7 +77,9 @@ pub fn secret_csi_key_key(node: &str) -> String {
 pub const CSI_DRIVER: &str = "csi.tandem.dev";
 
 /// The topology segment the CSI plugin reports in NodeGetInfo (its node id); read by Kubernetes
-/// for `allowedTopologies` and CSI node affinity.
+/// for `allowedTopologies` and CreateVolume's accessibility requirements. PVs made before issue 18
+/// carry it as their node affinity; new ones select the operator's per-volume node label instead
+/// (operator `plan::node_label`), which follows a live move.
 pub const TOPOLOGY_KEY: &str = "topology.tandem.dev/node";
 
 /// The NBD export serving snapshot `id` of `volume` read-only (issue 14): on every NBD listener

@@ -12,6 +12,7 @@ use crate::{
     crd::{EngineRole, FailoverPolicy, MirroredVolume, Phase, Slot},
     engine::{fake::FakeEngines, TakeoverOutcome},
     fixtures::*,
+    plan,
 };
 
 fn args(pod: &Value) -> Vec<String> {
@@ -79,6 +80,12 @@ async fn create_path_applies_secret_services_pods_and_pv() {
     let mv = MirroredVolume::test().finalized();
     let answer = status_answer(&mv);
     let mut script = observe_calls(true, true, vec![], false, None);
+    script[0] = Call::get(&paths::node("n1")).reply(200, bare_node_json("n1", true));
+    script[1] = Call::get(&paths::node("n2")).reply(200, bare_node_json("n2", true));
+    // The volume's node label goes on both nodes first: before the PV that selects it, and
+    // before the status names the nodes (which a CreateVolume waits for).
+    script.push(node_label_call("n1", true));
+    script.push(node_label_call("n2", true));
     script.extend(cert_calls());
     script.push(Call::patch(&format!("{}?", paths::secret())).check(|s| {
         assert_eq!(
@@ -104,9 +111,10 @@ async fn create_path_applies_secret_services_pods_and_pv() {
     let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
     assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(10)));
 
-    // Every apply is server-side apply under our field manager, forced.
+    // Every apply is server-side apply under our field manager, forced; only the node labels are
+    // merge patches of one key (an apply would drop the other volumes' labels).
     for (method, uri, _) in &seen.calls {
-        if *method == Method::PATCH {
+        if *method == Method::PATCH && !uri.starts_with("/api/v1/nodes/") {
             assert!(
                 uri.contains("fieldManager=tandem-operator") && uri.contains("force=true"),
                 "{uri}"
@@ -175,10 +183,10 @@ async fn create_path_applies_secret_services_pods_and_pv() {
         seen.body(Method::PATCH, &paths::secret())["data"]["token"],
         "the CSI plugins get the engines' token"
     );
+    let (label, value) = plan::node_label(&MirroredVolume::test());
     assert_eq!(
-        pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
-            ["values"],
-        json!(["n1", "n2"])
+        pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"],
+        json!([{"matchExpressions": [{"key": label, "operator": "In", "values": [value]}]}])
     );
     assert!(pv["metadata"].get("ownerReferences").is_none());
 
@@ -585,7 +593,20 @@ async fn wait_policy_takeover_failure_is_retried_and_counted() {
 /// The calls of a deletion after the engines and the wipe: each kind in the operator's namespace is
 /// listed by the owner labels and only what they list goes; then the finalizer.
 fn teardown_calls(removed: Value, pods: Vec<Value>) -> Vec<Call> {
-    let mut calls = vec![Call::get(&paths::engine_pods()).reply(200, pod_list(pods.clone()))];
+    // The nodes carrying the volume's label (by key and value) lose it: n1, and n3, which a move
+    // interrupted by a crash left labelled.
+    let mut calls = vec![
+        Call::get("/api/v1/nodes?").reply(
+            200,
+            list(
+                "NodeList",
+                vec![node_json("n1", true), node_json("n3", true)],
+            ),
+        ),
+        node_label_call("n1", false),
+        node_label_call("n3", false),
+    ];
+    calls.push(Call::get(&paths::engine_pods()).reply(200, pod_list(pods.clone())));
     for p in &pods {
         calls.push(Call::delete(&format!(
             "/api/v1/namespaces/{OP_NS}/pods/{}",
@@ -641,6 +662,17 @@ async fn deletion_tears_everything_down_then_drops_the_finalizer() {
     let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
     assert_eq!(result.unwrap(), Action::await_change());
     assert_eq!(seen.reasons(), vec!["Deleted"]);
+    let (label, value) = plan::node_label(&MirroredVolume::test());
+    let nodes = seen
+        .calls
+        .iter()
+        .find(|c| c.1.starts_with("/api/v1/nodes?"));
+    assert!(
+        nodes.is_some_and(|c| c
+            .1
+            .contains(&format!("{label}%3D{value}").replace('/', "%2F"))),
+        "{nodes:?}"
+    );
     // The lists ask for this volume's objects by every owner label, uid included.
     let lists: Vec<&String> = seen
         .calls
@@ -844,6 +876,7 @@ async fn cleanup_leaves_a_foreign_pv() {
         // Not ours (another uid): neither waited for nor deleted.
         Call::get(&paths::pv()).reply(200, foreign),
         empty(paths::engine_pods(), "PodList"),
+        empty("/api/v1/nodes?".into(), "NodeList"),
         empty(paths::engine_pods(), "PodList"),
         empty(
             format!("/api/v1/namespaces/{OP_NS}/services?"),

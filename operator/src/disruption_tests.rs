@@ -27,7 +27,8 @@ fn node(name: &str) -> NodeObs {
         exists: true,
         ready: true,
         out_of_service: false,
-        hostname: Some(name.into()),
+        labeled: true,
+        not_ready_since: None,
         unschedulable: false,
     }
 }

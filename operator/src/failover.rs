@@ -1115,7 +1115,8 @@ mod tests {
             exists: true,
             ready,
             out_of_service: false,
-            hostname: Some(name.into()),
+            labeled: true,
+            not_ready_since: None,
             unschedulable: false,
         }
     }

@@ -143,12 +143,35 @@ pub fn ago(secs: i64) -> Timestamp {
         .unwrap()
 }
 
-/// A Node object.
+/// A Node object that holds an engine of `default/data` (it carries the volume's node label).
 pub fn node_json(name: &str, ready: bool) -> Value {
+    let mut node = bare_node_json(name, ready);
+    let (label, value) = plan::node_label(&MirroredVolume::test());
+    node["metadata"]["labels"][label] = json!(value);
+    node
+}
+
+/// A Node object without the volume's node label.
+pub fn bare_node_json(name: &str, ready: bool) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
         "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "Unknown" }}]}
+    })
+}
+
+/// The merge patch that sets (`true`) or removes `default/data`'s node label on `node`.
+pub fn node_label_call(node: &str, set: bool) -> Call {
+    let node = node.to_string();
+    Call::patch(&format!("/api/v1/nodes/{node}?")).check_reply(move |body| {
+        let (label, value) = plan::node_label(&MirroredVolume::test());
+        let want = if set { json!(value) } else { Value::Null };
+        assert_eq!(body, &json!({"metadata": {"labels": {label: want}}}));
+        if set {
+            node_json(&node, true)
+        } else {
+            bare_node_json(&node, true)
+        }
     })
 }
 
@@ -579,7 +602,8 @@ pub fn observed_pair() -> crate::observed::Observed {
         exists: true,
         ready: true,
         out_of_service: false,
-        hostname: Some(name.into()),
+        labeled: true,
+        not_ready_since: None,
         unschedulable: false,
     };
     crate::observed::Observed {

@@ -21,7 +21,12 @@
 //!   `switchoverPolicy` gate), then as the secondary.
 //! - **Refused** (the edit is not carried out; condition `Moving` False with reason Refused, event
 //!   `MoveRefused`): engine storage from a StorageClass (a PVC is bound to its node), a node that holds
-//!   the other engine, `spec.primaryNode` naming the node being left.
+//!   the other engine, `spec.primaryNode` naming the node being left, a PV whose node affinity names
+//!   fixed nodes (made before the node label; immutable).
+//! - **Node label.** The volume's node label (`plan::node_label`, which its PV selects) goes on the
+//!   new node in the cutover pass, before the old engine is released (`act`), and leaves the old node
+//!   in Finishing. A node being left that is lost (gone, out of service, NotReady for
+//!   [`OLD_NODE_PATIENCE`]) ends the move without its wipe, with a `WipeSkipped` warning.
 //! - **Failed.** The primary aborted the move (GetMove ABORTED), or the new engine was lost before the
 //!   cutover (pod gone, node lost): AbortMove, then the new pod and Service go; the old pair is as
 //!   before. Failed and Refused are kept for that value of the spec: changing `placement.nodes` again
@@ -39,7 +44,7 @@ use crate::{
     disruption::{note, warn, Event},
     engine::MoveState,
     failover::{established, primary_slot, set_condition, TakeoverIntent},
-    observed::Observed,
+    observed::{NodeObs, Observed},
     plan::{self, names, EngineConfig},
 };
 
@@ -47,6 +52,9 @@ use crate::{
 pub const CONDITION: &str = "Moving";
 /// Look again this soon while a move waits or runs.
 const RECHECK: Duration = Duration::from_secs(2);
+/// How long the node being left may stay NotReady before the move finishes without wiping it (as
+/// the finalizer waits for a wipe on an unreachable node, `controller::cleanup`).
+pub const OLD_NODE_PATIENCE: Duration = Duration::from_secs(600);
 
 /// What the move asks of one pass. `act` carries it out after the children are applied (the new pod
 /// and Service are children: `plan::desired` adds them from `status.move`).
@@ -62,8 +70,12 @@ pub struct Step {
     pub delete: Vec<String>,
     /// A wipe pod to apply: (pod name, node, data dir).
     pub wipe: Option<Wipe>,
-    /// Wipe pods that finished, to delete.
+    /// Wipe pods that finished (or will never run), to delete.
     pub wiped: Vec<String>,
+    /// Delete the pods of `delete` at once (grace 0): their node is lost, so no kubelet confirms.
+    pub force: bool,
+    /// The node being left: it loses the volume's node label (`plan::node_label`).
+    pub unlabel: Option<String>,
     pub events: Vec<Event>,
     pub recheck: Option<Duration>,
 }
@@ -169,7 +181,7 @@ pub fn track(
             ),
         ));
     }
-    if let Some(why) = refusal(mv, &from, &to, &other) {
+    if let Some(why) = refusal(mv, &from, &to, &other, observed) {
         rec.phase = MovePhase::Refused;
         rec.message = why.clone();
         step.events.push(warn("MoveRefused", why));
@@ -238,7 +250,33 @@ pub fn track(
 }
 
 /// Why the edit cannot be carried out at all.
-fn refusal(mv: &MirroredVolume, from: &str, to: &str, other: &str) -> Option<String> {
+fn refusal(
+    mv: &MirroredVolume,
+    from: &str,
+    to: &str,
+    other: &str,
+    observed: &Observed,
+) -> Option<String> {
+    // Invariant: no move while the PV's (immutable) node affinity names fixed nodes: a workload
+    // could then never be scheduled to the new node, nor fail over there by staging (moving_tests::
+    // a_pv_that_names_its_nodes_refuses_a_move).
+    if observed.pv.as_ref().is_some_and(|pv| !pv.follows_label) {
+        let pv = plan::pv_name(mv);
+        let fix = if mv.spec.persistent_volume_name.is_some() {
+            "clone the claim (a PVC with dataSource naming it) and use the clone, whose PV can move"
+                .to_string()
+        } else {
+            format!(
+                "stop the workloads, delete their claim and PersistentVolume {pv} (the engines keep the data; \
+                 the operator makes the PV again, and spec.claim's claim), then edit placement.nodes again"
+            )
+        };
+        return Some(format!(
+            "PersistentVolume {pv} was made before node affinity followed moves: it pins workloads to the \
+             first nodes by name and cannot change, so after a move to {to} no workload could be scheduled \
+             there; to move: {fix}"
+        ));
+    }
     if mv.spec.engine_storage.storage_class_name.is_some() {
         return Some(format!(
             "engineStorage.storageClassName: an engine's PVC is bound to its node, so the engine on {from} \
@@ -426,25 +464,48 @@ fn advance(
         }
         MovePhase::Finishing => {
             let old = names::engine_instance(key, slot, gen.saturating_sub(1));
+            let old_node = m.old_node.as_ref();
+            if old_node.is_some_and(|n| n.labeled) && !status.nodes.contains(&rec.from) {
+                // The old node no longer holds an engine of the volume: workloads go elsewhere.
+                step.unlabel = Some(rec.from.clone());
+            }
+            let wipe = names::move_wipe(key, slot, gen, true);
+            let wiped = m.wipe.as_ref().is_some_and(|p| p.phase == "Succeeded");
+            if let Some(why) = old_node
+                .and_then(|n| lost_for_good(n, observed))
+                .filter(|_| !wiped)
+            {
+                // Its wipe pod would never run: finish without it, saying what stays there.
+                if m.old_pod {
+                    step.delete.push(old);
+                    step.force = true;
+                }
+                if m.wipe.is_some() {
+                    step.wiped.push(wipe);
+                }
+                let dir = plan::host_data_dir(mv, Some(&*status), cfg)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| "its socket dir".into());
+                step.events.push(warn(
+                    "WipeSkipped",
+                    format!(
+                        "not wiping node {}: {why}; {dir} stays there until removed by hand",
+                        rec.from
+                    ),
+                ));
+                done(rec, step, now, &new, Some(why));
+                return;
+            }
             if m.old_pod {
                 step.delete.push(old);
                 rec.message = format!("deleting the old engine's pod on {}", rec.from);
                 return;
             }
-            let wipe = names::move_wipe(key, slot, gen, true);
             match &m.wipe {
                 Some(p) if p.phase == "Succeeded" => {
                     step.wiped.push(wipe);
-                    rec.phase = MovePhase::Done;
-                    rec.completed_at = Some(now.to_string());
-                    rec.message = format!(
-                        "the engine of slot {} runs on {} ({new}); {} holds nothing of the volume",
-                        slot.as_str(),
-                        rec.to,
-                        rec.from
-                    );
-                    step.recheck = None;
-                    step.events.push(note("MoveCompleted", rec.message.clone()));
+                    done(rec, step, now, &new, None);
                 }
                 Some(_) => rec.message = format!("waiting for wipe pod {wipe} on {}", rec.from),
                 None => {
@@ -458,6 +519,48 @@ fn advance(
         }
         MovePhase::Pending | MovePhase::Done | MovePhase::Failed | MovePhase::Refused => {}
     }
+}
+
+/// The node being left is gone for good as far as its wipe goes: deleted, out of service, or NotReady
+/// for [`OLD_NODE_PATIENCE`] (since its Ready condition changed; a node that never reported one counts
+/// as lost). Why, or None.
+fn lost_for_good(node: &NodeObs, observed: &Observed) -> Option<String> {
+    if !node.exists {
+        return Some("the node is gone".into());
+    }
+    if node.out_of_service {
+        return Some("the node is out of service".into());
+    }
+    if node.ready {
+        return None;
+    }
+    let waited = node.not_ready_since.is_none_or(|t| {
+        observed.now.duration_since(t).as_secs() >= OLD_NODE_PATIENCE.as_secs() as i64
+    });
+    waited.then(|| {
+        format!(
+            "the node stayed NotReady for {} minutes",
+            OLD_NODE_PATIENCE.as_secs() / 60
+        )
+    })
+}
+
+/// The move is over: the new instance serves the slot and the old node holds nothing of it (or,
+/// `skipped`, keeps files no wipe could remove).
+fn done(rec: &mut MoveStatus, step: &mut Step, now: &str, new: &str, skipped: Option<String>) {
+    rec.phase = MovePhase::Done;
+    rec.completed_at = Some(now.to_string());
+    let left = match skipped {
+        None => format!("{} holds nothing of the volume", rec.from),
+        Some(why) => format!("{} was not wiped ({why})", rec.from),
+    };
+    rec.message = format!(
+        "the engine of slot {} runs on {} ({new}); {left}",
+        rec.slot.as_str(),
+        rec.to
+    );
+    step.recheck = None;
+    step.events.push(note("MoveCompleted", rec.message.clone()));
 }
 
 /// The primary answered DONE: the new instance serves the slot from now on.

@@ -1,6 +1,7 @@
 //! `moving::track`, phase by phase and refusal by refusal, on plain values (no API server, no engines;
 //! tests/failover_engines.rs has a real move).
 
+use k8s_openapi::jiff::SignedDuration;
 use tandem_api::pb::PairState;
 
 use super::*;
@@ -39,7 +40,8 @@ fn node(name: &str) -> NodeObs {
         exists: true,
         ready: true,
         out_of_service: false,
-        hostname: Some(name.into()),
+        labeled: true,
+        not_ready_since: None,
         unschedulable: false,
     }
 }
@@ -250,10 +252,15 @@ fn finishing_deletes_the_old_pod_then_wipes_the_old_node_then_is_done() {
     }
     let mut o = synced();
     o.moving.old_pod = true;
+    o.moving.old_node = Some(node("n2"));
     let (status, step) = pass(&mv, &o, None);
     assert_eq!(rec(&status).phase, MovePhase::Finishing);
     assert_eq!(step.delete, [format!("{}-engine-b", key())]);
+    assert!(!step.force, "its node is up: a graceful delete");
     assert_eq!(step.wipe, None, "not while the old engine may still run");
+    // The old node holds no engine of the volume any more: workloads no longer go there.
+    assert_eq!(step.unlabel.as_deref(), Some("n2"));
+    o.moving.old_node.as_mut().unwrap().labeled = false;
 
     o.moving.old_pod = false;
     let (_, step) = pass(&mv, &o, None);
@@ -455,4 +462,93 @@ fn the_moving_condition_follows_the_record() {
     status.moving = None;
     annotate(&mut status, &synced(), Some(2));
     assert!(status.conditions.iter().all(|c| c.type_ != CONDITION));
+}
+
+/// A PV made before the node label (its affinity names the nodes by hostname, or by the CSI
+/// topology key) cannot change: a move would leave workloads unschedulable on the new node, so the
+/// edit is refused and the message says what to do.
+#[test]
+fn a_pv_that_names_its_nodes_refuses_a_move() {
+    let mv = asking(["n1", "n3"]);
+    let mut o = synced();
+    o.pv = Some(crate::observed::PvObs {
+        follows_label: false,
+        ..Default::default()
+    });
+    let (status, step) = pass(&mv, &o, None);
+    let r = rec(&status);
+    assert_eq!(r.phase, MovePhase::Refused);
+    assert!(
+        r.message.contains("PersistentVolume tandem.default.data")
+            && r.message
+                .contains("delete their claim and PersistentVolume"),
+        "{}",
+        r.message
+    );
+    assert_eq!(reasons(&step), ["MoveRequested", "MoveRefused"]);
+    assert_eq!((step.wipe, step.start), (None, None));
+    assert_eq!(status.nodes, ["n1", "n2"]);
+    // A provisioned volume's PV is the provisioner's: the way out is a clone.
+    let mut provisioned = mv.clone();
+    provisioned.spec.persistent_volume_name = Some("pvc-1".into());
+    let (status, _) = pass(&provisioned, &o, None);
+    assert!(rec(&status).message.contains("clone the claim"));
+    // A PV that selects the volume's label moves.
+    o.pv.as_mut().unwrap().follows_label = true;
+    let (status, _) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Preparing);
+}
+
+/// The node being left is lost while Finishing: its wipe pod would never run, so the move ends
+/// without it (WipeSkipped names what stays there), the old pod is deleted at once and the node
+/// loses the volume's label. A node NotReady for less than the patience is waited for.
+#[test]
+fn a_lost_old_node_finishes_the_move_without_its_wipe() {
+    let mut mv = in_phase(&asking(["n1", "n3"]), MovePhase::Finishing);
+    if let Some(s) = mv.status.as_mut() {
+        s.nodes = vec!["n1".into(), "n3".into()];
+        s.slot_generations = vec![0, 1];
+        s.data_dir = Some("/var/lib/tandem/default/data-u1".into());
+    }
+    let mut o = synced();
+    o.moving.old_pod = true;
+    o.moving.wipe = Some(PodObs {
+        phase: "Pending".into(),
+        ..pod(&format!("{}-wipe-b-m1-old", key()), false)
+    });
+    // NotReady for 5 minutes: still waited for (the old pod goes gracefully).
+    let mut n2 = node("n2");
+    n2.ready = false;
+    n2.not_ready_since = o.now.checked_sub(SignedDuration::from_secs(300)).ok();
+    o.moving.old_node = Some(n2.clone());
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Finishing);
+    assert!(!step.force);
+    assert!(!reasons(&step).contains(&"WipeSkipped"));
+
+    // NotReady past the patience: done without the wipe.
+    n2.not_ready_since = o.now.checked_sub(SignedDuration::from_secs(601)).ok();
+    o.moving.old_node = Some(n2);
+    let (status, step) = pass(&mv, &o, None);
+    let r = rec(&status);
+    assert_eq!(r.phase, MovePhase::Done, "{}", r.message);
+    assert!(r.message.contains("n2 was not wiped"), "{}", r.message);
+    assert_eq!(reasons(&step), ["WipeSkipped", "MoveCompleted"]);
+    let skipped = &step.events[0].text;
+    assert!(
+        skipped.contains("node n2") && skipped.contains("/var/lib/tandem/default/data-u1"),
+        "{skipped}"
+    );
+    assert_eq!(step.delete, [format!("{}-engine-b", key())]);
+    assert!(step.force, "no kubelet confirms a graceful delete there");
+    assert_eq!(step.wiped, [format!("{}-wipe-b-m1-old", key())]);
+    assert_eq!(step.unlabel.as_deref(), Some("n2"));
+    assert_eq!(step.recheck, None);
+
+    // A deleted Node object: done at once, nothing to unlabel.
+    o.moving.old_node = Some(NodeObs::missing("n2"));
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Done);
+    assert!(step.events[0].text.contains("the node is gone"));
+    assert_eq!(step.unlabel, None);
 }

@@ -112,8 +112,10 @@ pub struct NodeObs {
     pub ready: bool,
     /// The node carries the out-of-service taint: it is confirmed down.
     pub out_of_service: bool,
-    /// `kubernetes.io/hostname` label (used in the PV's node affinity).
-    pub hostname: Option<String>,
+    /// It carries the volume's node label (`plan::node_label`), which PVs select.
+    pub labeled: bool,
+    /// When its Ready condition last turned away from True (None when Ready or unknown).
+    pub not_ready_since: Option<Timestamp>,
     /// Cordoned (`spec.unschedulable` or the unschedulable taint): a drain is coming.
     pub unschedulable: bool,
 }
@@ -125,19 +127,35 @@ impl NodeObs {
             exists: false,
             ready: false,
             out_of_service: false,
-            hostname: None,
+            labeled: false,
+            not_ready_since: None,
             unschedulable: false,
         }
     }
 
+    /// [`Self::from_node`], and whether it carries `label` (the volume's node label key).
+    pub fn for_volume(node: &Node, label: &str) -> Self {
+        let mut obs = Self::from_node(node);
+        obs.labeled = node
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(label));
+        obs
+    }
+
     pub fn from_node(node: &Node) -> Self {
         let name = node.metadata.name.clone().unwrap_or_default();
-        let ready = node
+        let ready_cond = node
             .status
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-            .is_some_and(|c| c.status == "True");
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+        let ready = ready_cond.is_some_and(|c| c.status == "True");
+        let not_ready_since = ready_cond
+            .filter(|_| !ready)
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(|t| t.0);
         let tainted = |key: &str| {
             node.spec
                 .as_ref()
@@ -151,18 +169,13 @@ impl NodeObs {
                 .as_ref()
                 .and_then(|s| s.unschedulable)
                 .unwrap_or(false);
-        let hostname = node
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get("kubernetes.io/hostname"))
-            .cloned();
         NodeObs {
             name,
             exists: true,
             ready,
             out_of_service,
-            hostname,
+            labeled: false,
+            not_ready_since,
             unschedulable,
         }
     }
@@ -179,6 +192,10 @@ pub struct PvObs {
     pub capacity: Option<String>,
     /// The claim bound (or pre-bound) to it: (namespace, name).
     pub claim: Option<(String, String)>,
+    /// Its node affinity selects the volume's node label (or nothing): workloads follow a live move.
+    /// False for a PV made before the label (`kubernetes.io/hostname` or the CSI topology key): its
+    /// affinity is immutable and would strand workloads, so a move is refused (`crate::moving`).
+    pub follows_label: bool,
 }
 
 /// A workload pod that uses the volume and sits on a lost node (or on a node whose engine restart ended
@@ -241,6 +258,9 @@ pub struct MoveObs {
     /// The node `spec.placement.nodes` asks for, when it differs from the recorded one (None: not
     /// asked for).
     pub target_node: Option<NodeObs>,
+    /// The node being left, while Finishing (it loses the volume's node label; when it is lost the
+    /// move finishes without its wipe).
+    pub old_node: Option<NodeObs>,
 }
 
 impl MoveObs {

@@ -157,6 +157,18 @@ pub mod names {
         format!("{readable}-{hash:016x}")
     }
 
+    /// The volume's node label key, `tandem.dev/v-<key>` (the name part at most 2 + 41 characters,
+    /// within a label's 63). The whole key, not its hash alone: two volumes whose hashes collide (made
+    /// so on purpose, say) still get distinct labels, so one can never overwrite the other's on a
+    /// shared node; equal keys are refused as a `NameConflict` before any label is set. The operator
+    /// puts it, with the key as its value, on exactly the nodes that hold the volume's engines, and
+    /// moves it with a live move; PVs select it as their node affinity (`super::node_label`).
+    pub fn node_label(namespace: &str, volume: &str) -> String {
+        format!("{NODE_LABEL_PREFIX}{}", key(namespace, volume))
+    }
+    /// Prefix of every volume's node label key.
+    pub const NODE_LABEL_PREFIX: &str = "tandem.dev/v-";
+
     /// Engine pod and its Service (a slot's first instance).
     pub fn engine(key: &str, slot: Slot) -> String {
         engine_instance(key, slot, 0)
@@ -228,6 +240,17 @@ pub fn pv_name(mv: &MirroredVolume) -> String {
         Some(pv) => pv.clone(),
         None => names::pv(&mv.namespace().unwrap_or_default(), &mv.name_any()),
     }
+}
+
+/// The volume's node label: (key, value) = (`tandem.dev/v-<key>`, the volume's key). On the nodes
+/// of its engines (`status.nodes`) from before `status.nodes` is first written, moved at a live
+/// move's cutover, removed by the finalizer; the PV's node affinity and CreateVolume's
+/// accessible topology select it, so workloads follow the engines (operator/README.md, "Live move").
+pub fn node_label(mv: &MirroredVolume) -> (String, String) {
+    (
+        names::node_label(&mv.namespace().unwrap_or_default(), &mv.name_any()),
+        key(mv),
+    )
 }
 
 /// The volume's key (see [`names::key`]).
@@ -1125,10 +1148,10 @@ pub fn persistent_volume(
     let namespace = mv.namespace().unwrap_or_default();
     let name = mv.name_any();
     let node_names = [nodes[0].name.clone(), nodes[1].name.clone()];
-    let hostnames: Vec<String> = nodes
-        .iter()
-        .map(|n| n.hostname.clone().unwrap_or_else(|| n.name.clone()))
-        .collect();
+    // Invariant: the PV selects the volume's node label, never node names, so a workload can be
+    // scheduled wherever the engines are now, also after a live move (the label moves; the PV's
+    // affinity is immutable). Test: plan::tests::the_pv_follows_the_volumes_node_label.
+    let (label, value) = node_label(mv);
     let attributes = pv_attributes(mv, &node_names, cfg);
     // The owner labels are what a later pass checks before adopting an existing PV of this name.
     let pv_labels = labels(mv);
@@ -1167,9 +1190,9 @@ pub fn persistent_volume(
                 required: Some(NodeSelector {
                     node_selector_terms: vec![NodeSelectorTerm {
                         match_expressions: Some(vec![NodeSelectorRequirement {
-                            key: "kubernetes.io/hostname".into(),
+                            key: label,
                             operator: "In".into(),
-                            values: Some(hostnames),
+                            values: Some(vec![value]),
                         }]),
                         ..Default::default()
                     }],
@@ -1422,7 +1445,8 @@ mod tests {
             exists: true,
             ready,
             out_of_service: false,
-            hostname: Some(format!("host-{name}")),
+            labeled: true,
+            not_ready_since: None,
             unschedulable: false,
         }
     }
@@ -2070,7 +2094,7 @@ mod tests {
             term.match_expressions.as_ref().unwrap()[0]
                 .values
                 .as_deref(),
-            Some(&["host-n1".to_string(), "host-n2".to_string()][..])
+            Some(&[key_of_test()][..])
         );
         assert!(pv.metadata.owner_references.is_none());
 
@@ -2079,6 +2103,31 @@ mod tests {
         let spec = pv.spec.unwrap();
         assert_eq!(spec.volume_mode.as_deref(), Some("Block"));
         assert_eq!(spec.csi.unwrap().fs_type, None);
+    }
+
+    /// The PV names no node: it selects the volume's node label, which the operator moves with the
+    /// engines, so its (immutable) affinity stays right after a live move.
+    #[test]
+    fn the_pv_follows_the_volumes_node_label() {
+        let mv = MirroredVolume::test();
+        let pv = persistent_volume(&mv, &observed().nodes, &EngineConfig::default()).unwrap();
+        let terms = pv.spec.unwrap().node_affinity.unwrap().required.unwrap();
+        let req = &terms.node_selector_terms[0]
+            .match_expressions
+            .as_ref()
+            .unwrap()[0];
+        let (label, value) = node_label(&mv);
+        assert_eq!(label, names::node_label("default", "data"));
+        assert_eq!(label, format!("tandem.dev/v-{}", key_of_test()));
+        let longest = names::node_label(&"n".repeat(63), &"v".repeat(63));
+        assert!(longest.len() - "tandem.dev/".len() <= 63, "{longest}");
+        assert_eq!(
+            (req.key.as_str(), req.operator.as_str()),
+            (label.as_str(), "In")
+        );
+        assert_eq!(req.values.as_deref(), Some(&[value][..]));
+        assert_eq!(terms.node_selector_terms.len(), 1);
+        assert_ne!(label, names::node_label("default", "other"));
     }
 
     #[test]
@@ -2117,6 +2166,7 @@ mod tests {
         o.pv = Some(PvObs {
             capacity: Some("1Gi".into()),
             claim: None,
+            follows_label: true,
         });
         o.pods[1] = Some(crate::observed::PodObs::default());
         let d = desired(
@@ -2199,7 +2249,8 @@ pub fn render_initial(
         exists: true,
         ready: true,
         out_of_service: false,
-        hostname: None,
+        labeled: true,
+        not_ready_since: None,
         unschedulable: false,
     };
     let observed = Observed {

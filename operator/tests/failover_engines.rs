@@ -723,6 +723,8 @@ struct World {
     extra_nodes: Vec<String>,
     /// Services the operator deleted, by name.
     deleted_services: Vec<String>,
+    /// Labels the operator merge-patched onto nodes (the volume's node label), by node.
+    node_labels: BTreeMap<String, serde_json::Map<String, Value>>,
 }
 
 impl World {
@@ -803,30 +805,34 @@ impl World {
                 ));
                 (201, body.clone())
             }
+            // A node's labels are merge-patched (the volume's node label; null removes it).
+            ("PATCH", p) if p.starts_with("/api/v1/nodes/") => {
+                let name = p["/api/v1/nodes/".len()..].to_string();
+                let labels = self.node_labels.entry(name.clone()).or_default();
+                for (k, v) in body["metadata"]["labels"].as_object().unwrap() {
+                    match v {
+                        Value::Null => labels.remove(k),
+                        v => labels.insert(k.clone(), v.clone()),
+                    };
+                }
+                self.answer("GET", p, "", &Value::Null)
+            }
             ("GET", p) if p.starts_with("/api/v1/nodes/") => {
                 let name = &p["/api/v1/nodes/".len()..];
-                let i = match name {
-                    "n1" => 0,
-                    "n2" => 1,
-                    n if self.extra_nodes.iter().any(|e| e == n) => {
-                        return (
-                            200,
-                            json!({
-                                "apiVersion": "v1", "kind": "Node",
-                                "metadata": {"name": n, "labels": {"kubernetes.io/hostname": n}},
-                                "status": {"conditions": [{"type": "Ready", "status": "True"}]},
-                            }),
-                        )
-                    }
+                let (ready, cordoned) = match name {
+                    "n1" => (self.node_ready[0], self.node_cordoned[0]),
+                    "n2" => (self.node_ready[1], self.node_cordoned[1]),
+                    n if self.extra_nodes.iter().any(|e| e == n) => (true, false),
                     _ => return (404, not_found(name)),
                 };
-                let ready = self.node_ready[i];
+                let mut labels = self.node_labels.get(name).cloned().unwrap_or_default();
+                labels.insert("kubernetes.io/hostname".into(), json!(name));
                 (
                     200,
                     json!({
                         "apiVersion": "v1", "kind": "Node",
-                        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
-                        "spec": {"unschedulable": self.node_cordoned[i]},
+                        "metadata": {"name": name, "labels": labels},
+                        "spec": {"unschedulable": cordoned},
                         "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "Unknown" }}]},
                     }),
                 )
@@ -3089,6 +3095,19 @@ async fn a_placement_edit_moves_the_secondary_under_writes_and_loses_nothing() {
     assert_eq!(status.nodes, ["n1", "n3"]);
     assert_eq!(status.slot_generations, [0, 1]);
     assert_eq!(condition(&status, "Moving").reason, "Done");
+    // The volume's node label (which its PV selects) moved with the engine: workloads can be
+    // scheduled to n3 now, and no longer to n2.
+    {
+        let (label, value) = plan::node_label(&volume_object(FailoverPolicy::WaitForPrimary, None));
+        let w = op.world.lock().unwrap();
+        let has = |n: &str| w.node_labels.get(n).and_then(|l| l.get(&label)) == Some(&json!(value));
+        assert_eq!(
+            (has("n1"), has("n2"), has("n3")),
+            (true, false, true),
+            "{:?}",
+            w.node_labels
+        );
+    }
     let new = new_engine.expect("the new engine ran");
     let new_service = plan::names::engine_instance(&key(), Slot::B, 1);
     {

@@ -365,3 +365,57 @@ fn http_silent_clients_time_out_and_over_the_cap_are_refused_and_metrics_answer_
     assert_eq!(counter(&metrics, "http_connections_timed_out"), 32.0);
     drop(e);
 }
+
+/// A client that sends and never reads its replies stalls only its own connection: its thread
+/// blocks on the full socket, and its slow requests' replies wait on blocking-pool threads, never
+/// on the runtime's workers, so other clients (whose FLUSH runs on those workers) go on.
+#[test]
+fn a_client_that_never_reads_its_replies_stalls_only_itself() {
+    use storage_engine::nbd::proto::{Request, CMD_FLAG_FUA, CMD_READ, CMD_WRITE};
+    use tokio::io::AsyncWriteExt;
+    let d = tempfile::tempdir().unwrap();
+    let e = EngineBuilder::new(d.path()).start().unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut s = TcpStream::connect(&e.nbd).await.unwrap();
+        handshake_async(&mut s, "vol", &[]).await.unwrap();
+        // 128 KiB reads (run on the connection's thread) and FUA writes (runtime tasks), until
+        // both directions of the socket are full.
+        let mut sent = 0u64;
+        loop {
+            let fua = sent % 2 == 1;
+            let req = Request {
+                flags: if fua { CMD_FLAG_FUA } else { 0 },
+                kind: if fua { CMD_WRITE } else { CMD_READ },
+                handle: sent,
+                offset: (sent % 64) * 4096,
+                length: if fua { 4096 } else { 128 * 1024 },
+            };
+            let mut bytes = req.encode().to_vec();
+            if fua {
+                bytes.extend_from_slice(&[0x5a; 4096]);
+            }
+            match tokio::time::timeout(Duration::from_millis(500), s.write_all(&bytes)).await {
+                Ok(r) => r.unwrap(),
+                Err(_) => break,
+            }
+            sent += 1;
+        }
+        assert!(
+            sent > 64,
+            "the server stopped reading after {sent} requests"
+        );
+        let other = async {
+            let mut other = NbdClient::connect(&e.nbd, "vol").await.unwrap();
+            other.write(1 << 20, &[9u8; 4096]).await.unwrap();
+            other.flush().await.unwrap();
+            other.read(1 << 20, 4096).await.unwrap()
+        };
+        let got = tokio::time::timeout(Duration::from_secs(5), other).await;
+        assert_eq!(
+            got.expect("another client was not served while one did not read"),
+            vec![9u8; 4096]
+        );
+        drop(s);
+    });
+}

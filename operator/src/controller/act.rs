@@ -2,7 +2,7 @@
 //! applies of the children, in that order; and the events, published after the status is written.
 
 use k8s_openapi::api::{
-    core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service},
+    core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service},
     policy::v1::PodDisruptionBudget,
     storage::v1::VolumeAttachment,
 };
@@ -55,6 +55,27 @@ where
     Ok(())
 }
 
+/// Sets (`Some(value)`) or removes (`None`) a volume's node label on `node`, by a JSON merge patch of
+/// that one key: the other volumes' labels stay (a server-side apply under our one field manager
+/// would drop them). A node that is gone needs nothing.
+pub(super) async fn set_node_label(
+    ctx: &Context,
+    node: &str,
+    label: &str,
+    value: Option<&str>,
+) -> Result<()> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({"metadata": {"labels": {label: value}}});
+    match api
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
 fn forced() -> DeleteParams {
     DeleteParams {
         grace_period_seconds: Some(0),
@@ -99,6 +120,15 @@ impl MirroredVolume {
         self.delete_engine_pods(ctx, &plan.deletions).await?;
         self.release_workloads(ctx, &plan.release).await?;
         if plan.children.is_ok() {
+            // Invariant: a node gets the volume's label before anything else of the pass, so before
+            // `status.nodes` names it (a CreateVolume that waits for status.nodes answers a topology
+            // whose label exists) and, at a cutover, before the old engine is released (tests
+            // controller::tests::create_path_applies_secret_services_pods_and_pv,
+            // moving_tests::the_cutover_moves_the_node_label_before_the_old_engine_goes).
+            let (label, value) = plan::node_label(self);
+            for node in &plan.label {
+                set_node_label(ctx, node, &label, Some(&value)).await?;
+            }
             self.apply_certificates(ctx, plan).await?;
             if let Ok(children) = &plan.children {
                 self.apply_children(ctx, children).await?;
@@ -340,9 +370,17 @@ impl MirroredVolume {
                 }
             }
         }
+        let dp = if step.force {
+            forced()
+        } else {
+            DeleteParams::default()
+        };
         for name in &step.delete {
-            delete_quietly(&pods, name, &DeleteParams::default()).await?;
+            delete_quietly(&pods, name, &dp).await?;
             delete_quietly(&services, name, &DeleteParams::default()).await?;
+        }
+        if let Some(node) = &step.unlabel {
+            set_node_label(ctx, node, &plan::node_label(self).0, None).await?;
         }
         Ok(())
     }

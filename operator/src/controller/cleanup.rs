@@ -19,7 +19,7 @@ use kube::{
 };
 
 use super::{
-    act::{apply_params, delete_quietly},
+    act::{apply_params, delete_quietly, set_node_label},
     decide::{note, warning},
     Context,
 };
@@ -75,6 +75,17 @@ impl MirroredVolume {
         }
         let skipped = self.wipe(&ctx).await?;
         self.drop_clone_snapshot(&ctx).await;
+        // Every node that carries the volume's label loses it (the engine nodes, and any a crash
+        // left labelled during a move); its value is checked, so a hash collision's is left alone.
+        let (label, value) = plan::node_label(self);
+        let nodes: Api<Node> = Api::all(client.clone());
+        for node in nodes
+            .list(&ListParams::default().labels(&format!("{label}={value}")))
+            .await?
+            .items
+        {
+            set_node_label(&ctx, &node.name_any(), &label, None).await?;
+        }
         delete_owned(&pods, &owned).await?;
         delete_owned(&Api::<Service>::namespaced(client.clone(), home), &owned).await?;
         delete_owned(

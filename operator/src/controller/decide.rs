@@ -76,6 +76,28 @@ pub struct Plan {
     pub disruption: disruption::Actions,
     /// A live move's calls, deletions and wipes (`crate::moving`).
     pub moving: crate::moving::Step,
+    /// Nodes of `status.nodes` that lack the volume's node label (`plan::node_label`): `act` labels
+    /// them before it applies anything else, so before `status.nodes` names them.
+    pub label: Vec<String>,
+}
+
+/// The nodes of `status.nodes` that exist and lack the volume's node label: both at the first
+/// placement, the new node at a live move's cutover (found among the observed engine nodes and the
+/// move's target).
+fn unlabeled(status: &MirroredVolumeStatus, observed: &Observed) -> Vec<String> {
+    status
+        .nodes
+        .iter()
+        .filter(|name| {
+            observed
+                .nodes
+                .iter()
+                .chain(observed.moving.target_node.as_ref())
+                .find(|n| &n.name == *name)
+                .is_some_and(|n| n.exists && !n.labeled)
+        })
+        .cloned()
+        .collect()
 }
 
 /// What [`decide`] concluded.
@@ -467,7 +489,9 @@ impl Pass {
         if let Ok(children) = &children {
             self.notes.extend(created(mv, children));
         }
+        let label = unlabeled(&self.status, &self.observed);
         Plan {
+            label,
             status: self.status,
             observed: self.observed,
             notes: self.notes,

@@ -64,6 +64,7 @@ pub(super) fn pair() -> Observed {
         pv: Some(PvObs {
             capacity: Some("1Gi".into()),
             claim: Some(("apps".into(), "data".into())),
+            follows_label: true,
         }),
         claim_exists: false,
         engine_pvcs: [false, false],

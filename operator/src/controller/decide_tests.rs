@@ -20,7 +20,8 @@ pub(super) fn node(name: &str) -> NodeObs {
         exists: true,
         ready: true,
         out_of_service: false,
-        hostname: Some(name.into()),
+        labeled: true,
+        not_ready_since: None,
         unschedulable: false,
     }
 }
@@ -78,6 +79,7 @@ fn pair() -> Observed {
         pv: Some(PvObs {
             capacity: Some("1Gi".into()),
             claim: None,
+            follows_label: true,
         }),
         ..nothing()
     }
@@ -325,4 +327,82 @@ fn an_invalid_spec_plans_no_children() {
         ["Placed"],
         "no event for children never created"
     );
+}
+
+/// At a live move's cutover the new node gets the volume's label in the pass that releases the old
+/// engine (act labels before it deletes), and the old node loses it once the move is Finishing.
+#[test]
+fn the_cutover_moves_the_node_label_before_the_old_engine_goes() {
+    use crate::{
+        crd::{MovePhase, MoveStatus},
+        engine::{MoveProgress, MoveState},
+    };
+    let cfg = EngineConfig::default();
+    let mut mv = MirroredVolume::test().finalized().established(Slot::A, 1);
+    mv.spec.placement.nodes = Some(vec!["n1".into(), "n3".into()]);
+    if let Some(s) = mv.status.as_mut() {
+        s.moving = Some(MoveStatus {
+            phase: MovePhase::CuttingOver,
+            slot: Slot::B,
+            from: "n2".into(),
+            to: "n3".into(),
+            generation: 1,
+            ..Default::default()
+        });
+    }
+    let mut o = pair();
+    let mut n3 = node("n3");
+    n3.labeled = false;
+    o.moving.target_node = Some(n3);
+    o.moving.pod = Some(PodObs {
+        name: names::engine_instance(&plan::key(&mv), Slot::B, 1),
+        ..pod(Slot::B, EngineRole::Secondary)
+    });
+    o.moving.progress = Some(Ok(MoveProgress {
+        state: MoveState::Done,
+        target: plan::engine_address_at(&mv, Slot::B, 1, &cfg),
+        ..Default::default()
+    }));
+    let plan = plan_of(decide(&mv, &o, &cfg));
+    assert_eq!(plan.status.nodes, ["n1", "n3"]);
+    assert_eq!(plan.label, ["n3"], "the new node is labelled in this pass");
+    assert_eq!(
+        plan.moving.delete,
+        [names::engine(&plan::key(&mv), Slot::B)],
+        "and the old engine released after it"
+    );
+    assert_eq!(
+        plan.moving.unlabel, None,
+        "the old node keeps it until Finishing"
+    );
+
+    // Next pass, Finishing: n3 labelled now, n2 loses the label.
+    let mv = mv.with_status(plan.status);
+    let mut o = pair();
+    o.nodes = [node("n1"), node("n3")];
+    o.moving.old_node = Some(node("n2"));
+    o.moving.old_pod = true;
+    let plan = plan_of(decide(&mv, &o, &cfg));
+    assert!(plan.label.is_empty(), "{:?}", plan.label);
+    assert_eq!(plan.moving.unlabel.as_deref(), Some("n2"));
+
+    // A fresh volume: both nodes, before the status that names them is written.
+    let plan = plan_of(decide(
+        &MirroredVolume::test().finalized(),
+        &Observed {
+            nodes: [
+                NodeObs {
+                    labeled: false,
+                    ..node("n1")
+                },
+                NodeObs {
+                    labeled: false,
+                    ..node("n2")
+                },
+            ],
+            ..nothing()
+        },
+        &cfg,
+    ));
+    assert_eq!(plan.label, ["n1", "n2"]);
 }

@@ -146,7 +146,7 @@ impl MirroredVolume {
         let key = plan::key(self);
         let now = stamp(Timestamp::now());
         let node_names = nodes.clone();
-        let nodes = observe_nodes(ctx, nodes).await?;
+        let nodes = observe_nodes(ctx, nodes, &plan::node_label(self).0).await?;
         let (pods, pod_conflict, all_pods) = self.engine_pods(ctx, &key).await?;
         let (secrets, secret_conflict) = self.secrets(ctx, &key).await?;
         let token_secret = secrets
@@ -257,12 +257,19 @@ impl MirroredVolume {
             Some(r) if r.phase.running() => Some(r.to.clone()),
             _ => asked,
         };
+        let (label, _) = plan::node_label(self);
+        let api: Api<Node> = Api::all(ctx.client.clone());
+        let node = |name: String| {
+            let (api, label) = (api.clone(), label.clone());
+            async move {
+                Ok::<_, Error>(match api.get_opt(&name).await? {
+                    Some(n) => NodeObs::for_volume(&n, &label),
+                    None => NodeObs::missing(&name),
+                })
+            }
+        };
         if let Some(to) = to {
-            let api: Api<Node> = Api::all(ctx.client.clone());
-            out.target_node = Some(match api.get_opt(&to).await? {
-                Some(n) => NodeObs::from_node(&n),
-                None => NodeObs::missing(&to),
-            });
+            out.target_node = Some(node(to).await?);
         }
         let Some(rec) = rec else {
             return Ok(out);
@@ -274,6 +281,7 @@ impl MirroredVolume {
                 out.wipe = find(&names::move_wipe(key, slot, gen, true));
                 let old = names::engine_instance(key, slot, gen.saturating_sub(1));
                 out.old_pod = all.iter().any(|p| p.name == old);
+                out.old_node = Some(node(rec.from.clone()).await?);
             }
             _ => {}
         }
@@ -462,13 +470,14 @@ impl MirroredVolume {
     }
 }
 
-/// The two engine nodes; a node missing from the cluster is observed as such.
-async fn observe_nodes(ctx: &Context, nodes: &[String; 2]) -> Result<[NodeObs; 2]> {
+/// The two engine nodes (and whether they carry the volume's node `label`); a node missing from the
+/// cluster is observed as such.
+async fn observe_nodes(ctx: &Context, nodes: &[String; 2], label: &str) -> Result<[NodeObs; 2]> {
     let api: Api<Node> = Api::all(ctx.client.clone());
     let mut out = [NodeObs::missing(&nodes[0]), NodeObs::missing(&nodes[1])];
     for (obs, name) in out.iter_mut().zip(nodes) {
         if let Some(node) = api.get_opt(name).await? {
-            *obs = NodeObs::from_node(&node);
+            *obs = NodeObs::for_volume(&node, label);
         }
     }
     Ok(out)
@@ -501,9 +510,11 @@ async fn observe_pv(
             format!("PersistentVolume {pv_name} is in the way: {why}; it is left as it is"),
         )));
     }
+    let (label, _) = plan::node_label(mv);
     Ok(Ok(Some({
         let spec = pv.spec.unwrap_or_default();
         PvObs {
+            follows_label: follows_label(spec.node_affinity.as_ref(), &label),
             capacity: spec
                 .capacity
                 .and_then(|c| c.get("storage").map(|q| q.0.clone())),
@@ -512,6 +523,27 @@ async fn observe_pv(
                 .and_then(|r| Some((r.namespace.unwrap_or_else(|| ns.clone()), r.name?))),
         }
     })))
+}
+
+/// Whether a PV's node affinity lets workloads follow the volume's engines: no required affinity,
+/// or every term selects the volume's node `label` (a term on `kubernetes.io/hostname` or the CSI
+/// topology key names fixed nodes).
+pub(crate) fn follows_label(
+    affinity: Option<&k8s_openapi::api::core::v1::VolumeNodeAffinity>,
+    label: &str,
+) -> bool {
+    let Some(terms) = affinity
+        .and_then(|a| a.required.as_ref())
+        .map(|r| &r.node_selector_terms)
+        .filter(|t| !t.is_empty())
+    else {
+        return true;
+    };
+    terms.iter().all(|t| {
+        t.match_expressions
+            .as_ref()
+            .is_some_and(|es| es.iter().any(|e| e.key == label))
+    })
 }
 
 fn uses_claim(pod: &Pod, claim: &str) -> bool {

@@ -101,6 +101,19 @@ pub fn placement_of(
     Ok(placement)
 }
 
+/// CreateVolume's accessible topology: one segment, the volume's node label (`plan::node_label`),
+/// which the operator keeps on the nodes holding its engines and moves with a live move.
+/// external-provisioner turns each segment into a PV node affinity term as it is (`key In [value]`,
+/// with no check against the keys NodeGetInfo reports), so the PV follows the engines; the topology
+/// key [`TOPOLOGY_KEY`] would pin it to the first two nodes for good. A volume never spans
+/// anything but its two engine nodes, so nothing else needs saying.
+pub fn accessible_topology(mv: &MirroredVolume) -> pb::Topology {
+    let (label, value) = plan::node_label(mv);
+    pb::Topology {
+        segments: HashMap::from([(label, value)]),
+    }
+}
+
 impl Controller {
     async fn existing(&self, namespace: &str, name: &str) -> CsiResult<MirroredVolume> {
         self.volumes
@@ -334,6 +347,8 @@ impl Controller {
                 }
             },
         };
+        // Once placed, the volume's node label is on both engine nodes: the operator sets it
+        // before it writes status.nodes.
         let (mv, nodes) = self.placed(mv).await?;
         Ok(pb::Volume {
             capacity_bytes: to_i64(bytes_of(&mv)),
@@ -342,12 +357,7 @@ impl Controller {
                 .into_iter()
                 .collect(),
             content_source: req.volume_content_source,
-            accessible_topology: nodes
-                .iter()
-                .map(|n| pb::Topology {
-                    segments: HashMap::from([(TOPOLOGY_KEY.to_string(), n.clone())]),
-                })
-                .collect(),
+            accessible_topology: vec![accessible_topology(&mv)],
         })
     }
 

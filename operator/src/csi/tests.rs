@@ -240,12 +240,15 @@ async fn create_volume_makes_the_mirrored_volume_and_answers_once_it_is_placed()
         "{:?}",
         v.volume_context
     );
-    let nodes: Vec<&str> = v
-        .accessible_topology
-        .iter()
-        .map(|t| t.segments[TOPOLOGY_KEY].as_str())
-        .collect();
-    assert_eq!(nodes, ["n2", "n1"]);
+    // One segment: the volume's node label, which the operator keeps on its engine nodes (and
+    // moves with them); external-provisioner makes it the PV's node affinity as it is.
+    let label = crate::plan::names::node_label(NS, PV);
+    let value = crate::plan::names::key(NS, PV);
+    assert_eq!(v.accessible_topology.len(), 1);
+    assert_eq!(
+        v.accessible_topology[0].segments,
+        HashMap::from([(label, value)])
+    );
 }
 
 #[tokio::test]

@@ -1,10 +1,11 @@
-//! The NBD server: handshake, then a pipelined transmission phase where one reader task parses
-//! requests, each request runs as its own task, and one writer task sends replies as they finish
-//! (out of order, matched by handle).
+//! The NBD server: the handshake as a runtime task, then a pipelined transmission phase on a
+//! thread of the connection's own that sleeps in recv and runs quick requests itself; slow ones
+//! run as runtime tasks, and replies leave as they finish (out of order, matched by handle).
 
 use std::{
     collections::BTreeMap,
-    io,
+    io::{self, Read, Write},
+    os::fd::AsFd,
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
@@ -254,11 +255,7 @@ impl Drop for ConnGuard {
     }
 }
 
-async fn run_connection<S: AsyncRead + AsyncWrite + Send + 'static>(
-    sock: S,
-    volume: Arc<Volume>,
-    mut ticket: Ticket,
-) {
+async fn run_connection<S: Conn>(sock: S, volume: Arc<Volume>, mut ticket: Ticket) {
     volume
         .counters
         .nbd_connections
@@ -289,8 +286,13 @@ async fn run_connection<S: AsyncRead + AsyncWrite + Send + 'static>(
             if !ticket.established() {
                 return;
             }
-            if let Err(e) = transmission(r, w, volume, target).await {
-                debug!(error = %e, "nbd connection closed");
+            // The handshake ended with a flush, so nothing waits in `w`; the requests `r` has
+            // read ahead go over to the connection's thread.
+            let buffered = r.buffer().to_vec();
+            let sock = r.into_inner().unsplit(w.into_inner());
+            match sock.into_blocking() {
+                Ok(sock) => transmission(sock, buffered, volume, target).await,
+                Err(e) => warn!(error = %e, "nbd connection closed: its socket cannot block"),
             }
         }
         Ok(Err(ConnError::Aborted)) => {}
@@ -606,78 +608,332 @@ async fn skip<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> io::Result<()> {
     Ok(())
 }
 
-type SharedWriter<W> = Arc<tokio::sync::Mutex<BufWriter<W>>>;
+/// A connection's socket once it is in transmission: in blocking mode, served by its own thread.
+enum StdSock {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
 
-async fn send_reply<W: AsyncWrite + Unpin>(
-    w: &SharedWriter<W>,
-    header: [u8; 16],
-    data: Option<&[u8]>,
-    flush: bool,
-) -> io::Result<()> {
-    let mut w = w.lock().await;
-    w.write_all(&header).await?;
-    if let Some(d) = data {
-        w.write_all(d).await?;
+impl StdSock {
+    fn shutdown(&self, how: std::net::Shutdown) -> io::Result<()> {
+        match self {
+            StdSock::Tcp(s) => s.shutdown(how),
+            StdSock::Unix(s) => s.shutdown(how),
+        }
     }
-    if flush {
-        w.flush().await?;
+}
+
+impl Read for &StdSock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            StdSock::Tcp(s) => (&*s).read(buf),
+            StdSock::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &StdSock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            StdSock::Tcp(s) => (&*s).write(buf),
+            StdSock::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The sockets the listeners accept; after the handshake each becomes blocking, for its thread.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn into_blocking(self) -> io::Result<StdSock>;
+}
+
+impl Conn for tokio::net::TcpStream {
+    fn into_blocking(self) -> io::Result<StdSock> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(StdSock::Tcp(s))
+    }
+}
+
+impl Conn for tokio::net::UnixStream {
+    fn into_blocking(self) -> io::Result<StdSock> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        Ok(StdSock::Unix(s))
+    }
+}
+
+/// Replies waiting to leave, whole frames in order. The connection's thread and its slow
+/// requests share it; the thread may block on the socket, a runtime worker never does.
+struct Out {
+    sock: Arc<StdSock>,
+    buf: Vec<u8>,
+}
+
+/// Replies buffered past this many bytes leave before the thread reads on (a client that does not
+/// read its replies stops being read).
+const OUT_MAX: usize = 256 * 1024;
+
+impl Out {
+    fn push(&mut self, header: [u8; 16], data: Option<&[u8]>) {
+        self.buf.extend_from_slice(&header);
+        if let Some(d) = data {
+            self.buf.extend_from_slice(d);
+        }
+    }
+
+    /// Sends everything, blocking while the client's receive queue is full.
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            (&*self.sock).write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends what the socket takes without blocking; true when nothing is left.
+    fn flush_now(&mut self) -> io::Result<bool> {
+        use rustix::net::{send, SendFlags};
+        let fd = match &*self.sock {
+            StdSock::Tcp(s) => s.as_fd(),
+            StdSock::Unix(s) => s.as_fd(),
+        };
+        let mut sent = 0;
+        while sent < self.buf.len() {
+            match send(
+                fd,
+                &self.buf[sent..],
+                SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+            ) {
+                Ok(n) => sent += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.buf.drain(..sent);
+        Ok(self.buf.is_empty())
+    }
+}
+
+type SharedOut = Arc<Mutex<Out>>;
+
+fn out(w: &SharedOut) -> std::sync::MutexGuard<'_, Out> {
+    // Every statement leaves whole frames in `buf` (a send error ends the connection anyway).
+    w.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Queues a reply from the connection's thread; sends when `flush` or when the queue is long.
+fn send_reply(w: &SharedOut, header: [u8; 16], data: Option<&[u8]>, flush: bool) -> io::Result<()> {
+    let mut w = out(w);
+    w.push(header, data);
+    if flush || w.buf.len() >= OUT_MAX {
+        w.flush()?;
     }
     Ok(())
 }
 
-async fn transmission<R, W>(
-    mut r: BufReader<R>,
-    w: BufWriter<W>,
-    volume: Arc<Volume>,
-    target: Target,
-) -> Result<(), ConnError>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let w = Arc::new(tokio::sync::Mutex::new(w));
+/// A slow request's reply, from a runtime worker: sent at once (the lease argument in
+/// `write_is_quick`: no reply waits behind a slow one), on a blocking thread only if the client
+/// is not reading. The budget permit goes once the reply has left, bounding what waits here.
+async fn send_slow_reply(
+    w: SharedOut,
+    header: [u8; 16],
+    data: Option<Vec<u8>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    // The connection's thread may hold the lock while it blocks on a client that does not read:
+    // a runtime worker never waits for it, the whole engine runs on those workers (tests/
+    // nbd_limits.rs `a_client_that_never_reads_its_replies_stalls_only_itself`).
+    let queued = {
+        let guard = match w.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        match guard {
+            Some(mut o) => {
+                o.push(header, data.as_deref());
+                match o.flush_now() {
+                    // Sent, or the connection is broken (its thread sees that too).
+                    Ok(true) | Err(_) => return,
+                    Ok(false) => true,
+                }
+            }
+            None => false,
+        }
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut o = out(&w);
+        if !queued {
+            o.push(header, data.as_deref());
+        }
+        let _ = o.flush();
+        drop(permit);
+    })
+    .await;
+}
+
+/// Shuts the socket down when dropped: the connection's thread, blocked in recv, sees the end.
+struct ShutOnDrop(Arc<StdSock>, std::net::Shutdown);
+
+impl Drop for ShutOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(self.1);
+    }
+}
+
+/// The transmission phase on a thread of its own that sleeps in recv, the way a QD1 client's
+/// server should: the kernel wakes a thread blocked on the socket with a "sync" hint and may run
+/// it on the client's CPU, where an epoll waiter (the runtime's) is woken on the CPU it slept on,
+/// an idle one: an IPI and, in a VM, a halt exit per request (docs/benchmarks.md, issue 17).
+async fn transmission(sock: StdSock, buffered: Vec<u8>, volume: Arc<Volume>, target: Target) {
+    let sock = Arc::new(sock);
+    // Runtime shutdown drops this task: the thread must not go on serving without it.
+    let _stop = ShutOnDrop(Arc::clone(&sock), std::net::Shutdown::Both);
+    let (done_tx, mut done) = oneshot::channel();
+    let rt = tokio::runtime::Handle::current();
+    let is_snapshot = matches!(target, Target::Snapshot(_));
+    let mut fenced = volume.fenced.subscribe();
+    let thread_sock = Arc::clone(&sock);
+    let spawned = std::thread::Builder::new()
+        .name("nbd-conn".into())
+        .spawn(move || {
+            let out = serve_requests(thread_sock, buffered, &volume, &target, &rt);
+            let _ = done_tx.send(out);
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "nbd connection closed: no thread to serve it");
+        return;
+    }
+    let out = tokio::select! {
+        r = &mut done => r,
+        // A fence (takeover by the peer) closes the session: the old host must not go on. A
+        // snapshot export is read-only and outside the epochs: it stays open. Shutting the read
+        // side ends the thread's recv; replies already computed still leave (tests/takeover.rs
+        // `at20_fencing_cuts_the_old_host_and_refuses_its_writes`).
+        _ = fenced.changed(), if !is_snapshot => {
+            let _ = sock.shutdown(std::net::Shutdown::Read);
+            done.await
+        }
+    };
+    match out {
+        Ok(Err(e)) => debug!(error = %e, "nbd connection closed"),
+        Ok(Ok(())) => {}
+        Err(_) => warn!("nbd connection thread ended without a word"),
+    }
+}
+
+/// Bytes of requests one connection reads ahead.
+const READ_AHEAD: usize = 256 * 1024;
+
+/// A buffered reader of the connection's socket. Not `std::io::BufReader`: that one zeroes its
+/// whole buffer on the first read, 256 KiB of memory touched for every idle connection; this one
+/// starts from zeroed (untouched) pages and touches only what the client sends.
+struct Reader<'a> {
+    sock: &'a StdSock,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// `ahead`: what the handshake's reader had read past the handshake (at most its capacity).
+    fn new(sock: &'a StdSock, ahead: &[u8]) -> Self {
+        let mut buf = vec![0u8; READ_AHEAD.max(ahead.len())];
+        buf[..ahead.len()].copy_from_slice(ahead);
+        Reader {
+            sock,
+            buf,
+            pos: 0,
+            end: ahead.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos == self.end
+    }
+}
+
+impl Read for Reader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.is_empty() {
+            if out.len() >= self.buf.len() {
+                // A large payload goes straight into its own buffer.
+                return self.sock.read(out);
+            }
+            self.pos = 0;
+            self.end = self.sock.read(&mut self.buf)?;
+        }
+        let n = out.len().min(self.end - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Reads and drops `n` bytes (a refused payload) with a small fixed buffer.
+fn skip_blocking<R: Read>(r: &mut R, n: u64) -> io::Result<()> {
+    let copied = io::copy(&mut r.take(n), &mut io::sink())?;
+    if copied < n {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// The connection's thread: reads requests; quick ones (reads, plain writes) run right here, so
+/// a queue depth of one costs one wakeup, on the thread the client's write woke; slow ones (flush,
+/// FUA, trim, zeroing, waits for the peer) run as runtime tasks. Replies are flushed once no
+/// further request is buffered, batching them under load.
+fn serve_requests(
+    sock: Arc<StdSock>,
+    buffered: Vec<u8>,
+    volume: &Arc<Volume>,
+    target: &Target,
+    rt: &tokio::runtime::Handle,
+) -> Result<(), ConnError> {
+    let w: SharedOut = Arc::new(Mutex::new(Out {
+        sock: Arc::clone(&sock),
+        buf: Vec::new(),
+    }));
     let budget = Arc::new(Semaphore::new(CONN_BUDGET / PERMIT_BYTES));
-    let result = read_requests(&mut r, &w, &volume, &budget, &target).await;
-    // Let spawned requests finish (they hold budget permits) before closing.
-    let _ = budget
-        .acquire_many((CONN_BUDGET / PERMIT_BYTES) as u32)
-        .await;
-    let mut w = w.lock().await;
-    let _ = w.flush().await;
-    let _ = w.shutdown().await;
+    // The handshake's reader may have read requests already: they come first.
+    let mut r = Reader::new(&sock, &buffered);
+    drop(buffered);
+    let result = read_requests(&mut r, &w, volume, &budget, target, rt);
+    // Let slow requests finish (they hold budget permits) before closing.
+    let _ = rt.block_on(budget.acquire_many((CONN_BUDGET / PERMIT_BYTES) as u32));
+    let _ = out(&w).flush();
+    let _ = sock.shutdown(std::net::Shutdown::Write);
     result
 }
 
-/// Reads requests; quick ones (reads, plain writes) run inline so a queue depth of one costs one
-/// wakeup, slow ones (flush, FUA, trim, zeroing, waits for the peer) run as their own tasks.
-/// Replies are flushed once the reader has no more buffered requests, batching them under load.
-async fn read_requests<R, W>(
-    r: &mut BufReader<R>,
-    w: &SharedWriter<W>,
+fn read_requests(
+    r: &mut Reader<'_>,
+    w: &SharedOut,
     volume: &Arc<Volume>,
     budget: &Arc<Semaphore>,
     target: &Target,
-) -> Result<(), ConnError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+    rt: &tokio::runtime::Handle,
+) -> Result<(), ConnError> {
     let mut hdr = [0u8; Request::LEN];
-    // A fence (takeover by the peer) closes the session: the old host must not go on. A snapshot
-    // export is read-only and outside the epochs: it stays open.
-    let mut fenced = volume.fenced.subscribe();
     let snapshot = match target {
         Target::Snapshot(s) => Some(Arc::clone(s)),
         Target::Volume { .. } => None,
     };
     let (size, read_only) = (target.size(), target.read_only());
     loop {
-        if r.buffer().is_empty() {
-            w.lock().await.flush().await?;
+        if r.is_empty() {
+            out(w).flush()?;
         }
-        tokio::select! {
-            res = r.read_exact(&mut hdr) => { res?; }
-            _ = fenced.changed(), if snapshot.is_none() => return Ok(()),
+        // EOF here is the client leaving, or a fence shutting the read side.
+        match r.read_exact(&mut hdr) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
         }
         let req = Request::parse(&hdr)?;
         if req.kind == p::CMD_DISC {
@@ -694,35 +950,41 @@ where
             }
             if req.has_payload() {
                 // Stay in step with the stream without buffering a payload we refuse.
-                skip(r, u64::from(req.length)).await?;
+                skip_blocking(r, u64::from(req.length))?;
             }
-            send_reply(w, p::simple_reply(errno, req.handle), None, false).await?;
+            send_reply(w, p::simple_reply(errno, req.handle), None, false)?;
             continue;
         }
         if req.length == 0 && req.kind != p::CMD_FLUSH {
             // Nothing to read, write or zero (the spec leaves length 0 open; answer it plainly).
-            send_reply(w, p::simple_reply(0, req.handle), None, false).await?;
+            send_reply(w, p::simple_reply(0, req.handle), None, false)?;
             continue;
         }
-        let permit = Arc::clone(budget)
-            .acquire_many_owned(permits(&req))
-            .await
-            .map_err(|_| io::Error::other("request budget closed"))?;
+        let n = permits(&req);
+        let permit = match Arc::clone(budget).try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => {
+                // Over budget: slow requests hold it; their replies must not wait for ours.
+                out(w).flush()?;
+                rt.block_on(Arc::clone(budget).acquire_many_owned(n))
+                    .map_err(|_| io::Error::other("request budget closed"))?
+            }
+        };
         let payload = if req.has_payload() {
             let mut d = vec![0u8; req.length as usize];
-            r.read_exact(&mut d).await?;
+            r.read_exact(&mut d)?;
             Some(d)
         } else {
             None
         };
         let fua = req.flags & p::CMD_FLAG_FUA != 0;
-        // Large transfers run in parallel instead: copying them costs more than a task wakeup.
         if let Some(s) = &snapshot {
             let (err, data) = execute_snapshot(volume, s, &req);
-            send_reply(w, p::simple_reply(err, req.handle), data.as_deref(), false).await?;
+            send_reply(w, p::simple_reply(err, req.handle), data.as_deref(), false)?;
             drop(permit);
             continue;
         }
+        // Large transfers run in parallel instead: copying them costs more than a task wakeup.
         let inline = req.length <= INLINE_MAX
             && match req.kind {
                 p::CMD_READ => volume.read_is_quick(req.offset, req.length),
@@ -730,17 +992,16 @@ where
                 _ => false,
             };
         if inline {
-            let (err, data) = execute(volume, &req, payload).await;
-            send_reply(w, p::simple_reply(err, req.handle), data.as_deref(), false).await?;
+            let (err, data) = rt.block_on(execute(volume, &req, payload));
+            send_reply(w, p::simple_reply(err, req.handle), data.as_deref(), false)?;
             drop(permit);
             continue;
         }
         let v = Arc::clone(volume);
         let w = Arc::clone(w);
-        tokio::spawn(async move {
+        rt.spawn(async move {
             let (err, data) = execute(&v, &req, payload).await;
-            let _ = send_reply(&w, p::simple_reply(err, req.handle), data.as_deref(), true).await;
-            drop(permit);
+            send_slow_reply(w, p::simple_reply(err, req.handle), data, permit).await;
         });
     }
 }
