@@ -18,8 +18,8 @@
 #    background like in background mode. This script measures only after READY.
 #  Neither side is asked for durability here: fio sends no FLUSH.
 # Fairness: every file is a fully allocated copy of the same random data (secondaries start as zeros
-# and get the full copy), and before each fio run every file is written back (fsync) and dropped from the page
-# cache (posix_fadvise DONTNEED). The mirror's granularity is 4 KiB, Tandem's tracking unit; qemu's
+# and get the full copy), and before each fio run every file is written back (fsync) and dropped
+# from the page cache (posix_fadvise DONTNEED). The mirror's granularity is 4 KiB, Tandem's tracking unit; qemu's
 # default (64 KiB for a raw file) would copy 64 KiB per 4 KiB random write in background mode
 # (QSD_GRANULARITY overrides it).
 # PIN=1 (default), PIN=0, PIN=one: the layouts of bench/replication.sh (fio and primaries on CPU 0,
