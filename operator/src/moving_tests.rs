@@ -599,7 +599,7 @@ fn a_storage_class_move_gives_the_new_engine_its_own_fresh_pvc() {
     let d = children(&next(&mv, status), &o);
     assert_eq!(
         names_of(d.engine_pvcs.iter().map(|p| &p.metadata)),
-        [pvc.clone()]
+        std::slice::from_ref(&pvc)
     );
     assert!(d.pods.is_empty(), "the pod comes once its claim exists");
     let made = &d.engine_pvcs[0];
@@ -624,7 +624,7 @@ fn a_storage_class_move_gives_the_new_engine_its_own_fresh_pvc() {
     };
     let (status, step) = pass(&mv, &o, None);
     assert_eq!(rec(&status).phase, MovePhase::Preparing);
-    assert_eq!(step.delete_pvcs, [pvc.clone()]);
+    assert_eq!(step.delete_pvcs, std::slice::from_ref(&pvc));
     assert!(children(&next(&mv, status), &o).engine_pvcs.is_empty());
     o.moving.pvc = MovePvc::Present {
         deleting: true,

@@ -124,7 +124,7 @@ impl MirroredVolume {
             // `status.nodes` names it (a CreateVolume that waits for status.nodes answers a topology
             // whose label exists) and, at a cutover, before the old engine is released (tests
             // controller::tests::create_path_applies_secret_services_pods_and_pv,
-            // moving_tests::the_cutover_moves_the_node_label_before_the_old_engine_goes).
+            // decide_tests::the_cutover_moves_the_node_label_before_the_old_engine_goes).
             let (label, value) = plan::node_label(self);
             for node in &plan.label {
                 set_node_label(ctx, node, &label, Some(&value)).await?;
