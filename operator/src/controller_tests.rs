@@ -593,6 +593,11 @@ async fn wait_policy_takeover_failure_is_retried_and_counted() {
 /// The calls of a deletion after the engines and the wipe: each kind in the operator's namespace is
 /// listed by the owner labels and only what they list goes; then the finalizer.
 fn teardown_calls(removed: Value, pods: Vec<Value>) -> Vec<Call> {
+    teardown_calls_with(removed, pods, vec![])
+}
+
+/// [`teardown_calls`] where the engine PVC list answers `pvcs` (each is deleted).
+fn teardown_calls_with(removed: Value, pods: Vec<Value>, pvcs: Vec<Value>) -> Vec<Call> {
     // The nodes carrying the volume's label (by key and value) lose it: n1, and n3, which a move
     // interrupted by a crash left labelled.
     let mut calls = vec![
@@ -626,7 +631,15 @@ fn teardown_calls(removed: Value, pods: Vec<Value>) -> Vec<Call> {
         Call::get(&format!(
             "/api/v1/namespaces/{OP_NS}/persistentvolumeclaims?"
         ))
-        .reply(200, list("PersistentVolumeClaimList", vec![])),
+        .reply(200, list("PersistentVolumeClaimList", pvcs.clone())),
+    ]);
+    for p in &pvcs {
+        calls.push(Call::delete(&format!(
+            "/api/v1/namespaces/{OP_NS}/persistentvolumeclaims/{}",
+            name_of(p)
+        )));
+    }
+    calls.extend([
         Call::get(&paths::secrets()).reply(200, secret_list(true, true)),
         Call::delete(&paths::secret()),
         Call::delete(&paths::cert_secret("tls-a")),
@@ -797,6 +810,66 @@ async fn deletion_wipes_both_nodes_before_the_finalizer_goes() {
         .iter()
         .any(|c| c.0 == Method::DELETE && c.1.starts_with(&wipe_path(Slot::B))));
     assert_eq!(seen.reasons(), vec!["Deleted"]);
+}
+
+/// A StorageClass volume whose slot b moved (instance `-m1`) and whose later move failed: deleting
+/// it deletes every instance's engine PVC the owner labels list, the `-m<n>` ones included.
+#[tokio::test]
+async fn deletion_deletes_every_instances_engine_pvc() {
+    let mut mv = MirroredVolume::test()
+        .established(Slot::A, 1)
+        .finalized()
+        .deleting();
+    mv.spec.engine_storage.host_path = None;
+    mv.spec.engine_storage.storage_class_name = Some("local-path".into());
+    if let Some(s) = mv.status.as_mut() {
+        s.nodes = vec!["n1".into(), "n3".into()];
+        s.slot_generations = vec![0, 1];
+    }
+    let removed = serde_json::to_value(MirroredVolume::test()).unwrap();
+    let mut script = vec![
+        Call::get(&paths::pv()).reply(404, not_found("pv")),
+        Call::get(&paths::engine_pods()).reply(200, pod_list(vec![])),
+        Call::get(&wipe_path(Slot::A)).reply(200, wipe_pod_json(Slot::A, "Succeeded", ago(9))),
+        Call::get(&wipe_path(Slot::B)).reply(200, wipe_pod_json(Slot::B, "Succeeded", ago(9))),
+    ];
+    let pvcs: Vec<Value> = ["a", "b-m1", "b-m2"]
+        .iter()
+        .map(|i| named(&format!("{}-engine-{i}-data", key())))
+        .collect();
+    script.extend(teardown_calls_with(removed, vec![], pvcs));
+    let (result, seen, _) = run(mv, FakeEngines::default(), script).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    let deleted: Vec<&str> = seen
+        .calls
+        .iter()
+        .filter(|c| c.0 == Method::DELETE && c.1.contains("/persistentvolumeclaims/"))
+        .filter_map(|c| c.1.rsplit('/').next()?.split('?').next())
+        .collect();
+    assert_eq!(
+        deleted,
+        ["a", "b-m1", "b-m2"].map(|i| format!("{}-engine-{i}-data", key()))
+    );
+    // The list asks by the owner labels, which every instance's PVC carries.
+    let pvc = plan::engine_pvc_at(
+        &mv_on_claims(),
+        Slot::B,
+        2,
+        "local-path",
+        &Default::default(),
+    )
+    .unwrap();
+    let labels = pvc.metadata.labels.unwrap();
+    for (k, v) in owner_labels().as_object().unwrap() {
+        assert_eq!(labels.get(k).map(String::as_str), v.as_str(), "{k}");
+    }
+}
+
+fn mv_on_claims() -> MirroredVolume {
+    let mut mv = MirroredVolume::test();
+    mv.spec.engine_storage.host_path = None;
+    mv.spec.engine_storage.storage_class_name = Some("local-path".into());
+    mv
 }
 
 /// A node that is gone is skipped and reported, not waited for; an unreachable one is waited for a

@@ -12,6 +12,11 @@
 //!   engine must answer as a secondary) → Copying (StartMove; GetMove's watermark copied into status)
 //!   → CuttingOver → Finishing (the primary answered DONE: the new instance serves the slot, the old
 //!   pod and Service are deleted, then a wipe pod empties the old node) → Done.
+//! - **StorageClass storage.** Each instance has its own PVC (`plan::names::engine_pvc_at`,
+//!   `<instance>-data`). Preparing creates the new one instead of a wipe (a new claim binds a new,
+//!   empty volume; the new pod is pinned to the target node, so a WaitForFirstConsumer claim binds
+//!   there); Finishing deletes the old instance's PVC once its pod is gone, instead of the wipe; a
+//!   failed move deletes the new PVC with the new pod.
 //! - **Gate.** A move starts only when nothing else moves the primary (no takeover, switchover or
 //!   engine restart this pass or running), the primary answers as primary at the pair's epoch and
 //!   streams to a connected secondary (Synced or Replicating: the old secondary keeps a consistent
@@ -20,13 +25,13 @@
 //!   `MoveWaits` when the reason changes). The primary's node is moved by a switchover first (the
 //!   `switchoverPolicy` gate), then as the secondary.
 //! - **Refused** (the edit is not carried out; condition `Moving` False with reason Refused, event
-//!   `MoveRefused`): engine storage from a StorageClass (a PVC is bound to its node), a node that holds
-//!   the other engine, `spec.primaryNode` naming the node being left, a PV whose node affinity names
+//!   `MoveRefused`): a node that holds the other engine, `spec.primaryNode` naming the node being left, a PV whose node affinity names
 //!   fixed nodes (made before the node label; immutable).
 //! - **Node label.** The volume's node label (`plan::node_label`, which its PV selects) goes on the
 //!   new node in the cutover pass, before the old engine is released (`act`), and leaves the old node
 //!   in Finishing. A node being left that is lost (gone, out of service, NotReady for
-//!   [`OLD_NODE_PATIENCE`]) ends the move without its wipe, with a `WipeSkipped` warning.
+//!   [`OLD_NODE_PATIENCE`]) ends the move without its wipe, with a `WipeSkipped` warning (engine
+//!   PVCs: its PVC is deleted all the same; the PV behind it is its StorageClass's to reclaim).
 //! - **Failed.** The primary aborted the move (GetMove ABORTED), or the new engine was lost before the
 //!   cutover (pod gone, node lost): AbortMove, then the new pod and Service go; the old pair is as
 //!   before. Failed and Refused are kept for that value of the spec: changing `placement.nodes` again
@@ -44,7 +49,7 @@ use crate::{
     disruption::{note, warn, Event},
     engine::MoveState,
     failover::{established, primary_slot, set_condition, TakeoverIntent},
-    observed::{NodeObs, Observed},
+    observed::{MovePvc, NodeObs, Observed},
     plan::{self, names, EngineConfig},
 };
 
@@ -76,6 +81,8 @@ pub struct Step {
     pub force: bool,
     /// The node being left: it loses the volume's node label (`plan::node_label`).
     pub unlabel: Option<String>,
+    /// Engine PVCs to delete (StorageClass storage), after the pods of `delete`.
+    pub delete_pvcs: Vec<String>,
     pub events: Vec<Event>,
     pub recheck: Option<Duration>,
 }
@@ -86,6 +93,8 @@ pub struct Abort {
     pub why: String,
     /// The new instance's pod and Service, deleted once the primary answered ABORTED.
     pub delete: String,
+    /// Its PVC (StorageClass storage), deleted with them.
+    pub pvc: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Clone)]
@@ -230,7 +239,14 @@ pub fn track(
         Ok(()) => {
             rec.phase = MovePhase::Preparing;
             rec.generation = generation;
-            rec.message = format!("emptying the volume's directories on {to} for the new engine");
+            rec.message = if claims(mv) {
+                format!(
+                    "creating PVC {} for the new engine",
+                    names::engine_pvc_at(&key, slot, generation)
+                )
+            } else {
+                format!("emptying the volume's directories on {to} for the new engine")
+            };
             step.events.push(note(
                 "MoveStarted",
                 format!(
@@ -239,14 +255,22 @@ pub fn track(
                     names::engine_instance(&key, slot, generation)
                 ),
             ));
-            step.wipe = Some(Wipe {
-                name: names::move_wipe(&key, slot, generation, false),
-                node: to,
-            });
+            // A fresh PVC needs no wipe: the new claim binds a new, empty volume (`advance`).
+            if !claims(mv) {
+                step.wipe = Some(Wipe {
+                    name: names::move_wipe(&key, slot, generation, false),
+                    node: to,
+                });
+            }
         }
     }
     status.moving = Some(rec);
     step
+}
+
+/// The engines keep their files on PVCs (StorageClass storage), one per instance.
+fn claims(mv: &MirroredVolume) -> bool {
+    mv.spec.engine_storage.storage_class_name.is_some()
 }
 
 /// Why the edit cannot be carried out at all.
@@ -275,12 +299,6 @@ fn refusal(
             "PersistentVolume {pv} was made before node affinity followed moves: it pins workloads to the \
              first nodes by name and cannot change, so after a move to {to} no workload could be scheduled \
              there; to move: {fix}"
-        ));
-    }
-    if mv.spec.engine_storage.storage_class_name.is_some() {
-        return Some(format!(
-            "engineStorage.storageClassName: an engine's PVC is bound to its node, so the engine on {from} \
-             cannot move to {to} (live moves need hostPath engine storage)"
         ));
     }
     if mv.spec.primary_node.as_deref() == Some(from) {
@@ -358,6 +376,7 @@ fn advance(
     let slot = rec.slot;
     let gen = rec.generation;
     let new = names::engine_instance(key, slot, gen);
+    let new_pvc = claims(mv).then(|| names::engine_pvc_at(key, slot, gen));
     let target = plan::engine_address_at(mv, slot, gen, cfg);
     let m = &observed.moving;
     let lost_target = |rec: &MoveStatus| -> Option<String> {
@@ -375,6 +394,36 @@ fn advance(
         }
     };
     match rec.phase {
+        MovePhase::Preparing if claims(mv) => {
+            let pvc = names::engine_pvc_at(key, slot, gen);
+            // Invariant: the new engine starts on an empty volume: its claim is one this move
+            // created (`plan::desired` applies it only once seen absent, annotated with the move's
+            // start); one an earlier attempt left under the same name is deleted and waited out
+            // (moving_tests::a_storage_class_move_gives_the_new_engine_its_own_fresh_pvc).
+            match &m.pvc {
+                MovePvc::Present {
+                    deleting: false,
+                    started_at,
+                } if started_at.is_some() && *started_at == rec.started_at => {
+                    rec.phase = MovePhase::Starting;
+                    rec.message = format!("starting engine {new} on {} with PVC {pvc}", rec.to);
+                }
+                MovePvc::Present {
+                    deleting: false, ..
+                } => {
+                    rec.message = format!(
+                        "deleting PVC {pvc}, left by an earlier attempt: the new engine must start empty"
+                    );
+                    step.delete_pvcs.push(pvc);
+                }
+                MovePvc::Present { deleting: true, .. } => {
+                    rec.message = format!("waiting for the earlier PVC {pvc} to be gone");
+                }
+                MovePvc::Absent | MovePvc::Unknown => {
+                    rec.message = format!("creating PVC {pvc} for the new engine");
+                }
+            }
+        }
         MovePhase::Preparing => {
             let wipe = names::move_wipe(key, slot, gen, false);
             match &m.wipe {
@@ -394,7 +443,7 @@ fn advance(
         }
         MovePhase::Starting => {
             if let Some(why) = lost_target(rec) {
-                fail(rec, step, why, &new);
+                fail(rec, step, why, &new, new_pvc);
                 return;
             }
             let serving = m.pod.as_ref().is_some_and(|p| p.ready)
@@ -429,11 +478,12 @@ fn advance(
                     rec.completed_at = Some(now.to_string());
                     rec.message = format!("the primary aborted the move: {}", progress.message);
                     step.delete.push(new);
+                    step.delete_pvcs.extend(new_pvc);
                     step.events.push(warn("MoveFailed", rec.message.clone()));
                 }
                 MoveState::Copying | MoveState::Cutover if ours => {
                     if let Some(why) = lost_target(rec) {
-                        fail(rec, step, why, &new);
+                        fail(rec, step, why, &new, new_pvc);
                         return;
                     }
                     rec.copied_bytes = progress.copied_bytes;
@@ -454,7 +504,7 @@ fn advance(
                 // answer never came back): start it again, if the new engine still serves.
                 _ => {
                     if let Some(why) = lost_target(rec) {
-                        fail(rec, step, why, &new);
+                        fail(rec, step, why, &new, new_pvc);
                         return;
                     }
                     rec.message = format!("the primary knows no move to {new}; starting it again");
@@ -471,6 +521,8 @@ fn advance(
             }
             let wipe = names::move_wipe(key, slot, gen, true);
             let wiped = m.wipe.as_ref().is_some_and(|p| p.phase == "Succeeded");
+            let old_pvc =
+                claims(mv).then(|| names::engine_pvc_at(key, slot, gen.saturating_sub(1)));
             if let Some(why) = old_node
                 .and_then(|n| lost_for_good(n, observed))
                 .filter(|_| !wiped)
@@ -483,18 +535,33 @@ fn advance(
                 if m.wipe.is_some() {
                     step.wiped.push(wipe);
                 }
-                let dir = plan::host_data_dir(mv, Some(&*status), cfg)
-                    .ok()
-                    .flatten()
-                    .unwrap_or_else(|| "its socket dir".into());
-                step.events.push(warn(
-                    "WipeSkipped",
-                    format!(
-                        "not wiping node {}: {why}; {dir} stays there until removed by hand",
-                        rec.from
-                    ),
-                ));
-                done(rec, step, now, &new, Some(why));
+                let text = match old_pvc {
+                    // The claim goes all the same (after the pod, in `act`); the PV behind it is
+                    // its StorageClass's: a node-local one can only be reclaimed on that node.
+                    Some(pvc) => {
+                        let text = format!(
+                            "node {} is lost ({why}): deleted PVC {pvc}; its PersistentVolume is \
+                             reclaimed by its StorageClass's provisioner (a node-local one stays on \
+                             that node until it returns or is removed by hand)",
+                            rec.from
+                        );
+                        step.delete_pvcs.push(pvc);
+                        text
+                    }
+                    None => {
+                        let dir = plan::host_data_dir(mv, Some(&*status), cfg)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_else(|| "its socket dir".into());
+                        format!(
+                            "not wiping node {}: {why}; {dir} stays there until removed by hand",
+                            rec.from
+                        )
+                    }
+                };
+                step.events.push(warn("WipeSkipped", text));
+                let left = format!("{} was not wiped ({why})", rec.from);
+                done(rec, step, now, &new, left);
                 return;
             }
             if m.old_pod {
@@ -502,10 +569,22 @@ fn advance(
                 rec.message = format!("deleting the old engine's pod on {}", rec.from);
                 return;
             }
+            if let Some(pvc) = old_pvc {
+                // Invariant: the old instance's claim goes only once its pod is gone (the engine
+                // no longer holds it); deleting it is the wipe (moving_tests::
+                // a_storage_class_move_deletes_the_old_pvc_after_the_old_pod).
+                let left = format!(
+                    "its PVC {pvc} is deleted (its PersistentVolume is its StorageClass's to reclaim)"
+                );
+                step.delete_pvcs.push(pvc);
+                done(rec, step, now, &new, left);
+                return;
+            }
             match &m.wipe {
                 Some(p) if p.phase == "Succeeded" => {
                     step.wiped.push(wipe);
-                    done(rec, step, now, &new, None);
+                    let left = format!("{} holds nothing of the volume", rec.from);
+                    done(rec, step, now, &new, left);
                 }
                 Some(_) => rec.message = format!("waiting for wipe pod {wipe} on {}", rec.from),
                 None => {
@@ -545,15 +624,10 @@ fn lost_for_good(node: &NodeObs, observed: &Observed) -> Option<String> {
     })
 }
 
-/// The move is over: the new instance serves the slot and the old node holds nothing of it (or,
-/// `skipped`, keeps files no wipe could remove).
-fn done(rec: &mut MoveStatus, step: &mut Step, now: &str, new: &str, skipped: Option<String>) {
+/// The move is over: the new instance serves the slot; `left` says what became of the old one's files.
+fn done(rec: &mut MoveStatus, step: &mut Step, now: &str, new: &str, left: String) {
     rec.phase = MovePhase::Done;
     rec.completed_at = Some(now.to_string());
-    let left = match skipped {
-        None => format!("{} holds nothing of the volume", rec.from),
-        Some(why) => format!("{} was not wiped ({why})", rec.from),
-    };
     rec.message = format!(
         "the engine of slot {} runs on {} ({new}); {left}",
         rec.slot.as_str(),
@@ -597,12 +671,14 @@ fn cut_over(
     ));
 }
 
-/// The move cannot go on: abort it on the primary (the new engine goes once the primary answered).
-fn fail(rec: &mut MoveStatus, step: &mut Step, why: String, new: &str) {
+/// The move cannot go on: abort it on the primary (the new engine, and its PVC, go once the primary
+/// answered).
+fn fail(rec: &mut MoveStatus, step: &mut Step, why: String, new: &str, pvc: Option<String>) {
     rec.message = format!("{why}; aborting the move");
     step.abort = Some(Abort {
         why,
         delete: new.to_string(),
+        pvc,
     });
 }
 

@@ -9,7 +9,7 @@ use crate::{
     crd::{EngineRole, MirroredVolume, MoveStatus, Slot},
     engine::{MoveProgress, MoveState},
     fixtures::{engine_state, observed_pair},
-    observed::{NodeObs, PodObs},
+    observed::{MovePvc, NodeObs, PodObs},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -315,22 +315,15 @@ fn a_move_waits_while_the_secondary_is_not_a_streaming_mirror() {
 #[test]
 fn refused_edits_change_nothing_and_are_not_retried() {
     let mut mv = asking(["n1", "n3"]);
-    mv.spec.engine_storage.host_path = None;
-    mv.spec.engine_storage.storage_class_name = Some("local-path".into());
+    mv.spec.primary_node = Some("n2".into());
     let (status, step) = pass(&mv, &synced(), None);
     assert_eq!(rec(&status).phase, MovePhase::Refused);
-    assert!(rec(&status).message.contains("hostPath"));
+    assert!(rec(&status).message.contains("primaryNode"));
     assert!(reasons(&step).contains(&"MoveRefused"));
     assert_eq!((step.wipe, step.start), (None, None));
     let (again, step) = pass(&next(&mv, status.clone()), &synced(), None);
     assert_eq!(again.moving, status.moving);
     assert!(step.events.is_empty());
-
-    let mut mv = asking(["n1", "n3"]);
-    mv.spec.primary_node = Some("n2".into());
-    let (status, _) = pass(&mv, &synced(), None);
-    assert_eq!(rec(&status).phase, MovePhase::Refused);
-    assert!(rec(&status).message.contains("primaryNode"));
 
     // The spec back where the engines are: the refusal goes.
     let mut back = next(&mv, status);
@@ -551,4 +544,224 @@ fn a_lost_old_node_finishes_the_move_without_its_wipe() {
     assert_eq!(rec(&status).phase, MovePhase::Done);
     assert!(step.events[0].text.contains("the node is gone"));
     assert_eq!(step.unlabel, None);
+}
+
+/// `asking(nodes)` with its engines on PVCs of StorageClass `local-path`.
+fn on_claims(mv: MirroredVolume) -> MirroredVolume {
+    let mut mv = mv;
+    mv.spec.engine_storage.host_path = None;
+    mv.spec.engine_storage.storage_class_name = Some("local-path".into());
+    mv
+}
+
+fn children(mv: &MirroredVolume, o: &Observed) -> plan::Desired {
+    plan::desired(mv, mv.status.as_ref().unwrap(), o, &cfg(), None, &[]).unwrap()
+}
+
+fn names_of<'a>(metas: impl Iterator<Item = &'a kube::api::ObjectMeta>) -> Vec<String> {
+    metas.filter_map(|m| m.name.clone()).collect()
+}
+
+fn claim_of(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    pod.spec.as_ref()?.volumes.as_ref()?.iter().find_map(|v| {
+        v.persistent_volume_claim
+            .as_ref()
+            .map(|c| c.claim_name.clone())
+    })
+}
+
+/// A StorageClass volume moves: Preparing gives the new instance its own PVC (no wipe pod), applied
+/// only once seen absent and waited for before the new pod exists; a claim of that name left by an
+/// earlier attempt is deleted first, so the new engine always starts empty.
+#[test]
+fn a_storage_class_move_gives_the_new_engine_its_own_fresh_pvc() {
+    let mv = on_claims(asking(["n1", "n3"]));
+    let pvc = format!("{}-engine-b-m1-data", key());
+    let new = format!("{}-engine-b-m1", key());
+    let mut o = synced();
+    o.engine_pvcs = [true, true];
+    let (status, step) = pass(&mv, &o, None);
+    let r = rec(&status).clone();
+    assert_eq!(r.phase, MovePhase::Preparing);
+    assert!(r.message.contains(&pvc), "{}", r.message);
+    assert_eq!(step.wipe, None, "a fresh claim needs no wipe pod");
+    assert_eq!(reasons(&step), ["MoveRequested", "MoveStarted"]);
+    // Not looked at yet in this pass: nothing is applied over a claim that may exist.
+    let mv = next(&mv, status);
+    assert!(children(&mv, &o).engine_pvcs.is_empty());
+
+    // Seen absent: it is created (same size and class as the slot's first one, the instance's
+    // labels), and no pod yet.
+    o.moving.pvc = MovePvc::Absent;
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Preparing);
+    assert!(step.delete_pvcs.is_empty());
+    let d = children(&next(&mv, status), &o);
+    assert_eq!(
+        names_of(d.engine_pvcs.iter().map(|p| &p.metadata)),
+        std::slice::from_ref(&pvc)
+    );
+    assert!(d.pods.is_empty(), "the pod comes once its claim exists");
+    let made = &d.engine_pvcs[0];
+    let first = plan::engine_pvc(&mv, Slot::B, "local-path", &cfg()).unwrap();
+    assert_eq!(made.spec, first.spec, "same size and class");
+    let labels = made.metadata.labels.clone().unwrap();
+    for (k, v) in first.metadata.labels.clone().unwrap() {
+        if k != crate::observed::SLOT_LABEL {
+            assert_eq!(labels.get(&k), Some(&v), "owner label {k}");
+        }
+    }
+    assert_eq!(labels[crate::observed::SLOT_LABEL], "b-m1");
+    assert_eq!(
+        made.metadata.annotations.as_ref().unwrap()[crate::observed::MOVE_ANNOTATION],
+        r.started_at.clone().unwrap()
+    );
+
+    // A claim of that name from an earlier attempt: deleted and waited out, never used.
+    o.moving.pvc = MovePvc::Present {
+        deleting: false,
+        started_at: Some("2026-01-01T00:00:00Z".into()),
+    };
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Preparing);
+    assert_eq!(step.delete_pvcs, std::slice::from_ref(&pvc));
+    assert!(children(&next(&mv, status), &o).engine_pvcs.is_empty());
+    o.moving.pvc = MovePvc::Present {
+        deleting: true,
+        started_at: Some("2026-01-01T00:00:00Z".into()),
+    };
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Preparing);
+    assert!(step.delete_pvcs.is_empty(), "deleted once");
+
+    // Ours: Starting, and the new pod (pinned to n3) mounts it.
+    o.moving.pvc = MovePvc::Present {
+        deleting: false,
+        started_at: r.started_at.clone(),
+    };
+    let (status, _) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Starting);
+    let mv = next(&mv, status);
+    o.moving.pvc = MovePvc::Unknown;
+    let d = children(&mv, &o);
+    assert!(d.engine_pvcs.is_empty());
+    let pod = d
+        .pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(new.as_str()))
+        .expect("the new pod");
+    assert_eq!(claim_of(pod).as_deref(), Some(pvc.as_str()));
+    let pinned = serde_json::to_string(&pod.spec.as_ref().unwrap().affinity).unwrap();
+    assert!(pinned.contains("\"n3\""), "{pinned}");
+}
+
+/// Finishing on PVC storage: the old pod goes first, then the old instance's PVC instead of a wipe
+/// pod; after the cutover the slot's claim is the new instance's (the old name is never recreated).
+#[test]
+fn a_storage_class_move_deletes_the_old_pvc_after_the_old_pod() {
+    let mut mv = on_claims(in_phase(&asking(["n1", "n3"]), MovePhase::Finishing));
+    if let Some(s) = mv.status.as_mut() {
+        s.nodes = vec!["n1".into(), "n3".into()];
+        s.slot_generations = vec![0, 1];
+    }
+    let mut o = synced();
+    o.moving.old_pod = true;
+    o.moving.old_node = Some(node("n2"));
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Finishing);
+    assert_eq!(step.delete, [format!("{}-engine-b", key())]);
+    assert!(step.delete_pvcs.is_empty(), "not while its engine may run");
+
+    o.moving.old_pod = false;
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(step.delete_pvcs, [format!("{}-engine-b-data", key())]);
+    assert_eq!(step.wipe, None, "the claim's deletion is the wipe");
+    assert_eq!(rec(&status).phase, MovePhase::Done);
+    assert!(rec(&status).message.contains("-engine-b-data is deleted"));
+    assert_eq!(reasons(&step), ["MoveCompleted"]);
+
+    // The slot's claim is now the new instance's: a missing one is that name, and a missing pod
+    // mounts it.
+    let mv = next(&mv, status);
+    o.engine_pvcs = [true, false];
+    o.pods[1] = None;
+    let d = children(&mv, &o);
+    assert_eq!(
+        names_of(d.engine_pvcs.iter().map(|p| &p.metadata)),
+        [format!("{}-engine-b-m1-data", key())]
+    );
+    let pod_b = d
+        .pods
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some(format!("{}-engine-b-m1", key()).as_str()))
+        .expect("slot b's pod");
+    assert_eq!(claim_of(pod_b), Some(format!("{}-engine-b-m1-data", key())));
+}
+
+/// The node being left is lost: its pod is force-deleted and its PVC deleted in the same pass (the
+/// PV behind it is the StorageClass's business, and the warning says so).
+#[test]
+fn a_lost_old_node_on_pvc_storage_deletes_its_pvc() {
+    let mut mv = on_claims(in_phase(&asking(["n1", "n3"]), MovePhase::Finishing));
+    if let Some(s) = mv.status.as_mut() {
+        s.nodes = vec!["n1".into(), "n3".into()];
+        s.slot_generations = vec![0, 1];
+    }
+    let mut o = synced();
+    o.moving.old_pod = true;
+    o.moving.old_node = Some(NodeObs::missing("n2"));
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Done);
+    assert_eq!(step.delete, [format!("{}-engine-b", key())]);
+    assert!(step.force);
+    assert_eq!(step.delete_pvcs, [format!("{}-engine-b-data", key())]);
+    assert_eq!(reasons(&step), ["WipeSkipped", "MoveCompleted"]);
+    let text = &step.events[0].text;
+    assert!(
+        text.contains("deleted PVC") && text.contains("StorageClass"),
+        "{text}"
+    );
+}
+
+/// A failed move on PVC storage takes the new instance's claim with its pod: on the abort the
+/// operator asks for, and when the primary aborted by itself.
+#[test]
+fn a_failed_storage_class_move_deletes_the_new_pvc() {
+    let pvc = format!("{}-engine-b-m1-data", key());
+    let new = format!("{}-engine-b-m1", key());
+    let mv = on_claims(in_phase(&asking(["n1", "n3"]), MovePhase::Copying));
+    let mut o = synced();
+    o.moving.pod = Some(PodObs {
+        phase: "Failed".into(),
+        ..pod(&new, false)
+    });
+    o.moving.progress = Some(Ok(MoveProgress {
+        state: MoveState::Copying,
+        target: target(),
+        ..Default::default()
+    }));
+    let (_, step) = pass(&mv, &o, None);
+    let abort = step.abort.expect("AbortMove");
+    assert_eq!((abort.delete, abort.pvc), (new.clone(), Some(pvc.clone())));
+    assert!(
+        step.delete_pvcs.is_empty(),
+        "only once the primary answered"
+    );
+
+    let mv = on_claims(in_phase(&asking(["n1", "n3"]), MovePhase::CuttingOver));
+    let mut o = synced();
+    o.moving.pod = Some(pod(&new, true));
+    o.moving.progress = Some(Ok(MoveProgress {
+        state: MoveState::Aborted,
+        target: target(),
+        ..Default::default()
+    }));
+    let (status, step) = pass(&mv, &o, None);
+    assert_eq!(rec(&status).phase, MovePhase::Failed);
+    assert_eq!((step.delete, step.delete_pvcs), (vec![new], vec![pvc]));
+
+    // hostPath storage has no claim to delete.
+    let mv = in_phase(&asking(["n1", "n3"]), MovePhase::CuttingOver);
+    let (_, step) = pass(&mv, &o, None);
+    assert!(step.delete_pvcs.is_empty());
 }

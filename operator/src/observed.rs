@@ -23,6 +23,9 @@ pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 pub const DISRUPTION_LABEL: &str = "tandem.dev/disruption-allowed";
 /// Annotation on engine pods: the `--role` the pod was started with.
 pub const ROLE_ANNOTATION: &str = "tandem.dev/role";
+/// Annotation on a live move's new engine PVC: the move's `startedAt`, which tells it from a claim of
+/// the same name left by an earlier attempt.
+pub const MOVE_ANNOTATION: &str = "tandem.dev/move-started-at";
 /// Label on everything the operator creates for a volume: the volume's key (`plan::names::key`), unique
 /// in the operator's namespace; selectors use it.
 pub const VOLUME_LABEL: &str = "tandem.dev/volume";
@@ -261,6 +264,40 @@ pub struct MoveObs {
     /// The node being left, while Finishing (it loses the volume's node label; when it is lost the
     /// move finishes without its wipe).
     pub old_node: Option<NodeObs>,
+    /// The new instance's PVC (StorageClass storage, looked at while Preparing).
+    pub pvc: MovePvc,
+}
+
+/// A live move's new engine PVC as seen while Preparing.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub enum MovePvc {
+    /// Not looked at (hostPath storage, or another phase).
+    #[default]
+    Unknown,
+    Absent,
+    Present {
+        /// It has a deletion timestamp.
+        deleting: bool,
+        /// Its [`MOVE_ANNOTATION`] (None: absent).
+        started_at: Option<String>,
+    },
+}
+
+impl MovePvc {
+    pub fn of(pvc: Option<&k8s_openapi::api::core::v1::PersistentVolumeClaim>) -> Self {
+        match pvc {
+            None => Self::Absent,
+            Some(p) => Self::Present {
+                deleting: p.metadata.deletion_timestamp.is_some(),
+                started_at: p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(MOVE_ANNOTATION))
+                    .cloned(),
+            },
+        }
+    }
 }
 
 impl MoveObs {

@@ -37,8 +37,8 @@ use crate::{
     },
     failover::primary_slot,
     observed::{
-        NodeObs, Observed, DISRUPTION_LABEL, NAMESPACE_LABEL, NAME_LABEL, ROLE_ANNOTATION,
-        SLOT_LABEL, UID_LABEL, VOLUME_LABEL,
+        MovePvc, NodeObs, Observed, DISRUPTION_LABEL, MOVE_ANNOTATION, NAMESPACE_LABEL, NAME_LABEL,
+        ROLE_ANNOTATION, SLOT_LABEL, UID_LABEL, VOLUME_LABEL,
     },
 };
 
@@ -211,8 +211,14 @@ pub mod names {
     pub fn pv(namespace: &str, volume: &str) -> String {
         format!("tandem.{namespace}.{volume}")
     }
+    /// A slot's first engine PVC (StorageClass storage): `<key>-engine-<slot>-data`.
     pub fn engine_pvc(key: &str, slot: Slot) -> String {
-        format!("{key}-engine-{}-data", slot.as_str())
+        engine_pvc_at(key, slot, 0)
+    }
+    /// The PVC of a slot's instance `generation`: `<instance>-data`, so each live move's new engine
+    /// gets its own claim (`<key>-engine-<slot>-m<n>-data`).
+    pub fn engine_pvc_at(key: &str, slot: Slot, generation: u32) -> String {
+        format!("{}-data", engine_instance(key, slot, generation))
     }
     /// The engines' PodDisruptionBudget.
     pub fn budget(key: &str) -> String {
@@ -665,7 +671,7 @@ pub fn engine_pod_at(
         (None, Some(_)) => Volume {
             name: "data".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: names::engine_pvc(&key, slot),
+                claim_name: names::engine_pvc_at(&key, slot, generation),
                 read_only: None,
             }),
             ..Default::default()
@@ -1262,11 +1268,23 @@ pub fn engine_pvc(
     class: &str,
     cfg: &EngineConfig,
 ) -> Result<PersistentVolumeClaim, InvalidSpec> {
+    engine_pvc_at(mv, slot, 0, class, cfg)
+}
+
+/// The PVC of a slot's instance `generation`: the first one's size, class and owner labels, its
+/// `tandem.dev/slot` naming the instance (as its pod's does).
+pub fn engine_pvc_at(
+    mv: &MirroredVolume,
+    slot: Slot,
+    generation: u32,
+    class: &str,
+    cfg: &EngineConfig,
+) -> Result<PersistentVolumeClaim, InvalidSpec> {
     let bytes = engine_pvc_bytes(mv)?;
     Ok(PersistentVolumeClaim {
         metadata: meta(
-            names::engine_pvc(&key(mv), slot),
-            slot_labels(mv, slot),
+            names::engine_pvc_at(&key(mv), slot, generation),
+            instance_labels(mv, slot, generation),
             cfg,
         ),
         spec: Some(PersistentVolumeClaimSpec {
@@ -1355,8 +1373,22 @@ pub fn desired(
     if let Some(class) = &mv.spec.engine_storage.storage_class_name {
         for slot in Slot::BOTH {
             if !observed.engine_pvcs[slot.index()] {
-                out.engine_pvcs.push(engine_pvc(mv, slot, class, cfg)?);
+                let g = generation(Some(status), slot);
+                out.engine_pvcs
+                    .push(engine_pvc_at(mv, slot, g, class, cfg)?);
             }
+        }
+        // A live move's new engine gets its own claim while Preparing, only once it was seen absent:
+        // an earlier attempt's claim of that name is never applied over (it would look fresh).
+        if let Some(m) = status.moving.as_ref().filter(|m| {
+            m.phase == crate::crd::MovePhase::Preparing && observed.moving.pvc == MovePvc::Absent
+        }) {
+            let mut pvc = engine_pvc_at(mv, m.slot, m.generation, class, cfg)?;
+            pvc.metadata.annotations = Some(BTreeMap::from([(
+                MOVE_ANNOTATION.to_string(),
+                m.started_at.clone().unwrap_or_default(),
+            )]));
+            out.engine_pvcs.push(pvc);
         }
     }
     out.services = Slot::BOTH

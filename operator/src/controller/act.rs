@@ -124,7 +124,7 @@ impl MirroredVolume {
             // `status.nodes` names it (a CreateVolume that waits for status.nodes answers a topology
             // whose label exists) and, at a cutover, before the old engine is released (tests
             // controller::tests::create_path_applies_secret_services_pods_and_pv,
-            // moving_tests::the_cutover_moves_the_node_label_before_the_old_engine_goes).
+            // decide_tests::the_cutover_moves_the_node_label_before_the_old_engine_goes).
             let (label, value) = plan::node_label(self);
             for node in &plan.label {
                 set_node_label(ctx, node, &label, Some(&value)).await?;
@@ -303,6 +303,7 @@ impl MirroredVolume {
         let home = &ctx.config.namespace;
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), home);
         let services: Api<Service> = Api::namespaced(ctx.client.clone(), home);
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), home);
         if let Some(w) = &step.wipe {
             let slot = plan
                 .status
@@ -360,6 +361,10 @@ impl MirroredVolume {
                     }
                     delete_quietly(&pods, &abort.delete, &DeleteParams::default()).await?;
                     delete_quietly(&services, &abort.delete, &DeleteParams::default()).await?;
+                    // Its claim is removed once the pod is (pvc-protection holds it until then).
+                    if let Some(pvc) = &abort.pvc {
+                        delete_quietly(&claims, pvc, &DeleteParams::default()).await?;
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -378,6 +383,10 @@ impl MirroredVolume {
         for name in &step.delete {
             delete_quietly(&pods, name, &dp).await?;
             delete_quietly(&services, name, &DeleteParams::default()).await?;
+        }
+        // After the pods: a claim whose engine may still run is never deleted first.
+        for name in &step.delete_pvcs {
+            delete_quietly(&claims, name, &DeleteParams::default()).await?;
         }
         if let Some(node) = &step.unlabel {
             set_node_label(ctx, node, &plan::node_label(self).0, None).await?;

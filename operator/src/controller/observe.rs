@@ -15,7 +15,9 @@ use super::{restore::Source, Context};
 use crate::{
     crd::{MirroredVolume, PlacementStatus, RestoreStatus, Slot},
     engine::{EngineState, EngineTarget},
-    observed::{MoveObs, NodeObs, Observed, PodObs, PvObs, WorkloadPod, SLOT_LABEL, VOLUME_LABEL},
+    observed::{
+        MoveObs, MovePvc, NodeObs, Observed, PodObs, PvObs, WorkloadPod, SLOT_LABEL, VOLUME_LABEL,
+    },
     placement,
     plan::{self, names, InvalidSpec, MANAGED_BY_LABEL},
     Error, Result,
@@ -163,7 +165,8 @@ impl MirroredVolume {
             // to release) nor changed; test `controller::tests::a_foreign_pv_is_not_adopted`.
             Err(conflict) => (None, Some(conflict)),
         };
-        let (claim_exists, engine_pvcs, pvc_conflict) = self.claims(ctx, &ns, &key).await?;
+        let (claim_exists, engine_pvcs, own_pvcs, pvc_conflict) =
+            self.claims(ctx, &ns, &key).await?;
         let engines = self.ask_engines(ctx, &nodes, &pods, token.as_deref()).await;
         let (workloads, attachments) = self.stuck_workloads(ctx, &nodes, pv.as_ref()).await?;
         let token = match token {
@@ -183,7 +186,15 @@ impl MirroredVolume {
             certs.csi = None;
         }
         let moving = self
-            .observe_move(ctx, &all_pods, &pods, &engines, &key, token.as_str())
+            .observe_move(
+                ctx,
+                &all_pods,
+                &pods,
+                &engines,
+                &own_pvcs,
+                &key,
+                token.as_str(),
+            )
             .await?;
         Ok(Observed {
             now,
@@ -230,13 +241,16 @@ impl MirroredVolume {
     }
 
     /// What a live move needs: its pods (the new engine, the wipe of this phase, the old engine),
-    /// the new engine's Status, the primary's GetMove, and the node the spec asks for.
+    /// the new engine's PVC (StorageClass storage), its Status, the primary's GetMove, and the node
+    /// the spec asks for.
+    #[allow(clippy::too_many_arguments)]
     async fn observe_move(
         &self,
         ctx: &Context,
         all: &[PodObs],
         pods: &EnginePods,
         engines: &[Option<EngineState>; 2],
+        pvcs: &[PersistentVolumeClaim],
         key: &str,
         token: &str,
     ) -> Result<MoveObs> {
@@ -276,6 +290,13 @@ impl MirroredVolume {
         };
         let (slot, gen) = (rec.slot, rec.generation);
         match rec.phase {
+            MovePhase::Preparing if self.spec.engine_storage.storage_class_name.is_some() => {
+                let name = names::engine_pvc_at(key, slot, gen);
+                out.pvc = MovePvc::of(
+                    pvcs.iter()
+                        .find(|p| p.metadata.name.as_deref() == Some(name.as_str())),
+                );
+            }
             MovePhase::Preparing => out.wipe = find(&names::move_wipe(key, slot, gen, false)),
             MovePhase::Finishing => {
                 out.wipe = find(&names::move_wipe(key, slot, gen, true));
@@ -346,13 +367,19 @@ impl MirroredVolume {
     }
 
     /// Whether the claim of `spec.claim` exists, and the engines' own PVCs (StorageClass storage only; one
-    /// of another volume under the key is a conflict: an engine never mounts another volume's data).
+    /// of another volume under the key is a conflict: an engine never mounts another volume's data):
+    /// whether each slot's current instance has one, and all of this volume's.
     async fn claims(
         &self,
         ctx: &Context,
         ns: &str,
         key: &str,
-    ) -> Result<(bool, [bool; 2], Option<InvalidSpec>)> {
+    ) -> Result<(
+        bool,
+        [bool; 2],
+        Vec<PersistentVolumeClaim>,
+        Option<InvalidSpec>,
+    )> {
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
         let claim_exists = match &self.spec.claim {
             Some(c) => pvcs.get_opt(&c.name).await?.is_some(),
@@ -360,6 +387,7 @@ impl MirroredVolume {
         };
         let mut engine_pvcs = [false, false];
         let mut conflict = None;
+        let mut own = Vec::new();
         if self.spec.engine_storage.storage_class_name.is_some() {
             let engine_api: Api<PersistentVolumeClaim> =
                 Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
@@ -369,12 +397,14 @@ impl MirroredVolume {
             );
             conflict = theirs;
             engine_pvcs = Slot::BOTH.map(|slot| {
-                let wanted = names::engine_pvc(key, slot);
+                let g = plan::generation(self.status.as_ref(), slot);
+                let wanted = names::engine_pvc_at(key, slot, g);
                 list.iter()
                     .any(|p| p.metadata.name.as_deref() == Some(wanted.as_str()))
             });
+            own = list;
         }
-        Ok((claim_exists, engine_pvcs, conflict))
+        Ok((claim_exists, engine_pvcs, own, conflict))
     }
 
     /// The engines' Status. Only those whose pod runs on a live node are asked (an absent engine would
