@@ -40,6 +40,7 @@ BENCHES=nbd-vs-nbdkit JOBS="randread 4k 1" TRANSPORTS=unix \
 REGION_MIB=16 PENDING_MIB=4 smoke bench/large-volume.sh 64M 200ms
 LOCAL_MIB=4 smoke bench/takeover.sh "0 4M" 1 200
 smoke bench/idle-connections.sh 100
+JOBS="randwrite 4k 1;write 1m 4" smoke bench/vs-qsd.sh 16 200ms
 if [ "$(id -u)" -eq 0 ] && [ -e /dev/fuse ] && losetup -f >/dev/null 2>&1; then
   smoke bench/csi-attach.sh 16 200ms
 else

@@ -798,11 +798,12 @@ async fn transmission(sock: StdSock, buffered: Vec<u8>, volume: Arc<Volume>, tar
     let rt = tokio::runtime::Handle::current();
     let is_snapshot = matches!(target, Target::Snapshot(_));
     let mut fenced = volume.fenced.subscribe();
+    let thread_fenced = fenced.clone();
     let thread_sock = Arc::clone(&sock);
     let spawned = std::thread::Builder::new()
         .name("nbd-conn".into())
         .spawn(move || {
-            let out = serve_requests(thread_sock, buffered, &volume, &target, &rt);
+            let out = serve_requests(thread_sock, buffered, &volume, &target, &rt, thread_fenced);
             let _ = done_tx.send(out);
         });
     if let Err(e) = spawned {
@@ -894,6 +895,7 @@ fn serve_requests(
     volume: &Arc<Volume>,
     target: &Target,
     rt: &tokio::runtime::Handle,
+    fenced: tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), ConnError> {
     let w: SharedOut = Arc::new(Mutex::new(Out {
         sock: Arc::clone(&sock),
@@ -903,7 +905,7 @@ fn serve_requests(
     // The handshake's reader may have read requests already: they come first.
     let mut r = Reader::new(&sock, &buffered);
     drop(buffered);
-    let result = read_requests(&mut r, &w, volume, &budget, target, rt);
+    let result = read_requests(&mut r, &w, volume, &budget, target, rt, &fenced);
     // Let slow requests finish (they hold budget permits) before closing.
     let _ = rt.block_on(budget.acquire_many((CONN_BUDGET / PERMIT_BYTES) as u32));
     let _ = out(&w).flush();
@@ -918,6 +920,7 @@ fn read_requests(
     budget: &Arc<Semaphore>,
     target: &Target,
     rt: &tokio::runtime::Handle,
+    fenced: &tokio::sync::watch::Receiver<u64>,
 ) -> Result<(), ConnError> {
     let mut hdr = [0u8; Request::LEN];
     let snapshot = match target {
@@ -928,6 +931,11 @@ fn read_requests(
     loop {
         if r.is_empty() {
             out(w).flush()?;
+        }
+        // A fence ends the session before the next request, also one already read ahead (the
+        // shut read side only stops the socket); a snapshot export stays open.
+        if snapshot.is_none() && fenced.has_changed().unwrap_or(true) {
+            return Ok(());
         }
         // EOF here is the client leaving, or a fence shutting the read side.
         match r.read_exact(&mut hdr) {
