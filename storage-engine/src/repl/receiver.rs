@@ -160,11 +160,8 @@ async fn apply_loop(
         if turn.superseded() {
             return;
         }
-        // A plain stream into a secondary syncs lazily, resync images included: a resync's end
-        // (`ResyncDone`), a drain into a primary and a requested flush sync as soon as they are
-        // applied. Heartbeats alone never sync. An image syncing lazily only delays its durable
-        // acknowledgement, and the primary keeps the block pending until that comes (one
-        // fdatasync per batch of images had capped a resync at the disk's sync rate).
+        // Only a plain stream into a secondary syncs lazily; a resync, a drain into a primary and
+        // a requested flush sync as soon as they are applied. Heartbeats alone never sync.
         let only_heartbeats = batch
             .iter()
             .all(|m| matches!(m.body, Some(Body::Heartbeat(_))));
@@ -172,7 +169,7 @@ async fn apply_loop(
             && (vol.receiving() != Receiving::Replica
                 || batch.iter().any(|m| match &m.body {
                     Some(Body::WriteBatch(b)) => b.flush,
-                    Some(Body::Heartbeat(_)) | Some(Body::Block(_)) => false,
+                    Some(Body::Heartbeat(_)) => false,
                     _ => true,
                 }));
         // Small batches are a few page-cache writes: applying them here saves a thread hand-off on
