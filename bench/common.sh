@@ -51,3 +51,17 @@ a, b = parse(sys.argv[1]), parse(sys.argv[2])
 print("/".join("%.0f%%" % (100 * (b1 - a1) / max(1, (b1 - a1) + (i2 - i1))) for (a1, i1), (b1, i2) in zip(a, b)))
 PY
 }
+
+# Engine pairs (bench/replication.sh, bench/vs-qsd.sh): volume `b`, token file in TOK, the node layout
+# in NODE_A/NODE_B (a secondary runs on NODE_B). `serve` sets PID and writes $W/<name>.pid.
+js() { "$E" status --grpc "$1" --volume b "${TOK[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)[\"$2\"])"; }
+wait_synced() { until [ "$(js "$1" pair_state 2>/dev/null)" = Synced ]; do sleep 0.05; done; }
+serve() { # name nbdport grpcport [extra...]
+  local n=$1 np=$2 gp=$3; shift 3
+  local node=("${NODE_A[@]}")
+  case " $* " in *" secondary "*) node=("${NODE_B[@]}");; esac
+  "${node[@]}" "$E" serve --volume b --data "$W/$n.img" --size "${SIZE_MIB}M" --state-dir "$W/$n" \
+    --nbd-listen 127.0.0.1:$np --grpc-listen 127.0.0.1:$gp "${TOK[@]}" "$@" 2>>"$W/$n.log" &
+  PID=$!
+  echo "$PID" > "$W/$n.pid" # taskset execs the daemon: this is its pid
+}

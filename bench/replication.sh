@@ -23,16 +23,6 @@ if [ "$PIN" = one ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 0); fi
 bench_setup
 echo bench > "$W/tok"
 TOK=(--token-file "$W/tok")
-js() { "$E" status --grpc "$1" --volume b "${TOK[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)[\"$2\"])"; }
-wait_synced() { until [ "$(js "$1" pair_state)" = Synced ]; do sleep 0.1; done; }
-serve() { # name nbdport grpcport [extra...]
-  local n=$1 np=$2 gp=$3; shift 3
-  local node=("${NODE_A[@]}")
-  case " $* " in *" secondary "*) node=("${NODE_B[@]}");; esac
-  "${node[@]}" "$E" serve --volume b --data "$W/$n.img" --size "${SIZE_MIB}M" --state-dir "$W/$n" \
-    --nbd-listen 127.0.0.1:$np --grpc-listen 127.0.0.1:$gp "${TOK[@]}" "$@" 2>>"$W/$n.log" &
-  PID=$!
-}
 fio_iops() { # uri iodepth -> IOPS; BUSY = each CPU's busy share during the run
   local t0 out; t0=$(bench_ticks)
   out=$(fio_run "$@")

@@ -48,16 +48,6 @@ QMP=(python3 bench/qmp.py)
 # Ports apart from bench/replication.sh's, so both can run on one machine.
 # Tandem async: pa 10961/9561 -> sa 10962/9562; sync: ps 10963/9563 -> ss 10964/9564.
 # qsd background: qa 10965 -> qb 10966; write-blocking: qs 10967 -> qt 10968.
-js() { "$E" status --grpc "$1" --volume b "${TOK[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)[\"$2\"])"; }
-wait_synced() { until [ "$(js "$1" pair_state 2>/dev/null)" = Synced ]; do sleep 0.05; done; }
-serve() { # name nbdport grpcport [extra...]
-  local n=$1 np=$2 gp=$3; shift 3
-  local node=("${NODE_A[@]}")
-  case " $* " in *" secondary "*) node=("${NODE_B[@]}");; esac
-  "${node[@]}" "$E" serve --volume b --data "$W/$n.img" --size "${SIZE_MIB}M" --state-dir "$W/$n" \
-    --nbd-listen 127.0.0.1:$np --grpc-listen 127.0.0.1:$gp "${TOK[@]}" "$@" 2>>"$W/$n.log" &
-  echo $! > "$W/$n.pid" # taskset execs the daemon: this is its pid
-}
 qsd() { # name nbdport primary|secondary: a qemu-storage-daemon exporting $W/name.img as "b"
   local n=$1 np=$2 node=("${NODE_A[@]}")
   [ "$3" = secondary ] && node=("${NODE_B[@]}")
