@@ -52,6 +52,16 @@ print("/".join("%.0f%%" % (100 * (b1 - a1) / max(1, (b1 - a1) + (i2 - i1))) for 
 PY
 }
 
+# The CPU layout of a pair (PIN, default 1): 1 = two one-core nodes (fio and primaries on CPU 0,
+# secondaries on CPU 1), 0 = everything shares all CPUs, one = everything on CPU 0.
+bench_nodes() {
+  PIN=${PIN:-1}
+  NODE_A=(); NODE_B=()
+  if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
+  if [ "$PIN" = one ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 0); fi
+  return 0
+}
+
 # Engine pairs (bench/replication.sh, bench/vs-qsd.sh): volume `b`, token file in TOK, the node layout
 # in NODE_A/NODE_B (a secondary runs on NODE_B). `serve` sets PID and writes $W/<name>.pid.
 js() { "$E" status --grpc "$1" --volume b "${TOK[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)[\"$2\"])"; }

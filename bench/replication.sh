@@ -15,11 +15,8 @@ SIZE_MIB=${1:-512}
 RUNTIME=${2:-5}
 RAMP=${RAMP:-1}
 RESYNC_MIB=${RESYNC_MIB:-16 64 256}
-PIN=${PIN:-1}
-NODE_A=(); NODE_B=()
-if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
-if [ "$PIN" = one ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 0); fi
 . bench/common.sh
+bench_nodes
 bench_setup
 echo bench > "$W/tok"
 TOK=(--token-file "$W/tok")

@@ -28,18 +28,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-256}
 RUNTIME=${2:-5}
-PIN=${PIN:-1}
 GRAN=${QSD_GRANULARITY:-4096}
 RAMP=${RAMP:-1}
 # fio time -> ms (a bare number is seconds), for the CPU per I/O.
 ms() { python3 -c "import re,sys; n,u=re.fullmatch(r'([0-9.]+)(ms|s|m)?',sys.argv[1]).groups(); print(int(float(n)*{'ms':1,'s':1000,'m':60000}[u or 's']))" "$1"; }
 RUNTIME_MS=$(ms "$RUNTIME"); RAMP_MS=$(ms "$RAMP")
 IFS=';' read -r -a JOBS <<<"${JOBS:-randwrite 4k 1;randwrite 4k 16;randread 4k 1;randread 4k 16;write 1m 4}"
-NODE_A=(); NODE_B=()
-if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 1); fi
-if [ "$PIN" = one ]; then NODE_A=(taskset -c 0); NODE_B=(taskset -c 0); fi
 command -v qemu-storage-daemon >/dev/null || { echo "vs-qsd: qemu-storage-daemon not found (apt-get install qemu-utils)" >&2; exit 1; }
 . bench/common.sh
+bench_nodes
 bench_setup
 echo bench > "$W/tok"
 TOK=(--token-file "$W/tok")
