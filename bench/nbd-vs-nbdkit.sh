@@ -3,7 +3,10 @@
 # on identical files, in the same run, over TCP and a unix socket. Prints a markdown table with
 # each run's CPU busy share (per CPU, whole machine, from /proc/stat).
 #   bench/nbd-vs-nbdkit.sh [SIZE_MIB=512] [RUNTIME=5]
-# RUNTIME is a fio time (5 = 5 s, 200ms); RAMP (default 1) likewise. PERF=1 adds the server's
+# RUNTIME is a fio time (5 = 5 s, 200ms); RAMP (default 1) likewise. REPS (default 3) runs each
+# cell that many times, tandem and nbdkit alternating, and prints each side's median run (one run
+# of each swings by 10-20% here). NBDKIT_FILE_ARGS passes options to nbdkit's file plugin
+# (fadvise=random gives it tandem's page-cache policy: docs/benchmarks.md). PERF=1 adds the server's
 # context switches and CPU migrations per request (perf stat on the server process; needs perf).
 # TRANSPORTS (default "tcp unix") and JOBS ("rw bs qd" triples split by ";") narrow the table.
 set -euo pipefail
@@ -12,6 +15,7 @@ SIZE_MIB=${1:-512}
 RUNTIME=${2:-5}
 RAMP=${RAMP:-1}
 PERF=${PERF:-0}
+REPS=${REPS:-3}
 . bench/common.sh
 bench_setup
 ENGINE=$E
@@ -27,9 +31,9 @@ bench_evict "$W/a.img" "$W/b.img"
   --nbd-listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 --nbd-socket "$W/tandem.sock" \
   --ready-file "$W/ready" 2>"$W/engine.log" &
 declare -A PID=([tandem-tcp]=$! [tandem-unix]=$!)
-nbdkit -f -U "$W/nbdkit.sock" file "$W/b.img" 2>"$W/nbdkit.log" &
+nbdkit -f -U "$W/nbdkit.sock" file "$W/b.img" ${NBDKIT_FILE_ARGS:-} 2>"$W/nbdkit.log" &
 PID[nbdkit-unix]=$!
-nbdkit -f -i 127.0.0.1 -p 10898 file "$W/b.img" 2>"$W/nbdkit-tcp.log" &
+nbdkit -f -i 127.0.0.1 -p 10898 file "$W/b.img" ${NBDKIT_FILE_ARGS:-} 2>"$W/nbdkit-tcp.log" &
 PID[nbdkit-tcp]=$!
 for _ in $(seq 100); do [ -s "$W/ready" ] && [ -S "$W/nbdkit.sock" ] && break; sleep 0.1; done
 TANDEM_TCP=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["nbd"])' "$W/ready")
@@ -80,8 +84,14 @@ fi
 for t in ${TRANSPORTS:-tcp unix}; do
   for job in "${JOBS[@]}"; do
     set -- $job
-    read -r ti tb tc ts tm <<<"$(run "tandem-$t" "$1" "$2" "$3")"
-    read -r ni nb nc ns nm <<<"$(run "nbdkit-$t" "$1" "$2" "$3")"
+    # REPS runs of each server, alternating; each side's median run (by IOPS) is the row.
+    : >"$W/runs-tandem"; : >"$W/runs-nbdkit"
+    for _ in $(seq "$REPS"); do
+      run "tandem-$t" "$1" "$2" "$3" >>"$W/runs-tandem"
+      run "nbdkit-$t" "$1" "$2" "$3" >>"$W/runs-nbdkit"
+    done
+    read -r ti tb tc ts tm <<<"$(sort -n "$W/runs-tandem" | sed -n "$(((REPS + 1) / 2))p")"
+    read -r ni nb nc ns nm <<<"$(sort -n "$W/runs-nbdkit" | sed -n "$(((REPS + 1) / 2))p")"
     ratio=$(python3 -c "print(f'{$ti/$ni:.2f}x' if $ni else 'n/a')")
     extra=""
     [ "$PERF" = 1 ] && extra=" $ts | $ns | $tm | $nm |"

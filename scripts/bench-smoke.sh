@@ -12,7 +12,7 @@ if [ -z "${TANDEM_ENGINE_BIN:-}" ] || [ -z "${TANDEM_CSI_BIN:-}" ]; then
   cargo build -q -p csi-node --bin tandem-csi
 fi
 T=${CARGO_TARGET_DIR:-$PWD/target}/debug
-export TANDEM_ENGINE=${TANDEM_ENGINE_BIN:-$T/tandem-engine} TANDEM_CSI=${TANDEM_CSI_BIN:-$T/tandem-csi} RAMP=0
+export TANDEM_ENGINE=${TANDEM_ENGINE_BIN:-$T/tandem-engine} TANDEM_CSI=${TANDEM_CSI_BIN:-$T/tandem-csi} RAMP=0 REPS=1
 LOG=$(mktemp /var/tmp/tandem-bench-smoke.XXXXXX)
 trap 'rm -f "$LOG"' EXIT
 

@@ -185,8 +185,7 @@ impl Volume {
                 .fetch_add(u64::from(len), Ordering::Relaxed);
             return Ok(buf);
         }
-        let mut buf = vec![0u8; len as usize];
-        self.store.read_at(&mut buf, offset)?;
+        let buf = self.store.read_vec(len as usize, offset)?;
         self.counters
             .bytes_read
             .fetch_add(u64::from(len), Ordering::Relaxed);
