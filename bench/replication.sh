@@ -32,6 +32,26 @@ fio_run() {
     python3 -c 'import json,sys
 t=sys.stdin.read(); print("%.0f" % json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"])'
 }
+# CPU time (user + system, all threads, in clock ticks) of the engine named NAME so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$(cat "$W/$1.pid")/stat"; }
+# The engine's own count of host bytes written (every write fio issued, its ramp included).
+written() { js "$1" bytes_written; }
+# fio against URI at QD, with CPU per write of the named engines: sets CPU_<name> (µs per 4 KiB
+# write, from each process's utime+stime over the run and the primary's written bytes).
+cpu_cell() { # grpc-of-the-primary uri qd name...
+  local g=$1 uri=$2 qd=$3; shift 3
+  local n w0 w1; declare -A c0
+  for n in "$@"; do c0[$n]=$(cpu_ticks "$n"); done
+  w0=$(written "$g")
+  fio_iops "$uri" "$qd" > "$W/iops"
+  w1=$(written "$g")
+  for n in "$@"; do
+    python3 -c "import os,sys; t=int(sys.argv[1]); w=int(sys.argv[2])/4096
+print('%.1f' % (t * 1e6 / os.sysconf('SC_CLK_TCK') / max(w, 1)))" "$(( $(cpu_ticks "$n") - ${c0[$n]} ))" "$((w1 - w0))" > "$W/cpu-$n"
+  done
+  echo "$BUSY" > "$W/busy"
+}
+
 # O_DIRECT: the page cache starts empty for every engine alike.
 prealloc() { dd if=/dev/zero of="$W/$1.img" bs=1M count="$SIZE_MIB" oflag=direct status=none; }
 
@@ -49,16 +69,28 @@ echo "### 4k randwrite IOPS, unpaired vs paired (fio runtime $RUNTIME per cell, 
 echo
 echo "| QD | unpaired | async pair | async/unpaired | sync pair | sync/unpaired | CPU busy: unpaired | async | sync |"
 echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+CPU_ROWS=()
 for qd in 1 16; do
-  # Command substitution runs in a subshell: BUSY comes back through a file.
-  u=$(fio_iops nbd://127.0.0.1:10870/b $qd; echo "$BUSY" > "$W/busy"); bu=$(cat "$W/busy")
-  a=$(fio_iops nbd://127.0.0.1:10871/b $qd; echo "$BUSY" > "$W/busy"); ba=$(cat "$W/busy")
+  cpu_cell 127.0.0.1:9570 nbd://127.0.0.1:10870/b $qd solo; u=$(cat "$W/iops"); bu=$(cat "$W/busy")
+  cpu_cell 127.0.0.1:9571 nbd://127.0.0.1:10871/b $qd pa sa; a=$(cat "$W/iops"); ba=$(cat "$W/busy")
   wait_synced 127.0.0.1:9571
-  s=$(fio_iops nbd://127.0.0.1:10873/b $qd; echo "$BUSY" > "$W/busy"); bs=$(cat "$W/busy")
+  cpu_cell 127.0.0.1:9573 nbd://127.0.0.1:10873/b $qd ps ss; s=$(cat "$W/iops"); bs=$(cat "$W/busy")
   wait_synced 127.0.0.1:9573
   python3 -c "import sys; print('| $qd | $u | $a | %.2fx | $s | %.2fx | %s | %s | %s |' % ($a/$u, $s/$u, *sys.argv[1:]))" "$bu" "$ba" "$bs"
+  CPU_ROWS+=("$(python3 -c "import sys
+u, pa, sa, ps, ss = map(float, sys.argv[1:])
+print('| $qd | %.1f | %.1f | %.1f | %.0f%% | %.1f | %.1f | %.0f%% |' % (u, pa, sa, (pa - u) / u * 100, ps, ss, (ps - u) / u * 100))" \
+    "$(cat "$W/cpu-solo")" "$(cat "$W/cpu-pa")" "$(cat "$W/cpu-sa")" "$(cat "$W/cpu-ps")" "$(cat "$W/cpu-ss")")")
   [ "$qd" = 1 ] && U1=$u && S1=$s
 done
+echo
+echo "### Engine CPU per 4 KiB write (µs of user + system time of each engine process over the run)"
+echo
+echo "Replication's share is what the primary spends beyond an unpaired engine's write, against that write (issue 17: <= 25% async)."
+echo
+echo "| QD | unpaired | async primary | async secondary | async: replication on the primary | sync primary | sync secondary | sync: replication on the primary |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+printf '%s\n' "${CPU_ROWS[@]}"
 
 # The floor under a sync write: one round trip between the primary's and the secondary's CPU, with
 # nothing else in it (two processes bouncing a byte over a socketpair). No sync design can beat
