@@ -125,6 +125,9 @@ for rep in $(seq "$REPEATS"); do
       echo "L repaired $(lat "$LOCAL_MIB" "$m" "$n")" >> "$R"
       after=$(js "$SG" proxied_reads)
       echo "P $m $((mid - before)) $((after - mid)) $(js "$SG" proxied_read_errors)" >> "$R"
+      # The machine's gRPC round trip to the old primary, the floor under a proxied read.
+      "$E" status --grpc "$PG" --volume vol "${TOK[@]}" --rtt 2000 |
+        python3 -c 'import json,sys; j=json.load(sys.stdin); print("G", j["calls"], j["mean_us"], j["p50_us"], j["p99_us"])' >> "$R"
     fi
     stop_pair
     # Baseline on a fresh pair with the same backlog: resume the link, wait until nothing is pending
@@ -145,13 +148,14 @@ done
 python3 - "$R" "$SIZES" "$REPEATS" "$READS" <<'EOF'
 import sys, statistics as st
 path, sizes, repeats, reads = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
-T, B, L, P = {}, {}, {}, None
+T, B, L, P, G = {}, {}, {}, None, None
 for line in open(path):
     f = line.split()
     if f[0] == "T": T.setdefault(int(f[1]), []).append([float(x) for x in f[2:]])
     elif f[0] == "B": B.setdefault(int(f[1]), []).append([float(x) for x in f[2:]])
     elif f[0] == "L": L[f[1]] = [float(x) for x in f[2:]]
     elif f[0] == "P": P = f[1:]
+    elif f[0] == "G": G = [float(x) for x in f[1:]]
 def mib(s): return int(s[:-1]) * 1024 if s.endswith("G") else int(s.rstrip("M"))
 def label(m): return "0" if m == 0 else (f"{m // 1024} GiB" if m % 1024 == 0 else f"{m} MiB")
 def med(xs): return st.median(xs)
@@ -192,4 +196,8 @@ if L:
         print(f"| {names[k]} | {n:.0f} | {mean:.0f} | {p50:.0f} | {p99:.0f} | {mean / L['local'][1]:.1f}x |")
     print()
     print(f"(proxied reads counted by the engine: {P[1]} in the first pass, {P[2]} in the second; errors: {P[3]})")
+    if G:
+        print()
+        print(f"gRPC round trip to the old primary (`status --rtt`, {G[0]:.0f} calls on one connection): mean {G[1]:.0f} µs, "
+              f"p50 {G[2]:.0f} µs, p99 {G[3]:.0f} µs. Proxied read p50 / round trip p50: {L['proxied'][2] / G[2]:.2f}x (issue 17: <= 2x).")
 EOF

@@ -491,4 +491,8 @@ pub struct StatusArgs {
     /// Print JSON (stable field names) instead of the short human form.
     #[arg(long)]
     pub json: bool,
+    /// Instead of the status, time N status calls one after another on one connection and print
+    /// the gRPC round trip to the engine as JSON {calls, mean_us, p50_us, p99_us}.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rtt: Option<u32>,
 }

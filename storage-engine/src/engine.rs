@@ -613,12 +613,35 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 pub async fn print_status(args: StatusArgs) -> anyhow::Result<()> {
     let mut c = connect(&args.target).await?;
     let s = c.status(&args.target.volume).await?;
+    if let Some(n) = args.rtt {
+        // The first call above opened the connection; every timed one reuses it.
+        let mut us = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let t = std::time::Instant::now();
+            c.status(&args.target.volume).await?;
+            us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        println!("{}", rtt_json(&mut us));
+        return Ok(());
+    }
     if args.json {
         println!("{}", status_json(&s));
     } else {
         print!("{}", crate::report::status_text(&s));
     }
     Ok(())
+}
+
+/// `status --rtt`'s summary of round trips in µs (`us` is not empty: clap refuses N = 0).
+fn rtt_json(us: &mut [f64]) -> serde_json::Value {
+    us.sort_by(f64::total_cmp);
+    let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+    serde_json::json!({
+        "calls": us.len(),
+        "mean_us": (us.iter().sum::<f64>() / us.len() as f64).round(),
+        "p50_us": at(0.5).round(),
+        "p99_us": at(0.99).round(),
+    })
 }
 
 /// The JSON shape of `status --json` (stable field names; tests and the CSI plugin read them).

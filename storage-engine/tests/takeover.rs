@@ -1059,6 +1059,25 @@ fn the_cli_speaks_human_by_default_and_json_when_asked() {
         (json["role"].as_str(), json["epoch"].as_u64()),
         (Some("primary"), Some(1))
     );
+    // `status --rtt N`: the round trip to the engine over N calls (bench/takeover.sh compares
+    // proxied reads with it).
+    let rtt: serde_json::Value = serde_json::from_str(&text(
+        pair.a.cli("status").args(["--rtt", "20"]).output().unwrap(),
+    ))
+    .unwrap();
+    let (p50, p99) = (
+        rtt["p50_us"].as_f64().unwrap(),
+        rtt["p99_us"].as_f64().unwrap(),
+    );
+    assert!(rtt["calls"] == 20 && p50 > 0.0 && p50 <= p99, "{rtt}");
+    assert!(!pair
+        .a
+        .cli("status")
+        .args(["--rtt", "0"])
+        .output()
+        .unwrap()
+        .status
+        .success());
 
     let human = text(pair.b.cli("takeover").output().unwrap());
     assert!(
