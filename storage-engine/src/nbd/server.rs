@@ -854,10 +854,9 @@ impl Drop for ShutOnDrop {
     }
 }
 
-/// The transmission phase on a thread of its own that sleeps in recv, the way a QD1 client's
-/// server should: the kernel wakes a thread blocked on the socket with a "sync" hint and may run
-/// it on the client's CPU, where an epoll waiter (the runtime's) is woken on the CPU it slept on,
-/// an idle one: an IPI and, in a VM, a halt exit per request (docs/benchmarks.md, issue 17).
+/// The transmission phase on a thread of its own that sleeps in recv: a QD1 request costs recv,
+/// the request's own system calls and send, with no epoll and no hand-off between threads
+/// (docs/benchmarks.md, issue 17: less CPU per request than nbdkit's reader-and-worker threads).
 async fn transmission(sock: StdSock, buffered: Vec<u8>, volume: Arc<Volume>, target: Target) {
     let sock = Arc::new(sock);
     // Runtime shutdown drops this task: the thread must not go on serving without it.
