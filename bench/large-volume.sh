@@ -16,6 +16,9 @@
 # the backlog's time and CPU busy share, ready_ms, the handoff table's bytes (engine event
 # HandoffStored, sparse: 16 per nonzero word), VmRSS/VmHWM of both engines after the backlog and
 # after the takeover (1 s later), and the bound 64 MiB + 1 bit per 4 KiB block.
+# Each write of a scattered backlog lands in a 1 MiB extent of its own, so the primary stores and
+# fsyncs its intent file once per write (a file that grows with the hot extents): 16,384 blocks over
+# 4 TiB take ~20 s, 262,144 would take many minutes and write GBs of intent files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${1:-"1G 1T"}
