@@ -133,8 +133,8 @@ impl Clone for Bitmap {
                 let n = self.word_count();
                 let mut words = vec![0u64; n];
                 let mut copy = vec![0u64; summary.len()];
-                for wi in self.nonzero_words() {
-                    words[wi] = self.word(wi);
+                for (wi, w) in self.nonzero_words() {
+                    words[wi] = w;
                     copy[wi / 64] |= 1 << (wi % 64);
                 }
                 Words::Dense {
@@ -155,10 +155,7 @@ impl PartialEq for Bitmap {
     fn eq(&self, other: &Self) -> bool {
         self.bits == other.bits
             && self.ones == other.ones
-            && self
-                .nonzero_words()
-                .map(|i| (i, self.word(i)))
-                .eq(other.nonzero_words().map(|i| (i, other.word(i))))
+            && self.nonzero_words().eq(other.nonzero_words())
     }
 }
 
@@ -329,23 +326,26 @@ impl Bitmap {
         *self = Self::new(self.bits);
     }
 
-    /// Indexes of the nonzero words, ascending.
-    fn nonzero_words(&self) -> Box<dyn Iterator<Item = usize> + Send + Sync + '_> {
+    /// The nonzero words with their indexes, ascending (without a lookup per word: a map's
+    /// lookups made every walk cost n log n).
+    fn nonzero_words(&self) -> Box<dyn Iterator<Item = (usize, u64)> + Send + Sync + '_> {
         match &self.words {
-            Words::Sparse(m) => Box::new(m.keys().copied()),
-            Words::Dense { summary, .. } => Box::new(
-                summary
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(si, &s)| ones_of(s).map(move |t| si * 64 + t as usize)),
-            ),
+            Words::Sparse(m) => Box::new(m.iter().map(|(&i, &w)| (i, w))),
+            Words::Dense { words, summary } => {
+                Box::new(summary.iter().enumerate().flat_map(move |(si, &s)| {
+                    ones_of(s).map(move |t| {
+                        let wi = si * 64 + t as usize;
+                        (wi, words[wi])
+                    })
+                }))
+            }
         }
     }
 
     /// Set bits in ascending order.
     pub fn iter_ones(&self) -> impl Iterator<Item = u64> + '_ {
         self.nonzero_words()
-            .flat_map(|wi| ones_of(self.word(wi)).map(move |t| wi as u64 * 64 + t))
+            .flat_map(|(wi, w)| ones_of(w).map(move |t| wi as u64 * 64 + t))
     }
 
     /// The first set bit at or after `from`.
@@ -379,11 +379,11 @@ impl Bitmap {
     /// words.
     pub fn union_with(&mut self, other: &Bitmap) {
         let n = self.word_count();
-        for wi in other.nonzero_words() {
+        for (wi, w) in other.nonzero_words() {
             if wi >= n {
                 break;
             }
-            self.or_word(wi, other.word(wi));
+            self.or_word(wi, w);
         }
     }
 
@@ -402,8 +402,8 @@ impl Bitmap {
     /// Little-endian bytes, bit i of the table = bit (i % 8) of byte i / 8 (the wire form).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut v = vec![0u8; self.word_count() * 8];
-        for wi in self.nonzero_words() {
-            v[wi * 8..wi * 8 + 8].copy_from_slice(&self.word(wi).to_le_bytes());
+        for (wi, w) in self.nonzero_words() {
+            v[wi * 8..wi * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
         v.truncate(self.bits.div_ceil(8) as usize);
         v
@@ -425,9 +425,9 @@ impl Bitmap {
     /// The nonzero words as (index, word) pairs, u64 little-endian each (the sparse wire form).
     pub fn to_sparse(&self) -> Vec<u8> {
         let mut v = Vec::new();
-        for i in self.nonzero_words() {
+        for (i, w) in self.nonzero_words() {
             v.extend_from_slice(&(i as u64).to_le_bytes());
-            v.extend_from_slice(&self.word(i).to_le_bytes());
+            v.extend_from_slice(&w.to_le_bytes());
         }
         v
     }
@@ -474,8 +474,8 @@ impl Bitmap {
             (SPARSE, self.to_sparse())
         } else {
             let mut body = vec![0u8; self.word_count() * 8];
-            for wi in self.nonzero_words() {
-                body[wi * 8..wi * 8 + 8].copy_from_slice(&self.word(wi).to_le_bytes());
+            for (wi, w) in self.nonzero_words() {
+                body[wi * 8..wi * 8 + 8].copy_from_slice(&w.to_le_bytes());
             }
             (DENSE, body)
         };
