@@ -7,6 +7,18 @@
 #   bench/large-volume.sh [SIZES="1G 1T"] [RUNTIME=5]
 # RUNTIME and RAMP (default 1) are fio times; REGION_MIB (256) and PENDING_MIB (16) shrink the I/O
 # for volumes smaller than them (scripts/bench-smoke.sh).
+#
+# SCATTER=1: a scattered backlog instead (no IOPS runs). For each size and each count in BACKLOGS
+# (default "4096 262144" blocks), a fresh pair, the link paused (the sender neither sends nor
+# heartbeats), then that many 4 KiB writes spread evenly over the WHOLE volume (fio sequential with a
+# stride of size/count: every block in a 64-block word of its own when the volume has that many words;
+# a 1 GiB volume has 4096, so its 262,144 blocks are the whole volume), then the takeover. Printed:
+# the backlog's time and CPU busy share, ready_ms, the handoff table's bytes (engine event
+# HandoffStored, sparse: 16 per nonzero word), VmRSS/VmHWM of both engines after the backlog and
+# after the takeover (1 s later), and the bound 64 MiB + 1 bit per 4 KiB block.
+# Each write of a scattered backlog lands in a 1 MiB extent of its own, so the primary stores and
+# fsyncs its intent file once per write (a file that grows with the hot extents): 16,384 blocks over
+# 4 TiB take ~20 s, 262,144 would take many minutes and write GBs of intent files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${1:-"1G 1T"}
@@ -26,6 +38,56 @@ iops() {
     python3 -c 'import json,sys
 t=sys.stdin.read(); print("%.0f" % json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"])'
 }
+if [ "${SCATTER:-0}" = 1 ]; then
+  TOK=(--token-file "$W/tok")
+  mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+  mem() { # pid: "VmRSS/VmHWM" in MiB
+    local r h
+    r=$(awk '/^VmRSS/ {print $2}' "/proc/$1/status"); h=$(awk '/^VmHWM/ {print $2}' "/proc/$1/status")
+    echo "$(mib "$r")/$(mib "$h")"
+  }
+  bytes_of() { python3 -c 'import re,sys
+s=sys.argv[1].strip().upper(); m=re.fullmatch(r"(\d+)([KMGT]?)", s)
+print(int(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))' "$1"; }
+  echo "| volume | pending blocks | backlog s (CPU busy) | ready_ms | handoff table | primary RSS/HWM MiB after backlog | secondary after backlog | old primary after takeover | new primary after takeover | bound MiB |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  for size in $SIZES; do
+    vb=$(bytes_of "$size")
+    for n in ${BACKLOGS:-4096 262144}; do
+      rm -rf "$W/s" "$W/p" "$W"/*.img
+      "${NODE_B[@]}" "$E" serve --volume b --data "$W/s.img" --size "$size" --state-dir "$W/s" \
+        --nbd-listen 127.0.0.1:10972 --grpc-listen 127.0.0.1:9672 "${TOK[@]}" \
+        --role secondary --peer 127.0.0.1:9671 2>>"$W/s.log" &
+      S=$!
+      "${NODE_A[@]}" "$E" serve --volume b --data "$W/p.img" --size "$size" --state-dir "$W/p" \
+        --nbd-listen 127.0.0.1:10971 --grpc-listen 127.0.0.1:9671 "${TOK[@]}" \
+        --peer 127.0.0.1:9672 --fault-injection 2>>"$W/p.log" &
+      P=$!
+      wait_synced 127.0.0.1:9671
+      "$E" fault --grpc 127.0.0.1:9671 --volume b "${TOK[@]}" --pause true >/dev/null
+      stride=$((vb / n))
+      t0=$(bench_ticks); s0=$(date +%s.%N)
+      "${NODE_A[@]}" fio --name=d --ioengine=nbd --uri=nbd://127.0.0.1:10971/b --bs=4k --iodepth=16 \
+        --rw="write:$((stride - 4096))" --size="$vb" --number_ios="$n" >/dev/null 2>&1
+      s1=$(date +%s.%N); t1=$(bench_ticks)
+      pending=$(js 127.0.0.1:9671 pending_blocks)
+      mp=$(mem "$P"); ms=$(mem "$S")
+      ready=$("$E" takeover --grpc 127.0.0.1:9672 --volume b "${TOK[@]}" --json |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["ready_ms"])')
+      table=$("$E" status --grpc 127.0.0.1:9672 --volume b "${TOK[@]}" --json | python3 -c '
+import json,re,sys
+ev=[e for e in json.load(sys.stdin)["events"] if "HandoffStored" in e]
+m=re.search(r"bytes=(\d+)", ev[-1]) if ev else None
+print(m.group(1) + " B" if m else "?")')
+      sleep 1
+      mp2=$(mem "$P"); ms2=$(mem "$S")
+      bound=$(( 64 + vb / 4096 / 8 / 1048576 ))
+      echo "| $size | $pending | $(awk -v a="$s0" -v b="$s1" 'BEGIN{printf "%.1f", b-a}') ($(bench_busy "$t0" "$t1")) | $ready | $table | $mp | $ms | $mp2 | $ms2 | $bound |"
+      kill "$S" "$P"; wait "$S" "$P" 2>/dev/null || true
+    done
+  done
+  exit 0
+fi
 echo "| volume size | async QD16 IOPS (two runs) | secondary's heartbeat-set file | takeover ready_ms ($PENDING_MIB MiB pending) |"
 echo "|---:|---:|---:|---:|"
 for size in $SIZES; do

@@ -99,15 +99,67 @@ impl StoreTurn<'_> {
     }
 }
 
-#[derive(Clone, PartialEq, Eq)]
+/// Memory follows what is set, not the volume (issue 17: engine RSS <= 64 MiB + 1 bit per 4 KiB):
+/// a table starts as a map of its nonzero words and turns dense (one bit per block, with a summary
+/// bit per word) only once a quarter of its words are nonzero, where the array is the smaller.
+/// A 4 TiB volume's table (128 MiB dense) with a scattered backlog of 262,144 blocks costs a few
+/// MiB, and so does each copy of it (handoff, drain, heartbeat). Small tables (up to 64 KiB dense)
+/// are dense from the start. A dense table is written only where a bit is set (fresh zeroed pages
+/// stay untouched). Tests: `tests::a_scattered_huge_table_costs_what_is_set`,
+/// `tests::walks_of_a_dense_huge_table_touch_only_its_set_words`.
 pub struct Bitmap {
     bits: u64,
-    words: Vec<u64>,
-    /// Bit j is set iff `words[j]` is nonzero: walks over a large, mostly clear table (iterating,
-    /// encoding it sparse) cost what is set, not the table's size.
-    summary: Vec<u64>,
+    words: Words,
     ones: u64,
 }
+
+enum Words {
+    /// The nonzero words by index.
+    Sparse(std::collections::BTreeMap<usize, u64>),
+    /// Every word; bit j of `summary` is set iff `words[j]` is nonzero, so walks over a large,
+    /// mostly clear table cost what is set.
+    Dense { words: Vec<u64>, summary: Vec<u64> },
+}
+
+/// Tables of at most this many words are dense from the start (64 KiB).
+const DENSE_FROM_START: usize = 8192;
+
+impl Clone for Bitmap {
+    /// Copies the set words only: a derived clone would write every word of a dense copy.
+    fn clone(&self) -> Self {
+        let words = match &self.words {
+            Words::Sparse(m) => Words::Sparse(m.clone()),
+            Words::Dense { summary, .. } => {
+                let n = self.word_count();
+                let mut words = vec![0u64; n];
+                let mut copy = vec![0u64; summary.len()];
+                for (wi, w) in self.nonzero_words() {
+                    words[wi] = w;
+                    copy[wi / 64] |= 1 << (wi % 64);
+                }
+                Words::Dense {
+                    words,
+                    summary: copy,
+                }
+            }
+        };
+        Self {
+            bits: self.bits,
+            words,
+            ones: self.ones,
+        }
+    }
+}
+
+impl PartialEq for Bitmap {
+    fn eq(&self, other: &Self) -> bool {
+        self.bits == other.bits
+            && self.ones == other.ones
+            && self.nonzero_words().eq(other.nonzero_words())
+    }
+}
+
+impl Eq for Bitmap {}
 
 impl std::fmt::Debug for Bitmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,11 +169,18 @@ impl std::fmt::Debug for Bitmap {
 
 impl Bitmap {
     pub fn new(bits: u64) -> Self {
-        let words = bits.div_ceil(64) as usize;
+        let n = bits.div_ceil(64) as usize;
+        let words = if n <= DENSE_FROM_START {
+            Words::Dense {
+                words: vec![0; n],
+                summary: vec![0; n.div_ceil(64)],
+            }
+        } else {
+            Words::Sparse(Default::default())
+        };
         Self {
             bits,
-            words: vec![0; words],
-            summary: vec![0; words.div_ceil(64)],
+            words,
             ones: 0,
         }
     }
@@ -145,8 +204,65 @@ impl Bitmap {
         self.ones
     }
 
+    fn word_count(&self) -> usize {
+        self.bits.div_ceil(64) as usize
+    }
+
+    /// Word `wi` (zero if none is stored).
+    fn word(&self, wi: usize) -> u64 {
+        match &self.words {
+            Words::Sparse(m) => m.get(&wi).copied().unwrap_or(0),
+            Words::Dense { words, .. } => words.get(wi).copied().unwrap_or(0),
+        }
+    }
+
+    /// Replaces word `wi` (inside the table, tail already masked), keeping the count and summary.
+    fn put_word(&mut self, wi: usize, w: u64) {
+        let old = self.word(wi);
+        if old == w {
+            return;
+        }
+        self.ones = self.ones - u64::from(old.count_ones()) + u64::from(w.count_ones());
+        match &mut self.words {
+            Words::Sparse(m) => {
+                if w == 0 {
+                    m.remove(&wi);
+                } else {
+                    m.insert(wi, w);
+                }
+            }
+            Words::Dense { words, summary } => {
+                words[wi] = w;
+                if w == 0 {
+                    summary[wi / 64] &= !(1 << (wi % 64));
+                } else {
+                    summary[wi / 64] |= 1 << (wi % 64);
+                }
+            }
+        }
+        if let Words::Sparse(m) = &self.words {
+            // A map entry costs about four words: past a quarter of the words the array is smaller.
+            if m.len() > self.word_count() / 4 {
+                self.densify();
+            }
+        }
+    }
+
+    fn densify(&mut self) {
+        let n = self.word_count();
+        if let Words::Sparse(m) = &self.words {
+            let mut words = vec![0u64; n];
+            let mut summary = vec![0u64; n.div_ceil(64)];
+            for (&wi, &w) in m {
+                words[wi] = w;
+                summary[wi / 64] |= 1 << (wi % 64);
+            }
+            self.words = Words::Dense { words, summary };
+        }
+    }
+
     pub fn get(&self, i: u64) -> bool {
-        i < self.bits && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+        i < self.bits && self.word((i / 64) as usize) & (1 << (i % 64)) != 0
     }
 
     /// Sets bit `i`; returns whether it was clear before.
@@ -155,13 +271,13 @@ impl Bitmap {
             return false;
         }
         let wi = (i / 64) as usize;
-        let w = &mut self.words[wi];
+        let w = self.word(wi);
         let m = 1u64 << (i % 64);
-        let was_clear = *w & m == 0;
-        *w |= m;
-        self.ones += u64::from(was_clear);
-        self.summary[wi / 64] |= 1 << (wi % 64);
-        was_clear
+        if w & m != 0 {
+            return false;
+        }
+        self.put_word(wi, w | m);
+        true
     }
 
     /// Clears bit `i`; returns whether it was set before.
@@ -170,20 +286,27 @@ impl Bitmap {
             return false;
         }
         let wi = (i / 64) as usize;
-        let w = &mut self.words[wi];
+        let w = self.word(wi);
         let m = 1u64 << (i % 64);
-        let was_set = *w & m != 0;
-        *w &= !m;
-        self.ones -= u64::from(was_set);
-        if *w == 0 {
-            self.summary[wi / 64] &= !(1 << (wi % 64));
+        if w & m == 0 {
+            return false;
         }
-        was_set
+        self.put_word(wi, w & !m);
+        true
     }
 
     pub fn set_range(&mut self, from: u64, to: u64) {
-        for i in from..to.min(self.bits) {
-            self.set(i);
+        let to = to.min(self.bits);
+        let mut i = from;
+        while i < to {
+            // A word at a time.
+            let wi = (i / 64) as usize;
+            let end = to.min((wi as u64 + 1) * 64);
+            let lo = i % 64;
+            let n = end - i;
+            let m = if n == 64 { !0 } else { ((1u64 << n) - 1) << lo };
+            self.or_word(wi, m);
+            i = end;
         }
     }
 
@@ -193,30 +316,36 @@ impl Bitmap {
         if bits <= self.bits {
             return;
         }
-        self.bits = bits;
-        let words = bits.div_ceil(64) as usize;
-        self.words.resize(words, 0);
-        self.summary.resize(words.div_ceil(64), 0);
+        let mut grown = Self::new(bits);
+        grown.union_with(self);
+        *self = grown;
     }
 
+    /// Clears every bit, and gives a large dense table's memory back.
     pub fn clear_all(&mut self) {
-        self.words.iter_mut().for_each(|w| *w = 0);
-        self.summary.iter_mut().for_each(|w| *w = 0);
-        self.ones = 0;
+        *self = Self::new(self.bits);
     }
 
-    /// Indexes of the nonzero words, ascending (from the summary).
-    fn nonzero_words(&self) -> impl Iterator<Item = usize> + '_ {
-        self.summary
-            .iter()
-            .enumerate()
-            .flat_map(|(si, &s)| ones_of(s).map(move |t| si * 64 + t as usize))
+    /// The nonzero words with their indexes, ascending (without a lookup per word: a map's
+    /// lookups made every walk cost n log n).
+    fn nonzero_words(&self) -> Box<dyn Iterator<Item = (usize, u64)> + Send + Sync + '_> {
+        match &self.words {
+            Words::Sparse(m) => Box::new(m.iter().map(|(&i, &w)| (i, w))),
+            Words::Dense { words, summary } => {
+                Box::new(summary.iter().enumerate().flat_map(move |(si, &s)| {
+                    ones_of(s).map(move |t| {
+                        let wi = si * 64 + t as usize;
+                        (wi, words[wi])
+                    })
+                }))
+            }
+        }
     }
 
     /// Set bits in ascending order.
     pub fn iter_ones(&self) -> impl Iterator<Item = u64> + '_ {
         self.nonzero_words()
-            .flat_map(|wi| ones_of(self.words[wi]).map(move |t| wi as u64 * 64 + t))
+            .flat_map(|(wi, w)| ones_of(w).map(move |t| wi as u64 * 64 + t))
     }
 
     /// The first set bit at or after `from`.
@@ -225,51 +354,57 @@ impl Bitmap {
             return None;
         }
         let wi = (from / 64) as usize;
-        let w = self.words[wi] & (!0u64 << (from % 64));
+        let w = self.word(wi) & (!0u64 << (from % 64));
         if w != 0 {
             return Some(wi as u64 * 64 + u64::from(w.trailing_zeros()));
         }
-        // The next nonzero word after `wi`, found through the summary.
         let next = wi + 1;
-        let mut si = next / 64;
-        if si >= self.summary.len() {
-            return None;
-        }
-        let mut s = self.summary[si] & (!0u64 << (next % 64));
-        loop {
-            if s != 0 {
-                let j = si * 64 + s.trailing_zeros() as usize;
-                return Some(j as u64 * 64 + u64::from(self.words[j].trailing_zeros()));
+        let j = match &self.words {
+            Words::Sparse(m) => *m.range(next..).next()?.0,
+            Words::Dense { summary, .. } => {
+                // The next nonzero word after `wi`, found through the summary.
+                let mut si = next / 64;
+                let mut s = summary.get(si)? & (!0u64 << (next % 64));
+                while s == 0 {
+                    si += 1;
+                    s = *summary.get(si)?;
+                }
+                si * 64 + s.trailing_zeros() as usize
             }
-            si += 1;
-            if si >= self.summary.len() {
-                return None;
-            }
-            s = self.summary[si];
-        }
+        };
+        Some(j as u64 * 64 + u64::from(self.word(j).trailing_zeros()))
     }
 
+    /// Sets every bit set in `other` (bits past this table's end are ignored). Costs `other`'s set
+    /// words.
     pub fn union_with(&mut self, other: &Bitmap) {
-        for (a, b) in self.words.iter_mut().zip(&other.words) {
-            *a |= *b;
+        let n = self.word_count();
+        for (wi, w) in other.nonzero_words() {
+            if wi >= n {
+                break;
+            }
+            self.or_word(wi, w);
         }
-        self.recount();
     }
 
-    /// Recomputes the count and the summary after the words were written directly.
-    fn recount(&mut self) {
-        self.ones = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
-        self.summary.iter_mut().for_each(|w| *w = 0);
-        for (wi, &w) in self.words.iter().enumerate() {
-            if w != 0 {
-                self.summary[wi / 64] |= 1 << (wi % 64);
-            }
+    /// ORs `w` into word `wi`, keeping the count and the summary; bits past the end are dropped.
+    /// Writes the word only if that sets a bit (an untouched page stays untouched).
+    fn or_word(&mut self, wi: usize, mut w: u64) {
+        if wi + 1 == self.word_count() {
+            w &= self.tail_mask();
+        }
+        let old = self.word(wi);
+        if w & !old != 0 {
+            self.put_word(wi, old | w);
         }
     }
 
     /// Little-endian bytes, bit i of the table = bit (i % 8) of byte i / 8 (the wire form).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut v: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut v = vec![0u8; self.word_count() * 8];
+        for (wi, w) in self.nonzero_words() {
+            v[wi * 8..wi * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
         v.truncate(self.bits.div_ceil(8) as usize);
         v
     }
@@ -282,19 +417,17 @@ impl Bitmap {
         for (i, chunk) in bytes.chunks(8).enumerate() {
             let mut a = [0u8; 8];
             a[..chunk.len()].copy_from_slice(chunk);
-            b.words[i] = u64::from_le_bytes(a);
+            b.or_word(i, u64::from_le_bytes(a));
         }
-        b.mask_tail();
-        b.recount();
         Some(b)
     }
 
     /// The nonzero words as (index, word) pairs, u64 little-endian each (the sparse wire form).
     pub fn to_sparse(&self) -> Vec<u8> {
         let mut v = Vec::new();
-        for i in self.nonzero_words() {
+        for (i, w) in self.nonzero_words() {
             v.extend_from_slice(&(i as u64).to_le_bytes());
-            v.extend_from_slice(&self.words[i].to_le_bytes());
+            v.extend_from_slice(&w.to_le_bytes());
         }
         v
     }
@@ -312,21 +445,12 @@ impl Bitmap {
             a.copy_from_slice(&pair[..8]);
             let i = u64::from_le_bytes(a);
             a.copy_from_slice(&pair[8..]);
-            if i < next || i >= b.words.len() as u64 {
+            if i < next || i >= b.word_count() as u64 {
                 return None;
             }
-            let i = i as usize;
-            let mut w = u64::from_le_bytes(a);
-            if i + 1 == b.words.len() {
-                w &= b.tail_mask();
-            }
             // Count as we go: the cost follows the pairs, not the volume.
-            b.words[i] = w;
-            b.ones += u64::from(w.count_ones());
-            if w != 0 {
-                b.summary[i / 64] |= 1 << (i % 64);
-            }
-            next = i as u64 + 1;
+            b.or_word(i as usize, u64::from_le_bytes(a));
+            next = i + 1;
         }
         Some(b)
     }
@@ -339,25 +463,21 @@ impl Bitmap {
         }
     }
 
-    /// Bits past the end are ignored, never counted.
-    fn mask_tail(&mut self) {
-        let m = self.tail_mask();
-        if let Some(last) = self.words.last_mut() {
-            *last &= m;
-        }
-    }
-
     /// The file form, sparse when that is smaller. Cheap to take under a lock: a sparse table costs
-    /// its summary and its set words.
+    /// its set words.
     pub fn encode(&self) -> EncodedBitmap {
-        let nonzero: usize = self.summary.iter().map(|s| s.count_ones() as usize).sum();
-        let (version, body) = if nonzero * 2 < self.words.len() {
+        let nonzero = match &self.words {
+            Words::Sparse(m) => m.len(),
+            Words::Dense { summary, .. } => summary.iter().map(|s| s.count_ones() as usize).sum(),
+        };
+        let (version, body) = if nonzero * 2 < self.word_count() {
             (SPARSE, self.to_sparse())
         } else {
-            (
-                DENSE,
-                self.words.iter().flat_map(|w| w.to_le_bytes()).collect(),
-            )
+            let mut body = vec![0u8; self.word_count() * 8];
+            for (wi, w) in self.nonzero_words() {
+                body[wi * 8..wi * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            (DENSE, body)
         };
         let mut v = Vec::with_capacity(HEADER + body.len());
         v.extend_from_slice(MAGIC);
@@ -426,11 +546,10 @@ impl Bitmap {
         let mut m = Self::new(stored);
         for (i, c) in body.chunks_exact(8).enumerate() {
             u8b.copy_from_slice(c);
-            m.words[i] = u64::from_le_bytes(u8b);
+            // Bits past the end are never counted or walked (the checksum covers them, not their
+            // meaning): `or_word` drops them.
+            m.or_word(i, u64::from_le_bytes(u8b));
         }
-        // Bits past the end are never counted or walked (the checksum covers them, not their meaning).
-        m.mask_tail();
-        m.recount();
         m.grow(bits);
         Ok(Some(m))
     }
@@ -476,6 +595,16 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The same for a table large enough to start as a map of words, through its turn to dense
+        /// (a range of 150,000 bits covers a quarter of its words).
+        #[test]
+        fn matches_a_set_when_sparse(bits in 590_000u64..620_000, ops in ops(630_000, 150_000)) {
+            check_against_a_set(bits, ops)?;
+        }
+    }
+
     fn check_against_a_set(bits: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
         {
             let mut b = Bitmap::new(bits);
@@ -498,8 +627,13 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(b.count(), m.len() as u64);
-                for (wi, w) in b.words.iter().enumerate() {
-                    prop_assert_eq!(b.summary[wi / 64] & (1 << (wi % 64)) != 0, *w != 0);
+                match &b.words {
+                    Words::Dense { words, summary } => {
+                        for (wi, w) in words.iter().enumerate() {
+                            prop_assert_eq!(summary[wi / 64] & (1 << (wi % 64)) != 0, *w != 0);
+                        }
+                    }
+                    Words::Sparse(m) => prop_assert!(m.values().all(|&w| w != 0)),
                 }
             }
             prop_assert_eq!(
@@ -543,6 +677,88 @@ mod tests {
             (HEADER + 1000usize.div_ceil(64) * 8) as u64
         );
         assert_eq!(Bitmap::load(&p, 1000).unwrap(), Some(full));
+    }
+
+    fn is_sparse(b: &Bitmap) -> bool {
+        matches!(b.words, Words::Sparse(_))
+    }
+
+    /// A 4 TiB volume's table with a scattered backlog of 262,144 blocks (1 GiB of writes, each
+    /// block in a word of its own): it and every copy the takeover path makes of it (clone,
+    /// merge, the wire and file forms parsed back, grown) stay maps of their set words, a few MiB
+    /// where the dense array is 128 MiB (issue 17).
+    #[test]
+    fn a_scattered_huge_table_costs_what_is_set() {
+        let bits = 1u64 << 30;
+        let n = 262_144u64;
+        let mut a = Bitmap::new(bits);
+        for k in 0..n {
+            a.set(k * (bits / n) + k % 64);
+        }
+        let b = a.clone();
+        let mut c = Bitmap::new(bits);
+        c.union_with(&a);
+        let d = Bitmap::from_sparse(bits, &a.to_sparse()).unwrap();
+        let mut e = Bitmap::new(bits - 4096);
+        e.union_with(&a);
+        e.grow(bits);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bm");
+        a.store(&p).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().len(), HEADER as u64 + n * 16);
+        let f = Bitmap::load(&p, bits).unwrap().unwrap();
+        for m in [&a, &b, &c, &d, &f] {
+            assert!(is_sparse(m));
+            assert_eq!(m, &a);
+        }
+        // Merged into a smaller table (the last block is past its end), then grown.
+        assert!(is_sparse(&e) && e.count() == n - 1 && !e.get(bits - 4096 + 63));
+        assert_eq!(a.next_one(5), Some(bits / n + 1));
+        c.clear_all();
+        assert!(c.is_empty() && c.next_one(0).is_none());
+    }
+
+    /// Pages of `v`'s buffer the process has in memory (/proc/self/pagemap, bit 63: present).
+    fn resident_pages(v: &[u64]) -> usize {
+        use std::io::{Read, Seek, SeekFrom};
+        const PAGE: usize = 4096;
+        let start = v.as_ptr() as usize / PAGE;
+        let end = (v.as_ptr() as usize + std::mem::size_of_val(v)).div_ceil(PAGE);
+        let mut f = File::open("/proc/self/pagemap").unwrap();
+        f.seek(SeekFrom::Start(start as u64 * 8)).unwrap();
+        let mut raw = vec![0u8; (end - start) * 8];
+        f.read_exact(&mut raw).unwrap();
+        raw.chunks_exact(8).filter(|e| e[7] & 0x80 != 0).count()
+    }
+
+    fn dense_words(b: &Bitmap) -> &[u64] {
+        match &b.words {
+            Words::Dense { words, .. } => words,
+            Words::Sparse(_) => panic!("a sparse table"),
+        }
+    }
+
+    /// A 4 TiB volume's table made dense, with few bits set: cloning it and merging it into
+    /// another dense one write only the set words, so fresh zeroed pages stay untouched.
+    #[test]
+    fn walks_of_a_dense_huge_table_touch_only_its_set_words() {
+        let bits = 1u64 << 30;
+        let set: Vec<u64> = (0..100).map(|i| i * (bits / 100) + 7).collect();
+        let mut a = Bitmap::new(bits);
+        a.densify();
+        for &i in &set {
+            a.set(i);
+        }
+        let few = 2 * set.len(); // a page per set word, with room for the allocator's header
+        let b = a.clone();
+        let mut c = Bitmap::new(bits);
+        c.densify();
+        c.union_with(&a);
+        for m in [&a, &b, &c] {
+            let pages = resident_pages(dense_words(m));
+            assert!(pages <= few, "{pages} pages");
+            assert_eq!(m.iter_ones().collect::<Vec<_>>(), set);
+        }
     }
 
     #[test]

@@ -507,13 +507,27 @@ impl Tracker {
         if s.pending.is_empty() {
             return false;
         }
-        let mut covered = Bitmap::new(self.blocks());
-        for r in s.journal.iter_from(from) {
-            for b in blocks_of(r.offset, r.len()) {
-                covered.set(b);
+        // The records' block ranges, merged: memory follows the journal, not the volume (a
+        // bitmap of the volume's size touched a page per scattered record, issue 17).
+        let mut covered: Vec<std::ops::Range<u64>> = s
+            .journal
+            .iter_from(from)
+            .map(|r| blocks_of(r.offset, r.len()))
+            .filter(|r| !r.is_empty())
+            .collect();
+        covered.sort_unstable_by_key(|r| r.start);
+        let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(covered.len());
+        for r in covered {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
             }
         }
-        let uncovered = s.pending.iter_ones().any(|b| !covered.get(b));
+        let uncovered = s.pending.iter_ones().any(|b| {
+            // The last merged range starting at or before b.
+            let i = merged.partition_point(|r| r.start <= b);
+            i == 0 || merged[i - 1].end <= b
+        });
         uncovered
     }
 
@@ -861,6 +875,33 @@ mod tests {
             || Ok(()),
         )
         .unwrap()
+    }
+
+    /// Only pending blocks that no journal record at or after the cursor covers call for a
+    /// resync: a record over several blocks covers each, one ending before a block does not.
+    #[test]
+    fn pending_uncovered_asks_for_a_resync_only_for_blocks_no_record_covers() {
+        let d = tempfile::tempdir().unwrap();
+        let t = tracker(d.path());
+        assert!(!t.pending_uncovered(1));
+        let first = t
+            .write(
+                8 * 4096,
+                Payload::Data(Bytes::from(vec![1; 3 * 4096])),
+                || Ok(()),
+            )
+            .unwrap();
+        let second = put(&t, 2000);
+        assert!(!t.pending_uncovered(first));
+        // From the second record on, blocks 8..11 are pending with no record left to send them.
+        assert!(t.pending_uncovered(second));
+        t.ack_journal(first);
+        assert!(!t.pending_uncovered(second));
+        // A block asked back (marked pending without a record) is uncovered.
+        let mut set = Bitmap::new(4096);
+        set.set(9);
+        t.mark_pending(&set).unwrap();
+        assert!(t.pending_uncovered(second));
     }
 
     /// Block 0 written and acknowledged; block 600 (another extent) written and still pending.

@@ -201,11 +201,16 @@ impl Volume {
                     )
                 })?;
                 let pending = table.count();
+                // The reply's table bytes, for the event (bench/large-volume.sh reads it).
+                let table_bytes = h
+                    .pending_words
+                    .as_ref()
+                    .map_or(h.pending_bitmap.len(), |w| w.len());
                 self.promote_checked(role, new_epoch, table, None).await?;
                 repl.lease.renew(stamp, repl.lease.lease_ms());
                 self.areas.lease_wake.notify_one();
                 self.areas.event(format!(
-                    "HandoffStored blocks={pending} peer_last_seq={}",
+                    "HandoffStored blocks={pending} bytes={table_bytes} peer_last_seq={}",
                     h.last_seq
                 ));
                 pb::TakeoverReply {
