@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -26,6 +26,8 @@ use crate::{
 const BATCH: usize = 512;
 /// Batches up to this size are applied on the stream's task.
 const INLINE_APPLY_BYTES: usize = 256 * 1024;
+/// Received and not yet applied, at most (`read_loop`).
+const READ_AHEAD_BYTES: usize = 8 << 20;
 
 pub struct PeerService {
     vol: Arc<Volume>,
@@ -127,14 +129,17 @@ impl<S> Inbound for S where
 {
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn apply_loop(
-    vol: &Arc<Volume>,
-    inbound: &mut impl Inbound,
-    tx: &AckTx,
-    images: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
-    durability: &Durability,
-    turn: &mut Turn,
+/// A received message and its share of the read-ahead budget.
+type Queued = (pb::ReplicationMessage, tokio::sync::OwnedSemaphorePermit);
+
+/// Reads the stream ahead of the applying loop, up to `READ_AHEAD_BYTES`: while a batch is
+/// applied the next one arrives, so the source is not held to one batch at a time (the transport
+/// window stays open). Ends the queue when the stream ends, dies or is superseded.
+async fn read_loop(
+    mut inbound: impl Inbound,
+    queue: mpsc::UnboundedSender<Queued>,
+    budget: Arc<tokio::sync::Semaphore>,
+    mut turn: Turn,
     silence: Duration,
 ) {
     loop {
@@ -142,7 +147,7 @@ async fn apply_loop(
         // stream silent for `silence` has a dead, stopped or cut-off source, which TCP may never
         // report (no FIN, no RST). End it, so the link reads down and a reconnect gets the slot
         // (liveness::blackholed_link_is_detected_and_heals).
-        let first = tokio::select! {
+        let m = tokio::select! {
             r = tokio::time::timeout(silence, inbound.next()) => match r {
                 Ok(Some(Ok(m))) => m,
                 Ok(None) => return,
@@ -160,16 +165,65 @@ async fn apply_loop(
                 return;
             }
         };
+        // A message larger than the whole budget takes all of it.
+        let n = prost::Message::encoded_len(&m).clamp(1, READ_AHEAD_BYTES) as u32;
+        let Ok(permit) = Arc::clone(&budget).acquire_many_owned(n).await else {
+            return;
+        };
+        if queue.send((m, permit)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Ends a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_loop(
+    vol: &Arc<Volume>,
+    inbound: impl Inbound,
+    tx: &AckTx,
+    images: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    durability: &Durability,
+    turn: &mut Turn,
+    silence: Duration,
+) {
+    let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
+    let (queue_tx, mut queue) = mpsc::unbounded_channel();
+    let _reader = AbortOnDrop(tokio::spawn(read_loop(
+        inbound,
+        queue_tx,
+        budget,
+        turn.clone(),
+        silence,
+    )));
+    loop {
+        // What arrived before the stream ended is applied: the source sent it, in order.
+        let first = tokio::select! {
+            m = queue.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            _ = turn.ended() => return,
+        };
         let mut batch = vec![first];
         while batch.len() < BATCH {
-            match inbound.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m),
-                _ => break,
+            match queue.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
             }
         }
         if turn.superseded() {
             return;
         }
+        // The budget comes back once the batch is applied.
+        let (batch, _budget): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         // Only a plain stream into a secondary syncs lazily, with a table resync's images (marked
         // `lazy`); a resync's end, a live move's images, a drain into a primary and a requested
         // flush sync as soon as they are applied. Heartbeats alone never sync. A lazy image only
@@ -321,7 +375,7 @@ type AckStream = ReceiverStream<Result<pb::ReplicationAck, Status>>;
 impl PeerService {
     /// Takes a replication stream: the newest one supersedes any older at once; the returned
     /// stream carries its acknowledgements (the hello first).
-    pub(crate) fn accept(&self, mut inbound: impl Inbound) -> AckStream {
+    pub(crate) fn accept(&self, inbound: impl Inbound) -> AckStream {
         let (tx, rx) = mpsc::channel(16);
         let mut mine = 0;
         self.generation.send_modify(|g| {
@@ -365,16 +419,7 @@ impl PeerService {
                 tx.clone(),
                 turn.clone(),
             ));
-            apply_loop(
-                &vol,
-                &mut inbound,
-                &tx,
-                &images,
-                &durability,
-                &mut turn,
-                silence,
-            )
-            .await;
+            apply_loop(&vol, inbound, &tx, &images, &durability, &mut turn, silence).await;
             // The stream is over (closed, dead or superseded): the link reads down now, not after
             // the tail below.
             drop(link);
@@ -482,6 +527,7 @@ impl Peer for PeerService {
 mod tests {
     use super::*;
     use crate::takeover::tests::config;
+    use futures::FutureExt;
 
     const BS: u64 = crate::geometry::BLOCK_SIZE as u64;
 
