@@ -22,12 +22,15 @@ bench_cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true;
 echo bench > "$W/tok"
 TOK=(--token-file "$W/tok")
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# Epoch seconds of the last "resync from the differential table" line in LOG.
+# Epoch seconds of the last "resync from the differential table" line in LOG after its first SKIP
+# lines ("nan" if none: the journal covered the outage, no resync).
 resync_start() {
-  python3 - "$1" <<'PY'
+  python3 - "$1" "$2" <<'PY'
 import re, sys, datetime
 t = None
-for l in open(sys.argv[1], errors="replace"):
+for i, l in enumerate(open(sys.argv[1], errors="replace")):
+    if i < int(sys.argv[2]):
+        continue
     l = re.sub(r"\x1b\[[0-9;]*m", "", l)
     if "resync from the differential table" in l:
         m = re.search(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z", l)
@@ -56,6 +59,7 @@ for rep in $(seq "$REPS"); do
         --iodepth=16 --size="${mib}M" --offset=0 --io_size="${mib}M" --randrepeat=0 >/dev/null 2>&1
       pending=$(js 127.0.0.1:9581 pending_blocks)
       sync; sleep 0.5
+      skip=$(wc -l < "$W/p.log")
       c0=$(cpu_ticks "$PP"); k0=$(bench_ticks); t0=$(date +%s.%N)
       perf stat -e syscalls:sys_enter_fdatasync -x, -o "$W/fsyncs" -- "${NODE_B[@]}" "$E" serve --volume b \
         --data "$W/s.img" --size "${SIZE_MIB}M" --state-dir "$W/s" --nbd-listen 127.0.0.1:10882 \
@@ -67,14 +71,15 @@ for rep in $(seq "$REPS"); do
       cs=$(cpu_ticks "$SP")
       kill -9 "$SP"; wait "$PERF" 2>/dev/null || true
       fs=$(awk -F, '/fdatasync/ {print $1}' "$W/fsyncs")
-      ts=$(resync_start "$W/p.log")
+      ts=$(resync_start "$W/p.log" "$skip")
       busy=$(bench_busy "$k0" "$k1")
       ROWS+=("$(python3 -c "
 import os, sys
 hz = os.sysconf('SC_CLK_TCK'); mib = $pending * 4096 / 1048576
-wall = $t1 - $t0; rs = $t1 - $ts
-print('| $which | $mib MiB | $pending | %.2f s | %.0f MiB/s | %.2f s | %.0f MiB/s | $fs | %s | %.2f s | %.2f s |' % (
-  wall, mib / wall, rs, mib / rs, sys.argv[1], ($c1 - $c0) / hz, $cs / hz))" "$busy")")
+wall = $t1 - $t0; rs = $t1 - float('$ts')
+r = 'journal, no resync | |' if rs != rs else '%.2f s | %.0f MiB/s |' % (rs, mib / rs)
+print('| $which | $mib MiB | $pending | %.2f s | %.0f MiB/s | %s $fs | %s | %.2f s | %.2f s |' % (
+  wall, mib / wall, r, sys.argv[1], ($c1 - $c0) / hz, $cs / hz))" "$busy")")
       # The next outage starts from a running secondary's state: bring it back.
       serve s 10882 9582 --role secondary --peer 127.0.0.1:9581; SP=$PID
       sleep 0.3; wait_synced 127.0.0.1:9581
