@@ -1053,6 +1053,7 @@ fn build(specs: &[Envelope], epoch: u64, next: u64) -> Vec<pbm::ReplicationMessa
                         generation: 1,
                         crc32c: crc32c::crc32c(&data) ^ u32::from(*bad_crc),
                         data,
+                        lazy: false,
                     }))
                 }
                 MsgSpec::Heartbeat(h) => {

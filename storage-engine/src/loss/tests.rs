@@ -126,6 +126,7 @@ fn image(b: u64, byte: u8) -> pb::ReplicationMessage {
             generation: 0,
             crc32c: crc32c::crc32c(&data),
             data,
+            lazy: true,
         })),
     }
 }

@@ -155,7 +155,7 @@ async fn drain(
                 t.forget(&[b]);
                 continue;
             }
-            if link.send_image(b).await? {
+            if link.send_image(b, false).await? {
                 sent.set(b);
                 progressed = true;
             }

@@ -487,6 +487,10 @@ impl Session<'_> {
             generation,
             data: data.into(),
             crc32c: crc,
+            // Durable at once: a block the writer keeps rewriting is owed until a durable
+            // acknowledgement names its current generation, so a lazy one (100 ms later) would
+            // never catch up and the cutover would never come (commit 52355e6).
+            lazy: false,
         }))
         .await
     }

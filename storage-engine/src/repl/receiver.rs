@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use futures::FutureExt;
+use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -26,6 +26,8 @@ use crate::{
 const BATCH: usize = 512;
 /// Batches up to this size are applied on the stream's task.
 const INLINE_APPLY_BYTES: usize = 256 * 1024;
+/// Received and not yet applied, at most (`read_loop`).
+const READ_AHEAD_BYTES: usize = 8 << 20;
 
 pub struct PeerService {
     vol: Arc<Volume>,
@@ -117,14 +119,27 @@ async fn send_ack(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn apply_loop(
-    vol: &Arc<Volume>,
-    inbound: &mut Streaming<pb::ReplicationMessage>,
-    tx: &AckTx,
-    images: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
-    durability: &Durability,
-    turn: &mut Turn,
+/// What a replication stream brings: tonic's `Streaming`, or a plain stream in unit tests.
+pub(crate) trait Inbound:
+    futures::Stream<Item = Result<pb::ReplicationMessage, Status>> + Unpin + Send + 'static
+{
+}
+impl<S> Inbound for S where
+    S: futures::Stream<Item = Result<pb::ReplicationMessage, Status>> + Unpin + Send + 'static
+{
+}
+
+/// A received message and its share of the read-ahead budget.
+type Queued = (pb::ReplicationMessage, tokio::sync::OwnedSemaphorePermit);
+
+/// Reads the stream ahead of the applying loop, up to `READ_AHEAD_BYTES`: while a batch is
+/// applied the next one arrives, so the source is not held to one batch at a time (the transport
+/// window stays open). Ends the queue when the stream ends, dies or is superseded.
+async fn read_loop(
+    mut inbound: impl Inbound,
+    queue: mpsc::UnboundedSender<Queued>,
+    budget: Arc<tokio::sync::Semaphore>,
+    mut turn: Turn,
     silence: Duration,
 ) {
     loop {
@@ -132,11 +147,11 @@ async fn apply_loop(
         // stream silent for `silence` has a dead, stopped or cut-off source, which TCP may never
         // report (no FIN, no RST). End it, so the link reads down and a reconnect gets the slot
         // (liveness::blackholed_link_is_detected_and_heals).
-        let first = tokio::select! {
-            r = tokio::time::timeout(silence, inbound.message()) => match r {
-                Ok(Ok(Some(m))) => m,
-                Ok(Ok(None)) => return,
-                Ok(Err(e)) => {
+        let m = tokio::select! {
+            r = tokio::time::timeout(silence, inbound.next()) => match r {
+                Ok(Some(Ok(m))) => m,
+                Ok(None) => return,
+                Ok(Some(Err(e))) => {
                     debug!(error = %e, "replication stream ended");
                     return;
                 }
@@ -150,18 +165,69 @@ async fn apply_loop(
                 return;
             }
         };
+        // A message larger than the whole budget takes all of it.
+        let n = prost::Message::encoded_len(&m).clamp(1, READ_AHEAD_BYTES) as u32;
+        let Ok(permit) = Arc::clone(&budget).acquire_many_owned(n).await else {
+            return;
+        };
+        if queue.send((m, permit)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Ends a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_loop(
+    vol: &Arc<Volume>,
+    inbound: impl Inbound,
+    tx: &AckTx,
+    images: &Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    durability: &Durability,
+    turn: &mut Turn,
+    silence: Duration,
+) {
+    let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
+    let (queue_tx, mut queue) = mpsc::unbounded_channel();
+    let _reader = AbortOnDrop(tokio::spawn(read_loop(
+        inbound,
+        queue_tx,
+        budget,
+        turn.clone(),
+        silence,
+    )));
+    loop {
+        // What arrived before the stream ended is applied: the source sent it, in order.
+        let first = tokio::select! {
+            m = queue.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            _ = turn.ended() => return,
+        };
         let mut batch = vec![first];
         while batch.len() < BATCH {
-            match inbound.message().now_or_never() {
-                Some(Ok(Some(m))) => batch.push(m),
-                _ => break,
+            match queue.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
             }
         }
         if turn.superseded() {
             return;
         }
-        // Only a plain stream into a secondary syncs lazily; a resync, a drain into a primary and
-        // a requested flush sync as soon as they are applied. Heartbeats alone never sync.
+        // The budget comes back once the batch is applied.
+        let (batch, _budget): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        // Only a plain stream into a secondary syncs lazily, with a table resync's images (marked
+        // `lazy`); a resync's end, a live move's images, a drain into a primary and a requested
+        // flush sync as soon as they are applied. Heartbeats alone never sync. A lazy image only
+        // waits longer for its durable acknowledgement, which alone clears it on the source.
         let only_heartbeats = batch
             .iter()
             .all(|m| matches!(m.body, Some(Body::Heartbeat(_))));
@@ -169,6 +235,7 @@ async fn apply_loop(
             && (vol.receiving() != Receiving::Replica
                 || batch.iter().any(|m| match &m.body {
                     Some(Body::WriteBatch(b)) => b.flush,
+                    Some(Body::Block(b)) => !b.lazy,
                     Some(Body::Heartbeat(_)) => false,
                     _ => true,
                 }));
@@ -254,7 +321,14 @@ async fn flush_loop(
         let taken: Vec<(u64, u64)> =
             std::mem::take(&mut *images.lock().unwrap_or_else(|p| p.into_inner()));
         let v = Arc::clone(&vol);
-        let seq = match tokio::task::spawn_blocking(move || v.make_durable()).await {
+        let sync = move || {
+            v.areas.seams.hit("receiver.before_fdatasync");
+            v.make_durable()
+        };
+        // The images taken above are named in the durable acknowledgement below, which clears them
+        // on the source: only after this fdatasync covered them
+        // (tests::a_lazy_image_is_acknowledged_only_after_the_fdatasync).
+        let seq = match tokio::task::spawn_blocking(sync).await {
             Ok(Ok(seq)) => seq,
             Ok(Err(e)) => {
                 let _ = tx
@@ -298,15 +372,10 @@ async fn flush_loop(
 
 type AckStream = ReceiverStream<Result<pb::ReplicationAck, Status>>;
 
-#[tonic::async_trait]
-impl Peer for PeerService {
-    type ReplicateStream = AckStream;
-
-    async fn replicate(
-        &self,
-        req: Request<Streaming<pb::ReplicationMessage>>,
-    ) -> Result<Response<AckStream>, Status> {
-        let mut inbound = req.into_inner();
+impl PeerService {
+    /// Takes a replication stream: the newest one supersedes any older at once; the returned
+    /// stream carries its acknowledgements (the hello first).
+    pub(crate) fn accept(&self, inbound: impl Inbound) -> AckStream {
         let (tx, rx) = mpsc::channel(16);
         let mut mine = 0;
         self.generation.send_modify(|g| {
@@ -350,16 +419,7 @@ impl Peer for PeerService {
                 tx.clone(),
                 turn.clone(),
             ));
-            apply_loop(
-                &vol,
-                &mut inbound,
-                &tx,
-                &images,
-                &durability,
-                &mut turn,
-                silence,
-            )
-            .await;
+            apply_loop(&vol, inbound, &tx, &images, &durability, &mut turn, silence).await;
             // The stream is over (closed, dead or superseded): the link reads down now, not after
             // the tail below.
             drop(link);
@@ -370,7 +430,19 @@ impl Peer for PeerService {
             drop(tx);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), flusher).await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        ReceiverStream::new(rx)
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    type ReplicateStream = AckStream;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<pb::ReplicationMessage>>,
+    ) -> Result<Response<AckStream>, Status> {
+        Ok(Response::new(self.accept(req.into_inner())))
     }
 
     async fn fence_and_handoff(
@@ -448,5 +520,157 @@ impl Peer for PeerService {
             .await
             .map(|seq| Response::new(pb::ForwardWriteReply { seq }))
             .map_err(Status::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::takeover::tests::config;
+    use futures::FutureExt;
+
+    const BS: u64 = crate::geometry::BLOCK_SIZE as u64;
+
+    fn image(b: u64, generation: u64, lazy: bool) -> pb::ReplicationMessage {
+        let data = bytes::Bytes::from(vec![b as u8 ^ 0x5a; BS as usize]);
+        pb::ReplicationMessage {
+            volume: "v".into(),
+            epoch: 1,
+            body: Some(Body::Block(pb::BlockImage {
+                block: b,
+                generation,
+                crc32c: crc32c::crc32c(&data),
+                data,
+                lazy,
+            })),
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// The next acknowledgement that names blocks (a durable one), within 10 s.
+    async fn named(acks: &mut AckStream) -> pb::ReplicationAck {
+        loop {
+            let a = tokio::time::timeout(Duration::from_secs(10), acks.next())
+                .await
+                .expect("no durable acknowledgement naming the images within 10 s")
+                .expect("the acknowledgement stream ended")
+                .expect("the batch was refused");
+            if !a.blocks.is_empty() {
+                return a;
+            }
+        }
+    }
+
+    /// A table resync's lazy images are named in an acknowledgement (which clears them on the
+    /// source, `Tracker::ack_images`) only once the fdatasync covering them is done: with the
+    /// flusher held just before its fdatasync nothing names them, and a power cut right after the
+    /// acknowledgement still reads every named block back as its image.
+    #[test]
+    fn a_lazy_image_is_acknowledged_only_after_the_fdatasync() {
+        let d = tempfile::tempdir().unwrap();
+        let v = Volume::open(&config(d.path())).unwrap();
+        let rt = runtime();
+        let held = v.areas.seams.arm("receiver.before_fdatasync");
+        let svc = PeerService::new(
+            Arc::clone(&v),
+            Duration::from_millis(50),
+            Duration::from_secs(30),
+        );
+        let (in_tx, in_rx) = mpsc::channel(64);
+        let mut acks = rt.block_on(async { svc.accept(ReceiverStream::new(in_rx)) });
+        let blocks: Vec<u64> = (10..30).collect();
+        rt.block_on(async {
+            for &b in &blocks {
+                in_tx.send(Ok(image(b, 100 + b, true))).await.unwrap();
+            }
+        });
+        assert!(held.wait_arrived(), "the flusher never came to sync");
+        // Everything acknowledged so far is in the channel: none of it may name an image.
+        while let Some(Some(a)) = acks.next().now_or_never() {
+            let a = a.expect("the batch was refused");
+            assert!(
+                a.blocks.is_empty(),
+                "blocks {:?} acknowledged before their fdatasync (durable: {})",
+                a.blocks,
+                a.durable
+            );
+        }
+        held.release();
+        let mut got = Vec::new();
+        while got.len() < blocks.len() {
+            let a = rt.block_on(named(&mut acks));
+            assert!(
+                a.durable,
+                "images named in an acknowledgement that is not durable"
+            );
+            for (b, g) in a.blocks.iter().zip(&a.generations) {
+                assert_eq!(
+                    *g,
+                    100 + b,
+                    "block {b} acknowledged at the wrong generation"
+                );
+            }
+            // The power goes out now: whatever no fdatasync covered is gone.
+            v.store.lose_unsynced();
+            for &b in &a.blocks {
+                let mut buf = vec![0u8; BS as usize];
+                v.read_local(&mut buf, b * BS).unwrap();
+                assert!(
+                    buf.iter().all(|&x| x == b as u8 ^ 0x5a),
+                    "block {b} was acknowledged durable and lost at a power cut"
+                );
+            }
+            got.extend(a.blocks);
+        }
+        got.sort_unstable();
+        assert_eq!(got, blocks);
+    }
+
+    /// A live move's images (not lazy) are durable and acknowledged at once, however long the
+    /// durable interval: a block the writer keeps rewriting is owed until an acknowledgement names
+    /// its current generation, and the move's cutover waits for nothing owed (commit 52355e6 made
+    /// them lazy and the operator's move test never converged). A resync's end does the same for
+    /// its lazy images.
+    #[test]
+    fn move_images_and_a_resyncs_end_are_acknowledged_without_the_durable_interval() {
+        let d = tempfile::tempdir().unwrap();
+        let v = Volume::open(&config(d.path())).unwrap();
+        let rt = runtime();
+        let svc = PeerService::new(
+            Arc::clone(&v),
+            Duration::from_secs(3600),
+            Duration::from_secs(30),
+        );
+        let (in_tx, in_rx) = mpsc::channel(64);
+        let mut acks = rt.block_on(async { svc.accept(ReceiverStream::new(in_rx)) });
+        rt.block_on(async {
+            in_tx.send(Ok(image(7, 70, false))).await.unwrap();
+            let a = named(&mut acks).await;
+            assert!(a.durable);
+            assert_eq!((a.blocks, a.generations), (vec![7], vec![70]));
+            in_tx.send(Ok(image(8, 80, true))).await.unwrap();
+            in_tx
+                .send(Ok(pb::ReplicationMessage {
+                    volume: "v".into(),
+                    epoch: 1,
+                    body: Some(Body::ResyncDone(pb::ResyncDone {
+                        consistent_seq: 0,
+                        full: false,
+                        next_seq: 1,
+                    })),
+                }))
+                .await
+                .unwrap();
+            let a = named(&mut acks).await;
+            assert!(a.durable);
+            assert_eq!((a.blocks, a.generations), (vec![8], vec![80]));
+        });
     }
 }

@@ -152,8 +152,9 @@ impl<'a> Link<'a> {
     }
 
     /// Sends block `b`'s current content and generation, if it is still pending; returns whether
-    /// it was sent. Content and generation are read together under the block's lock.
-    pub async fn send_image(&mut self, b: u64) -> Result<bool, SessionError> {
+    /// it was sent. Content and generation are read together under the block's lock. `lazy`: the
+    /// peer may make it durable at its durable interval (a table resync's images only).
+    pub async fn send_image(&mut self, b: u64, lazy: bool) -> Result<bool, SessionError> {
         let vol = self.vol;
         let image = self
             .repl
@@ -169,6 +170,7 @@ impl<'a> Link<'a> {
                 generation: gen,
                 data: data.into(),
                 crc32c: crc,
+                lazy,
             }),
             u64::from(BLOCK_SIZE),
         )
@@ -197,8 +199,14 @@ impl<'a> Link<'a> {
             blocks = todo.count(),
             full, "resync from the differential table"
         );
+        // Lazy images: the secondary syncs them at its durable interval, not once per batch (one
+        // fdatasync per received batch had capped a scattered resync at the disk's sync rate).
+        // Nothing is lost by waiting: only a durable acknowledgement naming the block at its
+        // generation clears it here (`Tracker::ack_images`, from the ack task above), and the
+        // secondary names it only after the fdatasync that covers it
+        // (receiver::tests::a_lazy_image_is_acknowledged_only_after_the_fdatasync).
         for b in todo.iter_ones() {
-            self.send_image(b).await?;
+            self.send_image(b, true).await?;
         }
         let consistent_seq = t.last_seq();
         self.send(

@@ -646,6 +646,7 @@ fn rx_apply(v: &Volume, m: &mut RxModel, op: &Rx) -> Result<(), String> {
                     generation: 1,
                     crc32c: crc32c::crc32c(&data),
                     data,
+                    lazy: true,
                 })));
             }
             let start = m.next_seq.max(1);

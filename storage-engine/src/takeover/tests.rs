@@ -113,6 +113,7 @@ pub(crate) fn drained_image_of(b: u64, content: Vec<u8>) -> pb::ReplicationMessa
             generation: 1,
             crc32c: crc32c::crc32c(&data),
             data,
+            lazy: false,
         })),
     }
 }

@@ -218,7 +218,14 @@ impl Volume {
             epoch: newest_epoch,
             ..Default::default()
         };
+        // Images of adjacent blocks, one after another in the batch, land in one write (a table
+        // resync sends its blocks in order). Written before any other message is applied, so
+        // nothing is reordered.
+        let mut run = ImageRun::default();
         for m in batch {
+            if !matches!(m.body, Some(Body::Block(_))) {
+                run.write(&self.store).map_err(io)?;
+            }
             match m.body {
                 Some(Body::Write(w)) => {
                     self.apply_record(&mut rs, &w)?;
@@ -243,9 +250,7 @@ impl Volume {
                         self.replica_event(&mut rs, Event::ResyncStarted)
                             .map_err(io)?;
                     }
-                    self.store
-                        .write_at(&b.data, b.block * u64::from(BLOCK_SIZE))
-                        .map_err(io)?;
+                    run.add(&self.store, b.block, &b.data).map_err(io)?;
                     out.images.push((b.block, b.generation));
                     out.wrote = true;
                 }
@@ -286,6 +291,7 @@ impl Volume {
                 Some(Body::DrainComplete(_)) | None => {}
             }
         }
+        run.write(&self.store).map_err(io)?;
         if rs.consistent_target.is_some_and(|t| rs.applied_seq >= t) {
             rs.consistent_target = None;
             self.replica_event(&mut rs, Event::ResyncReachedTarget)
@@ -418,6 +424,37 @@ impl Volume {
         crate::seam::power::io(&self.meta_path)?;
         self.progress.write_all_at(&b, 0)?;
         self.progress.sync_data()
+    }
+}
+
+/// Adjacent block images gathered into one write of the data file.
+#[derive(Default)]
+struct ImageRun {
+    first: u64,
+    data: Vec<u8>,
+}
+
+impl ImageRun {
+    /// At most this many bytes are gathered before they are written.
+    const MAX: usize = 1 << 20;
+
+    fn add(&mut self, store: &crate::store::BlockStore, block: u64, data: &[u8]) -> io::Result<()> {
+        let bs = u64::from(BLOCK_SIZE);
+        let next = self.first + self.data.len() as u64 / bs;
+        if self.data.is_empty() || block != next || self.data.len() >= Self::MAX {
+            self.write(store)?;
+            self.first = block;
+        }
+        self.data.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn write(&mut self, store: &crate::store::BlockStore) -> io::Result<()> {
+        if !self.data.is_empty() {
+            store.write_at(&self.data, self.first * u64::from(BLOCK_SIZE))?;
+            self.data.clear();
+        }
+        Ok(())
     }
 }
 
