@@ -39,6 +39,8 @@ BENCHES=nbd-vs-nbdkit JOBS="randread 4k 1" TRANSPORTS=unix \
   smoke bench/compare-engines.sh "$TANDEM_ENGINE" "$TANDEM_ENGINE" 16 200ms
 REGION_MIB=16 PENDING_MIB=4 smoke bench/large-volume.sh 64M 200ms
 LOCAL_MIB=4 smoke bench/takeover.sh "0 4M" 1 200
+REPS=1 RESYNC_MIB=4 smoke bench/resync.sh "$TANDEM_ENGINE" "$TANDEM_ENGINE" 16
+SCATTER=1 BACKLOGS=64 smoke bench/large-volume.sh "64M 1G" 200ms
 smoke bench/idle-connections.sh 100
 # vs-qsd reads query-block-jobs' "actively-synced" (QEMU 8.2 on; Debian 12's own qemu-utils is 7.2).
 qsd_version=$(qemu-storage-daemon --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p' | head -1)
