@@ -895,12 +895,16 @@ async fn transmission(sock: StdSock, buffered: Vec<u8>, volume: Arc<Volume>, tar
     }
 }
 
-/// Bytes of requests one connection reads ahead.
+/// Bytes of requests one connection reads ahead, at most.
 const READ_AHEAD: usize = 256 * 1024;
+/// What a connection's read-ahead buffer starts with. It doubles, up to `READ_AHEAD`, each time one
+/// `recv` fills it (a client that pipelines), so an idle or QD1 connection holds 16 KiB (issue 17:
+/// <= 64 KiB per idle connection; a 256 KiB buffer from a thread's malloc arena came back partly
+/// touched). Test: `tests::the_read_ahead_buffer_grows_only_when_a_recv_fills_it`.
+const READ_AHEAD_START: usize = 16 * 1024;
 
 /// A buffered reader of the connection's socket. Not `std::io::BufReader`: that one zeroes its
-/// whole buffer on the first read, 256 KiB of memory touched for every idle connection; this one
-/// starts from zeroed (untouched) pages and touches only what the client sends.
+/// whole buffer on the first read; this one starts small and touches only what the client sends.
 struct Reader<'a> {
     sock: &'a StdSock,
     buf: Vec<u8>,
@@ -911,7 +915,7 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// `ahead`: what the handshake's reader had read past the handshake (at most its capacity).
     fn new(sock: &'a StdSock, ahead: &[u8]) -> Self {
-        let mut buf = vec![0u8; READ_AHEAD.max(ahead.len())];
+        let mut buf = vec![0u8; READ_AHEAD_START.max(ahead.len())];
         buf[..ahead.len()].copy_from_slice(ahead);
         Reader {
             sock,
@@ -956,6 +960,10 @@ impl Read for Reader<'_> {
             }
             self.pos = 0;
             self.end = self.sock.read(&mut self.buf)?;
+            if self.end == self.buf.len() && self.buf.len() < READ_AHEAD {
+                // More was waiting: read further ahead next time (what is buffered stays).
+                self.buf.resize((self.buf.len() * 2).min(READ_AHEAD), 0);
+            }
         }
         let n = out.len().min(self.end - self.pos);
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
@@ -1217,6 +1225,39 @@ mod tests {
         want.extend_from_slice(&header);
         want.extend_from_slice(&data);
         assert!(reader.join().unwrap() == want);
+    }
+
+    #[test]
+    fn the_read_ahead_buffer_grows_only_when_a_recv_fills_it() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let sock = StdSock::Unix(a);
+        let mut r = Reader::new(&sock, b"ahead");
+        assert_eq!(r.buf.len(), READ_AHEAD_START);
+        let mut got = [0u8; 5];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ahead");
+        // A client that sends little at a time never grows it.
+        (&b).write_all(&[1u8; 28]).unwrap();
+        let mut hdr = [0u8; 28];
+        r.read_exact(&mut hdr).unwrap();
+        assert_eq!(r.buf.len(), READ_AHEAD_START);
+        // One that pipelines fills it: it doubles, and every byte still arrives in order.
+        let sent: Vec<u8> = (0..600_000u32).map(|i| (i % 253) as u8).collect();
+        let writer = {
+            let (b, sent) = (b.try_clone().unwrap(), sent.clone());
+            std::thread::spawn(move || (&b).write_all(&sent).unwrap())
+        };
+        let mut back = vec![0u8; sent.len()];
+        for chunk in back.chunks_mut(100) {
+            r.read_exact(chunk).unwrap();
+        }
+        writer.join().unwrap();
+        assert!(back == sent);
+        assert!(
+            r.buf.len() > READ_AHEAD_START && r.buf.len() <= READ_AHEAD,
+            "{}",
+            r.buf.len()
+        );
     }
 
     /// With `wait`, everything leaves at once and nothing stays queued.
