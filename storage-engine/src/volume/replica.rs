@@ -239,6 +239,10 @@ impl Volume {
                 }
                 Some(Body::Block(b)) => {
                     if b.block >= blocks_in(self.size()) {
+                        // The batch applies in order up to the message it refuses: the images
+                        // gathered before this one land first (tests/fuzz.rs
+                        // `fuzz_secondary_apply_batch_matches_its_contract`).
+                        run.write(&self.store).map_err(io)?;
                         return Err(EngineError::InvalidArgument(format!(
                             "block {} is out of range",
                             b.block
