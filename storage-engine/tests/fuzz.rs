@@ -1287,6 +1287,45 @@ fn fuzz_secondary_apply_batch_matches_its_contract() {
     });
 }
 
+/// The case the fuzzer above shrank to once the secondary gathered adjacent images into one write:
+/// an image in range, then one out of range. The batch is refused, and the first image has landed
+/// (a batch applies in order up to the message it refuses), as the model says.
+#[test]
+fn an_image_out_of_range_after_a_gathered_one_lands_the_first_and_refuses_the_batch() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _in_rt = rt.enter();
+    let d = tempfile::tempdir().unwrap();
+    let vol = paired_volume(d.path(), Role::Secondary, |_| {});
+    let image = |block| Envelope {
+        other_volume: false,
+        epoch_shift: 0,
+        body: MsgSpec::Image {
+            block,
+            len: BS as usize,
+            bad_crc: false,
+            fill: 0x3c,
+        },
+    };
+    let applied = vol.replica().applied_seq;
+    let batch = build(&[image(0), image(BLOCKS)], EPOCH, applied + 1);
+    let mut model = SecondaryModel {
+        data: data_file(d.path()),
+        applied,
+        epoch: vol.epoch(),
+    };
+    assert_eq!(model.apply(&batch), Err(false));
+    assert!(vol.apply_batch(batch).is_err());
+    let after = data_file(d.path());
+    assert!(
+        after[..BS as usize].iter().any(|&b| b != 0),
+        "the first image did not land"
+    );
+    assert!(after == model.data);
+}
+
 /// A primary draining its old primary's table after a takeover: images land only where the
 /// handed-off table still wants them, DrainComplete ends the phase; anything else, any other
 /// epoch, a bad image refuse the whole batch before anything is written.
