@@ -10,6 +10,7 @@
 # line that starts the resync. CPU: each CPU's busy share over the restart, and each engine's
 # utime+stime over it.
 set -euo pipefail
+trap 'echo "bench/resync.sh: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/.."
 OLD=${1:?old engine binary}; NEW=${2:?new engine binary}
 SIZE_MIB=${3:-512}
@@ -70,7 +71,9 @@ for rep in $(seq "$REPS"); do
     dd if=/dev/zero of="$W/p.img" bs=1M count="$SIZE_MIB" oflag=direct status=none
     dd if=/dev/zero of="$W/s.img" bs=1M count="$SIZE_MIB" oflag=direct status=none
     serve s 10882 9582 --role secondary --peer 127.0.0.1:9581; SP=$PID
-    serve p 10881 9581 --peer 127.0.0.1:9582 --metrics-listen 127.0.0.1:9681; PP=$PID
+    # No lease: the outage below must not stop the primary acknowledging (a fresh pair may not have
+    # renewed one yet when the secondary dies; leases are bench/takeover.sh's and the campaigns' business).
+    serve p 10881 9581 --peer 127.0.0.1:9582 --metrics-listen 127.0.0.1:9681 --lease-ms 0; PP=$PID
     sleep 0.5; wait_synced 127.0.0.1:9581
     for mib in $RESYNC_MIB; do
       kill -9 "$SP" 2>/dev/null || true; wait "$SP" 2>/dev/null || true
@@ -87,7 +90,8 @@ for rep in $(seq "$REPS"); do
       PERF=$!
       synced 127.0.0.1:9681
       t1=$(date +%s.%N); k1=$(bench_ticks); c1=$(cpu_ticks "$PP")
-      SP=$PERF; [ ${#COUNT[@]} -eq 0 ] || SP=$(pgrep -P "$PERF")
+      SP=$PERF
+      if [ ${#COUNT[@]} -gt 0 ]; then SP=$(pgrep -P "$PERF" || echo "$PERF"); fi
       cs=$(cpu_ticks "$SP")
       kill -9 "$SP"; wait "$PERF" 2>/dev/null || true
       fs=n/a; [ ! -s "$W/fsyncs" ] || fs=$(awk -F, '/fdatasync/ {print $1}' "$W/fsyncs")
