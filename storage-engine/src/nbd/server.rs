@@ -1200,25 +1200,37 @@ async fn run(v: &Volume, req: &Request, payload: Option<Vec<u8>>) -> (u32, Optio
 mod tests {
     use super::*;
 
+    /// A reply queue on one end of a socket pair, and the other end.
+    fn queue(queued: &[u8]) -> (Out, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let out = Out {
+            sock: Arc::new(StdSock::Unix(a)),
+            buf: queued.to_vec(),
+        };
+        (out, b)
+    }
+
+    /// A thread reading everything from `b` until the other end shuts down.
+    fn read_all(b: std::os::unix::net::UnixStream) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            (&b).read_to_end(&mut got).unwrap();
+            got
+        })
+    }
+
     /// A large reply the socket takes only in part leaves the rest queued, in order, and a later
     /// flush sends exactly the queue, the header and the data (no byte lost, none twice).
     #[test]
     fn a_direct_reply_the_socket_takes_in_part_keeps_its_rest_in_order() {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut o = Out {
-            sock: Arc::new(StdSock::Unix(a)),
-            buf: b"queued".to_vec(),
-        };
+        let (mut o, b) = queue(b"queued");
         let header = [7u8; 16];
         let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
-        // 4 MiB is far more than a unix socket buffers: the send without waiting is partial.
+        // 4 MiB is far more than a unix socket buffers: with nobody reading yet, the send without
+        // waiting is partial.
         assert!(!o.send_direct(header, &data, false).unwrap());
         assert!(!o.buf.is_empty() && o.buf.len() < data.len());
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            (&b).read_to_end(&mut got).unwrap();
-            got
-        });
+        let reader = read_all(b);
         o.flush().unwrap();
         o.sock.shutdown(std::net::Shutdown::Write).unwrap();
         let mut want = b"queued".to_vec();
@@ -1263,17 +1275,9 @@ mod tests {
     /// With `wait`, everything leaves at once and nothing stays queued.
     #[test]
     fn a_direct_reply_with_wait_sends_it_all() {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut o = Out {
-            sock: Arc::new(StdSock::Unix(a)),
-            buf: b"q".to_vec(),
-        };
+        let (mut o, b) = queue(b"q");
+        let reader = read_all(b);
         let data = vec![3u8; 1 << 20];
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            (&b).read_to_end(&mut got).unwrap();
-            got
-        });
         assert!(o.send_direct([1u8; 16], &data, true).unwrap());
         assert!(o.buf.is_empty());
         o.sock.shutdown(std::net::Shutdown::Write).unwrap();
