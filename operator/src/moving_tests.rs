@@ -104,6 +104,24 @@ fn in_phase(mv: &MirroredVolume, phase: MovePhase) -> MirroredVolume {
     next(mv, status)
 }
 
+/// A move from n2 to n3 past its cutover: slot B's engine now lives on n3, at its next generation.
+fn finishing(mv: MirroredVolume) -> MirroredVolume {
+    let mut mv = in_phase(&mv, MovePhase::Finishing);
+    if let Some(s) = mv.status.as_mut() {
+        s.nodes = vec!["n1".into(), "n3".into()];
+        s.slot_generations = vec![0, 1];
+    }
+    mv
+}
+
+/// The pair synced, the old engine's pod still there, and its node as given.
+fn old_engine_still_up(old_node: NodeObs) -> Observed {
+    let mut o = synced();
+    o.moving.old_pod = true;
+    o.moving.old_node = Some(old_node);
+    o
+}
+
 fn target() -> String {
     plan::engine_address_at(&MirroredVolume::test(), Slot::B, 1, &cfg())
 }
@@ -245,14 +263,8 @@ fn the_copy_is_shown_then_the_cutover_makes_the_new_instance_the_slots() {
 
 #[test]
 fn finishing_deletes_the_old_pod_then_wipes_the_old_node_then_is_done() {
-    let mut mv = in_phase(&asking(["n1", "n3"]), MovePhase::Finishing);
-    if let Some(s) = mv.status.as_mut() {
-        s.nodes = vec!["n1".into(), "n3".into()];
-        s.slot_generations = vec![0, 1];
-    }
-    let mut o = synced();
-    o.moving.old_pod = true;
-    o.moving.old_node = Some(node("n2"));
+    let mv = finishing(asking(["n1", "n3"]));
+    let mut o = old_engine_still_up(node("n2"));
     let (status, step) = pass(&mv, &o, None);
     assert_eq!(rec(&status).phase, MovePhase::Finishing);
     assert_eq!(step.delete, [format!("{}-engine-b", key())]);
@@ -497,10 +509,8 @@ fn a_pv_that_names_its_nodes_refuses_a_move() {
 /// loses the volume's label. A node NotReady for less than the patience is waited for.
 #[test]
 fn a_lost_old_node_finishes_the_move_without_its_wipe() {
-    let mut mv = in_phase(&asking(["n1", "n3"]), MovePhase::Finishing);
+    let mut mv = finishing(asking(["n1", "n3"]));
     if let Some(s) = mv.status.as_mut() {
-        s.nodes = vec!["n1".into(), "n3".into()];
-        s.slot_generations = vec![0, 1];
         s.data_dir = Some("/var/lib/tandem/default/data-u1".into());
     }
     let mut o = synced();
@@ -659,14 +669,8 @@ fn a_storage_class_move_gives_the_new_engine_its_own_fresh_pvc() {
 /// pod; after the cutover the slot's claim is the new instance's (the old name is never recreated).
 #[test]
 fn a_storage_class_move_deletes_the_old_pvc_after_the_old_pod() {
-    let mut mv = on_claims(in_phase(&asking(["n1", "n3"]), MovePhase::Finishing));
-    if let Some(s) = mv.status.as_mut() {
-        s.nodes = vec!["n1".into(), "n3".into()];
-        s.slot_generations = vec![0, 1];
-    }
-    let mut o = synced();
-    o.moving.old_pod = true;
-    o.moving.old_node = Some(node("n2"));
+    let mv = finishing(on_claims(asking(["n1", "n3"])));
+    let mut o = old_engine_still_up(node("n2"));
     let (status, step) = pass(&mv, &o, None);
     assert_eq!(rec(&status).phase, MovePhase::Finishing);
     assert_eq!(step.delete, [format!("{}-engine-b", key())]);
@@ -702,14 +706,8 @@ fn a_storage_class_move_deletes_the_old_pvc_after_the_old_pod() {
 /// PV behind it is the StorageClass's business, and the warning says so).
 #[test]
 fn a_lost_old_node_on_pvc_storage_deletes_its_pvc() {
-    let mut mv = on_claims(in_phase(&asking(["n1", "n3"]), MovePhase::Finishing));
-    if let Some(s) = mv.status.as_mut() {
-        s.nodes = vec!["n1".into(), "n3".into()];
-        s.slot_generations = vec![0, 1];
-    }
-    let mut o = synced();
-    o.moving.old_pod = true;
-    o.moving.old_node = Some(NodeObs::missing("n2"));
+    let mv = finishing(on_claims(asking(["n1", "n3"])));
+    let mut o = old_engine_still_up(NodeObs::missing("n2"));
     let (status, step) = pass(&mv, &o, None);
     assert_eq!(rec(&status).phase, MovePhase::Done);
     assert_eq!(step.delete, [format!("{}-engine-b", key())]);

@@ -1195,6 +1195,14 @@ impl SecondaryModel {
     }
 }
 
+/// A current-thread runtime for the apply paths, which must run inside one.
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn pair_config() -> Option<PairConfig> {
     Some(PairConfig {
         peer: "127.0.0.1:9".into(),
@@ -1241,10 +1249,7 @@ fn no_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, TestCaseError> {
 
 #[test]
 fn fuzz_secondary_apply_batch_matches_its_contract() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let _in_rt = rt.enter();
     proptest!(config(), |(batches in prop::collection::vec(
         prop::collection::vec(envelope(), 0..6), 1..6))| {
@@ -1292,10 +1297,7 @@ fn fuzz_secondary_apply_batch_matches_its_contract() {
 /// (a batch applies in order up to the message it refuses), as the model says.
 #[test]
 fn an_image_out_of_range_after_a_gathered_one_lands_the_first_and_refuses_the_batch() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let _in_rt = rt.enter();
     let d = tempfile::tempdir().unwrap();
     let vol = paired_volume(d.path(), Role::Secondary, |_| {});
@@ -1332,10 +1334,7 @@ fn an_image_out_of_range_after_a_gathered_one_lands_the_first_and_refuses_the_ba
 #[test]
 fn fuzz_draining_primary_apply_drain_matches_its_contract() {
     use storage_engine::meta::Phase;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let _in_rt = rt.enter();
     proptest!(config(), |(
         wanted in prop::collection::vec(0..BLOCKS, 0..40),

@@ -568,6 +568,31 @@ mod tests {
         }
     }
 
+    /// A receiver on a fresh volume, its stream fed through `inbound`. The service is kept: the
+    /// stream's turn lasts as long as it.
+    struct Fed {
+        vol: Arc<Volume>,
+        rt: tokio::runtime::Runtime,
+        _svc: PeerService,
+        inbound: mpsc::Sender<Result<pb::ReplicationMessage, Status>>,
+        acks: AckStream,
+    }
+
+    fn fed(dir: &std::path::Path, durable_interval: Duration) -> Fed {
+        let vol = Volume::open(&config(dir)).unwrap();
+        let rt = runtime();
+        let svc = PeerService::new(Arc::clone(&vol), durable_interval, Duration::from_secs(30));
+        let (inbound, rx) = mpsc::channel(64);
+        let acks = rt.block_on(async { svc.accept(ReceiverStream::new(rx)) });
+        Fed {
+            vol,
+            rt,
+            _svc: svc,
+            inbound,
+            acks,
+        }
+    }
+
     /// A table resync's lazy images are named in an acknowledgement (which clears them on the
     /// source, `Tracker::ack_images`) only once the fdatasync covering them is done: with the
     /// flusher held just before its fdatasync nothing names them, and a power cut right after the
@@ -575,16 +600,14 @@ mod tests {
     #[test]
     fn a_lazy_image_is_acknowledged_only_after_the_fdatasync() {
         let d = tempfile::tempdir().unwrap();
-        let v = Volume::open(&config(d.path())).unwrap();
-        let rt = runtime();
+        let Fed {
+            vol: v,
+            rt,
+            _svc,
+            inbound: in_tx,
+            mut acks,
+        } = fed(d.path(), Duration::from_millis(50));
         let held = v.areas.seams.arm("receiver.before_fdatasync");
-        let svc = PeerService::new(
-            Arc::clone(&v),
-            Duration::from_millis(50),
-            Duration::from_secs(30),
-        );
-        let (in_tx, in_rx) = mpsc::channel(64);
-        let mut acks = rt.block_on(async { svc.accept(ReceiverStream::new(in_rx)) });
         let blocks: Vec<u64> = (10..30).collect();
         rt.block_on(async {
             for &b in &blocks {
@@ -641,15 +664,13 @@ mod tests {
     #[test]
     fn move_images_and_a_resyncs_end_are_acknowledged_without_the_durable_interval() {
         let d = tempfile::tempdir().unwrap();
-        let v = Volume::open(&config(d.path())).unwrap();
-        let rt = runtime();
-        let svc = PeerService::new(
-            Arc::clone(&v),
-            Duration::from_secs(3600),
-            Duration::from_secs(30),
-        );
-        let (in_tx, in_rx) = mpsc::channel(64);
-        let mut acks = rt.block_on(async { svc.accept(ReceiverStream::new(in_rx)) });
+        let Fed {
+            vol: _,
+            rt,
+            _svc,
+            inbound: in_tx,
+            mut acks,
+        } = fed(d.path(), Duration::from_secs(3600));
         rt.block_on(async {
             in_tx.send(Ok(image(7, 70, false))).await.unwrap();
             let a = named(&mut acks).await;
