@@ -707,7 +707,7 @@ fn a_storage_class_move_deletes_the_old_pvc_after_the_old_pod() {
 #[test]
 fn a_lost_old_node_on_pvc_storage_deletes_its_pvc() {
     let mv = finishing(on_claims(asking(["n1", "n3"])));
-    let mut o = old_engine_still_up(NodeObs::missing("n2"));
+    let o = old_engine_still_up(NodeObs::missing("n2"));
     let (status, step) = pass(&mv, &o, None);
     assert_eq!(rec(&status).phase, MovePhase::Done);
     assert_eq!(step.delete, [format!("{}-engine-b", key())]);
