@@ -69,7 +69,7 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Extra room in an engine PVC beyond the volume and journal: meta, tables, overlay headroom.
 const ENGINE_PVC_SLACK: u64 = 256 << 20;
 /// Journal size assumed for PVC sizing when the spec leaves it to the engine (the engine's default).
-const DEFAULT_JOURNAL: u64 = 64 << 20;
+const DEFAULT_JOURNAL: u64 = 32 << 20;
 /// Leaf certificates live this long unless the operator is told otherwise (`--cert-validity`).
 pub const DEFAULT_CERT_VALIDITY: std::time::Duration =
     std::time::Duration::from_secs(90 * 24 * 3600);
@@ -2050,7 +2050,7 @@ mod tests {
             .requests
             .as_ref()
             .unwrap()["storage"];
-        assert_eq!(req.0, "1344Mi");
+        assert_eq!(req.0, "1312Mi");
 
         mv.spec.engine_storage.storage_class_name = None;
         assert!(engine_pod(

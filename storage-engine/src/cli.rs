@@ -365,8 +365,10 @@ pub struct ServeArgs {
     /// Replication bandwidth cap in bytes per second (suffixes as for --size; 0 = unlimited).
     #[arg(long, value_parser = parse_size, default_value = "0")]
     pub replication_rate: u64,
-    /// Journal capacity; when it overflows, replication falls back to the differential table.
-    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    /// Journal capacity (it lives in memory); when it overflows, replication falls back to the
+    /// differential table. 32 MiB keeps a full journal, the ~11 MiB baseline and the tables within
+    /// 64 MiB + 1 bit per 4 KiB block (issue 17; docs/benchmarks.md "Engine memory: the journal").
+    #[arg(long, value_parser = parse_size, default_value = "32M")]
     pub journal_size: u64,
     /// Sync mode: how long a write waits for the peer before it may stand on the local copy alone
     /// (with leases on, only with the witness's consent: GrantLease allow_async).
