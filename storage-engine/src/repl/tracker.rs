@@ -311,6 +311,17 @@ impl Tracker {
         )
     }
 
+    /// The table in the handoff's wire form (`Bitmap::wire_form`), its count and the last seq, in
+    /// one snapshot.
+    pub fn handoff_snapshot(&self, runs_ok: bool) -> (crate::bitmap::WireTable, u64, u64) {
+        let s = self.state();
+        (
+            s.pending.wire_form(runs_ok),
+            s.pending.count(),
+            s.journal.last_seq(),
+        )
+    }
+
     /// Pending blocks for which `keep` holds.
     pub fn pending_where(&self, keep: impl Fn(u64) -> bool) -> Vec<u64> {
         self.state()

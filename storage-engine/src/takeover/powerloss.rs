@@ -258,7 +258,7 @@ fn apply(v: &Arc<Volume>, m: &mut Model, op: &Op) -> Result<(), String> {
             }
         }
         Op::Fence => {
-            block_on(v.fence_and_handoff(3)).map_err(|x| e(&x))?;
+            block_on(v.fence_and_handoff(3, true)).map_err(|x| e(&x))?;
         }
     }
     Ok(())
