@@ -545,6 +545,7 @@ impl Volume {
     /// Becomes primary at `new_epoch`: the handed-off table is stored durably first, then the role
     /// (`state::next`, Promote / ForcePromote). `lost` (forced promotion): blocks whose newest
     /// content stayed on the peer, and their seqs.
+    #[cfg(test)]
     pub(crate) fn promote(
         &self,
         new_epoch: u64,
