@@ -204,7 +204,8 @@ mod tests {
         assert_eq!(log.records(), 3);
         // A torn append: half a record, then a record with a bad checksum.
         let f = OpenOptions::new().write(true).open(&p).unwrap();
-        f.write_all_at(&record(5)[..6], HEADER + 3 * RECORD).unwrap();
+        f.write_all_at(&record(5)[..6], HEADER + 3 * RECORD)
+            .unwrap();
         let (mut log, logged) = IntentLog::open(&p, 100).unwrap();
         assert_eq!(logged, vec![3, 7, 99]);
         let mut bad = record(6);
