@@ -3,10 +3,13 @@
 //!
 //! File format: { magic "TNDBMAP\0" (8) | version u32 LE | bits u64 LE | crc32c(body) u32 LE | body }
 //! - version 1 (dense): body = every word, u64 LE;
-//! - version 2 (sparse): body = (word index u64 LE, word u64 LE) for each nonzero word, ascending.
+//! - version 2 (sparse): body = (word index u64 LE, word u64 LE) for each nonzero word, ascending;
+//! - version 3 (runs): body = the runs of set bits, ascending, each as two LEB128 varints: the gap
+//!   from the end of the previous run (from bit 0 for the first), and the run's length minus one.
 //!
-//! A table a few blocks are set in is written sparse, so a 1 TiB volume's table (32 MiB dense) costs
-//! what is set, not what could be.
+//! A table is written in the smallest of the three, so a 1 TiB volume's table (32 MiB dense) costs
+//! what is set, not what could be; a scattered backlog costs 2-4 bytes per block as runs where the
+//! sparse form costs 16 per nonzero word (issue 17: the handoff table is stored on the ready path).
 
 use std::{
     fs::{self, File},
@@ -19,7 +22,47 @@ use crate::meta::sync_dir;
 const MAGIC: &[u8; 8] = b"TNDBMAP\0";
 const DENSE: u32 = 1;
 const SPARSE: u32 = 2;
+const RUNS: u32 = 3;
 const HEADER: usize = 24;
+
+/// Appends `v` as an LEB128 varint (7 bits a byte, low first).
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads an LEB128 varint at `*at`, advancing it. Refuses a truncated one, and one longer than
+/// ten bytes or past 64 bits, so a hostile body cannot make the parser loop or wrap.
+fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u64, String> {
+    let start = *at;
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let Some(&b) = bytes.get(*at) else {
+            return Err(format!("varint at byte {start} is truncated"));
+        };
+        *at += 1;
+        let part = u64::from(b & 0x7f);
+        if shift == 63 && part > 1 {
+            return Err(format!("varint at byte {start} overflows 64 bits"));
+        }
+        v |= part << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(format!("varint at byte {start} is longer than ten bytes"))
+}
+
+/// The bits of the last word that lie inside a table of `bits` bits.
+fn tail_mask_of(bits: u64) -> u64 {
+    match bits % 64 {
+        0 => !0,
+        r => (1u64 << r) - 1,
+    }
+}
 
 /// Positions of the set bits of `w`, ascending.
 fn ones_of(mut w: u64) -> impl Iterator<Item = u64> {
@@ -33,10 +76,64 @@ fn ones_of(mut w: u64) -> impl Iterator<Item = u64> {
     })
 }
 
+/// A table as the handoff sends it (`HandoffReply.pending_runs` or `.pending_words`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireTable {
+    /// `Bitmap::to_runs`.
+    Runs(Vec<u8>),
+    /// `Bitmap::to_sparse`.
+    Words(Vec<u8>),
+}
+
+impl WireTable {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Runs(b) | Self::Words(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Runs(_) => "runs",
+            Self::Words(_) => "words",
+        }
+    }
+}
+
 /// A bitmap in its file form, taken under a lock and written after it is released.
 pub struct EncodedBitmap(Vec<u8>);
 
 impl EncodedBitmap {
+    fn with_body(version: u32, bits: u64, body: &[u8]) -> Self {
+        let mut v = Vec::with_capacity(HEADER + body.len());
+        v.extend_from_slice(MAGIC);
+        v.extend_from_slice(&version.to_le_bytes());
+        v.extend_from_slice(&bits.to_le_bytes());
+        v.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        v.extend_from_slice(body);
+        Self(v)
+    }
+
+    /// The file form of a table of `bits` bits whose runs form (`Bitmap::to_runs`) is `runs`, as
+    /// received: the handoff stores the peer's bytes without walking the table again. Only for
+    /// bytes `Bitmap::from_runs(bits, runs)` accepted (the file then loads as that table).
+    pub fn from_runs(bits: u64, runs: &[u8]) -> Self {
+        Self::with_body(RUNS, bits, runs)
+    }
+
+    /// Bytes in the file.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Writes durably and atomically (temp file, fsync, rename, fsync dir).
     pub fn store(&self, path: &Path) -> io::Result<()> {
         crate::seam::power::io(path)?;
@@ -438,54 +535,154 @@ impl Bitmap {
         if bytes.len() % 16 != 0 {
             return None;
         }
-        let mut b = Self::new(bits);
+        let mut b = Builder::new(bits);
         let mut next = 0u64;
         for pair in bytes.chunks_exact(16) {
             let mut a = [0u8; 8];
             a.copy_from_slice(&pair[..8]);
             let i = u64::from_le_bytes(a);
             a.copy_from_slice(&pair[8..]);
-            if i < next || i >= b.word_count() as u64 {
+            if i < next || i >= b.words as u64 {
                 return None;
             }
-            // Count as we go: the cost follows the pairs, not the volume.
+            // The cost follows the pairs, not the volume.
             b.or_word(i as usize, u64::from_le_bytes(a));
             next = i + 1;
         }
-        Some(b)
+        Some(b.finish())
+    }
+
+    /// The handoff's wire form: runs when the receiver reads them (`runs_ok`) and they are no
+    /// larger than the sparse form, else the sparse form (the message cap is sized for it).
+    pub fn wire_form(&self, runs_ok: bool) -> WireTable {
+        match runs_ok
+            .then(|| self.runs_within(self.sparse_len()))
+            .flatten()
+        {
+            Some(r) => WireTable::Runs(r),
+            None => WireTable::Words(self.to_sparse()),
+        }
+    }
+
+    /// Nonzero words.
+    fn nonzero_word_count(&self) -> usize {
+        match &self.words {
+            Words::Sparse(m) => m.len(),
+            Words::Dense { summary, .. } => summary.iter().map(|s| s.count_ones() as usize).sum(),
+        }
+    }
+
+    /// Bytes of the sparse form (`to_sparse`), without making it.
+    pub fn sparse_len(&self) -> usize {
+        self.nonzero_word_count() * 16
+    }
+
+    /// The runs of set bits, as the version 3 file body: (gap since the previous run's end, length
+    /// minus one), LEB128 each. A block in a word of its own costs 2-6 bytes where the sparse form
+    /// costs 16. Costs the nonzero words.
+    pub fn to_runs(&self) -> Vec<u8> {
+        self.runs_within(usize::MAX).unwrap_or_default()
+    }
+
+    /// `to_runs`, given up (`None`) as soon as it would exceed `limit` bytes (a table of short
+    /// runs, where another form is smaller).
+    pub fn runs_within(&self, limit: usize) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut end = 0u64; // where the previous run ended (exclusive)
+        let mut open: Option<(u64, u64)> = None; // the run being extended
+        for (wi, mut w) in self.nonzero_words() {
+            let base = wi as u64 * 64;
+            while w != 0 {
+                let t = u64::from(w.trailing_zeros());
+                let len = u64::from((w >> t).trailing_ones());
+                let (s, e) = (base + t, base + t + len);
+                w = if t + len >= 64 {
+                    0
+                } else {
+                    w & (!0u64 << (t + len))
+                };
+                match open {
+                    Some((rs, re)) if re == s => open = Some((rs, e)),
+                    Some((rs, re)) => {
+                        put_varint(&mut out, rs - end);
+                        put_varint(&mut out, re - rs - 1);
+                        end = re;
+                        if out.len() > limit {
+                            return None;
+                        }
+                        open = Some((s, e));
+                    }
+                    None => open = Some((s, e)),
+                }
+            }
+        }
+        if let Some((rs, re)) = open {
+            put_varint(&mut out, rs - end);
+            put_varint(&mut out, re - rs - 1);
+        }
+        (out.len() <= limit).then_some(out)
+    }
+
+    /// Parses `to_runs`'s form. Refused with the reason: a truncated or overlong varint, a run
+    /// reaching past the table's end. Costs the bytes plus the words the runs cover, never more
+    /// (every run covers at least one bit, each inside the table).
+    pub fn from_runs(bits: u64, bytes: &[u8]) -> Result<Self, String> {
+        let mut b = Builder::new(bits);
+        let (mut at, mut end) = (0usize, 0u64);
+        while at < bytes.len() {
+            let gap = get_varint(bytes, &mut at)?;
+            let len = get_varint(bytes, &mut at)?;
+            let s = end.checked_add(gap).filter(|&s| s < bits);
+            let e = s.and_then(|s| s.checked_add(len)).filter(|&e| e < bits);
+            let (Some(s), Some(e)) = (s, e.map(|e| e + 1)) else {
+                return Err(format!(
+                    "the run ending at byte {at} reaches past the table's {bits} bits"
+                ));
+            };
+            let mut i = s;
+            while i < e {
+                let wi = i / 64;
+                let top = e.min((wi + 1) * 64);
+                let n = top - i;
+                let m = if n == 64 {
+                    !0
+                } else {
+                    ((1u64 << n) - 1) << (i % 64)
+                };
+                b.or_word(wi as usize, m);
+                i = top;
+            }
+            end = e;
+        }
+        Ok(b.finish())
     }
 
     /// The bits of the last word that lie inside the bitmap.
     fn tail_mask(&self) -> u64 {
-        match self.bits % 64 {
-            0 => !0,
-            r => (1u64 << r) - 1,
-        }
+        tail_mask_of(self.bits)
     }
 
-    /// The file form, sparse when that is smaller. Cheap to take under a lock: a sparse table costs
-    /// its set words.
+    /// The file form, the smallest of dense, sparse and runs. Cheap to take under a lock: it costs
+    /// the set words (the runs walk stops once it is no smaller than another form).
     pub fn encode(&self) -> EncodedBitmap {
-        let nonzero = match &self.words {
-            Words::Sparse(m) => m.len(),
-            Words::Dense { summary, .. } => summary.iter().map(|s| s.count_ones() as usize).sum(),
-        };
-        let (version, body) = if nonzero * 2 < self.word_count() {
+        let (dense, sparse) = (self.word_count() * 8, self.sparse_len());
+        // Runs only when strictly smaller: an empty table stays the older sparse form.
+        let best = dense.min(sparse);
+        if best > 0 {
+            if let Some(runs) = self.runs_within(best - 1) {
+                return EncodedBitmap::with_body(RUNS, self.bits, &runs);
+            }
+        }
+        let (version, body) = if sparse < dense {
             (SPARSE, self.to_sparse())
         } else {
-            let mut body = vec![0u8; self.word_count() * 8];
+            let mut body = vec![0u8; dense];
             for (wi, w) in self.nonzero_words() {
                 body[wi * 8..wi * 8 + 8].copy_from_slice(&w.to_le_bytes());
             }
             (DENSE, body)
         };
-        let mut v = Vec::with_capacity(HEADER + body.len());
-        v.extend_from_slice(MAGIC);
-        v.extend_from_slice(&version.to_le_bytes());
-        v.extend_from_slice(&self.bits.to_le_bytes());
-        v.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        v.extend_from_slice(&body);
-        EncodedBitmap(v)
+        EncodedBitmap::with_body(version, self.bits, &body)
     }
 
     /// Writes the bitmap durably and atomically (temp file, fsync, rename, fsync dir).
@@ -520,7 +717,7 @@ impl Bitmap {
         let mut u4 = [0u8; 4];
         u4.copy_from_slice(&b[8..12]);
         let version = u32::from_le_bytes(u4);
-        if version != DENSE && version != SPARSE {
+        if ![DENSE, SPARSE, RUNS].contains(&version) {
             return Err(bad("unknown version"));
         }
         let mut u8b = [0u8; 8];
@@ -540,6 +737,12 @@ impl Bitmap {
             m.grow(bits);
             return Ok(Some(m));
         }
+        if version == RUNS {
+            let mut m = Self::from_runs(stored, body)
+                .map_err(|why| bad(&format!("malformed runs body: {why}")))?;
+            m.grow(bits);
+            return Ok(Some(m));
+        }
         if body.len() as u64 != stored.div_ceil(64) * 8 {
             return Err(bad("truncated"));
         }
@@ -552,6 +755,72 @@ impl Bitmap {
         }
         m.grow(bits);
         Ok(Some(m))
+    }
+}
+
+/// Builds a table from words given in ascending index order (a parse): pairs collected in a
+/// vector and made a map in one bulk build, dense as soon as a quarter of the words are set. A map
+/// insert per word cost n log n and most of a scattered handoff's parse.
+struct Builder {
+    bits: u64,
+    words: usize,
+    pairs: Vec<(usize, u64)>,
+    dense: Option<Bitmap>,
+}
+
+impl Builder {
+    fn new(bits: u64) -> Self {
+        let words = bits.div_ceil(64) as usize;
+        let start = Bitmap::new(bits);
+        // Small tables are dense from the start anyway.
+        let dense = matches!(start.words, Words::Dense { .. }).then_some(start);
+        Self {
+            bits,
+            words,
+            pairs: Vec::new(),
+            dense,
+        }
+    }
+
+    /// ORs `w` into word `wi`; `wi` never below the last one given (checked by the callers).
+    fn or_word(&mut self, wi: usize, w: u64) {
+        if let Some(d) = &mut self.dense {
+            d.or_word(wi, w);
+            return;
+        }
+        match self.pairs.last_mut() {
+            Some((last, x)) if *last == wi => *x |= w,
+            _ => self.pairs.push((wi, w)),
+        }
+        if self.pairs.len() > self.words / 4 {
+            let mut d = Bitmap::new(self.bits);
+            d.densify();
+            for (i, w) in self.pairs.drain(..) {
+                d.or_word(i, w);
+            }
+            self.dense = Some(d);
+        }
+    }
+
+    fn finish(self) -> Bitmap {
+        if let Some(d) = self.dense {
+            return d;
+        }
+        let tail = tail_mask_of(self.bits);
+        let last = self.words.saturating_sub(1);
+        let mut ones = 0u64;
+        let map: std::collections::BTreeMap<usize, u64> = self
+            .pairs
+            .into_iter()
+            .map(|(i, w)| (i, if i == last { w & tail } else { w }))
+            .filter(|&(_, w)| w != 0)
+            .inspect(|&(_, w)| ones += u64::from(w.count_ones()))
+            .collect();
+        Bitmap {
+            bits: self.bits,
+            words: Words::Sparse(map),
+            ones,
+        }
     }
 }
 
@@ -649,6 +918,23 @@ mod tests {
             let back = Bitmap::from_bytes(bits, &b.to_bytes()).unwrap();
             prop_assert_eq!(&back, &b);
             prop_assert_eq!(&Bitmap::from_sparse(bits, &b.to_sparse()).unwrap(), &b);
+            // The runs form against the older ones: the same table, and in its map or array form
+            // as the table itself would be after the same sets.
+            let runs = Bitmap::from_runs(bits, &b.to_runs()).unwrap();
+            prop_assert_eq!(&runs, &b);
+            prop_assert_eq!(
+                is_sparse(&runs),
+                runs.nonzero_word_count() * 4 <= runs.word_count()
+                    && runs.word_count() > DENSE_FROM_START
+            );
+            let wire = b.wire_form(true);
+            prop_assert!(wire.len() <= b.sparse_len());
+            let parsed = match &wire {
+                WireTable::Runs(r) => Bitmap::from_runs(bits, r).unwrap(),
+                WireTable::Words(w) => Bitmap::from_sparse(bits, w).unwrap(),
+            };
+            prop_assert_eq!(&parsed, &b);
+            prop_assert_eq!(b.wire_form(false), WireTable::Words(b.to_sparse()));
             let dir = tempfile::tempdir().unwrap();
             let p = dir.path().join("bm");
             b.store(&p).unwrap();
@@ -657,8 +943,33 @@ mod tests {
         Ok(())
     }
 
+    proptest! {
+        /// Any bytes parse as runs into a well-formed table, or are refused: never a panic, never
+        /// a bit past the end, and what parses encodes back to a form that parses the same.
+        #[test]
+        fn any_bytes_parse_as_runs_or_are_refused(
+            bits in 1u64..5_000,
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            if let Ok(b) = Bitmap::from_runs(bits, &bytes) {
+                prop_assert!(b.count() <= bits);
+                prop_assert!(b.iter_ones().all(|i| i < bits));
+                prop_assert_eq!(b.iter_ones().count() as u64, b.count());
+                prop_assert_eq!(Bitmap::from_runs(bits, &b.to_runs()).unwrap(), b);
+            }
+        }
+    }
+
+    fn version_of(p: &Path) -> u32 {
+        let raw = fs::read(p).unwrap();
+        u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]])
+    }
+
+    /// A table is stored in the smallest of its forms: runs for a few scattered bits or long
+    /// runs, sparse words for a few busy words, dense for many busy words; an empty table stays
+    /// the sparse form an older engine reads.
     #[test]
-    fn a_large_table_with_few_bits_is_stored_sparse() {
+    fn each_table_is_stored_in_its_smallest_form() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bm");
         let bits = 1u64 << 28; // 1 TiB of 4 KiB blocks: 32 MiB dense
@@ -666,17 +977,79 @@ mod tests {
         for i in [0, 12345, bits - 1] {
             b.set(i);
         }
-        b.store(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().len(), (HEADER + 3 * 16) as u64);
-        assert_eq!(Bitmap::load(&p, bits).unwrap(), Some(b));
-        // Mostly set: dense is smaller, and chosen.
-        let full = Bitmap::full(1000);
-        full.store(&p).unwrap();
-        assert_eq!(
-            fs::metadata(&p).unwrap().len(),
-            (HEADER + 1000usize.div_ceil(64) * 8) as u64
+        let check = |b: &Bitmap, version: u32, len: usize| {
+            b.store(&p).unwrap();
+            assert_eq!(
+                (version_of(&p), fs::metadata(&p).unwrap().len()),
+                (version, (HEADER + len) as u64)
+            );
+            assert_eq!(Bitmap::load(&p, b.len()).unwrap().as_ref(), Some(b));
+        };
+        // Runs: (0, 0), (12344, 0), (bits - 1 - 12346, 0): 1 + 1 + 2 + 1 + 4 + 1 bytes.
+        check(&b, RUNS, 10);
+        check(&Bitmap::new(bits), SPARSE, 0);
+        check(&Bitmap::full(1000), RUNS, 3);
+        // Every other bit of a quarter of the words: 32 runs a word, 16 bytes a word sparse.
+        let mut busy = Bitmap::new(1 << 16);
+        for w in (0..1024).step_by(4) {
+            busy.or_word(w, 0x5555_5555_5555_5555);
+        }
+        check(&busy, SPARSE, 256 * 16);
+        let mut all = Bitmap::new(1 << 12);
+        for w in 0..64 {
+            all.or_word(w, 0x5555_5555_5555_5555);
+        }
+        check(&all, DENSE, 64 * 8);
+    }
+
+    #[test]
+    fn malformed_runs_are_refused_with_their_reason() {
+        let refused = |bits: u64, bytes: &[u8], why: &str| {
+            let e = Bitmap::from_runs(bits, bytes).unwrap_err();
+            assert!(e.contains(why), "{bytes:?}: {e}");
+        };
+        refused(1000, &[0x80], "truncated");
+        refused(1000, &[5], "truncated");
+        let mut long = vec![0xff; 9];
+        long.extend([0x81, 0]);
+        refused(1000, &long, "longer than ten bytes");
+        refused(
+            1000,
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
+            "overflows",
         );
-        assert_eq!(Bitmap::load(&p, 1000).unwrap(), Some(full));
+        // A gap or a length past the end; and one that would wrap 64 bits.
+        refused(1000, &[0xe8, 0x07, 0], "past the table");
+        refused(1000, &[0, 0xe8, 0x07], "past the table");
+        refused(1000, &[0xe7, 0x07, 0, 0, 0], "past the table");
+        let max = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        refused(
+            u64::MAX,
+            &[&[0, 0][..], &max, &max].concat(),
+            "past the table",
+        );
+        // The last bit, and runs that meet (gap 0) are fine.
+        let b = Bitmap::from_runs(1000, &[0xe7, 0x07, 0]).unwrap();
+        assert_eq!(b.iter_ones().collect::<Vec<_>>(), vec![999]);
+        let b = Bitmap::from_runs(1000, &[1, 1, 0, 0]).unwrap();
+        assert_eq!(b.iter_ones().collect::<Vec<_>>(), vec![1, 2, 3]);
+        // A runs file with a flipped bit fails its checksum; a bad body, its parse.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bm");
+        let mut big = Bitmap::new(1 << 20);
+        big.set(7);
+        big.store(&p).unwrap();
+        assert_eq!(version_of(&p), RUNS);
+        let mut raw = fs::read(&p).unwrap();
+        let n = raw.len();
+        raw[n - 1] ^= 1;
+        fs::write(&p, &raw).unwrap();
+        assert!(Bitmap::load(&p, 1 << 20).is_err());
+        EncodedBitmap::from_runs(1 << 20, &[0x80])
+            .store(&p)
+            .unwrap();
+        let e = Bitmap::load(&p, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("malformed runs body"), "{e}");
     }
 
     fn is_sparse(b: &Bitmap) -> bool {
@@ -699,15 +1072,19 @@ mod tests {
         let mut c = Bitmap::new(bits);
         c.union_with(&a);
         let d = Bitmap::from_sparse(bits, &a.to_sparse()).unwrap();
+        let g = Bitmap::from_runs(bits, &a.to_runs()).unwrap();
         let mut e = Bitmap::new(bits - 4096);
         e.union_with(&a);
         e.grow(bits);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bm");
         a.store(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().len(), HEADER as u64 + n * 16);
+        // Runs: a gap of 4095-4096 blocks (two varint bytes; one for block 0's) and a length
+        // (one) per block.
+        assert_eq!(fs::metadata(&p).unwrap().len(), HEADER as u64 + n * 3 - 1);
+        assert_eq!(a.wire_form(true).len() as u64, n * 3 - 1);
         let f = Bitmap::load(&p, bits).unwrap().unwrap();
-        for m in [&a, &b, &c, &d, &f] {
+        for m in [&a, &b, &c, &d, &f, &g] {
             assert!(is_sparse(m));
             assert_eq!(m, &a);
         }

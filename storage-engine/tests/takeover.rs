@@ -595,6 +595,7 @@ fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
             .fence_and_handoff(pb::FenceRequest {
                 volume: "vol".into(),
                 new_epoch: 2,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -606,6 +607,7 @@ fn at30_stale_proxied_read_and_at34_idempotent_handoff() {
             .fence_and_handoff(pb::FenceRequest {
                 volume: "vol".into(),
                 new_epoch: 1,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -836,6 +838,7 @@ fn at34_takeover_resumes_after_the_new_primary_died_mid_handoff() {
         c.fence_and_handoff(pb::FenceRequest {
             volume: "vol".into(),
             new_epoch: 2,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -869,6 +872,7 @@ fn force_never_promotes_over_a_peer_that_refuses() {
         c.fence_and_handoff(storage_engine::pb::FenceRequest {
             volume: "vol".into(),
             new_epoch: 10,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -3,6 +3,7 @@
 //! `receiver` applies the stream on the secondary and acknowledges what is durable.
 
 pub mod drain;
+pub mod intent_log;
 pub mod mover;
 pub mod receiver;
 pub mod sender;

@@ -454,7 +454,7 @@ impl Peer for PeerService {
             return Err(Status::not_found(format!("unknown volume {:?}", r.volume)));
         }
         self.vol
-            .fence_and_handoff(r.new_epoch)
+            .fence_and_handoff(r.new_epoch, r.accepts_runs)
             .await
             .map(Response::new)
             .map_err(Status::from)

@@ -578,7 +578,7 @@ mod tests {
             })
         };
         assert!(held.wait_arrived(), "the send never passed its checks");
-        crate::takeover::tests::block_on(v.fence_and_handoff(5)).unwrap();
+        crate::takeover::tests::block_on(v.fence_and_handoff(5, true)).unwrap();
         held.release();
         sender.join().unwrap().unwrap();
         let m = rx.try_recv().unwrap();

@@ -6,12 +6,13 @@
 //!
 //! Write path (the block's stripe lock is held throughout, so overlapping writes and resync reads of
 //! the same block serialize):
-//!   1. set the pending bits (marked in flight); if an extent turns hot, persist the intent file (fsync);
+//!   1. set the pending bits (marked in flight); if an extent turns hot, append it to the intent log
+//!      (`intent_log.rs`, fdatasync);
 //!   2. write the data file;
 //!   3. assign the seq, record the generation, append to the journal; acknowledge the host.
 //!
-//! After a crash, pending = last persisted table ∪ every block of every hot extent: a superset of
-//! what the peer may lack.
+//! After a crash, pending = last persisted table ∪ every block of every hot extent (the `intent`
+//! bitmap ∪ the intent log): a superset of what the peer may lack.
 
 use std::{
     collections::HashMap,
@@ -104,13 +105,15 @@ pub struct TrackState {
     acked_seq: u64,
     /// Blocks are pending that no journal record covers: the sender must resync from the table.
     resync_needed: bool,
-    /// The hot extents. Invariant: never holds an extent the `intent` file lacks (only `write`,
-    /// which stores the file before its data write, and `checkpoint`, which stores it before it
-    /// replaces this, add to it). A write finding its extent set here skips the fsync, so a bit
+    /// The hot extents. Invariant: never holds an extent the durable intent set (the `intent` file
+    /// and the intent log) lacks (only `write`, which logs the extent before its data write, and
+    /// `checkpoint`, which stores the file before it replaces this, add to it). A write finding its extent set here skips the fsync, so a bit
     /// set only in memory would leave that write in neither file after a crash, and the returning
     /// primary would not offer it back (replicas silently differing). Tests:
     /// `tests::writes_in_extents_of_marked_blocks_survive_a_crash`, `tests/reboot_forced.rs`.
     intent: Bitmap,
+    /// Extents made hot since `intent` was last stored (`intent_log.rs`).
+    intent_log: super::intent_log::IntentLog,
     /// Checkpoint tick of each extent's last write: extents cool only after a quiet spell, so a busy
     /// region does not pay an intent fsync again and again (the idea of DRBD's activity log).
     last_touch: Vec<u32>,
@@ -228,8 +231,13 @@ impl Tracker {
         let earlier_extents: Vec<u64> = earlier.iter().map(|b| b.div_ceil(EXTENT_BLOCKS)).collect();
         let mut pending = Bitmap::load_grown(&pending_path, blocks, earlier)?
             .unwrap_or_else(|| Bitmap::new(blocks));
-        let intent = Bitmap::load_grown(&intent_path, extents, &earlier_extents)?
+        let mut intent = Bitmap::load_grown(&intent_path, extents, &earlier_extents)?
             .unwrap_or_else(|| Bitmap::new(extents));
+        let (intent_log, logged) =
+            super::intent_log::IntentLog::open(&state_dir.join("intent.log"), extents)?;
+        for e in logged {
+            intent.set(e);
+        }
         for e in intent.iter_ones() {
             pending.set_range(e * EXTENT_BLOCKS, (e + 1) * EXTENT_BLOCKS);
         }
@@ -244,6 +252,7 @@ impl Tracker {
                 last_touch: vec![0; extents as usize],
                 tick: 1,
                 intent,
+                intent_log,
                 dirty: true,
                 epoch,
                 boot_next: acked_seq + 1,
@@ -306,6 +315,17 @@ impl Tracker {
         let s = self.state();
         (
             s.pending.to_sparse(),
+            s.pending.count(),
+            s.journal.last_seq(),
+        )
+    }
+
+    /// The table in the handoff's wire form (`Bitmap::wire_form`), its count and the last seq, in
+    /// one snapshot.
+    pub fn handoff_snapshot(&self, runs_ok: bool) -> (crate::bitmap::WireTable, u64, u64) {
+        let s = self.state();
+        (
+            s.pending.wire_form(runs_ok),
             s.pending.count(),
             s.journal.last_seq(),
         )
@@ -439,8 +459,10 @@ impl Tracker {
             }
             s.dirty = true;
             if !cold.is_empty() {
-                // Write-intent: the extent is durably marked before its data can reach the disk.
-                if let Err(e) = s.intent.store(&self.intent_path) {
+                // Write-intent: the extent is durably marked (logged, fdatasync'd) before its data
+                // can reach the disk. Tests: `tests::a_cold_extent_is_logged_before_its_data_write`,
+                // `takeover::powerloss::powerloss_campaign`, `tests/reboot_forced.rs`.
+                if let Err(e) = s.intent_log.append(&cold) {
                     // Not marked on disk, so not in memory either: the next write to the extent
                     // tries the store again instead of trusting a mark that is not there. Test:
                     // `takeover::powerloss::failpoint_campaign`.
@@ -679,6 +701,15 @@ impl Tracker {
         // engine is either in this file or in a hot extent, which a restart adds back
         // (`MoveTable`, `Tracker::intent_blocks`). Test: `tests/move.rs` kill loop.
         self.store_move_table()?;
+        {
+            // A long log is folded into the bitmap (which holds every logged extent still hot;
+            // one a cooling dropped is no longer needed), then emptied.
+            let mut s = self.state();
+            if s.intent_log.records() >= super::intent_log::COMPACT_RECORDS {
+                s.intent.store(&self.intent_path)?;
+                s.intent_log.clear()?;
+            }
+        }
         let cooling = {
             let s = self.state();
             let hot = s.hot_extents(quiesced);
@@ -698,8 +729,16 @@ impl Tracker {
         if hot != s.intent {
             hot.store(&self.intent_path)?;
             s.intent = hot;
+            // The stored bitmap covers every extent still hot: the log is no longer needed.
+            s.intent_log.clear()?;
         }
         Ok(())
+    }
+
+    /// Unit tests' power loss: the intent log's appends no fdatasync covered are gone.
+    #[cfg(test)]
+    pub fn lose_unsynced(&self) {
+        self.state().intent_log.lose_unsynced();
     }
 
     /// A live move starts (or resumes after a restart): the copier is at `watermark`, and
@@ -1164,6 +1203,46 @@ mod tests {
         assert_eq!(s.pending.count(), EXTENT_BLOCKS);
     }
 
+    /// A write to a cold extent logs the extent durably before its data write runs, without
+    /// rewriting the `intent` bitmap; after a power loss (what no fdatasync covered is gone) every
+    /// written block is pending again. A long log is folded into the bitmap at a checkpoint.
+    #[test]
+    fn a_cold_extent_is_logged_before_its_data_write() {
+        use crate::repl::intent_log::{durable_extents, COMPACT_RECORDS};
+        let d = tempfile::tempdir().unwrap();
+        let extents = COMPACT_RECORDS + 3;
+        let blocks = extents * EXTENT_BLOCKS;
+        let written: Vec<u64> = (0..extents).map(|e| e * EXTENT_BLOCKS + e % 7).collect();
+        {
+            let t = Tracker::open(d.path(), blocks, 0, 1, 1 << 20).unwrap();
+            for &b in &written {
+                t.write(b * 4096, Payload::Data(Bytes::from(vec![1; 4096])), || {
+                    // The extent is on disk before the data write.
+                    assert!(durable_extents(d.path(), extents).get(b / EXTENT_BLOCKS));
+                    Ok(())
+                })
+                .unwrap();
+            }
+            assert!(
+                !d.path().join("intent").exists(),
+                "a cold write rewrote the intent bitmap"
+            );
+            t.state().intent_log.lose_unsynced();
+            // Power loss: no checkpoint stored the table.
+        }
+        let t = Tracker::open(d.path(), blocks, 0, 1, 1 << 20).unwrap();
+        for &b in &written {
+            assert!(t.is_pending(b), "block {b} was lost from the table");
+        }
+        // The log (past COMPACT_RECORDS) is folded into the bitmap and emptied.
+        t.checkpoint(|| Ok(()), false).unwrap();
+        assert_eq!(t.state().intent_log.records(), 0);
+        assert_eq!(durable_extents(d.path(), extents).count(), extents);
+        drop(t);
+        let t = Tracker::open(d.path(), blocks, 0, 1, 1 << 20).unwrap();
+        assert!(written.iter().all(|&b| t.is_pending(b)));
+    }
+
     #[test]
     fn an_extent_cools_only_after_a_data_sync_that_it_still_covers() {
         let d = tempfile::tempdir().unwrap();
@@ -1171,9 +1250,7 @@ mod tests {
         let s = put(&t, 0);
         t.ack_journal(s);
         let intent_on_disk = || {
-            Bitmap::load(&d.path().join("intent"), t.blocks().div_ceil(EXTENT_BLOCKS))
-                .unwrap()
-                .unwrap()
+            crate::repl::intent_log::durable_extents(d.path(), t.blocks().div_ceil(EXTENT_BLOCKS))
                 .get(0)
         };
         let syncs = std::cell::Cell::new(0);

@@ -16,7 +16,7 @@ use tonic::Status;
 use crate::error::EngineError;
 
 use crate::{
-    bitmap::Bitmap,
+    bitmap::{Bitmap, EncodedBitmap, WireTable},
     client::{channel, TokenInterceptor},
     geometry::{BLOCK_SIZE, BS},
     meta::{Phase, Role},
@@ -25,6 +25,52 @@ use crate::{
     volume::{Applied, Volume},
     volume::{Carry, TransitionError},
 };
+/// The table a HandoffReply carries, parsed: the runs form if present, else the sparse words
+/// (from a peer that predates the runs), else the dense bitmap (older still).
+pub(crate) struct Handed {
+    pub table: Bitmap,
+    /// The file form to store, when the wire bytes are one (runs): stored as received.
+    pub file: Option<EncodedBitmap>,
+    pub form: &'static str,
+    pub bytes: usize,
+}
+
+/// Parses the table of a handoff reply for a volume of `blocks` blocks. A malformed table or one
+/// of another size is refused, with the reason, before anything is stored. Tests:
+/// `takeover::tests::a_handoff_table_is_read_in_every_form_a_peer_may_send`,
+/// `takeover::tests::a_malformed_handoff_table_is_refused_with_its_reason`.
+pub(crate) fn handed_table(blocks: u64, h: &pb::HandoffReply) -> Result<Handed, String> {
+    let bad = |why: String| format!("the peer's differential table is malformed: {why}");
+    if let Some(r) = &h.pending_runs {
+        let table = Bitmap::from_runs(blocks, r).map_err(bad)?;
+        return Ok(Handed {
+            table,
+            file: Some(EncodedBitmap::from_runs(blocks, r)),
+            form: "runs",
+            bytes: r.len(),
+        });
+    }
+    let (table, form, bytes) = match &h.pending_words {
+        Some(w) => (Bitmap::from_sparse(blocks, w), "words", w.len()),
+        None => (
+            Bitmap::from_bytes(blocks, &h.pending_bitmap),
+            "bitmap",
+            h.pending_bitmap.len(),
+        ),
+    };
+    let table = table.ok_or_else(|| {
+        bad(format!(
+            "{form} form of {bytes} bytes does not fit a table of {blocks} blocks"
+        ))
+    })?;
+    Ok(Handed {
+        table,
+        file: None,
+        form,
+        bytes,
+    })
+}
+
 /// How long one FenceAndHandoff attempt may take.
 const ATTEMPT: Duration = Duration::from_secs(2);
 /// Default for a takeover request without a timeout.
@@ -81,15 +127,23 @@ impl Volume {
     /// Peer.FenceAndHandoff, on the engine being replaced: finish in-flight host writes, refuse
     /// everything older than `new_epoch`, close host sessions, and hand over the differential
     /// table, all in one step. A repeat at the same epoch returns the table again (AT-34).
-    pub async fn fence_and_handoff(&self, new_epoch: u64) -> Result<pb::HandoffReply, EngineError> {
+    /// `accepts_runs`: the caller reads `pending_runs` (an older caller gets `pending_words`).
+    pub async fn fence_and_handoff(
+        &self,
+        new_epoch: u64,
+        accepts_runs: bool,
+    ) -> Result<pb::HandoffReply, EngineError> {
         let Some(repl) = &self.repl else {
             return Err(EngineError::NotPaired("volume is not paired"));
         };
         // A takeover during a live move is refused until the move is done or aborted: the move
         // would otherwise copy from an engine that no longer serves.
         crate::repl::mover::refuse_while_moving(self, "a takeover (FenceAndHandoff)")?;
+        let t0 = Instant::now();
         let _gate = self.gate.write().await;
+        let t_gate = t0.elapsed();
         let step = self.transition(Event::Fence { new_epoch }, Carry::default())?;
+        let t_fence = t0.elapsed();
         if step.changes() {
             self.areas
                 .event(format!("Fenced epoch={new_epoch} (host sessions closed)"));
@@ -99,18 +153,40 @@ impl Volume {
         // takeover before the previous drain finished).
         let stale: Vec<u64> = {
             let st = self.areas.state();
-            repl.tracker.pending_where(|b| st.newer_on_peer(b))
+            if st.pending_count() == 0 {
+                Vec::new()
+            } else {
+                repl.tracker.pending_where(|b| st.newer_on_peer(b))
+            }
         };
         if !stale.is_empty() {
             repl.tracker.forget(&stale);
         }
-        let (words, count, last_seq) = repl.tracker.pending_snapshot();
+        let t_scan = t0.elapsed();
+        let (table, count, last_seq) = repl.tracker.handoff_snapshot(accepts_runs);
+        let t_table = t0.elapsed();
         // The answer renews the new primary's lease (it stamped before asking): this engine
         // promises, as a peer answering RenewLease does.
         repl.lease.promise(repl.lease.lease_ms());
+        // Where the old primary's part of the ready time goes (docs/benchmarks.md).
+        self.areas.event(format!(
+            "HandoffAnswered epoch={new_epoch} blocks={count} bytes={} form={} gate_us={} \
+             fence_us={} scan_us={} table_us={}",
+            table.len(),
+            table.name(),
+            t_gate.as_micros(),
+            (t_fence - t_gate).as_micros(),
+            (t_scan - t_fence).as_micros(),
+            (t_table - t_scan).as_micros(),
+        ));
+        let (pending_runs, pending_words) = match table {
+            WireTable::Runs(r) => (Some(r.into()), None),
+            WireTable::Words(w) => (None, Some(w.into())),
+        };
         Ok(pb::HandoffReply {
             epoch: new_epoch,
-            pending_words: Some(words.into()),
+            pending_words,
+            pending_runs,
             pending_blocks: count,
             last_seq,
             block_size: BS,
@@ -187,31 +263,33 @@ impl Volume {
             .event(format!("TakeoverRequested epoch={new_epoch} force={force}"));
         // Taken before the peer is asked: the handoff answer renews the lease from here.
         let stamp = crate::lease::mono_us();
+        let asked = Instant::now();
         let handoff = self.ask_for_table(&repl.peer(), new_epoch, timeout).await;
+        let ask = asked.elapsed();
         let blocks = self.size() / BS;
         let reply = match handoff {
             Ok(h) => {
-                let table = match &h.pending_words {
-                    Some(w) => Bitmap::from_sparse(blocks, w),
-                    None => Bitmap::from_bytes(blocks, &h.pending_bitmap),
-                }
-                .ok_or_else(|| {
-                    EngineError::Corrupt(
-                        "the peer's differential table is malformed or of another size".into(),
-                    )
-                })?;
-                let pending = table.count();
-                // The reply's table bytes, for the event (bench/large-volume.sh reads it).
-                let table_bytes = h
-                    .pending_words
-                    .as_ref()
-                    .map_or(h.pending_bitmap.len(), |w| w.len());
-                self.promote_checked(role, new_epoch, table, None).await?;
+                let t0 = Instant::now();
+                let handed = handed_table(blocks, &h).map_err(EngineError::Corrupt)?;
+                let parse = t0.elapsed();
+                let pending = handed.table.count();
+                let effects = self
+                    .promote_checked(role, new_epoch, handed.table, handed.file, None)
+                    .await?;
+                let promote = t0.elapsed() - parse;
                 repl.lease.renew(stamp, repl.lease.lease_ms());
                 self.areas.lease_wake.notify_one();
+                // The reply's table bytes and where the ready time went (bench/large-volume.sh
+                // reads them).
                 self.areas.event(format!(
-                    "HandoffStored blocks={pending} bytes={table_bytes} peer_last_seq={}",
-                    h.last_seq
+                    "HandoffStored blocks={pending} bytes={} form={} peer_last_seq={} ask_us={} \
+                     parse_us={} promote_us={} ({effects})",
+                    handed.bytes,
+                    handed.form,
+                    h.last_seq,
+                    ask.as_micros(),
+                    parse.as_micros(),
+                    promote.as_micros(),
                 ));
                 pb::TakeoverReply {
                     epoch: new_epoch,
@@ -258,8 +336,14 @@ impl Volume {
                     }
                 };
                 let n = lost.count();
-                self.promote_checked(role, new_epoch, Bitmap::new(blocks), Some((lost, from, to)))
-                    .await?;
+                self.promote_checked(
+                    role,
+                    new_epoch,
+                    Bitmap::new(blocks),
+                    None,
+                    Some((lost, from, to)),
+                )
+                .await?;
                 self.areas.lease_wake.notify_one();
                 self.areas.event(format!(
                     "ForcePromoted lost_blocks={n} lost_seq={from}..{to} (known from the last heartbeat; \
@@ -353,6 +437,7 @@ impl Volume {
                 let req = pb::FenceRequest {
                     volume: volume.clone(),
                     new_epoch,
+                    accepts_runs: true,
                 };
                 async move { c.fence_and_handoff(req).await }
             })
@@ -433,14 +518,16 @@ impl Volume {
     }
 
     /// Promotes under the gate, unless a concurrent role change (a fence by the peer, a drain that
-    /// finished) got there first: then the takeover is refused and nothing changes.
+    /// finished) got there first: then the takeover is refused and nothing changes. Answers the
+    /// time of each effect (`promote`).
     async fn promote_checked(
         &self,
         role_at_start: Role,
         new_epoch: u64,
         table: Bitmap,
+        file: Option<EncodedBitmap>,
         lost: Option<(Bitmap, u64, u64)>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<String, EngineError> {
         let _gate = self.gate.write().await;
         // A fenced engine whose own drain finished meanwhile is a secondary at the same epoch: still
         // fine to promote. Only a newer epoch (someone else's takeover) supersedes this one.
@@ -452,34 +539,52 @@ impl Volume {
                 self.epoch()
             )));
         }
-        Ok(self.promote(new_epoch, table, lost)?)
+        Ok(self.promote_stored(new_epoch, table, file, lost)?)
     }
 
     /// Becomes primary at `new_epoch`: the handed-off table is stored durably first, then the role
     /// (`state::next`, Promote / ForcePromote). `lost` (forced promotion): blocks whose newest
     /// content stayed on the peer, and their seqs.
+    #[cfg(test)]
     pub(crate) fn promote(
         &self,
         new_epoch: u64,
         table: Bitmap,
         lost: Option<(Bitmap, u64, u64)>,
     ) -> Result<(), TransitionError> {
+        self.promote_stored(new_epoch, table, None, lost).map(drop)
+    }
+
+    /// `promote`, storing `file` (the table's file form as received, when given) as
+    /// `peer_pending`. Answers each effect's time, "Effect=µs ...".
+    pub(crate) fn promote_stored(
+        &self,
+        new_epoch: u64,
+        table: Bitmap,
+        file: Option<EncodedBitmap>,
+        lost: Option<(Bitmap, u64, u64)>,
+    ) -> Result<String, TransitionError> {
         if self.repl.is_none() {
-            return Ok(());
+            return Ok(String::new());
         }
         let event = if lost.is_some() {
             Event::ForcePromote { new_epoch }
         } else {
             Event::Promote { new_epoch }
         };
-        self.transition(
+        let (_, times) = self.transition_timed(
             event,
             Carry {
                 table: Some(table),
+                table_file: file,
                 lost,
             },
         )?;
-        Ok(())
+        Ok(times
+            .iter()
+            .map(|(e, d)| format!("{e:?}={}", d.as_micros()))
+            .collect::<Vec<_>>()
+            .join(" "))
     }
 
     /// Copies every overlay block into the data file and empties the overlay (no host I/O runs:

@@ -31,7 +31,7 @@ use tandem_api::Reason;
 use tokio::sync::Notify;
 
 use crate::{
-    bitmap::{Bitmap, BitmapFile},
+    bitmap::{Bitmap, BitmapFile, EncodedBitmap},
     clock::now_us,
     geometry::BS,
     meta::Phase,
@@ -356,14 +356,15 @@ impl Areas {
         Ok(())
     }
 
-    /// Replaces both bitmaps durably (start of a takeover, end of a merge).
-    pub fn reset(&self, peer_pending: Bitmap) -> io::Result<()> {
+    /// Replaces both bitmaps durably (start of a takeover, end of a merge). `file`: the file form
+    /// of `peer_pending` when the caller has it already (the handoff's runs, as received).
+    pub fn reset(&self, peer_pending: Bitmap, file: Option<EncodedBitmap>) -> io::Result<()> {
         let ov_turn = self.ov_file.turn();
         let pp_turn = self.pp_file.turn();
         let blocks = peer_pending.len();
         let empty = Bitmap::new(blocks);
         ov_turn.store(&empty.encode())?;
-        pp_turn.store(&peer_pending.encode())?;
+        pp_turn.store(&file.unwrap_or_else(|| peer_pending.encode()))?;
         let mut st = self.state();
         st.pp_durably_empty = peer_pending.is_empty();
         st.peer_pending = peer_pending;

@@ -258,7 +258,7 @@ fn apply(v: &Arc<Volume>, m: &mut Model, op: &Op) -> Result<(), String> {
             }
         }
         Op::Fence => {
-            block_on(v.fence_and_handoff(3)).map_err(|x| e(&x))?;
+            block_on(v.fence_and_handoff(3, true)).map_err(|x| e(&x))?;
         }
     }
     Ok(())
@@ -377,6 +377,9 @@ fn power_loss_as(
 ) -> Result<Arc<Volume>, String> {
     v.store.lose_unsynced();
     v.areas.overlay.lose_unsynced();
+    if let Some(r) = &v.repl {
+        r.tracker.lose_unsynced();
+    }
     drop(v);
     let new_boot = std::fs::write(cfg.state_dir.join("test-boot-id"), label);
     assert!(new_boot.is_ok(), "naming the new boot");

@@ -305,6 +305,83 @@ fn the_message_cap_fits_the_worst_table_of_a_volume() {
     }
 }
 
+/// The old primary answers an older caller (no `accepts_runs`) with the sparse words it always
+/// sent, a newer one with runs; the new primary reads either (and the dense bitmap of older peers
+/// still), gets the same table, and stores the runs as received: the file loads back as the table.
+#[test]
+fn a_handoff_table_is_read_in_every_form_a_peer_may_send() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = VolumeConfig {
+        initial_role: Role::Primary,
+        ..base_config(&d.path().join("old"))
+    };
+    let old = Volume::open(&cfg).unwrap();
+    let written = [3u64, 4, 5, 700, 2047];
+    for &b in &written {
+        write(&old, b, 0x11);
+    }
+    let words = block_on(old.fence_and_handoff(2, false)).unwrap();
+    assert!(words.pending_runs.is_none() && words.pending_words.is_some());
+    let runs = block_on(old.fence_and_handoff(2, true)).unwrap();
+    assert!(runs.pending_words.is_none() && runs.pending_runs.is_some());
+    let mut dense = words.clone();
+    dense.pending_words = None;
+    let mut expect = Bitmap::new(BLOCKS);
+    for &b in &written {
+        expect.set(b);
+    }
+    dense.pending_bitmap = expect.to_bytes().into();
+    for (h, form) in [(&words, "words"), (&runs, "runs"), (&dense, "bitmap")] {
+        let got = super::handoff::handed_table(BLOCKS, h).unwrap();
+        assert_eq!((got.form, &got.table), (form, &expect));
+        assert_eq!(got.file.is_some(), form == "runs");
+    }
+    // The new primary stores the runs as they came.
+    let new = Volume::open(&config(&d.path().join("new"))).unwrap();
+    let got = super::handoff::handed_table(BLOCKS, &runs).unwrap();
+    let file_len = got.file.as_ref().map(|f| f.len());
+    new.promote_stored(2, got.table, got.file, None).unwrap();
+    let path = d.path().join("new/state/peer_pending");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len() as usize,
+        file_len.unwrap()
+    );
+    assert_eq!(Bitmap::load(&path, BLOCKS).unwrap(), Some(expect));
+    assert_eq!(new.areas.state().pending_count(), written.len() as u64);
+}
+
+/// A handoff reply whose table is malformed is refused with the reason, whatever its form (the
+/// takeover parses it before anything is stored or promoted).
+#[test]
+fn a_malformed_handoff_table_is_refused_with_its_reason() {
+    let reply = |runs: Option<Vec<u8>>, words: Option<Vec<u8>>, dense: Vec<u8>| pb::HandoffReply {
+        epoch: 2,
+        pending_runs: runs.map(Into::into),
+        pending_words: words.map(Into::into),
+        pending_bitmap: dense.into(),
+        ..Default::default()
+    };
+    let cases = [
+        (reply(Some(vec![0x80]), None, vec![]), "truncated"),
+        (
+            reply(Some(vec![0, 0x80, 0x10]), None, vec![]),
+            "past the table",
+        ),
+        (reply(Some(vec![0xff; 11]), None, vec![]), "varint"),
+        (
+            reply(None, Some(vec![0; 15]), vec![]),
+            "words form of 15 bytes",
+        ),
+        (reply(None, None, vec![0; 3]), "bitmap form of 3 bytes"),
+    ];
+    for (h, why) in cases {
+        let Err(e) = super::handoff::handed_table(BLOCKS, &h) else {
+            panic!("{h:?} was accepted");
+        };
+        assert!(e.contains("malformed") && e.contains(why), "{e}");
+    }
+}
+
 /// A write (and a zeroing write) acknowledged into the overlay just before the process is killed,
 /// before any FLUSH or checkpoint stored its bit, still reads back after the restart: the page
 /// cache kept the overlay block, and the restart finds it allocated.

@@ -7,10 +7,13 @@
 //! state, the tracker's state), which are never held across one another's acquisition except
 //! areas → tracker (`fence_and_handoff`'s stale-bit scan) and never across an await.
 
-use std::io;
+use std::{
+    io,
+    time::{Duration, Instant},
+};
 
 use crate::{
-    bitmap::Bitmap,
+    bitmap::{Bitmap, EncodedBitmap},
     geometry::blocks_in,
     meta::Role,
     state::{self, Effect, EngineState, Event, Refusal, Step},
@@ -23,6 +26,8 @@ use super::Volume;
 pub(crate) struct Carry {
     /// `StoreTable`: the handed-off table (absent: empty).
     pub table: Option<Bitmap>,
+    /// `StoreTable`: that table's file form as the peer sent it (absent: encoded from `table`).
+    pub table_file: Option<EncodedBitmap>,
     /// `MarkLost` on a forced promotion: the blocks whose newest copy stayed on the lost peer,
     /// and the sequence range they were written in.
     pub lost: Option<(Bitmap, u64, u64)>,
@@ -60,19 +65,28 @@ impl Volume {
     /// Asks the state machine what `event` does now and carries it out. A refusal changes nothing;
     /// an I/O error stops at the failing effect (every effect before `Persist` is safe to repeat,
     /// and the state on disk is the old one until `Persist` succeeds).
-    pub(crate) fn transition(
+    pub(crate) fn transition(&self, event: Event, carry: Carry) -> Result<Step, TransitionError> {
+        self.transition_timed(event, carry).map(|(step, _)| step)
+    }
+
+    /// `transition`, also answering how long each effect took (the takeover's ready path reports
+    /// them in its `HandoffStored` event).
+    pub(crate) fn transition_timed(
         &self,
         event: Event,
         mut carry: Carry,
-    ) -> Result<Step, TransitionError> {
+    ) -> Result<(Step, Vec<(Effect, Duration)>), TransitionError> {
         let _one = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
         let from = self.state();
         let step = state::next(&from, event)?;
         let mut lost_now = 0;
+        let mut times = Vec::with_capacity(step.effects.len());
         for &effect in step.effects {
+            let t = Instant::now();
             self.carry_out(effect, &step.to, event, &mut carry, &mut lost_now)?;
+            times.push((effect, t.elapsed()));
         }
-        Ok(step)
+        Ok((step, times))
     }
 
     fn carry_out(
@@ -105,9 +119,9 @@ impl Volume {
             }
             Effect::StoreTable => {
                 let table = carry.table.take().unwrap_or_else(|| Bitmap::new(blocks));
-                self.areas.reset(table)?;
+                self.areas.reset(table, carry.table_file.take())?;
             }
-            Effect::ResetAreas => self.areas.reset(Bitmap::new(blocks))?,
+            Effect::ResetAreas => self.areas.reset(Bitmap::new(blocks), None)?,
             Effect::RestartJournal => {
                 if let Some(r) = &self.repl {
                     r.tracker.restart(to.epoch, to.role == Role::Secondary);
