@@ -493,7 +493,8 @@ mod tests {
     fn routes_plaintext_by_the_magic() {
         rt().block_on(async {
             let mut s = server(None, true).await;
-            let (r, w) = tokio::join!(open(&s.addr, None), went(&mut s));
+            let addr = s.addr.clone();
+            let (r, w) = tokio::join!(open(&addr, None), went(&mut s));
             r.unwrap();
             assert_eq!(w, Went::Framed(PeerAuth::NotRequired));
             let mut h2 = TcpStream::connect(&s.addr).await.unwrap();
@@ -502,7 +503,8 @@ mod tests {
 
             let mut old = server(None, false).await;
             // tonic refuses what is not HTTP/2 by closing (here: dropping it).
-            let (r, w) = tokio::join!(open(&old.addr, None), went(&mut old));
+            let addr = old.addr.clone();
+            let (r, w) = tokio::join!(open(&addr, None), went(&mut old));
             assert_eq!(w, Went::Grpc(PeerAuth::NotRequired));
             assert!(
                 matches!(r, Err(framed::OpenError::Unsupported { .. })),
@@ -518,7 +520,8 @@ mod tests {
         rt().block_on(async {
             let (server_tls, client_tls, id) = pair();
             let mut s = server(Some(server_tls.clone()), true).await;
-            let (r, w) = tokio::join!(open(&s.addr, Some(&client_tls)), went(&mut s));
+            let addr = s.addr.clone();
+            let (r, w) = tokio::join!(open(&addr, Some(&client_tls)), went(&mut s));
             r.unwrap();
             assert_eq!(w, Went::Framed(PeerAuth::Verified(id.clone())));
             let tcp = TcpStream::connect(&s.addr).await.unwrap();
@@ -533,7 +536,8 @@ mod tests {
             assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
             assert_eq!(w, Went::Grpc(PeerAuth::Verified(id)));
             // Plaintext magic on a TLS engine: the framed handler, which refuses it.
-            let (_, w) = tokio::join!(open(&s.addr, None), went(&mut s));
+            let addr = s.addr.clone();
+            let (_, w) = tokio::join!(open(&addr, None), went(&mut s));
             assert_eq!(w, Went::Framed(PeerAuth::Plaintext));
 
             let old = server(Some(server_tls), false).await;

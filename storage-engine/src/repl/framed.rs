@@ -326,7 +326,7 @@ pub async fn serve(mut io: ServerIo, server: Arc<Server>, stop: watch::Receiver<
     };
     // The same checks, in the same order, as the gRPC call: the token (the interceptor), then
     // the rights of the connection's identity (authz::PeerAuthz). Nothing reaches the receiver
-    // before both pass (framed refusal tests in tests/tls.rs and below).
+    // before both pass (tests::the_token_is_checked_as_the_grpc_calls, tests::the_identity_is_*).
     let token = String::from_utf8_lossy(&hello);
     let checked = server.auth.check(Some(&*token)).and_then(|()| {
         server
