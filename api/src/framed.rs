@@ -284,9 +284,8 @@ pub async fn open(
     let mut io: Box<dyn Io> = match tls {
         None => Box::new(tcp),
         Some(tls) => {
-            let name = rustls::pki_types::ServerName::IpAddress(
-                std::net::Ipv4Addr::LOCALHOST.into(),
-            );
+            let name =
+                rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
             let stream = match crate::tls::client::handshake(tls, true, name, tcp).await {
                 Ok((s, _)) => s,
                 Err(e) if no_common_protocol(&*e) => return Err(unsupported(e.to_string())),
@@ -300,7 +299,11 @@ pub async fn open(
     };
     let mut hello = BytesMut::with_capacity(MAGIC.len() + HEADER + 64);
     hello.put_slice(&MAGIC);
-    put_frame(&mut hello, Kind::Hello, token.unwrap_or("").trim().as_bytes());
+    put_frame(
+        &mut hello,
+        Kind::Hello,
+        token.unwrap_or("").trim().as_bytes(),
+    );
     // An older engine closes on what is not HTTP/2 (perhaps before we are done writing), or
     // answers its SETTINGS: either way, not the magic.
     let closed = |e: std::io::Error| unsupported(format!("it closed the connection: {e}"));
@@ -318,13 +321,11 @@ pub async fn open(
 fn no_common_protocol(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);
     while let Some(e) = next {
-        let r = e
-            .downcast_ref::<rustls::Error>()
-            .or_else(|| {
-                e.downcast_ref::<std::io::Error>()
-                    .and_then(|io| io.get_ref())
-                    .and_then(|i| i.downcast_ref::<rustls::Error>())
-            });
+        let r = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+        });
         if matches!(
             r,
             Some(rustls::Error::AlertReceived(

@@ -55,7 +55,10 @@ fn a_pair_replicates_over_the_framed_stream_and_takes_over() {
     assert_eq!(status(&pair.b)["link_transport"], "framed");
     assert_eq!(takeover(&pair.b)["epoch"], 2);
     let back = nbd_read(&pair.b.nbd_addr(), 0, 6 << 20).unwrap();
-    assert!(back == data, "the new primary reads other bytes than were written");
+    assert!(
+        back == data,
+        "the new primary reads other bytes than were written"
+    );
     put_block(&pair.b.uri(), 2000, 0x6d);
     wait_until(30, "reverse replication synced", || {
         status(&pair.b)["pair_state"] == "Synced"

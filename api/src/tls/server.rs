@@ -465,8 +465,7 @@ mod tests {
         };
         let s = ca.issue(&id, &[], Duration::from_secs(3600)).unwrap();
         let c = ca.issue(&id, &[], Duration::from_secs(3600)).unwrap();
-        let server =
-            TlsSource::from_pem(ca.cert_pem(), &s.cert_pem, &s.key_pem).unwrap();
+        let server = TlsSource::from_pem(ca.cert_pem(), &s.cert_pem, &s.key_pem).unwrap();
         let client = ClientTls::from_pem(ca.cert_pem(), &c.cert_pem, &c.key_pem).unwrap();
         (server, client, id)
     }
@@ -498,7 +497,9 @@ mod tests {
             r.unwrap();
             assert_eq!(w, Went::Framed(PeerAuth::NotRequired));
             let mut h2 = TcpStream::connect(&s.addr).await.unwrap();
-            h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+            h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
             assert_eq!(went(&mut s).await, Went::Grpc(PeerAuth::NotRequired));
 
             let mut old = server(None, false).await;
@@ -525,9 +526,8 @@ mod tests {
             r.unwrap();
             assert_eq!(w, Went::Framed(PeerAuth::Verified(id.clone())));
             let tcp = TcpStream::connect(&s.addr).await.unwrap();
-            let name = rustls::pki_types::ServerName::IpAddress(
-                std::net::Ipv4Addr::LOCALHOST.into(),
-            );
+            let name =
+                rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
             let (h2, w) = tokio::join!(
                 crate::tls::client::handshake(&client_tls, false, name, tcp),
                 went(&mut s)

@@ -126,15 +126,15 @@ impl FramedAcks {
             // (liveness tests, framed transport).
             let f = tokio::time::timeout(self.silence, self.reader.next())
                 .await
-                .map_err(|_| {
-                    Status::unavailable(format!("peer silent for {:?}", self.silence))
-                })?;
+                .map_err(|_| Status::unavailable(format!("peer silent for {:?}", self.silence)))?;
             return match f {
                 Ok(Some((Kind::Ack, p))) => framed::decode_pb("ack", p)
                     .map(Some)
                     .map_err(|e| e.status()),
                 Ok(Some((Kind::Ping, _))) => continue,
-                Ok(Some((Kind::Error, p))) => Err(framed::status_of(p).unwrap_or_else(|e| e.status())),
+                Ok(Some((Kind::Error, p))) => {
+                    Err(framed::status_of(p).unwrap_or_else(|e| e.status()))
+                }
                 Ok(Some((k, _))) => Err(Status::invalid_argument(format!(
                     "the peer sent a {k:?} frame on the acknowledgement stream"
                 ))),
@@ -183,9 +183,7 @@ pub(crate) async fn open(
     .await
     .map_err(|e| match e {
         framed::OpenError::Unsupported { .. } => OpenError::Unsupported(e),
-        framed::OpenError::Failed { .. } => {
-            OpenError::Session(SessionError::Framed(e.to_string()))
-        }
+        framed::OpenError::Failed { .. } => OpenError::Session(SessionError::Framed(e.to_string())),
     })?;
     let silence = crate::client::peer_timeout();
     let (r, w) = tokio::io::split(conn);
@@ -359,30 +357,30 @@ fn inbound(
         move |state| {
             let broke = Arc::clone(&broke);
             async move {
-            let (mut reader, mut stop) = state?;
-            let f = tokio::select! {
-                f = reader.next() => f,
-                _ = stop.wait_for(|s| *s) => return None,
-            };
-            let m: Result<pb::ReplicationMessage, _> = match f {
-                Ok(Some((Kind::Message, p))) => framed::decode_pb("message", p),
-                Ok(Some((k, _))) => Err(framed::FrameError::Undecodable {
-                    what: "message",
-                    why: format!("a {k:?} frame in the message stream"),
-                }),
-                Ok(None) => return None,
-                Err(e) => Err(e),
-            };
-            match m {
-                Ok(m) => Some((Ok(m), Some((reader, stop)))),
-                Err(e) => {
-                    if !matches!(e, framed::FrameError::Io(_)) {
-                        warn!(error = %e, "framed replication stream: bad frame, stream ended");
-                        *broke.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.status());
+                let (mut reader, mut stop) = state?;
+                let f = tokio::select! {
+                    f = reader.next() => f,
+                    _ = stop.wait_for(|s| *s) => return None,
+                };
+                let m: Result<pb::ReplicationMessage, _> = match f {
+                    Ok(Some((Kind::Message, p))) => framed::decode_pb("message", p),
+                    Ok(Some((k, _))) => Err(framed::FrameError::Undecodable {
+                        what: "message",
+                        why: format!("a {k:?} frame in the message stream"),
+                    }),
+                    Ok(None) => return None,
+                    Err(e) => Err(e),
+                };
+                match m {
+                    Ok(m) => Some((Ok(m), Some((reader, stop)))),
+                    Err(e) => {
+                        if !matches!(e, framed::FrameError::Io(_)) {
+                            warn!(error = %e, "framed replication stream: bad frame, stream ended");
+                            *broke.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.status());
+                        }
+                        Some((Err(e.status()), None))
                     }
-                    Some((Err(e.status()), None))
                 }
-            }
             }
         },
     ))
@@ -533,7 +531,11 @@ mod tests {
 
     /// Opens a framed stream as `tls` with `token`, sends block 3's image at once, and returns
     /// every frame the server answered until it closed (or the durable ack naming block 3).
-    fn exchange(r: &Rig, tls: Option<&ClientTls>, token: Option<&str>) -> Vec<(Kind, bytes::Bytes)> {
+    fn exchange(
+        r: &Rig,
+        tls: Option<&ClientTls>,
+        token: Option<&str>,
+    ) -> Vec<(Kind, bytes::Bytes)> {
         r.rt.block_on(async {
             let io = framed::open(&r.addr, tls, token, Duration::from_secs(5), KA)
                 .await
@@ -569,7 +571,10 @@ mod tests {
         assert_eq!(r.svc.streams(), 0, "a refused stream reached the receiver");
         let mut buf = vec![0u8; BS];
         r.vol.read_local(&mut buf, 3 * BS as u64).unwrap();
-        assert!(buf.iter().all(|&b| b == 0), "a refused stream wrote block 3");
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "a refused stream wrote block 3"
+        );
         framed::status_of(p).unwrap()
     }
 
@@ -592,7 +597,10 @@ mod tests {
         assert_eq!(r.svc.streams(), 1);
         let mut buf = vec![0u8; BS];
         r.vol.read_local(&mut buf, 3 * BS as u64).unwrap();
-        assert!(buf.iter().all(|&b| b == 0xab), "block 3 was acknowledged and not written");
+        assert!(
+            buf.iter().all(|&b| b == 0xab),
+            "block 3 was acknowledged and not written"
+        );
     }
 
     /// With TLS, the connection's identity meets the rights table: the volume's other engine
@@ -665,7 +673,11 @@ mod tests {
         });
         let kinds: Vec<Kind> = frames.iter().map(|f| f.0).collect();
         assert_eq!(kinds.first(), Some(&Kind::Ack), "no hello: {kinds:?}");
-        assert_eq!(kinds.last(), Some(&Kind::Error), "no error frame: {kinds:?}");
+        assert_eq!(
+            kinds.last(),
+            Some(&Kind::Error),
+            "no error frame: {kinds:?}"
+        );
         let s = framed::status_of(frames.last().unwrap().1.clone()).unwrap();
         assert_eq!(s.code(), tonic::Code::OutOfRange, "{s:?}");
         assert!(s.message().contains("over the cap"), "{s:?}");
