@@ -116,17 +116,45 @@ impl Acks {
 pub struct FramedAcks {
     reader: FrameReader<ReadHalf<Conn>>,
     silence: Duration,
+    /// Checks for silence a few times per `silence` (one timer for the stream, not one per ack).
+    tick: tokio::time::Interval,
+    /// When the peer last sent a frame.
+    heard: tokio::time::Instant,
 }
 
 impl FramedAcks {
+    fn new(reader: FrameReader<ReadHalf<Conn>>, silence: Duration) -> Self {
+        let period = silence / 6;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            reader,
+            silence,
+            tick,
+            heard: tokio::time::Instant::now(),
+        }
+    }
+
     async fn message(&mut self) -> Result<Option<pb::ReplicationAck>, Status> {
         loop {
-            // The server pings at a third of the peer timeout when it has nothing to say: a
-            // longer silence is a dead, stopped or cut-off peer, which TCP may never report
-            // (liveness tests, framed transport).
-            let f = tokio::time::timeout(self.silence, self.reader.next())
-                .await
-                .map_err(|_| Status::unavailable(format!("peer silent for {:?}", self.silence)))?;
+            // The server sends a frame at least every half of the peer timeout (pings when it
+            // has nothing to acknowledge): five sixths of it in silence is a dead, stopped or
+            // cut-off peer, which TCP may never report, noticed within the peer timeout
+            // (liveness::stopped_peer_is_detected_and_resumes and the others, framed).
+            let f = tokio::select! {
+                biased;
+                f = self.reader.next() => f,
+                _ = self.tick.tick() => {
+                    if self.heard.elapsed() >= self.silence * 5 / 6 {
+                        return Err(Status::unavailable(format!(
+                            "peer silent for {:?}",
+                            self.heard.elapsed()
+                        )));
+                    }
+                    continue;
+                }
+            };
+            self.heard = tokio::time::Instant::now();
             return match f {
                 Ok(Some((Kind::Ack, p))) => framed::decode_pb("ack", p)
                     .map(Some)
@@ -188,10 +216,7 @@ pub(crate) async fn open(
     let silence = crate::client::peer_timeout();
     let (r, w) = tokio::io::split(conn);
     let cap = framed::frame_cap(crate::takeover::handoff::message_cap(size));
-    let mut acks = FramedAcks {
-        reader: FrameReader::new(r, cap),
-        silence,
-    };
+    let mut acks = FramedAcks::new(FrameReader::new(r, cap), silence);
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(write_messages(rx, w, silence));
     let hello = acks
@@ -394,17 +419,26 @@ async fn write_acks(
     limit: Duration,
     broke: &Broke,
 ) {
-    let ping = limit / 3;
+    // A frame at least every half of the peer timeout: a ping at a tick with nothing written
+    // since the tick before (one timer for the stream, not one per acknowledgement).
+    let ping = limit / 4;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + ping, ping);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet = true;
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         let first = tokio::select! {
+            biased;
             a = acks.recv() => a,
-            _ = tokio::time::sleep(ping) => {
-                framed::put_frame(&mut buf, Kind::Ping, &[]);
-                if write_within(&mut w, &buf, limit).await.is_err() {
-                    return;
+            _ = tick.tick() => {
+                if quiet {
+                    framed::put_frame(&mut buf, Kind::Ping, &[]);
+                    if write_within(&mut w, &buf, limit).await.is_err() {
+                        return;
+                    }
+                    buf.clear();
                 }
-                buf.clear();
+                quiet = true;
                 continue;
             }
         };
@@ -436,6 +470,7 @@ async fn write_acks(
             debug!(error = %e, "framed replication stream: acknowledgement write failed");
             return;
         }
+        quiet = false;
         buf.clear();
         if ended {
             break;
