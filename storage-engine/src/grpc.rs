@@ -32,23 +32,29 @@ impl AuthInterceptor {
     }
 }
 
-impl tonic::service::Interceptor for AuthInterceptor {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+impl AuthInterceptor {
+    /// Checks the token a caller gave (the gRPC bearer token, or the framed stream's hello).
+    pub fn check(&self, given: Option<&str>) -> Result<(), Status> {
         let Some(expected) = &self.token else {
-            return Ok(req);
+            return Ok(());
         };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
-            Ok(req)
+        if constant_time_eq(given.unwrap_or("").trim().as_bytes(), expected.as_bytes()) {
+            Ok(())
         } else {
             Err(Reason::Unauthenticated
                 .status(Code::Unauthenticated, "missing or wrong volume token"))
         }
+    }
+}
+
+impl tonic::service::Interceptor for AuthInterceptor {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        self.check(given).map(|()| req)
     }
 }
 
@@ -221,6 +227,10 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     }
     reply.peer = r.peer();
     reply.peer_connected = r.connected();
+    reply.link_transport = r
+        .stats
+        .link_transport()
+        .map_or_else(String::new, |t| t.as_str().to_string());
     reply.sync_degraded = r.stats.degraded();
     reply.sync_timeouts = r.stats.sync_timeouts.load(Ordering::Relaxed);
     if reply.sync_degraded && reply.condition.is_empty() {

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use super::framed::Via;
 use crate::{
     pb::{self, peer_server::Peer, replication_message::Body},
     state::Receiving,
@@ -60,7 +61,8 @@ impl PeerService {
 /// Marks the link up while a stream is being applied.
 struct LinkUp(Arc<crate::repl::Repl>);
 impl LinkUp {
-    fn new(r: Arc<crate::repl::Repl>) -> Self {
+    fn new(r: Arc<crate::repl::Repl>, via: Via) -> Self {
+        r.stats.set_transport(via);
         r.stats.set_connected(true);
         Self(r)
     }
@@ -370,12 +372,18 @@ async fn flush_loop(
     }
 }
 
-type AckStream = ReceiverStream<Result<pb::ReplicationAck, Status>>;
+pub(crate) type AckStream = ReceiverStream<Result<pb::ReplicationAck, Status>>;
 
 impl PeerService {
+    /// How many replication streams were ever handed to this receiver.
+    #[cfg(test)]
+    pub(crate) fn streams(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     /// Takes a replication stream: the newest one supersedes any older at once; the returned
     /// stream carries its acknowledgements (the hello first).
-    pub(crate) fn accept(&self, inbound: impl Inbound) -> AckStream {
+    pub(crate) fn accept(&self, inbound: impl Inbound, via: Via) -> AckStream {
         let (tx, rx) = mpsc::channel(16);
         let mut mine = 0;
         self.generation.send_modify(|g| {
@@ -404,7 +412,7 @@ impl PeerService {
                 .repl
                 .as_ref()
                 .filter(|_| vol.receiving() == Receiving::Replica)
-                .map(|r| LinkUp::new(Arc::clone(r)));
+                .map(|r| LinkUp::new(Arc::clone(r), via));
             // Applying and making durable run side by side: a sync-mode writer waits only for the
             // apply; the differential table waits for the fsync.
             let images: Arc<std::sync::Mutex<Vec<(u64, u64)>>> = Arc::default();
@@ -442,7 +450,7 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<pb::ReplicationMessage>>,
     ) -> Result<Response<AckStream>, Status> {
-        Ok(Response::new(self.accept(req.into_inner())))
+        Ok(Response::new(self.accept(req.into_inner(), Via::Grpc)))
     }
 
     async fn fence_and_handoff(
@@ -583,7 +591,7 @@ mod tests {
         let rt = runtime();
         let svc = PeerService::new(Arc::clone(&vol), durable_interval, Duration::from_secs(30));
         let (inbound, rx) = mpsc::channel(64);
-        let acks = rt.block_on(async { svc.accept(ReceiverStream::new(rx)) });
+        let acks = rt.block_on(async { svc.accept(ReceiverStream::new(rx), Via::Grpc) });
         Fed {
             vol,
             rt,
