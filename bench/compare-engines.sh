@@ -3,9 +3,7 @@
 # rows (bench/nbd-vs-nbdkit.sh) and the replication rows (bench/replication.sh), each run for the
 # old engine and then the new one, back to back, on the same machine state. Prints both tables.
 #   bench/compare-engines.sh OLD_ENGINE NEW_ENGINE [SIZE_MIB=256] [RUNTIME=5]
-# BENCHES (default "nbd-vs-nbdkit replication") picks the scripts; their own variables pass through
-# (replication's TRANSPORTS defaults to "default" here: each engine's own, flags an old one lacks
-# are not passed).
+# BENCHES (default "nbd-vs-nbdkit replication") picks the scripts; their own variables pass through.
 # Build the old one from a worktree of the older commit:
 #   git worktree add /tmp/old <commit> && (cd /tmp/old && cargo build --release -p storage-engine)
 set -euo pipefail
@@ -16,6 +14,6 @@ for bench in ${BENCHES:-nbd-vs-nbdkit replication}; do
   for which in old new; do
     bin=$OLD; [ "$which" = new ] && bin=$NEW
     echo "### $bench, $which engine ($bin)"
-    TANDEM_ENGINE=$bin TRANSPORTS=${TRANSPORTS:-default} "bench/$bench.sh" "$SIZE_MIB" "$RUNTIME"
+    TANDEM_ENGINE=$bin "bench/$bench.sh" "$SIZE_MIB" "$RUNTIME"
   done
 done

@@ -9,16 +9,12 @@
 # engine) run on CPU 0, every secondary on CPU 1, so the secondary's work does not steal the primary's
 # core. PIN=0 lets everything share all cores. PIN=one puts everything on CPU 0 (no wakeup ever
 # crosses CPUs, and the secondary's work competes with the primary's).
-# TRANSPORTS (default "grpc framed") are the --repl-transport values measured, each with its own
-# async and sync pair beside the same unpaired engine; the resync runs over the last one.
-# "default" passes no flag (an engine older than the flag: bench/compare-engines.sh does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-512}
 RUNTIME=${2:-5}
 RAMP=${RAMP:-1}
 RESYNC_MIB=${RESYNC_MIB:-16 64 256}
-TRANSPORTS=${TRANSPORTS:-grpc framed}
 . bench/common.sh
 bench_nodes
 bench_setup
@@ -61,65 +57,39 @@ prealloc() { dd if=/dev/zero of="$W/$1.img" bs=1M count="$SIZE_MIB" oflag=direct
 
 prealloc solo
 serve solo 10870 9570
-# One async and one sync pair per transport (--repl-transport on both engines): the async pair of
-# transport i on gRPC ports 9571+4i (primary) and 9572+4i, the sync pair on 9573+4i and 9574+4i.
-tflag() { [ "$1" = default ] || echo "--repl-transport $1"; }
-i=0
-for t in $TRANSPORTS; do
-  g=$((9571 + 4 * i)); n=$((10871 + 4 * i)); tf=$(tflag "$t")
-  prealloc "sa_$t"; prealloc "pa_$t"; prealloc "ss_$t"; prealloc "ps_$t"
-  serve "sa_$t" $((n + 1)) $((g + 1)) --role secondary --peer 127.0.0.1:$g $tf
-  serve "pa_$t" $n $g --peer 127.0.0.1:$((g + 1)) $tf
-  serve "ss_$t" $((n + 3)) $((g + 3)) --role secondary --peer 127.0.0.1:$((g + 2)) $tf
-  serve "ps_$t" $((n + 2)) $((g + 2)) --peer 127.0.0.1:$((g + 3)) --replication sync $tf
-  i=$((i + 1))
-done
-sleep 1
-i=0
-for t in $TRANSPORTS; do
-  g=$((9571 + 4 * i)); wait_synced 127.0.0.1:$g; wait_synced 127.0.0.1:$((g + 2))
-  # The pair must run the transport it is measured as (auto would fall back silently).
-  for p in $g $((g + 2)); do
-    [ "$t" = default ] && break
-    got=$(js 127.0.0.1:$p link_transport)
-    [ "$got" = "$t" ] || { echo "pair on port $p replicates over '$got', not $t" >&2; exit 1; }
-  done
-  i=$((i + 1))
-done
+prealloc sa; prealloc pa
+serve sa 10872 9572 --role secondary --peer 127.0.0.1:9571; SA=$PID
+serve pa 10871 9571 --peer 127.0.0.1:9572
+prealloc ss; prealloc ps
+serve ss 10874 9574 --role secondary --peer 127.0.0.1:9573
+serve ps 10873 9573 --peer 127.0.0.1:9574 --replication sync
+sleep 1; wait_synced 127.0.0.1:9571; wait_synced 127.0.0.1:9573
 
 echo "### 4k randwrite IOPS, unpaired vs paired (fio runtime $RUNTIME per cell, ${SIZE_MIB} MiB volume)"
 echo
-echo "| QD | transport | unpaired | async pair | async/unpaired | sync pair | sync/unpaired | CPU busy: unpaired | async | sync |"
-echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| QD | unpaired | async pair | async/unpaired | sync pair | sync/unpaired | CPU busy: unpaired | async | sync |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 CPU_ROWS=()
-declare -A S1
 for qd in 1 16; do
   cpu_cell 127.0.0.1:9570 nbd://127.0.0.1:10870/b $qd solo; u=$(cat "$W/iops"); bu=$(cat "$W/busy")
-  cu=$(cat "$W/cpu-solo")
-  [ "$qd" = 1 ] && U1=$u
-  i=0
-  for t in $TRANSPORTS; do
-    g=$((9571 + 4 * i)); n=$((10871 + 4 * i))
-    cpu_cell 127.0.0.1:$g nbd://127.0.0.1:$n/b $qd "pa_$t" "sa_$t"; a=$(cat "$W/iops"); ba=$(cat "$W/busy")
-    wait_synced 127.0.0.1:$g
-    cpu_cell 127.0.0.1:$((g + 2)) nbd://127.0.0.1:$((n + 2))/b $qd "ps_$t" "ss_$t"; s=$(cat "$W/iops"); bs=$(cat "$W/busy")
-    wait_synced 127.0.0.1:$((g + 2))
-    python3 -c "import sys; print('| $qd | $t | $u | $a | %.2fx | $s | %.2fx | %s | %s | %s |' % ($a/$u, $s/$u, *sys.argv[1:]))" "$bu" "$ba" "$bs"
-    CPU_ROWS+=("$(python3 -c "import sys
+  cpu_cell 127.0.0.1:9571 nbd://127.0.0.1:10871/b $qd pa sa; a=$(cat "$W/iops"); ba=$(cat "$W/busy")
+  wait_synced 127.0.0.1:9571
+  cpu_cell 127.0.0.1:9573 nbd://127.0.0.1:10873/b $qd ps ss; s=$(cat "$W/iops"); bs=$(cat "$W/busy")
+  wait_synced 127.0.0.1:9573
+  python3 -c "import sys; print('| $qd | $u | $a | %.2fx | $s | %.2fx | %s | %s | %s |' % ($a/$u, $s/$u, *sys.argv[1:]))" "$bu" "$ba" "$bs"
+  CPU_ROWS+=("$(python3 -c "import sys
 u, pa, sa, ps, ss = map(float, sys.argv[1:])
-print('| $qd | $t | %.1f | %.1f | %.1f | %.0f%% | %.1f | %.1f | %.0f%% |' % (u, pa, sa, (pa - u) / u * 100, ps, ss, (ps - u) / u * 100))" \
-      "$cu" "$(cat "$W/cpu-pa_$t")" "$(cat "$W/cpu-sa_$t")" "$(cat "$W/cpu-ps_$t")" "$(cat "$W/cpu-ss_$t")")")
-    [ "$qd" = 1 ] && S1[$t]=$s
-    i=$((i + 1))
-  done
+print('| $qd | %.1f | %.1f | %.1f | %.0f%% | %.1f | %.1f | %.0f%% |' % (u, pa, sa, (pa - u) / u * 100, ps, ss, (ps - u) / u * 100))" \
+    "$(cat "$W/cpu-solo")" "$(cat "$W/cpu-pa")" "$(cat "$W/cpu-sa")" "$(cat "$W/cpu-ps")" "$(cat "$W/cpu-ss")")")
+  [ "$qd" = 1 ] && U1=$u && S1=$s
 done
 echo
 echo "### Engine CPU per 4 KiB write (µs of user + system time of each engine process over the run)"
 echo
 echo "Replication's share is what the primary spends beyond an unpaired engine's write, against that write (issue 17: <= 25% async)."
 echo
-echo "| QD | transport | unpaired | async primary | async secondary | async: replication on the primary | sync primary | sync secondary | sync: replication on the primary |"
-echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+echo "| QD | unpaired | async primary | async secondary | async: replication on the primary | sync primary | sync secondary | sync: replication on the primary |"
+echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${CPU_ROWS[@]}"
 
 # The floor under a sync write: one round trip between the primary's and the secondary's CPU, with
@@ -147,39 +117,31 @@ if [ "$(nproc)" -ge 2 ]; then
   echo
   echo "### The floor under a sync write on this machine"
   echo
-  echo "ceiling/measured is how far the sync pair is from the floor (issue 17: <= 1.2)."
-  echo
-  echo "| transport | round trip, same CPU | round trip, CPU 0 to CPU 1 | unpaired QD1 latency | sync QD1 ceiling (unpaired / (unpaired + round trip)) | sync QD1 measured | ceiling/measured |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
-  for t in $TRANSPORTS; do
-    python3 -c "
-l = 1e6 / $U1; c = l / (l + $floor); m = ${S1[$t]} / $U1
-print('| $t | %s us | %s us | %.1f us | %.2fx | %.2fx | %.2f |' % ('$same', '$cross', l, c, m, c / m))"
-  done
+  echo "| round trip, same CPU | round trip, CPU 0 to CPU 1 | unpaired QD1 latency | sync QD1 ceiling (unpaired / (unpaired + round trip)) | sync QD1 measured |"
+  echo "|---:|---:|---:|---:|---:|"
+  python3 -c "
+l = 1e6 / $U1
+print('| %s us | %s us | %.1f us | %.2fx | %.2fx |' % ('$same', '$cross', l, l / (l + $floor), $S1 / $U1))"
 fi
 
-# The resync runs on the last transport's async pair.
-last=${TRANSPORTS##* }
-i=0; for t in $TRANSPORTS; do [ "$t" = "$last" ] && RG=$((9571 + 4 * i)) && RN=$((10871 + 4 * i)); i=$((i + 1)); done
-SA=$(cat "$W/sa_$last.pid")
 echo
-echo "### Resync after a secondary outage (async pair, $last transport)"
+echo "### Resync after a secondary outage (async pair)"
 echo
 echo "| dirtied while down | blocks pending | bytes moved on reconnect | moved/dirty | resync time | throughput |"
 echo "|---:|---:|---:|---:|---:|---:|"
 for mib in $RESYNC_MIB; do
   kill -9 "$SA"; wait "$SA" 2>/dev/null || true
-  fio --name=d --ioengine=nbd --uri=nbd://127.0.0.1:$RN/b --rw=randwrite --bs=4k --iodepth=16 \
+  fio --name=d --ioengine=nbd --uri=nbd://127.0.0.1:10871/b --rw=randwrite --bs=4k --iodepth=16 \
       --size="${mib}M" --offset=0 --io_size="${mib}M" --randrepeat=0 >/dev/null 2>&1
-  pending=$(js 127.0.0.1:$RG pending_blocks)
-  before=$(( $(js 127.0.0.1:$RG bytes_replicated) + $(js 127.0.0.1:$RG bytes_resynced) ))
+  pending=$(js 127.0.0.1:9571 pending_blocks)
+  before=$(( $(js 127.0.0.1:9571 bytes_replicated) + $(js 127.0.0.1:9571 bytes_resynced) ))
   t0=$(date +%s.%N)
-  serve "sa_$last" $((RN + 1)) $((RG + 1)) --role secondary --peer 127.0.0.1:$RG $(tflag "$last"); SA=$PID
-  sleep 0.2; wait_synced 127.0.0.1:$RG
+  serve sa 10872 9572 --role secondary --peer 127.0.0.1:9571; SA=$PID
+  sleep 0.2; wait_synced 127.0.0.1:9571
   t1=$(date +%s.%N)
-  after=$(( $(js 127.0.0.1:$RG bytes_replicated) + $(js 127.0.0.1:$RG bytes_resynced) ))
+  after=$(( $(js 127.0.0.1:9571 bytes_replicated) + $(js 127.0.0.1:9571 bytes_resynced) ))
   python3 -c "
 moved=$after-$before; dirty=$pending*4096; dt=$t1-$t0
 print('| %d MiB of 4k writes | $pending | %.1f MiB | %.2f | %.2f s | %.0f MiB/s |' % ($mib, moved/1048576, moved/dirty if dirty else 0, dt, moved/1048576/dt))"
 done
-cmp "$W/pa_$last.img" "$W/sa_$last.img" && echo && echo "(replicas byte-identical at the end)"
+cmp "$W/pa.img" "$W/sa.img" && echo && echo "(replicas byte-identical at the end)"

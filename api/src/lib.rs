@@ -11,7 +11,6 @@
 //! - [`http`]: the one HTTP stack (axum) the three binaries serve probes and metrics with, bounded.
 //! - [`accept`]: accept loops that back off when descriptors run out instead of spinning.
 //! - [`authority`]: CSI unix sockets that accept any HTTP/2 `:authority` (Python gRPC sends the path).
-//! - [`framed`]: the replication stream as length-prefixed frames outside HTTP/2 (same port).
 //! - [`tls`]: who is who on a gRPC channel ([`tls::Identity`]) and minting the certificates that say so.
 
 /// Generated protobuf types and gRPC stubs for `tandem.engine.v1`.
@@ -41,7 +40,6 @@ pub mod accept;
 pub mod authority;
 pub mod client;
 pub mod contract;
-pub mod framed;
 pub mod http;
 pub mod lease;
 pub mod nbd;

@@ -108,11 +108,6 @@ impl Authz {
 
     /// Allows or refuses `call` for the peer of the connection the request came on.
     pub fn check(&self, ext: &http::Extensions, call: Call) -> Result<(), Status> {
-        self.check_info(ext.get::<PeerInfo>(), call)
-    }
-
-    /// [`Authz::check`] for a connection's verdict itself (the framed replication stream).
-    pub fn check_info(&self, info: Option<&PeerInfo>, call: Call) -> Result<(), Status> {
         let Some(me) = &self.me else {
             return Ok(());
         };
@@ -123,7 +118,7 @@ impl Authz {
             ))
         };
         // A request without connection info never came through the TLS acceptor: refuse.
-        let Some(info) = info else {
+        let Some(info) = ext.get::<PeerInfo>() else {
             return unauthenticated("no connection information");
         };
         let who = match &info.auth {

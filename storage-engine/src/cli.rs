@@ -362,11 +362,6 @@ pub struct ServeArgs {
     /// async: acknowledge after the local write; sync: after the secondary has it durably.
     #[arg(long, value_enum, default_value_t = ReplicationArg::Async)]
     pub replication: ReplicationArg,
-    /// How replication streams travel, both ways: framed (length-prefixed frames on the gRPC port,
-    /// outside HTTP/2), grpc (the Peer.Replicate call; as a receiver, framed is not offered), or
-    /// auto: framed, falling back to the call against an engine that does not serve it.
-    #[arg(long, value_enum, default_value_t = crate::repl::framed::Transport::Auto)]
-    pub repl_transport: crate::repl::framed::Transport,
     /// Replication bandwidth cap in bytes per second (suffixes as for --size; 0 = unlimited).
     #[arg(long, value_parser = parse_size, default_value = "0")]
     pub replication_rate: u64,

@@ -39,7 +39,6 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Before any channel opens: every channel to the peer pings with it (client::channel).
     crate::client::set_peer_timeout(std::time::Duration::from_millis(args.peer_timeout_ms));
-    repl::framed::set_transport(args.repl_transport);
     let peer_timeout = crate::client::peer_timeout();
     let token = args.token_file.as_deref().map(read_token).transpose()?;
     let tls_source = match &args.tls_dir {
@@ -156,38 +155,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         EngineService::new(Arc::clone(&volume), args.fault_injection, authz.clone()),
         auth.clone(),
     );
-    // One receiver behind both transports: a stream on either supersedes one on the other.
-    let receiver = Arc::new(PeerService::new(
-        Arc::clone(&volume),
-        std::time::Duration::from_millis(args.durable_interval_ms),
-        peer_timeout,
-    ));
-    let message_cap = crate::takeover::handoff::message_cap(volume.size());
-    let grpc_handshake_timeout = std::time::Duration::from_millis(args.grpc_handshake_timeout_ms);
-    let framed_conns = if args.repl_transport == repl::framed::Transport::Grpc {
-        None
-    } else {
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let server = Arc::new(repl::framed::Server {
-            svc: Arc::clone(&receiver),
-            auth: auth.clone(),
-            authz: authz.clone(),
-            message_cap,
-            hello_timeout: grpc_handshake_timeout,
-            peer_timeout,
-        });
-        tasks.push(tokio::spawn(repl::framed::serve_all(
-            rx,
-            server,
-            stop_rx.clone(),
-        )));
-        Some(tx)
-    };
     let peer_svc = tonic::service::interceptor::InterceptedService::new(
         PeerAuthz::new(
-            PeerServer::from_arc(receiver)
-                .max_decoding_message_size(message_cap)
-                .max_encoding_message_size(message_cap),
+            PeerServer::new(PeerService::new(
+                Arc::clone(&volume),
+                std::time::Duration::from_millis(args.durable_interval_ms),
+                peer_timeout,
+            ))
+            .max_decoding_message_size(crate::takeover::handoff::message_cap(volume.size()))
+            .max_encoding_message_size(crate::takeover::handoff::message_cap(volume.size())),
             authz,
         ),
         auth,
@@ -240,9 +216,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     peer_timeout,
                     AcceptOptions {
                         max_connections: args.max_grpc_connections,
-                        handshake_timeout: grpc_handshake_timeout,
+                        handshake_timeout: std::time::Duration::from_millis(
+                            args.grpc_handshake_timeout_ms,
+                        ),
                         stats: Arc::clone(&volume.counters.grpc),
-                        framed: framed_conns,
                         ..AcceptOptions::new(tls_source)
                     },
                 ),
@@ -675,7 +652,7 @@ pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
         pb::Role::Fenced => "fenced",
         pb::Role::Unspecified => "unknown",
     };
-    let mut v = serde_json::json!({
+    serde_json::json!({
         "volume": s.volume,
         "role": role,
         "epoch": s.epoch,
@@ -717,8 +694,5 @@ pub fn status_json(s: &pb::StatusReply) -> serde_json::Value {
         "exported_lost_blocks": s.exported_lost_blocks,
         "lost_export": s.lost_export,
         "events": s.events,
-    });
-    // Beside the literal above: one more field there passes json!'s recursion limit.
-    v["link_transport"] = s.link_transport.clone().into();
-    v
+    })
 }

@@ -32,29 +32,23 @@ impl AuthInterceptor {
     }
 }
 
-impl AuthInterceptor {
-    /// Checks the token a caller gave (the gRPC bearer token, or the framed stream's hello).
-    pub fn check(&self, given: Option<&str>) -> Result<(), Status> {
-        let Some(expected) = &self.token else {
-            return Ok(());
-        };
-        if constant_time_eq(given.unwrap_or("").trim().as_bytes(), expected.as_bytes()) {
-            Ok(())
-        } else {
-            Err(Reason::Unauthenticated
-                .status(Code::Unauthenticated, "missing or wrong volume token"))
-        }
-    }
-}
-
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.token else {
+            return Ok(req);
+        };
         let given = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        self.check(given).map(|()| req)
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
+            Ok(req)
+        } else {
+            Err(Reason::Unauthenticated
+                .status(Code::Unauthenticated, "missing or wrong volume token"))
+        }
     }
 }
 
@@ -227,10 +221,6 @@ pub fn status_of(v: &Volume) -> pb::StatusReply {
     }
     reply.peer = r.peer();
     reply.peer_connected = r.connected();
-    reply.link_transport = r
-        .stats
-        .link_transport()
-        .map_or_else(String::new, |t| t.as_str().to_string());
     reply.sync_degraded = r.stats.degraded();
     reply.sync_timeouts = r.stats.sync_timeouts.load(Ordering::Relaxed);
     if reply.sync_degraded && reply.condition.is_empty() {

@@ -273,14 +273,6 @@ pub fn render(v: &Volume, endpoint: &http::Stats) -> Result<String, fmt::Error> 
         "1 when the replication link is up",
         u64::from(s.peer_connected),
     );
-    one_hot(
-        &mut r,
-        "link_transport",
-        "How the replication link travels while up: 1 on its transport, all 0 when down",
-        "transport",
-        &["grpc", "framed"].map(String::from),
-        &s.link_transport,
-    );
     seconds(
         &mut r,
         "replication_lag_seconds",

@@ -36,65 +36,6 @@ fn pair_syncs_to_identical_files_and_secondary_refuses_host_io() {
     assert!(!q.status.success() || String::from_utf8_lossy(&q.stderr).contains("failed"));
 }
 
-/// The default transport is the framed stream outside HTTP/2 (both ends say so); what the
-/// primary wrote reads back byte for byte from the secondary after a takeover, and reverse
-/// replication runs over it too.
-#[test]
-fn a_pair_replicates_over_the_framed_stream_and_takes_over() {
-    let d = tempfile::tempdir().unwrap();
-    let pair = start_linked(d.path(), "16M", &[], &[]);
-    let data = pattern(17, 6 << 20);
-    let src = d.path().join("src.bin");
-    std::fs::write(&src, &data).unwrap();
-    run_ok(
-        "nbdcopy",
-        &["--flush", src.to_str().unwrap(), &pair.a.uri()],
-    );
-    pair.wait_synced(30);
-    assert_eq!(status(&pair.a)["link_transport"], "framed");
-    assert_eq!(status(&pair.b)["link_transport"], "framed");
-    assert_eq!(takeover(&pair.b)["epoch"], 2);
-    let back = nbd_read(&pair.b.nbd_addr(), 0, 6 << 20).unwrap();
-    assert!(
-        back == data,
-        "the new primary reads other bytes than were written"
-    );
-    put_block(&pair.b.uri(), 2000, 0x6d);
-    wait_until(30, "reverse replication synced", || {
-        status(&pair.b)["pair_state"] == "Synced"
-    });
-    assert_eq!(status(&pair.b)["link_transport"], "framed");
-    assert!(file_block_is(&pair.a.data(), 2000, 0x6d));
-}
-
-/// A receiver that does not offer the framed stream (`--repl-transport grpc`, as an older engine
-/// in a rolling upgrade) is replicated to over the gRPC call by a sender left at auto, and both
-/// ends say so in their status and metrics.
-#[test]
-fn a_receiver_without_the_framed_stream_is_replicated_to_over_grpc() {
-    let d = tempfile::tempdir().unwrap();
-    let addr = free_port();
-    let pair = start_pair(
-        d.path(),
-        "16M",
-        &["--metrics-listen", &addr],
-        &["--repl-transport", "grpc"],
-    );
-    qemu_io_ok(&pair.a.uri(), &["write -P 5 0 1M"]);
-    pair.wait_synced(30);
-    assert!(file_block_is(&pair.b.data(), 200, 5));
-    assert_eq!(status(&pair.a)["link_transport"], "grpc");
-    assert_eq!(status(&pair.b)["link_transport"], "grpc");
-    let page = scrape(&addr);
-    let on = |t: &str| {
-        sample(
-            &page,
-            &format!("tandem_link_transport{{volume=\"vol\",transport=\"{t}\"}}"),
-        )
-    };
-    assert_eq!((on("grpc"), on("framed")), (Some(1.0), Some(0.0)), "{page}");
-}
-
 #[test]
 fn wrong_or_missing_token_is_refused_and_changes_nothing() {
     let d = tempfile::tempdir().unwrap();

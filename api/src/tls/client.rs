@@ -67,15 +67,9 @@ impl ClientTls {
         })
     }
 
-    /// `framed`: ALPN asks for the framed replication stream instead of h2.
-    fn config(&self, framed: bool) -> Arc<ClientConfig> {
+    fn config(&self) -> Arc<ClientConfig> {
         match &self.creds {
-            Creds::Source(s) => s.current().client_config(framed),
-            Creds::Anonymous(c) if framed => {
-                let mut c = ClientConfig::clone(c);
-                c.alpn_protocols = vec![crate::framed::ALPN.to_vec()];
-                Arc::new(c)
-            }
+            Creds::Source(s) => s.current().client_config(),
             Creds::Anonymous(c) => Arc::clone(c),
         }
     }
@@ -137,7 +131,7 @@ pub fn default_client() -> Option<ClientTls> {
     }
 }
 
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A tower connector for `Endpoint::connect_with_connector`.
 #[derive(Clone)]
@@ -186,20 +180,19 @@ impl tower_service::Service<Uri> for TlsConnector {
             // SNI only; the name is not checked (the identity is, below).
             let name = ServerName::try_from(host)
                 .unwrap_or(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-            Ok(TokioIo::new(handshake(&tls, false, name, tcp).await?.0))
+            Ok(TokioIo::new(handshake(&tls, name, tcp).await?.0))
         })
     }
 }
 
-/// The TLS handshake as `tls` (ALPN h2, or the framed stream's id when `framed`), then the
-/// identity check; returns the stream and the server's leaf certificate (DER).
-pub(crate) async fn handshake(
+/// The TLS handshake as `tls`, then the identity check; returns the stream and the server's
+/// leaf certificate (DER).
+async fn handshake(
     tls: &ClientTls,
-    framed: bool,
     name: ServerName<'static>,
     tcp: TcpStream,
 ) -> Result<(TlsStream<TcpStream>, Vec<u8>), BoxError> {
-    let stream = tokio_rustls::TlsConnector::from(tls.config(framed))
+    let stream = tokio_rustls::TlsConnector::from(tls.config())
         .connect(name, tcp)
         .await?;
     let server = stream
@@ -225,7 +218,7 @@ pub async fn server_certificate(
     tokio::time::timeout(timeout, async {
         let tcp = TcpStream::connect(addr).await?;
         let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-        Ok(handshake(tls, false, name, tcp).await?.1)
+        Ok(handshake(tls, name, tcp).await?.1)
     })
     .await
     .map_err(|_| format!("no TLS handshake with {addr} within {timeout:?}"))?

@@ -188,13 +188,8 @@ pub struct Material {
     identity: Identity,
     not_after: SystemTime,
     anchors: Arc<[TrustAnchor<'static>]>,
-    /// Offers h2 only (`--repl-transport grpc`).
     server: Arc<ServerConfig>,
-    /// Offers h2 and the framed replication stream (`crate::framed::ALPN`).
-    server_framed: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
-    /// Asks for the framed replication stream only.
-    client_framed: Arc<ClientConfig>,
     stamp: u64,
 }
 
@@ -305,20 +300,14 @@ impl Material {
             .map_err(|e| bad(KEY_FILE, &format!("does not fit {CERT_FILE} ({e})")))?;
         let mut server = server;
         server.alpn_protocols = vec![b"h2".to_vec()];
-        let mut server_framed = server.clone();
-        server_framed.alpn_protocols = vec![b"h2".to_vec(), crate::framed::ALPN.to_vec()];
         let mut client = client;
         client.alpn_protocols = vec![b"h2".to_vec()];
-        let mut client_framed = client.clone();
-        client_framed.alpn_protocols = vec![crate::framed::ALPN.to_vec()];
         Ok(Self {
             identity,
             not_after,
             anchors,
             server: Arc::new(server),
-            server_framed: Arc::new(server_framed),
             client: Arc::new(client),
-            client_framed: Arc::new(client_framed),
             stamp: stamp([ca_pem, cert_pem, key_pem]),
         })
     }
@@ -336,22 +325,12 @@ impl Material {
         &self.anchors
     }
 
-    /// `framed`: also offer the framed replication stream's ALPN id.
-    pub(crate) fn server_config(&self, framed: bool) -> Arc<ServerConfig> {
-        Arc::clone(if framed {
-            &self.server_framed
-        } else {
-            &self.server
-        })
+    pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.server)
     }
 
-    /// `framed`: ask for the framed replication stream's ALPN id instead of h2.
-    pub(crate) fn client_config(&self, framed: bool) -> Arc<ClientConfig> {
-        Arc::clone(if framed {
-            &self.client_framed
-        } else {
-            &self.client
-        })
+    pub(crate) fn client_config(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.client)
     }
 }
 

@@ -7,10 +7,6 @@
 //! listeners do), a TLS handshake (or the first byte of a plaintext one) within
 //! `handshake_timeout`, and an accept error (EMFILE, ENFILE, ENOBUFS) backs off instead of
 //! spinning.
-//!
-//! Routing: when the engine serves the framed replication stream ([`crate::framed`]), a TLS
-//! connection that negotiated its ALPN id, or a plaintext one that opens with its magic, goes to
-//! [`AcceptOptions::framed`] instead of tonic, under the same cap and handshake timeout.
 
 use std::{
     collections::BTreeMap,
@@ -136,13 +132,6 @@ impl Drop for Slot {
     }
 }
 
-impl ServerIo {
-    /// Who the peer is (what tonic hands the services as connection info).
-    pub fn info(&self) -> &PeerInfo {
-        &self.info
-    }
-}
-
 impl tonic::transport::server::Connected for ServerIo {
     type ConnectInfo = PeerInfo;
 
@@ -230,9 +219,6 @@ pub struct AcceptOptions {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
     pub stats: Arc<AcceptStats>,
-    /// Where connections of the framed replication stream go; None: it is not offered (TLS
-    /// offers h2 only, the magic is left to tonic, which refuses it).
-    pub framed: Option<mpsc::Sender<ServerIo>>,
 }
 
 impl AcceptOptions {
@@ -242,7 +228,6 @@ impl AcceptOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             stats: Arc::default(),
-            framed: None,
         }
     }
 }
@@ -250,52 +235,23 @@ impl AcceptOptions {
 /// The first byte of a TLS ClientHello record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// Which server a connection goes to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Route {
-    Grpc,
-    Framed,
-}
-
-/// The handshake, and where the connection goes: `framed` says whether the framed replication
-/// stream is offered (server::tests::routes_*).
-async fn establish(
-    tcp: TcpStream,
-    tls: Option<TlsSource>,
-    framed: bool,
-) -> io::Result<(Stream, PeerAuth, Route)> {
-    let first = if tls.is_some() || framed {
-        let mut first = [0u8; 1];
-        if tcp.peek(&mut first).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        Some(first[0])
-    } else {
-        None
-    };
-    // The magic's first byte is neither a TLS record's nor the HTTP/2 preface's: one byte decides.
-    let plain_route = if framed && first == Some(crate::framed::MAGIC[0]) {
-        Route::Framed
-    } else {
-        Route::Grpc
-    };
+async fn establish(tcp: TcpStream, tls: Option<TlsSource>) -> io::Result<(Stream, PeerAuth)> {
     let Some(tls) = tls else {
-        return Ok((Stream::Plain(tcp), PeerAuth::NotRequired, plain_route));
+        return Ok((Stream::Plain(tcp), PeerAuth::NotRequired));
     };
-    if first != Some(TLS_HANDSHAKE) {
-        // Served by the same router so the client hears UNAUTHENTICATED, not a reset (a framed
-        // client hears it in an error frame).
-        return Ok((Stream::Plain(tcp), PeerAuth::Plaintext, plain_route));
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    if first[0] != TLS_HANDSHAKE {
+        // Served by the same router so the client hears UNAUTHENTICATED, not a reset.
+        return Ok((Stream::Plain(tcp), PeerAuth::Plaintext));
     }
     // New connections take the material current now; live ones keep theirs (rotation).
     let material = tls.current();
-    let stream = tokio_rustls::TlsAcceptor::from(material.server_config(framed))
+    let stream = tokio_rustls::TlsAcceptor::from(material.server_config())
         .accept(tcp)
         .await?;
-    let route = match stream.get_ref().1.alpn_protocol() {
-        Some(p) if framed && p == crate::framed::ALPN => Route::Framed,
-        _ => Route::Grpc,
-    };
     let auth = match stream.get_ref().1.peer_certificates() {
         None | Some([]) => PeerAuth::Refused("no client certificate".into()),
         // The deferred chain check (material::DeferredClientVerifier): every TLS connection
@@ -310,7 +266,7 @@ async fn establish(
             Err(r) => PeerAuth::Refused(r.0),
         },
     };
-    Ok((Stream::Tls(Box::new(stream)), auth, route))
+    Ok((Stream::Tls(Box::new(stream)), auth))
 }
 
 /// Accepts on `listener` for tonic's `serve_with_incoming*`: `tune` runs on every accepted
@@ -356,13 +312,12 @@ pub fn incoming(
             };
             tune(&tcp);
             let tx = tx.clone();
-            let framed = opts.framed.clone();
             let tls = opts.tls.clone();
             let limit = opts.handshake_timeout;
             let stats = Arc::clone(&opts.stats);
             tokio::spawn(async move {
                 let done = tokio::select! {
-                    r = tokio::time::timeout(limit, establish(tcp, tls, framed.is_some())) => r,
+                    r = tokio::time::timeout(limit, establish(tcp, tls)) => r,
                     _ = evicted => {
                         stats.evicted.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%remote, "gRPC connection in handshake closed to make room for a new one");
@@ -370,7 +325,7 @@ pub fn incoming(
                     }
                 };
                 match done {
-                    Ok(Ok((stream, auth, route))) if slot.established() => {
+                    Ok(Ok((stream, auth))) if slot.established() => {
                         let info = PeerInfo {
                             remote: Some(remote),
                             auth,
@@ -380,14 +335,7 @@ pub fn incoming(
                             info,
                             _slot: slot,
                         };
-                        match (route, framed) {
-                            (Route::Framed, Some(f)) => {
-                                let _ = f.send(io).await;
-                            }
-                            _ => {
-                                let _ = tx.send(Ok(io)).await;
-                            }
-                        }
+                        let _ = tx.send(Ok(io)).await;
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "gRPC handshake failed"),
@@ -400,152 +348,4 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{
-        framed,
-        tls::{Ca, ClientTls, Identity, VolumeRef},
-    };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_stream::StreamExt;
-
-    type Grpc = Pin<Box<dyn tokio_stream::Stream<Item = io::Result<ServerIo>> + Send>>;
-
-    struct Server {
-        addr: String,
-        grpc: Grpc,
-        framed: mpsc::Receiver<ServerIo>,
-    }
-
-    async fn server(tls: Option<TlsSource>, offer: bool) -> Server {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let (ftx, framed) = mpsc::channel(4);
-        let opts = AcceptOptions {
-            framed: offer.then_some(ftx),
-            ..AcceptOptions::new(tls)
-        };
-        let grpc: Grpc = Box::pin(incoming(l, opts, |_| {}));
-        Server { addr, grpc, framed }
-    }
-
-    #[derive(Debug, PartialEq)]
-    enum Went {
-        Grpc(PeerAuth),
-        Framed(PeerAuth),
-    }
-
-    /// Where the next connection went; the framed side answers the magic as an engine would.
-    async fn went(s: &mut Server) -> Went {
-        tokio::select! {
-            c = s.grpc.next() => Went::Grpc(c.unwrap().unwrap().info.auth),
-            Some(mut c) = s.framed.recv() => {
-                let mut magic = [0u8; 8];
-                c.read_exact(&mut magic).await.unwrap();
-                assert_eq!(magic, framed::MAGIC);
-                c.write_all(&framed::MAGIC).await.unwrap();
-                c.flush().await.unwrap();
-                let auth = c.info().auth.clone();
-                // Held until the client has read the answer.
-                tokio::spawn(async move {
-                    let _ = c.read(&mut [0u8; 64]).await;
-                });
-                Went::Framed(auth)
-            }
-        }
-    }
-
-    fn pair() -> (TlsSource, ClientTls, Identity) {
-        let ca = Ca::generate("test CA", Duration::from_secs(3600)).unwrap();
-        let id = Identity::Engine {
-            volume: VolumeRef::new("ns", "v"),
-        };
-        let s = ca.issue(&id, &[], Duration::from_secs(3600)).unwrap();
-        let c = ca.issue(&id, &[], Duration::from_secs(3600)).unwrap();
-        let server = TlsSource::from_pem(ca.cert_pem(), &s.cert_pem, &s.key_pem).unwrap();
-        let client = ClientTls::from_pem(ca.cert_pem(), &c.cert_pem, &c.key_pem).unwrap();
-        (server, client, id)
-    }
-
-    const KA: (Duration, Duration, u32) = (Duration::from_secs(5), Duration::from_secs(1), 2);
-
-    async fn open(addr: &str, tls: Option<&ClientTls>) -> Result<(), framed::OpenError> {
-        framed::open(addr, tls, Some("t"), Duration::from_secs(5), KA)
-            .await
-            .map(drop)
-    }
-
-    fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-
-    /// Plaintext: the magic goes to the framed handler, the HTTP/2 preface to tonic; a server that
-    /// does not offer the stream hands the magic to tonic and the client reads "unsupported".
-    #[test]
-    fn routes_plaintext_by_the_magic() {
-        rt().block_on(async {
-            let mut s = server(None, true).await;
-            let addr = s.addr.clone();
-            let (r, w) = tokio::join!(open(&addr, None), went(&mut s));
-            r.unwrap();
-            assert_eq!(w, Went::Framed(PeerAuth::NotRequired));
-            let mut h2 = TcpStream::connect(&s.addr).await.unwrap();
-            h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                .await
-                .unwrap();
-            assert_eq!(went(&mut s).await, Went::Grpc(PeerAuth::NotRequired));
-
-            let mut old = server(None, false).await;
-            // tonic refuses what is not HTTP/2 by closing (here: dropping it).
-            let addr = old.addr.clone();
-            let (r, w) = tokio::join!(open(&addr, None), went(&mut old));
-            assert_eq!(w, Went::Grpc(PeerAuth::NotRequired));
-            assert!(
-                matches!(r, Err(framed::OpenError::Unsupported { .. })),
-                "{r:?}"
-            );
-        });
-    }
-
-    /// TLS: the ALPN id goes to the framed handler with the verified identity, h2 to tonic; a
-    /// server that does not offer the id fails the handshake and the client reads "unsupported".
-    #[test]
-    fn routes_tls_by_alpn() {
-        rt().block_on(async {
-            let (server_tls, client_tls, id) = pair();
-            let mut s = server(Some(server_tls.clone()), true).await;
-            let addr = s.addr.clone();
-            let (r, w) = tokio::join!(open(&addr, Some(&client_tls)), went(&mut s));
-            r.unwrap();
-            assert_eq!(w, Went::Framed(PeerAuth::Verified(id.clone())));
-            let tcp = TcpStream::connect(&s.addr).await.unwrap();
-            let name =
-                rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
-            let (h2, w) = tokio::join!(
-                crate::tls::client::handshake(&client_tls, false, name, tcp),
-                went(&mut s)
-            );
-            let h2 = h2.unwrap().0;
-            assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-            assert_eq!(w, Went::Grpc(PeerAuth::Verified(id)));
-            // Plaintext magic on a TLS engine: the framed handler, which refuses it.
-            let addr = s.addr.clone();
-            let (_, w) = tokio::join!(open(&addr, None), went(&mut s));
-            assert_eq!(w, Went::Framed(PeerAuth::Plaintext));
-
-            let old = server(Some(server_tls), false).await;
-            let r = open(&old.addr, Some(&client_tls)).await;
-            assert!(
-                matches!(r, Err(framed::OpenError::Unsupported { .. })),
-                "{r:?}"
-            );
-        });
-    }
 }

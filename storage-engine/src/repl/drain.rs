@@ -57,7 +57,6 @@ pub async fn session(
     if hello.role != pb::Role::Primary as i32 || hello.epoch != at.1 {
         return Err(SessionError::NotServingYet(hello.epoch));
     }
-    repl.stats.set_transport(acks.via());
     repl.stats.set_connected(true);
     let total = repl.tracker.counts().pending_blocks;
     info!(

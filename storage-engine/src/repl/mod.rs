@@ -3,7 +3,6 @@
 //! `receiver` applies the stream on the secondary and acknowledges what is durable.
 
 pub mod drain;
-pub mod framed;
 pub mod intent_log;
 pub mod mover;
 pub mod receiver;
@@ -12,7 +11,7 @@ pub mod task;
 pub mod tracker;
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -62,8 +61,6 @@ pub struct ReplStats {
     pub resync_total: AtomicU64,
     pub resync_done: AtomicU64,
     pub stale_rejected: AtomicU64,
-    /// The transport of the newest stream (`framed::Via`), 0 before the first.
-    pub transport: AtomicU8,
 }
 
 impl ReplStats {
@@ -72,18 +69,6 @@ impl ReplStats {
         if !up {
             self.link_down.notify_waiters();
         }
-    }
-
-    pub fn set_transport(&self, via: framed::Via) {
-        self.transport.store(via as u8, Ordering::Relaxed);
-    }
-
-    /// The transport of the link, while it is up.
-    pub fn link_transport(&self) -> Option<framed::Via> {
-        if !self.connected.load(Ordering::Acquire) {
-            return None;
-        }
-        framed::Via::of(self.transport.load(Ordering::Relaxed))
     }
 
     /// Whether some sync-mode write stands on the local copy alone right now.

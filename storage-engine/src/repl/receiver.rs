@@ -16,7 +16,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use super::framed::Via;
 use crate::{
     pb::{self, peer_server::Peer, replication_message::Body},
     state::Receiving,
@@ -61,8 +60,7 @@ impl PeerService {
 /// Marks the link up while a stream is being applied.
 struct LinkUp(Arc<crate::repl::Repl>);
 impl LinkUp {
-    fn new(r: Arc<crate::repl::Repl>, via: Via) -> Self {
-        r.stats.set_transport(via);
+    fn new(r: Arc<crate::repl::Repl>) -> Self {
         r.stats.set_connected(true);
         Self(r)
     }
@@ -372,18 +370,12 @@ async fn flush_loop(
     }
 }
 
-pub(crate) type AckStream = ReceiverStream<Result<pb::ReplicationAck, Status>>;
+type AckStream = ReceiverStream<Result<pb::ReplicationAck, Status>>;
 
 impl PeerService {
-    /// How many replication streams were ever handed to this receiver.
-    #[cfg(test)]
-    pub(crate) fn streams(&self) -> u64 {
-        *self.generation.borrow()
-    }
-
     /// Takes a replication stream: the newest one supersedes any older at once; the returned
     /// stream carries its acknowledgements (the hello first).
-    pub(crate) fn accept(&self, inbound: impl Inbound, via: Via) -> AckStream {
+    pub(crate) fn accept(&self, inbound: impl Inbound) -> AckStream {
         let (tx, rx) = mpsc::channel(16);
         let mut mine = 0;
         self.generation.send_modify(|g| {
@@ -412,7 +404,7 @@ impl PeerService {
                 .repl
                 .as_ref()
                 .filter(|_| vol.receiving() == Receiving::Replica)
-                .map(|r| LinkUp::new(Arc::clone(r), via));
+                .map(|r| LinkUp::new(Arc::clone(r)));
             // Applying and making durable run side by side: a sync-mode writer waits only for the
             // apply; the differential table waits for the fsync.
             let images: Arc<std::sync::Mutex<Vec<(u64, u64)>>> = Arc::default();
@@ -450,7 +442,7 @@ impl Peer for PeerService {
         &self,
         req: Request<Streaming<pb::ReplicationMessage>>,
     ) -> Result<Response<AckStream>, Status> {
-        Ok(Response::new(self.accept(req.into_inner(), Via::Grpc)))
+        Ok(Response::new(self.accept(req.into_inner())))
     }
 
     async fn fence_and_handoff(
@@ -591,7 +583,7 @@ mod tests {
         let rt = runtime();
         let svc = PeerService::new(Arc::clone(&vol), durable_interval, Duration::from_secs(30));
         let (inbound, rx) = mpsc::channel(64);
-        let acks = rt.block_on(async { svc.accept(ReceiverStream::new(rx), Via::Grpc) });
+        let acks = rt.block_on(async { svc.accept(ReceiverStream::new(rx)) });
         Fed {
             vol,
             rt,

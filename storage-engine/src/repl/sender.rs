@@ -10,13 +10,9 @@ use std::{
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info};
+use tracing::info;
 
-use super::{
-    framed::{self, Acks, OpenError, Transport},
-    tracker::Next,
-    Repl,
-};
+use super::{tracker::Next, Repl};
 use crate::{
     bitmap::Bitmap,
     client::{channel, TokenInterceptor},
@@ -53,8 +49,6 @@ pub enum SessionError {
     PeerPrimaryNewer(u64),
     #[error("peer silent for {0:?} (dead, stopped or cut off)")]
     PeerSilent(Duration),
-    #[error("{0}")]
-    Framed(String),
 }
 
 fn message(vol: &Volume, epoch: u64, body: Body) -> pb::ReplicationMessage {
@@ -241,7 +235,7 @@ fn allocated_blocks(vol: &Volume, blocks: u64) -> std::io::Result<Bitmap> {
 
 /// The next acknowledgement, held back while the `hold_acks` fault is set.
 pub async fn next_ack(
-    acks: &mut Acks,
+    acks: &mut tonic::Streaming<pb::ReplicationAck>,
     faults: &super::Faults,
 ) -> Result<pb::ReplicationAck, SessionError> {
     let a = match acks.message().await {
@@ -261,7 +255,7 @@ pub async fn next_ack(
 /// The outbound half, the acknowledgement stream, and the peer's first message (where it stands).
 pub type Opened = (
     mpsc::Sender<pb::ReplicationMessage>,
-    Acks,
+    tonic::Streaming<pb::ReplicationAck>,
     pb::ReplicationAck,
 );
 
@@ -286,30 +280,11 @@ pub(crate) async fn open_stream_to(
         .unwrap_or(Err(SessionError::PeerSilent(limit)))
 }
 
-/// `--repl-transport`: framed, the gRPC call, or framed falling back to the call against an
-/// engine that does not serve it (an older one in a rolling upgrade).
 async fn open_stream_now(
     target: &str,
     token: Option<&str>,
     size: u64,
 ) -> Result<Opened, SessionError> {
-    let framed = match framed::transport() {
-        Transport::Grpc => return open_grpc(target, token, size).await,
-        Transport::Auto => false,
-        Transport::Framed => true,
-    };
-    match framed::open(target, token, size).await {
-        Ok(o) => Ok(o),
-        Err(OpenError::Session(e)) => Err(e),
-        Err(OpenError::Unsupported(e)) if framed => Err(SessionError::Framed(e.to_string())),
-        Err(OpenError::Unsupported(e)) => {
-            debug!(error = %e, "replicating over the gRPC call");
-            open_grpc(target, token, size).await
-        }
-    }
-}
-
-async fn open_grpc(target: &str, token: Option<&str>, size: u64) -> Result<Opened, SessionError> {
     let ch = channel(target, Duration::from_secs(2)).await?;
     let cap = crate::takeover::handoff::message_cap(size);
     let mut client =
@@ -322,7 +297,7 @@ async fn open_grpc(target: &str, token: Option<&str>, size: u64) -> Result<Opene
         .await?
         .into_inner();
     let hello = acks.message().await?.ok_or(SessionError::Closed)?;
-    Ok((tx, Acks::Grpc(acks), hello))
+    Ok((tx, acks, hello))
 }
 
 pub(super) async fn session(
@@ -363,9 +338,8 @@ pub(super) async fn session(
     t.ack_journal(durable);
     // A resync cut short (or a restart) can leave pending blocks that no record will ever clear.
     let need_resync = need_resync || t.pending_uncovered(durable + 1);
-    repl.stats.set_transport(acks.via());
     repl.stats.set_connected(true);
-    info!(peer = %repl.peer(), applied = hello.applied_seq, full = hello.need_full_resync, via = acks.via().as_str(), "replication link up");
+    info!(peer = %repl.peer(), applied = hello.applied_seq, full = hello.need_full_resync, "replication link up");
 
     let ack_repl = Arc::clone(repl);
     let ack_vol = Arc::clone(vol);
