@@ -174,17 +174,17 @@ impl IntentLog {
     }
 }
 
-/// The durable intent set in a state dir, as a restart reads it (tests).
+/// The durable intent set in a state dir, as a restart reads it (tests). A corrupt bitmap or log
+/// fails the test: a restart would refuse it too, and reading it as empty could hide a bad store.
 #[cfg(test)]
 pub fn durable_extents(state_dir: &Path, extents: u64) -> crate::bitmap::Bitmap {
     let mut set = crate::bitmap::Bitmap::load(&state_dir.join("intent"), extents)
-        .ok()
-        .flatten()
+        .unwrap_or_else(|e| panic!("the stored intent bitmap does not load: {e}"))
         .unwrap_or_else(|| crate::bitmap::Bitmap::new(extents));
-    if let Ok((_, logged)) = IntentLog::open(&state_dir.join("intent.log"), extents) {
-        for e in logged {
-            set.set(e);
-        }
+    let (_, logged) = IntentLog::open(&state_dir.join("intent.log"), extents)
+        .unwrap_or_else(|e| panic!("the intent log does not open: {e}"));
+    for e in logged {
+        set.set(e);
     }
     set
 }
