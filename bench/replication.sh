@@ -93,35 +93,53 @@ echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${CPU_ROWS[@]}"
 
 # The floor under a sync write: one round trip between the primary's and the secondary's CPU, with
-# nothing else in it (two processes bouncing a byte over a socketpair). No sync design can beat
-# unpaired latency + this, so it bounds sync/unpaired at QD1.
-rtt() { # cpu_a cpu_b -> microseconds per round trip
-  python3 - "$1" "$2" <<'PY'
+# nothing else in it (two processes bouncing a message). No sync design can beat unpaired latency +
+# this, so it bounds sync/unpaired at QD1. Two floors: a byte over a unix socketpair (the machine's
+# bare cross-CPU wakeup pair), and what a replicated write must at least do, 4 KiB out and a 64-byte
+# acknowledgement back over loopback TCP with TCP_NODELAY (the pair's own transport; a tokio echo
+# server measured the same within 3%, docs/benchmarks.md).
+rtt() { # unix|tcp bytes_out bytes_back cpu_a cpu_b -> microseconds per round trip
+  python3 - "$@" <<'PY'
 import os, socket, sys, time
-a, b = socket.socketpair(); n = 20000
+kind, out_n, back_n, ca, cb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+n = 20000
+if kind == "unix":
+    a, b = socket.socketpair()
+else:
+    l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(1)
+    a = socket.create_connection(l.getsockname()); b, _ = l.accept()
+    for s in (a, b):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def recvn(s, k):
+    while k > 0:
+        k -= len(s.recv(k))
 if os.fork() == 0:
-    os.sched_setaffinity(0, {int(sys.argv[2])})
+    os.sched_setaffinity(0, {cb}); back = b"y" * back_n
     for _ in range(n):
-        b.recv(1); b.send(b"x")
+        recvn(b, out_n); b.send(back)
     os._exit(0)
-os.sched_setaffinity(0, {int(sys.argv[1])}); time.sleep(0.2)
+os.sched_setaffinity(0, {ca}); time.sleep(0.2); out = b"x" * out_n
 t = time.perf_counter()
 for _ in range(n):
-    a.send(b"x"); a.recv(1)
+    a.send(out); recvn(a, back_n)
 print("%.1f" % ((time.perf_counter() - t) / n * 1e6)); os.wait()
 PY
 }
 if [ "$(nproc)" -ge 2 ]; then
-  same=$(rtt 0 0); cross=$(rtt 0 1)
+  cb=1; [ "$PIN" = one ] && cb=0
+  same=$(rtt unix 1 1 0 0); cross=$(rtt unix 1 1 0 1); tcp=$(rtt tcp 4096 64 0 "$cb")
   floor=$cross; [ "$PIN" = one ] && floor=$same
   echo
   echo "### The floor under a sync write on this machine"
   echo
-  echo "| round trip, same CPU | round trip, CPU 0 to CPU 1 | unpaired QD1 latency | sync QD1 ceiling (unpaired / (unpaired + round trip)) | sync QD1 measured |"
-  echo "|---:|---:|---:|---:|---:|"
+  echo "The ceiling is unpaired / (unpaired + round trip); ceiling/measured is how far sync QD1 is from it (issue 17: <= 1.2)."
+  echo
+  echo "| round trip, unix, same CPU | unix, CPU 0 to CPU $cb | TCP 4 KiB + 64 B, CPU 0 to CPU $cb | unpaired QD1 latency | sync QD1 measured | ceiling (unix) | ceiling/measured | ceiling (TCP 4 KiB) | ceiling/measured |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   python3 -c "
-l = 1e6 / $U1
-print('| %s us | %s us | %.1f us | %.2fx | %.2fx |' % ('$same', '$cross', l, l / (l + $floor), $S1 / $U1))"
+l = 1e6 / $U1; m = $S1 / $U1
+cu = l / (l + $floor); ct = l / (l + $tcp)
+print('| %s us | %s us | %s us | %.1f us | %.2fx | %.2fx | %.2f | %.2fx | %.2f |' % ('$same', '$cross', '$tcp', l, m, cu, cu / m, ct, ct / m))"
 fi
 
 echo
