@@ -8,6 +8,12 @@
 //! fdatasync. The checkpoint stores the bitmap and empties the log when extents cool, and when the
 //! log grows past `COMPACT_RECORDS`.
 //!
+//! Group commit: `write` puts records in the file under the tracker's lock and answers a `Ticket`;
+//! the fdatasync that makes them durable runs outside that lock (`Tracker::intent_durable`), one at
+//! a time, and covers every record written before it began, so writers to cold extents on several
+//! connections share one. The log keeps which extents are written but not yet synced: a write that
+//! finds its extent hot but unsynced waits for the same sync before its data write.
+//!
 //! Format: header { "TNDILOG\0", version u32 = 1, 0 u32 }, then records { extent u64 LE,
 //! crc32c(extent) u32 LE }. Reading stops at the first record whose checksum fails (a torn
 //! append: its write never reached the data file, the append being synced first). A file shorter
@@ -33,9 +39,36 @@ pub struct IntentLog {
     file: Option<File>,
     /// End of the valid records: the next append goes here.
     len: u64,
+    /// End of the records the last fdatasync of this generation covered.
+    synced: u64,
+    /// Extents written past `synced`, with the end of their record: what a sync still owes.
+    unsynced: Vec<(u64, u64)>,
+    /// Bumped when the records written so far stop counting: by `clear` (a stored bitmap covers
+    /// them) and by a failed sync (nothing covers them). A ticket of an older generation is durable
+    /// unless that generation failed.
+    gen: u64,
+    /// Generations whose sync failed (rare: an I/O error); their tickets are refused.
+    failed: Vec<u64>,
     /// Unit tests' power loss: the length the last fdatasync covered.
     #[cfg(test)]
     synced_len: u64,
+}
+
+/// A write's claim on the log: durable once a sync covered `upto` in generation `gen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket {
+    gen: u64,
+    upto: u64,
+}
+
+/// How a ticket stands (`IntentLog::stands`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Durable,
+    /// Its records were lost to a failed sync: the write must not reach the data file.
+    Failed,
+    /// A sync has yet to cover it.
+    Owed,
 }
 
 fn record(extent: u64) -> [u8; RECORD as usize] {
@@ -66,6 +99,10 @@ impl IntentLog {
             path: path.to_path_buf(),
             file: None,
             len: 0,
+            synced: 0,
+            unsynced: Vec::new(),
+            gen: 0,
+            failed: Vec::new(),
             #[cfg(test)]
             synced_len: 0,
         };
@@ -94,6 +131,7 @@ impl IntentLog {
         }
         log.file = Some(OpenOptions::new().read(true).write(true).open(path)?);
         log.len = end;
+        log.synced = end;
         #[cfg(test)]
         {
             log.synced_len = raw.len() as u64;
@@ -121,6 +159,7 @@ impl IntentLog {
             crate::seam::power::io(&self.path)?;
             crate::format::sync_dir(&self.path)?;
             self.len = HEADER;
+            self.synced = HEADER;
             #[cfg(test)]
             {
                 self.synced_len = HEADER;
@@ -133,9 +172,9 @@ impl IntentLog {
         }
     }
 
-    /// Appends `extents`, durably. On an error nothing counts as logged: the next append writes
-    /// over the same place.
-    pub fn append(&mut self, extents: &[u64]) -> io::Result<()> {
+    /// Writes records for `extents` (not synced): durable once a sync covers the ticket. On an
+    /// error nothing counts as written: the next write goes over the same place.
+    pub fn write(&mut self, extents: &[u64]) -> io::Result<Ticket> {
         let buf: Vec<u8> = extents.iter().flat_map(|&e| record(e)).collect();
         let path = self.path.clone();
         self.file()?;
@@ -143,18 +182,98 @@ impl IntentLog {
         let f = self.file()?;
         crate::seam::power::io(&path)?;
         f.write_all_at(&buf, at)?;
-        crate::seam::power::io(&path)?;
-        f.sync_data()?;
         self.len = at + buf.len() as u64;
-        #[cfg(test)]
-        {
-            self.synced_len = self.len;
-        }
-        Ok(())
+        self.unsynced.extend(extents.iter().map(|&e| (e, self.len)));
+        Ok(Ticket {
+            gen: self.gen,
+            upto: self.len,
+        })
     }
 
-    /// Empties the log: only after a stored bitmap covers every extent still hot. Not synced: a
-    /// cut before the next append's fdatasync leaves the old records, a superset.
+    /// The ticket a write to `extent` must wait for, if its record is written but not yet synced.
+    pub fn owed_for(&self, extent: u64) -> Option<Ticket> {
+        self.unsynced
+            .iter()
+            .find(|&&(e, _)| e == extent)
+            .map(|&(_, upto)| Ticket {
+                gen: self.gen,
+                upto,
+            })
+    }
+
+    pub fn stands(&self, t: Ticket) -> Standing {
+        if t.gen == self.gen {
+            if self.synced >= t.upto {
+                Standing::Durable
+            } else {
+                Standing::Owed
+            }
+        } else if self.failed.contains(&t.gen) {
+            Standing::Failed
+        } else {
+            Standing::Durable
+        }
+    }
+
+    /// What a sync started now would cover: a handle on the file, its path (the power seam's
+    /// key), and the ticket it settles.
+    pub fn sync_start(&self) -> io::Result<(File, PathBuf, Ticket)> {
+        let f = match &self.file {
+            Some(f) => f.try_clone()?,
+            None => return Err(io::Error::other("intent log not open")),
+        };
+        Ok((
+            f,
+            self.path.clone(),
+            Ticket {
+                gen: self.gen,
+                upto: self.len,
+            },
+        ))
+    }
+
+    /// Records how the sync begun by `sync_start` (answering `t`) ended. On success the records
+    /// up to `t` are durable; on failure every unsynced record of the generation is void: the
+    /// extents are answered so the caller unmarks them (their writes never reach the data file),
+    /// and the next write goes over them. Nothing to do if the generation moved on meanwhile.
+    pub fn sync_done(&mut self, t: Ticket, ok: bool) -> Vec<u64> {
+        if t.gen != self.gen {
+            return Vec::new();
+        }
+        if ok {
+            self.synced = self.synced.max(t.upto);
+            self.unsynced.retain(|&(_, upto)| upto > t.upto);
+            #[cfg(test)]
+            {
+                self.synced_len = self.synced_len.max(t.upto);
+            }
+            return Vec::new();
+        }
+        self.failed.push(self.gen);
+        self.gen += 1;
+        self.len = self.synced;
+        std::mem::take(&mut self.unsynced)
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect()
+    }
+
+    /// Appends `extents` durably (write, then fdatasync, in one call: tests and tools).
+    #[cfg(test)]
+    pub fn append(&mut self, extents: &[u64]) -> io::Result<()> {
+        let t = self.write(extents)?;
+        let (f, path, t2) = self.sync_start()?;
+        let ok = crate::seam::power::io(&path).is_ok() && f.sync_data().is_ok();
+        self.sync_done(t2, ok);
+        match self.stands(t) {
+            Standing::Durable => Ok(()),
+            _ => Err(io::Error::other("intent log sync failed")),
+        }
+    }
+
+    /// Empties the log: only after a stored bitmap covers every extent still hot (the unsynced
+    /// ones included: their tickets count as durable from here). Not synced: a cut before the
+    /// next append's fdatasync leaves the old records, a superset.
     pub fn clear(&mut self) -> io::Result<()> {
         let Some(f) = &self.file else {
             return Ok(());
@@ -162,6 +281,9 @@ impl IntentLog {
         crate::seam::power::io(&self.path)?;
         f.set_len(HEADER)?;
         self.len = HEADER;
+        self.synced = HEADER;
+        self.unsynced.clear();
+        self.gen += 1;
         Ok(())
     }
 

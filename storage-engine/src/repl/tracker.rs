@@ -6,8 +6,10 @@
 //!
 //! Write path (the block's stripe lock is held throughout, so overlapping writes and resync reads of
 //! the same block serialize):
-//!   1. set the pending bits (marked in flight); if an extent turns hot, append it to the intent log
-//!      (`intent_log.rs`, fdatasync);
+//!   1. set the pending bits (marked in flight); if an extent turns hot, write it to the intent log
+//!      (`intent_log.rs`), then, outside the tracker's lock, wait for an fdatasync that covers it
+//!      (shared by concurrent writes: group commit); a write to an extent whose record is written
+//!      but not yet synced waits for that sync too;
 //!   2. write the data file;
 //!   3. assign the seq, record the generation, append to the journal; acknowledge the host.
 //!
@@ -22,6 +24,8 @@ use std::{
 };
 
 use bytes::Bytes;
+
+use super::intent_log::{Standing, Ticket};
 
 use crate::{
     bitmap::{Bitmap, BitmapFile},
@@ -106,11 +110,15 @@ pub struct TrackState {
     /// Blocks are pending that no journal record covers: the sender must resync from the table.
     resync_needed: bool,
     /// The hot extents. Invariant: never holds an extent the durable intent set (the `intent` file
-    /// and the intent log) lacks (only `write`, which logs the extent before its data write, and
-    /// `checkpoint`, which stores the file before it replaces this, add to it). A write finding its extent set here skips the fsync, so a bit
-    /// set only in memory would leave that write in neither file after a crash, and the returning
-    /// primary would not offer it back (replicas silently differing). Tests:
-    /// `tests::writes_in_extents_of_marked_blocks_survive_a_crash`, `tests/reboot_forced.rs`.
+    /// and the intent log) lacks, except one whose log record is written and not yet synced, which
+    /// the log lists (`IntentLog::owed_for`) until a sync covers it or fails (then it is cleared
+    /// here). Only `write`, which logs the extent before its data write, and `checkpoint`, which
+    /// stores the file before it replaces this, add to it. A write finding its extent set here
+    /// skips the log, and waits only for a sync the log still owes; a bit set only in memory would
+    /// leave that write in neither file after a crash, and the returning primary would not offer it
+    /// back (replicas silently differing). Tests:
+    /// `tests::writes_in_extents_of_marked_blocks_survive_a_crash`,
+    /// `tests::a_write_to_an_extent_logged_but_not_synced_waits_for_the_sync`, `tests/reboot_forced.rs`.
     intent: Bitmap,
     /// Extents made hot since `intent` was last stored (`intent_log.rs`).
     intent_log: super::intent_log::IntentLog,
@@ -153,6 +161,16 @@ pub enum Next {
 }
 
 impl TrackState {
+    /// A write that never reached the data file: each block keeps the generation it had (see
+    /// `mark_pending` for why a generation is never lowered).
+    fn unmark(&mut self, before: Vec<(u64, Option<u64>)>) {
+        for (b, g) in before {
+            self.last_seq.insert(b, g.unwrap_or(0));
+            // Unchanged content: any image of it the new engine acknowledges is good.
+            self.move_generation(b, 0);
+        }
+    }
+
     /// Records the generation of a block this write marked owed to the new engine.
     fn move_generation(&mut self, b: u64, gen: u64) {
         if let Some(m) = &mut self.moving {
@@ -191,6 +209,8 @@ pub struct Tracker {
     move_file: BitmapFile,
     /// Grows with the volume (`grow`), after the tables have.
     blocks: std::sync::atomic::AtomicU64,
+    /// Held by the one thread syncing the intent log (`intent_durable`); the others wait here.
+    intent_sync: Mutex<()>,
     /// Points where a unit test holds a thread (nothing outside tests).
     pub(crate) seams: crate::seam::Seams,
     /// Woken when the new engine of a live move acknowledged owed blocks.
@@ -201,6 +221,10 @@ pub struct Tracker {
 pub enum Payload {
     Data(Bytes),
     Zero(u64),
+}
+
+fn intent_sync_failed() -> io::Error {
+    io::Error::other("the write-intent log's fdatasync failed")
 }
 
 impl Tracker {
@@ -264,6 +288,7 @@ impl Tracker {
             intent_path,
             move_file: BitmapFile::new(state_dir.join(MOVE_PENDING_FILE)),
             blocks: blocks.into(),
+            intent_sync: Mutex::new(()),
             seams: Default::default(),
             move_acked: Default::default(),
         })
@@ -420,6 +445,34 @@ impl Tracker {
         }
     }
 
+    /// Waits until the intent log's records behind `t` are durable. One fdatasync at a time, each
+    /// covering every record written before it began (group commit); the tracker's lock is not
+    /// held across it, so other writes, the sender and acknowledgements go on meanwhile. A failed
+    /// sync voids its generation's unsynced records and unmarks their extents: every write
+    /// waiting on them gets the error and never reaches the data file.
+    fn intent_durable(&self, t: Ticket) -> io::Result<()> {
+        self.seams.hit("tracker.intent.wait");
+        let _turn = self.intent_sync.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, path, cover) = {
+            let s = self.state();
+            match s.intent_log.stands(t) {
+                Standing::Durable => return Ok(()),
+                Standing::Failed => return Err(intent_sync_failed()),
+                Standing::Owed => s.intent_log.sync_start()?,
+            }
+        };
+        self.seams.hit("tracker.intent.sync");
+        let synced = crate::seam::power::io(&path).and_then(|()| file.sync_data());
+        let mut s = self.state();
+        for e in s.intent_log.sync_done(cover, synced.is_ok()) {
+            s.intent.clear(e);
+        }
+        match s.intent_log.stands(t) {
+            Standing::Durable => Ok(()),
+            _ => Err(synced.err().unwrap_or_else(intent_sync_failed)),
+        }
+    }
+
     /// Host write: runs `apply` (the data file write) between marking the blocks and journaling it.
     /// Returns the record's seq.
     pub fn write(
@@ -448,34 +501,52 @@ impl Tracker {
                     m.dirty = true;
                 }
             }
+            // The log sync this write waits for before its data write, if any.
+            let mut owed: Option<Ticket> = None;
+            let mut last_extent = None;
             for b in blocks.clone() {
                 s.pending.set(b);
                 before.push((b, s.last_seq.insert(b, IN_FLIGHT)));
-                // Already set means already in the intent file (`TrackState::intent`).
-                if s.intent.set(b / EXTENT_BLOCKS) {
-                    cold.push(b / EXTENT_BLOCKS);
+                let e = b / EXTENT_BLOCKS;
+                s.last_touch[e as usize] = tick;
+                if last_extent == Some(e) {
+                    continue;
                 }
-                s.last_touch[(b / EXTENT_BLOCKS) as usize] = tick;
+                last_extent = Some(e);
+                if s.intent.set(e) {
+                    cold.push(e);
+                } else if let Some(t) = s.intent_log.owed_for(e) {
+                    // Hot, but its record is not synced yet: wait for the same sync.
+                    owed = Some(owed.map_or(t, |o: Ticket| o.max(t)));
+                }
             }
             s.dirty = true;
             if !cold.is_empty() {
-                // Write-intent: the extent is durably marked (logged, fdatasync'd) before its data
-                // can reach the disk. Tests: `tests::a_cold_extent_is_logged_before_its_data_write`,
-                // `takeover::powerloss::powerloss_campaign`, `tests/reboot_forced.rs`.
-                if let Err(e) = s.intent_log.append(&cold) {
-                    // Not marked on disk, so not in memory either: the next write to the extent
-                    // tries the store again instead of trusting a mark that is not there. Test:
-                    // `takeover::powerloss::failpoint_campaign`.
-                    for x in cold {
-                        s.intent.clear(x);
+                match s.intent_log.write(&cold) {
+                    Ok(t) => owed = Some(owed.map_or(t, |o| o.max(t))),
+                    Err(e) => {
+                        // Not marked on disk, so not in memory either: the next write to the
+                        // extent tries the store again instead of trusting a mark that is not
+                        // there. Test: `takeover::powerloss::failpoint_campaign`.
+                        for x in cold {
+                            s.intent.clear(x);
+                        }
+                        s.unmark(before);
+                        return Err(e);
                     }
-                    // Nothing was written: each block keeps the generation it had (see
-                    // `mark_pending` for why a generation is never lowered).
-                    for (b, g) in before {
-                        s.last_seq.insert(b, g.unwrap_or(0));
-                        // Unchanged content: any image of it the new engine acknowledges is good.
-                        s.move_generation(b, 0);
-                    }
+                }
+            }
+            drop(s);
+            // Write-intent: the extent is durably marked (logged and fdatasync'd, or in a stored
+            // bitmap) before its data can reach the disk; the sync runs outside the tracker's
+            // lock and is shared by every write waiting for it. Tests:
+            // `tests::a_cold_extent_is_logged_before_its_data_write`,
+            // `tests::a_write_to_an_extent_logged_but_not_synced_waits_for_the_sync`,
+            // `takeover::powerloss::powerloss_campaign`, `tests/reboot_forced.rs`.
+            if let Some(t) = owed {
+                if let Err(e) = self.intent_durable(t) {
+                    // A failed sync unmarked the extents it lost (`intent_durable`).
+                    self.state().unmark(before);
                     return Err(e);
                 }
             }
@@ -899,6 +970,10 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
 
     fn tracker(dir: &Path) -> Tracker {
         Tracker::open(dir, 4096, 0, 1, 1 << 20).unwrap()
@@ -1239,6 +1314,105 @@ mod tests {
         drop(t);
         let t = Tracker::open(d.path(), blocks, 0, 1, 1 << 20).unwrap();
         assert!(written.iter().all(|&b| t.is_pending(b)));
+    }
+
+    /// Group commit: a write to an extent whose log record another write has written but not yet
+    /// synced waits for that sync before its data write (it finds the extent hot and must not
+    /// trust it yet). The first write is held just before its fdatasync; the second must arrive
+    /// at the wait, and its data write sees the extent durable.
+    #[test]
+    fn a_write_to_an_extent_logged_but_not_synced_waits_for_the_sync() {
+        use crate::repl::intent_log::durable_extents;
+        let d = tempfile::tempdir().unwrap();
+        let t = Arc::new(tracker(d.path()));
+        let extents = t.blocks().div_ceil(EXTENT_BLOCKS);
+        put(&t, 5 * EXTENT_BLOCKS); // the log exists: what follows is one record and one sync
+        let syncing = t.seams.arm("tracker.intent.sync");
+        let first = {
+            let t = Arc::clone(&t);
+            std::thread::spawn(move || put(&t, 0))
+        };
+        assert!(
+            syncing.wait_arrived(),
+            "the first write never reached its sync"
+        );
+        let waiting = t.seams.arm("tracker.intent.wait");
+        let second = {
+            let (t, dir) = (Arc::clone(&t), d.path().to_path_buf());
+            std::thread::spawn(move || {
+                // Block 100: the same extent as block 0, another block-lock stripe.
+                t.write(
+                    100 * 4096,
+                    Payload::Data(Bytes::from(vec![2; 4096])),
+                    || {
+                        assert!(
+                            durable_extents(&dir, extents).get(0),
+                            "data written before its extent's record was synced"
+                        );
+                        Ok(())
+                    },
+                )
+            })
+        };
+        assert!(
+            waiting.wait_arrived(),
+            "the second write did not wait for the first one's sync"
+        );
+        waiting.release();
+        syncing.release();
+        first.join().unwrap();
+        second.join().unwrap().unwrap();
+        assert!(durable_extents(d.path(), extents).get(0));
+    }
+
+    /// A failed fdatasync of the intent log refuses every write waiting on it (none reaches the
+    /// data file) and unmarks the extent, so the next write to it logs it again.
+    #[test]
+    fn a_failed_intent_sync_refuses_its_writers_and_the_next_write_logs_again() {
+        use crate::repl::intent_log::durable_extents;
+        use crate::seam::power::{Cut, Kind};
+        let d = tempfile::tempdir().unwrap();
+        let t = Arc::new(tracker(d.path()));
+        let extents = t.blocks().div_ceil(EXTENT_BLOCKS);
+        put(&t, 5 * EXTENT_BLOCKS);
+        let syncing = t.seams.arm("tracker.intent.sync");
+        let wrote = Arc::new(AtomicBool::new(false));
+        let write = |block: u64| {
+            let (t, wrote) = (Arc::clone(&t), Arc::clone(&wrote));
+            std::thread::spawn(move || {
+                t.write(
+                    block * 4096,
+                    Payload::Data(Bytes::from(vec![3; 4096])),
+                    || {
+                        wrote.store(true, Ordering::SeqCst);
+                        Ok(())
+                    },
+                )
+            })
+        };
+        let first = write(0);
+        assert!(syncing.wait_arrived());
+        let waiting = t.seams.arm("tracker.intent.wait");
+        let second = write(100); // same extent, another block-lock stripe
+        assert!(waiting.wait_arrived());
+        waiting.release();
+        // The next file operation under the state dir, the held sync, fails.
+        let fault = Cut::fault(d.path(), 0, Kind::Eio);
+        syncing.release();
+        assert!(first.join().unwrap().is_err());
+        assert!(second.join().unwrap().is_err());
+        drop(fault);
+        assert!(
+            !wrote.load(Ordering::SeqCst),
+            "a refused write reached the data file"
+        );
+        assert!(
+            !t.state().intent.get(0),
+            "the lost record's extent stayed marked"
+        );
+        put(&t, 2);
+        assert!(durable_extents(d.path(), extents).get(0));
+        assert!(t.state().intent_log.owed_for(0).is_none());
     }
 
     /// A checkpoint that cools extents while the intent log is long stores the bitmap once, not
