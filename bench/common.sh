@@ -65,7 +65,16 @@ bench_nodes() {
 # Engine pairs (bench/replication.sh, bench/vs-qsd.sh): volume `b`, token file in TOK, the node layout
 # in NODE_A/NODE_B (a secondary runs on NODE_B). `serve` sets PID and writes $W/<name>.pid.
 js() { "$E" status --grpc "$1" --volume b "${TOK[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)[\"$2\"])"; }
-wait_synced() { until [ "$(js "$1" pair_state 2>/dev/null)" = Synced ]; do sleep 0.05; done; }
+wait_synced() { # grpc-address: waits for Synced, at most SYNC_WAIT seconds (default 600), else fails
+  local t0=$SECONDS
+  until [ "$(js "$1" pair_state 2>/dev/null)" = Synced ]; do
+    if [ $((SECONDS - t0)) -ge "${SYNC_WAIT:-600}" ]; then
+      echo "the pair at $1 is not Synced after ${SYNC_WAIT:-600} s (see the engines' logs)" >&2
+      return 1
+    fi
+    sleep 0.05
+  done
+}
 serve() { # name nbdport grpcport [extra...]
   local n=$1 np=$2 gp=$3; shift 3
   local node=("${NODE_A[@]}")

@@ -42,7 +42,7 @@ LOCAL_MIB=4 smoke bench/takeover.sh "0 4M" 1 200
 REPS=1 RESYNC_MIB=4 smoke bench/resync.sh "$TANDEM_ENGINE" "$TANDEM_ENGINE" 16
 SCATTER=1 BACKLOGS=64 smoke bench/large-volume.sh "64M 1G" 200ms
 smoke bench/idle-connections.sh 100
-CELLS="1 4" smoke bench/cold-writes.sh 1G 200ms
+CELLS="1 4" smoke bench/cold-writes.sh 1G 256
 # vs-qsd reads query-block-jobs' "actively-synced" (QEMU 8.2 on; Debian 12's own qemu-utils is 7.2).
 qsd_version=$(qemu-storage-daemon --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p' | head -1)
 if [ -n "$qsd_version" ] && [ "${qsd_version% *}" -gt 8 -o "$qsd_version" = "8 2" ]; then
