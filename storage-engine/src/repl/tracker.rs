@@ -223,6 +223,21 @@ pub enum Payload {
     Zero(u64),
 }
 
+/// Runs `f`, which may block for a while (an fdatasync, or the wait for another thread's), so that
+/// it never holds up a runtime worker: on one, the worker's other tasks move to another thread
+/// first (`block_in_place`). An HTTP/2 keep-alive unanswered for a third of the peer timeout ends the
+/// link, so a worker stuck in a sync behind a slow disk had failed a failback (the 8 GiB history
+/// campaign, docs/reliability.md). Elsewhere (a blocking thread, the connection threads' `block_on`,
+/// a current-thread runtime in tests) it just runs.
+fn off_the_runtime<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 fn intent_sync_failed() -> io::Error {
     io::Error::other("the write-intent log's fdatasync failed")
 }
@@ -562,7 +577,7 @@ impl Tracker {
             // `tests::a_write_to_an_extent_logged_but_not_synced_waits_for_the_sync`,
             // `takeover::powerloss::powerloss_campaign`, `tests/reboot_forced.rs`.
             if let Some(t) = owed {
-                if let Err(e) = self.intent_durable(t) {
+                if let Err(e) = off_the_runtime(|| self.intent_durable(t)) {
                     // A failed sync unmarked the extents it lost (`intent_durable`).
                     self.state().unmark(before);
                     return Err(e);
