@@ -1398,6 +1398,37 @@ mod tests {
         assert!(durable_extents(d.path(), extents).get(0));
     }
 
+    /// A write waiting for the intent sync on a runtime worker does not hold the worker: with one
+    /// worker and the sync held at its seam, another task still runs (an HTTP/2 keep-alive must
+    /// be answered meanwhile, or the peer drops the link).
+    #[test]
+    fn a_write_waiting_for_the_intent_sync_leaves_the_runtime_free() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Arc::new(tracker(d.path()));
+        put(&t, 5 * EXTENT_BLOCKS);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let syncing = t.seams.arm("tracker.intent.sync");
+        let write = {
+            let t = Arc::clone(&t);
+            rt.spawn(async move { put(&t, 0) })
+        };
+        assert!(syncing.wait_arrived(), "the write never reached its sync");
+        // Timed on this thread, not on the runtime: a held worker would stop its timers too.
+        let (tx, rx) = std::sync::mpsc::channel();
+        drop(rt.spawn(async move { tx.send(7) }));
+        let ran = rx.recv_timeout(std::time::Duration::from_secs(10));
+        syncing.release();
+        assert_eq!(
+            ran,
+            Ok(7),
+            "the runtime's only worker was held by a write waiting for the intent sync"
+        );
+        rt.block_on(write).unwrap();
+    }
+
     /// A failed fdatasync of the intent log refuses every write waiting on it (none reaches the
     /// data file) and unmarks the extent, so the next write to it logs it again.
     #[test]
