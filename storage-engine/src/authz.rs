@@ -165,6 +165,7 @@ fn peer_method(path: &str) -> &'static str {
         Some("RenewLease") => "Peer.RenewLease",
         Some("Resize") => "Peer.Resize",
         Some("ForwardWrite") => "Peer.ForwardWrite",
+        Some("Announce") => "Peer.Announce",
         _ => "a Peer method",
     }
 }

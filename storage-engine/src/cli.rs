@@ -387,6 +387,15 @@ pub struct ServeArgs {
     /// HTTP/2 and TCP keepalive run at a third of it; use the same value on both engines.
     #[arg(long, default_value_t = crate::client::DEFAULT_PEER_TIMEOUT_MS)]
     pub peer_timeout_ms: u64,
+    /// Both sides: the first wait after a failed attempt to reach the peer (the primary's
+    /// replication stream; the secondary's announcement, `Peer.Announce`). Doubles per failure.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub reconnect_min_ms: u64,
+    /// Both sides: the longest wait between attempts to reach the peer. A secondary that starts or
+    /// loses its stream announces itself, which ends its primary's wait at once; this bounds how
+    /// long a primary takes to find a peer that never announces (an older engine).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub reconnect_max_ms: u64,
     /// Secondary: how long applied writes may wait before they are made durable (fdatasync) and
     /// acknowledged as such. The source's FLUSH (sync mode) or a filling journal syncs at once.
     #[arg(long, default_value_t = 100)]

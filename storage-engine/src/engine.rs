@@ -169,10 +169,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         auth,
     );
     if let Some(r) = &volume.repl {
+        let backoff = repl::task::Backoff {
+            min: std::time::Duration::from_millis(args.reconnect_min_ms.min(args.reconnect_max_ms)),
+            max: std::time::Duration::from_millis(args.reconnect_max_ms),
+        };
         tasks.push(tokio::spawn(repl::task::run(
             Arc::clone(&volume),
             Arc::clone(r),
             stop_rx.clone(),
+            backoff,
+        )));
+        tasks.push(tokio::spawn(repl::announce::task(
+            Arc::clone(&volume),
+            stop_rx.clone(),
+            backoff,
         )));
         tasks.push(tokio::spawn(crate::volume::renew_task(
             Arc::clone(&volume),

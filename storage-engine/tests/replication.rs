@@ -228,6 +228,43 @@ fn secondary_sigkill_then_resync_moves_only_dirty_bytes() {
     assert!(moved >= 256 * B);
 }
 
+/// A secondary that comes back announces itself (Peer.Announce) and its primary reconnects at
+/// once. The primary's backoff here is a minute, so without the announcement the pair could not
+/// be in sync within the 20 s the test waits.
+#[test]
+fn a_restarted_secondary_is_reconnected_at_once_not_after_the_backoff() {
+    let d = tempfile::tempdir().unwrap();
+    let slow = ["--reconnect-min-ms", "60000", "--reconnect-max-ms", "60000"];
+    let mut pair = start_linked(d.path(), "64M", &slow, &[]);
+    pair.wait_synced(30);
+    let downs = |e: &Engine| e.log().matches("replication link down").count();
+    let before = downs(&pair.a);
+    pair.b.kill();
+    let cmds: Vec<String> = (0..64u64)
+        .map(|i| format!("write -P {} {} 4096", i % 200 + 1, i * 37 * B))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    qemu_io_ok(&pair.a.uri(), &refs);
+    // The primary has seen its link fail and waits out its backoff.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while downs(&pair.a) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the primary never noticed the secondary's death:\n{}",
+            pair.a.log_tail(20)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    pair.b.restart().unwrap();
+    pair.wait_synced(20);
+    assert!(pair.files_identical());
+    assert!(
+        pair.b.log().contains("announced to the primary"),
+        "{}",
+        pair.b.log_tail(20)
+    );
+}
+
 /// A primary killed mid-stream converges after restart, and loses no acknowledged write.
 #[test]
 fn primary_sigkill_mid_stream_converges() {

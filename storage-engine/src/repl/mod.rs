@@ -2,6 +2,7 @@
 //! `tracker` is the primary's differential table and journal, `sender` streams them to the peer,
 //! `receiver` applies the stream on the secondary and acknowledges what is durable.
 
+pub mod announce;
 pub mod drain;
 pub mod intent_log;
 pub mod mover;
@@ -113,6 +114,10 @@ pub struct Repl {
     pub flush_wanted: std::sync::atomic::AtomicBool,
     /// Blocks a proxied read asked for: a draining engine sends them first.
     pub priority: std::sync::Mutex<std::collections::VecDeque<u64>>,
+    /// The peer announced itself (`Peer.Announce`): a reconnect backoff ends now (`task::run`).
+    pub peer_back: Notify,
+    /// `task::run` is waiting out a backoff (what an announcement's answer reports).
+    pub backing_off: AtomicBool,
 }
 
 impl Repl {

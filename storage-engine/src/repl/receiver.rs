@@ -505,6 +505,22 @@ impl Peer for PeerService {
             .map_err(Status::from)
     }
 
+    async fn announce(
+        &self,
+        req: Request<pb::AnnounceRequest>,
+    ) -> Result<Response<pb::AnnounceReply>, Status> {
+        let r = req.into_inner();
+        if r.volume != self.vol.name() {
+            return Err(Status::not_found(format!("unknown volume {:?}", r.volume)));
+        }
+        let Some(repl) = &self.vol.repl else {
+            return Err(Status::from(crate::error::EngineError::NotPaired(
+                "volume is not paired",
+            )));
+        };
+        Ok(Response::new(super::announce::answer(&self.vol, repl)))
+    }
+
     /// A read-write secondary's host request, run through this primary's host path
     /// (`volume/forward.rs`).
     async fn forward_write(

@@ -1,6 +1,6 @@
 //! The replication task of a paired engine: asks the state what to send (`state::Sending`) and
 //! runs the matching session, reconnecting with backoff. Sessions end on a role change; the
-//! task then asks again.
+//! task then asks again. A peer that announces itself (`repl::announce`) ends a backoff at once.
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -13,9 +13,21 @@ use tracing::warn;
 use super::{sender::SessionError, Repl};
 use crate::{state::Sending, volume::Volume};
 
+/// How long the task waits between failed sessions: from `min`, doubling up to `max`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub min: Duration,
+    pub max: Duration,
+}
+
 /// Runs until `stop` fires.
-pub async fn run(vol: Arc<Volume>, repl: Arc<Repl>, mut stop: watch::Receiver<bool>) {
-    let mut backoff = Duration::from_millis(50);
+pub async fn run(
+    vol: Arc<Volume>,
+    repl: Arc<Repl>,
+    mut stop: watch::Receiver<bool>,
+    bounds: Backoff,
+) {
+    let mut backoff = bounds.min;
     loop {
         if *stop.borrow() {
             return;
@@ -48,14 +60,26 @@ pub async fn run(vol: Arc<Volume>, repl: Arc<Repl>, mut stop: watch::Receiver<bo
             }
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(2) {
-                    backoff = Duration::from_millis(50);
+                    backoff = bounds.min;
                 }
                 warn!(peer = %repl.peer(), error = %e, "replication link down; writes are tracked in the table");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.changed() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                // Registered before the flag is raised: an announcement that sees the flag
+                // always finds this waiter (Notify::notify_waiters stores no permit).
+                let announced = repl.peer_back.notified();
+                tokio::pin!(announced);
+                announced.as_mut().enable();
+                repl.backing_off.store(true, Ordering::Release);
+                let woken = tokio::select! {
+                    _ = tokio::time::sleep(backoff) => false,
+                    _ = &mut announced => true,
+                    _ = stop.changed() => false,
+                };
+                repl.backing_off.store(false, Ordering::Release);
+                backoff = if woken {
+                    bounds.min
+                } else {
+                    (backoff * 2).min(bounds.max)
+                };
             }
         }
     }

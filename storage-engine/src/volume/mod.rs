@@ -274,6 +274,8 @@ impl Volume {
                     lease: crate::lease::Lease::new(p.lease_ms, p.lease_wait),
                     flush_wanted: Default::default(),
                     priority: Default::default(),
+                    peer_back: Default::default(),
+                    backing_off: Default::default(),
                 }))
             }
             None => None,
