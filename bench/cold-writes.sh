@@ -8,6 +8,8 @@
 # Each cell issues WRITES writes in all (a count, not a time: a fast engine's scattered writes in a
 # sparse file reserve filesystem metadata per dirty page, and an unbounded run filled this machine's
 # disk). CELLS (default "1 1;1 16;16 1"): "connections depth" pairs. PIN as in bench/common.sh.
+# PREALLOC=1 allocates the three data files first (fallocate: SIZE of disk each) instead of leaving
+# them sparse, to show what the filesystem's block allocation adds to an intent sync.
 # Compare two builds with bench/compare-engines.sh (BENCHES=cold-writes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,9 @@ TOK=(--token-file "$W/tok")
 SIZE_MIB=$(python3 -c "
 import sys; s = sys.argv[1]; u = {'M': 1, 'G': 1 << 10, 'T': 1 << 20}
 print(int(s[:-1]) * u[s[-1]] if s[-1] in u else int(s) >> 20)" "$SIZE")
-for n in solo p s; do truncate -s "${SIZE_MIB}M" "$W/$n.img"; done
+for n in solo p s; do
+  if [ -n "${PREALLOC:-}" ]; then fallocate -l "${SIZE_MIB}M" "$W/$n.img"; else truncate -s "${SIZE_MIB}M" "$W/$n.img"; fi
+done
 serve solo 10990 9690
 serve s 10992 9692 --role secondary --peer 127.0.0.1:9691
 serve p 10991 9691 --peer 127.0.0.1:9692
@@ -40,7 +44,7 @@ if not w.get("total_ios") or "percentile" not in w["clat_ns"]:
 print("%.0f %.0f" % (w["iops"], w["clat_ns"]["percentile"]["99.000000"] / 1000))'
 }
 
-echo "### Scattered 4k writes to cold extents, ${SIZE} sparse volume ($WRITES writes per cell)"
+echo "### Scattered 4k writes to cold extents, ${SIZE} $([ -n "${PREALLOC:-}" ] && echo preallocated || echo sparse) volume ($WRITES writes per cell)"
 echo
 echo "| connections x depth | unpaired IOPS | async pair IOPS | pair/unpaired | p99 unpaired | p99 pair | CPU busy: unpaired | pair |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
