@@ -7,6 +7,7 @@
 //! | `peer_last_seq`            | `seq` (decimal text)      | `volume::replica` (atomic replace)           |
 //! | `pending_to_peer`, `intent`, `peer_pending`, `overlay_present`, `peer_pending_heartbeat` | framed words (`bitmap`'s header comment) | `bitmap::BitmapFile` / `Bitmap::store` |
 //! | `data`, `overlay`          | raw blocks                | `store::BlockStore`                          |
+//! | `intent.log`               | records (`repl::intent_log`'s header comment) | `repl::intent_log::IntentLog` (in place, fdatasync) |
 //! | `move`                     | `meta` (framed JSON)      | `repl::mover::Mover` (atomic replace)         |
 //! | `move_pending`             | framed words (`bitmap`)   | `repl::tracker::Tracker` (checkpoint)        |
 //! | `lost/epoch-*-to-*/`       | `manifest.json` (`loss::manifest`), `blocks.img` raw, `unchecked` bitmap | `loss::Losses` |
