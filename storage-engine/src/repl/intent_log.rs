@@ -33,6 +33,7 @@ use std::{
     io,
     os::unix::fs::FileExt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 const MAGIC: &[u8; 8] = b"TNDILOG\0";
@@ -48,7 +49,7 @@ pub const COMPACT_RECORDS: u64 = 4096;
 pub struct IntentLog {
     path: PathBuf,
     /// Open once its header is durable.
-    file: Option<File>,
+    file: Option<Arc<File>>,
     /// End of the valid records: the next append goes here.
     len: u64,
     /// End of the records the last fdatasync of this generation covered.
@@ -208,7 +209,9 @@ impl IntentLog {
                 salt
             }
         };
-        log.file = Some(OpenOptions::new().read(true).write(true).open(path)?);
+        log.file = Some(Arc::new(
+            OpenOptions::new().read(true).write(true).open(path)?,
+        ));
         log.len = HEADER + RECORD * logged.len() as u64;
         log.synced = log.len;
         log.cap = match salt {
@@ -249,7 +252,7 @@ impl IntentLog {
             {
                 self.images_mut().durable = img;
             }
-            self.file = Some(f);
+            self.file = Some(Arc::new(f));
         }
         match &self.file {
             Some(f) => Ok(f),
@@ -312,9 +315,9 @@ impl IntentLog {
 
     /// What a sync started now would cover: a handle on the file, its path (the power seam's
     /// key), and the ticket it settles.
-    pub fn sync_start(&self) -> io::Result<(File, PathBuf, Ticket)> {
+    pub fn sync_start(&self) -> io::Result<(Arc<File>, PathBuf, Ticket)> {
         let f = match &self.file {
-            Some(f) => f.try_clone()?,
+            Some(f) => Arc::clone(f),
             None => return Err(io::Error::other("intent log not open")),
         };
         let t = Ticket {
