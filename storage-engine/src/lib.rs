@@ -6,6 +6,7 @@ pub use tandem_api::{client, http, pb, size};
 
 pub mod authz;
 pub mod bitmap;
+pub mod blocking;
 pub mod cli;
 pub mod clock;
 pub mod demo;

@@ -427,3 +427,39 @@ fn a_write_after_the_merge_of_its_block_survives_a_kill() {
         "a read went back to the merged copy"
     );
 }
+
+/// A fence whose durable steps wait on the disk (here held at their seam) does not hold the
+/// runtime worker it was called on: with one worker, another task still runs. A held worker is what
+/// failed takeovers between two live engines in the 8 GiB history campaign (HTTP/2
+/// `KeepAliveTimedOut`: the fence's meta fsync waited behind gigabytes of scattered writeback).
+#[test]
+fn a_fence_waiting_on_the_disk_leaves_the_runtime_free() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = crate::volume::VolumeConfig {
+        initial_role: Role::Primary,
+        ..base_config(d.path())
+    };
+    let v = Volume::open(&cfg).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let held = v.areas.seams.arm("transition.effects");
+    let fence = {
+        let v = Arc::clone(&v);
+        rt.spawn(async move { v.fence_and_handoff(2, true).await.map(|r| r.epoch) })
+    };
+    assert!(held.wait_arrived(), "the fence never reached its effects");
+    // Timed on this thread, not on the runtime: a held worker would stop its timers too.
+    let (tx, rx) = std::sync::mpsc::channel();
+    drop(rt.spawn(async move { tx.send(7) }));
+    let ran = rx.recv_timeout(Duration::from_secs(10));
+    held.release();
+    assert_eq!(
+        ran,
+        Ok(7),
+        "the runtime's only worker was held by a fence waiting on the disk"
+    );
+    assert_eq!(rt.block_on(fence).unwrap().unwrap(), 2);
+    assert_eq!(v.role(), Role::Fenced);
+}

@@ -79,14 +79,21 @@ impl Volume {
         let _one = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
         let from = self.state();
         let step = state::next(&from, event)?;
-        let mut lost_now = 0;
-        let mut times = Vec::with_capacity(step.effects.len());
-        for &effect in step.effects {
-            let t = Instant::now();
-            self.carry_out(effect, &step.to, event, &mut carry, &mut lost_now)?;
-            times.push((effect, t.elapsed()));
-        }
-        Ok((step, times))
+        // The effects store files and fsync them (a fence's meta, a handed-off table), which can
+        // wait seconds behind the data files' writeback: never on a runtime worker, or the HTTP/2
+        // keep-alives it serves go unanswered and the peer drops the link mid-takeover. Test:
+        // `takeover::tests::a_fence_waiting_on_the_disk_leaves_the_runtime_free`.
+        crate::blocking::off_the_runtime(|| {
+            self.areas.seams.hit("transition.effects");
+            let mut lost_now = 0;
+            let mut times = Vec::with_capacity(step.effects.len());
+            for &effect in step.effects {
+                let t = Instant::now();
+                self.carry_out(effect, &step.to, event, &mut carry, &mut lost_now)?;
+                times.push((effect, t.elapsed()));
+            }
+            Ok((step, times))
+        })
     }
 
     fn carry_out(
