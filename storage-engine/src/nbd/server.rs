@@ -1086,11 +1086,16 @@ fn read_requests(
             drop(permit);
             continue;
         }
+        // A change that waits for the write-intent log's fdatasync (a cold extent) runs on a
+        // blocking thread: neither the reader nor a runtime worker sits in the sync, and the
+        // connection's queued changes to cold extents share one (`Tracker::intent_durable`).
+        let waits_for_intent = matches!(req.kind, p::CMD_WRITE | p::CMD_WRITE_ZEROES | p::CMD_TRIM)
+            && volume.write_waits_for_intent(req.offset, u64::from(req.length));
         // Large transfers run in parallel instead: copying them costs more than a task wakeup.
         let inline = req.length <= INLINE_MAX
             && match req.kind {
                 p::CMD_READ => volume.read_is_quick(req.offset, req.length),
-                p::CMD_WRITE => !fua && volume.write_is_quick(),
+                p::CMD_WRITE => !fua && !waits_for_intent && volume.write_is_quick(),
                 _ => false,
             };
         if inline {
@@ -1101,10 +1106,16 @@ fn read_requests(
         }
         let v = Arc::clone(volume);
         let w = Arc::clone(w);
-        rt.spawn(async move {
+        let job = async move {
             let (err, data) = execute(&v, &req, payload).await;
             send_slow_reply(w, p::simple_reply(err, req.handle), data, permit).await;
-        });
+        };
+        if waits_for_intent {
+            let h = rt.clone();
+            rt.spawn_blocking(move || h.block_on(job));
+        } else {
+            rt.spawn(job);
+        }
     }
 }
 

@@ -474,6 +474,24 @@ impl Tracker {
         }
     }
 
+    /// Whether a write to `blocks` would wait for an intent-log sync (see `write`). A range over
+    /// more than `WIDE_EXTENTS` extents answers yes without looking: zeroing that much is slow
+    /// anyway, and the look would hold the lock for it.
+    pub fn waits_for_intent(&self, blocks: std::ops::Range<u64>) -> bool {
+        const WIDE_EXTENTS: u64 = 64;
+        if blocks.is_empty() {
+            return false;
+        }
+        let extents = blocks.start / EXTENT_BLOCKS..(blocks.end - 1) / EXTENT_BLOCKS + 1;
+        if extents.end - extents.start > WIDE_EXTENTS {
+            return true;
+        }
+        let s = self.state();
+        extents
+            .into_iter()
+            .any(|e| !s.intent.get(e) || s.intent_log.owed_for(e).is_some())
+    }
+
     /// Host write: runs `apply` (the data file write) between marking the blocks and journaling it.
     /// Returns the record's seq.
     pub fn write(

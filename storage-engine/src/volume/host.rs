@@ -103,6 +103,18 @@ impl Volume {
         !self.areas.active() && self.role() == Role::Primary
     }
 
+    /// Whether a change to `len` bytes at `offset` would wait for the write-intent log's
+    /// fdatasync: an extent not hot yet, or one whose record no sync has covered yet. The NBD
+    /// server runs such a change on a blocking thread (`nbd::server::serve_requests`).
+    pub fn write_waits_for_intent(&self, offset: u64, len: u64) -> bool {
+        match &self.repl {
+            Some(r) if len > 0 && !self.areas.active() => r
+                .tracker
+                .waits_for_intent(crate::geometry::blocks_of(offset, len)),
+            _ => false,
+        }
+    }
+
     /// Whether a plain write completes without waiting for the peer or for a lease. A write that may
     /// wait must not run inline on the connection's reader: the replies of earlier writes sit in the
     /// connection's buffer until the reader is idle, so a wait there would send them late, possibly
