@@ -1089,13 +1089,16 @@ fn read_requests(
         // A change that waits for the write-intent log's fdatasync (a cold extent) runs on a
         // blocking thread: neither the reader nor a runtime worker sits in the sync, and the
         // connection's queued changes to cold extents share one (`Tracker::intent_durable`).
-        let waits_for_intent = matches!(req.kind, p::CMD_WRITE | p::CMD_WRITE_ZEROES | p::CMD_TRIM)
-            && volume.write_waits_for_intent(req.offset, u64::from(req.length));
+        // Past `COLD_DISPATCH_MAX` of them the change goes where it would without the slot.
+        let cold_slot = (matches!(req.kind, p::CMD_WRITE | p::CMD_WRITE_ZEROES | p::CMD_TRIM)
+            && volume.write_waits_for_intent(req.offset, u64::from(req.length)))
+        .then(|| ColdSlot::take(volume))
+        .flatten();
         // Large transfers run in parallel instead: copying them costs more than a task wakeup.
         let inline = req.length <= INLINE_MAX
             && match req.kind {
                 p::CMD_READ => volume.read_is_quick(req.offset, req.length),
-                p::CMD_WRITE => !fua && !waits_for_intent && volume.write_is_quick(),
+                p::CMD_WRITE => !fua && cold_slot.is_none() && volume.write_is_quick(),
                 _ => false,
             };
         if inline {
@@ -1110,12 +1113,46 @@ fn read_requests(
             let (err, data) = execute(&v, &req, payload).await;
             send_slow_reply(w, p::simple_reply(err, req.handle), data, permit).await;
         };
-        if waits_for_intent {
+        if let Some(slot) = cold_slot {
             let h = rt.clone();
-            rt.spawn_blocking(move || h.block_on(job));
+            rt.spawn_blocking(move || {
+                let _slot = slot;
+                h.block_on(job)
+            });
         } else {
             rt.spawn(job);
         }
+    }
+}
+
+/// Changes to cold extents running on blocking threads, per volume, at most. Each holds a thread of
+/// tokio's blocking pool while it waits for an intent sync (which can take seconds behind other
+/// writeback), and `block_in_place` needs a thread from that same pool to keep a runtime worker's
+/// tasks running (`crate::blocking`): a client with thousands of cold writes queued must not
+/// take them all. Past the cap a write runs on the connection's thread, one at a time.
+pub const COLD_DISPATCH_MAX: u64 = 32;
+
+/// One of the `COLD_DISPATCH_MAX` places; given back when dropped.
+struct ColdSlot(Arc<Volume>);
+
+impl ColdSlot {
+    fn take(v: &Arc<Volume>) -> Option<Self> {
+        v.counters
+            .cold_dispatched
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < COLD_DISPATCH_MAX).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(Arc::clone(v)))
+    }
+}
+
+impl Drop for ColdSlot {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .cold_dispatched
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -1295,5 +1332,21 @@ mod tests {
         let got = reader.join().unwrap();
         assert_eq!(got.len(), 1 + 16 + data.len());
         assert!(got[..1] == *b"q" && got[1..17] == [1u8; 16] && got[17..] == data[..]);
+    }
+
+    /// The blocking threads cold writes may hold are capped per volume, and a finished write gives
+    /// its place back.
+    #[test]
+    fn cold_writes_hold_at_most_their_share_of_blocking_threads() {
+        let d = tempfile::tempdir().unwrap();
+        let v = Volume::open(&crate::takeover::tests::base_config(d.path())).unwrap();
+        let slots: Vec<ColdSlot> = std::iter::from_fn(|| ColdSlot::take(&v))
+            .take(1000)
+            .collect();
+        assert_eq!(slots.len() as u64, COLD_DISPATCH_MAX);
+        assert!(ColdSlot::take(&v).is_none());
+        drop(slots);
+        assert!(ColdSlot::take(&v).is_some());
+        assert_eq!(v.counters.cold_dispatched.load(Ordering::Acquire), 0);
     }
 }

@@ -77,6 +77,9 @@ pub struct Counters {
     pub flushes: AtomicU64,
     /// Grows carried out (`Engine.Resize`, `Peer.Resize`, a restart with a larger `--size`).
     pub resizes: AtomicU64,
+    /// Changes to cold extents the NBD server runs on blocking threads now (a gauge, capped by
+    /// `nbd::server::COLD_DISPATCH_MAX`).
+    pub cold_dispatched: AtomicU64,
 }
 
 /// What an NBD export name asks for.
