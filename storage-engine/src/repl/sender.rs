@@ -154,12 +154,18 @@ impl<'a> Link<'a> {
     /// Sends block `b`'s current content and generation, if it is still pending; returns whether
     /// it was sent. Content and generation are read together under the block's lock. `lazy`: the
     /// peer may make it durable at its durable interval (a table resync's images only).
-    pub async fn send_image(&mut self, b: u64, lazy: bool) -> Result<bool, SessionError> {
+    /// `since`: the seq the stream resumes at after this resync (`Tracker::read_image`).
+    pub async fn send_image(
+        &mut self,
+        b: u64,
+        lazy: bool,
+        since: u64,
+    ) -> Result<bool, SessionError> {
         let vol = self.vol;
         let image = self
             .repl
             .tracker
-            .read_image(b, |buf| vol.read_own_block(b, buf))?;
+            .read_image(b, since, |buf| vol.read_own_block(b, buf))?;
         let Some((gen, data)) = image else {
             return Ok(false);
         };
@@ -206,7 +212,7 @@ impl<'a> Link<'a> {
         // secondary names it only after the fdatasync that covers it
         // (receiver::tests::a_lazy_image_is_acknowledged_only_after_the_fdatasync).
         for b in todo.iter_ones() {
-            self.send_image(b, true).await?;
+            self.send_image(b, true, start).await?;
         }
         let consistent_seq = t.last_seq();
         self.send(

@@ -43,6 +43,8 @@ pub const MOVE_PENDING_FILE: &str = "move_pending";
 /// Generation of a block whose data write failed: above every seq, so no record's
 /// acknowledgement clears it; an image read now carries it and clears it.
 const CONTENT_UNKNOWN: u64 = u64::MAX - 1;
+/// The generation of an image whose durable acknowledgement clears nothing (`read_image`).
+pub const NO_CLEAR: u64 = u64::MAX - 2;
 /// Checkpoints (500 ms apart) an extent must stay unwritten and clean before it cools.
 pub const COOL_AFTER_TICKS: u32 = 20;
 const STRIPES: u64 = 1024;
@@ -735,9 +737,19 @@ impl Tracker {
     }
 
     /// Reads one block for a resync image: (generation, data), consistent under the block lock.
+    /// `since`: the seq the resync's stream resumes at after its end (`begin_resync`'s start).
+    ///
+    /// Invariant: an image of a block written at or after `since` carries `NO_CLEAR`. That write's
+    /// record follows the resync's end, behind any older record of the block written since, so the
+    /// peer applies those after this image; only the newest record's acknowledgement may clear the
+    /// block. Cleared by the image's, a journal overflow that drops the newest record before it
+    /// leaves would leave an older one standing on the peer with nothing pending (replicas silently
+    /// differing: `scripts/hunt-divergence.sh`). Test:
+    /// `tests::an_image_of_a_block_written_during_the_resync_clears_nothing`.
     pub fn read_image(
         &self,
         block: u64,
+        since: u64,
         read: impl FnOnce(&mut [u8]) -> io::Result<()>,
     ) -> io::Result<Option<(u64, Vec<u8>)>> {
         let _g = self.locks.lock(block..block + 1);
@@ -746,7 +758,10 @@ impl Tracker {
             if !s.pending.get(block) {
                 return Ok(None);
             }
-            s.last_seq.get(&block).copied().unwrap_or(0)
+            match s.last_seq.get(&block).copied().unwrap_or(0) {
+                g if g != CONTENT_UNKNOWN && g >= since => NO_CLEAR,
+                g => g,
+            }
         };
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         read(&mut buf)?;
@@ -1211,7 +1226,7 @@ mod tests {
         );
         assert!(t.is_pending(7), "a block only asked back stays pending");
         // An image of block 5 read now carries s2, and its acknowledgement clears it.
-        let (g, _) = t.read_image(5, |_| Ok(())).unwrap().unwrap();
+        let (g, _) = t.read_image(5, u64::MAX, |_| Ok(())).unwrap().unwrap();
         assert_eq!(g, s2);
         assert_eq!(t.ack_images(&[5], &[g]), 1);
         assert!(!t.is_pending(5));
@@ -1243,13 +1258,45 @@ mod tests {
         let t = tracker(d.path());
         t.write(0, Payload::Data(Bytes::from(vec![1; 8192])), || Ok(()))
             .unwrap();
-        let (_, todo) = t.begin_resync(None);
+        let (start, todo) = t.begin_resync(None);
         assert_eq!(todo.iter_ones().collect::<Vec<_>>(), vec![0, 1]);
-        let (g0, _) = t.read_image(0, |_| Ok(())).unwrap().unwrap();
-        let (g1, _) = t.read_image(1, |_| Ok(())).unwrap().unwrap();
+        let (g0, _) = t.read_image(0, start, |_| Ok(())).unwrap().unwrap();
+        let (g1, _) = t.read_image(1, start, |_| Ok(())).unwrap().unwrap();
         t.write(4096, Payload::Zero(4096), || Ok(())).unwrap();
         assert_eq!(t.ack_images(&[0, 1], &[g0, g1]), 1);
         assert!(t.state().pending.get(1));
+    }
+
+    /// A block written after a resync began: its image (newest content) reaches the peer before
+    /// the older records of the block written since, which follow the resync's end. If the newest
+    /// record is then dropped by a journal overflow, only the block still being pending sends it
+    /// again; the image's acknowledgement must not have cleared it.
+    #[test]
+    fn an_image_of_a_block_written_during_the_resync_clears_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let t = tracker(d.path());
+        put(&t, 0);
+        let (start, _) = t.begin_resync(None);
+        let older = put(&t, 0);
+        let newest = put(&t, 0);
+        assert!(older >= start && newest > older);
+        let (g, _) = t.read_image(0, start, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(g, NO_CLEAR);
+        assert_eq!(t.ack_images(&[0], &[g]), 0);
+        assert!(
+            t.is_pending(0),
+            "the image's ack cleared a block whose newest record may never leave"
+        );
+        // The peer applied `older` after the image, then the journal overflowed and dropped
+        // `newest`: the next resync sends the block again, and that image clears it.
+        t.ack_journal(older);
+        assert!(t.is_pending(0));
+        let (start, todo) = t.begin_resync(None);
+        assert!(todo.get(0));
+        let (g, _) = t.read_image(0, start, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(g, newest);
+        assert_eq!(t.ack_images(&[0], &[g]), 1);
+        assert!(!t.is_pending(0));
     }
 
     #[test]
@@ -1595,7 +1642,7 @@ mod tests {
             "an older record's ack cleared a torn block"
         );
         // An image does.
-        let (g, _) = t.read_image(0, |_| Ok(())).unwrap().unwrap();
+        let (g, _) = t.read_image(0, u64::MAX, |_| Ok(())).unwrap().unwrap();
         assert_eq!(t.ack_images(&[0], &[g]), 1);
         assert!(!t.is_pending(0));
     }
