@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Reproducer for an open safety defect (docs/reliability.md "Open: an async pair diverges when its
-# journal overflows under writes"): an async pair on a 256 MiB volume, fio bursts of 4 KiB random
-# writes at QD16 (3 s), then, once the primary reads Synced, the two data files compared; between
-# bursts the secondary is SIGKILLed, 64 MiB are written, and it restarts. Exits 1 at the first
-# difference, printing the differing blocks and keeping the work dir; 0 after ITER clean rounds.
+# Reproducer of a fixed safety defect (docs/reliability.md "Found and fixed: an async pair diverged
+# when its journal overflowed under writes"): an async pair on a 256 MiB volume, fio bursts of 4 KiB
+# random writes at QD16 (3 s), then, once the primary reads Synced, the two data files compared;
+# between bursts the secondary is SIGKILLed, 64 MiB are written, and it restarts. The 32 MiB journal
+# overflows under these bursts, so the primary resyncs from its table while writes go on. Exits 1 at
+# the first difference, printing the differing blocks and keeping the work dir; 0 after ITER clean
+# rounds. Engines before 599b7d2 diverged within one to three rounds.
 #   TANDEM_ENGINE=target/release/tandem-engine scripts/hunt-divergence.sh
-# ITER (default 20), QD (default 16), PA_ARGS (extra flags for the primary, e.g. "--journal-size 1G",
-# with which no round has diverged: the defect needs a journal overflow, a resync under writes).
-# Not in CI: it fails today, on the engine of 2026-12-07 as well as on this one.
+# ITER (default 20), QD (default 16), PA_ARGS (extra flags for the primary, e.g. "--journal-size 1G").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=256
