@@ -18,5 +18,8 @@ scripts/check-chart.sh
 # The safety campaigns at small size (docs/reliability.md): history and kills against real engine
 # pairs, power cuts and failpoints at every file operation of a takeover, fuzzing.
 scripts/campaign.sh --ci
+# An async pair whose journal overflows under writes must end byte-identical (docs/reliability.md
+# "Found and fixed: an async pair diverged..."; engines before the fix failed within three rounds).
+ITER=3 TANDEM_ENGINE="$TANDEM_ENGINE_BIN" scripts/hunt-divergence.sh
 # Every bench script at a tiny size (issue 17): they keep working; their numbers gate nothing.
 scripts/bench-smoke.sh
