@@ -40,6 +40,8 @@ pub struct Shared {
     pub size: u64,
     /// Half of the ops fall in the first `hot` bytes, so that ops race on the same blocks.
     pub hot: u64,
+    /// Largest op in bytes (a multiple of 4 KiB, at least one block).
+    pub max_op: u64,
     /// Which engine each client may use (all of them, unless a nemesis says otherwise).
     pub route: Route,
 }
@@ -92,7 +94,7 @@ impl Route {
 
     /// Requests in flight over all sessions.
     pub fn inflight(&self) -> u64 {
-        self.inflight.load(Ordering::Acquire)
+        self.inflight.load(Ordering::SeqCst)
     }
 
     /// How many sessions are open on `engine`.
@@ -130,7 +132,7 @@ impl Shared {
         self.stop.load(Ordering::Relaxed)
     }
     fn holding(&self) -> bool {
-        self.hold.load(Ordering::Relaxed)
+        self.hold.load(Ordering::SeqCst)
     }
 }
 
@@ -209,7 +211,8 @@ fn generate(rng: &mut Rng, sh: &Shared, client: u32) -> (Op, p::Request, Option<
     } else {
         size
     }
-    .min(sh.size);
+    .min(sh.size)
+    .min(sh.max_op);
     let region = if rng.pct(50) && sh.hot >= len {
         sh.hot
     } else {
@@ -333,7 +336,20 @@ async fn session(
                 left = true;
                 break;
             }
+            // The engine closed the connection (a fence, a kill): what it had in flight is cut.
+            // Seen here too, not only at the next send: a held client sends nothing, and its
+            // cut requests must not count as in flight while a settle waits for none.
+            if reader.is_finished() {
+                break;
+            }
+            // Counted in flight before `hold` is looked at, with both sequentially consistent:
+            // a settle that raises `hold` and then sees nothing in flight knows that no client
+            // is between its look and a send (one that waited for a permit had sent a 32 MiB
+            // write just after a settle's compare began).
+            sh.route.inflight.fetch_add(1, Ordering::SeqCst);
+            let unreserve = || sh.route.inflight.fetch_sub(1, Ordering::SeqCst);
             if sh.holding() {
+                unreserve();
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -341,8 +357,14 @@ async fn session(
                 match tokio::time::timeout(Duration::from_millis(100), sem.clone().acquire_owned())
                     .await
                 {
-                    Err(_) => continue,
-                    Ok(Err(_)) => return Ok(()), // the reader is gone
+                    Err(_) => {
+                        unreserve();
+                        continue;
+                    }
+                    Ok(Err(_)) => {
+                        unreserve();
+                        return Ok(()); // the reader is gone
+                    }
                     Ok(Ok(p)) => p,
                 };
             permit.forget();
@@ -354,7 +376,6 @@ async fn session(
                 stats.bytes_read += op.sectors * SECTOR;
             }
             lock(&pending).insert(req.handle, op);
-            sh.route.inflight.fetch_add(1, Ordering::AcqRel);
             wr.write_all(&req.encode()).await?;
             if let Some(b) = payload {
                 wr.write_all(&b).await?;

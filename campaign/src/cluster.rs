@@ -58,6 +58,35 @@ pub fn start_netns(
         .start()
 }
 
+/// What a mid-run comparison of both replicas found.
+pub enum Compared {
+    Identical,
+    /// They differ; `new` unless the last comparison had found them differing too (only the
+    /// first is a finding: later writes may simply not have rewritten those blocks yet).
+    Differ {
+        what: String,
+        new: bool,
+    },
+}
+
+/// Compares both engines' data files (the caller has let the pair converge with nothing in
+/// flight); `diverged` carries whether the previous comparison found a difference.
+pub fn compare_replicas(pair: &Pair, diverged: &mut bool) -> Result<Compared> {
+    Ok(match compare_files(&pair[0].data(), &pair[1].data())? {
+        None => {
+            *diverged = false;
+            Compared::Identical
+        }
+        Some((first, count)) => {
+            let new = !std::mem::replace(diverged, true);
+            Compared::Differ {
+                what: format!("replicas differ: {count} blocks, the first at block {first}"),
+                new,
+            }
+        }
+    })
+}
+
 /// The first 4 KiB block at which two files differ, and how many blocks differ.
 pub fn compare_files(a: &Path, b: &Path) -> Result<Option<(u64, u64)>> {
     use std::io::Read;

@@ -71,6 +71,11 @@ pub struct Common {
     /// Half of the ops fall in the first this-many bytes, so they race on the same blocks.
     #[arg(long, value_parser = tandem_api::size::parse_size, default_value = "4M")]
     pub hot: u64,
+    /// Largest op: the sizes drawn (mostly up to 64 KiB, some up to 1 MiB, a few up to 32 MiB)
+    /// are capped here. Small ops reach far higher rates, which is what overflows a journal
+    /// while the stream lags (the `--journal-size` runs of scripts/campaign.sh).
+    #[arg(long, value_parser = tandem_api::size::parse_size, default_value = "32M")]
+    pub max_op: u64,
     /// Replication mode of the pair.
     #[arg(long, value_enum, default_value_t = Mode::Async)]
     pub mode: Mode,
@@ -99,7 +104,7 @@ pub struct HistoryArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "takeover,failback,kill,pause,partition"
+        default_value = "takeover,failback,kill,pause,partition,throttle,settle"
     )]
     pub nemesis: Vec<nemesis::Event>,
     /// Quiet time between nemesis events, drawn in min..max milliseconds.

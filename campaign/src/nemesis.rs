@@ -19,7 +19,7 @@ use tandem_testkit::Pair;
 use crate::{
     checker,
     client::{self, Shared, Stats},
-    cluster::{self, VOLUME},
+    cluster::{self, Compared, VOLUME},
     history::{ms, Kind, Op, Outcome, Time},
     prng::Rng,
     stamp::SECTOR,
@@ -38,6 +38,15 @@ pub enum Event {
     Pause,
     /// A replication-link fault on either engine: paused, dropped, or acks held.
     Partition,
+    /// Throttle the serving engine's journal records (not its resync images) to 1-8 MiB/s for
+    /// 0.5-3 s: the stream falls behind the writes, the journal overflows mid-stream, and the
+    /// table is resynced quickly while writes go on, again and again with a growing backlog (the
+    /// interleaving of the journal-overflow defect in docs/reliability.md).
+    Throttle,
+    /// Hold the clients until nothing is in flight and the pair has converged, then compare both
+    /// data files. The final compare alone misses a divergence that later writes overwrite (how
+    /// the journal-overflow defect of docs/reliability.md hid from this campaign).
+    Settle,
 }
 
 pub enum Plan {
@@ -60,6 +69,9 @@ struct Counts {
     kills_mid_switch: u64,
     pauses: u64,
     partitions: u64,
+    throttles: u64,
+    /// Settles after which both replicas were compared identical.
+    compared: u64,
 }
 
 struct Nemesis<'a> {
@@ -71,6 +83,12 @@ struct Nemesis<'a> {
     log: Vec<(Time, String)>,
     /// Liveness findings: a takeover refused between two live engines, no convergence, a hang.
     problems: Vec<String>,
+    /// Safety findings outside the history: the replicas differing at a settle or at the end
+    /// with the pair converged (a takeover would then lose what the other side lacks).
+    divergences: Vec<String>,
+    /// The replicas differed at a settle and have not been seen identical since (only the first
+    /// settle that finds them differing is a finding: later writes may not have rewritten them).
+    diverged: bool,
 }
 
 fn sleep_ms(ms: u64) {
@@ -243,8 +261,79 @@ impl Nemesis<'_> {
                 }
                 self.note(format!("{what} on {label} healed"));
             }
+            Event::Throttle => {
+                let v = self.pair.serving().unwrap_or(0);
+                let label = Pair::label(v);
+                let mib = self.rng.range(1, 9);
+                let hold = self.rng.range(500, 3000);
+                let rate = (mib << 20).to_string();
+                self.note(format!(
+                    "link of {label} throttled to {mib} MiB/s for {hold} ms"
+                ));
+                match self.pair[v]
+                    .control("fault", &["--rate", &rate, "--rate-records-only", "true"])
+                    .map(drop)
+                {
+                    Ok(()) => self.counts.throttles += 1,
+                    Err(e) => self.note(format!("throttling {label} failed: {e}")),
+                }
+                sleep_ms(hold);
+                let off = ["--rate", "0", "--rate-records-only", "false"];
+                if let Err(e) = self.pair[v].control("fault", &off).map(drop) {
+                    self.note(format!("unthrottling {label} failed: {e}"));
+                }
+                self.note(format!("link of {label} unthrottled"));
+            }
+            Event::Settle => self.settle(),
         }
         Ok(())
+    }
+
+    /// [`Event::Settle`]: the clients hold, and once nothing is in flight and the pair has
+    /// converged both replicas must hold the same bytes.
+    fn settle(&mut self) {
+        self.sh.hold.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        let deadline = t + Duration::from_secs(30);
+        let mut settled = false;
+        while Instant::now() < deadline {
+            if let Some(s) = self.pair.serving() {
+                if self.sh.route.inflight() == 0 && self.pair.converged(s).unwrap_or(false) {
+                    settled = true;
+                    break;
+                }
+            }
+            sleep_ms(25);
+        }
+        if settled {
+            let ms = t.elapsed().as_millis();
+            match cluster::compare_replicas(self.pair, &mut self.diverged) {
+                Ok(Compared::Identical) => {
+                    self.counts.compared += 1;
+                    self.note(format!("settled in {ms} ms: replicas identical"));
+                }
+                Ok(Compared::Differ { what, new }) => {
+                    let what = format!("settled in {ms} ms: {what}");
+                    if new {
+                        self.divergences.push(what.clone());
+                        self.note(what);
+                    } else {
+                        self.note(format!("still: {what}"));
+                    }
+                }
+                Err(e) => self.note(format!("cannot compare the replicas: {e}")),
+            }
+        } else {
+            let msg = format!(
+                "the pair did not converge within 30 s of the clients holding ({} requests in \
+                 flight):\n{}",
+                self.sh.route.inflight(),
+                self.pair.describe()
+            );
+            self.note(msg.clone());
+            self.problems.push(msg);
+        }
+        self.sh.hold.store(false, Ordering::Relaxed);
     }
 
     /// Undo everything: processes running and continued, links unpaused, someone serving.
@@ -259,7 +348,16 @@ impl Nemesis<'_> {
             if let Err(e) = self.pair[i]
                 .control(
                     "fault",
-                    &["--pause", "false", "--hold-acks", "false", "--rate", "0"],
+                    &[
+                        "--pause",
+                        "false",
+                        "--hold-acks",
+                        "false",
+                        "--rate",
+                        "0",
+                        "--rate-records-only",
+                        "false",
+                    ],
                 )
                 .map(drop)
             {
@@ -348,6 +446,7 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
         export: VOLUME.to_string(),
         size: c.size,
         hot: c.hot,
+        max_op: (c.max_op / 4096).max(1) * 4096,
         route: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -365,6 +464,8 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
         counts: Counts::default(),
         log: Vec::new(),
         problems: Vec::new(),
+        divergences: Vec::new(),
+        diverged: false,
     };
     let broke: Result<()> = (|| {
         match &plan {
@@ -449,29 +550,36 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
     if converged {
         let diff = cluster::compare_files(&nem.pair[0].data(), &nem.pair[1].data())?;
         if let Some((first, count)) = diff {
-            nem.problems.push(format!(
-                "replicas differ: {count} blocks, the first at block {first}"
+            nem.divergences.push(format!(
+                "replicas differ at the end: {count} blocks, the first at block {first}"
             ));
         }
         identical = Some(diff.is_none());
     }
     let checked = checker::check(&ops, c.size / SECTOR);
-    let (counts, log, problems) = (
+    let (counts, log, problems, divergences) = (
         std::mem::take(&mut nem.counts),
         std::mem::take(&mut nem.log),
         std::mem::take(&mut nem.problems),
+        std::mem::take(&mut nem.divergences),
     );
     drop(nem);
     report(
         name, seed, mode, c, &ops, &stats, &checked, &counts, &log, &problems,
     );
-    let ok =
-        checked.violation_count == 0 && problems.is_empty() && final_ok && identical == Some(true);
+    for d in &divergences {
+        println!("DIVERGENCE ({name}, --mode {mode} --seed {seed}): {d}");
+    }
+    let ok = checked.violation_count == 0
+        && problems.is_empty()
+        && divergences.is_empty()
+        && final_ok
+        && identical == Some(true);
     println!(
         "SUMMARY campaign={name} mode={mode} seed={seed} ops={} reads_checked={} sectors_checked={} \
          final_sectors={} takeovers={} failbacks={} kills={} kills_mid_switch={} pauses={} \
-         partitions={} indeterminate={} errors={} violations={} liveness={} replicas_identical={} \
-         nemesis_seconds={nemesis_secs:.1} seconds={:.1} result={}",
+         partitions={} throttles={} compared={} diverged={} indeterminate={} errors={} violations={} liveness={} \
+         replicas_identical={} nemesis_seconds={nemesis_secs:.1} seconds={:.1} result={}",
         ops.len(),
         checked.reads_checked,
         checked.sectors_checked,
@@ -482,6 +590,9 @@ pub fn run(name: &str, c: &Common, plan: Plan) -> Result<bool> {
         counts.kills_mid_switch,
         counts.pauses,
         counts.partitions,
+        counts.throttles,
+        counts.compared,
+        divergences.len(),
         checked.indeterminate,
         checked.errors,
         checked.violation_count,
@@ -549,13 +660,15 @@ fn report(
         read >> 20
     );
     println!(
-        "nemesis: {} takeovers, {} failbacks, {} SIGKILLs ({} in a takeover), {} SIGSTOPs, {} link faults",
+        "nemesis: {} takeovers, {} failbacks, {} SIGKILLs ({} in a takeover), {} SIGSTOPs, {} link faults, {} throttles, {} settles with the replicas compared identical",
         counts.takeovers,
         counts.failbacks,
         counts.kills,
         counts.kills_mid_switch,
         counts.pauses,
-        counts.partitions
+        counts.partitions,
+        counts.throttles,
+        counts.compared
     );
     println!(
         "checked: {} reads, {} sectors ({} in the final read of {} blocks), {} indeterminate writes, {} violations",

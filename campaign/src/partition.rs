@@ -44,7 +44,7 @@ use tandem_testkit::{refusal_reason, Pair};
 use crate::{
     checker::{self, Fence, Loss},
     client::{self, Shared, Stats},
-    cluster::{self, VOLUME},
+    cluster::{self, Compared, VOLUME},
     history::{ms, Op, Time},
     prng::Rng,
     stamp::SECTOR,
@@ -693,7 +693,7 @@ impl Nemesis<'_> {
         pids: [Option<u32>; 2],
         t0: Instant,
     ) -> Result<()> {
-        self.sh.hold.store(true, Ordering::Relaxed);
+        self.sh.hold.store(true, Ordering::SeqCst);
         let t = Instant::now();
         let deadline = t + Duration::from_secs(30);
         let mut done = None;
@@ -758,24 +758,14 @@ impl Nemesis<'_> {
     }
 
     fn compare_replicas(&mut self) {
-        match cluster::compare_files(&self.pair[0].data(), &self.pair[1].data()) {
-            Ok(None) => {
-                self.counts.compared += 1;
-                self.diverged = false;
-            }
-            Ok(Some((first, count))) => {
-                let what = format!(
-                    "replicas differ after the round {:?} converged: {count} blocks, the first at \
-                     block {first}",
-                    self.kinds_last
-                );
-                // Only the round that made them differ is a finding; later ones may just not
-                // have rewritten those blocks yet.
-                if self.diverged {
-                    self.note(format!("still: {what}"));
-                } else {
-                    self.diverged = true;
+        match cluster::compare_replicas(self.pair, &mut self.diverged) {
+            Ok(Compared::Identical) => self.counts.compared += 1,
+            Ok(Compared::Differ { what, new }) => {
+                let what = format!("{what} after the round {:?} converged", self.kinds_last);
+                if new {
                     self.problem(what);
+                } else {
+                    self.note(format!("still: {what}"));
                 }
             }
             Err(e) => self.note(format!("cannot compare the replicas: {e}")),
@@ -912,6 +902,7 @@ pub fn run(
         export: VOLUME.to_string(),
         size: c.size,
         hot: c.hot,
+        max_op: (c.max_op / 4096).max(1) * 4096,
         route: Default::default(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -489,6 +489,9 @@ pub struct FaultArgs {
     /// Bandwidth cap in bytes per second (0 = unlimited).
     #[arg(long, value_parser = parse_size)]
     pub rate: Option<u64>,
+    /// Apply --rate to journal records only (true), or to everything sent (false).
+    #[arg(long)]
+    pub rate_records_only: Option<bool>,
     /// Hold (true) or release (false) the overlay merge between chunks.
     #[arg(long)]
     pub pause_merge: Option<bool>,

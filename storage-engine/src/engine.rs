@@ -393,6 +393,7 @@ pub async fn fault(args: FaultArgs) -> anyhow::Result<()> {
             hold_acks: args.hold_acks,
             drop_link: args.drop_link,
             rate_bytes_per_sec: args.rate,
+            rate_records_only: args.rate_records_only,
             pause_merge: args.pause_merge,
         })
         .await?;

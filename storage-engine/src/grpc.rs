@@ -458,6 +458,9 @@ impl Engine for EngineService {
         if let Some(rate) = f.rate_bytes_per_sec {
             faults.rate.store(rate, Ordering::Relaxed);
         }
+        if let Some(o) = f.rate_records_only {
+            faults.rate_records_only.store(o, Ordering::Relaxed);
+        }
         if let Some(p) = f.pause_merge {
             self.volume.areas.merge_paused.store(p, Ordering::Relaxed);
         }
@@ -470,6 +473,7 @@ impl Engine for EngineService {
             paused: faults.paused.load(Ordering::Relaxed),
             holding_acks: faults.hold_acks.load(Ordering::Relaxed),
             rate_bytes_per_sec: faults.rate.load(Ordering::Relaxed),
+            rate_records_only: faults.rate_records_only.load(Ordering::Relaxed),
         }))
     }
 }

@@ -205,11 +205,7 @@ fn secondary_sigkill_then_resync_moves_only_dirty_bytes() {
     run_ok("nbdcopy", &[src.to_str().unwrap(), &pair.a.uri()]);
     pair.wait_synced(30);
     pair.b.kill();
-    let cmds: Vec<String> = (0..256u64)
-        .map(|i| format!("write -P {} {} 4096", i % 200 + 1, i * 61 * B))
-        .collect();
-    let refs: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
-    qemu_io_ok(&pair.a.uri(), &refs);
+    write_scattered(&pair.a, 256, 61);
     assert!(status(&pair.a)["pending_blocks"].as_u64().unwrap() >= 256);
     let before = status(&pair.a);
     let moved_before =
@@ -228,6 +224,44 @@ fn secondary_sigkill_then_resync_moves_only_dirty_bytes() {
     assert!(moved >= 256 * B);
 }
 
+/// `n` 4 KiB writes through `e`, one every `stride` blocks, each with its own fill byte.
+fn write_scattered(e: &Engine, n: u64, stride: u64) {
+    let cmds: Vec<String> = (0..n)
+        .map(|i| format!("write -P {} {} 4096", i % 200 + 1, i * stride * B))
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    qemu_io_ok(&e.uri(), &refs);
+}
+
+/// `fault --rate R --rate-records-only true` holds back journal records only: a table resync's
+/// images go at full speed (tandem-campaign's throttle event relies on it to overflow the journal
+/// mid-stream while resyncs stay quick). At 4 KiB/s for everything, the 1 MiB resync here would
+/// take over four minutes.
+#[test]
+fn a_records_only_rate_leaves_a_resync_at_full_speed() {
+    let d = tempfile::tempdir().unwrap();
+    // A 512 KiB journal: the 1 MiB written while the secondary is down comes back from the table,
+    // the 192 KiB written later streams as records.
+    let mut pair = start_pair(d.path(), "64M", &["--journal-size", "512K"], &[]);
+    pair.wait_synced(30);
+    pair.b.kill();
+    write_scattered(&pair.a, 256, 61);
+    fault(&pair.a, &["--rate", "4K", "--rate-records-only", "true"]);
+    pair.b.restart().unwrap();
+    pair.wait_synced(30);
+    assert!(pair.files_identical());
+    // Records are still held to the rate: the first message goes at once and books the link
+    // for its 16 s, so the writes behind it are still pending a second later.
+    for (i, at) in ["0", "1M", "2M"].iter().enumerate() {
+        qemu_io_ok(&pair.a.uri(), &[&format!("write -P {} {at} 64K", i + 7)]);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(status(&pair.a)["pending_blocks"].as_u64().unwrap() > 0);
+    fault(&pair.a, &["--rate", "0", "--rate-records-only", "false"]);
+    pair.wait_synced(30);
+    assert!(pair.files_identical());
+}
+
 /// A secondary that comes back announces itself (Peer.Announce) and its primary reconnects at
 /// once. The primary's backoff here is a minute, so without the announcement the pair could not
 /// be in sync within the 20 s the test waits.
@@ -240,11 +274,7 @@ fn a_restarted_secondary_is_reconnected_at_once_not_after_the_backoff() {
     let downs = |e: &Engine| e.log().matches("replication link down").count();
     let before = downs(&pair.a);
     pair.b.kill();
-    let cmds: Vec<String> = (0..64u64)
-        .map(|i| format!("write -P {} {} 4096", i % 200 + 1, i * 37 * B))
-        .collect();
-    let refs: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
-    qemu_io_ok(&pair.a.uri(), &refs);
+    write_scattered(&pair.a, 64, 37);
     // The primary has seen its link fail and waits out its backoff.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while downs(&pair.a) == before {

@@ -34,6 +34,8 @@ pub struct Faults {
     pub paused: AtomicBool,
     pub hold_acks: AtomicBool,
     pub rate: AtomicU64,
+    /// `rate` holds back journal records only, not images.
+    pub rate_records_only: AtomicBool,
     pub drop_epoch: AtomicU64,
     pub changed: Notify,
 }

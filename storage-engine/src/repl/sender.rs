@@ -128,13 +128,20 @@ impl<'a> Link<'a> {
                 _ = self.stop.changed() => {}
             }
         }
-        let rate = self.repl.faults.rate.load(Ordering::Relaxed);
+        let faults = &self.repl.faults;
+        let rate = match &body {
+            Body::WriteBatch(_) => faults.rate.load(Ordering::Relaxed),
+            _ if faults.rate_records_only.load(Ordering::Relaxed) => 0,
+            _ => faults.rate.load(Ordering::Relaxed),
+        };
         if rate > 0 {
             let now = Instant::now();
             if self.next_send > now {
-                // A fence must not wait for a throttled send to finish.
+                // A fence must not wait for a throttled send to finish; a changed rate (lifted,
+                // say) applies at once.
                 tokio::select! {
                     _ = tokio::time::sleep_until(self.next_send.into()) => {}
+                    _ = faults.changed.notified() => self.next_send = now,
                     _ = self.fenced.changed() => return Err(SessionError::RoleChanged),
                 }
             }
