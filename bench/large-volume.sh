@@ -18,9 +18,9 @@
 # word), the ready path's steps in µs (old primary: fence, table snapshot; new primary: ask (the
 # whole round trip), parse, store of peer_pending, promote (all its effects)), VmRSS/VmHWM of both engines after the backlog and
 # after the takeover (1 s later), and the bound 64 MiB + 1 bit per 4 KiB block.
-# Each write of a scattered backlog lands in a 1 MiB extent of its own, so the primary stores and
-# fsyncs its intent file once per write (a file that grows with the hot extents): 16,384 blocks over
-# 4 TiB take ~20 s, 262,144 would take many minutes and write GBs of intent files.
+# Each write of a scattered backlog lands in a 1 MiB extent of its own, so each one waits for an
+# intent-log fdatasync (shared by the writes queued with it): 262,144 blocks over 4 TiB take 26-58 s
+# here (docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${1:-"1G 1T"}
