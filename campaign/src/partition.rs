@@ -248,6 +248,8 @@ struct Nemesis<'a> {
     recount: Option<usize>,
     log: Vec<(Time, String)>,
     problems: Vec<String>,
+    /// Safety findings outside the history: the replicas differing once the pair converged.
+    divergences: Vec<String>,
 }
 
 fn sleep_ms(ms: u64) {
@@ -262,6 +264,11 @@ impl Nemesis<'_> {
     fn problem(&mut self, what: String) {
         self.note(format!("PROBLEM: {what}"));
         self.problems.push(what);
+    }
+
+    fn divergence(&mut self, what: String) {
+        self.note(format!("DIVERGENCE: {what}"));
+        self.divergences.push(what);
     }
 
     fn net_step(&mut self, what: &str, r: Result<(), String>) -> Result<()> {
@@ -763,7 +770,7 @@ impl Nemesis<'_> {
             Ok(Compared::Differ { what, new }) => {
                 let what = format!("{what} after the round {:?} converged", self.kinds_last);
                 if new {
-                    self.problem(what);
+                    self.divergence(what);
                 } else {
                     self.note(format!("still: {what}"));
                 }
@@ -939,6 +946,7 @@ pub fn run(
         recount: None,
         log: Vec::new(),
         problems: Vec::new(),
+        divergences: Vec::new(),
     };
     let broke: Result<()> = (|| {
         for r in 0..rounds {
@@ -998,8 +1006,8 @@ pub fn run(
     if converged {
         let diff = cluster::compare_files(&nem.pair[0].data(), &nem.pair[1].data())?;
         if let Some((first, count)) = diff {
-            nem.problem(format!(
-                "replicas differ: {count} blocks, the first at block {first}"
+            nem.divergence(format!(
+                "replicas differ at the end: {count} blocks, the first at block {first}"
             ));
         }
         identical = Some(diff.is_none());
@@ -1023,12 +1031,13 @@ pub fn run(
             ));
         }
     }
-    let (counts, losses, fences, log, mut problems) = (
+    let (counts, losses, fences, log, mut problems, divergences) = (
         std::mem::take(&mut nem.counts),
         std::mem::take(&mut nem.losses),
         std::mem::take(&mut nem.fences),
         std::mem::take(&mut nem.log),
         std::mem::take(&mut nem.problems),
+        std::mem::take(&mut nem.divergences),
     );
     drop(nem);
     witness.stop(witnesses);
@@ -1042,6 +1051,9 @@ pub fn run(
         c, seed, mode, &ops, &checked, &counts, &losses, &log, &problems,
     );
     report_leases(c, &ops, &fences, &leases);
+    for d in &divergences {
+        println!("DIVERGENCE (partition, --mode {mode} --seed {seed}): {d}");
+    }
     // The whole nemesis log, kept with the engines' logs when the run fails.
     let text: String = log
         .iter()
@@ -1051,7 +1063,11 @@ pub fn run(
         println!("cannot write nemesis.log: {e}");
     }
     let violations = checked.violation_count + leases.late.len() as u64;
-    let ok = violations == 0 && problems.is_empty() && final_ok && identical == Some(true);
+    let ok = violations == 0
+        && problems.is_empty()
+        && divergences.is_empty()
+        && final_ok
+        && identical == Some(true);
     let partitions: u64 = counts.kinds.values().sum();
     let reboot_forced: u64 = counts
         .kinds
@@ -1069,7 +1085,7 @@ pub fn run(
          lease_ms={lease_ms} witness_grants={grants} witness_refused={} witness_unknown={} lease_held_retries={} \
          fenced_acks={} ack_after_cut_max_ms={} lease_margin_max_ms={} late_acks={} \
          ops={} reads_checked={} sectors_checked={} final_sectors={} indeterminate={} errors={} \
-         violations={} liveness={} replicas_identical={} seconds={:.1} result={}",
+         violations={} liveness={} diverged={} replicas_identical={} seconds={:.1} result={}",
         counts.rounds,
         kind_count(&counts, "blackhole") - blackhole_forced,
         kind_count(&counts, "oneway"),
@@ -1107,6 +1123,7 @@ pub fn run(
         checked.errors,
         violations,
         problems.len(),
+        divergences.len(),
         identical.map_or("unknown".to_string(), |b| b.to_string()),
         started.elapsed().as_secs_f64(),
         if ok { "pass" } else { "FAIL" }
