@@ -4,11 +4,14 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
 };
 
 use anyhow::Result;
 use tandem_testkit::{Bin, EngineBuilder, Pair, PairBuilder};
+
+use crate::client::Shared;
 
 pub const VOLUME: &str = "vol";
 
@@ -56,6 +59,35 @@ pub fn start_netns(
                 .peer(grpc[0])
         })
         .start()
+}
+
+/// Holds the clients (they send nothing new) and waits up to `secs` until nothing is in flight and
+/// the pair has converged on the engine that serves, with `also` true for it: that engine, or None.
+/// The clients stay held (the caller compares the replicas, then calls [`release`]). A client
+/// counts a request in flight before it looks at the hold (`client::session`), so nothing is sent
+/// once this has seen none in flight.
+pub fn hold_until_quiet(
+    sh: &Shared,
+    pair: &Pair,
+    secs: u64,
+    also: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    sh.hold.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if let Some(s) = pair.serving() {
+            if sh.route.inflight() == 0 && pair.converged(s).unwrap_or(false) && also(s) {
+                return Some(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    None
+}
+
+/// Lets the clients held by [`hold_until_quiet`] send again.
+pub fn release(sh: &Shared) {
+    sh.hold.store(false, Ordering::SeqCst);
 }
 
 /// What a mid-run comparison of both replicas found.

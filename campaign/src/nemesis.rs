@@ -292,19 +292,8 @@ impl Nemesis<'_> {
     /// [`Event::Settle`]: the clients hold, and once nothing is in flight and the pair has
     /// converged both replicas must hold the same bytes.
     fn settle(&mut self) {
-        self.sh.hold.store(true, Ordering::SeqCst);
         let t = Instant::now();
-        let deadline = t + Duration::from_secs(30);
-        let mut settled = false;
-        while Instant::now() < deadline {
-            if let Some(s) = self.pair.serving() {
-                if self.sh.route.inflight() == 0 && self.pair.converged(s).unwrap_or(false) {
-                    settled = true;
-                    break;
-                }
-            }
-            sleep_ms(25);
-        }
+        let settled = cluster::hold_until_quiet(self.sh, self.pair, 30, |_| true).is_some();
         if settled {
             let ms = t.elapsed().as_millis();
             match cluster::compare_replicas(self.pair, &mut self.diverged) {
@@ -333,7 +322,7 @@ impl Nemesis<'_> {
             self.note(msg.clone());
             self.problems.push(msg);
         }
-        self.sh.hold.store(false, Ordering::Relaxed);
+        cluster::release(self.sh);
     }
 
     /// Undo everything: processes running and continued, links unpaused, someone serving.

@@ -700,29 +700,21 @@ impl Nemesis<'_> {
         pids: [Option<u32>; 2],
         t0: Instant,
     ) -> Result<()> {
-        self.sh.hold.store(true, Ordering::SeqCst);
         let t = Instant::now();
-        let deadline = t + Duration::from_secs(30);
-        let mut done = None;
-        while Instant::now() < deadline {
-            if let Some(sv) = self.pair.serving() {
-                let degraded = self.sync
-                    && self.pair[sv]
-                        .status_json()
-                        .map_or(true, |st| st["sync_degraded"] != false);
-                if self.pair.converged(sv).unwrap_or(false) && !degraded {
-                    done = Some(sv);
-                    // Nothing in flight and still converged: both replicas must hold the same
-                    // bytes now (tells which round kind made them differ, if one does).
-                    if self.sh.route.inflight() == 0 && self.pair.converged(sv).unwrap_or(false) {
-                        self.compare_replicas();
-                    }
-                    break;
-                }
-            }
-            sleep_ms(50);
+        let sync = self.sync;
+        let pair = &*self.pair;
+        let done = cluster::hold_until_quiet(self.sh, pair, 30, |sv| {
+            !sync
+                || pair[sv]
+                    .status_json()
+                    .is_ok_and(|st| st["sync_degraded"] == false)
+        });
+        if done.is_some() {
+            // Nothing in flight and converged: both replicas must hold the same bytes now (tells
+            // which round kind made them differ, if one does).
+            self.compare_replicas();
         }
-        self.sh.hold.store(false, Ordering::Relaxed);
+        cluster::release(self.sh);
         match done {
             Some(sv) => {
                 if let Some(i) = self.recount.take() {
@@ -788,7 +780,7 @@ impl Nemesis<'_> {
                 self.pair[i].restart()?;
             }
         }
-        self.sh.hold.store(false, Ordering::Relaxed);
+        cluster::release(self.sh);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(s) = self.pair.serving() {
